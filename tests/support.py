@@ -1,0 +1,164 @@
+"""Real parts for the tests: generated videos, a loopback HTTP server for them, the vidcache service.
+
+Every stored video must be perceptually distinct from the others (the service dedups near
+copies), except `a_small.mp4`, which is a re-encode of `a.mp4` on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+
+T = TypeVar("T")
+
+_X264 = ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+_BIG = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+        "-b:v", "20M", "-maxrate", "20M", "-bufsize", "40M"]
+
+# name -> ffmpeg arguments between `ffmpeg -y` and the output path. Generated in this order,
+# so a re-encode may read a file made before it ({dir} is the output folder).
+VIDEO_SPECS: dict[str, list[str]] = {
+    # small mp4 with the moov atom first (faststart)
+    "a.mp4": ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=6",
+              *_X264, "-movflags", "+faststart"],
+    # the same video re-encoded smaller at another bitrate: a perceptual duplicate of a.mp4
+    "a_small.mp4": ["-i", "{dir}/a.mp4", "-vf", "scale=240:180", *_X264, "-b:v", "150k"],
+    # a different video
+    "b.mp4": ["-f", "lavfi", "-i", "mandelbrot=size=320x240:rate=25", "-t", "6", *_X264],
+    # a non-mp4 container
+    "c.mkv": ["-f", "lavfi", "-i", "cellauto=size=320x240:rate=25:rule=110", "-t", "6", *_X264],
+    # ~20 MB at 20 Mb/s, faststart: for block/readahead/probe-fraction tests
+    "big.mp4": ["-f", "lavfi", "-i", "testsrc=size=1280x720:rate=25:duration=8",
+                "-vf", "noise=alls=40:allf=t", *_BIG, "-movflags", "+faststart"],
+    # ~20 MB at 20 Mb/s with the moov atom at the end (ffmpeg's default for mp4)
+    "big_moov_end.mp4": ["-f", "lavfi", "-i", "gradients=size=1280x720:rate=25", "-t", "8",
+                         "-vf", "noise=alls=40:allf=t", *_BIG],
+}
+
+
+def make_videos(out_dir: Path) -> dict[str, Path]:
+    """Generate the test corpus (plus `notvideo.bin`) into `out_dir`; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, args in VIDEO_SPECS.items():
+        path = out_dir / name
+        if not path.exists():
+            argv = [a.replace("{dir}", str(out_dir)) for a in args]
+            subprocess.run(["ffmpeg", "-v", "error", "-y", *argv, str(path)], check=True)
+        paths[name] = path
+    junk = out_dir / "notvideo.bin"
+    junk.write_bytes(os.urandom(64 * 1024))
+    paths[junk.name] = junk
+    return paths
+
+
+def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05,
+               what: str = "condition") -> T:
+    """Poll `predicate` until it returns a truthy value, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached within {timeout} s")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """Serve `directory` over HTTP on loopback; yields the base URL (no trailing slash)."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+class VidcacheServer:
+    """The real `vidcache serve` in a subprocess on 127.0.0.1, allowed to ingest from loopback."""
+
+    def __init__(self, data_dir: Path, *extra_args: str, port: int | None = None) -> None:
+        self.data_dir = data_dir
+        self.extra_args = list(extra_args)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> VidcacheServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "vidcache", "serve", "--data", str(self.data_dir),
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--ingest-allow", "127.0.0.1", *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(self._healthy, timeout=timeout, what=f"vidcache on {self.url}")
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError(f"vidcache did not start:\n{self.log()}") from exc
+        return self
+
+    def _healthy(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"vidcache exited with {self.process.returncode}:\n{self.log()}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit within 10 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, for recovery tests."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> VidcacheServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
