@@ -1,0 +1,548 @@
+"""Unit tests of vcfs.blocks: block arithmetic and the BlockCache, with a fake fetcher that
+serves bytes from memory and records every call. No FUSE, no network."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.support import wait_until
+from vcfs.blocks import (
+    BlockCache,
+    BlockFetchError,
+    BlockVerifyError,
+    adjacent_runs,
+    block_bounds,
+    block_count,
+    blocks_for,
+    clamp_range,
+    run_bounds,
+)
+
+H1 = "1" * 64
+H2 = "2" * 64
+BS = 16  # tiny blocks keep the arithmetic visible
+DEADLINE = 10.0
+
+
+class FakeFetcher:
+    """Serves `files[hash][start:end]` and records every call as (hash, start, end)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.calls: list[tuple[str, int, int]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, content_hash: str, start: int, end: int) -> bytes:
+        with self._lock:
+            self.calls.append((content_hash, start, end))
+        return self.files[content_hash][start:end]
+
+    @property
+    def bytes_requested(self) -> int:
+        return sum(end - start for _, start, end in self.calls)
+
+
+class GatedFetcher(FakeFetcher):
+    """A FakeFetcher whose calls block until `gate` is set, then return or raise `error`."""
+
+    def __init__(self, files: dict[str, bytes], error: Exception | None = None) -> None:
+        super().__init__(files)
+        self.gate = threading.Event()
+        self.error = error
+
+    def __call__(self, content_hash: str, start: int, end: int) -> bytes:
+        data = super().__call__(content_hash, start, end)
+        if not self.gate.wait(DEADLINE):
+            raise AssertionError("gate never opened")
+        if self.error is not None:
+            raise self.error
+        return data
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    """Distinct, position-dependent bytes, so a misplaced slice cannot go unnoticed."""
+    return bytes((i * 7 + i // 251 + seed) % 256 for i in range(size))
+
+
+@contextmanager
+def threads(*targets: Callable[[], object]) -> Iterator[None]:
+    """Run the targets in threads; on exit join them with a deadline and re-raise failures."""
+    errors: list[BaseException] = []
+
+    def run(target: Callable[[], object]) -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = [threading.Thread(target=run, args=(t,), daemon=True) for t in targets]
+    for thread in started:
+        thread.start()
+    try:
+        yield
+    finally:
+        for thread in started:
+            thread.join(DEADLINE)
+        assert not any(t.is_alive() for t in started), "reader threads hung"
+    if errors:
+        raise errors[0]
+
+
+# -- arithmetic ---------------------------------------------------------------------------------
+
+
+def test_clamp_range() -> None:
+    assert clamp_range(0, 10, 100) == (0, 10)
+    assert clamp_range(95, 10, 100) == (95, 100)
+    assert clamp_range(100, 10, 100) == (100, 100)
+    assert clamp_range(150, 10, 100) == (100, 100)
+    assert clamp_range(5, 0, 100) == (5, 5)
+    with pytest.raises(ValueError):
+        clamp_range(-1, 10, 100)
+    with pytest.raises(ValueError):
+        clamp_range(0, -1, 100)
+
+
+def test_block_count() -> None:
+    assert block_count(0, BS) == 0
+    assert block_count(1, BS) == 1
+    assert block_count(BS, BS) == 1
+    assert block_count(BS + 1, BS) == 2
+
+
+def test_blocks_for() -> None:
+    assert blocks_for(0, BS, 100, BS) == range(0, 1)
+    assert blocks_for(0, BS + 1, 100, BS) == range(0, 2)
+    assert blocks_for(BS - 1, 2, 100, BS) == range(0, 2)
+    assert blocks_for(BS, BS, 100, BS) == range(1, 2)
+    assert blocks_for(90, 1000, 100, BS) == range(5, 7)  # clamped at EOF: last block is 6
+    assert blocks_for(100, 10, 100, BS) == range(0)
+    assert blocks_for(10, 0, 100, BS) == range(0)
+
+
+def test_run_and_block_bounds() -> None:
+    assert run_bounds(range(0, 1), 100, BS) == (0, BS)
+    assert run_bounds(range(1, 4), 100, BS) == (BS, 4 * BS)
+    assert run_bounds(range(5, 7), 100, BS) == (5 * BS, 100)  # the last block is short
+    assert block_bounds(6, 100, BS) == (96, 100)
+    for bad in (range(0), range(0, 4, 2), range(7, 8)):
+        with pytest.raises(ValueError):
+            run_bounds(bad, 100, BS)
+
+
+def test_adjacent_runs() -> None:
+    assert adjacent_runs([]) == []
+    assert adjacent_runs([3]) == [range(3, 4)]
+    assert adjacent_runs([1, 2, 3, 5, 7, 8]) == [range(1, 4), range(5, 6), range(7, 9)]
+    with pytest.raises(ValueError):
+        adjacent_runs([2, 1])
+
+
+@given(
+    offset=st.integers(0, 300),
+    size=st.integers(0, 300),
+    file_size=st.integers(0, 250),
+    block_size=st.integers(1, 40),
+)
+def test_blocks_for_covers_exactly_the_clamped_range(
+    offset: int, size: int, file_size: int, block_size: int
+) -> None:
+    start, end = clamp_range(offset, size, file_size)
+    blocks = blocks_for(offset, size, file_size, block_size)
+    if start == end:
+        assert not blocks
+        return
+    low, high = run_bounds(blocks, file_size, block_size)
+    assert low <= start < low + block_size  # the first block holds the first byte
+    assert high - block_size < end <= high  # the last block holds the last byte
+    assert high <= file_size
+    assert adjacent_runs(blocks) == [blocks]
+
+
+# -- reads ----------------------------------------------------------------------------------
+
+
+def test_cold_read_inside_one_block_fetches_that_block_once() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    assert cache.read(H1, 100, 20, 5) == data[20:25]
+    assert fetcher.calls == [(H1, 16, 32)]
+    assert cache.read(H1, 100, 17, 10) == data[17:27]
+    assert fetcher.calls == [(H1, 16, 32)]  # warm: no new call
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["fetches"]) == (1, 1, 1)
+    assert stats["bytes_fetched"] == BS
+    assert stats["cached_bytes"] == BS
+
+
+def test_cold_read_spanning_blocks_is_one_fetch() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    assert cache.read(H1, 100, 10, 30) == data[10:40]  # blocks 0, 1, 2
+    assert fetcher.calls == [(H1, 0, 48)]
+    stats = cache.stats()
+    assert (stats["misses"], stats["fetches"], stats["bytes_fetched"]) == (3, 1, 48)
+    assert cache.read(H1, 100, 0, 48) == data[:48]
+    assert len(fetcher.calls) == 1
+    assert cache.stats()["hits"] == 3
+
+
+def test_default_sizes_cold_mib_read_across_two_blocks_is_one_request() -> None:
+    mib = 1 << 20
+    data = os.urandom(3 * mib)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher)
+    assert cache.block_size == mib
+    assert cache.read(H1, len(data), mib // 2, mib) == data[mib // 2 : mib // 2 + mib]
+    assert fetcher.calls == [(H1, 0, 2 * mib)]
+
+
+def test_only_missing_blocks_are_fetched_in_adjacent_runs() -> None:
+    data = data_of(200)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    cache.read(H1, 200, 0, 1)  # block 0
+    cache.read(H1, 200, 2 * BS, 1)  # block 2
+    cache.read(H1, 200, 5 * BS, 1)  # block 5
+    fetcher.calls.clear()
+    assert cache.read(H1, 200, 0, 7 * BS) == data[: 7 * BS]
+    # missing: 1, 3-4, 6 -> three runs, three calls, no byte fetched twice
+    assert fetcher.calls == [(H1, 16, 32), (H1, 48, 80), (H1, 96, 112)]
+
+
+def test_reads_at_and_past_eof() -> None:
+    data = data_of(100)  # 7 blocks, the last 4 bytes long
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    assert cache.read(H1, 100, 100, 10) == b""
+    assert cache.read(H1, 100, 5000, 10) == b""
+    assert cache.read(H1, 100, 0, 0) == b""
+    assert fetcher.calls == []
+    assert cache.read(H1, 100, 90, 4096) == data[90:]
+    assert fetcher.calls == [(H1, 80, 100)]  # blocks 5 and 6, the last one short
+    assert cache.read(H1, 100, 99, 1) == data[99:]
+
+
+def test_empty_file() -> None:
+    fetcher = FakeFetcher({H1: b""})
+    cache = BlockCache(fetcher, block_size=BS)
+    assert cache.read(H1, 0, 0, 100) == b""
+    cache.prefetch(H1, 0, 0, 10)
+    assert fetcher.calls == []
+
+
+def test_hashes_do_not_share_blocks() -> None:
+    one, two = data_of(50, seed=1), data_of(50, seed=2)
+    fetcher = FakeFetcher({H1: one, H2: two})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    assert cache.read(H1, 50, 0, 50) == one
+    assert cache.read(H2, 50, 0, 50) == two
+    assert cache.read(H1, 50, 3, 30) == one[3:33]
+    assert len(fetcher.calls) == 2
+
+
+def test_whole_cached_block_is_returned_without_copy() -> None:
+    block = data_of(BS)
+    cache = BlockCache(lambda h, start, end: block[start:end], block_size=BS, capacity=1000)
+    first = cache.read(H1, BS, 0, BS)
+    assert cache.read(H1, BS, 0, BS) is first
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    file_size=st.integers(0, 400),
+    block_size=st.integers(1, 64),
+    capacity=st.integers(0, 300),
+    reads=st.lists(st.tuples(st.integers(0, 450), st.integers(0, 200)), min_size=1, max_size=25),
+)
+def test_random_reads_equal_source_slices(
+    file_size: int, block_size: int, capacity: int, reads: list[tuple[int, int]]
+) -> None:
+    data = data_of(file_size)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=block_size, capacity=capacity)
+    for offset, size in reads:
+        assert cache.read(H1, file_size, offset, size) == data[offset : offset + size]
+        stats = cache.stats()
+        assert stats["cached_bytes"] <= capacity
+    for _, start, end in fetcher.calls:
+        assert start % block_size == 0
+        assert end == file_size or end % block_size == 0
+    stats = cache.stats()
+    assert stats["fetches"] == len(fetcher.calls)
+    assert stats["bytes_fetched"] == fetcher.bytes_requested
+
+
+# -- budget and eviction ------------------------------------------------------------------------
+
+
+def test_eviction_keeps_the_byte_budget_and_evicts_least_recent() -> None:
+    data = data_of(10 * BS)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=3 * BS)
+    for index in range(3):
+        cache.read(H1, len(data), index * BS, 1)
+    cache.read(H1, len(data), 0, 1)  # block 0 is now the most recent
+    cache.read(H1, len(data), 3 * BS, 1)  # evicts block 1, the least recent
+    assert [cache.is_cached(H1, i) for i in range(4)] == [True, False, True, True]
+    for index in range(4, 10):
+        cache.read(H1, len(data), index * BS, 1)
+        assert cache.stats()["cached_bytes"] <= 3 * BS
+    stats = cache.stats()
+    assert stats["evictions"] == 7
+    assert stats["cached_blocks"] == 3
+    assert stats["cached_bytes"] == 3 * BS
+    fetcher.calls.clear()
+    assert cache.read(H1, len(data), 0, BS) == data[:BS]
+    assert fetcher.calls == [(H1, 0, BS)]  # evicted, so fetched again
+
+
+def test_zero_capacity_still_serves_reads() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=0)
+    assert cache.read(H1, 100, 10, 30) == data[10:40]
+    assert cache.read(H1, 100, 10, 30) == data[10:40]
+    assert len(fetcher.calls) == 2
+    assert cache.stats()["cached_bytes"] == 0
+
+
+def test_block_larger_than_capacity_is_served_not_cached() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=64, capacity=50)
+    assert cache.read(H1, 100, 0, 100) == data
+    assert not cache.is_cached(H1, 0)
+    assert cache.is_cached(H1, 1)  # the short last block (36 bytes) fits
+    assert cache.stats()["cached_bytes"] == 36
+
+
+def test_invalid_configuration() -> None:
+    fetcher = FakeFetcher({})
+    with pytest.raises(ValueError):
+        BlockCache(fetcher, block_size=0)
+    with pytest.raises(ValueError):
+        BlockCache(fetcher, capacity=-1)
+
+
+# -- wrong answers, verification, errors --------------------------------------------------------
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_wrong_length_answer_is_an_error_and_never_cached(delta: int) -> None:
+    data = data_of(100)
+
+    def fetcher(content_hash: str, start: int, end: int) -> bytes:
+        return data[start : end + delta] if delta > 0 else data[start : end - 1]
+
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    with pytest.raises(BlockFetchError, match="instead of"):
+        cache.read(H1, 100, 0, 40)
+    assert cache.stats()["cached_bytes"] == 0
+    assert cache.stats()["fetch_errors"] == 1
+    assert not any(cache.is_cached(H1, i) for i in range(7))
+
+
+def test_file_size_larger_than_the_data_is_an_error() -> None:
+    fetcher = FakeFetcher({H1: data_of(100)})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    with pytest.raises(BlockFetchError):
+        cache.read(H1, 120, 90, 30)  # the fetcher can only return 10 of the 24 asked bytes
+
+
+def test_verify_rejection() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    seen: list[tuple[str, int, bytes]] = []
+
+    def verify(content_hash: str, index: int, block: bytes) -> None:
+        seen.append((content_hash, index, block))
+        if index == 1:
+            raise ValueError("digest mismatch")
+
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000, verify=verify)
+    assert cache.read(H1, 100, 0, BS) == data[:BS]
+    with pytest.raises(BlockVerifyError, match="block 1") as info:
+        cache.read(H1, 100, BS, 2 * BS)  # blocks 1 and 2 in one fetch
+    assert isinstance(info.value.__cause__, ValueError)
+    assert seen == [(H1, 0, data[:BS]), (H1, 1, data[BS : 2 * BS]), (H1, 2, data[2 * BS : 3 * BS])]
+    assert not cache.is_cached(H1, 1)
+    assert cache.is_cached(H1, 2)  # its own block verified fine
+    with pytest.raises(BlockVerifyError):
+        cache.read(H1, 100, BS, 1)  # retried, rejected again
+    assert fetcher.calls[-1] == (H1, BS, 2 * BS)
+
+
+def test_fetch_error_propagates_and_a_later_read_retries() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    broken = True
+
+    def flaky(content_hash: str, start: int, end: int) -> bytes:
+        if broken:
+            raise ConnectionError("service down")
+        return fetcher(content_hash, start, end)
+
+    cache = BlockCache(flaky, block_size=BS, capacity=1000)
+    with pytest.raises(ConnectionError):
+        cache.read(H1, 100, 0, 40)
+    broken = False
+    assert cache.read(H1, 100, 0, 40) == data[:40]
+    assert fetcher.calls == [(H1, 0, 48)]
+    assert cache.stats()["fetch_errors"] == 1
+
+
+def test_after_a_failed_run_the_other_runs_of_the_read_fail_fast() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    failing = False
+
+    def switchable(content_hash: str, start: int, end: int) -> bytes:
+        if failing:
+            raise ConnectionError("down")
+        return fetcher(content_hash, start, end)
+
+    cache = BlockCache(switchable, block_size=BS, capacity=1000)
+    cache.read(H1, 100, BS, 1)  # block 1 cached: a read of 0-2 has two runs, 0 and 2
+    failing = True
+    with pytest.raises(ConnectionError):
+        cache.read(H1, 100, 0, 3 * BS)
+    assert cache.stats()["fetches"] == 2  # the setup read and run 0; run 2 was not tried
+    failing = False
+    assert cache.read(H1, 100, 0, 3 * BS) == data[: 3 * BS]
+    assert fetcher.calls == [(H1, BS, 2 * BS), (H1, 0, BS), (H1, 2 * BS, 3 * BS)]
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+
+def test_concurrent_readers_of_a_cold_block_share_one_fetch() -> None:
+    data = data_of(100)
+    fetcher = GatedFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    results: list[bytes] = []
+    readers = 8
+
+    def read() -> None:
+        results.append(cache.read(H1, 100, 20, 8))
+
+    with threads(*[read] * readers):
+        wait_until(lambda: cache.stats()["inflight_waits"] == readers - 1, timeout=DEADLINE,
+                   what="all readers waiting on the one fetch")
+        assert len(fetcher.calls) == 1
+        fetcher.gate.set()
+    assert results == [data[20:28]] * readers
+    assert fetcher.calls == [(H1, 16, 32)]
+    assert cache.stats()["misses"] == readers
+
+
+def test_overlapping_concurrent_reads_fetch_each_block_once() -> None:
+    data = data_of(100)
+    fetcher = GatedFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    results: dict[str, bytes] = {}
+
+    def read_first() -> None:
+        results["first"] = cache.read(H1, 100, 0, 2 * BS)  # blocks 0-1
+
+    def read_second() -> None:
+        results["second"] = cache.read(H1, 100, BS, 2 * BS)  # blocks 1-2
+
+    with threads(read_first):
+        wait_until(lambda: len(fetcher.calls) == 1, timeout=DEADLINE, what="first fetch")
+        with threads(read_second):
+            wait_until(lambda: len(fetcher.calls) == 2, timeout=DEADLINE, what="second fetch")
+            fetcher.gate.set()
+    assert results == {"first": data[: 2 * BS], "second": data[BS : 3 * BS]}
+    assert sorted(fetcher.calls) == [(H1, 0, 2 * BS), (H1, 2 * BS, 3 * BS)]
+    assert cache.stats()["inflight_waits"] == 1
+
+
+def test_failed_fetch_reaches_every_waiter_and_a_later_read_retries() -> None:
+    data = data_of(100)
+    fetcher = GatedFetcher({H1: data}, error=ConnectionError("reset by peer"))
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    errors: list[BaseException] = []
+    readers = 5
+
+    def read() -> None:
+        try:
+            cache.read(H1, 100, 0, 10)
+        except ConnectionError as exc:
+            errors.append(exc)
+
+    with threads(*[read] * readers):
+        wait_until(lambda: cache.stats()["inflight_waits"] == readers - 1, timeout=DEADLINE,
+                   what="all readers waiting on the one fetch")
+        fetcher.gate.set()
+    assert len(errors) == readers
+    assert len(fetcher.calls) == 1
+    assert cache.stats()["cached_bytes"] == 0
+    fetcher.error = None
+    assert cache.read(H1, 100, 0, 10) == data[:10]
+    assert len(fetcher.calls) == 2
+
+
+# -- prefetch ---------------------------------------------------------------------------------
+
+
+def test_prefetch_fetches_only_missing_blocks_and_counts_no_reads() -> None:
+    data = data_of(200)  # 13 blocks
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    cache.read(H1, 200, 3 * BS, 1)
+    fetcher.calls.clear()
+    cache.prefetch(H1, 200, 1, 5)
+    assert fetcher.calls == [(H1, BS, 3 * BS), (H1, 4 * BS, 6 * BS)]
+    cache.prefetch(H1, 200, 1, 5)
+    assert len(fetcher.calls) == 2  # all there now
+    cache.prefetch(H1, 200, 11, 40)  # clamped to the last block, 12
+    assert fetcher.calls[-1] == (H1, 11 * BS, 200)
+    cache.prefetch(H1, 200, 13, 20)  # entirely past EOF
+    assert len(fetcher.calls) == 3
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"], stats["prefetched_blocks"]) == (0, 1, 6)
+    assert cache.read(H1, 200, BS, 5 * BS) == data[BS : 6 * BS]
+    assert len(fetcher.calls) == 3
+    assert cache.stats()["hits"] == 5
+
+
+def test_prefetch_skips_in_flight_blocks_without_waiting() -> None:
+    data = data_of(100)
+    fetcher = GatedFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    with threads(lambda: cache.read(H1, 100, 0, 1)):
+        wait_until(lambda: len(fetcher.calls) == 1, timeout=DEADLINE, what="foreground fetch")
+        # Block 0 is in flight and block 1 gated too: run prefetch in a thread, it must only
+        # ask for block 1.
+        with threads(lambda: cache.prefetch(H1, 100, 0, 1)):
+            wait_until(lambda: len(fetcher.calls) == 2, timeout=DEADLINE, what="prefetch")
+            fetcher.gate.set()
+    assert fetcher.calls == [(H1, 0, BS), (H1, BS, 2 * BS)]
+
+
+def test_prefetch_raises_fetch_errors_and_leaves_nothing_in_flight() -> None:
+    data = data_of(100)
+    fetcher = FakeFetcher({H1: data})
+    broken = True
+
+    def flaky(content_hash: str, start: int, end: int) -> bytes:
+        if broken:
+            raise ConnectionError("down")
+        return fetcher(content_hash, start, end)
+
+    cache = BlockCache(flaky, block_size=BS, capacity=1000)
+    with pytest.raises(ConnectionError):
+        cache.prefetch(H1, 100, 0, 6)
+    broken = False
+    assert cache.read(H1, 100, 0, 100) == data  # nothing was left stuck in flight
+    assert fetcher.calls == [(H1, 0, 100)]

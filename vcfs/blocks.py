@@ -1,0 +1,372 @@
+"""Block arithmetic and the byte-budget LRU block cache behind every vcfs `read()`.
+
+A file is cut into fixed-size blocks (default 1 MiB); block `i` is the byte range
+`[i * block_size, min((i + 1) * block_size, file_size))`. Content is addressed by hash, so a
+block never changes and may be cached for as long as the budget allows. The arithmetic is a
+handful of pure functions (`clamp_range`, `blocks_for`, `run_bounds`, `adjacent_runs`, ...)
+that the cache and the readahead share.
+
+`BlockCache` keeps blocks in a cachetools `LRUCache` keyed by `(hash, block_index)` whose size
+is counted in bytes (`getsizeof=len`), so `capacity` is a real memory budget. cachetools is not
+thread-safe; one lock guards both the LRU and the table of in-flight fetches, and is never held
+while fetching, verifying or copying data.
+
+Reading, for the blocks a read touches:
+
+1. Under the lock, each block is either cached (a hit), already being fetched by another
+   thread (we will wait on its `Future`), or missing: then we register a new `Future` for it
+   in the in-flight table and *own* its fetch. So each block has at most one fetch in flight
+   and concurrent readers of a cold block cause exactly one request.
+2. The owned blocks are grouped into runs of adjacent indices and each run is fetched with ONE
+   fetcher call (a cold 1 MiB read straddling two blocks is one range request, not two).
+3. The owner checks the answer is exactly the run's length (`BlockFetchError` otherwise), cuts
+   it into blocks, passes each to the optional `verify` hook, and then, in a single critical
+   section, inserts the good blocks into the LRU and removes the in-flight entries, so no
+   reader can see a block as neither cached nor in flight. Only then are the futures resolved.
+4. On any failure the futures get the exception (every waiter sees the error) and the
+   in-flight entries are gone, so a later read retries from scratch. Nothing unverified, and
+   nothing of the wrong length, is ever cached or returned. After the first failed run the
+   remaining owned runs of the same call fail fast with the same error rather than stacking
+   up one remote deadline per run.
+
+Waiting is `Future.result()`, never polling. Liveness relies on the fetcher ending every call
+with data or an exception within its own deadline (vcfs.remote retries under a total deadline).
+
+Copies and memory: a read inside one cached block is a single slice of it (no copy at all when
+it is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the
+only copy. A fetched run of several blocks is copied into one `bytes` per block: cached blocks
+must not be views of the run's buffer, because one live view pins the whole buffer and the byte
+budget would lie. Uniform block-sized `bytes` also suit glibc malloc: 1 MiB objects sit near the
+(dynamic) mmap threshold, and evicted blocks free exactly the size the next block needs, so the
+heap is reused instead of fragmenting. A block larger than the whole capacity (or any block when
+capacity is 0) is returned but not cached.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+
+from cachetools import LRUCache
+
+Fetcher = Callable[[str, int, int], bytes]
+"""`(hash, start, end_exclusive) -> bytes`: exactly the bytes `[start, end)` of the video."""
+
+Verifier = Callable[[str, int, bytes], None]
+"""`(hash, block_index, data) -> None`: raise to reject a block before it is cached or used."""
+
+MIB = 1 << 20
+# libfuse3's largest read and the service's digest chunk size: one full read is one block.
+DEFAULT_BLOCK_SIZE = MIB
+# Room for several videos' working sets (and 16 MiB readahead windows) on a desktop machine.
+DEFAULT_CAPACITY = 256 * MIB
+
+
+class BlockCacheError(Exception):
+    """Root of the errors the block cache raises itself (fetcher errors pass through as is)."""
+
+
+class BlockFetchError(BlockCacheError):
+    """The fetcher returned a different number of bytes than the range asked for."""
+
+
+class BlockVerifyError(BlockCacheError):
+    """The verify hook rejected a block; `__cause__` holds its exception."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Block arithmetic
+
+
+def clamp_range(offset: int, size: int, file_size: int) -> tuple[int, int]:
+    """`[offset, offset + size)` clamped to the file: `(start, end_exclusive)`, maybe empty."""
+    if offset < 0 or size < 0 or file_size < 0:
+        raise ValueError(f"negative offset/size/file_size: {offset}, {size}, {file_size}")
+    return min(offset, file_size), min(offset + size, file_size)
+
+
+def block_count(file_size: int, block_size: int) -> int:
+    """How many blocks a file of `file_size` bytes has (the last one may be short)."""
+    return -(-file_size // block_size)
+
+
+def blocks_for(offset: int, size: int, file_size: int, block_size: int) -> range:
+    """Indices of the blocks holding `[offset, offset + size)` after clamping at EOF.
+
+    Empty for a zero-size read or one starting at or past EOF.
+    """
+    start, end = clamp_range(offset, size, file_size)
+    if start >= end:
+        return range(0)
+    return range(start // block_size, (end - 1) // block_size + 1)
+
+
+def run_bounds(blocks: range, file_size: int, block_size: int) -> tuple[int, int]:
+    """Byte range `(start, end_exclusive)` of a run of adjacent blocks, the last clamped at EOF."""
+    if blocks.step != 1 or not blocks or blocks.start < 0:
+        raise ValueError(f"not a non-empty run of adjacent blocks: {blocks!r}")
+    start = blocks.start * block_size
+    end = min(blocks.stop * block_size, file_size)
+    if start >= end:
+        raise ValueError(f"blocks {blocks!r} lie past the end of a {file_size}-byte file")
+    return start, end
+
+
+def block_bounds(index: int, file_size: int, block_size: int) -> tuple[int, int]:
+    """Byte range `(start, end_exclusive)` of one block."""
+    return run_bounds(range(index, index + 1), file_size, block_size)
+
+
+def adjacent_runs(indices: Iterable[int]) -> list[range]:
+    """Group ascending block indices into runs of adjacent ones: 1,2,3,5 -> [1..3], [5]."""
+    runs: list[range] = []
+    for index in indices:
+        if runs and index == runs[-1].stop:
+            runs[-1] = range(runs[-1].start, index + 1)
+        elif runs and index < runs[-1].stop:
+            raise ValueError("block indices must be strictly ascending")
+        else:
+            runs.append(range(index, index + 1))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+_Key = tuple[str, int]
+
+
+class _CountingLRU(LRUCache[_Key, bytes]):
+    """A byte-budget LRU that counts evictions (cachetools evicts through `popitem`)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(maxsize=capacity, getsizeof=len)
+        self.evictions = 0
+
+    def popitem(self) -> tuple[_Key, bytes]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+class BlockCache:
+    """Thread-safe LRU of file blocks in front of a byte-range fetcher (see module docstring)."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        capacity: int = DEFAULT_CAPACITY,
+        verify: Verifier | None = None,
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, got {capacity}")
+        self._fetcher = fetcher
+        self._verify = verify
+        self._block_size = block_size
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._lru = _CountingLRU(capacity)
+        self._inflight: dict[_Key, Future[bytes]] = {}
+        # Counters, guarded by _lock.
+        self._hits = 0
+        self._misses = 0
+        self._inflight_waits = 0
+        self._fetches = 0
+        self._fetch_errors = 0
+        self._bytes_fetched = 0
+        self._prefetched_blocks = 0
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def read(self, content_hash: str, file_size: int, offset: int, size: int) -> bytes:
+        """Bytes `[offset, offset + size)` of the video, clamped at EOF (b"" past it).
+
+        Raises whatever the fetcher raised, `BlockFetchError` for a wrong-length answer, or
+        `BlockVerifyError` when the verify hook rejected a block.
+        """
+        start, end = clamp_range(offset, size, file_size)
+        if start >= end:
+            return b""
+        block_size = self._block_size
+        first, last = start // block_size, (end - 1) // block_size
+        if first == last:  # the hot path: one block, usually cached
+            with self._lock:
+                block = self._lru.get((content_hash, first))
+                if block is not None:
+                    self._hits += 1
+            if block is not None:
+                base = first * block_size
+                return block[start - base : end - base]
+        blocks = self._get_blocks(content_hash, file_size, range(first, last + 1))
+        if len(blocks) == 1:
+            base = first * block_size
+            return blocks[0][start - base : end - base]
+        pieces = [memoryview(block) for block in blocks]
+        pieces[0] = pieces[0][start - first * block_size :]
+        pieces[-1] = pieces[-1][: end - last * block_size]
+        return b"".join(pieces)
+
+    def prefetch(
+        self, content_hash: str, file_size: int, first_block: int, last_block: int
+    ) -> None:
+        """Fetch the blocks `first_block..last_block` (inclusive) that are neither cached nor
+        in flight, clamped to the file; adjacent ones in one fetcher call each.
+
+        Meant for readahead threads: it never waits for other threads' fetches. Raises the
+        first fetch error (after failing the affected blocks' futures like `read` does).
+        """
+        first = max(first_block, 0)
+        last = min(last_block, block_count(file_size, self._block_size) - 1)
+        owned: dict[int, Future[bytes]] = {}
+        with self._lock:
+            for index in range(first, last + 1):
+                key = (content_hash, index)
+                if key in self._lru or key in self._inflight:
+                    continue
+                owned[index] = self._inflight[key] = Future()
+            self._prefetched_blocks += len(owned)
+        error = self._fetch_owned(content_hash, file_size, owned)
+        if error is not None:
+            raise error
+
+    def is_cached(self, content_hash: str, block_index: int) -> bool:
+        """Whether the block is in the cache now (does not touch its LRU position)."""
+        with self._lock:
+            return (content_hash, block_index) in self._lru
+
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters. hits/misses count blocks asked for by `read` (a miss
+        that waited on another thread's fetch also counts in inflight_waits); fetches counts
+        fetcher calls, bytes_fetched the bytes they returned; prefetched_blocks the blocks
+        `prefetch` fetched."""
+        with self._lock:
+            return {
+                "hits": self._hits,
+                "misses": self._misses,
+                "inflight_waits": self._inflight_waits,
+                "fetches": self._fetches,
+                "fetch_errors": self._fetch_errors,
+                "bytes_fetched": self._bytes_fetched,
+                "prefetched_blocks": self._prefetched_blocks,
+                "evictions": self._lru.evictions,
+                "cached_blocks": len(self._lru),
+                "cached_bytes": int(self._lru.currsize),
+            }
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _get_blocks(self, content_hash: str, file_size: int, blocks: range) -> list[bytes]:
+        """The whole blocks of `blocks`, in order: cached, awaited, or fetched by us."""
+        found: dict[int, bytes] = {}
+        pending: dict[int, Future[bytes]] = {}
+        owned: dict[int, Future[bytes]] = {}
+        with self._lock:
+            for index in blocks:
+                key = (content_hash, index)
+                block = self._lru.get(key)
+                if block is not None:
+                    self._hits += 1
+                    found[index] = block
+                    continue
+                self._misses += 1
+                future = self._inflight.get(key)
+                if future is None:
+                    future = owned[index] = self._inflight[key] = Future()
+                else:
+                    self._inflight_waits += 1
+                pending[index] = future
+        self._fetch_owned(content_hash, file_size, owned)
+        for index, future in pending.items():
+            found[index] = future.result()  # raises the fetch's error, ours or another's
+        return [found[index] for index in blocks]
+
+    def _fetch_owned(
+        self, content_hash: str, file_size: int, owned: dict[int, Future[bytes]]
+    ) -> BaseException | None:
+        """Fetch the owned blocks run by run and resolve every one of their futures, whatever
+        happens. Returns the first error (also set on the affected futures), else None."""
+        first_error: BaseException | None = None
+        for run in adjacent_runs(sorted(owned)):
+            if first_error is None:
+                first_error = self._fetch_run(content_hash, file_size, run, owned)
+            else:
+                self._resolve(content_hash, {index: first_error for index in run}, owned)
+        return first_error
+
+    def _fetch_run(
+        self, content_hash: str, file_size: int, run: range, owned: dict[int, Future[bytes]]
+    ) -> BaseException | None:
+        """Fetch one run with one fetcher call; resolve its futures. Returns its first error."""
+        start, end = run_bounds(run, file_size, self._block_size)
+        with self._lock:
+            self._fetches += 1
+        try:
+            data = self._fetcher(content_hash, start, end)
+            if len(data) != end - start:
+                raise BlockFetchError(
+                    f"fetch of {content_hash} bytes {start}-{end - 1} returned {len(data)} "
+                    f"bytes instead of {end - start}"
+                )
+        except BaseException as exc:  # every waiter must hear of it, whatever it is
+            with self._lock:
+                self._fetch_errors += 1
+            self._resolve(content_hash, {index: exc for index in run}, owned)
+            return exc
+        if type(data) is not bytes:  # a mutable buffer must not become a shared cache entry
+            data = bytes(data)
+        with self._lock:
+            self._bytes_fetched += len(data)
+        outcomes: dict[int, bytes | BaseException] = {}
+        view = memoryview(data)
+        for position, index in enumerate(run):
+            if len(run) == 1:
+                block = data
+            else:
+                low = position * self._block_size
+                block = bytes(view[low : low + self._block_size])
+            outcomes[index] = self._checked(content_hash, index, block)
+        self._resolve(content_hash, outcomes, owned)
+        return next((o for o in outcomes.values() if isinstance(o, BaseException)), None)
+
+    def _checked(self, content_hash: str, index: int, block: bytes) -> bytes | BlockVerifyError:
+        """The block if the verify hook accepts it, else the error to hand to its readers."""
+        if self._verify is None:
+            return block
+        try:
+            self._verify(content_hash, index, block)
+        except Exception as exc:
+            error = BlockVerifyError(f"block {index} of {content_hash} failed verification: {exc}")
+            error.__cause__ = exc
+            return error
+        return block
+
+    def _resolve(
+        self,
+        content_hash: str,
+        outcomes: dict[int, bytes | BaseException],
+        owned: dict[int, Future[bytes]],
+    ) -> None:
+        """Cache the good blocks and retire the in-flight entries in one critical section,
+        then resolve the futures outside the lock."""
+        with self._lock:
+            for index, outcome in outcomes.items():
+                key = (content_hash, index)
+                if isinstance(outcome, bytes) and len(outcome) <= self._capacity:
+                    self._lru[key] = outcome
+                del self._inflight[key]
+        for index, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
+                owned[index].set_exception(outcome)
+            else:
+                owned[index].set_result(outcome)
