@@ -1,0 +1,327 @@
+"""VidCacheClient: the vidcache 1.x REST API over one pooled httpx.Client.
+
+One instance is meant to be shared: httpx.Client is safe to use from many threads at once and
+keeps up to `max_connections` keep-alive connections, so many small ranged reads (what vcfs
+does) reuse connections instead of paying a TCP handshake each. Every call validates its
+arguments first (nothing malformed is sent), goes through `_translate` for errors, and every
+byte read goes through `_verify`, so bytes are only returned when the answer says they are
+exactly the asked range of the asked hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vidcache_client._exceptions import NotFoundError, ProtocolError
+from vidcache_client._translate import raise_for_status, transport_errors
+from vidcache_client._validate import (
+    ByteRange,
+    validate_byte_range,
+    validate_hash,
+    validate_page_size,
+)
+from vidcache_client._verify import body_length_error, expected_video_length, range_header
+
+_USER_AGENT = "vidcache-client"
+
+
+class VidCacheClient:
+    """Client of a vidcache service at `base_url` (e.g. "http://127.0.0.1:8020").
+
+    `timeout` (seconds) bounds connecting and each read/write of a request, not a whole
+    download; the 300 s default leaves room for a slow ingest. `chunk_size` is the size of the
+    chunks `stream_video` yields. Keyword-only: `token` is sent as `Authorization: Bearer
+    <token>`; `transport` replaces httpx's network transport (tests use httpx.MockTransport);
+    `max_connections` sizes the connection pool shared by all threads using this client.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float = 300.0,
+        chunk_size: int = 1_048_576,
+        *,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        max_connections: int = 32,
+    ) -> None:
+        url = _parse_base_url(base_url)
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 byte, got {chunk_size!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+        headers = {"User-Agent": _USER_AGENT}
+        if token is not None:
+            if not token.strip():
+                raise ValueError("token must not be empty (pass None for no token)")
+            headers["Authorization"] = f"Bearer {token}"
+        self.base_url = str(url).rstrip("/")
+        self.chunk_size = chunk_size
+        self._http = httpx.Client(
+            base_url=url,
+            timeout=timeout,
+            headers=headers,
+            transport=transport,
+            limits=httpx.Limits(max_connections=max_connections,
+                                max_keepalive_connections=max_connections),
+        )
+
+    def __repr__(self) -> str:
+        return f"VidCacheClient({self.base_url!r})"
+
+    def __enter__(self) -> VidCacheClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection pool. Call once no other thread is using the client."""
+        self._http.close()
+
+    # --- ingest and metadata -------------------------------------------------------------
+
+    def ingest(
+        self, url: str, bucket: str, prefix: str = "", meta: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Have the service fetch `url` and store it (deduplicated) in `bucket`/`prefix`.
+
+        Returns {"hash", "status": "new"|"duplicate"|"url_alias", "file_path",
+        "phash_distance"?}.
+        """
+        what = f"ingest of {url} into bucket {bucket!r}"
+        payload = {"url": url, "bucket": bucket, "prefix": prefix, "meta": dict(meta or {})}
+        result = _json_object(self._send("POST", "/ingest", what, json=payload), what)
+        _check_hash_field(result, what)
+        return result
+
+    def resolve(self, url: str) -> dict[str, Any] | None:
+        """{"hash", "url"} of a URL ingested before, or None if the service does not know it."""
+        what = f"resolve of {url}"
+        try:
+            response = self._send("GET", "/resolve", what, params={"url": url})
+        except NotFoundError:
+            return None
+        result = _json_object(response, what)
+        _check_hash_field(result, what)
+        return result
+
+    def get_meta(self, content_hash: str) -> dict[str, Any] | None:
+        """The stored record of a video (size_bytes, duration_s, aliases, meta...), or None."""
+        content_hash = validate_hash(content_hash)
+        what = f"metadata of video {content_hash}"
+        try:
+            response = self._send("GET", f"/meta/{content_hash}", what)
+        except NotFoundError:
+            return None
+        result = _json_object(response, what)
+        _check_hash_field(result, what, expected=content_hash)
+        return result
+
+    def get_chunk_digests(self, content_hash: str) -> dict[str, Any] | None:
+        """{"hash", "chunk_size", "digests"}: BLAKE3 of each chunk_size chunk, or None."""
+        content_hash = validate_hash(content_hash)
+        what = f"chunk digests of video {content_hash}"
+        try:
+            response = self._send("GET", f"/video/{content_hash}/chunks", what)
+        except NotFoundError:
+            return None
+        result = _json_object(response, what)
+        _check_hash_field(result, what, expected=content_hash)
+        return result
+
+    def delete(self, content_hash: str) -> None:
+        """Delete a video, its record and all its URL aliases; NotFoundError if unknown."""
+        content_hash = validate_hash(content_hash)
+        self._send("DELETE", f"/video/{content_hash}", f"delete of video {content_hash}")
+
+    def list_videos(
+        self, *, bucket: str | None = None, prefix: str | None = None, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """Iterate the metadata of every stored video (optionally of one bucket/prefix).
+
+        Ordered by hash; fetches `page_size` records per request, following the server's
+        `next` cursor, lazily as the iterator is consumed.
+        """
+        page_size = validate_page_size(page_size)
+        params: dict[str, str | int] = {"limit": page_size}
+        if bucket is not None:
+            params["bucket"] = bucket
+        if prefix is not None:
+            params["prefix"] = prefix
+        return self._iter_listing(params)
+
+    def health(self) -> dict[str, Any]:
+        """The service's `GET /health` answer ({"status": "ok", ...})."""
+        return _json_object(self._send("GET", "/health", "health check"), "health check")
+
+    # --- video bytes ---------------------------------------------------------------------
+
+    def get_bytes(self, content_hash: str, byte_range: ByteRange | None = None) -> bytes:
+        """The whole video, or exactly bytes start..end (INCLUSIVE) of it.
+
+        A range reaching past the end of the video returns up to its last byte; one starting
+        at or past the end raises RangeNotSatisfiableError.
+        """
+        with self._open_video(content_hash, byte_range) as (response, what, asked, expected):
+            return b"".join(self._iter_body(response, what, asked, expected, chunk_size=None))
+
+    @contextlib.contextmanager
+    def stream_video(
+        self, content_hash: str, byte_range: ByteRange | None = None
+    ) -> Iterator[Iterator[bytes]]:
+        """Context manager yielding an iterator of chunks of about `chunk_size` bytes.
+
+        Status and headers are checked on entering; the iterator raises if the body ends
+        short or runs long. Leaving the block closes the response (and returns its connection
+        to the pool), whether or not the body was read to the end.
+        """
+        with self._open_video(content_hash, byte_range) as (response, what, asked, expected):
+            yield self._iter_body(response, what, asked, expected, chunk_size=self.chunk_size)
+
+    def download_to_file(
+        self,
+        content_hash: str,
+        dest: str | os.PathLike[str],
+        byte_range: ByteRange | None = None,
+    ) -> int:
+        """Stream a video (or a range of it) into `dest`; return the number of bytes written.
+
+        Writes a temporary file beside `dest`, then renames it over `dest` only once every
+        byte arrived and was verified: on any failure `dest` is left as it was (absent or
+        with its old content) and the temporary file is removed. Local file-system problems
+        raise OSError.
+        """
+        validate_hash(content_hash)
+        validate_byte_range(byte_range)
+        dest_path = Path(dest)
+        temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
+        # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide,
+        # as for any ordinary new file.
+        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            written = 0
+            with open(fd, "wb") as out, self.stream_video(content_hash, byte_range) as chunks:
+                for chunk in chunks:
+                    out.write(chunk)
+                    written += len(chunk)
+                out.flush()
+                # Durable before the rename, so a crash cannot leave an empty `dest`.
+                os.fsync(out.fileno())
+            os.replace(temp_path, dest_path)
+        except BaseException:
+            temp_path.unlink(missing_ok=True)
+            raise
+        return written
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, what: str, *,
+              params: Mapping[str, str | int] | None = None,
+              json: Mapping[str, Any] | None = None) -> httpx.Response:
+        """Send a request whose answer is small; raise for a non-2xx status."""
+        with transport_errors(what):
+            response = self._http.request(method, path, params=params, json=json)
+        raise_for_status(response, what)
+        return response
+
+    @contextlib.contextmanager
+    def _open_video(
+        self, content_hash: str, byte_range: ByteRange | None
+    ) -> Iterator[tuple[httpx.Response, str, ByteRange | None, int | None]]:
+        """Open `GET /video/{hash}` as a stream and check its status and headers.
+
+        Yields (response, what, asked range, expected body length) and closes the response on
+        leaving.
+        """
+        content_hash = validate_hash(content_hash)
+        asked = validate_byte_range(byte_range)
+        what = (f"video {content_hash}" if asked is None
+                else f"bytes {asked[0]}-{asked[1]} of video {content_hash}")
+        # identity: a compressed answer would make Content-Length/Content-Range describe
+        # other bytes than the ones we count.
+        headers = {"Accept-Encoding": "identity"}
+        if asked is not None:
+            headers["Range"] = range_header(asked)
+        request = self._http.build_request("GET", f"/video/{content_hash}", headers=headers)
+        with contextlib.ExitStack() as cleanup:
+            with transport_errors(what):
+                response = self._http.send(request, stream=True)
+                cleanup.callback(response.close)
+                raise_for_status(response, what)
+            expected = expected_video_length(response, content_hash, asked, what)
+            yield response, what, asked, expected
+
+    @staticmethod
+    def _iter_body(response: httpx.Response, what: str, asked: ByteRange | None,
+                   expected: int | None, *, chunk_size: int | None) -> Iterator[bytes]:
+        """The body's chunks, counted against `expected`; raises if it is short or long."""
+        received = 0
+        with transport_errors(what):
+            for chunk in response.iter_bytes(chunk_size):
+                received += len(chunk)
+                if expected is not None and received > expected:
+                    raise body_length_error(what, asked, expected, received)
+                yield chunk
+        if expected is not None and received != expected:
+            raise body_length_error(what, asked, expected, received)
+
+    def _iter_listing(self, params: Mapping[str, str | int]) -> Iterator[dict[str, Any]]:
+        what = "listing of videos" + "".join(
+            f" {key}={value!r}" for key, value in params.items() if key != "limit")
+        after: str | None = None
+        while True:
+            page_params = dict(params) if after is None else {**params, "after": after}
+            page = _json_object(self._send("GET", "/videos", what, params=page_params), what)
+            items, cursor = page.get("items"), page.get("next")
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise ProtocolError(f"{what}: page has no list of records in 'items'")
+            # Cursors are hashes in increasing order; anything else would page forever.
+            if cursor is not None and (not isinstance(cursor, str)
+                                       or (after is not None and cursor <= after)):
+                raise ProtocolError(f"{what}: bad 'next' cursor {cursor!r} after {after!r}")
+            yield from items
+            if cursor is None:
+                return
+            after = cursor
+
+
+def _parse_base_url(base_url: str) -> httpx.URL:
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"invalid base_url {base_url!r}: {exc}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"invalid base_url {base_url!r}: expected http(s)://host[:port]")
+    return url
+
+
+def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError as exc:
+        raise ProtocolError(f"{what}: expected a JSON object, got "
+                            f"{response.text[:100]!r} [{response.headers.get('Content-Type')}]"
+                            ) from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _check_hash_field(result: Mapping[str, Any], what: str, *,
+                      expected: str | None = None) -> None:
+    """Callers index result["hash"] directly and pass it back to us: make sure it is one."""
+    content_hash = result.get("hash")
+    if not isinstance(content_hash, str):
+        raise ProtocolError(f"{what}: answer has no 'hash'")
+    if expected is not None and content_hash != expected:
+        raise ProtocolError(f"{what}: answer describes another video ({content_hash})")

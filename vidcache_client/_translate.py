@@ -1,0 +1,131 @@
+"""The two places where failures become client exceptions.
+
+`transport_errors` wraps every use of httpx (sending, reading a body, iterating a stream) and
+turns httpx's exceptions into TransportError / RequestTimeout / ProtocolError. `raise_for_status`
+turns every non-2xx answer into the StatusError subclass for its status, carrying the server's
+`detail`. `what` is a short description of the call naming its hash or URL ("bytes 0-99 of
+video 3fa9..."); every message starts with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+
+import httpx
+
+from vidcache_client._exceptions import (
+    AuthError,
+    InvalidRequestError,
+    NotFoundError,
+    ProtocolError,
+    RangeNotSatisfiableError,
+    RequestTimeout,
+    ServerError,
+    StatusError,
+    TransportError,
+)
+
+# Enough of a non-JSON error body (an HTML page from a proxy, a traceback) to recognise it.
+_MAX_DETAIL_CHARS = 300
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def transport_errors(what: str) -> Iterator[None]:
+    """Translate httpx exceptions raised inside the block; anything else passes through."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise RequestTimeout(f"{what}: timed out{_request_suffix(exc)} ({_describe(exc)})") from exc
+    except (httpx.DecodingError, httpx.TooManyRedirects) as exc:
+        raise ProtocolError(
+            f"{what}: bad response{_request_suffix(exc)} ({_describe(exc)})"
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise TransportError(
+            f"{what}: request failed{_request_suffix(exc)} ({_describe(exc)})"
+        ) from exc
+
+
+def raise_for_status(response: httpx.Response, what: str) -> None:
+    """Raise the StatusError subclass for a non-2xx `response`; return quietly on 2xx.
+
+    Reads the body of a streamed error response (for its `detail`), so call it inside
+    `transport_errors`.
+    """
+    if response.is_success:
+        return
+    response.read()
+    status = response.status_code
+    detail = error_detail(response)
+    message = (f"{what}: HTTP {status} {response.reason_phrase}: {detail} "
+               f"[{response.request.method} {response.request.url}]")
+    if status == 416:
+        raise RangeNotSatisfiableError(status, detail, message=message,
+                                       size=_size_from_unsatisfied_range(response))
+    error_class: type[StatusError]
+    if status == 404:
+        error_class = NotFoundError
+    elif status in (401, 403):
+        error_class = AuthError
+    elif 400 <= status < 500:
+        error_class = InvalidRequestError
+    elif status >= 500:
+        error_class = ServerError
+    else:  # 1xx/3xx: redirects are not followed, so these are unexpected answers too
+        error_class = StatusError
+    raise error_class(status, detail, message=message)
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The server's explanation: JSON `detail` if there is one, else the start of the body."""
+    text = response.text.strip()
+    if not text:
+        return f"(empty body) {response.reason_phrase}".strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return _truncate(" ".join(text.split()))
+    if isinstance(body, dict) and "detail" in body:
+        return _truncate(_format_detail(body["detail"]))
+    return _truncate(text)
+
+
+def _format_detail(detail: object) -> str:
+    """FastAPI validation errors are a list of {"loc": [...], "msg": ...}; flatten them."""
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict) and "msg" in item:
+                loc = ".".join(str(part) for part in item.get("loc", []))
+                parts.append(f"{loc}: {item['msg']}" if loc else str(item["msg"]))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return json.dumps(detail)
+
+
+def _size_from_unsatisfied_range(response: httpx.Response) -> int | None:
+    match = _UNSATISFIED_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= _MAX_DETAIL_CHARS else text[:_MAX_DETAIL_CHARS] + "..."
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _request_suffix(exc: httpx.HTTPError) -> str:
+    try:
+        request = exc.request
+    except RuntimeError:  # httpx raises this when the error has no request attached
+        return ""
+    return f" [{request.method} {request.url}]"

@@ -1,0 +1,62 @@
+"""Arguments checked before any request: a malformed hash or range never reaches the wire.
+
+Such arguments can never succeed, so they raise InvalidRequestError (a VidCacheError and a
+ValueError) with `status_code` None.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NoReturn, TypeGuard
+
+from vidcache_client._exceptions import InvalidRequestError
+
+ByteRange = tuple[int, int]
+"""(start, end) byte offsets, both INCLUSIVE, as in HTTP's `Range: bytes=start-end`."""
+
+MAX_PAGE_SIZE = 1000
+"""The service's largest listing page (`GET /videos?limit=`)."""
+
+_HASH = re.compile(r"[0-9a-f]{64}")
+_MAX_REPR = 80
+
+
+def validate_hash(content_hash: object) -> str:
+    """Return `content_hash` if it is 64 lowercase hex characters (a BLAKE3 digest)."""
+    if isinstance(content_hash, str) and _HASH.fullmatch(content_hash):
+        return content_hash
+    _refuse(f"invalid content hash {_short_repr(content_hash)}: expected 64 lowercase hex "
+            "characters (a BLAKE3 digest)")
+
+
+def validate_byte_range(byte_range: object) -> ByteRange | None:
+    """Return `byte_range` as a (start, end) tuple if it is None or 0 <= start <= end."""
+    if byte_range is None:
+        return None
+    if isinstance(byte_range, tuple | list) and len(byte_range) == 2:
+        start, end = byte_range
+        if _is_int(start) and _is_int(end) and 0 <= start <= end:
+            return (start, end)
+    _refuse(f"invalid byte_range {_short_repr(byte_range)}: expected (start, end) with "
+            "0 <= start <= end, both inclusive")
+
+
+def validate_page_size(page_size: object) -> int:
+    if _is_int(page_size) and 1 <= page_size <= MAX_PAGE_SIZE:
+        return page_size
+    _refuse(f"invalid page_size {_short_repr(page_size)}: expected an int from 1 to "
+            f"{MAX_PAGE_SIZE}")
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    """bool is an int subclass, but True as an offset is certainly a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _refuse(detail: str) -> NoReturn:
+    raise InvalidRequestError(None, detail, message=f"{detail} (no request sent)")
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _MAX_REPR else text[:_MAX_REPR] + "..."
