@@ -1,0 +1,644 @@
+"""vidcache_client against httpx.MockTransport: the answers a real vidcache never gives.
+
+Wrong or missing Content-Range, 200 instead of 206, bodies that end short or run long, streams
+cut mid-way, connection failures, error bodies that are not JSON. The real service is exercised
+in test_client_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import vidcache_client
+from tests.support import free_port
+from vidcache_client import (
+    AuthError,
+    InvalidRequestError,
+    NotFoundError,
+    ProtocolError,
+    RangeError,
+    RangeNotSatisfiableError,
+    RequestTimeout,
+    ServerError,
+    StatusError,
+    TransportError,
+    VidCacheClient,
+    VidCacheError,
+)
+
+BASE = "http://vidcache.test"
+HASH = "ab" * 32
+OTHER_HASH = "cd" * 32
+DATA = bytes(range(256)) * 40  # 10240 bytes, every offset distinguishable modulo 256
+SIZE = len(DATA)
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+@dataclass
+class Recorder:
+    """A MockTransport handler that remembers the requests it answered."""
+
+    handler: Handler
+    requests: list[httpx.Request] = field(default_factory=list)
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        return self.handler(request)
+
+
+class ChunkStream(httpx.SyncByteStream):
+    """A response body sent in pieces, optionally failing after them; records close()."""
+
+    def __init__(self, chunks: list[bytes], error: Exception | None = None) -> None:
+        self.chunks = chunks
+        self.error = error
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def serve_video(request: httpx.Request) -> httpx.Response:
+    """A correct /video/{HASH} answer, ranges clamped at EOF as RFC 9110 allows."""
+    headers = {"ETag": f'"{HASH}"', "Accept-Ranges": "bytes"}
+    spec = request.headers.get("Range")
+    if spec is None:
+        return httpx.Response(200, headers=headers, content=DATA)
+    start_text, end_text = spec.removeprefix("bytes=").split("-")
+    start, end = int(start_text), min(int(end_text), SIZE - 1)
+    if start >= SIZE:
+        return httpx.Response(416, headers={"Content-Range": f"bytes */{SIZE}"},
+                              json={"detail": "range starts past the end"})
+    headers["Content-Range"] = f"bytes {start}-{end}/{SIZE}"
+    return httpx.Response(206, headers=headers, content=DATA[start:end + 1])
+
+
+def partial(content_range: str | None, body: bytes, **headers: str) -> Handler:
+    """A handler answering 206 with the given Content-Range and body, whatever was asked.
+
+    The body is streamed, so httpx adds no Content-Length of its own.
+    """
+    def handler(request: httpx.Request) -> httpx.Response:
+        all_headers = dict(headers)
+        if content_range is not None:
+            all_headers["Content-Range"] = content_range
+        return httpx.Response(206, headers=all_headers, stream=ChunkStream([body]))
+    return handler
+
+
+def json_error(status: int, detail: object) -> Handler:
+    return lambda request: httpx.Response(status, json={"detail": detail})
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., VidCacheClient]]:
+    """make_client(handler, **options) -> a client over MockTransport, closed at teardown."""
+    clients: list[VidCacheClient] = []
+
+    def make(handler: Handler, **options: Any) -> VidCacheClient:
+        client = VidCacheClient(BASE, transport=httpx.MockTransport(handler), **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+MakeClient = Callable[..., VidCacheClient]
+
+
+# --- the exception hierarchy ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("error_class", "parent", "transient"), [
+    (TransportError, VidCacheError, True),
+    (RequestTimeout, TransportError, True),
+    (ProtocolError, VidCacheError, True),
+    (RangeError, ProtocolError, True),
+    (StatusError, VidCacheError, False),
+    (NotFoundError, StatusError, False),
+    (RangeNotSatisfiableError, StatusError, False),
+    (InvalidRequestError, StatusError, False),
+    (AuthError, StatusError, False),
+    (ServerError, StatusError, True),
+])
+def test_hierarchy_and_transient_flags(error_class: type[VidCacheError], parent: type,
+                                       transient: bool) -> None:
+    assert issubclass(error_class, parent)
+    assert error_class.transient is transient
+    assert VidCacheError.transient is False
+
+
+def test_public_names_are_exported() -> None:
+    for name in vidcache_client.__all__:
+        assert getattr(vidcache_client, name) is not None
+    assert "VidCacheClient" in vidcache_client.__all__
+    assert "RangeNotSatisfiableError" in vidcache_client.__all__
+
+
+# --- construction --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("base_url", ["", "ftp://host", "not a url", "http://"])
+def test_bad_base_url_is_refused(base_url: str) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        VidCacheClient(base_url)
+
+
+@pytest.mark.parametrize("options", [
+    {"timeout": 0}, {"chunk_size": 0}, {"max_connections": 0}, {"token": " "},
+])
+def test_bad_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        VidCacheClient(BASE, **options)
+
+
+def test_token_is_sent_as_bearer(make_client: MakeClient) -> None:
+    recorder = Recorder(lambda request: httpx.Response(200, json={"status": "ok"}))
+    make_client(recorder, token="s3cret").health()
+    make_client(recorder).health()
+    assert recorder.requests[0].headers["Authorization"] == "Bearer s3cret"
+    assert "Authorization" not in recorder.requests[1].headers
+
+
+def test_closed_client_refuses_calls() -> None:
+    recorder = Recorder(lambda request: httpx.Response(200, json={"status": "ok"}))
+    with VidCacheClient(BASE, transport=httpx.MockTransport(recorder)) as client:
+        assert client.health() == {"status": "ok"}
+    with pytest.raises(RuntimeError):
+        client.health()
+    assert len(recorder.requests) == 1
+
+
+# --- arguments refused before any request --------------------------------------------------------
+
+BAD_HASHES = ["", "ab" * 31, "AB" * 32, "zz" * 32, "ab" * 32 + "\n", "../../etc/passwd", 42]
+
+
+@pytest.mark.parametrize("bad_hash", BAD_HASHES)
+@pytest.mark.parametrize("call", [
+    lambda client, h: client.get_meta(h),
+    lambda client, h: client.get_chunk_digests(h),
+    lambda client, h: client.get_bytes(h),
+    lambda client, h: client.stream_video(h).__enter__(),
+    lambda client, h: client.delete(h),
+], ids=["get_meta", "get_chunk_digests", "get_bytes", "stream_video", "delete"])
+def test_malformed_hash_is_refused_locally(make_client: MakeClient, bad_hash: Any,
+                                           call: Callable[[VidCacheClient, Any], object]) -> None:
+    recorder = Recorder(serve_video)
+    with pytest.raises(InvalidRequestError, match="invalid content hash") as caught:
+        call(make_client(recorder), bad_hash)
+    assert isinstance(caught.value, ValueError)
+    assert caught.value.status_code is None
+    assert "no request sent" in str(caught.value)
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize("bad_range", [
+    (-1, 5), (5, 4), (0,), (0, 1, 2), ("0", "1"), (True, 3), (0.0, 1.0), 7, "0-9",
+])
+def test_malformed_byte_range_is_refused_locally(make_client: MakeClient,
+                                                 bad_range: Any, tmp_path: Path) -> None:
+    recorder = Recorder(serve_video)
+    client = make_client(recorder)
+    with pytest.raises(InvalidRequestError, match="invalid byte_range"):
+        client.get_bytes(HASH, byte_range=bad_range)
+    with pytest.raises(InvalidRequestError, match="invalid byte_range"):
+        client.download_to_file(HASH, tmp_path / "out", byte_range=bad_range)
+    assert recorder.requests == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("page_size", [0, 1001, "10", None])
+def test_bad_page_size_is_refused_when_called(make_client: MakeClient, page_size: Any) -> None:
+    recorder = Recorder(lambda request: httpx.Response(200, json={"items": [], "next": None}))
+    with pytest.raises(InvalidRequestError, match="page_size"):
+        make_client(recorder).list_videos(page_size=page_size)
+    assert recorder.requests == []
+
+
+# --- byte ranges: what is accepted ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("byte_range", "expected"), [
+    ((0, 0), DATA[:1]),
+    ((0, 99), DATA[:100]),
+    ((SIZE - 1, SIZE - 1), DATA[-1:]),
+    ((0, SIZE - 1), DATA),
+    ((SIZE - 5, SIZE + 1000), DATA[-5:]),  # the server clamps the end at EOF
+])
+def test_ranged_read_returns_exactly_the_range(make_client: MakeClient,
+                                               byte_range: tuple[int, int],
+                                               expected: bytes) -> None:
+    recorder = Recorder(serve_video)
+    assert make_client(recorder).get_bytes(HASH, byte_range=byte_range) == expected
+    request = recorder.requests[0]
+    assert request.url.path == f"/video/{HASH}"
+    assert request.headers["Range"] == f"bytes={byte_range[0]}-{byte_range[1]}"
+    assert request.headers["Accept-Encoding"] == "identity"
+
+
+def test_whole_read_sends_no_range(make_client: MakeClient) -> None:
+    recorder = Recorder(serve_video)
+    assert make_client(recorder).get_bytes(HASH) == DATA
+    assert "Range" not in recorder.requests[0].headers
+
+
+def test_unknown_total_is_accepted_when_the_range_is_exact(make_client: MakeClient) -> None:
+    client = make_client(partial("bytes 10-19/*", DATA[10:20]))
+    assert client.get_bytes(HASH, byte_range=(10, 19)) == DATA[10:20]
+
+
+def test_range_past_eof_raises_416_with_size(make_client: MakeClient) -> None:
+    with pytest.raises(RangeNotSatisfiableError, match=HASH) as caught:
+        make_client(serve_video).get_bytes(HASH, byte_range=(SIZE, SIZE + 10))
+    assert caught.value.status_code == 416
+    assert caught.value.size == SIZE
+    assert "range starts past the end" in str(caught.value)
+    assert not caught.value.transient
+
+
+# --- byte ranges: what is refused ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("handler", "complaint"), [
+    (lambda request: httpx.Response(200, content=DATA), "ignored the Range header"),
+    (partial(None, DATA[100:200]), "missing or malformed Content-Range"),
+    (partial("bytes 100-199", DATA[100:200]), "missing or malformed"),
+    (partial("items 100-199/10240", DATA[100:200]), "missing or malformed"),
+    (partial("bytes 199-100/10240", DATA[100:200]), "missing or malformed"),
+    (partial("bytes 100-199/150", DATA[100:200]), "missing or malformed"),  # end past total
+    (partial("bytes 101-200/10240", DATA[101:201]), "not the asked bytes"),
+    (partial("bytes 100-149/10240", DATA[100:150]), "not the asked bytes"),  # short, not EOF
+    (partial("bytes 100-299/10240", DATA[100:300]), "not the asked bytes"),  # longer
+    (partial("bytes 100-149/*", DATA[100:150]), "not the asked bytes"),  # clamp unprovable
+    (partial("bytes 100-199/10240", DATA[100:200], **{"Content-Length": "99"}),
+     "Content-Length 99 disagrees"),
+    (partial("bytes 100-199/10240", DATA[100:150]), "ended short: got 50 bytes, expected 100"),
+    (partial("bytes 100-199/10240", DATA[100:201]), "ran long"),
+])
+def test_answer_that_is_not_the_asked_range_raises_range_error(
+        make_client: MakeClient, handler: Handler, complaint: str) -> None:
+    with pytest.raises(RangeError, match=complaint) as caught:
+        make_client(handler).get_bytes(HASH, byte_range=(100, 199))
+    assert HASH in str(caught.value)
+    assert "bytes 100-199" in str(caught.value)
+    assert caught.value.transient
+
+
+def test_fake_eof_clamp_is_refused(make_client: MakeClient) -> None:
+    """A shorter answer is only a clamp if it ends on the video's last byte."""
+    client = make_client(partial(f"bytes {SIZE - 10}-{SIZE - 2}/{SIZE}", DATA[-10:-1]))
+    with pytest.raises(RangeError, match="not the asked bytes"):
+        client.get_bytes(HASH, byte_range=(SIZE - 10, SIZE + 10))
+
+
+def test_partial_answer_to_a_whole_read_is_a_protocol_error(make_client: MakeClient) -> None:
+    client = make_client(partial(f"bytes 0-99/{SIZE}", DATA[:100]))
+    with pytest.raises(ProtocolError, match="expected 200 with the whole video") as caught:
+        client.get_bytes(HASH)
+    assert not isinstance(caught.value, RangeError)
+
+
+def test_short_whole_body_is_a_protocol_error(make_client: MakeClient) -> None:
+    client = make_client(lambda request: httpx.Response(
+        200, headers={"Content-Length": str(SIZE)}, content=DATA[:-1]))
+    with pytest.raises(ProtocolError, match=f"ended short: got {SIZE - 1} bytes"):
+        client.get_bytes(HASH)
+
+
+def test_etag_naming_other_content_is_refused(make_client: MakeClient) -> None:
+    client = make_client(lambda request: httpx.Response(
+        200, headers={"ETag": f'"{OTHER_HASH}"'}, content=DATA))
+    with pytest.raises(ProtocolError, match="ETag"):
+        client.get_bytes(HASH)
+
+
+# --- stream_video --------------------------------------------------------------------------------
+
+def test_stream_yields_chunks_of_chunk_size(make_client: MakeClient) -> None:
+    client = make_client(serve_video, chunk_size=1000)
+    with client.stream_video(HASH) as chunks:
+        pieces = list(chunks)
+    assert b"".join(pieces) == DATA
+    assert [len(piece) for piece in pieces] == [1000] * 10 + [240]
+    with client.stream_video(HASH, byte_range=(5, 2004)) as chunks:
+        pieces = list(chunks)
+    assert b"".join(pieces) == DATA[5:2005]
+    assert [len(piece) for piece in pieces] == [1000, 1000]
+
+
+def test_stream_checks_headers_before_yielding(make_client: MakeClient) -> None:
+    client = make_client(lambda request: httpx.Response(200, content=DATA))
+    with pytest.raises(RangeError, match="expected 206"), \
+            client.stream_video(HASH, byte_range=(0, 9)):
+        pytest.fail("entered the block despite a 200 answer to a range request")
+
+
+def test_stream_that_ends_short_raises_after_the_last_chunk(make_client: MakeClient) -> None:
+    body = ChunkStream([DATA[:100], DATA[100:150]])
+    client = make_client(lambda request: httpx.Response(
+        206, headers={"Content-Range": f"bytes 0-199/{SIZE}"}, stream=body))
+    received: list[bytes] = []
+    with pytest.raises(RangeError, match="ended short: got 150 bytes, expected 200"), \
+            client.stream_video(HASH, byte_range=(0, 199)) as chunks:
+        received.extend(chunks)
+    assert b"".join(received) == DATA[:150]
+    assert body.closed
+
+
+def test_stream_cut_by_the_network_raises_transport_error(make_client: MakeClient) -> None:
+    body = ChunkStream([DATA[:100]], error=httpx.ReadError("connection reset by peer"))
+    client = make_client(lambda request: httpx.Response(200, stream=body))
+    with pytest.raises(TransportError, match="connection reset by peer") as caught, \
+            client.stream_video(HASH) as chunks:
+        list(chunks)
+    assert caught.value.transient
+    assert HASH in str(caught.value)
+    assert isinstance(caught.value.__cause__, httpx.ReadError)
+    assert body.closed
+
+
+def test_leaving_a_stream_early_closes_the_response(make_client: MakeClient) -> None:
+    body = ChunkStream([DATA[:100], DATA[100:]])
+    client = make_client(lambda request: httpx.Response(200, stream=body), chunk_size=100)
+    with client.stream_video(HASH) as chunks:
+        assert next(iter(chunks)) == DATA[:100]
+    assert body.closed
+
+
+def test_stream_error_status_carries_the_detail(make_client: MakeClient) -> None:
+    client = make_client(json_error(404, "no video with that hash"))
+    with pytest.raises(NotFoundError, match="no video with that hash"), \
+            client.stream_video(HASH):
+        pytest.fail("entered the block despite a 404")
+
+
+# --- download_to_file ----------------------------------------------------------------------------
+
+def test_download_writes_the_file_and_returns_its_size(make_client: MakeClient,
+                                                       tmp_path: Path) -> None:
+    client = make_client(serve_video, chunk_size=4096)
+    dest = tmp_path / "video.mp4"
+    assert client.download_to_file(HASH, dest) == SIZE
+    assert dest.read_bytes() == DATA
+    assert client.download_to_file(HASH, str(dest), byte_range=(10, 19)) == 10
+    assert dest.read_bytes() == DATA[10:20]
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+FAILING_DOWNLOADS: list[tuple[Handler, type[VidCacheError]]] = [
+    (partial(f"bytes 0-{SIZE - 1}/{SIZE}", DATA[:5000]), RangeError),
+    (lambda request: httpx.Response(
+        206, headers={"Content-Range": f"bytes 0-{SIZE - 1}/{SIZE}"},
+        stream=ChunkStream([DATA[:5000]], error=httpx.ReadError("reset"))), TransportError),
+    (lambda request: httpx.Response(200, content=DATA), RangeError),
+    (json_error(404, "no such video"), NotFoundError),
+    (json_error(500, "disk on fire"), ServerError),
+]
+
+
+@pytest.mark.parametrize(("handler", "error_class"), FAILING_DOWNLOADS)
+def test_failed_download_leaves_no_file(make_client: MakeClient, tmp_path: Path,
+                                        handler: Handler,
+                                        error_class: type[VidCacheError]) -> None:
+    dest = tmp_path / "video.mp4"
+    with pytest.raises(error_class):
+        make_client(handler, chunk_size=1000).download_to_file(HASH, dest, (0, SIZE - 1))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("handler", "error_class"), FAILING_DOWNLOADS)
+def test_failed_download_keeps_the_previous_file(make_client: MakeClient, tmp_path: Path,
+                                                 handler: Handler,
+                                                 error_class: type[VidCacheError]) -> None:
+    dest = tmp_path / "video.mp4"
+    dest.write_bytes(b"previous content")
+    with pytest.raises(error_class):
+        make_client(handler, chunk_size=1000).download_to_file(HASH, dest, (0, SIZE - 1))
+    assert dest.read_bytes() == b"previous content"
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_download_into_missing_directory_fails_before_any_request(
+        make_client: MakeClient, tmp_path: Path) -> None:
+    recorder = Recorder(serve_video)
+    with pytest.raises(FileNotFoundError):
+        make_client(recorder).download_to_file(HASH, tmp_path / "nope" / "video.mp4")
+    assert recorder.requests == []
+
+
+# --- status errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("status", "error_class"), [
+    (400, InvalidRequestError), (401, AuthError), (403, AuthError), (404, NotFoundError),
+    (409, InvalidRequestError), (413, InvalidRequestError), (416, RangeNotSatisfiableError),
+    (422, InvalidRequestError), (500, ServerError), (502, ServerError), (503, ServerError),
+    (302, StatusError),
+])
+def test_status_maps_to_its_error_class(make_client: MakeClient, status: int,
+                                        error_class: type[StatusError]) -> None:
+    with pytest.raises(StatusError) as caught:
+        make_client(json_error(status, "what went wrong")).delete(HASH)
+    assert type(caught.value) is error_class
+    assert caught.value.status_code == status
+    assert caught.value.detail == "what went wrong"
+    message = str(caught.value)
+    assert HASH in message and "what went wrong" in message and str(status) in message
+    assert caught.value.transient is (status >= 500)
+
+
+def test_non_json_error_body_still_explains(make_client: MakeClient) -> None:
+    html = "<html><body><h1>502 Bad Gateway</h1>\n<p>upstream is down</p></body></html>"
+    client = make_client(lambda request: httpx.Response(
+        502, text=html, headers={"Content-Type": "text/html"}))
+    with pytest.raises(ServerError, match="upstream is down") as caught:
+        client.get_meta(HASH)
+    assert caught.value.transient
+    assert "Bad Gateway" in caught.value.detail
+
+
+def test_empty_error_body_gives_the_reason_phrase(make_client: MakeClient) -> None:
+    with pytest.raises(ServerError, match=r"503 Service Unavailable: \(empty body\)"):
+        make_client(lambda request: httpx.Response(503)).get_meta(HASH)
+
+
+def test_json_error_without_detail_is_quoted(make_client: MakeClient) -> None:
+    client = make_client(lambda request: httpx.Response(500, json={"error": "oops"}))
+    with pytest.raises(ServerError, match=re.escape('{"error":"oops"}')):
+        client.get_meta(HASH)
+
+
+def test_huge_error_body_is_truncated(make_client: MakeClient) -> None:
+    client = make_client(lambda request: httpx.Response(500, text="x" * 100_000))
+    with pytest.raises(ServerError) as caught:
+        client.get_meta(HASH)
+    assert len(caught.value.detail) < 400
+
+
+def test_validation_error_list_is_flattened(make_client: MakeClient) -> None:
+    detail = [{"loc": ["body", "url"], "msg": "Field required", "type": "missing"},
+              {"loc": ["body", "bucket"], "msg": "String should match pattern"}]
+    flattened = re.escape("body.url: Field required; body.bucket: String should")
+    with pytest.raises(InvalidRequestError, match=flattened) as caught:
+        make_client(json_error(422, detail)).ingest("http://media.test/a.mp4", "videos")
+    assert "http://media.test/a.mp4" in str(caught.value)
+
+
+@pytest.mark.parametrize("call", [
+    lambda client: client.get_meta(HASH),
+    lambda client: client.get_chunk_digests(HASH),
+    lambda client: client.resolve("http://media.test/unknown.mp4"),
+], ids=["get_meta", "get_chunk_digests", "resolve"])
+def test_lookups_return_none_on_404(make_client: MakeClient,
+                                    call: Callable[[VidCacheClient], object]) -> None:
+    assert call(make_client(json_error(404, "not found"))) is None
+
+
+def test_resolve_error_names_the_url(make_client: MakeClient) -> None:
+    expected = re.escape("resolve of http://media.test/a.mp4: HTTP 500")
+    with pytest.raises(ServerError, match=expected):
+        make_client(json_error(500, "db locked")).resolve("http://media.test/a.mp4")
+
+
+# --- JSON answers --------------------------------------------------------------------------------
+
+def test_ingest_sends_the_documented_payload(make_client: MakeClient) -> None:
+    answer = {"hash": HASH, "status": "new", "file_path": "videos/ab/ab/x.mp4"}
+    recorder = Recorder(lambda request: httpx.Response(200, json=answer))
+    client = make_client(recorder)
+    assert client.ingest("http://media.test/a.mp4", "videos") == answer
+    assert client.ingest("http://media.test/a.mp4", "videos", "p/q", {"k": 1}) == answer
+    payloads = [json.loads(request.content) for request in recorder.requests]
+    assert payloads == [
+        {"url": "http://media.test/a.mp4", "bucket": "videos", "prefix": "", "meta": {}},
+        {"url": "http://media.test/a.mp4", "bucket": "videos", "prefix": "p/q",
+         "meta": {"k": 1}},
+    ]
+    assert all(request.method == "POST" and request.url.path == "/ingest"
+               for request in recorder.requests)
+
+
+def test_resolve_passes_the_url_as_query(make_client: MakeClient) -> None:
+    url = "http://media.test/a b.mp4?x=1&y=2"
+    recorder = Recorder(lambda request: httpx.Response(200, json={"hash": HASH, "url": url}))
+    assert make_client(recorder).resolve(url) == {"hash": HASH, "url": url}
+    assert recorder.requests[0].url.params["url"] == url
+
+
+@pytest.mark.parametrize(("response", "complaint"), [
+    (httpx.Response(200, text="<html>ok</html>"), "expected a JSON object"),
+    (httpx.Response(200, json=[1, 2]), "expected a JSON object, got list"),
+    (httpx.Response(200, json={"size_bytes": 1}), "no 'hash'"),
+    (httpx.Response(200, json={"hash": OTHER_HASH}), "another video"),
+])
+def test_malformed_json_answer_is_a_protocol_error(make_client: MakeClient,
+                                                   response: httpx.Response,
+                                                   complaint: str) -> None:
+    with pytest.raises(ProtocolError, match=complaint):
+        make_client(lambda request: response).get_meta(HASH)
+
+
+def test_delete_sends_delete(make_client: MakeClient) -> None:
+    recorder = Recorder(lambda request: httpx.Response(204))
+    make_client(recorder).delete(HASH)
+    assert recorder.requests[0].method == "DELETE"
+    assert recorder.requests[0].url.path == f"/video/{HASH}"
+
+
+# --- list_videos ---------------------------------------------------------------------------------
+
+def paged_listing(hashes: list[str]) -> Handler:
+    """GET /videos over `hashes` (sorted), honouring limit and after like the service."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        limit = int(request.url.params["limit"])
+        after = request.url.params.get("after", "")
+        rest = [h for h in sorted(hashes) if h > after]
+        page = rest[:limit]
+        cursor = page[-1] if len(rest) > limit else None
+        return httpx.Response(200, json={"items": [{"hash": h} for h in page], "next": cursor})
+    return handler
+
+
+def test_list_videos_follows_next(make_client: MakeClient) -> None:
+    hashes = [f"{i:02x}" * 32 for i in range(5)]
+    recorder = Recorder(paged_listing(hashes))
+    listing = make_client(recorder).list_videos(bucket="videos", prefix="2024", page_size=2)
+    assert recorder.requests == []  # lazy: nothing sent until iterated
+    assert [item["hash"] for item in listing] == hashes
+    assert [dict(request.url.params) for request in recorder.requests] == [
+        {"limit": "2", "bucket": "videos", "prefix": "2024"},
+        {"limit": "2", "bucket": "videos", "prefix": "2024", "after": hashes[1]},
+        {"limit": "2", "bucket": "videos", "prefix": "2024", "after": hashes[3]},
+    ]
+
+
+def test_list_videos_without_filters_sends_only_limit(make_client: MakeClient) -> None:
+    recorder = Recorder(paged_listing([]))
+    assert list(make_client(recorder).list_videos()) == []
+    assert dict(recorder.requests[0].url.params) == {"limit": "100"}
+
+
+@pytest.mark.parametrize(("page", "complaint"), [
+    ({"items": [{"hash": HASH}], "next": HASH}, "bad 'next' cursor"),  # never advances
+    ({"items": "nope", "next": None}, "no list of records"),
+    ({"items": [1, 2], "next": None}, "no list of records"),
+    ({"items": [], "next": 7}, "bad 'next' cursor"),
+])
+def test_list_videos_refuses_a_broken_page(make_client: MakeClient, page: dict[str, Any],
+                                           complaint: str) -> None:
+    client = make_client(lambda request: httpx.Response(200, json=page))
+    with pytest.raises(ProtocolError, match=complaint):
+        for _ in client.list_videos(page_size=1):
+            pass
+
+
+# --- transport failures --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("raised", "error_class"), [
+    (httpx.ConnectError("connection refused"), TransportError),
+    (httpx.ReadTimeout("timed out"), RequestTimeout),
+    (httpx.ConnectTimeout("timed out"), RequestTimeout),
+    (httpx.RemoteProtocolError("peer closed connection"), TransportError),
+])
+def test_transport_failure_is_translated(make_client: MakeClient, raised: Exception,
+                                         error_class: type[VidCacheError]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise raised
+
+    with pytest.raises(error_class) as caught:
+        make_client(handler).get_bytes(HASH, byte_range=(0, 9))
+    assert type(caught.value) is error_class
+    assert caught.value.transient
+    assert caught.value.__cause__ is raised
+    assert HASH in str(caught.value)
+
+
+def test_connection_refused_by_a_real_socket() -> None:
+    with VidCacheClient(f"http://127.0.0.1:{free_port()}", timeout=5) as client, \
+            pytest.raises(TransportError, match=f"metadata of video {HASH}") as caught:
+        client.get_meta(HASH)
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+
+
+def test_timeout_against_a_real_silent_socket() -> None:
+    """A listening socket never accept()ed: the kernel completes the handshake, nobody answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with VidCacheClient(url, timeout=0.2) as client, \
+                pytest.raises(RequestTimeout, match="timed out"):
+            client.get_bytes(HASH, byte_range=(0, 9))
