@@ -1,0 +1,479 @@
+"""`vcfs mount URL MOUNTPOINT [options]` and `vcfs unmount MOUNTPOINT`.
+
+`mount` stays in the foreground (like `rclone mount`): logs go to stderr, Ctrl-C or SIGTERM
+unmounts and exits, and the final counters are logged. `--daemon` re-runs the same mount in
+the foreground as a detached child and waits until the mount answers (or the child failed):
+the child reports "ok" over an inherited pipe, so every start-up error is printed by the
+command the user typed, with a non-zero exit code, before anything detaches.
+
+Before mounting, everything that can be checked is checked, each with a one-line error: FUSE
+is usable (/dev/fuse, fusermount3), the mount point exists, is an empty directory and is not
+mounted (a stale mount left by a crashed vcfs, "Transport endpoint is not connected", is
+unmounted first), and the service answers /health.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vcfs import __version__
+from vcfs.blocks import BlockCache
+from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+
+log = logging.getLogger("vcfs")
+
+KIB = 1 << 10
+MIB = 1 << 20
+_UNITS = {"": 1, "k": KIB, "m": MIB, "g": 1 << 30, "t": 1 << 40}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+# Enough FUSE threads for the kernel's async reads (12 in flight by default) plus lookups.
+_FUSE_THREADS = 16
+# How long `--daemon` waits for the child's mount beyond the service deadline.
+_DAEMON_START_MARGIN = 30.0
+
+
+class StartupError(Exception):
+    """Something that keeps vcfs from mounting; printed as one line, exit code 1."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MountOptions:
+    url: str
+    mountpoint: str  # absolute
+    cache_size: int
+    block_size: int
+    readahead_max: int
+    timeout: float
+    fuse_options: tuple[str, ...]
+    log_level: str
+    log_file: str | None  # absolute
+    raise_readahead: bool
+
+
+def parse_size(text: str) -> int:
+    """'256M' -> 268435456. K/M/G/T are powers of 1024 (an optional 'B' or 'iB' is ignored)."""
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid size {text!r}: use bytes or a number with K, M, G or T (e.g. 256M)"
+        )
+    number, unit = match.groups()
+    value = float(number) * _UNITS[unit.lower()]
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number of bytes")
+    return int(value)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vcfs",
+        description="Mount a vidcache service as a read-only filesystem of video files.",
+    )
+    parser.add_argument("--version", action="version", version=f"vcfs {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    mount = commands.add_parser(
+        "mount",
+        help="mount the service's videos at MOUNTPOINT",
+        description=(
+            "Mount the vidcache service at URL on MOUNTPOINT: every stored video appears as "
+            "MOUNTPOINT/by-hash/<hash>.<ext>, read on demand with HTTP range requests through "
+            "an in-memory block cache. Counters: MOUNTPOINT/.vcfs/stats. Sizes take K, M, G, "
+            "T suffixes (powers of 1024) or plain bytes."
+        ),
+        epilog=(
+            "examples:\n"
+            "  vcfs mount http://127.0.0.1:8020 /mnt/vc\n"
+            "  vcfs mount http://127.0.0.1:8020 /mnt/vc --daemon --log-file /var/log/vcfs.log\n"
+            "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mount.add_argument("url", metavar="URL", help="base URL of the vidcache service")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument(
+        "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
+        help="memory for cached video blocks, readahead included (default: 256M)",
+    )
+    mount.add_argument(
+        "--block-size", type=parse_size, default=MIB, metavar="SIZE",
+        help="unit of caching and fetching, a multiple of 4K (default: 1M, the service's "
+        "digest chunk size, so every block is verified)",
+    )
+    mount.add_argument(
+        "--readahead-max", type=parse_size, default=16 * MIB, metavar="SIZE",
+        help="largest readahead window per open file once it reads sequentially, at most "
+        "half the cache size; 0 disables readahead (default: 16M)",
+    )
+    mount.add_argument(
+        "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+        help="give up on the service after retrying this long, then the read fails with EIO "
+        "(default: 30); each HTTP request times out after min(10, SECONDS)",
+    )
+    mode = mount.add_mutually_exclusive_group()
+    mount.set_defaults(daemon=False)
+    mode.add_argument(
+        "--foreground", dest="daemon", action="store_false",
+        help="stay in the foreground until unmounted or interrupted (the default)",
+    )
+    mode.add_argument(
+        "--daemon", dest="daemon", action="store_true",
+        help="detach once the mount is up; start-up errors are still reported here",
+    )
+    mount.add_argument(
+        "-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
+        help="FUSE mount options, e.g. allow_other (repeatable); vcfs always adds ro",
+    )
+    mount.add_argument(
+        "--log-level", choices=_LOG_LEVELS, default="info",
+        help="debug also logs every read with its size (default: info)",
+    )
+    mount.add_argument(
+        "--log-file", metavar="PATH", help="append logs here instead of stderr",
+    )
+    mount.add_argument(
+        "--no-raise-readahead", dest="raise_readahead", action="store_false",
+        help="leave the mount's kernel readahead (read_ahead_kb) alone; by default vcfs, "
+        "when root, raises it to 1024 so the kernel sends 1 MiB reads instead of 128 KiB",
+    )
+    # Internal: the --daemon parent's pipe, told "ok" once the mount answers.
+    mount.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
+
+    unmount = commands.add_parser(
+        "unmount", help="unmount a vcfs mount",
+        description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
+    )
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument(
+        "-z", "--lazy", action="store_true",
+        help="detach now even if files are open; unmounted when they are closed",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "unmount":
+            return unmount(os.path.abspath(args.mountpoint), lazy=args.lazy)
+        options = _mount_options(args)
+        if args.daemon:
+            return run_daemon(options)
+        return run_mount(options, status_fd=args.status_fd)
+    except StartupError as exc:
+        print(f"vcfs: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    block, cache, window = args.block_size, args.cache_size, args.readahead_max
+    if block < 4 * KIB or block % (4 * KIB) or block > 64 * MIB:
+        raise StartupError(f"--block-size must be a multiple of 4K between 4K and 64M, not {block}")
+    if cache < 2 * block:
+        raise StartupError(f"--cache-size ({cache}) must hold at least two blocks ({2 * block})")
+    if window > cache // 2:
+        raise StartupError(
+            f"--readahead-max ({window}) must be at most half of --cache-size ({cache}), or "
+            "prefetched blocks would be evicted before they are read"
+        )
+    fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
+    if "rw" in fuse_options:
+        raise StartupError("vcfs is read-only: -o rw is not possible")
+    return MountOptions(
+        url=args.url.rstrip("/"),
+        mountpoint=os.path.abspath(args.mountpoint),
+        cache_size=cache,
+        block_size=block,
+        readahead_max=window,
+        timeout=args.timeout,
+        fuse_options=fuse_options,
+        log_level=args.log_level,
+        log_file=os.path.abspath(args.log_file) if args.log_file else None,
+        raise_readahead=args.raise_readahead,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight checks
+
+
+def check_fuse_available() -> None:
+    try:
+        mode = os.stat("/dev/fuse").st_mode
+    except OSError as exc:
+        raise StartupError(
+            f"/dev/fuse is not available ({exc.strerror}): load the fuse module "
+            "(modprobe fuse) or give the container the device (--device /dev/fuse)"
+        ) from exc
+    if not stat.S_ISCHR(mode):
+        raise StartupError("/dev/fuse is not a character device")
+    if shutil.which("fusermount3") is None:
+        raise StartupError("fusermount3 not found on PATH: install the fuse3 package")
+    try:
+        from vcfs import fuselib
+    except OSError as exc:
+        raise StartupError(f"libfuse3 cannot be loaded ({exc}): install the fuse3 package") from exc
+    if fuselib.fuse_version_major != 3:
+        log.warning("running on libfuse%d: reads are capped at 128 KiB", fuselib.fuse_version_major)
+
+
+def prepare_mountpoint(mountpoint: str) -> None:
+    """Clear a stale mount, then insist on an existing, empty, unmounted directory."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno != errno.ENOTCONN:
+            if exc.errno == errno.ENOENT:
+                raise StartupError(f"mount point {mountpoint} does not exist") from exc
+            raise StartupError(f"mount point {mountpoint}: {exc.strerror}") from exc
+        clear_stale_mount(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise StartupError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise StartupError(
+            f"{mountpoint} is already a mount point (vcfs unmount {mountpoint} to free it)"
+        )
+    try:
+        if os.listdir(mountpoint):
+            raise StartupError(f"mount point {mountpoint} is not empty")
+    except OSError as exc:
+        raise StartupError(f"mount point {mountpoint}: {exc.strerror}") from exc
+
+
+def clear_stale_mount(mountpoint: str) -> None:
+    """Unmount what a crashed FUSE daemon left behind; lazily if a process still holds it."""
+    log.warning("%s is a stale mount (its daemon died); unmounting it", mountpoint)
+    for flags in ("-u", "-uz"):
+        result = subprocess.run(
+            ["fusermount3", flags, mountpoint], capture_output=True, text=True, check=False
+        )
+        if result.returncode == 0:
+            return
+        log.warning("fusermount3 %s %s: %s", flags, mountpoint, result.stderr.strip())
+    raise StartupError(f"cannot clear the stale mount at {mountpoint}; try: umount -l {mountpoint}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mounting
+
+
+def configure_logging(level: str, log_file: str | None) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # mfusepy logs every errno with a traceback at debug level: noise, even when debugging.
+    logging.getLogger("fuse").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
+    """Mount and serve until unmounted or signalled (SIGINT/SIGTERM/SIGHUP unmount)."""
+    try:
+        configure_logging(options.log_level, options.log_file)
+    except OSError as exc:
+        raise StartupError(f"cannot open the log file: {exc}") from exc
+    check_fuse_available()
+    prepare_mountpoint(options.mountpoint)
+    remote = Remote.connect(options.url, config=RemoteConfig(timeout=options.timeout))
+    try:
+        try:
+            remote.check_health()
+        except RemoteUnavailable as exc:
+            raise StartupError(
+                f"cannot reach the vidcache service at {options.url}: {exc}"
+            ) from exc
+        return _serve(options, remote, status_fd)
+    finally:
+        remote.close()
+
+
+def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
+    # Imported here: loading libfuse must not be needed for --help (see check_fuse_available).
+    from vcfs.fs import FsConfig, VcfsOperations
+    from vcfs.fuselib import FUSE
+
+    cache = BlockCache(remote.fetch, block_size=options.block_size, capacity=options.cache_size)
+    mounted = threading.Event()
+
+    def on_mounted() -> None:
+        mounted.set()
+        if status_fd is not None:
+            _detach_stdio(options.log_file)
+            os.write(status_fd, b"ok\n")
+            os.close(status_fd)
+
+    operations = VcfsOperations(
+        remote,
+        cache,
+        mountpoint=options.mountpoint,
+        config=FsConfig(
+            readahead_max=options.readahead_max,
+            kernel_readahead_kb=1024 if options.raise_readahead else None,
+        ),
+        on_mounted=on_mounted,
+    )
+    fuse_kwargs: dict[str, str | bool] = {}
+    for option in options.fuse_options:
+        key, has_value, value = option.partition("=")
+        fuse_kwargs[key] = value if has_value else True
+    log.info(
+        "mounting %s at %s (cache %d MiB in %d KiB blocks, readahead up to %d MiB)",
+        options.url, options.mountpoint, options.cache_size // MIB,
+        options.block_size // KIB, options.readahead_max // MIB,
+    )
+    try:
+        FUSE(
+            operations,
+            options.mountpoint,
+            raw_fi=True,
+            foreground=True,
+            ro=True,
+            fsname="vcfs",
+            subtype="vcfs",
+            default_permissions=True,
+            max_threads=_FUSE_THREADS,
+            max_idle_threads=_FUSE_THREADS,  # also silences libfuse 3.14's warning on its default
+            **fuse_kwargs,
+        )
+    except RuntimeError as exc:
+        # libfuse also reports an exit by signal as a non-zero code; only a mount that never
+        # came up is a failure.
+        if not mounted.is_set():
+            raise StartupError(
+                f"mounting at {options.mountpoint} failed (libfuse code {exc}; see above)"
+            ) from exc
+    finally:
+        operations.close()
+        log.info(
+            "unmounted %s; counters: %s",
+            options.mountpoint, json.dumps(operations.stats(), sort_keys=True),
+        )
+    return 0
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    """A daemon's stdout/stderr go to its log file, or nowhere (libfuse writes to stderr)."""
+    target = os.open(log_file or os.devnull, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    os.close(target)
+
+
+def run_daemon(options: MountOptions) -> int:
+    """Start `vcfs mount --foreground` detached; return once it mounted (0) or failed."""
+    argv = [
+        sys.executable, "-m", "vcfs", "mount", options.url, options.mountpoint,
+        "--cache-size", str(options.cache_size), "--block-size", str(options.block_size),
+        "--readahead-max", str(options.readahead_max), "--timeout", str(options.timeout),
+        "--log-level", options.log_level, "--foreground",
+    ]
+    for option in options.fuse_options:
+        argv += ["-o", option]
+    if options.log_file:
+        argv += ["--log-file", options.log_file]
+    if not options.raise_readahead:
+        argv.append("--no-raise-readahead")
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
+        child = subprocess.Popen(
+            [*argv, "--status-fd", str(write_end)],
+            stdin=subprocess.DEVNULL,
+            stdout=early_output,
+            stderr=early_output,
+            pass_fds=(write_end,),
+            start_new_session=True,
+            cwd="/",
+        )
+        os.close(write_end)
+        try:
+            status = _read_status(read_end, options.timeout + _DAEMON_START_MARGIN)
+        finally:
+            os.close(read_end)
+        if status == b"ok\n":
+            print(f"vcfs: mounted {options.url} at {options.mountpoint} (pid {child.pid})")
+            return 0
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+        try:
+            code = child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            code = child.wait()
+        early_output.seek(0)
+        sys.stderr.write(early_output.read().decode(errors="replace"))
+        if not status:
+            return code or 1
+        raise StartupError(f"the mount did not come up within {options.timeout:g} s")
+
+
+def _read_status(fd: int, timeout: float) -> bytes:
+    """Read the child's status line: b"ok\\n", or b"" if it exited first / timed out."""
+    deadline = time.monotonic() + timeout
+    received = b""
+    while not received.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return b"timeout"
+        chunk = os.read(fd, 64)
+        if not chunk:
+            return b""
+        received += chunk
+    return received
+
+
+# ---------------------------------------------------------------------------------------------
+# Unmounting
+
+
+def unmount(mountpoint: str, *, lazy: bool = False) -> int:
+    if not os.path.ismount(mountpoint):  # False for a stale mount too: stat fails
+        try:
+            os.stat(mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise StartupError(f"{mountpoint}: {exc.strerror}") from exc
+        else:
+            raise StartupError(f"{mountpoint} is not mounted")
+    result = subprocess.run(
+        ["fusermount3", "-uz" if lazy else "-u", mountpoint],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+        hint = " (files still open? use --lazy)" if "busy" in message else ""
+        raise StartupError(f"cannot unmount {mountpoint}: {message}{hint}")
+    return 0

@@ -1,0 +1,393 @@
+"""The FUSE side of vcfs: a thin mfusepy `Operations` adapter over `Remote` and `BlockCache`.
+
+Namespace (see vcfs.paths): `/by-hash/<hash>.<ext>` per stored video, listed through the
+service's listing and looked up by metadata whatever the listing says; `/.vcfs/stats` is a
+JSON snapshot of the counters, generated when opened and served with `direct_io` so its size
+may differ from what `stat` said (it says 0, like /proc files).
+
+Caching across the kernel boundary: a hash's bytes never change, so the kernel keeps file
+pages across opens (`kernel_cache`) and entries/attributes for a day; failed lookups are
+remembered only `negative_timeout` seconds so a newly ingested video shows up quickly.
+
+Errors: every operation is wrapped by `_fuse_operation`, the one place where exceptions become
+errno values: `NotFound` -> ENOENT, any other failure -> EIO (logged with what was asked),
+`FuseOSError` passes through. Nothing else escapes (mfusepy would turn it into EINVAL).
+
+Open files: `open` allocates a handle (`_VideoHandle`: the video's metadata and a per-handle
+`Readahead`; `_StatsHandle`: the snapshot's bytes) in a table keyed by the number given to
+the kernel; `release` drops it and cancels the handle's readahead.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from vcfs import paths
+from vcfs.blocks import BlockCache
+from vcfs.fuselib import FuseOSError, Operations
+from vcfs.readahead import Readahead
+from vcfs.remote import NotFound, Remote, VcfsError, VideoMeta
+from vcfs.stats import Counters
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_DIR_MODE = stat.S_IFDIR | 0o555
+_FILE_MODE = stat.S_IFREG | 0o444
+_DAY = 86_400.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FsConfig:
+    # A name under by-hash always means the same bytes: let the kernel keep it a long time.
+    entry_timeout: float = _DAY
+    attr_timeout: float = _DAY
+    # "No such video" may stop being true at the next ingest.
+    negative_timeout: float = 3.0
+    # Readahead window limit per open file (0 disables readahead).
+    readahead_max: int = 16 << 20
+    # Two streams' prefetches in flight while FUSE threads serve the foreground reads.
+    readahead_threads: int = 4
+    # The kernel then sends 1 MiB reads instead of 128 KiB (set when root; None: leave it).
+    kernel_readahead_kb: int | None = 1024
+
+
+@dataclass(slots=True)
+class _VideoHandle:
+    meta: VideoMeta
+    readahead: Readahead
+
+
+@dataclass(slots=True)
+class _StatsHandle:
+    content: bytes
+
+
+_Handle = _VideoHandle | _StatsHandle
+
+
+FS_COUNTERS = (
+    "fuse_reads",  # read() calls on videos
+    "bytes_read",  # bytes returned by them
+    "lookups",  # getattr of video names
+    "opens",
+    "errors",  # operations answered with EIO
+    "readahead_tasks",  # prefetch tasks of released handles
+    "readahead_blocks",
+)
+
+
+def _describe(name: str, args: tuple[Any, ...]) -> str:
+    """`read('/by-hash/ab...mp4', 131072, 0)`: the operation and its plain arguments."""
+    shown = ", ".join(repr(arg) for arg in args if isinstance(arg, str | int))
+    return f"{name}({shown})"
+
+
+def _fuse_operation(
+    method: Callable[Concatenate[VcfsOperations, P], R],
+) -> Callable[Concatenate[VcfsOperations, P], R]:
+    """The single place where exceptions become errno values (see module docstring)."""
+
+    @functools.wraps(method)
+    def wrapper(self: VcfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except FuseOSError:
+            raise
+        except NotFound as exc:
+            log.info("%s: %s", _describe(method.__name__, args), exc)
+            raise FuseOSError(errno.ENOENT) from exc
+        except VcfsError as exc:
+            self.counters.add("errors")
+            log.error("%s failed (EIO): %s", _describe(method.__name__, args), exc)
+            raise FuseOSError(errno.EIO) from exc
+        except Exception as exc:  # a bug or an error from below: EIO, never EINVAL
+            self.counters.add("errors")
+            log.exception("%s failed (EIO)", _describe(method.__name__, args))
+            raise FuseOSError(errno.EIO) from exc
+
+    return wrapper
+
+
+def _read_only(*_: object) -> int:
+    raise FuseOSError(errno.EROFS)
+
+
+class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
+    """mfusepy operations (raw_fi mode: open/read/release get the fuse_file_info)."""
+
+    use_ns = True
+
+    def __init__(
+        self,
+        remote: Remote,
+        cache: BlockCache,
+        *,
+        mountpoint: str,
+        config: FsConfig | None = None,
+        on_mounted: Callable[[], None] | None = None,
+    ) -> None:
+        self.remote = remote
+        self.cache = cache
+        self.mountpoint = mountpoint
+        self.config = config or FsConfig()
+        self.counters = Counters(*FS_COUNTERS)
+        self._on_mounted = on_mounted
+        self._started = time.monotonic()
+        self._handles: dict[int, _Handle] = {}
+        self._handle_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.config.readahead_threads, thread_name_prefix="vcfs-readahead"
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:  # libfuse3
+            config.kernel_cache = 1
+            config.entry_timeout = self.config.entry_timeout
+            config.attr_timeout = self.config.attr_timeout
+            config.negative_timeout = self.config.negative_timeout
+            config.use_ino = 1
+            config.readdir_ino = 1
+        if conn is not None:
+            log.debug(
+                "FUSE connection: protocol %d.%d, max_read %d, max_readahead %d, max_write %d",
+                conn.proto_major, conn.proto_minor, getattr(conn, "max_read", 0),
+                conn.max_readahead, conn.max_write,
+            )
+        # The mount answers only after init returns: watch for it from another thread.
+        threading.Thread(target=self._when_mounted, name="vcfs-mounted", daemon=True).start()
+
+    def _when_mounted(self) -> None:
+        """Once the mount serves requests: raise the kernel readahead, tell the CLI."""
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.mountpoint):
+            if time.monotonic() > deadline:
+                log.error("%s did not appear as a mount point within 30 s", self.mountpoint)
+                return
+            time.sleep(0.02)
+        if self.config.kernel_readahead_kb is not None:
+            raise_kernel_readahead(self.mountpoint, self.config.kernel_readahead_kb)
+        log.info("mounted at %s", self.mountpoint)
+        if self._on_mounted is not None:
+            self._on_mounted()
+
+    def destroy(self, path: str) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel every handle's readahead and stop the readahead threads (idempotent)."""
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            if isinstance(handle, _VideoHandle):
+                handle.readahead.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Everything counted so far, as served by /.vcfs/stats."""
+        with self._lock:
+            open_files = sum(isinstance(h, _VideoHandle) for h in self._handles.values())
+        return {
+            "uptime_s": round(time.monotonic() - self._started, 3),
+            "open_files": open_files,
+            "fuse": self.counters.snapshot(),
+            "cache": self.cache.stats(),
+            "remote": self.remote.counters.snapshot(),
+        }
+
+    # -- namespace -----------------------------------------------------------------------------
+
+    def _parse(self, path: str) -> paths.VcfsPath:
+        parsed = paths.parse_path(path)
+        if parsed is None:
+            raise FuseOSError(errno.ENOENT)
+        return parsed
+
+    def _video(self, parsed: paths.VcfsPath) -> VideoMeta:
+        """The metadata of the video a path names; ENOENT unless it is exactly its name (an
+        existing hash with another extension does not exist)."""
+        if parsed.video is None:
+            raise FuseOSError(errno.ENOENT)
+        meta = self.remote.meta(parsed.video.content_hash)
+        if meta is None or str(parsed.video) != meta.name:
+            raise FuseOSError(errno.ENOENT)
+        return meta
+
+    @_fuse_operation
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        parsed = self._parse(path)
+        if parsed.is_dir:
+            return {"st_mode": _DIR_MODE, "st_nlink": 2, "st_ino": parsed.inode}
+        if parsed.kind is paths.PathKind.STATS:
+            return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0}
+        self.counters.add("lookups")
+        meta = self._video(parsed)
+        mtime = meta.mtime_ns
+        return {
+            "st_mode": _FILE_MODE,
+            "st_nlink": 1,
+            "st_ino": parsed.inode,
+            "st_size": meta.size,
+            "st_blocks": -(-meta.size // 512),
+            "st_blksize": self.cache.block_size,
+            "st_mtime": mtime,
+            "st_ctime": mtime,
+            "st_atime": mtime,
+        }
+
+    @_fuse_operation
+    def readdir(self, path: str, fh: Any) -> list[tuple[str, dict[str, int], int]]:
+        parsed = self._parse(path)
+        entries: list[tuple[str, int, int]] = [
+            (".", _DIR_MODE, parsed.inode),
+            ("..", _DIR_MODE, _inode_of("/")),
+        ]
+        if parsed.kind is paths.PathKind.ROOT:
+            entries += [
+                (paths.BY_HASH_DIR, _DIR_MODE, _inode_of(f"/{paths.BY_HASH_DIR}")),
+                (paths.CONTROL_DIR, _DIR_MODE, _inode_of(f"/{paths.CONTROL_DIR}")),
+            ]
+        elif parsed.kind is paths.PathKind.CONTROL:
+            stats_path = f"/{paths.CONTROL_DIR}/{paths.STATS_FILE}"
+            entries.append((paths.STATS_FILE, _FILE_MODE, _inode_of(stats_path)))
+        elif parsed.kind is paths.PathKind.BY_HASH:
+            entries += [
+                (meta.name, _FILE_MODE, paths.video_inode(meta.content_hash))
+                for meta in self.remote.list_videos()
+            ]
+        else:
+            raise FuseOSError(errno.ENOTDIR)
+        return [(name, {"st_mode": mode, "st_ino": ino}, 0) for name, mode, ino in entries]
+
+    @_fuse_operation
+    def statfs(self, path: str) -> dict[str, int]:
+        listing = self.remote.last_listing()
+        block = self.cache.block_size
+        return {
+            "f_bsize": block,
+            "f_frsize": block,
+            "f_blocks": sum(-(-meta.size // block) for meta in listing),
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": len(listing),
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": 255,
+        }
+
+    # -- files ---------------------------------------------------------------------------------
+
+    @_fuse_operation
+    def open(self, path: str, fi: Any) -> int:
+        if fi.flags & os.O_ACCMODE != os.O_RDONLY or fi.flags & os.O_TRUNC:
+            raise FuseOSError(errno.EROFS)
+        parsed = self._parse(path)
+        handle: _Handle
+        if parsed.is_dir:
+            raise FuseOSError(errno.EISDIR)
+        if parsed.kind is paths.PathKind.STATS:
+            content = json.dumps(self.stats(), indent=2, sort_keys=True) + "\n"
+            handle = _StatsHandle(content.encode())
+            fi.direct_io = 1  # its size changes on every open
+        else:
+            meta = self._video(parsed)
+            readahead = Readahead(
+                self.cache,
+                meta.content_hash,
+                meta.size,
+                executor=self._executor,
+                block_size=self.cache.block_size,
+                max_window=self.config.readahead_max,
+            )
+            handle = _VideoHandle(meta, readahead)
+            fi.keep_cache = 1
+            self.counters.add("opens")
+        with self._lock:
+            fi.fh = number = next(self._handle_ids)
+            self._handles[number] = handle
+        return 0
+
+    def _handle(self, fi: Any) -> _Handle:
+        with self._lock:
+            handle = self._handles.get(fi.fh)
+        if handle is None:
+            raise FuseOSError(errno.EBADF)
+        return handle
+
+    @_fuse_operation
+    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+        handle = self._handle(fi)
+        if isinstance(handle, _StatsHandle):
+            return handle.content[offset : offset + size]
+        meta = handle.meta
+        log.debug("read %s [%d, +%d)", meta.content_hash[:12], offset, size)
+        self.counters.observe_size("read", size)
+        # Tell readahead first, so its prefetches run while this read waits for its blocks.
+        handle.readahead.on_read(offset, size)
+        data = self.cache.read(meta.content_hash, meta.size, offset, size)
+        self.counters.add("fuse_reads")
+        self.counters.add("bytes_read", len(data))
+        return data
+
+    @_fuse_operation
+    def release(self, path: str, fi: Any) -> int:
+        with self._lock:
+            handle = self._handles.pop(fi.fh, None)
+        if isinstance(handle, _VideoHandle):
+            handle.readahead.close()
+            readahead = handle.readahead.stats()
+            self.counters.add("readahead_tasks", readahead["tasks_submitted"])
+            self.counters.add("readahead_blocks", readahead["blocks_requested"])
+        return 0
+
+    # -- everything that would change something: read-only ------------------------------------
+
+    chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
+    setxattr = removexattr = symlink = truncate = unlink = utimens = write = _read_only
+
+
+def _inode_of(path: str) -> int:
+    """Inode of one of the fixed paths."""
+    parsed = paths.parse_path(path)
+    if parsed is None:
+        raise ValueError(f"not a vcfs path: {path}")
+    return parsed.inode
+
+
+def raise_kernel_readahead(mountpoint: str, kilobytes: int) -> None:
+    """Let the kernel read ahead `kilobytes` on this mount, so its reads grow from 128 KiB to
+    1 MiB (libfuse3 negotiates 1 MiB requests; the bdi's read_ahead_kb caps them). Root only."""
+    device = os.stat(mountpoint).st_dev
+    knob = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(knob) as file:
+            before = int(file.read())
+        if before >= kilobytes:
+            return
+        with open(knob, "w") as file:
+            file.write(str(kilobytes))
+    except OSError as exc:
+        log.info(
+            "kernel readahead of %s stays at its default (%s); run as root for 1 MiB reads",
+            mountpoint, exc.strerror,
+        )
+        return
+    log.info("kernel readahead of %s raised from %d to %d KiB", mountpoint, before, kilobytes)
