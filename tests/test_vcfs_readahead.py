@@ -1,0 +1,455 @@
+"""Unit tests of vcfs.readahead: the sequential-run policy and the per-handle prefetcher,
+with a recording fake cache and a hand-cranked executor (plus real threads where the point is
+threading). No FUSE, no network."""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any, ParamSpec, TypeVar
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.support import wait_until
+from vcfs.blocks import BlockCache
+from vcfs.readahead import Readahead, SequentialDetector, SequentialPolicy, Window
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+KIB = 1 << 10
+MIB = 1 << 20
+H = "a" * 64
+DEADLINE = 10.0
+
+
+def sequential_reads(start: int, end: int, size: int = 128 * KIB) -> list[tuple[int, int]]:
+    return [(offset, size) for offset in range(start, end, size)]
+
+
+def kernel_order(reads: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The reads with every pair swapped, as two FUSE threads may deliver them."""
+    swapped = list(reads)
+    for i in range(0, len(swapped) - 1, 2):
+        swapped[i], swapped[i + 1] = swapped[i + 1], swapped[i]
+    return swapped
+
+
+# -- SequentialDetector -------------------------------------------------------------------------
+
+
+def test_single_reads_never_establish_a_run() -> None:
+    detector = SequentialDetector()
+    assert detector.feed(0, 64 * KIB) is None
+    assert not detector.established
+    assert detector.window == 0
+
+
+@pytest.mark.parametrize("file_size", [3 * MIB, 20 * MIB, 200 * MIB])
+def test_probe_pattern_never_establishes_a_run(file_size: int) -> None:
+    detector = SequentialDetector()
+    probe = [
+        (0, 64 * KIB),  # header
+        (file_size - 64 * KIB, 64 * KIB),  # moov atom at the end
+        (file_size - 128 * KIB, 32 * KIB),  # a bit more of it
+        (file_size // 2, 32 * KIB),  # sample the middle
+        (0, 4 * KIB),  # re-read the header
+    ]
+    for offset, size in probe:
+        assert detector.feed(offset, size) is None
+    assert not detector.established
+
+
+def test_two_continuing_reads_establish_a_run_with_a_one_block_window() -> None:
+    detector = SequentialDetector()
+    assert detector.feed(0, 128 * KIB) is None
+    window = detector.feed(128 * KIB, 128 * KIB)
+    assert window == Window(256 * KIB, 256 * KIB + MIB, detector.run)
+    assert detector.established
+
+
+def test_too_few_bytes_do_not_establish_a_run() -> None:
+    detector = SequentialDetector()
+    for offset in range(0, 64 * KIB, 4 * KIB):  # sixteen tiny continuing reads, 64 KiB
+        assert detector.feed(offset, 4 * KIB) is None
+    assert detector.feed(0, 256 * KIB) is not None  # now the stretch is 256 KiB
+
+
+def test_rereading_the_same_bytes_is_not_progress() -> None:
+    detector = SequentialDetector()
+    for _ in range(10):
+        assert detector.feed(0, 300 * KIB) is None
+
+
+def test_window_doubles_per_block_of_progress_up_to_the_max() -> None:
+    detector = SequentialDetector()
+    windows = []
+    for offset, size in sequential_reads(0, 40 * MIB):
+        window = detector.feed(offset, size)
+        if window is not None:
+            assert window.start == offset + size
+            windows.append(window.end - window.start)
+    distinct = sorted(set(windows))
+    assert distinct == [MIB, 2 * MIB, 4 * MIB, 8 * MIB, 16 * MIB]
+    assert windows == sorted(windows)  # never shrinks while the run continues
+    assert windows[-1] == 16 * MIB
+    # 128 KiB reads: eight reads per block of progress between doublings
+    assert windows.count(2 * MIB) == 8
+
+
+def test_kernel_reordering_keeps_the_run_and_the_growth() -> None:
+    detector = SequentialDetector()
+    reads = kernel_order(sequential_reads(0, 40 * MIB))
+    results = [detector.feed(offset, size) for offset, size in reads]
+    assert results[0] is None
+    first = next(i for i, w in enumerate(results) if w is not None)
+    assert first <= 3  # established as soon as the gap of the first swap is filled
+    assert all(w is not None and w.run == detector.run for w in results[first:])
+    assert detector.window == 16 * MIB
+
+
+def test_tolerances_around_the_high_water_mark() -> None:
+    policy = SequentialPolicy()
+    detector = SequentialDetector(policy)
+    for offset, size in sequential_reads(0, 8 * MIB):
+        detector.feed(offset, size)
+    run, high = detector.run, 8 * MIB
+    window = detector.window
+    assert detector.feed(high - MIB, 128 * KIB) == Window(high, high + window, run)
+    assert detector.feed(high + 15 * MIB, 128 * KIB) is not None  # a forward skip continues
+    high += 15 * MIB + 128 * KIB
+    assert detector.run == run
+    assert detector.feed(high - MIB - 1, 128 * KIB) is None  # too far back: a real seek
+    assert detector.run != run
+    assert not detector.established
+
+
+def test_far_forward_seek_resets_and_the_run_must_be_proven_again() -> None:
+    detector = SequentialDetector()
+    for offset, size in sequential_reads(0, 4 * MIB):
+        detector.feed(offset, size)
+    run = detector.run
+    far = 4 * MIB + 17 * MIB
+    assert detector.feed(far, 128 * KIB) is None
+    assert detector.run != run
+    window = detector.feed(far + 128 * KIB, 128 * KIB)
+    assert window is not None
+    assert window.end - window.start == MIB  # back to the initial window
+    assert window.run == detector.run
+
+
+def test_zero_size_reads_change_nothing() -> None:
+    detector = SequentialDetector()
+    detector.feed(0, 128 * KIB)
+    assert detector.feed(50 * MIB, 0) is None
+    assert detector.feed(128 * KIB, 128 * KIB) is not None
+
+
+def test_explicit_reset() -> None:
+    detector = SequentialDetector()
+    detector.feed(0, 128 * KIB)
+    detector.feed(128 * KIB, 128 * KIB)
+    run = detector.run
+    detector.reset()
+    assert not detector.established and detector.run != run
+    assert detector.feed(256 * KIB, 128 * KIB) is None
+
+
+def test_policy_validation_and_block_defaults() -> None:
+    with pytest.raises(ValueError):
+        SequentialPolicy(initial_window=2 * MIB, max_window=MIB)
+    with pytest.raises(ValueError):
+        SequentialPolicy(growth_step=0)
+    with pytest.raises(ValueError):
+        SequentialPolicy(back_tolerance=-1)
+    policy = SequentialPolicy.for_blocks(256 * KIB, 4 * MIB)
+    assert (policy.initial_window, policy.growth_step, policy.max_window) == (
+        256 * KIB, 256 * KIB, 4 * MIB)
+    disabled = SequentialPolicy.for_blocks(MIB, 0)
+    detector = SequentialDetector(disabled)
+    detector.feed(0, MIB)
+    window = detector.feed(MIB, MIB)
+    assert window is not None and window.blocks(100 * MIB, MIB) == range(0)
+
+
+def test_window_blocks_are_clamped_to_the_file() -> None:
+    assert Window(MIB, 3 * MIB, 1).blocks(100 * MIB, MIB) == range(1, 3)
+    assert Window(MIB + 1, 3 * MIB, 1).blocks(100 * MIB, MIB) == range(1, 3)
+    assert Window(MIB, 3 * MIB, 1).blocks(2 * MIB + 5, MIB) == range(1, 3)
+    assert Window(MIB, 3 * MIB, 1).blocks(MIB, MIB) == range(0)
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 40)), max_size=30),
+       st.randoms(use_true_random=False))
+def test_reads_that_never_touch_never_establish_a_run(
+    layout: list[tuple[int, int]], rnd: random.Random
+) -> None:
+    """Scattered reads with gaps between them, in any order, are never a run."""
+    reads, position = [], 0
+    for gap, length in layout:
+        position += gap + 1  # at least one byte between reads
+        reads.append((position * KIB, length * KIB))
+        position += length
+    rnd.shuffle(reads)
+    detector = SequentialDetector()
+    assert all(detector.feed(offset, size) is None for offset, size in reads)
+
+
+@given(st.lists(st.tuples(st.integers(0, 64 * MIB), st.integers(0, 2 * MIB)), max_size=60))
+def test_window_stays_within_policy_and_starts_at_the_high_water_mark(
+    reads: list[tuple[int, int]],
+) -> None:
+    policy = SequentialPolicy()
+    detector = SequentialDetector(policy)
+    previous: Window | None = None
+    for offset, size in reads:
+        window = detector.feed(offset, size)
+        if window is not None:
+            assert policy.initial_window <= window.end - window.start <= policy.max_window
+            if size:
+                assert window.start >= offset + size
+            if previous is not None and previous.run == window.run:
+                assert window.start >= previous.start
+                assert window.end - window.start >= previous.end - previous.start
+        previous = window
+
+
+# -- Readahead ---------------------------------------------------------------------------------
+
+
+class ManualExecutor(Executor):
+    """Queues submitted calls until the test runs them: deterministic 'background' work."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Future[Any], Callable[[], Any]]] = []
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        future: Future[T] = Future()
+        self.queue.append((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def run_one(self) -> None:
+        future, call = self.queue.pop(0)
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.run_one()
+
+    def pending(self) -> int:
+        return sum(not future.done() for future, _ in self.queue)
+
+
+class RecordingCache:
+    """Records prefetch calls as (first_block, last_block); optionally fails or blocks."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.error = error
+        self.gate: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def prefetch(
+        self, content_hash: str, file_size: int, first_block: int, last_block: int
+    ) -> None:
+        assert content_hash == H
+        with self._lock:
+            self.calls.append((first_block, last_block))
+        if self.gate is not None and not self.gate.wait(DEADLINE):
+            raise AssertionError("gate never opened")
+        if self.error is not None:
+            raise self.error
+
+    def blocks(self) -> list[int]:
+        return [b for first, last in self.calls for b in range(first, last + 1)]
+
+
+FILE_SIZE = 64 * MIB
+
+
+def make_readahead(
+    cache: RecordingCache, executor: Executor, *, max_outstanding: int = 4, task_blocks: int = 4
+) -> Readahead:
+    return Readahead(cache, H, FILE_SIZE, executor=executor, block_size=MIB, max_window=16 * MIB,
+                     max_outstanding=max_outstanding, task_blocks=task_blocks)
+
+
+def test_probe_pattern_submits_nothing() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor)
+    for offset, size in [(0, 64 * KIB), (FILE_SIZE - 64 * KIB, 64 * KIB),
+                         (FILE_SIZE // 2, 32 * KIB)]:
+        readahead.on_read(offset, size)
+    assert executor.queue == []
+    assert readahead.stats()["tasks_submitted"] == 0
+
+
+def test_sequential_scan_prefetches_ahead_without_ever_repeating_a_block() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor, max_outstanding=64)
+    leads = []
+    for offset, size in kernel_order(sequential_reads(0, 40 * MIB)):
+        readahead.on_read(offset, size)
+        executor.run_all()
+        if cache.calls:
+            leads.append(max(cache.blocks()) - (offset + size) // MIB)
+    requested = cache.blocks()
+    assert len(requested) == len(set(requested))  # never the same block twice
+    assert requested == sorted(requested)
+    assert requested[0] == 0  # the block holding the high-water mark at 256 KiB
+    assert max(leads) == 16  # the window grew to 16 MiB ahead of the reader, no further
+    assert readahead.window == 16 * MIB
+    assert all(last - first + 1 <= 4 for first, last in cache.calls)  # task_blocks
+
+
+def test_prefetch_stops_at_eof() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor, max_outstanding=64)
+    for offset, size in sequential_reads(FILE_SIZE - 4 * MIB, FILE_SIZE):
+        readahead.on_read(offset, size)
+        executor.run_all()
+    assert max(cache.blocks()) == FILE_SIZE // MIB - 1
+
+
+def test_outstanding_tasks_are_bounded_per_handle() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor, max_outstanding=2, task_blocks=1)
+    for offset, size in sequential_reads(0, 20 * MIB):
+        readahead.on_read(offset, size)
+        assert executor.pending() <= 2
+    assert executor.pending() == 2
+    while executor.queue:  # each finished task tops the pipeline up, never past the bound
+        executor.run_one()
+        assert executor.pending() <= 2
+    # Blocks 2-19 were behind the reader (at 20 MiB) before a slot freed up; the pipeline
+    # resumed at the reader and filled the 16 MiB window, and stopped there.
+    assert cache.blocks() == [0, 1, *range(20, 36)]
+    readahead.on_read(20 * MIB, 128 * KIB)  # the window moves on by one block
+    executor.run_all()
+    assert cache.blocks()[-1] == 36
+
+
+def test_far_seek_cancels_queued_prefetches_of_the_old_position() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor)
+    for offset, size in sequential_reads(0, MIB):
+        readahead.on_read(offset, size)
+    old = [future for future, _ in executor.queue]
+    assert old
+    readahead.on_read(40 * MIB, 128 * KIB)  # seek far away
+    assert all(future.cancelled() for future in old)
+    readahead.on_read(40 * MIB + 128 * KIB, 128 * KIB)  # a new run starts there
+    executor.run_all()
+    assert cache.calls and min(cache.blocks()) == 40
+
+
+def test_close_cancels_queued_tasks_and_submits_nothing_more() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor)
+    for offset, size in sequential_reads(0, 4 * MIB):
+        readahead.on_read(offset, size)
+    assert executor.queue
+    # A task a worker already picked up cannot be cancelled; it must still do nothing.
+    started, call = executor.queue.pop(0)
+    assert started.set_running_or_notify_cancel()
+    readahead.close()
+    assert readahead.closed
+    assert all(future.cancelled() for future, _ in executor.queue)
+    call()
+    readahead.on_read(4 * MIB, 128 * KIB)
+    executor.run_all()
+    assert cache.calls == []
+
+
+def test_close_with_real_threads_no_prefetch_starts_after_close() -> None:
+    cache = RecordingCache()
+    cache.gate = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        readahead = make_readahead(cache, executor, max_outstanding=8, task_blocks=1)
+        for offset, size in sequential_reads(0, 4 * MIB):
+            readahead.on_read(offset, size)
+        wait_until(lambda: len(cache.calls) == 1, timeout=DEADLINE, what="first prefetch")
+        readahead.close()
+        cache.gate.set()
+    assert cache.calls == [(0, 0)]  # the one running before close; the queued ones never ran
+    assert readahead.stats()["tasks_submitted"] > 1
+
+
+def test_prefetch_errors_are_swallowed_and_counted() -> None:
+    cache, executor = RecordingCache(error=ConnectionError("down")), ManualExecutor()
+    readahead = make_readahead(cache, executor)
+    for offset, size in sequential_reads(0, 2 * MIB):
+        readahead.on_read(offset, size)
+        executor.run_all()
+    assert cache.calls
+    assert readahead.stats()["prefetch_errors"] == len(cache.calls)
+
+
+@pytest.mark.parametrize("error", [None, ConnectionError("down")])
+def test_only_successful_prefetches_keep_the_pipeline_going(error: Exception | None) -> None:
+    cache, executor = RecordingCache(error=error), ManualExecutor()
+    readahead = make_readahead(cache, executor, max_outstanding=1, task_blocks=1)
+    readahead.on_read(0, 128 * KIB)
+    readahead.on_read(128 * KIB, 128 * KIB)  # established: a 1 MiB window, blocks 0-1
+    assert executor.pending() == 1
+    executor.run_all()
+    assert cache.blocks() == ([0, 1] if error is None else [0])
+
+
+def test_executor_shut_down_is_not_an_error() -> None:
+    cache = RecordingCache()
+    executor = ThreadPoolExecutor(max_workers=1)
+    executor.shutdown()
+    readahead = make_readahead(cache, executor)
+    for offset, size in sequential_reads(0, 2 * MIB):
+        readahead.on_read(offset, size)
+    assert cache.calls == []
+
+
+def test_invalid_options() -> None:
+    with pytest.raises(ValueError):
+        make_readahead(RecordingCache(), ManualExecutor(), max_outstanding=0)
+    with pytest.raises(ValueError):
+        make_readahead(RecordingCache(), ManualExecutor(), task_blocks=0)
+
+
+def test_readahead_over_a_real_block_cache_turns_a_scan_into_hits() -> None:
+    data = os.urandom(24 * MIB)
+    calls: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def fetcher(content_hash: str, start: int, end: int) -> bytes:
+        with lock:
+            calls.append((start, end))
+        return data[start:end]
+
+    cache = BlockCache(fetcher, capacity=64 * MIB)
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        readahead = Readahead(cache, H, len(data), executor=executor, block_size=MIB,
+                              max_window=16 * MIB)
+        out = bytearray()
+        for offset, size in sequential_reads(0, len(data)):
+            chunk = cache.read(H, len(data), offset, size)
+            readahead.on_read(offset, size)
+            out += chunk
+            if offset == 4 * MIB:  # the window is 8 MiB now: let blocks 5-8 land
+                wait_until(lambda: all(cache.is_cached(H, b) for b in range(5, 9)),
+                           timeout=DEADLINE, what="prefetched blocks 5-8")
+                hits = cache.stats()["hits"]
+        readahead.close()
+    assert bytes(out) == data
+    stats = cache.stats()
+    assert stats["bytes_fetched"] == len(data)  # every block fetched exactly once
+    assert stats["prefetched_blocks"] > 0
+    assert stats["hits"] - hits >= 4 * 8  # the reads of blocks 5-8 came from memory
+    assert len(calls) < 24  # blocks were fetched in runs, not one request each

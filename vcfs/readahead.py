@@ -1,0 +1,358 @@
+"""Per-open-file readahead: prefetch ahead of a reader only once it is clearly streaming.
+
+Two parts:
+
+`SequentialDetector` is a pure state machine fed the `(offset, size)` of every read of one open
+file.
+
+- Until a run is established it remembers a few candidate *stretches*: each read is merged
+  with the stretches it overlaps or touches. A run is established when one stretch is at least
+  `min_run_bytes` long and was built by at least `min_run_reads` reads that added bytes to it.
+  So reads must continue one another; reads that jump around stay separate stretches. The
+  probe pattern of players and ffprobe (read the header at 0, jump to the end for a moov atom,
+  sample the middle) never establishes a run, while a scan whose reads the kernel delivers
+  out of order (256K..384K before 128K..256K) still does once the gap is filled.
+- Once established, the run has a high-water mark (the furthest byte read), and the kernel's
+  out-of-order delivery is tolerated: a read up to `back_tolerance` behind or
+  `forward_tolerance` ahead of the high-water mark keeps the run (multithreaded FUSE hands the
+  kernel's async readahead requests over in any order).
+- The window starts at `initial_window` (one block) and doubles for every `growth_step` bytes
+  (one block) the run advances, up to `max_window`: a wrong guess costs one block, a long
+  stream soon has a deep pipeline.
+- A read outside the tolerances is a real seek: the run ends (`run` changes) and the reader
+  has to establish a new one.
+
+`Readahead` wires a detector to a block cache for one open file handle. On every read it asks
+the detector for the window `[high-water mark, + window)` and submits `cache.prefetch` tasks
+to a shared executor for the blocks of that window it has not requested yet in this run (never
+the same range twice), in tasks of at most `task_blocks` blocks (so the first blocks arrive
+before a whole 16 MiB window does) and with at most `max_outstanding` tasks queued or running
+per handle (so one stream cannot monopolise the pool; later reads top the pipeline up). A new
+run cancels the previous run's queued tasks. `close()` (on FUSE release) cancels the queued
+tasks and stops issuing new ones; a task that starts after close does nothing.
+
+Prefetched blocks live in the block cache, so readahead memory is bounded by the cache budget.
+A prefetch error is logged at debug level and dropped: the foreground read of that block will
+fetch it again and report the error to the reader.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vcfs.blocks import MIB, blocks_for
+
+log = logging.getLogger(__name__)
+
+KIB = 1 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class SequentialPolicy:
+    """Tuning of `SequentialDetector`; all sizes in bytes."""
+
+    # One block: a mistaken readahead costs a single request.
+    initial_window: int = MIB
+    # Deep enough to hide request latency at HD bitrates, small next to the 256 MiB cache.
+    max_window: int = 16 * MIB
+    # Multithreaded FUSE delivers the kernel's reads slightly out of order.
+    back_tolerance: int = MIB
+    # The kernel's own async readahead can run this far ahead of the reads it already issued.
+    forward_tolerance: int = 16 * MIB
+    # A single read proves nothing: probes read the header once and jump away.
+    min_run_reads: int = 2
+    # Two 128 KiB kernel reads: the smallest convincing sign of streaming.
+    min_run_bytes: int = 256 * KIB
+    # Double the window per block of progress, not per read, whatever the kernel's read size.
+    growth_step: int = MIB
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.initial_window <= self.max_window:
+            raise ValueError("need 0 <= initial_window <= max_window")
+        if min(self.back_tolerance, self.forward_tolerance, self.min_run_bytes) < 0:
+            raise ValueError("tolerances and min_run_bytes must be >= 0")
+        if self.min_run_reads < 1 or self.growth_step <= 0:
+            raise ValueError("need min_run_reads >= 1 and growth_step > 0")
+
+    @classmethod
+    def for_blocks(cls, block_size: int, max_window: int) -> SequentialPolicy:
+        """The default policy for a cache of `block_size` blocks: start at one block, grow one
+        doubling per block, up to `max_window` (0 disables readahead)."""
+        max_window = max(max_window, 0)
+        return cls(
+            initial_window=min(block_size, max_window),
+            max_window=max_window,
+            growth_step=block_size,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Bytes worth prefetching now: `[start, end)`, `start` being the run's high-water mark."""
+
+    start: int
+    end: int
+    run: int  # which run this belongs to; a new number means the reader moved elsewhere
+
+    def blocks(self, file_size: int, block_size: int) -> range:
+        """The block indices of the window, clamped to the file (maybe empty)."""
+        return blocks_for(self.start, self.end - self.start, file_size, block_size)
+
+
+@dataclass(slots=True)
+class _Piece:
+    """A contiguous stretch covered by reads while no run is established yet."""
+
+    start: int
+    end: int
+    reads: int  # reads that added bytes to the stretch
+
+
+class SequentialDetector:
+    """Decides, read by read, whether one reader is streaming and how far ahead to fetch.
+
+    Not thread-safe (pure state); `Readahead` serialises calls.
+    """
+
+    def __init__(self, policy: SequentialPolicy | None = None, *, max_pieces: int = 8) -> None:
+        """`max_pieces`: candidate stretches remembered before a run is established (8: a
+        probe's scattered reads plus the kernel's reordering at the start of a stream)."""
+        if max_pieces < 1:
+            raise ValueError("max_pieces must be >= 1")
+        self.policy = policy if policy is not None else SequentialPolicy()
+        self._max_pieces = max_pieces
+        self._pieces: list[_Piece] = []  # most recently touched last
+        self._run = 0
+        self._high: int | None = None  # high-water mark of the established run, else None
+        self._window = 0
+        self._progress = 0  # bytes advanced since the window last grew
+
+    @property
+    def established(self) -> bool:
+        return self._high is not None
+
+    @property
+    def run(self) -> int:
+        """Changes whenever a run is established or abandoned."""
+        return self._run
+
+    @property
+    def window(self) -> int:
+        """Current window in bytes; 0 while no run is established."""
+        return self._window if self._high is not None else 0
+
+    def feed(self, offset: int, size: int) -> Window | None:
+        """Account for a read of `size` bytes at `offset`; the window to prefetch, or None
+        while no sequential run is established."""
+        if offset < 0 or size < 0:
+            raise ValueError(f"negative offset/size: {offset}, {size}")
+        if size == 0:
+            return self._current()
+        end = offset + size
+        high = self._high
+        if high is None:
+            self._add_piece(offset, end)
+            return self._current()
+        policy = self.policy
+        if offset < high - policy.back_tolerance or offset > high + policy.forward_tolerance:
+            self.reset()  # a real seek: the reader must prove itself again
+            self._add_piece(offset, end)
+            return None
+        if end > high:
+            self._high = end
+            self._progress += end - high
+            steps, self._progress = divmod(self._progress, policy.growth_step)
+            if steps:
+                # Shift no further than needed to pass any cap: a huge skip builds no huge int.
+                self._window = min(self._window << min(steps, 64), policy.max_window)
+        return self._current()
+
+    def reset(self) -> None:
+        """Forget the current run and all candidate stretches."""
+        if self._high is not None:
+            self._run += 1
+        self._high = None
+        self._window = 0
+        self._progress = 0
+        self._pieces.clear()
+
+    def _add_piece(self, offset: int, end: int) -> None:
+        """Merge the read into the candidate stretches it touches; establish a run when the
+        merged stretch is long enough and was built by enough reads."""
+        touching = [p for p in self._pieces if p.start <= end and offset <= p.end]
+        adds_bytes = not any(p.start <= offset and end <= p.end for p in touching)
+        merged = _Piece(
+            start=min([offset, *(p.start for p in touching)]),
+            end=max([end, *(p.end for p in touching)]),
+            reads=sum(p.reads for p in touching) + adds_bytes,
+        )
+        rest = [p for p in self._pieces if all(p is not t for t in touching)]
+        self._pieces = [*rest, merged][-self._max_pieces :]
+        policy = self.policy
+        long_enough = merged.end - merged.start >= policy.min_run_bytes
+        if merged.reads >= policy.min_run_reads and long_enough:
+            self._pieces.clear()
+            self._run += 1
+            self._high = merged.end
+            self._window = policy.initial_window
+            self._progress = 0
+
+    def _current(self) -> Window | None:
+        if self._high is None:
+            return None
+        return Window(self._high, self._high + self._window, self._run)
+
+
+class PrefetchTarget(Protocol):
+    """What `Readahead` needs of the cache (`vcfs.blocks.BlockCache` fits)."""
+
+    def prefetch(
+        self, content_hash: str, file_size: int, first_block: int, last_block: int
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class _RunState:
+    """Bookkeeping for the detector run being served."""
+
+    run: int = -1
+    target: range = range(0)  # blocks of the latest window
+    next_block: int = 0  # first block not yet requested in this run
+    tasks: set[Future[bool]] = field(default_factory=set)
+
+
+class Readahead:
+    """Readahead for one open file handle (see module docstring). Thread-safe."""
+
+    def __init__(
+        self,
+        cache: PrefetchTarget,
+        content_hash: str,
+        file_size: int,
+        *,
+        executor: Executor,
+        block_size: int,
+        max_window: int,
+        policy: SequentialPolicy | None = None,
+        max_outstanding: int = 4,
+        task_blocks: int = 4,
+    ) -> None:
+        """`policy` replaces the default `SequentialPolicy.for_blocks(block_size, max_window)`
+        entirely when given. `max_outstanding`: prefetch tasks queued or running for this
+        handle at once (4: two pool threads kept busy with two more in the queue).
+        `task_blocks`: blocks per prefetch task (4: a 16 MiB window is four requests, whose
+        first lands well before the whole window)."""
+        if block_size <= 0 or max_outstanding < 1 or task_blocks < 1:
+            raise ValueError("need block_size > 0, max_outstanding >= 1, task_blocks >= 1")
+        self._cache = cache
+        self._hash = content_hash
+        self._file_size = file_size
+        self._executor = executor
+        self._block_size = block_size
+        self._max_outstanding = max_outstanding
+        self._task_blocks = task_blocks
+        self._detector = SequentialDetector(
+            policy if policy is not None else SequentialPolicy.for_blocks(block_size, max_window)
+        )
+        # Reentrant: a task finishing quickly may run its done-callback inside submit's caller.
+        self._lock = threading.RLock()
+        self._state = _RunState()
+        self._closed = False
+        self._tasks_submitted = 0
+        self._blocks_requested = 0
+        self._errors = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def window(self) -> int:
+        """The detector's current window in bytes (0: not streaming)."""
+        with self._lock:
+            return self._detector.window
+
+    def on_read(self, offset: int, size: int) -> None:
+        """Account for a foreground read and top up the prefetch pipeline if streaming."""
+        with self._lock:
+            if self._closed:
+                return
+            window = self._detector.feed(offset, size)
+            if self._detector.run != self._state.run:
+                # The reader moved: queued prefetches for the old position are waste.
+                old, self._state = self._state, _RunState(run=self._detector.run)
+                for task in list(old.tasks):
+                    task.cancel()
+            if window is None:
+                return
+            state = self._state
+            state.target = window.blocks(self._file_size, self._block_size)
+            state.next_block = max(state.next_block, state.target.start)
+            self._top_up(state)
+
+    def close(self) -> None:
+        """Cancel queued prefetches and issue no more. Does not wait for a running one."""
+        with self._lock:
+            self._closed = True
+            tasks = list(self._state.tasks)
+        for task in tasks:
+            task.cancel()
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this handle: prefetch tasks submitted, blocks they covered, errors."""
+        with self._lock:
+            return {
+                "tasks_submitted": self._tasks_submitted,
+                "blocks_requested": self._blocks_requested,
+                "prefetch_errors": self._errors,
+            }
+
+    def _top_up(self, state: _RunState) -> None:
+        """Submit tasks for the not yet requested blocks of the window, within the task bound.
+        Called with the lock held, on reads and whenever a task of the run succeeds."""
+        while (
+            not self._closed
+            and state is self._state
+            and state.next_block < state.target.stop
+            and len(state.tasks) < self._max_outstanding
+        ):
+            first = state.next_block
+            last = min(first + self._task_blocks, state.target.stop) - 1
+            try:
+                task = self._executor.submit(self._prefetch, first, last)
+            except RuntimeError:  # the executor is shutting down with the mount
+                log.debug("readahead of %s stopped: executor shut down", self._hash)
+                return
+            # Book the task before its callback can run (it may run right here if it is done).
+            state.next_block = last + 1
+            state.tasks.add(task)
+            self._tasks_submitted += 1
+            self._blocks_requested += last - first + 1
+            task.add_done_callback(functools.partial(self._finished, state))
+
+    def _prefetch(self, first: int, last: int) -> bool:
+        """The task body: True if the blocks are now cached (or on their way)."""
+        with self._lock:
+            if self._closed:
+                return False
+        try:
+            self._cache.prefetch(self._hash, self._file_size, first, last)
+        except Exception as exc:  # the foreground read retries and reports
+            with self._lock:
+                self._errors += 1
+            log.debug("prefetch of %s blocks %d-%d failed: %s", self._hash, first, last, exc)
+            return False
+        return True
+
+    def _finished(self, state: _RunState, task: Future[bool]) -> None:
+        with self._lock:
+            state.tasks.discard(task)
+            # Keep the pipeline full between reads, but not after a failure: a down service
+            # would only be asked the same questions again.
+            if not task.cancelled() and task.exception() is None and task.result():
+                self._top_up(state)
