@@ -1,0 +1,327 @@
+"""vidcache_client against the real vidcache service, comparing bytes with the source files.
+
+Most tests share the session's service (`vidcache_server`), so they only rely on what no other
+module can change for them: b.mp4, c.mkv and big.mp4 are perceptually distinct from every other
+generated video, so whoever ingested them first, their hash is the BLAKE3 of their own bytes.
+Tests that need a known state (ingest statuses, listing, delete) run against a service of
+their own (`own_client`), so they neither see nor disturb other modules' videos.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from blake3 import blake3
+
+from tests.support import VidcacheServer
+from vidcache_client import (
+    InvalidRequestError,
+    NotFoundError,
+    RangeNotSatisfiableError,
+    RequestTimeout,
+    VidCacheClient,
+)
+
+MiB = 1024 * 1024
+SHARED_VIDEOS = ["b.mp4", "c.mkv", "big.mp4"]
+UNKNOWN_HASH = "0" * 64
+RangeMaker = Callable[[int], tuple[int, int]]
+
+
+def unique_bucket(purpose: str) -> str:
+    return f"client-{purpose}-{uuid.uuid4().hex[:8]}"
+
+
+def digest(data: bytes) -> str:
+    return str(blake3(data).hexdigest())
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A video ingested for these tests: its hash, source URL and source bytes."""
+
+    hash: str
+    url: str
+    data: bytes
+    result: dict[str, object]
+
+
+@pytest.fixture(scope="module")
+def client(vidcache_server: VidcacheServer) -> Iterator[VidCacheClient]:
+    with VidCacheClient(vidcache_server.url, timeout=120) as shared_client:
+        yield shared_client
+
+
+@pytest.fixture(scope="module")
+def stored(client: VidCacheClient, videos: dict[str, Path], media_url: str) -> dict[str, Stored]:
+    bucket = unique_bucket("shared")
+    ingested = {}
+    for name in SHARED_VIDEOS:
+        url = f"{media_url}/{name}"
+        result = client.ingest(url, bucket)
+        ingested[name] = Stored(result["hash"], url, videos[name].read_bytes(), result)
+    return ingested
+
+
+@pytest.fixture(scope="module")
+def own_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidCacheClient]:
+    """A client of a service of this module's own, empty at the start."""
+    with VidcacheServer(tmp_path_factory.mktemp("client-own") / "data") as server, \
+            VidCacheClient(server.url, timeout=120) as private_client:
+        yield private_client
+
+
+# --- ingest, resolve, metadata -------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHARED_VIDEOS)
+def test_ingest_returns_the_blake3_of_the_source(stored: dict[str, Stored], name: str) -> None:
+    video = stored[name]
+    assert video.hash == digest(video.data)
+    assert video.result["status"] in {"new", "duplicate", "url_alias"}
+    file_path = video.result["file_path"]
+    assert isinstance(file_path, str)
+    assert file_path.endswith(f"{video.hash}{Path(name).suffix}")
+
+
+def test_ingesting_a_known_url_again_is_an_alias(client: VidCacheClient,
+                                                 stored: dict[str, Stored]) -> None:
+    video = stored["b.mp4"]
+    result = client.ingest(video.url, unique_bucket("again"))
+    assert result["status"] == "url_alias"
+    assert result["hash"] == video.hash
+
+
+def test_resolve(client: VidCacheClient, stored: dict[str, Stored], media_url: str) -> None:
+    video = stored["c.mkv"]
+    assert client.resolve(video.url) == {"hash": video.hash, "url": video.url}
+    assert client.resolve(f"{media_url}/never-ingested.mp4") is None
+
+
+@pytest.mark.parametrize("name", SHARED_VIDEOS)
+def test_get_meta(client: VidCacheClient, stored: dict[str, Stored], name: str) -> None:
+    video = stored[name]
+    meta = client.get_meta(video.hash)
+    assert meta is not None
+    assert meta["hash"] == video.hash
+    assert meta["size_bytes"] == len(video.data)
+    assert meta["duration_s"] == pytest.approx(6 if name != "big.mp4" else 8, abs=0.5)
+    assert video.url in meta["aliases"]
+    assert meta["mime_type"].startswith("video/")
+    assert isinstance(meta["first_seen"], str)
+
+
+def test_get_meta_of_unknown_hash_is_none(client: VidCacheClient) -> None:
+    assert client.get_meta(UNKNOWN_HASH) is None
+    assert client.get_chunk_digests(UNKNOWN_HASH) is None
+
+
+def test_health(client: VidCacheClient) -> None:
+    assert client.health()["status"] == "ok"
+
+
+def test_ingest_of_a_non_video_is_refused(client: VidCacheClient, media_url: str) -> None:
+    url = f"{media_url}/notvideo.bin"
+    with pytest.raises(InvalidRequestError, match="not a video") as caught:
+        client.ingest(url, unique_bucket("junk"))
+    assert caught.value.status_code == 422
+    assert url in str(caught.value)
+    assert client.resolve(url) is None
+
+
+@pytest.mark.parametrize("bucket", ["", "..", "a/b", "/abs"])
+def test_ingest_into_a_bad_bucket_is_refused(client: VidCacheClient, media_url: str,
+                                             bucket: str) -> None:
+    with pytest.raises(InvalidRequestError) as caught:
+        client.ingest(f"{media_url}/b.mp4?bucket-test={uuid.uuid4().hex}", bucket)
+    assert caught.value.status_code is not None and 400 <= caught.value.status_code < 500
+
+
+# --- reading bytes --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SHARED_VIDEOS)
+def test_get_bytes_whole(client: VidCacheClient, stored: dict[str, Stored], name: str) -> None:
+    video = stored[name]
+    assert client.get_bytes(video.hash) == video.data
+
+
+# (start, end) as functions of the size: first byte, a header, across a MiB boundary, the last
+# byte, the whole file, and an end past EOF that the server clamps to the last byte.
+RANGES: dict[str, RangeMaker] = {
+    "first-byte": lambda size: (0, 0),
+    "header": lambda size: (0, 65_535),
+    "middle": lambda size: (size // 3, size // 3 + 100_000),
+    "last-byte": lambda size: (size - 1, size - 1),
+    "whole": lambda size: (0, size - 1),
+    "clamped-at-eof": lambda size: (size - 10, size + 1_000_000),
+}
+
+
+@pytest.mark.parametrize("name", ["b.mp4", "big.mp4"])
+@pytest.mark.parametrize("make_range", RANGES.values(), ids=RANGES.keys())
+def test_get_bytes_ranges(client: VidCacheClient, stored: dict[str, Stored], name: str,
+                          make_range: RangeMaker) -> None:
+    video = stored[name]
+    start, end = make_range(len(video.data))
+    assert client.get_bytes(video.hash, byte_range=(start, end)) == video.data[start:end + 1]
+
+
+def test_range_starting_at_eof_is_not_satisfiable(client: VidCacheClient,
+                                                  stored: dict[str, Stored]) -> None:
+    video = stored["b.mp4"]
+    size = len(video.data)
+    with pytest.raises(RangeNotSatisfiableError) as caught:
+        client.get_bytes(video.hash, byte_range=(size, size + 10))
+    assert caught.value.size == size
+    assert video.hash in str(caught.value)
+
+
+def test_get_bytes_of_unknown_hash(client: VidCacheClient) -> None:
+    with pytest.raises(NotFoundError, match=UNKNOWN_HASH):
+        client.get_bytes(UNKNOWN_HASH, byte_range=(0, 9))
+
+
+def test_stream_video(vidcache_server: VidcacheServer, stored: dict[str, Stored]) -> None:
+    video = stored["big.mp4"]
+    chunk_size = 256 * 1024
+    with VidCacheClient(vidcache_server.url, chunk_size=chunk_size) as streaming:
+        with streaming.stream_video(video.hash) as chunks:
+            pieces = list(chunks)
+        assert b"".join(pieces) == video.data
+        assert all(len(piece) == chunk_size for piece in pieces[:-1])
+        assert 0 < len(pieces[-1]) <= chunk_size
+        start, end = MiB - 5, 3 * MiB + 7
+        with streaming.stream_video(video.hash, byte_range=(start, end)) as chunks:
+            assert b"".join(chunks) == video.data[start:end + 1]
+
+
+def test_download_to_file(client: VidCacheClient, stored: dict[str, Stored],
+                          tmp_path: Path) -> None:
+    video = stored["big.mp4"]
+    dest = tmp_path / "copy.mp4"
+    assert client.download_to_file(video.hash, dest) == len(video.data)
+    assert dest.read_bytes() == video.data
+    # over an existing file, and a range
+    assert client.download_to_file(video.hash, dest, byte_range=(100, 1099)) == 1000
+    assert dest.read_bytes() == video.data[100:1100]
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_failed_download_keeps_the_existing_file(client: VidCacheClient,
+                                                 tmp_path: Path) -> None:
+    dest = tmp_path / "copy.mp4"
+    dest.write_bytes(b"keep me")
+    with pytest.raises(NotFoundError):
+        client.download_to_file(UNKNOWN_HASH, dest)
+    assert dest.read_bytes() == b"keep me"
+    assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_chunk_digests_match_the_source(client: VidCacheClient,
+                                        stored: dict[str, Stored]) -> None:
+    video = stored["big.mp4"]
+    digests = client.get_chunk_digests(video.hash)
+    assert digests is not None
+    assert digests["hash"] == video.hash
+    chunk_size = digests["chunk_size"]
+    assert chunk_size == MiB
+    expected = [digest(video.data[offset:offset + chunk_size])
+                for offset in range(0, len(video.data), chunk_size)]
+    assert digests["digests"] == expected
+
+
+def test_threads_share_one_client(vidcache_server: VidcacheServer,
+                                  stored: dict[str, Stored]) -> None:
+    """Many small ranged reads from 8 threads over a 4-connection pool, all exact."""
+    video = stored["big.mp4"]
+    size = len(video.data)
+    rng = random.Random(1234)
+    ranges = []
+    for _ in range(400):
+        start = rng.randrange(size)
+        ranges.append((start, min(size - 1, start + rng.randrange(1, 128 * 1024))))
+    with VidCacheClient(vidcache_server.url, max_connections=4) as shared, \
+            ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda r: shared.get_bytes(video.hash, byte_range=r), ranges))
+    for (start, end), data in zip(ranges, results, strict=True):
+        assert data == video.data[start:end + 1]
+
+
+def test_max_connections_bounds_the_pool(vidcache_server: VidcacheServer,
+                                        stored: dict[str, Stored]) -> None:
+    """With both pooled connections held by open streams, a third request waits, then times
+    out: the pool really is max_connections wide."""
+    video = stored["big.mp4"]
+    with VidCacheClient(vidcache_server.url, timeout=2, max_connections=2) as small_pool, \
+            small_pool.stream_video(video.hash) as first, \
+            small_pool.stream_video(video.hash) as second:
+        with pytest.raises(RequestTimeout):
+            small_pool.get_bytes(video.hash, byte_range=(0, 9))
+        assert next(iter(first)) == next(iter(second)) == video.data[:MiB]
+
+
+# --- a service of our own: statuses, listing, delete ---------------------------------------------
+
+def test_ingest_statuses(own_client: VidCacheClient, media_url: str,
+                         videos: dict[str, Path]) -> None:
+    bucket = unique_bucket("statuses")
+    url = f"{media_url}/a.mp4"
+    first = own_client.ingest(url, bucket, "2024", {"title": "A"})
+    assert first["status"] == "new"
+    assert first["hash"] == digest(videos["a.mp4"].read_bytes())
+    assert own_client.ingest(url, bucket)["status"] == "url_alias"
+    same_bytes_url = f"{url}?mirror=1"
+    exact = own_client.ingest(same_bytes_url, bucket)
+    assert (exact["status"], exact["hash"]) == ("duplicate", first["hash"])
+    reencoded_url = f"{media_url}/a_small.mp4"
+    near = own_client.ingest(reencoded_url, bucket)
+    assert (near["status"], near["hash"]) == ("duplicate", first["hash"])
+    assert isinstance(near["phash_distance"], int)
+    meta = own_client.get_meta(first["hash"])
+    assert meta is not None
+    assert {url, same_bytes_url, reencoded_url} <= set(meta["aliases"])
+    assert (meta["bucket"], meta["prefix"], meta["meta"]) == (bucket, "2024", {"title": "A"})
+
+
+def test_list_videos_pages_through_everything(own_client: VidCacheClient,
+                                              media_url: str) -> None:
+    bucket = unique_bucket("listing")
+    first = own_client.ingest(f"{media_url}/b.mp4", bucket, "one")["hash"]
+    second = own_client.ingest(f"{media_url}/c.mkv", bucket, "two")["hash"]
+    listed = [item["hash"] for item in own_client.list_videos(bucket=bucket, page_size=1)]
+    assert listed == sorted([first, second])
+    assert [item["hash"] for item in own_client.list_videos(bucket=bucket, prefix="one")] \
+        == [first]
+    everything = [item["hash"] for item in own_client.list_videos(page_size=1)]
+    assert everything == sorted(set(everything))
+    assert {first, second} <= set(everything)
+    assert list(own_client.list_videos(bucket=unique_bucket("empty"))) == []
+
+
+def test_delete_removes_blob_record_and_aliases(own_client: VidCacheClient,
+                                                media_url: str) -> None:
+    bucket = unique_bucket("delete")
+    # c.mkv may already be stored here by the listing test under another URL: the delete
+    # must remove that alias too.
+    token = uuid.uuid4().hex
+    ours = [f"{media_url}/c.mkv?delete={token}", f"{media_url}/c.mkv?delete={token}&alias=1"]
+    content_hash = own_client.ingest(ours[0], bucket)["hash"]
+    assert own_client.ingest(ours[1], bucket)["status"] == "duplicate"
+    meta = own_client.get_meta(content_hash)
+    assert meta is not None
+    aliases = meta["aliases"]
+    assert set(ours) <= set(aliases)
+    own_client.delete(content_hash)
+    assert own_client.get_meta(content_hash) is None
+    assert [own_client.resolve(url) for url in aliases] == [None] * len(aliases)
+    with pytest.raises(NotFoundError):
+        own_client.get_bytes(content_hash, byte_range=(0, 9))
+    with pytest.raises(NotFoundError, match=content_hash):
+        own_client.delete(content_hash)
+    assert content_hash not in {item["hash"] for item in own_client.list_videos()}
+    assert own_client.ingest(ours[1], bucket)["status"] == "new"
