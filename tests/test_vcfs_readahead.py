@@ -180,7 +180,9 @@ def test_policy_validation_and_block_defaults() -> None:
 
 def test_window_blocks_are_clamped_to_the_file() -> None:
     assert Window(MIB, 3 * MIB, 1).blocks(100 * MIB, MIB) == range(1, 3)
-    assert Window(MIB + 1, 3 * MIB, 1).blocks(100 * MIB, MIB) == range(1, 3)
+    # the block holding the window's first byte was fetched by the read that ended there
+    assert Window(MIB + 1, 3 * MIB, 1).blocks(100 * MIB, MIB) == range(2, 3)
+    assert Window(MIB + 1, 2 * MIB, 1).blocks(100 * MIB, MIB) == range(0)
     assert Window(MIB, 3 * MIB, 1).blocks(2 * MIB + 5, MIB) == range(1, 3)
     assert Window(MIB, 3 * MIB, 1).blocks(MIB, MIB) == range(0)
 
@@ -306,7 +308,7 @@ def test_sequential_scan_prefetches_ahead_without_ever_repeating_a_block() -> No
     requested = cache.blocks()
     assert len(requested) == len(set(requested))  # never the same block twice
     assert requested == sorted(requested)
-    assert requested[0] == 0  # the block holding the high-water mark at 256 KiB
+    assert requested[0] == 1  # the first block after those the first reads touched
     assert max(leads) == 16  # the window grew to 16 MiB ahead of the reader, no further
     assert readahead.window == 16 * MIB
     assert all(last - first + 1 <= 4 for first, last in cache.calls)  # task_blocks
@@ -333,7 +335,7 @@ def test_outstanding_tasks_are_bounded_per_handle() -> None:
         assert executor.pending() <= 2
     # Blocks 2-19 were behind the reader (at 20 MiB) before a slot freed up; the pipeline
     # resumed at the reader and filled the 16 MiB window, and stopped there.
-    assert cache.blocks() == [0, 1, *range(20, 36)]
+    assert cache.blocks() == [1, 2, *range(20, 36)]
     readahead.on_read(20 * MIB, 128 * KIB)  # the window moves on by one block
     executor.run_all()
     assert cache.blocks()[-1] == 36
@@ -350,7 +352,7 @@ def test_far_seek_cancels_queued_prefetches_of_the_old_position() -> None:
     assert all(future.cancelled() for future in old)
     readahead.on_read(40 * MIB + 128 * KIB, 128 * KIB)  # a new run starts there
     executor.run_all()
-    assert cache.calls and min(cache.blocks()) == 40
+    assert cache.calls and min(cache.blocks()) == 41
 
 
 def test_close_cancels_queued_tasks_and_submits_nothing_more() -> None:
@@ -381,7 +383,7 @@ def test_close_with_real_threads_no_prefetch_starts_after_close() -> None:
         wait_until(lambda: len(cache.calls) == 1, timeout=DEADLINE, what="first prefetch")
         readahead.close()
         cache.gate.set()
-    assert cache.calls == [(0, 0)]  # the one running before close; the queued ones never ran
+    assert cache.calls == [(1, 1)]  # the one running before close; the queued ones never ran
     assert readahead.stats()["tasks_submitted"] > 1
 
 
@@ -399,11 +401,11 @@ def test_prefetch_errors_are_swallowed_and_counted() -> None:
 def test_only_successful_prefetches_keep_the_pipeline_going(error: Exception | None) -> None:
     cache, executor = RecordingCache(error=error), ManualExecutor()
     readahead = make_readahead(cache, executor, max_outstanding=1, task_blocks=1)
-    readahead.on_read(0, 128 * KIB)
-    readahead.on_read(128 * KIB, 128 * KIB)  # established: a 1 MiB window, blocks 0-1
-    assert executor.pending() == 1
+    for offset, size in sequential_reads(0, 2 * MIB):
+        readahead.on_read(offset, size)
+    assert executor.pending() == 1  # block 1; the window has grown to blocks 2-3 since
     executor.run_all()
-    assert cache.blocks() == ([0, 1] if error is None else [0])
+    assert cache.blocks() == ([1, 2, 3] if error is None else [1])
 
 
 def test_executor_shut_down_is_not_an_error() -> None:

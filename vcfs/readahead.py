@@ -100,8 +100,11 @@ class Window:
     run: int  # which run this belongs to; a new number means the reader moved elsewhere
 
     def blocks(self, file_size: int, block_size: int) -> range:
-        """The block indices of the window, clamped to the file (maybe empty)."""
-        return blocks_for(self.start, self.end - self.start, file_size, block_size)
+        """The blocks to prefetch: those of the window, clamped to the file, except a block
+        holding `start - 1`, which the read that ended there has fetched already."""
+        ahead = blocks_for(self.start, self.end - self.start, file_size, block_size)
+        first_untouched = -(-self.start // block_size)
+        return range(max(ahead.start, first_untouched), max(ahead.stop, first_untouched))
 
 
 @dataclass(slots=True)
