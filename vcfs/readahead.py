@@ -25,11 +25,13 @@ file.
 `Readahead` wires a detector to a block cache for one open file handle. On every read it asks
 the detector for the window `[high-water mark, + window)` and submits `cache.prefetch` tasks
 to a shared executor for the blocks of that window it has not requested yet in this run (never
-the same range twice), in tasks of at most `task_blocks` blocks (so the first blocks arrive
-before a whole 16 MiB window does) and with at most `max_outstanding` tasks queued or running
-per handle (so one stream cannot monopolise the pool; later reads top the pipeline up). A new
-run cancels the previous run's queued tasks. `close()` (on FUSE release) cancels the queued
-tasks and stops issuing new ones; a task that starts after close does nothing.
+the same range twice; the block the last read ended in is left to that read). Tasks cover at
+most `task_blocks` blocks, so the first blocks land before a whole 16 MiB window does, and at
+most `max_outstanding` tasks per handle are queued or running, so one stream cannot monopolise
+the pool. The pipeline is topped up on each read and whenever a task succeeds (not after a
+failure: a down service would only be asked again). A new run cancels the previous run's
+queued tasks. `close()` (on FUSE release) cancels the queued tasks and stops issuing new ones;
+a task that starts after close does nothing.
 
 Prefetched blocks live in the block cache, so readahead memory is bounded by the cache budget.
 A prefetch error is logged at debug level and dropped: the foreground read of that block will
