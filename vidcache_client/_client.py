@@ -309,9 +309,10 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
     try:
         body = response.json()
     except ValueError as exc:
-        raise ProtocolError(f"{what}: expected a JSON object, got "
-                            f"{response.text[:100]!r} [{response.headers.get('Content-Type')}]"
-                            ) from exc
+        content_type = response.headers.get("Content-Type")
+        raise ProtocolError(
+            f"{what}: expected a JSON object, got {content_type} {response.text[:100]!r}"
+        ) from exc
     if not isinstance(body, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
     return body
