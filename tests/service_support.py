@@ -1,0 +1,134 @@
+"""Helpers for the vidcache service tests: an origin server that misbehaves on request, a thin
+HTTP client of the wire protocol, and looks into a service's data directory."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from blake3 import blake3
+
+CHUNK = 1024 * 1024
+
+
+def digest(data: bytes) -> str:
+    return str(blake3(data).hexdigest())
+
+
+def unique(purpose: str) -> str:
+    """A bucket name (or URL query) no other test uses."""
+    return f"svc-{purpose}-{uuid.uuid4().hex[:8]}"
+
+
+def blob_files(data_dir: Path) -> list[Path]:
+    """Every file of the data directory outside the service's internal `.vidcache` folder."""
+    return sorted(p for p in data_dir.rglob("*")
+                  if p.is_file() and ".vidcache" not in p.relative_to(data_dir).parts)
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / ".vidcache" / "tmp").rglob("*"))
+
+
+class Api:
+    """The wire protocol over httpx, returning raw responses so tests see status and headers."""
+
+    def __init__(self, base_url: str) -> None:
+        self.http = httpx.Client(base_url=base_url, timeout=120)
+
+    def ingest(self, url: str, bucket: str, prefix: str = "",
+               meta: dict[str, Any] | None = None) -> httpx.Response:
+        return self.http.post("/ingest", json={"url": url, "bucket": bucket, "prefix": prefix,
+                                               "meta": meta or {}})
+
+    def ingest_ok(self, url: str, bucket: str, prefix: str = "",
+                  meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        response = self.ingest(url, bucket, prefix, meta)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def meta(self, content_hash: str) -> httpx.Response:
+        return self.http.get(f"/meta/{content_hash}")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class _OriginHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files like SimpleHTTPRequestHandler, plus misbehaviours chosen by path:
+
+    /redirect/<n>/<name>   n redirects, then <name>;  /redirect-to?<url>  one redirect to url
+    /nolength/<name>       the body without Content-Length, ended by closing the connection
+    /stall/<name>          half the body, then silence until the origin is closed
+    """
+
+    release: threading.Event
+    stalled: threading.Event
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if match := re.fullmatch(r"/redirect/(\d+)/(.+)", self.path):
+            hops, name = int(match.group(1)), match.group(2)
+            target = f"/redirect/{hops - 1}/{name}" if hops > 1 else f"/{name}"
+            self._redirect(target)
+        elif self.path.startswith("/redirect-to?"):
+            self._redirect(self.path.partition("?")[2])
+        elif match := re.fullmatch(r"/(nolength|stall)/(.+)", self.path):
+            self._misbehave(match.group(1), match.group(2))
+        else:
+            super().do_GET()
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _misbehave(self, how: str, name: str) -> None:
+        data = (Path(self.directory) / name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if how == "stall":
+            self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if how == "nolength":
+            self.wfile.write(data)
+        else:
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.stalled.set()
+            self.release.wait(timeout=60)
+        self.close_connection = True
+
+
+@contextlib.contextmanager
+def serve_origin(directory: Path) -> Iterator[tuple[str, threading.Event]]:
+    """A loopback origin for `directory` (see _OriginHandler); yields (base URL, stalled), where
+    `stalled` is set once a /stall/ response has sent its first half."""
+    release, stalled = threading.Event(), threading.Event()
+    handler = type("Handler", (_OriginHandler,), {"release": release, "stalled": stalled})
+
+    def make(*args: Any) -> _OriginHandler:
+        return handler(*args, directory=str(directory))  # type: ignore[no-any-return]
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", stalled
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -1,0 +1,103 @@
+"""The `vidcache` command line: `ingest` through the real client against a real service,
+usage errors, and complete --help texts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_support import digest
+from tests.support import VidcacheServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout",
+                 "--phash-threshold", "--allow-file-dir", "--ingest-allow", "--log-level",
+                 "VIDCACHE_INGEST_ALLOW"]
+INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server"]
+
+
+def vidcache(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vidcache", *args], capture_output=True,
+                          text=True, timeout=90)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    with VidcacheServer(tmp_path_factory.mktemp("svc-cli") / "data") as server:
+        yield server
+
+
+def test_ingest_prints_the_result_and_stores_meta(own: VidcacheServer, media_url: str,
+                                                  videos: dict[str, Path]) -> None:
+    url = f"{media_url}/a.mp4"
+    run = vidcache("ingest", url, "--bucket", "cli", "--prefix", "p", "--meta", "title=A b",
+                   "--meta", "expr=x=1", "--server", own.url)
+    assert run.returncode == 0, run.stderr
+    h = digest(videos["a.mp4"].read_bytes())
+    assert json.loads(run.stdout) == {"hash": h, "status": "new",
+                                      "file_path": f"cli/p/{h[:2]}/{h[2:4]}/{h}.mp4"}
+    assert httpx.get(f"{own.url}/meta/{h}").json()["meta"] == {"title": "A b", "expr": "x=1"}
+    again = vidcache("ingest", url, "--bucket", "cli", "--server", own.url)
+    assert json.loads(again.stdout)["status"] == "url_alias"
+
+
+def test_ingest_failure_exits_1_with_the_servers_reason(own: VidcacheServer,
+                                                        media_url: str) -> None:
+    run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "../x", "--server", own.url)
+    assert run.returncode == 1
+    assert "bad bucket" in run.stderr and run.stdout == ""
+    unreachable = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server",
+                           f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 1
+    assert "vidcache ingest: error:" in unreachable.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["ingest", "http://x/v.mp4"],  # --bucket missing
+    ["ingest", "http://x/v.mp4", "--bucket", "b", "--meta", "novalue"],
+    ["serve"],  # --data missing
+    ["serve", "--data", "/tmp/x", "--max-size", "4X"],
+    ["serve", "--data", "/tmp/x", "--phash-threshold", "65"],
+    ["serve", "--data", "/tmp/x", "--ingest-allow", "not a host"],
+    ["serve", "--data", "/tmp/x", "--allow-file-dir", "/no/such/dir"],
+    [],
+])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    run = vidcache(*args)
+    assert run.returncode == 2
+    assert "error:" in run.stderr
+
+
+def test_bad_env_allow_list_is_a_usage_error(tmp_path: Path) -> None:
+    run = subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60,
+                         env={"VIDCACHE_INGEST_ALLOW": "ok.example,bad entry", "PATH": ""})
+    assert run.returncode == 2
+    assert "VIDCACHE_INGEST_ALLOW" in run.stderr and "bad entry" in run.stderr
+
+
+def test_help_lists_every_option() -> None:
+    top = vidcache("--help")
+    assert top.returncode == 0 and "serve" in top.stdout and "ingest" in top.stdout
+    serve = vidcache("serve", "--help")
+    assert serve.returncode == 0
+    for option in SERVE_OPTIONS:
+        assert option in serve.stdout, option
+    ingest = vidcache("ingest", "--help")
+    assert ingest.returncode == 0
+    for option in INGEST_OPTIONS:
+        assert option in ingest.stdout, option
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "vidcache"
+    run = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0
+    assert run.stdout.startswith("vidcache ")

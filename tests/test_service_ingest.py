@@ -1,0 +1,414 @@
+"""The ingest pipeline of the real vidcache service over HTTP: every status path, aliases,
+delete, concurrent ingests and every kind of bad input.
+
+Tests whose outcome depends on what is already stored run against services of this module's
+own (`own`, `fresh`); stateless error paths use the session's `vidcache_server`. Note for other
+modules: a_small.mp4 is a perceptual duplicate of a.mp4, so it is only ingested here, into
+services of our own, never into the shared one (it would make a.mp4 a duplicate there).
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.service_support import Api, blob_files, digest, serve_origin, temp_files, unique
+from tests.support import VidcacheServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    with VidcacheServer(tmp_path_factory.mktemp("svc-own") / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def own_api(own: VidcacheServer) -> Iterator[Api]:
+    api = Api(own.url)
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Iterator[tuple[VidcacheServer, Api]]:
+    """A service of this test's own, empty at the start."""
+    with VidcacheServer(tmp_path / "data") as server:
+        api = Api(server.url)
+        yield server, api
+        api.close()
+
+
+@pytest.fixture(scope="module")
+def api(vidcache_server: VidcacheServer) -> Iterator[Api]:
+    shared = Api(vidcache_server.url)
+    yield shared
+    shared.close()
+
+
+@pytest.fixture(scope="module")
+def stored_a(own_api: Api, media_url: str) -> dict[str, Any]:
+    """a.mp4 ingested first into `own` (bucket `status`), with client meta."""
+    return own_api.ingest_ok(f"{media_url}/a.mp4", "status", meta={"title": "A", "n": 1})
+
+
+@pytest.fixture(scope="module")
+def stored_c(own_api: Api, media_url: str) -> dict[str, Any]:
+    """c.mkv ingested into `own`, bucket `status`, prefix `p1`."""
+    return own_api.ingest_ok(f"{media_url}/c.mkv", "status", prefix="p1")
+
+
+# --- status paths -------------------------------------------------------------------------------
+
+def test_new_video_is_stored_under_its_blake3_with_meta(
+        stored_a: dict[str, Any], own: VidcacheServer, own_api: Api, media_url: str,
+        videos: dict[str, Path]) -> None:
+    source = videos["a.mp4"].read_bytes()
+    h = digest(source)
+    assert stored_a == {"hash": h, "status": "new",
+                        "file_path": f"status/{h[:2]}/{h[2:4]}/{h}.mp4"}
+    assert (own.data_dir / stored_a["file_path"]).read_bytes() == source
+
+    meta = own_api.meta(h).json()
+    first_seen = datetime.fromisoformat(meta.pop("first_seen"))
+    assert first_seen.tzinfo is not None and first_seen.utcoffset() == UTC.utcoffset(None)
+    assert abs((datetime.now(UTC) - first_seen).total_seconds()) < 3600
+    assert meta.pop("duration_s") == pytest.approx(6.0, abs=0.1)
+    assert meta == {"hash": h, "size_bytes": len(source), "aliases": [f"{media_url}/a.mp4"],
+                    "meta": {"title": "A", "n": 1}, "bucket": "status", "prefix": "",
+                    "file_path": stored_a["file_path"], "mime_type": "video/mp4"}
+
+
+def test_same_url_again_is_url_alias(stored_a: dict[str, Any], own_api: Api,
+                                     media_url: str) -> None:
+    again = own_api.ingest_ok(f"{media_url}/a.mp4", unique("other"), meta={"ignored": True})
+    assert again == {**stored_a, "status": "url_alias"}
+    assert own_api.meta(stored_a["hash"]).json()["meta"] == {"title": "A", "n": 1}
+
+
+def test_same_bytes_from_a_new_url_is_exact_duplicate(stored_a: dict[str, Any], own_api: Api,
+                                                      own: VidcacheServer,
+                                                      media_url: str) -> None:
+    url = f"{media_url}/a.mp4?copy={unique('q')}"
+    result = own_api.ingest_ok(url, unique("other"))
+    assert result == {**stored_a, "status": "duplicate"}  # no phash_distance for exact
+    assert url in own_api.meta(stored_a["hash"]).json()["aliases"]
+    assert own_api.http.get("/resolve", params={"url": url}).json() == {
+        "hash": stored_a["hash"], "url": url}
+    assert [p.name for p in blob_files(own.data_dir)].count(f"{stored_a['hash']}.mp4") == 1
+
+
+def test_reencode_is_perceptual_duplicate(stored_a: dict[str, Any], own_api: Api,
+                                          own: VidcacheServer, media_url: str,
+                                          videos: dict[str, Path]) -> None:
+    url = f"{media_url}/a_small.mp4?{unique('q')}"
+    result = own_api.ingest_ok(url, unique("small"))
+    assert result["status"] == "duplicate"
+    assert result["hash"] == stored_a["hash"]
+    assert result["file_path"] == stored_a["file_path"]
+    assert isinstance(result["phash_distance"], int)
+    assert 0 <= result["phash_distance"] <= 10
+    assert url in own_api.meta(stored_a["hash"]).json()["aliases"]
+    small_hash = digest(videos["a_small.mp4"].read_bytes())
+    assert own_api.meta(small_hash).status_code == 404
+    assert not any(small_hash in p.name for p in blob_files(own.data_dir))
+    assert temp_files(own.data_dir) == []
+
+
+def test_different_video_stays_new(stored_a: dict[str, Any], stored_c: dict[str, Any],
+                                   own_api: Api, videos: dict[str, Path]) -> None:
+    h = digest(videos["c.mkv"].read_bytes())
+    assert stored_c == {"hash": h, "status": "new",
+                        "file_path": f"status/p1/{h[:2]}/{h[2:4]}/{h}.mkv"}
+    meta = own_api.meta(h).json()
+    assert (meta["mime_type"], meta["prefix"], meta["meta"]) == ("video/x-matroska", "p1", {})
+
+
+def test_delete_removes_blob_record_and_aliases(own: VidcacheServer, own_api: Api,
+                                                media_url: str, videos: dict[str, Path]) -> None:
+    bucket = unique("del")
+    urls = [f"{media_url}/b.mp4", f"{media_url}/b.mp4?{unique('q')}"]
+    first = own_api.ingest_ok(urls[0], bucket)
+    assert own_api.ingest_ok(urls[1], bucket)["status"] == "duplicate"
+    h = first["hash"]
+    assert h == digest(videos["b.mp4"].read_bytes())
+    blob = own.data_dir / first["file_path"]
+    assert blob.is_file()
+
+    response = own_api.http.delete(f"/video/{h}")
+    assert (response.status_code, response.content) == (204, b"")
+    assert not blob.exists()
+    assert not (own.data_dir / bucket).exists()  # emptied directories go too
+    for path in (f"/meta/{h}", f"/video/{h}", f"/video/{h}/chunks"):
+        assert own_api.http.get(path).status_code == 404, path
+    for url in urls:
+        assert own_api.http.get("/resolve", params={"url": url}).status_code == 404
+    assert h not in [item["hash"] for item in own_api.http.get("/videos").json()["items"]]
+    second = own_api.http.delete(f"/video/{h}")
+    assert second.status_code == 404 and h in second.json()["detail"]
+
+    # nothing of it is remembered: the same URL is ingested afresh
+    again = own_api.ingest_ok(urls[0], bucket)
+    assert (again["status"], again["hash"]) == ("new", h)
+    assert own_api.meta(h).json()["aliases"] == [urls[0]]
+
+
+def test_listing_filters_and_paginates(stored_a: dict[str, Any], stored_c: dict[str, Any],
+                                       own_api: Api) -> None:
+    def listing(**params: Any) -> dict[str, Any]:
+        response = own_api.http.get("/videos", params=params)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    expected = sorted([stored_a["hash"], stored_c["hash"]])
+    in_bucket = listing(bucket="status")
+    assert [item["hash"] for item in in_bucket["items"]] == expected
+    assert in_bucket["next"] is None
+    assert in_bucket["items"][0] == own_api.meta(expected[0]).json()
+
+    assert [i["hash"] for i in listing(bucket="status", prefix="p1")["items"]] == [
+        stored_c["hash"]]
+    assert [i["hash"] for i in listing(bucket="status", prefix="")["items"]] == [
+        stored_a["hash"]]
+    assert listing(bucket=unique("empty"))["items"] == []
+
+    page1 = listing(bucket="status", limit=1)
+    assert [i["hash"] for i in page1["items"]] == expected[:1]
+    assert page1["next"] == expected[0]
+    page2 = listing(bucket="status", limit=1, after=page1["next"])
+    assert [i["hash"] for i in page2["items"]] == expected[1:]
+    assert page2["next"] is None
+
+    everything = listing(limit=1000)["items"]
+    assert [i["hash"] for i in everything] == sorted(i["hash"] for i in everything)
+    for params in ({"limit": 0}, {"limit": 1001}, {"after": "xyz"}, {"bucket": "../x"},
+                   {"bucket": ""}, {"prefix": "a/b"}):
+        response = own_api.http.get("/videos", params=params)
+        assert response.status_code == 422, params
+        assert isinstance(response.json()["detail"], str)
+
+
+# --- concurrency ----------------------------------------------------------------------------------
+
+def _parallel(count: int, task: Any) -> list[dict[str, Any]]:
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> dict[str, Any]:
+        barrier.wait(timeout=30)
+        result: dict[str, Any] = task(i)
+        return result
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(run, range(count)))
+
+
+def test_concurrent_ingests_of_one_url_store_one_video(
+        fresh: tuple[VidcacheServer, Api], media_url: str) -> None:
+    server, api = fresh
+    url = f"{media_url}/a.mp4"
+    results = _parallel(6, lambda _i: api.ingest_ok(url, "race"))
+    assert collections.Counter(r["status"] for r in results) == {"new": 1, "url_alias": 5}
+    assert len({r["hash"] for r in results}) == 1
+    assert [p.name for p in blob_files(server.data_dir)] == [f"{results[0]['hash']}.mp4"]
+    assert len(api.http.get("/videos").json()["items"]) == 1
+    assert api.meta(results[0]["hash"]).json()["aliases"] == [url]
+
+
+def test_concurrent_ingests_of_the_same_bytes_store_one_video(
+        fresh: tuple[VidcacheServer, Api], media_url: str) -> None:
+    server, api = fresh
+    urls = [f"{media_url}/b.mp4?n={i}" for i in range(6)]
+    results = _parallel(6, lambda i: api.ingest_ok(urls[i], "race"))
+    assert collections.Counter(r["status"] for r in results) == {"new": 1, "duplicate": 5}
+    assert len({r["hash"] for r in results}) == 1
+    assert len(blob_files(server.data_dir)) == 1
+    assert sorted(api.meta(results[0]["hash"]).json()["aliases"]) == sorted(urls)
+
+
+def test_concurrent_reencodes_store_one_video(fresh: tuple[VidcacheServer, Api],
+                                              media_url: str) -> None:
+    server, api = fresh
+    urls = [f"{media_url}/a.mp4", f"{media_url}/a_small.mp4"] * 2
+    urls = [f"{url}?n={i}" for i, url in enumerate(urls)]
+    results = _parallel(4, lambda i: api.ingest_ok(urls[i], "race"))
+    assert collections.Counter(r["status"] for r in results) == {"new": 1, "duplicate": 3}
+    assert len({r["hash"] for r in results}) == 1
+    assert len(blob_files(server.data_dir)) == 1
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def _assert_error(response: Any, status: int, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str)
+    for fragment in fragments:
+        assert fragment in detail, detail
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("", "malformed URL"),
+    ("not a url", "malformed URL"),
+    ("example.com/video.mp4", "absolute"),
+    ("ftp://example.com/v.mp4", "unsupported URL scheme 'ftp'"),
+    ("http:///v.mp4", "no host"),
+    ("http://[::1/v.mp4", "malformed URL"),
+])
+def test_malformed_url_is_422(api: Api, url: str, fragment: str) -> None:
+    _assert_error(api.ingest(url, unique("bad")), 422, fragment)
+
+
+@pytest.mark.parametrize(("bucket", "prefix"), [
+    ("", ""), ("..", ""), (".", ""), ("a/b", ""), ("/abs", ""), (".hidden", ""), ("x" * 129, ""),
+    ("ok", ".."), ("ok", "a/b"), ("ok", "/abs"), ("ok", "../up"), ("ok", "sp ace"),
+])
+def test_bad_bucket_or_prefix_is_422_and_fetches_nothing(
+        api: Api, vidcache_server: VidcacheServer, bucket: str, prefix: str) -> None:
+    before = blob_files(vidcache_server.data_dir)
+    # the URL would fail differently (connection refused) if it were fetched
+    response = api.ingest(f"http://127.0.0.1:{free_port()}/v.mp4", bucket, prefix)
+    _assert_error(response, 422, "bucket" if prefix == "" else "prefix")
+    assert blob_files(vidcache_server.data_dir) == before
+
+
+def test_missing_fields_and_bad_json_are_422(api: Api) -> None:
+    _assert_error(api.http.post("/ingest", json={"url": "http://x/"}), 422, "bucket")
+    _assert_error(api.http.post("/ingest", content=b"{nope",
+                                headers={"Content-Type": "application/json"}), 422, "JSON")
+    _assert_error(api.http.post("/ingest", json={"url": "http://x/", "bucket": "b",
+                                                 "meta": [1]}), 422, "meta")
+
+
+def test_unreachable_host_is_502(api: Api) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v.mp4"
+    _assert_error(api.ingest(url, unique("bad")), 502, "cannot connect", url)
+
+
+def test_unresolvable_host_is_502(api: Api) -> None:
+    _assert_error(api.ingest("http://no-such-host.invalid/v.mp4", unique("bad")), 502,
+                  "cannot resolve", "no-such-host.invalid")
+
+
+def test_origin_error_status_is_502(api: Api, media_url: str) -> None:
+    _assert_error(api.ingest(f"{media_url}/missing.mp4", unique("bad")), 502, "answered 404")
+
+
+def test_non_video_is_422_and_leaves_nothing(api: Api, vidcache_server: VidcacheServer,
+                                             media_url: str) -> None:
+    url = f"{media_url}/notvideo.bin"
+    _assert_error(api.ingest(url, unique("bad")), 422, "not a video: ")
+    assert api.http.get("/resolve", params={"url": url}).status_code == 404
+    assert temp_files(vidcache_server.data_dir) == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.2", "[::1]", "169.254.169.254", "10.1.2.3"])
+def test_loopback_private_and_link_local_hosts_are_refused(api: Api, host: str) -> None:
+    response = api.ingest(f"http://{host}:{free_port()}/v.mp4", unique("ssrf"))
+    _assert_error(response, 403, "refusing to download", "--ingest-allow",
+                  "VIDCACHE_INGEST_ALLOW")
+
+
+def test_file_urls_are_refused_by_default(api: Api, videos: dict[str, Path]) -> None:
+    _assert_error(api.ingest(videos["c.mkv"].as_uri(), unique("file")), 403, "--allow-file-dir")
+
+
+def test_redirects_are_followed_and_checked(api: Api, videos: dict[str, Path]) -> None:
+    with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
+        result = api.ingest_ok(f"{origin}/redirect/3/b.mp4", unique("redir"))
+        assert result["hash"] == digest(videos["b.mp4"].read_bytes())
+        _assert_error(api.ingest(f"{origin}/redirect/9/b.mp4", unique("redir")), 502,
+                      "redirects")
+        to_private = f"http://127.0.0.2:{free_port()}/b.mp4"
+        _assert_error(api.ingest(f"{origin}/redirect-to?{to_private}", unique("redir")), 403,
+                      "127.0.0.2")
+        to_file = videos["b.mp4"].as_uri()
+        _assert_error(api.ingest(f"{origin}/redirect-to?{to_file}", unique("redir")), 403,
+                      "file://")
+
+
+# --- a service with tight limits ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def allowed_dir(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path]) -> Path:
+    """The folder `restricted` allows file:// URLs from, holding a copy of c.mkv."""
+    folder = tmp_path_factory.mktemp("svc-allowed")
+    shutil.copy(videos["c.mkv"], folder / "c.mkv")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def restricted(tmp_path_factory: pytest.TempPathFactory, allowed_dir: Path,
+               monkeymodule: pytest.MonkeyPatch) -> Iterator[tuple[VidcacheServer, Api]]:
+    """--max-size 100000 (c.mkv fits, a.mp4 does not), --download-timeout 2, file:// allowed
+    from `allowed_dir`, and 127.0.0.2 allowed through VIDCACHE_INGEST_ALLOW."""
+    monkeymodule.setenv("VIDCACHE_INGEST_ALLOW", "127.0.0.2")
+    data = tmp_path_factory.mktemp("svc-restricted") / "data"
+    args = ["--max-size", "100000", "--download-timeout", "2", "--allow-file-dir",
+            str(allowed_dir)]
+    with VidcacheServer(data, *args) as server:
+        api = Api(server.url)
+        yield server, api
+        api.close()
+
+
+@pytest.fixture(scope="module")
+def monkeymodule() -> Iterator[pytest.MonkeyPatch]:
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_too_large_is_413_whether_announced_or_not(restricted: tuple[VidcacheServer, Api],
+                                                   videos: dict[str, Path]) -> None:
+    server, api = restricted
+    with serve_origin(videos["a.mp4"].parent) as (origin, _stalled):
+        for url in (f"{origin}/a.mp4", f"{origin}/nolength/a.mp4"):
+            _assert_error(api.ingest(url, unique("big")), 413, "--max-size", "100000")
+        # below the cap, a body without Content-Length is fine
+        result = api.ingest_ok(f"{origin}/nolength/c.mkv", unique("small"))
+        assert result["hash"] == digest(videos["c.mkv"].read_bytes())
+    assert [p.name for p in blob_files(server.data_dir)] == [f"{result['hash']}.mkv"]
+    assert temp_files(server.data_dir) == []
+
+
+def test_stalled_download_times_out_with_504(restricted: tuple[VidcacheServer, Api],
+                                             videos: dict[str, Path]) -> None:
+    server, api = restricted
+    with serve_origin(videos["c.mkv"].parent) as (origin, _stalled):
+        _assert_error(api.ingest(f"{origin}/stall/c.mkv", unique("slow")), 504, "stalled")
+    assert temp_files(server.data_dir) == []
+
+
+def test_ingest_allow_env_lets_a_private_host_through(
+        restricted: tuple[VidcacheServer, Api]) -> None:
+    _server, api = restricted
+    # allowed, so the server tries to connect (and finds nobody) instead of refusing
+    response = api.ingest(f"http://127.0.0.2:{free_port()}/v.mp4", unique("env"))
+    _assert_error(response, 502, "cannot connect")
+    _assert_error(api.ingest(f"http://127.0.0.3:{free_port()}/v.mp4", unique("env")), 403)
+
+
+def test_file_urls_from_allowed_dirs_only(restricted: tuple[VidcacheServer, Api],
+                                          allowed_dir: Path, videos: dict[str, Path],
+                                          tmp_path: Path) -> None:
+    _server, api = restricted
+    result = api.ingest_ok((allowed_dir / "c.mkv").as_uri(), unique("file"))
+    assert result["hash"] == digest(videos["c.mkv"].read_bytes())
+    outside = tmp_path / "outside.mkv"
+    shutil.copy(videos["c.mkv"], outside)
+    _assert_error(api.ingest(outside.as_uri(), unique("file")), 403, "--allow-file-dir")
+    escape = allowed_dir / "escape.mkv"
+    escape.symlink_to(outside)
+    _assert_error(api.ingest(escape.as_uri(), unique("file")), 403, "--allow-file-dir")
+    _assert_error(api.ingest((allowed_dir / "missing.mkv").as_uri(), unique("file")), 422,
+                  "missing.mkv")
+    _assert_error(api.ingest("file:///etc/passwd", unique("file")), 403)

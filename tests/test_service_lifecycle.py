@@ -1,0 +1,141 @@
+"""The service across restarts and crashes: state survives, leftovers are cleaned at start-up,
+one server per data directory. Every test runs services of its own on its own data dir."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service_support import Api, blob_files, digest, serve_origin, temp_files
+from tests.support import VidcacheServer, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _snapshot(api: Api, hashes: list[str]) -> dict[str, Any]:
+    return {h: {"meta": api.meta(h).json(),
+                "chunks": api.http.get(f"/video/{h}/chunks").json(),
+                "bytes": api.http.get(f"/video/{h}").content}
+            for h in hashes}
+
+
+def test_restart_keeps_everything(tmp_path: Path, media_url: str,
+                                  videos: dict[str, Path]) -> None:
+    data = tmp_path / "data"
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        a = api.ingest_ok(f"{media_url}/a.mp4", "keep", meta={"k": "v"})
+        api.ingest_ok(f"{media_url}/a.mp4?again", "keep")
+        c = api.ingest_ok(f"{media_url}/c.mkv", "keep", prefix="p")
+        before = _snapshot(api, [a["hash"], c["hash"]])
+        listing = api.http.get("/videos").json()
+        api.close()
+
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        assert _snapshot(api, [a["hash"], c["hash"]]) == before
+        assert before[a["hash"]]["bytes"] == videos["a.mp4"].read_bytes()
+        assert api.http.get("/videos").json() == listing
+        assert api.ingest_ok(f"{media_url}/a.mp4?again", "keep")["status"] == "url_alias"
+        # the perceptual hashes survived too
+        small = api.ingest_ok(f"{media_url}/a_small.mp4", "keep")
+        assert (small["status"], small["hash"]) == ("duplicate", a["hash"])
+        api.close()
+
+
+def test_startup_cleans_temp_files_orphans_and_dangling_records(
+        tmp_path: Path, media_url: str, videos: dict[str, Path]) -> None:
+    data = tmp_path / "data"
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        b = api.ingest_ok(f"{media_url}/b.mp4", "rec")
+        c = api.ingest_ok(f"{media_url}/c.mkv", "rec")
+        api.close()
+
+    # what a crash (or an operator) may leave behind
+    tmp = data / ".vidcache" / "tmp"
+    (tmp / "download-1234.part").write_bytes(b"partial" * 1000)
+    (tmp / "frames-xyz").mkdir()
+    (tmp / "frames-xyz" / "0.gray").write_bytes(b"\0" * 4096)
+    orphan_hash = "ab" * 32
+    orphan = data / "rec" / "ab" / "abab" / f"{orphan_hash}.mp4"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"moved into place, record never committed")
+    unrelated = data / "rec" / "NOTES.txt"
+    unrelated.write_text("not ours to delete")
+    (data / c["file_path"]).unlink()  # a record whose blob is gone
+
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        assert temp_files(data) == []
+        assert not orphan.exists() and not orphan.parent.exists()
+        assert unrelated.exists()
+        assert "start-up recovery" in server.log()
+        assert api.http.get(f"/video/{b['hash']}").content == videos["b.mp4"].read_bytes()
+        assert api.meta(c["hash"]).status_code == 404
+        assert api.http.get("/resolve", params={"url": f"{media_url}/c.mkv"}).status_code == 404
+        assert api.ingest_ok(f"{media_url}/c.mkv", "rec")["status"] == "new"
+        assert sorted(p.name for p in blob_files(data)) == sorted(
+            [f"{b['hash']}.mp4", f"{c['hash']}.mkv", "NOTES.txt"])
+        api.close()
+
+
+def test_crash_during_download_leaves_nothing(tmp_path: Path, videos: dict[str, Path]) -> None:
+    data = tmp_path / "data"
+    outcome: list[object] = []
+    with serve_origin(videos["big.mp4"].parent) as (origin, stalled):
+        server = VidcacheServer(data).start()
+        try:
+            url = f"{origin}/stall/big.mp4"
+
+            def ingest() -> None:
+                try:
+                    outcome.append(httpx.post(f"{server.url}/ingest", timeout=60,
+                                              json={"url": url, "bucket": "crash"}))
+                except httpx.HTTPError as exc:
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=ingest)
+            thread.start()
+            assert stalled.wait(timeout=30)
+            wait_until(lambda: temp_files(data), timeout=30, what="a partial download")
+            server.kill()
+            thread.join(timeout=30)
+        finally:
+            server.stop()
+    assert isinstance(outcome[0], httpx.HTTPError)  # the connection died with the server
+
+    with VidcacheServer(data) as restarted:
+        assert temp_files(data) == []
+        assert blob_files(data) == []
+        assert httpx.get(f"{restarted.url}/videos").json() == {"items": [], "next": None}
+        assert httpx.get(f"{restarted.url}/resolve", params={"url": url}).status_code == 404
+
+
+def test_one_server_per_data_dir(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with VidcacheServer(data):
+        second = subprocess.run(
+            [sys.executable, "-m", "vidcache", "serve", "--data", str(data), "--port",
+             str(free_port())], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert "in use by another vidcache" in second.stderr
+
+
+def test_blob_bytes_on_disk_are_the_source(tmp_path: Path, media_url: str,
+                                           videos: dict[str, Path]) -> None:
+    data = tmp_path / "data"
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        result = api.ingest_ok(f"{media_url}/b.mp4", "disk", prefix="pre")
+        api.close()
+    blob = data / result["file_path"]
+    assert blob.read_bytes() == videos["b.mp4"].read_bytes()
+    assert digest(blob.read_bytes()) == result["hash"]
+    assert blob.stat().st_mode & 0o444 == 0o444  # readable by whoever serves the directory

@@ -1,0 +1,240 @@
+"""Reading from the real vidcache service: bytes, every Range form, HEAD, headers, 416, chunk
+digests, strict hash validation and JSON errors everywhere.
+
+Uses the session's service with b.mp4, c.mkv and big.mp4, which are perceptually distinct from
+every other generated video: whoever ingested them first, they are stored under the BLAKE3 of
+their own bytes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_support import CHUNK, Api, digest, unique
+from tests.support import VidcacheServer
+
+pytestmark = pytest.mark.timeout(120)
+
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+
+@dataclass(frozen=True)
+class Stored:
+    hash: str
+    data: bytes
+    mime_type: str
+
+
+@pytest.fixture(scope="module")
+def api(vidcache_server: VidcacheServer) -> Iterator[Api]:
+    shared = Api(vidcache_server.url)
+    yield shared
+    shared.close()
+
+
+@pytest.fixture(scope="module")
+def stored(api: Api, media_url: str, videos: dict[str, Path]) -> dict[str, Stored]:
+    bucket = unique("serve")
+    mime = {"b.mp4": "video/mp4", "c.mkv": "video/x-matroska", "big.mp4": "video/mp4"}
+    result = {}
+    for name, mime_type in mime.items():
+        data = videos[name].read_bytes()
+        assert api.ingest_ok(f"{media_url}/{name}", bucket)["hash"] == digest(data)
+        result[name] = Stored(digest(data), data, mime_type)
+    return result
+
+
+def _assert_video_headers(response: httpx.Response, video: Stored) -> None:
+    assert response.headers["etag"] == f'"{video.hash}"'
+    assert response.headers["cache-control"] == CACHE_CONTROL
+    assert response.headers["accept-ranges"] == "bytes"
+    assert response.headers["content-type"] == video.mime_type
+
+
+@pytest.mark.parametrize("name", ["b.mp4", "c.mkv"])
+def test_whole_video_equals_source_with_headers(api: Api, stored: dict[str, Stored],
+                                                name: str) -> None:
+    video = stored[name]
+    response = api.http.get(f"/video/{video.hash}")
+    assert response.status_code == 200
+    assert response.content == video.data
+    assert response.headers["content-length"] == str(len(video.data))
+    _assert_video_headers(response, video)
+
+
+def test_head_gives_the_headers_without_body(api: Api, stored: dict[str, Stored]) -> None:
+    video = stored["b.mp4"]
+    full = api.http.head(f"/video/{video.hash}")
+    assert (full.status_code, full.content) == (200, b"")
+    assert full.headers["content-length"] == str(len(video.data))
+    _assert_video_headers(full, video)
+    part = api.http.head(f"/video/{video.hash}", headers={"Range": "bytes=-100"})
+    assert (part.status_code, part.content) == (206, b"")
+    size = len(video.data)
+    assert part.headers["content-range"] == f"bytes {size - 100}-{size - 1}/{size}"
+    assert part.headers["content-length"] == "100"
+    _assert_video_headers(part, video)
+    missing = api.http.head(f"/video/{'0' * 64}")
+    assert (missing.status_code, missing.content) == (404, b"")
+
+
+def _range_cases(size: int) -> list[tuple[str, int, int]]:
+    """(Range header, first byte, last byte) for every form, at the edges and inside."""
+    return [
+        ("bytes=0-0", 0, 0),
+        ("bytes=0-9", 0, 9),
+        ("bytes=1000-4999", 1000, 4999),
+        (f"bytes={size - 1}-{size - 1}", size - 1, size - 1),
+        (f"bytes={size - 10}-{size + 100}", size - 10, size - 1),  # end clamped
+        ("bytes=0-", 0, size - 1),
+        (f"bytes={size // 2}-", size // 2, size - 1),
+        ("bytes=-1", size - 1, size - 1),
+        ("bytes=-500", size - 500, size - 1),
+        (f"bytes=-{size + 5}", 0, size - 1),  # suffix longer than the file: all of it
+    ]
+
+
+@pytest.mark.parametrize("name", ["b.mp4", "big.mp4"])
+def test_every_range_form_equals_the_source(api: Api, stored: dict[str, Stored],
+                                            name: str) -> None:
+    video = stored[name]
+    size = len(video.data)
+    rng = random.Random(name)
+    cases = _range_cases(size)
+    for _ in range(20):
+        start = rng.randrange(size)
+        end = rng.randrange(start, min(size, start + 3 * CHUNK))
+        cases.append((f"bytes={start}-{end}", start, end))
+    for header, first, last in cases:
+        response = api.http.get(f"/video/{video.hash}", headers={"Range": header})
+        assert response.status_code == 206, header
+        assert response.headers["content-range"] == f"bytes {first}-{last}/{size}", header
+        assert response.content == video.data[first:last + 1], header
+        assert response.headers["content-length"] == str(last - first + 1)
+        _assert_video_headers(response, video)
+
+
+@pytest.mark.parametrize("header_for", [
+    lambda size: f"bytes={size}-",
+    lambda size: f"bytes={size + 1000}-{size + 2000}",
+    lambda size: "bytes=-0",
+])
+def test_unsatisfiable_range_is_416_with_size(api: Api, stored: dict[str, Stored],
+                                              header_for: object) -> None:
+    video = stored["c.mkv"]
+    size = len(video.data)
+    header = header_for(size)  # type: ignore[operator]
+    for method in ("GET", "HEAD"):
+        response = api.http.request(method, f"/video/{video.hash}", headers={"Range": header})
+        assert response.status_code == 416, (method, header)
+        assert response.headers["content-range"] == f"bytes */{size}"
+        assert response.headers["accept-ranges"] == "bytes"
+        if method == "GET":
+            assert str(size) in response.json()["detail"]
+
+
+@pytest.mark.parametrize("header", ["bytes=5-3", "bytes=abc", "items=0-10"])
+def test_malformed_range_is_400_json(api: Api, stored: dict[str, Stored], header: str) -> None:
+    response = api.http.get(f"/video/{stored['c.mkv'].hash}", headers={"Range": header})
+    assert response.status_code == 400
+    assert header in response.json()["detail"]
+
+
+def test_multiple_ranges_come_as_multipart(api: Api, stored: dict[str, Stored]) -> None:
+    video = stored["b.mp4"]
+    response = api.http.get(f"/video/{video.hash}", headers={"Range": "bytes=0-9,100-109"})
+    assert response.status_code == 206
+    assert response.headers["content-type"].startswith("multipart/byteranges; boundary=")
+    body = response.content
+    assert video.data[0:10] in body and video.data[100:110] in body
+
+
+def test_if_range_uses_the_etag(api: Api, stored: dict[str, Stored]) -> None:
+    video = stored["b.mp4"]
+    same = api.http.get(f"/video/{video.hash}",
+                        headers={"Range": "bytes=0-9", "If-Range": f'"{video.hash}"'})
+    assert (same.status_code, same.content) == (206, video.data[:10])
+    other = api.http.get(f"/video/{video.hash}",
+                         headers={"Range": "bytes=0-9", "If-Range": '"something-else"'})
+    assert (other.status_code, other.content) == (200, video.data)
+
+
+def test_chunk_digests_are_blake3_of_each_mib(api: Api, stored: dict[str, Stored]) -> None:
+    for video in stored.values():
+        response = api.http.get(f"/video/{video.hash}/chunks")
+        assert response.status_code == 200
+        expected = [digest(video.data[i:i + CHUNK]) for i in range(0, len(video.data), CHUNK)]
+        assert response.json() == {"hash": video.hash, "chunk_size": CHUNK, "digests": expected}
+    assert len(expected) > 1 and len(video.data) % CHUNK != 0  # big.mp4: several, last short
+
+
+def test_meta_and_resolve(api: Api, stored: dict[str, Stored], media_url: str) -> None:
+    video = stored["c.mkv"]
+    meta = api.meta(video.hash).json()
+    assert meta["hash"] == video.hash
+    assert meta["size_bytes"] == len(video.data)
+    assert meta["mime_type"] == "video/x-matroska"
+    assert meta["file_path"].endswith(f"/{video.hash[:2]}/{video.hash[2:4]}/{video.hash}.mkv")
+    assert f"{media_url}/c.mkv" in meta["aliases"]
+    resolved = api.http.get("/resolve", params={"url": f"{media_url}/c.mkv"})
+    assert resolved.json() == {"hash": video.hash, "url": f"{media_url}/c.mkv"}
+    unknown = api.http.get("/resolve", params={"url": f"{media_url}/{unique('never')}"})
+    assert unknown.status_code == 404 and "not ingested" in unknown.json()["detail"]
+
+
+@pytest.mark.parametrize("bad", [
+    "abc",
+    "A" * 64,  # hashes are lowercase
+    "g" * 64,
+    "0" * 63,
+    "0" * 65,
+    "..%2F..%2F..%2Fetc%2Fpasswd",
+    "%2E%2E",
+    "0" * 64 + ".mp4",
+])
+def test_malformed_hash_is_refused_before_any_lookup(api: Api, bad: str) -> None:
+    for method, path in (("GET", f"/video/{bad}"), ("HEAD", f"/video/{bad}"),
+                         ("DELETE", f"/video/{bad}"), ("GET", f"/meta/{bad}"),
+                         ("GET", f"/video/{bad}/chunks")):
+        response = api.http.request(method, path)
+        assert response.status_code in (404, 422), (method, path)
+        if method != "HEAD":
+            detail = response.json()["detail"]
+            assert "malformed hash" in detail or "no such endpoint" in detail
+
+
+def test_unknown_hash_is_404_everywhere(api: Api) -> None:
+    unknown = "0" * 64
+    for method, path in (("GET", f"/video/{unknown}"), ("DELETE", f"/video/{unknown}"),
+                         ("GET", f"/meta/{unknown}"), ("GET", f"/video/{unknown}/chunks")):
+        response = api.http.request(method, path)
+        assert response.status_code == 404
+        assert unknown in response.json()["detail"]
+
+
+def test_framework_errors_are_json_too(api: Api) -> None:
+    missing = api.http.get("/no/such/endpoint")
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "no such endpoint: GET /no/such/endpoint"}
+    wrong = api.http.put("/health")
+    assert wrong.status_code == 405
+    assert "GET" in wrong.json()["detail"] and "GET" in wrong.headers["allow"]
+    missing_query = api.http.get("/resolve")
+    assert missing_query.status_code == 422
+    assert "url" in missing_query.json()["detail"]
+
+
+def test_health_and_openapi(api: Api) -> None:
+    health = api.http.get("/health").json()
+    assert health["status"] == "ok"
+    assert isinstance(health["videos"], int)
+    spec = api.http.get("/openapi.json").json()
+    for path in ("/ingest", "/resolve", "/meta/{content_hash}", "/video/{content_hash}",
+                 "/video/{content_hash}/chunks", "/videos", "/health"):
+        assert path in spec["paths"], path

@@ -1,0 +1,161 @@
+"""Pure parts of the vidcache service, tested without a server: size parsing, the host guard,
+bucket/prefix rules, perceptual-hash arithmetic, named locks, hashing while downloading, and
+the JSON answer to an unexpected server error (which a healthy real server cannot produce)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+from blake3 import blake3
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vidcache.app import create_app
+from vidcache.cli import parse_size
+from vidcache.config import ServiceConfig
+from vidcache.download import _HashingWriter
+from vidcache.errors import IngestRefused, InvalidRequest, TooLarge
+from vidcache.hostguard import HostGuard
+from vidcache.locks import KeyedLocks
+from vidcache.media import decode_phash, encode_phash, phash_distance
+from vidcache.store import CHUNK_SIZE, Store, blob_relpath, check_location
+
+with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("1", 1), ("100000", 100_000), ("4G", 4 * 1024**3), ("500M", 500 * 1024**2),
+    ("1.5GiB", 3 * 1024**3 // 2), ("64k", 65536), ("2TB", 2 * 1024**4),
+])
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "G", "-1", "4X", "1e9", "lots"])
+def test_parse_size_refuses_nonsense(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("host", "category"), [
+    ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.0.0.1", "private"),
+    ("192.168.1.2", "private"), ("169.254.169.254", "link-local"), ("0.0.0.0", "unspecified"),
+    ("::ffff:127.0.0.1", "loopback"), ("fe80::1", "link-local"), ("100.64.0.1", "non-public"),
+])
+def test_host_guard_refuses_non_public_addresses(host: str, category: str) -> None:
+    with pytest.raises(IngestRefused, match=f"{category}.*--ingest-allow"):
+        HostGuard([]).address_for(host, 80)
+
+
+def test_host_guard_allows_public_and_listed_addresses() -> None:
+    assert HostGuard([]).address_for("93.184.216.34", 80) == "93.184.216.34"
+    guard = HostGuard(["127.0.0.1", "10.0.0.0/8", " ", "media.internal"])
+    assert guard.address_for("127.0.0.1", 80) == "127.0.0.1"
+    assert guard.address_for("10.20.30.40", 80) == "10.20.30.40"
+    with pytest.raises(IngestRefused):
+        guard.address_for("127.0.0.2", 80)
+    # a name on the list is allowed whatever it resolves to
+    assert HostGuard(["localhost"]).address_for("localhost", 80) in ("127.0.0.1", "::1")
+
+
+@pytest.mark.parametrize("entry", ["not a host", "10.0.0.0/33", "http://x"])
+def test_host_guard_refuses_bad_allow_entries(entry: str) -> None:
+    with pytest.raises(ValueError, match="not a host name"):
+        HostGuard([entry])
+
+
+@pytest.mark.parametrize(("bucket", "prefix"), [
+    ("videos", ""), ("v_1.backup-2", "2024"), ("a", "b.c"), ("x" * 128, "y" * 128)])
+def test_simple_segments_are_accepted(bucket: str, prefix: str) -> None:
+    check_location(bucket, prefix)
+
+
+@pytest.mark.parametrize(("bucket", "prefix"), [
+    ("", ""), ("..", ""), (".vidcache", ""), ("a/b", ""), ("/", ""), ("a\\b", ""),
+    ("é", ""), ("x" * 129, ""), ("ok", "."), ("ok", "a/b"), ("ok", "/abs"), ("ok", "a\0"),
+])
+def test_path_like_segments_are_refused(bucket: str, prefix: str) -> None:
+    with pytest.raises(InvalidRequest, match="bucket" if not prefix else "prefix"):
+        check_location(bucket, prefix)
+
+
+def test_blob_layout() -> None:
+    h = "0123456789abcdef" * 4
+    assert blob_relpath("b", "", h, "mp4") == f"b/01/23/{h}.mp4"
+    assert blob_relpath("b", "p", h, "mkv") == f"b/p/01/23/{h}.mkv"
+
+
+def test_phash_distance_is_the_mean_over_common_frames() -> None:
+    a = (0, 0xFF, None, 0)
+    b = (0, 0x0F, 0x1, 0xFFFF)
+    assert phash_distance(a, a) == 0
+    assert phash_distance(a, b) == round((0 + 4 + 16) / 3)
+    assert phash_distance((None, None), (1, 2)) is None
+    assert decode_phash(encode_phash((*b, None))) == (*b, None)
+    assert encode_phash((0xF, None)) == "000000000000000f,-"
+
+
+def test_keyed_locks_serialise_one_key_only() -> None:
+    locks = KeyedLocks()
+    inside = threading.Event()
+    release = threading.Event()
+    order: list[str] = []
+
+    def holder() -> None:
+        with locks.hold("k"):
+            inside.set()
+            release.wait(timeout=10)
+            order.append("first")
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert inside.wait(timeout=10)
+    with locks.hold("other"):  # another key does not wait
+        order.append("other")
+    release.set()
+    with locks.hold("k"):
+        order.append("second")
+    thread.join(timeout=10)
+    assert order == ["other", "first", "second"]
+    assert len(locks) == 0  # nothing left behind once nobody holds a key
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.sampled_from([0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1,
+                             2 * CHUNK_SIZE + 12345]),
+       cuts=st.lists(st.integers(min_value=0, max_value=3 * CHUNK_SIZE), max_size=6))
+def test_hashing_writer_digests_whatever_the_write_sizes(size: int, cuts: list[int]) -> None:
+    data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    with tempfile.TemporaryFile() as sink:
+        writer = _HashingWriter(sink, max_size=size, url="test")
+        points = sorted({c for c in cuts if c < size} | {0, size})
+        for start, end in itertools.pairwise(points):
+            writer.write(data[start:end])
+        content_hash, digests = writer.finish()
+        with pytest.raises(TooLarge, match="--max-size"):
+            writer.write(b"1")
+        sink.seek(0)
+        assert sink.read() == data
+    assert content_hash == blake3(data).hexdigest()
+    assert digests == b"".join(blake3(data[i:i + CHUNK_SIZE]).digest()
+                               for i in range(0, size, CHUNK_SIZE))
+
+
+def test_unexpected_errors_are_json_500(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(_self: Store) -> int:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(Store, "count", broken)
+    app = create_app(ServiceConfig(data_dir=tmp_path / "data"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/health")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal server error; the server log has details"}

@@ -1,0 +1,7 @@
+"""`python -m vidcache ...` is the `vidcache` command."""
+
+import sys
+
+from vidcache.cli import main
+
+sys.exit(main())

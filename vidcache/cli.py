@@ -1,0 +1,171 @@
+"""`vidcache serve` runs the service; `vidcache ingest` asks a running one to ingest a URL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vidcache import __version__
+from vidcache.config import DEFAULT_PORT, ServiceConfig
+from vidcache.errors import VidcacheError
+from vidcache.hostguard import HostGuard
+
+ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from `123`, `500M`, `4G`, `1.5GiB` (binary units); ArgumentTypeError if not."""
+    match = _SIZE_RE.fullmatch(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 500M, 4G)")
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def _allow_entry(text: str) -> str:
+    try:
+        HostGuard([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"not a directory: {text}")
+    return path.resolve()
+
+
+def _threshold(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError("must be between 0 and 64 (bits of a 64-bit hash)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def _meta_item(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vidcache",
+        description="vidcache: a content-addressed video cache service (vidcache 1.x API).")
+    parser.add_argument("--version", action="version", version=f"vidcache {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the service",
+        description="Run the vidcache service over the data directory DIR (blobs, SQLite index "
+                    "and temp files all live there; one server per directory).",
+        epilog=f"Hosts that resolve to loopback, private or link-local addresses are refused "
+               f"for ingest unless allowed with --ingest-allow or ${ALLOW_ENV} "
+               f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8.")
+    serve.add_argument("--data", metavar="DIR", type=Path, required=True,
+                       help="data directory (created if missing)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; the API has no auth)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"port to listen on (default {DEFAULT_PORT})")
+    serve.add_argument("--max-size", metavar="BYTES", type=parse_size, default="4G",
+                       help="largest video ingest accepts, bytes or with K/M/G/T (default 4G)")
+    serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
+                       help="seconds a download may make no progress (default 30)")
+    serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
+                       help="largest perceptual-hash distance (of 64 bits) that counts as the "
+                            "same video (default 10)")
+    serve.add_argument("--allow-file-dir", metavar="DIR", type=_directory, action="append",
+                       default=[], help="allow file:// ingest URLs below DIR (repeatable)")
+    serve.add_argument("--ingest-allow", metavar="HOST_OR_CIDR", type=_allow_entry,
+                       action="append", default=[],
+                       help="allow ingest from this host name, IP or network although it is "
+                            f"loopback/private (repeatable; also ${ALLOW_ENV})")
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="log level (default info)")
+
+    ingest = commands.add_parser(
+        "ingest", help="ingest a URL into a running service and print the JSON result",
+        description="Ask a running vidcache service to ingest URL; prints the JSON result "
+                    '({"hash", "status", "file_path", "phash_distance"?}).')
+    ingest.add_argument("url", metavar="URL", help="http(s) URL of the video")
+    ingest.add_argument("--bucket", required=True, help="bucket to store a new video in")
+    ingest.add_argument("--prefix", default="", help="prefix inside the bucket (default none)")
+    ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
+                        default=[], help="metadata stored with a new video (repeatable)")
+    ingest.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                        help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vidcache.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from_env = [entry for entry in os.environ.get(ALLOW_ENV, "").split(",") if entry.strip()]
+    try:
+        allow = [*args.ingest_allow, *(_allow_entry(entry) for entry in from_env)]
+    except argparse.ArgumentTypeError as exc:
+        print(f"vidcache serve: error: ${ALLOW_ENV}: {exc}", file=sys.stderr)
+        return 2
+    config = ServiceConfig(
+        data_dir=args.data.resolve(), host=args.host, port=args.port, max_size=args.max_size,
+        download_timeout=args.download_timeout, phash_threshold=args.phash_threshold,
+        allow_file_dirs=tuple(args.allow_file_dir), ingest_allow=tuple(allow),
+        log_level=args.log_level)
+    try:
+        app = create_app(config)
+    except (VidcacheError, OSError) as exc:
+        print(f"vidcache serve: error: {exc}", file=sys.stderr)
+        return 1
+    logging.getLogger("vidcache").info("serving %s on http://%s:%d", config.data_dir,
+                                       config.host, config.port)
+    # log_config=None: uvicorn's loggers go through the format configured above
+    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
+                log_config=None, timeout_graceful_shutdown=5)
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from vidcache_client import VidCacheClient, VidCacheError
+
+    try:
+        with VidCacheClient(args.server) as client:
+            result = client.ingest(args.url, args.bucket, prefix=args.prefix,
+                                   meta=dict(args.meta))
+    except VidCacheError as exc:
+        print(f"vidcache ingest: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return _serve(args) if args.command == "serve" else _ingest(args)

@@ -1,0 +1,33 @@
+"""Service settings (built by the CLI, passed to `create_app`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+DEFAULT_PORT = 8020
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    data_dir: Path
+    # loopback unless asked otherwise: the API has no authentication
+    host: str = "127.0.0.1"
+    # the vidcache 1.x protocol's default port
+    port: int = DEFAULT_PORT
+    # larger than any video we expect to cache, small enough to protect the disk
+    max_size: int = 4 * GIB
+    # seconds without progress (connecting, or between two reads) before a download is dropped
+    download_timeout: float = 30.0
+    # of 64 bits: re-encodes of one video measure 0-2, different videos around 30
+    phash_threshold: int = 10
+    # file:// URLs are refused unless the file lies in one of these directories
+    allow_file_dirs: tuple[Path, ...] = ()
+    # hosts / IPs / CIDRs ingest may fetch from although they are loopback or private addresses
+    ingest_allow: tuple[str, ...] = ()
+    log_level: str = "info"
+    # wall-clock cap on one ffprobe/ffmpeg run; a hung decoder must not hold an ingest forever
+    media_timeout: float = 300.0
+    # downloads + decodes running at once; the rest queue, keeping threads free for reads
+    max_concurrent_ingests: int = 8

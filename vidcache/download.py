@@ -1,0 +1,216 @@
+"""Fetch an ingest URL into a temp file, hashing while writing.
+
+One pass over the bytes computes the whole-file BLAKE3 (the content hash) and the BLAKE3 of
+every CHUNK_SIZE chunk (published at /video/{hash}/chunks so readers can verify ranges). The
+size cap is enforced on the bytes actually received, not only on Content-Length.
+
+http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
+sent to the address the guard approved (Host header and TLS SNI keep the original name).
+file://: only below the directories the operator listed with --allow-file-dir.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import blake3
+import httpx
+
+from vidcache import __version__
+from vidcache.errors import (
+    IngestRefused,
+    InvalidRequest,
+    StorageError,
+    TooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from vidcache.hostguard import HostGuard
+from vidcache.store import CHUNK_SIZE
+
+MAX_URL_LENGTH = 8192
+MAX_REDIRECTS = 5
+_COPY_SIZE = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Download:
+    path: Path  # temp file in the store's tmp dir; the caller moves or removes it
+    size: int
+    content_hash: str
+    chunk_digests: bytes  # concatenated 32-byte digests, one per CHUNK_SIZE chunk
+
+
+def parse_url(url: str) -> httpx.URL:
+    """The URL if ingest can fetch it at all, else InvalidRequest saying why."""
+    if len(url) > MAX_URL_LENGTH:
+        raise InvalidRequest(f"URL longer than {MAX_URL_LENGTH} characters")
+    if not url or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise InvalidRequest(f"malformed URL {url!r}: empty or contains spaces/control characters")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise InvalidRequest(f"malformed URL {url!r}: {exc}") from exc
+    if not parsed.scheme:
+        raise InvalidRequest(f"malformed URL {url!r}: expected an absolute http(s):// URL")
+    if parsed.scheme not in ("http", "https", "file"):
+        raise InvalidRequest(f"unsupported URL scheme {parsed.scheme!r} in {url!r}: "
+                             "use http, https or file")
+    if parsed.scheme != "file" and not parsed.raw_host:
+        raise InvalidRequest(f"malformed URL {url!r}: no host")
+    return parsed
+
+
+class _HashingWriter:
+    def __init__(self, file: BinaryIO, *, max_size: int, url: str) -> None:
+        self._file = file
+        self._max_size = max_size
+        self._url = url
+        self._whole = blake3.blake3()
+        self._chunk = blake3.blake3()
+        self._chunk_filled = 0
+        self._digests = bytearray()
+        self.size = 0
+
+    def check_announced_size(self, size: int) -> None:
+        if size > self._max_size:
+            raise TooLarge(f"{self._url} is {size} bytes, more than the server's --max-size of "
+                           f"{self._max_size} bytes")
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self._max_size:
+            raise TooLarge(f"{self._url} is larger than the server's --max-size of "
+                           f"{self._max_size} bytes")
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise StorageError(f"cannot write the download of {self._url}: {exc}") from exc
+        self._whole.update(data)
+        view = memoryview(data)
+        while view:
+            piece = view[:CHUNK_SIZE - self._chunk_filled]
+            self._chunk.update(piece)
+            self._chunk_filled += len(piece)
+            view = view[len(piece):]
+            if self._chunk_filled == CHUNK_SIZE:
+                self._end_chunk()
+
+    def _end_chunk(self) -> None:
+        self._digests += self._chunk.digest()
+        self._chunk = blake3.blake3()
+        self._chunk_filled = 0
+
+    def finish(self) -> tuple[str, bytes]:
+        """(content hash, chunk digests); flushes the file to disk."""
+        if self._chunk_filled:
+            self._end_chunk()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise StorageError(f"cannot write the download of {self._url}: {exc}") from exc
+        return self._whole.hexdigest(), bytes(self._digests)
+
+
+class Downloader:
+    def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, guard: HostGuard,
+                 allow_file_dirs: Sequence[Path] = (),
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._tmp_dir = tmp_dir
+        self._max_size = max_size
+        self._timeout = timeout
+        self._guard = guard
+        self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout), follow_redirects=False,
+            trust_env=False,  # proxies would bypass the address check
+            transport=transport,
+            headers={"User-Agent": f"vidcache/{__version__}", "Accept-Encoding": "identity"})
+
+    def close(self) -> None:
+        self._client.close()
+
+    def fetch(self, url: str) -> Download:
+        """Download `url` into a new temp file; nothing is left behind on failure."""
+        parsed = parse_url(url)
+        try:
+            fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix="download-", suffix=".part")
+        except OSError as exc:
+            raise StorageError(f"cannot create a temp file in {self._tmp_dir}: {exc}") from exc
+        path = Path(name)
+        try:
+            with open(fd, "wb") as file:
+                writer = _HashingWriter(file, max_size=self._max_size, url=url)
+                if parsed.scheme == "file":
+                    self._copy_local(parsed, writer)
+                else:
+                    self._download(parsed, writer)
+                content_hash, digests = writer.finish()
+            return Download(path, writer.size, content_hash, digests)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    def _download(self, url: httpx.URL, writer: _HashingWriter) -> None:
+        original = str(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            host = url.raw_host.decode("ascii")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            address = self._guard.address_for(host, port)
+            extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+            try:
+                with self._client.stream(
+                        "GET", url.copy_with(host=address), extensions=extensions,
+                        headers={"Host": url.netloc.decode("ascii")}) as response:
+                    location = response.headers.get("location")
+                    if response.is_redirect and location:
+                        url = parse_url(str(url.join(location)))
+                        if url.scheme == "file":
+                            raise IngestRefused(f"{original} redirects to a file:// URL")
+                        continue
+                    if response.status_code != 200:
+                        raise UpstreamError(f"{original} answered {response.status_code} "
+                                            f"{response.reason_phrase}".rstrip())
+                    announced = response.headers.get("content-length", "")
+                    if announced.isdigit():
+                        writer.check_announced_size(int(announced))
+                    for data in response.iter_bytes():
+                        writer.write(data)
+                    return
+            except httpx.TimeoutException as exc:
+                raise UpstreamTimeout(f"download of {original} stalled: no progress for "
+                                      f"{self._timeout:g} s ({type(exc).__name__})") from exc
+            except httpx.ConnectError as exc:
+                raise UpstreamError(f"cannot connect to {host}:{port} for {original}: "
+                                    f"{exc}") from exc
+            except httpx.HTTPError as exc:
+                raise UpstreamError(f"download of {original} failed: {exc}") from exc
+        raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
+
+    def _copy_local(self, url: httpx.URL, writer: _HashingWriter) -> None:
+        if not self._file_dirs:
+            raise IngestRefused("file:// URLs are disabled; start the server with "
+                                "--allow-file-dir DIR to ingest local files below DIR")
+        if url.host not in ("", "localhost"):
+            raise InvalidRequest(f"file:// URL with a remote host {url.host!r}: {url}")
+        path = Path(url.path)
+        real = path.resolve()
+        if not any(real.is_relative_to(directory) for directory in self._file_dirs):
+            raise IngestRefused(f"{path} is outside the directories allowed by --allow-file-dir")
+        if real.exists() and not real.is_file():  # a FIFO or device could block or never end
+            raise InvalidRequest(f"not a regular file: {path}")
+        try:
+            with open(real, "rb") as source:
+                writer.check_announced_size(os.fstat(source.fileno()).st_size)
+                while data := source.read(_COPY_SIZE):
+                    writer.write(data)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
+        except PermissionError as exc:
+            raise IngestRefused(f"cannot read {path}: permission denied") from exc

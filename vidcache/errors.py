@@ -1,0 +1,63 @@
+"""The service's exception hierarchy. Each class carries the HTTP status it maps to; app.py
+turns any of them into a JSON `{"detail": message}` response in one place."""
+
+from __future__ import annotations
+
+
+class VidcacheError(Exception):
+    """Root of every error the service raises on purpose; the message is shown to the caller."""
+
+    status_code = 500
+
+
+class InvalidRequest(VidcacheError):
+    """The request itself is wrong (malformed URL, hash, bucket or prefix)."""
+
+    status_code = 422
+
+
+class NotAVideo(InvalidRequest):
+    """The downloaded bytes are not a video ffprobe can read."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"not a video: {reason}")
+
+
+class NotFound(VidcacheError):
+    status_code = 404
+
+
+class IngestRefused(VidcacheError):
+    """The URL points somewhere the server's settings do not allow it to fetch from."""
+
+    status_code = 403
+
+
+class TooLarge(VidcacheError):
+    status_code = 413
+
+
+class UpstreamError(VidcacheError):
+    """The origin could not be reached or did not deliver the video."""
+
+    status_code = 502
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+
+
+class StorageError(VidcacheError):
+    """The data directory cannot take the file (disk full, permissions)."""
+
+    status_code = 507
+
+
+class MediaToolError(VidcacheError):
+    """ffprobe/ffmpeg is missing or failed for a reason that is not the input's fault."""
+
+    status_code = 500
+
+
+class DataDirInUse(VidcacheError):
+    """Another vidcache process already serves this data directory."""

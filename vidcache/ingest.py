@@ -1,0 +1,113 @@
+"""The ingest pipeline, in this order:
+
+1. URL lookup: a URL seen before is a `url_alias` of its video; nothing is downloaded.
+2. Download to a temp file, hashing on the fly (download.py).
+3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
+4. ffprobe validation (422 "not a video: ...").
+5. Perceptual dedup: the nearest stored video within the threshold -> `duplicate` with
+   `phash_distance`, the URL becomes its alias and the new bytes are dropped.
+6. Otherwise `new`: the blob is moved into place and its record committed.
+
+Concurrency: one ingest per URL at a time (a second request for the URL waits and then finds
+the alias), one per content hash at a time (same bytes under two URLs are probed once), and
+step 5's compare-and-commit runs under the store's exclusive hold, so two re-encodes arriving
+together cannot both become `new`. Locks are always taken URL -> hash -> store.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vidcache import media
+from vidcache.download import Downloader, parse_url
+from vidcache.errors import VidcacheError
+from vidcache.locks import KeyedLocks
+from vidcache.store import NewVideo, Store, VideoRecord, check_location
+
+log = logging.getLogger(__name__)
+
+Status = Literal["new", "duplicate", "url_alias"]
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    content_hash: str
+    status: Status
+    file_path: str
+    phash_distance: int | None = None
+
+
+class Ingestor:
+    def __init__(self, *, store: Store, downloader: Downloader, phash_threshold: int,
+                 media_timeout: float) -> None:
+        self._store = store
+        self._downloader = downloader
+        self._threshold = phash_threshold
+        self._media_timeout = media_timeout
+        self._url_locks = KeyedLocks()
+        self._hash_locks = KeyedLocks()
+
+    def ingest(self, *, url: str, bucket: str, prefix: str = "",
+               meta: dict[str, Any] | None = None) -> IngestResult:
+        """Run the pipeline for one URL; raises a VidcacheError naming what went wrong."""
+        try:
+            check_location(bucket, prefix)
+            parse_url(url)
+            with self._url_locks.hold(url):
+                result = self._ingest_new_url(url, bucket, prefix, meta or {})
+        except VidcacheError as exc:
+            log.warning("ingest %s failed (%d): %s", url, exc.status_code, exc)
+            raise
+        distance = "" if result.phash_distance is None else \
+            f" (phash distance {result.phash_distance})"
+        log.info("ingest %s: %s %s%s", url, result.status, result.content_hash, distance)
+        return result
+
+    def _ingest_new_url(self, url: str, bucket: str, prefix: str,
+                        meta: dict[str, Any]) -> IngestResult:
+        known = self._store.lookup_url(url)
+        if known is not None:
+            return _result(known, "url_alias")
+        download = self._downloader.fetch(url)
+        try:
+            with self._hash_locks.hold(download.content_hash):
+                duplicate = self._store.add_alias(url, download.content_hash)
+                if duplicate is not None:
+                    return _result(duplicate, "duplicate")
+                info = media.probe(download.path, timeout=self._media_timeout)
+                phash = media.perceptual_hash(download.path, info, timeout=self._media_timeout,
+                                              work_dir=self._store.tmp_dir)
+                with self._store.exclusive():
+                    match = self._nearest(phash)
+                    if match is not None:
+                        matched_hash, distance = match
+                        record = self._store.add_alias(url, matched_hash)
+                        assert record is not None  # deletions wait for the exclusive hold
+                        return _result(record, "duplicate", distance)
+                    record = self._store.add_video(
+                        NewVideo(content_hash=download.content_hash, bucket=bucket,
+                                 prefix=prefix, extension=info.extension,
+                                 size_bytes=download.size, duration_s=info.duration_s,
+                                 mime_type=info.mime_type, meta=meta,
+                                 phash=media.encode_phash(phash),
+                                 chunk_digests=download.chunk_digests),
+                        url=url, temp_path=download.path)
+                    return _result(record, "new")
+        finally:
+            download.path.unlink(missing_ok=True)
+
+    def _nearest(self, phash: media.PerceptualHash) -> tuple[str, int] | None:
+        """The stored video perceptually nearest to `phash`, if within the threshold."""
+        best: tuple[str, int] | None = None
+        for content_hash, encoded in self._store.phashes():
+            distance = media.phash_distance(phash, media.decode_phash(encoded))
+            if distance is not None and distance <= self._threshold and (
+                    best is None or distance < best[1]):
+                best = (content_hash, distance)
+        return best
+
+
+def _result(record: VideoRecord, status: Status, distance: int | None = None) -> IngestResult:
+    return IngestResult(record.content_hash, status, record.file_path, distance)

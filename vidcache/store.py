@@ -1,0 +1,387 @@
+"""The cache's durable state: blob files under the data directory and their SQLite index.
+
+Layout of the data directory DIR:
+
+    DIR/<bucket>/<prefix>/<h[0:2]>/<h[2:4]>/<hash>.<ext>   blobs (no <prefix> level when empty)
+    DIR/.vidcache/index.sqlite3                          index (WAL): videos, url_aliases
+    DIR/.vidcache/tmp/                                   downloads in progress
+    DIR/.vidcache/lock                                   flock: one server per data directory
+
+Buckets and prefixes are single path segments that cannot start with '.', so no blob path can
+reach `.vidcache` or leave DIR.
+
+Invariant: a blob exists iff its record does. A new blob is renamed into place (atomic, same
+file system as tmp/) and then its record committed; a deletion commits first and then unlinks.
+A crash between the two steps leaves at most an orphan blob, which `open()` removes at the next
+start-up together with every leftover temp file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vidcache.errors import DataDirInUse, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1024 * 1024
+DIGEST_SIZE = 32
+INTERNAL_DIR = ".vidcache"
+
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_BLOB_NAME_RE = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,8}")
+_HASH_RE = re.compile(r"[0-9a-f]{64}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS videos (
+    hash          TEXT PRIMARY KEY,
+    bucket        TEXT NOT NULL,
+    prefix        TEXT NOT NULL,
+    file_path     TEXT NOT NULL UNIQUE,
+    size_bytes    INTEGER NOT NULL,
+    duration_s    REAL NOT NULL,
+    mime_type     TEXT NOT NULL,
+    first_seen    TEXT NOT NULL,
+    meta          TEXT NOT NULL,
+    phash         TEXT NOT NULL,
+    chunk_size    INTEGER NOT NULL,
+    chunk_digests BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS videos_location ON videos (bucket, prefix, hash);
+CREATE TABLE IF NOT EXISTS url_aliases (
+    url      TEXT PRIMARY KEY,
+    hash     TEXT NOT NULL REFERENCES videos (hash) ON DELETE CASCADE,
+    added_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS url_aliases_hash ON url_aliases (hash);
+"""
+
+
+def is_content_hash(value: str) -> bool:
+    """True for a lowercase 64-hex BLAKE3 digest, the only form a stored hash takes."""
+    return _HASH_RE.fullmatch(value) is not None
+
+
+def check_segment(kind: str, value: str, *, allow_empty: bool = False) -> None:
+    """Refuse a bucket or prefix that is not one simple path segment."""
+    if allow_empty and not value:
+        return
+    if not _SEGMENT_RE.fullmatch(value):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise InvalidRequest(
+            f"bad {kind} {shown!r}: must be {'empty or ' if allow_empty else ''}one path "
+            "segment of letters, digits, '.', '_' or '-', not starting with '.', at most 128 "
+            "characters")
+
+
+def check_location(bucket: str, prefix: str) -> None:
+    check_segment("bucket", bucket)
+    check_segment("prefix", prefix, allow_empty=True)
+
+
+def blob_relpath(bucket: str, prefix: str, content_hash: str, extension: str) -> str:
+    parts = [bucket, *([prefix] if prefix else []), content_hash[0:2], content_hash[2:4],
+             f"{content_hash}.{extension}"]
+    return "/".join(parts)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NewVideo:
+    """What ingest learned about a video that is about to be stored."""
+
+    content_hash: str
+    bucket: str
+    prefix: str
+    extension: str
+    size_bytes: int
+    duration_s: float
+    mime_type: str
+    meta: dict[str, Any]
+    phash: str  # media.encode_phash() form; opaque to the store
+    chunk_digests: bytes  # concatenated DIGEST_SIZE-byte BLAKE3 digests of CHUNK_SIZE chunks
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoRecord:
+    content_hash: str
+    bucket: str
+    prefix: str
+    file_path: str  # relative to the data directory, '/'-separated
+    size_bytes: int
+    duration_s: float
+    mime_type: str
+    first_seen: str
+    meta: dict[str, Any]
+    chunk_size: int
+    chunk_digests: bytes
+    aliases: tuple[str, ...]
+
+    def digests_hex(self) -> list[str]:
+        return [self.chunk_digests[i:i + DIGEST_SIZE].hex()
+                for i in range(0, len(self.chunk_digests), DIGEST_SIZE)]
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    temp_files: int
+    orphan_blobs: int
+    records_without_blob: int
+
+
+class Store:
+    """Thread-safe: one SQLite connection and one re-entrant lock held by every method.
+    `exclusive()` lets a caller make several calls one atomic step (ingest's decide-and-commit)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.internal_dir = data_dir / INTERNAL_DIR
+        self.tmp_dir = self.internal_dir / "tmp"
+        self._lock = threading.RLock()
+        self._db: sqlite3.Connection | None = None
+        self._lock_file: int | None = None
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def open(self) -> RecoveryReport:
+        """Lock the data directory, create or open the index and repair what a crash left."""
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = os.open(self.internal_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._lock_file)
+            self._lock_file = None
+            raise DataDirInUse(f"{self.data_dir} is in use by another vidcache process") from exc
+        db = sqlite3.connect(self.internal_dir / "index.sqlite3", check_same_thread=False,
+                             isolation_level=None)
+        db.execute("PRAGMA journal_mode = WAL")
+        # FULL: a committed record must survive power loss, its blob was fsynced before
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.executescript(_SCHEMA)
+        self._db = db
+        report = self._recover()
+        if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
+            log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
+                        "%d records whose blob was missing", self.data_dir, report.temp_files,
+                        report.orphan_blobs, report.records_without_blob)
+        return report
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if self._lock_file is not None:
+                os.close(self._lock_file)
+                self._lock_file = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    def _recover(self) -> RecoveryReport:
+        temp_files = 0
+        for entry in list(self.tmp_dir.iterdir()):
+            temp_files += 1
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+        known: set[str] = set()
+        missing: list[str] = []
+        for content_hash, file_path in self.db.execute("SELECT hash, file_path FROM videos"):
+            if (self.data_dir / file_path).is_file():
+                known.add(file_path)
+            else:
+                missing.append(content_hash)
+        for content_hash in missing:
+            log.warning("record %s has no blob any more; removing the record", content_hash)
+            with self._transaction():
+                self.db.execute("DELETE FROM videos WHERE hash = ?", (content_hash,))
+
+        orphans = 0
+        for top in self.data_dir.iterdir():
+            if top.name == INTERNAL_DIR or not top.is_dir():
+                continue
+            for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+                for name in filenames:
+                    path = Path(dirpath) / name
+                    relpath = path.relative_to(self.data_dir).as_posix()
+                    if _BLOB_NAME_RE.fullmatch(name) and relpath not in known:
+                        path.unlink(missing_ok=True)
+                        orphans += 1
+                with contextlib.suppress(OSError):  # not empty: keep it
+                    os.rmdir(dirpath)
+        return RecoveryReport(temp_files, orphans, len(missing))
+
+    # --- reads ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the store: no other thread reads or writes until the block ends."""
+        with self._lock:
+            yield
+
+    def get(self, content_hash: str) -> VideoRecord | None:
+        with self._lock:
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM videos WHERE hash = ?",
+                                  (content_hash,)).fetchone()
+            return None if row is None else self._records([row])[0]
+
+    def lookup_url(self, url: str) -> VideoRecord | None:
+        with self._lock:
+            row = self.db.execute("SELECT hash FROM url_aliases WHERE url = ?", (url,)).fetchone()
+            return None if row is None else self.get(row[0])
+
+    def list_videos(self, *, bucket: str | None, prefix: str | None, after: str | None,
+             limit: int) -> list[VideoRecord]:
+        """Records ordered by hash, those after the cursor `after`, at most `limit`."""
+        where: list[str] = []
+        params: list[object] = []
+        for column, value in (("bucket", bucket), ("prefix", prefix)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if after is not None:
+            where.append("hash > ?")
+            params.append(after)
+        sql = f"SELECT {_COLUMNS} FROM videos"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY hash LIMIT ?"
+        with self._lock:
+            return self._records(self.db.execute(sql, (*params, limit)).fetchall())
+
+    def phashes(self) -> list[tuple[str, str]]:
+        """(hash, encoded perceptual hash) of every stored video."""
+        with self._lock:
+            return [(h, p) for h, p in self.db.execute("SELECT hash, phash FROM videos")]
+
+    def count(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT count(*) FROM videos").fetchone()[0])
+
+    def blob_path(self, record: VideoRecord) -> Path:
+        return self.data_dir / record.file_path
+
+    def _records(self, rows: Sequence[tuple[Any, ...]]) -> list[VideoRecord]:
+        hashes = [row[0] for row in rows]
+        aliases: dict[str, list[str]] = {h: [] for h in hashes}
+        if hashes:
+            marks = ",".join("?" * len(hashes))
+            for content_hash, url in self.db.execute(
+                    f"SELECT hash, url FROM url_aliases WHERE hash IN ({marks}) ORDER BY rowid",
+                    hashes):
+                aliases[content_hash].append(url)
+        return [
+            VideoRecord(content_hash=row[0], bucket=row[1], prefix=row[2], file_path=row[3],
+                        size_bytes=row[4], duration_s=row[5], mime_type=row[6],
+                        first_seen=row[7], meta=json.loads(row[8]), chunk_size=row[10],
+                        chunk_digests=row[11], aliases=tuple(aliases[row[0]]))
+            for row in rows
+        ]
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def add_alias(self, url: str, content_hash: str) -> VideoRecord | None:
+        """Record `url` as a source of the stored video; None if that video is gone."""
+        with self._lock:
+            if self.get(content_hash) is None:
+                return None
+            with self._transaction():
+                self.db.execute("INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
+                                (url, content_hash, _now_iso()))
+            return self.get(content_hash)
+
+    def add_video(self, video: NewVideo, *, url: str, temp_path: Path) -> VideoRecord:
+        """Move the downloaded file into place and commit its record and first URL alias."""
+        file_path = blob_relpath(video.bucket, video.prefix, video.content_hash,
+                                 video.extension)
+        final = self.data_dir / file_path
+        with self._lock:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(temp_path, 0o644)  # mkstemp made it private; the blob is for reading
+            os.replace(temp_path, final)
+            _fsync_dir(final.parent)
+            try:
+                now = _now_iso()
+                with self._transaction():
+                    self.db.execute(
+                        f"INSERT INTO videos ({_COLUMNS}) VALUES ({','.join('?' * 12)})",
+                        (video.content_hash, video.bucket, video.prefix, file_path,
+                         video.size_bytes, video.duration_s, video.mime_type, now,
+                         json.dumps(video.meta, separators=(",", ":")), video.phash, CHUNK_SIZE,
+                         video.chunk_digests))
+                    self.db.execute(
+                        "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
+                        (url, video.content_hash, now))
+            except BaseException:
+                final.unlink(missing_ok=True)
+                raise
+            record = self.get(video.content_hash)
+            assert record is not None
+            return record
+
+    def delete(self, content_hash: str) -> bool:
+        """Remove record, aliases (by cascade) and blob; False if there was no such video."""
+        with self._lock:
+            record = self.get(content_hash)
+            if record is None:
+                return False
+            with self._transaction():
+                self.db.execute("DELETE FROM videos WHERE hash = ?", (content_hash,))
+            blob = self.blob_path(record)
+            blob.unlink(missing_ok=True)
+            self._prune_empty_dirs(blob.parent)
+            return True
+
+    def _prune_empty_dirs(self, directory: Path) -> None:
+        while directory != self.data_dir and directory.is_relative_to(self.data_dir):
+            try:
+                directory.rmdir()
+            except OSError:  # not empty
+                return
+            directory = directory.parent
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+
+_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mime_type, first_seen, "
+            "meta, phash, chunk_size, chunk_digests")
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
