@@ -179,11 +179,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
     ingestor = Ingestor(store=store, downloader=downloader,
                         phash_threshold=config.phash_threshold,
                         media_timeout=config.media_timeout)
-    ingest_slots: list[anyio.CapacityLimiter] = []
+    ingest_slots: anyio.CapacityLimiter | None = None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        ingest_slots.append(anyio.CapacityLimiter(config.max_concurrent_ingests))
+        nonlocal ingest_slots
+        # made here: an anyio primitive belongs to the running event loop
+        ingest_slots = anyio.CapacityLimiter(config.max_concurrent_ingests)
         try:
             yield
         finally:
@@ -234,7 +236,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Ingest a video by URL (see docs/service.md for the dedup pipeline)."""
         run = partial(ingestor.ingest, url=request.url, bucket=request.bucket,
                       prefix=request.prefix, meta=request.meta)
-        result = await anyio.to_thread.run_sync(run, limiter=ingest_slots[0])
+        result = await anyio.to_thread.run_sync(run, limiter=ingest_slots)
         return IngestResponse(hash=result.content_hash, status=result.status,
                               file_path=result.file_path, phash_distance=result.phash_distance)
 
