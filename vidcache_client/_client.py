@@ -1,11 +1,11 @@
-"""VidCacheClient: the vidcache 1.x REST API over one pooled httpx.Client.
+"""VidCacheClient: the vidcache 1.x REST API over a pool of keep-alive connections.
 
-One instance is meant to be shared: httpx.Client is safe to use from many threads at once and
-keeps up to `max_connections` keep-alive connections, so many small ranged reads (what vcfs
-does) reuse connections instead of paying a TCP handshake each. Every call validates its
-arguments first (nothing malformed is sent), goes through `_translate` for errors, and every
-byte read goes through `_verify`, so bytes are only returned when the answer says they are
-exactly the asked range of the asked hash.
+One instance is meant to be shared by many threads: each call borrows one of at most
+`max_connections` httpx.Clients (see `_pool` for why not one shared httpx.Client), so many small
+ranged reads (what vcfs does) reuse warm connections instead of paying a TCP handshake each.
+Every call validates its arguments first (nothing malformed is sent), goes through `_translate`
+for errors, and every byte read goes through `_verify`, so bytes are only returned when the
+answer says they are exactly the asked range of the asked hash.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from vidcache_client._exceptions import NotFoundError, ProtocolError
+from vidcache_client._pool import ClientPool
 from vidcache_client._translate import raise_for_status, transport_errors
 from vidcache_client._validate import (
     ByteRange,
@@ -39,7 +40,8 @@ class VidCacheClient:
     download; the 300 s default leaves room for a slow ingest. `chunk_size` is the size of the
     chunks `stream_video` yields. Keyword-only: `token` is sent as `Authorization: Bearer
     <token>`; `transport` replaces httpx's network transport (tests use httpx.MockTransport);
-    `max_connections` sizes the connection pool shared by all threads using this client.
+    `max_connections` bounds the connections open at once, shared by all threads using this
+    client (a call finding them all busy waits up to `timeout` for one).
     """
 
     def __init__(
@@ -66,14 +68,13 @@ class VidCacheClient:
             headers["Authorization"] = f"Bearer {token}"
         self.base_url = str(url).rstrip("/")
         self.chunk_size = chunk_size
-        self._http = httpx.Client(
-            base_url=url,
-            timeout=timeout,
-            headers=headers,
-            transport=transport,
-            limits=httpx.Limits(max_connections=max_connections,
-                                max_keepalive_connections=max_connections),
-        )
+
+        def one_connection_client() -> httpx.Client:
+            return httpx.Client(base_url=url, timeout=timeout, headers=headers,
+                                transport=transport, limits=httpx.Limits(max_connections=1))
+
+        self._pool = ClientPool(one_connection_client, size=max_connections,
+                                wait_timeout=timeout)
 
     def __repr__(self) -> str:
         return f"VidCacheClient({self.base_url!r})"
@@ -85,8 +86,11 @@ class VidCacheClient:
         self.close()
 
     def close(self) -> None:
-        """Close the connection pool. Call once no other thread is using the client."""
-        self._http.close()
+        """Close the connections; later calls raise RuntimeError.
+
+        Calls still running finish; their connection is closed when they do.
+        """
+        self._pool.close()
 
     # --- ingest and metadata -------------------------------------------------------------
 
@@ -229,8 +233,8 @@ class VidCacheClient:
               params: Mapping[str, str | int] | None = None,
               json: Mapping[str, Any] | None = None) -> httpx.Response:
         """Send a request whose answer is small; raise for a non-2xx status."""
-        with transport_errors(what):
-            response = self._http.request(method, path, params=params, json=json)
+        with transport_errors(what), self._pool.borrow() as http:
+            response = http.request(method, path, params=params, json=json)
         raise_for_status(response, what)
         return response
 
@@ -252,10 +256,11 @@ class VidCacheClient:
         headers = {"Accept-Encoding": "identity"}
         if asked is not None:
             headers["Range"] = range_header(asked)
-        request = self._http.build_request("GET", f"/video/{content_hash}", headers=headers)
         with contextlib.ExitStack() as cleanup:
             with transport_errors(what):
-                response = self._http.send(request, stream=True)
+                http = cleanup.enter_context(self._pool.borrow())
+                request = http.build_request("GET", f"/video/{content_hash}", headers=headers)
+                response = http.send(request, stream=True)
                 cleanup.callback(response.close)
                 raise_for_status(response, what)
             expected = expected_video_length(response, content_hash, asked, what)
