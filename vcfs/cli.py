@@ -246,14 +246,14 @@ def check_fuse_available() -> None:
 
 def prepare_mountpoint(mountpoint: str) -> None:
     """Clear a stale mount, then insist on an existing, empty, unmounted directory."""
+    if is_stale_mount(mountpoint):
+        clear_stale_mount(mountpoint)
     try:
         os.stat(mountpoint)
     except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            if exc.errno == errno.ENOENT:
-                raise StartupError(f"mount point {mountpoint} does not exist") from exc
-            raise StartupError(f"mount point {mountpoint}: {exc.strerror}") from exc
-        clear_stale_mount(mountpoint)
+        if exc.errno == errno.ENOENT:
+            raise StartupError(f"mount point {mountpoint} does not exist") from exc
+        raise StartupError(f"mount point {mountpoint}: {exc.strerror}") from exc
     if not os.path.isdir(mountpoint):
         raise StartupError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
@@ -265,6 +265,18 @@ def prepare_mountpoint(mountpoint: str) -> None:
             raise StartupError(f"mount point {mountpoint} is not empty")
     except OSError as exc:
         raise StartupError(f"mount point {mountpoint}: {exc.strerror}") from exc
+
+
+def is_stale_mount(mountpoint: str) -> bool:
+    """Whether a dead FUSE daemon's mount sits here ("Transport endpoint is not connected").
+
+    statfs always reaches the daemon; stat may not, the kernel caches the root's attributes.
+    """
+    try:
+        os.statvfs(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -460,14 +472,8 @@ def _read_status(fd: int, timeout: float) -> bytes:
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> int:
-    if not os.path.ismount(mountpoint):  # False for a stale mount too: stat fails
-        try:
-            os.stat(mountpoint)
-        except OSError as exc:
-            if exc.errno != errno.ENOTCONN:
-                raise StartupError(f"{mountpoint}: {exc.strerror}") from exc
-        else:
-            raise StartupError(f"{mountpoint} is not mounted")
+    if not os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
+        raise StartupError(f"{mountpoint} is not mounted")
     result = subprocess.run(
         ["fusermount3", "-uz" if lazy else "-u", mountpoint],
         capture_output=True, text=True, check=False,

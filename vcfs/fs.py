@@ -318,7 +318,6 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
                 max_window=self.config.readahead_max,
             )
             handle = _VideoHandle(meta, readahead)
-            fi.keep_cache = 1
             self.counters.add("opens")
         with self._lock:
             fi.fh = number = next(self._handle_ids)

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-import httpx
 from blake3 import blake3
 from cachetools import LRUCache, TTLCache
 
@@ -145,23 +144,11 @@ class _Digests:
     file_size: int
 
 
-class CountingTransport(httpx.BaseTransport):
-    """Counts every HTTP request the client sends (retries and listing pages included)."""
-
-    def __init__(self, inner: httpx.BaseTransport, counters: Counters) -> None:
-        self._inner = inner
-        self._counters = counters
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        self._counters.add("http_requests")
-        return self._inner.handle_request(request)
-
-    def close(self) -> None:
-        self._inner.close()
-
+# The service's largest listing page: fewest requests for `ls by-hash`.
+_PAGE_SIZE = 1000
 
 REMOTE_COUNTERS = (
-    "http_requests",  # every request sent, including retries and listing pages
+    "http_requests",  # requests sent, retries included (a whole listing counts as one)
     "range_requests",  # attempts to fetch a byte range
     "bytes_fetched",  # bytes of ranges returned to the cache
     "retries",  # attempts repeated after a transient error
@@ -191,7 +178,7 @@ class Remote:
         self._lock = threading.Lock()
         self._known: LRUCache[str, VideoMeta] = LRUCache(maxsize=self.config.meta_entries)
         self._missing: TTLCache[str, bool] = TTLCache(
-            maxsize=self.config.meta_entries, ttl=self.config.negative_ttl
+            maxsize=self.config.meta_entries, ttl=self.config.negative_ttl, timer=clock
         )
         self._digests: LRUCache[str, _Digests | None] = LRUCache(
             maxsize=self.config.digest_entries
@@ -201,16 +188,13 @@ class Remote:
 
     @classmethod
     def connect(cls, base_url: str, *, config: RemoteConfig | None = None) -> Remote:
-        """A Remote with its own client, whose requests are counted in `counters`."""
+        """A Remote with its own client."""
         config = config or RemoteConfig()
-        counters = Counters(*REMOTE_COUNTERS)
-        # Enough connections for the FUSE threads plus the readahead workers.
-        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
-        transport = CountingTransport(httpx.HTTPTransport(limits=limits), counters)
+        # 32 connections: the FUSE threads plus the readahead workers, with room to spare.
         client = VidCacheClient(
-            base_url, timeout=config.per_request_timeout, transport=transport
+            base_url, timeout=config.per_request_timeout, max_connections=32
         )
-        return cls(client, config=config, counters=counters)
+        return cls(client, config=config)
 
     def close(self) -> None:
         self._client.close()
@@ -219,6 +203,7 @@ class Remote:
 
     def check_health(self) -> None:
         """One request to /health; RemoteUnavailable with the reason if it is not ok."""
+        self.counters.add("http_requests")
         try:
             status = self._client.health()
         except VidCacheError as exc:
@@ -256,7 +241,7 @@ class Remote:
             ):
                 return self._listing
         docs = self._with_retries(
-            "the video listing", lambda: list(self._client.list_videos(page_size=1000))
+            "the video listing", lambda: list(self._client.list_videos(page_size=_PAGE_SIZE))
         )
         listing = []
         for doc in docs:
@@ -362,6 +347,7 @@ class Remote:
         deadline = self._clock() + self.config.timeout
         attempt = 0
         while True:
+            self.counters.add("http_requests")
             try:
                 return call()
             except NotFoundError as exc:

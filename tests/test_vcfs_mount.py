@@ -1,0 +1,545 @@
+"""vcfs mounted for real over the real vidcache service, read with cat/dd/ffprobe/ffmpeg and
+os.pread, compared byte for byte with the source files.
+
+Most tests share one module-wide mount; tests whose counters must start cold (probes, cache
+reuse) or that kill/stop the daemon get a mount of their own (`fresh_mount`). Where a test
+needs a read to reach the daemon rather than the kernel's page cache, it drops the file's
+pages with posix_fadvise(DONTNEED).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import errno
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from blake3 import blake3
+from PIL import Image
+
+from tests.support import VidcacheServer, free_port, serve_directory, wait_until
+from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
+from vcfs import paths
+from vidcache_client import VidCacheClient
+
+pytestmark = requires_fuse
+
+BUCKET = "vcfs-mount"
+CORPUS = ("a.mp4", "b.mp4", "c.mkv", "big.mp4", "big_moov_end.mp4")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Video:
+    source: Path
+    content_hash: str
+    file_name: str  # <hash>.<ext> under by-hash/
+    size: int
+    first_seen: str
+
+    def data(self) -> bytes:
+        return self.source.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def corpus(
+    videos: dict[str, Path], media_url: str, vidcache_server: VidcacheServer
+) -> dict[str, Video]:
+    """The corpus videos, ingested into the session's service (our own bucket)."""
+    result = {}
+    with VidCacheClient(vidcache_server.url) as client:
+        for name in CORPUS:
+            content_hash = client.ingest(f"{media_url}/{name}", bucket=BUCKET)["hash"]
+            assert content_hash == blake3(videos[name].read_bytes()).hexdigest()
+            meta = client.get_meta(content_hash)
+            assert meta is not None
+            result[name] = Video(
+                source=videos[name],
+                content_hash=content_hash,
+                file_name=paths.video_name(content_hash, meta["file_path"]),
+                size=meta["size_bytes"],
+                first_seen=meta["first_seen"],
+            )
+    return result
+
+
+@pytest.fixture(scope="module")
+def mount(
+    tmp_path_factory: pytest.TempPathFactory, vidcache_server: VidcacheServer,
+    corpus: dict[str, Video],
+) -> Iterator[VcfsMount]:
+    with VcfsMount(vidcache_server.url, tmp_path_factory.mktemp("vcfs") / "mnt") as mounted:
+        yield mounted
+
+
+@pytest.fixture
+def fresh_mount(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
+) -> Iterator[Callable[..., VcfsMount]]:
+    """Factory: `fresh_mount(*vcfs_args)` mounts a new daemon (cold caches); all unmounted."""
+    with contextlib.ExitStack() as stack:
+        count = iter(range(100))
+
+        def start(*args: str) -> VcfsMount:
+            mountpoint = tmp_path / f"mnt{next(count)}"
+            return stack.enter_context(VcfsMount(vidcache_server.url, mountpoint, *args))
+
+        yield start
+
+
+def drop_pages(path: Path) -> None:
+    """Evict the file's pages from the kernel's page cache: the next read reaches vcfs."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def pread_uncached(fd: int, size: int, offset: int) -> bytes:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return os.pread(fd, size, offset)
+
+
+def ffprobe_json(path: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)],
+        capture_output=True, check=True, timeout=60,
+    ).stdout
+    probe: dict[str, Any] = json.loads(out)
+    probe["format"].pop("filename")
+    return probe
+
+
+def frame_md5(path: Path, seconds: float) -> str:
+    """MD5 of the first video frame decoded after seeking to `seconds` (ffmpeg -ss)."""
+    return subprocess.run(
+        ["ffmpeg", "-v", "error", "-ss", str(seconds), "-i", str(path), "-frames:v", "1",
+         "-f", "md5", "-"],
+        capture_output=True, check=True, timeout=60, text=True,
+    ).stdout.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Namespace
+
+
+def test_root_and_by_hash_listing(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    root = mount.mountpoint
+    assert sorted(os.listdir(root)) == [".vcfs", "by-hash"]
+    assert os.listdir(root / ".vcfs") == ["stats"]
+    listed = set(os.listdir(root / "by-hash"))
+    assert {video.file_name for video in corpus.values()} <= listed
+    for directory in (root, root / "by-hash", root / ".vcfs"):
+        assert stat.S_ISDIR(os.stat(directory).st_mode)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o555
+
+
+def test_getattr_of_videos(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    assert corpus["c.mkv"].file_name.endswith(".mkv")
+    for video in corpus.values():
+        info = os.stat(mount.video(video.file_name))
+        assert stat.S_ISREG(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o444
+        assert info.st_size == video.size == video.source.stat().st_size
+        assert info.st_mtime == pytest.approx(datetime.fromisoformat(video.first_seen).timestamp())
+        assert info.st_ino == paths.video_inode(video.content_hash)
+        assert os.stat(mount.video(video.file_name)).st_ino == info.st_ino
+
+
+def test_bad_names_are_enoent_without_requests(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    content_hash = corpus["a.mp4"].content_hash
+    bad = [
+        "by-hash/notahash.mp4",
+        f"by-hash/{content_hash.upper()}.mp4",
+        f"by-hash/{content_hash}",
+        f"by-hash/{content_hash}.",
+        f"by-hash/{content_hash}.MP4",
+        f"by-hash/{content_hash}.waytoolongext",
+        f"by-hash/{content_hash[:-1]}.mp4",
+        "nothing-here",
+        ".vcfs/nothing-here",
+    ]
+    before = mount.stats()["remote"]["http_requests"]
+    for name in bad:
+        with pytest.raises(FileNotFoundError):
+            os.stat(mount.mountpoint / name)
+    assert mount.stats()["remote"]["http_requests"] == before
+
+
+def test_unknown_hash_and_wrong_extension_are_enoent(
+    mount: VcfsMount, corpus: dict[str, Video]
+) -> None:
+    with pytest.raises(FileNotFoundError):
+        os.stat(mount.video("0" * 64 + ".mp4"))
+    with pytest.raises(FileNotFoundError):
+        open(mount.video("1" * 64 + ".mkv"), "rb").close()
+    mp4 = corpus["a.mp4"].content_hash
+    with pytest.raises(FileNotFoundError):
+        os.stat(mount.video(f"{mp4}.mkv"))
+    mkv = corpus["c.mkv"].content_hash
+    with pytest.raises(FileNotFoundError):
+        os.stat(mount.video(f"{mkv}.mp4"))
+
+
+def test_newly_ingested_video_appears(
+    mount: VcfsMount, vidcache_server: VidcacheServer, tmp_path: Path
+) -> None:
+    # A still of random 8x8 blocks: perceptually unlike any other stored video.
+    image = Image.frombytes("L", (8, 8), os.urandom(64)).resize((128, 96), Image.Resampling.NEAREST)
+    image.save(tmp_path / "still.png")
+    source = tmp_path / "fresh.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-loop", "1", "-i", str(tmp_path / "still.png"), "-t", "1",
+         "-r", "5", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(source)],
+        check=True, timeout=60,
+    )
+    content_hash = blake3(source.read_bytes()).hexdigest()
+    path = mount.video(f"{content_hash}.mp4")
+    assert not path.exists()  # a negative lookup, now cached by the kernel and by vcfs
+    with serve_directory(tmp_path) as url, VidCacheClient(vidcache_server.url) as client:
+        result = client.ingest(f"{url}/fresh.mp4", bucket=BUCKET)
+    assert result["hash"] == content_hash
+    wait_until(path.exists, timeout=20, what="the new video visible in the mount")
+    assert path.read_bytes() == source.read_bytes()
+    wait_until(lambda: path.name in os.listdir(path.parent), timeout=20, what="listed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bytes
+
+
+def test_whole_files_with_cat_and_dd(
+    mount: VcfsMount, corpus: dict[str, Video], tmp_path: Path
+) -> None:
+    for video in corpus.values():
+        path = mount.video(video.file_name)
+        cat = subprocess.run(["cat", str(path)], capture_output=True, check=True, timeout=60)
+        assert cat.stdout == video.data(), video.source.name
+        copy = tmp_path / "copy"
+        subprocess.run(
+            ["dd", f"if={path}", f"of={copy}", "bs=1M", "status=none"], check=True, timeout=60
+        )
+        assert copy.read_bytes() == video.data(), video.source.name
+
+
+def test_random_reads_across_small_blocks_and_past_eof(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    # 64 KiB blocks in a 1 MiB cache: reads span many blocks and force evictions.
+    mounted = fresh_mount("--block-size", "64K", "--cache-size", "1M",
+                          "--readahead-max", "256K")
+    block = 64 * 1024
+    rng = random.Random(1234)
+    for name in ("big.mp4", "big_moov_end.mp4", "b.mp4"):
+        video = corpus[name]
+        data = video.data()
+        fd = os.open(mounted.video(video.file_name), os.O_RDONLY)
+        try:
+            for _ in range(150):
+                edge = rng.randrange(0, video.size // block + 2) * block
+                offset = rng.choice([
+                    rng.randrange(0, video.size),
+                    max(edge + rng.randrange(-300, 300), 0),
+                    video.size - rng.randrange(0, 3 * block),
+                ])
+                size = rng.choice([1, 4096, rng.randrange(1, 3 * block), 300_000])
+                got = pread_uncached(fd, size, offset)
+                assert got == data[offset : offset + size], (name, offset, size)
+            for offset in (video.size, video.size + 1, video.size + 10 * MIB):
+                assert pread_uncached(fd, 4096, offset) == b""
+            assert pread_uncached(fd, 4096, video.size - 100) == data[-100:]
+        finally:
+            os.close(fd)
+    stats = mounted.stats()
+    assert stats["cache"]["evictions"] > 0
+    assert stats["cache"]["cached_bytes"] <= MIB
+    assert stats["fuse"]["errors"] == 0
+
+
+def test_concurrent_readers_same_and_different_files(
+    mount: VcfsMount, corpus: dict[str, Video]
+) -> None:
+    names = ("big.mp4", "big_moov_end.mp4", "a.mp4")
+    sources = {name: corpus[name].data() for name in names}
+
+    def reader(seed: int) -> int:
+        rng = random.Random(seed)
+        name = names[seed % len(names)]
+        fd = os.open(mount.video(corpus[name].file_name), os.O_RDONLY)
+        try:
+            for _ in range(40):
+                offset = rng.randrange(0, corpus[name].size)
+                size = rng.randrange(1, 2 * MIB)
+                got = pread_uncached(fd, size, offset)
+                assert got == sources[name][offset : offset + size], (name, offset, size)
+        finally:
+            os.close(fd)
+        return seed
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        assert sorted(pool.map(reader, range(12))) == list(range(12))
+
+
+def test_second_read_comes_from_memory(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    mounted = fresh_mount()
+    video = corpus["big.mp4"]
+    path = mounted.video(video.file_name)
+    assert path.read_bytes() == video.data()
+    first = mounted.stats()
+    assert first["remote"]["bytes_fetched"] >= video.size
+    drop_pages(path)
+    assert path.read_bytes() == video.data()
+    second = mounted.stats()
+    assert second["fuse"]["fuse_reads"] > first["fuse"]["fuse_reads"]  # vcfs served it...
+    assert second["cache"]["hits"] > first["cache"]["hits"]
+    assert second["remote"]["http_requests"] == first["remote"]["http_requests"]  # ...from RAM
+    assert second["remote"]["bytes_fetched"] == first["remote"]["bytes_fetched"]
+    if os.geteuid() == 0:  # the raised kernel readahead lets the kernel send 1 MiB reads
+        assert second["fuse"]["largest_read"] == MIB
+    print(json.dumps(second, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Players: ffprobe and a seek with ffmpeg fetch little, and see the same media as locally
+
+
+@pytest.mark.parametrize("name", ["big.mp4", "big_moov_end.mp4", "c.mkv"])
+def test_ffprobe_and_seek_through_the_mount(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], name: str
+) -> None:
+    mounted = fresh_mount()
+    video = corpus[name]
+    path = mounted.video(video.file_name)
+    probe = ffprobe_json(path)
+    assert probe == ffprobe_json(video.source)
+    fetched = mounted.stats()["remote"]["bytes_fetched"]
+    print(f"ffprobe of {name} ({video.size} bytes) fetched {fetched} bytes")
+    if video.size > 8 * MIB:  # small files fit in a block or two; the fraction means nothing
+        assert fetched < video.size / 4
+    middle = float(probe["format"]["duration"]) / 2
+    assert frame_md5(path, middle) == frame_md5(video.source, middle)
+    print(f"after ffmpeg -ss {middle}: {json.dumps(mounted.stats())}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Read-only, stats
+
+
+def test_every_change_is_erofs(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    existing = mount.video(corpus["a.mp4"].file_name)
+    new = mount.video("f" * 64 + ".mp4")
+    attempts: list[Callable[[], object]] = [
+        lambda: os.open(existing, os.O_RDWR),
+        lambda: os.open(existing, os.O_WRONLY | os.O_APPEND),
+        lambda: os.open(new, os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+        lambda: os.open(mount.mountpoint / "by-hash" / "x", os.O_CREAT | os.O_WRONLY),
+        lambda: os.truncate(existing, 0),
+        lambda: os.rename(existing, new),
+        lambda: os.chmod(existing, 0o644),
+        lambda: os.chown(existing, 1, 1),
+        lambda: os.utime(existing, (0, 0)),
+        lambda: os.unlink(existing),
+        lambda: os.mkdir(mount.mountpoint / "by-hash" / "dir"),
+        lambda: os.rmdir(mount.mountpoint / "by-hash"),
+        lambda: os.symlink(existing, mount.mountpoint / "link"),
+        lambda: os.link(existing, mount.mountpoint / "hardlink"),
+        lambda: os.setxattr(existing, "user.x", b"1"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as caught:
+            attempt()
+        assert caught.value.errno == errno.EROFS, attempt
+    assert existing.read_bytes() == corpus["a.mp4"].data()
+
+
+def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    before = mount.stats()
+    assert {"uptime_s", "open_files", "fuse", "cache", "remote"} <= before.keys()
+    for key in ("hits", "misses", "evictions", "cached_bytes"):
+        assert key in before["cache"]
+    for key in ("http_requests", "bytes_fetched", "retries", "errors"):
+        assert key in before["remote"]
+    assert os.stat(mount.mountpoint / ".vcfs" / "stats").st_mode & 0o777 == 0o444
+    with open(mount.video(corpus["b.mp4"].file_name), "rb") as file:
+        file.read(10)
+        assert mount.stats()["open_files"] == before["open_files"] + 1
+    wait_until(lambda: mount.stats()["open_files"] == before["open_files"], timeout=10,
+               what="the handle released")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle: signals, crashes, daemon mode
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], signum: int
+) -> None:
+    mounted = fresh_mount()
+    assert mounted.video(corpus["a.mp4"].file_name).read_bytes() == corpus["a.mp4"].data()
+    assert mounted.process is not None
+    mounted.process.send_signal(signum)
+    assert mounted.process.wait(timeout=20) == 0
+    assert not os.path.ismount(mounted.mountpoint)
+    assert os.listdir(mounted.mountpoint) == []
+    log = mounted.log()
+    assert "unmounted" in log and '"fuse_reads": ' in log
+
+
+def test_stale_mount_is_cleared_at_start(
+    fresh_mount: Callable[..., VcfsMount], vidcache_server: VidcacheServer,
+    corpus: dict[str, Video],
+) -> None:
+    crashed = fresh_mount()
+    crashed.kill()
+    with pytest.raises(OSError) as caught:
+        os.listdir(crashed.mountpoint)
+    assert caught.value.errno == errno.ENOTCONN  # "Transport endpoint is not connected"
+    with VcfsMount(vidcache_server.url, crashed.mountpoint) as again:
+        assert again.video(corpus["a.mp4"].file_name).read_bytes() == corpus["a.mp4"].data()
+        assert "stale mount" in again.log()
+
+
+def test_daemon_mode_detaches_once_mounted(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_file = tmp_path / "daemon.log"
+    started = subprocess.run(
+        vcfs_command("mount", vidcache_server.url, str(mountpoint), "--daemon",
+                     "--log-file", str(log_file)),
+        capture_output=True, text=True, timeout=60,
+    )
+    pid = None
+    try:
+        assert started.returncode == 0, started.stderr
+        assert os.path.ismount(mountpoint)  # already up when the command returns
+        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        video = corpus["b.mp4"]
+        assert (mountpoint / "by-hash" / video.file_name).read_bytes() == video.data()
+        stopped = subprocess.run(vcfs_command("unmount", str(mountpoint)),
+                                 capture_output=True, text=True, timeout=60)
+        assert stopped.returncode == 0, stopped.stderr
+        assert not os.path.ismount(mountpoint)
+        wait_until(lambda: not _alive(pid), timeout=20, what="the daemon exited")
+        assert "unmounted" in log_file.read_text()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        if pid is not None and _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up errors: one line, non-zero exit
+
+
+def run_vcfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(vcfs_command(*args), capture_output=True, text=True, timeout=60)
+
+
+def test_startup_errors_are_one_clear_line(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "file").write_text("x")
+    url = vidcache_server.url
+    cases = {
+        "cannot reach the vidcache service": ("mount", f"http://127.0.0.1:{free_port()}",
+                                              str(empty)),
+        "does not exist": ("mount", url, str(tmp_path / "missing")),
+        "is not empty": ("mount", url, str(full)),
+        "is not a directory": ("mount", url, str(full / "file")),
+        "must be at most half of --cache-size": ("mount", url, str(empty), "--cache-size",
+                                                 "8M", "--readahead-max", "16M"),
+        "is not mounted": ("unmount", str(empty)),
+    }
+    for message, args in cases.items():
+        result = run_vcfs(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vcfs: error: "), result.stderr
+        assert message in lines[0], result.stderr
+        assert not os.path.ismount(empty)
+    daemon = run_vcfs("mount", f"http://127.0.0.1:{free_port()}", str(empty), "--daemon")
+    assert daemon.returncode == 1
+    assert "cannot reach the vidcache service" in daemon.stderr
+    bad_size = run_vcfs("mount", url, str(empty), "--cache-size", "lots")
+    assert bad_size.returncode == 2 and "invalid size" in bad_size.stderr
+
+
+def test_help_lists_every_option_with_defaults() -> None:
+    result = run_vcfs("mount", "--help")
+    assert result.returncode == 0
+    for option in ("--cache-size", "--block-size", "--readahead-max", "--timeout",
+                   "--foreground", "--daemon", "-o", "--log-level", "--log-file",
+                   "--no-raise-readahead", "256M", "16M", "default: 30"):
+        assert option in result.stdout, option
+
+
+# ---------------------------------------------------------------------------------------------
+# A service of our own that we can stop and corrupt
+
+
+def test_service_outage_and_corrupt_bytes_give_eio_then_recover(
+    tmp_path: Path, media_url: str, corpus: dict[str, Video]
+) -> None:
+    video = corpus["big.mp4"]
+    data = video.data()
+    with VidcacheServer(tmp_path / "own-data") as server:
+        with VidCacheClient(server.url) as client:
+            file_path = client.ingest(f"{media_url}/big.mp4", bucket="own")["file_path"]
+        own = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "2", "--readahead-max", "0")
+        with own:
+            fd = os.open(own.video(video.file_name), os.O_RDONLY)
+            try:
+                assert pread_uncached(fd, 4096, 0) == data[:4096]
+                # Outage: an uncached block fails with EIO once the 2 s deadline has passed.
+                server.stop()
+                with pytest.raises(OSError) as caught:
+                    pread_uncached(fd, 4096, 10 * MIB)
+                assert caught.value.errno == errno.EIO
+                failed = own.stats()["remote"]
+                assert failed["retries"] > 0 and failed["errors"] > 0
+                # The service comes back (same port): the same mount serves the same read.
+                server.start()
+                assert pread_uncached(fd, 4096, 10 * MIB) == data[10 * MIB : 10 * MIB + 4096]
+                # Corrupt bytes on the service's disk fail their digest and never reach us.
+                corrupt_at = 15 * MIB + 123
+                with open(server.data_dir / file_path, "r+b") as blob:
+                    blob.seek(corrupt_at)
+                    blob.write(bytes([data[corrupt_at] ^ 0xFF]))
+                with pytest.raises(OSError) as caught:
+                    pread_uncached(fd, 4096, corrupt_at)
+                assert caught.value.errno == errno.EIO
+                assert own.stats()["remote"]["verify_failures"] > 0
+                assert pread_uncached(fd, 4096, 5 * MIB) == data[5 * MIB : 5 * MIB + 4096]
+            finally:
+                os.close(fd)
+            assert "failed (EIO)" in own.log()

@@ -1,0 +1,213 @@
+"""vcfs.remote edge cases a real service cannot produce on demand: flaky answers, wrong ranges,
+bad digests, and the retry deadline, over httpx.MockTransport with a fake clock (no sleeping).
+
+The real service and real failures (an outage, bytes corrupted on disk) are exercised through
+a mount in test_vcfs_mount.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+from blake3 import blake3
+
+from vcfs.remote import NotFound, Remote, RemoteConfig, RemoteError, RemoteUnavailable
+from vidcache_client import VidCacheClient
+
+CHUNK = 1000
+DATA = bytes(range(256)) * 10  # 2560 bytes: chunks of 1000, 1000, 560
+HASH = blake3(DATA).hexdigest()
+OTHER = "e" * 64
+
+
+@dataclass
+class FakeService:
+    """A tiny vidcache: one video, whose answers a test can spoil."""
+
+    digests: list[str] = field(
+        default_factory=lambda: [blake3(DATA[i : i + CHUNK]).hexdigest()
+                                 for i in range(0, len(DATA), CHUNK)]
+    )
+    failures: list[int] = field(default_factory=list)  # statuses to answer before serving
+    ignore_range: bool = False
+    requests: list[str] = field(default_factory=list)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        self.requests.append(path)
+        if self.failures:
+            status = self.failures.pop(0)
+            return httpx.Response(status, json={"detail": f"injected {status}"})
+        if path == f"/meta/{HASH}":
+            return httpx.Response(200, json={
+                "hash": HASH, "size_bytes": len(DATA), "first_seen": "2024-05-06T07:08:09Z",
+                "file_path": f"b/{HASH}.mp4",
+            })
+        if path == "/videos":
+            return httpx.Response(200, json={"items": [{
+                "hash": HASH, "size_bytes": len(DATA), "file_path": f"b/{HASH}.mp4",
+            }], "next": None})
+        if path == f"/video/{HASH}/chunks":
+            return httpx.Response(200, json={"hash": HASH, "chunk_size": CHUNK,
+                                             "digests": self.digests})
+        if path == f"/video/{HASH}":
+            match = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+            assert match is not None
+            start, end = int(match[1]), min(int(match[2]), len(DATA) - 1)
+            if self.ignore_range:
+                return httpx.Response(200, content=DATA)
+            return httpx.Response(206, content=DATA[start : end + 1], headers={
+                "Content-Range": f"bytes {start}-{end}/{len(DATA)}"})
+        return httpx.Response(404, json={"detail": "no such thing"})
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def service() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_remote(service: FakeService, clock: FakeClock) -> Callable[..., Remote]:
+    def make(**config: Any) -> Remote:
+        client = VidCacheClient("http://vidcache.test",
+                                transport=httpx.MockTransport(service.handle))
+        return Remote(client, config=RemoteConfig(**config), sleep=clock.sleep, clock=clock)
+
+    return make
+
+
+def test_fetch_returns_exactly_the_range_and_verifies_whole_chunks(
+    make_remote: Callable[..., Remote],
+) -> None:
+    remote = make_remote()
+    assert remote.fetch(HASH, 0, 1500) == DATA[:1500]  # chunk 0 only lies wholly inside
+    assert remote.counters.get("verified_chunks") == 1
+    assert remote.fetch(HASH, 1000, len(DATA)) == DATA[1000:]  # chunk 1 and the short last
+    assert remote.counters.get("verified_chunks") == 3
+    assert remote.fetch(HASH, 5, 5) == b""
+    assert remote.counters.get("bytes_fetched") == 1500 + 1560
+
+
+def test_transient_errors_are_retried_with_growing_jittered_backoff(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    remote = make_remote(backoff_initial=0.1, backoff_max=2.0)
+    remote.meta(HASH)  # the digests need the size; keep that out of the counts
+    service.failures = [503, 502, 500]
+    assert remote.fetch(HASH, 0, 10) == DATA[:10]
+    assert remote.counters.get("retries") == 3
+    assert remote.counters.get("errors") == 0
+    for attempt, delay in enumerate(clock.sleeps):
+        base = 0.1 * 2**attempt
+        assert base / 2 <= delay <= base
+
+
+def test_persistent_failure_gives_up_at_the_deadline_naming_hash_and_range(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    remote = make_remote(timeout=5.0)
+    service.failures = [503] * 1000
+    start = clock.now
+    with pytest.raises(RemoteUnavailable, match=f"{HASH} bytes 100-199"):
+        remote.fetch(HASH, 100, 200)
+    assert 5.0 <= clock.now - start <= 5.0 + 2.0
+    assert remote.counters.get("errors") == 1
+    assert 3 <= remote.counters.get("retries") < 100
+
+
+def test_not_found_and_refusals_are_not_retried(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    with pytest.raises(NotFound):
+        remote.fetch(OTHER, 0, 10)
+    service.failures = [400]
+    with pytest.raises(RemoteError, match="injected 400"):
+        remote.fetch(HASH, 0, 10)
+    assert remote.counters.get("retries") == 0
+
+
+def test_an_answer_that_is_not_the_range_is_never_data(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote(timeout=1.0)
+    service.ignore_range = True  # 200 with the whole video instead of 206
+    with pytest.raises(RemoteUnavailable, match="206"):
+        remote.fetch(HASH, 0, 10)
+    assert remote.counters.get("retries") > 0
+
+
+def test_digest_mismatch_is_retried_then_fails(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote(timeout=1.0)
+    service.digests[1] = "0" * 64
+    assert remote.fetch(HASH, 0, 1000) == DATA[:1000]  # chunk 0 is fine
+    with pytest.raises(RemoteUnavailable, match="chunk 1"):
+        remote.fetch(HASH, 1000, 2000)
+    assert remote.counters.get("verify_failures") > 1  # every attempt checked, none passed
+
+
+def test_unusable_digests_mean_unverified_reads(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    service.digests = service.digests[:2]  # does not cover the file: ignored, with a warning
+    remote = make_remote()
+    assert remote.fetch(HASH, 0, len(DATA)) == DATA
+    assert remote.counters.get("verified_chunks") == 0
+
+
+def test_metadata_is_cached_and_misses_expire(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    remote = make_remote(negative_ttl=3.0)
+    meta = remote.meta(HASH)
+    assert meta is not None
+    assert (meta.size, meta.name) == (len(DATA), f"{HASH}.mp4")
+    assert meta.mtime_ns == 1714979289 * 10**9
+    assert remote.meta(HASH) == meta
+    assert remote.meta(OTHER) is None
+    assert remote.meta(OTHER) is None
+    assert service.requests.count(f"/meta/{HASH}") == 1
+    assert service.requests.count(f"/meta/{OTHER}") == 1
+    clock.now += 3.5
+    assert remote.meta(OTHER) is None
+    assert service.requests.count(f"/meta/{OTHER}") == 2
+
+
+def test_listing_is_cached_briefly_and_fills_the_metadata_cache(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    remote = make_remote(listing_ttl=5.0)
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]
+    assert remote.meta(HASH) is not None
+    remote.list_videos()
+    assert service.requests == ["/videos"]
+    clock.now += 6
+    remote.list_videos()
+    assert service.requests == ["/videos", "/videos"]
+    assert json.dumps(remote.counters.snapshot())  # JSON-ready

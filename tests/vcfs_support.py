@@ -1,0 +1,120 @@
+"""A real vcfs mount for tests: `python -m vcfs mount ... --foreground` in a subprocess.
+
+`VcfsMount.start` waits (with a deadline) until the mount point is mounted, failing with the
+daemon's log if it exits or never mounts; `stop` always unmounts (fusermount3 -u, then
+SIGTERM/SIGKILL the daemon if it lingers). Leaving the context prints the daemon's log, which
+pytest shows only for failed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support import wait_until
+
+FUSE_MISSING_REASON = (
+    "real mounts need /dev/fuse and fusermount3 (run as root, or with --device /dev/fuse)"
+)
+
+
+def fuse_missing() -> bool:
+    return not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None
+
+
+requires_fuse = [pytest.mark.fuse, pytest.mark.skipif(fuse_missing(), reason=FUSE_MISSING_REASON)]
+
+
+def vcfs_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vcfs", *args]
+
+
+class VcfsMount:
+    """One vcfs daemon mounted at `mountpoint` (see module docstring)."""
+
+    def __init__(self, url: str, mountpoint: Path, *extra_args: str) -> None:
+        self.url = url
+        self.mountpoint = mountpoint
+        self.extra_args = list(extra_args)
+        self.log_path = mountpoint.parent / f"{mountpoint.name}-vcfs.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> VcfsMount:
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        argv = vcfs_command(
+            "mount", self.url, str(self.mountpoint), "--foreground", "--log-level", "debug",
+            *self.extra_args,
+        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(self._mounted, timeout=timeout, what=f"vcfs mounted at {self.mountpoint}")
+        except BaseException:
+            self.stop()
+            print(self.log())
+            raise
+        return self
+
+    def _mounted(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"vcfs exited with {self.process.returncode}:\n{self.log()}")
+        if not os.path.ismount(self.mountpoint):
+            return False
+        try:  # a stale mount left here also looks mounted, but statfs fails (ENOTCONN)
+            os.statvfs(self.mountpoint)
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> int | None:
+        """Unmount and wait for the daemon; its exit code (None if it was never started)."""
+        subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True,
+                       check=False)
+        if self.process is None:
+            return None
+        code: int | None = None
+        for escalation in (None, signal.SIGTERM, signal.SIGKILL):
+            if escalation is not None:
+                self.process.send_signal(escalation)
+            try:
+                code = self.process.wait(timeout=10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # A daemon killed while mounted leaves a stale mount: clear it too.
+        subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True,
+                       check=False)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the daemon, leaving the mount stale (for recovery tests)."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def video(self, name: str) -> Path:
+        return self.mountpoint / "by-hash" / name
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads((self.mountpoint / ".vcfs" / "stats").read_bytes())
+        return result
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> VcfsMount:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.stop()
+        finally:
+            print(f"--- vcfs log ({self.log_path}) ---\n{self.log()}")
