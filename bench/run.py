@@ -1,0 +1,318 @@
+"""`scripts/bench`: vcfs and its peers on the same files, server and machine, in one run.
+
+Steps: generate (or reuse) the test videos; start a vidcache service on loopback and ingest
+them from a loopback origin; for each network profile, start the latency proxy in front of the
+service and run every workload against every contender that supports it, interleaving the
+contenders within each run so drifting machine load hits them alike; last, measure the
+service's own GET throughput next to nginx. Progress goes to stderr; the Markdown table to
+stdout; JSON and a PNG chart to the output directory (default bench-results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import media, report, service_speed
+from bench.contenders import CONTENDERS, Contender, ContenderUnavailable, Vcfs
+from bench.proxy import LOOPBACK, WAN, LinkProfile
+from bench.proxy_process import ProxyProcess
+from bench.report import Sample
+from bench.stack import Service, Video, ingest, origin
+from bench.workloads import WORKLOADS, Corpus, Measure, Settings
+
+QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
+QUIESCE_MAX_S = 5.0
+VCFS_CACHE_BUDGET = 256 << 20  # vcfs mount --cache-size default
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """What one run measures: profiles -> workloads, and how often."""
+
+    quick: bool
+    runs: int
+    contenders: tuple[str, ...]
+    profiles: dict[str, tuple[LinkProfile, tuple[str, ...], Settings]]
+    service_runs: int
+
+
+def make_plan(*, quick: bool, runs: int | None, contenders: list[str] | None,
+              profiles: list[str] | None) -> Plan:
+    names = tuple(contenders or CONTENDERS)
+    if quick:
+        settings = Settings(seek_fractions=(0.517,), random_reads=8, seeker_segments=2,
+                            seeker_segment_bytes=256 << 10)
+        plan = {"loopback": (LOOPBACK, tuple(WORKLOADS), settings)}
+        return Plan(quick=True, runs=runs or 1, contenders=names, service_runs=1,
+                    profiles={k: v for k, v in plan.items() if not profiles or k in profiles})
+    full = {
+        "loopback": (LOOPBACK, tuple(WORKLOADS), Settings()),
+        # Under the 200 Mbit/s cap only the first 64 MiB is read sequentially (2.7 s at line
+        # rate); the concurrency target is a loopback ratio.
+        "wan": (WAN, ("sequential", "ffprobe", "seek", "random"),
+                Settings(sequential_limit=64 << 20, random_reads=32)),
+    }
+    return Plan(quick=False, runs=runs or 3, contenders=names, service_runs=3,
+                profiles={k: v for k, v in full.items() if not profiles or k in profiles})
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {message}", file=sys.stderr,
+              flush=True)
+
+
+@dataclass
+class Runner:
+    """Runs workloads and records samples; it is the `Context` the workloads see."""
+
+    corpus: Corpus
+    progress: Progress
+    settings: Settings = field(default_factory=Settings)
+    run_index: int = 0
+    samples: list[Sample] = field(default_factory=list)
+    profile: str = ""
+    proxy: ProxyProcess | None = None
+    contender: Contender | None = None
+
+    @contextlib.contextmanager
+    def measure(self, figure: str) -> Iterator[Measure]:
+        contender = self.contender
+        assert contender is not None
+        networked = contender.networked and self.proxy is not None
+        if networked:
+            assert self.proxy is not None
+            self.proxy.reset()
+        m = Measure()
+        try:
+            yield m
+        except ContenderUnavailable:
+            raise
+        except Exception as exc:  # a failed figure is a result, not the end of the run
+            m.fail(f"{type(exc).__name__}: {exc}")
+        m.stop()
+        counters = self._quiesced_counters() if networked else None
+        stats = contender.stats() if isinstance(contender, Vcfs) else None
+        sample = Sample(
+            profile=self.profile, figure=figure, contender=contender.name, run=self.run_index,
+            seconds=m.seconds, bytes_read=m.bytes_read, errors=m.errors, notes=m.notes,
+            requests=None if counters is None else counters["requests"],
+            connections=None if counters is None else counters["connections"],
+            bytes_down=None if counters is None else counters["bytes_down"],
+            rss_kib=_peak_rss_kib(contender.pids()), daemon_stats=_parse_stats(stats),
+            per_op=self.settings.random_reads if figure == "random_128k" else 1)
+        self.samples.append(sample)
+        traffic = "" if counters is None else (
+            f", {counters['requests']} req, {counters['bytes_down'] / 1e6:.1f} MB from server")
+        failed = f", {m.errors} ERRORS: {m.notes[:1]}" if m.errors else ""
+        self.progress(f"    {figure}: {sample.value():.4g} {report.FIGURES[figure].unit}"
+                      f"{traffic}{failed}")
+
+    def _quiesced_counters(self) -> dict[str, Any]:
+        """Counters once the contender stopped fetching (readahead may still be running)."""
+        assert self.proxy is not None
+        deadline = time.monotonic() + QUIESCE_MAX_S
+        last = self.proxy.counters()
+        stable_since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.proxy.counters()
+            if now["bytes_down"] != last["bytes_down"] or now["requests"] != last["requests"]:
+                stable_since = time.monotonic()
+                last = now
+            elif time.monotonic() - stable_since >= QUIESCE_STABLE_S:
+                break
+        return last
+
+
+def _peak_rss_kib(pids: list[int]) -> int | None:
+    peaks = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]))
+    return max(peaks) if peaks else None
+
+
+def _parse_stats(text: str | None) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return {"raw": text[:2000]}
+    return parsed if isinstance(parsed, dict) else {"raw": parsed}
+
+
+def prepare_corpus(out: Path, *, quick: bool, service: Service, origin_url: str,
+                   progress: Progress) -> Corpus:
+    specs = media.corpus(quick=quick)
+    directory = out / "media" / ("quick" if quick else "full")
+    videos: dict[str, Video] = {}
+    for spec in specs.all():
+        path = media.generate(spec, directory)
+        videos[spec.name] = ingest(service, origin_url, path)
+        progress(f"ingested {spec.name}: {videos[spec.name].size / 1e6:.1f} MB, "
+                 f"{videos[spec.name].duration_s:.1f} s, {videos[spec.name].content_hash[:12]}")
+    return Corpus(sequential=videos[specs.sequential.name],
+                  probe_faststart=videos[specs.probe_faststart.name],
+                  probe_moov_end=videos[specs.probe_moov_end.name],
+                  readers=tuple(videos[spec.name] for spec in specs.readers))
+
+
+def run_profile(runner: Runner, plan: Plan, name: str, *, service: Service, work: Path,
+                videos: list[Video], skipped: list[dict[str, str]]) -> None:
+    profile, workloads, settings = plan.profiles[name]
+    runner.profile, runner.settings = name, settings
+    runner.progress(f"== profile {profile.describe()}")
+    with ProxyProcess(upstream_port=service.port, profile=profile) as proxy:
+        runner.proxy = proxy
+        proxy.set_index([video.content_hash for video in videos])
+        contenders: list[Contender] = []
+        for cname in plan.contenders:
+            cls = CONTENDERS[cname]
+            why = cls.missing()
+            if why is not None:
+                skipped.append({"contender": cname, "profile": name, "reason": why})
+                runner.progress(f"skipping {cname}: {why}")
+                continue
+            contenders.append(cls(base_url=proxy.url, work_dir=work / name, videos=videos))
+        (work / name).mkdir(parents=True, exist_ok=True)
+        try:
+            for workload in workloads:
+                for run in range(plan.runs):
+                    runner.run_index = run
+                    for contender in list(contenders):
+                        if not contender.supports(workload):
+                            continue
+                        runner.progress(f"{name} · {workload} · {contender.name} · run "
+                                        f"{run + 1}/{plan.runs}")
+                        runner.contender = contender
+                        try:
+                            WORKLOADS[workload](contender, runner)
+                        except ContenderUnavailable as exc:
+                            contender.close()
+                            contenders.remove(contender)
+                            skipped.append({"contender": contender.name, "profile": name,
+                                            "reason": str(exc)})
+                            runner.progress(f"dropping {contender.name}: {exc}")
+        finally:
+            for contender in contenders:
+                contender.close()
+            runner.proxy = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny files, one run, loopback only (the smoke test)")
+    parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick: 1)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="output directory for JSON, PNG and the media cache")
+    parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS),
+                        help="only these contenders")
+    parser.add_argument("--profiles", nargs="+", choices=("loopback", "wan"),
+                        help="only these network profiles")
+    parser.add_argument("--no-service-speed", action="store_true",
+                        help="skip the service-vs-nginx GET throughput step")
+    args = parser.parse_args(argv)
+    plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
+                     profiles=args.profiles)
+    progress = Progress()
+    out: Path = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    started = datetime.now(UTC)
+    work = Path(tempfile.mkdtemp(prefix="vcfs-bench-"))
+    work.chmod(0o755)  # nginx's workers (user nobody) read the service's blobs in here
+    progress(f"work directory {work}; load average {load_before[0]:.2f}")
+    skipped: list[dict[str, str]] = []
+    speed: list[dict[str, Any]] = []
+    service = Service(work / "store", work / "vidcache.log")
+    runner: Runner | None = None
+    try:
+        media_dir = out / "media" / ("quick" if plan.quick else "full")
+        media_dir.mkdir(parents=True, exist_ok=True)
+        with origin(media_dir) as origin_url:
+            service.start()
+            progress(f"vidcache on {service.url}")
+            corpus = prepare_corpus(out, quick=plan.quick, service=service,
+                                    origin_url=origin_url, progress=progress)
+        videos = [corpus.sequential, corpus.probe_faststart, corpus.probe_moov_end,
+                  *corpus.readers]
+        runner = Runner(corpus=corpus, progress=progress)
+        for name in plan.profiles:
+            run_profile(runner, plan, name, service=service, work=work, videos=videos,
+                        skipped=skipped)
+        if not args.no_service_speed and shutil.which("nginx") is not None:
+            variants = service_speed.VARIANTS if not plan.quick else {}
+            speed = service_speed.measure(service, corpus.sequential, work_dir=work,
+                                          runs=plan.service_runs, progress=progress,
+                                          variants=variants)
+    finally:
+        service.stop()
+        _remove_work_dir(work, progress)
+    samples = runner.samples if runner is not None else []
+    rows = report.summarize(samples)
+    result = {
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round(time.monotonic() - progress.started, 1),
+        "quick": plan.quick, "runs": plan.runs,
+        "load_before": " ".join(f"{x:.2f}" for x in load_before),
+        "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "machine": report.machine_info(_package_versions()),
+        "profiles": {name: value[0].describe() for name, value in plan.profiles.items()},
+        "results": rows,
+        "service_speed": speed,
+        "targets": report.evaluate_targets(rows, speed, cache_budget=VCFS_CACHE_BUDGET),
+        "skipped": skipped,
+        "samples": [dataclasses.asdict(s) for s in samples],
+    }
+    stem = "bench-quick" if plan.quick else "bench"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    report.chart(result, out / f"{stem}.png")
+    sys.stdout.write(report.markdown(result))
+    progress(f"wrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+    return 0
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {}
+    for name in ("vcfs", "uvicorn", "starlette", "fastapi", "httpx", "mfusepy", "granian"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _remove_work_dir(work: Path, progress: Progress) -> None:
+    mounted = [p for p in work.glob("*/mnt-*") if os.path.ismount(p)]
+    if mounted:
+        progress(f"left {work} in place: still mounted: {mounted}")
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

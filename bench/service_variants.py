@@ -1,0 +1,53 @@
+"""The unchanged vidcache app under other server settings, to measure the service's fixes.
+
+`vidcache serve` runs `create_app(config)` under uvicorn, whose Starlette `FileResponse` reads
+the blob in 64 KiB chunks, each one a hop to a worker thread. This runs the very same app over
+the same data directory with one variable changed, so the benchmark can put figures on each
+lever before anyone edits the service:
+
+    python -m bench.service_variants --data DIR --port P --server granian --chunk-size 1M
+
+`--server granian` uses granian's embedded server, which offers the ASGI `pathsend` extension
+(Starlette then hands whole-file responses to the server, which sends them from Rust);
+`--chunk-size` sets `FileResponse.chunk_size` for the responses it still streams (ranges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from vidcache import app as vidcache_app
+from vidcache.config import ServiceConfig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="FileResponse chunk size in bytes (0 = Starlette's 64 KiB)")
+    args = parser.parse_args(argv)
+    if args.chunk_size:
+        vidcache_app.VideoFileResponse.chunk_size = args.chunk_size
+    config = ServiceConfig(data_dir=args.data.resolve(), port=args.port, log_level="warning")
+    app = vidcache_app.create_app(config)
+    if args.server == "uvicorn":
+        import uvicorn
+
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
+                    log_config=None)
+        return
+    from granian.constants import Interfaces
+    from granian.server.embed import Server
+
+    server = Server(app, address=config.host, port=config.port, interface=Interfaces.ASGI,
+                    log_access=False)
+    asyncio.run(server.serve())
+
+
+if __name__ == "__main__":
+    main()
