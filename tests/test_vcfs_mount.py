@@ -492,6 +492,12 @@ def test_startup_errors_are_one_clear_line(
     assert "cannot reach the vidcache service" in daemon.stderr
     bad_size = run_vcfs("mount", url, str(empty), "--cache-size", "lots")
     assert bad_size.returncode == 2 and "invalid size" in bad_size.stderr
+    no_fusermount = subprocess.run(
+        vcfs_command("mount", url, str(empty)), capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PATH": ""},
+    )
+    assert no_fusermount.returncode == 1
+    assert no_fusermount.stderr.startswith("vcfs: error: fusermount3 not found"), no_fusermount
 
 
 def test_help_lists_every_option_with_defaults() -> None:

@@ -103,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mount",
         help="mount the service's videos at MOUNTPOINT",
         description=(
-            "Mount the vidcache service at URL on MOUNTPOINT: every stored video appears as "
-            "MOUNTPOINT/by-hash/<hash>.<ext>, read on demand with HTTP range requests through "
-            "an in-memory block cache. Counters: MOUNTPOINT/.vcfs/stats. Sizes take K, M, G, "
-            "T suffixes (powers of 1024) or plain bytes."
+            "Mount the vidcache service at URL on MOUNTPOINT: every stored video appears as\n"
+            "MOUNTPOINT/by-hash/<hash>.<ext>, read on demand with HTTP range requests through\n"
+            "an in-memory block cache. Counters: MOUNTPOINT/.vcfs/stats.\n"
+            "Sizes are bytes or take K, M, G, T suffixes (powers of 1024): 256M, 1G, 1048576."
         ),
         epilog=(
             "examples:\n"
@@ -336,7 +336,7 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
 def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     # Imported here: loading libfuse must not be needed for --help (see check_fuse_available).
     from vcfs.fs import FsConfig, VcfsOperations
-    from vcfs.fuselib import FUSE
+    from vcfs.fuselib import FUSE, fuse_version_major
 
     cache = BlockCache(remote.fetch, block_size=options.block_size, capacity=options.cache_size)
     mounted = threading.Event()
@@ -358,7 +358,13 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         ),
         on_mounted=on_mounted,
     )
-    fuse_kwargs: dict[str, str | bool] = {}
+    fuse_kwargs: dict[str, str | bool] = (
+        {"max_threads": str(_FUSE_THREADS),
+         # max_idle_threads also silences libfuse 3.14's warning about its own default.
+         "max_idle_threads": str(_FUSE_THREADS)}
+        if fuse_version_major >= 3
+        else operations.libfuse2_options()
+    )
     for option in options.fuse_options:
         key, has_value, value = option.partition("=")
         fuse_kwargs[key] = value if has_value else True
@@ -377,8 +383,6 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
             fsname="vcfs",
             subtype="vcfs",
             default_permissions=True,
-            max_threads=_FUSE_THREADS,
-            max_idle_threads=_FUSE_THREADS,  # also silences libfuse 3.14's warning on its default
             **fuse_kwargs,
         )
     except RuntimeError as exc:

@@ -174,6 +174,18 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         # The mount answers only after init returns: watch for it from another thread.
         threading.Thread(target=self._when_mounted, name="vcfs-mounted", daemon=True).start()
 
+    def libfuse2_options(self) -> dict[str, str | bool]:
+        """What `init_with_config` sets on libfuse3, as mount options for libfuse2 (which has
+        no config struct)."""
+        return {
+            "kernel_cache": True,
+            "entry_timeout": str(self.config.entry_timeout),
+            "attr_timeout": str(self.config.attr_timeout),
+            "negative_timeout": str(self.config.negative_timeout),
+            "use_ino": True,
+            "readdir_ino": True,
+        }
+
     def _when_mounted(self) -> None:
         """Once the mount serves requests: raise the kernel readahead, tell the CLI."""
         deadline = time.monotonic() + 30
