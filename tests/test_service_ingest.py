@@ -347,13 +347,21 @@ def allowed_dir(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path
 
 
 @pytest.fixture(scope="module")
-def restricted(tmp_path_factory: pytest.TempPathFactory, allowed_dir: Path,
+def size_cap(videos: dict[str, Path]) -> int:
+    """A --max-size that c.mkv fits and a.mp4 does not (their sizes vary a little per run)."""
+    small, large = videos["c.mkv"].stat().st_size, videos["a.mp4"].stat().st_size
+    assert small < large
+    return (small + large) // 2
+
+
+@pytest.fixture(scope="module")
+def restricted(tmp_path_factory: pytest.TempPathFactory, allowed_dir: Path, size_cap: int,
                monkeymodule: pytest.MonkeyPatch) -> Iterator[tuple[VidcacheServer, Api]]:
-    """--max-size 100000 (c.mkv fits, a.mp4 does not), --download-timeout 2, file:// allowed
-    from `allowed_dir`, and 127.0.0.2 allowed through VIDCACHE_INGEST_ALLOW."""
+    """--max-size `size_cap`, --download-timeout 2, file:// allowed from `allowed_dir`, and
+    127.0.0.2 allowed through VIDCACHE_INGEST_ALLOW."""
     monkeymodule.setenv("VIDCACHE_INGEST_ALLOW", "127.0.0.2")
     data = tmp_path_factory.mktemp("svc-restricted") / "data"
-    args = ["--max-size", "100000", "--download-timeout", "2", "--allow-file-dir",
+    args = ["--max-size", str(size_cap), "--download-timeout", "2", "--allow-file-dir",
             str(allowed_dir)]
     with VidcacheServer(data, *args) as server:
         api = Api(server.url)
@@ -368,11 +376,12 @@ def monkeymodule() -> Iterator[pytest.MonkeyPatch]:
 
 
 def test_too_large_is_413_whether_announced_or_not(restricted: tuple[VidcacheServer, Api],
+                                                   size_cap: int,
                                                    videos: dict[str, Path]) -> None:
     server, api = restricted
     with serve_origin(videos["a.mp4"].parent) as (origin, _stalled):
         for url in (f"{origin}/a.mp4", f"{origin}/nolength/a.mp4"):
-            _assert_error(api.ingest(url, unique("big")), 413, "--max-size", "100000")
+            _assert_error(api.ingest(url, unique("big")), 413, "--max-size", str(size_cap))
         # below the cap, a body without Content-Length is fine
         result = api.ingest_ok(f"{origin}/nolength/c.mkv", unique("small"))
         assert result["hash"] == digest(videos["c.mkv"].read_bytes())
