@@ -1,7 +1,9 @@
-"""Real parts for the tests: generated videos, a loopback HTTP server for them, the vidcache service.
+"""Real parts for the tests: generated videos, a loopback HTTP server, the vidcache service.
 
 Every stored video must be perceptually distinct from the others (the service dedups near
-copies), except `a_small.mp4`, which is a re-encode of `a.mp4` on purpose.
+copies), except `a_small.mp4`, which is a re-encode of `a.mp4` on purpose: ingest it only into
+a server of your own, or `a.mp4` can never be stored there. Sources are seeded, so every run
+generates the same videos.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ VIDEO_SPECS: dict[str, list[str]] = {
     # a different video
     "b.mp4": ["-f", "lavfi", "-i", "mandelbrot=size=320x240:rate=25", "-t", "6", *_X264],
     # a non-mp4 container
-    "c.mkv": ["-f", "lavfi", "-i", "cellauto=size=320x240:rate=25:rule=110", "-t", "6", *_X264],
+    "c.mkv": ["-f", "lavfi", "-i", "cellauto=size=320x240:rate=25:rule=110:seed=7", "-t", "6",
+              *_X264],
     # ~20 MB at 20 Mb/s, faststart: for block/readahead/probe-fraction tests
     "big.mp4": ["-f", "lavfi", "-i", "testsrc=size=1280x720:rate=25:duration=8",
                 "-vf", "noise=alls=40:allf=t", *_BIG, "-movflags", "+faststart"],
     # ~20 MB at 20 Mb/s with the moov atom at the end (ffmpeg's default for mp4)
-    "big_moov_end.mp4": ["-f", "lavfi", "-i", "gradients=size=1280x720:rate=25", "-t", "8",
+    "big_moov_end.mp4": ["-f", "lavfi", "-i", "gradients=size=1280x720:rate=25:seed=7", "-t", "8",
                          "-vf", "noise=alls=40:allf=t", *_BIG],
 }
 
