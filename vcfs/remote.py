@@ -365,7 +365,9 @@ class Remote:
                         f"{self.config.timeout:g} s; last error: {exc}"
                     ) from exc
                 delay = min(self._backoff(attempt), remaining)
-                log.warning("%s: %s; retry %d in %.2f s", what, exc, attempt + 1, delay)
+                # One warning per failing operation; its further retries only at debug level.
+                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                log.log(level, "%s: %s; retry %d in %.2f s", what, exc, attempt + 1, delay)
                 self.counters.add("retries")
                 self._sleep(delay)
                 attempt += 1
