@@ -27,7 +27,8 @@ import httpx
 T = TypeVar("T")
 
 _X264 = ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
-_BIG = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p",
+# a keyframe every 2 s, as in real footage, so a seek need not decode from the start
+_BIG = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-g", "50",
         "-b:v", "20M", "-maxrate", "20M", "-bufsize", "40M"]
 
 # name -> ffmpeg arguments between `ffmpeg -y` and the output path. Generated in this order,
