@@ -33,6 +33,11 @@ class ProxyProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
+
     def start(self) -> ProxyProcess:
         rate = self.profile.rate_bytes_per_s
         argv = [sys.executable, "-m", "bench.proxy_process", "--name", self.profile.name,

@@ -53,6 +53,8 @@ class Sample:
     bytes_down: int | None = None
     rss_kib: int | None = None
     daemon_stats: dict[str, Any] | None = None
+    request_log: list[dict[str, Any]] = field(default_factory=list)  # first requests only
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # daemon, service, proxy
     per_op: int = 1  # operations the seconds cover (ms/read divides by it)
 
     def value(self) -> float:
@@ -84,6 +86,9 @@ def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
             "median": statistics.median(values), "min": min(values), "max": max(values),
             "requests": _median(requests), "server_mb": _median([d / 1e6 for d in down]),
             "peak_rss_mb": max(rss) * 1024 / 1e6 if rss else None,
+            "daemon_cpu_s": _median([s.cpu_seconds.get("daemon", 0.0) for s in group]),
+            "service_cpu_s": _median([s.cpu_seconds.get("service", 0.0) for s in group]),
+            "proxy_cpu_s": _median([s.cpu_seconds.get("proxy", 0.0) for s in group]),
             "errors": sum(s.errors for s in group),
             "notes": sorted({note for s in group for note in s.notes})[:5],
         })
@@ -219,8 +224,8 @@ def markdown(report: dict[str, Any]) -> str:
     for profile, description in report["profiles"].items():
         lines += ["", f"### {description}", "",
                   "| figure | contender | median | min-max | requests | server MB "
-                  "| daemon peak RSS MB | errors |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| daemon peak RSS MB | CPU s daemon/service/proxy | errors |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for figure in FIGURES:
             for row in report["results"]:
                 if row["profile"] != profile or row["figure"] != figure:
@@ -230,13 +235,15 @@ def markdown(report: dict[str, Any]) -> str:
                     f"| {_fmt(row['median'], row['unit'])} "
                     f"| {_fmt(row['min'])}-{_fmt(row['max'])} | {_fmt(row['requests'])} "
                     f"| {_fmt(row['server_mb'])} | {_fmt(row['peak_rss_mb'])} "
-                    f"| {row['errors']} |")
+                    f"| {_cpu(row)} | {row['errors']} |")
     if report["service_speed"]:
         lines += ["", "### Service GET throughput (loopback, curl to /dev/null, no proxy)", "",
-                  "| server | read | median MB/s | min-max |", "|---|---|---:|---:|"]
+                  "| server | read | median MB/s | min-max | server CPU s/GB |",
+                  "|---|---|---:|---:|---:|"]
         for row in report["service_speed"]:
             lines.append(f"| {row['server']} | {row['mode']} | {row['median']:.0f} "
-                         f"| {row['min']:.0f}-{row['max']:.0f} |")
+                         f"| {row['min']:.0f}-{row['max']:.0f} "
+                         f"| {row['server_cpu_s_per_gb']:.2f} |")
     lines += ["", "### Targets", "", "| target | measured | holds |", "|---|---|---|"]
     verdict = {True: "yes", False: "**no**", None: "not measured"}
     for target in report["targets"]:
@@ -247,6 +254,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {name} ({profile}): {why.splitlines()[0]}"
                   for (name, profile), why in _skips(report)]
     return "\n".join(lines) + "\n"
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    return "/".join(f"{row[key] or 0:.2f}" for key in ("daemon_cpu_s", "service_cpu_s",
+                                                      "proxy_cpu_s"))
 
 
 def _skips(report: dict[str, Any]) -> list[tuple[tuple[str, str], str]]:

@@ -30,11 +30,13 @@ from bench.contenders import CONTENDERS, Contender, ContenderUnavailable, Vcfs
 from bench.proxy import LOOPBACK, WAN, LinkProfile
 from bench.proxy_process import ProxyProcess
 from bench.report import Sample
+from bench.service_speed import tree_cpu_seconds
 from bench.stack import Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
 QUIESCE_MAX_S = 5.0
+REQUEST_LOG_KEPT = 40  # requests of each sample kept in the JSON, to see a contender's pattern
 VCFS_CACHE_BUDGET = 256 << 20  # vcfs mount --cache-size default
 
 
@@ -50,14 +52,22 @@ class Plan:
 
 
 def make_plan(*, quick: bool, runs: int | None, contenders: list[str] | None,
-              profiles: list[str] | None) -> Plan:
+              profiles: list[str] | None, workloads: list[str] | None = None) -> Plan:
+    plan = _default_plan(quick=quick, runs=runs, contenders=contenders)
+    chosen = {name: (profile, tuple(w for w in names if not workloads or w in workloads),
+                     settings)
+              for name, (profile, names, settings) in plan.profiles.items()
+              if not profiles or name in profiles}
+    return dataclasses.replace(plan, profiles=chosen)
+
+
+def _default_plan(*, quick: bool, runs: int | None, contenders: list[str] | None) -> Plan:
     names = tuple(contenders or CONTENDERS)
     if quick:
         settings = Settings(seek_fractions=(0.517,), random_reads=8, seeker_segments=2,
                             seeker_segment_bytes=256 << 10)
-        plan = {"loopback": (LOOPBACK, tuple(WORKLOADS), settings)}
         return Plan(quick=True, runs=runs or 1, contenders=names, service_runs=1,
-                    profiles={k: v for k, v in plan.items() if not profiles or k in profiles})
+                    profiles={"loopback": (LOOPBACK, tuple(WORKLOADS), settings)})
     full = {
         "loopback": (LOOPBACK, tuple(WORKLOADS), Settings()),
         # Under the 200 Mbit/s cap only the first 64 MiB is read sequentially (2.7 s at line
@@ -65,8 +75,7 @@ def make_plan(*, quick: bool, runs: int | None, contenders: list[str] | None,
         "wan": (WAN, ("sequential", "ffprobe", "seek", "random"),
                 Settings(sequential_limit=64 << 20, random_reads=32)),
     }
-    return Plan(quick=False, runs=runs or 3, contenders=names, service_runs=3,
-                profiles={k: v for k, v in full.items() if not profiles or k in profiles})
+    return Plan(quick=False, runs=runs or 3, contenders=names, service_runs=3, profiles=full)
 
 
 class Progress:
@@ -90,6 +99,7 @@ class Runner:
     profile: str = ""
     proxy: ProxyProcess | None = None
     contender: Contender | None = None
+    service_pid: int = 0
 
     @contextlib.contextmanager
     def measure(self, figure: str) -> Iterator[Measure]:
@@ -99,6 +109,7 @@ class Runner:
         if networked:
             assert self.proxy is not None
             self.proxy.reset()
+        cpu_before = self._cpu(contender)
         m = Measure()
         try:
             yield m
@@ -108,6 +119,7 @@ class Runner:
             m.fail(f"{type(exc).__name__}: {exc}")
         m.stop()
         counters = self._quiesced_counters() if networked else None
+        cpu = {name: after - cpu_before[name] for name, after in self._cpu(contender).items()}
         stats = contender.stats() if isinstance(contender, Vcfs) else None
         sample = Sample(
             profile=self.profile, figure=figure, contender=contender.name, run=self.run_index,
@@ -116,6 +128,8 @@ class Runner:
             connections=None if counters is None else counters["connections"],
             bytes_down=None if counters is None else counters["bytes_down"],
             rss_kib=_peak_rss_kib(contender.pids()), daemon_stats=_parse_stats(stats),
+            request_log=[] if counters is None else counters["request_log"][:REQUEST_LOG_KEPT],
+            cpu_seconds=cpu,
             per_op=self.settings.random_reads if figure == "random_128k" else 1)
         self.samples.append(sample)
         traffic = "" if counters is None else (
@@ -123,6 +137,12 @@ class Runner:
         failed = f", {m.errors} ERRORS: {m.notes[:1]}" if m.errors else ""
         self.progress(f"    {figure}: {sample.value():.4g} {report.FIGURES[figure].unit}"
                       f"{traffic}{failed}")
+
+    def _cpu(self, contender: Contender) -> dict[str, float]:
+        """CPU seconds so far of the daemon(s), the service and the proxy."""
+        return {"daemon": sum(tree_cpu_seconds(pid) for pid in contender.pids()),
+                "service": tree_cpu_seconds(self.service_pid) if self.service_pid else 0.0,
+                "proxy": tree_cpu_seconds(self.proxy.pid) if self.proxy is not None else 0.0}
 
     def _quiesced_counters(self) -> dict[str, Any]:
         """Counters once the contender stopped fetching (readahead may still be running)."""
@@ -231,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these contenders")
     parser.add_argument("--profiles", nargs="+", choices=("loopback", "wan"),
                         help="only these network profiles")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
+                        help="only these workloads")
     parser.add_argument("--no-service-speed", action="store_true",
                         help="skip the service-vs-nginx GET throughput step")
     args = parser.parse_args(argv)
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
-                     profiles=args.profiles)
+                     profiles=args.profiles, workloads=args.workloads)
     progress = Progress()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -258,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                                     origin_url=origin_url, progress=progress)
         videos = [corpus.sequential, corpus.probe_faststart, corpus.probe_moov_end,
                   *corpus.readers]
-        runner = Runner(corpus=corpus, progress=progress)
+        runner = Runner(corpus=corpus, progress=progress, service_pid=service.pid)
         for name in plan.profiles:
             run_profile(runner, plan, name, service=service, work=work, videos=videos,
                         skipped=skipped)

@@ -7,16 +7,19 @@ a larger FileResponse chunk), each started in turn over the same data directory 
 running service is stopped (the service locks its data directory), so this step runs last.
 Reads: the whole file in one GET, and the file as consecutive 1 MiB and 16 MiB Range requests
 on one keep-alive connection (what vcfs's block fetches and readahead send). The loopback latency
-proxy in front of nginx shows the proxy's own ceiling.
+proxy in front of nginx shows the proxy's own ceiling. Each reading also gives the server's
+CPU seconds per GB sent (its process and children, from /proc), the cost that competes with
+the FUSE daemon and the proxy for the same two cores in the contender runs.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +40,35 @@ NGINX_LABEL = "nginx (sendfile)"
 PROXY_LABEL = "nginx via loopback proxy"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reading:
     server: str
     mode: str
-    mb_per_s: list[float]
+    mb_per_s: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # of the server's processes, over all runs
+    bytes_total: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"server": self.server, "mode": self.mode, "runs_mb_per_s": self.mb_per_s,
                 "median": statistics.median(self.mb_per_s), "min": min(self.mb_per_s),
-                "max": max(self.mb_per_s)}
+                "max": max(self.mb_per_s),
+                "server_cpu_s_per_gb": round(self.cpu_seconds / (self.bytes_total / 1e9), 3)}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` and its descendants (nginx's worker, say)."""
+    ticks = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def curl_mb_per_s(url: str, size: int, range_size: int | None) -> float:
@@ -70,33 +92,35 @@ def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
             variants: dict[str, list[str]], progress: Callable[[str], None]
             ) -> list[dict[str, Any]]:
     """Readings of every server and mode; stops `service` before starting `variants`."""
-    readings: dict[tuple[str, str], list[float]] = {}
+    readings: dict[tuple[str, str], Reading] = {}
 
-    def read(label: str, url: str) -> None:
+    def read(label: str, url: str, pid: int) -> None:
         for mode, range_size in MODES.items():
+            reading = readings.setdefault((label, mode), Reading(label, mode))
             for _ in range(runs):
-                value = curl_mb_per_s(url, video.size, range_size)
-                readings.setdefault((label, mode), []).append(value)
+                before = tree_cpu_seconds(pid)
+                reading.mb_per_s.append(curl_mb_per_s(url, video.size, range_size))
+                reading.cpu_seconds += tree_cpu_seconds(pid) - before
+                reading.bytes_total += video.size
             progress(f"service speed: {label}, {mode}: "
-                     f"{statistics.median(readings[label, mode]):.0f} MB/s")
+                     f"{statistics.median(reading.mb_per_s):.0f} MB/s")
 
     video_path = f"/video/{video.content_hash}"
     with Nginx(service.data_dir, work_dir / "nginx") as nginx:
         blob_url = f"{nginx.url}/{video.file_path}"
         curl_mb_per_s(blob_url, video.size, None)  # the blob into the page cache
         for _ in range(2):  # alternate, so drift in machine load hits both alike
-            read(SERVICE_LABEL, service.url + video_path)
-            read(NGINX_LABEL, blob_url)
+            read(SERVICE_LABEL, service.url + video_path, service.pid)
+            read(NGINX_LABEL, blob_url, nginx.pid)
         with ProxyProcess(upstream_port=nginx.port, profile=LOOPBACK) as proxy:
-            read(PROXY_LABEL, f"{proxy.url}/{video.file_path}")
+            read(PROXY_LABEL, f"{proxy.url}/{video.file_path}", proxy.pid)
     service.stop()
-    for label, variant in variants.items():
-        log = work_dir / f"variant-{label.split(',')[1].strip().split()[0]}.log"
+    for i, (label, variant) in enumerate(variants.items()):
+        log = work_dir / f"variant-{i}.log"
         try:
             with Service(service.data_dir, log, variant=variant, label=label) as other:
-                read(label, other.url + video_path)
+                read(label, other.url + video_path, other.pid)
         except (RuntimeError, TimeoutError) as exc:
             progress(f"service speed: {label} skipped: {exc}")
             print(f"{label}: {exc}", file=sys.stderr)
-    return [Reading(server, mode, values).as_dict()
-            for (server, mode), values in readings.items()]
+    return [reading.as_dict() for reading in readings.values()]

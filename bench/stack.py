@@ -123,6 +123,11 @@ class Service:
         except httpx.HTTPError:
             return False
 
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
@@ -218,6 +223,11 @@ class Nginx:
                                f"{self.work_dir}/error.log")
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
 
     def stop(self) -> None:
         if self.process is not None:
