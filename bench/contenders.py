@@ -212,10 +212,11 @@ class _MountedContender(Contender):
 
 
 class Vcfs(_MountedContender):
-    """`vcfs mount URL MOUNTPOINT --foreground` with default options."""
+    """`vcfs mount URL MOUNTPOINT --foreground` with default options (unless `options`)."""
 
     name = "vcfs"
     capabilities = Capabilities(files=True, url=False)
+    options: ClassVar[tuple[str, ...]] = ()  # extra `vcfs mount` options, for experiments
 
     @classmethod
     def missing(cls) -> str | None:
@@ -227,7 +228,7 @@ class Vcfs(_MountedContender):
 
     def _argv(self) -> list[str]:
         return [sys.executable, "-m", "vcfs", "mount", self.base_url, str(self.mountpoint),
-                "--foreground", "--log-level", "warning"]
+                "--foreground", "--log-level", "warning", *self.options]
 
     def _path(self, video: Video) -> Path:
         return self.mountpoint / "by-hash" / f"{video.content_hash}.{video.ext}"

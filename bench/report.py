@@ -221,6 +221,9 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{machine['ram_gib']} GiB RAM, kernel {machine['kernel']}; load average "
                  f"{report['load_before']} before, {report['load_after']} after; "
                  f"{report['runs']} runs per figure{' (quick)' if report['quick'] else ''}.")
+    if report.get("vcfs_options") or report.get("service_variant"):
+        lines.append(f"Experiment: vcfs mount options `{report['vcfs_options']}`, service "
+                     f"variant `{report['service_variant'] or 'none'}`.")
     for profile, description in report["profiles"].items():
         lines += ["", f"### {description}", "",
                   "| figure | contender | median | min-max | requests | server MB "

@@ -255,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="only these workloads")
     parser.add_argument("--no-service-speed", action="store_true",
                         help="skip the service-vs-nginx GET throughput step")
+    parser.add_argument("--name", help="file name stem of the JSON and PNG "
+                        "(default bench, or bench-quick)")
+    parser.add_argument("--vcfs-options", default="", metavar="'OPTS'",
+                        help="experiment: extra `vcfs mount` options, e.g. '--block-size 256K'")
+    parser.add_argument("--service-variant", default="", metavar="'ARGS'",
+                        help="experiment: run the service as `python -m "
+                             "bench.service_variants ARGS` instead of `vidcache serve`")
     args = parser.parse_args(argv)
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
                      profiles=args.profiles, workloads=args.workloads)
@@ -268,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"work directory {work}; load average {load_before[0]:.2f}")
     skipped: list[dict[str, str]] = []
     speed: list[dict[str, Any]] = []
-    service = Service(work / "store", work / "vidcache.log")
+    Vcfs.options = tuple(args.vcfs_options.split())
+    variant = args.service_variant.split() or None
+    service = Service(work / "store", work / "vidcache.log", variant=variant,
+                      label=f"service variant {args.service_variant}" if variant else
+                      "vidcache serve (uvicorn)")
     runner: Runner | None = None
     try:
         media_dir = out / "media" / ("quick" if plan.quick else "full")
@@ -289,15 +300,19 @@ def main(argv: list[str] | None = None) -> int:
             speed = service_speed.measure(service, corpus.sequential, work_dir=work,
                                           runs=plan.service_runs, progress=progress,
                                           variants=variants)
-    finally:
+    except BaseException:
         service.stop()
-        _remove_work_dir(work, progress)
+        progress(f"failed; logs kept in {work}")
+        raise
+    service.stop()
+    _remove_work_dir(work, progress)
     samples = runner.samples if runner is not None else []
     rows = report.summarize(samples)
     result = {
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - progress.started, 1),
         "quick": plan.quick, "runs": plan.runs,
+        "vcfs_options": args.vcfs_options, "service_variant": args.service_variant,
         "load_before": " ".join(f"{x:.2f}" for x in load_before),
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "machine": report.machine_info(_package_versions()),
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": skipped,
         "samples": [dataclasses.asdict(s) for s in samples],
     }
-    stem = "bench-quick" if plan.quick else "bench"
+    stem = args.name or ("bench-quick" if plan.quick else "bench")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     report.chart(result, out / f"{stem}.png")
     sys.stdout.write(report.markdown(result))

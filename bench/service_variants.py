@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.chunk_size:
         vidcache_app.VideoFileResponse.chunk_size = args.chunk_size
-    config = ServiceConfig(data_dir=args.data.resolve(), port=args.port, log_level="warning")
+    config = ServiceConfig(data_dir=args.data.resolve(), port=args.port, log_level="warning",
+                           ingest_allow=("127.0.0.1",))
     app = vidcache_app.create_app(config)
     if args.server == "uvicorn":
         import uvicorn
