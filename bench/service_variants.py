@@ -18,6 +18,8 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from starlette.responses import FileResponse
+
 from vidcache import app as vidcache_app
 from vidcache.config import ServiceConfig
 
@@ -32,7 +34,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="FileResponse chunk size in bytes (0 = Starlette's 64 KiB)")
     args = parser.parse_args(argv)
     if args.chunk_size:
-        vidcache_app.VideoFileResponse.chunk_size = args.chunk_size
+        # Starlette's base class, and the service's subclass in case it sets its own.
+        FileResponse.chunk_size = args.chunk_size
+        video_response = getattr(vidcache_app, "VideoFileResponse", None)
+        if isinstance(video_response, type) and issubclass(video_response, FileResponse):
+            video_response.chunk_size = args.chunk_size
     config = ServiceConfig(data_dir=args.data.resolve(), port=args.port, log_level="warning",
                            ingest_allow=("127.0.0.1",))
     app = vidcache_app.create_app(config)
