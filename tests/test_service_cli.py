@@ -18,9 +18,10 @@ from tests.support import VidcacheServer, free_port
 pytestmark = pytest.mark.timeout(120)
 
 SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout",
-                 "--phash-threshold", "--allow-file-dir", "--ingest-allow", "--log-level",
+                 "--max-download-time", "--phash-threshold", "--allow-file-dir",
+                 "--ingest-allow", "--token-file", "--token-reads", "--log-level",
                  "VIDCACHE_INGEST_ALLOW"]
-INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server"]
+INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file"]
 
 
 def vidcache(*args: str) -> subprocess.CompletedProcess[str]:

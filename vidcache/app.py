@@ -3,8 +3,10 @@
 Routes that touch SQLite or the file system are plain `def`s, which FastAPI runs in its thread
 pool; ingest (download + ffmpeg, possibly minutes) runs in threads under its own capacity
 limit so a burst of ingests cannot take every thread from readers. Bytes are served by
-Starlette's FileResponse (Range, If-Range, multipart ranges, 416, HEAD). Every error, ours or
-the framework's, leaves as JSON `{"detail": message}`; the translation happens only here.
+Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Range parser
+(ranges.py). In front of routing sit the optional bearer-token check (auth.py) and the request
+body cap (body_limit.py). Every error, ours or the framework's, leaves as JSON
+`{"detail": message}`; the translation happens only here and in those two middlewares.
 """
 
 from __future__ import annotations
@@ -15,24 +17,31 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
+from pydantic.config import JsonDict
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import Message, Receive, Scope, Send
 
 from vidcache import __version__
+from vidcache.auth import BearerAuth, needs_token
+from vidcache.body_limit import BodyLimit
 from vidcache.config import ServiceConfig
-from vidcache.download import Downloader
+from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import Ingestor
+from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.store import (
+    HASH_PATTERN,
+    SEGMENT_PATTERN,
     Store,
     VideoRecord,
     check_segment,
@@ -46,15 +55,30 @@ CACHE_CONTROL = "public, max-age=31536000, immutable"
 MAX_PAGE = 1000
 
 
+# Constraints stated in the OpenAPI document only: the routes check them themselves, to answer
+# with a message a person can act on rather than pydantic's "should match pattern".
+_HASH_DOC: JsonDict = {"pattern": f"^{HASH_PATTERN}$",
+             "description": "BLAKE3 of the video's bytes: 64 lowercase hex digits"}
+_BUCKET_DOC: JsonDict = {"pattern": f"^{SEGMENT_PATTERN}$"}
+_PREFIX_DOC: JsonDict = {"pattern": f"^({SEGMENT_PATTERN})?$"}
+ContentHash = Annotated[str, Path(json_schema_extra=_HASH_DOC)]
+
+
 class ErrorResponse(BaseModel):
     detail: str
 
 
 class IngestRequest(BaseModel):
-    url: str = Field(description="http(s) URL of the video (file:// if the server allows it)")
-    bucket: str = Field(description="one path segment: letters, digits, '.', '_', '-'")
-    prefix: str = Field("", description="empty, or one path segment like bucket")
-    meta: dict[str, Any] = Field(default_factory=dict, description="stored with a new video")
+    url: str = Field(description="http(s) URL of the video (file:// if the server allows it)",
+                     json_schema_extra={"format": "uri", "pattern": "^(https?|file)://",
+                                        "maxLength": MAX_URL_LENGTH})
+    bucket: str = Field(description="one path segment: letters, digits, '.', '_', '-'",
+                        json_schema_extra=_BUCKET_DOC)
+    prefix: str = Field("", description="empty, or one path segment like bucket",
+                        json_schema_extra=_PREFIX_DOC)
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="stored with a new video: standard JSON, at most "
+                                          "64 KiB encoded and 32 levels deep")
 
 
 class IngestResponse(BaseModel):
@@ -103,6 +127,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 422)}
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (403, 413, 422, 502, 504, 507)}
+_RANGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "malformed Range header"},
+    416: {"model": ErrorResponse, "description": "no byte of the range lies in the video"}}
 
 
 def _meta(record: VideoRecord) -> VideoMeta:
@@ -123,8 +150,17 @@ def _checked_hash(value: str) -> str:
 
 
 class VideoFileResponse(FileResponse):
-    """FileResponse whose own error answers (400 malformed Range, 416 unsatisfiable Range)
-    carry a JSON `{"detail"}` body like every other error, keeping Starlette's range logic."""
+    """FileResponse with the strict Range parser, whose own error answers (400 malformed Range,
+    416 unsatisfiable Range) carry a JSON `{"detail"}` body like every other error."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return parse_range(http_range, file_size)
+        except MalformedRange as exc:
+            raise MalformedRangeHeader(str(exc)) from exc
+        except UnsatisfiableRange as exc:
+            raise RangeNotSatisfiable(file_size) from exc
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         held_start: Message | None = None
@@ -167,6 +203,35 @@ def _describe_validation(errors: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _body_error(exc: StarletteHTTPException) -> str | None:
+    """FastAPI's vague 400 for a JSON body its parser gave up on (not UTF-8, too deep, an
+    integer of more than 4300 digits), said precisely."""
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, RecursionError):
+        return "request body: JSON nested too deeply to parse"
+    if isinstance(cause, ValueError):
+        return f"request body: JSON the server cannot parse ({cause})"
+    return None
+
+
+def _document_auth(schema: dict[str, Any], *, protect_reads: bool) -> None:
+    """Declare the bearer token in the OpenAPI document, on the operations that need it."""
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})["bearerToken"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "the token in the file the server was started with (--token-file)"}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if needs_token(method, path, protect_reads=protect_reads):
+                operation["security"] = [{"bearerToken": []}]
+                operation.setdefault("responses", {})["401"] = {
+                    "description": "token missing or wrong",
+                    "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     """The API over the data directory in `config`, which is opened (and repaired) right away:
     raises DataDirInUse if another server holds it. The store closes at app shutdown."""
@@ -174,11 +239,14 @@ def create_app(config: ServiceConfig) -> FastAPI:
     store.open()
     downloader = Downloader(tmp_dir=store.tmp_dir, max_size=config.max_size,
                             timeout=config.download_timeout,
+                            max_time=config.max_download_time,
                             guard=HostGuard(config.ingest_allow),
                             allow_file_dirs=config.allow_file_dirs)
     ingestor = Ingestor(store=store, downloader=downloader,
                         phash_threshold=config.phash_threshold,
-                        media_timeout=config.media_timeout)
+                        media_timeout=config.media_timeout,
+                        max_meta_bytes=config.max_meta_bytes,
+                        max_meta_depth=config.max_meta_depth)
     ingest_slots: anyio.CapacityLimiter | None = None
 
     @asynccontextmanager
@@ -196,12 +264,27 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   description="Content-addressed video cache: ingest by URL, BLAKE3 exact "
                               "dedup, perceptual-hash near-duplicate matching, byte ranges.")
 
+    # the last added is the outermost: the token is checked before any body is read
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    if config.token is not None:
+        app.add_middleware(BearerAuth, token=config.token, protect_reads=config.token_reads)
+        plain_openapi = app.openapi
+
+        def openapi_with_auth() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                _document_auth(plain_openapi(), protect_reads=config.token_reads)
+            return app.openapi_schema or {}
+
+        app.openapi = openapi_with_auth  # type: ignore[method-assign]
+
     @app.exception_handler(VidcacheError)
     async def _our_error(_request: Request, exc: VidcacheError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if body_error := _body_error(exc):  # a bad JSON body is 422, like malformed JSON
+            return JSONResponse({"detail": body_error}, status_code=422)
         detail = str(exc.detail)
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such endpoint: {request.method} {request.url.path}"
@@ -221,7 +304,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return JSONResponse({"detail": "internal server error; the server log has details"},
                             status_code=500)
 
-    def lookup(content_hash: str) -> VideoRecord:
+    def lookup(content_hash: ContentHash) -> VideoRecord:
         record = store.get(_checked_hash(content_hash))
         if record is None:
             raise NotFound(f"no video with hash {content_hash}")
@@ -248,13 +331,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return ResolveResponse(hash=record.content_hash, url=url)
 
     @app.get("/meta/{content_hash}", responses=_ERRORS)
-    def meta(content_hash: str) -> VideoMeta:
+    def meta(content_hash: ContentHash) -> VideoMeta:
         return _meta(lookup(content_hash))
 
-    @app.api_route("/video/{content_hash}", methods=["GET", "HEAD"], response_class=FileResponse,
-                   responses={**_ERRORS, 206: {"description": "the requested byte range"},
-                              416: {"model": ErrorResponse}})
-    def video(content_hash: str) -> Response:
+    video_responses: dict[int | str, dict[str, Any]] = {
+        **_ERRORS, **_RANGE_ERRORS, 206: {"description": "the requested byte range"}}
+
+    @app.head("/video/{content_hash}", response_class=FileResponse, responses=video_responses,
+              operation_id="video_headers", summary="Video headers")
+    @app.get("/video/{content_hash}", response_class=FileResponse, responses=video_responses)
+    def video(content_hash: ContentHash) -> Response:
         """The video's bytes; honours `Range: bytes=s-e`, `s-`, `-n` and `If-Range`."""
         record = lookup(content_hash)
         path = store.blob_path(record)
@@ -267,7 +353,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             headers={"ETag": f'"{record.content_hash}"', "Cache-Control": CACHE_CONTROL})
 
     @app.delete("/video/{content_hash}", status_code=204, responses=_ERRORS)
-    def delete(content_hash: str) -> Response:
+    def delete(content_hash: ContentHash) -> Response:
         """Remove the blob, the record and every URL alias."""
         if not store.delete(_checked_hash(content_hash)):
             raise NotFound(f"no video with hash {content_hash}")
@@ -275,14 +361,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/video/{content_hash}/chunks", responses=_ERRORS)
-    def chunks(content_hash: str) -> ChunkDigests:
+    def chunks(content_hash: ContentHash) -> ChunkDigests:
         """BLAKE3 of each chunk_size chunk of the file (the last one short), in order."""
         record = lookup(content_hash)
         return ChunkDigests(hash=record.content_hash, chunk_size=record.chunk_size,
                             digests=record.digests_hex())
 
     @app.get("/videos", responses=_ERRORS)
-    def videos(bucket: str | None = None, prefix: str | None = None, after: str | None = None,
+    def videos(bucket: Annotated[str | None, Query(json_schema_extra=_BUCKET_DOC)] = None,
+               prefix: Annotated[str | None, Query(json_schema_extra=_PREFIX_DOC)] = None,
+               after: Annotated[str | None, Query(json_schema_extra=_HASH_DOC)] = None,
                limit: int = Query(100, ge=1, le=MAX_PAGE)) -> VideoList:
         """Stored videos ordered by hash; `bucket`/`prefix` match exactly when given."""
         if bucket is not None:

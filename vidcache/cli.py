@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vidcache import __version__
+from vidcache.auth import TokenFileError, read_token_file
 from vidcache.config import DEFAULT_PORT, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
@@ -62,6 +63,14 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _token_file(text: str) -> str:
+    """The token read from the file named `text` (argparse turns the error into exit 2)."""
+    try:
+        return read_token_file(Path(text))
+    except TokenFileError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def _meta_item(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -86,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--data", metavar="DIR", type=Path, required=True,
                        help="data directory (created if missing)")
     serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1; the API has no auth)")
+                       help="address to listen on (default 127.0.0.1; without --token-file "
+                            "the API has no authentication)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port to listen on (default {DEFAULT_PORT})")
     serve.add_argument("--max-size", metavar="BYTES", type=parse_size, default="4G",
                        help="largest video ingest accepts, bytes or with K/M/G/T (default 4G)")
     serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
                        help="seconds a download may make no progress (default 30)")
+    serve.add_argument("--max-download-time", metavar="S", type=_positive_float, default=3600.0,
+                       help="seconds a whole download may take (default 3600)")
     serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
                        help="largest perceptual-hash distance (of 64 bits) that counts as the "
                             "same video (default 10)")
@@ -102,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                        action="append", default=[],
                        help="allow ingest from this host name, IP or network although it is "
                             f"loopback/private (repeatable; also ${ALLOW_ENV})")
+    serve.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
+                       help="require 'Authorization: Bearer <token>' for ingest and delete; "
+                            "the token is the file's first line")
+    serve.add_argument("--token-reads", action="store_true",
+                       help="require the token for reads too (all but /health and the API "
+                            "description); needs --token-file")
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                        help="log level (default info)")
 
@@ -116,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         default=[], help="metadata stored with a new video (repeatable)")
     ingest.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}",
                         help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
+    ingest.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
+                        help="send the bearer token in FILE (for a server run with "
+                             "--token-file)")
     return parser
 
 
@@ -128,6 +149,9 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.token_reads and args.token is None:
+        print("vidcache serve: error: --token-reads needs --token-file", file=sys.stderr)
+        return 2
     from_env = [entry for entry in os.environ.get(ALLOW_ENV, "").split(",") if entry.strip()]
     try:
         allow = [*args.ingest_allow, *(_allow_entry(entry) for entry in from_env)]
@@ -136,16 +160,20 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     config = ServiceConfig(
         data_dir=args.data.resolve(), host=args.host, port=args.port, max_size=args.max_size,
-        download_timeout=args.download_timeout, phash_threshold=args.phash_threshold,
-        allow_file_dirs=tuple(args.allow_file_dir), ingest_allow=tuple(allow),
-        log_level=args.log_level)
+        download_timeout=args.download_timeout, max_download_time=args.max_download_time,
+        phash_threshold=args.phash_threshold, allow_file_dirs=tuple(args.allow_file_dir),
+        ingest_allow=tuple(allow), log_level=args.log_level, token=args.token,
+        token_reads=args.token_reads)
     try:
         app = create_app(config)
     except (VidcacheError, OSError) as exc:
         print(f"vidcache serve: error: {exc}", file=sys.stderr)
         return 1
-    logging.getLogger("vidcache").info("serving %s on http://%s:%d", config.data_dir,
-                                       config.host, config.port)
+    auth = ("no authentication" if config.token is None else
+            "bearer token required for every request but /health" if config.token_reads else
+            "bearer token required for ingest and delete")
+    logging.getLogger("vidcache").info("serving %s on http://%s:%d (%s)", config.data_dir,
+                                       config.host, config.port, auth)
     # log_config=None: uvicorn's loggers go through the format configured above
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
                 log_config=None, timeout_graceful_shutdown=5)
@@ -156,7 +184,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from vidcache_client import VidCacheClient, VidCacheError
 
     try:
-        with VidCacheClient(args.server) as client:
+        with VidCacheClient(args.server, token=args.token) as client:
             result = client.ingest(args.url, args.bucket, prefix=args.prefix,
                                    meta=dict(args.meta))
     except VidCacheError as exc:

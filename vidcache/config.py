@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 GIB = 1024**3
@@ -12,7 +12,7 @@ DEFAULT_PORT = 8020
 @dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     data_dir: Path
-    # loopback unless asked otherwise: the API has no authentication
+    # loopback unless asked otherwise: without a token the API has no authentication
     host: str = "127.0.0.1"
     # the vidcache 1.x protocol's default port
     port: int = DEFAULT_PORT
@@ -20,6 +20,9 @@ class ServiceConfig:
     max_size: int = 4 * GIB
     # seconds without progress (connecting, or between two reads) before a download is dropped
     download_timeout: float = 30.0
+    # seconds a whole download may take: 4 GiB at ~10 Mb/s; a trickling origin must not hold
+    # an ingest slot forever
+    max_download_time: float = 3600.0
     # of 64 bits: re-encodes of one video measure 0-2, different videos around 30
     phash_threshold: int = 10
     # file:// URLs are refused unless the file lies in one of these directories
@@ -31,3 +34,13 @@ class ServiceConfig:
     media_timeout: float = 300.0
     # downloads + decodes running at once; the rest queue, keeping threads free for reads
     max_concurrent_ingests: int = 8
+    # no request needs more (ingest: URL <= 8 KiB, meta <= 64 KiB); bounds buffering and parsing
+    max_body_bytes: int = 128 * 1024
+    # meta is a label stored with the video, not a payload
+    max_meta_bytes: int = 64 * 1024
+    # deeper than any sensible label; refused before a deep value can strain a JSON encoder
+    max_meta_depth: int = 32
+    # bearer token required for ingest and delete (None: no authentication); kept out of repr
+    token: str | None = field(default=None, repr=False)
+    # require the token for reads too (all but /health and the API description)
+    token_reads: bool = False

@@ -6,13 +6,22 @@ size cap is enforced on the bytes actually received, not only on Content-Length.
 
 http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
 sent to the address the guard approved (Host header and TLS SNI keep the original name).
-file://: only below the directories the operator listed with --allow-file-dir.
+Two time limits: `timeout` for any single wait (connecting, or between two reads: a stalled
+origin) and `max_time` for the whole download (an origin trickling a byte now and then would
+otherwise hold an ingest slot forever).
+
+file://: only below the directories the operator listed with --allow-file-dir. The path is
+resolved (symlinks followed) and checked before opening, and the file actually opened is
+checked again through /proc/self/fd, so swapping a directory for a symlink between the two
+steps cannot lead outside; FIFOs and devices are refused (they could block or never end).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +62,15 @@ def parse_url(url: str) -> httpx.URL:
     if not url or any(ch.isspace() or ord(ch) < 32 for ch in url):
         raise InvalidRequest(f"malformed URL {url!r}: empty or contains spaces/control characters")
     try:
+        url.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate from a JSON "\ud800" escape
+        raise InvalidRequest(f"malformed URL {url!r}: not valid Unicode text") from exc
+    try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise InvalidRequest(f"malformed URL {url!r}: {exc}") from exc
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise InvalidRequest(f"malformed URL {url!r}: port {parsed.port} is not 1-65535")
     if not parsed.scheme:
         raise InvalidRequest(f"malformed URL {url!r}: expected an absolute http(s):// URL")
     if parsed.scheme not in ("http", "https", "file"):
@@ -63,6 +78,8 @@ def parse_url(url: str) -> httpx.URL:
                              "use http, https or file")
     if parsed.scheme != "file" and not parsed.raw_host:
         raise InvalidRequest(f"malformed URL {url!r}: no host")
+    if parsed.scheme == "file" and "\0" in parsed.path:
+        raise InvalidRequest(f"malformed URL {url!r}: NUL character in the file path")
     return parsed
 
 
@@ -119,12 +136,13 @@ class _HashingWriter:
 
 
 class Downloader:
-    def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, guard: HostGuard,
-                 allow_file_dirs: Sequence[Path] = (),
+    def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
+                 guard: HostGuard, allow_file_dirs: Sequence[Path] = (),
                  transport: httpx.BaseTransport | None = None) -> None:
         self._tmp_dir = tmp_dir
         self._max_size = max_size
         self._timeout = timeout
+        self._max_time = max_time
         self._guard = guard
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
         self._client = httpx.Client(
@@ -144,20 +162,26 @@ class Downloader:
         except OSError as exc:
             raise StorageError(f"cannot create a temp file in {self._tmp_dir}: {exc}") from exc
         path = Path(name)
+        deadline = time.monotonic() + self._max_time
         try:
             with open(fd, "wb") as file:
                 writer = _HashingWriter(file, max_size=self._max_size, url=url)
                 if parsed.scheme == "file":
-                    self._copy_local(parsed, writer)
+                    self._copy_local(parsed, writer, deadline)
                 else:
-                    self._download(parsed, writer)
+                    self._download(parsed, writer, deadline)
                 content_hash, digests = writer.finish()
             return Download(path, writer.size, content_hash, digests)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
 
-    def _download(self, url: httpx.URL, writer: _HashingWriter) -> None:
+    def _check_deadline(self, deadline: float, url: str) -> None:
+        if time.monotonic() > deadline:
+            raise UpstreamTimeout(f"download of {url} took longer than the server's "
+                                  f"--max-download-time of {self._max_time:g} s")
+
+    def _download(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
         original = str(url)
         for _hop in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")
@@ -182,6 +206,7 @@ class Downloader:
                         writer.check_announced_size(int(announced))
                     for data in response.iter_bytes():
                         writer.write(data)
+                        self._check_deadline(deadline, original)
                     return
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(f"download of {original} stalled: no progress for "
@@ -193,24 +218,40 @@ class Downloader:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
 
-    def _copy_local(self, url: httpx.URL, writer: _HashingWriter) -> None:
+    def _copy_local(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
         if not self._file_dirs:
             raise IngestRefused("file:// URLs are disabled; start the server with "
                                 "--allow-file-dir DIR to ingest local files below DIR")
         if url.host not in ("", "localhost"):
             raise InvalidRequest(f"file:// URL with a remote host {url.host!r}: {url}")
         path = Path(url.path)
-        real = path.resolve()
-        if not any(real.is_relative_to(directory) for directory in self._file_dirs):
-            raise IngestRefused(f"{path} is outside the directories allowed by --allow-file-dir")
-        if real.exists() and not real.is_file():  # a FIFO or device could block or never end
-            raise InvalidRequest(f"not a regular file: {path}")
         try:
-            with open(real, "rb") as source:
-                writer.check_announced_size(os.fstat(source.fileno()).st_size)
-                while data := source.read(_COPY_SIZE):
-                    writer.write(data)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
+            real = path.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+            raise InvalidRequest(f"cannot resolve {path}: {exc}") from exc
+        self._check_allowed(path, real)
+        try:
+            if not stat.S_ISREG(os.stat(real).st_mode):
+                raise InvalidRequest(f"not a regular file: {path}")
+            # O_NONBLOCK: should a FIFO appear here after the check, opening it cannot block
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except PermissionError as exc:
             raise IngestRefused(f"cannot read {path}: permission denied") from exc
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
+        with open(fd, "rb") as source:
+            self._check_allowed(path, Path(os.readlink(f"/proc/self/fd/{fd}")))
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise InvalidRequest(f"not a regular file: {path}")
+            writer.check_announced_size(status.st_size)
+            try:
+                while data := source.read(_COPY_SIZE):
+                    writer.write(data)
+                    self._check_deadline(deadline, str(url))
+            except OSError as exc:
+                raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
+
+    def _check_allowed(self, path: Path, real: Path) -> None:
+        if not any(real.is_relative_to(directory) for directory in self._file_dirs):
+            raise IngestRefused(f"{path} is outside the directories allowed by --allow-file-dir")

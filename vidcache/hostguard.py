@@ -14,7 +14,7 @@ import re
 import socket
 from collections.abc import Iterable
 
-from vidcache.errors import IngestRefused, UpstreamError
+from vidcache.errors import IngestRefused, InvalidRequest, UpstreamError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -60,7 +60,9 @@ class HostGuard:
         """An address of `host` that ingest may connect to; raises IngestRefused if none."""
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
+        except UnicodeError as exc:  # the IDNA codec refuses the name: empty or long label
+            raise InvalidRequest(f"malformed host name {host!r}: {exc}") from exc
+        except socket.gaierror as exc:
             raise UpstreamError(f"cannot resolve host {host!r}: {exc}") from exc
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
         if host.lower().rstrip(".") in self._names:

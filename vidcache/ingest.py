@@ -24,7 +24,7 @@ from vidcache import media
 from vidcache.download import Downloader, parse_url
 from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
-from vidcache.store import NewVideo, Store, VideoRecord, check_location
+from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,13 @@ class IngestResult:
 
 class Ingestor:
     def __init__(self, *, store: Store, downloader: Downloader, phash_threshold: int,
-                 media_timeout: float) -> None:
+                 media_timeout: float, max_meta_bytes: int, max_meta_depth: int) -> None:
         self._store = store
         self._downloader = downloader
         self._threshold = phash_threshold
         self._media_timeout = media_timeout
+        self._max_meta_bytes = max_meta_bytes
+        self._max_meta_depth = max_meta_depth
         self._url_locks = KeyedLocks()
         self._hash_locks = KeyedLocks()
 
@@ -54,6 +56,7 @@ class Ingestor:
         """Run the pipeline for one URL; raises a VidcacheError naming what went wrong."""
         try:
             check_location(bucket, prefix)
+            check_meta(meta or {}, max_bytes=self._max_meta_bytes, max_depth=self._max_meta_depth)
             parse_url(url)
             with self._url_locks.hold(url):
                 result = self._ingest_new_url(url, bucket, prefix, meta or {})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -57,11 +58,18 @@ _CONTAINERS: dict[str, tuple[str, str]] = {
 }
 _WEBM_CODECS = {"vp8", "vp9", "av1", "vorbis", "opus"}
 
+# The kernel kills the tool when the thread that started it dies (setpriv --pdeathsig, from
+# util-linux), so a server killed mid-ingest leaves no decoder running on and writing into
+# tmp/ after the restart has cleaned it. Where setpriv is missing, tools just run unguarded.
+_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+
 
 def _run(argv: list[str], *, timeout: float, what: str) -> subprocess.CompletedProcess[bytes]:
+    if shutil.which(argv[0]) is None:
+        raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg")
     try:
-        return subprocess.run(argv, capture_output=True, timeout=timeout, check=False,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run([*_DIE_WITH_PARENT, *argv], capture_output=True,
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
     except FileNotFoundError as exc:
         raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg") from exc
     except subprocess.TimeoutExpired as exc:

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vidcache.errors import DataDirInUse, InvalidRequest
+from vidcache.errors import DataDirInUse, InvalidRequest, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,11 @@ CHUNK_SIZE = 1024 * 1024
 DIGEST_SIZE = 32
 INTERNAL_DIR = ".vidcache"
 
-_SEGMENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+SEGMENT_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"  # a bucket or a non-empty prefix
+HASH_PATTERN = r"[0-9a-f]{64}"
+_SEGMENT_RE = re.compile(SEGMENT_PATTERN)
 _BLOB_NAME_RE = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,8}")
-_HASH_RE = re.compile(r"[0-9a-f]{64}")
+_HASH_RE = re.compile(HASH_PATTERN)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS videos (
@@ -90,6 +92,32 @@ def check_segment(kind: str, value: str, *, allow_empty: bool = False) -> None:
 def check_location(bucket: str, prefix: str) -> None:
     check_segment("bucket", bucket)
     check_segment("prefix", prefix, allow_empty=True)
+
+
+def check_meta(meta: dict[str, Any], *, max_bytes: int, max_depth: int) -> None:
+    """Refuse client metadata that could not be stored and served back exactly as given."""
+    if _deeper_than(meta, max_depth):  # first: encoding a very deep value would recurse
+        raise InvalidRequest(f"meta is nested more than {max_depth} levels deep")
+    try:
+        encoded = json.dumps(meta, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        size = len(encoded.encode("utf-8"))
+    except ValueError as exc:  # NaN/Infinity (accepted by Python's JSON parser), surrogates
+        raise InvalidRequest(f"meta cannot be stored as standard JSON: {exc}") from exc
+    if size > max_bytes:
+        raise TooLarge(f"meta is {size} bytes as JSON, more than the limit of {max_bytes}")
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether objects/arrays nest more than `limit` levels in `value` (breadth first, so a
+    hostile depth costs no recursion)."""
+    level = [value]
+    for _depth in range(limit + 1):
+        containers = [item for item in level if isinstance(item, dict | list)]
+        if not containers:
+            return False
+        level = [child for item in containers
+                 for child in (item.values() if isinstance(item, dict) else item)]
+    return True
 
 
 def blob_relpath(bucket: str, prefix: str, content_hash: str, extension: str) -> str:

@@ -65,6 +65,9 @@ class VidCacheClient:
         if token is not None:
             if not token.strip():
                 raise ValueError("token must not be empty (pass None for no token)")
+            if not all(33 <= ord(ch) <= 126 for ch in token):
+                # it travels in an HTTP header; a pasted trailing newline is the usual culprit
+                raise ValueError("token must be printable ASCII without spaces or newlines")
             headers["Authorization"] = f"Bearer {token}"
         self.base_url = str(url).rstrip("/")
         self.chunk_size = chunk_size

@@ -63,6 +63,8 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     detail = error_detail(response)
     message = (f"{what}: HTTP {status} {response.reason_phrase}: {detail} "
                f"[{response.request.method} {response.request.url}]")
+    if status == 401:
+        message += f"; {_token_advice(response.request)}"
     if status == 416:
         raise RangeNotSatisfiableError(status, detail, message=message,
                                        size=_size_from_unsatisfied_range(response))
@@ -78,6 +80,15 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     else:  # 1xx/3xx: redirects are not followed, so these are unexpected answers too
         error_class = StatusError
     raise error_class(status, detail, message=message)
+
+
+def _token_advice(request: httpx.Request) -> str:
+    """What a caller refused with 401 can do about it."""
+    if "authorization" in request.headers:
+        return ("the server refused the client's token: pass VidCacheClient(..., token=...) "
+                "the token of the server's --token-file")
+    return ("the server requires a bearer token: pass VidCacheClient(..., token=...) with the "
+            "token of the server's --token-file")
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -1,0 +1,279 @@
+"""Helpers for the service's crash, load, limit and auth tests: many small perceptually
+distinct videos, an origin that trickles its bodies, a vidcache server that kills itself with
+SIGKILL at a chosen point of its own code, and a check of a data directory's invariants."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.service_support import blob_files, digest, temp_files
+from tests.support import VidcacheServer, wait_until
+
+_SMALL = ["-t", "2", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+
+# lavfi sources at 160x120, 2 s: pairwise perceptual distances measured 17-40 (of 64), far
+# above the service's threshold of 10, so each is stored as a video of its own.
+DISTINCT_SOURCES: dict[str, str] = {
+    "testsrc": "testsrc=size=160x120:rate=10",
+    "testsrc2": "testsrc2=size=160x120:rate=10",
+    "mandelbrot": "mandelbrot=size=160x120:rate=10",
+    "cell30": "cellauto=size=160x120:rate=10:rule=30:seed=1",
+    "cell110": "cellauto=size=160x120:rate=10:rule=110:seed=3",
+    "cell90": "cellauto=size=160x120:rate=10:rule=90:seed=3",
+    "life": "life=size=160x120:rate=10:seed=5",
+    "life2": "life=size=160x120:rate=10:seed=9:mold=10",
+    "gradients": "gradients=size=160x120:rate=10:seed=11",
+    "sierpinski": "sierpinski=size=160x120:rate=10:seed=2",
+    "smptebars": "smptebars=size=160x120:rate=10",
+    "mptestsrc": "mptestsrc=rate=10",
+}
+
+
+def make_distinct_videos(out_dir: Path, names: list[str]) -> dict[str, Path]:
+    """`<name>.mp4` for each DISTINCT_SOURCES name in `names`; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        path = out_dir / f"{name}.mp4"
+        if not path.exists():
+            subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                            DISTINCT_SOURCES[name], *_SMALL, str(path)], check=True)
+        paths[name] = path
+    return paths
+
+
+def make_reencode(source: Path, out: Path) -> Path:
+    """A smaller, lower-bitrate copy of `source`: other bytes, the same video to the eye."""
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), "-vf", "scale=120:90",
+                    "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
+                    "-b:v", "60k", str(out)], check=True)
+    return out
+
+
+# --- an origin that trickles ---------------------------------------------------------------
+
+class _TrickleHandler(http.server.SimpleHTTPRequestHandler):
+    """`/slow/<name>[?...]` sends the file in `piece`-byte writes `pause` seconds apart (and
+    records the bytes sent per request path); any other path is served normally."""
+
+    origin: TrickleOrigin
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if not self.path.startswith("/slow/"):
+            super().do_GET()
+            return
+        name = self.path.removeprefix("/slow/").partition("?")[0]
+        data = (Path(self.directory) / name).read_bytes()
+        origin = self.origin
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "video/mp4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for start in range(0, len(data), origin.piece):
+                self.wfile.write(data[start:start + origin.piece])
+                self.wfile.flush()
+                origin.record(self.path, min(start + origin.piece, len(data)))
+                if origin.closing.wait(origin.pause):  # pacing, not synchronisation
+                    return
+        except OSError:  # the downloading server was killed
+            self.close_connection = True
+
+
+class TrickleOrigin:
+    def __init__(self, directory: Path, *, piece: int, pause: float) -> None:
+        self.directory = directory
+        self.piece = piece
+        self.pause = pause
+        self.closing = threading.Event()
+        self._sent: dict[str, int] = {}
+        self._lock = threading.Lock()
+        handler = type("Handler", (_TrickleHandler,), {"origin": self})
+
+        def make(*args: Any) -> _TrickleHandler:
+            return handler(*args, directory=str(directory))  # type: ignore[no-any-return]
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def record(self, path: str, sent: int) -> None:
+        with self._lock:
+            self._sent[path] = sent
+
+    def sent(self, path: str) -> int:
+        """Bytes of `/slow/...` request path `path` sent so far (by its latest request)."""
+        with self._lock:
+            return self._sent.get(path, 0)
+
+    def __enter__(self) -> TrickleOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+# --- a server that kills itself at a chosen point ----------------------------------------------
+
+# Runs `vidcache` with an audit hook (PEP 578). Python raises audit events right before the
+# operations that matter here: "open" (files and directories), "os.rename" (os.replace),
+# "os.remove", "subprocess.Popen". Once armed by SIGUSR1 (which also creates the file
+# $VIDCACHE_TEST_ARMED), the hook SIGKILLs the process at the first event named
+# $VIDCACHE_TEST_KILL_EVENT whose arguments contain $VIDCACHE_TEST_KILL_MATCH, after
+# $VIDCACHE_TEST_KILL_DELAY seconds (0: before the operation happens).
+_LAUNCHER = r"""
+import os, signal, sys, threading
+event = os.environ["VIDCACHE_TEST_KILL_EVENT"]
+match = os.environ["VIDCACHE_TEST_KILL_MATCH"]
+delay = float(os.environ["VIDCACHE_TEST_KILL_DELAY"])
+marker = os.environ["VIDCACHE_TEST_ARMED"]
+state = {"armed": False, "fired": False}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def hook(name, args):
+    if name != event or not state["armed"] or state["fired"] or match not in repr(args):
+        return
+    state["fired"] = True
+    if delay > 0:
+        threading.Timer(delay, die).start()
+    else:
+        die()
+
+def arm(_signum, _frame):
+    with open(marker, "w"):
+        pass
+    state["armed"] = True
+
+signal.signal(signal.SIGUSR1, arm)
+sys.addaudithook(hook)
+from vidcache.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """Where a KillableServer dies: the first audit `event` whose arguments contain `match`,
+    `delay` seconds later."""
+
+    event: str
+    match: str
+    delay: float = 0.0
+
+
+class KillableServer(VidcacheServer):
+    """The real service, run through _LAUNCHER so that it can be armed to SIGKILL itself at a
+    KillPoint; without arming it behaves exactly like `vidcache serve`."""
+
+    def __init__(self, data_dir: Path, kill: KillPoint | None, *extra_args: str) -> None:
+        super().__init__(data_dir, *extra_args)
+        self.kill_point = kill
+        self.marker = data_dir.parent / f"{data_dir.name}-armed"
+
+    def start(self, timeout: float = 30.0) -> KillableServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.marker.unlink(missing_ok=True)
+        kill = self.kill_point or KillPoint("-none-", "-none-")
+        env = {**os.environ, "VIDCACHE_TEST_KILL_EVENT": kill.event,
+               "VIDCACHE_TEST_KILL_MATCH": kill.match,
+               "VIDCACHE_TEST_KILL_DELAY": str(kill.delay),
+               "VIDCACHE_TEST_ARMED": str(self.marker)}
+        argv = [sys.executable, "-c", _LAUNCHER, "serve", "--data", str(self.data_dir),
+                "--host", "127.0.0.1", "--port", str(self.port),
+                "--ingest-allow", "127.0.0.1", *self.extra_args]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(self._healthy, timeout=timeout, what=f"vidcache on {self.url}")
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError(f"vidcache did not start:\n{self.log()}") from exc
+        return self
+
+    def arm(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGUSR1)
+        wait_until(self.marker.exists, timeout=10, what="the kill hook armed")
+
+    def died(self) -> bool:
+        return self.process is not None and self.process.poll() is not None
+
+
+# --- invariants of a data directory ---------------------------------------------------------
+
+_INTERNAL = re.compile(r"index\.sqlite3(-wal|-shm)?|lock|tmp")
+
+
+def listing(base_url: str) -> list[dict[str, Any]]:
+    """Every stored video's metadata, following the `next` cursor."""
+    items: list[dict[str, Any]] = []
+    after: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 1000, **({"after": after} if after else {})}
+        page = httpx.get(f"{base_url}/videos", params=params, timeout=30).json()
+        items += page["items"]
+        after = page["next"]
+        if after is None:
+            return items
+
+
+def assert_consistent(data_dir: Path, base_url: str) -> list[dict[str, Any]]:
+    """A blob exists iff its record does, each blob holds the bytes of its hash and size, and
+    nothing else lies around (no temp file, no stray file in the internal folder). Returns
+    the records."""
+    records = listing(base_url)
+    on_disk = {p.relative_to(data_dir).as_posix() for p in blob_files(data_dir)}
+    assert on_disk == {r["file_path"] for r in records}, (on_disk, records)
+    for record in records:
+        data = (data_dir / record["file_path"]).read_bytes()
+        assert (len(data), digest(data)) == (record["size_bytes"], record["hash"])
+    assert temp_files(data_dir) == []
+    internal = sorted(p.name for p in (data_dir / ".vidcache").iterdir())
+    assert all(_INTERNAL.fullmatch(name) for name in internal), internal
+    return records
+
+
+def processes_using(path: Path) -> list[int]:
+    """PIDs whose command line mentions `path` (say, a decoder left working in a data dir)."""
+    needle = str(path).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def background(target: Any) -> Iterator[threading.Thread]:
+    """Run `target` in a thread for the block; joined (bounded) at the end."""
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield thread
+    finally:
+        thread.join(timeout=60)

@@ -1,0 +1,213 @@
+"""The service's caps and its refusal of paths that lead elsewhere, against a real server:
+request body and meta size, meta depth and JSON it could not serve back, the whole-download
+time cap, and file:// URLs that try to leave the allowed directory (encoded `..`, `%2f`,
+backslashes, NUL, symlinks to files and directories outside, loops, FIFOs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service_stress_support import TrickleOrigin, assert_consistent
+from tests.service_support import Api, digest, temp_files, unique
+from tests.support import VidcacheServer, free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+MAX_BODY = 128 * 1024
+MAX_META = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path]) -> dict[str, Path]:
+    """`allowed` (served via file://) holding c.mkv, a file over the size cap and traps;
+    `outside` next to it."""
+    root = tmp_path_factory.mktemp("limits")
+    allowed, outside = root / "allowed", root / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    shutil.copy(videos["c.mkv"], allowed / "c.mkv")
+    (allowed / "big.mp4").write_bytes(bytes(4 * 1024 * 1024))
+    shutil.copy(videos["b.mp4"], outside / "secret.mp4")
+    (allowed / "link-out.mp4").symlink_to(outside / "secret.mp4")
+    (allowed / "dir-out").symlink_to(outside)
+    (allowed / "loop-a").symlink_to(allowed / "loop-b")
+    (allowed / "loop-b").symlink_to(allowed / "loop-a")
+    os.mkfifo(allowed / "fifo.mp4")
+    (allowed / "sub").mkdir()
+    return {"root": root, "allowed": allowed, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def server(dirs: dict[str, Path], videos: dict[str, Path]) -> Iterator[VidcacheServer]:
+    """file:// from `allowed`; a size cap of 2 MiB (c.mkv fits, allowed/big.mp4 does not);
+    downloads capped at 1 s in total (the per-read timeout stays long, so only the total can
+    stop a trickle)."""
+    cap = 2 * 1024 * 1024
+    assert videos["c.mkv"].stat().st_size < cap
+    with VidcacheServer(dirs["root"] / "data", "--allow-file-dir", str(dirs["allowed"]),
+                        "--max-size", str(cap), "--max-download-time", "1",
+                        "--download-timeout", "20") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def api(server: VidcacheServer) -> Iterator[Api]:
+    client = Api(server.url)
+    yield client
+    client.close()
+
+
+def _refused(response: httpx.Response, status: int, *fragments: str) -> None:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    for fragment in fragments:
+        assert fragment in detail, detail
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"k": value}
+    return value
+
+
+def _post_raw(api: Api, body: bytes) -> httpx.Response:
+    return api.http.post("/ingest", content=body, headers={"Content-Type": "application/json"})
+
+
+# --- request size and shape --------------------------------------------------------------------
+
+def test_body_over_the_cap_is_413_with_or_without_length(api: Api) -> None:
+    body = json.dumps({"url": "http://x/", "bucket": "b", "meta": {"a": "x" * MAX_BODY}})
+    _refused(_post_raw(api, body.encode()), 413, f"larger than {MAX_BODY} bytes")
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the cap counts what arrives
+        for start in range(0, len(body), 8192):
+            yield body[start:start + 8192].encode()
+
+    _refused(api.http.post("/ingest", content=chunked(),
+                           headers={"Content-Type": "application/json"}), 413, "larger than")
+
+
+def test_meta_over_64_kib_is_413(api: Api, dirs: dict[str, Path]) -> None:
+    url = (dirs["allowed"] / "c.mkv").as_uri()
+    _refused(api.ingest(url, unique("meta"), meta={"a": "x" * MAX_META}), 413,
+             "meta is", f"limit of {MAX_META}")
+
+
+def test_meta_at_the_depth_limit_round_trips_and_deeper_is_422(
+        api: Api, server: VidcacheServer, dirs: dict[str, Path], videos: dict[str, Path]) -> None:
+    url = (dirs["allowed"] / "c.mkv").as_uri()
+    _refused(api.ingest(url, unique("deep"), meta=_nested(33)), 422, "nested more than 32")
+    # before the cap, a meta 900 levels deep was stored and then broke /meta and /videos
+    stored = api.ingest_ok(url, unique("deep"), meta=_nested(32))
+    assert stored["hash"] == digest(videos["c.mkv"].read_bytes())
+    assert api.meta(stored["hash"]).json()["meta"] == _nested(32)
+    assert_consistent(server.data_dir, server.url)
+    assert api.http.delete(f"/video/{stored['hash']}").status_code == 204
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    (b'{"url": "http://x/", "bucket": "b", "meta": {"n": NaN}}', "standard JSON"),
+    (b'{"url": "http://x/", "bucket": "b", "meta": {"n": -Infinity}}', "standard JSON"),
+    (b'{"url": "http://x/", "bucket": "b", "meta": {"s": "\\ud800"}}', "standard JSON"),
+    (b'{"url": "http://x/\\ud800", "bucket": "b"}', "not valid Unicode"),
+    (b'{"url": "http://x/", "bucket": "b", "meta": ' + b"[" * 70000 + b"]" * 70000 + b"}",
+     "larger than"),
+    (b'{"url": "http://x/", "bucket": "b", "meta": {"a": ' + b"[" * 30000 + b"]" * 30000
+     + b"}}", "nested too deeply"),
+    (b'{"url": "http://x/", "bucket": "b", "meta": {"n": ' + b"7" * 5000 + b"}}",
+     "cannot parse"),
+    (b'\xff\xfe{"url": 1}', "JSON"),
+    (b'\x85{"url": 1}', "cannot parse"),  # not UTF-8
+])
+def test_json_the_service_could_not_serve_back_is_refused(api: Api, body: bytes,
+                                                          fragment: str) -> None:
+    response = _post_raw(api, body)
+    assert response.status_code in (413, 422), response.text
+    assert fragment in response.json()["detail"]
+
+
+@pytest.mark.parametrize(("url", "fragment"), [
+    ("http://127.0.0.1:99999/v.mp4", "port 99999"),
+    ("http://127.0.0.1:0/v.mp4", "port 0"),
+    ("http://a..b/v.mp4", "malformed host name"),
+    (f"http://{'a' * 64}.example/v.mp4", "malformed host name"),
+])
+def test_impossible_urls_are_422(api: Api, url: str, fragment: str) -> None:
+    _refused(api.ingest(url, unique("url")), 422, fragment)
+
+
+@pytest.mark.parametrize(("bucket", "prefix"), [
+    ("..%2f", ""), ("%2e%2e", ""), ("a\\b", ""), ("C:\\x", ""), ("\u00e9t\u00e9", ""),
+    ("b", "..\\.."), ("b", "%2e%2e%2f"), ("b", "x/../../y"), ("/etc", ""), ("b", "/etc"),
+    ("b\x00", ""), (".vidcache", ""), ("b", ".vidcache"),
+])
+def test_bucket_and_prefix_never_become_paths(api: Api, server: VidcacheServer,
+                                              dirs: dict[str, Path], bucket: str,
+                                              prefix: str) -> None:
+    url = (dirs["allowed"] / "c.mkv").as_uri()
+    _refused(api.ingest(url, bucket, prefix), 422, "bucket" if not prefix else "prefix")
+    assert_consistent(server.data_dir, server.url)
+
+
+# --- the whole-download cap ----------------------------------------------------------------------
+
+def test_a_trickling_download_is_cut_at_max_download_time(
+        api: Api, server: VidcacheServer, videos: dict[str, Path]) -> None:
+    # 8 KiB every 0.25 s: never silent for the 20 s --download-timeout, done only after ~10 s
+    with TrickleOrigin(videos["c.mkv"].parent, piece=8192, pause=0.25) as origin:
+        url = f"{origin.url}/slow/c.mkv?{unique('trickle')}"
+        _refused(api.ingest(url, unique("slow")), 504, "--max-download-time of 1 s")
+    assert temp_files(server.data_dir) == []
+    assert api.http.get("/resolve", params={"url": url}).status_code == 404
+
+
+# --- file:// ------------------------------------------------------------------------------------
+
+def test_file_urls_below_the_allowed_dir_work(api: Api, dirs: dict[str, Path],
+                                              videos: dict[str, Path]) -> None:
+    allowed = dirs["allowed"]
+    first = api.ingest_ok((allowed / "c.mkv").as_uri(), unique("file"))
+    assert first["hash"] == digest(videos["c.mkv"].read_bytes())
+    # the same file through an equivalent path is the same content: a duplicate
+    again = api.ingest_ok(f"file://localhost{allowed}/sub/../c.mkv", unique("file"))
+    assert (again["status"], again["hash"]) == ("duplicate", first["hash"])
+    assert api.http.delete(f"/video/{first['hash']}").status_code == 204
+
+
+@pytest.mark.parametrize(("tail", "status", "fragment"), [
+    ("%2e%2e/outside/secret.mp4", 403, "outside the directories"),
+    ("..%2foutside%2fsecret.mp4", 403, "outside the directories"),
+    ("sub/%2e%2e/%2e%2e/outside/secret.mp4", 403, "outside the directories"),
+    ("..\\outside\\secret.mp4", 422, "No such file"),  # a backslash is a name character
+    ("link-out.mp4", 403, "outside the directories"),
+    ("dir-out/secret.mp4", 403, "outside the directories"),
+    ("loop-a", 422, "loop-a"),
+    ("fifo.mp4", 422, "not a regular file"),
+    ("sub", 422, "not a regular file"),
+    ("c.mkv%00.txt", 422, "NUL"),
+    ("big.mp4", 413, "--max-size"),
+])
+def test_file_urls_cannot_leave_the_allowed_dir(api: Api, server: VidcacheServer,
+                                                dirs: dict[str, Path], tail: str, status: int,
+                                                fragment: str) -> None:
+    base = dirs["allowed"].as_uri()
+    _refused(api.ingest(f"{base}/{tail}", unique("escape")), status, fragment)
+    assert_consistent(server.data_dir, server.url)
+    assert sorted(p.name for p in dirs["outside"].iterdir()) == ["secret.mp4"]
+
+
+def test_other_file_urls_are_refused(api: Api) -> None:
+    _refused(api.ingest("file:///etc/passwd", unique("file")), 403, "--allow-file-dir")
+    _refused(api.ingest("file://elsewhere/etc/passwd", unique("file")), 422, "remote host")
+    _refused(api.ingest(f"file://127.0.0.1:{free_port()}/x", unique("file")), 422,
+             "remote host")
