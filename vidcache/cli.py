@@ -181,14 +181,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from vidcache_client import VidCacheClient, VidCacheError
+    from vidcache_client import AuthError, VidCacheClient, VidCacheError
 
     try:
         with VidCacheClient(args.server, token=args.token) as client:
             result = client.ingest(args.url, args.bucket, prefix=args.prefix,
                                    meta=dict(args.meta))
     except VidCacheError as exc:
-        print(f"vidcache ingest: error: {exc}", file=sys.stderr)
+        advice = ""
+        if isinstance(exc, AuthError) and exc.status_code == 401:
+            advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
+                      if args.token is None else
+                      "\nvidcache ingest: the server refused the token of --token-file")
+        print(f"vidcache ingest: error: {exc}{advice}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0
