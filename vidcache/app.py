@@ -153,6 +153,11 @@ class VideoFileResponse(FileResponse):
     """FileResponse with the strict Range parser, whose own error answers (400 malformed Range,
     416 unsatisfiable Range) carry a JSON `{"detail"}` body like every other error."""
 
+    # Starlette reads 64 KiB per hop to a worker thread; 1 MiB chunks make that cost 16x
+    # rarer, which measured 2.7x faster whole-file and 2x faster 1 MiB-range serving
+    # (docs/benchmarks.md).
+    chunk_size = 1024 * 1024
+
     @classmethod
     def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
         try:
