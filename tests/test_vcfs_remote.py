@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +19,14 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from vcfs.remote import NotFound, Remote, RemoteConfig, RemoteError, RemoteUnavailable
+from vcfs.remote import (
+    AccessDenied,
+    NotFound,
+    Remote,
+    RemoteConfig,
+    RemoteError,
+    RemoteUnavailable,
+)
 from vidcache_client import VidCacheClient
 
 CHUNK = 1000
@@ -37,10 +46,16 @@ class FakeService:
     failures: list[int] = field(default_factory=list)  # statuses to answer before serving
     ignore_range: bool = False
     requests: list[str] = field(default_factory=list)
+    ranges: list[str] = field(default_factory=list)  # Range headers of video requests
+    block: Callable[[], None] | None = None  # called before answering a video request
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
         self.requests.append(path)
+        if path == f"/video/{HASH}":
+            self.ranges.append(request.headers.get("Range", ""))
+            if self.block is not None:
+                self.block()
         if self.failures:
             status = self.failures.pop(0)
             return httpx.Response(status, json={"detail": f"injected {status}"})
@@ -101,15 +116,42 @@ def make_remote(service: FakeService, clock: FakeClock) -> Callable[..., Remote]
 
 
 def test_fetch_returns_exactly_the_range_and_verifies_whole_chunks(
-    make_remote: Callable[..., Remote],
+    make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:
     remote = make_remote()
-    assert remote.fetch(HASH, 0, 1500) == DATA[:1500]  # chunk 0 only lies wholly inside
-    assert remote.counters.get("verified_chunks") == 1
-    assert remote.fetch(HASH, 1000, len(DATA)) == DATA[1000:]  # chunk 1 and the short last
+    assert remote.fetch(HASH, 0, 2000) == DATA[:2000]  # chunks 0 and 1, aligned
+    assert remote.fetch(HASH, 2000, len(DATA)) == DATA[2000:]  # the short last chunk
+    assert service.ranges == ["bytes=0-1999", "bytes=2000-2559"]
     assert remote.counters.get("verified_chunks") == 3
+    assert remote.counters.get("verify_extra_bytes") == 0
     assert remote.fetch(HASH, 5, 5) == b""
-    assert remote.counters.get("bytes_fetched") == 1500 + 1560
+    assert remote.counters.get("bytes_fetched") == len(DATA)
+
+
+def test_a_range_cutting_chunks_is_widened_and_its_edge_chunks_kept(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    assert remote.fetch(HASH, 0, 1500) == DATA[:1500]  # cuts chunk 1: fetched whole
+    assert service.ranges == ["bytes=0-1999"]
+    assert remote.counters.get("verified_chunks") == 2
+    assert remote.counters.get("verify_extra_bytes") == 500
+    assert remote.fetch(HASH, 1500, 1800) == DATA[1500:1800]  # inside the kept chunk 1
+    assert remote.fetch(HASH, 1800, 2100) == DATA[1800:2100]  # kept chunk 1 + fetched chunk 2
+    assert service.ranges == ["bytes=0-1999", "bytes=2000-2559"]
+    assert remote.fetch(HASH, 2100, 2200) == DATA[2100:2200]
+    assert len(service.ranges) == 2
+    assert remote.counters.get("bytes_fetched") == 1500 + 300 + 300 + 100
+
+
+def test_a_bad_digest_of_a_partly_read_chunk_is_caught(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote(timeout=1.0)
+    service.digests[0] = "0" * 64
+    with pytest.raises(RemoteUnavailable, match="chunk 0"):
+        remote.fetch(HASH, 10, 20)  # ten bytes of a chunk whose digest does not match
+    assert remote.counters.get("verify_failures") > 1
 
 
 def test_transient_errors_are_retried_with_growing_jittered_backoff(
@@ -130,6 +172,7 @@ def test_persistent_failure_gives_up_at_the_deadline_naming_hash_and_range(
     make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
 ) -> None:
     remote = make_remote(timeout=5.0)
+    remote.fetch(HASH, 0, 1000)  # metadata and digests cached: the failures hit the range
     service.failures = [503] * 1000
     start = clock.now
     with pytest.raises(RemoteUnavailable, match=f"{HASH} bytes 100-199"):
@@ -211,3 +254,35 @@ def test_listing_is_cached_briefly_and_fills_the_metadata_cache(
     remote.list_videos()
     assert service.requests == ["/videos", "/videos"]
     assert json.dumps(remote.counters.snapshot())  # JSON-ready
+
+
+def test_a_refused_token_is_access_denied_at_once(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    service.failures = [401]
+    with pytest.raises(AccessDenied, match="requires a token: mount with --token-file"):
+        remote.meta(HASH)
+    assert remote.counters.get("retries") == 0
+    assert remote.counters.get("errors") == 1
+
+
+def test_an_answer_that_never_completes_is_given_up_at_the_cutoff(
+    service: FakeService,
+) -> None:
+    """A response stuck in the transport (what a trickling body looks like to the caller)
+    ends the operation at deadline + one request timeout, not when the transport returns."""
+    release = threading.Event()
+    service.block = lambda: release.wait(30)
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=0.6))  # real clock: 0.2 s per request
+    remote.meta(HASH)
+    started = time.monotonic()
+    try:
+        with pytest.raises(RemoteUnavailable, match="no complete answer"):
+            remote.fetch(HASH, 0, 1000)
+        assert time.monotonic() - started < 10  # far before the transport would have returned
+        assert remote.counters.get("overdue") >= 1
+    finally:
+        release.set()
+        remote.close()

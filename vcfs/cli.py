@@ -9,7 +9,11 @@ command the user typed, with a non-zero exit code, before anything detaches.
 Before mounting, everything that can be checked is checked, each with a one-line error: FUSE
 is usable (/dev/fuse, fusermount3), the mount point exists, is an empty directory and is not
 mounted (a stale mount left by a crashed vcfs, "Transport endpoint is not connected", is
-unmounted first), and the service answers /health.
+unmounted first), the token file (if any) holds a token, the service answers /health, and it
+lets vcfs list its videos (a missing or wrong token is named as such).
+
+The token is read from a file, never taken on the command line, where any user could see it
+in the process list; `--daemon` passes the file's path to its child, not the token.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vcfs import __version__
 from vcfs.blocks import BlockCache
-from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 
 log = logging.getLogger("vcfs")
 
@@ -65,6 +69,8 @@ class MountOptions:
     log_level: str
     log_file: str | None  # absolute
     raise_readahead: bool
+    token_file: str | None = None  # absolute
+    token: str | None = field(default=None, repr=False)  # read from token_file
 
 
 def parse_size(text: str) -> int:
@@ -135,7 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
         help="give up on the service after retrying this long, then the read fails with EIO "
-        "(default: 30); each HTTP request times out after min(10, SECONDS)",
+        "(default: 30); a request silent for min(10, SECONDS/3) is retried",
+    )
+    mount.add_argument(
+        "--token-file", metavar="FILE",
+        help="send the token in FILE (one line) as 'Authorization: Bearer <token>', for a "
+        "service started with --token-file and --token-reads",
     )
     mode = mount.add_mutually_exclusive_group()
     mount.set_defaults(daemon=False)
@@ -206,6 +217,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
         raise StartupError("vcfs is read-only: -o rw is not possible")
+    token_file = os.path.abspath(args.token_file) if args.token_file else None
     return MountOptions(
         url=args.url.rstrip("/"),
         mountpoint=os.path.abspath(args.mountpoint),
@@ -217,7 +229,30 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         raise_readahead=args.raise_readahead,
+        token_file=token_file,
+        token=read_token_file(token_file) if token_file else None,
     )
+
+
+def read_token_file(path: str) -> str:
+    """The bearer token in `path`: its one line, without the line break."""
+    try:
+        with open(path, encoding="ascii") as file:
+            text = file.read()
+    except UnicodeDecodeError as exc:
+        raise StartupError(f"--token-file {path} is not ASCII text") from exc
+    except OSError as exc:
+        raise StartupError(f"cannot read --token-file {path}: {exc.strerror}") from exc
+    token = text.rstrip("\r\n")
+    if not token:
+        raise StartupError(
+            f"--token-file {path} is empty: put the service's token in it (one line)"
+        )
+    if not all(33 <= ord(char) <= 126 for char in token):
+        raise StartupError(
+            f"--token-file {path}: the token must be one line of printable ASCII without spaces"
+        )
+    return token
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +355,9 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         raise StartupError(f"cannot open the log file: {exc}") from exc
     check_fuse_available()
     prepare_mountpoint(options.mountpoint)
-    remote = Remote.connect(options.url, config=RemoteConfig(timeout=options.timeout))
+    remote = Remote.connect(
+        options.url, config=RemoteConfig(timeout=options.timeout), token=options.token
+    )
     try:
         try:
             remote.check_health()
@@ -328,6 +365,11 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
             raise StartupError(
                 f"cannot reach the vidcache service at {options.url}: {exc}"
             ) from exc
+        try:
+            remote.check_access()
+        except AccessDenied as exc:
+            raise StartupError(f"the vidcache service at {options.url} refused access to "
+                               f"{exc}") from exc
         return _serve(options, remote, status_fd)
     finally:
         remote.close()
@@ -421,6 +463,8 @@ def run_daemon(options: MountOptions) -> int:
         argv += ["-o", option]
     if options.log_file:
         argv += ["--log-file", options.log_file]
+    if options.token_file:
+        argv += ["--token-file", options.token_file]
     if not options.raise_readahead:
         argv.append("--no-raise-readahead")
     read_end, write_end = os.pipe()

@@ -10,8 +10,10 @@ pages across opens (`kernel_cache`) and entries/attributes for a day; failed loo
 remembered only `negative_timeout` seconds so a newly ingested video shows up quickly.
 
 Errors: every operation is wrapped by `_fuse_operation`, the one place where exceptions become
-errno values: `NotFound` -> ENOENT, any other failure -> EIO (logged with what was asked),
-`FuseOSError` passes through. Nothing else escapes (mfusepy would turn it into EINVAL).
+errno values: `NotFound` -> ENOENT, `AccessDenied` (the service refused the token) -> EACCES,
+any other failure -> EIO (both logged with what was asked and why), `FuseOSError` passes
+through. Nothing else escapes (mfusepy would turn it into EINVAL). Every operation is bounded
+in time: what reaches the service does so through `Remote`, whose calls end by their cutoff.
 
 Open files: `open` allocates a handle (`_VideoHandle`: the video's metadata and a per-handle
 `Readahead`; `_StatsHandle`: the snapshot's bytes) in a table keyed by the number given to
@@ -38,7 +40,7 @@ from vcfs import paths
 from vcfs.blocks import BlockCache
 from vcfs.fuselib import FuseOSError, Operations
 from vcfs.readahead import Readahead
-from vcfs.remote import NotFound, Remote, VcfsError, VideoMeta
+from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
 from vcfs.stats import Counters
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ FS_COUNTERS = (
     "bytes_read",  # bytes returned by them
     "lookups",  # getattr of video names
     "opens",
-    "errors",  # operations answered with EIO
+    "errors",  # operations answered with EIO or EACCES
     "readahead_tasks",  # prefetch tasks of released handles
     "readahead_blocks",
 )
@@ -111,6 +113,10 @@ def _fuse_operation(
         except NotFound as exc:
             log.info("%s: %s", _describe(method.__name__, args), exc)
             raise FuseOSError(errno.ENOENT) from exc
+        except AccessDenied as exc:
+            self.counters.add("errors")
+            log.error("%s failed (EACCES): %s", _describe(method.__name__, args), exc)
+            raise FuseOSError(errno.EACCES) from exc
         except VcfsError as exc:
             self.counters.add("errors")
             log.error("%s failed (EIO): %s", _describe(method.__name__, args), exc)
@@ -200,6 +206,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         if self._on_mounted is not None:
             self._on_mounted()
 
+    @_fuse_operation
     def destroy(self, path: str) -> None:
         self.close()
 

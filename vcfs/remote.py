@@ -1,30 +1,48 @@
 """vcfs's only door to the vidcache service: byte ranges, metadata and the listing, with the
 retry policy, the caches that make lookups cheap, and the vcfs error hierarchy.
 
-Retries. Every call goes through `Remote._with_retries`: errors the client marks `transient`
-(connection resets, timeouts, 5xx, a response that is not exactly the asked range) and data
-that fails its digest are retried with jittered exponential backoff until a total deadline
-(`RemoteConfig.timeout`) has passed; then `RemoteUnavailable`, naming the hash and range. A
-404 is `NotFound` at once; any other refusal (4xx) is `RemoteError` at once. Each HTTP request
-also has its own timeout (`request_timeout`, at most the deadline), so a stalled connection
-costs one attempt, not the whole deadline; an operation ends within deadline + one request.
+Deadlines. Every operation (one fetch, one metadata lookup, one listing) has ONE deadline,
+`RemoteConfig.timeout` after it started, shared by everything it needs (a fetch that first
+needs the video's metadata and chunk digests spends them from the same budget). Errors the
+client marks `transient` (connection resets, timeouts, 5xx, an answer that is not exactly the
+asked range), data failing its digest and attempts that ran out of time are retried with
+jittered exponential backoff until the deadline; then `RemoteUnavailable`, naming the hash
+and range. A 404 is `NotFound` at once, a 401/403 `AccessDenied` at once (the token is
+missing or wrong), any other refusal (4xx) `RemoteError` at once.
 
-Integrity. `fetch` returns exactly `end - start` bytes or raises: the client already refuses a
-response whose status, Content-Range or length is not the asked range, and the length is
-checked again here. When the service publishes per-chunk BLAKE3 digests
-(`GET /video/{hash}/chunks`, fetched once per hash and cached), every chunk that a fetched
-range covers wholly is hashed and compared before the bytes are returned; with the default
-1 MiB blocks (= the service's chunk size) that is every byte. A mismatch is retried like a
-transient error (a flaky proxy or disk), so corrupt bytes never reach the block cache.
+Bounds. Each HTTP request has its own per-read timeout (`per_request_timeout`, at most a third
+of the deadline, so one stalled request leaves time to retry), but a response trickling in
+slowly never times out that way. So every attempt runs on a worker thread and the caller waits
+for it only until the operation's *cutoff* (deadline + one request timeout): whatever the
+service does, the caller has its answer or an error by then. An attempt given up that way
+(`overdue`) also stops itself: a streamed range checks the cutoff between 64 KiB pieces, a
+listing between records.
+
+After a failure. The kernel asks again at once, page by page, for a read that failed; a fetch
+overlapping a range that failed for good less than `failure_memory` ago therefore gets one
+attempt (its deadline is "now"), not a second deadline of retries: the reader has its EIO
+after one deadline, and a service that is back answers that attempt.
+
+Integrity. `fetch` returns exactly `end - start` bytes or raises: the client already refuses an
+answer whose status, Content-Range or length is not the asked range, and the length is checked
+again here. When the service publishes per-chunk BLAKE3 digests (`GET /video/{hash}/chunks`,
+fetched once per hash and cached), every chunk a fetch touches is hashed and compared before
+any of its bytes are returned. A fetch whose ends cut a chunk (blocks smaller than the chunk,
+or not aligned to it) is widened to whole chunks; the partly used edge chunks are kept, verified,
+in a small LRU, so the neighbouring blocks cost no second request. With the default 1 MiB
+blocks (= the service's chunk size) nothing is widened. A mismatch is retried like a transient
+error (a flaky proxy or disk), so corrupt bytes never reach the block cache.
 
 Caches (content never changes for a hash, but videos come and go):
 - metadata of existing videos: an LRU of bounded size, kept until evicted;
 - "no such video": a few seconds only, so a newly ingested video shows up quickly;
-- the `by-hash/` listing: a few seconds; it also fills the metadata cache.
+- the `by-hash/` listing: a few seconds; it also fills the metadata cache;
+- chunk digests per video, and the verified edge chunks described above.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import threading
@@ -39,15 +57,18 @@ from cachetools import LRUCache, TTLCache
 
 from vcfs import paths
 from vcfs.stats import Counters
-from vidcache_client import NotFoundError, VidCacheClient, VidCacheError
+from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+KIB = 1 << 10
+MIB = 1 << 20
+
 
 # ---------------------------------------------------------------------------------------------
-# Errors: the filesystem maps NotFound to ENOENT and every other VcfsError to EIO.
+# Errors: the filesystem maps NotFound to ENOENT, AccessDenied to EACCES, the rest to EIO.
 
 
 class VcfsError(Exception):
@@ -62,12 +83,24 @@ class RemoteError(VcfsError):
     """The service gave no usable answer, and retrying will not help (e.g. a 4xx)."""
 
 
+class AccessDenied(RemoteError):
+    """The service refused vcfs's bearer token (HTTP 401/403): missing or wrong."""
+
+
 class RemoteUnavailable(RemoteError):
     """Transient failures (network, timeouts, 5xx, bad data) outlasted the deadline."""
 
 
 class CorruptData(RemoteError):
     """Bytes that are not the asked range or do not match the recorded digest (retried)."""
+
+
+class Overdue(RemoteError):
+    """An attempt was still running at the operation's cutoff (retried if time is left)."""
+
+
+# Failures of one attempt that another attempt may not have.
+_RETRIED = (CorruptData, Overdue)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +110,7 @@ class CorruptData(RemoteError):
 class RemoteConfig:
     # Rides out a service restart or a network blip; then the read fails with EIO.
     timeout: float = 30.0
-    # One stalled request must not eat the whole deadline.
+    # A request silent this long is stalled (also capped at a third of `timeout`, see below).
     request_timeout: float = 10.0
     # First retry soon (a reset connection usually works at once), then back off to 2 s.
     backoff_initial: float = 0.1
@@ -90,6 +123,15 @@ class RemoteConfig:
     meta_entries: int = 65_536
     # Digest lists are 65 bytes per MiB of video: 1024 videos of 1 GiB in ~65 MB.
     digest_entries: int = 1024
+    # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
+    verified_chunk_bytes: int = 8 * MIB
+    # One worker per connection of the client: attempts never queue behind each other.
+    workers: int = 32
+    # A streamed range checks the cutoff between pieces this large.
+    stream_piece: int = 64 * KIB
+    # The kernel re-asks a failed read at once, page by page: within this time a range that
+    # failed gets one attempt, not a second deadline of retries.
+    failure_memory: float = 1.0
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.request_timeout <= 0:
@@ -97,7 +139,9 @@ class RemoteConfig:
 
     @property
     def per_request_timeout(self) -> float:
-        return min(self.request_timeout, self.timeout)
+        """Per-read timeout of one HTTP request: a third of the deadline at most, so a stalled
+        request leaves time for two more attempts."""
+        return min(self.request_timeout, self.timeout / 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,23 +182,40 @@ def _parse_time_ns(value: object) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class _Failure:
+    """A range that just failed for good, and until when it gets only one more attempt."""
+
+    start: int
+    end: int
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class _Digests:
     chunk_size: int
     digests: list[str]  # 64-hex BLAKE3 of each chunk, the last one short
     file_size: int
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        """Byte range `(start, end_exclusive)` of chunk `index`."""
+        start = index * self.chunk_size
+        return start, min(start + self.chunk_size, self.file_size)
 
 
 # The service's largest listing page: fewest requests for `ls by-hash`.
 _PAGE_SIZE = 1000
 
 REMOTE_COUNTERS = (
-    "http_requests",  # requests sent, retries included (a whole listing counts as one)
+    "http_requests",  # attempts sent (a whole listing counts as one)
     "range_requests",  # attempts to fetch a byte range
     "bytes_fetched",  # bytes of ranges returned to the cache
     "retries",  # attempts repeated after a transient error
-    "errors",  # operations that failed for good (became ENOENT/EIO)
+    "errors",  # operations that failed for good (became EIO/EACCES)
+    "second_tries",  # fetches of a range that had just failed: one attempt, no retry loop
+    "overdue",  # attempts still running at their operation's cutoff, given up
     "verified_chunks",  # chunks whose BLAKE3 matched the service's digest
     "verify_failures",  # chunks that did not (each one retried)
+    "verify_extra_bytes",  # bytes fetched beyond the asked ranges to verify whole chunks
 )
 
 
@@ -167,12 +228,14 @@ class Remote:
         *,
         config: RemoteConfig | None = None,
         counters: Counters | None = None,
+        token_sent: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self.config = config or RemoteConfig()
         self.counters = counters or Counters(*REMOTE_COUNTERS)
+        self._token_sent = token_sent
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()
@@ -183,37 +246,65 @@ class Remote:
         self._digests: LRUCache[str, _Digests | None] = LRUCache(
             maxsize=self.config.digest_entries
         )
+        self._verified: LRUCache[tuple[str, int], bytes] = LRUCache(
+            maxsize=self.config.verified_chunk_bytes, getsizeof=len
+        )
+        self._failures: dict[str, list[_Failure]] = {}
         self._listing: list[VideoMeta] = []
         self._listing_at: float | None = None
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.config.workers, thread_name_prefix="vcfs-http"
+        )
 
     @classmethod
-    def connect(cls, base_url: str, *, config: RemoteConfig | None = None) -> Remote:
-        """A Remote with its own client."""
+    def connect(
+        cls, base_url: str, *, config: RemoteConfig | None = None, token: str | None = None
+    ) -> Remote:
+        """A Remote with its own client (sending `token` as a bearer token if given)."""
         config = config or RemoteConfig()
-        # 32 connections: the FUSE threads plus the readahead workers, with room to spare.
         client = VidCacheClient(
-            base_url, timeout=config.per_request_timeout, max_connections=32
+            base_url,
+            timeout=config.per_request_timeout,
+            chunk_size=config.stream_piece,
+            token=token,
+            max_connections=config.workers,
         )
-        return cls(client, config=config)
+        return cls(client, config=config, token_sent=token is not None)
 
     def close(self) -> None:
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     # -- service ---------------------------------------------------------------------------
 
     def check_health(self) -> None:
-        """One request to /health; RemoteUnavailable with the reason if it is not ok."""
+        """One `GET /health`; RemoteUnavailable with the reason if it is not ok."""
         self.counters.add("http_requests")
         try:
-            status = self._client.health()
-        except VidCacheError as exc:
+            status = self._bounded(lambda _: self._client.health(), self._cutoff(self._deadline()))
+        except (VidCacheError, Overdue) as exc:
             raise RemoteUnavailable(str(exc)) from exc
         if status.get("status") != "ok":
             raise RemoteUnavailable(f"service reports {status!r}")
 
+    def check_access(self) -> None:
+        """One `GET /videos?limit=1`: AccessDenied if the service wants another token (its
+        health check is open even where reading needs the token). Any other failure is only
+        logged: the service answered /health, and the reads themselves will retry."""
+        self.counters.add("http_requests")
+        try:
+            self._bounded(
+                lambda _: next(iter(self._client.list_videos(page_size=1)), None),
+                self._cutoff(self._deadline()),
+            )
+        except AuthError as exc:
+            raise self._access_denied("the video listing", exc) from exc
+        except (VidCacheError, Overdue) as exc:
+            log.warning("the service answers /health but not the listing: %s", exc)
+
     # -- metadata --------------------------------------------------------------------------
 
-    def meta(self, content_hash: str) -> VideoMeta | None:
+    def meta(self, content_hash: str, *, deadline: float | None = None) -> VideoMeta | None:
         """The video's metadata, None if the service has no such hash (both cached)."""
         with self._lock:
             known = self._known.get(content_hash)
@@ -222,7 +313,9 @@ class Remote:
             if content_hash in self._missing:
                 return None
         doc = self._with_retries(
-            f"metadata of {content_hash}", lambda: self._client.get_meta(content_hash)
+            f"metadata of {content_hash}",
+            lambda _: self._client.get_meta(content_hash),
+            deadline=deadline,
         )
         if doc is None:
             with self._lock:
@@ -240,11 +333,17 @@ class Remote:
                 self._clock() - self._listing_at < self.config.listing_ttl
             ):
                 return self._listing
-        docs = self._with_retries(
-            "the video listing", lambda: list(self._client.list_videos(page_size=_PAGE_SIZE))
-        )
+
+        def attempt(cutoff: float) -> list[dict[str, Any]]:
+            docs = []
+            for doc in self._client.list_videos(page_size=_PAGE_SIZE):
+                docs.append(doc)
+                if self._clock() > cutoff:
+                    raise Overdue(f"listing still incomplete at the deadline ({len(docs)} so far)")
+            return docs
+
         listing = []
-        for doc in docs:
+        for doc in self._with_retries("the video listing", attempt):
             try:
                 listing.append(VideoMeta.from_json(doc))
             except RemoteError as exc:
@@ -274,35 +373,146 @@ class Remote:
         """Exactly the bytes `[start, end)` of the video (a `vcfs.blocks.Fetcher`)."""
         if end <= start:
             return b""
-        what = f"{content_hash} bytes {start}-{end - 1}"
-
-        def attempt() -> bytes:
-            self.counters.add("range_requests")
-            data = self._client.get_bytes(content_hash, byte_range=(start, end - 1))
-            if len(data) != end - start:
-                raise CorruptData(f"got {len(data)} bytes instead of {end - start}")
-            self._verify(content_hash, start, end, data)
-            return data
-
+        asked = f"{content_hash} bytes {start}-{end - 1}"
+        deadline = self._deadline()
+        failed_before = self._recent_failure(content_hash, start, end)
+        if failed_before is not None:
+            self.counters.add("second_tries")
+            asked += f" (failed {failed_before:.1f} s ago: one attempt)"
+            deadline = self._clock()
         try:
-            data = self._with_retries(what, attempt)
+            digests = self._chunk_digests(content_hash, deadline)
+            if digests is None:
+                data = self._fetch_range(asked, content_hash, start, end, None, deadline)
+            else:
+                data = self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
         except NotFound:
             self._forget(content_hash)
+            raise
+        except RemoteUnavailable:
+            self._remember_failure(content_hash, start, end)
             raise
         self.counters.add("bytes_fetched", len(data))
         return data
 
-    def _verify(self, content_hash: str, start: int, end: int, data: bytes) -> None:
-        """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
-        digests = self._chunk_digests(content_hash)
-        if digests is None:
-            return
+    def _recent_failure(self, content_hash: str, start: int, end: int) -> float | None:
+        """Seconds since part of the range failed for good, if less than `failure_memory`."""
+        now = self._clock()
+        with self._lock:
+            failure = next(
+                (f for f in self._failures.get(content_hash, ())
+                 if f.until > now and f.start < end and start < f.end),
+                None,
+            )
+        if failure is None:
+            return None
+        return self.config.failure_memory - (failure.until - now)
+
+    def _remember_failure(self, content_hash: str, start: int, end: int) -> None:
+        now = self._clock()
+        failure = _Failure(start, end, now + self.config.failure_memory)
+        with self._lock:
+            for known in list(self._failures):  # few entries: failures are brief and rare
+                alive = [f for f in self._failures[known] if f.until > now]
+                if alive:
+                    self._failures[known] = alive
+                else:
+                    del self._failures[known]
+            self._failures.setdefault(content_hash, []).append(failure)
+
+    def _fetch_chunks(
+        self,
+        asked: str,
+        content_hash: str,
+        start: int,
+        end: int,
+        digests: _Digests,
+        deadline: float,
+    ) -> bytes:
+        """`[start, end)` from whole verified chunks: the edge chunks it cuts come from the
+        verified-chunk LRU or are fetched whole (and then kept there)."""
         chunk_size = digests.chunk_size
+        first, last = start // chunk_size, (end - 1) // chunk_size
+        if chunk_size > self.config.verified_chunk_bytes // 2:
+            # Widening would fetch huge chunks for small blocks: verify only whole ones.
+            return self._fetch_range(asked, content_hash, start, end, digests, deadline)
+        cut_first = start != digests.bounds(first)[0]
+        cut_last = end != digests.bounds(last)[1]
+        if not cut_first and not cut_last:
+            return self._fetch_range(asked, content_hash, start, end, digests, deadline)
+        cut = {first: cut_first, last: cut_last} if first != last else {first: True}
+        with self._lock:
+            cached = {
+                index: chunk
+                for index in cut
+                if cut[index] and (chunk := self._verified.get((content_hash, index))) is not None
+            }
+        low = first + 1 if first in cached else first
+        high = last - 1 if last in cached else last
+        parts = [cached[first]] if first in cached else []
+        if low <= high:
+            fetch_start, fetch_end = digests.bounds(low)[0], digests.bounds(high)[1]
+            data = self._fetch_range(
+                f"{asked} (as whole chunks, bytes {fetch_start}-{fetch_end - 1})",
+                content_hash, fetch_start, fetch_end, digests, deadline,
+            )
+            self.counters.add(
+                "verify_extra_bytes",
+                (fetch_end - fetch_start) - (min(end, fetch_end) - max(start, fetch_start)),
+            )
+            parts.append(data)
+            keep = {}
+            for index in cut:
+                if cut[index] and low <= index <= high:
+                    chunk_start, chunk_end = digests.bounds(index)
+                    keep[index] = data[chunk_start - fetch_start : chunk_end - fetch_start]
+            with self._lock:
+                for index, chunk in keep.items():
+                    self._verified[(content_hash, index)] = chunk
+        if last in cached and last != first:
+            parts.append(cached[last])
+        whole = parts[0] if len(parts) == 1 else b"".join(parts)
+        base = first * chunk_size
+        return whole[start - base : end - base]
+
+    def _fetch_range(
+        self,
+        what: str,
+        content_hash: str,
+        start: int,
+        end: int,
+        digests: _Digests | None,
+        deadline: float,
+    ) -> bytes:
+        """One range with retries, streamed, its whole chunks verified."""
+
+        def attempt(cutoff: float) -> bytes:
+            self.counters.add("range_requests")
+            pieces = []
+            received = 0
+            with self._client.stream_video(content_hash, byte_range=(start, end - 1)) as body:
+                for piece in body:
+                    pieces.append(piece)
+                    received += len(piece)
+                    if received < end - start and self._clock() > cutoff:
+                        raise Overdue(
+                            f"only {received} of {end - start} bytes arrived by the deadline"
+                        )
+            data = b"".join(pieces)
+            if len(data) != end - start:
+                raise CorruptData(f"got {len(data)} bytes instead of {end - start}")
+            if digests is not None:
+                self._verify(digests, start, end, data)
+            return data
+
+        return self._with_retries(what, attempt, deadline=deadline)
+
+    def _verify(self, digests: _Digests, start: int, end: int, data: bytes) -> None:
+        """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
         view = memoryview(data)
-        index = -(-start // chunk_size)
+        index = -(-start // digests.chunk_size)
         while index < len(digests.digests):
-            chunk_start = index * chunk_size
-            chunk_end = min(chunk_start + chunk_size, digests.file_size)
+            chunk_start, chunk_end = digests.bounds(index)
             if chunk_end > end:
                 break
             digest = blake3(view[chunk_start - start : chunk_end - start]).hexdigest()
@@ -315,22 +525,23 @@ class Remote:
             self.counters.add("verified_chunks")
             index += 1
 
-    def _chunk_digests(self, content_hash: str) -> _Digests | None:
+    def _chunk_digests(self, content_hash: str, deadline: float) -> _Digests | None:
         """The service's chunk digests for the hash (cached); None when there are none to use."""
         with self._lock:
             if content_hash in self._digests:
                 return self._digests[content_hash]
-        meta = self.meta(content_hash)
+        meta = self.meta(content_hash, deadline=deadline)
         if meta is None:
             raise NotFound(f"{content_hash}: no such video on the service")
         try:
             doc = self._with_retries(
                 f"chunk digests of {content_hash}",
-                lambda: self._client.get_chunk_digests(content_hash),
+                lambda _: self._client.get_chunk_digests(content_hash),
+                deadline=deadline,
             )
         except NotFound:
             doc = None
-        except RemoteUnavailable:
+        except (RemoteUnavailable, AccessDenied):
             raise
         except RemoteError as exc:  # e.g. a service without the endpoint: read unverified
             log.warning("no chunk digests for %s, reading it unverified: %s", content_hash, exc)
@@ -340,20 +551,39 @@ class Remote:
             self._digests[content_hash] = digests
         return digests
 
-    # -- retry policy ----------------------------------------------------------------------
+    # -- retry policy and bounds ------------------------------------------------------------
 
-    def _with_retries(self, what: str, call: Callable[[], T]) -> T:
-        """`call()`, retried on transient errors with jittered backoff until the deadline."""
-        deadline = self._clock() + self.config.timeout
+    def _deadline(self) -> float:
+        return self._clock() + self.config.timeout
+
+    def _cutoff(self, deadline: float) -> float:
+        """When the caller stops waiting: an attempt started at the deadline gets one request
+        timeout."""
+        return deadline + self.config.per_request_timeout
+
+    def _with_retries(
+        self, what: str, call: Callable[[float], T], *, deadline: float | None = None
+    ) -> T:
+        """`call(cutoff)`, retried on transient errors with jittered backoff until `deadline`
+        (default: `timeout` from now); every attempt bounded by the cutoff."""
+        started = self._clock()
+        if deadline is None:
+            deadline = started + self.config.timeout
+        cutoff = self._cutoff(deadline)
         attempt = 0
         while True:
             self.counters.add("http_requests")
             try:
-                return call()
+                return self._bounded(call, cutoff)
             except NotFoundError as exc:
                 raise NotFound(f"{what}: no such video on the service") from exc
-            except (VidCacheError, CorruptData) as exc:
-                transient = isinstance(exc, CorruptData) or exc.transient
+            except AuthError as exc:
+                self.counters.add("errors")
+                raise self._access_denied(what, exc) from exc
+            except (VidCacheError, *_RETRIED) as exc:
+                transient = isinstance(exc, _RETRIED) or (
+                    isinstance(exc, VidCacheError) and exc.transient
+                )
                 if not transient:
                     self.counters.add("errors")
                     raise RemoteError(f"{what}: {exc}") from exc
@@ -361,8 +591,8 @@ class Remote:
                 if remaining <= 0:
                     self.counters.add("errors")
                     raise RemoteUnavailable(
-                        f"{what}: gave up after {attempt + 1} attempts in "
-                        f"{self.config.timeout:g} s; last error: {exc}"
+                        f"{what}: gave up after {attempt + 1} attempt(s) in "
+                        f"{self._clock() - started:.1f} s; last error: {exc}"
                     ) from exc
                 delay = min(self._backoff(attempt), remaining)
                 # One warning per failing operation; its further retries only at debug level.
@@ -371,6 +601,29 @@ class Remote:
                 self.counters.add("retries")
                 self._sleep(delay)
                 attempt += 1
+
+    def _bounded(self, call: Callable[[float], T], cutoff: float) -> T:
+        """`call(cutoff)` on a worker thread, waited for until `cutoff` at most; then it is
+        left to finish (or notice the cutoff) on its own and `Overdue` is raised."""
+        future = self._workers.submit(call, cutoff)
+        done, _ = concurrent.futures.wait([future], timeout=max(cutoff - self._clock(), 0.0))
+        if not done:
+            future.cancel()
+            self.counters.add("overdue")
+            raise Overdue(
+                "no complete answer by the deadline "
+                f"(+ {self.config.per_request_timeout:.1f} s for the last attempt)"
+            )
+        return future.result()
+
+    def _access_denied(self, what: str, exc: AuthError) -> AccessDenied:
+        advice = (
+            "the service refused vcfs's token: check that --token-file holds the token of "
+            "the service's --token-file"
+            if self._token_sent
+            else "the service requires a token: mount with --token-file FILE"
+        )
+        return AccessDenied(f"{what}: HTTP {exc.status_code}: {exc.detail}; {advice}")
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, so concurrent

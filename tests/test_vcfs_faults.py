@@ -1,0 +1,598 @@
+"""vcfs under injected faults: the real service, the benchmark's proxy with `bench.faults`
+between them, and a real mount pointed at the proxy.
+
+For every fault: a read through the mount returns the source's bytes (after retries) or fails
+with EIO within the deadline; it never hangs (reads run on a thread joined with a limit) and
+never returns wrong data; the mount serves the same read once the fault is gone; the counters
+say what happened. A 200 instead of 206 and a wrong Content-Range are refused by the client's
+range check (the log says so), a flipped byte by the BLAKE3 chunk digests (verify_failures).
+
+The shared mount has `--timeout 3` (each request times out after 1 s without bytes), 1 MiB
+blocks in a 2 MiB cache and no vcfs readahead, and `Regions` hands out blocks no recent read
+touched, so every read reaches the proxy. Persistent faults are tried side by side, each one
+matching only its own block's Range, so their deadlines run concurrently.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.faults import (
+    Bandwidth,
+    Fault,
+    FlipByte,
+    FullBody200,
+    Latency,
+    Refuse,
+    Reset,
+    Stall,
+    Status200,
+    Truncate,
+    WrongContentRange,
+    path_prefix,
+)
+from bench.proxy import Request
+from tests.support import VidcacheServer, wait_until
+from tests.vcfs_fault_support import (
+    BackgroundRead,
+    FaultyLink,
+    Regions,
+    Source,
+    bounded_read,
+    ingest,
+    range_of_block,
+    read_uncached,
+)
+from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
+from vcfs.blocks import BlockCache
+from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
+from vcfs.stats import Counters
+
+pytestmark = requires_fuse
+
+BUCKET = "vcfs-faults"
+MIB = 1 << 20
+READ = 64 * 1024
+TIMEOUT = 3.0  # the mount's --timeout
+PER_REQUEST = TIMEOUT / 3  # vcfs's per-request timeout at that deadline
+# A failing read ends by deadline + one request; the slack covers FUSE and a loaded machine.
+EIO_BOUND = TIMEOUT + PER_REQUEST + 3.0
+# Beyond this a read counts as hung (the test fails instead of waiting for it).
+HANG_LIMIT = EIO_BOUND + 10.0
+FIGURES: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="module")
+def sources(videos: dict[str, Path], media_url: str,
+            vidcache_server: VidcacheServer) -> dict[str, Source]:
+    return ingest(vidcache_server.url, media_url, videos, ("big.mp4", "big_moov_end.mp4"),
+                  bucket=BUCKET)
+
+
+@pytest.fixture(scope="module")
+def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
+    with FaultyLink(vidcache_server.port) as faulty:
+        yield faulty
+
+
+@pytest.fixture(scope="module")
+def mount(tmp_path_factory: pytest.TempPathFactory, link: FaultyLink,
+          sources: dict[str, Source]) -> Iterator[VcfsMount]:
+    mountpoint = tmp_path_factory.mktemp("faults") / "mnt"
+    with VcfsMount(link.url, mountpoint, "--timeout", str(TIMEOUT), "--cache-size", "2M",
+                   "--readahead-max", "0") as mounted:
+        for source in sources.values():  # metadata and digests cached: faults hit the bytes
+            assert read_uncached(mounted.video(source.file_name), 10, 0) == source.data[:10]
+        yield mounted
+
+
+@pytest.fixture(scope="module")
+def regions(sources: dict[str, Source]) -> Regions:
+    return Regions(list(sources.values()))
+
+
+@pytest.fixture(autouse=True)
+def no_faults_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "link" in request.fixturenames:
+        request.getfixturevalue("link").faults.clear()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_figures() -> Iterator[None]:
+    yield
+    print(f"\nFIGURES {json.dumps(FIGURES, sort_keys=True)}")
+    target = os.environ.get("VCFS_FAULT_FIGURES")
+    if target:
+        Path(target).write_text(json.dumps(FIGURES, indent=1, sort_keys=True) + "\n")
+
+
+def remote_counters(mounted: VcfsMount) -> dict[str, int]:
+    stats = mounted.stats()
+    return {**stats["remote"], "fuse_errors": stats["fuse"]["errors"]}
+
+
+def delta(before: dict[str, int], after: dict[str, int], key: str) -> int:
+    return after.get(key, 0) - before.get(key, 0)
+
+
+def expect(source: Source, offset: int, size: int = READ) -> bytes:
+    return source.data[offset : offset + size]
+
+
+def only_block(source: Source, offset: int) -> Callable[[Request], bool]:
+    """Matches the requests fetching the block of `source` holding `offset`."""
+    path, header = f"/video/{source.content_hash}", range_of_block(source, offset)
+
+    def match(request: Request) -> bool:
+        return request.path == path and request.range == header
+    return match
+
+
+def whole_video(sources: dict[str, Source]) -> Callable[[str], bytes | None]:
+    by_hash = {source.content_hash: source.data for source in sources.values()}
+    return by_hash.get
+
+
+# ---------------------------------------------------------------------------------------------
+# The fault hooks themselves, over plain HTTP
+
+
+def test_each_fault_damages_exactly_what_it_claims(
+    link: FaultyLink, sources: dict[str, Source]
+) -> None:
+    source = sources["big.mp4"]
+    url = f"{link.url}/video/{source.content_hash}"
+    asked = {"Range": "bytes=100000-199999", "Accept-Encoding": "identity"}
+    good = source.data[100_000:200_000]
+    faults = link.faults
+    with httpx.Client(timeout=10) as http:
+        def get() -> httpx.Response:
+            return http.get(url, headers=asked)
+
+        faults.enable(Status200(), times=1)
+        answer = get()
+        assert (answer.status_code, answer.content) == (200, good)
+        assert "content-range" not in answer.headers
+        faults.enable(WrongContentRange(shift=4096), times=1)
+        answer = get()
+        assert answer.headers["content-range"] == f"bytes 104096-204095/{source.size}"
+        assert answer.content == good
+        faults.enable(FlipByte(), times=1)
+        answer = get()
+        assert answer.status_code == 206
+        assert [i for i, (a, b) in enumerate(zip(answer.content, good, strict=True))
+                if a != b] == [50_000]
+        faults.enable(FullBody200(content=whole_video(sources)), times=1)
+        answer = get()
+        assert (answer.status_code, answer.content) == (200, source.data)
+        faults.enable(Refuse(status=503), times=2)
+        assert [get().status_code for _ in range(3)] == [503, 503, 206]
+        faults.enable(Latency(seconds=0.01), times=1)
+        assert get().content == good
+        # Only video byte requests are damaged unless a fault says otherwise.
+        faults.enable(Refuse(status=503))
+        assert http.get(f"{link.url}/health").status_code == 200
+        assert http.get(f"{link.url}/meta/{source.content_hash}").status_code == 200
+        assert get().status_code == 503
+        faults.disable(Refuse(status=503))
+        assert get().status_code == 206
+        faults.enable(Refuse(status=503, match=path_prefix("/meta/")), times=1)
+        assert http.get(f"{link.url}/meta/{source.content_hash}").status_code == 503
+    for fault in (Truncate(after_bytes=1000), Reset(after_bytes=1000)):
+        faults.enable(fault, times=1)
+        received = bytearray()
+        with (httpx.Client(timeout=10) as http, pytest.raises(httpx.TransportError),
+              http.stream("GET", url, headers=asked) as streamed):
+            for piece in streamed.iter_raw():
+                received += piece
+        assert bytes(received) == good[: len(received)] and len(received) <= 1000, fault
+    assert faults.active() == []
+    assert faults.injected() == {
+        "status200": 1, "wrong_content_range": 1, "flip_byte": 1, "full_body200": 1,
+        "refuse": 4, "latency": 1, "truncate": 1, "reset": 1,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient faults: the read succeeds after retries
+
+
+TRANSIENT: list[tuple[str, Fault, int]] = [
+    ("reset", Reset(after_bytes=100_000), 1),
+    ("reset-twice", Reset(after_bytes=0), 2),
+    ("truncated-body", Truncate(after_bytes=500_000), 1),
+    ("503-burst", Refuse(status=503), 4),
+    ("stall", Stall(seconds=30, after_bytes=300_000), 1),
+    ("200-instead-of-206", Status200(), 1),
+    ("wrong-content-range", WrongContentRange(shift=4096), 2),
+    ("flipped-byte", FlipByte(), 1),
+]
+
+
+@pytest.mark.parametrize(("name", "fault", "times"), TRANSIENT, ids=[t[0] for t in TRANSIENT])
+def test_transient_fault_is_retried_and_the_bytes_are_right(
+    mount: VcfsMount, link: FaultyLink, regions: Regions, name: str, fault: Fault, times: int,
+) -> None:
+    source, offset = regions.next()
+    before = remote_counters(mount)
+    link.faults.enable(fault, times=times)
+    result = bounded_read(mount.video(source.file_name), READ, offset, limit=HANG_LIMIT)
+    assert result.error is None, f"{name}: {result.error}"
+    assert result.data == expect(source, offset), name
+    after = remote_counters(mount)
+    assert link.faults.injected().get(fault.kind, 0) >= times
+    assert link.faults.active() == []  # every planned damage happened
+    assert delta(before, after, "retries") >= times, name
+    assert delta(before, after, "errors") == 0
+    assert delta(before, after, "fuse_errors") == 0
+    if isinstance(fault, FlipByte):
+        assert delta(before, after, "verify_failures") == times
+    FIGURES.setdefault("transient", {})[name] = {
+        "damaged_responses": times, "retries": delta(before, after, "retries"),
+        "seconds": round(result.seconds, 2)}
+
+
+def test_wrong_ranges_are_refused_by_the_client_range_check(
+    mount: VcfsMount, link: FaultyLink, regions: Regions, sources: dict[str, Source],
+) -> None:
+    """A server ignoring Range (200 with the whole video), a 206 relabelled 200, and a
+    Content-Range naming other bytes: none of them is used as data; the log names why."""
+    for fault in (FullBody200(content=whole_video(sources)), Status200(),
+                  WrongContentRange(shift=-8192)):
+        source, offset = regions.next()
+        before = remote_counters(mount)
+        link.faults.enable(fault, times=1)
+        result = bounded_read(mount.video(source.file_name), READ, offset, limit=HANG_LIMIT)
+        assert result.data == expect(source, offset), fault
+        after = remote_counters(mount)
+        assert delta(before, after, "retries") >= 1
+        assert delta(before, after, "verify_failures") == 0  # caught before any digest check
+    log = mount.log()
+    assert "expected 206 Partial Content, got 200 OK (the server ignored the Range header" in log
+    assert "server answered with Content-Range 'bytes " in log
+
+
+def test_latency_and_a_modest_bandwidth_cap_cost_no_retries(
+    mount: VcfsMount, link: FaultyLink, regions: Regions,
+) -> None:
+    link.faults.enable(Latency(seconds=0.3))
+    link.faults.enable(Bandwidth(bytes_per_s=8 * MIB))
+    before = remote_counters(mount)
+    for _ in range(3):
+        source, offset = regions.next()
+        result = bounded_read(mount.video(source.file_name), READ, offset, limit=HANG_LIMIT)
+        assert result.data == expect(source, offset)
+    after = remote_counters(mount)
+    assert link.faults.injected().get("latency", 0) >= 3
+    assert link.faults.injected().get("bandwidth", 0) >= 3
+    assert delta(before, after, "retries") == 0
+    assert delta(before, after, "range_requests") == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistent faults: EIO within the deadline, then recovery
+
+
+PERSISTENT: list[tuple[str, Fault]] = [
+    ("reset", Reset(after_bytes=200_000)),
+    ("truncated-body", Truncate(after_bytes=200_000)),
+    ("503", Refuse(status=503)),
+    ("stall", Stall(seconds=60)),
+    ("200-instead-of-206", Status200()),
+    ("wrong-content-range", WrongContentRange(shift=1)),
+    ("flipped-byte", FlipByte(at=12345)),
+    ("bandwidth-64KiB/s", Bandwidth(bytes_per_s=64 * 1024)),  # a 1 MiB block needs 16 s
+]
+
+
+def test_persistent_faults_give_eio_within_the_deadline_then_recover(
+    mount: VcfsMount, link: FaultyLink, regions: Regions,
+) -> None:
+    before = remote_counters(mount)
+    blocks = {name: regions.next() for name, _ in PERSISTENT}
+    faults = {name: type(fault)(**{**vars(fault), "match": only_block(*blocks[name])})
+              for name, fault in PERSISTENT}
+    for fault in faults.values():
+        link.faults.enable(fault)
+    reads = {name: BackgroundRead(mount.video(source.file_name), READ, offset)
+             for name, (source, offset) in blocks.items()}
+    results = {name: read.result(HANG_LIMIT) for name, read in reads.items()}
+    for name, result in results.items():
+        assert result.data is None, f"{name}: returned data under a persistent fault"
+        assert result.errno == errno.EIO, f"{name}: {result.error}"
+        assert result.seconds <= EIO_BOUND, f"{name}: EIO after {result.seconds:.1f} s"
+    after = remote_counters(mount)
+    assert delta(before, after, "errors") >= len(PERSISTENT)
+    assert delta(before, after, "fuse_errors") >= len(PERSISTENT)
+    assert delta(before, after, "verify_failures") >= 2  # the flipped byte, every attempt
+    assert delta(before, after, "overdue") >= 1  # the bandwidth cap: given up at the cutoff
+    # The mount stays usable while the faults last...
+    source, offset = regions.next()
+    assert read_uncached(mount.video(source.file_name), READ, offset) == expect(source, offset)
+    # ...and every failed read succeeds once its fault is gone (a range that failed is not
+    # asked again for a second: the kernel's immediate page-by-page retry gets that EIO).
+    for fault in faults.values():
+        link.faults.disable(fault)
+    for name, (source, offset) in blocks.items():
+        recovered = wait_until(
+            lambda: bounded_read(mount.video(source.file_name), READ, offset,  # noqa: B023
+                                 limit=HANG_LIMIT).data,
+            timeout=10, interval=0.2, what=f"{name}: the read working again")
+        assert recovered == expect(source, offset), name
+    assert delta(before, remote_counters(mount), "second_tries") >= len(PERSISTENT)
+    FIGURES["time_to_eio_s"] = {name: round(r.seconds, 2) for name, r in results.items()}
+    FIGURES["eio_bound_s"] = EIO_BOUND
+    assert "failed (EIO)" in mount.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata and listing retry under the same deadline
+
+
+def test_lookups_and_listing_retry_then_fail_within_the_deadline(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    first, second = sources.values()
+    by_hash = tmp_path / "mnt" / "by-hash"
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT)) as mounted:
+        # Nothing is cached yet: a lookup asks /meta, a listing /videos.
+        link.faults.enable(Refuse(status=503, match=path_prefix("/meta/")))
+        lookup = _bounded_call(lambda: os.stat(by_hash / first.file_name))
+        assert lookup.errno == errno.EIO and lookup.seconds <= EIO_BOUND, lookup
+        link.faults.clear()
+        assert os.stat(by_hash / first.file_name).st_size == first.size
+        link.faults.enable(Refuse(status=503, match=path_prefix("/meta/")), times=3)
+        assert os.stat(by_hash / second.file_name).st_size == second.size
+        link.faults.enable(Refuse(status=502, match=path_prefix("/videos")))
+        listing = _bounded_call(lambda: os.listdir(by_hash))
+        assert listing.errno == errno.EIO and listing.seconds <= EIO_BOUND, listing
+        link.faults.clear()
+        link.faults.enable(Reset(after_bytes=10, match=path_prefix("/videos")), times=2)
+        names = os.listdir(by_hash)
+        assert {first.file_name, second.file_name} <= set(names)
+        stats = mounted.stats()["remote"]
+        assert stats["retries"] >= 5 and stats["errors"] >= 2
+        FIGURES["lookup_eio_s"] = round(lookup.seconds, 2)
+        FIGURES["listing_eio_s"] = round(listing.seconds, 2)
+
+
+class _CallResult:
+    def __init__(self, error: OSError | None, seconds: float) -> None:
+        self.error, self.seconds = error, seconds
+
+    @property
+    def errno(self) -> int | None:
+        return None if self.error is None else self.error.errno
+
+    def __repr__(self) -> str:
+        return f"<{self.error!r} after {self.seconds:.1f} s>"
+
+
+def _bounded_call(call: Callable[[], object]) -> _CallResult:
+    """Run a filesystem call on a thread; fail the test if it hangs."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        started = time.monotonic()
+        future = pool.submit(call)
+        try:
+            future.result(timeout=HANG_LIMIT)
+        except OSError as exc:
+            return _CallResult(exc, time.monotonic() - started)
+        except concurrent.futures.TimeoutError:
+            pytest.fail(f"{call} hung for {HANG_LIMIT} s")
+        return _CallResult(None, time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------------------------------
+# The service killed (SIGKILL) in the middle of a read, and restarted
+
+
+def test_service_killed_mid_read_and_restarted_is_survived(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    timeout = 10.0  # room for the service to restart within one read's deadline
+    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as faulty:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        patient = VcfsMount(faulty.url, tmp_path / "patient", "--timeout", str(timeout),
+                            "--cache-size", "2M", "--readahead-max", "0")
+        # A second mount whose deadline is too short for a restart: EIO, then recovery.
+        hasty = VcfsMount(faulty.url, tmp_path / "hasty", "--timeout", str(TIMEOUT),
+                          "--cache-size", "2M", "--readahead-max", "0")
+        with patient as mounted, hasty:
+            path = mounted.video(source.file_name)
+            hasty_path = hasty.video(source.file_name)
+            assert read_uncached(path, READ, 0) == expect(source, 0)
+            assert read_uncached(hasty_path, READ, 0) == expect(source, 0)
+            # A read in flight (its answer held back by the proxy) when the service dies.
+            faulty.faults.enable(Stall(seconds=60), times=1)
+            offset = 5 * MIB
+            read = BackgroundRead(path, READ, offset)
+            wait_until(lambda: faulty.faults.injected().get("stall") == 1, timeout=10,
+                       what="the read in flight")
+            server.kill()
+            retries = mounted.stats()["remote"]["retries"]
+            wait_until(lambda: mounted.stats()["remote"]["retries"] >= retries + 2, timeout=10,
+                       what="vcfs retrying against the dead service")
+            server.start()
+            result = read.result(timeout + timeout / 3 + 10)
+            assert result.error is None, result.error
+            assert result.data == expect(source, offset)
+            FIGURES["kill_restart_read_s"] = round(result.seconds, 2)
+            # Killed and not back within the deadline: EIO, then the mount works again.
+            server.kill()
+            failed = bounded_read(hasty_path, READ, 9 * MIB, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
+            assert failed.seconds <= EIO_BOUND
+            server.start()
+            assert wait_until(
+                lambda: bounded_read(hasty_path, READ, 9 * MIB, limit=HANG_LIMIT).data,
+                timeout=10, interval=0.2, what="the hasty mount working again",
+            ) == expect(source, 9 * MIB)
+            FIGURES["kill_no_restart_eio_s"] = round(failed.seconds, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bearer token: --token-file
+
+
+def _service_has_tokens() -> bool:
+    result = subprocess.run([sys.executable, "-m", "vidcache", "serve", "--help"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    return "--token-file" in result.stdout and "--token-reads" in result.stdout
+
+
+def test_token_file_errors_are_clear(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-token"
+    empty.write_text("\n")
+    spaced = tmp_path / "spaced-token"
+    spaced.write_text("two words\n")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    cases = {
+        str(tmp_path / "missing"): "cannot read --token-file",
+        str(empty): "is empty: put the service's token in it",
+        str(spaced): "printable ASCII without spaces",
+    }
+    for token_file, message in cases.items():
+        result = subprocess.run(
+            vcfs_command("mount", "http://127.0.0.1:9", str(mountpoint), "--token-file",
+                         token_file),
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("vcfs: error: ") and message in result.stderr, result
+
+
+def test_token_is_sent_and_a_missing_or_wrong_one_is_named(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    if not _service_has_tokens():
+        pytest.skip("this vidcache has no --token-file/--token-reads yet")
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-1\n")
+    wrong_file = tmp_path / "wrong"
+    wrong_file.write_text("not-the-token\n")
+    server = VidcacheServer(tmp_path / "data", "--token-file", str(token_file), "--token-reads")
+    with server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="tok",
+                        token="s3cret-token-1")["big.mp4"]
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        for args, message in (
+            ((), "the service requires a token: mount with --token-file FILE"),
+            (("--token-file", str(wrong_file)), "the service refused vcfs's token"),
+        ):
+            result = subprocess.run(
+                vcfs_command("mount", server.url, str(mountpoint), *args),
+                capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 1, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("vcfs: error: "), result.stderr
+            assert "401" in lines[0] and message in lines[0], lines[0]
+            assert not os.path.ismount(mountpoint)
+        with VcfsMount(server.url, mountpoint, "--token-file", str(token_file),
+                       "--cache-size", "2M", "--readahead-max", "0") as mounted:
+            path = mounted.video(source.file_name)
+            assert read_uncached(path, READ, 0) == expect(source, 0)
+            # The service comes back with another token: reads are refused at once (EACCES).
+            token_file.write_text("s3cret-token-2\n")
+            server.stop()
+            server.start()
+            refused = bounded_read(path, READ, 3 * MIB, limit=HANG_LIMIT)
+            assert refused.errno == errno.EACCES, refused
+            assert "failed (EACCES)" in mounted.log()
+            assert "the service refused vcfs's token" in mounted.log()
+            token_file.write_text("s3cret-token-1\n")
+            server.stop()
+            server.start()
+            assert wait_until(
+                lambda: bounded_read(path, READ, 3 * MIB, limit=HANG_LIMIT).data,
+                timeout=10, interval=0.2, what="reads accepted again",
+            ) == expect(source, 3 * MIB)
+        # --daemon hands the token file (not the token) to the detached mount.
+        daemon = subprocess.run(
+            vcfs_command("mount", server.url, str(mountpoint), "--daemon", "--token-file",
+                         str(token_file), "--log-file", str(tmp_path / "daemon.log")),
+            capture_output=True, text=True, timeout=60, check=False)
+        pid = None
+        try:
+            assert daemon.returncode == 0, daemon.stderr
+            pid = int(daemon.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+            assert "s3cret" not in Path(f"/proc/{pid}/cmdline").read_text()
+            assert read_uncached(mountpoint / "by-hash" / source.file_name, READ, 4 * MIB) == (
+                expect(source, 4 * MIB))
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                           check=False)
+            if pid is not None:
+                _wait_gone(pid)
+
+
+def _wait_gone(pid: int) -> None:
+    """Wait for a daemon we started to exit after its unmount; SIGKILL it if it lingers."""
+    def gone() -> bool:
+        try:
+            return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+    try:
+        wait_until(gone, timeout=20, what=f"vcfs daemon {pid} exited")
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The one place where errors become errno values
+
+
+class _FailingRemote:
+    """Stands in for vcfs.remote.Remote: every call raises `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.counters = Counters()
+
+    def meta(self, content_hash: str) -> None:
+        raise self.error
+
+    def list_videos(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (NotFound("gone"), errno.ENOENT),
+    (AccessDenied("the service requires a token"), errno.EACCES),
+    (RemoteUnavailable("gave up"), errno.EIO),
+    (RemoteError("HTTP 400"), errno.EIO),
+    (RuntimeError("a bug"), errno.EIO),
+    (ValueError("a bug"), errno.EIO),
+    (KeyError("a bug"), errno.EIO),
+])
+def test_operations_raise_nothing_but_fuse_errors(error: Exception, expected: int) -> None:
+    from vcfs.fs import VcfsOperations
+    from vcfs.fuselib import FuseOSError
+
+    remote = _FailingRemote(error)
+    operations = VcfsOperations(remote, BlockCache(lambda h, s, e: b""),  # type: ignore[arg-type]
+                                mountpoint="/nonexistent")
+    try:
+        for call in (lambda: operations.getattr(f"/by-hash/{'a' * 64}.mp4"),
+                     lambda: operations.readdir("/by-hash", None)):
+            with pytest.raises(FuseOSError) as caught:
+                call()
+            assert caught.value.errno == expected
+    finally:
+        operations.close()

@@ -1,0 +1,154 @@
+"""Shared parts of the vcfs fault and soak tests: a faulty link (the benchmark's loopback proxy
+with a `bench.faults.FaultInjector`) between vcfs and a real service, reads that cannot hang
+the test, and the videos' source bytes to compare with.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from blake3 import blake3
+
+from bench.faults import FaultInjector
+from bench.proxy import ProxyConfig, ProxyThread
+from vcfs import paths
+from vidcache_client import VidCacheClient
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """A video stored in the service, with the bytes it must read as."""
+
+    name: str
+    content_hash: str
+    file_name: str  # <hash>.<ext> under by-hash/
+    data: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+
+def ingest(server_url: str, media_url: str, videos: dict[str, Path], names: tuple[str, ...],
+           *, bucket: str, token: str | None = None) -> dict[str, Source]:
+    """Ingest the named corpus videos; name -> Source."""
+    sources = {}
+    with VidCacheClient(server_url, token=token) as client:
+        for name in names:
+            data = videos[name].read_bytes()
+            content_hash = client.ingest(f"{media_url}/{name}", bucket=bucket)["hash"]
+            assert content_hash == blake3(data).hexdigest()
+            meta = client.get_meta(content_hash)
+            assert meta is not None
+            sources[name] = Source(name, content_hash,
+                                   paths.video_name(content_hash, meta["file_path"]), data)
+    return sources
+
+
+class FaultyLink:
+    """The latency proxy in front of a service on `upstream_port`, with switchable faults."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.faults = FaultInjector()
+        # Small chunks: a bandwidth cap then trickles steadily instead of in 256 KiB bursts
+        # (the proxy delays whole chunks), and stalls start close to where they are asked.
+        config = ProxyConfig(upstream_port=upstream_port, chunk_size=16 * 1024)
+        self._proxy = ProxyThread(config, hooks=self.faults)
+
+    @property
+    def url(self) -> str:
+        return self._proxy.url
+
+    def requests(self) -> int:
+        return int(self._proxy.counters()["requests"])
+
+    def __enter__(self) -> FaultyLink:
+        self._proxy.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.faults.clear()
+        self._proxy.stop()
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    data: bytes | None
+    error: OSError | None
+    seconds: float
+
+    @property
+    def errno(self) -> int | None:
+        return None if self.error is None else self.error.errno
+
+
+def read_uncached(path: Path, size: int, offset: int) -> bytes:
+    """`pread` through the mount with the kernel's page cache and readahead out of the way, so
+    exactly this read reaches vcfs."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+class BackgroundRead:
+    """`read_uncached` on a daemon thread, so that a hung read fails the test instead of
+    hanging it: `result(limit)` raises AssertionError if the read has not ended by then."""
+
+    def __init__(self, path: Path, size: int, offset: int) -> None:
+        self.what = f"read of {size} bytes at {offset} of {path.name}"
+        self._outcome: ReadResult | None = None
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._run, args=(path, size, offset),
+                                        daemon=True, name="bounded-read")
+        self._thread.start()
+
+    def _run(self, path: Path, size: int, offset: int) -> None:
+        try:
+            data, error = read_uncached(path, size, offset), None
+        except OSError as exc:
+            data, error = None, exc
+        self._outcome = ReadResult(data, error, time.monotonic() - self._started)
+
+    def result(self, limit: float) -> ReadResult:
+        self._thread.join(max(limit - (time.monotonic() - self._started), 0))
+        if self._outcome is None:
+            raise AssertionError(f"{self.what} hung: still blocked after {limit} s")
+        return self._outcome
+
+
+def bounded_read(path: Path, size: int, offset: int, *, limit: float) -> ReadResult:
+    return BackgroundRead(path, size, offset).result(limit)
+
+
+class Regions:
+    """Hands out 1 MiB-block offsets of the given videos round-robin, so that consecutive reads
+    hit blocks no recent read touched: with a block cache of a few blocks, every read then
+    reaches the service (through the faults). Block 0 is left to warm-up reads."""
+
+    def __init__(self, sources: list[Source], block_size: int = MIB) -> None:
+        self._blocks = [(source, index * block_size) for index in range(1, 64)
+                        for source in sources if index * block_size < source.size]
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> tuple[Source, int]:
+        with self._lock:
+            block = self._blocks[self._next % len(self._blocks)]
+            self._next += 1
+            return block
+
+
+def range_of_block(source: Source, offset: int, block_size: int = MIB) -> str:
+    """The Range header vcfs sends to fetch the block holding `offset`."""
+    start = offset // block_size * block_size
+    return f"bytes={start}-{min(start + block_size, source.size) - 1}"
