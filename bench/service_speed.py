@@ -2,15 +2,15 @@
 
 Everything here is direct on loopback (no proxy) and read with curl into /dev/null. Servers:
 the running `vidcache serve`, nginx (sendfile) over the service's data directory, and the
-same vidcache app under the levers `bench.service_variants` offers (granian with `pathsend`,
-a larger FileResponse chunk), each started in turn over the same data directory once the
-running service is stopped (the service locks its data directory), so this step runs last.
-Reads: the whole file in one GET, and the file as consecutive 1 MiB and 16 MiB Range requests
-on one keep-alive connection (what vcfs's block fetches and readahead send). The loopback latency
-proxy in front of nginx shows the proxy's own ceiling. Each reading also gives the server's
-CPU seconds per GB sent (its process and children, from /proc), the cost that competes with
-the FUSE daemon and the proxy for the same two cores in the contender runs.
-"""
+same vidcache app under the levers `bench.service_variants` offers (Starlette's 64 KiB chunk,
+as before the service's fix; granian with `pathsend`), each started in turn over the same
+data directory once the running service is stopped (the service locks its data directory),
+so this step runs last. Reads: the whole file in one GET, and the file as consecutive 1 MiB
+and 16 MiB Range requests on one keep-alive connection (what vcfs's block fetches and
+readahead send). The loopback latency proxy in front of nginx shows the proxy's own ceiling.
+Each reading also gives the server's CPU seconds per GB sent (its process and children, from
+/proc), the cost that competes with the FUSE daemon and the proxy for the same two cores in
+the contender runs."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ MODES: dict[str, int | None] = {"full GET": None, "16 MiB ranges": 16 << 20,
                                 "1 MiB ranges": 1 << 20}
 # Servers beyond the running service: label -> bench.service_variants arguments.
 VARIANTS: dict[str, list[str]] = {
-    "vidcache, uvicorn, 1 MiB chunks": ["--server", "uvicorn", "--chunk-size", str(1 << 20)],
+    # Starlette's default chunk: the service before commit 11a1aa6, for the before/after
+    "vidcache, uvicorn, 64 KiB chunks (before)": ["--server", "uvicorn", "--chunk-size",
+                                                  str(64 << 10)],
     "vidcache, granian (pathsend)": ["--server", "granian"],
-    "vidcache, granian, 1 MiB chunks": ["--server", "granian", "--chunk-size", str(1 << 20)],
 }
 SERVICE_LABEL = "vidcache serve (uvicorn, as shipped)"
 NGINX_LABEL = "nginx (sendfile)"

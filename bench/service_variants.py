@@ -1,16 +1,15 @@
-"""The unchanged vidcache app under other server settings, to measure the service's fixes.
+"""The unchanged vidcache app under other server settings, to measure the service's levers.
 
-`vidcache serve` runs `create_app(config)` under uvicorn, whose Starlette `FileResponse` reads
-the blob in 64 KiB chunks, each one a hop to a worker thread. This runs the very same app over
-the same data directory with one variable changed, so the benchmark can put figures on each
-lever before anyone edits the service:
+`vidcache serve` runs `create_app(config)` under uvicorn; Starlette's `FileResponse` streams
+the blob in `chunk_size` pieces, each one a hop to a worker thread (64 KiB by default; the
+service sets 1 MiB since commit 11a1aa6). This runs the very same app over the same data
+directory with one variable changed, so the benchmark can put figures on each lever:
 
-    python -m bench.service_variants --data DIR --port P --server granian --chunk-size 1M
+    python -m bench.service_variants --data DIR --port P --server granian --chunk-size 65536
 
 `--server granian` uses granian's embedded server, which offers the ASGI `pathsend` extension
 (Starlette then hands whole-file responses to the server, which sends them from Rust);
-`--chunk-size` sets `FileResponse.chunk_size` for the responses it still streams (ranges).
-"""
+`--chunk-size` sets `FileResponse.chunk_size` for the responses it still streams (ranges)."""
 
 from __future__ import annotations
 
