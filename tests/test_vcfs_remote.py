@@ -47,7 +47,7 @@ class FakeService:
     ignore_range: bool = False
     requests: list[str] = field(default_factory=list)
     ranges: list[str] = field(default_factory=list)  # Range headers of video requests
-    block: Callable[[], None] | None = None  # called before answering a video request
+    block: Callable[[], object] | None = None  # called before answering a video request
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
