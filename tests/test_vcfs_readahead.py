@@ -27,6 +27,9 @@ KIB = 1 << 10
 MIB = 1 << 20
 H = "a" * 64
 DEADLINE = 10.0
+# The mechanics below are easier to follow with runs established after two 128 KiB reads;
+# the default policy's longer minimum run has tests of its own.
+EAGER = SequentialPolicy(min_run_bytes=256 * KIB)
 
 
 def sequential_reads(start: int, end: int, size: int = 128 * KIB) -> list[tuple[int, int]]:
@@ -45,7 +48,7 @@ def kernel_order(reads: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def test_single_reads_never_establish_a_run() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     assert detector.feed(0, 64 * KIB) is None
     assert not detector.established
     assert detector.window == 0
@@ -53,7 +56,7 @@ def test_single_reads_never_establish_a_run() -> None:
 
 @pytest.mark.parametrize("file_size", [3 * MIB, 20 * MIB, 200 * MIB])
 def test_probe_pattern_never_establishes_a_run(file_size: int) -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     probe = [
         (0, 64 * KIB),  # header
         (file_size - 64 * KIB, 64 * KIB),  # moov atom at the end
@@ -66,8 +69,38 @@ def test_probe_pattern_never_establishes_a_run(file_size: int) -> None:
     assert not detector.established
 
 
-def test_two_continuing_reads_establish_a_run_with_a_one_block_window() -> None:
+def test_default_policy_ignores_ffprobe_with_the_kernel_readahead_ramp() -> None:
+    """What vcfs saw of `ffprobe` on a 20 Mb/s faststart mp4: the kernel grows its reads
+    128K -> 256K -> 512K from the header on; the default policy prefetches nothing."""
     detector = SequentialDetector()
+    for offset, size in [(0, 128 * KIB), (128 * KIB, 256 * KIB), (384 * KIB, 512 * KIB),
+                         (896 * KIB, MIB)]:
+        assert detector.feed(offset, size) is None
+
+
+def test_default_policy_ignores_the_decode_after_a_seek() -> None:
+    """ffmpeg -ss on a 20 Mb/s file with a 2 s GOP reads the header, then up to ~5 MB from
+    the keyframe on (the kernel sends 64K, 512K, then 1 MiB reads): no prefetching."""
+    detector = SequentialDetector()
+    for offset, size in [(0, 128 * KIB), (128 * KIB, 256 * KIB), (384 * KIB, 512 * KIB)]:
+        detector.feed(offset, size)
+    seek = 76_423_359 // 4096 * 4096
+    reads = [(seek, 64 * KIB), (seek + 64 * KIB, 512 * KIB)]
+    reads += [(seek + 576 * KIB + i * MIB, MIB) for i in range(6)]  # 6.6 MiB in all
+    for offset, size in reads:
+        assert detector.feed(offset, size) is None
+
+
+def test_default_policy_streams_after_eight_mib() -> None:
+    detector = SequentialDetector()
+    windows = [detector.feed(offset, size) for offset, size in sequential_reads(0, 12 * MIB, MIB)]
+    assert windows[:7] == [None] * 7
+    assert windows[7] == Window(8 * MIB, 9 * MIB, detector.run)  # established, one block
+    assert all(w is not None for w in windows[7:])
+
+
+def test_two_continuing_reads_establish_a_run_with_a_one_block_window() -> None:
+    detector = SequentialDetector(EAGER)
     assert detector.feed(0, 128 * KIB) is None
     window = detector.feed(128 * KIB, 128 * KIB)
     assert window == Window(256 * KIB, 256 * KIB + MIB, detector.run)
@@ -75,20 +108,20 @@ def test_two_continuing_reads_establish_a_run_with_a_one_block_window() -> None:
 
 
 def test_too_few_bytes_do_not_establish_a_run() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     for offset in range(0, 64 * KIB, 4 * KIB):  # sixteen tiny continuing reads, 64 KiB
         assert detector.feed(offset, 4 * KIB) is None
     assert detector.feed(0, 256 * KIB) is not None  # now the stretch is 256 KiB
 
 
 def test_rereading_the_same_bytes_is_not_progress() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     for _ in range(10):
         assert detector.feed(0, 300 * KIB) is None
 
 
 def test_window_doubles_per_block_of_progress_up_to_the_max() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     windows = []
     for offset, size in sequential_reads(0, 40 * MIB):
         window = detector.feed(offset, size)
@@ -104,7 +137,7 @@ def test_window_doubles_per_block_of_progress_up_to_the_max() -> None:
 
 
 def test_kernel_reordering_keeps_the_run_and_the_growth() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     reads = kernel_order(sequential_reads(0, 40 * MIB))
     results = [detector.feed(offset, size) for offset, size in reads]
     assert results[0] is None
@@ -115,7 +148,7 @@ def test_kernel_reordering_keeps_the_run_and_the_growth() -> None:
 
 
 def test_tolerances_around_the_high_water_mark() -> None:
-    policy = SequentialPolicy()
+    policy = EAGER
     detector = SequentialDetector(policy)
     for offset, size in sequential_reads(0, 8 * MIB):
         detector.feed(offset, size)
@@ -131,7 +164,7 @@ def test_tolerances_around_the_high_water_mark() -> None:
 
 
 def test_far_forward_seek_resets_and_the_run_must_be_proven_again() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     for offset, size in sequential_reads(0, 4 * MIB):
         detector.feed(offset, size)
     run = detector.run
@@ -145,14 +178,14 @@ def test_far_forward_seek_resets_and_the_run_must_be_proven_again() -> None:
 
 
 def test_zero_size_reads_change_nothing() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     detector.feed(0, 128 * KIB)
     assert detector.feed(50 * MIB, 0) is None
     assert detector.feed(128 * KIB, 128 * KIB) is not None
 
 
 def test_explicit_reset() -> None:
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     detector.feed(0, 128 * KIB)
     detector.feed(128 * KIB, 128 * KIB)
     run = detector.run
@@ -173,8 +206,8 @@ def test_policy_validation_and_block_defaults() -> None:
         256 * KIB, 256 * KIB, 4 * MIB)
     disabled = SequentialPolicy.for_blocks(MIB, 0)
     detector = SequentialDetector(disabled)
-    detector.feed(0, MIB)
-    window = detector.feed(MIB, MIB)
+    for offset, size in sequential_reads(0, 8 * MIB, MIB):
+        window = detector.feed(offset, size)
     assert window is not None and window.blocks(100 * MIB, MIB) == range(0)
 
 
@@ -199,7 +232,7 @@ def test_reads_that_never_touch_never_establish_a_run(
         reads.append((position * KIB, length * KIB))
         position += length
     rnd.shuffle(reads)
-    detector = SequentialDetector()
+    detector = SequentialDetector(EAGER)
     assert all(detector.feed(offset, size) is None for offset, size in reads)
 
 
@@ -283,7 +316,7 @@ def make_readahead(
     cache: RecordingCache, executor: Executor, *, max_outstanding: int = 4, task_blocks: int = 4
 ) -> Readahead:
     return Readahead(cache, H, FILE_SIZE, executor=executor, block_size=MIB, max_window=16 * MIB,
-                     max_outstanding=max_outstanding, task_blocks=task_blocks)
+                     policy=EAGER, max_outstanding=max_outstanding, task_blocks=task_blocks)
 
 
 def test_probe_pattern_submits_nothing() -> None:
@@ -438,7 +471,7 @@ def test_readahead_over_a_real_block_cache_turns_a_scan_into_hits() -> None:
     cache = BlockCache(fetcher, capacity=64 * MIB)
     with ThreadPoolExecutor(max_workers=2) as executor:
         readahead = Readahead(cache, H, len(data), executor=executor, block_size=MIB,
-                              max_window=16 * MIB)
+                              max_window=16 * MIB, policy=EAGER)
         out = bytearray()
         for offset, size in sequential_reads(0, len(data)):
             chunk = cache.read(H, len(data), offset, size)

@@ -11,7 +11,12 @@ file.
   So reads must continue one another; reads that jump around stay separate stretches. The
   probe pattern of players and ffprobe (read the header at 0, jump to the end for a moov atom,
   sample the middle) never establishes a run, while a scan whose reads the kernel delivers
-  out of order (256K..384K before 128K..256K) still does once the gap is filled.
+  out of order (256K..384K before 128K..256K) still does once the gap is filled. The default
+  `min_run_bytes` (8 MiB) is deliberately long: ffprobe's header reads, which the kernel's
+  readahead ramp stretches to about 2 MiB, and the few MB ffmpeg decodes after a seek are
+  short continuing stretches too, and prefetching behind them only multiplies their bytes
+  (an ffmpeg seek on a 20 Mb/s file fetched 15 MB instead of 5); a real stream loses little,
+  the kernel's own readahead keeps 1-2 MiB in flight until vcfs's takes over.
 - Once established, the run has a high-water mark (the furthest byte read), and the kernel's
   out-of-order delivery is tolerated: a read up to `back_tolerance` behind or
   `forward_tolerance` ahead of the high-water mark keeps the run (multithreaded FUSE hands the
@@ -51,8 +56,6 @@ from vcfs.blocks import MIB, blocks_for
 
 log = logging.getLogger(__name__)
 
-KIB = 1 << 10
-
 
 @dataclass(frozen=True, slots=True)
 class SequentialPolicy:
@@ -68,8 +71,10 @@ class SequentialPolicy:
     forward_tolerance: int = 16 * MIB
     # A single read proves nothing: probes read the header once and jump away.
     min_run_reads: int = 2
-    # Two 128 KiB kernel reads: the smallest convincing sign of streaming.
-    min_run_bytes: int = 256 * KIB
+    # Longer than what players read in one go without streaming: ffprobe's header reads grown
+    # by the kernel's own readahead ramp (128K, 256K, 512K, 1M: ~2 MiB) and the decode of one
+    # GOP after a seek (2-5 MB at 20 Mb/s); the kernel's readahead covers a stream until then.
+    min_run_bytes: int = 8 * MIB
     # Double the window per block of progress, not per read, whatever the kernel's read size.
     growth_step: int = MIB
 
