@@ -306,6 +306,27 @@ def test_eviction_keeps_the_byte_budget_and_evicts_least_recent() -> None:
     assert fetcher.calls == [(H1, 0, BS)]  # evicted, so fetched again
 
 
+def test_blocks_in_flight_count_against_the_budget() -> None:
+    """Room for fetched blocks is made before they arrive: cached plus in-flight bytes never
+    exceed the capacity, so a deep prefetch pipeline does not add to the memory used."""
+    data = data_of(10 * BS)
+    cached_during_fetch: list[int] = []
+
+    def fetcher(content_hash: str, start: int, end: int) -> bytes:
+        cached_during_fetch.append(cache.stats()["cached_bytes"] + (end - start))
+        return data[start:end]
+
+    cache = BlockCache(fetcher, block_size=BS, capacity=4 * BS)
+    cache.read(H1, len(data), 0, 3 * BS)
+    cache.prefetch(H1, len(data), 3, 5)  # three more blocks: two old ones make room first
+    assert [cache.is_cached(H1, i) for i in range(6)] == [False, False, True, True, True, True]
+    cache.read(H1, len(data), 9 * BS, BS)
+    assert max(cached_during_fetch) <= 4 * BS
+    assert cache.stats()["cached_bytes"] == 4 * BS
+    assert cache.stats()["evictions"] == 3
+    assert cache.read(H1, len(data), 3 * BS, 3 * BS) == data[3 * BS : 6 * BS]
+
+
 def test_zero_capacity_still_serves_reads() -> None:
     data = data_of(100)
     fetcher = FakeFetcher({H1: data})

@@ -39,7 +39,9 @@ must not be views of the run's buffer, because one live view pins the whole buff
 budget would lie. Uniform block-sized `bytes` also suit glibc malloc: 1 MiB objects sit near the
 (dynamic) mmap threshold, and evicted blocks free exactly the size the next block needs, so the
 heap is reused instead of fragmenting. A block larger than the whole capacity (or any block when
-capacity is 0) is returned but not cached.
+capacity is 0) is returned but not cached. Blocks being fetched count against the budget from
+the moment a thread owns their fetch (least recent blocks are evicted to make room), so cached
+plus in-flight bytes stay within `capacity` however deep readahead's pipeline is.
 """
 
 from __future__ import annotations
@@ -172,6 +174,8 @@ class BlockCache:
         self._lock = threading.Lock()
         self._lru = _CountingLRU(capacity)
         self._inflight: dict[_Key, Future[bytes]] = {}
+        # Bytes of the in-flight blocks that will be cached: they count against the budget.
+        self._reserved = 0
         # Counters, guarded by _lock.
         self._hits = 0
         self._misses = 0
@@ -236,6 +240,7 @@ class BlockCache:
                     continue
                 owned[index] = self._inflight[key] = Future()
             self._prefetched_blocks += len(owned)
+            self._reserve(file_size, owned)
         error = self._fetch_owned(content_hash, file_size, owned)
         if error is not None:
             raise error
@@ -286,6 +291,7 @@ class BlockCache:
                 else:
                     self._inflight_waits += 1
                 pending[index] = future
+            self._reserve(file_size, owned)
         self._fetch_owned(content_hash, file_size, owned)
         for index, future in pending.items():
             found[index] = future.result()  # raises the fetch's error, ours or another's
@@ -301,7 +307,7 @@ class BlockCache:
             if first_error is None:
                 first_error = self._fetch_run(content_hash, file_size, run, owned)
             else:
-                self._resolve(content_hash, {index: first_error for index in run}, owned)
+                self._resolve(content_hash, file_size, {index: first_error for index in run}, owned)
         return first_error
 
     def _fetch_run(
@@ -321,7 +327,7 @@ class BlockCache:
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             with self._lock:
                 self._fetch_errors += 1
-            self._resolve(content_hash, {index: exc for index in run}, owned)
+            self._resolve(content_hash, file_size, {index: exc for index in run}, owned)
             return exc
         if type(data) is not bytes:  # a mutable buffer must not become a shared cache entry
             data = bytes(data)
@@ -336,7 +342,7 @@ class BlockCache:
                 low = position * self._block_size
                 block = bytes(view[low : low + self._block_size])
             outcomes[index] = self._checked(content_hash, index, block)
-        self._resolve(content_hash, outcomes, owned)
+        self._resolve(content_hash, file_size, outcomes, owned)
         return next((o for o in outcomes.values() if isinstance(o, BaseException)), None)
 
     def _checked(self, content_hash: str, index: int, block: bytes) -> bytes | BlockVerifyError:
@@ -351,20 +357,41 @@ class BlockCache:
             return error
         return block
 
+    def _reserve(self, file_size: int, owned: dict[int, Future[bytes]]) -> None:
+        """Count the owned blocks' bytes against the budget before they arrive, evicting the
+        least recent blocks to make room (lock held): cached plus in-flight bytes stay
+        within `capacity`, so readahead's pipeline does not add its depth to the memory used
+        (the LRU alone would only evict once the blocks were inserted)."""
+        self._reserved += sum(self._cacheable_size(file_size, index) for index in owned)
+        self._evict_to_budget()
+
+    def _cacheable_size(self, file_size: int, index: int) -> int:
+        """Bytes block `index` will take in the cache: 0 if it is too big to be cached."""
+        start, end = block_bounds(index, file_size, self._block_size)
+        return end - start if end - start <= self._capacity else 0
+
+    def _evict_to_budget(self) -> None:
+        lru = self._lru
+        while lru and lru.currsize + self._reserved > self._capacity:
+            lru.popitem()
+
     def _resolve(
         self,
         content_hash: str,
+        file_size: int,
         outcomes: dict[int, bytes | BaseException],
         owned: dict[int, Future[bytes]],
     ) -> None:
-        """Cache the good blocks and retire the in-flight entries in one critical section,
-        then resolve the futures outside the lock."""
+        """Cache the good blocks and retire the in-flight entries (and their reservations) in
+        one critical section, then resolve the futures outside the lock."""
         with self._lock:
             for index, outcome in outcomes.items():
                 key = (content_hash, index)
+                self._reserved -= self._cacheable_size(file_size, index)
                 if isinstance(outcome, bytes) and len(outcome) <= self._capacity:
                     self._lru[key] = outcome
                 del self._inflight[key]
+            self._evict_to_budget()
         for index, outcome in outcomes.items():
             if isinstance(outcome, BaseException):
                 owned[index].set_exception(outcome)
