@@ -19,6 +19,7 @@ in the process list; `--daemon` passes the file's path to its child, not the tok
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import json
 import logging
@@ -51,6 +52,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _FUSE_THREADS = 16
 # How long `--daemon` waits for the child's mount beyond the service deadline.
 _DAEMON_START_MARGIN = 30.0
+# glibc's mallopt() parameter number of M_ARENA_MAX (malloc.h).
+_M_ARENA_MAX = -8
+# Two malloc arenas for all of vcfs's threads (see limit_malloc_arenas).
+_MALLOC_ARENAS = 2
 
 
 class StartupError(Exception):
@@ -355,6 +360,7 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         raise StartupError(f"cannot open the log file: {exc}") from exc
     check_fuse_available()
     prepare_mountpoint(options.mountpoint)
+    limit_malloc_arenas(_MALLOC_ARENAS)
     remote = Remote.connect(
         options.url, config=RemoteConfig(timeout=options.timeout), token=options.token
     )
@@ -373,6 +379,21 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         return _serve(options, remote, status_fd)
     finally:
         remote.close()
+
+
+def limit_malloc_arenas(arenas: int) -> None:
+    """Cap glibc's malloc arenas, before the threads start. glibc gives threads that contend
+    for malloc arenas of their own (up to 8 per core); a 1 MiB block freed into one arena is
+    not reused by a thread allocating from another, so with 16 FUSE threads, the HTTP
+    workers and the readahead threads the heap grows tens of MB past the cache budget. A
+    no-op where the C library has no mallopt (not glibc)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not mallopt(_M_ARENA_MAX, arenas):
+        log.debug("mallopt(M_ARENA_MAX, %d) refused", arenas)
 
 
 def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
