@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,24 +192,19 @@ class KillableServer(VidcacheServer):
         self.kill_point = kill
         self.marker = data_dir.parent / f"{data_dir.name}-armed"
 
-    def start(self, timeout: float = 30.0) -> KillableServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.marker.unlink(missing_ok=True)
+    def command(self) -> list[str]:
+        return ["-c", _LAUNCHER]
+
+    def environment(self) -> dict[str, str]:
         kill = self.kill_point or KillPoint("-none-", "-none-")
-        env = {**os.environ, "VIDCACHE_TEST_KILL_EVENT": kill.event,
-               "VIDCACHE_TEST_KILL_MATCH": kill.match,
-               "VIDCACHE_TEST_KILL_DELAY": str(kill.delay),
-               "VIDCACHE_TEST_ARMED": str(self.marker)}
-        argv = [sys.executable, "-c", _LAUNCHER, "serve", "--data", str(self.data_dir),
-                "--host", "127.0.0.1", "--port", str(self.port),
-                "--ingest-allow", "127.0.0.1", *self.extra_args]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_until(self._healthy, timeout=timeout, what=f"vidcache on {self.url}")
-        except TimeoutError as exc:
-            self.stop()
-            raise RuntimeError(f"vidcache did not start:\n{self.log()}") from exc
+        return {**os.environ, "VIDCACHE_TEST_KILL_EVENT": kill.event,
+                "VIDCACHE_TEST_KILL_MATCH": kill.match,
+                "VIDCACHE_TEST_KILL_DELAY": str(kill.delay),
+                "VIDCACHE_TEST_ARMED": str(self.marker)}
+
+    def start(self, timeout: float = 30.0) -> KillableServer:
+        self.marker.unlink(missing_ok=True)
+        super().start(timeout)
         return self
 
     def arm(self) -> None:

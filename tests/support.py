@@ -119,13 +119,21 @@ class VidcacheServer:
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
         self.process: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        """The argv after the interpreter: `-m vidcache` here; subclasses may run a launcher."""
+        return ["-m", "vidcache"]
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
     def start(self, timeout: float = 30.0) -> VidcacheServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "vidcache", "serve", "--data", str(self.data_dir),
+        argv = [sys.executable, *self.command(), "serve", "--data", str(self.data_dir),
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--ingest-allow", "127.0.0.1", *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.environment())
         try:
             wait_until(self._healthy, timeout=timeout, what=f"vidcache on {self.url}")
         except TimeoutError as exc:
