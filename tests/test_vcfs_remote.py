@@ -128,6 +128,29 @@ def test_fetch_returns_exactly_the_range_and_verifies_whole_chunks(
     assert remote.counters.get("bytes_fetched") == len(DATA)
 
 
+def test_first_fetch_asks_for_range_and_digests_at_once_and_verifies(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    remote.meta(HASH)  # as after the lookup that precedes every open
+    assert remote.fetch(HASH, 0, len(DATA)) == DATA  # whole chunks: no waiting for digests
+    assert service.requests.count(f"/video/{HASH}/chunks") == 1
+    assert service.ranges == [f"bytes=0-{len(DATA) - 1}"]
+    assert remote.counters.get("verified_chunks") == 3
+
+
+def test_first_fetch_with_a_bad_chunk_is_fetched_again_and_never_returned(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote(timeout=1.0)
+    remote.meta(HASH)
+    service.digests[2] = "0" * 64
+    with pytest.raises(RemoteUnavailable, match="chunk 2"):
+        remote.fetch(HASH, 0, len(DATA))
+    assert len(service.ranges) > 1  # the overlapped attempt, then the verified path's
+    assert remote.counters.get("verify_failures") == len(service.ranges)
+
+
 def test_a_range_cutting_chunks_is_widened_and_its_edge_chunks_kept(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:

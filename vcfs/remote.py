@@ -31,7 +31,10 @@ any of its bytes are returned. A fetch whose ends cut a chunk (blocks smaller th
 or not aligned to it) is widened to whole chunks; the partly used edge chunks are kept, verified,
 in a small LRU, so the neighbouring blocks cost no second request. With the default 1 MiB
 blocks (= the service's chunk size) nothing is widened. A mismatch is retried like a transient
-error (a flaky proxy or disk), so corrupt bytes never reach the block cache.
+error (a flaky proxy or disk), so corrupt bytes never reach the block cache. The first fetch of
+a hash, when it is whole 1 MiB chunks, asks for the range and the digests at once (a round trip
+saved when a player opens a file) and returns the bytes only once the digests have arrived and
+match; any other outcome falls back to the path above.
 
 Caches (content never changes for a hash, but videos come and go):
 - metadata of existing videos: an LRU of bounded size, kept until evicted;
@@ -201,6 +204,9 @@ class _Digests:
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self.file_size)
 
+
+# The chunk size of the service's digests (`GET /video/{hash}/chunks`, vidcache 1.x).
+SERVICE_CHUNK_SIZE = MIB
 
 # The service's largest listing page: fewest requests for `ls by-hash`.
 _PAGE_SIZE = 1000
@@ -381,11 +387,11 @@ class Remote:
             asked += f" (failed {failed_before:.1f} s ago: one attempt)"
             deadline = self._clock()
         try:
-            digests = self._chunk_digests(content_hash, deadline)
-            if digests is None:
-                data = self._fetch_range(asked, content_hash, start, end, None, deadline)
+            if self._first_fetch_overlaps_digests(content_hash, start, end):
+                data = self._fetch_with_digests(asked, content_hash, start, end, deadline)
             else:
-                data = self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
+                digests = self._chunk_digests(content_hash, deadline)
+                data = self._fetch_verified(asked, content_hash, start, end, digests, deadline)
         except NotFound:
             self._forget(content_hash)
             raise
@@ -394,6 +400,69 @@ class Remote:
             raise
         self.counters.add("bytes_fetched", len(data))
         return data
+
+    def _fetch_verified(
+        self,
+        asked: str,
+        content_hash: str,
+        start: int,
+        end: int,
+        digests: _Digests | None,
+        deadline: float,
+    ) -> bytes:
+        if digests is None:
+            return self._fetch_range(asked, content_hash, start, end, None, deadline)
+        return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
+
+    def _first_fetch_overlaps_digests(self, content_hash: str, start: int, end: int) -> bool:
+        """Whether to fetch the range while the digests are still on their way: only for a
+        hash whose digests are not known yet, and a range of whole chunks of the service's
+        chunk size (1 MiB, the default block), which needs no widening once they are."""
+        with self._lock:
+            if content_hash in self._digests:
+                return False
+            meta = self._known.get(content_hash)
+        return (
+            meta is not None
+            and start % SERVICE_CHUNK_SIZE == 0
+            and (end % SERVICE_CHUNK_SIZE == 0 or end == meta.size)
+        )
+
+    def _fetch_with_digests(
+        self, asked: str, content_hash: str, start: int, end: int, deadline: float
+    ) -> bytes:
+        """The first fetch of a hash: its range and its chunk digests at once, one round trip
+        instead of two. The bytes are returned only once verified like any other; if they
+        fail, or the digests use other chunks than expected, the verified path fetches the
+        range again."""
+        digests_soon: concurrent.futures.Future[_Digests | None] = concurrent.futures.Future()
+
+        def get_digests() -> None:
+            try:
+                digests_soon.set_result(self._chunk_digests(content_hash, deadline))
+            except BaseException as exc:  # handed to the fetch below
+                digests_soon.set_exception(exc)
+
+        # Its own thread: the digests' attempts run on the worker pool, which must not wait
+        # on itself.
+        threading.Thread(target=get_digests, name="vcfs-digests", daemon=True).start()
+        data = self._fetch_range(asked, content_hash, start, end, None, deadline)
+        try:
+            digests = digests_soon.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
+        except concurrent.futures.TimeoutError as exc:
+            raise RemoteUnavailable(f"chunk digests of {content_hash}: no answer in time") from exc
+        if digests is None:
+            return data
+        chunk_start, _ = digests.bounds(start // digests.chunk_size)
+        _, chunk_end = digests.bounds((end - 1) // digests.chunk_size)
+        if (chunk_start, chunk_end) == (start, end):
+            try:
+                self._verify(digests, start, end, data)
+            except CorruptData as exc:
+                log.warning("%s: %s; fetching it again", asked, exc)
+            else:
+                return data
+        return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
 
     def _recent_failure(self, content_hash: str, start: int, end: int) -> float | None:
         """Seconds since part of the range failed for good, if less than `failure_memory`."""
