@@ -471,7 +471,7 @@ def test_readahead_over_a_real_block_cache_turns_a_scan_into_hits() -> None:
     cache = BlockCache(fetcher, capacity=64 * MIB)
     with ThreadPoolExecutor(max_workers=2) as executor:
         readahead = Readahead(cache, H, len(data), executor=executor, block_size=MIB,
-                              max_window=16 * MIB, policy=EAGER)
+                              max_window=16 * MIB, policy=EAGER, task_blocks=4)
         out = bytearray()
         for offset, size in sequential_reads(0, len(data)):
             chunk = cache.read(H, len(data), offset, size)
