@@ -327,6 +327,38 @@ def test_blocks_in_flight_count_against_the_budget() -> None:
     assert cache.read(H1, len(data), 3 * BS, 3 * BS) == data[3 * BS : 6 * BS]
 
 
+def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None:
+    data = data_of(5 * BS + 3)
+    fetcher = FakeFetcher({H1: data})
+    pieces: list[list[bytes]] = []
+
+    def block_fetcher(content_hash: str, start: int, end: int, block_size: int) -> list[bytes]:
+        blocks = [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
+        pieces.append(blocks)
+        return blocks
+
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000, block_fetcher=block_fetcher)
+    assert cache.read(H1, len(data), 0, 1) == data[:1]  # one block: the plain fetcher
+    assert cache.read(H1, len(data), BS, len(data)) == data[BS:]  # a run: the block fetcher
+    assert fetcher.calls == [(H1, 0, BS)]
+    assert [len(b) for b in pieces[0]] == [BS, BS, BS, BS, 3]
+    assert cache.stats()["bytes_fetched"] == len(data)
+    assert all(cache.is_cached(H1, i) for i in range(6))
+
+
+def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
+    data = data_of(4 * BS)
+
+    def joined_pieces(content_hash: str, start: int, end: int, block_size: int) -> list[bytes]:
+        return [data[start:end]]  # one piece for the whole run
+
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=joined_pieces)
+    with pytest.raises(BlockFetchError):
+        cache.read(H1, len(data), 0, 2 * BS)
+    assert cache.stats()["cached_bytes"] == 0
+
+
 def test_zero_capacity_still_serves_reads() -> None:
     data = data_of(100)
     fetcher = FakeFetcher({H1: data})

@@ -151,6 +151,32 @@ def test_first_fetch_with_a_bad_chunk_is_fetched_again_and_never_returned(
     assert remote.counters.get("verify_failures") == len(service.ranges)
 
 
+def test_fetch_blocks_builds_and_verifies_each_chunk_as_its_own_block(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    remote.fetch(HASH, 0, CHUNK)  # the digests are known from now on
+    blocks = remote.fetch_blocks(HASH, CHUNK, len(DATA), CHUNK)
+    assert blocks == [DATA[CHUNK : 2 * CHUNK], DATA[2 * CHUNK :]]
+    assert all(type(block) is bytes for block in blocks)
+    assert service.ranges[-1] == f"bytes={CHUNK}-{len(DATA) - 1}"
+    assert remote.counters.get("verified_chunks") == 3
+    # blocks that are not the service's chunks: fetched whole, verified, then cut
+    halves = remote.fetch_blocks(HASH, 0, 2000, 500)
+    assert halves == [DATA[i : i + 500] for i in range(0, 2000, 500)]
+
+
+def test_fetch_blocks_never_returns_a_chunk_with_a_bad_digest(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote(timeout=1.0)
+    service.digests[2] = "0" * 64
+    remote.fetch(HASH, 0, CHUNK)  # chunk 0 is fine; the digests are known from now on
+    with pytest.raises(RemoteUnavailable, match="chunk 2"):
+        remote.fetch_blocks(HASH, CHUNK, len(DATA), CHUNK)
+    assert remote.counters.get("verify_failures") > 1
+
+
 def test_a_range_cutting_chunks_is_widened_and_its_edge_chunks_kept(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:

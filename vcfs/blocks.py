@@ -47,13 +47,17 @@ plus in-flight bytes stay within `capacity` however deep readahead's pipeline is
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 
 from cachetools import LRUCache
 
 Fetcher = Callable[[str, int, int], bytes]
 """`(hash, start, end_exclusive) -> bytes`: exactly the bytes `[start, end)` of the video."""
+
+BlockFetcher = Callable[[str, int, int, int], Sequence[bytes]]
+"""`(hash, start, end_exclusive, block_size) -> pieces`: the same bytes as a `Fetcher`, as
+consecutive pieces of `block_size` bytes (the last one may be short)."""
 
 Verifier = Callable[[str, int, bytes], None]
 """`(hash, block_index, data) -> None`: raise to reject a block before it is cached or used."""
@@ -162,12 +166,17 @@ class BlockCache:
         block_size: int = DEFAULT_BLOCK_SIZE,
         capacity: int = DEFAULT_CAPACITY,
         verify: Verifier | None = None,
+        block_fetcher: BlockFetcher | None = None,
     ) -> None:
+        """`block_fetcher`, if given, fetches runs of several blocks instead of `fetcher`:
+        the blocks then arrive as separate objects and are cached as they are, instead of
+        being cut (copied) out of one answer for the whole run."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self._fetcher = fetcher
+        self._block_fetcher = block_fetcher
         self._verify = verify
         self._block_size = block_size
         self._capacity = capacity
@@ -318,32 +327,45 @@ class BlockCache:
         with self._lock:
             self._fetches += 1
         try:
-            data = self._fetcher(content_hash, start, end)
-            if len(data) != end - start:
-                raise BlockFetchError(
-                    f"fetch of {content_hash} bytes {start}-{end - 1} returned {len(data)} "
-                    f"bytes instead of {end - start}"
-                )
+            blocks = self._fetch_blocks(content_hash, file_size, run, start, end)
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             with self._lock:
                 self._fetch_errors += 1
             self._resolve(content_hash, file_size, {index: exc for index in run}, owned)
             return exc
-        if type(data) is not bytes:  # a mutable buffer must not become a shared cache entry
-            data = bytes(data)
         with self._lock:
-            self._bytes_fetched += len(data)
-        outcomes: dict[int, bytes | BaseException] = {}
-        view = memoryview(data)
-        for position, index in enumerate(run):
-            if len(run) == 1:
-                block = data
-            else:
-                low = position * self._block_size
-                block = bytes(view[low : low + self._block_size])
-            outcomes[index] = self._checked(content_hash, index, block)
+            self._bytes_fetched += end - start
+        outcomes: dict[int, bytes | BaseException] = {
+            index: self._checked(content_hash, index, block)
+            for index, block in zip(run, blocks, strict=True)
+        }
         self._resolve(content_hash, file_size, outcomes, owned)
         return next((o for o in outcomes.values() if isinstance(o, BaseException)), None)
+
+    def _fetch_blocks(
+        self, content_hash: str, file_size: int, run: range, start: int, end: int
+    ) -> list[bytes]:
+        """The run's blocks, each its own immutable `bytes` (a mutable buffer must not become
+        a shared cache entry): from the block fetcher, or cut out of one fetcher answer."""
+        what = f"fetch of {content_hash} bytes {start}-{end - 1}"
+        if len(run) > 1 and self._block_fetcher is not None:
+            blocks = list(self._block_fetcher(content_hash, start, end, self._block_size))
+            expected = [high - low for low, high in (
+                block_bounds(index, file_size, self._block_size) for index in run)]
+            if [len(block) for block in blocks] != expected:
+                raise BlockFetchError(f"{what} returned pieces of {[len(b) for b in blocks]} "
+                                      f"bytes instead of {expected}")
+            return [block if type(block) is bytes else bytes(block) for block in blocks]
+        data = self._fetcher(content_hash, start, end)
+        if len(data) != end - start:
+            raise BlockFetchError(f"{what} returned {len(data)} bytes instead of {end - start}")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if len(run) == 1:
+            return [data]
+        view = memoryview(data)
+        size = self._block_size
+        return [bytes(view[low : low + size]) for low in range(0, end - start, size)]
 
     def _checked(self, content_hash: str, index: int, block: bytes) -> bytes | BlockVerifyError:
         """The block if the verify hook accepts it, else the error to hand to its readers."""

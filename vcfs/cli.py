@@ -401,7 +401,12 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     from vcfs.fs import FsConfig, VcfsOperations
     from vcfs.fuselib import FUSE, fuse_version_major
 
-    cache = BlockCache(remote.fetch, block_size=options.block_size, capacity=options.cache_size)
+    cache = BlockCache(
+        remote.fetch,
+        block_size=options.block_size,
+        capacity=options.cache_size,
+        block_fetcher=remote.fetch_blocks,
+    )
     mounted = threading.Event()
 
     def on_mounted() -> None:
