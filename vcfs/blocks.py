@@ -18,7 +18,8 @@ Reading, for the blocks a read touches:
    in the in-flight table and *own* its fetch. So each block has at most one fetch in flight
    and concurrent readers of a cold block cause exactly one request.
 2. The owned blocks are grouped into runs of adjacent indices and each run is fetched with ONE
-   fetcher call (a cold 1 MiB read straddling two blocks is one range request, not two).
+   fetcher (or block fetcher) call (a cold 1 MiB read straddling two blocks is one range
+   request, not two).
 3. The owner checks the answer is exactly the run's length (`BlockFetchError` otherwise), cuts
    it into blocks, passes each to the optional `verify` hook, and then, in a single critical
    section, inserts the good blocks into the LRU and removes the in-flight entries, so no
@@ -32,16 +33,18 @@ Reading, for the blocks a read touches:
 Waiting is `Future.result()`, never polling. Liveness relies on the fetcher ending every call
 with data or an exception within its own deadline (vcfs.remote retries under a total deadline).
 
-Copies and memory: a read inside one cached block is a single slice of it (no copy at all when
-it is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the
-only copy. A fetched run of several blocks is copied into one `bytes` per block: cached blocks
-must not be views of the run's buffer, because one live view pins the whole buffer and the byte
-budget would lie. Uniform block-sized `bytes` also suit glibc malloc: 1 MiB objects sit near the
-(dynamic) mmap threshold, and evicted blocks free exactly the size the next block needs, so the
-heap is reused instead of fragmenting. A block larger than the whole capacity (or any block when
-capacity is 0) is returned but not cached. Blocks being fetched count against the budget from
-the moment a thread owns their fetch (least recent blocks are evicted to make room), so cached
-plus in-flight bytes stay within `capacity` however deep readahead's pipeline is.
+Copies and memory: a read inside one cached block is a single slice of it (no copy at all when it
+is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the only
+copy. A run of several blocks is fetched through the optional `block_fetcher`, which hands over
+each block as its own `bytes` (vcfs.remote builds and verifies them chunk by chunk); without one,
+the single answer is copied into one `bytes` per block: cached blocks must not be views of the
+run's buffer, because one live view pins the whole buffer and the byte budget would lie. Uniform
+block-sized `bytes` suit glibc malloc: evicted blocks free exactly the size the next block needs,
+so the heap is reused instead of fragmenting (multi-MiB temporaries cut into 1 MiB blocks left ~35
+MB of holes behind). A block larger than the whole capacity (or any block when capacity is 0) is
+returned but not cached. Blocks being fetched count against the budget from the moment a thread
+owns their fetch (least recent blocks are evicted to make room), so cached plus in-flight bytes
+stay within `capacity` however deep readahead's pipeline is.
 """
 
 from __future__ import annotations
