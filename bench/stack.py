@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Self, TypeVar
 
 import blake3
 import httpx
@@ -37,7 +37,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], T], *, timeout: float, what: str,
+def wait_until(predicate: Callable[[], T], *, timeout: float, what: str = "condition",
                interval: float = 0.05) -> T:
     """Poll `predicate` until it returns something truthy; TimeoutError after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -46,7 +46,7 @@ def wait_until(predicate: Callable[[], T], *, timeout: float, what: str,
         if result:
             return result
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout:.0f} s")
+            raise TimeoutError(f"{what} not reached within {timeout:g} s")
         time.sleep(interval)
 
 
@@ -69,7 +69,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @contextlib.contextmanager
 def origin(directory: Path) -> Iterator[str]:
-    """Serve `directory` over HTTP on loopback; yields the base URL."""
+    """Serve `directory` over HTTP on loopback; yields the base URL (no trailing slash)."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True, name="bench-origin")
@@ -82,7 +82,35 @@ def origin(directory: Path) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-class Service:
+class _LoopbackServer:
+    """A server process of the run on a free loopback port: started by `start()` (which
+    subclasses define), stopped with SIGTERM (then SIGKILL) by `stop()` or the `with` block."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "not started"
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class Service(_LoopbackServer):
     """A vidcache service process on a free loopback port over `data_dir`."""
 
     def __init__(self, data_dir: Path, log_path: Path, *, variant: list[str] | None = None,
@@ -91,9 +119,7 @@ class Service:
         self.log_path = log_path
         self.variant = variant  # None = the real CLI; else bench.service_variants arguments
         self.label = label
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__()
 
     def start(self) -> Service:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -123,20 +149,6 @@ class Service:
         except httpx.HTTPError:
             return False
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "not started"
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-
-    def __enter__(self) -> Service:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
 
 @dataclass(frozen=True)
@@ -185,15 +197,13 @@ def ingest(service: Service, origin_url: str, path: Path) -> Video:
                  blob_path=service.data_dir / meta["file_path"], file_path=meta["file_path"])
 
 
-class Nginx:
+class Nginx(_LoopbackServer):
     """Debian's nginx (sendfile on, one worker) serving `root` on a free loopback port."""
 
     def __init__(self, root: Path, work_dir: Path) -> None:
         self.root = root
         self.work_dir = work_dir
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__()
 
     @staticmethod
     def available() -> bool:
@@ -224,17 +234,3 @@ class Nginx:
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
-    @property
-    def pid(self) -> int:
-        assert self.process is not None, "not started"
-        return self.process.pid
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop_process(self.process)
-
-    def __enter__(self) -> Nginx:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

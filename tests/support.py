@@ -8,23 +8,21 @@ generates the same videos.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 
-T = TypeVar("T")
+from bench.stack import free_port, wait_until
+from bench.stack import origin as serve_directory
+
+# the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
+__all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "serve_directory",
+           "wait_until"]
+
 
 _X264 = ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
 # a keyframe every 2 s, as in real footage, so a seek need not decode from the start
@@ -67,45 +65,6 @@ def make_videos(out_dir: Path) -> dict[str, Path]:
     junk.write_bytes(os.urandom(64 * 1024))
     paths[junk.name] = junk
     return paths
-
-
-def wait_until(predicate: Callable[[], T], *, timeout: float, interval: float = 0.05,
-               what: str = "condition") -> T:
-    """Poll `predicate` until it returns a truthy value, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout} s")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def serve_directory(directory: Path) -> Iterator[str]:
-    """Serve `directory` over HTTP on loopback; yields the base URL (no trailing slash)."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 class VidcacheServer:
