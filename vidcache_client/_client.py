@@ -116,38 +116,19 @@ class VidCacheClient:
 
     def resolve(self, url: str) -> dict[str, Any] | None:
         """{"hash", "url"} of a URL ingested before, or None if the service does not know it."""
-        what = f"resolve of {url}"
-        try:
-            response = self._send("GET", "/resolve", what, params={"url": url})
-        except NotFoundError:
-            return None
-        result = _json_object(response, what)
-        _check_hash_field(result, what)
-        return result
+        return self._get_record("/resolve", f"resolve of {url}", params={"url": url})
 
     def get_meta(self, content_hash: str) -> dict[str, Any] | None:
         """The stored record of a video (size_bytes, duration_s, aliases, meta...), or None."""
         content_hash = validate_hash(content_hash)
-        what = f"metadata of video {content_hash}"
-        try:
-            response = self._send("GET", f"/meta/{content_hash}", what)
-        except NotFoundError:
-            return None
-        result = _json_object(response, what)
-        _check_hash_field(result, what, expected=content_hash)
-        return result
+        return self._get_record(f"/meta/{content_hash}", f"metadata of video {content_hash}",
+                                expected=content_hash)
 
     def get_chunk_digests(self, content_hash: str) -> dict[str, Any] | None:
         """{"hash", "chunk_size", "digests"}: BLAKE3 of each chunk_size chunk, or None."""
         content_hash = validate_hash(content_hash)
-        what = f"chunk digests of video {content_hash}"
-        try:
-            response = self._send("GET", f"/video/{content_hash}/chunks", what)
-        except NotFoundError:
-            return None
-        result = _json_object(response, what)
-        _check_hash_field(result, what, expected=content_hash)
-        return result
+        return self._get_record(f"/video/{content_hash}/chunks",
+                                f"chunk digests of video {content_hash}", expected=content_hash)
 
     def delete(self, content_hash: str) -> None:
         """Delete a video, its record and all its URL aliases; NotFoundError if unknown."""
@@ -234,6 +215,18 @@ class VidCacheClient:
         return written
 
     # --- internals -----------------------------------------------------------------------
+
+    def _get_record(self, path: str, what: str, *,
+                    params: Mapping[str, str | int] | None = None,
+                    expected: str | None = None) -> dict[str, Any] | None:
+        """GET a JSON object that names a video's hash (checked), or None on 404."""
+        try:
+            response = self._send("GET", path, what, params=params)
+        except NotFoundError:
+            return None
+        result = _json_object(response, what)
+        _check_hash_field(result, what, expected=expected)
+        return result
 
     def _send(self, method: str, path: str, what: str, *,
               params: Mapping[str, str | int] | None = None,
