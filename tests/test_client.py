@@ -551,6 +551,32 @@ def test_malformed_json_answer_is_a_protocol_error(make_client: MakeClient,
         make_client(lambda request: response).get_meta(HASH)
 
 
+@pytest.mark.parametrize(("document", "complaint"), [
+    ({"hash": HASH, "digests": []}, "bad 'chunk_size' None"),
+    ({"hash": HASH, "chunk_size": 0, "digests": []}, "bad 'chunk_size' 0"),
+    ({"hash": HASH, "chunk_size": "1M", "digests": []}, "bad 'chunk_size' '1M'"),
+    ({"hash": HASH, "chunk_size": True, "digests": []}, "bad 'chunk_size' True"),
+    ({"hash": HASH, "chunk_size": 1024}, "'digests' is not a list"),
+    ({"hash": HASH, "chunk_size": 1024, "digests": [HASH, HASH.upper()]}, "not a list of 64-hex"),
+    ({"hash": HASH, "chunk_size": 1024, "digests": [HASH[:-1]]}, "not a list of 64-hex"),
+    ({"hash": OTHER_HASH, "chunk_size": 1024, "digests": []}, "another video"),
+])
+def test_malformed_chunk_digests_are_a_protocol_error(make_client: MakeClient,
+                                                      document: dict[str, Any],
+                                                      complaint: str) -> None:
+    client = make_client(lambda request: httpx.Response(200, json=document))
+    with pytest.raises(ProtocolError, match=f"chunk digests of video {HASH}: .*{complaint}"):
+        client.get_chunk_digests(HASH)
+
+
+def test_chunk_digests_of_any_chunk_size(make_client: MakeClient) -> None:
+    for chunk_size in (1000, 256 * 1024, 1024 * 1024):
+        document = {"hash": HASH, "chunk_size": chunk_size, "digests": [HASH, OTHER_HASH]}
+        recorder = Recorder(lambda request, doc=document: httpx.Response(200, json=doc))
+        assert make_client(recorder).get_chunk_digests(HASH) == document
+        assert recorder.requests[0].url.path == f"/video/{HASH}/chunks"
+
+
 def test_delete_sends_delete(make_client: MakeClient) -> None:
     recorder = Recorder(lambda request: httpx.Response(204))
     make_client(recorder).delete(HASH)

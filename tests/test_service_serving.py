@@ -1,5 +1,5 @@
-"""Reading from the real vidcache service: bytes, every Range form, HEAD, headers, 416, chunk
-digests, strict hash validation and JSON errors everywhere.
+"""Reading from the real vidcache service: bytes, every Range form, HEAD, headers, 416, strict
+hash validation and JSON errors everywhere (chunk digests: test_service_chunks.py).
 
 Uses the session's service with b.mp4, c.mkv and big.mp4, which are perceptually distinct from
 every other generated video: whoever ingested them first, they are stored under the BLAKE3 of
@@ -163,15 +163,6 @@ def test_if_range_uses_the_etag(api: Api, stored: dict[str, Stored]) -> None:
     other = api.http.get(f"/video/{video.hash}",
                          headers={"Range": "bytes=0-9", "If-Range": '"something-else"'})
     assert (other.status_code, other.content) == (200, video.data)
-
-
-def test_chunk_digests_are_blake3_of_each_mib(api: Api, stored: dict[str, Stored]) -> None:
-    for video in stored.values():
-        response = api.http.get(f"/video/{video.hash}/chunks")
-        assert response.status_code == 200
-        expected = [digest(video.data[i:i + CHUNK]) for i in range(0, len(video.data), CHUNK)]
-        assert response.json() == {"hash": video.hash, "chunk_size": CHUNK, "digests": expected}
-    assert len(expected) > 1 and len(video.data) % CHUNK != 0  # big.mp4: several, last short
 
 
 def test_meta_and_resolve(api: Api, stored: dict[str, Stored], media_url: str) -> None:

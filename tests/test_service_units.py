@@ -1,6 +1,7 @@
 """Pure parts of the vidcache service, tested without a server: size parsing, the host guard,
-bucket/prefix rules, perceptual-hash arithmetic, named locks, hashing while downloading, and
-the JSON answer to an unexpected server error (which a healthy real server cannot produce)."""
+bucket/prefix rules, perceptual-hash arithmetic, named locks, hashing while downloading (at
+any allowed chunk size), the chunk-size rule, and the JSON answer to an unexpected server error
+(which a healthy real server cannot produce)."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vidcache.app import create_app
-from vidcache.cli import parse_size
+from vidcache.chunks import KIB, MIB, check_chunk_size
+from vidcache.cli import build_parser, parse_size
 from vidcache.config import ServiceConfig
 from vidcache.download import _HashingWriter
 from vidcache.errors import IngestRefused, InvalidRequest, TooLarge
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
 from vidcache.media import decode_phash, encode_phash, phash_distance
-from vidcache.store import CHUNK_SIZE, Store, blob_relpath, check_location
+from vidcache.store import Store, blob_relpath, check_location
 
 with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
     warnings.simplefilter("ignore")
@@ -128,14 +130,16 @@ def test_keyed_locks_serialise_one_key_only() -> None:
     assert len(locks) == 0  # nothing left behind once nobody holds a key
 
 
-@settings(max_examples=40, deadline=None)
-@given(size=st.sampled_from([0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1,
-                             2 * CHUNK_SIZE + 12345]),
-       cuts=st.lists(st.integers(min_value=0, max_value=3 * CHUNK_SIZE), max_size=6))
-def test_hashing_writer_digests_whatever_the_write_sizes(size: int, cuts: list[int]) -> None:
+@settings(max_examples=60, deadline=None)
+@given(chunk_size=st.sampled_from([64 * KIB, 256 * KIB, MIB]),
+       chunks=st.sampled_from([0, 1, 2, 3]), extra=st.sampled_from([-1, 0, 1, 12345]),
+       cuts=st.lists(st.integers(min_value=0, max_value=4 * MIB), max_size=6))
+def test_hashing_writer_digests_whatever_the_write_sizes(chunk_size: int, chunks: int,
+                                                         extra: int, cuts: list[int]) -> None:
+    size = max(chunks * chunk_size + extra, 0)
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     with tempfile.TemporaryFile() as sink:
-        writer = _HashingWriter(sink, max_size=size, url="test")
+        writer = _HashingWriter(sink, max_size=size, url="test", chunk_size=chunk_size)
         points = sorted({c for c in cuts if c < size} | {0, size})
         for start, end in itertools.pairwise(points):
             writer.write(data[start:end])
@@ -145,8 +149,38 @@ def test_hashing_writer_digests_whatever_the_write_sizes(size: int, cuts: list[i
         sink.seek(0)
         assert sink.read() == data
     assert content_hash == blake3(data).hexdigest()
-    assert digests == b"".join(blake3(data[i:i + CHUNK_SIZE]).digest()
-                               for i in range(0, size, CHUNK_SIZE))
+    assert digests == b"".join(blake3(data[i:i + chunk_size]).digest()
+                               for i in range(0, size, chunk_size))
+
+
+@pytest.mark.parametrize("size", [64 * KIB, 128 * KIB, 256 * KIB, MIB, 16 * MIB])
+def test_chunk_sizes_are_powers_of_two_in_range(size: int) -> None:
+    assert check_chunk_size(size) == size
+    assert ServiceConfig(data_dir=Path("unused"), chunk_size=size).chunk_size == size
+
+
+@pytest.mark.parametrize("size", [0, 4 * KIB, 32 * KIB, 96 * KIB, 1000 * KIB, 32 * MIB])
+def test_other_chunk_sizes_are_refused(size: int) -> None:
+    with pytest.raises(ValueError, match="power of two from 64 KiB to 16 MiB"):
+        check_chunk_size(size)
+    with pytest.raises(ValueError, match="power of two"):
+        ServiceConfig(data_dir=Path("unused"), chunk_size=size)
+
+
+def test_serve_takes_a_chunk_size() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--data", "d"]).chunk_size == 256 * KIB
+    assert parser.parse_args(["serve", "--data", "d", "--chunk-size", "1M"]).chunk_size == MIB
+    assert parser.parse_args(["serve", "--data", "d", "--chunk-size", "131072"]).chunk_size \
+        == 128 * KIB
+
+
+@pytest.mark.parametrize("text", ["32K", "64M", "lots"])
+def test_serve_refuses_a_bad_chunk_size(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--data", "d", "--chunk-size", text])
+    assert exited.value.code == 2
+    assert "--chunk-size" in capsys.readouterr().err
 
 
 def test_unexpected_errors_are_json_500(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

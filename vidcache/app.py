@@ -33,6 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 from vidcache import __version__
 from vidcache.auth import BearerAuth, needs_token
 from vidcache.body_limit import BodyLimit
+from vidcache.chunks import hex_digests
 from vidcache.config import ServiceConfig
 from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, VidcacheError
@@ -113,8 +114,9 @@ class VideoList(BaseModel):
 
 class ChunkDigests(BaseModel):
     hash: str
-    chunk_size: int
-    digests: list[str]
+    chunk_size: int = Field(description="bytes per chunk, recorded at ingest: a power of two, "
+                                        "not the same for every video")
+    digests: list[str] = Field(description="64-hex BLAKE3 of each chunk, the last one short")
 
 
 class Health(BaseModel):
@@ -246,6 +248,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                             timeout=config.download_timeout,
                             max_time=config.max_download_time,
                             guard=HostGuard(config.ingest_allow),
+                            chunk_size=config.chunk_size,
                             allow_file_dirs=config.allow_file_dirs)
     ingestor = Ingestor(store=store, downloader=downloader,
                         phash_threshold=config.phash_threshold,
@@ -367,10 +370,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.get("/video/{content_hash}/chunks", responses=_ERRORS)
     def chunks(content_hash: ContentHash) -> ChunkDigests:
-        """BLAKE3 of each chunk_size chunk of the file (the last one short), in order."""
-        record = lookup(content_hash)
-        return ChunkDigests(hash=record.content_hash, chunk_size=record.chunk_size,
-                            digests=record.digests_hex())
+        """BLAKE3 of each chunk_size chunk of the file (the last one short), in order.
+
+        chunk_size is the one recorded when the video was ingested (the server's --chunk-size
+        then): read it from the answer, it differs between videos."""
+        recorded = store.chunk_digests(_checked_hash(content_hash))
+        if recorded is None:
+            raise NotFound(f"no video with hash {content_hash}")
+        chunk_size, digests = recorded
+        return ChunkDigests(hash=content_hash, chunk_size=chunk_size,
+                            digests=hex_digests(digests))
 
     @app.get("/videos", responses=_ERRORS)
     def videos(bucket: Annotated[str | None, Query(json_schema_extra=_BUCKET_DOC)] = None,

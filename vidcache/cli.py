@@ -13,6 +13,14 @@ from pathlib import Path
 
 from vidcache import __version__
 from vidcache.auth import TokenFileError, read_token_file
+from vidcache.chunks import (
+    DEFAULT_CHUNK_SIZE,
+    KIB,
+    MAX_CHUNK_SIZE,
+    MIB,
+    MIN_CHUNK_SIZE,
+    check_chunk_size,
+)
 from vidcache.config import DEFAULT_PORT, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
@@ -47,6 +55,13 @@ def _directory(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"not a directory: {text}")
     return path.resolve()
+
+
+def _chunk_size(text: str) -> int:
+    try:
+        return check_chunk_size(parse_size(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _threshold(text: str) -> int:
@@ -108,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
                        help="largest perceptual-hash distance (of 64 bits) that counts as the "
                             "same video (default 10)")
+    serve.add_argument("--chunk-size", metavar="SIZE", type=_chunk_size,
+                       default=DEFAULT_CHUNK_SIZE,
+                       help="record a BLAKE3 digest per chunk of this size for new ingests, "
+                            "published at /video/HASH/chunks: a power of two from "
+                            f"{MIN_CHUNK_SIZE // KIB}K to {MAX_CHUNK_SIZE // MIB}M "
+                            f"(default {DEFAULT_CHUNK_SIZE // KIB}K; stored videos keep theirs)")
     serve.add_argument("--allow-file-dir", metavar="DIR", type=_directory, action="append",
                        default=[], help="allow file:// ingest URLs below DIR (repeatable)")
     serve.add_argument("--ingest-allow", metavar="HOST_OR_CIDR", type=_allow_entry,
@@ -161,7 +182,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         data_dir=args.data.resolve(), host=args.host, port=args.port, max_size=args.max_size,
         download_timeout=args.download_timeout, max_download_time=args.max_download_time,
-        phash_threshold=args.phash_threshold, allow_file_dirs=tuple(args.allow_file_dir),
+        phash_threshold=args.phash_threshold, chunk_size=args.chunk_size,
+        allow_file_dirs=tuple(args.allow_file_dir),
         ingest_allow=tuple(allow), log_level=args.log_level, token=args.token,
         token_reads=args.token_reads)
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vidcache.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size
+
 GIB = 1024**3
 DEFAULT_PORT = 8020
 
@@ -25,6 +27,8 @@ class ServiceConfig:
     max_download_time: float = 3600.0
     # of 64 bits: re-encodes of one video measure 0-2, different videos around 30
     phash_threshold: int = 10
+    # digests recorded per chunk of this size at ingest (chunks.py says why this default)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     # file:// URLs are refused unless the file lies in one of these directories
     allow_file_dirs: tuple[Path, ...] = ()
     # hosts / IPs / CIDRs ingest may fetch from although they are loopback or private addresses
@@ -44,3 +48,6 @@ class ServiceConfig:
     token: str | None = field(default=None, repr=False)
     # require the token for reads too (all but /health and the API description)
     token_reads: bool = False
+
+    def __post_init__(self) -> None:
+        check_chunk_size(self.chunk_size)

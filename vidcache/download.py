@@ -1,8 +1,9 @@
 """Fetch an ingest URL into a temp file, hashing while writing.
 
 One pass over the bytes computes the whole-file BLAKE3 (the content hash) and the BLAKE3 of
-every CHUNK_SIZE chunk (published at /video/{hash}/chunks so readers can verify ranges). The
-size cap is enforced on the bytes actually received, not only on Content-Length.
+every chunk of the service's chunk size (chunks.py; published at /video/{hash}/chunks so
+readers can verify ranges). The size cap is enforced on the bytes actually received, not only
+on Content-Length.
 
 http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
 sent to the address the guard approved (Host header and TLS SNI keep the original name).
@@ -31,6 +32,7 @@ import blake3
 import httpx
 
 from vidcache import __version__
+from vidcache.chunks import ChunkHasher, check_chunk_size
 from vidcache.errors import (
     IngestRefused,
     InvalidRequest,
@@ -40,7 +42,6 @@ from vidcache.errors import (
     UpstreamTimeout,
 )
 from vidcache.hostguard import HostGuard
-from vidcache.store import CHUNK_SIZE
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
@@ -52,7 +53,8 @@ class Download:
     path: Path  # temp file in the store's tmp dir; the caller moves or removes it
     size: int
     content_hash: str
-    chunk_digests: bytes  # concatenated 32-byte digests, one per CHUNK_SIZE chunk
+    chunk_size: int
+    chunk_digests: bytes  # concatenated 32-byte digests, one per chunk_size chunk
 
 
 def parse_url(url: str) -> httpx.URL:
@@ -84,14 +86,12 @@ def parse_url(url: str) -> httpx.URL:
 
 
 class _HashingWriter:
-    def __init__(self, file: BinaryIO, *, max_size: int, url: str) -> None:
+    def __init__(self, file: BinaryIO, *, max_size: int, url: str, chunk_size: int) -> None:
         self._file = file
         self._max_size = max_size
         self._url = url
         self._whole = blake3.blake3()
-        self._chunk = blake3.blake3()
-        self._chunk_filled = 0
-        self._digests = bytearray()
+        self._chunks = ChunkHasher(chunk_size)
         self.size = 0
 
     def check_announced_size(self, size: int) -> None:
@@ -109,37 +109,25 @@ class _HashingWriter:
         except OSError as exc:
             raise StorageError(f"cannot write the download of {self._url}: {exc}") from exc
         self._whole.update(data)
-        view = memoryview(data)
-        while view:
-            piece = view[:CHUNK_SIZE - self._chunk_filled]
-            self._chunk.update(piece)
-            self._chunk_filled += len(piece)
-            view = view[len(piece):]
-            if self._chunk_filled == CHUNK_SIZE:
-                self._end_chunk()
-
-    def _end_chunk(self) -> None:
-        self._digests += self._chunk.digest()
-        self._chunk = blake3.blake3()
-        self._chunk_filled = 0
+        self._chunks.update(data)
 
     def finish(self) -> tuple[str, bytes]:
         """(content hash, chunk digests); flushes the file to disk."""
-        if self._chunk_filled:
-            self._end_chunk()
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
             raise StorageError(f"cannot write the download of {self._url}: {exc}") from exc
-        return self._whole.hexdigest(), bytes(self._digests)
+        return self._whole.hexdigest(), self._chunks.finish()
 
 
 class Downloader:
     def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
-                 guard: HostGuard, allow_file_dirs: Sequence[Path] = (),
+                 guard: HostGuard, chunk_size: int,
+                 allow_file_dirs: Sequence[Path] = (),
                  transport: httpx.BaseTransport | None = None) -> None:
         self._tmp_dir = tmp_dir
+        self._chunk_size = check_chunk_size(chunk_size)
         self._max_size = max_size
         self._timeout = timeout
         self._max_time = max_time
@@ -165,13 +153,14 @@ class Downloader:
         deadline = time.monotonic() + self._max_time
         try:
             with open(fd, "wb") as file:
-                writer = _HashingWriter(file, max_size=self._max_size, url=url)
+                writer = _HashingWriter(file, max_size=self._max_size, url=url,
+                                        chunk_size=self._chunk_size)
                 if parsed.scheme == "file":
                     self._copy_local(parsed, writer, deadline)
                 else:
                     self._download(parsed, writer, deadline)
                 content_hash, digests = writer.finish()
-            return Download(path, writer.size, content_hash, digests)
+            return Download(path, writer.size, content_hash, self._chunk_size, digests)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -95,6 +95,7 @@ class Ingestor:
                                  size_bytes=download.size, duration_s=info.duration_s,
                                  mime_type=info.mime_type, meta=meta,
                                  phash=media.encode_phash(phash),
+                                 chunk_size=download.chunk_size,
                                  chunk_digests=download.chunk_digests),
                         url=url, temp_path=download.path)
                     return _result(record, "new")

@@ -33,12 +33,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vidcache.chunks import DIGEST_SIZE, digest_count
 from vidcache.errors import DataDirInUse, InvalidRequest, TooLarge
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1024 * 1024
-DIGEST_SIZE = 32
 INTERNAL_DIR = ".vidcache"
 
 SEGMENT_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"  # a bucket or a non-empty prefix
@@ -143,7 +142,14 @@ class NewVideo:
     mime_type: str
     meta: dict[str, Any]
     phash: str  # media.encode_phash() form; opaque to the store
-    chunk_digests: bytes  # concatenated DIGEST_SIZE-byte BLAKE3 digests of CHUNK_SIZE chunks
+    chunk_size: int
+    chunk_digests: bytes  # concatenated DIGEST_SIZE-byte BLAKE3 digests of chunk_size chunks
+
+    def __post_init__(self) -> None:
+        count = digest_count(self.size_bytes, self.chunk_size)
+        if len(self.chunk_digests) != count * DIGEST_SIZE:
+            raise ValueError(f"{len(self.chunk_digests)} bytes of chunk digests for "
+                             f"{count} chunks of {self.chunk_size} bytes")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,13 +163,8 @@ class VideoRecord:
     mime_type: str
     first_seen: str
     meta: dict[str, Any]
-    chunk_size: int
-    chunk_digests: bytes
+    chunk_size: int  # as recorded at ingest (1 MiB for videos stored before --chunk-size)
     aliases: tuple[str, ...]
-
-    def digests_hex(self) -> list[str]:
-        return [self.chunk_digests[i:i + DIGEST_SIZE].hex()
-                for i in range(0, len(self.chunk_digests), DIGEST_SIZE)]
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ class Store:
 
     def get(self, content_hash: str) -> VideoRecord | None:
         with self._lock:
-            row = self.db.execute(f"SELECT {_COLUMNS} FROM videos WHERE hash = ?",
+            row = self.db.execute(f"SELECT {_RECORD_COLUMNS} FROM videos WHERE hash = ?",
                                   (content_hash,)).fetchone()
             return None if row is None else self._records([row])[0]
 
@@ -294,12 +295,19 @@ class Store:
         if after is not None:
             where.append("hash > ?")
             params.append(after)
-        sql = f"SELECT {_COLUMNS} FROM videos"
+        sql = f"SELECT {_RECORD_COLUMNS} FROM videos"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY hash LIMIT ?"
         with self._lock:
             return self._records(self.db.execute(sql, (*params, limit)).fetchall())
+
+    def chunk_digests(self, content_hash: str) -> tuple[int, bytes] | None:
+        """(chunk size, concatenated digests) recorded for the video, None if there is none."""
+        with self._lock:
+            row = self.db.execute("SELECT chunk_size, chunk_digests FROM videos WHERE hash = ?",
+                                  (content_hash,)).fetchone()
+            return None if row is None else (row[0], row[1])
 
     def phashes(self) -> list[tuple[str, str]]:
         """(hash, encoded perceptual hash) of every stored video."""
@@ -325,8 +333,8 @@ class Store:
         return [
             VideoRecord(content_hash=row[0], bucket=row[1], prefix=row[2], file_path=row[3],
                         size_bytes=row[4], duration_s=row[5], mime_type=row[6],
-                        first_seen=row[7], meta=json.loads(row[8]), chunk_size=row[10],
-                        chunk_digests=row[11], aliases=tuple(aliases[row[0]]))
+                        first_seen=row[7], meta=json.loads(row[8]), chunk_size=row[9],
+                        aliases=tuple(aliases[row[0]]))
             for row in rows
         ]
 
@@ -356,11 +364,11 @@ class Store:
                 now = _now_iso()
                 with self._transaction():
                     self.db.execute(
-                        f"INSERT INTO videos ({_COLUMNS}) VALUES ({','.join('?' * 12)})",
+                        f"INSERT INTO videos ({_INSERT_COLUMNS}) VALUES ({','.join('?' * 12)})",
                         (video.content_hash, video.bucket, video.prefix, file_path,
                          video.size_bytes, video.duration_s, video.mime_type, now,
-                         json.dumps(video.meta, separators=(",", ":")), video.phash, CHUNK_SIZE,
-                         video.chunk_digests))
+                         json.dumps(video.meta, separators=(",", ":")), video.chunk_size,
+                         video.phash, video.chunk_digests))
                     self.db.execute(
                         "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
                         (url, video.content_hash, now))
@@ -403,8 +411,11 @@ class Store:
         self.db.execute("COMMIT")
 
 
-_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mime_type, first_seen, "
-            "meta, phash, chunk_size, chunk_digests")
+# A record leaves out the phash and the digests: every read looks records up, few need those
+# (and the digests are ~32 bytes per chunk: 128 KiB for a 1 GiB video in 256 KiB chunks).
+_RECORD_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mime_type, "
+                   "first_seen, meta, chunk_size")
+_INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ from vidcache_client._validate import (
 from vidcache_client._verify import body_length_error, expected_video_length, range_header
 
 _USER_AGENT = "vidcache-client"
+_DIGEST = re.compile(r"[0-9a-f]{64}")  # lowercase hex BLAKE3, as the service writes it
 
 
 class VidCacheClient:
@@ -125,10 +127,19 @@ class VidCacheClient:
                                 expected=content_hash)
 
     def get_chunk_digests(self, content_hash: str) -> dict[str, Any] | None:
-        """{"hash", "chunk_size", "digests"}: BLAKE3 of each chunk_size chunk, or None."""
+        """{"hash", "chunk_size", "digests"}: BLAKE3 of each chunk_size chunk, or None.
+
+        The chunk size is the one recorded when the video was ingested (1 MiB by vidcache 1.0,
+        the server's `--chunk-size` since), so it can differ between videos of one service.
+        A document that is not a positive chunk size and a list of 64-hex digests raises
+        ProtocolError.
+        """
         content_hash = validate_hash(content_hash)
-        return self._get_record(f"/video/{content_hash}/chunks",
-                                f"chunk digests of video {content_hash}", expected=content_hash)
+        what = f"chunk digests of video {content_hash}"
+        result = self._get_record(f"/video/{content_hash}/chunks", what, expected=content_hash)
+        if result is not None:
+            _check_chunk_digests(result, what)
+        return result
 
     def delete(self, content_hash: str) -> None:
         """Delete a video, its record and all its URL aliases; NotFoundError if unknown."""
@@ -320,6 +331,16 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
     return body
+
+
+def _check_chunk_digests(result: Mapping[str, Any], what: str) -> None:
+    chunk_size = result.get("chunk_size")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ProtocolError(f"{what}: bad 'chunk_size' {chunk_size!r}")
+    digests = result.get("digests")
+    if not isinstance(digests, list) or not all(
+            isinstance(d, str) and _DIGEST.fullmatch(d) for d in digests):
+        raise ProtocolError(f"{what}: 'digests' is not a list of 64-hex BLAKE3 digests")
 
 
 def _check_hash_field(result: Mapping[str, Any], what: str, *,
