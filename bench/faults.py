@@ -53,13 +53,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.proxy import MAX_HEADER_BYTES, Connection, Ending, Hooks, Request, Verdict
+from bench.proxy import Connection, Ending, Request, ResponseHeadHook, Verdict
 
 Match = Callable[[Request], bool]
 
 _VIDEO_PATH = re.compile(r"/video/[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(rb"(?im)^content-range:[ \t]*bytes[ \t]+(\d+)-(\d+)/(\d+)[ \t]*\r\n")
-_CONTENT_LENGTH = re.compile(rb"(?im)^content-length:[ \t]*(\d+)[ \t]*\r\n")
 
 
 def video_range_requests(request: Request) -> bool:
@@ -172,25 +171,17 @@ class _Plan:
         return [fault for fault in self.faults if isinstance(fault, kind)]
 
 
-@dataclass
-class _Stream:
-    """Framing of one connection's server->client bytes into responses."""
-
-    buffer: bytearray = field(default_factory=bytearray)
-    body_left: int = 0
-    responses: int = 0
-    opaque: bool = False
-    plan: _Plan = field(default_factory=lambda: _Plan([]))
-
-
-class FaultInjector(Hooks):
-    """Proxy hooks applying the faults enabled at the moment (see module docstring)."""
+class FaultInjector(ResponseHeadHook):
+    """Proxy hooks applying the faults enabled at the moment (see module docstring). The
+    framing into responses is `ResponseHeadHook`'s; this picks each response's faults when its
+    head passes and applies them to the head and the body."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
         self._active: list[_Active] = []
         self._injected: dict[str, int] = {}
-        self._streams: dict[int, _Stream] = {}  # event loop only
+        self._plans: dict[int, _Plan] = {}  # event loop only: each connection's current response
         self._link_free_at = 0.0  # event loop only: when the Bandwidth link is idle again
 
     # -- control, from any thread --------------------------------------------------------------
@@ -250,56 +241,20 @@ class FaultInjector(Hooks):
         return None
 
     def on_close(self, conn: Connection) -> None:
-        self._streams.pop(conn.id, None)
+        super().on_close(conn)
+        self._plans.pop(conn.id, None)
 
-    def on_response_data(self, conn: Connection, data: bytes) -> Verdict:
-        stream = self._streams.setdefault(conn.id, _Stream())
-        if stream.opaque:
-            return Verdict(data)
-        stream.buffer += data
-        out = bytearray()
-        delay = 0.0
-        while stream.buffer and not stream.opaque:
-            if stream.body_left:
-                take = min(stream.body_left, len(stream.buffer))
-                piece = bytes(stream.buffer[:take])
-                del stream.buffer[:take]
-                stream.body_left -= take
-                piece, piece_delay, end = self._damage_body(stream.plan, piece)
-                out += piece
-                delay += piece_delay
-                if end is not None:
-                    stream.opaque = True
-                    return Verdict(bytes(out), delay, end)
-                continue
-            head_end = stream.buffer.find(b"\r\n\r\n")
-            if head_end < 0:
-                if len(stream.buffer) > MAX_HEADER_BYTES:
-                    stream.opaque = True
-                break
-            head = bytes(stream.buffer[: head_end + 4])
-            del stream.buffer[: head_end + 4]
-            request = (conn.forwarded[stream.responses]
-                       if stream.responses < len(conn.forwarded) else None)
-            stream.responses += 1
-            stream.body_left, stream.opaque = _body_length(request, head)
-            stream.plan = _Plan(self._take(request, _RESPONSE_FAULTS),
-                                body_length=stream.body_left)
-            out += _rewrite_head(stream.plan, head)
-            delay += sum(fault.seconds for fault in stream.plan.of(Latency)
-                         if isinstance(fault, Latency))
-            if stream.body_left == 0:
-                ending = self._ending(stream.plan)
-                if ending is not None:  # e.g. Reset(after_bytes=0) of a body-less answer
-                    stream.opaque = True
-                    return Verdict(bytes(out), delay, ending)
-        if stream.opaque:
-            out += stream.buffer
-            stream.buffer.clear()
-        return Verdict(bytes(out), delay)
+    def on_head(self, conn: Connection, request: Request | None, head: bytes,
+                body_length: int) -> Verdict:
+        plan = _Plan(self._take(request, _RESPONSE_FAULTS), body_length=body_length)
+        self._plans[conn.id] = plan
+        delay = sum(fault.seconds for fault in plan.of(Latency) if isinstance(fault, Latency))
+        # e.g. Reset(after_bytes=0) of a body-less answer ends the connection after its head
+        ending = self._ending(plan) if body_length == 0 else None
+        return Verdict(_rewrite_head(plan, head), delay, ending)
 
-    def _damage_body(self, plan: _Plan, piece: bytes) -> tuple[bytes, float, Ending | None]:
-        """One piece of a body through the plan's faults: (bytes to send, delay, ending)."""
+    def on_body(self, conn: Connection, piece: bytes) -> Verdict:
+        plan = self._plans[conn.id]
         offset, plan.body_offset = plan.body_offset, plan.body_offset + len(piece)
         delay = 0.0
         for fault in plan.of(FlipByte):
@@ -324,8 +279,9 @@ class FaultInjector(Hooks):
             cut = min(fault.after_bytes, plan.body_length - 1)  # always short of the whole body
             if offset + len(piece) > cut:
                 kept = max(cut - offset, 0)
-                return piece[:kept], delay, "reset" if isinstance(fault, Reset) else "close"
-        return piece, delay, None
+                return Verdict(piece[:kept], delay,
+                               "reset" if isinstance(fault, Reset) else "close")
+        return Verdict(piece, delay)
 
     @staticmethod
     def _ending(plan: _Plan) -> Ending | None:
@@ -358,18 +314,6 @@ def _shifted_range(match: re.Match[bytes], shift: int) -> bytes:
     if not (start + shift >= 0 and end + shift < total):
         shift = -shift  # stay a satisfiable range of the same length, just not the asked one
     return f"content-range: bytes {start + shift}-{end + shift}/{total}\r\n".encode()
-
-
-def _body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
-    """(body bytes to expect, whether the body cannot be delimited) of one response head."""
-    status = head.split(b" ", 2)[1] if head.count(b" ") >= 1 else b""
-    if (request is not None and request.method == "HEAD") or status in (b"204", b"304") or (
-            status.startswith(b"1")):
-        return 0, False
-    if re.search(rb"(?im)^transfer-encoding:.*chunked", head):
-        return 0, True
-    length = _CONTENT_LENGTH.search(head)
-    return (int(length.group(1)), False) if length else (0, True)
 
 
 def _json_response(status: int, detail: str) -> bytes:

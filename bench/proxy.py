@@ -11,9 +11,11 @@ TCP window does.
 The proxy forwards raw TCP but follows the HTTP/1.x requests in the client->server stream
 (without pipelining, which holds for curl, ffmpeg, httpx, rclone and httpfs2): it counts them,
 logs method, path and Range, and lets a `Hooks` object answer a request itself or change, delay
-or cut the response bytes. `Hooks` is the extension point for fault injection (stall, reset
-after N bytes, truncation, 503 bursts, 200 instead of 206, wrong Content-Range, flipped byte);
-the benchmark itself uses it only for two compatibility shims for the peers (bench/shims.py).
+or cut the response bytes. `ResponseHeadHook` frames the responses once for every hook that
+works per response (head, then body pieces). These are the extension points for fault
+injection (bench/faults.py: stall, reset after N bytes, truncation, 503 bursts, 200 instead of
+206, wrong Content-Range, flipped byte); the benchmark itself uses them only for two
+compatibility shims for the peers (bench/shims.py).
 """
 
 from __future__ import annotations
@@ -165,11 +167,14 @@ class _ResponseFraming:
 
 
 class ResponseHeadHook(Hooks):
-    """Base for hooks that rewrite whole response heads (status line + headers): it frames
-    the server's stream into responses and calls `rewrite_head` once per response with the
-    request it answers. Bodies pass unchanged; a body it cannot delimit (chunked, or read to
-    close) ends the framing for that connection. Faults like "200 instead of 206" or "wrong
-    Content-Range" are a `rewrite_head` away."""
+    """Base for hooks that act per response: it frames the server's stream into responses
+    (heads delimited by a blank line, bodies by Content-Length) and calls `on_head` once per
+    response with the request it answers, then `on_body` for each piece of its body. The
+    defaults pass the head through `rewrite_head` and bodies unchanged; a body it cannot
+    delimit (chunked, or read to close) ends the framing for that connection. Rewriting a head
+    (header case, "200 instead of 206", a wrong Content-Range) is a `rewrite_head` away;
+    delaying, damaging or cutting a body (bench/faults.py) overrides `on_head` and `on_body`.
+    The first verdict that ends the connection ends the framing too."""
 
     def __init__(self) -> None:
         self._framing: dict[int, _ResponseFraming] = {}
@@ -177,6 +182,18 @@ class ResponseHeadHook(Hooks):
     def rewrite_head(self, conn: Connection, request: Request | None, head: bytes) -> bytes:
         del conn, request
         return head
+
+    def on_head(self, conn: Connection, request: Request | None, head: bytes,
+                body_length: int) -> Verdict:
+        """A response head; `body_length` is 0 for a body-less response or one that cannot be
+        delimited."""
+        del body_length
+        return Verdict(self.rewrite_head(conn, request, head))
+
+    def on_body(self, conn: Connection, piece: bytes) -> Verdict:
+        """The next piece of the body of the response whose head `on_head` saw last."""
+        del conn
+        return Verdict(piece)
 
     def on_close(self, conn: Connection) -> None:
         self._framing.pop(conn.id, None)
@@ -187,32 +204,40 @@ class ResponseHeadHook(Hooks):
             return Verdict(data)
         if not state.buffer and len(data) <= state.body_left:  # mid-body: no copies
             state.body_left -= len(data)
-            return Verdict(data)
+            verdict = self.on_body(conn, data)
+            state.opaque = verdict.end is not None
+            return verdict
         state.buffer += data
         out = bytearray()
+        delay = 0.0
         while state.buffer and not state.opaque:
             if state.body_left:
                 take = min(state.body_left, len(state.buffer))
-                out += state.buffer[:take]
+                verdict = self.on_body(conn, bytes(state.buffer[:take]))
                 del state.buffer[:take]
                 state.body_left -= take
-                continue
-            end = state.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(state.buffer) > MAX_HEADER_BYTES:
-                    state.opaque = True
-                break
-            head = bytes(state.buffer[: end + 4])
-            del state.buffer[: end + 4]
-            request = (conn.forwarded[state.responses]
-                       if state.responses < len(conn.forwarded) else None)
-            state.responses += 1
-            out += self.rewrite_head(conn, request, head)
-            state.body_left, state.opaque = _body_length(request, head)
+            else:
+                end = state.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(state.buffer) > MAX_HEADER_BYTES:
+                        state.opaque = True
+                    break
+                head = bytes(state.buffer[: end + 4])
+                del state.buffer[: end + 4]
+                request = (conn.forwarded[state.responses]
+                           if state.responses < len(conn.forwarded) else None)
+                state.responses += 1
+                state.body_left, state.opaque = _body_length(request, head)
+                verdict = self.on_head(conn, request, head, state.body_left)
+            out += verdict.data
+            delay += verdict.delay_s
+            if verdict.end is not None:
+                state.opaque = True  # the connection ends: whatever else is buffered is moot
+                return Verdict(bytes(out), delay, verdict.end)
         if state.opaque:
             out += state.buffer
             state.buffer.clear()
-        return Verdict(bytes(out))
+        return Verdict(bytes(out), delay)
 
 
 def _body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
