@@ -103,6 +103,21 @@ class _LoopbackServer:
         if self.process is not None:
             stop_process(self.process)
 
+    def _wait_ready(self, probe: Callable[[], bool], *, timeout: float, what: str,
+                    log: Path | str) -> None:
+        """Poll `probe` until the started process serves; if it exits or times out first,
+        stop it (a failed `start()` never reaches `__exit__`) and raise, naming its `log`."""
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{what} exited with {self.process.returncode}; see {log}")
+            return probe()
+        try:
+            wait_until(ready, timeout=timeout, what=f"{what} on {self.url}")
+        except (TimeoutError, RuntimeError):
+            self.stop()
+            raise
+
     def __enter__(self) -> Self:
         return self.start()
 
@@ -132,18 +147,10 @@ class Service(_LoopbackServer):
                     str(self.data_dir), "--port", str(self.port), *self.variant]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_until(self._healthy, timeout=60, what=f"{self.label} on {self.url}")
-        except (TimeoutError, RuntimeError):
-            self.stop()
-            raise
+        self._wait_ready(self._healthy, timeout=60, what=self.label, log=self.log_path)
         return self
 
     def _healthy(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"{self.label} exited with {self.process.returncode}; "
-                               f"see {self.log_path}")
         try:
             return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -223,14 +230,11 @@ class Nginx(_LoopbackServer):
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
         self.process = subprocess.Popen([binary, "-c", str(conf), "-p", str(self.work_dir)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._listening, timeout=20, what=f"nginx on {self.url}")
+        self._wait_ready(self._listening, timeout=20, what="nginx",
+                         log=self.work_dir / "error.log")
         return self
 
     def _listening(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise RuntimeError(f"nginx exited with {self.process.returncode}; see "
-                               f"{self.work_dir}/error.log")
         with socket.socket() as sock:
             return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
