@@ -17,6 +17,7 @@ from vcfs.blocks import (
     BlockCache,
     BlockFetchError,
     BlockVerifyError,
+    OnBlock,
     adjacent_runs,
     block_bounds,
     block_count,
@@ -332,9 +333,12 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
     fetcher = FakeFetcher({H1: data})
     pieces: list[list[bytes]] = []
 
-    def block_fetcher(content_hash: str, start: int, end: int, block_size: int) -> list[bytes]:
+    def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
+                      on_block: OnBlock) -> list[bytes]:
         blocks = [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
         pieces.append(blocks)
+        for position, block in enumerate(blocks):
+            on_block(position, block)
         return blocks
 
     cache = BlockCache(fetcher, block_size=BS, capacity=1000, block_fetcher=block_fetcher)
@@ -346,10 +350,72 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
     assert all(cache.is_cached(H1, i) for i in range(6))
 
 
+def test_a_reported_block_reaches_its_readers_before_the_run_is_over() -> None:
+    data = data_of(4 * BS)
+    first_reported = threading.Event()
+    release_rest = threading.Event()
+
+    def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
+                      on_block: OnBlock) -> list[bytes]:
+        blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
+        on_block(0, blocks[0])
+        first_reported.set()
+        if not release_rest.wait(DEADLINE):
+            raise AssertionError("the rest of the run was never released")
+        for position in range(1, len(blocks)):
+            on_block(position, blocks[position])
+        return blocks
+
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=block_fetcher)
+    got: list[bytes] = []
+    with threads(lambda: cache.prefetch(H1, len(data), 0, 3)):
+        assert first_reported.wait(DEADLINE)
+        got.append(cache.read(H1, len(data), 0, BS))  # served while blocks 1..3 are pending
+        assert cache.is_cached(H1, 0) and not cache.is_cached(H1, 1)
+        release_rest.set()
+    assert got == [data[:BS]]
+    assert cache.read(H1, len(data), 0, 4 * BS) == data
+    assert cache.stats()["fetches"] == 1
+
+
+def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
+    data = data_of(4 * BS)
+
+    def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
+                      on_block: OnBlock) -> list[bytes]:
+        on_block(0, data[start : start + block_size])
+        on_block(0, data[start : start + block_size])  # a repeated report changes nothing
+        raise OSError("connection reset")
+
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=block_fetcher)
+    with pytest.raises(OSError, match="reset"):
+        cache.prefetch(H1, len(data), 0, 3)
+    assert [cache.is_cached(H1, i) for i in range(4)] == [True, False, False, False]
+    assert cache.stats()["fetch_errors"] == 1
+    assert cache.stats()["bytes_fetched"] == BS
+    assert cache.read(H1, len(data), 0, BS) == data[:BS]
+
+
+def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
+    data = data_of(3 * BS)
+
+    def silent(content_hash: str, start: int, end: int, block_size: int, *,
+               on_block: OnBlock) -> list[bytes]:
+        return [data[low : low + block_size] for low in range(start, end, block_size)]
+
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=silent)
+    assert cache.read(H1, len(data), 0, 3 * BS) == data
+    assert all(cache.is_cached(H1, i) for i in range(3))
+
+
 def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
     data = data_of(4 * BS)
 
-    def joined_pieces(content_hash: str, start: int, end: int, block_size: int) -> list[bytes]:
+    def joined_pieces(content_hash: str, start: int, end: int, block_size: int, *,
+                      on_block: OnBlock) -> list[bytes]:
         return [data[start:end]]  # one piece for the whole run
 
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,

@@ -24,6 +24,9 @@ Reading, for the blocks a read touches:
    it into blocks, passes each to the optional `verify` hook, and then, in a single critical
    section, inserts the good blocks into the LRU and removes the in-flight entries, so no
    reader can see a block as neither cached nor in flight. Only then are the futures resolved.
+   A run fetched through the `block_fetcher` goes through the same steps block by block, as
+   the fetcher reports each block (`on_block`): a reader waiting for the first block of a
+   16 MiB readahead run gets it when it has arrived, not when the whole run has.
 4. On any failure the futures get the exception (every waiter sees the error) and the
    in-flight entries are gone, so a later read retries from scratch. Nothing unverified, and
    nothing of the wrong length, is ever cached or returned. After the first failed run the
@@ -52,15 +55,26 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from typing import Protocol
 
 from cachetools import LRUCache
 
 Fetcher = Callable[[str, int, int], bytes]
 """`(hash, start, end_exclusive) -> bytes`: exactly the bytes `[start, end)` of the video."""
 
-BlockFetcher = Callable[[str, int, int, int], Sequence[bytes]]
-"""`(hash, start, end_exclusive, block_size) -> pieces`: the same bytes as a `Fetcher`, as
-consecutive pieces of `block_size` bytes (the last one may be short)."""
+OnBlock = Callable[[int, bytes], None]
+"""`(position, piece)`: piece number `position` of a block fetcher's run has arrived."""
+
+
+class BlockFetcher(Protocol):
+    """`(hash, start, end_exclusive, block_size, *, on_block) -> pieces`: the same bytes as a
+    `Fetcher`, as consecutive pieces of `block_size` bytes (the last one may be short). It calls
+    `on_block(position, piece)` for each piece as soon as that piece is ready, in order and
+    before returning, so the cache can hand a block to its readers before the run is over."""
+
+    def __call__(
+        self, content_hash: str, start: int, end: int, block_size: int, /, *, on_block: OnBlock
+    ) -> Sequence[bytes]: ...
 
 Verifier = Callable[[str, int, bytes], None]
 """`(hash, block_index, data) -> None`: raise to reject a block before it is cached or used."""
@@ -326,11 +340,14 @@ class BlockCache:
         self, content_hash: str, file_size: int, run: range, owned: dict[int, Future[bytes]]
     ) -> BaseException | None:
         """Fetch one run with one fetcher call; resolve its futures. Returns its first error."""
-        start, end = run_bounds(run, file_size, self._block_size)
         with self._lock:
             self._fetches += 1
+        if len(run) > 1 and self._block_fetcher is not None:
+            return self._fetch_run_by_blocks(self._block_fetcher, content_hash, file_size, run,
+                                             owned)
+        start, end = run_bounds(run, file_size, self._block_size)
         try:
-            blocks = self._fetch_blocks(content_hash, file_size, run, start, end)
+            blocks = self._fetch_cut(content_hash, run, start, end)
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             with self._lock:
                 self._fetch_errors += 1
@@ -345,23 +362,71 @@ class BlockCache:
         self._resolve(content_hash, file_size, outcomes, owned)
         return next((o for o in outcomes.values() if isinstance(o, BaseException)), None)
 
-    def _fetch_blocks(
-        self, content_hash: str, file_size: int, run: range, start: int, end: int
-    ) -> list[bytes]:
+    def _fetch_run_by_blocks(
+        self,
+        block_fetcher: BlockFetcher,
+        content_hash: str,
+        file_size: int,
+        run: range,
+        owned: dict[int, Future[bytes]],
+    ) -> BaseException | None:
+        """Fetch a run through the block fetcher, resolving each block's future as soon as the
+        fetcher reports that block (readers of the run's first block need not wait for its
+        last). Every block of the run is resolved once, whatever the fetcher does: a block it
+        never reports gets its error. Returns the run's first error."""
+        start, end = run_bounds(run, file_size, self._block_size)
+        unresolved = set(run)  # guarded by self._lock
+        errors: list[BaseException] = []
+
+        def arrived(position: int, block: bytes) -> None:
+            index = run.start + position
+            if index not in unresolved:  # reported twice, or past the run
+                if index not in run:
+                    errors.append(BlockFetchError(
+                        f"fetch of {content_hash} bytes {start}-{end - 1} reported piece "
+                        f"{position} of a run of {len(run)}"))
+                return
+            low, high = block_bounds(index, file_size, self._block_size)
+            outcome: bytes | BaseException
+            if len(block) != high - low:
+                outcome = BlockFetchError(
+                    f"fetch of {content_hash} bytes {start}-{end - 1} returned piece {position} "
+                    f"of {len(block)} bytes instead of {high - low}")
+            else:
+                outcome = self._checked(
+                    content_hash, index, block if type(block) is bytes else bytes(block))
+            if isinstance(outcome, BaseException):
+                errors.append(outcome)
+            else:
+                with self._lock:
+                    self._bytes_fetched += len(outcome)
+            self._resolve(content_hash, file_size, {index: outcome}, owned, unresolved)
+
+        try:
+            blocks = block_fetcher(content_hash, start, end, self._block_size, on_block=arrived)
+        except BaseException as exc:  # every waiter must hear of it, whatever it is
+            with self._lock:
+                self._fetch_errors += 1
+            errors.append(exc)
+        else:
+            for position, block in enumerate(blocks):  # those it returned but did not report
+                arrived(position, block)
+            if len(blocks) != len(run):
+                errors.append(BlockFetchError(
+                    f"fetch of {content_hash} bytes {start}-{end - 1} returned {len(blocks)} "
+                    f"pieces instead of {len(run)}"))
+        if unresolved:
+            self._resolve(content_hash, file_size, dict.fromkeys(run, errors[0]), owned,
+                          unresolved)
+        return errors[0] if errors else None
+
+    def _fetch_cut(self, content_hash: str, run: range, start: int, end: int) -> list[bytes]:
         """The run's blocks, each its own immutable `bytes` (a mutable buffer must not become
-        a shared cache entry): from the block fetcher, or cut out of one fetcher answer."""
-        what = f"fetch of {content_hash} bytes {start}-{end - 1}"
-        if len(run) > 1 and self._block_fetcher is not None:
-            blocks = list(self._block_fetcher(content_hash, start, end, self._block_size))
-            expected = [high - low for low, high in (
-                block_bounds(index, file_size, self._block_size) for index in run)]
-            if [len(block) for block in blocks] != expected:
-                raise BlockFetchError(f"{what} returned pieces of {[len(b) for b in blocks]} "
-                                      f"bytes instead of {expected}")
-            return [block if type(block) is bytes else bytes(block) for block in blocks]
+        a shared cache entry), cut out of one fetcher answer."""
         data = self._fetcher(content_hash, start, end)
         if len(data) != end - start:
-            raise BlockFetchError(f"{what} returned {len(data)} bytes instead of {end - start}")
+            raise BlockFetchError(f"fetch of {content_hash} bytes {start}-{end - 1} returned "
+                                  f"{len(data)} bytes instead of {end - start}")
         if type(data) is not bytes:
             data = bytes(data)
         if len(run) == 1:
@@ -406,10 +471,15 @@ class BlockCache:
         file_size: int,
         outcomes: dict[int, bytes | BaseException],
         owned: dict[int, Future[bytes]],
+        unresolved: set[int] | None = None,
     ) -> None:
         """Cache the good blocks and retire the in-flight entries (and their reservations) in
-        one critical section, then resolve the futures outside the lock."""
+        one critical section, then resolve the futures outside the lock. With `unresolved`,
+        only the blocks still in it are resolved (and taken out of it)."""
         with self._lock:
+            if unresolved is not None:
+                outcomes = {i: o for i, o in outcomes.items() if i in unresolved}
+                unresolved.difference_update(outcomes)
             for index, outcome in outcomes.items():
                 key = (content_hash, index)
                 self._reserved -= self._cacheable_size(file_size, index)

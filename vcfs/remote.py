@@ -15,8 +15,8 @@ of the deadline, so one stalled request leaves time to retry), but a response tr
 slowly never times out that way. So every attempt runs on a worker thread and the caller waits
 for it only until the operation's *cutoff* (deadline + one request timeout): whatever the
 service does, the caller has its answer or an error by then. An attempt given up that way
-(`overdue`) also stops itself: a streamed range checks the cutoff between 64 KiB pieces, a
-listing between records.
+(`overdue`) also stops itself: a range checks the cutoff after every network read, a listing
+between records.
 
 After a failure. The kernel asks again at once, page by page, for a read that failed; a fetch
 overlapping a range that failed for good less than `failure_memory` ago therefore gets one
@@ -35,6 +35,12 @@ error (a flaky proxy or disk), so corrupt bytes never reach the block cache. The
 a hash, when it is whole 1 MiB chunks, asks for the range and the digests at once (a round trip
 saved when a player opens a file) and returns the bytes only once the digests have arrived and
 match; any other outcome falls back to the path above.
+
+Bytes. Ranges are received with the client's `read_range_into`: straight from the socket into
+a buffer, with no pieces to join. `fetch_blocks` receives a run of whole chunks chunk by chunk
+into one reused buffer, verifies each chunk as it completes and hands it on (`on_block`) as its
+own `bytes` while the rest of the run is still arriving, so a reader waiting for the run's
+first block does not wait for its last. A retried run asks only for the chunks not handed on.
 
 Caches (content never changes for a hash, but videos come and go):
 - metadata of existing videos: an LRU of bounded size, kept until evicted;
@@ -66,7 +72,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-KIB = 1 << 10
 MIB = 1 << 20
 
 
@@ -130,8 +135,6 @@ class RemoteConfig:
     verified_chunk_bytes: int = 8 * MIB
     # One worker per connection of the client: attempts never queue behind each other.
     workers: int = 32
-    # A streamed range checks the cutoff between pieces this large.
-    stream_piece: int = 64 * KIB
     # The kernel re-asks a failed read at once, page by page: within this time a range that
     # failed gets one attempt, not a second deadline of retries.
     failure_memory: float = 1.0
@@ -271,7 +274,6 @@ class Remote:
         client = VidCacheClient(
             base_url,
             timeout=config.per_request_timeout,
-            chunk_size=config.stream_piece,
             token=token,
             max_connections=config.workers,
         )
@@ -402,14 +404,21 @@ class Remote:
         return data
 
     def fetch_blocks(
-        self, content_hash: str, start: int, end: int, block_size: int
+        self,
+        content_hash: str,
+        start: int,
+        end: int,
+        block_size: int,
+        *,
+        on_block: Callable[[int, bytes], None] | None = None,
     ) -> list[bytes]:
-        """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`).
+        """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`),
+        each also handed to `on_block(i, piece)` as soon as it is verified, in order.
 
-        When the digests are known and their chunks are the blocks, each block is assembled
-        from the streamed body and verified on its own: a run of blocks is never joined into
-        one buffer only to be cut up again (one copy less, and no multi-MiB temporaries that
-        fragment the heap). Otherwise it is `fetch`, cut into pieces."""
+        When the digests are known and their chunks are the blocks, the run is ONE request
+        whose body is received chunk by chunk into a buffer, and each chunk is verified and
+        reported as it completes, while the rest is still arriving; a retry asks only for
+        the blocks not yet reported. Otherwise it is `fetch`, cut into pieces."""
         with self._lock:
             digests = self._digests.get(content_hash)
             failures = self._failures.get(content_hash, ())
@@ -423,12 +432,19 @@ class Remote:
         ):
             data = self.fetch(content_hash, start, end)
             view = memoryview(data)
-            return [bytes(view[low : low + block_size]) for low in range(0, len(data), block_size)]
-        asked = f"{content_hash} bytes {start}-{end - 1}"
+            pieces = [bytes(view[low : low + block_size])
+                      for low in range(0, len(data), block_size)]
+            for position, piece in enumerate(pieces):
+                if on_block is not None:
+                    on_block(position, piece)
+            return pieces
+        sink = _BlockSink(on_block)
         try:
-            blocks = self._with_retries(
-                asked,
-                lambda cutoff: self._attempt_blocks(content_hash, start, end, digests, cutoff),
+            self._with_retries(
+                f"{content_hash} bytes {start}-{end - 1}",
+                lambda cutoff: self._attempt_blocks(
+                    content_hash, start + sink.count * block_size, end, digests, sink, cutoff
+                ),
             )
         except NotFound:
             self._forget(content_hash)
@@ -436,41 +452,53 @@ class Remote:
         except RemoteUnavailable:
             self._remember_failure(content_hash, start, end)
             raise
+        finally:
+            sink.close()
         self.counters.add("bytes_fetched", end - start)
-        return blocks
+        return sink.blocks
 
     def _attempt_blocks(
-        self, content_hash: str, start: int, end: int, digests: _Digests, cutoff: float
-    ) -> list[bytes]:
-        """One request for `[start, end)`, cut into verified chunks as the body streams in."""
+        self,
+        content_hash: str,
+        start: int,
+        end: int,
+        digests: _Digests,
+        sink: _BlockSink,
+        cutoff: float,
+    ) -> None:
+        """One request for `[start, end)` (whole chunks), each chunk verified and handed to
+        `sink` as soon as it has arrived, received into one reused buffer."""
+        if start >= end:  # every block arrived before the previous attempt failed
+            return
         self.counters.add("range_requests")
-        blocks: list[bytes] = []
-        pending: list[memoryview] = []
-        pending_bytes = 0
-        received = 0
-        low, high = digests.bounds(start // digests.chunk_size)
-        with self._client.stream_video(content_hash, byte_range=(start, end - 1)) as body:
-            for piece in body:
-                received += len(piece)
-                view = memoryview(piece)
-                while view:
-                    if low >= end:
-                        raise CorruptData(f"more than the {end - start} bytes asked for")
-                    take = view[: high - low - pending_bytes]
-                    pending.append(take)
-                    pending_bytes += len(take)
-                    view = view[len(take) :]
-                    if pending_bytes == high - low:
-                        block = pending[0].tobytes() if len(pending) == 1 else b"".join(pending)
-                        self._verify(digests, low, high, block)
-                        blocks.append(block)
-                        pending, pending_bytes = [], 0
-                        low, high = digests.bounds(high // digests.chunk_size)
-                if received < end - start and self._clock() > cutoff:
-                    raise Overdue(f"only {received} of {end - start} bytes arrived by the deadline")
+        first = start // digests.chunk_size
+        bounds = [digests.bounds(index)
+                  for index in range(first, -(-end // digests.chunk_size))]
+        buffer = bytearray(bounds[0][1] - bounds[0][0])
+        buffers = [buffer if high - low == len(buffer) else bytearray(high - low)
+                   for low, high in bounds]
+
+        def filled(position: int) -> None:
+            low, high = bounds[position]
+            self._verify(digests, low, high, buffers[position])
+            sink.add(bytes(buffers[position]))
+
+        received = self._client.read_range_into(
+            content_hash, start, buffers, on_filled=filled,
+            on_progress=self._cutoff_check(end - start, cutoff),
+        )
         if received != end - start:
             raise CorruptData(f"got {received} bytes instead of {end - start}")
-        return blocks
+
+    def _cutoff_check(self, length: int, cutoff: float) -> Callable[[int], None]:
+        """An `on_progress` for a read of `length` bytes: Overdue once the cutoff has passed
+        before the read is complete (so a trickling answer ends by the cutoff too)."""
+
+        def check(received: int) -> None:
+            if received < length and self._clock() > cutoff:
+                raise Overdue(f"only {received} of {length} bytes arrived by the deadline")
+
+        return check
 
     def _fetch_verified(
         self,
@@ -624,30 +652,24 @@ class Remote:
         digests: _Digests | None,
         deadline: float,
     ) -> bytes:
-        """One range with retries, streamed, its whole chunks verified."""
+        """One range with retries, received into one buffer, its whole chunks verified."""
 
         def attempt(cutoff: float) -> bytes:
             self.counters.add("range_requests")
-            pieces = []
-            received = 0
-            with self._client.stream_video(content_hash, byte_range=(start, end - 1)) as body:
-                for piece in body:
-                    pieces.append(piece)
-                    received += len(piece)
-                    if received < end - start and self._clock() > cutoff:
-                        raise Overdue(
-                            f"only {received} of {end - start} bytes arrived by the deadline"
-                        )
-            data = b"".join(pieces)
-            if len(data) != end - start:
-                raise CorruptData(f"got {len(data)} bytes instead of {end - start}")
+            buffer = bytearray(end - start)
+            received = self._client.read_range_into(
+                content_hash, start, [buffer],
+                on_progress=self._cutoff_check(end - start, cutoff),
+            )
+            if received != end - start:
+                raise CorruptData(f"got {received} bytes instead of {end - start}")
             if digests is not None:
-                self._verify(digests, start, end, data)
-            return data
+                self._verify(digests, start, end, buffer)
+            return bytes(buffer)
 
         return self._with_retries(what, attempt, deadline=deadline)
 
-    def _verify(self, digests: _Digests, start: int, end: int, data: bytes) -> None:
+    def _verify(self, digests: _Digests, start: int, end: int, data: bytes | bytearray) -> None:
         """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
         view = memoryview(data)
         index = -(-start // digests.chunk_size)
@@ -770,6 +792,34 @@ class Remote:
         readers that failed together do not retry in lockstep."""
         base = min(self.config.backoff_max, self.config.backoff_initial * (1 << min(attempt, 32)))
         return base / 2 + random.uniform(0, base / 2)
+
+
+class _BlockSink:
+    """The blocks of one `fetch_blocks` call, collected in order and reported as they come.
+    Closed when the call ends: an attempt still running then (given up at the cutoff) can
+    report nothing more, so no block is reported after the call has returned or raised."""
+
+    def __init__(self, on_block: Callable[[int, bytes], None] | None) -> None:
+        self.blocks: list[bytes] = []
+        self._on_block = on_block
+        self._open = True
+        self._lock = threading.Lock()
+
+    @property
+    def count(self) -> int:
+        return len(self.blocks)
+
+    def add(self, block: bytes) -> None:
+        with self._lock:
+            if not self._open:
+                raise Overdue("the fetch this attempt belongs to has ended")
+            self.blocks.append(block)
+            if self._on_block is not None:
+                self._on_block(len(self.blocks) - 1, block)
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
 
 def _parse_digests(meta: VideoMeta, doc: Mapping[str, Any] | None) -> _Digests | None:

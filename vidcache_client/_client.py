@@ -14,14 +14,15 @@ import contextlib
 import os
 import re
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from vidcache_client._exceptions import NotFoundError, ProtocolError
+from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
 from vidcache_client._pool import ClientPool
+from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_environment
 from vidcache_client._translate import raise_for_status, transport_errors
 from vidcache_client._validate import (
     ByteRange,
@@ -83,6 +84,12 @@ class VidCacheClient:
 
         self._pool = ClientPool(one_connection_client, size=max_connections,
                                 wait_timeout=timeout)
+        # Ranged reads into buffers go over plain sockets when nothing in between needs httpx
+        # (see `_rangeconn`); `None`: through httpx.
+        self._ranges: RangeReader | None = None
+        if transport is None and not proxied_by_environment(url):
+            self._ranges = RangeReader(url, headers=headers, timeout=timeout,
+                                       ssl_context=ssl_context, max_connections=max_connections)
 
     def __repr__(self) -> str:
         return f"VidCacheClient({self.base_url!r})"
@@ -99,6 +106,8 @@ class VidCacheClient:
         Calls still running finish; their connection is closed when they do.
         """
         self._pool.close()
+        if self._ranges is not None:
+            self._ranges.close()
 
     # --- ingest and metadata -------------------------------------------------------------
 
@@ -225,7 +234,84 @@ class VidCacheClient:
             raise
         return written
 
+    def read_range_into(
+        self,
+        content_hash: str,
+        offset: int,
+        buffers: Sequence[bytearray | memoryview],
+        *,
+        on_filled: Callable[[int], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Read the video's bytes from `offset` on into `buffers`, in order, with ONE ranged
+        request for as many bytes as the buffers hold; return the number of bytes read.
+
+        The answer is checked like `get_bytes`'s: exactly that range, or up to the video's last
+        byte when the buffers reach past its end (then the buffer holding the last byte is
+        filled only in part and the ones after it are left alone). `on_filled(i)` is called as
+        soon as buffer `i` holds its bytes, before later ones are read, so a caller can use each
+        buffer while the rest is still arriving; buffer `i` is written only between
+        `on_filled(i - 1)` returning and `on_filled(i)`, so a caller that copies each buffer
+        out in `on_filled` may pass the same buffer several times. `on_progress(n)` is called
+        with the total received so far after each network read. An exception raised by either
+        callback ends the read (the connection is closed) and propagates unchanged.
+
+        The body is received straight into the buffers, with no intermediate copies, over
+        keep-alive connections of the client's own (see docs/client.md); with a custom
+        `transport`, a proxy from the environment, or a server whose answers are not framed
+        by Content-Length, the read goes through httpx instead, with the same results.
+        """
+        content_hash = validate_hash(content_hash)
+        views = _writable_views(buffers)
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise InvalidRequestError(None, f"invalid offset {offset!r}",
+                                      message=f"invalid offset {offset!r}: expected an int >= 0 "
+                                      "(no request sent)")
+        asked = (offset, offset + sum(len(view) for view in views) - 1)
+        ranges = self._ranges
+        if ranges is not None:
+            what = f"bytes {asked[0]}-{asked[1]} of video {content_hash}"
+            try:
+                with transport_errors(what):
+                    return ranges.read_into(content_hash, asked, views, what=what,
+                                            on_filled=on_filled, on_progress=on_progress)
+            except Unhandled:
+                self._ranges = None  # this server's answers need httpx: use it from now on
+        return self._read_range_into_streaming(content_hash, asked, views,
+                                               on_filled=on_filled, on_progress=on_progress)
+
     # --- internals -----------------------------------------------------------------------
+
+    def _read_range_into_streaming(
+        self,
+        content_hash: str,
+        asked: ByteRange,
+        views: Sequence[memoryview],
+        *,
+        on_filled: Callable[[int], None] | None,
+        on_progress: Callable[[int], None] | None,
+    ) -> int:
+        """`read_range_into` through httpx: its body's pieces copied into the buffers."""
+        with self._open_video(content_hash, asked) as (response, what, _, expected):
+            received = index = filled = 0
+            for piece in self._iter_body(response, what, asked, expected, chunk_size=None):
+                data = memoryview(piece)
+                while data:
+                    view = views[index]
+                    take = min(len(view) - filled, len(data))
+                    view[filled : filled + take] = data[:take]
+                    data = data[take:]
+                    filled += take
+                    received += take
+                    if filled == len(view):
+                        if on_filled is not None:
+                            on_filled(index)
+                        index, filled = index + 1, 0
+                if on_progress is not None:
+                    on_progress(received)
+            if filled and on_filled is not None:
+                on_filled(index)
+            return received
 
     def _get_record(self, path: str, what: str, *,
                     params: Mapping[str, str | int] | None = None,
@@ -308,6 +394,26 @@ class VidCacheClient:
             if cursor is None:
                 return
             after = cursor
+
+
+def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryview]:
+    """Byte views of the caller's buffers; InvalidRequestError unless each is a writable,
+    non-empty buffer."""
+    views = []
+    for buffer in buffers:
+        try:
+            view = memoryview(buffer).cast("B")
+        except TypeError:
+            view = None
+        if view is None or view.readonly or not view.nbytes:
+            detail = (f"invalid buffer {type(buffer).__name__}: expected a writable buffer "
+                      "(e.g. a bytearray) of at least one byte")
+            raise InvalidRequestError(None, detail, message=f"{detail} (no request sent)")
+        views.append(view)
+    if not views:
+        raise InvalidRequestError(None, "no buffers to read into",
+                                  message="no buffers to read into (no request sent)")
+    return views
 
 
 def _parse_base_url(base_url: str) -> httpx.URL:

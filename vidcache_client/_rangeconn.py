@@ -1,0 +1,403 @@
+"""Ranged GETs of video bytes over plain keep-alive sockets, received straight into the
+caller's buffers.
+
+Why not httpx for these: httpx (h11 underneath) hands a body over as one `bytes` object per
+64 KiB read, which the caller then copies into its blocks; at a few hundred MB/s those objects
+and the Python calls around each one were most of a vcfs daemon's CPU, all under the GIL.
+Here the body of `GET /video/{hash}` with a `Range` is read with `socket.recv_into` directly
+into buffers the caller provides (one kernel copy, no Python object per piece), and the caller
+is told as each buffer fills, so it can use a block before the rest of the range arrives.
+
+Scope: this is not a general HTTP client. It sends one kind of request and reads answers framed
+by `Content-Length` only. Anything else (`Transfer-Encoding`, no length, an interim 1xx) raises
+`Unhandled` before any body byte is read; the client then makes the request through httpx.
+The client does not use this path at all with a custom httpx transport, or when the
+environment names a proxy that httpx would use.
+
+Same guarantees as the httpx path: the status and headers go through the same checks
+(`_translate.raise_for_status`, `_verify.expected_video_length`, both given an `httpx.Response`
+built from the parsed head), the body is counted against the checked length, and socket
+failures become the httpx exceptions httpx itself raises for them (`ConnectError`,
+`ReadTimeout`, `RemoteProtocolError` for a body cut short...) in `_socket_error`, so the
+client's `_translate.transport_errors` turns them into its exceptions as for any other call.
+Every connect, send and `recv` waits at most the client's timeout.
+
+Connections: a LIFO pool of at most `max_connections` keep-alive connections, each lent to one
+thread at a time (as `_pool` does for httpx clients). A connection goes back to the pool only
+after an answer was read exactly to its end and the server did not ask to close; any other
+outcome (an error answer, a failure, a callback that raised, an unread body) closes it. A pooled
+connection the server has closed meanwhile is noticed before reuse (its idle socket polls
+readable) or, in a race, by the request failing before any byte of an answer: GET is
+idempotent, so that request is sent once more on a new connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import select
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from vidcache_client._translate import raise_for_status
+from vidcache_client._validate import ByteRange
+from vidcache_client._verify import expected_video_length
+
+# Longer heads are refused (h11's own limit is 16 KiB). Also the size of each connection's
+# head buffer: body bytes that arrive with the head are copied out of it.
+_MAX_HEAD_BYTES = 64 * 1024
+# An error answer's body is read for its `detail` up to this size.
+_MAX_ERROR_BODY = 64 * 1024
+_STATUS_LINE = re.compile(r"HTTP/(1\.[01]) (\d{3})(?: (.*))?")
+
+OnFilled = Callable[[int], None]
+OnProgress = Callable[[int], None]
+
+
+class Unhandled(Exception):
+    """An answer this reader does not read (not framed by Content-Length, or an interim 1xx);
+    nothing of its body was read, so the request can be made another way."""
+
+
+class _Stale(Exception):
+    """A reused connection failed before any byte of the answer: the server had closed it."""
+
+
+def proxied_by_environment(url: httpx.URL) -> bool:
+    """Whether httpx (which trusts the environment) may send requests for `url` through a proxy
+    named by HTTP_PROXY / HTTPS_PROXY / ALL_PROXY. Errs on the side of yes: only a NO_PROXY
+    entry that is `*` or names this host or a domain of it counts as a bypass."""
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    host = url.host.lower()
+    for entry in proxies.get("no", "").split(","):
+        domain = entry.strip().lower().lstrip(".")
+        if domain == "*" or (domain and (host == domain or host.endswith("." + domain))):
+            return False
+    return True
+
+
+def _socket_error(exc: OSError, phase: str, request: httpx.Request) -> httpx.TransportError:
+    """The httpx exception httpx raises for a socket failure while connecting, writing or
+    reading."""
+    error_class: type[httpx.TransportError]
+    if isinstance(exc, TimeoutError):
+        error_class = {"connect": httpx.ConnectTimeout, "write": httpx.WriteTimeout,
+                       "read": httpx.ReadTimeout}[phase]
+    else:
+        error_class = {"connect": httpx.ConnectError, "write": httpx.WriteError,
+                       "read": httpx.ReadError}[phase]
+    return error_class(str(exc) or type(exc).__name__, request=request)
+
+
+class _Connection:
+    """One HTTP/1.1 connection: its socket, and the body bytes that came in with the last
+    head and are not handed over yet. Raises httpx exceptions describing `request`."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.answers = 0  # answers read to their end: > 0 means a kept-alive connection
+        # The current request as httpx would show it, built only for an error message.
+        self.describe: Callable[[], httpx.Request] = lambda: httpx.Request("GET", "http:")
+        self._head_buffer = bytearray(_MAX_HEAD_BYTES)
+        self._extra = memoryview(self._head_buffer)[:0]
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except TimeoutError as exc:
+            raise _socket_error(exc, "write", self.describe()) from exc
+        except OSError as exc:
+            if self.answers:
+                raise _Stale from exc
+            raise _socket_error(exc, "write", self.describe()) from exc
+
+    def read_head(self) -> bytes:
+        """The next answer's head, without its blank line."""
+        buffer = self._head_buffer
+        view = memoryview(buffer)
+        filled = 0
+        while True:
+            try:
+                received = self.sock.recv_into(view[filled:])
+            except TimeoutError as exc:
+                raise _socket_error(exc, "read", self.describe()) from exc
+            except OSError as exc:
+                if self.answers and not filled:
+                    raise _Stale from exc
+                raise _socket_error(exc, "read", self.describe()) from exc
+            if not received:
+                if self.answers and not filled:
+                    raise _Stale
+                raise httpx.RemoteProtocolError(
+                    "server disconnected without sending a response", request=self.describe())
+            filled += received
+            end = buffer.find(b"\r\n\r\n", max(filled - received - 3, 0), filled)
+            if end >= 0:
+                self._extra = view[end + 4 : filled]
+                return bytes(view[:end])
+            if filled == len(buffer):
+                raise httpx.RemoteProtocolError(
+                    f"answer head longer than {_MAX_HEAD_BYTES} bytes", request=self.describe())
+
+    def fill(self, target: memoryview, received_before: int, expected: int,
+             on_progress: OnProgress | None) -> None:
+        """Fill `target` from the body: first the bytes that came with the head, then straight
+        from the socket. `on_progress(total)` after every receive, total counting the body
+        bytes received so far (from `received_before`), of `expected`."""
+        filled = 0
+        extra = self._extra
+        if extra:
+            filled = min(len(extra), len(target))
+            target[:filled] = extra[:filled]
+            self._extra = extra[filled:]
+        recv_into = self.sock.recv_into
+        wanted = len(target)
+        while filled < wanted:
+            try:
+                received = recv_into(target[filled:])
+            except OSError as exc:
+                raise _socket_error(exc, "read", self.describe()) from exc
+            if not received:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body: received "
+                    f"{received_before + filled} of {expected} bytes", request=self.describe())
+            filled += received
+            if on_progress is not None:
+                on_progress(received_before + filled)
+
+    def drained(self) -> bool:
+        """Whether nothing beyond the answer arrived (else the connection is out of step)."""
+        return not self._extra
+
+    def dropped(self) -> bool:
+        """For an idle connection: readable means the server closed it (or sent something
+        unasked); either way it must not carry another request."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _ConnectionPool:
+    """At most `size` connections, each lent to one thread at a time; the warmest first."""
+
+    def __init__(self, connect: Callable[[], _Connection], *, size: int,
+                 wait_timeout: float) -> None:
+        self._connect = connect
+        self._size = size
+        self._wait_timeout = wait_timeout
+        self._idle: list[_Connection] = []  # a stack: the warmest connection on top
+        self._count = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    def acquire(self, *, fresh: bool = False) -> _Connection:
+        """A connection: the warmest idle one that is still open, or (also when `fresh`) a
+        new one, for which the coldest idle connection is closed if the pool is full."""
+        deadline = time.monotonic() + self._wait_timeout
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise RuntimeError("the VidCacheClient has been closed")
+                while self._idle and not fresh:
+                    connection = self._idle.pop()
+                    if not connection.dropped():
+                        return connection
+                    connection.close()
+                    self._count -= 1
+                if self._count >= self._size and self._idle:
+                    self._idle.pop(0).close()
+                    self._count -= 1
+                if self._count < self._size:
+                    self._count += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise httpx.PoolTimeout(
+                        f"all {self._size} connections stayed busy for {self._wait_timeout} s")
+                self._changed.wait(remaining)
+        try:
+            return self._connect()
+        except BaseException:
+            self._forget(None)
+            raise
+
+    def release(self, connection: _Connection, *, reusable: bool) -> None:
+        with self._changed:
+            if reusable and not self._closed:
+                self._idle.append(connection)
+                self._changed.notify()
+                return
+        self._forget(connection)
+
+    def close_idle(self) -> None:
+        """Close the idle connections: when one turned out closed by the server, the others
+        likely are too (a restart, an idle timeout)."""
+        with self._changed:
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._changed.notify_all()
+        for connection in idle:
+            connection.close()
+
+    def close(self) -> None:
+        """Close the idle connections now and lent ones as they come back."""
+        with self._changed:
+            self._closed = True
+        self.close_idle()
+
+    def _forget(self, connection: _Connection | None) -> None:
+        if connection is not None:
+            connection.close()
+        with self._changed:
+            self._count -= 1
+            self._changed.notify()
+
+
+class RangeReader:
+    """Sends `GET <base path>/video/<hash>` with a Range; reads the answer into buffers."""
+
+    def __init__(self, base_url: httpx.URL, *, headers: dict[str, str], timeout: float,
+                 ssl_context: ssl.SSLContext, max_connections: int) -> None:
+        self._url = base_url
+        self._tls = ssl_context if base_url.scheme == "https" else None
+        self._timeout = timeout
+        self._base_path = base_url.path.rstrip("/")
+        self._headers = {"Host": base_url.netloc.decode("ascii"), **headers,
+                         "Accept-Encoding": "identity"}
+        self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
+        self._pool = _ConnectionPool(self._connect, size=max_connections, wait_timeout=timeout)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def read_into(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
+                  what: str, on_filled: OnFilled | None, on_progress: OnProgress | None) -> int:
+        """Bytes `asked` (inclusive) of the video into `views`, in order; returns how many
+        arrived (fewer than the views hold only when the video ends first).
+
+        Raises the client's StatusError subclasses and RangeError for a wrong answer, httpx
+        exceptions for transport failures, `Unhandled`, or whatever the callbacks raise."""
+        path = f"{self._base_path}/video/{content_hash}"
+        request = (f"GET {path} HTTP/1.1\r\n{self._head_lines}"
+                   f"Range: bytes={asked[0]}-{asked[1]}\r\n\r\n").encode("ascii")
+        stale = False
+        while True:
+            connection = self._pool.acquire(fresh=stale)
+            connection.describe = functools.partial(self._describe, path, asked)
+            reusable = False
+            try:
+                connection.send(request)
+                head = connection.read_head()
+                response, length, keep_alive = self._response(head, connection)
+                raise_for_status(response, what)
+                # Checks Content-Range against `asked` and Content-Length against it.
+                expected_video_length(response, content_hash, asked, what)
+                received = self._read_body(connection, views, length, on_filled, on_progress)
+                connection.answers += 1
+                reusable = keep_alive and connection.drained()
+                return received
+            except _Stale:
+                stale = True  # ask again, on a new connection (which cannot be stale)
+                self._pool.close_idle()
+            finally:
+                self._pool.release(connection, reusable=reusable)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _connect(self) -> _Connection:
+        url = self._url
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            sock = socket.create_connection((url.host, port), timeout=self._timeout)
+        except OSError as exc:
+            raise _socket_error(exc, "connect", self._describe(url.path, None)) from exc
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=url.host)
+        except OSError as exc:
+            sock.close()
+            raise _socket_error(exc, "connect", self._describe(url.path, None)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return _Connection(sock)
+
+    def _response(self, head: bytes, connection: _Connection
+                  ) -> tuple[httpx.Response, int, bool]:
+        """The answer as an httpx.Response (an error answer with its body read, a 2xx without),
+        its Content-Length, and whether the connection may carry another request after it."""
+        status, reason, version, headers = _parse_head(head, connection.describe)
+        names = [name.lower() for name, _ in headers]
+        if status < 200 or "transfer-encoding" in names or "content-length" not in names:
+            raise Unhandled(f"HTTP {status} answer not framed by Content-Length")
+        lengths = {value for name, value in headers if name.lower() == "content-length"}
+        length = lengths.pop() if len(lengths) == 1 else ""
+        if not length.isdigit():
+            raise httpx.RemoteProtocolError(f"HTTP {status} answer with a malformed "
+                                            "Content-Length", request=connection.describe())
+        closing = any(name.lower() == "connection" and "close" in value.lower()
+                      for name, value in headers)
+        extensions = {"http_version": f"HTTP/{version}".encode("ascii"),
+                      "reason_phrase": reason.encode("latin-1")}
+        if 200 <= status < 300:
+            response = httpx.Response(status, headers=headers, extensions=extensions)
+            return response, int(length), version == "1.1" and not closing
+        # An error answer: its detail is in the body; the connection is closed after it.
+        body = memoryview(bytearray(min(int(length), _MAX_ERROR_BODY)))
+        connection.fill(body, 0, len(body), None)
+        response = httpx.Response(status, headers=headers, content=body.tobytes(),
+                                  extensions=extensions, request=connection.describe())
+        return response, int(length), False
+
+    @staticmethod
+    def _read_body(connection: _Connection, views: Sequence[memoryview], expected: int,
+                   on_filled: OnFilled | None, on_progress: OnProgress | None) -> int:
+        received = 0
+        for index, view in enumerate(views):
+            if received == expected:
+                break
+            target = view if received + len(view) <= expected else view[: expected - received]
+            connection.fill(target, received, expected, on_progress)
+            received += len(target)
+            if on_filled is not None:
+                on_filled(index)
+        return received
+
+    def _describe(self, path: str, asked: ByteRange | None) -> httpx.Request:
+        """The request as httpx would show it in an error message."""
+        headers = dict(self._headers)
+        if asked is not None:
+            headers["Range"] = f"bytes={asked[0]}-{asked[1]}"
+        return httpx.Request("GET", self._url.copy_with(path=path), headers=headers)
+
+
+def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
+                ) -> tuple[int, str, str, list[tuple[str, str]]]:
+    """(status, reason phrase, HTTP version, headers in order) of an answer's head."""
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    match = _STATUS_LINE.fullmatch(status_line)
+    if match is None:
+        raise httpx.RemoteProtocolError(f"malformed status line {status_line[:100]!r}",
+                                        request=describe())
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:100]!r}",
+                                            request=describe())
+        headers.append((name, value.strip(" \t")))
+    return int(match.group(2)), match.group(3) or "", match.group(1), headers
