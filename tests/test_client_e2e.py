@@ -20,6 +20,7 @@ import pytest
 from blake3 import blake3
 
 from tests.support import VidcacheServer
+from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache_client import (
     InvalidRequestError,
     NotFoundError,
@@ -229,7 +230,7 @@ def test_chunk_digests_match_the_source(client: VidCacheClient,
     assert digests is not None
     assert digests["hash"] == video.hash
     chunk_size = digests["chunk_size"]
-    assert chunk_size == 256 * 1024  # the service's default for new ingests
+    assert chunk_size == DEFAULT_CHUNK_SIZE  # the service's default for new ingests
     expected = [digest(video.data[offset:offset + chunk_size])
                 for offset in range(0, len(video.data), chunk_size)]
     assert digests["digests"] == expected

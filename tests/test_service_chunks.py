@@ -28,11 +28,11 @@ def chunk_digests(data: bytes, chunk_size: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Mixed:
-    """One data directory holding a video ingested at 1 MiB chunks, then one at the default."""
+    """One data directory holding a video ingested at 1 MiB chunks, then one at 256 KiB."""
 
     api: Api
     old_hash: str  # big.mp4, ingested while the server ran with --chunk-size 1M
-    new_hash: str  # big_moov_end.mp4, ingested after a restart with the default
+    new_hash: str  # big_moov_end.mp4, ingested after a restart with --chunk-size 256K
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory, media_url: str) -> Iterator[
         api = Api(before.url)
         old_hash = api.ingest_ok(f"{media_url}/big.mp4", "old")["hash"]
         api.close()
-    with VidcacheServer(data_dir) as server:
+    with VidcacheServer(data_dir, "--chunk-size", "256K") as server:
         api = Api(server.url)
         new_hash = api.ingest_ok(f"{media_url}/big_moov_end.mp4", "new")["hash"]
         yield Mixed(api, old_hash, new_hash)

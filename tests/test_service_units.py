@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vidcache.app import create_app
-from vidcache.chunks import KIB, MIB, check_chunk_size
+from vidcache.chunks import DEFAULT_CHUNK_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import build_parser, parse_size
 from vidcache.config import ServiceConfig
 from vidcache.download import _HashingWriter
@@ -169,7 +169,7 @@ def test_other_chunk_sizes_are_refused(size: int) -> None:
 
 def test_serve_takes_a_chunk_size() -> None:
     parser = build_parser()
-    assert parser.parse_args(["serve", "--data", "d"]).chunk_size == 256 * KIB
+    assert parser.parse_args(["serve", "--data", "d"]).chunk_size == DEFAULT_CHUNK_SIZE
     assert parser.parse_args(["serve", "--data", "d", "--chunk-size", "1M"]).chunk_size == MIB
     assert parser.parse_args(["serve", "--data", "d", "--chunk-size", "131072"]).chunk_size \
         == 128 * KIB
