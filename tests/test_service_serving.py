@@ -4,11 +4,19 @@ hash validation and JSON errors everywhere (chunk digests: test_service_chunks.p
 Uses the session's service with b.mp4, c.mkv and big.mp4, which are perceptually distinct from
 every other generated video: whoever ingested them first, they are stored under the BLAKE3 of
 their own bytes.
+
+The hot path for whole files and single ranges (vidcache/serving.py) must answer exactly as
+the route; it is also tested with a deleted or vanished blob, bytes not in the page cache, a
+client that leaves mid-body and a token, each on a server of the test's own.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import socket
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +25,7 @@ import httpx
 import pytest
 
 from tests.service_support import CHUNK, Api, digest, unique
-from tests.support import VidcacheServer
+from tests.support import VidcacheServer, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,7 +65,7 @@ def _assert_video_headers(response: httpx.Response, video: Stored) -> None:
     assert response.headers["content-type"] == video.mime_type
 
 
-@pytest.mark.parametrize("name", ["b.mp4", "c.mkv"])
+@pytest.mark.parametrize("name", ["b.mp4", "c.mkv", "big.mp4"])
 def test_whole_video_equals_source_with_headers(api: Api, stored: dict[str, Stored],
                                                 name: str) -> None:
     video = stored[name]
@@ -229,3 +237,148 @@ def test_health_and_openapi(api: Api) -> None:
     for path in ("/ingest", "/resolve", "/meta/{content_hash}", "/video/{content_hash}",
                  "/video/{content_hash}/chunks", "/videos", "/health"):
         assert path in spec["paths"], path
+
+
+# --- the hot path (vidcache/serving.py) -------------------------------------------------------
+
+def _answer(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:
+    headers = {k: v for k, v in response.headers.items() if k != "date"}
+    return response.status_code, headers, response.content
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_hot_path_answers_exactly_as_the_route(api: Api, stored: dict[str, Stored],
+                                               method: str) -> None:
+    """An If-Range with the ETag sends a request past the hot path to the route, which answers
+    the same range: the two answers must not differ in anything but the date."""
+    video = stored["big.mp4"]
+    size = len(video.data)
+    headers = [None, "bytes=0-0", "bytes=0-1048575", f"bytes={CHUNK - 10}-{3 * CHUNK + 10}",
+               f"bytes={size - 5}-", "bytes=-300", f"bytes=-{size + 1}", f"bytes={size // 3}-"]
+    for header in headers:
+        ranged = {"Range": header} if header else {}
+        fast = api.http.request(method, f"/video/{video.hash}", headers=ranged)
+        routed = api.http.request(method, f"/video/{video.hash}",
+                                  headers={**ranged, "If-Range": f'"{video.hash}"'})
+        assert _answer(fast) == _answer(routed), header
+        assert fast.status_code == (206 if header else 200)
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    """A server whose blobs these tests may delete, evict or remove."""
+    with VidcacheServer(tmp_path_factory.mktemp("hot-path") / "data") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def own_big(own_server: VidcacheServer, media_url: str) -> dict[str, str]:
+    """big.mp4 stored in `own_server`: its ingest result."""
+    with contextlib.closing(Api(own_server.url)) as api:
+        return {k: str(v) for k, v in api.ingest_ok(f"{media_url}/big.mp4", "big").items()}
+
+
+def test_cached_video_deleted_or_vanished_is_404(own_server: VidcacheServer,
+                                                 media_url: str) -> None:
+    with contextlib.closing(Api(own_server.url)) as api:
+        first = api.ingest_ok(f"{media_url}/b.mp4", "hot")
+        second = api.ingest_ok(f"{media_url}/c.mkv", "hot")
+        for result in (first, second):  # served once: known to the hot path
+            assert api.http.get(f"/video/{result['hash']}",
+                                headers={"Range": "bytes=0-99"}).status_code == 206
+        assert api.http.delete(f"/video/{first['hash']}").status_code == 204
+        (own_server.data_dir / second["file_path"]).unlink()  # gone behind the service's back
+        for content_hash in (first["hash"], second["hash"]):
+            for ranged in ({}, {"Range": "bytes=0-99"}):
+                response = api.http.get(f"/video/{content_hash}", headers=ranged)
+                assert response.status_code == 404
+                assert response.json() == {"detail": f"no video with hash {content_hash}"}
+            assert api.http.head(f"/video/{content_hash}").status_code == 404
+        again = api.ingest_ok(f"{media_url}/b.mp4", "elsewhere")  # stored at another path
+        assert again["hash"] == first["hash"] and again["file_path"] != first["file_path"]
+        response = api.http.get(f"/video/{first['hash']}", headers={"Range": "bytes=10-19"})
+        assert response.content == (own_server.data_dir / again["file_path"]).read_bytes()[10:20]
+
+
+def _drop_from_page_cache(path: Path, start: int) -> bool:
+    """Evict `path` from `start` on from the page cache; whether it is out now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be dropped
+        os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            return os.preadv(fd, [bytearray(4096)], start, os.RWF_NOWAIT) == 0
+        except BlockingIOError:
+            return True
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="no preadv(RWF_NOWAIT) here")
+def test_bytes_not_in_the_page_cache_are_read_in_a_thread(
+        own_server: VidcacheServer, own_big: dict[str, str], videos: dict[str, Path]) -> None:
+    data = videos["big.mp4"].read_bytes()
+    with contextlib.closing(Api(own_server.url)) as api:
+        blob = own_server.data_dir / own_big["file_path"]
+        url = f"/video/{own_big['hash']}"
+        # half a chunk in the page cache, the rest not: one read is partly each
+        start = 3 * CHUNK // 2
+        if not _drop_from_page_cache(blob, 2 * CHUNK):
+            pytest.skip("this file system keeps the pages (tmpfs?)")
+        response = api.http.get(url, headers={"Range": f"bytes={start}-{start + CHUNK - 1}"})
+        assert response.content == data[start:start + CHUNK]
+        assert _drop_from_page_cache(blob, 0)
+        assert api.http.get(url).content == data
+
+
+def test_reading_stops_when_the_client_leaves(own_server: VidcacheServer,
+                                               own_big: dict[str, str],
+                                               videos: dict[str, Path]) -> None:
+    size = videos["big.mp4"].stat().st_size
+    assert size > 16 * CHUNK
+    server, content_hash = own_server, own_big["hash"]
+    assert server.process is not None
+    io_file = Path(f"/proc/{server.process.pid}/io")
+
+    def bytes_read_when_settled() -> int:
+        """The server's rchar (what its read(2)/pread(2)/preadv(2) calls returned) once
+        it stayed the same for 0.2 s."""
+        seen: list[int] = []
+
+        def settled() -> bool:
+            seen.append(int(io_file.read_text().split("rchar:")[1].split()[0]))
+            return len(seen) >= 3 and seen[-1] == seen[-3]
+
+        wait_until(settled, timeout=30, interval=0.1, what="the server's reads settle")
+        return seen[-1]
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET /video/{content_hash} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        # the server has filled the socket's buffers and waits for the reader
+        waiting = bytes_read_when_settled()
+        # the reader leaves with a reset, as a player that was closed does
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    left = bytes_read_when_settled()
+    assert left - waiting <= 2 * CHUNK, "kept reading the file for a client that left"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_a_known_video_still_needs_the_token(tmp_path: Path, media_url: str) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    server = VidcacheServer(tmp_path / "data", "--token-file", str(token_file), "--token-reads")
+    bearer = {"Authorization": "Bearer s3cret-token"}
+    with server, httpx.Client(base_url=server.url, timeout=60) as http:
+        result = http.post("/ingest", headers=bearer,
+                           json={"url": f"{media_url}/b.mp4", "bucket": "guarded"}).json()
+        url = f"/video/{result['hash']}"
+        assert http.get(url, headers={**bearer, "Range": "bytes=0-9"}).status_code == 206
+        for method in ("GET", "HEAD"):
+            for extra in ({}, {"Range": "bytes=0-9"}, {"Authorization": "Bearer wrong"}):
+                refused = http.request(method, url, headers=extra)
+                assert refused.status_code == 401, (method, extra)
+                if method == "GET":
+                    assert "bearer token" in refused.json()["detail"]

@@ -4,8 +4,9 @@ Routes that touch SQLite or the file system are plain `def`s, which FastAPI runs
 pool; ingest (download + ffmpeg, possibly minutes) runs in threads under its own capacity
 limit so a burst of ingests cannot take every thread from readers. Bytes are served by
 Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Range parser
-(ranges.py). In front of routing sit the optional bearer-token check (auth.py) and the request
-body cap (body_limit.py). Every error, ours or the framework's, leaves as JSON
+(ranges.py). In front of routing sit the optional bearer-token check (auth.py), the hot path
+for whole files and single ranges (serving.py; it hands everything else to the route) and the
+request body cap (body_limit.py). Every error, ours or the framework's, leaves as JSON
 `{"detail": message}`; the translation happens only here and in those two middlewares.
 """
 
@@ -40,6 +41,7 @@ from vidcache.errors import InvalidRequest, NotFound, VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import Ingestor
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
+from vidcache.serving import CACHE_CONTROL, BlobIndex, VideoFastPath, keep_buffers_in_heap
 from vidcache.store import (
     HASH_PATTERN,
     SEGMENT_PATTERN,
@@ -51,8 +53,6 @@ from vidcache.store import (
 
 log = logging.getLogger(__name__)
 
-# Content never changes under its hash, so any cache may keep it forever.
-CACHE_CONTROL = "public, max-age=31536000, immutable"
 MAX_PAGE = 1000
 
 
@@ -274,6 +274,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     # the last added is the outermost: the token is checked before any body is read
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    blobs = BlobIndex(store)
+    keep_buffers_in_heap()
+    app.add_middleware(VideoFastPath, index=blobs, chunk_size=VideoFileResponse.chunk_size)
     if config.token is not None:
         app.add_middleware(BearerAuth, token=config.token, protect_reads=config.token_reads)
         plain_openapi = app.openapi
@@ -363,7 +366,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.delete("/video/{content_hash}", status_code=204, responses=_ERRORS)
     def delete(content_hash: ContentHash) -> Response:
         """Remove the blob, the record and every URL alias."""
-        if not store.delete(_checked_hash(content_hash)):
+        deleted = store.delete(_checked_hash(content_hash))
+        blobs.forget(content_hash)
+        if not deleted:
             raise NotFound(f"no video with hash {content_hash}")
         log.info("deleted %s", content_hash)
         return Response(status_code=204)
