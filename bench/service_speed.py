@@ -5,35 +5,44 @@ the running `vidcache serve`, nginx (sendfile) over the service's data directory
 same vidcache app under the levers `bench.service_variants` offers (Starlette's 64 KiB chunk,
 as before the service's fix; granian with `pathsend`), each started in turn over the same
 data directory once the running service is stopped (the service locks its data directory),
-so this step runs last. Reads: the whole file in one GET, and the file as consecutive 1 MiB
-and 16 MiB Range requests on one keep-alive connection (what vcfs's block fetches and
-readahead send). The loopback latency proxy in front of nginx shows the proxy's own ceiling.
-Each reading also gives the server's CPU seconds per GB sent (its process and children, from
-/proc), the cost that competes with the FUSE daemon and the proxy for the same two cores in
-the contender runs."""
+so this step runs last. Reads: the whole file in one GET, and the file as consecutive 1, 4 and
+16 MiB Range requests on one keep-alive connection (what vcfs's block fetches and readahead
+send). The loopback latency proxy in front of nginx shows the proxy's own ceiling. Each
+reading also gives the server's CPU seconds per GB sent and per 1000 requests (its process and
+children, from /proc), the cost that competes with the FUSE daemon and the proxy for the same
+two cores in the contender runs; per request it is what each of vcfs's on-demand block
+fetches costs beyond the bytes.
+
+Run on its own (the running service, nginx and the proxy only; no variants unless asked):
+
+    .venv/bin/python -m bench.service_speed [--runs 2] [--variants] [--out bench-results]
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import media
 from bench.proxy import LOOPBACK
 from bench.proxy_process import ProxyProcess
-from bench.stack import Nginx, Service, Video
+from bench.stack import Nginx, Service, Video, ingest, origin
 
 MODES: dict[str, int | None] = {"full GET": None, "16 MiB ranges": 16 << 20,
-                                "1 MiB ranges": 1 << 20}
+                                "4 MiB ranges": 4 << 20, "1 MiB ranges": 1 << 20}
 # Servers beyond the running service: label -> bench.service_variants arguments.
 VARIANTS: dict[str, list[str]] = {
-    # Starlette's default chunk: the service before commit 11a1aa6, for the before/after
-    "vidcache, uvicorn, 64 KiB chunks (before)": ["--server", "uvicorn", "--chunk-size",
-                                                  str(64 << 10)],
+    # Starlette's default chunk (the service sent 64 KiB chunks before commit 11a1aa6)
+    "vidcache, uvicorn, 64 KiB chunks": ["--server", "uvicorn", "--chunk-size",
+                                         str(64 << 10)],
     "vidcache, granian (pathsend)": ["--server", "granian"],
 }
 SERVICE_LABEL = "vidcache serve (uvicorn, as shipped)"
@@ -48,12 +57,15 @@ class Reading:
     mb_per_s: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0  # of the server's processes, over all runs
     bytes_total: int = 0
+    requests: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {"server": self.server, "mode": self.mode, "runs_mb_per_s": self.mb_per_s,
                 "median": statistics.median(self.mb_per_s), "min": min(self.mb_per_s),
                 "max": max(self.mb_per_s),
-                "server_cpu_s_per_gb": round(self.cpu_seconds / (self.bytes_total / 1e9), 3)}
+                "server_cpu_s_per_gb": round(self.cpu_seconds / (self.bytes_total / 1e9), 3),
+                "server_cpu_s_per_1000_requests":
+                    round(self.cpu_seconds / self.requests * 1000, 3)}
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -103,6 +115,7 @@ def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
                 reading.mb_per_s.append(curl_mb_per_s(url, video.size, range_size))
                 reading.cpu_seconds += tree_cpu_seconds(pid) - before
                 reading.bytes_total += video.size
+                reading.requests += -(-video.size // range_size) if range_size else 1
             progress(f"service speed: {label}, {mode}: "
                      f"{statistics.median(reading.mb_per_s):.0f} MB/s")
 
@@ -125,3 +138,46 @@ def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
             progress(f"service speed: {label} skipped: {exc}")
             print(f"{label}: {exc}", file=sys.stderr)
     return [reading.as_dict() for reading in readings.values()]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| server | read | median MB/s | min-max | server CPU s/GB | per 1000 requests |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['server']} | {row['mode']} | {row['median']:.0f} "
+              f"| {row['min']:.0f}-{row['max']:.0f} | {row['server_cpu_s_per_gb']:.2f} "
+              f"| {row['server_cpu_s_per_1000_requests']:.2f} |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.service_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=2, help="runs per reading (default 2)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also the service variants (granian, 64 KiB chunks)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="directory holding the media cache (default bench-results)")
+    args = parser.parse_args(argv)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    spec = media.corpus(quick=False).sequential
+    video_path = media.generate(spec, args.out.resolve() / "media" / "full")
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="vcfs-service-speed-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # nginx's worker (user nobody) reads the service's blobs in here
+        with Service(work / "store", work / "vidcache.log") as service:
+            with origin(video_path.parent) as origin_url:
+                video = ingest(service, origin_url, video_path)
+            rows = measure(service, video, work_dir=work, runs=args.runs, progress=progress,
+                           variants=VARIANTS if args.variants else {})
+    print(f"{video.size / 1e6:.0f} MB file, {args.runs} runs per reading; load average "
+          f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after\n")
+    sys.stdout.write(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
