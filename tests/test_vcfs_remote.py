@@ -1,8 +1,10 @@
 """vcfs.remote edge cases a real service cannot produce on demand: flaky answers, wrong ranges,
-bad digests, and the retry deadline, over httpx.MockTransport with a fake clock (no sleeping).
+bad digests, and the retry deadline, over httpx.MockTransport with a fake clock (no sleeping);
+then runs of blocks from the real service through the fault proxy (resets, flipped bytes, a
+trickling answer) on the client's socket path.
 
-The real service and real failures (an outage, bytes corrupted on disk) are exercised through
-a mount in test_vcfs_mount.py.
+The real service and real failures (an outage, bytes corrupted on disk) are also exercised
+through a mount in test_vcfs_mount.py and test_vcfs_faults.py.
 """
 
 from __future__ import annotations
@@ -11,14 +13,19 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from blake3 import blake3
 
+from bench.faults import Bandwidth, FlipByte, Truncate
+from tests.client_rangeconn_support import Link
+from tests.support import VidcacheServer
 from vcfs.remote import (
     AccessDenied,
     NotFound,
@@ -30,6 +37,7 @@ from vcfs.remote import (
 from vidcache_client import VidCacheClient
 
 CHUNK = 1000
+MIB = 1 << 20
 DATA = bytes(range(256)) * 10  # 2560 bytes: chunks of 1000, 1000, 560
 HASH = blake3(DATA).hexdigest()
 OTHER = "e" * 64
@@ -335,3 +343,97 @@ def test_an_answer_that_never_completes_is_given_up_at_the_cutoff(
     finally:
         release.set()
         remote.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The same fetches against the real service on loopback, through the benchmark's proxy with
+# faults: the client's socket path, not httpx.
+
+
+class StoredVideo:
+    def __init__(self, content_hash: str, data: bytes) -> None:
+        self.hash = content_hash
+        self.data = data
+
+
+@pytest.fixture(scope="module")
+def big(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str) -> StoredVideo:
+    data = videos["big.mp4"].read_bytes()
+    with VidCacheClient(vidcache_server.url, timeout=120) as client:
+        content_hash = client.ingest(f"{media_url}/big.mp4",
+                                     f"vcfs-remote-{uuid.uuid4().hex[:8]}")["hash"]
+    assert content_hash == blake3(data).hexdigest()
+    return StoredVideo(content_hash, data)
+
+
+@pytest.fixture(scope="module")
+def link(vidcache_server: VidcacheServer) -> Iterator[Link]:
+    with Link(vidcache_server.port) as faulty:
+        yield faulty
+
+
+@pytest.fixture
+def real_remote(link: Link, big: StoredVideo) -> Iterator[Remote]:
+    remote = Remote.connect(link.url, config=RemoteConfig(timeout=3.0, backoff_initial=0.01))
+    try:
+        remote.fetch(big.hash, 0, MIB)  # metadata and digests known from now on
+        link.reset()
+        yield remote
+    finally:
+        remote.close()
+        link.faults.clear()
+
+
+def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    reported: list[tuple[int, bytes]] = []
+    blocks = real_remote.fetch_blocks(big.hash, MIB, 9 * MIB, MIB,
+                                      on_block=lambda i, block: reported.append((i, block)))
+    assert [i for i, _ in reported] == list(range(8))
+    assert [block for _, block in reported] == blocks
+    assert b"".join(blocks) == big.data[MIB : 9 * MIB]
+    assert all(type(block) is bytes for block in blocks)
+    assert link.ranges() == [f"bytes={MIB}-{9 * MIB - 1}"]
+    assert real_remote.counters.get("verified_chunks") >= 1 + 8
+
+
+def test_a_run_cut_midway_is_resumed_after_its_last_reported_block(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    # A FIN, not a reset: a reset may discard bytes already received but not read yet
+    link.faults.enable(Truncate(after_bytes=2 * MIB + 5000), times=1)
+    reported: list[int] = []
+    blocks = real_remote.fetch_blocks(big.hash, 0, 6 * MIB, MIB,
+                                      on_block=lambda i, _: reported.append(i))
+    assert b"".join(blocks) == big.data[: 6 * MIB]
+    assert reported == list(range(6))  # each block once, in order
+    assert link.ranges() == [f"bytes=0-{6 * MIB - 1}", f"bytes={2 * MIB}-{6 * MIB - 1}"]
+    assert real_remote.counters.get("retries") == 1
+
+
+def test_a_flipped_byte_fails_its_block_and_only_the_rest_is_asked_again(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    link.faults.enable(FlipByte(at=MIB + 10), times=1)
+    blocks = real_remote.fetch_blocks(big.hash, 0, 3 * MIB, MIB)
+    assert b"".join(blocks) == big.data[: 3 * MIB]
+    assert link.ranges() == [f"bytes=0-{3 * MIB - 1}", f"bytes={MIB}-{3 * MIB - 1}"]
+    assert real_remote.counters.get("verify_failures") == 1
+
+
+@pytest.mark.parametrize("fetch", ["fetch", "fetch_blocks"])
+def test_a_trickling_answer_ends_by_the_cutoff(
+    real_remote: Remote, link: Link, big: StoredVideo, fetch: str,
+) -> None:
+    """Bytes keep coming (no request times out), just far too slowly (4 MiB at 400 kB/s take
+    10 s): the operation fails once its cutoff (deadline 3 s + one request timeout of 1 s) has
+    passed, not when the body ends."""
+    link.faults.enable(Bandwidth(bytes_per_s=400_000))
+    started = time.monotonic()
+    with pytest.raises(RemoteUnavailable):
+        if fetch == "fetch":
+            real_remote.fetch(big.hash, 4 * MIB, 8 * MIB)
+        else:
+            real_remote.fetch_blocks(big.hash, 4 * MIB, 8 * MIB, MIB)
+    assert time.monotonic() - started < 3.0 + 1.0 + 2.0  # the cutoff, and slack for the machine

@@ -1,0 +1,501 @@
+"""VidCacheClient.read_range_into: ranged reads received straight into the caller's buffers.
+
+Against the real service on loopback (directly, and through the benchmark's proxy with
+`bench.faults` for resets, truncation, stalls and wrong answers); against tiny socket servers
+written here for what vidcache never does (close a kept-alive connection under a request,
+chunked framing, TLS with a self-signed certificate); against httpx.MockTransport for the
+httpx fallback a custom transport selects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from blake3 import blake3
+
+from bench.faults import (
+    Fault,
+    FullBody200,
+    Refuse,
+    Reset,
+    Stall,
+    Status200,
+    Truncate,
+    WrongContentRange,
+)
+from tests.client_rangeconn_support import Link
+from tests.support import VidcacheServer
+from vidcache_client import (
+    InvalidRequestError,
+    NotFoundError,
+    RangeError,
+    RangeNotSatisfiableError,
+    RequestTimeout,
+    ServerError,
+    TransportError,
+    VidCacheClient,
+    VidCacheError,
+)
+from vidcache_client._rangeconn import proxied_by_environment
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+class Video:
+    def __init__(self, content_hash: str, data: bytes) -> None:
+        self.hash = content_hash
+        self.data = data
+
+
+@pytest.fixture(scope="module")
+def video(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str) -> Video:
+    data = videos["big.mp4"].read_bytes()
+    with VidCacheClient(vidcache_server.url, timeout=120) as client:
+        content_hash = client.ingest(f"{media_url}/big.mp4",
+                                     f"rangeconn-{uuid.uuid4().hex[:8]}")["hash"]
+    assert content_hash == blake3(data).hexdigest()
+    return Video(content_hash, data)
+
+
+@pytest.fixture(scope="module")
+def client(vidcache_server: VidcacheServer) -> Iterator[VidCacheClient]:
+    with VidCacheClient(vidcache_server.url, timeout=10) as direct:
+        yield direct
+
+
+@pytest.fixture(scope="module")
+def link(vidcache_server: VidcacheServer) -> Iterator[Link]:
+    with Link(vidcache_server.port) as faulty:
+        yield faulty
+
+
+@pytest.fixture
+def linked_client(link: Link) -> Iterator[VidCacheClient]:
+    link.reset()
+    with VidCacheClient(link.url, timeout=2) as through_proxy:
+        yield through_proxy
+    link.faults.clear()
+
+
+def buffers_of(*sizes: int, fill: int = 0xEE) -> list[bytearray]:
+    return [bytearray([fill]) * size for size in sizes]
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("offset", "sizes"), [
+    (0, (MIB, MIB, MIB)),
+    (12_345, (1000, 70_000, 1, 333_333)),
+    (3 * MIB + 17, (64 * KIB,)),
+])
+def test_the_buffers_receive_exactly_the_range_in_order(
+    client: VidCacheClient, video: Video, offset: int, sizes: tuple[int, ...],
+) -> None:
+    buffers = buffers_of(*sizes)
+    filled: list[int] = []
+    progress: list[int] = []
+
+    def on_filled(index: int) -> None:  # each buffer is complete when it is reported
+        assert bytes(buffers[index]) == video.data[offset + sum(sizes[:index]):][:sizes[index]]
+        filled.append(index)
+
+    received = client.read_range_into(video.hash, offset, buffers, on_filled=on_filled,
+                                      on_progress=progress.append)
+    assert received == sum(sizes)
+    assert b"".join(buffers) == video.data[offset : offset + sum(sizes)]
+    assert filled == list(range(len(sizes)))
+    assert progress == sorted(progress) and progress[-1] == sum(sizes)
+
+
+def test_buffers_reaching_past_the_end_get_the_bytes_up_to_it(
+    client: VidCacheClient, video: Video,
+) -> None:
+    size = len(video.data)
+    buffers = buffers_of(1000, 1000, 1000)
+    filled: list[int] = []
+    assert client.read_range_into(video.hash, size - 1500, buffers,
+                                  on_filled=filled.append) == 1500
+    assert filled == [0, 1]
+    assert bytes(buffers[0]) + bytes(buffers[1][:500]) == video.data[-1500:]
+    assert buffers[1][500:] == bytearray([0xEE]) * 500 and buffers[2] == buffers_of(1000)[0]
+
+
+def test_one_buffer_passed_many_times_is_refilled_after_each_report(
+    client: VidCacheClient, video: Video,
+) -> None:
+    buffer = bytearray(256 * KIB)
+    copies: list[bytes] = []
+    client.read_range_into(video.hash, 5000, [buffer] * 6,
+                           on_filled=lambda index: copies.append(bytes(buffer)))
+    assert b"".join(copies) == video.data[5000 : 5000 + 6 * 256 * KIB]
+
+
+def test_memoryviews_of_one_big_buffer_work_too(client: VidCacheClient, video: Video) -> None:
+    whole = bytearray(3 * MIB)
+    views = [memoryview(whole)[i : i + MIB] for i in range(0, 3 * MIB, MIB)]
+    assert client.read_range_into(video.hash, MIB, views) == 3 * MIB
+    assert whole == video.data[MIB : 4 * MIB]
+
+
+def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: Link,
+                                         video: Video) -> None:
+    buffer = bytearray(100 * KIB)
+    for offset in range(0, 20 * 100 * KIB, 100 * KIB):
+        linked_client.read_range_into(video.hash, offset, [buffer])
+        assert buffer == video.data[offset : offset + 100 * KIB]
+    assert link.connections() == 1
+    assert link.ranges()[:2] == ["bytes=0-102399", "bytes=102400-204799"]
+
+
+def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
+                                                   video: Video) -> None:
+    errors: list[BaseException] = []
+
+    def reader(seed: int) -> None:
+        try:
+            for step in range(20):
+                offset = (seed * 7919 + step * 104_729) % (len(video.data) - MIB)
+                buffers = buffers_of(300 * KIB, 200 * KIB)
+                client.read_range_into(video.hash, offset, buffers)
+                assert b"".join(buffers) == video.data[offset : offset + 500 * KIB]
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_refusals_are_the_clients_status_errors(client: VidCacheClient, video: Video) -> None:
+    unknown = "0" * 64
+    with pytest.raises(NotFoundError, match=f"bytes 0-9 of video {unknown}: HTTP 404") as missing:
+        client.read_range_into(unknown, 0, buffers_of(10))
+    assert "no video" in missing.value.detail and not NotFoundError.transient
+    with pytest.raises(RangeNotSatisfiableError) as past_end:
+        client.read_range_into(video.hash, len(video.data), buffers_of(10))
+    assert past_end.value.size == len(video.data)
+    buffer = bytearray(10)
+    assert client.read_range_into(video.hash, 0, [buffer]) == 10  # the client still works
+    assert buffer == video.data[:10]
+
+
+FAULTS: list[tuple[Fault, type[VidCacheError], str]] = [
+    (Reset(after_bytes=100_000), TransportError, "ReadError"),
+    (Truncate(after_bytes=100_000), TransportError, "complete message body"),
+    (Status200(), RangeError, "expected 206 Partial Content, got 200"),
+    (WrongContentRange(shift=4096), RangeError, "not the asked bytes"),
+    (Refuse(status=503), ServerError, "HTTP 503.*injected by the fault proxy"),
+    (Stall(seconds=30, after_bytes=100_000), RequestTimeout, "timed out"),
+]
+
+
+@pytest.mark.parametrize(("fault", "error_class", "message"), FAULTS,
+                         ids=[fault.kind for fault, _, _ in FAULTS])
+def test_a_damaged_answer_is_an_error_and_the_next_read_is_right(
+    linked_client: VidCacheClient, link: Link, video: Video, fault: Fault,
+    error_class: type[VidCacheError], message: str,
+) -> None:
+    link.faults.enable(fault, times=1)
+    buffers = buffers_of(*[64 * KIB] * 4)
+    filled: list[int] = []
+    with pytest.raises(error_class, match=message) as caught:
+        linked_client.read_range_into(video.hash, 0, buffers, on_filled=filled.append)
+    assert type(caught.value).transient
+    for index in filled:  # what was reported before the damage is right
+        assert buffers[index] == video.data[index * 64 * KIB : (index + 1) * 64 * KIB]
+    assert len(filled) <= 1
+    buffers = buffers_of(*[64 * KIB] * 4)
+    assert linked_client.read_range_into(video.hash, 0, buffers) == 256 * KIB
+    assert b"".join(buffers) == video.data[: 256 * KIB]
+
+
+def test_a_whole_video_instead_of_the_range_is_never_data(
+    linked_client: VidCacheClient, link: Link, video: Video,
+) -> None:
+    link.faults.enable(FullBody200(content=lambda _: video.data), times=1)
+    buffer = bytearray(1000)
+    filled: list[int] = []
+    with pytest.raises(RangeError, match="ignored the Range header"):
+        linked_client.read_range_into(video.hash, 5000, [buffer], on_filled=filled.append)
+    assert buffer == bytearray(1000) and filled == []
+
+
+def test_a_callback_error_ends_the_read_and_its_connection(
+    linked_client: VidCacheClient, link: Link, video: Video,
+) -> None:
+    class Refused(Exception):
+        pass
+
+    def refuse_second(index: int) -> None:
+        if index == 1:
+            raise Refused
+
+    def refuse_past_100k(received: int) -> None:
+        if received > 100_000:
+            raise Refused
+
+    with pytest.raises(Refused):
+        linked_client.read_range_into(video.hash, 0, buffers_of(*[256 * KIB] * 4),
+                                      on_filled=refuse_second)
+    with pytest.raises(Refused):
+        linked_client.read_range_into(video.hash, 0, buffers_of(*[256 * KIB] * 4),
+                                      on_progress=refuse_past_100k)
+    buffer = bytearray(1000)
+    linked_client.read_range_into(video.hash, MIB, [buffer])
+    assert buffer == video.data[MIB : MIB + 1000]
+    assert link.connections() == 3  # no half-read answer's connection was reused
+
+
+def test_bad_arguments_send_nothing() -> None:
+    requests: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(500)
+
+    with VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(record)) as client:
+        for hash_, offset, buffers in [
+            ("ab" * 32, 0, [b"read-only"]),
+            ("ab" * 32, 0, [bytearray()]),
+            ("ab" * 32, 0, []),
+            ("ab" * 32, -1, [bytearray(1)]),
+            ("ab" * 32, True, [bytearray(1)]),
+            ("AB" * 32, 0, [bytearray(1)]),
+        ]:
+            with pytest.raises(InvalidRequestError, match="no request sent"):
+                client.read_range_into(hash_, offset, buffers)  # type: ignore[arg-type]
+    assert requests == []
+
+
+# -- servers vidcache is not: closed keep-alive connections, chunked framing, TLS ---------------
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+DATA_HASH = "ab" * 32
+
+
+class SocketServer:
+    """A one-thread-per-connection TCP server on 127.0.0.1 running `handle(connection)`;
+    counts connections."""
+
+    def __init__(self, handle: Callable[[socket.socket], None],
+                 tls: ssl.SSLContext | None = None) -> None:
+        self._handle = handle
+        self._tls = tls
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.connections = 0
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> SocketServer:
+        thread = threading.Thread(target=self._accept, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        self._listener.close()
+        for thread in self._threads:
+            thread.join(10)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            thread.start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        connection.settimeout(10)
+        with contextlib.suppress(OSError), contextlib.closing(connection):
+            if self._tls is not None:
+                connection = self._tls.wrap_socket(connection, server_side=True)
+            self._handle(connection)
+
+
+def read_request(connection: socket.socket) -> tuple[int, int] | None:
+    """The asked range of the next request on `connection`; None once the client closed it."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        piece = connection.recv(4096)
+        if not piece:
+            return None
+        head += piece
+    match = re.search(rb"(?i)\r\nrange: bytes=(\d+)-(\d+)\r\n", head)
+    assert match is not None, head
+    return int(match[1]), min(int(match[2]), len(DATA) - 1)
+
+
+def answer(connection: socket.socket, asked: tuple[int, int], *, chunked: bool = False) -> None:
+    start, end = asked
+    body = DATA[start : end + 1]
+    framing = (b"Transfer-Encoding: chunked\r\n" if chunked
+               else b"Content-Length: %d\r\n" % len(body))
+    connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\n%s\r\n"
+                       % (start, end, len(DATA), framing))
+    if chunked:
+        for low in range(0, len(body), 10_000):
+            piece = body[low : low + 10_000]
+            connection.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        connection.sendall(b"0\r\n\r\n")
+    else:
+        connection.sendall(body)
+
+
+def test_a_kept_alive_connection_the_server_dropped_is_replaced() -> None:
+    """The server answers one request per connection and drops the connection when the next
+    one arrives: the client sends that request again on a new connection."""
+    asked: list[tuple[int, int]] = []
+
+    def one_answer_per_connection(connection: socket.socket) -> None:
+        request = read_request(connection)
+        if request is not None:
+            asked.append(request)
+            answer(connection, request)
+            dropped = read_request(connection)
+            if dropped is not None:
+                asked.append(dropped)
+
+    with SocketServer(one_answer_per_connection) as server, \
+            VidCacheClient(server.url, timeout=5) as client:
+        for offset in (0, 1000, 2000):
+            buffer = bytearray(500)
+            assert client.read_range_into(DATA_HASH, offset, [buffer]) == 500
+            assert buffer == DATA[offset : offset + 500]
+        assert server.connections == 3
+    assert asked == [(0, 499), (1000, 1499), (1000, 1499), (2000, 2499), (2000, 2499)]
+
+
+def test_a_chunked_answer_is_read_through_httpx_from_then_on() -> None:
+    asked: list[tuple[int, int]] = []
+
+    def chunked(connection: socket.socket) -> None:
+        while (request := read_request(connection)) is not None:
+            asked.append(request)
+            answer(connection, request, chunked=True)
+
+    with SocketServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
+        for offset in (100, 300_000):
+            buffers = buffers_of(70_000, 30_000)
+            filled: list[int] = []
+            assert client.read_range_into(DATA_HASH, offset, buffers,
+                                          on_filled=filled.append) == 100_000
+            assert b"".join(buffers) == DATA[offset : offset + 100_000]
+            assert filled == [0, 1]
+    # asked once on a socket of its own, once through httpx; then through httpx only
+    assert asked == [(100, 100_099), (100, 100_099), (300_000, 399_999)]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_goes_through_the_clients_tls_context(
+    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cert, key = certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+
+    def serve(connection: socket.socket) -> None:
+        while (request := read_request(connection)) is not None:
+            answer(connection, request)
+
+    with SocketServer(serve, tls=tls) as server:
+        with VidCacheClient(server.url, timeout=5) as untrusting, \
+                pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+            untrusting.read_range_into(DATA_HASH, 0, [bytearray(10)])
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx's context trusts it then
+        with VidCacheClient(server.url, timeout=5) as trusting:
+            buffers = buffers_of(200_000, 200_000)
+            assert trusting.read_range_into(DATA_HASH, 4321, buffers) == 400_000
+            assert b"".join(buffers) == DATA[4321 : 404_321]
+
+
+# -- the httpx path -----------------------------------------------------------------------------
+
+
+class Pieces(httpx.SyncByteStream):
+    """A body sent in pieces of odd sizes, as a network would."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        for low in range(0, len(self.body), 7777):
+            yield self.body[low : low + 7777]
+
+
+def serve_data(request: httpx.Request) -> httpx.Response:
+    match = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers["Range"])
+    assert match is not None
+    start, end = int(match[1]), min(int(match[2]), len(DATA) - 1)
+    return httpx.Response(206, stream=Pieces(DATA[start : end + 1]), headers={
+        "Content-Range": f"bytes {start}-{end}/{len(DATA)}",
+        "Content-Length": str(end - start + 1)})
+
+
+def test_with_a_custom_transport_the_read_goes_through_httpx_alike() -> None:
+    transport = httpx.MockTransport(serve_data)
+    with VidCacheClient("http://vidcache.test", transport=transport) as client:
+        buffers = buffers_of(10_000, 1, 50_000)
+        filled: list[int] = []
+        progress: list[int] = []
+        assert client.read_range_into(DATA_HASH, 99, buffers, on_filled=filled.append,
+                                      on_progress=progress.append) == 60_001
+        assert b"".join(buffers) == DATA[99 : 60_100]
+        assert filled == [0, 1, 2] and progress[-1] == 60_001
+        past_end = buffers_of(1000, 1000)
+        filled.clear()
+        assert client.read_range_into(DATA_HASH, len(DATA) - 300, past_end,
+                                      on_filled=filled.append) == 300
+        assert past_end[0][:300] == DATA[-300:] and filled == [0]
+
+
+@pytest.mark.parametrize(("environment", "proxied"), [
+    ({}, False),
+    ({"HTTP_PROXY": "http://proxy.test:3128"}, True),
+    ({"ALL_PROXY": "http://proxy.test:3128"}, True),
+    ({"HTTPS_PROXY": "http://proxy.test:3128"}, False),  # not for http:// URLs
+    ({"HTTP_PROXY": "http://proxy.test:3128", "NO_PROXY": "*"}, False),
+    ({"HTTP_PROXY": "http://proxy.test:3128", "NO_PROXY": "example.com,vidcache.test"}, False),
+    ({"HTTP_PROXY": "http://proxy.test:3128", "NO_PROXY": ".test"}, False),
+    ({"HTTP_PROXY": "http://proxy.test:3128", "NO_PROXY": "cache.test"}, True),
+])
+def test_a_proxy_from_the_environment_is_left_to_httpx(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], proxied: bool,
+) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert proxied_by_environment(httpx.URL("http://vidcache.test:8020")) is proxied
