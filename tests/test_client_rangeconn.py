@@ -335,14 +335,18 @@ class SocketServer:
             self._handle(connection)
 
 
-def read_request(connection: socket.socket) -> tuple[int, int] | None:
-    """The asked range of the next request on `connection`; None once the client closed it."""
+def read_request(connection: socket.socket, heads: list[bytes] | None = None
+                 ) -> tuple[int, int] | None:
+    """The asked range of the next request on `connection` (its head appended to `heads`);
+    None once the client closed the connection."""
     head = b""
     while b"\r\n\r\n" not in head:
         piece = connection.recv(4096)
         if not piece:
             return None
         head += piece
+    if heads is not None:
+        heads.append(head)
     match = re.search(rb"(?i)\r\nrange: bytes=(\d+)-(\d+)\r\n", head)
     assert match is not None, head
     return int(match[1]), min(int(match[2]), len(DATA) - 1)
@@ -406,6 +410,24 @@ def test_a_chunked_answer_is_read_through_httpx_from_then_on() -> None:
             assert filled == [0, 1]
     # asked once on a socket of its own, once through httpx; then through httpx only
     assert asked == [(100, 100_099), (100, 100_099), (300_000, 399_999)]
+
+
+def test_the_request_keeps_the_base_urls_path_and_sends_the_clients_headers() -> None:
+    heads: list[bytes] = []
+
+    def serve(connection: socket.socket) -> None:
+        while (request := read_request(connection, heads)) is not None:
+            answer(connection, request)
+
+    with SocketServer(serve) as server, \
+            VidCacheClient(f"{server.url}/cache%20one/", timeout=5, token="s3cret") as client:
+        assert client.read_range_into(DATA_HASH, 7, [bytearray(3)]) == 3
+    port = server.url.rsplit(":", 1)[1]
+    assert heads[0].split(b"\r\n")[0] == (
+        f"GET /cache%20one/video/{DATA_HASH} HTTP/1.1".encode())
+    assert {line.lower() for line in heads[0].split(b"\r\n")[1:] if line} == {
+        f"host: 127.0.0.1:{port}".encode(), b"user-agent: vidcache-client",
+        b"authorization: bearer s3cret", b"accept-encoding: identity", b"range: bytes=7-9"}
 
 
 @pytest.fixture(scope="module")

@@ -100,13 +100,13 @@ def _socket_error(exc: OSError, phase: str, request: httpx.Request) -> httpx.Tra
 
 class _Connection:
     """One HTTP/1.1 connection: its socket, and the body bytes that came in with the last
-    head and are not handed over yet. Raises httpx exceptions describing `request`."""
+    head and are not handed over yet. Raises httpx exceptions naming the current request."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, describe: Callable[[], httpx.Request]) -> None:
         self.sock = sock
         self.answers = 0  # answers read to their end: > 0 means a kept-alive connection
         # The current request as httpx would show it, built only for an error message.
-        self.describe: Callable[[], httpx.Request] = lambda: httpx.Request("GET", "http:")
+        self.describe = describe
         self._head_buffer = bytearray(_MAX_HEAD_BYTES)
         self._extra = memoryview(self._head_buffer)[:0]
 
@@ -274,7 +274,8 @@ class RangeReader:
         self._url = base_url
         self._tls = ssl_context if base_url.scheme == "https" else None
         self._timeout = timeout
-        self._base_path = base_url.path.rstrip("/")
+        # As sent on the request line: percent-encoded, without a query.
+        self._base_path = base_url.raw_path.split(b"?")[0].decode("ascii").rstrip("/")
         self._headers = {"Host": base_url.netloc.decode("ascii"), **headers,
                          "Accept-Encoding": "identity"}
         self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
@@ -320,21 +321,22 @@ class RangeReader:
     def _connect(self) -> _Connection:
         url = self._url
         port = url.port or (443 if url.scheme == "https" else 80)
+        describe = functools.partial(self._describe, f"{self._base_path}/", None)
         try:
             sock = socket.create_connection((url.host, port), timeout=self._timeout)
         except OSError as exc:
-            raise _socket_error(exc, "connect", self._describe(url.path, None)) from exc
+            raise _socket_error(exc, "connect", describe()) from exc
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._tls is not None:
                 sock = self._tls.wrap_socket(sock, server_hostname=url.host)
         except OSError as exc:
             sock.close()
-            raise _socket_error(exc, "connect", self._describe(url.path, None)) from exc
+            raise _socket_error(exc, "connect", describe()) from exc
         except BaseException:
             sock.close()
             raise
-        return _Connection(sock)
+        return _Connection(sock, describe)
 
     def _response(self, head: bytes, connection: _Connection
                   ) -> tuple[httpx.Response, int, bool]:
@@ -382,7 +384,8 @@ class RangeReader:
         headers = dict(self._headers)
         if asked is not None:
             headers["Range"] = f"bytes={asked[0]}-{asked[1]}"
-        return httpx.Request("GET", self._url.copy_with(path=path), headers=headers)
+        return httpx.Request("GET", self._url.copy_with(raw_path=path.encode("ascii")),
+                             headers=headers)
 
 
 def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
