@@ -27,20 +27,22 @@ Integrity. `fetch` returns exactly `end - start` bytes or raises: the client alr
 answer whose status, Content-Range or length is not the asked range, and the length is checked
 again here. When the service publishes per-chunk BLAKE3 digests (`GET /video/{hash}/chunks`,
 fetched once per hash and cached), every chunk a fetch touches is hashed and compared before
-any of its bytes are returned. A fetch whose ends cut a chunk (blocks smaller than the chunk,
-or not aligned to it) is widened to whole chunks; the partly used edge chunks are kept, verified,
-in a small LRU, so the neighbouring blocks cost no second request. With the default 1 MiB
-blocks (= the service's chunk size) nothing is widened. A mismatch is retried like a transient
-error (a flaky proxy or disk), so corrupt bytes never reach the block cache. The first fetch of
-a hash, when it is whole 1 MiB chunks, asks for the range and the digests at once (a round trip
-saved when a player opens a file) and returns the bytes only once the digests have arrived and
-match; any other outcome falls back to the path above.
+any of its bytes are returned. The chunk size is the video's, as the service recorded it at
+ingest (1 MiB for older videos, 256 KiB by default since): a block made of whole chunks (any
+chunk size that divides the block size) is verified chunk by chunk as it is. A fetch whose ends
+cut a chunk (blocks smaller than the chunks, or not aligned to them) is widened to whole
+chunks; the partly used edge chunks are kept, verified, in a small LRU, so the neighbouring
+blocks cost no second request. A mismatch is retried like a transient error (a flaky proxy or
+disk), so corrupt bytes never reach the block cache. The first fetch of a hash asks for the
+range and the digests at once (a round trip saved when a player opens a file) and returns the
+bytes only once the digests have arrived and match; if the range cuts a chunk, or does not
+match, it falls back to the path above.
 
 Bytes. Ranges are received with the client's `read_range_into`: straight from the socket into
-a buffer, with no pieces to join. `fetch_blocks` receives a run of whole chunks chunk by chunk
-into one reused buffer, verifies each chunk as it completes and hands it on (`on_block`) as its
-own `bytes` while the rest of the run is still arriving, so a reader waiting for the run's
-first block does not wait for its last. A retried run asks only for the chunks not handed on.
+a buffer, with no pieces to join. `fetch_blocks` receives a run of blocks block by block into
+one reused buffer, verifies each block's chunks as it completes and hands it on (`on_block`) as
+its own `bytes` while the rest of the run is still arriving, so a reader waiting for the run's
+first block does not wait for its last. A retried run asks only for the blocks not handed on.
 
 Caches (content never changes for a hash, but videos come and go):
 - metadata of existing videos: an LRU of bounded size, kept until evicted;
@@ -72,6 +74,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+KIB = 1 << 10
 MIB = 1 << 20
 
 
@@ -129,8 +132,9 @@ class RemoteConfig:
     negative_ttl: float = 3.0
     # ~300 bytes each: 64k videos' metadata in ~20 MB.
     meta_entries: int = 65_536
-    # Digest lists are 65 bytes per MiB of video: 1024 videos of 1 GiB in ~65 MB.
-    digest_entries: int = 1024
+    # Digests take 32 bytes per chunk: 128 KiB per GiB of video in 256 KiB chunks, so the
+    # digests of ~250 such videos.
+    digest_bytes: int = 32 * MIB
     # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
     verified_chunk_bytes: int = 8 * MIB
     # One worker per connection of the client: attempts never queue behind each other.
@@ -198,18 +202,37 @@ class _Failure:
 
 @dataclass(frozen=True, slots=True)
 class _Digests:
+    """The service's chunk digests of one video, at the chunk size it recorded for it."""
+
     chunk_size: int
-    digests: list[str]  # 64-hex BLAKE3 of each chunk, the last one short
+    packed: bytes  # the 32-byte BLAKE3 of each chunk, concatenated; the last chunk is short
     file_size: int
+
+    @property
+    def count(self) -> int:
+        return len(self.packed) // DIGEST_SIZE
+
+    def digest(self, index: int) -> bytes:
+        return self.packed[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
 
     def bounds(self, index: int) -> tuple[int, int]:
         """Byte range `(start, end_exclusive)` of chunk `index`."""
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self.file_size)
 
+    def divides(self, block_size: int) -> bool:
+        """Whether every block of `block_size` is made of whole chunks."""
+        return block_size % self.chunk_size == 0
 
-# The chunk size of the service's digests (`GET /video/{hash}/chunks`, vidcache 1.x).
-SERVICE_CHUNK_SIZE = MIB
+
+DIGEST_SIZE = 32
+# The service records digests of chunks of a power of two from 64 KiB to 16 MiB.
+MIN_SERVICE_CHUNK_SIZE = 64 * KIB
+
+
+def _digests_size(digests: _Digests | None) -> int:
+    """What an entry of the digest cache costs, roughly (a `None` too: it is remembered)."""
+    return 100 + (0 if digests is None else len(digests.packed))
 
 # The service's largest listing page: fewest requests for `ls by-hash`.
 _PAGE_SIZE = 1000
@@ -253,7 +276,7 @@ class Remote:
             maxsize=self.config.meta_entries, ttl=self.config.negative_ttl, timer=clock
         )
         self._digests: LRUCache[str, _Digests | None] = LRUCache(
-            maxsize=self.config.digest_entries
+            maxsize=self.config.digest_bytes, getsizeof=_digests_size
         )
         self._verified: LRUCache[tuple[str, int], bytes] = LRUCache(
             maxsize=self.config.verified_chunk_bytes, getsizeof=len
@@ -415,10 +438,11 @@ class Remote:
         """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`),
         each also handed to `on_block(i, piece)` as soon as it is verified, in order.
 
-        When the digests are known and their chunks are the blocks, the run is ONE request
-        whose body is received chunk by chunk into a buffer, and each chunk is verified and
-        reported as it completes, while the rest is still arriving; a retry asks only for
-        the blocks not yet reported. Otherwise it is `fetch`, cut into pieces."""
+        When the digests are known and each block is made of whole chunks (chunks of the
+        block size or finer), the run is ONE request whose body is received block by block
+        into a buffer, and each block is verified and reported as it completes, while the
+        rest is still arriving; a retry asks only for the blocks not yet reported. Otherwise
+        (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into pieces."""
         with self._lock:
             digests = self._digests.get(content_hash)
             failures = self._failures.get(content_hash, ())
@@ -426,7 +450,7 @@ class Remote:
         if (
             digests is None
             or failed
-            or digests.chunk_size != block_size
+            or not digests.divides(block_size)
             or start % block_size
             or (end % block_size and end != digests.file_size)
         ):
@@ -443,7 +467,8 @@ class Remote:
             self._with_retries(
                 f"{content_hash} bytes {start}-{end - 1}",
                 lambda cutoff: self._attempt_blocks(
-                    content_hash, start + sink.count * block_size, end, digests, sink, cutoff
+                    content_hash, start + sink.count * block_size, end, block_size, digests,
+                    sink, cutoff,
                 ),
             )
         except NotFound:
@@ -462,18 +487,17 @@ class Remote:
         content_hash: str,
         start: int,
         end: int,
+        block_size: int,
         digests: _Digests,
         sink: _BlockSink,
         cutoff: float,
     ) -> None:
-        """One request for `[start, end)` (whole chunks), each chunk verified and handed to
-        `sink` as soon as it has arrived, received into one reused buffer."""
+        """One request for `[start, end)` (whole blocks of whole chunks), each block verified
+        and handed to `sink` as soon as it has arrived, received into one reused buffer."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
         self.counters.add("range_requests")
-        first = start // digests.chunk_size
-        bounds = [digests.bounds(index)
-                  for index in range(first, -(-end // digests.chunk_size))]
+        bounds = [(low, min(low + block_size, end)) for low in range(start, end, block_size)]
         buffer = bytearray(bounds[0][1] - bounds[0][0])
         buffers = [buffer if high - low == len(buffer) else bytearray(high - low)
                    for low, high in bounds]
@@ -514,17 +538,18 @@ class Remote:
         return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
 
     def _first_fetch_overlaps_digests(self, content_hash: str, start: int, end: int) -> bool:
-        """Whether to fetch the range while the digests are still on their way: only for a
-        hash whose digests are not known yet, and a range of whole chunks of the service's
-        chunk size (1 MiB, the default block), which needs no widening once they are."""
+        """Whether to fetch the range while the digests are still on their way: for a known
+        hash whose digests are not, and a range that may be whole chunks, whatever their size
+        turns out to be: its ends lie on the smallest chunk size the service records (a range
+        that cuts a chunk for sure waits for the digests, to be fetched widened at once)."""
         with self._lock:
             if content_hash in self._digests:
                 return False
             meta = self._known.get(content_hash)
         return (
             meta is not None
-            and start % SERVICE_CHUNK_SIZE == 0
-            and (end % SERVICE_CHUNK_SIZE == 0 or end == meta.size)
+            and start % MIN_SERVICE_CHUNK_SIZE == 0
+            and (end % MIN_SERVICE_CHUNK_SIZE == 0 or end == meta.size)
         )
 
     def _fetch_with_digests(
@@ -532,8 +557,8 @@ class Remote:
     ) -> bytes:
         """The first fetch of a hash: its range and its chunk digests at once, one round trip
         instead of two. The bytes are returned only once verified like any other; if they
-        fail, or the digests use other chunks than expected, the verified path fetches the
-        range again."""
+        fail, or the range cuts a chunk (chunks coarser than the blocks), the verified path
+        fetches it again, widened to whole chunks."""
         digests_soon: concurrent.futures.Future[_Digests | None] = concurrent.futures.Future()
 
         def get_digests() -> None:
@@ -673,16 +698,16 @@ class Remote:
         """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
         view = memoryview(data)
         index = -(-start // digests.chunk_size)
-        while index < len(digests.digests):
+        while index < digests.count:
             chunk_start, chunk_end = digests.bounds(index)
             if chunk_end > end:
                 break
-            digest = blake3(view[chunk_start - start : chunk_end - start]).hexdigest()
-            if digest != digests.digests[index]:
+            digest = blake3(view[chunk_start - start : chunk_end - start]).digest()
+            if digest != digests.digest(index):
                 self.counters.add("verify_failures")
                 raise CorruptData(
-                    f"chunk {index} (bytes {chunk_start}-{chunk_end - 1}) has BLAKE3 {digest}, "
-                    f"the service recorded {digests.digests[index]}"
+                    f"chunk {index} (bytes {chunk_start}-{chunk_end - 1}) has BLAKE3 "
+                    f"{digest.hex()}, the service recorded {digests.digest(index).hex()}"
                 )
             self.counters.add("verified_chunks")
             index += 1
@@ -843,4 +868,4 @@ def _parse_digests(meta: VideoMeta, doc: Mapping[str, Any] | None) -> _Digests |
             meta.content_hash, len(digests), meta.size, chunk_size,
         )
         return None
-    return _Digests(chunk_size, digests, meta.size)
+    return _Digests(chunk_size, bytes.fromhex("".join(digests)), meta.size)

@@ -1,0 +1,222 @@
+"""vcfs over videos whose chunk digests have different chunk sizes, on a real service: one
+ingested while the server recorded 1 MiB chunks (a data directory of vidcache 1.0), one
+ingested after a restart with 256 KiB chunks. Both read whole through a mount, with 1 MiB and
+with 256 KiB blocks, every chunk verified; a byte flipped on the way inside a 256 KiB chunk is
+caught by that chunk's digest and the block fetched again.
+
+The fine-chunk path of `Remote.fetch_blocks` (blocks of several chunks, each block verified
+chunk by chunk as it arrives) is also checked against a fake service, for what a real one
+cannot do on demand: a wrong digest in the middle of a run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+from blake3 import blake3
+
+from bench.faults import FlipByte
+from bench.proxy import Request
+from tests.support import VidcacheServer
+from tests.vcfs_fault_support import FaultyLink, Source, bounded_read, ingest, read_uncached
+from tests.vcfs_support import VcfsMount, requires_fuse
+from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client import VidCacheClient
+
+T = TypeVar("T")
+KIB = 1 << 10
+MIB = 1 << 20
+READ = 64 * KIB
+
+
+@dataclass(frozen=True)
+class Stored:
+    server: VidcacheServer
+    old: Source  # big.mp4, digests of 1 MiB chunks
+    new: Source  # big_moov_end.mp4, digests of 256 KiB chunks
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory, media_url: str,
+           videos: dict[str, Path]) -> Iterator[Stored]:
+    data_dir = tmp_path_factory.mktemp("vcfs-chunks") / "data"
+    with VidcacheServer(data_dir, "--chunk-size", "1M") as before:
+        old = ingest(before.url, media_url, videos, ("big.mp4",), bucket="old")["big.mp4"]
+    with VidcacheServer(data_dir, "--chunk-size", "256K") as server:
+        new = ingest(server.url, media_url, videos, ("big_moov_end.mp4",),
+                     bucket="new")["big_moov_end.mp4"]
+        with VidCacheClient(server.url) as client:
+            for source, chunk_size in ((old, MIB), (new, 256 * KIB)):
+                digests = client.get_chunk_digests(source.content_hash)
+                assert digests is not None and digests["chunk_size"] == chunk_size
+        yield Stored(server, old, new)
+
+
+@pytest.fixture(scope="module")
+def link(stored: Stored) -> Iterator[FaultyLink]:
+    with FaultyLink(stored.server.port) as faulty:
+        yield faulty
+
+
+def mounting(test: T) -> T:
+    """The marks of a test that mounts vcfs (skipped where FUSE is missing)."""
+    for mark in requires_fuse:
+        test = mark(test)
+    return test
+
+
+def chunk_count(source: Source, chunk_size: int) -> int:
+    return -(-source.size // chunk_size)
+
+
+def remote_stats(mount: VcfsMount) -> dict[str, int]:
+    remote: dict[str, int] = mount.stats()["remote"]
+    return remote
+
+
+@mounting
+@pytest.mark.parametrize("block_size", ["1M", "256K"])
+def test_both_chunk_sizes_read_whole_and_verified(stored: Stored, link: FaultyLink,
+                                                  tmp_path: Path, block_size: str) -> None:
+    with VcfsMount(link.url, tmp_path / "mnt", "--block-size", block_size) as mount:
+        for source, chunk_size in ((stored.old, MIB), (stored.new, 256 * KIB)):
+            before = remote_stats(mount)
+            path = mount.video(source.file_name)
+            copy = tmp_path / source.file_name
+            shutil.copyfile(path, copy)  # one sequential read, as cat does
+            assert copy.read_bytes() == source.data, source.name
+            after = remote_stats(mount)
+            verified = after["verified_chunks"] - before["verified_chunks"]
+            if block_size == "1M":  # whole chunks in every block: each verified once
+                assert verified == chunk_count(source, chunk_size), source.name
+                assert after["verify_extra_bytes"] == before["verify_extra_bytes"]
+            else:  # the 1 MiB chunks are fetched widened; each is verified at least once
+                assert verified >= chunk_count(source, chunk_size), source.name
+        assert after["verify_failures"] == 0
+        assert mount.stats()["fuse"]["errors"] == 0
+        # a player's first look at each file: the container parses
+        for source in (stored.old, stored.new):
+            probe = subprocess.run(
+                ["ffprobe", "-v", "error", "-show_entries", "format=size", "-of", "csv=p=0",
+                 str(mount.video(source.file_name))],
+                capture_output=True, text=True, timeout=60, check=True)
+            assert probe.stdout.strip() == str(source.size)
+
+
+@mounting
+@pytest.mark.parametrize("block_size", [MIB, 256 * KIB])
+def test_a_flipped_byte_in_a_256_kib_chunk_is_caught(stored: Stored, link: FaultyLink,
+                                                     tmp_path: Path, block_size: int) -> None:
+    source = stored.new
+    with VcfsMount(link.url, tmp_path / "mnt", "--block-size", str(block_size),
+                   "--readahead-max", "0", "--timeout", "5") as mount:
+        path = mount.video(source.file_name)
+        assert read_uncached(path, 10, 0) == source.data[:10]  # digests known from here on
+        offset = 3 * MIB + 100 * KIB
+        block_start = offset // block_size * block_size
+        header = f"bytes={block_start}-{block_start + block_size - 1}"
+
+        def the_block(request: Request) -> bool:
+            return request.headers.get("range") == header
+
+        before = remote_stats(mount)
+        flipped = link.faults.injected().get("flip_byte", 0)
+        link.faults.enable(FlipByte(match=the_block), times=1)
+        result = bounded_read(path, READ, offset, limit=30)
+        assert result.error is None, result.error
+        assert result.data == source.data[offset : offset + READ]
+        assert link.faults.injected().get("flip_byte") == flipped + 1
+        after = remote_stats(mount)
+        assert after["verify_failures"] - before["verify_failures"] == 1
+        assert after["retries"] - before["retries"] >= 1
+    # the middle byte of the block's body was flipped: the 256 KiB chunk holding it failed
+    chunk = (block_start + block_size // 2) // (256 * KIB)
+    low, high = chunk * 256 * KIB, (chunk + 1) * 256 * KIB - 1
+    assert re.search(rf"chunk {chunk} \(bytes {low}-{high}\) has BLAKE3 [0-9a-f]{{64}}, the "
+                     r"service recorded [0-9a-f]{64}", mount.log())
+
+
+# ---------------------------------------------------------------------------------------------
+# fetch_blocks with blocks of several chunks, against a fake service
+
+
+CHUNK = 1000
+DATA = bytes(range(256)) * 20  # 5120 bytes: five chunks of 1000 and one of 120
+HASH = blake3(DATA).hexdigest()
+
+
+class FakeService:
+    def __init__(self) -> None:
+        self.digests = [blake3(DATA[i : i + CHUNK]).hexdigest()
+                        for i in range(0, len(DATA), CHUNK)]
+        self.ranges: list[str] = []
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == f"/meta/{HASH}":
+            return httpx.Response(200, json={"hash": HASH, "size_bytes": len(DATA),
+                                             "file_path": f"b/{HASH}.mp4"})
+        if path == f"/video/{HASH}/chunks":
+            return httpx.Response(200, json={"hash": HASH, "chunk_size": CHUNK,
+                                             "digests": self.digests})
+        assert path == f"/video/{HASH}"
+        header = request.headers["Range"]
+        self.ranges.append(header)
+        match = re.fullmatch(r"bytes=(\d+)-(\d+)", header)
+        assert match is not None
+        start, end = int(match[1]), min(int(match[2]), len(DATA) - 1)
+        return httpx.Response(206, content=DATA[start : end + 1],
+                              headers={"Content-Range": f"bytes {start}-{end}/{len(DATA)}"})
+
+
+@pytest.fixture
+def fake() -> FakeService:
+    return FakeService()
+
+
+@pytest.fixture
+def remote(fake: FakeService) -> Iterator[Remote]:
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(fake.handle))
+    made = Remote(client, config=RemoteConfig(timeout=1.0), sleep=lambda _: None)
+    yield made
+    made.close()
+
+
+def test_blocks_of_several_chunks_come_in_one_request_each_verified(
+    remote: Remote, fake: FakeService,
+) -> None:
+    remote.fetch(HASH, 0, 2 * CHUNK)  # digests known from here on
+    arrived: list[tuple[int, bytes]] = []
+    blocks = remote.fetch_blocks(HASH, 2 * CHUNK, len(DATA), 2 * CHUNK,
+                                 on_block=lambda i, block: arrived.append((i, block)))
+    assert blocks == [DATA[2 * CHUNK : 4 * CHUNK], DATA[4 * CHUNK :]]  # the last one short
+    assert arrived == list(enumerate(blocks))
+    assert fake.ranges[-1] == f"bytes={2 * CHUNK}-{len(DATA) - 1}"  # one request
+    assert remote.counters.get("verified_chunks") == 6
+    assert remote.counters.get("verify_extra_bytes") == 0
+
+
+@pytest.mark.parametrize(("bad_chunk", "handed_on"), [(3, []), (4, [0])])
+def test_a_block_with_a_bad_chunk_is_never_handed_on(remote: Remote, fake: FakeService,
+                                                     bad_chunk: int,
+                                                     handed_on: list[int]) -> None:
+    """Blocks [2000, 4000) and [4000, 5120): the good ones before the bad one are handed on
+    as they arrive; the retries ask only for the rest."""
+    fake.digests[bad_chunk] = "0" * 64
+    remote.fetch(HASH, 0, 2 * CHUNK)  # chunks 0 and 1 are fine; digests known from here on
+    arrived: list[int] = []
+    with pytest.raises(RemoteUnavailable, match=f"chunk {bad_chunk}"):
+        remote.fetch_blocks(HASH, 2 * CHUNK, len(DATA), 2 * CHUNK,
+                            on_block=lambda i, _block: arrived.append(i))
+    assert arrived == handed_on
+    retried_from = 2 * CHUNK * (1 + len(handed_on))
+    assert fake.ranges[-1] == f"bytes={retried_from}-{len(DATA) - 1}"
+    assert remote.counters.get("verify_failures") > 1  # every attempt checked, none passed
