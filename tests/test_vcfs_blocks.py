@@ -3,6 +3,7 @@ serves bytes from memory and records every call. No FUSE, no network."""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -24,6 +25,7 @@ from vcfs.blocks import (
     blocks_for,
     clamp_range,
     run_bounds,
+    unfilled_block,
 )
 
 H1 = "1" * 64
@@ -665,3 +667,15 @@ def test_prefetch_raises_fetch_errors_and_leaves_nothing_in_flight() -> None:
     broken = False
     assert cache.read(H1, 100, 0, 100) == data  # nothing was left stuck in flight
     assert fetcher.calls == [(H1, 0, 100)]
+
+
+def test_an_unfilled_block_is_filled_through_its_view_and_kept_alive_by_it() -> None:
+    block, view = unfilled_block(5)
+    assert type(block) is bytes and len(block) == 5 and not view.readonly and len(view) == 5
+    view[:] = b"hello"
+    assert block == b"hello"
+    del block
+    gc.collect()
+    assert bytes(view) == b"hello"  # the view still owns the memory
+    with pytest.raises(ValueError):
+        unfilled_block(0)

@@ -38,11 +38,12 @@ range and the digests at once (a round trip saved when a player opens a file) an
 bytes only once the digests have arrived and match; if the range cuts a chunk, or does not
 match, it falls back to the path above.
 
-Bytes. Ranges are received with the client's `read_range_into`: straight from the socket into
-a buffer, with no pieces to join. `fetch_blocks` receives a run of blocks block by block into
-one reused buffer, verifies each block's chunks as it completes and hands it on (`on_block`) as
-its own `bytes` while the rest of the run is still arriving, so a reader waiting for the run's
-first block does not wait for its last. A retried run asks only for the blocks not handed on.
+Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
+the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
+join, no receive buffer to copy out of. `fetch_blocks` receives a run block by block, verifies
+each block's chunks as it completes and hands it on (`on_block`) while the rest of the run is
+still arriving, so a reader waiting for the run's first block does not wait for its last. A
+retried run asks only for the blocks not handed on.
 
 Caches (content never changes for a hash, but videos come and go):
 - metadata of existing videos: an LRU of bounded size, kept until evicted;
@@ -67,6 +68,7 @@ from blake3 import blake3
 from cachetools import LRUCache, TTLCache
 
 from vcfs import paths
+from vcfs.blocks import unfilled_block
 from vcfs.stats import Counters
 from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
 
@@ -492,23 +494,21 @@ class Remote:
         sink: _BlockSink,
         cutoff: float,
     ) -> None:
-        """One request for `[start, end)` (whole blocks of whole chunks), each block verified
-        and handed to `sink` as soon as it has arrived, received into one reused buffer."""
+        """One request for `[start, end)` (whole blocks of whole chunks), each block received
+        straight into its own `bytes`, verified and handed to `sink` as soon as it is in."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
         self.counters.add("range_requests")
         bounds = [(low, min(low + block_size, end)) for low in range(start, end, block_size)]
-        buffer = bytearray(bounds[0][1] - bounds[0][0])
-        buffers = [buffer if high - low == len(buffer) else bytearray(high - low)
-                   for low, high in bounds]
+        blocks, views = zip(*(unfilled_block(high - low) for low, high in bounds), strict=True)
 
         def filled(position: int) -> None:
             low, high = bounds[position]
-            self._verify(digests, low, high, buffers[position])
-            sink.add(bytes(buffers[position]))
+            self._verify(digests, low, high, blocks[position])
+            sink.add(blocks[position])
 
         received = self._client.read_range_into(
-            content_hash, start, buffers, on_filled=filled,
+            content_hash, start, views, on_filled=filled,
             on_progress=self._cutoff_check(end - start, cutoff),
         )
         if received != end - start:
@@ -677,24 +677,25 @@ class Remote:
         digests: _Digests | None,
         deadline: float,
     ) -> bytes:
-        """One range with retries, received into one buffer, its whole chunks verified."""
+        """One range with retries, received straight into the `bytes` it returns, its whole
+        chunks verified."""
 
         def attempt(cutoff: float) -> bytes:
             self.counters.add("range_requests")
-            buffer = bytearray(end - start)
+            data, view = unfilled_block(end - start)
             received = self._client.read_range_into(
-                content_hash, start, [buffer],
+                content_hash, start, [view],
                 on_progress=self._cutoff_check(end - start, cutoff),
             )
             if received != end - start:
                 raise CorruptData(f"got {received} bytes instead of {end - start}")
             if digests is not None:
-                self._verify(digests, start, end, buffer)
-            return bytes(buffer)
+                self._verify(digests, start, end, data)
+            return data
 
         return self._with_retries(what, attempt, deadline=deadline)
 
-    def _verify(self, digests: _Digests, start: int, end: int, data: bytes | bytearray) -> None:
+    def _verify(self, digests: _Digests, start: int, end: int, data: bytes) -> None:
         """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
         view = memoryview(data)
         index = -(-start // digests.chunk_size)
