@@ -565,7 +565,7 @@ class _FailingRemote:
         self.error = error
         self.counters = Counters()
 
-    def meta(self, content_hash: str) -> None:
+    def meta(self, content_hash: str, *, first_block: int = 0) -> None:
         raise self.error
 
     def list_videos(self) -> None:

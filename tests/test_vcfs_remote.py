@@ -437,3 +437,80 @@ def test_a_trickling_answer_ends_by_the_cutoff(
         else:
             real_remote.fetch_blocks(big.hash, 4 * MIB, 8 * MIB, MIB)
     assert time.monotonic() - started < 3.0 + 1.0 + 2.0  # the cutoff, and slack for the machine
+
+
+# ---------------------------------------------------------------------------------------------
+# The first block fetched along with a cold lookup's metadata
+
+
+def test_cold_meta_fetches_the_first_block_and_digests_and_a_fetch_takes_them(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    assert remote.meta(HASH, first_block=2000) is not None
+    assert remote.fetch(HASH, 0, 2000) == DATA[:2000]
+    assert sorted(service.requests) == sorted([f"/meta/{HASH}", f"/video/{HASH}/chunks",
+                                               f"/video/{HASH}"])
+    assert service.ranges == ["bytes=0-1999"]
+    assert remote.counters.get("first_blocks_used") == 1
+    assert remote.counters.get("verified_chunks") == 2
+    assert remote.fetch(HASH, 0, 2000) == DATA[:2000]  # handed over once: now fetched
+    assert service.ranges == ["bytes=0-1999", "bytes=0-1999"]
+    assert remote.meta(HASH, first_block=2000) is not None  # cached: nothing sent
+    assert len(service.requests) == 4
+
+
+def test_first_block_of_a_file_shorter_than_the_block_is_the_whole_file(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    remote.meta(HASH, first_block=4096)
+    assert remote.fetch(HASH, 0, len(DATA)) == DATA
+    assert service.ranges == ["bytes=0-4095"]
+    assert remote.counters.get("first_blocks_used") == 1
+
+
+def test_first_block_starts_a_run_of_blocks(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    remote.meta(HASH, first_block=1000)
+    reported: list[tuple[int, bytes]] = []
+    pieces = remote.fetch_blocks(HASH, 0, len(DATA), 1000,
+                                 on_block=lambda i, piece: reported.append((i, piece)))
+    assert b"".join(pieces) == DATA
+    assert [i for i, _ in reported] == [0, 1, 2]
+    assert service.ranges == ["bytes=0-999", "bytes=1000-2559"]
+
+
+def test_first_block_failing_its_digest_is_never_returned(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    service.digests[0] = "0" * 64
+    remote = make_remote(timeout=1.0)
+    remote.meta(HASH, first_block=1000)
+    with pytest.raises(RemoteUnavailable):
+        remote.fetch(HASH, 0, 1000)
+    assert remote.counters.get("first_blocks_dropped") == 1
+    assert len(service.ranges) > 1  # fetched again the normal way, failing the same check
+
+
+def test_unknown_hash_drops_its_first_block(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    assert remote.meta(OTHER, first_block=1000) is None
+    assert remote.meta(OTHER, first_block=1000) is None  # remembered: nothing sent
+    assert sorted(service.requests) == sorted([f"/meta/{OTHER}", f"/video/{OTHER}/chunks",
+                                               f"/video/{OTHER}"])
+    assert remote.counters.get("first_blocks") == 1
+    with pytest.raises(NotFound):
+        remote.fetch(OTHER, 0, 1000)
+
+
+def test_first_block_with_meta_can_be_turned_off(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote(first_block_with_meta=False)
+    remote.meta(HASH, first_block=1000)
+    assert service.requests == [f"/meta/{HASH}"]

@@ -240,12 +240,18 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             raise FuseOSError(errno.ENOENT)
         return parsed
 
-    def _video(self, parsed: paths.VcfsPath) -> VideoMeta:
+    def _video(self, parsed: paths.VcfsPath, *, lookup: bool = False) -> VideoMeta:
         """The metadata of the video a path names; ENOENT unless it is exactly its name (an
-        existing hash with another extension does not exist)."""
+        existing hash with another extension does not exist). A `lookup` of a path whose
+        first block is not cached lets the remote fetch that block along with the metadata
+        if it has to ask for it: a player stats a path right before reading it."""
         if parsed.video is None:
             raise FuseOSError(errno.ENOENT)
-        meta = self.remote.meta(parsed.video.content_hash)
+        content_hash = parsed.video.content_hash
+        first_block = 0
+        if lookup and not self.cache.is_cached(content_hash, 0):
+            first_block = self.cache.block_size
+        meta = self.remote.meta(content_hash, first_block=first_block)
         if meta is None or str(parsed.video) != meta.name:
             raise FuseOSError(errno.ENOENT)
         return meta
@@ -258,7 +264,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         if parsed.kind is paths.PathKind.STATS:
             return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0}
         self.counters.add("lookups")
-        meta = self._video(parsed)
+        meta = self._video(parsed, lookup=True)
         mtime = meta.mtime_ns
         return {
             "st_mode": _FILE_MODE,

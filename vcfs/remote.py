@@ -38,6 +38,20 @@ range and the digests at once (a round trip saved when a player opens a file) an
 bytes only once the digests have arrived and match; if the range cuts a chunk, or does not
 match, it falls back to the path above.
 
+First block with the metadata. A player stats a path right before reading its first bytes, so
+a lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the
+filesystem passes for a single path's lookup) also sends, at the same moment as `/meta`, one
+attempt at its first block (`Range: bytes=0-(B-1)`) and one at its chunk digests: the first
+read then finds them arrived or arriving, one round trip after the lookup started instead of
+two. The block waits in a small holding place (`first_blocks_held` blocks, dropped after
+`first_block_ttl`) until `fetch` or `fetch_blocks` asks for exactly that block; only then is it
+verified against the digests (and taken out: one use) and returned, so the block cache's
+single in-flight fetch of block 0 is this request. A file shorter than the block is answered
+up to its end, which is that block. Any failure (an error, a wrong length, a digest mismatch,
+chunks coarser than the block) drops it quietly and the normal path fetches the block. Lookups
+answered from the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service
+does not have, the two extra requests are answered 404 and dropped with the lookup.
+
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
 join, no receive buffer to copy out of. `fetch_blocks` receives a run block by block, verifies
@@ -55,6 +69,7 @@ Caches (content never changes for a hash, but videos come and go):
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import random
 import threading
@@ -144,6 +159,13 @@ class RemoteConfig:
     # The kernel re-asks a failed read at once, page by page: within this time a range that
     # failed gets one attempt, not a second deadline of retries.
     failure_memory: float = 1.0
+    # A player stats a path right before reading it: a cold lookup also fetches the first
+    # block and the digests, so that read waits one round trip less.
+    first_block_with_meta: bool = True
+    # First blocks fetched that way and not read yet: a few streams being opened at once.
+    first_blocks_held: int = 8
+    # A `stat` alone never reads its block: let it go soon.
+    first_block_ttl: float = 10.0
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.request_timeout <= 0:
@@ -203,6 +225,15 @@ class _Failure:
 
 
 @dataclass(frozen=True, slots=True)
+class _FirstBlock:
+    """A video's first block and chunk digests, asked for along with its metadata."""
+
+    size: int  # the block size asked for: bytes 0 to size - 1, or fewer in a smaller file
+    data: concurrent.futures.Future[tuple[bytes, int]]  # the block and how much of it arrived
+    digests: concurrent.futures.Future[dict[str, Any] | None]  # `/chunks` document, None: 404
+
+
+@dataclass(frozen=True, slots=True)
 class _Digests:
     """The service's chunk digests of one video, at the chunk size it recorded for it."""
 
@@ -250,6 +281,9 @@ REMOTE_COUNTERS = (
     "verified_chunks",  # chunks whose BLAKE3 matched the service's digest
     "verify_failures",  # chunks that did not (each one retried)
     "verify_extra_bytes",  # bytes fetched beyond the asked ranges to verify whole chunks
+    "first_blocks",  # first blocks (and digests) fetched along with a cold lookup's metadata
+    "first_blocks_used",  # of those, blocks a read then took
+    "first_blocks_dropped",  # of those, blocks a read could not use (fetched again)
 )
 
 
@@ -282,6 +316,9 @@ class Remote:
         )
         self._verified: LRUCache[tuple[str, int], bytes] = LRUCache(
             maxsize=self.config.verified_chunk_bytes, getsizeof=len
+        )
+        self._first_blocks: TTLCache[str, _FirstBlock] = TTLCache(
+            maxsize=self.config.first_blocks_held, ttl=self.config.first_block_ttl, timer=clock
         )
         self._failures: dict[str, list[_Failure]] = {}
         self._listing: list[VideoMeta] = []
@@ -337,26 +374,41 @@ class Remote:
 
     # -- metadata --------------------------------------------------------------------------
 
-    def meta(self, content_hash: str, *, deadline: float | None = None) -> VideoMeta | None:
-        """The video's metadata, None if the service has no such hash (both cached)."""
+    def meta(
+        self, content_hash: str, *, deadline: float | None = None, first_block: int = 0
+    ) -> VideoMeta | None:
+        """The video's metadata, None if the service has no such hash (both cached).
+
+        With `first_block` (a block size) and the metadata not cached, the video's first block
+        and chunk digests are asked for at the same time (see the module docstring)."""
         with self._lock:
             known = self._known.get(content_hash)
             if known is not None:
                 return known
             if content_hash in self._missing:
                 return None
-        doc = self._with_retries(
-            f"metadata of {content_hash}",
-            lambda _: self._client.get_meta(content_hash),
-            deadline=deadline,
-        )
-        if doc is None:
+        speculation = self._start_first_block(content_hash, first_block) if first_block else None
+        try:
+            doc = self._with_retries(
+                f"metadata of {content_hash}",
+                lambda _: self._client.get_meta(content_hash),
+                deadline=deadline,
+            )
+            meta = None if doc is None else VideoMeta.from_json(doc, content_hash=content_hash)
+        except BaseException:
+            self._drop_first_block(content_hash, speculation)
+            raise
+        if meta is None:
+            self._drop_first_block(content_hash, speculation)
             with self._lock:
                 self._missing[content_hash] = True
             return None
-        meta = VideoMeta.from_json(doc, content_hash=content_hash)
         with self._lock:
             self._known[content_hash] = meta
+        if speculation is not None:  # keep the digests as soon as they are in
+            speculation.digests.add_done_callback(
+                functools.partial(self._keep_answered_digests, meta)
+            )
         return meta
 
     def list_videos(self) -> list[VideoMeta]:
@@ -414,7 +466,10 @@ class Remote:
             asked += f" (failed {failed_before:.1f} s ago: one attempt)"
             deadline = self._clock()
         try:
-            if self._first_fetch_overlaps_digests(content_hash, start, end):
+            held = self._take_first_block(content_hash, start, end, deadline)
+            if held is not None:
+                data = held
+            elif self._first_fetch_overlaps_digests(content_hash, start, end):
                 data = self._fetch_with_digests(asked, content_hash, start, end, deadline)
             else:
                 digests = self._chunk_digests(content_hash, deadline)
@@ -444,7 +499,19 @@ class Remote:
         block size or finer), the run is ONE request whose body is received block by block
         into a buffer, and each block is verified and reported as it completes, while the
         rest is still arriving; a retry asks only for the blocks not yet reported. Otherwise
-        (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into pieces."""
+        (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into pieces. A
+        first block fetched with the metadata is used as the run's first piece."""
+        if start == 0 and self._holds_first_block(content_hash, block_size):
+            first = self.fetch(content_hash, 0, min(block_size, end))
+            if on_block is not None:
+                on_block(0, first)
+            if end <= block_size:
+                return [first]
+            rest = self.fetch_blocks(
+                content_hash, block_size, end, block_size,
+                on_block=None if on_block is None else lambda i, piece: on_block(i + 1, piece),
+            )
+            return [first, *rest]
         with self._lock:
             digests = self._digests.get(content_hash)
             failures = self._failures.get(content_hash, ())
@@ -587,6 +654,117 @@ class Remote:
             else:
                 return data
         return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
+
+    def _start_first_block(self, content_hash: str, block_size: int) -> _FirstBlock | None:
+        """Send one attempt at the video's first block and one at its digests, now, unless
+        that is off, already under way, or the digests are known (so was a fetch before)."""
+        if not self.config.first_block_with_meta:
+            return None
+        cutoff = self._clock() + self.config.per_request_timeout
+
+        def receive() -> tuple[bytes, int]:
+            block, view = unfilled_block(block_size)
+            received = self._client.read_range_into(
+                content_hash, 0, [view], on_progress=self._cutoff_check(block_size, cutoff)
+            )
+            return block, received
+
+        with self._lock:
+            if content_hash in self._first_blocks or content_hash in self._digests:
+                return None
+            speculation = _FirstBlock(
+                block_size,
+                self._workers.submit(receive),
+                self._workers.submit(self._client.get_chunk_digests, content_hash),
+            )
+            self._first_blocks[content_hash] = speculation
+        self.counters.add("first_blocks")
+        self.counters.add("http_requests", 2)
+        self.counters.add("range_requests")
+        return speculation
+
+    def _drop_first_block(self, content_hash: str, speculation: _FirstBlock | None) -> None:
+        """The lookup failed or found nothing: forget its first block (stop it if queued)."""
+        if speculation is None:
+            return
+        with self._lock:
+            if self._first_blocks.get(content_hash) is speculation:
+                del self._first_blocks[content_hash]
+        speculation.data.cancel()
+        speculation.digests.cancel()
+
+    def _holds_first_block(self, content_hash: str, block_size: int) -> bool:
+        with self._lock:
+            held = self._first_blocks.get(content_hash)
+        return held is not None and held.size == block_size
+
+    def _take_first_block(
+        self, content_hash: str, start: int, end: int, deadline: float
+    ) -> bytes | None:
+        """The first block fetched with the metadata, if `[start, end)` is exactly that block:
+        waited for, verified like any fetch and handed over once. None (the caller fetches)
+        if there is none, or it failed, or it cannot be verified."""
+        if start != 0:
+            return None
+        with self._lock:
+            meta = self._known.get(content_hash)
+            held = self._first_blocks.get(content_hash)
+            if held is None or meta is None or end != min(held.size, meta.size):
+                return None
+            del self._first_blocks[content_hash]
+        try:
+            wait = max(self._cutoff(deadline) - self._clock(), 0)
+            block, received = held.data.result(timeout=wait)
+            if received != end:
+                raise CorruptData(f"got {received} bytes instead of {end}")
+        except Exception as exc:  # an error, cancelled, late: the normal path will do
+            self._first_block_dropped(content_hash, exc)
+            return None
+        digests = self._first_block_digests(meta, held, deadline)
+        if digests is not None:
+            try:
+                if end % digests.chunk_size and end != meta.size:
+                    raise CorruptData(f"it cuts chunk {end // digests.chunk_size}")
+                self._verify(digests, 0, end, block)
+            except CorruptData as exc:
+                self._first_block_dropped(content_hash, exc)
+                return None
+        self.counters.add("first_blocks_used")
+        if received == len(block):
+            return block
+        return bytes(memoryview(block)[:received])
+
+    def _first_block_dropped(self, content_hash: str, reason: Exception) -> None:
+        self.counters.add("first_blocks_dropped")
+        log.info("%s: the first block fetched with the metadata is unusable (%s: %s); "
+                 "fetching it again", content_hash, type(reason).__name__, reason)
+
+    def _first_block_digests(
+        self, meta: VideoMeta, held: _FirstBlock, deadline: float
+    ) -> _Digests | None:
+        """The digests asked for with the metadata, or, if that attempt failed, the normal
+        way (with retries: it fails as any fetch would)."""
+        try:
+            doc = held.digests.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
+        except Exception:  # failed, cancelled or late: asked again below
+            return self._chunk_digests(meta.content_hash, deadline)
+        return self._keep_digests(meta, doc)
+
+    def _keep_answered_digests(
+        self, meta: VideoMeta, answer: concurrent.futures.Future[dict[str, Any] | None]
+    ) -> None:
+        if not answer.cancelled() and answer.exception() is None:
+            self._keep_digests(meta, answer.result())
+
+    def _keep_digests(self, meta: VideoMeta, doc: Mapping[str, Any] | None) -> _Digests | None:
+        """Cache the digests of a `/chunks` answer (unless cached already); return them."""
+        with self._lock:
+            if meta.content_hash in self._digests:
+                return self._digests[meta.content_hash]
+        digests = _parse_digests(meta, doc)
+        with self._lock:
+            self._digests[meta.content_hash] = digests
+        return digests
 
     def _recent_failure(self, content_hash: str, start: int, end: int) -> float | None:
         """Seconds since part of the range failed for good, if less than `failure_memory`."""
