@@ -127,6 +127,7 @@ def test_default_policy_prefetches_nothing_behind_recorded_probes_and_seeks(
     for offset, size in reads:
         readahead.on_read(offset, size)
     assert executor.queue == [] and readahead.window == 0
+    assert cache.discards == []  # drop-behind leaves a player's blocks cached too
 
 
 def test_default_policy_streams_after_eight_mib() -> None:
@@ -324,10 +325,12 @@ class ManualExecutor(Executor):
 
 
 class RecordingCache:
-    """Records prefetch calls as (first_block, last_block); optionally fails or blocks."""
+    """Records prefetch and discard calls as (first_block, last_block); optionally fails or
+    blocks."""
 
     def __init__(self, error: Exception | None = None) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.discards: list[tuple[int, int]] = []
         self.error = error
         self.gate: threading.Event | None = None
         self._lock = threading.Lock()
@@ -342,6 +345,12 @@ class RecordingCache:
             raise AssertionError("gate never opened")
         if self.error is not None:
             raise self.error
+
+    def discard(self, content_hash: str, first_block: int, last_block: int) -> int:
+        assert content_hash == H
+        with self._lock:
+            self.discards.append((first_block, last_block))
+        return last_block - first_block + 1
 
     def blocks(self) -> list[int]:
         return [b for first, last in self.calls for b in range(first, last + 1)]
@@ -365,6 +374,7 @@ def test_probe_pattern_submits_nothing() -> None:
         readahead.on_read(offset, size)
     assert executor.queue == []
     assert readahead.stats()["tasks_submitted"] == 0
+    assert cache.discards == []
 
 
 def test_sequential_scan_prefetches_ahead_without_ever_repeating_a_block() -> None:

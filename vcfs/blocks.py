@@ -241,6 +241,7 @@ class BlockCache:
         self._fetch_errors = 0
         self._bytes_fetched = 0
         self._prefetched_blocks = 0
+        self._dropped_blocks = 0
 
     @property
     def block_size(self) -> int:
@@ -302,6 +303,19 @@ class BlockCache:
         if error is not None:
             raise error
 
+    def discard(self, content_hash: str, first_block: int, last_block: int) -> int:
+        """Drop the cached blocks `first_block..last_block` (inclusive) of the video, freeing
+        their memory for the next blocks (readahead's drop-behind: a stream has passed them
+        and the kernel's page cache holds their bytes). Blocks in flight are left to their
+        fetch. Returns how many blocks were dropped."""
+        dropped = 0
+        with self._lock:
+            for index in range(max(first_block, 0), last_block + 1):
+                if self._lru.pop((content_hash, index), None) is not None:
+                    dropped += 1
+            self._dropped_blocks += dropped
+        return dropped
+
     def is_cached(self, content_hash: str, block_index: int) -> bool:
         """Whether the block is in the cache now (does not touch its LRU position)."""
         with self._lock:
@@ -311,7 +325,7 @@ class BlockCache:
         """A snapshot of the counters. hits/misses count blocks asked for by `read` (a miss
         that waited on another thread's fetch also counts in inflight_waits); fetches counts
         fetcher calls, bytes_fetched the bytes they returned; prefetched_blocks the blocks
-        `prefetch` fetched."""
+        `prefetch` fetched, dropped_blocks those `discard` freed (not counted as evictions)."""
         with self._lock:
             return {
                 "hits": self._hits,
@@ -322,6 +336,7 @@ class BlockCache:
                 "bytes_fetched": self._bytes_fetched,
                 "prefetched_blocks": self._prefetched_blocks,
                 "evictions": self._lru.evictions,
+                "dropped_blocks": self._dropped_blocks,
                 "cached_blocks": len(self._lru),
                 "cached_bytes": int(self._lru.currsize),
             }
