@@ -150,3 +150,15 @@ def test_unknown_hash_is_enoent_with_no_bytes_and_nothing_held(
     assert stats["remote"]["bytes_fetched"] == 0
     assert stats["cache"]["cached_bytes"] == 0
     assert stats["fuse"]["errors"] == 0
+
+
+def test_no_first_block_option_makes_a_cold_stat_ask_only_for_metadata(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    source = sources["big.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--readahead-max", "0",
+                   "--no-first-block") as mounted:
+        assert os.stat(mounted.video(source.file_name)).st_size == source.size
+        assert video_requests(link, source) == [(f"/meta/{source.content_hash}", None)]
+        assert mounted.stats()["remote"]["first_blocks"] == 0
+        assert mounted.video(source.file_name).read_bytes() == source.data

@@ -519,7 +519,7 @@ def test_help_lists_every_option_with_defaults() -> None:
     assert result.returncode == 0
     for option in ("--cache-size", "--block-size", "--readahead-max", "--timeout",
                    "--foreground", "--daemon", "-o", "--log-level", "--log-file",
-                   "--no-raise-readahead", "256M", "16M", "default: 30"):
+                   "--no-raise-readahead", "--no-first-block", "256M", "16M", "default: 30"):
         assert option in result.stdout, option
 
 

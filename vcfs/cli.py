@@ -80,6 +80,7 @@ class MountOptions:
     log_level: str
     log_file: str | None  # absolute
     raise_readahead: bool
+    first_block_with_meta: bool = True
     token_file: str | None = None  # absolute
     token: str | None = field(default=None, repr=False)  # read from token_file
 
@@ -141,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
-        help="unit of caching and fetching, a multiple of 4K (default: 1M, the service's "
-        "digest chunk size, so every block is verified)",
+        help="unit of caching and fetching, a multiple of 4K (default: 1M; blocks that are "
+        "whole multiples of the service's digest chunks are verified as they arrive, smaller "
+        "ones are fetched as whole chunks)",
     )
     mount.add_argument(
         "--readahead-max", type=parse_size, default=16 * MIB, metavar="SIZE",
@@ -184,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-raise-readahead", dest="raise_readahead", action="store_false",
         help="leave the mount's kernel readahead (read_ahead_kb) alone; by default vcfs, "
         "when root, raises it to 1024 so the kernel sends 1 MiB reads instead of 128 KiB",
+    )
+    mount.add_argument(
+        "--no-first-block", dest="first_block_with_meta", action="store_false",
+        help="on a cold lookup of a video path (not from a recent listing) ask only for its "
+        "metadata; by default vcfs also fetches the first block and the chunk digests at the "
+        "same time, one round trip less before a player's first read, at the cost of one "
+        "block per stat-only lookup",
     )
     # Internal: the --daemon parent's pipe, told "ok" once the mount answers.
     mount.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
@@ -240,6 +249,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         raise_readahead=args.raise_readahead,
+        first_block_with_meta=args.first_block_with_meta,
         token_file=token_file,
         token=read_token_file(token_file) if token_file else None,
     )
@@ -367,9 +377,10 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
     check_fuse_available()
     prepare_mountpoint(options.mountpoint)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
-    remote = Remote.connect(
-        options.url, config=RemoteConfig(timeout=options.timeout), token=options.token
+    config = RemoteConfig(
+        timeout=options.timeout, first_block_with_meta=options.first_block_with_meta
     )
+    remote = Remote.connect(options.url, config=config, token=options.token)
     try:
         try:
             remote.check_health()
