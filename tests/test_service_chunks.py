@@ -5,6 +5,8 @@ duplicate ingest after the setting changed."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +17,7 @@ import pytest
 
 from tests.service_support import Api, digest
 from tests.support import VidcacheServer
+from vidcache.chunks import accepts_gzip
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,3 +109,31 @@ def test_serve_refuses_a_chunk_size_that_is_no_power_of_two(tmp_path: Path) -> N
     assert ("argument --chunk-size: chunk size must be a power of two from 64 KiB to 16 MiB, "
             "got 102400 bytes") in done.stderr
     assert not (tmp_path / "data").exists()  # refused before touching anything
+
+
+@pytest.mark.parametrize("accept", ["gzip", "br, gzip;q=0.5", "*"])
+def test_the_list_is_gzip_compressed_for_clients_that_accept_it(mixed: Mixed,
+                                                               accept: str) -> None:
+    plain = mixed.api.http.get(f"/video/{mixed.new_hash}/chunks",
+                               headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    raw = mixed.api.http.build_request("GET", f"/video/{mixed.new_hash}/chunks",
+                                       headers={"Accept-Encoding": accept})
+    compressed = mixed.api.http.send(raw, stream=True)
+    try:
+        body = b"".join(compressed.iter_raw())
+    finally:
+        compressed.close()
+    assert compressed.headers["content-encoding"] == "gzip"
+    assert "Accept-Encoding" in compressed.headers["vary"]
+    assert json.loads(gzip.decompress(body)) == plain.json()
+    assert len(body) < len(plain.content) * 0.6
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    ("gzip", True), ("GZIP", True), ("x-gzip", True), ("deflate, gzip;q=0.8", True),
+    ("*", True), ("", False), ("identity", False), ("gzip;q=0", False), ("gzip;q=0.0", False),
+    ("br", False), ("gzip;q=bogus", False),
+])
+def test_accepts_gzip(header: str, expected: bool) -> None:
+    assert accepts_gzip(header) is expected

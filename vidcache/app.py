@@ -12,6 +12,7 @@ request body cap (body_limit.py). Every error, ours or the framework's, leaves a
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from starlette.types import Message, Receive, Scope, Send
 from vidcache import __version__
 from vidcache.auth import BearerAuth, needs_token
 from vidcache.body_limit import BodyLimit
-from vidcache.chunks import hex_digests
+from vidcache.chunks import accepts_gzip, hex_digests
 from vidcache.config import ServiceConfig
 from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, VidcacheError
@@ -373,18 +374,26 @@ def create_app(config: ServiceConfig) -> FastAPI:
         log.info("deleted %s", content_hash)
         return Response(status_code=204)
 
-    @app.get("/video/{content_hash}/chunks", responses=_ERRORS)
-    def chunks(content_hash: ContentHash) -> ChunkDigests:
+    @app.get("/video/{content_hash}/chunks", responses=_ERRORS, response_model=ChunkDigests)
+    def chunks(content_hash: ContentHash, request: Request) -> Response:
         """BLAKE3 of each chunk_size chunk of the file (the last one short), in order.
 
         chunk_size is the one recorded when the video was ingested (the server's --chunk-size
-        then): read it from the answer, it differs between videos."""
+        then): read it from the answer, it differs between videos. Sent gzip-compressed to
+        clients that accept it (hex digests halve: a reader opening a video on a slow link
+        waits for this list)."""
         recorded = store.chunk_digests(_checked_hash(content_hash))
         if recorded is None:
             raise NotFound(f"no video with hash {content_hash}")
         chunk_size, digests = recorded
-        return ChunkDigests(hash=content_hash, chunk_size=chunk_size,
-                            digests=hex_digests(digests))
+        document = ChunkDigests(hash=content_hash, chunk_size=chunk_size,
+                                digests=hex_digests(digests))
+        body = document.model_dump_json().encode()
+        headers = {"Vary": "Accept-Encoding"}
+        if accepts_gzip(request.headers.get("accept-encoding", "")):
+            body = gzip.compress(body, compresslevel=6, mtime=0)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, media_type="application/json", headers=headers)
 
     @app.get("/videos", responses=_ERRORS)
     def videos(bucket: Annotated[str | None, Query(json_schema_extra=_BUCKET_DOC)] = None,

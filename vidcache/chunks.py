@@ -3,10 +3,11 @@ verify any byte range it fetches without reading the whole file.
 
 A reader verifies whole chunks only, so the chunk size is the smallest range it can fetch
 verified: smaller chunks make a cold open or a random read over a slow link cheaper, but the
-digest list (67 bytes of JSON per chunk, fetched once per file) grows. The service records
-digests at its `--chunk-size` for new ingests; every video keeps the chunk size it was
-ingested with, because the digest of a chunk cannot be derived from the digests of its parts
-(nor of a coarser chunk from finer ones): changing the setting never invalidates a record.
+digest list (67 bytes of JSON per chunk, about half that sent gzip-compressed; fetched once
+per file) grows. The service records digests at its `--chunk-size` for new ingests; every
+video keeps the chunk size it was ingested with, because the digest of a chunk cannot be
+derived from the digests of its parts (nor of a coarser chunk from finer ones): changing the
+setting never invalidates a record.
 """
 
 from __future__ import annotations
@@ -74,3 +75,21 @@ def digest_count(size: int, chunk_size: int) -> int:
 def hex_digests(digests: bytes) -> list[str]:
     """Concatenated digests as the list of 64-hex strings the API publishes."""
     return [digests[i:i + DIGEST_SIZE].hex() for i in range(0, len(digests), DIGEST_SIZE)]
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an Accept-Encoding header value allows gzip (RFC 9110 12.5.3: `gzip`, `x-gzip`
+    or `*`, unless its weight is q=0)."""
+    for item in accept_encoding.split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        weight = params.strip().lower()
+        if weight.startswith("q="):
+            try:
+                if float(weight[2:]) <= 0:
+                    continue
+            except ValueError:
+                continue
+        return True
+    return False
