@@ -1,4 +1,4 @@
-"""Drop-behind: the block cache frees the blocks a sequential stream has passed.
+"""Drop-behind: the blocks a sequential stream has passed go to the cache's bounded passed tier.
 
 Unit tests drive `Readahead` over a real `BlockCache` with a fake fetcher (the bytes and every
 fetched range are checked); a real mount checks that a long sequential read keeps the daemon's
@@ -56,12 +56,13 @@ class Source:
 
 
 class Handle:
-    """One open file: readahead over a real cache, prefetches run as soon as they are queued."""
+    """One open file: readahead over a real cache, prefetches run as soon as they are queued.
+    The passed tier holds nothing by default, so what the stream passes is freed at once."""
 
-    def __init__(self, size: int, *, capacity: int = 256 * MIB, drop_behind: bool = True
-                 ) -> None:
+    def __init__(self, size: int, *, capacity: int = 256 * MIB, drop_behind: bool = True,
+                 passed_capacity: int = 0) -> None:
         self.source = Source(size)
-        self.cache = BlockCache(self.source, capacity=capacity)
+        self.cache = BlockCache(self.source, capacity=capacity, passed_capacity=passed_capacity)
         self.executor = ManualExecutor()
         self.readahead = Readahead(self.cache, H, size, executor=self.executor, block_size=MIB,
                                    max_window=16 * MIB, policy=EAGER, drop_behind=drop_behind)
@@ -85,9 +86,9 @@ def cached(cache: BlockCache, blocks: range) -> list[int]:
 
 # -- BlockCache.discard -------------------------------------------------------------------------
 
-def test_discard_frees_cached_blocks_of_one_video_only() -> None:
+def test_discard_without_a_passed_tier_frees_cached_blocks_of_one_video_only() -> None:
     source = Source(8 * MIB)
-    cache = BlockCache(source)
+    cache = BlockCache(source, passed_capacity=0)
     assert cache.read(H, 8 * MIB, 0, 8 * MIB) == source.data
     assert cache.read(OTHER, 8 * MIB, 0, MIB) == source.data[:MIB]
     assert cache.discard(H, 2, 4) == 3
@@ -96,7 +97,7 @@ def test_discard_frees_cached_blocks_of_one_video_only() -> None:
     assert cached(cache, range(8)) == [0, 1, 5, 6, 7]
     assert cache.is_cached(OTHER, 0)
     stats = cache.stats()
-    assert stats["dropped_blocks"] == 3 and stats["evictions"] == 0
+    assert stats["passed_blocks"] == stats["dropped_blocks"] == 3 and stats["evictions"] == 0
     assert stats["cached_bytes"] == 6 * MIB  # 5 of H, 1 of OTHER
     source.ranges.clear()
     assert cache.read(H, 8 * MIB, 2 * MIB, 3 * MIB) == source.data[2 * MIB : 5 * MIB]
@@ -112,7 +113,7 @@ def test_discard_leaves_a_block_in_flight_to_its_fetch() -> None:
         assert release.wait(DEADLINE)
         return source(content_hash, start, end)
 
-    cache = BlockCache(slow)
+    cache = BlockCache(slow, passed_capacity=0)
     result: Future[bytes] = Future()
     reader = threading.Thread(target=lambda: result.set_result(cache.read(H, 2 * MIB, 0, MIB)))
     reader.start()
@@ -122,6 +123,40 @@ def test_discard_leaves_a_block_in_flight_to_its_fetch() -> None:
     reader.join(DEADLINE)
     assert result.result(DEADLINE) == source.data[:MIB]
     assert cache.is_cached(H, 0)
+
+
+def test_passed_blocks_stay_readable_within_the_tier_and_rejoin_the_lru() -> None:
+    source = Source(8 * MIB)
+    cache = BlockCache(source, capacity=8 * MIB, passed_capacity=3 * MIB)
+    assert cache.read(H, 8 * MIB, 0, 8 * MIB) == source.data
+    assert cache.discard(H, 0, 4) == 5
+    # The tier keeps the 3 most recently passed blocks; the 2 oldest are freed.
+    assert cached(cache, range(8)) == [2, 3, 4, 5, 6, 7]
+    stats = cache.stats()
+    assert (stats["passed_blocks"], stats["dropped_blocks"]) == (5, 2)
+    assert (stats["passed_bytes"], stats["cached_bytes"]) == (3 * MIB, 6 * MIB)
+    source.ranges.clear()
+    assert cache.read(H, 8 * MIB, 2 * MIB, 2 * MIB) == source.data[2 * MIB : 4 * MIB]
+    assert source.ranges == []  # served from the passed tier
+    assert cache.stats()["passed_bytes"] == MIB  # blocks 2 and 3 are back in the LRU
+    assert cache.discard(H, 2, 3) == 2  # so they can be passed again
+    assert cache.read(H, 8 * MIB, 0, MIB) == source.data[:MIB]
+    assert source.ranges == [(0, MIB)]  # a freed passed block is fetched again
+
+
+def test_passed_blocks_are_evicted_before_any_other_block() -> None:
+    source = Source(8 * MIB)
+    cache = BlockCache(source, capacity=6 * MIB, passed_capacity=6 * MIB)
+    assert cache.read(H, 8 * MIB, 0, 6 * MIB) == source.data[: 6 * MIB]
+    assert cache.read(OTHER, 8 * MIB, 0, MIB) == source.data[:MIB]  # evicts H's block 0
+    assert cache.discard(H, 1, 3) == 3
+    assert cache.read(OTHER, 8 * MIB, MIB, 2 * MIB) == source.data[MIB : 3 * MIB]
+    # Room for OTHER's two blocks came from the oldest passed ones, not from the LRU.
+    assert cached(cache, range(8)) == [3, 4, 5]
+    assert cache.is_cached(OTHER, 0)
+    stats = cache.stats()
+    assert (stats["evictions"], stats["dropped_blocks"]) == (1, 2)
+    assert stats["cached_bytes"] <= 6 * MIB
 
 
 # -- Readahead's drop-behind --------------------------------------------------------------------
@@ -215,16 +250,19 @@ def test_a_long_read_through_the_mount_keeps_the_cache_small(
 ) -> None:
     source, name = long_video
     size = source.stat().st_size
-    with VcfsMount(vidcache_server.url, tmp_path / "mnt") as mount:
+    # An 8 MiB budget: its passed tier holds 2 MiB, readahead at most 4 MiB ahead.
+    with VcfsMount(vidcache_server.url, tmp_path / "mnt", "--cache-size", "8M",
+                   "--readahead-max", "4M") as mount:
         path = mount.video(name)
         copy = tmp_path / "copy"
         subprocess.run(["dd", f"if={path}", f"of={copy}", "bs=1M", "status=none"], check=True,
                        timeout=60)
         subprocess.run(["cmp", str(source), str(copy)], check=True, timeout=60)
         stats = mount.stats()["cache"]
-        print(stats)
-        # The file is within the default 256 MiB budget, so without drop-behind all of it
-        # would stay; with it only the tail the reader had not passed by 3 MiB does.
-        assert stats["dropped_blocks"] == (size - BEHIND) // MIB
-        assert stats["cached_bytes"] == size - stats["dropped_blocks"] * MIB
+        # Every block the reader passed by 3 MiB went to the passed tier, whose oldest were
+        # freed: the file (~22 MB) went through an 8 MiB cache without one LRU eviction.
+        assert stats["passed_blocks"] == (size - BEHIND) // MIB
+        assert stats["dropped_blocks"] >= stats["passed_blocks"] - 2
+        assert stats["passed_bytes"] <= 2 * MIB
+        assert stats["cached_bytes"] <= 8 * MIB
         assert stats["evictions"] == 0

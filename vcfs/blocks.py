@@ -49,12 +49,22 @@ MB of holes behind). A block larger than the whole capacity (or any block when c
 returned but not cached. Blocks being fetched count against the budget from the moment a thread
 owns their fetch (least recent blocks are evicted to make room), so cached plus in-flight bytes
 stay within `capacity` however deep readahead's pipeline is.
+
+Passed blocks (readahead's drop-behind, `discard`): blocks a sequential stream has read past
+leave the LRU for a *passed* tier, oldest first, of at most `passed_capacity` bytes (a quarter
+of the budget by default). Passed blocks are evicted before any other block when room is
+needed, and the oldest are freed once the tier is full. So a long scan neither flushes other
+files' blocks out of the LRU nor holds more than the tier of its past, and its freed memory is
+reused for the blocks ahead (no fresh pages to fault in); yet a reader seeking back a little
+(or the kernel re-reading pages it reclaimed) still finds the recent past in memory. A passed
+block that is read again goes back to the LRU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Protocol
@@ -215,10 +225,13 @@ class BlockCache:
         capacity: int = DEFAULT_CAPACITY,
         verify: Verifier | None = None,
         block_fetcher: BlockFetcher | None = None,
+        passed_capacity: int | None = None,
     ) -> None:
         """`block_fetcher`, if given, fetches runs of several blocks instead of `fetcher`:
         the blocks then arrive as separate objects and are cached as they are, instead of
-        being cut (copied) out of one answer for the whole run."""
+        being cut (copied) out of one answer for the whole run. `passed_capacity`: bytes of
+        passed blocks kept (default a quarter of `capacity`: a seek back over the last tens of
+        seconds of an HD stream, while most of a long scan's memory is recycled)."""
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if capacity < 0:
@@ -230,6 +243,11 @@ class BlockCache:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._lru = _CountingLRU(capacity)
+        self._passed: OrderedDict[_Key, bytes] = OrderedDict()  # oldest passed first
+        self._passed_bytes = 0
+        self._passed_capacity = capacity // 4 if passed_capacity is None else passed_capacity
+        if self._passed_capacity < 0:
+            raise ValueError(f"passed_capacity must be >= 0, got {passed_capacity}")
         self._inflight: dict[_Key, Future[bytes]] = {}
         # Bytes of the in-flight blocks that will be cached: they count against the budget.
         self._reserved = 0
@@ -241,6 +259,7 @@ class BlockCache:
         self._fetch_errors = 0
         self._bytes_fetched = 0
         self._prefetched_blocks = 0
+        self._passed_blocks = 0
         self._dropped_blocks = 0
 
     @property
@@ -264,7 +283,7 @@ class BlockCache:
         first, last = start // block_size, (end - 1) // block_size
         if first == last:  # the hot path: one block, usually cached
             with self._lock:
-                block = self._lru.get((content_hash, first))
+                block = self._cached((content_hash, first))
                 if block is not None:
                     self._hits += 1
             if block is not None:
@@ -294,7 +313,7 @@ class BlockCache:
         with self._lock:
             for index in range(first, last + 1):
                 key = (content_hash, index)
-                if key in self._lru or key in self._inflight:
+                if key in self._lru or key in self._passed or key in self._inflight:
                     continue
                 owned[index] = self._inflight[key] = Future()
             self._prefetched_blocks += len(owned)
@@ -304,28 +323,37 @@ class BlockCache:
             raise error
 
     def discard(self, content_hash: str, first_block: int, last_block: int) -> int:
-        """Drop the cached blocks `first_block..last_block` (inclusive) of the video, freeing
-        their memory for the next blocks (readahead's drop-behind: a stream has passed them
-        and the kernel's page cache holds their bytes). Blocks in flight are left to their
-        fetch. Returns how many blocks were dropped."""
-        dropped = 0
+        """Move the cached blocks `first_block..last_block` (inclusive) of the video from the
+        LRU to the passed tier (readahead's drop-behind: a stream has read past them), freeing
+        the oldest passed blocks beyond `passed_capacity`. Blocks in flight are left to their
+        fetch. Returns how many blocks were moved."""
+        moved = 0
         with self._lock:
             for index in range(max(first_block, 0), last_block + 1):
-                if self._lru.pop((content_hash, index), None) is not None:
-                    dropped += 1
-            self._dropped_blocks += dropped
-        return dropped
+                key = (content_hash, index)
+                block = self._lru.pop(key, None)
+                if block is not None:
+                    self._passed[key] = block
+                    self._passed_bytes += len(block)
+                    moved += 1
+            self._passed_blocks += moved
+            while self._passed and self._passed_bytes > self._passed_capacity:
+                self._drop_oldest_passed()
+        return moved
 
     def is_cached(self, content_hash: str, block_index: int) -> bool:
         """Whether the block is in the cache now (does not touch its LRU position)."""
         with self._lock:
-            return (content_hash, block_index) in self._lru
+            key = (content_hash, block_index)
+            return key in self._lru or key in self._passed
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters. hits/misses count blocks asked for by `read` (a miss
         that waited on another thread's fetch also counts in inflight_waits); fetches counts
         fetcher calls, bytes_fetched the bytes they returned; prefetched_blocks the blocks
-        `prefetch` fetched, dropped_blocks those `discard` freed (not counted as evictions)."""
+        `prefetch` fetched; passed_blocks those `discard` moved to the passed tier,
+        dropped_blocks the passed blocks freed since (not counted as evictions); cached_* count
+        both tiers, passed_bytes the passed tier alone."""
         with self._lock:
             return {
                 "hits": self._hits,
@@ -336,9 +364,11 @@ class BlockCache:
                 "bytes_fetched": self._bytes_fetched,
                 "prefetched_blocks": self._prefetched_blocks,
                 "evictions": self._lru.evictions,
+                "passed_blocks": self._passed_blocks,
                 "dropped_blocks": self._dropped_blocks,
-                "cached_blocks": len(self._lru),
-                "cached_bytes": int(self._lru.currsize),
+                "cached_blocks": len(self._lru) + len(self._passed),
+                "cached_bytes": int(self._lru.currsize) + self._passed_bytes,
+                "passed_bytes": self._passed_bytes,
             }
 
     # -- internals ------------------------------------------------------------------------------
@@ -351,7 +381,7 @@ class BlockCache:
         with self._lock:
             for index in blocks:
                 key = (content_hash, index)
-                block = self._lru.get(key)
+                block = self._cached(key)
                 if block is not None:
                     self._hits += 1
                     found[index] = block
@@ -506,8 +536,26 @@ class BlockCache:
         start, end = block_bounds(index, file_size, self._block_size)
         return end - start if end - start <= self._capacity else 0
 
+    def _cached(self, key: _Key) -> bytes | None:
+        """The cached block, from either tier (a passed block read again rejoins the LRU).
+        Called with the lock held."""
+        block = self._lru.get(key)
+        if block is None and key in self._passed:
+            block = self._passed.pop(key)
+            self._passed_bytes -= len(block)
+            self._lru[key] = block
+        return block
+
+    def _drop_oldest_passed(self) -> None:
+        _, block = self._passed.popitem(last=False)
+        self._passed_bytes -= len(block)
+        self._dropped_blocks += 1
+
     def _evict_to_budget(self) -> None:
+        """Make cached plus in-flight bytes fit the budget: passed blocks go first."""
         lru = self._lru
+        while self._passed and lru.currsize + self._passed_bytes + self._reserved > self._capacity:
+            self._drop_oldest_passed()
         while lru and lru.currsize + self._reserved > self._capacity:
             lru.popitem()
 

@@ -47,14 +47,14 @@ a task that starts after close does nothing.
 Prefetched blocks live in the block cache, so readahead memory is bounded by the cache budget.
 
 Drop-behind: once the run's high-water mark is `back_tolerance + drop_margin` past a block
-(3 MiB by default), `Readahead` discards that block from the cache (`cache.discard`), each block
-of the run once. vcfs mounts with `kernel_cache`, so the kernel's page cache already holds every
-byte the reader got and the daemon's copy is a duplicate; dropping it recycles the memory for
-the blocks ahead (a fresh daemon would otherwise fault in new pages for its whole budget:
-~2.7 us per 4 KiB page on the benchmark VM, a third of the daemon's CPU on a cold scan), and a
-long scan no longer flushes other files' probe and seek blocks out of the LRU. Blocks not read
-yet (prefetched ahead) and everything read by handles without an established run stay cached.
-The cost: a re-read after the kernel evicted its pages fetches the passed blocks again.
+(3 MiB by default), `Readahead` hands that block to the cache's passed tier (`cache.discard`),
+each block of the run once. vcfs mounts with `kernel_cache`, so the kernel's page cache usually
+holds every byte the reader got; the passed tier (bounded, evicted first, see vcfs.blocks) keeps
+the recent past for a seek back and recycles the memory of the older past for the blocks ahead
+(a fresh daemon would otherwise fault in new pages for its whole budget: ~2.7 us per 4 KiB page
+on the benchmark VM, a third of the daemon's CPU on a cold scan), and a long scan no longer
+flushes other files' probe and seek blocks out of the LRU. Blocks not read yet (prefetched
+ahead) and everything read by handles without an established run stay in the LRU.
 A prefetch error is logged at debug level and dropped: the foreground read of that block will
 fetch it again and report the error to the reader.
 """
