@@ -4,10 +4,34 @@ request."""
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from blake3 import blake3
+
 from bench.faults import FaultInjector
 from bench.proxy import ProxyConfig, ProxyThread
+from vidcache_client import VidCacheClient
 
 KIB = 1024
+
+
+@dataclass(frozen=True)
+class StoredVideo:
+    hash: str
+    data: bytes
+
+
+def ingest_big(server_url: str, videos: dict[str, Path], media_url: str,
+               bucket_prefix: str) -> StoredVideo:
+    """big.mp4 ingested into its own bucket, its hash checked against its bytes."""
+    data = videos["big.mp4"].read_bytes()
+    with VidCacheClient(server_url, timeout=120) as client:
+        content_hash = client.ingest(f"{media_url}/big.mp4",
+                                     f"{bucket_prefix}-{uuid.uuid4().hex[:8]}")["hash"]
+    assert content_hash == blake3(data).hexdigest()
+    return StoredVideo(content_hash, data)
 
 
 class Link:

@@ -15,13 +15,11 @@ import socket
 import ssl
 import subprocess
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from blake3 import blake3
 
 from bench.faults import (
     Fault,
@@ -33,7 +31,7 @@ from bench.faults import (
     Truncate,
     WrongContentRange,
 )
-from tests.client_rangeconn_support import Link
+from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer
 from vidcache_client import (
     InvalidRequestError,
@@ -52,20 +50,9 @@ KIB = 1024
 MIB = 1024 * KIB
 
 
-class Video:
-    def __init__(self, content_hash: str, data: bytes) -> None:
-        self.hash = content_hash
-        self.data = data
-
-
 @pytest.fixture(scope="module")
-def video(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str) -> Video:
-    data = videos["big.mp4"].read_bytes()
-    with VidCacheClient(vidcache_server.url, timeout=120) as client:
-        content_hash = client.ingest(f"{media_url}/big.mp4",
-                                     f"rangeconn-{uuid.uuid4().hex[:8]}")["hash"]
-    assert content_hash == blake3(data).hexdigest()
-    return Video(content_hash, data)
+def video(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str) -> StoredVideo:
+    return ingest_big(vidcache_server.url, videos, media_url, "rangeconn")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +88,7 @@ def buffers_of(*sizes: int, fill: int = 0xEE) -> list[bytearray]:
     (3 * MIB + 17, (64 * KIB,)),
 ])
 def test_the_buffers_receive_exactly_the_range_in_order(
-    client: VidCacheClient, video: Video, offset: int, sizes: tuple[int, ...],
+    client: VidCacheClient, video: StoredVideo, offset: int, sizes: tuple[int, ...],
 ) -> None:
     buffers = buffers_of(*sizes)
     filled: list[int] = []
@@ -120,7 +107,7 @@ def test_the_buffers_receive_exactly_the_range_in_order(
 
 
 def test_buffers_reaching_past_the_end_get_the_bytes_up_to_it(
-    client: VidCacheClient, video: Video,
+    client: VidCacheClient, video: StoredVideo,
 ) -> None:
     size = len(video.data)
     buffers = buffers_of(1000, 1000, 1000)
@@ -133,7 +120,7 @@ def test_buffers_reaching_past_the_end_get_the_bytes_up_to_it(
 
 
 def test_one_buffer_passed_many_times_is_refilled_after_each_report(
-    client: VidCacheClient, video: Video,
+    client: VidCacheClient, video: StoredVideo,
 ) -> None:
     buffer = bytearray(256 * KIB)
     copies: list[bytes] = []
@@ -142,7 +129,7 @@ def test_one_buffer_passed_many_times_is_refilled_after_each_report(
     assert b"".join(copies) == video.data[5000 : 5000 + 6 * 256 * KIB]
 
 
-def test_memoryviews_of_one_big_buffer_work_too(client: VidCacheClient, video: Video) -> None:
+def test_memoryviews_of_one_big_buffer_work_too(client: VidCacheClient, video: StoredVideo) -> None:
     whole = bytearray(3 * MIB)
     views = [memoryview(whole)[i : i + MIB] for i in range(0, 3 * MIB, MIB)]
     assert client.read_range_into(video.hash, MIB, views) == 3 * MIB
@@ -150,7 +137,7 @@ def test_memoryviews_of_one_big_buffer_work_too(client: VidCacheClient, video: V
 
 
 def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: Link,
-                                         video: Video) -> None:
+                                         video: StoredVideo) -> None:
     buffer = bytearray(100 * KIB)
     for offset in range(0, 20 * 100 * KIB, 100 * KIB):
         linked_client.read_range_into(video.hash, offset, [buffer])
@@ -160,7 +147,7 @@ def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: Li
 
 
 def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
-                                                   video: Video) -> None:
+                                                   video: StoredVideo) -> None:
     errors: list[BaseException] = []
 
     def reader(seed: int) -> None:
@@ -185,7 +172,7 @@ def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_refusals_are_the_clients_status_errors(client: VidCacheClient, video: Video) -> None:
+def test_refusals_are_the_clients_status_errors(client: VidCacheClient, video: StoredVideo) -> None:
     unknown = "0" * 64
     with pytest.raises(NotFoundError, match=f"bytes 0-9 of video {unknown}: HTTP 404") as missing:
         client.read_range_into(unknown, 0, buffers_of(10))
@@ -211,7 +198,7 @@ FAULTS: list[tuple[Fault, type[VidCacheError], str]] = [
 @pytest.mark.parametrize(("fault", "error_class", "message"), FAULTS,
                          ids=[fault.kind for fault, _, _ in FAULTS])
 def test_a_damaged_answer_is_an_error_and_the_next_read_is_right(
-    linked_client: VidCacheClient, link: Link, video: Video, fault: Fault,
+    linked_client: VidCacheClient, link: Link, video: StoredVideo, fault: Fault,
     error_class: type[VidCacheError], message: str,
 ) -> None:
     link.faults.enable(fault, times=1)
@@ -229,7 +216,7 @@ def test_a_damaged_answer_is_an_error_and_the_next_read_is_right(
 
 
 def test_a_whole_video_instead_of_the_range_is_never_data(
-    linked_client: VidCacheClient, link: Link, video: Video,
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
     link.faults.enable(FullBody200(content=lambda _: video.data), times=1)
     buffer = bytearray(1000)
@@ -240,7 +227,7 @@ def test_a_whole_video_instead_of_the_range_is_never_data(
 
 
 def test_a_callback_error_ends_the_read_and_its_connection(
-    linked_client: VidCacheClient, link: Link, video: Video,
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
     class Refused(Exception):
         pass

@@ -13,7 +13,6 @@ import json
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 from blake3 import blake3
 
 from bench.faults import Bandwidth, FlipByte, Truncate
-from tests.client_rangeconn_support import Link
+from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer
 from vcfs.remote import (
     AccessDenied,
@@ -350,20 +349,9 @@ def test_an_answer_that_never_completes_is_given_up_at_the_cutoff(
 # faults: the client's socket path, not httpx.
 
 
-class StoredVideo:
-    def __init__(self, content_hash: str, data: bytes) -> None:
-        self.hash = content_hash
-        self.data = data
-
-
 @pytest.fixture(scope="module")
 def big(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str) -> StoredVideo:
-    data = videos["big.mp4"].read_bytes()
-    with VidCacheClient(vidcache_server.url, timeout=120) as client:
-        content_hash = client.ingest(f"{media_url}/big.mp4",
-                                     f"vcfs-remote-{uuid.uuid4().hex[:8]}")["hash"]
-    assert content_hash == blake3(data).hexdigest()
-    return StoredVideo(content_hash, data)
+    return ingest_big(vidcache_server.url, videos, media_url, "vcfs-remote")
 
 
 @pytest.fixture(scope="module")
