@@ -250,8 +250,9 @@ def test_a_long_read_through_the_mount_keeps_the_cache_small(
 ) -> None:
     source, name = long_video
     size = source.stat().st_size
-    # An 8 MiB budget: its passed tier holds 2 MiB, readahead at most 4 MiB ahead.
-    with VcfsMount(vidcache_server.url, tmp_path / "mnt", "--cache-size", "8M",
+    # A 24 MiB budget: its passed tier holds 6 MiB; room for the 8 MiB a stream reads before
+    # it counts as one (no LRU eviction before its blocks can be passed), readahead 4 MiB.
+    with VcfsMount(vidcache_server.url, tmp_path / "mnt", "--cache-size", "24M",
                    "--readahead-max", "4M") as mount:
         path = mount.video(name)
         copy = tmp_path / "copy"
@@ -260,9 +261,14 @@ def test_a_long_read_through_the_mount_keeps_the_cache_small(
         subprocess.run(["cmp", str(source), str(copy)], check=True, timeout=60)
         stats = mount.stats()["cache"]
         # Every block the reader passed by 3 MiB went to the passed tier, whose oldest were
-        # freed: the file (~22 MB) went through an 8 MiB cache without one LRU eviction.
-        assert stats["passed_blocks"] == (size - BEHIND) // MIB
-        assert stats["dropped_blocks"] >= stats["passed_blocks"] - 2
-        assert stats["passed_bytes"] <= 2 * MIB
-        assert stats["cached_bytes"] <= 8 * MIB
+        # freed: of the file (~22 MB) all but the freed blocks stays cached, nothing evicted.
+        # The stream counts as one after 8 MiB; whether the blocks before are passed too
+        # depends on the order in which the kernel's readahead delivers its reads, and a
+        # kernel read reaching past EOF can pass one block more.
+        passable = (size - BEHIND) // MIB
+        assert passable - 8 <= stats["passed_blocks"] <= passable + 1
+        assert stats["dropped_blocks"] >= stats["passed_blocks"] - 6
+        assert stats["passed_bytes"] <= 6 * MIB
         assert stats["evictions"] == 0
+        assert stats["dropped_blocks"] > 0
+        assert stats["cached_bytes"] == size - stats["dropped_blocks"] * MIB
