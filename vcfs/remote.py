@@ -69,12 +69,13 @@ Caches (content never changes for a hash, but videos come and go):
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -465,7 +466,7 @@ class Remote:
             self.counters.add("second_tries")
             asked += f" (failed {failed_before:.1f} s ago: one attempt)"
             deadline = self._clock()
-        try:
+        with self._outcome_noted(content_hash, start, end):
             held = self._take_first_block(content_hash, start, end, deadline)
             if held is not None:
                 data = held
@@ -474,12 +475,6 @@ class Remote:
             else:
                 digests = self._chunk_digests(content_hash, deadline)
                 data = self._fetch_verified(asked, content_hash, start, end, digests, deadline)
-        except NotFound:
-            self._forget(content_hash)
-            raise
-        except RemoteUnavailable:
-            self._remember_failure(content_hash, start, end)
-            raise
         self.counters.add("bytes_fetched", len(data))
         return data
 
@@ -533,19 +528,14 @@ class Remote:
             return pieces
         sink = _BlockSink(on_block)
         try:
-            self._with_retries(
-                f"{content_hash} bytes {start}-{end - 1}",
-                lambda cutoff: self._attempt_blocks(
-                    content_hash, start + sink.count * block_size, end, block_size, digests,
-                    sink, cutoff,
-                ),
-            )
-        except NotFound:
-            self._forget(content_hash)
-            raise
-        except RemoteUnavailable:
-            self._remember_failure(content_hash, start, end)
-            raise
+            with self._outcome_noted(content_hash, start, end):
+                self._with_retries(
+                    f"{content_hash} bytes {start}-{end - 1}",
+                    lambda cutoff: self._attempt_blocks(
+                        content_hash, start + sink.count * block_size, end, block_size,
+                        digests, sink, cutoff,
+                    ),
+                )
         finally:
             sink.close()
         self.counters.add("bytes_fetched", end - start)
@@ -765,6 +755,19 @@ class Remote:
         with self._lock:
             self._digests[meta.content_hash] = digests
         return digests
+
+    @contextlib.contextmanager
+    def _outcome_noted(self, content_hash: str, start: int, end: int) -> Iterator[None]:
+        """Around a fetch of `[start, end)`: a 404 forgets the video's metadata, a failure for
+        good is remembered (see `_recent_failure`); both are re-raised."""
+        try:
+            yield
+        except NotFound:
+            self._forget(content_hash)
+            raise
+        except RemoteUnavailable:
+            self._remember_failure(content_hash, start, end)
+            raise
 
     def _recent_failure(self, content_hash: str, start: int, end: int) -> float | None:
         """Seconds since part of the range failed for good, if less than `failure_memory`."""
