@@ -169,6 +169,32 @@ def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
     assert errors == []
 
 
+def test_max_connections_counts_these_connections_with_the_others(
+    vidcache_server: VidcacheServer, video: StoredVideo,
+) -> None:
+    """With both connections held by open streams, a ranged read waits, then times out."""
+    with VidCacheClient(vidcache_server.url, timeout=1, max_connections=2) as small, \
+            small.stream_video(video.hash, (0, MIB - 1)), \
+            small.stream_video(video.hash, (0, MIB - 1)), \
+            pytest.raises(RequestTimeout, match="all 2 connections stayed busy"):
+        small.read_range_into(video.hash, 0, [bytearray(10)])
+
+
+def test_one_connection_is_handed_between_the_kinds_of_request(link: Link,
+                                                               video: StoredVideo) -> None:
+    """With `max_connections=1`, each call of the other kind closes the idle connection of the
+    first and opens its own (no waiting for a connection that nobody uses)."""
+    link.reset()
+    buffer = bytearray(1000)
+    with VidCacheClient(link.url, timeout=2, max_connections=1) as single:
+        for _ in range(2):
+            assert single.read_range_into(video.hash, 0, [buffer]) == 1000
+            assert buffer == video.data[:1000]
+            meta = single.get_meta(video.hash)
+            assert meta is not None and meta["size_bytes"] == len(video.data)
+    assert link.connections() == 4
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """VidCacheClient: the vidcache 1.x REST API over a pool of keep-alive connections.
 
-One instance is meant to be shared by many threads: each call borrows one of at most
-`max_connections` httpx.Clients (see `_pool` for why not one shared httpx.Client), so many small
-ranged reads (what vcfs does) reuse warm connections instead of paying a TCP handshake each.
+One instance is meant to be shared by many threads: each call borrows a single-connection
+httpx.Client (see `_pool` for why not one shared httpx.Client), or for `read_range_into` a plain
+socket (`_rangeconn`), at most `max_connections` of both together, so many small ranged reads
+(what vcfs does) reuse warm connections instead of paying a TCP handshake each.
 Every call validates its arguments first (nothing malformed is sent), goes through `_translate`
 for errors, and every byte read goes through `_verify`, so bytes are only returned when the
 answer says they are exactly the asked range of the asked hash.
@@ -21,7 +22,7 @@ from typing import Any
 import httpx
 
 from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
-from vidcache_client._pool import ClientPool
+from vidcache_client._pool import Budget, Pool
 from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_environment
 from vidcache_client._translate import raise_for_status, transport_errors
 from vidcache_client._validate import (
@@ -82,14 +83,14 @@ class VidCacheClient:
             return httpx.Client(base_url=url, timeout=timeout, headers=headers, verify=ssl_context,
                                 transport=transport, limits=httpx.Limits(max_connections=1))
 
-        self._pool = ClientPool(one_connection_client, size=max_connections,
-                                wait_timeout=timeout)
+        self._budget = Budget(size=max_connections, wait_timeout=timeout)
+        self._pool = Pool(one_connection_client, close=httpx.Client.close, budget=self._budget)
         # Ranged reads into buffers go over plain sockets when nothing in between needs httpx
         # (see `_rangeconn`); `None`: through httpx.
         self._ranges: RangeReader | None = None
         if transport is None and not proxied_by_environment(url):
             self._ranges = RangeReader(url, headers=headers, timeout=timeout,
-                                       ssl_context=ssl_context, max_connections=max_connections)
+                                       ssl_context=ssl_context, budget=self._budget)
 
     def __repr__(self) -> str:
         return f"VidCacheClient({self.base_url!r})"
@@ -105,9 +106,7 @@ class VidCacheClient:
 
         Calls still running finish; their connection is closed when they do.
         """
-        self._pool.close()
-        if self._ranges is not None:
-            self._ranges.close()
+        self._budget.close()
 
     # --- ingest and metadata -------------------------------------------------------------
 

@@ -1,90 +1,153 @@
-"""A pool of single-connection httpx.Clients, each lent to one thread at a time.
+"""Pools of connections, each lent to one thread at a time, under one shared size budget.
 
-Why not one httpx.Client with `max_connections` connections shared by all threads: httpcore
-1.0.x's connection pool can close a connection another thread has just started a request on.
-Its clean-up pass decides a connection "expired" by reading the connection's state and polling
-its socket without the connection's lock; when another thread starts a request in between, the
-pass closes a busy socket (see encode/httpcore#1110 for a sibling race). The caller then gets
-`ReadError: [Errno 9] Bad file descriptor`; had the close landed while it was blocked reading,
-it could instead hang until its read timeout. This project's tests hit it within a few
-thousand ranged reads from 8 threads over 4 connections.
+The client keeps two kinds of connection: single-connection httpx.Clients for every call, and
+plain sockets for `read_range_into` (`_rangeconn`). Each kind has its own `Pool` (its own way to
+create, close and check one, its own idle stack: the most recently returned, warmest one goes
+out first), and both count against one `Budget` of `max_connections`, so a client never holds
+more sockets than that. A caller finding the budget spent takes the place of the coldest idle
+connection of either kind (closing it), or, when every one is lent, waits up to `wait_timeout`
+seconds, then gets httpx.PoolTimeout (translated like any other timeout).
 
+Why lend each thread a whole httpx.Client rather than share one with `max_connections`
+connections: httpcore 1.0.x's connection pool can close a connection another thread has just
+started a request on. Its clean-up pass decides a connection "expired" by reading the
+connection's state and polling its socket without the connection's lock; when another thread
+starts a request in between, the pass closes a busy socket (see encode/httpcore#1110 for a
+sibling race). The caller then gets `ReadError: [Errno 9] Bad file descriptor`; had the close
+landed while it was blocked reading, it could instead hang until its read timeout. This
+project's tests hit it within a few thousand ranged reads from 8 threads over 4 connections.
 Lending each thread a whole httpx.Client (with one connection) for the length of a call keeps
 every httpcore pool single-threaded, so that race cannot happen, while connections are still
-kept alive and reused: the most recently returned client, whose connection is warm, goes out
-first. At most `size` clients exist; a caller finding all of them lent waits up to
-`wait_timeout` seconds, then gets httpx.PoolTimeout (translated like any other timeout).
+kept alive and reused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 import httpx
 
+T = TypeVar("T")
 
-class ClientPool:
-    def __init__(self, factory: Callable[[], httpx.Client], *, size: int,
-                 wait_timeout: float) -> None:
-        self._factory = factory
-        self._size = size
-        self._wait_timeout = wait_timeout
-        self._idle: list[httpx.Client] = []  # a stack: the warmest client on top
-        self._created = 0
-        self._closed = False
-        self._changed = threading.Condition()
 
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[httpx.Client]:
-        """Lend a client to the calling thread for the length of the block."""
-        client = self._acquire()
-        try:
-            yield client
-        finally:
-            self._release(client)
+class Budget:
+    """At most `size` connections over all the pools sharing this budget, lent or idle."""
+
+    def __init__(self, *, size: int, wait_timeout: float) -> None:
+        self.size = size
+        self.wait_timeout = wait_timeout
+        self.changed = threading.Condition()  # guards everything below and the pools' stacks
+        self.count = 0  # connections open or being opened
+        self.closed = False
+        self.pools: list[Pool[Any]] = []
+        self.returns = itertools.count()  # orders returns to every pool: lower is colder
 
     def close(self) -> None:
-        """Close idle clients now and lent ones as they come back; refuse further loans."""
-        with self._changed:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._changed.notify_all()
-        for client in idle:
-            client.close()
+        """Close every pool's idle connections now and lent ones as they come back; refuse
+        further loans."""
+        with self.changed:
+            self.closed = True
+            pools = list(self.pools)
+        for pool in pools:
+            pool.close_idle()
 
-    def _acquire(self) -> httpx.Client:
-        deadline = time.monotonic() + self._wait_timeout
-        with self._changed:
+    def evict_coldest(self) -> None:
+        """With `changed` held: close the idle connection returned longest ago, of any pool."""
+        pools = [pool for pool in self.pools if pool.idle]
+        if pools:
+            min(pools, key=lambda pool: pool.idle[0][0]).evict_coldest()
+
+
+class Pool(Generic[T]):
+    """Connections of one kind: made by `create`, closed by `close`, reused only while
+    `usable` says so (checked as one leaves the idle stack), counted against `budget`."""
+
+    def __init__(self, create: Callable[[], T], *, close: Callable[[T], None],
+                 usable: Callable[[T], bool] | None = None, budget: Budget) -> None:
+        self._create = create
+        self._close = close
+        self._usable = usable
+        self._budget = budget
+        self.idle: list[tuple[int, T]] = []  # a stack of (return order, connection)
+        with budget.changed:
+            budget.pools.append(self)
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[T]:
+        """Lend a connection to the calling thread for the length of the block."""
+        connection = self.acquire()
+        try:
+            yield connection
+        finally:
+            self.release(connection)
+
+    def acquire(self, *, fresh: bool = False) -> T:
+        """A connection: the warmest idle one that is still usable, or (also when `fresh`) a
+        new one, for which the coldest idle connection of any pool is closed if the budget is
+        spent."""
+        budget = self._budget
+        deadline = time.monotonic() + budget.wait_timeout
+        with budget.changed:
             while True:
-                if self._closed:
+                if budget.closed:
                     raise RuntimeError("the VidCacheClient has been closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._created < self._size:
-                    self._created += 1
+                while self.idle and not fresh:
+                    _, connection = self.idle.pop()
+                    if self._usable is None or self._usable(connection):
+                        return connection
+                    self._close(connection)
+                    budget.count -= 1
+                if budget.count >= budget.size:
+                    budget.evict_coldest()
+                if budget.count < budget.size:
+                    budget.count += 1
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise httpx.PoolTimeout(
-                        f"all {self._size} connections stayed busy for {self._wait_timeout} s"
-                    )
-                self._changed.wait(remaining)
+                        f"all {budget.size} connections stayed busy for {budget.wait_timeout} s")
+                budget.changed.wait(remaining)
         try:
-            return self._factory()
+            return self._create()
         except BaseException:
-            with self._changed:
-                self._created -= 1
-                self._changed.notify()
+            self._forget()
             raise
 
-    def _release(self, client: httpx.Client) -> None:
-        with self._changed:
-            if not self._closed:
-                self._idle.append(client)
-                self._changed.notify()
+    def release(self, connection: T, *, reusable: bool = True) -> None:
+        """Take a lent connection back: onto the idle stack if `reusable`, else closed."""
+        budget = self._budget
+        with budget.changed:
+            if reusable and not budget.closed:
+                self.idle.append((next(budget.returns), connection))
+                budget.changed.notify()
                 return
-            self._created -= 1
-        client.close()
+        self._close(connection)
+        self._forget()
+
+    def close_idle(self) -> None:
+        """Close this pool's idle connections (e.g. when one turned out closed by the server,
+        the others likely are too: a restart, an idle timeout)."""
+        budget = self._budget
+        with budget.changed:
+            idle, self.idle = self.idle, []
+            budget.count -= len(idle)
+            budget.changed.notify_all()
+        for _, connection in idle:
+            self._close(connection)
+
+    def evict_coldest(self) -> None:
+        """With the budget's lock held: close this pool's coldest idle connection."""
+        _, connection = self.idle.pop(0)
+        self._close(connection)
+        self._budget.count -= 1
+
+    def _forget(self) -> None:
+        """A connection that was counted is gone (or was never made)."""
+        with self._budget.changed:
+            self._budget.count -= 1
+            self._budget.changed.notify()

@@ -22,13 +22,14 @@ failures become the httpx exceptions httpx itself raises for them (`ConnectError
 client's `_translate.transport_errors` turns them into its exceptions as for any other call.
 Every connect, send and `recv` waits at most the client's timeout.
 
-Connections: a LIFO pool of at most `max_connections` keep-alive connections, each lent to one
-thread at a time (as `_pool` does for httpx clients). A connection goes back to the pool only
-after an answer was read exactly to its end and the server did not ask to close; any other
-outcome (an error answer, a failure, a callback that raised, an unread body) closes it. A pooled
-connection the server has closed meanwhile is noticed before reuse (its idle socket polls
-readable) or, in a race, by the request failing before any byte of an answer: GET is
-idempotent, so that request is sent once more on a new connection.
+Connections: a `_pool.Pool` of keep-alive connections, each lent to one thread at a time, the
+warmest first, counted with the client's httpx connections against `max_connections`. A
+connection goes back to the pool only after an answer was read exactly to its end and the
+server did not ask to close; any other outcome (an error answer, a failure, a callback that
+raised, an unread body) closes it. A pooled connection the server has closed meanwhile is
+noticed before reuse (its idle socket polls readable) or, in a race, by the request failing
+before any byte of an answer: GET is idempotent, so that request is sent once more on a new
+connection.
 """
 
 from __future__ import annotations
@@ -39,13 +40,12 @@ import re
 import select
 import socket
 import ssl
-import threading
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 
 import httpx
 
+from vidcache_client._pool import Budget, Pool
 from vidcache_client._translate import raise_for_status
 from vidcache_client._validate import ByteRange
 from vidcache_client._verify import expected_video_length
@@ -178,99 +178,23 @@ class _Connection:
         """Whether nothing beyond the answer arrived (else the connection is out of step)."""
         return not self._extra
 
-    def dropped(self) -> bool:
-        """For an idle connection: readable means the server closed it (or sent something
-        unasked); either way it must not carry another request."""
+    def still_open(self) -> bool:
+        """For an idle connection: whether it may carry another request. Readable means the
+        server closed it (or sent something unasked); either way it may not."""
         poller = select.poll()
         poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))
+        return not poller.poll(0)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
 
 
-class _ConnectionPool:
-    """At most `size` connections, each lent to one thread at a time; the warmest first."""
-
-    def __init__(self, connect: Callable[[], _Connection], *, size: int,
-                 wait_timeout: float) -> None:
-        self._connect = connect
-        self._size = size
-        self._wait_timeout = wait_timeout
-        self._idle: list[_Connection] = []  # a stack: the warmest connection on top
-        self._count = 0
-        self._closed = False
-        self._changed = threading.Condition()
-
-    def acquire(self, *, fresh: bool = False) -> _Connection:
-        """A connection: the warmest idle one that is still open, or (also when `fresh`) a
-        new one, for which the coldest idle connection is closed if the pool is full."""
-        deadline = time.monotonic() + self._wait_timeout
-        with self._changed:
-            while True:
-                if self._closed:
-                    raise RuntimeError("the VidCacheClient has been closed")
-                while self._idle and not fresh:
-                    connection = self._idle.pop()
-                    if not connection.dropped():
-                        return connection
-                    connection.close()
-                    self._count -= 1
-                if self._count >= self._size and self._idle:
-                    self._idle.pop(0).close()
-                    self._count -= 1
-                if self._count < self._size:
-                    self._count += 1
-                    break
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise httpx.PoolTimeout(
-                        f"all {self._size} connections stayed busy for {self._wait_timeout} s")
-                self._changed.wait(remaining)
-        try:
-            return self._connect()
-        except BaseException:
-            self._forget(None)
-            raise
-
-    def release(self, connection: _Connection, *, reusable: bool) -> None:
-        with self._changed:
-            if reusable and not self._closed:
-                self._idle.append(connection)
-                self._changed.notify()
-                return
-        self._forget(connection)
-
-    def close_idle(self) -> None:
-        """Close the idle connections: when one turned out closed by the server, the others
-        likely are too (a restart, an idle timeout)."""
-        with self._changed:
-            idle, self._idle = self._idle, []
-            self._count -= len(idle)
-            self._changed.notify_all()
-        for connection in idle:
-            connection.close()
-
-    def close(self) -> None:
-        """Close the idle connections now and lent ones as they come back."""
-        with self._changed:
-            self._closed = True
-        self.close_idle()
-
-    def _forget(self, connection: _Connection | None) -> None:
-        if connection is not None:
-            connection.close()
-        with self._changed:
-            self._count -= 1
-            self._changed.notify()
-
-
 class RangeReader:
     """Sends `GET <base path>/video/<hash>` with a Range; reads the answer into buffers."""
 
     def __init__(self, base_url: httpx.URL, *, headers: dict[str, str], timeout: float,
-                 ssl_context: ssl.SSLContext, max_connections: int) -> None:
+                 ssl_context: ssl.SSLContext, budget: Budget) -> None:
         self._url = base_url
         self._tls = ssl_context if base_url.scheme == "https" else None
         self._timeout = timeout
@@ -279,10 +203,8 @@ class RangeReader:
         self._headers = {"Host": base_url.netloc.decode("ascii"), **headers,
                          "Accept-Encoding": "identity"}
         self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
-        self._pool = _ConnectionPool(self._connect, size=max_connections, wait_timeout=timeout)
-
-    def close(self) -> None:
-        self._pool.close()
+        self._pool = Pool(self._connect, close=_Connection.close,
+                          usable=_Connection.still_open, budget=budget)
 
     def read_into(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
                   what: str, on_filled: OnFilled | None, on_progress: OnProgress | None) -> int:
