@@ -19,7 +19,6 @@ in the process list; `--daemon` passes the file's path to its child, not the tok
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
 import json
 import logging
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from vcfs import __version__
 from vcfs.blocks import BlockCache
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client._malloc import set_malloc_options
 
 log = logging.getLogger("vcfs")
 
@@ -52,10 +52,6 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _FUSE_THREADS = 16
 # How long `--daemon` waits for the child's mount beyond the service deadline.
 _DAEMON_START_MARGIN = 30.0
-# glibc's mallopt() parameter numbers (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_M_ARENA_MAX = -8
 # Two malloc arenas for all of vcfs's threads (see tune_malloc).
 _MALLOC_ARENAS = 2
 # Free heap glibc keeps for reuse instead of returning it: a readahead pipeline's worth of blocks.
@@ -414,17 +410,9 @@ def tune_malloc(*, arenas: int, block_size: int) -> None:
       thresholds also turns the adaptation off. Same trick as the service's
       `vidcache.serving.keep_buffers_in_heap`.
     """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mmap_threshold = min(max(2 * block_size, 4 * MIB), _MAX_MMAP_THRESHOLD)
-    for name, parameter, value in (("M_ARENA_MAX", _M_ARENA_MAX, arenas),
-                                   ("M_MMAP_THRESHOLD", _M_MMAP_THRESHOLD, mmap_threshold),
-                                   ("M_TRIM_THRESHOLD", _M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
-        if not mallopt(parameter, value):
-            log.debug("mallopt(%s, %d) refused", name, value)
+    set_malloc_options({"M_ARENA_MAX": arenas, "M_MMAP_THRESHOLD": mmap_threshold,
+                        "M_TRIM_THRESHOLD": _TRIM_THRESHOLD})
 
 
 def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:

@@ -27,9 +27,7 @@ the headers stay those of the route; this path only answers what it would have a
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import logging
 import os
 import threading
 from collections import OrderedDict
@@ -40,8 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.store import Store, is_content_hash
-
-log = logging.getLogger(__name__)
+from vidcache_client._malloc import set_malloc_options
 
 # One response body message per MiB, like VideoFileResponse: bounded memory per connection,
 # few enough messages that their cost is small next to the copy.
@@ -54,9 +51,7 @@ CACHE_CONTROL = "public, max-age=31536000, immutable"
 _PREFIX = "/video/"
 _PATH_LENGTH = len(_PREFIX) + 64
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; elsewhere every read is threaded
-# glibc's mallopt() parameter numbers (malloc.h) and the values keep_buffers_in_heap sets.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# The malloc options keep_buffers_in_heap sets.
 _MMAP_THRESHOLD = 16 * 1024 * 1024  # above any chunk buffer
 _TRIM_THRESHOLD = 64 * 1024 * 1024  # free heap kept for reuse: a few dozen chunks in flight
 
@@ -67,15 +62,7 @@ def keep_buffers_in_heap() -> None:
     several of a multi-chunk response waiting in the socket's queue), and first-touch page
     faults on a fresh mapping cost ~0.5 ms per MiB on a VM: more than reading and sending the
     MiB. A no-op where the C library has no mallopt (not glibc)."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    for parameter, value in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
-                             (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
-        if not mallopt(parameter, value):
-            log.debug("mallopt(%d, %d) refused", parameter, value)
+    set_malloc_options({"M_MMAP_THRESHOLD": _MMAP_THRESHOLD, "M_TRIM_THRESHOLD": _TRIM_THRESHOLD})
 
 
 @dataclass(frozen=True, slots=True)
