@@ -19,6 +19,7 @@ from vcfs.blocks import (
     BlockFetchError,
     BlockVerifyError,
     OnBlock,
+    OnPartial,
     adjacent_runs,
     block_bounds,
     block_count,
@@ -336,7 +337,7 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
     pieces: list[list[bytes]] = []
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
         blocks = [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
         pieces.append(blocks)
         for position, block in enumerate(blocks):
@@ -344,10 +345,11 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
         return blocks
 
     cache = BlockCache(fetcher, block_size=BS, capacity=1000, block_fetcher=block_fetcher)
-    assert cache.read(H1, len(data), 0, 1) == data[:1]  # one block: the plain fetcher
-    assert cache.read(H1, len(data), BS, len(data)) == data[BS:]  # a run: the block fetcher
-    assert fetcher.calls == [(H1, 0, BS)]
-    assert [len(b) for b in pieces[0]] == [BS, BS, BS, BS, 3]
+    assert cache.read(H1, len(data), 0, 1) == data[:1]
+    assert cache.read(H1, len(data), BS, len(data)) == data[BS:]
+    assert fetcher.calls == []  # with a block fetcher, every run goes through it
+    assert [len(b) for b in pieces[0]] == [BS]
+    assert [len(b) for b in pieces[1]] == [BS, BS, BS, BS, 3]
     assert cache.stats()["bytes_fetched"] == len(data)
     assert all(cache.is_cached(H1, i) for i in range(6))
 
@@ -358,7 +360,7 @@ def test_a_reported_block_reaches_its_readers_before_the_run_is_over() -> None:
     release_rest = threading.Event()
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
         blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
         on_block(0, blocks[0])
         first_reported.set()
@@ -385,7 +387,7 @@ def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
     data = data_of(4 * BS)
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
         on_block(0, data[start : start + block_size])
         on_block(0, data[start : start + block_size])  # a repeated report changes nothing
         raise OSError("connection reset")
@@ -404,7 +406,7 @@ def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
     data = data_of(3 * BS)
 
     def silent(content_hash: str, start: int, end: int, block_size: int, *,
-               on_block: OnBlock) -> list[bytes]:
+               on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
         return [data[low : low + block_size] for low in range(start, end, block_size)]
 
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
@@ -413,11 +415,119 @@ def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
     assert all(cache.is_cached(H1, i) for i in range(3))
 
 
+class TricklingBlockFetcher:
+    """A block fetcher that fills one `bytes` per block the way vcfs.remote does, reporting
+    its first `step` bytes, then each further `step`, as verified; it waits for `proceed`
+    before each report after the first, and fails at `fail_at` bytes if set."""
+
+    def __init__(self, data: bytes, step: int, *, fail_at: int | None = None) -> None:
+        self.data = data
+        self.step = step
+        self.fail_at = fail_at
+        self.proceed = threading.Semaphore(0)
+        self.reported: list[int] = []
+        self.calls = 0
+
+    def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
+                 on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+        self.calls += 1
+        blocks = []
+        for position, low in enumerate(range(start, end, block_size)):
+            high = min(low + block_size, end)
+            block, view = unfilled_block(high - low)
+            for ready in range(self.step, high - low + self.step, self.step):
+                ready = min(ready, high - low)
+                if self.reported and not self.proceed.acquire(timeout=DEADLINE):
+                    raise AssertionError("never told to proceed")
+                if self.fail_at is not None and low - start + ready > self.fail_at:
+                    raise OSError("connection reset mid-block")
+                view[ready - min(self.step, ready) : ready] = self.data[
+                    low + ready - min(self.step, ready) : low + ready]
+                self.reported.append(low - start + ready)
+                if ready < high - low and on_partial is not None:
+                    on_partial(position, block, ready)
+            on_block(position, block)
+            blocks.append(block)
+        return blocks
+
+
+def test_a_read_of_a_blocks_start_returns_before_the_rest_of_the_block_arrives() -> None:
+    data = data_of(2 * BS)
+    fetcher = TricklingBlockFetcher(data, step=4)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=fetcher)
+    assert cache.read(H1, len(data), 1, 3) == data[1:4]  # only the first 4 bytes are in
+    assert fetcher.reported == [4] and not cache.is_cached(H1, 0)
+    got: list[bytes] = []
+    with threads(lambda: got.append(cache.read(H1, len(data), 6, 4))):  # needs 10 bytes
+        wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE)
+        fetcher.proceed.release()  # 8 bytes in: still waiting
+        fetcher.proceed.release()  # 12 bytes in: served
+        wait_until(lambda: got, timeout=DEADLINE)
+        assert not cache.is_cached(H1, 0)
+        fetcher.proceed.release()  # the rest of the block
+    assert got == [data[6:10]]
+    wait_until(lambda: cache.is_cached(H1, 0), timeout=DEADLINE)  # its fetch ends on its own
+    assert cache.read(H1, len(data), 0, BS) == data[:BS]
+    assert fetcher.calls == 1 and cache.stats()["fetches"] == 1
+
+
+def test_a_block_failing_after_part_of_it_was_read_is_not_cached_and_fails_the_rest() -> None:
+    data = data_of(BS)
+    fetcher = TricklingBlockFetcher(data, step=4, fail_at=8)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=fetcher)
+    assert cache.read(H1, len(data), 0, 4) == data[:4]
+    errors: list[BaseException] = []
+
+    def read_beyond() -> None:
+        try:
+            cache.read(H1, len(data), 4, 8)
+        except OSError as exc:
+            errors.append(exc)
+
+    with threads(read_beyond):
+        wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE)
+        fetcher.proceed.release()  # 8 bytes: not enough for [4, 12)
+        fetcher.proceed.release()  # the fetch fails
+    assert [str(e) for e in errors] == ["connection reset mid-block"]
+    assert not cache.is_cached(H1, 0)
+    assert cache.stats()["cached_bytes"] == 0 and cache.stats()["fetch_errors"] == 1
+    fetcher.fail_at = None
+    for _ in range(4):  # each of the second fetch's 4 reports
+        fetcher.proceed.release()
+    assert cache.read(H1, len(data), 0, BS) == data  # fetched again, from scratch
+
+
+def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
+    data = data_of(BS)
+    release = threading.Event()
+
+    def odd_reports(content_hash: str, start: int, end: int, block_size: int, *,
+                    on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+        assert on_partial is not None
+        on_partial(0, bytearray(data), BS - 1)  # not a bytes object
+        on_partial(0, data, 0)  # nothing verified
+        on_partial(5, data, 4)  # not a block of the run
+        if not release.wait(DEADLINE):
+            raise AssertionError("never released")
+        return [data]
+
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=odd_reports)
+    got: list[bytes] = []
+    with threads(lambda: got.append(cache.read(H1, len(data), 0, 2))):
+        wait_until(lambda: cache.stats()["misses"] == 1, timeout=DEADLINE)
+        assert not got  # none of the reports served the read
+        release.set()
+    assert got == [data[:2]]
+
+
 def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
     data = data_of(4 * BS)
 
     def joined_pieces(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
         return [data[start:end]]  # one piece for the whole run
 
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,

@@ -14,31 +14,41 @@ while fetching, verifying or copying data.
 Reading, for the blocks a read touches:
 
 1. Under the lock, each block is either cached (a hit), already being fetched by another
-   thread (we will wait on its `Future`), or missing: then we register a new `Future` for it
-   in the in-flight table and *own* its fetch. So each block has at most one fetch in flight
-   and concurrent readers of a cold block cause exactly one request.
+   thread (we will wait for it), or missing: then we register a new in-flight entry for it
+   and *own* its fetch. So each block has at most one fetch in flight and concurrent readers
+   of a cold block cause exactly one request.
 2. The owned blocks are grouped into runs of adjacent indices and each run is fetched with ONE
    fetcher (or block fetcher) call (a cold 1 MiB read straddling two blocks is one range
-   request, not two).
+   request, not two). With a block fetcher, a reader's own fetch runs on a background
+   thread and the reader waits for its blocks like any other reader (see below).
 3. The owner checks the answer is exactly the run's length (`BlockFetchError` otherwise), cuts
    it into blocks, passes each to the optional `verify` hook, and then, in a single critical
    section, inserts the good blocks into the LRU and removes the in-flight entries, so no
    reader can see a block as neither cached nor in flight. Only then are the futures resolved.
    A run fetched through the `block_fetcher` goes through the same steps block by block, as
    the fetcher reports each block (`on_block`): a reader waiting for the first block of a
-   16 MiB readahead run gets it when it has arrived, not when the whole run has.
+   16 MiB readahead run gets it when it has arrived, not when the whole run has. Finer
+   still, the fetcher may report a block's verified start while the block is arriving
+   (`on_partial`, chunk by chunk: vcfs.remote verifies each digest chunk as soon as it is
+   in): a reader needing only the first bytes of a block in flight is answered from them,
+   so a player's first read of a cold 1 MiB block returns after its first 256 KiB chunk
+   (10 ms at 200 Mbit/s), not after the whole block (42 ms). Those bytes are final: the
+   fetcher writes past them only.
 4. On any failure the futures get the exception (every waiter sees the error) and the
    in-flight entries are gone, so a later read retries from scratch. Nothing unverified, and
    nothing of the wrong length, is ever cached or returned. After the first failed run the
    remaining owned runs of the same call fail fast with the same error rather than stacking
    up one remote deadline per run.
 
-Waiting is `Future.result()`, never polling. Liveness relies on the fetcher ending every call
-with data or an exception within its own deadline (vcfs.remote retries under a total deadline).
+Waiting is `Future.result()`, never polling: a reader of a block in flight registers a
+future for the number of its bytes it needs, resolved by the partial report that covers
+them, or with the block (or its error) when the fetch is over. Liveness relies on the
+fetcher ending every call with data or an exception within its own deadline (vcfs.remote
+retries under a total deadline).
 
 Copies and memory: a read inside one cached block is a single slice of it (no copy at all when it
 is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the only
-copy. A run of several blocks is fetched through the optional `block_fetcher`, which hands over
+copy. Every run is fetched through the optional `block_fetcher`, which hands over
 each block as its own `bytes` (vcfs.remote receives each one in place, see `unfilled_block`, and
 verifies it); without one, the single answer is copied into one `bytes` per block: cached blocks
 must not be views of the run's buffer, because one live view pins the whole buffer and the byte
@@ -66,7 +76,7 @@ import ctypes
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -77,15 +87,22 @@ Fetcher = Callable[[str, int, int], bytes]
 OnBlock = Callable[[int, bytes], None]
 """`(position, piece)`: piece number `position` of a block fetcher's run has arrived."""
 
+OnPartial = Callable[[int, bytes, int], None]
+"""`(position, piece, ready)`: the first `ready` bytes of piece `position`, a `bytes` object
+still being filled, have arrived and are verified: they will not change."""
+
 
 class BlockFetcher(Protocol):
-    """`(hash, start, end_exclusive, block_size, *, on_block) -> pieces`: the same bytes as a
-    `Fetcher`, as consecutive pieces of `block_size` bytes (the last one may be short). It calls
-    `on_block(position, piece)` for each piece as soon as that piece is ready, in order and
-    before returning, so the cache can hand a block to its readers before the run is over."""
+    """`(hash, start, end_exclusive, block_size, *, on_block, on_partial) -> pieces`: the same
+    bytes as a `Fetcher`, as consecutive pieces of `block_size` bytes (the last one may be
+    short). It calls `on_block(position, piece)` for each piece as soon as that piece is ready,
+    in order and before returning, so the cache can hand a block to its readers before the run
+    is over; and it may call `on_partial` while a piece arrives, so that a reader of the
+    piece's first bytes need not wait for its last."""
 
     def __call__(
-        self, content_hash: str, start: int, end: int, block_size: int, /, *, on_block: OnBlock
+        self, content_hash: str, start: int, end: int, block_size: int, /, *,
+        on_block: OnBlock, on_partial: OnPartial | None = None,
     ) -> Sequence[bytes]: ...
 
 Verifier = Callable[[str, int, bytes], None]
@@ -199,6 +216,23 @@ def adjacent_runs(indices: Iterable[int]) -> list[range]:
 # The cache
 
 _Key = tuple[str, int]
+_Outcome = bytes | BaseException
+# Readers' own fetches run in the background (see `_get_pieces`); each one waits on the network.
+_BACKGROUND_FETCHES = 16
+
+
+class _Pending:
+    """A block being fetched: the future its fetch resolves and, while it arrives, its first
+    bytes that are in and verified, which readers of the block's start may take already."""
+
+    __slots__ = ("outcome", "piece", "ready", "waiters")
+
+    def __init__(self) -> None:
+        self.outcome: _Outcome | None = None  # set, under the lock, when the fetch is over
+        self.piece = b""  # the block being filled, once the fetcher has reported it
+        self.ready = 0  # how many of `piece`'s first bytes are in and verified
+        # (bytes a reader needs, its future: resolved with a block holding them)
+        self.waiters: list[tuple[int, Future[bytes]]] = []
 
 
 class _CountingLRU(LRUCache[_Key, bytes]):
@@ -248,7 +282,10 @@ class BlockCache:
         self._passed_capacity = capacity // 4 if passed_capacity is None else passed_capacity
         if self._passed_capacity < 0:
             raise ValueError(f"passed_capacity must be >= 0, got {passed_capacity}")
-        self._inflight: dict[_Key, Future[bytes]] = {}
+        self._inflight: dict[_Key, _Pending] = {}
+        # Where a reader's own fetch runs when blocks can be handed over part by part.
+        self._background = None if block_fetcher is None else ThreadPoolExecutor(
+            max_workers=_BACKGROUND_FETCHES, thread_name_prefix="vcfs-fetch")
         # Bytes of the in-flight blocks that will be cached: they count against the budget.
         self._reserved = 0
         # Counters, guarded by _lock.
@@ -289,14 +326,11 @@ class BlockCache:
             if block is not None:
                 base = first * block_size
                 return block[start - base : end - base]
-        blocks = self._get_blocks(content_hash, file_size, range(first, last + 1))
-        if len(blocks) == 1:
-            base = first * block_size
-            return blocks[0][start - base : end - base]
-        pieces = [memoryview(block) for block in blocks]
-        pieces[0] = pieces[0][start - first * block_size :]
-        pieces[-1] = pieces[-1][: end - last * block_size]
-        return b"".join(pieces)
+        pieces = self._get_pieces(content_hash, file_size, start, end)
+        if len(pieces) == 1:
+            block, low, high = pieces[0]
+            return block[low:high]
+        return b"".join(memoryview(block)[low:high] for block, low, high in pieces)
 
     def prefetch(
         self, content_hash: str, file_size: int, first_block: int, last_block: int
@@ -309,13 +343,13 @@ class BlockCache:
         """
         first = max(first_block, 0)
         last = min(last_block, block_count(file_size, self._block_size) - 1)
-        owned: dict[int, Future[bytes]] = {}
+        owned: dict[int, _Pending] = {}
         with self._lock:
             for index in range(first, last + 1):
                 key = (content_hash, index)
                 if key in self._lru or key in self._passed or key in self._inflight:
                     continue
-                owned[index] = self._inflight[key] = Future()
+                owned[index] = self._inflight[key] = _Pending()
             self._prefetched_blocks += len(owned)
             self._reserve(file_size, owned)
         error = self._fetch_owned(content_hash, file_size, owned)
@@ -373,11 +407,19 @@ class BlockCache:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _get_blocks(self, content_hash: str, file_size: int, blocks: range) -> list[bytes]:
-        """The whole blocks of `blocks`, in order: cached, awaited, or fetched by us."""
+    def _get_pieces(
+        self, content_hash: str, file_size: int, start: int, end: int
+    ) -> list[tuple[bytes, int, int]]:
+        """For each block of `[start, end)`: a `bytes` holding the part of it the read needs,
+        and that part's bounds in it. A block in flight, whether another thread's fetch or one
+        this call starts, is waited for only until the part needed has arrived: with a block
+        fetcher, this call's own fetch runs in the background, so the read can return while
+        the rest of its block is still on the way."""
+        block_size = self._block_size
+        blocks = range(start // block_size, (end - 1) // block_size + 1)
         found: dict[int, bytes] = {}
-        pending: dict[int, Future[bytes]] = {}
-        owned: dict[int, Future[bytes]] = {}
+        pending: dict[int, _Pending] = {}
+        owned: dict[int, _Pending] = {}
         with self._lock:
             for index in blocks:
                 key = (content_hash, index)
@@ -387,20 +429,46 @@ class BlockCache:
                     found[index] = block
                     continue
                 self._misses += 1
-                future = self._inflight.get(key)
-                if future is None:
-                    future = owned[index] = self._inflight[key] = Future()
+                entry = self._inflight.get(key)
+                if entry is None:
+                    entry = owned[index] = self._inflight[key] = _Pending()
                 else:
                     self._inflight_waits += 1
-                pending[index] = future
+                pending[index] = entry
             self._reserve(file_size, owned)
-        self._fetch_owned(content_hash, file_size, owned)
-        for index, future in pending.items():
-            found[index] = future.result()  # raises the fetch's error, ours or another's
-        return [found[index] for index in blocks]
+        if owned:
+            if self._background is None:
+                self._fetch_owned(content_hash, file_size, owned)
+            else:
+                self._background.submit(self._fetch_owned, content_hash, file_size, owned)
+        pieces = []
+        for index in blocks:
+            base = index * block_size
+            low, high = max(start - base, 0), min(end - base, block_size)
+            block = found.get(index)
+            if block is None:
+                block = self._await(pending[index], high)  # raises the fetch's error
+            pieces.append((block, low, high))
+        return pieces
+
+    def _await(self, entry: _Pending, needed: int) -> bytes:
+        """A `bytes` holding the first `needed` bytes of a block in flight: the block being
+        filled once that many of its bytes are in and verified, or the fetched block."""
+        with self._lock:
+            outcome = entry.outcome
+            if outcome is None:
+                if entry.ready >= needed:
+                    return entry.piece
+                waiter: Future[bytes] = Future()
+                entry.waiters.append((needed, waiter))
+        if outcome is None:
+            return waiter.result()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     def _fetch_owned(
-        self, content_hash: str, file_size: int, owned: dict[int, Future[bytes]]
+        self, content_hash: str, file_size: int, owned: dict[int, _Pending]
     ) -> BaseException | None:
         """Fetch the owned blocks run by run and resolve every one of their futures, whatever
         happens. Returns the first error (also set on the affected futures), else None."""
@@ -413,12 +481,12 @@ class BlockCache:
         return first_error
 
     def _fetch_run(
-        self, content_hash: str, file_size: int, run: range, owned: dict[int, Future[bytes]]
+        self, content_hash: str, file_size: int, run: range, owned: dict[int, _Pending]
     ) -> BaseException | None:
         """Fetch one run with one fetcher call; resolve its futures. Returns its first error."""
         with self._lock:
             self._fetches += 1
-        if len(run) > 1 and self._block_fetcher is not None:
+        if self._block_fetcher is not None:
             return self._fetch_run_by_blocks(self._block_fetcher, content_hash, file_size, run,
                                              owned)
         start, end = run_bounds(run, file_size, self._block_size)
@@ -444,7 +512,7 @@ class BlockCache:
         content_hash: str,
         file_size: int,
         run: range,
-        owned: dict[int, Future[bytes]],
+        owned: dict[int, _Pending],
     ) -> BaseException | None:
         """Fetch a run through the block fetcher, resolving each block's future as soon as the
         fetcher reports that block (readers of the run's first block need not wait for its
@@ -478,8 +546,24 @@ class BlockCache:
                     self._bytes_fetched += len(outcome)
             self._resolve(content_hash, file_size, {index: outcome}, owned, unresolved)
 
+        def partial(position: int, piece: bytes, ready: int) -> None:
+            if type(piece) is not bytes or not 0 < ready <= len(piece):
+                return  # only a `bytes` with a verified start can be handed out
+            entry = owned.get(run.start + position)
+            if entry is None:
+                return
+            with self._lock:
+                if entry.outcome is not None:
+                    return
+                entry.piece, entry.ready = piece, ready
+                due = [waiter for needed, waiter in entry.waiters if needed <= ready]
+                entry.waiters = [(n, waiter) for n, waiter in entry.waiters if n > ready]
+            for waiter in due:
+                waiter.set_result(piece)
+
         try:
-            blocks = block_fetcher(content_hash, start, end, self._block_size, on_block=arrived)
+            blocks = block_fetcher(content_hash, start, end, self._block_size, on_block=arrived,
+                                   on_partial=partial)
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             with self._lock:
                 self._fetch_errors += 1
@@ -523,7 +607,7 @@ class BlockCache:
             return error
         return block
 
-    def _reserve(self, file_size: int, owned: dict[int, Future[bytes]]) -> None:
+    def _reserve(self, file_size: int, owned: dict[int, _Pending]) -> None:
         """Count the owned blocks' bytes against the budget before they arrive, evicting the
         least recent blocks to make room (lock held): cached plus in-flight bytes stay
         within `capacity`, so readahead's pipeline does not add its depth to the memory used
@@ -563,13 +647,14 @@ class BlockCache:
         self,
         content_hash: str,
         file_size: int,
-        outcomes: dict[int, bytes | BaseException],
-        owned: dict[int, Future[bytes]],
+        outcomes: dict[int, _Outcome],
+        owned: dict[int, _Pending],
         unresolved: set[int] | None = None,
     ) -> None:
         """Cache the good blocks and retire the in-flight entries (and their reservations) in
-        one critical section, then resolve the futures outside the lock. With `unresolved`,
-        only the blocks still in it are resolved (and taken out of it)."""
+        one critical section, then hand the outcomes to the waiting readers outside the lock.
+        With `unresolved`, only the blocks still in it are resolved (and taken out of it)."""
+        waiting: list[tuple[list[tuple[int, Future[bytes]]], _Outcome]] = []
         with self._lock:
             if unresolved is not None:
                 outcomes = {i: o for i, o in outcomes.items() if i in unresolved}
@@ -580,9 +665,14 @@ class BlockCache:
                 if isinstance(outcome, bytes) and len(outcome) <= self._capacity:
                     self._lru[key] = outcome
                 del self._inflight[key]
+                entry = owned[index]
+                entry.outcome = outcome
+                waiting.append((entry.waiters, outcome))
+                entry.waiters = []
             self._evict_to_budget()
-        for index, outcome in outcomes.items():
-            if isinstance(outcome, BaseException):
-                owned[index].set_exception(outcome)
-            else:
-                owned[index].set_result(outcome)
+        for waiters, outcome in waiting:
+            for _, waiter in waiters:
+                if isinstance(outcome, BaseException):
+                    waiter.set_exception(outcome)
+                else:
+                    waiter.set_result(outcome)

@@ -38,16 +38,18 @@ range and the digests at once (a round trip saved when a player opens a file) an
 bytes only once the digests have arrived and match; if the range cuts a chunk, or does not
 match, it falls back to the path above.
 
-First block with the metadata. A player stats a path right before reading its first bytes, so
-a lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the
+First block with the metadata. A player stats a path right before reading its first bytes, so a
+lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the
 filesystem passes for a single path's lookup) also sends, at the same moment as `/meta`, one
 attempt at its first block (`Range: bytes=0-(B-1)`) and one at its chunk digests: the first
 read then finds them arrived or arriving, one round trip after the lookup started instead of
 two. The block waits in a small holding place (`first_blocks_held` blocks, dropped after
 `first_block_ttl`) until `fetch` or `fetch_blocks` asks for exactly that block; only then is it
-verified against the digests (and taken out: one use) and returned, so the block cache's
-single in-flight fetch of block 0 is this request. A file shorter than the block is answered
-up to its end, which is that block. Any failure (an error, a wrong length, a digest mismatch,
+verified against the digests (and taken out: one use) and returned, so the block cache's single
+in-flight fetch of block 0 is this request. `fetch_blocks` follows it as it arrives, verifying
+and handing on each chunk as it comes in. The `/meta` request is sent first: the lookup waits
+for it, and it gets the warmest pooled connection. A file shorter than the block is answered up
+to its end, which is that block. Any failure (an error, a wrong length, a digest mismatch,
 chunks coarser than the block) drops it quietly and the normal path fetches the block. Lookups
 answered from the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service
 does not have, the two extra requests are answered 404 and dropped with the lookup.
@@ -55,8 +57,9 @@ does not have, the two extra requests are answered 404 and dropped with the look
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
 join, no receive buffer to copy out of. `fetch_blocks` receives a run block by block, verifies
-each block's chunks as it completes and hands it on (`on_block`) while the rest of the run is
-still arriving, so a reader waiting for the run's first block does not wait for its last. A
+each chunk as soon as it is in, hands on each block's verified start as it grows
+(`on_partial`) and each block once complete (`on_block`) while the rest of the run is still
+arriving, so a reader waiting for the run's first bytes does not wait for its last. A
 retried run asks only for the blocks not handed on.
 
 Caches (content never changes for a hash, but videos come and go):
@@ -225,6 +228,37 @@ class _Failure:
     until: float
 
 
+class _Arrival:
+    """How far a block being received has got, for a reader that follows it while it comes."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._block: bytes | None = None
+        self._received = 0
+        self._over = False
+
+    def begin(self, block: bytes) -> None:
+        with self._changed:
+            self._block = block
+
+    def update(self, received: int) -> None:
+        with self._changed:
+            self._received = received
+            self._changed.notify_all()
+
+    def end(self) -> None:
+        with self._changed:
+            self._over = True
+            self._changed.notify_all()
+
+    def wait_beyond(self, seen: int, timeout: float) -> tuple[bytes | None, int]:
+        """The block and how many of its bytes are in, once more than `seen` are, the
+        receiving is over, or `timeout` has passed."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._over or self._received > seen, timeout)
+            return self._block, self._received
+
+
 @dataclass(frozen=True, slots=True)
 class _FirstBlock:
     """A video's first block and chunk digests, asked for along with its metadata."""
@@ -232,6 +266,7 @@ class _FirstBlock:
     size: int  # the block size asked for: bytes 0 to size - 1, or fewer in a smaller file
     data: concurrent.futures.Future[tuple[bytes, int]]  # the block and how much of it arrived
     digests: concurrent.futures.Future[dict[str, Any] | None]  # `/chunks` document, None: 404
+    arrival: _Arrival  # the block's bytes as they come in
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,12 +423,20 @@ class Remote:
                 return known
             if content_hash in self._missing:
                 return None
-        speculation = self._start_first_block(content_hash, first_block) if first_block else None
+        speculation: _FirstBlock | None = None
+
+        def speculate() -> None:
+            nonlocal speculation
+            speculation = self._start_first_block(content_hash, first_block)
+
         try:
+            # The metadata is asked for first: the lookup waits for it, and the warmest pooled
+            # connection goes to the first request sent.
             doc = self._with_retries(
                 f"metadata of {content_hash}",
                 lambda _: self._client.get_meta(content_hash),
                 deadline=deadline,
+                once_sent=speculate if first_block else None,
             )
             meta = None if doc is None else VideoMeta.from_json(doc, content_hash=content_hash)
         except BaseException:
@@ -457,6 +500,12 @@ class Remote:
 
     def fetch(self, content_hash: str, start: int, end: int) -> bytes:
         """Exactly the bytes `[start, end)` of the video (a `vcfs.blocks.Fetcher`)."""
+        return self._fetch(content_hash, start, end, on_partial=None)
+
+    def _fetch(self, content_hash: str, start: int, end: int, *,
+               on_partial: Callable[[bytes, int], None] | None) -> bytes:
+        """`fetch`; a first block fetched with the metadata is handed to `on_partial(block,
+        ready)` chunk by chunk as it is verified, before it is complete."""
         if end <= start:
             return b""
         asked = f"{content_hash} bytes {start}-{end - 1}"
@@ -467,7 +516,7 @@ class Remote:
             asked += f" (failed {failed_before:.1f} s ago: one attempt)"
             deadline = self._clock()
         with self._outcome_noted(content_hash, start, end):
-            held = self._take_first_block(content_hash, start, end, deadline)
+            held = self._take_first_block(content_hash, start, end, deadline, on_partial)
             if held is not None:
                 data = held
             elif self._first_fetch_overlaps_digests(content_hash, start, end):
@@ -486,18 +535,25 @@ class Remote:
         block_size: int,
         *,
         on_block: Callable[[int, bytes], None] | None = None,
+        on_partial: Callable[[int, bytes, int], None] | None = None,
     ) -> list[bytes]:
         """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`),
-        each also handed to `on_block(i, piece)` as soon as it is verified, in order.
+        each also handed to `on_block(i, piece)` as soon as it is verified, in order, and,
+        while it arrives, to `on_partial(i, piece, ready)` each time more of its first bytes
+        are verified.
 
         When the digests are known and each block is made of whole chunks (chunks of the
         block size or finer), the run is ONE request whose body is received block by block
-        into a buffer, and each block is verified and reported as it completes, while the
-        rest is still arriving; a retry asks only for the blocks not yet reported. Otherwise
-        (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into pieces. A
-        first block fetched with the metadata is used as the run's first piece."""
+        into a buffer; each chunk is verified as soon as it is in, and each block reported
+        as it completes, while the rest is still arriving; a retry asks only for the blocks
+        not yet reported. Otherwise (no digests yet, chunks coarser than the blocks) it is
+        `fetch`, cut into pieces. A first block fetched with the metadata is used as the
+        run's first piece."""
         if start == 0 and self._holds_first_block(content_hash, block_size):
-            first = self.fetch(content_hash, 0, min(block_size, end))
+            first = self._fetch(
+                content_hash, 0, min(block_size, end),
+                on_partial=None if on_partial is None else functools.partial(on_partial, 0),
+            )
             if on_block is not None:
                 on_block(0, first)
             if end <= block_size:
@@ -505,6 +561,8 @@ class Remote:
             rest = self.fetch_blocks(
                 content_hash, block_size, end, block_size,
                 on_block=None if on_block is None else lambda i, piece: on_block(i + 1, piece),
+                on_partial=None if on_partial is None else (
+                    lambda i, piece, ready: on_partial(i + 1, piece, ready)),
             )
             return [first, *rest]
         with self._lock:
@@ -520,13 +578,13 @@ class Remote:
         ):
             data = self.fetch(content_hash, start, end)
             view = memoryview(data)
-            pieces = [bytes(view[low : low + block_size])
-                      for low in range(0, len(data), block_size)]
+            pieces = [data] if len(data) <= block_size else [
+                bytes(view[low : low + block_size]) for low in range(0, len(data), block_size)]
             for position, piece in enumerate(pieces):
                 if on_block is not None:
                     on_block(position, piece)
             return pieces
-        sink = _BlockSink(on_block)
+        sink = _BlockSink(on_block, on_partial)
         try:
             with self._outcome_noted(content_hash, start, end):
                 self._with_retries(
@@ -552,21 +610,45 @@ class Remote:
         cutoff: float,
     ) -> None:
         """One request for `[start, end)` (whole blocks of whole chunks), each block received
-        straight into its own `bytes`, verified and handed to `sink` as soon as it is in."""
+        straight into its own `bytes`; each chunk verified as soon as it is in, the block's
+        verified start handed to `sink` as it grows, and the block once it is complete."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
         self.counters.add("range_requests")
         bounds = [(low, min(low + block_size, end)) for low in range(start, end, block_size)]
         blocks, views = zip(*(unfilled_block(high - low) for low, high in bounds), strict=True)
+        first_position = sink.count
+        verified = start  # every chunk before this offset has matched its digest
+        overdue = self._cutoff_check(end - start, cutoff)
+
+        def verify_below(offset: int) -> None:
+            nonlocal verified
+            while verified < offset:
+                index = verified // digests.chunk_size
+                chunk_start, chunk_end = digests.bounds(index)
+                if chunk_end > offset:
+                    return
+                position = (chunk_start - start) // block_size
+                base = bounds[position][0]
+                self._verify_chunk(digests, index, memoryview(blocks[position])[
+                    chunk_start - base : chunk_end - base])
+                verified = chunk_end
+
+        def progress(received: int) -> None:
+            overdue(received)
+            before = verified
+            verify_below(start + received)
+            position = (verified - start) // block_size
+            if verified > before and position < len(bounds) and verified > bounds[position][0]:
+                sink.partial(first_position + position, blocks[position],
+                             verified - bounds[position][0])
 
         def filled(position: int) -> None:
-            low, high = bounds[position]
-            self._verify(digests, low, high, blocks[position])
+            verify_below(bounds[position][1])
             sink.add(blocks[position])
 
         received = self._client.read_range_into(
-            content_hash, start, views, on_filled=filled,
-            on_progress=self._cutoff_check(end - start, cutoff),
+            content_hash, start, views, on_filled=filled, on_progress=progress,
         )
         if received != end - start:
             raise CorruptData(f"got {received} bytes instead of {end - start}")
@@ -651,12 +733,22 @@ class Remote:
         if not self.config.first_block_with_meta:
             return None
         cutoff = self._clock() + self.config.per_request_timeout
+        arrival = _Arrival()
 
         def receive() -> tuple[bytes, int]:
             block, view = unfilled_block(block_size)
-            received = self._client.read_range_into(
-                content_hash, 0, [view], on_progress=self._cutoff_check(block_size, cutoff)
-            )
+            arrival.begin(block)
+            overdue = self._cutoff_check(block_size, cutoff)
+
+            def progress(received: int) -> None:
+                overdue(received)
+                arrival.update(received)
+
+            try:
+                received = self._client.read_range_into(
+                    content_hash, 0, [view], on_progress=progress)
+            finally:
+                arrival.end()
             return block, received
 
         with self._lock:
@@ -666,6 +758,7 @@ class Remote:
                 block_size,
                 self._workers.submit(receive),
                 self._workers.submit(self._client.get_chunk_digests, content_hash),
+                arrival,
             )
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
@@ -689,11 +782,13 @@ class Remote:
         return held is not None and held.size == block_size
 
     def _take_first_block(
-        self, content_hash: str, start: int, end: int, deadline: float
+        self, content_hash: str, start: int, end: int, deadline: float,
+        on_partial: Callable[[bytes, int], None] | None,
     ) -> bytes | None:
         """The first block fetched with the metadata, if `[start, end)` is exactly that block:
-        waited for, verified like any fetch and handed over once. None (the caller fetches)
-        if there is none, or it failed, or it cannot be verified."""
+        waited for, verified like any fetch and handed over once (and, with `on_partial`,
+        its chunks as they arrive, see `_follow_first_block`). None (the caller fetches) if
+        there is none, or it failed, or it cannot be verified."""
         if start != 0:
             return None
         with self._lock:
@@ -702,27 +797,56 @@ class Remote:
             if held is None or meta is None or end != min(held.size, meta.size):
                 return None
             del self._first_blocks[content_hash]
+        digests = self._first_block_digests(meta, held, deadline)
+        verified = 0
         try:
+            if digests is not None:
+                if end % digests.chunk_size and end != meta.size:
+                    raise CorruptData(f"it cuts chunk {end // digests.chunk_size}")
+                if on_partial is not None:
+                    verified = self._follow_first_block(held, digests, end, deadline, on_partial)
             wait = max(self._cutoff(deadline) - self._clock(), 0)
             block, received = held.data.result(timeout=wait)
             if received != end:
                 raise CorruptData(f"got {received} bytes instead of {end}")
-        except Exception as exc:  # an error, cancelled, late: the normal path will do
+            if digests is not None:
+                self._verify(digests, verified, end, memoryview(block)[verified:end])
+        except Exception as exc:  # an error, cancelled, late, corrupt: the normal path will do
             self._first_block_dropped(content_hash, exc)
             return None
-        digests = self._first_block_digests(meta, held, deadline)
-        if digests is not None:
-            try:
-                if end % digests.chunk_size and end != meta.size:
-                    raise CorruptData(f"it cuts chunk {end // digests.chunk_size}")
-                self._verify(digests, 0, end, block)
-            except CorruptData as exc:
-                self._first_block_dropped(content_hash, exc)
-                return None
         self.counters.add("first_blocks_used")
         if received == len(block):
             return block
         return bytes(memoryview(block)[:received])
+
+    def _follow_first_block(
+        self, held: _FirstBlock, digests: _Digests, end: int, deadline: float,
+        on_partial: Callable[[bytes, int], None],
+    ) -> int:
+        """Verify the held first block's chunks as they arrive and hand its verified start to
+        `on_partial`, until all its whole chunks below `end` are in, its receiving is over,
+        or the cutoff has passed. Returns how many of its first bytes are verified; raises
+        CorruptData for a chunk that does not match."""
+        cutoff = self._cutoff(deadline)
+        verified = seen = 0
+        while True:
+            chunk_end = digests.bounds(verified // digests.chunk_size)[1]
+            if chunk_end >= end:  # the last chunk waits for the whole block
+                return verified
+            block, received = held.arrival.wait_beyond(seen, max(cutoff - self._clock(), 0))
+            if block is None or received <= seen:  # over, or late: the whole block decides
+                return verified
+            seen = received
+            before = verified
+            while verified < end:
+                chunk_start, chunk_end = digests.bounds(verified // digests.chunk_size)
+                if chunk_end > received or chunk_end >= end:
+                    break
+                self._verify_chunk(digests, chunk_start // digests.chunk_size,
+                                   memoryview(block)[chunk_start:chunk_end])
+                verified = chunk_end
+            if verified > before:
+                on_partial(block, verified)
 
     def _first_block_dropped(self, content_hash: str, reason: Exception) -> None:
         self.counters.add("first_blocks_dropped")
@@ -876,7 +1000,9 @@ class Remote:
 
         return self._with_retries(what, attempt, deadline=deadline)
 
-    def _verify(self, digests: _Digests, start: int, end: int, data: bytes) -> None:
+    def _verify(
+        self, digests: _Digests, start: int, end: int, data: bytes | memoryview
+    ) -> None:
         """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
         view = memoryview(data)
         index = -(-start // digests.chunk_size)
@@ -884,15 +1010,19 @@ class Remote:
             chunk_start, chunk_end = digests.bounds(index)
             if chunk_end > end:
                 break
-            digest = blake3(view[chunk_start - start : chunk_end - start]).digest()
-            if digest != digests.digest(index):
-                self.counters.add("verify_failures")
-                raise CorruptData(
-                    f"chunk {index} (bytes {chunk_start}-{chunk_end - 1}) has BLAKE3 "
-                    f"{digest.hex()}, the service recorded {digests.digest(index).hex()}"
-                )
-            self.counters.add("verified_chunks")
+            self._verify_chunk(digests, index, view[chunk_start - start : chunk_end - start])
             index += 1
+
+    def _verify_chunk(self, digests: _Digests, index: int, chunk: memoryview) -> None:
+        digest = blake3(chunk).digest()
+        if digest != digests.digest(index):
+            self.counters.add("verify_failures")
+            chunk_start, chunk_end = digests.bounds(index)
+            raise CorruptData(
+                f"chunk {index} (bytes {chunk_start}-{chunk_end - 1}) has BLAKE3 "
+                f"{digest.hex()}, the service recorded {digests.digest(index).hex()}"
+            )
+        self.counters.add("verified_chunks")
 
     def _chunk_digests(self, content_hash: str, deadline: float) -> _Digests | None:
         """The service's chunk digests for the hash (cached); None when there are none to use."""
@@ -931,10 +1061,12 @@ class Remote:
         return deadline + self.config.per_request_timeout
 
     def _with_retries(
-        self, what: str, call: Callable[[float], T], *, deadline: float | None = None
+        self, what: str, call: Callable[[float], T], *, deadline: float | None = None,
+        once_sent: Callable[[], None] | None = None,
     ) -> T:
         """`call(cutoff)`, retried on transient errors with jittered backoff until `deadline`
-        (default: `timeout` from now); every attempt bounded by the cutoff."""
+        (default: `timeout` from now); every attempt bounded by the cutoff. `once_sent` is
+        called once the first attempt is under way."""
         started = self._clock()
         if deadline is None:
             deadline = started + self.config.timeout
@@ -943,7 +1075,7 @@ class Remote:
         while True:
             self.counters.add("http_requests")
             try:
-                return self._bounded(call, cutoff)
+                return self._bounded(call, cutoff, once_sent if attempt == 0 else None)
             except NotFoundError as exc:
                 raise NotFound(f"{what}: no such video on the service") from exc
             except AuthError as exc:
@@ -971,10 +1103,16 @@ class Remote:
                 self._sleep(delay)
                 attempt += 1
 
-    def _bounded(self, call: Callable[[float], T], cutoff: float) -> T:
+    def _bounded(
+        self, call: Callable[[float], T], cutoff: float,
+        once_sent: Callable[[], None] | None = None,
+    ) -> T:
         """`call(cutoff)` on a worker thread, waited for until `cutoff` at most; then it is
-        left to finish (or notice the cutoff) on its own and `Overdue` is raised."""
+        left to finish (or notice the cutoff) on its own and `Overdue` is raised.
+        `once_sent()`, if given, right after the call is handed to its worker."""
         future = self._workers.submit(call, cutoff)
+        if once_sent is not None:
+            once_sent()
         done, _ = concurrent.futures.wait([future], timeout=max(cutoff - self._clock(), 0.0))
         if not done:
             future.cancel()
@@ -1006,9 +1144,11 @@ class _BlockSink:
     Closed when the call ends: an attempt still running then (given up at the cutoff) can
     report nothing more, so no block is reported after the call has returned or raised."""
 
-    def __init__(self, on_block: Callable[[int, bytes], None] | None) -> None:
+    def __init__(self, on_block: Callable[[int, bytes], None] | None,
+                 on_partial: Callable[[int, bytes, int], None] | None = None) -> None:
         self.blocks: list[bytes] = []
         self._on_block = on_block
+        self._on_partial = on_partial
         self._open = True
         self._lock = threading.Lock()
 
@@ -1023,6 +1163,12 @@ class _BlockSink:
             self.blocks.append(block)
             if self._on_block is not None:
                 self._on_block(len(self.blocks) - 1, block)
+
+    def partial(self, position: int, block: bytes, ready: int) -> None:
+        """The first `ready` bytes of the block at `position`, still arriving, are verified."""
+        with self._lock:
+            if self._open and self._on_partial is not None and position == len(self.blocks):
+                self._on_partial(position, block, ready)
 
     def close(self) -> None:
         with self._lock:
