@@ -754,12 +754,11 @@ class Remote:
         with self._lock:
             if content_hash in self._first_blocks or content_hash in self._digests:
                 return None
-            speculation = _FirstBlock(
-                block_size,
-                self._workers.submit(receive),
-                self._workers.submit(self._client.get_chunk_digests, content_hash),
-                arrival,
-            )
+            # The digests go first: the first read needs them too, and the block's bytes
+            # would hold them up on a slow link.
+            digests = self._workers.submit(self._client.get_chunk_digests, content_hash)
+            speculation = _FirstBlock(block_size, self._workers.submit(receive), digests,
+                                      arrival)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
         self.counters.add("http_requests", 2)
