@@ -245,15 +245,19 @@ def long_video(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path]
 
 @requires_fuse[0]
 @requires_fuse[1]
+@pytest.mark.parametrize(("keep_passed", "tier"), [((), 6 * MIB), (("--keep-passed", "0"), 0)],
+                         ids=["default tier", "keep-passed 0"])
 def test_a_long_read_through_the_mount_keeps_the_cache_small(
-    tmp_path: Path, vidcache_server: VidcacheServer, long_video: tuple[Path, str]
+    tmp_path: Path, vidcache_server: VidcacheServer, long_video: tuple[Path, str],
+    keep_passed: tuple[str, ...], tier: int,
 ) -> None:
     source, name = long_video
     size = source.stat().st_size
-    # A 24 MiB budget: its passed tier holds 6 MiB; room for the 8 MiB a stream reads before
-    # it counts as one (no LRU eviction before its blocks can be passed), readahead 4 MiB.
+    # A 24 MiB budget: its passed tier holds 6 MiB by default; room for the 8 MiB a stream
+    # reads before it counts as one (no LRU eviction before its blocks can be passed),
+    # readahead 4 MiB.
     with VcfsMount(vidcache_server.url, tmp_path / "mnt", "--cache-size", "24M",
-                   "--readahead-max", "4M") as mount:
+                   "--readahead-max", "4M", *keep_passed) as mount:
         path = mount.video(name)
         copy = tmp_path / "copy"
         subprocess.run(["dd", f"if={path}", f"of={copy}", "bs=1M", "status=none"], check=True,
@@ -267,8 +271,8 @@ def test_a_long_read_through_the_mount_keeps_the_cache_small(
         # kernel read reaching past EOF can pass one block more.
         passable = (size - BEHIND) // MIB
         assert passable - 8 <= stats["passed_blocks"] <= passable + 1
-        assert stats["dropped_blocks"] >= stats["passed_blocks"] - 6
-        assert stats["passed_bytes"] <= 6 * MIB
+        assert stats["dropped_blocks"] >= stats["passed_blocks"] - tier // MIB
+        assert stats["passed_bytes"] <= tier
         assert stats["evictions"] == 0
         assert stats["dropped_blocks"] > 0
         assert stats["cached_bytes"] == size - stats["dropped_blocks"] * MIB

@@ -436,7 +436,7 @@ def test_daemon_mode_detaches_once_mounted(
     log_file = tmp_path / "daemon.log"
     started = subprocess.run(
         vcfs_command("mount", vidcache_server.url, str(mountpoint), "--daemon",
-                     "--log-file", str(log_file)),
+                     "--log-file", str(log_file), "--no-first-block", "--keep-passed", "0"),
         capture_output=True, text=True, timeout=60,
     )
     pid = None
@@ -444,8 +444,13 @@ def test_daemon_mode_detaches_once_mounted(
         assert started.returncode == 0, started.stderr
         assert os.path.ismount(mountpoint)  # already up when the command returns
         pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        # the detached daemon got every option
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--no-first-block" in argv and b"--keep-passed" in argv, argv
         video = corpus["b.mp4"]
         assert (mountpoint / "by-hash" / video.file_name).read_bytes() == video.data()
+        stats = json.loads((mountpoint / ".vcfs" / "stats").read_text())
+        assert stats["remote"]["first_blocks"] == 0
         stopped = subprocess.run(vcfs_command("unmount", str(mountpoint)),
                                  capture_output=True, text=True, timeout=60)
         assert stopped.returncode == 0, stopped.stderr
@@ -492,6 +497,8 @@ def test_startup_errors_are_one_clear_line(
         "is not a directory": ("mount", url, str(full / "file")),
         "must be at most half of --cache-size": ("mount", url, str(empty), "--cache-size",
                                                  "8M", "--readahead-max", "16M"),
+        "must be at most --cache-size": ("mount", url, str(empty), "--cache-size", "8M",
+                                         "--readahead-max", "1M", "--keep-passed", "9M"),
         "is not mounted": ("unmount", str(empty)),
     }
     for message, args in cases.items():
@@ -519,7 +526,8 @@ def test_help_lists_every_option_with_defaults() -> None:
     assert result.returncode == 0
     for option in ("--cache-size", "--block-size", "--readahead-max", "--timeout",
                    "--foreground", "--daemon", "-o", "--log-level", "--log-file",
-                   "--no-raise-readahead", "--no-first-block", "256M", "16M", "default: 30"):
+                   "--no-raise-readahead", "--no-first-block", "--keep-passed", "256M", "16M",
+                   "default: 30", "default: a quarter of"):
         assert option in result.stdout, option
 
 

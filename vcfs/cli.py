@@ -77,6 +77,8 @@ class MountOptions:
     log_file: str | None  # absolute
     raise_readahead: bool
     first_block_with_meta: bool = True
+    # None: a quarter of cache_size (see vcfs.blocks, passed blocks)
+    keep_passed: int | None = None
     token_file: str | None = None  # absolute
     token: str | None = field(default=None, repr=False)  # read from token_file
 
@@ -146,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--readahead-max", type=parse_size, default=16 * MIB, metavar="SIZE",
         help="largest readahead window per open file once it reads sequentially, at most "
         "half the cache size; 0 disables readahead (default: 16M)",
+    )
+    mount.add_argument(
+        "--keep-passed", type=parse_size, default=None, metavar="SIZE",
+        help="part of the cache kept for blocks a streaming reader has read past, evicted "
+        "first, so a short seek back is served from memory (default: a quarter of "
+        "--cache-size); 0 frees them at once: a long scan then reuses the same memory "
+        "(a little faster on a fresh mount) and re-reads of its past go back to the service",
     )
     mount.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
@@ -230,6 +239,9 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
             f"--readahead-max ({window}) must be at most half of --cache-size ({cache}), or "
             "prefetched blocks would be evicted before they are read"
         )
+    if args.keep_passed is not None and args.keep_passed > cache:
+        raise StartupError(
+            f"--keep-passed ({args.keep_passed}) must be at most --cache-size ({cache})")
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
         raise StartupError("vcfs is read-only: -o rw is not possible")
@@ -246,6 +258,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         raise_readahead=args.raise_readahead,
         first_block_with_meta=args.first_block_with_meta,
+        keep_passed=args.keep_passed,
         token_file=token_file,
         token=read_token_file(token_file) if token_file else None,
     )
@@ -425,6 +438,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         block_size=options.block_size,
         capacity=options.cache_size,
         block_fetcher=remote.fetch_blocks,
+        passed_capacity=options.keep_passed,
     )
     mounted = threading.Event()
 
@@ -512,6 +526,10 @@ def run_daemon(options: MountOptions) -> int:
         argv += ["--token-file", options.token_file]
     if not options.raise_readahead:
         argv.append("--no-raise-readahead")
+    if not options.first_block_with_meta:
+        argv.append("--no-first-block")
+    if options.keep_passed is not None:
+        argv += ["--keep-passed", str(options.keep_passed)]
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
         child = subprocess.Popen(

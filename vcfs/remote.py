@@ -567,11 +567,9 @@ class Remote:
             return [first, *rest]
         with self._lock:
             digests = self._digests.get(content_hash)
-            failures = self._failures.get(content_hash, ())
-            failed = any(f.start < end and start < f.end for f in failures)
         if (
             digests is None
-            or failed
+            or self._recent_failure(content_hash, start, end) is not None  # `fetch`: one try
             or not digests.divides(block_size)
             or start % block_size
             or (end % block_size and end != digests.file_size)
