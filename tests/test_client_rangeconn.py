@@ -32,7 +32,7 @@ from bench.faults import (
     WrongContentRange,
 )
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
-from tests.support import VidcacheServer
+from tests.support import VidcacheServer, wait_until
 from vidcache_client import (
     InvalidRequestError,
     NotFoundError,
@@ -144,6 +144,39 @@ def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: Li
         assert buffer == video.data[offset : offset + 100 * KIB]
     assert link.connections() == 1
     assert link.ranges()[:2] == ["bytes=0-102399", "bytes=102400-204799"]
+
+
+def test_a_spare_connection_is_opened_alongside_a_new_one_and_then_used(
+    link: Link, video: StoredVideo,
+) -> None:
+    link.reset()
+    with VidCacheClient(link.url, timeout=2, spare_connection=True) as client:
+        buffer = bytearray(100 * KIB)
+        client.read_range_into(video.hash, 0, [buffer])
+        wait_until(lambda: link.connections() == 2, timeout=10, what="the spare connection")
+        started = threading.Barrier(2)
+        errors: list[BaseException] = []
+
+        def read(offset: int) -> None:
+            try:
+                own = bytearray(100 * KIB)
+                started.wait(timeout=10)
+                client.read_range_into(video.hash, offset, [own])
+                assert own == video.data[offset : offset + 100 * KIB]
+            except BaseException as exc:
+                errors.append(exc)
+
+        readers = [threading.Thread(target=read, args=(o,)) for o in (0, 300 * KIB)]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join(timeout=30)
+        assert errors == []
+        assert link.connections() == 2  # the two concurrent reads found both ready
+    link.reset()
+    with VidCacheClient(link.url, timeout=2, spare_connection=True, max_connections=1) as one:
+        one.read_range_into(video.hash, 0, [buffer])
+        assert link.connections() == 1  # no room for a spare
 
 
 def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,

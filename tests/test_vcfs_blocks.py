@@ -337,7 +337,8 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
     pieces: list[list[bytes]] = []
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         blocks = [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
         pieces.append(blocks)
         for position, block in enumerate(blocks):
@@ -360,7 +361,8 @@ def test_a_reported_block_reaches_its_readers_before_the_run_is_over() -> None:
     release_rest = threading.Event()
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
         on_block(0, blocks[0])
         first_reported.set()
@@ -387,7 +389,8 @@ def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
     data = data_of(4 * BS)
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         on_block(0, data[start : start + block_size])
         on_block(0, data[start : start + block_size])  # a repeated report changes nothing
         raise OSError("connection reset")
@@ -406,7 +409,8 @@ def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
     data = data_of(3 * BS)
 
     def silent(content_hash: str, start: int, end: int, block_size: int, *,
-               on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+               on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         return [data[low : low + block_size] for low in range(start, end, block_size)]
 
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
@@ -429,7 +433,8 @@ class TricklingBlockFetcher:
         self.calls = 0
 
     def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
-                 on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+                 on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         self.calls += 1
         blocks = []
         for position, low in enumerate(range(start, end, block_size)):
@@ -504,7 +509,8 @@ def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
     release = threading.Event()
 
     def odd_reports(content_hash: str, start: int, end: int, block_size: int, *,
-                    on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+                    on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         assert on_partial is not None
         on_partial(0, bytearray(data), BS - 1)  # not a bytes object
         on_partial(0, data, 0)  # nothing verified
@@ -523,11 +529,93 @@ def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
     assert got == [data[:2]]
 
 
+class TailFetcher:
+    """A block fetcher that leaves out the first `skip` bytes it is allowed to, rounded down
+    to `unit` (as vcfs.remote does with digest chunks), or `extra` more than allowed."""
+
+    def __init__(self, data: bytes, unit: int, extra: int = 0) -> None:
+        self.data = data
+        self.unit = unit
+        self.extra = extra
+        self.calls: list[tuple[int, int, int]] = []  # (start, end, skip)
+
+    def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
+                 on_block: OnBlock, on_partial: OnPartial | None = None,
+                 skip: int = 0) -> list[bytes]:
+        self.calls.append((start, end, skip))
+        lead = skip // self.unit * self.unit + self.extra
+        blocks = [self.data[low : min(low - low % block_size + block_size, end)]
+                  for low in [start + lead, *range(start + block_size, end, block_size)]]
+        for position, block in enumerate(blocks):
+            on_block(position, block)
+        return blocks
+
+
+def test_a_read_into_the_middle_of_a_cold_block_fetches_only_its_tail() -> None:
+    data = data_of(3 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=fetcher)
+    assert cache.read(H1, len(data), BS + 10, 9) == data[BS + 10 : BS + 19]  # into block 2
+    assert fetcher.calls == [(BS, 3 * BS, 10)]  # block 1 with its first 10 bytes not needed
+    assert cache.stats()["bytes_fetched"] == 2 * BS - 8  # its tail from byte 8 on, block 2
+    assert cache.read(H1, len(data), BS + 8, 4) == data[BS + 8 : BS + 12]  # from the tail
+    assert len(fetcher.calls) == 1
+    # the block's start: the whole block is fetched and takes the tail's place
+    assert cache.read(H1, len(data), BS, 8) == data[BS : BS + 8]
+    assert fetcher.calls[1] == (BS, 2 * BS, 0)
+    assert cache.read(H1, len(data), 0, 3 * BS) == data  # block 0 fetched, 1 and 2 cached
+    assert len(fetcher.calls) == 3
+    assert cache.stats()["cached_bytes"] == 3 * BS
+
+
+def test_only_the_first_block_of_a_read_may_be_a_tail_and_only_what_the_read_skips() -> None:
+    data = data_of(3 * BS)
+    greedy = TailFetcher(data, unit=4, extra=4)  # leaves out 4 bytes the reader needs
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=greedy)
+    with pytest.raises(BlockFetchError, match="instead of 16"):
+        cache.read(H1, len(data), 10, 4)
+    assert cache.stats()["cached_bytes"] == 0
+    aligned = TailFetcher(data, unit=4)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=aligned)
+    assert cache.read(H1, len(data), 0, 2 * BS) == data[: 2 * BS]
+    assert aligned.calls == [(0, 2 * BS, 0)]  # a read from a block's start skips nothing
+
+
+def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block() -> None:
+    data = data_of(BS)
+    release = threading.Event()
+    calls: list[int] = []
+
+    def slow_tail(content_hash: str, start: int, end: int, block_size: int, *,
+                  on_block: OnBlock, on_partial: OnPartial | None = None,
+                  skip: int = 0) -> list[bytes]:
+        calls.append(skip)
+        if skip and not release.wait(DEADLINE):
+            raise AssertionError("never released")
+        return [data[start + skip : end]]
+
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                       block_fetcher=slow_tail)
+    got: list[bytes] = []
+    with threads(lambda: got.append(cache.read(H1, len(data), 12, 4))):
+        wait_until(lambda: calls == [12], timeout=DEADLINE)
+        with threads(lambda: got.append(cache.read(H1, len(data), 0, 4))):
+            wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE)
+            release.set()
+    assert sorted(got) == sorted([data[12:16], data[0:4]])
+    assert calls == [12, 0]  # the tail, then the whole block for the second reader
+    assert cache.read(H1, len(data), 0, BS) == data and calls == [12, 0]
+
+
 def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
     data = data_of(4 * BS)
 
     def joined_pieces(content_hash: str, start: int, end: int, block_size: int, *,
-                      on_block: OnBlock, on_partial: OnPartial | None = None) -> list[bytes]:
+                      on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0) -> list[bytes]:
         return [data[start:end]]  # one piece for the whole run
 
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,

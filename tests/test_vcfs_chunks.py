@@ -147,6 +147,28 @@ def test_a_flipped_byte_in_a_256_kib_chunk_is_caught(stored: Stored, link: Fault
                      r"service recorded [0-9a-f]{64}", mount.log())
 
 
+@mounting
+def test_a_read_into_the_middle_of_a_cold_block_fetches_from_its_chunk_on(
+    stored: Stored, link: FaultyLink, tmp_path: Path,
+) -> None:
+    source = stored.new  # 256 KiB chunks
+    with VcfsMount(link.url, tmp_path / "mnt", "--readahead-max", "0") as mount:
+        path = mount.video(source.file_name)
+        assert read_uncached(path, 10, 0) == source.data[:10]  # digests known from here on
+        offset = 2 * MIB + 600 * KIB  # in chunk 2 of block 2
+        assert read_uncached(path, READ, offset) == source.data[offset : offset + READ]
+        ranges = [r for p, r in link.request_log() if source.content_hash in p and r]
+        assert ranges[-1] == f"bytes={2 * MIB + 512 * KIB}-{3 * MIB - 1}"
+        # the block's tail answers reads from there on; its start needs the whole block
+        assert read_uncached(path, READ, 2 * MIB + 512 * KIB) == source.data[
+            2 * MIB + 512 * KIB : 2 * MIB + 512 * KIB + READ]
+        assert read_uncached(path, READ, 2 * MIB) == source.data[2 * MIB : 2 * MIB + READ]
+        ranges = [r for p, r in link.request_log() if source.content_hash in p and r]
+        assert ranges[-2:] == [f"bytes={2 * MIB + 512 * KIB}-{3 * MIB - 1}",
+                               f"bytes={2 * MIB}-{3 * MIB - 1}"]
+        assert mount.stats()["remote"]["verify_failures"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # fetch_blocks with blocks of several chunks, against a fake service
 
@@ -253,3 +275,21 @@ def test_a_chunk_failing_its_digest_is_never_handed_on(remote: Remote, fake: Fak
         remote.fetch_blocks(HASH, 2 * CHUNK, len(DATA), 2 * CHUNK,
                             on_partial=lambda i, _block, ready: partial.append((i, ready)))
     assert set(partial) == {(0, CHUNK)}  # chunk 2 only, at every attempt
+
+
+def test_a_run_may_leave_out_the_whole_chunks_its_reader_skips(
+    remote: Remote, fake: FakeService,
+) -> None:
+    remote.fetch(HASH, 0, 2 * CHUNK)  # digests known from here on
+    fake.piece = 300
+    partial: list[tuple[int, int, bytes]] = []
+    blocks = remote.fetch_blocks(
+        HASH, 2 * CHUNK, len(DATA), 2 * CHUNK, skip=CHUNK + 500,
+        on_partial=lambda i, block, ready: partial.append((i, ready, block[:ready])))
+    # chunk 2 left out, chunk 3 (holding byte 3500, the first one needed) on
+    assert fake.ranges[-1] == f"bytes={3 * CHUNK}-{len(DATA) - 1}"
+    assert blocks == [DATA[3 * CHUNK : 4 * CHUNK], DATA[4 * CHUNK :]]
+    assert partial == [(1, CHUNK, DATA[4 * CHUNK : 5 * CHUNK])]  # ready counts from the tail
+    assert remote.counters.get("bytes_fetched") == 2 * CHUNK + len(DATA) - 3 * CHUNK
+    remote.fetch_blocks(HASH, 0, 2 * CHUNK, 2 * CHUNK, skip=CHUNK - 1)
+    assert fake.ranges[-1] == f"bytes=0-{2 * CHUNK - 1}"  # no whole chunk to leave out

@@ -49,15 +49,9 @@ def mount(tmp_path: Path, link: FaultyLink,
         yield mounted
 
 
-def request_log(link: FaultyLink) -> list[tuple[str, str | None]]:
-    """(path, Range header) of every request the proxy has seen, in order."""
-    log = link._proxy.counters()["request_log"]
-    return [(str(entry["path"]), entry["range"]) for entry in log]
-
-
 def video_requests(link: FaultyLink, source: Source) -> list[tuple[str, str | None]]:
     """The requests about this video (its metadata, digests and bytes)."""
-    return [(path, header) for path, header in request_log(link)
+    return [(path, header) for path, header in link.request_log()
             if source.content_hash in path]
 
 
@@ -141,7 +135,7 @@ def test_unknown_hash_is_enoent_with_no_bytes_and_nothing_held(
         os.stat(path)
     with pytest.raises(FileNotFoundError):
         os.stat(path)  # answered by the kernel's or vcfs's negative cache: nothing sent
-    sent = [(p, header) for p, header in request_log(link) if unknown in p]
+    sent = [(p, header) for p, header in link.request_log() if unknown in p]
     # The lookup asked for the metadata, and (not knowing yet) the first block and digests;
     # all three are 404, once each, and nothing is kept.
     assert sorted(sent) == sorted([(f"/meta/{unknown}", None), (f"/video/{unknown}/chunks", None),

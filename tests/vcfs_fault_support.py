@@ -68,6 +68,11 @@ class FaultyLink:
     def requests(self) -> int:
         return int(self._proxy.counters()["requests"])
 
+    def request_log(self) -> list[tuple[str, str | None]]:
+        """(path, Range header) of every request the proxy has seen, in order."""
+        log = self._proxy.counters()["request_log"]
+        return [(str(entry["path"]), entry["range"]) for entry in log]
+
     def __enter__(self) -> FaultyLink:
         self._proxy.start()
         return self

@@ -33,7 +33,10 @@ Reading, for the blocks a read touches:
    in): a reader needing only the first bytes of a block in flight is answered from them,
    so a player's first read of a cold 1 MiB block returns after its first 256 KiB chunk
    (10 ms at 200 Mbit/s), not after the whole block (42 ms). Those bytes are final: the
-   fetcher writes past them only.
+   fetcher writes past them only. The fetch of a read's first block may also leave out the
+   block's start that the read does not need (`skip`): the block's *tail* is then cached
+   (`_Tail`); reads within it are served from it, and a read needing the start fetches the
+   whole block, which takes the tail's place.
 4. On any failure the futures get the exception (every waiter sees the error) and the
    in-flight entries are gone, so a later read retries from scratch. Nothing unverified, and
    nothing of the wrong length, is ever cached or returned. After the first failed run the
@@ -77,6 +80,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from cachetools import LRUCache
@@ -98,11 +102,13 @@ class BlockFetcher(Protocol):
     short). It calls `on_block(position, piece)` for each piece as soon as that piece is ready,
     in order and before returning, so the cache can hand a block to its readers before the run
     is over; and it may call `on_partial` while a piece arrives, so that a reader of the
-    piece's first bytes need not wait for its last."""
+    piece's first bytes need not wait for its last. It may leave out up to `skip` bytes at
+    the start of the first piece, which then is the *tail* of its block (shorter by that
+    much): no reader of this run needs them."""
 
     def __call__(
         self, content_hash: str, start: int, end: int, block_size: int, /, *,
-        on_block: OnBlock, on_partial: OnPartial | None = None,
+        on_block: OnBlock, on_partial: OnPartial | None = None, skip: int = 0,
     ) -> Sequence[bytes]: ...
 
 Verifier = Callable[[str, int, bytes], None]
@@ -216,33 +222,65 @@ def adjacent_runs(indices: Iterable[int]) -> list[range]:
 # The cache
 
 _Key = tuple[str, int]
-_Outcome = bytes | BaseException
 # Readers' own fetches run in the background (see `_get_pieces`); each one waits on the network.
 _BACKGROUND_FETCHES = 16
 
 
+@dataclass(frozen=True, slots=True)
+class _Tail:
+    """Bytes `[lo, end)` of a block: fetched for a reader that did not need the block's start
+    (the block fetcher's `skip`). A later read that needs the start fetches the whole block,
+    which then takes the tail's place."""
+
+    piece: bytes
+    lo: int
+
+
+_Entry = bytes | _Tail  # a cached block: whole, or its tail
+_Outcome = _Entry | BaseException
+_Got = tuple[bytes, int]  # a `bytes` holding part of a block, and where in the block it starts
+
+
+def _entry_size(entry: _Entry) -> int:
+    return len(entry) if isinstance(entry, bytes) else len(entry.piece)
+
+
+def _holding(entry: _Entry, low: int) -> _Got | None:
+    """The entry's bytes and their offset in the block, if they hold the block from `low` on."""
+    if isinstance(entry, bytes):
+        return entry, 0
+    return (entry.piece, entry.lo) if low >= entry.lo else None
+
+
 class _Pending:
-    """A block being fetched: the future its fetch resolves and, while it arrives, its first
-    bytes that are in and verified, which readers of the block's start may take already."""
+    """A block being fetched: its outcome once the fetch is over and, while it arrives, the
+    part of it that is in and verified, which readers needing only that part take already."""
 
-    __slots__ = ("outcome", "piece", "ready", "waiters")
+    __slots__ = ("lo", "outcome", "piece", "ready", "skip", "waiters")
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int = 0) -> None:
+        self.skip = skip  # bytes at the block's start its fetch may leave out (a tail)
         self.outcome: _Outcome | None = None  # set, under the lock, when the fetch is over
-        self.piece = b""  # the block being filled, once the fetcher has reported it
+        self.piece = b""  # the block (or its tail) being filled, once the fetcher reported it
+        self.lo = 0  # where in the block `piece` starts
         self.ready = 0  # how many of `piece`'s first bytes are in and verified
-        # (bytes a reader needs, its future: resolved with a block holding them)
-        self.waiters: list[tuple[int, Future[bytes]]] = []
+        # (the part [low, high) of the block a reader needs, its future: resolved with a
+        # `bytes` holding that part, or None when the fetch ended with a tail that does not)
+        self.waiters: list[tuple[int, int, Future[_Got | None]]] = []
+
+    def holds(self, low: int, high: int) -> bool:
+        """Whether the part arrived so far holds bytes `[low, high)` of the block."""
+        return self.lo <= low and high - self.lo <= self.ready
 
 
-class _CountingLRU(LRUCache[_Key, bytes]):
+class _CountingLRU(LRUCache[_Key, _Entry]):
     """A byte-budget LRU that counts evictions (cachetools evicts through `popitem`)."""
 
     def __init__(self, capacity: int) -> None:
-        super().__init__(maxsize=capacity, getsizeof=len)
+        super().__init__(maxsize=capacity, getsizeof=_entry_size)
         self.evictions = 0
 
-    def popitem(self) -> tuple[_Key, bytes]:
+    def popitem(self) -> tuple[_Key, _Entry]:
         item = super().popitem()
         self.evictions += 1
         return item
@@ -277,7 +315,7 @@ class BlockCache:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._lru = _CountingLRU(capacity)
-        self._passed: OrderedDict[_Key, bytes] = OrderedDict()  # oldest passed first
+        self._passed: OrderedDict[_Key, _Entry] = OrderedDict()  # oldest passed first
         self._passed_bytes = 0
         self._passed_capacity = capacity // 4 if passed_capacity is None else passed_capacity
         if self._passed_capacity < 0:
@@ -320,12 +358,14 @@ class BlockCache:
         first, last = start // block_size, (end - 1) // block_size
         if first == last:  # the hot path: one block, usually cached
             with self._lock:
-                block = self._cached((content_hash, first))
-                if block is not None:
+                entry = self._cached((content_hash, first))
+                got = None if entry is None else _holding(entry, start - first * block_size)
+                if got is not None:
                     self._hits += 1
-            if block is not None:
-                base = first * block_size
-                return block[start - base : end - base]
+            if got is not None:
+                piece, lo = got
+                base = first * block_size + lo
+                return piece[start - base : end - base]
         pieces = self._get_pieces(content_hash, file_size, start, end)
         if len(pieces) == 1:
             block, low, high = pieces[0]
@@ -365,10 +405,10 @@ class BlockCache:
         with self._lock:
             for index in range(max(first_block, 0), last_block + 1):
                 key = (content_hash, index)
-                block = self._lru.pop(key, None)
-                if block is not None:
-                    self._passed[key] = block
-                    self._passed_bytes += len(block)
+                entry = self._lru.pop(key, None)
+                if entry is not None:
+                    self._passed[key] = entry
+                    self._passed_bytes += _entry_size(entry)
                     moved += 1
             self._passed_blocks += moved
             while self._passed and self._passed_bytes > self._passed_capacity:
@@ -408,33 +448,38 @@ class BlockCache:
     # -- internals ------------------------------------------------------------------------------
 
     def _get_pieces(
-        self, content_hash: str, file_size: int, start: int, end: int
+        self, content_hash: str, file_size: int, start: int, end: int, *, whole: bool = False
     ) -> list[tuple[bytes, int, int]]:
         """For each block of `[start, end)`: a `bytes` holding the part of it the read needs,
         and that part's bounds in it. A block in flight, whether another thread's fetch or one
         this call starts, is waited for only until the part needed has arrived: with a block
         fetcher, this call's own fetch runs in the background, so the read can return while
-        the rest of its block is still on the way."""
+        the rest of its block is still on the way. The fetch of the read's first block may
+        leave out the block's start the read does not need (a tail, see `_Tail`), unless
+        `whole`."""
         block_size = self._block_size
         blocks = range(start // block_size, (end - 1) // block_size + 1)
-        found: dict[int, bytes] = {}
+        found: dict[int, _Got] = {}
         pending: dict[int, _Pending] = {}
         owned: dict[int, _Pending] = {}
         with self._lock:
             for index in blocks:
                 key = (content_hash, index)
-                block = self._cached(key)
-                if block is not None:
+                low = max(start - index * block_size, 0)
+                entry = self._cached(key)
+                got = None if entry is None else _holding(entry, low)
+                if got is not None:
                     self._hits += 1
-                    found[index] = block
+                    found[index] = got
                     continue
                 self._misses += 1
-                entry = self._inflight.get(key)
-                if entry is None:
-                    entry = owned[index] = self._inflight[key] = _Pending()
+                fetching = self._inflight.get(key)
+                if fetching is None:
+                    skip = low if index == blocks.start and not whole else 0
+                    fetching = owned[index] = self._inflight[key] = _Pending(skip)
                 else:
                     self._inflight_waits += 1
-                pending[index] = entry
+                pending[index] = fetching
             self._reserve(file_size, owned)
         if owned:
             if self._background is None:
@@ -445,27 +490,33 @@ class BlockCache:
         for index in blocks:
             base = index * block_size
             low, high = max(start - base, 0), min(end - base, block_size)
-            block = found.get(index)
-            if block is None:
-                block = self._await(pending[index], high)  # raises the fetch's error
-            pieces.append((block, low, high))
+            got = found.get(index)
+            if got is None:
+                got = self._await(pending[index], low, high)  # raises the fetch's error
+            if got is None:  # it brought a tail that starts after `low`: the whole block
+                pieces += self._get_pieces(content_hash, file_size, base + low, base + high,
+                                           whole=True)
+                continue
+            piece, lo = got
+            pieces.append((piece, low - lo, high - lo))
         return pieces
 
-    def _await(self, entry: _Pending, needed: int) -> bytes:
-        """A `bytes` holding the first `needed` bytes of a block in flight: the block being
-        filled once that many of its bytes are in and verified, or the fetched block."""
+    def _await(self, entry: _Pending, low: int, high: int) -> _Got | None:
+        """A `bytes` holding bytes `[low, high)` of a block in flight, and where in the block
+        it starts: the block being filled once they are in and verified, or the fetched
+        block; None if the fetch brought a tail that starts after `low`."""
         with self._lock:
             outcome = entry.outcome
             if outcome is None:
-                if entry.ready >= needed:
-                    return entry.piece
-                waiter: Future[bytes] = Future()
-                entry.waiters.append((needed, waiter))
+                if entry.holds(low, high):
+                    return entry.piece, entry.lo
+                waiter: Future[_Got | None] = Future()
+                entry.waiters.append((low, high, waiter))
         if outcome is None:
             return waiter.result()
         if isinstance(outcome, BaseException):
             raise outcome
-        return outcome
+        return _holding(outcome, low)
 
     def _fetch_owned(
         self, content_hash: str, file_size: int, owned: dict[int, _Pending]
@@ -499,7 +550,7 @@ class BlockCache:
             return exc
         with self._lock:
             self._bytes_fetched += end - start
-        outcomes: dict[int, bytes | BaseException] = {
+        outcomes: dict[int, _Outcome] = {
             index: self._checked(content_hash, index, block)
             for index, block in zip(run, blocks, strict=True)
         }
@@ -519,8 +570,16 @@ class BlockCache:
         last). Every block of the run is resolved once, whatever the fetcher does: a block it
         never reports gets its error. Returns the run's first error."""
         start, end = run_bounds(run, file_size, self._block_size)
+        # Tails are handed to a verify hook never: it checks whole blocks.
+        skip = owned[run.start].skip if self._verify is None else 0
         unresolved = set(run)  # guarded by self._lock
         errors: list[BaseException] = []
+
+        def left_out(position: int, piece: bytes) -> int | None:
+            """How much of its block's start the piece leaves out; None if not allowed."""
+            low, high = block_bounds(run.start + position, file_size, self._block_size)
+            lo = high - low - len(piece)
+            return lo if 0 <= lo <= (skip if position == 0 else 0) else None
 
         def arrived(position: int, block: bytes) -> None:
             index = run.start + position
@@ -530,12 +589,15 @@ class BlockCache:
                         f"fetch of {content_hash} bytes {start}-{end - 1} reported piece "
                         f"{position} of a run of {len(run)}"))
                 return
-            low, high = block_bounds(index, file_size, self._block_size)
-            outcome: bytes | BaseException
-            if len(block) != high - low:
+            lo = left_out(position, block)
+            outcome: _Outcome
+            if lo is None:
+                low, high = block_bounds(index, file_size, self._block_size)
                 outcome = BlockFetchError(
                     f"fetch of {content_hash} bytes {start}-{end - 1} returned piece {position} "
                     f"of {len(block)} bytes instead of {high - low}")
+            elif lo:
+                outcome = _Tail(block if type(block) is bytes else bytes(block), lo)
             else:
                 outcome = self._checked(
                     content_hash, index, block if type(block) is bytes else bytes(block))
@@ -543,27 +605,28 @@ class BlockCache:
                 errors.append(outcome)
             else:
                 with self._lock:
-                    self._bytes_fetched += len(outcome)
+                    self._bytes_fetched += _entry_size(outcome)
             self._resolve(content_hash, file_size, {index: outcome}, owned, unresolved)
 
         def partial(position: int, piece: bytes, ready: int) -> None:
-            if type(piece) is not bytes or not 0 < ready <= len(piece):
-                return  # only a `bytes` with a verified start can be handed out
             entry = owned.get(run.start + position)
-            if entry is None:
+            if entry is None or type(piece) is not bytes or not 0 < ready <= len(piece):
+                return  # only a `bytes` with a verified start can be handed out
+            lo = left_out(position, piece)
+            if lo is None:
                 return
             with self._lock:
                 if entry.outcome is not None:
                     return
-                entry.piece, entry.ready = piece, ready
-                due = [waiter for needed, waiter in entry.waiters if needed <= ready]
-                entry.waiters = [(n, waiter) for n, waiter in entry.waiters if n > ready]
+                entry.piece, entry.lo, entry.ready = piece, lo, ready
+                due = [waiter for low, high, waiter in entry.waiters if entry.holds(low, high)]
+                entry.waiters = [w for w in entry.waiters if not entry.holds(w[0], w[1])]
             for waiter in due:
-                waiter.set_result(piece)
+                waiter.set_result((piece, lo))
 
         try:
             blocks = block_fetcher(content_hash, start, end, self._block_size, on_block=arrived,
-                                   on_partial=partial)
+                                   on_partial=partial, skip=skip)
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             with self._lock:
                 self._fetch_errors += 1
@@ -620,19 +683,19 @@ class BlockCache:
         start, end = block_bounds(index, file_size, self._block_size)
         return end - start if end - start <= self._capacity else 0
 
-    def _cached(self, key: _Key) -> bytes | None:
-        """The cached block, from either tier (a passed block read again rejoins the LRU).
-        Called with the lock held."""
-        block = self._lru.get(key)
-        if block is None and key in self._passed:
-            block = self._passed.pop(key)
-            self._passed_bytes -= len(block)
-            self._lru[key] = block
-        return block
+    def _cached(self, key: _Key) -> _Entry | None:
+        """The cached block (or tail), from either tier (a passed block read again rejoins
+        the LRU). Called with the lock held."""
+        entry = self._lru.get(key)
+        if entry is None and key in self._passed:
+            entry = self._passed.pop(key)
+            self._passed_bytes -= _entry_size(entry)
+            self._lru[key] = entry
+        return entry
 
     def _drop_oldest_passed(self) -> None:
-        _, block = self._passed.popitem(last=False)
-        self._passed_bytes -= len(block)
+        _, entry = self._passed.popitem(last=False)
+        self._passed_bytes -= _entry_size(entry)
         self._dropped_blocks += 1
 
     def _evict_to_budget(self) -> None:
@@ -654,7 +717,7 @@ class BlockCache:
         """Cache the good blocks and retire the in-flight entries (and their reservations) in
         one critical section, then hand the outcomes to the waiting readers outside the lock.
         With `unresolved`, only the blocks still in it are resolved (and taken out of it)."""
-        waiting: list[tuple[list[tuple[int, Future[bytes]]], _Outcome]] = []
+        waiting: list[tuple[list[tuple[int, int, Future[_Got | None]]], _Outcome]] = []
         with self._lock:
             if unresolved is not None:
                 outcomes = {i: o for i, o in outcomes.items() if i in unresolved}
@@ -662,8 +725,10 @@ class BlockCache:
             for index, outcome in outcomes.items():
                 key = (content_hash, index)
                 self._reserved -= self._cacheable_size(file_size, index)
-                if isinstance(outcome, bytes) and len(outcome) <= self._capacity:
-                    self._lru[key] = outcome
+                if not isinstance(outcome, BaseException):
+                    self._passed_bytes -= _entry_size(self._passed.pop(key, b""))  # a tail's
+                    if _entry_size(outcome) <= self._capacity:
+                        self._lru[key] = outcome
                 del self._inflight[key]
                 entry = owned[index]
                 entry.outcome = outcome
@@ -671,8 +736,8 @@ class BlockCache:
                 entry.waiters = []
             self._evict_to_budget()
         for waiters, outcome in waiting:
-            for _, waiter in waiters:
+            for low, _, waiter in waiters:
                 if isinstance(outcome, BaseException):
                     waiter.set_exception(outcome)
                 else:
-                    waiter.set_result(outcome)
+                    waiter.set_result(_holding(outcome, low))

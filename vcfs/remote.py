@@ -374,6 +374,9 @@ class Remote:
             timeout=config.per_request_timeout,
             token=token,
             max_connections=config.workers,
+            # The kernel keeps two reads in flight for a streaming reader: the second one
+            # finds a connection ready instead of paying a handshake (a round trip).
+            spare_connection=True,
         )
         return cls(client, config=config, token_sent=token is not None)
 
@@ -536,6 +539,7 @@ class Remote:
         *,
         on_block: Callable[[int, bytes], None] | None = None,
         on_partial: Callable[[int, bytes, int], None] | None = None,
+        skip: int = 0,
     ) -> list[bytes]:
         """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`),
         each also handed to `on_block(i, piece)` as soon as it is verified, in order, and,
@@ -546,9 +550,11 @@ class Remote:
         block size or finer), the run is ONE request whose body is received block by block
         into a buffer; each chunk is verified as soon as it is in, and each block reported
         as it completes, while the rest is still arriving; a retry asks only for the blocks
-        not yet reported. Otherwise (no digests yet, chunks coarser than the blocks) it is
-        `fetch`, cut into pieces. A first block fetched with the metadata is used as the
-        run's first piece."""
+        not yet reported. It then also leaves out the whole chunks among the first `skip`
+        bytes: the first piece is the tail of its block (a reader jumping into the middle
+        of a block waits for, and the link carries, only the chunks from there on).
+        Otherwise (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into
+        pieces. A first block fetched with the metadata is used as the run's first piece."""
         if start == 0 and self._holds_first_block(content_hash, block_size):
             first = self._fetch(
                 content_hash, 0, min(block_size, end),
@@ -582,19 +588,20 @@ class Remote:
                 if on_block is not None:
                     on_block(position, piece)
             return pieces
+        lead = min(skip, block_size - 1) // digests.chunk_size * digests.chunk_size
         sink = _BlockSink(on_block, on_partial)
         try:
-            with self._outcome_noted(content_hash, start, end):
+            with self._outcome_noted(content_hash, start + lead, end):
                 self._with_retries(
-                    f"{content_hash} bytes {start}-{end - 1}",
+                    f"{content_hash} bytes {start + lead}-{end - 1}",
                     lambda cutoff: self._attempt_blocks(
-                        content_hash, start + sink.count * block_size, end, block_size,
-                        digests, sink, cutoff,
+                        content_hash, start + sink.count * block_size if sink.count else
+                        start + lead, end, block_size, digests, sink, cutoff,
                     ),
                 )
         finally:
             sink.close()
-        self.counters.add("bytes_fetched", end - start)
+        self.counters.add("bytes_fetched", end - start - lead)
         return sink.blocks
 
     def _attempt_blocks(
@@ -607,13 +614,19 @@ class Remote:
         sink: _BlockSink,
         cutoff: float,
     ) -> None:
-        """One request for `[start, end)` (whole blocks of whole chunks), each block received
-        straight into its own `bytes`; each chunk verified as soon as it is in, the block's
-        verified start handed to `sink` as it grows, and the block once it is complete."""
+        """One request for `[start, end)` (whole chunks; from the start of a block or of its
+        tail), each block received straight into its own `bytes`; each chunk verified as soon
+        as it is in, the block's verified start handed to `sink` as it grows, and the block
+        once it is complete."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
         self.counters.add("range_requests")
-        bounds = [(low, min(low + block_size, end)) for low in range(start, end, block_size)]
+        bounds = []
+        low = start
+        while low < end:
+            high = min(low - low % block_size + block_size, end)
+            bounds.append((low, high))
+            low = high
         blocks, views = zip(*(unfilled_block(high - low) for low, high in bounds), strict=True)
         first_position = sink.count
         verified = start  # every chunk before this offset has matched its digest
@@ -626,7 +639,7 @@ class Remote:
                 chunk_start, chunk_end = digests.bounds(index)
                 if chunk_end > offset:
                     return
-                position = (chunk_start - start) // block_size
+                position = chunk_start // block_size - start // block_size
                 base = bounds[position][0]
                 self._verify_chunk(digests, index, memoryview(blocks[position])[
                     chunk_start - base : chunk_end - base])
@@ -636,7 +649,7 @@ class Remote:
             overdue(received)
             before = verified
             verify_below(start + received)
-            position = (verified - start) // block_size
+            position = verified // block_size - start // block_size
             if verified > before and position < len(bounds) and verified > bounds[position][0]:
                 sink.partial(first_position + position, blocks[position],
                              verified - bounds[position][0])

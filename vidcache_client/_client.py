@@ -45,7 +45,9 @@ class VidCacheClient:
     chunks `stream_video` yields. Keyword-only: `token` is sent as `Authorization: Bearer
     <token>`; `transport` replaces httpx's network transport (tests use httpx.MockTransport);
     `max_connections` bounds the connections open at once, shared by all threads using this
-    client (a call finding them all busy waits up to `timeout` for one).
+    client (a call finding them all busy waits up to `timeout` for one). `spare_connection`:
+    whenever `read_range_into` has to open a connection, open one more in the background
+    for the next concurrent ranged read (for callers that keep two or more in flight).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class VidCacheClient:
         token: str | None = None,
         transport: httpx.BaseTransport | None = None,
         max_connections: int = 32,
+        spare_connection: bool = False,
     ) -> None:
         url = _parse_base_url(base_url)
         if not timeout > 0:
@@ -90,7 +93,8 @@ class VidCacheClient:
         self._ranges: RangeReader | None = None
         if transport is None and not proxied_by_environment(url):
             self._ranges = RangeReader(url, headers=headers, timeout=timeout,
-                                       ssl_context=ssl_context, budget=self._budget)
+                                       ssl_context=ssl_context, budget=self._budget,
+                                       spare=spare_connection)
 
     def __repr__(self) -> str:
         return f"VidCacheClient({self.base_url!r})"

@@ -68,11 +68,17 @@ class Pool(Generic[T]):
     `usable` says so (checked as one leaves the idle stack), counted against `budget`."""
 
     def __init__(self, create: Callable[[], T], *, close: Callable[[T], None],
-                 usable: Callable[[T], bool] | None = None, budget: Budget) -> None:
+                 usable: Callable[[T], bool] | None = None, budget: Budget,
+                 spare: bool = False) -> None:
+        """`spare`: whenever a caller finds no idle connection and has to wait for a new one,
+        open one more in the background (within the budget, one at a time), so that the
+        next concurrent caller finds it ready instead of paying a connection set-up too."""
         self._create = create
         self._close = close
         self._usable = usable
         self._budget = budget
+        self._spare = spare
+        self._making_spare = False  # guarded by the budget's lock
         self.idle: list[tuple[int, T]] = []  # a stack of (return order, connection)
         with budget.changed:
             budget.pools.append(self)
@@ -106,17 +112,40 @@ class Pool(Generic[T]):
                     budget.evict_coldest()
                 if budget.count < budget.size:
                     budget.count += 1
+                    spare = self._spare and not fresh and self._claim_spare()
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise httpx.PoolTimeout(
                         f"all {budget.size} connections stayed busy for {budget.wait_timeout} s")
                 budget.changed.wait(remaining)
+        if spare:
+            threading.Thread(target=self._open_spare, name="vidcache-spare", daemon=True).start()
         try:
             return self._create()
         except BaseException:
             self._forget()
             raise
+
+    def _claim_spare(self) -> bool:
+        """With the budget's lock held: whether to open a spare now (counted from here on)."""
+        budget = self._budget
+        if self._making_spare or budget.count >= budget.size:
+            return False
+        self._making_spare = True
+        budget.count += 1
+        return True
+
+    def _open_spare(self) -> None:
+        try:
+            connection = self._create()
+        except BaseException:  # a spare is a bonus: a caller that needs one makes its own
+            self._forget()
+            connection = None
+        with self._budget.changed:
+            self._making_spare = False
+        if connection is not None:
+            self.release(connection)
 
     def release(self, connection: T, *, reusable: bool = True) -> None:
         """Take a lent connection back: onto the idle stack if `reusable`, else closed."""

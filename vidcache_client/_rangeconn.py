@@ -194,7 +194,8 @@ class RangeReader:
     """Sends `GET <base path>/video/<hash>` with a Range; reads the answer into buffers."""
 
     def __init__(self, base_url: httpx.URL, *, headers: dict[str, str], timeout: float,
-                 ssl_context: ssl.SSLContext, budget: Budget) -> None:
+                 ssl_context: ssl.SSLContext, budget: Budget,
+                 spare: bool = False) -> None:
         self._url = base_url
         self._tls = ssl_context if base_url.scheme == "https" else None
         self._timeout = timeout
@@ -204,7 +205,7 @@ class RangeReader:
                          "Accept-Encoding": "identity"}
         self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
         self._pool = Pool(self._connect, close=_Connection.close,
-                          usable=_Connection.still_open, budget=budget)
+                          usable=_Connection.still_open, budget=budget, spare=spare)
 
     def read_into(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
                   what: str, on_filled: OnFilled | None, on_progress: OnProgress | None) -> int:
