@@ -482,7 +482,10 @@ class BlockCache:
                 pending[index] = fetching
             self._reserve(file_size, owned)
         if owned:
-            if self._background is None:
+            last = max(owned)
+            # In the background only if the read can return before its fetch is over: when it
+            # needs only the start of the last block it fetches (a thread hop otherwise).
+            if self._background is None or end >= block_bounds(last, file_size, block_size)[1]:
                 self._fetch_owned(content_hash, file_size, owned)
             else:
                 self._background.submit(self._fetch_owned, content_hash, file_size, owned)
