@@ -153,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-passed", type=parse_size, default=None, metavar="SIZE",
         help="part of the cache kept for blocks a streaming reader has read past, evicted "
         "first, so a short seek back is served from memory (default: a quarter of "
-        "--cache-size); 0 frees them at once: a long scan then reuses the same memory "
-        "(a little faster on a fresh mount) and re-reads of its past go back to the service",
+        "--cache-size); 0 frees them at once, leaving the memory to other files' blocks: "
+        "re-reads of a scan's past then go back to the service",
     )
     mount.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
