@@ -251,15 +251,24 @@ def test_a_block_with_a_bad_chunk_is_never_handed_on(remote: Remote, fake: FakeS
     assert remote.counters.get("verify_failures") > 1  # every attempt checked, none passed
 
 
-def test_a_blocks_verified_start_is_handed_on_chunk_by_chunk_as_it_arrives(
-    remote: Remote, fake: FakeService,
-) -> None:
-    remote.fetch(HASH, 0, 2 * CHUNK)  # digests known from here on
+def fetch_trickling(remote: Remote, fake: FakeService, *, skip: int = 0
+                    ) -> tuple[list[bytes], list[tuple[int, int, bytes]]]:
+    """`fetch_blocks` of bytes 2000 on in blocks of 2000, the body sent in pieces of 300 (the
+    digests known already): its blocks and every (position, ready, verified start) reported
+    while they arrived."""
+    remote.fetch(HASH, 0, 2 * CHUNK)
     fake.piece = 300
     partial: list[tuple[int, int, bytes]] = []
     blocks = remote.fetch_blocks(
-        HASH, 2 * CHUNK, len(DATA), 2 * CHUNK,
+        HASH, 2 * CHUNK, len(DATA), 2 * CHUNK, skip=skip,
         on_partial=lambda i, block, ready: partial.append((i, ready, block[:ready])))
+    return blocks, partial
+
+
+def test_a_blocks_verified_start_is_handed_on_chunk_by_chunk_as_it_arrives(
+    remote: Remote, fake: FakeService,
+) -> None:
+    blocks, partial = fetch_trickling(remote, fake)
     assert blocks == [DATA[2 * CHUNK : 4 * CHUNK], DATA[4 * CHUNK :]]
     # each block's first chunk, once in and verified; never a whole block, never a cut chunk
     assert partial == [(0, CHUNK, DATA[2 * CHUNK : 3 * CHUNK]),
@@ -280,12 +289,7 @@ def test_a_chunk_failing_its_digest_is_never_handed_on(remote: Remote, fake: Fak
 def test_a_run_may_leave_out_the_whole_chunks_its_reader_skips(
     remote: Remote, fake: FakeService,
 ) -> None:
-    remote.fetch(HASH, 0, 2 * CHUNK)  # digests known from here on
-    fake.piece = 300
-    partial: list[tuple[int, int, bytes]] = []
-    blocks = remote.fetch_blocks(
-        HASH, 2 * CHUNK, len(DATA), 2 * CHUNK, skip=CHUNK + 500,
-        on_partial=lambda i, block, ready: partial.append((i, ready, block[:ready])))
+    blocks, partial = fetch_trickling(remote, fake, skip=CHUNK + 500)
     # chunk 2 left out, chunk 3 (holding byte 3500, the first one needed) on
     assert fake.ranges[-1] == f"bytes={3 * CHUNK}-{len(DATA) - 1}"
     assert blocks == [DATA[3 * CHUNK : 4 * CHUNK], DATA[4 * CHUNK :]]
