@@ -7,7 +7,8 @@ handful of pure functions (`clamp_range`, `blocks_for`, `run_bounds`, `adjacent_
 that the cache and the readahead share.
 
 `BlockCache` keeps blocks in a cachetools `LRUCache` keyed by `(hash, block_index)` whose size
-is counted in bytes (`getsizeof=len`), so `capacity` is a real memory budget. cachetools is not
+is counted in bytes (a block's length, a tail's own length), so `capacity` is a real memory
+budget. cachetools is not
 thread-safe; one lock guards both the LRU and the table of in-flight fetches, and is never held
 while fetching, verifying or copying data.
 
@@ -19,8 +20,9 @@ Reading, for the blocks a read touches:
    of a cold block cause exactly one request.
 2. The owned blocks are grouped into runs of adjacent indices and each run is fetched with ONE
    fetcher (or block fetcher) call (a cold 1 MiB read straddling two blocks is one range
-   request, not two). With a block fetcher, a reader's own fetch runs on a background
-   thread and the reader waits for its blocks like any other reader (see below).
+   request, not two). With a block fetcher, a reader that needs only the start of the last
+   block it fetches runs its fetch on a background thread and waits for its part like any
+   other reader (see below), so it can return before the fetch is over.
 3. The owner checks the answer is exactly the run's length (`BlockFetchError` otherwise), cuts
    it into blocks, passes each to the optional `verify` hook, and then, in a single critical
    section, inserts the good blocks into the LRU and removes the in-flight entries, so no
@@ -43,25 +45,24 @@ Reading, for the blocks a read touches:
    remaining owned runs of the same call fail fast with the same error rather than stacking
    up one remote deadline per run.
 
-Waiting is `Future.result()`, never polling: a reader of a block in flight registers a
-future for the number of its bytes it needs, resolved by the partial report that covers
-them, or with the block (or its error) when the fetch is over. Liveness relies on the
-fetcher ending every call with data or an exception within its own deadline (vcfs.remote
-retries under a total deadline).
+Waiting is `Future.result()`, never polling: a reader of a block in flight registers a future
+for the part of the block it needs, resolved by the partial report that covers it, or with the
+block (or its error) when the fetch is over. Liveness relies on the fetcher ending every call
+with data or an exception within its own deadline (vcfs.remote retries under a total deadline).
 
-Copies and memory: a read inside one cached block is a single slice of it (no copy at all when it
-is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the only
-copy. Every run is fetched through the optional `block_fetcher`, which hands over
-each block as its own `bytes` (vcfs.remote receives each one in place, see `unfilled_block`, and
-verifies it); without one, the single answer is copied into one `bytes` per block: cached blocks
-must not be views of the run's buffer, because one live view pins the whole buffer and the byte
-budget would lie. Uniform
-block-sized `bytes` suit glibc malloc: evicted blocks free exactly the size the next block needs,
-so the heap is reused instead of fragmenting (multi-MiB temporaries cut into 1 MiB blocks left ~35
-MB of holes behind). A block larger than the whole capacity (or any block when capacity is 0) is
-returned but not cached. Blocks being fetched count against the budget from the moment a thread
-owns their fetch (least recent blocks are evicted to make room), so cached plus in-flight bytes
-stay within `capacity` however deep readahead's pipeline is.
+Copies and memory: a read inside one cached block is a single slice of it (no copy at all when
+it is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the
+only copy. Every run is fetched through the optional `block_fetcher`, which hands over each
+block as its own `bytes` (vcfs.remote receives each one in place, see `unfilled_block`, and
+verifies it); without one, the single answer is copied into one `bytes` per block: cached
+blocks must not be views of the run's buffer, because one live view pins the whole buffer and
+the byte budget would lie. Uniform block-sized `bytes` suit glibc malloc: evicted blocks free
+exactly the size the next block needs, so the heap is reused instead of fragmenting (multi-MiB
+temporaries cut into 1 MiB blocks left ~35 MB of holes behind). A block larger than the whole
+capacity (or any block when capacity is 0) is returned but not cached. Blocks being fetched
+count against the budget from the moment a thread owns their fetch (least recent blocks are
+evicted to make room), so cached plus in-flight bytes stay within `capacity` however deep
+readahead's pipeline is.
 
 Passed blocks (readahead's drop-behind, `discard`): blocks a sequential stream has read past
 leave the LRU for a *passed* tier, oldest first, of at most `passed_capacity` bytes (a quarter
