@@ -23,7 +23,7 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from bench.faults import FlipByte
+from bench.faults import FlipByte, Stall
 from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import FaultyLink, Source, bounded_read, ingest, read_uncached
@@ -167,6 +167,34 @@ def test_a_read_into_the_middle_of_a_cold_block_fetches_from_its_chunk_on(
         assert ranges[-2:] == [f"bytes={2 * MIB + 512 * KIB}-{3 * MIB - 1}",
                                f"bytes={2 * MIB}-{3 * MIB - 1}"]
         assert mount.stats()["remote"]["verify_failures"] == 0
+
+
+STALL = 6.0  # seconds the proxy holds back the rest of a block in the stall test
+
+
+@mounting
+def test_a_read_of_a_blocks_start_is_answered_while_the_rest_of_the_block_is_stalled(
+    stored: Stored, link: FaultyLink, tmp_path: Path,
+) -> None:
+    source = stored.new  # 256 KiB chunks
+    block = 2 * MIB
+    header = f"bytes={block}-{block + MIB - 1}"
+    with VcfsMount(link.url, tmp_path / "mnt", "--readahead-max", "0") as mount:
+        path = mount.video(source.file_name)
+        assert read_uncached(path, 10, 0) == source.data[:10]  # digests known from here on
+        link.faults.enable(Stall(seconds=STALL, after_bytes=400 * KIB,
+                                 match=lambda request: request.headers.get("range") == header),
+                           times=1)
+        # The block's first chunk is in, verified and handed over; the rest waits STALL s.
+        result = bounded_read(path, READ, block, limit=STALL / 2)
+        assert result.error is None, result.error
+        assert result.data == source.data[block : block + READ]
+        assert link.faults.injected().get("stall") == 1
+        # The block itself is cached once the stall is over, in one request.
+        rest = bounded_read(path, READ, block + MIB - READ, limit=3 * STALL)
+        assert rest.data == source.data[block + MIB - READ : block + MIB]
+        ranges = [r for p, r in link.request_log() if source.content_hash in p and r]
+        assert ranges.count(header) == 1
 
 
 # ---------------------------------------------------------------------------------------------
