@@ -182,6 +182,7 @@ def test_a_read_of_a_blocks_start_is_answered_while_the_rest_of_the_block_is_sta
     with VcfsMount(link.url, tmp_path / "mnt", "--readahead-max", "0") as mount:
         path = mount.video(source.file_name)
         assert read_uncached(path, 10, 0) == source.data[:10]  # digests known from here on
+        earlier = len(link.request_log())  # the link serves the whole module
         link.faults.enable(Stall(seconds=STALL, after_bytes=400 * KIB,
                                  match=lambda request: request.headers.get("range") == header),
                            times=1)
@@ -193,8 +194,8 @@ def test_a_read_of_a_blocks_start_is_answered_while_the_rest_of_the_block_is_sta
         # The block itself is cached once the stall is over, in one request.
         rest = bounded_read(path, READ, block + MIB - READ, limit=3 * STALL)
         assert rest.data == source.data[block + MIB - READ : block + MIB]
-        ranges = [r for p, r in link.request_log() if source.content_hash in p and r]
-        assert ranges.count(header) == 1
+        ranges = [r for p, r in link.request_log()[earlier:] if source.content_hash in p and r]
+        assert ranges == [header]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ for it, and it gets the warmest pooled connection. A file shorter than the block
 to its end, which is that block. Any failure (an error, a wrong length, a digest mismatch,
 chunks coarser than the block) drops it quietly and the normal path fetches the block. Lookups
 answered from the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service
-does not have, the two extra requests are answered 404 and dropped with the lookup.
+does not have, the two extra requests are answered 404, or dropped unsent when the 404 of
+`/meta` comes first.
 
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
