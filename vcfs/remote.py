@@ -635,16 +635,13 @@ class Remote:
 
         def verify_below(offset: int) -> None:
             nonlocal verified
-            while verified < offset:
-                index = verified // digests.chunk_size
-                chunk_start, chunk_end = digests.bounds(index)
-                if chunk_end > offset:
+            while verified < offset:  # block by block: chunks never straddle two
+                position = verified // block_size - start // block_size
+                low, high = bounds[position]
+                verified = self._verify_chunks(digests, memoryview(blocks[position]), low,
+                                               verified, min(offset, high))
+                if verified < high:
                     return
-                position = chunk_start // block_size - start // block_size
-                base = bounds[position][0]
-                self._verify_chunk(digests, index, memoryview(blocks[position])[
-                    chunk_start - base : chunk_end - base])
-                verified = chunk_end
 
         def progress(received: int) -> None:
             overdue(received)
@@ -849,13 +846,9 @@ class Remote:
                 return verified
             seen = received
             before = verified
-            while verified < end:
-                chunk_start, chunk_end = digests.bounds(verified // digests.chunk_size)
-                if chunk_end > received or chunk_end >= end:
-                    break
-                self._verify_chunk(digests, chunk_start // digests.chunk_size,
-                                   memoryview(block)[chunk_start:chunk_end])
-                verified = chunk_end
+            # `end - 1`: not the last chunk (see above)
+            verified = self._verify_chunks(digests, memoryview(block), 0, verified,
+                                           min(received, end - 1))
             if verified > before:
                 on_partial(block, verified)
 
@@ -1015,14 +1008,24 @@ class Remote:
         self, digests: _Digests, start: int, end: int, data: bytes | memoryview
     ) -> None:
         """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
-        view = memoryview(data)
-        index = -(-start // digests.chunk_size)
-        while index < digests.count:
+        first = -(-start // digests.chunk_size) * digests.chunk_size
+        self._verify_chunks(digests, memoryview(data), start, first, end)
+
+    def _verify_chunks(
+        self, digests: _Digests, data: memoryview, base: int, start: int, limit: int
+    ) -> int:
+        """Compare the chunks of `data` (the video's bytes from offset `base` on) that begin
+        at or after `start`, a chunk boundary, and end at or before `limit` with their
+        recorded digests, in order. Returns the end of the last one compared (`start` if
+        none): the offset up to which the bytes are verified."""
+        while start < limit:
+            index = start // digests.chunk_size
             chunk_start, chunk_end = digests.bounds(index)
-            if chunk_end > end:
+            if chunk_end > limit:
                 break
-            self._verify_chunk(digests, index, view[chunk_start - start : chunk_end - start])
-            index += 1
+            self._verify_chunk(digests, index, data[chunk_start - base : chunk_end - base])
+            start = chunk_end
+        return start
 
     def _verify_chunk(self, digests: _Digests, index: int, chunk: memoryview) -> None:
         digest = blake3(chunk).digest()
