@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -30,7 +31,7 @@ from PIL import Image
 
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
 from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
-from vcfs import paths
+from vcfs import cli, paths
 from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
@@ -519,6 +520,28 @@ def test_startup_errors_are_one_clear_line(
     )
     assert no_fusermount.returncode == 1
     assert no_fusermount.stderr.startswith("vcfs: error: fusermount3 not found"), no_fusermount
+
+
+def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) -> None:
+    """`--daemon` starts `vcfs mount ... --foreground` with arguments rebuilt from the parsed
+    options; parsing those again gives the same options (every field set away from its
+    default here, so an option the rebuild forgets fails this test)."""
+    token = tmp_path / "token"
+    token.write_text("secret-token\n")
+    given = cli.build_parser().parse_args([
+        "mount", "http://cache:8020/", str(tmp_path), "--cache-size", "64M",
+        "--block-size", "256K", "--readahead-max", "8M", "--keep-passed", "4M",
+        "--timeout", "12.5", "--token-file", str(token), "--daemon", "-o", "allow_other,noatime",
+        "--log-level", "debug", "--log-file", str(tmp_path / "log"), "--no-raise-readahead",
+        "--no-first-block",
+    ])
+    options = cli.mount_options(given)
+    for field in dataclasses.fields(cli.MountOptions):
+        if field.default is not dataclasses.MISSING:
+            assert getattr(options, field.name) != field.default, field.name
+    again = cli.build_parser().parse_args(cli.foreground_arguments(options))
+    assert again.daemon is False
+    assert cli.mount_options(again) == options
 
 
 def test_help_lists_every_option_with_defaults() -> None:

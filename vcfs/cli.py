@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "unmount":
             return unmount(os.path.abspath(args.mountpoint), lazy=args.lazy)
-        options = _mount_options(args)
+        options = mount_options(args)
         if args.daemon:
             return run_daemon(options)
         return run_mount(options, status_fd=args.status_fd)
@@ -228,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _mount_options(args: argparse.Namespace) -> MountOptions:
+def mount_options(args: argparse.Namespace) -> MountOptions:
     block, cache, window = args.block_size, args.cache_size, args.readahead_max
     if block < 4 * KIB or block % (4 * KIB) or block > 64 * MIB:
         raise StartupError(f"--block-size must be a multiple of 4K between 4K and 64M, not {block}")
@@ -510,10 +510,11 @@ def _detach_stdio(log_file: str | None) -> None:
     os.close(target)
 
 
-def run_daemon(options: MountOptions) -> int:
-    """Start `vcfs mount --foreground` detached; return once it mounted (0) or failed."""
+def foreground_arguments(options: MountOptions) -> list[str]:
+    """The `vcfs mount ... --foreground` arguments that give the daemon `options` again
+    (tests check every option survives the trip)."""
     argv = [
-        sys.executable, "-m", "vcfs", "mount", options.url, options.mountpoint,
+        "mount", options.url, options.mountpoint,
         "--cache-size", str(options.cache_size), "--block-size", str(options.block_size),
         "--readahead-max", str(options.readahead_max), "--timeout", str(options.timeout),
         "--log-level", options.log_level, "--foreground",
@@ -530,6 +531,12 @@ def run_daemon(options: MountOptions) -> int:
         argv.append("--no-first-block")
     if options.keep_passed is not None:
         argv += ["--keep-passed", str(options.keep_passed)]
+    return argv
+
+
+def run_daemon(options: MountOptions) -> int:
+    """Start `vcfs mount --foreground` detached; return once it mounted (0) or failed."""
+    argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
         child = subprocess.Popen(
