@@ -64,6 +64,8 @@ _HASH_DOC: JsonDict = {"pattern": f"^{HASH_PATTERN}$",
 _BUCKET_DOC: JsonDict = {"pattern": f"^{SEGMENT_PATTERN}$"}
 _PREFIX_DOC: JsonDict = {"pattern": f"^({SEGMENT_PATTERN})?$"}
 ContentHash = Annotated[str, Path(json_schema_extra=_HASH_DOC)]
+_START_DOC = "first byte of the range whose chunk digests to list (default 0)"
+_END_DOC = "byte just past the range (exclusive; default: the end of the video)"
 
 
 class ErrorResponse(BaseModel):
@@ -117,7 +119,11 @@ class ChunkDigests(BaseModel):
     hash: str
     chunk_size: int = Field(description="bytes per chunk, recorded at ingest: a power of two, "
                                         "not the same for every video")
-    digests: list[str] = Field(description="64-hex BLAKE3 of each chunk, the last one short")
+    first_chunk: int = Field(description="index of the chunk digests[0] belongs to: byte "
+                                         "first_chunk * chunk_size of the video")
+    chunk_count: int = Field(description="chunks in the whole video, however many are listed")
+    digests: list[str] = Field(description="64-hex BLAKE3 of each listed chunk, in order; the "
+                                           "video's last chunk is short")
 
 
 class Health(BaseModel):
@@ -375,19 +381,27 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/video/{content_hash}/chunks", responses=_ERRORS, response_model=ChunkDigests)
-    def chunks(content_hash: ContentHash, request: Request) -> Response:
-        """BLAKE3 of each chunk_size chunk of the file (the last one short), in order.
+    def chunks(content_hash: ContentHash, request: Request,
+               start: Annotated[int, Query(ge=0, description=_START_DOC)] = 0,
+               end: Annotated[int | None, Query(ge=0, description=_END_DOC)] = None) -> Response:
+        """BLAKE3 of each chunk_size chunk of the file (the last one short), in order: of every
+        chunk, or with `start`/`end` of the chunks overlapping bytes [start, end).
 
         chunk_size is the one recorded when the video was ingested (the server's --chunk-size
-        then): read it from the answer, it differs between videos. Sent gzip-compressed to
+        then): read it from the answer, it differs between videos. digests[i] is the digest of
+        chunk first_chunk + i, where first_chunk = min(start // chunk_size, chunk_count); the
+        last one listed holds byte min(end, size) - 1. A range holding no byte of the file
+        (start >= size, or end <= start) lists none. Without parameters first_chunk is 0 and
+        every chunk is listed. Servers before this extension
+        ignore start/end and send neither first_chunk nor chunk_count. Sent gzip-compressed to
         clients that accept it (hex digests halve: a reader opening a video on a slow link
         waits for this list)."""
-        recorded = store.chunk_digests(_checked_hash(content_hash))
-        if recorded is None:
+        page = store.chunk_digests(_checked_hash(content_hash), start=start, end=end)
+        if page is None:
             raise NotFound(f"no video with hash {content_hash}")
-        chunk_size, digests = recorded
-        document = ChunkDigests(hash=content_hash, chunk_size=chunk_size,
-                                digests=hex_digests(digests))
+        document = ChunkDigests(hash=content_hash, chunk_size=page.chunk_size,
+                                first_chunk=page.first_chunk, chunk_count=page.chunk_count,
+                                digests=hex_digests(page.digests))
         body = document.model_dump_json().encode()
         headers = {"Vary": "Accept-Encoding"}
         if accepts_gzip(request.headers.get("accept-encoding", "")):

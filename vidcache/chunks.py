@@ -72,6 +72,21 @@ def digest_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
+def chunk_page(start: int, end: int | None, chunk_size: int, size: int) -> range:
+    """Indices of the chunks overlapping bytes [start, min(end, size)) of a file of `size`
+    bytes (`end` None: to the end of the file).
+
+    A range holding no byte of the file (start >= size, or end <= start) overlaps no chunk:
+    the page is empty, starting at min(start // chunk_size, chunk count), where a page
+    starting at `start` would."""
+    count = digest_count(size, chunk_size)
+    first = min(start // chunk_size, count)
+    stop = size if end is None else min(end, size)
+    if start >= stop:
+        return range(first, first)
+    return range(first, -(-stop // chunk_size))
+
+
 def hex_digests(digests: bytes) -> list[str]:
     """Concatenated digests as the list of 64-hex strings the API publishes."""
     return [digests[i:i + DIGEST_SIZE].hex() for i in range(0, len(digests), DIGEST_SIZE)]

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vidcache.chunks import DIGEST_SIZE, digest_count
+from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
 from vidcache.errors import DataDirInUse, InvalidRequest, TooLarge
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,16 @@ class VideoRecord:
     meta: dict[str, Any]
     chunk_size: int  # as recorded at ingest (1 MiB for videos stored before --chunk-size)
     aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DigestPage:
+    """Part of a video's recorded chunk digests: chunks first_chunk, first_chunk + 1, ..."""
+
+    chunk_size: int
+    chunk_count: int  # of the whole video
+    first_chunk: int
+    digests: bytes  # concatenated DIGEST_SIZE-byte digests, possibly none
 
 
 @dataclass(frozen=True)
@@ -302,12 +312,27 @@ class Store:
         with self._lock:
             return self._records(self.db.execute(sql, (*params, limit)).fetchall())
 
-    def chunk_digests(self, content_hash: str) -> tuple[int, bytes] | None:
-        """(chunk size, concatenated digests) recorded for the video, None if there is none."""
+    def chunk_digests(self, content_hash: str, *, start: int = 0,
+                      end: int | None = None) -> DigestPage | None:
+        """The recorded digests of the chunks overlapping bytes [start, end) of the video
+        (chunks.chunk_page; `end` None: to the end), None if there is no such video.
+
+        Reads only the page's bytes of the stored list (incremental blob I/O), so a page of a
+        long list costs what a page of a short one does."""
         with self._lock:
-            row = self.db.execute("SELECT chunk_size, chunk_digests FROM videos WHERE hash = ?",
-                                  (content_hash,)).fetchone()
-            return None if row is None else (row[0], row[1])
+            row = self.db.execute("SELECT rowid, chunk_size, size_bytes FROM videos "
+                                  "WHERE hash = ?", (content_hash,)).fetchone()
+            if row is None:
+                return None
+            rowid, chunk_size, size = row
+            page = chunk_page(start, end, chunk_size, size)
+            digests = b""
+            if page:
+                with self.db.blobopen("videos", "chunk_digests", rowid, readonly=True) as blob:
+                    blob.seek(page.start * DIGEST_SIZE)
+                    digests = blob.read(len(page) * DIGEST_SIZE)
+        return DigestPage(chunk_size=chunk_size, chunk_count=digest_count(size, chunk_size),
+                          first_chunk=page.start, digests=digests)
 
     def phashes(self) -> list[tuple[str, str]]:
         """(hash, encoded perceptual hash) of every stored video."""
