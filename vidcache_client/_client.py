@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from vidcache_client._digests import checked_digests
 from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
 from vidcache_client._pool import Budget, Pool
 from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_environment
@@ -28,13 +28,13 @@ from vidcache_client._translate import raise_for_status, transport_errors
 from vidcache_client._validate import (
     ByteRange,
     validate_byte_range,
+    validate_digest_range,
     validate_hash,
     validate_page_size,
 )
 from vidcache_client._verify import body_length_error, expected_video_length, range_header
 
 _USER_AGENT = "vidcache-client"
-_DIGEST = re.compile(r"[0-9a-f]{64}")  # lowercase hex BLAKE3, as the service writes it
 
 
 class VidCacheClient:
@@ -138,20 +138,33 @@ class VidCacheClient:
         return self._get_record(f"/meta/{content_hash}", f"metadata of video {content_hash}",
                                 expected=content_hash)
 
-    def get_chunk_digests(self, content_hash: str) -> dict[str, Any] | None:
-        """{"hash", "chunk_size", "digests"}: BLAKE3 of each chunk_size chunk, or None.
+    def get_chunk_digests(self, content_hash: str, *, start: int | None = None,
+                          end: int | None = None) -> dict[str, Any] | None:
+        """{"hash", "chunk_size", "first_chunk", "chunk_count", "digests"}, or None.
 
-        The chunk size is the one recorded when the video was ingested (1 MiB by vidcache 1.0,
-        the server's `--chunk-size` since), so it can differ between videos of one service.
-        A document that is not a positive chunk size and a list of 64-hex digests raises
-        ProtocolError.
+        `digests[i]` is the BLAKE3 of chunk `first_chunk + i` (chunk k: bytes k * chunk_size
+        up to (k + 1) * chunk_size, the video's last chunk short); `chunk_count` counts the
+        whole video's chunks. Without `start`/`end` every chunk is listed; with them (bytes,
+        `end` exclusive, each optional) the chunks overlapping [start, end), none when no
+        byte of it lies in the video. A server from before pages ignores them and lists every
+        chunk: `first_chunk` is then 0, so always index by `first_chunk`, never assume the
+        asked page came back. The chunk size is the one recorded when the video was ingested
+        (1 MiB by vidcache 1.0, the server's `--chunk-size` since), so it can differ between
+        videos of one service. A malformed document, or a page other than the asked one,
+        raises ProtocolError.
         """
         content_hash = validate_hash(content_hash)
+        start, end = validate_digest_range(start, end)
+        params = {name: value for name, value in (("start", start), ("end", end))
+                  if value is not None}
         what = f"chunk digests of video {content_hash}"
-        result = self._get_record(f"/video/{content_hash}/chunks", what, expected=content_hash)
-        if result is not None:
-            _check_chunk_digests(result, what)
-        return result
+        if params:
+            what += f" for bytes [{start or 0}, {'end' if end is None else end})"
+        result = self._get_record(f"/video/{content_hash}/chunks", what, params=params or None,
+                                  expected=content_hash)
+        if result is None:
+            return None
+        return checked_digests(result, what, start=start or 0, end=end)
 
     def delete(self, content_hash: str) -> None:
         """Delete a video, its record and all its URL aliases; NotFoundError if unknown."""
@@ -440,16 +453,6 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
     return body
-
-
-def _check_chunk_digests(result: Mapping[str, Any], what: str) -> None:
-    chunk_size = result.get("chunk_size")
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ProtocolError(f"{what}: bad 'chunk_size' {chunk_size!r}")
-    digests = result.get("digests")
-    if not isinstance(digests, list) or not all(
-            isinstance(d, str) and _DIGEST.fullmatch(d) for d in digests):
-        raise ProtocolError(f"{what}: 'digests' is not a list of 64-hex BLAKE3 digests")
 
 
 def _check_hash_field(result: Mapping[str, Any], what: str, *,

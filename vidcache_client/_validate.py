@@ -41,6 +41,16 @@ def validate_byte_range(byte_range: object) -> ByteRange | None:
             "0 <= start <= end, both inclusive")
 
 
+def validate_digest_range(start: object, end: object) -> tuple[int | None, int | None]:
+    """(start, end) of a digest page, each None or an int >= 0, end >= start if both given."""
+    if ((start is None or (_is_int(start) and start >= 0))
+            and (end is None or (_is_int(end) and end >= 0))
+            and (start is None or end is None or start <= end)):
+        return start, end
+    _refuse(f"invalid digest range start={_short_repr(start)}, end={_short_repr(end)}: "
+            "expected byte offsets >= 0 (or None), end exclusive and not before start")
+
+
 def validate_page_size(page_size: object) -> int:
     if _is_int(page_size) and 1 <= page_size <= MAX_PAGE_SIZE:
         return page_size
