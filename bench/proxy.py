@@ -562,7 +562,7 @@ class LatencyProxy:
         self.counters.requests += 1
         log = self.counters.request_log
         log.append({"conn": conn.id, "method": request.method, "path": request.path,
-                    "range": request.range})
+                    "target": request.target, "range": request.range})
         if len(log) > self.config.log_limit:
             del log[: len(log) - self.config.log_limit]
 

@@ -26,17 +26,19 @@ after one deadline, and a service that is back answers that attempt.
 Integrity. `fetch` returns exactly `end - start` bytes or raises: the client already refuses an
 answer whose status, Content-Range or length is not the asked range, and the length is checked
 again here. When the service publishes per-chunk BLAKE3 digests (`GET /video/{hash}/chunks`,
-fetched once per hash and cached), every chunk a fetch touches is hashed and compared before
-any of its bytes are returned. The chunk size is the video's, as the service recorded it at
-ingest (1 MiB for older videos, 256 KiB by default since): a block made of whole chunks (any
-chunk size that divides the block size) is verified chunk by chunk as it is. A fetch whose ends
-cut a chunk (blocks smaller than the chunks, or not aligned to them) is widened to whole
-chunks; the partly used edge chunks are kept, verified, in a small LRU, so the neighbouring
-blocks cost no second request. A mismatch is retried like a transient error (a flaky proxy or
-disk), so corrupt bytes never reach the block cache. The first fetch of a hash asks for the
-range and the digests at once (a round trip saved when a player opens a file) and returns the
-bytes only once the digests have arrived and match; if the range cuts a chunk, or does not
-match, it falls back to the path above.
+fetched a page at a time and cached, see vcfs.digests), every chunk a fetch touches is hashed
+and compared before any of its bytes are returned. The chunk size is the video's, as the
+service recorded it at ingest (1 MiB for the oldest videos, 64 KiB by default now): a block
+made of whole chunks (any chunk size that divides the block size) is verified chunk by chunk as
+it is. A fetch whose ends cut a chunk (blocks smaller than the chunks, or not aligned to them)
+is widened to whole chunks; the partly used edge chunks are kept, verified, in a small LRU, so
+the neighbouring blocks cost no second request. A mismatch is retried like a transient error (a
+flaky proxy or disk), so corrupt bytes never reach the block cache. The first fetch of a hash
+asks for the range and the digests at once (a round trip saved when a player opens a file) and
+returns the bytes only once the digests have arrived and match; if the range cuts a chunk, or
+does not match, it falls back to the path above. So does the first fetch in a page of digests
+not yet known; `fetch_blocks`, once the video's chunk size is known, sends such a page's
+request and the range's together and verifies the first chunk when both are in.
 
 First block with the metadata. A player stats a path right before reading its first bytes, so a
 lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the
@@ -89,6 +91,15 @@ from cachetools import LRUCache, TTLCache
 
 from vcfs import paths
 from vcfs.blocks import unfilled_block
+from vcfs.digests import (
+    MIN_SERVICE_CHUNK_SIZE,
+    PAGE_BYTES,
+    Digests,
+    covering,
+    pages_bytes,
+    pages_of,
+)
+from vcfs.digests import parse as parse_digests
 from vcfs.stats import Counters
 from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
 
@@ -154,9 +165,12 @@ class RemoteConfig:
     negative_ttl: float = 3.0
     # ~300 bytes each: 64k videos' metadata in ~20 MB.
     meta_entries: int = 65_536
-    # Digests take 32 bytes per chunk: 128 KiB per GiB of video in 256 KiB chunks, so the
-    # digests of ~250 such videos.
+    # Digests take 32 bytes per chunk, kept by page of the video (vcfs.digests): 512 KiB per
+    # GiB read in 64 KiB chunks, so the pages of ~64 GiB of video.
     digest_bytes: int = 32 * MIB
+    # Video bytes whose digests come in one request (vcfs.digests says why); a multiple of
+    # every chunk size the service records (a power of two up to 16 MiB).
+    digest_page_bytes: int = PAGE_BYTES
     # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
     verified_chunk_bytes: int = 8 * MIB
     # One worker per connection of the client: attempts never queue behind each other.
@@ -175,6 +189,10 @@ class RemoteConfig:
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.request_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        page = self.digest_page_bytes
+        if page < MIN_SERVICE_CHUNK_SIZE or page & (page - 1):
+            raise ValueError(f"digest_page_bytes must be a power of two of at least "
+                             f"{MIN_SERVICE_CHUNK_SIZE} bytes, got {page}")
 
     @property
     def per_request_timeout(self) -> float:
@@ -270,39 +288,10 @@ class _FirstBlock:
     arrival: _Arrival  # the block's bytes as they come in
 
 
-@dataclass(frozen=True, slots=True)
-class _Digests:
-    """The service's chunk digests of one video, at the chunk size it recorded for it."""
+def _page_size(page: Digests) -> int:
+    """What an entry of the digest page cache costs, roughly."""
+    return 100 + len(page.packed)
 
-    chunk_size: int
-    packed: bytes  # the 32-byte BLAKE3 of each chunk, concatenated; the last chunk is short
-    file_size: int
-
-    @property
-    def count(self) -> int:
-        return len(self.packed) // DIGEST_SIZE
-
-    def digest(self, index: int) -> bytes:
-        return self.packed[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE]
-
-    def bounds(self, index: int) -> tuple[int, int]:
-        """Byte range `(start, end_exclusive)` of chunk `index`."""
-        start = index * self.chunk_size
-        return start, min(start + self.chunk_size, self.file_size)
-
-    def divides(self, block_size: int) -> bool:
-        """Whether every block of `block_size` is made of whole chunks."""
-        return block_size % self.chunk_size == 0
-
-
-DIGEST_SIZE = 32
-# The service records digests of chunks of a power of two from 64 KiB to 16 MiB.
-MIN_SERVICE_CHUNK_SIZE = 64 * KIB
-
-
-def _digests_size(digests: _Digests | None) -> int:
-    """What an entry of the digest cache costs, roughly (a `None` too: it is remembered)."""
-    return 100 + (0 if digests is None else len(digests.packed))
 
 # The service's largest listing page: fewest requests for `ls by-hash`.
 _PAGE_SIZE = 1000
@@ -348,8 +337,11 @@ class Remote:
         self._missing: TTLCache[str, bool] = TTLCache(
             maxsize=self.config.meta_entries, ttl=self.config.negative_ttl, timer=clock
         )
-        self._digests: LRUCache[str, _Digests | None] = LRUCache(
-            maxsize=self.config.digest_bytes, getsizeof=_digests_size
+        # Per video: the chunk size of its digests, or None when it has none to use.
+        self._chunk_sizes: LRUCache[str, int | None] = LRUCache(
+            maxsize=self.config.meta_entries)
+        self._digest_pages: LRUCache[tuple[str, int], Digests] = LRUCache(
+            maxsize=self.config.digest_bytes, getsizeof=_page_size
         )
         self._verified: LRUCache[tuple[str, int], bytes] = LRUCache(
             maxsize=self.config.verified_chunk_bytes, getsizeof=len
@@ -526,7 +518,7 @@ class Remote:
             elif self._first_fetch_overlaps_digests(content_hash, start, end):
                 data = self._fetch_with_digests(asked, content_hash, start, end, deadline)
             else:
-                digests = self._chunk_digests(content_hash, deadline)
+                digests = self._chunk_digests(content_hash, deadline, start, end)
                 data = self._fetch_verified(asked, content_hash, start, end, digests, deadline)
         self.counters.add("bytes_fetched", len(data))
         return data
@@ -573,13 +565,15 @@ class Remote:
             )
             return [first, *rest]
         with self._lock:
-            digests = self._digests.get(content_hash)
+            chunk_size = self._chunk_sizes.get(content_hash)  # None: not known, or no digests
+            meta = self._known.get(content_hash)
         if (
-            digests is None
+            chunk_size is None
+            or meta is None
             or self._recent_failure(content_hash, start, end) is not None  # `fetch`: one try
-            or not digests.divides(block_size)
+            or block_size % chunk_size
             or start % block_size
-            or (end % block_size and end != digests.file_size)
+            or (end % block_size and end != meta.size)
         ):
             data = self.fetch(content_hash, start, end)
             view = memoryview(data)
@@ -589,7 +583,11 @@ class Remote:
                 if on_block is not None:
                     on_block(position, piece)
             return pieces
-        lead = min(skip, block_size - 1) // digests.chunk_size * digests.chunk_size
+        lead = min(skip, block_size - 1) // chunk_size * chunk_size
+        deadline = self._deadline()
+        # A page of digests not yet known (a jump into a long video) is asked for while the
+        # range arrives: the first chunk waits for it, not the request.
+        digests = self._digests_soon(content_hash, deadline, start + lead, end)
         sink = _BlockSink(on_block, on_partial)
         try:
             with self._outcome_noted(content_hash, start + lead, end):
@@ -599,6 +597,7 @@ class Remote:
                         content_hash, start + sink.count * block_size if sink.count else
                         start + lead, end, block_size, digests, sink, cutoff,
                     ),
+                    deadline=deadline,
                 )
         finally:
             sink.close()
@@ -611,14 +610,15 @@ class Remote:
         start: int,
         end: int,
         block_size: int,
-        digests: _Digests,
+        digests_soon: concurrent.futures.Future[Digests | None],
         sink: _BlockSink,
         cutoff: float,
     ) -> None:
         """One request for `[start, end)` (whole chunks; from the start of a block or of its
         tail), each block received straight into its own `bytes`; each chunk verified as soon
-        as it is in, the block's verified start handed to `sink` as it grows, and the block
-        once it is complete."""
+        as it is in (against `digests_soon`, waited for then; None: the video has none, its
+        bytes pass unverified), the block's verified start handed to `sink` as it grows, and
+        the block once it is complete."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
         self.counters.add("range_requests")
@@ -635,6 +635,10 @@ class Remote:
 
         def verify_below(offset: int) -> None:
             nonlocal verified
+            digests = self._digests_by_cutoff(content_hash, digests_soon, cutoff)
+            if digests is None:
+                verified = max(verified, offset)
+                return
             while verified < offset:  # block by block: chunks never straddle two
                 position = verified // block_size - start // block_size
                 low, high = bounds[position]
@@ -662,6 +666,15 @@ class Remote:
         if received != end - start:
             raise CorruptData(f"got {received} bytes instead of {end - start}")
 
+    def _digests_by_cutoff(
+        self, content_hash: str, digests_soon: concurrent.futures.Future[Digests | None],
+        cutoff: float,
+    ) -> Digests | None:
+        try:
+            return digests_soon.result(timeout=max(cutoff - self._clock(), 0))
+        except concurrent.futures.TimeoutError as exc:
+            raise Overdue(f"chunk digests of {content_hash}: no answer by the cutoff") from exc
+
     def _cutoff_check(self, length: int, cutoff: float) -> Callable[[int], None]:
         """An `on_progress` for a read of `length` bytes: Overdue once the cutoff has passed
         before the read is complete (so a trickling answer ends by the cutoff too)."""
@@ -678,7 +691,7 @@ class Remote:
         content_hash: str,
         start: int,
         end: int,
-        digests: _Digests | None,
+        digests: Digests | None,
         deadline: float,
     ) -> bytes:
         if digests is None:
@@ -690,9 +703,9 @@ class Remote:
         hash whose digests are not, and a range that may be whole chunks, whatever their size
         turns out to be: its ends lie on the smallest chunk size the service records (a range
         that cuts a chunk for sure waits for the digests, to be fetched widened at once)."""
+        if self._known_digests(content_hash, start, end)[0]:
+            return False
         with self._lock:
-            if content_hash in self._digests:
-                return False
             meta = self._known.get(content_hash)
         return (
             meta is not None
@@ -703,21 +716,12 @@ class Remote:
     def _fetch_with_digests(
         self, asked: str, content_hash: str, start: int, end: int, deadline: float
     ) -> bytes:
-        """The first fetch of a hash: its range and its chunk digests at once, one round trip
+        """A fetch whose digests are not known yet (the first of a hash, or the first in a
+        page of a long video): its range and its chunk digests at once, one round trip
         instead of two. The bytes are returned only once verified like any other; if they
         fail, or the range cuts a chunk (chunks coarser than the blocks), the verified path
         fetches it again, widened to whole chunks."""
-        digests_soon: concurrent.futures.Future[_Digests | None] = concurrent.futures.Future()
-
-        def get_digests() -> None:
-            try:
-                digests_soon.set_result(self._chunk_digests(content_hash, deadline))
-            except BaseException as exc:  # handed to the fetch below
-                digests_soon.set_exception(exc)
-
-        # Its own thread: the digests' attempts run on the worker pool, which must not wait
-        # on itself.
-        threading.Thread(target=get_digests, name="vcfs-digests", daemon=True).start()
+        digests_soon = self._digests_soon(content_hash, deadline, start, end)
         data = self._fetch_range(asked, content_hash, start, end, None, deadline)
         try:
             digests = digests_soon.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
@@ -761,11 +765,13 @@ class Remote:
             return block, received
 
         with self._lock:
-            if content_hash in self._first_blocks or content_hash in self._digests:
+            if content_hash in self._first_blocks or content_hash in self._chunk_sizes:
                 return None
             # The digests go first: the first read needs them too, and the block's bytes
             # would hold them up on a slow link.
-            digests = self._workers.submit(self._client.get_chunk_digests, content_hash)
+            digests = self._workers.submit(functools.partial(
+                self._client.get_chunk_digests, content_hash, start=0,
+                end=self.config.digest_page_bytes))
             speculation = _FirstBlock(block_size, self._workers.submit(receive), digests,
                                       arrival)
             self._first_blocks[content_hash] = speculation
@@ -828,7 +834,7 @@ class Remote:
         return bytes(memoryview(block)[:received])
 
     def _follow_first_block(
-        self, held: _FirstBlock, digests: _Digests, end: int, deadline: float,
+        self, held: _FirstBlock, digests: Digests, end: int, deadline: float,
         on_partial: Callable[[bytes, int], None],
     ) -> int:
         """Verify the held first block's chunks as they arrive and hand its verified start to
@@ -859,30 +865,21 @@ class Remote:
 
     def _first_block_digests(
         self, meta: VideoMeta, held: _FirstBlock, deadline: float
-    ) -> _Digests | None:
-        """The digests asked for with the metadata, or, if that attempt failed, the normal
-        way (with retries: it fails as any fetch would)."""
+    ) -> Digests | None:
+        """The first block's digests, asked for with the metadata, or, if that attempt
+        failed, the normal way (with retries: it fails as any fetch would)."""
+        end = min(held.size, meta.size)
         try:
             doc = held.digests.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
         except Exception:  # failed, cancelled or late: asked again below
-            return self._chunk_digests(meta.content_hash, deadline)
-        return self._keep_digests(meta, doc)
+            return self._chunk_digests(meta.content_hash, deadline, 0, end)
+        return self._keep_digests(meta, doc, 0, end)
 
     def _keep_answered_digests(
         self, meta: VideoMeta, answer: concurrent.futures.Future[dict[str, Any] | None]
     ) -> None:
         if not answer.cancelled() and answer.exception() is None:
-            self._keep_digests(meta, answer.result())
-
-    def _keep_digests(self, meta: VideoMeta, doc: Mapping[str, Any] | None) -> _Digests | None:
-        """Cache the digests of a `/chunks` answer (unless cached already); return them."""
-        with self._lock:
-            if meta.content_hash in self._digests:
-                return self._digests[meta.content_hash]
-        digests = _parse_digests(meta, doc)
-        with self._lock:
-            self._digests[meta.content_hash] = digests
-        return digests
+            self._keep_digests(meta, answer.result(), 0, 0)
 
     @contextlib.contextmanager
     def _outcome_noted(self, content_hash: str, start: int, end: int) -> Iterator[None]:
@@ -928,7 +925,7 @@ class Remote:
         content_hash: str,
         start: int,
         end: int,
-        digests: _Digests,
+        digests: Digests,
         deadline: float,
     ) -> bytes:
         """`[start, end)` from whole verified chunks: the edge chunks it cuts come from the
@@ -983,7 +980,7 @@ class Remote:
         content_hash: str,
         start: int,
         end: int,
-        digests: _Digests | None,
+        digests: Digests | None,
         deadline: float,
     ) -> bytes:
         """One range with retries, received straight into the `bytes` it returns, its whole
@@ -1005,29 +1002,34 @@ class Remote:
         return self._with_retries(what, attempt, deadline=deadline)
 
     def _verify(
-        self, digests: _Digests, start: int, end: int, data: bytes | memoryview
+        self, digests: Digests, start: int, end: int, data: bytes | memoryview
     ) -> None:
         """Compare every chunk lying wholly inside `[start, end)` with its recorded digest."""
         first = -(-start // digests.chunk_size) * digests.chunk_size
         self._verify_chunks(digests, memoryview(data), start, first, end)
 
     def _verify_chunks(
-        self, digests: _Digests, data: memoryview, base: int, start: int, limit: int
+        self, digests: Digests, data: memoryview, base: int, start: int, limit: int
     ) -> int:
         """Compare the chunks of `data` (the video's bytes from offset `base` on) that begin
         at or after `start`, a chunk boundary, and end at or before `limit` with their
         recorded digests, in order. Returns the end of the last one compared (`start` if
         none): the offset up to which the bytes are verified."""
-        while start < limit:
-            index = start // digests.chunk_size
-            chunk_start, chunk_end = digests.bounds(index)
-            if chunk_end > limit:
-                break
-            self._verify_chunk(digests, index, data[chunk_start - base : chunk_end - base])
-            start = chunk_end
-        return start
+        verified = start
+        try:
+            while verified < limit:
+                index = verified // digests.chunk_size
+                chunk_start, chunk_end = digests.bounds(index)
+                if chunk_end > limit:
+                    break
+                self._verify_chunk(digests, index, data[chunk_start - base : chunk_end - base])
+                verified = chunk_end
+        finally:
+            if verified > start:  # counted once per call: this runs for every 64 KiB
+                self.counters.add("verified_chunks", -(-(verified - start) // digests.chunk_size))
+        return verified
 
-    def _verify_chunk(self, digests: _Digests, index: int, chunk: memoryview) -> None:
+    def _verify_chunk(self, digests: Digests, index: int, chunk: memoryview) -> None:
         digest = blake3(chunk).digest()
         if digest != digests.digest(index):
             self.counters.add("verify_failures")
@@ -1036,20 +1038,47 @@ class Remote:
                 f"chunk {index} (bytes {chunk_start}-{chunk_end - 1}) has BLAKE3 "
                 f"{digest.hex()}, the service recorded {digests.digest(index).hex()}"
             )
-        self.counters.add("verified_chunks")
 
-    def _chunk_digests(self, content_hash: str, deadline: float) -> _Digests | None:
-        """The service's chunk digests for the hash (cached); None when there are none to use."""
+    def _known_digests(
+        self, content_hash: str, start: int, end: int
+    ) -> tuple[bool, Digests | None]:
+        """`(known, digests)` of the chunks of `[start, end)` from the cache: `(False, None)`
+        when they must be fetched, `(True, None)` when the video has none to use."""
         with self._lock:
-            if content_hash in self._digests:
-                return self._digests[content_hash]
+            if content_hash not in self._chunk_sizes:
+                return False, None
+            chunk_size = self._chunk_sizes[content_hash]
+            if chunk_size is None:
+                return True, None
+            pages = [
+                self._digest_pages.get((content_hash, page))
+                for page in pages_of(start, end, chunk_size, self.config.digest_page_bytes)
+            ]
+        digests = covering(pages, start, end)
+        return digests is not None, digests
+
+    def _chunk_digests(
+        self, content_hash: str, deadline: float, start: int, end: int
+    ) -> Digests | None:
+        """The service's digests of the chunks of `[start, end)` (cached by page, the pages
+        missing fetched in one request); None when the video has none to use."""
+        known, digests = self._known_digests(content_hash, start, end)
+        if known:
+            return digests
         meta = self.meta(content_hash, deadline=deadline)
         if meta is None:
             raise NotFound(f"{content_hash}: no such video on the service")
+        with self._lock:
+            chunk_size = self._chunk_sizes.get(content_hash)
+        # Not known yet: pages of a chunk size dividing the page, what the service records.
+        low, high = pages_bytes(
+            pages_of(start, end, chunk_size or MIN_SERVICE_CHUNK_SIZE,
+                     self.config.digest_page_bytes),
+            chunk_size or MIN_SERVICE_CHUNK_SIZE, self.config.digest_page_bytes)
         try:
             doc = self._with_retries(
                 f"chunk digests of {content_hash}",
-                lambda _: self._client.get_chunk_digests(content_hash),
+                lambda _: self._client.get_chunk_digests(content_hash, start=low, end=high),
                 deadline=deadline,
             )
         except NotFound:
@@ -1059,9 +1088,57 @@ class Remote:
         except RemoteError as exc:  # e.g. a service without the endpoint: read unverified
             log.warning("no chunk digests for %s, reading it unverified: %s", content_hash, exc)
             doc = None
-        digests = _parse_digests(meta, doc)
+        return self._keep_digests(meta, doc, start, end)
+
+    def _digests_soon(
+        self, content_hash: str, deadline: float, start: int, end: int
+    ) -> concurrent.futures.Future[Digests | None]:
+        """`_chunk_digests`, on its own thread unless cached, so that a range can be fetched
+        meanwhile (not on the worker pool: the digests' attempts run there, and the pool
+        must not wait on itself)."""
+        answer: concurrent.futures.Future[Digests | None] = concurrent.futures.Future()
+        known, digests = self._known_digests(content_hash, start, end)
+        if known:
+            answer.set_result(digests)
+            return answer
+
+        def get() -> None:
+            try:
+                answer.set_result(self._chunk_digests(content_hash, deadline, start, end))
+            except BaseException as exc:  # handed to whoever waits for them
+                answer.set_exception(exc)
+
+        threading.Thread(target=get, name="vcfs-digests", daemon=True).start()
+        return answer
+
+    def _keep_digests(
+        self, meta: VideoMeta, doc: Mapping[str, Any] | None, start: int, end: int
+    ) -> Digests | None:
+        """Cache the pages of a `/chunks` answer (None: the video has no digests to use);
+        return the digests of `[start, end)` (None: it has none, or the answer lacks them,
+        and is read unverified)."""
+        known, digests = self._known_digests(meta.content_hash, start, end)
+        if known:  # e.g. the first block's digests, kept as soon as they arrived
+            return digests
+        page_bytes = self.config.digest_page_bytes
+        pages = None if doc is None else parse_digests(meta.content_hash, meta.size, doc,
+                                                       page_bytes)
         with self._lock:
-            self._digests[content_hash] = digests
+            if pages is None:
+                self._chunk_sizes[meta.content_hash] = None
+                return None
+            for number, page in pages.items():
+                key = (meta.content_hash, number)
+                kept = self._digest_pages.get(key)
+                if kept is None or len(kept.packed) < len(page.packed):  # keep the most
+                    self._digest_pages[key] = page
+                self._chunk_sizes[meta.content_hash] = page.chunk_size
+        chunk_size = next(iter(pages.values())).chunk_size if pages else MIN_SERVICE_CHUNK_SIZE
+        digests = covering([pages.get(number) for number in
+                            pages_of(start, end, chunk_size, page_bytes)], start, end)
+        if digests is None:
+            log.warning("%s: the service's chunk digests lack bytes %d-%d; reading them "
+                        "unverified", meta.content_hash, start, end - 1)
         return digests
 
     # -- retry policy and bounds ------------------------------------------------------------
@@ -1187,27 +1264,3 @@ class _BlockSink:
     def close(self) -> None:
         with self._lock:
             self._open = False
-
-
-def _parse_digests(meta: VideoMeta, doc: Mapping[str, Any] | None) -> _Digests | None:
-    """Validate a `/video/{hash}/chunks` document; None (read unverified) if it is unusable."""
-    if doc is None:
-        return None
-    chunk_size = doc.get("chunk_size")
-    digests = doc.get("digests")
-    if (
-        doc.get("hash") != meta.content_hash
-        or not isinstance(chunk_size, int)
-        or chunk_size <= 0
-        or not isinstance(digests, list)
-        or not all(isinstance(d, str) and paths.is_content_hash(d) for d in digests)
-    ):
-        log.warning("malformed chunk digests for %s; reading it unverified", meta.content_hash)
-        return None
-    if len(digests) != -(-meta.size // chunk_size):
-        log.warning(
-            "%s: %d chunk digests for %d bytes in %d-byte chunks; reading it unverified",
-            meta.content_hash, len(digests), meta.size, chunk_size,
-        )
-        return None
-    return _Digests(chunk_size, bytes.fromhex("".join(digests)), meta.size)

@@ -1,0 +1,127 @@
+"""vcfs asks for a video's chunk digests a page at a time (vcfs.digests), on a real service
+recording 64 KiB chunks, behind the loopback proxy that logs every request. Pages of 2 MiB here
+(256 MiB in use) so that a 20 MB video has ten: a cold open asks for the first page only, a jump
+into another page asks for it along with its range (and the page's other blocks then need no
+digest request), a read across the whole video asks for each page once and verifies every
+chunk, and a corrupt chunk in a page fetched during a jump is caught.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.faults import FlipByte
+from bench.proxy import Request
+from tests.support import VidcacheServer
+from tests.vcfs_fault_support import FaultyLink, Source, ingest
+from vcfs.remote import Remote, RemoteConfig
+
+KIB = 1 << 10
+MIB = 1 << 20
+CHUNK = 64 * KIB
+PAGE = 2 * MIB
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    with VidcacheServer(tmp_path_factory.mktemp("vcfs-pages") / "data",
+                        "--chunk-size", "64K") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def source(server: VidcacheServer, media_url: str, videos: dict[str, Path]) -> Source:
+    return ingest(server.url, media_url, videos, ("big.mp4",), bucket="pages")["big.mp4"]
+
+
+@pytest.fixture
+def link(server: VidcacheServer) -> Iterator[FaultyLink]:
+    with FaultyLink(server.port) as faulty:
+        yield faulty
+
+
+@pytest.fixture
+def remote(link: FaultyLink) -> Iterator[Remote]:
+    made = Remote.connect(link.url, config=RemoteConfig(digest_page_bytes=PAGE, timeout=10))
+    yield made
+    made.close()
+
+
+def digest_pages_asked(link: FaultyLink, source: Source) -> list[tuple[int, int]]:
+    """(start, end) of every `/chunks` request for the video, in order (end -1: none)."""
+    asked = []
+    for target in link.request_targets():
+        url = urllib.parse.urlsplit(target)
+        if url.path == f"/video/{source.content_hash}/chunks":
+            query = urllib.parse.parse_qs(url.query)
+            asked.append((int(query.get("start", ["0"])[0]), int(query.get("end", ["-1"])[0])))
+    return asked
+
+
+def ranges_asked(link: FaultyLink, source: Source) -> list[str]:
+    return [r for p, r in link.request_log() if p == f"/video/{source.content_hash}" and r]
+
+
+def test_a_cold_open_asks_for_the_first_page_only(remote: Remote, link: FaultyLink,
+                                                   source: Source) -> None:
+    assert remote.meta(source.content_hash, first_block=MIB) is not None
+    assert remote.fetch_blocks(source.content_hash, 0, MIB, MIB) == [source.data[:MIB]]
+    assert remote.fetch_blocks(source.content_hash, MIB, 2 * MIB, MIB) == [
+        source.data[MIB : 2 * MIB]]
+    assert digest_pages_asked(link, source) == [(0, PAGE)]
+    assert remote.counters.get("verified_chunks") == 2 * MIB // CHUNK
+    assert remote.counters.get("first_blocks_used") == 1
+
+
+def test_a_jump_asks_for_its_page_along_with_its_range(remote: Remote, link: FaultyLink,
+                                                       source: Source) -> None:
+    remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # the chunk size known from here on
+    offset = 9 * MIB + 300 * KIB  # page 4 (8-10 MiB), chunk 4 of block 9
+    pieces = remote.fetch_blocks(source.content_hash, 9 * MIB, 10 * MIB, MIB, skip=300 * KIB)
+    tail = 9 * MIB + 256 * KIB
+    assert pieces == [source.data[tail : 10 * MIB]]
+    assert source.data[offset : offset + KIB] in pieces[0]
+    assert ranges_asked(link, source)[-1] == f"bytes={tail}-{10 * MIB - 1}"
+    assert digest_pages_asked(link, source)[-1] == (8 * MIB, 10 * MIB)
+    requests = link.requests()
+    assert remote.fetch_blocks(source.content_hash, 8 * MIB, 9 * MIB, MIB) == [
+        source.data[8 * MIB : 9 * MIB]]
+    assert link.requests() == requests + 1  # the range only: its digests came with the page
+    assert remote.counters.get("verify_failures") == 0
+
+
+def test_a_read_of_the_whole_video_asks_for_each_page_once(remote: Remote, link: FaultyLink,
+                                                          source: Source) -> None:
+    run = 3 * MIB  # runs cross the pages' borders
+    data = b"".join(
+        b"".join(remote.fetch_blocks(source.content_hash, start,
+                                     min(start + run, source.size), MIB))
+        for start in range(0, source.size, run))
+    assert data == source.data
+    pages = digest_pages_asked(link, source)
+    assert len(pages) == len(set(pages))
+    assert sorted({page for start, end in pages for page in range(start // PAGE, end // PAGE)}
+                  ) == list(range(-(-source.size // PAGE)))
+    assert remote.counters.get("verified_chunks") == -(-source.size // CHUNK)
+    assert remote.counters.get("verify_failures") == 0
+
+
+def test_a_corrupt_chunk_in_a_page_fetched_during_a_jump_is_caught(
+    remote: Remote, link: FaultyLink, source: Source,
+) -> None:
+    remote.fetch_blocks(source.content_hash, 0, MIB, MIB)
+    header = f"bytes={14 * MIB}-{15 * MIB - 1}"
+
+    def the_block(request: Request) -> bool:
+        return request.headers.get("range") == header
+
+    link.faults.enable(FlipByte(match=the_block), times=1)
+    assert remote.fetch_blocks(source.content_hash, 14 * MIB, 15 * MIB, MIB) == [
+        source.data[14 * MIB : 15 * MIB]]
+    assert link.faults.injected().get("flip_byte") == 1
+    assert remote.counters.get("verify_failures") == 1
+    assert ranges_asked(link, source)[-2:] == [header, header]  # caught, then fetched again
