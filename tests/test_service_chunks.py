@@ -117,13 +117,13 @@ def test_serve_refuses_a_chunk_size_that_is_no_power_of_two(tmp_path: Path) -> N
     assert not (tmp_path / "data").exists()  # refused before touching anything
 
 
-@pytest.mark.parametrize("accept", ["gzip", "br, gzip;q=0.5", "*"])
-def test_the_list_is_gzip_compressed_for_clients_that_accept_it(mixed: Mixed,
-                                                               accept: str) -> None:
-    plain = mixed.api.http.get(f"/video/{mixed.new_hash}/chunks",
-                               headers={"Accept-Encoding": "identity"})
-    assert "content-encoding" not in plain.headers
-    raw = mixed.api.http.build_request("GET", f"/video/{mixed.new_hash}/chunks",
+def plain_and_gzipped(mixed: Mixed, accept: str, params: dict[str, str] | None = None
+                      ) -> tuple[httpx.Response, httpx.Response, bytes]:
+    """The digest list (or page) asked for without compression, and asked for with
+    `Accept-Encoding: accept`: that answer and its body as sent."""
+    path = f"/video/{mixed.new_hash}/chunks"
+    plain = mixed.api.http.get(path, params=params, headers={"Accept-Encoding": "identity"})
+    raw = mixed.api.http.build_request("GET", path, params=params,
                                        headers={"Accept-Encoding": accept})
     compressed = mixed.api.http.send(raw, stream=True)
     try:
@@ -133,6 +133,14 @@ def test_the_list_is_gzip_compressed_for_clients_that_accept_it(mixed: Mixed,
     assert compressed.headers["content-encoding"] == "gzip"
     assert "Accept-Encoding" in compressed.headers["vary"]
     assert json.loads(gzip.decompress(body)) == plain.json()
+    return plain, compressed, body
+
+
+@pytest.mark.parametrize("accept", ["gzip", "br, gzip;q=0.5", "*"])
+def test_the_list_is_gzip_compressed_for_clients_that_accept_it(mixed: Mixed,
+                                                               accept: str) -> None:
+    plain, _, body = plain_and_gzipped(mixed, accept)
+    assert "content-encoding" not in plain.headers
     assert len(body) < len(plain.content) * 0.6
 
 
@@ -230,19 +238,7 @@ def test_every_page_of_a_walk_is_a_slice_of_the_whole_list(mixed: Mixed) -> None
 
 
 def test_a_page_is_gzip_compressed_too(mixed: Mixed) -> None:
-    params = {"start": str(C), "end": str(4 * C)}
-    plain = mixed.api.http.get(f"/video/{mixed.new_hash}/chunks", params=params,
-                               headers={"Accept-Encoding": "identity"})
-    raw = mixed.api.http.build_request("GET", f"/video/{mixed.new_hash}/chunks", params=params,
-                                       headers={"Accept-Encoding": "gzip"})
-    compressed = mixed.api.http.send(raw, stream=True)
-    try:
-        body = b"".join(compressed.iter_raw())
-    finally:
-        compressed.close()
-    assert compressed.headers["content-encoding"] == "gzip"
-    assert "Accept-Encoding" in compressed.headers["vary"]
-    assert json.loads(gzip.decompress(body)) == plain.json()
+    plain, _, _ = plain_and_gzipped(mixed, "gzip", {"start": str(C), "end": str(4 * C)})
     assert len(plain.json()["digests"]) == 3
 
 
