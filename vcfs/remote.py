@@ -28,7 +28,7 @@ answer whose status, Content-Range or length is not the asked range, and the len
 again here. When the service publishes per-chunk BLAKE3 digests (`GET /video/{hash}/chunks`,
 fetched a page at a time and cached, see vcfs.digests), every chunk a fetch touches is hashed
 and compared before any of its bytes are returned. The chunk size is the video's, as the
-service recorded it at ingest (1 MiB for the oldest videos, 64 KiB by default now): a block
+service recorded it at ingest (1 MiB for the oldest videos, 256 KiB by default since): a block
 made of whole chunks (any chunk size that divides the block size) is verified chunk by chunk as
 it is. A fetch whose ends cut a chunk (blocks smaller than the chunks, or not aligned to them)
 is widened to whole chunks; the partly used edge chunks are kept, verified, in a small LRU, so
@@ -165,11 +165,11 @@ class RemoteConfig:
     negative_ttl: float = 3.0
     # ~300 bytes each: 64k videos' metadata in ~20 MB.
     meta_entries: int = 65_536
-    # Digests take 32 bytes per chunk, kept by page of the video (vcfs.digests): 512 KiB per
-    # GiB read in 64 KiB chunks, so the pages of ~64 GiB of video.
+    # Digests take 32 bytes per chunk, kept by page of the video (vcfs.digests): 128 KiB per
+    # GiB read in 256 KiB chunks, so the pages of ~250 GiB of video.
     digest_bytes: int = 32 * MIB
-    # Video bytes whose digests come in one request (vcfs.digests says why); a multiple of
-    # every chunk size the service records (a power of two up to 16 MiB).
+    # Video bytes whose digests come in one request (vcfs.digests says why); a power of two,
+    # rounded to whole chunks of each video.
     digest_page_bytes: int = PAGE_BYTES
     # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
     verified_chunk_bytes: int = 8 * MIB
@@ -1025,7 +1025,7 @@ class Remote:
                 self._verify_chunk(digests, index, data[chunk_start - base : chunk_end - base])
                 verified = chunk_end
         finally:
-            if verified > start:  # counted once per call: this runs for every 64 KiB
+            if verified > start:  # counted once per call, not per chunk: this is the hot path
                 self.counters.add("verified_chunks", -(-(verified - start) // digests.chunk_size))
         return verified
 
