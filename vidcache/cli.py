@@ -71,6 +71,13 @@ def _threshold(text: str) -> int:
     return value
 
 
+def _whole_seconds(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive whole number of seconds")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -120,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a download may make no progress (default 30)")
     serve.add_argument("--max-download-time", metavar="S", type=_positive_float, default=3600.0,
                        help="seconds a whole download may take (default 3600)")
+    serve.add_argument("--keep-alive", metavar="S", type=_whole_seconds, default=75,
+                       help="seconds an idle client connection is kept open, so a reader that "
+                            "paused (a player, vcfs) needs no new connection (default 75)")
     serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
                        help="largest perceptual-hash distance (of 64 bits) that counts as the "
                             "same video (default 10)")
@@ -185,7 +195,7 @@ def _serve(args: argparse.Namespace) -> int:
         phash_threshold=args.phash_threshold, chunk_size=args.chunk_size,
         allow_file_dirs=tuple(args.allow_file_dir),
         ingest_allow=tuple(allow), log_level=args.log_level, token=args.token,
-        token_reads=args.token_reads)
+        token_reads=args.token_reads, keep_alive=args.keep_alive)
     try:
         app = create_app(config)
     except (VidcacheError, OSError) as exc:
@@ -198,7 +208,8 @@ def _serve(args: argparse.Namespace) -> int:
                                        config.host, config.port, auth)
     # log_config=None: uvicorn's loggers go through the format configured above
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                log_config=None, timeout_graceful_shutdown=5)
+                log_config=None, timeout_graceful_shutdown=5,
+                timeout_keep_alive=config.keep_alive)
     return 0
 
 

@@ -34,6 +34,9 @@ class ServiceConfig:
     # hosts / IPs / CIDRs ingest may fetch from although they are loopback or private addresses
     ingest_allow: tuple[str, ...] = ()
     log_level: str = "info"
+    # seconds an idle client connection stays open: a player paused for a minute seeks without
+    # a new TCP handshake (nginx's default; uvicorn's own, 5 s, closes them between seeks)
+    keep_alive: int = 75
     # wall-clock cap on one ffprobe/ffmpeg run; a hung decoder must not hold an ingest forever
     media_timeout: float = 300.0
     # downloads + decodes running at once; the rest queue, keeping threads free for reads

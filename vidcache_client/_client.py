@@ -82,9 +82,14 @@ class VidCacheClient:
         # 100 ms of CPU (under the GIL) that each new connection would otherwise pay.
         ssl_context = httpx.create_ssl_context()
 
+        # An idle connection is kept a minute (httpx's default: 5 s), within the 75 s the
+        # service keeps it: a lookup after a pause needs no new handshake. One the server
+        # closed sooner is seen closed and replaced, not used.
+        limits = httpx.Limits(max_connections=1, keepalive_expiry=60.0)
+
         def one_connection_client() -> httpx.Client:
             return httpx.Client(base_url=url, timeout=timeout, headers=headers, verify=ssl_context,
-                                transport=transport, limits=httpx.Limits(max_connections=1))
+                                transport=transport, limits=limits)
 
         self._budget = Budget(size=max_connections, wait_timeout=timeout)
         self._pool = Pool(one_connection_client, close=httpx.Client.close, budget=self._budget)
