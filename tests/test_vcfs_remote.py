@@ -24,7 +24,7 @@ from blake3 import blake3
 
 from bench.faults import Bandwidth, FlipByte, Truncate
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
-from tests.support import VidcacheServer
+from tests.support import VidcacheServer, wait_until
 from vcfs.remote import (
     AccessDenied,
     NotFound,
@@ -55,6 +55,8 @@ class FakeService:
     requests: list[str] = field(default_factory=list)
     ranges: list[str] = field(default_factory=list)  # Range headers of video requests
     block: Callable[[], object] | None = None  # called before answering a video request
+    listed: list[str] = field(default_factory=lambda: [HASH])  # hashes /videos lists
+    block_listing: Callable[[], object] | None = None  # called before answering /videos
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -72,9 +74,11 @@ class FakeService:
                 "file_path": f"b/{HASH}.mp4",
             })
         if path == "/videos":
+            if self.block_listing is not None:
+                self.block_listing()
             return httpx.Response(200, json={"items": [{
-                "hash": HASH, "size_bytes": len(DATA), "file_path": f"b/{HASH}.mp4",
-            }], "next": None})
+                "hash": listed, "size_bytes": len(DATA), "file_path": f"b/{listed}.mp4",
+            } for listed in self.listed], "next": None})
         if path == f"/video/{HASH}/chunks":
             return httpx.Response(200, json={"hash": HASH, "chunk_size": CHUNK,
                                              "digests": self.digests})
@@ -306,10 +310,41 @@ def test_listing_is_cached_briefly_and_fills_the_metadata_cache(
     assert remote.meta(HASH) is not None
     remote.list_videos()
     assert service.requests == ["/videos"]
-    clock.now += 6
-    remote.list_videos()
-    assert service.requests == ["/videos", "/videos"]
     assert json.dumps(remote.counters.snapshot())  # JSON-ready
+
+
+def test_an_old_listing_is_returned_at_once_while_a_new_one_is_fetched(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """A player lists the folder of each file it opens: past its freshness the last listing
+    answers at once, and the next `ls` has the one fetched in the background."""
+    remote = make_remote(listing_ttl=5.0)
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]
+    service.listed.append(OTHER)
+    released = threading.Event()
+    service.block_listing = lambda: released.wait(timeout=10)  # bounded, if a caller waits
+    clock.now += 6
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]  # not waiting for it
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]  # one refresh at a time
+    released.set()
+    wait_until(lambda: len(remote.list_videos()) == 2, timeout=10, what="the new listing")
+    assert [m.content_hash for m in remote.list_videos()] == [HASH, OTHER]
+    assert service.requests == ["/videos", "/videos"]
+    assert remote.meta(OTHER) is not None  # from the listing: nothing asked
+    assert service.requests == ["/videos", "/videos"]
+
+
+def test_a_failed_refresh_keeps_the_last_listing(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    remote = make_remote(listing_ttl=5.0, timeout=1.0)
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]
+    service.failures = [400]  # refused for good: no retries
+    clock.now += 6
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]
+    wait_until(lambda: service.requests.count("/videos") == 2 and remote.list_videos(),
+               timeout=10, what="the refresh tried")
+    assert [m.content_hash for m in remote.list_videos()] == [HASH]
 
 
 def test_a_refused_token_is_access_denied_at_once(

@@ -68,8 +68,10 @@ retried run asks only for the blocks not handed on.
 Caches (content never changes for a hash, but videos come and go):
 - metadata of existing videos: an LRU of bounded size, kept until evicted;
 - "no such video": a few seconds only, so a newly ingested video shows up quickly;
-- the `by-hash/` listing: a few seconds; it also fills the metadata cache;
-- chunk digests per video, and the verified edge chunks described above.
+- the `by-hash/` listing: fresh for a few seconds, then returned as it is while a new one is
+  fetched in the background (players list the folder at every open); it also fills the
+  metadata cache;
+- chunk digests per video, by page, and the verified edge chunks described above.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ class RemoteConfig:
     # First retry soon (a reset connection usually works at once), then back off to 2 s.
     backoff_initial: float = 0.1
     backoff_max: float = 2.0
-    # `ls by-hash` twice in a row is one request, a new video is listed within seconds.
+    # `ls by-hash` twice in a row is one request; a new video is listed by the `ls` after the
+    # refresh this age starts (in the background: see `Remote.list_videos`).
     listing_ttl: float = 5.0
     # A lookup of a not-yet-ingested hash is retried by the kernel after this long anyway.
     negative_ttl: float = 3.0
@@ -352,6 +355,7 @@ class Remote:
         self._failures: dict[str, list[_Failure]] = {}
         self._listing: list[VideoMeta] = []
         self._listing_at: float | None = None
+        self._listing_refresh: threading.Thread | None = None
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.workers, thread_name_prefix="vcfs-http"
         )
@@ -452,13 +456,30 @@ class Remote:
         return meta
 
     def list_videos(self) -> list[VideoMeta]:
-        """Every stored video, ordered by hash; cached for `listing_ttl` seconds."""
+        """Every stored video, ordered by hash; cached for `listing_ttl` seconds. Past that, the
+        last listing is returned at once while a new one is fetched in the background (a player
+        lists the folder of every file it opens, looking for subtitles: it must not wait for
+        every page of a large cache each time); only the first listing is waited for."""
         with self._lock:
-            if self._listing_at is not None and (
-                self._clock() - self._listing_at < self.config.listing_ttl
-            ):
+            if self._listing_at is not None:
+                age = self._clock() - self._listing_at
+                if age >= self.config.listing_ttl and self._listing_refresh is None:
+                    self._listing_refresh = threading.Thread(
+                        target=self._refresh_listing, name="vcfs-listing", daemon=True)
+                    self._listing_refresh.start()
                 return self._listing
+        return self._fetch_listing()
 
+    def _refresh_listing(self) -> None:
+        try:
+            self._fetch_listing()
+        except VcfsError as exc:  # the last listing stays; the next `ls` tries again
+            log.warning("the video listing was not refreshed: %s", exc)
+        finally:
+            with self._lock:
+                self._listing_refresh = None
+
+    def _fetch_listing(self) -> list[VideoMeta]:
         def attempt(cutoff: float) -> list[dict[str, Any]]:
             docs = []
             for doc in self._client.list_videos(page_size=_PAGE_SIZE):
