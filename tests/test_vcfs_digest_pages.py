@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.faults import FlipByte
+from bench.faults import FlipByte, Refuse
 from bench.proxy import Request
 from tests.support import VidcacheServer
 from tests.vcfs_fault_support import FaultyLink, Source, ingest
-from vcfs.remote import Remote, RemoteConfig
+from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -125,3 +125,33 @@ def test_a_corrupt_chunk_in_a_page_fetched_during_a_jump_is_caught(
     assert link.faults.injected().get("flip_byte") == 1
     assert remote.counters.get("verify_failures") == 1
     assert ranges_asked(link, source)[-2:] == [header, header]  # caught, then fetched again
+
+
+def test_a_page_the_service_will_not_send_fails_the_jump_in_time_then_heals(
+    link: FaultyLink, source: Source,
+) -> None:
+    """The range arrives but its page of digests does not (503 until the deadline): the fetch
+    fails as unavailable by its deadline, handing on no unverified byte; once the service
+    answers again, the same fetch works."""
+    remote = Remote.connect(link.url, config=RemoteConfig(
+        digest_page_bytes=PAGE, timeout=2, request_timeout=1, failure_memory=0.1))
+    try:
+        remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # chunk size known, page 0 too
+
+        def page_requests(request: Request) -> bool:
+            return request.path == f"/video/{source.content_hash}/chunks"
+
+        refusal = Refuse(match=page_requests)
+        link.faults.enable(refusal)
+        handed_on: list[int] = []
+        with pytest.raises(RemoteUnavailable, match="chunk digests"):
+            remote.fetch_blocks(source.content_hash, 12 * MIB, 13 * MIB, MIB,
+                                on_block=lambda i, _: handed_on.append(i),
+                                on_partial=lambda i, _piece, _ready: handed_on.append(i))
+        assert handed_on == []
+        assert ranges_asked(link, source)[-1] == f"bytes={12 * MIB}-{13 * MIB - 1}"
+        link.faults.disable(refusal)
+        assert remote.fetch_blocks(source.content_hash, 12 * MIB, 13 * MIB, MIB) == [
+            source.data[12 * MIB : 13 * MIB]]
+    finally:
+        remote.close()
