@@ -392,10 +392,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         chunk first_chunk + i, where first_chunk = min(start // chunk_size, chunk_count); the
         last one listed holds byte min(end, size) - 1. A range holding no byte of the file
         (start >= size, or end <= start) lists none. Without parameters first_chunk is 0 and
-        every chunk is listed. Servers before this extension
-        ignore start/end and send neither first_chunk nor chunk_count. Sent gzip-compressed to
-        clients that accept it (hex digests halve: a reader opening a video on a slow link
-        waits for this list)."""
+        every chunk is listed. Servers before this extension ignore start/end and send neither
+        first_chunk nor chunk_count. Sent gzip-compressed to clients that accept it (hex
+        digests halve: a reader opening a video on a slow link waits for this list)."""
         page = store.chunk_digests(_checked_hash(content_hash), start=start, end=end)
         if page is None:
             raise NotFound(f"no video with hash {content_hash}")
