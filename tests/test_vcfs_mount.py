@@ -10,7 +10,6 @@ pages with posix_fadvise(DONTNEED).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import errno
 import json
@@ -30,7 +29,7 @@ from blake3 import blake3
 from PIL import Image
 
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
-from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
+from tests.vcfs_support import VcfsMount, mount_factory, requires_fuse, vcfs_command
 from vcfs import cli, paths
 from vidcache_client import VidCacheClient
 
@@ -89,13 +88,7 @@ def fresh_mount(
     tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
 ) -> Iterator[Callable[..., VcfsMount]]:
     """Factory: `fresh_mount(*vcfs_args)` mounts a new daemon (cold caches); all unmounted."""
-    with contextlib.ExitStack() as stack:
-        count = iter(range(100))
-
-        def start(*args: str) -> VcfsMount:
-            mountpoint = tmp_path / f"mnt{next(count)}"
-            return stack.enter_context(VcfsMount(vidcache_server.url, mountpoint, *args))
-
+    with mount_factory(vidcache_server.url, tmp_path) as start:
         yield start
 
 

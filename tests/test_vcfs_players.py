@@ -14,7 +14,6 @@ vcfs fetches depends on mpv's options as much as on vcfs; the fraction test chec
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import subprocess
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ import pytest
 
 from tests.support import VidcacheServer
 from tests.vcfs_fault_support import Source, ingest
-from tests.vcfs_support import VcfsMount, requires_fuse
+from tests.vcfs_support import VcfsMount, mount_factory, requires_fuse
 
 pytestmark = requires_fuse
 
@@ -52,13 +51,7 @@ def mount(tmp_path_factory: pytest.TempPathFactory, vidcache_server: VidcacheSer
 def fresh_mount(tmp_path: Path, vidcache_server: VidcacheServer,
                 sources: dict[str, Source]) -> Iterator[Callable[..., VcfsMount]]:
     """Factory: a new daemon (cold caches, counters at zero) per call; all unmounted."""
-    with contextlib.ExitStack() as stack:
-        count = iter(range(100))
-
-        def start(*args: str) -> VcfsMount:
-            mountpoint = tmp_path / f"mnt{next(count)}"
-            return stack.enter_context(VcfsMount(vidcache_server.url, mountpoint, *args))
-
+    with mount_factory(vidcache_server.url, tmp_path) as start:
         yield start
 
 

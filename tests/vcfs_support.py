@@ -8,12 +8,14 @@ pytest shows only for failed tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,17 @@ class VcfsMount:
             self.stop()
         finally:
             print(f"--- vcfs log ({self.log_path}) ---\n{self.log()}")
+
+
+@contextlib.contextmanager
+def mount_factory(url: str, directory: Path) -> Iterator[Callable[..., VcfsMount]]:
+    """`start(*vcfs_args)` mounts a new daemon (cold caches, counters at zero) of the service
+    at `url` under `directory`; every one is unmounted on leaving."""
+    with contextlib.ExitStack() as stack:
+        count = iter(range(100))
+
+        def start(*args: str) -> VcfsMount:
+            mountpoint = directory / f"mnt{next(count)}"
+            return stack.enter_context(VcfsMount(url, mountpoint, *args))
+
+        yield start
