@@ -52,6 +52,11 @@ class Link:
         """The Range header of every request since the last reset, in order."""
         return [str(entry.get("range")) for entry in self._proxy.counters()["request_log"]]
 
+    def request_connections(self) -> list[tuple[object, str]]:
+        """(connection id, Range) of every request since the last reset, in order."""
+        return [(entry["conn"], str(entry.get("range")))
+                for entry in self._proxy.counters()["request_log"]]
+
     def reset(self) -> None:
         """No faults, counters at zero."""
         self.faults.clear()

@@ -202,6 +202,99 @@ def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
     assert errors == []
 
 
+# -- pipelining ----------------------------------------------------------------------------
+
+
+def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *,
+                leader_fails: bool) -> tuple[bytearray, BaseException | None]:
+    """Read 256 KiB from 1 MiB; while its answer arrives, read the 256 KiB after it on
+    another thread. The first read holds its receiving until the second request has reached
+    the proxy (or 5 s). Returns the second read's bytes and the first read's error."""
+    class LeaderGaveUp(Exception):
+        pass
+
+    second_sent = threading.Event()
+    second: list[bytearray] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        buffer = bytearray(256 * KIB)
+        try:
+            linked_client.read_range_into(video.hash, MIB + 256 * KIB, [buffer])
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+        second.append(buffer)
+
+    def lead_progress(received: int) -> None:
+        if not second_sent.is_set():
+            follower.start()
+            wait_until(lambda: len(link.ranges()) == 2, timeout=5, what="the second request")
+            second_sent.set()
+            if leader_fails:
+                raise LeaderGaveUp
+
+    follower = threading.Thread(target=follow)
+    leader_error: BaseException | None = None
+    try:
+        linked_client.read_range_into(video.hash, MIB, [bytearray(256 * KIB)],
+                                      on_progress=lead_progress)
+    except LeaderGaveUp as exc:
+        leader_error = exc
+    follower.join(30)
+    assert not follower.is_alive() and errors == []
+    return second[0], leader_error
+
+
+def test_a_range_right_after_one_in_progress_is_pipelined_on_its_connection(
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+) -> None:
+    data, error = read_behind(linked_client, link, video, leader_fails=False)
+    assert error is None
+    assert data == video.data[MIB + 256 * KIB : MIB + 512 * KIB]
+    (first_conn, first), (second_conn, second) = link.request_connections()
+    assert (first, second) == (f"bytes={MIB}-{MIB + 256 * KIB - 1}",
+                               f"bytes={MIB + 256 * KIB}-{MIB + 512 * KIB - 1}")
+    assert first_conn == second_conn  # sent while the first answer was arriving
+    assert link.connections() == 1
+    buffer = bytearray(1000)
+    linked_client.read_range_into(video.hash, 0, [buffer])  # and kept alive after both
+    assert buffer == video.data[:1000] and link.connections() == 1
+
+
+def test_a_pipelined_range_whose_connection_fails_is_asked_again(
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+) -> None:
+    data, error = read_behind(linked_client, link, video, leader_fails=True)
+    assert error is not None  # the first read's own error, raised to its caller
+    assert data == video.data[MIB + 256 * KIB : MIB + 512 * KIB]
+    connections = link.request_connections()
+    assert len(connections) == 3 and connections[0][0] == connections[1][0]
+    assert connections[2] == (connections[2][0], connections[1][1])  # the same range again
+    assert connections[2][0] != connections[0][0]  # on a new connection
+
+
+def test_an_answer_arriving_with_the_end_of_the_one_before_is_read_from_there() -> None:
+    """Pipelined answers may come in one receive: the bytes after the first answer's body are
+    the start of the next answer, read before anything more from the socket."""
+    from vidcache_client._rangeconn import _Connection
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)  # a reader that ignored those bytes would wait for more
+    with ours, theirs:
+        connection = _Connection(ours, lambda: httpx.Request("GET", "http://vidcache.test/"))
+        theirs.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n\r\nfirst"
+                       b"HTTP/1.1 206 Partial Content\r\nContent-Length: 6\r\n\r\nsec")
+        assert connection.read_head().endswith(b"Content-Length: 5")
+        body = bytearray(5)
+        connection.fill(memoryview(body), 0, 5, None)
+        assert body == b"first" and not connection.drained()
+        assert connection.read_head().endswith(b"Content-Length: 6")
+        theirs.sendall(b"ond")
+        body = bytearray(6)
+        connection.fill(memoryview(body), 0, 6, None)
+        assert body == b"second" and connection.drained()
+
+
 def test_max_connections_counts_these_connections_with_the_others(
     vidcache_server: VidcacheServer, video: StoredVideo,
 ) -> None:
