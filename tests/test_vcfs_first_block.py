@@ -138,8 +138,9 @@ def test_unknown_hash_is_enoent_with_no_bytes_and_nothing_held(
     sent = [(p, header) for p, header in link.request_log() if unknown in p]
     # The lookup asked for the metadata, and (not knowing yet) the digests and the first
     # block, which are dropped unsent if /meta's 404 comes first; each at most once, all 404,
-    # and nothing is kept.
-    assert sent[0] == (f"/meta/{unknown}", None)
+    # and nothing is kept. (/meta is handed to its worker first, but the three go out on
+    # three connections: the order the proxy logs them in is not fixed.)
+    assert (f"/meta/{unknown}", None) in sent
     assert sorted(set(sent)) == sorted(sent)
     assert set(sent) <= {(f"/meta/{unknown}", None), (f"/video/{unknown}/chunks", None),
                          (f"/video/{unknown}", f"bytes=0-{MIB - 1}")}
