@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from tests.support import wait_until
 from vcfs.blocks import (
     BlockCache,
+    BlockFetcher,
     BlockFetchError,
     BlockVerifyError,
     OnBlock,
@@ -331,6 +332,12 @@ def test_blocks_in_flight_count_against_the_budget() -> None:
     assert cache.read(H1, len(data), 3 * BS, 3 * BS) == data[3 * BS : 6 * BS]
 
 
+def cache_with(data: bytes, block_fetcher: BlockFetcher) -> BlockCache:
+    """A cache of video H1 (`data`) whose runs come from `block_fetcher`."""
+    return BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
+                      block_fetcher=block_fetcher)
+
+
 def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None:
     data = data_of(5 * BS + 3)
     fetcher = FakeFetcher({H1: data})
@@ -372,8 +379,7 @@ def test_a_reported_block_reaches_its_readers_before_the_run_is_over() -> None:
             on_block(position, blocks[position])
         return blocks
 
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=block_fetcher)
+    cache = cache_with(data, block_fetcher)
     got: list[bytes] = []
     with threads(lambda: cache.prefetch(H1, len(data), 0, 3)):
         assert first_reported.wait(DEADLINE)
@@ -395,8 +401,7 @@ def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
         on_block(0, data[start : start + block_size])  # a repeated report changes nothing
         raise OSError("connection reset")
 
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=block_fetcher)
+    cache = cache_with(data, block_fetcher)
     with pytest.raises(OSError, match="reset"):
         cache.prefetch(H1, len(data), 0, 3)
     assert [cache.is_cached(H1, i) for i in range(4)] == [True, False, False, False]
@@ -413,8 +418,7 @@ def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
                       skip: int = 0) -> list[bytes]:
         return [data[low : low + block_size] for low in range(start, end, block_size)]
 
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=silent)
+    cache = cache_with(data, silent)
     assert cache.read(H1, len(data), 0, 3 * BS) == data
     assert all(cache.is_cached(H1, i) for i in range(3))
 
@@ -459,8 +463,7 @@ class TricklingBlockFetcher:
 def test_a_read_of_a_blocks_start_returns_before_the_rest_of_the_block_arrives() -> None:
     data = data_of(2 * BS)
     fetcher = TricklingBlockFetcher(data, step=4)
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=fetcher)
+    cache = cache_with(data, fetcher)
     assert cache.read(H1, len(data), 1, 3) == data[1:4]  # only the first 4 bytes are in
     assert fetcher.reported == [4] and not cache.is_cached(H1, 0)
     got: list[bytes] = []
@@ -480,8 +483,7 @@ def test_a_read_of_a_blocks_start_returns_before_the_rest_of_the_block_arrives()
 def test_a_block_failing_after_part_of_it_was_read_is_not_cached_and_fails_the_rest() -> None:
     data = data_of(BS)
     fetcher = TricklingBlockFetcher(data, step=4, fail_at=8)
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=fetcher)
+    cache = cache_with(data, fetcher)
     assert cache.read(H1, len(data), 0, 4) == data[:4]
     errors: list[BaseException] = []
 
@@ -519,8 +521,7 @@ def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
             raise AssertionError("never released")
         return [data]
 
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=odd_reports)
+    cache = cache_with(data, odd_reports)
     got: list[bytes] = []
     with threads(lambda: got.append(cache.read(H1, len(data), 0, 2))):
         wait_until(lambda: cache.stats()["misses"] == 1, timeout=DEADLINE)
@@ -554,8 +555,7 @@ class TailFetcher:
 def test_a_read_into_the_middle_of_a_cold_block_fetches_only_its_tail() -> None:
     data = data_of(3 * BS)
     fetcher = TailFetcher(data, unit=4)
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=fetcher)
+    cache = cache_with(data, fetcher)
     assert cache.read(H1, len(data), BS + 10, 9) == data[BS + 10 : BS + 19]  # into block 2
     assert fetcher.calls == [(BS, 3 * BS, 10)]  # block 1 with its first 10 bytes not needed
     assert cache.stats()["bytes_fetched"] == 2 * BS - 8  # its tail from byte 8 on, block 2
@@ -572,14 +572,12 @@ def test_a_read_into_the_middle_of_a_cold_block_fetches_only_its_tail() -> None:
 def test_only_the_first_block_of_a_read_may_be_a_tail_and_only_what_the_read_skips() -> None:
     data = data_of(3 * BS)
     greedy = TailFetcher(data, unit=4, extra=4)  # leaves out 4 bytes the reader needs
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=greedy)
+    cache = cache_with(data, greedy)
     with pytest.raises(BlockFetchError, match="instead of 16"):
         cache.read(H1, len(data), 10, 4)
     assert cache.stats()["cached_bytes"] == 0
     aligned = TailFetcher(data, unit=4)
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=aligned)
+    cache = cache_with(data, aligned)
     assert cache.read(H1, len(data), 0, 2 * BS) == data[: 2 * BS]
     assert aligned.calls == [(0, 2 * BS, 0)]  # a read from a block's start skips nothing
 
@@ -597,8 +595,7 @@ def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block
             raise AssertionError("never released")
         return [data[start + skip : end]]
 
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=slow_tail)
+    cache = cache_with(data, slow_tail)
     got: list[bytes] = []
     with threads(lambda: got.append(cache.read(H1, len(data), 12, 4))):
         wait_until(lambda: calls == [12], timeout=DEADLINE)
@@ -618,8 +615,7 @@ def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
                       skip: int = 0) -> list[bytes]:
         return [data[start:end]]  # one piece for the whole run
 
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,
-                       block_fetcher=joined_pieces)
+    cache = cache_with(data, joined_pieces)
     with pytest.raises(BlockFetchError):
         cache.read(H1, len(data), 0, 2 * BS)
     assert cache.stats()["cached_bytes"] == 0
