@@ -85,20 +85,27 @@ def test_a_spent_budget_times_out() -> None:
     assert len(made.made) == 2
 
 
-def test_a_waiting_borrower_gets_the_returned_connection() -> None:
-    made = kind(1, wait_timeout=30)
+def borrowed_while_waiting(waiting: Kind, holding: Kind) -> tuple[Connection, list[Connection]]:
+    """Hold a connection of `holding` while another thread waits to borrow one of `waiting`
+    (both pools spent); the held connection, and what the waiter got once it was given back."""
     received: list[Connection] = []
 
-    def borrow_one() -> None:
-        with made.pool.borrow() as connection:
+    def borrow() -> None:
+        with waiting.pool.borrow() as connection:
             received.append(connection)
 
-    waiter = threading.Thread(target=borrow_one)
-    with made.pool.borrow() as held:
+    waiter = threading.Thread(target=borrow)
+    with holding.pool.borrow() as held:
         waiter.start()
-        wait_for_a_waiter(made.pool._budget)
+        wait_for_a_waiter(holding.pool._budget)
         assert received == []
     waiter.join(timeout=10)
+    return held, received
+
+
+def test_a_waiting_borrower_gets_the_returned_connection() -> None:
+    made = kind(1, wait_timeout=30)
+    held, received = borrowed_while_waiting(made, made)
     assert received == [held]
     assert len(made.made) == 1
 
@@ -208,18 +215,7 @@ def test_a_spent_budget_makes_room_by_closing_the_coldest_idle_connection_of_any
 def test_a_waiter_of_one_pool_gets_the_slot_another_pool_returns() -> None:
     budget = Budget(size=1, wait_timeout=30)
     clients, sockets = Kind(budget), Kind(budget)
-    received: list[Connection] = []
-
-    def borrow_a_socket() -> None:
-        with sockets.pool.borrow() as connection:
-            received.append(connection)
-
-    waiter = threading.Thread(target=borrow_a_socket)
-    with clients.pool.borrow() as client:
-        waiter.start()
-        wait_for_a_waiter(budget)
-        assert received == []
-    waiter.join(timeout=10)
+    client, received = borrowed_while_waiting(sockets, clients)
     assert received == sockets.made
     assert client.closed  # returned to its pool, then closed to make room
 
