@@ -269,48 +269,42 @@ class RangeReader:
         path = f"{self._base_path}/video/{content_hash}"
         request = (f"GET {path} HTTP/1.1\r\n{self._head_lines}"
                    f"Range: bytes={asked[0]}-{asked[1]}\r\n\r\n").encode("ascii")
-        read = functools.partial(self._read_answer, content_hash, asked, views, what=what,
-                                 on_filled=on_filled, on_progress=on_progress)
+        describe = functools.partial(self._describe, path, asked)
+        answer = functools.partial(self._answer, content_hash, asked, views, describe,
+                                   what=what, on_filled=on_filled, on_progress=on_progress)
         connection = self._follow(content_hash, asked[0], request)
         if connection is not None:
-            connection.describe = functools.partial(self._describe, path, asked)
             try:
-                return read(connection)
+                return answer(connection, None)
             except (_Stale, httpx.TransportError):
                 pass  # the connection before it failed, or closed after it: ask again
         stale = False
         while True:
             connection = self._pool.acquire(fresh=stale)
-            connection.describe = functools.partial(self._describe, path, asked)
             try:
-                connection.send(request)
+                return answer(connection, request)
             except _Stale:
-                self._pool.release(connection, reusable=False)
                 stale = True  # ask again, on a new connection (which cannot be stale)
-                self._pool.close_idle()
-                continue
-            except BaseException:
-                self._pool.release(connection, reusable=False)
-                raise
-            try:
-                return read(connection)
-            except _Stale:
-                stale = True
                 self._pool.close_idle()
 
     # -- internals -----------------------------------------------------------------------
 
-    def _read_answer(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview],
-                     connection: _Connection, *, what: str, on_filled: OnFilled | None,
-                     on_progress: OnProgress | None) -> int:
-        """Read the answer to the request sent on `connection` (lent to this thread), then
-        hand the connection to the request pipelined behind it, if any, or give it back."""
+    def _answer(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview],
+                describe: Callable[[], httpx.Request], connection: _Connection,
+                request: bytes | None, *, what: str, on_filled: OnFilled | None,
+                on_progress: OnProgress | None) -> int:
+        """Send `request` on `connection` (lent to this thread; None: it was pipelined there
+        already) and read its answer, then hand the connection to the request pipelined
+        behind it, if any, or give it back."""
+        connection.describe = describe
         end = (content_hash, asked[1] + 1)
-        if self._tls is None:
-            with self._lock:
-                self._open_ends.setdefault(end, connection)
         reusable = False
         try:
+            if request is not None:
+                connection.send(request)
+            if self._tls is None:  # open to a follower only once this request is out
+                with self._lock:
+                    self._open_ends.setdefault(end, connection)
             head = connection.read_head()
             response, length, keep_alive = self._response(head, connection)
             raise_for_status(response, what)
