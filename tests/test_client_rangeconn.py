@@ -316,9 +316,28 @@ def test_one_connection_is_handed_between_the_kinds_of_request(link: Link,
         for _ in range(2):
             assert single.read_range_into(video.hash, 0, [buffer]) == 1000
             assert buffer == video.data[:1000]
-            meta = single.get_meta(video.hash)
-            assert meta is not None and meta["size_bytes"] == len(video.data)
+            assert single.get_bytes(video.hash, (0, 999)) == video.data[:1000]  # httpx
     assert link.connections() == 4
+
+
+def test_small_gets_share_the_range_connections(link: Link, video: StoredVideo) -> None:
+    """Metadata, digests and listings go over the range sockets: one warm connection serves
+    them all, and their answers are the ones httpx gets."""
+    link.reset()
+    buffer = bytearray(1000)
+    with VidCacheClient(link.url, timeout=2) as client:
+        for _ in range(2):
+            meta = client.get_meta(video.hash)
+            assert meta is not None and meta["size_bytes"] == len(video.data)
+            assert client.read_range_into(video.hash, 0, [buffer]) == 1000
+            digests = client.get_chunk_digests(video.hash)
+            assert digests is not None and digests["chunk_count"] == len(digests["digests"])
+            assert video.hash in [doc["hash"] for doc in client.list_videos()]
+            assert client.get_meta("0" * 64) is None
+    assert link.connections() == 2  # the 404 closes the first one
+    with VidCacheClient(link.url, timeout=2, transport=httpx.HTTPTransport()) as plain:
+        assert plain.get_chunk_digests(video.hash) == digests
+        assert plain.get_meta(video.hash) == meta
 
 
 # -- errors -----------------------------------------------------------------------------------

@@ -98,6 +98,27 @@ def test_cold_lookup_sends_the_first_block_before_meta_answers_and_the_read_send
     assert path.read_bytes() == source.data
 
 
+def test_cold_lookup_pipelines_its_requests_on_the_connection_the_mount_left_warm(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """/meta, the digests and the first block go out at once on the connection of the mount's
+    start-up check: the first bytes cost one round trip, no TCP handshake."""
+    source = sources["big.mp4"]
+    before = link.request_connections()
+    assert before and before[-1][1] == "/videos"  # the access check, the mount's last request
+    assert os.stat(mount.video(source.file_name)).st_size == source.size
+    wait_until(lambda: len(link.request_connections()) == len(before) + 3, timeout=30,
+               what="the lookup's three requests")
+    lookup = link.request_connections()[len(before):]
+    assert [path for _, path in lookup] == [f"/meta/{source.content_hash}",
+                                            f"/video/{source.content_hash}/chunks",
+                                            f"/video/{source.content_hash}"]
+    assert {conn for conn, _ in lookup} == {before[-1][0]}
+    with open(mount.video(source.file_name), "rb") as video:
+        assert video.read(MIB) == source.data[:MIB]
+    assert mount.stats()["remote"]["first_blocks_used"] == 1
+
+
 def test_tiny_file_is_read_right_from_its_first_block(
     mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
 ) -> None:

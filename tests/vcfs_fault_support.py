@@ -73,6 +73,11 @@ class FaultyLink:
         log = self._proxy.counters()["request_log"]
         return [(str(entry["path"]), entry["range"]) for entry in log]
 
+    def request_connections(self) -> list[tuple[object, str]]:
+        """(connection id, path) of every request the proxy has seen, in order."""
+        log = self._proxy.counters()["request_log"]
+        return [(entry["conn"], str(entry["path"])) for entry in log]
+
     def request_targets(self) -> list[str]:
         """The target (path and query) of every request the proxy has seen, in order."""
         return [str(entry["target"]) for entry in self._proxy.counters()["request_log"]]

@@ -42,20 +42,21 @@ request and the range's together and verifies the first chunk when both are in.
 
 First block with the metadata. A player stats a path right before reading its first bytes, so a
 lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the
-filesystem passes for a single path's lookup) also sends, at the same moment as `/meta`, one
-attempt at its first block (`Range: bytes=0-(B-1)`) and one at its chunk digests: the first
-read then finds them arrived or arriving, one round trip after the lookup started instead of
-two. The block waits in a small holding place (`first_blocks_held` blocks, dropped after
-`first_block_ttl`) until `fetch` or `fetch_blocks` asks for exactly that block; only then is it
-verified against the digests (and taken out: one use) and returned, so the block cache's single
-in-flight fetch of block 0 is this request. `fetch_blocks` follows it as it arrives, verifying
-and handing on each chunk as it comes in. The `/meta` request is sent first: the lookup waits
-for it, and it gets the warmest pooled connection. A file shorter than the block is answered up
-to its end, which is that block. Any failure (an error, a wrong length, a digest mismatch,
-chunks coarser than the block) drops it quietly and the normal path fetches the block. Lookups
-answered from the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service
-does not have, the two extra requests are answered 404, or dropped unsent when the 404 of
-`/meta` comes first.
+filesystem passes for a single path's lookup) sends `/meta`, the first page of its chunk
+digests and one attempt at its first block (`Range: bytes=0-(B-1)`) at once, pipelined on one
+connection, the warmest the client has (`VidCacheClient.open_video_into`): the lookup gets its
+answer one round trip later, and the first read finds the block arriving right behind it, with
+no TCP handshake when a connection is warm. The block waits in a small holding place
+(`first_blocks_held` blocks, dropped after `first_block_ttl`) until `fetch` or `fetch_blocks`
+asks for exactly that block; only then is it verified against the digests (and taken out: one
+use) and returned, so the block cache's single in-flight fetch of block 0 is this request.
+`fetch_blocks` follows it as it arrives, verifying and handing on each chunk as it comes in. A
+file shorter than the block is answered up to its end, which is that block. If the metadata
+does not come that way (an error, or late), the lookup asks for it again the usual way, with
+retries; any failure of the block (an error, a wrong length, a digest mismatch, chunks coarser
+than the block) drops it quietly and the normal path fetches the block. Lookups answered from
+the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service does not have,
+`/meta`'s 404 ends the exchange.
 
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
@@ -287,8 +288,18 @@ class _FirstBlock:
 
     size: int  # the block size asked for: bytes 0 to size - 1, or fewer in a smaller file
     data: concurrent.futures.Future[tuple[bytes, int]]  # the block and how much of it arrived
+    meta: concurrent.futures.Future[dict[str, Any] | None]  # `/meta` document, None: 404
     digests: concurrent.futures.Future[dict[str, Any] | None]  # `/chunks` document, None: 404
     arrival: _Arrival  # the block's bytes as they come in
+
+
+def _settle(future: concurrent.futures.Future[T], outcome: T | BaseException) -> None:
+    """Give `future` its result (or exception), unless it has one or was cancelled."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def _page_size(page: Digests) -> int:
@@ -423,21 +434,15 @@ class Remote:
                 return known
             if content_hash in self._missing:
                 return None
-        speculation: _FirstBlock | None = None
-
-        def speculate() -> None:
-            nonlocal speculation
-            speculation = self._start_first_block(content_hash, first_block)
-
+        speculation = self._start_first_block(content_hash, first_block) if first_block else None
         try:
-            # The metadata is asked for first: the lookup waits for it, and the warmest pooled
-            # connection goes to the first request sent.
-            doc = self._with_retries(
-                f"metadata of {content_hash}",
-                lambda _: self._client.get_meta(content_hash),
-                deadline=deadline,
-                once_sent=speculate if first_block else None,
-            )
+            if speculation is not None and self._meta_answered(content_hash, speculation,
+                                                               deadline):
+                doc = speculation.meta.result()
+            else:
+                doc = self._with_retries(f"metadata of {content_hash}",
+                                         lambda _: self._client.get_meta(content_hash),
+                                         deadline=deadline)
             meta = None if doc is None else VideoMeta.from_json(doc, content_hash=content_hash)
         except BaseException:
             self._drop_first_block(content_hash, speculation)
@@ -454,6 +459,21 @@ class Remote:
                 functools.partial(self._keep_answered_digests, meta)
             )
         return meta
+
+    def _meta_answered(self, content_hash: str, speculation: _FirstBlock,
+                       deadline: float | None) -> bool:
+        """Whether the metadata asked for along with the first block came, waited for until
+        the attempt's cutoff. If it failed or is late, the normal path asks again (and
+        reports the failure if it persists)."""
+        cutoff = self._cutoff(self._clock() + self.config.timeout if deadline is None
+                              else deadline)
+        try:
+            speculation.meta.result(timeout=max(cutoff - self._clock(), 0))
+        except Exception as exc:  # an error, or late
+            log.info("%s: the metadata asked for with the first block did not come (%s: %s); "
+                     "asking again", content_hash, type(exc).__name__, exc)
+            return False
+        return True
 
     def list_videos(self) -> list[VideoMeta]:
         """Every stored video, ordered by hash; cached for `listing_ttl` seconds. Past that, the
@@ -762,12 +782,15 @@ class Remote:
         return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
 
     def _start_first_block(self, content_hash: str, block_size: int) -> _FirstBlock | None:
-        """Send one attempt at the video's first block and one at its digests, now, unless
-        that is off, already under way, or the digests are known (so was a fetch before)."""
+        """Send one attempt at the video's metadata, digests and first block, now, pipelined on
+        one connection, unless that is off, already under way, or the digests are known (so
+        was a fetch before)."""
         if not self.config.first_block_with_meta:
             return None
         cutoff = self._clock() + self.config.per_request_timeout
         arrival = _Arrival()
+        meta: concurrent.futures.Future[dict[str, Any] | None] = concurrent.futures.Future()
+        digests: concurrent.futures.Future[dict[str, Any] | None] = concurrent.futures.Future()
 
         def receive() -> tuple[bytes, int]:
             block, view = unfilled_block(block_size)
@@ -779,8 +802,16 @@ class Remote:
                 arrival.update(received)
 
             try:
-                received = self._client.read_range_into(
-                    content_hash, 0, [view], on_progress=progress)
+                # The digests go before the block: the first read needs them too, and the
+                # block's bytes would hold them up on a slow link.
+                received = self._client.open_video_into(
+                    content_hash, [view], on_meta=functools.partial(_settle, meta),
+                    digests=(0, self.config.digest_page_bytes),
+                    on_digests=functools.partial(_settle, digests), on_progress=progress)
+            except BaseException as exc:
+                for answer in (meta, digests):
+                    _settle(answer, exc)
+                raise
             finally:
                 arrival.end()
             return block, received
@@ -788,16 +819,11 @@ class Remote:
         with self._lock:
             if content_hash in self._first_blocks or content_hash in self._chunk_sizes:
                 return None
-            # The digests go first: the first read needs them too, and the block's bytes
-            # would hold them up on a slow link.
-            digests = self._workers.submit(functools.partial(
-                self._client.get_chunk_digests, content_hash, start=0,
-                end=self.config.digest_page_bytes))
-            speculation = _FirstBlock(block_size, self._workers.submit(receive), digests,
+            speculation = _FirstBlock(block_size, self._workers.submit(receive), meta, digests,
                                       arrival)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
-        self.counters.add("http_requests", 2)
+        self.counters.add("http_requests", 3)
         self.counters.add("range_requests")
         return speculation
 

@@ -1,9 +1,10 @@
 """VidCacheClient: the vidcache 1.x REST API over a pool of keep-alive connections.
 
 One instance is meant to be shared by many threads: each call borrows a single-connection
-httpx.Client (see `_pool` for why not one shared httpx.Client), or for `read_range_into` a plain
-socket (`_rangeconn`), at most `max_connections` of both together, so many small ranged reads
-(what vcfs does) reuse warm connections instead of paying a TCP handshake each.
+httpx.Client (see `_pool` for why not one shared httpx.Client), or for `read_range_into`,
+`open_video_into` and the GETs of small answers a plain socket (`_rangeconn`), at most
+`max_connections` of both together, so many small ranged reads (what vcfs does) reuse warm
+connections instead of paying a TCP handshake each.
 Every call validates its arguments first (nothing malformed is sent), goes through `_translate`
 for errors, and every byte read goes through `_verify`, so bytes are only returned when the
 answer says they are exactly the asked range of the asked hash.
@@ -96,6 +97,7 @@ class VidCacheClient:
         # Ranged reads into buffers go over plain sockets when nothing in between needs httpx
         # (see `_rangeconn`); `None`: through httpx.
         self._ranges: RangeReader | None = None
+        self._small_gets = True  # whether GETs of small answers go over those sockets too
         if transport is None and not proxied_by_environment(url):
             self._ranges = RangeReader(url, headers=headers, timeout=timeout,
                                        ssl_context=ssl_context, budget=self._budget,
@@ -160,11 +162,7 @@ class VidCacheClient:
         """
         content_hash = validate_hash(content_hash)
         start, end = validate_digest_range(start, end)
-        params = {name: value for name, value in (("start", start), ("end", end))
-                  if value is not None}
-        what = f"chunk digests of video {content_hash}"
-        if params:
-            what += f" for bytes [{start or 0}, {'end' if end is None else end})"
+        what, params = _digests_request(content_hash, start, end)
         result = self._get_record(f"/video/{content_hash}/chunks", what, params=params or None,
                                   expected=content_hash)
         if result is None:
@@ -301,6 +299,87 @@ class VidCacheClient:
         return self._read_range_into_streaming(content_hash, asked, views,
                                                on_filled=on_filled, on_progress=on_progress)
 
+    def open_video_into(
+        self,
+        content_hash: str,
+        buffers: Sequence[bytearray | memoryview],
+        *,
+        on_meta: Callable[[dict[str, Any] | None], None],
+        digests: tuple[int | None, int | None] | None = None,
+        on_digests: Callable[[dict[str, Any] | None], None] | None = None,
+        on_filled: Callable[[int], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """A video's metadata, optionally a page of its chunk digests, and its first bytes, for
+        the cost of one round trip: `read_range_into(content_hash, 0, buffers, ...)` with
+        `get_meta` and `get_chunk_digests(start=, end=)` (`digests` = (start, end)) asked for
+        on the same connection, all at once (HTTP/1.1 pipelining), on a warm connection when
+        the client has one.
+
+        `on_meta(doc)` is called with what `get_meta` returns as soon as it arrives, then
+        `on_digests(doc)` likewise, then the bytes are read as by `read_range_into`, with the
+        same checks and callbacks; returns their number. For a hash the service does not have,
+        `on_meta(None)` is called and NotFoundError raised. An exception raised by a callback
+        ends the call and propagates. Where `read_range_into` goes through httpx, the three
+        requests are made one after another.
+        """
+        content_hash = validate_hash(content_hash)
+        views = _writable_views(buffers)
+        digest_range = None if digests is None else validate_digest_range(*digests)
+        asked = (0, sum(len(view) for view in views) - 1)
+        what = f"bytes {asked[0]}-{asked[1]} of video {content_hash}"
+        meta_what = f"metadata of video {content_hash}"
+        taken: list[str] = []  # the answers handed to the callbacks so far
+
+        def take_meta(response: httpx.Response) -> None:
+            if response.status_code == 404:
+                on_meta(None)
+                taken.append("meta")
+            raise_for_status(response, meta_what)
+            result = _json_object(response, meta_what)
+            _check_hash_field(result, meta_what, expected=content_hash)
+            on_meta(result)
+            taken.append("meta")
+
+        targets = [(f"/meta/{content_hash}", take_meta)]
+        if digest_range is not None:
+            digests_what, params = _digests_request(content_hash, *digest_range)
+
+            def take_digests(response: httpx.Response) -> None:
+                result = None
+                if response.status_code != 404:
+                    raise_for_status(response, digests_what)
+                    result = _json_object(response, digests_what)
+                    _check_hash_field(result, digests_what, expected=content_hash)
+                    result = checked_digests(result, digests_what, start=digest_range[0] or 0,
+                                             end=digest_range[1])
+                if on_digests is not None:
+                    on_digests(result)
+                taken.append("digests")
+
+            target = httpx.URL(f"/video/{content_hash}/chunks", params=params or None)
+            targets.append((target.raw_path.decode("ascii"), take_digests))
+        ranges = self._ranges if self._small_gets else None
+        if ranges is not None:
+            try:
+                with transport_errors(what):
+                    return ranges.read_into_after(targets, content_hash, asked, views,
+                                                  what=what, on_filled=on_filled,
+                                                  on_progress=on_progress)
+            except Unhandled:
+                self._small_gets = False  # this server's answers need httpx: use it from now on
+        if "meta" not in taken:
+            meta = self.get_meta(content_hash)
+            on_meta(meta)
+            if meta is None:
+                raise NotFoundError(404, "no such video",
+                                    message=f"{meta_what}: HTTP 404: no such video")
+        if digest_range is not None and "digests" not in taken and on_digests is not None:
+            on_digests(self.get_chunk_digests(content_hash, start=digest_range[0],
+                                              end=digest_range[1]))
+        return self.read_range_into(content_hash, 0, views, on_filled=on_filled,
+                                    on_progress=on_progress)
+
     # --- internals -----------------------------------------------------------------------
 
     def _read_range_into_streaming(
@@ -349,7 +428,18 @@ class VidCacheClient:
     def _send(self, method: str, path: str, what: str, *,
               params: Mapping[str, str | int] | None = None,
               json: Mapping[str, Any] | None = None) -> httpx.Response:
-        """Send a request whose answer is small; raise for a non-2xx status."""
+        """Send a request whose answer is small; raise for a non-2xx status. A GET goes over
+        the range sockets where they are used, leaving a warm connection for the bytes."""
+        ranges = self._ranges if self._small_gets else None
+        if method == "GET" and json is None and ranges is not None:
+            target = httpx.URL(path, params=params).raw_path.decode("ascii")
+            try:
+                with transport_errors(what):
+                    response = ranges.get(target)
+                raise_for_status(response, what)
+                return response
+            except Unhandled:
+                self._small_gets = False  # this server's answers need httpx: use it from now on
         with transport_errors(what), self._pool.borrow() as http:
             response = http.request(method, path, params=params, json=json)
         raise_for_status(response, what)
@@ -415,6 +505,17 @@ class VidCacheClient:
             if cursor is None:
                 return
             after = cursor
+
+
+def _digests_request(content_hash: str, start: int | None, end: int | None
+                     ) -> tuple[str, dict[str, int]]:
+    """What a `get_chunk_digests` call is (for messages), and its query parameters."""
+    params = {name: value for name, value in (("start", start), ("end", end))
+              if value is not None}
+    what = f"chunk digests of video {content_hash}"
+    if params:
+        what += f" for bytes [{start or 0}, {'end' if end is None else end})"
+    return what, params
 
 
 def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryview]:

@@ -28,11 +28,12 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 
 T = TypeVar("T")
+Spare = Literal["if-new", "if-last", "no"]
 
 
 class Budget:
@@ -92,10 +93,12 @@ class Pool(Generic[T]):
         finally:
             self.release(connection)
 
-    def acquire(self, *, fresh: bool = False) -> T:
+    def acquire(self, *, fresh: bool = False, spare: Spare = "if-new") -> T:
         """A connection: the warmest idle one that is still usable, or (also when `fresh`) a
         new one, for which the coldest idle connection of any pool is closed if the budget is
-        spent."""
+        spent. In a pool made with `spare`, `spare` says when this call opens one: "if-new"
+        when it has to open a connection, "if-last" also when it takes the last idle one
+        (a caller that will soon want a second connection), "no" never."""
         budget = self._budget
         deadline = time.monotonic() + budget.wait_timeout
         with budget.changed:
@@ -105,6 +108,8 @@ class Pool(Generic[T]):
                 while self.idle and not fresh:
                     _, connection = self.idle.pop()
                     if self._usable is None or self._usable(connection):
+                        if spare == "if-last" and not self.idle and self._claim_spare():
+                            self._start_spare()
                         return connection
                     self._close(connection)
                     budget.count -= 1
@@ -112,15 +117,15 @@ class Pool(Generic[T]):
                     budget.evict_coldest()
                 if budget.count < budget.size:
                     budget.count += 1
-                    spare = self._spare and not fresh and self._claim_spare()
+                    open_spare = spare != "no" and not fresh and self._claim_spare()
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise httpx.PoolTimeout(
                         f"all {budget.size} connections stayed busy for {budget.wait_timeout} s")
                 budget.changed.wait(remaining)
-        if spare:
-            threading.Thread(target=self._open_spare, name="vidcache-spare", daemon=True).start()
+        if open_spare:
+            self._start_spare()
         try:
             return self._create()
         except BaseException:
@@ -128,13 +133,16 @@ class Pool(Generic[T]):
             raise
 
     def _claim_spare(self) -> bool:
-        """With the budget's lock held: whether to open a spare now (counted from here on)."""
+        """Whether to open a spare now (counted from here on); with the budget's lock held."""
         budget = self._budget
-        if self._making_spare or budget.count >= budget.size:
+        if not self._spare or self._making_spare or budget.count >= budget.size:
             return False
         self._making_spare = True
         budget.count += 1
         return True
+
+    def _start_spare(self) -> None:
+        threading.Thread(target=self._open_spare, name="vidcache-spare", daemon=True).start()
 
     def _open_spare(self) -> None:
         try:

@@ -1,5 +1,5 @@
 """Ranged GETs of video bytes over plain keep-alive sockets, received straight into the
-caller's buffers.
+caller's buffers; and the small GETs (metadata, digests, listings) over the same sockets.
 
 Why not httpx for these: httpx (h11 underneath) hands a body over as one `bytes` object per
 64 KiB read, which the caller then copies into its blocks; at a few hundred MB/s those objects
@@ -8,9 +8,13 @@ Here the body of `GET /video/{hash}` with a `Range` is read with `socket.recv_in
 into buffers the caller provides (one kernel copy, no Python object per piece), and the caller
 is told as each buffer fills, so it can use a block before the rest of the range arrives.
 
-Scope: this is not a general HTTP client. It sends one kind of request and reads answers framed
-by `Content-Length` only. Anything else (`Transfer-Encoding`, no length, an interim 1xx) raises
-`Unhandled` before any body byte is read; the client then makes the request through httpx.
+Scope: this is not a general HTTP client. It sends GETs and reads answers framed by
+`Content-Length` only: a range into the caller's buffers, a small answer (`get`) whole into an
+httpx.Response. Anything else (`Transfer-Encoding`, no length, an interim 1xx, a small answer
+over 16 MiB) raises `Unhandled` before any body byte is read; the client then makes the request
+through httpx. Small answers share the range connections so that a lookup leaves a warm one
+for the bytes that follow it; `read_into_after` goes further and sends a video's metadata and
+digest requests ahead of its first range on one connection, all at once.
 The client does not use this path at all with a custom httpx transport, or when the
 environment names a proxy that httpx would use.
 
@@ -67,6 +71,8 @@ from vidcache_client._verify import expected_video_length
 _MAX_HEAD_BYTES = 64 * 1024
 # An error answer's body is read for its `detail` up to this size.
 _MAX_ERROR_BODY = 64 * 1024
+# Larger answers to `get` are left to httpx (a listing page of 1000 records is ~0.5 MB).
+_MAX_SMALL_BODY = 16 * 1024 * 1024
 _STATUS_LINE = re.compile(r"HTTP/(1\.[01]) (\d{3})(?: (.*))?")
 
 OnFilled = Callable[[int], None]
@@ -179,6 +185,8 @@ class _Connection:
             filled = min(len(extra), len(target))
             target[:filled] = extra[:filled]
             self._extra = extra[filled:]
+            if on_progress is not None:
+                on_progress(received_before + filled)
         recv_into = self.sock.recv_into
         wanted = len(target)
         while filled < wanted:
@@ -244,6 +252,9 @@ class RangeReader:
         self._headers = {"Host": base_url.netloc.decode("ascii"), **headers,
                          "Accept-Encoding": "identity"}
         self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
+        self._head_lines_small = "".join(
+            f"{name}: {value}\r\n"
+            for name, value in {**self._headers, "Accept-Encoding": "gzip"}.items())
         self._pool = Pool(self._connect, close=_Connection.close,
                           usable=_Connection.still_open, budget=budget, spare=spare)
         # Pipelining (plain TCP only: a TLS socket cannot send on one thread while another
@@ -287,7 +298,104 @@ class RangeReader:
                 stale = True  # ask again, on a new connection (which cannot be stale)
                 self._pool.close_idle()
 
+    def get(self, target: str) -> httpx.Response:
+        """The answer to `GET <base path><target>` (`target`: a path and query, encoded as
+        sent), read whole: a small JSON answer (metadata, digests, a listing page). Over the
+        same pooled connections as the ranges, so a lookup leaves a warm one for the bytes.
+
+        Raises httpx exceptions for transport failures and `Unhandled` (before any body byte
+        is read) for an answer not framed by Content-Length or longer than 16 MiB; the caller
+        checks the status."""
+        request = self._request(target)
+        describe = functools.partial(self._describe, f"{self._base_path}{target}", None)
+        stale = False
+        while True:
+            # No spare: a lookup or a listing does not foretell a second concurrent request.
+            connection = self._pool.acquire(fresh=stale, spare="no")
+            connection.describe = describe
+            reusable = False
+            try:
+                connection.send(request)
+                response, keep_alive = self._whole_answer(connection, first=True)
+                reusable = keep_alive and connection.drained()
+                return response
+            except _Stale:
+                stale = True  # ask again, on a new connection (which cannot be stale)
+                self._pool.close_idle()
+            finally:
+                self._pool.release(connection, reusable=reusable)
+
+    def read_into_after(self, targets: Sequence[tuple[str, Callable[[httpx.Response], None]]],
+                        content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
+                        what: str, on_filled: OnFilled | None,
+                        on_progress: OnProgress | None) -> int:
+        """`read_into`, with small GETs sent ahead of the range on the same connection, all at
+        once (pipelined): for each (target, take) in `targets`, in order, that GET's answer is
+        read whole and handed to `take` (which checks its status; whatever it raises ends the
+        read), then the range's is read like `read_into`'s. So a video's metadata, digests and
+        first bytes cost one round trip, on a warm connection if the pool has one; taking the
+        pool's last idle one opens a spare for the next concurrent range. If the server closes
+        the connection after an answer, the rest is asked for again the usual way."""
+        path = f"{self._base_path}/video/{content_hash}"
+        request = (f"GET {path} HTTP/1.1\r\n{self._head_lines}"
+                   f"Range: bytes={asked[0]}-{asked[1]}\r\n\r\n").encode("ascii")
+        requests = b"".join(self._request(target) for target, _ in targets) + request
+        stale = False
+        while True:
+            connection = self._pool.acquire(fresh=stale, spare="if-last")
+            answered = 0  # of `targets`, while the connection carries the rest
+            try:
+                connection.send(requests)
+                for target, take in targets:
+                    connection.describe = functools.partial(
+                        self._describe, f"{self._base_path}{target}", None)
+                    response, keep_alive = self._whole_answer(connection, first=not answered)
+                    take(response)
+                    answered += 1
+                    if not keep_alive:
+                        break
+                else:
+                    describe = functools.partial(self._describe, path, asked)
+                    return self._answer(content_hash, asked, views, describe, connection, None,
+                                        what=what, on_filled=on_filled,
+                                        on_progress=on_progress)
+            except _Stale:
+                stale = True  # nothing was answered: ask again, on a new connection
+                self._pool.release(connection, reusable=False)
+                self._pool.close_idle()
+                continue
+            except BaseException:
+                self._pool.release(connection, reusable=False)
+                raise
+            # The server closes the connection after an answer: the rest goes the usual way.
+            self._pool.release(connection, reusable=False)
+            for target, take in targets[answered:]:
+                take(self.get(target))
+            return self.read_into(content_hash, asked, views, what=what,
+                                  on_filled=on_filled, on_progress=on_progress)
+
     # -- internals -----------------------------------------------------------------------
+
+    def _request(self, target: str) -> bytes:
+        # gzip: httpx decodes it (`_response`), and a digest list shrinks to about half.
+        return (f"GET {self._base_path}{target} HTTP/1.1\r\n{self._head_lines_small}"
+                "\r\n").encode("ascii")
+
+    def _whole_answer(self, connection: _Connection, *, first: bool
+                      ) -> tuple[httpx.Response, bool]:
+        """The next answer, read whole, and whether the connection may carry another request.
+        `_Stale` (a kept-alive connection the server had closed) only for a `first` answer:
+        after one was taken, the requests cannot simply be sent again."""
+        try:
+            head = connection.read_head()
+        except _Stale as exc:
+            if first:
+                raise
+            raise httpx.RemoteProtocolError("server disconnected without sending a response",
+                                            request=connection.describe()) from exc
+        response, _, keep_alive = self._response(head, connection, whole=True)
+        connection.answers += 1
+        return response, keep_alive
 
     def _answer(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview],
                 describe: Callable[[], httpx.Request], connection: _Connection,
@@ -363,10 +471,11 @@ class RangeReader:
             raise
         return _Connection(sock, describe)
 
-    def _response(self, head: bytes, connection: _Connection
+    def _response(self, head: bytes, connection: _Connection, *, whole: bool = False
                   ) -> tuple[httpx.Response, int, bool]:
-        """The answer as an httpx.Response (an error answer with its body read, a 2xx without),
-        its Content-Length, and whether the connection may carry another request after it."""
+        """The answer as an httpx.Response (an error answer with its body read, a 2xx without
+        unless `whole`), its Content-Length, and whether the connection may carry another
+        request after it."""
         status, reason, version, headers = _parse_head(head, connection.describe)
         names = [name.lower() for name, _ in headers]
         if status < 200 or "transfer-encoding" in names or "content-length" not in names:
@@ -380,9 +489,19 @@ class RangeReader:
                       for name, value in headers)
         extensions = {"http_version": f"HTTP/{version}".encode("ascii"),
                       "reason_phrase": reason.encode("latin-1")}
-        if 200 <= status < 300:
+        keep_alive = version == "1.1" and not closing
+        if 200 <= status < 300 and not whole:
             response = httpx.Response(status, headers=headers, extensions=extensions)
-            return response, int(length), version == "1.1" and not closing
+            return response, int(length), keep_alive
+        if 200 <= status < 300:
+            if int(length) > _MAX_SMALL_BODY:
+                raise Unhandled(f"HTTP {status} answer of {length} bytes")
+            body = memoryview(bytearray(int(length)))
+            connection.fill(body, 0, len(body), None)
+            # httpx decodes a gzip body here, as it would one it received itself.
+            response = httpx.Response(status, headers=headers, content=body.tobytes(),
+                                      extensions=extensions, request=connection.describe())
+            return response, int(length), keep_alive
         # An error answer: its detail is in the body; the connection is closed after it.
         body = memoryview(bytearray(min(int(length), _MAX_ERROR_BODY)))
         connection.fill(body, 0, len(body), None)

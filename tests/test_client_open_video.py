@@ -1,0 +1,264 @@
+"""VidCacheClient.open_video_into: a video's metadata, digests and first bytes pipelined on one
+connection; and the small GETs that share the range sockets.
+
+Against the real service through the benchmark's proxy (its log tells which connection carried
+each request); against tiny socket servers for what vidcache never does (close the connection
+after an answer, drop a kept-alive one, chunked framing); through httpx with a custom
+transport for the one-after-another fallback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
+from tests.support import VidcacheServer, wait_until
+from vidcache_client import NotFoundError, VidCacheClient
+
+KIB = 1024
+MIB = 1024 * KIB
+PAGE = (0, 4 * MIB)  # the digest page asked for with the first bytes
+
+
+@pytest.fixture(scope="module")
+def video(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str) -> StoredVideo:
+    return ingest_big(vidcache_server.url, videos, media_url, "open-video")
+
+
+@pytest.fixture(scope="module")
+def link(vidcache_server: VidcacheServer) -> Iterator[Link]:
+    with Link(vidcache_server.port) as faulty:
+        yield faulty
+
+
+class Answers:
+    """What `open_video_into` handed to its callbacks, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def meta(self, doc: dict[str, Any] | None) -> None:
+        self.calls.append(("meta", doc))
+
+    def digests(self, doc: dict[str, Any] | None) -> None:
+        self.calls.append(("digests", doc))
+
+    def progress(self, received: int) -> None:
+        if not self.calls or self.calls[-1][0] != "bytes":
+            self.calls.append(("bytes", None))  # the first receive of the bytes
+
+
+def open_video(client: VidCacheClient, content_hash: str, size: int,
+               answers: Answers) -> tuple[int, bytearray]:
+    buffer = bytearray(size)
+    received = client.open_video_into(content_hash, [buffer], on_meta=answers.meta,
+                                      digests=PAGE, on_digests=answers.digests,
+                                      on_progress=answers.progress)
+    return received, buffer
+
+
+def test_meta_digests_and_bytes_come_in_order_on_the_warm_connection(
+    link: Link, video: StoredVideo,
+) -> None:
+    link.reset()
+    with VidCacheClient(link.url, timeout=5) as client:
+        client.health()  # leaves a warm connection, as a mount's start-up check does
+        answers = Answers()
+        received, buffer = open_video(client, video.hash, MIB, answers)
+        assert received == MIB and buffer == video.data[:MIB]
+        assert [kind for kind, _ in answers.calls] == ["meta", "digests", "bytes"]
+        assert answers.calls[0][1] == client.get_meta(video.hash)
+        assert answers.calls[1][1] == client.get_chunk_digests(video.hash, start=PAGE[0],
+                                                               end=PAGE[1])
+        log = link.request_connections()
+    assert [conn for conn, _ in log[:4]] == [log[0][0]] * 4  # health, meta, digests, bytes
+    assert log[3][1] == f"bytes=0-{MIB - 1}"
+
+
+def test_taking_the_last_idle_connection_opens_a_spare(link: Link, video: StoredVideo) -> None:
+    """The kernel reads ahead while a player reads the first bytes: the next range of the
+    video finds a connection ready instead of paying a handshake."""
+    link.reset()
+    with VidCacheClient(link.url, timeout=5, spare_connection=True) as client:
+        client.health()
+        assert link.connections() == 1  # a small GET opens no spare
+        open_video(client, video.hash, 100 * KIB, Answers())
+        wait_until(lambda: link.connections() == 2, timeout=10, what="the spare connection")
+
+
+def test_an_unknown_hash_reports_no_metadata_and_raises(link: Link, video: StoredVideo) -> None:
+    link.reset()
+    with VidCacheClient(link.url, timeout=5) as client:
+        answers = Answers()
+        with pytest.raises(NotFoundError):
+            open_video(client, "0" * 64, 1000, answers)
+        assert answers.calls == [("meta", None)]
+        received, buffer = open_video(client, video.hash, 1000, Answers())  # a new connection
+        assert received == 1000 and buffer == video.data[:1000]
+    assert link.connections() == 2
+
+
+def test_a_callback_error_ends_the_call_and_its_connection(link: Link,
+                                                          video: StoredVideo) -> None:
+    class Refused(Exception):
+        pass
+
+    def refuse(doc: dict[str, Any] | None) -> None:
+        raise Refused
+
+    link.reset()
+    with VidCacheClient(link.url, timeout=5) as client:
+        with pytest.raises(Refused):
+            client.open_video_into(video.hash, [bytearray(1000)], on_meta=lambda doc: None,
+                                   digests=PAGE, on_digests=refuse)
+        assert client.get_meta(video.hash) is not None
+    assert link.connections() == 2  # the one with unread answers was not reused
+
+
+def test_through_httpx_the_requests_go_one_after_another_alike(
+    vidcache_server: VidcacheServer, video: StoredVideo,
+) -> None:
+    with VidCacheClient(vidcache_server.url, timeout=5) as sockets, \
+            VidCacheClient(vidcache_server.url, timeout=5,
+                           transport=httpx.HTTPTransport()) as plain:
+        expected, through_sockets = Answers(), Answers()
+        assert open_video(sockets, video.hash, 300 * KIB, through_sockets)[1] \
+            == video.data[: 300 * KIB]
+        assert open_video(plain, video.hash, 300 * KIB, expected)[1] == video.data[: 300 * KIB]
+        assert expected.calls == through_sockets.calls
+        unknown = Answers()
+        with pytest.raises(NotFoundError):
+            open_video(plain, "0" * 64, 1000, unknown)
+        assert unknown.calls == [("meta", None)]
+
+
+# -- servers vidcache is not ------------------------------------------------------------------
+
+HASH = "ab" * 32
+DATA = bytes(range(256)) * 16
+META = b'{"hash": "%s", "size_bytes": %d}' % (HASH.encode(), len(DATA))
+DIGESTS = b'{"hash": "%s", "chunk_size": 4096, "first_chunk": 0, "chunk_count": 1, ' \
+          b'"digests": ["%s"]}' % (HASH.encode(), b"cd" * 32)
+
+
+class ScriptedServer:
+    """One connection at a time on 127.0.0.1, each given to `serve(connection, requests)`;
+    `requests` collects the request lines of all of them."""
+
+    def __init__(self, serve: Callable[[socket.socket, list[str]], None]) -> None:
+        self._serve = serve
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.requests: list[str] = []
+        self.connections = 0
+
+    def __enter__(self) -> ScriptedServer:
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(10)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            connection.settimeout(10)
+            with contextlib.suppress(OSError), contextlib.closing(connection):
+                self._serve(connection, self.requests)
+
+
+def read_requests(connection: socket.socket, count: int, requests: list[str]) -> list[str]:
+    """The request lines of the next `count` requests (pipelined ones may come in one piece)."""
+    data = b""
+    while data.count(b"\r\n\r\n") < count:
+        piece = connection.recv(65536)
+        if not piece:
+            break
+        data += piece
+    lines = [head.split(b"\r\n")[0].decode() for head in data.split(b"\r\n\r\n") if head]
+    requests.extend(lines)
+    return lines
+
+
+def reply(connection: socket.socket, line: str, *, close: bool = False,
+          chunked: bool = False) -> None:
+    target = line.split()[1]
+    status, body = b"200 OK", META
+    if "/chunks" in target:
+        body = DIGESTS
+    elif target.startswith(f"/video/{HASH}"):
+        status, body = b"206 Partial Content", DATA
+    headers = b"Connection: close\r\n" if close else b""
+    if status.startswith(b"206"):
+        headers += b"Content-Range: bytes 0-%d/%d\r\n" % (len(DATA) - 1, len(DATA))
+    if chunked:
+        connection.sendall(b"HTTP/1.1 %s\r\n%sTransfer-Encoding: chunked\r\n\r\n"
+                           b"%x\r\n%s\r\n0\r\n\r\n" % (status, headers, len(body), body))
+    else:
+        connection.sendall(b"HTTP/1.1 %s\r\n%sContent-Length: %d\r\n\r\n%s"
+                           % (status, headers, len(body), body))
+
+
+def test_a_server_closing_after_the_metadata_gets_the_rest_asked_again() -> None:
+    def close_after_first(connection: socket.socket, requests: list[str]) -> None:
+        while lines := read_requests(connection, 1, requests):
+            reply(connection, lines[0], close=True)
+            return
+
+    with ScriptedServer(close_after_first) as server, \
+            VidCacheClient(server.url, timeout=5) as client:
+        answers = Answers()
+        assert open_video(client, HASH, len(DATA), answers) == (len(DATA), bytearray(DATA))
+        assert [kind for kind, _ in answers.calls] == ["meta", "digests", "bytes"]
+    paths = [line.split()[1] for line in server.requests]
+    assert paths[0] == f"/meta/{HASH}" and paths[-2:] == [
+        f"/video/{HASH}/chunks?start=0&end={PAGE[1]}", f"/video/{HASH}"]
+    assert server.connections == 3  # the two unanswered requests, each asked again
+
+
+def test_a_dropped_warm_connection_gets_all_three_sent_again() -> None:
+    def one_answer_per_connection(connection: socket.socket, requests: list[str]) -> None:
+        lines = read_requests(connection, 1, requests)
+        if len(lines) == 1:  # a lone health check: answered, then the connection dropped
+            reply(connection, lines[0])
+            read_requests(connection, 1, requests)
+            return
+        for line in lines:
+            reply(connection, line)
+
+    with ScriptedServer(one_answer_per_connection) as server, \
+            VidCacheClient(server.url, timeout=5) as client:
+        client.get_meta(HASH)
+        answers = Answers()
+        assert open_video(client, HASH, len(DATA), answers)[1] == DATA
+        assert [kind for kind, _ in answers.calls] == ["meta", "digests", "bytes"]
+    assert server.connections == 2
+
+
+def test_a_chunked_small_answer_is_read_through_httpx_from_then_on() -> None:
+    def chunked(connection: socket.socket, requests: list[str]) -> None:
+        while lines := read_requests(connection, 1, requests):
+            for line in lines:
+                reply(connection, line, chunked=True)
+
+    with ScriptedServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
+        for _ in range(2):
+            meta = client.get_meta(HASH)
+            assert meta is not None and meta["size_bytes"] == len(DATA)
+    # asked once on a socket of its own, once through httpx; then through httpx only
+    assert [line.split()[1] for line in server.requests] == [f"/meta/{HASH}"] * 3
