@@ -19,6 +19,7 @@ from vcfs.blocks import (
     BlockFetcher,
     BlockFetchError,
     BlockVerifyError,
+    FetchStopped,
     OnBlock,
     OnPartial,
     adjacent_runs,
@@ -408,6 +409,51 @@ def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
     assert cache.stats()["fetch_errors"] == 1
     assert cache.stats()["bytes_fetched"] == BS
     assert cache.read(H1, len(data), 0, BS) == data[:BS]
+
+
+def test_a_stopped_prefetch_keeps_what_arrived_and_its_waiting_reader_fetches_the_rest() -> None:
+    """Stopping is not an error: the reader waiting for a block the prefetch gave up fetches
+    that block itself and gets the right bytes; nothing counts as a fetch error."""
+    data = data_of(4 * BS)
+    first_reported = threading.Event()
+    calls: list[tuple[int, int, bool]] = []  # (start, end, given a stop event)
+
+    def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
+                      on_block: OnBlock, on_partial: OnPartial | None = None, skip: int = 0,
+                      stop: threading.Event | None = None) -> list[bytes]:
+        calls.append((start, end, stop is not None))
+        blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
+        if stop is None:  # a reader's own fetch
+            for position, block in enumerate(blocks):
+                on_block(position, block)
+            return blocks
+        on_block(0, blocks[0])
+        first_reported.set()
+        if not stop.wait(DEADLINE):
+            raise AssertionError("never stopped")
+        raise FetchStopped("stopped")
+
+    cache = cache_with(data, block_fetcher)
+    stop = threading.Event()
+    stopped: list[BaseException] = []
+
+    def prefetch() -> None:
+        try:
+            cache.prefetch(H1, len(data), 0, 3, stop=stop)
+        except FetchStopped as exc:
+            stopped.append(exc)
+
+    got: list[bytes] = []
+    with threads(prefetch, lambda: (first_reported.wait(DEADLINE),
+                                    got.append(cache.read(H1, len(data), 2 * BS, BS)))):
+        assert first_reported.wait(DEADLINE)
+        wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE,
+                   what="the reader waiting for block 2")
+        stop.set()
+    assert len(stopped) == 1 and got == [data[2 * BS : 3 * BS]]
+    assert calls == [(0, 4 * BS, True), (2 * BS, 3 * BS, False)]
+    assert [cache.is_cached(H1, i) for i in range(4)] == [True, False, True, False]
+    assert cache.stats()["fetch_errors"] == 0
 
 
 def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:

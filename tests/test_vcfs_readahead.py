@@ -330,17 +330,20 @@ class RecordingCache:
 
     def __init__(self, error: Exception | None = None) -> None:
         self.calls: list[tuple[int, int]] = []
+        self.stops: list[threading.Event | None] = []  # the `stop` of each call
         self.discards: list[tuple[int, int]] = []
         self.error = error
         self.gate: threading.Event | None = None
         self._lock = threading.Lock()
 
     def prefetch(
-        self, content_hash: str, file_size: int, first_block: int, last_block: int
+        self, content_hash: str, file_size: int, first_block: int, last_block: int, *,
+        stop: threading.Event | None = None,
     ) -> None:
         assert content_hash == H
         with self._lock:
             self.calls.append((first_block, last_block))
+            self.stops.append(stop)
         if self.gate is not None and not self.gate.wait(DEADLINE):
             raise AssertionError("gate never opened")
         if self.error is not None:
@@ -429,11 +432,17 @@ def test_far_seek_cancels_queued_prefetches_of_the_old_position() -> None:
         readahead.on_read(offset, size)
     old = [future for future, _ in executor.queue]
     assert old
+    started, call = executor.queue.pop(0)  # one a worker picked up: running, not queued
+    assert started.set_running_or_notify_cancel()
+    call()
+    assert cache.stops[0] is not None and not cache.stops[0].is_set()
     readahead.on_read(40 * MIB, 128 * KIB)  # seek far away
-    assert all(future.cancelled() for future in old)
+    assert all(future.cancelled() for future in old[1:])
+    assert cache.stops[0].is_set()  # the running one is told to stop
     readahead.on_read(40 * MIB + 128 * KIB, 128 * KIB)  # a new run starts there
     executor.run_all()
-    assert cache.calls and min(cache.blocks()) == 41
+    assert min(block for first, last in cache.calls[1:] for block in range(first, last + 1)) == 41
+    assert not any(stop.is_set() for stop in cache.stops[1:] if stop is not None)
 
 
 def test_close_cancels_queued_tasks_and_submits_nothing_more() -> None:
@@ -462,7 +471,10 @@ def test_close_with_real_threads_no_prefetch_starts_after_close() -> None:
         for offset, size in sequential_reads(0, 4 * MIB):
             readahead.on_read(offset, size)
         wait_until(lambda: len(cache.calls) == 1, timeout=DEADLINE, what="first prefetch")
+        running = cache.stops[0]
+        assert running is not None and not running.is_set()
         readahead.close()
+        assert running.is_set()  # the running one is told to stop
         cache.gate.set()
     assert cache.calls == [(1, 1)]  # the one running before close; the queued ones never ran
     assert readahead.stats()["tasks_submitted"] > 1

@@ -25,6 +25,7 @@ from blake3 import blake3
 from bench.faults import Bandwidth, FlipByte, Truncate
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
+from vcfs.blocks import FetchStopped
 from vcfs.remote import (
     AccessDenied,
     NotFound,
@@ -419,6 +420,31 @@ def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
     assert all(type(block) is bytes for block in blocks)
     assert link.ranges() == [f"bytes={MIB}-{9 * MIB - 1}"]
     assert real_remote.counters.get("verified_chunks") >= 1 + 8
+
+
+def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    stop = threading.Event()
+    reported: list[int] = []
+
+    def on_block(position: int, block: bytes) -> None:
+        assert block == big.data[(1 + position) * MIB : (2 + position) * MIB]
+        reported.append(position)
+        if position == 1:
+            stop.set()  # the reader closed the file
+
+    with pytest.raises(FetchStopped):
+        real_remote.fetch_blocks(big.hash, MIB, 9 * MIB, MIB, on_block=on_block, stop=stop)
+    assert reported == [0, 1]
+    assert link.ranges() == [f"bytes={MIB}-{9 * MIB - 1}"]  # no retry
+    counters = real_remote.counters
+    assert (counters.get("stopped"), counters.get("retries"), counters.get("errors")) == (1, 0, 0)
+    after = real_remote.fetch(big.hash, 5 * MIB, 5 * MIB + 1000)  # on a new connection
+    assert after == big.data[5 * MIB : 5 * MIB + 1000]
+    with pytest.raises(FetchStopped):  # already set: nothing is sent
+        real_remote.fetch_blocks(big.hash, 2 * MIB, 4 * MIB, MIB, stop=stop)
+    assert len(link.ranges()) == 2
 
 
 def test_a_run_cut_midway_is_resumed_after_its_last_reported_block(

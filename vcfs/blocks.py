@@ -40,10 +40,12 @@ Reading, for the blocks a read touches:
    (`_Tail`); reads within it are served from it, and a read needing the start fetches the
    whole block, which takes the tail's place.
 4. On any failure the futures get the exception (every waiter sees the error) and the
-   in-flight entries are gone, so a later read retries from scratch. Nothing unverified, and
-   nothing of the wrong length, is ever cached or returned. After the first failed run the
-   remaining owned runs of the same call fail fast with the same error rather than stacking
-   up one remote deadline per run.
+   in-flight entries are gone, so a later read retries from scratch. A prefetch whose
+   `stop` was set (its reader went elsewhere) ends with `FetchStopped`, which is no error:
+   a reader that was waiting for one of its blocks fetches that block itself. Nothing
+   unverified, and nothing of the wrong length, is ever cached or returned. After the first
+   failed run the remaining owned runs of the same call fail fast with the same error rather
+   than stacking up one remote deadline per run.
 
 Waiting is `Future.result()`, never polling: a reader of a block in flight registers a future
 for the part of the block it needs, resolved by the partial report that covers it, or with the
@@ -105,11 +107,13 @@ class BlockFetcher(Protocol):
     is over; and it may call `on_partial` while a piece arrives, so that a reader of the
     piece's first bytes need not wait for its last. It may leave out up to `skip` bytes at
     the start of the first piece, which then is the *tail* of its block (shorter by that
-    much): no reader of this run needs them."""
+    much): no reader of this run needs them. Once `stop` is set it may end early by raising
+    `FetchStopped` (the pieces reported so far are kept)."""
 
     def __call__(
         self, content_hash: str, start: int, end: int, block_size: int, /, *,
         on_block: OnBlock, on_partial: OnPartial | None = None, skip: int = 0,
+        stop: threading.Event | None = None,
     ) -> Sequence[bytes]: ...
 
 Verifier = Callable[[str, int, bytes], None]
@@ -161,6 +165,11 @@ class BlockFetchError(BlockCacheError):
 
 class BlockVerifyError(BlockCacheError):
     """The verify hook rejected a block; `__cause__` holds its exception."""
+
+
+class FetchStopped(BlockCacheError):
+    """A prefetch was stopped (its `stop` event set) before these blocks arrived: not an
+    error. A reader waiting for one of them fetches it itself."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,13 +383,17 @@ class BlockCache:
         return b"".join(memoryview(block)[low:high] for block, low, high in pieces)
 
     def prefetch(
-        self, content_hash: str, file_size: int, first_block: int, last_block: int
+        self, content_hash: str, file_size: int, first_block: int, last_block: int, *,
+        stop: threading.Event | None = None,
     ) -> None:
         """Fetch the blocks `first_block..last_block` (inclusive) that are neither cached nor
         in flight, clamped to the file; adjacent ones in one fetcher call each.
 
         Meant for readahead threads: it never waits for other threads' fetches. Raises the
         first fetch error (after failing the affected blocks' futures like `read` does).
+        Setting `stop` ends the fetch early (through a block fetcher, which watches it): the
+        blocks arrived by then are cached, readers of the others fetch them themselves, and
+        `FetchStopped` is raised.
         """
         first = max(first_block, 0)
         last = min(last_block, block_count(file_size, self._block_size) - 1)
@@ -393,7 +406,7 @@ class BlockCache:
                 owned[index] = self._inflight[key] = _Pending()
             self._prefetched_blocks += len(owned)
             self._reserve(file_size, owned)
-        error = self._fetch_owned(content_hash, file_size, owned)
+        error = self._fetch_owned(content_hash, file_size, owned, stop)
         if error is not None:
             raise error
 
@@ -496,7 +509,11 @@ class BlockCache:
             low, high = max(start - base, 0), min(end - base, block_size)
             got = found.get(index)
             if got is None:
-                got = self._await(pending[index], low, high)  # raises the fetch's error
+                try:
+                    got = self._await(pending[index], low, high)  # raises the fetch's error
+                except FetchStopped:  # a prefetch gave it up: fetch it (or wait for another)
+                    pieces += self._get_pieces(content_hash, file_size, base + low, base + high)
+                    continue
             if got is None:  # it brought a tail that starts after `low`: the whole block
                 pieces += self._get_pieces(content_hash, file_size, base + low, base + high,
                                            whole=True)
@@ -523,27 +540,29 @@ class BlockCache:
         return _holding(outcome, low)
 
     def _fetch_owned(
-        self, content_hash: str, file_size: int, owned: dict[int, _Pending]
+        self, content_hash: str, file_size: int, owned: dict[int, _Pending],
+        stop: threading.Event | None = None,
     ) -> BaseException | None:
         """Fetch the owned blocks run by run and resolve every one of their futures, whatever
         happens. Returns the first error (also set on the affected futures), else None."""
         first_error: BaseException | None = None
         for run in adjacent_runs(sorted(owned)):
             if first_error is None:
-                first_error = self._fetch_run(content_hash, file_size, run, owned)
+                first_error = self._fetch_run(content_hash, file_size, run, owned, stop)
             else:
                 self._resolve(content_hash, file_size, {index: first_error for index in run}, owned)
         return first_error
 
     def _fetch_run(
-        self, content_hash: str, file_size: int, run: range, owned: dict[int, _Pending]
+        self, content_hash: str, file_size: int, run: range, owned: dict[int, _Pending],
+        stop: threading.Event | None,
     ) -> BaseException | None:
         """Fetch one run with one fetcher call; resolve its futures. Returns its first error."""
         with self._lock:
             self._fetches += 1
         if self._block_fetcher is not None:
             return self._fetch_run_by_blocks(self._block_fetcher, content_hash, file_size, run,
-                                             owned)
+                                             owned, stop)
         start, end = run_bounds(run, file_size, self._block_size)
         try:
             blocks = self._fetch_cut(content_hash, run, start, end)
@@ -568,6 +587,7 @@ class BlockCache:
         file_size: int,
         run: range,
         owned: dict[int, _Pending],
+        stop: threading.Event | None,
     ) -> BaseException | None:
         """Fetch a run through the block fetcher, resolving each block's future as soon as the
         fetcher reports that block (readers of the run's first block need not wait for its
@@ -629,11 +649,14 @@ class BlockCache:
                 waiter.set_result((piece, lo))
 
         try:
+            # `stop` only when there is one: fetchers that never stop need not know of it.
             blocks = block_fetcher(content_hash, start, end, self._block_size, on_block=arrived,
-                                   on_partial=partial, skip=skip)
+                                   on_partial=partial, skip=skip,
+                                   **({} if stop is None else {"stop": stop}))
         except BaseException as exc:  # every waiter must hear of it, whatever it is
-            with self._lock:
-                self._fetch_errors += 1
+            if not isinstance(exc, FetchStopped):
+                with self._lock:
+                    self._fetch_errors += 1
             errors.append(exc)
         else:
             for position, block in enumerate(blocks):  # those it returned but did not report

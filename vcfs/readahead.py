@@ -41,8 +41,11 @@ most `task_blocks` blocks, so the first blocks land before a whole 16 MiB window
 most `max_outstanding` tasks per handle are queued or running, so one stream cannot monopolise
 the pool. The pipeline is topped up on each read and whenever a task succeeds (not after a
 failure: a down service would only be asked again). A new run cancels the previous run's
-queued tasks. `close()` (on FUSE release) cancels the queued tasks and stops issuing new ones;
-a task that starts after close does nothing.
+queued tasks and stops its running ones (`stop`, watched by the block fetcher at every receive:
+their blocks arrived so far stay cached, the connection is closed); `close()` (on FUSE release)
+does the same and issues no new ones. So a player that seeks elsewhere, or closes the file to
+open the next one, does not share the link with up to a whole window (16 MiB) of bytes it no
+longer wants; a reader that still waits for one of those blocks fetches it itself.
 
 Prefetched blocks live in the block cache, so readahead memory is bounded by the cache budget.
 
@@ -68,7 +71,7 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vcfs.blocks import MIB, blocks_for
+from vcfs.blocks import MIB, FetchStopped, blocks_for
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +257,8 @@ class PrefetchTarget(Protocol):
     """What `Readahead` needs of the cache (`vcfs.blocks.BlockCache` fits)."""
 
     def prefetch(
-        self, content_hash: str, file_size: int, first_block: int, last_block: int
+        self, content_hash: str, file_size: int, first_block: int, last_block: int, *,
+        stop: threading.Event | None = None,
     ) -> None: ...
 
     def discard(self, content_hash: str, first_block: int, last_block: int) -> int: ...
@@ -269,6 +273,7 @@ class _RunState:
     next_block: int = 0  # first block not yet requested in this run
     next_drop: int | None = None  # first block drop-behind has not dropped yet in this run
     tasks: set[Future[bool]] = field(default_factory=set)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: the run is over
 
 
 class Readahead:
@@ -335,8 +340,9 @@ class Readahead:
                 return
             window = self._detector.feed(offset, size)
             if self._detector.run != self._state.run:
-                # The reader moved: queued prefetches for the old position are waste.
+                # The reader moved: prefetches for the old position are waste.
                 old, self._state = self._state, _RunState(run=self._detector.run)
+                old.stop.set()
                 for task in list(old.tasks):
                     task.cancel()
             if window is None:
@@ -349,9 +355,10 @@ class Readahead:
                 self._drop_passed(state)
 
     def close(self) -> None:
-        """Cancel queued prefetches and issue no more. Does not wait for a running one."""
+        """Cancel queued prefetches, stop running ones and issue no more. Does not wait."""
         with self._lock:
             self._closed = True
+            self._state.stop.set()
             tasks = list(self._state.tasks)
         for task in tasks:
             task.cancel()
@@ -379,7 +386,7 @@ class Readahead:
             first = state.next_block
             last = min(first + self._task_blocks, state.target.stop) - 1
             try:
-                task = self._executor.submit(self._prefetch, first, last)
+                task = self._executor.submit(self._prefetch, first, last, state.stop)
             except RuntimeError:  # the executor is shutting down with the mount
                 log.debug("readahead of %s stopped: executor shut down", self._hash)
                 return
@@ -404,13 +411,14 @@ class Readahead:
             self._blocks_dropped += self._cache.discard(self._hash, state.next_drop, stop - 1)
             state.next_drop = stop
 
-    def _prefetch(self, first: int, last: int) -> bool:
+    def _prefetch(self, first: int, last: int, stop: threading.Event) -> bool:
         """The task body: True if the blocks are now cached (or on their way)."""
-        with self._lock:
-            if self._closed:
-                return False
+        if stop.is_set():
+            return False
         try:
-            self._cache.prefetch(self._hash, self._file_size, first, last)
+            self._cache.prefetch(self._hash, self._file_size, first, last, stop=stop)
+        except FetchStopped:
+            return False
         except Exception as exc:  # the foreground read retries and reports
             with self._lock:
                 self._errors += 1

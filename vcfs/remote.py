@@ -93,7 +93,7 @@ from blake3 import blake3
 from cachetools import LRUCache, TTLCache
 
 from vcfs import paths
-from vcfs.blocks import unfilled_block
+from vcfs.blocks import FetchStopped, unfilled_block
 from vcfs.digests import (
     MIN_SERVICE_CHUNK_SIZE,
     PAGE_BYTES,
@@ -293,6 +293,16 @@ class _FirstBlock:
     arrival: _Arrival  # the block's bytes as they come in
 
 
+def _stop_check(stop: threading.Event | None, content_hash: str) -> Callable[[int], None]:
+    """An `on_progress` raising `FetchStopped` once `stop` is set."""
+
+    def check(received: int) -> None:
+        if stop is not None and stop.is_set():
+            raise FetchStopped(f"fetch of {content_hash} stopped after {received} bytes")
+
+    return check
+
+
 def _settle(future: concurrent.futures.Future[T], outcome: T | BaseException) -> None:
     """Give `future` its result (or exception), unless it has one or was cancelled."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
@@ -315,6 +325,7 @@ REMOTE_COUNTERS = (
     "range_requests",  # attempts to fetch a byte range
     "bytes_fetched",  # bytes of ranges returned to the cache
     "retries",  # attempts repeated after a transient error
+    "stopped",  # prefetches ended early: their reader closed the file or moved elsewhere
     "errors",  # operations that failed for good (became EIO/EACCES)
     "second_tries",  # fetches of a range that had just failed: one attempt, no retry loop
     "overdue",  # attempts still running at their operation's cutoff, given up
@@ -574,6 +585,7 @@ class Remote:
         on_block: Callable[[int, bytes], None] | None = None,
         on_partial: Callable[[int, bytes, int], None] | None = None,
         skip: int = 0,
+        stop: threading.Event | None = None,
     ) -> list[bytes]:
         """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`),
         each also handed to `on_block(i, piece)` as soon as it is verified, in order, and,
@@ -588,7 +600,10 @@ class Remote:
         bytes: the first piece is the tail of its block (a reader jumping into the middle
         of a block waits for, and the link carries, only the chunks from there on).
         Otherwise (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into
-        pieces. A first block fetched with the metadata is used as the run's first piece."""
+        pieces. A first block fetched with the metadata is used as the run's first piece.
+        Once `stop` is set, the one request ends at its next receive, the connection is
+        closed, and `FetchStopped` is raised (a readahead whose reader has gone: the link is
+        the next request's)."""
         if start == 0 and self._holds_first_block(content_hash, block_size):
             first = self._fetch(
                 content_hash, 0, min(block_size, end),
@@ -636,10 +651,14 @@ class Remote:
                     f"{content_hash} bytes {start + lead}-{end - 1}",
                     lambda cutoff: self._attempt_blocks(
                         content_hash, start + sink.count * block_size if sink.count else
-                        start + lead, end, block_size, digests, sink, cutoff,
+                        start + lead, end, block_size, digests, sink, cutoff, stop,
                     ),
                     deadline=deadline,
                 )
+        except FetchStopped:
+            self.counters.add("stopped")
+            self.counters.add("bytes_fetched", sum(len(block) for block in sink.blocks))
+            raise
         finally:
             sink.close()
         self.counters.add("bytes_fetched", end - start - lead)
@@ -654,14 +673,17 @@ class Remote:
         digests_soon: concurrent.futures.Future[Digests | None],
         sink: _BlockSink,
         cutoff: float,
+        stop: threading.Event | None,
     ) -> None:
         """One request for `[start, end)` (whole chunks; from the start of a block or of its
         tail), each block received straight into its own `bytes`; each chunk verified as soon
         as it is in (against `digests_soon`, waited for then; None: the video has none, its
         bytes pass unverified), the block's verified start handed to `sink` as it grows, and
-        the block once it is complete."""
+        the block once it is complete. `FetchStopped` once `stop` is set."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
+        stopped = _stop_check(stop, content_hash)
+        stopped(0)
         self.counters.add("range_requests")
         bounds = []
         low = start
@@ -690,6 +712,7 @@ class Remote:
 
         def progress(received: int) -> None:
             overdue(received)
+            stopped(received)
             before = verified
             verify_below(start + received)
             position = verified // block_size - start // block_size
