@@ -8,13 +8,14 @@ chunk, and a corrupt chunk in a page fetched during a jump is caught.
 
 from __future__ import annotations
 
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.faults import FlipByte, Refuse
+from bench.faults import FlipByte, Latency, Refuse, path_prefix
 from bench.proxy import Request
 from tests.support import VidcacheServer
 from tests.vcfs_fault_support import FaultyLink, Source, ingest
@@ -91,6 +92,32 @@ def test_a_jump_asks_for_its_page_along_with_its_range(remote: Remote, link: Fau
     assert remote.fetch_blocks(source.content_hash, 8 * MIB, 9 * MIB, MIB) == [
         source.data[8 * MIB : 9 * MIB]]
     assert link.requests() == requests + 1  # the range only: its digests came with the page
+    assert remote.counters.get("verify_failures") == 0
+
+
+def test_concurrent_jumps_into_one_unknown_page_ask_for_it_once(
+    remote: Remote, link: FaultyLink, source: Source,
+) -> None:
+    """The second jump waits for the page the first one asked for (held back a while at the
+    proxy, so both are under way at once) instead of asking again."""
+    remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # the chunk size known from here on
+    link.faults.enable(Latency(seconds=0.5,
+                               match=path_prefix(f"/video/{source.content_hash}/chunks")))
+    start = threading.Barrier(2)
+    got: dict[int, list[bytes]] = {}
+
+    def jump(block: int) -> None:
+        start.wait(timeout=10)
+        got[block] = remote.fetch_blocks(source.content_hash, block * MIB, (block + 1) * MIB,
+                                         MIB)
+
+    readers = [threading.Thread(target=jump, args=(block,)) for block in (6, 7)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=30)
+    assert got == {block: [source.data[block * MIB : (block + 1) * MIB]] for block in (6, 7)}
+    assert digest_pages_asked(link, source)[1:] == [(6 * MIB, 8 * MIB)]
     assert remote.counters.get("verify_failures") == 0
 
 

@@ -368,6 +368,9 @@ class Remote:
         self._digest_pages: LRUCache[tuple[str, int], Digests] = LRUCache(
             maxsize=self.config.digest_bytes, getsizeof=_page_size
         )
+        # `/chunks` requests under way, by (hash, start, end): one at a time per range.
+        self._digest_requests: dict[tuple[str, int, int],
+                                    concurrent.futures.Future[dict[str, Any] | None]] = {}
         self._verified: LRUCache[tuple[str, int], bytes] = LRUCache(
             maxsize=self.config.verified_chunk_bytes, getsizeof=len
         )
@@ -1146,11 +1149,7 @@ class Remote:
                      self.config.digest_page_bytes),
             chunk_size or MIN_SERVICE_CHUNK_SIZE, self.config.digest_page_bytes)
         try:
-            doc = self._with_retries(
-                f"chunk digests of {content_hash}",
-                lambda _: self._client.get_chunk_digests(content_hash, start=low, end=high),
-                deadline=deadline,
-            )
+            doc = self._digest_answer(content_hash, low, high, deadline)
         except NotFound:
             doc = None
         except (RemoteUnavailable, AccessDenied):
@@ -1159,6 +1158,42 @@ class Remote:
             log.warning("no chunk digests for %s, reading it unverified: %s", content_hash, exc)
             doc = None
         return self._keep_digests(meta, doc, start, end)
+
+    def _digest_answer(self, content_hash: str, low: int, high: int, deadline: float
+                       ) -> dict[str, Any] | None:
+        """The service's `/chunks` answer for bytes `[low, high)`, asked for with retries; one
+        request at a time per range: a caller finding it asked already waits for that answer
+        (concurrent reads jumping into one unknown page) until its own cutoff."""
+        key = (content_hash, low, high)
+        with self._lock:
+            asked = self._digest_requests.get(key)
+            if asked is None:
+                answer: concurrent.futures.Future[dict[str, Any] | None] = (
+                    concurrent.futures.Future())
+                self._digest_requests[key] = answer
+        if asked is not None:
+            try:
+                return asked.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
+            except concurrent.futures.TimeoutError as exc:
+                self.counters.add("errors")
+                raise RemoteUnavailable(f"chunk digests of {content_hash}: the request "
+                                        "under way for them had no answer by the deadline"
+                                        ) from exc
+        try:
+            doc = self._with_retries(
+                f"chunk digests of {content_hash}",
+                lambda _: self._client.get_chunk_digests(content_hash, start=low, end=high),
+                deadline=deadline,
+            )
+        except BaseException as exc:
+            answer.set_exception(exc)
+            raise
+        else:
+            answer.set_result(doc)
+            return doc
+        finally:
+            with self._lock:
+                del self._digest_requests[key]
 
     def _digests_soon(
         self, content_hash: str, deadline: float, start: int, end: int
