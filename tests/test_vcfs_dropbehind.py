@@ -29,7 +29,7 @@ H = "d" * 64
 OTHER = "e" * 64
 DEADLINE = 10.0
 # Runs established after two 128 KiB reads; the drop margin and tolerance are the defaults.
-EAGER = SequentialPolicy(min_run_bytes=256 * KIB)
+EAGER = SequentialPolicy(min_run_bytes=256 * KIB, back_tolerance=MIB)
 BEHIND = EAGER.back_tolerance + EAGER.drop_margin  # 3 MiB
 
 

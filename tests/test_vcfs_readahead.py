@@ -193,13 +193,30 @@ def test_tolerances_around_the_high_water_mark() -> None:
         detector.feed(offset, size)
     run, high = detector.run, 8 * MIB
     window = detector.window
-    assert detector.feed(high - MIB, 128 * KIB) == Window(high, high + window, run)
+    back = policy.back_tolerance
+    assert detector.feed(high - back, 128 * KIB) == Window(high, high + window, run)
     assert detector.feed(high + 15 * MIB, 128 * KIB) is not None  # a forward skip continues
     high += 15 * MIB + 128 * KIB
     assert detector.run == run
-    assert detector.feed(high - MIB - 1, 128 * KIB) is None  # too far back: a real seek
+    assert detector.feed(high - back - 1, 128 * KIB) is None  # too far back: a real seek
     assert detector.run != run
     assert not detector.established
+
+
+def test_the_default_policy_keeps_a_stream_whose_reads_come_three_blocks_late() -> None:
+    """Multithreaded FUSE hands the kernel's 1 MiB readahead reads over out of order: on the
+    2-core benchmark VM a `dd` of 315 MB through the mount had a read arrive more than 1 MiB
+    behind the furthest one 9 times. Each such read used to end the run (1 MiB tolerance),
+    stop its prefetches and leave the stream without readahead for the 8 MiB a new run takes
+    to prove itself."""
+    detector = SequentialDetector()
+    for offset, size in sequential_reads(0, 21 * MIB, size=MIB):
+        detector.feed(offset, size)
+    assert detector.established
+    run = detector.run
+    for block in (22, 23, 24, 21, *range(25, 64)):  # block 21 after the three behind it
+        detector.feed(block * MIB, MIB)
+    assert detector.established and detector.run == run
 
 
 def test_far_forward_seek_resets_and_the_run_must_be_proven_again() -> None:
