@@ -9,17 +9,15 @@ transport for the one-after-another fallback.
 
 from __future__ import annotations
 
-import contextlib
 import socket
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
+from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
 from vidcache_client import NotFoundError, VidCacheClient
 
@@ -149,39 +147,6 @@ DIGESTS = b'{"hash": "%s", "chunk_size": 4096, "first_chunk": 0, "chunk_count": 
           b'"digests": ["%s"]}' % (HASH.encode(), b"cd" * 32)
 
 
-class ScriptedServer:
-    """One connection at a time on 127.0.0.1, each given to `serve(connection, requests)`;
-    `requests` collects the request lines of all of them."""
-
-    def __init__(self, serve: Callable[[socket.socket, list[str]], None]) -> None:
-        self._serve = serve
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self.requests: list[str] = []
-        self.connections = 0
-
-    def __enter__(self) -> ScriptedServer:
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(10)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            connection.settimeout(10)
-            with contextlib.suppress(OSError), contextlib.closing(connection):
-                self._serve(connection, self.requests)
-
-
 def read_requests(connection: socket.socket, count: int, requests: list[str]) -> list[str]:
     """The request lines of the next `count` requests (pipelined ones may come in one piece)."""
     data = b""
@@ -215,24 +180,27 @@ def reply(connection: socket.socket, line: str, *, close: bool = False,
 
 
 def test_a_server_closing_after_the_metadata_gets_the_rest_asked_again() -> None:
-    def close_after_first(connection: socket.socket, requests: list[str]) -> None:
-        while lines := read_requests(connection, 1, requests):
-            reply(connection, lines[0], close=True)
-            return
+    requests: list[str] = []
 
-    with ScriptedServer(close_after_first) as server, \
+    def close_after_first(connection: socket.socket) -> None:
+        if lines := read_requests(connection, 1, requests):
+            reply(connection, lines[0], close=True)
+
+    with SocketServer(close_after_first) as server, \
             VidCacheClient(server.url, timeout=5) as client:
         answers = Answers()
         assert open_video(client, HASH, len(DATA), answers) == (len(DATA), bytearray(DATA))
         assert [kind for kind, _ in answers.calls] == ["meta", "digests", "bytes"]
-    paths = [line.split()[1] for line in server.requests]
+    paths = [line.split()[1] for line in requests]
     assert paths[0] == f"/meta/{HASH}" and paths[-2:] == [
         f"/video/{HASH}/chunks?start=0&end={PAGE[1]}", f"/video/{HASH}"]
     assert server.connections == 3  # the two unanswered requests, each asked again
 
 
 def test_a_dropped_warm_connection_gets_all_three_sent_again() -> None:
-    def one_answer_per_connection(connection: socket.socket, requests: list[str]) -> None:
+    requests: list[str] = []
+
+    def one_answer_per_connection(connection: socket.socket) -> None:
         lines = read_requests(connection, 1, requests)
         if len(lines) == 1:  # a lone health check: answered, then the connection dropped
             reply(connection, lines[0])
@@ -241,7 +209,7 @@ def test_a_dropped_warm_connection_gets_all_three_sent_again() -> None:
         for line in lines:
             reply(connection, line)
 
-    with ScriptedServer(one_answer_per_connection) as server, \
+    with SocketServer(one_answer_per_connection) as server, \
             VidCacheClient(server.url, timeout=5) as client:
         client.get_meta(HASH)
         answers = Answers()
@@ -251,14 +219,16 @@ def test_a_dropped_warm_connection_gets_all_three_sent_again() -> None:
 
 
 def test_a_chunked_small_answer_is_read_through_httpx_from_then_on() -> None:
-    def chunked(connection: socket.socket, requests: list[str]) -> None:
+    requests: list[str] = []
+
+    def chunked(connection: socket.socket) -> None:
         while lines := read_requests(connection, 1, requests):
             for line in lines:
                 reply(connection, line, chunked=True)
 
-    with ScriptedServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
+    with SocketServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
         for _ in range(2):
             meta = client.get_meta(HASH)
             assert meta is not None and meta["size_bytes"] == len(DATA)
     # asked once on a socket of its own, once through httpx; then through httpx only
-    assert [line.split()[1] for line in server.requests] == [f"/meta/{HASH}"] * 3
+    assert [line.split()[1] for line in requests] == [f"/meta/{HASH}"] * 3

@@ -9,13 +9,12 @@ httpx fallback a custom transport selects.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -31,7 +30,7 @@ from bench.faults import (
     Truncate,
     WrongContentRange,
 )
-from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
+from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
 from vidcache_client import (
     InvalidRequestError,
@@ -448,49 +447,6 @@ def test_bad_arguments_send_nothing() -> None:
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 DATA_HASH = "ab" * 32
-
-
-class SocketServer:
-    """A one-thread-per-connection TCP server on 127.0.0.1 running `handle(connection)`;
-    counts connections."""
-
-    def __init__(self, handle: Callable[[socket.socket], None],
-                 tls: ssl.SSLContext | None = None) -> None:
-        self._handle = handle
-        self._tls = tls
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self._listener.getsockname()[1]}"
-        self.connections = 0
-        self._threads: list[threading.Thread] = []
-
-    def __enter__(self) -> SocketServer:
-        thread = threading.Thread(target=self._accept, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
-        self._listener.close()
-        for thread in self._threads:
-            thread.join(10)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
-            thread.start()
-
-    def _serve(self, connection: socket.socket) -> None:
-        connection.settimeout(10)
-        with contextlib.suppress(OSError), contextlib.closing(connection):
-            if self._tls is not None:
-                connection = self._tls.wrap_socket(connection, server_side=True)
-            self._handle(connection)
 
 
 def read_request(connection: socket.socket, heads: list[bytes] | None = None
