@@ -1258,11 +1258,9 @@ class Remote:
 
     def _with_retries(
         self, what: str, call: Callable[[float], T], *, deadline: float | None = None,
-        once_sent: Callable[[], None] | None = None,
     ) -> T:
         """`call(cutoff)`, retried on transient errors with jittered backoff until `deadline`
-        (default: `timeout` from now); every attempt bounded by the cutoff. `once_sent` is
-        called once the first attempt is under way."""
+        (default: `timeout` from now); every attempt bounded by the cutoff."""
         started = self._clock()
         if deadline is None:
             deadline = started + self.config.timeout
@@ -1271,7 +1269,7 @@ class Remote:
         while True:
             self.counters.add("http_requests")
             try:
-                return self._bounded(call, cutoff, once_sent if attempt == 0 else None)
+                return self._bounded(call, cutoff)
             except NotFoundError as exc:
                 raise NotFound(f"{what}: no such video on the service") from exc
             except AuthError as exc:
@@ -1299,16 +1297,10 @@ class Remote:
                 self._sleep(delay)
                 attempt += 1
 
-    def _bounded(
-        self, call: Callable[[float], T], cutoff: float,
-        once_sent: Callable[[], None] | None = None,
-    ) -> T:
+    def _bounded(self, call: Callable[[float], T], cutoff: float) -> T:
         """`call(cutoff)` on a worker thread, waited for until `cutoff` at most; then it is
-        left to finish (or notice the cutoff) on its own and `Overdue` is raised.
-        `once_sent()`, if given, right after the call is handed to its worker."""
+        left to finish (or notice the cutoff) on its own and `Overdue` is raised."""
         future = self._workers.submit(call, cutoff)
-        if once_sent is not None:
-            once_sent()
         done, _ = concurrent.futures.wait([future], timeout=max(cutoff - self._clock(), 0.0))
         if not done:
             future.cancel()
