@@ -197,6 +197,35 @@ def test_a_server_closing_after_the_metadata_gets_the_rest_asked_again() -> None
     assert server.connections == 3  # the two unanswered requests, each asked again
 
 
+def test_a_server_closing_before_the_range_gets_the_range_asked_again_alone() -> None:
+    """The metadata and digests were taken: only the range is asked for again, each answer is
+    handed over once, and the client's connection count stays right."""
+    requests: list[str] = []
+    batches: list[int] = []
+
+    def close_before_the_range(connection: socket.socket) -> None:
+        lines = read_requests(connection, 1, requests)
+        if lines and lines[0].split()[1] == f"/video/{HASH}":  # a lone range, asked again
+            reply(connection, lines[0])
+            return
+        lines += read_requests(connection, 3 - len(lines), requests)
+        batches.append(1)
+        if len(batches) > 2:  # a client sending the three again and again: end it
+            return
+        for line in lines[:2]:
+            reply(connection, line)
+
+    with SocketServer(close_before_the_range) as server, \
+            VidCacheClient(server.url, timeout=5, max_connections=1) as client:
+        answers = Answers()
+        assert open_video(client, HASH, len(DATA), answers)[1] == DATA
+        assert [kind for kind, _ in answers.calls] == ["meta", "digests", "bytes"]
+        assert client._budget.count == 1  # the range's connection, kept alive
+    paths = [line.split()[1] for line in requests]
+    assert paths.count(f"/meta/{HASH}") == 1 and paths[-2:] == [f"/video/{HASH}"] * 2
+    assert server.connections == 2
+
+
 def test_a_dropped_warm_connection_gets_all_three_sent_again() -> None:
     requests: list[str] = []
 

@@ -343,7 +343,8 @@ class RangeReader:
         stale = False
         while True:
             connection = self._pool.acquire(fresh=stale, spare="if-last")
-            answered = 0  # of `targets`, while the connection carries the rest
+            answered = 0  # of `targets`
+            carries_range = False
             try:
                 connection.send(requests)
                 for target, take in targets:
@@ -355,10 +356,7 @@ class RangeReader:
                     if not keep_alive:
                         break
                 else:
-                    describe = functools.partial(self._describe, path, asked)
-                    return self._answer(content_hash, asked, views, describe, connection, None,
-                                        what=what, on_filled=on_filled,
-                                        on_progress=on_progress)
+                    carries_range = True
             except _Stale:
                 stale = True  # nothing was answered: ask again, on a new connection
                 self._pool.release(connection, reusable=False)
@@ -367,12 +365,20 @@ class RangeReader:
             except BaseException:
                 self._pool.release(connection, reusable=False)
                 raise
-            # The server closes the connection after an answer: the rest goes the usual way.
+            break
+        if carries_range:
+            describe = functools.partial(self._describe, path, asked)
+            try:  # `_answer` gives the connection back (or hands it on) whatever happens
+                return self._answer(content_hash, asked, views, describe, connection, None,
+                                    what=what, on_filled=on_filled, on_progress=on_progress)
+            except _Stale:
+                pass  # closed after the small answers, which were taken: the range alone again
+        else:  # the server closes the connection after an answer
             self._pool.release(connection, reusable=False)
-            for target, take in targets[answered:]:
-                take(self.get(target))
-            return self.read_into(content_hash, asked, views, what=what,
-                                  on_filled=on_filled, on_progress=on_progress)
+        for target, take in targets[answered:]:
+            take(self.get(target))
+        return self.read_into(content_hash, asked, views, what=what,
+                              on_filled=on_filled, on_progress=on_progress)
 
     # -- internals -----------------------------------------------------------------------
 
