@@ -58,10 +58,11 @@ import ssl
 import threading
 import urllib.request
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import httpx
 
-from vidcache_client._pool import Budget, Pool
+from vidcache_client._pool import Budget, Pool, Spare
 from vidcache_client._translate import raise_for_status
 from vidcache_client._validate import ByteRange
 from vidcache_client._verify import expected_video_length
@@ -75,6 +76,7 @@ _MAX_ERROR_BODY = 64 * 1024
 _MAX_SMALL_BODY = 16 * 1024 * 1024
 _STATUS_LINE = re.compile(r"HTTP/(1\.[01]) (\d{3})(?: (.*))?")
 
+T = TypeVar("T")
 OnFilled = Callable[[int], None]
 OnProgress = Callable[[int], None]
 
@@ -251,10 +253,8 @@ class RangeReader:
         self._base_path = base_url.raw_path.split(b"?")[0].decode("ascii").rstrip("/")
         self._headers = {"Host": base_url.netloc.decode("ascii"), **headers,
                          "Accept-Encoding": "identity"}
-        self._head_lines = "".join(f"{name}: {value}\r\n" for name, value in self._headers.items())
-        self._head_lines_small = "".join(
-            f"{name}: {value}\r\n"
-            for name, value in {**self._headers, "Accept-Encoding": "gzip"}.items())
+        self._head_lines = _header_lines(self._headers)
+        self._head_lines_small = _header_lines({**self._headers, "Accept-Encoding": "gzip"})
         self._pool = Pool(self._connect, close=_Connection.close,
                           usable=_Connection.still_open, budget=budget, spare=spare)
         # Pipelining (plain TCP only: a TLS socket cannot send on one thread while another
@@ -277,9 +277,7 @@ class RangeReader:
 
         Raises the client's StatusError subclasses and RangeError for a wrong answer, httpx
         exceptions for transport failures, `Unhandled`, or whatever the callbacks raise."""
-        path = f"{self._base_path}/video/{content_hash}"
-        request = (f"GET {path} HTTP/1.1\r\n{self._head_lines}"
-                   f"Range: bytes={asked[0]}-{asked[1]}\r\n\r\n").encode("ascii")
+        path, request = self._range_request(content_hash, asked)
         describe = functools.partial(self._describe, path, asked)
         answer = functools.partial(self._answer, content_hash, asked, views, describe,
                                    what=what, on_filled=on_filled, on_progress=on_progress)
@@ -289,14 +287,8 @@ class RangeReader:
                 return answer(connection, None)
             except (_Stale, httpx.TransportError):
                 pass  # the connection before it failed, or closed after it: ask again
-        stale = False
-        while True:
-            connection = self._pool.acquire(fresh=stale)
-            try:
-                return answer(connection, request)
-            except _Stale:
-                stale = True  # ask again, on a new connection (which cannot be stale)
-                self._pool.close_idle()
+        return self._on_connection(lambda connection: answer(connection, request),
+                                   spare="if-new")
 
     def get(self, target: str) -> httpx.Response:
         """The answer to `GET <base path><target>` (`target`: a path and query, encoded as
@@ -308,10 +300,8 @@ class RangeReader:
         checks the status."""
         request = self._request(target)
         describe = functools.partial(self._describe, f"{self._base_path}{target}", None)
-        stale = False
-        while True:
-            # No spare: a lookup or a listing does not foretell a second concurrent request.
-            connection = self._pool.acquire(fresh=stale, spare="no")
+
+        def exchange(connection: _Connection) -> httpx.Response:
             connection.describe = describe
             reusable = False
             try:
@@ -319,11 +309,11 @@ class RangeReader:
                 response, keep_alive = self._whole_answer(connection, first=True)
                 reusable = keep_alive and connection.drained()
                 return response
-            except _Stale:
-                stale = True  # ask again, on a new connection (which cannot be stale)
-                self._pool.close_idle()
             finally:
                 self._pool.release(connection, reusable=reusable)
+
+        # No spare: a lookup or a listing does not foretell a second concurrent request.
+        return self._on_connection(exchange, spare="no")
 
     def read_into_after(self, targets: Sequence[tuple[str, Callable[[httpx.Response], None]]],
                         content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
@@ -336,15 +326,14 @@ class RangeReader:
         first bytes cost one round trip, on a warm connection if the pool has one; taking the
         pool's last idle one opens a spare for the next concurrent range. If the server closes
         the connection after an answer, the rest is asked for again the usual way."""
-        path = f"{self._base_path}/video/{content_hash}"
-        request = (f"GET {path} HTTP/1.1\r\n{self._head_lines}"
-                   f"Range: bytes={asked[0]}-{asked[1]}\r\n\r\n").encode("ascii")
+        path, request = self._range_request(content_hash, asked)
         requests = b"".join(self._request(target) for target, _ in targets) + request
-        stale = False
-        while True:
-            connection = self._pool.acquire(fresh=stale, spare="if-last")
-            answered = 0  # of `targets`
-            carries_range = False
+        answered = 0  # of `targets`
+
+        def send_all(connection: _Connection) -> tuple[_Connection, bool]:
+            """Send the requests, take the small answers; the connection, and whether it
+            carries the range's answer too (False: the server closes it after an answer)."""
+            nonlocal answered
             try:
                 connection.send(requests)
                 for target, take in targets:
@@ -354,18 +343,13 @@ class RangeReader:
                     take(response)
                     answered += 1
                     if not keep_alive:
-                        break
-                else:
-                    carries_range = True
-            except _Stale:
-                stale = True  # nothing was answered: ask again, on a new connection
-                self._pool.release(connection, reusable=False)
-                self._pool.close_idle()
-                continue
+                        return connection, False
             except BaseException:
                 self._pool.release(connection, reusable=False)
                 raise
-            break
+            return connection, True
+
+        connection, carries_range = self._on_connection(send_all, spare="if-last")
         if carries_range:
             describe = functools.partial(self._describe, path, asked)
             try:  # `_answer` gives the connection back (or hands it on) whatever happens
@@ -381,6 +365,25 @@ class RangeReader:
                               on_filled=on_filled, on_progress=on_progress)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _on_connection(self, exchange: Callable[[_Connection], T], *, spare: Spare) -> T:
+        """`exchange(connection)` on a pooled connection, which `exchange` gives back (or hands
+        on) itself; asked again on a new connection (which cannot be stale) if the pooled one
+        turns out closed by the server before anything was answered."""
+        stale = False
+        while True:
+            connection = self._pool.acquire(fresh=stale, spare=spare)
+            try:
+                return exchange(connection)
+            except _Stale:
+                stale = True
+                self._pool.close_idle()
+
+    def _range_request(self, content_hash: str, asked: ByteRange) -> tuple[str, bytes]:
+        """The path of `GET /video/<hash>` and the request asking it for `asked`."""
+        path = f"{self._base_path}/video/{content_hash}"
+        return path, (f"GET {path} HTTP/1.1\r\n{self._head_lines}"
+                      f"Range: bytes={asked[0]}-{asked[1]}\r\n\r\n").encode("ascii")
 
     def _request(self, target: str) -> bytes:
         # gzip: httpx decodes it (`_response`), and a digest list shrinks to about half.
@@ -536,6 +539,10 @@ class RangeReader:
             headers["Range"] = f"bytes={asked[0]}-{asked[1]}"
         return httpx.Request("GET", self._url.copy_with(raw_path=path.encode("ascii")),
                              headers=headers)
+
+
+def _header_lines(headers: dict[str, str]) -> str:
+    return "".join(f"{name}: {value}\r\n" for name, value in headers.items())
 
 
 def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
