@@ -332,25 +332,18 @@ class VidCacheClient:
         taken: list[str] = []  # the answers handed to the callbacks so far
 
         def take_meta(response: httpx.Response) -> None:
-            if response.status_code == 404:
-                on_meta(None)
-                taken.append("meta")
-            raise_for_status(response, meta_what)
-            result = _json_object(response, meta_what)
-            _check_hash_field(result, meta_what, expected=content_hash)
+            result = _record_or_none(response, meta_what, expected=content_hash)
             on_meta(result)
             taken.append("meta")
+            raise_for_status(response, meta_what)  # NotFoundError for a 404
 
         targets = [(f"/meta/{content_hash}", take_meta)]
         if digest_range is not None:
             digests_what, params = _digests_request(content_hash, *digest_range)
 
             def take_digests(response: httpx.Response) -> None:
-                result = None
-                if response.status_code != 404:
-                    raise_for_status(response, digests_what)
-                    result = _json_object(response, digests_what)
-                    _check_hash_field(result, digests_what, expected=content_hash)
+                result = _record_or_none(response, digests_what, expected=content_hash)
+                if result is not None:
                     result = checked_digests(result, digests_what, start=digest_range[0] or 0,
                                              end=digest_range[1])
                 if on_digests is not None:
@@ -421,9 +414,7 @@ class VidCacheClient:
             response = self._send("GET", path, what, params=params)
         except NotFoundError:
             return None
-        result = _json_object(response, what)
-        _check_hash_field(result, what, expected=expected)
-        return result
+        return _record_or_none(response, what, expected=expected)
 
     def _send(self, method: str, path: str, what: str, *,
               params: Mapping[str, str | int] | None = None,
@@ -559,6 +550,18 @@ def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
     return body
+
+
+def _record_or_none(response: httpx.Response, what: str, *,
+                    expected: str | None) -> dict[str, Any] | None:
+    """The JSON object of an answer naming a video's hash (checked), None for a 404; raises
+    for any other non-2xx status."""
+    if response.status_code == 404:
+        return None
+    raise_for_status(response, what)
+    result = _json_object(response, what)
+    _check_hash_field(result, what, expected=expected)
+    return result
 
 
 def _check_hash_field(result: Mapping[str, Any], what: str, *,
