@@ -479,8 +479,7 @@ class Remote:
         """Whether the metadata asked for along with the first block came, waited for until
         the attempt's cutoff. If it failed or is late, the normal path asks again (and
         reports the failure if it persists)."""
-        cutoff = self._cutoff(self._clock() + self.config.timeout if deadline is None
-                              else deadline)
+        cutoff = self._cutoff(self._deadline() if deadline is None else deadline)
         try:
             speculation.meta.result(timeout=max(cutoff - self._clock(), 0))
         except Exception as exc:  # an error, or late
