@@ -9,13 +9,16 @@ not only to connection set-up, and the bounded queue gives the sender back-press
 TCP window does.
 
 The proxy forwards raw TCP but follows the HTTP/1.x requests in the client->server stream
-(without pipelining, which holds for curl, ffmpeg, httpx, rclone and httpfs2): it counts them,
+(pipelined ones too, as vcfs sends; a hook's own answer is not held back behind responses
+still in flight, which no client here needs): it counts them,
 logs method, path and Range, and lets a `Hooks` object answer a request itself or change, delay
 or cut the response bytes. `ResponseHeadHook` frames the responses once for every hook that
 works per response (head, then body pieces). These are the extension points for fault
 injection (bench/faults.py: stall, reset after N bytes, truncation, 503 bursts, 200 instead of
 206, wrong Content-Range, flipped byte); the benchmark itself uses them only for two
-compatibility shims for the peers (bench/shims.py).
+compatibility shims for the peers (bench/shims.py). The benchmark's loopback profile, which
+needs neither timing nor faults, runs bench/splice_relay.py instead, built on the same
+`RequestRouter` and `TrafficCounters`.
 """
 
 from __future__ import annotations
@@ -227,7 +230,7 @@ class ResponseHeadHook(Hooks):
                 request = (conn.forwarded[state.responses]
                            if state.responses < len(conn.forwarded) else None)
                 state.responses += 1
-                state.body_left, state.opaque = _body_length(request, head)
+                state.body_left, state.opaque = body_length(request, head)
                 verdict = self.on_head(conn, request, head, state.body_left)
             out += verdict.data
             delay += verdict.delay_s
@@ -240,7 +243,7 @@ class ResponseHeadHook(Hooks):
         return Verdict(bytes(out), delay)
 
 
-def _body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
+def body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
     """(body bytes to pass, whether the body cannot be delimited) for one response head."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
@@ -321,6 +324,39 @@ class RequestParser:
         rest = bytes(self._buffer)
         self._buffer.clear()
         return _Piece(None, rest, head=False)
+
+
+class RequestRouter:
+    """The client->server stream of one connection, request by request: each request head is
+    offered to `answer` (a hook); `route` says, per piece, which request began in it (to count
+    and log), and whether the piece goes on to the server or is the hook's answer for the
+    client. A request is appended to `conn.forwarded` before its head is returned, so the
+    response side can pair each response with its request."""
+
+    def __init__(self, conn: Connection,
+                 answer: Callable[[Connection, Request], bytes | None]) -> None:
+        self._conn = conn
+        self._answer = answer
+        self._parser = RequestParser()
+        self._answered: Request | None = None
+
+    def route(self, data: bytes) -> list[tuple[Request | None, bool, bytes]]:
+        """(request whose head this is or None, to the server?, bytes) for each piece."""
+        routed: list[tuple[Request | None, bool, bytes]] = []
+        for piece in self._parser.feed(data):
+            if piece.head and piece.request is not None:
+                response = self._answer(self._conn, piece.request)
+                if response is not None:
+                    self._answered = piece.request
+                    routed.append((piece.request, False, response))
+                    continue
+                self._answered = None
+                self._conn.forwarded.append(piece.request)
+                routed.append((piece.request, True, piece.data))
+            elif piece.request is None or piece.request is not self._answered:
+                routed.append((None, True, piece.data))
+            # else: the body of a request a hook answered goes nowhere
+        return routed
 
 
 def _parse_head(head: bytes) -> Request | None:
@@ -444,6 +480,16 @@ class TrafficCounters:
             "bytes_down": self.bytes_down, "request_log": list(self.request_log),
         }
 
+    def record(self, conn: Connection, request: Request, log_limit: int) -> None:
+        """A request head seen on `conn`: count it and log it (the last `log_limit` kept)."""
+        conn.requests.append(request)
+        self.requests += 1
+        self.request_log.append({"conn": conn.id, "method": request.method,
+                                 "path": request.path, "target": request.target,
+                                 "range": request.range})
+        if len(self.request_log) > log_limit:
+            del self.request_log[: len(self.request_log) - log_limit]
+
 
 class LatencyProxy:
     """The proxy on the running event loop: `await start()`, read `counters`, `await close()`."""
@@ -538,33 +584,17 @@ class LatencyProxy:
 
     async def _pump_requests(self, conn: Connection, reader: asyncio.StreamReader,
                              up: _DelayLine, down: _DelayLine) -> None:
-        parser = RequestParser()
-        answered: Request | None = None
+        router = RequestRouter(conn, self.hooks.on_request)
         while data := await reader.read(self.config.chunk_size):
-            for piece in parser.feed(data):
-                if piece.head and piece.request is not None:
-                    self._record(conn, piece.request)
-                    response = self.hooks.on_request(conn, piece.request)
-                    if response is not None:
-                        self.counters.answered_by_hooks += 1
-                        answered = piece.request
-                        await down.put(response)
-                        continue
-                    answered = None
-                    conn.forwarded.append(piece.request)
-                if piece.request is not None and piece.request is answered:
-                    continue  # the body of a request a hook answered
-                await up.put(piece.data)
+            for request, to_server, piece in router.route(data):
+                if request is not None:
+                    self.counters.record(conn, request, self.config.log_limit)
+                if to_server:
+                    await up.put(piece)
+                else:
+                    self.counters.answered_by_hooks += 1
+                    await down.put(piece)
         await up.put(b"", end="eof")
-
-    def _record(self, conn: Connection, request: Request) -> None:
-        conn.requests.append(request)
-        self.counters.requests += 1
-        log = self.counters.request_log
-        log.append({"conn": conn.id, "method": request.method, "path": request.path,
-                    "target": request.target, "range": request.range})
-        if len(log) > self.config.log_limit:
-            del log[: len(log) - self.config.log_limit]
 
     async def _pump_responses(self, conn: Connection, reader: asyncio.StreamReader,
                               down: _DelayLine) -> None:

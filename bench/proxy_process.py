@@ -5,6 +5,8 @@ own interpreter (and core) instead of sharing the harness's GIL. Protocol: the c
 `{"port": N}` once listening, then answers each command line on stdin with one JSON line:
 `{"cmd": "counters"}`, `{"cmd": "reset"}`, `{"cmd": "index", "names": [...]}` (serve the
 rclone index at /video/). EOF on stdin stops it. Both shims of bench/shims.py are always on.
+A profile with neither delay nor cap (loopback) runs `bench.splice_relay.SpliceRelay`, which
+counts the same way at a fraction of the CPU; the others run the asyncio `LatencyProxy`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import IO, Any
 
 from bench.proxy import HookChain, LatencyProxy, LinkProfile, ProxyConfig, new_event_loop
 from bench.shims import CanonicalHeaderCase, IndexShim
+from bench.splice_relay import SpliceRelay
 
 
 class ProxyProcess:
@@ -100,19 +104,35 @@ async def _serve(config: ProxyConfig, out: IO[str]) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(commands), sys.stdin)
     try:
         while line := await commands.readline():
-            command = json.loads(line)
-            if command["cmd"] == "counters":
-                _answer(out, proxy.counters.snapshot())
-            elif command["cmd"] == "reset":
-                proxy.reset_counters()
-                _answer(out, {"ok": True})
-            elif command["cmd"] == "index":
-                shim.names = list(command["names"])
-                _answer(out, {"ok": True})
-            else:
-                _answer(out, {"error": f"unknown command {command['cmd']!r}"})
+            _answer(out, _execute(json.loads(line), proxy.counters.snapshot,
+                                  proxy.reset_counters, shim))
     finally:
         await proxy.close()
+
+
+def _relay(config: ProxyConfig, out: IO[str]) -> None:
+    shim = IndexShim()
+    relay = SpliceRelay(config, answer=shim.on_request,
+                        rewrite_head=CanonicalHeaderCase().rewrite_head).start()
+    _answer(out, {"port": relay.port})
+    try:
+        for line in sys.stdin:
+            _answer(out, _execute(json.loads(line), relay.snapshot, relay.reset_counters, shim))
+    finally:
+        relay.close()
+
+
+def _execute(command: dict[str, Any], snapshot: Callable[[], dict[str, Any]],
+             reset: Callable[[], None], shim: IndexShim) -> dict[str, Any]:
+    if command["cmd"] == "counters":
+        return snapshot()
+    if command["cmd"] == "reset":
+        reset()
+        return {"ok": True}
+    if command["cmd"] == "index":
+        shim.names = list(command["names"])
+        return {"ok": True}
+    return {"error": f"unknown command {command['cmd']!r}"}
 
 
 def _answer(out: IO[str], message: dict[str, Any]) -> None:
@@ -132,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
                           rate_bytes_per_s=args.rate_mbit * 1e6 / 8 or None)
     config = ProxyConfig(upstream_port=args.upstream_port, listen_port=args.port,
                          profile=profile)
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        runner.run(_serve(config, sys.stdout))
+    if profile.one_way_delay_s or profile.rate_bytes_per_s is not None:
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(config, sys.stdout))
+    else:
+        _relay(config, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -31,6 +33,7 @@ from bench.proxy import (
     Verdict,
 )
 from bench.shims import CanonicalHeaderCase, IndexShim
+from bench.splice_relay import SpliceRelay
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,13 +113,23 @@ class _RangeHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(BODY[first : last + 1])
 
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
 
+class _OriginServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client leaving mid-body is what some tests do
+
+
 @pytest.fixture(scope="module")
 def origin_port() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    server = _OriginServer(("127.0.0.1", 0), _RangeHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -132,11 +145,23 @@ def _proxy(port: int, *, hooks: Hooks | None = None, profile: LinkProfile = LOOP
     return ProxyThread(ProxyConfig(upstream_port=port, profile=profile), hooks=hooks)
 
 
-def test_proxy_forwards_and_counts_requests_and_bytes(origin_port: int) -> None:
-    with _proxy(origin_port) as proxy, httpx.Client(base_url=proxy.url) as client:
+def _relay(port: int) -> SpliceRelay:
+    shims = HookChain(IndexShim(names=["abc"]), CanonicalHeaderCase())
+    return SpliceRelay(ProxyConfig(upstream_port=port), answer=shims.on_request,
+                       rewrite_head=CanonicalHeaderCase().rewrite_head)
+
+
+def _counters(proxy: ProxyThread | SpliceRelay) -> dict[str, Any]:
+    return proxy.snapshot() if isinstance(proxy, SpliceRelay) else proxy.counters()
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "splice"])
+def test_proxy_forwards_and_counts_requests_and_bytes(origin_port: int, kind: str) -> None:
+    proxy = _proxy(origin_port) if kind == "asyncio" else _relay(origin_port)
+    with proxy, httpx.Client(base_url=proxy.url) as client:
         whole = client.get("/blob")
         part = client.get("/blob", headers={"Range": "bytes=10-19"})
-        counters = proxy.counters()
+        counters = _counters(proxy)
     assert whole.content == BODY
     assert part.status_code == 206 and part.content == BODY[10:20]
     assert counters["connections"] == 1 and counters["requests"] == 2
@@ -171,3 +196,55 @@ def test_hooks_answer_requests_rewrite_heads_and_cut_responses(origin_port: int)
     with _proxy(origin_port, hooks=ResetAfterFirstChunk()) as proxy, \
             pytest.raises(httpx.HTTPError):
         httpx.get(f"{proxy.url}/blob")
+
+
+# The loopback profile's relay (bench/splice_relay.py): the same counting, bodies spliced.
+
+def test_relay_answers_the_index_and_restores_header_case(origin_port: int) -> None:
+    with _relay(origin_port) as relay:
+        index = httpx.get(f"{relay.url}/video/")
+        raw = httpx.get(f"{relay.url}/blob", headers={"Range": "bytes=0-9"})
+        head = httpx.head(f"{relay.url}/blob")
+        counters = relay.snapshot()
+    assert '<a href="abc">' in index.text and counters["answered_by_hooks"] == 1
+    assert raw.content == BODY[:10]
+    assert b"Content-Range" in [name for name, _ in raw.headers.raw]
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(BODY))
+    assert [r["method"] for r in counters["request_log"]] == ["GET", "GET", "HEAD"]
+
+
+def test_relay_passes_pipelined_requests_in_order(origin_port: int) -> None:
+    asked = [(0, 99_999), (100_000, 100_009), (5, 5)]
+    with _relay(origin_port) as relay, socket.create_connection(("127.0.0.1", relay.port)) as sock:
+        sock.sendall(b"".join(f"GET /blob HTTP/1.1\r\nHost: x\r\nRange: bytes={a}-{b}\r\n\r\n"
+                              .encode() for a, b in asked))
+        with sock.makefile("rb") as answers:
+            for first, last in asked:
+                head = []
+                while (line := answers.readline()) != b"\r\n":
+                    head.append(line.lower())
+                assert head[0].startswith(b"http/1.1 206")
+                assert answers.read(last - first + 1) == BODY[first : last + 1]
+        assert relay.snapshot()["requests"] == 3
+
+
+def test_relay_ends_a_link_whose_client_left_mid_body(origin_port: int) -> None:
+    with _relay(origin_port) as relay:
+        with socket.create_connection(("127.0.0.1", relay.port)) as sock:
+            sock.sendall(b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(1000)  # the body is on its way; leave without reading it
+        _wait_until(lambda: relay.open_connections == 0)
+        assert httpx.get(f"{relay.url}/blob").content == BODY  # and the relay serves on
+
+
+def test_relay_refuses_a_profile_it_would_not_honour(origin_port: int) -> None:
+    slow = LinkProfile(name="slow", one_way_delay_s=0.05)
+    with pytest.raises(ValueError, match="neither delays nor caps"):
+        SpliceRelay(ProxyConfig(upstream_port=origin_port, profile=slow))
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
