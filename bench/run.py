@@ -131,7 +131,8 @@ class Runner:
             request_log=[] if counters is None else counters["request_log"][:REQUEST_LOG_KEPT],
             cpu_seconds=cpu,
             per_op=self.settings.random_reads if figure == "random_128k" else 1)
-        self.samples.append(sample)
+        if self.run_index >= 0:
+            self.samples.append(sample)
         traffic = "" if counters is None else (
             f", {counters['requests']} req, {counters['bytes_down'] / 1e6:.1f} MB from server")
         failed = f", {m.errors} ERRORS: {m.notes[:1]}" if m.errors else ""
@@ -191,6 +192,10 @@ def prepare_corpus(out: Path, *, quick: bool, service: Service, origin_url: str,
         videos[spec.name] = ingest(service, origin_url, path)
         progress(f"ingested {spec.name}: {videos[spec.name].size / 1e6:.1f} MB, "
                  f"{videos[spec.name].duration_s:.1f} s, {videos[spec.name].content_hash[:12]}")
+    # The ingests left ~800 MB of dirty pages, which the kernel writes back ~30 s later: in
+    # the middle of the first measurements, had they not been written out here.
+    progress("writing the ingested files out to disk (sync)")
+    os.sync()
     return Corpus(sequential=videos[specs.sequential.name],
                   probe_faststart=videos[specs.probe_faststart.name],
                   probe_moov_end=videos[specs.probe_moov_end.name],
@@ -217,15 +222,19 @@ def run_profile(runner: Runner, plan: Plan, name: str, *, service: Service, work
         (work / name).mkdir(parents=True, exist_ok=True)
         try:
             for workload in workloads:
-                for run in range(plan.runs):
+                # Run 0 is a warm-up, not recorded (not in --quick): on this VM the first round
+                # of a workload ran slow for every FUSE contender, whose page cache and heap
+                # landed on guest memory the hypervisor had taken back (free page reporting).
+                for run in range(0 if plan.quick else -1, plan.runs):
                     runner.run_index = run
                     for contender in list(contenders):
                         if not contender.supports(workload):
                             continue
-                        runner.progress(f"{name} · {workload} · {contender.name} · run "
-                                        f"{run + 1}/{plan.runs}")
+                        runner.progress(f"{name} · {workload} · {contender.name} · " + (
+                            "warm-up" if run < 0 else f"run {run + 1}/{plan.runs}"))
                         runner.contender = contender
-                        warm_page_cache([video.blob_path for video in videos])
+                        warm_page_cache([path for video in videos
+                                         for path in (video.blob_path, video.local_path)])
                         try:
                             WORKLOADS[workload](contender, runner)
                         except ContenderUnavailable as exc:
