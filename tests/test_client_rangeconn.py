@@ -635,3 +635,34 @@ def test_a_proxy_from_the_environment_is_left_to_httpx(
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert proxied_by_environment(httpx.URL("http://vidcache.test:8020")) is proxied
+
+
+def test_abort_cuts_a_read_waiting_for_a_stalled_answer_at_once() -> None:
+    asked, release = threading.Event(), threading.Event()
+
+    def stall(connection: socket.socket) -> None:
+        if read_request(connection) is not None:
+            asked.set()
+            connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 500\r\n"
+                               b"Content-Range: bytes 0-499/1048576\r\n\r\n" + DATA[:100])
+            release.wait(30)  # the rest never comes while the test runs
+
+    outcome: list[BaseException | int] = []
+
+    def read(client: VidCacheClient) -> None:
+        try:
+            outcome.append(client.read_range_into(DATA_HASH, 0, [bytearray(500)]))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with SocketServer(stall) as server, VidCacheClient(server.url, timeout=30) as client:
+        reader = threading.Thread(target=read, args=(client,), daemon=True)
+        reader.start()
+        assert asked.wait(10), "the read never reached the server"
+        client.abort()
+        reader.join(10)  # far less than the client's 30 s timeout
+        release.set()
+        assert not reader.is_alive(), "abort() left the read waiting"
+    assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome
+    with pytest.raises(RuntimeError, match="closed"):
+        client.read_range_into(DATA_HASH, 0, [bytearray(10)])

@@ -450,6 +450,45 @@ def test_service_killed_mid_read_and_restarted_is_survived(
 
 
 # ---------------------------------------------------------------------------------------------
+# Stopping the daemon while a read waits for a server that stalls
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_ends_a_read_stalled_on_the_server_at_once(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source], signum: signal.Signals,
+) -> None:
+    # A long --timeout: the read alone would wait up to a minute for the stalled answer.
+    long_wait = 60.0
+    mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(long_wait),
+                        "--cache-size", "2M", "--readahead-max", "0").start()
+    try:
+        source = sources["big.mp4"]
+        path = mounted.video(source.file_name)
+        assert read_uncached(path, READ, 0) == expect(source, 0)
+        stalls = link.faults.injected().get("stall", 0)
+        link.faults.enable(Stall(seconds=2 * long_wait, match=only_block(source, 7 * MIB)))
+        read = BackgroundRead(path, READ, 7 * MIB)
+        wait_until(lambda: link.faults.injected().get("stall", 0) > stalls, timeout=10,
+                   what="the read waiting for the stalled answer")
+        assert mounted.process is not None
+        signalled = time.monotonic()
+        mounted.process.send_signal(signum)
+        # The daemon gives the read up and exits, well before the read's own deadline. The
+        # reader gets EIO from vcfs, or, if the kernel's connection is gone first, its abort.
+        assert mounted.process.wait(timeout=long_wait / 4) == 0
+        exited = time.monotonic() - signalled
+        result = read.result(HANG_LIMIT)
+        assert result.data is None, result
+        assert result.errno in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED), result
+        assert not os.path.ismount(mounted.mountpoint)
+        assert "stopping: giving up" in mounted.log()
+        FIGURES.setdefault("exit_with_stalled_read_s", {})[signum.name] = round(exited, 2)
+    finally:
+        link.faults.clear()
+        mounted.stop()
+
+
+# ---------------------------------------------------------------------------------------------
 # Bearer token: --token-file
 
 

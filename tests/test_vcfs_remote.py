@@ -33,6 +33,7 @@ from vcfs.remote import (
     RemoteConfig,
     RemoteError,
     RemoteUnavailable,
+    Stopping,
 )
 from vidcache_client import VidCacheClient
 
@@ -378,6 +379,38 @@ def test_an_answer_that_never_completes_is_given_up_at_the_cutoff(
     finally:
         release.set()
         remote.close()
+
+
+def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeService) -> None:
+    """vcfs stopping (unmounted or signalled) must not wait for a request's cutoff: `close()`
+    ends the wait even where the client cannot cut the request (here httpx's transport)."""
+    release = threading.Event()
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=60.0))  # cutoff: 60 + 10 s
+    remote.meta(HASH)
+    service.block = lambda: release.wait(30)
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            remote.fetch(HASH, 0, 1000)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    fetching = threading.Thread(target=fetch, daemon=True)
+    fetching.start()
+    try:
+        wait_until(lambda: remote.counters.get("range_requests") >= 1, timeout=10,
+                   what="the fetch under way")
+        remote.close()
+        fetching.join(10)
+        assert not fetching.is_alive(), "close() left the fetch waiting"
+        assert len(outcome) == 1 and isinstance(outcome[0], Stopping), outcome
+        assert "vcfs is stopping" in str(outcome[0])
+        with pytest.raises(Stopping):
+            remote.fetch(HASH, 1000, 2000)
+    finally:
+        release.set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from vcfs import paths
 from vcfs.blocks import BlockCache
-from vcfs.fuselib import FuseOSError, Operations
+from vcfs.fuselib import FuseOSError, Operations, current_fuse, session_exited
 from vcfs.readahead import Readahead
 from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
 from vcfs.stats import Counters
@@ -51,6 +51,8 @@ R = TypeVar("R")
 _DIR_MODE = stat.S_IFDIR | 0o555
 _FILE_MODE = stat.S_IFREG | 0o444
 _DAY = 86_400.0
+# How often the lifecycle thread looks whether libfuse's loop is ending.
+_SESSION_CHECK_S = 0.1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -160,6 +162,8 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.readahead_threads, thread_name_prefix="vcfs-readahead"
         )
+        self._closed = threading.Event()
+        self._lifecycle: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -177,8 +181,12 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
                 conn.proto_major, conn.proto_minor, getattr(conn, "max_read", 0),
                 conn.max_readahead, conn.max_write,
             )
-        # The mount answers only after init returns: watch for it from another thread.
-        threading.Thread(target=self._when_mounted, name="vcfs-mounted", daemon=True).start()
+        # The mount answers only after init returns: watch for it from another thread, and
+        # then for the end of libfuse's loop.
+        fuse = current_fuse()
+        self._lifecycle = threading.Thread(target=self._watch, args=(fuse,),
+                                           name="vcfs-lifecycle", daemon=True)
+        self._lifecycle.start()
 
     def libfuse2_options(self) -> dict[str, str | bool]:
         """What `init_with_config` sets on libfuse3, as mount options for libfuse2 (which has
@@ -192,19 +200,39 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             "readdir_ino": True,
         }
 
-    def _when_mounted(self) -> None:
+    def _watch(self, fuse: int | None) -> None:
+        if self._when_mounted() and fuse is not None:
+            self._when_session_ends(fuse)
+
+    def _when_session_ends(self, fuse: int) -> None:
+        """Once libfuse's loop is told to end (SIGTERM, SIGINT, SIGHUP, an unmount), stop the
+        requests to the service: libfuse waits for every operation in progress before it
+        returns, and a read waiting for a stalled service would hold the exit up to its
+        deadline (`--timeout` and more). Its reader gets EIO instead. libfuse has no
+        callback for this, hence the check every `_SESSION_CHECK_S`; it ends when `close`
+        runs (`destroy`), before libfuse frees `fuse`."""
+        while not self._closed.wait(_SESSION_CHECK_S):
+            if session_exited(fuse):
+                log.info("stopping: giving up the requests to the service still in flight")
+                self.remote.close()
+                return
+
+    def _when_mounted(self) -> bool:
         """Once the mount serves requests: raise the kernel readahead, tell the CLI."""
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mountpoint):
+            if self._closed.is_set():
+                return False
             if time.monotonic() > deadline:
                 log.error("%s did not appear as a mount point within 30 s", self.mountpoint)
-                return
+                return False
             time.sleep(0.02)
         if self.config.kernel_readahead_kb is not None:
             raise_kernel_readahead(self.mountpoint, self.config.kernel_readahead_kb)
         log.info("mounted at %s", self.mountpoint)
         if self._on_mounted is not None:
             self._on_mounted()
+        return True
 
     @_fuse_operation
     def destroy(self, path: str) -> None:
@@ -212,6 +240,10 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
 
     def close(self) -> None:
         """Cancel every handle's readahead and stop the readahead threads (idempotent)."""
+        self._closed.set()
+        lifecycle = self._lifecycle
+        if lifecycle is not None and lifecycle is not threading.current_thread():
+            lifecycle.join(timeout=5)  # done with `fuse` before libfuse frees it
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()

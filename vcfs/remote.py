@@ -138,6 +138,10 @@ class RemoteUnavailable(RemoteError):
     """Transient failures (network, timeouts, 5xx, bad data) outlasted the deadline."""
 
 
+class Stopping(RemoteUnavailable):
+    """vcfs is stopping (unmounted or signalled): the request was given up unanswered."""
+
+
 class CorruptData(RemoteError):
     """Bytes that are not the asked range or do not match the recorded digest (retried)."""
 
@@ -145,6 +149,8 @@ class CorruptData(RemoteError):
 class Overdue(RemoteError):
     """An attempt was still running at the operation's cutoff (retried if time is left)."""
 
+
+_STOPPING = "vcfs is stopping: giving up"
 
 # Failures of one attempt that another attempt may not have.
 _RETRIED = (CorruptData, Overdue)
@@ -384,6 +390,9 @@ class Remote:
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.workers, thread_name_prefix="vcfs-http"
         )
+        self._stopping = threading.Event()
+        # Done once close() begins: what `_bounded` waits on besides its attempt.
+        self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     @classmethod
     def connect(
@@ -403,8 +412,15 @@ class Remote:
         return cls(client, config=config, token_sent=token is not None)
 
     def close(self) -> None:
+        """Stop now (idempotent): the requests in flight are cut and fail, as does any later
+        one, with `Stopping`, instead of running to their deadline. A read waiting for a
+        stalled service then gets its EIO at once, and the daemon is not kept alive by an
+        attempt's thread until its cutoff."""
+        self._stopping.set()
+        with contextlib.suppress(concurrent.futures.InvalidStateError):  # closed twice
+            self._stopped.set_result(None)
         self._workers.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self._client.abort()
 
     # -- service ---------------------------------------------------------------------------
 
@@ -844,7 +860,7 @@ class Remote:
         with self._lock:
             if content_hash in self._first_blocks or content_hash in self._chunk_sizes:
                 return None
-            speculation = _FirstBlock(block_size, self._workers.submit(receive), meta, digests,
+            speculation = _FirstBlock(block_size, self._submit(receive), meta, digests,
                                       arrival)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
@@ -1281,6 +1297,8 @@ class Remote:
                 if not transient:
                     self.counters.add("errors")
                     raise RemoteError(f"{what}: {exc}") from exc
+                if self._stopping.is_set():  # the attempt was cut by close()
+                    raise Stopping(f"{what}: {_STOPPING}") from exc
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.counters.add("errors")
@@ -1298,9 +1316,15 @@ class Remote:
 
     def _bounded(self, call: Callable[[float], T], cutoff: float) -> T:
         """`call(cutoff)` on a worker thread, waited for until `cutoff` at most; then it is
-        left to finish (or notice the cutoff) on its own and `Overdue` is raised."""
-        future = self._workers.submit(call, cutoff)
-        done, _ = concurrent.futures.wait([future], timeout=max(cutoff - self._clock(), 0.0))
+        left to finish (or notice the cutoff) on its own and `Overdue` is raised. `close()`
+        ends the wait at once (`Stopping`), whatever the attempt is blocked in."""
+        future = self._submit(call, cutoff)
+        waited: list[concurrent.futures.Future[Any]] = [future, self._stopped]
+        done, _ = concurrent.futures.wait(waited, timeout=max(cutoff - self._clock(), 0.0),
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        if future not in done and self._stopped in done:
+            future.cancel()
+            raise Stopping(_STOPPING)
         if not done:
             future.cancel()
             self.counters.add("overdue")
@@ -1309,6 +1333,15 @@ class Remote:
                 f"(+ {self.config.per_request_timeout:.1f} s for the last attempt)"
             )
         return future.result()
+
+    def _submit(self, call: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """`call(*args)` on a worker thread; `Stopping` once `close()` has begun."""
+        if self._stopping.is_set():
+            raise Stopping(_STOPPING)
+        try:
+            return self._workers.submit(call, *args)
+        except RuntimeError as exc:  # shut down by close() just now
+            raise Stopping(_STOPPING) from exc
 
     def _access_denied(self, what: str, exc: AuthError) -> AccessDenied:
         advice = (

@@ -119,6 +119,15 @@ class VidCacheClient:
         """
         self._budget.close()
 
+    def abort(self) -> None:
+        """Close the client and cut the calls still running (e.g. when the program stops).
+
+        A call reading a byte range or a small answer over the client's own sockets fails at
+        once with a transport error; one going through httpx (a custom `transport`, a proxy
+        from the environment, an ingest) still runs until it ends or times out.
+        """
+        self._budget.abort()
+
     # --- ingest and metadata -------------------------------------------------------------
 
     def ingest(

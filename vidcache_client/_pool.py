@@ -57,6 +57,15 @@ class Budget:
         for pool in pools:
             pool.close_idle()
 
+    def abort(self) -> None:
+        """`close()`, and cut the lent connections of every pool that can cut them: the calls
+        using them fail at once instead of running to their end."""
+        self.close()
+        with self.changed:
+            pools = list(self.pools)
+        for pool in pools:
+            pool.interrupt_lent()
+
     def evict_coldest(self) -> None:
         """With `changed` held: close the idle connection returned longest ago, of any pool."""
         pools = [pool for pool in self.pools if pool.idle]
@@ -70,13 +79,17 @@ class Pool(Generic[T]):
 
     def __init__(self, create: Callable[[], T], *, close: Callable[[T], None],
                  usable: Callable[[T], bool] | None = None, budget: Budget,
-                 spare: bool = False) -> None:
+                 spare: bool = False, interrupt: Callable[[T], None] | None = None) -> None:
         """`spare`: whenever a caller finds no idle connection and has to wait for a new one,
         open one more in the background (within the budget, one at a time), so that the
-        next concurrent caller finds it ready instead of paying a connection set-up too."""
+        next concurrent caller finds it ready instead of paying a connection set-up too.
+        `interrupt`: cuts a connection another thread is using (`Budget.abort`); it must be
+        safe to call from any thread, and the connection is still closed by its user."""
         self._create = create
         self._close = close
         self._usable = usable
+        self._interrupt = interrupt
+        self._lent: set[T] = set()  # guarded by the budget's lock
         self._budget = budget
         self._spare = spare
         self._making_spare = False  # guarded by the budget's lock
@@ -110,6 +123,7 @@ class Pool(Generic[T]):
                     if self._usable is None or self._usable(connection):
                         if spare == "if-last" and not self.idle and self._claim_spare():
                             self._start_spare()
+                        self._lent.add(connection)
                         return connection
                     self._close(connection)
                     budget.count -= 1
@@ -127,10 +141,19 @@ class Pool(Generic[T]):
         if open_spare:
             self._start_spare()
         try:
-            return self._create()
+            connection = self._create()
         except BaseException:
             self._forget()
             raise
+        with budget.changed:
+            aborted = budget.closed
+            if not aborted:
+                self._lent.add(connection)
+        if aborted:  # closed while it was being opened: too late to lend it
+            self._close(connection)
+            self._forget()
+            raise RuntimeError("the VidCacheClient has been closed")
+        return connection
 
     def _claim_spare(self) -> bool:
         """Whether to open a spare now (counted from here on); with the budget's lock held."""
@@ -159,6 +182,7 @@ class Pool(Generic[T]):
         """Take a lent connection back: onto the idle stack if `reusable`, else closed."""
         budget = self._budget
         with budget.changed:
+            self._lent.discard(connection)
             if reusable and not budget.closed:
                 self.idle.append((next(budget.returns), connection))
                 budget.changed.notify()
@@ -176,6 +200,15 @@ class Pool(Generic[T]):
             budget.changed.notify_all()
         for _, connection in idle:
             self._close(connection)
+
+    def interrupt_lent(self) -> None:
+        """Cut every connection of this pool that is lent right now (if it can be cut)."""
+        if self._interrupt is None:
+            return
+        with self._budget.changed:
+            lent = list(self._lent)
+        for connection in lent:
+            self._interrupt(connection)
 
     def evict_coldest(self) -> None:
         """With the budget's lock held: close this pool's coldest idle connection."""

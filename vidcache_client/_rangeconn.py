@@ -215,6 +215,12 @@ class _Connection:
         poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
         return not poller.poll(0)
 
+    def interrupt(self) -> None:
+        """From another thread: end the exchange in progress (its next receive gets nothing,
+        its next send fails); the user still closes the connection."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
@@ -256,7 +262,8 @@ class RangeReader:
         self._head_lines = _header_lines(self._headers)
         self._head_lines_small = _header_lines({**self._headers, "Accept-Encoding": "gzip"})
         self._pool = Pool(self._connect, close=_Connection.close,
-                          usable=_Connection.still_open, budget=budget, spare=spare)
+                          usable=_Connection.still_open, budget=budget, spare=spare,
+                          interrupt=_Connection.interrupt)
         # Pipelining (plain TCP only: a TLS socket cannot send on one thread while another
         # receives): connections whose answer in progress ends where a next range of the same
         # video would begin, by (hash, offset), each taking one follower; and those followers.
