@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import subprocess
@@ -513,6 +514,26 @@ def test_startup_errors_are_one_clear_line(
     )
     assert no_fusermount.returncode == 1
     assert no_fusermount.stderr.startswith("vcfs: error: fusermount3 not found"), no_fusermount
+
+
+def test_a_missing_dev_fuse_is_named_with_the_fix(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    """As in a container started without --device /dev/fuse: a private mount namespace with
+    an empty /dev."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hide_dev = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount -t tmpfs none /dev && exec "$@"', "sh"]
+    if shutil.which("unshare") is None or subprocess.run(
+            [*hide_dev, "true"], capture_output=True, timeout=60, check=False).returncode:
+        pytest.skip("needs unshare and the right to mount in a new mount namespace (root)")
+    result = subprocess.run([*hide_dev, *vcfs_command("mount", vidcache_server.url, str(empty))],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("vcfs: error: /dev/fuse is not available"), result.stderr
+    assert "--device /dev/fuse" in result.stderr
+    assert not os.path.ismount(empty)
 
 
 def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) -> None:
