@@ -572,7 +572,10 @@ def test_malformed_chunk_digests_are_a_protocol_error(make_client: MakeClient,
 def test_chunk_digests_of_any_chunk_size(make_client: MakeClient) -> None:
     for chunk_size in (1000, 256 * 1024, 1024 * 1024):
         document = {"hash": HASH, "chunk_size": chunk_size, "digests": [HASH, OTHER_HASH]}
-        recorder = Recorder(lambda request, doc=document: httpx.Response(200, json=doc))
+        def answer(request: httpx.Request, doc: dict[str, Any] = document) -> httpx.Response:
+            return httpx.Response(200, json=doc)
+
+        recorder = Recorder(answer)
         # a server from before digest pages: the client fills in the whole list's page
         assert make_client(recorder).get_chunk_digests(HASH) == {
             **document, "first_chunk": 0, "chunk_count": 2}

@@ -102,7 +102,7 @@ def test_the_options_go_to_mallopt_in_order_a_refusal_logged_at_debug_level(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     library = FakeLibrary(refused=-3)
-    monkeypatch.setattr(_malloc.ctypes, "CDLL", lambda name: library)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: library)
     with caplog.at_level(logging.DEBUG, logger=_malloc.__name__):
         assert not set_malloc_options({"M_ARENA_MAX": 2, "M_MMAP_THRESHOLD": 4 * MIB,
                                        "M_TRIM_THRESHOLD": 64 * MIB})
@@ -112,7 +112,7 @@ def test_the_options_go_to_mallopt_in_order_a_refusal_logged_at_debug_level(
 
 
 def test_all_options_taken(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_malloc.ctypes, "CDLL", lambda name: FakeLibrary(refused=0))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibrary(refused=0))
     assert set_malloc_options({"M_ARENA_MAX": 2, "M_TRIM_THRESHOLD": 64 * MIB})
 
 
@@ -134,5 +134,5 @@ def test_without_glibc_nothing_is_set_and_nothing_raised(
             raise library("cannot load the C library")
         return library()
 
-    monkeypatch.setattr(_malloc.ctypes, "CDLL", load)
+    monkeypatch.setattr(ctypes, "CDLL", load)
     assert not set_malloc_options({"M_MMAP_THRESHOLD": 4 * MIB})

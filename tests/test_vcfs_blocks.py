@@ -346,7 +346,7 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         blocks = [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
         pieces.append(blocks)
         for position, block in enumerate(blocks):
@@ -370,7 +370,7 @@ def test_a_reported_block_reaches_its_readers_before_the_run_is_over() -> None:
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
         on_block(0, blocks[0])
         first_reported.set()
@@ -397,7 +397,7 @@ def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         on_block(0, data[start : start + block_size])
         on_block(0, data[start : start + block_size])  # a repeated report changes nothing
         raise OSError("connection reset")
@@ -444,8 +444,12 @@ def test_a_stopped_prefetch_keeps_what_arrived_and_its_waiting_reader_fetches_th
             stopped.append(exc)
 
     got: list[bytes] = []
-    with threads(prefetch, lambda: (first_reported.wait(DEADLINE),
-                                    got.append(cache.read(H1, len(data), 2 * BS, BS)))):
+
+    def read_block_2() -> None:
+        first_reported.wait(DEADLINE)
+        got.append(cache.read(H1, len(data), 2 * BS, BS))
+
+    with threads(prefetch, read_block_2):
         assert first_reported.wait(DEADLINE)
         wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE,
                    what="the reader waiting for block 2")
@@ -461,7 +465,7 @@ def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
 
     def silent(content_hash: str, start: int, end: int, block_size: int, *,
                on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+               skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         return [data[low : low + block_size] for low in range(start, end, block_size)]
 
     cache = cache_with(data, silent)
@@ -484,7 +488,7 @@ class TricklingBlockFetcher:
 
     def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
                  on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         self.calls += 1
         blocks = []
         for position, low in enumerate(range(start, end, block_size)):
@@ -558,9 +562,9 @@ def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
 
     def odd_reports(content_hash: str, start: int, end: int, block_size: int, *,
                     on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         assert on_partial is not None
-        on_partial(0, bytearray(data), BS - 1)  # not a bytes object
+        on_partial(0, bytearray(data), BS - 1)  # type: ignore[arg-type]  # not bytes
         on_partial(0, data, 0)  # nothing verified
         on_partial(5, data, 4)  # not a block of the run
         if not release.wait(DEADLINE):
@@ -588,7 +592,7 @@ class TailFetcher:
 
     def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
                  on_block: OnBlock, on_partial: OnPartial | None = None,
-                 skip: int = 0) -> list[bytes]:
+                 skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         self.calls.append((start, end, skip))
         lead = skip // self.unit * self.unit + self.extra
         blocks = [self.data[low : min(low - low % block_size + block_size, end)]
@@ -635,7 +639,7 @@ def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block
 
     def slow_tail(content_hash: str, start: int, end: int, block_size: int, *,
                   on_block: OnBlock, on_partial: OnPartial | None = None,
-                  skip: int = 0) -> list[bytes]:
+                  skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         calls.append(skip)
         if skip and not release.wait(DEADLINE):
             raise AssertionError("never released")
@@ -658,7 +662,7 @@ def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
 
     def joined_pieces(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0) -> list[bytes]:
+                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
         return [data[start:end]]  # one piece for the whole run
 
     cache = cache_with(data, joined_pieces)

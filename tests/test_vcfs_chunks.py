@@ -14,10 +14,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -31,7 +31,7 @@ from tests.vcfs_support import VcfsMount, requires_fuse
 from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client import VidCacheClient
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Callable[..., Any])
 KIB = 1 << 10
 MIB = 1 << 20
 READ = 64 * KIB
@@ -139,6 +139,7 @@ def test_a_flipped_byte_in_a_256_kib_chunk_is_caught(stored: Stored, link: Fault
         after = wait_until(
             lambda: (stats := remote_stats(mount))["retries"] > before["retries"] and stats,
             timeout=30, what="the block fetched again")
+        assert after
         assert after["verify_failures"] - before["verify_failures"] == 1
     # the middle byte of the block's body was flipped: the 256 KiB chunk holding it failed
     chunk = (block_start + block_size // 2) // (256 * KIB)

@@ -242,6 +242,7 @@ def test_transient_fault_is_retried_and_the_bytes_are_right(
         return counters if delta(before, counters, "retries") >= times else None
 
     after = wait_until(retried, timeout=HANG_LIMIT, what=f"{name}: the retries")
+    assert after is not None
     assert delta(before, after, "errors") == 0
     assert delta(before, after, "fuse_errors") == 0
     if isinstance(fault, FlipByte):
