@@ -47,6 +47,11 @@ class LinkProfile:
     one_way_delay_s: float = 0.0  # added to every chunk, in each direction (RTT = 2x)
     rate_bytes_per_s: float | None = None  # per direction, shared by all connections; None: no cap
 
+    @property
+    def shapes_traffic(self) -> bool:
+        """Whether it delays or caps anything (else bytes may pass straight through)."""
+        return bool(self.one_way_delay_s) or self.rate_bytes_per_s is not None
+
     def describe(self) -> str:
         rtt_ms = 2000 * self.one_way_delay_s
         rate = "uncapped" if self.rate_bytes_per_s is None else (
@@ -95,6 +100,10 @@ class Connection:
     requests: list[Request] = field(default_factory=list)  # seen so far, in order
     forwarded: list[Request] = field(default_factory=list)  # those sent on to the server
     bytes_down: int = 0  # response bytes delivered to the client so far
+
+    def request_answered(self, response: int) -> Request | None:
+        """The request the server's `response`-th answer (from 0) is for, if one was seen."""
+        return self.forwarded[response] if response < len(self.forwarded) else None
 
 
 Ending = Literal["close", "reset"]
@@ -227,8 +236,7 @@ class ResponseHeadHook(Hooks):
                     break
                 head = bytes(state.buffer[: end + 4])
                 del state.buffer[: end + 4]
-                request = (conn.forwarded[state.responses]
-                           if state.responses < len(conn.forwarded) else None)
+                request = conn.request_answered(state.responses)
                 state.responses += 1
                 state.body_left, state.opaque = body_length(request, head)
                 verdict = self.on_head(conn, request, head, state.body_left)

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
                           rate_bytes_per_s=args.rate_mbit * 1e6 / 8 or None)
     config = ProxyConfig(upstream_port=args.upstream_port, listen_port=args.port,
                          profile=profile)
-    if profile.one_way_delay_s or profile.rate_bytes_per_s is not None:
+    if profile.shapes_traffic:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(_serve(config, sys.stdout))
     else:

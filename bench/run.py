@@ -31,7 +31,7 @@ from bench.proxy import LOOPBACK, WAN, LinkProfile
 from bench.proxy_process import ProxyProcess
 from bench.report import Sample
 from bench.service_speed import tree_cpu_seconds
-from bench.stack import Service, Video, ingest, origin, warm_page_cache
+from bench.stack import Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
@@ -233,8 +233,6 @@ def run_profile(runner: Runner, plan: Plan, name: str, *, service: Service, work
                         runner.progress(f"{name} · {workload} · {contender.name} · " + (
                             "warm-up" if run < 0 else f"run {run + 1}/{plan.runs}"))
                         runner.contender = contender
-                        warm_page_cache([path for video in videos
-                                         for path in (video.blob_path, video.local_path)])
                         try:
                             WORKLOADS[workload](contender, runner)
                         except ContenderUnavailable as exc:

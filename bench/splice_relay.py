@@ -56,10 +56,9 @@ class SpliceRelay:
 
     def __init__(self, config: ProxyConfig, *, answer: Answer | None = None,
                  rewrite_head: HeadRewrite | None = None) -> None:
-        profile = config.profile
-        if profile.one_way_delay_s or profile.rate_bytes_per_s is not None:
-            raise ValueError(f"{profile.describe()}: the splice relay neither delays nor caps; "
-                             "use bench.proxy.LatencyProxy")
+        if config.profile.shapes_traffic:
+            raise ValueError(f"{config.profile.describe()}: the splice relay neither delays "
+                             "nor caps; use bench.proxy.LatencyProxy")
         self.config = config
         self.port = 0
         self._answer: Answer = answer or (lambda conn, request: None)
@@ -176,7 +175,7 @@ class SpliceRelay:
         with contextlib.suppress(OSError):
             fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         buffer = bytearray()
-        answered = 0
+        responses = 0
         try:
             while True:
                 end = self._read_head(link, buffer)
@@ -187,9 +186,8 @@ class SpliceRelay:
                     break
                 head = bytes(buffer[:end])
                 del buffer[:end]
-                forwarded = link.conn.forwarded
-                request = forwarded[answered] if answered < len(forwarded) else None
-                answered += 1
+                request = link.conn.request_answered(responses)
+                responses += 1
                 length, undelimited = body_length(request, head)
                 taken = len(buffer) if undelimited else min(length, len(buffer))
                 with link.client_lock:

@@ -184,10 +184,11 @@ def blake3_of(path: Path) -> str:
 
 
 def warm_page_cache(paths: list[Path]) -> None:
-    """Read the files so their pages are in memory. Before each contender's turn, for the
-    service's copies ("cold" is about the contender's caches) and the local ones the checks
-    compare with: this VM's kernel pages out page cache idle for a few seconds, and disk reads
-    during a measurement slowed whoever went first."""
+    """Read the files so their pages are in memory. Before each cold start of a contender,
+    for the service's copies of the videos it is about to read ("cold" is about the
+    contender's caches) and the local ones the checks compare with: this VM's kernel pages
+    out page cache idle for a minute, and disk reads during a measurement slowed whoever
+    went first."""
     buffer = bytearray(8 << 20)
     for path in paths:
         with open(path, "rb", buffering=0) as file:
