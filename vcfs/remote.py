@@ -390,7 +390,6 @@ class Remote:
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.workers, thread_name_prefix="vcfs-http"
         )
-        self._stopping = threading.Event()
         # Done once close() begins: what `_bounded` waits on besides its attempt.
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
 
@@ -416,7 +415,6 @@ class Remote:
         one, with `Stopping`, instead of running to their deadline. A read waiting for a
         stalled service then gets its EIO at once, and the daemon is not kept alive by an
         attempt's thread until its cutoff."""
-        self._stopping.set()
         with contextlib.suppress(concurrent.futures.InvalidStateError):  # closed twice
             self._stopped.set_result(None)
         self._workers.shutdown(wait=False, cancel_futures=True)
@@ -1297,7 +1295,7 @@ class Remote:
                 if not transient:
                     self.counters.add("errors")
                     raise RemoteError(f"{what}: {exc}") from exc
-                if self._stopping.is_set():  # the attempt was cut by close()
+                if self._stopped.done():  # the attempt was cut by close()
                     raise Stopping(f"{what}: {_STOPPING}") from exc
                 remaining = deadline - self._clock()
                 if remaining <= 0:
@@ -1336,7 +1334,7 @@ class Remote:
 
     def _submit(self, call: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """`call(*args)` on a worker thread; `Stopping` once `close()` has begun."""
-        if self._stopping.is_set():
+        if self._stopped.done():
             raise Stopping(_STOPPING)
         try:
             return self._workers.submit(call, *args)

@@ -146,10 +146,10 @@ class Pool(Generic[T]):
             self._forget()
             raise
         with budget.changed:
-            aborted = budget.closed
-            if not aborted:
+            closed = budget.closed
+            if not closed:
                 self._lent.add(connection)
-        if aborted:  # closed while it was being opened: too late to lend it
+        if closed:  # closed while it was being opened: too late to lend it
             self._close(connection)
             self._forget()
             raise RuntimeError("the VidCacheClient has been closed")
