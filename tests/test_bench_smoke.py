@@ -34,6 +34,8 @@ from bench.proxy import (
 )
 from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
+from bench.stack import Video
+from bench.workloads import READ_SIZE, read_segments
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,3 +250,36 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def _video(local: Path) -> Video:
+    size = local.stat().st_size
+    return Video(name=local.name, content_hash="0" * 64, size=size, duration_s=1.0,
+                 local_path=local, blob_path=local, file_path=local.name)
+
+
+@pytest.mark.parametrize("damage", ["none", "one byte", "truncated"])
+def test_concurrent_readers_compare_every_byte(tmp_path: Path, damage: str) -> None:
+    """The concurrent workload's reads (reused buffers) still catch a wrong or missing byte,
+    in a whole buffer, in a buffer's tail and in a last, partial buffer."""
+    content = os.urandom(3 * READ_SIZE + 12345)
+    local = tmp_path / "local.mp4"
+    local.write_bytes(content)
+    served = bytearray(content)
+    if damage == "one byte":
+        served[2 * READ_SIZE + 7] ^= 0xFF
+    elif damage == "truncated":
+        del served[-10:]
+    target = tmp_path / "served.mp4"
+    target.write_bytes(served)
+    segments = [(0, len(content)), (READ_SIZE // 2, READ_SIZE)]
+
+    done, bad = read_segments(str(target), _video(local), segments)
+
+    if damage == "none":
+        assert (done, bad) == (len(content) + READ_SIZE, None)
+    else:
+        at = 2 * READ_SIZE if damage == "one byte" else 3 * READ_SIZE
+        assert bad == f"local.mp4: wrong or short read at {at}"
+        assert done == at
+
