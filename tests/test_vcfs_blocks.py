@@ -31,6 +31,7 @@ from vcfs.blocks import (
     block_count,
     blocks_for,
     clamp_range,
+    prefault,
     run_bounds,
     unfilled_block,
 )
@@ -944,11 +945,15 @@ def _resident_pages(view: memoryview) -> list[bool]:
 
 @pytest.mark.skipif(tuple(map(int, re.findall(r"\d+", platform.release())[:2])) < (5, 14),
                     reason="MADV_POPULATE_WRITE is Linux 5.14 on")
-def test_an_unfilled_block_of_new_memory_is_mapped_before_it_is_filled() -> None:
-    """Memory new to the process (here a fresh 8 MiB mmap, above malloc's default threshold) is
-    mapped in one call rather than page by page as the receive fills it."""
-    block, view = unfilled_block(8 << 20)
+def test_prefault_maps_a_new_blocks_memory_at_once_and_keeps_its_content() -> None:
+    """Memory new to the process (40 MiB: malloc maps anything over 32 MiB afresh) is mapped
+    in one call rather than page by page as the receive fills it; mapped memory is left as is."""
+    size = 40 << 20
+    block, view = unfilled_block(size)
+    assert not any(_resident_pages(view)[1:-1])
+    prefault(view)
     resident = _resident_pages(view)
-    assert len(resident) >= 2047 and all(resident)
-    view[:] = bytes(len(view))
-    assert block == bytes(8 << 20)
+    assert len(resident) >= size // mmap.PAGESIZE - 1 and all(resident)
+    view[:4] = b"abcd"
+    prefault(view)
+    assert block[:4] == b"abcd"

@@ -144,16 +144,18 @@ _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 _MADV_POPULATE_WRITE = 23
 
 
-def _populate(address: int, size: int) -> None:
-    """Map the pages of a new block's memory in one call where they are new to the process.
+def prefault(view: memoryview) -> None:
+    """Map the pages under an unfilled block's `view` in one call, if they are new to the
+    process; a producer calls this for the next block while it receives into the current one.
 
     Memory that malloc hands out for the first time is not mapped yet: each 4 KiB page then
-    costs a fault when the block is filled, ~0.65 ms per MiB on the 2-core benchmark VM, where
-    `MADV_POPULATE_WRITE` maps them all at ~0.4 ms. Memory malloc recycles is mapped already,
-    and asking again costs ~0.05 ms per MiB: so only when the block's last whole page (its
-    newest, as the heap grows upward) is not resident (`mincore`)."""
+    faults as the receive fills it, ~0.65 ms per MiB on the 2-core benchmark VM, where
+    `MADV_POPULATE_WRITE` maps them all at ~0.4 ms. Recycled memory is mapped already, and
+    asking again would cost ~0.05 ms per MiB: so only when the view's last whole page (the
+    newest, as the heap grows upward) is not resident (`mincore`). Content is unchanged."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
     first = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (address + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = (address + len(view)) // mmap.PAGESIZE * mmap.PAGESIZE
     if end - first < 2 * mmap.PAGESIZE:
         return
     resident = ctypes.create_string_buffer(1)
@@ -167,17 +169,15 @@ def unfilled_block(size: int) -> tuple[bytes, memoryview]:
     memory through which its producer fills it, e.g. with `socket.recv_into`.
 
     A block is then received straight into the object the cache keeps: no receive buffer to
-    copy out of (and none to fragment the heap); memory new to the process is mapped in one
-    call first (`_populate`). This is what C code does with
-    `PyBytes_FromStringAndSize(NULL, size)`; the same rule applies: the view must not be
+    copy out of (and none to fragment the heap), and the first touch of new memory happens in
+    the kernel's copy, without the GIL, or ahead of it (`prefault`). This is what C code does
+    with `PyBytes_FromStringAndSize(NULL, size)`; the same rule applies: the view must not be
     written once the bytes object has been handed to anyone, and a block whose filling failed
     is dropped, never used. The view keeps the block alive."""
     if size < 1:
         raise ValueError(f"a block has at least one byte, not {size}")
     block = _new_bytes(None, size)
-    address = _bytes_address(block)
-    _populate(address, size)
-    memory = (ctypes.c_char * size).from_address(address)
+    memory = (ctypes.c_char * size).from_address(_bytes_address(block))
     memory.__dict__["owner"] = block  # the memory is `block`'s: keep it while the view lives
     return block, memoryview(memory).cast("B")
 
