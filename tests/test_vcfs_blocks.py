@@ -3,12 +3,8 @@ serves bytes from memory and records every call. No FUSE, no network."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
-import mmap
 import os
-import platform
-import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +27,6 @@ from vcfs.blocks import (
     block_count,
     blocks_for,
     clamp_range,
-    prefault,
     run_bounds,
     unfilled_block,
 )
@@ -928,32 +923,3 @@ def test_an_unfilled_block_is_filled_through_its_view_and_kept_alive_by_it() -> 
     assert bytes(view) == b"hello"  # the view still owns the memory
     with pytest.raises(ValueError):
         unfilled_block(0)
-
-
-def _resident_pages(view: memoryview) -> list[bool]:
-    """Which whole pages under `view` are mapped (mincore(2))."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    first = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (address + len(view)) // mmap.PAGESIZE * mmap.PAGESIZE
-    pages = (end - first) // mmap.PAGESIZE
-    vector = ctypes.create_string_buffer(pages)
-    assert libc.mincore(first, end - first, vector) == 0, os.strerror(ctypes.get_errno())
-    return [bool(byte & 1) for byte in vector.raw]
-
-
-@pytest.mark.skipif(tuple(map(int, re.findall(r"\d+", platform.release())[:2])) < (5, 14),
-                    reason="MADV_POPULATE_WRITE is Linux 5.14 on")
-def test_prefault_maps_a_new_blocks_memory_at_once_and_keeps_its_content() -> None:
-    """Memory new to the process (40 MiB: malloc maps anything over 32 MiB afresh) is mapped
-    in one call rather than page by page as the receive fills it; mapped memory is left as is."""
-    size = 40 << 20
-    block, view = unfilled_block(size)
-    assert not any(_resident_pages(view)[1:-1])
-    prefault(view)
-    resident = _resident_pages(view)
-    assert len(resident) >= size // mmap.PAGESIZE - 1 and all(resident)
-    view[:4] = b"abcd"
-    prefault(view)
-    assert block[:4] == b"abcd"

@@ -22,7 +22,6 @@ import httpx
 import pytest
 from blake3 import blake3
 
-import vcfs.remote
 from bench.faults import Bandwidth, FlipByte, Truncate
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
@@ -454,28 +453,6 @@ def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
     assert all(type(block) is bytes for block in blocks)
     assert link.ranges() == [f"bytes={MIB}-{9 * MIB - 1}"]
     assert real_remote.counters.get("verified_chunks") >= 1 + 8
-
-
-def test_a_run_maps_each_next_blocks_memory_once_its_request_is_out(
-    real_remote: Remote, link: Link, big: StoredVideo, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Blocks 1.. of a run are prefaulted after the request went out (mapping them before
-    would delay it), each before it arrives; never the first."""
-    asked_by_then: list[int] = []
-    reported_by_then: list[int] = []
-    reported: list[int] = []
-
-    def record(view: memoryview) -> None:
-        assert len(view) == MIB
-        asked_by_then.append(len(link.ranges()))
-        reported_by_then.append(len(reported))
-
-    monkeypatch.setattr(vcfs.remote, "prefault", record)
-    blocks = real_remote.fetch_blocks(big.hash, MIB, 5 * MIB, MIB,
-                                      on_block=lambda i, block: reported.append(i))
-    assert b"".join(blocks) == big.data[MIB : 5 * MIB]
-    assert asked_by_then == [1, 1, 1]
-    assert all(count < block for block, count in enumerate(reported_by_then, start=1))
 
 
 def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(

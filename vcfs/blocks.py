@@ -79,7 +79,6 @@ block that is read again goes back to the LRU.
 from __future__ import annotations
 
 import ctypes
-import mmap
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -137,43 +136,17 @@ _bytes_address.argtypes = (ctypes.py_object,)
 _bytes_address.restype = ctypes.c_void_p
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
-# Linux 5.14 on; older kernels refuse it (EINVAL), and pages then fault one by one as before.
-_MADV_POPULATE_WRITE = 23
-
-
-def prefault(view: memoryview) -> None:
-    """Map the pages under an unfilled block's `view` in one call, if they are new to the
-    process; a producer calls this for the next block while it receives into the current one.
-
-    Memory that malloc hands out for the first time is not mapped yet: each 4 KiB page then
-    faults as the receive fills it, ~0.65 ms per MiB on the 2-core benchmark VM, where
-    `MADV_POPULATE_WRITE` maps them all at ~0.4 ms. Recycled memory is mapped already, and
-    asking again would cost ~0.05 ms per MiB: so only when the view's last whole page (the
-    newest, as the heap grows upward) is not resident (`mincore`). Content is unchanged."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
-    first = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
-    end = (address + len(view)) // mmap.PAGESIZE * mmap.PAGESIZE
-    if end - first < 2 * mmap.PAGESIZE:
-        return
-    resident = ctypes.create_string_buffer(1)
-    if _libc.mincore(end - mmap.PAGESIZE, mmap.PAGESIZE, resident) == 0 and resident.raw[0] & 1:
-        return
-    _libc.madvise(first, end - first, _MADV_POPULATE_WRITE)
-
-
 def unfilled_block(size: int) -> tuple[bytes, memoryview]:
     """A new `bytes` of `size` bytes whose content is undefined, and a writable view of its
     memory through which its producer fills it, e.g. with `socket.recv_into`.
 
     A block is then received straight into the object the cache keeps: no receive buffer to
-    copy out of (and none to fragment the heap), and the first touch of new memory happens in
-    the kernel's copy, without the GIL, or ahead of it (`prefault`). This is what C code does
-    with `PyBytes_FromStringAndSize(NULL, size)`; the same rule applies: the view must not be
-    written once the bytes object has been handed to anyone, and a block whose filling failed
-    is dropped, never used. The view keeps the block alive."""
+    copy out of (and none to fragment the heap), and the first touch of new memory (page
+    faults: ~0.7 ms per MiB on the 2-core benchmark VM) happens in the kernel's copy, without
+    the GIL. This is what C code does with `PyBytes_FromStringAndSize(NULL, size)`; the same
+    rule applies: the view must not be written once the bytes object has been handed to
+    anyone, and a block whose filling failed is dropped, never used. The view keeps the block
+    alive."""
     if size < 1:
         raise ValueError(f"a block has at least one byte, not {size}")
     block = _new_bytes(None, size)

@@ -93,7 +93,7 @@ from blake3 import blake3
 from cachetools import LRUCache, TTLCache
 
 from vcfs import paths
-from vcfs.blocks import FetchStopped, prefault, unfilled_block
+from vcfs.blocks import FetchStopped, unfilled_block
 from vcfs.digests import (
     MIN_SERVICE_CHUNK_SIZE,
     PAGE_BYTES,
@@ -726,18 +726,9 @@ class Remote:
                 if verified < high:
                     return
 
-        # The next block's memory is mapped while the current one arrives, not before the
-        # request goes out (which would delay it) nor page by page in the receive.
-        prefaulted = 1
-
         def progress(received: int) -> None:
-            nonlocal prefaulted
             overdue(received)
             stopped(received)
-            receiving = (start + received) // block_size - start // block_size
-            if prefaulted <= receiving + 1 < len(views):
-                prefaulted = receiving + 2
-                prefault(views[receiving + 1])
             before = verified
             verify_below(start + received)
             position = verified // block_size - start // block_size
