@@ -12,13 +12,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import site
 import stat
 import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -534,6 +538,103 @@ def test_a_missing_dev_fuse_is_named_with_the_fix(
     assert result.stderr.startswith("vcfs: error: /dev/fuse is not available"), result.stderr
     assert "--device /dev/fuse" in result.stderr
     assert not os.path.ismount(empty)
+
+
+NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
+# As that user: what setpriv runs has no capabilities left (it keeps the bounding set, so
+# that setuid fusermount3 works as for any user).
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps=-all"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _python_for_nobody() -> tuple[list[str], dict[str, str]] | None:
+    """How uid 65534 runs this checkout: its own interpreter if that user can, else the
+    system's python3 of the same version on the checkout's packages (an interpreter built
+    under root's home, as pyenv's, is out of that user's reach); None if neither works."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = ":".join(site.getsitepackages())
+    for python, env in (
+        (sys.executable, {}),
+        (shutil.which(f"python{version}", path="/usr/local/bin:/usr/bin") or "",
+         {"PYTHONPATH": f"{ROOT}:{site_packages}"}),
+    ):
+        if python and subprocess.run(
+                [*AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()), python, "-c",
+                 "import vcfs.cli"], cwd="/", capture_output=True, timeout=60).returncode == 0:
+            return [python], env
+    return None
+
+
+@pytest.fixture
+def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
+    """(wrap, home): `wrap(mode, script)` runs the shell `script` as uid/gid 65534 without
+    capabilities, in a private mount namespace whose /dev/fuse is the real device with
+    permissions `mode`; `$VCFS` runs this checkout's vcfs there, and `home` is an empty
+    directory that user owns. Skipped where that cannot be set up (it needs root, unshare
+    and setpriv)."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("needs root, unshare and setpriv")
+    python = _python_for_nobody()
+    if python is None:
+        pytest.skip(f"uid {NOBODY} can run neither this Python nor a system one on the checkout")
+    interpreter, env = python
+    work = Path(tempfile.mkdtemp(prefix="vcfs-nobody-", dir="/tmp"))
+    work.chmod(0o755)
+    home = work / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+
+    def wrap(mode: str, script: str) -> list[str]:
+        # A tmpfs of our own for the node (/tmp may be nodev), bound over /dev/fuse.
+        setup = ('mkdir "$1/dev" && mount -t tmpfs -o mode=0755 none "$1/dev" && '
+                 'mknod -m "$2" "$1/dev/fuse" c 10 229 && mount --bind "$1/dev/fuse" /dev/fuse '
+                 '&& shift 2 && exec "$@"')
+        vcfs = " ".join([*interpreter, "-m", "vcfs"])
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh",
+                str(work), mode, *AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()),
+                f"VCFS={vcfs}", "sh", "-c", script]
+
+    try:
+        yield wrap, home
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_user_without_access_to_dev_fuse_is_told_the_fix(
+    as_nobody: tuple[Callable[[str, str], list[str]], Path], vidcache_server: VidcacheServer,
+) -> None:
+    """/dev/fuse as root's alone (0600, as where no udev runs): libfuse would only say
+    "Permission denied"."""
+    wrap, home = as_nobody
+    (home / "mnt").mkdir()
+    result = subprocess.run(wrap("0600", f"$VCFS mount {vidcache_server.url} {home}/mnt"),
+                            capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        f"vcfs: error: /dev/fuse is not readable and writable by this user (uid {NOBODY}; "
+        "mode 0600)"), result.stderr
+    assert "chmod 0666 /dev/fuse" in result.stderr
+
+
+def test_a_user_other_than_root_mounts_reads_and_unmounts(
+    as_nobody: tuple[Callable[[str, str], list[str]], Path],
+    vidcache_server: VidcacheServer, corpus: dict[str, Video],
+) -> None:
+    """With /dev/fuse 0666 (a standard system), uid 65534 mounts through fusermount3, reads a
+    video whole and unmounts, all in the namespace, where the mount lives. The kernel's
+    readahead stays at its default: only root may raise it."""
+    wrap, home = as_nobody
+    video = corpus["a.mp4"]
+    script = (f"mkdir {home}/mnt && $VCFS mount {vidcache_server.url} {home}/mnt --daemon "
+              f"--log-file {home}/vcfs.log && sha256sum {home}/mnt/by-hash/{video.file_name}; "
+              f"read=$?; $VCFS unmount {home}/mnt && exit $read")
+    result = subprocess.run(wrap("0666", script), capture_output=True, text=True, timeout=120,
+                            check=False, cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(video.data()).hexdigest() in result.stdout.split(), result.stdout
+    log = (home / "vcfs.log").read_text()
+    assert "stays at its default" in log and "unmounted" in log, log
 
 
 def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) -> None:

@@ -7,10 +7,11 @@ the child reports "ok" over an inherited pipe, so every start-up error is printe
 command the user typed, with a non-zero exit code, before anything detaches.
 
 Before mounting, everything that can be checked is checked, each with a one-line error: FUSE
-is usable (/dev/fuse, fusermount3), the mount point exists, is an empty directory and is not
-mounted (a stale mount left by a crashed vcfs, "Transport endpoint is not connected", is
-unmounted first), the token file (if any) holds a token, the service answers /health, and it
-lets vcfs list its videos (a missing or wrong token is named as such).
+is usable (/dev/fuse exists and this user may open it, fusermount3 is there), the mount point
+exists, is an empty directory and is not mounted (a stale mount left by a crashed vcfs,
+"Transport endpoint is not connected", is unmounted first), the token file (if any) holds a
+token, the service answers /health, and it lets vcfs list its videos (a missing or wrong token
+is named as such).
 
 The token is read from a file, never taken on the command line, where any user could see it
 in the process list; `--daemon` passes the file's path to its child, not the token.
@@ -299,6 +300,14 @@ def check_fuse_available() -> None:
         ) from exc
     if not stat.S_ISCHR(mode):
         raise StartupError("/dev/fuse is not a character device")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        # libfuse opens it as the user (so does fusermount3): without access the mount fails
+        # with a bare "Permission denied" from libfuse.
+        raise StartupError(
+            f"/dev/fuse is not readable and writable by this user (uid {os.getuid()}; mode "
+            f"{stat.S_IMODE(mode):04o}), which a mount by a user other than root needs: udev "
+            "normally makes it 0666; as root, chmod 0666 /dev/fuse (or run vcfs as root)"
+        )
     if shutil.which("fusermount3") is None:
         raise StartupError("fusermount3 not found on PATH: install the fuse3 package")
     try:
