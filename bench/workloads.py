@@ -221,8 +221,9 @@ def read_segments(path: str, video: Video, segments: list[tuple[int, int]]
                   ) -> tuple[int, str | None]:
     """Read `segments` of `path` and compare every byte with the local copy. Both reads go
     into buffers reused from one read to the next, as `_read_file`'s do: a new 1 MiB `bytes`
-    per read (memory malloc maps afresh and unmaps each time) costs ~1 CPU-s per GB, against
-    ~0.25 here, which on two cores would be taken from the contender being measured."""
+    per read (memory malloc takes from the kernel and gives back every time) costs ~1 CPU-s
+    per GB, against ~0.25 here, which on two cores would be taken from the contender being
+    measured."""
     done = 0
     data, expected = bytearray(READ_SIZE), bytearray(READ_SIZE)
     data_view, expected_view = memoryview(data), memoryview(expected)
