@@ -22,7 +22,7 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from bench.faults import Bandwidth, FlipByte, Truncate
+from bench.faults import Bandwidth, FlipByte, Stall, Truncate, path_prefix
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
 from vcfs.blocks import FetchStopped
@@ -519,6 +519,32 @@ def test_a_trickling_answer_ends_by_the_cutoff(
         else:
             real_remote.fetch_blocks(big.hash, 4 * MIB, 8 * MIB, MIB)
     assert time.monotonic() - started < 3.0 + 1.0 + 2.0  # the cutoff, and slack for the machine
+
+
+def test_a_lookup_whose_pipelined_answers_stop_does_not_hold_the_first_read(
+    link: Link, big: StoredVideo,
+) -> None:
+    """On the way to the service, something passes the lookup's `/meta` answer and then
+    nothing more on that connection (as a proxy that does not pass pipelined requests on):
+    the first read gives the held block up once the exchange has been silent for its patience
+    (1 s here) and fetches it the usual way, instead of waiting out the request timeout."""
+    request_timeout = 30.0
+    remote = Remote.connect(link.url, config=RemoteConfig(timeout=3 * request_timeout,
+                                                          request_timeout=request_timeout))
+    try:
+        link.reset()
+        stalls = link.faults.injected().get("stall", 0)
+        link.faults.enable(Stall(seconds=request_timeout,
+                                 match=path_prefix(f"/video/{big.hash}/chunks")), times=1)
+        assert remote.meta(big.hash, first_block=MIB) is not None
+        started = time.monotonic()
+        assert remote.fetch(big.hash, 0, MIB) == big.data[:MIB]
+        assert time.monotonic() - started < request_timeout / 3
+        assert remote.counters.get("first_blocks_dropped") == 1
+        assert link.faults.injected()["stall"] == stalls + 1
+    finally:
+        remote.close()
+        link.faults.clear()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,9 +54,10 @@ use) and returned, so the block cache's single in-flight fetch of block 0 is thi
 file shorter than the block is answered up to its end, which is that block. If the metadata
 does not come that way (an error, or late), the lookup asks for it again the usual way, with
 retries; any failure of the block (an error, a wrong length, a digest mismatch, chunks coarser
-than the block) drops it quietly and the normal path fetches the block. Lookups answered from
-the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service does not have,
-`/meta`'s 404 ends the exchange.
+than the block, an exchange silent for `first_block_patience`, as behind a proxy that does not
+pass pipelined requests on) drops it quietly and the normal path fetches the block. Lookups
+answered from the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service
+does not have, `/meta`'s 404 ends the exchange.
 
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
@@ -150,6 +151,10 @@ class Overdue(RemoteError):
     """An attempt was still running at the operation's cutoff (retried if time is left)."""
 
 
+class _Stalled(Exception):
+    """The answers pipelined with a lookup stopped coming: its first block is given up."""
+
+
 _STOPPING = "vcfs is stopping: giving up"
 
 # Failures of one attempt that another attempt may not have.
@@ -195,6 +200,9 @@ class RemoteConfig:
     first_blocks_held: int = 8
     # A `stat` alone never reads its block: let it go soon.
     first_block_ttl: float = 10.0
+    # The lookup's pipelined answers silent this long (or 8 round trips of its `/meta`, if
+    # longer): something on the way dropped them; the read asks for the block the usual way.
+    first_block_patience: float = 1.0
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.request_timeout <= 0:
@@ -258,21 +266,37 @@ class _Failure:
 
 
 class _Arrival:
-    """How far a block being received has got, for a reader that follows it while it comes."""
+    """How far a block being received has got, for a reader that follows it while it comes;
+    and when its exchange last answered anything (on the monotonic clock: silence is real
+    time, whatever clock the deadlines use)."""
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._block: bytes | None = None
         self._received = 0
         self._over = False
+        self._sent = self._heard = time.monotonic()
+        self.round_trip: float | None = None  # of the exchange's first answer
 
     def begin(self, block: bytes) -> None:
         with self._changed:
             self._block = block
 
+    def heard(self) -> None:
+        """An answer of the exchange (its metadata, its digests) came in."""
+        with self._changed:
+            self._heard = time.monotonic()
+            if self.round_trip is None:
+                self.round_trip = self._heard - self._sent
+
+    def silent_for(self) -> float:
+        with self._changed:
+            return time.monotonic() - self._heard
+
     def update(self, received: int) -> None:
         with self._changed:
             self._received = received
+            self._heard = time.monotonic()
             self._changed.notify_all()
 
     def end(self) -> None:
@@ -840,13 +864,17 @@ class Remote:
                 overdue(received)
                 arrival.update(received)
 
+            def heard(answer: concurrent.futures.Future[T], document: T) -> None:
+                arrival.heard()
+                _settle(answer, document)
+
             try:
                 # The digests go before the block: the first read needs them too, and the
                 # block's bytes would hold them up on a slow link.
                 received = self._client.open_video_into(
-                    content_hash, [view], on_meta=functools.partial(_settle, meta),
+                    content_hash, [view], on_meta=functools.partial(heard, meta),
                     digests=(0, self.config.digest_page_bytes),
-                    on_digests=functools.partial(_settle, digests), on_progress=progress)
+                    on_digests=functools.partial(heard, digests), on_progress=progress)
             except BaseException as exc:
                 for answer in (meta, digests):
                     _settle(answer, exc)
@@ -897,7 +925,11 @@ class Remote:
             if held is None or meta is None or end != min(held.size, meta.size):
                 return None
             del self._first_blocks[content_hash]
-        digests = self._first_block_digests(meta, held, deadline)
+        try:
+            digests = self._first_block_digests(meta, held, deadline)
+        except _Stalled as exc:
+            self._first_block_dropped(content_hash, exc)
+            return None
         verified = 0
         try:
             if digests is not None:
@@ -905,8 +937,7 @@ class Remote:
                     raise CorruptData(f"it cuts chunk {end // digests.chunk_size}")
                 if on_partial is not None:
                     verified = self._follow_first_block(held, digests, end, deadline, on_partial)
-            wait = max(self._cutoff(deadline) - self._clock(), 0)
-            block, received = held.data.result(timeout=wait)
+            block, received = self._held_result(held, held.data, deadline)
             if received != end:
                 raise CorruptData(f"got {received} bytes instead of {end}")
             if digests is not None:
@@ -928,13 +959,15 @@ class Remote:
         or the cutoff has passed. Returns how many of its first bytes are verified; raises
         CorruptData for a chunk that does not match."""
         cutoff = self._cutoff(deadline)
+        patience = self._patience(held)
         verified = seen = 0
         while True:
             chunk_end = digests.bounds(verified // digests.chunk_size)[1]
             if chunk_end >= end:  # the last chunk waits for the whole block
                 return verified
-            block, received = held.arrival.wait_beyond(seen, max(cutoff - self._clock(), 0))
-            if block is None or received <= seen:  # over, or late: the whole block decides
+            block, received = held.arrival.wait_beyond(
+                seen, min(max(cutoff - self._clock(), 0), patience))
+            if block is None or received <= seen:  # over, late or silent: the whole block decides
                 return verified
             seen = received
             before = verified
@@ -943,6 +976,26 @@ class Remote:
                                            min(received, end - 1))
             if verified > before:
                 on_partial(block, verified)
+
+    def _patience(self, held: _FirstBlock) -> float:
+        return max(self.config.first_block_patience, 8 * (held.arrival.round_trip or 0.0))
+
+    def _held_result(self, held: _FirstBlock, answer: concurrent.futures.Future[T],
+                     deadline: float) -> T:
+        """`answer` of the lookup's pipelined exchange, waited for until the attempt's cutoff,
+        but `_Stalled` once the exchange has said nothing for its patience: a proxy that does
+        not pass pipelined requests on would otherwise hold the first read until the request
+        timeout (10 s)."""
+        patience = self._patience(held)
+        end = time.monotonic() + max(self._cutoff(deadline) - self._clock(), 0)
+        while True:
+            try:
+                return answer.result(timeout=max(min(end - time.monotonic(), patience), 0))
+            except concurrent.futures.TimeoutError:
+                if time.monotonic() >= end:
+                    raise
+                if held.arrival.silent_for() >= patience:
+                    raise _Stalled(f"its pipelined answers stopped for {patience:.1f} s") from None
 
     def _first_block_dropped(self, content_hash: str, reason: Exception) -> None:
         self.counters.add("first_blocks_dropped")
@@ -956,7 +1009,9 @@ class Remote:
         failed, the normal way (with retries: it fails as any fetch would)."""
         end = min(held.size, meta.size)
         try:
-            doc = held.digests.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
+            doc = self._held_result(held, held.digests, deadline)
+        except _Stalled:  # the block is behind them on that connection: give both up
+            raise
         except Exception:  # failed, cancelled or late: asked again below
             return self._chunk_digests(meta.content_hash, deadline, 0, end)
         return self._keep_digests(meta, doc, 0, end)
