@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -520,6 +521,12 @@ def test_startup_errors_are_one_clear_line(
     assert no_fusermount.stderr.startswith("vcfs: error: fusermount3 not found"), no_fusermount
 
 
+def _in_private_mount_namespace(setup: str, *args: str) -> list[str]:
+    """argv running the shell `setup` (root, with `args` as $1...) in a new, private mount
+    namespace: what it mounts there is seen only by what it then runs (`exec "$@"`)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", *args]
+
+
 def test_a_missing_dev_fuse_is_named_with_the_fix(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
@@ -527,8 +534,7 @@ def test_a_missing_dev_fuse_is_named_with_the_fix(
     an empty /dev."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    hide_dev = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                'mount -t tmpfs none /dev && exec "$@"', "sh"]
+    hide_dev = _in_private_mount_namespace('mount -t tmpfs none /dev && exec "$@"')
     if shutil.which("unshare") is None or subprocess.run(
             [*hide_dev, "true"], capture_output=True, timeout=60, check=False).returncode:
         pytest.skip("needs unshare and the right to mount in a new mount namespace (root)")
@@ -548,7 +554,8 @@ AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-group
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _python_for_nobody() -> tuple[list[str], dict[str, str]] | None:
+@functools.cache
+def _python_for_nobody() -> tuple[str, dict[str, str]] | None:
     """How uid 65534 runs this checkout: its own interpreter if that user can, else the
     system's python3 of the same version on the checkout's packages (an interpreter built
     under root's home, as pyenv's, is out of that user's reach); None if neither works."""
@@ -562,7 +569,7 @@ def _python_for_nobody() -> tuple[list[str], dict[str, str]] | None:
         if python and subprocess.run(
                 [*AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()), python, "-c",
                  "import vcfs.cli"], cwd="/", capture_output=True, timeout=60).returncode == 0:
-            return [python], env
+            return python, env
     return None
 
 
@@ -590,10 +597,9 @@ def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
         setup = ('mkdir "$1/dev" && mount -t tmpfs -o mode=0755 none "$1/dev" && '
                  'mknod -m "$2" "$1/dev/fuse" c 10 229 && mount --bind "$1/dev/fuse" /dev/fuse '
                  '&& shift 2 && exec "$@"')
-        vcfs = " ".join([*interpreter, "-m", "vcfs"])
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh",
-                str(work), mode, *AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()),
-                f"VCFS={vcfs}", "sh", "-c", script]
+        return _in_private_mount_namespace(
+            setup, str(work), mode, *AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()),
+            f"VCFS={interpreter} -m vcfs", "sh", "-c", script)
 
     try:
         yield wrap, home
