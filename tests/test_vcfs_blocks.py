@@ -22,6 +22,7 @@ from vcfs.blocks import (
     FetchStopped,
     OnBlock,
     OnPartial,
+    OnSpan,
     adjacent_runs,
     block_bounds,
     block_count,
@@ -346,7 +347,8 @@ def test_runs_of_blocks_come_from_the_block_fetcher_as_separate_blocks() -> None
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
         blocks = [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
         pieces.append(blocks)
         for position, block in enumerate(blocks):
@@ -370,7 +372,8 @@ def test_a_reported_block_reaches_its_readers_before_the_run_is_over() -> None:
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
         blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
         on_block(0, blocks[0])
         first_reported.set()
@@ -397,7 +400,8 @@ def test_a_run_failing_midway_keeps_the_blocks_already_reported() -> None:
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
         on_block(0, data[start : start + block_size])
         on_block(0, data[start : start + block_size])  # a repeated report changes nothing
         raise OSError("connection reset")
@@ -420,6 +424,7 @@ def test_a_stopped_prefetch_keeps_what_arrived_and_its_waiting_reader_fetches_th
 
     def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None, skip: int = 0,
+                      until: int | None = None, on_span: OnSpan | None = None,
                       stop: threading.Event | None = None) -> list[bytes]:
         calls.append((start, end, stop is not None))
         blocks = [data[low : low + block_size] for low in range(start, end, block_size)]
@@ -465,7 +470,8 @@ def test_blocks_a_fetcher_returns_without_reporting_still_resolve() -> None:
 
     def silent(content_hash: str, start: int, end: int, block_size: int, *,
                on_block: OnBlock, on_partial: OnPartial | None = None,
-               skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+               skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+               stop: threading.Event | None = None) -> list[bytes]:
         return [data[low : low + block_size] for low in range(start, end, block_size)]
 
     cache = cache_with(data, silent)
@@ -488,7 +494,8 @@ class TricklingBlockFetcher:
 
     def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
                  on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
         self.calls += 1
         blocks = []
         for position, low in enumerate(range(start, end, block_size)):
@@ -562,7 +569,8 @@ def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
 
     def odd_reports(content_hash: str, start: int, end: int, block_size: int, *,
                     on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
         assert on_partial is not None
         on_partial(0, bytearray(data), BS - 1)  # type: ignore[arg-type]  # not bytes
         on_partial(0, data, 0)  # nothing verified
@@ -582,19 +590,32 @@ def test_partial_reports_that_cannot_be_handed_out_are_ignored() -> None:
 
 class TailFetcher:
     """A block fetcher that leaves out the first `skip` bytes it is allowed to, rounded down
-    to `unit` (as vcfs.remote does with digest chunks), or `extra` more than allowed."""
+    to `unit` (as vcfs.remote does with digest chunks), or `extra` more than allowed; and,
+    given `until`, the last block's bytes from `until` rounded up to `unit` on (or `short`
+    more), telling `on_span` unless `silent`."""
 
-    def __init__(self, data: bytes, unit: int, extra: int = 0) -> None:
+    def __init__(self, data: bytes, unit: int, extra: int = 0, short: int = 0,
+                 silent: bool = False) -> None:
         self.data = data
         self.unit = unit
         self.extra = extra
+        self.short = short
+        self.silent = silent
         self.calls: list[tuple[int, int, int]] = []  # (start, end, skip)
+        self.untils: list[int | None] = []
 
     def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
                  on_block: OnBlock, on_partial: OnPartial | None = None,
-                 skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                 skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                 stop: threading.Event | None = None) -> list[bytes]:
         self.calls.append((start, end, skip))
+        self.untils.append(until)
         lead = skip // self.unit * self.unit + self.extra
+        if until is not None:
+            last = (end - 1) // block_size * block_size
+            end = min(end, last + -(-until // self.unit) * self.unit) - self.short
+            if on_span is not None and not self.silent:
+                on_span(start + lead, end)
         blocks = [self.data[low : min(low - low % block_size + block_size, end)]
                   for low in [start + lead, *range(start + block_size, end, block_size)]]
         for position, block in enumerate(blocks):
@@ -632,6 +653,56 @@ def test_only_the_first_block_of_a_read_may_be_a_tail_and_only_what_the_read_ski
     assert aligned.calls == [(0, 2 * BS, 0)]  # a read from a block's start skips nothing
 
 
+def test_a_scattered_read_fetches_its_last_block_only_to_the_chunk_holding_its_end() -> None:
+    data = data_of(3 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), BS + 5, 2, scattered=True) == data[BS + 5 : BS + 7]
+    assert fetcher.calls == [(BS, 2 * BS, 5)] and fetcher.untils == [7]
+    assert cache.stats()["bytes_fetched"] == 4  # bytes 4..8 of block 1, its only chunk needed
+    assert cache.read(H1, len(data), BS + 4, 4) == data[BS + 4 : BS + 8]  # from the part
+    assert len(fetcher.calls) == 1
+    # A read continuing it takes the part's bytes and fetches the rest from where it ends.
+    assert cache.read(H1, len(data), BS + 6, BS) == data[BS + 6 : 2 * BS + 6]
+    assert fetcher.calls[1] == (BS, 3 * BS, 8) and fetcher.untils[1] is None
+    assert cache.stats()["bytes_fetched"] == 4 + (BS - 8) + BS  # no byte twice
+    # The rest took the part's place: the part's first bytes are fetched again with the start.
+    assert cache.read(H1, len(data), BS, BS) == data[BS : 2 * BS]
+    assert fetcher.calls[2] == (BS, 2 * BS, 0)
+    assert cache.stats()["cached_bytes"] == 2 * BS
+
+
+def test_a_read_that_is_not_scattered_fetches_whole_blocks_to_its_end() -> None:
+    data = data_of(2 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), BS + 5, 2) == data[BS + 5 : BS + 7]
+    assert fetcher.untils == [None]
+    assert cache.stats()["bytes_fetched"] == BS - 4
+    # Scattered, but up to its block's end: nothing to leave out.
+    assert cache.read(H1, len(data), 2, BS - 2, scattered=True) == data[2:BS]
+    assert fetcher.untils == [None, None]
+
+
+def test_a_scattered_read_across_blocks_leaves_out_the_ends_it_does_not_need() -> None:
+    data = data_of(3 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), 6, BS, scattered=True) == data[6 : BS + 6]
+    assert fetcher.calls == [(0, 2 * BS, 6)] and fetcher.untils == [6]
+    assert cache.stats()["bytes_fetched"] == (BS - 4) + 8  # block 0 from 4, block 1 to 8
+
+
+def test_a_fetcher_may_not_cut_a_block_short_of_what_a_scattered_read_needs() -> None:
+    data = data_of(2 * BS)
+    for fetcher in (TailFetcher(data, unit=4, short=2),  # stops a byte before the read's end
+                    TailFetcher(data, unit=4, silent=True)):  # cut at both ends, unplaced
+        cache = cache_with(data, fetcher)
+        with pytest.raises(BlockFetchError, match=r"piece 0 of [24] bytes instead of 16"):
+            cache.read(H1, len(data), BS + 5, 2, scattered=True)
+        assert cache.stats()["cached_bytes"] == 0
+
+
 def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block() -> None:
     data = data_of(BS)
     release = threading.Event()
@@ -639,7 +710,8 @@ def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block
 
     def slow_tail(content_hash: str, start: int, end: int, block_size: int, *,
                   on_block: OnBlock, on_partial: OnPartial | None = None,
-                  skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                  skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                  stop: threading.Event | None = None) -> list[bytes]:
         calls.append(skip)
         if skip and not release.wait(DEADLINE):
             raise AssertionError("never released")
@@ -662,7 +734,8 @@ def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
 
     def joined_pieces(content_hash: str, start: int, end: int, block_size: int, *,
                       on_block: OnBlock, on_partial: OnPartial | None = None,
-                      skip: int = 0, stop: threading.Event | None = None) -> list[bytes]:
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
         return [data[start:end]]  # one piece for the whole run
 
     cache = cache_with(data, joined_pieces)

@@ -43,6 +43,7 @@ pytestmark = requires_fuse
 
 BUCKET = "vcfs-mount"
 CORPUS = ("a.mp4", "b.mp4", "c.mkv", "big.mp4", "big_moov_end.mp4")
+KIB = 1 << 10
 MIB = 1 << 20
 
 
@@ -278,6 +279,33 @@ def test_random_reads_across_small_blocks_and_past_eof(
     assert stats["cache"]["evictions"] > 0
     assert stats["cache"]["cached_bytes"] <= MIB
     assert stats["fuse"]["errors"] == 0
+
+
+def test_scattered_small_reads_fetch_only_the_chunks_they_need(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    """A 100 KiB read into a block's first 256 KiB digest chunk, after another read that
+    continued nothing either, brings that chunk alone, not the rest of its 1 MiB block (a
+    media scanner's pattern); a read that then continues one fetches only what it lacks."""
+    mounted = fresh_mount()
+    video = corpus["big.mp4"]
+    data = video.data()
+    chunk = 256 * KIB
+    first, *offsets = [block * MIB + 10 * KIB for block in range(1, video.size // MIB, 2)][:9]
+    fd = os.open(mounted.video(video.file_name), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead around them
+        assert os.pread(fd, 100 * KIB, first) == data[first : first + 100 * KIB]
+        before = mounted.stats()["remote"]["bytes_fetched"]  # a jump: its whole block
+        for offset in offsets:
+            assert os.pread(fd, 100 * KIB, offset) == data[offset : offset + 100 * KIB]
+        scattered = mounted.stats()["remote"]["bytes_fetched"] - before
+        assert scattered == len(offsets) * chunk
+        continued = offsets[0] + 100 * KIB
+        assert os.pread(fd, 400 * KIB, continued) == data[continued : continued + 400 * KIB]
+        assert mounted.stats()["remote"]["bytes_fetched"] - before == scattered + MIB - chunk
+    finally:
+        os.close(fd)
 
 
 def test_concurrent_readers_same_and_different_files(

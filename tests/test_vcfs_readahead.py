@@ -54,6 +54,26 @@ def test_single_reads_never_establish_a_run() -> None:
     assert detector.window == 0
 
 
+def test_a_read_is_scattered_when_it_and_the_one_before_continue_no_earlier_read() -> None:
+    detector = SequentialDetector()
+    scattered = []
+    for offset, size in [(0, KIB), (KIB, KIB), (10 * MIB, KIB), (10 * MIB - KIB, KIB),
+                         (5 * MIB, KIB), (7 * MIB, KIB), (3 * MIB, KIB), (KIB // 2, KIB)]:
+        detector.feed(offset, size)
+        scattered.append(detector.scattered)
+    # The first read and each jump after reads that went on from each other are not; the
+    # second and third jump in a row are; a read continuing a stretch never is.
+    assert scattered == [False, False, False, False, False, True, True, False]
+    detector = SequentialDetector(SequentialPolicy(min_run_bytes=4 * MIB))
+    for offset, size in sequential_reads(0, 4 * MIB, MIB):
+        detector.feed(offset, size)
+    assert detector.established and not detector.scattered
+    detector.feed(100 * MIB, KIB)  # a jump ends the run: one jump, not scattered yet
+    assert not detector.established and not detector.scattered
+    detector.feed(200 * MIB, KIB)
+    assert detector.scattered
+
+
 @pytest.mark.parametrize("file_size", [3 * MIB, 20 * MIB, 200 * MIB])
 def test_probe_pattern_never_establishes_a_run(file_size: int) -> None:
     detector = SequentialDetector(EAGER)

@@ -7,7 +7,7 @@ handful of pure functions (`clamp_range`, `blocks_for`, `run_bounds`, `adjacent_
 that the cache and the readahead share.
 
 `BlockCache` keeps blocks in a cachetools `LRUCache` keyed by `(hash, block_index)` whose size
-is counted in bytes (a block's length, a tail's own length), so `capacity` is a real memory
+is counted in bytes (a block's length, a part's own length), so `capacity` is a real memory
 budget. cachetools is not
 thread-safe; one lock guards both the LRU and the table of in-flight fetches, and is never held
 while fetching, verifying or copying data.
@@ -37,8 +37,14 @@ Reading, for the blocks a read touches:
    (10 ms at 200 Mbit/s), not after the whole block (42 ms). Those bytes are final: the
    fetcher writes past them only. The fetch of a read's first block may also leave out the
    block's start that the read does not need (`skip`): the block's *tail* is then cached
-   (`_Tail`); reads within it are served from it, and a read needing the start fetches the
-   whole block, which takes the tail's place.
+   (a `_Part`); reads within it are served from it, and a read needing the start fetches the
+   whole block, which takes the tail's place. A *scattered* read (its reader's second jump
+   in a row: neither it nor the read before it continued an earlier one, as a media
+   scanner's or a random-access benchmark's small reads) may likewise leave out the end of
+   its last block (`until`): the fetcher stops at the digest chunk holding the read's end,
+   so a scattered 128 KiB read brings one or two chunks instead of up to a whole block. A
+   read that then continues it takes what the part holds and fetches the rest of the block
+   from where the part ends, which takes the part's place.
 4. On any failure the futures get the exception (every waiter sees the error) and the
    in-flight entries are gone, so a later read retries from scratch. A prefetch whose
    `stop` was set (its reader went elsewhere) ends with `FetchStopped`, which is no error:
@@ -84,7 +90,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cachetools import LRUCache
 
@@ -98,6 +104,9 @@ OnPartial = Callable[[int, bytes, int], None]
 """`(position, piece, ready)`: the first `ready` bytes of piece `position`, a `bytes` object
 still being filled, have arrived and are verified: they will not change."""
 
+OnSpan = Callable[[int, int], None]
+"""`(start, end_exclusive)`: the bytes of the video a block fetcher's run will bring."""
+
 
 class BlockFetcher(Protocol):
     """`(hash, start, end_exclusive, block_size, *, on_block, on_partial) -> pieces`: the same
@@ -107,12 +116,18 @@ class BlockFetcher(Protocol):
     is over; and it may call `on_partial` while a piece arrives, so that a reader of the
     piece's first bytes need not wait for its last. It may leave out up to `skip` bytes at
     the start of the first piece, which then is the *tail* of its block (shorter by that
-    much): no reader of this run needs them. Once `stop` is set it may end early by raising
-    `FetchStopped` (the pieces reported so far are kept)."""
+    much): no reader of this run needs them. Given `until` (a scattered read's end in the
+    run's last block), it may also leave out the last piece's bytes from `until` on; then it
+    calls `on_span(start, end)` with the bytes the run brings before reporting any piece, so
+    the cache knows where a piece cut at both ends starts. Once `stop` is set it may end
+    early by raising `FetchStopped` (the pieces reported so far are kept). `until`, `on_span`
+    and `stop` are passed only when used: fetchers that never cut or stop need not know of
+    them."""
 
     def __call__(
         self, content_hash: str, start: int, end: int, block_size: int, /, *,
         on_block: OnBlock, on_partial: OnPartial | None = None, skip: int = 0,
+        until: int | None = None, on_span: OnSpan | None = None,
         stop: threading.Event | None = None,
     ) -> Sequence[bytes]: ...
 
@@ -237,16 +252,21 @@ _BACKGROUND_FETCHES = 16
 
 
 @dataclass(frozen=True, slots=True)
-class _Tail:
-    """Bytes `[lo, end)` of a block: fetched for a reader that did not need the block's start
-    (the block fetcher's `skip`). A later read that needs the start fetches the whole block,
-    which then takes the tail's place."""
+class _Part:
+    """Bytes `[lo, lo + len(piece))` of a block: fetched for a reader that needed neither the
+    block's start (the block fetcher's `skip`: a *tail*) nor, for a scattered read, its end
+    (`until`). A later read that needs more fetches what it lacks, which takes the part's
+    place (see `BlockCache._get_pieces`)."""
 
     piece: bytes
     lo: int
 
+    @property
+    def hi(self) -> int:
+        return self.lo + len(self.piece)
 
-_Entry = bytes | _Tail  # a cached block: whole, or its tail
+
+_Entry = bytes | _Part  # a cached block: whole, or a part of it
 _Outcome = _Entry | BaseException
 _Got = tuple[bytes, int]  # a `bytes` holding part of a block, and where in the block it starts
 
@@ -255,27 +275,28 @@ def _entry_size(entry: _Entry) -> int:
     return len(entry) if isinstance(entry, bytes) else len(entry.piece)
 
 
-def _holding(entry: _Entry, low: int) -> _Got | None:
-    """The entry's bytes and their offset in the block, if they hold the block from `low` on."""
+def _holding(entry: _Entry, low: int, high: int) -> _Got | None:
+    """The entry's bytes and their offset in the block, if they hold its bytes `[low, high)`."""
     if isinstance(entry, bytes):
         return entry, 0
-    return (entry.piece, entry.lo) if low >= entry.lo else None
+    return (entry.piece, entry.lo) if entry.lo <= low and high <= entry.hi else None
 
 
 class _Pending:
     """A block being fetched: its outcome once the fetch is over and, while it arrives, the
     part of it that is in and verified, which readers needing only that part take already."""
 
-    __slots__ = ("lo", "outcome", "piece", "ready", "skip", "waiters")
+    __slots__ = ("lo", "outcome", "piece", "ready", "skip", "until", "waiters")
 
-    def __init__(self, skip: int = 0) -> None:
+    def __init__(self, skip: int = 0, until: int | None = None) -> None:
         self.skip = skip  # bytes at the block's start its fetch may leave out (a tail)
+        self.until = until  # where in the block its fetch may stop; None: at the block's end
         self.outcome: _Outcome | None = None  # set, under the lock, when the fetch is over
-        self.piece = b""  # the block (or its tail) being filled, once the fetcher reported it
+        self.piece = b""  # the block (or a part) being filled, once the fetcher reported it
         self.lo = 0  # where in the block `piece` starts
         self.ready = 0  # how many of `piece`'s first bytes are in and verified
         # (the part [low, high) of the block a reader needs, its future: resolved with a
-        # `bytes` holding that part, or None when the fetch ended with a tail that does not)
+        # `bytes` holding that part, or None when the fetch ended with a part that does not)
         self.waiters: list[tuple[int, int, Future[_Got | None]]] = []
 
     def holds(self, low: int, high: int) -> bool:
@@ -355,8 +376,14 @@ class BlockCache:
     def capacity(self) -> int:
         return self._capacity
 
-    def read(self, content_hash: str, file_size: int, offset: int, size: int) -> bytes:
+    def read(self, content_hash: str, file_size: int, offset: int, size: int, *,
+             scattered: bool = False) -> bytes:
         """Bytes `[offset, offset + size)` of the video, clamped at EOF (b"" past it).
+
+        `scattered`: neither the read nor the one before it continued an earlier read of the
+        file, so the next one likely will not either, and a fetch of its last block may stop
+        at the chunk holding the read's end instead of bringing the rest of the block (with a
+        block fetcher that can cut blocks). A player's seek is read on from: not scattered.
 
         Raises whatever the fetcher raised, `BlockFetchError` for a wrong-length answer, or
         `BlockVerifyError` when the verify hook rejected a block.
@@ -369,14 +396,14 @@ class BlockCache:
         if first == last:  # the hot path: one block, usually cached
             with self._lock:
                 entry = self._cached((content_hash, first))
-                got = None if entry is None else _holding(entry, start - first * block_size)
+                base = first * block_size
+                got = None if entry is None else _holding(entry, start - base, end - base)
                 if got is not None:
                     self._hits += 1
             if got is not None:
                 piece, lo = got
-                base = first * block_size + lo
-                return piece[start - base : end - base]
-        pieces = self._get_pieces(content_hash, file_size, start, end)
+                return piece[start - base - lo : end - base - lo]
+        pieces = self._get_pieces(content_hash, file_size, start, end, scattered=scattered)
         if len(pieces) == 1:
             block, low, high = pieces[0]
             return block[low:high]
@@ -462,35 +489,46 @@ class BlockCache:
     # -- internals ------------------------------------------------------------------------------
 
     def _get_pieces(
-        self, content_hash: str, file_size: int, start: int, end: int, *, whole: bool = False
+        self, content_hash: str, file_size: int, start: int, end: int, *, whole: bool = False,
+        scattered: bool = False,
     ) -> list[tuple[bytes, int, int]]:
         """For each block of `[start, end)`: a `bytes` holding the part of it the read needs,
         and that part's bounds in it. A block in flight, whether another thread's fetch or one
         this call starts, is waited for only until the part needed has arrived: with a block
         fetcher, this call's own fetch runs in the background, so the read can return while
-        the rest of its block is still on the way. The fetch of the read's first block may
-        leave out the block's start the read does not need (a tail, see `_Tail`), unless
-        `whole`."""
+        the rest of its block is still on the way. Unless `whole`, the fetch of the read's
+        first block may leave out the block's start the read does not need (a tail), and, for
+        a `scattered` read, the fetch of its last block the end the read does not need (see
+        `_Part`). A first block whose cached part holds the start of what the read needs but
+        not the rest (a read continuing a scattered one) gives two pieces: that part's, and
+        the rest, fetched from where the part ends."""
         block_size = self._block_size
         blocks = range(start // block_size, (end - 1) // block_size + 1)
         found: dict[int, _Got] = {}
+        head: _Part | None = None  # the first block's cached part the read begins in
         pending: dict[int, _Pending] = {}
         owned: dict[int, _Pending] = {}
         with self._lock:
             for index in blocks:
                 key = (content_hash, index)
-                low = max(start - index * block_size, 0)
+                base = index * block_size
+                low, high = max(start - base, 0), min(end - base, block_size)
                 entry = self._cached(key)
-                got = None if entry is None else _holding(entry, low)
+                got = None if entry is None else _holding(entry, low, high)
                 if got is not None:
                     self._hits += 1
                     found[index] = got
                     continue
                 self._misses += 1
+                first = index == blocks.start and not whole
+                if first and isinstance(entry, _Part) and entry.lo <= low < entry.hi:
+                    head, low = entry, entry.hi
                 fetching = self._inflight.get(key)
                 if fetching is None:
-                    skip = low if index == blocks.start and not whole else 0
-                    fetching = owned[index] = self._inflight[key] = _Pending(skip)
+                    cut = scattered and not whole and index == blocks[-1]
+                    until = high if cut and high < min(block_size, file_size - base) else None
+                    fetching = self._inflight[key] = _Pending(low if first else 0, until)
+                    owned[index] = fetching
                 else:
                     self._inflight_waits += 1
                 pending[index] = fetching
@@ -498,8 +536,10 @@ class BlockCache:
         if owned:
             last = max(owned)
             # In the background only if the read can return before its fetch is over: when it
-            # needs only the start of the last block it fetches (a thread hop otherwise).
-            if self._background is None or end >= block_bounds(last, file_size, block_size)[1]:
+            # needs only the start of the last block it fetches, and that fetch brings the
+            # rest of the block (a thread hop otherwise).
+            if (self._background is None or owned[last].until is not None
+                    or end >= block_bounds(last, file_size, block_size)[1]):
                 self._fetch_owned(content_hash, file_size, owned)
             else:
                 self._background.submit(self._fetch_owned, content_hash, file_size, owned)
@@ -508,13 +548,16 @@ class BlockCache:
             base = index * block_size
             low, high = max(start - base, 0), min(end - base, block_size)
             got = found.get(index)
+            if got is None and head is not None and index == blocks.start:
+                pieces.append((head.piece, low - head.lo, len(head.piece)))
+                low = head.hi
             if got is None:
                 try:
                     got = self._await(pending[index], low, high)  # raises the fetch's error
                 except FetchStopped:  # a prefetch gave it up: fetch it (or wait for another)
                     pieces += self._get_pieces(content_hash, file_size, base + low, base + high)
                     continue
-            if got is None:  # it brought a tail that starts after `low`: the whole block
+            if got is None:  # it brought a part that does not hold `[low, high)`: the whole block
                 pieces += self._get_pieces(content_hash, file_size, base + low, base + high,
                                            whole=True)
                 continue
@@ -525,7 +568,7 @@ class BlockCache:
     def _await(self, entry: _Pending, low: int, high: int) -> _Got | None:
         """A `bytes` holding bytes `[low, high)` of a block in flight, and where in the block
         it starts: the block being filled once they are in and verified, or the fetched
-        block; None if the fetch brought a tail that starts after `low`."""
+        block; None if the fetch brought a part that does not hold them."""
         with self._lock:
             outcome = entry.outcome
             if outcome is None:
@@ -537,7 +580,7 @@ class BlockCache:
             return waiter.result()
         if isinstance(outcome, BaseException):
             raise outcome
-        return _holding(outcome, low)
+        return _holding(outcome, low, high)
 
     def _fetch_owned(
         self, content_hash: str, file_size: int, owned: dict[int, _Pending],
@@ -594,16 +637,33 @@ class BlockCache:
         last). Every block of the run is resolved once, whatever the fetcher does: a block it
         never reports gets its error. Returns the run's first error."""
         start, end = run_bounds(run, file_size, self._block_size)
-        # Tails are handed to a verify hook never: it checks whole blocks.
+        # Parts are handed to a verify hook never: it checks whole blocks.
         skip = owned[run.start].skip if self._verify is None else 0
+        until = owned[run[-1]].until if self._verify is None else None
+        span: list[int] = []  # what the fetcher said it brings, if it cuts the last block
         unresolved = set(run)  # guarded by self._lock
         errors: list[BaseException] = []
 
-        def left_out(position: int, piece: bytes) -> int | None:
-            """How much of its block's start the piece leaves out; None if not allowed."""
+        def placed(position: int, piece: bytes) -> int | None:
+            """Where in its block the piece starts; None if it leaves out bytes it may not."""
             low, high = block_bounds(run.start + position, file_size, self._block_size)
-            lo = high - low - len(piece)
-            return lo if 0 <= lo <= (skip if position == 0 else 0) else None
+            first, last = position == 0, position == len(run) - 1
+            if first and last and until is not None and len(piece) < high - low:
+                if not span:  # a tail or a head of the same length: it must say which
+                    return None
+                lo, hi = span[0] - low, span[1] - low
+            elif last and not first:
+                lo, hi = 0, len(piece)
+            else:
+                lo, hi = high - low - len(piece), high - low
+            if hi - lo != len(piece) or not 0 <= lo <= (skip if first else 0):
+                return None
+            if hi > high - low or (hi < high - low and (not last or until is None or hi < until)):
+                return None
+            return lo
+
+        def spanned(low: int, high: int) -> None:
+            span[:] = [low, high]
 
         def arrived(position: int, block: bytes) -> None:
             index = run.start + position
@@ -613,15 +673,15 @@ class BlockCache:
                         f"fetch of {content_hash} bytes {start}-{end - 1} reported piece "
                         f"{position} of a run of {len(run)}"))
                 return
-            lo = left_out(position, block)
+            lo = placed(position, block)
+            low, high = block_bounds(index, file_size, self._block_size)
             outcome: _Outcome
             if lo is None:
-                low, high = block_bounds(index, file_size, self._block_size)
                 outcome = BlockFetchError(
                     f"fetch of {content_hash} bytes {start}-{end - 1} returned piece {position} "
                     f"of {len(block)} bytes instead of {high - low}")
-            elif lo:
-                outcome = _Tail(block if type(block) is bytes else bytes(block), lo)
+            elif len(block) < high - low:
+                outcome = _Part(block if type(block) is bytes else bytes(block), lo)
             else:
                 outcome = self._checked(
                     content_hash, index, block if type(block) is bytes else bytes(block))
@@ -636,7 +696,7 @@ class BlockCache:
             entry = owned.get(run.start + position)
             if entry is None or type(piece) is not bytes or not 0 < ready <= len(piece):
                 return  # only a `bytes` with a verified start can be handed out
-            lo = left_out(position, piece)
+            lo = placed(position, piece)
             if lo is None:
                 return
             with self._lock:
@@ -649,10 +709,13 @@ class BlockCache:
                 waiter.set_result((piece, lo))
 
         try:
-            # `stop` only when there is one: fetchers that never stop need not know of it.
+            # `until` and `stop` only when there are: fetchers that never cut or stop need not
+            # know of them.
+            extra: dict[str, Any] = {} if stop is None else {"stop": stop}
+            if until is not None:
+                extra.update(until=until, on_span=spanned)
             blocks = block_fetcher(content_hash, start, end, self._block_size, on_block=arrived,
-                                   on_partial=partial, skip=skip,
-                                   **({} if stop is None else {"stop": stop}))
+                                   on_partial=partial, skip=skip, **extra)
         except BaseException as exc:  # every waiter must hear of it, whatever it is
             if not isinstance(exc, FetchStopped):
                 with self._lock:
@@ -711,7 +774,7 @@ class BlockCache:
         return end - start if end - start <= self._capacity else 0
 
     def _cached(self, key: _Key) -> _Entry | None:
-        """The cached block (or tail), from either tier (a passed block read again rejoins
+        """The cached block (or a part of it), from either tier (a passed block read again rejoins
         the LRU). Called with the lock held."""
         entry = self._lru.get(key)
         if entry is None and key in self._passed:
@@ -753,7 +816,7 @@ class BlockCache:
                 key = (content_hash, index)
                 self._reserved -= self._cacheable_size(file_size, index)
                 if not isinstance(outcome, BaseException):
-                    self._passed_bytes -= _entry_size(self._passed.pop(key, b""))  # a tail's
+                    self._passed_bytes -= _entry_size(self._passed.pop(key, b""))  # a part's
                     if _entry_size(outcome) <= self._capacity:
                         self._lru[key] = outcome
                 del self._inflight[key]
@@ -763,8 +826,8 @@ class BlockCache:
                 entry.waiters = []
             self._evict_to_budget()
         for waiters, outcome in waiting:
-            for low, _, waiter in waiters:
+            for low, high, waiter in waiters:
                 if isinstance(outcome, BaseException):
                     waiter.set_exception(outcome)
                 else:
-                    waiter.set_result(_holding(outcome, low))
+                    waiter.set_result(_holding(outcome, low, high))

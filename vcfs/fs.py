@@ -397,8 +397,8 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         log.debug("read %s [%d, +%d)", meta.content_hash[:12], offset, size)
         self.counters.observe_size("read", size)
         # Tell readahead first, so its prefetches run while this read waits for its blocks.
-        handle.readahead.on_read(offset, size)
-        data = self.cache.read(meta.content_hash, meta.size, offset, size)
+        scattered = handle.readahead.on_read(offset, size)
+        data = self.cache.read(meta.content_hash, meta.size, offset, size, scattered=scattered)
         self.counters.add("fuse_reads")
         self.counters.add("bytes_read", len(data))
         return data

@@ -32,6 +32,12 @@ file.
   stream soon has a deep pipeline.
 - A read outside the tolerances is a real seek: the run ends (`run` changes) and the reader
   has to establish a new one.
+- A read that continues nothing (it touches no stretch, or it ends the run) right after
+  another such read is *scattered*: its reader reads scattered pieces (a media scanner, a
+  random-access benchmark), so vcfs fetches only the digest chunks it needs, not the rest of
+  its block (vcfs.blocks). One such read alone is not: a player's seek, or `ffprobe` going to
+  a `moov` box at the end, is a single jump after reads that went on from each other, and is
+  itself read on from; cutting its block would cost a round trip when the next read comes.
 
 `Readahead` wires a detector to a block cache for one open file handle. On every read it asks
 the detector for the window `[high-water mark, + window)` and submits `cache.prefetch` tasks
@@ -167,10 +173,21 @@ class SequentialDetector:
         self._start = 0  # first byte of the established run
         self._window = 0
         self._progress = 0  # bytes advanced since the window last grew
+        self._isolated = False  # the last read continued no earlier read
+        self._scattered = False
 
     @property
     def established(self) -> bool:
         return self._high is not None
+
+    @property
+    def scattered(self) -> bool:
+        """Whether the last read, and the one before it, each continued no earlier read (it
+        touched none of the candidate stretches, or it ended the run): a reader of scattered
+        pieces, whose next read will likely not continue this one either. A player's jump
+        (a seek, `ffprobe` going to a `moov` box at the end) follows reads that went on from
+        each other, and is itself read on from: the rest of its block is wanted."""
+        return self._scattered
 
     @property
     def run(self) -> int:
@@ -202,13 +219,14 @@ class SequentialDetector:
         end = offset + size
         high = self._high
         if high is None:
-            self._add_piece(offset, end)
+            self._note_isolated(not self._add_piece(offset, end))
             return self._current()
         policy = self.policy
         if offset < high - policy.back_tolerance or offset > high + policy.forward_tolerance:
             self.reset()  # a real seek: the reader must prove itself again
-            self._add_piece(offset, end)
+            self._note_isolated(not self._add_piece(offset, end))
             return None
+        self._note_isolated(False)
         if end > high:
             self._high = end
             self._progress += end - high
@@ -227,9 +245,14 @@ class SequentialDetector:
         self._progress = 0
         self._pieces.clear()
 
-    def _add_piece(self, offset: int, end: int) -> None:
+    def _note_isolated(self, isolated: bool) -> None:
+        self._scattered = isolated and self._isolated
+        self._isolated = isolated
+
+    def _add_piece(self, offset: int, end: int) -> bool:
         """Merge the read into the candidate stretches it touches; establish a run when the
-        merged stretch is long enough and was built by enough reads."""
+        merged stretch is long enough and was built by enough reads. Returns whether it
+        touched any."""
         touching = [p for p in self._pieces if p.start <= end and offset <= p.end]
         adds_bytes = not any(p.start <= offset and end <= p.end for p in touching)
         merged = _Piece(
@@ -248,6 +271,7 @@ class SequentialDetector:
             self._high = merged.end
             self._window = policy.initial_window
             self._progress = 0
+        return bool(touching)
 
     def _current(self) -> Window | None:
         if self._high is None:
@@ -335,12 +359,15 @@ class Readahead:
         with self._lock:
             return self._detector.window
 
-    def on_read(self, offset: int, size: int) -> None:
-        """Account for a foreground read and top up the prefetch pipeline if streaming."""
+    def on_read(self, offset: int, size: int) -> bool:
+        """Account for a foreground read and top up the prefetch pipeline if streaming.
+        Returns whether the read is scattered: neither it nor the one before it continued an
+        earlier read of the handle (see `SequentialDetector.scattered`)."""
         with self._lock:
             if self._closed:
-                return
+                return False
             window = self._detector.feed(offset, size)
+            scattered = self._detector.scattered
             if self._detector.run != self._state.run:
                 # The reader moved: prefetches for the old position are waste.
                 old, self._state = self._state, _RunState(run=self._detector.run)
@@ -348,13 +375,14 @@ class Readahead:
                 for task in list(old.tasks):
                     task.cancel()
             if window is None:
-                return
+                return scattered
             state = self._state
             state.target = window.blocks(self._file_size, self._block_size)
             state.next_block = max(state.next_block, state.target.start)
             self._top_up(state)
             if self._drop_behind:
                 self._drop_passed(state)
+            return scattered
 
     def close(self) -> None:
         """Cancel queued prefetches, stop running ones and issue no more. Does not wait."""

@@ -625,6 +625,8 @@ class Remote:
         on_block: Callable[[int, bytes], None] | None = None,
         on_partial: Callable[[int, bytes, int], None] | None = None,
         skip: int = 0,
+        until: int | None = None,
+        on_span: Callable[[int, int], None] | None = None,
         stop: threading.Event | None = None,
     ) -> list[bytes]:
         """`fetch` as consecutive pieces of `block_size` bytes (a `vcfs.blocks.BlockFetcher`),
@@ -638,7 +640,10 @@ class Remote:
         as it completes, while the rest is still arriving; a retry asks only for the blocks
         not yet reported. It then also leaves out the whole chunks among the first `skip`
         bytes: the first piece is the tail of its block (a reader jumping into the middle
-        of a block waits for, and the link carries, only the chunks from there on).
+        of a block waits for, and the link carries, only the chunks from there on). Given
+        `until`, it likewise stops at the end of the chunk holding byte `until - 1` of the
+        last block, after telling `on_span` the bytes it will bring (a scattered read's fetch:
+        a scattered 128 KiB read brings one or two chunks, not the rest of its block).
         Otherwise (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into
         pieces. A first block fetched with the metadata is used as the run's first piece.
         Once `stop` is set, the one request ends at its next receive, the connection is
@@ -658,6 +663,7 @@ class Remote:
                 on_block=None if on_block is None else lambda i, piece: on_block(i + 1, piece),
                 on_partial=None if on_partial is None else (
                     lambda i, piece, ready: on_partial(i + 1, piece, ready)),
+                until=until, on_span=on_span,
             )
             return [first, *rest]
         with self._lock:
@@ -680,6 +686,11 @@ class Remote:
                     on_block(position, piece)
             return pieces
         lead = min(skip, block_size - 1) // chunk_size * chunk_size
+        if until is not None:
+            last_block = (end - 1) // block_size * block_size
+            end = min(end, last_block + -(-until // chunk_size) * chunk_size)
+            if on_span is not None:
+                on_span(start + lead, end)
         deadline = self._deadline()
         # A page of digests not yet known (a jump into a long video) is asked for while the
         # range arrives: the first chunk waits for it, not the request.
