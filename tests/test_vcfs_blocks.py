@@ -703,6 +703,26 @@ def test_a_fetcher_may_not_cut_a_block_short_of_what_a_scattered_read_needs() ->
         assert cache.stats()["cached_bytes"] == 0
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    file_size=st.integers(1, 400),
+    unit=st.sampled_from([1, 2, 4, 8, BS]),
+    capacity=st.integers(0, 300),
+    reads=st.lists(st.tuples(st.integers(0, 450), st.integers(0, 200), st.booleans()),
+                   min_size=1, max_size=25),
+)
+def test_random_reads_through_tails_and_parts_equal_source_slices(
+    file_size: int, unit: int, capacity: int, reads: list[tuple[int, int, bool]]
+) -> None:
+    data = data_of(file_size)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
+                       block_fetcher=TailFetcher(data, unit=unit))
+    for offset, size, scattered in reads:
+        got = cache.read(H1, file_size, offset, size, scattered=scattered)
+        assert got == data[offset : offset + size]
+        assert cache.stats()["cached_bytes"] <= capacity
+
+
 def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block() -> None:
     data = data_of(BS)
     release = threading.Event()
