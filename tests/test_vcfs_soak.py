@@ -110,8 +110,11 @@ def reader(soak: Soak, index: int) -> None:
     rng = random.Random(SEED * 100 + index)
     while not soak.stop.is_set():
         source = rng.choice(soak.sources)
-        if rng.random() < 0.15:
+        kind = rng.random()
+        if kind < 0.15:
             stream(soak, index, rng, source)
+        elif kind < 0.3:
+            scatter(soak, index, rng, source)
         else:
             offset = rng.choice([rng.randrange(source.size), source.size - rng.randrange(1, 4096),
                                  source.size + rng.randrange(3)])
@@ -135,6 +138,24 @@ def stream(soak: Soak, index: int, rng: random.Random, source: Source) -> None:
                          functools.partial(os.read, fd, 128 * KIB)):
                 return  # after an EIO the file position is unknown: start another run
             offset += 128 * KIB
+    finally:
+        os.close(fd)
+
+
+def scatter(soak: Soak, index: int, rng: random.Random, source: Source) -> None:
+    """Scattered reads of one open file, the kernel's readahead off: from the second on, vcfs
+    fetches only the digest chunks each one needs; some are continued by the next read."""
+    fd = os.open(soak.mount.video(source.file_name), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        offset = rng.randrange(source.size)
+        for _ in range(rng.randint(3, 8)):
+            if soak.stop.is_set():
+                return
+            size = rng.choice([4096, rng.randrange(1, 300 * KIB)])
+            timed(soak, index, source, offset, size, functools.partial(os.pread, fd, size, offset))
+            offset = offset + size if rng.random() < 0.3 else rng.randrange(source.size)
     finally:
         os.close(fd)
 
@@ -244,10 +265,11 @@ def soak_setup(tmp_path_factory: pytest.TempPathFactory, videos: dict[str, Path]
                           ("big.mp4", "big_moov_end.mp4", "b.mp4", "c.mkv"),
                           bucket="vcfs-soak").values())
     with FaultyLink(vidcache_server.port) as link:
-        # 256 KiB blocks: fetches are widened to whole 1 MiB chunks to verify them.
+        # The default 1 MiB blocks of 256 KiB digest chunks (so reads take tails and parts of
+        # blocks, and are answered chunk by chunk), in a cache of only 12 of them.
         mounted = VcfsMount(link.url, tmp_path_factory.mktemp("soak") / "mnt",
-                            "--timeout", str(TIMEOUT), "--block-size", "256K",
-                            "--cache-size", "3M", "--readahead-max", "1M")
+                            "--timeout", str(TIMEOUT), "--cache-size", "12M",
+                            "--readahead-max", "4M")
         with mounted:
             yield sources, mounted, link
 
