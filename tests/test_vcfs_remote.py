@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,8 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from bench.faults import Bandwidth, FlipByte, Stall, Truncate, path_prefix
+from bench.faults import Bandwidth, FlipByte, Stall, Truncate
+from bench.proxy import Request
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
 from vcfs.blocks import FetchStopped
@@ -529,13 +531,21 @@ def test_a_lookup_whose_pipelined_answers_stop_does_not_hold_the_first_read(
     the first read gives the held block up once the exchange has been silent for its patience
     (1 s here) and fetches it the usual way, instead of waiting out the request timeout."""
     request_timeout = 30.0
-    remote = Remote.connect(link.url, config=RemoteConfig(timeout=3 * request_timeout,
-                                                          request_timeout=request_timeout))
+    # A digest page of its own: the stall must hit this remote's lookup, not a request for
+    # the same video's default page still on its way from an earlier test's remote.
+    page = 64 * MIB
+    remote = Remote.connect(link.url, config=RemoteConfig(
+        timeout=3 * request_timeout, request_timeout=request_timeout, digest_page_bytes=page))
+
+    def this_lookups_digests(request: Request) -> bool:
+        return (request.path == f"/video/{big.hash}/chunks"
+                and urllib.parse.parse_qs(urllib.parse.urlsplit(request.target).query)
+                .get("end") == [str(page)])
+
     try:
         link.reset()
         stalls = link.faults.injected().get("stall", 0)
-        link.faults.enable(Stall(seconds=request_timeout,
-                                 match=path_prefix(f"/video/{big.hash}/chunks")), times=1)
+        link.faults.enable(Stall(seconds=request_timeout, match=this_lookups_digests), times=1)
         assert remote.meta(big.hash, first_block=MIB) is not None
         started = time.monotonic()
         assert remote.fetch(big.hash, 0, MIB) == big.data[:MIB]
