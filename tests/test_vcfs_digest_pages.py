@@ -98,13 +98,16 @@ def test_a_jump_asks_for_its_page_along_with_its_range(remote: Remote, link: Fau
 def test_a_scattered_reads_fetch_stops_at_the_chunk_holding_its_end(
     remote: Remote, link: FaultyLink, source: Source,
 ) -> None:
-    """`until`: a scattered 100 KiB read in the middle of a block brings its two chunks
-    (verified), not the rest of the block, and says where they lie."""
+    """`until`: a scattered 100 KiB read in the middle of a block brings the three 64 KiB
+    chunks that hold it (verified), not the rest of the block, and says where they lie."""
     remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # the chunk size known from here on
     spans: list[tuple[int, int]] = []
+
+    def spanned(start: int, end: int) -> None:
+        spans.append((start, end))
+
     pieces = remote.fetch_blocks(source.content_hash, 9 * MIB, 10 * MIB, MIB,
-                                 skip=100 * KIB, until=200 * KIB,
-                                 on_span=lambda start, end: spans.append((start, end)))
+                                 skip=100 * KIB, until=200 * KIB, on_span=spanned)
     low, high = 9 * MIB + CHUNK, 9 * MIB + 4 * CHUNK  # chunks 1-3 of block 9 hold 100-200 KiB
     assert pieces == [source.data[low:high]]
     assert spans == [(low, high)]
@@ -112,7 +115,7 @@ def test_a_scattered_reads_fetch_stops_at_the_chunk_holding_its_end(
     assert remote.counters.get("verify_failures") == 0
     # A run of two blocks: the last one cut, the first whole.
     pieces = remote.fetch_blocks(source.content_hash, 12 * MIB, 14 * MIB, MIB,
-                                 until=CHUNK, on_span=lambda start, end: spans.append((start, end)))
+                                 until=CHUNK, on_span=spanned)
     assert pieces == [source.data[12 * MIB : 13 * MIB], source.data[13 * MIB : 13 * MIB + CHUNK]]
     assert spans[-1] == (12 * MIB, 13 * MIB + CHUNK)
 
