@@ -9,6 +9,7 @@ httpx fallback a custom transport selects.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import ssl
@@ -23,6 +24,7 @@ import pytest
 from bench.faults import (
     Fault,
     FullBody200,
+    Latency,
     Refuse,
     Reset,
     Stall,
@@ -205,54 +207,68 @@ def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
 
 
 def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *,
-                leader_fails: bool) -> tuple[bytearray, BaseException | None]:
-    """Read 256 KiB from 1 MiB; while its answer arrives, read the 256 KiB after it on
-    another thread. The first read holds its receiving until the second request has reached
-    the proxy (or 5 s). Returns the second read's bytes and the first read's error."""
+                leader_fails: bool, followers: int = 1,
+                ) -> tuple[list[bytearray], BaseException | None]:
+    """Read 256 KiB from 1 MiB; while its answer arrives, read the `followers` 256 KiB ranges
+    after it, each on its own thread, started once the request before it has reached the
+    proxy. The first read holds its receiving until every request has reached the proxy (or
+    5 s each). Returns the followers' bytes, in order, and the first read's error."""
     class LeaderGaveUp(Exception):
         pass
 
-    second_sent = threading.Event()
-    second: list[bytearray] = []
+    all_sent = threading.Event()
+    data = [bytearray(256 * KIB) for _ in range(followers)]
     errors: list[BaseException] = []
 
-    def follow() -> None:
-        buffer = bytearray(256 * KIB)
+    def follow(position: int) -> None:
         try:
-            linked_client.read_range_into(video.hash, MIB + 256 * KIB, [buffer])
+            linked_client.read_range_into(video.hash, MIB + (position + 1) * 256 * KIB,
+                                          [data[position]])
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
-        second.append(buffer)
+
+    threads = [threading.Thread(target=follow, args=(position,))
+               for position in range(followers)]
+
+    def ranges_reached(count: int) -> bool:
+        return len(link.ranges()) == count
 
     def lead_progress(received: int) -> None:
-        if not second_sent.is_set():
-            follower.start()
-            wait_until(lambda: len(link.ranges()) == 2, timeout=5, what="the second request")
-            second_sent.set()
+        if not all_sent.is_set():
+            for sent, thread in enumerate(threads, start=2):
+                thread.start()
+                wait_until(functools.partial(ranges_reached, sent), timeout=5,
+                           what=f"request {sent}")
+            all_sent.set()
             if leader_fails:
                 raise LeaderGaveUp
 
-    follower = threading.Thread(target=follow)
     leader_error: BaseException | None = None
     try:
         linked_client.read_range_into(video.hash, MIB, [bytearray(256 * KIB)],
                                       on_progress=lead_progress)
     except LeaderGaveUp as exc:
         leader_error = exc
-    follower.join(30)
-    assert not follower.is_alive() and errors == []
-    return second[0], leader_error
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads) and errors == []
+    return data, leader_error
+
+
+def asked(position: int) -> str:
+    """The Range header of `read_behind`'s read number `position` (0: the first)."""
+    low = MIB + position * 256 * KIB
+    return f"bytes={low}-{low + 256 * KIB - 1}"
 
 
 def test_a_range_right_after_one_in_progress_is_pipelined_on_its_connection(
     linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
-    data, error = read_behind(linked_client, link, video, leader_fails=False)
+    (data,), error = read_behind(linked_client, link, video, leader_fails=False)
     assert error is None
     assert data == video.data[MIB + 256 * KIB : MIB + 512 * KIB]
     (first_conn, first), (second_conn, second) = link.request_connections()
-    assert (first, second) == (f"bytes={MIB}-{MIB + 256 * KIB - 1}",
-                               f"bytes={MIB + 256 * KIB}-{MIB + 512 * KIB - 1}")
+    assert (first, second) == (asked(0), asked(1))
     assert first_conn == second_conn  # sent while the first answer was arriving
     assert link.connections() == 1
     buffer = bytearray(1000)
@@ -260,16 +276,70 @@ def test_a_range_right_after_one_in_progress_is_pipelined_on_its_connection(
     assert buffer == video.data[:1000] and link.connections() == 1
 
 
+def test_ranges_chain_behind_a_pipelined_range_over_a_slow_link(
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+) -> None:
+    """Over a link with a round trip of 10 ms or more, a range that begins where a pipelined
+    one ends follows it on the same connection before that one's answer has begun (a
+    readahead's next task), and so on: the answers come in the order asked, each to its own
+    reader."""
+    link.faults.enable(Latency(seconds=0.02))
+    data, error = read_behind(linked_client, link, video, leader_fails=False, followers=3)
+    assert error is None
+    for position, received in enumerate(data, start=1):
+        low = MIB + position * 256 * KIB
+        assert received == video.data[low : low + 256 * KIB]
+    requests = link.request_connections()
+    assert [range_ for _, range_ in requests] == [asked(n) for n in range(4)]
+    assert len({connection for connection, _ in requests}) == 1
+    assert link.connections() == 1
+    buffer = bytearray(1000)
+    linked_client.read_range_into(video.hash, 0, [buffer])  # kept alive after all four
+    assert buffer == video.data[:1000] and link.connections() == 1
+
+
 def test_a_pipelined_range_whose_connection_fails_is_asked_again(
     linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
-    data, error = read_behind(linked_client, link, video, leader_fails=True)
+    (data,), error = read_behind(linked_client, link, video, leader_fails=True)
     assert error is not None  # the first read's own error, raised to its caller
     assert data == video.data[MIB + 256 * KIB : MIB + 512 * KIB]
     connections = link.request_connections()
     assert len(connections) == 3 and connections[0][0] == connections[1][0]
     assert connections[2] == (connections[2][0], connections[1][1])  # the same range again
     assert connections[2][0] != connections[0][0]  # on a new connection
+
+
+def test_ranges_do_not_chain_over_a_fast_link(
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+) -> None:
+    """On loopback a range follows only an answer that is arriving: the one after it takes
+    a connection of its own, so the two are received in parallel."""
+    data, error = read_behind(linked_client, link, video, leader_fails=False, followers=2)
+    assert error is None
+    for position, received in enumerate(data, start=1):
+        low = MIB + position * 256 * KIB
+        assert received == video.data[low : low + 256 * KIB]
+    requests = link.request_connections()
+    assert [range_ for _, range_ in requests] == [asked(n) for n in range(3)]
+    assert requests[0][0] == requests[1][0] != requests[2][0]
+
+
+def test_every_range_chained_on_a_failed_connection_is_asked_again(
+    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+) -> None:
+    link.faults.enable(Latency(seconds=0.02))
+    data, error = read_behind(linked_client, link, video, leader_fails=True, followers=3)
+    assert error is not None
+    for position, received in enumerate(data, start=1):
+        low = MIB + position * 256 * KIB
+        assert received == video.data[low : low + 256 * KIB]
+    requests = link.request_connections()
+    assert [range_ for _, range_ in requests[:4]] == [asked(n) for n in range(4)]
+    assert len({connection for connection, _ in requests[:4]}) == 1
+    # Each follower asked once more, none of them on the failed connection.
+    assert sorted(range_ for _, range_ in requests[4:]) == [asked(n) for n in range(1, 4)]
+    assert requests[0][0] not in {connection for connection, _ in requests[4:]}
 
 
 def test_an_answer_arriving_with_the_end_of_the_one_before_is_read_from_there() -> None:

@@ -37,14 +37,21 @@ connection.
 
 Pipelining: a range of a video that begins where another thread's range of it ends, while that
 answer is still arriving (the kernel's next readahead read behind the one a player waits for),
-is sent at once on that connection rather than on another one. Its answer then follows the
-first on the link, in order and without a round trip between them, where two connections would
+is sent at once on that connection rather than on another one. Its answer then follows the one
+before on the link, in order and without a round trip between them, where two connections would
 share the link and finish both late (on a 20 ms, 200 Mbit/s link: the first MiB after 53 ms
-instead of 80). The connection is handed from the first reader to the second when the first
-answer is read to its end; bytes of the second answer that came in with the end of the first
-are read first. If the first answer fails or the server closes the connection after it, the
-second range is asked for again the usual way. Plain TCP only: a TLS socket cannot send on one
-thread while another receives on it.
+instead of 80). Over a link whose round trip is 10 ms or more, ranges chain: a pipelined
+range's own end is open to the next range as soon as its request is sent, so a stream's ranges
+(vcfs's readahead tasks one after another) queue on one connection in the order they were sent,
+which is the order their answers come in (a vcfs sequential read on the 20 ms link: 24.6 MB/s,
+the link's speed, against 22.7 when a third range took a connection of its own). Over a faster
+one, a range follows only an answer already arriving, and the next takes a connection of its
+own: there the CPU bounds a stream, and two connections are received in parallel. The
+connection is handed from each reader to the next in the queue when its answer is read to its
+end; bytes of the next answer that came in with the end of one are read first. If an answer
+fails or the server closes the connection after it, every range queued behind it is asked for
+again the usual way. Plain TCP only: a TLS socket cannot send on one thread while another
+receives on it.
 """
 
 from __future__ import annotations
@@ -56,7 +63,9 @@ import select
 import socket
 import ssl
 import threading
+import time
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -74,6 +83,9 @@ _MAX_HEAD_BYTES = 64 * 1024
 _MAX_ERROR_BODY = 64 * 1024
 # Larger answers to `get` are left to httpx (a listing page of 1000 records is ~0.5 MB).
 _MAX_SMALL_BODY = 16 * 1024 * 1024
+# Ranges chain (a range follows one whose answer has not begun) only over a link with at least
+# this round trip: a remote link's bandwidth bounds a stream (see the module docstring).
+_CHAIN_ROUND_TRIP = 0.010
 _STATUS_LINE = re.compile(r"HTTP/(1\.[01]) (\d{3})(?: (.*))?")
 
 T = TypeVar("T")
@@ -125,12 +137,20 @@ class _Connection:
     def __init__(self, sock: socket.socket, describe: Callable[[], httpx.Request]) -> None:
         self.sock = sock
         self.answers = 0  # answers read to their end: > 0 means a kept-alive connection
+        # Seconds from sending a request on it while idle to the first byte of the answer's
+        # head, as last measured (None: not yet).
+        self.round_trip: float | None = None
+        self._sent_at: float | None = None
         # The current request as httpx would show it, built only for an error message.
         self.describe = describe
         self._head_buffer = bytearray(_MAX_HEAD_BYTES)
         self._extra = memoryview(self._head_buffer)[:0]
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, *, pipelined: bool = False) -> None:
+        """Send `data`; unless `pipelined` (sent while an answer is arriving), the next head
+        read times the round trip."""
+        if not pipelined:
+            self._sent_at = time.monotonic()
         try:
             self.sock.sendall(data)
         except TimeoutError as exc:
@@ -167,6 +187,9 @@ class _Connection:
                     raise _Stale
                 raise httpx.RemoteProtocolError(
                     "server disconnected without sending a response", request=self.describe())
+            if self._sent_at is not None:
+                self.round_trip = time.monotonic() - self._sent_at
+                self._sent_at = None
             filled += received
             end = buffer.find(b"\r\n\r\n", max(filled - received - 3, 0), filled)
             if end >= 0:
@@ -265,11 +288,12 @@ class RangeReader:
                           usable=_Connection.still_open, budget=budget, spare=spare,
                           interrupt=_Connection.interrupt)
         # Pipelining (plain TCP only: a TLS socket cannot send on one thread while another
-        # receives): connections whose answer in progress ends where a next range of the same
-        # video would begin, by (hash, offset), each taking one follower; and those followers.
+        # receives): connections by (hash, offset) where an answer in progress or queued on
+        # them ends, each end taking one follower; and each connection's queue of followers,
+        # in the order their requests were sent.
         self._lock = threading.Lock()
         self._open_ends: dict[tuple[str, int], _Connection] = {}
-        self._followers: dict[_Connection, _Follower] = {}
+        self._followers: dict[_Connection, deque[_Follower]] = {}
 
     def read_into(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
                   what: str, on_filled: OnFilled | None, on_progress: OnProgress | None) -> int:
@@ -288,7 +312,7 @@ class RangeReader:
         describe = functools.partial(self._describe, path, asked)
         answer = functools.partial(self._answer, content_hash, asked, views, describe,
                                    what=what, on_filled=on_filled, on_progress=on_progress)
-        connection = self._follow(content_hash, asked[0], request)
+        connection = self._follow(content_hash, asked, request)
         if connection is not None:
             try:
                 return answer(connection, None)
@@ -439,31 +463,55 @@ class RangeReader:
             reusable = keep_alive
             return received
         finally:
-            with self._lock:
-                if self._open_ends.get(end) is connection:
-                    del self._open_ends[end]
-                follower = self._followers.pop(connection, None)
-            if follower is not None:
-                follower.hand_over(connection if reusable else None)
-            if follower is None or not reusable:
-                self._pool.release(connection, reusable=reusable and connection.drained())
+            if reusable:
+                with self._lock:
+                    if self._open_ends.get(end) is connection:
+                        del self._open_ends[end]
+                    queue = self._followers.get(connection)
+                    follower = queue.popleft() if queue else None
+                    if queue is not None and not queue:
+                        del self._followers[connection]
+                if follower is not None:
+                    follower.hand_over(connection)
+                else:
+                    self._pool.release(connection, reusable=connection.drained())
+            else:
+                self._give_up(connection)
 
-    def _follow(self, content_hash: str, start: int, request: bytes) -> _Connection | None:
-        """Pipeline `request` behind an answer in progress that ends at `start`, if any; the
-        connection once that answer is read (None: it failed, or may carry no more)."""
+    def _give_up(self, connection: _Connection) -> None:
+        """Close `connection` (lent to this thread): every request queued on it is left
+        unanswered, so its reader is told to ask again, and nothing more may follow on it."""
         with self._lock:
-            leader = self._open_ends.pop((content_hash, start), None)
+            for end in [end for end, open_on in self._open_ends.items() if open_on is connection]:
+                del self._open_ends[end]
+            queue = self._followers.pop(connection, ())
+        for follower in queue:
+            follower.hand_over(None)
+        self._pool.release(connection, reusable=False)
+
+    def _follow(self, content_hash: str, asked: ByteRange, request: bytes
+                ) -> _Connection | None:
+        """Pipeline `request` behind an answer in progress or queued that ends where `asked`
+        begins, if any; the connection once the answers before it are read (None: one failed,
+        or the connection may carry no more)."""
+        with self._lock:
+            leader = self._open_ends.pop((content_hash, asked[0]), None)
             if leader is None:
                 return None
-            follower = self._followers[leader] = _Follower()
+            follower = _Follower()
+            self._followers.setdefault(leader, deque()).append(follower)
         try:
-            leader.send(request)
+            leader.send(request, pipelined=True)
             sent = True
         except (_Stale, httpx.TransportError):
-            sent = False  # the leader's own read fails too, or the connection is unusable
+            sent = False  # the reader before it fails too, or the connection is unusable
+        if sent and (leader.round_trip or 0) >= _CHAIN_ROUND_TRIP:
+            with self._lock:  # open to the next range, unless the queue was given up meanwhile
+                if follower in self._followers.get(leader, ()):
+                    self._open_ends.setdefault((content_hash, asked[1] + 1), leader)
         connection = follower.wait()
         if connection is not None and not sent:
-            self._pool.release(connection, reusable=False)
+            self._give_up(connection)
             return None
         return connection
 
