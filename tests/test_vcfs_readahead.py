@@ -435,6 +435,49 @@ def test_sequential_scan_prefetches_ahead_without_ever_repeating_a_block() -> No
     assert all(last - first + 1 <= 4 for first, last in cache.calls)  # task_blocks
 
 
+def test_a_stream_well_ahead_is_prefetched_in_whole_tasks() -> None:
+    """The window moves on a block per 1 MiB read; while the blocks requested are at least
+    half a window ahead of the reader, they go out four at a time, not one request each."""
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor, max_outstanding=64)
+    for offset, size in sequential_reads(0, 30 * MIB, MIB):
+        readahead.on_read(offset, size)
+        executor.run_all()  # a fast link: every task is done before the next read
+    requested = cache.blocks()
+    assert requested == list(range(2, requested[-1] + 1))  # no gap, no block twice
+    assert requested[-1] >= 30 + 16 - 4  # at most a task's worth short of the window
+    ramp = [(2, 2), (3, 4), (5, 7)]  # the window doubles from one block to 16
+    assert cache.calls[:3] == ramp
+    assert all(last - first == 3 for first, last in cache.calls[3:])
+
+
+def test_a_short_window_is_kept_at_least_half_requested() -> None:
+    """A window of less than two tasks is not left to drain while a task's worth builds up:
+    once less than half of it is requested ahead of the reader, the rest goes out at once."""
+    cache, executor = RecordingCache(), ManualExecutor()
+    policy = SequentialPolicy(min_run_bytes=256 * KIB, max_window=3 * MIB)
+    readahead = Readahead(cache, H, FILE_SIZE, executor=executor, block_size=MIB,
+                          max_window=3 * MIB, policy=policy, task_blocks=4)
+    for offset, size in sequential_reads(0, 20 * MIB, MIB):
+        readahead.on_read(offset, size)
+        executor.run_all()
+        if offset >= 4 * MIB:  # past the run's start and the window's ramp
+            reader_at = offset // MIB + 1  # the block after the one just read
+            assert max(cache.blocks()) - reader_at + 1 >= 2  # of the window's 3 blocks
+    assert cache.blocks() == list(range(2, 23))  # no gap, no block twice
+
+
+def test_the_end_of_the_file_is_prefetched_in_a_partial_task() -> None:
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = make_readahead(cache, executor, max_outstanding=64)
+    for offset, size in sequential_reads(FILE_SIZE - 30 * MIB, FILE_SIZE - 14 * MIB, MIB):
+        readahead.on_read(offset, size)
+        executor.run_all()
+    requested = cache.blocks()
+    assert requested == list(range(requested[0], FILE_SIZE // MIB))  # to the last block
+    assert cache.calls[-1][1] - cache.calls[-1][0] < 3
+
+
 def test_prefetch_stops_at_eof() -> None:
     cache, executor = RecordingCache(), ManualExecutor()
     readahead = make_readahead(cache, executor, max_outstanding=64)

@@ -45,7 +45,10 @@ to a shared executor for the blocks of that window it has not requested yet in t
 the same range twice; the block the last read ended in is left to that read). Tasks cover at
 most `task_blocks` blocks, so the first blocks land before a whole 16 MiB window does, and at
 most `max_outstanding` tasks per handle are queued or running, so one stream cannot monopolise
-the pool. The pipeline is topped up on each read and whenever a task succeeds (not after a
+the pool. The window moves on by a block per 1 MiB read; while the blocks already requested
+reach at least half the window ahead of the reader, new blocks wait until they make a whole
+task (or the file ends), so a stream costs one request per 4 MiB, not one per read. The
+pipeline is topped up on each read and whenever a task succeeds (not after a
 failure: a down service would only be asked again). A new run cancels the previous run's
 queued tasks and stops its running ones (`stop`, watched by the block fetcher at every receive:
 their blocks arrived so far stay cached, the connection is closed); `close()` (on FUSE release)
@@ -407,6 +410,7 @@ class Readahead:
     def _top_up(self, state: _RunState) -> None:
         """Submit tasks for the not yet requested blocks of the window, within the task bound.
         Called with the lock held, on reads and whenever a task of the run succeeds."""
+        last_block = (self._file_size - 1) // self._block_size
         while (
             not self._closed
             and state is self._state
@@ -414,6 +418,13 @@ class Readahead:
             and len(state.tasks) < self._max_outstanding
         ):
             first = state.next_block
+            if (state.target.stop - first < self._task_blocks
+                    and 2 * (first - state.target.start) >= len(state.target)
+                    and state.target.stop <= last_block):
+                # The window moves on a block per read. While the blocks requested reach half
+                # the window ahead of the reader, wait for a whole task's worth: fewer, larger
+                # requests (a 315 MB read: 87 instead of 145-156), the reader never waiting.
+                break
             last = min(first + self._task_blocks, state.target.stop) - 1
             try:
                 task = self._executor.submit(self._prefetch, first, last, state.stop)
