@@ -261,12 +261,18 @@ def asked(position: int) -> str:
     return f"bytes={low}-{low + 256 * KIB - 1}"
 
 
+def part(video: StoredVideo, position: int) -> bytes:
+    """The bytes of `read_behind`'s read number `position`."""
+    low = MIB + position * 256 * KIB
+    return video.data[low : low + 256 * KIB]
+
+
 def test_a_range_right_after_one_in_progress_is_pipelined_on_its_connection(
     linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
     (data,), error = read_behind(linked_client, link, video, leader_fails=False)
     assert error is None
-    assert data == video.data[MIB + 256 * KIB : MIB + 512 * KIB]
+    assert data == part(video, 1)
     (first_conn, first), (second_conn, second) = link.request_connections()
     assert (first, second) == (asked(0), asked(1))
     assert first_conn == second_conn  # sent while the first answer was arriving
@@ -286,9 +292,7 @@ def test_ranges_chain_behind_a_pipelined_range_over_a_slow_link(
     link.faults.enable(Latency(seconds=0.02))
     data, error = read_behind(linked_client, link, video, leader_fails=False, followers=3)
     assert error is None
-    for position, received in enumerate(data, start=1):
-        low = MIB + position * 256 * KIB
-        assert received == video.data[low : low + 256 * KIB]
+    assert data == [part(video, n) for n in range(1, len(data) + 1)]
     requests = link.request_connections()
     assert [range_ for _, range_ in requests] == [asked(n) for n in range(4)]
     assert len({connection for connection, _ in requests}) == 1
@@ -303,7 +307,7 @@ def test_a_pipelined_range_whose_connection_fails_is_asked_again(
 ) -> None:
     (data,), error = read_behind(linked_client, link, video, leader_fails=True)
     assert error is not None  # the first read's own error, raised to its caller
-    assert data == video.data[MIB + 256 * KIB : MIB + 512 * KIB]
+    assert data == part(video, 1)
     connections = link.request_connections()
     assert len(connections) == 3 and connections[0][0] == connections[1][0]
     assert connections[2] == (connections[2][0], connections[1][1])  # the same range again
@@ -317,9 +321,7 @@ def test_ranges_do_not_chain_over_a_fast_link(
     a connection of its own, so the two are received in parallel."""
     data, error = read_behind(linked_client, link, video, leader_fails=False, followers=2)
     assert error is None
-    for position, received in enumerate(data, start=1):
-        low = MIB + position * 256 * KIB
-        assert received == video.data[low : low + 256 * KIB]
+    assert data == [part(video, n) for n in range(1, len(data) + 1)]
     requests = link.request_connections()
     assert [range_ for _, range_ in requests] == [asked(n) for n in range(3)]
     assert requests[0][0] == requests[1][0] != requests[2][0]
@@ -331,9 +333,7 @@ def test_every_range_chained_on_a_failed_connection_is_asked_again(
     link.faults.enable(Latency(seconds=0.02))
     data, error = read_behind(linked_client, link, video, leader_fails=True, followers=3)
     assert error is not None
-    for position, received in enumerate(data, start=1):
-        low = MIB + position * 256 * KIB
-        assert received == video.data[low : low + 256 * KIB]
+    assert data == [part(video, n) for n in range(1, len(data) + 1)]
     requests = link.request_connections()
     assert [range_ for _, range_ in requests[:4]] == [asked(n) for n in range(4)]
     assert len({connection for connection, _ in requests[:4]}) == 1
