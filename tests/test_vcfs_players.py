@@ -1,5 +1,5 @@
-"""mpv, the player the README names, plays videos through a real vcfs mount over the real
-vidcache service.
+"""mpv and VLC, the players the README names, play videos through a real vcfs mount over the
+real vidcache service.
 
 What mpv decoded is compared frame for frame with what it decodes from the local source file.
 mpv's encoding mode (`--o=- --of=rawvideo --ovc=rawvideo`) writes the decoded frames to stdout
@@ -10,12 +10,21 @@ mpv run is bounded by a timeout; `--no-config` keeps the user's mpv.conf out.
 mpv takes a file on FUSE for a network stream (its fstatfs check) and turns its own cache on:
 it reads ahead of the playing position as fast as it can, up to 150 MiB or the end. So what
 vcfs fetches depends on mpv's options as much as on vcfs; the fraction test checks both modes.
+
+VLC will not run as root ("VLC is not supposed to be run as root"), so it plays as uid/gid
+65534 through a mount made with `-o allow_other`: what a desktop user does when root mounts
+vcfs (root gets the kernel's 1 MiB reads). Its stream output transcodes the decoded frames to
+raw I420 in a file (`--sout '#transcode{vcodec=I420}:std{...}'`), compared with what VLC
+decodes from a copy of the source the same user reads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +41,10 @@ CORPUS = ("a.mp4", "c.mkv", "big.mp4", "big_moov_end.mp4")
 MPV_TIMEOUT = 120.0  # seconds; a hung read would otherwise hang the suite
 MPV = ["mpv", "--no-config", "--no-input-terminal", "--term-status-msg=", "--no-audio"]
 UNKNOWN_NAME = "0" * 64 + ".mp4"  # a well-formed name of a video the service does not have
+NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
+VLC = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+       "cvlc", "--intf", "dummy", "--no-dbus", "--no-audio", "--no-sout-audio", "--no-sout-spu"]
+VLC_TIMEOUT = 120.0  # seconds, as mpv's
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +171,71 @@ def test_mpv_fails_cleanly_on_a_video_the_service_does_not_have(mount: VcfsMount
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode == 2, output  # mpv's code for "a file could not be played"
     assert "No such file or directory" in output
+
+
+@pytest.fixture(scope="module")
+def vlc_place(vidcache_server: VidcacheServer, videos: dict[str, Path],
+              sources: dict[str, Source]) -> Iterator[tuple[VcfsMount, Path]]:
+    """(a mount made with `-o allow_other`, a directory uid 65534 can traverse and write
+    holding copies of the source videos): pytest's own temporary directories are root's
+    alone (0700)."""
+    if os.geteuid() != 0:
+        pytest.skip("VLC refuses root, so it plays as uid 65534: switching to it needs root")
+    place = Path(tempfile.mkdtemp(prefix="vcfs-vlc-"))
+    try:
+        place.chmod(0o777)  # VLC's home (its cache and config) and its outputs
+        for name in CORPUS:
+            shutil.copyfile(videos[name], place / name)
+            (place / name).chmod(0o644)
+        with VcfsMount(vidcache_server.url, place / "mnt", "-o", "allow_other") as mounted:
+            yield mounted, place
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
+def run_vlc(place: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cvlc ARGS vlc://quit` as uid 65534 (vlc://quit ends it once the playlist is played)."""
+    return subprocess.run([*VLC, *args, "vlc://quit"], capture_output=True, text=True,
+                          errors="replace", timeout=VLC_TIMEOUT, check=False,
+                          cwd=place, env={**os.environ, "HOME": str(place)})
+
+
+def vlc_frames(place: Path, target: Path, *options: str) -> bytes:
+    """The frames VLC decodes from `target`, raw I420 (yuv420p)."""
+    out = place / "frames.yuv"
+    out.unlink(missing_ok=True)
+    result = run_vlc(place, *options, str(target),
+                     "--sout", f"#transcode{{vcodec=I420}}:std{{access=file,mux=raw,dst={out}}}")
+    assert result.returncode == 0, result.stderr
+    assert out.exists(), result.stderr
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize(("name", "options", "fetched_at_most"), [
+    ("c.mkv", ("--stop-time=2",), 1.0),
+    # a seek: VLC reads the first ~5 MB, then jumps to the keyframe at 6 s and decodes a
+    # second; the ~11 MB in between are not fetched
+    ("big.mp4", ("--start-time=6", "--stop-time=7"), 0.75),
+], ids=["mkv-start", "mp4-seek"])
+def test_vlc_as_a_user_decodes_the_same_frames_through_an_allow_other_mount(
+    vlc_place: tuple[VcfsMount, Path], sources: dict[str, Source], name: str,
+    options: tuple[str, ...], fetched_at_most: float,
+) -> None:
+    mounted, place = vlc_place
+    fetched_before = mounted.stats()["remote"]["bytes_fetched"]
+    through_mount = vlc_frames(place, mounted.video(sources[name].file_name), *options)
+    fetched = mounted.stats()["remote"]["bytes_fetched"] - fetched_before
+    local = vlc_frames(place, place / name, *options)
+    size = frame_size(place / name)
+    assert len(through_mount) >= 20 * size  # a second at 25 frames/s, give or take a few
+    assert len(through_mount) % size == 0
+    assert digest(through_mount) == digest(local)
+    assert fetched <= fetched_at_most * sources[name].size, fetched
+
+
+def test_vlc_says_no_such_file_for_a_video_the_service_does_not_have(
+    vlc_place: tuple[VcfsMount, Path],
+) -> None:
+    mounted, place = vlc_place
+    result = run_vlc(place, str(mounted.video(UNKNOWN_NAME)))
+    assert "No such file or directory" in result.stderr, result.stderr
