@@ -42,8 +42,9 @@ MPV_TIMEOUT = 120.0  # seconds; a hung read would otherwise hang the suite
 MPV = ["mpv", "--no-config", "--no-input-terminal", "--term-status-msg=", "--no-audio"]
 UNKNOWN_NAME = "0" * 64 + ".mp4"  # a well-formed name of a video the service does not have
 NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
-VLC = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-       "cvlc", "--intf", "dummy", "--no-dbus", "--no-audio", "--no-sout-audio", "--no-sout-spu"]
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+VLC = [*AS_NOBODY, "cvlc", "--intf", "dummy", "--no-dbus", "--no-audio", "--no-sout-audio",
+       "--no-sout-spu"]
 VLC_TIMEOUT = 120.0  # seconds, as mpv's
 
 
@@ -239,3 +240,18 @@ def test_vlc_says_no_such_file_for_a_video_the_service_does_not_have(
     mounted, place = vlc_place
     result = run_vlc(place, str(mounted.video(UNKNOWN_NAME)))
     assert "No such file or directory" in result.stderr, result.stderr
+
+
+def test_a_root_mount_without_allow_other_is_roots_alone_and_its_log_says_so(
+    vlc_place: tuple[VcfsMount, Path], vidcache_server: VidcacheServer,
+    sources: dict[str, Source],
+) -> None:
+    shared, place = vlc_place
+    name = sources["a.mp4"].file_name
+    with VcfsMount(vidcache_server.url, place / "mnt-root-only") as roots:
+        as_user = subprocess.run([*AS_NOBODY, "head", "-c", "1", str(roots.video(name))],
+                                 capture_output=True, text=True, timeout=60, check=False)
+        assert as_user.returncode != 0
+        assert "Permission denied" in as_user.stderr, as_user.stderr
+        assert "mount with -o allow_other" in roots.log()
+    assert "mount with -o allow_other" not in shared.log()

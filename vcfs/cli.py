@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
-        help="FUSE mount options, e.g. allow_other (repeatable); vcfs always adds ro",
+        help="FUSE mount options (repeatable); vcfs always adds ro. allow_other: other users "
+             "may read the mount (without it a root mount is root's alone)",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",
@@ -483,6 +484,10 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         options.url, options.mountpoint, options.cache_size // MIB,
         options.block_size // KIB, options.readahead_max // MIB,
     )
+    if os.geteuid() == 0 and "allow_other" not in fuse_kwargs:
+        # Other users get "Permission denied" from the kernel, which vcfs never sees.
+        log.info("only root can read %s: for other users' players (VLC refuses to run as "
+                 "root), mount with -o allow_other", options.mountpoint)
     try:
         FUSE(
             operations,
