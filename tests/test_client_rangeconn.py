@@ -207,12 +207,15 @@ def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
 
 
 def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *,
-                leader_fails: bool, followers: int = 1,
+                leader_fails: bool, followers: int = 1, chained: bool = False,
                 ) -> tuple[list[bytearray], BaseException | None]:
     """Read 256 KiB from 1 MiB; while its answer arrives, read the `followers` 256 KiB ranges
     after it, each on its own thread, started once the request before it has reached the
-    proxy. The first read holds its receiving until every request has reached the proxy (or
-    5 s each). Returns the followers' bytes, in order, and the first read's error."""
+    proxy and the client has opened that request's end to a range following it (the first
+    read's always; with `chained`, every pipelined one's too: the client opens an end just
+    after sending its request, a moment after the proxy may have seen it). The first read
+    holds its receiving until every request has reached the proxy (or 5 s each). Returns the
+    followers' bytes, in order, and the first read's error."""
     class LeaderGaveUp(Exception):
         pass
 
@@ -233,9 +236,19 @@ def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *
     def ranges_reached(count: int) -> bool:
         return len(link.ranges()) == count
 
+    reader = linked_client._ranges  # white box: which ends the client has opened
+    assert reader is not None
+
+    def end_open(request: int) -> bool:
+        with reader._lock:
+            return (video.hash, MIB + request * 256 * KIB) in reader._open_ends
+
     def lead_progress(received: int) -> None:
         if not all_sent.is_set():
             for sent, thread in enumerate(threads, start=2):
+                if sent == 2 or chained:
+                    wait_until(functools.partial(end_open, sent - 1), timeout=5,
+                               what=f"the end of request {sent - 1} open to a follower")
                 thread.start()
                 wait_until(functools.partial(ranges_reached, sent), timeout=5,
                            what=f"request {sent}")
@@ -290,7 +303,8 @@ def test_ranges_chain_behind_a_pipelined_range_over_a_slow_link(
     readahead's next task), and so on: the answers come in the order asked, each to its own
     reader."""
     link.faults.enable(Latency(seconds=0.02))
-    data, error = read_behind(linked_client, link, video, leader_fails=False, followers=3)
+    data, error = read_behind(linked_client, link, video, leader_fails=False, followers=3,
+                              chained=True)
     assert error is None
     assert data == [part(video, n) for n in range(1, len(data) + 1)]
     requests = link.request_connections()
@@ -331,7 +345,8 @@ def test_every_range_chained_on_a_failed_connection_is_asked_again(
     linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
     link.faults.enable(Latency(seconds=0.02))
-    data, error = read_behind(linked_client, link, video, leader_fails=True, followers=3)
+    data, error = read_behind(linked_client, link, video, leader_fails=True, followers=3,
+                              chained=True)
     assert error is not None
     assert data == [part(video, n) for n in range(1, len(data) + 1)]
     requests = link.request_connections()
