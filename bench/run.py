@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -247,6 +248,17 @@ def run_profile(runner: Runner, plan: Plan, name: str, *, service: Service, work
             runner.proxy = None
 
 
+def _exit_on_signals() -> None:
+    """SIGTERM and SIGHUP (`kill`, `timeout`, a closed terminal) end the run as Ctrl-C does,
+    through the cleanup in `main` and `run_profile` (mounts unmounted, servers and proxies
+    stopped), instead of killing the harness and leaving those behind."""
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -271,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment: run the service as `python -m "
                              "bench.service_variants ARGS` instead of `vidcache serve`")
     args = parser.parse_args(argv)
+    _exit_on_signals()
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
                      profiles=args.profiles, workloads=args.workloads)
     progress = Progress()
@@ -308,9 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             speed = service_speed.measure(service, corpus.sequential, work_dir=work,
                                           runs=plan.service_runs, progress=progress,
                                           variants=variants)
-    except BaseException:
+    except BaseException as exc:
         service.stop()
-        progress(f"failed; logs kept in {work}")
+        ended = "stopped" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed"
+        progress(f"{ended}; logs kept in {work}")
         raise
     service.stop()
     _remove_work_dir(work, progress)

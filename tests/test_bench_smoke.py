@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -36,6 +37,7 @@ from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
 from bench.stack import Video
 from bench.workloads import READ_SIZE, read_segments
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +52,50 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
         env={**os.environ, "BENCH_NO_INSTALL": "1"})
     assert result.returncode == 0, f"scripts/bench --quick failed:\n{result.stderr[-4000:]}"
     return out, result.stdout
+
+
+@pytest.mark.fuse
+def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(tmp_path: Path) -> None:
+    """`kill` (SIGTERM) of `scripts/bench` while vcfs is being measured: the harness unmounts
+    and stops what it started, as on Ctrl-C, and keeps its logs."""
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("needs /dev/fuse and fusermount3 for the FUSE contenders")
+    progress = tmp_path / "progress.log"
+    with open(progress, "w") as stderr:
+        bench = subprocess.Popen(
+            [str(ROOT / "scripts" / "bench"), "--quick", "--contenders", "vcfs",
+             "--out", str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+            env={**os.environ, "BENCH_NO_INSTALL": "1"})
+    work = ""
+    try:
+        wait_until(lambda: "· vcfs · run 1/1" in progress.read_text(), timeout=120,
+                   what="vcfs measured")
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        log = progress.read_text()
+        work = log.rpartition("stopped; logs kept in ")[2].strip()
+        assert work.startswith("/"), log
+        assert work not in Path("/proc/mounts").read_text()
+        assert not [cmdline for cmdline in _command_lines() if work in cmdline]
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _command_lines() -> list[str]:
+    """Every running process's command line."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+            except OSError:  # gone meanwhile
+                continue
+    return lines
 
 
 @pytest.mark.fuse
