@@ -225,7 +225,7 @@ def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *
 
     def follow(position: int) -> None:
         try:
-            linked_client.read_range_into(video.hash, MIB + (position + 1) * 256 * KIB,
+            linked_client.read_range_into(video.hash, start_of(position + 1),
                                           [data[position]])
         except BaseException as exc:  # handed to the test thread
             errors.append(exc)
@@ -239,9 +239,9 @@ def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *
     reader = linked_client._ranges  # white box: which ends the client has opened
     assert reader is not None
 
-    def end_open(request: int) -> bool:
+    def end_open(request: int) -> bool:  # the end of request `request` (1: the first read's)
         with reader._lock:
-            return (video.hash, MIB + request * 256 * KIB) in reader._open_ends
+            return (video.hash, start_of(request)) in reader._open_ends
 
     def lead_progress(received: int) -> None:
         if not all_sent.is_set():
@@ -258,7 +258,7 @@ def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *
 
     leader_error: BaseException | None = None
     try:
-        linked_client.read_range_into(video.hash, MIB, [bytearray(256 * KIB)],
+        linked_client.read_range_into(video.hash, start_of(0), [bytearray(256 * KIB)],
                                       on_progress=lead_progress)
     except LeaderGaveUp as exc:
         leader_error = exc
@@ -268,15 +268,21 @@ def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *
     return data, leader_error
 
 
+def start_of(position: int) -> int:
+    """Where `read_behind`'s read number `position` (0: the first) begins: 256 KiB reads from
+    1 MiB on, one after another."""
+    return MIB + position * 256 * KIB
+
+
 def asked(position: int) -> str:
-    """The Range header of `read_behind`'s read number `position` (0: the first)."""
-    low = MIB + position * 256 * KIB
+    """The Range header of `read_behind`'s read number `position`."""
+    low = start_of(position)
     return f"bytes={low}-{low + 256 * KIB - 1}"
 
 
 def part(video: StoredVideo, position: int) -> bytes:
     """The bytes of `read_behind`'s read number `position`."""
-    low = MIB + position * 256 * KIB
+    low = start_of(position)
     return video.data[low : low + 256 * KIB]
 
 
