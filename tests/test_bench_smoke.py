@@ -37,13 +37,15 @@ from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
 from bench.stack import Video
 from bench.workloads import READ_SIZE, read_segments
+from tests.service_stress_support import processes_using
 from tests.support import wait_until
+from tests.vcfs_support import fuse_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+    if fuse_missing():
         pytest.skip("needs /dev/fuse and fusermount3 for the FUSE contenders")
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run(
@@ -58,7 +60,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(tmp_path: Path) -> None:
     """`kill` (SIGTERM) of `scripts/bench` while vcfs is being measured: the harness unmounts
     and stops what it started, as on Ctrl-C, and keeps its logs."""
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+    if fuse_missing():
         pytest.skip("needs /dev/fuse and fusermount3 for the FUSE contenders")
     progress = tmp_path / "progress.log"
     with open(progress, "w") as stderr:
@@ -77,25 +79,13 @@ def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(tmp_path: P
         work = log.rpartition("stopped; logs kept in ")[2].strip()
         assert work.startswith("/"), log
         assert work not in Path("/proc/mounts").read_text()
-        assert not [cmdline for cmdline in _command_lines() if work in cmdline]
+        assert processes_using(Path(work)) == []
     finally:
         if bench.poll() is None:
             bench.kill()
             bench.wait()
         if work:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _command_lines() -> list[str]:
-    """Every running process's command line."""
-    lines = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-            except OSError:  # gone meanwhile
-                continue
-    return lines
 
 
 @pytest.mark.fuse
