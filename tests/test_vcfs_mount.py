@@ -35,7 +35,14 @@ from blake3 import blake3
 from PIL import Image
 
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
-from tests.vcfs_support import VcfsMount, mount_factory, requires_fuse, vcfs_command
+from tests.vcfs_support import (
+    AS_NOBODY,
+    NOBODY,
+    VcfsMount,
+    mount_factory,
+    requires_fuse,
+    vcfs_command,
+)
 from vcfs import cli, paths
 from vidcache_client import VidCacheClient
 
@@ -574,11 +581,6 @@ def test_a_missing_dev_fuse_is_named_with_the_fix(
     assert not os.path.ismount(empty)
 
 
-NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
-# As that user: what setpriv runs has no capabilities left (it keeps the bounding set, so
-# that setuid fusermount3 works as for any user).
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-             "--inh-caps=-all"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

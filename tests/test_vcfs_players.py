@@ -32,7 +32,7 @@ import pytest
 
 from tests.support import VidcacheServer
 from tests.vcfs_fault_support import Source, ingest
-from tests.vcfs_support import VcfsMount, mount_factory, requires_fuse
+from tests.vcfs_support import AS_NOBODY, VcfsMount, mount_factory, requires_fuse
 
 pytestmark = requires_fuse
 
@@ -41,8 +41,6 @@ CORPUS = ("a.mp4", "c.mkv", "big.mp4", "big_moov_end.mp4")
 MPV_TIMEOUT = 120.0  # seconds; a hung read would otherwise hang the suite
 MPV = ["mpv", "--no-config", "--no-input-terminal", "--term-status-msg=", "--no-audio"]
 UNKNOWN_NAME = "0" * 64 + ".mp4"  # a well-formed name of a video the service does not have
-NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 VLC = [*AS_NOBODY, "cvlc", "--intf", "dummy", "--no-dbus", "--no-audio", "--no-sout-audio",
        "--no-sout-spu"]
 VLC_TIMEOUT = 120.0  # seconds, as mpv's

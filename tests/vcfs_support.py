@@ -35,6 +35,13 @@ def fuse_missing() -> bool:
 requires_fuse = [pytest.mark.fuse, pytest.mark.skipif(fuse_missing(), reason=FUSE_MISSING_REASON)]
 
 
+NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
+# As that user: what setpriv runs has no capabilities left (it keeps the bounding set, so
+# that setuid fusermount3 works as for any user).
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+             "--inh-caps=-all"]
+
+
 def vcfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vcfs", *args]
 
