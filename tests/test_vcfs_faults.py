@@ -277,7 +277,7 @@ def test_latency_and_a_modest_bandwidth_cap_cost_no_retries(
 ) -> None:
     link.faults.enable(Latency(seconds=0.3))
     link.faults.enable(Bandwidth(bytes_per_s=8 * MIB))
-    before = remote_counters(mount)
+    before, seen = remote_counters(mount), len(link.request_log())
     for _ in range(3):
         source, offset = regions.next()
         result = bounded_read(mount.video(source.file_name), READ, offset, limit=HANG_LIMIT)
@@ -286,7 +286,9 @@ def test_latency_and_a_modest_bandwidth_cap_cost_no_retries(
     assert link.faults.injected().get("latency", 0) >= 3
     assert link.faults.injected().get("bandwidth", 0) >= 3
     assert delta(before, after, "retries") == 0
-    assert delta(before, after, "range_requests") == 3
+    # What the proxy saw names any extra request (one such failure was seen, not explained).
+    asked = link.request_log()[seen:]
+    assert delta(before, after, "range_requests") == 3, (asked, before, after)
 
 
 # ---------------------------------------------------------------------------------------------
