@@ -334,6 +334,19 @@ def test_blocks_in_flight_count_against_the_budget() -> None:
     assert cache.read(H1, len(data), 3 * BS, 3 * BS) == data[3 * BS : 6 * BS]
 
 
+def test_fetching_blocks_counts_the_blocks_in_flight_until_they_are_resolved() -> None:
+    data = data_of(4 * BS)
+    fetcher = GatedFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=8 * BS)
+    got: list[bytes] = []
+    with threads(lambda: got.append(cache.read(H1, len(data), BS, 2 * BS))):
+        wait_until(lambda: len(fetcher.calls) == 1, timeout=DEADLINE, what="the fetch")
+        assert cache.stats()["fetching_blocks"] == 2
+        fetcher.gate.set()
+    assert got == [data[BS : 3 * BS]]
+    assert cache.stats()["fetching_blocks"] == 0
+
+
 def cache_with(data: bytes, block_fetcher: BlockFetcher) -> BlockCache:
     """A cache of video H1 (`data`) whose runs come from `block_fetcher`."""
     return BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=1000,

@@ -106,9 +106,17 @@ def regions(sources: dict[str, Source]) -> Regions:
 
 @pytest.fixture(autouse=True)
 def no_faults_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test: no fault left enabled, and no fetch of the shared mount still under
+    way. A read returns once its first chunk is verified, so its block's retry can still be
+    backing off when the test ends; it would then take a fault the next test planned for its
+    own read, and count in the next test's requests."""
     yield
     if "link" in request.fixturenames:
         request.getfixturevalue("link").faults.clear()
+    if "mount" in request.fixturenames:
+        mounted = request.getfixturevalue("mount")
+        wait_until(lambda: mounted.stats()["cache"]["fetching_blocks"] == 0, timeout=HANG_LIMIT,
+                   what="the shared mount's fetches to end")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -265,7 +273,7 @@ def test_wrong_ranges_are_refused_by_the_client_range_check(
         result = bounded_read(mount.video(source.file_name), READ, offset, limit=HANG_LIMIT)
         assert result.data == expect(source, offset), fault
         after = remote_counters(mount)
-        assert delta(before, after, "retries") >= 1
+        assert delta(before, after, "retries") == 1  # this read's request met the fault
         assert delta(before, after, "verify_failures") == 0  # caught before any digest check
     log = mount.log()
     assert "expected 206 Partial Content, got 200 OK (the server ignored the Range header" in log
@@ -286,9 +294,7 @@ def test_latency_and_a_modest_bandwidth_cap_cost_no_retries(
     assert link.faults.injected().get("latency", 0) >= 3
     assert link.faults.injected().get("bandwidth", 0) >= 3
     assert delta(before, after, "retries") == 0
-    # What the proxy saw names any extra request (one such failure was seen, not explained).
-    asked = link.request_log()[seen:]
-    assert delta(before, after, "range_requests") == 3, (asked, before, after)
+    assert delta(before, after, "range_requests") == 3, link.request_log()[seen:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -468,7 +468,8 @@ class BlockCache:
         fetcher calls, bytes_fetched the bytes they returned; prefetched_blocks the blocks
         `prefetch` fetched; passed_blocks those `discard` moved to the passed tier,
         dropped_blocks the passed blocks freed since (not counted as evictions); cached_* count
-        both tiers, passed_bytes the passed tier alone."""
+        both tiers, passed_bytes the passed tier alone; fetching_blocks is a gauge, the blocks
+        whose fetch is under way now (retries included: a block stays in it until resolved)."""
         with self._lock:
             return {
                 "hits": self._hits,
@@ -476,6 +477,7 @@ class BlockCache:
                 "inflight_waits": self._inflight_waits,
                 "fetches": self._fetches,
                 "fetch_errors": self._fetch_errors,
+                "fetching_blocks": len(self._inflight),
                 "bytes_fetched": self._bytes_fetched,
                 "prefetched_blocks": self._prefetched_blocks,
                 "evictions": self._lru.evictions,
