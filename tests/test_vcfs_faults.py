@@ -114,9 +114,7 @@ def no_faults_left(request: pytest.FixtureRequest) -> Iterator[None]:
     if "link" in request.fixturenames:
         request.getfixturevalue("link").faults.clear()
     if "mount" in request.fixturenames:
-        mounted = request.getfixturevalue("mount")
-        wait_until(lambda: mounted.stats()["cache"]["fetching_blocks"] == 0, timeout=HANG_LIMIT,
-                   what="the shared mount's fetches to end")
+        request.getfixturevalue("mount").wait_quiet(HANG_LIMIT)
 
 
 @pytest.fixture(scope="module", autouse=True)

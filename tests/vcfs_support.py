@@ -116,6 +116,12 @@ class VcfsMount:
         result: dict[str, Any] = json.loads((self.mountpoint / ".vcfs" / "stats").read_bytes())
         return result
 
+    def wait_quiet(self, timeout: float) -> None:
+        """Wait until no block fetch is under way: a read returns once the bytes it needs are
+        in, while the rest of its block (or a retry of it) may still be on its way."""
+        wait_until(lambda: self.stats()["cache"]["fetching_blocks"] == 0, timeout=timeout,
+                   what=f"the fetches of {self.mountpoint} to end")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
