@@ -145,8 +145,12 @@ class _Mount:
                                             stdin=subprocess.DEVNULL)
         try:
             wait_until(self._ready, timeout=MOUNT_TIMEOUT_S, what=f"mount at {self.mountpoint}")
-        except (TimeoutError, ContenderUnavailable) as exc:
+        except BaseException as exc:
+            # Also on Ctrl-C or a signal while it mounts: the caller never gets this mount
+            # to stop, and the daemon would mount on its own a moment later.
             self.stop()
+            if not isinstance(exc, (TimeoutError, ContenderUnavailable)):
+                raise
             tail = self.log_path.read_text(errors="replace")[-800:]
             raise ContenderUnavailable(f"{exc}; log tail:\n{tail}") from exc
 
@@ -163,9 +167,11 @@ class _Mount:
         if os.path.ismount(self.mountpoint):
             subprocess.run(["fusermount3", "-u", str(self.mountpoint)], check=False,
                            capture_output=True, timeout=30)
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                stop_process(self.process)
+        else:  # not mounted yet (or any more): no unmount will end it
             stop_process(self.process)
         if os.path.ismount(self.mountpoint):  # the daemon died without unmounting
             subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], check=False,

@@ -106,7 +106,8 @@ class _LoopbackServer:
     def _wait_ready(self, probe: Callable[[], bool], *, timeout: float, what: str,
                     log: Path | str) -> None:
         """Poll `probe` until the started process serves; if it exits or times out first,
-        stop it (a failed `start()` never reaches `__exit__`) and raise, naming its `log`."""
+        or a signal or Ctrl-C ends the wait, stop it (a failed `start()` never reaches
+        `__exit__`) and raise, naming its `log`."""
         def ready() -> bool:
             assert self.process is not None
             if self.process.poll() is not None:
@@ -114,7 +115,7 @@ class _LoopbackServer:
             return probe()
         try:
             wait_until(ready, timeout=timeout, what=f"{what} on {self.url}")
-        except (TimeoutError, RuntimeError):
+        except BaseException:
             self.stop()
             raise
 

@@ -7,12 +7,14 @@ records why; the test does not install them (BENCH_NO_INSTALL=1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.contenders import _Mount
 from bench.proxy import (
     LOOPBACK,
     Connection,
@@ -35,7 +38,7 @@ from bench.proxy import (
 )
 from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
-from bench.stack import Video
+from bench.stack import Video, _LoopbackServer
 from bench.workloads import READ_SIZE, read_segments
 from tests.service_stress_support import processes_using
 from tests.support import wait_until
@@ -86,6 +89,65 @@ def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(tmp_path: P
             bench.wait()
         if work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signal_after(seconds: float) -> Iterator[None]:
+    """A real signal (SIGALRM) `seconds` into the block, handled as the harness handles SIGTERM
+    (`bench.run`): by raising SystemExit wherever the main thread is."""
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _sleeper(tmp_path: Path) -> list[str]:
+    """A process that never mounts or serves; its command line names `tmp_path`."""
+    return [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)]
+
+
+def _end(pids: list[int]) -> None:
+    for pid in pids:  # only the sleepers this test started, should a check have failed
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_while_a_mount_starts_stops_its_daemon(tmp_path: Path) -> None:
+    """The window the signal test can hit: the daemon is started but not mounted yet, so the
+    contender does not hold it; it must not outlive the harness (and mount later)."""
+    mountpoint = tmp_path / "mnt"
+    mount = _Mount(_sleeper(tmp_path), mountpoint, tmp_path / "daemon.log",
+                   probe=mountpoint / "by-hash")
+    try:
+        with pytest.raises(SystemExit), _signal_after(0.3):
+            mount.start()
+        assert mount.process is None
+        assert processes_using(tmp_path) == []
+    finally:
+        _end(processes_using(tmp_path))
+
+
+def test_a_signal_while_a_server_starts_stops_it(tmp_path: Path) -> None:
+    class Sleeper(_LoopbackServer):
+        def start(self) -> Sleeper:
+            self.process = subprocess.Popen(_sleeper(tmp_path))
+            self._wait_ready(lambda: False, timeout=60, what="sleeper", log="-")
+            return self
+
+    server = Sleeper()
+    try:
+        with pytest.raises(SystemExit), _signal_after(0.3):
+            server.start()
+        assert server.process is not None and server.process.returncode is not None
+        assert processes_using(tmp_path) == []
+    finally:
+        _end(processes_using(tmp_path))
 
 
 @pytest.mark.fuse
