@@ -1,5 +1,5 @@
-"""mpv and VLC, the players the README names, play videos through a real vcfs mount over the
-real vidcache service.
+"""mpv and VLC, the players the README names, and ffplay play videos through a real vcfs mount
+over the real vidcache service.
 
 What mpv decoded is compared frame for frame with what it decodes from the local source file.
 mpv's encoding mode (`--o=- --of=rawvideo --ovc=rawvideo`) writes the decoded frames to stdout
@@ -172,6 +172,39 @@ def test_mpv_fails_cleanly_on_a_video_the_service_does_not_have(mount: VcfsMount
     output = (result.stdout + result.stderr).decode(errors="replace")
     assert result.returncode == 2, output  # mpv's code for "a file could not be played"
     assert "No such file or directory" in output
+
+
+def ffplay_checksums(target: Path, *options: str) -> tuple[list[str], str]:
+    """The checksums of the frames ffplay shows of `target` (its `showinfo` filter logs one
+    per frame), and its log. SDL's dummy drivers stand in for a screen and a sound card;
+    without a sound card's clock `-nodisp -an` never ends, a dummy display does."""
+    result = subprocess.run(
+        ["ffplay", "-hide_banner", "-nostats", "-v", "info", "-autoexit", "-an",
+         *options, "-vf", "showinfo", str(target)],
+        capture_output=True, text=True, timeout=MPV_TIMEOUT, check=False,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "SDL_VIDEODRIVER": "dummy", "SDL_AUDIODRIVER": "dummy"})
+    return re.findall(r" checksum:([0-9A-F]{8})", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("start", [0.0, 5.3])
+def test_ffplay_shows_the_same_frames_through_the_mount(
+    mount: VcfsMount, sources: dict[str, Source], videos: dict[str, Path], start: float,
+) -> None:
+    """ffplay, the player that ships with ffmpeg, from the start and after a jump: a second of
+    playback shows the frames it shows of the local file, checksum for checksum."""
+    options = ("-ss", str(start), "-t", "1")
+    through_mount, log = ffplay_checksums(mount.video(sources["big.mp4"].file_name), *options)
+    local, _ = ffplay_checksums(videos["big.mp4"], *options)
+    assert len(local) >= 25, log  # a second at 25 frames/s
+    assert through_mount == local, log
+
+
+def test_ffplay_says_no_such_file_for_a_video_the_service_does_not_have(
+        mount: VcfsMount) -> None:
+    shown, log = ffplay_checksums(mount.video(UNKNOWN_NAME), "-t", "1")
+    assert shown == []
+    assert "No such file or directory" in log, log
 
 
 @pytest.fixture(scope="module")
