@@ -177,9 +177,11 @@ def test_mpv_fails_cleanly_on_a_video_the_service_does_not_have(mount: VcfsMount
 def ffplay_checksums(target: Path, *options: str) -> tuple[list[str], str]:
     """The checksums of the frames ffplay shows of `target` (its `showinfo` filter logs one
     per frame), and its log. SDL's dummy drivers stand in for a screen and a sound card;
-    without a sound card's clock `-nodisp -an` never ends, a dummy display does."""
+    without a sound card's clock `-nodisp -an` never ends, a dummy display does. Without
+    audio to follow, ffplay may drop late frames before its filters (its `-framedrop`
+    default); `-noframedrop` keeps what is logged independent of the machine's speed."""
     result = subprocess.run(
-        ["ffplay", "-hide_banner", "-nostats", "-v", "info", "-autoexit", "-an",
+        ["ffplay", "-hide_banner", "-nostats", "-v", "info", "-autoexit", "-an", "-noframedrop",
          *options, "-vf", "showinfo", str(target)],
         capture_output=True, text=True, timeout=MPV_TIMEOUT, check=False,
         stdin=subprocess.DEVNULL,
