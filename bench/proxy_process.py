@@ -43,15 +43,21 @@ class ProxyProcess:
         return self._process.pid
 
     def start(self) -> ProxyProcess:
+        self._process = subprocess.Popen(self._argv(), stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True, bufsize=1)
+        try:
+            self.port = int(self._read()["port"])
+        except BaseException:  # a signal while it starts too: the child must not outlive it
+            self.stop()
+            raise
+        return self
+
+    def _argv(self) -> list[str]:
         rate = self.profile.rate_bytes_per_s
-        argv = [sys.executable, "-m", "bench.proxy_process", "--name", self.profile.name,
+        return [sys.executable, "-m", "bench.proxy_process", "--name", self.profile.name,
                 "--upstream-port", str(self.upstream_port),
                 "--delay-ms", str(self.profile.one_way_delay_s * 1000),
                 "--rate-mbit", str(0 if rate is None else rate * 8 / 1e6)]
-        self._process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         text=True, bufsize=1)
-        self.port = int(self._read()["port"])
-        return self
 
     def counters(self) -> dict[str, Any]:
         return self._command({"cmd": "counters"})

@@ -36,6 +36,7 @@ from bench.proxy import (
     ProxyThread,
     Verdict,
 )
+from bench.proxy_process import ProxyProcess
 from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
 from bench.stack import Video, _LoopbackServer
@@ -145,6 +146,20 @@ def test_a_signal_while_a_server_starts_stops_it(tmp_path: Path) -> None:
         with pytest.raises(SystemExit), _signal_after(0.3):
             server.start()
         assert server.process is not None and server.process.returncode is not None
+        assert processes_using(tmp_path) == []
+    finally:
+        _end(processes_using(tmp_path))
+
+
+def test_a_signal_while_a_proxy_starts_stops_it(tmp_path: Path) -> None:
+    class Silent(ProxyProcess):  # reads its commands until EOF, never says its port
+        def _argv(self) -> list[str]:
+            return [sys.executable, "-c", "import sys; sys.stdin.read()", str(tmp_path)]
+
+    proxy = Silent(upstream_port=1, profile=LOOPBACK)
+    try:
+        with pytest.raises(SystemExit), _signal_after(0.3):
+            proxy.start()
         assert processes_using(tmp_path) == []
     finally:
         _end(processes_using(tmp_path))
