@@ -657,11 +657,24 @@ def test_transport_failure_is_translated(make_client: MakeClient, raised: Except
     assert HASH in str(caught.value)
 
 
-def test_connection_refused_by_a_real_socket() -> None:
-    with VidCacheClient(f"http://127.0.0.1:{free_port()}", timeout=5) as client, \
-            pytest.raises(TransportError, match=f"metadata of video {HASH}") as caught:
-        client.get_meta(HASH)
+@pytest.mark.parametrize(("call", "what", "request_line"), [
+    (lambda client: client.get_meta(HASH), f"metadata of video {HASH}", f"GET {{url}}/meta/{HASH}"),
+    (lambda client: client.health(), "health check", "GET {url}/health"),
+    (lambda client: next(client.list_videos()), "listing of videos", "GET {url}/videos?limit=100"),
+    (lambda client: client.read_range_into(HASH, 0, [bytearray(10)]), f"bytes 0-9 of video {HASH}",
+     f"GET {{url}}/video/{HASH}"),
+    (lambda client: client.get_bytes(HASH, byte_range=(0, 9)), f"bytes 0-9 of video {HASH}",
+     f"GET {{url}}/video/{HASH}"),
+], ids=["meta", "health", "listing", "read_range_into", "get_bytes"])
+def test_connection_refused_by_a_real_socket_names_the_request(
+    call: Callable[[VidCacheClient], object], what: str, request_line: str
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with VidCacheClient(url, timeout=5) as client, pytest.raises(TransportError) as caught:
+        call(client)
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    message = str(caught.value)
+    assert message.startswith(f"{what}: request failed [{request_line.format(url=url)}]"), message
 
 
 def test_timeout_against_a_real_silent_socket() -> None:

@@ -166,6 +166,21 @@ def test_root_and_by_hash_listing(mount: VcfsMount, corpus: dict[str, Video]) ->
         assert stat.S_IMODE(os.stat(directory).st_mode) == 0o555
 
 
+def test_df_counts_the_videos_of_the_last_listing(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    mounted = fresh_mount()
+    requests = mounted.stats()["remote"]["http_requests"]  # the start-up's checks
+    assert os.statvfs(mounted.mountpoint).f_files == 0  # no listing yet, and df asks for none
+    assert mounted.stats()["remote"]["http_requests"] == requests
+    listed = os.listdir(mounted.mountpoint / "by-hash")
+    total = sum(os.stat(mounted.video(name)).st_size for name in listed)
+    info = os.statvfs(mounted.mountpoint)
+    assert info.f_files == len(listed) >= len(corpus)
+    assert total <= info.f_blocks * info.f_frsize < total + 4096 * len(listed)
+    assert info.f_bfree == info.f_bavail == 0
+
+
 def test_getattr_of_videos(mount: VcfsMount, corpus: dict[str, Video]) -> None:
     assert corpus["c.mkv"].file_name.endswith(".mkv")
     for video in corpus.values():

@@ -50,6 +50,7 @@ R = TypeVar("R")
 
 _DIR_MODE = stat.S_IFDIR | 0o555
 _FILE_MODE = stat.S_IFREG | 0o444
+_STATFS_UNIT = 4096
 _DAY = 86_400.0
 # How often the lifecycle thread looks whether libfuse's loop is ending.
 _SESSION_CHECK_S = 0.1
@@ -337,11 +338,11 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
     @_fuse_operation
     def statfs(self, path: str) -> dict[str, int]:
         listing = self.remote.last_listing()
-        block = self.cache.block_size
         return {
-            "f_bsize": block,
-            "f_frsize": block,
-            "f_blocks": sum(-(-meta.size // block) for meta in listing),
+            "f_bsize": self.cache.block_size,  # the I/O size that fetches whole blocks
+            # Counted in pages, not blocks, so `df` shows about the videos' own total size.
+            "f_frsize": _STATFS_UNIT,
+            "f_blocks": sum(-(-meta.size // _STATFS_UNIT) for meta in listing),
             "f_bfree": 0,
             "f_bavail": 0,
             "f_files": len(listing),

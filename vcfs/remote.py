@@ -362,7 +362,7 @@ REMOTE_COUNTERS = (
     "verified_chunks",  # chunks whose BLAKE3 matched the service's digest
     "verify_failures",  # chunks that did not (each one retried)
     "verify_extra_bytes",  # bytes fetched beyond the asked ranges to verify whole chunks
-    "first_blocks",  # first blocks (and digests) fetched along with a cold lookup's metadata
+    "first_blocks",  # first blocks (and digests) asked for along with a cold lookup's metadata
     "first_blocks_used",  # of those, blocks a read then took
     "first_blocks_dropped",  # of those, blocks a read could not use (fetched again)
 )

@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"loopback/private (repeatable; also ${ALLOW_ENV})")
     serve.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
                        help="require 'Authorization: Bearer <token>' for ingest and delete; "
-                            "the token is the file's first line")
+                            "the token is the file's one line (printable ASCII, no spaces)")
     serve.add_argument("--token-reads", action="store_true",
                        help="require the token for reads too (all but /health and the API "
                             "description); needs --token-file")

@@ -84,8 +84,8 @@ def check_segment(kind: str, value: str, *, allow_empty: bool = False) -> None:
         shown = value if len(value) <= 80 else value[:77] + "..."
         raise InvalidRequest(
             f"bad {kind} {shown!r}: must be {'empty or ' if allow_empty else ''}one path "
-            "segment of letters, digits, '.', '_' or '-', not starting with '.', at most 128 "
-            "characters")
+            "segment of letters, digits, '.', '_' or '-', not starting with '.' or '-', at most "
+            "128 characters")
 
 
 def check_location(bucket: str, prefix: str) -> None:

@@ -319,7 +319,7 @@ class RangeReader:
             except (_Stale, httpx.TransportError):
                 pass  # the connection before it failed, or closed after it: ask again
         return self._on_connection(lambda connection: answer(connection, request),
-                                   spare="if-new")
+                                   spare="if-new", describe=describe)
 
     def get(self, target: str) -> httpx.Response:
         """The answer to `GET <base path><target>` (`target`: a path and query, encoded as
@@ -344,7 +344,7 @@ class RangeReader:
                 self._pool.release(connection, reusable=reusable)
 
         # No spare: a lookup or a listing does not foretell a second concurrent request.
-        return self._on_connection(exchange, spare="no")
+        return self._on_connection(exchange, spare="no", describe=describe)
 
     def read_into_after(self, targets: Sequence[tuple[str, Callable[[httpx.Response], None]]],
                         content_hash: str, asked: ByteRange, views: Sequence[memoryview], *,
@@ -380,9 +380,10 @@ class RangeReader:
                 raise
             return connection, True
 
-        connection, carries_range = self._on_connection(send_all, spare="if-last")
+        describe = functools.partial(self._describe, path, asked)
+        connection, carries_range = self._on_connection(send_all, spare="if-last",
+                                                        describe=describe)
         if carries_range:
-            describe = functools.partial(self._describe, path, asked)
             try:  # `_answer` gives the connection back (or hands it on) whatever happens
                 return self._answer(content_hash, asked, views, describe, connection, None,
                                     what=what, on_filled=on_filled, on_progress=on_progress)
@@ -397,13 +398,19 @@ class RangeReader:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _on_connection(self, exchange: Callable[[_Connection], T], *, spare: Spare) -> T:
+    def _on_connection(self, exchange: Callable[[_Connection], T], *, spare: Spare,
+                       describe: Callable[[], httpx.Request]) -> T:
         """`exchange(connection)` on a pooled connection, which `exchange` gives back (or hands
         on) itself; asked again on a new connection (which cannot be stale) if the pooled one
-        turns out closed by the server before anything was answered."""
+        turns out closed by the server before anything was answered. A failure to connect
+        names the request (`describe`) the connection was for."""
         stale = False
         while True:
-            connection = self._pool.acquire(fresh=stale, spare=spare)
+            try:
+                connection = self._pool.acquire(fresh=stale, spare=spare)
+            except httpx.TransportError as exc:
+                exc.request = describe()
+                raise
             try:
                 return exchange(connection)
             except _Stale:
