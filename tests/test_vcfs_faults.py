@@ -495,6 +495,51 @@ def test_a_signal_ends_a_read_stalled_on_the_server_at_once(
         mounted.stop()
 
 
+def test_reads_stalled_on_the_service_do_not_hold_up_reads_of_cached_bytes(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """More reads waiting on a stalled service than the kernel lets wait on a FUSE daemon by
+    default (12): a read of bytes vcfs holds is still answered while they wait, instead of
+    queueing in the kernel behind them until one gives up (after --timeout)."""
+    long_wait = 15.0
+    block = 256 * 1024
+    stuck_reads = 20
+    mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(long_wait),
+                        "--block-size", "256K", "--readahead-max", "0").start()
+    try:
+        cached, stalled = sources["big.mp4"], sources["big_moov_end.mp4"]
+        cached_path, stalled_path = (mounted.video(s.file_name) for s in (cached, stalled))
+        assert read_uncached(cached_path, READ, 0) == expect(cached, 0)
+        assert read_uncached(stalled_path, READ, 0) == expect(stalled, 0)  # its metadata
+        video = f"/video/{stalled.content_hash}"
+        link.faults.enable(Stall(seconds=2 * long_wait,
+                                 match=lambda request: request.path == video))
+        # Every other block, so that no two of these ranges are adjacent (and chained).
+        offsets = [(2 * index + 1) * block for index in range(stuck_reads)]
+        assert offsets[-1] < stalled.size
+        earlier = len(link.request_log())
+        waiting = [BackgroundRead(stalled_path, 4096, offset) for offset in offsets]
+
+        def ranges_asked() -> int:
+            return len({header for path, header in link.request_log()[earlier:]
+                        if path == video})
+
+        wait_until(lambda: ranges_asked() == stuck_reads, timeout=long_wait / 2,
+                   what="every stalled read reaching the service")
+        read = BackgroundRead(cached_path, READ, 0)
+        result = read.result(HANG_LIMIT + long_wait)
+        assert result.data == expect(cached, 0), result
+        assert [r.what for r in waiting if r.done()] == []  # answered while they all waited
+        assert os.listdir(mounted.mountpoint / "by-hash")
+        link.faults.clear()  # the stalled attempts time out and are asked again, unstalled
+        for offset, stuck in zip(offsets, waiting, strict=True):
+            assert stuck.result(HANG_LIMIT + long_wait).data == expect(stalled, offset, 4096)
+        assert ranges_asked() == stuck_reads
+    finally:
+        link.faults.clear()
+        mounted.stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bearer token: --token-file
 

@@ -61,8 +61,11 @@ class FakeService:
     block: Callable[[], object] | None = None  # called before answering a video request
     listed: list[str] = field(default_factory=lambda: [HASH])  # hashes /videos lists
     block_listing: Callable[[], object] | None = None  # called before answering /videos
+    on_request: Callable[[], object] | None = None  # called first, for every request
 
     def handle(self, request: httpx.Request) -> httpx.Response:
+        if self.on_request is not None:
+            self.on_request()
         path = request.url.path
         self.requests.append(path)
         if path == f"/video/{HASH}":
@@ -244,6 +247,24 @@ def test_persistent_failure_gives_up_at_the_deadline_naming_hash_and_range(
     assert 5.0 <= clock.now - start <= 5.0 + 2.0
     assert remote.counters.get("errors") == 1
     assert 3 <= remote.counters.get("retries") < 100
+
+
+def test_a_cold_lookup_spends_one_deadline_on_its_pipelined_try_and_its_retries(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """The metadata asked for with the first block fails after 4 s of a 5 s deadline: the
+    retries get the 1 s left, not a deadline of their own."""
+    remote = make_remote(timeout=5.0)
+    took = iter([4.0])
+
+    def answer_slowly() -> None:
+        clock.now += next(took, 0.1)
+
+    service.on_request, service.failures = answer_slowly, [503] * 1000
+    start = clock.now
+    with pytest.raises(RemoteUnavailable, match=f"metadata of {HASH}"):
+        remote.meta(HASH, first_block=CHUNK)
+    assert 5.0 <= clock.now - start <= 5.0 + remote.config.per_request_timeout
 
 
 def test_not_found_and_refusals_are_not_retried(

@@ -133,6 +133,9 @@ class BackgroundRead:
             data, error = None, exc
         self._outcome = ReadResult(data, error, time.monotonic() - self._started)
 
+    def done(self) -> bool:
+        return self._outcome is not None
+
     def result(self, limit: float) -> ReadResult:
         self._thread.join(max(limit - (time.monotonic() - self._started), 0))
         if self._outcome is None:

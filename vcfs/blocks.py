@@ -248,7 +248,9 @@ def adjacent_runs(indices: Iterable[int]) -> list[range]:
 
 _Key = tuple[str, int]
 # Readers' own fetches run in the background (see `_get_pieces`); each one waits on the network.
-_BACKGROUND_FETCHES = 16
+# One for each read the kernel lets wait on vcfs (`vcfs.fs.FsConfig.max_background`) and more:
+# a fetch queued here behind reads stalled on the service would wait out their deadlines.
+_BACKGROUND_FETCHES = 64
 
 
 @dataclass(frozen=True, slots=True)

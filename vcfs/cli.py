@@ -23,6 +23,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -34,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,8 +51,15 @@ MIB = 1 << 20
 _UNITS = {"": 1, "k": KIB, "m": MIB, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-# Enough FUSE threads for the kernel's async reads (12 in flight by default) plus lookups.
-_FUSE_THREADS = 16
+# FUSE threads beyond the reads in flight (FsConfig.max_background): lookups, opens and
+# listings still find one while every read waits on a stalled service.
+_SPARE_FUSE_THREADS = 16
+_READAHEAD_MAX = 16 * MIB
+# Keywords of the FUSE helper that `-o` would reach instead of mount options.
+_HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "raw_fi"})
+# The service's default digest chunk: a first block fetched with a lookup is verified whole,
+# so it must be made of whole chunks (else it is dropped and fetched again).
+_DIGEST_CHUNK = 256 * KIB
 # How long `--daemon` waits for the child's mount beyond the service deadline.
 _DAEMON_START_MARGIN = 30.0
 # Two malloc arenas for all of vcfs's threads (see tune_malloc).
@@ -103,9 +112,22 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
+
+
+def _service_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(
+            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020, "
+            f"not {text!r}")
+    try:
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad port in {text!r}: {exc}") from exc
+    return text.rstrip("/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    mount.add_argument("url", metavar="URL", help="base URL of the vidcache service")
+    mount.add_argument("url", metavar="URL", type=_service_url,
+                       help="base URL of the vidcache service (http:// or https://)")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     mount.add_argument(
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
@@ -146,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ones are fetched as whole chunks)",
     )
     mount.add_argument(
-        "--readahead-max", type=parse_size, default=16 * MIB, metavar="SIZE",
+        "--readahead-max", type=parse_size, default=None, metavar="SIZE",
         help="largest readahead window per open file once it reads sequentially, at most "
-        "half the cache size; 0 disables readahead (default: 16M)",
+        "half the cache size; 0 disables readahead (default: 16M, or half of a cache "
+        "smaller than 32M)",
     )
     mount.add_argument(
         "--keep-passed", type=parse_size, default=None, metavar="SIZE",
@@ -199,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a cold lookup of a video path (not from a recent listing) ask only for its "
         "metadata; by default vcfs also fetches the first block and the chunk digests at the "
         "same time, one round trip less before a player's first read, at the cost of one "
-        "block per stat-only lookup",
+        "block per stat-only lookup (never with a --block-size that is not a multiple of "
+        "256K, the service's digest chunk: such a block could not be verified alone)",
     )
     # Internal: the --daemon parent's pipe, told "ok" once the mount answers.
     mount.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
@@ -231,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
-    block, cache, window = args.block_size, args.cache_size, args.readahead_max
+    block, cache = args.block_size, args.cache_size
+    window = min(_READAHEAD_MAX, cache // 2) if args.readahead_max is None else args.readahead_max
     if block < 4 * KIB or block % (4 * KIB) or block > 64 * MIB:
         raise StartupError(f"--block-size must be a multiple of 4K between 4K and 64M, not {block}")
     if cache < 2 * block:
@@ -247,9 +273,13 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
         raise StartupError("vcfs is read-only: -o rw is not possible")
+    not_mount_options = _HELPER_KEYWORDS & {option.partition("=")[0] for option in fuse_options}
+    if not_mount_options:
+        raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
+                           "(vcfs runs in the foreground or --daemon, multithreaded)")
     token_file = os.path.abspath(args.token_file) if args.token_file else None
     return MountOptions(
-        url=args.url.rstrip("/"),
+        url=args.url,
         mountpoint=os.path.abspath(args.mountpoint),
         cache_size=cache,
         block_size=block,
@@ -259,7 +289,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         raise_readahead=args.raise_readahead,
-        first_block_with_meta=args.first_block_with_meta,
+        first_block_with_meta=args.first_block_with_meta and block % _DIGEST_CHUNK == 0,
         keep_passed=args.keep_passed,
         token_file=token_file,
         token=read_token_file(token_file) if token_file else None,
@@ -423,7 +453,7 @@ def tune_malloc(*, arenas: int, block_size: int) -> None:
 
     - At most `arenas` arenas: glibc gives threads that contend for malloc arenas of their own
       (up to 8 per core); a 1 MiB block freed into one arena is not reused by a thread
-      allocating from another, so with 16 FUSE threads, the HTTP workers and the readahead
+      allocating from another, so with dozens of FUSE threads, the HTTP workers and the readahead
       threads the heap grows tens of MB past the cache budget.
     - Blocks come from the heap, and freed ones stay there for the next block: by default
       glibc maps a large allocation of its own until its adaptive threshold has grown past
@@ -459,24 +489,21 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
             os.write(status_fd, b"ok\n")
             os.close(status_fd)
 
-    operations = VcfsOperations(
-        remote,
-        cache,
-        mountpoint=options.mountpoint,
-        config=FsConfig(
-            readahead_max=options.readahead_max,
-            kernel_readahead_kb=1024 if options.raise_readahead else None,
-        ),
-        on_mounted=on_mounted,
+    config = FsConfig(
+        readahead_max=options.readahead_max,
+        kernel_readahead_kb=1024 if options.raise_readahead else None,
     )
-    fuse_kwargs: dict[str, str | bool] = (
-        {"max_threads": str(_FUSE_THREADS),
-         # max_idle_threads also silences libfuse 3.14's warning about its own default.
-         "max_idle_threads": str(_FUSE_THREADS)}
-        if fuse_version_major >= 3
-        else operations.libfuse2_options()
-    )
-    for option in options.fuse_options:
+    operations = VcfsOperations(remote, cache, mountpoint=options.mountpoint, config=config,
+                                on_mounted=on_mounted)
+    threads = config.max_background + _SPARE_FUSE_THREADS
+    fuse_kwargs: dict[str, str | bool] = {
+        "ro": True, "fsname": "vcfs", "subtype": "vcfs", "default_permissions": True,
+        # libfuse starts threads as requests wait for one; idle ones are kept (not ended and
+        # started again under load). This also silences libfuse 3.14's warning.
+        **({"max_threads": str(threads), "max_idle_threads": str(threads)}
+           if fuse_version_major >= 3 else operations.libfuse2_options()),
+    }
+    for option in options.fuse_options:  # the user's -o options (fsname=..., allow_other)
         key, has_value, value = option.partition("=")
         fuse_kwargs[key] = value if has_value else True
     log.info(
@@ -494,10 +521,6 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
             options.mountpoint,
             raw_fi=True,
             foreground=True,
-            ro=True,
-            fsname="vcfs",
-            subtype="vcfs",
-            default_permissions=True,
             **fuse_kwargs,
         )
     except RuntimeError as exc:

@@ -69,6 +69,9 @@ class FsConfig:
     readahead_threads: int = 4
     # The kernel then sends 1 MiB reads instead of 128 KiB (set when root; None: leave it).
     kernel_readahead_kb: int | None = 1024
+    # Reads the kernel lets wait on vcfs at once (its default, 12, is all it takes for reads
+    # stalled on the service to hold up every read of the mount, cached bytes' too).
+    max_background: int = 48
 
 
 @dataclass(slots=True)
@@ -154,6 +157,8 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         self.cache = cache
         self.mountpoint = mountpoint
         self.config = config or FsConfig()
+        # The directories' times: they have no history of their own to show.
+        self._mounted_at_ns = time.time_ns()
         self.counters = Counters(*FS_COUNTERS)
         self._on_mounted = on_mounted
         self._started = time.monotonic()
@@ -177,6 +182,9 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             config.use_ino = 1
             config.readdir_ino = 1
         if conn is not None:
+            conn.max_background = self.config.max_background
+            # The kernel's own ratio: past it, it stops starting async readahead.
+            conn.congestion_threshold = self.config.max_background * 3 // 4
             log.debug(
                 "FUSE connection: protocol %d.%d, max_read %d, max_readahead %d, max_write %d",
                 conn.proto_major, conn.proto_minor, getattr(conn, "max_read", 0),
@@ -293,7 +301,11 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         parsed = self._parse(path)
         if parsed.is_dir:
-            return {"st_mode": _DIR_MODE, "st_nlink": 2, "st_ino": parsed.inode}
+            mounted = self._mounted_at_ns
+            # The root's two subdirectories each link back to it with their `..`.
+            links = 4 if parsed.kind is paths.PathKind.ROOT else 2
+            return {"st_mode": _DIR_MODE, "st_nlink": links, "st_ino": parsed.inode,
+                    "st_mtime": mounted, "st_ctime": mounted, "st_atime": mounted}
         if parsed.kind is paths.PathKind.STATS:
             return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0}
         self.counters.add("lookups")

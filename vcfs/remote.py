@@ -188,8 +188,9 @@ class RemoteConfig:
     digest_page_bytes: int = PAGE_BYTES
     # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
     verified_chunk_bytes: int = 8 * MIB
-    # One worker per connection of the client: attempts never queue behind each other.
-    workers: int = 32
+    # One worker per connection of the client: attempts never queue behind each other, even
+    # with every read the kernel lets wait on vcfs (48) stalled on the service.
+    workers: int = 64
     # The kernel re-asks a failed read at once, page by page: within this time a range that
     # failed gets one attempt, not a second deadline of retries.
     failure_memory: float = 1.0
@@ -486,6 +487,8 @@ class Remote:
                 return known
             if content_hash in self._missing:
                 return None
+        if deadline is None:  # one for the whole lookup: the pipelined try and the retries
+            deadline = self._deadline()
         speculation = self._start_first_block(content_hash, first_block) if first_block else None
         try:
             if speculation is not None and self._meta_answered(content_hash, speculation,
@@ -513,11 +516,11 @@ class Remote:
         return meta
 
     def _meta_answered(self, content_hash: str, speculation: _FirstBlock,
-                       deadline: float | None) -> bool:
+                       deadline: float) -> bool:
         """Whether the metadata asked for along with the first block came, waited for until
         the attempt's cutoff. If it failed or is late, the normal path asks again (and
         reports the failure if it persists)."""
-        cutoff = self._cutoff(self._deadline() if deadline is None else deadline)
+        cutoff = self._cutoff(deadline)
         try:
             speculation.meta.result(timeout=max(cutoff - self._clock(), 0))
         except Exception as exc:  # an error, or late
