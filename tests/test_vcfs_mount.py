@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -162,14 +163,20 @@ def test_root_and_by_hash_listing(mount: VcfsMount, corpus: dict[str, Video]) ->
     listed = set(os.listdir(root / "by-hash"))
     assert {video.file_name for video in corpus.values()} <= listed
     for directory in (root, root / "by-hash", root / ".vcfs"):
-        assert stat.S_ISDIR(os.stat(directory).st_mode)
-        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o555
+        info = os.stat(directory)
+        assert stat.S_ISDIR(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o555
+        # Times of the mount's start, not 1970; links as find and du expect them.
+        assert info.st_mtime == pytest.approx(time.time(), abs=3600)
+        assert info.st_nlink == (4 if directory == root else 2)
 
 
 def test_df_counts_the_videos_of_the_last_listing(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
 ) -> None:
-    mounted = fresh_mount()
+    mounted = fresh_mount("-o", "ro,fsname=videos")  # -o may repeat what vcfs sets itself
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    assert f"videos {mounted.mountpoint} fuse.vcfs ro," in "\n".join(mounts)
     requests = mounted.stats()["remote"]["http_requests"]  # the start-up's checks
     assert os.statvfs(mounted.mountpoint).f_files == 0  # no listing yet, and df asks for none
     assert mounted.stats()["remote"]["http_requests"] == requests
@@ -563,6 +570,9 @@ def test_startup_errors_are_one_clear_line(
     assert "cannot reach the vidcache service" in daemon.stderr
     bad_size = run_vcfs("mount", url, str(empty), "--cache-size", "lots")
     assert bad_size.returncode == 2 and "invalid size" in bad_size.stderr
+    no_scheme = run_vcfs("mount", url.removeprefix("http://"), str(empty))
+    assert no_scheme.returncode == 2 and "Traceback" not in no_scheme.stderr
+    assert "must be an http:// or https:// URL" in no_scheme.stderr, no_scheme.stderr
     no_fusermount = subprocess.run(
         vcfs_command("mount", url, str(empty)), capture_output=True, text=True, timeout=60,
         env={**os.environ, "PATH": ""},
@@ -708,6 +718,43 @@ def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) ->
     again = cli.build_parser().parse_args(cli.foreground_arguments(options))
     assert again.daemon is False
     assert cli.mount_options(again) == options
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["127.0.0.1:8020"], "must be an http:// or https:// URL with a host"),
+    (["ftp://cache:8020"], "must be an http:// or https:// URL with a host"),
+    (["http://"], "must be an http:// or https:// URL with a host"),
+    (["http://cache:port"], "bad port"),
+    (["http://cache:8020", "--timeout", "inf"], "must be a positive number of seconds"),
+    (["http://cache:8020", "--timeout", "nan"], "must be a positive number of seconds"),
+])
+def test_bad_arguments_are_usage_errors(args: list[str], message: str,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.build_parser().parse_args(["mount", *args[:1], "/mnt", *args[1:]])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def _options(*args: str) -> cli.MountOptions:
+    return cli.mount_options(cli.build_parser().parse_args(["mount", "http://c:1", "/m", *args]))
+
+
+def test_options_that_depend_on_others() -> None:
+    # The default readahead window fits a small cache instead of refusing it.
+    assert _options().readahead_max == 16 * MIB
+    assert _options("--cache-size", "8M").readahead_max == 4 * MIB
+    assert _options("--cache-size", "8M", "--readahead-max", "0").readahead_max == 0
+    # A first block fetched with a lookup is verified alone: only blocks of whole chunks.
+    assert _options().first_block_with_meta
+    assert _options("--block-size", "512K").first_block_with_meta
+    assert not _options("--block-size", "64K").first_block_with_meta
+    assert not _options("--block-size", "1028K").first_block_with_meta
+    # -o passes mount options on, fixed ones included; not the FUSE helper's own keywords.
+    assert _options("-o", "ro,fsname=cache").fuse_options == ("ro", "fsname=cache")
+    for keyword in ("debug", "foreground", "nothreads"):
+        with pytest.raises(cli.StartupError, match="not a mount option"):
+            _options("-o", keyword)
 
 
 def test_help_lists_every_option_with_defaults() -> None:
