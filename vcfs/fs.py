@@ -51,6 +51,7 @@ R = TypeVar("R")
 _DIR_MODE = stat.S_IFDIR | 0o555
 _FILE_MODE = stat.S_IFREG | 0o444
 _STATFS_UNIT = 4096
+_CONGESTION_THRESHOLD = 9
 _DAY = 86_400.0
 # How often the lifecycle thread looks whether libfuse's loop is ending.
 _SESSION_CHECK_S = 0.1
@@ -183,8 +184,9 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             config.readdir_ino = 1
         if conn is not None:
             conn.max_background = self.config.max_background
-            # The kernel's own ratio: past it, it stops starting async readahead.
-            conn.congestion_threshold = self.config.max_background * 3 // 4
+            # The kernel's default: with this many reads in flight it starts no more async
+            # readahead, so readers' patterns (and what a probe or a seek fetches) stay its own.
+            conn.congestion_threshold = _CONGESTION_THRESHOLD
             log.debug(
                 "FUSE connection: protocol %d.%d, max_read %d, max_readahead %d, max_write %d",
                 conn.proto_major, conn.proto_minor, getattr(conn, "max_read", 0),
