@@ -724,7 +724,7 @@ def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) ->
     (["127.0.0.1:8020"], "must be an http:// or https:// URL with a host"),
     (["ftp://cache:8020"], "must be an http:// or https:// URL with a host"),
     (["http://"], "must be an http:// or https:// URL with a host"),
-    (["http://cache:port"], "bad port"),
+    (["http://cache:port"], "Invalid port: 'port'"),
     (["http://cache:8020", "--timeout", "inf"], "must be a positive number of seconds"),
     (["http://cache:8020", "--timeout", "nan"], "must be a positive number of seconds"),
 ])

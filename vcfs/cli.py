@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +42,7 @@ from vcfs import __version__
 from vcfs.blocks import BlockCache
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client._malloc import set_malloc_options
+from vidcache_client._validate import parse_base_url
 
 log = logging.getLogger("vcfs")
 
@@ -118,15 +118,12 @@ def _positive_float(text: str) -> float:
 
 
 def _service_url(text: str) -> str:
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise argparse.ArgumentTypeError(
-            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020, "
-            f"not {text!r}")
     try:
-        parts.port  # noqa: B018 (a port that is not a number raises here)
+        parse_base_url(text)  # the client's own check, so that it takes whatever passes here
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"bad port in {text!r}: {exc}") from exc
+        raise argparse.ArgumentTypeError(
+            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020 "
+            f"({exc})") from exc
     return text.rstrip("/")
 
 

@@ -28,6 +28,7 @@ from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_enviro
 from vidcache_client._translate import raise_for_status, transport_errors
 from vidcache_client._validate import (
     ByteRange,
+    parse_base_url,
     validate_byte_range,
     validate_digest_range,
     validate_hash,
@@ -62,7 +63,7 @@ class VidCacheClient:
         max_connections: int = 32,
         spare_connection: bool = False,
     ) -> None:
-        url = _parse_base_url(base_url)
+        url = parse_base_url(base_url)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         if chunk_size < 1:
@@ -536,16 +537,6 @@ def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryvie
         raise InvalidRequestError(None, "no buffers to read into",
                                   message="no buffers to read into (no request sent)")
     return views
-
-
-def _parse_base_url(base_url: str) -> httpx.URL:
-    try:
-        url = httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"invalid base_url {base_url!r}: {exc}") from exc
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"invalid base_url {base_url!r}: expected http(s)://host[:port]")
-    return url
 
 
 def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import NoReturn, TypeGuard
 
+import httpx
+
 from vidcache_client._exceptions import InvalidRequestError
 
 ByteRange = tuple[int, int]
@@ -19,6 +21,18 @@ MAX_PAGE_SIZE = 1000
 
 _HASH = re.compile(r"[0-9a-f]{64}")
 _MAX_REPR = 80
+
+
+def parse_base_url(base_url: str) -> httpx.URL:
+    """The service's base URL, if it is http(s)://host[:port][/path]; ValueError otherwise (a
+    plain one: the client is not built, so there is no request to refuse)."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ValueError(f"invalid base_url {base_url!r}: {exc}") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"invalid base_url {base_url!r}: expected http(s)://host[:port]")
+    return url
 
 
 def validate_hash(content_hash: object) -> str:
