@@ -113,10 +113,17 @@ def _sleeper(tmp_path: Path) -> list[str]:
     return [sys.executable, "-c", "import time; time.sleep(60)", str(tmp_path)]
 
 
-def _end(pids: list[int]) -> None:
-    for pid in pids:  # only the sleepers this test started, should a check have failed
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+def _signalled_while_starting(start: Callable[[], object], tmp_path: Path) -> None:
+    """`start()`, signalled 0.3 s in, ends in SystemExit and leaves no process whose command
+    line names `tmp_path`."""
+    try:
+        with pytest.raises(SystemExit), _signal_after(0.3):
+            start()
+        assert processes_using(tmp_path) == []
+    finally:
+        for pid in processes_using(tmp_path):  # only ours, should a check have failed
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_signal_while_a_mount_starts_stops_its_daemon(tmp_path: Path) -> None:
@@ -125,13 +132,8 @@ def test_a_signal_while_a_mount_starts_stops_its_daemon(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     mount = _Mount(_sleeper(tmp_path), mountpoint, tmp_path / "daemon.log",
                    probe=mountpoint / "by-hash")
-    try:
-        with pytest.raises(SystemExit), _signal_after(0.3):
-            mount.start()
-        assert mount.process is None
-        assert processes_using(tmp_path) == []
-    finally:
-        _end(processes_using(tmp_path))
+    _signalled_while_starting(mount.start, tmp_path)
+    assert mount.process is None
 
 
 def test_a_signal_while_a_server_starts_stops_it(tmp_path: Path) -> None:
@@ -142,13 +144,8 @@ def test_a_signal_while_a_server_starts_stops_it(tmp_path: Path) -> None:
             return self
 
     server = Sleeper()
-    try:
-        with pytest.raises(SystemExit), _signal_after(0.3):
-            server.start()
-        assert server.process is not None and server.process.returncode is not None
-        assert processes_using(tmp_path) == []
-    finally:
-        _end(processes_using(tmp_path))
+    _signalled_while_starting(server.start, tmp_path)
+    assert server.process is not None and server.process.returncode is not None
 
 
 def test_a_signal_while_a_proxy_starts_stops_it(tmp_path: Path) -> None:
@@ -156,13 +153,7 @@ def test_a_signal_while_a_proxy_starts_stops_it(tmp_path: Path) -> None:
         def _argv(self) -> list[str]:
             return [sys.executable, "-c", "import sys; sys.stdin.read()", str(tmp_path)]
 
-    proxy = Silent(upstream_port=1, profile=LOOPBACK)
-    try:
-        with pytest.raises(SystemExit), _signal_after(0.3):
-            proxy.start()
-        assert processes_using(tmp_path) == []
-    finally:
-        _end(processes_using(tmp_path))
+    _signalled_while_starting(Silent(upstream_port=1, profile=LOOPBACK).start, tmp_path)
 
 
 @pytest.mark.fuse
