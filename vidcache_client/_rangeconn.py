@@ -358,6 +358,7 @@ class RangeReader:
         pool's last idle one opens a spare for the next concurrent range. If the server closes
         the connection after an answer, the rest is asked for again the usual way."""
         path, request = self._range_request(content_hash, asked)
+        describe = functools.partial(self._describe, path, asked)
         requests = b"".join(self._request(target) for target, _ in targets) + request
         answered = 0  # of `targets`
 
@@ -365,6 +366,7 @@ class RangeReader:
             """Send the requests, take the small answers; the connection, and whether it
             carries the range's answer too (False: the server closes it after an answer)."""
             nonlocal answered
+            connection.describe = describe  # not a pooled connection's last request
             try:
                 connection.send(requests)
                 for target, take in targets:
@@ -380,7 +382,6 @@ class RangeReader:
                 raise
             return connection, True
 
-        describe = functools.partial(self._describe, path, asked)
         connection, carries_range = self._on_connection(send_all, spare="if-last",
                                                         describe=describe)
         if carries_range:
