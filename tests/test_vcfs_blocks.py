@@ -893,6 +893,31 @@ def test_after_a_failed_run_the_other_runs_of_the_read_fail_fast() -> None:
     assert fetcher.calls == [(H1, BS, 2 * BS), (H1, 0, BS), (H1, 2 * BS, 3 * BS)]
 
 
+def test_with_a_block_fetcher_the_runs_of_a_read_are_fetched_at_once() -> None:
+    """Each run has its own remote deadline: fetched in turn, a read split by cached blocks
+    could take one deadline per run. Every call here waits until the other run's call has
+    started, which fetches made one after the other never get to."""
+    data = data_of(5 * BS)
+    both_started = threading.Barrier(2, timeout=DEADLINE)
+    gating = False
+    calls: list[tuple[int, int]] = []
+
+    def block_fetcher(content_hash: str, start: int, end: int, block_size: int, *,
+                      on_block: OnBlock, on_partial: OnPartial | None = None,
+                      skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                      stop: threading.Event | None = None) -> list[bytes]:
+        calls.append((start, end))
+        if gating:
+            both_started.wait()
+        return [data[low : min(low + block_size, end)] for low in range(start, end, block_size)]
+
+    cache = cache_with(data, block_fetcher)
+    cache.read(H1, len(data), 2 * BS, 1)  # block 2 cached: a read of 0-4 has runs 0-1 and 3-4
+    gating = True
+    assert cache.read(H1, len(data), 0, 5 * BS) == data
+    assert sorted(calls[1:]) == [(0, 2 * BS), (3 * BS, 5 * BS)]
+
+
 # -- concurrency --------------------------------------------------------------------------------
 
 

@@ -49,9 +49,10 @@ Reading, for the blocks a read touches:
    in-flight entries are gone, so a later read retries from scratch. A prefetch whose
    `stop` was set (its reader went elsewhere) ends with `FetchStopped`, which is no error:
    a reader that was waiting for one of its blocks fetches that block itself. Nothing
-   unverified, and nothing of the wrong length, is ever cached or returned. After the first
-   failed run the remaining owned runs of the same call fail fast with the same error rather
-   than stacking up one remote deadline per run.
+   unverified, and nothing of the wrong length, is ever cached or returned. A read's runs
+   (split by cached blocks) are fetched at once with a block fetcher, each on its own thread,
+   so the read waits out one remote deadline, not one per run. Otherwise, and in a prefetch,
+   they go in turn, and after the first failed run the rest fail fast with the same error.
 
 Waiting is `Future.result()`, never polling: a reader of a block in flight registers a future
 for the part of the block it needs, resolved by the partial report that covers it, or with the
@@ -537,16 +538,25 @@ class BlockCache:
                     self._inflight_waits += 1
                 pending[index] = fetching
             self._reserve(file_size, owned)
-        if owned:
-            last = max(owned)
+        background = self._background
+        if owned and background is None:
+            self._fetch_owned(content_hash, file_size, owned)
+        elif owned and background is not None:
+            *earlier, final = ({index: owned[index] for index in run}
+                               for run in adjacent_runs(sorted(owned)))
+            # Runs split by cached blocks all start now, each under its own deadline: one
+            # after the other, a read could wait out one deadline per run.
+            for run_owned in earlier:
+                background.submit(self._fetch_owned, content_hash, file_size, run_owned)
+            last = max(final)
             # In the background only if the read can return before its fetch is over: when it
             # needs only the start of the last block it fetches, and that fetch brings the
             # rest of the block (a thread hop otherwise).
-            if (self._background is None or owned[last].until is not None
+            if (final[last].until is not None
                     or end >= block_bounds(last, file_size, block_size)[1]):
-                self._fetch_owned(content_hash, file_size, owned)
+                self._fetch_owned(content_hash, file_size, final)
             else:
-                self._background.submit(self._fetch_owned, content_hash, file_size, owned)
+                background.submit(self._fetch_owned, content_hash, file_size, final)
         pieces = []
         for index in blocks:
             base = index * block_size
