@@ -127,7 +127,7 @@ class FfmpegDirect(Contender):
         return f"{self.base_url}/video/{video.content_hash}"
 
 
-class _Mount:
+class Mount:
     """One FUSE daemon process in the foreground, mounted at `mountpoint`."""
 
     def __init__(self, argv: list[str], mountpoint: Path, log_path: Path, *,
@@ -189,7 +189,7 @@ class _MountedContender(Contender):
     def __init__(self, *, base_url: str, work_dir: Path, videos: list[Video]) -> None:
         super().__init__(base_url=base_url, work_dir=work_dir, videos=videos)
         self.mountpoint = work_dir / f"mnt-{self.name}"
-        self._mount: _Mount | None = None
+        self._mount: Mount | None = None
         self.mounts = 0
 
     def _argv(self) -> list[str]:
@@ -203,8 +203,8 @@ class _MountedContender(Contender):
             # Ready once the videos' directory answers: looking up a video itself would warm
             # the contender's caches (vcfs fetches a first block on a cold lookup, rclone
             # lists the directory) before the measured read.
-            mount = _Mount(self._argv(), self.mountpoint, self.work_dir / f"{self.name}.log",
-                           probe=self._path(self.videos[0]).parent)
+            mount = Mount(self._argv(), self.mountpoint, self.work_dir / f"{self.name}.log",
+                          probe=self._path(self.videos[0]).parent)
             mount.start()
             self._mount = mount
             self.mounts += 1
@@ -276,7 +276,7 @@ class Httpfs2(Contender):
 
     def __init__(self, *, base_url: str, work_dir: Path, videos: list[Video]) -> None:
         super().__init__(base_url=base_url, work_dir=work_dir, videos=videos)
-        self._mounts: dict[str, _Mount] = {}
+        self._mounts: dict[str, Mount] = {}
 
     @classmethod
     def missing(cls) -> str | None:
@@ -287,8 +287,8 @@ class Httpfs2(Contender):
         path = mountpoint / video.content_hash
         if video.content_hash not in self._mounts:
             url = f"{self.base_url}/video/{video.content_hash}"
-            mount = _Mount(["httpfs2", "-f", "-c", "/dev/null", url, str(mountpoint)],
-                           mountpoint, self.work_dir / "httpfs2.log", probe=path)
+            mount = Mount(["httpfs2", "-f", "-c", "/dev/null", url, str(mountpoint)],
+                          mountpoint, self.work_dir / "httpfs2.log", probe=path)
             mount.start()
             self._mounts[video.content_hash] = mount
         return str(path)

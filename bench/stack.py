@@ -82,7 +82,7 @@ def origin(directory: Path) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-class _LoopbackServer:
+class LoopbackServer:
     """A server process of the run on a free loopback port: started by `start()` (which
     subclasses define), stopped with SIGTERM (then SIGKILL) by `stop()` or the `with` block."""
 
@@ -126,7 +126,7 @@ class _LoopbackServer:
         self.stop()
 
 
-class Service(_LoopbackServer):
+class Service(LoopbackServer):
     """A vidcache service process on a free loopback port over `data_dir`."""
 
     def __init__(self, data_dir: Path, log_path: Path, *, variant: list[str] | None = None,
@@ -218,7 +218,7 @@ def ingest(service: Service, origin_url: str, path: Path) -> Video:
                  blob_path=service.data_dir / meta["file_path"], file_path=meta["file_path"])
 
 
-class Nginx(_LoopbackServer):
+class Nginx(LoopbackServer):
     """Debian's nginx (sendfile on, one worker) serving `root` on a free loopback port."""
 
     def __init__(self, root: Path, work_dir: Path) -> None:

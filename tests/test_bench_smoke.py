@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bench.contenders import _Mount
+from bench.contenders import Mount
 from bench.proxy import (
     LOOPBACK,
     Connection,
@@ -39,18 +39,16 @@ from bench.proxy import (
 from bench.proxy_process import ProxyProcess
 from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
-from bench.stack import Video, _LoopbackServer
+from bench.stack import LoopbackServer, Video
 from bench.workloads import READ_SIZE, read_segments
 from tests.service_stress_support import processes_using
 from tests.support import wait_until
-from tests.vcfs_support import fuse_missing
+from tests.vcfs_support import requires_fuse
 
 ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    if fuse_missing():
-        pytest.skip("needs /dev/fuse and fusermount3 for the FUSE contenders")
     out = tmp_path_factory.mktemp("bench")
     result = subprocess.run(
         [str(ROOT / "scripts" / "bench"), "--quick", "--out", str(out)],
@@ -60,12 +58,11 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, result.stdout
 
 
-@pytest.mark.fuse
+@requires_fuse[0]
+@requires_fuse[1]
 def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(tmp_path: Path) -> None:
     """`kill` (SIGTERM) of `scripts/bench` while vcfs is being measured: the harness unmounts
     and stops what it started, as on Ctrl-C, and keeps its logs."""
-    if fuse_missing():
-        pytest.skip("needs /dev/fuse and fusermount3 for the FUSE contenders")
     progress = tmp_path / "progress.log"
     with open(progress, "w") as stderr:
         bench = subprocess.Popen(
@@ -130,14 +127,14 @@ def test_a_signal_while_a_mount_starts_stops_its_daemon(tmp_path: Path) -> None:
     """The window the signal test can hit: the daemon is started but not mounted yet, so the
     contender does not hold it; it must not outlive the harness (and mount later)."""
     mountpoint = tmp_path / "mnt"
-    mount = _Mount(_sleeper(tmp_path), mountpoint, tmp_path / "daemon.log",
-                   probe=mountpoint / "by-hash")
+    mount = Mount(_sleeper(tmp_path), mountpoint, tmp_path / "daemon.log",
+                  probe=mountpoint / "by-hash")
     _signalled_while_starting(mount.start, tmp_path)
     assert mount.process is None
 
 
 def test_a_signal_while_a_server_starts_stops_it(tmp_path: Path) -> None:
-    class Sleeper(_LoopbackServer):
+    class Sleeper(LoopbackServer):
         def start(self) -> Sleeper:
             self.process = subprocess.Popen(_sleeper(tmp_path))
             self._wait_ready(lambda: False, timeout=60, what="sleeper", log="-")
@@ -156,7 +153,8 @@ def test_a_signal_while_a_proxy_starts_stops_it(tmp_path: Path) -> None:
     _signalled_while_starting(Silent(upstream_port=1, profile=LOOPBACK).start, tmp_path)
 
 
-@pytest.mark.fuse
+@requires_fuse[0]
+@requires_fuse[1]
 def test_writes_json_with_every_figure_of_vcfs_and_the_floor(quick_run: tuple[Path, str]
                                                              ) -> None:
     out, _ = quick_run
@@ -176,7 +174,8 @@ def test_writes_json_with_every_figure_of_vcfs_and_the_floor(quick_run: tuple[Pa
     assert data["targets"], "targets are evaluated even in a quick run"
 
 
-@pytest.mark.fuse
+@requires_fuse[0]
+@requires_fuse[1]
 def test_prints_a_markdown_table_and_draws_a_chart(quick_run: tuple[Path, str]) -> None:
     out, stdout = quick_run
     assert "| figure | contender | median |" in stdout
@@ -184,7 +183,8 @@ def test_prints_a_markdown_table_and_draws_a_chart(quick_run: tuple[Path, str]) 
     assert (out / "bench-quick.png").read_bytes().startswith(b"\x89PNG")
 
 
-@pytest.mark.fuse
+@requires_fuse[0]
+@requires_fuse[1]
 def test_skipped_contenders_say_why(quick_run: tuple[Path, str]) -> None:
     out, _ = quick_run
     data = json.loads((out / "bench-quick.json").read_text())
