@@ -488,7 +488,7 @@ def test_stale_mount_is_cleared_at_start(
 def test_daemon_mode_detaches_once_mounted(
     tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
 ) -> None:
-    mountpoint = tmp_path / "mnt"
+    mountpoint = tmp_path / "the mount"  # a space, which mountinfo escapes: unmount reads it
     mountpoint.mkdir()
     log_file = tmp_path / "daemon.log"
     started = subprocess.run(
@@ -518,6 +518,22 @@ def test_daemon_mode_detaches_once_mounted(
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
+    """As root, fusermount3 -u unmounts whatever it is given: a tmpfs, and its files, would go."""
+    target = tmp_path / "a tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True)
+    try:
+        (target / "notes").write_text("keep me")
+        result = run_vcfs("unmount", str(target))
+        assert result.returncode == 1, result.stderr
+        assert "is a tmpfs mount, not a vcfs one" in result.stderr, result.stderr
+        assert os.path.ismount(target) and (target / "notes").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
 
 
 def _alive(pid: int) -> bool:
@@ -557,6 +573,8 @@ def test_startup_errors_are_one_clear_line(
         "must be at most --cache-size": ("mount", url, str(empty), "--cache-size", "8M",
                                          "--readahead-max", "1M", "--keep-passed", "9M"),
         "is not mounted": ("unmount", str(empty)),
+        "-o subtype: a vcfs mount is of type fuse.vcfs": ("mount", url, str(empty),
+                                                           "-o", "subtype=videos"),
     }
     for message, args in cases.items():
         result = run_vcfs(*args)

@@ -55,6 +55,8 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 # listings still find one while every read waits on a stalled service.
 _SPARE_FUSE_THREADS = 16
 _READAHEAD_MAX = 16 * MIB
+# A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other.
+_FSTYPE = "fuse.vcfs"
 # Keywords of the FUSE helper that `-o` would reach instead of mount options.
 _HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "raw_fi"})
 # The service's default digest chunk: a first block fetched with a lookup is verified whole,
@@ -270,7 +272,11 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
         raise StartupError("vcfs is read-only: -o rw is not possible")
-    not_mount_options = _HELPER_KEYWORDS & {option.partition("=")[0] for option in fuse_options}
+    keywords = {option.partition("=")[0] for option in fuse_options}
+    if "subtype" in keywords:
+        raise StartupError(f"-o subtype: a vcfs mount is of type {_FSTYPE} "
+                           "(vcfs unmount unmounts nothing else)")
+    not_mount_options = _HELPER_KEYWORDS & keywords
     if not_mount_options:
         raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
                            "(vcfs runs in the foreground or --daemon, multithreaded)")
@@ -379,6 +385,23 @@ def is_stale_mount(mountpoint: str) -> bool:
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
+
+
+def mount_type(mountpoint: str) -> str:
+    """The file system type of the mount at `mountpoint` (the topmost), from mountinfo."""
+    target = os.path.realpath(mountpoint)
+    fstype = "unknown"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mounts:
+        for line in mounts:
+            fields, _, tail = line.partition(" - ")
+            if _unescape_mountinfo(fields.split(" ")[4]) == target:
+                fstype = tail.split(" ")[0]
+    return fstype
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -494,7 +517,8 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
                                 on_mounted=on_mounted)
     threads = config.max_background + _SPARE_FUSE_THREADS
     fuse_kwargs: dict[str, str | bool] = {
-        "ro": True, "fsname": "vcfs", "subtype": "vcfs", "default_permissions": True,
+        "ro": True, "fsname": "vcfs", "subtype": _FSTYPE.removeprefix("fuse."),
+        "default_permissions": True,
         # libfuse starts threads as requests wait for one; idle ones are kept (not ended and
         # started again under load). This also silences libfuse 3.14's warning.
         **({"max_threads": str(threads), "max_idle_threads": str(threads)}
@@ -624,8 +648,15 @@ def _read_status(fd: int, timeout: float) -> bytes:
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> int:
-    if not os.path.ismount(mountpoint) and not is_stale_mount(mountpoint):
-        raise StartupError(f"{mountpoint} is not mounted")
+    """Unmount a vcfs mount, or clear a stale FUSE mount. Any other file system is refused:
+    as root, fusermount3 unmounts whatever is there (a tmpfs, and the files in it, included)."""
+    if not is_stale_mount(mountpoint):
+        if not os.path.ismount(mountpoint):
+            raise StartupError(f"{mountpoint} is not mounted")
+        fstype = mount_type(mountpoint)
+        if fstype != _FSTYPE:
+            raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
+                               f"it (umount, or fusermount3 -u for another FUSE file system)")
     result = subprocess.run(
         ["fusermount3", "-uz" if lazy else "-u", mountpoint],
         capture_output=True, text=True, check=False,
