@@ -374,4 +374,7 @@ def _remove_work_dir(work: Path, progress: Progress) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: main has cleaned up and said where the logs are
+        sys.exit(128 + signal.SIGINT)
