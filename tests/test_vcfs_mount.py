@@ -583,6 +583,9 @@ def test_startup_errors_are_one_clear_line(
         assert len(lines) == 1 and lines[0].startswith("vcfs: error: "), result.stderr
         assert message in lines[0], result.stderr
         assert not os.path.ismount(empty)
+    refused = run_vcfs("mount", url, str(empty), "-o", "no_such_option")
+    assert refused.returncode == 1 and "mounting at" in refused.stderr, refused.stderr
+    assert "unmounted" not in refused.stderr, refused.stderr  # it never was mounted
     daemon = run_vcfs("mount", f"http://127.0.0.1:{free_port()}", str(empty), "--daemon")
     assert daemon.returncode == 1
     assert "cannot reach the vidcache service" in daemon.stderr
@@ -736,6 +739,17 @@ def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) ->
     again = cli.build_parser().parse_args(cli.foreground_arguments(options))
     assert again.daemon is False
     assert cli.mount_options(again) == options
+
+
+def test_a_daemon_that_cannot_be_started_is_a_startup_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a traceback: e.g. an interpreter this user may not run (a venv under /root)."""
+    options = cli.mount_options(cli.build_parser().parse_args(
+        ["mount", "http://cache:8020/", str(tmp_path), "--daemon"]))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(cli.StartupError, match="cannot start the daemon"):
+        cli.run_daemon(options)
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -553,10 +553,11 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
             ) from exc
     finally:
         operations.close()
-        log.info(
-            "unmounted %s; counters: %s",
-            options.mountpoint, json.dumps(operations.stats(), sort_keys=True),
-        )
+        if mounted.is_set():
+            log.info(
+                "unmounted %s; counters: %s",
+                options.mountpoint, json.dumps(operations.stats(), sort_keys=True),
+            )
     return 0
 
 
@@ -597,16 +598,21 @@ def run_daemon(options: MountOptions) -> int:
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
-        child = subprocess.Popen(
-            [*argv, "--status-fd", str(write_end)],
-            stdin=subprocess.DEVNULL,
-            stdout=early_output,
-            stderr=early_output,
-            pass_fds=(write_end,),
-            start_new_session=True,
-            cwd="/",
-        )
-        os.close(write_end)
+        try:
+            child = subprocess.Popen(
+                [*argv, "--status-fd", str(write_end)],
+                stdin=subprocess.DEVNULL,
+                stdout=early_output,
+                stderr=early_output,
+                pass_fds=(write_end,),
+                start_new_session=True,
+                cwd="/",
+            )
+        except OSError as exc:
+            os.close(read_end)
+            raise StartupError(f"cannot start the daemon ({argv[0]}): {exc}") from exc
+        finally:
+            os.close(write_end)
         try:
             status = _read_status(read_end, options.timeout + _DAEMON_START_MARGIN)
         finally:
