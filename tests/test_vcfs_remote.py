@@ -338,6 +338,22 @@ def test_listing_is_cached_briefly_and_fills_the_metadata_cache(
     assert json.dumps(remote.counters.snapshot())  # JSON-ready
 
 
+def test_the_listing_answers_lookups_of_its_videos_however_many(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    """`ls -l`, `du`, `find` look the listed names up in the listing's order: with more videos
+    than the metadata cache holds, each lookup found its entry evicted by the ones before and
+    asked the service, first block included."""
+    service.listed = [HASH, *(f"{digit:x}" * 64 for digit in range(10, 13))]
+    remote = make_remote(meta_entries=2)
+    listing = remote.list_videos()
+    for _ in range(2):
+        for meta in listing:
+            assert remote.meta(meta.content_hash, first_block=CHUNK) == meta
+    assert service.requests == ["/videos"]
+    assert remote.counters.get("first_blocks") == 0
+
+
 def test_an_old_listing_is_returned_at_once_while_a_new_one_is_fetched(
     make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
 ) -> None:

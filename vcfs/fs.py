@@ -1,9 +1,10 @@
 """The FUSE side of vcfs: a thin mfusepy `Operations` adapter over `Remote` and `BlockCache`.
 
 Namespace (see vcfs.paths): `/by-hash/<hash>.<ext>` per stored video, listed through the
-service's listing and looked up by metadata whatever the listing says; `/.vcfs/stats` is a
-JSON snapshot of the counters, generated when opened and served with `direct_io` so its size
-may differ from what `stat` said (it says 0, like /proc files).
+service's listing and looked up in the last listing, or by metadata if it lacks the name (a
+video ingested since); `/.vcfs/stats` is a JSON snapshot of the counters, generated when
+opened and served with `direct_io` so its size may differ from what `stat` said (it says 0,
+like /proc files).
 
 Caching across the kernel boundary: a hash's bytes never change, so the kernel keeps file
 pages across opens (`kernel_cache`) and entries/attributes for a day; failed lookups are

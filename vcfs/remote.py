@@ -56,8 +56,12 @@ does not come that way (an error, or late), the lookup asks for it again the usu
 retries; any failure of the block (an error, a wrong length, a digest mismatch, chunks coarser
 than the block, an exchange silent for `first_block_patience`, as behind a proxy that does not
 pass pipelined requests on) drops it quietly and the normal path fetches the block. Lookups
-answered from the cache (e.g. after an `ls by-hash`) send nothing more; for a hash the service
-does not have, `/meta`'s 404 ends the exchange.
+answered from the last listing or the cache send nothing more: that is a player's lookup after
+an `ls by-hash` (and every lookup of `ls -l`, `du`, `find` sweeping the folder, which would
+otherwise each fetch a block they never read). Such a player loses nothing: the `/meta` round
+trip the pipelining hides is not needed at all, and its first read asks for the block and its
+digests at once (`_fetch_with_digests`), one round trip as well. For a hash the service does
+not have, `/meta`'s 404 ends the exchange.
 
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
@@ -68,11 +72,13 @@ arriving, so a reader waiting for the run's first bytes does not wait for its la
 retried run asks only for the blocks not handed on.
 
 Caches (content never changes for a hash, but videos come and go):
-- metadata of existing videos: an LRU of bounded size, kept until evicted;
-- "no such video": a few seconds only, so a newly ingested video shows up quickly;
 - the `by-hash/` listing: fresh for a few seconds, then returned as it is while a new one is
-  fetched in the background (players list the folder at every open); it also fills the
-  metadata cache;
+  fetched in the background (players list the folder at every open); its videos answer
+  lookups by name until the next listing replaces it, however many there are (an LRU
+  filled by the listing thrashed beyond its size: `ls -l` stats in the listing's order);
+- metadata of other videos looked up by name (ingested since the listing, or no `ls` yet):
+  an LRU of bounded size, kept until evicted;
+- "no such video": a few seconds only, so a newly ingested video shows up quickly;
 - chunk digests per video, by page, and the verified edge chunks described above.
 """
 
@@ -178,7 +184,8 @@ class RemoteConfig:
     listing_ttl: float = 5.0
     # A lookup of a not-yet-ingested hash is retried by the kernel after this long anyway.
     negative_ttl: float = 3.0
-    # ~300 bytes each: 64k videos' metadata in ~20 MB.
+    # Videos looked up by name that the last listing lacks (it answers for its own):
+    # ~300 bytes each, 64k in ~20 MB.
     meta_entries: int = 65_536
     # Digests take 32 bytes per chunk, kept by page of the video (vcfs.digests): 128 KiB per
     # GiB read in 256 KiB chunks, so the pages of ~250 GiB of video.
@@ -410,6 +417,8 @@ class Remote:
         )
         self._failures: dict[str, list[_Failure]] = {}
         self._listing: list[VideoMeta] = []
+        # The last listing's videos by hash: they answer lookups by name (see `meta`).
+        self._listed: dict[str, VideoMeta] = {}
         self._listing_at: float | None = None
         self._listing_refresh: threading.Thread | None = None
         self._workers = concurrent.futures.ThreadPoolExecutor(
@@ -482,7 +491,7 @@ class Remote:
         With `first_block` (a block size) and the metadata not cached, the video's first block
         and chunk digests are asked for at the same time (see the module docstring)."""
         with self._lock:
-            known = self._known.get(content_hash)
+            known = self._cached_meta(content_hash)
             if known is not None:
                 return known
             if content_hash in self._missing:
@@ -514,6 +523,12 @@ class Remote:
                 functools.partial(self._keep_answered_digests, meta)
             )
         return meta
+
+    def _cached_meta(self, content_hash: str) -> VideoMeta | None:
+        """The video's metadata from the last listing or an earlier lookup, if either has it
+        (the caller holds the lock)."""
+        listed = self._listed.get(content_hash)
+        return listed if listed is not None else self._known.get(content_hash)
 
     def _meta_answered(self, content_hash: str, speculation: _FirstBlock,
                        deadline: float) -> bool:
@@ -568,11 +583,9 @@ class Remote:
                 listing.append(VideoMeta.from_json(doc))
             except RemoteError as exc:
                 log.warning("skipping a listing entry: %s", exc)
+        listed = {meta.content_hash: meta for meta in listing}
         with self._lock:
-            for meta in listing:
-                self._known[meta.content_hash] = meta
-                self._missing.pop(meta.content_hash, None)
-            self._listing = listing
+            self._listing, self._listed = listing, listed
             self._listing_at = self._clock()
         return listing
 
@@ -585,6 +598,7 @@ class Remote:
         """The service says the video is gone: stop believing the cached metadata."""
         with self._lock:
             self._known.pop(content_hash, None)
+            self._listed.pop(content_hash, None)
             self._missing[content_hash] = True
 
     # -- bytes -----------------------------------------------------------------------------
@@ -671,7 +685,7 @@ class Remote:
             return [first, *rest]
         with self._lock:
             chunk_size = self._chunk_sizes.get(content_hash)  # None: not known, or no digests
-            meta = self._known.get(content_hash)
+            meta = self._cached_meta(content_hash)
         if (
             chunk_size is None
             or meta is None
@@ -824,7 +838,7 @@ class Remote:
         if self._known_digests(content_hash, start, end)[0]:
             return False
         with self._lock:
-            meta = self._known.get(content_hash)
+            meta = self._cached_meta(content_hash)
         return (
             meta is not None
             and start % MIN_SERVICE_CHUNK_SIZE == 0
@@ -934,7 +948,7 @@ class Remote:
         if start != 0:
             return None
         with self._lock:
-            meta = self._known.get(content_hash)
+            meta = self._cached_meta(content_hash)
             held = self._first_blocks.get(content_hash)
             if held is None or meta is None or end != min(held.size, meta.size):
                 return None
