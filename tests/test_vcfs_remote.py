@@ -62,6 +62,7 @@ class FakeService:
     listed: list[str] = field(default_factory=lambda: [HASH])  # hashes /videos lists
     block_listing: Callable[[], object] | None = None  # called before answering /videos
     on_request: Callable[[], object] | None = None  # called first, for every request
+    gone: set[str] = field(default_factory=set)  # hashes deleted: 404 for everything of theirs
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if self.on_request is not None:
@@ -72,6 +73,8 @@ class FakeService:
             self.ranges.append(request.headers.get("Range", ""))
             if self.block is not None:
                 self.block()
+        if any(content_hash in path for content_hash in self.gone):
+            return httpx.Response(404, json={"detail": "deleted"})
         if self.failures:
             status = self.failures.pop(0)
             return httpx.Response(status, json={"detail": f"injected {status}"})
@@ -111,6 +114,11 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
         self.now += seconds
+
+
+def listed(remote: Remote) -> list[str]:
+    """The hashes `ls by-hash` would show now (a stale listing starts a refresh)."""
+    return [meta.content_hash for meta in remote.list_videos()]
 
 
 @pytest.fixture
@@ -373,6 +381,49 @@ def test_an_old_listing_is_returned_at_once_while_a_new_one_is_fetched(
     assert service.requests == ["/videos", "/videos"]
     assert remote.meta(OTHER) is not None  # from the listing: nothing asked
     assert service.requests == ["/videos", "/videos"]
+
+
+def test_a_listing_forgets_the_videos_it_no_longer_has(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """A video deleted from the service: once a listing begun after its metadata was cached
+    lacks it, a first `stat` of it is ENOENT, not a file whose reads then fail. Whether the
+    metadata came from a listing or from a lookup by name."""
+    remote = make_remote(listing_ttl=5.0)
+    for looked_up in (False, True):
+        service.listed = [] if looked_up else [HASH]
+        clock.now += 6
+        wait_until(lambda: listed(remote) == service.listed, timeout=10, what="the listing")
+        assert remote.meta(HASH) is not None
+        service.listed, service.gone = [OTHER], {HASH}
+        clock.now += 6
+        wait_until(lambda: listed(remote) == [OTHER], timeout=10, what="the new listing")
+        assert remote.meta(HASH) is None, f"looked up: {looked_up}"
+        service.gone = set()
+        clock.now += remote.config.negative_ttl
+
+
+def test_a_video_looked_up_during_a_listing_outlives_it(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """A video ingested while a listing runs is found by name, and its page may have gone by:
+    the listing lacking it does not make vcfs forget it."""
+    service.listed = []
+    remote = make_remote(listing_ttl=5.0)
+    remote.list_videos()
+    released = threading.Event()
+    service.block_listing = lambda: released.wait(timeout=10)
+    clock.now += 6
+    remote.list_videos()  # the refresh begins, and waits for its answer
+    wait_until(lambda: service.requests.count("/videos") == 2, timeout=10,
+               what="the refresh under way")
+    clock.now += 1
+    assert remote.meta(HASH) is not None
+    service.listed = [OTHER]
+    released.set()
+    wait_until(lambda: listed(remote) == [OTHER], timeout=10, what="the new listing")
+    assert remote.meta(HASH) is not None
+    assert service.requests.count(f"/meta/{HASH}") == 1
 
 
 def test_a_failed_refresh_keeps_the_last_listing(

@@ -77,7 +77,9 @@ Caches (content never changes for a hash, but videos come and go):
   lookups by name until the next listing replaces it, however many there are (an LRU
   filled by the listing thrashed beyond its size: `ls -l` stats in the listing's order);
 - metadata of other videos looked up by name (ingested since the listing, or no `ls` yet):
-  an LRU of bounded size, kept until evicted;
+  an LRU of bounded size, kept until evicted, or until a listing begun after the lookup
+  lacks the video (deleted since: a `stat` of it is then ENOENT, not a file whose reads
+  fail);
 - "no such video": a few seconds only, so a newly ingested video shows up quickly;
 - chunk digests per video, by page, and the verified edge chunks described above.
 """
@@ -396,7 +398,9 @@ class Remote:
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()
-        self._known: LRUCache[str, VideoMeta] = LRUCache(maxsize=self.config.meta_entries)
+        # Metadata found by `/meta`, and when (a later listing lacking it means it is gone).
+        self._known: LRUCache[str, tuple[VideoMeta, float]] = LRUCache(
+            maxsize=self.config.meta_entries)
         self._missing: TTLCache[str, bool] = TTLCache(
             maxsize=self.config.meta_entries, ttl=self.config.negative_ttl, timer=clock
         )
@@ -517,7 +521,7 @@ class Remote:
                 self._missing[content_hash] = True
             return None
         with self._lock:
-            self._known[content_hash] = meta
+            self._known[content_hash] = meta, self._clock()
         if speculation is not None:  # keep the digests as soon as they are in
             speculation.digests.add_done_callback(
                 functools.partial(self._keep_answered_digests, meta)
@@ -528,7 +532,10 @@ class Remote:
         """The video's metadata from the last listing or an earlier lookup, if either has it
         (the caller holds the lock)."""
         listed = self._listed.get(content_hash)
-        return listed if listed is not None else self._known.get(content_hash)
+        if listed is not None:
+            return listed
+        known = self._known.get(content_hash)
+        return None if known is None else known[0]
 
     def _meta_answered(self, content_hash: str, speculation: _FirstBlock,
                        deadline: float) -> bool:
@@ -569,6 +576,7 @@ class Remote:
                 self._listing_refresh = None
 
     def _fetch_listing(self) -> list[VideoMeta]:
+        started = self._clock()
         def attempt(cutoff: float) -> list[dict[str, Any]]:
             docs = []
             for doc in self._client.list_videos(page_size=_PAGE_SIZE):
@@ -585,6 +593,11 @@ class Remote:
                 log.warning("skipping a listing entry: %s", exc)
         listed = {meta.content_hash: meta for meta in listing}
         with self._lock:
+            # A lookup answered before this listing began that it lacks is of a video deleted
+            # since; one answered later may be of a video ingested after its page was listed.
+            for content_hash in [known for known in self._known if known not in listed]:
+                if self._known[content_hash][1] < started:
+                    del self._known[content_hash]
             self._listing, self._listed = listing, listed
             self._listing_at = self._clock()
         return listing
