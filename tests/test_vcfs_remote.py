@@ -13,6 +13,7 @@ import json
 import re
 import threading
 import time
+import tracemalloc
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,7 +60,7 @@ class FakeService:
     requests: list[str] = field(default_factory=list)
     ranges: list[str] = field(default_factory=list)  # Range headers of video requests
     block: Callable[[], object] | None = None  # called before answering a video request
-    listed: list[str] = field(default_factory=lambda: [HASH])  # hashes /videos lists
+    listed: list[str] = field(default_factory=lambda: [HASH])  # hashes /videos lists, in order
     block_listing: Callable[[], object] | None = None  # called before answering /videos
     on_request: Callable[[], object] | None = None  # called first, for every request
     gone: set[str] = field(default_factory=set)  # hashes deleted: 404 for everything of theirs
@@ -86,9 +87,12 @@ class FakeService:
         if path == "/videos":
             if self.block_listing is not None:
                 self.block_listing()
+            limit, after = int(request.url.params["limit"]), request.url.params.get("after")
+            start = 0 if after is None else self.listed.index(after) + 1
+            page = self.listed[start : start + limit]
             return httpx.Response(200, json={"items": [{
                 "hash": listed, "size_bytes": len(DATA), "file_path": f"b/{listed}.mp4",
-            } for listed in self.listed], "next": None})
+            } for listed in page], "next": page[-1] if start + limit < len(self.listed) else None})
         if path == f"/video/{HASH}/chunks":
             return httpx.Response(200, json={"hash": HASH, "chunk_size": CHUNK,
                                              "digests": self.digests})
@@ -424,6 +428,22 @@ def test_a_video_looked_up_during_a_listing_outlives_it(
     wait_until(lambda: listed(remote) == [OTHER], timeout=10, what="the new listing")
     assert remote.meta(HASH) is not None
     assert service.requests.count(f"/meta/{HASH}") == 1
+
+
+def test_a_listing_holds_no_page_longer_than_it_takes_to_read_it(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    """Each page of the listing is made VideoMeta as it arrives: the raw records of every page,
+    held until the last one came, took 99 MB more at the peak of a 100k videos' listing."""
+    service.listed = [f"{number:064x}" for number in range(20_000)]
+    remote = make_remote()
+    tracemalloc.start()
+    try:
+        assert len(remote.list_videos()) == 20_000
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - kept < kept / 4, f"kept {kept}, peak {peak}"
 
 
 def test_a_failed_refresh_keeps_the_last_listing(
