@@ -64,12 +64,15 @@ class FakeService:
     block_listing: Callable[[], object] | None = None  # called before answering /videos
     on_request: Callable[[], object] | None = None  # called first, for every request
     gone: set[str] = field(default_factory=set)  # hashes deleted: 404 for everything of theirs
+    cursors: list[str | None] = field(default_factory=list)  # `after` of each /videos request
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if self.on_request is not None:
             self.on_request()
         path = request.url.path
         self.requests.append(path)
+        if path == "/videos":
+            self.cursors.append(request.url.params.get("after"))
         if path == f"/video/{HASH}":
             self.ranges.append(request.headers.get("Range", ""))
             if self.block is not None:
@@ -444,6 +447,46 @@ def test_a_listing_holds_no_page_longer_than_it_takes_to_read_it(
     finally:
         tracemalloc.stop()
     assert peak - kept < kept / 4, f"kept {kept}, peak {peak}"
+
+
+def test_each_page_of_a_listing_has_its_own_deadline_and_is_retried_alone(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """A large store's listing under load: one deadline for all its pages ran out (`ls` failed
+    with EIO), and the retry began again at the first page."""
+    service.listed = [f"{number:064x}" for number in range(1, 6)]  # 3 pages of 2
+    remote = make_remote(timeout=5.0, listing_page=2)
+
+    def answer_in_2_s() -> None:  # 3 pages and a retry: longer than one deadline
+        clock.now += 2
+        if service.cursors == [None]:  # the second page's first attempt fails
+            service.failures = [503]
+
+    service.on_request = answer_in_2_s
+    assert listed(remote) == service.listed
+    second, third = service.listed[1], service.listed[3]
+    assert service.cursors == [None, second, second, third]
+    assert remote.counters.get("retries") == 1
+
+
+def test_a_listing_fails_at_a_page_unanswered_for_a_deadline(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    service.listed = [f"{number:064x}" for number in range(1, 6)]
+    remote = make_remote(timeout=5.0, listing_page=2)
+
+    def fail_from_the_second_page() -> None:
+        if service.cursors == [None]:
+            service.failures = [503] * 1000
+            started.append(clock.now)
+
+    started: list[float] = []
+    service.on_request = fail_from_the_second_page
+    with pytest.raises(RemoteUnavailable, match=f"page 2 \\(after {service.listed[1]}\\)"):
+        remote.list_videos()
+    assert 5.0 <= clock.now - started[0] <= 5.0 + 2.0
+    assert service.cursors.count(None) == 1  # never from the first page again
+    assert remote.counters.get("errors") == 1
 
 
 def test_a_failed_refresh_keeps_the_last_listing(

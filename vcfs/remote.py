@@ -1,14 +1,19 @@
 """vcfs's only door to the vidcache service: byte ranges, metadata and the listing, with the
 retry policy, the caches that make lookups cheap, and the vcfs error hierarchy.
 
-Deadlines. Every operation (one fetch, one metadata lookup, one listing) has ONE deadline,
-`RemoteConfig.timeout` after it started, shared by everything it needs (a fetch that first
-needs the video's metadata and chunk digests spends them from the same budget). Errors the
-client marks `transient` (connection resets, timeouts, 5xx, an answer that is not exactly the
-asked range), data failing its digest and attempts that ran out of time are retried with
-jittered exponential backoff until the deadline; then `RemoteUnavailable`, naming the hash
-and range. A 404 is `NotFound` at once, a 401/403 `AccessDenied` at once (the token is
-missing or wrong), any other refusal (4xx) `RemoteError` at once.
+Deadlines. Every operation (one fetch, one metadata lookup, one page of the listing) has ONE
+deadline, `RemoteConfig.timeout` after it started, shared by everything it needs (a fetch that
+first needs the video's metadata and chunk digests spends them from the same budget). A
+listing is its pages one after the other, each with its own deadline, a retry asking again for
+that page only (after the last one answered): a large store's listing under load goes on as
+long as each page is answered in time (one deadline for them all failed at 100k videos, and
+its retry began again at page 1), and fails once one is not, so it ends within one deadline
+(plus one request timeout) per page. Errors the client marks `transient` (connection
+resets, timeouts, 5xx, an answer that is not exactly the asked range), data failing its digest
+and attempts that ran out of time are retried with jittered exponential backoff until the
+deadline; then `RemoteUnavailable`, naming the hash and range (or the page). A 404 is
+`NotFound` at once, a 401/403 `AccessDenied` at once (the token is missing or wrong), any
+other refusal (4xx) `RemoteError` at once.
 
 Bounds. Each HTTP request has its own per-read timeout (`per_request_timeout`, at most a third
 of the deadline, so one stalled request leaves time to retry), but a response trickling in
@@ -16,7 +21,7 @@ slowly never times out that way. So every attempt runs on a worker thread and th
 for it only until the operation's *cutoff* (deadline + one request timeout): whatever the
 service does, the caller has its answer or an error by then. An attempt given up that way
 (`overdue`) also stops itself: a range checks the cutoff after every network read, a listing
-between records.
+page once it is in.
 
 After a failure. The kernel asks again at once, page by page, for a read that failed; a fetch
 overlapping a range that failed for good less than `failure_memory` ago therefore gets one
@@ -89,6 +94,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import itertools
 import logging
 import random
 import threading
@@ -113,7 +119,13 @@ from vcfs.digests import (
 )
 from vcfs.digests import parse as parse_digests
 from vcfs.stats import Counters
-from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
+from vidcache_client import (
+    AuthError,
+    NotFoundError,
+    ProtocolError,
+    VidCacheClient,
+    VidCacheError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +198,9 @@ class RemoteConfig:
     listing_ttl: float = 5.0
     # A lookup of a not-yet-ingested hash is retried by the kernel after this long anyway.
     negative_ttl: float = 3.0
+    # The service's largest listing page: the fewest requests (each with its own deadline)
+    # for `ls by-hash`.
+    listing_page: int = 1000
     # Videos looked up by name that the last listing lacks (it answers for its own):
     # ~300 bytes each, 64k in ~20 MB.
     meta_entries: int = 65_536
@@ -217,6 +232,8 @@ class RemoteConfig:
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.request_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if self.listing_page < 1:
+            raise ValueError(f"listing_page must be positive, got {self.listing_page}")
         page = self.digest_page_bytes
         if page < MIN_SERVICE_CHUNK_SIZE or page & (page - 1):
             raise ValueError(f"digest_page_bytes must be a power of two of at least "
@@ -357,11 +374,8 @@ def _page_size(page: Digests) -> int:
     return 100 + len(page.packed)
 
 
-# The service's largest listing page: fewest requests for `ls by-hash`.
-_PAGE_SIZE = 1000
-
 REMOTE_COUNTERS = (
-    "http_requests",  # attempts sent (a whole listing counts as one)
+    "http_requests",  # attempts sent (one per page of a listing)
     "range_requests",  # attempts to fetch a byte range
     "bytes_fetched",  # bytes of ranges returned to the cache
     "retries",  # attempts repeated after a transient error
@@ -576,23 +590,19 @@ class Remote:
                 self._listing_refresh = None
 
     def _fetch_listing(self) -> list[VideoMeta]:
+        """Every page of the service's listing, each with a deadline of its own (a retry asks
+        again for that page only, not from the first), made VideoMeta as it comes in (a whole
+        listing's raw records took 99 MB at 100k videos); then it becomes the last listing."""
         started = self._clock()
-
-        def attempt(cutoff: float) -> list[VideoMeta]:
-            listing = []
-            # Each record made VideoMeta as its page comes in: a whole listing's raw records
-            # took 99 MB at 100k videos.
-            for doc in self._client.list_videos(page_size=_PAGE_SIZE):
-                try:
-                    listing.append(VideoMeta.from_json(doc))
-                except RemoteError as exc:
-                    log.warning("skipping a listing entry: %s", exc)
-                if self._clock() > cutoff:
-                    raise Overdue(f"listing still incomplete at the deadline "
-                                  f"({len(listing)} so far)")
-            return listing
-
-        listing = self._with_retries("the video listing", attempt)
+        listing: list[VideoMeta] = []
+        after: str | None = None
+        for number in itertools.count(1):
+            page, after = self._with_retries(
+                f"the video listing, page {number}" + (f" (after {after})" if after else ""),
+                functools.partial(self._listing_page, after))
+            listing += page
+            if after is None:
+                break
         listed = {meta.content_hash: meta for meta in listing}
         with self._lock:
             # A lookup answered before this listing began that it lacks is of a video deleted
@@ -603,6 +613,34 @@ class Remote:
             self._listing, self._listed = listing, listed
             self._listing_at = self._clock()
         return listing
+
+    def _listing_page(self, after: str | None, cutoff: float
+                      ) -> tuple[list[VideoMeta], str | None]:
+        """One page of the listing (the first, or the one after the hash `after`): its videos,
+        and the cursor of the next page (None: it is the last). Not made VideoMeta if it came
+        after the cutoff: the caller has given up on it."""
+        size = self.config.listing_page
+        params: dict[str, str | int] = {"limit": size}
+        if after is not None:
+            params["after"] = after
+        # The client's public `list_videos` starts at the first page: a retry must not. Its
+        # iterator asks for the page at the first record and for the next one only past the
+        # `size`th.
+        records = list(itertools.islice(self._client._iter_listing(params), size))
+        if self._clock() > cutoff:
+            raise Overdue(f"listing page after {after!r} came after the deadline")
+        page = []
+        for doc in records:
+            try:
+                page.append(VideoMeta.from_json(doc))
+            except RemoteError as exc:
+                log.warning("skipping a listing entry: %s", exc)
+        if len(records) < size:
+            return page, None
+        cursor = records[-1].get("hash")  # what the service's `next` is: pages are by hash
+        if not isinstance(cursor, str) or (after is not None and cursor <= after):
+            raise ProtocolError(f"listing page after {after!r} ends with hash {cursor!r}")
+        return page, cursor
 
     def last_listing(self) -> list[VideoMeta]:
         """The most recent listing, however old, without asking the service (for statfs)."""
