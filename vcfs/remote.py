@@ -569,7 +569,9 @@ class Remote:
         """Every stored video, ordered by hash; cached for `listing_ttl` seconds. Past that, the
         last listing is returned at once while a new one is fetched in the background (a player
         lists the folder of every file it opens, looking for subtitles: it must not wait for
-        every page of a large cache each time); only the first listing is waited for."""
+        every page of a large cache each time); only the first listing is waited for. The same
+        list (never changed) until the next listing replaces it: what is derived from it can
+        be kept as long as it is returned."""
         with self._lock:
             if self._listing_at is not None:
                 age = self._clock() - self._listing_at
