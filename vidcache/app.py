@@ -373,7 +373,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.delete("/video/{content_hash}", status_code=204, responses=_ERRORS)
     def delete(content_hash: ContentHash) -> Response:
         """Remove the blob, the record and every URL alias."""
-        deleted = store.delete(_checked_hash(content_hash))
+        deleted = ingestor.delete(_checked_hash(content_hash))
         blobs.forget(content_hash)
         if not deleted:
             raise NotFound(f"no video with hash {content_hash}")

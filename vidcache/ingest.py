@@ -8,15 +8,22 @@
    `phash_distance`, the URL becomes its alias and the new bytes are dropped.
 6. Otherwise `new`: the blob is moved into place and its record committed.
 
+Step 5 searches an in-memory index of every stored video's perceptual hash (phash_index.py),
+which the Ingestor fills from the store at start and keeps in step with its own adds and
+deletes (so deletions go through `Ingestor.delete`).
+
 Concurrency: one ingest per URL at a time (a second request for the URL waits and then finds
 the alias), one per content hash at a time (same bytes under two URLs are probed once), and
-step 5's compare-and-commit runs under the store's exclusive hold, so two re-encodes arriving
-together cannot both become `new`. Locks are always taken URL -> hash -> store.
+step 5's compare-and-commit and every deletion run one at a time under the Ingestor's own
+lock, so two re-encodes arriving together cannot both become `new` and a matched video cannot
+vanish before its alias is added. Reads never take that lock: a search does not hold them up.
+Locks are always taken URL -> hash -> decide -> store.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,6 +31,7 @@ from vidcache import media
 from vidcache.download import Downloader, parse_url
 from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
+from vidcache.phash_index import PhashIndex
 from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
 
 log = logging.getLogger(__name__)
@@ -50,6 +58,10 @@ class Ingestor:
         self._max_meta_depth = max_meta_depth
         self._url_locks = KeyedLocks()
         self._hash_locks = KeyedLocks()
+        self._decide = threading.Lock()
+        self._phashes = PhashIndex(media.FRAMES)
+        for content_hash, encoded in store.phashes():
+            self._phashes.add(content_hash, media.decode_phash(encoded))
 
     def ingest(self, *, url: str, bucket: str, prefix: str = "",
                meta: dict[str, Any] | None = None) -> IngestResult:
@@ -82,12 +94,12 @@ class Ingestor:
                 info = media.probe(download.path, timeout=self._media_timeout)
                 phash = media.perceptual_hash(download.path, info, timeout=self._media_timeout,
                                               work_dir=self._store.tmp_dir)
-                with self._store.exclusive():
+                with self._decide:
                     match = self._nearest(phash)
                     if match is not None:
                         matched_hash, distance = match
                         record = self._store.add_alias(url, matched_hash)
-                        assert record is not None  # deletions wait for the exclusive hold
+                        assert record is not None  # deletions wait for the decide lock
                         return _result(record, "duplicate", distance)
                     record = self._store.add_video(
                         NewVideo(content_hash=download.content_hash, bucket=bucket,
@@ -98,19 +110,22 @@ class Ingestor:
                                  chunk_size=download.chunk_size,
                                  chunk_digests=download.chunk_digests),
                         url=url, temp_path=download.path)
+                    self._phashes.add(record.content_hash, phash)
                     return _result(record, "new")
         finally:
             download.path.unlink(missing_ok=True)
 
+    def delete(self, content_hash: str) -> bool:
+        """Store.delete, keeping the index in step; False if there was no such video."""
+        with self._decide:
+            deleted = self._store.delete(content_hash)
+            if deleted:
+                self._phashes.remove(content_hash)
+            return deleted
+
     def _nearest(self, phash: media.PerceptualHash) -> tuple[str, int] | None:
         """The stored video perceptually nearest to `phash`, if within the threshold."""
-        best: tuple[str, int] | None = None
-        for content_hash, encoded in self._store.phashes():
-            distance = media.phash_distance(phash, media.decode_phash(encoded))
-            if distance is not None and distance <= self._threshold and (
-                    best is None or distance < best[1]):
-                best = (content_hash, distance)
-        return best
+        return self._phashes.nearest(phash, self._threshold)
 
 
 def _result(record: VideoRecord, status: Status, distance: int | None = None) -> IngestResult:

@@ -185,8 +185,7 @@ class RecoveryReport:
 
 
 class Store:
-    """Thread-safe: one SQLite connection and one re-entrant lock held by every method.
-    `exclusive()` lets a caller make several calls one atomic step (ingest's decide-and-commit)."""
+    """Thread-safe: one SQLite connection and one re-entrant lock held by every method."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -276,12 +275,6 @@ class Store:
 
     # --- reads ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Hold the store: no other thread reads or writes until the block ends."""
-        with self._lock:
-            yield
-
     def get(self, content_hash: str) -> VideoRecord | None:
         with self._lock:
             row = self.db.execute(f"SELECT {_RECORD_COLUMNS} FROM videos WHERE hash = ?",
@@ -335,9 +328,10 @@ class Store:
                           first_chunk=page.start, digests=digests)
 
     def phashes(self) -> list[tuple[str, str]]:
-        """(hash, encoded perceptual hash) of every stored video."""
+        """(hash, encoded perceptual hash) of every stored video, oldest first."""
         with self._lock:
-            return [(h, p) for h, p in self.db.execute("SELECT hash, phash FROM videos")]
+            return [(h, p) for h, p in
+                    self.db.execute("SELECT hash, phash FROM videos ORDER BY rowid")]
 
     def count(self) -> int:
         with self._lock:

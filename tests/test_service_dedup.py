@@ -1,0 +1,176 @@
+"""Ingest's near-duplicate search: the in-memory index of perceptual hashes answers exactly what
+comparing with every stored video one by one (the search it replaced) answered, stays in step
+with the store across restarts and deletes, and never holds up a read while it runs."""
+
+from __future__ import annotations
+
+import random
+import threading
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vidcache.app import create_app
+from vidcache.config import ServiceConfig
+from vidcache.ingest import Ingestor
+from vidcache.media import FRAMES, PerceptualHash, phash_distance
+from vidcache.phash_index import PhashIndex
+
+with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _one_by_one(stored: list[tuple[str, PerceptualHash]], phash: PerceptualHash,
+                threshold: int) -> tuple[str, int] | None:
+    """The search before the index: every stored video in the order stored, the first of the
+    nearest kept."""
+    best: tuple[str, int] | None = None
+    for content_hash, other in stored:
+        distance = phash_distance(phash, other)
+        if distance is not None and distance <= threshold and (
+                best is None or distance < best[1]):
+            best = (content_hash, distance)
+    return best
+
+
+# Few distinct frame values, so equal distances (ties) and exact halves are common.
+_FRAME = st.one_of(st.none(), st.sampled_from([0, 1, 3, 7, 0xFF, 0xF0F0, 2**64 - 1]),
+                   st.integers(0, 2**64 - 1))
+_PHASH = st.lists(_FRAME, min_size=1, max_size=FRAMES).map(tuple)
+_STORED_PHASH = st.lists(_FRAME, min_size=1, max_size=FRAMES + 2).map(tuple)
+_STEP = st.one_of(st.tuples(st.just("add"), _STORED_PHASH),
+                  st.tuples(st.just("remove"), st.integers(0, 50)),
+                  st.tuples(st.just("search"), _PHASH, st.integers(0, 64)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_STEP, max_size=40))
+def test_the_index_finds_what_the_one_by_one_search_found(steps: list[Any]) -> None:
+    index = PhashIndex(FRAMES)
+    stored: list[tuple[str, PerceptualHash]] = []
+    for number, step in enumerate(steps):
+        if step[0] == "add":
+            stored.append((f"video{number}", step[1]))
+            index.add(*stored[-1])
+        elif step[0] == "remove" and stored:
+            content_hash, _ = stored.pop(step[1] % len(stored))
+            index.remove(content_hash)
+        elif step[0] == "search":
+            assert index.nearest(step[1], step[2]) == _one_by_one(stored, step[1], step[2])
+        assert len(index) == len(stored)
+
+
+def test_the_index_grows_and_shrinks_like_the_store() -> None:
+    """Thousands of videos (the arrays grow several times), a third deleted, ties resolved to
+    the earliest stored: the same answers as the one-by-one search."""
+    rng = random.Random(7)
+    near = (0x1234_5678_9ABC_DEF0, 0x0F0F_0F0F_0F0F_0F0F, None, 2**63, 5, 6, 7, 8)
+
+    def variant() -> PerceptualHash:  # 0-3 bits off `near` per frame: many equal distances
+        return tuple(None if h is None else h ^ (rng.choice([0, 1, 3, 7]) << rng.randrange(60))
+                     for h in near)
+
+    index = PhashIndex(FRAMES)
+    stored: list[tuple[str, PerceptualHash]] = []
+    for number in range(3000):
+        phash = variant() if number % 5 == 0 else tuple(rng.getrandbits(64) for _ in near)
+        stored.append((f"{number:064x}", phash))
+        index.add(*stored[-1])
+        if number % 3 == 2:
+            content_hash, _ = stored.pop(rng.randrange(len(stored)))
+            index.remove(content_hash)
+    for threshold in (0, 1, 2, 10, 64):
+        for phash in (near, variant(), (None,) * FRAMES, (near[0], None)):
+            assert index.nearest(phash, threshold) == _one_by_one(stored, phash, threshold)
+
+
+def test_distances_round_halves_to_even_as_phash_distance_does() -> None:
+    index = PhashIndex(2)
+    for name, frames in (("half", (0b1, 0)), ("one-and-half", (0b1, 0b11)),
+                         ("two-and-half", (0b11, 0b111))):
+        index.add(name, frames)
+        assert index.nearest((0, 0), 64) == (name, phash_distance((0, 0), frames))
+        index.remove(name)
+    assert [phash_distance((0, 0), f) for f in ((1, 0), (1, 3), (3, 7))] == [0, 2, 2]
+
+
+# --- in the service -------------------------------------------------------------------------
+
+@pytest.fixture
+def client_factory(tmp_path: Path, videos: dict[str, Path]) -> Iterator[Any]:
+    """Opens TestClients of the app over one data directory that may ingest the test videos
+    as file:// URLs; closes them at the end."""
+    config = ServiceConfig(data_dir=tmp_path / "data",
+                           allow_file_dirs=(videos["a.mp4"].parent,))
+    opened: list[TestClient] = []
+
+    def open_client() -> TestClient:
+        client = TestClient(create_app(config))
+        client.__enter__()
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.__exit__(None, None, None)
+
+
+def _ingest(client: TestClient, path: Path, query: str = "") -> dict[str, Any]:
+    response = client.post("/ingest", json={"url": f"file://{path}{query}", "bucket": "dedup"})
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def test_the_index_follows_restarts_and_deletes(client_factory: Any,
+                                                videos: dict[str, Path]) -> None:
+    first = client_factory()
+    stored = _ingest(first, videos["a.mp4"])
+    first.__exit__(None, None, None)  # the data directory is free for the next app
+
+    again = client_factory()  # its index comes from the store
+    reencode = _ingest(again, videos["a_small.mp4"])
+    assert (reencode["status"], reencode["hash"]) == ("duplicate", stored["hash"])
+    assert again.delete(f"/video/{stored['hash']}").status_code == 204
+    alone = _ingest(again, videos["a_small.mp4"], "?after-delete")
+    assert alone["status"] == "new"
+    assert alone["hash"] != stored["hash"]
+
+
+def test_reads_are_answered_while_a_search_runs(client_factory: Any, videos: dict[str, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search used to run under the store's lock, which every read takes: at 100 000
+    videos reads waited up to 1.75 s per ingest. Here the search is held until the reads came
+    back (or their deadline passed)."""
+    client = client_factory()
+    stored = _ingest(client, videos["b.mp4"])
+    searching, release = threading.Event(), threading.Event()
+    search = Ingestor._nearest
+
+    def held_search(self: Ingestor, phash: PerceptualHash) -> tuple[str, int] | None:
+        searching.set()
+        release.wait(timeout=60)
+        return search(self, phash)
+
+    monkeypatch.setattr(Ingestor, "_nearest", held_search)
+    with ThreadPoolExecutor(4) as pool:
+        try:
+            ingest = pool.submit(_ingest, client, videos["a.mp4"])
+            assert searching.wait(timeout=60), "the ingest never reached its search"
+            reads = [pool.submit(client.get, path) for path in (
+                f"/meta/{stored['hash']}", "/videos?bucket=dedup", "/health")]
+            for read in reads:
+                assert read.result(timeout=20).status_code == 200
+            assert not ingest.done()  # the search was still held while they were answered
+        finally:
+            release.set()
+        assert ingest.result(timeout=60)["status"] == "new"
