@@ -1,7 +1,7 @@
 """Pure parts of the vidcache service, tested without a server: size parsing, the host guard,
 bucket/prefix rules, perceptual-hash arithmetic, named locks, hashing while downloading (at
-any allowed chunk size), the chunk-size rule, and the JSON answer to an unexpected server error
-(which a healthy real server cannot produce)."""
+any allowed chunk size), the chunk-size rule, the listing's query plans, and the JSON answer to
+an unexpected server error (which a healthy real server cannot produce)."""
 
 from __future__ import annotations
 
@@ -93,6 +93,40 @@ def test_blob_layout() -> None:
     h = "0123456789abcdef" * 4
     assert blob_relpath("b", "", h, "mp4") == f"b/01/23/{h}.mp4"
     assert blob_relpath("b", "p", h, "mkv") == f"b/p/01/23/{h}.mkv"
+
+
+def _listing_plans(store: Store) -> dict[str, list[str]]:
+    """SQLite's plan of each filtered listing query the store makes, first page and later."""
+    statements: list[str] = []
+    store.db.set_trace_callback(statements.append)
+    filters = (("b", None), (None, ""), (None, "p"), ("b", "p"))  # (bucket, prefix)
+    for (bucket, prefix), after in itertools.product(filters, (None, "8" * 64)):
+        store.list_videos(bucket=bucket, prefix=prefix, after=after, limit=100)
+    store.db.set_trace_callback(None)
+    return {sql: [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {sql}")]
+            for sql in statements if sql.startswith("SELECT hash, bucket")}
+
+
+def test_listing_pages_are_read_in_order_from_an_index(tmp_path: Path) -> None:
+    """A page of a bucket or prefix is read from an index in hash order, from the cursor on:
+    with the whole filter sorted per page (TEMP B-TREE), listing a bucket of 100 000 videos
+    took 17 s instead of 3. A data directory made before these indexes gets them at start."""
+    store = Store(tmp_path / "data")
+    store.open()
+    store.db.executescript("DROP INDEX IF EXISTS videos_bucket; "
+                           "DROP INDEX IF EXISTS videos_prefix;")
+    store.close()
+    store.open()
+    try:
+        plans = _listing_plans(store)
+        assert len(plans) == 8
+        for sql, plan in plans.items():
+            assert not any("TEMP B-TREE" in step for step in plan), (sql, plan)
+            filtered = [column for column in ("bucket", "prefix") if f"{column} = " in sql]
+            assert len(plan) == 1 and plan[0].startswith("SEARCH"), (sql, plan)
+            assert all(f"{column}=?" in plan[0] for column in filtered), (sql, plan)
+    finally:
+        store.close()
 
 
 def test_phash_distance_is_the_mean_over_common_frames() -> None:

@@ -61,7 +61,11 @@ CREATE TABLE IF NOT EXISTS videos (
     chunk_size    INTEGER NOT NULL,
     chunk_digests BLOB NOT NULL
 );
+-- one per filter of the listing, each ending in its ORDER BY hash, so a page is read in order
+-- from where the cursor points instead of sorting the whole bucket or prefix for every page
 CREATE INDEX IF NOT EXISTS videos_location ON videos (bucket, prefix, hash);
+CREATE INDEX IF NOT EXISTS videos_bucket ON videos (bucket, hash);
+CREATE INDEX IF NOT EXISTS videos_prefix ON videos (prefix, hash);
 CREATE TABLE IF NOT EXISTS url_aliases (
     url      TEXT PRIMARY KEY,
     hash     TEXT NOT NULL REFERENCES videos (hash) ON DELETE CASCADE,
