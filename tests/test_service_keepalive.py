@@ -1,6 +1,7 @@
-"""The service keeps an idle client connection open `--keep-alive` seconds (75 by default,
-where uvicorn's own default closes it after 5): a player that paused seeks over the
-connection it has. Checked on raw sockets against real servers."""
+"""Client connections, checked on raw sockets against real servers: the service keeps an idle
+one open `--keep-alive` seconds (75 by default, where uvicorn's own default closes it after
+5), so a player that paused seeks over the connection it has; and a client that leaves with
+pipelined requests unanswered is not an error in the service's log."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.service_support import Api
 from tests.support import VidcacheServer, wait_until
 
 UVICORN_DEFAULT = 5.0  # seconds: what the service would keep a connection without the option
@@ -55,3 +57,46 @@ def test_the_keep_alive_option_sets_how_long(tmp_path: Path) -> None:
         # closed by its own setting, well before uvicorn's default would
         wait_until(lambda: closed_by_server(sock), timeout=UVICORN_DEFAULT - 1,
                    what="the server closing the idle connection")
+
+
+def _pipeline_then_leave(port: int, requests: list[bytes], *, read_first: bool) -> None:
+    """Send `requests` at once on a new connection, then close it: right away, or once the
+    first answer's head is in (vidcache_client leaves so after a `/meta` 404)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"".join(requests))
+        answer = b""
+        while read_first and b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            assert piece, "closed before the first answer"
+            answer += piece
+
+
+def test_a_client_leaving_with_pipelined_requests_is_not_an_error(
+        tmp_path: Path, media_url: str) -> None:
+    """uvicorn marked only the newest request of a connection as disconnected; the one being
+    answered when the client left wrote to the closed socket and was logged as "Exception in
+    ASGI application" with a traceback, for about half of vcfs's lookups of an unknown hash
+    (`/meta`, `/chunks` and the first range pipelined; the client leaves on the 404)."""
+    unknown = "ab" * 32
+    lookup = [f"GET /meta/{unknown} HTTP/1.1\r\nHost: v\r\n\r\n".encode(),
+              f"GET /video/{unknown}/chunks?start=0 HTTP/1.1\r\nHost: v\r\n\r\n".encode(),
+              f"GET /video/{unknown} HTTP/1.1\r\nHost: v\r\nRange: bytes=0-1048575\r\n"
+              "\r\n".encode()]
+    with VidcacheServer(tmp_path / "data") as server:
+        api = Api(server.url)
+        stored = api.ingest_ok(f"{media_url}/big.mp4", "pipelined")["hash"]
+        api.close()
+        # several 4 MiB answers of the hot path, the second one cut off by the client leaving
+        ranges = [f"GET /video/{stored} HTTP/1.1\r\nHost: v\r\nRange: bytes={start}-"
+                  f"{start + 4 * 1024 * 1024 - 1}\r\n\r\n".encode()
+                  for start in range(0, 12 * 1024 * 1024, 4 * 1024 * 1024)]
+        for _ in range(20):
+            _pipeline_then_leave(server.port, lookup, read_first=True)
+            _pipeline_then_leave(server.port, lookup, read_first=False)
+            _pipeline_then_leave(server.port, ranges, read_first=True)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            assert health_over(sock).startswith(b"HTTP/1.1 200")
+    # stopped: every request it took has been handled (or cancelled) by now
+    log = server.log()
+    assert log.count(f"GET /meta/{unknown} HTTP/1.1\" 404") >= 20, log
+    assert "ERROR" not in log and "Traceback" not in log, log

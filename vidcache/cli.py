@@ -175,6 +175,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from vidcache.app import create_app
+    from vidcache.http_protocol import PipelinedHttpToolsProtocol
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -209,7 +210,7 @@ def _serve(args: argparse.Namespace) -> int:
     # log_config=None: uvicorn's loggers go through the format configured above
     uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
                 log_config=None, timeout_graceful_shutdown=5,
-                timeout_keep_alive=config.keep_alive)
+                timeout_keep_alive=config.keep_alive, http=PipelinedHttpToolsProtocol)
     return 0
 
 
