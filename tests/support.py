@@ -8,10 +8,12 @@ generates the same videos.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,7 +23,21 @@ from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
 __all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "serve_directory",
-           "wait_until"]
+           "tmpfs_holding_a_file", "wait_until"]
+
+
+@contextlib.contextmanager
+def tmpfs_holding_a_file(target: Path) -> Iterator[Path]:
+    """A tmpfs mounted at the new directory `target` (root only), holding one file, whose path
+    is yielded: what a command refusing to unmount it must leave. Unmounted at the end."""
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True)
+    try:
+        notes = target / "notes"
+        notes.write_text("keep me")
+        yield notes
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
 
 
 _X264 = ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]

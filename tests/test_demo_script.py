@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, tmpfs_holding_a_file
 
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo"
 
@@ -37,16 +37,11 @@ def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_a_mounted_mount_point_is_refused_and_left_mounted(tmp_path: Path) -> None:
     target = tmp_path / "in use"
-    target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True)
-    try:
-        (target / "notes").write_text("keep me")
+    with tmpfs_holding_a_file(target) as notes:
         result = run_demo("--port", str(free_port()), "--mount", str(target))
         assert result.returncode == 1, result.stderr
         assert "is already a mount point (tmpfs)" in result.stderr, result.stderr
-        assert (target / "notes").read_text() == "keep me"
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
+        assert notes.read_text() == "keep me"
 
 
 def test_a_mount_point_with_files_in_it_is_refused(tmp_path: Path) -> None:

@@ -35,7 +35,13 @@ import pytest
 from blake3 import blake3
 from PIL import Image
 
-from tests.support import VidcacheServer, free_port, serve_directory, wait_until
+from tests.support import (
+    VidcacheServer,
+    free_port,
+    serve_directory,
+    tmpfs_holding_a_file,
+    wait_until,
+)
 from tests.vcfs_support import (
     AS_NOBODY,
     NOBODY,
@@ -575,17 +581,12 @@ def test_daemon_mode_detaches_once_mounted(
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
     """As root, fusermount3 -u unmounts whatever it is given: a tmpfs, and its files, would go."""
-    target = tmp_path / "a tmpfs"
-    target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "none", str(target)], check=True)
-    try:
-        (target / "notes").write_text("keep me")
+    target = tmp_path / "a tmpfs"  # a space, which mountinfo escapes
+    with tmpfs_holding_a_file(target) as notes:
         result = run_vcfs("unmount", str(target))
         assert result.returncode == 1, result.stderr
         assert "is a tmpfs mount, not a vcfs one" in result.stderr, result.stderr
-        assert os.path.ismount(target) and (target / "notes").read_text() == "keep me"
-    finally:
-        subprocess.run(["umount", str(target)], check=False)
+        assert os.path.ismount(target) and notes.read_text() == "keep me"
 
 
 def _alive(pid: int) -> bool:
