@@ -119,13 +119,7 @@ from vcfs.digests import (
 )
 from vcfs.digests import parse as parse_digests
 from vcfs.stats import Counters
-from vidcache_client import (
-    AuthError,
-    NotFoundError,
-    ProtocolError,
-    VidCacheClient,
-    VidCacheError,
-)
+from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
 
 log = logging.getLogger(__name__)
 
@@ -621,14 +615,8 @@ class Remote:
         """One page of the listing (the first, or the one after the hash `after`): its videos,
         and the cursor of the next page (None: it is the last). Not made VideoMeta if it came
         after the cutoff: the caller has given up on it."""
-        size = self.config.listing_page
-        params: dict[str, str | int] = {"limit": size}
-        if after is not None:
-            params["after"] = after
-        # The client's public `list_videos` starts at the first page: a retry must not. Its
-        # iterator asks for the page at the first record and for the next one only past the
-        # `size`th.
-        records = list(itertools.islice(self._client._iter_listing(params), size))
+        # The client's public `list_videos` starts at the first page: a retry must not.
+        records, cursor = self._client._listing_page({"limit": self.config.listing_page}, after)
         if self._clock() > cutoff:
             raise Overdue(f"listing page after {after!r} came after the deadline")
         page = []
@@ -637,11 +625,6 @@ class Remote:
                 page.append(VideoMeta.from_json(doc))
             except RemoteError as exc:
                 log.warning("skipping a listing entry: %s", exc)
-        if len(records) < size:
-            return page, None
-        cursor = records[-1].get("hash")  # what the service's `next` is: pages are by hash
-        if not isinstance(cursor, str) or (after is not None and cursor <= after):
-            raise ProtocolError(f"listing page after {after!r} ends with hash {cursor!r}")
         return page, cursor
 
     def last_listing(self) -> list[VideoMeta]:

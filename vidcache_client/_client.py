@@ -489,23 +489,30 @@ class VidCacheClient:
             raise body_length_error(what, asked, expected, received)
 
     def _iter_listing(self, params: Mapping[str, str | int]) -> Iterator[dict[str, Any]]:
-        what = "listing of videos" + "".join(
-            f" {key}={value!r}" for key, value in params.items() if key != "limit")
         after: str | None = None
         while True:
-            page_params = dict(params) if after is None else {**params, "after": after}
-            page = _json_object(self._send("GET", "/videos", what, params=page_params), what)
-            items, cursor = page.get("items"), page.get("next")
-            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
-                raise ProtocolError(f"{what}: page has no list of records in 'items'")
-            # Cursors are hashes in increasing order; anything else would page forever.
-            if cursor is not None and (not isinstance(cursor, str)
-                                       or (after is not None and cursor <= after)):
-                raise ProtocolError(f"{what}: bad 'next' cursor {cursor!r} after {after!r}")
+            items, after = self._listing_page(params, after)
             yield from items
-            if cursor is None:
+            if after is None:
                 return
-            after = cursor
+
+    def _listing_page(self, params: Mapping[str, str | int], after: str | None
+                      ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of `/videos` (the first, or the one after the cursor `after`): its records
+        and the server's cursor of the next page (None: it was the last). vcfs calls it too, to
+        ask again for one page rather than start over."""
+        what = "listing of videos" + "".join(
+            f" {key}={value!r}" for key, value in params.items() if key != "limit")
+        page_params = dict(params) if after is None else {**params, "after": after}
+        page = _json_object(self._send("GET", "/videos", what, params=page_params), what)
+        items, cursor = page.get("items"), page.get("next")
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ProtocolError(f"{what}: page has no list of records in 'items'")
+        # Cursors are hashes in increasing order; anything else would page forever.
+        if cursor is not None and (not isinstance(cursor, str)
+                                   or (after is not None and cursor <= after)):
+            raise ProtocolError(f"{what}: bad 'next' cursor {cursor!r} after {after!r}")
+        return items, cursor
 
 
 def _digests_request(content_hash: str, start: int | None, end: int | None
