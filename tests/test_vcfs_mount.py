@@ -9,6 +9,7 @@ pages with posix_fadvise(DONTNEED).
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import errno
@@ -848,11 +849,20 @@ def test_options_that_depend_on_others() -> None:
 def test_help_lists_every_option_with_defaults() -> None:
     result = run_vcfs("mount", "--help")
     assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # as argparse wrapped it, but on one line
     for option in ("--cache-size", "--block-size", "--readahead-max", "--timeout",
                    "--foreground", "--daemon", "-o", "--log-level", "--log-file",
                    "--no-raise-readahead", "--no-first-block", "--keep-passed", "256M", "16M",
-                   "default: 30", "default: a quarter of"):
-        assert option in result.stdout, option
+                   "default: 30", "default: a quarter of", "from 4K to 64M"):
+        assert option in text, option
+
+
+def test_every_argument_of_every_command_says_what_it_is() -> None:
+    commands = next(action for action in cli.build_parser()._actions
+                    if isinstance(action, argparse._SubParsersAction))
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            assert action.help, f"vcfs {name} --help: {action.metavar or action.dest} unexplained"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
-        help="unit of caching and fetching, a multiple of 4K (default: 1M; blocks that are "
-        "whole multiples of the service's digest chunks are verified as they arrive, smaller "
-        "ones are fetched as whole chunks)",
+        help="unit of caching and fetching, a multiple of 4K from 4K to 64M (default: 1M; "
+        "blocks that are whole multiples of the service's digest chunks are verified as they "
+        "arrive, smaller ones are fetched as whole chunks)",
     )
     mount.add_argument(
         "--readahead-max", type=parse_size, default=None, metavar="SIZE",
@@ -182,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
-        help="give up on the service after retrying this long, then the read fails with EIO "
-        "(default: 30); a request silent for min(10, SECONDS/3) is retried",
+        help="give up on the service after retrying this long, then the operation (a read, a "
+        "lookup, one page of a listing) fails with EIO (default: 30); a request silent for "
+        "min(10, SECONDS/3) s is retried",
     )
     mount.add_argument(
         "--token-file", metavar="FILE",
@@ -203,11 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
         help="FUSE mount options (repeatable); vcfs always adds ro. allow_other: other users "
-             "may read the mount (without it a root mount is root's alone)",
+             "may read the mount (without it a root mount is root's alone); rw, subtype and "
+             "the FUSE helper's debug, foreground, nothreads are refused",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",
-        help="debug also logs every read with its size (default: info)",
+        help="debug also logs every read with its offset and size (default: info)",
     )
     mount.add_argument(
         "--log-file", metavar="PATH", help="append logs here instead of stderr",
@@ -232,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         "unmount", help="unmount a vcfs mount",
         description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
     )
-    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT",
+                         help="where vcfs is mounted (or a stale mount of a crashed vcfs)")
     unmount.add_argument(
         "-z", "--lazy", action="store_true",
         help="detach now even if files are open; unmounted when they are closed",
