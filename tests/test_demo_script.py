@@ -61,3 +61,13 @@ def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     result = run_demo(*args)
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
+
+
+def test_help_explains_each_option_and_shows_no_code() -> None:
+    result = run_demo("--help")
+    assert result.returncode == 0
+    assert "set -" not in result.stdout  # it printed the script's next line
+    for line in ("--keep        leave the service and the mount up until Ctrl-C",
+                 "--mount DIR   mount point", "(default /mnt/vc)",
+                 "--port PORT   the service's port on 127.0.0.1 (default 8020)"):
+        assert line in result.stdout, result.stdout
