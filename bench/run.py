@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny files, one run, loopback only (the smoke test)")
     parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick: 1)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
-                        help="output directory for JSON, PNG and the media cache")
+                        help="where JSON, PNG and the media cache go (default bench-results)")
     parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS),
                         help="only these contenders")
     parser.add_argument("--profiles", nargs="+", choices=("loopback", "wan"),

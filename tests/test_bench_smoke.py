@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -395,3 +396,15 @@ def test_concurrent_readers_compare_every_byte(tmp_path: Path, damage: str) -> N
         assert bad == f"local.mp4: wrong or short read at {at}"
         assert done == at
 
+
+
+def test_help_explains_every_option_of_the_harness() -> None:
+    harness = subprocess.run([sys.executable, "-m", "bench.run", "--help"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    options = set(re.findall(r"^  (--[a-z-]+)", harness, re.MULTILINE))
+    assert "--workloads" in options and "--vcfs-options" in options
+    script = subprocess.run([str(ROOT / "scripts" / "bench"), "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "set -" not in script  # the header comment only, not the code after it
+    for option in options:
+        assert re.search(rf"^  {option}\b.*\S", script, re.MULTILINE), option
