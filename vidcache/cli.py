@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help=f"port to listen on (default {DEFAULT_PORT})")
     serve.add_argument("--max-size", metavar="BYTES", type=parse_size, default="4G",
-                       help="largest video ingest accepts, bytes or with K/M/G/T (default 4G)")
+                       help="largest video ingest accepts, bytes or K/M/G/T of 1024 (default 4G)")
     serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
                        help="seconds a download may make no progress (default 30)")
     serve.add_argument("--max-download-time", metavar="S", type=_positive_float, default=3600.0,
@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ingest", help="ingest a URL into a running service and print the JSON result",
         description="Ask a running vidcache service to ingest URL; prints the JSON result "
                     '({"hash", "status", "file_path", "phash_distance"?}).')
-    ingest.add_argument("url", metavar="URL", help="http(s) URL of the video")
+    ingest.add_argument("url", metavar="URL",
+                        help="http(s) URL of the video, or file:// (see serve --allow-file-dir)")
     ingest.add_argument("--bucket", required=True, help="bucket to store a new video in")
     ingest.add_argument("--prefix", default="", help="prefix inside the bucket (default none)")
     ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
