@@ -121,6 +121,7 @@ from vcfs.digests import (
     pages_of,
 )
 from vcfs.digests import parse as parse_digests
+from vcfs.limits import FUSE_THREADS
 from vcfs.stats import Counters
 from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
 
@@ -209,9 +210,9 @@ class RemoteConfig:
     digest_page_bytes: int = PAGE_BYTES
     # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
     verified_chunk_bytes: int = 8 * MIB
-    # One worker per connection of the client: attempts never queue behind each other, even
-    # with every read the kernel lets wait on vcfs (48) stalled on the service.
-    workers: int = 64
+    # One worker per connection of the client, one per FUSE thread (vcfs.limits): attempts
+    # never queue behind each other, even with every read the kernel lets wait on vcfs stalled.
+    workers: int = FUSE_THREADS
     # The kernel re-asks a failed read at once, page by page: within this time a range that
     # failed gets one attempt, not a second deadline of retries.
     failure_memory: float = 1.0
