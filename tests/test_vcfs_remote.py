@@ -433,6 +433,46 @@ def test_a_video_looked_up_during_a_listing_outlives_it(
     assert service.requests.count(f"/meta/{HASH}") == 1
 
 
+@pytest.mark.parametrize("found_gone_by", ["a lookup", "a read"])
+def test_a_video_found_gone_during_a_listing_stays_gone_until_ingested_again(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+    found_gone_by: str,
+) -> None:
+    """A video deleted while a listing runs, after the page holding it came: a lookup by name or
+    a read then gets a 404, and the listing, begun before, brought the video back when it ended
+    (`ls` listed it, a `stat` found it, until the next listing). Ingested again, it is in the
+    next listing begun after the 404."""
+    service.listed = [OTHER] if found_gone_by == "a lookup" else [HASH, OTHER]
+    remote = make_remote(listing_ttl=5.0, listing_page=1)
+    assert listed(remote) == service.listed
+    released = threading.Event()
+    # The page after HASH's waits: the refresh has listed HASH and goes on once released.
+    service.block_listing = lambda: service.cursors[-1] != HASH or released.wait(timeout=10)
+    service.listed = [HASH, OTHER]
+    asked, before = len(service.cursors), remote.last_listing()
+    clock.now += 6
+    listed(remote)  # starts the refresh
+    wait_until(lambda: service.cursors[asked:] == [None, HASH], timeout=10,
+               what="the refresh past HASH's page")
+    service.gone = {HASH}
+    if found_gone_by == "a lookup":
+        assert remote.meta(HASH) is None
+        assert f"/meta/{HASH}" in service.requests
+    else:
+        with pytest.raises(NotFound):
+            remote.fetch(HASH, 0, CHUNK)
+    released.set()
+    wait_until(lambda: remote.last_listing() is not before, timeout=10, what="the refresh")
+    assert listed(remote) == [OTHER]
+    assert remote.meta(HASH) is None
+    service.gone = set()  # ingested again
+    clock.now += 6
+    listed(remote)
+    wait_until(lambda: listed(remote) == [HASH, OTHER], timeout=10,
+               what="the listing begun after the 404")
+    assert remote.meta(HASH) is not None
+
+
 def test_a_listing_holds_no_page_longer_than_it_takes_to_read_it(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:

@@ -95,6 +95,8 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache
 
+from vcfs.limits import FUSE_THREADS
+
 Fetcher = Callable[[str, int, int], bytes]
 """`(hash, start, end_exclusive) -> bytes`: exactly the bytes `[start, end)` of the video."""
 
@@ -249,9 +251,9 @@ def adjacent_runs(indices: Iterable[int]) -> list[range]:
 
 _Key = tuple[str, int]
 # Readers' own fetches run in the background (see `_get_pieces`); each one waits on the network.
-# One for each read the kernel lets wait on vcfs (`vcfs.fs.FsConfig.max_background`) and more:
-# a fetch queued here behind reads stalled on the service would wait out their deadlines.
-_BACKGROUND_FETCHES = 64
+# One per FUSE thread (vcfs.limits): a fetch queued here behind reads stalled on the service
+# would wait out their deadlines.
+_BACKGROUND_FETCHES = FUSE_THREADS
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from vcfs import __version__
 from vcfs.blocks import BlockCache
+from vcfs.limits import FUSE_THREADS
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client._malloc import set_malloc_options
 from vidcache_client._validate import parse_base_url
@@ -51,9 +52,6 @@ MIB = 1 << 20
 _UNITS = {"": 1, "k": KIB, "m": MIB, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-# FUSE threads beyond the reads in flight (FsConfig.max_background): lookups, opens and
-# listings still find one while every read waits on a stalled service.
-_SPARE_FUSE_THREADS = 16
 _READAHEAD_MAX = 16 * MIB
 # A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other.
 _FSTYPE = "fuse.vcfs"
@@ -518,13 +516,12 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     )
     operations = VcfsOperations(remote, cache, mountpoint=options.mountpoint, config=config,
                                 on_mounted=on_mounted)
-    threads = config.max_background + _SPARE_FUSE_THREADS
     fuse_kwargs: dict[str, str | bool] = {
         "ro": True, "fsname": "vcfs", "subtype": _FSTYPE.removeprefix("fuse."),
         "default_permissions": True,
         # libfuse starts threads as requests wait for one; idle ones are kept (not ended and
         # started again under load). This also silences libfuse 3.14's warning.
-        **({"max_threads": str(threads), "max_idle_threads": str(threads)}
+        **({"max_threads": str(FUSE_THREADS), "max_idle_threads": str(FUSE_THREADS)}
            if fuse_version_major >= 3 else operations.libfuse2_options()),
     }
     for option in options.fuse_options:  # the user's -o options (fsname=..., allow_other)

@@ -40,6 +40,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from vcfs import paths
 from vcfs.blocks import BlockCache
 from vcfs.fuselib import FuseOSError, Operations, current_fuse, session_exited
+from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
 from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
 from vcfs.stats import Counters
@@ -71,9 +72,8 @@ class FsConfig:
     readahead_threads: int = 4
     # The kernel then sends 1 MiB reads instead of 128 KiB (set when root; None: leave it).
     kernel_readahead_kb: int | None = 1024
-    # Reads the kernel lets wait on vcfs at once (its default, 12, is all it takes for reads
-    # stalled on the service to hold up every read of the mount, cached bytes' too).
-    max_background: int = 48
+    # Reads the kernel lets wait on vcfs at once (vcfs.limits sizes the threads for the default).
+    max_background: int = READS_WAITING
 
 
 @dataclass(slots=True)

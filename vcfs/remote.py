@@ -81,6 +81,9 @@ Caches (content never changes for a hash, but videos come and go):
   fetched in the background (players list the folder at every open); its videos answer
   lookups by name until the next listing replaces it, however many there are (an LRU
   filled by the listing thrashed beyond its size: `ls -l` stats in the listing's order);
+  one a 404 (a lookup's, a read's) says is gone answers none (`ls` shows it until the next
+  listing), and is left out of a listing under way begun before that 404, whose page may
+  have come before the delete (ingested again, it is in the next listing begun after);
 - metadata of other videos looked up by name (ingested since the listing, or no `ls` yet):
   an LRU of bounded size, kept until evicted, or until a listing begun after the lookup
   lacks the video (deleted since: a `stat` of it is then ENOENT, not a file whose reads
@@ -118,6 +121,7 @@ from vcfs.digests import (
     pages_of,
 )
 from vcfs.digests import parse as parse_digests
+from vcfs.limits import FUSE_THREADS
 from vcfs.stats import Counters
 from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
 
@@ -206,9 +210,9 @@ class RemoteConfig:
     digest_page_bytes: int = PAGE_BYTES
     # Verified edge chunks of widened fetches: 8 chunks of 1 MiB, enough for a few streams.
     verified_chunk_bytes: int = 8 * MIB
-    # One worker per connection of the client: attempts never queue behind each other, even
-    # with every read the kernel lets wait on vcfs (48) stalled on the service.
-    workers: int = 64
+    # One worker per connection of the client, one per FUSE thread (vcfs.limits): attempts
+    # never queue behind each other, even with every read the kernel lets wait on vcfs stalled.
+    workers: int = FUSE_THREADS
     # The kernel re-asks a failed read at once, page by page: within this time a range that
     # failed gets one attempt, not a second deadline of retries.
     failure_memory: float = 1.0
@@ -433,6 +437,10 @@ class Remote:
         self._listed: dict[str, VideoMeta] = {}
         self._listing_at: float | None = None
         self._listing_refresh: threading.Thread | None = None
+        # When each listing under way began, and the videos a 404 said were gone meanwhile,
+        # with when: a listing begun before may have had their page already (`_fetch_listing`).
+        self._listings_begun: list[float] = []
+        self._gone: dict[str, float] = {}
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.config.workers, thread_name_prefix="vcfs-http"
         )
@@ -525,8 +533,7 @@ class Remote:
             raise
         if meta is None:
             self._drop_first_block(content_hash, speculation)
-            with self._lock:
-                self._missing[content_hash] = True
+            self._forget(content_hash)
             return None
         with self._lock:
             self._known[content_hash] = meta, self._clock()
@@ -588,27 +595,47 @@ class Remote:
     def _fetch_listing(self) -> list[VideoMeta]:
         """Every page of the service's listing, each with a deadline of its own (a retry asks
         again for that page only, not from the first), made VideoMeta as it comes in (a whole
-        listing's raw records took 99 MB at 100k videos); then it becomes the last listing."""
-        started = self._clock()
-        listing: list[VideoMeta] = []
-        after: str | None = None
-        for number in itertools.count(1):
-            page, after = self._with_retries(
-                f"the video listing, page {number}" + (f" (after {after})" if after else ""),
-                functools.partial(self._listing_page, after))
-            listing += page
-            if after is None:
-                break
-        listed = {meta.content_hash: meta for meta in listing}
+        listing's raw records took 99 MB at 100k videos); then it becomes the last listing,
+        less the videos a 404 said were gone after it began."""
         with self._lock:
-            # A lookup answered before this listing began that it lacks is of a video deleted
-            # since; one answered later may be of a video ingested after its page was listed.
-            for content_hash in [known for known in self._known if known not in listed]:
-                if self._known[content_hash][1] < started:
-                    del self._known[content_hash]
-            self._listing, self._listed = listing, listed
-            self._listing_at = self._clock()
-        return listing
+            started = self._clock()
+            self._listings_begun.append(started)
+        try:
+            listing: list[VideoMeta] = []
+            after: str | None = None
+            for number in itertools.count(1):
+                page, after = self._with_retries(
+                    f"the video listing, page {number}" + (f" (after {after})" if after else ""),
+                    functools.partial(self._listing_page, after))
+                listing += page
+                if after is None:
+                    break
+            listed = {meta.content_hash: meta for meta in listing}
+            with self._lock:
+                # Videos a 404 said were gone after this listing began: their page may have
+                # come before the delete. One ingested again is in the next listing begun after
+                # the 404 (all its pages come after it).
+                gone = {found for found, at in self._gone.items() if at >= started}
+                if gone & listed.keys():
+                    listing = [meta for meta in listing if meta.content_hash not in gone]
+                    for content_hash in gone:
+                        listed.pop(content_hash, None)
+                # A lookup answered before this listing began that it lacks is of a video
+                # deleted since; one answered later may be of a video ingested after its page
+                # was listed.
+                for content_hash in [known for known in self._known if known not in listed]:
+                    if self._known[content_hash][1] < started:
+                        del self._known[content_hash]
+                self._listing, self._listed = listing, listed
+                self._listing_at = self._clock()
+            return listing
+        finally:
+            with self._lock:
+                self._listings_begun.remove(started)
+                # Only a listing under way begun before a 404 needs to know of it.
+                first = min(self._listings_begun, default=None)
+                self._gone = ({} if first is None else
+                              {found: at for found, at in self._gone.items() if at >= first})
 
     def _listing_page(self, after: str | None, cutoff: float
                       ) -> tuple[list[VideoMeta], str | None]:
@@ -633,11 +660,14 @@ class Remote:
             return self._listing
 
     def _forget(self, content_hash: str) -> None:
-        """The service says the video is gone: stop believing the cached metadata."""
+        """The service says the video is gone (a 404): stop believing the cached metadata, and
+        the listings under way (see `_fetch_listing`)."""
         with self._lock:
             self._known.pop(content_hash, None)
             self._listed.pop(content_hash, None)
             self._missing[content_hash] = True
+            if self._listings_begun:
+                self._gone[content_hash] = self._clock()
 
     # -- bytes -----------------------------------------------------------------------------
 
