@@ -10,6 +10,7 @@ transport for the one-after-another fallback.
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,10 @@ def test_an_unknown_hash_reports_no_metadata_and_raises(link: Link, video: Store
         with pytest.raises(NotFoundError):
             open_video(client, "0" * 64, 1000, answers)
         assert answers.calls == [("meta", None)]
-        received, buffer = open_video(client, video.hash, 1000, Answers())  # a new connection
+        # on the same connection: the answers queued behind the 404 were read and dropped
+        received, buffer = open_video(client, video.hash, 1000, Answers())
         assert received == 1000 and buffer == video.data[:1000]
-    assert link.connections() == 2
+    assert link.connections() == 1
 
 
 def test_a_callback_error_ends_the_call_and_its_connection(link: Link,
@@ -261,3 +263,35 @@ def test_a_chunked_small_answer_is_read_through_httpx_from_then_on() -> None:
             assert meta is not None and meta["size_bytes"] == len(DATA)
     # asked once on a socket of its own, once through httpx; then through httpx only
     assert [line.split()[1] for line in requests] == [f"/meta/{HASH}"] * 3
+
+
+def test_answers_trickling_in_behind_a_refusal_are_given_up_after_the_timeout() -> None:
+    """The answers owed behind a 404 are skipped within the client's timeout as a whole, not
+    per receive: a server sending them a byte every 50 ms (10 s in all) has the connection
+    closed under it, and the caller has its NotFoundError."""
+    refusal = b"HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\n\r\n" \
+              b'{"detail": "no video"}'
+    outcome: list[str] = []
+    paced = threading.Event()  # never set: waiting on it paces the bytes
+
+    def refuse_then_trickle(connection: socket.socket) -> None:
+        if len(read_requests(connection, 3, [])) < 3:
+            return
+        connection.sendall(refusal)
+        try:
+            for byte in refusal * 2:  # the digests' and the range's
+                paced.wait(0.05)
+                connection.sendall(bytes([byte]))
+        except OSError:
+            outcome.append("closed by the client")
+        else:
+            outcome.append("all sent")
+
+    with SocketServer(refuse_then_trickle) as server, \
+            VidCacheClient(server.url, timeout=1) as client:
+        answers = Answers()
+        with pytest.raises(NotFoundError, match="HTTP 404 Not Found: no video"):
+            open_video(client, HASH, 1000, answers)
+        assert answers.calls == [("meta", None)]
+        wait_until(lambda: outcome, timeout=30, what="the trickle's end")
+    assert outcome == ["closed by the client"]

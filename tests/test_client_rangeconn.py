@@ -31,6 +31,7 @@ from bench.faults import (
     Status200,
     Truncate,
     WrongContentRange,
+    path_prefix,
 )
 from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
@@ -424,7 +425,7 @@ def test_small_gets_share_the_range_connections(link: Link, video: StoredVideo) 
             assert digests is not None and digests["chunk_count"] == len(digests["digests"])
             assert video.hash in [doc["hash"] for doc in client.list_videos()]
             assert client.get_meta("0" * 64) is None
-    assert link.connections() == 2  # the 404 closes the first one
+    assert link.connections() == 1  # a 404, read whole, leaves it open
     with VidCacheClient(link.url, timeout=2, transport=httpx.HTTPTransport()) as plain:
         assert plain.get_chunk_digests(video.hash) == digests
         assert plain.get_meta(video.hash) == meta
@@ -433,17 +434,68 @@ def test_small_gets_share_the_range_connections(link: Link, video: StoredVideo) 
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_refusals_are_the_clients_status_errors(client: VidCacheClient, video: StoredVideo) -> None:
+def test_refusals_are_the_clients_status_errors(linked_client: VidCacheClient, link: Link,
+                                                video: StoredVideo) -> None:
     unknown = "0" * 64
     with pytest.raises(NotFoundError, match=f"bytes 0-9 of video {unknown}: HTTP 404") as missing:
-        client.read_range_into(unknown, 0, buffers_of(10))
+        linked_client.read_range_into(unknown, 0, buffers_of(10))
     assert "no video" in missing.value.detail and not NotFoundError.transient
     with pytest.raises(RangeNotSatisfiableError) as past_end:
-        client.read_range_into(video.hash, len(video.data), buffers_of(10))
+        linked_client.read_range_into(video.hash, len(video.data), buffers_of(10))
     assert past_end.value.size == len(video.data)
     buffer = bytearray(10)
-    assert client.read_range_into(video.hash, 0, [buffer]) == 10  # the client still works
+    assert linked_client.read_range_into(video.hash, 0, [buffer]) == 10  # the client still works
     assert buffer == video.data[:10]
+    assert link.connections() == 1  # a refusal, read whole, leaves the connection open
+
+
+@pytest.mark.parametrize(("first_bytes", "connections"), [(1000, 1), (MIB, 2)])
+def test_the_answers_behind_a_refusal_are_skipped_only_when_small(
+    linked_client: VidCacheClient, link: Link, video: StoredVideo, first_bytes: int,
+    connections: int,
+) -> None:
+    """A `/meta` 404 (the proxy's, for a video the server has) ends `open_video_into`; the
+    digests and first bytes asked for behind it are read and dropped if small, keeping the
+    connection, and a large answer owed closes it. Either way the next call gets its own
+    answer, not one of those."""
+    link.faults.enable(Refuse(status=404, detail="no video", match=path_prefix("/meta/")),
+                       times=1)
+    calls: list[str] = []
+    with pytest.raises(NotFoundError, match=f"metadata of video {video.hash}: HTTP 404"):
+        linked_client.open_video_into(video.hash, [bytearray(first_bytes)],
+                                      on_meta=lambda doc: calls.append(f"meta {doc}"),
+                                      digests=(0, 4 * MIB),
+                                      on_digests=lambda doc: calls.append("digests"))
+    assert calls == ["meta None"]
+    buffer = bytearray(1000)
+    assert linked_client.read_range_into(video.hash, 5000, [buffer]) == 1000
+    assert buffer == video.data[5000:6000]
+    assert link.connections() == connections
+
+
+@pytest.mark.parametrize(("framing", "connections"), [
+    ("small", 1),
+    ("long", 2),  # its body read only in part, for the detail
+    ("chunked", 2),  # its body not read: asked again through httpx, which keeps its own
+])
+def test_only_a_small_refusal_framed_by_its_length_leaves_the_connection_open(
+    framing: str, connections: int,
+) -> None:
+    detail = b'{"detail": "no video"}'
+    body = detail + b" " * 100_000 if framing == "long" else detail
+    refusal = b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n" + (
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        if framing == "chunked" else b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    def refuse(connection: socket.socket) -> None:
+        while read_request(connection) is not None:
+            connection.sendall(refusal)
+
+    with SocketServer(refuse) as server, VidCacheClient(server.url, timeout=5) as client:
+        for _ in range(2):
+            with pytest.raises(NotFoundError, match="HTTP 404 Not Found: no video"):
+                client.read_range_into(DATA_HASH, 0, [bytearray(10)])
+        assert server.connections == connections
 
 
 FAULTS: list[tuple[Fault, type[VidCacheError], str]] = [

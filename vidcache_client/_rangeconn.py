@@ -28,12 +28,15 @@ Every connect, send and `recv` waits at most the client's timeout.
 
 Connections: a `_pool.Pool` of keep-alive connections, each lent to one thread at a time, the
 warmest first, counted with the client's httpx connections against `max_connections`. A
-connection goes back to the pool only after an answer was read exactly to its end and the
-server did not ask to close; any other outcome (an error answer, a failure, a callback that
-raised, an unread body) closes it. A pooled connection the server has closed meanwhile is
-noticed before reuse (its idle socket polls readable) or, in a race, by the request failing
-before any byte of an answer: GET is idempotent, so that request is sent once more on a new
-connection.
+connection goes back to the pool only after every answer asked for on it was read exactly to
+its end and the server did not ask to close. That includes an error answer, whose body is read
+for its detail (unless over 64 KiB), and the answers pipelined behind a refusal (a `/meta` 404
+for an unknown hash), which are read and dropped if small (up to 64 KiB each, within the
+client's timeout): a lookup of an unknown hash costs no new connection. Any other outcome (a
+failure, a callback that raised, an unread body, a large answer owed) closes it. A pooled
+connection the server has closed meanwhile is noticed before reuse (its idle socket polls
+readable) or, in a race, by the request failing before any byte of an answer: GET is
+idempotent, so that request is sent once more on a new connection.
 
 Pipelining: a range of a video that begins where another thread's range of it ends, while that
 answer is still arriving (the kernel's next readahead read behind the one a player waits for),
@@ -71,6 +74,7 @@ from typing import TypeVar
 
 import httpx
 
+from vidcache_client._exceptions import StatusError
 from vidcache_client._pool import Budget, Pool, Spare
 from vidcache_client._translate import raise_for_status
 from vidcache_client._validate import ByteRange
@@ -145,6 +149,8 @@ class _Connection:
         self.describe = describe
         self._head_buffer = bytearray(_MAX_HEAD_BYTES)
         self._extra = memoryview(self._head_buffer)[:0]
+        # Set while answers nobody waits for are skipped: every receive ends by then too.
+        self.deadline: float | None = None
 
     def send(self, data: bytes, *, pipelined: bool = False) -> None:
         """Send `data`; unless `pipelined` (sent while an answer is arriving), the next head
@@ -175,6 +181,7 @@ class _Connection:
                 return bytes(view[:end])
         while True:
             try:
+                self._before_receive()
                 received = self.sock.recv_into(view[filled:])
             except TimeoutError as exc:
                 raise _socket_error(exc, "read", self.describe()) from exc
@@ -216,6 +223,7 @@ class _Connection:
         wanted = len(target)
         while filled < wanted:
             try:
+                self._before_receive()
                 received = recv_into(target[filled:])
             except OSError as exc:
                 raise _socket_error(exc, "read", self.describe()) from exc
@@ -226,6 +234,14 @@ class _Connection:
             filled += received
             if on_progress is not None:
                 on_progress(received_before + filled)
+
+    def _before_receive(self) -> None:
+        """With a deadline set, the next receive waits at most until it."""
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("past the deadline")
+            self.sock.settimeout(remaining)
 
     def drained(self) -> bool:
         """Whether nothing beyond the answer arrived (else the connection is out of step)."""
@@ -353,10 +369,12 @@ class RangeReader:
         """`read_into`, with small GETs sent ahead of the range on the same connection, all at
         once (pipelined): for each (target, take) in `targets`, in order, that GET's answer is
         read whole and handed to `take` (which checks its status; whatever it raises ends the
-        read), then the range's is read like `read_into`'s. So a video's metadata, digests and
-        first bytes cost one round trip, on a warm connection if the pool has one; taking the
-        pool's last idle one opens a spare for the next concurrent range. If the server closes
-        the connection after an answer, the rest is asked for again the usual way."""
+        read; after a StatusError, a refusal, the answers still owed are skipped to keep the
+        connection), then the range's is read like `read_into`'s. So a video's metadata,
+        digests and first bytes cost one round trip, on a warm connection if the pool has one;
+        taking the pool's last idle one opens a spare for the next concurrent range. If the
+        server closes the connection after an answer, the rest is asked for again the usual
+        way."""
         path, request = self._range_request(content_hash, asked)
         describe = functools.partial(self._describe, path, asked)
         requests = b"".join(self._request(target) for target, _ in targets) + request
@@ -367,18 +385,29 @@ class RangeReader:
             carries the range's answer too (False: the server closes it after an answer)."""
             nonlocal answered
             connection.describe = describe  # not a pooled connection's last request
+            # Answers come in the order the requests were sent: the targets', then the
+            # range's. Each one read is counted off, so `owed` are still to come, in order.
+            owed = len(targets) + 1
+            reusable = False
             try:
                 connection.send(requests)
                 for target, take in targets:
                     connection.describe = functools.partial(
                         self._describe, f"{self._base_path}{target}", None)
                     response, keep_alive = self._whole_answer(connection, first=not answered)
-                    take(response)
+                    owed -= 1
+                    try:
+                        take(response)
+                    except StatusError:
+                        # A refusal (a 404 for an unknown hash): the call ends with it, but
+                        # the connection is kept if the answers still owed are skipped.
+                        reusable = keep_alive and self._skip_answers(connection, owed)
+                        raise
                     answered += 1
                     if not keep_alive:
                         return connection, False
             except BaseException:
-                self._pool.release(connection, reusable=False)
+                self._pool.release(connection, reusable=reusable)
                 raise
             return connection, True
 
@@ -463,6 +492,9 @@ class RangeReader:
                     self._open_ends.setdefault(end, connection)
             head = connection.read_head()
             response, length, keep_alive = self._response(head, connection)
+            if not response.is_success:  # a refusal, its body read: whole if `keep_alive`
+                connection.answers += 1
+                reusable = keep_alive
             raise_for_status(response, what)
             # Checks Content-Range against `asked` and Content-Length against it.
             expected_video_length(response, content_hash, asked, what)
@@ -548,38 +580,52 @@ class RangeReader:
         """The answer as an httpx.Response (an error answer with its body read, a 2xx without
         unless `whole`), its Content-Length, and whether the connection may carry another
         request after it."""
-        status, reason, version, headers = _parse_head(head, connection.describe)
-        names = [name.lower() for name, _ in headers]
-        if status < 200 or "transfer-encoding" in names or "content-length" not in names:
-            raise Unhandled(f"HTTP {status} answer not framed by Content-Length")
-        lengths = {value for name, value in headers if name.lower() == "content-length"}
-        length = lengths.pop() if len(lengths) == 1 else ""
-        if not length.isdigit():
-            raise httpx.RemoteProtocolError(f"HTTP {status} answer with a malformed "
-                                            "Content-Length", request=connection.describe())
-        closing = any(name.lower() == "connection" and "close" in value.lower()
-                      for name, value in headers)
+        status, reason, version, headers, length, keep_alive = _parse_head(
+            head, connection.describe)
         extensions = {"http_version": f"HTTP/{version}".encode("ascii"),
                       "reason_phrase": reason.encode("latin-1")}
-        keep_alive = version == "1.1" and not closing
         if 200 <= status < 300 and not whole:
             response = httpx.Response(status, headers=headers, extensions=extensions)
-            return response, int(length), keep_alive
+            return response, length, keep_alive
         if 200 <= status < 300:
-            if int(length) > _MAX_SMALL_BODY:
+            if length > _MAX_SMALL_BODY:
                 raise Unhandled(f"HTTP {status} answer of {length} bytes")
-            body = memoryview(bytearray(int(length)))
+            body = memoryview(bytearray(length))
             connection.fill(body, 0, len(body), None)
             # httpx decodes a gzip body here, as it would one it received itself.
             response = httpx.Response(status, headers=headers, content=body.tobytes(),
                                       extensions=extensions, request=connection.describe())
-            return response, int(length), keep_alive
-        # An error answer: its detail is in the body; the connection is closed after it.
-        body = memoryview(bytearray(min(int(length), _MAX_ERROR_BODY)))
+            return response, length, keep_alive
+        # An error answer: its detail is in the body. Read whole (up to _MAX_ERROR_BODY, a
+        # refusal's is ~100 bytes), it leaves the connection in step for the next answer; of a
+        # longer one only the start is read, and the connection is closed after it.
+        body = memoryview(bytearray(min(length, _MAX_ERROR_BODY)))
         connection.fill(body, 0, len(body), None)
         response = httpx.Response(status, headers=headers, content=body.tobytes(),
                                   extensions=extensions, request=connection.describe())
-        return response, int(length), False
+        return response, length, keep_alive and len(body) == length
+
+    def _skip_answers(self, connection: _Connection, count: int) -> bool:
+        """Read and drop the next `count` answers on `connection` (lent to this thread), those
+        of requests sent before the caller stopped wanting them: whether it is then in step,
+        with nothing more owed on it, and may carry another request. Only small answers are
+        skipped (bodies up to _MAX_ERROR_BODY, framed by Content-Length, kept alive), all
+        within the client's timeout; otherwise, or on any failure, False: close it."""
+        connection.deadline = time.monotonic() + self._timeout
+        try:
+            for _ in range(count):
+                *_, length, keep_alive = _parse_head(connection.read_head(),
+                                                     connection.describe)
+                if length > _MAX_ERROR_BODY or not keep_alive:
+                    return False
+                connection.fill(memoryview(bytearray(length)), 0, length, None)
+                connection.answers += 1
+        except (_Stale, Unhandled, httpx.TransportError):
+            return False
+        finally:
+            connection.deadline = None
+            connection.sock.settimeout(self._timeout)
+        return connection.drained()
 
     @staticmethod
     def _read_body(connection: _Connection, views: Sequence[memoryview], expected: int,
@@ -609,8 +655,10 @@ def _header_lines(headers: dict[str, str]) -> str:
 
 
 def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
-                ) -> tuple[int, str, str, list[tuple[str, str]]]:
-    """(status, reason phrase, HTTP version, headers in order) of an answer's head."""
+                ) -> tuple[int, str, str, list[tuple[str, str]], int, bool]:
+    """(status, reason phrase, HTTP version, headers in order, Content-Length, whether the
+    connection may carry another request after the answer) of an answer's head; `Unhandled`
+    for an answer not framed by Content-Length."""
     status_line, *lines = head.decode("latin-1").split("\r\n")
     match = _STATUS_LINE.fullmatch(status_line)
     if match is None:
@@ -623,4 +671,16 @@ def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
             raise httpx.RemoteProtocolError(f"malformed header line {line[:100]!r}",
                                             request=describe())
         headers.append((name, value.strip(" \t")))
-    return int(match.group(2)), match.group(3) or "", match.group(1), headers
+    status, version = int(match.group(2)), match.group(1)
+    names = [name.lower() for name, _ in headers]
+    if status < 200 or "transfer-encoding" in names or "content-length" not in names:
+        raise Unhandled(f"HTTP {status} answer not framed by Content-Length")
+    lengths = {value for name, value in headers if name.lower() == "content-length"}
+    length = lengths.pop() if len(lengths) == 1 else ""
+    if not length.isdigit():
+        raise httpx.RemoteProtocolError(f"HTTP {status} answer with a malformed "
+                                        "Content-Length", request=describe())
+    closing = any(name.lower() == "connection" and "close" in value.lower()
+                  for name, value in headers)
+    keep_alive = version == "1.1" and not closing
+    return status, match.group(3) or "", version, headers, int(length), keep_alive
