@@ -98,6 +98,53 @@ def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(
             shutil.rmtree(work, ignore_errors=True)
 
 
+def test_ctrl_c_while_the_service_decodes_the_corpus_stops_the_run(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) while the service runs ffprobe/ffmpeg on a video of
+    the corpus: the run says it stopped, with exit 130, and the service's log calls no video
+    invalid. Was: its decoders, in the same process group, got the SIGINT too, and the ingest
+    failed with 422 'not a video'."""
+    progress = tmp_path / "progress.log"
+    with open(progress, "w") as stderr:
+        bench = subprocess.Popen(
+            [str(ROOT / "scripts" / "bench"), "--quick", "--contenders", "local",
+             "--out", str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            env={**os.environ, "BENCH_NO_INSTALL": "1"})
+    work = ""
+    try:
+        work = wait_until(lambda: _logged_path(progress, "work directory "), timeout=120,
+                          what="the work directory")
+        store = Path(work) / "store"
+        wait_until(lambda: [pid for pid in processes_using(store) if _is_media_tool(pid)],
+                   timeout=120, interval=0.005, what="the service decoding a video")
+        os.killpg(bench.pid, signal.SIGINT)
+        assert bench.wait(timeout=60) == 128 + signal.SIGINT
+        log = progress.read_text()
+        assert f"stopped; logs kept in {work}" in log and "Traceback" not in log, log
+        service_log = (Path(work) / "vidcache.log").read_text()
+        assert "not a video" not in service_log, service_log
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _logged_path(log: Path, before: str) -> str:
+    """The path the log names right after `before` ('' until it does)."""
+    text = log.read_text()
+    return text.partition(before)[2].partition(";")[0].strip() if before in text else ""
+
+
+def _is_media_tool(pid: int) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")[0]
+    except OSError:
+        return False
+    return Path(os.fsdecode(argv0)).name in ("ffprobe", "ffmpeg")
+
+
 @contextlib.contextmanager
 def _signal_after(seconds: float) -> Iterator[None]:
     """A real signal (SIGALRM) `seconds` into the block, handled as the harness handles SIGTERM

@@ -4,6 +4,7 @@ usage errors, and complete --help texts."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -82,6 +83,22 @@ def test_bad_env_allow_list_is_a_usage_error(tmp_path: Path) -> None:
                          env={"VIDCACHE_INGEST_ALLOW": "ok.example,bad entry", "PATH": ""})
     assert run.returncode == 2
     assert "VIDCACHE_INGEST_ALLOW" in run.stderr and "bad entry" in run.stderr
+
+
+def test_a_port_in_use_is_an_error_without_a_serving_line(tmp_path: Path) -> None:
+    """'serving on ...' is said only once the socket listens: never before the bind error."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = vidcache("serve", "--data", str(tmp_path), "--port", str(port))
+    assert run.returncode == 3
+    assert "address already in use" in run.stderr
+    assert "serving" not in run.stderr, run.stderr
+
+
+def test_serving_is_said_once_the_port_listens(own: VidcacheServer) -> None:
+    assert f"serving {own.data_dir} on {own.url} (no authentication)" in own.log()
 
 
 def test_help_lists_every_option() -> None:

@@ -148,9 +148,9 @@ def test_decoders_die_with_the_server(tmp_path: Path) -> None:
     """A process running a tool the way the service runs ffmpeg is SIGKILLed: the tool dies
     with it instead of running on (for up to the 300 s media timeout) after a restart."""
     marker = tmp_path / "tool-is-running"
-    script = ("import sys; from vidcache import media; "
-              f"media._run(['sh', '-c', 'touch {marker}; while :; do sleep 0.1; done', "
-              f"'{tmp_path}'], timeout=150, what='test tool')")
+    script = ("from vidcache.tools import Tools; "
+              f"Tools(timeout=150).run(['sh', '-c', 'touch {marker}; while :; do sleep 0.1; "
+              f"done', '{tmp_path}'], what='test tool')")
     with subprocess.Popen([sys.executable, "-c", script]) as parent:
         try:
             wait_until(marker.exists, timeout=30, what="the tool started")

@@ -51,6 +51,7 @@ from vidcache.store import (
     check_segment,
     is_content_hash,
 )
+from vidcache.tools import Tools
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class Health(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 422)}
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (403, 413, 422, 502, 504, 507)}
+    code: {"model": ErrorResponse} for code in (403, 413, 422, 502, 503, 504, 507)}
 _RANGE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "malformed Range header"},
     416: {"model": ErrorResponse, "description": "no byte of the range lies in the video"}}
@@ -257,9 +258,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
                             guard=HostGuard(config.ingest_allow),
                             chunk_size=config.chunk_size,
                             allow_file_dirs=config.allow_file_dirs)
+    tools = Tools(timeout=config.media_timeout)
     ingestor = Ingestor(store=store, downloader=downloader,
-                        phash_threshold=config.phash_threshold,
-                        media_timeout=config.media_timeout,
+                        phash_threshold=config.phash_threshold, tools=tools,
                         max_meta_bytes=config.max_meta_bytes,
                         max_meta_depth=config.max_meta_depth)
     ingest_slots: anyio.CapacityLimiter | None = None
@@ -272,6 +273,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         try:
             yield
         finally:
+            tools.stop()  # uvicorn's grace period is over: end the ingests still decoding
             downloader.close()
             store.close()
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,12 +208,23 @@ def _serve(args: argparse.Namespace) -> int:
     auth = ("no authentication" if config.token is None else
             "bearer token required for every request but /health" if config.token_reads else
             "bearer token required for ingest and delete")
-    logging.getLogger("vidcache").info("serving %s on http://%s:%d (%s)", config.data_dir,
-                                       config.host, config.port, auth)
+    serving = f"serving {config.data_dir} on http://{config.host}:{config.port} ({auth})"
+
+    class Server(uvicorn.Server):
+        """Says `serving ...` once its socket listens: not before a bind error (port in use),
+        after which uvicorn logs the error and exits with status 3."""
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            logging.getLogger("vidcache").info("%s", serving)
+
     # log_config=None: uvicorn's loggers go through the format configured above
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level,
-                log_config=None, timeout_graceful_shutdown=5,
-                timeout_keep_alive=config.keep_alive, http=PipelinedHttpToolsProtocol)
+    server = Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, log_config=None,
+        timeout_graceful_shutdown=5, timeout_keep_alive=config.keep_alive,
+        http=PipelinedHttpToolsProtocol))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
+        server.run()
     return 0
 
 

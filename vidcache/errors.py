@@ -59,5 +59,11 @@ class MediaToolError(VidcacheError):
     status_code = 500
 
 
+class ToolStopped(MediaToolError):
+    """ffprobe/ffmpeg was ended by a signal: nothing is known about the video; try again."""
+
+    status_code = 503
+
+
 class DataDirInUse(VidcacheError):
     """Another vidcache process already serves this data directory."""

@@ -33,6 +33,7 @@ from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
 from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
+from vidcache.tools import Tools
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,11 @@ class IngestResult:
 
 class Ingestor:
     def __init__(self, *, store: Store, downloader: Downloader, phash_threshold: int,
-                 media_timeout: float, max_meta_bytes: int, max_meta_depth: int) -> None:
+                 tools: Tools, max_meta_bytes: int, max_meta_depth: int) -> None:
         self._store = store
         self._downloader = downloader
         self._threshold = phash_threshold
-        self._media_timeout = media_timeout
+        self._tools = tools
         self._max_meta_bytes = max_meta_bytes
         self._max_meta_depth = max_meta_depth
         self._url_locks = KeyedLocks()
@@ -91,8 +92,8 @@ class Ingestor:
                 duplicate = self._store.add_alias(url, download.content_hash)
                 if duplicate is not None:
                     return _result(duplicate, "duplicate")
-                info = media.probe(download.path, timeout=self._media_timeout)
-                phash = media.perceptual_hash(download.path, info, timeout=self._media_timeout,
+                info = media.probe(download.path, self._tools)
+                phash = media.perceptual_hash(download.path, info, self._tools,
                                               work_dir=self._store.tmp_dir)
                 with self._decide:
                     match = self._nearest(phash)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Any
 import imagehash
 from PIL import Image
 
-from vidcache.errors import MediaToolError, NotAVideo
+from vidcache.errors import NotAVideo
+from vidcache.tools import Tools
 
 FRAMES = 8
 FRAME_SIZE = 64
@@ -58,24 +57,6 @@ _CONTAINERS: dict[str, tuple[str, str]] = {
 }
 _WEBM_CODECS = {"vp8", "vp9", "av1", "vorbis", "opus"}
 
-# The kernel kills the tool when the thread that started it dies (setpriv --pdeathsig, from
-# util-linux), so a server killed mid-ingest leaves no decoder running on and writing into
-# tmp/ after the restart has cleaned it. Where setpriv is missing, tools just run unguarded.
-_DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-
-
-def _run(argv: list[str], *, timeout: float, what: str) -> subprocess.CompletedProcess[bytes]:
-    if shutil.which(argv[0]) is None:
-        raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg")
-    try:
-        return subprocess.run([*_DIE_WITH_PARENT, *argv], capture_output=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-    except FileNotFoundError as exc:
-        raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise NotAVideo(f"{what} did not finish within {timeout:g} s") from exc
-
-
 def _last_error_line(stderr: bytes, path: Path) -> str:
     """ffmpeg's final complaint, without our temp file's name in it."""
     text = stderr.decode(errors="replace").replace(f"{path}: ", "").replace(str(path), "input")
@@ -83,10 +64,10 @@ def _last_error_line(stderr: bytes, path: Path) -> str:
     return next((line for line in reversed(lines) if line), "no diagnostic")
 
 
-def probe(path: Path, *, timeout: float) -> MediaInfo:
+def probe(path: Path, tools: Tools) -> MediaInfo:
     """Validate `path` as a video; NotAVideo says what is wrong with it."""
-    result = _run(["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json",
-                   str(path)], timeout=timeout, what="ffprobe")
+    result = tools.run(["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of",
+                        "json", str(path)], what="ffprobe")
     if result.returncode != 0:
         raise NotAVideo(f"ffprobe cannot read it ({_last_error_line(result.stderr, path)})")
     info: dict[str, Any] = json.loads(result.stdout or b"{}")
@@ -130,7 +111,7 @@ def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
     return None
 
 
-def perceptual_hash(path: Path, info: MediaInfo, *, timeout: float,
+def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                     work_dir: Path) -> PerceptualHash:
     """FRAMES frame hashes sampled evenly across the video (see the module docstring)."""
     times = [info.duration_s * (i + 0.5) / FRAMES for i in range(FRAMES)]
@@ -143,7 +124,7 @@ def perceptual_hash(path: Path, info: MediaInfo, *, timeout: float,
             argv += ["-map", f"{i}:{info.video_stream}", "-frames:v", "1",
                      "-vf", f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray",
                      "-f", "rawvideo", str(output)]
-        result = _run(argv, timeout=timeout, what="ffmpeg (frame sampling)")
+        result = tools.run(argv, what="ffmpeg (frame sampling)")
         if result.returncode != 0:
             raise NotAVideo(f"cannot decode frames ({_last_error_line(result.stderr, path)})")
         hashes = tuple(_frame_hash(output) for output in outputs)
