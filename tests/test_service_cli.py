@@ -4,6 +4,8 @@ usage errors, and complete --help texts."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import socket
 import subprocess
 import sys
@@ -22,7 +24,8 @@ SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout
                  "--max-download-time", "--phash-threshold", "--allow-file-dir",
                  "--ingest-allow", "--token-file", "--token-reads", "--log-level",
                  "VIDCACHE_INGEST_ALLOW"]
-INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file"]
+INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file",
+                  "--timeout"]
 
 
 def vidcache(*args: str) -> subprocess.CompletedProcess[str]:
@@ -59,6 +62,45 @@ def test_ingest_failure_exits_1_with_the_servers_reason(own: VidcacheServer,
                            f"http://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1
     assert "vidcache ingest: error:" in unreachable.stderr
+
+
+def _ingest_from_a_silent_service(port: int, timeout: str,
+                                  stderr: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vidcache", "ingest", "http://127.0.0.1:9/v.mp4", "--bucket", "b",
+         "--server", f"http://127.0.0.1:{port}", "--timeout", timeout],
+        stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=90)
+
+
+def test_ingest_shows_its_wait_on_a_terminal_and_gives_up_after_its_timeout() -> None:
+    """The service answers an ingest only once the video is stored: on a terminal the wait is
+    shown; past --timeout the command says the service may still store it. The service here
+    is a socket whose backlog accepts the connection and that never answers."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        port = silent.getsockname()[1]
+        terminal, stderr = pty.openpty()
+        try:
+            run = _ingest_from_a_silent_service(port, "2", stderr)
+        finally:
+            os.close(stderr)
+        shown = b""
+        with open(terminal, "rb", buffering=0) as master:
+            while True:
+                try:
+                    data = master.read(4096)
+                except OSError:  # EIO: the terminal's other end is closed
+                    break
+                if not data:
+                    break
+                shown += data
+        piped = _ingest_from_a_silent_service(port, "1", subprocess.PIPE)
+    text = shown.decode()
+    assert run.returncode == 1 and run.stdout == ""
+    assert "\rvidcache ingest: waiting for the service (1 s)" in text, text
+    assert "\r\x1b[K" in text  # erased before the error
+    assert "timed out" in text and "may still store it" in text and "--timeout" in text, text
+    assert piped.returncode == 1
+    assert "waiting" not in piped.stderr and "timed out" in piped.stderr, piped.stderr
 
 
 @pytest.mark.parametrize("args", [

@@ -10,8 +10,11 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TextIO
 
 from vidcache import __version__
 from vidcache.auth import TokenFileError, read_token_file
@@ -31,6 +34,9 @@ ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# The service answers an ingest once the video is downloaded, checked and stored: up to its
+# --max-download-time (default 3600 s), then the time to probe and hash it.
+_INGEST_TIMEOUT = 4000.0
 
 
 def parse_size(text: str) -> int:
@@ -171,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
                         help="send the bearer token in FILE (for a server run with "
                              "--token-file)")
+    ingest.add_argument("--timeout", metavar="S", type=_positive_float, default=_INGEST_TIMEOUT,
+                        help="seconds to wait for the service's answer, which comes once the "
+                             f"video is stored (default {_INGEST_TIMEOUT:g}: the service's "
+                             "default --max-download-time and time to check it); on a "
+                             "terminal the wait is shown")
     return parser
 
 
@@ -206,7 +217,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vidcache serve: error: {exc}", file=sys.stderr)
         return 1
     auth = ("no authentication" if config.token is None else
-            "bearer token required for every request but /health" if config.token_reads else
+            "bearer token required for every request but /health and the API description"
+            if config.token_reads else
             "bearer token required for ingest and delete")
     serving = f"serving {config.data_dir} on http://{config.host}:{config.port} ({auth})"
 
@@ -229,10 +241,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from vidcache_client import AuthError, VidCacheClient, VidCacheError
+    from vidcache_client import AuthError, RequestTimeout, VidCacheClient, VidCacheError
 
     try:
-        with VidCacheClient(args.server, token=args.token) as client:
+        with (VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client,
+              _elapsed_on_terminal("vidcache ingest: waiting for the service")):
             result = client.ingest(args.url, args.bucket, prefix=args.prefix,
                                    meta=dict(args.meta))
     except VidCacheError as exc:
@@ -241,10 +254,40 @@ def _ingest(args: argparse.Namespace) -> int:
             advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
                       if args.token is None else
                       "\nvidcache ingest: the server refused the token of --token-file")
+        elif isinstance(exc, RequestTimeout):
+            advice = ("\nvidcache ingest: the service may still store it: ingest the URL "
+                      "again later (a stored URL is answered at once), or wait longer with "
+                      "--timeout")
         print(f"vidcache ingest: error: {exc}{advice}", file=sys.stderr)
         return 1
     print(json.dumps(result))
     return 0
+
+
+@contextlib.contextmanager
+def _elapsed_on_terminal(what: str, stream: TextIO = sys.stderr) -> Iterator[None]:
+    """On a terminal, `what (N s)` on one line of `stream`, redrawn every second until the
+    block ends, then erased: the service says nothing until the video is stored."""
+    if not stream.isatty():
+        yield
+        return
+    done = threading.Event()
+    started = time.monotonic()
+
+    def show() -> None:
+        while not done.wait(1.0):
+            stream.write(f"\r{what} ({time.monotonic() - started:.0f} s)")
+            stream.flush()
+
+    ticker = threading.Thread(target=show, name="vidcache-elapsed", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        stream.write("\r\033[K")
+        stream.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
