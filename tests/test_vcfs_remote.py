@@ -608,6 +608,32 @@ def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
     assert real_remote.counters.get("verified_chunks") >= 1 + 8
 
 
+def test_each_block_is_counted_fetched_before_it_is_handed_on(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    """A read may return before the rest of its block is in (vcfs.blocks), so a snapshot of
+    the counters with no block in flight must count every block already handed on, not wait
+    for the run's end: under CPU load, a test taking one after a read found the read's
+    block uncounted. Here a tail, whole blocks, and a block cut at a scattered read's end."""
+    chunk = 256 * 1024
+    counters = real_remote.counters
+    before = counters.get("bytes_fetched")
+    counted: list[int] = []
+
+    def on_block(_position: int, _block: bytes) -> None:
+        counted.append(counters.get("bytes_fetched") - before)
+
+    real_remote.fetch_blocks(big.hash, MIB, 4 * MIB, MIB, skip=chunk + 10, on_block=on_block)
+    assert counted == [MIB - chunk, 2 * MIB - chunk, 3 * MIB - chunk]
+    counted.clear()
+    before = counters.get("bytes_fetched")
+    real_remote.fetch_blocks(big.hash, 5 * MIB, 6 * MIB, MIB, until=100, on_span=lambda *_: None,
+                             on_block=on_block)
+    assert counted == [chunk]
+    assert link.ranges() == [f"bytes={MIB + chunk}-{4 * MIB - 1}",
+                             f"bytes={5 * MIB}-{5 * MIB + chunk - 1}"]
+
+
 def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
     real_remote: Remote, link: Link, big: StoredVideo,
 ) -> None:

@@ -750,7 +750,16 @@ class Remote:
         # A page of digests not yet known (a jump into a long video) is asked for while the
         # range arrives: the first chunk waits for it, not the request.
         digests = self._digests_soon(content_hash, deadline, start + lead, end)
-        sink = _BlockSink(on_block, on_partial)
+
+        def handed_on(position: int, block: bytes) -> None:
+            # Counted before the cache has the block, not when the run ends: a read may return
+            # while the rest of its block arrives, and a snapshot with no block in flight
+            # (the cache's `fetching_blocks`) must count every byte already handed on.
+            self.counters.add("bytes_fetched", len(block))
+            if on_block is not None:
+                on_block(position, block)
+
+        sink = _BlockSink(handed_on, on_partial)
         try:
             with self._outcome_noted(content_hash, start + lead, end):
                 self._with_retries(
@@ -763,11 +772,9 @@ class Remote:
                 )
         except FetchStopped:
             self.counters.add("stopped")
-            self.counters.add("bytes_fetched", sum(len(block) for block in sink.blocks))
             raise
         finally:
             sink.close()
-        self.counters.add("bytes_fetched", end - start - lead)
         return sink.blocks
 
     def _attempt_blocks(
