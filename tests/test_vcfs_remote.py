@@ -24,7 +24,7 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from bench.faults import Bandwidth, FlipByte, Stall, Truncate
+from bench.faults import Bandwidth, FlipByte, Latency, Stall, Truncate
 from bench.proxy import Request
 from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
@@ -648,6 +648,32 @@ def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
     assert real_remote.counters.get("verified_chunks") >= 1 + 8
 
 
+def test_each_block_is_counted_fetched_before_it_is_handed_on(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    """A read may return before the rest of its block is in (vcfs.blocks), so a snapshot of
+    the counters with no block in flight must count every block already handed on, not wait
+    for the run's end: under CPU load, a test taking one after a read found the read's
+    block uncounted. Here a tail, whole blocks, and a block cut at a scattered read's end."""
+    chunk = 256 * 1024
+    counters = real_remote.counters
+    before = counters.get("bytes_fetched")
+    counted: list[int] = []
+
+    def on_block(_position: int, _block: bytes) -> None:
+        counted.append(counters.get("bytes_fetched") - before)
+
+    real_remote.fetch_blocks(big.hash, MIB, 4 * MIB, MIB, skip=chunk + 10, on_block=on_block)
+    assert counted == [MIB - chunk, 2 * MIB - chunk, 3 * MIB - chunk]
+    counted.clear()
+    before = counters.get("bytes_fetched")
+    real_remote.fetch_blocks(big.hash, 5 * MIB, 6 * MIB, MIB, until=100, on_span=lambda *_: None,
+                             on_block=on_block)
+    assert counted == [chunk]
+    assert link.ranges() == [f"bytes={MIB + chunk}-{4 * MIB - 1}",
+                             f"bytes={5 * MIB}-{5 * MIB + chunk - 1}"]
+
+
 def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
     real_remote: Remote, link: Link, big: StoredVideo,
 ) -> None:
@@ -714,6 +740,19 @@ def test_a_trickling_answer_ends_by_the_cutoff(
     assert time.monotonic() - started < 3.0 + 1.0 + 2.0  # the cutoff, and slack for the machine
 
 
+def digest_page(content_hash: str, page: int) -> Callable[[Request], bool]:
+    """Matches the `/chunks` request of the lookup of a remote whose digest pages are `page`
+    bytes: a size of its own, so that the fault does not hit a request for the same video's
+    default page still on its way from an earlier test's remote."""
+
+    def match(request: Request) -> bool:
+        return (request.path == f"/video/{content_hash}/chunks"
+                and urllib.parse.parse_qs(urllib.parse.urlsplit(request.target).query)
+                .get("end") == [str(page)])
+
+    return match
+
+
 def test_a_lookup_whose_pipelined_answers_stop_does_not_hold_the_first_read(
     link: Link, big: StoredVideo,
 ) -> None:
@@ -722,26 +761,75 @@ def test_a_lookup_whose_pipelined_answers_stop_does_not_hold_the_first_read(
     the first read gives the held block up once the exchange has been silent for its patience
     (1 s here) and fetches it the usual way, instead of waiting out the request timeout."""
     request_timeout = 30.0
-    # A digest page of its own: the stall must hit this remote's lookup, not a request for
-    # the same video's default page still on its way from an earlier test's remote.
     page = 64 * MIB
     remote = Remote.connect(link.url, config=RemoteConfig(
         timeout=3 * request_timeout, request_timeout=request_timeout, digest_page_bytes=page))
-
-    def this_lookups_digests(request: Request) -> bool:
-        return (request.path == f"/video/{big.hash}/chunks"
-                and urllib.parse.parse_qs(urllib.parse.urlsplit(request.target).query)
-                .get("end") == [str(page)])
-
     try:
         link.reset()
         stalls = link.faults.injected().get("stall", 0)
-        link.faults.enable(Stall(seconds=request_timeout, match=this_lookups_digests), times=1)
+        link.faults.enable(Stall(seconds=request_timeout, match=digest_page(big.hash, page)),
+                           times=1)
         assert remote.meta(big.hash, first_block=MIB) is not None
         started = time.monotonic()
         assert remote.fetch(big.hash, 0, MIB) == big.data[:MIB]
         assert time.monotonic() - started < request_timeout / 3
         assert remote.counters.get("first_blocks_dropped") == 1
+        assert link.faults.injected()["stall"] == stalls + 1
+    finally:
+        remote.close()
+        link.faults.clear()
+
+
+def test_a_scattered_fetch_waits_for_the_lookups_digests_and_cuts_its_block(
+    link: Link, big: StoredVideo,
+) -> None:
+    """A scattered read right after a cold lookup whose digests are still on their way (held
+    back 2 s here): its fetch waits for them and brings the one chunk the read needs, not
+    its whole block (it cannot cut a block without the chunk size), nor asks for the digests
+    again."""
+    chunk = 256 * 1024
+    page = 32 * MIB
+    remote = Remote.connect(link.url, config=RemoteConfig(
+        timeout=30.0, first_block_patience=10.0, digest_page_bytes=page))
+    try:
+        link.reset()
+        delayed = link.faults.injected().get("latency", 0)
+        link.faults.enable(Latency(seconds=2.0, match=digest_page(big.hash, page)), times=1)
+        assert remote.meta(big.hash, first_block=MIB) is not None
+        blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB, skip=10_000,
+                                     until=110_000, on_span=lambda *_: None)
+        assert link.faults.injected()["latency"] == delayed + 1
+        assert [asked for asked in link.ranges() if asked != "None"] == [
+            f"bytes=0-{MIB - 1}", f"bytes={3 * MIB}-{3 * MIB + chunk - 1}"]
+        assert remote.counters.get("http_requests") == 3 + 1  # the lookup's, and the range
+        assert blocks == [big.data[3 * MIB : 3 * MIB + chunk]]
+    finally:
+        remote.close()
+        link.faults.clear()
+
+
+def test_a_scattered_fetch_gives_up_the_lookups_stalled_digests(
+    link: Link, big: StoredVideo,
+) -> None:
+    """As above, but the lookup's exchange stops after `/meta` (a proxy that does not pass
+    pipelined requests on): the scattered read's fetch gives the digests up once it has been
+    silent for its patience (1 s here), as the first read does, and fetches its whole block
+    the usual way, instead of waiting out the request timeout."""
+    request_timeout = 30.0
+    page = 16 * MIB
+    remote = Remote.connect(link.url, config=RemoteConfig(
+        timeout=3 * request_timeout, request_timeout=request_timeout, digest_page_bytes=page))
+    try:
+        link.reset()
+        stalls = link.faults.injected().get("stall", 0)
+        link.faults.enable(Stall(seconds=request_timeout, match=digest_page(big.hash, page)),
+                           times=1)
+        assert remote.meta(big.hash, first_block=MIB) is not None
+        started = time.monotonic()
+        blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB, skip=10_000,
+                                     until=110_000, on_span=lambda *_: None)
+        assert time.monotonic() - started < request_timeout / 3
+        assert blocks == [big.data[3 * MIB : 4 * MIB]]
         assert link.faults.injected()["stall"] == stalls + 1
     finally:
         remote.close()

@@ -60,7 +60,10 @@ file shorter than the block is answered up to its end, which is that block. If t
 does not come that way (an error, or late), the lookup asks for it again the usual way, with
 retries; any failure of the block (an error, a wrong length, a digest mismatch, chunks coarser
 than the block, an exchange silent for `first_block_patience`, as behind a proxy that does not
-pass pipelined requests on) drops it quietly and the normal path fetches the block. Lookups
+pass pipelined requests on) drops it quietly and the normal path fetches the block. A
+scattered read elsewhere in the file meanwhile waits for those digests, within the same
+bounds, so that its fetch can stop at the chunk it needs (`fetch_blocks` cannot cut a block
+without the chunk size). Lookups
 answered from the last listing or the cache send nothing more: that is a player's lookup after
 an `ls by-hash` (and every lookup of `ls -l`, `du`, `find` sweeping the folder, which would
 otherwise each fetch a block they never read). Such a player loses nothing: the `/meta` round
@@ -676,13 +679,16 @@ class Remote:
         return self._fetch(content_hash, start, end, on_partial=None)
 
     def _fetch(self, content_hash: str, start: int, end: int, *,
-               on_partial: Callable[[bytes, int], None] | None) -> bytes:
-        """`fetch`; a first block fetched with the metadata is handed to `on_partial(block,
-        ready)` chunk by chunk as it is verified, before it is complete."""
+               on_partial: Callable[[bytes, int], None] | None,
+               deadline: float | None = None) -> bytes:
+        """`fetch` (by `deadline`, if the operation began earlier); a first block fetched with
+        the metadata is handed to `on_partial(block, ready)` chunk by chunk as it is verified,
+        before it is complete."""
         if end <= start:
             return b""
         asked = f"{content_hash} bytes {start}-{end - 1}"
-        deadline = self._deadline()
+        if deadline is None:
+            deadline = self._deadline()
         failed_before = self._recent_failure(content_hash, start, end)
         if failed_before is not None:
             self.counters.add("second_tries")
@@ -730,10 +736,11 @@ class Remote:
         last block, after telling `on_span` the bytes it will bring (a scattered read's fetch:
         a scattered 128 KiB read brings one or two chunks, not the rest of its block).
         Otherwise (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into
-        pieces. A first block fetched with the metadata is used as the run's first piece.
-        Once `stop` is set, the one request ends at its next receive, the connection is
-        closed, and `FetchStopped` is raised (a readahead whose reader has gone: the link is
-        the next request's)."""
+        pieces; but given `until`, digests that a cold lookup asked for and that are still on
+        their way are waited for first (`_await_lookup_digests`). A first block fetched
+        with the metadata is used as the run's first piece. Once `stop` is set, the one
+        request ends at its next receive, the connection is closed, and `FetchStopped` is
+        raised (a readahead whose reader has gone: the link is the next request's)."""
         if start == 0 and self._holds_first_block(content_hash, block_size):
             first = self._fetch(
                 content_hash, 0, min(block_size, end),
@@ -751,6 +758,9 @@ class Remote:
                 until=until, on_span=on_span,
             )
             return [first, *rest]
+        deadline = self._deadline()
+        if until is not None:
+            self._await_lookup_digests(content_hash, deadline)
         with self._lock:
             chunk_size = self._chunk_sizes.get(content_hash)  # None: not known, or no digests
             meta = self._cached_meta(content_hash)
@@ -762,7 +772,7 @@ class Remote:
             or start % block_size
             or (end % block_size and end != meta.size)
         ):
-            data = self.fetch(content_hash, start, end)
+            data = self._fetch(content_hash, start, end, on_partial=None, deadline=deadline)
             view = memoryview(data)
             pieces = [data] if len(data) <= block_size else [
                 bytes(view[low : low + block_size]) for low in range(0, len(data), block_size)]
@@ -776,11 +786,19 @@ class Remote:
             end = min(end, last_block + -(-until // chunk_size) * chunk_size)
             if on_span is not None:
                 on_span(start + lead, end)
-        deadline = self._deadline()
         # A page of digests not yet known (a jump into a long video) is asked for while the
         # range arrives: the first chunk waits for it, not the request.
         digests = self._digests_soon(content_hash, deadline, start + lead, end)
-        sink = _BlockSink(on_block, on_partial)
+
+        def handed_on(position: int, block: bytes) -> None:
+            # Counted before the cache has the block, not when the run ends: a read may return
+            # while the rest of its block arrives, and a snapshot with no block in flight
+            # (the cache's `fetching_blocks`) must count every byte already handed on.
+            self.counters.add("bytes_fetched", len(block))
+            if on_block is not None:
+                on_block(position, block)
+
+        sink = _BlockSink(handed_on, on_partial)
         try:
             with self._outcome_noted(content_hash, start + lead, end):
                 self._with_retries(
@@ -793,12 +811,32 @@ class Remote:
                 )
         except FetchStopped:
             self.counters.add("stopped")
-            self.counters.add("bytes_fetched", sum(len(block) for block in sink.blocks))
             raise
         finally:
             sink.close()
-        self.counters.add("bytes_fetched", end - start - lead)
         return sink.blocks
+
+    def _await_lookup_digests(self, content_hash: str, deadline: float) -> None:
+        """Before a scattered read's fetch: if the chunk size is unknown because the digests a
+        cold lookup asked for with the metadata are still on their way, wait for them and
+        keep them. Without it the fetch cannot stop at the read's chunk and brings the whole
+        block; and they were sent before anything this fetch could send. Waited for as the
+        first read waits for them (until the cutoff, given up once the lookup's exchange has
+        been silent for its patience); if they do not come, the fetch goes on without."""
+        with self._lock:
+            if content_hash in self._chunk_sizes:
+                return
+            meta = self._cached_meta(content_hash)
+            held = self._first_blocks.get(content_hash)
+        if meta is None or held is None:
+            return
+        try:
+            doc = self._held_result(held, held.digests, deadline)
+        except Exception as exc:  # failed, cancelled, late or stalled: fetched without them
+            log.info("%s: the chunk digests asked for with the metadata did not come (%s: %s)",
+                     content_hash, type(exc).__name__, exc)
+            return
+        self._keep_digests(meta, doc, 0, 0)
 
     def _attempt_blocks(
         self,
