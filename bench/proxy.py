@@ -29,7 +29,7 @@ import itertools
 import socket
 import struct
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -112,11 +112,31 @@ Ending = Literal["close", "reset"]
 @dataclass(frozen=True)
 class Verdict:
     """What to do with a piece of response data: send `data` (maybe changed) after `delay_s`
-    more seconds, then optionally end the connection with a FIN ("close") or an RST ("reset")."""
+    more seconds, then optionally end the connection with a FIN ("close") or an RST ("reset").
+    `then`: more data, sent after this, its own `delay_s` later still (a chunk of the server's
+    stream may end one response and begin another that a fault delays: the first is not held
+    back with it)."""
 
     data: bytes
     delay_s: float = 0.0
     end: Ending | None = None
+    then: Verdict | None = None
+
+    def pieces(self) -> list[Verdict]:
+        """This verdict and those after it, in order (their `then` left as it is)."""
+        pieces = [self]
+        while pieces[-1].then is not None:
+            pieces.append(pieces[-1].then)
+        return pieces
+
+    @staticmethod
+    def of(pieces: Sequence[tuple[bytes, float]], end: Ending | None = None) -> Verdict:
+        """The verdict sending each (data, delay) in order; `end` after the last."""
+        verdict: Verdict | None = None
+        for number, (data, delay) in enumerate(reversed(pieces)):
+            verdict = Verdict(data, delay, end if number == 0 else None, verdict)
+        assert verdict is not None, "no pieces"
+        return verdict
 
 
 class Hooks:
@@ -157,13 +177,17 @@ class HookChain(Hooks):
         return None
 
     def on_response_data(self, conn: Connection, data: bytes) -> Verdict:
-        delay = 0.0
+        pieces = [(data, 0.0)]
         for hook in self.hooks:
-            verdict = hook.on_response_data(conn, data)
-            data, delay = verdict.data, delay + verdict.delay_s
-            if verdict.end is not None:
-                return Verdict(data, delay, verdict.end)
-        return Verdict(data, delay)
+            passed: list[tuple[bytes, float]] = []
+            for data, delay in pieces:
+                verdict = hook.on_response_data(conn, data)
+                for number, piece in enumerate(verdict.pieces()):
+                    passed.append((piece.data, piece.delay_s + (delay if number == 0 else 0)))
+                    if piece.end is not None:
+                        return Verdict.of(passed, piece.end)
+            pieces = passed
+        return Verdict.of(pieces)
 
     def on_close(self, conn: Connection) -> None:
         for hook in self.hooks:
@@ -220,6 +244,9 @@ class ResponseHeadHook(Hooks):
             state.opaque = verdict.end is not None
             return verdict
         state.buffer += data
+        # Pieces sent one after the other: a response a hook delays starts a piece of its own,
+        # so the ones before it in this chunk go out without that delay.
+        pieces: list[tuple[bytes, float]] = []
         out = bytearray()
         delay = 0.0
         while state.buffer and not state.opaque:
@@ -240,15 +267,18 @@ class ResponseHeadHook(Hooks):
                 state.responses += 1
                 state.body_left, state.opaque = body_length(request, head)
                 verdict = self.on_head(conn, request, head, state.body_left)
+            if verdict.delay_s and out:
+                pieces.append((bytes(out), delay))
+                out, delay = bytearray(), 0.0
             out += verdict.data
             delay += verdict.delay_s
             if verdict.end is not None:
                 state.opaque = True  # the connection ends: whatever else is buffered is moot
-                return Verdict(bytes(out), delay, verdict.end)
+                return Verdict.of([*pieces, (bytes(out), delay)], verdict.end)
         if state.opaque:
             out += state.buffer
             state.buffer.clear()
-        return Verdict(bytes(out), delay)
+        return Verdict.of([*pieces, (bytes(out), delay)])
 
 
 def body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
@@ -607,10 +637,12 @@ class LatencyProxy:
     async def _pump_responses(self, conn: Connection, reader: asyncio.StreamReader,
                               down: _DelayLine) -> None:
         while data := await reader.read(self.config.chunk_size):
-            verdict = self.hooks.on_response_data(conn, data)
-            await down.put(verdict.data, extra_delay=verdict.delay_s, end=verdict.end)
-            if verdict.end is not None:
-                return
+            delay = 0.0
+            for piece in self.hooks.on_response_data(conn, data).pieces():
+                delay += piece.delay_s  # a piece waits for those before it too
+                await down.put(piece.data, extra_delay=delay, end=piece.end)
+                if piece.end is not None:
+                    return
         await down.put(b"", end="eof")
 
 

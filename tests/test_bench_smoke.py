@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from bench.contenders import Mount
+from bench.faults import FaultInjector, Stall, path_prefix
 from bench.proxy import (
     LOOPBACK,
     Connection,
@@ -358,6 +359,41 @@ def test_hooks_answer_requests_rewrite_heads_and_cut_responses(origin_port: int)
     with _proxy(origin_port, hooks=ResetAfterFirstChunk()) as proxy, \
             pytest.raises(httpx.HTTPError):
         httpx.get(f"{proxy.url}/blob")
+
+
+def test_an_answer_a_fault_delays_does_not_hold_back_the_one_before_it() -> None:
+    """Pipelined answers often reach the proxy in one read of the server's stream: a stall of
+    the second (as tests stall a lookup's `/chunks` behind its `/meta`) must not delay the
+    first, which the proxy once sent with it, 60 s late. Through a chain of two hooks."""
+    answers = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" + body
+                       for body in (b"first", b"later"))
+    with socket.create_server(("127.0.0.1", 0)) as origin:
+
+        def serve() -> None:  # both answers in one write, once both requests are in
+            conn, _ = origin.accept()
+            with conn:
+                received = b""
+                while received.count(b"\r\n\r\n") < 2 and (data := conn.recv(4096)):
+                    received += data
+                conn.sendall(answers)
+                conn.recv(1)  # until the proxy leaves
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        faults = FaultInjector()
+        faults.enable(Stall(seconds=60, match=path_prefix("/later")))
+        hooks = HookChain(CanonicalHeaderCase(), faults)
+        with (_proxy(origin.getsockname()[1], hooks=hooks) as proxy,
+              socket.create_connection(("127.0.0.1", proxy.proxy.port), timeout=20) as client):
+            client.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                           b"GET /later HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while b"first" not in got and (data := client.recv(4096)):  # 20 s at most
+                got += data
+        thread.join(timeout=10)
+    assert got.startswith(answers[: answers.index(b"first") + len(b"first")])
+    assert b"later" not in got  # the stalled body (its head may pass: a stall acts on bodies)
+    assert faults.injected() == {"stall": 1}
 
 
 # The loopback profile's relay (bench/splice_relay.py): the same counting, bodies spliced.
