@@ -473,6 +473,25 @@ def test_a_video_found_gone_during_a_listing_stays_gone_until_ingested_again(
     assert remote.meta(HASH) is not None
 
 
+def test_a_video_ingested_again_after_a_404_is_read_verified(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """A read of a deleted video gets a 404 for its digests too, which was kept as "this
+    video has no digests": the same content ingested again (the same hash) was then read
+    unverified for as long as that entry stayed cached."""
+    remote = make_remote()
+    assert remote.meta(HASH) is not None
+    service.gone = {HASH}
+    with pytest.raises(NotFound):
+        remote.fetch(HASH, 0, CHUNK)
+    assert f"/video/{HASH}/chunks" in service.requests
+    service.gone = set()  # ingested again
+    clock.now += 60  # past the memory of the 404
+    assert remote.meta(HASH) is not None
+    assert remote.fetch(HASH, 0, CHUNK) == DATA[:CHUNK]
+    assert remote.counters.get("verified_chunks") == 1
+
+
 def test_a_listing_holds_no_page_longer_than_it_takes_to_read_it(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:

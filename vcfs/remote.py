@@ -669,6 +669,8 @@ class Remote:
             self._known.pop(content_hash, None)
             self._listed.pop(content_hash, None)
             self._missing[content_hash] = True
+            if content_hash in self._chunk_sizes and self._chunk_sizes[content_hash] is None:
+                del self._chunk_sizes[content_hash]  # perhaps only its `/chunks` 404
             if self._listings_begun:
                 self._gone[content_hash] = self._clock()
 
@@ -1432,7 +1434,10 @@ class Remote:
                                                        page_bytes)
         with self._lock:
             if pages is None:
-                self._chunk_sizes[meta.content_hash] = None
+                # Not for a video a 404 said is gone (its `/chunks` is a 404 too): the same
+                # content ingested again has digests.
+                if self._cached_meta(meta.content_hash) is not None:
+                    self._chunk_sizes[meta.content_hash] = None
                 return None
             for number, page in pages.items():
                 key = (meta.content_hash, number)
