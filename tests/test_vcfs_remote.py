@@ -827,6 +827,33 @@ def test_a_scattered_fetch_waits_for_the_lookups_digests_and_cuts_its_block(
         link.faults.clear()
 
 
+def test_a_fetch_racing_the_lookups_digests_does_not_ask_for_them_again(
+    link: Link, big: StoredVideo,
+) -> None:
+    """A read that is not scattered (the whole block), right after a cold lookup whose digests
+    are still on their way (held back 2 s here; ffprobe's jump to a moov atom at the end): its
+    range is fetched at once and verified with the lookup's digests, which were asked for
+    first, instead of a second request for the same page."""
+    page = 128 * MIB
+    remote = Remote.connect(link.url, config=RemoteConfig(
+        timeout=30.0, first_block_patience=10.0, digest_page_bytes=page))
+    try:
+        link.reset()
+        delayed = link.faults.injected().get("latency", 0)
+        link.faults.enable(Latency(seconds=2.0, match=digest_page(big.hash, page)), times=1)
+        assert remote.meta(big.hash, first_block=MIB) is not None
+        blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB)
+        assert link.faults.injected()["latency"] == delayed + 1
+        assert blocks == [big.data[3 * MIB : 4 * MIB]]
+        assert [asked for asked in link.ranges() if asked != "None"] == [
+            f"bytes=0-{MIB - 1}", f"bytes={3 * MIB}-{4 * MIB - 1}"]
+        assert remote.counters.get("http_requests") == 3 + 1  # the lookup's, and the range
+        assert remote.counters.get("verified_chunks") >= 4
+    finally:
+        remote.close()
+        link.faults.clear()
+
+
 def test_a_scattered_fetch_gives_up_the_lookups_stalled_digests(
     link: Link, big: StoredVideo,
 ) -> None:

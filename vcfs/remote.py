@@ -819,10 +819,11 @@ class Remote:
         return sink.blocks
 
     def _await_lookup_digests(self, content_hash: str, deadline: float) -> None:
-        """Before a scattered read's fetch: if the chunk size is unknown because the digests a
-        cold lookup asked for with the metadata are still on their way, wait for them and
-        keep them. Without it the fetch cannot stop at the read's chunk and brings the whole
-        block; and they were sent before anything this fetch could send. Waited for as the
+        """Before a scattered read's fetch, or a request for digests: if the chunk size is
+        unknown because the digests a cold lookup asked for with the metadata are still on
+        their way, wait for them and keep them. Without it a scattered fetch cannot stop at
+        the read's chunk and brings the whole block, and a fetch asks for the same page
+        again; they were sent before anything this fetch could send. Waited for as the
         first read waits for them (until the cutoff, given up once the lookup's exchange has
         been silent for its patience); if they do not come, the fetch goes on without."""
         with self._lock:
@@ -1339,6 +1340,10 @@ class Remote:
     ) -> Digests | None:
         """The service's digests of the chunks of `[start, end)` (cached by page, the pages
         missing fetched in one request); None when the video has none to use."""
+        known, digests = self._known_digests(content_hash, start, end)
+        if known:
+            return digests
+        self._await_lookup_digests(content_hash, deadline)  # asked for before: not again
         known, digests = self._known_digests(content_hash, start, end)
         if known:
             return digests
