@@ -60,6 +60,30 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, result.stdout
 
 
+@contextlib.contextmanager
+def _bench_in_background(tmp_path: Path, contender: str
+                         ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`scripts/bench --quick` of one contender, leading a process group of its own (as a
+    terminal's foreground job: a Ctrl-C reaches all of it), and the file of its progress;
+    killed if still running at the end, and its work directory removed."""
+    progress = tmp_path / "progress.log"
+    with open(progress, "w") as stderr:
+        bench = subprocess.Popen(
+            [str(ROOT / "scripts" / "bench"), "--quick", "--contenders", contender,
+             "--out", str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            env={**os.environ, "BENCH_NO_INSTALL": "1"})
+    try:
+        yield bench, progress
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+        work = _logged_path(progress, "work directory ")
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 @requires_fuse[0]
 @requires_fuse[1]
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["kill", "ctrl-c"])
@@ -69,15 +93,7 @@ def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(
     """`kill` (SIGTERM) of `scripts/bench`, or Ctrl-C (SIGINT to its whole process group, the
     proxies' included), while vcfs is being measured: the harness unmounts and stops what it
     started, keeps its logs and says where, without a traceback."""
-    progress = tmp_path / "progress.log"
-    with open(progress, "w") as stderr:
-        bench = subprocess.Popen(
-            [str(ROOT / "scripts" / "bench"), "--quick", "--contenders", "vcfs",
-             "--out", str(tmp_path)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-            env={**os.environ, "BENCH_NO_INSTALL": "1"})
-    work = ""
-    try:
+    with _bench_in_background(tmp_path, "vcfs") as (bench, progress):
         wait_until(lambda: "· vcfs · run 1/1" in progress.read_text(), timeout=120,
                    what="vcfs measured")
         if signum == signal.SIGINT:
@@ -91,12 +107,6 @@ def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(
         assert "Traceback" not in log, log
         assert work not in Path("/proc/mounts").read_text()
         assert processes_using(Path(work)) == []
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
-        if work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def test_ctrl_c_while_the_service_decodes_the_corpus_stops_the_run(tmp_path: Path) -> None:
@@ -104,15 +114,7 @@ def test_ctrl_c_while_the_service_decodes_the_corpus_stops_the_run(tmp_path: Pat
     the corpus: the run says it stopped, with exit 130, and the service's log calls no video
     invalid. Was: its decoders, in the same process group, got the SIGINT too, and the ingest
     failed with 422 'not a video'."""
-    progress = tmp_path / "progress.log"
-    with open(progress, "w") as stderr:
-        bench = subprocess.Popen(
-            [str(ROOT / "scripts" / "bench"), "--quick", "--contenders", "local",
-             "--out", str(tmp_path)],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
-            env={**os.environ, "BENCH_NO_INSTALL": "1"})
-    work = ""
-    try:
+    with _bench_in_background(tmp_path, "local") as (bench, progress):
         work = wait_until(lambda: _logged_path(progress, "work directory "), timeout=120,
                           what="the work directory")
         store = Path(work) / "store"
@@ -124,12 +126,6 @@ def test_ctrl_c_while_the_service_decodes_the_corpus_stops_the_run(tmp_path: Pat
         assert f"stopped; logs kept in {work}" in log and "Traceback" not in log, log
         service_log = (Path(work) / "vidcache.log").read_text()
         assert "not a video" not in service_log, service_log
-    finally:
-        if bench.poll() is None:
-            bench.kill()
-            bench.wait()
-        if work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _logged_path(log: Path, before: str) -> str:

@@ -772,15 +772,20 @@ def digest_page(content_hash: str, page: int) -> Callable[[Request], bool]:
     return match
 
 
-def test_a_lookup_whose_pipelined_answers_stop_does_not_hold_the_first_read(
-    link: Link, big: StoredVideo,
+@pytest.mark.parametrize("scattered", [False, True], ids=["first-read", "scattered-read"])
+def test_a_read_gives_up_a_lookup_whose_pipelined_answers_stop(
+    link: Link, big: StoredVideo, scattered: bool,
 ) -> None:
     """On the way to the service, something passes the lookup's `/meta` answer and then
-    nothing more on that connection (as a proxy that does not pass pipelined requests on):
-    the first read gives the held block up once the exchange has been silent for its patience
-    (1 s here) and fetches it the usual way, instead of waiting out the request timeout."""
+    nothing more on that connection (as a proxy that does not pass pipelined requests on).
+    The first read gives the held block up once the exchange has been silent for its patience
+    (1 s here) and fetches it the usual way; a scattered read's fetch, which waits for the
+    lookup's digests, gives them up the same way and fetches its whole block. Neither waits
+    out the request timeout."""
     request_timeout = 30.0
-    page = 64 * MIB
+    # A digest page of its own: the stall must hit this remote's lookup, not a request for
+    # the same video's default page still on its way from an earlier test's remote.
+    page = 16 * MIB if scattered else 64 * MIB
     remote = Remote.connect(link.url, config=RemoteConfig(
         timeout=3 * request_timeout, request_timeout=request_timeout, digest_page_bytes=page))
     try:
@@ -790,24 +795,31 @@ def test_a_lookup_whose_pipelined_answers_stop_does_not_hold_the_first_read(
                            times=1)
         assert remote.meta(big.hash, first_block=MIB) is not None
         started = time.monotonic()
-        assert remote.fetch(big.hash, 0, MIB) == big.data[:MIB]
+        if scattered:
+            blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB, skip=10_000,
+                                         until=110_000, on_span=lambda *_: None)
+            assert blocks == [big.data[3 * MIB : 4 * MIB]]
+        else:
+            assert remote.fetch(big.hash, 0, MIB) == big.data[:MIB]
+            assert remote.counters.get("first_blocks_dropped") == 1
         assert time.monotonic() - started < request_timeout / 3
-        assert remote.counters.get("first_blocks_dropped") == 1
         assert link.faults.injected()["stall"] == stalls + 1
     finally:
         remote.close()
         link.faults.clear()
 
 
-def test_a_scattered_fetch_waits_for_the_lookups_digests_and_cuts_its_block(
-    link: Link, big: StoredVideo,
+@pytest.mark.parametrize("scattered", [True, False], ids=["scattered", "whole-block"])
+def test_a_fetch_racing_the_lookups_digests_takes_them_and_asks_nothing_again(
+    link: Link, big: StoredVideo, scattered: bool,
 ) -> None:
-    """A scattered read right after a cold lookup whose digests are still on their way (held
-    back 2 s here): its fetch waits for them and brings the one chunk the read needs, not
-    its whole block (it cannot cut a block without the chunk size), nor asks for the digests
-    again."""
+    """A read right after a cold lookup whose digests are still on their way (held back 2 s
+    here). A scattered one: its fetch waits for them and brings the one chunk the read needs,
+    not its whole block (it cannot cut a block without the chunk size). One that is not
+    (ffprobe's jump to a moov box at the end): its range is fetched at once and verified with
+    the lookup's digests. Neither asks for the digests again."""
     chunk = 256 * 1024
-    page = 32 * MIB
+    page = 32 * MIB if scattered else 128 * MIB  # a page of its own: no other test's request
     remote = Remote.connect(link.url, config=RemoteConfig(
         timeout=30.0, first_block_patience=10.0, digest_page_bytes=page))
     try:
@@ -815,68 +827,18 @@ def test_a_scattered_fetch_waits_for_the_lookups_digests_and_cuts_its_block(
         delayed = link.faults.injected().get("latency", 0)
         link.faults.enable(Latency(seconds=2.0, match=digest_page(big.hash, page)), times=1)
         assert remote.meta(big.hash, first_block=MIB) is not None
-        blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB, skip=10_000,
-                                     until=110_000, on_span=lambda *_: None)
+        if scattered:
+            blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB, skip=10_000,
+                                         until=110_000, on_span=lambda *_: None)
+        else:
+            blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB)
+        end = 3 * MIB + (chunk if scattered else MIB)
         assert link.faults.injected()["latency"] == delayed + 1
         assert [asked for asked in link.ranges() if asked != "None"] == [
-            f"bytes=0-{MIB - 1}", f"bytes={3 * MIB}-{3 * MIB + chunk - 1}"]
+            f"bytes=0-{MIB - 1}", f"bytes={3 * MIB}-{end - 1}"]
         assert remote.counters.get("http_requests") == 3 + 1  # the lookup's, and the range
-        assert blocks == [big.data[3 * MIB : 3 * MIB + chunk]]
-    finally:
-        remote.close()
-        link.faults.clear()
-
-
-def test_a_fetch_racing_the_lookups_digests_does_not_ask_for_them_again(
-    link: Link, big: StoredVideo,
-) -> None:
-    """A read that is not scattered (the whole block), right after a cold lookup whose digests
-    are still on their way (held back 2 s here; ffprobe's jump to a moov atom at the end): its
-    range is fetched at once and verified with the lookup's digests, which were asked for
-    first, instead of a second request for the same page."""
-    page = 128 * MIB
-    remote = Remote.connect(link.url, config=RemoteConfig(
-        timeout=30.0, first_block_patience=10.0, digest_page_bytes=page))
-    try:
-        link.reset()
-        delayed = link.faults.injected().get("latency", 0)
-        link.faults.enable(Latency(seconds=2.0, match=digest_page(big.hash, page)), times=1)
-        assert remote.meta(big.hash, first_block=MIB) is not None
-        blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB)
-        assert link.faults.injected()["latency"] == delayed + 1
-        assert blocks == [big.data[3 * MIB : 4 * MIB]]
-        assert [asked for asked in link.ranges() if asked != "None"] == [
-            f"bytes=0-{MIB - 1}", f"bytes={3 * MIB}-{4 * MIB - 1}"]
-        assert remote.counters.get("http_requests") == 3 + 1  # the lookup's, and the range
-        assert remote.counters.get("verified_chunks") >= 4
-    finally:
-        remote.close()
-        link.faults.clear()
-
-
-def test_a_scattered_fetch_gives_up_the_lookups_stalled_digests(
-    link: Link, big: StoredVideo,
-) -> None:
-    """As above, but the lookup's exchange stops after `/meta` (a proxy that does not pass
-    pipelined requests on): the scattered read's fetch gives the digests up once it has been
-    silent for its patience (1 s here), as the first read does, and fetches its whole block
-    the usual way, instead of waiting out the request timeout."""
-    request_timeout = 30.0
-    page = 16 * MIB
-    remote = Remote.connect(link.url, config=RemoteConfig(
-        timeout=3 * request_timeout, request_timeout=request_timeout, digest_page_bytes=page))
-    try:
-        link.reset()
-        stalls = link.faults.injected().get("stall", 0)
-        link.faults.enable(Stall(seconds=request_timeout, match=digest_page(big.hash, page)),
-                           times=1)
-        assert remote.meta(big.hash, first_block=MIB) is not None
-        started = time.monotonic()
-        blocks = remote.fetch_blocks(big.hash, 3 * MIB, 4 * MIB, MIB, skip=10_000,
-                                     until=110_000, on_span=lambda *_: None)
-        assert time.monotonic() - started < request_timeout / 3
-        assert blocks == [big.data[3 * MIB : 4 * MIB]]
-        assert link.faults.injected()["stall"] == stalls + 1
+        assert blocks == [big.data[3 * MIB : end]]
+        assert remote.counters.get("verified_chunks") == (end - 3 * MIB) // chunk
     finally:
         remote.close()
         link.faults.clear()
