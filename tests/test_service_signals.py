@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_stress_support import assert_consistent, processes_using
+from tests.service_stress_support import PausingServer, assert_consistent, processes_using
 from tests.service_support import Api, blob_files, serve_origin, temp_files
 from tests.support import VidcacheServer, free_port, wait_until
 from vidcache.errors import ShuttingDown
@@ -250,6 +250,41 @@ def test_shutdown_answers_an_ingest_decoding_503(tmp_path: Path, slow_video: Pat
     assert "not a video" not in server.log()
     assert processes_using(data) == []
     assert temp_files(data) == [] and blob_files(data) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_an_ingest_past_decoding_at_shutdown_stores_nothing_half(
+        tmp_path: Path, videos: dict[str, Path], signum: signal.Signals) -> None:
+    """An ingest that cannot end when stopped (held right after its frames were sampled, before
+    it decides) is still answered 503 when uvicorn gives up on it; the store closes under it,
+    and when it goes on it moves nothing into the bucket and says so; the next start finds a
+    consistent directory and the URL ingests. Was: a plain-text 500 and a traceback; after
+    Ctrl-C the ingest went on against the closed store, renamed its blob into the bucket,
+    failed ('store is not open'), removed it again and logged nothing."""
+    video = videos["c.mkv"]
+    url = video.as_uri()
+    data = tmp_path / "data"
+    server = PausingServer(data, ("shutil.rmtree", "frames-"),
+                           "--allow-file-dir", str(video.parent))
+    with server:
+        assert server.process is not None
+        ingest = _Ingest(server.url, url)
+        wait_until(server.paused, timeout=60, what="the ingest held after sampling frames")
+        server.process.send_signal(signum)
+        wait_until(lambda: "Application shutdown complete" in server.log(), timeout=60,
+                   what="the store closed")
+        server.release()
+        assert server.process.wait(timeout=60) == _EXIT_STATUS[signum]
+        answer = ingest.result()
+    log = server.log()
+    _assert_answered_shutting_down(answer, log, url)
+    assert not [target for target in server.renamed_to() if "/signals/" in target]
+    if signum == signal.SIGINT:  # the process lived on until the ingest ended: it said how
+        assert f"vidcache.ingest: ingest {url} failed (503): {_SHUTTING_DOWN}" in log, log
+    with VidcacheServer(data, "--allow-file-dir", str(video.parent)) as again:
+        assert assert_consistent(data, again.url) == []
+        api = Api(again.url)
+        assert api.ingest_ok(url, "signals")["status"] == "new"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
