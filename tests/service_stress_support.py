@@ -1,6 +1,7 @@
 """Helpers for the service's crash, load, limit and auth tests: many small perceptually
 distinct videos, an origin that trickles its bodies, a vidcache server that kills itself with
-SIGKILL at a chosen point of its own code, and a check of a data directory's invariants."""
+SIGKILL at a chosen point of its own code, one that pauses there, and a check of a data
+directory's invariants."""
 
 from __future__ import annotations
 
@@ -214,6 +215,72 @@ class KillableServer(VidcacheServer):
 
     def died(self) -> bool:
         return self.process is not None and self.process.poll() is not None
+
+
+# --- a server that pauses at a chosen point ------------------------------------------------------
+
+# Runs `vidcache` with an audit hook that holds the thread raising the first audit event named
+# $VIDCACHE_TEST_PAUSE_EVENT whose arguments contain $VIDCACHE_TEST_PAUSE_MATCH: it creates the
+# file $VIDCACHE_TEST_PAUSED and waits (up to 120 s) for the file $VIDCACHE_TEST_RELEASE. Every
+# rename's target (os.replace too) is appended to the file $VIDCACHE_TEST_RENAMES.
+_PAUSE_LAUNCHER = r"""
+import os, sys, time
+event = os.environ["VIDCACHE_TEST_PAUSE_EVENT"]
+match = os.environ["VIDCACHE_TEST_PAUSE_MATCH"]
+paused = os.environ["VIDCACHE_TEST_PAUSED"]
+release = os.environ["VIDCACHE_TEST_RELEASE"]
+renames = os.environ["VIDCACHE_TEST_RENAMES"]
+state = {"fired": False}
+
+def hook(name, args):
+    if name == "os.rename":
+        with open(renames, "a") as record:
+            record.write(f"{args[1]}\n")
+    if name != event or state["fired"] or match not in repr(args):
+        return
+    state["fired"] = True
+    open(paused, "w").close()
+    deadline = time.monotonic() + 120
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+sys.addaudithook(hook)
+from vidcache.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+class PausingServer(VidcacheServer):
+    """The real service, run through _PAUSE_LAUNCHER: the first thread to reach `point`
+    (an audit event and a string its arguments contain) waits there until `release()`."""
+
+    def __init__(self, data_dir: Path, point: tuple[str, str], *extra_args: str) -> None:
+        super().__init__(data_dir, *extra_args)
+        self.point = point
+        self._paused, self._released, self._renames = (
+            data_dir.parent / f"{data_dir.name}-{what}" for what in ("paused", "released",
+                                                                     "renames"))
+
+    def command(self) -> list[str]:
+        return ["-c", _PAUSE_LAUNCHER]
+
+    def environment(self) -> dict[str, str]:
+        event, match = self.point
+        return {**os.environ, "VIDCACHE_TEST_PAUSE_EVENT": event,
+                "VIDCACHE_TEST_PAUSE_MATCH": match,
+                "VIDCACHE_TEST_PAUSED": str(self._paused),
+                "VIDCACHE_TEST_RELEASE": str(self._released),
+                "VIDCACHE_TEST_RENAMES": str(self._renames)}
+
+    def paused(self) -> bool:
+        return self._paused.exists()
+
+    def release(self) -> None:
+        self._released.touch()
+
+    def renamed_to(self) -> list[str]:
+        """The targets of every rename the server made."""
+        return self._renames.read_text().splitlines() if self._renames.exists() else []
 
 
 # --- invariants of a data directory ---------------------------------------------------------

@@ -1,12 +1,15 @@
 """The service's decoders and signals: a decoder ended by a signal is the server's failure
 (503), never a verdict on the video; a Ctrl-C to the process group the server runs in stops the
 server, not the decoders of the ingests it still gives its grace period; the shutdown ends the
-decoders still running. Real server, real ffmpeg, real signals."""
+ingests still running when that is over (decoding, downloading, or past both) with a 503 in the
+service's error shape, stores nothing half and exits. Real server, real ffmpeg, real signals."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,9 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_stress_support import processes_using
+from tests.service_stress_support import PausingServer, assert_consistent, processes_using
+from tests.service_support import Api, blob_files, serve_origin, temp_files
 from tests.support import VidcacheServer, free_port, wait_until
-from vidcache.errors import ToolStopped
+from vidcache.errors import ShuttingDown
 from vidcache.tools import Tools
 
 pytestmark = pytest.mark.timeout(180)
@@ -145,7 +149,7 @@ def test_ctrl_c_stops_the_server_not_its_decoders(
     log = (tmp_path / "server.log").read_text()
     assert "not a video" not in log, log
     finished = isinstance(answer, httpx.Response) and answer.status_code == 200
-    assert finished or "ffmpeg (frame sampling) stopped: the server is shutting down" in log, (
+    assert finished or "failed (503): the server is shutting down; try again" in log, (
         answer, log)
 
 
@@ -160,7 +164,7 @@ def test_stop_ends_the_tools_running_and_refuses_new_ones(tmp_path: Path) -> Non
         try:
             tools.run(["sh", "-c", f"touch {marker}; while :; do sleep 0.1; done",
                        str(tmp_path)], what="test tool")
-        except ToolStopped as exc:
+        except ShuttingDown as exc:
             outcome.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -168,7 +172,143 @@ def test_stop_ends_the_tools_running_and_refuses_new_ones(tmp_path: Path) -> Non
     wait_until(marker.exists, timeout=30, what="the tool started")
     tools.stop()
     thread.join(timeout=30)
-    assert [str(exc) for exc in outcome] == ["test tool stopped: the server is shutting down"]
+    assert [str(exc) for exc in outcome] == ["the server is shutting down; try again"]
     assert processes_using(tmp_path) == []
-    with pytest.raises(ToolStopped, match="not started: the server is shutting down"):
+    with pytest.raises(ShuttingDown):
         tools.run(["true"], what="another tool")
+
+
+_SHUTTING_DOWN = "the server is shutting down; try again"
+_EXIT_STATUS = {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 0}  # uvicorn re-raises SIGTERM
+
+
+def _assert_answered_shutting_down(answer: httpx.Response | httpx.HTTPError | None,
+                                   log: str, url: str) -> None:
+    """A 503 in the service's error shape, logged as one line without a traceback."""
+    assert isinstance(answer, httpx.Response), (answer, log)
+    assert (answer.status_code, answer.headers["content-type"]) == (503, "application/json"), (
+        answer.text, log)
+    assert answer.json() == {"detail": _SHUTTING_DOWN}
+    assert f"ingest {url} failed (503): {_SHUTTING_DOWN}" in log, log
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_shutdown_answers_a_download_in_flight_503(tmp_path: Path, videos: dict[str, Path],
+                                                    signum: signal.Signals) -> None:
+    """SIGTERM or Ctrl-C while a download waits on a silent origin: once the grace period is
+    over the download is cut and answered 503 'the server is shutting down', logged once; the
+    server exits at once; no temp file is left; the video stored before stays. Was: a
+    plain-text 500 and a traceback ('CancelledError'); with Ctrl-C the server waited for the
+    download to time out and then logged 'failed (502): ... Bad file descriptor', blaming the
+    origin; with SIGTERM the download's temp file was left for the next start to clean."""
+    data = tmp_path / "data"
+    with (serve_origin(videos["c.mkv"].parent) as (origin, stalled),
+          VidcacheServer(data, "--download-timeout", "120") as server):
+        assert server.process is not None
+        kept = Api(server.url).ingest_ok(f"{origin}/b.mp4", "kept")
+        url = f"{origin}/stall/c.mkv"
+        ingest = _Ingest(server.url, url)
+        assert stalled.wait(timeout=60)
+        server.process.send_signal(signum)
+        assert server.process.wait(timeout=60) == _EXIT_STATUS[signum]
+        answer = ingest.result()
+    log = server.log()
+    _assert_answered_shutting_down(answer, log, url)
+    assert sum(url in line for line in log.splitlines()) == 1, log  # one line, no 502
+    assert temp_files(data) == []
+    with VidcacheServer(data) as again:
+        served = httpx.get(f"{again.url}/video/{kept['hash']}", timeout=30).content
+        assert served == videos["b.mp4"].read_bytes()
+        assert_consistent(data, again.url)
+    assert "start-up recovery" not in again.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_shutdown_answers_an_ingest_decoding_503(tmp_path: Path, slow_video: Path,
+                                                 signum: signal.Signals) -> None:
+    """SIGTERM or Ctrl-C while ffmpeg samples frames, held by SIGSTOP so it cannot finish in
+    the grace period: its decoder is killed and the ingest answered 503 'the server is
+    shutting down', logged once; no decoder or temp file is left. Was: a plain-text 500 and a
+    traceback (uvicorn cancelled the request while the ingest went on)."""
+    url = slow_video.as_uri()
+    data = tmp_path / "data"
+    with VidcacheServer(data, "--allow-file-dir", str(slow_video.parent)) as server:
+        assert server.process is not None
+        ingest = _Ingest(server.url, url)
+        [pid] = wait_until(lambda: _frame_samplers(data), timeout=60,
+                           what="ffmpeg sampling frames")
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            server.process.send_signal(signum)
+            assert server.process.wait(timeout=60) == _EXIT_STATUS[signum]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # our server's decoder, should it have outlived it
+        answer = ingest.result()
+    _assert_answered_shutting_down(answer, server.log(), url)
+    assert "not a video" not in server.log()
+    assert processes_using(data) == []
+    assert temp_files(data) == [] and blob_files(data) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_an_ingest_past_decoding_at_shutdown_stores_nothing_half(
+        tmp_path: Path, videos: dict[str, Path], signum: signal.Signals) -> None:
+    """An ingest that cannot end when stopped (held right after its frames were sampled, before
+    it decides) is still answered 503 when uvicorn gives up on it; the store closes under it,
+    and when it goes on it moves nothing into the bucket and says so; the next start finds a
+    consistent directory and the URL ingests. Was: a plain-text 500 and a traceback; after
+    Ctrl-C the ingest went on against the closed store, renamed its blob into the bucket,
+    failed ('store is not open'), removed it again and logged nothing."""
+    video = videos["c.mkv"]
+    url = video.as_uri()
+    data = tmp_path / "data"
+    server = PausingServer(data, ("shutil.rmtree", "frames-"),
+                           "--allow-file-dir", str(video.parent))
+    with server:
+        assert server.process is not None
+        ingest = _Ingest(server.url, url)
+        wait_until(server.paused, timeout=60, what="the ingest held after sampling frames")
+        server.process.send_signal(signum)
+        wait_until(lambda: "Application shutdown complete" in server.log(), timeout=60,
+                   what="the store closed")
+        server.release()
+        assert server.process.wait(timeout=60) == _EXIT_STATUS[signum]
+        answer = ingest.result()
+    log = server.log()
+    _assert_answered_shutting_down(answer, log, url)
+    assert not [target for target in server.renamed_to() if "/signals/" in target]
+    if signum == signal.SIGINT:  # the process lived on until the ingest ended: it said how
+        assert f"vidcache.ingest: ingest {url} failed (503): {_SHUTTING_DOWN}" in log, log
+    with VidcacheServer(data, "--allow-file-dir", str(video.parent)) as again:
+        assert assert_consistent(data, again.url) == []
+        api = Api(again.url)
+        assert api.ingest_ok(url, "signals")["status"] == "new"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_an_ingest_waiting_for_a_silent_origin_is_answered_503(
+        tmp_path: Path, signum: signal.Signals) -> None:
+    """An ingest whose origin accepted the connection and never answers cannot be cut (there
+    is no body being read yet): it is answered 503 once uvicorn gives up on it, a second after
+    the stop, and the server exits (after Ctrl-C once Python's wait for its thread ends, at the
+    --download-timeout); nothing is stored, and the next start leaves the directory
+    consistent. Was: a plain-text 500 and a traceback."""
+    data = tmp_path / "data"
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/never.mp4"
+        with VidcacheServer(data, "--download-timeout", "15") as server:
+            assert server.process is not None
+            ingest = _Ingest(server.url, url)
+            wait_until(lambda: temp_files(data), timeout=30, what="the download started")
+            server.process.send_signal(signum)
+            answer = ingest.result()
+            assert server.process.wait(timeout=60) == _EXIT_STATUS[signum]
+    log = server.log()
+    _assert_answered_shutting_down(answer, log, url)
+    assert f"ingest {url} failed (503): {_SHUTTING_DOWN} (still running 1 s after it was " \
+           "stopped)" in log
+    assert "(502)" not in log and "(504)" not in log
+    with VidcacheServer(data) as again:  # SIGTERM ended the process under it: its temp file
+        assert assert_consistent(data, again.url) == []

@@ -8,10 +8,15 @@ Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Rang
 for whole files and single ranges (serving.py; it hands everything else to the route) and the
 request body cap (body_limit.py). Every error, ours or the framework's, leaves as JSON
 `{"detail": message}`; the translation happens only here and in those two middlewares.
+
+Shutdown: `app.state.stop_ingests` ends the ingests still running (503 "the server is shutting
+down"); the server (cli.py) calls it when their grace period is over, the lifespan's end at the
+latest, which then waits for them (bounded) before it closes the store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
@@ -38,9 +43,9 @@ from vidcache.body_limit import BodyLimit
 from vidcache.chunks import accepts_gzip, hex_digests
 from vidcache.config import ServiceConfig
 from vidcache.download import MAX_URL_LENGTH, Downloader
-from vidcache.errors import InvalidRequest, NotFound, VidcacheError
+from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
 from vidcache.hostguard import HostGuard
-from vidcache.ingest import Ingestor
+from vidcache.ingest import STOP_TIMEOUT, Ingestor
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.serving import CACHE_CONTROL, BlobIndex, VideoFastPath, keep_buffers_in_heap
 from vidcache.store import (
@@ -273,13 +278,18 @@ def create_app(config: ServiceConfig) -> FastAPI:
         try:
             yield
         finally:
-            tools.stop()  # uvicorn's grace period is over: end the ingests still decoding
+            ingestor.stop()  # if the server has not yet
+            if running := await anyio.to_thread.run_sync(ingestor.wait_stopped):
+                log.warning("%d ingests still running %g s after they were stopped; closing "
+                            "the store under them (they cannot store anything now)", running,
+                            STOP_TIMEOUT)
             downloader.close()
             store.close()
 
     app = FastAPI(title="vidcache", version=__version__, lifespan=lifespan,
                   description="Content-addressed video cache: ingest by URL, BLAKE3 exact "
                               "dedup, perceptual-hash near-duplicate matching, byte ranges.")
+    app.state.stop_ingests = ingestor.stop
 
     # the last added is the outermost: the token is checked before any body is read
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -339,7 +349,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
         """Ingest a video by URL (see docs/service.md for the dedup pipeline)."""
         run = partial(ingestor.ingest, url=request.url, bucket=request.bucket,
                       prefix=request.prefix, meta=request.meta)
-        result = await anyio.to_thread.run_sync(run, limiter=ingest_slots)
+        try:
+            result = await anyio.to_thread.run_sync(run, limiter=ingest_slots)
+        except asyncio.CancelledError:
+            # uvicorn's shutdown cancels the requests still running STOP_TIMEOUT after the
+            # ingests were stopped (else a plain-text 500 and a traceback): this one's thread
+            # has not ended (say, its origin has not answered yet) and may log its end later
+            log.warning("ingest %s failed (503): %s (still running %g s after it was "
+                        "stopped)", request.url, ShuttingDown(), STOP_TIMEOUT)
+            raise ShuttingDown() from None
         return IngestResponse(hash=result.content_hash, status=result.status,
                               file_path=result.file_path, phash_distance=result.phash_distance)
 

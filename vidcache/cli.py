@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -37,6 +38,8 @@ _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # The service answers an ingest once the video is downloaded, checked and stored: up to its
 # --max-download-time (default 3600 s), then the time to probe and hash it.
 _INGEST_TIMEOUT = 4000.0
+# seconds the requests in flight get to finish at SIGTERM/Ctrl-C
+_GRACE = 5
 
 
 def parse_size(text: str) -> int:
@@ -190,6 +193,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from vidcache.app import create_app
     from vidcache.http_protocol import PipelinedHttpToolsProtocol
+    from vidcache.ingest import STOP_TIMEOUT
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -224,16 +228,25 @@ def _serve(args: argparse.Namespace) -> int:
 
     class Server(uvicorn.Server):
         """Says `serving ...` once its socket listens: not before a bind error (port in use),
-        after which uvicorn logs the error and exits with status 3."""
+        after which uvicorn logs the error and exits with status 3. At shutdown, stops the
+        ingests still running when the grace period is over, so that they answer 503 before
+        uvicorn cancels the requests left (a plain-text 500 and a traceback each)."""
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             logging.getLogger("vidcache").info("%s", serving)
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            stop = asyncio.get_running_loop().call_later(_GRACE, app.state.stop_ingests)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                stop.cancel()
+
     # log_config=None: uvicorn's loggers go through the format configured above
     server = Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, log_config=None,
-        timeout_graceful_shutdown=5, timeout_keep_alive=config.keep_alive,
+        timeout_graceful_shutdown=_GRACE + STOP_TIMEOUT, timeout_keep_alive=config.keep_alive,
         http=PipelinedHttpToolsProtocol))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
         server.run()

@@ -15,15 +15,22 @@ file://: only below the directories the operator listed with --allow-file-dir. T
 resolved (symlinks followed) and checked before opening, and the file actually opened is
 checked again through /proc/self/fd, so swapping a directory for a symlink between the two
 steps cannot lead outside; FIFOs and devices are refused (they could block or never end).
+
+At shutdown `stop` cuts the downloads under way (the sockets of the bodies being read are shut
+down, which wakes a read waiting on a silent origin) and refuses new ones; whatever error that
+causes is ShuttingDown (503), never a verdict on the origin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -36,6 +43,7 @@ from vidcache.chunks import ChunkHasher, check_chunk_size
 from vidcache.errors import (
     IngestRefused,
     InvalidRequest,
+    ShuttingDown,
     StorageError,
     TooLarge,
     UpstreamError,
@@ -133,6 +141,9 @@ class Downloader:
         self._max_time = max_time
         self._guard = guard
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
+        self._lock = threading.Lock()
+        self._reading: set[socket.socket] = set()  # of the bodies being read, for `stop`
+        self._stopped = False
         self._client = httpx.Client(
             timeout=httpx.Timeout(timeout), follow_redirects=False,
             trust_env=False,  # proxies would bypass the address check
@@ -142,9 +153,21 @@ class Downloader:
     def close(self) -> None:
         self._client.close()
 
+    def stop(self) -> None:
+        """Cut the downloads under way and refuse new ones: the server is shutting down."""
+        with self._lock:
+            self._stopped = True
+            for sock in self._reading:
+                # socket.socket's own: SSLSocket.shutdown would also drop its TLS state under
+                # the reading thread
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
     def fetch(self, url: str) -> Download:
         """Download `url` into a new temp file; nothing is left behind on failure."""
         parsed = parse_url(url)
+        if self._stopped:
+            raise ShuttingDown()
         try:
             fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix="download-", suffix=".part")
         except OSError as exc:
@@ -159,13 +182,20 @@ class Downloader:
                     self._copy_local(parsed, writer, deadline)
                 else:
                     self._download(parsed, writer, deadline)
+                if self._stopped:  # a body without Content-Length, cut, looks complete
+                    raise ShuttingDown()
                 content_hash, digests = writer.finish()
             return Download(path, writer.size, content_hash, self._chunk_size, digests)
-        except BaseException:
+        except BaseException as exc:
             path.unlink(missing_ok=True)
+            if self._stopped and isinstance(exc, Exception):  # the shutdown cut it
+                raise ShuttingDown() from exc
             raise
 
-    def _check_deadline(self, deadline: float, url: str) -> None:
+    def _check_progress(self, deadline: float, url: str) -> None:
+        """Between two pieces of a download: stop it if the server stops or time is up."""
+        if self._stopped:
+            raise ShuttingDown()
         if time.monotonic() > deadline:
             raise UpstreamTimeout(f"download of {url} took longer than the server's "
                                   f"--max-download-time of {self._max_time:g} s")
@@ -193,9 +223,10 @@ class Downloader:
                     announced = response.headers.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
-                    for data in response.iter_bytes():
-                        writer.write(data)
-                        self._check_deadline(deadline, original)
+                    with self._cut_by_stop(response):
+                        for data in response.iter_bytes():
+                            writer.write(data)
+                            self._check_progress(deadline, original)
                     return
             except httpx.TimeoutException as exc:
                 raise UpstreamTimeout(f"download of {original} stalled: no progress for "
@@ -206,6 +237,24 @@ class Downloader:
             except httpx.HTTPError as exc:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
+
+    @contextlib.contextmanager
+    def _cut_by_stop(self, response: httpx.Response) -> Iterator[None]:
+        """The block reads `response`'s body; `stop` shuts its socket down meanwhile."""
+        stream = response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is None:  # a transport without sockets (httpx.MockTransport)
+            yield
+            return
+        with self._lock:
+            if self._stopped:
+                raise ShuttingDown()
+            self._reading.add(sock)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reading.discard(sock)
 
     def _copy_local(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
         if not self._file_dirs:
@@ -237,7 +286,7 @@ class Downloader:
             try:
                 while data := source.read(_COPY_SIZE):
                     writer.write(data)
-                    self._check_deadline(deadline, str(url))
+                    self._check_progress(deadline, str(url))
             except OSError as exc:
                 raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
 

@@ -65,5 +65,15 @@ class ToolStopped(MediaToolError):
     status_code = 503
 
 
+class ShuttingDown(VidcacheError):
+    """The server stopped the ingest because it is shutting down: nothing is known about the
+    URL or the video; the same request can be sent again once the server is back."""
+
+    status_code = 503
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; try again")
+
+
 class DataDirInUse(VidcacheError):
     """Another vidcache process already serves this data directory."""

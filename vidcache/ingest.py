@@ -18,12 +18,18 @@ step 5's compare-and-commit and every deletion run one at a time under the Inges
 lock, so two re-encodes arriving together cannot both become `new` and a matched video cannot
 vanish before its alias is added. Reads never take that lock: a search does not hold them up.
 Locks are always taken URL -> hash -> decide -> store.
+
+Shutdown: `stop` ends the ingests running (their decoders killed, their downloads cut) and
+refuses new downloads and decoders, each with ShuttingDown (503); one already deciding goes on
+to its end, so a video is stored whole or not at all. `wait_stopped` lets the store close only
+once they are over.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,6 +44,10 @@ from vidcache.tools import Tools
 log = logging.getLogger(__name__)
 
 Status = Literal["new", "duplicate", "url_alias"]
+
+# An ingest stopped at shutdown ends in milliseconds (its decoder is killed, its download cut);
+# one still connecting to its origin only at its --download-timeout.
+STOP_TIMEOUT = 1
 
 
 @dataclass(frozen=True)
@@ -61,12 +71,17 @@ class Ingestor:
         self._hash_locks = KeyedLocks()
         self._decide = threading.Lock()
         self._phashes = PhashIndex(media.FRAMES)
+        self._running = 0
+        self._running_changed = threading.Condition()
+        self._stopped_at: float | None = None
         for content_hash, encoded in store.phashes():
             self._phashes.add(content_hash, media.decode_phash(encoded))
 
     def ingest(self, *, url: str, bucket: str, prefix: str = "",
                meta: dict[str, Any] | None = None) -> IngestResult:
         """Run the pipeline for one URL; raises a VidcacheError naming what went wrong."""
+        with self._running_changed:
+            self._running += 1
         try:
             check_location(bucket, prefix)
             check_meta(meta or {}, max_bytes=self._max_meta_bytes, max_depth=self._max_meta_depth)
@@ -76,6 +91,10 @@ class Ingestor:
         except VidcacheError as exc:
             log.warning("ingest %s failed (%d): %s", url, exc.status_code, exc)
             raise
+        finally:
+            with self._running_changed:
+                self._running -= 1
+                self._running_changed.notify_all()
         distance = "" if result.phash_distance is None else \
             f" (phash distance {result.phash_distance})"
         log.info("ingest %s: %s %s%s", url, result.status, result.content_hash, distance)
@@ -115,6 +134,25 @@ class Ingestor:
                     return _result(record, "new")
         finally:
             download.path.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """End the ingests running and refuse new downloads and decoders: the server is
+        shutting down."""
+        with self._running_changed:
+            if self._stopped_at is None:
+                self._stopped_at = time.monotonic()
+        self._tools.stop()
+        self._downloader.stop()
+
+    def wait_stopped(self) -> int:
+        """After `stop`: wait until the ingests have ended, up to STOP_TIMEOUT after the stop;
+        returns how many still run."""
+        with self._running_changed:
+            assert self._stopped_at is not None, "stop() first"
+            deadline = self._stopped_at + STOP_TIMEOUT
+            self._running_changed.wait_for(lambda: self._running == 0,
+                                           timeout=max(0.0, deadline - time.monotonic()))
+            return self._running
 
     def delete(self, content_hash: str) -> bool:
         """Store.delete, keeping the index in step; False if there was no such video."""

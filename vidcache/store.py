@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
-from vidcache.errors import DataDirInUse, InvalidRequest, TooLarge
+from vidcache.errors import DataDirInUse, InvalidRequest, ShuttingDown, TooLarge
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,8 @@ class Store:
 
     @property
     def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            raise RuntimeError("store is not open")
+        if self._db is None:  # closed: only the server's shutdown closes it
+            raise ShuttingDown()
         return self._db
 
     def _recover(self) -> RecoveryReport:
@@ -379,6 +379,7 @@ class Store:
                                  video.extension)
         final = self.data_dir / file_path
         with self._lock:
+            db = self.db  # closed: nothing is moved into the bucket
             final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(temp_path, 0o644)  # mkstemp made it private; the blob is for reading
             os.replace(temp_path, final)
@@ -386,13 +387,13 @@ class Store:
             try:
                 now = _now_iso()
                 with self._transaction():
-                    self.db.execute(
+                    db.execute(
                         f"INSERT INTO videos ({_INSERT_COLUMNS}) VALUES ({','.join('?' * 12)})",
                         (video.content_hash, video.bucket, video.prefix, file_path,
                          video.size_bytes, video.duration_s, video.mime_type, now,
                          json.dumps(video.meta, separators=(",", ":")), video.chunk_size,
                          video.phash, video.chunk_digests))
-                    self.db.execute(
+                    db.execute(
                         "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
                         (url, video.content_hash, now))
             except BaseException:

@@ -4,16 +4,16 @@ Each tool runs in a session of its own. A terminal's Ctrl-C goes to the whole fo
 group, which holds the service when a shell or `scripts/bench` started it: it must stop the
 service, whose shutdown then decides about the ingests in flight, and not their decoders, whose
 death was answered as 422 "not a video" (ffprobe dies of SIGINT; ffmpeg catches it and exits
-255, silently at `-v error`). At shutdown, once uvicorn's grace period is over, `stop` kills the
-tools still running and refuses new ones, so the service ends then and not when a decoder
-finishes (after Ctrl-C, Python waits for the ingest threads before it exits).
+255, silently at `-v error`). At shutdown, once the grace period of the ingests is over, `stop`
+kills the tools still running and refuses new ones (ShuttingDown), so the service ends then and
+not when a decoder finishes.
 
 The kernel kills a tool when the thread that started it dies (setpriv --pdeathsig, from
 util-linux), so a killed service leaves no decoder running on and writing into tmp/ after the
 restart has cleaned it. Where setpriv is missing, tools just run unguarded.
 
 A tool ended by a signal (the shutdown's, an operator's kill, the OOM killer's) says nothing
-about its input: ToolStopped (503), never NotAVideo.
+about its input: ShuttingDown or ToolStopped (503), never NotAVideo.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import signal
 import subprocess
 import threading
 
-from vidcache.errors import MediaToolError, NotAVideo, ToolStopped
+from vidcache.errors import MediaToolError, NotAVideo, ShuttingDown, ToolStopped
 
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 # ffmpeg's exit status after it caught SIGINT or SIGTERM (it uses 1 for errors of its own)
@@ -41,12 +41,13 @@ class Tools:
 
     def run(self, argv: list[str], *, what: str) -> subprocess.CompletedProcess[bytes]:
         """`argv` run to its end, its output captured; raises MediaToolError if the tool is
-        missing, ToolStopped if a signal ended it, NotAVideo if it outran the timeout."""
+        missing, ShuttingDown after `stop`, ToolStopped if a signal ended it, NotAVideo if it
+        outran the timeout."""
         if shutil.which(argv[0]) is None:
             raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg")
         with self._lock:
             if self._stopped:
-                raise ToolStopped(f"{what} not started: the server is shutting down")
+                raise ShuttingDown()
             try:
                 process = subprocess.Popen([*_DIE_WITH_PARENT, *argv], stdin=subprocess.DEVNULL,
                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -69,7 +70,7 @@ class Tools:
         status = process.returncode
         if status < 0 or (argv[0] == "ffmpeg" and status == _FFMPEG_SIGNALLED):
             if self._stopped:
-                raise ToolStopped(f"{what} stopped: the server is shutting down")
+                raise ShuttingDown()
             how = f"killed by {_signal_name(-status)}" if status < 0 else \
                 f"stopped by a signal (exit status {status})"
             raise ToolStopped(f"{what} was {how}; the video was not judged, try again")
