@@ -329,6 +329,20 @@ def processes_using(path: Path) -> list[int]:
     return found
 
 
+def programs_using(path: Path, *names: str) -> list[int]:
+    """PIDs of `processes_using(path)` that run one of the programs `names` (say, the
+    service's ffmpeg working on a download in its data dir)."""
+    found = []
+    for pid in processes_using(path):
+        try:
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")[0]
+        except OSError:
+            continue
+        if Path(os.fsdecode(argv0)).name in names:
+            found.append(pid)
+    return found
+
+
 @contextlib.contextmanager
 def background(target: Any) -> Iterator[threading.Thread]:
     """Run `target` in a thread for the block; joined (bounded) at the end."""

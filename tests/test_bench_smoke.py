@@ -43,7 +43,7 @@ from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
 from bench.stack import LoopbackServer, Video
 from bench.workloads import READ_SIZE, read_segments
-from tests.service_stress_support import processes_using
+from tests.service_stress_support import processes_using, programs_using
 from tests.support import wait_until
 from tests.vcfs_support import requires_fuse
 
@@ -118,7 +118,7 @@ def test_ctrl_c_while_the_service_decodes_the_corpus_stops_the_run(tmp_path: Pat
         work = wait_until(lambda: _logged_path(progress, "work directory "), timeout=120,
                           what="the work directory")
         store = Path(work) / "store"
-        wait_until(lambda: [pid for pid in processes_using(store) if _is_media_tool(pid)],
+        wait_until(lambda: programs_using(store, "ffprobe", "ffmpeg"),
                    timeout=120, interval=0.005, what="the service decoding a video")
         os.killpg(bench.pid, signal.SIGINT)
         assert bench.wait(timeout=60) == 128 + signal.SIGINT
@@ -132,14 +132,6 @@ def _logged_path(log: Path, before: str) -> str:
     """The path the log names right after `before` ('' until it does)."""
     text = log.read_text()
     return text.partition(before)[2].partition(";")[0].strip() if before in text else ""
-
-
-def _is_media_tool(pid: int) -> bool:
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")[0]
-    except OSError:
-        return False
-    return Path(os.fsdecode(argv0)).name in ("ffprobe", "ffmpeg")
 
 
 @contextlib.contextmanager

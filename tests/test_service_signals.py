@@ -20,7 +20,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_stress_support import PausingServer, assert_consistent, processes_using
+from tests.service_stress_support import (
+    PausingServer,
+    assert_consistent,
+    processes_using,
+    programs_using,
+)
 from tests.service_support import Api, blob_files, serve_origin, temp_files
 from tests.support import VidcacheServer, free_port, wait_until
 from vidcache.errors import ShuttingDown
@@ -39,19 +44,6 @@ def slow_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "-preset", "ultrafast", "-g", "100000", "-pix_fmt", "yuv420p", str(path)],
                    check=True, timeout=120)
     return path
-
-
-def _frame_samplers(data_dir: Path) -> list[int]:
-    """PIDs of the ffmpeg processes sampling frames of a download in `data_dir`."""
-    found = []
-    for pid in processes_using(data_dir):
-        try:
-            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().partition(b"\0")[0]
-        except OSError:
-            continue
-        if Path(os.fsdecode(argv0)).name == "ffmpeg":
-            found.append(pid)
-    return found
 
 
 class _Ingest:
@@ -83,7 +75,7 @@ def test_a_decoder_ended_by_a_signal_is_503_not_a_verdict(tmp_path: Path, slow_v
     url = slow_video.as_uri()
     with VidcacheServer(tmp_path / "data", "--allow-file-dir", str(slow_video.parent)) as server:
         ingest = _Ingest(server.url, url)
-        [pid] = wait_until(lambda: _frame_samplers(server.data_dir), timeout=60,
+        [pid] = wait_until(lambda: programs_using(server.data_dir, "ffmpeg"), timeout=60,
                            what="ffmpeg sampling frames")
         os.kill(pid, signum)
         answer = ingest.result()
@@ -141,7 +133,7 @@ def test_ctrl_c_stops_the_server_not_its_decoders(
     ffmpeg got the SIGINT too, exited 255, and the ingest answered 422 'not a video'."""
     process, url, data = server_in_its_own_group
     ingest = _Ingest(url, slow_video.as_uri())
-    wait_until(lambda: _frame_samplers(data), timeout=60, what="ffmpeg sampling frames")
+    wait_until(lambda: programs_using(data, "ffmpeg"), timeout=60, what="ffmpeg sampling frames")
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 0
     assert processes_using(data) == []
@@ -236,7 +228,7 @@ def test_shutdown_answers_an_ingest_decoding_503(tmp_path: Path, slow_video: Pat
     with VidcacheServer(data, "--allow-file-dir", str(slow_video.parent)) as server:
         assert server.process is not None
         ingest = _Ingest(server.url, url)
-        [pid] = wait_until(lambda: _frame_samplers(data), timeout=60,
+        [pid] = wait_until(lambda: programs_using(data, "ffmpeg"), timeout=60,
                            what="ffmpeg sampling frames")
         try:
             os.kill(pid, signal.SIGSTOP)
