@@ -86,8 +86,12 @@ def make_videos(out_dir: Path) -> dict[str, Path]:
 class VidcacheServer:
     """The real `vidcache serve` in a subprocess on 127.0.0.1, allowed to ingest from loopback."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, *extra_args: str, port: int | None = None,
+                 new_session: bool = False) -> None:
+        """`new_session`: the server leads a process group of its own, as a shell's foreground
+        job does (a Ctrl-C reaches the whole group)."""
         self.data_dir = data_dir
+        self.new_session = new_session
         self.extra_args = list(extra_args)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -108,7 +112,8 @@ class VidcacheServer:
                 "--ingest-allow", "127.0.0.1", *self.extra_args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment())
+                                            env=self.environment(),
+                                            start_new_session=self.new_session)
         try:
             wait_until(self._healthy, timeout=timeout, what=f"vidcache on {self.url}")
         except TimeoutError as exc:

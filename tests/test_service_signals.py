@@ -11,7 +11,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from tests.service_stress_support import (
     programs_using,
 )
 from tests.service_support import Api, blob_files, serve_origin, temp_files
-from tests.support import VidcacheServer, free_port, wait_until
+from tests.support import VidcacheServer, wait_until
 from vidcache.errors import ShuttingDown
 from vidcache.tools import Tools
 
@@ -94,51 +93,34 @@ def test_a_decoder_ended_by_a_signal_is_503_not_a_verdict(tmp_path: Path, slow_v
 
 
 @pytest.fixture
-def server_in_its_own_group(tmp_path: Path, slow_video: Path) -> Iterator[tuple[
-        subprocess.Popen[bytes], str, Path]]:
-    """`vidcache serve` leading a process group of its own, as a shell's foreground job:
-    (process, URL, data directory)."""
-    data, port = tmp_path / "data", free_port()
-    with open(tmp_path / "server.log", "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "vidcache", "serve", "--data", str(data), "--port", str(port),
-             "--allow-file-dir", str(slow_video.parent)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        assert process.poll() is None, (tmp_path / "server.log").read_text()
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+def server_in_its_own_group(tmp_path: Path, slow_video: Path) -> Iterator[VidcacheServer]:
+    """`vidcache serve` leading a process group of its own, as a shell's foreground job."""
+    data = tmp_path / "data"
     try:
-        wait_until(healthy, timeout=30, what="vidcache serve")
-        yield process, url, data
+        with VidcacheServer(data, "--allow-file-dir", str(slow_video.parent),
+                            new_session=True) as server:
+            yield server
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
         for pid in processes_using(data):  # only ours: their command line names our tmp_path
             os.kill(pid, signal.SIGKILL)
 
 
-def test_ctrl_c_stops_the_server_not_its_decoders(
-        server_in_its_own_group: tuple[subprocess.Popen[bytes], str, Path], slow_video: Path,
-        tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_server_not_its_decoders(server_in_its_own_group: VidcacheServer,
+                                                  slow_video: Path) -> None:
     """Ctrl-C (SIGINT to the server's whole process group) while ffmpeg samples frames: the
     server shuts down gracefully, the ingest either finishes in the grace period or is ended by
     the shutdown, and nothing calls the video invalid; no decoder outlives the server. Was:
     ffmpeg got the SIGINT too, exited 255, and the ingest answered 422 'not a video'."""
-    process, url, data = server_in_its_own_group
-    ingest = _Ingest(url, slow_video.as_uri())
+    server = server_in_its_own_group
+    process, data = server.process, server.data_dir
+    assert process is not None
+    ingest = _Ingest(server.url, slow_video.as_uri())
     wait_until(lambda: programs_using(data, "ffmpeg"), timeout=60, what="ffmpeg sampling frames")
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=60) == 0
     assert processes_using(data) == []
     answer = ingest.result()
-    log = (tmp_path / "server.log").read_text()
+    log = server.log()
     assert "not a video" not in log, log
     finished = isinstance(answer, httpx.Response) and answer.status_code == 200
     assert finished or "failed (503): the server is shutting down; try again" in log, (
