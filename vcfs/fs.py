@@ -72,8 +72,6 @@ class FsConfig:
     readahead_threads: int = 4
     # The kernel then sends 1 MiB reads instead of 128 KiB (set when root; None: leave it).
     kernel_readahead_kb: int | None = 1024
-    # Reads the kernel lets wait on vcfs at once (vcfs.limits sizes the threads for the default).
-    max_background: int = READS_WAITING
 
 
 @dataclass(slots=True)
@@ -198,7 +196,8 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             config.use_ino = 1
             config.readdir_ino = 1
         if conn is not None:
-            conn.max_background = self.config.max_background
+            # Not a setting: vcfs.limits sizes every pool for this many waiting reads.
+            conn.max_background = READS_WAITING
             # The kernel's default: with this many reads in flight it starts no more async
             # readahead, so readers' patterns (and what a probe or a seek fetches) stay its own.
             conn.congestion_threshold = _CONGESTION_THRESHOLD
