@@ -69,10 +69,6 @@ class Digests:
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self.file_size)
 
-    def divides(self, block_size: int) -> bool:
-        """Whether every block of `block_size` is made of whole chunks."""
-        return block_size % self.chunk_size == 0
-
 
 def chunks_per_page(chunk_size: int, page_bytes: int = PAGE_BYTES) -> int:
     """Pages are counted in chunks, so that any chunk size gives whole-chunk pages."""
