@@ -32,7 +32,7 @@ from bench.proxy import LOOPBACK, WAN, LinkProfile
 from bench.proxy_process import ProxyProcess
 from bench.report import Sample
 from bench.service_speed import tree_cpu_seconds
-from bench.stack import Service, Video, ingest, origin
+from bench.stack import Nginx, Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
@@ -316,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in plan.profiles:
             run_profile(runner, plan, name, service=service, work=work, videos=videos,
                         skipped=skipped)
-        if not args.no_service_speed and shutil.which("nginx") is not None:
+        if not args.no_service_speed and not Nginx.available():
+            skipped.append({"contender": "nginx", "profile": "service GET throughput",
+                            "reason": "nginx is not installed"})
+        elif not args.no_service_speed:
             variants = service_speed.VARIANTS if not plan.quick else {}
             speed = service_speed.measure(service, corpus.sequential, work_dir=work,
                                           runs=plan.service_runs, progress=progress,
