@@ -33,6 +33,7 @@ from vidcache_client import (
     TransportError,
     VidCacheClient,
     VidCacheError,
+    VideoPage,
 )
 
 BASE = "http://vidcache.test"
@@ -634,6 +635,44 @@ def test_list_videos_refuses_a_broken_page(make_client: MakeClient, page: dict[s
     with pytest.raises(ProtocolError, match=complaint):
         for _ in client.list_videos(page_size=1):
             pass
+
+
+def test_list_videos_page_sends_the_cursor_and_filters(make_client: MakeClient) -> None:
+    hashes = [f"{i:02x}" * 32 for i in range(5)]
+    recorder = Recorder(paged_listing(hashes))
+    page = make_client(recorder).list_videos_page(after=hashes[1], bucket="videos",
+                                                  prefix="2024", page_size=2)
+    assert page == VideoPage([{"hash": hashes[2]}, {"hash": hashes[3]}], hashes[3])
+    assert [dict(request.url.params) for request in recorder.requests] == [
+        {"limit": "2", "bucket": "videos", "prefix": "2024", "after": hashes[1]},
+    ]
+
+
+@pytest.mark.parametrize("options", [
+    {"after": "nope"}, {"after": "AB" * 32}, {"after": 7}, {"page_size": 0},
+    {"page_size": 1001},
+])
+def test_list_videos_page_refuses_bad_options_before_sending(
+    make_client: MakeClient, options: dict[str, Any]
+) -> None:
+    recorder = Recorder(paged_listing([]))
+    with pytest.raises(InvalidRequestError, match="no request sent"):
+        make_client(recorder).list_videos_page(**options)
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize(("after", "page", "complaint"), [
+    (HASH, {"items": [], "next": HASH}, "bad 'next' cursor"),  # never advances
+    (OTHER_HASH, {"items": [{"hash": HASH}], "next": HASH}, "bad 'next' cursor"),  # goes back
+    (None, {"items": [], "next": 7}, "bad 'next' cursor"),
+    (HASH, {"items": None, "next": None}, "no list of records"),
+])
+def test_list_videos_page_refuses_a_broken_page(
+    make_client: MakeClient, after: str | None, page: dict[str, Any], complaint: str
+) -> None:
+    client = make_client(lambda request: httpx.Response(200, json=page))
+    with pytest.raises(ProtocolError, match=complaint):
+        client.list_videos_page(after=after)
 
 
 # --- transport failures --------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from vidcache_client import (
     RangeNotSatisfiableError,
     RequestTimeout,
     VidCacheClient,
+    VideoPage,
 )
 
 MiB = 1024 * 1024
@@ -306,6 +307,30 @@ def test_list_videos_pages_through_everything(own_client: VidCacheClient,
     assert everything == sorted(set(everything))
     assert {first, second} <= set(everything)
     assert list(own_client.list_videos(bucket=unique_bucket("empty"))) == []
+
+
+def test_list_videos_page_is_one_page_after_its_cursor(own_client: VidCacheClient,
+                                                       media_url: str) -> None:
+    """The pages a caller asks for one by one, as vcfs does to retry a page alone, are the
+    pages `list_videos` goes through; asking for one again gives it again."""
+    bucket = unique_bucket("pages")
+    for name in ("b.mp4", "c.mkv"):  # perhaps stored already, in another bucket
+        own_client.ingest(f"{media_url}/{name}", bucket)
+    everything = list(own_client.list_videos())
+    hashes = [item["hash"] for item in everything]
+    assert len(hashes) >= 2
+    pages = [own_client.list_videos_page(page_size=1)]
+    while pages[-1].next is not None:
+        pages.append(own_client.list_videos_page(after=pages[-1].next, page_size=1))
+    assert [page.items for page in pages] == [[item] for item in everything]
+    assert [page.next for page in pages] == [*hashes[:-1], None]
+    assert own_client.list_videos_page(after=hashes[0], page_size=1) == pages[1]
+    assert own_client.list_videos_page(after=hashes[-1]) == VideoPage([], None)
+    assert own_client.list_videos_page(after=hashes[0]).items == everything[1:]
+    bucket_of_first = everything[0]["bucket"]
+    assert own_client.list_videos_page(bucket=bucket_of_first).items \
+        == list(own_client.list_videos(bucket=bucket_of_first))
+    assert own_client.list_videos_page(bucket=unique_bucket("empty")) == VideoPage([], None)
 
 
 def test_delete_removes_blob_record_and_aliases(own_client: VidCacheClient,

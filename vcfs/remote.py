@@ -645,17 +645,17 @@ class Remote:
         """One page of the listing (the first, or the one after the hash `after`): its videos,
         and the cursor of the next page (None: it is the last). Not made VideoMeta if it came
         after the cutoff: the caller has given up on it."""
-        # The client's public `list_videos` starts at the first page: a retry must not.
-        records, cursor = self._client._listing_page({"limit": self.config.listing_page}, after)
+        # Not the client's `list_videos`, which starts at the first page: a retry must not.
+        answer = self._client.list_videos_page(after=after, page_size=self.config.listing_page)
         if self._clock() > cutoff:
             raise Overdue(f"listing page after {after!r} came after the deadline")
         page = []
-        for doc in records:
+        for doc in answer.items:
             try:
                 page.append(VideoMeta.from_json(doc))
             except RemoteError as exc:
                 log.warning("skipping a listing entry: %s", exc)
-        return page, cursor
+        return page, answer.next
 
     def last_listing(self) -> list[VideoMeta]:
         """The most recent listing, however old, without asking the service (for statfs)."""

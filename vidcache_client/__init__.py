@@ -9,7 +9,7 @@
 See docs/client.md for the full API and the exception hierarchy.
 """
 
-from vidcache_client._client import VidCacheClient
+from vidcache_client._client import VidCacheClient, VideoPage
 from vidcache_client._exceptions import (
     AuthError,
     InvalidRequestError,
@@ -39,4 +39,5 @@ __all__ = [
     "TransportError",
     "VidCacheClient",
     "VidCacheError",
+    "VideoPage",
 ]

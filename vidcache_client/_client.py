@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,16 @@ from vidcache_client._validate import (
 from vidcache_client._verify import body_length_error, expected_video_length, range_header
 
 _USER_AGENT = "vidcache-client"
+
+
+@dataclass(frozen=True)
+class VideoPage:
+    """One page of the listing of videos (`VidCacheClient.list_videos_page`)."""
+
+    items: list[dict[str, Any]]
+    """The metadata records of the page, ordered by hash (as `list_videos` yields them)."""
+    next: str | None
+    """The cursor to pass as `after` for the next page; None: this page is the last."""
 
 
 class VidCacheClient:
@@ -192,13 +203,23 @@ class VidCacheClient:
         Ordered by hash; fetches `page_size` records per request, following the server's
         `next` cursor, lazily as the iterator is consumed.
         """
-        page_size = validate_page_size(page_size)
-        params: dict[str, str | int] = {"limit": page_size}
-        if bucket is not None:
-            params["bucket"] = bucket
-        if prefix is not None:
-            params["prefix"] = prefix
-        return self._iter_listing(params)
+        return self._iter_listing(_listing_params(bucket, prefix, page_size))
+
+    def list_videos_page(
+        self, *, after: str | None = None, bucket: str | None = None,
+        prefix: str | None = None, page_size: int = 100,
+    ) -> VideoPage:
+        """One page of `list_videos`: the first, or the one after the cursor `after` (the
+        `next` of the page before, a hash). Its `items` are up to `page_size` records ordered
+        by hash; its `next` is the cursor of the page after it, None if it is the last.
+
+        For a caller that pages by itself, e.g. to retry a failed page without starting over.
+        A `next` that is not a string, or not past `after`, raises ProtocolError.
+        """
+        params = _listing_params(bucket, prefix, page_size)
+        if after is not None:
+            after = validate_hash(after)
+        return self._listing_page(params, after)
 
     def health(self) -> dict[str, Any]:
         """The service's `GET /health` answer ({"status": "ok", ...})."""
@@ -491,16 +512,14 @@ class VidCacheClient:
     def _iter_listing(self, params: Mapping[str, str | int]) -> Iterator[dict[str, Any]]:
         after: str | None = None
         while True:
-            items, after = self._listing_page(params, after)
-            yield from items
-            if after is None:
+            page = self._listing_page(params, after)
+            yield from page.items
+            if page.next is None:
                 return
+            after = page.next
 
-    def _listing_page(self, params: Mapping[str, str | int], after: str | None
-                      ) -> tuple[list[dict[str, Any]], str | None]:
-        """One page of `/videos` (the first, or the one after the cursor `after`): its records
-        and the server's cursor of the next page (None: it was the last). vcfs calls it too, to
-        ask again for one page rather than start over."""
+    def _listing_page(self, params: Mapping[str, str | int], after: str | None) -> VideoPage:
+        """One page of `/videos` (the first, or the one after the cursor `after`), checked."""
         what = "listing of videos" + "".join(
             f" {key}={value!r}" for key, value in params.items() if key != "limit")
         page_params = dict(params) if after is None else {**params, "after": after}
@@ -512,7 +531,18 @@ class VidCacheClient:
         if cursor is not None and (not isinstance(cursor, str)
                                    or (after is not None and cursor <= after)):
             raise ProtocolError(f"{what}: bad 'next' cursor {cursor!r} after {after!r}")
-        return items, cursor
+        return VideoPage(items, cursor)
+
+
+def _listing_params(bucket: str | None, prefix: str | None, page_size: int
+                    ) -> dict[str, str | int]:
+    """The query of a listing's pages (`page_size` checked)."""
+    params: dict[str, str | int] = {"limit": validate_page_size(page_size)}
+    if bucket is not None:
+        params["bucket"] = bucket
+    if prefix is not None:
+        params["prefix"] = prefix
+    return params
 
 
 def _digests_request(content_hash: str, start: int | None, end: int | None
