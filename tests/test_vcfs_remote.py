@@ -9,6 +9,7 @@ through a mount in test_vcfs_mount.py and test_vcfs_faults.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
@@ -37,6 +38,7 @@ from vcfs.remote import (
     RemoteError,
     RemoteUnavailable,
     Stopping,
+    VideoMeta,
 )
 from vidcache_client import VidCacheClient
 
@@ -471,6 +473,67 @@ def test_a_video_found_gone_during_a_listing_stays_gone_until_ingested_again(
     wait_until(lambda: listed(remote) == [HASH, OTHER], timeout=10,
                what="the listing begun after the 404")
     assert remote.meta(HASH) is not None
+
+
+def test_callers_of_the_first_listing_share_its_fetch(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    """Two `ls` of a fresh mount at once each fetched every page of the listing (two 100k
+    videos' listings), and the one begun first, ending last, replaced the newer listing."""
+    service.listed = [HASH, OTHER]
+    remote = make_remote(listing_page=1)
+    released = threading.Event()
+    service.block_listing = lambda: released.wait(timeout=10)
+    results: list[list[VideoMeta]] = []
+    callers = [threading.Thread(target=lambda: results.append(remote.list_videos()))
+               for _ in range(2)]
+    callers[0].start()
+    wait_until(lambda: service.cursors == [None], timeout=10, what="the first listing")
+    callers[1].start()
+    wait_until(lambda: remote.counters.get("listing_waits") == 1 or len(service.cursors) > 1,
+               timeout=10, what="the second caller waiting")
+    released.set()
+    for caller in callers:
+        caller.join(timeout=10)
+    assert service.cursors == [None, HASH]  # the two pages, once
+    assert len(results) == 2 and results[0] is results[1] is remote.last_listing()
+    assert remote.counters.get("listing_waits") == 1
+
+
+def test_a_failed_first_listing_fails_its_waiters_and_the_next_asks_again(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    remote = make_remote()
+    holding, released = threading.Event(), threading.Event()
+    calls = itertools.count()
+
+    def refuse_the_first_request_once_released() -> None:
+        if next(calls) == 0:
+            holding.set()
+            released.wait(timeout=10)
+            service.failures.append(400)  # refused for good: no retries
+
+    service.on_request = refuse_the_first_request_once_released
+    errors: list[Exception] = []
+
+    def list_videos() -> None:
+        try:
+            remote.list_videos()
+        except RemoteError as exc:
+            errors.append(exc)
+
+    callers = [threading.Thread(target=list_videos) for _ in range(2)]
+    callers[0].start()
+    assert holding.wait(timeout=10)
+    callers[1].start()
+    wait_until(lambda: remote.counters.get("listing_waits") == 1 or service.cursors,
+               timeout=10, what="the second caller waiting")
+    released.set()
+    for caller in callers:
+        caller.join(timeout=10)
+    assert len(errors) == 2 and errors[0] is errors[1]
+    assert listed(remote) == [HASH]
+    assert service.cursors == [None, None]
 
 
 def test_a_video_ingested_again_after_a_404_is_read_verified(

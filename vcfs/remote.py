@@ -86,7 +86,9 @@ Caches (content never changes for a hash, but videos come and go):
   filled by the listing thrashed beyond its size: `ls -l` stats in the listing's order);
   one a 404 (a lookup's, a read's) says is gone answers none (`ls` shows it until the next
   listing), and is left out of a listing under way begun before that 404, whose page may
-  have come before the delete (ingested again, it is in the next listing begun after);
+  have come before the delete (ingested again, it is in the next listing begun after); one
+  listing is fetched at a time (the first is fetched once for all who wait for it), so none
+  replaces a newer;
 - metadata of other videos looked up by name (ingested since the listing, or no `ls` yet):
   an LRU of bounded size, kept until evicted, or until a listing begun after the lookup
   lacks the video (deleted since: a `stat` of it is then ENOENT, not a file whose reads
@@ -390,6 +392,7 @@ REMOTE_COUNTERS = (
     "first_blocks",  # first blocks (and digests) asked for along with a cold lookup's metadata
     "first_blocks_used",  # of those, blocks a read then took
     "first_blocks_dropped",  # of those, blocks a read could not use (fetched again)
+    "listing_waits",  # calls that waited for the first listing another one was fetching
 )
 
 
@@ -440,6 +443,8 @@ class Remote:
         self._listed: dict[str, VideoMeta] = {}
         self._listing_at: float | None = None
         self._listing_refresh: threading.Thread | None = None
+        # The first listing while it is fetched: whoever else needs it waits for it.
+        self._first_listing: concurrent.futures.Future[list[VideoMeta]] | None = None
         # When each listing under way began, and the videos a 404 said were gone meanwhile,
         # with when: a listing begun before may have had their page already (`_fetch_listing`).
         self._listings_begun: list[float] = []
@@ -573,9 +578,10 @@ class Remote:
         """Every stored video, ordered by hash; cached for `listing_ttl` seconds. Past that, the
         last listing is returned at once while a new one is fetched in the background (a player
         lists the folder of every file it opens, looking for subtitles: it must not wait for
-        every page of a large cache each time); only the first listing is waited for. The same
-        list (never changed) until the next listing replaces it: what is derived from it can
-        be kept as long as it is returned."""
+        every page of a large cache each time); only the first listing is waited for, fetched
+        once for all who ask meanwhile. So one listing is fetched at a time, and none can end
+        after a newer one to replace it. The same list (never changed) until the next listing
+        replaces it: what is derived from it can be kept as long as it is returned."""
         with self._lock:
             if self._listing_at is not None:
                 age = self._clock() - self._listing_at
@@ -584,7 +590,22 @@ class Remote:
                         target=self._refresh_listing, name="vcfs-listing", daemon=True)
                     self._listing_refresh.start()
                 return self._listing
-        return self._fetch_listing()
+            first = self._first_listing
+            fetching = first is None
+            if first is None:
+                first = self._first_listing = concurrent.futures.Future()
+            else:
+                self.counters.add("listing_waits")
+        if fetching:
+            try:
+                first.set_result(self._fetch_listing())
+            except BaseException as exc:
+                first.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._first_listing = None
+        # The fetch ends within its pages' deadlines, and at once on close().
+        return first.result()
 
     def _refresh_listing(self) -> None:
         try:
