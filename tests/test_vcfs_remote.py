@@ -475,6 +475,34 @@ def test_a_video_found_gone_during_a_listing_stays_gone_until_ingested_again(
     assert remote.meta(HASH) is not None
 
 
+def test_a_video_found_again_during_a_listing_is_in_it(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """A video deleted while a listing runs, after the page holding it came, then ingested
+    again and found by a lookup before the listing ends: the listing left it out all the same
+    (`ls` lacked it until the listing after the next one), though the lookup proved it back."""
+    service.listed = [HASH, OTHER]
+    remote = make_remote(listing_ttl=5.0, listing_page=1)
+    assert listed(remote) == service.listed
+    released = threading.Event()
+    # The page after HASH's waits: the refresh has listed HASH and goes on once released.
+    service.block_listing = lambda: service.cursors[-1] != HASH or released.wait(timeout=10)
+    asked, before = len(service.cursors), remote.last_listing()
+    clock.now += 6
+    listed(remote)  # starts the refresh
+    wait_until(lambda: service.cursors[asked:] == [None, HASH], timeout=10,
+               what="the refresh past HASH's page")
+    service.gone = {HASH}
+    with pytest.raises(NotFound):
+        remote.fetch(HASH, 0, CHUNK)
+    service.gone = set()  # ingested again
+    clock.now += remote.config.negative_ttl  # past the memory of the 404
+    assert remote.meta(HASH) is not None
+    released.set()
+    wait_until(lambda: remote.last_listing() is not before, timeout=10, what="the refresh")
+    assert listed(remote) == [HASH, OTHER]
+
+
 def test_callers_of_the_first_listing_share_its_fetch(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:

@@ -86,9 +86,9 @@ Caches (content never changes for a hash, but videos come and go):
   filled by the listing thrashed beyond its size: `ls -l` stats in the listing's order);
   one a 404 (a lookup's, a read's) says is gone answers none (`ls` shows it until the next
   listing), and is left out of a listing under way begun before that 404, whose page may
-  have come before the delete (ingested again, it is in the next listing begun after); one
-  listing is fetched at a time (the first is fetched once for all who wait for it), so none
-  replaces a newer;
+  have come before the delete, unless a lookup sent after the 404 finds it (ingested again;
+  if not looked up, it is in the next listing begun after the 404); one listing is fetched
+  at a time (the first is fetched once for all who wait for it), so none replaces a newer;
 - metadata of other videos looked up by name (ingested since the listing, or no `ls` yet):
   an LRU of bounded size, kept until evicted, or until a listing begun after the lookup
   lacks the video (deleted since: a `stat` of it is then ENOENT, not a file whose reads
@@ -524,6 +524,7 @@ class Remote:
                 return known
             if content_hash in self._missing:
                 return None
+        asked = self._clock()
         if deadline is None:  # one for the whole lookup: the pipelined try and the retries
             deadline = self._deadline()
         speculation = self._start_first_block(content_hash, first_block) if first_block else None
@@ -545,6 +546,11 @@ class Remote:
             return None
         with self._lock:
             self._known[content_hash] = meta, self._clock()
+            gone_at = self._gone.get(content_hash)
+            if gone_at is not None and gone_at < asked:
+                # Asked for after a 404 said it was gone, and found: ingested again, so the
+                # listings under way (whose page may have come after that) need not leave it out.
+                del self._gone[content_hash]
         if speculation is not None:  # keep the digests as soon as they are in
             speculation.digests.add_done_callback(
                 functools.partial(self._keep_answered_digests, meta)
@@ -638,7 +644,8 @@ class Remote:
             with self._lock:
                 # Videos a 404 said were gone after this listing began: their page may have
                 # come before the delete. One ingested again is in the next listing begun after
-                # the 404 (all its pages come after it).
+                # the 404 (all its pages come after it), or in this one if a lookup found it
+                # since (`meta` drops it from `_gone`).
                 gone = {found for found, at in self._gone.items() if at >= started}
                 if gone & listed.keys():
                     listing = [meta for meta in listing if meta.content_hash not in gone]
