@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,9 @@ from tests.service_stress_support import (
 )
 from tests.service_support import Api, blob_files, serve_origin, temp_files
 from tests.support import VidcacheServer, wait_until
+from vidcache.download import Downloader
 from vidcache.errors import ShuttingDown
+from vidcache.hostguard import HostGuard
 from vidcache.tools import Tools
 
 pytestmark = pytest.mark.timeout(180)
@@ -261,28 +263,108 @@ def test_an_ingest_past_decoding_at_shutdown_stores_nothing_half(
         assert api.ingest_ok(url, "signals")["status"] == "new"
 
 
+def _connecting_to(port: int) -> bool:
+    """Whether a socket on this machine is still connecting (SYN_SENT) to 127.0.0.1:port."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        _slot, _local, remote, state, *_ = line.split()
+        if remote == f"0100007F:{port:04X}" and state == "02":
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _silent_origin() -> Iterator[tuple[int, Callable[[], bytes]]]:
+    """A loopback origin that accepts a connection and never answers it; yields (port,
+    received), `received()` being what the connection has sent so far (it never blocks)."""
+    with socket.create_server(("127.0.0.1", 0)) as origin, contextlib.ExitStack() as stack:
+        origin.setblocking(False)
+        connection: list[socket.socket] = []
+        sent = bytearray()
+
+        def received() -> bytes:
+            with contextlib.suppress(BlockingIOError):
+                if not connection:
+                    accepted = stack.enter_context(origin.accept()[0])
+                    accepted.setblocking(False)
+                    connection.append(accepted)
+                sent.extend(connection[0].recv(65536))
+            return bytes(sent)
+
+        yield origin.getsockname()[1], received
+
+
+@contextlib.contextmanager
+def _origin_waiting(how: str) -> Iterator[tuple[str, Callable[[], bool]]]:
+    """A loopback origin an ingest waits on; yields (URL, `waiting`: true once the ingest
+    waits). 'silent': it accepts the connection and never answers the request; 'unreachable':
+    its listen queue (length 0) is already full, so the connection's SYNs are dropped and it
+    stays in SYN_SENT."""
+    if how == "silent":
+        with _silent_origin() as (port, received):
+            yield f"http://127.0.0.1:{port}/never.mp4", lambda: b"\r\n\r\n" in received()
+        return
+    with socket.socket() as origin:
+        origin.bind(("127.0.0.1", 0))
+        origin.listen(0)
+        port = origin.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=10):  # fills the queue
+            yield f"http://127.0.0.1:{port}/never.mp4", lambda: _connecting_to(port)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
-def test_an_ingest_waiting_for_a_silent_origin_is_answered_503(
-        tmp_path: Path, signum: signal.Signals) -> None:
-    """An ingest whose origin accepted the connection and never answers cannot be cut (there
-    is no body being read yet): it is answered 503 once uvicorn gives up on it, a second after
-    the stop, and the server exits (after Ctrl-C once Python's wait for its thread ends, at the
-    --download-timeout); nothing is stored, and the next start leaves the directory
-    consistent. Was: a plain-text 500 and a traceback."""
+@pytest.mark.parametrize("origin", ["silent", "unreachable"])
+def test_an_ingest_waiting_for_its_origin_is_cut_at_shutdown(
+        tmp_path: Path, origin: str, signum: signal.Signals) -> None:
+    """SIGTERM or Ctrl-C while an ingest waits for its origin's first answer (connected, the
+    request sent) or is still connecting (SYNs dropped): the shutdown cuts the download like
+    any other, so the ingest is answered 503 'the server is shutting down', logged once, and
+    the server exits then, long before the --download-timeout of 120 s; no temp file is left
+    and nothing is stored. Was: only uvicorn's cancel answered it (logged '... (still running
+    1 s after it was stopped)'); after Ctrl-C the process then waited for the download's
+    thread until the --download-timeout, and SIGTERM left its temp file behind."""
     data = tmp_path / "data"
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
-        url = f"http://127.0.0.1:{silent.getsockname()[1]}/never.mp4"
-        with VidcacheServer(data, "--download-timeout", "15") as server:
-            assert server.process is not None
-            ingest = _Ingest(server.url, url)
-            wait_until(lambda: temp_files(data), timeout=30, what="the download started")
+    with (_origin_waiting(origin) as (url, waiting),
+          VidcacheServer(data, "--download-timeout", "120", new_session=True) as server):
+        assert server.process is not None
+        ingest = _Ingest(server.url, url)
+        wait_until(waiting, timeout=60, what=f"the ingest waiting for its {origin} origin")
+        if signum == signal.SIGINT:
+            os.killpg(server.process.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        else:
             server.process.send_signal(signum)
-            answer = ingest.result()
-            assert server.process.wait(timeout=60) == _EXIT_STATUS[signum]
+        assert server.process.wait(timeout=30) == _EXIT_STATUS[signum]
+        answer = ingest.result()
+        assert temp_files(data) == [] and blob_files(data) == []
     log = server.log()
     _assert_answered_shutting_down(answer, log, url)
-    assert f"ingest {url} failed (503): {_SHUTTING_DOWN} (still running 1 s after it was " \
-           "stopped)" in log
-    assert "(502)" not in log and "(504)" not in log
-    with VidcacheServer(data) as again:  # SIGTERM ended the process under it: its temp file
+    assert sum(url in line for line in log.splitlines()) == 1, log
+    assert "still running" not in log, log
+    with VidcacheServer(data) as again:
         assert assert_consistent(data, again.url) == []
+
+
+def test_stop_cuts_a_download_in_its_tls_handshake(tmp_path: Path) -> None:
+    """What the shutdown does to a download whose https origin accepted the connection and
+    never answers the TLS handshake: the stop cuts it at once (not at the timeout), as
+    ShuttingDown, and its temp file is gone."""
+    downloader = Downloader(tmp_dir=tmp_path, max_size=1 << 20, timeout=120, max_time=600,
+                            guard=HostGuard(["127.0.0.1"]), chunk_size=1 << 20)
+    outcome: list[Exception] = []
+    with _silent_origin() as (port, received):
+
+        def fetch() -> None:
+            try:
+                downloader.fetch(f"https://127.0.0.1:{port}/never.mp4")
+            except Exception as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=fetch, daemon=True)
+        thread.start()
+        wait_until(lambda: received()[:1] == b"\x16", timeout=30,  # a TLS handshake record
+                   what="the TLS handshake started")
+        downloader.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the download still waits for its TLS handshake"
+    downloader.close()
+    assert [type(exc) for exc in outcome] == [ShuttingDown], outcome
+    assert list(tmp_path.iterdir()) == []

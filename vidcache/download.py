@@ -16,26 +16,24 @@ resolved (symlinks followed) and checked before opening, and the file actually o
 checked again through /proc/self/fd, so swapping a directory for a symlink between the two
 steps cannot lead outside; FIFOs and devices are refused (they could block or never end).
 
-At shutdown `stop` cuts the downloads under way (the sockets of the bodies being read are shut
-down, which wakes a read waiting on a silent origin) and refuses new ones; whatever error that
-causes is ShuttingDown (503), never a verdict on the origin.
+At shutdown `stop` cuts the downloads under way, wherever they wait (connecting, for the first
+answer, for the body: their sockets are shut down, origin_sockets.py) and refuses new ones;
+whatever error that causes is ShuttingDown (503), never a verdict on the origin.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import stat
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import blake3
+import httpcore
 import httpx
 
 from vidcache import __version__
@@ -50,6 +48,7 @@ from vidcache.errors import (
     UpstreamTimeout,
 )
 from vidcache.hostguard import HostGuard
+from vidcache.origin_sockets import StoppableBackend
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
@@ -132,8 +131,7 @@ class _HashingWriter:
 class Downloader:
     def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
                  guard: HostGuard, chunk_size: int,
-                 allow_file_dirs: Sequence[Path] = (),
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 allow_file_dirs: Sequence[Path] = ()) -> None:
         self._tmp_dir = tmp_dir
         self._chunk_size = check_chunk_size(chunk_size)
         self._max_size = max_size
@@ -141,27 +139,20 @@ class Downloader:
         self._max_time = max_time
         self._guard = guard
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
-        self._lock = threading.Lock()
-        self._reading: set[socket.socket] = set()  # of the bodies being read, for `stop`
         self._stopped = False
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout), follow_redirects=False,
-            trust_env=False,  # proxies would bypass the address check
-            transport=transport,
-            headers={"User-Agent": f"vidcache/{__version__}", "Accept-Encoding": "identity"})
+        self._sockets = StoppableBackend()
+        # no proxies (they would bypass the address check) and no redirects (followed by hand)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=self._sockets,
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
     def close(self) -> None:
-        self._client.close()
+        self._pool.close()
 
     def stop(self) -> None:
         """Cut the downloads under way and refuse new ones: the server is shutting down."""
-        with self._lock:
-            self._stopped = True
-            for sock in self._reading:
-                # socket.socket's own: SSLSocket.shutdown would also drop its TLS state under
-                # the reading thread
-                with contextlib.suppress(OSError):
-                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        self._stopped = True
+        self._sockets.stop()
 
     def fetch(self, url: str) -> Download:
         """Download `url` into a new temp file; nothing is left behind on failure."""
@@ -206,55 +197,45 @@ class Downloader:
             host = url.raw_host.decode("ascii")
             port = url.port or (443 if url.scheme == "https" else 80)
             address = self._guard.address_for(host, port)
-            extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+            extensions: dict[str, object] = {"timeout": dict.fromkeys(
+                ("connect", "read", "write", "pool"), self._timeout)}
+            if url.scheme == "https":
+                extensions["sni_hostname"] = host
             try:
-                with self._client.stream(
-                        "GET", url.copy_with(host=address), extensions=extensions,
-                        headers={"Host": url.netloc.decode("ascii")}) as response:
-                    location = response.headers.get("location")
-                    if response.is_redirect and location:
+                target = httpcore.URL(scheme=url.raw_scheme, host=address.encode("ascii"),
+                                      port=port, target=url.raw_path)
+                with self._pool.stream(
+                        "GET", target, extensions=extensions,
+                        headers=[("Host", url.netloc.decode("ascii")), ("Accept", "*/*"),
+                                 ("Accept-Encoding", "identity"),
+                                 ("User-Agent", f"vidcache/{__version__}")]) as response:
+                    headers = httpx.Headers(response.headers)
+                    location = headers.get("location")
+                    if httpx.codes.is_redirect(response.status) and location:
                         url = parse_url(str(url.join(location)))
                         if url.scheme == "file":
                             raise IngestRefused(f"{original} redirects to a file:// URL")
                         continue
-                    if response.status_code != 200:
-                        raise UpstreamError(f"{original} answered {response.status_code} "
-                                            f"{response.reason_phrase}".rstrip())
-                    announced = response.headers.get("content-length", "")
+                    if response.status != 200:
+                        reason = response.extensions.get("reason_phrase", b"")
+                        raise UpstreamError(f"{original} answered {response.status} "
+                                            f"{reason.decode('ascii', 'replace')}".rstrip())
+                    announced = headers.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
-                    with self._cut_by_stop(response):
-                        for data in response.iter_bytes():
-                            writer.write(data)
-                            self._check_progress(deadline, original)
+                    for data in response.iter_stream():
+                        writer.write(data)
+                        self._check_progress(deadline, original)
                     return
-            except httpx.TimeoutException as exc:
+            except httpcore.TimeoutException as exc:
                 raise UpstreamTimeout(f"download of {original} stalled: no progress for "
                                       f"{self._timeout:g} s ({type(exc).__name__})") from exc
-            except httpx.ConnectError as exc:
+            except httpcore.ConnectError as exc:
                 raise UpstreamError(f"cannot connect to {host}:{port} for {original}: "
                                     f"{exc}") from exc
-            except httpx.HTTPError as exc:
+            except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
-
-    @contextlib.contextmanager
-    def _cut_by_stop(self, response: httpx.Response) -> Iterator[None]:
-        """The block reads `response`'s body; `stop` shuts its socket down meanwhile."""
-        stream = response.extensions.get("network_stream")
-        sock = stream.get_extra_info("socket") if stream is not None else None
-        if sock is None:  # a transport without sockets (httpx.MockTransport)
-            yield
-            return
-        with self._lock:
-            if self._stopped:
-                raise ShuttingDown()
-            self._reading.add(sock)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._reading.discard(sock)
 
     def _copy_local(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
         if not self._file_dirs:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Status = Literal["new", "duplicate", "url_alias"]
 
 # An ingest stopped at shutdown ends in milliseconds (its decoder is killed, its download cut);
-# one still connecting to its origin only at its --download-timeout.
+# one resolving its origin's host name only when the resolver gives up.
 STOP_TIMEOUT = 1
 
 

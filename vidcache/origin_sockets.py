@@ -1,0 +1,146 @@
+"""The downloads' sockets, which the shutdown can cut at any point.
+
+An httpcore network backend for blocking clients, like httpcore's own, except that it makes each
+socket itself and knows it before it connects: `stop` shuts down every socket still open, which
+wakes the thread waiting on it wherever it waits (connecting, in the TLS handshake, for the
+origin's first answer, for the next piece of the body), and refuses new connections. httpx
+offers no hook between a socket's creation and its connect, which is why download.py talks to
+httpcore directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import ssl
+import threading
+from collections.abc import Iterable
+
+import httpcore
+
+
+class StoppableBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Cut every connection open or being made, and refuse new ones."""
+        with self._lock:
+            self._stopped = True
+            for sock in self._open:
+                # socket.socket's own: SSLSocket.shutdown would also drop its TLS state under
+                # the thread using it
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    local_address: str | None = None,
+                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+                    ) -> httpcore.NetworkStream:
+        try:  # host is the address the HostGuard approved: no name to resolve
+            family, kind, proto, _name, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0]
+        except OSError as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        sock = socket.socket(family, kind, proto)
+        self._track(sock)
+        try:
+            sock.settimeout(timeout)
+            if local_address is not None:
+                sock.bind((local_address, 0))
+            for option in socket_options or ():
+                sock.setsockopt(*option)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect(address)
+        except TimeoutError as exc:
+            self._close(sock)
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except OSError as exc:
+            self._close(sock)
+            raise httpcore.ConnectError(str(exc)) from exc
+        except BaseException:
+            self._close(sock)
+            raise
+        return _Stream(self, sock)
+
+    def _track(self, sock: socket.socket, *, replacing: socket.socket | None = None) -> None:
+        with self._lock:
+            if replacing is not None:
+                self._open.discard(replacing)
+            if self._stopped:
+                sock.close()
+                raise httpcore.ConnectError("stopped: the server is shutting down")
+            self._open.add(sock)
+
+    def _close(self, sock: socket.socket) -> None:
+        # forgotten before its descriptor is released, so `stop` never shuts down a number
+        # the kernel has given to another file
+        with self._lock:
+            self._open.discard(sock)
+        sock.close()
+
+
+class _Stream(httpcore.NetworkStream):
+    def __init__(self, backend: StoppableBackend, sock: socket.socket) -> None:
+        self._backend = backend
+        self._sock = sock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        try:
+            self._sock.settimeout(timeout)
+            return self._sock.recv(max_bytes)
+        except TimeoutError as exc:
+            raise httpcore.ReadTimeout(str(exc)) from exc
+        except OSError as exc:
+            raise httpcore.ReadError(str(exc)) from exc
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.sendall(buffer)
+        except TimeoutError as exc:
+            raise httpcore.WriteTimeout(str(exc)) from exc
+        except OSError as exc:
+            raise httpcore.WriteError(str(exc)) from exc
+
+    def close(self) -> None:
+        self._backend._close(self._sock)
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        try:
+            # the handshake comes after the swap, so that `stop` can cut it too
+            tls = ssl_context.wrap_socket(self._sock, server_hostname=server_hostname,
+                                          do_handshake_on_connect=False)
+            self._backend._track(tls, replacing=self._sock)
+            self._sock = tls
+            tls.settimeout(timeout)
+            tls.do_handshake()
+        except TimeoutError as exc:
+            self.close()
+            raise httpcore.ConnectTimeout(str(exc)) from exc
+        except OSError as exc:  # ssl.SSLError among them
+            self.close()
+            raise httpcore.ConnectError(str(exc)) from exc
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def get_extra_info(self, info: str) -> object:
+        if info == "ssl_object" and isinstance(self._sock, ssl.SSLSocket):
+            return self._sock  # asked for its selected_alpn_protocol()
+        if info == "client_addr":
+            return self._sock.getsockname()
+        if info == "server_addr":
+            return self._sock.getpeername()
+        if info == "socket":
+            return self._sock
+        if info == "is_readable":  # an idle kept-alive connection the origin has closed
+            poller = select.poll()
+            poller.register(self._sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return None
