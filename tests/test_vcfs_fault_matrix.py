@@ -19,12 +19,15 @@ import functools
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from bench.faults import (
+    FlipByte,
     Latency,
     Refuse,
     Trickle,
@@ -34,6 +37,7 @@ from bench.faults import (
 )
 from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
+from tests.test_vcfs_remote import CHUNK, DATA, HASH, FakeClock, FakeService
 from tests.vcfs_fault_support import (
     FaultyLink,
     Source,
@@ -43,7 +47,8 @@ from tests.vcfs_fault_support import (
     read_uncached,
 )
 from tests.vcfs_support import VcfsMount, requires_fuse
-from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vcfs.remote import NotFound, Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
 
@@ -299,6 +304,74 @@ def test_malformed_digests_fail_the_first_read_and_no_byte_is_returned_unverifie
                           timeout=10, interval=0.2, what="the read working again") == (
             source.data[:READ])
         assert remote_stats(mounted)["verified_chunks"] > verified
+
+
+def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """One 404 for `/chunks` of a video whose metadata the service just gave was kept as
+    "this video has no digests": every later read of it went unverified, and a flipped byte
+    reached the reader. Now it is a 404 like any other (ENOENT, the video forgotten), and once
+    the service answers again the video is read verified. (`--no-first-block`: the proxy
+    answers a refusal at once, ahead of the answers pipelined before it.)"""
+    source = sources["big_moov_end.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
+                   "--readahead-max", "0", "--no-first-block") as mounted:
+        path = mounted.video(source.file_name)
+        assert os.stat(path).st_size == source.size
+        link.faults.enable(Refuse(status=404,
+                                  match=path_prefix(f"/video/{source.content_hash}/chunks")),
+                           times=1)
+        first = bounded_read(path, READ, 0, limit=HANG_LIMIT)
+        assert first.data in (None, source.data[:READ]), "wrong bytes"
+        assert wait_until(lambda: bounded_read(path, READ, 0, limit=HANG_LIMIT).data,
+                          timeout=10, interval=0.2, what="the read working again") == (
+            source.data[:READ])
+        before = remote_stats(mounted)
+        offset = 3 * MIB
+        link.faults.enable(FlipByte(at=100, match=only_block(source, offset)), times=1)
+        flipped = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+        assert flipped.data == source.data[offset : offset + READ], "a flipped byte returned"
+        assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
+        assert first.errno == errno.ENOENT, first
+
+
+@dataclass
+class _DigestsRefused(FakeService):
+    """The fake service of test_vcfs_remote.py, answering `/chunks` 404 the first times."""
+
+    digests_refused: int = 1
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == f"/video/{HASH}/chunks" and self.digests_refused:
+            self.digests_refused -= 1
+            self.requests.append(request.url.path)
+            return httpx.Response(404, json={"detail": "no such video"})
+        return super().handle(request)
+
+
+@pytest.mark.parametrize("refused", [1, 2], ids=["once", "still-gone"])
+def test_a_404_for_the_digests_asked_with_a_lookup_is_not_kept_as_no_digests(
+    refused: int,
+) -> None:
+    """The same through the lookup that asks for the metadata, the digests and the first block
+    together: a 404 for the digests there made the first block (and every block after it)
+    pass unverified. Now the read asks for them again: verified if they come, NotFound if the
+    service still says no such video."""
+    service, clock = _DigestsRefused(digests_refused=refused), FakeClock()
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=1.0), sleep=clock.sleep, clock=clock)
+    try:
+        assert remote.meta(HASH, first_block=len(DATA)) is not None
+        if refused == 1:
+            assert remote.fetch(HASH, 0, len(DATA)) == DATA
+            assert remote.counters.get("verified_chunks") == -(-len(DATA) // CHUNK)
+        else:
+            with pytest.raises(NotFound):
+                remote.fetch(HASH, 0, len(DATA))
+        assert service.requests.count(f"/video/{HASH}/chunks") == 2
+    finally:
+        remote.close()
 
 
 # ---------------------------------------------------------------------------------------------
