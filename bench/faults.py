@@ -24,6 +24,7 @@ The faults (small frozen dataclasses; `kind` names each one in `injected()`):
 | `WrongContentRange(shift)` | Content-Range moved by `shift` bytes, body and length unchanged |
 | `FlipByte(at)` | one body byte inverted (the middle one by default) |
 | `Trickle(seconds_per_byte)` | the answer from its head on, a byte at a time (slow-loris) |
+| `Overlong(extra)` | `extra` bytes sent after the body, beyond its Content-Length |
 
 `Bandwidth` here can be switched at run time, unlike the proxy's `LinkProfile` rate cap, which
 is fixed when the proxy starts (use that for a whole run at one rate).
@@ -153,6 +154,11 @@ class FlipByte(Fault):
 @dataclass(frozen=True, kw_only=True)
 class Trickle(Fault):
     seconds_per_byte: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overlong(Fault):
+    extra: bytes = b"overlong body"
 
 
 _ANSWERING = (Refuse, FullBody200)
@@ -299,6 +305,9 @@ class FaultInjector(ResponseHeadHook):
             now = time.monotonic()
             self._link_free_at = max(now, self._link_free_at) + len(piece) / fault.bytes_per_s
             delay += self._link_free_at - now
+        if offset + len(piece) == plan.body_length:
+            piece += b"".join(fault.extra for fault in plan.of(Overlong)
+                              if isinstance(fault, Overlong))
         for fault in plan.of(Reset) + plan.of(Truncate):
             assert isinstance(fault, Reset | Truncate)
             cut = min(fault.after_bytes, plan.body_length - 1)  # always short of the whole body
@@ -318,7 +327,8 @@ class FaultInjector(ResponseHeadHook):
 
 
 _RESPONSE_FAULTS: tuple[type[Fault], ...] = (
-    Latency, Bandwidth, Stall, Reset, Truncate, Status200, WrongContentRange, FlipByte, Trickle)
+    Latency, Bandwidth, Stall, Reset, Truncate, Status200, WrongContentRange, FlipByte, Trickle,
+    Overlong)
 
 
 def _rewrite_head(plan: _Plan, head: bytes) -> bytes:

@@ -29,6 +29,7 @@ import pytest
 from bench.faults import (
     FlipByte,
     Latency,
+    Overlong,
     Refuse,
     Trickle,
     any_request,
@@ -372,6 +373,31 @@ def test_a_404_for_the_digests_asked_with_a_lookup_is_not_kept_as_no_digests(
         assert service.requests.count(f"/video/{HASH}/chunks") == 2
     finally:
         remote.close()
+
+
+def test_bodies_running_past_their_length_are_never_data(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """Every range answer followed by bytes beyond its Content-Length (a server miscounting):
+    a sequential read with readahead (answers following each other on kept-alive
+    connections) and scattered reads return the source's bytes, the extra bytes never taken
+    for data nor for the next answer's."""
+    source = sources["big.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT)) as mounted:
+        path = mounted.video(source.file_name)
+        assert read_uncached(path, 10, 0) == source.data[:10]
+        link.faults.enable(Overlong(extra=b"HTTP/1.1 206 Partial Content\r\n" + b"x" * 4096))
+
+        def read_all() -> bytes:
+            with open(path, "rb") as stream:
+                return stream.read(8 * MIB)
+
+        whole = bounded(read_all)
+        assert whole.error is None and whole.value == source.data[: 8 * MIB], whole
+        for offset in (9 * MIB + 4096, 15 * MIB, 12 * MIB + 100_000):
+            read = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+            assert read.data == source.data[offset : offset + READ], read
+        assert link.faults.injected()["overlong"] >= 3
 
 
 # ---------------------------------------------------------------------------------------------
