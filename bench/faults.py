@@ -23,6 +23,8 @@ The faults (small frozen dataclasses; `kind` names each one in `injected()`):
 | `FullBody200(content)` | a ranged GET answered 200 + the WHOLE video (Range ignored) |
 | `WrongContentRange(shift)` | Content-Range moved by `shift` bytes, body and length unchanged |
 | `FlipByte(at)` | one body byte inverted (the middle one by default) |
+| `Trickle(seconds_per_byte)` | the answer from its head on, a byte at a time (slow-loris) |
+| `Overlong(extra)` | `extra` bytes sent after the body, beyond its Content-Length |
 
 `Bandwidth` here can be switched at run time, unlike the proxy's `LinkProfile` rate cap, which
 is fixed when the proxy starts (use that for a whole run at one rate).
@@ -33,6 +35,10 @@ unless given another `match` (`any_request`, `path_prefix("/meta/")`, any predic
 then switches itself off; without, until disabled. What applies to a response is decided when
 its head passes (for `Refuse` and `FullBody200`, when the request does), so switching faults
 never damages half a response.
+
+`Trickle` also trickles whatever follows on that connection (and what came before the answer's
+head in the same chunk of the server's stream): meant for small answers (`/meta`, `/chunks`, a
+listing page), whose every receive then gets a byte in time while the whole takes minutes.
 
 Granularity: the proxy hands hooks the server's bytes in chunks (up to 256 KiB) and a hook can
 only delay a whole chunk, so `Stall` and `Bandwidth` act at chunk boundaries (the stall starts
@@ -145,6 +151,16 @@ class FlipByte(Fault):
     at: int | None = None  # offset in the body; None: the middle byte
 
 
+@dataclass(frozen=True, kw_only=True)
+class Trickle(Fault):
+    seconds_per_byte: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Overlong(Fault):
+    extra: bytes = b"overlong body"
+
+
 _ANSWERING = (Refuse, FullBody200)
 
 
@@ -183,6 +199,7 @@ class FaultInjector(ResponseHeadHook):
         self._injected: dict[str, int] = {}
         self._plans: dict[int, _Plan] = {}  # event loop only: each connection's current response
         self._link_free_at = 0.0  # event loop only: when the Bandwidth link is idle again
+        self._trickling: dict[int, float] = {}  # event loop only: Trickle's pace, by connection
 
     # -- control, from any thread --------------------------------------------------------------
 
@@ -243,11 +260,25 @@ class FaultInjector(ResponseHeadHook):
     def on_close(self, conn: Connection) -> None:
         super().on_close(conn)
         self._plans.pop(conn.id, None)
+        self._trickling.pop(conn.id, None)
+
+    def on_response_data(self, conn: Connection, data: bytes) -> Verdict:
+        verdict = super().on_response_data(conn, data)
+        pace = self._trickling.get(conn.id)
+        if pace is None:
+            return verdict
+        pieces = verdict.pieces()
+        trickled = [(piece.data[at : at + 1], (piece.delay_s if at == 0 else 0.0) + pace)
+                    for piece in pieces for at in range(len(piece.data))]
+        return Verdict.of(trickled or [(b"", 0.0)], pieces[-1].end)
 
     def on_head(self, conn: Connection, request: Request | None, head: bytes,
                 body_length: int) -> Verdict:
         plan = _Plan(self._take(request, _RESPONSE_FAULTS), body_length=body_length)
         self._plans[conn.id] = plan
+        for fault in plan.of(Trickle):
+            assert isinstance(fault, Trickle)
+            self._trickling[conn.id] = fault.seconds_per_byte
         delay = sum(fault.seconds for fault in plan.of(Latency) if isinstance(fault, Latency))
         # e.g. Reset(after_bytes=0) of a body-less answer ends the connection after its head
         ending = self._ending(plan) if body_length == 0 else None
@@ -274,6 +305,9 @@ class FaultInjector(ResponseHeadHook):
             now = time.monotonic()
             self._link_free_at = max(now, self._link_free_at) + len(piece) / fault.bytes_per_s
             delay += self._link_free_at - now
+        if offset + len(piece) == plan.body_length:
+            piece += b"".join(fault.extra for fault in plan.of(Overlong)
+                              if isinstance(fault, Overlong))
         for fault in plan.of(Reset) + plan.of(Truncate):
             assert isinstance(fault, Reset | Truncate)
             cut = min(fault.after_bytes, plan.body_length - 1)  # always short of the whole body
@@ -293,7 +327,8 @@ class FaultInjector(ResponseHeadHook):
 
 
 _RESPONSE_FAULTS: tuple[type[Fault], ...] = (
-    Latency, Bandwidth, Stall, Reset, Truncate, Status200, WrongContentRange, FlipByte)
+    Latency, Bandwidth, Stall, Reset, Truncate, Status200, WrongContentRange, FlipByte, Trickle,
+    Overlong)
 
 
 def _rewrite_head(plan: _Plan, head: bytes) -> bytes:

@@ -867,7 +867,8 @@ class Remote:
             log.info("%s: the chunk digests asked for with the metadata did not come (%s: %s)",
                      content_hash, type(exc).__name__, exc)
             return
-        self._keep_digests(meta, doc, 0, 0)
+        if doc is not None:  # a 404: asked again the usual way, where it is an error
+            self._keep_digests(meta, doc, 0, 0)
 
     def _attempt_blocks(
         self,
@@ -1178,13 +1179,15 @@ class Remote:
         except _Stalled:  # the block is behind them on that connection: give both up
             raise
         except Exception:  # failed, cancelled or late: asked again below
+            doc = None
+        if doc is None:  # also a 404, which the usual way makes an error
             return self._chunk_digests(meta.content_hash, deadline, 0, end)
         return self._keep_digests(meta, doc, 0, end)
 
     def _keep_answered_digests(
         self, meta: VideoMeta, answer: concurrent.futures.Future[dict[str, Any] | None]
     ) -> None:
-        if not answer.cancelled() and answer.exception() is None:
+        if not answer.cancelled() and answer.exception() is None and answer.result() is not None:
             self._keep_digests(meta, answer.result(), 0, 0)
 
     @contextlib.contextmanager
@@ -1387,13 +1390,18 @@ class Remote:
             chunk_size or MIN_SERVICE_CHUNK_SIZE, self.config.digest_page_bytes)
         try:
             doc = self._digest_answer(content_hash, low, high, deadline)
-        except NotFound:
-            doc = None
         except (RemoteUnavailable, AccessDenied):
             raise
         except RemoteError as exc:  # e.g. a service without the endpoint: read unverified
             log.warning("no chunk digests for %s, reading it unverified: %s", content_hash, exc)
             doc = None
+        else:
+            if doc is None:
+                # Every vidcache publishes the digests of every video it has: a 404 says the
+                # video is gone, not that it has none (that would read it unverified for as
+                # long as the entry stays cached, after one stray 404).
+                raise NotFound(f"{content_hash}: no such video on the service (its chunk "
+                               "digests: 404)")
         return self._keep_digests(meta, doc, start, end)
 
     def _digest_answer(self, content_hash: str, low: int, high: int, deadline: float
@@ -1456,7 +1464,8 @@ class Remote:
     def _keep_digests(
         self, meta: VideoMeta, doc: Mapping[str, Any] | None, start: int, end: int
     ) -> Digests | None:
-        """Cache the pages of a `/chunks` answer (None: the video has no digests to use);
+        """Cache the pages of a `/chunks` answer (None: the service refused them, so the video
+        has no digests to use);
         return the digests of `[start, end)` (None: it has none, or the answer lacks them,
         and is read unverified)."""
         known, digests = self._known_digests(meta.content_hash, start, end)
@@ -1467,8 +1476,8 @@ class Remote:
                                                        page_bytes)
         with self._lock:
             if pages is None:
-                # Not for a video a 404 said is gone (its `/chunks` is a 404 too): the same
-                # content ingested again has digests.
+                # Not for a video a 404 said is gone meanwhile: the same content ingested
+                # again has digests.
                 if self._cached_meta(meta.content_hash) is not None:
                     self._chunk_sizes[meta.content_hash] = None
                 return None

@@ -24,7 +24,8 @@ built from the parsed head), the body is counted against the checked length, and
 failures become the httpx exceptions httpx itself raises for them (`ConnectError`,
 `ReadTimeout`, `RemoteProtocolError` for a body cut short...) in `_socket_error`, so the
 client's `_translate.transport_errors` turns them into its exceptions as for any other call.
-Every connect, send and `recv` waits at most the client's timeout.
+Every connect, send and `recv` waits at most the client's timeout, and an answer's head (and a
+small answer's body) comes whole within it.
 
 Connections: a `_pool.Pool` of keep-alive connections, each lent to one thread at a time, the
 warmest first, counted with the client's httpx connections against `max_connections`. A
@@ -69,7 +70,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import httpx
@@ -462,17 +463,31 @@ class RangeReader:
                       ) -> tuple[httpx.Response, bool]:
         """The next answer, read whole, and whether the connection may carry another request.
         `_Stale` (a kept-alive connection the server had closed) only for a `first` answer:
-        after one was taken, the requests cannot simply be sent again."""
+        after one was taken, the requests cannot simply be sent again. The answer comes whole
+        within the client's timeout (`_within_timeout`)."""
         try:
-            head = connection.read_head()
+            with self._within_timeout(connection):
+                head = connection.read_head()
+                response, _, keep_alive = self._response(head, connection, whole=True)
         except _Stale as exc:
             if first:
                 raise
             raise httpx.RemoteProtocolError("server disconnected without sending a response",
                                             request=connection.describe()) from exc
-        response, _, keep_alive = self._response(head, connection, whole=True)
         connection.answers += 1
         return response, keep_alive
+
+    @contextlib.contextmanager
+    def _within_timeout(self, connection: _Connection) -> Iterator[None]:
+        """Every receive in the block ends by one client timeout from now: a head or a small
+        answer trickling in a byte at a time (each receive in time) would otherwise hold its
+        connection and its caller's thread for as long as it lasts (minutes)."""
+        connection.deadline = time.monotonic() + self._timeout
+        try:
+            yield
+        finally:
+            connection.deadline = None
+            connection.sock.settimeout(self._timeout)
 
     def _answer(self, content_hash: str, asked: ByteRange, views: Sequence[memoryview],
                 describe: Callable[[], httpx.Request], connection: _Connection,
@@ -490,8 +505,9 @@ class RangeReader:
             if self._tls is None:  # open to a follower only once this request is out
                 with self._lock:
                     self._open_ends.setdefault(end, connection)
-            head = connection.read_head()
-            response, length, keep_alive = self._response(head, connection)
+            with self._within_timeout(connection):  # the body: as the caller's on_progress says
+                head = connection.read_head()
+                response, length, keep_alive = self._response(head, connection)
             if not response.is_success:  # a refusal, its body read: whole if `keep_alive`
                 connection.answers += 1
                 reusable = keep_alive

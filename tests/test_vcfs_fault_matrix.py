@@ -1,0 +1,449 @@
+"""Cells of the matrix "service misbehaviour x vcfs operation" that tests/test_vcfs_faults.py
+leaves out: a slow-loris (an answer trickling in a byte at a time, every receive in time) on
+the small answers (`/meta`, `/chunks`, the listing), a stall before the answer's head, a 404
+for a listed video's bytes, malformed metadata and digests, the service restarted between two
+reads, and the operations that must not wait on the service at all (statfs, the stats file,
+a listing already made).
+
+Each case: the operation returns (run on a thread joined with a limit: a behaviour check, not
+a speed target), with the right errno or the source's bytes, never other bytes; and the mount
+works again once the fault is gone. Same set-up as test_vcfs_faults.py: the real service, the
+benchmark's proxy with `bench.faults` in between, real mounts with `--timeout 3`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import functools
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bench.faults import (
+    FlipByte,
+    Latency,
+    Overlong,
+    Refuse,
+    Trickle,
+    any_request,
+    path_prefix,
+    video_range_requests,
+)
+from bench.proxy import Request
+from tests.support import VidcacheServer, wait_until
+from tests.test_vcfs_remote import CHUNK, DATA, HASH, FakeClock, FakeService
+from tests.vcfs_fault_support import (
+    FaultyLink,
+    Source,
+    bounded_read,
+    ingest,
+    range_of_block,
+    read_uncached,
+)
+from tests.vcfs_support import VcfsMount, requires_fuse
+from vcfs.remote import NotFound, Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client import VidCacheClient
+
+pytestmark = requires_fuse
+
+BUCKET = "vcfs-fault-matrix"
+MIB = 1 << 20
+READ = 64 * 1024
+TIMEOUT = 3.0  # the mounts' --timeout
+# A failing operation ends by its deadline + one request timeout; slack for FUSE and load.
+EIO_BOUND = TIMEOUT + TIMEOUT / 3 + 3.0
+HANG_LIMIT = EIO_BOUND + 10.0
+NAMES = ("big.mp4", "big_moov_end.mp4", "a.mp4", "b.mp4")
+
+
+@pytest.fixture(scope="module")
+def sources(videos: dict[str, Path], media_url: str,
+            vidcache_server: VidcacheServer) -> dict[str, Source]:
+    return ingest(vidcache_server.url, media_url, videos, NAMES, bucket=BUCKET)
+
+
+@pytest.fixture
+def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
+    with FaultyLink(vidcache_server.port) as faulty:
+        yield faulty
+
+
+@pytest.fixture
+def mount(tmp_path: Path, link: FaultyLink, sources: dict[str, Source]) -> Iterator[VcfsMount]:
+    """A fresh mount (nothing cached: metadata, digests and the listing are asked for)."""
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
+                   "--readahead-max", "0") as mounted:
+        yield mounted
+        link.faults.clear()
+        mounted.wait_quiet(HANG_LIMIT)
+
+
+class Outcome:
+    """What a filesystem call run on a thread did: its result or its OSError, and how long."""
+
+    def __init__(self, value: Any, error: OSError | None, seconds: float) -> None:
+        self.value, self.error, self.seconds = value, error, seconds
+
+    @property
+    def errno(self) -> int | None:
+        return None if self.error is None else self.error.errno
+
+    def __repr__(self) -> str:
+        return f"<{self.error or 'ok'} after {self.seconds:.1f} s>"
+
+
+def bounded(call: Callable[[], Any], limit: float = HANG_LIMIT) -> Outcome:
+    """`call()` on a thread; the test fails if it has not returned by `limit`."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    started = time.monotonic()
+    future = pool.submit(call)
+    try:
+        value = future.result(timeout=limit)
+    except OSError as exc:
+        return Outcome(None, exc, time.monotonic() - started)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"{call} hung: still blocked after {limit} s")
+    finally:
+        pool.shutdown(wait=False)
+    return Outcome(value, None, time.monotonic() - started)
+
+
+def only_block(source: Source, offset: int) -> Callable[[Request], bool]:
+    path, header = f"/video/{source.content_hash}", range_of_block(source, offset)
+    return lambda request: request.path == path and request.range == header
+
+
+def remote_stats(mounted: VcfsMount) -> dict[str, int]:
+    return dict(mounted.stats()["remote"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Slow-loris on the small answers
+
+
+@pytest.mark.parametrize("trickled", ["metadata", "range"])
+def test_a_trickling_answer_gives_its_connection_up_by_the_deadline(
+    vidcache_server: VidcacheServer, sources: dict[str, Source], trickled: str,
+) -> None:
+    """Metadata, or a range answer's head, trickling in a byte every 0.3 s (each receive in
+    time, the whole taking minutes): the operations fail by their deadline, and once the
+    service answers normally again the next one works. Before, each given-up attempt went on
+    receiving on its worker thread and connection until the whole answer (or head) was in:
+    with two workers, two such operations left the third (fault over, service fine) failing
+    after its full deadline."""
+    big = sources["big.mp4"]
+    with FaultyLink(vidcache_server.port) as faulty:
+        remote = Remote.connect(faulty.url, config=RemoteConfig(
+            timeout=TIMEOUT, workers=2, first_block_with_meta=False))
+        try:
+            calls: list[Callable[[], Any]]
+            if trickled == "metadata":
+                match = path_prefix("/meta/")
+                calls = [functools.partial(remote.meta, sources[name].content_hash)
+                         for name in NAMES[:3]]
+            else:
+                assert remote.fetch(big.content_hash, 0, MIB) == big.data[:MIB]
+                match = video_range_requests
+                calls = [functools.partial(remote.fetch, big.content_hash, block * MIB,
+                                           (block + 1) * MIB) for block in (1, 2, 5)]
+            faulty.faults.enable(Trickle(seconds_per_byte=0.3, match=match))
+            for call in calls[:2]:
+                started = time.monotonic()
+                with pytest.raises(RemoteUnavailable):
+                    call()
+                assert time.monotonic() - started <= EIO_BOUND
+            assert faulty.faults.injected()["trickle"] >= 2
+            faulty.faults.clear()
+            if trickled == "metadata":
+                meta = calls[2]()
+                assert meta is not None and meta.size == sources[NAMES[2]].size
+            else:
+                assert calls[2]() == big.data[5 * MIB : 6 * MIB]
+        finally:
+            remote.close()
+
+
+def test_lookup_and_listing_under_a_slow_loris_fail_in_time_then_work(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    source = sources["big.mp4"]
+    by_hash = mount.mountpoint / "by-hash"
+    link.faults.enable(Trickle(seconds_per_byte=0.3, match=path_prefix("/meta/")))
+    lookup = bounded(lambda: os.stat(by_hash / source.file_name))
+    assert lookup.errno == errno.EIO and lookup.seconds <= EIO_BOUND, lookup
+    link.faults.clear()
+    link.faults.enable(Trickle(seconds_per_byte=0.3, match=path_prefix("/videos")))
+    listing = bounded(lambda: os.listdir(by_hash))
+    assert listing.errno == errno.EIO and listing.seconds <= EIO_BOUND, listing
+    link.faults.clear()
+    assert os.stat(by_hash / source.file_name).st_size == source.size
+    assert {s.file_name for s in sources.values()} <= set(os.listdir(by_hash))
+    assert read_uncached(mount.video(source.file_name), READ, 3 * MIB) == (
+        source.data[3 * MIB : 3 * MIB + READ])
+
+
+def test_digests_under_a_slow_loris_fail_the_read_in_time_and_nothing_unverified_is_returned(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    source = sources["big_moov_end.mp4"]
+    path = mount.video(source.file_name)
+    link.faults.enable(Trickle(seconds_per_byte=0.3,
+                               match=path_prefix(f"/video/{source.content_hash}/chunks")))
+    assert os.stat(path).st_size == source.size  # the metadata came
+    read = bounded_read(path, READ, 5 * MIB, limit=HANG_LIMIT)
+    assert read.data is None and read.errno == errno.EIO, read
+    assert read.seconds <= EIO_BOUND, read
+    link.faults.clear()
+    verified = remote_stats(mount)["verified_chunks"]
+    assert wait_until(lambda: bounded_read(path, READ, 5 * MIB, limit=HANG_LIMIT).data,
+                      timeout=10, interval=0.2, what="the read working again") == (
+        source.data[5 * MIB : 5 * MIB + READ])
+    assert remote_stats(mount)["verified_chunks"] > verified  # read verified, not downgraded
+
+
+# ---------------------------------------------------------------------------------------------
+# Stalls, 404s, malformed answers
+
+
+def test_a_read_whose_answer_never_starts_fails_in_time_then_works(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """A stall before the answer's head (Latency of a minute), not after it."""
+    source = sources["big.mp4"]
+    path = mount.video(source.file_name)
+    assert read_uncached(path, 10, 0) == source.data[:10]
+    offset = 6 * MIB
+    link.faults.enable(Latency(seconds=60, match=only_block(source, offset)))
+    read = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+    assert read.data is None and read.errno == errno.EIO and read.seconds <= EIO_BOUND, read
+    link.faults.clear()
+    assert wait_until(lambda: bounded_read(path, READ, offset, limit=HANG_LIMIT).data,
+                      timeout=10, interval=0.2, what="the read working again") == (
+        source.data[offset : offset + READ])
+
+
+def test_a_listed_video_whose_bytes_answer_404_reads_enoent_then_works(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    source = sources["big.mp4"]
+    by_hash = mount.mountpoint / "by-hash"
+    assert source.file_name in os.listdir(by_hash)
+    path = mount.video(source.file_name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        link.faults.enable(Refuse(status=404, match=only_block(source, 4 * MIB)))
+        failed = bounded(lambda: os.pread(fd, READ, 4 * MIB))
+        assert failed.value is None and failed.errno == errno.ENOENT, failed
+        assert failed.seconds <= EIO_BOUND, failed
+        link.faults.clear()
+        # The open file reads again at once; the name is back once the miss expires.
+        assert os.pread(fd, READ, 4 * MIB) == source.data[4 * MIB : 4 * MIB + READ]
+    finally:
+        os.close(fd)
+
+    def size() -> int | None:  # ENOENT while the service's "no such video" is remembered
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+
+    assert wait_until(size, timeout=15, interval=0.2, what="the name back") == source.size
+
+
+@pytest.mark.parametrize("answered", ["/meta/", "/videos"])
+def test_malformed_metadata_or_listing_is_eio_then_works(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source], answered: str,
+) -> None:
+    """200 with a JSON object lacking every field (no hash, no size, no items): an error
+    (EIO), not a missing file (ENOENT) nor an empty directory; fine again once it ends."""
+    source = sources["a.mp4"]
+    by_hash = mount.mountpoint / "by-hash"
+
+    def call() -> Any:
+        if answered == "/meta/":
+            return os.stat(by_hash / source.file_name).st_size
+        return set(os.listdir(by_hash))
+
+    link.faults.enable(Refuse(status=200, match=path_prefix(answered)))
+    failed = bounded(call)
+    assert failed.errno == errno.EIO and failed.seconds <= EIO_BOUND, failed
+    link.faults.clear()
+    worked = bounded(call)
+    assert worked.error is None, worked
+    assert worked.value == (source.size if answered == "/meta/" else
+                            worked.value | {s.file_name for s in sources.values()})
+
+
+def test_malformed_digests_fail_the_first_read_and_no_byte_is_returned_unverified(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """`/chunks` answered 200 with a JSON object without digests, for a cold video: the read
+    fails (EIO) rather than returning bytes it cannot check; afterwards they are checked.
+    (`--no-first-block`: the proxy answers a refusal at once, ahead of the answers pipelined
+    before it, which the lookup's `/meta` would then get.)"""
+    source = sources["b.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
+                   "--readahead-max", "0", "--no-first-block") as mounted:
+        path = mounted.video(source.file_name)
+        assert os.stat(path).st_size == source.size
+        link.faults.enable(Refuse(status=200,
+                                  match=path_prefix(f"/video/{source.content_hash}/chunks")))
+        read = bounded_read(path, READ, 0, limit=HANG_LIMIT)
+        assert read.data is None and read.errno == errno.EIO, read
+        assert read.seconds <= EIO_BOUND, read
+        link.faults.clear()
+        verified = remote_stats(mounted)["verified_chunks"]
+        assert wait_until(lambda: bounded_read(path, READ, 0, limit=HANG_LIMIT).data,
+                          timeout=10, interval=0.2, what="the read working again") == (
+            source.data[:READ])
+        assert remote_stats(mounted)["verified_chunks"] > verified
+
+
+def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """One 404 for `/chunks` of a video whose metadata the service just gave was kept as
+    "this video has no digests": every later read of it went unverified, and a flipped byte
+    reached the reader. Now it is a 404 like any other (ENOENT, the video forgotten), and once
+    the service answers again the video is read verified. (`--no-first-block`: the proxy
+    answers a refusal at once, ahead of the answers pipelined before it.)"""
+    source = sources["big_moov_end.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
+                   "--readahead-max", "0", "--no-first-block") as mounted:
+        path = mounted.video(source.file_name)
+        assert os.stat(path).st_size == source.size
+        link.faults.enable(Refuse(status=404,
+                                  match=path_prefix(f"/video/{source.content_hash}/chunks")),
+                           times=1)
+        first = bounded_read(path, READ, 0, limit=HANG_LIMIT)
+        assert first.data in (None, source.data[:READ]), "wrong bytes"
+        assert wait_until(lambda: bounded_read(path, READ, 0, limit=HANG_LIMIT).data,
+                          timeout=10, interval=0.2, what="the read working again") == (
+            source.data[:READ])
+        before = remote_stats(mounted)
+        offset = 3 * MIB
+        link.faults.enable(FlipByte(at=100, match=only_block(source, offset)), times=1)
+        flipped = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+        assert flipped.data == source.data[offset : offset + READ], "a flipped byte returned"
+        assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
+        assert first.errno == errno.ENOENT, first
+
+
+@dataclass
+class _DigestsRefused(FakeService):
+    """The fake service of test_vcfs_remote.py, answering `/chunks` 404 the first times."""
+
+    digests_refused: int = 1
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path == f"/video/{HASH}/chunks" and self.digests_refused:
+            self.digests_refused -= 1
+            self.requests.append(request.url.path)
+            return httpx.Response(404, json={"detail": "no such video"})
+        return super().handle(request)
+
+
+@pytest.mark.parametrize("refused", [1, 2], ids=["once", "still-gone"])
+def test_a_404_for_the_digests_asked_with_a_lookup_is_not_kept_as_no_digests(
+    refused: int,
+) -> None:
+    """The same through the lookup that asks for the metadata, the digests and the first block
+    together: a 404 for the digests there made the first block (and every block after it)
+    pass unverified. Now the read asks for them again: verified if they come, NotFound if the
+    service still says no such video."""
+    service, clock = _DigestsRefused(digests_refused=refused), FakeClock()
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=1.0), sleep=clock.sleep, clock=clock)
+    try:
+        assert remote.meta(HASH, first_block=len(DATA)) is not None
+        if refused == 1:
+            assert remote.fetch(HASH, 0, len(DATA)) == DATA
+            assert remote.counters.get("verified_chunks") == -(-len(DATA) // CHUNK)
+        else:
+            with pytest.raises(NotFound):
+                remote.fetch(HASH, 0, len(DATA))
+        assert service.requests.count(f"/video/{HASH}/chunks") == 2
+    finally:
+        remote.close()
+
+
+def test_bodies_running_past_their_length_are_never_data(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """Every range answer followed by bytes beyond its Content-Length (a server miscounting):
+    a sequential read with readahead (answers following each other on kept-alive
+    connections) and scattered reads return the source's bytes, the extra bytes never taken
+    for data nor for the next answer's."""
+    source = sources["big.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT)) as mounted:
+        path = mounted.video(source.file_name)
+        assert read_uncached(path, 10, 0) == source.data[:10]
+        link.faults.enable(Overlong(extra=b"HTTP/1.1 206 Partial Content\r\n" + b"x" * 4096))
+
+        def read_all() -> bytes:
+            with open(path, "rb") as stream:
+                return stream.read(8 * MIB)
+
+        whole = bounded(read_all)
+        assert whole.error is None and whole.value == source.data[: 8 * MIB], whole
+        for offset in (9 * MIB + 4096, 15 * MIB, 12 * MIB + 100_000):
+            read = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+            assert read.data == source.data[offset : offset + READ], read
+        assert link.faults.injected()["overlong"] >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# What must not wait on the service
+
+
+def test_statfs_the_stats_file_and_a_made_listing_answer_while_the_service_stalls(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    source = sources["big.mp4"]
+    path = mount.video(source.file_name)
+    by_hash = mount.mountpoint / "by-hash"
+    names = set(os.listdir(by_hash))
+    assert read_uncached(path, READ, 0) == source.data[:READ]
+    link.faults.enable(Latency(seconds=60, match=any_request))
+    # Each well within one request timeout: none of them asks the service.
+    statfs = bounded(lambda: os.statvfs(mount.mountpoint), limit=TIMEOUT / 3)
+    assert statfs.error is None and statfs.value.f_files >= len(sources), statfs
+    stats = bounded(mount.stats, limit=TIMEOUT / 3)
+    assert stats.error is None and "remote" in stats.value, stats
+    listing = bounded(lambda: set(os.listdir(by_hash)), limit=TIMEOUT / 3)
+    assert listing.value == names, listing
+    cached = bounded(lambda: os.pread(os.open(path, os.O_RDONLY), READ, 0), limit=TIMEOUT / 3)
+    assert cached.value == source.data[:READ], cached
+
+
+# ---------------------------------------------------------------------------------------------
+# The service restarted between two reads
+
+
+def test_the_service_restarted_between_two_reads_costs_no_error(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """The mount's kept-alive connections die with the service: the next read, on a new one,
+    returns the right bytes without an error (a connection found closed is replaced)."""
+    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as faulty:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        with VcfsMount(faulty.url, tmp_path / "mnt", "--timeout", str(TIMEOUT),
+                       "--cache-size", "2M", "--readahead-max", "0") as mounted:
+            path = mounted.video(source.file_name)
+            assert read_uncached(path, READ, 2 * MIB) == source.data[2 * MIB : 2 * MIB + READ]
+            mounted.wait_quiet(HANG_LIMIT)
+            server.stop()
+            server.start()
+            before = remote_stats(mounted)
+            read = bounded_read(path, READ, 7 * MIB, limit=HANG_LIMIT)
+            assert read.data == source.data[7 * MIB : 7 * MIB + READ], read
+            after = remote_stats(mounted)
+            assert after["errors"] == before["errors"], (before, after)
