@@ -48,7 +48,7 @@ from tests.vcfs_fault_support import (
     read_uncached,
 )
 from tests.vcfs_support import VcfsMount, requires_fuse
-from vcfs.remote import NotFound, Remote, RemoteConfig, RemoteUnavailable
+from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
@@ -312,9 +312,9 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
 ) -> None:
     """One 404 for `/chunks` of a video whose metadata the service just gave was kept as
     "this video has no digests": every later read of it went unverified, and a flipped byte
-    reached the reader. Now it is a 404 like any other (ENOENT, the video forgotten), and once
-    the service answers again the video is read verified. (`--no-first-block`: the proxy
-    answers a refusal at once, ahead of the answers pipelined before it.)"""
+    reached the reader. Now vcfs asks for the metadata and the digests again: the read gets
+    its bytes, verified. (`--no-first-block`: the proxy answers a refusal at once, ahead of
+    the answers pipelined before it.)"""
     source = sources["big_moov_end.mp4"]
     with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
                    "--readahead-max", "0", "--no-first-block") as mounted:
@@ -324,17 +324,32 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
                                   match=path_prefix(f"/video/{source.content_hash}/chunks")),
                            times=1)
         first = bounded_read(path, READ, 0, limit=HANG_LIMIT)
-        assert first.data in (None, source.data[:READ]), "wrong bytes"
-        assert wait_until(lambda: bounded_read(path, READ, 0, limit=HANG_LIMIT).data,
-                          timeout=10, interval=0.2, what="the read working again") == (
-            source.data[:READ])
+        assert first.data == source.data[:READ], first
+        assert link.faults.injected()["refuse"] == 1
         before = remote_stats(mounted)
         offset = 3 * MIB
         link.faults.enable(FlipByte(at=100, match=only_block(source, offset)), times=1)
         flipped = bounded_read(path, READ, offset, limit=HANG_LIMIT)
         assert flipped.data == source.data[offset : offset + READ], "a flipped byte returned"
         assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
-        assert first.errno == errno.ENOENT, first
+
+
+def test_a_service_that_publishes_no_digests_is_read_range_checked(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """A vidcache 1.x without this project's extensions answers every `/chunks` 404 while its
+    `/meta` finds the video: its videos are read (checked against their ranges only), not
+    ENOENT."""
+    source = sources["big_moov_end.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT),
+                   "--no-first-block") as mounted:
+        link.faults.enable(Refuse(status=404,
+                                  match=path_prefix(f"/video/{source.content_hash}/chunks")))
+        path = mounted.video(source.file_name)
+        read = bounded_read(path, READ, 5 * MIB, limit=HANG_LIMIT)
+        assert read.data == source.data[5 * MIB : 5 * MIB + READ], read
+        assert remote_stats(mounted)["verified_chunks"] == 0
+        assert link.faults.injected()["refuse"] == 2  # asked twice, then read unverified
 
 
 @dataclass
@@ -351,26 +366,26 @@ class _DigestsRefused(FakeService):
         return super().handle(request)
 
 
-@pytest.mark.parametrize("refused", [1, 2], ids=["once", "still-gone"])
+@pytest.mark.parametrize(("refused", "verified", "asked"),
+                         [(1, True, 2), (2, True, 3), (3, False, 3)],
+                         ids=["once", "twice", "publishes-none"])
 def test_a_404_for_the_digests_asked_with_a_lookup_is_not_kept_as_no_digests(
-    refused: int,
+    refused: int, verified: bool, asked: int,
 ) -> None:
     """The same through the lookup that asks for the metadata, the digests and the first block
     together: a 404 for the digests there made the first block (and every block after it)
-    pass unverified. Now the read asks for them again: verified if they come, NotFound if the
-    service still says no such video."""
+    pass unverified. Now the read asks for them again, and after a second 404 for the
+    metadata and the digests once more: verified if they come; read unverified only if the
+    service, still describing the video, never gives them."""
     service, clock = _DigestsRefused(digests_refused=refused), FakeClock()
     client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
     remote = Remote(client, config=RemoteConfig(timeout=1.0), sleep=clock.sleep, clock=clock)
     try:
         assert remote.meta(HASH, first_block=len(DATA)) is not None
-        if refused == 1:
-            assert remote.fetch(HASH, 0, len(DATA)) == DATA
-            assert remote.counters.get("verified_chunks") == -(-len(DATA) // CHUNK)
-        else:
-            with pytest.raises(NotFound):
-                remote.fetch(HASH, 0, len(DATA))
-        assert service.requests.count(f"/video/{HASH}/chunks") == 2
+        assert remote.fetch(HASH, 0, len(DATA)) == DATA
+        assert remote.counters.get("verified_chunks") == (
+            -(-len(DATA) // CHUNK) if verified else 0)
+        assert service.requests.count(f"/video/{HASH}/chunks") == asked
     finally:
         remote.close()
 

@@ -1397,12 +1397,28 @@ class Remote:
             doc = None
         else:
             if doc is None:
-                # Every vidcache publishes the digests of every video it has: a 404 says the
-                # video is gone, not that it has none (that would read it unverified for as
-                # long as the entry stays cached, after one stray 404).
-                raise NotFound(f"{content_hash}: no such video on the service (its chunk "
-                               "digests: 404)")
+                doc = self._digests_after_404(content_hash, low, high, deadline)
         return self._keep_digests(meta, doc, start, end)
+
+    def _digests_after_404(self, content_hash: str, low: int, high: int, deadline: float
+                           ) -> dict[str, Any] | None:
+        """Asked again after a 404 for the digests of a video the service had described. One
+        404 alone decides nothing: kept as "no digests", a stray one would leave the video
+        unverified for as long as that entry stays cached. The video may be gone (its metadata
+        is a 404 now too: NotFound), back again (the digests come), or on a service that
+        publishes none (vidcache 1.x without this project's extensions: a second 404 with the
+        video still there; None, read range-checked only)."""
+        with self._lock:  # ask the service, not the caches
+            self._known.pop(content_hash, None)
+            self._listed.pop(content_hash, None)
+        if self.meta(content_hash, deadline=deadline) is None:
+            raise NotFound(f"{content_hash}: no such video on the service (its chunk digests "
+                           "and its metadata: 404)")
+        doc = self._digest_answer(content_hash, low, high, deadline)
+        if doc is None:
+            log.warning("%s: the service has no chunk digests for it (404 twice, its metadata "
+                        "found): reading it unverified", content_hash)
+        return doc
 
     def _digest_answer(self, content_hash: str, low: int, high: int, deadline: float
                        ) -> dict[str, Any] | None:
