@@ -21,7 +21,8 @@ from tests.support import VidcacheServer, free_port
 pytestmark = pytest.mark.timeout(120)
 
 SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout",
-                 "--max-download-time", "--phash-threshold", "--allow-file-dir",
+                 "--max-download-time", "--keep-alive", "--phash-threshold", "--chunk-size",
+                 "--allow-file-dir",
                  "--ingest-allow", "--token-file", "--token-reads", "--log-level",
                  "VIDCACHE_INGEST_ALLOW"]
 INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file",
@@ -117,6 +118,40 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     run = vidcache(*args)
     assert run.returncode == 2
     assert "error:" in run.stderr
+
+
+# --data under a file: a value the old code let through fails at once there, not serving.
+_NO_DATA = "/dev/null/data"
+
+
+@pytest.mark.parametrize(("args", "refused"), [
+    (["serve", "--data", _NO_DATA, "--port", "99999"], "--port: must be a port number from 1 "
+                                                       "to 65535, not '99999'"),
+    (["serve", "--data", _NO_DATA, "--port", "-1"], "--port: must be a port number"),
+    (["serve", "--data", _NO_DATA, "--download-timeout", "nan"],
+     "--download-timeout: must be a positive number of seconds, not 'nan'"),
+    (["serve", "--data", _NO_DATA, "--max-download-time", "inf"],
+     "--max-download-time: must be a positive number of seconds, not 'inf'"),
+    (["serve", "--data", _NO_DATA, "--keep-alive", "1.5"],
+     "--keep-alive: must be a positive whole number of seconds, not '1.5'"),
+    (["serve", "--data", _NO_DATA, "--phash-threshold", "x"],
+     "--phash-threshold: must be a whole number from 0 to 64"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
+      "--timeout", "nan"], "--timeout: must be a positive number of seconds, not 'nan'"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
+      "--timeout", "inf"], "--timeout: must be a positive number of seconds, not 'inf'"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "127.0.0.1:8020"],
+     "--server: must be an http:// or https:// URL with a host"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "ftp://x"],
+     "--server: must be an http:// or https:// URL with a host"),
+])
+def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],
+                                                              refused: str) -> None:
+    """Not a traceback (--server without a scheme, --timeout nan or inf), nor a server saying
+    it serves on a port it does not (uvicorn binds 99999 % 65536)."""
+    run = vidcache(*args)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and refused in run.stderr, run.stderr
 
 
 def test_bad_env_allow_list_is_a_usage_error(tmp_path: Path) -> None:

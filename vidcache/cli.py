@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -75,25 +76,61 @@ def _chunk_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+# The checks below name the value they refuse: argparse's own message for a ValueError names
+# the function ("invalid _positive_float value").
+def _integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _threshold(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError("must be between 0 and 64 (bits of a 64-bit hash)")
+    value = _integer(text)
+    if value is None or not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to 64 (bits of a 64-bit hash), not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    # uvicorn would take 99999 (listening on 99999 % 65536 while saying 99999) and -1.
+    value = _integer(text)
+    if value is None or not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
     return value
 
 
 def _whole_seconds(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive whole number of seconds")
+    value = _integer(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive whole number of seconds, not {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # nan and inf are floats too: the client refuses nan with a traceback, and inf overflows
+    # the socket timeout.
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
+
+
+def _server_url(text: str) -> str:
+    from vidcache_client._validate import parse_base_url
+
+    try:
+        parse_base_url(text)  # the client's own check: it takes whatever passes here
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020 "
+            f"({exc})") from exc
+    return text
 
 
 def _token_file(text: str) -> str:
@@ -130,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; without --token-file "
                             "the API has no authentication)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port to listen on (default {DEFAULT_PORT})")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                       help=f"port to listen on, 1-65535 (default {DEFAULT_PORT})")
     serve.add_argument("--max-size", metavar="BYTES", type=parse_size, default="4G",
                        help="largest video ingest accepts, bytes or K/M/G/T of 1024 (default 4G)")
     serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
@@ -175,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--prefix", default="", help="prefix inside the bucket (default none)")
     ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
                         default=[], help="metadata stored with a new video (repeatable)")
-    ingest.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+    ingest.add_argument("--server", type=_server_url,
+                        default=f"http://127.0.0.1:{DEFAULT_PORT}",
                         help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
     ingest.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
                         help="send the bearer token in FILE (for a server run with "
