@@ -747,6 +747,25 @@ def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_unmount_by_another_user_says_whose_mount_it_is(mount: VcfsMount) -> None:
+    """Root's mount (without allow_other) refuses other users even a stat of its root: vcfs
+    unmount said "... is not mounted" there, fusermount3 "entry ... not found in /etc/mtab"."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
+    python = _python_for_nobody()
+    if python is None:
+        pytest.skip(f"uid {NOBODY} can run neither this Python nor a system one on the checkout")
+    interpreter, env = python
+    result = subprocess.run(
+        [*AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()), interpreter, "-m", "vcfs",
+         "unmount", str(mount.mountpoint)],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"vcfs: error: {mount.mountpoint} was mounted by uid 0: only that "
+                             "user or root can unmount it\n"), result.stderr
+    assert os.path.ismount(mount.mountpoint)
+
+
 def test_a_user_without_access_to_dev_fuse_is_told_the_fix(
     as_nobody: tuple[Callable[[str, str], list[str]], Path], vidcache_server: VidcacheServer,
 ) -> None:

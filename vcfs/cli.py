@@ -388,16 +388,20 @@ def is_stale_mount(mountpoint: str) -> bool:
     return False
 
 
-def mount_type(mountpoint: str) -> str:
-    """The file system type of the mount at `mountpoint` (the topmost), from mountinfo."""
+def mount_entry(mountpoint: str) -> tuple[str, int | None] | None:
+    """The file system type of the mount at `mountpoint` (the topmost) and, for FUSE, the uid
+    that mounted it, from mountinfo; None if nothing is mounted there. (Not os.path.ismount:
+    it stats the mount's root, which another user's FUSE mount refuses: "not mounted".)"""
     target = os.path.realpath(mountpoint)
-    fstype = "unknown"
+    entry = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mounts:
         for line in mounts:
             fields, _, tail = line.partition(" - ")
             if _unescape_mountinfo(fields.split(" ")[4]) == target:
-                fstype = tail.split(" ")[0]
-    return fstype
+                fstype, _, options = tail.split(" ")[:3]
+                owner = re.search(r"(?:^|,)user_id=(\d+)", options)
+                entry = fstype, int(owner.group(1)) if owner else None
+    return entry
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -657,12 +661,17 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> int:
     """Unmount a vcfs mount, or clear a stale FUSE mount. Any other file system is refused:
     as root, fusermount3 unmounts whatever is there (a tmpfs, and the files in it, included)."""
     if not is_stale_mount(mountpoint):
-        if not os.path.ismount(mountpoint):
+        entry = mount_entry(mountpoint)
+        if entry is None:
             raise StartupError(f"{mountpoint} is not mounted")
-        fstype = mount_type(mountpoint)
+        fstype, owner = entry
         if fstype != _FSTYPE:
             raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
                                f"it (umount, or fusermount3 -u for another FUSE file system)")
+        if owner is not None and os.geteuid() not in (0, owner):
+            # fusermount3 would only say "entry for ... not found in /etc/mtab".
+            raise StartupError(f"{mountpoint} was mounted by uid {owner}: only that user or "
+                               "root can unmount it")
     result = subprocess.run(
         ["fusermount3", "-uz" if lazy else "-u", mountpoint],
         capture_output=True, text=True, check=False,
