@@ -617,6 +617,18 @@ def run_vcfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(vcfs_command(*args), capture_output=True, text=True, timeout=60)
 
 
+def test_a_web_server_that_is_not_vidcache_is_named_as_such(tmp_path: Path,
+                                                           media_url: str) -> None:
+    """The test's origin, a plain file server, answers /health 404 with an HTML page, which
+    was the message, tags and all."""
+    result = run_vcfs("mount", media_url, str(tmp_path), "--timeout", "3")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"vcfs: error: cannot reach the vidcache service at {media_url}: "
+                             "health check: HTTP 404: something answers there, but not a "
+                             "vidcache service (check the URL and port)\n"), result.stderr
+    assert not os.path.ismount(tmp_path)
+
+
 def test_startup_errors_are_one_clear_line(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
