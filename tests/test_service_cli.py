@@ -174,6 +174,37 @@ def test_a_port_in_use_is_an_error_without_a_serving_line(tmp_path: Path) -> Non
     assert "serving" not in run.stderr, run.stderr
 
 
+def test_an_unusable_data_directory_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A file, a corrupt index (a traceback before), or an empty --data (the current directory
+    before: `--data "$UNSET"` made a data directory of wherever the command ran)."""
+    a_file = tmp_path / "a file"
+    a_file.write_text("x")
+    corrupt = tmp_path / "corrupt"
+    (corrupt / ".vidcache").mkdir(parents=True)
+    (corrupt / ".vidcache" / "index.sqlite3").write_text("not a database")
+    expected = {
+        str(a_file): f"vidcache serve: error: cannot use {a_file} as the data directory: Not a "
+                     f"directory: {a_file}/.vidcache/tmp\n",
+        str(corrupt): f"vidcache serve: error: cannot open the index of {corrupt} "
+                      f"({corrupt}/.vidcache/index.sqlite3): file is not a database\n",
+    }
+    for data, message in expected.items():
+        run = vidcache("serve", "--data", data, "--port", str(free_port()))
+        assert (run.returncode, run.stderr) == (1, message)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with socket.socket() as taken:  # the old code stops at the bind, having made cwd a store
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        empty = subprocess.run(
+            [sys.executable, "-m", "vidcache", "serve", "--data", "", "--port",
+             str(taken.getsockname()[1])], capture_output=True, text=True, timeout=90, cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert empty.returncode == 2, empty.stderr
+    assert "argument --data: must name a directory, not ''" in empty.stderr
+    assert list(cwd.iterdir()) == []
+
+
 def test_serving_is_said_once_the_port_listens(own: VidcacheServer) -> None:
     assert f"serving {own.data_dir} on {own.url} (no authentication)" in own.log()
 

@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -60,6 +61,12 @@ def _allow_entry(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
     return text
+
+
+def _data_dir(text: str) -> Path:
+    if not text:  # Path("") is the current directory: `--data "$UNSET"` would serve it
+        raise argparse.ArgumentTypeError("must name a directory, not ''")
+    return Path(text)
 
 
 def _directory(text: str) -> Path:
@@ -162,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Hosts that resolve to loopback, private or link-local addresses are refused "
                f"for ingest unless allowed with --ingest-allow or ${ALLOW_ENV} "
                f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8.")
-    serve.add_argument("--data", metavar="DIR", type=Path, required=True,
+    serve.add_argument("--data", metavar="DIR", type=_data_dir, required=True,
                        help="data directory (created if missing)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; without --token-file "
@@ -232,6 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
     from vidcache.app import create_app
     from vidcache.http_protocol import PipelinedHttpToolsProtocol
     from vidcache.ingest import STOP_TIMEOUT
+    from vidcache.store import INTERNAL_DIR
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -255,8 +263,17 @@ def _serve(args: argparse.Namespace) -> int:
         token_reads=args.token_reads, keep_alive=args.keep_alive)
     try:
         app = create_app(config)
-    except (VidcacheError, OSError) as exc:
+    except VidcacheError as exc:
         print(f"vidcache serve: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vidcache serve: error: cannot use {config.data_dir} as the data directory: "
+              f"{exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # e.g. "file is not a database"
+        print(f"vidcache serve: error: cannot open the index of {config.data_dir} "
+              f"({config.data_dir / INTERNAL_DIR / 'index.sqlite3'}): {exc}", file=sys.stderr)
         return 1
     auth = ("no authentication" if config.token is None else
             "bearer token required for every request but /health and the API description"
