@@ -589,6 +589,34 @@ def test_daemon_mode_detaches_once_mounted(
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_mount_point_given_by_a_symlink_is_its_target(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
+) -> None:
+    """A symlink is never a mount point: vcfs waited for the path given to become one, so
+    --daemon reported failure after --timeout + 30 s (the mount was up all along), and
+    fusermount3 -u refused the symlink ("Invalid argument")."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    log_file = tmp_path / "daemon.log"
+    try:
+        started = subprocess.run(
+            vcfs_command("mount", vidcache_server.url, str(link), "--daemon", "--timeout", "3",
+                         "--log-file", str(log_file)),
+            capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith(f"vcfs: mounted {vidcache_server.url} at {target} ")
+        video = corpus["b.mp4"]
+        assert (link / "by-hash" / video.file_name).read_bytes() == video.data()
+        stopped = run_vcfs("unmount", str(link))
+        assert stopped.returncode == 0, stopped.stderr
+        assert not os.path.ismount(target)
+        assert "did not appear" not in log_file.read_text()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(target)], capture_output=True, check=False)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
     """As root, fusermount3 -u unmounts whatever it is given: a tmpfs, and its files, would go."""

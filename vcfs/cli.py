@@ -77,7 +77,7 @@ class StartupError(Exception):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountOptions:
     url: str
-    mountpoint: str  # absolute
+    mountpoint: str  # absolute, symlinks resolved
     cache_size: int
     block_size: int
     readahead_max: int
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "unmount":
-            return unmount(os.path.abspath(args.mountpoint), lazy=args.lazy)
+            return unmount(os.path.realpath(args.mountpoint), lazy=args.lazy)
         options = mount_options(args)
         if args.daemon:
             return run_daemon(options)
@@ -284,7 +284,9 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     token_file = os.path.abspath(args.token_file) if args.token_file else None
     return MountOptions(
         url=args.url,
-        mountpoint=os.path.abspath(args.mountpoint),
+        # Symlinks resolved: the mount is made on the target, and a symlink is never a
+        # mount point (vcfs would wait for one; fusermount3 -u refuses it).
+        mountpoint=os.path.realpath(args.mountpoint),
         cache_size=cache,
         block_size=block,
         readahead_max=window,
