@@ -506,6 +506,30 @@ def test_every_change_is_erofs(mount: VcfsMount, corpus: dict[str, Video]) -> No
     assert existing.read_bytes() == corpus["a.mp4"].data()
 
 
+def test_names_that_are_not_videos(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    """ENOENT, without a request, for what cannot be a video's name; a name longer than
+    statfs's f_namemax is ENAMETOOLONG as on other file systems (it was ENOENT up to the
+    kernel's own FUSE limit of 1024 bytes)."""
+    name, content_hash = corpus["a.mp4"].file_name, corpus["a.mp4"].content_hash
+    by_hash = mount.mountpoint / "by-hash"
+    before = mount.stats()["remote"]["http_requests"]
+    for odd in (content_hash.upper() + ".mp4", content_hash + ".MP4", content_hash[:63] + ".mp4",
+                content_hash + "0.mp4", content_hash, content_hash + ".", "." + name,
+                content_hash + ".toolongext", "a" * 255):
+        with pytest.raises(FileNotFoundError):
+            os.stat(by_hash / odd)
+    assert mount.stats()["remote"]["http_requests"] == before
+    assert os.statvfs(mount.mountpoint).f_namemax == 255
+    for overlong in ("a" * 256, content_hash + "." + "m" * 200, "é" * 128):
+        with pytest.raises(OSError) as caught:
+            os.stat(by_hash / overlong)
+        assert caught.value.errno == errno.ENAMETOOLONG, overlong
+        with pytest.raises(OSError) as caught:
+            os.open(by_hash / overlong, os.O_WRONLY | os.O_CREAT)
+        assert caught.value.errno == errno.ENAMETOOLONG, overlong
+    assert (by_hash / ".." / "by-hash" / name).stat().st_size == corpus["a.mp4"].size
+
+
 def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> None:
     before = mount.stats()
     assert {"uptime_s", "open_files", "fuse", "cache", "remote"} <= before.keys()
