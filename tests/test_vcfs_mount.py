@@ -943,7 +943,9 @@ def test_help_lists_every_option_with_defaults() -> None:
     for option in ("--cache-size", "--block-size", "--readahead-max", "--timeout",
                    "--foreground", "--daemon", "-o", "--log-level", "--log-file",
                    "--no-raise-readahead", "--no-first-block", "--keep-passed", "256M", "16M",
-                   "default: 30", "default: a quarter of", "from 4K to 64M"):
+                   "default: 30", "default: a quarter of", "from 4K to 64M",
+                   "at least two blocks", "at most --cache-size", "raw_fi", "fsname=NAME",
+                   "exit status:"):
         assert option in text, option
 
 

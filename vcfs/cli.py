@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  vcfs mount http://127.0.0.1:8020 /mnt/vc\n"
             "  vcfs mount http://127.0.0.1:8020 /mnt/vc --daemon --log-file /var/log/vcfs.log\n"
-            "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other"
+            "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other\n"
+            "\n"
+            "exit status: 0 once unmounted (or, with --daemon, once mounted); 1 if it cannot\n"
+            "mount, with the reason on one line; 2 for an option it cannot parse"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -157,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
     mount.add_argument(
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
-        help="memory for cached video blocks, readahead included (default: 256M)",
+        help="memory for cached video blocks, readahead included; at least two blocks "
+        "(default: 256M)",
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
@@ -174,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--keep-passed", type=parse_size, default=None, metavar="SIZE",
         help="part of the cache kept for blocks a streaming reader has read past, evicted "
-        "first, so a short seek back is served from memory (default: a quarter of "
-        "--cache-size); 0 frees them at once, leaving the memory to other files' blocks: "
-        "re-reads of a scan's past then go back to the service",
+        "first, so a short seek back is served from memory; at most --cache-size (default: "
+        "a quarter of --cache-size); 0 frees them at once, leaving the memory to other "
+        "files' blocks: re-reads of a scan's past then go back to the service",
     )
     mount.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
@@ -202,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
         help="FUSE mount options (repeatable); vcfs always adds ro. allow_other: other users "
-             "may read the mount (without it a root mount is root's alone); rw, subtype and "
-             "the FUSE helper's debug, foreground, nothreads are refused",
+             "may read the mount (without it a root mount is root's alone); fsname=NAME: "
+             "the name mount and df show (default vcfs); rw, subtype and the FUSE helper's "
+             "debug, encoding, foreground, nothreads, raw_fi are refused",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",

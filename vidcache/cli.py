@@ -168,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and temp files all live there; one server per directory).",
         epilog=f"Hosts that resolve to loopback, private or link-local addresses are refused "
                f"for ingest unless allowed with --ingest-allow or ${ALLOW_ENV} "
-               f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8.")
+               f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8. "
+               f"Exit status at start: 1 if DIR cannot be used, 2 for a bad option, 3 if it "
+               f"cannot listen (address in use).")
     serve.add_argument("--data", metavar="DIR", type=_data_dir, required=True,
                        help="data directory (created if missing)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{MIN_CHUNK_SIZE // KIB}K to {MAX_CHUNK_SIZE // MIB}M "
                             f"(default {DEFAULT_CHUNK_SIZE // KIB}K; stored videos keep theirs)")
     serve.add_argument("--allow-file-dir", metavar="DIR", type=_directory, action="append",
-                       default=[], help="allow file:// ingest URLs below DIR (repeatable)")
+                       default=[], help="allow file:// ingest URLs below DIR, an existing "
+                                        "directory (repeatable)")
     serve.add_argument("--ingest-allow", metavar="HOST_OR_CIDR", type=_allow_entry,
                        action="append", default=[],
                        help="allow ingest from this host name, IP or network although it is "
@@ -212,11 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser(
         "ingest", help="ingest a URL into a running service and print the JSON result",
         description="Ask a running vidcache service to ingest URL; prints the JSON result "
-                    '({"hash", "status", "file_path", "phash_distance"?}).')
+                    '({"hash", "status", "file_path", "phash_distance"?}).',
+        epilog="Exit status: 0 with the result; 1 with the service's reason (or why it could "
+               "not be reached); 2 for a bad option.")
     ingest.add_argument("url", metavar="URL",
                         help="http(s) URL of the video, or file:// (see serve --allow-file-dir)")
-    ingest.add_argument("--bucket", required=True, help="bucket to store a new video in")
-    ingest.add_argument("--prefix", default="", help="prefix inside the bucket (default none)")
+    ingest.add_argument("--bucket", required=True,
+                        help="bucket to store a new video in: 1-128 of A-Z a-z 0-9 . _ -, not "
+                             "starting with . or -")
+    ingest.add_argument("--prefix", default="",
+                        help="prefix inside the bucket, one segment like BUCKET (default none)")
     ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
                         default=[], help="metadata stored with a new video (repeatable)")
     ingest.add_argument("--server", type=_server_url,
