@@ -258,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"vcfs: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the mount was up (then Ctrl-C unmounts, exit 0)
+        print("vcfs: interrupted, nothing mounted", file=sys.stderr)
+        return 130
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
@@ -626,23 +629,33 @@ def run_daemon(options: MountOptions) -> int:
             os.close(write_end)
         try:
             status = _read_status(read_end, options.timeout + _DAEMON_START_MARGIN)
+        except KeyboardInterrupt:
+            # The child, in a session of its own, did not get the Ctrl-C: it must not mount
+            # after the user gave up on it.
+            _stop(child)
+            raise
         finally:
             os.close(read_end)
         if status == b"ok\n":
             print(f"vcfs: mounted {options.url} at {options.mountpoint} (pid {child.pid})")
             return 0
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-        try:
-            code = child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            code = child.wait()
+        code = _stop(child)
         early_output.seek(0)
         sys.stderr.write(early_output.read().decode(errors="replace"))
         if not status:
             return code or 1
         raise StartupError(f"the mount did not come up within {options.timeout:g} s")
+
+
+def _stop(child: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (a mount that came up meanwhile unmounts), SIGKILL if it lingers; its code."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        return child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 def _read_status(fd: int, timeout: float) -> bytes:

@@ -336,6 +336,10 @@ def _ingest(args: argparse.Namespace) -> int:
                       "--timeout")
         print(f"vidcache ingest: error: {exc}{advice}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("vidcache ingest: interrupted; the service may still store it: ingest the URL "
+              "again later (a stored URL is answered at once)", file=sys.stderr)
+        return 130
     print(json.dumps(result))
     return 0
 
