@@ -66,6 +66,15 @@ def test_ingest_failure_exits_1_with_the_servers_reason(own: VidcacheServer,
     assert "vidcache ingest: error:" in unreachable.stderr
 
 
+def test_ingest_through_a_server_that_is_not_vidcache_says_so(media_url: str) -> None:
+    """The test's origin, a plain file server, answers the POST 501 with an HTML page, which
+    was the reason given, tags and all."""
+    run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server", media_url)
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (f"vidcache ingest: error: {media_url} answered POST /ingest with HTTP "
+                          "501: not a vidcache service (check --server)\n")
+
+
 def _ingest_from_a_silent_service(port: int, timeout: str,
                                   stderr: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

@@ -316,8 +316,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a vidcache service never answers POST /ingest with, another web server may: 404 (no
+# such path), 405 or 501 (no POST).
+_NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
+
+
 def _ingest(args: argparse.Namespace) -> int:
-    from vidcache_client import AuthError, RequestTimeout, VidCacheClient, VidCacheError
+    from vidcache_client import (
+        AuthError,
+        RequestTimeout,
+        StatusError,
+        VidCacheClient,
+        VidCacheError,
+    )
 
     try:
         with (VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client,
@@ -325,16 +336,20 @@ def _ingest(args: argparse.Namespace) -> int:
             result = client.ingest(args.url, args.bucket, prefix=args.prefix,
                                    meta=dict(args.meta))
     except VidCacheError as exc:
-        advice = ""
+        message, advice = str(exc), ""
         if isinstance(exc, AuthError) and exc.status_code == 401:
             advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
                       if args.token is None else
                       "\nvidcache ingest: the server refused the token of --token-file")
+        elif isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES:
+            # Not the other server's error page (HTML) as the reason.
+            message = (f"{args.server} answered POST /ingest with HTTP {exc.status_code}: not "
+                       "a vidcache service (check --server)")
         elif isinstance(exc, RequestTimeout):
             advice = ("\nvidcache ingest: the service may still store it: ingest the URL "
                       "again later (a stored URL is answered at once), or wait longer with "
                       "--timeout")
-        print(f"vidcache ingest: error: {exc}{advice}", file=sys.stderr)
+        print(f"vidcache ingest: error: {message}{advice}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("vidcache ingest: interrupted; the service may still store it: ingest the URL "
