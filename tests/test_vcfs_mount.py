@@ -874,6 +874,21 @@ def test_a_user_without_access_to_dev_fuse_is_told_the_fix(
     assert "chmod 0666 /dev/fuse" in result.stderr
 
 
+def test_a_user_without_write_access_to_the_mount_point_is_told_so(
+    as_nobody: tuple[Callable[[str, str], list[str]], Path], vidcache_server: VidcacheServer,
+) -> None:
+    """fusermount3 refuses it after libfuse started: its own line, then vcfs's 'mounting ...
+    failed (libfuse code 4; see above)'."""
+    wrap, home = as_nobody
+    roots = home.parent / "root's"
+    roots.mkdir(mode=0o755)
+    result = subprocess.run(wrap("0666", f"$VCFS mount {vidcache_server.url} \"{roots}\""),
+                            capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert (result.returncode, result.stderr) == (
+        1, f"vcfs: error: mount point {roots} is not writable by this user (uid {NOBODY}), "
+           "which fusermount3 requires: use a directory of your own\n")
+
+
 def test_a_user_other_than_root_mounts_reads_and_unmounts(
     as_nobody: tuple[Callable[[str, str], list[str]], Path],
     vidcache_server: VidcacheServer, corpus: dict[str, Video],

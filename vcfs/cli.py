@@ -379,6 +379,11 @@ def prepare_mountpoint(mountpoint: str) -> None:
         raise StartupError(
             f"{mountpoint} is already a mount point (vcfs unmount {mountpoint} to free it)"
         )
+    if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
+        # fusermount3's own rule, which it reports after libfuse's start, on two lines.
+        raise StartupError(f"mount point {mountpoint} is not writable by this user (uid "
+                           f"{os.getuid()}), which fusermount3 requires: use a directory of "
+                           "your own")
     try:
         if os.listdir(mountpoint):
             raise StartupError(f"mount point {mountpoint} is not empty")
