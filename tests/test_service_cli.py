@@ -160,6 +160,9 @@ _NO_DATA = "/dev/null/data"
     (["serve", "--data", _NO_DATA, "--port", "99999"], "--port: must be a port number from 1 "
                                                        "to 65535, not '99999'"),
     (["serve", "--data", _NO_DATA, "--port", "-1"], "--port: must be a port number"),
+    (["serve", "--data", _NO_DATA, "--host", ""], "--host: must name an address, not ''"),
+    (["serve", "--data", _NO_DATA, "--host", "999.1.1.1"],
+     "vidcache serve: error: --host 999.1.1.1: Name or service not known"),
     (["serve", "--data", _NO_DATA, "--download-timeout", "nan"],
      "--download-timeout: must be a positive number of seconds, not 'nan'"),
     (["serve", "--data", _NO_DATA, "--max-download-time", "inf"],

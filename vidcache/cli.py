@@ -100,6 +100,13 @@ def _threshold(text: str) -> int:
     return value
 
 
+def _host(text: str) -> str:
+    if not text:  # uvicorn binds '' on every interface: `--host "$UNSET"` would open the API
+        raise argparse.ArgumentTypeError("must name an address, not '' (0.0.0.0 and :: are "
+                                         "every interface)")
+    return text
+
+
 def _port(text: str) -> int:
     # uvicorn would take 99999 (listening on 99999 % 65536 while saying 99999) and -1.
     value = _integer(text)
@@ -173,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                f"cannot listen (address in use).")
     serve.add_argument("--data", metavar="DIR", type=_data_dir, required=True,
                        help="data directory (created if missing)")
-    serve.add_argument("--host", default="127.0.0.1",
+    serve.add_argument("--host", type=_host, default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; without --token-file "
                             "the API has no authentication)")
     serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
@@ -269,6 +276,11 @@ def _serve(args: argparse.Namespace) -> int:
         allow_file_dirs=tuple(args.allow_file_dir),
         ingest_allow=tuple(allow), log_level=args.log_level, token=args.token,
         token_reads=args.token_reads, keep_alive=args.keep_alive)
+    try:  # before the data directory is opened; uvicorn would say only "Name ... not known"
+        socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        print(f"vidcache serve: error: --host {config.host}: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         app = create_app(config)
     except VidcacheError as exc:
