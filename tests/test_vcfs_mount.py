@@ -747,6 +747,16 @@ def test_startup_errors_are_one_clear_line(
     assert "cannot reach the vidcache service" in daemon.stderr
     bad_size = run_vcfs("mount", url, str(empty), "--cache-size", "lots")
     assert bad_size.returncode == 2 and "invalid size" in bad_size.stderr
+    for args in (("mount", url, "", "--daemon"), ("unmount", "")):  # not the current directory
+        try:
+            nameless = subprocess.run(vcfs_command(*args), capture_output=True, text=True,
+                                      timeout=60, cwd=empty,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert nameless.returncode == 2, nameless.stderr
+            assert "MOUNTPOINT: must name a directory, not ''" in nameless.stderr
+            assert not os.path.ismount(empty)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
     no_scheme = run_vcfs("mount", url.removeprefix("http://"), str(empty))
     assert no_scheme.returncode == 2 and "Traceback" not in no_scheme.stderr
     assert "must be an http:// or https:// URL" in no_scheme.stderr, no_scheme.stderr

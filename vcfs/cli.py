@@ -127,6 +127,12 @@ def _service_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _mountpoint(text: str) -> str:
+    if not text:  # it would be the current directory: `vcfs mount URL "$UNSET"`
+        raise argparse.ArgumentTypeError("must name a directory, not ''")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vcfs",
@@ -157,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("url", metavar="URL", type=_service_url,
                        help="base URL of the vidcache service (http:// or https://)")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
+                       help="an existing empty directory")
     mount.add_argument(
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
         help="memory for cached video blocks, readahead included; at least two blocks "
@@ -237,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unmount", help="unmount a vcfs mount",
         description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
     )
-    unmount.add_argument("mountpoint", metavar="MOUNTPOINT",
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
                          help="where vcfs is mounted (or a stale mount of a crashed vcfs)")
     unmount.add_argument(
         "-z", "--lazy", action="store_true",
