@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from tests.support import VidcacheServer, free_port
 pytestmark = pytest.mark.timeout(120)
 
 SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout",
-                 "--max-download-time", "--phash-threshold", "--allow-file-dir",
+                 "--max-download-time", "--keep-alive", "--phash-threshold", "--chunk-size",
+                 "--allow-file-dir",
                  "--ingest-allow", "--token-file", "--token-reads", "--log-level",
                  "VIDCACHE_INGEST_ALLOW"]
 INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file",
@@ -64,6 +66,15 @@ def test_ingest_failure_exits_1_with_the_servers_reason(own: VidcacheServer,
     assert "vidcache ingest: error:" in unreachable.stderr
 
 
+def test_ingest_through_a_server_that_is_not_vidcache_says_so(media_url: str) -> None:
+    """The test's origin, a plain file server, answers the POST 501 with an HTML page, which
+    was the reason given, tags and all."""
+    run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server", media_url)
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr == (f"vidcache ingest: error: {media_url} answered POST /ingest with HTTP "
+                          "501: not a vidcache service (check --server)\n")
+
+
 def _ingest_from_a_silent_service(port: int, timeout: str,
                                   stderr: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -103,6 +114,28 @@ def test_ingest_shows_its_wait_on_a_terminal_and_gives_up_after_its_timeout() ->
     assert "waiting" not in piped.stderr and "timed out" in piped.stderr, piped.stderr
 
 
+def test_ctrl_c_of_an_ingest_says_the_service_may_still_store_it() -> None:
+    """It was a KeyboardInterrupt traceback. The service is a socket that never answers."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(60)
+        ingest = subprocess.Popen(
+            [sys.executable, "-m", "vidcache", "ingest", "http://127.0.0.1:9/v.mp4", "--bucket",
+             "b", "--server", f"http://127.0.0.1:{silent.getsockname()[1]}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            connection, _ = silent.accept()  # the command waits for the answer
+            ingest.send_signal(signal.SIGINT)
+            out, err = ingest.communicate(timeout=60)
+        finally:
+            if ingest.poll() is None:
+                ingest.kill()
+                ingest.wait()
+        connection.close()
+    assert (ingest.returncode, out) == (130, "")
+    assert err == ("vidcache ingest: interrupted; the service may still store it: ingest the "
+                   "URL again later (a stored URL is answered at once)\n")
+
+
 @pytest.mark.parametrize("args", [
     ["ingest", "http://x/v.mp4"],  # --bucket missing
     ["ingest", "http://x/v.mp4", "--bucket", "b", "--meta", "novalue"],
@@ -117,6 +150,43 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     run = vidcache(*args)
     assert run.returncode == 2
     assert "error:" in run.stderr
+
+
+# --data under a file: a value the old code let through fails at once there, not serving.
+_NO_DATA = "/dev/null/data"
+
+
+@pytest.mark.parametrize(("args", "refused"), [
+    (["serve", "--data", _NO_DATA, "--port", "99999"], "--port: must be a port number from 1 "
+                                                       "to 65535, not '99999'"),
+    (["serve", "--data", _NO_DATA, "--port", "-1"], "--port: must be a port number"),
+    (["serve", "--data", _NO_DATA, "--host", ""], "--host: must name an address, not ''"),
+    (["serve", "--data", _NO_DATA, "--host", "999.1.1.1"],
+     "vidcache serve: error: --host 999.1.1.1: Name or service not known"),
+    (["serve", "--data", _NO_DATA, "--download-timeout", "nan"],
+     "--download-timeout: must be a positive number of seconds, not 'nan'"),
+    (["serve", "--data", _NO_DATA, "--max-download-time", "inf"],
+     "--max-download-time: must be a positive number of seconds, not 'inf'"),
+    (["serve", "--data", _NO_DATA, "--keep-alive", "1.5"],
+     "--keep-alive: must be a positive whole number of seconds, not '1.5'"),
+    (["serve", "--data", _NO_DATA, "--phash-threshold", "x"],
+     "--phash-threshold: must be a whole number from 0 to 64"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
+      "--timeout", "nan"], "--timeout: must be a positive number of seconds, not 'nan'"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
+      "--timeout", "inf"], "--timeout: must be a positive number of seconds, not 'inf'"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "127.0.0.1:8020"],
+     "--server: must be an http:// or https:// URL with a host"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "ftp://x"],
+     "--server: must be an http:// or https:// URL with a host"),
+])
+def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],
+                                                              refused: str) -> None:
+    """Not a traceback (--server without a scheme, --timeout nan or inf), nor a server saying
+    it serves on a port it does not (uvicorn binds 99999 % 65536)."""
+    run = vidcache(*args)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and refused in run.stderr, run.stderr
 
 
 def test_bad_env_allow_list_is_a_usage_error(tmp_path: Path) -> None:
@@ -139,6 +209,37 @@ def test_a_port_in_use_is_an_error_without_a_serving_line(tmp_path: Path) -> Non
     assert "serving" not in run.stderr, run.stderr
 
 
+def test_an_unusable_data_directory_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A file, a corrupt index (a traceback before), or an empty --data (the current directory
+    before: `--data "$UNSET"` made a data directory of wherever the command ran)."""
+    a_file = tmp_path / "a file"
+    a_file.write_text("x")
+    corrupt = tmp_path / "corrupt"
+    (corrupt / ".vidcache").mkdir(parents=True)
+    (corrupt / ".vidcache" / "index.sqlite3").write_text("not a database")
+    expected = {
+        str(a_file): f"vidcache serve: error: cannot use {a_file} as the data directory: Not a "
+                     f"directory: {a_file}/.vidcache/tmp\n",
+        str(corrupt): f"vidcache serve: error: cannot open the index of {corrupt} "
+                      f"({corrupt}/.vidcache/index.sqlite3): file is not a database\n",
+    }
+    for data, message in expected.items():
+        run = vidcache("serve", "--data", data, "--port", str(free_port()))
+        assert (run.returncode, run.stderr) == (1, message)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    with socket.socket() as taken:  # the old code stops at the bind, having made cwd a store
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        empty = subprocess.run(
+            [sys.executable, "-m", "vidcache", "serve", "--data", "", "--port",
+             str(taken.getsockname()[1])], capture_output=True, text=True, timeout=90, cwd=cwd,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert empty.returncode == 2, empty.stderr
+    assert "argument --data: must name a directory, not ''" in empty.stderr
+    assert list(cwd.iterdir()) == []
+
+
 def test_serving_is_said_once_the_port_listens(own: VidcacheServer) -> None:
     assert f"serving {own.data_dir} on {own.url} (no authentication)" in own.log()
 
@@ -148,12 +249,12 @@ def test_help_lists_every_option() -> None:
     assert top.returncode == 0 and "serve" in top.stdout and "ingest" in top.stdout
     serve = vidcache("serve", "--help")
     assert serve.returncode == 0
-    for option in SERVE_OPTIONS:
+    for option in [*SERVE_OPTIONS, "1-65535", "Exit status"]:
         assert option in serve.stdout, option
     ingest = vidcache("ingest", "--help")
     assert ingest.returncode == 0
-    for option in INGEST_OPTIONS:
-        assert option in ingest.stdout, option
+    for option in [*INGEST_OPTIONS, "1-128 of A-Z a-z 0-9", "Exit status"]:
+        assert option in " ".join(ingest.stdout.split()), option
 
 
 def test_console_script_is_installed() -> None:

@@ -21,6 +21,7 @@ import random
 import shutil
 import signal
 import site
+import socket
 import stat
 import subprocess
 import sys
@@ -506,6 +507,30 @@ def test_every_change_is_erofs(mount: VcfsMount, corpus: dict[str, Video]) -> No
     assert existing.read_bytes() == corpus["a.mp4"].data()
 
 
+def test_names_that_are_not_videos(mount: VcfsMount, corpus: dict[str, Video]) -> None:
+    """ENOENT, without a request, for what cannot be a video's name; a name longer than
+    statfs's f_namemax is ENAMETOOLONG as on other file systems (it was ENOENT up to the
+    kernel's own FUSE limit of 1024 bytes)."""
+    name, content_hash = corpus["a.mp4"].file_name, corpus["a.mp4"].content_hash
+    by_hash = mount.mountpoint / "by-hash"
+    before = mount.stats()["remote"]["http_requests"]
+    for odd in (content_hash.upper() + ".mp4", content_hash + ".MP4", content_hash[:63] + ".mp4",
+                content_hash + "0.mp4", content_hash, content_hash + ".", "." + name,
+                content_hash + ".toolongext", "a" * 255):
+        with pytest.raises(FileNotFoundError):
+            os.stat(by_hash / odd)
+    assert mount.stats()["remote"]["http_requests"] == before
+    assert os.statvfs(mount.mountpoint).f_namemax == 255
+    for overlong in ("a" * 256, content_hash + "." + "m" * 200, "é" * 128):
+        with pytest.raises(OSError) as caught:
+            os.stat(by_hash / overlong)
+        assert caught.value.errno == errno.ENAMETOOLONG, overlong
+        with pytest.raises(OSError) as caught:
+            os.open(by_hash / overlong, os.O_WRONLY | os.O_CREAT)
+        assert caught.value.errno == errno.ENAMETOOLONG, overlong
+    assert (by_hash / ".." / "by-hash" / name).stat().st_size == corpus["a.mp4"].size
+
+
 def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> None:
     before = mount.stats()
     assert {"uptime_s", "open_files", "fuse", "cache", "remote"} <= before.keys()
@@ -589,6 +614,34 @@ def test_daemon_mode_detaches_once_mounted(
             os.kill(pid, signal.SIGKILL)
 
 
+def test_a_mount_point_given_by_a_symlink_is_its_target(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
+) -> None:
+    """A symlink is never a mount point: vcfs waited for the path given to become one, so
+    --daemon reported failure after --timeout + 30 s (the mount was up all along), and
+    fusermount3 -u refused the symlink ("Invalid argument")."""
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    log_file = tmp_path / "daemon.log"
+    try:
+        started = subprocess.run(
+            vcfs_command("mount", vidcache_server.url, str(link), "--daemon", "--timeout", "3",
+                         "--log-file", str(log_file)),
+            capture_output=True, text=True, timeout=60)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith(f"vcfs: mounted {vidcache_server.url} at {target} ")
+        video = corpus["b.mp4"]
+        assert (link / "by-hash" / video.file_name).read_bytes() == video.data()
+        stopped = run_vcfs("unmount", str(link))
+        assert stopped.returncode == 0, stopped.stderr
+        assert not os.path.ismount(target)
+        assert "did not appear" not in log_file.read_text()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(target)], capture_output=True, check=False)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
     """As root, fusermount3 -u unmounts whatever it is given: a tmpfs, and its files, would go."""
@@ -615,6 +668,45 @@ def _alive(pid: int) -> bool:
 
 def run_vcfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(vcfs_command(*args), capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("mode", ["--foreground", "--daemon"])
+def test_ctrl_c_before_the_mount_is_up_leaves_nothing(tmp_path: Path, mode: str) -> None:
+    """Ctrl-C while vcfs waits for a service that does not answer (a socket that never
+    accepts) was a KeyboardInterrupt traceback; with --daemon the detached child, which the
+    terminal's Ctrl-C does not reach, went on and could mount after the user gave up."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(60)
+        command = subprocess.Popen(
+            vcfs_command("mount", f"http://127.0.0.1:{silent.getsockname()[1]}", str(tmp_path),
+                         "--timeout", "30", mode),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            connection, _ = silent.accept()  # the health check is waiting for its answer
+            children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text()
+            command.send_signal(signal.SIGINT)
+            out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
+        connection.close()
+    assert (command.returncode, out, err) == (130, "", "vcfs: interrupted, nothing mounted\n")
+    pids = [int(child) for child in children.split()]
+    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=20, what="the daemon gone")
+    assert not os.path.ismount(tmp_path)
+
+
+def test_a_web_server_that_is_not_vidcache_is_named_as_such(tmp_path: Path,
+                                                           media_url: str) -> None:
+    """The test's origin, a plain file server, answers /health 404 with an HTML page, which
+    was the message, tags and all."""
+    result = run_vcfs("mount", media_url, str(tmp_path), "--timeout", "3")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"vcfs: error: cannot reach the vidcache service at {media_url}: "
+                             "health check: HTTP 404: something answers there, but not a "
+                             "vidcache service (check the URL and port)\n"), result.stderr
+    assert not os.path.ismount(tmp_path)
 
 
 def test_startup_errors_are_one_clear_line(
@@ -655,6 +747,16 @@ def test_startup_errors_are_one_clear_line(
     assert "cannot reach the vidcache service" in daemon.stderr
     bad_size = run_vcfs("mount", url, str(empty), "--cache-size", "lots")
     assert bad_size.returncode == 2 and "invalid size" in bad_size.stderr
+    for args in (("mount", url, "", "--daemon"), ("unmount", "")):  # not the current directory
+        try:
+            nameless = subprocess.run(vcfs_command(*args), capture_output=True, text=True,
+                                      timeout=60, cwd=empty,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert nameless.returncode == 2, nameless.stderr
+            assert "MOUNTPOINT: must name a directory, not ''" in nameless.stderr
+            assert not os.path.ismount(empty)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
     no_scheme = run_vcfs("mount", url.removeprefix("http://"), str(empty))
     assert no_scheme.returncode == 2 and "Traceback" not in no_scheme.stderr
     assert "must be an http:// or https:// URL" in no_scheme.stderr, no_scheme.stderr
@@ -747,6 +849,25 @@ def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def test_unmount_by_another_user_says_whose_mount_it_is(mount: VcfsMount) -> None:
+    """Root's mount (without allow_other) refuses other users even a stat of its root: vcfs
+    unmount said "... is not mounted" there, fusermount3 "entry ... not found in /etc/mtab"."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
+    python = _python_for_nobody()
+    if python is None:
+        pytest.skip(f"uid {NOBODY} can run neither this Python nor a system one on the checkout")
+    interpreter, env = python
+    result = subprocess.run(
+        [*AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()), interpreter, "-m", "vcfs",
+         "unmount", str(mount.mountpoint)],
+        capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == (f"vcfs: error: {mount.mountpoint} was mounted by uid 0: only that "
+                             "user or root can unmount it\n"), result.stderr
+    assert os.path.ismount(mount.mountpoint)
+
+
 def test_a_user_without_access_to_dev_fuse_is_told_the_fix(
     as_nobody: tuple[Callable[[str, str], list[str]], Path], vidcache_server: VidcacheServer,
 ) -> None:
@@ -761,6 +882,21 @@ def test_a_user_without_access_to_dev_fuse_is_told_the_fix(
         f"vcfs: error: /dev/fuse is not readable and writable by this user (uid {NOBODY}; "
         "mode 0600)"), result.stderr
     assert "chmod 0666 /dev/fuse" in result.stderr
+
+
+def test_a_user_without_write_access_to_the_mount_point_is_told_so(
+    as_nobody: tuple[Callable[[str, str], list[str]], Path], vidcache_server: VidcacheServer,
+) -> None:
+    """fusermount3 refuses it after libfuse started: its own line, then vcfs's 'mounting ...
+    failed (libfuse code 4; see above)'."""
+    wrap, home = as_nobody
+    roots = home.parent / "root's"
+    roots.mkdir(mode=0o755)
+    result = subprocess.run(wrap("0666", f"$VCFS mount {vidcache_server.url} \"{roots}\""),
+                            capture_output=True, text=True, timeout=60, check=False, cwd="/")
+    assert (result.returncode, result.stderr) == (
+        1, f"vcfs: error: mount point {roots} is not writable by this user (uid {NOBODY}), "
+           "which fusermount3 requires: use a directory of your own\n")
 
 
 def test_a_user_other_than_root_mounts_reads_and_unmounts(
@@ -860,7 +996,9 @@ def test_help_lists_every_option_with_defaults() -> None:
     for option in ("--cache-size", "--block-size", "--readahead-max", "--timeout",
                    "--foreground", "--daemon", "-o", "--log-level", "--log-file",
                    "--no-raise-readahead", "--no-first-block", "--keep-passed", "256M", "16M",
-                   "default: 30", "default: a quarter of", "from 4K to 64M"):
+                   "default: 30", "default: a quarter of", "from 4K to 64M",
+                   "at least two blocks", "at most --cache-size", "raw_fi", "fsname=NAME",
+                   "exit status:"):
         assert option in text, option
 
 

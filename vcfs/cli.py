@@ -77,7 +77,7 @@ class StartupError(Exception):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountOptions:
     url: str
-    mountpoint: str  # absolute
+    mountpoint: str  # absolute, symlinks resolved
     cache_size: int
     block_size: int
     readahead_max: int
@@ -127,6 +127,12 @@ def _service_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _mountpoint(text: str) -> str:
+    if not text:  # it would be the current directory: `vcfs mount URL "$UNSET"`
+        raise argparse.ArgumentTypeError("must name a directory, not ''")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vcfs",
@@ -148,16 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
             "examples:\n"
             "  vcfs mount http://127.0.0.1:8020 /mnt/vc\n"
             "  vcfs mount http://127.0.0.1:8020 /mnt/vc --daemon --log-file /var/log/vcfs.log\n"
-            "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other"
+            "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other\n"
+            "\n"
+            "exit status: 0 once unmounted (or, with --daemon, once mounted); 1 if it cannot\n"
+            "mount, with the reason on one line; 2 for an option it cannot parse"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mount.add_argument("url", metavar="URL", type=_service_url,
                        help="base URL of the vidcache service (http:// or https://)")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
+                       help="an existing empty directory")
     mount.add_argument(
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
-        help="memory for cached video blocks, readahead included (default: 256M)",
+        help="memory for cached video blocks, readahead included; at least two blocks "
+        "(default: 256M)",
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
@@ -174,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--keep-passed", type=parse_size, default=None, metavar="SIZE",
         help="part of the cache kept for blocks a streaming reader has read past, evicted "
-        "first, so a short seek back is served from memory (default: a quarter of "
-        "--cache-size); 0 frees them at once, leaving the memory to other files' blocks: "
-        "re-reads of a scan's past then go back to the service",
+        "first, so a short seek back is served from memory; at most --cache-size (default: "
+        "a quarter of --cache-size); 0 frees them at once, leaving the memory to other "
+        "files' blocks: re-reads of a scan's past then go back to the service",
     )
     mount.add_argument(
         "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
@@ -202,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "-o", dest="fuse_options", action="append", default=[], metavar="OPT[,OPT...]",
         help="FUSE mount options (repeatable); vcfs always adds ro. allow_other: other users "
-             "may read the mount (without it a root mount is root's alone); rw, subtype and "
-             "the FUSE helper's debug, foreground, nothreads are refused",
+             "may read the mount (without it a root mount is root's alone); fsname=NAME: "
+             "the name mount and df show (default vcfs); rw, subtype and the FUSE helper's "
+             "debug, encoding, foreground, nothreads, raw_fi are refused",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",
@@ -232,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         "unmount", help="unmount a vcfs mount",
         description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
     )
-    unmount.add_argument("mountpoint", metavar="MOUNTPOINT",
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
                          help="where vcfs is mounted (or a stale mount of a crashed vcfs)")
     unmount.add_argument(
         "-z", "--lazy", action="store_true",
@@ -245,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "unmount":
-            return unmount(os.path.abspath(args.mountpoint), lazy=args.lazy)
+            return unmount(os.path.realpath(args.mountpoint), lazy=args.lazy)
         options = mount_options(args)
         if args.daemon:
             return run_daemon(options)
@@ -253,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as exc:
         print(f"vcfs: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the mount was up (then Ctrl-C unmounts, exit 0)
+        print("vcfs: interrupted, nothing mounted", file=sys.stderr)
+        return 130
 
 
 def mount_options(args: argparse.Namespace) -> MountOptions:
@@ -284,7 +299,9 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     token_file = os.path.abspath(args.token_file) if args.token_file else None
     return MountOptions(
         url=args.url,
-        mountpoint=os.path.abspath(args.mountpoint),
+        # Symlinks resolved: the mount is made on the target, and a symlink is never a
+        # mount point (vcfs would wait for one; fusermount3 -u refuses it).
+        mountpoint=os.path.realpath(args.mountpoint),
         cache_size=cache,
         block_size=block,
         readahead_max=window,
@@ -369,6 +386,11 @@ def prepare_mountpoint(mountpoint: str) -> None:
         raise StartupError(
             f"{mountpoint} is already a mount point (vcfs unmount {mountpoint} to free it)"
         )
+    if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
+        # fusermount3's own rule, which it reports after libfuse's start, on two lines.
+        raise StartupError(f"mount point {mountpoint} is not writable by this user (uid "
+                           f"{os.getuid()}), which fusermount3 requires: use a directory of "
+                           "your own")
     try:
         if os.listdir(mountpoint):
             raise StartupError(f"mount point {mountpoint} is not empty")
@@ -388,16 +410,20 @@ def is_stale_mount(mountpoint: str) -> bool:
     return False
 
 
-def mount_type(mountpoint: str) -> str:
-    """The file system type of the mount at `mountpoint` (the topmost), from mountinfo."""
+def mount_entry(mountpoint: str) -> tuple[str, int | None] | None:
+    """The file system type of the mount at `mountpoint` (the topmost) and, for FUSE, the uid
+    that mounted it, from mountinfo; None if nothing is mounted there. (Not os.path.ismount:
+    it stats the mount's root, which another user's FUSE mount refuses: "not mounted".)"""
     target = os.path.realpath(mountpoint)
-    fstype = "unknown"
+    entry = None
     with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mounts:
         for line in mounts:
             fields, _, tail = line.partition(" - ")
             if _unescape_mountinfo(fields.split(" ")[4]) == target:
-                fstype = tail.split(" ")[0]
-    return fstype
+                fstype, _, options = tail.split(" ")[:3]
+                owner = re.search(r"(?:^|,)user_id=(\d+)", options)
+                entry = fstype, int(owner.group(1)) if owner else None
+    return entry
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -615,23 +641,33 @@ def run_daemon(options: MountOptions) -> int:
             os.close(write_end)
         try:
             status = _read_status(read_end, options.timeout + _DAEMON_START_MARGIN)
+        except KeyboardInterrupt:
+            # The child, in a session of its own, did not get the Ctrl-C: it must not mount
+            # after the user gave up on it.
+            _stop(child)
+            raise
         finally:
             os.close(read_end)
         if status == b"ok\n":
             print(f"vcfs: mounted {options.url} at {options.mountpoint} (pid {child.pid})")
             return 0
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-        try:
-            code = child.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            code = child.wait()
+        code = _stop(child)
         early_output.seek(0)
         sys.stderr.write(early_output.read().decode(errors="replace"))
         if not status:
             return code or 1
         raise StartupError(f"the mount did not come up within {options.timeout:g} s")
+
+
+def _stop(child: subprocess.Popen[bytes]) -> int:
+    """SIGTERM (a mount that came up meanwhile unmounts), SIGKILL if it lingers; its code."""
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+    try:
+        return child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        return child.wait()
 
 
 def _read_status(fd: int, timeout: float) -> bytes:
@@ -657,12 +693,17 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> int:
     """Unmount a vcfs mount, or clear a stale FUSE mount. Any other file system is refused:
     as root, fusermount3 unmounts whatever is there (a tmpfs, and the files in it, included)."""
     if not is_stale_mount(mountpoint):
-        if not os.path.ismount(mountpoint):
+        entry = mount_entry(mountpoint)
+        if entry is None:
             raise StartupError(f"{mountpoint} is not mounted")
-        fstype = mount_type(mountpoint)
+        fstype, owner = entry
         if fstype != _FSTYPE:
             raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
                                f"it (umount, or fusermount3 -u for another FUSE file system)")
+        if owner is not None and os.geteuid() not in (0, owner):
+            # fusermount3 would only say "entry for ... not found in /etc/mtab".
+            raise StartupError(f"{mountpoint} was mounted by uid {owner}: only that user or "
+                               "root can unmount it")
     result = subprocess.run(
         ["fusermount3", "-uz" if lazy else "-u", mountpoint],
         capture_output=True, text=True, check=False,

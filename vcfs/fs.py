@@ -53,6 +53,7 @@ R = TypeVar("R")
 _DIR_MODE = stat.S_IFDIR | 0o555
 _FILE_MODE = stat.S_IFREG | 0o444
 _STATFS_UNIT = 4096
+_NAME_MAX = 255  # bytes in a name, as statfs reports it
 _CONGESTION_THRESHOLD = 9
 _DAY = 86_400.0
 # How often the lifecycle thread looks whether libfuse's loop is ending.
@@ -294,6 +295,10 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
     def _parse(self, path: str) -> paths.VcfsPath:
         parsed = paths.parse_path(path)
         if parsed is None:
+            # The kernel passes FUSE names of up to 1024 bytes on; a longer one than statfs's
+            # f_namemax is ENAMETOOLONG, as on other file systems.
+            if any(len(os.fsencode(name)) > _NAME_MAX for name in path.split("/")):
+                raise FuseOSError(errno.ENAMETOOLONG)
             raise FuseOSError(errno.ENOENT)
         return parsed
 
@@ -373,7 +378,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             "f_files": len(view.listing),
             "f_ffree": 0,
             "f_favail": 0,
-            "f_namemax": 255,
+            "f_namemax": _NAME_MAX,
         }
 
     def _view_of(self, listing: list[VideoMeta]) -> _ListingView:

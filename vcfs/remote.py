@@ -128,7 +128,14 @@ from vcfs.digests import (
 from vcfs.digests import parse as parse_digests
 from vcfs.limits import FUSE_THREADS
 from vcfs.stats import Counters
-from vidcache_client import AuthError, NotFoundError, VidCacheClient, VidCacheError
+from vidcache_client import (
+    AuthError,
+    NotFoundError,
+    ProtocolError,
+    StatusError,
+    VidCacheClient,
+    VidCacheError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +186,7 @@ class _Stalled(Exception):
 
 
 _STOPPING = "vcfs is stopping: giving up"
+_NOT_VIDCACHE = "something answers there, but not a vidcache service (check the URL and port)"
 
 # Failures of one attempt that another attempt may not have.
 _RETRIED = (CorruptData, Overdue)
@@ -489,6 +497,14 @@ class Remote:
         self.counters.add("http_requests")
         try:
             status = self._bounded(lambda _: self._client.health(), self._cutoff(self._deadline()))
+        except ProtocolError as exc:  # an answer, but no JSON: another kind of server
+            raise RemoteUnavailable(f"{exc}: {_NOT_VIDCACHE}") from exc
+        except StatusError as exc:
+            if exc.status_code is not None and exc.status_code < 500:
+                # Not the server's error page (an HTML 404 of some web server) in one line.
+                raise RemoteUnavailable(
+                    f"health check: HTTP {exc.status_code}: {_NOT_VIDCACHE}") from exc
+            raise RemoteUnavailable(str(exc)) from exc
         except (VidCacheError, Overdue) as exc:
             raise RemoteUnavailable(str(exc)) from exc
         if status.get("status") != "ok":

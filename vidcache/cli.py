@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -61,6 +63,12 @@ def _allow_entry(text: str) -> str:
     return text
 
 
+def _data_dir(text: str) -> Path:
+    if not text:  # Path("") is the current directory: `--data "$UNSET"` would serve it
+        raise argparse.ArgumentTypeError("must name a directory, not ''")
+    return Path(text)
+
+
 def _directory(text: str) -> Path:
     path = Path(text)
     if not path.is_dir():
@@ -75,25 +83,68 @@ def _chunk_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+# The checks below name the value they refuse: argparse's own message for a ValueError names
+# the function ("invalid _positive_float value").
+def _integer(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _threshold(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 64:
-        raise argparse.ArgumentTypeError("must be between 0 and 64 (bits of a 64-bit hash)")
+    value = _integer(text)
+    if value is None or not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to 64 (bits of a 64-bit hash), not {text!r}")
+    return value
+
+
+def _host(text: str) -> str:
+    if not text:  # uvicorn binds '' on every interface: `--host "$UNSET"` would open the API
+        raise argparse.ArgumentTypeError("must name an address, not '' (0.0.0.0 and :: are "
+                                         "every interface)")
+    return text
+
+
+def _port(text: str) -> int:
+    # uvicorn would take 99999 (listening on 99999 % 65536 while saying 99999) and -1.
+    value = _integer(text)
+    if value is None or not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
     return value
 
 
 def _whole_seconds(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive whole number of seconds")
+    value = _integer(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive whole number of seconds, not {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    # nan and inf are floats too: the client refuses nan with a traceback, and inf overflows
+    # the socket timeout.
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
     return value
+
+
+def _server_url(text: str) -> str:
+    from vidcache_client._validate import parse_base_url
+
+    try:
+        parse_base_url(text)  # the client's own check: it takes whatever passes here
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020 "
+            f"({exc})") from exc
+    return text
 
 
 def _token_file(text: str) -> str:
@@ -124,14 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "and temp files all live there; one server per directory).",
         epilog=f"Hosts that resolve to loopback, private or link-local addresses are refused "
                f"for ingest unless allowed with --ingest-allow or ${ALLOW_ENV} "
-               f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8.")
-    serve.add_argument("--data", metavar="DIR", type=Path, required=True,
+               f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8. "
+               f"Exit status at start: 1 if DIR cannot be used, 2 for a bad option, 3 if it "
+               f"cannot listen (address in use).")
+    serve.add_argument("--data", metavar="DIR", type=_data_dir, required=True,
                        help="data directory (created if missing)")
-    serve.add_argument("--host", default="127.0.0.1",
+    serve.add_argument("--host", type=_host, default="127.0.0.1",
                        help="address to listen on (default 127.0.0.1; without --token-file "
                             "the API has no authentication)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
-                       help=f"port to listen on (default {DEFAULT_PORT})")
+    serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
+                       help=f"port to listen on, 1-65535 (default {DEFAULT_PORT})")
     serve.add_argument("--max-size", metavar="BYTES", type=parse_size, default="4G",
                        help="largest video ingest accepts, bytes or K/M/G/T of 1024 (default 4G)")
     serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
@@ -151,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{MIN_CHUNK_SIZE // KIB}K to {MAX_CHUNK_SIZE // MIB}M "
                             f"(default {DEFAULT_CHUNK_SIZE // KIB}K; stored videos keep theirs)")
     serve.add_argument("--allow-file-dir", metavar="DIR", type=_directory, action="append",
-                       default=[], help="allow file:// ingest URLs below DIR (repeatable)")
+                       default=[], help="allow file:// ingest URLs below DIR, an existing "
+                                        "directory (repeatable)")
     serve.add_argument("--ingest-allow", metavar="HOST_OR_CIDR", type=_allow_entry,
                        action="append", default=[],
                        help="allow ingest from this host name, IP or network although it is "
@@ -168,14 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = commands.add_parser(
         "ingest", help="ingest a URL into a running service and print the JSON result",
         description="Ask a running vidcache service to ingest URL; prints the JSON result "
-                    '({"hash", "status", "file_path", "phash_distance"?}).')
+                    '({"hash", "status", "file_path", "phash_distance"?}).',
+        epilog="Exit status: 0 with the result; 1 with the service's reason (or why it could "
+               "not be reached); 2 for a bad option.")
     ingest.add_argument("url", metavar="URL",
                         help="http(s) URL of the video, or file:// (see serve --allow-file-dir)")
-    ingest.add_argument("--bucket", required=True, help="bucket to store a new video in")
-    ingest.add_argument("--prefix", default="", help="prefix inside the bucket (default none)")
+    ingest.add_argument("--bucket", required=True,
+                        help="bucket to store a new video in: 1-128 of A-Z a-z 0-9 . _ -, not "
+                             "starting with . or -")
+    ingest.add_argument("--prefix", default="",
+                        help="prefix inside the bucket, one segment like BUCKET (default none)")
     ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
                         default=[], help="metadata stored with a new video (repeatable)")
-    ingest.add_argument("--server", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+    ingest.add_argument("--server", type=_server_url,
+                        default=f"http://127.0.0.1:{DEFAULT_PORT}",
                         help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
     ingest.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
                         help="send the bearer token in FILE (for a server run with "
@@ -194,6 +254,7 @@ def _serve(args: argparse.Namespace) -> int:
     from vidcache.app import create_app
     from vidcache.http_protocol import PipelinedHttpToolsProtocol
     from vidcache.ingest import STOP_TIMEOUT
+    from vidcache.store import INTERNAL_DIR
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -215,10 +276,24 @@ def _serve(args: argparse.Namespace) -> int:
         allow_file_dirs=tuple(args.allow_file_dir),
         ingest_allow=tuple(allow), log_level=args.log_level, token=args.token,
         token_reads=args.token_reads, keep_alive=args.keep_alive)
+    try:  # before the data directory is opened; uvicorn would say only "Name ... not known"
+        socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        print(f"vidcache serve: error: --host {config.host}: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         app = create_app(config)
-    except (VidcacheError, OSError) as exc:
+    except VidcacheError as exc:
         print(f"vidcache serve: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"vidcache serve: error: cannot use {config.data_dir} as the data directory: "
+              f"{exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # e.g. "file is not a database"
+        print(f"vidcache serve: error: cannot open the index of {config.data_dir} "
+              f"({config.data_dir / INTERNAL_DIR / 'index.sqlite3'}): {exc}", file=sys.stderr)
         return 1
     auth = ("no authentication" if config.token is None else
             "bearer token required for every request but /health and the API description"
@@ -253,8 +328,19 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a vidcache service never answers POST /ingest with, another web server may: 404 (no
+# such path), 405 or 501 (no POST).
+_NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
+
+
 def _ingest(args: argparse.Namespace) -> int:
-    from vidcache_client import AuthError, RequestTimeout, VidCacheClient, VidCacheError
+    from vidcache_client import (
+        AuthError,
+        RequestTimeout,
+        StatusError,
+        VidCacheClient,
+        VidCacheError,
+    )
 
     try:
         with (VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client,
@@ -262,17 +348,25 @@ def _ingest(args: argparse.Namespace) -> int:
             result = client.ingest(args.url, args.bucket, prefix=args.prefix,
                                    meta=dict(args.meta))
     except VidCacheError as exc:
-        advice = ""
+        message, advice = str(exc), ""
         if isinstance(exc, AuthError) and exc.status_code == 401:
             advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
                       if args.token is None else
                       "\nvidcache ingest: the server refused the token of --token-file")
+        elif isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES:
+            # Not the other server's error page (HTML) as the reason.
+            message = (f"{args.server} answered POST /ingest with HTTP {exc.status_code}: not "
+                       "a vidcache service (check --server)")
         elif isinstance(exc, RequestTimeout):
             advice = ("\nvidcache ingest: the service may still store it: ingest the URL "
                       "again later (a stored URL is answered at once), or wait longer with "
                       "--timeout")
-        print(f"vidcache ingest: error: {exc}{advice}", file=sys.stderr)
+        print(f"vidcache ingest: error: {message}{advice}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("vidcache ingest: interrupted; the service may still store it: ingest the URL "
+              "again later (a stored URL is answered at once)", file=sys.stderr)
+        return 130
     print(json.dumps(result))
     return 0
 
