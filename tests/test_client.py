@@ -154,7 +154,8 @@ def test_public_names_are_exported() -> None:
 
 # --- construction --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("base_url", ["", "ftp://host", "not a url", "http://"])
+@pytest.mark.parametrize("base_url", ["", "ftp://host", "not a url", "http://",
+                                      "http://host:99999", "http://host:0"])
 def test_bad_base_url_is_refused(base_url: str) -> None:
     with pytest.raises(ValueError, match="base_url"):
         VidCacheClient(base_url)

@@ -169,6 +169,8 @@ _NO_DATA = "/dev/null/data"
      "--max-download-time: must be a positive number of seconds, not 'inf'"),
     (["serve", "--data", _NO_DATA, "--keep-alive", "1.5"],
      "--keep-alive: must be a positive whole number of seconds, not '1.5'"),
+    (["serve", "--data", _NO_DATA, "--max-size", "1.5"],
+     "--max-size: not a whole number of bytes: '1.5'"),
     (["serve", "--data", _NO_DATA, "--phash-threshold", "x"],
      "--phash-threshold: must be a whole number from 0 to 64"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
@@ -178,6 +180,8 @@ _NO_DATA = "/dev/null/data"
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "127.0.0.1:8020"],
      "--server: must be an http:// or https:// URL with a host"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "ftp://x"],
+     "--server: must be an http:// or https:// URL with a host"),
+    (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:99999"],
      "--server: must be an http:// or https:// URL with a host"),
 ])
 def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],

@@ -49,7 +49,10 @@ def parse_size(text: str) -> int:
     match = _SIZE_RE.fullmatch(text.strip())
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 500M, 4G)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value != int(value):  # `--max-size 1.5` was 1 byte without a word
+        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
+    size = int(value)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size

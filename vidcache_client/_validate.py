@@ -32,6 +32,8 @@ def parse_base_url(base_url: str) -> httpx.URL:
         raise ValueError(f"invalid base_url {base_url!r}: {exc}") from exc
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"invalid base_url {base_url!r}: expected http(s)://host[:port]")
+    if url.port is not None and not 0 < url.port < 65536:  # else only "Connection refused"
+        raise ValueError(f"invalid base_url {base_url!r}: port {url.port} is not in 1-65535")
     return url
 
 
