@@ -260,6 +260,7 @@ def _assert_error(response: Any, status: int, *fragments: str) -> None:
     ("", "malformed URL"),
     ("not a url", "malformed URL"),
     ("example.com/video.mp4", "absolute"),
+    ("/srv/videos/v.mp4", "a file on the server: file:///srv/videos/v.mp4"),
     ("ftp://example.com/v.mp4", "unsupported URL scheme 'ftp'"),
     ("http:///v.mp4", "no host"),
     ("http://[::1/v.mp4", "malformed URL"),

@@ -81,7 +81,9 @@ def parse_url(url: str) -> httpx.URL:
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise InvalidRequest(f"malformed URL {url!r}: port {parsed.port} is not 1-65535")
     if not parsed.scheme:
-        raise InvalidRequest(f"malformed URL {url!r}: expected an absolute http(s):// URL")
+        hint = f" (a file on the server: file://{url}, see --allow-file-dir)" if (
+            url.startswith("/")) else ""
+        raise InvalidRequest(f"malformed URL {url!r}: expected an absolute http(s):// URL{hint}")
     if parsed.scheme not in ("http", "https", "file"):
         raise InvalidRequest(f"unsupported URL scheme {parsed.scheme!r} in {url!r}: "
                              "use http, https or file")
