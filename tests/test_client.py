@@ -457,6 +457,7 @@ def test_status_maps_to_its_error_class(make_client: MakeClient, status: int,
     assert type(caught.value) is error_class
     assert caught.value.status_code == status
     assert caught.value.detail == "what went wrong"
+    assert caught.value.json_detail
     message = str(caught.value)
     assert HASH in message and "what went wrong" in message and str(status) in message
     assert caught.value.transient is (status >= 500)
@@ -470,6 +471,7 @@ def test_non_json_error_body_still_explains(make_client: MakeClient) -> None:
         client.get_meta(HASH)
     assert caught.value.transient
     assert "Bad Gateway" in caught.value.detail
+    assert not caught.value.json_detail  # not how a vidcache explains itself
 
 
 def test_empty_error_body_gives_the_reason_phrase(make_client: MakeClient) -> None:
@@ -479,8 +481,9 @@ def test_empty_error_body_gives_the_reason_phrase(make_client: MakeClient) -> No
 
 def test_json_error_without_detail_is_quoted(make_client: MakeClient) -> None:
     client = make_client(lambda request: httpx.Response(500, json={"error": "oops"}))
-    with pytest.raises(ServerError, match=re.escape('{"error":"oops"}')):
+    with pytest.raises(ServerError, match=re.escape('{"error":"oops"}')) as caught:
         client.get_meta(HASH)
+    assert not caught.value.json_detail
 
 
 def test_huge_error_body_is_truncated(make_client: MakeClient) -> None:

@@ -352,6 +352,33 @@ def test_a_service_that_publishes_no_digests_is_read_range_checked(
         assert link.faults.injected()["refuse"] == 2  # asked twice, then read unverified
 
 
+def _extension_route(request: Request) -> bool:
+    """The routes this project adds to the vidcache 1.x wire protocol."""
+    return (request.path == "/health" or request.path.startswith("/videos")
+            or request.path.endswith("/chunks"))
+
+
+def test_a_vidcache_without_our_extensions_is_mounted_and_read_by_name(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """A vidcache 1.x deployment has the wire protocol's routes only: /health, /videos and
+    /chunks answer its JSON 404. vcfs mounts it (it refused: no /health), by-hash lists
+    nothing, and a video opened by name reads as its source, range-checked."""
+    link.faults.enable(Refuse(status=404, detail="Not Found", match=_extension_route))
+    source = sources["big_moov_end.mp4"]
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT),
+                   "--no-first-block") as mounted:
+        assert "without the extensions of this project" in mounted.log()
+        assert os.listdir(mounted.mountpoint / "by-hash") == []
+        path = mounted.video(source.file_name)
+        assert os.stat(path).st_size == source.size
+        with open(path, "rb") as stream:
+            assert stream.read() == source.data
+        assert remote_stats(mounted)["verified_chunks"] == 0
+        asked = [target.split("?")[0] for target in link.request_targets()]
+        assert not any(path.startswith("/videos") or path.endswith("/chunks") for path in asked)
+
+
 @dataclass
 class _DigestsRefused(FakeService):
     """The fake service of test_vcfs_remote.py, answering `/chunks` 404 the first times."""

@@ -446,6 +446,8 @@ class Remote:
             maxsize=self.config.first_blocks_held, ttl=self.config.first_block_ttl, timer=clock
         )
         self._failures: dict[str, list[_Failure]] = {}
+        # False for a vidcache 1.x without this project's extensions (`check_health`).
+        self._extended = True
         self._listing: list[VideoMeta] = []
         # The last listing's videos by hash: they answer lookups by name (see `meta`).
         self._listed: dict[str, VideoMeta] = {}
@@ -500,6 +502,17 @@ class Remote:
         except ProtocolError as exc:  # an answer, but no JSON: another kind of server
             raise RemoteUnavailable(f"{exc}: {_NOT_VIDCACHE}") from exc
         except StatusError as exc:
+            if exc.status_code == 404 and exc.json_detail:
+                # vidcache's JSON errors, but no /health: the wire protocol's routes without
+                # ours (/health, /videos, /video/<hash>/chunks).
+                self._extended = False
+                log.warning("%s: no /health, but errors in vidcache's JSON: taken for a "
+                            "vidcache 1.x without the extensions of this project. by-hash "
+                            "lists no videos (open them by name, by-hash/<hash>.<ext>), and "
+                            "bytes are checked against their ranges, not against chunk "
+                            "digests. If this is not a vidcache service, check the URL.",
+                            self._client.base_url)
+                return
             if exc.status_code is not None and exc.status_code < 500:
                 # Not the server's error page (an HTML 404 of some web server) in one line.
                 raise RemoteUnavailable(
@@ -511,19 +524,23 @@ class Remote:
             raise RemoteUnavailable(f"service reports {status!r}")
 
     def check_access(self) -> None:
-        """One `GET /videos?limit=1`: AccessDenied if the service wants another token (its
-        health check is open even where reading needs the token). Any other failure is only
-        logged: the service answered /health, and the reads themselves will retry."""
+        """One `GET /videos?limit=1` (`/meta` of a hash no video has, on a service without the
+        listing): AccessDenied if the service wants another token (its health check is open
+        even where reading needs the token). Any other failure is only logged: the service
+        answered /health, and the reads themselves will retry."""
         self.counters.add("http_requests")
+        ask: Callable[[], object]
+        if self._extended:
+            what, ask = "the video listing", lambda: next(iter(
+                self._client.list_videos(page_size=1)), None)
+        else:
+            what, ask = "video metadata", lambda: self._client.get_meta("0" * 64)
         try:
-            self._bounded(
-                lambda _: next(iter(self._client.list_videos(page_size=1)), None),
-                self._cutoff(self._deadline()),
-            )
+            self._bounded(lambda _: ask(), self._cutoff(self._deadline()))
         except AuthError as exc:
-            raise self._access_denied("the video listing", exc) from exc
+            raise self._access_denied(what, exc) from exc
         except (VidCacheError, Overdue) as exc:
-            log.warning("the service answers /health but not the listing: %s", exc)
+            log.warning("the service answers /health but not %s: %s", what, exc)
 
     # -- metadata --------------------------------------------------------------------------
 
@@ -604,6 +621,8 @@ class Remote:
         once for all who ask meanwhile. So one listing is fetched at a time, and none can end
         after a newer one to replace it. The same list (never changed) until the next listing
         replaces it: what is derived from it can be kept as long as it is returned."""
+        if not self._extended:  # no listing to ask for
+            return self._listing
         with self._lock:
             if self._listing_at is not None:
                 age = self._clock() - self._listing_at
@@ -1397,6 +1416,8 @@ class Remote:
         meta = self.meta(content_hash, deadline=deadline)
         if meta is None:
             raise NotFound(f"{content_hash}: no such video on the service")
+        if not self._extended:  # a service that publishes none
+            return self._keep_digests(meta, None, start, end)
         with self._lock:
             chunk_size = self._chunk_sizes.get(content_hash)
         # Not known yet: pages of a chunk size dividing the page, what the service records.

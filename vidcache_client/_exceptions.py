@@ -80,13 +80,17 @@ class StatusError(VidCacheError):
 
     `status_code` is the HTTP status, or None when the client refused the call itself before
     sending anything (see InvalidRequestError). `detail` is the server's explanation (its JSON
-    `detail`, or the start of a non-JSON body).
+    `detail`, or the start of a non-JSON body); `json_detail` says which: True when the body
+    was a JSON object with a `detail`, as every vidcache error is (a 404 from another kind of
+    web server usually is not).
     """
 
-    def __init__(self, status_code: int | None, detail: str, *, message: str | None = None) -> None:
+    def __init__(self, status_code: int | None, detail: str, *, message: str | None = None,
+                 json_detail: bool = False) -> None:
         super().__init__(message or f"HTTP {status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
+        self.json_detail = json_detail
 
 
 class NotFoundError(StatusError):
@@ -101,9 +105,9 @@ class RangeNotSatisfiableError(StatusError):
 
     def __init__(
         self, status_code: int | None, detail: str, *, message: str | None = None,
-        size: int | None = None,
+        json_detail: bool = False, size: int | None = None,
     ) -> None:
-        super().__init__(status_code, detail, message=message)
+        super().__init__(status_code, detail, message=message, json_detail=json_detail)
         self.size = size
 
 

@@ -60,13 +60,13 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
         return
     response.read()
     status = response.status_code
-    detail = error_detail(response)
+    detail, json_detail = error_detail(response)
     message = (f"{what}: HTTP {status} {response.reason_phrase}: {detail} "
                f"[{response.request.method} {response.request.url}]")
     if status == 401:
         message += f"; {_token_advice(response.request)}"
     if status == 416:
-        raise RangeNotSatisfiableError(status, detail, message=message,
+        raise RangeNotSatisfiableError(status, detail, message=message, json_detail=json_detail,
                                        size=_size_from_unsatisfied_range(response))
     error_class: type[StatusError]
     if status == 404:
@@ -79,7 +79,7 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
         error_class = ServerError
     else:  # 1xx/3xx: redirects are not followed, so these are unexpected answers too
         error_class = StatusError
-    raise error_class(status, detail, message=message)
+    raise error_class(status, detail, message=message, json_detail=json_detail)
 
 
 def _token_advice(request: httpx.Request) -> str:
@@ -91,18 +91,19 @@ def _token_advice(request: httpx.Request) -> str:
             "token of the server's --token-file")
 
 
-def error_detail(response: httpx.Response) -> str:
-    """The server's explanation: JSON `detail` if there is one, else the start of the body."""
+def error_detail(response: httpx.Response) -> tuple[str, bool]:
+    """The server's explanation: JSON `detail` if there is one, else the start of the body;
+    and whether it was the JSON `detail`."""
     text = response.text.strip()
     if not text:
-        return f"(empty body) {response.reason_phrase}".strip()
+        return f"(empty body) {response.reason_phrase}".strip(), False
     try:
         body = json.loads(text)
     except ValueError:
-        return _truncate(" ".join(text.split()))
+        return _truncate(" ".join(text.split())), False
     if isinstance(body, dict) and "detail" in body:
-        return _truncate(_format_detail(body["detail"]))
-    return _truncate(text)
+        return _truncate(_format_detail(body["detail"])), True
+    return _truncate(text), False
 
 
 def _format_detail(detail: object) -> str:
