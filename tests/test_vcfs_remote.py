@@ -130,6 +130,20 @@ def listed(remote: Remote) -> list[str]:
     return [meta.content_hash for meta in remote.list_videos()]
 
 
+def _hold_a_refresh_past_hash(remote: Remote, service: FakeService, clock: FakeClock
+                              ) -> tuple[threading.Event, list[VideoMeta]]:
+    """Start a refresh of the listing (one video per page) and hold it once HASH's page has
+    come, on the page after it: the event that releases it, and the listing before it."""
+    released = threading.Event()
+    service.block_listing = lambda: service.cursors[-1] != HASH or released.wait(timeout=10)
+    asked, before = len(service.cursors), remote.last_listing()
+    clock.now += 6  # past listing_ttl
+    listed(remote)  # starts the refresh
+    wait_until(lambda: service.cursors[asked:] == [None, HASH], timeout=10,
+               what="the refresh past HASH's page")
+    return released, before
+
+
 @pytest.fixture
 def service() -> FakeService:
     return FakeService()
@@ -447,15 +461,8 @@ def test_a_video_found_gone_during_a_listing_stays_gone_until_ingested_again(
     service.listed = [OTHER] if found_gone_by == "a lookup" else [HASH, OTHER]
     remote = make_remote(listing_ttl=5.0, listing_page=1)
     assert listed(remote) == service.listed
-    released = threading.Event()
-    # The page after HASH's waits: the refresh has listed HASH and goes on once released.
-    service.block_listing = lambda: service.cursors[-1] != HASH or released.wait(timeout=10)
     service.listed = [HASH, OTHER]
-    asked, before = len(service.cursors), remote.last_listing()
-    clock.now += 6
-    listed(remote)  # starts the refresh
-    wait_until(lambda: service.cursors[asked:] == [None, HASH], timeout=10,
-               what="the refresh past HASH's page")
+    released, before = _hold_a_refresh_past_hash(remote, service, clock)
     service.gone = {HASH}
     if found_gone_by == "a lookup":
         assert remote.meta(HASH) is None
@@ -484,14 +491,7 @@ def test_a_video_found_again_during_a_listing_is_in_it(
     service.listed = [HASH, OTHER]
     remote = make_remote(listing_ttl=5.0, listing_page=1)
     assert listed(remote) == service.listed
-    released = threading.Event()
-    # The page after HASH's waits: the refresh has listed HASH and goes on once released.
-    service.block_listing = lambda: service.cursors[-1] != HASH or released.wait(timeout=10)
-    asked, before = len(service.cursors), remote.last_listing()
-    clock.now += 6
-    listed(remote)  # starts the refresh
-    wait_until(lambda: service.cursors[asked:] == [None, HASH], timeout=10,
-               what="the refresh past HASH's page")
+    released, before = _hold_a_refresh_past_hash(remote, service, clock)
     service.gone = {HASH}
     with pytest.raises(NotFound):
         remote.fetch(HASH, 0, CHUNK)
