@@ -18,7 +18,7 @@ The faults (small frozen dataclasses; `kind` names each one in `injected()`):
 | `Stall(seconds, after_bytes)` | no bytes for `seconds` after about `after_bytes` of the body |
 | `Reset(after_bytes)` | a TCP RST after `after_bytes` of the body (at most all but one byte) |
 | `Truncate(after_bytes)` | a FIN after `after_bytes` of the body (idem): a short body |
-| `Refuse(status)` | the proxy answers `status` (503 by default) itself; the server is not asked |
+| `Refuse(status)` | the proxy answers `status` (503 by default) itself, in turn; server not asked |
 | `Status200()` | a 206 relabelled 200 without Content-Range (the ranged body, unchanged) |
 | `FullBody200(content)` | a ranged GET answered 200 + the WHOLE video (Range ignored) |
 | `WrongContentRange(shift)` | Content-Range moved by `shift` bytes, body and length unchanged |

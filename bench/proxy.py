@@ -9,8 +9,8 @@ not only to connection set-up, and the bounded queue gives the sender back-press
 TCP window does.
 
 The proxy forwards raw TCP but follows the HTTP/1.x requests in the client->server stream
-(pipelined ones too, as vcfs sends; a hook's own answer is not held back behind responses
-still in flight, which no client here needs): it counts them,
+(pipelined ones too, as vcfs sends; a hook's own answer takes its request's turn, after the
+server's answers to the requests before it, as a real server's would): it counts them,
 logs method, path and Range, and lets a `Hooks` object answer a request itself or change, delay
 or cut the response bytes. `ResponseHeadHook` frames the responses once for every hook that
 works per response (head, then body pieces). These are the extension points for fault
@@ -29,6 +29,7 @@ import itertools
 import socket
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -148,7 +149,8 @@ class Hooks:
     """
 
     def on_request(self, conn: Connection, request: Request) -> bytes | None:
-        """Return raw response bytes to answer `request` here instead of forwarding it."""
+        """Return raw response bytes to answer `request` here instead of forwarding it (sent
+        after the server's answers to the requests before it)."""
         del conn, request
         return None
 
@@ -297,6 +299,47 @@ def body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
     return (int(length), False) if length.isdigit() else (0, True)
 
 
+class ResponseCounter:
+    """Counts the responses in one connection's server->client stream as it passes, framed as
+    `ResponseHeadHook` frames them, without copying bodies. A body it cannot delimit ends the
+    count: the stream is then opaque until the server closes."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._head = bytearray()  # a head begun in an earlier read
+        self._body_left = 0
+        self._responses = 0
+        self._lost = False
+
+    def ends(self, data: bytes) -> list[int]:
+        """The offsets in `data` just past each response that ends in it."""
+        ends: list[int] = []
+        at = 0
+        while at < len(data) and not self._lost:
+            if self._body_left:
+                take = min(self._body_left, len(data) - at)
+                at += take
+                self._body_left -= take
+                if not self._body_left:
+                    self._responses += 1
+                    ends.append(at)
+                continue
+            window = bytes(self._head) + data[at : at + MAX_HEADER_BYTES + 4 - len(self._head)]
+            end = window.find(b"\r\n\r\n")
+            if end < 0:  # the head goes on in the next read, or is not HTTP we understand
+                self._lost = len(window) > MAX_HEADER_BYTES
+                self._head[:] = window
+                break
+            at += end + 4 - len(self._head)
+            self._head.clear()
+            self._body_left, self._lost = body_length(
+                self._conn.request_answered(self._responses), window[: end + 4])
+            if not self._body_left and not self._lost:
+                self._responses += 1
+                ends.append(at)
+        return ends
+
+
 @dataclass(frozen=True)
 class _Piece:
     """A slice of the client->server stream; `request` is the request it belongs to (None when
@@ -411,6 +454,20 @@ def _parse_head(head: bytes) -> Request | None:
             return None
         headers[name.strip().lower()] = value.strip()
     return Request(method=parts[0], target=parts[1], headers=headers)
+
+
+class _InTurn:
+    """The client's side of one connection, answers in request order: a hook's answer to a
+    request goes after the server's answers to the requests forwarded before it, whatever
+    faults delay those, and before the answers to the requests after it. The request itself is
+    not forwarded: a refused request must not act on the server (an ingest), nor cost it a
+    body read only to be dropped. The lock orders the two pumps' puts on the delay line."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.counter = ResponseCounter(conn)
+        self.lock = asyncio.Lock()
+        self.sent = 0  # the server's answers wholly on the delay line
+        self.owed: deque[tuple[int, bytes]] = deque()  # (server answers to wait for, answer)
 
 
 class TokenBucket:
@@ -597,10 +654,11 @@ class LatencyProxy:
         down = _DelayLine(client_writer, delay=delay, bucket=self._down_bucket,
                           maxsize=self.config.queue_chunks,
                           on_sent=lambda n: self._count_down(conn, n))
+        turn = _InTurn(conn)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._pump_requests(conn, client_reader, up, down))
-                group.create_task(self._pump_responses(conn, server_reader, down))
+                group.create_task(self._pump_requests(conn, client_reader, up, down, turn))
+                group.create_task(self._pump_responses(conn, server_reader, down, turn))
                 group.create_task(up.run())
                 group.create_task(down.run())
         except* (OSError, _ConnectionEnded):
@@ -621,29 +679,56 @@ class LatencyProxy:
         conn.bytes_down += size
 
     async def _pump_requests(self, conn: Connection, reader: asyncio.StreamReader,
-                             up: _DelayLine, down: _DelayLine) -> None:
+                             up: _DelayLine, down: _DelayLine, turn: _InTurn) -> None:
         router = RequestRouter(conn, self.hooks.on_request)
+        forwarded = 0
         while data := await reader.read(self.config.chunk_size):
             for request, to_server, piece in router.route(data):
                 if request is not None:
                     self.counters.record(conn, request, self.config.log_limit)
                 if to_server:
+                    forwarded += request is not None
                     await up.put(piece)
-                else:
-                    self.counters.answered_by_hooks += 1
-                    await down.put(piece)
+                    continue
+                self.counters.answered_by_hooks += 1
+                async with turn.lock:
+                    if turn.owed or turn.sent < forwarded:
+                        turn.owed.append((forwarded, piece))
+                    else:
+                        await down.put(piece)
         await up.put(b"", end="eof")
 
     async def _pump_responses(self, conn: Connection, reader: asyncio.StreamReader,
-                              down: _DelayLine) -> None:
+                              down: _DelayLine, turn: _InTurn) -> None:
         while data := await reader.read(self.config.chunk_size):
-            delay = 0.0
-            for piece in self.hooks.on_response_data(conn, data).pieces():
-                delay += piece.delay_s  # a piece waits for those before it too
-                await down.put(piece.data, extra_delay=delay, end=piece.end)
-                if piece.end is not None:
+            async with turn.lock:
+                # The read goes to the hooks whole, unless a hook's answer falls due within it:
+                # then in parts, the answer between them.
+                start = 0
+                for end in turn.counter.ends(data):
+                    turn.sent += 1
+                    if turn.owed and turn.owed[0][0] <= turn.sent:
+                        if await self._pass_response_data(conn, data[start:end], down):
+                            return
+                        start = end
+                    while turn.owed and turn.owed[0][0] <= turn.sent:
+                        await down.put(turn.owed.popleft()[1])
+                if start < len(data) and await self._pass_response_data(conn, data[start:],
+                                                                        down):
                     return
         await down.put(b"", end="eof")
+
+    async def _pass_response_data(self, conn: Connection, data: bytes,
+                                  down: _DelayLine) -> bool:
+        """Server data through the hooks onto the delay line; whether a hook ended the
+        connection."""
+        delay = 0.0
+        for piece in self.hooks.on_response_data(conn, data).pieces():
+            delay += piece.delay_s  # a piece waits for those before it too
+            await down.put(piece.data, extra_delay=delay, end=piece.end)
+            if piece.end is not None:
+                return True
+        return False
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

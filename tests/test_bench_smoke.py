@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from bench.contenders import Mount
-from bench.faults import FaultInjector, Stall, path_prefix
+from bench.faults import FaultInjector, Latency, Refuse, Stall, path_prefix
 from bench.proxy import (
     LOOPBACK,
     Connection,
@@ -382,6 +382,41 @@ def test_an_answer_a_fault_delays_does_not_hold_back_the_one_before_it() -> None
     assert got.startswith(answers[: answers.index(b"first") + len(b"first")])
     assert b"later" not in got  # the stalled body (its head may pass: a stall acts on bodies)
     assert faults.injected() == {"stall": 1}
+
+
+@pytest.mark.parametrize("asked", ["frf", "srf", "frrf", "rff"])
+def test_a_refusal_comes_in_its_turn_among_pipelined_answers(origin_port: int,
+                                                              asked: str) -> None:
+    """Requests pipelined on one connection, `r` refused by the proxy, `f` forwarded, `s`
+    forwarded and its answer delayed by a fault: the answers come in request order, as from
+    a real server. The proxy once sent a refusal at once, ahead of the answers still owed
+    (a cold lookup's `/meta` then got the refusal meant for its `/chunks`)."""
+    faults = FaultInjector()
+    faults.enable(Refuse(status=503, match=path_prefix("/refused")))
+    faults.enable(Latency(seconds=0.3, match=path_prefix("/slow")))
+    paths = {"f": "/forwarded", "r": "/refused", "s": "/slow"}
+    ranges = [(1000 * number, 1000 * number + 99) for number in range(len(asked))]
+    with (_proxy(origin_port, hooks=faults) as proxy,
+          socket.create_connection(("127.0.0.1", proxy.proxy.port), timeout=20) as sock):
+        sock.sendall(b"".join(f"GET {paths[kind]} HTTP/1.1\r\nHost: x\r\n"
+                              f"Range: bytes={first}-{last}\r\n\r\n".encode()
+                              for kind, (first, last) in zip(asked, ranges, strict=True)))
+        answers = []
+        with sock.makefile("rb") as stream:
+            for _ in asked:
+                status = int(stream.readline().split()[1])
+                length = 0
+                while (line := stream.readline()) != b"\r\n":
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                answers.append((status, stream.read(length)))
+        counters = proxy.counters()
+    assert answers == [(503, b'{"detail": "injected by the fault proxy"}') if kind == "r" else
+                       (206, BODY[first : last + 1])
+                       for kind, (first, last) in zip(asked, ranges, strict=True)]
+    assert counters["answered_by_hooks"] == asked.count("r")
+    assert faults.injected()["refuse"] == asked.count("r")
 
 
 # The loopback profile's relay (bench/splice_relay.py): the same counting, bodies spliced.

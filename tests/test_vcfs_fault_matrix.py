@@ -287,8 +287,8 @@ def test_malformed_digests_fail_the_first_read_and_no_byte_is_returned_unverifie
 ) -> None:
     """`/chunks` answered 200 with a JSON object without digests, for a cold video: the read
     fails (EIO) rather than returning bytes it cannot check; afterwards they are checked.
-    (`--no-first-block`: the proxy answers a refusal at once, ahead of the answers pipelined
-    before it, which the lookup's `/meta` would then get.)"""
+    (`--no-first-block`: the stat's lookup asks for the metadata only, so that the digests
+    are asked by the read, with the fault on.)"""
     source = sources["b.mp4"]
     with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
                    "--readahead-max", "0", "--no-first-block") as mounted:
@@ -313,8 +313,8 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
     """One 404 for `/chunks` of a video whose metadata the service just gave was kept as
     "this video has no digests": every later read of it went unverified, and a flipped byte
     reached the reader. Now vcfs asks for the metadata and the digests again: the read gets
-    its bytes, verified. (`--no-first-block`: the proxy answers a refusal at once, ahead of
-    the answers pipelined before it.)"""
+    its bytes, verified. (`--no-first-block`: the digests are asked by the read, with the
+    fault on, not by the stat's lookup.)"""
     source = sources["big_moov_end.mp4"]
     with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
                    "--readahead-max", "0", "--no-first-block") as mounted:
@@ -334,22 +334,26 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
         assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
 
 
+@pytest.mark.parametrize("first_block", [True, False], ids=["first-block", "no-first-block"])
 def test_a_service_that_publishes_no_digests_is_read_range_checked(
-    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source], first_block: bool,
 ) -> None:
     """A vidcache 1.x without this project's extensions answers every `/chunks` 404 while its
     `/meta` finds the video: its videos are read (checked against their ranges only), not
-    ENOENT."""
+    ENOENT. With the first block or without: the lookup's 404 for `/chunks` then comes
+    between the answers for `/meta` and the first block, or last."""
     source = sources["big_moov_end.mp4"]
     with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT),
-                   "--no-first-block") as mounted:
+                   *() if first_block else ("--no-first-block",)) as mounted:
         link.faults.enable(Refuse(status=404,
                                   match=path_prefix(f"/video/{source.content_hash}/chunks")))
         path = mounted.video(source.file_name)
         read = bounded_read(path, READ, 5 * MIB, limit=HANG_LIMIT)
         assert read.data == source.data[5 * MIB : 5 * MIB + READ], read
         assert remote_stats(mounted)["verified_chunks"] == 0
-        assert link.faults.injected()["refuse"] == 2  # asked twice, then read unverified
+        # asked with the read's range, then with the metadata once more (after the lookup's
+        # own try with the first block): then read unverified
+        assert link.faults.injected()["refuse"] == (3 if first_block else 2)
 
 
 def _extension_route(request: Request) -> bool:
