@@ -362,16 +362,18 @@ def _extension_route(request: Request) -> bool:
             or request.path.endswith("/chunks"))
 
 
+@pytest.mark.parametrize("first_block", [True, False], ids=["first-block", "no-first-block"])
 def test_a_vidcache_without_our_extensions_is_mounted_and_read_by_name(
-    tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source], first_block: bool,
 ) -> None:
     """A vidcache 1.x deployment has the wire protocol's routes only: /health, /videos and
     /chunks answer its JSON 404. vcfs mounts it (it refused: no /health), by-hash lists
-    nothing, and a video opened by name reads as its source, range-checked."""
+    nothing, and a video opened by name reads as its source, range-checked: its digests are
+    asked for only along with a lookup's first block, never on their own."""
     link.faults.enable(Refuse(status=404, detail="Not Found", match=_extension_route))
     source = sources["big_moov_end.mp4"]
     with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT),
-                   "--no-first-block") as mounted:
+                   *() if first_block else ("--no-first-block",)) as mounted:
         assert "without the extensions of this project" in mounted.log()
         assert os.listdir(mounted.mountpoint / "by-hash") == []
         path = mounted.video(source.file_name)
@@ -380,7 +382,8 @@ def test_a_vidcache_without_our_extensions_is_mounted_and_read_by_name(
             assert stream.read() == source.data
         assert remote_stats(mounted)["verified_chunks"] == 0
         asked = [target.split("?")[0] for target in link.request_targets()]
-        assert not any(path.startswith("/videos") or path.endswith("/chunks") for path in asked)
+        assert not any(path.startswith("/videos") for path in asked)
+        assert sum(path.endswith("/chunks") for path in asked) == (1 if first_block else 0)
 
 
 @dataclass
