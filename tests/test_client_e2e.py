@@ -9,7 +9,10 @@ their own (`own_client`), so they neither see nor disturb other modules' videos.
 
 from __future__ import annotations
 
+import os
 import random
+import stat
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -222,6 +225,57 @@ def test_failed_download_keeps_the_existing_file(client: VidCacheClient,
         client.download_to_file(UNKNOWN_HASH, dest)
     assert dest.read_bytes() == b"keep me"
     assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_download_through_a_symlink_writes_its_target(client: VidCacheClient,
+                                                     stored: dict[str, Stored],
+                                                     tmp_path: Path) -> None:
+    """As the seed's "directly to a local file" (open(dest, "wb")) does: the link stays."""
+    video = stored["b.mp4"]
+    target = tmp_path / "library" / "b.mp4"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "link.mp4"
+    link.symlink_to(target)
+    assert client.download_to_file(video.hash, link) == len(video.data)
+    assert link.is_symlink()
+    assert target.read_bytes() == video.data
+    assert sorted(tmp_path.rglob("*")) == [target.parent, target, link]
+
+
+def test_download_keeps_the_mode_of_the_file_it_replaces(client: VidCacheClient,
+                                                         stored: dict[str, Stored],
+                                                         tmp_path: Path) -> None:
+    video = stored["b.mp4"]
+    dest = tmp_path / "private.mp4"
+    dest.write_bytes(b"old")
+    for mode in (0o600, 0o666):
+        dest.chmod(mode)
+        client.download_to_file(video.hash, dest)
+        assert stat.S_IMODE(dest.stat().st_mode) == mode
+    assert dest.read_bytes() == video.data
+
+
+def test_download_into_a_fifo_writes_into_it(client: VidCacheClient, stored: dict[str, Stored],
+                                             tmp_path: Path) -> None:
+    """A FIFO or a device (/dev/null) is written into, not replaced by a regular file."""
+    video = stored["b.mp4"]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    # Linux opens a FIFO O_RDWR at once: the reader's open returns, and it sees EOF once this
+    # and the download's write end are closed, whatever the download did.
+    holder = os.open(fifo, os.O_RDWR)
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        assert client.download_to_file(video.hash, fifo) == len(video.data)
+    finally:
+        os.close(holder)
+        reader.join(timeout=60)
+    assert received == [video.data]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert list(tmp_path.iterdir()) == [fifo]
 
 
 def test_chunk_digests_match_the_source(client: VidCacheClient,

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -259,23 +260,32 @@ class VidCacheClient:
 
         Writes a temporary file beside `dest`, then renames it over `dest` only once every
         byte arrived and was verified: on any failure `dest` is left as it was (absent or
-        with its old content) and the temporary file is removed. Local file-system problems
-        raise OSError.
+        with its old content) and the temporary file is removed. As writing to `dest` would,
+        a symlink's target is written (the link stays), a replaced file keeps its permission
+        bits, and a FIFO or a device (/dev/null) is written into directly. Local file-system
+        problems raise OSError.
         """
         validate_hash(content_hash)
         validate_byte_range(byte_range)
-        dest_path = Path(dest)
+        try:
+            dest_mode: int | None = os.stat(dest).st_mode
+        except FileNotFoundError:
+            dest_mode = None
+        if dest_mode is not None and not stat.S_ISREG(dest_mode):
+            # Nothing to replace atomically, and replacing it would destroy it (as root,
+            # /dev/null itself). A directory fails here, before any request.
+            with open(dest, "wb") as out:
+                return self._stream_to(out, content_hash, byte_range)
+        dest_path = Path(os.path.realpath(dest))
         temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
         # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide,
         # as for any ordinary new file.
         fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            written = 0
-            with open(fd, "wb") as out, self.stream_video(content_hash, byte_range) as chunks:
-                for chunk in chunks:
-                    out.write(chunk)
-                    written += len(chunk)
-                out.flush()
+            with open(fd, "wb") as out:
+                if dest_mode is not None:
+                    os.fchmod(out.fileno(), stat.S_IMODE(dest_mode))  # a private file stays so
+                written = self._stream_to(out, content_hash, byte_range)
                 # Durable before the rename, so a crash cannot leave an empty `dest`.
                 os.fsync(out.fileno())
             os.replace(temp_path, dest_path)
@@ -405,6 +415,16 @@ class VidCacheClient:
                                     on_progress=on_progress)
 
     # --- internals -----------------------------------------------------------------------
+
+    def _stream_to(self, out: BinaryIO, content_hash: str, byte_range: ByteRange | None) -> int:
+        """Write the video (or the range) into `out`; return the number of bytes written."""
+        written = 0
+        with self.stream_video(content_hash, byte_range) as chunks:
+            for chunk in chunks:
+                out.write(chunk)
+                written += len(chunk)
+        out.flush()
+        return written
 
     def _read_range_into_streaming(
         self,
