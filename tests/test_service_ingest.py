@@ -338,6 +338,15 @@ def test_redirects_are_followed_and_checked(api: Api, videos: dict[str, Path]) -
                       "file://")
 
 
+def test_a_gzip_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path]) -> None:
+    """An origin that gzips the body whatever the client accepts (S3 serves an object stored
+    with Content-Encoding: gzip so): the video is what is stored, as httpx decoded it before
+    downloads went to httpcore directly (then the gzip bytes were stored: 422 'not a video')."""
+    with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
+        result = api.ingest_ok(f"{origin}/gzip/b.mp4", unique("gzip"))
+    assert result["hash"] == digest(videos["b.mp4"].read_bytes())
+
+
 # --- a service with tight limits ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -130,6 +130,16 @@ class _HashingWriter:
         return self._whole.hexdigest(), self._chunks.finish()
 
 
+class _Body(httpx.SyncByteStream):
+    """An httpcore response's body as httpx's stream, for httpx to decode it."""
+
+    def __init__(self, response: httpcore.Response) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._response.iter_stream()
+
+
 class Downloader:
     def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
                  guard: HostGuard, chunk_size: int,
@@ -225,7 +235,11 @@ class Downloader:
                     announced = headers.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
-                    for data in response.iter_stream():
+                    # httpx's decoding (gzip, deflate...), as before httpcore was used directly:
+                    # an origin may encode the body whatever Accept-Encoding says (S3 does)
+                    body = httpx.Response(response.status, headers=response.headers,
+                                          stream=_Body(response))
+                    for data in body.iter_bytes():
                         writer.write(data)
                         self._check_progress(deadline, original)
                     return
@@ -235,7 +249,7 @@ class Downloader:
             except httpcore.ConnectError as exc:
                 raise UpstreamError(f"cannot connect to {host}:{port} for {original}: "
                                     f"{exc}") from exc
-            except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+            except (httpcore.NetworkError, httpcore.ProtocolError, httpx.DecodingError) as exc:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
 
