@@ -3,6 +3,7 @@ HTTP client of the wire protocol, and looks into a service's data directory."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gzip
 import http.server
@@ -71,6 +72,7 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
     /stall/<name>          half the body, then silence until the origin is closed
     /gzip/<name>           the body gzip-compressed (Content-Encoding: gzip) whatever the client
                            accepts, as S3 serves an object stored with that encoding
+    /auth/<name>           401 unless the request has HTTP Basic credentials user:secret
     """
 
     release: threading.Event
@@ -84,6 +86,13 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
             hops, name = int(match.group(1)), match.group(2)
             target = f"/redirect/{hops - 1}/{name}" if hops > 1 else f"/{name}"
             self._redirect(target)
+        elif self.path.startswith("/auth/"):
+            if self.headers.get("Authorization") == "Basic " + base64.b64encode(
+                    b"user:secret").decode("ascii"):
+                self.path = self.path.removeprefix("/auth")
+                super().do_GET()
+            else:
+                self.send_error(401)
         elif self.path.startswith("/redirect-to?"):
             self._redirect(self.path.partition("?")[2])
         elif match := re.fullmatch(r"/(nolength|stall|gzip)/(.+)", self.path):

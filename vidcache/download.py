@@ -23,6 +23,7 @@ whatever error that causes is ShuttingDown (503), never a verdict on the origin.
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import tempfile
@@ -216,13 +217,17 @@ class Downloader:
             try:
                 target = httpcore.URL(scheme=url.raw_scheme, host=address.encode("ascii"),
                                       port=port, target=url.raw_path)
-                with self._pool.stream(
-                        "GET", target, extensions=extensions,
-                        headers=[("Host", url.netloc.decode("ascii")), ("Accept", "*/*"),
-                                 ("Accept-Encoding", "identity"),
-                                 ("User-Agent", f"vidcache/{__version__}")]) as response:
-                    headers = httpx.Headers(response.headers)
-                    location = headers.get("location")
+                headers = [("Host", url.netloc.decode("ascii")), ("Accept", "*/*"),
+                           ("Accept-Encoding", "identity"),
+                           ("User-Agent", f"vidcache/{__version__}")]
+                if url.username or url.password:  # user:password@, as httpx sent them
+                    credentials = f"{url.username}:{url.password}".encode()
+                    headers.append(("Authorization",
+                                    f"Basic {base64.b64encode(credentials).decode('ascii')}"))
+                with self._pool.stream("GET", target, extensions=extensions,
+                                       headers=headers) as response:
+                    answer = httpx.Headers(response.headers)
+                    location = answer.get("location")
                     if httpx.codes.is_redirect(response.status) and location:
                         url = parse_url(str(url.join(location)))
                         if url.scheme == "file":
@@ -232,7 +237,7 @@ class Downloader:
                         reason = response.extensions.get("reason_phrase", b"")
                         raise UpstreamError(f"{original} answered {response.status} "
                                             f"{reason.decode('ascii', 'replace')}".rstrip())
-                    announced = headers.get("content-length", "")
+                    announced = answer.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
                     # httpx's decoding (gzip, deflate...), as before httpcore was used directly:
