@@ -3,7 +3,9 @@ HTTP client of the wire protocol, and looks into a service's data directory."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import gzip
 import http.server
 import re
 import threading
@@ -68,6 +70,9 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
     /redirect/<n>/<name>   n redirects, then <name>;  /redirect-to?<url>  one redirect to url
     /nolength/<name>       the body without Content-Length, ended by closing the connection
     /stall/<name>          half the body, then silence until the origin is closed
+    /gzip/<name>           the body gzip-compressed (Content-Encoding: gzip) whatever the client
+                           accepts, as S3 serves an object stored with that encoding
+    /auth/<name>           401 unless the request has HTTP Basic credentials user:secret
     """
 
     release: threading.Event
@@ -81,9 +86,16 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
             hops, name = int(match.group(1)), match.group(2)
             target = f"/redirect/{hops - 1}/{name}" if hops > 1 else f"/{name}"
             self._redirect(target)
+        elif self.path.startswith("/auth/"):
+            if self.headers.get("Authorization") == "Basic " + base64.b64encode(
+                    b"user:secret").decode("ascii"):
+                self.path = self.path.removeprefix("/auth")
+                super().do_GET()
+            else:
+                self.send_error(401)
         elif self.path.startswith("/redirect-to?"):
             self._redirect(self.path.partition("?")[2])
-        elif match := re.fullmatch(r"/(nolength|stall)/(.+)", self.path):
+        elif match := re.fullmatch(r"/(nolength|stall|gzip)/(.+)", self.path):
             self._misbehave(match.group(1), match.group(2))
         else:
             super().do_GET()
@@ -98,11 +110,15 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
         data = (Path(self.directory) / name).read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
+        if how == "gzip":
+            data = gzip.compress(data)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
         if how == "stall":
             self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
         self.end_headers()
-        if how == "nolength":
+        if how in ("nolength", "gzip"):
             self.wfile.write(data)
         else:
             self.wfile.write(data[: len(data) // 2])

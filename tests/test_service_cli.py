@@ -171,6 +171,7 @@ _NO_DATA = "/dev/null/data"
      "--keep-alive: must be a positive whole number of seconds, not '1.5'"),
     (["serve", "--data", _NO_DATA, "--max-size", "1.5"],
      "--max-size: not a whole number of bytes: '1.5'"),
+    (["serve", "--data", _NO_DATA, "--max-size", "9" * 400], "--max-size: size too large"),
     (["serve", "--data", _NO_DATA, "--phash-threshold", "x"],
      "--phash-threshold: must be a whole number from 0 to 64"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",

@@ -338,6 +338,26 @@ def test_redirects_are_followed_and_checked(api: Api, videos: dict[str, Path]) -
                       "file://")
 
 
+def test_a_gzip_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path]) -> None:
+    """An origin that gzips the body whatever the client accepts (S3 serves an object stored
+    with Content-Encoding: gzip so): the video is what is stored, as httpx decoded it before
+    downloads went to httpcore directly (then the gzip bytes were stored: 422 'not a video')."""
+    with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
+        result = api.ingest_ok(f"{origin}/gzip/b.mp4", unique("gzip"))
+    assert result["hash"] == digest(videos["b.mp4"].read_bytes())
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(api: Api,
+                                                       videos: dict[str, Path]) -> None:
+    """http://user:password@host/...: sent as HTTP Basic credentials, as httpx sent them before
+    downloads went to httpcore directly (then the origin's 401: 502)."""
+    with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
+        _assert_error(api.ingest(f"{origin}/auth/b.mp4", unique("auth")), 502, "401")
+        url = origin.replace("http://", "http://user:secret@") + "/auth/b.mp4"
+        result = api.ingest_ok(url, unique("auth"))
+    assert result["hash"] == digest(videos["b.mp4"].read_bytes())
+
+
 # --- a service with tight limits ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -959,6 +959,7 @@ def test_a_daemon_that_cannot_be_started_is_a_startup_error(
     (["http://cache:port"], "Invalid port: 'port'"),
     (["http://cache:8020", "--timeout", "inf"], "must be a positive number of seconds"),
     (["http://cache:8020", "--timeout", "nan"], "must be a positive number of seconds"),
+    (["http://cache:8020", "--cache-size", "9" * 400], "too large"),  # was an OverflowError
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str,
                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -67,6 +67,7 @@ class FakeService:
     on_request: Callable[[], object] | None = None  # called first, for every request
     gone: set[str] = field(default_factory=set)  # hashes deleted: 404 for everything of theirs
     cursors: list[str | None] = field(default_factory=list)  # `after` of each /videos request
+    no_chunks: bool = False  # /chunks answers 404 (a service that publishes no digests)
 
     def handle(self, request: httpx.Request) -> httpx.Response:
         if self.on_request is not None:
@@ -98,7 +99,7 @@ class FakeService:
             return httpx.Response(200, json={"items": [{
                 "hash": listed, "size_bytes": len(DATA), "file_path": f"b/{listed}.mp4",
             } for listed in page], "next": page[-1] if start + limit < len(self.listed) else None})
-        if path == f"/video/{HASH}/chunks":
+        if path == f"/video/{HASH}/chunks" and not self.no_chunks:
             return httpx.Response(200, json={"hash": HASH, "chunk_size": CHUNK,
                                              "digests": self.digests})
         if path == f"/video/{HASH}":
@@ -581,6 +582,25 @@ def test_a_video_ingested_again_after_a_404_is_read_verified(
     assert remote.meta(HASH) is not None
     assert remote.fetch(HASH, 0, CHUNK) == DATA[:CHUNK]
     assert remote.counters.get("verified_chunks") == 1
+
+
+def test_a_listed_video_whose_digests_are_404_is_read_after_an_earlier_404_of_it(
+    make_remote: Callable[..., Remote], service: FakeService,
+) -> None:
+    """A video looked up before it was ingested (its 404 kept for negative_ttl), then listed:
+    a 404 for its digests is asked again with its metadata, which the kept 404 answered
+    without asking (NotFound: the existing video was ENOENT, and dropped from the listing's
+    lookups until that 404 expired)."""
+    remote = make_remote(negative_ttl=3.0)
+    service.gone = {HASH}
+    assert remote.meta(HASH) is None
+    service.gone = set()  # ingested
+    assert listed(remote) == [HASH]
+    service.no_chunks = True
+    asked = service.requests.count(f"/meta/{HASH}")
+    assert remote.fetch(HASH, 0, CHUNK) == DATA[:CHUNK]  # range-checked only: no digests
+    assert service.requests.count(f"/meta/{HASH}") == asked + 1
+    assert remote.meta(HASH) is not None
 
 
 def test_a_listing_holds_no_page_longer_than_it_takes_to_read_it(

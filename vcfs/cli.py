@@ -102,6 +102,8 @@ def parse_size(text: str) -> int:
         )
     number, unit = match.groups()
     value = float(number) * _UNITS[unit.lower()]
+    if value == math.inf:  # hundreds of digits: int() would end in a traceback
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: too large")
     if value != int(value):
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number of bytes")
     return int(value)

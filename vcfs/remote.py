@@ -1448,6 +1448,7 @@ class Remote:
         with self._lock:  # ask the service, not the caches
             self._known.pop(content_hash, None)
             self._listed.pop(content_hash, None)
+            self._missing.pop(content_hash, None)  # a 404 from before it was listed
         if self.meta(content_hash, deadline=deadline) is None:
             raise NotFound(f"{content_hash}: no such video on the service (its chunk digests "
                            "and its metadata: 404)")

@@ -50,6 +50,8 @@ def parse_size(text: str) -> int:
     if match is None:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 500M, 4G)")
     value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value == math.inf:  # hundreds of digits: int() would end in a traceback
+        raise argparse.ArgumentTypeError(f"size too large: {text!r}")
     if value != int(value):  # `--max-size 1.5` was 1 byte without a word
         raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
     size = int(value)

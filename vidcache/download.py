@@ -23,11 +23,12 @@ whatever error that causes is ShuttingDown (503), never a verdict on the origin.
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -130,6 +131,16 @@ class _HashingWriter:
         return self._whole.hexdigest(), self._chunks.finish()
 
 
+class _Body(httpx.SyncByteStream):
+    """An httpcore response's body as httpx's stream, for httpx to decode it."""
+
+    def __init__(self, response: httpcore.Response) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._response.iter_stream()
+
+
 class Downloader:
     def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
                  guard: HostGuard, chunk_size: int,
@@ -206,13 +217,17 @@ class Downloader:
             try:
                 target = httpcore.URL(scheme=url.raw_scheme, host=address.encode("ascii"),
                                       port=port, target=url.raw_path)
-                with self._pool.stream(
-                        "GET", target, extensions=extensions,
-                        headers=[("Host", url.netloc.decode("ascii")), ("Accept", "*/*"),
-                                 ("Accept-Encoding", "identity"),
-                                 ("User-Agent", f"vidcache/{__version__}")]) as response:
-                    headers = httpx.Headers(response.headers)
-                    location = headers.get("location")
+                headers = [("Host", url.netloc.decode("ascii")), ("Accept", "*/*"),
+                           ("Accept-Encoding", "identity"),
+                           ("User-Agent", f"vidcache/{__version__}")]
+                if url.username or url.password:  # user:password@, as httpx sent them
+                    credentials = f"{url.username}:{url.password}".encode()
+                    headers.append(("Authorization",
+                                    f"Basic {base64.b64encode(credentials).decode('ascii')}"))
+                with self._pool.stream("GET", target, extensions=extensions,
+                                       headers=headers) as response:
+                    answer = httpx.Headers(response.headers)
+                    location = answer.get("location")
                     if httpx.codes.is_redirect(response.status) and location:
                         url = parse_url(str(url.join(location)))
                         if url.scheme == "file":
@@ -222,10 +237,14 @@ class Downloader:
                         reason = response.extensions.get("reason_phrase", b"")
                         raise UpstreamError(f"{original} answered {response.status} "
                                             f"{reason.decode('ascii', 'replace')}".rstrip())
-                    announced = headers.get("content-length", "")
+                    announced = answer.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
-                    for data in response.iter_stream():
+                    # httpx's decoding (gzip, deflate...), as before httpcore was used directly:
+                    # an origin may encode the body whatever Accept-Encoding says (S3 does)
+                    body = httpx.Response(response.status, headers=response.headers,
+                                          stream=_Body(response))
+                    for data in body.iter_bytes():
                         writer.write(data)
                         self._check_progress(deadline, original)
                     return
@@ -235,7 +254,7 @@ class Downloader:
             except httpcore.ConnectError as exc:
                 raise UpstreamError(f"cannot connect to {host}:{port} for {original}: "
                                     f"{exc}") from exc
-            except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
+            except (httpcore.NetworkError, httpcore.ProtocolError, httpx.DecodingError) as exc:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
 
