@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 
@@ -30,6 +31,7 @@ from tests.support import VidcacheServer, wait_until
 from vidcache.download import Downloader
 from vidcache.errors import ShuttingDown
 from vidcache.hostguard import HostGuard
+from vidcache.origin_sockets import StoppableBackend
 from vidcache.tools import Tools
 
 pytestmark = pytest.mark.timeout(180)
@@ -368,3 +370,22 @@ def test_stop_cuts_a_download_in_its_tls_handshake(tmp_path: Path) -> None:
     downloader.close()
     assert [type(exc) for exc in outcome] == [ShuttingDown], outcome
     assert list(tmp_path.iterdir()) == []
+
+
+class _StoppedOnceTracked(StoppableBackend):
+    """Stops right after it has tracked a new socket, before that socket connects: the
+    moment when shutting the socket down does nothing (it is not connecting yet)."""
+
+    def _track(self, sock: socket.socket, *, replacing: socket.socket | None = None) -> None:
+        super()._track(sock, replacing=replacing)
+        self.stop()
+
+
+def test_a_stop_just_before_a_socket_connects_refuses_the_connection() -> None:
+    """The stop came after the backend tracked the socket and before it connected: the
+    connect went ahead (here to a listening origin: connected, as if no stop had come; to a
+    silent one it would wait for the download timeout)."""
+    backend = _StoppedOnceTracked()
+    with (socket.create_server(("127.0.0.1", 0)) as listener,
+          pytest.raises(httpcore.ConnectError, match="shutting down")):
+        backend.connect_tcp("127.0.0.1", listener.getsockname()[1], timeout=30)

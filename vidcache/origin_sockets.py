@@ -11,11 +11,14 @@ httpcore directly.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import select
 import socket
 import ssl
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 import httpcore
 
@@ -48,13 +51,12 @@ class StoppableBackend(httpcore.NetworkBackend):
         sock = socket.socket(family, kind, proto)
         self._track(sock)
         try:
-            sock.settimeout(timeout)
             if local_address is not None:
                 sock.bind((local_address, 0))
             for option in socket_options or ():
                 sock.setsockopt(*option)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.connect(address)
+            self._connect(sock, address, timeout)
         except TimeoutError as exc:
             self._close(sock)
             raise httpcore.ConnectTimeout(str(exc)) from exc
@@ -65,6 +67,27 @@ class StoppableBackend(httpcore.NetworkBackend):
             self._close(sock)
             raise
         return _Stream(self, sock)
+
+    def _connect(self, sock: socket.socket, address: Any, timeout: float | None) -> None:
+        """`sock.connect(address)`, begun before the stop is looked at again: a stop before
+        then is seen here, one after shuts down a socket that is connecting, which wakes the
+        wait (a socket not connecting yet ignores a shutdown, and its connect would go on)."""
+        sock.setblocking(False)
+        error = sock.connect_ex(address)
+        if error not in (0, errno.EINPROGRESS):
+            raise OSError(error, os.strerror(error))
+        with self._lock:
+            if self._stopped:
+                raise httpcore.ConnectError("stopped: the server is shutting down")
+        if error:
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(None if timeout is None else timeout * 1000):
+                raise TimeoutError("timed out connecting")
+            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if error:
+                raise OSError(error, os.strerror(error))
+        sock.settimeout(timeout)
 
     def _track(self, sock: socket.socket, *, replacing: socket.socket | None = None) -> None:
         with self._lock:
