@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -154,3 +156,34 @@ class VidcacheServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """How a command Ctrl-C'd while it waited for a server ended."""
+
+    returncode: int
+    out: str
+    err: str
+    children: list[int]  # its child processes when it was interrupted
+
+
+def interrupt_while_it_waits(argv_for: Callable[[str], Sequence[str]]) -> Interrupted:
+    """Run `argv_for(url)` against a server at `url` that accepts and never answers, and
+    send it SIGINT (a terminal's Ctrl-C) once it has connected."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(60)
+        command = subprocess.Popen(
+            argv_for(f"http://127.0.0.1:{silent.getsockname()[1]}"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            connection, _ = silent.accept()  # the command waits for the answer
+            with connection:
+                children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text()
+                command.send_signal(signal.SIGINT)
+                out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
+    return Interrupted(command.returncode, out, err, [int(pid) for pid in children.split()])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import httpx
 import pytest
 
 from tests.service_support import digest
-from tests.support import VidcacheServer, free_port
+from tests.support import VidcacheServer, free_port, interrupt_while_it_waits
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,23 +115,11 @@ def test_ingest_shows_its_wait_on_a_terminal_and_gives_up_after_its_timeout() ->
 
 def test_ctrl_c_of_an_ingest_says_the_service_may_still_store_it() -> None:
     """It was a KeyboardInterrupt traceback. The service is a socket that never answers."""
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        silent.settimeout(60)
-        ingest = subprocess.Popen(
-            [sys.executable, "-m", "vidcache", "ingest", "http://127.0.0.1:9/v.mp4", "--bucket",
-             "b", "--server", f"http://127.0.0.1:{silent.getsockname()[1]}"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            connection, _ = silent.accept()  # the command waits for the answer
-            ingest.send_signal(signal.SIGINT)
-            out, err = ingest.communicate(timeout=60)
-        finally:
-            if ingest.poll() is None:
-                ingest.kill()
-                ingest.wait()
-        connection.close()
-    assert (ingest.returncode, out) == (130, "")
-    assert err == ("vidcache ingest: interrupted; the service may still store it: ingest the "
+    ended = interrupt_while_it_waits(lambda url: [
+        sys.executable, "-m", "vidcache", "ingest", "http://127.0.0.1:9/v.mp4", "--bucket", "b",
+        "--server", url])
+    assert (ended.returncode, ended.out) == (130, "")
+    assert ended.err == ("vidcache ingest: interrupted; the service may still store it: ingest the "
                    "URL again later (a stored URL is answered at once)\n")
 
 

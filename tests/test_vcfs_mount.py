@@ -21,7 +21,6 @@ import random
 import shutil
 import signal
 import site
-import socket
 import stat
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from PIL import Image
 from tests.support import (
     VidcacheServer,
     free_port,
+    interrupt_while_it_waits,
     serve_directory,
     tmpfs_holding_a_file,
     wait_until,
@@ -672,27 +672,14 @@ def run_vcfs(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("mode", ["--foreground", "--daemon"])
 def test_ctrl_c_before_the_mount_is_up_leaves_nothing(tmp_path: Path, mode: str) -> None:
-    """Ctrl-C while vcfs waits for a service that does not answer (a socket that never
-    accepts) was a KeyboardInterrupt traceback; with --daemon the detached child, which the
+    """Ctrl-C while vcfs waits for a service that does not answer (a socket that accepts and
+    never answers) was a KeyboardInterrupt traceback; with --daemon the detached child, which the
     terminal's Ctrl-C does not reach, went on and could mount after the user gave up."""
-    with socket.create_server(("127.0.0.1", 0)) as silent:
-        silent.settimeout(60)
-        command = subprocess.Popen(
-            vcfs_command("mount", f"http://127.0.0.1:{silent.getsockname()[1]}", str(tmp_path),
-                         "--timeout", "30", mode),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            connection, _ = silent.accept()  # the health check is waiting for its answer
-            children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text()
-            command.send_signal(signal.SIGINT)
-            out, err = command.communicate(timeout=60)
-        finally:
-            if command.poll() is None:
-                command.kill()
-                command.wait()
-        connection.close()
-    assert (command.returncode, out, err) == (130, "", "vcfs: interrupted, nothing mounted\n")
-    pids = [int(child) for child in children.split()]
+    ended = interrupt_while_it_waits(
+        lambda url: vcfs_command("mount", url, str(tmp_path), "--timeout", "30", mode))
+    assert (ended.returncode, ended.out, ended.err) == (
+        130, "", "vcfs: interrupted, nothing mounted\n")
+    pids = ended.children
     wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=20, what="the daemon gone")
     assert not os.path.ismount(tmp_path)
 
