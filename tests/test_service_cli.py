@@ -15,8 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.faults import Refuse, path_prefix
 from tests.service_support import digest
 from tests.support import VidcacheServer, free_port, interrupt_while_it_waits
+from tests.vcfs_fault_support import FaultyLink
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,6 +74,18 @@ def test_ingest_through_a_server_that_is_not_vidcache_says_so(media_url: str) ->
     assert (run.returncode, run.stdout) == (1, "")
     assert run.stderr == (f"vidcache ingest: error: {media_url} answered POST /ingest with HTTP "
                           "501: not a vidcache service (check --server)\n")
+
+
+def test_a_vidcache_refusing_an_ingest_with_404_gives_its_reason(own: VidcacheServer,
+                                                                  media_url: str) -> None:
+    """A 404 in vidcache's JSON (here from the fault proxy in front of the service: another
+    vidcache deployment may answer one) is the service's reason, not "not a vidcache"."""
+    with FaultyLink(own.port) as link:
+        link.faults.enable(Refuse(status=404, detail="no such bucket here",
+                                  match=path_prefix("/ingest")))
+        run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server", link.url)
+    assert run.returncode == 1
+    assert "no such bucket here" in run.stderr and "not a vidcache" not in run.stderr, run.stderr
 
 
 def _ingest_from_a_silent_service(port: int, timeout: str,

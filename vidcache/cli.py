@@ -358,7 +358,8 @@ def _ingest(args: argparse.Namespace) -> int:
             advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
                       if args.token is None else
                       "\nvidcache ingest: the server refused the token of --token-file")
-        elif isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES:
+        elif (isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES
+              and not exc.json_detail):  # a vidcache explains itself in JSON
             # Not the other server's error page (HTML) as the reason.
             message = (f"{args.server} answered POST /ingest with HTTP {exc.status_code}: not "
                        "a vidcache service (check --server)")
