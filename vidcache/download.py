@@ -152,7 +152,6 @@ class Downloader:
         self._max_time = max_time
         self._guard = guard
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
-        self._stopped = False
         self._sockets = StoppableBackend()
         # no proxies (they would bypass the address check) and no redirects (followed by hand)
         self._pool = httpcore.ConnectionPool(
@@ -164,8 +163,11 @@ class Downloader:
 
     def stop(self) -> None:
         """Cut the downloads under way and refuse new ones: the server is shutting down."""
-        self._stopped = True
         self._sockets.stop()
+
+    @property
+    def _stopped(self) -> bool:
+        return self._sockets.stopped
 
     def fetch(self, url: str) -> Download:
         """Download `url` into a new temp file; nothing is left behind on failure."""
@@ -225,26 +227,25 @@ class Downloader:
                     headers.append(("Authorization",
                                     f"Basic {base64.b64encode(credentials).decode('ascii')}"))
                 with self._pool.stream("GET", target, extensions=extensions,
-                                       headers=headers) as response:
-                    answer = httpx.Headers(response.headers)
-                    location = answer.get("location")
-                    if httpx.codes.is_redirect(response.status) and location:
+                                       headers=headers) as answer:
+                    # As httpx's response, for its decoding of the body (gzip, deflate...) as
+                    # before httpcore was used directly: an origin may encode the body whatever
+                    # Accept-Encoding says (S3 does)
+                    response = httpx.Response(answer.status, headers=answer.headers,
+                                              stream=_Body(answer), extensions=answer.extensions)
+                    location = response.headers.get("location")
+                    if response.is_redirect and location:
                         url = parse_url(str(url.join(location)))
                         if url.scheme == "file":
                             raise IngestRefused(f"{original} redirects to a file:// URL")
                         continue
-                    if response.status != 200:
-                        reason = response.extensions.get("reason_phrase", b"")
-                        raise UpstreamError(f"{original} answered {response.status} "
-                                            f"{reason.decode('ascii', 'replace')}".rstrip())
-                    announced = answer.get("content-length", "")
+                    if response.status_code != 200:
+                        raise UpstreamError(f"{original} answered {response.status_code} "
+                                            f"{response.reason_phrase}".rstrip())
+                    announced = response.headers.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
-                    # httpx's decoding (gzip, deflate...), as before httpcore was used directly:
-                    # an origin may encode the body whatever Accept-Encoding says (S3 does)
-                    body = httpx.Response(response.status, headers=response.headers,
-                                          stream=_Body(response))
-                    for data in body.iter_bytes():
+                    for data in response.iter_bytes():
                         writer.write(data)
                         self._check_progress(deadline, original)
                     return

@@ -29,6 +29,10 @@ class StoppableBackend(httpcore.NetworkBackend):
         self._open: set[socket.socket] = set()
         self._stopped = False
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
     def stop(self) -> None:
         """Cut every connection open or being made, and refuse new ones."""
         with self._lock:
