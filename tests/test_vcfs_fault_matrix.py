@@ -14,6 +14,7 @@ benchmark's proxy with `bench.faults` in between, real mounts with `--timeout 3`
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import os
@@ -282,6 +283,18 @@ def test_malformed_metadata_or_listing_is_eio_then_works(
                             worked.value | {s.file_name for s in sources.values()})
 
 
+@contextlib.contextmanager
+def _looked_up(tmp_path: Path, link: FaultyLink, source: Source
+               ) -> Iterator[tuple[VcfsMount, Path]]:
+    """A mount on which `source` was looked up (a stat) for its metadata only
+    (`--no-first-block`): its digests are first asked for by a read."""
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
+                   "--readahead-max", "0", "--no-first-block") as mounted:
+        path = mounted.video(source.file_name)
+        assert os.stat(path).st_size == source.size
+        yield mounted, path
+
+
 def test_malformed_digests_fail_the_first_read_and_no_byte_is_returned_unverified(
     tmp_path: Path, link: FaultyLink, sources: dict[str, Source],
 ) -> None:
@@ -290,10 +303,7 @@ def test_malformed_digests_fail_the_first_read_and_no_byte_is_returned_unverifie
     (`--no-first-block`: the stat's lookup asks for the metadata only, so that the digests
     are asked by the read, with the fault on.)"""
     source = sources["b.mp4"]
-    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
-                   "--readahead-max", "0", "--no-first-block") as mounted:
-        path = mounted.video(source.file_name)
-        assert os.stat(path).st_size == source.size
+    with _looked_up(tmp_path, link, source) as (mounted, path):
         link.faults.enable(Refuse(status=200,
                                   match=path_prefix(f"/video/{source.content_hash}/chunks")))
         read = bounded_read(path, READ, 0, limit=HANG_LIMIT)
@@ -316,10 +326,7 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
     its bytes, verified. (`--no-first-block`: the digests are asked by the read, with the
     fault on, not by the stat's lookup.)"""
     source = sources["big_moov_end.mp4"]
-    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
-                   "--readahead-max", "0", "--no-first-block") as mounted:
-        path = mounted.video(source.file_name)
-        assert os.stat(path).st_size == source.size
+    with _looked_up(tmp_path, link, source) as (mounted, path):
         link.faults.enable(Refuse(status=404,
                                   match=path_prefix(f"/video/{source.content_hash}/chunks")),
                            times=1)
