@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import http.server
 import re
+import ssl
 import threading
 import uuid
 from collections.abc import Iterator
@@ -128,21 +129,34 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
         self.close_connection = True
 
 
+class _TlsOrigin(http.server.ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet: a client refusing the certificate is what some tests want."""
+
+
 @contextlib.contextmanager
-def serve_origin(directory: Path) -> Iterator[tuple[str, threading.Event]]:
+def serve_origin(directory: Path, *, tls: ssl.SSLContext | None = None
+                 ) -> Iterator[tuple[str, threading.Event]]:
     """A loopback origin for `directory` (see _OriginHandler); yields (base URL, stalled), where
-    `stalled` is set once a /stall/ response has sent its first half."""
+    `stalled` is set once a /stall/ response has sent its first half. With `tls`: https, and
+    HTTP/1.1 so that connections are kept alive as real https origins do."""
     release, stalled = threading.Event(), threading.Event()
-    handler = type("Handler", (_OriginHandler,), {"release": release, "stalled": stalled})
+    attributes: dict[str, object] = {"release": release, "stalled": stalled}
+    if tls is not None:
+        attributes["protocol_version"] = "HTTP/1.1"
+    handler = type("Handler", (_OriginHandler,), attributes)
 
     def make(*args: Any) -> _OriginHandler:
         return handler(*args, directory=str(directory))  # type: ignore[no-any-return]
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+    server = (_TlsOrigin if tls else http.server.ThreadingHTTPServer)(("127.0.0.1", 0), make)
+    if tls is not None:  # the handshake happens in the connection's thread, on its first read
+        server.socket = tls.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", stalled
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", stalled
     finally:
         release.set()
         server.shutdown()

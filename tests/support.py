@@ -24,8 +24,17 @@ from bench.stack import free_port, wait_until
 from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
-__all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "serve_directory",
-           "tmpfs_holding_a_file", "wait_until"]
+__all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "self_signed_certificate",
+           "serve_directory", "tmpfs_holding_a_file", "wait_until"]
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) files in `folder` for 127.0.0.1 only (no host name), valid a day."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
 
 
 @contextlib.contextmanager

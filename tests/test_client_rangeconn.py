@@ -13,7 +13,6 @@ import functools
 import re
 import socket
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +33,7 @@ from bench.faults import (
     path_prefix,
 )
 from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, self_signed_certificate, wait_until
 from vidcache_client import (
     InvalidRequestError,
     NotFoundError,
@@ -689,12 +688,7 @@ def test_the_request_keeps_the_base_urls_path_and_sends_the_clients_headers() ->
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def test_https_goes_through_the_clients_tls_context(

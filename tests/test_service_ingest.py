@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import shutil
+import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 
 from tests.service_support import Api, blob_files, digest, serve_origin, temp_files, unique
-from tests.support import VidcacheServer, free_port
+from tests.support import VidcacheServer, free_port, self_signed_certificate
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -357,6 +359,31 @@ def test_credentials_in_the_url_are_sent_as_basic_auth(api: Api,
         result = api.ingest_ok(url, unique("auth"))
     assert result["hash"] == digest(videos["b.mp4"].read_bytes())
 
+
+
+def test_an_https_origins_certificate_is_checked_for_each_host_name(
+        tmp_path: Path, videos: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An https origin whose certificate names 127.0.0.1 only, trusted through SSL_CERT_FILE
+    (as a company's own CA would be): ingest by that address works, and ingest by `localhost`
+    right after, the same address, is refused on the certificate. Before: the first download's
+    kept-alive connection, verified for 127.0.0.1, served `localhost` unchecked (stored)."""
+    if "127.0.0.1" not in {info[4][0] for info in socket.getaddrinfo("localhost", 443)}:
+        pytest.skip("localhost is not 127.0.0.1 on this machine")
+    cert, key = self_signed_certificate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the server inherits it
+    with (serve_origin(videos["b.mp4"].parent, tls=tls) as (origin, _stalled),
+          VidcacheServer(tmp_path / "data") as server):
+        api = Api(server.url)
+        try:
+            by_address = api.ingest_ok(f"{origin}/a.mp4", "tls")
+            port = origin.rpartition(":")[2]
+            by_name = api.ingest(f"https://localhost:{port}/b.mp4", "tls")
+        finally:
+            api.close()
+    assert by_address["hash"] == digest(videos["a.mp4"].read_bytes())
+    _assert_error(by_name, 502, "CERTIFICATE_VERIFY_FAILED")
 
 # --- a service with tight limits ------------------------------------------------------------------
 

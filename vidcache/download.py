@@ -153,9 +153,10 @@ class Downloader:
         self._guard = guard
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
         self._sockets = StoppableBackend()
-        # no proxies (they would bypass the address check) and no redirects (followed by hand)
+        # no proxies (they would bypass the address check) and no redirects (followed by hand);
+        # trusted CAs: certifi's, or SSL_CERT_FILE / SSL_CERT_DIR (a company's own CA)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False), network_backend=self._sockets,
+            ssl_context=httpx.create_ssl_context(trust_env=True), network_backend=self._sockets,
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
     def close(self) -> None:
@@ -222,6 +223,11 @@ class Downloader:
                 headers = [("Host", url.netloc.decode("ascii")), ("Accept", "*/*"),
                            ("Accept-Encoding", "identity"),
                            ("User-Agent", f"vidcache/{__version__}")]
+                if url.scheme == "https":
+                    # The pool keys connections by the checked address, not the name: a kept-alive
+                    # connection verified for a.example would serve b.example at the same IP
+                    # without b's certificate ever being checked
+                    headers.append(("Connection", "close"))
                 if url.username or url.password:  # user:password@, as httpx sent them
                     credentials = f"{url.username}:{url.password}".encode()
                     headers.append(("Authorization",
