@@ -1055,6 +1055,10 @@ class Remote:
         arrival = _Arrival()
         meta: concurrent.futures.Future[dict[str, Any] | None] = concurrent.futures.Future()
         digests: concurrent.futures.Future[dict[str, Any] | None] = concurrent.futures.Future()
+        # A service without the extensions publishes no digests: not asked, as if it said 404
+        digest_page = (0, self.config.digest_page_bytes) if self._extended else None
+        if digest_page is None:
+            digests.set_result(None)
 
         def receive() -> tuple[bytes, int]:
             block, view = unfilled_block(block_size)
@@ -1074,7 +1078,7 @@ class Remote:
                 # block's bytes would hold them up on a slow link.
                 received = self._client.open_video_into(
                     content_hash, [view], on_meta=functools.partial(heard, meta),
-                    digests=(0, self.config.digest_page_bytes),
+                    digests=digest_page,
                     on_digests=functools.partial(heard, digests), on_progress=progress)
             except BaseException as exc:
                 for answer in (meta, digests):
@@ -1091,7 +1095,7 @@ class Remote:
                                       arrival)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
-        self.counters.add("http_requests", 3)
+        self.counters.add("http_requests", 3 if digest_page else 2)
         self.counters.add("range_requests")
         return speculation
 
