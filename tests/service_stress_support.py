@@ -1,15 +1,19 @@
 """Helpers for the service's crash, load, limit and auth tests: many small perceptually
 distinct videos, an origin that trickles its bodies, a vidcache server that kills itself with
-SIGKILL at a chosen point of its own code, one that pauses there, and a check of a data
-directory's invariants."""
+SIGKILL at a chosen point of its own code, one that pauses there, one whose DNS server does not
+answer, and a check of a data directory's invariants."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import os
+import random
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -281,6 +285,98 @@ class PausingServer(VidcacheServer):
     def renamed_to(self) -> list[str]:
         """The targets of every rename the server made."""
         return self._renames.read_text().splitlines() if self._renames.exists() else []
+
+
+
+# --- a server whose DNS server does not answer ---------------------------------------------------
+
+# Runs `vidcache` in a mount namespace of its own (in a user namespace: no privilege needed) in
+# which /etc/resolv.conf is the file sys.argv[1]: the system resolver (glibc's getaddrinfo) then
+# asks the DNS server named there. The mount is seen by this process alone and ends with it; no
+# file of the system changes.
+_SILENT_DNS_LAUNCHER = r"""
+import os, sys
+resolv_conf, args = sys.argv[1], sys.argv[2:]
+os.execvp("unshare", ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                      'mount --bind "$0" /etc/resolv.conf && exec "$@"', resolv_conf,
+                      sys.executable, "-m", "vidcache", *args])
+"""
+
+# glibc's longest: 30 s per attempt, and 2 attempts
+_RESOLVER_OPTIONS = "options timeout:30 attempts:2"
+
+
+def _dns_socket() -> socket.socket:
+    """A UDP socket on port 53 of a loopback address of its own (127.53.x.y): tests running at
+    once do not share it."""
+    for _ in range(20):
+        dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            dns.bind((f"127.53.{random.randint(1, 254)}.{random.randint(1, 254)}", 53))
+        except OSError as exc:
+            dns.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            continue
+        return dns
+    raise RuntimeError("no free loopback address for a DNS server")
+
+
+def can_run_a_silent_dns() -> bool:
+    """Whether this machine lets a test listen on port 53 (root) and run a process in the
+    namespaces above."""
+    try:
+        _dns_socket().close()
+    except PermissionError:
+        return False
+    return shutil.which("unshare") is not None and subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+        check=False).returncode == 0
+
+
+class SilentDnsServer(VidcacheServer):
+    """The real service, run through _SILENT_DNS_LAUNCHER, whose only DNS server receives the
+    queries and never answers: a lookup of a host name not in /etc/hosts waits in the system
+    resolver for a minute (_RESOLVER_OPTIONS). The server's own start resolves only its numeric
+    --host, which needs no DNS."""
+
+    def __init__(self, data_dir: Path, *extra_args: str, new_session: bool = False) -> None:
+        super().__init__(data_dir, *extra_args, new_session=new_session)
+        self._resolv_conf = data_dir.parent / f"{data_dir.name}-resolv.conf"
+        self._dns: socket.socket | None = None
+        self._asked = False
+
+    def command(self) -> list[str]:
+        return ["-c", _SILENT_DNS_LAUNCHER, str(self._resolv_conf)]
+
+    def start(self, timeout: float = 30.0) -> SilentDnsServer:
+        self._dns = _dns_socket()
+        self._dns.setblocking(False)
+        self._resolv_conf.write_text(
+            f"nameserver {self._dns.getsockname()[0]}\n{_RESOLVER_OPTIONS}\n")
+        try:
+            super().start(timeout)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def asked(self) -> bool:
+        """Whether the DNS server has received a query (which it drops)."""
+        if not self._asked and self._dns is not None:
+            with contextlib.suppress(BlockingIOError):
+                self._asked = bool(self._dns.recv(512))
+        return self._asked
+
+    def release(self) -> None:
+        """Close the DNS server: a lookup still asking it fails at once (port unreachable)."""
+        if self._dns is not None:
+            self._dns.close()
+            self._dns = None
+
+    def stop(self) -> None:
+        self.release()
+        super().stop()
 
 
 # --- invariants of a data directory ---------------------------------------------------------

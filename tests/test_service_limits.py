@@ -1,7 +1,8 @@
 """The service's caps and its refusal of paths that lead elsewhere, against a real server:
 request body and meta size, meta depth and JSON it could not serve back, the whole-download
-time cap, and file:// URLs that try to leave the allowed directory (encoded `..`, `%2f`,
-backslashes, NUL, symlinks to files and directories outside, loops, FIFOs)."""
+time cap, the wait for a DNS server that does not answer, and file:// URLs that try to leave
+the allowed directory (encoded `..`, `%2f`, backslashes, NUL, symlinks to files and directories
+outside, loops, FIFOs)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.service_stress_support import TrickleOrigin, assert_consistent
+from tests.service_stress_support import (
+    SilentDnsServer,
+    TrickleOrigin,
+    assert_consistent,
+    can_run_a_silent_dns,
+)
 from tests.service_support import Api, digest, temp_files, unique
 from tests.support import VidcacheServer, free_port
 
@@ -170,6 +176,22 @@ def test_a_trickling_download_is_cut_at_max_download_time(
     assert temp_files(server.data_dir) == []
     assert api.http.get("/resolve", params={"url": url}).status_code == 404
 
+
+
+@pytest.mark.skipif(not can_run_a_silent_dns(),
+                    reason="needs port 53 (root) and user and mount namespaces")
+def test_a_dns_server_that_does_not_answer_is_cut_at_download_timeout(tmp_path: Path) -> None:
+    """The origin's host name waits for a DNS server that does not answer (the system
+    resolver would ask it for a minute): the ingest fails 504 at the --download-timeout, as a
+    silent origin does, and leaves no temp file. Was: it waited for the resolver to give up
+    (then 502 'cannot resolve host')."""
+    data = tmp_path / "data"
+    with SilentDnsServer(data, "--download-timeout", "1") as server:
+        response = httpx.post(f"{server.url}/ingest", timeout=30,
+                              json={"url": "http://origin.test/v.mp4", "bucket": "dns"})
+        _refused(response, 504, "cannot resolve host 'origin.test'",
+                 "--download-timeout of 1 s")
+        assert temp_files(data) == []
 
 # --- file:// ------------------------------------------------------------------------------------
 

@@ -22,7 +22,9 @@ import pytest
 
 from tests.service_stress_support import (
     PausingServer,
+    SilentDnsServer,
     assert_consistent,
+    can_run_a_silent_dns,
     processes_using,
     programs_using,
 )
@@ -344,6 +346,37 @@ def test_an_ingest_waiting_for_its_origin_is_cut_at_shutdown(
     with VidcacheServer(data) as again:
         assert assert_consistent(data, again.url) == []
 
+
+
+@pytest.mark.skipif(not can_run_a_silent_dns(),
+                    reason="needs port 53 (root) and user and mount namespaces")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_an_ingest_resolving_its_origin_is_cut_at_shutdown(tmp_path: Path,
+                                                           signum: signal.Signals) -> None:
+    """SIGTERM or Ctrl-C while an ingest waits for the system resolver, whose DNS server does
+    not answer: the shutdown cuts that wait like any other, so the ingest is answered 503 'the
+    server is shutting down', logged once, and the server exits then, its lookup still
+    waiting; no temp file is left. Was: only uvicorn's cancel answered it ('... (still
+    running 1 s after it was stopped)'), and the process then waited for the lookup's thread
+    (the resolver's own timeouts)."""
+    data = tmp_path / "data"
+    url = "http://origin.test/never.mp4"
+    server = SilentDnsServer(data, "--download-timeout", "120", new_session=True)
+    with server:
+        assert server.process is not None
+        ingest = _Ingest(server.url, url)
+        wait_until(server.asked, timeout=60, what="the ingest asking the DNS server")
+        if signum == signal.SIGINT:
+            os.killpg(server.process.pid, signal.SIGINT)  # a terminal's Ctrl-C
+        else:
+            server.process.send_signal(signum)
+        assert server.process.wait(timeout=30) == _EXIT_STATUS[signum]
+        answer = ingest.result()
+        assert temp_files(data) == [] and blob_files(data) == []
+    log = server.log()
+    _assert_answered_shutting_down(answer, log, url)
+    assert sum(url in line for line in log.splitlines()) == 1, log
+    assert "still running" not in log, log
 
 def test_stop_cuts_a_download_in_its_tls_handshake(tmp_path: Path) -> None:
     """What the shutdown does to a download whose https origin accepted the connection and

@@ -1,12 +1,14 @@
 """Pure parts of the vidcache service, tested without a server: size parsing, the host guard,
-bucket/prefix rules, perceptual-hash arithmetic, named locks, hashing while downloading (at
-any allowed chunk size), the chunk-size rule, the listing's query plans, and the JSON answer to
-an unexpected server error (which a healthy real server cannot produce)."""
+the stoppable resolver (its threads and their cap), bucket/prefix rules, perceptual-hash
+arithmetic, named locks, hashing while downloading (at any allowed chunk size), the chunk-size
+rule, the listing's query plans, and the JSON answer to an unexpected server error (which a
+healthy real server cannot produce)."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import socket
 import tempfile
 import threading
 import warnings
@@ -17,15 +19,17 @@ from blake3 import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support import wait_until
 from vidcache.app import create_app
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import build_parser, parse_size
 from vidcache.config import ServiceConfig
 from vidcache.download import _HashingWriter
-from vidcache.errors import IngestRefused, InvalidRequest, TooLarge
+from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarge
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
 from vidcache.media import decode_phash, encode_phash, phash_distance
+from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.store import Store, blob_relpath, check_location
 
 with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
@@ -73,6 +77,77 @@ def test_host_guard_refuses_bad_allow_entries(entry: str) -> None:
     with pytest.raises(ValueError, match="not a host name"):
         HostGuard([entry])
 
+
+
+class _HeldLookup:
+    """A resolver's lookup that waits until `release` is set; `hosts` it was asked for."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.hosts: list[str] = []
+
+    def __call__(self, host: str, port: int) -> list[AddrInfo]:
+        self.hosts.append(host)
+        self.release.wait(timeout=120)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", port))]
+
+
+def _resolving(resolver: StoppableResolver, host: str, outcome: list[object]) -> threading.Thread:
+    def run() -> None:
+        try:
+            outcome.append(resolver.resolve(host, 80, timeout=120))
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stopped_resolver_ends_the_resolutions_waiting_and_refuses_new_ones() -> None:
+    """One resolution waits for its lookup, a second for a thread to look up in: the stop
+    ends both with ShuttingDown at once, and the lookup left waiting is a daemon thread (it
+    does not hold up the interpreter's exit)."""
+    lookup = _HeldLookup()
+    resolver = StoppableResolver(lookup, max_lookups=1)
+    outcome: list[object] = []
+    try:
+        first = _resolving(resolver, "a.test", outcome)
+        wait_until(lambda: lookup.hosts == ["a.test"], timeout=30, what="the lookup waiting")
+        second = _resolving(resolver, "b.test", outcome)
+        resolver.stop()
+        for thread in (first, second):
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "a resolution still waits after the stop"
+        assert [type(exc) for exc in outcome] == [ShuttingDown, ShuttingDown], outcome
+        held = [t for t in threading.enumerate() if t.name == "resolve a.test"]
+        assert [t.daemon for t in held] == [True]
+        with pytest.raises(ShuttingDown):
+            resolver.resolve("c.test", 80, timeout=30)
+        assert lookup.hosts == ["a.test"]
+    finally:
+        lookup.release.set()
+    wait_until(lambda: not any(t.name == "resolve a.test" for t in threading.enumerate()),
+               timeout=30, what="the lookup's thread ended")
+
+
+def test_resolver_threads_are_capped_even_for_lookups_given_up_on() -> None:
+    """A resolution that timed out leaves its lookup running, in its thread; with the cap's
+    one thread so held, the next resolution waits for it (and times out) rather than start
+    another, and gets it once the lookup has ended."""
+    lookup = _HeldLookup()
+    resolver = StoppableResolver(lookup, max_lookups=1)
+    try:
+        with pytest.raises(TimeoutError):
+            resolver.resolve("a.test", 80, timeout=0.1)
+        wait_until(lambda: lookup.hosts == ["a.test"], timeout=30, what="the lookup waiting")
+        with pytest.raises(TimeoutError):
+            resolver.resolve("b.test", 80, timeout=0.1)
+        assert lookup.hosts == ["a.test"]
+    finally:
+        lookup.release.set()
+    assert resolver.resolve("c.test", 80, timeout=30)[0][4] == ("192.0.2.1", 80)
+    assert lookup.hosts == ["a.test", "c.test"]
 
 @pytest.mark.parametrize(("bucket", "prefix"), [
     ("videos", ""), ("v_1.backup-2", "2024"), ("a", "b.c"), ("x" * 128, "y" * 128)])

@@ -354,7 +354,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         except asyncio.CancelledError:
             # uvicorn's shutdown cancels the requests still running STOP_TIMEOUT after the
             # ingests were stopped (else a plain-text 500 and a traceback): this one's thread
-            # has not ended (say, it is resolving its origin's name) and may log its end later
+            # has not ended (say, it flushes a large download to a slow disk) and may log its
+            # end later
             log.warning("ingest %s failed (503): %s (still running %g s after it was "
                         "stopped)", request.url, ShuttingDown(), STOP_TIMEOUT)
             raise ShuttingDown() from None

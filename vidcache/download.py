@@ -7,17 +7,18 @@ on Content-Length.
 
 http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
 sent to the address the guard approved (Host header and TLS SNI keep the original name).
-Two time limits: `timeout` for any single wait (connecting, or between two reads: a stalled
-origin) and `max_time` for the whole download (an origin trickling a byte now and then would
-otherwise hold an ingest slot forever).
+Two time limits: `timeout` for any single wait (resolving the host name, connecting, or
+between two reads: a stalled origin) and `max_time` for the whole download (an origin trickling
+a byte now and then would otherwise hold an ingest slot forever).
 
 file://: only below the directories the operator listed with --allow-file-dir. The path is
 resolved (symlinks followed) and checked before opening, and the file actually opened is
 checked again through /proc/self/fd, so swapping a directory for a symlink between the two
 steps cannot lead outside; FIFOs and devices are refused (they could block or never end).
 
-At shutdown `stop` cuts the downloads under way, wherever they wait (connecting, for the first
-answer, for the body: their sockets are shut down, origin_sockets.py) and refuses new ones;
+At shutdown `stop` cuts the downloads under way, wherever they wait (resolving the host name:
+resolver.py; connecting, for the first answer, for the body: their sockets are shut down,
+origin_sockets.py) and refuses new ones;
 whatever error that causes is ShuttingDown (503), never a verdict on the origin.
 """
 
@@ -30,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,6 +52,7 @@ from vidcache.errors import (
 )
 from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
+from vidcache.resolver import StoppableResolver
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
@@ -152,6 +155,7 @@ class Downloader:
         self._max_time = max_time
         self._guard = guard
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
+        self._resolver = StoppableResolver()
         self._sockets = StoppableBackend()
         # no proxies (they would bypass the address check) and no redirects (followed by hand);
         # trusted CAs: certifi's, or SSL_CERT_FILE / SSL_CERT_DIR (a company's own CA)
@@ -164,6 +168,7 @@ class Downloader:
 
     def stop(self) -> None:
         """Cut the downloads under way and refuse new ones: the server is shutting down."""
+        self._resolver.stop()
         self._sockets.stop()
 
     @property
@@ -212,7 +217,7 @@ class Downloader:
         for _hop in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")
             port = url.port or (443 if url.scheme == "https" else 80)
-            address = self._guard.address_for(host, port)
+            address = self._address_for(host, port, original)
             extensions: dict[str, object] = {"timeout": dict.fromkeys(
                 ("connect", "read", "write", "pool"), self._timeout)}
             if url.scheme == "https":
@@ -264,6 +269,18 @@ class Downloader:
             except (httpcore.NetworkError, httpcore.ProtocolError, httpx.DecodingError) as exc:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
+
+    def _address_for(self, host: str, port: int, url: str) -> str:
+        """The guard's address for `host`, its lookup cut by `stop` and bounded by `timeout`
+        as any other wait for the origin is (the system resolver's own limit may be far
+        longer than --download-timeout)."""
+        try:
+            return self._guard.address_for(
+                host, port, partial(self._resolver.resolve, timeout=self._timeout))
+        except TimeoutError as exc:
+            raise UpstreamTimeout(f"cannot resolve host {host!r} for {url}: no answer within "
+                                  f"the server's --download-timeout of {self._timeout:g} s"
+                                  ) from exc
 
     def _copy_local(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
         if not self._file_dirs:

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Iterable
 
 from vidcache.errors import IngestRefused, InvalidRequest, UpstreamError
+from vidcache.resolver import Lookup, system_lookup
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -56,10 +57,11 @@ class HostGuard:
                     raise ValueError(f"not a host name, IP address or CIDR: {entry!r}") from None
                 self._names.add(entry.lower().rstrip("."))
 
-    def address_for(self, host: str, port: int) -> str:
-        """An address of `host` that ingest may connect to; raises IngestRefused if none."""
+    def address_for(self, host: str, port: int, resolve: Lookup = system_lookup) -> str:
+        """An address of `host` (as `resolve` finds them) that ingest may connect to; raises
+        IngestRefused if none."""
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = resolve(host, port)
         except UnicodeError as exc:  # the IDNA codec refuses the name: empty or long label
             raise InvalidRequest(f"malformed host name {host!r}: {exc}") from exc
         except socket.gaierror as exc:

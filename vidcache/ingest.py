@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Status = Literal["new", "duplicate", "url_alias"]
 
 # An ingest stopped at shutdown ends in milliseconds (its decoder is killed, its download cut);
-# one resolving its origin's host name only when the resolver gives up.
+# one flushing a large download to a slow disk may take longer.
 STOP_TIMEOUT = 1
 
 
