@@ -86,7 +86,13 @@ class Request:
 
     @property
     def path(self) -> str:
-        return self.target.split("?", 1)[0]
+        """The target's path; also of an absolute-form target ("http://host:port/path"), as
+        a client sends when told to use this proxy as its HTTP proxy."""
+        path = self.target.split("?", 1)[0]
+        scheme, separator, rest = path.partition("://")
+        if separator and scheme.lower() in ("http", "https"):
+            return "/" + rest.partition("/")[2]
+        return path
 
     @property
     def range(self) -> str | None:

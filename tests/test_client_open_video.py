@@ -20,7 +20,7 @@ import pytest
 
 from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
-from vidcache_client import NotFoundError, VidCacheClient
+from vidcache_client import NotFoundError, RequestTimeout, VidCacheClient
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -263,6 +263,40 @@ def test_a_chunked_small_answer_is_read_through_httpx_from_then_on() -> None:
             assert meta is not None and meta["size_bytes"] == len(DATA)
     # asked once on a socket of its own, once through httpx; then through httpx only
     assert [line.split()[1] for line in requests] == [f"/meta/{HASH}"] * 3
+
+
+def test_a_small_answer_trickling_in_through_httpx_is_given_up_after_the_timeout() -> None:
+    """Once a chunked answer has put the small GETs on httpx, an answer whose body trickles in
+    (a byte every 50 ms, 5 s in all, each receive in time) ends with RequestTimeout after the
+    client's timeout, its connection closed, as over the client's own sockets; before, httpx
+    read it to its end."""
+    requests: list[str] = []
+    outcome: list[str] = []
+    paced = threading.Event()  # never set: waiting on it paces the bytes
+
+    def chunked_then_trickle(connection: socket.socket) -> None:
+        while lines := read_requests(connection, 1, requests):
+            if len(requests) <= 2:  # the first lookup: on the client's socket, then httpx
+                reply(connection, lines[0], chunked=True)
+                continue
+            connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            try:
+                for byte in b"%x\r\n%s\r\n0\r\n\r\n" % (len(META), META):
+                    paced.wait(0.05)
+                    connection.sendall(bytes([byte]))
+            except OSError:
+                outcome.append("closed by the client")
+            else:
+                outcome.append("all sent")
+            return
+
+    with SocketServer(chunked_then_trickle) as server, \
+            VidCacheClient(server.url, timeout=1) as client:
+        assert client.get_meta(HASH) is not None
+        with pytest.raises(RequestTimeout, match=f"metadata of video {HASH}: timed out"):
+            client.get_meta(HASH)
+        wait_until(lambda: outcome, timeout=30, what="the trickle's end")
+    assert outcome == ["closed by the client"]
 
 
 def test_answers_trickling_in_behind_a_refusal_are_given_up_after_the_timeout() -> None:

@@ -129,18 +129,25 @@ def remote_stats(mounted: VcfsMount) -> dict[str, int]:
 # Slow-loris on the small answers
 
 
+@pytest.mark.parametrize("route", ["own sockets", "httpx"])
 @pytest.mark.parametrize("trickled", ["metadata", "range"])
 def test_a_trickling_answer_gives_its_connection_up_by_the_deadline(
-    vidcache_server: VidcacheServer, sources: dict[str, Source], trickled: str,
+    vidcache_server: VidcacheServer, sources: dict[str, Source], trickled: str, route: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Metadata, or a range answer's head, trickling in a byte every 0.3 s (each receive in
     time, the whole taking minutes): the operations fail by their deadline, and once the
     service answers normally again the next one works. Before, each given-up attempt went on
     receiving on its worker thread and connection until the whole answer (or head) was in:
     with two workers, two such operations left the third (fault over, service fine) failing
-    after its full deadline."""
+    after its full deadline. `httpx`: the client reads everything through httpx, as it does
+    when the environment names a proxy (here the fault proxy itself, as HTTP_PROXY)."""
     big = sources["big.mp4"]
     with FaultyLink(vidcache_server.port) as faulty:
+        if route == "httpx":
+            for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("http_proxy", faulty.url)
         remote = Remote.connect(faulty.url, config=RemoteConfig(
             timeout=TIMEOUT, workers=2, first_block_with_meta=False))
         try:
@@ -161,6 +168,9 @@ def test_a_trickling_answer_gives_its_connection_up_by_the_deadline(
                     call()
                 assert time.monotonic() - started <= EIO_BOUND
             assert faulty.faults.injected()["trickle"] >= 2
+            # through httpx, to a proxy: requests name the whole URL
+            assert all(target.startswith("http://") == (route == "httpx")
+                       for target in faulty.request_targets())
             faulty.faults.clear()
             if trickled == "metadata":
                 meta = calls[2]()

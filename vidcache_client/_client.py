@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from vidcache_client._deadline import with_deadlines, within
 from vidcache_client._digests import checked_digests
 from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
 from vidcache_client._pool import Budget, Pool
@@ -91,6 +92,7 @@ class VidCacheClient:
                 raise ValueError("token must be printable ASCII without spaces or newlines")
             headers["Authorization"] = f"Bearer {token}"
         self.base_url = str(url).rstrip("/")
+        self._timeout = timeout
         self.chunk_size = chunk_size
         # One TLS context for every pooled client: building one loads the CA bundle, about
         # 100 ms of CPU (under the GIL) that each new connection would otherwise pay.
@@ -102,8 +104,11 @@ class VidCacheClient:
         limits = httpx.Limits(max_connections=1, keepalive_expiry=60.0)
 
         def one_connection_client() -> httpx.Client:
-            return httpx.Client(base_url=url, timeout=timeout, headers=headers, verify=ssl_context,
-                                transport=transport, limits=limits)
+            client = httpx.Client(base_url=url, timeout=timeout, headers=headers,
+                                  verify=ssl_context, transport=transport, limits=limits)
+            # Its own sockets (not a caller's transport) end every receive by the deadline of
+            # `within`: an answer's head, a small answer whole, come within the timeout.
+            return client if transport is not None else with_deadlines(client)
 
         self._budget = Budget(size=max_connections, wait_timeout=timeout)
         self._pool = Pool(one_connection_client, close=httpx.Client.close, budget=self._budget)
@@ -482,7 +487,7 @@ class VidCacheClient:
                 return response
             except Unhandled:
                 self._small_gets = False  # this server's answers need httpx: use it from now on
-        with transport_errors(what), self._pool.borrow() as http:
+        with transport_errors(what), self._pool.borrow() as http, within(self._timeout):
             response = http.request(method, path, params=params, json=json)
         raise_for_status(response, what)
         return response
@@ -509,9 +514,13 @@ class VidCacheClient:
             with transport_errors(what):
                 http = cleanup.enter_context(self._pool.borrow())
                 request = http.build_request("GET", f"/video/{content_hash}", headers=headers)
-                response = http.send(request, stream=True)
-                cleanup.callback(response.close)
-                raise_for_status(response, what)
+                # The head (and an error's body) within the timeout. The body is bounded as
+                # over `_rangeconn`: each receive by the timeout, and read_range_into's
+                # on_progress, called after each, may give up on a trickle.
+                with within(self._timeout):
+                    response = http.send(request, stream=True)
+                    cleanup.callback(response.close)
+                    raise_for_status(response, what)
             expected = expected_video_length(response, content_hash, asked, what)
             yield response, what, asked, expected
 
