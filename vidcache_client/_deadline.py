@@ -44,10 +44,15 @@ def with_deadlines(client: httpx.Client) -> httpx.Client:
     """`client`, its connections (direct, or through a proxy from the environment) made by the
     backend below. httpx has no option for a network backend: it is set on the connection pool
     of each transport httpx made for `client`, before any connection exists. Only for a client
-    made without a `transport` of the caller's (that one is theirs to leave alone)."""
-    for transport in (client._transport, *client._mounts.values()):
-        if isinstance(transport, httpx.HTTPTransport):
-            transport._pool._network_backend = _BACKEND
+    made without a `transport` of the caller's (that one is theirs to leave alone). Private
+    attributes (httpx 0.27-0.28, httpcore 1.x): where a later httpx lays them out otherwise,
+    the client is left as httpx made it (each receive bounded, not the answer), never broken."""
+    transports = [getattr(client, "_transport", None),
+                  *getattr(client, "_mounts", {}).values()]
+    for transport in transports:
+        pool = getattr(transport, "_pool", None)
+        if isinstance(transport, httpx.HTTPTransport) and isinstance(pool, httpcore.ConnectionPool):
+            pool._network_backend = _BACKEND
     return client
 
 
