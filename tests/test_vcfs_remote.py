@@ -736,6 +736,46 @@ def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeServ
         release.set()
 
 
+def test_close_ends_a_cold_lookup_whose_exchange_is_still_queued_at_once(
+    service: FakeService,
+) -> None:
+    """A cold lookup's pipelined exchange waits for a worker while every worker is busy (here
+    the only one, on a stuck listing). `close()` cancels it unsent: the lookup must not wait
+    for an answer that nothing will give until its cutoff (60 + 10 s here)."""
+    release = threading.Event()
+    service.block_listing = lambda: release.wait(30)
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=60.0, workers=1))
+    outcome: list[object] = []
+
+    def run(call: Callable[[], object]) -> threading.Thread:
+        def target() -> None:
+            try:
+                outcome.append(call())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread
+
+    listing = run(remote.list_videos)
+    try:
+        wait_until(lambda: service.requests == ["/videos"], timeout=10,
+                   what="the listing holding the worker")
+        lookup = run(lambda: remote.meta(HASH, first_block=1000))
+        wait_until(lambda: remote.counters.get("first_blocks") == 1, timeout=10,
+                   what="the lookup's exchange queued")
+        remote.close()
+        for thread in (listing, lookup):
+            thread.join(10)
+            assert not thread.is_alive(), "close() left a caller waiting"
+        assert len(outcome) == 2 and all(isinstance(o, Stopping) for o in outcome), outcome
+        assert service.requests == ["/videos"]  # the exchange was never sent
+    finally:
+        release.set()
+
+
 # ---------------------------------------------------------------------------------------------
 # The same fetches against the real service on loopback, through the benchmark's proxy with
 # faults: the client's socket path, not httpx.

@@ -1084,11 +1084,17 @@ class Remote:
                 arrival.end()
             return block, received
 
+        def unsent(data: concurrent.futures.Future[tuple[bytes, int]]) -> None:
+            if data.cancelled():  # never ran (close() cancels what is queued): nor will these
+                meta.cancel()
+                digests.cancel()
+
         with self._lock:
             if content_hash in self._first_blocks or content_hash in self._chunk_sizes:
                 return None
             speculation = _FirstBlock(block_size, self._submit(receive), meta, digests,
                                       arrival)
+            speculation.data.add_done_callback(unsent)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
         self.counters.add("http_requests", 3)
