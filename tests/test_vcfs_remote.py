@@ -869,6 +869,31 @@ def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
     assert len(link.ranges()) == 2
 
 
+def test_a_stopped_run_of_blocks_smaller_than_the_chunks_ends_too(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    """Blocks smaller than the video's chunks (`--block-size 128K`, 256 KiB chunks) are
+    fetched as one verified range and cut into blocks afterwards: a stop (the reader closed
+    the file) must end that range too, not let the rest of it come."""
+    link.faults.enable(Bandwidth(bytes_per_s=2 * MIB))  # the 4 MiB would take 2 s
+    stop = threading.Event()
+
+    def stop_once_asked() -> None:
+        wait_until(lambda: link.ranges(), timeout=10, what="the range asked for")
+        stop.set()
+
+    stopper = threading.Thread(target=stop_once_asked, daemon=True)
+    stopper.start()
+    try:
+        with pytest.raises(FetchStopped):
+            real_remote.fetch_blocks(big.hash, MIB, 5 * MIB, 128 << 10, stop=stop)
+    finally:
+        stopper.join(10)
+    assert link.ranges() == [f"bytes={MIB}-{5 * MIB - 1}"]  # no retry
+    counters = real_remote.counters
+    assert (counters.get("stopped"), counters.get("retries"), counters.get("errors")) == (1, 0, 0)
+
+
 def test_a_run_cut_midway_is_resumed_after_its_last_reported_block(
     real_remote: Remote, link: Link, big: StoredVideo,
 ) -> None:
