@@ -334,6 +334,29 @@ def test_blocks_in_flight_count_against_the_budget() -> None:
     assert cache.read(H1, len(data), 3 * BS, 3 * BS) == data[3 * BS : 6 * BS]
 
 
+def test_prefetches_of_several_streams_stay_within_the_budget_together() -> None:
+    """Two streams' readahead at once on a small cache (`--cache-size 4M`: a 2-block window
+    each, and 4 readahead threads): a prefetch takes no more than the room its fellows in
+    flight leave, so in-flight plus cached bytes stay within the capacity; what it leaves
+    out is fetched by the read that needs it."""
+    data = data_of(8 * BS)
+    fetcher = GatedFetcher({H1: data, H2: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=4 * BS)
+    fetcher.gate.set()
+    cache.read(H1, len(data), 0, BS)
+    cache.read(H2, len(data), 0, BS)
+    fetcher.gate.clear()  # the prefetches wait
+    with threads(lambda: cache.prefetch(H1, len(data), 1, 3),
+                 lambda: cache.prefetch(H2, len(data), 1, 3)):
+        wait_until(lambda: len(fetcher.calls) == 4, timeout=DEADLINE, what="the prefetches")
+        in_flight = cache.stats()["fetching_blocks"] * BS + cache.stats()["cached_bytes"]
+        fetcher.gate.set()
+    assert in_flight <= 4 * BS
+    assert cache.stats()["cached_bytes"] <= 4 * BS
+    assert cache.read(H1, len(data), 0, 4 * BS) == data[: 4 * BS]
+    assert cache.read(H2, len(data), 0, 4 * BS) == data[: 4 * BS]
+
+
 def test_fetching_blocks_counts_the_blocks_in_flight_until_they_are_resolved() -> None:
     data = data_of(4 * BS)
     fetcher = GatedFetcher({H1: data})

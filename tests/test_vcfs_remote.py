@@ -736,6 +736,46 @@ def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeServ
         release.set()
 
 
+def test_close_ends_a_cold_lookup_whose_exchange_is_still_queued_at_once(
+    service: FakeService,
+) -> None:
+    """A cold lookup's pipelined exchange waits for a worker while every worker is busy (here
+    the only one, on a stuck listing). `close()` cancels it unsent: the lookup must not wait
+    for an answer that nothing will give until its cutoff (60 + 10 s here)."""
+    release = threading.Event()
+    service.block_listing = lambda: release.wait(30)
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=60.0, workers=1))
+    outcome: list[object] = []
+
+    def run(call: Callable[[], object]) -> threading.Thread:
+        def target() -> None:
+            try:
+                outcome.append(call())
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread
+
+    listing = run(remote.list_videos)
+    try:
+        wait_until(lambda: service.requests == ["/videos"], timeout=10,
+                   what="the listing holding the worker")
+        lookup = run(lambda: remote.meta(HASH, first_block=1000))
+        wait_until(lambda: remote.counters.get("first_blocks") == 1, timeout=10,
+                   what="the lookup's exchange queued")
+        remote.close()
+        for thread in (listing, lookup):
+            thread.join(10)
+            assert not thread.is_alive(), "close() left a caller waiting"
+        assert len(outcome) == 2 and all(isinstance(o, Stopping) for o in outcome), outcome
+        assert service.requests == ["/videos"]  # the exchange was never sent
+    finally:
+        release.set()
+
+
 # ---------------------------------------------------------------------------------------------
 # The same fetches against the real service on loopback, through the benchmark's proxy with
 # faults: the client's socket path, not httpx.
@@ -827,6 +867,31 @@ def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
     with pytest.raises(FetchStopped):  # already set: nothing is sent
         real_remote.fetch_blocks(big.hash, 2 * MIB, 4 * MIB, MIB, stop=stop)
     assert len(link.ranges()) == 2
+
+
+def test_a_stopped_run_of_blocks_smaller_than_the_chunks_ends_too(
+    real_remote: Remote, link: Link, big: StoredVideo,
+) -> None:
+    """Blocks smaller than the video's chunks (`--block-size 128K`, 256 KiB chunks) are
+    fetched as one verified range and cut into blocks afterwards: a stop (the reader closed
+    the file) must end that range too, not let the rest of it come."""
+    link.faults.enable(Bandwidth(bytes_per_s=2 * MIB))  # the 4 MiB would take 2 s
+    stop = threading.Event()
+
+    def stop_once_asked() -> None:
+        wait_until(lambda: link.ranges(), timeout=10, what="the range asked for")
+        stop.set()
+
+    stopper = threading.Thread(target=stop_once_asked, daemon=True)
+    stopper.start()
+    try:
+        with pytest.raises(FetchStopped):
+            real_remote.fetch_blocks(big.hash, MIB, 5 * MIB, 128 << 10, stop=stop)
+    finally:
+        stopper.join(10)
+    assert link.ranges() == [f"bytes={MIB}-{5 * MIB - 1}"]  # no retry
+    counters = real_remote.counters
+    assert (counters.get("stopped"), counters.get("retries"), counters.get("errors")) == (1, 0, 0)
 
 
 def test_a_run_cut_midway_is_resumed_after_its_last_reported_block(

@@ -70,8 +70,9 @@ exactly the size the next block needs, so the heap is reused instead of fragment
 temporaries cut into 1 MiB blocks left ~35 MB of holes behind). A block larger than the whole
 capacity (or any block when capacity is 0) is returned but not cached. Blocks being fetched
 count against the budget from the moment a thread owns their fetch (least recent blocks are
-evicted to make room), so cached plus in-flight bytes stay within `capacity` however deep
-readahead's pipeline is.
+evicted to make room), and a prefetch takes only the blocks that fit beside those in flight,
+so cached plus in-flight bytes stay within `capacity` however deep readahead's pipeline is
+and however many streams it serves (only reads, which must be answered, can go beyond it).
 
 Passed blocks (readahead's drop-behind, `discard`): blocks a sequential stream has read past
 leave the LRU for a *passed* tier, oldest first, of at most `passed_capacity` bytes (a quarter
@@ -421,7 +422,8 @@ class BlockCache:
         """Fetch the blocks `first_block..last_block` (inclusive) that are neither cached nor
         in flight, clamped to the file; adjacent ones in one fetcher call each.
 
-        Meant for readahead threads: it never waits for other threads' fetches. Raises the
+        Meant for readahead threads: it never waits for other threads' fetches, and leaves
+        out the blocks beyond the room the blocks in flight leave in the budget. Raises the
         first fetch error (after failing the affected blocks' futures like `read` does).
         Setting `stop` ends the fetch early (through a block fetcher, which watches it): the
         blocks arrived by then are cached, readers of the others fetch them themselves, and
@@ -431,10 +433,16 @@ class BlockCache:
         last = min(last_block, block_count(file_size, self._block_size) - 1)
         owned: dict[int, _Pending] = {}
         with self._lock:
+            # Only what fits beside the blocks in flight (other streams' prefetches too): a
+            # read takes what this leaves out itself.
+            room = self._capacity - self._reserved
             for index in range(first, last + 1):
                 key = (content_hash, index)
                 if key in self._lru or key in self._passed or key in self._inflight:
                     continue
+                room -= self._cacheable_size(file_size, index)
+                if room < 0:
+                    break
                 owned[index] = self._inflight[key] = _Pending()
             self._prefetched_blocks += len(owned)
             self._reserve(file_size, owned)

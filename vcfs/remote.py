@@ -745,10 +745,10 @@ class Remote:
 
     def _fetch(self, content_hash: str, start: int, end: int, *,
                on_partial: Callable[[bytes, int], None] | None,
-               deadline: float | None = None) -> bytes:
+               deadline: float | None = None, stop: threading.Event | None = None) -> bytes:
         """`fetch` (by `deadline`, if the operation began earlier); a first block fetched with
         the metadata is handed to `on_partial(block, ready)` chunk by chunk as it is verified,
-        before it is complete."""
+        before it is complete. `FetchStopped` once `stop` is set."""
         if end <= start:
             return b""
         asked = f"{content_hash} bytes {start}-{end - 1}"
@@ -764,10 +764,11 @@ class Remote:
             if held is not None:
                 data = held
             elif self._first_fetch_overlaps_digests(content_hash, start, end):
-                data = self._fetch_with_digests(asked, content_hash, start, end, deadline)
+                data = self._fetch_with_digests(asked, content_hash, start, end, deadline, stop)
             else:
                 digests = self._chunk_digests(content_hash, deadline, start, end)
-                data = self._fetch_verified(asked, content_hash, start, end, digests, deadline)
+                data = self._fetch_verified(asked, content_hash, start, end, digests, deadline,
+                                            stop)
         self.counters.add("bytes_fetched", len(data))
         return data
 
@@ -837,7 +838,12 @@ class Remote:
             or start % block_size
             or (end % block_size and end != meta.size)
         ):
-            data = self._fetch(content_hash, start, end, on_partial=None, deadline=deadline)
+            try:  # one range, cut into blocks once it is all in: a stop must end it too
+                data = self._fetch(content_hash, start, end, on_partial=None, deadline=deadline,
+                                   stop=stop)
+            except FetchStopped:
+                self.counters.add("stopped")
+                raise
             view = memoryview(data)
             pieces = [data] if len(data) <= block_size else [
                 bytes(view[low : low + block_size]) for low in range(0, len(data), block_size)]
@@ -998,10 +1004,11 @@ class Remote:
         end: int,
         digests: Digests | None,
         deadline: float,
+        stop: threading.Event | None = None,
     ) -> bytes:
         if digests is None:
-            return self._fetch_range(asked, content_hash, start, end, None, deadline)
-        return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
+            return self._fetch_range(asked, content_hash, start, end, None, deadline, stop)
+        return self._fetch_chunks(asked, content_hash, start, end, digests, deadline, stop)
 
     def _first_fetch_overlaps_digests(self, content_hash: str, start: int, end: int) -> bool:
         """Whether to fetch the range while the digests are still on their way: for a known
@@ -1019,7 +1026,8 @@ class Remote:
         )
 
     def _fetch_with_digests(
-        self, asked: str, content_hash: str, start: int, end: int, deadline: float
+        self, asked: str, content_hash: str, start: int, end: int, deadline: float,
+        stop: threading.Event | None = None,
     ) -> bytes:
         """A fetch whose digests are not known yet (the first of a hash, or the first in a
         page of a long video): its range and its chunk digests at once, one round trip
@@ -1027,7 +1035,7 @@ class Remote:
         fail, or the range cuts a chunk (chunks coarser than the blocks), the verified path
         fetches it again, widened to whole chunks."""
         digests_soon = self._digests_soon(content_hash, deadline, start, end)
-        data = self._fetch_range(asked, content_hash, start, end, None, deadline)
+        data = self._fetch_range(asked, content_hash, start, end, None, deadline, stop)
         try:
             digests = digests_soon.result(timeout=max(self._cutoff(deadline) - self._clock(), 0))
         except concurrent.futures.TimeoutError as exc:
@@ -1043,7 +1051,7 @@ class Remote:
                 log.warning("%s: %s; fetching it again", asked, exc)
             else:
                 return data
-        return self._fetch_chunks(asked, content_hash, start, end, digests, deadline)
+        return self._fetch_chunks(asked, content_hash, start, end, digests, deadline, stop)
 
     def _start_first_block(self, content_hash: str, block_size: int) -> _FirstBlock | None:
         """Send one attempt at the video's metadata, digests and first block, now, pipelined on
@@ -1088,11 +1096,17 @@ class Remote:
                 arrival.end()
             return block, received
 
+        def unsent(data: concurrent.futures.Future[tuple[bytes, int]]) -> None:
+            if data.cancelled():  # never ran (close() cancels what is queued): nor will these
+                meta.cancel()
+                digests.cancel()
+
         with self._lock:
             if content_hash in self._first_blocks or content_hash in self._chunk_sizes:
                 return None
             speculation = _FirstBlock(block_size, self._submit(receive), meta, digests,
                                       arrival)
+            speculation.data.add_done_callback(unsent)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
         self.counters.add("http_requests", 3 if digest_page else 2)
@@ -1275,6 +1289,7 @@ class Remote:
         end: int,
         digests: Digests,
         deadline: float,
+        stop: threading.Event | None = None,
     ) -> bytes:
         """`[start, end)` from whole verified chunks: the edge chunks it cuts come from the
         verified-chunk LRU or are fetched whole (and then kept there)."""
@@ -1282,11 +1297,11 @@ class Remote:
         first, last = start // chunk_size, (end - 1) // chunk_size
         if chunk_size > self.config.verified_chunk_bytes // 2:
             # Widening would fetch huge chunks for small blocks: verify only whole ones.
-            return self._fetch_range(asked, content_hash, start, end, digests, deadline)
+            return self._fetch_range(asked, content_hash, start, end, digests, deadline, stop)
         cut_first = start != digests.bounds(first)[0]
         cut_last = end != digests.bounds(last)[1]
         if not cut_first and not cut_last:
-            return self._fetch_range(asked, content_hash, start, end, digests, deadline)
+            return self._fetch_range(asked, content_hash, start, end, digests, deadline, stop)
         cut = {first: cut_first, last: cut_last} if first != last else {first: True}
         with self._lock:
             cached = {
@@ -1301,7 +1316,7 @@ class Remote:
             fetch_start, fetch_end = digests.bounds(low)[0], digests.bounds(high)[1]
             data = self._fetch_range(
                 f"{asked} (as whole chunks, bytes {fetch_start}-{fetch_end - 1})",
-                content_hash, fetch_start, fetch_end, digests, deadline,
+                content_hash, fetch_start, fetch_end, digests, deadline, stop,
             )
             self.counters.add(
                 "verify_extra_bytes",
@@ -1330,17 +1345,24 @@ class Remote:
         end: int,
         digests: Digests | None,
         deadline: float,
+        stop: threading.Event | None = None,
     ) -> bytes:
         """One range with retries, received straight into the `bytes` it returns, its whole
-        chunks verified."""
+        chunks verified; `FetchStopped` once `stop` is set."""
+        stopped = _stop_check(stop, content_hash)
 
         def attempt(cutoff: float) -> bytes:
+            stopped(0)
             self.counters.add("range_requests")
             data, view = unfilled_block(end - start)
-            received = self._client.read_range_into(
-                content_hash, start, [view],
-                on_progress=self._cutoff_check(end - start, cutoff),
-            )
+            overdue = self._cutoff_check(end - start, cutoff)
+
+            def progress(received: int) -> None:
+                overdue(received)
+                stopped(received)
+
+            received = self._client.read_range_into(content_hash, start, [view],
+                                                    on_progress=progress)
             if received != end - start:
                 raise CorruptData(f"got {received} bytes instead of {end - start}")
             if digests is not None:
