@@ -965,11 +965,14 @@ def test_options_that_depend_on_others() -> None:
     assert _options().readahead_max == 16 * MIB
     assert _options("--cache-size", "8M").readahead_max == 4 * MIB
     assert _options("--cache-size", "8M", "--readahead-max", "0").readahead_max == 0
-    # A first block fetched with a lookup is verified alone: only blocks of whole chunks.
+    # A first block fetched with a lookup is verified alone: only blocks of whole chunks; and
+    # a stat-only lookup costs it: none above 1M.
     assert _options().first_block_with_meta
     assert _options("--block-size", "512K").first_block_with_meta
     assert not _options("--block-size", "64K").first_block_with_meta
     assert not _options("--block-size", "1028K").first_block_with_meta
+    assert not _options("--block-size", "4M").first_block_with_meta
+    assert not _options("--block-size", "64M").first_block_with_meta
     # -o passes mount options on, fixed ones included; not the FUSE helper's own keywords.
     assert _options("-o", "ro,fsname=cache").fuse_options == ("ro", "fsname=cache")
     for keyword in ("debug", "foreground", "nothreads"):

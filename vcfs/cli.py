@@ -60,6 +60,9 @@ _HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "r
 # The service's default digest chunk: a first block fetched with a lookup is verified whole,
 # so it must be made of whole chunks (else it is dropped and fetched again).
 _DIGEST_CHUNK = 256 * KIB
+# A stat-only lookup (ls -l of unlisted names, a player's probe of its playlist) costs the first
+# block: no more than a probe reads anyway, not a 64 MiB download per name.
+_FIRST_BLOCK_MAX = MIB
 # How long `--daemon` waits for the child's mount beyond the service deadline.
 _DAEMON_START_MARGIN = 30.0
 # Two malloc arenas for all of vcfs's threads (see tune_malloc).
@@ -237,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "metadata; by default vcfs also fetches the first block and the chunk digests at the "
         "same time, one round trip less before a player's first read, at the cost of one "
         "block per stat-only lookup (never with a --block-size that is not a multiple of "
-        "256K, the service's digest chunk: such a block could not be verified alone)",
+        "256K, the service's digest chunk: such a block could not be verified alone; nor "
+        "above 1M: a stat would cost the whole block)",
     )
     # Internal: the --daemon parent's pipe, told "ok" once the mount answers.
     mount.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
@@ -312,7 +316,8 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         raise_readahead=args.raise_readahead,
-        first_block_with_meta=args.first_block_with_meta and block % _DIGEST_CHUNK == 0,
+        first_block_with_meta=(args.first_block_with_meta and block % _DIGEST_CHUNK == 0
+                               and block <= _FIRST_BLOCK_MAX),
         keep_passed=args.keep_passed,
         token_file=token_file,
         token=read_token_file(token_file) if token_file else None,
