@@ -939,6 +939,23 @@ def test_a_daemon_that_cannot_be_started_is_a_startup_error(
         cli.run_daemon(options)
 
 
+def test_a_daemon_that_never_reports_is_named_with_the_time_waited(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command waits --timeout plus a margin for the daemon's mount; its message named
+    --timeout alone (30 s after a wait of 60 s by default). The daemon here is a stand-in
+    that hangs, as one under a mount point on a stalled file system would."""
+    hung = tmp_path / "hung-python"
+    hung.write_text("#!/bin/sh\nexec sleep 60\n")
+    hung.chmod(0o755)
+    options = cli.mount_options(cli.build_parser().parse_args(
+        ["mount", "http://cache:8020/", str(tmp_path), "--daemon", "--timeout", "0.5"]))
+    monkeypatch.setattr(sys, "executable", str(hung))
+    monkeypatch.setattr(cli, "_DAEMON_START_MARGIN", 1.0)
+    with pytest.raises(cli.StartupError, match=r"did not come up within 1\.5 s"):
+        cli.run_daemon(options)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["127.0.0.1:8020"], "must be an http:// or https:// URL with a host"),
     (["ftp://cache:8020"], "must be an http:// or https:// URL with a host"),

@@ -629,6 +629,7 @@ def foreground_arguments(options: MountOptions) -> list[str]:
 def run_daemon(options: MountOptions) -> int:
     """Start `vcfs mount --foreground` detached; return once it mounted (0) or failed."""
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
+    wait = options.timeout + _DAEMON_START_MARGIN
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
         try:
@@ -647,7 +648,7 @@ def run_daemon(options: MountOptions) -> int:
         finally:
             os.close(write_end)
         try:
-            status = _read_status(read_end, options.timeout + _DAEMON_START_MARGIN)
+            status = _read_status(read_end, wait)
         except KeyboardInterrupt:
             # The child, in a session of its own, did not get the Ctrl-C: it must not mount
             # after the user gave up on it.
@@ -663,7 +664,7 @@ def run_daemon(options: MountOptions) -> int:
         sys.stderr.write(early_output.read().decode(errors="replace"))
         if not status:
             return code or 1
-        raise StartupError(f"the mount did not come up within {options.timeout:g} s")
+        raise StartupError(f"the mount did not come up within {wait:g} s")
 
 
 def _stop(child: subprocess.Popen[bytes]) -> int:
