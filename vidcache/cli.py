@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the API has no authentication)")
     serve.add_argument("--port", type=_port, default=DEFAULT_PORT,
                        help=f"port to listen on, 1-65535 (default {DEFAULT_PORT})")
-    serve.add_argument("--max-size", metavar="BYTES", type=parse_size, default="4G",
+    serve.add_argument("--max-size", metavar="SIZE", type=parse_size, default="4G",
                        help="largest video ingest accepts, bytes or K/M/G/T of 1024 (default 4G)")
     serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
                        help="seconds a download may make no progress (default 30)")
