@@ -10,6 +10,7 @@ httpx fallback a custom transport selects.
 from __future__ import annotations
 
 import functools
+import gzip
 import re
 import socket
 import ssl
@@ -666,6 +667,29 @@ def test_a_chunked_answer_is_read_through_httpx_from_then_on() -> None:
             assert filled == [0, 1]
     # asked once on a socket of its own, once through httpx; then through httpx only
     assert asked == [(100, 100_099), (100, 100_099), (300_000, 399_999)]
+
+
+def test_a_content_encoded_range_is_never_data() -> None:
+    """A server (or a proxy in between) that gzips whatever Accept-Encoding says answers a
+    range with bytes of the gzip stream: they were written into the buffers as the video's."""
+    encoded = gzip.compress(DATA)
+
+    def gzipping(connection: socket.socket) -> None:
+        while (request := read_request(connection)) is not None:
+            start, end = request
+            body = encoded[start : end + 1]
+            connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Encoding: gzip\r\n"
+                               b"Content-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n\r\n%s"
+                               % (start, start + len(body) - 1, len(encoded), len(body), body))
+
+    with SocketServer(gzipping) as server, VidCacheClient(server.url, timeout=5) as client:
+        buffer = bytearray(100)
+        filled: list[int] = []
+        with pytest.raises(RangeError, match="Content-Encoding 'gzip'"):
+            client.read_range_into(DATA_HASH, 0, [buffer], on_filled=filled.append)
+        assert buffer == bytearray(100) and filled == []
+        with pytest.raises(RangeError, match="Content-Encoding 'gzip'"):  # through httpx
+            client.get_bytes(DATA_HASH, (1000, 1099))
 
 
 def test_the_request_keeps_the_base_urls_path_and_sends_the_clients_headers() -> None:

@@ -4,7 +4,8 @@ Before the body: the status must be 200 for a whole video and 206 for a range (a
 request is refused, never sliced: the client does not return bytes it has not seen labelled
 as the asked range); `Content-Range: bytes s-e/total` must name the asked start and the asked
 end, or `total - 1` when the asked end lies past the end of the video (the one clamp HTTP
-allows); `Content-Length`, if sent, must agree; an `ETag`, if sent, must name the asked hash.
+allows); `Content-Length`, if sent, must agree; an `ETag`, if sent, must name the asked hash;
+a range must not be content-encoded.
 The result is the number of body bytes to expect, which the reader then counts: a body that
 ends short or runs long raises too.
 """
@@ -64,6 +65,12 @@ def expected_video_length(
         ignored = (" (the server ignored the Range header and sent the whole video)"
                    if response.status_code == 200 else "")
         raise RangeError(f"{what}: expected 206 Partial Content, got {status}{ignored}")
+    coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in ("", "identity"):
+        # Ranges are of the encoded representation: its Content-Range counts compressed bytes,
+        # which read_range_into's buffers would receive as they are.
+        raise RangeError(f"{what}: 206 answer with Content-Encoding {coding!r} although "
+                         "'identity' was asked: its bytes are not the video's")
     header = response.headers.get("Content-Range")
     answered = parse_content_range(header)
     if answered is None:
