@@ -5,6 +5,8 @@ pipelined requests unanswered is not an error in the service's log."""
 
 from __future__ import annotations
 
+import json
+import re
 import select
 import socket
 import time
@@ -100,3 +102,29 @@ def test_a_client_leaving_with_pipelined_requests_is_not_an_error(
     log = server.log()
     assert log.count(f"GET /meta/{unknown} HTTP/1.1\" 404") >= 20, log
     assert "ERROR" not in log and "Traceback" not in log, log
+
+
+def _answers_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends on `sock` until it closes the connection."""
+    received = b""
+    while piece := sock.recv(65536):
+        received += piece
+    return received
+
+
+def test_a_malformed_request_is_refused_after_the_answers_to_those_before_it(
+        connected: socket.socket) -> None:
+    """uvicorn wrote its 400 for an unparseable request at once and closed the connection:
+    the client read it as the answer to its first request, and the answers to the requests
+    sent before the bad one never came (RFC 9112 9.3.2: answers go in the requests' order)."""
+    unknown = "ab" * 32
+    connected.sendall(b"GET /health HTTP/1.1\r\nHost: v\r\n\r\n"
+                      + f"GET /meta/{unknown} HTTP/1.1\r\nHost: v\r\n\r\n".encode()
+                      + b"GET /he alth HTTP/1.1\r\nHost: v\r\n\r\n"
+                      + b"GET /health HTTP/1.1\r\nHost: v\r\n\r\n")
+    answers = re.split(rb"(?=HTTP/1\.1 \d{3} )", _answers_until_closed(connected))[1:]
+    assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 404",
+                                                   b"HTTP/1.1 400"], answers
+    head, _, body = answers[2].partition(b"\r\n\r\n")
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["detail"].startswith("malformed HTTP request")

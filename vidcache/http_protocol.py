@@ -1,5 +1,7 @@
-"""uvicorn's HTTP/1.1 protocol (httptools) with one fix: when a client leaves, every request of
-its connection is told, not only the newest.
+"""uvicorn's HTTP/1.1 protocol (httptools) with two fixes for pipelined requests: when a client
+leaves, every request of its connection is told, not only the newest; and a request that
+cannot be parsed is refused after the answers owed to the requests before it, not ahead of
+them.
 
 A client may send several requests at once (HTTP/1.1 pipelining: vidcache_client asks for a
 video's metadata, digest page and first bytes in one go, vcfs's readahead queues ranges).
@@ -10,25 +12,52 @@ closed socket, which uvloop refuses with RuntimeError: logged as "Exception in A
 application" with a 50-line traceback, for what is just a client leaving. Here every request
 not yet answered is marked, as uvicorn marks a lone one: its sends are dropped, `receive()`
 says `http.disconnect` (so a long body stops being read), and nothing is logged.
+
+A request llhttp cannot parse, uvicorn answers 400 at once and closes the connection: that
+400 went out before (and so in place of) the answers to the well-formed requests sent ahead
+of it, which were then dropped. RFC 9112 (9.3.2) wants answers in the order of the requests,
+so here the refusal waits until those are sent. It is JSON `{"detail"}`, like every other
+error of the service.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 
 class PipelinedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._unanswered: list[RequestResponseCycle] = []
+        # The refusal that ends this connection, once the requests before it are answered.
+        self._refusal: bytes | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # refused: the connection closes after the answers owed; nothing more is read
+        super().data_received(data)
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()  # makes self.cycle the new request's
         self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
         if self.cycle is not None and self.cycle not in self._unanswered:
             self._unanswered.append(self.cycle)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._send_refusal_when_due()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request the parser refused (`msg` is its generic text)."""
+        self._refuse(400, "malformed HTTP request: it does not follow HTTP/1.1's syntax "
+                          "(RFC 9112)")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -37,3 +66,24 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
         self._unanswered.clear()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer `status` with `detail` after the requests before it, then close."""
+        if self._refusal is not None:
+            return
+        body = json.dumps({"detail": detail}).encode()
+        head = [STATUS_LINE[status]]
+        head += [name + b": " + value + b"\r\n" for name, value in
+                 self.server_state.default_headers]
+        head += [b"content-type: application/json\r\n",
+                 b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n"]
+        self._refusal = b"".join(head) + body
+        self._send_refusal_when_due()
+
+    def _send_refusal_when_due(self) -> None:
+        if self._refusal is None or self.transport.is_closing():
+            return
+        if any(not cycle.response_complete for cycle in self._unanswered):
+            return  # the answer being sent, or one queued, goes first
+        self.transport.write(self._refusal)
+        self.transport.close()
