@@ -18,6 +18,12 @@ A request llhttp cannot parse, uvicorn answers 400 at once and closes the connec
 of it, which were then dropped. RFC 9112 (9.3.2) wants answers in the order of the requests,
 so here the refusal waits until those are sent. It is JSON `{"detail"}`, like every other
 error of the service.
+
+A request's head is capped (MAX_HEAD_BYTES): httptools gathers a header field by concatenating
+bytes objects, which is quadratic in its length and runs on the event loop, so one client
+sending a 64 MiB header stalled every other request for 4 s (and the server kept its 400 MB
+of a longer one). Past the cap the request is refused 431, or 414 when its target alone is
+longer than httptools can parse, and nothing more of the connection is read.
 """
 
 from __future__ import annotations
@@ -31,20 +37,49 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 
+# More than any client of the service sends (a /resolve of an 8192-character URL, encoded, is
+# under 25 KiB), and small enough that gathering it costs little.
+MAX_HEAD_BYTES = 128 * 1024
+# httptools.parse_url cannot parse a longer request target (its offsets are 16-bit).
+MAX_TARGET_BYTES = 65_535
+# How long a refused connection is still read (and dropped) once its refusal is sent: closed
+# with the client's bytes unread, the kernel would reset it, and the client could lose the
+# refusal before reading it (RFC 9112 9.6).
+LINGER_SECONDS = 2.0
+
 
 class PipelinedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._unanswered: list[RequestResponseCycle] = []
-        # The refusal that ends this connection, once the requests before it are answered.
+        # The refusal that ends this connection, once the requests before it are answered
+        # (b"" once sent).
         self._refusal: bytes | None = None
+        # Bytes received since the current request's head began (not counting the piece it
+        # began in); None outside a head.
+        self._head_bytes: int | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._refusal is not None:
             return  # refused: the connection closes after the answers owed; nothing more is read
+        if self._head_bytes is not None:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self.logger.warning("Request head over %d bytes refused.", MAX_HEAD_BYTES)
+                if len(self.url) > MAX_TARGET_BYTES:
+                    self._refuse(414, f"request target longer than {MAX_TARGET_BYTES} bytes")
+                else:
+                    self._refuse(431, f"request head (request line and header fields) longer "
+                                      f"than {MAX_HEAD_BYTES} bytes")
+                return
         super().data_received(data)
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+
     def on_headers_complete(self) -> None:
+        self._head_bytes = None
         super().on_headers_complete()  # makes self.cycle the new request's
         self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
         if self.cycle is not None and self.cycle not in self._unanswered:
@@ -56,8 +91,11 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a request the parser refused (`msg` is its generic text)."""
-        self._refuse(400, "malformed HTTP request: it does not follow HTTP/1.1's syntax "
-                          "(RFC 9112)")
+        if len(getattr(self, "url", b"")) > MAX_TARGET_BYTES:  # parse_url gave up on it
+            self._refuse(414, f"request target longer than {MAX_TARGET_BYTES} bytes")
+        else:
+            self._refuse(400, "malformed HTTP request: it does not follow HTTP/1.1's syntax "
+                              "(RFC 9112)")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
@@ -68,7 +106,8 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
         self._unanswered.clear()
 
     def _refuse(self, status: int, detail: str) -> None:
-        """Answer `status` with `detail` after the requests before it, then close."""
+        """Answer `status` with `detail` after the requests before it; then the connection
+        ends."""
         if self._refusal is not None:
             return
         body = json.dumps({"detail": detail}).encode()
@@ -81,9 +120,11 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
         self._send_refusal_when_due()
 
     def _send_refusal_when_due(self) -> None:
-        if self._refusal is None or self.transport.is_closing():
-            return
+        if not self._refusal or self.transport.is_closing():
+            return  # none, or sent
         if any(not cycle.response_complete for cycle in self._unanswered):
             return  # the answer being sent, or one queued, goes first
         self.transport.write(self._refusal)
-        self.transport.close()
+        self._refusal = b""
+        self.transport.write_eof()  # closed when the client closes too, or after the linger
+        self.loop.call_later(LINGER_SECONDS, self.transport.close)
