@@ -229,6 +229,20 @@ def test_framework_errors_are_json_too(api: Api) -> None:
     assert "url" in missing_query.json()["detail"]
 
 
+def test_405_allows_every_method_of_the_path(api: Api) -> None:
+    """Starlette named the methods of the first route whose path matched: PUT /video/{hash}
+    said `Allow: GET`, though HEAD and DELETE are served there too (RFC 9110 15.5.6)."""
+    for method, path, allowed in (("PUT", f"/video/{'0' * 64}", {"GET", "HEAD", "DELETE"}),
+                                  ("POST", f"/video/{'0' * 64}", {"GET", "HEAD", "DELETE"}),
+                                  ("HEAD", f"/meta/{'0' * 64}", {"GET"}),
+                                  ("GET", "/ingest", {"POST"})):
+        response = api.http.request(method, path)
+        assert response.status_code == 405, (method, path)
+        assert set(response.headers["allow"].split(", ")) == allowed, (method, path)
+        if method != "HEAD":
+            assert response.json()["detail"].endswith(response.headers["allow"])
+
+
 def test_health_and_openapi(api: Api) -> None:
     health = api.http.get("/health").json()
     assert health["status"] == "ok"

@@ -35,6 +35,7 @@ from pydantic.config import JsonDict
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
+from starlette.routing import Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
 from vidcache import __version__
@@ -236,6 +237,17 @@ def _body_error(exc: StarletteHTTPException) -> str | None:
     return None
 
 
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route at the request's path. Starlette's 405 names those of the
+    first route whose path matched, but a path can have several (/video/{hash}: GET, HEAD and
+    DELETE), and Allow must list them all (RFC 9110 15.5.6)."""
+    methods: list[str] = []
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
+            methods += [method for method in sorted(route.methods or ()) if method not in methods]
+    return ", ".join(methods)
+
+
 def _document_auth(schema: dict[str, Any], *, protect_reads: bool) -> None:
     """Declare the bearer token in the OpenAPI document, on the operations that need it."""
     components = schema.setdefault("components", {})
@@ -319,9 +331,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no such endpoint: {request.method} {request.url.path}"
         elif exc.status_code == 405:
-            allowed = next((v for k, v in (exc.headers or {}).items() if k.lower() == "allow"),
-                           "")
+            allowed = _allowed_methods(request)
             detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allowed}"
+            return JSONResponse({"detail": detail}, status_code=405, headers={"Allow": allowed})
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
