@@ -1,7 +1,9 @@
 """Client connections, checked on raw sockets against real servers: the service keeps an idle
 one open `--keep-alive` seconds (75 by default, where uvicorn's own default closes it after
-5), so a player that paused seeks over the connection it has; and a client that leaves with
-pipelined requests unanswered is not an error in the service's log."""
+5), so a player that paused seeks over the connection it has; a client that leaves with
+pipelined requests unanswered is not an error in the service's log; and a request refused
+before it reaches the application (malformed, or without exactly one Host) is answered in
+its turn."""
 
 from __future__ import annotations
 
@@ -128,3 +130,19 @@ def test_a_malformed_request_is_refused_after_the_answers_to_those_before_it(
     head, _, body = answers[2].partition(b"\r\n\r\n")
     assert b"connection: close" in head.lower()
     assert json.loads(body)["detail"].startswith("malformed HTTP request")
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n", b"400"),
+    (b"GET /health HTTP/1.0\r\n\r\n", b"200"),  # HTTP/1.0 has no Host requirement
+])
+def test_an_http11_request_needs_exactly_one_host(connected: socket.socket, head: bytes,
+                                                  status: bytes) -> None:
+    """RFC 9112 3.2: 400 for an HTTP/1.1 request with no Host, or more than one (which of them
+    a proxy in front routed by is anyone's guess); they were answered 200."""
+    connected.sendall(head)
+    answer = _answers_until_closed(connected)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer
+    if status == b"400":
+        assert "exactly one Host" in json.loads(answer.partition(b"\r\n\r\n")[2])["detail"]

@@ -1,7 +1,7 @@
-"""uvicorn's HTTP/1.1 protocol (httptools) with two fixes for pipelined requests: when a client
-leaves, every request of its connection is told, not only the newest; and a request that
-cannot be parsed is refused after the answers owed to the requests before it, not ahead of
-them.
+"""uvicorn's HTTP/1.1 protocol (httptools) with fixes: when a client leaves, every request of its
+connection is told, not only the newest; a request that cannot be parsed is refused after the
+answers owed to the requests before it, not ahead of them; a Host is required; a request's
+head is capped.
 
 A client may send several requests at once (HTTP/1.1 pipelining: vidcache_client asks for a
 video's metadata, digest page and first bytes in one go, vcfs's readahead queues ranges).
@@ -18,6 +18,8 @@ A request llhttp cannot parse, uvicorn answers 400 at once and closes the connec
 of it, which were then dropped. RFC 9112 (9.3.2) wants answers in the order of the requests,
 so here the refusal waits until those are sent. It is JSON `{"detail"}`, like every other
 error of the service.
+
+An HTTP/1.1 request without exactly one Host header field is refused 400 (RFC 9112 3.2).
 
 A request's head is capped (MAX_HEAD_BYTES): httptools gathers a header field by concatenating
 bytes objects, which is quadratic in its length and runs on the event loop, so one client
@@ -46,6 +48,11 @@ MAX_TARGET_BYTES = 65_535
 # with the client's bytes unread, the kernel would reset it, and the client could lose the
 # refusal before reading it (RFC 9112 9.6).
 LINGER_SECONDS = 2.0
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a refused request (httptools then raises an
+    HttpParserError, which uvicorn answers with send_400_response)."""
 
 
 class PipelinedHttpToolsProtocol(HttpToolsProtocol):
@@ -80,6 +87,12 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_bytes = None
+        hosts = sum(1 for name, _ in self.headers if name == b"host")
+        if hosts != 1 and self.parser.get_http_version() == "1.1":
+            # RFC 9112 3.2: which one would a proxy in front have used?
+            self._refuse(400, f"an HTTP/1.1 request needs exactly one Host header field; "
+                              f"this one has {hosts}")
+            raise _Refused  # stops the parser: nothing more of the connection is read
         super().on_headers_complete()  # makes self.cycle the new request's
         self._unanswered = [cycle for cycle in self._unanswered if not cycle.response_complete]
         if self.cycle is not None and self.cycle not in self._unanswered:
@@ -90,7 +103,8 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
         self._send_refusal_when_due()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to a request the parser refused (`msg` is its generic text)."""
+        """uvicorn's answer to a request the parser refused (`msg` is its generic text); a
+        no-op after _Refused, whose refusal is already decided."""
         if len(getattr(self, "url", b"")) > MAX_TARGET_BYTES:  # parse_url gave up on it
             self._refuse(414, f"request target longer than {MAX_TARGET_BYTES} bytes")
         else:
