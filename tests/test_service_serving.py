@@ -173,6 +173,69 @@ def test_if_range_uses_the_etag(api: Api, stored: dict[str, Stored]) -> None:
     assert (other.status_code, other.content) == (200, video.data)
 
 
+def test_if_range_with_the_last_modified_date_keeps_the_range(api: Api,
+                                                               stored: dict[str, Stored]) -> None:
+    video = stored["b.mp4"]
+    date = api.http.head(f"/video/{video.hash}").headers["last-modified"]
+    same = api.http.get(f"/video/{video.hash}", headers={"Range": "bytes=0-9", "If-Range": date})
+    assert (same.status_code, same.content) == (206, video.data[:10])
+
+
+def _conditional_cases(etag: str, date: str) -> list[tuple[dict[str, str], int]]:
+    """(request headers, status of GET and HEAD) for every precondition, true and false."""
+    earlier, later = "Sat, 01 Jan 2000 00:00:00 GMT", "Fri, 01 Jan 2100 00:00:00 GMT"
+    return [
+        ({"If-None-Match": etag}, 304),
+        ({"If-None-Match": f"W/{etag}"}, 304),  # weak comparison
+        ({"If-None-Match": f'"other", {etag}'}, 304),
+        ({"If-None-Match": "*"}, 304),
+        ({"If-None-Match": '"other"'}, 200),
+        ({"If-None-Match": etag, "Range": "bytes=0-9"}, 304),  # before the Range
+        ({"If-Modified-Since": date}, 304),
+        ({"If-Modified-Since": later}, 304),
+        ({"If-Modified-Since": earlier}, 200),
+        ({"If-Modified-Since": "yesterday"}, 200),  # not a date: ignored
+        ({"If-None-Match": '"other"', "If-Modified-Since": later}, 200),  # the tag decides
+        ({"If-Match": etag}, 200),
+        ({"If-Match": "*"}, 200),
+        ({"If-Match": '"other"'}, 412),
+        ({"If-Match": f"W/{etag}"}, 412),  # strong comparison
+        ({"If-Unmodified-Since": date}, 200),
+        ({"If-Unmodified-Since": earlier}, 412),
+        ({"If-Match": etag, "If-Unmodified-Since": earlier}, 200),  # the tag decides
+        ({"If-Match": '"other"', "If-None-Match": etag}, 412),
+    ]
+
+
+def test_conditional_requests_are_evaluated(api: Api, stored: dict[str, Stored]) -> None:
+    """RFC 9110 13.2.1: an origin server must evaluate the preconditions it receives; they
+    were ignored (200 with the whole video every time, a DELETE with a failing If-Match
+    went ahead)."""
+    video = stored["c.mkv"]
+    etag = f'"{video.hash}"'
+    date = api.http.head(f"/video/{video.hash}").headers["last-modified"]
+    for headers, status in _conditional_cases(etag, date):
+        for method in ("GET", "HEAD"):
+            response = api.http.request(method, f"/video/{video.hash}", headers=headers)
+            assert response.status_code == status, (method, headers)
+            if status == 304:  # what a cache needs to refresh its copy, and nothing else
+                assert response.content == b""
+                assert response.headers["etag"] == etag
+                assert response.headers["cache-control"] == CACHE_CONTROL
+                assert "content-length" not in response.headers
+            elif status == 412 and method == "GET":
+                assert "does not match" in response.json()["detail"] or \
+                    "modified after" in response.json()["detail"]
+            elif status == 200 and method == "GET":
+                assert response.content == video.data
+    for headers in ({"If-Match": '"other"'}, {"If-None-Match": etag},
+                    {"If-Unmodified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}):
+        assert api.http.delete(f"/video/{video.hash}", headers=headers).status_code == 412
+    assert api.http.get(f"/video/{video.hash}").content == video.data  # not deleted
+    unknown = api.http.get(f"/video/{'0' * 64}", headers={"If-None-Match": "*"})
+    assert unknown.status_code == 404  # a precondition is no reason to answer otherwise
+
+
 def test_meta_and_resolve(api: Api, stored: dict[str, Stored], media_url: str) -> None:
     video = stored["c.mkv"]
     meta = api.meta(video.hash).json()

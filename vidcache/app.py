@@ -42,6 +42,8 @@ from vidcache import __version__
 from vidcache.auth import BearerAuth, needs_token
 from vidcache.body_limit import BodyLimit
 from vidcache.chunks import accepts_gzip, hex_digests
+from vidcache.conditional import FIELDS as CONDITIONAL_FIELDS
+from vidcache.conditional import not_modified
 from vidcache.config import ServiceConfig
 from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
@@ -143,6 +145,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (404, 422)}
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (403, 413, 422, 502, 503, 504, 507)}
+_PRECONDITION_FAILED: dict[int | str, dict[str, Any]] = {
+    412: {"model": ErrorResponse, "description": "If-Match or If-Unmodified-Since is false"}}
 _RANGE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "malformed Range header"},
     416: {"model": ErrorResponse, "description": "no byte of the range lies in the video"}}
@@ -352,6 +356,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise NotFound(f"no video with hash {content_hash}")
         return record
 
+    def stat_blob(record: VideoRecord) -> os.stat_result:
+        try:
+            return os.stat(store.blob_path(record))
+        except FileNotFoundError as exc:  # deleted since the lookup
+            raise NotFound(f"no video with hash {record.content_hash}") from exc
+
     @app.get("/health")
     def health() -> Health:
         return Health(status="ok", version=__version__, videos=store.count())
@@ -386,26 +396,37 @@ def create_app(config: ServiceConfig) -> FastAPI:
         return _meta(lookup(content_hash))
 
     video_responses: dict[int | str, dict[str, Any]] = {
-        **_ERRORS, **_RANGE_ERRORS, 206: {"description": "the requested byte range"}}
+        **_ERRORS, **_RANGE_ERRORS, **_PRECONDITION_FAILED,
+        206: {"description": "the requested byte range"},
+        304: {"description": "not modified (If-None-Match, If-Modified-Since)"}}
 
     @app.head("/video/{content_hash}", response_class=FileResponse, responses=video_responses,
               operation_id="video_headers", summary="Video headers")
     @app.get("/video/{content_hash}", response_class=FileResponse, responses=video_responses)
-    def video(content_hash: ContentHash) -> Response:
-        """The video's bytes; honours `Range: bytes=s-e`, `s-`, `-n` and `If-Range`."""
+    def video(content_hash: ContentHash, request: Request) -> Response:
+        """The video's bytes; honours `Range: bytes=s-e`, `s-`, `-n`, `If-Range` and the
+        conditional headers (`If-None-Match` and `If-Modified-Since` answer 304, `If-Match`
+        and `If-Unmodified-Since` 412)."""
         record = lookup(content_hash)
         path = store.blob_path(record)
-        try:
-            stat_result = os.stat(path)
-        except FileNotFoundError as exc:  # deleted between lookup and stat
-            raise NotFound(f"no video with hash {content_hash}") from exc
-        return VideoFileResponse(
-            path, stat_result=stat_result, media_type=record.mime_type,
-            headers={"ETag": f'"{record.content_hash}"', "Cache-Control": CACHE_CONTROL})
+        stat_result = stat_blob(record)
+        headers = {"ETag": f'"{record.content_hash}"', "Cache-Control": CACHE_CONTROL}
+        if not_modified(request.headers.getlist, method=request.method, etag=headers["ETag"],
+                        last_modified=stat_result.st_mtime):
+            return Response(status_code=304, headers=headers)
+        return VideoFileResponse(path, stat_result=stat_result, media_type=record.mime_type,
+                                 headers=headers)
 
-    @app.delete("/video/{content_hash}", status_code=204, responses=_ERRORS)
-    def delete(content_hash: ContentHash) -> Response:
-        """Remove the blob, the record and every URL alias."""
+    @app.delete("/video/{content_hash}", status_code=204,
+                responses={**_ERRORS, **_PRECONDITION_FAILED})
+    def delete(content_hash: ContentHash, request: Request) -> Response:
+        """Remove the blob, the record and every URL alias; `If-Match` and the other
+        conditional headers are honoured (412)."""
+        if any(field.encode() in CONDITIONAL_FIELDS for field in request.headers):
+            record = lookup(content_hash)
+            not_modified(request.headers.getlist, method="DELETE",
+                         etag=f'"{record.content_hash}"',
+                         last_modified=stat_blob(record).st_mtime)
         deleted = ingestor.delete(_checked_hash(content_hash))
         blobs.forget(content_hash)
         if not deleted:

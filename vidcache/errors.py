@@ -27,6 +27,12 @@ class NotFound(VidcacheError):
     status_code = 404
 
 
+class PreconditionFailed(VidcacheError):
+    """A precondition of a conditional request (If-Match, If-None-Match...) is false."""
+
+    status_code = 412
+
+
 class IngestRefused(VidcacheError):
     """The URL points somewhere the server's settings do not allow it to fetch from."""
 

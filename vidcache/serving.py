@@ -20,8 +20,9 @@ This ASGI middleware answers the common case before all that (~0.4 ms, docs/serv
 
 Everything else goes on to the FastAPI route unchanged, which answers it as before: a hash not
 well-formed or unknown, a blob that has just disappeared, several ranges, a malformed or
-unsatisfiable Range, If-Range, a request with a body. So every error, the OpenAPI document and
-the headers stay those of the route; this path only answers what it would have answered.
+unsatisfiable Range, If-Range and the other conditional headers, a request with a body. So
+every error, the OpenAPI document and the headers stay those of the route; this path only
+answers what it would have answered.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from email.utils import formatdate
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from vidcache.conditional import FIELDS as CONDITIONAL_FIELDS
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.store import Store, is_content_hash
 from vidcache_client._malloc import set_malloc_options
@@ -48,6 +50,9 @@ INDEX_CAPACITY = 16_384
 # Content never changes under its hash, so any cache may keep it forever.
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 
+# Requests with these are answered by the route: conditional ones, and those with a body.
+_ROUTES_HEADERS = frozenset({b"if-range", *CONDITIONAL_FIELDS, b"content-length",
+                             b"transfer-encoding"})
 _PREFIX = "/video/"
 _PATH_LENGTH = len(_PREFIX) + 64
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)  # Linux >= 4.14; elsewhere every read is threaded
@@ -160,7 +165,7 @@ class VideoFastPath:
                 if range_header is not None:
                     raise _Fallback
                 range_header = value
-            elif name in (b"if-range", b"content-length", b"transfer-encoding"):
+            elif name in _ROUTES_HEADERS:
                 raise _Fallback  # the route's business: If-Range, and a body BodyLimit reads
         if not is_content_hash(content_hash):
             raise _Fallback
