@@ -729,3 +729,26 @@ def test_timeout_against_a_real_silent_socket() -> None:
         with VidCacheClient(url, timeout=0.2) as client, \
                 pytest.raises(RequestTimeout, match="timed out"):
             client.get_bytes(HASH, byte_range=(0, 9))
+
+
+@pytest.mark.parametrize("call", [
+    lambda client: client.resolve("http://x/" + "a" * 70_000),  # too long for a URL
+    lambda client: client.resolve("http://x/\ud800"),  # not Unicode
+    lambda client: list(client.list_videos(bucket="a" * 70_000)),
+    lambda client: client.list_videos_page(prefix="\ud800"),
+    lambda client: client.ingest("http://x/\ud800.mp4", "videos"),
+    lambda client: client.ingest("http://x/a.mp4", "videos", meta={"n": float("nan")}),
+    lambda client: client.ingest("http://x/a.mp4", "videos", meta={"o": object()}),
+], ids=["long-url", "surrogate-url", "long-bucket", "surrogate-prefix", "surrogate-ingest",
+        "nan-meta", "object-meta"])
+@pytest.mark.parametrize("over", ["httpx", "sockets"])
+def test_arguments_no_request_can_carry_are_refused_locally(
+        make_client: MakeClient, call: Callable[[VidCacheClient], object], over: str) -> None:
+    """httpx's InvalidURL (neither a VidCacheError nor a ValueError) and bare encoding errors
+    ('Out of range float values are not JSON compliant') escaped, naming no call."""
+    recorder = Recorder(lambda request: httpx.Response(500))
+    client = (make_client(recorder) if over == "httpx"  # the sockets' GETs connect to nothing
+              else VidCacheClient(f"http://127.0.0.1:{free_port()}", timeout=5))
+    with client, pytest.raises(InvalidRequestError, match=r"cannot be sent: .*no request sent"):
+        call(client)
+    assert recorder.requests == []

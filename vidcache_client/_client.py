@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
@@ -40,6 +40,8 @@ from vidcache_client._validate import (
 from vidcache_client._verify import body_length_error, expected_video_length, range_header
 
 _USER_AGENT = "vidcache-client"
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -479,7 +481,8 @@ class VidCacheClient:
         the range sockets where they are used, leaving a warm connection for the bytes."""
         ranges = self._ranges if self._small_gets else None
         if method == "GET" and json is None and ranges is not None:
-            target = httpx.URL(path, params=params).raw_path.decode("ascii")
+            target = _buildable(
+                what, lambda: httpx.URL(path, params=params).raw_path.decode("ascii"))
             try:
                 with transport_errors(what):
                     response = ranges.get(target)
@@ -488,7 +491,9 @@ class VidCacheClient:
             except Unhandled:
                 self._small_gets = False  # this server's answers need httpx: use it from now on
         with transport_errors(what), self._pool.borrow() as http, within(self._timeout):
-            response = http.request(method, path, params=params, json=json)
+            request = _buildable(what, lambda: http.build_request(method, path, params=params,
+                                                                  json=json))
+            response = http.send(request)
         raise_for_status(response, what)
         return response
 
@@ -583,6 +588,19 @@ def _digests_request(content_hash: str, start: int | None, end: int | None
     if params:
         what += f" for bytes [{start or 0}, {'end' if end is None else end})"
     return what, params
+
+
+def _buildable(what: str, build: Callable[[], T]) -> T:
+    """`build()`: a request, or its target, made of the caller's arguments. Those it cannot be
+    made of (a URL or bucket too long for a URL, a string with a lone surrogate, meta that is
+    not standard JSON) raise InvalidRequestError like any bad argument, not httpx's
+    InvalidURL (neither a VidCacheError nor a ValueError) or a bare encoding error."""
+    try:
+        return build()
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        detail = f"cannot be sent: {exc}"
+        raise InvalidRequestError(None, detail,
+                                  message=f"{what}: {detail} (no request sent)") from exc
 
 
 def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryview]:
