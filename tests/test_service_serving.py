@@ -292,6 +292,16 @@ def test_framework_errors_are_json_too(api: Api) -> None:
     assert "url" in missing_query.json()["detail"]
 
 
+def test_a_trailing_slash_is_no_such_endpoint(api: Api) -> None:
+    """Not a redirect to the path without it (Starlette's default): its Location was built from
+    the Host header, so behind a TLS proxy it sent clients to plain http://."""
+    for method, path in (("GET", "/videos/"), ("GET", "/health/"), ("POST", "/ingest/")):
+        response = api.http.request(method, path, headers={"Host": "cache.example"})
+        assert response.status_code == 404, (path, response.headers)
+        assert "location" not in response.headers
+        assert response.json() == {"detail": f"no such endpoint: {method} {path}"}
+
+
 def test_405_allows_every_method_of_the_path(api: Api) -> None:
     """Starlette named the methods of the first route whose path matched: PUT /video/{hash}
     said `Allow: GET`, though HEAD and DELETE are served there too (RFC 9110 15.5.6)."""

@@ -302,7 +302,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
             downloader.close()
             store.close()
 
+    # redirect_slashes off: the redirect's Location came from the Host header (http:// even
+    # behind a TLS proxy); a path with a trailing slash is no such endpoint (404)
     app = FastAPI(title="vidcache", version=__version__, lifespan=lifespan,
+                  redirect_slashes=False,
                   description="Content-addressed video cache: ingest by URL, BLAKE3 exact "
                               "dedup, perceptual-hash near-duplicate matching, byte ranges.")
     app.state.stop_ingests = ingestor.stop
