@@ -36,8 +36,8 @@ MAX_EXAMPLES = int(os.environ.get("VIDCACHE_FUZZ_EXAMPLES", "30"))
 OPERATIONS = [("/ingest", "POST"), ("/resolve", "GET"), ("/meta/{content_hash}", "GET"),
               ("/video/{content_hash}", "GET"), ("/video/{content_hash}", "HEAD"),
               ("/video/{content_hash}", "DELETE"), ("/video/{content_hash}/chunks", "GET"),
-              ("/videos", "GET"), ("/health", "GET")]
-PARAMETERLESS = {("/health", "GET")}  # nothing to violate: no negative cases exist
+              ("/videos", "GET"), ("/ingests", "GET"), ("/health", "GET")]
+PARAMETERLESS = {("/health", "GET"), ("/ingests", "GET")}  # nothing to violate: no negative cases
 UPSTREAM_FAILURES = ("cannot resolve host", "cannot connect to", "stalled", "answered")
 
 statuses: collections.Counter[int] = collections.Counter()

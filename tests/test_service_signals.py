@@ -34,6 +34,7 @@ from vidcache.download import Downloader
 from vidcache.errors import ShuttingDown
 from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
+from vidcache.progress import IngestBoard
 from vidcache.tools import Tools
 
 pytestmark = pytest.mark.timeout(180)
@@ -388,8 +389,10 @@ def test_stop_cuts_a_download_in_its_tls_handshake(tmp_path: Path) -> None:
     with _silent_origin() as (port, received):
 
         def fetch() -> None:
+            url = f"https://127.0.0.1:{port}/never.mp4"
             try:
-                downloader.fetch(f"https://127.0.0.1:{port}/never.mp4")
+                with IngestBoard().track(url, "b", "") as progress:
+                    downloader.fetch(url, progress)
             except Exception as exc:
                 outcome.append(exc)
 

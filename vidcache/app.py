@@ -8,6 +8,7 @@ Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Rang
 for whole files and single ranges (serving.py; it hands everything else to the route) and the
 request body cap (body_limit.py). Every error, ours or the framework's, leaves as JSON
 `{"detail": message}`; the translation happens only here and in those two middlewares.
+`GET /ingests` shows the ingests under way, as their threads move them on (progress.py).
 
 Shutdown: `app.state.stop_ingests` ends the ingests still running (503 "the server is shutting
 down"); the server (cli.py) calls it when their grace period is over, the lifespan's end at the
@@ -23,6 +24,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -49,6 +51,7 @@ from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import STOP_TIMEOUT, Ingestor
+from vidcache.progress import IngestBoard, Phase
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.serving import CACHE_CONTROL, BlobIndex, VideoFastPath, keep_buffers_in_heap
 from vidcache.store import (
@@ -133,6 +136,27 @@ class ChunkDigests(BaseModel):
     chunk_count: int = Field(description="chunks in the whole video, however many are listed")
     digests: list[str] = Field(description="64-hex BLAKE3 of each listed chunk, in order; the "
                                            "video's last chunk is short")
+
+
+class IngestUnderWay(BaseModel):
+    url: str = Field(description="the URL as given, without any user:password@")
+    bucket: str
+    prefix: str
+    phase: Phase = Field(description="queued (for an ingest slot, or behind an ingest of the "
+                                     "same URL), downloading, validating (ffprobe), phash "
+                                     "(ffmpeg samples frames for the perceptual hash), "
+                                     "storing; a later server may add phases")
+    bytes_received: int = Field(description="bytes of the origin's answer received so far "
+                                            "(as sent, before any gzip decoding); 0 until the "
+                                            "download starts")
+    bytes_expected: int | None = Field(description="the answer's Content-Length (a local "
+                                                   "file's size); null if not announced or "
+                                                   "not yet known")
+    started: str = Field(description="ISO-8601 UTC time the request arrived")
+
+
+class IngestList(BaseModel):
+    items: list[IngestUnderWay] = Field(description="oldest first")
 
 
 class Health(BaseModel):
@@ -285,6 +309,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                         max_meta_bytes=config.max_meta_bytes,
                         max_meta_depth=config.max_meta_depth)
     ingest_slots: anyio.CapacityLimiter | None = None
+    under_way = IngestBoard()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -372,10 +397,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.post("/ingest", response_model_exclude_none=True, responses=_INGEST_ERRORS)
     async def ingest(request: IngestRequest) -> IngestResponse:
         """Ingest a video by URL (see docs/service.md for the dedup pipeline)."""
-        run = partial(ingestor.ingest, url=request.url, bucket=request.bucket,
-                      prefix=request.prefix, meta=request.meta)
         try:
-            result = await anyio.to_thread.run_sync(run, limiter=ingest_slots)
+            with under_way.track(request.url, request.bucket, request.prefix) as progress:
+                run = partial(ingestor.ingest, url=request.url, bucket=request.bucket,
+                              prefix=request.prefix, meta=request.meta, progress=progress)
+                result = await anyio.to_thread.run_sync(run, limiter=ingest_slots)
         except asyncio.CancelledError:
             # uvicorn's shutdown cancels the requests still running STOP_TIMEOUT after the
             # ingests were stopped (else a plain-text 500 and a traceback): this one's thread
@@ -386,6 +412,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
             raise ShuttingDown() from None
         return IngestResponse(hash=result.content_hash, status=result.status,
                               file_path=result.file_path, phash_distance=result.phash_distance)
+
+    @app.get("/ingests")
+    async def ingests() -> IngestList:
+        """The ingests under way (queued included), oldest first; an ingest leaves the list
+        as it is answered. Credentials in a URL are never shown."""
+        return IngestList(items=[IngestUnderWay(**asdict(state))
+                                 for state in under_way.snapshot()])
 
     @app.get("/resolve", responses=_ERRORS)
     def resolve(url: str) -> ResolveResponse:

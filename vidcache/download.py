@@ -29,7 +29,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -52,6 +52,7 @@ from vidcache.errors import (
 )
 from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
+from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
 
 MAX_URL_LENGTH = 8192
@@ -135,13 +136,17 @@ class _HashingWriter:
 
 
 class _Body(httpx.SyncByteStream):
-    """An httpcore response's body as httpx's stream, for httpx to decode it."""
+    """An httpcore response's body as httpx's stream, for httpx to decode it; `received` hears
+    of each piece as sent, before decoding (what its Content-Length counts)."""
 
-    def __init__(self, response: httpcore.Response) -> None:
+    def __init__(self, response: httpcore.Response, received: Callable[[int], None]) -> None:
         self._response = response
+        self._received = received
 
     def __iter__(self) -> Iterator[bytes]:
-        return self._response.iter_stream()
+        for data in self._response.iter_stream():
+            self._received(len(data))
+            yield data
 
 
 class Downloader:
@@ -175,8 +180,9 @@ class Downloader:
     def _stopped(self) -> bool:
         return self._sockets.stopped
 
-    def fetch(self, url: str) -> Download:
-        """Download `url` into a new temp file; nothing is left behind on failure."""
+    def fetch(self, url: str, progress: IngestProgress) -> Download:
+        """Download `url` into a new temp file, telling `progress` the bytes expected and
+        received; nothing is left behind on failure."""
         parsed = parse_url(url)
         if self._stopped:
             raise ShuttingDown()
@@ -191,9 +197,9 @@ class Downloader:
                 writer = _HashingWriter(file, max_size=self._max_size, url=url,
                                         chunk_size=self._chunk_size)
                 if parsed.scheme == "file":
-                    self._copy_local(parsed, writer, deadline)
+                    self._copy_local(parsed, writer, deadline, progress)
                 else:
-                    self._download(parsed, writer, deadline)
+                    self._download(parsed, writer, deadline, progress)
                 if self._stopped:  # a body without Content-Length, cut, looks complete
                     raise ShuttingDown()
                 content_hash, digests = writer.finish()
@@ -212,7 +218,8 @@ class Downloader:
             raise UpstreamTimeout(f"download of {url} took longer than the server's "
                                   f"--max-download-time of {self._max_time:g} s")
 
-    def _download(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
+    def _download(self, url: httpx.URL, writer: _HashingWriter, deadline: float,
+                  progress: IngestProgress) -> None:
         original = str(url)
         for _hop in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")
@@ -243,7 +250,8 @@ class Downloader:
                     # before httpcore was used directly: an origin may encode the body whatever
                     # Accept-Encoding says (S3 does)
                     response = httpx.Response(answer.status, headers=answer.headers,
-                                              stream=_Body(answer), extensions=answer.extensions)
+                                              stream=_Body(answer, progress.received),
+                                              extensions=answer.extensions)
                     location = response.headers.get("location")
                     if response.is_redirect and location:
                         url = parse_url(str(url.join(location)))
@@ -256,6 +264,7 @@ class Downloader:
                     announced = response.headers.get("content-length", "")
                     if announced.isdigit():
                         writer.check_announced_size(int(announced))
+                    progress.expect(int(announced) if announced.isdigit() else None)
                     for data in response.iter_bytes():
                         writer.write(data)
                         self._check_progress(deadline, original)
@@ -282,7 +291,8 @@ class Downloader:
                                   f"the server's --download-timeout of {self._timeout:g} s"
                                   ) from exc
 
-    def _copy_local(self, url: httpx.URL, writer: _HashingWriter, deadline: float) -> None:
+    def _copy_local(self, url: httpx.URL, writer: _HashingWriter, deadline: float,
+                    progress: IngestProgress) -> None:
         if not self._file_dirs:
             raise IngestRefused("file:// URLs are disabled; start the server with "
                                 "--allow-file-dir DIR to ingest local files below DIR")
@@ -309,9 +319,11 @@ class Downloader:
             if not stat.S_ISREG(status.st_mode):
                 raise InvalidRequest(f"not a regular file: {path}")
             writer.check_announced_size(status.st_size)
+            progress.expect(status.st_size)
             try:
                 while data := source.read(_COPY_SIZE):
                     writer.write(data)
+                    progress.received(len(data))
                     self._check_progress(deadline, str(url))
             except OSError as exc:
                 raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc

@@ -8,6 +8,10 @@
    `phash_distance`, the URL becomes its alias and the new bytes are dropped.
 6. Otherwise `new`: the blob is moved into place and its record committed.
 
+`progress` (progress.py, GET /ingests) is told the phase as each step begins: `downloading`
+(2), `validating` (4), `phash` (5's sampling and hashing), `storing` (5's search and
+decision, and 6).
+
 Step 5 searches an in-memory index of every stored video's perceptual hash (phash_index.py),
 which the Ingestor fills from the store at start and keeps in step with its own adds and
 deletes (so deletions go through `Ingestor.delete`).
@@ -38,6 +42,7 @@ from vidcache.download import Downloader, parse_url
 from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
+from vidcache.progress import IngestProgress
 from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
 from vidcache.tools import Tools
 
@@ -78,8 +83,10 @@ class Ingestor:
             self._phashes.add(content_hash, media.decode_phash(encoded))
 
     def ingest(self, *, url: str, bucket: str, prefix: str = "",
-               meta: dict[str, Any] | None = None) -> IngestResult:
-        """Run the pipeline for one URL; raises a VidcacheError naming what went wrong."""
+               meta: dict[str, Any] | None = None,
+               progress: IngestProgress) -> IngestResult:
+        """Run the pipeline for one URL, telling `progress` its phases and bytes; raises a
+        VidcacheError naming what went wrong."""
         with self._running_changed:
             self._running += 1
         try:
@@ -87,7 +94,7 @@ class Ingestor:
             check_meta(meta or {}, max_bytes=self._max_meta_bytes, max_depth=self._max_meta_depth)
             parse_url(url)
             with self._url_locks.hold(url):
-                result = self._ingest_new_url(url, bucket, prefix, meta or {})
+                result = self._ingest_new_url(url, bucket, prefix, meta or {}, progress)
         except VidcacheError as exc:
             log.warning("ingest %s failed (%d): %s", url, exc.status_code, exc)
             raise
@@ -100,20 +107,24 @@ class Ingestor:
         log.info("ingest %s: %s %s%s", url, result.status, result.content_hash, distance)
         return result
 
-    def _ingest_new_url(self, url: str, bucket: str, prefix: str,
-                        meta: dict[str, Any]) -> IngestResult:
+    def _ingest_new_url(self, url: str, bucket: str, prefix: str, meta: dict[str, Any],
+                        progress: IngestProgress) -> IngestResult:
         known = self._store.lookup_url(url)
         if known is not None:
             return _result(known, "url_alias")
-        download = self._downloader.fetch(url)
+        progress.enter("downloading")
+        download = self._downloader.fetch(url, progress)
         try:
             with self._hash_locks.hold(download.content_hash):
                 duplicate = self._store.add_alias(url, download.content_hash)
                 if duplicate is not None:
                     return _result(duplicate, "duplicate")
+                progress.enter("validating")
                 info = media.probe(download.path, self._tools)
+                progress.enter("phash")
                 phash = media.perceptual_hash(download.path, info, self._tools,
                                               work_dir=self._store.tmp_dir)
+                progress.enter("storing")
                 with self._decide:
                     match = self._nearest(phash)
                     if match is not None:

@@ -1,0 +1,127 @@
+"""`GET /ingests`, the ingests under way, against real services: a download held half-way by a
+stalling origin shows its bytes, an ingest held at a later step of the pipeline its phase, an
+ingest behind another of the same URL is queued, credentials in a URL are never shown, and an
+ingest leaves the list once answered, failed or stored.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service_stress_support import PausingServer
+from tests.service_support import serve_origin, unique
+from tests.support import VidcacheServer, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    with VidcacheServer(tmp_path_factory.mktemp("ingests") / "data",
+                        "--download-timeout", "10") as running:
+        yield running
+
+
+def _under_way(server_url: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{server_url}/ingests", timeout=10)
+    assert answer.status_code == 200, answer.text
+    items: list[dict[str, Any]] = answer.json()["items"]
+    return items
+
+
+def _when_listing(server_url: str, count: int) -> list[dict[str, Any]]:
+    """The ingests under way if there are `count` of them, else none."""
+    items = _under_way(server_url)
+    return items if len(items) == count else []
+
+
+class _Ingest:
+    """POST /ingest in a thread; `result()` is the response."""
+
+    def __init__(self, server_url: str, url: str, bucket: str, prefix: str = "") -> None:
+        self.answer: httpx.Response | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        args=(server_url, url, bucket, prefix))
+        self._thread.start()
+
+    def _run(self, server_url: str, url: str, bucket: str, prefix: str) -> None:
+        self.answer = httpx.post(f"{server_url}/ingest", timeout=90,
+                                 json={"url": url, "bucket": bucket, "prefix": prefix})
+
+    def result(self) -> httpx.Response:
+        self._thread.join(timeout=90)
+        assert self.answer is not None, "no answer to the ingest"
+        return self.answer
+
+
+def test_a_stalled_download_shows_its_bytes_and_no_credentials(
+        server: VidcacheServer, videos: dict[str, Path]) -> None:
+    """The origin sends half of the video and stalls: the ingest is listed downloading, with
+    half the bytes received of the Content-Length, under its URL without `user:secret@`; a
+    second ingest of the URL waits behind it, queued, listed after it. Once the origin goes,
+    both fail and the list is empty. (No such route before: 404.)"""
+    size = videos["big.mp4"].stat().st_size
+    bucket, other = unique("ingests"), unique("ingests")
+    with serve_origin(videos["big.mp4"].parent) as (origin, stalled):
+        shown = f"{origin}/stall/big.mp4"
+        url = shown.replace("http://", "http://user:secret@")
+        first = _Ingest(server.url, url, bucket, "p")
+        assert stalled.wait(timeout=60)
+        [listed] = wait_until(
+            lambda: [item for item in _under_way(server.url)
+                     if item["bytes_received"] == size // 2], timeout=60,
+            what="half of the video received")
+        assert listed == {"url": shown, "bucket": bucket, "prefix": "p", "phase": "downloading",
+                          "bytes_received": size // 2, "bytes_expected": size,
+                          "started": listed["started"]}
+        assert listed["started"].endswith("Z")
+        datetime.fromisoformat(listed["started"])
+
+        second = _Ingest(server.url, url, other)
+        both = wait_until(lambda: _when_listing(server.url, 2), timeout=60,
+                          what="the second ingest listed")
+        assert both[0] == listed
+        assert both[1] == {"url": shown, "bucket": other, "prefix": "", "phase": "queued",
+                           "bytes_received": 0, "bytes_expected": None,
+                           "started": both[1]["started"]}
+        raw = httpx.get(f"{server.url}/ingests").text
+        assert "secret" not in raw and "user" not in raw, raw
+    # leaving the origin ends the stall: the body ends short, and the origin is gone
+    assert first.result().status_code == 502
+    assert second.result().status_code == 502
+    assert _under_way(server.url) == []
+
+
+@pytest.mark.parametrize(("point", "phase"), [
+    (("subprocess.Popen", "'ffprobe'"), "validating"),
+    (("subprocess.Popen", "'ffmpeg'"), "phash"),
+    (("os.rename", "/{bucket}/"), "storing"),
+], ids=["validating", "phash", "storing"])
+def test_each_step_after_the_download_is_shown_and_a_stored_ingest_leaves(
+        tmp_path: Path, media_url: str, videos: dict[str, Path], point: tuple[str, str],
+        phase: str) -> None:
+    """The ingest held as ffprobe starts, as ffmpeg starts sampling frames, as its blob is
+    moved into the bucket: each listed in its phase, the whole video received; once stored
+    it is gone. (No such route before: 404.)"""
+    size = videos["b.mp4"].stat().st_size
+    bucket = unique("phase")
+    event, match = point
+    url = f"{media_url}/b.mp4"
+    paused = PausingServer(tmp_path / "data", (event, match.format(bucket=bucket)))
+    with paused:
+        ingest = _Ingest(paused.url, url, bucket)
+        wait_until(paused.paused, timeout=60, what=f"the ingest held at {point}")
+        assert _under_way(paused.url) == [
+            {"url": url, "bucket": bucket, "prefix": "", "phase": phase,
+             "bytes_received": size, "bytes_expected": size,
+             "started": _under_way(paused.url)[0]["started"]}]
+        paused.release()
+        answer = ingest.result()
+        assert answer.status_code == 200 and answer.json()["status"] == "new", answer.text
+        assert _under_way(paused.url) == []
