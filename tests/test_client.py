@@ -22,6 +22,7 @@ import vidcache_client
 from tests.support import free_port
 from vidcache_client import (
     AuthError,
+    IngestUnderWay,
     InvalidRequestError,
     NotFoundError,
     ProtocolError,
@@ -677,6 +678,45 @@ def test_list_videos_page_refuses_a_broken_page(
     client = make_client(lambda request: httpx.Response(200, json=page))
     with pytest.raises(ProtocolError, match=complaint):
         client.list_videos_page(after=after)
+
+
+INGEST = {"url": "http://o.test/v.mp4", "bucket": "b", "prefix": "", "phase": "downloading",
+          "bytes_received": 10, "bytes_expected": None, "started": "2025-01-31T12:00:00.123Z"}
+
+
+def test_ingests_lists_the_ingests_under_way(make_client: MakeClient) -> None:
+    later = {**INGEST, "phase": "a later phase", "bytes_expected": 20, "more": "ignored"}
+    recorder = Recorder(lambda request: httpx.Response(200, json={"items": [INGEST, later]}))
+    assert make_client(recorder).ingests() == [
+        IngestUnderWay("http://o.test/v.mp4", "b", "", "downloading", 10, None,
+                       "2025-01-31T12:00:00.123Z"),
+        IngestUnderWay("http://o.test/v.mp4", "b", "", "a later phase", 10, 20,
+                       "2025-01-31T12:00:00.123Z")]
+    assert [(r.method, r.url.path) for r in recorder.requests] == [("GET", "/ingests")]
+
+
+def test_ingests_of_a_service_without_the_route_is_not_found(make_client: MakeClient) -> None:
+    client = make_client(json_error(404, "no such endpoint: GET /ingests"))
+    with pytest.raises(NotFoundError, match="list of ingests under way: HTTP 404"):
+        client.ingests()
+
+
+@pytest.mark.parametrize(("answer", "complaint"), [
+    ([INGEST], "expected a JSON object"),
+    ({"ingests": [INGEST]}, "no list of ingests"),
+    ({"items": [7]}, "malformed ingest 7"),
+    ({"items": [{**INGEST, "url": None}]}, "malformed ingest"),
+    ({"items": [{**INGEST, "bytes_received": -1}]}, "malformed ingest"),
+    ({"items": [{**INGEST, "bytes_received": True}]}, "malformed ingest"),
+    ({"items": [{**INGEST, "bytes_expected": "10"}]}, "malformed ingest"),
+    ({"items": [{key: v for key, v in INGEST.items() if key != "started"}]},
+     "malformed ingest"),
+])
+def test_ingests_refuses_a_malformed_answer(make_client: MakeClient, answer: object,
+                                            complaint: str) -> None:
+    client = make_client(lambda request: httpx.Response(200, json=answer))
+    with pytest.raises(ProtocolError, match=complaint):
+        client.ingests()
 
 
 # --- transport failures --------------------------------------------------------------------------

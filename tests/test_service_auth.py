@@ -104,6 +104,18 @@ def test_token_reads_guards_every_read_but_health_and_docs(all_guarded: Vidcache
         assert httpx.get(url + path).status_code == 200, path
 
 
+def test_the_ingests_under_way_need_the_token_only_with_token_reads(
+        writes_guarded: VidcacheServer, all_guarded: VidcacheServer) -> None:
+    """GET /ingests shows the URLs being ingested: a read like any other. (No such route
+    before: 404 with the token.)"""
+    _assert_refused(httpx.get(f"{all_guarded.url}/ingests"), "GET /ingests needs a bearer token")
+    with VidCacheClient(all_guarded.url, token=WRONG) as client, pytest.raises(AuthError):
+        client.ingests()
+    with VidCacheClient(all_guarded.url, token=TOKEN) as client:
+        assert client.ingests() == []
+    assert httpx.get(f"{writes_guarded.url}/ingests").json() == {"items": []}
+
+
 def test_openapi_declares_the_token(all_guarded: VidcacheServer) -> None:
     spec = httpx.get(f"{all_guarded.url}/openapi.json").json()
     assert spec["components"]["securitySchemes"]["bearerToken"] == {

@@ -18,6 +18,7 @@ import pytest
 from tests.service_stress_support import PausingServer
 from tests.service_support import serve_origin, unique
 from tests.support import VidcacheServer, wait_until
+from vidcache_client import IngestUnderWay, VidCacheClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -92,6 +93,9 @@ def test_a_stalled_download_shows_its_bytes_and_no_credentials(
                            "started": both[1]["started"]}
         raw = httpx.get(f"{server.url}/ingests").text
         assert "secret" not in raw and "user" not in raw, raw
+        with VidCacheClient(server.url, timeout=30) as client:
+            assert client.ingests()[0] == IngestUnderWay(
+                shown, bucket, "p", "downloading", size // 2, size, listed["started"])
     # leaving the origin ends the stall: the body ends short, and the origin is gone
     assert first.result().status_code == 502
     assert second.result().status_code == 502

@@ -9,7 +9,7 @@
 See docs/client.md for the full API and the exception hierarchy.
 """
 
-from vidcache_client._client import VidCacheClient, VideoPage
+from vidcache_client._client import IngestUnderWay, VidCacheClient, VideoPage
 from vidcache_client._exceptions import (
     AuthError,
     InvalidRequestError,
@@ -28,6 +28,7 @@ from vidcache_client._validate import ByteRange
 __all__ = [
     "AuthError",
     "ByteRange",
+    "IngestUnderWay",
     "InvalidRequestError",
     "NotFoundError",
     "ProtocolError",

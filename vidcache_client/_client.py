@@ -19,7 +19,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeGuard, TypeVar
 
 import httpx
 
@@ -52,6 +52,25 @@ class VideoPage:
     """The metadata records of the page, ordered by hash (as `list_videos` yields them)."""
     next: str | None
     """The cursor to pass as `after` for the next page; None: this page is the last."""
+
+
+@dataclass(frozen=True)
+class IngestUnderWay:
+    """One ingest the service is running (`VidCacheClient.ingests`)."""
+
+    url: str
+    """The URL being ingested, as it was given but without any `user:password@`."""
+    bucket: str
+    prefix: str
+    phase: str
+    """"queued", "downloading", "validating", "phash" or "storing" (a later service may add
+    phases)."""
+    bytes_received: int
+    """Bytes of the origin's answer received so far (0 before the download)."""
+    bytes_expected: int | None
+    """The origin's Content-Length (a local file's size); None if unknown."""
+    started: str
+    """ISO-8601 UTC time the service got the ingest request."""
 
 
 class VidCacheClient:
@@ -228,6 +247,17 @@ class VidCacheClient:
         if after is not None:
             after = validate_hash(after)
         return self._listing_page(params, after)
+
+    def ingests(self) -> list[IngestUnderWay]:
+        """The ingests the service is running, oldest first, each with its phase and bytes so
+        far: progress for an `ingest` call, which answers only once the video is stored. A
+        service without this extension raises NotFoundError; a malformed answer
+        ProtocolError."""
+        what = "list of ingests under way"
+        items = _json_object(self._send("GET", "/ingests", what), what).get("items")
+        if not isinstance(items, list):
+            raise ProtocolError(f"{what}: answer has no list of ingests in 'items'")
+        return [_ingest_under_way(item, what) for item in items]
 
     def health(self) -> dict[str, Any]:
         """The service's `GET /health` answer ({"status": "ok", ...})."""
@@ -577,6 +607,23 @@ def _listing_params(bucket: str | None, prefix: str | None, page_size: int
     if prefix is not None:
         params["prefix"] = prefix
     return params
+
+
+def _ingest_under_way(item: object, what: str) -> IngestUnderWay:
+    """An item of `GET /ingests`, checked."""
+    if isinstance(item, dict):
+        url, bucket, prefix, phase, started = (
+            item.get(name) for name in ("url", "bucket", "prefix", "phase", "started"))
+        received, expected = item.get("bytes_received"), item.get("bytes_expected")
+        if (isinstance(url, str) and isinstance(bucket, str) and isinstance(prefix, str)
+                and isinstance(phase, str) and isinstance(started, str)
+                and _is_count(received) and (expected is None or _is_count(expected))):
+            return IngestUnderWay(url, bucket, prefix, phase, received, expected, started)
+    raise ProtocolError(f"{what}: malformed ingest {item!r:.200}")
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _digests_request(content_hash: str, start: int | None, end: int | None
