@@ -1,11 +1,18 @@
 """`GET /ingests`, the ingests under way, against real services: a download held half-way by a
 stalling origin shows its bytes, an ingest held at a later step of the pipeline its phase, an
 ingest behind another of the same URL is queued, credentials in a URL are never shown, and an
-ingest leaves the list once answered, failed or stored.
+ingest leaves the list once answered, failed or stored. And `vidcache ingest`'s progress line
+on a terminal (a pseudo-terminal here), which polls that route; off a terminal it says nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import pty
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,6 +28,9 @@ from tests.support import VidcacheServer, wait_until
 from vidcache_client import IngestUnderWay, VidCacheClient
 
 pytestmark = pytest.mark.timeout(120)
+
+MIB = 1024 * 1024
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
@@ -129,3 +139,119 @@ def test_each_step_after_the_download_is_shown_and_a_stored_ingest_leaves(
         answer = ingest.result()
         assert answer.status_code == 200 and answer.json()["status"] == "new", answer.text
         assert _under_way(paused.url) == []
+
+
+# --- vidcache ingest on a terminal ---------------------------------------------------------------
+
+class _Terminal:
+    """`vidcache ingest ARGS` with its stderr on a pseudo-terminal (stdout piped, for the
+    JSON): what it draws there is read as it comes."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = pty.openpty()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vidcache", "ingest", *args], stdout=subprocess.PIPE,
+                stderr=slave, text=True)
+        finally:
+            os.close(slave)
+        self._master = master
+        self._shown = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                return
+            if not data:
+                return
+            with self._lock:
+                self._shown += data
+
+    def text(self) -> str:
+        with self._lock:
+            return self._shown.decode(errors="replace")
+
+    def wait_drawn(self, text: str) -> None:
+        try:
+            wait_until(lambda: text in self.text(), timeout=60, what=f"{text!r} drawn")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; drawn: {self.text()!r}") from exc
+
+    def finish(self) -> tuple[int, str, str]:
+        """(exit status, stdout, everything drawn) once the command has ended."""
+        out, _ = self.process.communicate(timeout=90)
+        self._reader.join(timeout=30)
+        os.close(self._master)
+        return self.process.returncode, out, self.text()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def _terminal(*args: str) -> Iterator[_Terminal]:
+    terminal = _Terminal(*args)
+    try:
+        yield terminal
+    finally:
+        terminal.kill()
+
+
+def test_ingest_on_a_terminal_shows_the_bytes_of_its_stalled_download(
+        server: VidcacheServer, videos: dict[str, Path]) -> None:
+    """Half of the video received, the origin stalled: the line says downloading, how much of
+    how much, and the percentage, found by the URL without its credentials, which it does not
+    show; erased before the error once the download fails. (Before: only the seconds waited.)"""
+    size = videos["big.mp4"].stat().st_size
+    half = size // 2
+    expected = (f"vidcache ingest: downloading {half / MIB:,.1f} of {size / MIB:,.1f} MiB "
+                f"({half * 100 // size}%), ")
+    with contextlib.ExitStack() as running:  # the command outlives the origin
+        with serve_origin(videos["big.mp4"].parent) as (origin, _stalled):
+            terminal = running.enter_context(_terminal(
+                f"{origin}/stall/big.mp4".replace("http://", "http://user:secret@"),
+                "--bucket", unique("tty"), "--server", server.url))
+            terminal.wait_drawn(expected)
+        status, out, shown = terminal.finish()
+    assert (status, out) == (1, ""), shown
+    drawn = [line for line in shown.split("\r") if "downloading" in line]
+    assert drawn and not [line for line in drawn if "secret" in line or "user" in line], drawn
+    assert "\r\x1b[Kvidcache ingest: error: " in shown, shown  # erased before the error
+
+
+def test_ingest_shows_a_later_phase_on_a_terminal_and_nothing_off_it(
+        tmp_path: Path, media_url: str) -> None:
+    """An ingest held at ffprobe: the one run without a terminal prints its JSON result and
+    nothing on stderr, while one of the same URL run on a terminal meanwhile (queued behind
+    it: the oldest ingest of its URL is the one it shows) draws `validating (ffprobe)`.
+    (Before: no such route, so only the seconds waited.)"""
+    url = f"{media_url}/c.mkv"
+    bucket = unique("quiet")
+    paused = PausingServer(tmp_path / "data", ("subprocess.Popen", "'ffprobe'"))
+    with paused:
+        piped = subprocess.Popen(
+            [sys.executable, "-m", "vidcache", "ingest", url, "--bucket", bucket,
+             "--server", paused.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(paused.paused, timeout=60, what="the ingest held at ffprobe")
+            with _terminal(url, "--bucket", bucket, "--server", paused.url) as terminal:
+                terminal.wait_drawn("vidcache ingest: validating (ffprobe), ")
+                paused.release()
+                status, out, shown = terminal.finish()
+            piped_out, piped_err = piped.communicate(timeout=90)
+        finally:
+            if piped.poll() is None:
+                piped.kill()
+                piped.wait()
+    assert (piped.returncode, piped_err) == (0, "")
+    assert json.loads(piped_out)["status"] == "new"
+    assert status == 0, shown
+    assert json.loads(out)["status"] == "url_alias"
+    assert shown.endswith("\r\x1b[K"), shown  # the line erased

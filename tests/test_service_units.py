@@ -1,8 +1,9 @@
 """Pure parts of the vidcache service, tested without a server: size parsing, the host guard,
 the stoppable resolver (its threads and their cap), bucket/prefix rules, perceptual-hash
 arithmetic, named locks, hashing while downloading (at any allowed chunk size), the chunk-size
-rule, the listing's query plans, and the JSON answer to an unexpected server error (which a
-healthy real server cannot produce)."""
+rule, the listing's query plans, the JSON answer to an unexpected server error (which a
+healthy real server cannot produce), credentials cut from an ingest's shown URL, and the
+wording of `vidcache ingest`'s progress line."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import httpx
 import pytest
 from blake3 import blake3
 from hypothesis import given, settings
@@ -29,8 +31,11 @@ from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarg
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
 from vidcache.media import decode_phash, encode_phash, phash_distance
+from vidcache.progress import without_credentials
+from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.store import Store, blob_relpath, check_location
+from vidcache_client import IngestUnderWay
 
 with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
     warnings.simplefilter("ignore")
@@ -302,3 +307,64 @@ def test_unexpected_errors_are_json_500(tmp_path: Path, monkeypatch: pytest.Monk
         response = client.get("/health")
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error; the server log has details"}
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("http://user:secret@host.test:8080/v.mp4?x=1", "http://host.test:8080/v.mp4?x=1"),
+    ("https://user@host.test/v.mp4", "https://host.test/v.mp4"),
+    ("http://a@b:c@host.test/v", "http://host.test/v"),  # up to the last '@', as httpx reads it
+    ("http://us%40er:p%3Ass@[::1]:80/v", "http://[::1]:80/v"),
+    ("HTTP://u:p@host.test", "HTTP://host.test"),
+    ("http://host.test/path@x/v.mp4", "http://host.test/path@x/v.mp4"),
+    ("http://host.test/v.mp4?sig=a@b", "http://host.test/v.mp4?sig=a@b"),
+    ("http://host.test#a@b", "http://host.test#a@b"),
+    ("file:///data/a@b.mp4", "file:///data/a@b.mp4"),
+])
+def test_an_ingests_url_is_shown_without_credentials(url: str, shown: str) -> None:
+    assert without_credentials(url) == shown
+    assert httpx.URL(without_credentials(url)).userinfo == b""
+
+
+@given(userinfo=st.text(st.characters(exclude_characters="/?#", exclude_categories=["Cs"]),
+                        min_size=1))
+def test_whatever_httpx_reads_as_credentials_is_never_shown(userinfo: str) -> None:
+    url = f"http://{userinfo}@host.test/v.mp4"
+    assert without_credentials(url) == "http://host.test/v.mp4"
+
+
+def _ingest(phase: str, received: int = 0, expected: int | None = None) -> IngestUnderWay:
+    return IngestUnderWay("http://o.test/v.mp4", "b", "", phase, received, expected,
+                          "2025-01-31T12:00:00.123Z")
+
+
+@pytest.mark.parametrize(("ingest", "rate", "line"), [
+    (None, None, "waiting for the service (52 s)"),
+    (_ingest("downloading", 432_328_294, 1 << 30), 12_373_196.8,
+     "downloading 412.3 of 1,024.0 MiB (40%), 11.8 MiB/s, 52 s"),
+    (_ingest("downloading", 0, 1 << 30), 0.0,
+     "downloading 0.0 of 1,024.0 MiB (0%), 0.0 KiB/s, 52 s"),  # stalled
+    (_ingest("downloading", 51_200, 102_400), None, "downloading 50.0 of 100.0 KiB (50%), 52 s"),
+    (_ingest("downloading", 3 << 20), 1536.0, "downloading 3.0 MiB, 1.5 KiB/s, 52 s"),
+    (_ingest("queued"), None, "queued behind other ingests, 52 s"),
+    (_ingest("validating", 10, 10), None, "validating (ffprobe), 52 s"),
+    (_ingest("phash"), None, "perceptual hash (ffmpeg), 52 s"),
+    (_ingest("storing"), None, "storing, 52 s"),
+    (_ingest("a later phase"), None, "a later phase, 52 s"),
+])
+def test_the_progress_line_says_where_the_ingest_is(ingest: IngestUnderWay | None,
+                                                    rate: float | None, line: str) -> None:
+    assert describe(ingest, rate, 52.4) == f"vidcache ingest: {line}"
+
+
+def test_the_download_rate_is_over_the_last_seconds_of_polls() -> None:
+    rate = _Rate()
+    assert rate.update(_ingest("downloading", 0), 100.0) is None  # one poll: no rate yet
+    assert rate.update(_ingest("downloading", MIB), 101.0) == MIB
+    for second in range(2, 10):  # 1 MiB/s, then it stalls: the rate falls to 0 within 5 s
+        rate.update(_ingest("downloading", min(second, 4) * MIB), 100.0 + second)
+    assert rate.update(_ingest("downloading", 4 * MIB), 110.0) == 0.0
+    assert rate.update(_ingest("validating", 10, 10), 111.0) is None
+    restarted = IngestUnderWay("http://o.test/v.mp4", "b", "", "downloading", 0, None,
+                               "2025-01-31T12:05:00.000Z")
+    assert rate.update(restarted, 112.0) is None  # another ingest of the URL: from scratch
+

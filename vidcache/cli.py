@@ -13,11 +13,9 @@ import re
 import socket
 import sqlite3
 import sys
-import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import TextIO
 
 from vidcache import __version__
 from vidcache.auth import TokenFileError, read_token_file
@@ -249,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for the service's answer, which comes once the "
                              f"video is stored (default {_INGEST_TIMEOUT:g}: the service's "
                              "default --max-download-time and time to check it); on a "
-                             "terminal the wait is shown")
+                             "terminal its progress is shown")
     return parser
 
 
@@ -339,6 +337,8 @@ _NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from vidcache.progress import without_credentials
+    from vidcache.progress_line import own_ingest, progress_on_terminal
     from vidcache_client import (
         AuthError,
         RequestTimeout,
@@ -349,7 +349,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
     try:
         with (VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client,
-              _elapsed_on_terminal("vidcache ingest: waiting for the service")):
+              progress_on_terminal(partial(own_ingest, client, without_credentials(args.url)))):
             result = client.ingest(args.url, args.bucket, prefix=args.prefix,
                                    meta=dict(args.meta))
     except VidCacheError as exc:
@@ -375,32 +375,6 @@ def _ingest(args: argparse.Namespace) -> int:
         return 130
     print(json.dumps(result))
     return 0
-
-
-@contextlib.contextmanager
-def _elapsed_on_terminal(what: str, stream: TextIO = sys.stderr) -> Iterator[None]:
-    """On a terminal, `what (N s)` on one line of `stream`, redrawn every second until the
-    block ends, then erased: the service says nothing until the video is stored."""
-    if not stream.isatty():
-        yield
-        return
-    done = threading.Event()
-    started = time.monotonic()
-
-    def show() -> None:
-        while not done.wait(1.0):
-            stream.write(f"\r{what} ({time.monotonic() - started:.0f} s)")
-            stream.flush()
-
-    ticker = threading.Thread(target=show, name="vidcache-elapsed", daemon=True)
-    ticker.start()
-    try:
-        yield
-    finally:
-        done.set()
-        ticker.join()
-        stream.write("\r\033[K")
-        stream.flush()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
