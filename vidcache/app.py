@@ -51,7 +51,7 @@ from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import STOP_TIMEOUT, Ingestor
-from vidcache.progress import IngestBoard, Phase
+from vidcache.progress import IngestBoard, Phase, without_credentials
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.serving import CACHE_CONTROL, BlobIndex, VideoFastPath, keep_buffers_in_heap
 from vidcache.store import (
@@ -408,7 +408,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
             # has not ended (say, it flushes a large download to a slow disk) and may log its
             # end later
             log.warning("ingest %s failed (503): %s (still running %g s after it was "
-                        "stopped)", request.url, ShuttingDown(), STOP_TIMEOUT)
+                        "stopped)", without_credentials(request.url), ShuttingDown(),
+                        STOP_TIMEOUT)
             raise ShuttingDown() from None
         return IngestResponse(hash=result.content_hash, status=result.status,
                               file_path=result.file_path, phash_distance=result.phash_distance)

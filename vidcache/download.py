@@ -52,7 +52,7 @@ from vidcache.errors import (
 )
 from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
-from vidcache.progress import IngestProgress
+from vidcache.progress import IngestProgress, without_credentials
 from vidcache.resolver import StoppableResolver
 
 MAX_URL_LENGTH = 8192
@@ -70,32 +70,35 @@ class Download:
 
 
 def parse_url(url: str) -> httpx.URL:
-    """The URL if ingest can fetch it at all, else InvalidRequest saying why."""
+    """The URL if ingest can fetch it at all, else InvalidRequest saying why (with the URL as
+    shown: without its credentials)."""
+    shown = without_credentials(url)
     if len(url) > MAX_URL_LENGTH:
         raise InvalidRequest(f"URL longer than {MAX_URL_LENGTH} characters")
     if not url or any(ch.isspace() or ord(ch) < 32 for ch in url):
-        raise InvalidRequest(f"malformed URL {url!r}: empty or contains spaces/control characters")
+        raise InvalidRequest(f"malformed URL {shown!r}: empty or contains spaces/control "
+                             "characters")
     try:
         url.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate from a JSON "\ud800" escape
-        raise InvalidRequest(f"malformed URL {url!r}: not valid Unicode text") from exc
+        raise InvalidRequest(f"malformed URL {shown!r}: not valid Unicode text") from exc
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
-        raise InvalidRequest(f"malformed URL {url!r}: {exc}") from exc
+        raise InvalidRequest(f"malformed URL {shown!r}: {exc}") from exc
     if parsed.port is not None and not 0 < parsed.port < 65536:
-        raise InvalidRequest(f"malformed URL {url!r}: port {parsed.port} is not 1-65535")
+        raise InvalidRequest(f"malformed URL {shown!r}: port {parsed.port} is not 1-65535")
     if not parsed.scheme:
-        hint = f" (a file on the server: file://{url}, see --allow-file-dir)" if (
+        hint = f" (a file on the server: file://{shown}, see --allow-file-dir)" if (
             url.startswith("/")) else ""
-        raise InvalidRequest(f"malformed URL {url!r}: expected an absolute http(s):// URL{hint}")
+        raise InvalidRequest(f"malformed URL {shown!r}: expected an absolute http(s):// URL{hint}")
     if parsed.scheme not in ("http", "https", "file"):
-        raise InvalidRequest(f"unsupported URL scheme {parsed.scheme!r} in {url!r}: "
+        raise InvalidRequest(f"unsupported URL scheme {parsed.scheme!r} in {shown!r}: "
                              "use http, https or file")
     if parsed.scheme != "file" and not parsed.raw_host:
-        raise InvalidRequest(f"malformed URL {url!r}: no host")
+        raise InvalidRequest(f"malformed URL {shown!r}: no host")
     if parsed.scheme == "file" and "\0" in parsed.path:
-        raise InvalidRequest(f"malformed URL {url!r}: NUL character in the file path")
+        raise InvalidRequest(f"malformed URL {shown!r}: NUL character in the file path")
     return parsed
 
 
@@ -194,7 +197,8 @@ class Downloader:
         deadline = time.monotonic() + self._max_time
         try:
             with open(fd, "wb") as file:
-                writer = _HashingWriter(file, max_size=self._max_size, url=url,
+                writer = _HashingWriter(file, max_size=self._max_size,
+                                        url=without_credentials(url),
                                         chunk_size=self._chunk_size)
                 if parsed.scheme == "file":
                     self._copy_local(parsed, writer, deadline, progress)
@@ -220,7 +224,7 @@ class Downloader:
 
     def _download(self, url: httpx.URL, writer: _HashingWriter, deadline: float,
                   progress: IngestProgress) -> None:
-        original = str(url)
+        original = without_credentials(str(url))  # as messages and logs show it
         for _hop in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")
             port = url.port or (443 if url.scheme == "https" else 80)

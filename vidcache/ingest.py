@@ -42,7 +42,7 @@ from vidcache.download import Downloader, parse_url
 from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
-from vidcache.progress import IngestProgress
+from vidcache.progress import IngestProgress, without_credentials
 from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
 from vidcache.tools import Tools
 
@@ -96,7 +96,8 @@ class Ingestor:
             with self._url_locks.hold(url):
                 result = self._ingest_new_url(url, bucket, prefix, meta or {}, progress)
         except VidcacheError as exc:
-            log.warning("ingest %s failed (%d): %s", url, exc.status_code, exc)
+            log.warning("ingest %s failed (%d): %s", without_credentials(url), exc.status_code,
+                        exc)
             raise
         finally:
             with self._running_changed:
@@ -104,7 +105,8 @@ class Ingestor:
                 self._running_changed.notify_all()
         distance = "" if result.phash_distance is None else \
             f" (phash distance {result.phash_distance})"
-        log.info("ingest %s: %s %s%s", url, result.status, result.content_hash, distance)
+        log.info("ingest %s: %s %s%s", without_credentials(url), result.status,
+                 result.content_hash, distance)
         return result
 
     def _ingest_new_url(self, url: str, bucket: str, prefix: str, meta: dict[str, Any],
