@@ -265,6 +265,20 @@ def test_a_chunked_small_answer_is_read_through_httpx_from_then_on() -> None:
     assert [line.split()[1] for line in requests] == [f"/meta/{HASH}"] * 3
 
 
+def _trickle(connection: socket.socket, data: bytes, outcome: list[str]) -> None:
+    """Send `data` a byte every 50 ms, each in a receive's time; `outcome` says whether the
+    client closed the connection under it or let it all come."""
+    paced = threading.Event()  # never set: waiting on it paces the bytes
+    try:
+        for byte in data:
+            paced.wait(0.05)
+            connection.sendall(bytes([byte]))
+    except OSError:
+        outcome.append("closed by the client")
+    else:
+        outcome.append("all sent")
+
+
 def test_a_small_answer_trickling_in_through_httpx_is_given_up_after_the_timeout() -> None:
     """Once a chunked answer has put the small GETs on httpx, an answer whose body trickles in
     (a byte every 50 ms, 5 s in all, each receive in time) ends with RequestTimeout after the
@@ -272,7 +286,6 @@ def test_a_small_answer_trickling_in_through_httpx_is_given_up_after_the_timeout
     read it to its end."""
     requests: list[str] = []
     outcome: list[str] = []
-    paced = threading.Event()  # never set: waiting on it paces the bytes
 
     def chunked_then_trickle(connection: socket.socket) -> None:
         while lines := read_requests(connection, 1, requests):
@@ -280,14 +293,7 @@ def test_a_small_answer_trickling_in_through_httpx_is_given_up_after_the_timeout
                 reply(connection, lines[0], chunked=True)
                 continue
             connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            try:
-                for byte in b"%x\r\n%s\r\n0\r\n\r\n" % (len(META), META):
-                    paced.wait(0.05)
-                    connection.sendall(bytes([byte]))
-            except OSError:
-                outcome.append("closed by the client")
-            else:
-                outcome.append("all sent")
+            _trickle(connection, b"%x\r\n%s\r\n0\r\n\r\n" % (len(META), META), outcome)
             return
 
     with SocketServer(chunked_then_trickle) as server, \
@@ -306,20 +312,12 @@ def test_answers_trickling_in_behind_a_refusal_are_given_up_after_the_timeout() 
     refusal = b"HTTP/1.1 404 Not Found\r\nContent-Length: 22\r\n\r\n" \
               b'{"detail": "no video"}'
     outcome: list[str] = []
-    paced = threading.Event()  # never set: waiting on it paces the bytes
 
     def refuse_then_trickle(connection: socket.socket) -> None:
         if len(read_requests(connection, 3, [])) < 3:
             return
         connection.sendall(refusal)
-        try:
-            for byte in refusal * 2:  # the digests' and the range's
-                paced.wait(0.05)
-                connection.sendall(bytes([byte]))
-        except OSError:
-            outcome.append("closed by the client")
-        else:
-            outcome.append("all sent")
+        _trickle(connection, refusal * 2, outcome)  # the digests' and the range's
 
     with SocketServer(refuse_then_trickle) as server, \
             VidCacheClient(server.url, timeout=1) as client:

@@ -328,25 +328,33 @@ def test_an_ingest_waiting_for_its_origin_is_cut_at_shutdown(
     1 s after it was stopped)'); after Ctrl-C the process then waited for the download's
     thread until the --download-timeout, and SIGTERM left its temp file behind."""
     data = tmp_path / "data"
-    with (_origin_waiting(origin) as (url, waiting),
-          VidcacheServer(data, "--download-timeout", "120", new_session=True) as server):
+    with _origin_waiting(origin) as (url, waiting):
+        _signal_while_the_ingest_waits(
+            VidcacheServer(data, "--download-timeout", "120", new_session=True), url, signum,
+            waiting, f"the ingest waiting for its {origin} origin")
+    with VidcacheServer(data) as again:
+        assert assert_consistent(data, again.url) == []
+
+
+def _signal_while_the_ingest_waits(server: VidcacheServer, url: str, signum: signal.Signals,
+                                   waiting: Callable[[], bool], what: str) -> None:
+    """Start `server`, ingest `url`, send `signum` once `waiting()`: the server exits at once,
+    the ingest answered 503 'shutting down' and logged once, no temp file or blob left."""
+    with server:
         assert server.process is not None
         ingest = _Ingest(server.url, url)
-        wait_until(waiting, timeout=60, what=f"the ingest waiting for its {origin} origin")
+        wait_until(waiting, timeout=60, what=what)
         if signum == signal.SIGINT:
             os.killpg(server.process.pid, signal.SIGINT)  # a terminal's Ctrl-C
         else:
             server.process.send_signal(signum)
         assert server.process.wait(timeout=30) == _EXIT_STATUS[signum]
         answer = ingest.result()
-        assert temp_files(data) == [] and blob_files(data) == []
+        assert temp_files(server.data_dir) == [] and blob_files(server.data_dir) == []
     log = server.log()
     _assert_answered_shutting_down(answer, log, url)
     assert sum(url in line for line in log.splitlines()) == 1, log
     assert "still running" not in log, log
-    with VidcacheServer(data) as again:
-        assert assert_consistent(data, again.url) == []
-
 
 
 @pytest.mark.skipif(not can_run_a_silent_dns(),
@@ -360,24 +368,9 @@ def test_an_ingest_resolving_its_origin_is_cut_at_shutdown(tmp_path: Path,
     waiting; no temp file is left. Was: only uvicorn's cancel answered it ('... (still
     running 1 s after it was stopped)'), and the process then waited for the lookup's thread
     (the resolver's own timeouts)."""
-    data = tmp_path / "data"
-    url = "http://origin.test/never.mp4"
-    server = SilentDnsServer(data, "--download-timeout", "120", new_session=True)
-    with server:
-        assert server.process is not None
-        ingest = _Ingest(server.url, url)
-        wait_until(server.asked, timeout=60, what="the ingest asking the DNS server")
-        if signum == signal.SIGINT:
-            os.killpg(server.process.pid, signal.SIGINT)  # a terminal's Ctrl-C
-        else:
-            server.process.send_signal(signum)
-        assert server.process.wait(timeout=30) == _EXIT_STATUS[signum]
-        answer = ingest.result()
-        assert temp_files(data) == [] and blob_files(data) == []
-    log = server.log()
-    _assert_answered_shutting_down(answer, log, url)
-    assert sum(url in line for line in log.splitlines()) == 1, log
-    assert "still running" not in log, log
+    server = SilentDnsServer(tmp_path / "data", "--download-timeout", "120", new_session=True)
+    _signal_while_the_ingest_waits(server, "http://origin.test/never.mp4", signum, server.asked,
+                                   "the ingest asking the DNS server")
 
 def test_stop_cuts_a_download_in_its_tls_handshake(tmp_path: Path) -> None:
     """What the shutdown does to a download whose https origin accepted the connection and
