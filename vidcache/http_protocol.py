@@ -25,7 +25,9 @@ A request's head is capped (MAX_HEAD_BYTES): httptools gathers a header field by
 bytes objects, which is quadratic in its length and runs on the event loop, so one client
 sending a 64 MiB header stalled every other request for 4 s (and the server kept its 400 MB
 of a longer one). Past the cap the request is refused 431, or 414 when its target alone is
-longer than httptools can parse, and nothing more of the connection is read.
+longer than httptools can parse, and nothing more of the connection is read. The cap counts
+the head's bytes after the read it began in (a read is up to 256 KiB): what one read brings is
+parsed in one go, at no quadratic cost, so a head of up to 384 KiB may pass.
 """
 
 from __future__ import annotations
