@@ -246,6 +246,23 @@ def test_an_unusable_data_directory_is_one_line_naming_it(tmp_path: Path) -> Non
     assert list(cwd.iterdir()) == []
 
 
+def test_an_unusable_ssl_cert_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    """SSL_CERT_FILE names the CAs that https origins are checked against: one that is missing
+    or holds no certificate stopped the server blaming the data directory ('cannot use DATA as
+    the data directory: No such file or directory')."""
+    not_pem = tmp_path / "not-pem.crt"
+    not_pem.write_text("not a certificate\n")
+    for cert_file in (tmp_path / "missing.crt", not_pem):
+        run = subprocess.run(
+            [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "data"),
+             "--port", str(free_port())], capture_output=True, text=True, timeout=90,
+            env={**os.environ, "SSL_CERT_FILE": str(cert_file)})
+        assert run.returncode == 1, run.stderr
+        assert run.stderr.startswith(f"vidcache serve: error: SSL_CERT_FILE={cert_file}: "
+                                     "cannot load CA certificates from it"), run.stderr
+        assert "data directory" not in run.stderr and "\n" not in run.stderr.rstrip("\n")
+
+
 def test_serving_is_said_once_the_port_listens(own: VidcacheServer) -> None:
     assert f"serving {own.data_dir} on {own.url} (no authentication)" in own.log()
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import os
+import ssl
 import stat
 import tempfile
 import time
@@ -42,6 +43,7 @@ import httpx
 from vidcache import __version__
 from vidcache.chunks import ChunkHasher, check_chunk_size
 from vidcache.errors import (
+    BadSetting,
     IngestRefused,
     InvalidRequest,
     ShuttingDown,
@@ -152,6 +154,16 @@ class _Body(httpx.SyncByteStream):
             yield data
 
 
+def _origin_tls() -> ssl.SSLContext:
+    """The TLS context https origins are checked with: certifi's CAs, or those of SSL_CERT_FILE
+    / SSL_CERT_DIR (a company's own CA); BadSetting if SSL_CERT_FILE holds none."""
+    try:
+        return httpx.create_ssl_context(trust_env=True)
+    except OSError as exc:  # missing, unreadable, or no PEM certificate in it (ssl.SSLError)
+        raise BadSetting(f"SSL_CERT_FILE={os.environ.get('SSL_CERT_FILE')}: cannot load CA "
+                         f"certificates from it ({exc.strerror or exc})") from exc
+
+
 class Downloader:
     def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
                  guard: HostGuard, chunk_size: int,
@@ -165,10 +177,9 @@ class Downloader:
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
         self._resolver = StoppableResolver()
         self._sockets = StoppableBackend()
-        # no proxies (they would bypass the address check) and no redirects (followed by hand);
-        # trusted CAs: certifi's, or SSL_CERT_FILE / SSL_CERT_DIR (a company's own CA)
+        # no proxies (they would bypass the address check) and no redirects (followed by hand)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=True), network_backend=self._sockets,
+            ssl_context=_origin_tls(), network_backend=self._sockets,
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
     def close(self) -> None:

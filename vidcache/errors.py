@@ -81,5 +81,10 @@ class ShuttingDown(VidcacheError):
         super().__init__("the server is shutting down; try again")
 
 
+class BadSetting(VidcacheError):
+    """A setting of the server (its command line or environment) cannot be used: it does not
+    start."""
+
+
 class DataDirInUse(VidcacheError):
     """Another vidcache process already serves this data directory."""
