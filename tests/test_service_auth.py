@@ -104,6 +104,21 @@ def test_token_reads_guards_every_read_but_health_and_docs(all_guarded: Vidcache
         assert httpx.get(url + path).status_code == 200, path
 
 
+def test_head_is_guarded_as_get(all_guarded: VidcacheServer) -> None:
+    """HEAD answers as GET on every read (it was 405 with the token on the JSON routes): under
+    --token-reads it needs the token as GET does, and /health stays open."""
+    url = all_guarded.url
+    for path in (f"/meta/{NO_VIDEO}", f"/video/{NO_VIDEO}/chunks", "/videos",
+                 "/resolve?url=http://x/", "/ingests"):
+        _assert_refused(httpx.head(url + path))
+        _assert_refused(httpx.head(url + path, headers=_bearer(WRONG)))
+        get = httpx.get(url + path, headers=_bearer(TOKEN))
+        head = httpx.head(url + path, headers=_bearer(TOKEN))
+        assert (head.status_code, head.headers["content-length"]) == (
+            get.status_code, get.headers["content-length"]), path
+    assert httpx.head(f"{url}/health").status_code == 200
+
+
 def test_the_ingests_under_way_need_the_token_only_with_token_reads(
         writes_guarded: VidcacheServer, all_guarded: VidcacheServer) -> None:
     """GET /ingests shows the URLs being ingested: a read like any other. (No such route

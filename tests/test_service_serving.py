@@ -307,13 +307,64 @@ def test_405_allows_every_method_of_the_path(api: Api) -> None:
     said `Allow: GET`, though HEAD and DELETE are served there too (RFC 9110 15.5.6)."""
     for method, path, allowed in (("PUT", f"/video/{'0' * 64}", {"GET", "HEAD", "DELETE"}),
                                   ("POST", f"/video/{'0' * 64}", {"GET", "HEAD", "DELETE"}),
-                                  ("HEAD", f"/meta/{'0' * 64}", {"GET"}),
+                                  ("PUT", f"/meta/{'0' * 64}", {"GET", "HEAD"}),
+                                  ("HEAD", "/ingest", {"POST"}),
                                   ("GET", "/ingest", {"POST"})):
         response = api.http.request(method, path)
         assert response.status_code == 405, (method, path)
         assert set(response.headers["allow"].split(", ")) == allowed, (method, path)
         if method != "HEAD":
             assert response.json()["detail"].endswith(response.headers["allow"])
+
+
+def _exchange(port: int, method: str, target: str,
+              accept_encoding: str) -> tuple[bytes, list[tuple[str, str]], bytes]:
+    """(status line, header fields but Date, body) of one request alone on a connection,
+    everything the server sent: read to the end (Connection: close), so a body sent to a HEAD
+    would show."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: "
+                     f"{accept_encoding}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while piece := sock.recv(65536):
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    fields = [(name.strip().lower(), value.strip()) for name, _, value in
+              (line.decode("latin-1").partition(":") for line in lines)]
+    return status, [(name, value) for name, value in fields if name != "date"], body
+
+
+def test_head_answers_as_get_on_every_json_route(vidcache_server: VidcacheServer,
+                                                 stored: dict[str, Stored],
+                                                 media_url: str) -> None:
+    """RFC 9110 9.1: HEAD wherever GET. FastAPI's routes answer only the methods they name, so
+    HEAD /health, /meta, /resolve, /videos, /chunks and /ingests were 405 `Allow: GET`. Now the
+    GET's status and headers (Content-Length of the body GET sends, gzip for the digests when
+    accepted), errors included, and no byte of body on the wire."""
+    video, unknown = stored["b.mp4"], "0" * 64
+    targets = ["/health", f"/meta/{video.hash}", f"/meta/{unknown}", "/meta/xyz",
+               f"/resolve?url={media_url}/b.mp4", "/resolve?url=http://nowhere.test/a.mp4",
+               "/videos?limit=2", "/videos?limit=0", f"/video/{video.hash}/chunks",
+               f"/video/{video.hash}/chunks?start=-1", f"/video/{unknown}/chunks", "/ingests"]
+    for target in targets:
+        for accept_encoding in ("identity", "gzip"):
+            status, fields, body = _exchange(vidcache_server.port, "GET", target,
+                                             accept_encoding)
+            assert body and dict(fields)["content-length"] == str(len(body)), target
+            assert _exchange(vidcache_server.port, "HEAD", target,
+                             accept_encoding) == (status, fields, b""), (target, accept_encoding)
+    for accept_encoding, coding in (("identity", None), ("gzip", "gzip")):
+        _, fields, _ = _exchange(vidcache_server.port, "HEAD", f"/video/{video.hash}/chunks",
+                                 accept_encoding)
+        assert dict(fields).get("content-encoding") == coding
+    statuses = {_exchange(vidcache_server.port, "HEAD", target, "identity")[0].split()[1]
+                for target in targets}
+    assert statuses == {b"200", b"404", b"422"}
+    # HEAD stays implied by GET in the API description: no operation doubled
+    paths = httpx.get(f"{vidcache_server.url}/openapi.json").json()["paths"]
+    assert {path for path, operations in paths.items() if "head" in operations} == {
+        "/video/{content_hash}"}
 
 
 def test_health_and_openapi(api: Api) -> None:

@@ -6,8 +6,9 @@ limit so a burst of ingests cannot take every thread from readers. Bytes are ser
 Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Range parser
 (ranges.py). In front of routing sit the optional bearer-token check (auth.py), the hot path
 for whole files and single ranges (serving.py; it hands everything else to the route) and the
-request body cap (body_limit.py). Every error, ours or the framework's, leaves as JSON
-`{"detail": message}`; the translation happens only here and in those two middlewares.
+request body cap (body_limit.py). Every GET route answers HEAD too (GetAnswersHead). Every
+error, ours or the framework's, leaves as JSON `{"detail": message}`; the translation happens
+only here and in those two middlewares.
 `GET /ingests` shows the ingests under way, as their threads move them on (progress.py).
 
 Shutdown: `app.state.stop_ingests` ends the ingests still running (503 "the server is shutting
@@ -32,6 +33,7 @@ import anyio
 from fastapi import FastAPI, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from pydantic.config import JsonDict
 from starlette.datastructures import MutableHeaders
@@ -265,14 +267,41 @@ def _body_error(exc: StarletteHTTPException) -> str | None:
     return None
 
 
+class GetAnswersHead(APIRoute):
+    """A FastAPI route whose GET answers HEAD too, as Starlette's Route does and FastAPI's does
+    not (RFC 9110 9.1: a server MUST support HEAD wherever it supports GET). The answer is the
+    GET's, status and headers (Content-Length, Content-Encoding) included; the server sends no
+    body for a HEAD (uvicorn drops it). HEAD stays out of `methods`, of which FastAPI makes one
+    OpenAPI operation each: implied by GET there, as in most APIs, not a second operation with
+    the same operationId per route."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match == Match.PARTIAL and self._head_of_get(scope):
+            return Match.FULL, child_scope
+        return match, child_scope
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._head_of_get(scope):
+            await self.app(scope, receive, send)  # past the check against `methods` (405)
+        else:
+            await super().handle(scope, receive, send)
+
+    def _head_of_get(self, scope: Scope) -> bool:
+        return scope["method"] == "HEAD" and "GET" in (self.methods or ())
+
+
 def _allowed_methods(request: Request) -> str:
     """The methods of every route at the request's path. Starlette's 405 names those of the
     first route whose path matched, but a path can have several (/video/{hash}: GET, HEAD and
-    DELETE), and Allow must list them all (RFC 9110 15.5.6)."""
+    DELETE), and Allow must list them all (RFC 9110 15.5.6), HEAD wherever GET is."""
     methods: list[str] = []
     for route in request.app.router.routes:
         if isinstance(route, Route) and route.matches(request.scope)[0] != Match.NONE:
-            methods += [method for method in sorted(route.methods or ()) if method not in methods]
+            served = set(route.methods or ())
+            if "GET" in served:  # GetAnswersHead (Starlette's Route lists HEAD itself)
+                served.add("HEAD")
+            methods += [method for method in sorted(served) if method not in methods]
     return ", ".join(methods)
 
 
@@ -334,6 +363,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   description="Content-addressed video cache: ingest by URL, BLAKE3 exact "
                               "dedup, perceptual-hash near-duplicate matching, byte ranges.")
     app.state.stop_ingests = ingestor.stop
+    app.router.route_class = GetAnswersHead  # for the routes declared below
 
     # the last added is the outermost: the token is checked before any body is read
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
@@ -437,9 +467,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
         206: {"description": "the requested byte range"},
         304: {"description": "not modified (If-None-Match, If-Modified-Since)"}}
 
+    # HEAD declared first, so that it is the route answering HEAD (the GET one would, too)
+    @app.get("/video/{content_hash}", response_class=FileResponse, responses=video_responses)
     @app.head("/video/{content_hash}", response_class=FileResponse, responses=video_responses,
               operation_id="video_headers", summary="Video headers")
-    @app.get("/video/{content_hash}", response_class=FileResponse, responses=video_responses)
     def video(content_hash: ContentHash, request: Request) -> Response:
         """The video's bytes; honours `Range: bytes=s-e`, `s-`, `-n`, `If-Range` and the
         conditional headers (`If-None-Match` and `If-Modified-Since` answer 304, `If-Match`
