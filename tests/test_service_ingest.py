@@ -470,6 +470,25 @@ def test_ingest_allow_env_lets_a_private_host_through(
     _assert_error(api.ingest(f"http://127.0.0.3:{free_port()}/v.mp4", unique("env")), 403)
 
 
+def test_credentials_in_a_file_url_are_never_shown(allowed_dir: Path, tmp_path: Path) -> None:
+    """A file:// URL with `user:password@` refused for its remote host, or for taking longer
+    than --max-download-time: the answer and the log name it without them (both showed the
+    URL whole)."""
+    with VidcacheServer(tmp_path / "data", "--allow-file-dir", str(allowed_dir),
+                        "--max-download-time", "1e-9") as server:
+        api = Api(server.url)
+        remote = api.ingest("file://user:hunter2@remote.test/c.mkv", unique("file"))
+        _assert_error(remote, 422, "remote host 'remote.test': file://remote.test/c.mkv")
+        local = f"file://user:hunter2@localhost{allowed_dir}/c.mkv"
+        slow = api.ingest(local, unique("file"))
+        _assert_error(slow, 504, f"file://localhost{allowed_dir}/c.mkv took longer")
+        api.close()
+        assert "hunter2" not in remote.text + slow.text
+        wait_until(lambda: "took longer" in server.log(), timeout=10,
+                   what="the refusal in the server's log")
+        assert "hunter2" not in server.log()
+
+
 def test_file_urls_from_allowed_dirs_only(restricted: tuple[VidcacheServer, Api],
                                           allowed_dir: Path, videos: dict[str, Path],
                                           tmp_path: Path) -> None:

@@ -311,8 +311,9 @@ class Downloader:
         if not self._file_dirs:
             raise IngestRefused("file:// URLs are disabled; start the server with "
                                 "--allow-file-dir DIR to ingest local files below DIR")
+        shown = without_credentials(str(url))  # as messages and logs show it
         if url.host not in ("", "localhost"):
-            raise InvalidRequest(f"file:// URL with a remote host {url.host!r}: {url}")
+            raise InvalidRequest(f"file:// URL with a remote host {url.host!r}: {shown}")
         path = Path(url.path)
         try:
             real = path.resolve()
@@ -339,7 +340,7 @@ class Downloader:
                 while data := source.read(_COPY_SIZE):
                     writer.write(data)
                     progress.received(len(data))
-                    self._check_progress(deadline, str(url))
+                    self._check_progress(deadline, shown)
             except OSError as exc:
                 raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
 
