@@ -362,15 +362,21 @@ def test_credentials_in_the_url_are_sent_as_basic_auth(api: Api,
 
 def test_credentials_in_the_url_are_never_shown(api: Api, vidcache_server: VidcacheServer,
                                                 videos: dict[str, Path]) -> None:
-    """An ingest refused with the URL in its reason (the origin's 401, a port out of range)
-    names the URL without its `user:password@`, in the answer and in the server's log."""
+    """An ingest refused with the URL in its reason (the origin's 401, a port out of range, an
+    empty scheme, a leading space) names the URL without its `user:password@`, in the answer
+    and in the server's log."""
     with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
         refused = api.ingest(origin.replace("http://", "http://user:hunter2@") + "/auth/b.mp4",
                              unique("auth"))
         _assert_error(refused, 502, f"{origin}/auth/b.mp4 answered 401")
     malformed = api.ingest("http://user:hunter2@127.0.0.1:99999/b.mp4", unique("auth"))
     _assert_error(malformed, 422, "'http://127.0.0.1:99999/b.mp4'")
-    assert "hunter2" not in refused.text + malformed.text
+    # refused for an empty scheme (httpx reads the credentials) or a leading space
+    no_scheme = api.ingest("://user:hunter2@127.0.0.1/b.mp4", unique("auth"))
+    _assert_error(no_scheme, 422, "'://127.0.0.1/b.mp4'")
+    spaced = api.ingest(" http://user:hunter2@127.0.0.1/b.mp4", unique("auth"))
+    _assert_error(spaced, 422, "' http://127.0.0.1/b.mp4'")
+    assert "hunter2" not in refused.text + malformed.text + no_scheme.text + spaced.text
     wait_until(lambda: "127.0.0.1:99999/b.mp4" in vidcache_server.log(), timeout=10,
                what="the refusal in the server's log")
     assert "hunter2" not in vidcache_server.log()

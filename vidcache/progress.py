@@ -22,8 +22,10 @@ from typing import Literal
 Phase = Literal["queued", "downloading", "validating", "phash", "storing"]
 
 # Up to the authority's last '@', where httpx (which parses the URL for the download) ends
-# the user info: whatever it would send as credentials is cut.
-_USER_INFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/?#]*@")
+# the user info: whatever it would send as credentials is cut, even after an empty scheme
+# ('://u:p@host', which httpx reads so). Also where a browser would read credentials in a URL
+# that is refused, its refusal showing it: after leading spaces, or backslashes for slashes.
+_USER_INFO = re.compile(r"^([\x00-\x20]*(?:(?:[A-Za-z][A-Za-z0-9+.-]*)?:)?[/\\]{2})[^/?#]*@")
 
 
 def without_credentials(url: str) -> str:
