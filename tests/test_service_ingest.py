@@ -340,6 +340,22 @@ def test_redirects_are_followed_and_checked(api: Api, videos: dict[str, Path]) -
                       "file://")
 
 
+@pytest.mark.parametrize(("location", "fragment"), [
+    ("http://user:l0cated@h.test:abc/b.mp4", "a malformed URL 'http://h.test:abc/b.mp4': "),
+    ("http://user:l0cated@127.0.0.1:99999/b.mp4", "a URL ingest refuses: malformed URL "
+                                                  "'http://127.0.0.1:99999/b.mp4': port "),
+    ("ftp://user:l0cated@127.0.0.1/b.mp4", "a URL ingest refuses: unsupported URL scheme"),
+], ids=["unjoinable", "port", "scheme"])
+def test_a_redirect_to_a_url_ingest_cannot_fetch_is_the_origins_fault(
+        api: Api, videos: dict[str, Path], location: str, fragment: str) -> None:
+    """502 naming the Location without its credentials; was 500 (httpx's InvalidURL, from
+    joining it, escaped) or 422, as if the request's URL were malformed."""
+    with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
+        answer = api.ingest(f"{origin}/redirect-to?{location}", unique("redir"))
+    _assert_error(answer, 502, f"{origin}/redirect-to?", f" redirects to {fragment}")
+    assert answer.text.count("l0cated") == 1, answer.text  # in the query of the URL given
+
+
 def test_a_gzip_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path]) -> None:
     """An origin that gzips the body whatever the client accepts (S3 serves an object stored
     with Content-Encoding: gzip so): the video is what is stored, as httpx decoded it before

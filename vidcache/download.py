@@ -104,6 +104,19 @@ def parse_url(url: str) -> httpx.URL:
     return parsed
 
 
+def _redirect_target(url: httpx.URL, location: str, shown: str) -> httpx.URL:
+    """The URL `url`'s answer redirects to with `location`; one that is malformed or that
+    ingest would refuse is the origin's fault (502), not the request's (422 for the one
+    `url` names, as given)."""
+    try:
+        return parse_url(str(url.join(location)))
+    except httpx.InvalidURL as exc:  # httpx cannot even join it
+        raise UpstreamError(f"{shown} redirects to a malformed URL "
+                            f"{without_credentials(location)!r}: {exc}") from exc
+    except InvalidRequest as exc:
+        raise UpstreamError(f"{shown} redirects to a URL ingest refuses: {exc}") from exc
+
+
 class _HashingWriter:
     def __init__(self, file: BinaryIO, *, max_size: int, url: str, chunk_size: int) -> None:
         self._file = file
@@ -269,7 +282,7 @@ class Downloader:
                                               extensions=answer.extensions)
                     location = response.headers.get("location")
                     if response.is_redirect and location:
-                        url = parse_url(str(url.join(location)))
+                        url = _redirect_target(url, location, original)
                         if url.scheme == "file":
                             raise IngestRefused(f"{original} redirects to a file:// URL")
                         continue
