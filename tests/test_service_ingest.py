@@ -380,7 +380,7 @@ def test_credentials_in_the_url_are_never_shown(api: Api, vidcache_server: Vidca
                                                 videos: dict[str, Path]) -> None:
     """An ingest refused with the URL in its reason (the origin's 401, a port out of range, an
     empty scheme, a leading space) names the URL without its `user:password@`, in the answer
-    and in the server's log."""
+    and in the server's log; so does the access log line of a /resolve of such a URL."""
     with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
         refused = api.ingest(origin.replace("http://", "http://user:hunter2@") + "/auth/b.mp4",
                              unique("auth"))
@@ -393,8 +393,13 @@ def test_credentials_in_the_url_are_never_shown(api: Api, vidcache_server: Vidca
     spaced = api.ingest(" http://user:hunter2@127.0.0.1/b.mp4", unique("auth"))
     _assert_error(spaced, 422, "' http://127.0.0.1/b.mp4'")
     assert "hunter2" not in refused.text + malformed.text + no_scheme.text + spaced.text
+    # /resolve answers with the URL as given, but its access log line shows it without them
+    assert api.http.get("/resolve", params={"url": "http://user:hunter2@h.test/v"}
+                        ).status_code == 404
     wait_until(lambda: "127.0.0.1:99999/b.mp4" in vidcache_server.log(), timeout=10,
                what="the refusal in the server's log")
+    wait_until(lambda: '"GET /resolve?url=http%3A%2F%2Fh.test%2Fv HTTP/1.1" 404'
+               in vidcache_server.log(), timeout=10, what="the lookup in the access log")
     assert "hunter2" not in vidcache_server.log()
 
 

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode
 
 from vidcache import __version__
 from vidcache.auth import TokenFileError, read_token_file
@@ -261,6 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(_query_without_credentials)
     # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.token_reads and args.token is None:
@@ -329,6 +331,23 @@ def _serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
         server.run()
     return 0
+
+
+def _query_without_credentials(record: logging.LogRecord) -> bool:
+    """uvicorn's access log line with the URLs in its query (`GET /resolve?url=...`) without
+    their user:password@, as every other line of the log shows a URL."""
+    from vidcache.progress import without_credentials
+
+    if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, target...
+        target = record.args[2]
+        if isinstance(target, str) and "?" in target:
+            path, _, query = target.partition("?")
+            fields = parse_qsl(query, keep_blank_values=True)
+            shown = [(name, without_credentials(value)) for name, value in fields]
+            if shown != fields:
+                record.args = (*record.args[:2], f"{path}?{urlencode(shown)}",
+                               *record.args[3:])
+    return True
 
 
 # What a vidcache service never answers POST /ingest with, another web server may: 404 (no
