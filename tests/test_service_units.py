@@ -31,11 +31,11 @@ from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarg
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
 from vidcache.media import decode_phash, encode_phash, phash_distance
-from vidcache.progress import without_credentials
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.store import Store, blob_relpath, check_location
 from vidcache_client import IngestUnderWay
+from vidcache_client._credentials import without_credentials
 
 with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
     warnings.simplefilter("ignore")

@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode
 
 from vidcache import __version__
 from vidcache.auth import TokenFileError, read_token_file
@@ -31,6 +30,7 @@ from vidcache.chunks import (
 from vidcache.config import DEFAULT_PORT, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
+from vidcache_client._credentials import target_without_credentials, without_credentials
 
 ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -336,17 +336,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _query_without_credentials(record: logging.LogRecord) -> bool:
     """uvicorn's access log line with the URLs in its query (`GET /resolve?url=...`) without
     their user:password@, as every other line of the log shows a URL."""
-    from vidcache.progress import without_credentials
-
     if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, target...
         target = record.args[2]
-        if isinstance(target, str) and "?" in target:
-            path, _, query = target.partition("?")
-            fields = parse_qsl(query, keep_blank_values=True)
-            shown = [(name, without_credentials(value)) for name, value in fields]
-            if shown != fields:
-                record.args = (*record.args[:2], f"{path}?{urlencode(shown)}",
-                               *record.args[3:])
+        if isinstance(target, str):
+            record.args = (*record.args[:2], target_without_credentials(target),
+                           *record.args[3:])
     return True
 
 
@@ -356,7 +350,6 @@ _NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from vidcache.progress import without_credentials
     from vidcache.progress_line import own_ingest, progress_on_terminal
     from vidcache_client import (
         AuthError,

@@ -54,8 +54,9 @@ from vidcache.errors import (
 )
 from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
-from vidcache.progress import IngestProgress, without_credentials
+from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
+from vidcache_client._credentials import without_credentials
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
