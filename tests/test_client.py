@@ -760,6 +760,37 @@ def test_connection_refused_by_a_real_socket_names_the_request(
     assert message.startswith(f"{what}: request failed [{request_line.format(url=url)}]"), message
 
 
+@pytest.mark.parametrize(("call", "what", "request_line"), [
+    (lambda client: client.ingest("http://user:hunter2@o.test/v.mp4", "videos"),
+     "ingest of http://o.test/v.mp4 into bucket 'videos'", "POST {url}/ingest"),
+    (lambda client: client.resolve("http://user:hunter2@o.test/v.mp4"),
+     "resolve of http://o.test/v.mp4", "GET {url}/resolve?url=http%3A%2F%2Fo.test%2Fv.mp4"),
+], ids=["ingest", "resolve"])
+def test_a_failure_names_no_credentials(call: Callable[[VidCacheClient], object], what: str,
+                                        request_line: str) -> None:
+    """Neither those of the URL ingested or resolved nor the service's (a base_url with
+    user:password@), which httpx sends as Basic auth: a message is printed and logged. (Was:
+    "ingest of http://user:hunter2@o.test/v.mp4 ... [POST http://admin:hunter2@...]".)"""
+    url = f"http://127.0.0.1:{free_port()}"
+    with (VidCacheClient(url.replace("http://", "http://admin:hunter2@"), timeout=5) as client,
+          pytest.raises(TransportError) as caught):
+        call(client)
+    message = str(caught.value)
+    assert message.startswith(f"{what}: request failed [{request_line.format(url=url)}]"), message
+    assert "hunter2" not in message
+
+
+def test_a_refusal_names_no_credentials() -> None:
+    """The service's 422 for an ingest, the base_url and the URL with user:password@."""
+    transport = httpx.MockTransport(json_error(422, "bucket: bad"))
+    with (VidCacheClient("http://admin:hunter2@vidcache.test", transport=transport) as client,
+          pytest.raises(InvalidRequestError) as caught):
+        client.ingest("http://user:hunter2@o.test/v.mp4", "videos")
+    assert str(caught.value) == ("ingest of http://o.test/v.mp4 into bucket 'videos': HTTP 422 "
+                                 "Unprocessable Entity: bucket: bad "
+                                 "[POST http://vidcache.test/ingest]")
+
+
 def test_timeout_against_a_real_silent_socket() -> None:
     """A listening socket never accept()ed: the kernel completes the handshake, nobody answers."""
     with socket.socket() as silent:

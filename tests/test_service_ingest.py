@@ -340,6 +340,22 @@ def test_redirects_are_followed_and_checked(api: Api, videos: dict[str, Path]) -
                       "file://")
 
 
+@pytest.mark.parametrize(("location", "fragment"), [
+    ("http://user:l0cated@h.test:abc/b.mp4", "a malformed URL 'http://h.test:abc/b.mp4': "),
+    ("http://user:l0cated@127.0.0.1:99999/b.mp4", "a URL ingest refuses: malformed URL "
+                                                  "'http://127.0.0.1:99999/b.mp4': port "),
+    ("ftp://user:l0cated@127.0.0.1/b.mp4", "a URL ingest refuses: unsupported URL scheme"),
+], ids=["unjoinable", "port", "scheme"])
+def test_a_redirect_to_a_url_ingest_cannot_fetch_is_the_origins_fault(
+        api: Api, videos: dict[str, Path], location: str, fragment: str) -> None:
+    """502 naming the Location without its credentials; was 500 (httpx's InvalidURL, from
+    joining it, escaped) or 422, as if the request's URL were malformed."""
+    with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
+        answer = api.ingest(f"{origin}/redirect-to?{location}", unique("redir"))
+    _assert_error(answer, 502, f"{origin}/redirect-to?", f" redirects to {fragment}")
+    assert answer.text.count("l0cated") == 1, answer.text  # in the query of the URL given
+
+
 def test_a_gzip_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path]) -> None:
     """An origin that gzips the body whatever the client accepts (S3 serves an object stored
     with Content-Encoding: gzip so): the video is what is stored, as httpx decoded it before
@@ -362,17 +378,28 @@ def test_credentials_in_the_url_are_sent_as_basic_auth(api: Api,
 
 def test_credentials_in_the_url_are_never_shown(api: Api, vidcache_server: VidcacheServer,
                                                 videos: dict[str, Path]) -> None:
-    """An ingest refused with the URL in its reason (the origin's 401, a port out of range)
-    names the URL without its `user:password@`, in the answer and in the server's log."""
+    """An ingest refused with the URL in its reason (the origin's 401, a port out of range, an
+    empty scheme, a leading space) names the URL without its `user:password@`, in the answer
+    and in the server's log; so does the access log line of a /resolve of such a URL."""
     with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
         refused = api.ingest(origin.replace("http://", "http://user:hunter2@") + "/auth/b.mp4",
                              unique("auth"))
         _assert_error(refused, 502, f"{origin}/auth/b.mp4 answered 401")
     malformed = api.ingest("http://user:hunter2@127.0.0.1:99999/b.mp4", unique("auth"))
     _assert_error(malformed, 422, "'http://127.0.0.1:99999/b.mp4'")
-    assert "hunter2" not in refused.text + malformed.text
+    # refused for an empty scheme (httpx reads the credentials) or a leading space
+    no_scheme = api.ingest("://user:hunter2@127.0.0.1/b.mp4", unique("auth"))
+    _assert_error(no_scheme, 422, "'://127.0.0.1/b.mp4'")
+    spaced = api.ingest(" http://user:hunter2@127.0.0.1/b.mp4", unique("auth"))
+    _assert_error(spaced, 422, "' http://127.0.0.1/b.mp4'")
+    assert "hunter2" not in refused.text + malformed.text + no_scheme.text + spaced.text
+    # /resolve answers with the URL as given, but its access log line shows it without them
+    assert api.http.get("/resolve", params={"url": "http://user:hunter2@h.test/v"}
+                        ).status_code == 404
     wait_until(lambda: "127.0.0.1:99999/b.mp4" in vidcache_server.log(), timeout=10,
                what="the refusal in the server's log")
+    wait_until(lambda: '"GET /resolve?url=http%3A%2F%2Fh.test%2Fv HTTP/1.1" 404'
+               in vidcache_server.log(), timeout=10, what="the lookup in the access log")
     assert "hunter2" not in vidcache_server.log()
 
 
@@ -468,6 +495,25 @@ def test_ingest_allow_env_lets_a_private_host_through(
     response = api.ingest(f"http://127.0.0.2:{free_port()}/v.mp4", unique("env"))
     _assert_error(response, 502, "cannot connect")
     _assert_error(api.ingest(f"http://127.0.0.3:{free_port()}/v.mp4", unique("env")), 403)
+
+
+def test_credentials_in_a_file_url_are_never_shown(allowed_dir: Path, tmp_path: Path) -> None:
+    """A file:// URL with `user:password@` refused for its remote host, or for taking longer
+    than --max-download-time: the answer and the log name it without them (both showed the
+    URL whole)."""
+    with VidcacheServer(tmp_path / "data", "--allow-file-dir", str(allowed_dir),
+                        "--max-download-time", "1e-9") as server:
+        api = Api(server.url)
+        remote = api.ingest("file://user:hunter2@remote.test/c.mkv", unique("file"))
+        _assert_error(remote, 422, "remote host 'remote.test': file://remote.test/c.mkv")
+        local = f"file://user:hunter2@localhost{allowed_dir}/c.mkv"
+        slow = api.ingest(local, unique("file"))
+        _assert_error(slow, 504, f"file://localhost{allowed_dir}/c.mkv took longer")
+        api.close()
+        assert "hunter2" not in remote.text + slow.text
+        wait_until(lambda: "took longer" in server.log(), timeout=10,
+                   what="the refusal in the server's log")
+        assert "hunter2" not in server.log()
 
 
 def test_file_urls_from_allowed_dirs_only(restricted: tuple[VidcacheServer, Api],

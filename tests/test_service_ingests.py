@@ -8,11 +8,16 @@ on a terminal (a pseudo-terminal here), which polls that route; off a terminal i
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pty
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -147,9 +152,11 @@ class _Terminal:
     """`vidcache ingest ARGS` with its stderr on a pseudo-terminal (stdout piped, for the
     JSON): what it draws there is read as it comes."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, columns: int = 0) -> None:
+        """`columns`: the terminal's width (0: unknown, as a pseudo-terminal starts)."""
         master, slave = pty.openpty()
         try:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "vidcache", "ingest", *args], stdout=subprocess.PIPE,
                 stderr=slave, text=True)
@@ -196,8 +203,8 @@ class _Terminal:
 
 
 @contextlib.contextmanager
-def _terminal(*args: str) -> Iterator[_Terminal]:
-    terminal = _Terminal(*args)
+def _terminal(*args: str, columns: int = 0) -> Iterator[_Terminal]:
+    terminal = _Terminal(*args, columns=columns)
     try:
         yield terminal
     finally:
@@ -224,6 +231,25 @@ def test_ingest_on_a_terminal_shows_the_bytes_of_its_stalled_download(
     drawn = [line for line in shown.split("\r") if "downloading" in line]
     assert drawn and not [line for line in drawn if "secret" in line or "user" in line], drawn
     assert "\r\x1b[Kvidcache ingest: error: " in shown, shown  # erased before the error
+
+
+def test_the_line_fits_a_narrow_terminal() -> None:
+    """On a terminal 40 columns wide, each redraw of the line is cut to 37 characters (room
+    for the echo of the Ctrl-C): one that wraps cannot be redrawn in place ('\r' goes back to
+    its last row only), so each second left a row behind. (Before: 'vidcache ingest: waiting
+    for the service (1 s)', 47.) A service that never answers, the command interrupted."""
+    with (socket.create_server(("127.0.0.1", 0)) as silent,
+          _terminal("http://o.test/v.mp4", "--bucket", unique("narrow"), "--server",
+                    f"http://127.0.0.1:{silent.getsockname()[1]}", columns=40) as terminal):
+        wait_until(lambda: terminal.text().count("\x1b[K") >= 2, timeout=60,
+                   what="two redraws of the line")
+        terminal.process.send_signal(signal.SIGINT)
+        status, _out, shown = terminal.finish()
+    assert status == 130, shown
+    drawn = [piece.removesuffix("\x1b[K") for piece in shown.split("\r")
+             if piece.endswith("\x1b[K") and len(piece) > len("\x1b[K")]
+    assert len(drawn) >= 2, shown
+    assert set(drawn) == {"vidcache ingest: waiting for the service"[:37]}, drawn
 
 
 def test_ingest_shows_a_later_phase_on_a_terminal_and_nothing_off_it(

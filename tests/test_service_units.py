@@ -31,11 +31,11 @@ from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarg
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
 from vidcache.media import decode_phash, encode_phash, phash_distance
-from vidcache.progress import without_credentials
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.store import Store, blob_relpath, check_location
 from vidcache_client import IngestUnderWay
+from vidcache_client._credentials import without_credentials
 
 with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
     warnings.simplefilter("ignore")
@@ -319,17 +319,25 @@ def test_unexpected_errors_are_json_500(tmp_path: Path, monkeypatch: pytest.Monk
     ("http://host.test/v.mp4?sig=a@b", "http://host.test/v.mp4?sig=a@b"),
     ("http://host.test#a@b", "http://host.test#a@b"),
     ("file:///data/a@b.mp4", "file:///data/a@b.mp4"),
+    # refused for a slip a browser forgives, the refusal showing the URL
+    (" http://u:p@host.test/v", " http://host.test/v"),
+    ("http:\\\\u:p@host.test\\v", "http:\\\\host.test\\v"),
 ])
 def test_an_ingests_url_is_shown_without_credentials(url: str, shown: str) -> None:
     assert without_credentials(url) == shown
     assert httpx.URL(without_credentials(url)).userinfo == b""
 
 
-@given(userinfo=st.text(st.characters(exclude_characters="/?#", exclude_categories=["Cs"]),
-                        min_size=1))
-def test_whatever_httpx_reads_as_credentials_is_never_shown(userinfo: str) -> None:
-    url = f"http://{userinfo}@host.test/v.mp4"
-    assert without_credentials(url) == "http://host.test/v.mp4"
+@given(scheme=st.sampled_from(["http:", "HTTPS:", "file:", "x-1.a+b:", ":", ""]),
+       userinfo=st.text(st.characters(exclude_characters="/?#", exclude_categories=["Cs"]),
+                        min_size=1),
+       rest=st.sampled_from(["host.test/v.mp4", "[::1]:8080", "host.test/a@b?c@d#e@f"]))
+def test_whatever_httpx_reads_as_credentials_is_never_shown(scheme: str, userinfo: str,
+                                                            rest: str) -> None:
+    """Even after an empty scheme (':'), which httpx takes as one (the URL is then refused,
+    the refusal showing it)."""
+    url = f"{scheme}//{userinfo}@{rest}"
+    assert without_credentials(url) == f"{scheme}//{rest}"
 
 
 def _ingest(phase: str, received: int = 0, expected: int | None = None) -> IngestUnderWay:

@@ -53,7 +53,7 @@ from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import STOP_TIMEOUT, Ingestor
-from vidcache.progress import IngestBoard, Phase, without_credentials
+from vidcache.progress import IngestBoard, Phase
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.serving import CACHE_CONTROL, BlobIndex, VideoFastPath, keep_buffers_in_heap
 from vidcache.store import (
@@ -65,6 +65,7 @@ from vidcache.store import (
     is_content_hash,
 )
 from vidcache.tools import Tools
+from vidcache_client._credentials import without_credentials
 
 log = logging.getLogger(__name__)
 

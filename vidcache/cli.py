@@ -30,6 +30,7 @@ from vidcache.chunks import (
 from vidcache.config import DEFAULT_PORT, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
+from vidcache_client._credentials import target_without_credentials, without_credentials
 
 ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -261,6 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(_query_without_credentials)
     # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.token_reads and args.token is None:
@@ -331,13 +333,23 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query_without_credentials(record: logging.LogRecord) -> bool:
+    """uvicorn's access log line with the URLs in its query (`GET /resolve?url=...`) without
+    their user:password@, as every other line of the log shows a URL."""
+    if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, target...
+        target = record.args[2]
+        if isinstance(target, str):
+            record.args = (*record.args[:2], target_without_credentials(target),
+                           *record.args[3:])
+    return True
+
+
 # What a vidcache service never answers POST /ingest with, another web server may: 404 (no
 # such path), 405 or 501 (no POST).
 _NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from vidcache.progress import without_credentials
     from vidcache.progress_line import own_ingest, progress_on_terminal
     from vidcache_client import (
         AuthError,

@@ -54,8 +54,9 @@ from vidcache.errors import (
 )
 from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
-from vidcache.progress import IngestProgress, without_credentials
+from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
+from vidcache_client._credentials import without_credentials
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
@@ -102,6 +103,19 @@ def parse_url(url: str) -> httpx.URL:
     if parsed.scheme == "file" and "\0" in parsed.path:
         raise InvalidRequest(f"malformed URL {shown!r}: NUL character in the file path")
     return parsed
+
+
+def _redirect_target(url: httpx.URL, location: str, shown: str) -> httpx.URL:
+    """The URL `url`'s answer redirects to with `location`; one that is malformed or that
+    ingest would refuse is the origin's fault (502), not the request's (422 for the one
+    `url` names, as given)."""
+    try:
+        return parse_url(str(url.join(location)))
+    except httpx.InvalidURL as exc:  # httpx cannot even join it
+        raise UpstreamError(f"{shown} redirects to a malformed URL "
+                            f"{without_credentials(location)!r}: {exc}") from exc
+    except InvalidRequest as exc:
+        raise UpstreamError(f"{shown} redirects to a URL ingest refuses: {exc}") from exc
 
 
 class _HashingWriter:
@@ -269,7 +283,7 @@ class Downloader:
                                               extensions=answer.extensions)
                     location = response.headers.get("location")
                     if response.is_redirect and location:
-                        url = parse_url(str(url.join(location)))
+                        url = _redirect_target(url, location, original)
                         if url.scheme == "file":
                             raise IngestRefused(f"{original} redirects to a file:// URL")
                         continue
@@ -311,8 +325,9 @@ class Downloader:
         if not self._file_dirs:
             raise IngestRefused("file:// URLs are disabled; start the server with "
                                 "--allow-file-dir DIR to ingest local files below DIR")
+        shown = without_credentials(str(url))  # as messages and logs show it
         if url.host not in ("", "localhost"):
-            raise InvalidRequest(f"file:// URL with a remote host {url.host!r}: {url}")
+            raise InvalidRequest(f"file:// URL with a remote host {url.host!r}: {shown}")
         path = Path(url.path)
         try:
             real = path.resolve()
@@ -339,7 +354,7 @@ class Downloader:
                 while data := source.read(_COPY_SIZE):
                     writer.write(data)
                     progress.received(len(data))
-                    self._check_progress(deadline, str(url))
+                    self._check_progress(deadline, shown)
             except OSError as exc:
                 raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from exc
 

@@ -42,9 +42,10 @@ from vidcache.download import Downloader, parse_url
 from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
-from vidcache.progress import IngestProgress, without_credentials
+from vidcache.progress import IngestProgress
 from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
 from vidcache.tools import Tools
+from vidcache_client._credentials import without_credentials
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ piece costs a lock round trip, and a reader never waits for a download.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,18 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
+from vidcache_client._credentials import without_credentials
+
 Phase = Literal["queued", "downloading", "validating", "phash", "storing"]
-
-# Up to the authority's last '@', where httpx (which parses the URL for the download) ends
-# the user info: whatever it would send as credentials is cut.
-_USER_INFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)[^/?#]*@")
-
-
-def without_credentials(url: str) -> str:
-    """`url` without its `user:password@`, as an ingest's URL is shown; otherwise unchanged,
-    so a client can find its own ingest by the URL it sent."""
-    return _USER_INFO.sub(r"\1", url, count=1)
-
 
 @dataclass(frozen=True)
 class IngestState:

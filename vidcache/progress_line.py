@@ -9,6 +9,7 @@ waited alone. Off a terminal nothing is shown: scripts read stdout, and stderr s
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import time
@@ -24,6 +25,8 @@ from vidcache_client import IngestUnderWay, VidCacheClient, VidCacheError
 _RATE_WINDOW = 5.0
 # seconds a poll's answer is shown for: a poll waiting longer leaves the time waited alone
 _FRESH = 3.0
+# columns left free after the line: a Ctrl-C's '^C', echoed where the line ends, must not wrap
+_ECHO = 3
 _PHASES = {"queued": "queued behind other ingests", "validating": "validating (ffprobe)",
            "phash": "perceptual hash (ffmpeg)", "storing": "storing"}
 
@@ -71,7 +74,7 @@ def progress_on_terminal(poll: Callable[[], IngestUnderWay | None],
             now, latest = time.monotonic(), heard
             if now - latest.at >= _FRESH:
                 latest = _Heard(now, None, None)
-            line = describe(latest.ingest, latest.rate, now - started)
+            line = _fitted(describe(latest.ingest, latest.rate, now - started), stream)
             with drawing:
                 if done.is_set():
                     return
@@ -89,6 +92,18 @@ def progress_on_terminal(poll: Callable[[], IngestUnderWay | None],
             done.set()
             stream.write("\r\033[K")
             stream.flush()
+
+
+def _fitted(line: str, stream: TextIO) -> str:
+    """`line` cut to fit the terminal's width with room left for the echo of a Ctrl-C ('^C'):
+    '\r' goes back to the start of a wrapped line's last row only, so each redraw would leave
+    a row behind, and the erasing all rows but that one. On a terminal of unknown width (0
+    columns: a pseudo-terminal never sized) as it is."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):  # no such file descriptor, or not a terminal any more
+        return line
+    return line[:columns - _ECHO] if columns > _ECHO else line
 
 
 def describe(ingest: IngestUnderWay | None, rate: float | None, waited: float) -> str:

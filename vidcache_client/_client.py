@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, TypeGuard, TypeVar
 
 import httpx
 
+from vidcache_client._credentials import without_credentials
 from vidcache_client._deadline import with_deadlines, within
 from vidcache_client._digests import checked_digests
 from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
@@ -177,7 +178,7 @@ class VidCacheClient:
         Returns {"hash", "status": "new"|"duplicate"|"url_alias", "file_path",
         "phash_distance"?}.
         """
-        what = f"ingest of {url} into bucket {bucket!r}"
+        what = f"ingest of {without_credentials(url)} into bucket {bucket!r}"
         payload = {"url": url, "bucket": bucket, "prefix": prefix, "meta": dict(meta or {})}
         result = _json_object(self._send("POST", "/ingest", what, json=payload), what)
         _check_hash_field(result, what)
@@ -185,7 +186,8 @@ class VidCacheClient:
 
     def resolve(self, url: str) -> dict[str, Any] | None:
         """{"hash", "url"} of a URL ingested before, or None if the service does not know it."""
-        return self._get_record("/resolve", f"resolve of {url}", params={"url": url})
+        return self._get_record("/resolve", f"resolve of {without_credentials(url)}",
+                                params={"url": url})
 
     def get_meta(self, content_hash: str) -> dict[str, Any] | None:
         """The stored record of a video (size_bytes, duration_s, aliases, meta...), or None."""

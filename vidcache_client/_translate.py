@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 
+from vidcache_client._credentials import target_without_credentials
 from vidcache_client._exceptions import (
     AuthError,
     InvalidRequestError,
@@ -61,8 +62,7 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     response.read()
     status = response.status_code
     detail, json_detail = error_detail(response)
-    message = (f"{what}: HTTP {status} {response.reason_phrase}: {detail} "
-               f"[{response.request.method} {response.request.url}]")
+    message = f"{what}: HTTP {status} {response.reason_phrase}: {detail}{_shown(response.request)}"
     if status == 401:
         message += f"; {_token_advice(response.request)}"
     if status == 416:
@@ -140,4 +140,10 @@ def _request_suffix(exc: httpx.HTTPError) -> str:
         request = exc.request
     except RuntimeError:  # httpx raises this when the error has no request attached
         return ""
-    return f" [{request.method} {request.url}]"
+    return _shown(request)
+
+
+def _shown(request: httpx.Request) -> str:
+    """` [METHOD URL]`, the URL without credentials (the server's, or an ingest's in the
+    query of `/resolve?url=`)."""
+    return f" [{request.method} {target_without_credentials(str(request.url))}]"
