@@ -9,6 +9,7 @@ httpx fallback a custom transport selects.
 
 from __future__ import annotations
 
+import base64
 import functools
 import gzip
 import re
@@ -709,6 +710,30 @@ def test_the_request_keeps_the_base_urls_path_and_sends_the_clients_headers() ->
         f"host: 127.0.0.1:{port}".encode(), b"user-agent: vidcache-client",
         b"authorization: bearer s3cret", b"accept-encoding: identity", b"range: bytes=7-9"}
 
+
+
+def test_credentials_in_the_base_url_are_sent_as_basic_auth_and_never_shown() -> None:
+    """`http://user:password@host/` (a reverse proxy asking for HTTP Basic auth in front of the
+    service): sent by the client's own sockets and by httpx alike, percent-decoded as httpx
+    reads them, and left out of base_url; were sent by neither (the proxy's 401 every time)."""
+    heads: list[bytes] = []
+
+    def serve(connection: socket.socket) -> None:
+        while (request := read_request(connection, heads)) is not None:
+            answer(connection, request)
+
+    with SocketServer(serve) as server:
+        url = server.url.replace("http://", "http://us%40er:p%3Ass@")
+        with VidCacheClient(url, timeout=5) as client:
+            assert client.read_range_into(DATA_HASH, 7, [bytearray(3)]) == 3  # own sockets
+            assert client.get_bytes(DATA_HASH, (7, 9)) == DATA[7:10]  # httpx
+            assert client.base_url == server.url and "p%3Ass" not in repr(client)
+        with pytest.raises(ValueError, match="user:password@ and token"):
+            VidCacheClient(url, token="s3cret")
+    basic = b"authorization: basic " + base64.b64encode(b"us@er:p:ss").lower()
+    assert len(heads) == 2
+    for head in heads:
+        assert basic in {line.lower() for line in head.split(b"\r\n")}, head
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

@@ -42,6 +42,7 @@ from vcfs import __version__
 from vcfs.blocks import BlockCache
 from vcfs.limits import FUSE_THREADS
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client._credentials import without_credentials
 from vidcache_client._malloc import set_malloc_options
 from vidcache_client._validate import parse_base_url
 
@@ -489,13 +490,14 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
             remote.check_health()
         except RemoteUnavailable as exc:
             raise StartupError(
-                f"cannot reach the vidcache service at {options.url}: {exc}"
+                f"cannot reach the vidcache service at {without_credentials(options.url)}: "
+                f"{exc}"
             ) from exc
         try:
             remote.check_access()
         except AccessDenied as exc:
-            raise StartupError(f"the vidcache service at {options.url} refused access to "
-                               f"{exc}") from exc
+            raise StartupError(f"the vidcache service at {without_credentials(options.url)} "
+                               f"refused access to {exc}") from exc
         return _serve(options, remote, status_fd)
     finally:
         remote.close()
@@ -562,7 +564,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         fuse_kwargs[key] = value if has_value else True
     log.info(
         "mounting %s at %s (cache %d MiB in %d KiB blocks, readahead up to %d MiB)",
-        options.url, options.mountpoint, options.cache_size // MIB,
+        without_credentials(options.url), options.mountpoint, options.cache_size // MIB,
         options.block_size // KIB, options.readahead_max // MIB,
     )
     if os.geteuid() == 0 and "allow_other" not in fuse_kwargs:
@@ -657,7 +659,8 @@ def run_daemon(options: MountOptions) -> int:
         finally:
             os.close(read_end)
         if status == b"ok\n":
-            print(f"vcfs: mounted {options.url} at {options.mountpoint} (pid {child.pid})")
+            print(f"vcfs: mounted {without_credentials(options.url)} at {options.mountpoint} "
+                  f"(pid {child.pid})")
             return 0
         code = _stop(child)
         early_output.seek(0)

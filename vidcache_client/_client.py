@@ -12,6 +12,7 @@ answer says they are exactly the asked range of the asked hash.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import secrets
@@ -79,12 +80,14 @@ class VidCacheClient:
 
     `timeout` (seconds) bounds connecting and each read/write of a request, not a whole
     download; the 300 s default leaves room for a slow ingest. `chunk_size` is the size of the
-    chunks `stream_video` yields. Keyword-only: `token` is sent as `Authorization: Bearer
-    <token>`; `transport` replaces httpx's network transport (tests use httpx.MockTransport);
-    `max_connections` bounds the connections open at once, shared by all threads using this
-    client (a call finding them all busy waits up to `timeout` for one). `spare_connection`:
-    whenever `read_range_into` has to open a connection, open one more in the background
-    for the next concurrent ranged read (for callers that keep two or more in flight).
+    chunks `stream_video` yields. `user:password@` in `base_url` is sent as HTTP Basic auth
+    (a reverse proxy's), and left out of `base_url` and messages. Keyword-only: `token` is
+    sent as `Authorization: Bearer <token>`; `transport` replaces httpx's network transport
+    (tests use httpx.MockTransport); `max_connections` bounds the connections open at once,
+    shared by all threads using this client (a call finding them all busy waits up to
+    `timeout` for one). `spare_connection`: whenever `read_range_into` has to open a
+    connection, open one more in the background for the next concurrent ranged read (for
+    callers that keep two or more in flight).
     """
 
     def __init__(
@@ -113,6 +116,15 @@ class VidCacheClient:
                 # it travels in an HTTP header; a pasted trailing newline is the usual culprit
                 raise ValueError("token must be printable ASCII without spaces or newlines")
             headers["Authorization"] = f"Bearer {token}"
+        if url.userinfo:
+            # user:password@, for a reverse proxy in front asking for HTTP Basic auth: sent
+            # over the client's own sockets as over httpx, and never shown (base_url drops it)
+            if token is not None:
+                raise ValueError("base_url's user:password@ and token would both be the "
+                                 "Authorization header: give only one")
+            credentials = f"{url.username}:{url.password}".encode()
+            headers["Authorization"] = f"Basic {base64.b64encode(credentials).decode('ascii')}"
+            url = url.copy_with(userinfo=b"")
         self.base_url = str(url).rstrip("/")
         self._timeout = timeout
         self.chunk_size = chunk_size
