@@ -323,14 +323,16 @@ def _dns_socket() -> socket.socket:
 
 
 def can_run_a_silent_dns() -> bool:
-    """Whether this machine lets a test listen on port 53 (root) and run a process in the
-    namespaces above."""
+    """Whether this machine lets a test listen on port 53 of a loopback address other than
+    127.0.0.1 (root; some sandboxes have that one only) and bind a file over /etc/resolv.conf
+    in the namespaces above (a machine may have no /etc/resolv.conf)."""
     try:
         _dns_socket().close()
-    except PermissionError:
+    except (OSError, RuntimeError):
         return False
     return shutil.which("unshare") is not None and subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+         'mount --bind "$0" /etc/resolv.conf', "/etc/hosts"], capture_output=True,
         check=False).returncode == 0
 
 
