@@ -24,7 +24,6 @@ whatever error that causes is ShuttingDown (503), never a verdict on the origin.
 
 from __future__ import annotations
 
-import base64
 import os
 import ssl
 import stat
@@ -56,7 +55,7 @@ from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
 from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
-from vidcache_client._credentials import without_credentials
+from vidcache_client._credentials import basic_authorization, without_credentials
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
@@ -270,9 +269,7 @@ class Downloader:
                     # without b's certificate ever being checked
                     headers.append(("Connection", "close"))
                 if url.username or url.password:  # user:password@, as httpx sent them
-                    credentials = f"{url.username}:{url.password}".encode()
-                    headers.append(("Authorization",
-                                    f"Basic {base64.b64encode(credentials).decode('ascii')}"))
+                    headers.append(("Authorization", basic_authorization(url)))
                 with self._pool.stream("GET", target, extensions=extensions,
                                        headers=headers) as answer:
                     # As httpx's response, for its decoding of the body (gzip, deflate...) as
@@ -291,9 +288,10 @@ class Downloader:
                         raise UpstreamError(f"{original} answered {response.status_code} "
                                             f"{response.reason_phrase}".rstrip())
                     announced = response.headers.get("content-length", "")
-                    if announced.isdigit():
-                        writer.check_announced_size(int(announced))
-                    progress.expect(int(announced) if announced.isdigit() else None)
+                    expected = int(announced) if announced.isdigit() else None
+                    if expected is not None:
+                        writer.check_announced_size(expected)
+                    progress.expect(expected)
                     for data in response.iter_bytes():
                         writer.write(data)
                         self._check_progress(deadline, original)

@@ -12,7 +12,6 @@ answer says they are exactly the asked range of the asked hash.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import secrets
@@ -20,13 +19,13 @@ import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeGuard, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import httpx
 
-from vidcache_client._credentials import without_credentials
+from vidcache_client._credentials import basic_authorization, without_credentials
 from vidcache_client._deadline import with_deadlines, within
-from vidcache_client._digests import checked_digests
+from vidcache_client._digests import checked_digests, is_count
 from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
 from vidcache_client._pool import Budget, Pool
 from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_environment
@@ -122,8 +121,7 @@ class VidCacheClient:
             if token is not None:
                 raise ValueError("base_url's user:password@ and token would both be the "
                                  "Authorization header: give only one")
-            credentials = f"{url.username}:{url.password}".encode()
-            headers["Authorization"] = f"Basic {base64.b64encode(credentials).decode('ascii')}"
+            headers["Authorization"] = basic_authorization(url)
             url = url.copy_with(userinfo=b"")
         self.base_url = str(url).rstrip("/")
         self._timeout = timeout
@@ -631,13 +629,9 @@ def _ingest_under_way(item: object, what: str) -> IngestUnderWay:
         received, expected = item.get("bytes_received"), item.get("bytes_expected")
         if (isinstance(url, str) and isinstance(bucket, str) and isinstance(prefix, str)
                 and isinstance(phase, str) and isinstance(started, str)
-                and _is_count(received) and (expected is None or _is_count(expected))):
+                and is_count(received) and (expected is None or is_count(expected))):
             return IngestUnderWay(url, bucket, prefix, phase, received, expected, started)
     raise ProtocolError(f"{what}: malformed ingest {item!r:.200}")
-
-
-def _is_count(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _digests_request(content_hash: str, start: int | None, end: int | None

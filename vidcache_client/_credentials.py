@@ -1,12 +1,16 @@
-"""A URL as messages and logs show it: without its `user:password@` (sent as HTTP Basic
-credentials). The service (vidcache) shows the URLs it is given so too, in its answers, its
-log and `GET /ingests`, where a client finds its own ingest by its URL cut alike.
+"""A URL's `user:password@`: sent as HTTP Basic credentials (`basic_authorization`, by the
+client to its base URL and by the service to an origin), and left out wherever the URL is
+shown (`without_credentials`). The service shows the URLs it is given so too, in its answers,
+its log and `GET /ingests`, where a client finds its own ingest by its URL cut alike.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from urllib.parse import parse_qsl, urlencode
+
+import httpx
 
 # Up to the authority's last '@', where httpx (which parses the URL for the download) ends
 # the user info: whatever it would send as credentials is cut, even after an empty scheme
@@ -29,3 +33,10 @@ def target_without_credentials(target: str) -> str:
     fields = parse_qsl(query, keep_blank_values=True)
     cut = [(name, without_credentials(value)) for name, value in fields]
     return f"{base}?{urlencode(cut)}" if mark and cut != fields else shown
+
+
+def basic_authorization(url: httpx.URL) -> str:
+    """The `Authorization` header value for `url`'s user info (percent-decoded, as httpx
+    sends it)."""
+    credentials = f"{url.username}:{url.password}".encode()
+    return f"Basic {base64.b64encode(credentials).decode('ascii')}"

@@ -25,7 +25,7 @@ def checked_digests(result: dict[str, Any], what: str, *, start: int,
     """`result` with `first_chunk` and `chunk_count` filled in for an old server; ProtocolError
     unless it is a well-formed list and, when the server paged, the page of [start, end)."""
     chunk_size = result.get("chunk_size")
-    if not _is_count(chunk_size) or chunk_size < 1:
+    if not is_count(chunk_size) or chunk_size < 1:
         raise ProtocolError(f"{what}: bad 'chunk_size' {chunk_size!r}")
     digests = result.get("digests")
     if not isinstance(digests, list) or not all(
@@ -34,7 +34,7 @@ def checked_digests(result: dict[str, Any], what: str, *, start: int,
     if "first_chunk" not in result and "chunk_count" not in result:
         return {**result, "first_chunk": 0, "chunk_count": len(digests)}
     first, count = result.get("first_chunk"), result.get("chunk_count")
-    if not _is_count(first) or not _is_count(count):
+    if not is_count(first) or not is_count(count):
         raise ProtocolError(f"{what}: bad 'first_chunk' {first!r} or 'chunk_count' {count!r}")
     if first + len(digests) > count:
         raise ProtocolError(f"{what}: {len(digests)} digests from chunk {first} run past the "
@@ -64,6 +64,6 @@ def expected_page(start: int, end: int | None, chunk_size: int,
     return first, (full,)
 
 
-def _is_count(value: object) -> TypeGuard[int]:
+def is_count(value: object) -> TypeGuard[int]:
     """A non-negative int; bool is an int subclass, but True as a count is a broken server."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
