@@ -69,11 +69,13 @@ def test_ingest_failure_exits_1_with_the_servers_reason(own: VidcacheServer,
 
 def test_ingest_through_a_server_that_is_not_vidcache_says_so(media_url: str) -> None:
     """The test's origin, a plain file server, answers the POST 501 with an HTML page, which
-    was the reason given, tags and all."""
-    run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server", media_url)
-    assert (run.returncode, run.stdout) == (1, "")
-    assert run.stderr == (f"vidcache ingest: error: {media_url} answered POST /ingest with HTTP "
-                          "501: not a vidcache service (check --server)\n")
+    was the reason given, tags and all. A --server with `user:password@` (a proxy's Basic
+    auth) is named without them (was whole)."""
+    for server in (media_url, media_url.replace("http://", "http://user:hunter2@")):
+        run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server", server)
+        assert (run.returncode, run.stdout) == (1, "")
+        assert run.stderr == (f"vidcache ingest: error: {media_url} answered POST /ingest with "
+                              "HTTP 501: not a vidcache service (check --server)\n")
 
 
 def test_a_vidcache_refusing_an_ingest_with_404_gives_its_reason(own: VidcacheServer,

@@ -373,8 +373,8 @@ def _ingest(args: argparse.Namespace) -> int:
         elif (isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES
               and not exc.json_detail):  # a vidcache explains itself in JSON
             # Not the other server's error page (HTML) as the reason.
-            message = (f"{args.server} answered POST /ingest with HTTP {exc.status_code}: not "
-                       "a vidcache service (check --server)")
+            message = (f"{without_credentials(args.server)} answered POST /ingest with HTTP "
+                       f"{exc.status_code}: not a vidcache service (check --server)")
         elif isinstance(exc, RequestTimeout):
             advice = ("\nvidcache ingest: the service may still store it: ingest the URL "
                       "again later (a stored URL is answered at once), or wait longer with "
