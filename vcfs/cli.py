@@ -23,7 +23,6 @@ import argparse
 import errno
 import json
 import logging
-import math
 import os
 import re
 import select
@@ -42,16 +41,20 @@ from vcfs import __version__
 from vcfs.blocks import BlockCache
 from vcfs.limits import FUSE_THREADS
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client._arguments import (
+    TokenFileError,
+    parse_size,
+    positive_seconds,
+    read_token_file,
+    service_url,
+)
 from vidcache_client._credentials import without_credentials
 from vidcache_client._malloc import set_malloc_options
-from vidcache_client._validate import parse_base_url
 
 log = logging.getLogger("vcfs")
 
 KIB = 1 << 10
 MIB = 1 << 20
-_UNITS = {"": 1, "k": KIB, "m": MIB, "g": 1 << 30, "t": 1 << 40}
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _READAHEAD_MAX = 16 * MIB
 # A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other.
@@ -97,42 +100,6 @@ class MountOptions:
     token: str | None = field(default=None, repr=False)  # read from token_file
 
 
-def parse_size(text: str) -> int:
-    """'256M' -> 268435456. K/M/G/T are powers of 1024 (an optional 'B' or 'iB' is ignored)."""
-    match = _SIZE_RE.fullmatch(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid size {text!r}: use bytes or a number with K, M, G or T (e.g. 256M)"
-        )
-    number, unit = match.groups()
-    value = float(number) * _UNITS[unit.lower()]
-    if value == math.inf:  # hundreds of digits: int() would end in a traceback
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: too large")
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: not a whole number of bytes")
-    return int(value)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
-    return value
-
-
-def _service_url(text: str) -> str:
-    try:
-        parse_base_url(text)  # the client's own check, so that it takes whatever passes here
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020 "
-            f"({exc})") from exc
-    return text.rstrip("/")
-
-
 def _mountpoint(text: str) -> str:
     if not text:  # it would be the current directory: `vcfs mount URL "$UNSET"`
         raise argparse.ArgumentTypeError("must name a directory, not ''")
@@ -167,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    mount.add_argument("url", metavar="URL", type=_service_url,
+    mount.add_argument("url", metavar="URL", type=service_url,
                        help="base URL of the vidcache service (http:// or https://)")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
                        help="an existing empty directory")
@@ -196,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "files' blocks: re-reads of a scan's past then go back to the service",
     )
     mount.add_argument(
-        "--timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+        "--timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
         help="give up on the service after retrying this long, then the operation (a read, a "
         "lookup, one page of a listing) fails with EIO (default: 30); a request silent for "
         "min(10, SECONDS/3) s is retried",
@@ -321,29 +288,15 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
                                and block <= _FIRST_BLOCK_MAX),
         keep_passed=args.keep_passed,
         token_file=token_file,
-        token=read_token_file(token_file) if token_file else None,
+        token=_token(token_file) if token_file else None,
     )
 
 
-def read_token_file(path: str) -> str:
-    """The bearer token in `path`: its one line, without the line break."""
+def _token(path: str) -> str:
     try:
-        with open(path, encoding="ascii") as file:
-            text = file.read()
-    except UnicodeDecodeError as exc:
-        raise StartupError(f"--token-file {path} is not ASCII text") from exc
-    except OSError as exc:
-        raise StartupError(f"cannot read --token-file {path}: {exc.strerror}") from exc
-    token = text.rstrip("\r\n")
-    if not token:
-        raise StartupError(
-            f"--token-file {path} is empty: put the service's token in it (one line)"
-        )
-    if not all(33 <= ord(char) <= 126 for char in token):
-        raise StartupError(
-            f"--token-file {path}: the token must be one line of printable ASCII without spaces"
-        )
-    return token
+        return read_token_file(path, label="--token-file")
+    except TokenFileError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -24,27 +23,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _REALM = 'Bearer realm="vidcache"'
-
-
-class TokenFileError(ValueError):
-    """The token file is missing, unreadable, empty or holds something that is not a token."""
-
-
-def read_token_file(path: Path) -> str:
-    """The token in `path`: its text without the trailing newline; TokenFileError if unusable."""
-    try:
-        text = path.read_text(encoding="ascii")
-    except UnicodeDecodeError as exc:
-        raise TokenFileError(f"token file {path} is not ASCII text") from exc
-    except OSError as exc:
-        raise TokenFileError(f"cannot read token file {path}: {exc.strerror}") from exc
-    token = text.removesuffix("\n").removesuffix("\r")
-    if not token:
-        raise TokenFileError(f"token file {path} is empty; put the token in it (one line)")
-    if not all(33 <= ord(ch) <= 126 for ch in token):
-        raise TokenFileError(f"token file {path}: the token must be one line of printable "
-                             "ASCII without spaces (it travels in an HTTP header)")
-    return token
 
 
 def needs_token(method: str, path: str, *, protect_reads: bool) -> bool:

@@ -7,9 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
-import re
 import socket
 import sqlite3
 import sys
@@ -18,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 from vidcache import __version__
-from vidcache.auth import TokenFileError, read_token_file
 from vidcache.chunks import (
     DEFAULT_CHUNK_SIZE,
     KIB,
@@ -30,12 +27,17 @@ from vidcache.chunks import (
 from vidcache.config import DEFAULT_PORT, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
+from vidcache_client._arguments import (
+    TokenFileError,
+    positive_seconds,
+    read_token_file,
+    service_url,
+)
+from vidcache_client._arguments import parse_size as parse_any_size
 from vidcache_client._credentials import target_without_credentials, without_credentials
 
 ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # The service answers an ingest once the video is downloaded, checked and stored: up to its
 # --max-download-time (default 3600 s), then the time to probe and hash it.
 _INGEST_TIMEOUT = 4000.0
@@ -44,16 +46,8 @@ _GRACE = 5
 
 
 def parse_size(text: str) -> int:
-    """Bytes from `123`, `500M`, `4G`, `1.5GiB` (binary units); ArgumentTypeError if not."""
-    match = _SIZE_RE.fullmatch(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 500M, 4G)")
-    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
-    if value == math.inf:  # hundreds of digits: int() would end in a traceback
-        raise argparse.ArgumentTypeError(f"size too large: {text!r}")
-    if value != int(value):  # `--max-size 1.5` was 1 byte without a word
-        raise argparse.ArgumentTypeError(f"not a whole number of bytes: {text!r}")
-    size = int(value)
+    """Bytes from `123`, `500M`, `4G`, `1.5GiB` (binary units); ArgumentTypeError if not, or 0."""
+    size = parse_any_size(text)
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size
@@ -88,7 +82,7 @@ def _chunk_size(text: str) -> int:
 
 
 # The checks below name the value they refuse: argparse's own message for a ValueError names
-# the function ("invalid _positive_float value").
+# the function ("invalid _port value").
 def _integer(text: str) -> int | None:
     try:
         return int(text)
@@ -127,34 +121,10 @@ def _whole_seconds(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    # nan and inf are floats too: the client refuses nan with a traceback, and inf overflows
-    # the socket timeout.
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
-    return value
-
-
-def _server_url(text: str) -> str:
-    from vidcache_client._validate import parse_base_url
-
-    try:
-        parse_base_url(text)  # the client's own check: it takes whatever passes here
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            f"must be an http:// or https:// URL with a host, like http://127.0.0.1:8020 "
-            f"({exc})") from exc
-    return text
-
-
 def _token_file(text: str) -> str:
     """The token read from the file named `text` (argparse turns the error into exit 2)."""
     try:
-        return read_token_file(Path(text))
+        return read_token_file(text)
     except TokenFileError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
@@ -191,9 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"port to listen on, 1-65535 (default {DEFAULT_PORT})")
     serve.add_argument("--max-size", metavar="SIZE", type=parse_size, default="4G",
                        help="largest video ingest accepts, bytes or K/M/G/T of 1024 (default 4G)")
-    serve.add_argument("--download-timeout", metavar="S", type=_positive_float, default=30.0,
+    serve.add_argument("--download-timeout", metavar="S", type=positive_seconds, default=30.0,
                        help="seconds a download may make no progress (default 30)")
-    serve.add_argument("--max-download-time", metavar="S", type=_positive_float, default=3600.0,
+    serve.add_argument("--max-download-time", metavar="S", type=positive_seconds, default=3600.0,
                        help="seconds a whole download may take (default 3600)")
     serve.add_argument("--keep-alive", metavar="S", type=_whole_seconds, default=75,
                        help="seconds an idle client connection is kept open, so a reader that "
@@ -238,13 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prefix inside the bucket, one segment like BUCKET (default none)")
     ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
                         default=[], help="metadata stored with a new video (repeatable)")
-    ingest.add_argument("--server", type=_server_url,
+    ingest.add_argument("--server", type=service_url,
                         default=f"http://127.0.0.1:{DEFAULT_PORT}",
                         help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
     ingest.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
                         help="send the bearer token in FILE (for a server run with "
                              "--token-file)")
-    ingest.add_argument("--timeout", metavar="S", type=_positive_float, default=_INGEST_TIMEOUT,
+    ingest.add_argument("--timeout", metavar="S", type=positive_seconds, default=_INGEST_TIMEOUT,
                         help="seconds to wait for the service's answer, which comes once the "
                              f"video is stored (default {_INGEST_TIMEOUT:g}: the service's "
                              "default --max-download-time and time to check it); on a "
