@@ -821,7 +821,7 @@ class Remote:
                 on_block=None if on_block is None else lambda i, piece: on_block(i + 1, piece),
                 on_partial=None if on_partial is None else (
                     lambda i, piece, ready: on_partial(i + 1, piece, ready)),
-                until=until, on_span=on_span,
+                until=until, on_span=on_span, stop=stop,
             )
             return [first, *rest]
         deadline = self._deadline()
