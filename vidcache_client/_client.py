@@ -13,6 +13,7 @@ answer says they are exactly the asked range of the asked hash.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
@@ -190,7 +191,7 @@ class VidCacheClient:
         """
         what = f"ingest of {without_credentials(url)} into bucket {bucket!r}"
         payload = {"url": url, "bucket": bucket, "prefix": prefix, "meta": dict(meta or {})}
-        result = _json_object(self._send("POST", "/ingest", what, json=payload), what)
+        result = _json_object(self._send("POST", "/ingest", what, payload=payload), what)
         _check_hash_field(result, what)
         return result
 
@@ -518,11 +519,12 @@ class VidCacheClient:
 
     def _send(self, method: str, path: str, what: str, *,
               params: Mapping[str, str | int] | None = None,
-              json: Mapping[str, Any] | None = None) -> httpx.Response:
-        """Send a request whose answer is small; raise for a non-2xx status. A GET goes over
-        the range sockets where they are used, leaving a warm connection for the bytes."""
+              payload: Mapping[str, Any] | None = None) -> httpx.Response:
+        """Send a request (with `payload` as its JSON body) whose answer is small; raise for a
+        non-2xx status. A GET goes over the range sockets where they are used, leaving a warm
+        connection for the bytes."""
         ranges = self._ranges if self._small_gets else None
-        if method == "GET" and json is None and ranges is not None:
+        if method == "GET" and payload is None and ranges is not None:
             target = _buildable(
                 what, lambda: httpx.URL(path, params=params).raw_path.decode("ascii"))
             try:
@@ -532,9 +534,11 @@ class VidCacheClient:
                 return response
             except Unhandled:
                 self._small_gets = False  # this server's answers need httpx: use it from now on
+        body = None if payload is None else _buildable(what, lambda: _json_body(payload))
+        headers = None if body is None else {"Content-Type": "application/json"}
         with transport_errors(what), self._pool.borrow() as http, within(self._timeout):
-            request = _buildable(what, lambda: http.build_request(method, path, params=params,
-                                                                  json=json))
+            request = _buildable(what, lambda: http.build_request(
+                method, path, params=params, content=body, headers=headers))
             response = http.send(request)
         raise_for_status(response, what)
         return response
@@ -656,6 +660,13 @@ def _buildable(what: str, build: Callable[[], T]) -> T:
         detail = f"cannot be sent: {exc}"
         raise InvalidRequestError(None, detail,
                                   message=f"{what}: {detail} (no request sent)") from exc
+
+
+def _json_body(payload: Mapping[str, Any]) -> bytes:
+    """`payload` as standard JSON in UTF-8, as httpx 0.28 encodes `json=`. Not left to httpx:
+    0.27 (which the client supports) sends NaN, and lone surrogates escaped, to the service."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode("utf-8")
 
 
 def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryview]:
