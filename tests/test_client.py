@@ -8,6 +8,7 @@ in test_client_e2e.py.
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import socket
 from collections.abc import Callable, Iterator
@@ -144,6 +145,27 @@ def test_hierarchy_and_transient_flags(error_class: type[VidCacheError], parent:
     assert issubclass(error_class, parent)
     assert error_class.transient is transient
     assert VidCacheError.transient is False
+
+
+@pytest.mark.parametrize("error", [
+    TransportError("connect to x: refused"),
+    RequestTimeout("read from x: timed out"),
+    ProtocolError("x: bad JSON"),
+    RangeError("x: 200 instead of 206"),
+    StatusError(500, "boom"),
+    NotFoundError(404, "no such video", message="get_meta of h: HTTP 404", json_detail=True),
+    RangeNotSatisfiableError(416, "past the end", size=10240),
+    InvalidRequestError(None, "not a hash", message="get_meta of 'x': not a hash"),
+    AuthError(401, "token missing"),
+    ServerError(503, "stopping"),
+], ids=lambda error: type(error).__name__)
+def test_errors_survive_pickling(error: VidCacheError) -> None:
+    """A worker process's error reaches its caller (ProcessPoolExecutor pickles it). Before,
+    every StatusError failed to unpickle: its class was called with the message alone."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error)
+    assert str(copy) == str(error) and copy.args == error.args
+    assert vars(copy) == vars(error)
 
 
 def test_public_names_are_exported() -> None:

@@ -9,13 +9,14 @@ their own (`own_client`), so they neither see nor disturb other modules' videos.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import random
 import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +190,29 @@ def test_range_starting_at_eof_is_not_satisfiable(client: VidCacheClient,
 def test_get_bytes_of_unknown_hash(client: VidCacheClient) -> None:
     with pytest.raises(NotFoundError, match=UNKNOWN_HASH):
         client.get_bytes(UNKNOWN_HASH, byte_range=(0, 9))
+
+
+def _read_in_a_worker(base_url: str, content_hash: str, byte_range: tuple[int, int]) -> bytes:
+    with VidCacheClient(base_url) as client:
+        return client.get_bytes(content_hash, byte_range=byte_range)
+
+
+def test_errors_in_a_worker_process_reach_the_caller(vidcache_server: VidcacheServer,
+                                                     stored: dict[str, Stored]) -> None:
+    """Before, the worker's NotFoundError could not be unpickled: the pool broke instead."""
+    video = stored["b.mp4"]
+    size = len(video.data)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        assert pool.submit(_read_in_a_worker, vidcache_server.url, video.hash,
+                           (0, 99)).result(timeout=120) == video.data[:100]
+        with pytest.raises(NotFoundError, match=UNKNOWN_HASH) as missing:
+            pool.submit(_read_in_a_worker, vidcache_server.url, UNKNOWN_HASH,
+                        (0, 9)).result(timeout=120)
+        assert missing.value.status_code == 404 and missing.value.json_detail
+        with pytest.raises(RangeNotSatisfiableError) as past_the_end:
+            pool.submit(_read_in_a_worker, vidcache_server.url, video.hash,
+                        (size, size + 10)).result(timeout=120)
+        assert past_the_end.value.size == size
 
 
 def test_stream_video(vidcache_server: VidcacheServer, stored: dict[str, Stored]) -> None:

@@ -21,7 +21,7 @@ the server's `detail`. The client builds these in exactly one place per kind of 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 __all__ = [
     "AuthError",
@@ -46,6 +46,18 @@ class VidCacheError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by message and attributes, not by calling the class again with `args`
+        # (Exception's way), which subclasses with more parameters cannot take: an error
+        # raised in a ProcessPoolExecutor's worker must reach the caller as itself.
+        return _restored, (type(self), self.message), self.__dict__
+
+
+def _restored(cls: type[VidCacheError], message: str) -> VidCacheError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)  # the attributes follow from the pickled __dict__
+    return error
 
 
 class TransportError(VidCacheError):
