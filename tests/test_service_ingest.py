@@ -368,15 +368,21 @@ def test_a_gzip_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path]
 def test_credentials_in_the_url_are_sent_as_basic_auth(api: Api,
                                                        videos: dict[str, Path]) -> None:
     """http://user:password@host/...: sent as HTTP Basic credentials, as httpx sent them before
-    downloads went to httpcore directly (then the origin's 401: 502). The URL is its video's
-    alias as given (ingesting it again is `url_alias`), but the aliases shown to readers, by
-    /meta and /videos, leave the credentials out (they were shown whole)."""
+    downloads went to httpcore directly (then the origin's 401: 502). The video's alias is the
+    URL without them: ingesting it again, with them, other ones or none, is `url_alias`, and
+    /resolve finds it either way (was: stored as given, so the URL without them downloaded
+    again, the origin's 401, and /resolve found only the URL with them); the aliases shown to
+    readers, by /meta and /videos, leave them out (they were shown whole)."""
     with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
         _assert_error(api.ingest(f"{origin}/auth/b.mp4", unique("auth")), 502, "401")
         url = origin.replace("http://", "http://user:secret@") + "/auth/b.mp4"
         result = api.ingest_ok(url, unique("auth"))
-    assert result["hash"] == digest(videos["b.mp4"].read_bytes())
-    assert api.ingest_ok(url, unique("auth"))["status"] == "url_alias"
+        assert result["hash"] == digest(videos["b.mp4"].read_bytes())
+        for again in (url, f"{origin}/auth/b.mp4", url.replace("user:secret", "other:pw")):
+            assert api.ingest_ok(again, unique("auth"))["status"] == "url_alias", again
+    for lookup in (url, f"{origin}/auth/b.mp4"):
+        resolved = api.http.get("/resolve", params={"url": lookup})
+        assert resolved.json() == {"hash": result["hash"], "url": f"{origin}/auth/b.mp4"}
     before = f"{int(result['hash'], 16) - 1:064x}"
     listed = api.http.get("/videos", params={"after": before, "limit": 1}).json()["items"]
     for shown in (api.meta(result["hash"]).json(), *listed):
