@@ -456,7 +456,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def resolve(url: str) -> ResolveResponse:
         record = store.lookup_url(url)
         if record is None:
-            raise NotFound(f"URL not ingested: {url}")
+            raise NotFound(f"URL not ingested: {without_credentials(url)}")
         return ResolveResponse(hash=record.content_hash, url=without_credentials(url))
 
     @app.get("/meta/{content_hash}", responses=_ERRORS)
