@@ -368,15 +368,21 @@ def test_a_gzip_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path]
 def test_credentials_in_the_url_are_sent_as_basic_auth(api: Api,
                                                        videos: dict[str, Path]) -> None:
     """http://user:password@host/...: sent as HTTP Basic credentials, as httpx sent them before
-    downloads went to httpcore directly (then the origin's 401: 502). The URL is its video's
-    alias as given (ingesting it again is `url_alias`), but the aliases shown to readers, by
-    /meta and /videos, leave the credentials out (they were shown whole)."""
+    downloads went to httpcore directly (then the origin's 401: 502). The video's alias is the
+    URL without them: ingesting it again, with them, other ones or none, is `url_alias`, and
+    /resolve finds it either way (was: stored as given, so the URL without them downloaded
+    again, the origin's 401, and /resolve found only the URL with them); the aliases shown to
+    readers, by /meta and /videos, leave them out (they were shown whole)."""
     with serve_origin(videos["b.mp4"].parent) as (origin, _stalled):
         _assert_error(api.ingest(f"{origin}/auth/b.mp4", unique("auth")), 502, "401")
         url = origin.replace("http://", "http://user:secret@") + "/auth/b.mp4"
         result = api.ingest_ok(url, unique("auth"))
-    assert result["hash"] == digest(videos["b.mp4"].read_bytes())
-    assert api.ingest_ok(url, unique("auth"))["status"] == "url_alias"
+        assert result["hash"] == digest(videos["b.mp4"].read_bytes())
+        for again in (url, f"{origin}/auth/b.mp4", url.replace("user:secret", "other:pw")):
+            assert api.ingest_ok(again, unique("auth"))["status"] == "url_alias", again
+    for lookup in (url, f"{origin}/auth/b.mp4"):
+        resolved = api.http.get("/resolve", params={"url": lookup})
+        assert resolved.json() == {"hash": result["hash"], "url": f"{origin}/auth/b.mp4"}
     before = f"{int(result['hash'], 16) - 1:064x}"
     listed = api.http.get("/videos", params={"after": before, "limit": 1}).json()["items"]
     for shown in (api.meta(result["hash"]).json(), *listed):
@@ -402,9 +408,10 @@ def test_credentials_in_the_url_are_never_shown(api: Api, vidcache_server: Vidca
     spaced = api.ingest(" http://user:hunter2@127.0.0.1/b.mp4", unique("auth"))
     _assert_error(spaced, 422, "' http://127.0.0.1/b.mp4'")
     assert "hunter2" not in refused.text + malformed.text + no_scheme.text + spaced.text
-    # /resolve answers with the URL as given, but its access log line shows it without them
-    assert api.http.get("/resolve", params={"url": "http://user:hunter2@h.test/v"}
-                        ).status_code == 404
+    # /resolve's 404 and its access log line name the URL without them (the 404 named it whole)
+    unknown = api.http.get("/resolve", params={"url": "http://user:hunter2@h.test/v"})
+    _assert_error(unknown, 404, "URL not ingested: http://h.test/v")
+    assert "hunter2" not in unknown.text
     wait_until(lambda: "127.0.0.1:99999/b.mp4" in vidcache_server.log(), timeout=10,
                what="the refusal in the server's log")
     wait_until(lambda: '"GET /resolve?url=http%3A%2F%2Fh.test%2Fv HTTP/1.1" 404'

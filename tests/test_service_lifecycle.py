@@ -3,6 +3,7 @@ one server per data directory. Every test runs services of its own on its own da
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -116,6 +117,53 @@ def test_crash_during_download_leaves_nothing(tmp_path: Path, videos: dict[str, 
         assert blob_files(data) == []
         assert httpx.get(f"{restarted.url}/videos").json() == {"items": [], "next": None}
         assert httpx.get(f"{restarted.url}/resolve", params={"url": url}).status_code == 404
+
+
+def test_credentials_in_an_older_index_are_cut_at_start(tmp_path: Path,
+                                                        media_url: str) -> None:
+    """An index written before aliases were stored without `user:password@` holds them: the
+    service cuts them when it opens the data directory, and where two aliases become one it
+    keeps the older; nothing in `.vidcache` holds the password after (it stayed there, and the
+    URL without them was another alias, resolving elsewhere or not at all)."""
+    data = tmp_path / "data"
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        b = api.ingest_ok(f"{media_url}/b.mp4", "old")["hash"]
+        c = api.ingest_ok(f"{media_url}/c.mkv", "old")["hash"]
+        api.close()
+    with_credentials = media_url.replace("http://", "http://user:s3cr3t@")
+    # as an older version stored them, oldest first
+    older = [("http://user:s3cr3t@h.test/x.mp4", b),  # cut
+             (f"{with_credentials}/b.mp4", b),  # cut: b.mp4's alias, which is older
+             ("http://user:s3cr3t@h.test/y.mp4", c),  # cut: older than the next one
+             ("http://h.test/y.mp4", b)]
+    index = sqlite3.connect(data / ".vidcache" / "index.sqlite3")
+    index.execute("PRAGMA secure_delete = OFF")  # the default of SQLite's own builds
+    with index:
+        index.executemany("INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, "
+                          "'2025-01-31T12:00:00.000Z')",
+                          [*older, ("http://user:s3cr3t@h.test/gone.mp4", b)])
+        # deleted (as a deleted video's aliases are): its text stays in the file's free space
+        index.execute("DELETE FROM url_aliases WHERE url LIKE '%gone.mp4'")
+        index.execute("PRAGMA user_version = 0")
+    index.close()
+    assert any(b"s3cr3t" in path.read_bytes() for path in (data / ".vidcache").rglob("*")
+               if path.is_file())
+
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        assert api.meta(b).json()["aliases"] == [f"{media_url}/b.mp4", "http://h.test/x.mp4"]
+        assert api.meta(c).json()["aliases"] == [f"{media_url}/c.mkv", "http://h.test/y.mp4"]
+        for url, video in ((f"{with_credentials}/b.mp4", b), ("http://h.test/x.mp4", b),
+                           ("http://other:pw@h.test/y.mp4", c)):
+            assert api.http.get("/resolve", params={"url": url}).json()["hash"] == video, url
+            # h.test does not resolve: nothing is downloaded
+            assert api.ingest_ok(url, "old")["status"] == "url_alias", url
+        leaks = [path for path in (data / ".vidcache").rglob("*")
+                 if path.is_file() and b"s3cr3t" in path.read_bytes()]
+        assert leaks == []
+        assert "removed the credentials from 3 URL aliases" in server.log()
+        api.close()
 
 
 def test_one_server_per_data_dir(tmp_path: Path) -> None:

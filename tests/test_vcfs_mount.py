@@ -10,6 +10,7 @@ pages with posix_fadvise(DONTNEED).
 from __future__ import annotations
 
 import argparse
+import base64
 import concurrent.futures
 import dataclasses
 import errno
@@ -36,6 +37,7 @@ import pytest
 from blake3 import blake3
 from PIL import Image
 
+from bench.proxy import Connection, Hooks, ProxyConfig, ProxyThread, Request
 from tests.support import (
     VidcacheServer,
     free_port,
@@ -612,6 +614,50 @@ def test_daemon_mode_detaches_once_mounted(
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
         if pid is not None and _alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+class _BasicAuth(Hooks):
+    """A reverse proxy asking for HTTP Basic auth: 401 unless the request has `user:hunter2`."""
+
+    def on_request(self, conn: Connection, request: Request) -> bytes | None:
+        del conn
+        if request.headers.get("authorization") == (
+                "Basic " + base64.b64encode(b"user:hunter2").decode("ascii")):
+            return None
+        return (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"proxy\"\r\n"
+                b"Content-Length: 0\r\n\r\n")
+
+
+def test_a_daemons_command_line_has_no_credentials(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
+) -> None:
+    """`--daemon` with a URL with `user:password@` (a proxy's Basic auth): the daemon's command
+    line, which every user sees in the process list, names the URL without them, and the
+    daemon mounts through the proxy with them all the same. Was: the URL whole in it."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    pid = None
+    with ProxyThread(ProxyConfig(upstream_port=vidcache_server.port), hooks=_BasicAuth()) as proxy:
+        refused = run_vcfs("mount", proxy.url, str(mountpoint), "--timeout", "3")
+        assert refused.returncode == 1 and "401" in refused.stderr, refused.stderr
+        url = proxy.url.replace("http://", "http://user:hunter2@")
+        try:
+            # the daemon runs in "/": it imports this tree's vcfs by PYTHONPATH
+            started = subprocess.run(vcfs_command("mount", url, str(mountpoint), "--daemon"),
+                                     capture_output=True, text=True, timeout=60,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert started.returncode == 0, started.stderr
+            pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            assert proxy.url.encode() in argv, argv
+            assert not [arg for arg in argv if b"hunter2" in arg], argv
+            video = corpus["b.mp4"]
+            assert (mountpoint / "by-hash" / video.file_name).read_bytes() == video.data()
+        finally:
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
+                           check=False)
+            if pid is not None:
+                wait_until(lambda: not _alive(pid), timeout=20, what="the daemon exited")
 
 
 def test_a_mount_point_given_by_a_symlink_is_its_target(

@@ -14,7 +14,8 @@ token, the service answers /health, and it lets vcfs list its videos (a missing 
 is named as such).
 
 The token is read from a file, never taken on the command line, where any user could see it
-in the process list; `--daemon` passes the file's path to its child, not the token.
+in the process list; `--daemon` passes the file's path to its child, not the token, and the
+URL without its `user:password@` (the whole URL goes in the child's environment).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ _DIGEST_CHUNK = 256 * KIB
 _FIRST_BLOCK_MAX = MIB
 # How long `--daemon` waits for the child's mount beyond the service deadline.
 _DAEMON_START_MARGIN = 30.0
+# The --daemon child's URL, credentials and all: in its environment, which /proc shows to its
+# owner and root only, not on its command line, which the process list shows to every user.
+_DAEMON_URL = "VCFS_DAEMON_URL"
 # Two malloc arenas for all of vcfs's threads (see tune_malloc).
 _MALLOC_ARENAS = 2
 # Free heap glibc keeps for reuse instead of returning it: a readahead pipeline's worth of blocks.
@@ -232,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "unmount":
             return unmount(os.path.realpath(args.mountpoint), lazy=args.lazy)
+        if args.status_fd is not None:  # the --daemon child; its children do not inherit the URL
+            args.url = os.environ.pop(_DAEMON_URL, args.url)
         options = mount_options(args)
         if args.daemon:
             return run_daemon(options)
@@ -559,9 +565,10 @@ def _detach_stdio(log_file: str | None) -> None:
 
 def foreground_arguments(options: MountOptions) -> list[str]:
     """The `vcfs mount ... --foreground` arguments that give the daemon `options` again
-    (tests check every option survives the trip)."""
+    (tests check every option survives the trip), the URL without its credentials (the
+    daemon's environment has it whole)."""
     argv = [
-        "mount", options.url, options.mountpoint,
+        "mount", without_credentials(options.url), options.mountpoint,
         "--cache-size", str(options.cache_size), "--block-size", str(options.block_size),
         "--readahead-max", str(options.readahead_max), "--timeout", str(options.timeout),
         "--log-level", options.log_level, "--foreground",
@@ -594,6 +601,7 @@ def run_daemon(options: MountOptions) -> int:
                 stdout=early_output,
                 stderr=early_output,
                 pass_fds=(write_end,),
+                env={**os.environ, _DAEMON_URL: options.url},
                 start_new_session=True,
                 cwd="/",
             )

@@ -180,12 +180,9 @@ _RANGE_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _meta(record: VideoRecord) -> VideoMeta:
-    # Aliases are kept as given (ingest compares them whole), but shown to every reader: not
-    # their credentials (two aliases differing only there show once)
-    aliases = list(dict.fromkeys(without_credentials(alias) for alias in record.aliases))
     return VideoMeta(hash=record.content_hash, size_bytes=record.size_bytes,
                      duration_s=record.duration_s, first_seen=record.first_seen,
-                     aliases=aliases, meta=record.meta, bucket=record.bucket,
+                     aliases=list(record.aliases), meta=record.meta, bucket=record.bucket,
                      prefix=record.prefix, file_path=record.file_path,
                      mime_type=record.mime_type)
 
@@ -459,8 +456,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
     def resolve(url: str) -> ResolveResponse:
         record = store.lookup_url(url)
         if record is None:
-            raise NotFound(f"URL not ingested: {url}")
-        return ResolveResponse(hash=record.content_hash, url=url)
+            raise NotFound(f"URL not ingested: {without_credentials(url)}")
+        return ResolveResponse(hash=record.content_hash, url=without_credentials(url))
 
     @app.get("/meta/{content_hash}", responses=_ERRORS)
     def meta(content_hash: ContentHash) -> VideoMeta:

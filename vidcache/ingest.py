@@ -1,6 +1,7 @@
 """The ingest pipeline, in this order:
 
-1. URL lookup: a URL seen before is a `url_alias` of its video; nothing is downloaded.
+1. URL lookup: a URL seen before (its `user:password@` aside: an alias is stored without it)
+   is a `url_alias` of its video; nothing is downloaded.
 2. Download to a temp file, hashing on the fly (download.py).
 3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
 4. ffprobe validation (422 "not a video: ...").
@@ -94,7 +95,7 @@ class Ingestor:
             check_location(bucket, prefix)
             check_meta(meta or {}, max_bytes=self._max_meta_bytes, max_depth=self._max_meta_depth)
             parse_url(url)
-            with self._url_locks.hold(url):
+            with self._url_locks.hold(without_credentials(url)):  # the alias's, as stored
                 result = self._ingest_new_url(url, bucket, prefix, meta or {}, progress)
         except VidcacheError as exc:
             log.warning("ingest %s failed (%d): %s", without_credentials(url), exc.status_code,

@@ -14,6 +14,9 @@ Invariant: a blob exists iff its record does. A new blob is renamed into place (
 file system as tmp/) and then its record committed; a deletion commits first and then unlinks.
 A crash between the two steps leaves at most an orphan blob, which `open()` removes at the next
 start-up together with every leftover temp file.
+
+A URL alias is the URL without its `user:password@` (sent to the origin, never kept): the same
+URL with or without them is one alias, and no credential is at rest in the index.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import Any
 
 from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
 from vidcache.errors import DataDirInUse, InvalidRequest, ShuttingDown, TooLarge
+from vidcache_client._credentials import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +77,8 @@ CREATE TABLE IF NOT EXISTS url_aliases (
 );
 CREATE INDEX IF NOT EXISTS url_aliases_hash ON url_aliases (hash);
 """
+# PRAGMA user_version of an index brought up to date; 1: aliases without credentials
+_SCHEMA_VERSION = 1
 
 
 def is_content_hash(value: str) -> bool:
@@ -219,6 +225,7 @@ class Store:
         db.execute("PRAGMA foreign_keys = ON")
         db.executescript(_SCHEMA)
         self._db = db
+        self._migrate()
         report = self._recover()
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
@@ -240,6 +247,40 @@ class Store:
         if self._db is None:  # closed: only the server's shutdown closes it
             raise ShuttingDown()
         return self._db
+
+    def _migrate(self) -> None:
+        """Bring an index written by an older version up to _SCHEMA_VERSION."""
+        if self.db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
+            return
+        with self._transaction():
+            cut = self._cut_alias_credentials()
+        # Rewritten whole, and the WAL emptied: the text of the rows changed (or deleted by
+        # an older version) must not linger in free pages or old frames. The version is set
+        # last, so a crash before it repeats all this at the next start.
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        if cut:
+            log.warning("removed the credentials from %d URL aliases in %s", cut, self.data_dir)
+
+    def _cut_alias_credentials(self) -> int:
+        """Store each alias without its credentials, as versions before 1 did not; where two
+        become one, the oldest is kept. Returns how many aliases had credentials."""
+        rows = self.db.execute(
+            "SELECT rowid, url FROM url_aliases WHERE url LIKE '%@%' ORDER BY rowid").fetchall()
+        cut = 0
+        for rowid, url in rows:
+            alias = without_credentials(url)
+            if alias == url:
+                continue
+            cut += 1
+            if self.db.execute("SELECT 1 FROM url_aliases WHERE url = ? AND rowid < ?",
+                               (alias, rowid)).fetchone():
+                self.db.execute("DELETE FROM url_aliases WHERE rowid = ?", (rowid,))
+            else:  # replacing a newer row of the alias, if any
+                self.db.execute("UPDATE OR REPLACE url_aliases SET url = ? WHERE rowid = ?",
+                                (alias, rowid))
+        return cut
 
     def _recover(self) -> RecoveryReport:
         temp_files = 0
@@ -286,8 +327,10 @@ class Store:
             return None if row is None else self._records([row])[0]
 
     def lookup_url(self, url: str) -> VideoRecord | None:
+        """The video `url` is an alias of, credentials or not."""
         with self._lock:
-            row = self.db.execute("SELECT hash FROM url_aliases WHERE url = ?", (url,)).fetchone()
+            row = self.db.execute("SELECT hash FROM url_aliases WHERE url = ?",
+                                  (without_credentials(url),)).fetchone()
             return None if row is None else self.get(row[0])
 
     def list_videos(self, *, bucket: str | None, prefix: str | None, after: str | None,
@@ -364,17 +407,19 @@ class Store:
     # --- writes -----------------------------------------------------------------------------
 
     def add_alias(self, url: str, content_hash: str) -> VideoRecord | None:
-        """Record `url` as a source of the stored video; None if that video is gone."""
+        """Record `url` (without its credentials) as a source of the stored video; None if
+        that video is gone."""
         with self._lock:
             if self.get(content_hash) is None:
                 return None
             with self._transaction():
                 self.db.execute("INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
-                                (url, content_hash, _now_iso()))
+                                (without_credentials(url), content_hash, _now_iso()))
             return self.get(content_hash)
 
     def add_video(self, video: NewVideo, *, url: str, temp_path: Path) -> VideoRecord:
-        """Move the downloaded file into place and commit its record and first URL alias."""
+        """Move the downloaded file into place and commit its record and first URL alias
+        (`url` without its credentials)."""
         file_path = blob_relpath(video.bucket, video.prefix, video.content_hash,
                                  video.extension)
         final = self.data_dir / file_path
@@ -395,7 +440,7 @@ class Store:
                          video.phash, video.chunk_digests))
                     db.execute(
                         "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
-                        (url, video.content_hash, now))
+                        (without_credentials(url), video.content_hash, now))
             except BaseException:
                 final.unlink(missing_ok=True)
                 raise
