@@ -253,7 +253,8 @@ def test_hashing_writer_digests_whatever_the_write_sizes(chunk_size: int, chunks
     size = max(chunks * chunk_size + extra, 0)
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
     with tempfile.TemporaryFile() as sink:
-        writer = _HashingWriter(sink, max_size=size, url="test", chunk_size=chunk_size)
+        writer = _HashingWriter(sink, max_size=size, url="test", chunk_size=chunk_size,
+                                directory=Path(tempfile.gettempdir()))
         points = sorted({c for c in cuts if c < size} | {0, size})
         for start, end in itertools.pairwise(points):
             writer.write(data[start:end])

@@ -24,6 +24,7 @@ whatever error that causes is ShuttingDown (503), never a verdict on the origin.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import ssl
 import stat
@@ -118,8 +119,10 @@ def _redirect_target(url: httpx.URL, location: str, shown: str) -> httpx.URL:
 
 
 class _HashingWriter:
-    def __init__(self, file: BinaryIO, *, max_size: int, url: str, chunk_size: int) -> None:
+    def __init__(self, file: BinaryIO, *, max_size: int, url: str, chunk_size: int,
+                 directory: Path) -> None:
         self._file = file
+        self._directory = directory
         self._max_size = max_size
         self._url = url
         self._whole = blake3.blake3()
@@ -139,7 +142,7 @@ class _HashingWriter:
         try:
             self._file.write(data)
         except OSError as exc:
-            raise StorageError(f"cannot write the download of {self._url}: {exc}") from exc
+            raise self._storage_error(exc) from exc
         self._whole.update(data)
         self._chunks.update(data)
 
@@ -149,8 +152,12 @@ class _HashingWriter:
             self._file.flush()
             os.fsync(self._file.fileno())
         except OSError as exc:
-            raise StorageError(f"cannot write the download of {self._url}: {exc}") from exc
+            raise self._storage_error(exc) from exc
         return self._whole.hexdigest(), self._chunks.finish()
+
+    def _storage_error(self, exc: OSError) -> StorageError:
+        return StorageError.from_os_error(f"write the download of {self._url}", self._directory,
+                                          exc)
 
 
 class _Body(httpx.SyncByteStream):
@@ -216,21 +223,28 @@ class Downloader:
         try:
             fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix="download-", suffix=".part")
         except OSError as exc:
-            raise StorageError(f"cannot create a temp file in {self._tmp_dir}: {exc}") from exc
+            raise StorageError.from_os_error("create a temp file", self._tmp_dir, exc) from exc
         path = Path(name)
         deadline = time.monotonic() + self._max_time
         try:
             with open(fd, "wb") as file:
                 writer = _HashingWriter(file, max_size=self._max_size,
                                         url=without_credentials(url),
-                                        chunk_size=self._chunk_size)
-                if parsed.scheme == "file":
-                    self._copy_local(parsed, writer, deadline, progress)
-                else:
-                    self._download(parsed, writer, deadline, progress)
-                if self._stopped:  # a body without Content-Length, cut, looks complete
-                    raise ShuttingDown()
-                content_hash, digests = writer.finish()
+                                        chunk_size=self._chunk_size, directory=self._tmp_dir)
+                try:
+                    if parsed.scheme == "file":
+                        self._copy_local(parsed, writer, deadline, progress)
+                    else:
+                        self._download(parsed, writer, deadline, progress)
+                    if self._stopped:  # a body without Content-Length, cut, looks complete
+                        raise ShuttingDown()
+                    content_hash, digests = writer.finish()
+                except BaseException:
+                    # closed here, quietly: closing flushes what a failed write left in the
+                    # buffer, which fails again (a full disk) and would replace the error
+                    with contextlib.suppress(OSError):
+                        file.close()
+                    raise
             return Download(path, writer.size, content_hash, self._chunk_size, digests)
         except BaseException as exc:
             path.unlink(missing_ok=True)

@@ -3,6 +3,8 @@ turns any of them into a JSON `{"detail": message}` response in one place."""
 
 from __future__ import annotations
 
+import errno
+
 
 class VidcacheError(Exception):
     """Root of every error the service raises on purpose; the message is shown to the caller."""
@@ -53,10 +55,25 @@ class UpstreamTimeout(UpstreamError):
     status_code = 504
 
 
+# What the operator has to fix, for the errors a file system gives when it cannot take more
+_STORAGE_CAUSES = {errno.ENOSPC: "disk full (no space left on device)",
+                   errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only file system"}
+
+
 class StorageError(VidcacheError):
-    """The data directory cannot take the file (disk full, permissions)."""
+    """The data directory cannot take the file (disk full, read-only, permissions): one line
+    saying what could not be done where, and why."""
 
     status_code = 507
+
+    def __init__(self, doing: str, where: object, error_number: int | None,
+                 reason: str) -> None:
+        cause = _STORAGE_CAUSES.get(error_number, reason) if error_number else reason
+        super().__init__(f"cannot {doing} in {where}: {cause}")
+
+    @classmethod
+    def from_os_error(cls, doing: str, where: object, exc: OSError) -> StorageError:
+        return cls(doing, where, exc.errno, exc.strerror or str(exc))
 
 
 class MediaToolError(VidcacheError):

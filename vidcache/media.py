@@ -14,8 +14,10 @@ independent of the video's length.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import imagehash
 from PIL import Image
 
-from vidcache.errors import NotAVideo
+from vidcache.errors import NotAVideo, StorageError
 from vidcache.tools import Tools
 
 FRAMES = 8
@@ -115,7 +117,15 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                     work_dir: Path) -> PerceptualHash:
     """FRAMES frame hashes sampled evenly across the video (see the module docstring)."""
     times = [info.duration_s * (i + 0.5) / FRAMES for i in range(FRAMES)]
-    with tempfile.TemporaryDirectory(dir=work_dir, prefix="frames-") as frames_dir:
+    doing = "write the sampled frames"
+    try:
+        # cleanup errors ignored: a folder left on a file system turned read-only is removed
+        # at the next start
+        frames = tempfile.TemporaryDirectory(dir=work_dir, prefix="frames-",
+                                             ignore_cleanup_errors=True)
+    except OSError as exc:
+        raise StorageError.from_os_error(doing, work_dir, exc) from exc
+    with frames as frames_dir:
         outputs = [Path(frames_dir) / f"{i}.gray" for i in range(FRAMES)]
         argv = ["ffmpeg", "-nostdin", "-v", "error"]
         for t in times:
@@ -125,12 +135,28 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                      "-vf", f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray",
                      "-f", "rawvideo", str(output)]
         result = tools.run(argv, what="ffmpeg (frame sampling)")
+        if (trouble := _output_error(result.stderr, frames_dir)) is not None:
+            raise StorageError(doing, work_dir, _ERRNO_OF.get(trouble), trouble)
         if result.returncode != 0:
             raise NotAVideo(f"cannot decode frames ({_last_error_line(result.stderr, path)})")
         hashes = tuple(_frame_hash(output) for output in outputs)
     if all(h is None for h in hashes):
         raise NotAVideo("no frame could be decoded")
     return hashes
+
+
+# ffmpeg names an OS error by its strerror text
+_ERRNO_OF = {os.strerror(number): number for number in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)}
+
+
+def _output_error(stderr: bytes, frames_dir: str) -> str | None:
+    """Why ffmpeg could not write a frame, if it says so: the end of a line naming one of
+    the outputs ('Error writing trailer of DIR/0.gray: No space left on device'). It exits 0
+    all the same, and such a frame would look undecodable."""
+    for line in stderr.decode(errors="replace").splitlines():
+        if frames_dir in line:
+            return line.rpartition(": ")[2].strip() or line.strip()
+    return None
 
 
 def _frame_hash(raw_frame: Path) -> int | None:

@@ -22,6 +22,7 @@ URL with or without them is one alias, and no credential is at rest in the index
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
-from vidcache.errors import DataDirInUse, InvalidRequest, ShuttingDown, TooLarge
+from vidcache.errors import DataDirInUse, InvalidRequest, ShuttingDown, StorageError, TooLarge
 from vidcache_client._credentials import without_credentials
 
 log = logging.getLogger(__name__)
@@ -217,13 +218,18 @@ class Store:
             os.close(self._lock_file)
             self._lock_file = None
             raise DataDirInUse(f"{self.data_dir} is in use by another vidcache process") from exc
-        db = sqlite3.connect(self.internal_dir / "index.sqlite3", check_same_thread=False,
-                             isolation_level=None)
-        db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a committed record must survive power loss, its blob was fsynced before
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA foreign_keys = ON")
-        db.executescript(_SCHEMA)
+        try:
+            db = sqlite3.connect(self.internal_dir / "index.sqlite3", check_same_thread=False,
+                                 isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a committed record must survive power loss, its blob was fsynced before
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("PRAGMA foreign_keys = ON")
+            db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            if (error := _index_storage_error("open the index", self.internal_dir, exc)) is None:
+                raise
+            raise error from exc
         self._db = db
         self._migrate()
         report = self._recover()
@@ -425,11 +431,8 @@ class Store:
         final = self.data_dir / file_path
         with self._lock:
             db = self.db  # closed: nothing is moved into the bucket
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(temp_path, 0o644)  # mkstemp made it private; the blob is for reading
-            os.replace(temp_path, final)
-            _fsync_dir(final.parent)
             try:
+                self._move_into_place(temp_path, final)
                 now = _now_iso()
                 with self._transaction():
                     db.execute(
@@ -442,11 +445,25 @@ class Store:
                         "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
                         (without_credentials(url), video.content_hash, now))
             except BaseException:
-                final.unlink(missing_ok=True)
+                # one left on a file system turned read-only is removed at the next start
+                with contextlib.suppress(OSError):
+                    final.unlink(missing_ok=True)
+                self._prune_empty_dirs(final.parent)
                 raise
             record = self.get(video.content_hash)
             assert record is not None
             return record
+
+    def _move_into_place(self, temp_path: Path, final: Path) -> None:
+        """Rename the temp file to the blob path `final`, durably; StorageError if the file
+        system refuses (a directory to create on a full disk, a read-only one)."""
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(temp_path, 0o644)  # mkstemp made it private; the blob is for reading
+            os.replace(temp_path, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise StorageError.from_os_error("store the video", self.data_dir, exc) from exc
 
     def delete(self, content_hash: str) -> bool:
         """Remove record, aliases (by cascade) and blob; False if there was no such video."""
@@ -471,13 +488,23 @@ class Store:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """A write transaction; StorageError if the file system cannot take it (the index's
+        write-ahead log cannot grow on a full disk), which leaves the index as it was."""
+        db = self.db
         try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # not after a COMMIT that failed and rolled back
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if (error := _index_storage_error("update the index", self.internal_dir,
+                                              exc)) is None:
+                raise
+            raise error from exc
 
 
 # A record leaves out the phash and the digests: every read looks records up, few need those
@@ -485,6 +512,21 @@ class Store:
 _RECORD_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mime_type, "
                    "first_seen, meta, chunk_size")
 _INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
+
+
+def _index_storage_error(doing: str, where: Path, exc: sqlite3.Error) -> StorageError | None:
+    """SQLite's error as StorageError if it says the file system cannot take the index's
+    writes (full, read-only, failing); None for any other (a constraint, a corrupt file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        return None
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE):  # -shm cannot grow
+        return StorageError(doing, where, errno.ENOSPC, str(exc))
+    if code & 0xFF == sqlite3.SQLITE_READONLY:
+        return StorageError(doing, where, errno.EROFS, str(exc))
+    if code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
+        return StorageError(doing, where, None, str(exc))
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:

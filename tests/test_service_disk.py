@@ -1,0 +1,238 @@
+"""The service on a data directory whose file system fills up or is read-only, for real: a
+small tmpfs (root only) as `--data`, real videos from a loopback origin. An ingest the disk
+cannot take answers 507 with one line naming the cause and the directory, logged the same;
+nothing of it is left (temp file, frames, blob, record); the videos stored before are still
+listed and served whole, and once space is freed the next ingest works, without a restart.
+A server started on a full or read-only data directory says why in one line, exit status 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service_stress_support import PausingServer
+from tests.service_support import Api, blob_files, digest, temp_files
+from tests.support import VidcacheServer, free_port, serve_directory, wait_until
+from vidcache_client import ServerError, VidCacheClient
+
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
+
+MIB = 1024 * 1024
+
+
+@contextlib.contextmanager
+def small_tmpfs(target: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at the new directory `target`, for a data directory (the
+    server's log goes next to it, off the full disk); unmounted at the end."""
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "none", str(target)],
+                   check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def fill(directory: Path, leave: int = 0) -> Path:
+    """A file taking every free byte of `directory`'s file system but `leave` (a multiple of
+    the page size); returns its path."""
+    filler = directory / "filler"
+    with open(filler, "wb", buffering=0) as sink:
+        try:
+            while sink.write(bytes(MIB)):
+                pass
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        sink.truncate(sink.tell() - leave)
+    status = os.statvfs(directory)
+    assert status.f_bavail * status.f_frsize == leave
+    return filler
+
+
+def listing(server_url: str) -> list[dict[str, Any]]:
+    answer = httpx.get(f"{server_url}/videos", timeout=30)
+    assert answer.status_code == 200, answer.text
+    items: list[dict[str, Any]] = answer.json()["items"]
+    return items
+
+
+def assert_served_whole(server_url: str, stored: dict[str, Path]) -> None:
+    """Every video of `stored` (hash -> source file) listed and served byte-identical."""
+    assert sorted(item["hash"] for item in listing(server_url)) == sorted(stored)
+    for content_hash, source in stored.items():
+        answer = httpx.get(f"{server_url}/video/{content_hash}", timeout=30)
+        assert answer.status_code == 200 and answer.content == source.read_bytes()
+
+
+def assert_disk_full(answer: httpx.Response, server: VidcacheServer, url: str,
+                     where: Path) -> str:
+    """A 507 whose one-line detail says the disk is full in `where`, logged as the ingest's
+    outcome; the detail."""
+    assert answer.status_code == 507, answer.text
+    detail: str = answer.json()["detail"]
+    assert f"in {where}: disk full (no space left on device)" in detail, detail
+    assert "\n" not in detail
+    wait_until(lambda: f"ingest {url} failed (507): {detail}" in server.log(), timeout=30,
+               what="the failure logged")
+    assert "Traceback" not in server.log()
+    return detail
+
+
+def assert_nothing_left(data_dir: Path, blobs: list[Path]) -> None:
+    assert temp_files(data_dir) == []
+    assert [p for p in blob_files(data_dir) if p.name != "filler"] == blobs
+
+
+class _Ingest:
+    """POST /ingest in a thread; `result()` is the response."""
+
+    def __init__(self, server_url: str, url: str, bucket: str) -> None:
+        self.answer: httpx.Response | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        args=(server_url, url, bucket))
+        self._thread.start()
+
+    def _run(self, server_url: str, url: str, bucket: str) -> None:
+        self.answer = httpx.post(f"{server_url}/ingest", timeout=120,
+                                 json={"url": url, "bucket": bucket})
+
+    def result(self) -> httpx.Response:
+        self._thread.join(timeout=120)
+        assert self.answer is not None, "no answer to the ingest"
+        return self.answer
+
+
+@pytest.mark.parametrize("source", ["http", "file"])
+def test_a_download_larger_than_the_free_space(tmp_path: Path, videos: dict[str, Path],
+                                               source: str) -> None:
+    """big.mp4 (22 MB) on an 8 MiB data directory: the download hits ENOSPC half-way. 507
+    naming the temp directory, through the API, the client (ServerError) and `vidcache ingest`
+    (one line, exit 1); nothing left of it; a.mp4, stored before, still served whole. The
+    same for c.mkv with 60 KiB free, then stored once the space is freed. (The detail was
+    'cannot write the download of URL: [Errno 28] No space left on device', no directory;
+    c.mkv over http was 500 'internal server error' and a traceback: a write ending short
+    left bytes buffered, and closing the temp file flushed them, failed again and replaced
+    the 507.)"""
+    with (small_tmpfs(tmp_path / "data") as data,
+          serve_directory(videos["a.mp4"].parent) as origin,
+          VidcacheServer(data, "--allow-file-dir", str(videos["a.mp4"].parent)) as server):
+        api = Api(server.url)
+        stored = {api.ingest_ok(f"{origin}/a.mp4", "v")["hash"]: videos["a.mp4"]}
+        blobs = blob_files(server.data_dir)
+        url = f"{origin}/big.mp4" if source == "http" else videos["big.mp4"].as_uri()
+        detail = assert_disk_full(api.ingest(url, "v"), server, url,
+                                  server.data_dir / ".vidcache" / "tmp")
+        assert detail.startswith(f"cannot write the download of {url} in ")
+        assert_nothing_left(server.data_dir, blobs)
+        assert_served_whole(server.url, stored)
+
+        with VidCacheClient(server.url, timeout=120) as client, \
+                pytest.raises(ServerError) as raised:
+            client.ingest(url, "v")
+        assert raised.value.status_code == 507 and raised.value.detail == detail
+        run = subprocess.run([sys.executable, "-m", "vidcache", "ingest", url, "--bucket", "v",
+                              "--server", server.url], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 1 and run.stdout == ""
+        assert run.stderr.splitlines() == [
+            f"vidcache ingest: error: ingest of {url} into bucket 'v': HTTP 507 Insufficient "
+            f"Storage: {detail} [POST {server.url}/ingest]"], run.stderr
+        assert_nothing_left(server.data_dir, blobs)
+        assert_served_whole(server.url, stored)
+
+        # c.mkv (104 KiB) with 60 KiB free: a write ends short
+        small = f"{origin}/c.mkv" if source == "http" else videos["c.mkv"].as_uri()
+        filler = fill(data, leave=60 * 1024)
+        assert_disk_full(api.ingest(small, "v"), server, small, data / ".vidcache" / "tmp")
+        assert_nothing_left(server.data_dir, blobs)
+        filler.unlink()
+        stored[api.ingest_ok(small, "v")["hash"]] = videos["c.mkv"]
+        assert_served_whole(server.url, stored)
+
+
+@pytest.mark.parametrize(("point", "where"), [
+    (("os.rename", "/later/"), "index"),
+    (("subprocess.Popen", "'ffmpeg'"), "frames"),
+], ids=["index", "frames"])
+def test_the_disk_filling_up_after_the_download(tmp_path: Path, videos: dict[str, Path],
+                                                point: tuple[str, str], where: str) -> None:
+    """The disk fills up while the ingest of c.mkv is held after its download: as its blob
+    is moved into the bucket (the index's write-ahead log then cannot grow), or as ffmpeg
+    starts sampling frames into the temp directory. 507 naming the directory, nothing of it
+    left, the index unchanged; reads work with the disk full; once the filler is gone the URL is
+    stored, without a restart. (Was 500 and a traceback for the index, SQLite's
+    'database or disk is full'; 422 'not a video: no frame could be decoded' for the frames,
+    as ffmpeg exits 0 when it cannot write its outputs.)"""
+    with (small_tmpfs(tmp_path / "data") as data,
+          serve_directory(videos["a.mp4"].parent) as origin):
+        server = PausingServer(data, point)
+        with server:
+            stored = {}
+            if where == "index":  # else the ingest ffmpeg is held for must be c.mkv's
+                stored[Api(server.url).ingest_ok(f"{origin}/a.mp4", "v")["hash"]] = \
+                    videos["a.mp4"]
+            blobs = blob_files(data)
+            url = f"{origin}/c.mkv"
+            held = _Ingest(server.url, url, "later")
+            wait_until(server.paused, timeout=60, what=f"the ingest held at {point}")
+            filler = fill(data)
+            if where == "frames":  # reads work with the disk full (held in the store's
+                # lock, the other ingest would hold them up)
+                assert_served_whole(server.url, stored)
+            server.release()
+            internal = data / ".vidcache"
+            detail = assert_disk_full(held.result(), server, url,
+                                      internal / "tmp" if where == "frames" else internal)
+            assert detail.startswith("cannot update the index in " if where == "index" else
+                                     "cannot write the sampled frames in "), detail
+            assert_nothing_left(data, blobs)
+            assert_served_whole(server.url, stored)
+
+            filler.unlink()
+            new = Api(server.url).ingest_ok(url, "later")
+            assert new["status"] == "new"
+            assert new["hash"] == digest(videos["c.mkv"].read_bytes())
+            assert_served_whole(server.url, {**stored, new["hash"]: videos["c.mkv"]})
+
+
+def _serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`vidcache serve` on `data_dir`, expected to stop at start."""
+    return subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(data_dir),
+                           "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_start_on_a_full_or_read_only_data_directory(tmp_path: Path, media_url: str) -> None:
+    """A data directory with a video, on a full disk, then read-only; a new one on a full
+    disk: one line saying why, exit status 1, no traceback. (A full disk was 'cannot open the
+    index ...: disk I/O error', as if the disk were failing: SQLite could not grow the index's
+    shared-memory file.)"""
+    with small_tmpfs(tmp_path / "data") as data:
+        with VidcacheServer(data) as server:
+            Api(server.url).ingest_ok(f"{media_url}/a.mp4", "v")
+        filler = fill(data)
+        for directory in (data, data / "new"):
+            run = _serve(directory)
+            assert (run.returncode, run.stdout) == (1, ""), run.stderr
+            assert run.stderr.splitlines() == [
+                f"vidcache serve: error: cannot open the index in {directory / '.vidcache'}: "
+                "disk full (no space left on device)"], run.stderr
+        filler.unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+        run = _serve(data)
+        assert (run.returncode, run.stdout) == (1, ""), run.stderr
+        assert run.stderr.splitlines() == [
+            f"vidcache serve: error: cannot use {data} as the data directory: Read-only file "
+            f"system: {data / '.vidcache' / 'lock'}"], run.stderr
