@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -236,3 +237,23 @@ def test_start_on_a_full_or_read_only_data_directory(tmp_path: Path, media_url: 
         assert run.stderr.splitlines() == [
             f"vidcache serve: error: cannot use {data} as the data directory: Read-only file "
             f"system: {data / '.vidcache' / 'lock'}"], run.stderr
+
+
+def test_an_older_index_that_cannot_be_rewritten_on_a_full_disk(tmp_path: Path) -> None:
+    """An index from before credentials were cut from aliases is rewritten at the first start
+    (VACUUM); with room for the index's shared memory but not for the rewrite: one line, exit
+    1. (Before: 'cannot open the index of DIR (...): database or disk is full'.)"""
+    with small_tmpfs(tmp_path / "data") as data:
+        with VidcacheServer(data):
+            pass
+        with contextlib.closing(sqlite3.connect(data / ".vidcache" / "index.sqlite3")) as index:
+            index.execute("PRAGMA user_version = 0")  # as an older vidcache left it
+            index.execute("CREATE TABLE padding (bytes BLOB)")  # an index of some size
+            index.execute("INSERT INTO padding VALUES (zeroblob(300000))")
+            index.commit()
+        fill(data, leave=64 * 1024)
+        run = _serve(data)
+        assert (run.returncode, run.stdout) == (1, ""), run.stderr
+        assert run.stderr.splitlines() == [
+            f"vidcache serve: error: cannot open the index in {data / '.vidcache'}: "
+            "disk full (no space left on device)"], run.stderr

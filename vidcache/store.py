@@ -226,12 +226,12 @@ class Store:
             db.execute("PRAGMA synchronous = FULL")
             db.execute("PRAGMA foreign_keys = ON")
             db.executescript(_SCHEMA)
+            self._db = db
+            self._migrate()  # an older index's VACUUM needs room too
         except sqlite3.Error as exc:
             if (error := _index_storage_error("open the index", self.internal_dir, exc)) is None:
                 raise
             raise error from exc
-        self._db = db
-        self._migrate()
         report = self._recover()
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
