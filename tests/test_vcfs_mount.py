@@ -538,7 +538,12 @@ def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> 
         assert key in before["cache"]
     for key in ("http_requests", "bytes_fetched", "retries", "errors"):
         assert key in before["remote"]
-    assert os.stat(mount.mountpoint / ".vcfs" / "stats").st_mode & 0o777 == 0o444
+    info = os.stat(mount.mountpoint / ".vcfs" / "stats")
+    assert info.st_mode & 0o777 == 0o444
+    # The mount's start, as its directories show (`ls -l .vcfs` showed 1970).
+    mounted = os.stat(mount.mountpoint)
+    assert (info.st_mtime_ns, info.st_ctime_ns, info.st_atime_ns) == (
+        mounted.st_mtime_ns, mounted.st_ctime_ns, mounted.st_atime_ns)
     with open(mount.video(corpus["b.mp4"].file_name), "rb") as file:
         file.read(10)
         assert mount.stats()["open_files"] == before["open_files"] + 1

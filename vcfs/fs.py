@@ -169,7 +169,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         self.cache = cache
         self.mountpoint = mountpoint
         self.config = config or FsConfig()
-        # The directories' times: they have no history of their own to show.
+        # The times of the directories and the stats file: they have no history of their own.
         self._mounted_at_ns = time.time_ns()
         self.counters = Counters(*FS_COUNTERS)
         self._on_mounted = on_mounted
@@ -321,14 +321,15 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
     @_fuse_operation
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         parsed = self._parse(path)
+        mounted = self._mounted_at_ns
         if parsed.is_dir:
-            mounted = self._mounted_at_ns
             # The root's two subdirectories each link back to it with their `..`.
             links = 4 if parsed.kind is paths.PathKind.ROOT else 2
             return {"st_mode": _DIR_MODE, "st_nlink": links, "st_ino": parsed.inode,
                     "st_mtime": mounted, "st_ctime": mounted, "st_atime": mounted}
         if parsed.kind is paths.PathKind.STATS:
-            return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0}
+            return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0,
+                    "st_mtime": mounted, "st_ctime": mounted, "st_atime": mounted}
         self.counters.add("lookups")
         meta = self._video(parsed, lookup=True)
         mtime = meta.mtime_ns
