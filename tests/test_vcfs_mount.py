@@ -540,7 +540,12 @@ def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> 
         assert key in before["cache"]
     for key in ("http_requests", "bytes_fetched", "retries", "errors"):
         assert key in before["remote"]
-    assert os.stat(mount.mountpoint / ".vcfs" / "stats").st_mode & 0o777 == 0o444
+    info = os.stat(mount.mountpoint / ".vcfs" / "stats")
+    assert info.st_mode & 0o777 == 0o444
+    # The mount's start, as its directories show (`ls -l .vcfs` showed 1970).
+    mounted = os.stat(mount.mountpoint)
+    assert (info.st_mtime_ns, info.st_ctime_ns, info.st_atime_ns) == (
+        mounted.st_mtime_ns, mounted.st_ctime_ns, mounted.st_atime_ns)
     with open(mount.video(corpus["b.mp4"].file_name), "rb") as file:
         file.read(10)
         assert mount.stats()["open_files"] == before["open_files"] + 1
@@ -941,16 +946,23 @@ def test_a_user_other_than_root_mounts_reads_and_unmounts(
 ) -> None:
     """With /dev/fuse 0666 (a standard system), uid 65534 mounts through fusermount3, reads a
     video whole and unmounts, all in the namespace, where the mount lives. The kernel's
-    readahead stays at its default: only root may raise it."""
+    readahead stays at its default: only root may raise it. What it mounted is its own, as
+    `ls -l` shows it (every file and directory was root's)."""
     wrap, home = as_nobody
     video = corpus["a.mp4"]
-    script = (f"mkdir {home}/mnt && $VCFS mount {vidcache_server.url} {home}/mnt --daemon "
-              f"--log-file {home}/vcfs.log && sha256sum {home}/mnt/by-hash/{video.file_name}; "
-              f"read=$?; $VCFS unmount {home}/mnt && exit $read")
+    mnt = home / "mnt"
+    owned = [mnt, mnt / "by-hash", mnt / ".vcfs", mnt / ".vcfs" / "stats",
+             mnt / "by-hash" / video.file_name]
+    script = (f"mkdir {mnt} && $VCFS mount {vidcache_server.url} {mnt} --daemon "
+              f"--log-file {home}/vcfs.log && sha256sum {mnt}/by-hash/{video.file_name} && "
+              f"stat -c 'owner %u:%g' {' '.join(map(str, owned))}; "
+              f"read=$?; $VCFS unmount {mnt} && exit $read")
     result = subprocess.run(wrap("0666", script), capture_output=True, text=True, timeout=120,
                             check=False, cwd="/")
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(video.data()).hexdigest() in result.stdout.split(), result.stdout
+    owners = [line for line in result.stdout.splitlines() if line.startswith("owner ")]
+    assert owners == [f"owner {NOBODY}:{NOBODY}"] * len(owned), result.stdout
     log = (home / "vcfs.log").read_text()
     assert "stays at its default" in log and "unmounted" in log, log
 

@@ -169,8 +169,10 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         self.cache = cache
         self.mountpoint = mountpoint
         self.config = config or FsConfig()
-        # The directories' times: they have no history of their own to show.
+        # The times of the directories and the stats file: they have no history of their own.
         self._mounted_at_ns = time.time_ns()
+        # Everything is shown as the mounting user's, as the mount is (libfuse leaves 0, root).
+        self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid()}
         self.counters = Counters(*FS_COUNTERS)
         self._on_mounted = on_mounted
         self._started = time.monotonic()
@@ -321,14 +323,17 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
     @_fuse_operation
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
         parsed = self._parse(path)
+        mounted = self._mounted_at_ns
         if parsed.is_dir:
-            mounted = self._mounted_at_ns
             # The root's two subdirectories each link back to it with their `..`.
             links = 4 if parsed.kind is paths.PathKind.ROOT else 2
             return {"st_mode": _DIR_MODE, "st_nlink": links, "st_ino": parsed.inode,
-                    "st_mtime": mounted, "st_ctime": mounted, "st_atime": mounted}
+                    "st_mtime": mounted, "st_ctime": mounted, "st_atime": mounted,
+                    **self._owner}
         if parsed.kind is paths.PathKind.STATS:
-            return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0}
+            return {"st_mode": _FILE_MODE, "st_nlink": 1, "st_ino": parsed.inode, "st_size": 0,
+                    "st_mtime": mounted, "st_ctime": mounted, "st_atime": mounted,
+                    **self._owner}
         self.counters.add("lookups")
         meta = self._video(parsed, lookup=True)
         mtime = meta.mtime_ns
@@ -342,6 +347,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             "st_mtime": mtime,
             "st_ctime": mtime,
             "st_atime": mtime,
+            **self._owner,
         }
 
     @_fuse_operation
