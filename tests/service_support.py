@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import http.server
 import re
+import sqlite3
 import ssl
 import threading
 import uuid
@@ -17,6 +18,9 @@ from typing import Any
 
 import httpx
 from blake3 import blake3
+
+from vidcache.chunks import DEFAULT_CHUNK_SIZE
+from vidcache.store import Store, blob_relpath
 
 CHUNK = 1024 * 1024
 
@@ -38,6 +42,40 @@ def blob_files(data_dir: Path) -> list[Path]:
 
 def temp_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / ".vidcache" / "tmp").rglob("*"))
+
+
+def store_many(data_dir: Path, count: int, *, bucket: str = "many") -> list[str]:
+    """`count` tiny videos stored as the service stores them (a blob file each, its record and
+    URL alias), written directly: a large data directory in seconds instead of `count` ingests.
+    Their hashes, in the order written."""
+    store = Store(data_dir)
+    store.open()  # the schema, as the service makes it
+    store.close()
+    hashes = []
+    db = sqlite3.connect(data_dir / ".vidcache" / "index.sqlite3", isolation_level=None)
+    try:
+        db.execute("BEGIN")
+        for number in range(count):
+            content = f"video {number} of {count}".encode()
+            content_hash = digest(content)
+            file_path = blob_relpath(bucket, "", content_hash, "mp4")
+            (data_dir / file_path).parent.mkdir(parents=True, exist_ok=True)
+            (data_dir / file_path).write_bytes(content)
+            db.execute(
+                "INSERT INTO videos (hash, bucket, prefix, file_path, size_bytes, duration_s, "
+                "mime_type, first_seen, meta, phash, chunk_size, chunk_digests) "
+                "VALUES (?, ?, '', ?, ?, 1.0, 'video/mp4', '2025-01-31T12:00:00.000Z', '{}', "
+                "?, ?, ?)",
+                (content_hash, bucket, file_path, len(content), f"{number:016x}," * 7 + "-",
+                 DEFAULT_CHUNK_SIZE, blake3(content).digest()))
+            db.execute("INSERT INTO url_aliases (url, hash, added_at) "
+                       "VALUES (?, ?, '2025-01-31T12:00:00.000Z')",
+                       (f"http://origin.test/{number}.mp4", content_hash))
+            hashes.append(content_hash)
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    return hashes
 
 
 class Api:

@@ -297,31 +297,42 @@ class Store:
             else:
                 entry.unlink(missing_ok=True)
 
-        known: set[str] = set()
-        missing: list[str] = []
-        for content_hash, file_path in self.db.execute("SELECT hash, file_path FROM videos"):
-            if (self.data_dir / file_path).is_file():
-                known.add(file_path)
-            else:
-                missing.append(content_hash)
-        for content_hash in missing:
-            log.warning("record %s has no blob any more; removing the record", content_hash)
-            with self._transaction():
-                self.db.execute("DELETE FROM videos WHERE hash = ?", (content_hash,))
-
+        # One walk finds every blob, and an orphan by its name alone: no stat per record, no
+        # Path per file, no rmdir of a directory still holding something (at 100 000 videos
+        # these were 100 000 stats and 52 000 failed rmdirs at every start).
+        hashes = dict(self.db.execute("SELECT file_path, hash FROM videos"))
+        found: set[str] = set()
         orphans = 0
         for top in self.data_dir.iterdir():
             if top.name == INTERNAL_DIR or not top.is_dir():
                 continue
-            for dirpath, _dirnames, filenames in os.walk(top, topdown=False):
+            removed: set[str] = set()  # directories emptied and removed so far
+            for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+                base = Path(dirpath).relative_to(self.data_dir).as_posix()
+                left = sum(os.path.join(dirpath, name) not in removed for name in dirnames)
                 for name in filenames:
-                    path = Path(dirpath) / name
-                    relpath = path.relative_to(self.data_dir).as_posix()
-                    if _BLOB_NAME_RE.fullmatch(name) and relpath not in known:
-                        path.unlink(missing_ok=True)
+                    relpath = f"{base}/{name}"
+                    if relpath in hashes:
+                        found.add(relpath)
+                    elif _BLOB_NAME_RE.fullmatch(name):
+                        Path(dirpath, name).unlink(missing_ok=True)
                         orphans += 1
-                with contextlib.suppress(OSError):  # not empty: keep it
-                    os.rmdir(dirpath)
+                        continue
+                    left += 1
+                if not left:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(dirpath)
+                        removed.add(dirpath)
+
+        # Their blobs are gone already: one transaction for all, not a commit (fsync) each.
+        missing = [content_hash for file_path, content_hash in hashes.items()
+                   if file_path not in found]
+        if missing:
+            with self._transaction():
+                for content_hash in missing:
+                    log.warning("record %s has no blob any more; removing the record",
+                                content_hash)
+                    self.db.execute("DELETE FROM videos WHERE hash = ?", (content_hash,))
         return RecoveryReport(temp_files, orphans, len(missing))
 
     # --- reads ------------------------------------------------------------------------------
