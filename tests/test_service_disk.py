@@ -17,12 +17,11 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.service_stress_support import PausingServer
+from tests.service_stress_support import PausingServer, listing
 from tests.service_support import Api, blob_files, digest, temp_files
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
 from vidcache_client import ServerError, VidCacheClient
@@ -60,13 +59,6 @@ def fill(directory: Path, leave: int = 0) -> Path:
     status = os.statvfs(directory)
     assert status.f_bavail * status.f_frsize == leave
     return filler
-
-
-def listing(server_url: str) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{server_url}/videos", timeout=30)
-    assert answer.status_code == 200, answer.text
-    items: list[dict[str, Any]] = answer.json()["items"]
-    return items
 
 
 def assert_served_whole(server_url: str, stored: dict[str, Path]) -> None:
