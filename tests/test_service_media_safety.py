@@ -204,3 +204,18 @@ def test_a_video_of_every_supported_container_is_stored(
     result: dict[str, Any] = api.ingest_ok(f"{origin}/{name}", unique("media"))
     assert result["status"] == "new", result
     assert result["file_path"].endswith(f".{extension}"), result
+
+
+def test_frames_too_large_to_decode_are_refused(api: Api, server: VidcacheServer, origin: str,
+                                                origin_dir: Path) -> None:
+    """A 105 KB H.264 file of 8208x4320 frames (just over DCI 8K). Was: stored, sampling it
+    took 1.6 GB; at 16000x16000 (750 KB) 20 GB and 78 s, with no bound but the machine's."""
+    name = "large-frames.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "color=gray:size=8208x4320:rate=1:duration=2", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(origin_dir / name)],
+                   check=True)
+    url = f"{origin}/{name}"
+    blobs = blob_files(server.data_dir)
+    _assert_refused(api, server, url, api.ingest(url, unique("media")), blobs,
+                    "frames of 8208x4320, more than the 35389440 pixels (8192x4320)")
