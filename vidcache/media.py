@@ -18,6 +18,7 @@ import errno
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,28 @@ _CONTAINERS: dict[str, tuple[str, str]] = {
 }
 _WEBM_CODECS = {"vp8", "vp9", "av1", "vorbis", "opus"}
 
+# The demuxers of _CONTAINERS: the only ones ffprobe and ffmpeg may use on a download. Others
+# that ffmpeg picks by content open what the file names as they read its header: an HLS
+# playlist or DASH manifest its segments (absolute paths, file: URLs), an ffconcat list its
+# files (beside the temp file), an SDP description RTP sockets. A demuxer off this list is
+# refused once probed, before it reads a header, so nothing but the temp file is opened; an
+# allowlist also covers such demuxers of later ffmpeg versions. (-protocol_whitelist would not:
+# local files are the file protocol's, the one protocol the input needs.)
+_DEMUXERS = ",".join(name.split(",")[0] for name in _CONTAINERS)
+_REFUSED_DEMUXER = re.compile(r"\[(\w+) @ 0x[0-9a-f]+\] Format not on whitelist")
+# what those that name other files or streams are, for the refusal
+_INDIRECTIONS = {"hls": "an HLS playlist", "dash": "a DASH manifest",
+                 "concat": "an ffconcat list", "sdp": "an SDP description"}
+
+# DCI 8K. A decoder refuses larger frames: a 750 KB H.264 file of 16000x16000 frames took
+# 20 GB and 78 s to sample, as each of the FRAMES inputs holds several such frames.
+MAX_PIXELS = 8192 * 4320
+_TOO_LARGE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
+
+# before each input: what may open and decode it
+_INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS)]
+
+
 def _last_error_line(stderr: bytes, path: Path) -> str:
     """ffmpeg's final complaint, without our temp file's name in it."""
     text = stderr.decode(errors="replace").replace(f"{path}: ", "").replace(str(path), "input")
@@ -66,12 +89,33 @@ def _last_error_line(stderr: bytes, path: Path) -> str:
     return next((line for line in reversed(lines) if line), "no diagnostic")
 
 
+def _refusal(stderr: bytes, path: Path, failing: str) -> NotAVideo:
+    """NotAVideo for a tool that failed on `path`: the input limit it hit, or else `failing`
+    and its last word."""
+    text = stderr.decode(errors="replace")
+    if (refused := _REFUSED_DEMUXER.search(text)) is not None:
+        name = refused.group(1)
+        if name in _INDIRECTIONS:
+            return NotAVideo(f"{_INDIRECTIONS[name]} ({name}), naming other files or streams; "
+                             "none was opened")
+        return _unsupported(name)
+    if (large := _TOO_LARGE.search(text)) is not None:
+        return NotAVideo(f"frames of {large.group(1)}x{large.group(2)}, more than the "
+                         f"{MAX_PIXELS} pixels (8192x4320) the service decodes")
+    return NotAVideo(f"{failing} ({_last_error_line(stderr, path)})")
+
+
+def _unsupported(format_name: str) -> NotAVideo:
+    return NotAVideo(f"unsupported container {format_name!r}; supported: "
+                     + ", ".join(ext for _, ext in _CONTAINERS.values()))
+
+
 def probe(path: Path, tools: Tools) -> MediaInfo:
     """Validate `path` as a video; NotAVideo says what is wrong with it."""
-    result = tools.run(["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of",
-                        "json", str(path)], what="ffprobe")
+    result = tools.run(["ffprobe", "-v", "error", *_INPUT_LIMITS, "-show_format",
+                        "-show_streams", "-of", "json", str(path)], what="ffprobe")
     if result.returncode != 0:
-        raise NotAVideo(f"ffprobe cannot read it ({_last_error_line(result.stderr, path)})")
+        raise _refusal(result.stderr, path, "ffprobe cannot read it")
     info: dict[str, Any] = json.loads(result.stdout or b"{}")
     fmt: dict[str, Any] = info.get("format", {})
     streams: list[dict[str, Any]] = info.get("streams", [])
@@ -82,8 +126,7 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
         kinds = sorted({str(s.get("codec_type")) for s in streams}) or ["no streams"]
         raise NotAVideo(f"{format_name} file without a video stream ({', '.join(kinds)})")
     if format_name not in _CONTAINERS:
-        raise NotAVideo(f"unsupported container {format_name!r}; supported: "
-                        + ", ".join(ext for _, ext in _CONTAINERS.values()))
+        raise _unsupported(format_name)
     mime_type, extension = _CONTAINERS[format_name]
     if extension == "mp4":
         brand = str(fmt.get("tags", {}).get("major_brand", "")).strip()
@@ -129,7 +172,7 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
         outputs = [Path(frames_dir) / f"{i}.gray" for i in range(FRAMES)]
         argv = ["ffmpeg", "-nostdin", "-v", "error"]
         for t in times:
-            argv += ["-ss", f"{t:.3f}", "-i", str(path)]
+            argv += [*_INPUT_LIMITS, "-ss", f"{t:.3f}", "-i", str(path)]
         for i, output in enumerate(outputs):
             argv += ["-map", f"{i}:{info.video_stream}", "-frames:v", "1",
                      "-vf", f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray",
@@ -138,7 +181,7 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
         if (trouble := _output_error(result.stderr, frames_dir)) is not None:
             raise StorageError(doing, work_dir, _ERRNO_OF.get(trouble), trouble)
         if result.returncode != 0:
-            raise NotAVideo(f"cannot decode frames ({_last_error_line(result.stderr, path)})")
+            raise _refusal(result.stderr, path, "cannot decode frames")
         hashes = tuple(_frame_hash(output) for output in outputs)
     if all(h is None for h in hashes):
         raise NotAVideo("no frame could be decoded")

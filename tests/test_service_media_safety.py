@@ -1,0 +1,221 @@
+"""What ffprobe and ffmpeg may open and spend while the real service validates an ingest: a
+download is attacker-controlled, and a playlist or description that ffmpeg detects by content
+(HLS, DASH, ffconcat, SDP) names other files and streams, which its demuxer opened as it read
+the header. Whether a file was opened is seen by a FIFO: a reader's open(2) waits for a
+writer, and a writer's non-blocking open succeeds only once a reader has the FIFO open."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.server
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.service_support import Api, blob_files, temp_files, unique
+from tests.support import VidcacheServer, serve_directory
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    with VidcacheServer(tmp_path_factory.mktemp("svc-media") / "data") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def api(server: VidcacheServer) -> Iterator[Api]:
+    client = Api(server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def origin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("media-origin")
+
+
+@pytest.fixture(scope="module")
+def origin(origin_dir: Path) -> Iterator[str]:
+    with serve_directory(origin_dir) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _counting_server() -> Iterator[tuple[str, list[str]]]:
+    """A loopback HTTP server answering 404 to everything; yields (base URL, paths asked)."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    counting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=counting.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{counting.server_address[1]}", asked
+    finally:
+        counting.shutdown()
+        counting.server_close()
+        thread.join(timeout=10)
+
+
+def _ingest_watching(api: Api, url: str, fifo: Path) -> tuple[httpx.Response, bool]:
+    """Ingest `url` and whether anything opened `fifo` meanwhile (it is then given EOF)."""
+    opened = False
+    with ThreadPoolExecutor(1) as pool:
+        answer: Future[httpx.Response] = pool.submit(api.ingest, url, unique("media"))
+        # a reader blocks in open(2) until a writer comes: the old ffprobe waited for us here
+        while not wait([answer], timeout=0.02).done:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO, exc  # no reader yet
+                continue
+            opened = True
+        return answer.result(), opened
+
+
+def _assert_refused(api: Api, server: VidcacheServer, url: str, response: httpx.Response,
+                    blobs: list[Path], *words: str) -> None:
+    """Refused as not a video, its detail naming `words`; nothing stored (`blobs` before)."""
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("not a video: "), detail
+    for word in words:
+        assert word in detail, detail
+    assert api.http.get("/resolve", params={"url": url}).status_code == 404
+    assert blob_files(server.data_dir) == blobs
+    assert temp_files(server.data_dir) == []
+
+
+def _hls(segment: str) -> str:
+    return f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{segment}\n#EXT-X-ENDLIST\n"
+
+
+def _dash(base_url: str) -> str:
+    return ('<?xml version="1.0"?>\n<MPD xmlns="urn:mpeg:dash:schema:mpd:2011" type="static" '
+            'mediaPresentationDuration="PT2S" '
+            'profiles="urn:mpeg:dash:profile:isoff-on-demand:2011"><Period>'
+            '<AdaptationSet mimeType="video/mp4"><Representation id="1" bandwidth="100000" '
+            'codecs="avc1.64000d" width="160" height="120">'
+            f"<BaseURL>{base_url}</BaseURL></Representation></AdaptationSet></Period></MPD>\n")
+
+
+# name -> (the file's text for a FIFO at an absolute path, what the refusal calls it). An
+# ffconcat list may only name files beside it (its demuxer's `safe` mode): the service's tmp/.
+_LOCAL_INDIRECTIONS: dict[str, tuple[Callable[[Path], str], str]] = {
+    "hls-path": (lambda fifo: _hls(str(fifo)), "an HLS playlist (hls)"),
+    "hls-file-url": (lambda fifo: _hls(f"file:{fifo}"), "an HLS playlist (hls)"),
+    "dash-path": (lambda fifo: _dash(str(fifo)), "a DASH manifest (dash)"),
+    "concat-beside": (lambda fifo: f"ffconcat version 1.0\nfile {fifo.name}\n",
+                      "an ffconcat list (concat)"),
+}
+
+
+@pytest.mark.parametrize("kind", _LOCAL_INDIRECTIONS)
+def test_a_playlist_naming_a_local_file_is_refused_without_opening_it(
+        api: Api, server: VidcacheServer, origin: str, origin_dir: Path, tmp_path: Path,
+        kind: str) -> None:
+    """Was: ffprobe opened the file named (an .mp4 FIFO here: it waited for a writer until
+    the 300 s media timeout), and the answer told whether it was a readable video ('unsupported
+    container 'hls'') or not ('ffprobe cannot read it (Invalid data found ...)')."""
+    text, called = _LOCAL_INDIRECTIONS[kind]
+    folder = server.data_dir / ".vidcache" / "tmp" if kind == "concat-beside" else tmp_path
+    fifo = folder / f"target-{unique(kind)}.mp4"
+    os.mkfifo(fifo)
+    blobs = blob_files(server.data_dir)
+    try:
+        (origin_dir / f"{kind}.txt").write_text(text(fifo))
+        url = f"{origin}/{kind}.txt"
+        response, opened = _ingest_watching(api, url, fifo)
+    finally:
+        fifo.unlink()
+    assert not opened, f"{fifo.name} was opened; the service answered {response.text}"
+    _assert_refused(api, server, url, response, blobs, called, "none was opened")
+
+
+@pytest.mark.parametrize("kind", ["hls", "dash"])
+def test_a_playlist_naming_a_loopback_url_is_refused_without_a_request(
+        api: Api, server: VidcacheServer, origin: str, origin_dir: Path, kind: str) -> None:
+    """ffmpeg 5.1 made no request before either (a file input's nested opens may use only the
+    protocols file, crypto and data), but the answer said only 'ffprobe cannot read it
+    (Invalid data found when processing input)'."""
+    blobs = blob_files(server.data_dir)
+    with _counting_server() as (counting, asked):
+        segment = f"{counting}/segment.mp4"
+        (origin_dir / f"{kind}-http.txt").write_text(_hls(segment) if kind == "hls"
+                                                     else _dash(segment))
+        url = f"{origin}/{kind}-http.txt"
+        response = api.ingest(url, unique("media"))
+    assert asked == []
+    _assert_refused(api, server, url, response, blobs, f"({kind})", "none was opened")
+
+
+def test_an_sdp_description_is_refused_as_such(api: Api, server: VidcacheServer, origin: str,
+                                               origin_dir: Path) -> None:
+    """Was: 'ffprobe cannot read it (Invalid data found when processing input)', after its
+    demuxer tried to open RTP on the port named (refused by ffmpeg's default whitelist)."""
+    (origin_dir / "stream.sdp.txt").write_text(
+        "v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\n"
+        "m=video 5004 RTP/AVP 96\na=rtpmap:96 H264/90000\n")
+    url = f"{origin}/stream.sdp.txt"
+    blobs = blob_files(server.data_dir)
+    _assert_refused(api, server, url, api.ingest(url, unique("media")), blobs,
+                    "an SDP description (sdp)")
+
+
+# extension -> ffmpeg's output codec arguments; every container the service accepts
+_CONTAINERS: dict[str, list[str]] = {
+    **{ext: ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
+       for ext in ("mp4", "mov", "3gp", "3g2", "mkv", "ts")},
+    "webm": ["-c:v", "libvpx", "-b:v", "200k"], "avi": ["-c:v", "mpeg4"],
+    "mpg": ["-c:v", "mpeg2video"], "flv": ["-c:v", "flv"], "ogv": ["-c:v", "libtheora"],
+    "wmv": ["-c:v", "wmv2"], "mxf": ["-c:v", "mpeg2video"],
+}
+
+
+@pytest.mark.parametrize("extension", _CONTAINERS)
+def test_a_video_of_every_supported_container_is_stored(
+        api: Api, origin: str, origin_dir: Path, extension: str) -> None:
+    """The demuxer allowlist keeps every container the service supports (passed before)."""
+    name = f"clip.{extension}"
+    # a random pattern of its own (seed): no clip is a perceptual duplicate of another. A
+    # keyframe a second, as in real footage: from an MPEG-TS whose only keyframe is its first,
+    # ffmpeg decodes no frame after a seek (422 'no frame could be decoded', before too).
+    seed = list(_CONTAINERS).index(extension) + 1
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    f"cellauto=size=176x144:rate=25:rule=30:seed={seed}", "-t", "2", "-g", "25",
+                    *_CONTAINERS[extension], str(origin_dir / name)], check=True)
+    result: dict[str, Any] = api.ingest_ok(f"{origin}/{name}", unique("media"))
+    assert result["status"] == "new", result
+    assert result["file_path"].endswith(f".{extension}"), result
+
+
+def test_frames_too_large_to_decode_are_refused(api: Api, server: VidcacheServer, origin: str,
+                                                origin_dir: Path) -> None:
+    """A 105 KB H.264 file of 8208x4320 frames (just over DCI 8K). Was: stored, sampling it
+    took 1.6 GB; at 16000x16000 (750 KB) 20 GB and 78 s, with no bound but the machine's."""
+    name = "large-frames.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
+                    "color=gray:size=8208x4320:rate=1:duration=2", "-c:v", "libx264",
+                    "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(origin_dir / name)],
+                   check=True)
+    url = f"{origin}/{name}"
+    blobs = blob_files(server.data_dir)
+    _assert_refused(api, server, url, api.ingest(url, unique("media")), blobs,
+                    "frames of 8208x4320, more than the 35389440 pixels (8192x4320)")
