@@ -226,9 +226,12 @@ class KillableServer(VidcacheServer):
 # Runs `vidcache` with an audit hook that holds the thread raising the first audit event named
 # $VIDCACHE_TEST_PAUSE_EVENT whose arguments contain $VIDCACHE_TEST_PAUSE_MATCH: it creates the
 # file $VIDCACHE_TEST_PAUSED and waits (up to 120 s) for the file $VIDCACHE_TEST_RELEASE. Every
-# rename's target (os.replace too) is appended to the file $VIDCACHE_TEST_RENAMES.
+# rename's target (os.replace too) is appended to the file $VIDCACHE_TEST_RENAMES. SQLite raises
+# no event of its own as it runs a statement, so the launcher adds one: "test.sql", with the
+# statement, as each statement of any connection starts (before a COMMIT's work: the
+# transaction is open and holds the index's write lock).
 _PAUSE_LAUNCHER = r"""
-import os, sys, time
+import os, sqlite3, sys, time
 event = os.environ["VIDCACHE_TEST_PAUSE_EVENT"]
 match = os.environ["VIDCACHE_TEST_PAUSE_MATCH"]
 paused = os.environ["VIDCACHE_TEST_PAUSED"]
@@ -249,6 +252,14 @@ def hook(name, args):
         time.sleep(0.05)
 
 sys.addaudithook(hook)
+connect = sqlite3.connect
+
+def traced_connect(*args, **kwargs):
+    connection = connect(*args, **kwargs)
+    connection.set_trace_callback(lambda statement: sys.audit("test.sql", statement))
+    return connection
+
+sqlite3.connect = traced_connect
 from vidcache.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -181,9 +181,7 @@ def test_the_disk_filling_up_after_the_download(tmp_path: Path, videos: dict[str
             held = _Ingest(server.url, url, "later")
             wait_until(server.paused, timeout=60, what=f"the ingest held at {point}")
             filler = fill(data)
-            if where == "frames":  # reads work with the disk full (held in the store's
-                # lock, the other ingest would hold them up)
-                assert_served_whole(server.url, stored)
+            assert_served_whole(server.url, stored)  # reads work with the disk full
             server.release()
             internal = data / ".vidcache"
             detail = assert_disk_full(held.result(), server, url,

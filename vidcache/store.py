@@ -15,6 +15,17 @@ file system as tmp/) and then its record committed; a deletion commits first and
 A crash between the two steps leaves at most an orphan blob, which `open()` removes at the next
 start-up together with every leftover temp file.
 
+Concurrency: writes run one at a time, under the store's write lock and on its one write
+connection, their file-system steps (mkdir, rename, the directory's fsync, unlink, pruning empty
+folders) inside that lock too: no other write can rename, unlink or prune the same paths between
+a write's two steps, so the order above holds without more coordination (the ingest pipeline
+serialises its adds and deletes anyway). Reads never take that lock: each runs in a read
+transaction (one committed snapshot) on a connection of its own, from a pool that grows to the
+most reads ever run at once. In WAL mode a reader does not wait for the writer, so a slow disk's
+fsyncs (the blob's directory, the WAL at commit) hold up the other writes only; a read sees a
+video once its record is committed. A read may find a record whose blob a delete unlinks next:
+callers already treat a blob missing at open as no such video.
+
 A URL alias is the URL without its `user:password@` (sent to the origin, never kept): the same
 URL with or without them is one alias, and no credential is at rest in the index.
 """
@@ -196,14 +207,17 @@ class RecoveryReport:
 
 
 class Store:
-    """Thread-safe: one SQLite connection and one re-entrant lock held by every method."""
+    """Thread-safe: writes under one lock on one connection, reads on connections of their own
+    (see the module's docstring)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.internal_dir = data_dir / INTERNAL_DIR
         self.tmp_dir = self.internal_dir / "tmp"
-        self._lock = threading.RLock()
-        self._db: sqlite3.Connection | None = None
+        self._write_lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None  # the write connection
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()  # held to take or give back a read connection
         self._lock_file: int | None = None
 
     # --- life cycle -------------------------------------------------------------------------
@@ -219,8 +233,7 @@ class Store:
             self._lock_file = None
             raise DataDirInUse(f"{self.data_dir} is in use by another vidcache process") from exc
         try:
-            db = sqlite3.connect(self.internal_dir / "index.sqlite3", check_same_thread=False,
-                                 isolation_level=None)
+            db = self._connect()
             db.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed record must survive power loss, its blob was fsynced before
             db.execute("PRAGMA synchronous = FULL")
@@ -239,20 +252,54 @@ class Store:
                         report.orphan_blobs, report.records_without_blob)
         return report
 
+    def _connect(self) -> sqlite3.Connection:
+        # used by one thread at a time, not always the one that opened it
+        return sqlite3.connect(self.internal_dir / "index.sqlite3", check_same_thread=False,
+                               isolation_level=None)
+
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        """Close the connections once the write under way, if any, has ended; a read under
+        way closes its own as it ends."""
+        with self._write_lock:
+            with self._readers_lock:
+                db, self._db = self._db, None
+                idle, self._idle_readers = self._idle_readers, []
+            for connection in (*idle, *([] if db is None else [db])):
+                connection.close()
             if self._lock_file is not None:
                 os.close(self._lock_file)
                 self._lock_file = None
 
     @property
     def db(self) -> sqlite3.Connection:
+        """The write connection."""
         if self._db is None:  # closed: only the server's shutdown closes it
             raise ShuttingDown()
         return self._db
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read connection for this caller alone, in a read transaction: one committed
+        snapshot of the index, taken without the write lock."""
+        with self._readers_lock:
+            if self._db is None:  # closed: only the server's shutdown closes it
+                raise ShuttingDown()
+            db = self._idle_readers.pop() if self._idle_readers else None
+        if db is None:
+            db = self._connect()
+            db.execute("PRAGMA query_only = ON")  # a write here would bypass the write lock
+        try:
+            db.execute("BEGIN")
+            yield db
+        finally:
+            if db.in_transaction:
+                db.execute("ROLLBACK")  # ends the snapshot; nothing was written
+            with self._readers_lock:
+                closed = self._db is None
+                if not closed:
+                    self._idle_readers.append(db)
+            if closed:
+                db.close()
 
     def _migrate(self) -> None:
         """Bring an index written by an older version up to _SCHEMA_VERSION."""
@@ -340,17 +387,20 @@ class Store:
     # --- reads ------------------------------------------------------------------------------
 
     def get(self, content_hash: str) -> VideoRecord | None:
-        with self._lock:
-            row = self.db.execute(f"SELECT {_RECORD_COLUMNS} FROM videos WHERE hash = ?",
-                                  (content_hash,)).fetchone()
-            return None if row is None else self._records([row])[0]
+        with self._reading() as db:
+            return self._get(db, content_hash)
+
+    def _get(self, db: sqlite3.Connection, content_hash: str) -> VideoRecord | None:
+        row = db.execute(f"SELECT {_RECORD_COLUMNS} FROM videos WHERE hash = ?",
+                         (content_hash,)).fetchone()
+        return None if row is None else self._records(db, [row])[0]
 
     def lookup_url(self, url: str) -> VideoRecord | None:
         """The video `url` is an alias of, credentials or not."""
-        with self._lock:
-            row = self.db.execute("SELECT hash FROM url_aliases WHERE url = ?",
-                                  (without_credentials(url),)).fetchone()
-            return None if row is None else self.get(row[0])
+        with self._reading() as db:
+            row = db.execute("SELECT hash FROM url_aliases WHERE url = ?",
+                             (without_credentials(url),)).fetchone()
+            return None if row is None else self._get(db, row[0])
 
     def list_videos(self, *, bucket: str | None, prefix: str | None, after: str | None,
              limit: int) -> list[VideoRecord]:
@@ -368,8 +418,8 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY hash LIMIT ?"
-        with self._lock:
-            return self._records(self.db.execute(sql, (*params, limit)).fetchall())
+        with self._reading() as db:
+            return self._records(db, db.execute(sql, (*params, limit)).fetchall())
 
     def chunk_digests(self, content_hash: str, *, start: int = 0,
                       end: int | None = None) -> DigestPage | None:
@@ -378,16 +428,16 @@ class Store:
 
         Reads only the page's bytes of the stored list (incremental blob I/O), so a page of a
         long list costs what a page of a short one does."""
-        with self._lock:
-            row = self.db.execute("SELECT rowid, chunk_size, size_bytes FROM videos "
-                                  "WHERE hash = ?", (content_hash,)).fetchone()
+        with self._reading() as db:
+            row = db.execute("SELECT rowid, chunk_size, size_bytes FROM videos "
+                             "WHERE hash = ?", (content_hash,)).fetchone()
             if row is None:
                 return None
             rowid, chunk_size, size = row
             page = chunk_page(start, end, chunk_size, size)
             digests = b""
             if page:
-                with self.db.blobopen("videos", "chunk_digests", rowid, readonly=True) as blob:
+                with db.blobopen("videos", "chunk_digests", rowid, readonly=True) as blob:
                     blob.seek(page.start * DIGEST_SIZE)
                     digests = blob.read(len(page) * DIGEST_SIZE)
         return DigestPage(chunk_size=chunk_size, chunk_count=digest_count(size, chunk_size),
@@ -395,23 +445,24 @@ class Store:
 
     def phashes(self) -> list[tuple[str, str]]:
         """(hash, encoded perceptual hash) of every stored video, oldest first."""
-        with self._lock:
+        with self._reading() as db:
             return [(h, p) for h, p in
-                    self.db.execute("SELECT hash, phash FROM videos ORDER BY rowid")]
+                    db.execute("SELECT hash, phash FROM videos ORDER BY rowid")]
 
     def count(self) -> int:
-        with self._lock:
-            return int(self.db.execute("SELECT count(*) FROM videos").fetchone()[0])
+        with self._reading() as db:
+            return int(db.execute("SELECT count(*) FROM videos").fetchone()[0])
 
     def blob_path(self, record: VideoRecord) -> Path:
         return self.data_dir / record.file_path
 
-    def _records(self, rows: Sequence[tuple[Any, ...]]) -> list[VideoRecord]:
+    def _records(self, db: sqlite3.Connection,
+                 rows: Sequence[tuple[Any, ...]]) -> list[VideoRecord]:
         hashes = [row[0] for row in rows]
         aliases: dict[str, list[str]] = {h: [] for h in hashes}
         if hashes:
             marks = ",".join("?" * len(hashes))
-            for content_hash, url in self.db.execute(
+            for content_hash, url in db.execute(
                     f"SELECT hash, url FROM url_aliases WHERE hash IN ({marks}) ORDER BY rowid",
                     hashes):
                 aliases[content_hash].append(url)
@@ -428,13 +479,13 @@ class Store:
     def add_alias(self, url: str, content_hash: str) -> VideoRecord | None:
         """Record `url` (without its credentials) as a source of the stored video; None if
         that video is gone."""
-        with self._lock:
-            if self.get(content_hash) is None:
+        with self._write_lock:
+            if self._get(self.db, content_hash) is None:
                 return None
             with self._transaction():
                 self.db.execute("INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
                                 (without_credentials(url), content_hash, _now_iso()))
-            return self.get(content_hash)
+            return self._get(self.db, content_hash)
 
     def add_video(self, video: NewVideo, *, url: str, temp_path: Path) -> VideoRecord:
         """Move the downloaded file into place and commit its record and first URL alias
@@ -442,7 +493,7 @@ class Store:
         file_path = blob_relpath(video.bucket, video.prefix, video.content_hash,
                                  video.extension)
         final = self.data_dir / file_path
-        with self._lock:
+        with self._write_lock:
             db = self.db  # closed: nothing is moved into the bucket
             try:
                 self._move_into_place(temp_path, final)
@@ -463,7 +514,7 @@ class Store:
                     final.unlink(missing_ok=True)
                 self._prune_empty_dirs(final.parent)
                 raise
-            record = self.get(video.content_hash)
+            record = self._get(db, video.content_hash)
             assert record is not None
             return record
 
@@ -480,8 +531,8 @@ class Store:
 
     def delete(self, content_hash: str) -> bool:
         """Remove record, aliases (by cascade) and blob; False if there was no such video."""
-        with self._lock:
-            record = self.get(content_hash)
+        with self._write_lock:
+            record = self._get(self.db, content_hash)
             if record is None:
                 return False
             with self._transaction():

@@ -1,0 +1,126 @@
+"""Reads while a write is held in its commit path, against the real service: an ingest held as
+its blob is renamed into place, as the blob's directory is fsynced, as its record is committed;
+a delete held as it commits, as it unlinks the blob. Every read of the videos stored before
+answers meanwhile: a slow disk's fsyncs hold up the other writes, never the reads."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_stress_support import (
+    PausingServer,
+    assert_consistent,
+    background,
+    make_distinct_videos,
+)
+from tests.service_support import Api
+from tests.support import VidcacheServer, serve_directory, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+KEPT = ["testsrc", "mandelbrot"]  # stored in bucket "kept" and read while the write is held
+GONE = "life"  # stored in bucket "gone", deleted by the held delete
+HELD = "gradients"  # ingested into bucket "held" by the held ingest
+# far beyond what a read takes here (milliseconds); before, each waited for the release
+READ_TIMEOUT = 30
+
+
+@dataclass(frozen=True)
+class Prepared:
+    data: Path  # a data directory holding the KEPT and GONE videos, no server on it
+    origin: str
+    files: dict[str, Path]
+    hashes: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prepared]:
+    folder = tmp_path_factory.mktemp("reads")
+    files = make_distinct_videos(folder / "videos", [*KEPT, GONE, HELD])
+    with serve_directory(folder / "videos") as origin:
+        data = folder / "data"
+        with VidcacheServer(data) as server:
+            api = Api(server.url)
+            hashes = {name: api.ingest_ok(f"{origin}/{name}.mp4", "kept")["hash"]
+                      for name in KEPT}
+            hashes[GONE] = api.ingest_ok(f"{origin}/{GONE}.mp4", "gone")["hash"]
+            api.close()
+        yield Prepared(data, origin, files, hashes)
+
+
+@dataclass(frozen=True)
+class Hold:
+    write: str  # "ingest" or "delete"
+    point: tuple[str, str]
+    gone_listed: bool  # whether the deleted video is still listed while held
+
+
+HOLDS = {
+    "ingest-rename": Hold("ingest", ("os.rename", "/held/"), True),
+    "ingest-dir-fsync": Hold("ingest", ("open", "/held/"), True),  # _fsync_dir's open
+    "ingest-commit": Hold("ingest", ("test.sql", "'COMMIT'"), True),
+    "delete-commit": Hold("delete", ("test.sql", "'COMMIT'"), True),
+    "delete-unlink": Hold("delete", ("os.remove", "/gone/"), False),
+}
+
+
+def _assert_reads_answer(url: str, prepared: Prepared, hold: Hold) -> None:
+    """Every read route answers for the KEPT videos, /video cold (the server's first request
+    for them); the listing shows the state committed before the held write."""
+    with httpx.Client(base_url=url, timeout=READ_TIMEOUT) as http:
+        for name in KEPT:
+            content_hash = prepared.hashes[name]
+            meta = http.get(f"/meta/{content_hash}")
+            assert meta.status_code == 200 and meta.json()["hash"] == content_hash, meta.text
+            resolved = http.get("/resolve", params={"url": f"{prepared.origin}/{name}.mp4"})
+            assert resolved.json()["hash"] == content_hash, resolved.text
+            chunks = http.get(f"/video/{content_hash}/chunks")
+            assert chunks.status_code == 200 and chunks.json()["digests"], chunks.text
+            video = http.get(f"/video/{content_hash}")
+            assert video.content == prepared.files[name].read_bytes()
+        listed = {item["hash"] for item in http.get("/videos").json()["items"]}
+        expected = {prepared.hashes[name] for name in KEPT}
+        if hold.gone_listed:
+            expected.add(prepared.hashes[GONE])
+        assert listed == expected
+        assert http.get("/health").json()["videos"] == len(expected)
+
+
+@pytest.mark.parametrize("hold", HOLDS.values(), ids=HOLDS.keys())
+def test_reads_answer_while_a_write_is_held_in_its_commit(tmp_path: Path, prepared: Prepared,
+                                                         hold: Hold) -> None:
+    """Was: every read waited for the write, as all took the store's one lock (each read
+    here timed out until the write was released)."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared.data, data)
+    server = PausingServer(data, hold.point)
+    answers: list[httpx.Response] = []
+
+    def write() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            if hold.write == "ingest":
+                answers.append(http.post("/ingest", json={
+                    "url": f"{prepared.origin}/{HELD}.mp4", "bucket": "held"}))
+            else:
+                answers.append(http.delete(f"/video/{prepared.hashes[GONE]}"))
+
+    with server:
+        with background(write):
+            try:
+                wait_until(server.paused, timeout=60,
+                           what=f"the {hold.write} held at {hold.point}")
+                _assert_reads_answer(server.url, prepared, hold)
+            finally:
+                server.release()
+        [answer] = answers
+        assert answer.status_code == (200 if hold.write == "ingest" else 204), answer.text
+        stored = {record["hash"] for record in assert_consistent(data, server.url)}
+    kept = {prepared.hashes[name] for name in KEPT}
+    assert stored - kept == ({answer.json()["hash"], prepared.hashes[GONE]}
+                             if hold.write == "ingest" else set())
