@@ -3,7 +3,7 @@
 The hashes are rows of one numpy uint64 array (a frame hash per column, a mask for the frames
 that could not be decoded), so a search is a handful of vectorised operations over all rows:
 ~10 ms for 100 000 videos, where comparing them one by one in Python took ~350 ms after a
-~90 ms SELECT of every hash, all under the store's lock.
+~90 ms SELECT of every hash, all under the store's one lock (which reads then shared).
 
 A search answers what comparing `media.phash_distance` with every stored video in the order
 they were stored (the order of their rowids, which the old full-table SELECT went by) would:
