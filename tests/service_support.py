@@ -44,10 +44,11 @@ def temp_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / ".vidcache" / "tmp").rglob("*"))
 
 
-def store_many(data_dir: Path, count: int, *, bucket: str = "many") -> list[str]:
-    """`count` tiny videos stored as the service stores them (a blob file each, its record and
-    URL alias), written directly: a large data directory in seconds instead of `count` ingests.
-    Their hashes, in the order written."""
+def store_many(data_dir: Path, count: int, *, bucket: str = "many",
+               meta: str = "{}") -> list[str]:
+    """`count` tiny videos stored as the service stores them (a blob file each, its record,
+    whose `meta` is the JSON text `meta`, and URL alias), written directly: a large data
+    directory in seconds instead of `count` ingests. Their hashes, in the order written."""
     store = Store(data_dir)
     store.open()  # the schema, as the service makes it
     store.close()
@@ -64,9 +65,10 @@ def store_many(data_dir: Path, count: int, *, bucket: str = "many") -> list[str]
             db.execute(
                 "INSERT INTO videos (hash, bucket, prefix, file_path, size_bytes, duration_s, "
                 "mime_type, first_seen, meta, phash, chunk_size, chunk_digests) "
-                "VALUES (?, ?, '', ?, ?, 1.0, 'video/mp4', '2025-01-31T12:00:00.000Z', '{}', "
+                "VALUES (?, ?, '', ?, ?, 1.0, 'video/mp4', '2025-01-31T12:00:00.000Z', ?, "
                 "?, ?, ?)",
-                (content_hash, bucket, file_path, len(content), f"{number:016x}," * 7 + "-",
+                (content_hash, bucket, file_path, len(content), meta,
+                 f"{number:016x}," * 7 + "-",
                  DEFAULT_CHUNK_SIZE, blake3(content).digest()))
             db.execute("INSERT INTO url_aliases (url, hash, added_at) "
                        "VALUES (?, ?, '2025-01-31T12:00:00.000Z')",

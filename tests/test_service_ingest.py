@@ -10,6 +10,7 @@ services of our own, never into the shared one (it would make a.mp4 a duplicate 
 from __future__ import annotations
 
 import collections
+import json
 import shutil
 import socket
 import ssl
@@ -20,9 +21,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.service_support import Api, blob_files, digest, serve_origin, temp_files, unique
+from tests.service_support import (
+    Api,
+    blob_files,
+    digest,
+    serve_origin,
+    store_many,
+    temp_files,
+    unique,
+)
 from tests.support import VidcacheServer, free_port, self_signed_certificate, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -198,6 +208,32 @@ def test_listing_filters_and_paginates(stored_a: dict[str, Any], stored_c: dict[
         response = own_api.http.get("/videos", params=params)
         assert response.status_code == 422, params
         assert isinstance(response.json()["detail"], str)
+
+
+def test_a_page_of_large_meta_ends_early(tmp_path: Path) -> None:
+    """`meta` may be 64 KiB a video: a page of 1000 such was one 64 MB answer (and several
+    times that in the server's memory while it was built). A page now ends once its items'
+    meta passes 4 MiB, and `next` goes on from there: every video once, in order."""
+    data = tmp_path / "data"
+    notes = json.dumps({"notes": "n" * 60_000})
+    hashes = store_many(data, 200, meta=notes)
+    with VidcacheServer(data) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        pages: list[list[str]] = []
+        after: str | None = None
+        while len(pages) < 10:
+            answer = http.get("/videos", params={"limit": 1000, **({"after": after} if after
+                                                                   else {})})
+            assert answer.status_code == 200, answer.text
+            assert len(answer.content) < 5 << 20, len(answer.content)  # 12 MB in one before
+            page = answer.json()
+            pages.append([item["hash"] for item in page["items"]])
+            assert all(item["meta"] == {"notes": "n" * 60_000} for item in page["items"])
+            after = page["next"]
+            if after is None:
+                break
+            assert after == pages[-1][-1]
+        assert [h for page in pages for h in page] == sorted(hashes)
+        assert len(pages) == 3, [len(page) for page in pages]  # 4 MiB: 69 of 60 KB each
 
 
 # --- concurrency ----------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def _listing_plans(store: Store, monkeypatch: pytest.MonkeyPatch) -> dict[str, l
     monkeypatch.setattr(store, "_connect", traced)
     filters = (("b", None), (None, ""), (None, "p"), ("b", "p"))  # (bucket, prefix)
     for (bucket, prefix), after in itertools.product(filters, (None, "8" * 64)):
-        store.list_videos(bucket=bucket, prefix=prefix, after=after, limit=100)
+        store.list_videos(bucket=bucket, prefix=prefix, after=after, limit=100,
+                          max_meta_bytes=1 << 20)
     return {sql: [row[3] for row in store.db.execute(f"EXPLAIN QUERY PLAN {sql}")]
             for sql in statements if sql.startswith("SELECT hash, bucket")}
 

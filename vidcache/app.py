@@ -70,6 +70,9 @@ from vidcache_client._credentials import without_credentials
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 1000
+# A listing page ends early once its items' `meta` passes this: 1000 records of 64 KiB each
+# were one 64 MB answer, held in memory several times over while it was built.
+PAGE_META_BYTES = 4 << 20
 
 
 # Constraints stated in the OpenAPI document only: the routes check them themselves, to answer
@@ -543,10 +546,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
             check_segment("prefix", prefix, allow_empty=True)
         if after is not None:
             _checked_hash(after)
-        # one more than asked tells whether a next page exists
-        records = store.list_videos(bucket=bucket, prefix=prefix, after=after, limit=limit + 1)
-        page = records[:limit]
-        cursor = page[-1].content_hash if len(records) > limit else None
-        return VideoList(items=[_meta(r) for r in page], next=cursor)
+        page, more = store.list_videos(bucket=bucket, prefix=prefix, after=after, limit=limit,
+                                       max_meta_bytes=PAGE_META_BYTES)
+        return VideoList(items=[_meta(r) for r in page],
+                         next=page[-1].content_hash if more else None)
 
     return app

@@ -403,8 +403,11 @@ class Store:
             return None if row is None else self._get(db, row[0])
 
     def list_videos(self, *, bucket: str | None, prefix: str | None, after: str | None,
-             limit: int) -> list[VideoRecord]:
-        """Records ordered by hash, those after the cursor `after`, at most `limit`."""
+                    limit: int, max_meta_bytes: int | None = None,
+                    ) -> tuple[list[VideoRecord], bool]:
+        """Records ordered by hash, those after the cursor `after`: at most `limit`, and, given
+        `max_meta_bytes`, no more than their stored `meta` fits in (one at least). With whether
+        more records follow them."""
         where: list[str] = []
         params: list[object] = []
         for column, value in (("bucket", bucket), ("prefix", prefix)):
@@ -418,8 +421,19 @@ class Store:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY hash LIMIT ?"
+        meta_column = _RECORD_COLUMNS.split(", ").index("meta")
         with self._reading() as db:
-            return self._records(db, db.execute(sql, (*params, limit)).fetchall())
+            rows: list[tuple[Any, ...]] = []
+            meta_bytes = 0
+            # one more than asked tells whether more follow; rows are read one by one, so a
+            # page cut by its meta never holds the rest in memory
+            for row in db.execute(sql, (*params, limit + 1)):
+                meta_bytes += len(row[meta_column].encode())
+                if len(rows) == limit or (
+                        rows and max_meta_bytes is not None and meta_bytes > max_meta_bytes):
+                    return self._records(db, rows), True
+                rows.append(row)
+            return self._records(db, rows), False
 
     def chunk_digests(self, content_hash: str, *, start: int = 0,
                       end: int | None = None) -> DigestPage | None:
