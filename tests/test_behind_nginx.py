@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from tests.support import VidcacheServer, free_port, self_signed_certificate, wait_until
-from tests.vcfs_support import VcfsMount, requires_fuse
-from vidcache_client import VidCacheClient
+from tests.vcfs_support import VcfsMount, fuse_missing, requires_fuse, vcfs_command
+from vidcache_client import AuthError, VidCacheClient
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.path.exists(NGINX),
@@ -236,6 +236,35 @@ def test_vidcache_ingest_through_nginx(nginx: Nginx, stored: dict[str, str],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["hash"] == stored["c.mkv"]
+
+
+@pytest.mark.usefixtures("trust")
+def test_basic_auth_refusals_say_what_to_give(nginx: Nginx, media_url: str,
+                                              tmp_path: Path) -> None:
+    """A proxy's 401 asking for Basic auth is not the service asking for a token."""
+    without = nginx.tls_url.replace(f"{USER}:{PASSWORD}@", "")
+    wrong = nginx.tls_url.replace(PASSWORD, "wrong")
+    with VidCacheClient(without) as client, pytest.raises(AuthError) as missing:
+        client.health()
+    assert "asks for HTTP Basic auth" in str(missing.value), missing.value
+    assert "token" not in str(missing.value)
+    with VidCacheClient(wrong) as client, pytest.raises(AuthError) as refused:
+        client.health()
+    assert "refused the user:password" in str(refused.value), refused.value
+    run = subprocess.run([sys.executable, "-m", "vidcache", "ingest", "--server", without,
+                          "--bucket", "nginx", f"{media_url}/c.mkv"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "Basic auth" in run.stderr and "token" not in run.stderr
+    if fuse_missing():
+        return
+    for url, expected in ((without, "asks for HTTP Basic auth"),
+                          (wrong, "refused the user:password")):
+        mount = subprocess.run(vcfs_command("mount", url, str(tmp_path), "--foreground"),
+                               capture_output=True, text=True, timeout=60)
+        assert mount.returncode == 1, mount.stderr
+        assert mount.stderr.startswith("vcfs: error: cannot reach") and len(
+            mount.stderr.splitlines()) == 1, mount.stderr  # one line, not a traceback
+        assert expected in mount.stderr and PASSWORD not in mount.stderr, mount.stderr
 
 
 @pytest.mark.usefixtures("trust")
