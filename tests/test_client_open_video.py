@@ -20,7 +20,7 @@ import pytest
 
 from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
-from vidcache_client import NotFoundError, RequestTimeout, VidCacheClient
+from vidcache_client import NotFoundError, RequestTimeout, TransportError, VidCacheClient
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -163,7 +163,9 @@ def read_requests(connection: socket.socket, count: int, requests: list[str]) ->
 
 
 def reply(connection: socket.socket, line: str, *, close: bool = False,
-          chunked: bool = False) -> None:
+          framing: str = "length") -> None:
+    """`framing`: the body's length is in Content-Length, or it comes in chunks, or it ends
+    where the server closes the connection (no length)."""
     target = line.split()[1]
     status, body = b"200 OK", META
     if "/chunks" in target:
@@ -173,9 +175,13 @@ def reply(connection: socket.socket, line: str, *, close: bool = False,
     headers = b"Connection: close\r\n" if close else b""
     if status.startswith(b"206"):
         headers += b"Content-Range: bytes 0-%d/%d\r\n" % (len(DATA) - 1, len(DATA))
-    if chunked:
+    if framing == "chunked":
         connection.sendall(b"HTTP/1.1 %s\r\n%sTransfer-Encoding: chunked\r\n\r\n"
                            b"%x\r\n%s\r\n0\r\n\r\n" % (status, headers, len(body), body))
+    elif framing == "close":
+        connection.sendall(b"HTTP/1.1 %s\r\n%sConnection: close\r\n\r\n%s"
+                           % (status, headers, body))
+        connection.shutdown(socket.SHUT_WR)
     else:
         connection.sendall(b"HTTP/1.1 %s\r\n%sContent-Length: %d\r\n\r\n%s"
                            % (status, headers, len(body), body))
@@ -249,20 +255,42 @@ def test_a_dropped_warm_connection_gets_all_three_sent_again() -> None:
     assert server.connections == 2
 
 
-def test_a_chunked_small_answer_is_read_through_httpx_from_then_on() -> None:
+def test_a_small_answer_without_length_is_read_through_httpx_from_then_on() -> None:
     requests: list[str] = []
 
-    def chunked(connection: socket.socket) -> None:
-        while lines := read_requests(connection, 1, requests):
-            for line in lines:
-                reply(connection, line, chunked=True)
+    def unframed(connection: socket.socket) -> None:
+        if lines := read_requests(connection, 1, requests):
+            reply(connection, lines[0], framing="close")
 
-    with SocketServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
+    with SocketServer(unframed) as server, VidCacheClient(server.url, timeout=5) as client:
         for _ in range(2):
             meta = client.get_meta(HASH)
             assert meta is not None and meta["size_bytes"] == len(DATA)
     # asked once on a socket of its own, once through httpx; then through httpx only
     assert [line.split()[1] for line in requests] == [f"/meta/{HASH}"] * 3
+
+
+def test_chunked_small_answers_are_read_on_the_clients_connection() -> None:
+    """Small answers in chunks (a reverse proxy's gzip of them, as nginx's `gzip on` sends):
+    read whole on the client's own connection, so a lookup's three requests still go out
+    pipelined on one connection, the bytes behind them too."""
+    requests: list[str] = []
+
+    def chunked(connection: socket.socket) -> None:
+        while lines := read_requests(connection, 1, requests):
+            for line in lines:
+                reply(connection, line, framing="chunked" if "/meta" in line or
+                      "/chunks" in line else "length")
+
+    with SocketServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
+        meta = client.get_meta(HASH)
+        assert meta is not None and meta["size_bytes"] == len(DATA)
+        answers = Answers()
+        assert open_video(client, HASH, len(DATA), answers) == (len(DATA), bytearray(DATA))
+        assert [kind for kind, _ in answers.calls] == ["meta", "digests", "bytes"]
+    assert [line.split()[1].split("?")[0] for line in requests] == [
+        f"/meta/{HASH}", f"/meta/{HASH}", f"/video/{HASH}/chunks", f"/video/{HASH}"]
+    assert server.connections == 1
 
 
 def _trickle(connection: socket.socket, data: bytes, outcome: list[str]) -> None:
@@ -280,23 +308,23 @@ def _trickle(connection: socket.socket, data: bytes, outcome: list[str]) -> None
 
 
 def test_a_small_answer_trickling_in_through_httpx_is_given_up_after_the_timeout() -> None:
-    """Once a chunked answer has put the small GETs on httpx, an answer whose body trickles in
+    """Once an answer without length has put the small GETs on httpx, one whose body trickles in
     (a byte every 50 ms, 5 s in all, each receive in time) ends with RequestTimeout after the
     client's timeout, its connection closed, as over the client's own sockets; before, httpx
     read it to its end."""
     requests: list[str] = []
     outcome: list[str] = []
 
-    def chunked_then_trickle(connection: socket.socket) -> None:
+    def unframed_then_trickle(connection: socket.socket) -> None:
         while lines := read_requests(connection, 1, requests):
             if len(requests) <= 2:  # the first lookup: on the client's socket, then httpx
-                reply(connection, lines[0], chunked=True)
-                continue
+                reply(connection, lines[0], framing="close")
+                return
             connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
             _trickle(connection, b"%x\r\n%s\r\n0\r\n\r\n" % (len(META), META), outcome)
             return
 
-    with SocketServer(chunked_then_trickle) as server, \
+    with SocketServer(unframed_then_trickle) as server, \
             VidCacheClient(server.url, timeout=1) as client:
         assert client.get_meta(HASH) is not None
         with pytest.raises(RequestTimeout, match=f"metadata of video {HASH}: timed out"):
@@ -327,3 +355,25 @@ def test_answers_trickling_in_behind_a_refusal_are_given_up_after_the_timeout() 
         assert answers.calls == [("meta", None)]
         wait_until(lambda: outcome, timeout=30, what="the trickle's end")
     assert outcome == ["closed by the client"]
+
+
+@pytest.mark.parametrize(("body", "outcome"), [
+    (b"3;ext=1\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Trailer: 1\r\n\r\n"
+     % (META[:3], len(META) - 3, META[3:]), "read"),
+    (b"zz\r\n%s\r\n0\r\n\r\n" % META, "malformed"),
+    (b"%x\r\n%sXX0\r\n\r\n" % (len(META), META), "malformed"),
+], ids=["chunks-extension-trailer", "bad-size", "bad-end"])
+def test_a_chunked_small_answer_is_checked(body: bytes, outcome: str) -> None:
+    def chunked(connection: socket.socket) -> None:
+        while read_requests(connection, 1, []):
+            connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+
+    with SocketServer(chunked) as server, VidCacheClient(server.url, timeout=5) as client:
+        if outcome == "read":
+            for _ in range(2):  # the connection is kept, in step
+                meta = client.get_meta(HASH)
+                assert meta is not None and meta["size_bytes"] == len(DATA)
+            assert server.connections == 1
+        else:
+            with pytest.raises(TransportError, match=f"{outcome} chunk"):
+                client.get_meta(HASH)

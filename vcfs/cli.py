@@ -447,7 +447,7 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
     try:
         try:
             remote.check_health()
-        except RemoteUnavailable as exc:
+        except (RemoteUnavailable, AccessDenied) as exc:
             raise StartupError(
                 f"cannot reach the vidcache service at {without_credentials(options.url)}: "
                 f"{exc}"

@@ -107,6 +107,7 @@ import logging
 import random
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -162,7 +163,8 @@ class RemoteError(VcfsError):
 
 
 class AccessDenied(RemoteError):
-    """The service refused vcfs's bearer token (HTTP 401/403): missing or wrong."""
+    """The service refused vcfs's bearer token (HTTP 401/403): missing or wrong; or a proxy in
+    front of it refused the URL's credentials."""
 
 
 class RemoteUnavailable(RemoteError):
@@ -414,6 +416,7 @@ class Remote:
         config: RemoteConfig | None = None,
         counters: Counters | None = None,
         token_sent: bool = False,
+        credentials_sent: bool = False,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -421,6 +424,7 @@ class Remote:
         self.config = config or RemoteConfig()
         self.counters = counters or Counters(*REMOTE_COUNTERS)
         self._token_sent = token_sent
+        self._credentials_sent = credentials_sent  # the URL's user:password@, as Basic auth
         self._sleep = sleep
         self._clock = clock
         self._lock = threading.Lock()
@@ -480,7 +484,8 @@ class Remote:
             # finds a connection ready instead of paying a handshake (a round trip).
             spare_connection=True,
         )
-        return cls(client, config=config, token_sent=token is not None)
+        return cls(client, config=config, token_sent=token is not None,
+                   credentials_sent="@" in urllib.parse.urlsplit(base_url).netloc)
 
     def close(self) -> None:
         """Stop now (idempotent): the requests in flight are cut and fail, as does any later
@@ -501,6 +506,8 @@ class Remote:
             status = self._bounded(lambda _: self._client.health(), self._cutoff(self._deadline()))
         except ProtocolError as exc:  # an answer, but no JSON: another kind of server
             raise RemoteUnavailable(f"{exc}: {_NOT_VIDCACHE}") from exc
+        except AuthError as exc:  # vidcache's /health is open: a proxy in front asks for more
+            raise self._access_denied("health check", exc) from exc
         except StatusError as exc:
             if exc.status_code == 404 and exc.json_detail:
                 # vidcache's JSON errors, but no /health: the wire protocol's routes without
@@ -1658,6 +1665,14 @@ class Remote:
             raise Stopping(_STOPPING) from exc
 
     def _access_denied(self, what: str, exc: AuthError) -> AccessDenied:
+        if not exc.json_detail:  # not vidcache's refusal (JSON): a proxy's page, not shown
+            advice = (
+                "a proxy in front of the service refused the user:password@ of the URL"
+                if self._credentials_sent
+                else "a proxy in front of the service refused access: if it asks for HTTP "
+                "Basic auth, give user:password@ in the URL"
+            )
+            return AccessDenied(f"{what}: HTTP {exc.status_code}: {advice}")
         advice = (
             "the service refused vcfs's token: check that --token-file holds the token of "
             "the service's --token-file"

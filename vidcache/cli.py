@@ -336,7 +336,8 @@ def _ingest(args: argparse.Namespace) -> int:
                                    meta=dict(args.meta))
     except VidCacheError as exc:
         message, advice = str(exc), ""
-        if isinstance(exc, AuthError) and exc.status_code == 401:
+        # vidcache's own refusal is JSON; a proxy's (Basic auth) is explained by the client
+        if isinstance(exc, AuthError) and exc.status_code == 401 and exc.json_detail:
             advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
                       if args.token is None else
                       "\nvidcache ingest: the server refused the token of --token-file")

@@ -9,12 +9,14 @@ into buffers the caller provides (one kernel copy, no Python object per piece), 
 is told as each buffer fills, so it can use a block before the rest of the range arrives.
 
 Scope: this is not a general HTTP client. It sends GETs and reads answers framed by
-`Content-Length` only: a range into the caller's buffers, a small answer (`get`) whole into an
-httpx.Response. Anything else (`Transfer-Encoding`, no length, an interim 1xx, a small answer
-over 16 MiB) raises `Unhandled` before any body byte is read; the client then makes the request
-through httpx. Small answers share the range connections so that a lookup leaves a warm one
-for the bytes that follow it; `read_into_after` goes further and sends a video's metadata and
-digest requests ahead of its first range on one connection, all at once.
+`Content-Length`: a range into the caller's buffers, a small answer (`get`) whole into an
+httpx.Response. A small answer may also come in chunks (`Transfer-Encoding: chunked`): a
+reverse proxy compressing it on the fly, as nginx does with `gzip on`, cannot know its length.
+Anything else (a range in chunks, another transfer coding, no length, an interim 1xx, a small
+answer over 16 MiB) raises `Unhandled`, with nothing of it handed to the caller; the client
+then makes the request through httpx. Small answers share the range connections so that a
+lookup leaves a warm one for the bytes that follow it; `read_into_after` goes further and sends
+a video's metadata and digest requests ahead of its first range on one connection, all at once.
 The client does not use this path at all with a custom httpx transport, or when the
 environment names a proxy that httpx would use.
 
@@ -91,6 +93,9 @@ _MAX_SMALL_BODY = 16 * 1024 * 1024
 # Ranges chain (a range follows one whose answer has not begun) only over a link with at least
 # this round trip: a remote link's bandwidth bounds a stream (see the module docstring).
 _CHAIN_ROUND_TRIP = 0.010
+# The length `_parse_head` gives an answer framed by `Transfer-Encoding: chunked`.
+_CHUNKED = -1
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _STATUS_LINE = re.compile(r"HTTP/(1\.[01]) (\d{3})(?: (.*))?")
 
 T = TypeVar("T")
@@ -99,8 +104,9 @@ OnProgress = Callable[[int], None]
 
 
 class Unhandled(Exception):
-    """An answer this reader does not read (not framed by Content-Length, or an interim 1xx);
-    nothing of its body was read, so the request can be made another way."""
+    """An answer this reader does not read (a range not framed by Content-Length, an interim
+    1xx, a small answer over 16 MiB); nothing of its body was handed to the caller, so the
+    request can be made another way."""
 
 
 class _Stale(Exception):
@@ -235,6 +241,62 @@ class _Connection:
             filled += received
             if on_progress is not None:
                 on_progress(received_before + filled)
+
+    def read_chunked(self, limit: int) -> tuple[bytes, bool]:
+        """The body of an answer framed by `Transfer-Encoding: chunked`, its trailer dropped,
+        and whether it was read to its end: one over `limit` bytes is cut there, the rest left
+        unread (the connection is then out of step). Bytes past its end (the start of a
+        pipelined answer) are kept for the next head."""
+        data = bytearray(self._extra)
+        self._extra = memoryview(b"")
+        body = bytearray()
+        position = 0  # of the next chunk's size line in `data`
+        while True:
+            line_end = data.find(b"\r\n", position)
+            if line_end < 0:
+                data += self._receive()
+                continue
+            size_text = bytes(data[position:line_end]).split(b";")[0].strip(b" \t")
+            if _CHUNK_SIZE.fullmatch(size_text) is None:
+                raise httpx.RemoteProtocolError(f"malformed chunk size {size_text[:20]!r}",
+                                                request=self.describe())
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            start = line_end + 2
+            if len(body) + size > limit:  # what came of it so far, up to the limit
+                body += data[start:start + min(size, limit - len(body))]
+                return bytes(body), False
+            while len(data) < start + size + 2:
+                data += self._receive()
+            if data[start + size:start + size + 2] != b"\r\n":
+                raise httpx.RemoteProtocolError("malformed chunk end",
+                                                request=self.describe())
+            body += data[start:start + size]
+            position = start + size + 2
+        # The trailer: header lines up to an empty one (nginx sends none).
+        position = line_end + 2
+        while (line_end := data.find(b"\r\n", position)) != position:
+            if line_end < 0:
+                data += self._receive()
+            else:
+                position = line_end + 2
+        self._extra = memoryview(bytes(data[position + 2:]))
+        return bytes(body), True
+
+    def _receive(self) -> bytes:
+        """The next bytes of the body, up to 64 KiB (so what is left past an answer fits the
+        head buffer)."""
+        try:
+            self._before_receive()
+            received = self.sock.recv(_MAX_HEAD_BYTES)
+        except OSError as exc:
+            raise _socket_error(exc, "read", self.describe()) from exc
+        if not received:
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body",
+                request=self.describe())
+        return received
 
     def _before_receive(self) -> None:
         """With a deadline set, the next receive waits at most until it."""
@@ -600,41 +662,52 @@ class RangeReader:
             head, connection.describe)
         extensions = {"http_version": f"HTTP/{version}".encode("ascii"),
                       "reason_phrase": reason.encode("latin-1")}
-        if 200 <= status < 300 and not whole:
+        success = 200 <= status < 300
+        if success and not whole:
+            if length == _CHUNKED:  # a range is read into buffers sized by its length
+                raise Unhandled(f"HTTP {status} range answer not framed by Content-Length")
             response = httpx.Response(status, headers=headers, extensions=extensions)
             return response, length, keep_alive
-        if 200 <= status < 300:
-            if length > _MAX_SMALL_BODY:
-                raise Unhandled(f"HTTP {status} answer of {length} bytes")
-            body = memoryview(bytearray(length))
+        # A small answer is read whole. So is an error answer, for the detail in its body, up
+        # to _MAX_ERROR_BODY (a refusal's is ~100 bytes): that leaves the connection in step
+        # for the next answer; of a longer one only the start is read, and the connection is
+        # closed after it.
+        limit = _MAX_SMALL_BODY if success else _MAX_ERROR_BODY
+        if length == _CHUNKED:
+            content, complete = connection.read_chunked(limit)
+        elif success and length > limit:
+            raise Unhandled(f"HTTP {status} answer of {length} bytes")
+        else:
+            body = memoryview(bytearray(min(length, limit)))
             connection.fill(body, 0, len(body), None)
-            # httpx decodes a gzip body here, as it would one it received itself.
-            response = httpx.Response(status, headers=headers, content=body.tobytes(),
-                                      extensions=extensions, request=connection.describe())
-            return response, length, keep_alive
-        # An error answer: its detail is in the body. Read whole (up to _MAX_ERROR_BODY, a
-        # refusal's is ~100 bytes), it leaves the connection in step for the next answer; of a
-        # longer one only the start is read, and the connection is closed after it.
-        body = memoryview(bytearray(min(length, _MAX_ERROR_BODY)))
-        connection.fill(body, 0, len(body), None)
-        response = httpx.Response(status, headers=headers, content=body.tobytes(),
+            content, complete = body.tobytes(), len(body) == length
+        if success and not complete:
+            raise Unhandled(f"HTTP {status} answer of more than {limit} bytes")
+        # httpx decodes a gzip body here, as it would one it received itself.
+        response = httpx.Response(status, headers=headers, content=content,
                                   extensions=extensions, request=connection.describe())
-        return response, length, keep_alive and len(body) == length
+        return response, length, keep_alive and complete
 
     def _skip_answers(self, connection: _Connection, count: int) -> bool:
         """Read and drop the next `count` answers on `connection` (lent to this thread), those
         of requests sent before the caller stopped wanting them: whether it is then in step,
         with nothing more owed on it, and may carry another request. Only small answers are
-        skipped (bodies up to _MAX_ERROR_BODY, framed by Content-Length, kept alive), all
+        skipped (bodies up to _MAX_ERROR_BODY, kept alive), all
         within the client's timeout; otherwise, or on any failure, False: close it."""
         connection.deadline = time.monotonic() + self._timeout
         try:
             for _ in range(count):
                 *_, length, keep_alive = _parse_head(connection.read_head(),
                                                      connection.describe)
-                if length > _MAX_ERROR_BODY or not keep_alive:
+                if length == _CHUNKED:
+                    if not connection.read_chunked(_MAX_ERROR_BODY)[1]:
+                        return False
+                elif length > _MAX_ERROR_BODY:
                     return False
-                connection.fill(memoryview(bytearray(length)), 0, length, None)
+                else:
+                    connection.fill(memoryview(bytearray(length)), 0, length, None)
+                if not keep_alive:
+                    return False
                 connection.answers += 1
         except (_Stale, Unhandled, httpx.TransportError):
             return False
@@ -672,9 +745,9 @@ def _header_lines(headers: dict[str, str]) -> str:
 
 def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
                 ) -> tuple[int, str, str, list[tuple[str, str]], int, bool]:
-    """(status, reason phrase, HTTP version, headers in order, Content-Length, whether the
-    connection may carry another request after the answer) of an answer's head; `Unhandled`
-    for an answer not framed by Content-Length."""
+    """(status, reason phrase, HTTP version, headers in order, Content-Length or _CHUNKED,
+    whether the connection may carry another request after the answer) of an answer's head;
+    `Unhandled` for an answer framed otherwise."""
     status_line, *lines = head.decode("latin-1").split("\r\n")
     match = _STATUS_LINE.fullmatch(status_line)
     if match is None:
@@ -689,14 +762,18 @@ def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
         headers.append((name, value.strip(" \t")))
     status, version = int(match.group(2)), match.group(1)
     names = [name.lower() for name, _ in headers]
-    if status < 200 or "transfer-encoding" in names or "content-length" not in names:
-        raise Unhandled(f"HTTP {status} answer not framed by Content-Length")
+    codings = [value.lower() for name, value in headers if name.lower() == "transfer-encoding"]
+    chunked = codings == ["chunked"] and version == "1.1" and "content-length" not in names
+    if status < 200 or (not chunked and (codings or "content-length" not in names)):
+        raise Unhandled(f"HTTP {status} answer not framed by Content-Length or chunks")
+    closing = any(name.lower() == "connection" and "close" in value.lower()
+                  for name, value in headers)
+    keep_alive = version == "1.1" and not closing
+    if chunked:
+        return status, match.group(3) or "", version, headers, _CHUNKED, keep_alive
     lengths = {value for name, value in headers if name.lower() == "content-length"}
     length = lengths.pop() if len(lengths) == 1 else ""
     if not length.isdigit():
         raise httpx.RemoteProtocolError(f"HTTP {status} answer with a malformed "
                                         "Content-Length", request=describe())
-    closing = any(name.lower() == "connection" and "close" in value.lower()
-                  for name, value in headers)
-    keep_alive = version == "1.1" and not closing
     return status, match.group(3) or "", version, headers, int(length), keep_alive

@@ -64,7 +64,7 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     detail, json_detail = error_detail(response)
     message = f"{what}: HTTP {status} {response.reason_phrase}: {detail}{_shown(response.request)}"
     if status == 401:
-        message += f"; {_token_advice(response.request)}"
+        message += f"; {_credentials_advice(response)}"
     if status == 416:
         raise RangeNotSatisfiableError(status, detail, message=message, json_detail=json_detail,
                                        size=_size_from_unsatisfied_range(response))
@@ -82,8 +82,15 @@ def raise_for_status(response: httpx.Response, what: str) -> None:
     raise error_class(status, detail, message=message, json_detail=json_detail)
 
 
-def _token_advice(request: httpx.Request) -> str:
-    """What a caller refused with 401 can do about it."""
+def _credentials_advice(response: httpx.Response) -> str:
+    """What a caller refused with 401 can do about it: a challenge for Basic auth comes from
+    something in front of the service (vidcache asks for a bearer token)."""
+    request = response.request
+    if response.headers.get("www-authenticate", "").lower().startswith("basic"):
+        if request.headers.get("authorization", "").lower().startswith("basic"):
+            return "the server refused the user:password@ of the client's base URL"
+        return ("the server (a reverse proxy in front of the service?) asks for HTTP Basic "
+                "auth: give user:password@ in the client's base URL")
     if "authorization" in request.headers:
         return ("the server refused the client's token: pass VidCacheClient(..., token=...) "
                 "the token of the server's --token-file")
