@@ -362,7 +362,8 @@ def test_answers_trickling_in_behind_a_refusal_are_given_up_after_the_timeout() 
      % (META[:3], len(META) - 3, META[3:]), "read"),
     (b"zz\r\n%s\r\n0\r\n\r\n" % META, "malformed"),
     (b"%x\r\n%sXX0\r\n\r\n" % (len(META), META), "malformed"),
-], ids=["chunks-extension-trailer", "bad-size", "bad-end"])
+    (b"1;" + b"x" * (200 * 1024), "endless"),  # no line end: was read until the timeout
+], ids=["chunks-extension-trailer", "bad-size", "bad-end", "endless-size-line"])
 def test_a_chunked_small_answer_is_checked(body: bytes, outcome: str) -> None:
     def chunked(connection: socket.socket) -> None:
         while read_requests(connection, 1, []):

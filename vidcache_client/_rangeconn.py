@@ -254,7 +254,7 @@ class _Connection:
         while True:
             line_end = data.find(b"\r\n", position)
             if line_end < 0:
-                data += self._receive()
+                data += self._receive_line(data, position)
                 continue
             size_text = bytes(data[position:line_end]).split(b";")[0].strip(b" \t")
             if _CHUNK_SIZE.fullmatch(size_text) is None:
@@ -278,11 +278,20 @@ class _Connection:
         position = line_end + 2
         while (line_end := data.find(b"\r\n", position)) != position:
             if line_end < 0:
-                data += self._receive()
+                data += self._receive_line(data, position)
             else:
                 position = line_end + 2
         self._extra = memoryview(bytes(data[position + 2:]))
         return bytes(body), True
+
+    def _receive_line(self, data: bytearray, position: int) -> bytes:
+        """More of the line (a chunk's size, a trailer field) that starts at `position` of
+        `data`; a RemoteProtocolError once it is longer than a whole answer head may be, so
+        an endless line neither fills the memory nor costs a search of all of it per receive."""
+        if len(data) - position > _MAX_HEAD_BYTES:
+            raise httpx.RemoteProtocolError("endless chunk size or trailer line (over "
+                                            f"{_MAX_HEAD_BYTES} bytes)", request=self.describe())
+        return self._receive()
 
     def _receive(self) -> bytes:
         """The next bytes of the body, up to 64 KiB (so what is left past an answer fits the
