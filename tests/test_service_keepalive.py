@@ -146,3 +146,22 @@ def test_an_http11_request_needs_exactly_one_host(connected: socket.socket, head
     assert answer.startswith(b"HTTP/1.1 " + status), answer
     if status == b"400":
         assert "exactly one Host" in json.loads(answer.partition(b"\r\n\r\n")[2])["detail"]
+
+
+@pytest.mark.parametrize(("head", "why"), [
+    (b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
+     "(400): an HTTP/1.1 request needs exactly one Host header field; this one has 0"),
+    (b"GET /he alth HTTP/1.1\r\nHost: v\r\n\r\n", "(400): malformed HTTP request"),
+], ids=["no-host", "malformed"])
+def test_a_refused_request_is_one_log_line_naming_the_client_and_why(
+        vidcache_server: VidcacheServer, head: bytes, why: str) -> None:
+    """Was: no line at all for a request without Host, and uvicorn's `Invalid HTTP request
+    received.` (neither who nor why) for one it cannot parse."""
+    with socket.create_connection(("127.0.0.1", vidcache_server.port), timeout=10) as sock:
+        host, port = sock.getsockname()
+        client = f"{host}:{port}"
+        sock.sendall(head)
+        assert _answers_until_closed(sock).startswith(b"HTTP/1.1 400")
+    line = f"WARNING uvicorn.error: refused a request from {client} {why}"
+    wait_until(lambda: line in vidcache_server.log(), timeout=10, what=f"{line!r} logged")
+    assert "Invalid HTTP request received." not in vidcache_server.log()

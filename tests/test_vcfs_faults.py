@@ -456,6 +456,54 @@ def test_service_killed_mid_read_and_restarted_is_survived(
             FIGURES["kill_no_restart_eio_s"] = round(failed.seconds, 2)
 
 
+def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """8 readers re-reading through a mount whose service is stopped: every read fails, but
+    the log says so once (the service at URL failed, what happens meanwhile), then at most a
+    line per cause and 10 s with the count left out, and once more when the service answers
+    again; the count of the rest at unmount. Was one `failed (EIO)` line per read: 50 000
+    lines (27 MB) in a minute."""
+    readers = 8
+    with VidcacheServer(tmp_path / "own") as server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        mounted = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                            "--readahead-max", "0", "--log-level", "info")
+        with mounted:
+            path = mounted.video(source.file_name)
+            assert read_uncached(path, READ, 0) == expect(source, 0)
+            server.kill()
+            failures = [0] * readers
+            stop = time.monotonic() + 60
+
+            def read_on(reader: int) -> None:
+                offset = (reader + 1) * MIB
+                while sum(failures) < 400 and time.monotonic() < stop:
+                    try:
+                        read_uncached(path, READ, offset)
+                    except OSError as exc:
+                        assert exc.errno == errno.EIO, exc
+                        failures[reader] += 1
+
+            with concurrent.futures.ThreadPoolExecutor(readers) as pool:
+                list(pool.map(read_on, range(readers)))
+            assert sum(failures) >= 400, failures
+            log = mounted.log()
+            eio_lines = log.count("failed (EIO)")
+            assert 1 <= eio_lines <= 12, f"{eio_lines} EIO lines for {sum(failures)} reads"
+            assert log.count(f"the service at {server.url} failed an operation") == 1, log
+            server.start()
+            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                              timeout=10, interval=0.2,
+                              what="reads working again") == expect(source, MIB)
+            assert f"the service at {server.url} answers again" in mounted.log()
+        log = mounted.log()
+        assert "more operations failed (read: EIO, " in log
+        assert "Traceback" not in log
+        FIGURES["stopped_service_log"] = {"failed_reads": sum(failures), "eio_lines": eio_lines,
+                                          "log_bytes": len(log)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Stopping the daemon while a read waits for a server that stalls
 

@@ -12,7 +12,8 @@ remembered only `negative_timeout` seconds so a newly ingested video shows up qu
 
 Errors: every operation is wrapped by `_fuse_operation`, the one place where exceptions become
 errno values: `NotFound` -> ENOENT, `AccessDenied` (the service refused the token) -> EACCES,
-any other failure -> EIO (both logged with what was asked and why), `FuseOSError` passes
+any other failure -> EIO (both logged with what was asked and why, the first of each cause
+and then one line per 10 s with the count left out: vcfs.faillog), `FuseOSError` passes
 through. Nothing else escapes (mfusepy would turn it into EINVAL). Every operation is bounded
 in time: what reaches the service does so through `Remote`, whose calls end by their cutoff.
 
@@ -39,6 +40,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from vcfs import paths
 from vcfs.blocks import BlockCache
+from vcfs.faillog import FailureLog
 from vcfs.fuselib import FuseOSError, Operations, current_fuse, session_exited
 from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
@@ -117,6 +119,15 @@ def _describe(name: str, args: tuple[Any, ...]) -> str:
     return f"{name}({shown})"
 
 
+def _cause(operation: str, errno_name: str, exc: BaseException) -> str:
+    """The cause of a failure, as `read: EIO, ConnectError`: the operation, its errno and the
+    class of the error at the bottom of `exc`'s chain (the same for every read a stopped
+    service fails, another for bytes failing their digest)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{operation}: {errno_name}, {type(exc).__name__}"
+
+
 def _fuse_operation(
     method: Callable[Concatenate[VcfsOperations, P], R],
 ) -> Callable[Concatenate[VcfsOperations, P], R]:
@@ -133,11 +144,13 @@ def _fuse_operation(
             raise FuseOSError(errno.ENOENT) from exc
         except AccessDenied as exc:
             self.counters.add("errors")
-            log.error("%s failed (EACCES): %s", _describe(method.__name__, args), exc)
+            self.failures.failed(_cause(method.__name__, "EACCES", exc), logging.ERROR,
+                                 f"{_describe(method.__name__, args)} failed (EACCES): {exc}")
             raise FuseOSError(errno.EACCES) from exc
         except VcfsError as exc:
             self.counters.add("errors")
-            log.error("%s failed (EIO): %s", _describe(method.__name__, args), exc)
+            self.failures.failed(_cause(method.__name__, "EIO", exc), logging.ERROR,
+                                 f"{_describe(method.__name__, args)} failed (EIO): {exc}")
             raise FuseOSError(errno.EIO) from exc
         except Exception as exc:  # a bug or an error from below: EIO, never EINVAL
             self.counters.add("errors")
@@ -174,6 +187,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         # Everything is shown as the mounting user's, as the mount is (libfuse leaves 0, root).
         self._owner = {"st_uid": os.getuid(), "st_gid": os.getgid()}
         self.counters = Counters(*FS_COUNTERS)
+        self.failures = FailureLog(log)
         self._on_mounted = on_mounted
         self._started = time.monotonic()
         self._handles: dict[int, _Handle] = {}
@@ -279,6 +293,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             if isinstance(handle, _VideoHandle):
                 handle.readahead.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.failures.flush()
 
     def stats(self) -> dict[str, Any]:
         """Everything counted so far, as served by /.vcfs/stats."""

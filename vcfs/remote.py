@@ -127,6 +127,7 @@ from vcfs.digests import (
     pages_of,
 )
 from vcfs.digests import parse as parse_digests
+from vcfs.faillog import Outage
 from vcfs.limits import FUSE_THREADS
 from vcfs.stats import Counters
 from vidcache_client import (
@@ -468,6 +469,7 @@ class Remote:
         )
         # Done once close() begins: what `_bounded` waits on besides its attempt.
         self._stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._outage = Outage(log, client.base_url, self.config.timeout, clock)
 
     @classmethod
     def connect(
@@ -1605,8 +1607,11 @@ class Remote:
         while True:
             self.counters.add("http_requests")
             try:
-                return self._bounded(call, cutoff)
+                answer = self._bounded(call, cutoff)
+                self._outage.answered()
+                return answer
             except NotFoundError as exc:
+                self._outage.answered()
                 raise NotFound(f"{what}: no such video on the service") from exc
             except AuthError as exc:
                 self.counters.add("errors")
@@ -1623,13 +1628,16 @@ class Remote:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.counters.add("errors")
+                    self._outage.gave_up(exc, started)
                     raise RemoteUnavailable(
                         f"{what}: gave up after {attempt + 1} attempt(s) in "
                         f"{self._clock() - started:.1f} s; last error: {exc}"
                     ) from exc
                 delay = min(self._backoff(attempt), remaining)
-                # One warning per failing operation; its further retries only at debug level.
-                level = logging.WARNING if attempt == 0 else logging.DEBUG
+                # One warning per failing operation, none while the service is known to be
+                # failing (`Outage` said so); further retries only at debug level.
+                first = attempt == 0 and not self._outage.down
+                level = logging.WARNING if first else logging.DEBUG
                 log.log(level, "%s: %s; retry %d in %.2f s", what, exc, attempt + 1, delay)
                 self.counters.add("retries")
                 self._sleep(delay)

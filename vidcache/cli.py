@@ -226,13 +226,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from vidcache.app import create_app
-    from vidcache.http_protocol import PipelinedHttpToolsProtocol
+    from vidcache.http_protocol import PipelinedHttpToolsProtocol, without_uvicorns_parse_warning
     from vidcache.ingest import STOP_TIMEOUT
     from vidcache.store import INTERNAL_DIR
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.access").addFilter(_query_without_credentials)
+    logging.getLogger("uvicorn.error").addFilter(without_uvicorns_parse_warning)
     # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.token_reads and args.token is None:

@@ -21,6 +21,11 @@ error of the service.
 
 An HTTP/1.1 request without exactly one Host header field is refused 400 (RFC 9112 3.2).
 
+Every refusal is logged once, with the client and the reason: `refused a request from
+HOST:PORT (400): malformed HTTP request: ...`. uvicorn's own line for a request it cannot parse
+(`Invalid HTTP request received.`, with neither) is dropped by `without_uvicorns_parse_warning`;
+a request without Host, or with too long a head, was refused without any line naming whom.
+
 A request's head is capped (MAX_HEAD_BYTES): httptools gathers a header field by concatenating
 bytes objects, which is quadratic in its length and runs on the event loop, so one client
 sending a 64 MiB header stalled every other request for 4 s (and the server kept its 400 MB
@@ -33,6 +38,7 @@ parsed in one go, at no quadratic cost, so a head of up to 384 KiB may pass.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import (
@@ -77,7 +83,6 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
                 return
             room = MAX_HEAD_BYTES - self._head_bytes
             if room <= 0:
-                self.logger.warning("Request head over %d bytes refused.", MAX_HEAD_BYTES)
                 if len(self.url) > MAX_TARGET_BYTES:
                     self._refuse(414, f"request target longer than {MAX_TARGET_BYTES} bytes")
                 else:
@@ -133,6 +138,8 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
         ends."""
         if self._refusal is not None:
             return
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        self.logger.warning("refused a request from %s (%d): %s", client, status, detail)
         body = json.dumps({"detail": detail}).encode()
         head = [STATUS_LINE[status]]
         head += [name + b": " + value + b"\r\n" for name, value in
@@ -151,3 +158,12 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal = b""
         self.transport.write_eof()  # closed when the client closes too, or after the linger
         self.loop.call_later(LINGER_SECONDS, self.transport.close)
+
+
+def without_uvicorns_parse_warning(record: logging.LogRecord) -> bool:
+    """A filter for uvicorn's error log: its line for a request it cannot parse says neither
+    who sent it nor why; `_refuse` logs the refusal with both."""
+    return record.msg != _UVICORNS_PARSE_WARNING
+
+
+_UVICORNS_PARSE_WARNING = "Invalid HTTP request received."

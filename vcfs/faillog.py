@@ -1,0 +1,106 @@
+"""Failures in the log without a flood: what an operator reads when the service goes away.
+
+A dead or broken service fails every read at once, and players re-read (the kernel re-asks a
+failed read page by page): 8 readers of a stopped service wrote 50 000 identical `failed (EIO)`
+lines (27 MB) in a minute, one per read. So:
+
+- `FailureLog`: each cause of failed operations (operation, errno, error class) is logged in
+  full the first time, then at most once per `interval`, saying how many were left out since;
+  those still left out are counted at unmount (`flush`).
+- `Outage`: the service failing vcfs for a whole deadline, and answering again, are one line
+  each, once per change of state, naming the service, the last error and what happens
+  meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Cause:
+    logged: float  # when its last line was written
+    left_out: int = 0  # failures since that line
+
+
+class FailureLog:
+    """Writes failed operations to `logger`, at most one line per cause and `interval`."""
+
+    def __init__(self, logger: logging.Logger, *, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._causes: dict[str, _Cause] = {}  # a few: operations x errors x classes
+
+    def failed(self, cause: str, level: int, message: str) -> None:
+        """`message` about a failure of `cause` (e.g. "read: EIO, ConnectError")."""
+        now = self._clock()
+        with self._lock:
+            known = self._causes.get(cause)
+            if known is not None and now - known.logged < self._interval:
+                known.left_out += 1
+                return
+            self._causes[cause] = _Cause(logged=now)
+        if known is not None and known.left_out:
+            message += (f" (and {known.left_out} more failed like it in the last "
+                        f"{now - known.logged:.0f} s)")
+        self._log.log(level, "%s", message)
+
+    def flush(self) -> None:
+        """One line per cause whose failures since its last line were left out."""
+        now = self._clock()
+        with self._lock:
+            pending = [(name, cause) for name, cause in self._causes.items() if cause.left_out]
+            self._causes.clear()
+        for name, cause in pending:
+            self._log.warning("%d more operations failed (%s) since the last such line, %.0f s "
+                              "ago", cause.left_out, name, now - cause.logged)
+
+
+class Outage:
+    """Whether the service at `url` is failing vcfs; logged once per change of state."""
+
+    def __init__(self, logger: logging.Logger, url: str, timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._url = url
+        self._timeout = timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._since: float | None = None  # when the first operation to give up began
+        self._failed = 0  # operations that gave up since
+
+    @property
+    def down(self) -> bool:
+        return self._since is not None
+
+    def gave_up(self, error: Exception, began: float) -> None:
+        """An operation begun at `began` outlasted its deadline; `error` was its last."""
+        with self._lock:
+            self._failed += 1
+            if self._since is not None:
+                return
+            self._since = began
+        self._log.warning(
+            "the service at %s failed an operation for %.0f s (last error: %s): what it fails "
+            "gets EIO, after up to %g s of retries, until it answers again; check that the "
+            "service runs and is reachable", self._url, self._clock() - began, error,
+            self._timeout)
+
+    def answered(self) -> None:
+        """A request got its answer."""
+        if self._since is None:  # the usual case, without the lock
+            return
+        with self._lock:
+            if self._since is None:
+                return
+            since, failed = self._since, self._failed
+            self._since, self._failed = None, 0
+        self._log.info("the service at %s answers again, after %.0f s of failures; %d "
+                       "operation(s) failed meanwhile", self._url, self._clock() - since, failed)
