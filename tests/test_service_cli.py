@@ -1,5 +1,5 @@
-"""The `vidcache` command line: `ingest` through the real client against a real service,
-usage errors, and complete --help texts."""
+"""The `vidcache` command line: `ingest`, `list`, `show` and `delete` through the real client
+against a real service, usage errors, and complete --help texts."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from bench.faults import Refuse, path_prefix
-from tests.service_support import digest
+from tests.service_support import digest, store_many
 from tests.support import VidcacheServer, free_port, interrupt_while_it_waits
 from tests.vcfs_fault_support import FaultyLink
+from vidcache_client import VidCacheClient
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,6 +32,10 @@ SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout
                  "VIDCACHE_INGEST_ALLOW"]
 INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file",
                   "--timeout"]
+SERVICE_OPTIONS = ["--server", "--token-file", "--timeout"]
+COMMAND_OPTIONS = {"list": ["--bucket", "--prefix", "--json", *SERVICE_OPTIONS],
+                   "show": ["HASH", *SERVICE_OPTIONS], "delete": ["HASH", *SERVICE_OPTIONS]}
+TOKEN = "s3cret-token"
 
 
 def vidcache(*args: str) -> subprocess.CompletedProcess[str]:
@@ -51,6 +58,9 @@ def test_ingest_prints_the_result_and_stores_meta(own: VidcacheServer, media_url
     h = digest(videos["a.mp4"].read_bytes())
     assert json.loads(run.stdout) == {"hash": h, "status": "new",
                                       "file_path": f"cli/p/{h[:2]}/{h[2:4]}/{h}.mp4"}
+    # byte for byte: scripts (scripts/demo) read it
+    assert run.stdout == json.dumps({"hash": h, "status": "new",
+                                     "file_path": f"cli/p/{h[:2]}/{h[2:4]}/{h}.mp4"}) + "\n"
     assert httpx.get(f"{own.url}/meta/{h}").json()["meta"] == {"title": "A b", "expr": "x=1"}
     again = vidcache("ingest", url, "--bucket", "cli", "--server", own.url)
     assert json.loads(again.stdout)["status"] == "url_alias"
@@ -88,6 +98,212 @@ def test_a_vidcache_refusing_an_ingest_with_404_gives_its_reason(own: VidcacheSe
         run = vidcache("ingest", f"{media_url}/a.mp4", "--bucket", "b", "--server", link.url)
     assert run.returncode == 1
     assert "no such bucket here" in run.stderr and "not a vidcache" not in run.stderr, run.stderr
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VidcacheServer, Path]]:
+    """A service that ingests the local files below the directory it yields with it."""
+    allowed = tmp_path_factory.mktemp("allowed")
+    with VidcacheServer(tmp_path_factory.mktemp("svc-cli-local") / "data",
+                        "--allow-file-dir", str(allowed)) as server:
+        yield server, allowed
+
+
+def test_ingest_of_several_urls_and_local_files(local: tuple[VidcacheServer, Path],
+                                                media_url: str, videos: dict[str, Path]) -> None:
+    """One after another, one JSON line each; a local file is its absolute file:// URL; one
+    that fails is a line on stderr and exit status 1, the others still stored (the command
+    took one URL before)."""
+    server, allowed = local
+    copy = allowed / "b copy.mp4"
+    copy.write_bytes(videos["b.mp4"].read_bytes())
+    run = vidcache("ingest", "no-such-file.mp4", os.path.relpath(copy), f"{media_url}/c.mkv",
+                   "--bucket", "several", "--server", server.url)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr == ("vidcache ingest: error: no-such-file.mp4: no such file, and not a URL "
+                          "(http://, https:// or file://)\n")
+    results = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(result["hash"], result["status"]) for result in results] == [
+        (digest(copy.read_bytes()), "new"), (digest(videos["c.mkv"].read_bytes()), "new")]
+    meta = httpx.get(f"{server.url}/meta/{results[0]['hash']}").json()
+    assert meta["aliases"] == [copy.resolve().as_uri()]  # file:///.../b%20copy.mp4
+    again = vidcache("ingest", str(copy.resolve()), "--bucket", "several", "--server",
+                     server.url)
+    assert (again.returncode, json.loads(again.stdout)["status"]) == (0, "url_alias")
+
+
+def test_a_local_file_the_service_does_not_allow_names_the_directory_to_allow(
+        own: VidcacheServer, local: tuple[VidcacheServer, Path], videos: dict[str, Path],
+        tmp_path: Path) -> None:
+    """A service without --allow-file-dir, and one allowing another directory, answer 403:
+    the command says which --allow-file-dir would do (the path was sent as a URL before)."""
+    outside = tmp_path / "v.mp4"
+    outside.write_bytes(videos["a.mp4"].read_bytes())
+    for server, path in ((own, videos["a.mp4"]), (local[0], outside)):
+        run = vidcache("ingest", str(path), "--bucket", "b", "--server", server.url)
+        assert (run.returncode, run.stdout) == (1, ""), run.stderr
+        refusal, advice = run.stderr.splitlines()
+        assert refusal.startswith(f"vidcache ingest: error: ingest of {path.as_uri()} into "
+                                  "bucket 'b': HTTP 403 Forbidden: "), refusal
+        assert advice == ("vidcache ingest: the service ingests only the local files it can "
+                          "read below a directory it allows: start it with --allow-file-dir "
+                          f"{path.parent} (or a directory above)")
+
+
+MANY = 1200  # more than one page of GET /videos (1000)
+
+
+@dataclass(frozen=True)
+class Many:
+    server: VidcacheServer
+    sizes: dict[str, int]  # hash -> size of the MANY tiny videos of bucket `many`
+    few: dict[str, dict[str, Any]]  # hash -> meta of b.mp4 in bucket `few`, c.mkv in `few/p`
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory: pytest.TempPathFactory, media_url: str) -> Iterator[Many]:
+    data = tmp_path_factory.mktemp("svc-cli-many") / "data"
+    data.mkdir()
+    hashes = store_many(data, MANY)
+    sizes = {h: len(f"video {n} of {MANY}") for n, h in enumerate(hashes)}
+    with VidcacheServer(data) as server, VidCacheClient(server.url) as client:
+        few = [client.ingest(f"{media_url}/b.mp4", "few")["hash"],
+               client.ingest(f"{media_url}/c.mkv", "few", prefix="p")["hash"]]
+        yield Many(server, sizes, {h: client.get_meta(h) or {} for h in few})
+
+
+def test_list_prints_every_video_one_line_each(many: Many) -> None:
+    """Tab-separated hash, size, duration and file_path, of every page; --bucket and --prefix
+    filter; --json gives each one's metadata as /meta does."""
+    run = vidcache("list", "--server", many.server.url)
+    assert (run.returncode, run.stderr) == (0, "")
+    rows = [line.split("\t") for line in run.stdout.splitlines()]
+    assert [row[0] for row in rows] == sorted([*many.sizes, *many.few])  # each once, in order
+    for h, *fields in rows:
+        meta = many.few.get(h)
+        assert fields == ([str(meta["size_bytes"]), f"{meta['duration_s']:.3f}",
+                           meta["file_path"]] if meta else
+                          [str(many.sizes[h]), "1.000", f"many/{h[:2]}/{h[2:4]}/{h}.mp4"])
+    b, c = many.few
+    for options, listed in ((["--bucket", "few"], sorted(many.few)),
+                            (["--bucket", "few", "--prefix", ""], [b]),
+                            (["--prefix", "p"], [c]), (["--bucket", "none"], [])):
+        run = vidcache("list", *options, "--server", many.server.url)
+        assert [line.split("\t")[0] for line in run.stdout.splitlines()] == listed, options
+    as_json = vidcache("list", "--bucket", "few", "--json", "--server", many.server.url)
+    assert [json.loads(line) for line in as_json.stdout.splitlines()] == [
+        many.few[h] for h in sorted(many.few)]
+
+
+def test_list_to_a_reader_that_stops_ends_quietly(many: Many) -> None:
+    """`vidcache list | head -1`: no BrokenPipeError traceback; the status of a command that
+    SIGPIPE ends (the listing, ~170 KB, is more than the pipe holds)."""
+    listing = subprocess.Popen([sys.executable, "-m", "vidcache", "list", "--server",
+                                many.server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert listing.stdout is not None and listing.stderr is not None
+        assert len(listing.stdout.readline()) > 64
+        listing.stdout.close()
+        assert listing.wait(timeout=60) == 141
+        assert listing.stderr.read() == b""
+    finally:
+        if listing.poll() is None:
+            listing.kill()
+            listing.wait()
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "0" * 64], ["delete", "0" * 64]])
+def test_a_server_that_is_not_vidcache_or_none_is_one_error_line(command: list[str],
+                                                                  media_url: str) -> None:
+    """The plain file server answers list 404 and delete 501, with an HTML page (show takes
+    its 404 for no such video); nothing listens on the last URL; the user:password@ of
+    --server is never shown."""
+    answer = {"list": "GET /videos with HTTP 404",
+              "delete": f"DELETE /video/{'0' * 64} with HTTP 501"}.get(command[0])
+    for server in (media_url, media_url.replace("http://", "http://user:hunter2@")):
+        run = vidcache(*command, "--server", server)
+        assert (run.returncode, run.stdout) == (1, ""), run.stderr
+        assert run.stderr == (f"vidcache {command[0]}: error: {media_url} answered {answer}: "
+                              "not a vidcache service (check --server)\n" if answer else
+                              f"vidcache show: error: no video {'0' * 64} at {media_url}\n")
+    unreachable = vidcache(*command, "--server", f"http://user:hunter2@127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith(f"vidcache {command[0]}: error: "), unreachable.stderr
+    assert unreachable.stderr.count("\n") == 1 and "hunter2" not in unreachable.stderr
+
+
+def test_list_with_a_bad_bucket_gives_the_services_reason(own: VidcacheServer) -> None:
+    run = vidcache("list", "--bucket", "../x", "--server", own.url)
+    assert (run.returncode, run.stdout) == (1, "")
+    assert run.stderr.startswith("vidcache list: error: listing of videos bucket='../x': HTTP "
+                                 "422"), run.stderr
+
+
+def test_show_and_delete(own: VidcacheServer, media_url: str) -> None:
+    """show prints /meta's JSON; delete says `deleted HASH` for each video it deleted, a hash
+    it has not (or given twice) is an error line and exit status 1, the others still
+    deleted; a malformed hash is a usage error and nothing is deleted."""
+    ingested = vidcache("ingest", f"{media_url}/b.mp4", "--bucket", "to-delete", "--server",
+                        own.url)
+    h, missing = json.loads(ingested.stdout)["hash"], "0" * 64
+    show = vidcache("show", h, "--server", own.url)
+    assert (show.returncode, show.stderr) == (0, "")
+    assert json.loads(show.stdout) == httpx.get(f"{own.url}/meta/{h}").json()
+    unknown = vidcache("show", missing, "--server", own.url)
+    assert (unknown.returncode, unknown.stdout) == (1, "")
+    assert unknown.stderr == f"vidcache show: error: no video {missing} at {own.url}\n"
+    malformed = vidcache("delete", h, h.upper(), "--server", own.url)
+    assert malformed.returncode == 2 and "argument HASH: must be a video's hash" in malformed.stderr
+    assert httpx.get(f"{own.url}/meta/{h}").status_code == 200
+    delete = vidcache("delete", missing, h, h, "--server", own.url)
+    assert (delete.returncode, delete.stdout) == (1, f"deleted {h}\n")
+    assert delete.stderr == f"vidcache delete: error: no video {missing} at {own.url}\n"
+    assert httpx.get(f"{own.url}/meta/{h}").status_code == 404
+    again = vidcache("delete", h, "--server", own.url)
+    assert (again.returncode, again.stdout) == (1, "")
+    assert again.stderr == f"vidcache delete: error: no video {h} at {own.url}\n"
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VidcacheServer, Path]]:
+    """A service that needs the token (yielded in its file) for every request."""
+    folder = tmp_path_factory.mktemp("svc-cli-token")
+    token_file = folder / "token"
+    token_file.write_text(TOKEN + "\n")
+    with VidcacheServer(folder / "data", "--token-file", str(token_file),
+                        "--token-reads") as server:
+        yield server, token_file
+
+
+@pytest.mark.parametrize("command", [["list"], ["show", "0" * 64], ["delete", "0" * 64]])
+def test_a_service_needing_the_token_says_to_give_it(command: list[str],
+                                                     guarded: tuple[VidcacheServer, Path],
+                                                     tmp_path: Path) -> None:
+    server, token_file = guarded
+    wrong_file = tmp_path / "wrong"
+    wrong_file.write_text("wrong-token\n")
+    for token, advice in (([], "give the server's token with --token-file FILE"),
+                          (["--token-file", str(wrong_file)],
+                           "the server refused the token of --token-file")):
+        run = vidcache(*command, "--server", server.url, *token)
+        assert (run.returncode, run.stdout) == (1, ""), run.stderr
+        assert run.stderr.endswith(f"\nvidcache {command[0]}: {advice}\n"), run.stderr
+        assert "HTTP 401" in run.stderr and "wrong-token" not in run.stderr
+    allowed = vidcache(*command, "--server", server.url, "--token-file", str(token_file))
+    assert TOKEN not in allowed.stdout + allowed.stderr
+    if command == ["list"]:
+        assert (allowed.returncode, allowed.stdout, allowed.stderr) == (0, "", "")
+    else:
+        assert allowed.returncode == 1
+        assert allowed.stderr == f"vidcache {command[0]}: error: no video {'0' * 64} at " \
+                                 f"{server.url}\n"
+
+
+def test_ctrl_c_of_a_listing_is_one_line() -> None:
+    """The service is a socket that never answers."""
+    ended = interrupt_while_it_waits(lambda url: [
+        sys.executable, "-m", "vidcache", "list", "--server", url])
+    assert (ended.returncode, ended.out, ended.err) == (130, "", "vidcache list: interrupted\n")
 
 
 def _ingest_from_a_silent_service(port: int, timeout: str,
@@ -147,6 +363,10 @@ def test_ctrl_c_of_an_ingest_says_the_service_may_still_store_it() -> None:
     ["serve", "--data", "/tmp/x", "--phash-threshold", "65"],
     ["serve", "--data", "/tmp/x", "--ingest-allow", "not a host"],
     ["serve", "--data", "/tmp/x", "--allow-file-dir", "/no/such/dir"],
+    ["list", "--timeout", "0"],
+    ["show"],
+    ["show", "0" * 64, "1" * 64],
+    ["delete"],
     [],
 ])
 def test_usage_errors_exit_2(args: list[str]) -> None:
@@ -187,6 +407,9 @@ _NO_DATA = "/dev/null/data"
      "--server: must be an http:// or https:// URL with a host"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:99999"],
      "--server: must be an http:// or https:// URL with a host"),
+    (["show", "0" * 63], f"argument HASH: must be a video's hash, 64 lowercase hex digits, "
+                         f"not '{'0' * 63}'"),
+    (["delete", "0" * 64, "x" * 64], "argument HASH: must be a video's hash"),
 ])
 def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],
                                                               refused: str) -> None:
@@ -195,6 +418,19 @@ def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],
     run = vidcache(*args)
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and refused in run.stderr, run.stderr
+
+
+def test_credentials_in_server_and_a_token_file_are_a_usage_error(tmp_path: Path) -> None:
+    """Both would be the Authorization header: the client's ValueError was a traceback."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = "http://user:hunter2@127.0.0.1:9"
+    for command in (["ingest", "http://x/v.mp4", "--bucket", "b"], ["list"]):
+        run = vidcache(*command, "--server", server, "--token-file", str(token_file))
+        assert (run.returncode, run.stdout) == (2, "")
+        assert run.stderr == (f"vidcache {command[0]}: error: --server's user:password@ and "
+                              "--token-file would both be the Authorization header: give only "
+                              "one\n")
 
 
 def test_bad_env_allow_list_is_a_usage_error(tmp_path: Path) -> None:
@@ -278,8 +514,15 @@ def test_help_lists_every_option() -> None:
         assert option in serve.stdout, option
     ingest = vidcache("ingest", "--help")
     assert ingest.returncode == 0
-    for option in [*INGEST_OPTIONS, "1-128 of A-Z a-z 0-9", "Exit status"]:
+    for option in [*INGEST_OPTIONS, "1-128 of A-Z a-z 0-9", "Exit status", "examples:",
+                   "--allow-file-dir"]:
         assert option in " ".join(ingest.stdout.split()), option
+    for command, options in COMMAND_OPTIONS.items():
+        assert command in top.stdout
+        run = vidcache(command, "--help")
+        assert run.returncode == 0
+        for option in [*options, "Exit status", "examples:", f"vidcache {command}"]:
+            assert option in run.stdout, (command, option)
 
 
 def test_console_script_is_installed() -> None:

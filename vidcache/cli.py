@@ -1,4 +1,6 @@
-"""`vidcache serve` runs the service; `vidcache ingest` asks a running one to ingest a URL."""
+"""`vidcache serve` runs the service; `vidcache ingest`, `list`, `show` and `delete` ask a
+running one, through the client, to ingest URLs or local files, list, describe or delete
+videos."""
 
 from __future__ import annotations
 
@@ -8,12 +10,18 @@ import contextlib
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
 
 from vidcache import __version__
 from vidcache.chunks import (
@@ -27,6 +35,14 @@ from vidcache.chunks import (
 from vidcache.config import DEFAULT_PORT, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
+from vidcache_client import (
+    AuthError,
+    NotFoundError,
+    RequestTimeout,
+    StatusError,
+    VidCacheClient,
+    VidCacheError,
+)
 from vidcache_client._arguments import (
     TokenFileError,
     positive_seconds,
@@ -35,12 +51,18 @@ from vidcache_client._arguments import (
 )
 from vidcache_client._arguments import parse_size as parse_any_size
 from vidcache_client._credentials import target_without_credentials, without_credentials
+from vidcache_client._validate import validate_hash
 
 ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # The service answers an ingest once the video is downloaded, checked and stored: up to its
 # --max-download-time (default 3600 s), then the time to probe and hash it.
 _INGEST_TIMEOUT = 4000.0
+# list, show and delete: the service answers them at once (a delete may wait for an ingest's
+# commit, a fraction of a second)
+_CALL_TIMEOUT = 30.0
+_CALL_TIMEOUT_HELP = (f"seconds to wait for each of the service's answers (default "
+                      f"{_CALL_TIMEOUT:g})")
 # seconds the requests in flight get to finish at SIGTERM/Ctrl-C
 _GRACE = 5
 
@@ -129,6 +151,14 @@ def _token_file(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _content_hash(text: str) -> str:
+    try:
+        return validate_hash(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"must be a video's hash, 64 lowercase hex digits, not {text!r}") from exc
+
+
 def _meta_item(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -193,14 +223,50 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                        help="log level (default info)")
 
+    _add_client_commands(commands)
+    return parser
+
+
+def _add_service_options(parser: argparse.ArgumentParser, timeout: float,
+                         timeout_help: str) -> None:
+    """--server, --token-file and --timeout, as every command asking a running service has."""
+    parser.add_argument("--server", type=service_url,
+                        default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                        help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
+    parser.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
+                        help="send the bearer token in FILE (for a server run with "
+                             "--token-file)")
+    parser.add_argument("--timeout", metavar="S", type=positive_seconds, default=timeout,
+                        help=timeout_help)
+
+
+def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The commands that ask a running service, through the client."""
+    # Raw: the examples keep their lines; the options' help is still wrapped.
+    raw = argparse.RawDescriptionHelpFormatter
     ingest = commands.add_parser(
-        "ingest", help="ingest a URL into a running service and print the JSON result",
-        description="Ask a running vidcache service to ingest URL; prints the JSON result "
-                    '({"hash", "status", "file_path", "phash_distance"?}).',
-        epilog="Exit status: 0 with the result; 1 with the service's reason (or why it could "
-               "not be reached); 2 for a bad option.")
-    ingest.add_argument("url", metavar="URL",
-                        help="http(s) URL of the video, or file:// (see serve --allow-file-dir)")
+        "ingest", formatter_class=raw,
+        help="ingest URLs or local files into a running service, one JSON result each",
+        description="""\
+Ask a running vidcache service to ingest each URL_OR_PATH, one after another,
+and print each result as one JSON line:
+  {"hash", "status", "file_path", "phash_distance"?}
+A local file's path is sent as its absolute file:// URL: the service reads the
+file itself, so it must run on this machine and allow the file's directory
+(vidcache serve --allow-file-dir DIR).""",
+        epilog="""\
+examples:
+  vidcache ingest https://example.com/v.mp4 --bucket videos --meta title="My video"
+  vidcache ingest /srv/incoming/*.mp4 --bucket videos --prefix 2024
+  xargs -a urls.txt vidcache ingest --bucket videos >results.jsonl
+
+Exit status: 0 if every one was stored; 1 if any was not (each on stderr with
+the service's reason, or why it could not be reached; the others are still
+ingested); 2 for a bad option; 130 on Ctrl-C (the service may still store the
+one under way).""")
+    ingest.add_argument("sources", metavar="URL_OR_PATH", nargs="+",
+                        help="http(s):// URL of a video, file:// URL, or the path of a local "
+                             "file")
     ingest.add_argument("--bucket", required=True,
                         help="bucket to store a new video in: 1-128 of A-Z a-z 0-9 . _ -, not "
                              "starting with . or -")
@@ -208,18 +274,69 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prefix inside the bucket, one segment like BUCKET (default none)")
     ingest.add_argument("--meta", metavar="KEY=VALUE", type=_meta_item, action="append",
                         default=[], help="metadata stored with a new video (repeatable)")
-    ingest.add_argument("--server", type=service_url,
-                        default=f"http://127.0.0.1:{DEFAULT_PORT}",
-                        help=f"service base URL (default http://127.0.0.1:{DEFAULT_PORT})")
-    ingest.add_argument("--token-file", metavar="FILE", dest="token", type=_token_file,
-                        help="send the bearer token in FILE (for a server run with "
-                             "--token-file)")
-    ingest.add_argument("--timeout", metavar="S", type=positive_seconds, default=_INGEST_TIMEOUT,
-                        help="seconds to wait for the service's answer, which comes once the "
-                             f"video is stored (default {_INGEST_TIMEOUT:g}: the service's "
-                             "default --max-download-time and time to check it); on a "
-                             "terminal its progress is shown")
-    return parser
+    _add_service_options(ingest, _INGEST_TIMEOUT,
+                         "seconds to wait for the service's answer to each, which comes once "
+                         f"the video is stored (default {_INGEST_TIMEOUT:g}: the service's "
+                         "default --max-download-time and time to check it); on a terminal "
+                         "its progress is shown")
+
+    listing = commands.add_parser(
+        "list", formatter_class=raw, help="list the stored videos",
+        description="""\
+List the videos a running vidcache service stores, ordered by hash, one line
+each: hash, size in bytes, duration in seconds and file_path (in the data
+directory), separated by tabs (no field holds a space); with --json, each one's
+metadata (the fields of vidcache show) as one JSON line.""",
+        epilog="""\
+examples:
+  vidcache list --bucket videos
+  vidcache list | cut -f1                       # the hashes
+  vidcache list | sort -k2,2n | tail -5         # the 5 largest
+  vidcache list --json | jq -r 'select(.duration_s > 600) | .aliases[]'
+
+Exit status: 0; 1 if the service failed or could not be reached (the lines
+printed before stay); 2 for a bad option.""")
+    listing.add_argument("--bucket", help="only the videos of this bucket")
+    listing.add_argument("--prefix",
+                         help="only the videos of this prefix ('' for those without one)")
+    listing.add_argument("--json", action="store_true",
+                         help="print each video's metadata as one JSON line")
+    _add_service_options(listing, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
+
+    show = commands.add_parser(
+        "show", formatter_class=raw, help="print a stored video's metadata as JSON",
+        description="""\
+Print what a running vidcache service stores about the video HASH, as JSON:
+{"hash", "size_bytes", "duration_s", "first_seen", "aliases", "meta", "bucket",
+"prefix", "file_path", "mime_type"}.""",
+        epilog="""\
+examples:
+  vidcache show 9f2c...
+  vidcache show "$hash" | jq -r .aliases[]
+
+Exit status: 0; 1 if there is no such video, or the service failed or could
+not be reached; 2 for a bad option or a malformed HASH.""")
+    show.add_argument("hash", metavar="HASH", type=_content_hash,
+                      help="the video's hash (64 lowercase hex digits)")
+    _add_service_options(show, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
+
+    delete = commands.add_parser(
+        "delete", formatter_class=raw, help="delete stored videos",
+        description="""\
+Delete each video HASH from a running vidcache service (its file, its record
+and every URL alias), printing "deleted HASH" for each. A service run with
+--token-file needs its token.""",
+        epilog="""\
+examples:
+  vidcache delete 9f2c... --token-file /etc/vidcache/token
+  vidcache list --bucket scratch | cut -f1 | xargs -r vidcache delete
+
+Exit status: 0 if every one was deleted; 1 if any was not (no such video, the
+service's reason, or why it could not be reached: each on stderr, the others
+still deleted); 2 for a bad option or a malformed HASH (then none is deleted).""")
+    delete.add_argument("hashes", metavar="HASH", nargs="+", type=_content_hash,
+                        help="a video's hash (64 lowercase hex digits)")
+    _add_service_options(delete, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -315,52 +432,168 @@ def _query_without_credentials(record: logging.LogRecord) -> bool:
     return True
 
 
-# What a vidcache service never answers POST /ingest with, another web server may: 404 (no
-# such path), 405 or 501 (no POST).
+# What a vidcache service never answers these requests with, another web server may: 404 (no
+# such path), 405 or 501 (no such method).
 _NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
+# How a URL starts; a source of `vidcache ingest` that does not (nor names a file) is neither.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# the most records GET /videos gives in one page: the fewest requests for a whole listing
+_PAGE_SIZE = 1000
 
 
-def _ingest(args: argparse.Namespace) -> int:
+def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request: str, *,
+             advice: str = "", content_hash: str | None = None) -> str:
+    """The error line of `vidcache COMMAND` for what the client raised asking `request`
+    (`POST /ingest`), with a line of `advice` after it if any; `content_hash`: the video
+    asked for, whose 404 from the service says there is no such video."""
+    message = str(exc)
+    # vidcache's own refusal is JSON; a proxy's (Basic auth) is explained by the client
+    if isinstance(exc, AuthError) and exc.status_code == 401 and exc.json_detail:
+        advice = ("give the server's token with --token-file FILE" if args.token is None else
+                  "the server refused the token of --token-file")
+    elif isinstance(exc, NotFoundError) and exc.json_detail and content_hash is not None:
+        message = _no_video(content_hash, args)
+    elif (isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES
+          and not exc.json_detail):  # a vidcache explains itself in JSON
+        # Not the other server's error page (HTML) as the reason.
+        message = (f"{without_credentials(args.server)} answered {request} with HTTP "
+                   f"{exc.status_code}: not a vidcache service (check --server)")
+    line = f"vidcache {command}: error: {message}"
+    return f"{line}\nvidcache {command}: {advice}" if advice else line
+
+
+def _no_video(content_hash: str, args: argparse.Namespace) -> str:
+    return f"no video {content_hash} at {without_credentials(args.server)}"
+
+
+def _emit(line: str) -> None:
+    """`line` on stdout at once: a reader of several results sees each as it comes."""
+    print(line, flush=True)
+
+
+def _ingest_url(source: str) -> str | None:
+    """What the service is asked to ingest for `source`: an existing local file's absolute
+    file:// URL (symlinks resolved, as the service checks the real path against its
+    --allow-file-dir), else `source` itself if it is a URL; None if it is neither."""
+    if os.path.exists(source):
+        return Path(source).resolve().as_uri()
+    return source if _SCHEME.match(source) else None
+
+
+def _ingest_advice(exc: VidCacheError, url: str) -> str:
+    if isinstance(exc, RequestTimeout):
+        return ("the service may still store it: ingest the URL again later (a stored URL is "
+                "answered at once), or wait longer with --timeout")
+    if isinstance(exc, AuthError) and exc.status_code == 403 and url.startswith("file:"):
+        directory = os.path.dirname(unquote(urlsplit(url).path))
+        return ("the service ingests only the local files it can read below a directory it "
+                f"allows: start it with --allow-file-dir {directory} (or a directory above)")
+    return ""
+
+
+def _ingest(client: VidCacheClient, args: argparse.Namespace) -> int:
     from vidcache.progress_line import own_ingest, progress_on_terminal
-    from vidcache_client import (
-        AuthError,
-        RequestTimeout,
-        StatusError,
-        VidCacheClient,
-        VidCacheError,
-    )
 
+    failed = False
+    for number, source in enumerate(args.sources):
+        url = _ingest_url(source)
+        if url is None:
+            print(f"vidcache ingest: error: {source}: no such file, and not a URL (http://, "
+                  "https:// or file://)", file=sys.stderr)
+            failed = True
+            continue
+        shown = without_credentials(url)
+        try:
+            with progress_on_terminal(partial(own_ingest, client, shown)):
+                result = client.ingest(url, args.bucket, prefix=args.prefix,
+                                       meta=dict(args.meta))
+        except VidCacheError as exc:
+            print(_failure("ingest", exc, args, "POST /ingest",
+                           advice=_ingest_advice(exc, url)), file=sys.stderr)
+            failed = True
+            continue
+        except KeyboardInterrupt:
+            which = shown if len(args.sources) > 1 else "it"
+            left = len(args.sources) - number - 1
+            rest = f"; the {left} after it were not asked for" if left else ""
+            print(f"vidcache ingest: interrupted; the service may still store {which}: ingest "
+                  f"the URL again later (a stored URL is answered at once){rest}",
+                  file=sys.stderr)
+            return 130
+        _emit(json.dumps(result))
+    return 1 if failed else 0
+
+
+def _listing_line(item: dict[str, Any]) -> str:
+    """A video of `vidcache list`: hash, size, duration and file_path, separated by tabs."""
+    duration = item.get("duration_s")
+    seconds = f"{duration:.3f}" if isinstance(duration, int | float) else "-"
+    return "\t".join((str(item.get("hash")), str(item.get("size_bytes")), seconds,
+                      str(item.get("file_path"))))
+
+
+def _list(client: VidCacheClient, args: argparse.Namespace) -> int:
     try:
-        with (VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client,
-              progress_on_terminal(partial(own_ingest, client, without_credentials(args.url)))):
-            result = client.ingest(args.url, args.bucket, prefix=args.prefix,
-                                   meta=dict(args.meta))
+        for item in client.list_videos(bucket=args.bucket, prefix=args.prefix,
+                                       page_size=_PAGE_SIZE):
+            _emit(json.dumps(item) if args.json else _listing_line(item))
     except VidCacheError as exc:
-        message, advice = str(exc), ""
-        # vidcache's own refusal is JSON; a proxy's (Basic auth) is explained by the client
-        if isinstance(exc, AuthError) and exc.status_code == 401 and exc.json_detail:
-            advice = ("\nvidcache ingest: give the server's token with --token-file FILE"
-                      if args.token is None else
-                      "\nvidcache ingest: the server refused the token of --token-file")
-        elif (isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES
-              and not exc.json_detail):  # a vidcache explains itself in JSON
-            # Not the other server's error page (HTML) as the reason.
-            message = (f"{without_credentials(args.server)} answered POST /ingest with HTTP "
-                       f"{exc.status_code}: not a vidcache service (check --server)")
-        elif isinstance(exc, RequestTimeout):
-            advice = ("\nvidcache ingest: the service may still store it: ingest the URL "
-                      "again later (a stored URL is answered at once), or wait longer with "
-                      "--timeout")
-        print(f"vidcache ingest: error: {message}{advice}", file=sys.stderr)
+        print(_failure("list", exc, args, "GET /videos"), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("vidcache ingest: interrupted; the service may still store it: ingest the URL "
-              "again later (a stored URL is answered at once)", file=sys.stderr)
-        return 130
-    print(json.dumps(result))
     return 0
+
+
+def _show(client: VidCacheClient, args: argparse.Namespace) -> int:
+    try:
+        meta = client.get_meta(args.hash)
+    except VidCacheError as exc:
+        print(_failure("show", exc, args, f"GET /meta/{args.hash}"), file=sys.stderr)
+        return 1
+    if meta is None:
+        print(f"vidcache show: error: {_no_video(args.hash, args)}", file=sys.stderr)
+        return 1
+    _emit(json.dumps(meta, indent=2))
+    return 0
+
+
+def _delete(client: VidCacheClient, args: argparse.Namespace) -> int:
+    failed = False
+    for content_hash in dict.fromkeys(args.hashes):  # each once, in the order given
+        try:
+            client.delete(content_hash)
+        except VidCacheError as exc:
+            print(_failure("delete", exc, args, f"DELETE /video/{content_hash}",
+                           content_hash=content_hash), file=sys.stderr)
+            failed = True
+            continue
+        _emit(f"deleted {content_hash}")
+    return 1 if failed else 0
+
+
+_CLIENT_COMMANDS: dict[str, Callable[[VidCacheClient, argparse.Namespace], int]] = {
+    "ingest": _ingest, "list": _list, "show": _show, "delete": _delete}
+
+
+def _ask_service(args: argparse.Namespace) -> int:
+    """Run a command that asks the service through the client."""
+    command = args.command
+    if args.token is not None and httpx.URL(args.server).userinfo:
+        print(f"vidcache {command}: error: --server's user:password@ and --token-file would "
+              "both be the Authorization header: give only one", file=sys.stderr)
+        return 2
+    try:
+        with VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client:
+            return _CLIENT_COMMANDS[command](client, args)
+    except KeyboardInterrupt:
+        print(f"vidcache {command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout's reader is gone (`vidcache list | head`): stop quietly, as a command ended
+        # by SIGPIPE does, with nothing left to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return _serve(args) if args.command == "serve" else _ingest(args)
+    return _serve(args) if args.command == "serve" else _ask_service(args)
