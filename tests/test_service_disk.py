@@ -14,6 +14,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -49,6 +50,41 @@ def small_tmpfs(target: Path, size: str = "8m") -> Iterator[Path]:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+@contextlib.contextmanager
+def ext4_turning_read_only(target: Path) -> Iterator[Path]:
+    """An ext4 file system of 64 MiB in a file, on a loop device, mounted at the new directory
+    `target` with errors=remount-ro; yields the file that triggers an error, which turns it
+    read-only as a failing disk would (it cannot be remounted so while a file is open for
+    writing). Skips the test where loop devices, ext4 or the trigger are not available.
+    Unmounted and its loop device detached at the end."""
+    if not (shutil.which("mkfs.ext4") and shutil.which("losetup")):
+        pytest.skip("needs mkfs.ext4 and losetup")
+    image = target.parent / f"{target.name}.img"
+    with open(image, "wb") as file:
+        file.truncate(64 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    attach = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        target.mkdir()
+        mount = subprocess.run(["mount", "-t", "ext4", "-o", "errors=remount-ro", device,
+                                str(target)], capture_output=True, text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount ext4: {mount.stderr.strip()}")
+        try:
+            trigger = Path("/sys/fs/ext4", Path(device).name, "trigger_fs_error")
+            if not trigger.exists():
+                pytest.skip(f"no {trigger} (a kernel without it)")
+            yield trigger
+        finally:
+            subprocess.run(["umount", str(target)], check=False)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
 
 
 def fill(directory: Path, leave: int = 0) -> Path:
@@ -87,6 +123,10 @@ def assert_disk_full(answer: httpx.Response, server: VidcacheServer, url: str,
                what="the failure logged")
     assert "Traceback" not in server.log()
     return detail
+
+
+def wait_logged(server: VidcacheServer, line: str) -> None:
+    wait_until(lambda: line in server.log(), timeout=30, what=f"{line!r} logged")
 
 
 def assert_no_room(answer: httpx.Response, server: VidcacheServer, url: str, where: Path,
@@ -302,6 +342,50 @@ def test_the_disk_filling_up_after_the_download(tmp_path: Path, videos: dict[str
             assert new["status"] == "new"
             assert new["hash"] == digest(videos["c.mkv"].read_bytes())
             assert_served_whole(server.url, {**stored, new["hash"]: videos["c.mkv"]})
+
+
+def test_a_file_system_turning_read_only(tmp_path: Path, videos: dict[str, Path]) -> None:
+    """The data directory's ext4 turns read-only (an error, errors=remount-ro) while big.mp4
+    downloads (its origin trickling it) and the ingest of c.mkv is held after its download.
+    Both answer 507 naming the read-only file system (their temp files, which cannot be
+    removed now, go at the next start), and so do a new ingest and a delete; the video stored
+    before is still listed and served whole; no traceback. (Before: the two ingests under
+    way were 500 and a traceback, removing their temp file failed again and replaced the 507;
+    the delete said 'disk I/O error', SQLite's word for it.)"""
+    directory = videos["a.mp4"].parent
+    with (ext4_turning_read_only(tmp_path / "data") as trigger,
+          TrickleOrigin(directory, piece=64 * 1024, pause=0.1) as origin):
+        data = tmp_path / "data"
+        with VidcacheServer(data) as server:
+            stored = Api(server.url).ingest_ok(f"{origin.url}/a.mp4", "v")["hash"]
+        server = PausingServer(data, ("subprocess.Popen", "'ffprobe'"))
+        with server:
+            api = Api(server.url)
+            held_url, downloading_url = f"{origin.url}/c.mkv", f"{origin.url}/slow/big.mp4"
+            held = _Ingest(server.url, held_url, "v")
+            wait_until(server.paused, timeout=60, what="the ingest of c.mkv held at ffprobe")
+            downloading = _Ingest(server.url, downloading_url, "v")
+            wait_until(lambda: origin.sent("/slow/big.mp4") > 0, timeout=60,
+                       what="big.mp4's download under way")
+            trigger.write_text("1")
+            server.release()
+            internal = data / ".vidcache"
+            for answer, url, detail in (
+                    (downloading.result(), downloading_url,
+                     f"cannot write the download of {downloading_url} in {internal / 'tmp'}"),
+                    (held.result(), held_url, f"cannot write the sampled frames in "
+                                              f"{internal / 'tmp'}"),
+                    (api.ingest(f"{origin.url}/b.mp4", "v"), f"{origin.url}/b.mp4",
+                     f"cannot create a temp file in {internal / 'tmp'}")):
+                assert answer.status_code == 507, answer.text
+                assert answer.json()["detail"] == f"{detail}: read-only file system"
+                wait_logged(server, f"ingest {url} failed (507): {detail}: read-only file system")
+            deleted = httpx.delete(f"{server.url}/video/{stored}", timeout=30)
+            assert deleted.status_code == 507, deleted.text
+            assert deleted.json() == {"detail": f"cannot update the index in {internal}: "
+                                                "read-only file system"}
+            assert_served_whole(server.url, {stored: videos["a.mp4"]})
+            assert "Traceback" not in server.log()
 
 
 def _serve(data_dir: Path) -> subprocess.CompletedProcess[str]:

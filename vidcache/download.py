@@ -256,7 +256,9 @@ class Downloader:
                     raise
             return Download(path, writer.size, content_hash, self._chunk_size, digests)
         except BaseException as exc:
-            path.unlink(missing_ok=True)
+            # one left on a file system turned read-only is removed at the next start
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             if self._stopped and isinstance(exc, Exception):  # the shutdown cut it
                 raise ShuttingDown() from exc
             raise
