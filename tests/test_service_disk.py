@@ -3,7 +3,9 @@ small tmpfs (root only) as `--data`, real videos from a loopback origin. An inge
 cannot take answers 507 with one line naming the cause and the directory, logged the same;
 nothing of it is left (temp file, frames, blob, record); the videos stored before are still
 listed and served whole, and once space is freed the next ingest works, without a restart.
-A server started on a full or read-only data directory says why in one line, exit status 1.
+A download whose size is known ahead and does not fit (with what the downloads under way will
+still write) is refused before it starts. A server started on a full or read-only data
+directory says why in one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,15 +25,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_stress_support import PausingServer, listing
-from tests.service_support import Api, blob_files, digest, temp_files
+from tests.service_stress_support import PausingServer, TrickleOrigin, listing
+from tests.service_support import Api, blob_files, digest, serve_origin, temp_files
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
+from vidcache.chunks import DEFAULT_CHUNK_SIZE
+from vidcache.space import needed
 from vidcache_client import ServerError, VidCacheClient
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")]
 
 MIB = 1024 * 1024
+PAGE = 4096
 
 
 @contextlib.contextmanager
@@ -43,6 +50,41 @@ def small_tmpfs(target: Path, size: str = "8m") -> Iterator[Path]:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+@contextlib.contextmanager
+def ext4_turning_read_only(target: Path) -> Iterator[Path]:
+    """An ext4 file system of 64 MiB in a file, on a loop device, mounted at the new directory
+    `target` with errors=remount-ro; yields the file that triggers an error, which turns it
+    read-only as a failing disk would (it cannot be remounted so while a file is open for
+    writing). Skips the test where loop devices, ext4 or the trigger are not available.
+    Unmounted and its loop device detached at the end."""
+    if not (shutil.which("mkfs.ext4") and shutil.which("losetup")):
+        pytest.skip("needs mkfs.ext4 and losetup")
+    image = target.parent / f"{target.name}.img"
+    with open(image, "wb") as file:
+        file.truncate(64 * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+    attach = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        target.mkdir()
+        mount = subprocess.run(["mount", "-t", "ext4", "-o", "errors=remount-ro", device,
+                                str(target)], capture_output=True, text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount ext4: {mount.stderr.strip()}")
+        try:
+            trigger = Path("/sys/fs/ext4", Path(device).name, "trigger_fs_error")
+            if not trigger.exists():
+                pytest.skip(f"no {trigger} (a kernel without it)")
+            yield trigger
+        finally:
+            subprocess.run(["umount", str(target)], check=False)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
 
 
 def fill(directory: Path, leave: int = 0) -> Path:
@@ -83,6 +125,28 @@ def assert_disk_full(answer: httpx.Response, server: VidcacheServer, url: str,
     return detail
 
 
+def wait_logged(server: VidcacheServer, line: str) -> None:
+    wait_until(lambda: line in server.log(), timeout=30, what=f"{line!r} logged")
+
+
+def assert_no_room(answer: httpx.Response, server: VidcacheServer, url: str, where: Path,
+                   size: int) -> str:
+    """A 507 refusing the download of `url` (`size` bytes) before it starts: its one-line
+    detail says what it needs and what is free in `where`, logged as the ingest's outcome; the
+    detail."""
+    assert answer.status_code == 507, answer.text
+    detail: str = answer.json()["detail"]
+    need = needed(size, DEFAULT_CHUNK_SIZE)
+    assert re.fullmatch(
+        rf"cannot write the download of {re.escape(url)} in {re.escape(str(where))}: not "
+        rf"enough free space: needs {need} bytes \({need / MIB:.1f} MiB\), \d+ are free "
+        r"\([\d.,]+ MiB\)( but \d+ of them are promised to downloads under way)?", detail), detail
+    wait_until(lambda: f"ingest {url} failed (507): {detail}" in server.log(), timeout=30,
+               what="the failure logged")
+    assert "Traceback" not in server.log()
+    return detail
+
+
 def assert_nothing_left(data_dir: Path, blobs: list[Path]) -> None:
     assert temp_files(data_dir) == []
     assert [p for p in blob_files(data_dir) if p.name != "filler"] == blobs
@@ -107,24 +171,23 @@ class _Ingest:
         return self.answer
 
 
-@pytest.mark.parametrize("source", ["http", "file"])
-def test_a_download_larger_than_the_free_space(tmp_path: Path, videos: dict[str, Path],
-                                               source: str) -> None:
-    """big.mp4 (22 MB) on an 8 MiB data directory: the download hits ENOSPC half-way. 507
-    naming the temp directory, through the API, the client (ServerError) and `vidcache ingest`
-    (one line, exit 1); nothing left of it; a.mp4, stored before, still served whole. The
-    same for c.mkv with 60 KiB free, then stored once the space is freed. (The detail was
-    'cannot write the download of URL: [Errno 28] No space left on device', no directory;
-    c.mkv over http was 500 'internal server error' and a traceback: a write ending short
-    left bytes buffered, and closing the temp file flushed them, failed again and replaced
-    the 507.)"""
+def test_a_download_larger_than_the_free_space(tmp_path: Path,
+                                               videos: dict[str, Path]) -> None:
+    """big.mp4 (22 MB) on an 8 MiB data directory, its size not announced (no Content-Length):
+    the download hits ENOSPC half-way. 507 naming the temp directory, through the API, the
+    client (ServerError) and `vidcache ingest` (one line, exit 1); nothing left of it; a.mp4,
+    stored before, still served whole. The same for c.mkv with 60 KiB free, then stored once
+    the space is freed. (The detail was 'cannot write the download of URL: [Errno 28] No space
+    left on device', no directory; c.mkv was 500 'internal server error' and a traceback: a
+    write ending short left bytes buffered, and closing the temp file flushed them, failed
+    again and replaced the 507.)"""
     with (small_tmpfs(tmp_path / "data") as data,
-          serve_directory(videos["a.mp4"].parent) as origin,
-          VidcacheServer(data, "--allow-file-dir", str(videos["a.mp4"].parent)) as server):
+          serve_origin(videos["a.mp4"].parent) as (origin, _stalled),
+          VidcacheServer(data) as server):
         api = Api(server.url)
         stored = {api.ingest_ok(f"{origin}/a.mp4", "v")["hash"]: videos["a.mp4"]}
         blobs = blob_files(server.data_dir)
-        url = f"{origin}/big.mp4" if source == "http" else videos["big.mp4"].as_uri()
+        url = f"{origin}/nolength/big.mp4"
         detail = assert_disk_full(api.ingest(url, "v"), server, url,
                                   server.data_dir / ".vidcache" / "tmp")
         assert detail.startswith(f"cannot write the download of {url} in ")
@@ -146,13 +209,96 @@ def test_a_download_larger_than_the_free_space(tmp_path: Path, videos: dict[str,
         assert_served_whole(server.url, stored)
 
         # c.mkv (104 KiB) with 60 KiB free: a write ends short
-        small = f"{origin}/c.mkv" if source == "http" else videos["c.mkv"].as_uri()
+        small = f"{origin}/nolength/c.mkv"
         filler = fill(data, leave=60 * 1024)
         assert_disk_full(api.ingest(small, "v"), server, small, data / ".vidcache" / "tmp")
         assert_nothing_left(server.data_dir, blobs)
         filler.unlink()
         stored[api.ingest_ok(small, "v")["hash"]] = videos["c.mkv"]
         assert_served_whole(server.url, stored)
+
+
+@pytest.mark.parametrize("source", ["http", "file"])
+def test_a_download_announced_larger_than_the_free_space(tmp_path: Path,
+                                                         videos: dict[str, Path],
+                                                         source: str) -> None:
+    """big.mp4 (22 MB) on an 8 MiB data directory, its size announced (Content-Length, a
+    file's size): 507 before its download, saying what it needs and what is free; the origin
+    sent next to nothing of it (a piece of 64 KiB every 0.1 s until the server hangs up);
+    nothing left of it. With --max-size below it, 413 all the same. c.mkv with a page less
+    than its bytes and the margin for the index and frames: refused; with exactly that room:
+    stored (the check never refuses what fits). (Before: the download went on until the disk
+    was full, 8 MiB fetched and written for nothing, then 'disk full'.)"""
+    directory = videos["a.mp4"].parent
+    with (small_tmpfs(tmp_path / "data") as data,
+          TrickleOrigin(directory, piece=64 * 1024, pause=0.1) as origin):
+        def url_of(name: str) -> str:
+            return f"{origin.url}/slow/{name}" if source == "http" else videos[name].as_uri()
+
+        big = url_of("big.mp4")
+        with VidcacheServer(data, "--allow-file-dir", str(directory)) as server:
+            api = Api(server.url)
+            stored = {api.ingest_ok(f"{origin.url}/a.mp4", "v")["hash"]: videos["a.mp4"]}
+            blobs = blob_files(data)
+            tmp = data / ".vidcache" / "tmp"
+            assert_no_room(api.ingest(big, "v"), server, big, tmp, videos["big.mp4"].stat().st_size)
+            assert origin.sent("/slow/big.mp4") <= 2 * MIB  # the server hung up at once
+            assert_nothing_left(data, blobs)
+            assert_served_whole(server.url, stored)
+
+            small, size = url_of("c.mkv"), videos["c.mkv"].stat().st_size
+            room = -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
+            filler = fill(data, leave=room - PAGE)
+            assert_no_room(api.ingest(small, "v"), server, small, tmp, size)
+            assert_nothing_left(data, blobs)
+            filler.unlink()
+            filler = fill(data, leave=room)
+            stored[api.ingest_ok(small, "v")["hash"]] = videos["c.mkv"]
+            assert_served_whole(server.url, stored)
+            filler.unlink()
+
+        with VidcacheServer(data, "--allow-file-dir", str(directory),
+                            "--max-size", "10M") as server:
+            answer = Api(server.url).ingest(big, "v")
+            assert answer.status_code == 413 and "--max-size" in answer.json()["detail"], \
+                answer.text
+
+
+def test_space_promised_to_the_downloads_under_way(tmp_path: Path,
+                                                   videos: dict[str, Path]) -> None:
+    """Room for big.mp4 (22 MB) and c.mkv but not for two 22 MB videos. big.mp4, held
+    half-way by its origin, has the rest of it promised: big_moov_end.mp4 (22 MB) is refused
+    at once, saying so, next to nothing sent by its origin; c.mkv, which fits beside it, is
+    stored. Once big.mp4's download has failed (its origin gone) its room is free again:
+    big_moov_end.mp4 is stored (sent at full speed). (Before: big_moov_end.mp4 started, the
+    two filled the disk, and one failed after 13 MB more written for nothing.)"""
+    directory = videos["a.mp4"].parent
+    sizes = {name: videos[name].stat().st_size for name in ("big.mp4", "c.mkv",
+                                                            "big_moov_end.mp4")}
+    rooms = {name: -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
+             for name, size in sizes.items()}
+    with (small_tmpfs(tmp_path / "data", size="64m") as data,
+          TrickleOrigin(directory, piece=64 * 1024, pause=0.1) as trickle,
+          VidcacheServer(data) as server):
+        api = Api(server.url)
+        fill(data, leave=rooms["big.mp4"] + rooms["c.mkv"] + MIB)
+        other = f"{trickle.url}/slow/big_moov_end.mp4"
+        with serve_origin(directory) as (stalling, _stalled):
+            held = _Ingest(server.url, f"{stalling}/stall/big.mp4", "v")
+            wait_until(lambda: any(item["bytes_received"] for item in httpx.get(
+                f"{server.url}/ingests", timeout=10).json()["items"]), timeout=60,
+                what="big.mp4's download under way")
+            detail = assert_no_room(api.ingest(other, "v"), server, other,
+                                    data / ".vidcache" / "tmp", sizes["big_moov_end.mp4"])
+            assert "promised to downloads under way" in detail, detail
+            assert trickle.sent("/slow/big_moov_end.mp4") <= 2 * MIB
+            small = api.ingest_ok(f"{trickle.url}/slow/c.mkv", "v")
+        assert held.result().status_code == 502, held.result().text
+        assert_nothing_left(data, [data / small["file_path"]])
+        assert api.ingest_ok(f"{trickle.url}/big_moov_end.mp4", "v")["status"] == "new"
+        assert_served_whole(server.url, {small["hash"]: videos["c.mkv"],
+                                         digest(videos["big_moov_end.mp4"].read_bytes()):
+                                             videos["big_moov_end.mp4"]})
 
 
 @pytest.mark.parametrize(("point", "where"), [
@@ -196,6 +342,50 @@ def test_the_disk_filling_up_after_the_download(tmp_path: Path, videos: dict[str
             assert new["status"] == "new"
             assert new["hash"] == digest(videos["c.mkv"].read_bytes())
             assert_served_whole(server.url, {**stored, new["hash"]: videos["c.mkv"]})
+
+
+def test_a_file_system_turning_read_only(tmp_path: Path, videos: dict[str, Path]) -> None:
+    """The data directory's ext4 turns read-only (an error, errors=remount-ro) while big.mp4
+    downloads (its origin trickling it) and the ingest of c.mkv is held after its download.
+    Both answer 507 naming the read-only file system (their temp files, which cannot be
+    removed now, go at the next start), and so do a new ingest and a delete; the video stored
+    before is still listed and served whole; no traceback. (Before: the two ingests under
+    way were 500 and a traceback, removing their temp file failed again and replaced the 507;
+    the delete said 'disk I/O error', SQLite's word for it.)"""
+    directory = videos["a.mp4"].parent
+    with (ext4_turning_read_only(tmp_path / "data") as trigger,
+          TrickleOrigin(directory, piece=64 * 1024, pause=0.1) as origin):
+        data = tmp_path / "data"
+        with VidcacheServer(data) as server:
+            stored = Api(server.url).ingest_ok(f"{origin.url}/a.mp4", "v")["hash"]
+        server = PausingServer(data, ("subprocess.Popen", "'ffprobe'"))
+        with server:
+            api = Api(server.url)
+            held_url, downloading_url = f"{origin.url}/c.mkv", f"{origin.url}/slow/big.mp4"
+            held = _Ingest(server.url, held_url, "v")
+            wait_until(server.paused, timeout=60, what="the ingest of c.mkv held at ffprobe")
+            downloading = _Ingest(server.url, downloading_url, "v")
+            wait_until(lambda: origin.sent("/slow/big.mp4") > 0, timeout=60,
+                       what="big.mp4's download under way")
+            trigger.write_text("1")
+            server.release()
+            internal = data / ".vidcache"
+            for answer, url, detail in (
+                    (downloading.result(), downloading_url,
+                     f"cannot write the download of {downloading_url} in {internal / 'tmp'}"),
+                    (held.result(), held_url, f"cannot write the sampled frames in "
+                                              f"{internal / 'tmp'}"),
+                    (api.ingest(f"{origin.url}/b.mp4", "v"), f"{origin.url}/b.mp4",
+                     f"cannot create a temp file in {internal / 'tmp'}")):
+                assert answer.status_code == 507, answer.text
+                assert answer.json()["detail"] == f"{detail}: read-only file system"
+                wait_logged(server, f"ingest {url} failed (507): {detail}: read-only file system")
+            deleted = httpx.delete(f"{server.url}/video/{stored}", timeout=30)
+            assert deleted.status_code == 507, deleted.text
+            assert deleted.json() == {"detail": f"cannot update the index in {internal}: "
+                                                "read-only file system"}
+            assert_served_whole(server.url, {stored: videos["a.mp4"]})
+            assert "Traceback" not in server.log()
 
 
 def _serve(data_dir: Path) -> subprocess.CompletedProcess[str]:

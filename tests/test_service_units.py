@@ -34,6 +34,7 @@ from vidcache.locks import KeyedLocks
 from vidcache.media import decode_phash, encode_phash, phash_distance
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
+from vidcache.space import FreeSpace
 from vidcache.store import Store, blob_relpath, check_location
 from vidcache_client import IngestUnderWay
 from vidcache_client._credentials import without_credentials
@@ -261,9 +262,10 @@ def test_hashing_writer_digests_whatever_the_write_sizes(chunk_size: int, chunks
                                                          extra: int, cuts: list[int]) -> None:
     size = max(chunks * chunk_size + extra, 0)
     data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
-    with tempfile.TemporaryFile() as sink:
+    directory = Path(tempfile.gettempdir())
+    with tempfile.TemporaryFile() as sink, FreeSpace(directory, chunk_size).claim() as claim:
         writer = _HashingWriter(sink, max_size=size, url="test", chunk_size=chunk_size,
-                                directory=Path(tempfile.gettempdir()))
+                                directory=directory, claim=claim)
         points = sorted({c for c in cuts if c < size} | {0, size})
         for start, end in itertools.pairwise(points):
             writer.write(data[start:end])

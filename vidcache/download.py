@@ -3,7 +3,8 @@
 One pass over the bytes computes the whole-file BLAKE3 (the content hash) and the BLAKE3 of
 every chunk of the service's chunk size (chunks.py; published at /video/{hash}/chunks so
 readers can verify ranges). The size cap is enforced on the bytes actually received, not only
-on Content-Length.
+on Content-Length. A size known ahead that the data directory has no room for (space.py, with
+what the downloads under way have yet to write) is refused before the first byte.
 
 http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
 sent to the address the guard approved (Host header and TLS SNI keep the original name).
@@ -56,6 +57,7 @@ from vidcache.hostguard import HostGuard
 from vidcache.origin_sockets import StoppableBackend
 from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
+from vidcache.space import Claim, FreeSpace
 from vidcache_client._credentials import basic_authorization, without_credentials
 
 MAX_URL_LENGTH = 8192
@@ -120,9 +122,10 @@ def _redirect_target(url: httpx.URL, location: str, shown: str) -> httpx.URL:
 
 class _HashingWriter:
     def __init__(self, file: BinaryIO, *, max_size: int, url: str, chunk_size: int,
-                 directory: Path) -> None:
+                 directory: Path, claim: Claim) -> None:
         self._file = file
         self._directory = directory
+        self._claim = claim
         self._max_size = max_size
         self._url = url
         self._whole = blake3.blake3()
@@ -130,9 +133,12 @@ class _HashingWriter:
         self.size = 0
 
     def check_announced_size(self, size: int) -> None:
+        """TooLarge over --max-size (whatever the disk), else StorageError if the data
+        directory has no room for it."""
         if size > self._max_size:
             raise TooLarge(f"{self._url} is {size} bytes, more than the server's --max-size of "
                            f"{self._max_size} bytes")
+        self._claim.promise(size, f"write the download of {self._url}")
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
@@ -143,6 +149,7 @@ class _HashingWriter:
             self._file.write(data)
         except OSError as exc:
             raise self._storage_error(exc) from exc
+        self._claim.written = self.size
         self._whole.update(data)
         self._chunks.update(data)
 
@@ -190,6 +197,7 @@ class Downloader:
                  allow_file_dirs: Sequence[Path] = ()) -> None:
         self._tmp_dir = tmp_dir
         self._chunk_size = check_chunk_size(chunk_size)
+        self._space = FreeSpace(tmp_dir, self._chunk_size)
         self._max_size = max_size
         self._timeout = timeout
         self._max_time = max_time
@@ -227,10 +235,11 @@ class Downloader:
         path = Path(name)
         deadline = time.monotonic() + self._max_time
         try:
-            with open(fd, "wb") as file:
+            with open(fd, "wb") as file, self._space.claim() as claim:
                 writer = _HashingWriter(file, max_size=self._max_size,
                                         url=without_credentials(url),
-                                        chunk_size=self._chunk_size, directory=self._tmp_dir)
+                                        chunk_size=self._chunk_size, directory=self._tmp_dir,
+                                        claim=claim)
                 try:
                     if parsed.scheme == "file":
                         self._copy_local(parsed, writer, deadline, progress)
@@ -247,7 +256,9 @@ class Downloader:
                     raise
             return Download(path, writer.size, content_hash, self._chunk_size, digests)
         except BaseException as exc:
-            path.unlink(missing_ok=True)
+            # one left on a file system turned read-only is removed at the next start
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
             if self._stopped and isinstance(exc, Exception):  # the shutdown cut it
                 raise ShuttingDown() from exc
             raise

@@ -32,6 +32,7 @@ once they are over.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -148,7 +149,9 @@ class Ingestor:
                     self._phashes.add(record.content_hash, phash)
                     return _result(record, "new")
         finally:
-            download.path.unlink(missing_ok=True)
+            # one left on a file system turned read-only is removed at the next start
+            with contextlib.suppress(OSError):
+                download.path.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """End the ingests running and refuse new downloads and decoders: the server is

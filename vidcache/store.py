@@ -41,6 +41,7 @@ import os
 import re
 import shutil
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -603,8 +604,19 @@ def _index_storage_error(doing: str, where: Path, exc: sqlite3.Error) -> Storage
     if code & 0xFF == sqlite3.SQLITE_READONLY:
         return StorageError(doing, where, errno.EROFS, str(exc))
     if code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
-        return StorageError(doing, where, None, str(exc))
+        return StorageError(doing, where, _refusal_errno(where), str(exc))
     return None
+
+
+def _refusal_errno(directory: Path) -> int | None:
+    """The errno with which `directory`'s file system refuses a new file now, if it does.
+    SQLite reports a write refused as a plain I/O error ('disk I/O error'), without its errno:
+    an ext4 turned read-only under it (errors=remount-ro) says EROFS only to this."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):  # no name: nothing to remove
+            return None
+    except OSError as exc:
+        return exc.errno
 
 
 def _fsync_dir(directory: Path) -> None:
