@@ -269,6 +269,29 @@ def test_a_listed_video_whose_bytes_answer_404_reads_enoent_then_works(
     assert wait_until(size, timeout=15, interval=0.2, what="the name back") == source.size
 
 
+def test_an_open_file_reads_again_after_a_404_that_came_before_its_digests(
+    mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
+) -> None:
+    """The range's 404 arrives before the digests asked for beside it (a slow `/chunks`): the
+    video is forgotten, the digests with it, and the next read of the open file needs the
+    metadata again. It was answered from the remembered 404 (ENOENT for `negative_ttl`, the
+    test above failing now and then under load); an open file's read asks the service."""
+    source = sources["big.mp4"]
+    assert source.file_name in os.listdir(mount.mountpoint / "by-hash")  # metadata, no digests
+    fd = os.open(mount.video(source.file_name), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        digests = path_prefix(f"/video/{source.content_hash}/chunks")
+        link.faults.enable(Latency(seconds=0.5, match=digests))
+        link.faults.enable(Refuse(status=404, match=only_block(source, 4 * MIB)))
+        failed = bounded(lambda: os.pread(fd, READ, 4 * MIB))
+        assert failed.value is None and failed.errno == errno.ENOENT, failed
+        link.faults.clear()
+        assert os.pread(fd, READ, 4 * MIB) == source.data[4 * MIB : 4 * MIB + READ]
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("answered", ["/meta/", "/videos"])
 def test_malformed_metadata_or_listing_is_eio_then_works(
     mount: VcfsMount, link: FaultyLink, sources: dict[str, Source], answered: str,

@@ -554,17 +554,20 @@ class Remote:
     # -- metadata --------------------------------------------------------------------------
 
     def meta(
-        self, content_hash: str, *, deadline: float | None = None, first_block: int = 0
+        self, content_hash: str, *, deadline: float | None = None, first_block: int = 0,
+        recheck: bool = False,
     ) -> VideoMeta | None:
         """The video's metadata, None if the service has no such hash (both cached).
 
         With `first_block` (a block size) and the metadata not cached, the video's first block
-        and chunk digests are asked for at the same time (see the module docstring)."""
+        and chunk digests are asked for at the same time (see the module docstring). With
+        `recheck`, a recent 404 is not taken as the answer: the service is asked again (a read
+        of an open file, which a 404 of one range must not fail for `negative_ttl`)."""
         with self._lock:
             known = self._cached_meta(content_hash)
             if known is not None:
                 return known
-            if content_hash in self._missing:
+            if content_hash in self._missing and not recheck:
                 return None
         asked = self._clock()
         if deadline is None:  # one for the whole lookup: the pipelined try and the retries
@@ -588,6 +591,7 @@ class Remote:
             return None
         with self._lock:
             self._known[content_hash] = meta, self._clock()
+            self._missing.pop(content_hash, None)
             gone_at = self._gone.get(content_hash)
             if gone_at is not None and gone_at < asked:
                 # Asked for after a 404 said it was gone, and found: ingested again, so the
@@ -1448,7 +1452,8 @@ class Remote:
         known, digests = self._known_digests(content_hash, start, end)
         if known:
             return digests
-        meta = self.meta(content_hash, deadline=deadline)
+        # a read: a 404 of a range, the digests not kept yet, does not make the file vanish
+        meta = self.meta(content_hash, deadline=deadline, recheck=True)
         if meta is None:
             raise NotFound(f"{content_hash}: no such video on the service")
         if not self._extended:  # a service that publishes none
