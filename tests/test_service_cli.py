@@ -3,12 +3,14 @@ against a real service, usage errors, and complete --help texts."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pty
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +232,39 @@ def test_a_server_that_is_not_vidcache_or_none_is_one_error_line(command: list[s
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith(f"vidcache {command[0]}: error: "), unreachable.stderr
     assert unreachable.stderr.count("\n") == 1 and "hunter2" not in unreachable.stderr
+
+
+class _GatewayTimeout(http.server.BaseHTTPRequestHandler):
+    """nginx's answer once its proxy_read_timeout passes: 504 with an HTML page."""
+
+    def do_POST(self) -> None:
+        page = b"<html><head><title>504 Gateway Time-out</title></head></html>"
+        self.send_response(504)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, format: str, *args: object) -> None:
+        del format, args
+
+
+def test_a_proxys_504_says_the_video_may_still_be_stored() -> None:
+    """A reverse proxy giving up on a long ingest: the service goes on and may store it. The
+    advice said nothing of that (only after the command's own --timeout)."""
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatewayTimeout) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        try:
+            run = vidcache("ingest", "http://origin.test/v.mp4", "--bucket", "b", "--server",
+                           f"http://127.0.0.1:{proxy.server_address[1]}")
+        finally:
+            proxy.shutdown()
+    assert (run.returncode, run.stdout) == (1, ""), run.stderr
+    first, advice = run.stderr.splitlines()
+    assert first.startswith("vidcache ingest: error: ") and "HTTP 504" in first, first
+    assert advice == ("vidcache ingest: a proxy in front stopped waiting (its read timeout, "
+                      "e.g. nginx's proxy_read_timeout, 60 s by default); the service may still "
+                      "store it: ingest the URL again later (a stored URL is answered at once)")
 
 
 def test_list_with_a_bad_bucket_gives_the_services_reason(own: VidcacheServer) -> None:

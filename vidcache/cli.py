@@ -484,6 +484,11 @@ def _ingest_advice(exc: VidCacheError, url: str) -> str:
     if isinstance(exc, RequestTimeout):
         return ("the service may still store it: ingest the URL again later (a stored URL is "
                 "answered at once), or wait longer with --timeout")
+    if isinstance(exc, StatusError) and exc.status_code == 504 and not exc.json_detail:
+        # not the service's own 504 (JSON: the origin timed out, nothing stored), a proxy's
+        return ("a proxy in front stopped waiting (its read timeout, e.g. nginx's "
+                "proxy_read_timeout, 60 s by default); the service may still store it: ingest "
+                "the URL again later (a stored URL is answered at once)")
     if isinstance(exc, AuthError) and exc.status_code == 403 and url.startswith("file:"):
         directory = os.path.dirname(unquote(urlsplit(url).path))
         return ("the service ingests only the local files it can read below a directory it "
