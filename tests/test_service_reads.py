@@ -5,6 +5,10 @@ answers meanwhile: a slow disk's fsyncs hold up the other writes, never the read
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import json
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from tests.service_stress_support import (
     background,
     make_distinct_videos,
 )
-from tests.service_support import Api
+from tests.service_support import Api, store_many
 from tests.support import VidcacheServer, serve_directory, wait_until
 
 pytestmark = pytest.mark.timeout(180)
@@ -124,3 +128,38 @@ def test_reads_answer_while_a_write_is_held_in_its_commit(tmp_path: Path, prepar
     kept = {prepared.hashes[name] for name in KEPT}
     assert stored - kept == ({answer.json()["hash"], prepared.hashes[GONE]}
                              if hold.write == "ingest" else set())
+
+
+def _index_descriptors(pid: int, index: Path) -> int:
+    """How many of process `pid`'s open files are the index itself (one per SQLite connection:
+    its -wal and -shm files aside)."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            count += os.readlink(fd) == str(index)
+    return count
+
+
+def test_concurrent_reads_share_one_read_connection(tmp_path: Path) -> None:
+    """Reads run one at a time on one read connection of their own (writes have the other).
+    Was: a connection per read running at once, kept for the server's life (16 clients listing
+    at once left ~16 connections, 2 descriptors each, and ~2 MB of page cache each); and
+    concurrent multi-row reads ran slower than one at a time (SQLite lets go of the GIL at
+    every row: 8 threads listing took twice the CPU per page and did half as many pages)."""
+    data = tmp_path / "data"
+    hashes = store_many(data, 2000, meta=json.dumps({"note": "x" * 1000}))
+    with VidcacheServer(data) as server:
+        assert server.process is not None
+
+        def read(number: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=READ_TIMEOUT) as http:
+                for turn in range(20):
+                    after = hashes[(number * 131 + turn * 17) % len(hashes)]
+                    page = http.get("/videos", params={"limit": 200, "after": after})
+                    assert page.status_code == 200, page.text
+                    assert http.get(f"/meta/{after}").json()["hash"] == after
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(read, range(16)))
+        index = data / ".vidcache" / "index.sqlite3"
+        assert _index_descriptors(server.process.pid, index) == 2  # the write and the read one

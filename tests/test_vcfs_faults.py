@@ -504,6 +504,30 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
                                           "log_bytes": len(log)}
 
 
+def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """With --log-level warning the outage's line says reads fail "until it answers again": the
+    line saying it does is a warning too. Was info, left out: the log ended on the outage."""
+    with VidcacheServer(tmp_path / "own") as server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        mounted = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                            "--readahead-max", "0", "--log-level", "warning")
+        with mounted:
+            path = mounted.video(source.file_name)
+            assert read_uncached(path, READ, 0) == expect(source, 0)
+            server.kill()
+            with pytest.raises(OSError) as failed:
+                read_uncached(path, READ, MIB)
+            assert failed.value.errno == errno.EIO
+            assert f"the service at {server.url} failed an operation" in mounted.log()
+            server.start()
+            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                              timeout=10, interval=0.2,
+                              what="reads working again") == expect(source, MIB)
+            assert f"the service at {server.url} answers again" in mounted.log()
+
+
 # ---------------------------------------------------------------------------------------------
 # Stopping the daemon while a read waits for a server that stalls
 

@@ -102,5 +102,7 @@ class Outage:
                 return
             since, failed = self._since, self._failed
             self._since, self._failed = None, 0
-        self._log.info("the service at %s answers again, after %.0f s of failures; %d "
-                       "operation(s) failed meanwhile", self._url, self._clock() - since, failed)
+        # at the outage's level: a log kept at warnings must not end on the outage
+        self._log.warning("the service at %s answers again, after %.0f s of failures; %d "
+                          "operation(s) failed meanwhile", self._url, self._clock() - since,
+                          failed)

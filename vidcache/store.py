@@ -19,12 +19,16 @@ Concurrency: writes run one at a time, under the store's write lock and on its o
 connection, their file-system steps (mkdir, rename, the directory's fsync, unlink, pruning empty
 folders) inside that lock too: no other write can rename, unlink or prune the same paths between
 a write's two steps, so the order above holds without more coordination (the ingest pipeline
-serialises its adds and deletes anyway). Reads never take that lock: each runs in a read
-transaction (one committed snapshot) on a connection of its own, from a pool that grows to the
-most reads ever run at once. In WAL mode a reader does not wait for the writer, so a slow disk's
-fsyncs (the blob's directory, the WAL at commit) hold up the other writes only; a read sees a
-video once its record is committed. A read may find a record whose blob a delete unlinks next:
-callers already treat a blob missing at open as no such video.
+serialises its adds and deletes anyway). Reads never take that lock: they run one at a time,
+under the read lock, each in a read transaction (one committed snapshot) on the one read
+connection. In WAL mode a reader does not wait for the writer, so a slow disk's fsyncs (the
+blob's directory, the WAL at commit) hold up the other writes only; a read sees a video once its
+record is committed. A read may find a record whose blob a delete unlinks next: callers
+already treat a blob missing at open as no such video. Not a connection per concurrent read:
+SQLite lets go of the GIL at every row, so reads of many rows at once (listing pages) passed it
+between threads at every row (8 threads listing took twice the CPU per page and did half as
+many pages as one at a time), and each connection kept its own page cache and descriptors for
+the server's life.
 
 A URL alias is the URL without its `user:password@` (sent to the origin, never kept): the same
 URL with or without them is one alias, and no credential is at rest in the index.
@@ -208,8 +212,8 @@ class RecoveryReport:
 
 
 class Store:
-    """Thread-safe: writes under one lock on one connection, reads on connections of their own
-    (see the module's docstring)."""
+    """Thread-safe: writes under one lock on one connection, reads under another on a connection
+    of their own (see the module's docstring)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -217,8 +221,8 @@ class Store:
         self.tmp_dir = self.internal_dir / "tmp"
         self._write_lock = threading.Lock()
         self._db: sqlite3.Connection | None = None  # the write connection
-        self._idle_readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()  # held to take or give back a read connection
+        self._read_lock = threading.Lock()
+        self._reader: sqlite3.Connection | None = None  # the read connection, opened at need
         self._lock_file: int | None = None
 
     # --- life cycle -------------------------------------------------------------------------
@@ -259,14 +263,12 @@ class Store:
                                isolation_level=None)
 
     def close(self) -> None:
-        """Close the connections once the write under way, if any, has ended; a read under
-        way closes its own as it ends."""
-        with self._write_lock:
-            with self._readers_lock:
-                db, self._db = self._db, None
-                idle, self._idle_readers = self._idle_readers, []
-            for connection in (*idle, *([] if db is None else [db])):
-                connection.close()
+        """Close the connections once the write and the read under way, if any, have ended."""
+        with self._write_lock, self._read_lock:
+            for connection in (self._reader, self._db):
+                if connection is not None:
+                    connection.close()
+            self._reader = self._db = None
             if self._lock_file is not None:
                 os.close(self._lock_file)
                 self._lock_file = None
@@ -280,27 +282,22 @@ class Store:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
-        """A read connection for this caller alone, in a read transaction: one committed
+        """The read connection, for this caller alone, in a read transaction: one committed
         snapshot of the index, taken without the write lock."""
-        with self._readers_lock:
+        with self._read_lock:
             if self._db is None:  # closed: only the server's shutdown closes it
                 raise ShuttingDown()
-            db = self._idle_readers.pop() if self._idle_readers else None
-        if db is None:
-            db = self._connect()
-            db.execute("PRAGMA query_only = ON")  # a write here would bypass the write lock
-        try:
+            if self._reader is None:
+                self._reader = self._connect()
+                # a write here would bypass the write lock
+                self._reader.execute("PRAGMA query_only = ON")
+            db = self._reader
             db.execute("BEGIN")
-            yield db
-        finally:
-            if db.in_transaction:
-                db.execute("ROLLBACK")  # ends the snapshot; nothing was written
-            with self._readers_lock:
-                closed = self._db is None
-                if not closed:
-                    self._idle_readers.append(db)
-            if closed:
-                db.close()
+            try:
+                yield db
+            finally:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")  # ends the snapshot; nothing was written
 
     def _migrate(self) -> None:
         """Bring an index written by an older version up to _SCHEMA_VERSION."""
