@@ -16,6 +16,7 @@ matching only its own block's Range, so their deadlines run concurrently.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import json
 import os
@@ -456,6 +457,20 @@ def test_service_killed_mid_read_and_restarted_is_survived(
             FIGURES["kill_no_restart_eio_s"] = round(failed.seconds, 2)
 
 
+@contextlib.contextmanager
+def _own_mount(tmp_path: Path, videos: dict[str, Path], media_url: str,
+               log_level: str) -> Iterator[tuple[VidcacheServer, VcfsMount, Source]]:
+    """big.mp4 on a service of the caller's own, mounted with a 1 s timeout, a 2 MiB cache and
+    no readahead (a read past its start reaches the service), its start read."""
+    with VidcacheServer(tmp_path / "own") as server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        mounted = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                            "--readahead-max", "0", "--log-level", log_level)
+        with mounted:
+            assert read_uncached(mounted.video(source.file_name), READ, 0) == expect(source, 0)
+            yield server, mounted, source
+
+
 def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
     tmp_path: Path, videos: dict[str, Path], media_url: str,
 ) -> None:
@@ -465,43 +480,38 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
     again; the count of the rest at unmount. Was one `failed (EIO)` line per read: 50 000
     lines (27 MB) in a minute."""
     readers = 8
-    with VidcacheServer(tmp_path / "own") as server:
-        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        mounted = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
-                            "--readahead-max", "0", "--log-level", "info")
-        with mounted:
-            path = mounted.video(source.file_name)
-            assert read_uncached(path, READ, 0) == expect(source, 0)
-            server.kill()
-            failures = [0] * readers
-            stop = time.monotonic() + 60
+    with _own_mount(tmp_path, videos, media_url, "info") as (server, mounted, source):
+        path = mounted.video(source.file_name)
+        server.kill()
+        failures = [0] * readers
+        stop = time.monotonic() + 60
 
-            def read_on(reader: int) -> None:
-                offset = (reader + 1) * MIB
-                while sum(failures) < 400 and time.monotonic() < stop:
-                    try:
-                        read_uncached(path, READ, offset)
-                    except OSError as exc:
-                        assert exc.errno == errno.EIO, exc
-                        failures[reader] += 1
+        def read_on(reader: int) -> None:
+            offset = (reader + 1) * MIB
+            while sum(failures) < 400 and time.monotonic() < stop:
+                try:
+                    read_uncached(path, READ, offset)
+                except OSError as exc:
+                    assert exc.errno == errno.EIO, exc
+                    failures[reader] += 1
 
-            with concurrent.futures.ThreadPoolExecutor(readers) as pool:
-                list(pool.map(read_on, range(readers)))
-            assert sum(failures) >= 400, failures
-            log = mounted.log()
-            eio_lines = log.count("failed (EIO)")
-            assert 1 <= eio_lines <= 12, f"{eio_lines} EIO lines for {sum(failures)} reads"
-            assert log.count(f"the service at {server.url} failed an operation") == 1, log
-            server.start()
-            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
-                              timeout=10, interval=0.2,
-                              what="reads working again") == expect(source, MIB)
-            assert f"the service at {server.url} answers again" in mounted.log()
+        with concurrent.futures.ThreadPoolExecutor(readers) as pool:
+            list(pool.map(read_on, range(readers)))
+        assert sum(failures) >= 400, failures
         log = mounted.log()
-        assert "more operations failed (read: EIO, " in log
-        assert "Traceback" not in log
-        FIGURES["stopped_service_log"] = {"failed_reads": sum(failures), "eio_lines": eio_lines,
-                                          "log_bytes": len(log)}
+        eio_lines = log.count("failed (EIO)")
+        assert 1 <= eio_lines <= 12, f"{eio_lines} EIO lines for {sum(failures)} reads"
+        assert log.count(f"the service at {server.url} failed an operation") == 1, log
+        server.start()
+        assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                          timeout=10, interval=0.2,
+                          what="reads working again") == expect(source, MIB)
+        assert f"the service at {server.url} answers again" in mounted.log()
+    log = mounted.log()  # with the unmount's count
+    assert "more operations failed (read: EIO, " in log
+    assert "Traceback" not in log
+    FIGURES["stopped_service_log"] = {"failed_reads": sum(failures), "eio_lines": eio_lines,
+                                      "log_bytes": len(log)}
 
 
 def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
@@ -509,23 +519,18 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
 ) -> None:
     """With --log-level warning the outage's line says reads fail "until it answers again": the
     line saying it does is a warning too. Was info, left out: the log ended on the outage."""
-    with VidcacheServer(tmp_path / "own") as server:
-        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        mounted = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
-                            "--readahead-max", "0", "--log-level", "warning")
-        with mounted:
-            path = mounted.video(source.file_name)
-            assert read_uncached(path, READ, 0) == expect(source, 0)
-            server.kill()
-            with pytest.raises(OSError) as failed:
-                read_uncached(path, READ, MIB)
-            assert failed.value.errno == errno.EIO
-            assert f"the service at {server.url} failed an operation" in mounted.log()
-            server.start()
-            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
-                              timeout=10, interval=0.2,
-                              what="reads working again") == expect(source, MIB)
-            assert f"the service at {server.url} answers again" in mounted.log()
+    with _own_mount(tmp_path, videos, media_url, "warning") as (server, mounted, source):
+        path = mounted.video(source.file_name)
+        server.kill()
+        with pytest.raises(OSError) as failed:
+            read_uncached(path, READ, MIB)
+        assert failed.value.errno == errno.EIO
+        assert f"the service at {server.url} failed an operation" in mounted.log()
+        server.start()
+        assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                          timeout=10, interval=0.2,
+                          what="reads working again") == expect(source, MIB)
+        assert f"the service at {server.url} answers again" in mounted.log()
 
 
 # ---------------------------------------------------------------------------------------------
