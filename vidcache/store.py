@@ -237,7 +237,7 @@ class Store:
             os.close(self._lock_file)
             self._lock_file = None
             raise DataDirInUse(f"{self.data_dir} is in use by another vidcache process") from exc
-        try:
+        with _index_errors("open the index", self.internal_dir):
             db = self._connect()
             db.execute("PRAGMA journal_mode = WAL")
             # FULL: a committed record must survive power loss, its blob was fsynced before
@@ -246,10 +246,6 @@ class Store:
             db.executescript(_SCHEMA)
             self._db = db
             self._migrate()  # an older index's VACUUM needs room too
-        except sqlite3.Error as exc:
-            if (error := _index_storage_error("open the index", self.internal_dir, exc)) is None:
-                raise
-            raise error from exc
         report = self._recover()
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
@@ -567,7 +563,7 @@ class Store:
         """A write transaction; StorageError if the file system cannot take it (the index's
         write-ahead log cannot grow on a full disk), which leaves the index as it was."""
         db = self.db
-        try:
+        with _index_errors("update the index", self.internal_dir):
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield
@@ -576,11 +572,6 @@ class Store:
                 if db.in_transaction:  # not after a COMMIT that failed and rolled back
                     db.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            if (error := _index_storage_error("update the index", self.internal_dir,
-                                              exc)) is None:
-                raise
-            raise error from exc
 
 
 # A record leaves out the phash and the digests: every read looks records up, few need those
@@ -588,6 +579,18 @@ class Store:
 _RECORD_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mime_type, "
                    "first_seen, meta, chunk_size")
 _INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
+
+
+@contextlib.contextmanager
+def _index_errors(doing: str, where: Path) -> Iterator[None]:
+    """SQLite's errors saying the file system cannot take the index's writes, raised as
+    StorageError (`cannot DOING in WHERE: ...`); any other passes as it is."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if (error := _index_storage_error(doing, where, exc)) is None:
+            raise
+        raise error from exc
 
 
 def _index_storage_error(doing: str, where: Path, exc: sqlite3.Error) -> StorageError | None:
