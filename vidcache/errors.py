@@ -4,6 +4,7 @@ turns any of them into a JSON `{"detail": message}` response in one place."""
 from __future__ import annotations
 
 import errno
+import os
 
 
 class VidcacheError(Exception):
@@ -74,6 +75,12 @@ class StorageError(VidcacheError):
     @classmethod
     def from_os_error(cls, doing: str, where: object, exc: OSError) -> StorageError:
         return cls(doing, where, exc.errno, exc.strerror or str(exc))
+
+    @classmethod
+    def from_strerror(cls, doing: str, where: object, text: str) -> StorageError:
+        """From an OS error named by its text alone, as ffmpeg names them."""
+        number = next((n for n in _STORAGE_CAUSES if os.strerror(n) == text), None)
+        return cls(doing, where, number, text)
 
 
 class MediaToolError(VidcacheError):

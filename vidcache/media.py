@@ -14,10 +14,8 @@ independent of the video's length.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -179,17 +177,13 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                      "-f", "rawvideo", str(output)]
         result = tools.run(argv, what="ffmpeg (frame sampling)")
         if (trouble := _output_error(result.stderr, frames_dir)) is not None:
-            raise StorageError(doing, work_dir, _ERRNO_OF.get(trouble), trouble)
+            raise StorageError.from_strerror(doing, work_dir, trouble)
         if result.returncode != 0:
             raise _refusal(result.stderr, path, "cannot decode frames")
         hashes = tuple(_frame_hash(output) for output in outputs)
     if all(h is None for h in hashes):
         raise NotAVideo("no frame could be decoded")
     return hashes
-
-
-# ffmpeg names an OS error by its strerror text
-_ERRNO_OF = {os.strerror(number): number for number in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)}
 
 
 def _output_error(stderr: bytes, frames_dir: str) -> str | None:
