@@ -439,6 +439,9 @@ _NOT_VIDCACHE_STATUSES = frozenset({404, 405, 501})
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 # the most records GET /videos gives in one page: the fewest requests for a whole listing
 _PAGE_SIZE = 1000
+# an ingest whose answer did not come (the service goes on): what the caller can do
+_MAY_STILL_STORE = ("the service may still store %s: ingest the URL again later (a stored URL "
+                    "is answered at once)")
 
 
 def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request: str, *,
@@ -482,13 +485,11 @@ def _ingest_url(source: str) -> str | None:
 
 def _ingest_advice(exc: VidCacheError, url: str) -> str:
     if isinstance(exc, RequestTimeout):
-        return ("the service may still store it: ingest the URL again later (a stored URL is "
-                "answered at once), or wait longer with --timeout")
+        return f"{_MAY_STILL_STORE % 'it'}, or wait longer with --timeout"
     if isinstance(exc, StatusError) and exc.status_code == 504 and not exc.json_detail:
         # not the service's own 504 (JSON: the origin timed out, nothing stored), a proxy's
         return ("a proxy in front stopped waiting (its read timeout, e.g. nginx's "
-                "proxy_read_timeout, 60 s by default); the service may still store it: ingest "
-                "the URL again later (a stored URL is answered at once)")
+                f"proxy_read_timeout, 60 s by default); {_MAY_STILL_STORE % 'it'}")
     if isinstance(exc, AuthError) and exc.status_code == 403 and url.startswith("file:"):
         directory = os.path.dirname(unquote(urlsplit(url).path))
         return ("the service ingests only the local files it can read below a directory it "
@@ -521,8 +522,7 @@ def _ingest(client: VidCacheClient, args: argparse.Namespace) -> int:
             which = shown if len(args.sources) > 1 else "it"
             left = len(args.sources) - number - 1
             rest = f"; the {left} after it were not asked for" if left else ""
-            print(f"vidcache ingest: interrupted; the service may still store {which}: ingest "
-                  f"the URL again later (a stored URL is answered at once){rest}",
+            print(f"vidcache ingest: interrupted; {_MAY_STILL_STORE % which}{rest}",
                   file=sys.stderr)
             return 130
         _emit(json.dumps(result))
