@@ -477,12 +477,15 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
     @_fuse_operation
     def release(self, path: str, fi: Any) -> int:
         with self._lock:
-            handle = self._handles.pop(fi.fh, None)
+            handle = self._handles.get(fi.fh)
         if isinstance(handle, _VideoHandle):
             handle.readahead.close()
             readahead = handle.readahead.stats()
             self.counters.add("readahead_tasks", readahead["tasks_submitted"])
             self.counters.add("readahead_blocks", readahead["blocks_requested"])
+        # Open until its counters are in: stats showing no open files show all of them.
+        with self._lock:
+            self._handles.pop(fi.fh, None)
         return 0
 
     # -- everything that would change something: read-only ------------------------------------
