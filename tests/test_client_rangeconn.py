@@ -340,7 +340,13 @@ def test_ranges_do_not_chain_over_a_fast_link(
     linked_client: VidCacheClient, link: Link, video: StoredVideo,
 ) -> None:
     """On loopback a range follows only an answer that is arriving: the one after it takes
-    a connection of its own, so the two are received in parallel."""
+    a connection of its own, so the two are received in parallel. The link's round trip is
+    the shortest the client measured: after a few lookups, as vcfs makes, an answer slow to
+    start (a busy server; here the first range's) is not taken for a remote link."""
+    for _ in range(3):
+        linked_client.health()
+    link.reset()
+    link.faults.enable(Latency(seconds=0.03), times=1)
     data, error = read_behind(linked_client, link, video, leader_fails=False, followers=2)
     assert error is None
     assert data == [part(video, n) for n in range(1, len(data) + 1)]

@@ -52,7 +52,10 @@ range's own end is open to the next range as soon as its request is sent, so a s
 which is the order their answers come in (a vcfs sequential read on the 20 ms link: 24.6 MB/s,
 the link's speed, against 22.7 when a third range took a connection of its own). Over a faster
 one, a range follows only an answer already arriving, and the next takes a connection of its
-own: there the CPU bounds a stream, and two connections are received in parallel. The
+own: there the CPU bounds a stream, and two connections are received in parallel. The link's
+round trip is the shortest measured on any connection, from sending a request to the first
+byte of its answer: a busy server lengthens some of them, so the last one measured would take
+a loaded loopback for a remote link, but none is shorter than the link's own. The
 connection is handed from each reader to the next in the queue when its answer is read to its
 end; bytes of the next answer that came in with the end of one are read first. If an answer
 fails or the server closes the connection after it, every range queued behind it is asked for
@@ -141,16 +144,30 @@ def _socket_error(exc: OSError, phase: str, request: httpx.Request) -> httpx.Tra
     return error_class(str(exc) or type(exc).__name__, request=request)
 
 
+class _LinkRoundTrip:
+    """The shortest round trip measured on a reader's connections (None: none yet)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.seconds: float | None = None
+
+    def measured(self, seconds: float) -> None:
+        with self._lock:
+            if self.seconds is None or seconds < self.seconds:
+                self.seconds = seconds
+
+
 class _Connection:
     """One HTTP/1.1 connection: its socket, and the body bytes that came in with the last
     head and are not handed over yet. Raises httpx exceptions naming the current request."""
 
-    def __init__(self, sock: socket.socket, describe: Callable[[], httpx.Request]) -> None:
+    def __init__(self, sock: socket.socket, describe: Callable[[], httpx.Request],
+                 link: _LinkRoundTrip | None = None) -> None:
         self.sock = sock
         self.answers = 0  # answers read to their end: > 0 means a kept-alive connection
-        # Seconds from sending a request on it while idle to the first byte of the answer's
-        # head, as last measured (None: not yet).
-        self.round_trip: float | None = None
+        # Told the seconds from sending a request on it while idle to the first byte of the
+        # answer's head (by default, a link of its own).
+        self._link = link or _LinkRoundTrip()
         self._sent_at: float | None = None
         # The current request as httpx would show it, built only for an error message.
         self.describe = describe
@@ -202,7 +219,7 @@ class _Connection:
                 raise httpx.RemoteProtocolError(
                     "server disconnected without sending a response", request=self.describe())
             if self._sent_at is not None:
-                self.round_trip = time.monotonic() - self._sent_at
+                self._link.measured(time.monotonic() - self._sent_at)
                 self._sent_at = None
             filled += received
             end = buffer.find(b"\r\n\r\n", max(filled - received - 3, 0), filled)
@@ -380,6 +397,7 @@ class RangeReader:
         # them ends, each end taking one follower; and each connection's queue of followers,
         # in the order their requests were sent.
         self._lock = threading.Lock()
+        self._link = _LinkRoundTrip()
         self._open_ends: dict[tuple[str, int], _Connection] = {}
         self._followers: dict[_Connection, deque[_Follower]] = {}
 
@@ -632,7 +650,7 @@ class RangeReader:
             sent = True
         except (_Stale, httpx.TransportError):
             sent = False  # the reader before it fails too, or the connection is unusable
-        if sent and (leader.round_trip or 0) >= _CHAIN_ROUND_TRIP:
+        if sent and (self._link.seconds or 0) >= _CHAIN_ROUND_TRIP:
             with self._lock:  # open to the next range, unless the queue was given up meanwhile
                 if follower in self._followers.get(leader, ()):
                     self._open_ends.setdefault((content_hash, asked[1] + 1), leader)
@@ -660,7 +678,7 @@ class RangeReader:
         except BaseException:
             sock.close()
             raise
-        return _Connection(sock, describe)
+        return _Connection(sock, describe, self._link)
 
     def _response(self, head: bytes, connection: _Connection, *, whole: bool = False
                   ) -> tuple[httpx.Response, int, bool]:
