@@ -1,7 +1,8 @@
-"""Helpers for the service's crash, load, limit and auth tests: many small perceptually
-distinct videos, an origin that trickles its bodies, a vidcache server that kills itself with
-SIGKILL at a chosen point of its own code, one that pauses there, one whose DNS server does not
-answer, and a check of a data directory's invariants."""
+"""Helpers for the service's crash, load, limit, disk and auth tests: many small perceptually
+distinct videos, an origin that trickles its bodies, one that holds them half-way (or sends
+them chunked), a vidcache server that kills itself with SIGKILL at a chosen point of its own
+code, one that pauses there, one whose DNS server does not answer, and a check of a data
+directory's invariants."""
 
 from __future__ import annotations
 
@@ -133,6 +134,79 @@ class TrickleOrigin:
 
     def __exit__(self, *exc_info: object) -> None:
         self.closing.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
+# --- an origin that holds its bodies half-way, or sends them chunked -------------------------
+
+class _HoldingHandler(http.server.SimpleHTTPRequestHandler):
+    """`/chunked/<name>`: the file in 64 KiB chunks (Transfer-Encoding: chunked, its size not
+    announced); `/held/<name>`: its Content-Length and half of it, the rest once the origin's
+    `resume()` is called. Other paths are served normally."""
+
+    protocol_version = "HTTP/1.1"  # for chunked answers
+    origin: HoldingOrigin
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        how, _, name = self.path.strip("/").partition("/")
+        if how not in ("chunked", "held"):
+            super().do_GET()
+            return
+        resume = self.origin.resumed
+        data = (Path(self.directory) / name).read_bytes()
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        try:
+            if how == "chunked":
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for start in range(0, len(data), 64 * 1024):
+                    piece = data[start:start + 64 * 1024]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            else:
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:len(data) // 2])
+                self.wfile.flush()
+                resume.wait(timeout=60)
+                self.wfile.write(data[len(data) // 2:])
+        except OSError:  # the server hung up: what a refused download does
+            pass
+
+
+class HoldingOrigin:
+    """A loopback origin of `directory` (see _HoldingHandler)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.resumed = threading.Event()
+        handler = type("Handler", (_HoldingHandler,), {"origin": self})
+
+        def make(*args: Any) -> _HoldingHandler:
+            return handler(*args, directory=str(directory))  # type: ignore[no-any-return]
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def resume(self) -> None:
+        """Send the rest of the `/held/` answers under way; later ones are held again."""
+        resumed, self.resumed = self.resumed, threading.Event()
+        resumed.set()
+
+    def __enter__(self) -> HoldingOrigin:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.resumed.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)

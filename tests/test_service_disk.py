@@ -4,8 +4,9 @@ cannot take answers 507 with one line naming the cause and the directory, logged
 nothing of it is left (temp file, frames, blob, record); the videos stored before are still
 listed and served whole, and once space is freed the next ingest works, without a restart.
 A download whose size is known ahead and does not fit (with what the downloads under way will
-still write) is refused before it starts. A server started on a full or read-only data
-directory says why in one line, exit status 1.
+still write) is refused before it starts; one whose size is not known stops before it takes
+the room left for the index and frames or promised to others. A server started on a full or
+read-only data directory says why in one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_stress_support import PausingServer, TrickleOrigin, listing
+from tests.service_stress_support import HoldingOrigin, PausingServer, TrickleOrigin, listing
 from tests.service_support import Api, blob_files, digest, serve_origin, temp_files
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
-from vidcache.space import needed
+from vidcache.space import MARGIN, needed
 from vidcache_client import ServerError, VidCacheClient
 
 pytestmark = [pytest.mark.timeout(180),
@@ -171,29 +172,46 @@ class _Ingest:
         return self.answer
 
 
-def test_a_download_larger_than_the_free_space(tmp_path: Path,
-                                               videos: dict[str, Path]) -> None:
-    """big.mp4 (22 MB) on an 8 MiB data directory, its size not announced (no Content-Length):
-    the download hits ENOSPC half-way. 507 naming the temp directory, through the API, the
-    client (ServerError) and `vidcache ingest` (one line, exit 1); nothing left of it; a.mp4,
-    stored before, still served whole. The same for c.mkv with 60 KiB free, then stored once
-    the space is freed. (The detail was 'cannot write the download of URL: [Errno 28] No space
-    left on device', no directory; c.mkv was 500 'internal server error' and a traceback: a
-    write ending short left bytes buffered, and closing the temp file flushed them, failed
-    again and replaced the 507.)"""
+def wait_half_received(server_url: str, url: str, size: int) -> None:
+    """Until the download of `url` (a `/held/` one of `size` bytes) has received its half."""
+    wait_until(lambda: any(item["url"] == url and item["bytes_received"] == size // 2
+                           for item in httpx.get(f"{server_url}/ingests",
+                                                 timeout=10).json()["items"]),
+               timeout=60, what=f"half of {url} received")
+
+
+def test_the_disk_filling_up_during_a_download(tmp_path: Path, videos: dict[str, Path]) -> None:
+    """c.mkv (104 KiB, its size announced: its room promised) on an 8 MiB data directory, held
+    half-way by its origin while another program fills the disk: once it goes on, its download
+    hits ENOSPC. 507 naming the temp directory, logged; nothing left of it; a.mp4, stored
+    before, still served whole. The same with 16 KiB left: a write ends short. On the full disk
+    an ingest refused at once gives the same 507 through the API, the client (ServerError) and
+    `vidcache ingest` (one line, exit 1); once the space is freed c.mkv is stored. (The detail
+    was 'cannot write the download of URL: [Errno 28] No space left on device', no directory; a
+    write ending short was 500 'internal server error' and a traceback: closing the temp file
+    flushed the bytes left buffered, failed again and replaced the 507.)"""
     with (small_tmpfs(tmp_path / "data") as data,
-          serve_origin(videos["a.mp4"].parent) as (origin, _stalled),
+          HoldingOrigin(videos["a.mp4"].parent) as origin,
           VidcacheServer(data) as server):
         api = Api(server.url)
-        stored = {api.ingest_ok(f"{origin}/a.mp4", "v")["hash"]: videos["a.mp4"]}
-        blobs = blob_files(server.data_dir)
-        url = f"{origin}/nolength/big.mp4"
-        detail = assert_disk_full(api.ingest(url, "v"), server, url,
-                                  server.data_dir / ".vidcache" / "tmp")
-        assert detail.startswith(f"cannot write the download of {url} in ")
-        assert_nothing_left(server.data_dir, blobs)
-        assert_served_whole(server.url, stored)
+        stored = {api.ingest_ok(f"{origin.url}/a.mp4", "v")["hash"]: videos["a.mp4"]}
+        blobs = blob_files(data)
+        tmp = data / ".vidcache" / "tmp"
+        url, size = f"{origin.url}/held/c.mkv", videos["c.mkv"].stat().st_size
+        for leave in (0, 16 * 1024):
+            held = _Ingest(server.url, url, "v")
+            wait_half_received(server.url, url, size)
+            filler = fill(data, leave=leave)
+            origin.resume()
+            detail = assert_disk_full(held.result(), server, url, tmp)
+            assert detail.startswith(f"cannot write the download of {url} in "), detail
+            assert_nothing_left(data, blobs)
+            assert_served_whole(server.url, stored)
+            filler.unlink()
 
+        filler = fill(data)
+        url = f"{origin.url}/c.mkv"
+        detail = assert_no_room(api.ingest(url, "v"), server, url, tmp, size)
         with VidCacheClient(server.url, timeout=120) as client, \
                 pytest.raises(ServerError) as raised:
             client.ingest(url, "v")
@@ -205,17 +223,97 @@ def test_a_download_larger_than_the_free_space(tmp_path: Path,
         assert run.stderr.splitlines() == [
             f"vidcache ingest: error: ingest of {url} into bucket 'v': HTTP 507 Insufficient "
             f"Storage: {detail} [POST {server.url}/ingest]"], run.stderr
-        assert_nothing_left(server.data_dir, blobs)
+        assert_nothing_left(data, blobs)
+        filler.unlink()
+        stored[api.ingest_ok(url, "v")["hash"]] = videos["c.mkv"]
         assert_served_whole(server.url, stored)
 
-        # c.mkv (104 KiB) with 60 KiB free: a write ends short
-        small = f"{origin}/nolength/c.mkv"
-        filler = fill(data, leave=60 * 1024)
-        assert_disk_full(api.ingest(small, "v"), server, small, data / ".vidcache" / "tmp")
-        assert_nothing_left(server.data_dir, blobs)
+
+def _growing_shortage(url: str, where: Path) -> str:
+    """The pattern of the detail of a 507 stopping the download of `url`, of unknown size, in
+    `where`; its groups: bytes needed, written, free, promised to others (or None)."""
+    return (rf"cannot write the download of {re.escape(url)} in {re.escape(str(where))}: not "
+            r"enough free space: needs (\d+) bytes \([\d.,]+ MiB\) more after (\d+) written "
+            r"\([\d.,]+ MiB\), (\d+) are free \([\d.,]+ MiB\)"
+            r"(?: but (\d+) of them are promised to downloads under way)?")
+
+
+@pytest.mark.parametrize("how", ["chunked", "gzip"])
+def test_a_download_of_unknown_size_stops_before_the_disk_is_full(
+        tmp_path: Path, videos: dict[str, Path], how: str) -> None:
+    """A download whose size is not known ahead onto a data directory with room for 8 MiB
+    besides big.mp4 (22 MB), whose download is held half-way with the rest of its room
+    promised: big_moov_end.mp4 (22 MB) sent chunked (no Content-Length), or 24 MiB sent
+    gzip-compressed (a Content-Length of 3 MiB: 8 KiB of random bytes in every 64 KiB, zeros
+    between; the service stores the decoded bytes). It is stopped with 507 'not enough free
+    space' once the next piece and the room for the index and frames no longer fit beside
+    big.mp4's promise, saying what it has written and needs and what is free: the disk keeps
+    that room (1 MiB, less a page of rounding) and the promise; logged; nothing left of it.
+    big.mp4 then goes on and is stored. (Before: it wrote until the disk was full, 507 'disk
+    full'.)"""
+    payload = tmp_path / "payload"
+    payload.mkdir()
+    (payload / "sparse.bin").write_bytes(b"".join(
+        os.urandom(8 * 1024) + bytes(56 * 1024) for _ in range(24 * 16)))
+    big, size = videos["big.mp4"], videos["big.mp4"].stat().st_size
+    with (small_tmpfs(tmp_path / "data", size="48m") as data,
+          HoldingOrigin(big.parent) as origin,
+          serve_origin(payload) as (gzipping, _stalled),
+          VidcacheServer(data) as server):
+        api = Api(server.url)
+        url = (f"{origin.url}/chunked/big_moov_end.mp4" if how == "chunked" else
+               f"{gzipping}/gzip/sparse.bin")
+        fill(data, leave=-(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE + 8 * MIB)
+        held_url = f"{origin.url}/held/big.mp4"
+        held = _Ingest(server.url, held_url, "v")
+        wait_half_received(server.url, held_url, size)
+
+        answer = api.ingest(url, "v")
+        assert answer.status_code == 507, answer.text
+        detail = answer.json()["detail"]
+        match = re.fullmatch(_growing_shortage(url, data / ".vidcache" / "tmp"), detail)
+        assert match, detail
+        need, written, free, promised = (int(group) for group in match.groups())
+        assert need > free - promised >= MARGIN - PAGE, detail
+        assert written > 6 * MIB, detail  # it had the room it may use
+        wait_logged(server, f"ingest {url} failed (507): {detail}")
+        assert "Traceback" not in server.log()
+        assert len(temp_files(data)) == 1  # big.mp4's
+
+        origin.resume()
+        assert held.result().status_code == 200, held.result().text
+        stored = held.result().json()
+        assert stored["status"] == "new"
+        assert_nothing_left(data, [data / stored["file_path"]])
+        assert_served_whole(server.url, {stored["hash"]: big})
+
+
+def test_a_download_of_unknown_size_needs_room_for_what_it_writes(
+        tmp_path: Path, videos: dict[str, Path]) -> None:
+    """c.mkv sent chunked (its size not announced) with a few pages less free than its bytes
+    and the room for the index and frames: 507 'not enough free space', logged, nothing left.
+    With a page more than that (for the part of a page the bytes written so far leave
+    unused): stored. (Before: stored with the room it had, taking the margin.)"""
+    size = videos["c.mkv"].stat().st_size
+    room = -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
+    with (small_tmpfs(tmp_path / "data") as data,
+          HoldingOrigin(videos["c.mkv"].parent) as origin,
+          VidcacheServer(data) as server):
+        api = Api(server.url)
+        url = f"{origin.url}/chunked/c.mkv"
+        filler = fill(data, leave=room - 4 * PAGE)
+        answer = api.ingest(url, "v")
+        assert answer.status_code == 507, answer.text
+        detail = answer.json()["detail"]
+        assert re.fullmatch(_growing_shortage(url, data / ".vidcache" / "tmp"), detail), detail
+        wait_logged(server, f"ingest {url} failed (507): {detail}")
+        assert_nothing_left(data, [])
         filler.unlink()
-        stored[api.ingest_ok(small, "v")["hash"]] = videos["c.mkv"]
-        assert_served_whole(server.url, stored)
+
+        filler = fill(data, leave=room + PAGE)
+        stored = api.ingest_ok(url, "v")
+        assert_served_whole(server.url, {stored["hash"]: videos["c.mkv"]})
+        filler.unlink()
 
 
 @pytest.mark.parametrize("source", ["http", "file"])

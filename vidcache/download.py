@@ -4,7 +4,9 @@ One pass over the bytes computes the whole-file BLAKE3 (the content hash) and th
 every chunk of the service's chunk size (chunks.py; published at /video/{hash}/chunks so
 readers can verify ranges). The size cap is enforced on the bytes actually received, not only
 on Content-Length. A size known ahead that the data directory has no room for (space.py, with
-what the downloads under way have yet to write) is refused before the first byte.
+what the downloads under way have yet to write) is refused before the first byte; bytes beyond
+it (no size known, or a gzip body decoded) are promised room before they are written, and the
+download stops (507) when there is none.
 
 http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
 sent to the address the guard approved (Host header and TLS SNI keep the original name).
@@ -128,6 +130,7 @@ class _HashingWriter:
         self._claim = claim
         self._max_size = max_size
         self._url = url
+        self._doing = f"write the download of {url}"
         self._whole = blake3.blake3()
         self._chunks = ChunkHasher(chunk_size)
         self.size = 0
@@ -138,13 +141,14 @@ class _HashingWriter:
         if size > self._max_size:
             raise TooLarge(f"{self._url} is {size} bytes, more than the server's --max-size of "
                            f"{self._max_size} bytes")
-        self._claim.promise(size, f"write the download of {self._url}")
+        self._claim.promise(size, self._doing)
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self._max_size:
             raise TooLarge(f"{self._url} is larger than the server's --max-size of "
                            f"{self._max_size} bytes")
+        self._claim.cover(self.size, self._doing)
         try:
             self._file.write(data)
         except OSError as exc:
@@ -163,8 +167,7 @@ class _HashingWriter:
         return self._whole.hexdigest(), self._chunks.finish()
 
     def _storage_error(self, exc: OSError) -> StorageError:
-        return StorageError.from_os_error(f"write the download of {self._url}", self._directory,
-                                          exc)
+        return StorageError.from_os_error(self._doing, self._directory, exc)
 
 
 class _Body(httpx.SyncByteStream):

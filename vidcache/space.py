@@ -6,8 +6,14 @@ the disk, saying how much it needs and how much is free. What a download under w
 write counts as used for those starting meanwhile: two 5 GB downloads onto 8 GB free do not
 both start only to fail at the end. A download also needs room for what its ingest writes
 next to its bytes: the sampled frames, the blob's folders, the index's update (its chunk
-digests, some pages). A download of unknown size is promised nothing (it may still fill the
-disk: ENOSPC, 507 as before).
+digests, some pages). A download of unknown size (no Content-Length), or whose decoded body
+outgrows the Content-Length of its encoded one (gzip), is promised room as it grows, before
+each write: it stops with the same 507 when what it has written plus that room no longer fits,
+so it never takes the space promised to others, nor that room.
+
+A slow download keeps the rest of its promise until it ends (stored, failed, or stopped by
+--download-timeout or --max-download-time): given to another download meanwhile, the room
+would be gone when the slow one needs it, and it would fail after all its time.
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ def needed(size: int, chunk_size: int) -> int:
 
 
 class Claim:
-    """One download's share: `promised` bytes once its size is known, `written` of them on
-    disk already (the file system counts those as used)."""
+    """One download's share: `promised` bytes (for its size once known, else for what it has
+    written so far), `written` of them on disk already (the file system counts those as
+    used)."""
 
     def __init__(self, space: FreeSpace) -> None:
         self._space = space
@@ -47,6 +54,13 @@ class Claim:
         """Promise this download room for `size` bytes (and what its ingest writes next to
         them), or StorageError saying what it needs and what is free."""
         self._space.promise(self, size, doing)
+
+    def cover(self, size: int, doing: str) -> None:
+        """Before the download's bytes reach `size`: promise room for them if it has not been
+        promised already (no size was known, or it is more than was), or StorageError as
+        `promise`."""
+        if self._space.needed(size) > self.promised:
+            self._space.promise(self, size, doing)
 
 
 class FreeSpace:
@@ -70,8 +84,13 @@ class FreeSpace:
             with self._lock:
                 self._claims.discard(claim)
 
+    def needed(self, size: int) -> int:
+        return needed(size, self._chunk_size)
+
     def promise(self, claim: Claim, size: int, doing: str) -> None:
-        need = needed(size, self._chunk_size)
+        # what the claim has written takes up disk space already: it needs the rest
+        written = claim.written
+        need = self.needed(size) - written
         with self._lock:
             try:
                 status = os.statvfs(self._directory)
@@ -80,12 +99,14 @@ class FreeSpace:
             free = status.f_bavail * status.f_frsize
             promised = sum(other.outstanding for other in self._claims if other is not claim)
             if need > free - promised:
-                shortage = (f"not enough free space: needs {need} bytes ({_mib(need)}), {free} "
-                            f"are free ({_mib(free)})")
+                shortage = f"not enough free space: needs {need} bytes ({_mib(need)})"
+                if written:
+                    shortage += f" more after {written} written ({_mib(written)})"
+                shortage += f", {free} are free ({_mib(free)})"
                 if promised:
                     shortage += f" but {promised} of them are promised to downloads under way"
                 raise StorageError(doing, self._directory, None, shortage)
-            claim.promised = need
+            claim.promised = need + written
 
 
 def _mib(size: int) -> str:
