@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from blake3 import blake3
@@ -23,6 +24,8 @@ from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.store import Store, blob_relpath
 
 CHUNK = 1024 * 1024
+# what the origin's /signed/ route takes for a valid signature of a presigned URL
+SIGNATURE = "5e11f00d5ec4e7c0ffee0ddba11ad5e1f5e11f00d5ec4e7c0ffee0ddba11ad5e1"
 
 
 def digest(data: bytes) -> str:
@@ -114,6 +117,11 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
     /gzip/<name>           the body gzip-compressed (Content-Encoding: gzip) whatever the client
                            accepts, as S3 serves an object stored with that encoding
     /auth/<name>           401 unless the request has HTTP Basic credentials user:secret
+    /signed/<name>?...     403 unless the query's X-Amz-Signature is SIGNATURE (an S3 presigned
+                           URL's)
+    /by-token?token=<name> <name>, as a download link whose token names the file does
+
+    Other queries are ignored, as a plain file server does.
     """
 
     release: threading.Event
@@ -134,6 +142,16 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
                 super().do_GET()
             else:
                 self.send_error(401)
+        elif self.path.startswith("/signed/"):
+            query = parse_qs(urlsplit(self.path).query)
+            if query.get("X-Amz-Signature") == [SIGNATURE]:
+                self.path = self.path.removeprefix("/signed")
+                super().do_GET()
+            else:
+                self.send_error(403)
+        elif self.path.startswith("/by-token?"):
+            self.path = "/" + parse_qs(urlsplit(self.path).query)["token"][0]
+            super().do_GET()
         elif self.path.startswith("/redirect-to?"):
             self._redirect(self.path.partition("?")[2])
         elif match := re.fullmatch(r"/(nolength|stall|gzip)/(.+)", self.path):
@@ -148,7 +166,7 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
         self.end_headers()
 
     def _misbehave(self, how: str, name: str) -> None:
-        data = (Path(self.directory) / name).read_bytes()
+        data = (Path(self.directory) / name.partition("?")[0]).read_bytes()
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         if how == "gzip":

@@ -28,7 +28,7 @@ import httpx
 import pytest
 
 from tests.service_stress_support import PausingServer
-from tests.service_support import serve_origin, unique
+from tests.service_support import SIGNATURE, serve_origin, unique
 from tests.support import VidcacheServer, wait_until
 from vidcache_client import IngestUnderWay, VidCacheClient
 
@@ -231,6 +231,28 @@ def test_ingest_on_a_terminal_shows_the_bytes_of_its_stalled_download(
     drawn = [line for line in shown.split("\r") if "downloading" in line]
     assert drawn and not [line for line in drawn if "secret" in line or "user" in line], drawn
     assert "\r\x1b[Kvidcache ingest: error: " in shown, shown  # erased before the error
+
+
+def test_a_presigned_url_under_way_is_shown_with_its_signature_redacted(
+        server: VidcacheServer, videos: dict[str, Path]) -> None:
+    """GET /ingests lists the stalled download of a presigned URL with its X-Amz-Signature
+    REDACTED; `vidcache ingest` on a terminal finds its own ingest by the URL shown so (the
+    line says downloading) and shows the signature neither there nor in its error. (GET
+    /ingests and the error showed it before.)"""
+    with contextlib.ExitStack() as running:  # the command outlives the origin
+        with serve_origin(videos["big.mp4"].parent) as (origin, _stalled):
+            url = (f"{origin}/stall/big.mp4?X-Amz-Date=20250131T120000Z"
+                   f"&X-Amz-Signature={SIGNATURE}&id=5")
+            shown = url.replace(SIGNATURE, "REDACTED")
+            terminal = running.enter_context(_terminal(
+                url, "--bucket", unique("tty"), "--server", server.url))
+            terminal.wait_drawn("vidcache ingest: downloading ")
+            listed = httpx.get(f"{server.url}/ingests").text
+            assert [item["url"] for item in json.loads(listed)["items"]] == [shown], listed
+        status, out, drawn = terminal.finish()
+    assert (status, out) == (1, ""), drawn
+    assert f"vidcache ingest: error: ingest of {shown} into bucket" in drawn, drawn
+    assert SIGNATURE not in listed + drawn
 
 
 def test_the_line_fits_a_narrow_terminal() -> None:

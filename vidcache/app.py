@@ -120,7 +120,8 @@ class VideoMeta(BaseModel):
     size_bytes: int
     duration_s: float
     first_seen: str = Field(description="ISO-8601 UTC time of the first ingest")
-    aliases: list[str] = Field(description="every URL this video was ingested from")
+    aliases: list[str] = Field(description="every URL this video was ingested from, as "
+                                           "shown: secrets in a query REDACTED")
     meta: dict[str, Any]
     bucket: str
     prefix: str
@@ -145,7 +146,8 @@ class ChunkDigests(BaseModel):
 
 
 class IngestUnderWay(BaseModel):
-    url: str = Field(description="the URL as given, without any user:password@")
+    url: str = Field(description="the URL as given, without any user:password@, secrets in "
+                                 "its query REDACTED")
     bucket: str
     prefix: str
     phase: Phase = Field(description="queued (for an ingest slot, or behind an ingest of the "
@@ -185,7 +187,9 @@ _RANGE_ERRORS: dict[int | str, dict[str, Any]] = {
 def _meta(record: VideoRecord) -> VideoMeta:
     return VideoMeta(hash=record.content_hash, size_bytes=record.size_bytes,
                      duration_s=record.duration_s, first_seen=record.first_seen,
-                     aliases=list(record.aliases), meta=record.meta, bucket=record.bucket,
+                     # each once: two that differ only in a secret show alike
+                     aliases=list(dict.fromkeys(map(without_credentials, record.aliases))),
+                     meta=record.meta, bucket=record.bucket,
                      prefix=record.prefix, file_path=record.file_path,
                      mime_type=record.mime_type)
 

@@ -422,8 +422,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _query_without_credentials(record: logging.LogRecord) -> bool:
-    """uvicorn's access log line with the URLs in its query (`GET /resolve?url=...`) without
-    their user:password@, as every other line of the log shows a URL."""
+    """uvicorn's access log line with the URLs in its query (`GET /resolve?url=...`) shown
+    without their credentials, as every other line of the log shows a URL."""
     if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, target...
         target = record.args[2]
         if isinstance(target, str):
@@ -504,8 +504,8 @@ def _ingest(client: VidCacheClient, args: argparse.Namespace) -> int:
     for number, source in enumerate(args.sources):
         url = _ingest_url(source)
         if url is None:
-            print(f"vidcache ingest: error: {source}: no such file, and not a URL (http://, "
-                  "https:// or file://)", file=sys.stderr)
+            print(f"vidcache ingest: error: {without_credentials(source)}: no such file, and "
+                  "not a URL (http://, https:// or file://)", file=sys.stderr)
             failed = True
             continue
         shown = without_credentials(url)

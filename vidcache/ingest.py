@@ -1,7 +1,8 @@
 """The ingest pipeline, in this order:
 
-1. URL lookup: a URL seen before (its `user:password@` aside: an alias is stored without it)
-   is a `url_alias` of its video; nothing is downloaded.
+1. URL lookup: a URL seen before (compared as store.url_alias stores it: without its
+   `user:password@`, a digest for each secret of its query) is a `url_alias` of its video;
+   nothing is downloaded.
 2. Download to a temp file, hashing on the fly (download.py).
 3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
 4. ffprobe validation (422 "not a video: ...").
@@ -45,7 +46,7 @@ from vidcache.errors import VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
 from vidcache.progress import IngestProgress
-from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta
+from vidcache.store import NewVideo, Store, VideoRecord, check_location, check_meta, url_alias
 from vidcache.tools import Tools
 from vidcache_client._credentials import without_credentials
 
@@ -96,7 +97,7 @@ class Ingestor:
             check_location(bucket, prefix)
             check_meta(meta or {}, max_bytes=self._max_meta_bytes, max_depth=self._max_meta_depth)
             parse_url(url)
-            with self._url_locks.hold(without_credentials(url)):  # the alias's, as stored
+            with self._url_locks.hold(url_alias(url)):
                 result = self._ingest_new_url(url, bucket, prefix, meta or {}, progress)
         except VidcacheError as exc:
             log.warning("ingest %s failed (%d): %s", without_credentials(url), exc.status_code,

@@ -1,5 +1,5 @@
-"""The ingests under way, as `GET /ingests` shows them: each one's URL (without its
-`user:password@`), bucket, prefix, phase, bytes received and expected, and start.
+"""The ingests under way, as `GET /ingests` shows them: each one's URL (shown without its
+credentials), bucket, prefix, phase, bytes received and expected, and start.
 
 An ingest is tracked from its request's arrival (phase `queued` while it waits for an ingest
 slot, or for an earlier ingest of the same URL) until it ends, however it ends. Its own thread

@@ -31,7 +31,11 @@ many pages as one at a time), and each connection kept its own page cache and de
 the server's life.
 
 A URL alias is the URL without its `user:password@` (sent to the origin, never kept): the same
-URL with or without them is one alias, and no credential is at rest in the index.
+URL with or without them is one alias. The value of each secret parameter of its query (a
+signature, a token, a key: vidcache_client/_credentials.py) is kept as a digest of it,
+`REDACTED-` and 32 hex digits of its BLAKE3: the origin needs the value itself, so the index
+holds no credential, and yet two URLs that differ only there (`dl?token=A`, `dl?token=B`: two
+videos, as like as not) stay two aliases, as the exact strings they were compared as before.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import blake3
+
 from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
 from vidcache.errors import DataDirInUse, InvalidRequest, ShuttingDown, StorageError, TooLarge
-from vidcache_client._credentials import without_credentials
+from vidcache_client._credentials import REDACTED, with_secrets_replaced
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +100,19 @@ CREATE TABLE IF NOT EXISTS url_aliases (
 );
 CREATE INDEX IF NOT EXISTS url_aliases_hash ON url_aliases (hash);
 """
-# PRAGMA user_version of an index brought up to date; 1: aliases without credentials
-_SCHEMA_VERSION = 1
+# PRAGMA user_version of an index brought up to date; 1: aliases without user:password@,
+# 2: and with digests of their secret parameters' values
+_SCHEMA_VERSION = 2
+
+
+def url_alias(url: str) -> str:
+    """The alias `url` is stored and looked up as (see the module's docstring)."""
+    return with_secrets_replaced(url, _secret_digest)
+
+
+def _secret_digest(value: str) -> str:
+    digest = blake3.blake3(value.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"{REDACTED}-{digest[:32]}"
 
 
 def is_content_hash(value: str) -> bool:
@@ -311,13 +328,13 @@ class Store:
             log.warning("removed the credentials from %d URL aliases in %s", cut, self.data_dir)
 
     def _cut_alias_credentials(self) -> int:
-        """Store each alias without its credentials, as versions before 1 did not; where two
-        become one, the oldest is kept. Returns how many aliases had credentials."""
-        rows = self.db.execute(
-            "SELECT rowid, url FROM url_aliases WHERE url LIKE '%@%' ORDER BY rowid").fetchall()
+        """Store each alias as url_alias makes it, as versions before 2 did not (before 1,
+        with user:password@; before 2, with the secrets of its query); where two become one,
+        the oldest is kept. Returns how many aliases had credentials."""
+        rows = self.db.execute("SELECT rowid, url FROM url_aliases ORDER BY rowid").fetchall()
         cut = 0
         for rowid, url in rows:
-            alias = without_credentials(url)
+            alias = url_alias(url)
             if alias == url:
                 continue
             cut += 1
@@ -390,10 +407,10 @@ class Store:
         return None if row is None else self._records(db, [row])[0]
 
     def lookup_url(self, url: str) -> VideoRecord | None:
-        """The video `url` is an alias of, credentials or not."""
+        """The video `url` is an alias of, user:password@ or not."""
         with self._reading() as db:
             row = db.execute("SELECT hash FROM url_aliases WHERE url = ?",
-                             (without_credentials(url),)).fetchone()
+                             (url_alias(url),)).fetchone()
             return None if row is None else self._get(db, row[0])
 
     def list_videos(self, *, bucket: str | None, prefix: str | None, after: str | None,
@@ -485,19 +502,19 @@ class Store:
     # --- writes -----------------------------------------------------------------------------
 
     def add_alias(self, url: str, content_hash: str) -> VideoRecord | None:
-        """Record `url` (without its credentials) as a source of the stored video; None if
-        that video is gone."""
+        """Record `url` (as its url_alias) as a source of the stored video; None if that video
+        is gone."""
         with self._write_lock:
             if self._get(self.db, content_hash) is None:
                 return None
             with self._transaction():
                 self.db.execute("INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
-                                (without_credentials(url), content_hash, _now_iso()))
+                                (url_alias(url), content_hash, _now_iso()))
             return self._get(self.db, content_hash)
 
     def add_video(self, video: NewVideo, *, url: str, temp_path: Path) -> VideoRecord:
         """Move the downloaded file into place and commit its record and first URL alias
-        (`url` without its credentials)."""
+        (`url` as its url_alias)."""
         file_path = blob_relpath(video.bucket, video.prefix, video.content_hash,
                                  video.extension)
         final = self.data_dir / file_path
@@ -515,7 +532,7 @@ class Store:
                          video.phash, video.chunk_digests))
                     db.execute(
                         "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, ?)",
-                        (without_credentials(url), video.content_hash, now))
+                        (url_alias(url), video.content_hash, now))
             except BaseException:
                 # one left on a file system turned read-only is removed at the next start
                 with contextlib.suppress(OSError):

@@ -1,14 +1,17 @@
-"""A URL's `user:password@`: sent as HTTP Basic credentials (`basic_authorization`, by the
-client to its base URL and by the service to an origin), and left out wherever the URL is
-shown (`without_credentials`). The service shows the URLs it is given so too, in its answers,
-its log and `GET /ingests`, where a client finds its own ingest by its URL cut alike.
+"""A URL's credentials: its `user:password@`, sent as HTTP Basic credentials
+(`basic_authorization`, by the client to its base URL and by the service to an origin), and
+the secrets of a signed URL's query (`X-Amz-Signature=`, `sig=`, `token=`, ...), sent as they
+are. Wherever the URL is shown (`without_credentials`) the first are left out and the second's
+values are REDACTED. The service shows the URLs it is given so too, in its answers, its log and
+`GET /ingests`, where a client finds its own ingest by its URL shown alike.
 """
 
 from __future__ import annotations
 
 import base64
 import re
-from urllib.parse import parse_qsl, urlencode
+from collections.abc import Callable
+from urllib.parse import parse_qsl, unquote_plus, urlencode
 
 import httpx
 
@@ -18,16 +21,52 @@ import httpx
 # that is refused, its refusal showing it: after leading spaces, or backslashes for slashes.
 _USER_INFO = re.compile(r"^([\x00-\x20]*(?:(?:[A-Za-z][A-Za-z0-9+.-]*)?:)?[/\\]{2})[^/?#]*@")
 
+# A parameter of the query, or of the fragment (where OAuth puts an access_token): its name
+# and its value, up to the next parameter or the fragment. ';' ends it too, as some servers
+# read it, so the value after `a=1;token=` is not shown (no signature or token holds one).
+_PARAMETER = re.compile(r"([?&;#])([^=&;#]*)=([^&;#]*)")
+# Names of parameters whose value is a secret (compared in lowercase without '-', '_', '.'):
+# a signed URL's signature or credential (S3, GCS, Azure SAS, CloudFront, nginx's
+# secure_link, Akamai), an API key, a token, a password; the whole name, or how it ends.
+_SECRET_NAMES = frozenset({"sig", "key", "auth", "pass", "passwd", "pwd", "hmac", "md5", "jwt",
+                           "hdnts", "hdnea"})
+_SECRET_ENDINGS = ("signature", "token", "tokenhash", "secret", "password", "credential",
+                   "credentials", "apikey", "accesskey", "accesskeyid", "secretkey",
+                   "privatekey")
+
+REDACTED = "REDACTED"
+
 
 def without_credentials(url: str) -> str:
-    """`url` without its `user:password@`, as an ingest's URL is shown; otherwise unchanged,
-    so a client can find its own ingest by the URL it sent."""
-    return _USER_INFO.sub(r"\1", url, count=1)
+    """`url` as it is shown: without its `user:password@`, the value of each secret parameter
+    of its query REDACTED (the name kept); otherwise unchanged, so a client can find its own
+    ingest by the URL it sent, shown alike."""
+    return with_secrets_replaced(url, lambda _value: REDACTED)
+
+
+def with_secrets_replaced(url: str, replace: Callable[[str], str]) -> str:
+    """`url` without its `user:password@`, the (non-empty) value of each secret parameter of
+    its query and fragment replaced by `replace(value)`."""
+    url = _USER_INFO.sub(r"\1", url, count=1)
+    query = re.search(r"[?#]", url)
+    if query is None:
+        return url
+
+    def parameter(match: re.Match[str]) -> str:
+        mark, name, value = match.groups()
+        return f"{mark}{name}={replace(value)}" if value and _is_secret(name) else match[0]
+
+    return url[:query.start()] + _PARAMETER.sub(parameter, url[query.start():])
+
+
+def _is_secret(name: str) -> bool:
+    plain = re.sub(r"[-_.]", "", unquote_plus(name).lower())
+    return plain in _SECRET_NAMES or plain.endswith(_SECRET_ENDINGS)
 
 
 def target_without_credentials(target: str) -> str:
-    """A request's URL or target (`/resolve?url=...`) without its own credentials nor those
-    of the URLs in its query; unchanged if it had none."""
+    """A request's URL or target (`/resolve?url=...`) shown without its own credentials nor
+    those of the URLs in its query; unchanged if it had none."""
     shown = without_credentials(target)
     base, mark, query = shown.partition("?")
     fields = parse_qsl(query, keep_blank_values=True)

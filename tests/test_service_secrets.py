@@ -1,0 +1,214 @@
+"""Secrets in the query of a source URL (a presigned URL's X-Amz-Signature, a token, a key):
+sent to the origin as given, shown REDACTED by the real service (answers, error details, its
+log, the access log) and by `vidcache` (ingest's errors, show, list), and kept in the index as
+a digest only, an older index's aliases rewritten so at start (docs/service.md, Secrets in
+URLs)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.service_support import SIGNATURE, Api, digest, serve_origin
+from tests.support import VidcacheServer, wait_until
+from vidcache_client._credentials import without_credentials
+
+pytestmark = pytest.mark.timeout(120)
+
+WRONG_SIGNATURE = "0bad51690bad51690bad51690bad51690bad51690bad51690bad51690bad5169"
+ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
+SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN"
+SECRETS = (SIGNATURE, WRONG_SIGNATURE, ACCESS_KEY, SESSION_TOKEN)
+
+
+def presigned(origin: str, name: str, signature: str, *, number: int = 5) -> str:
+    """An S3 presigned URL of /signed/<name>, `id=number` telling one such URL from another."""
+    return (f"{origin}/signed/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential={ACCESS_KEY}%2F20250131%2Fus-east-1%2Fs3%2Faws4_request"
+            f"&X-Amz-Date=20250131T120000Z&X-Amz-Expires=3600"
+            f"&X-Amz-Security-Token={SESSION_TOKEN}&X-Amz-SignedHeaders=host"
+            f"&X-Amz-Signature={signature}&id={number}")
+
+
+def shown(origin: str, name: str, *, number: int = 5) -> str:
+    """presigned(...) as the service and the command show it, whatever its signature."""
+    return (f"{origin}/signed/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential=REDACTED&X-Amz-Date=20250131T120000Z&X-Amz-Expires=3600"
+            f"&X-Amz-Security-Token=REDACTED&X-Amz-SignedHeaders=host"
+            f"&X-Amz-Signature=REDACTED&id={number}")
+
+
+def leaks(text: str) -> list[str]:
+    return [secret for secret in SECRETS if secret in text]
+
+
+def files_holding_secrets(data_dir: Path) -> list[Path]:
+    return [path for path in (data_dir / ".vidcache").rglob("*")
+            if path.is_file() and leaks(path.read_bytes().decode("latin-1"))]
+
+
+def vidcache(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vidcache", *args], capture_output=True,
+                          text=True, timeout=90)
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("https://b.s3.amazonaws.com/v.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK"
+     "%2F2025&X-Amz-Date=2025&x-amz-security-token=t&X-Amz-Signature=abc",
+     "https://b.s3.amazonaws.com/v.mp4?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential="
+     "REDACTED&X-Amz-Date=2025&x-amz-security-token=REDACTED&X-Amz-Signature=REDACTED"),
+    ("https://s.googleapis.com/b/v.mp4?X-Goog-Credential=a&X-Goog-Signature=b&X-Goog-Date=1",
+     "https://s.googleapis.com/b/v.mp4?X-Goog-Credential=REDACTED&X-Goog-Signature=REDACTED"
+     "&X-Goog-Date=1"),
+    ("https://a.blob.core.windows.net/c/v.mp4?sv=2024&se=2025&sp=r&sig=a%2Bb%3D",
+     "https://a.blob.core.windows.net/c/v.mp4?sv=2024&se=2025&sp=r&sig=REDACTED"),
+    ("https://d.cloudfront.net/v.mp4?Expires=1&Signature=a~b&Key-Pair-Id=K2",
+     "https://d.cloudfront.net/v.mp4?Expires=1&Signature=REDACTED&Key-Pair-Id=K2"),
+    ("http://u:p@h.test/v?token=a&access_token=b&key=c&api_key=d&apiKey=e&id=5&keyframe=1",
+     "http://h.test/v?token=REDACTED&access_token=REDACTED&key=REDACTED&api_key=REDACTED"
+     "&apiKey=REDACTED&id=5&keyframe=1"),
+    ("http://h.test/v?md5=a&expires=1&__token__=exp=1~hmac=b&password=c&client_secret=d",
+     "http://h.test/v?md5=REDACTED&expires=1&__token__=REDACTED&password=REDACTED"
+     "&client_secret=REDACTED"),
+    ("http://h.test/a;token=path/v?sig&a=1;sig=b&token=&X%2DAmz%2DSignature=c"
+     "#access_token=d&state=e",
+     "http://h.test/a;token=path/v?sig&a=1;sig=REDACTED&token=&X%2DAmz%2DSignature=REDACTED"
+     "#access_token=REDACTED&state=e"),
+], ids=["s3", "gcs", "azure", "cloudfront", "generic", "cdn", "forms"])
+def test_a_urls_secrets_are_shown_redacted(url: str, expected: str) -> None:
+    """Each secret parameter's value, its name kept; the path, other parameters, a name
+    without a value and an empty value unchanged. (Shown whole before.)"""
+    assert without_credentials(url) == expected
+
+
+def test_a_presigned_urls_secrets_are_sent_shown_redacted_and_kept_as_digests(
+        tmp_path: Path, videos: dict[str, Path]) -> None:
+    """An origin that wants the signature (403 otherwise): a wrong one is refused, the right
+    one stored; the answers, aliases, /resolve and the log show the URL REDACTED, and no
+    file of the index holds a secret. The query still tells videos apart: id=6 is another
+    alias (a duplicate), and so is a token that names the file, a secret itself: two videos,
+    two aliases; `aliases` lists two shown alike once. (Before: the secrets shown everywhere
+    and stored in the index.)"""
+    data = tmp_path / "data"
+    answers: list[str] = []
+    with VidcacheServer(data) as server, serve_origin(videos["b.mp4"].parent) as (origin, _):
+        api = Api(server.url)
+        refused = api.ingest(presigned(origin, "b.mp4", WRONG_SIGNATURE), "signed")
+        assert refused.status_code == 502, refused.text
+        assert refused.json()["detail"].startswith(f"{shown(origin, 'b.mp4')} answered 403")
+
+        url = presigned(origin, "b.mp4", SIGNATURE)
+        stored = api.ingest_ok(url, "signed")
+        assert (stored["status"], stored["hash"]) == ("new", digest(videos["b.mp4"].read_bytes()))
+        assert api.ingest_ok(url, "signed")["status"] == "url_alias"
+        resolved = api.http.get("/resolve", params={"url": url})
+        assert resolved.json() == {"hash": stored["hash"], "url": shown(origin, "b.mp4")}
+        # signed otherwise: a URL not ingested (the alias is not the URL REDACTED)
+        unknown = api.http.get("/resolve",
+                               params={"url": presigned(origin, "b.mp4", WRONG_SIGNATURE)})
+        assert unknown.status_code == 404, unknown.text
+        other = api.ingest_ok(presigned(origin, "b.mp4", SIGNATURE, number=6), "signed")
+        assert other["status"] == "duplicate"
+        b_by_token = api.ingest_ok(f"{origin}/by-token?token=b.mp4", "signed")
+        c_by_token = api.ingest_ok(f"{origin}/by-token?token=c.mkv", "signed")
+        # another alias, shown as the one before it: listed once
+        b_again = api.ingest_ok(f"{origin}/by-token?token=./b.mp4", "signed")
+        assert b_by_token["status"] == b_again["status"] == "duplicate"
+        assert (c_by_token["status"], c_by_token["hash"]) == (
+            "new", digest(videos["c.mkv"].read_bytes()))
+
+        assert api.meta(stored["hash"]).json()["aliases"] == [
+            shown(origin, "b.mp4"), shown(origin, "b.mp4", number=6),
+            f"{origin}/by-token?token=REDACTED"]
+        listed = api.http.get("/videos", params={"bucket": "signed"})
+        assert {item["hash"]: item["aliases"] for item in listed.json()["items"]} == {
+            stored["hash"]: [shown(origin, "b.mp4"), shown(origin, "b.mp4", number=6),
+                             f"{origin}/by-token?token=REDACTED"],
+            c_by_token["hash"]: [f"{origin}/by-token?token=REDACTED"]}
+        answers += [refused.text, resolved.text, unknown.text, listed.text]
+        wait_until(lambda: "X-Amz-Signature%3DREDACTED" in server.log(), timeout=10,
+                   what="the /resolve in the access log")
+        log = server.log()
+        assert f"ingest {shown(origin, 'b.mp4')} failed (502)" in log
+        assert f"ingest {shown(origin, 'b.mp4')}: new {stored['hash']}" in log
+        assert files_holding_secrets(data) == []
+        api.close()
+    assert leaks("".join(answers) + server.log()) == []
+    assert files_holding_secrets(data) == []
+    with contextlib.closing(sqlite3.connect(data / ".vidcache" / "index.sqlite3")) as index:
+        aliases = [url for (url,) in index.execute("SELECT url FROM url_aliases")]
+    assert len(aliases) == 5 and all("REDACTED-" in alias for alias in aliases), aliases
+
+
+def test_the_secrets_in_an_older_index_are_cut_at_start(tmp_path: Path,
+                                                         media_url: str) -> None:
+    """An index of version 1 (aliases without user:password@, their queries whole) holds the
+    signature: the service keeps only its digest from the first start (rewriting the file:
+    a deleted alias's text gone too), finds the URL by it, and shows it REDACTED. (Before: the
+    signature stayed in the index and was shown in `aliases`.)"""
+    data = tmp_path / "data"
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        b = api.ingest_ok(f"{media_url}/b.mp4", "old")["hash"]
+        api.close()
+    signed = f"http://h.test/v.mp4?sv=2024&sig={SIGNATURE}&id=1"
+    index = sqlite3.connect(data / ".vidcache" / "index.sqlite3")
+    index.execute("PRAGMA secure_delete = OFF")  # the default of SQLite's own builds
+    with index:
+        index.executemany("INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, "
+                          "'2025-01-31T12:00:00.000Z')",
+                          [(signed, b), (f"http://h.test/gone.mp4?sig={ACCESS_KEY}", b)])
+        # deleted (as a deleted video's aliases are): its text stays in the file's free space
+        index.execute("DELETE FROM url_aliases WHERE url LIKE '%gone.mp4%'")
+        index.execute("PRAGMA user_version = 1")
+    index.close()
+    assert files_holding_secrets(data) != []
+
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        assert api.meta(b).json()["aliases"] == [f"{media_url}/b.mp4",
+                                                 "http://h.test/v.mp4?sv=2024&sig=REDACTED&id=1"]
+        assert api.http.get("/resolve", params={"url": signed}).json()["hash"] == b
+        # h.test does not resolve: nothing is downloaded
+        assert api.ingest_ok(signed, "old")["status"] == "url_alias"
+        assert files_holding_secrets(data) == []
+        assert "removed the credentials from 1 URL aliases" in server.log()
+        api.close()
+
+
+def test_the_command_shows_a_presigned_url_redacted(tmp_path: Path,
+                                                    videos: dict[str, Path]) -> None:
+    """`vidcache ingest`'s error for a refused signature and for a source that is no URL,
+    `show` and `list --json`: the URL REDACTED, no secret. (Before: shown whole.)"""
+    with VidcacheServer(tmp_path / "data") as server, \
+            serve_origin(videos["b.mp4"].parent) as (origin, _):
+        refused = vidcache("ingest", presigned(origin, "b.mp4", WRONG_SIGNATURE), "--bucket",
+                           "cli", "--server", server.url)
+        assert (refused.returncode, refused.stdout) == (1, ""), refused.stderr
+        assert refused.stderr.startswith(
+            f"vidcache ingest: error: ingest of {shown(origin, 'b.mp4')} into bucket 'cli': "
+            f"HTTP 502 "), refused.stderr
+        assert f"{shown(origin, 'b.mp4')} answered 403" in refused.stderr
+        typo = vidcache("ingest", f"h.test/v.mp4?token={SESSION_TOKEN}", "--bucket", "cli",
+                        "--server", server.url)
+        assert (typo.returncode, typo.stderr) == (
+            1, "vidcache ingest: error: h.test/v.mp4?token=REDACTED: no such file, and not a "
+               "URL (http://, https:// or file://)\n")
+
+        stored = vidcache("ingest", presigned(origin, "b.mp4", SIGNATURE), "--bucket", "cli",
+                          "--server", server.url)
+        assert stored.returncode == 0, stored.stderr
+        content_hash = json.loads(stored.stdout)["hash"]
+        show = vidcache("show", content_hash, "--server", server.url)
+        assert json.loads(show.stdout)["aliases"] == [shown(origin, "b.mp4")], show.stderr
+        listed = vidcache("list", "--json", "--server", server.url)
+        assert [json.loads(line)["aliases"] for line in listed.stdout.splitlines()] == [
+            [shown(origin, "b.mp4")]], listed.stderr
+    outputs = [run.stdout + run.stderr for run in (refused, typo, stored, show, listed)]
+    assert leaks("".join(outputs)) == []
