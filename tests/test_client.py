@@ -184,6 +184,17 @@ def test_bad_base_url_is_refused(base_url: str) -> None:
         VidCacheClient(base_url)
 
 
+@pytest.mark.parametrize(("base_url", "shown"), [
+    ("http://user:hunter2@host:99999", "'http://host:99999': port 99999"),
+    ("ftp://user:hunter2@host", "'ftp://host': expected http(s)"),
+])
+def test_a_refused_base_url_is_shown_without_its_password(base_url: str, shown: str) -> None:
+    with pytest.raises(ValueError, match="base_url") as refused:
+        VidCacheClient(base_url)
+    assert shown in str(refused.value)
+    assert "hunter2" not in str(refused.value)
+
+
 @pytest.mark.parametrize("options", [
     {"timeout": 0}, {"chunk_size": 0}, {"max_connections": 0}, {"token": " "},
 ])

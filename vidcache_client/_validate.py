@@ -11,6 +11,7 @@ from typing import NoReturn, TypeGuard
 
 import httpx
 
+from vidcache_client._credentials import without_credentials
 from vidcache_client._exceptions import InvalidRequestError
 
 ByteRange = tuple[int, int]
@@ -25,15 +26,17 @@ _MAX_REPR = 80
 
 def parse_base_url(base_url: str) -> httpx.URL:
     """The service's base URL, if it is http(s)://host[:port][/path]; ValueError otherwise (a
-    plain one: the client is not built, so there is no request to refuse)."""
+    plain one: the client is not built, so there is no request to refuse), showing the URL
+    without its credentials."""
+    shown = without_credentials(base_url) if isinstance(base_url, str) else base_url
     try:
         url = httpx.URL(base_url)
     except (httpx.InvalidURL, TypeError) as exc:
-        raise ValueError(f"invalid base_url {base_url!r}: {exc}") from exc
+        raise ValueError(f"invalid base_url {shown!r}: {exc}") from exc
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"invalid base_url {base_url!r}: expected http(s)://host[:port]")
+        raise ValueError(f"invalid base_url {shown!r}: expected http(s)://host[:port]")
     if url.port is not None and not 0 < url.port < 65536:  # else only "Connection refused"
-        raise ValueError(f"invalid base_url {base_url!r}: port {url.port} is not in 1-65535")
+        raise ValueError(f"invalid base_url {shown!r}: port {url.port} is not in 1-65535")
     return url
 
 
