@@ -58,11 +58,10 @@ def test_ingest_prints_the_result_and_stores_meta(own: VidcacheServer, media_url
                    "--meta", "expr=x=1", "--server", own.url)
     assert run.returncode == 0, run.stderr
     h = digest(videos["a.mp4"].read_bytes())
-    assert json.loads(run.stdout) == {"hash": h, "status": "new",
-                                      "file_path": f"cli/p/{h[:2]}/{h[2:4]}/{h}.mp4"}
+    expected = {"hash": h, "status": "new", "file_path": f"cli/p/{h[:2]}/{h[2:4]}/{h}.mp4",
+                "source": url}
     # byte for byte: scripts (scripts/demo) read it
-    assert run.stdout == json.dumps({"hash": h, "status": "new",
-                                     "file_path": f"cli/p/{h[:2]}/{h[2:4]}/{h}.mp4"}) + "\n"
+    assert run.stdout == json.dumps(expected) + "\n"
     assert httpx.get(f"{own.url}/meta/{h}").json()["meta"] == {"title": "A b", "expr": "x=1"}
     again = vidcache("ingest", url, "--bucket", "cli", "--server", own.url)
     assert json.loads(again.stdout)["status"] == "url_alias"
@@ -113,20 +112,23 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VidcacheSe
 
 def test_ingest_of_several_urls_and_local_files(local: tuple[VidcacheServer, Path],
                                                 media_url: str, videos: dict[str, Path]) -> None:
-    """One after another, one JSON line each; a local file is its absolute file:// URL; one
-    that fails is a line on stderr and exit status 1, the others still stored (the command
-    took one URL before)."""
+    """One after another, one JSON line each, naming the argument it is for (the lines could
+    not be told apart when one failed between them); a local file is its absolute file://
+    URL; one that fails is a line on stderr and exit status 1, the others still stored (the
+    command took one URL before). A URL's password is not shown."""
     server, allowed = local
     copy = allowed / "b copy.mp4"
     copy.write_bytes(videos["b.mp4"].read_bytes())
-    run = vidcache("ingest", "no-such-file.mp4", os.path.relpath(copy), f"{media_url}/c.mkv",
+    with_password = f"{media_url}/c.mkv".replace("http://", "http://user:hunter2@")
+    run = vidcache("ingest", "no-such-file.mp4", os.path.relpath(copy), with_password,
                    "--bucket", "several", "--server", server.url)
     assert run.returncode == 1, run.stderr
     assert run.stderr == ("vidcache ingest: error: no-such-file.mp4: no such file, and not a URL "
                           "(http://, https:// or file://)\n")
     results = [json.loads(line) for line in run.stdout.splitlines()]
-    assert [(result["hash"], result["status"]) for result in results] == [
-        (digest(copy.read_bytes()), "new"), (digest(videos["c.mkv"].read_bytes()), "new")]
+    assert [(result["hash"], result["status"], result["source"]) for result in results] == [
+        (digest(copy.read_bytes()), "new", os.path.relpath(copy)),
+        (digest(videos["c.mkv"].read_bytes()), "new", f"{media_url}/c.mkv")]
     meta = httpx.get(f"{server.url}/meta/{results[0]['hash']}").json()
     assert meta["aliases"] == [copy.resolve().as_uri()]  # file:///.../b%20copy.mp4
     again = vidcache("ingest", str(copy.resolve()), "--bucket", "several", "--server",
