@@ -249,8 +249,8 @@ def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentP
         help="ingest URLs or local files into a running service, one JSON result each",
         description="""\
 Ask a running vidcache service to ingest each URL_OR_PATH, one after another,
-and print each result as one JSON line, naming the URL_OR_PATH it is for as given
-(its user:password@ left out, the secrets of its query REDACTED):
+and print each result as one JSON line, naming the URL_OR_PATH it is for as
+given (its user:password@ left out, the secrets of its query REDACTED):
   {"hash", "status", "file_path", "phash_distance"?, "source"}
 A local file's path is sent as its absolute file:// URL: the service reads the
 file itself, so it must run on this machine and allow the file's directory
