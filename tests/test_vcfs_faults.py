@@ -506,7 +506,9 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
         assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
                           timeout=10, interval=0.2,
                           what="reads working again") == expect(source, MIB)
-        assert f"the service at {server.url} answers again" in mounted.log()
+        # The read returns with its first bytes, the attempt (and its line) ends after.
+        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
+                   timeout=10, what="the recovery line")
     log = mounted.log()  # with the unmount's count
     assert "more operations failed (read: EIO, " in log
     assert "Traceback" not in log
@@ -530,7 +532,9 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
         assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
                           timeout=10, interval=0.2,
                           what="reads working again") == expect(source, MIB)
-        assert f"the service at {server.url} answers again" in mounted.log()
+        # The read returns with its first bytes, the attempt (and its line) ends after.
+        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
+                   timeout=10, what="the recovery line")
 
 
 # ---------------------------------------------------------------------------------------------
