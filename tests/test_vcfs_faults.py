@@ -537,6 +537,54 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
                    timeout=10, what="the recovery line")
 
 
+def test_a_refusal_after_an_outage_is_the_service_answering_again(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """The service back from an outage with another token refuses the reads (EACCES): it
+    answers, and the log says so. Only answers vcfs took, and 404s, ended the outage: after a
+    401 (or a 403, 416, other 4xx) the log read as if the service were still down, and the
+    first retry of each failing operation logged nothing."""
+    if not _service_has_tokens():
+        pytest.skip("this vidcache has no --token-file/--token-reads yet")
+    token_file = tmp_path / "token"
+    token_file.write_text("token-before\n")
+    server = VidcacheServer(tmp_path / "own", "--token-file", str(token_file), "--token-reads")
+    with server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own",
+                        token="token-before")["big.mp4"]
+        with VcfsMount(server.url, tmp_path / "mnt", "--token-file", str(token_file),
+                       "--timeout", "1", "--cache-size", "2M", "--readahead-max", "0",
+                       "--log-level", "warning") as mounted:
+            path = mounted.video(source.file_name)
+            assert read_uncached(path, READ, 0) == expect(source, 0)
+            server.kill()
+            failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
+            assert f"the service at {server.url} failed an operation" in mounted.log()
+            token_file.write_text("token-after\n")
+            server.start()
+            refused = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+            assert refused.errno == errno.EACCES, refused
+            assert f"the service at {server.url} answers again" in mounted.log()
+
+
+def test_a_lookup_answered_with_its_first_block_is_the_service_answering_again(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """After an outage, the first answer is a cold lookup's (a `stat` of a video not looked up
+    yet: `/meta` pipelined with the first block, without retries): the log says the service
+    answers again. It waited for an answer through the retry loop."""
+    with _own_mount(tmp_path, videos, media_url, "warning") as (server, mounted, source):
+        server.kill()
+        failed = bounded_read(mounted.video(source.file_name), READ, MIB, limit=HANG_LIMIT)
+        assert failed.errno == errno.EIO, failed
+        assert f"the service at {server.url} failed an operation" in mounted.log()
+        server.start()
+        other = ingest(server.url, media_url, videos, ("a.mp4",), bucket="own")["a.mp4"]
+        assert os.stat(mounted.video(other.file_name)).st_size == other.size
+        assert f"the service at {server.url} answers again" in mounted.log()
+
+
 # ---------------------------------------------------------------------------------------------
 # Stopping the daemon while a read waits for a server that stalls
 

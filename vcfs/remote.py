@@ -576,6 +576,7 @@ class Remote:
         try:
             if speculation is not None and self._meta_answered(content_hash, speculation,
                                                                deadline):
+                self._outage.answered()
                 doc = speculation.meta.result()
             else:
                 doc = self._with_retries(f"metadata of {content_hash}",
@@ -1615,16 +1616,20 @@ class Remote:
                 answer = self._bounded(call, cutoff)
                 self._outage.answered()
                 return answer
-            except NotFoundError as exc:
-                self._outage.answered()
-                raise NotFound(f"{what}: no such video on the service") from exc
-            except AuthError as exc:
-                self.counters.add("errors")
-                raise self._access_denied(what, exc) from exc
             except (VidCacheError, *_RETRIED) as exc:
                 transient = isinstance(exc, _RETRIED) or (
                     isinstance(exc, VidCacheError) and exc.transient
                 )
+                if not transient and isinstance(exc, StatusError) and exc.status_code:
+                    # An answer not retried ends an outage, whatever it says (a token changed
+                    # meanwhile: 401); not a 5xx, retried: a proxy's for a service that is
+                    # down, or the service failing.
+                    self._outage.answered()
+                if isinstance(exc, NotFoundError):
+                    raise NotFound(f"{what}: no such video on the service") from exc
+                if isinstance(exc, AuthError):
+                    self.counters.add("errors")
+                    raise self._access_denied(what, exc) from exc
                 if not transient:
                     self.counters.add("errors")
                     raise RemoteError(f"{what}: {exc}") from exc
