@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -59,6 +60,7 @@ from tests.vcfs_fault_support import (
 )
 from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
 from vcfs.blocks import BlockCache
+from vcfs.faillog import Outage
 from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
 from vcfs.stats import Counters
 
@@ -535,6 +537,69 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
         # The read returns with its first bytes, the attempt (and its line) ends after.
         wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
                    timeout=10, what="the recovery line")
+
+
+def test_a_range_failing_between_good_reads_is_one_outage_line_not_one_per_read(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """One block of a video refused (503) every time, read between good reads of the others:
+    every failed read was an outage and every good read the service answering again, two
+    lines per failed read (20 of each for 20 rounds). Now one of each, and the outages left
+    out counted at unmount (at most one outage line a minute, saying how many there were)."""
+    rounds = 10
+    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as link:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                            "--readahead-max", "0", "--log-level", "warning")
+        with mounted:
+            path = mounted.video(source.file_name)
+            bad = 9 * MIB
+            link.faults.enable(Refuse(status=503, match=only_block(source, bad)))
+            for good in range(rounds):
+                failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
+                assert failed.errno == errno.EIO, failed
+                offset = good % 8 * MIB
+                assert read_uncached(path, READ, offset) == expect(source, offset)
+            wait_until(lambda: "answers again, after" in mounted.log(), timeout=10,
+                       what="the recovery line")
+            log = mounted.log()
+            assert log.count(f"the service at {link.url} failed an operation") == 1, log
+            assert log.count(f"the service at {link.url} answers again, after") == 1, log
+    log = mounted.log()  # with the unmount's count of the outages left out
+    assert f"the service at {link.url} failed " in log
+    assert " more time(s) since the last outage line, " in log, log
+
+
+def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Outage` on a clock of its own (a minute is too long to wait for): an outage beginning
+    within a minute of the last outage line is left out, with its end, but one still under way
+    a minute after that line is logged then, counting those left out, and so is its end."""
+    now = [0.0]
+    outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
+    error = RemoteUnavailable("bytes 0-9: refused")
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        for moment, event in ((0, "gave_up"), (1, "answered"), (2, "gave_up"), (3, "answered"),
+                              (10, "gave_up"), (30, "gave_up"), (61, "gave_up"),
+                              (62, "answered")):
+            now[0] = moment
+            if event == "gave_up":
+                outage.gave_up(error, began=moment - 1.0)
+            else:
+                outage.answered()
+        outage.flush()
+    assert [record.getMessage().split(" (last error")[0] for record in caplog.records] == [
+        "the service at http://service failed an operation for 1 s",
+        "the service at http://service answers again, after 2 s of failures; 1 operation(s) "
+        "failed meanwhile",
+        "the service at http://service failed an operation for 52 s",
+        "the service at http://service answers again, after 53 s of failures; 3 operation(s) "
+        "failed meanwhile",
+    ]
+    assert caplog.records[2].getMessage().endswith(
+        "; it failed 1 more time(s) since the last outage line, 61 s ago, answering in "
+        "between (1 operation(s) failed)")
 
 
 def test_a_refusal_after_an_outage_is_the_service_answering_again(

@@ -498,6 +498,7 @@ class Remote:
             self._stopped.set_result(None)
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._client.abort()
+        self._outage.flush()
 
     # -- service ---------------------------------------------------------------------------
 
