@@ -63,6 +63,7 @@ from vcfs.blocks import BlockCache
 from vcfs.faillog import Outage
 from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
 from vcfs.stats import Counters
+from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
 
@@ -539,6 +540,38 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
                    timeout=10, what="the recovery line")
 
 
+def test_the_lines_of_a_failed_read_name_the_video_once(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """A read failing on a stopped service (its retry, the outage, its EIO) and a read of an
+    open file whose video was deleted (ENOENT): each line names the hash once, greppable by
+    it. They named it up to four times: the operation's path, vcfs's own words, the client's
+    ("bytes ... of video HASH") and the request's URL ("[GET .../video/HASH]")."""
+    with _own_mount(tmp_path, videos, media_url, "info") as (server, mounted, source):
+        path = mounted.video(source.file_name)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            server.kill()
+            failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
+            server.start()
+            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                              timeout=10, interval=0.2,
+                              what="reads working again") == expect(source, MIB)
+            with VidCacheClient(server.url) as client:
+                client.delete(source.content_hash)
+            with pytest.raises(FileNotFoundError):
+                os.pread(fd, READ, 5 * MIB)
+        finally:
+            os.close(fd)
+        lines = [line for line in mounted.log().splitlines() if " DEBUG " not in line]
+    for said in ("; retry 1 in ", " failed an operation for ", " failed (EIO): ",
+                 ": no such video on the service"):
+        assert any(said in line and source.content_hash in line for line in lines), said
+    assert [line for line in lines if line.count(source.content_hash) > 1] == []
+
+
 def test_a_range_failing_between_good_reads_is_one_outage_line_not_one_per_read(
     tmp_path: Path, videos: dict[str, Path], media_url: str,
 ) -> None:
@@ -578,7 +611,7 @@ def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
     a minute after that line is logged then, counting those left out, and so is its end."""
     now = [0.0]
     outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
-    error = RemoteUnavailable("bytes 0-9: refused")
+    error = "HASH bytes 0-9: HTTP 503"
     with caplog.at_level(logging.WARNING, logger="test.outage"):
         for moment, event in ((0, "gave_up"), (1, "answered"), (2, "gave_up"), (3, "answered"),
                               (10, "gave_up"), (30, "gave_up"), (61, "gave_up"),

@@ -93,8 +93,8 @@ class Outage:
     def down(self) -> bool:
         return self._since is not None
 
-    def gave_up(self, error: Exception, began: float) -> None:
-        """An operation begun at `began` outlasted its deadline; `error` was its last."""
+    def gave_up(self, last_error: str, began: float) -> None:
+        """An operation begun at `began` outlasted its deadline; `last_error` says its last."""
         now = self._clock()
         with self._lock:
             self._failed += 1
@@ -108,7 +108,7 @@ class Outage:
         self._log.warning(
             "the service at %s failed an operation for %.0f s (last error: %s): what it fails "
             "gets EIO, after up to %g s of retries, until it answers again; check that the "
-            "service runs and is reachable%s", self._url, now - since, error,
+            "service runs and is reachable%s", self._url, now - since, last_error,
             self._timeout, meanwhile and f"; it {meanwhile}")
 
     def answered(self) -> None:
