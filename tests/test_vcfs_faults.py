@@ -19,6 +19,7 @@ import concurrent.futures
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -59,8 +60,10 @@ from tests.vcfs_fault_support import (
 )
 from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
 from vcfs.blocks import BlockCache
+from vcfs.faillog import Outage
 from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
 from vcfs.stats import Counters
+from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
 
@@ -506,7 +509,9 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
         assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
                           timeout=10, interval=0.2,
                           what="reads working again") == expect(source, MIB)
-        assert f"the service at {server.url} answers again" in mounted.log()
+        # The read returns with its first bytes, the attempt (and its line) ends after.
+        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
+                   timeout=10, what="the recovery line")
     log = mounted.log()  # with the unmount's count
     assert "more operations failed (read: EIO, " in log
     assert "Traceback" not in log
@@ -530,6 +535,151 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
         assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
                           timeout=10, interval=0.2,
                           what="reads working again") == expect(source, MIB)
+        # The read returns with its first bytes, the attempt (and its line) ends after.
+        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
+                   timeout=10, what="the recovery line")
+
+
+def test_the_lines_of_a_failed_read_name_the_video_once(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """A read failing on a stopped service (its retry, the outage, its EIO) and a read of an
+    open file whose video was deleted (ENOENT): each line names the hash once, greppable by
+    it. They named it up to four times: the operation's path, vcfs's own words, the client's
+    ("bytes ... of video HASH") and the request's URL ("[GET .../video/HASH]")."""
+    with _own_mount(tmp_path, videos, media_url, "info") as (server, mounted, source):
+        path = mounted.video(source.file_name)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            server.kill()
+            failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
+            server.start()
+            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                              timeout=10, interval=0.2,
+                              what="reads working again") == expect(source, MIB)
+            with VidCacheClient(server.url) as client:
+                client.delete(source.content_hash)
+            with pytest.raises(FileNotFoundError):
+                os.pread(fd, READ, 5 * MIB)
+        finally:
+            os.close(fd)
+        lines = [line for line in mounted.log().splitlines() if " DEBUG " not in line]
+    for said in ("; retry 1 in ", " failed an operation for ", " failed (EIO): ",
+                 ": no such video on the service"):
+        assert any(said in line and source.content_hash in line for line in lines), said
+    assert [line for line in lines if line.count(source.content_hash) > 1] == []
+
+
+def test_a_range_failing_between_good_reads_is_one_outage_line_not_one_per_read(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """One block of a video refused (503) every time, read between good reads of the others:
+    every failed read was an outage and every good read the service answering again, two
+    lines per failed read (20 of each for 20 rounds). Now one of each, and the outages left
+    out counted at unmount (at most one outage line a minute, saying how many there were)."""
+    rounds = 10
+    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as link:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                            "--readahead-max", "0", "--log-level", "warning")
+        with mounted:
+            path = mounted.video(source.file_name)
+            bad = 9 * MIB
+            link.faults.enable(Refuse(status=503, match=only_block(source, bad)))
+            for good in range(rounds):
+                failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
+                assert failed.errno == errno.EIO, failed
+                offset = good % 8 * MIB
+                assert read_uncached(path, READ, offset) == expect(source, offset)
+            wait_until(lambda: "answers again, after" in mounted.log(), timeout=10,
+                       what="the recovery line")
+            log = mounted.log()
+            assert log.count(f"the service at {link.url} failed an operation") == 1, log
+            assert log.count(f"the service at {link.url} answers again, after") == 1, log
+    log = mounted.log()  # with the unmount's count of the outages left out
+    assert f"the service at {link.url} failed " in log
+    assert " more time(s) since the last outage line, " in log, log
+
+
+def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Outage` on a clock of its own (a minute is too long to wait for): an outage beginning
+    within a minute of the last outage line is left out, with its end, but one still under way
+    a minute after that line is logged then, counting those left out, and so is its end."""
+    now = [0.0]
+    outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
+    error = "HASH bytes 0-9: HTTP 503"
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        for moment, event in ((0, "gave_up"), (1, "answered"), (2, "gave_up"), (3, "answered"),
+                              (10, "gave_up"), (30, "gave_up"), (61, "gave_up"),
+                              (62, "answered")):
+            now[0] = moment
+            if event == "gave_up":
+                outage.gave_up(error, began=moment - 1.0)
+            else:
+                outage.answered()
+        outage.flush()
+    assert [record.getMessage().split(" (last error")[0] for record in caplog.records] == [
+        "the service at http://service failed an operation for 1 s",
+        "the service at http://service answers again, after 2 s of failures; 1 operation(s) "
+        "failed meanwhile",
+        "the service at http://service failed an operation for 52 s",
+        "the service at http://service answers again, after 53 s of failures; 3 operation(s) "
+        "failed meanwhile",
+    ]
+    assert caplog.records[2].getMessage().endswith(
+        "; it failed 1 more time(s) since the last outage line, 61 s ago, answering in "
+        "between (1 operation(s) failed)")
+
+
+def test_a_refusal_after_an_outage_is_the_service_answering_again(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """The service back from an outage with another token refuses the reads (EACCES): it
+    answers, and the log says so. Only answers vcfs took, and 404s, ended the outage: after a
+    401 (or a 403, 416, other 4xx) the log read as if the service were still down, and the
+    first retry of each failing operation logged nothing."""
+    if not _service_has_tokens():
+        pytest.skip("this vidcache has no --token-file/--token-reads yet")
+    token_file = tmp_path / "token"
+    token_file.write_text("token-before\n")
+    server = VidcacheServer(tmp_path / "own", "--token-file", str(token_file), "--token-reads")
+    with server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own",
+                        token="token-before")["big.mp4"]
+        with VcfsMount(server.url, tmp_path / "mnt", "--token-file", str(token_file),
+                       "--timeout", "1", "--cache-size", "2M", "--readahead-max", "0",
+                       "--log-level", "warning") as mounted:
+            path = mounted.video(source.file_name)
+            assert read_uncached(path, READ, 0) == expect(source, 0)
+            server.kill()
+            failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
+            assert f"the service at {server.url} failed an operation" in mounted.log()
+            token_file.write_text("token-after\n")
+            server.start()
+            refused = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+            assert refused.errno == errno.EACCES, refused
+            assert f"the service at {server.url} answers again" in mounted.log()
+
+
+def test_a_lookup_answered_with_its_first_block_is_the_service_answering_again(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """After an outage, the first answer is a cold lookup's (a `stat` of a video not looked up
+    yet: `/meta` pipelined with the first block, without retries): the log says the service
+    answers again. It waited for an answer through the retry loop."""
+    with _own_mount(tmp_path, videos, media_url, "warning") as (server, mounted, source):
+        server.kill()
+        failed = bounded_read(mounted.video(source.file_name), READ, MIB, limit=HANG_LIMIT)
+        assert failed.errno == errno.EIO, failed
+        assert f"the service at {server.url} failed an operation" in mounted.log()
+        server.start()
+        other = ingest(server.url, media_url, videos, ("a.mp4",), bucket="own")["a.mp4"]
+        assert os.stat(mounted.video(other.file_name)).st_size == other.size
         assert f"the service at {server.url} answers again" in mounted.log()
 
 

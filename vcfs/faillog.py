@@ -9,7 +9,8 @@ lines (27 MB) in a minute, one per read. So:
   those still left out are counted at unmount (`flush`).
 - `Outage`: the service failing vcfs for a whole deadline, and answering again, are one line
   each, once per change of state, naming the service, the last error and what happens
-  meanwhile.
+  meanwhile; but at most one outage line per `interval`, counting the outages left out
+  (a service failing some operations and answering others changes state at every one).
 """
 
 from __future__ import annotations
@@ -64,45 +65,91 @@ class FailureLog:
 
 
 class Outage:
-    """Whether the service at `url` is failing vcfs; logged once per change of state."""
+    """Whether the service at `url` is failing vcfs, logged when that changes: a line when an
+    operation first gives up on it, one when it answers again.
+
+    A service failing some operations and answering the others (one range of a video failing
+    for good while the rest is served) changes state at every failed read: 20 reads of a
+    refused range between good ones logged 20 outage and 20 recovery lines. So an outage
+    beginning less than `interval` after the last outage line is not logged, nor its end;
+    they are counted in the next outage line, or at unmount (`flush`)."""
 
     def __init__(self, logger: logging.Logger, url: str, timeout: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, interval: float = 60.0) -> None:
         self._log = logger
         self._url = url
         self._timeout = timeout
         self._clock = clock
+        self._interval = interval
         self._lock = threading.Lock()
         self._since: float | None = None  # when the first operation to give up began
         self._failed = 0  # operations that gave up since
+        self._logged: float | None = None  # when the last outage line was written
+        self._shown = False  # this outage's line was written (so its end will be)
+        self._unlogged = 0  # outages since that line that were not logged
+        self._unlogged_failed = 0  # operations that gave up in them
 
     @property
     def down(self) -> bool:
         return self._since is not None
 
-    def gave_up(self, error: Exception, began: float) -> None:
-        """An operation begun at `began` outlasted its deadline; `error` was its last."""
+    def gave_up(self, last_error: str, began: float) -> None:
+        """An operation begun at `began` outlasted its deadline; `last_error` says its last."""
+        now = self._clock()
         with self._lock:
             self._failed += 1
-            if self._since is not None:
+            if self._since is None:
+                self._since = began
+            if self._shown or (self._logged is not None and now - self._logged < self._interval):
                 return
-            self._since = began
+            since, self._shown = self._since, True
+            meanwhile = self._meanwhile(now)
+            self._logged = now
         self._log.warning(
             "the service at %s failed an operation for %.0f s (last error: %s): what it fails "
             "gets EIO, after up to %g s of retries, until it answers again; check that the "
-            "service runs and is reachable", self._url, self._clock() - began, error,
-            self._timeout)
+            "service runs and is reachable%s", self._url, now - since, last_error,
+            self._timeout, meanwhile and f"; it {meanwhile}")
 
     def answered(self) -> None:
-        """A request got its answer."""
+        """The service answered a request (with anything vcfs does not retry)."""
         if self._since is None:  # the usual case, without the lock
             return
         with self._lock:
             if self._since is None:
                 return
-            since, failed = self._since, self._failed
-            self._since, self._failed = None, 0
+            since, failed, shown = self._since, self._failed, self._shown
+            self._since, self._failed, self._shown = None, 0, False
+            if not shown:
+                self._unlogged += 1
+                self._unlogged_failed += failed
+                return
         # at the outage's level: a log kept at warnings must not end on the outage
         self._log.warning("the service at %s answers again, after %.0f s of failures; %d "
                           "operation(s) failed meanwhile", self._url, self._clock() - since,
                           failed)
+
+    def flush(self) -> None:
+        """At unmount: the outages not logged since the last outage line, if any."""
+        now = self._clock()
+        with self._lock:
+            if self._since is not None and not self._shown:  # one under way, not logged
+                self._unlogged += 1
+                self._unlogged_failed += self._failed
+                self._since, self._failed = None, 0
+            if not self._unlogged:
+                return
+            meanwhile = self._meanwhile(now)
+        self._log.warning("the service at %s %s", self._url, meanwhile)
+
+    def _meanwhile(self, now: float) -> str:
+        """The outages not logged since the last outage line ("" if none), then forgotten
+        (the caller holds the lock)."""
+        if not self._unlogged:
+            return ""
+        assert self._logged is not None  # an outage goes unlogged only after a logged one
+        said = (f"failed {self._unlogged} more time(s) since the last outage line, "
+                f"{now - self._logged:.0f} s ago, answering in between "
+                f"({self._unlogged_failed} operation(s) failed)")
+        self._unlogged = self._unlogged_failed = 0
+        return said

@@ -113,10 +113,20 @@ FS_COUNTERS = (
 )
 
 
-def _describe(name: str, args: tuple[Any, ...]) -> str:
-    """`read('/by-hash/ab...mp4', 131072, 0)`: the operation and its plain arguments."""
-    shown = ", ".join(repr(arg) for arg in args if isinstance(arg, str | int))
+def _describe(name: str, args: tuple[Any, ...], reason: str) -> str:
+    """`read('/by-hash/ab...mp4', 131072, 0)`: the operation and its plain arguments, but a
+    video's path left out when `reason` (why it failed) names the video's hash, as
+    vcfs.remote's errors do: `read(131072, 0)`. The line names the hash once."""
+    shown = ", ".join(repr(arg) for arg in args
+                      if isinstance(arg, str | int) and not _names_video(arg, reason))
     return f"{name}({shown})"
+
+
+def _names_video(arg: str | int, reason: str) -> bool:
+    """Whether `arg` is a video's path and `reason` names its hash."""
+    parsed = paths.parse_path(arg) if isinstance(arg, str) else None
+    return parsed is not None and parsed.video is not None and (
+        parsed.video.content_hash in reason)
 
 
 def _cause(operation: str, errno_name: str, exc: BaseException) -> str:
@@ -140,21 +150,23 @@ def _fuse_operation(
         except FuseOSError:
             raise
         except NotFound as exc:
-            log.info("%s: %s", _describe(method.__name__, args), exc)
+            log.info("%s: %s", _describe(method.__name__, args, str(exc)), exc)
             raise FuseOSError(errno.ENOENT) from exc
         except AccessDenied as exc:
             self.counters.add("errors")
-            self.failures.failed(_cause(method.__name__, "EACCES", exc), logging.ERROR,
-                                 f"{_describe(method.__name__, args)} failed (EACCES): {exc}")
+            self.failures.failed(
+                _cause(method.__name__, "EACCES", exc), logging.ERROR,
+                f"{_describe(method.__name__, args, str(exc))} failed (EACCES): {exc}")
             raise FuseOSError(errno.EACCES) from exc
         except VcfsError as exc:
             self.counters.add("errors")
-            self.failures.failed(_cause(method.__name__, "EIO", exc), logging.ERROR,
-                                 f"{_describe(method.__name__, args)} failed (EIO): {exc}")
+            self.failures.failed(
+                _cause(method.__name__, "EIO", exc), logging.ERROR,
+                f"{_describe(method.__name__, args, str(exc))} failed (EIO): {exc}")
             raise FuseOSError(errno.EIO) from exc
         except Exception as exc:  # a bug or an error from below: EIO, never EINVAL
             self.counters.add("errors")
-            log.exception("%s failed (EIO)", _describe(method.__name__, args))
+            log.exception("%s failed (EIO)", _describe(method.__name__, args, ""))
             raise FuseOSError(errno.EIO) from exc
 
     return wrapper

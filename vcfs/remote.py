@@ -105,6 +105,7 @@ import functools
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 import urllib.parse
@@ -190,6 +191,8 @@ class _Stalled(Exception):
 
 _STOPPING = "vcfs is stopping: giving up"
 _NOT_VIDCACHE = "something answers there, but not a vidcache service (check the URL and port)"
+# The request a client error names (` [GET http://host/video/HASH]`), see `_reason`.
+_CLIENT_REQUEST = re.compile(r" \[[A-Z]+ \S+\]")
 
 # Failures of one attempt that another attempt may not have.
 _RETRIED = (CorruptData, Overdue)
@@ -388,6 +391,16 @@ def _page_size(page: Digests) -> int:
     return 100 + len(page.packed)
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, for a line naming the call itself (the hash and range: vcfs's `what`,
+    and the service's URL in the outage line): a client error's message without the call
+    that begins each one (up to the first ": ") and the request it names (` [GET URL]`),
+    which named the hash twice more."""
+    if not isinstance(exc, VidCacheError):
+        return str(exc)
+    return _CLIENT_REQUEST.sub("", str(exc).split(": ", 1)[-1])
+
+
 REMOTE_COUNTERS = (
     "http_requests",  # attempts sent (one per page of a listing)
     "range_requests",  # attempts to fetch a byte range
@@ -498,6 +511,7 @@ class Remote:
             self._stopped.set_result(None)
         self._workers.shutdown(wait=False, cancel_futures=True)
         self._client.abort()
+        self._outage.flush()
 
     # -- service ---------------------------------------------------------------------------
 
@@ -576,6 +590,7 @@ class Remote:
         try:
             if speculation is not None and self._meta_answered(content_hash, speculation,
                                                                deadline):
+                self._outage.answered()
                 doc = speculation.meta.result()
             else:
                 doc = self._with_retries(f"metadata of {content_hash}",
@@ -622,7 +637,7 @@ class Remote:
             speculation.meta.result(timeout=max(cutoff - self._clock(), 0))
         except Exception as exc:  # an error, or late
             log.info("%s: the metadata asked for with the first block did not come (%s: %s); "
-                     "asking again", content_hash, type(exc).__name__, exc)
+                     "asking again", content_hash, type(exc).__name__, _reason(exc))
             return False
         return True
 
@@ -919,7 +934,7 @@ class Remote:
             doc = self._held_result(held, held.digests, deadline)
         except Exception as exc:  # failed, cancelled, late or stalled: fetched without them
             log.info("%s: the chunk digests asked for with the metadata did not come (%s: %s)",
-                     content_hash, type(exc).__name__, exc)
+                     content_hash, type(exc).__name__, _reason(exc))
             return
         if doc is not None:  # a 404: asked again the usual way, where it is an error
             self._keep_digests(meta, doc, 0, 0)
@@ -1232,7 +1247,7 @@ class Remote:
     def _first_block_dropped(self, content_hash: str, reason: Exception) -> None:
         self.counters.add("first_blocks_dropped")
         log.info("%s: the first block fetched with the metadata is unusable (%s: %s); "
-                 "fetching it again", content_hash, type(reason).__name__, reason)
+                 "fetching it again", content_hash, type(reason).__name__, _reason(reason))
 
     def _first_block_digests(
         self, meta: VideoMeta, held: _FirstBlock, deadline: float
@@ -1615,35 +1630,40 @@ class Remote:
                 answer = self._bounded(call, cutoff)
                 self._outage.answered()
                 return answer
-            except NotFoundError as exc:
-                self._outage.answered()
-                raise NotFound(f"{what}: no such video on the service") from exc
-            except AuthError as exc:
-                self.counters.add("errors")
-                raise self._access_denied(what, exc) from exc
             except (VidCacheError, *_RETRIED) as exc:
                 transient = isinstance(exc, _RETRIED) or (
                     isinstance(exc, VidCacheError) and exc.transient
                 )
+                if not transient and isinstance(exc, StatusError) and exc.status_code:
+                    # An answer not retried ends an outage, whatever it says (a token changed
+                    # meanwhile: 401); not a 5xx, retried: a proxy's for a service that is
+                    # down, or the service failing.
+                    self._outage.answered()
+                if isinstance(exc, NotFoundError):
+                    raise NotFound(f"{what}: no such video on the service") from exc
+                if isinstance(exc, AuthError):
+                    self.counters.add("errors")
+                    raise self._access_denied(what, exc) from exc
                 if not transient:
                     self.counters.add("errors")
-                    raise RemoteError(f"{what}: {exc}") from exc
+                    raise RemoteError(f"{what}: {_reason(exc)}") from exc
                 if self._stopped.done():  # the attempt was cut by close()
                     raise Stopping(f"{what}: {_STOPPING}") from exc
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.counters.add("errors")
-                    self._outage.gave_up(exc, started)
+                    self._outage.gave_up(f"{what}: {_reason(exc)}", started)
                     raise RemoteUnavailable(
                         f"{what}: gave up after {attempt + 1} attempt(s) in "
-                        f"{self._clock() - started:.1f} s; last error: {exc}"
+                        f"{self._clock() - started:.1f} s; last error: {_reason(exc)}"
                     ) from exc
                 delay = min(self._backoff(attempt), remaining)
                 # One warning per failing operation, none while the service is known to be
                 # failing (`Outage` said so); further retries only at debug level.
                 first = attempt == 0 and not self._outage.down
                 level = logging.WARNING if first else logging.DEBUG
-                log.log(level, "%s: %s; retry %d in %.2f s", what, exc, attempt + 1, delay)
+                log.log(level, "%s: %s; retry %d in %.2f s", what, _reason(exc), attempt + 1,
+                        delay)
                 self.counters.add("retries")
                 self._sleep(delay)
                 attempt += 1
