@@ -1,7 +1,8 @@
 """Reads while a write is held in its commit path, against the real service: an ingest held as
 its blob is renamed into place, as the blob's directory is fsynced, as its record is committed;
 a delete held as it commits, as it unlinks the blob. Every read of the videos stored before
-answers meanwhile: a slow disk's fsyncs hold up the other writes, never the reads."""
+answers meanwhile: a slow disk's fsyncs hold up the other writes, never the reads. And reads of
+one video while a listing holds its read: they never wait for a scan."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tests.service_stress_support import (
 )
 from tests.service_support import Api, store_many
 from tests.support import VidcacheServer, serve_directory, wait_until
+from vidcache.store import READ_CONNECTIONS
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -140,8 +142,8 @@ def _index_descriptors(pid: int, index: Path) -> int:
     return count
 
 
-def test_concurrent_reads_share_one_read_connection(tmp_path: Path) -> None:
-    """Reads run one at a time on one read connection of their own (writes have the other).
+def test_concurrent_reads_share_a_few_read_connections(tmp_path: Path) -> None:
+    """Reads run on READ_CONNECTIONS read connections of their own (writes have another).
     Was: a connection per read running at once, kept for the server's life (16 clients listing
     at once left ~16 connections, 2 descriptors each, and ~2 MB of page cache each); and
     concurrent multi-row reads ran slower than one at a time (SQLite lets go of the GIL at
@@ -162,4 +164,40 @@ def test_concurrent_reads_share_one_read_connection(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(read, range(16)))
         index = data / ".vidcache" / "index.sqlite3"
-        assert _index_descriptors(server.process.pid, index) == 2  # the write and the read one
+        assert _index_descriptors(server.process.pid, index) == 1 + READ_CONNECTIONS
+
+
+def test_reads_of_one_video_answer_while_a_listing_holds_its_read(tmp_path: Path) -> None:
+    """A listing page held as its SELECT starts, in its read transaction on a read connection:
+    /meta, /resolve, /chunks and /health answer meanwhile, and the page is whole once released.
+    Was: reads ran one at a time on one read connection under one lock, so a /meta waited for
+    every listing page before it (~20 ms beside one client listing pages of 1000 videos of
+    100 000); each read here timed out until the listing was released."""
+    data = tmp_path / "data"
+    hashes = store_many(data, 50)
+    server = PausingServer(data, ("test.sql", "ORDER BY hash LIMIT"))
+    pages: list[httpx.Response] = []
+
+    def listing() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            pages.append(http.get("/videos", params={"limit": 1000}))
+
+    with server, background(listing):
+        try:
+            wait_until(server.paused, timeout=60, what="the listing held at its SELECT")
+            with httpx.Client(base_url=server.url, timeout=READ_TIMEOUT) as http:
+                for number in (0, len(hashes) - 1):
+                    content_hash = hashes[number]
+                    meta = http.get(f"/meta/{content_hash}")
+                    assert meta.status_code == 200 and meta.json()["hash"] == content_hash
+                    resolved = http.get("/resolve",
+                                        params={"url": f"http://origin.test/{number}.mp4"})
+                    assert resolved.json()["hash"] == content_hash, resolved.text
+                    chunks = http.get(f"/video/{content_hash}/chunks")
+                    assert chunks.status_code == 200 and chunks.json()["digests"], chunks.text
+                assert http.get("/health").json()["videos"] == len(hashes)
+        finally:
+            server.release()
+    [page] = pages
+    assert page.status_code == 200, page.text
+    assert [item["hash"] for item in page.json()["items"]] == sorted(hashes)

@@ -178,16 +178,18 @@ def test_blob_layout() -> None:
 
 
 def _listing_plans(store: Store, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """SQLite's plan of each filtered listing query the store makes, first page and later."""
+    """SQLite's plan of each filtered listing query the store makes, first page and later
+    (`store` is opened here, closed before)."""
     statements: list[str] = []
     connect = store._connect
 
-    def traced() -> sqlite3.Connection:  # the read connections, opened as reads need them
+    def traced() -> sqlite3.Connection:  # the read connections too, opened with the index
         connection = connect()
         connection.set_trace_callback(statements.append)
         return connection
 
     monkeypatch.setattr(store, "_connect", traced)
+    store.open()
     filters = (("b", None), (None, ""), (None, "p"), ("b", "p"))  # (bucket, prefix)
     for (bucket, prefix), after in itertools.product(filters, (None, "8" * 64)):
         store.list_videos(bucket=bucket, prefix=prefix, after=after, limit=100,
@@ -206,7 +208,6 @@ def test_listing_pages_are_read_in_order_from_an_index(tmp_path: Path,
     store.db.executescript("DROP INDEX IF EXISTS videos_bucket; "
                            "DROP INDEX IF EXISTS videos_prefix;")
     store.close()
-    store.open()
     try:
         plans = _listing_plans(store, monkeypatch)
         assert len(plans) == 8

@@ -19,16 +19,22 @@ Concurrency: writes run one at a time, under the store's write lock and on its o
 connection, their file-system steps (mkdir, rename, the directory's fsync, unlink, pruning empty
 folders) inside that lock too: no other write can rename, unlink or prune the same paths between
 a write's two steps, so the order above holds without more coordination (the ingest pipeline
-serialises its adds and deletes anyway). Reads never take that lock: they run one at a time,
-under the read lock, each in a read transaction (one committed snapshot) on the one read
-connection. In WAL mode a reader does not wait for the writer, so a slow disk's fsyncs (the
-blob's directory, the WAL at commit) hold up the other writes only; a read sees a video once its
-record is committed. A read may find a record whose blob a delete unlinks next: callers
-already treat a blob missing at open as no such video. Not a connection per concurrent read:
-SQLite lets go of the GIL at every row, so reads of many rows at once (listing pages) passed it
-between threads at every row (8 threads listing took twice the CPU per page and did half as
-many pages as one at a time), and each connection kept its own page cache and descriptors for
-the server's life.
+serialises its adds and deletes anyway). Reads never take that lock: each runs in a read
+transaction (one committed snapshot) on a read connection of its own while it runs, one of
+READ_CONNECTIONS opened with the index. In WAL mode a reader does not wait for the writer, so a
+slow disk's fsyncs (the blob's directory, the WAL at commit) hold up the other writes only; a
+read sees a video once its record is committed. A read may find a record whose blob a delete
+unlinks next: callers already treat a blob missing at open as no such video.
+
+Reads of many rows (a listing page, every perceptual hash) run one at a time, under the scan
+lock, so they hold one connection at most and the reads of one video (/meta, /resolve, /chunks)
+and the count always find another: with one read connection for all, a /meta waited for every
+listing page before it (a get() of 100 000 videos took 14-19 ms beside a thread listing pages of
+1000, 73-90 ms beside four, instead of 0.07-0.09). Not a connection per concurrent read, nor
+scans at once: SQLite lets go of the GIL at every row, so scans at once passed it between
+threads at every row (8 threads listing took twice the CPU per page and did half as many pages
+as one at a time), and connections opened per read kept their page cache and descriptors for the
+server's life.
 
 A URL alias is the URL without its `user:password@` (sent to the origin, never kept): the same
 URL with or without them is one alias. The value of each secret parameter of its query (a
@@ -46,6 +52,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import sqlite3
@@ -72,6 +79,9 @@ HASH_PATTERN = r"[0-9a-f]{64}"
 _SEGMENT_RE = re.compile(SEGMENT_PATTERN)
 _BLOB_NAME_RE = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,8}")
 _HASH_RE = re.compile(HASH_PATTERN)
+
+# one for a scan, the others for the reads of one video beside it (see the module's docstring)
+READ_CONNECTIONS = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS videos (
@@ -229,8 +239,8 @@ class RecoveryReport:
 
 
 class Store:
-    """Thread-safe: writes under one lock on one connection, reads under another on a connection
-    of their own (see the module's docstring)."""
+    """Thread-safe: writes under one lock on one connection, reads each on one of a few read
+    connections, scans one at a time (see the module's docstring)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -238,8 +248,10 @@ class Store:
         self.tmp_dir = self.internal_dir / "tmp"
         self._write_lock = threading.Lock()
         self._db: sqlite3.Connection | None = None  # the write connection
-        self._read_lock = threading.Lock()
-        self._reader: sqlite3.Connection | None = None  # the read connection, opened at need
+        # the idle read connections (closed ones after close(), for the reads still to come)
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._read_connections = 0  # open, idle or not
+        self._scan_lock = threading.Lock()
         self._lock_file: int | None = None
 
     # --- life cycle -------------------------------------------------------------------------
@@ -263,6 +275,12 @@ class Store:
             db.executescript(_SCHEMA)
             self._db = db
             self._migrate()  # an older index's VACUUM needs room too
+            self._readers = queue.SimpleQueue()
+            for _ in range(READ_CONNECTIONS):
+                reader = self._connect()
+                reader.execute("PRAGMA query_only = ON")  # a write here would bypass the lock
+                self._readers.put(reader)
+                self._read_connections += 1
         report = self._recover()
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
@@ -276,12 +294,15 @@ class Store:
                                isolation_level=None)
 
     def close(self) -> None:
-        """Close the connections once the write and the read under way, if any, have ended."""
-        with self._write_lock, self._read_lock:
-            for connection in (self._reader, self._db):
-                if connection is not None:
-                    connection.close()
-            self._reader = self._db = None
+        """Close the connections once the write and the reads under way, if any, have ended."""
+        with self._write_lock:
+            db, self._db = self._db, None  # from now on a read taking a connection gives it back
+            readers = [self._readers.get() for _ in range(self._read_connections)]
+            self._read_connections = 0
+            for connection in (*readers, *([] if db is None else [db])):
+                connection.close()
+            for reader in readers:  # closed, for the reads still to come
+                self._readers.put(reader)
             if self._lock_file is not None:
                 os.close(self._lock_file)
                 self._lock_file = None
@@ -294,23 +315,23 @@ class Store:
         return self._db
 
     @contextlib.contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        """The read connection, for this caller alone, in a read transaction: one committed
-        snapshot of the index, taken without the write lock."""
-        with self._read_lock:
-            if self._db is None:  # closed: only the server's shutdown closes it
-                raise ShuttingDown()
-            if self._reader is None:
-                self._reader = self._connect()
-                # a write here would bypass the write lock
-                self._reader.execute("PRAGMA query_only = ON")
-            db = self._reader
-            db.execute("BEGIN")
+    def _reading(self, *, scan: bool = False) -> Iterator[sqlite3.Connection]:
+        """A read connection, for this caller alone, in a read transaction: one committed
+        snapshot of the index, taken without the write lock. `scan`: a read of many rows, run
+        under the scan lock."""
+        with self._scan_lock if scan else contextlib.nullcontext():
+            db = self._readers.get()
             try:
-                yield db
+                if self._db is None:  # closed: only the server's shutdown closes it
+                    raise ShuttingDown()
+                db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")  # ends the snapshot; nothing was written
             finally:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")  # ends the snapshot; nothing was written
+                self._readers.put(db)
 
     def _migrate(self) -> None:
         """Bring an index written by an older version up to _SCHEMA_VERSION."""
@@ -433,7 +454,7 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY hash LIMIT ?"
         meta_column = _RECORD_COLUMNS.split(", ").index("meta")
-        with self._reading() as db:
+        with self._reading(scan=True) as db:
             rows: list[tuple[Any, ...]] = []
             meta_bytes = 0
             # one more than asked tells whether more follow; rows are read one by one, so a
@@ -470,7 +491,7 @@ class Store:
 
     def phashes(self) -> list[tuple[str, str]]:
         """(hash, encoded perceptual hash) of every stored video, oldest first."""
-        with self._reading() as db:
+        with self._reading(scan=True) as db:
             return [(h, p) for h, p in
                     db.execute("SELECT hash, phash FROM videos ORDER BY rowid")]
 
