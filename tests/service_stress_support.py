@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -68,6 +68,39 @@ def make_reencode(source: Path, out: Path) -> Path:
     return out
 
 
+# --- loopback origins of a directory, each with its own handler -----------------------------
+
+class _Origin:
+    """A threaded loopback HTTP server of `directory`, its requests handled by a subclass of
+    `handler` that knows this origin as `origin`; a context manager."""
+
+    def __init__(self, directory: Path, handler: type[http.server.SimpleHTTPRequestHandler]
+                 ) -> None:
+        bound: type[http.server.SimpleHTTPRequestHandler] = type(
+            "Handler", (handler,), {"origin": self})
+
+        def make(*args: Any) -> http.server.SimpleHTTPRequestHandler:
+            return bound(*args, directory=str(directory))
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _release(self) -> None:
+        """Let the answers under way end (called before the server shuts down)."""
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._release()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+
 # --- an origin that trickles ---------------------------------------------------------------
 
 class _TrickleHandler(http.server.SimpleHTTPRequestHandler):
@@ -101,7 +134,7 @@ class _TrickleHandler(http.server.SimpleHTTPRequestHandler):
             self.close_connection = True
 
 
-class TrickleOrigin:
+class TrickleOrigin(_Origin):
     def __init__(self, directory: Path, *, piece: int, pause: float) -> None:
         self.directory = directory
         self.piece = piece
@@ -109,15 +142,7 @@ class TrickleOrigin:
         self.closing = threading.Event()
         self._sent: dict[str, int] = {}
         self._lock = threading.Lock()
-        handler = type("Handler", (_TrickleHandler,), {"origin": self})
-
-        def make(*args: Any) -> _TrickleHandler:
-            return handler(*args, directory=str(directory))  # type: ignore[no-any-return]
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(directory, _TrickleHandler)
 
     def record(self, path: str, sent: int) -> None:
         with self._lock:
@@ -128,15 +153,8 @@ class TrickleOrigin:
         with self._lock:
             return self._sent.get(path, 0)
 
-    def __enter__(self) -> TrickleOrigin:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
+    def _release(self) -> None:
         self.closing.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
 
 
 # --- an origin that holds its bodies half-way, or sends them chunked -------------------------
@@ -181,35 +199,20 @@ class _HoldingHandler(http.server.SimpleHTTPRequestHandler):
             pass
 
 
-class HoldingOrigin:
+class HoldingOrigin(_Origin):
     """A loopback origin of `directory` (see _HoldingHandler)."""
 
     def __init__(self, directory: Path) -> None:
         self.resumed = threading.Event()
-        handler = type("Handler", (_HoldingHandler,), {"origin": self})
-
-        def make(*args: Any) -> _HoldingHandler:
-            return handler(*args, directory=str(directory))  # type: ignore[no-any-return]
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(directory, _HoldingHandler)
 
     def resume(self) -> None:
         """Send the rest of the `/held/` answers under way; later ones are held again."""
         resumed, self.resumed = self.resumed, threading.Event()
         resumed.set()
 
-    def __enter__(self) -> HoldingOrigin:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
+    def _release(self) -> None:
         self.resumed.set()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
 
 
 # --- a server that kills itself at a chosen point ----------------------------------------------
