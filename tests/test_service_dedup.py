@@ -1,6 +1,8 @@
 """Ingest's near-duplicate search: the in-memory index of perceptual hashes answers exactly what
 comparing with every stored video one by one (the search it replaced) answered, stays in step
-with the store across restarts and deletes, and never holds up a read while it runs."""
+with the store across restarts and deletes, and never holds up a read while it runs; and
+videos that only look alike to the hash (uniform frames, another speed, a shared intro) are
+stored apart."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from vidcache.app import create_app
 from vidcache.config import ServiceConfig
 from vidcache.ingest import Ingestor
-from vidcache.media import FRAMES, PerceptualHash, phash_distance
+from vidcache.media import FRAMES, UNIFORM_FRAMES, PerceptualHash, near_duplicate
 from vidcache.phash_index import PhashIndex
 
 with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for TestClient
@@ -29,43 +31,49 @@ with warnings.catch_warnings():  # Starlette's notice that it prefers httpx2 for
 pytestmark = pytest.mark.timeout(120)
 
 
-def _one_by_one(stored: list[tuple[str, PerceptualHash]], phash: PerceptualHash,
+Stored = list[tuple[str, PerceptualHash, float]]
+
+
+def _one_by_one(stored: Stored, phash: PerceptualHash, duration_s: float,
                 threshold: int) -> tuple[str, int] | None:
     """The search before the index: every stored video in the order stored, the first of the
     nearest kept."""
     best: tuple[str, int] | None = None
-    for content_hash, other in stored:
-        distance = phash_distance(phash, other)
-        if distance is not None and distance <= threshold and (
-                best is None or distance < best[1]):
+    for content_hash, other, other_duration_s in stored:
+        distance = near_duplicate(phash, duration_s, other, other_duration_s, threshold)
+        if distance is not None and (best is None or distance < best[1]):
             best = (content_hash, distance)
     return best
 
 
-# Few distinct frame values, so equal distances (ties) and exact halves are common.
-_FRAME = st.one_of(st.none(), st.sampled_from([0, 1, 3, 7, 0xFF, 0xF0F0, 2**64 - 1]),
+# Few distinct frame values, so equal distances (ties) and exact halves are common; the
+# uniform frames' hashes among them.
+_FRAME = st.one_of(st.none(), st.sampled_from([*UNIFORM_FRAMES, 1, 3, 7, 0xFF, 0xF0F0,
+                                               2**64 - 1]),
                    st.integers(0, 2**64 - 1))
 _PHASH = st.lists(_FRAME, min_size=1, max_size=FRAMES).map(tuple)
 _STORED_PHASH = st.lists(_FRAME, min_size=1, max_size=FRAMES + 2).map(tuple)
-_STEP = st.one_of(st.tuples(st.just("add"), _STORED_PHASH),
+# durations at and about the bounds of what is alike (0.5 s; 0.5 % of 200 s is 1 s)
+_DURATION = st.sampled_from([10.0, 10.25, 10.5, 10.51, 200.0, 200.5, 201.0, 201.01])
+_STEP = st.one_of(st.tuples(st.just("add"), _STORED_PHASH, _DURATION),
                   st.tuples(st.just("remove"), st.integers(0, 50)),
-                  st.tuples(st.just("search"), _PHASH, st.integers(0, 64)))
+                  st.tuples(st.just("search"), _PHASH, _DURATION, st.integers(0, 64)))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_STEP, max_size=40))
 def test_the_index_finds_what_the_one_by_one_search_found(steps: list[Any]) -> None:
     index = PhashIndex(FRAMES)
-    stored: list[tuple[str, PerceptualHash]] = []
+    stored: Stored = []
     for number, step in enumerate(steps):
         if step[0] == "add":
-            stored.append((f"video{number}", step[1]))
+            stored.append((f"video{number}", step[1], step[2]))
             index.add(*stored[-1])
         elif step[0] == "remove" and stored:
-            content_hash, _ = stored.pop(step[1] % len(stored))
+            content_hash, _, _ = stored.pop(step[1] % len(stored))
             index.remove(content_hash)
         elif step[0] == "search":
-            assert index.nearest(step[1], step[2]) == _one_by_one(stored, step[1], step[2])
+            assert index.nearest(*step[1:]) == _one_by_one(stored, *step[1:])
         assert len(index) == len(stored)
 
 
@@ -80,27 +88,33 @@ def test_the_index_grows_and_shrinks_like_the_store() -> None:
                      for h in near)
 
     index = PhashIndex(FRAMES)
-    stored: list[tuple[str, PerceptualHash]] = []
+    stored: Stored = []
     for number in range(3000):
         phash = variant() if number % 5 == 0 else tuple(rng.getrandbits(64) for _ in near)
-        stored.append((f"{number:064x}", phash))
+        stored.append((f"{number:064x}", phash, rng.choice([60.0, 60.3, 61.0])))
         index.add(*stored[-1])
         if number % 3 == 2:
-            content_hash, _ = stored.pop(rng.randrange(len(stored)))
+            content_hash, _, _ = stored.pop(rng.randrange(len(stored)))
             index.remove(content_hash)
     for threshold in (0, 1, 2, 10, 64):
         for phash in (near, variant(), (None,) * FRAMES, (near[0], None)):
-            assert index.nearest(phash, threshold) == _one_by_one(stored, phash, threshold)
+            assert index.nearest(phash, 60.0, threshold) == \
+                _one_by_one(stored, phash, 60.0, threshold)
 
 
-def test_distances_round_halves_to_even_as_phash_distance_does() -> None:
-    index = PhashIndex(2)
-    for name, frames in (("half", (0b1, 0)), ("one-and-half", (0b1, 0b11)),
-                         ("two-and-half", (0b11, 0b111))):
-        index.add(name, frames)
-        assert index.nearest((0, 0), 64) == (name, phash_distance((0, 0), frames))
+def test_distances_round_halves_to_even_as_near_duplicate_does() -> None:
+    index = PhashIndex(4)  # media.MIN_COMPARED frames
+    base = (0x10, 0x20, 0x40, 0x80)
+    bits = {"half": (0b1, 0b1, 0, 0), "one-and-half": (0b11, 0b11, 0b1, 0b1),
+            "two-and-half": (0b111, 0b111, 0b11, 0b11)}
+    distances = []
+    for name, off in bits.items():
+        frames = tuple(b ^ o for b, o in zip(base, off, strict=True))
+        index.add(name, frames, 10.0)
+        distances.append(near_duplicate(base, 10.0, frames, 10.0, 64))
+        assert index.nearest(base, 10.0, 64) == (name, distances[-1])
         index.remove(name)
-    assert [phash_distance((0, 0), f) for f in ((1, 0), (1, 3), (3, 7))] == [0, 2, 2]
+    assert distances == [0, 2, 2]
 
 
 # --- in the service -------------------------------------------------------------------------
@@ -156,10 +170,11 @@ def test_reads_are_answered_while_a_search_runs(client_factory: Any, videos: dic
     searching, release = threading.Event(), threading.Event()
     search = Ingestor._nearest
 
-    def held_search(self: Ingestor, phash: PerceptualHash) -> tuple[str, int] | None:
+    def held_search(self: Ingestor, phash: PerceptualHash,
+                    duration_s: float) -> tuple[str, int] | None:
         searching.set()
         release.wait(timeout=60)
-        return search(self, phash)
+        return search(self, phash, duration_s)
 
     monkeypatch.setattr(Ingestor, "_nearest", held_search)
     with ThreadPoolExecutor(4) as pool:

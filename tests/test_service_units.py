@@ -31,7 +31,7 @@ from vidcache.download import _HashingWriter
 from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarge
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
-from vidcache.media import decode_phash, encode_phash, phash_distance
+from vidcache.media import UNIFORM_FRAMES, decode_phash, encode_phash, near_duplicate
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.space import FreeSpace
@@ -220,12 +220,23 @@ def test_listing_pages_are_read_in_order_from_an_index(tmp_path: Path,
         store.close()
 
 
-def test_phash_distance_is_the_mean_over_common_frames() -> None:
-    a = (0, 0xFF, None, 0)
-    b = (0, 0x0F, 0x1, 0xFFFF)
-    assert phash_distance(a, a) == 0
-    assert phash_distance(a, b) == round((0 + 4 + 16) / 3)
-    assert phash_distance((None, None), (1, 2)) is None
+def test_near_duplicate_is_the_mean_over_the_frames_compared() -> None:
+    black, grey = UNIFORM_FRAMES
+    a = (0x5, 0xFF, None, black, 0xF0, 0x1234, black, grey)
+    b = (0x5, 0x0F, 0x1, 0xFFFF, 0xF0, 0x1234, black, 0xFF)
+    assert near_duplicate(a, 10.0, a, 10.0, 0) == 0
+    # None and two uniform frames are not compared, a uniform and a textured one are:
+    # 0, 4, 16, 0, 0, 9 bits
+    assert near_duplicate(a, 10.0, b, 10.0, 10) == round(29 / 6)
+    assert near_duplicate(a, 10.0, b, 10.0, 7) is None  # 16 bits is more than twice 7
+    assert near_duplicate(a, 10.0, b, 10.5, 10) == 5  # durations 0.5 s apart: alike
+    assert near_duplicate(a, 10.0, b, 10.51, 10) is None
+    assert near_duplicate(a, 200.0, b, 201.0, 10) == 5  # 0.5 % of the longer
+    assert near_duplicate(a, 200.0, b, 201.1, 10) is None
+    # fewer than half the frames compared: black or grey on both sides says nothing
+    assert near_duplicate((black, grey, black, 0x5), 10.0, (black, grey, grey, 0x5), 10.0,
+                          64) is None
+    assert near_duplicate((None, None), 10.0, (1, 2), 10.0, 64) is None
     assert decode_phash(encode_phash((*b, None))) == (*b, None)
     assert encode_phash((0xF, None)) == "000000000000000f,-"
 

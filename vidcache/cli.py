@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds an idle client connection is kept open, so a reader that "
                             "paused (a player, vcfs) needs no new connection (default 75)")
     serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
-                       help="largest perceptual-hash distance (of 64 bits) that counts as the "
-                            "same video (default 10)")
+                       help="largest mean perceptual-hash distance (of 64 bits) that counts "
+                            "as the same video, no sampled frame more than twice it apart "
+                            "(default 10)")
     serve.add_argument("--chunk-size", metavar="SIZE", type=_chunk_size,
                        default=DEFAULT_CHUNK_SIZE,
                        help="record a BLAKE3 digest per chunk of this size for new ingests, "

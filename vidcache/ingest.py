@@ -6,8 +6,8 @@
 2. Download to a temp file, hashing on the fly (download.py).
 3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
 4. ffprobe validation (422 "not a video: ...").
-5. Perceptual dedup: the nearest stored video within the threshold -> `duplicate` with
-   `phash_distance`, the URL becomes its alias and the new bytes are dropped.
+5. Perceptual dedup: the nearest stored video that media.near_duplicate matches ->
+   `duplicate` with `phash_distance`, the URL becomes its alias and the new bytes are dropped.
 6. Otherwise `new`: the blob is moved into place and its record committed.
 
 `progress` (progress.py, GET /ingests) is told the phase as each step begins: `downloading`
@@ -83,8 +83,8 @@ class Ingestor:
         self._running = 0
         self._running_changed = threading.Condition()
         self._stopped_at: float | None = None
-        for content_hash, encoded in store.phashes():
-            self._phashes.add(content_hash, media.decode_phash(encoded))
+        for content_hash, encoded, duration_s in store.phashes():
+            self._phashes.add(content_hash, media.decode_phash(encoded), duration_s)
 
     def ingest(self, *, url: str, bucket: str, prefix: str = "",
                meta: dict[str, Any] | None = None,
@@ -132,7 +132,7 @@ class Ingestor:
                                               work_dir=self._store.tmp_dir)
                 progress.enter("storing")
                 with self._decide:
-                    match = self._nearest(phash)
+                    match = self._nearest(phash, info.duration_s)
                     if match is not None:
                         matched_hash, distance = match
                         record = self._store.add_alias(url, matched_hash)
@@ -147,7 +147,7 @@ class Ingestor:
                                  chunk_size=download.chunk_size,
                                  chunk_digests=download.chunk_digests),
                         url=url, temp_path=download.path)
-                    self._phashes.add(record.content_hash, phash)
+                    self._phashes.add(record.content_hash, phash, info.duration_s)
                     return _result(record, "new")
         finally:
             # one left on a file system turned read-only is removed at the next start
@@ -181,9 +181,10 @@ class Ingestor:
                 self._phashes.remove(content_hash)
             return deleted
 
-    def _nearest(self, phash: media.PerceptualHash) -> tuple[str, int] | None:
-        """The stored video perceptually nearest to `phash`, if within the threshold."""
-        return self._phashes.nearest(phash, self._threshold)
+    def _nearest(self, phash: media.PerceptualHash,
+                 duration_s: float) -> tuple[str, int] | None:
+        """The stored video perceptually nearest to `phash` that counts as the same video."""
+        return self._phashes.nearest(phash, duration_s, self._threshold)
 
 
 def _result(record: VideoRecord, status: Status, distance: int | None = None) -> IngestResult:

@@ -6,8 +6,9 @@
 video, shrinks each to a FRAME_SIZE² grey image in ffmpeg and takes its 64-bit DCT hash
 (imagehash.phash). Two videos are compared frame by frame at the same relative positions; the
 distance is the mean Hamming distance of those pairs, so it stays on the 0-64 scale of a single
-hash while a chance match of one frame (a black title card) cannot make two videos equal. On the
-test corpus a re-encode at another size and bitrate measures 0-1, unrelated clips 29-35.
+hash while a chance match of one frame (a black title card) cannot make two videos equal.
+`near_duplicate` says whether two videos count as the same: see its docstring and
+docs/service.md ("Perceptual hash") for the measurements behind each of its conditions.
 Seeking per sample (input-side -ss, one ffmpeg process for all samples) keeps the cost
 independent of the video's length.
 """
@@ -204,12 +205,50 @@ def _frame_hash(raw_frame: Path) -> int | None:
     return int(str(imagehash.phash(image)), 16)
 
 
-def phash_distance(a: PerceptualHash, b: PerceptualHash) -> int | None:
-    """Mean Hamming distance (0-64, rounded) over positions where both have a frame."""
-    pairs = [(x, y) for x, y in zip(a, b, strict=False) if x is not None and y is not None]
-    if not pairs:
+# What every frame of one shade of grey hashes to: 0 if black (its DCT is all zero), the DC bit
+# alone otherwise. Two such frames look alike in any two videos (black videos carrying other
+# sound, fades, blank cards, a colour gradient of even brightness), so they are not compared.
+# A frame with any structure hashes to neither (32 of its 63 low-frequency DCT terms would have
+# to be equal), so hashes stored before this rule need no mark: theirs are known by value too.
+UNIFORM_FRAMES = (0, 1 << 63)
+# The fewest frame pairs compared for two videos to match: fewer say too little (an otherwise
+# black video whose one sampled picture is a common end card).
+MIN_COMPARED = FRAMES // 2
+
+
+def frame_distances(a: PerceptualHash, b: PerceptualHash) -> list[int]:
+    """Hamming distance at each position compared: where both have a frame and they are not
+    both uniform."""
+    return [(x ^ y).bit_count() for x, y in zip(a, b, strict=False)
+            if x is not None and y is not None
+            and not (x in UNIFORM_FRAMES and y in UNIFORM_FRAMES)]
+
+
+# How far apart two durations of one video may be: this or this fraction of the longer,
+# whichever is more. Re-encodes, remuxes and other frame rates measured 0-0.13 s apart; the
+# same frames sped up, or a part of them, are not one video.
+DURATION_SLACK_S = 0.5
+DURATION_SLACK = 0.005
+
+
+def durations_alike(a_s: float, b_s: float) -> bool:
+    return abs(a_s - b_s) <= max(DURATION_SLACK_S, DURATION_SLACK * max(a_s, b_s))
+
+
+def near_duplicate(a: PerceptualHash, a_duration_s: float, b: PerceptualHash,
+                   b_duration_s: float, threshold: int) -> int | None:
+    """The distance of two videos (the mean of `frame_distances`, 0-64, rounded) if they count
+    as the same video, else None. They do if their durations are alike, at least MIN_COMPARED
+    positions are compared, the mean is at most `threshold` and no position is more than
+    twice `threshold` apart: a mean alone let 2 frames of 8 differ entirely (videos sharing
+    their first 9 s of 12 measured 9)."""
+    distances = frame_distances(a, b)
+    if len(distances) < MIN_COMPARED or not durations_alike(a_duration_s, b_duration_s):
         return None
-    return round(sum((x ^ y).bit_count() for x, y in pairs) / len(pairs))
+    distance = round(sum(distances) / len(distances))
+    if distance > threshold or max(distances) > 2 * threshold:
+        return None
+    return distance
 
 
 def encode_phash(value: PerceptualHash) -> str:

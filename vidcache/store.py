@@ -489,11 +489,11 @@ class Store:
         return DigestPage(chunk_size=chunk_size, chunk_count=digest_count(size, chunk_size),
                           first_chunk=page.start, digests=digests)
 
-    def phashes(self) -> list[tuple[str, str]]:
-        """(hash, encoded perceptual hash) of every stored video, oldest first."""
+    def phashes(self) -> list[tuple[str, str, float]]:
+        """(hash, encoded perceptual hash, duration) of every stored video, oldest first."""
         with self._reading(scan=True) as db:
-            return [(h, p) for h, p in
-                    db.execute("SELECT hash, phash FROM videos ORDER BY rowid")]
+            return [(h, p, d) for h, p, d in
+                    db.execute("SELECT hash, phash, duration_s FROM videos ORDER BY rowid")]
 
     def count(self) -> int:
         with self._reading() as db:
