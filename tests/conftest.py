@@ -3,12 +3,28 @@ server that ingest downloads from, and one running vidcache service."""
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import VidcacheServer, make_videos, serve_directory
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_children() -> Iterator[None]:
+    """Commands the tests Ctrl-C (SIGINT) start with SIGINT's default action, as from a
+    terminal. A run started in the background by a shell without job control (`cmd &`,
+    nohup) ignores SIGINT, and its children inherit that: vcfs then waited out its own
+    timeout instead of saying 'interrupted'. A handler of ours is reset at exec, an ignored
+    signal is not."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")
