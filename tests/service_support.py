@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 from blake3 import blake3
@@ -116,6 +116,8 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
     /stall/<name>          half the body, then silence until the origin is closed
     /gzip/<name>           the body gzip-compressed (Content-Encoding: gzip) whatever the client
                            accepts, as S3 serves an object stored with that encoding
+    /stored-as/<coding>/<name>  the file as it is, labelled Content-Encoding: <coding> (an
+                           object stored compressed, or a coding the client did not ask for)
     /auth/<name>           401 unless the request has HTTP Basic credentials user:secret
     /signed/<name>?...     403 unless the query's X-Amz-Signature is SIGNATURE (an S3 presigned
                            URL's)
@@ -154,6 +156,13 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
             super().do_GET()
         elif self.path.startswith("/redirect-to?"):
             self._redirect(self.path.partition("?")[2])
+        elif match := re.fullmatch(r"/stored-as/([^/]+)/(.+)", self.path):
+            data = (Path(self.directory) / match.group(2)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Encoding", unquote(match.group(1)))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
         elif match := re.fullmatch(r"/(nolength|stall|gzip)/(.+)", self.path):
             self._misbehave(match.group(1), match.group(2))
         else:

@@ -8,12 +8,14 @@ wording of `vidcache ingest`'s progress line."""
 from __future__ import annotations
 
 import argparse
+import gzip
 import itertools
 import socket
 import sqlite3
 import tempfile
 import threading
 import warnings
+import zlib
 from pathlib import Path
 
 import httpx
@@ -27,6 +29,7 @@ from vidcache.app import create_app
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import build_parser, parse_size
 from vidcache.config import ServiceConfig
+from vidcache.content_coding import PIECE_SIZE, decoded
 from vidcache.download import _HashingWriter
 from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarge
 from vidcache.hostguard import HostGuard
@@ -289,6 +292,31 @@ def test_hashing_writer_digests_whatever_the_write_sizes(chunk_size: int, chunks
     assert content_hash == blake3(data).hexdigest()
     assert digests == b"".join(blake3(data[i:i + chunk_size]).digest()
                                for i in range(0, size, chunk_size))
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+_TEXT = bytes(range(256)) * 64 + bytes(3 * MIB) + b"end"  # zeros: a high ratio, as a bomb's
+_CODED = {"gzip": gzip.compress(_TEXT), "deflate": zlib.compress(_TEXT),
+          "raw deflate": _raw_deflate(_TEXT)}
+
+
+@settings(max_examples=60, deadline=None)
+@given(how=st.sampled_from(sorted(_CODED)),
+       cuts=st.lists(st.integers(min_value=0, max_value=8 * KIB), max_size=6))
+def test_an_encoded_body_is_decoded_in_bounded_pieces(how: str, cuts: list[int]) -> None:
+    """Whatever the pieces received (one byte first included: raw deflate then failed as zlib's
+    format in httpx's decoder), the bytes come back whole, none of their pieces longer than
+    PIECE_SIZE (httpx gave 3 MiB at once)."""
+    encoded = _CODED[how]
+    points = sorted({c for c in cuts if c < len(encoded)} | {0, len(encoded)})
+    pieces = [encoded[start:end] for start, end in itertools.pairwise(points)]
+    out = list(decoded(pieces, ["deflate" if how == "raw deflate" else how]))
+    assert b"".join(out) == _TEXT
+    assert max(map(len, out)) <= PIECE_SIZE
 
 
 @pytest.mark.parametrize("size", [64 * KIB, 128 * KIB, 256 * KIB, MIB, 16 * MIB])

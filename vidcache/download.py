@@ -6,7 +6,9 @@ readers can verify ranges). The size cap is enforced on the bytes actually recei
 on Content-Length. A size known ahead that the data directory has no room for (space.py, with
 what the downloads under way have yet to write) is refused before the first byte; bytes beyond
 it (no size known, or a gzip body decoded) are promised room before they are written, and the
-download stops (507) when there is none.
+download stops (507) when there is none. A body the origin encodes (gzip, deflate) is decoded
+in pieces of bounded size (content_coding.py), so those checks stop a gzip bomb before it
+takes the memory.
 
 http(s): redirects are followed by hand so every hop passes the HostGuard, and each request is
 sent to the address the guard approved (Host header and TLS SNI keep the original name).
@@ -45,6 +47,7 @@ import httpx
 
 from vidcache import __version__
 from vidcache.chunks import ChunkHasher, check_chunk_size
+from vidcache.content_coding import EncodingError, decoded
 from vidcache.errors import (
     BadSetting,
     IngestRefused,
@@ -171,8 +174,8 @@ class _HashingWriter:
 
 
 class _Body(httpx.SyncByteStream):
-    """An httpcore response's body as httpx's stream, for httpx to decode it; `received` hears
-    of each piece as sent, before decoding (what its Content-Length counts)."""
+    """An httpcore response's body as httpx's stream; `received` hears of each piece as sent,
+    before decoding (what its Content-Length counts)."""
 
     def __init__(self, response: httpcore.Response, received: Callable[[int], None]) -> None:
         self._response = response
@@ -300,9 +303,7 @@ class Downloader:
                     headers.append(("Authorization", basic_authorization(url)))
                 with self._pool.stream("GET", target, extensions=extensions,
                                        headers=headers) as answer:
-                    # As httpx's response, for its decoding of the body (gzip, deflate...) as
-                    # before httpcore was used directly: an origin may encode the body whatever
-                    # Accept-Encoding says (S3 does)
+                    # As httpx's response, for its reading of the status and headers
                     response = httpx.Response(answer.status, headers=answer.headers,
                                               stream=_Body(answer, progress.received),
                                               extensions=answer.extensions)
@@ -320,7 +321,12 @@ class Downloader:
                     if expected is not None:
                         writer.check_announced_size(expected)
                     progress.expect(expected)
-                    for data in response.iter_bytes():
+                    # An origin may encode the body whatever Accept-Encoding says (S3 does):
+                    # decoded in bounded pieces, not by httpx, which inflates each piece
+                    # received whole and leaves a coding it does not know encoded
+                    for data in decoded(response.iter_raw(),
+                                        response.headers.get_list("content-encoding",
+                                                                  split_commas=True)):
                         writer.write(data)
                         self._check_progress(deadline, original)
                     return
@@ -330,7 +336,7 @@ class Downloader:
             except httpcore.ConnectError as exc:
                 raise UpstreamError(f"cannot connect to {host}:{port} for {original}: "
                                     f"{exc}") from exc
-            except (httpcore.NetworkError, httpcore.ProtocolError, httpx.DecodingError) as exc:
+            except (httpcore.NetworkError, httpcore.ProtocolError, EncodingError) as exc:
                 raise UpstreamError(f"download of {original} failed: {exc}") from exc
         raise UpstreamError(f"{original}: more than {MAX_REDIRECTS} redirects")
 
