@@ -418,6 +418,7 @@ _ENCODED: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
     "deflate": ("deflate", zlib.compress),
     "raw-deflate": ("deflate", _raw_deflate),
     "gzip-members": ("gzip", _gzip_members),
+    "gzip-padded": ("gzip", lambda data: gzip.compress(data) + bytes(70_000)),
     "x-gzip": ("x-gzip", gzip.compress),
     "gzip-of-deflate": ("deflate, gzip", lambda data: gzip.compress(zlib.compress(data))),
 }
@@ -427,8 +428,9 @@ _ENCODED: dict[str, tuple[str, Callable[[bytes], bytes]]] = {
 def test_an_encoded_body_is_stored_decoded(api: Api, videos: dict[str, Path], tmp_path: Path,
                                            how: str) -> None:
     """deflate (zlib's format or raw) as httpx decoded it; gzip members one after another, as
-    `gzip -d` does (httpx stored the first alone: a video cut in half), x-gzip (RFC 9110's
-    alias, stored encoded by httpx: 422 'not a video') and two codings in a row."""
+    `gzip -d` does (httpx stored the first alone: a video cut in half), and zero bytes after
+    the last skipped as padding, as `gzip -d` skips them; x-gzip (RFC 9110's alias, stored
+    encoded by httpx: 422 'not a video') and two codings in a row."""
     coding, encode = _ENCODED[how]
     (tmp_path / "b.enc").write_bytes(encode(videos["b.mp4"].read_bytes()))
     with serve_origin(tmp_path) as (origin, _stalled):

@@ -8,8 +8,8 @@ ratio reaches ~1000:1, and httpx's decoder, used before, turned one 64 KiB piece
 ~64 MiB in memory at once (a gzip bomb). gzip (x-gzip: RFC 9110) and deflate (zlib's format or
 raw, as httpx accepted) are decoded, several gzip members one after another as `gzip -d` does;
 a body that ends before its compressed stream does is refused, as is data after a deflate
-stream. Any other coding (br, zstd, compress...) is refused rather than stored encoded as if it
-were the video.
+stream (zero bytes after a gzip member are padding, skipped as `gzip -d` does). Any other
+coding (br, zstd, compress...) is refused rather than stored encoded as if it were the video.
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ def _inflated(pieces: Iterator[bytes], coding: str) -> Iterator[bytes]:
             if inflater.eof:  # data after the stream's end: another gzip member, or an error
                 if coding == "deflate":
                     raise EncodingError("data after the end of the deflate stream")
+                # zero bytes padding the last member, which `gzip -d` and Python skip too
+                data = data.lstrip(b"\0")
+                if not data:
+                    break
                 inflater = zlib.decompressobj(wbits)
             try:
                 out = inflater.decompress(data, PIECE_SIZE)
