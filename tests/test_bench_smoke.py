@@ -454,7 +454,8 @@ def test_relay_ends_a_link_whose_client_left_mid_body(origin_port: int) -> None:
         with socket.create_connection(("127.0.0.1", relay.port)) as sock:
             sock.sendall(b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(1000)  # the body is on its way; leave without reading it
-        _wait_until(lambda: relay.open_connections == 0)
+        wait_until(lambda: relay.open_connections == 0, timeout=10,
+                   what="the relay's connections closed")
         assert httpx.get(f"{relay.url}/blob").content == BODY  # and the relay serves on
 
 
@@ -462,13 +463,6 @@ def test_relay_refuses_a_profile_it_would_not_honour(origin_port: int) -> None:
     slow = LinkProfile(name="slow", one_way_delay_s=0.05)
     with pytest.raises(ValueError, match="neither delays nor caps"):
         SpliceRelay(ProxyConfig(upstream_port=origin_port, profile=slow))
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def _video(local: Path) -> Video:
