@@ -16,6 +16,10 @@ is named as such).
 The token is read from a file, never taken on the command line, where any user could see it
 in the process list; `--daemon` passes the file's path to its child, not the token, and the
 URL without its `user:password@` (the whole URL goes in the child's environment).
+
+`vcfs URL MOUNTPOINT -o OPT,...` (no command) is how mount(8) runs vcfs, through mount.fuse3,
+for an /etc/fstab line of type fuse.vcfs: it is `vcfs mount URL MOUNTPOINT --daemon`, with
+vcfs's own options spelled as -o ones (cache_size=2G); see `mount_helper_arguments`.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ _READAHEAD_MAX = 16 * MIB
 _FSTYPE = "fuse.vcfs"
 # Keywords of the FUSE helper that `-o` would reach instead of mount options.
 _HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "raw_fi"})
+# Options of an /etc/fstab line that are for mount(8) or systemd, not for the file system:
+# mount(8) and mount.fuse3 drop most of them, but not all (nor does a direct call). rw too:
+# `defaults` and habit put it on fstab lines, and the mount is read-only whatever it says.
+_FSTAB_KEYWORDS = frozenset({"defaults", "auto", "noauto", "user", "users", "nouser", "owner",
+                             "group", "nofail", "_netdev", "rw"})
 # The service's default digest chunk: a first block fetched with a lookup is verified whole,
 # so it must be made of whole chunks (else it is dropped and fetched again).
 _DIGEST_CHUNK = 256 * KIB
@@ -231,8 +240,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mount_helper_arguments(
+    arguments: Sequence[str], parser: argparse.ArgumentParser
+) -> list[str]:
+    """mount.fuse3's call for an fstab line `URL MOUNTPOINT fuse.vcfs OPTIONS`, `vcfs URL
+    MOUNTPOINT -o OPTIONS`, as the arguments of `vcfs mount URL MOUNTPOINT --daemon`: mount(8)
+    waits for its helper, which must detach once mounted, or say why not with a non-zero
+    status. An option named as one of `mount`'s (cache_size=2G, token_file=/etc/vcfs/token,
+    no_first_block) is that option, the mount(8)/systemd ones are dropped, the others are FUSE
+    options (allow_other, and the dev, suid, ro, noatime... mount.fuse3 passes on)."""
+    if len(arguments) < 2:
+        parser.error("as a mount helper vcfs takes URL MOUNTPOINT [-o OPTIONS]")
+    url, mountpoint, *rest = arguments
+    if len(rest) % 2 or any(flag != "-o" for flag in rest[::2]):
+        parser.error(f"as a mount helper vcfs takes URL MOUNTPOINT [-o OPTIONS], not "
+                     f"{' '.join(rest)!r}")
+    ours = _mount_long_options(parser)
+    result, fuse_options = ["mount", url, mountpoint, "--daemon"], []
+    for option in (o for group in rest[1::2] for o in group.split(",") if o):
+        key, has_value, value = option.partition("=")
+        if key in _FSTAB_KEYWORDS or key.startswith("x-") or key == "comment":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if flag in ours:
+            result.append(f"{flag}={value}" if has_value else flag)
+        else:
+            fuse_options.append(option)
+    if fuse_options:
+        result += ["-o", ",".join(fuse_options)]
+    return result
+
+
+def _mount_long_options(parser: argparse.ArgumentParser) -> set[str]:
+    """The `mount` command's --options an fstab line may give (not --help, nor --daemon and
+    --foreground: a mount helper detaches; nor the internal ones)."""
+    mount = next(action.choices["mount"] for action in parser._actions
+                 if isinstance(action.choices, dict) and "mount" in action.choices)
+    return {name for action in mount._actions
+            if action.dest not in ("help", "daemon") and action.help != argparse.SUPPRESS
+            for name in action.option_strings if name.startswith("--")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments and "://" in arguments[0]:  # no command, a URL: mount(8)'s helper call
+        arguments = mount_helper_arguments(arguments, parser)
+    args = parser.parse_args(arguments)
     try:
         if args.command == "unmount":
             return unmount(os.path.realpath(args.mountpoint), lazy=args.lazy)
