@@ -1071,6 +1071,17 @@ def test_help_lists_every_option_with_defaults() -> None:
         assert option in text, option
 
 
+def test_help_says_how_mount_8_runs_vcfs() -> None:
+    """The mount helper's form (an /etc/fstab line of type fuse.vcfs) has no command of its
+    own: `vcfs --help` says it is there and how its options are spelled."""
+    result = run_vcfs("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for part in ("fuse.vcfs", "vcfs URL MOUNTPOINT -o OPTION", "--daemon", "cache_size=1G",
+                 "token_file=", "nofail", "allow_other"):
+        assert part in text, part
+
+
 def test_every_argument_of_every_command_says_what_it_is() -> None:
     commands = next(action for action in cli.build_parser()._actions
                     if isinstance(action, argparse._SubParsersAction))

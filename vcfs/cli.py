@@ -123,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vcfs",
         description="Mount a vidcache service as a read-only filesystem of video files.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "As mount(8)'s helper, for an /etc/fstab line of type fuse.vcfs:\n"
+            "  vcfs URL MOUNTPOINT -o OPTION[,OPTION...]\n"
+            "is `vcfs mount URL MOUNTPOINT --daemon`, the mount command's options spelled as\n"
+            "-o ones (cache_size=1G, token_file=/etc/vcfs/token, log_file=/var/log/vcfs.log),\n"
+            "mount(8)'s own (defaults, noauto, nofail, _netdev, x-systemd.*) ignored, the\n"
+            "others passed to FUSE (allow_other). See `vcfs mount --help`."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"vcfs {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
