@@ -262,10 +262,10 @@ examples:
   vidcache ingest /srv/incoming/*.mp4 --bucket videos --prefix 2024
   xargs -a urls.txt vidcache ingest --bucket videos >results.jsonl
 
-Exit status: 0 if every one was stored; 1 if any was not (each on stderr with
-the service's reason, or why it could not be reached; the others are still
-ingested); 2 for a bad option; 130 on Ctrl-C (the service may still store the
-one under way).""")
+Exit status: 0 if every one is stored (new, duplicate or url_alias); 1 if any
+is not (each on stderr with the service's reason, or why it could not be
+reached; the others are still ingested); 2 for a bad option; 130 on Ctrl-C (the
+service may still store the one under way).""")
     ingest.add_argument("sources", metavar="URL_OR_PATH", nargs="+",
                         help="http(s):// URL of a video, file:// URL, or the path of a local "
                              "file")
