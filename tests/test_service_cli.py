@@ -147,11 +147,32 @@ def test_a_local_file_the_service_does_not_allow_names_the_directory_to_allow(
         run = vidcache("ingest", str(path), "--bucket", "b", "--server", server.url)
         assert (run.returncode, run.stdout) == (1, ""), run.stderr
         refusal, advice = run.stderr.splitlines()
-        assert refusal.startswith(f"vidcache ingest: error: ingest of {path.as_uri()} into "
-                                  "bucket 'b': HTTP 403 Forbidden: "), refusal
+        assert refusal.startswith(f"vidcache ingest: error: {path}: ingest of {path.as_uri()} "
+                                  "into bucket 'b': HTTP 403 Forbidden: "), refusal
         assert advice == ("vidcache ingest: the service ingests only the local files it can "
                           "read below a directory it allows: start it with --allow-file-dir "
                           f"{path.parent} (or a directory above)")
+
+
+def test_a_local_file_that_fails_is_named_as_given(local: tuple[VidcacheServer, Path],
+                                                   media_url: str, tmp_path: Path) -> None:
+    """A path is sent as its file:// URL, symlinks resolved: its error line starts with the
+    path as given, as a result's "source" does (it named only the file:// URL of the link's
+    target, which matched none of the arguments)."""
+    server, allowed = local
+    target = allowed / "not-a-video.mp4"
+    target.write_bytes(b"not a video")
+    link = tmp_path / "clip.mp4"
+    link.symlink_to(target)
+    given = os.path.relpath(link)
+    run = vidcache("ingest", given, f"{media_url}/a.mp4", "--bucket", "named", "--server",
+                   server.url)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith(
+        f"vidcache ingest: error: {given}: ingest of {target.as_uri()} into bucket 'named': "
+        "HTTP 422 Unprocessable Entity: not a video"), run.stderr
+    assert [json.loads(line)["source"] for line in run.stdout.splitlines()] == [
+        f"{media_url}/a.mp4"]
 
 
 MANY = 1200  # more than one page of GET /videos (1000)

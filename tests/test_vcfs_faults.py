@@ -60,7 +60,7 @@ from tests.vcfs_fault_support import (
 )
 from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
 from vcfs.blocks import BlockCache
-from vcfs.faillog import Outage
+from vcfs.faillog import FailureLog, Outage
 from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
 from vcfs.stats import Counters
 from vidcache_client import VidCacheClient
@@ -513,7 +513,7 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
         wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
                    timeout=10, what="the recovery line")
     log = mounted.log()  # with the unmount's count
-    assert "more operations failed (read: EIO, " in log
+    assert "more operation(s) failed (read: EIO, " in log
     assert "Traceback" not in log
     FIGURES["stopped_service_log"] = {"failed_reads": sum(failures), "eio_lines": eio_lines,
                                       "log_bytes": len(log)}
@@ -633,6 +633,27 @@ def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
     assert caplog.records[2].getMessage().endswith(
         "; it failed 1 more time(s) since the last outage line, 61 s ago, answering in "
         "between (1 operation(s) failed)")
+
+
+def test_failures_left_out_are_counted_in_the_next_line_and_at_unmount(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`FailureLog` on a clock of its own: a cause's first failure is a line, those within
+    10 s of it are counted in its next line, and those still left out at unmount in one line
+    ('1 more operations failed' before)."""
+    now = [0.0]
+    failures = FailureLog(logging.getLogger("test.failures"), clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.failures"):
+        for moment in (0, 4, 12, 15):
+            now[0] = moment
+            failures.failed("read: EIO, ConnectError", logging.ERROR, f"read {moment} failed")
+        now[0] = 20
+        failures.flush()
+    assert [record.getMessage() for record in caplog.records] == [
+        "read 0 failed",
+        "read 12 failed (and 1 more failed like it in the last 12 s)",
+        "1 more operation(s) failed (read: EIO, ConnectError) since the last such line, 8 s ago",
+    ]
 
 
 def test_a_refusal_after_an_outage_is_the_service_answering_again(

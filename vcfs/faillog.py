@@ -60,8 +60,8 @@ class FailureLog:
             pending = [(name, cause) for name, cause in self._causes.items() if cause.left_out]
             self._causes.clear()
         for name, cause in pending:
-            self._log.warning("%d more operations failed (%s) since the last such line, %.0f s "
-                              "ago", cause.left_out, name, now - cause.logged)
+            self._log.warning("%d more operation(s) failed (%s) since the last such line, "
+                              "%.0f s ago", cause.left_out, name, now - cause.logged)
 
 
 class Outage:

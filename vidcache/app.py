@@ -65,7 +65,7 @@ from vidcache.store import (
     is_content_hash,
 )
 from vidcache.tools import Tools
-from vidcache_client._credentials import without_credentials
+from vidcache_client._credentials import with_secrets_replaced, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -462,9 +462,16 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.get("/resolve", responses=_ERRORS)
     def resolve(url: str) -> ResolveResponse:
         record = store.lookup_url(url)
+        shown = without_credentials(url)
         if record is None:
-            raise NotFound(f"URL not ingested: {without_credentials(url)}")
-        return ResolveResponse(hash=record.content_hash, url=without_credentials(url))
+            # Shown with its secrets REDACTED, it reads as the alias /meta shows of an ingested
+            # URL: say that they count (that alias, copied, or a URL signed anew is unknown).
+            # It has some if their values left out differ from them REDACTED.
+            secrets = with_secrets_replaced(url, lambda _value: "") != shown
+            raise NotFound(f"URL not ingested: {shown}" + (
+                "; the secrets of its query, REDACTED here, are compared as given: resolve "
+                "the URL itself, not an alias shown by /meta or /videos" if secrets else ""))
+        return ResolveResponse(hash=record.content_hash, url=shown)
 
     @app.get("/meta/{content_hash}", responses=_ERRORS)
     def meta(content_hash: ContentHash) -> VideoMeta:

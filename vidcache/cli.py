@@ -262,10 +262,10 @@ examples:
   vidcache ingest /srv/incoming/*.mp4 --bucket videos --prefix 2024
   xargs -a urls.txt vidcache ingest --bucket videos >results.jsonl
 
-Exit status: 0 if every one was stored; 1 if any was not (each on stderr with
-the service's reason, or why it could not be reached; the others are still
-ingested); 2 for a bad option; 130 on Ctrl-C (the service may still store the
-one under way).""")
+Exit status: 0 if every one is stored (new, duplicate or url_alias); 1 if any
+is not (each on stderr with the service's reason, or why it could not be
+reached; the others are still ingested); 2 for a bad option; 130 on Ctrl-C (the
+service may still store the one under way).""")
     ingest.add_argument("sources", metavar="URL_OR_PATH", nargs="+",
                         help="http(s):// URL of a video, file:// URL, or the path of a local "
                              "file")
@@ -447,10 +447,11 @@ _MAY_STILL_STORE = ("the service may still store %s: ingest the URL again later 
 
 
 def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request: str, *,
-             advice: str = "", content_hash: str | None = None) -> str:
+             about: str = "", advice: str = "", content_hash: str | None = None) -> str:
     """The error line of `vidcache COMMAND` for what the client raised asking `request`
-    (`POST /ingest`), with a line of `advice` after it if any; `content_hash`: the video
-    asked for, whose 404 from the service says there is no such video."""
+    (`POST /ingest`), starting with `about` (the argument it is for) if given, with a line of
+    `advice` after it if any; `content_hash`: the video asked for, whose 404 from the service
+    says there is no such video."""
     message = str(exc)
     # vidcache's own refusal is JSON; a proxy's (Basic auth) is explained by the client
     if isinstance(exc, AuthError) and exc.status_code == 401 and exc.json_detail:
@@ -463,7 +464,7 @@ def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request
         # Not the other server's error page (HTML) as the reason.
         message = (f"{without_credentials(args.server)} answered {request} with HTTP "
                    f"{exc.status_code}: not a vidcache service (check --server)")
-    line = f"vidcache {command}: error: {message}"
+    line = f"vidcache {command}: error: {f'{about}: ' if about else ''}{message}"
     return f"{line}\nvidcache {command}: {advice}" if advice else line
 
 
@@ -516,7 +517,10 @@ def _ingest(client: VidCacheClient, args: argparse.Namespace) -> int:
                 result = client.ingest(url, args.bucket, prefix=args.prefix,
                                        meta=dict(args.meta))
         except VidCacheError as exc:
-            print(_failure("ingest", exc, args, "POST /ingest",
+            # A path is sent as its file:// URL, symlinks resolved: the line names it as given
+            # too, as the results' "source" does.
+            about = without_credentials(source) if url != source else ""
+            print(_failure("ingest", exc, args, "POST /ingest", about=about,
                            advice=_ingest_advice(exc, url)), file=sys.stderr)
             failed = True
             continue
