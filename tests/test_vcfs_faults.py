@@ -663,28 +663,22 @@ def test_a_refusal_after_an_outage_is_the_service_answering_again(
     answers, and the log says so. Only answers vcfs took, and 404s, ended the outage: after a
     401 (or a 403, 416, other 4xx) the log read as if the service were still down, and the
     first retry of each failing operation logged nothing."""
-    if not _service_has_tokens():
-        pytest.skip("this vidcache has no --token-file/--token-reads yet")
-    token_file = tmp_path / "token"
-    token_file.write_text("token-before\n")
-    server = VidcacheServer(tmp_path / "own", "--token-file", str(token_file), "--token-reads")
-    with server:
-        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own",
-                        token="token-before")["big.mp4"]
-        with VcfsMount(server.url, tmp_path / "mnt", "--token-file", str(token_file),
-                       "--timeout", "1", "--cache-size", "2M", "--readahead-max", "0",
-                       "--log-level", "warning") as mounted:
-            path = mounted.video(source.file_name)
-            assert read_uncached(path, READ, 0) == expect(source, 0)
-            server.kill()
-            failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
-            assert failed.errno == errno.EIO, failed
-            assert f"the service at {server.url} failed an operation" in mounted.log()
-            token_file.write_text("token-after\n")
-            server.start()
-            refused = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
-            assert refused.errno == errno.EACCES, refused
-            assert f"the service at {server.url} answers again" in mounted.log()
+    with (_token_service(tmp_path, videos, media_url, "token-before") as (
+            server, token_file, source),
+          VcfsMount(server.url, tmp_path / "mnt", "--token-file", str(token_file),
+                    "--timeout", "1", "--cache-size", "2M", "--readahead-max", "0",
+                    "--log-level", "warning") as mounted):
+        path = mounted.video(source.file_name)
+        assert read_uncached(path, READ, 0) == expect(source, 0)
+        server.kill()
+        failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+        assert failed.errno == errno.EIO, failed
+        assert f"the service at {server.url} failed an operation" in mounted.log()
+        token_file.write_text("token-after\n")
+        server.start()
+        refused = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
+        assert refused.errno == errno.EACCES, refused
+        assert f"the service at {server.url} answers again" in mounted.log()
 
 
 def test_a_lookup_answered_with_its_first_block_is_the_service_answering_again(
@@ -798,6 +792,21 @@ def _service_has_tokens() -> bool:
     return "--token-file" in result.stdout and "--token-reads" in result.stdout
 
 
+@contextlib.contextmanager
+def _token_service(tmp_path: Path, videos: dict[str, Path], media_url: str, token: str
+                   ) -> Iterator[tuple[VidcacheServer, Path, Source]]:
+    """(a service of its own requiring `token` for reads too, the token file it reads, big.mp4
+    ingested into it); skips where vidcache has no tokens."""
+    if not _service_has_tokens():
+        pytest.skip("this vidcache has no --token-file/--token-reads yet")
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{token}\n")
+    with VidcacheServer(tmp_path / "own", "--token-file", str(token_file),
+                        "--token-reads") as server:
+        yield server, token_file, ingest(server.url, media_url, videos, ("big.mp4",),
+                                         bucket="own", token=token)["big.mp4"]
+
+
 def test_token_file_errors_are_clear(tmp_path: Path) -> None:
     empty = tmp_path / "empty-token"
     empty.write_text("\n")
@@ -822,16 +831,10 @@ def test_token_file_errors_are_clear(tmp_path: Path) -> None:
 def test_token_is_sent_and_a_missing_or_wrong_one_is_named(
     tmp_path: Path, videos: dict[str, Path], media_url: str,
 ) -> None:
-    if not _service_has_tokens():
-        pytest.skip("this vidcache has no --token-file/--token-reads yet")
-    token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token-1\n")
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text("not-the-token\n")
-    server = VidcacheServer(tmp_path / "data", "--token-file", str(token_file), "--token-reads")
-    with server:
-        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="tok",
-                        token="s3cret-token-1")["big.mp4"]
+    with _token_service(tmp_path, videos, media_url, "s3cret-token-1") as (
+            server, token_file, source):
         mountpoint = tmp_path / "mnt"
         mountpoint.mkdir()
         for args, message in (

@@ -121,18 +121,24 @@ def test_an_fstab_line_mounts_through_mount_fuse3(
     assert "unmounted" in log_file.read_text()
 
 
+def mount_8(url: str, mountpoint: Path, helper_path: str, options: str
+            ) -> subprocess.CompletedProcess[str]:
+    """`mount -t fuse /path/to/vcfs#URL MOUNTPOINT -o OPTIONS`: the program named in the
+    source, as mount(8) runs its helpers with a PATH of its own."""
+    program = helper_path.split(":", 1)[0] + "/vcfs"
+    return subprocess.run(["mount", "-t", "fuse", f"{program}#{url}", str(mountpoint),
+                           "-o", options], capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def test_mount_8_runs_vcfs_as_its_helper(
     vidcache_server: VidcacheServer, video: tuple[str, bytes], mountpoint: Path,
     helper_path: str,
 ) -> None:
     """`mount -t fuse /path/to/vcfs#URL MOUNTPOINT -o ...`: mount(8) (libmount) passes on what
     it does not keep for itself, and waits for the helper."""
-    program = helper_path.split(":", 1)[0] + "/vcfs"
-    mounted = subprocess.run(
-        ["mount", "-t", "fuse", f"{program}#{vidcache_server.url}", str(mountpoint),
-         "-o", "defaults,_netdev,cache_size=32M,allow_other"],
-        capture_output=True, text=True, timeout=90,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    mounted = mount_8(vidcache_server.url, mountpoint, helper_path,
+                      "defaults,_netdev,cache_size=32M,allow_other")
     assert mounted.returncode == 0, mounted.stderr
     assert mount_entry(str(mountpoint)) == ("fuse.vcfs", 0)
     name, data = video
@@ -161,12 +167,8 @@ def test_a_failed_mount_reaches_mount_fuse3s_caller(
 
 
 def test_mount_8_reports_a_helper_that_failed(mountpoint: Path, helper_path: str) -> None:
-    program = helper_path.split(":", 1)[0] + "/vcfs"
-    failed = subprocess.run(
-        ["mount", "-t", "fuse", f"{program}#http://127.0.0.1:{free_port()}", str(mountpoint),
-         "-o", "_netdev,allow_other"],
-        capture_output=True, text=True, timeout=90,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    failed = mount_8(f"http://127.0.0.1:{free_port()}", mountpoint, helper_path,
+                     "_netdev,allow_other")
     assert failed.returncode != 0
     assert "cannot reach the vidcache service" in failed.stderr, failed.stderr
     assert mount_entry(str(mountpoint)) is None
