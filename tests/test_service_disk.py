@@ -293,7 +293,9 @@ def test_a_download_of_unknown_size_needs_room_for_what_it_writes(
     """c.mkv sent chunked (its size not announced) with a few pages less free than its bytes
     and the room for the index and frames: 507 'not enough free space', logged, nothing left.
     With a page more than that (for the part of a page the bytes written so far leave
-    unused): stored. (Before: stored with the room it had, taking the margin.)"""
+    unused): stored. (Before: stored with the room it had, taking the margin.) With less room
+    than its first piece needs, the refusal says 0 were written: it said only 'needs N
+    bytes', N the first piece's room, which read as the video's size."""
     size = videos["c.mkv"].stat().st_size
     room = -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
     with (small_tmpfs(tmp_path / "data") as data,
@@ -308,6 +310,14 @@ def test_a_download_of_unknown_size_needs_room_for_what_it_writes(
         assert re.fullmatch(_growing_shortage(url, data / ".vidcache" / "tmp"), detail), detail
         wait_logged(server, f"ingest {url} failed (507): {detail}")
         assert_nothing_left(data, [])
+        filler.unlink()
+
+        filler = fill(data, leave=MARGIN // 2)
+        answer = api.ingest(url, "v")
+        assert answer.status_code == 507, answer.text
+        shortage = re.fullmatch(_growing_shortage(url, data / ".vidcache" / "tmp"),
+                                answer.json()["detail"])
+        assert shortage is not None and shortage[2] == "0", answer.json()["detail"]
         filler.unlink()
 
         filler = fill(data, leave=room + PAGE)

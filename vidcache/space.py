@@ -60,7 +60,7 @@ class Claim:
         promised already (no size was known, or it is more than was), or StorageError as
         `promise`."""
         if self._space.needed(size) > self.promised:
-            self._space.promise(self, size, doing)
+            self._space.promise(self, size, doing, growing=True)
 
 
 class FreeSpace:
@@ -87,7 +87,9 @@ class FreeSpace:
     def needed(self, size: int) -> int:
         return needed(size, self._chunk_size)
 
-    def promise(self, claim: Claim, size: int, doing: str) -> None:
+    def promise(self, claim: Claim, size: int, doing: str, *, growing: bool = False) -> None:
+        """`growing`: room for a download as it grows (Claim.cover), whose refusal says what
+        it has written, 0 too: else its first piece's room reads as the video's size."""
         # what the claim has written takes up disk space already: it needs the rest
         written = claim.written
         need = self.needed(size) - written
@@ -100,7 +102,7 @@ class FreeSpace:
             promised = sum(other.outstanding for other in self._claims if other is not claim)
             if need > free - promised:
                 shortage = f"not enough free space: needs {need} bytes ({_mib(need)})"
-                if written:
+                if written or growing:
                     shortage += f" more after {written} written ({_mib(written)})"
                 shortage += f", {free} are free ({_mib(free)})"
                 if promised:
