@@ -460,6 +460,20 @@ def test_service_killed_mid_read_and_restarted_is_survived(
             FIGURES["kill_no_restart_eio_s"] = round(failed.seconds, 2)
 
 
+def _restarted(server: VidcacheServer, mounted: VcfsMount, path: Path, source: Source, *,
+               logged: bool = True) -> None:
+    """Start the stopped `server` again and wait until a read of `path` past its start gets the
+    right bytes and, if `logged`, the mount's log says the service answers again: the read
+    returns with its first bytes, the attempt (and its line) ends after."""
+    server.start()
+    assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
+                      timeout=10, interval=0.2,
+                      what="reads working again") == expect(source, MIB)
+    if logged:
+        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
+                   timeout=10, what="the recovery line")
+
+
 @contextlib.contextmanager
 def _own_mount(tmp_path: Path, videos: dict[str, Path], media_url: str,
                log_level: str) -> Iterator[tuple[VidcacheServer, VcfsMount, Source]]:
@@ -505,13 +519,7 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
         eio_lines = log.count("failed (EIO)")
         assert 1 <= eio_lines <= 12, f"{eio_lines} EIO lines for {sum(failures)} reads"
         assert log.count(f"the service at {server.url} failed an operation") == 1, log
-        server.start()
-        assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
-                          timeout=10, interval=0.2,
-                          what="reads working again") == expect(source, MIB)
-        # The read returns with its first bytes, the attempt (and its line) ends after.
-        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
-                   timeout=10, what="the recovery line")
+        _restarted(server, mounted, path, source)
     log = mounted.log()  # with the unmount's count
     assert "more operation(s) failed (read: EIO, " in log
     assert "Traceback" not in log
@@ -531,13 +539,7 @@ def test_the_service_answering_again_is_logged_at_the_level_of_its_outage(
             read_uncached(path, READ, MIB)
         assert failed.value.errno == errno.EIO
         assert f"the service at {server.url} failed an operation" in mounted.log()
-        server.start()
-        assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
-                          timeout=10, interval=0.2,
-                          what="reads working again") == expect(source, MIB)
-        # The read returns with its first bytes, the attempt (and its line) ends after.
-        wait_until(lambda: f"the service at {server.url} answers again" in mounted.log(),
-                   timeout=10, what="the recovery line")
+        _restarted(server, mounted, path, source)
 
 
 def test_the_lines_of_a_failed_read_name_the_video_once(
@@ -555,10 +557,7 @@ def test_the_lines_of_a_failed_read_name_the_video_once(
             server.kill()
             failed = bounded_read(path, READ, MIB, limit=HANG_LIMIT)
             assert failed.errno == errno.EIO, failed
-            server.start()
-            assert wait_until(lambda: bounded_read(path, READ, MIB, limit=HANG_LIMIT).data,
-                              timeout=10, interval=0.2,
-                              what="reads working again") == expect(source, MIB)
+            _restarted(server, mounted, path, source, logged=False)
             with VidCacheClient(server.url) as client:
                 client.delete(source.content_hash)
             with pytest.raises(FileNotFoundError):
