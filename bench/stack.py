@@ -16,6 +16,7 @@ import http.server
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ import blake3
 import httpx
 
 T = TypeVar("T")
+Server = TypeVar("Server", bound=socketserver.BaseServer)
 
 
 def free_port() -> int:
@@ -68,18 +70,26 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def origin(directory: Path) -> Iterator[str]:
-    """Serve `directory` over HTTP on loopback; yields the base URL (no trailing slash)."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True, name="bench-origin")
+def serving(server: Server, *, name: str | None = None) -> Iterator[Server]:
+    """`server` answering in a daemon thread for the block; then shut down, its socket closed
+    and its thread waited for."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name=name)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def origin(directory: Path) -> Iterator[str]:
+    """Serve `directory` over HTTP on loopback; yields the base URL (no trailing slash)."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler),
+                 name="bench-origin") as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
 
 
 class LoopbackServer:

@@ -25,7 +25,7 @@ from typing import Any, Self
 import httpx
 
 from tests.service_support import blob_files, digest, temp_files
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, serving, wait_until
 
 _SMALL = ["-t", "2", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"]
 
@@ -85,20 +85,18 @@ class _Origin:
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), make)
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._running = contextlib.ExitStack()
 
     def _release(self) -> None:
         """Let the answers under way end (called before the server shuts down)."""
 
     def __enter__(self) -> Self:
-        self._thread.start()
+        self._running.enter_context(serving(self._server))
+        self._running.callback(self._release)  # last in, first out: before the shutdown
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._release()
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=10)
+        self._running.close()
 
 
 # --- an origin that trickles ---------------------------------------------------------------

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import httpx
 from blake3 import blake3
 
+from tests.support import serving
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.store import Store, blob_relpath
 
@@ -220,12 +221,8 @@ def serve_origin(directory: Path, *, tls: ssl.SSLContext | None = None
     if tls is not None:  # the handshake happens in the connection's thread, on its first read
         server.socket = tls.wrap_socket(server.socket, server_side=True,
                                         do_handshake_on_connect=False)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", stalled
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    with serving(server):
+        try:
+            yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", stalled
+        finally:
+            release.set()  # before the shutdown, which waits for the answers under way

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import httpx
 
-from bench.stack import free_port, wait_until
+from bench.stack import free_port, serving, wait_until
 from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
 __all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "self_signed_certificate",
-           "serve_directory", "tmpfs_holding_a_file", "wait_until"]
+           "serve_directory", "serving", "tmpfs_holding_a_file", "wait_until"]
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:

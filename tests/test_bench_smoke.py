@@ -41,7 +41,7 @@ from bench.proxy import (
 from bench.proxy_process import ProxyProcess
 from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
-from bench.stack import LoopbackServer, Video
+from bench.stack import LoopbackServer, Video, serving
 from bench.workloads import READ_SIZE, read_segments
 from tests.service_stress_support import processes_using, programs_using
 from tests.support import wait_until
@@ -280,15 +280,8 @@ class _OriginServer(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def origin_port() -> Iterator[int]:
-    server = _OriginServer(("127.0.0.1", 0), _RangeHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(_OriginServer(("127.0.0.1", 0), _RangeHandler)) as server:
         yield int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
 
 
 def _proxy(port: int, *, hooks: Hooks | None = None, profile: LinkProfile = LOOPBACK

@@ -10,7 +10,6 @@ import pty
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from bench.faults import Refuse, path_prefix
 from tests.service_support import digest, store_many
-from tests.support import VidcacheServer, free_port, interrupt_while_it_waits
+from tests.support import VidcacheServer, free_port, interrupt_while_it_waits, serving
 from tests.vcfs_fault_support import FaultyLink
 from vidcache_client import VidCacheClient
 
@@ -275,13 +274,9 @@ class _GatewayTimeout(http.server.BaseHTTPRequestHandler):
 def test_a_proxys_504_says_the_video_may_still_be_stored() -> None:
     """A reverse proxy giving up on a long ingest: the service goes on and may store it. The
     advice said nothing of that (only after the command's own --timeout)."""
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatewayTimeout) as proxy:
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
-        try:
-            run = vidcache("ingest", "http://origin.test/v.mp4", "--bucket", "b", "--server",
-                           f"http://127.0.0.1:{proxy.server_address[1]}")
-        finally:
-            proxy.shutdown()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatewayTimeout)) as proxy:
+        run = vidcache("ingest", "http://origin.test/v.mp4", "--bucket", "b", "--server",
+                       f"http://127.0.0.1:{proxy.server_address[1]}")
     assert (run.returncode, run.stdout) == (1, ""), run.stderr
     first, advice = run.stderr.splitlines()
     assert first.startswith("vidcache ingest: error: ") and "HTTP 504" in first, first

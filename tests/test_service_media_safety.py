@@ -11,7 +11,6 @@ import errno
 import http.server
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from tests.service_support import Api, blob_files, temp_files, unique
-from tests.support import VidcacheServer, serve_directory
+from tests.support import VidcacheServer, serve_directory, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -63,15 +62,8 @@ def _counting_server() -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    counting = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=counting.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)) as counting:
         yield f"http://127.0.0.1:{counting.server_address[1]}", asked
-    finally:
-        counting.shutdown()
-        counting.server_close()
-        thread.join(timeout=10)
 
 
 def _ingest_watching(api: Api, url: str, fifo: Path) -> tuple[httpx.Response, bool]:
