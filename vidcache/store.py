@@ -113,6 +113,7 @@ CREATE INDEX IF NOT EXISTS url_aliases_hash ON url_aliases (hash);
 # PRAGMA user_version of an index brought up to date; 1: aliases without user:password@,
 # 2: and with digests of their secret parameters' values
 _SCHEMA_VERSION = 2
+_SECRET_DIGEST = re.compile(rf"{REDACTED}-[0-9a-f]{{32}}")
 
 
 def url_alias(url: str) -> str:
@@ -121,6 +122,9 @@ def url_alias(url: str) -> str:
 
 
 def _secret_digest(value: str) -> str:
+    if _SECRET_DIGEST.fullmatch(value):
+        # a digest already: the migration repeated after a crash before its version was set
+        return value
     digest = blake3.blake3(value.encode("utf-8", "surrogatepass")).hexdigest()
     return f"{REDACTED}-{digest[:32]}"
 
