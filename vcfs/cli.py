@@ -19,7 +19,8 @@ URL without its `user:password@` (the whole URL goes in the child's environment)
 
 `vcfs URL MOUNTPOINT -o OPT,...` (no command) is how mount(8) runs vcfs, through mount.fuse3,
 for an /etc/fstab line of type fuse.vcfs: it is `vcfs mount URL MOUNTPOINT --daemon`, with
-vcfs's own options spelled as -o ones (cache_size=2G); see `mount_helper_arguments`.
+vcfs's own options spelled as -o ones (cache_size=2G), silent once mounted as mount(8)'s helpers
+are; see `mount_helper_arguments`.
 """
 
 from __future__ import annotations
@@ -127,10 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "As mount(8)'s helper, for an /etc/fstab line of type fuse.vcfs:\n"
             "  vcfs URL MOUNTPOINT -o OPTION[,OPTION...]\n"
-            "is `vcfs mount URL MOUNTPOINT --daemon`, the mount command's options spelled as\n"
-            "-o ones (cache_size=1G, token_file=/etc/vcfs/token, log_file=/var/log/vcfs.log),\n"
-            "mount(8)'s own (defaults, noauto, nofail, _netdev, x-systemd.*) ignored, the\n"
-            "others passed to FUSE (allow_other). See `vcfs mount --help`."
+            "is `vcfs mount URL MOUNTPOINT --daemon`, silent once mounted, the mount command's\n"
+            "options spelled as -o ones (cache_size=1G, token_file=/etc/vcfs/token,\n"
+            "log_file=/var/log/vcfs.log), mount(8)'s own (defaults, noauto, nofail, _netdev,\n"
+            "x-systemd.*) ignored, the others passed to FUSE (allow_other). See `vcfs mount\n"
+            "--help`."
         ),
     )
     parser.add_argument("--version", action="version", version=f"vcfs {__version__}")
@@ -293,7 +295,8 @@ def _mount_long_options(parser: argparse.ArgumentParser) -> set[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     arguments = sys.argv[1:] if argv is None else list(argv)
-    if arguments and "://" in arguments[0]:  # no command, a URL: mount(8)'s helper call
+    helper = bool(arguments) and "://" in arguments[0]  # no command, a URL: mount(8)'s call
+    if helper:
         arguments = mount_helper_arguments(arguments, parser)
     args = parser.parse_args(arguments)
     try:
@@ -303,7 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.url = os.environ.pop(_DAEMON_URL, args.url)
         options = mount_options(args)
         if args.daemon:
-            return run_daemon(options)
+            # mount(8)'s helpers say nothing once mounted, as mount(8) itself.
+            return run_daemon(options, announce=not helper)
         return run_mount(options, status_fd=args.status_fd)
     except StartupError as exc:
         print(f"vcfs: error: {exc}", file=sys.stderr)
@@ -651,8 +655,9 @@ def foreground_arguments(options: MountOptions) -> list[str]:
     return argv
 
 
-def run_daemon(options: MountOptions) -> int:
-    """Start `vcfs mount --foreground` detached; return once it mounted (0) or failed."""
+def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
+    """Start `vcfs mount --foreground` detached; return once it mounted (0), saying so on
+    stdout if `announce`, or failed."""
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
     wait = options.timeout + _DAEMON_START_MARGIN
     read_end, write_end = os.pipe()
@@ -683,8 +688,9 @@ def run_daemon(options: MountOptions) -> int:
         finally:
             os.close(read_end)
         if status == b"ok\n":
-            print(f"vcfs: mounted {without_credentials(options.url)} at {options.mountpoint} "
-                  f"(pid {child.pid})")
+            if announce:
+                print(f"vcfs: mounted {without_credentials(options.url)} at "
+                      f"{options.mountpoint} (pid {child.pid})")
             return 0
         code = _stop(child)
         early_output.seek(0)
