@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from blake3 import blake3
 from tests.support import VidcacheServer, free_port, wait_until
 from tests.vcfs_support import requires_fuse
 from vcfs import paths
-from vcfs.cli import mount_entry
+from vcfs.cli import is_stale_mount, mount_entry
 from vidcache_client import VidCacheClient
 
 MOUNT_FUSE3 = shutil.which("mount.fuse3", path="/sbin:/usr/sbin")
@@ -174,3 +175,84 @@ def test_mount_8_reports_a_helper_that_failed(mountpoint: Path, helper_path: str
     assert failed.returncode != 0
     assert "cannot reach the vidcache service" in failed.stderr, failed.stderr
     assert mount_entry(str(mountpoint)) is None
+
+
+def _fd_daemons(log_file: Path) -> list[int]:
+    """The pids of vcfs daemons logging to `log_file` that serve a /dev/fd/N mount point."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (b"--foreground" in argv and str(log_file).encode() in argv
+                and any(arg.startswith(b"/dev/fd/") for arg in argv)):
+            found.append(int(entry.name))
+    return found
+
+
+def test_drop_privileges_has_mount_fuse3_mount_and_vcfs_serve_without_privileges(
+    tmp_path: Path, vidcache_server: VidcacheServer, video: tuple[str, bytes],
+    helper_path: str, mountpoint: Path,
+) -> None:
+    """mount.fuse3 -o drop_privileges mounts itself, then runs `vcfs URL /dev/fd/N -o ...`
+    with no capabilities left: vcfs serves that descriptor, mounted already, until umount.
+    Was: 'mount point /dev/fuse is not a directory' (the /dev/fd/N link resolved), and a dead
+    mount left behind."""
+    log_file = tmp_path / "vcfs.log"
+    started = mount_fuse3(vidcache_server.url, mountpoint,
+                          f"drop_privileges,ro,allow_other,cache_size=64M,log_file={log_file}",
+                          helper_path)
+    try:
+        assert (started.returncode, started.stdout, started.stderr) == (0, "", "")
+        assert mount_entry(str(mountpoint)) == ("fuse.vcfs", 0)
+        [pid] = _fd_daemons(log_file)
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert "CapEff:\t0000000000000000" in status, status
+        name, data = video
+        assert (mountpoint / "by-hash" / name).read_bytes() == data
+        unmounted = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True,
+                                   timeout=60)
+        assert unmounted.returncode == 0, unmounted.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        wait_until(lambda: not _fd_daemons(log_file), timeout=20, what="the daemon exited")
+    log = log_file.read_text()
+    assert "serving the mount made on /dev/fd/" in log, log
+    assert "unmounted the mount made on /dev/fd/" in log, log
+
+
+def test_a_failed_start_after_drop_privileges_names_the_dead_mount(
+    vidcache_server: VidcacheServer, mountpoint: Path, helper_path: str,
+) -> None:
+    """mount.fuse3 mounted before vcfs started, and vcfs, without privileges, cannot unmount:
+    the error says the mount is left dead and what clears it."""
+    failed = mount_fuse3(f"http://127.0.0.1:{free_port()}", mountpoint,
+                         "drop_privileges,allow_other", helper_path)
+    assert failed.returncode == 1, failed.stderr
+    lines = failed.stderr.splitlines()
+    assert len(lines) == 2, failed.stderr
+    assert lines[0].startswith("vcfs: error: cannot reach the vidcache service"), failed.stderr
+    assert lines[1].startswith("vcfs: the mount made for /dev/fd/"), failed.stderr
+    assert lines[1].endswith("vcfs cannot unmount it: umount its mount point"), failed.stderr
+    assert mount_entry(str(mountpoint)) == ("fuse.vcfs", 0)  # the fixture unmounts it
+
+
+def test_a_signal_leaves_a_drop_privileges_mount_dead_and_says_so(
+    tmp_path: Path, vidcache_server: VidcacheServer, helper_path: str, mountpoint: Path,
+) -> None:
+    """libfuse unmounts only what it mounted, and vcfs has no privileges left: after SIGTERM
+    the mount stays, dead, and the log says what clears it (was: 'unmounted')."""
+    log_file = tmp_path / "vcfs.log"
+    started = mount_fuse3(vidcache_server.url, mountpoint,
+                          f"drop_privileges,ro,log_file={log_file}", helper_path)
+    assert started.returncode == 0, started.stderr
+    [pid] = _fd_daemons(log_file)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not _fd_daemons(log_file), timeout=20, what="the daemon exited")
+    assert is_stale_mount(str(mountpoint))  # the fixture unmounts it
+    log = log_file.read_text()
+    assert "WARNING vcfs: stopped by a signal: the mount made on /dev/fd/" in log, log
+    assert "until its mount point is unmounted (umount)" in log, log
+    assert "unmounted the mount" not in log, log
+

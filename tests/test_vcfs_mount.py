@@ -809,6 +809,21 @@ def test_startup_errors_are_one_clear_line(
     assert no_fusermount.stderr.startswith("vcfs: error: fusermount3 not found"), no_fusermount
 
 
+@pytest.mark.parametrize("fd", [0, 1000])
+def test_a_dev_fd_mount_point_must_be_an_open_dev_fuse(
+    vidcache_server: VidcacheServer, fd: int
+) -> None:
+    """/dev/fd/N is the form of mount.fuse3 -o drop_privileges: the /dev/fuse descriptor of
+    a mount made already. Was: the link resolved, '/dev/null is not a directory' (or 'does not
+    exist')."""
+    result = subprocess.run(vcfs_command("mount", vidcache_server.url, f"/dev/fd/{fd}"),
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (
+        1, f"vcfs: error: mount point /dev/fd/{fd}: descriptor {fd} is not an open /dev/fuse: "
+           "/dev/fd/N is for the /dev/fuse descriptor of a mount made for vcfs, as mount.fuse3 "
+           "-o drop_privileges passes\n")
+
+
 def _in_private_mount_namespace(setup: str, *args: str) -> list[str]:
     """argv running the shell `setup` (root, with `args` as $1...) in a new, private mount
     namespace: what it mounts there is seen only by what it then runs (`exec "$@"`)."""

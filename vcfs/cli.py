@@ -20,7 +20,8 @@ URL without its `user:password@` (the whole URL goes in the child's environment)
 `vcfs URL MOUNTPOINT -o OPT,...` (no command) is how mount(8) runs vcfs, through mount.fuse3,
 for an /etc/fstab line of type fuse.vcfs: it is `vcfs mount URL MOUNTPOINT --daemon`, with
 vcfs's own options spelled as -o ones (cache_size=2G), silent once mounted as mount(8)'s helpers
-are; see `mount_helper_arguments`.
+are; see `mount_helper_arguments`. With mount.fuse3's drop_privileges, MOUNTPOINT is /dev/fd/N,
+a mount made already (see `fuse_fd`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ _DAEMON_START_MARGIN = 30.0
 # The --daemon child's URL, credentials and all: in its environment, which /proc shows to its
 # owner and root only, not on its command line, which the process list shows to every user.
 _DAEMON_URL = "VCFS_DAEMON_URL"
+# A mount point naming an open /dev/fuse descriptor whose mount is made already: what
+# mount.fuse3 -o drop_privileges passes (libfuse 3.3+ serves it as it is, and never unmounts it).
+_FUSE_FD = re.compile(r"/dev/fd/(\d+)")
+_FUSE_DEVICE = os.makedev(10, 229)  # /dev/fuse: the misc major, FUSE_MINOR
 # Two malloc arenas for all of vcfs's threads (see tune_malloc).
 _MALLOC_ARENAS = 2
 # Free heap glibc keeps for reuse instead of returning it: a readahead pipeline's worth of blocks.
@@ -98,7 +103,7 @@ class StartupError(Exception):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MountOptions:
     url: str
-    mountpoint: str  # absolute, symlinks resolved
+    mountpoint: str  # absolute, symlinks resolved; or /dev/fd/N (see fuse_fd)
     cache_size: int
     block_size: int
     readahead_max: int
@@ -311,6 +316,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_mount(options, status_fd=args.status_fd)
     except StartupError as exc:
         print(f"vcfs: error: {exc}", file=sys.stderr)
+        fd = fuse_fd(args.mountpoint) if args.command == "mount" else None
+        if fd is not None and is_fuse_device(fd):
+            print(f"vcfs: the mount made for {args.mountpoint} is left dead (\"Transport "
+                  "endpoint is not connected\"), and vcfs cannot unmount it: umount its mount "
+                  "point", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the mount was up (then Ctrl-C unmounts, exit 0)
         print("vcfs: interrupted, nothing mounted", file=sys.stderr)
@@ -347,8 +357,10 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     return MountOptions(
         url=args.url,
         # Symlinks resolved: the mount is made on the target, and a symlink is never a
-        # mount point (vcfs would wait for one; fusermount3 -u refuses it).
-        mountpoint=os.path.realpath(args.mountpoint),
+        # mount point (vcfs would wait for one; fusermount3 -u refuses it). Not /dev/fd/N: it
+        # is a link to /dev/fuse.
+        mountpoint=(args.mountpoint if fuse_fd(args.mountpoint) is not None
+                    else os.path.realpath(args.mountpoint)),
         cache_size=cache,
         block_size=block,
         readahead_max=window,
@@ -374,6 +386,12 @@ def _token(path: str) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Pre-flight checks
+
+
+def fuse_fd(mountpoint: str) -> int | None:
+    """N of a /dev/fd/N mount point (see _FUSE_FD), else None."""
+    match = _FUSE_FD.fullmatch(mountpoint)
+    return int(match.group(1)) if match else None
 
 
 def check_fuse_available() -> None:
@@ -402,6 +420,32 @@ def check_fuse_available() -> None:
         raise StartupError(f"libfuse3 cannot be loaded ({exc}): install the fuse3 package") from exc
     if fuselib.fuse_version_major != 3:
         log.warning("running on libfuse%d: reads are capped at 128 KiB", fuselib.fuse_version_major)
+
+
+def is_fuse_device(fd: int) -> bool:
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(status.st_mode) and status.st_rdev == _FUSE_DEVICE
+
+
+def check_fuse_fd(mountpoint: str, fd: int) -> None:
+    """A /dev/fd/N mount point (mount.fuse3 -o drop_privileges): the mount is made, by a
+    process with the privileges vcfs may not have (nor /dev/fuse access, nor fusermount3); N
+    must be an open /dev/fuse, and libfuse must know the form (3.3 and later)."""
+    if not is_fuse_device(fd):
+        raise StartupError(f"mount point {mountpoint}: descriptor {fd} is not an open /dev/fuse: "
+                           "/dev/fd/N is for the /dev/fuse descriptor of a mount made for vcfs, "
+                           "as mount.fuse3 -o drop_privileges passes")
+    try:
+        from vcfs import fuselib
+    except OSError as exc:
+        raise StartupError(f"libfuse3 cannot be loaded ({exc}): install the fuse3 package") from exc
+    version = (fuselib.fuse_version_major, fuselib.fuse_version_minor)
+    if version < (3, 3):
+        raise StartupError(f"mount point {mountpoint}: libfuse {version[0]}.{version[1]} cannot "
+                           "serve a /dev/fd/N mount point (libfuse 3.3 and later can)")
 
 
 def prepare_mountpoint(mountpoint: str) -> None:
@@ -504,8 +548,12 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         configure_logging(options.log_level, options.log_file)
     except OSError as exc:
         raise StartupError(f"cannot open the log file: {exc}") from exc
-    check_fuse_available()
-    prepare_mountpoint(options.mountpoint)
+    fd = fuse_fd(options.mountpoint)
+    if fd is None:
+        check_fuse_available()
+        prepare_mountpoint(options.mountpoint)
+    else:
+        check_fuse_fd(options.mountpoint, fd)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
     config = RemoteConfig(
         timeout=options.timeout, first_block_with_meta=options.first_block_with_meta
@@ -575,8 +623,12 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         readahead_max=options.readahead_max,
         kernel_readahead_kb=1024 if options.raise_readahead else None,
     )
+    premounted = fuse_fd(options.mountpoint) is not None
+    # For a /dev/fd/N mount point, libfuse leaves the mount options, and the unmount, alone:
+    # they are its opener's.
+    where = f"the mount made on {options.mountpoint}" if premounted else options.mountpoint
     operations = VcfsOperations(remote, cache, mountpoint=options.mountpoint, config=config,
-                                on_mounted=on_mounted)
+                                on_mounted=on_mounted, premounted=premounted)
     fuse_kwargs: dict[str, str | bool] = {
         "ro": True, "fsname": "vcfs", "subtype": _FSTYPE.removeprefix("fuse."),
         "default_permissions": True,
@@ -590,13 +642,14 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         fuse_kwargs[key] = value if has_value else True
     log.info(
         "mounting %s at %s (cache %d MiB in %d KiB blocks, readahead up to %d MiB)",
-        without_credentials(options.url), options.mountpoint, options.cache_size // MIB,
+        without_credentials(options.url), where, options.cache_size // MIB,
         options.block_size // KIB, options.readahead_max // MIB,
     )
     if os.geteuid() == 0 and "allow_other" not in fuse_kwargs:
         # Other users get "Permission denied" from the kernel, which vcfs never sees.
         log.info("only root can read %s: for other users' players (VLC refuses to run as "
-                 "root), mount with -o allow_other", options.mountpoint)
+                 "root), mount with -o allow_other", where)
+    signalled = False
     try:
         FUSE(
             operations,
@@ -610,15 +663,19 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         # came up is a failure.
         if not mounted.is_set():
             raise StartupError(
-                f"mounting at {options.mountpoint} failed (libfuse code {exc}; see above)"
+                f"mounting at {where} failed (libfuse code {exc}; see above)"
             ) from exc
+        signalled = True
     finally:
         operations.close()
         if mounted.is_set():
-            log.info(
-                "unmounted %s; counters: %s",
-                options.mountpoint, json.dumps(operations.stats(), sort_keys=True),
-            )
+            counters = json.dumps(operations.stats(), sort_keys=True)
+            if premounted and signalled:
+                log.warning("stopped by a signal: %s stays, dead (\"Transport endpoint is not "
+                            "connected\"), until its mount point is unmounted (umount), which "
+                            "vcfs cannot do; counters: %s", where, counters)
+            else:
+                log.info("unmounted %s; counters: %s", where, counters)
     return 0
 
 
@@ -659,6 +716,7 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
     """Start `vcfs mount --foreground` detached; return once it mounted (0), saying so on
     stdout if `announce`, or failed."""
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
+    fd = fuse_fd(options.mountpoint)
     wait = options.timeout + _DAEMON_START_MARGIN
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
@@ -668,7 +726,7 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
                 stdin=subprocess.DEVNULL,
                 stdout=early_output,
                 stderr=early_output,
-                pass_fds=(write_end,),
+                pass_fds=(write_end,) if fd is None else (write_end, fd),
                 env={**os.environ, _DAEMON_URL: options.url},
                 start_new_session=True,
                 cwd="/",

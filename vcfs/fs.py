@@ -189,10 +189,15 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         mountpoint: str,
         config: FsConfig | None = None,
         on_mounted: Callable[[], None] | None = None,
+        premounted: bool = False,
     ) -> None:
+        """`premounted`: `mountpoint` is /dev/fd/N, a /dev/fuse descriptor whose mount its
+        opener made (mount.fuse3 -o drop_privileges): it is there before `init`, at a path
+        vcfs is not told."""
         self.remote = remote
         self.cache = cache
         self.mountpoint = mountpoint
+        self._premounted = premounted
         self.config = config or FsConfig()
         # The times of the directories and the stats file: they have no history of their own.
         self._mounted_at_ns = time.time_ns()
@@ -273,6 +278,14 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
 
     def _when_mounted(self) -> bool:
         """Once the mount serves requests: raise the kernel readahead, tell the CLI."""
+        if self._premounted:
+            # Requests wait for init's reply, which follows at once. The readahead knob is
+            # found from the mount point's device, and the mount point is not known.
+            log.info("serving the mount made on %s; the kernel readahead stays at its default",
+                     self.mountpoint)
+            if self._on_mounted is not None:
+                self._on_mounted()
+            return True
         deadline = time.monotonic() + 30
         while not os.path.ismount(self.mountpoint):
             if self._closed.is_set():

@@ -19,10 +19,10 @@ if not os.environ.get("FUSE_LIBRARY_PATH"):
         os.environ["FUSE_LIBRARY_PATH"] = _libfuse3
 
 import mfusepy
-from mfusepy import FUSE, FuseOSError, Operations, fuse_version_major
+from mfusepy import FUSE, FuseOSError, Operations, fuse_version_major, fuse_version_minor
 
 __all__ = ["FUSE", "FuseOSError", "Operations", "current_fuse", "fuse_version_major",
-           "session_exited"]
+           "fuse_version_minor", "session_exited"]
 
 # Two libfuse calls mfusepy does not wrap, on its handle of the library (its own fuse_exit()
 # reaches libfuse the same way). Both exist in libfuse 2 and 3.
