@@ -10,10 +10,12 @@ program by its path. Both run the same `vcfs URL MOUNTPOINT -o OPTIONS` call.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,13 @@ import pytest
 from blake3 import blake3
 
 from tests.support import VidcacheServer, free_port, wait_until
-from tests.vcfs_support import requires_fuse
+from tests.vcfs_support import (
+    AS_NOBODY,
+    NOBODY,
+    in_private_mount_namespace,
+    python_for_nobody,
+    requires_fuse,
+)
 from vcfs import paths
 from vcfs.cli import is_stale_mount, mount_entry
 from vidcache_client import VidCacheClient
@@ -256,3 +264,72 @@ def test_a_signal_leaves_a_drop_privileges_mount_dead_and_says_so(
     assert "until its mount point is unmounted (umount)" in log, log
     assert "unmounted the mount" not in log, log
 
+
+@pytest.mark.parametrize("user_allow_other", [False, True])
+def test_a_user_mounts_user_fstab_lines(
+    vidcache_server: VidcacheServer, video: tuple[str, bytes], user_allow_other: bool,
+) -> None:
+    """mount(8) runs the helper as the user who mounts a `user` or `users` line: vcfs mounts
+    through the setuid fusermount3, as `vcfs mount` run by that user does; umount by the same
+    user unmounts. allow_other also needs user_allow_other in /etc/fuse.conf, and without it
+    vcfs says so on one line (was: fusermount3's line, then 'mounting at ... failed (libfuse
+    code 4; see above)'). As uid 65534 in a private mount namespace whose /etc/fstab and
+    /etc/fuse.conf are the test's, and /dev/fuse 0666."""
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("needs unshare and setpriv")
+    python = python_for_nobody()
+    if python is None:
+        pytest.skip(f"uid {NOBODY} can run neither this Python nor a system one on the checkout")
+    interpreter, env = python
+    name, data = video
+    work = Path(tempfile.mkdtemp(prefix="vcfs-user-fstab-", dir="/tmp"))
+    work.chmod(0o755)
+    home = work / "home"
+    (home / "own").mkdir(parents=True)
+    (home / "shared").mkdir()
+    for path in (home, home / "own", home / "shared"):
+        os.chown(path, NOBODY, NOBODY)
+    # mount(8) gives a user's helpers a clean environment: the program sets its own.
+    program = work / "vcfs"
+    program.write_text(f"#!/bin/sh\nexec env {shlex.join(f'{k}={v}' for k, v in env.items())} "
+                       f"{shlex.quote(interpreter)} -m vcfs \"$@\"\n")
+    program.chmod(0o755)
+    source = f"{program}#{vidcache_server.url}"
+    (work / "fstab").write_text(
+        f"{source} {home}/own fuse users,noauto,cache_size=32M 0 0\n"
+        f"{source} {home}/shared fuse user,noauto,allow_other 0 0\n")
+    (work / "fuse.conf").write_text("user_allow_other\n" if user_allow_other
+                                    else "#user_allow_other\n")
+    setup = ('mkdir "$1/dev" && mount -t tmpfs -o mode=0755 none "$1/dev" && '
+             'mknod -m 0666 "$1/dev/fuse" c 10 229 && mount --bind "$1/dev/fuse" /dev/fuse && '
+             'mount --bind "$1/fstab" /etc/fstab && mount --bind "$1/fuse.conf" /etc/fuse.conf '
+             '&& shift && exec "$@"')
+    script = ('for m in own shared; do mount "$0/$m" >"$0/$m.out" 2>"$0/$m.err"; '
+              'echo $? >"$0/$m.rc"; if [ "$(cat "$0/$m.rc")" = 0 ]; then '
+              'cat "$0/$m/by-hash/$1" >"$0/$m.copy"; '
+              'umount "$0/$m" 2>>"$0/$m.err"; echo $? >"$0/$m.unmounted"; fi; done')
+    try:
+        subprocess.run(in_private_mount_namespace(setup, str(work), *AS_NOBODY, "sh", "-c",
+                                                  script, str(home), name),
+                       capture_output=True, timeout=180, check=True, cwd="/")
+        outcome = {m: [(home / f"{m}.{part}").read_text() if (home / f"{m}.{part}").exists()
+                       else None for part in ("rc", "out", "err", "unmounted")]
+                   for m in ("own", "shared")}
+        assert outcome["own"] == ["0\n", "", "", "0\n"], outcome
+        assert (home / "own.copy").read_bytes() == data
+        if user_allow_other:
+            assert outcome["shared"] == ["0\n", "", "", "0\n"], outcome
+            assert (home / "shared.copy").read_bytes() == data
+        else:
+            assert outcome["shared"] == [
+                "1\n", "", f"vcfs: error: -o allow_other: a user other than root (uid {NOBODY}) "
+                "needs user_allow_other in /etc/fuse.conf, which fusermount3 requires: as root, "
+                "add that line, or mount without allow_other (the mount is then yours alone)\n",
+                None], outcome
+    finally:
+        # A daemon left serving in the namespace would keep it: ended, it unmounts there.
+        for pid in _daemons(home / "own") + _daemons(home / "shared"):
+            os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not _daemons(home / "own") + _daemons(home / "shared"), timeout=20,
+                   what="the daemons exited")
+        shutil.rmtree(work, ignore_errors=True)

@@ -14,14 +14,12 @@ import base64
 import concurrent.futures
 import dataclasses
 import errno
-import functools
 import hashlib
 import json
 import os
 import random
 import shutil
 import signal
-import site
 import stat
 import subprocess
 import sys
@@ -50,7 +48,9 @@ from tests.vcfs_support import (
     AS_NOBODY,
     NOBODY,
     VcfsMount,
+    in_private_mount_namespace,
     mount_factory,
+    python_for_nobody,
     requires_fuse,
     vcfs_command,
 )
@@ -824,12 +824,6 @@ def test_a_dev_fd_mount_point_must_be_an_open_dev_fuse(
            "-o drop_privileges passes\n")
 
 
-def _in_private_mount_namespace(setup: str, *args: str) -> list[str]:
-    """argv running the shell `setup` (root, with `args` as $1...) in a new, private mount
-    namespace: what it mounts there is seen only by what it then runs (`exec "$@"`)."""
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", *args]
-
-
 def test_a_missing_dev_fuse_is_named_with_the_fix(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
@@ -837,7 +831,7 @@ def test_a_missing_dev_fuse_is_named_with_the_fix(
     an empty /dev."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    hide_dev = _in_private_mount_namespace('mount -t tmpfs none /dev && exec "$@"')
+    hide_dev = in_private_mount_namespace('mount -t tmpfs none /dev && exec "$@"')
     if shutil.which("unshare") is None or subprocess.run(
             [*hide_dev, "true"], capture_output=True, timeout=60, check=False).returncode:
         pytest.skip("needs unshare and the right to mount in a new mount namespace (root)")
@@ -852,25 +846,6 @@ def test_a_missing_dev_fuse_is_named_with_the_fix(
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@functools.cache
-def _python_for_nobody() -> tuple[str, dict[str, str]] | None:
-    """How uid 65534 runs this checkout: its own interpreter if that user can, else the
-    system's python3 of the same version on the checkout's packages (an interpreter built
-    under root's home, as pyenv's, is out of that user's reach); None if neither works."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    site_packages = ":".join(site.getsitepackages())
-    for python, env in (
-        (sys.executable, {}),
-        (shutil.which(f"python{version}", path="/usr/local/bin:/usr/bin") or "",
-         {"PYTHONPATH": f"{ROOT}:{site_packages}"}),
-    ):
-        if python and subprocess.run(
-                [*AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()), python, "-c",
-                 "import vcfs.cli"], cwd="/", capture_output=True, timeout=60).returncode == 0:
-            return python, env
-    return None
-
-
 @pytest.fixture
 def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
     """(wrap, home): `wrap(mode, script)` runs the shell `script` as uid/gid 65534 without
@@ -880,7 +855,7 @@ def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
     and setpriv)."""
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("setpriv")):
         pytest.skip("needs root, unshare and setpriv")
-    python = _python_for_nobody()
+    python = python_for_nobody()
     if python is None:
         pytest.skip(f"uid {NOBODY} can run neither this Python nor a system one on the checkout")
     interpreter, env = python
@@ -895,7 +870,7 @@ def as_nobody() -> Iterator[tuple[Callable[[str, str], list[str]], Path]]:
         setup = ('mkdir "$1/dev" && mount -t tmpfs -o mode=0755 none "$1/dev" && '
                  'mknod -m "$2" "$1/dev/fuse" c 10 229 && mount --bind "$1/dev/fuse" /dev/fuse '
                  '&& shift 2 && exec "$@"')
-        return _in_private_mount_namespace(
+        return in_private_mount_namespace(
             setup, str(work), mode, *AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()),
             f"VCFS={interpreter} -m vcfs", "sh", "-c", script)
 
@@ -910,7 +885,7 @@ def test_unmount_by_another_user_says_whose_mount_it_is(mount: VcfsMount) -> Non
     unmount said "... is not mounted" there, fusermount3 "entry ... not found in /etc/mtab"."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root and setpriv")
-    python = _python_for_nobody()
+    python = python_for_nobody()
     if python is None:
         pytest.skip(f"uid {NOBODY} can run neither this Python nor a system one on the checkout")
     interpreter, env = python

@@ -9,10 +9,12 @@ pytest shows only for failed tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -35,11 +37,38 @@ def fuse_missing() -> bool:
 requires_fuse = [pytest.mark.fuse, pytest.mark.skipif(fuse_missing(), reason=FUSE_MISSING_REASON)]
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+
 NOBODY = 65534  # the conventional unprivileged uid and gid (Debian's nobody and nogroup)
 # As that user: what setpriv runs has no capabilities left (it keeps the bounding set, so
 # that setuid fusermount3 works as for any user).
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
              "--inh-caps=-all"]
+
+
+def in_private_mount_namespace(setup: str, *args: str) -> list[str]:
+    """argv running the shell `setup` (root, with `args` as $1...) in a new, private mount
+    namespace: what it mounts there is seen only by what it then runs (`exec "$@"`)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", setup, "sh", *args]
+
+
+@functools.cache
+def python_for_nobody() -> tuple[str, dict[str, str]] | None:
+    """How uid 65534 runs this checkout: its own interpreter if that user can, else the
+    system's python3 of the same version on the checkout's packages (an interpreter built
+    under root's home, as pyenv's, is out of that user's reach); None if neither works."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    site_packages = ":".join(site.getsitepackages())
+    for python, env in (
+        (sys.executable, {}),
+        (shutil.which(f"python{version}", path="/usr/local/bin:/usr/bin") or "",
+         {"PYTHONPATH": f"{_ROOT}:{site_packages}"}),
+    ):
+        if python and subprocess.run(
+                [*AS_NOBODY, "env", *(f"{k}={v}" for k, v in env.items()), python, "-c",
+                 "import vcfs.cli"], cwd="/", capture_output=True, timeout=60).returncode == 0:
+            return python, env
+    return None
 
 
 def vcfs_command(*args: str) -> list[str]:

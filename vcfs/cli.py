@@ -7,7 +7,8 @@ the child reports "ok" over an inherited pipe, so every start-up error is printe
 command the user typed, with a non-zero exit code, before anything detaches.
 
 Before mounting, everything that can be checked is checked, each with a one-line error: FUSE
-is usable (/dev/fuse exists and this user may open it, fusermount3 is there), the mount point
+is usable (/dev/fuse exists and this user may open it, fusermount3 is there and would accept
+allow_other), the mount point
 exists, is an empty directory and is not mounted (a stale mount left by a crashed vcfs,
 "Transport endpoint is not connected", is unmounted first), the token file (if any) holds a
 token, the service answers /health, and it lets vcfs list its videos (a missing or wrong token
@@ -88,6 +89,8 @@ _DAEMON_URL = "VCFS_DAEMON_URL"
 # mount.fuse3 -o drop_privileges passes (libfuse 3.3+ serves it as it is, and never unmounts it).
 _FUSE_FD = re.compile(r"/dev/fd/(\d+)")
 _FUSE_DEVICE = os.makedev(10, 229)  # /dev/fuse: the misc major, FUSE_MINOR
+# fusermount3's configuration: its user_allow_other lets users other than root allow_other.
+_FUSE_CONF = "/etc/fuse.conf"
 # Two malloc arenas for all of vcfs's threads (see tune_malloc).
 _MALLOC_ARENAS = 2
 # Free heap glibc keeps for reuse instead of returning it: a readahead pipeline's worth of blocks.
@@ -422,6 +425,27 @@ def check_fuse_available() -> None:
         log.warning("running on libfuse%d: reads are capped at 128 KiB", fuselib.fuse_version_major)
 
 
+def check_allow_other(fuse_options: Sequence[str]) -> None:
+    """fusermount3's rule for users other than root, which it reports after libfuse started,
+    on two lines: allow_other (or allow_root) only with user_allow_other in /etc/fuse.conf."""
+    asked = {"allow_other", "allow_root"} & {o.partition("=")[0] for o in fuse_options}
+    if os.getuid() == 0 or not asked:
+        return
+    try:
+        with open(_FUSE_CONF, encoding="utf-8", errors="replace") as conf:
+            # As fusermount3 reads it: a line of its own, comments and blanks stripped.
+            if any(line.partition("#")[0].strip() == "user_allow_other" for line in conf):
+                return
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return  # fusermount3, setuid root, may read what this user cannot: it decides
+    option = min(asked)
+    raise StartupError(f"-o {option}: a user other than root (uid {os.getuid()}) needs "
+                       f"user_allow_other in {_FUSE_CONF}, which fusermount3 requires: as root, "
+                       f"add that line, or mount without {option} (the mount is then yours alone)")
+
+
 def is_fuse_device(fd: int) -> bool:
     try:
         status = os.fstat(fd)
@@ -551,6 +575,7 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
     fd = fuse_fd(options.mountpoint)
     if fd is None:
         check_fuse_available()
+        check_allow_other(options.fuse_options)
         prepare_mountpoint(options.mountpoint)
     else:
         check_fuse_fd(options.mountpoint, fd)
