@@ -6,7 +6,9 @@ stored apart."""
 
 from __future__ import annotations
 
+import logging
 import random
+import subprocess
 import threading
 import warnings
 from collections.abc import Iterator
@@ -18,8 +20,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vidcache import audio
 from vidcache.app import create_app
 from vidcache.config import ServiceConfig
+from vidcache.errors import MediaToolError
 from vidcache.ingest import Ingestor
 from vidcache.media import FRAMES, UNIFORM_FRAMES, PerceptualHash, near_duplicate
 from vidcache.phash_index import PhashIndex
@@ -35,15 +39,15 @@ Stored = list[tuple[str, PerceptualHash, float]]
 
 
 def _one_by_one(stored: Stored, phash: PerceptualHash, duration_s: float,
-                threshold: int) -> tuple[str, int] | None:
-    """The search before the index: every stored video in the order stored, the first of the
-    nearest kept."""
-    best: tuple[str, int] | None = None
+                threshold: int) -> list[tuple[str, int]]:
+    """The search before the index: every stored video in the order stored, those that match
+    nearest first, the first stored first among equals (the search kept the first of them)."""
+    found = []
     for content_hash, other, other_duration_s in stored:
         distance = near_duplicate(phash, duration_s, other, other_duration_s, threshold)
-        if distance is not None and (best is None or distance < best[1]):
-            best = (content_hash, distance)
-    return best
+        if distance is not None:
+            found.append((content_hash, distance))
+    return sorted(found, key=lambda match: match[1])  # stable: stored order among equals
 
 
 # Few distinct frame values, so equal distances (ties) and exact halves are common; the
@@ -73,7 +77,9 @@ def test_the_index_finds_what_the_one_by_one_search_found(steps: list[Any]) -> N
             content_hash, _, _ = stored.pop(step[1] % len(stored))
             index.remove(content_hash)
         elif step[0] == "search":
-            assert index.nearest(*step[1:]) == _one_by_one(stored, *step[1:])
+            _, phash, duration_s, threshold = step
+            assert index.matches(phash, duration_s, threshold, len(stored) + 1) == \
+                _one_by_one(stored, phash, duration_s, threshold)
         assert len(index) == len(stored)
 
 
@@ -98,8 +104,8 @@ def test_the_index_grows_and_shrinks_like_the_store() -> None:
             index.remove(content_hash)
     for threshold in (0, 1, 2, 10, 64):
         for phash in (near, variant(), (None,) * FRAMES, (near[0], None)):
-            assert index.nearest(phash, 60.0, threshold) == \
-                _one_by_one(stored, phash, 60.0, threshold)
+            nearest = _one_by_one(stored, phash, 60.0, threshold)
+            assert index.matches(phash, 60.0, threshold, 5) == nearest[:5]
 
 
 def test_distances_round_halves_to_even_as_near_duplicate_does() -> None:
@@ -112,7 +118,7 @@ def test_distances_round_halves_to_even_as_near_duplicate_does() -> None:
         frames = tuple(b ^ o for b, o in zip(base, off, strict=True))
         index.add(name, frames, 10.0)
         distances.append(near_duplicate(base, 10.0, frames, 10.0, 64))
-        assert index.nearest(base, 10.0, 64) == (name, distances[-1])
+        assert index.matches(base, 10.0, 64, 1) == [(name, distances[-1])]
         index.remove(name)
     assert distances == [0, 2, 2]
 
@@ -168,15 +174,15 @@ def test_reads_are_answered_while_a_search_runs(client_factory: Any, videos: dic
     client = client_factory()
     stored = _ingest(client, videos["b.mp4"])
     searching, release = threading.Event(), threading.Event()
-    search = Ingestor._nearest
+    search = Ingestor._candidates
 
     def held_search(self: Ingestor, phash: PerceptualHash,
-                    duration_s: float) -> tuple[str, int] | None:
+                    duration_s: float) -> list[tuple[str, int]]:
         searching.set()
         release.wait(timeout=60)
         return search(self, phash, duration_s)
 
-    monkeypatch.setattr(Ingestor, "_nearest", held_search)
+    monkeypatch.setattr(Ingestor, "_candidates", held_search)
     with ThreadPoolExecutor(4) as pool:
         try:
             ingest = pool.submit(_ingest, client, videos["a.mp4"])
@@ -189,3 +195,32 @@ def test_reads_are_answered_while_a_search_runs(client_factory: Any, videos: dic
         finally:
             release.set()
         assert ingest.result(timeout=60)["status"] == "new"
+
+
+def test_a_sound_that_cannot_be_compared_is_not_merged(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The frames of a re-upload match, and ffmpeg fails on the audio (made to here: a real
+    one decodes what ffprobe accepted): storing both loses nothing, merging might lose one."""
+    folder = tmp_path / "media"
+    folder.mkdir()
+    original, reupload = folder / "tone.mp4", folder / "tone.mkv"
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x120:r=25:d=4",
+                    "-f", "lavfi", "-i", "sine=f=440:d=4", "-c:v", "libx264", "-preset",
+                    "ultrafast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest",
+                    str(original)], check=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-i", str(original), "-c:v", "copy",
+                    "-c:a", "libopus", str(reupload)], check=True)
+
+    def failing(*args: object) -> audio.AudioPrint:
+        raise MediaToolError("ffmpeg cannot decode the audio (the test's)")
+
+    monkeypatch.setattr(audio, "fingerprint", failing)
+    config = ServiceConfig(data_dir=tmp_path / "data", allow_file_dirs=(folder,))
+    with TestClient(create_app(config)) as client, \
+            caplog.at_level(logging.WARNING, logger="vidcache.ingest"):
+        stored = _ingest(client, original)
+        again = _ingest(client, reupload)
+    assert (stored["status"], again["status"]) == ("new", "new")
+    assert f"its frames match stored {stored['hash']}, whose sound could not be compared " \
+           "(ffmpeg cannot decode the audio (the test's)): not merged with it" in caplog.text

@@ -33,6 +33,24 @@ def _concat(*parts: tuple[str, float]) -> list[str]:
     return ["-filter_complex", ";".join(graph) + f";{labels}concat=n={len(parts)}", *_X264]
 
 
+def _still(picture: str, sound: str) -> list[str]:
+    """8 s of one picture (a music track's cover, a slide) over 8 s of `sound`, in AAC."""
+    return ["-f", "lavfi", "-i", f"{picture}={_SIZE}:d=8", "-f", "lavfi", "-i", sound,
+            *_X264, "-c:a", "aac", "-shortest"]
+
+
+def _melody(step: int, start: int) -> str:
+    """A note every third of a second, `step` semitones on from the last (mod an octave)."""
+    pitch = f"220*pow(2\\,mod(floor(t*3)*{step}+{start}\\,12)/12)"
+    return f"aevalsrc=0.4*sin(2*PI*t*{pitch}):s=44100:d=8"
+
+
+def _speech(rhythm: float, seed: int) -> str:
+    """Pink noise in bursts: a narration's rhythm."""
+    return (f"anoisesrc=c=pink:seed={seed}:r=44100:a=0.5:d=8,"
+            f"volume='gt(sin(2*PI*t*{rhythm})\\,0)':eval=frame")
+
+
 _MANDELBROT = ["-f", "lavfi", "-i", f"mandelbrot={_SIZE}", "-t", "8", *_X264]
 _TESTSRC = f"testsrc2={_SIZE}"
 _BLACK = f"color=c=black:{_SIZE}"
@@ -50,6 +68,23 @@ _VIDEOS: dict[str, list[str]] = {
     # the same 7 s, then 1 s of something else each: 7 of the 8 samples alike
     "intro-life.mp4": _concat((_TESTSRC, 7), (_LIFE, 1)),
     "intro-cells.mp4": _concat((_TESTSRC, 7), (f"cellauto={_SIZE}:rule=30:seed=5", 1)),
+    # one cover picture over two melodies of the same length, and a re-upload of each: smaller
+    # at 100 kb/s with Opus at 32 kb/s in MKV; MP3 at 64 kb/s, 22 kHz, 2 dB quieter
+    "cover-a.mp4": _still("smptebars", _melody(7, 3)),
+    "cover-b.mp4": _still("smptebars", _melody(5, 1)),
+    "cover-b-opus.mkv": ["-i", "{dir}/cover-b.mp4", "-vf", "scale=120:90", *_X264,
+                         "-b:v", "100k", "-c:a", "libopus", "-b:a", "32k"],
+    "cover-a-mp3.mkv": ["-i", "{dir}/cover-a.mp4", "-c:v", "copy", "-af", "volume=0.8",
+                        "-c:a", "libmp3lame", "-b:a", "64k", "-ar", "22050"],
+    # one slide over two narrations, and one of them re-encoded to Opus at 24 kb/s
+    "slide-a.mp4": _still("rgbtestsrc", _speech(1.3, 1)),
+    "slide-b.mp4": _still("rgbtestsrc", _speech(1.7, 2)),
+    "slide-b-opus.mkv": ["-i", "{dir}/slide-b.mp4", "-c:v", "copy", "-c:a", "libopus",
+                         "-b:a", "24k"],
+    # a silent video, then the same frames with a sound track: the frames alone decide
+    "cells.mkv": ["-f", "lavfi", "-i", f"cellauto={_SIZE}:rule=110:seed=9", "-t", "8", *_X264],
+    "cells-sound.mp4": ["-i", "{dir}/cells.mkv", "-f", "lavfi", "-i", "sine=f=440:d=8",
+                        "-c:v", "copy", "-c:a", "aac", "-shortest"],
 }
 
 
@@ -105,3 +140,29 @@ def test_videos_alike_but_for_their_end_are_two_videos(api: Api, origin: str) ->
     it."""
     results = _statuses(api, origin, "intro-life.mp4", "intro-cells.mp4")
     assert [status for status, _ in results] == ["new", "new"]
+
+
+def test_one_picture_over_other_music_is_two_videos(api: Api, origin: str) -> None:
+    """The frames of two music tracks under one cover measure 0 apart: the second track was
+    merged into the first. A re-upload of each (other codec, bitrate, sample rate, volume) is
+    still its own track's duplicate, the second's found past the first's nearer frames."""
+    (a, a_hash), (b, b_hash), (b_again, b_match), (a_again, a_match) = _statuses(
+        api, origin, "cover-a.mp4", "cover-b.mp4", "cover-b-opus.mkv", "cover-a-mp3.mkv")
+    assert (a, b) == ("new", "new")
+    assert a_hash != b_hash
+    assert (b_again, b_match) == ("duplicate", b_hash)
+    assert (a_again, a_match) == ("duplicate", a_hash)
+
+
+def test_one_slide_over_other_narration_is_two_videos(api: Api, origin: str) -> None:
+    results = _statuses(api, origin, "slide-a.mp4", "slide-b.mp4", "slide-b-opus.mkv")
+    assert [status for status, _ in results] == ["new", "new", "duplicate"]
+    assert results[0][1] != results[1][1]
+    assert results[2][1] == results[1][1]
+
+
+def test_a_sound_track_added_is_the_same_video(api: Api, origin: str) -> None:
+    """Without sound in one of the two there is nothing to compare: the frames decide."""
+    results = _statuses(api, origin, "cells.mkv", "cells-sound.mp4")
+    assert [status for status, _ in results] == ["new", "duplicate"]
+    assert results[1][1] == results[0][1]

@@ -6,13 +6,15 @@
 2. Download to a temp file, hashing on the fly (download.py).
 3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
 4. ffprobe validation (422 "not a video: ...").
-5. Perceptual dedup: the nearest stored video that media.near_duplicate matches ->
-   `duplicate` with `phash_distance`, the URL becomes its alias and the new bytes are dropped.
+5. Perceptual dedup: the nearest stored video that media.near_duplicate matches and that
+   sounds the same (audio.py; checked only for such a candidate, and only if both have
+   sound; one that cannot be checked is not merged with) -> `duplicate` with
+   `phash_distance`, the URL becomes its alias and the new bytes are dropped.
 6. Otherwise `new`: the blob is moved into place and its record committed.
 
 `progress` (progress.py, GET /ingests) is told the phase as each step begins: `downloading`
-(2), `validating` (4), `phash` (5's sampling and hashing), `storing` (5's search and
-decision, and 6).
+(2), `validating` (4), `phash` (5's sampling and hashing), `audio` (5's audio check),
+`storing` (5's search and decision, and 6).
 
 Step 5 searches an in-memory index of every stored video's perceptual hash (phash_index.py),
 which the Ingestor fills from the store at start and keeps in step with its own adds and
@@ -22,7 +24,8 @@ Concurrency: one ingest per URL at a time (a second request for the URL waits an
 the alias), one per content hash at a time (same bytes under two URLs are probed once), and
 step 5's compare-and-commit and every deletion run one at a time under the Ingestor's own
 lock, so two re-encodes arriving together cannot both become `new` and a matched video cannot
-vanish before its alias is added. Reads never take that lock: a search does not hold them up.
+vanish before its alias is added. The audio check decodes outside that lock, then searches
+again. Reads never take that lock: a search does not hold them up.
 Locks are always taken URL -> hash -> decide -> store.
 
 Shutdown: `stop` ends the ingests running (their decoders killed, their downloads cut) and
@@ -38,11 +41,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from vidcache import media
+from vidcache import audio, media
 from vidcache.download import Downloader, parse_url
-from vidcache.errors import VidcacheError
+from vidcache.errors import ShuttingDown, VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
 from vidcache.progress import IngestProgress
@@ -53,6 +57,11 @@ from vidcache_client._credentials import without_credentials
 log = logging.getLogger(__name__)
 
 Status = Literal["new", "duplicate", "url_alias"]
+
+# How many of the stored videos whose frames match a new one have their sound compared with
+# it, nearest first: others are not merged with it (several videos of one picture and length
+# are a channel's music tracks, each candidate decodes both videos' audio).
+AUDIO_CANDIDATES = 4
 
 # An ingest stopped at shutdown ends in milliseconds (its decoder is killed, its download cut);
 # one flushing a large download to a slow disk may take longer.
@@ -131,24 +140,35 @@ class Ingestor:
                 phash = media.perceptual_hash(download.path, info, self._tools,
                                               work_dir=self._store.tmp_dir)
                 progress.enter("storing")
-                with self._decide:
-                    match = self._nearest(phash, info.duration_s)
-                    if match is not None:
-                        matched_hash, distance = match
-                        record = self._store.add_alias(url, matched_hash)
-                        assert record is not None  # deletions wait for the decide lock
-                        return _result(record, "duplicate", distance)
-                    record = self._store.add_video(
-                        NewVideo(content_hash=download.content_hash, bucket=bucket,
-                                 prefix=prefix, extension=info.extension,
-                                 size_bytes=download.size, duration_s=info.duration_s,
-                                 mime_type=info.mime_type, meta=meta,
-                                 phash=media.encode_phash(phash),
-                                 chunk_size=download.chunk_size,
-                                 chunk_digests=download.chunk_digests),
-                        url=url, temp_path=download.path)
-                    self._phashes.add(record.content_hash, phash, info.duration_s)
-                    return _result(record, "new")
+                # candidate -> whether it sounds the same; None: this one has no audio stream
+                heard: dict[str, bool] | None = None if info.audio_stream is None else {}
+                while True:
+                    with self._decide:
+                        match, unheard = self._match(phash, info.duration_s, heard)
+                        if match is not None:
+                            matched_hash, distance = match
+                            record = self._store.add_alias(url, matched_hash)
+                            assert record is not None  # deletions wait for the decide lock
+                            return _result(record, "duplicate", distance)
+                        if unheard is None:
+                            record = self._store.add_video(
+                                NewVideo(content_hash=download.content_hash, bucket=bucket,
+                                         prefix=prefix, extension=info.extension,
+                                         size_bytes=download.size,
+                                         duration_s=info.duration_s,
+                                         mime_type=info.mime_type, meta=meta,
+                                         phash=media.encode_phash(phash),
+                                         chunk_size=download.chunk_size,
+                                         chunk_digests=download.chunk_digests),
+                                url=url, temp_path=download.path)
+                            self._phashes.add(record.content_hash, phash, info.duration_s)
+                            return _result(record, "new")
+                    # listened to outside the lock, which other ingests' decisions and
+                    # deletions take; the next turn searches again
+                    assert heard is not None
+                    progress.enter("audio")
+                    heard[unheard] = self._sounds_alike(url, download.path, info, unheard)
+                    progress.enter("storing")
         finally:
             # one left on a file system turned read-only is removed at the next start
             with contextlib.suppress(OSError):
@@ -181,10 +201,57 @@ class Ingestor:
                 self._phashes.remove(content_hash)
             return deleted
 
-    def _nearest(self, phash: media.PerceptualHash,
-                 duration_s: float) -> tuple[str, int] | None:
-        """The stored video perceptually nearest to `phash` that counts as the same video."""
-        return self._phashes.nearest(phash, duration_s, self._threshold)
+    def _candidates(self, phash: media.PerceptualHash,
+                    duration_s: float) -> list[tuple[str, int]]:
+        """(hash, distance) of the AUDIO_CANDIDATES stored videos perceptually nearest to
+        `phash` that count as the same video by their frames, nearest first."""
+        return self._phashes.matches(phash, duration_s, self._threshold, AUDIO_CANDIDATES)
+
+    def _match(self, phash: media.PerceptualHash, duration_s: float,
+               heard: dict[str, bool] | None) -> tuple[tuple[str, int] | None, str | None]:
+        """With the decide lock held: ((hash, distance) of the stored video this one is, None),
+        or (None, the hash of a candidate whose sound is still to be compared), or
+        (None, None): it is new. The first candidate that sounds the same, or has no audio
+        stream, is it; a new video without one (`heard` None) is the nearest candidate, as
+        before the audio check."""
+        for candidate in self._candidates(phash, duration_s):
+            same = True if heard is None else heard.get(candidate[0])
+            if same is None:
+                return None, candidate[0]
+            if same:
+                return candidate, None
+        return None, None
+
+    def _sounds_alike(self, url: str, path: Path, info: media.MediaInfo,
+                      content_hash: str) -> bool:
+        """Whether the new video at `path` sounds like the stored video `content_hash`: True if
+        that one has no audio stream (the frames decide), False if it cannot be told, as a
+        false match loses a video and storing both loses nothing."""
+        assert info.audio_stream is not None
+        try:
+            record = self._store.get(content_hash)
+            if record is None:  # deleted meanwhile: the next search does not find it
+                return False
+            stored_path = self._store.blob_path(record)
+            stored = media.probe(stored_path, self._tools)
+            if stored.audio_stream is None:
+                return True
+            times = audio.windows(info.duration_s, stored.duration_s)
+            distance = audio.distance(
+                audio.fingerprint(path, info.audio_stream, times, self._tools),
+                audio.fingerprint(stored_path, stored.audio_stream, times, self._tools))
+        except ShuttingDown:
+            raise
+        except VidcacheError as exc:
+            log.warning("ingest %s: its frames match stored %s, whose sound could not be "
+                        "compared (%s): not merged with it", without_credentials(url),
+                        content_hash, exc)
+            return False
+        if distance > audio.THRESHOLD:
+            log.info("ingest %s: its frames match stored %s, its sound does not (audio "
+                     "distance %.3f): not merged with it", without_credentials(url),
+                     content_hash, distance)
+        return distance <= audio.THRESHOLD
 
 
 def _result(record: VideoRecord, status: Status, distance: int | None = None) -> IngestResult:

@@ -7,8 +7,9 @@ video, shrinks each to a FRAME_SIZE² grey image in ffmpeg and takes its 64-bit 
 (imagehash.phash). Two videos are compared frame by frame at the same relative positions; the
 distance is the mean Hamming distance of those pairs, so it stays on the 0-64 scale of a single
 hash while a chance match of one frame (a black title card) cannot make two videos equal.
-`near_duplicate` says whether two videos count as the same: see its docstring and
-docs/service.md ("Perceptual hash") for the measurements behind each of its conditions.
+`near_duplicate` says whether two videos count as the same by their frames: see its docstring
+and docs/service.md ("Perceptual hash") for the measurements behind each of its conditions;
+audio.py then tells apart those whose sound differs.
 Seeking per sample (input-side -ss, one ffmpeg process for all samples) keeps the cost
 independent of the video's length.
 """
@@ -43,6 +44,7 @@ class MediaInfo:
     mime_type: str
     extension: str
     video_stream: int  # index of the stream the perceptual hash is taken from
+    audio_stream: int | None  # index of the stream the audio check listens to, if any
 
 
 # ffprobe format_name -> (mime type, extension); mp4/mov and matroska/webm are refined below.
@@ -78,10 +80,10 @@ MAX_PIXELS = 8192 * 4320
 _TOO_LARGE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
 
 # before each input: what may open and decode it
-_INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS)]
+INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS)]
 
 
-def _last_error_line(stderr: bytes, path: Path) -> str:
+def last_error_line(stderr: bytes, path: Path) -> str:
     """ffmpeg's final complaint, without our temp file's name in it."""
     text = stderr.decode(errors="replace").replace(f"{path}: ", "").replace(str(path), "input")
     lines = [line.strip() for line in text.splitlines()]
@@ -101,7 +103,7 @@ def _refusal(stderr: bytes, path: Path, failing: str) -> NotAVideo:
     if (large := _TOO_LARGE.search(text)) is not None:
         return NotAVideo(f"frames of {large.group(1)}x{large.group(2)}, more than the "
                          f"{MAX_PIXELS} pixels (8192x4320) the service decodes")
-    return NotAVideo(f"{failing} ({_last_error_line(stderr, path)})")
+    return NotAVideo(f"{failing} ({last_error_line(stderr, path)})")
 
 
 def _unsupported(format_name: str) -> NotAVideo:
@@ -111,7 +113,7 @@ def _unsupported(format_name: str) -> NotAVideo:
 
 def probe(path: Path, tools: Tools) -> MediaInfo:
     """Validate `path` as a video; NotAVideo says what is wrong with it."""
-    result = tools.run(["ffprobe", "-v", "error", *_INPUT_LIMITS, "-show_format",
+    result = tools.run(["ffprobe", "-v", "error", *INPUT_LIMITS, "-show_format",
                         "-show_streams", "-of", "json", str(path)], what="ffprobe")
     if result.returncode != 0:
         raise _refusal(result.stderr, path, "ffprobe cannot read it")
@@ -140,8 +142,10 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
     duration = _duration(fmt, videos[0])
     if duration is None:
         raise NotAVideo(f"{format_name} file whose duration ffprobe cannot tell")
+    audios = [s for s in streams if s.get("codec_type") == "audio"]
     return MediaInfo(duration_s=duration, container=format_name, mime_type=mime_type,
-                     extension=extension, video_stream=int(videos[0]["index"]))
+                     extension=extension, video_stream=int(videos[0]["index"]),
+                     audio_stream=int(audios[0]["index"]) if audios else None)
 
 
 def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
@@ -171,7 +175,7 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
         outputs = [Path(frames_dir) / f"{i}.gray" for i in range(FRAMES)]
         argv = ["ffmpeg", "-nostdin", "-v", "error"]
         for t in times:
-            argv += [*_INPUT_LIMITS, "-ss", f"{t:.3f}", "-i", str(path)]
+            argv += [*INPUT_LIMITS, "-ss", f"{t:.3f}", "-i", str(path)]
         for i, output in enumerate(outputs):
             argv += ["-map", f"{i}:{info.video_stream}", "-frames:v", "1",
                      "-vf", f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray",

@@ -9,7 +9,8 @@ every hash, all under the store's one lock (which reads then shared).
 
 A search answers what `media.near_duplicate` with every stored video in the order they were
 stored (the order of their rowids, which the old full-table SELECT went by) would: the smallest
-distance of those that match, the earliest stored video among equals. A removed row is
+distance of those that match, the earliest stored video among equals; then the next ones in
+that order, for ingest's audio check. A removed row is
 overwritten by the last one, so rows are not in that order: each carries its number.
 
 Not thread-safe: its owner (the Ingestor) serialises every call.
@@ -92,13 +93,15 @@ class PhashIndex:
             self._hashes[row] = moved
             self._rows[moved] = row
 
-    def nearest(self, phash: PerceptualHash, duration_s: float,
-                threshold: int) -> tuple[str, int] | None:
-        """(hash, distance) of the nearest indexed video that near_duplicate matches."""
+    def matches(self, phash: PerceptualHash, duration_s: float, threshold: int,
+                limit: int) -> list[tuple[str, int]]:
+        """(hash, distance) of the `limit` nearest indexed videos that near_duplicate matches,
+        nearest first, the earliest stored first among equals: the first is the one a search
+        one by one keeps; ingest goes on to the next where the audio tells the first apart."""
         count = len(self._hashes)
         bits, present, uniform = self._encode(phash)
         if count == 0 or present.sum() < MIN_COMPARED:
-            return None
+            return []
         # media.durations_alike first: it leaves few rows to compare bit by bit
         durations = self._durations[:count]
         rows = np.flatnonzero(np.abs(durations - duration_s) <= np.maximum(
@@ -113,12 +116,10 @@ class PhashIndex:
         distance = quotient + ((twice > pairs) | ((twice == pairs) & (quotient % 2 == 1)))
         matching = ((pairs >= MIN_COMPARED) & (distance <= threshold)
                     & (differing.max(axis=1, initial=0) <= 2 * threshold))
-        if not matching.any():
-            return None
-        best = int(distance[matching].min())
-        tied = rows[matching & (distance == best)]
-        row = int(tied[np.argmin(self._order[tied])])
-        return self._hashes[row], best
+        found = rows[matching]
+        nearest = np.lexsort((self._order[found], distance[matching]))[:limit]
+        return [(self._hashes[row], int(d))
+                for row, d in zip(found[nearest], distance[matching][nearest], strict=True)]
 
     def _encode(self, phash: PerceptualHash) -> tuple[npt.NDArray[np.uint64],
                                                       npt.NDArray[np.bool_],
