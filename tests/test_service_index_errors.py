@@ -3,13 +3,14 @@ zeros, as a failing disk or a torn write leaves one), before the server starts o
 while it runs. Every request that needs the damaged pages answers 500 with the JSON detail
 `cannot read the index FILE: database disk image is malformed` (`cannot update ...` for a write),
 logged as one line, no traceback, its connection kept; the rest is still served; the index
-is never changed and no blob is removed.
+is never changed and no blob is removed, at start-up recovery either.
 """
 
 from __future__ import annotations
 
 import shutil
 import sqlite3
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -163,3 +164,32 @@ def test_a_start_on_a_damaged_index(data: Path) -> None:
     assert (run.returncode, run.stdout, run.stderr) == (
         1, "", f"vidcache serve: error: cannot read the index {index}: {MALFORMED}\n")
     assert (index.read_bytes(), blob_files(data)) == (damaged, blobs)
+
+
+def test_start_up_recovery_removes_nothing_on_a_damaged_index(data: Path) -> None:
+    """A leaf page of the videos table with its cell count lowered reads without an error, as
+    if its other videos were not there: their blobs, seen as orphans, were removed at start
+    (lost for good). Now the recovery checks the index before it removes anything:
+    one line, exit status 1, every blob kept; the index repaired (here: put back), the server
+    starts and serves every video."""
+    index = index_of(data)
+    intact = index.read_bytes()
+    leaf = pages(index, "SELECT pageno FROM dbstat WHERE name = 'videos' "
+                        "AND pagetype = 'leaf' ORDER BY pageno")[-1]
+    with open(index, "r+b") as file:
+        file.seek((leaf - 1) * PAGE + 3)  # the cell count of a leaf page's header
+        file.write(struct.pack(">H", 1))
+    damaged, blobs = index.read_bytes(), blob_files(data)
+    run = serve(data)
+    assert (run.returncode, run.stdout) == (1, ""), run.stderr
+    first, rest = run.stderr.split(" (PRAGMA quick_check: ", 1)
+    assert first == f"vidcache serve: error: the index {index} is damaged"
+    assert rest.endswith("): until it is repaired or restored, the start-up recovery removes "
+                         "nothing (a blob without a record may be a video it lost)\n"), run.stderr
+    assert (index.read_bytes(), blob_files(data)) == (damaged, blobs)
+
+    index.write_bytes(intact)
+    with VidcacheServer(data) as server:
+        listing = httpx.get(f"{server.url}/videos", params={"limit": 1000}).json()
+        assert len(listing["items"]) == len(blobs) == 302
+    assert "start-up recovery" not in server.log()

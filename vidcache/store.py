@@ -13,7 +13,8 @@ reach `.vidcache` or leave DIR.
 Invariant: a blob exists iff its record does. A new blob is renamed into place (atomic, same
 file system as tmp/) and then its record committed; a deletion commits first and then unlinks.
 A crash between the two steps leaves at most an orphan blob, which `open()` removes at the next
-start-up together with every leftover temp file. The index itself is never rewritten to mend
+start-up together with every leftover temp file, once PRAGMA quick_check finds the index sound
+(a damaged one can read as if it lacked records). The index itself is never rewritten to mend
 it: SQLite's errors saying it cannot be read are IndexUnreadable, for the operator.
 
 Concurrency: writes run one at a time, under the store's write lock and on its one write
@@ -410,6 +411,8 @@ class Store:
                     if relpath in hashes:
                         found.add(relpath)
                     elif _BLOB_NAME_RE.fullmatch(name):
+                        if not orphans:
+                            self._check_index()  # before the first blob goes
                         Path(dirpath, name).unlink(missing_ok=True)
                         orphans += 1
                         continue
@@ -425,12 +428,27 @@ class Store:
         missing = [content_hash for file_path, content_hash in hashes.items()
                    if file_path not in found and not (self.data_dir / file_path).is_file()]
         if missing:
+            if not orphans:
+                self._check_index()
             with self._transaction():
                 for content_hash in missing:
                     log.warning("record %s has no blob any more; removing the record",
                                 content_hash)
                     self.db.execute("DELETE FROM videos WHERE hash = ?", (content_hash,))
         return RecoveryReport(temp_files, orphans, len(missing))
+
+    def _check_index(self) -> None:
+        """Before the recovery removes a blob or a record: IndexUnreadable unless the index is
+        sound. A damaged one may read as if it lacked records, without an error (a leaf page's
+        cell count overwritten: its other rows are skipped), and their blobs would go as
+        orphans, lost for good. Only then: PRAGMA quick_check reads the whole index."""
+        lines = [line for (text,) in self.db.execute("PRAGMA quick_check(5)")
+                 for line in text.splitlines() if not line.startswith("*** ")]
+        if lines != ["ok"]:
+            raise IndexUnreadable(
+                f"the index {self.internal_dir / INDEX_FILE} is damaged (PRAGMA quick_check: "
+                f"{'; '.join(lines)}): until it is repaired or restored, the start-up "
+                "recovery removes nothing (a blob without a record may be a video it lost)")
 
     # --- reads ------------------------------------------------------------------------------
 
