@@ -517,8 +517,8 @@ def test_an_unusable_data_directory_is_one_line_naming_it(tmp_path: Path) -> Non
     expected = {
         str(a_file): f"vidcache serve: error: cannot use {a_file} as the data directory: Not a "
                      f"directory: {a_file}/.vidcache/tmp\n",
-        str(corrupt): f"vidcache serve: error: cannot open the index of {corrupt} "
-                      f"({corrupt}/.vidcache/index.sqlite3): file is not a database\n",
+        str(corrupt): f"vidcache serve: error: cannot open the index "
+                      f"{corrupt}/.vidcache/index.sqlite3: file is not a database\n",
     }
     for data, message in expected.items():
         run = vidcache("serve", "--data", data, "--port", str(free_port()))

@@ -31,14 +31,22 @@ from vidcache.cli import build_parser, parse_size
 from vidcache.config import ServiceConfig
 from vidcache.content_coding import PIECE_SIZE, decoded
 from vidcache.download import _HashingWriter
-from vidcache.errors import IngestRefused, InvalidRequest, ShuttingDown, TooLarge
+from vidcache.errors import (
+    IndexUnreadable,
+    IngestRefused,
+    InvalidRequest,
+    ShuttingDown,
+    StorageError,
+    TooLarge,
+    VidcacheError,
+)
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
 from vidcache.media import UNIFORM_FRAMES, decode_phash, encode_phash, near_duplicate
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.space import FreeSpace
-from vidcache.store import Store, blob_relpath, check_location
+from vidcache.store import INDEX_FILE, Store, _index_error, blob_relpath, check_location
 from vidcache_client import IngestUnderWay
 from vidcache_client._credentials import without_credentials
 
@@ -359,6 +367,30 @@ def test_unexpected_errors_are_json_500(tmp_path: Path, monkeypatch: pytest.Monk
         response = client.get("/health")
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error; the server log has details"}
+
+
+@pytest.mark.parametrize(("code", "reading", "error"), [
+    (sqlite3.SQLITE_IOERR_READ, True, IndexUnreadable),
+    (sqlite3.SQLITE_IOERR_SHORT_READ, True, IndexUnreadable),
+    (sqlite3.SQLITE_IOERR_FSTAT, True, IndexUnreadable),  # any I/O error of a read
+    (sqlite3.SQLITE_IOERR_READ, False, IndexUnreadable),  # a write's read of a page
+    (sqlite3.SQLITE_CORRUPT_INDEX, False, IndexUnreadable),
+    (sqlite3.SQLITE_IOERR_WRITE, False, StorageError),
+    (sqlite3.SQLITE_CONSTRAINT_UNIQUE, False, None),  # a bug: passes as it is (500, traceback)
+])
+def test_sqlite_errors_of_the_index(tmp_path: Path, code: int, reading: bool,
+                                    error: type[VidcacheError] | None) -> None:
+    """A failing disk's read errors, which no disk here can be made to give (no device-mapper,
+    no fault injection), are IndexUnreadable as a damaged index is
+    (tests/test_service_index_errors.py): a 500 naming the index, not a 507 (the disk is not
+    full) nor a bare 500."""
+    raised = sqlite3.OperationalError("disk I/O error")
+    raised.sqlite_errorcode = code
+    translated = _index_error("read the index", tmp_path, raised, reading=reading)
+    assert type(translated) is (type(None) if error is None else error)
+    if error is IndexUnreadable:
+        assert str(translated) == f"cannot read the index {tmp_path / INDEX_FILE}: disk I/O error"
+        assert translated is not None and translated.status_code == 500
 
 
 @pytest.mark.parametrize(("url", "shown"), [

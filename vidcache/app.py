@@ -391,7 +391,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
         app.openapi = openapi_with_auth  # type: ignore[method-assign]
 
     @app.exception_handler(VidcacheError)
-    async def _our_error(_request: Request, exc: VidcacheError) -> JSONResponse:
+    async def _our_error(request: Request, exc: VidcacheError) -> JSONResponse:
+        # The server's own failures (an unreadable index, a disk that cannot take a delete)
+        # are the operator's to see: one line each, no traceback. An ingest logs its outcome.
+        if exc.status_code >= 500 and request.url.path != "/ingest":
+            log.log(logging.ERROR if exc.status_code == 500 else logging.WARNING,
+                    "%s %s failed (%d): %s", request.method, request.url.path,
+                    exc.status_code, exc)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(StarletteHTTPException)

@@ -347,7 +347,7 @@ def _serve(args: argparse.Namespace) -> int:
     from vidcache.app import create_app
     from vidcache.http_protocol import PipelinedHttpToolsProtocol, without_uvicorns_parse_warning
     from vidcache.ingest import STOP_TIMEOUT
-    from vidcache.store import INTERNAL_DIR
+    from vidcache.store import INDEX_FILE, INTERNAL_DIR
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -386,9 +386,9 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"vidcache serve: error: cannot use {config.data_dir} as the data directory: "
               f"{exc.strerror or exc}{where}", file=sys.stderr)
         return 1
-    except sqlite3.Error as exc:  # e.g. "file is not a database"
-        print(f"vidcache serve: error: cannot open the index of {config.data_dir} "
-              f"({config.data_dir / INTERNAL_DIR / 'index.sqlite3'}): {exc}", file=sys.stderr)
+    except sqlite3.Error as exc:  # one the store does not explain (a table of another shape)
+        print(f"vidcache serve: error: cannot open the index "
+              f"{config.data_dir / INTERNAL_DIR / INDEX_FILE}: {exc}", file=sys.stderr)
         return 1
     auth = ("no authentication" if config.token is None else
             "bearer token required for every request but /health and the API description"

@@ -83,6 +83,15 @@ class StorageError(VidcacheError):
         return cls(doing, where, number, text)
 
 
+class IndexUnreadable(VidcacheError):
+    """SQLite cannot read the index: the file is damaged (`database disk image is malformed`,
+    `file is not a database`) or the disk fails to read it (`disk I/O error`). A fault of the
+    server, not of the request; the service leaves the file as it is, for the operator to
+    repair or restore."""
+
+    status_code = 500
+
+
 class MediaToolError(VidcacheError):
     """ffprobe/ffmpeg is missing or failed for a reason that is not the input's fault."""
 

@@ -38,6 +38,7 @@ from email.utils import formatdate
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vidcache.conditional import FIELDS as CONDITIONAL_FIELDS
+from vidcache.errors import VidcacheError
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.store import Store, is_content_hash
 from vidcache_client._malloc import set_malloc_options
@@ -172,7 +173,10 @@ class VideoFastPath:
         loop = asyncio.get_running_loop()
         blob = self._index.cached(content_hash)
         if blob is None:
-            blob = await loop.run_in_executor(None, self._index.load, content_hash)
+            try:
+                blob = await loop.run_in_executor(None, self._index.load, content_hash)
+            except VidcacheError as exc:  # an unreadable index: the route answers its error
+                raise _Fallback from exc
             if blob is None:
                 raise _Fallback  # the route says 404
         if range_header is None:

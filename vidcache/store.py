@@ -13,7 +13,9 @@ reach `.vidcache` or leave DIR.
 Invariant: a blob exists iff its record does. A new blob is renamed into place (atomic, same
 file system as tmp/) and then its record committed; a deletion commits first and then unlinks.
 A crash between the two steps leaves at most an orphan blob, which `open()` removes at the next
-start-up together with every leftover temp file.
+start-up together with every leftover temp file, once PRAGMA quick_check finds the index sound
+(a damaged one can read as if it lacked records). The index itself is never rewritten to mend
+it: SQLite's errors saying it cannot be read are IndexUnreadable, for the operator.
 
 Concurrency: writes run one at a time, under the store's write lock and on its one write
 connection, their file-system steps (mkdir, rename, the directory's fsync, unlink, pruning empty
@@ -67,12 +69,21 @@ from typing import Any
 import blake3
 
 from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
-from vidcache.errors import DataDirInUse, InvalidRequest, ShuttingDown, StorageError, TooLarge
+from vidcache.errors import (
+    DataDirInUse,
+    IndexUnreadable,
+    InvalidRequest,
+    ShuttingDown,
+    StorageError,
+    TooLarge,
+    VidcacheError,
+)
 from vidcache_client._credentials import REDACTED, with_secrets_replaced
 
 log = logging.getLogger(__name__)
 
 INTERNAL_DIR = ".vidcache"
+INDEX_FILE = "index.sqlite3"  # in INTERNAL_DIR
 
 SEGMENT_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"  # a bucket or a non-empty prefix
 HASH_PATTERN = r"[0-9a-f]{64}"
@@ -285,7 +296,8 @@ class Store:
                 reader.execute("PRAGMA query_only = ON")  # a write here would bypass the lock
                 self._readers.put(reader)
                 self._read_connections += 1
-        report = self._recover()
+        with _index_errors("read the index", self.internal_dir, reading=True):
+            report = self._recover()
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
                         "%d records whose blob was missing", self.data_dir, report.temp_files,
@@ -294,7 +306,7 @@ class Store:
 
     def _connect(self) -> sqlite3.Connection:
         # used by one thread at a time, not always the one that opened it
-        return sqlite3.connect(self.internal_dir / "index.sqlite3", check_same_thread=False,
+        return sqlite3.connect(self.internal_dir / INDEX_FILE, check_same_thread=False,
                                isolation_level=None)
 
     def close(self) -> None:
@@ -328,12 +340,13 @@ class Store:
             try:
                 if self._db is None:  # closed: only the server's shutdown closes it
                     raise ShuttingDown()
-                db.execute("BEGIN")
-                try:
-                    yield db
-                finally:
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")  # ends the snapshot; nothing was written
+                with _index_errors("read the index", self.internal_dir, reading=True):
+                    db.execute("BEGIN")
+                    try:
+                        yield db
+                    finally:
+                        if db.in_transaction:
+                            db.execute("ROLLBACK")  # ends the snapshot; nothing was written
             finally:
                 self._readers.put(db)
 
@@ -398,6 +411,8 @@ class Store:
                     if relpath in hashes:
                         found.add(relpath)
                     elif _BLOB_NAME_RE.fullmatch(name):
+                        if not orphans:
+                            self._check_index()  # before the first blob goes
                         Path(dirpath, name).unlink(missing_ok=True)
                         orphans += 1
                         continue
@@ -413,12 +428,27 @@ class Store:
         missing = [content_hash for file_path, content_hash in hashes.items()
                    if file_path not in found and not (self.data_dir / file_path).is_file()]
         if missing:
+            if not orphans:
+                self._check_index()
             with self._transaction():
                 for content_hash in missing:
                     log.warning("record %s has no blob any more; removing the record",
                                 content_hash)
                     self.db.execute("DELETE FROM videos WHERE hash = ?", (content_hash,))
         return RecoveryReport(temp_files, orphans, len(missing))
+
+    def _check_index(self) -> None:
+        """Before the recovery removes a blob or a record: IndexUnreadable unless the index is
+        sound. A damaged one may read as if it lacked records, without an error (a leaf page's
+        cell count overwritten: its other rows are skipped), and their blobs would go as
+        orphans, lost for good. Only then: PRAGMA quick_check reads the whole index."""
+        lines = [line for (text,) in self.db.execute("PRAGMA quick_check(5)")
+                 for line in text.splitlines() if not line.startswith("*** ")]
+        if lines != ["ok"]:
+            raise IndexUnreadable(
+                f"the index {self.internal_dir / INDEX_FILE} is damaged (PRAGMA quick_check: "
+                f"{'; '.join(lines)}): until it is repaired or restored, the start-up "
+                "recovery removes nothing (a blob without a record may be a video it lost)")
 
     # --- reads ------------------------------------------------------------------------------
 
@@ -529,7 +559,7 @@ class Store:
     def add_alias(self, url: str, content_hash: str) -> VideoRecord | None:
         """Record `url` (as its url_alias) as a source of the stored video; None if that video
         is gone."""
-        with self._write_lock:
+        with self._write_lock, _index_errors("update the index", self.internal_dir):
             if self._get(self.db, content_hash) is None:
                 return None
             with self._transaction():
@@ -543,7 +573,7 @@ class Store:
         file_path = blob_relpath(video.bucket, video.prefix, video.content_hash,
                                  video.extension)
         final = self.data_dir / file_path
-        with self._write_lock:
+        with self._write_lock, _index_errors("update the index", self.internal_dir):
             db = self.db  # closed: nothing is moved into the bucket
             try:
                 self._move_into_place(temp_path, final)
@@ -581,7 +611,7 @@ class Store:
 
     def delete(self, content_hash: str) -> bool:
         """Remove record, aliases (by cascade) and blob; False if there was no such video."""
-        with self._write_lock:
+        with self._write_lock, _index_errors("update the index", self.internal_dir):
             record = self._get(self.db, content_hash)
             if record is None:
                 return False
@@ -624,25 +654,33 @@ _INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
 
 
 @contextlib.contextmanager
-def _index_errors(doing: str, where: Path) -> Iterator[None]:
-    """SQLite's errors saying the file system cannot take the index's writes, raised as
-    StorageError (`cannot DOING in WHERE: ...`); any other passes as it is."""
+def _index_errors(doing: str, where: Path, *, reading: bool = False) -> Iterator[None]:
+    """SQLite's errors saying the index in the directory `where` cannot be read, raised as
+    IndexUnreadable (`cannot DOING WHERE/index.sqlite3: ...`), and those saying the file
+    system cannot take its writes as StorageError (`cannot DOING in WHERE: ...`); any other
+    (a constraint: a bug) passes as it is. `reading`: nothing but reads runs in it."""
     try:
         yield
     except sqlite3.Error as exc:
-        if (error := _index_storage_error(doing, where, exc)) is None:
+        if (error := _index_error(doing, where, exc, reading=reading)) is None:
             raise
         raise error from exc
 
 
-def _index_storage_error(doing: str, where: Path, exc: sqlite3.Error) -> StorageError | None:
-    """SQLite's error as StorageError if it says the file system cannot take the index's
-    writes (full, read-only, failing); None for any other (a constraint, a corrupt file)."""
+def _index_error(doing: str, where: Path, exc: sqlite3.Error, *,
+                 reading: bool) -> VidcacheError | None:
+    """SQLite's error as IndexUnreadable if it says the index cannot be read (a damaged file,
+    a read that failed: any I/O error of a read), as StorageError if it says the file system
+    cannot take the index's writes (full, read-only, failing); None for any other."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         return None
     if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE):  # -shm cannot grow
         return StorageError(doing, where, errno.ENOSPC, str(exc))
+    if (code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+            or code in (sqlite3.SQLITE_IOERR_READ, sqlite3.SQLITE_IOERR_SHORT_READ)
+            or (reading and code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN))):
+        return IndexUnreadable(f"cannot {doing} {where / INDEX_FILE}: {exc}")
     if code & 0xFF == sqlite3.SQLITE_READONLY:
         return StorageError(doing, where, errno.EROFS, str(exc))
     if code & 0xFF in (sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):

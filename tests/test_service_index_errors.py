@@ -1,0 +1,195 @@
+"""The service over an index SQLite cannot read: pages of a real index damaged (a sector of
+zeros, as a failing disk or a torn write leaves one), before the server starts or under it
+while it runs. Every request that needs the damaged pages answers 500 with the JSON detail
+`cannot read the index FILE: database disk image is malformed` (`cannot update ...` for a write),
+logged as one line, no traceback, its connection kept; the rest is still served; the index
+is never changed and no blob is removed, at start-up recovery either.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service_support import Api, blob_files, store_many, temp_files
+from tests.support import VidcacheServer, free_port, wait_until
+
+pytestmark = pytest.mark.timeout(180)
+
+MALFORMED = "database disk image is malformed"
+PAGE = 4096  # the index's page size (SQLite's default)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory, media_url: str) -> Path:
+    """A data directory of 300 small videos (bucket `many`, so that each table and index
+    spans several pages) and two real ones ingested (bucket `real`); copied by each test."""
+    data = tmp_path_factory.mktemp("index-errors") / "data"
+    store_many(data, 300)
+    with VidcacheServer(data) as server:
+        api = Api(server.url)
+        for name in ("a.mp4", "b.mp4"):
+            api.ingest_ok(f"{media_url}/{name}", "real")
+        api.close()
+    return data
+
+
+@pytest.fixture
+def data(template: Path, tmp_path: Path) -> Iterator[Path]:
+    copy = tmp_path / "data"
+    shutil.copytree(template, copy)
+    yield copy
+
+
+def index_of(data_dir: Path) -> Path:
+    return data_dir / ".vidcache" / "index.sqlite3"
+
+
+def pages(index: Path, sql: str, *params: object) -> list[int]:
+    with closing(sqlite3.connect(index)) as db:
+        return [page for (page,) in db.execute(sql, params)]
+
+
+def root_page(index: Path, name: str) -> int:
+    return pages(index, "SELECT rootpage FROM sqlite_schema WHERE name = ?", name)[0]
+
+
+def damage(index: Path, page: int) -> None:
+    """Zeros over the first 512 bytes of `page` (its b-tree header among them)."""
+    with open(index, "r+b") as file:
+        file.seek((page - 1) * PAGE)
+        file.write(bytes(512))
+
+
+def hashes(data_dir: Path, bucket: str) -> list[str]:
+    return sorted(path.name.split(".")[0] for path in blob_files(data_dir / bucket))
+
+
+def serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`vidcache serve` on `data_dir`, expected to stop at start."""
+    return subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(data_dir),
+                           "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=60)
+
+
+def failures(server: VidcacheServer) -> list[str]:
+    return [line.split(": ", 1)[1] for line in server.log().splitlines()
+            if " failed (500): " in line]
+
+
+def test_reads_of_a_damaged_index_are_a_500_naming_it(data: Path, media_url: str) -> None:
+    """The index of hashes damaged: /meta, /video (the fast path's lookup included),
+    /video/chunks, /resolve, /videos and a DELETE each answer 500 with SQLite's reason and the
+    index's path; each is one line in the log; the connection stays open for the next request.
+    (Before: 500 'internal server error; the server log has details', a traceback of 90
+    lines in the log for each, and the connection closed: the client's next request on it
+    failed with 'Connection reset by peer'.)"""
+    index = index_of(data)
+    damage(index, root_page(index, "sqlite_autoindex_videos_1"))
+    damaged = index.read_bytes()
+    blobs = blob_files(data)
+    video = hashes(data, "real")[0]
+    unreadable = {"detail": f"cannot read the index {index}: {MALFORMED}"}
+    with VidcacheServer(data) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        for path in (f"/meta/{video}", f"/video/{video}", f"/video/{video}/chunks",
+                     f"/resolve?url={media_url}/a.mp4", "/videos"):
+            answer = http.get(path)
+            assert (answer.status_code, answer.json()) == (500, unreadable), path
+            assert http.get("/ingests").status_code == 200  # on the same connection
+        answer = http.delete(f"/video/{video}")
+        assert (answer.status_code, answer.json()) == (
+            500, {"detail": f"cannot update the index {index}: {MALFORMED}"})
+        wait_until(lambda: len(failures(server)) == 6, timeout=30, what="6 failures logged")
+    assert failures(server) == [
+        f"GET /meta/{video} failed (500): {unreadable['detail']}",
+        f"GET /video/{video} failed (500): {unreadable['detail']}",
+        f"GET /video/{video}/chunks failed (500): {unreadable['detail']}",
+        f"GET /resolve failed (500): {unreadable['detail']}",
+        f"GET /videos failed (500): {unreadable['detail']}",
+        f"DELETE /video/{video} failed (500): cannot update the index {index}: {MALFORMED}"]
+    assert "Traceback" not in server.log()
+    assert index.read_bytes() == damaged
+    assert blob_files(data) == blobs
+
+
+def test_an_index_damaged_under_the_running_server(data: Path, media_url: str) -> None:
+    """An index of the listing by bucket damaged while the server runs: that listing is a
+    500 naming the index, an ingest needing it and a delete too (nothing of either is left
+    or lost), and everything else is still served."""
+    index = index_of(data)
+    many = hashes(data, "many")
+    with VidcacheServer(data) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+        assert http.get(f"/meta/{many[0]}").status_code == 200
+        damage(index, root_page(index, "videos_bucket"))
+        blobs = blob_files(data)
+
+        answer = http.get("/videos", params={"bucket": "many"})
+        assert (answer.status_code, answer.json()) == (
+            500, {"detail": f"cannot read the index {index}: {MALFORMED}"})
+        cannot_update = {"detail": f"cannot update the index {index}: {MALFORMED}"}
+        answer = http.post("/ingest", json={"url": f"{media_url}/c.mkv", "bucket": "many"})
+        assert (answer.status_code, answer.json()) == (500, cannot_update)
+        answer = http.delete(f"/video/{many[0]}")
+        assert (answer.status_code, answer.json()) == (500, cannot_update)
+
+        assert (blob_files(data), temp_files(data)) == (blobs, [])
+        for video in (many[0], *hashes(data, "real")):
+            assert http.get(f"/meta/{video}").status_code == 200
+            assert http.get(f"/video/{video}").status_code == 200
+        assert len(http.get("/videos", params={"limit": 1000}).json()["items"]) == 302
+        wait_until(lambda: len(failures(server)) == 3, timeout=30, what="3 failures logged")
+    assert failures(server) == [
+        f"GET /videos failed (500): cannot read the index {index}: {MALFORMED}",
+        f"ingest {media_url}/c.mkv failed (500): {cannot_update['detail']}",
+        f"DELETE /video/{many[0]} failed (500): {cannot_update['detail']}"]
+    assert "Traceback" not in server.log()
+
+
+def test_a_start_on_a_damaged_index(data: Path) -> None:
+    """The videos table damaged: the start-up recovery cannot read it; one line naming the
+    index, exit status 1, nothing changed."""
+    index = index_of(data)
+    damage(index, root_page(index, "videos"))
+    damaged, blobs = index.read_bytes(), blob_files(data)
+    run = serve(data)
+    assert (run.returncode, run.stdout, run.stderr) == (
+        1, "", f"vidcache serve: error: cannot read the index {index}: {MALFORMED}\n")
+    assert (index.read_bytes(), blob_files(data)) == (damaged, blobs)
+
+
+def test_start_up_recovery_removes_nothing_on_a_damaged_index(data: Path) -> None:
+    """A leaf page of the videos table with its cell count lowered reads without an error, as
+    if its other videos were not there: their blobs, seen as orphans, were removed at start
+    (lost for good). Now the recovery checks the index before it removes anything:
+    one line, exit status 1, every blob kept; the index repaired (here: put back), the server
+    starts and serves every video."""
+    index = index_of(data)
+    intact = index.read_bytes()
+    leaf = pages(index, "SELECT pageno FROM dbstat WHERE name = 'videos' "
+                        "AND pagetype = 'leaf' ORDER BY pageno")[-1]
+    with open(index, "r+b") as file:
+        file.seek((leaf - 1) * PAGE + 3)  # the cell count of a leaf page's header
+        file.write(struct.pack(">H", 1))
+    damaged, blobs = index.read_bytes(), blob_files(data)
+    run = serve(data)
+    assert (run.returncode, run.stdout) == (1, ""), run.stderr
+    first, rest = run.stderr.split(" (PRAGMA quick_check: ", 1)
+    assert first == f"vidcache serve: error: the index {index} is damaged"
+    assert rest.endswith("): until it is repaired or restored, the start-up recovery removes "
+                         "nothing (a blob without a record may be a video it lost)\n"), run.stderr
+    assert (index.read_bytes(), blob_files(data)) == (damaged, blobs)
+
+    index.write_bytes(intact)
+    with VidcacheServer(data) as server:
+        listing = httpx.get(f"{server.url}/videos", params={"limit": 1000}).json()
+        assert len(listing["items"]) == len(blobs) == 302
+    assert "start-up recovery" not in server.log()
