@@ -290,20 +290,23 @@ def test_a_download_of_unknown_size_stops_before_the_disk_is_full(
 
 def test_a_download_of_unknown_size_needs_room_for_what_it_writes(
         tmp_path: Path, videos: dict[str, Path]) -> None:
-    """c.mkv sent chunked (its size not announced) with a few pages less free than its bytes
-    and the room for the index and frames: 507 'not enough free space', logged, nothing left.
-    With a page more than that (for the part of a page the bytes written so far leave
-    unused): stored. (Before: stored with the room it had, taking the margin.) With less room
-    than its first piece needs, the refusal says 0 were written: it said only 'needs N
-    bytes', N the first piece's room, which read as the video's size."""
+    """c.mkv sent chunked (its size not announced) in 4 KiB chunks with a page less free than
+    its bytes and the room for the index and frames: 507 'not enough free space', logged,
+    nothing left. With a page more than that (for the part of a page the bytes written so far
+    leave unused): stored. (Before: stored with the room it had, taking the margin; then, until
+    each piece was flushed as written, stored with that page less: the chunk left in the
+    file's buffer, of a page here (st_blksize), counted as written while the free space did
+    not have it taken yet.) With less room than its first piece needs, the refusal says 0
+    were written: it said only 'needs N bytes', N the first piece's room, which read as the
+    video's size."""
     size = videos["c.mkv"].stat().st_size
     room = -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
     with (small_tmpfs(tmp_path / "data") as data,
-          HoldingOrigin(videos["c.mkv"].parent) as origin,
+          HoldingOrigin(videos["c.mkv"].parent, chunk=PAGE) as origin,
           VidcacheServer(data) as server):
         api = Api(server.url)
         url = f"{origin.url}/chunked/c.mkv"
-        filler = fill(data, leave=room - 4 * PAGE)
+        filler = fill(data, leave=room - PAGE)
         answer = api.ingest(url, "v")
         assert answer.status_code == 507, answer.text
         detail = answer.json()["detail"]

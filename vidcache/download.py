@@ -154,6 +154,10 @@ class _HashingWriter:
         self._claim.cover(self.size, self._doing)
         try:
             self._file.write(data)
+            # on the file system now, as `written` says: left in the buffer (st_blksize,
+            # a page or more), bytes counted as written had not yet taken the free space
+            # the next check sees, which let the download past its promise
+            self._file.flush()
         except OSError as exc:
             raise self._storage_error(exc) from exc
         self._claim.written = self.size
