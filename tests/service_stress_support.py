@@ -158,9 +158,9 @@ class TrickleOrigin(_Origin):
 # --- an origin that holds its bodies half-way, or sends them chunked -------------------------
 
 class _HoldingHandler(http.server.SimpleHTTPRequestHandler):
-    """`/chunked/<name>`: the file in 64 KiB chunks (Transfer-Encoding: chunked, its size not
-    announced); `/held/<name>`: its Content-Length and half of it, the rest once the origin's
-    `resume()` is called. Other paths are served normally."""
+    """`/chunked/<name>`: the file in chunks of the origin's `chunk` bytes (Transfer-Encoding:
+    chunked, its size not announced); `/held/<name>`: its Content-Length and half of it, the
+    rest once the origin's `resume()` is called. Other paths are served normally."""
 
     protocol_version = "HTTP/1.1"  # for chunked answers
     origin: HoldingOrigin
@@ -182,8 +182,9 @@ class _HoldingHandler(http.server.SimpleHTTPRequestHandler):
             if how == "chunked":
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                for start in range(0, len(data), 64 * 1024):
-                    piece = data[start:start + 64 * 1024]
+                chunk = self.origin.chunk
+                for start in range(0, len(data), chunk):
+                    piece = data[start:start + chunk]
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 self.wfile.write(b"0\r\n\r\n")
             else:
@@ -200,7 +201,8 @@ class _HoldingHandler(http.server.SimpleHTTPRequestHandler):
 class HoldingOrigin(_Origin):
     """A loopback origin of `directory` (see _HoldingHandler)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, chunk: int = 64 * 1024) -> None:
+        self.chunk = chunk
         self.resumed = threading.Event()
         super().__init__(directory, _HoldingHandler)
 

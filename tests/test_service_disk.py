@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import os
 import re
 import shutil
@@ -290,20 +291,23 @@ def test_a_download_of_unknown_size_stops_before_the_disk_is_full(
 
 def test_a_download_of_unknown_size_needs_room_for_what_it_writes(
         tmp_path: Path, videos: dict[str, Path]) -> None:
-    """c.mkv sent chunked (its size not announced) with a few pages less free than its bytes
-    and the room for the index and frames: 507 'not enough free space', logged, nothing left.
-    With a page more than that (for the part of a page the bytes written so far leave
-    unused): stored. (Before: stored with the room it had, taking the margin.) With less room
-    than its first piece needs, the refusal says 0 were written: it said only 'needs N
-    bytes', N the first piece's room, which read as the video's size."""
+    """c.mkv sent chunked (its size not announced) in 4 KiB chunks with a page less free than
+    its bytes and the room for the index and frames: 507 'not enough free space', logged,
+    nothing left. With a page more than that (for the part of a page the bytes written so far
+    leave unused): stored. (Before: stored with the room it had, taking the margin; then, until
+    each piece was flushed as written, stored with that page less: the chunk left in the
+    file's buffer, of a page here (st_blksize), counted as written while the free space did
+    not have it taken yet.) With less room than its first piece needs, the refusal says 0
+    were written: it said only 'needs N bytes', N the first piece's room, which read as the
+    video's size."""
     size = videos["c.mkv"].stat().st_size
     room = -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
     with (small_tmpfs(tmp_path / "data") as data,
-          HoldingOrigin(videos["c.mkv"].parent) as origin,
+          HoldingOrigin(videos["c.mkv"].parent, chunk=PAGE) as origin,
           VidcacheServer(data) as server):
         api = Api(server.url)
         url = f"{origin.url}/chunked/c.mkv"
-        filler = fill(data, leave=room - 4 * PAGE)
+        filler = fill(data, leave=room - PAGE)
         answer = api.ingest(url, "v")
         assert answer.status_code == 507, answer.text
         detail = answer.json()["detail"]
@@ -407,6 +411,82 @@ def test_space_promised_to_the_downloads_under_way(tmp_path: Path,
         assert_served_whole(server.url, {small["hash"]: videos["c.mkv"],
                                          digest(videos["big_moov_end.mp4"].read_bytes()):
                                              videos["big_moov_end.mp4"]})
+
+
+def test_the_room_of_a_download_is_held_until_its_ingest_ends(
+        tmp_path: Path, videos: dict[str, Path]) -> None:
+    """c.mkv downloaded, validated and held as its frames' directory is made (the frames and
+    the index's update still to come) on a data directory with room for c.mkv and b.mp4 but
+    half the margin: b.mp4 is refused, saying what c.mkv keeps (the margin and its digests'
+    room) is promised to downloads under way, whether its size is announced (at once) or not
+    (sent chunked: at its first piece). c.mkv then goes on and is stored, and b.mp4 after it.
+    (Before: c.mkv's promise ended with its download, and b.mp4 was let take the room c.mkv's
+    frames and index were to use: stored.)"""
+    sizes = {name: videos[name].stat().st_size for name in ("c.mkv", "b.mp4")}
+    rooms = {name: -(-needed(size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
+             for name, size in sizes.items()}
+    kept = needed(sizes["c.mkv"], DEFAULT_CHUNK_SIZE) - sizes["c.mkv"]
+    with (small_tmpfs(tmp_path / "data") as data,
+          HoldingOrigin(videos["c.mkv"].parent) as origin):
+        server = PausingServer(data, ("os.mkdir", "frames-"))
+        with server:
+            api = Api(server.url)
+            tmp = data / ".vidcache" / "tmp"
+            fill(data, leave=rooms["c.mkv"] + rooms["b.mp4"] - MARGIN // 2)
+            held = _Ingest(server.url, f"{origin.url}/c.mkv", "v")
+            wait_until(server.paused, timeout=60, what="the ingest of c.mkv held at its frames")
+
+            url = f"{origin.url}/b.mp4"
+            detail = assert_no_room(api.ingest(url, "v"), server, url, tmp, sizes["b.mp4"])
+            assert detail.endswith(f" but {kept} of them are promised to downloads under way"), \
+                detail
+            chunked = f"{origin.url}/chunked/b.mp4"
+            answer = api.ingest(chunked, "v")
+            assert answer.status_code == 507, answer.text
+            shortage = re.fullmatch(_growing_shortage(chunked, tmp), answer.json()["detail"])
+            assert shortage is not None and shortage[4] == str(kept), answer.text
+
+            server.release()
+            assert held.result().status_code == 200, held.result().text
+            stored = [held.result().json(), api.ingest_ok(url, "v")]
+            assert [item["status"] for item in stored] == ["new", "new"]
+            assert_nothing_left(data, sorted(data / item["file_path"] for item in stored))
+            assert_served_whole(server.url, {stored[0]["hash"]: videos["c.mkv"],
+                                             stored[1]["hash"]: videos["b.mp4"]})
+
+
+def test_failed_ingests_give_back_all_their_room(tmp_path: Path,
+                                                 videos: dict[str, Path]) -> None:
+    """With exactly the room b.mp4 needs left (its bytes, its digests' and the margin), ingests
+    ending at each step after their room was promised: refused at once (big.mp4, 507),
+    stopped as it grows (big_moov_end.mp4 without Content-Length, 507), a gzip body cut short
+    (502), not a video (422 after its download), a duplicate of a.mp4 stored before (200 after
+    its download) and a perceptual one (a_small.mp4: 200 after its frames). Each gives back
+    all it was promised: b.mp4 is then stored with exactly that room on the disk (a promise
+    left behind would refuse it, 'promised to downloads under way'); nothing left of them."""
+    origin_dir = tmp_path / "origin"
+    origin_dir.mkdir()
+    for name in ("a.mp4", "a_small.mp4", "b.mp4", "big.mp4", "big_moov_end.mp4",
+                 "notvideo.bin"):
+        (origin_dir / name).symlink_to(videos[name])
+    (origin_dir / "a.cut").write_bytes(gzip.compress(videos["a.mp4"].read_bytes())[:-16])
+    room = -(-needed(videos["b.mp4"].stat().st_size, DEFAULT_CHUNK_SIZE) // PAGE) * PAGE
+    with (small_tmpfs(tmp_path / "data") as data,
+          serve_origin(origin_dir) as (origin, _stalled),
+          VidcacheServer(data) as server):
+        api = Api(server.url)
+        first = api.ingest_ok(f"{origin}/a.mp4", "v")
+        filler = fill(data, leave=room)
+        for path, status in (("big.mp4", 507), ("nolength/big_moov_end.mp4", 507),
+                             ("stored-as/gzip/a.cut", 502), ("notvideo.bin", 422),
+                             ("a.mp4?again", 200), ("a_small.mp4", 200)):
+            answer = api.ingest(f"{origin}/{path}", "v")
+            assert answer.status_code == status, (path, answer.text)
+            assert status != 200 or answer.json()["status"] == "duplicate", answer.text
+        assert_nothing_left(data, [data / first["file_path"]])
+        filler.unlink()  # the index has grown by the aliases: the same room again
+        fill(data, leave=room)
+        assert api.ingest_ok(f"{origin}/b.mp4", "v")["status"] == "new"
 
 
 @pytest.mark.parametrize(("point", "where"), [

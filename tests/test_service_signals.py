@@ -384,8 +384,9 @@ def test_stop_cuts_a_download_in_its_tls_handshake(tmp_path: Path) -> None:
         def fetch() -> None:
             url = f"https://127.0.0.1:{port}/never.mp4"
             try:
-                with IngestBoard().track(url, "b", "") as progress:
-                    downloader.fetch(url, progress)
+                with IngestBoard().track(url, "b", "") as progress, \
+                        downloader.fetch(url, progress):
+                    pass
             except Exception as exc:
                 outcome.append(exc)
 

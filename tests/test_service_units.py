@@ -29,7 +29,7 @@ from vidcache.app import create_app
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import build_parser, parse_size
 from vidcache.config import ServiceConfig
-from vidcache.content_coding import PIECE_SIZE, decoded
+from vidcache.content_coding import PIECE_SIZE, EncodingError, decoded
 from vidcache.download import _HashingWriter
 from vidcache.errors import (
     IndexUnreadable,
@@ -325,6 +325,19 @@ def test_an_encoded_body_is_decoded_in_bounded_pieces(how: str, cuts: list[int])
     out = list(decoded(pieces, ["deflate" if how == "raw deflate" else how]))
     assert b"".join(out) == _TEXT
     assert max(map(len, out)) <= PIECE_SIZE
+
+
+@pytest.mark.parametrize("codings", [["gzip"], ["deflate"], ["deflate", "gzip"]])
+@pytest.mark.parametrize("pieces", [[], [b""]], ids=["no-piece", "empty-piece"])
+def test_an_empty_encoded_body_decodes_to_nothing(codings: list[str],
+                                                  pieces: list[bytes]) -> None:
+    """An empty body (Content-Length: 0, or chunked with no data) holds no stream to be cut
+    short; the first byte of a stream is one cut short."""
+    assert list(decoded(pieces, codings)) == []
+    outer = codings[-1]
+    first = (gzip.compress(b"") if outer == "gzip" else zlib.compress(b""))[:1]
+    with pytest.raises(EncodingError, match=f"the {outer} stream ends early"):
+        list(decoded([first], [outer]))
 
 
 @pytest.mark.parametrize("size", [64 * KIB, 128 * KIB, 256 * KIB, MIB, 16 * MIB])

@@ -8,8 +8,10 @@ ratio reaches ~1000:1, and httpx's decoder, used before, turned one 64 KiB piece
 ~64 MiB in memory at once (a gzip bomb). gzip (x-gzip: RFC 9110) and deflate (zlib's format or
 raw, as httpx accepted) are decoded, several gzip members one after another as `gzip -d` does;
 a body that ends before its compressed stream does is refused, as is data after a deflate
-stream (zero bytes after a gzip member are padding, skipped as `gzip -d` does). Any other
-coding (br, zstd, compress...) is refused rather than stored encoded as if it were the video.
+stream (zero bytes after a gzip member are padding, skipped as `gzip -d` does). An empty body
+holds no stream to cut short: it decodes to nothing, which the ingest refuses as it refuses an
+empty unencoded body (not a video). Any other coding (br, zstd, compress...) is refused
+rather than stored encoded as if it were the video.
 """
 
 from __future__ import annotations
@@ -55,8 +57,10 @@ def _inflated(pieces: Iterator[bytes], coding: str) -> Iterator[bytes]:
             wbits = -zlib.MAX_WBITS
         pieces = itertools.chain([head], pieces)
     inflater = zlib.decompressobj(wbits)
+    empty = True
     for data in pieces:
         more = bool(data)
+        empty = empty and not more
         while more:
             if inflater.eof:  # data after the stream's end: another gzip member, or an error
                 if coding == "deflate":
@@ -75,7 +79,8 @@ def _inflated(pieces: Iterator[bytes], coding: str) -> Iterator[bytes]:
             more = bool(data) or (len(out) == PIECE_SIZE and not inflater.eof)
             if out:
                 yield out
-    if not inflater.eof:
+    # an empty body holds no stream to cut short (the ingest refuses it as not a video)
+    if not inflater.eof and not empty:
         raise EncodingError(f"the {coding} stream ends early: the body is cut short")
 
 

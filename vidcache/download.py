@@ -154,6 +154,10 @@ class _HashingWriter:
         self._claim.cover(self.size, self._doing)
         try:
             self._file.write(data)
+            # on the file system now, as `written` says: left in the buffer (st_blksize,
+            # a page or more), bytes counted as written had not yet taken the free space
+            # the next check sees, which let the download past its promise
+            self._file.flush()
         except OSError as exc:
             raise self._storage_error(exc) from exc
         self._claim.written = self.size
@@ -228,12 +232,28 @@ class Downloader:
     def _stopped(self) -> bool:
         return self._sockets.stopped
 
-    def fetch(self, url: str, progress: IngestProgress) -> Download:
+    @contextlib.contextmanager
+    def fetch(self, url: str, progress: IngestProgress) -> Iterator[Download]:
         """Download `url` into a new temp file, telling `progress` the bytes expected and
-        received; nothing is left behind on failure."""
+        received; nothing is left behind on failure. The room promised to the download is
+        held for the block, with its margin for what the ingest writes next (the sampled
+        frames, the index's update): given back when the download ends, another download could
+        take it while this one is validated and hashed. The temp file, unless moved into the
+        store meanwhile, is removed at the end of the block."""
         parsed = parse_url(url)
         if self._stopped:
             raise ShuttingDown()
+        with self._space.claim() as claim:
+            download = self._download_to_temp(parsed, url, claim, progress)
+            try:
+                yield download
+            finally:
+                # one left on a file system turned read-only is removed at the next start
+                with contextlib.suppress(OSError):
+                    download.path.unlink(missing_ok=True)
+
+    def _download_to_temp(self, parsed: httpx.URL, url: str, claim: Claim,
+                          progress: IngestProgress) -> Download:
         try:
             fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix="download-", suffix=".part")
         except OSError as exc:
@@ -241,7 +261,7 @@ class Downloader:
         path = Path(name)
         deadline = time.monotonic() + self._max_time
         try:
-            with open(fd, "wb") as file, self._space.claim() as claim:
+            with open(fd, "wb") as file:
                 writer = _HashingWriter(file, max_size=self._max_size,
                                         url=without_credentials(url),
                                         chunk_size=self._chunk_size, directory=self._tmp_dir,

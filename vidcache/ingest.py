@@ -3,7 +3,9 @@
 1. URL lookup: a URL seen before (compared as store.url_alias stores it: without its
    `user:password@`, a digest for each secret of its query) is a `url_alias` of its video;
    nothing is downloaded.
-2. Download to a temp file, hashing on the fly (download.py).
+2. Download to a temp file, hashing on the fly (download.py). The room promised to it on the
+   disk (space.py), with its margin for the frames and the index's update of steps 5 and 6,
+   is held until the ingest ends.
 3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
 4. ffprobe validation (422 "not a video: ...").
 5. Perceptual dedup: the nearest stored video that media.near_duplicate matches and that
@@ -36,7 +38,6 @@ once they are over.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -128,51 +129,46 @@ class Ingestor:
         if known is not None:
             return _result(known, "url_alias")
         progress.enter("downloading")
-        download = self._downloader.fetch(url, progress)
-        try:
-            with self._hash_locks.hold(download.content_hash):
-                duplicate = self._store.add_alias(url, download.content_hash)
-                if duplicate is not None:
-                    return _result(duplicate, "duplicate")
-                progress.enter("validating")
-                info = media.probe(download.path, self._tools)
-                progress.enter("phash")
-                phash = media.perceptual_hash(download.path, info, self._tools,
-                                              work_dir=self._store.tmp_dir)
+        # its room and temp file held until it is stored or has failed
+        with (self._downloader.fetch(url, progress) as download,
+              self._hash_locks.hold(download.content_hash)):
+            duplicate = self._store.add_alias(url, download.content_hash)
+            if duplicate is not None:
+                return _result(duplicate, "duplicate")
+            progress.enter("validating")
+            info = media.probe(download.path, self._tools)
+            progress.enter("phash")
+            phash = media.perceptual_hash(download.path, info, self._tools,
+                                          work_dir=self._store.tmp_dir)
+            progress.enter("storing")
+            # candidate -> whether it sounds the same; None: this one has no audio stream
+            heard: dict[str, bool] | None = None if info.audio_stream is None else {}
+            while True:
+                with self._decide:
+                    match, unheard = self._match(phash, info.duration_s, heard)
+                    if match is not None:
+                        matched_hash, distance = match
+                        record = self._store.add_alias(url, matched_hash)
+                        assert record is not None  # deletions wait for the decide lock
+                        return _result(record, "duplicate", distance)
+                    if unheard is None:
+                        record = self._store.add_video(
+                            NewVideo(content_hash=download.content_hash, bucket=bucket,
+                                     prefix=prefix, extension=info.extension,
+                                     size_bytes=download.size, duration_s=info.duration_s,
+                                     mime_type=info.mime_type, meta=meta,
+                                     phash=media.encode_phash(phash),
+                                     chunk_size=download.chunk_size,
+                                     chunk_digests=download.chunk_digests),
+                            url=url, temp_path=download.path)
+                        self._phashes.add(record.content_hash, phash, info.duration_s)
+                        return _result(record, "new")
+                # listened to outside the lock, which other ingests' decisions and
+                # deletions take; the next turn searches again
+                assert heard is not None
+                progress.enter("audio")
+                heard[unheard] = self._sounds_alike(url, download.path, info, unheard)
                 progress.enter("storing")
-                # candidate -> whether it sounds the same; None: this one has no audio stream
-                heard: dict[str, bool] | None = None if info.audio_stream is None else {}
-                while True:
-                    with self._decide:
-                        match, unheard = self._match(phash, info.duration_s, heard)
-                        if match is not None:
-                            matched_hash, distance = match
-                            record = self._store.add_alias(url, matched_hash)
-                            assert record is not None  # deletions wait for the decide lock
-                            return _result(record, "duplicate", distance)
-                        if unheard is None:
-                            record = self._store.add_video(
-                                NewVideo(content_hash=download.content_hash, bucket=bucket,
-                                         prefix=prefix, extension=info.extension,
-                                         size_bytes=download.size,
-                                         duration_s=info.duration_s,
-                                         mime_type=info.mime_type, meta=meta,
-                                         phash=media.encode_phash(phash),
-                                         chunk_size=download.chunk_size,
-                                         chunk_digests=download.chunk_digests),
-                                url=url, temp_path=download.path)
-                            self._phashes.add(record.content_hash, phash, info.duration_s)
-                            return _result(record, "new")
-                    # listened to outside the lock, which other ingests' decisions and
-                    # deletions take; the next turn searches again
-                    assert heard is not None
-                    progress.enter("audio")
-                    heard[unheard] = self._sounds_alike(url, download.path, info, unheard)
-                    progress.enter("storing")
-        finally:
-            # one left on a file system turned read-only is removed at the next start
-            with contextlib.suppress(OSError):
-                download.path.unlink(missing_ok=True)
 
     def stop(self) -> None:
         """End the ingests running and refuse new downloads and decoders: the server is

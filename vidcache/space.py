@@ -11,9 +11,12 @@ outgrows the Content-Length of its encoded one (gzip), is promised room as it gr
 each write: it stops with the same 507 when what it has written plus that room no longer fits,
 so it never takes the space promised to others, nor that room.
 
-A slow download keeps the rest of its promise until it ends (stored, failed, or stopped by
---download-timeout or --max-download-time): given to another download meanwhile, the room
-would be gone when the slow one needs it, and it would fail after all its time.
+A slow download keeps the rest of its promise until its ingest ends (stored, failed, or
+stopped by --download-timeout or --max-download-time): given to another download meanwhile,
+the room would be gone when the slow one needs it, and it would fail after all its time. So
+does a finished one, validated and hashed next: its margin is for the frames and the index's
+update that follow (given back with the download's end, another download took it, and the
+frames or the index then found the disk full).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class FreeSpace:
 
     @contextlib.contextmanager
     def claim(self) -> Iterator[Claim]:
-        """A claim for one download, given back at the end of the block."""
+        """A claim for one download, given back at the end of the block (the ingest's)."""
         claim = Claim(self)
         with self._lock:
             self._claims.add(claim)
