@@ -634,6 +634,44 @@ def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
         "between (1 operation(s) failed)")
 
 
+def test_an_outage_begun_by_a_one_attempt_re_read_is_not_said_to_last_0_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Outage` and `FailureLog` on a clock of their own: a read re-asked less than 1 s after
+    its range failed gets one attempt, which gives up at once; when that begins an outage a
+    minute after the last outage line (the range failed for good just before the minute was
+    out, a good read answered in between), its line said 'failed an operation for 0 s', and
+    its end 'after 0 s of failures' (seen through a mount: one block refused, read again
+    0.4 s after it failed). A duration that rounds to 0 s is 'less than 1 s'; so is the
+    count of failures left out at an unmount right after their last line ('0 s ago')."""
+    now = [0.0]
+    outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
+    failures = FailureLog(logging.getLogger("test.outage"), clock=lambda: now[0])
+    error = "HASH bytes 0-9 (failed 0.4 s ago: one attempt): HTTP 503"
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        outage.gave_up("HASH bytes 0-9: HTTP 503", began=-1.0)
+        now[0] = 1.0
+        outage.answered()
+        now[0] = 60.4
+        outage.gave_up(error, began=60.4)  # the one attempt, refused at once
+        now[0] = 60.6
+        outage.answered()
+        for moment in (61.0, 61.5):
+            now[0] = moment
+            failures.failed("read: EIO, ServerError", logging.ERROR, f"read {moment} failed")
+        now[0] = 61.2
+        failures.flush()
+    said = [record.getMessage().split(" (last error")[0] for record in caplog.records]
+    assert said[2:] == [
+        "the service at http://service failed an operation for less than 1 s",
+        "the service at http://service answers again, after less than 1 s of failures; 1 "
+        "operation(s) failed meanwhile",
+        "read 61.0 failed",
+        "1 more operation(s) failed (read: EIO, ServerError) since the last such line, less "
+        "than 1 s ago",
+    ]
+
+
 def test_failures_left_out_are_counted_in_the_next_line_and_at_unmount(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

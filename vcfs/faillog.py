@@ -22,6 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+def _seconds(value: float) -> str:
+    """A duration as the lines say it: in whole seconds, but "less than 1 s" where that is 0
+    (a re-read of a range that failed a moment ago gives up after one attempt: "failed an
+    operation for 0 s" read as nonsense)."""
+    return "less than 1 s" if value < 0.5 else f"{value:.0f} s"
+
+
 @dataclass(slots=True)
 class _Cause:
     logged: float  # when its last line was written
@@ -50,7 +57,7 @@ class FailureLog:
             self._causes[cause] = _Cause(logged=now)
         if known is not None and known.left_out:
             message += (f" (and {known.left_out} more failed like it in the last "
-                        f"{now - known.logged:.0f} s)")
+                        f"{_seconds(now - known.logged)})")
         self._log.log(level, "%s", message)
 
     def flush(self) -> None:
@@ -61,7 +68,7 @@ class FailureLog:
             self._causes.clear()
         for name, cause in pending:
             self._log.warning("%d more operation(s) failed (%s) since the last such line, "
-                              "%.0f s ago", cause.left_out, name, now - cause.logged)
+                              "%s ago", cause.left_out, name, _seconds(now - cause.logged))
 
 
 class Outage:
@@ -106,9 +113,9 @@ class Outage:
             meanwhile = self._meanwhile(now)
             self._logged = now
         self._log.warning(
-            "the service at %s failed an operation for %.0f s (last error: %s): what it fails "
+            "the service at %s failed an operation for %s (last error: %s): what it fails "
             "gets EIO, after up to %g s of retries, until it answers again; check that the "
-            "service runs and is reachable%s", self._url, now - since, last_error,
+            "service runs and is reachable%s", self._url, _seconds(now - since), last_error,
             self._timeout, meanwhile and f"; it {meanwhile}")
 
     def answered(self) -> None:
@@ -125,9 +132,9 @@ class Outage:
                 self._unlogged_failed += failed
                 return
         # at the outage's level: a log kept at warnings must not end on the outage
-        self._log.warning("the service at %s answers again, after %.0f s of failures; %d "
-                          "operation(s) failed meanwhile", self._url, self._clock() - since,
-                          failed)
+        self._log.warning("the service at %s answers again, after %s of failures; %d "
+                          "operation(s) failed meanwhile", self._url,
+                          _seconds(self._clock() - since), failed)
 
     def flush(self) -> None:
         """At unmount: the outages not logged since the last outage line, if any."""
@@ -149,7 +156,7 @@ class Outage:
             return ""
         assert self._logged is not None  # an outage goes unlogged only after a logged one
         said = (f"failed {self._unlogged} more time(s) since the last outage line, "
-                f"{now - self._logged:.0f} s ago, answering in between "
+                f"{_seconds(now - self._logged)} ago, answering in between "
                 f"({self._unlogged_failed} operation(s) failed)")
         self._unlogged = self._unlogged_failed = 0
         return said
