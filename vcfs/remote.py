@@ -973,7 +973,7 @@ class Remote:
 
         def verify_below(offset: int) -> None:
             nonlocal verified
-            digests = self._digests_by_cutoff(content_hash, digests_soon, cutoff)
+            digests = self._digests_by_cutoff(digests_soon, cutoff)
             if digests is None:
                 verified = max(verified, offset)
                 return
@@ -1006,13 +1006,13 @@ class Remote:
             raise CorruptData(f"got {received} bytes instead of {end - start}")
 
     def _digests_by_cutoff(
-        self, content_hash: str, digests_soon: concurrent.futures.Future[Digests | None],
-        cutoff: float,
+        self, digests_soon: concurrent.futures.Future[Digests | None], cutoff: float,
     ) -> Digests | None:
         try:
             return digests_soon.result(timeout=max(cutoff - self._clock(), 0))
         except concurrent.futures.TimeoutError as exc:
-            raise Overdue(f"chunk digests of {content_hash}: no answer by the cutoff") from exc
+            # Not naming the video: the attempt's error follows its range's words, which do.
+            raise Overdue("its chunk digests had not come by the cutoff") from exc
 
     def _cutoff_check(self, length: int, cutoff: float) -> Callable[[int], None]:
         """An `on_progress` for a read of `length` bytes: Overdue once the cutoff has passed
