@@ -515,6 +515,11 @@ class Remote:
 
     # -- service ---------------------------------------------------------------------------
 
+    def operation_failed(self, file: int | None) -> None:
+        """An operation of the mount failed with an error of this remote's: a read of the open
+        file numbered `file`, or (None) a lookup or listing; the outage lines count them."""
+        self._outage.failed(file)
+
     def check_health(self) -> None:
         """One `GET /health`; RemoteUnavailable with the reason if it is not ok."""
         self.counters.add("http_requests")
