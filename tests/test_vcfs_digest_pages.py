@@ -8,7 +8,9 @@ chunk, and a corrupt chunk in a page fetched during a jump is caught.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,10 @@ import pytest
 
 from bench.faults import FlipByte, Latency, Refuse, path_prefix
 from bench.proxy import Request
-from tests.support import VidcacheServer
+from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import FaultyLink, Source, ingest
 from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vidcache_client import VidCacheClient
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -207,3 +210,52 @@ def test_a_page_the_service_will_not_send_fails_the_jump_in_time_then_heals(
             source.data[12 * MIB : 13 * MIB]]
     finally:
         remote.close()
+
+
+def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_once(
+    link: FaultyLink, source: Source, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A jump whose range has come but whose page of digests has not by the attempt's cutoff
+    (its request still waiting for the answer) fails, and its error and log lines name the
+    video once: they were '<hash> bytes A-B: gave up after 1 attempt(s) ...; last error:
+    chunk digests of <hash>: no answer by the cutoff', the outage line likewise. The remote's
+    clock is moved on once the page's request is out, to 4 s before the cutoff: the range
+    (held 2 s) comes before it, the digests (held a minute; their request times out after
+    10 s) do not."""
+    skew = [0.0]
+    config = RemoteConfig(digest_page_bytes=PAGE, timeout=30, request_timeout=10)
+    client = VidCacheClient(link.url, timeout=config.per_request_timeout,
+                            max_connections=config.workers)
+    remote = Remote(client, config=config, clock=lambda: time.monotonic() + skew[0])
+    try:
+        remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # chunk size known, page 0 too
+        link.faults.enable(Latency(seconds=60, match=path_prefix(
+            f"/video/{source.content_hash}/chunks")))
+        link.faults.enable(Latency(seconds=2, match=lambda request: request.range == (
+            f"bytes={12 * MIB}-{13 * MIB - 1}")))
+        pages = len(digest_pages_asked(link, source))
+        began = time.monotonic()
+        outcome: list[BaseException] = []
+
+        def jump() -> None:
+            try:
+                remote.fetch_blocks(source.content_hash, 12 * MIB, 13 * MIB, MIB)
+            except BaseException as exc:  # asserted below
+                outcome.append(exc)
+
+        with caplog.at_level(logging.INFO, logger="vcfs"):
+            reader = threading.Thread(target=jump, daemon=True)
+            reader.start()
+            wait_until(lambda: len(digest_pages_asked(link, source)) > pages, timeout=10,
+                       what="the page's request")
+            skew[0] = began + config.timeout + config.per_request_timeout - 4 - time.monotonic()
+            reader.join(timeout=20)
+            assert not reader.is_alive(), "the jump did not end"
+    finally:
+        remote.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], RemoteUnavailable), outcome
+    assert str(outcome[0]).count(source.content_hash) == 1, outcome[0]
+    assert "chunk digests had not come by the cutoff" in str(outcome[0])
+    said = [record.getMessage() for record in caplog.records]
+    assert any("failed an operation" in line and source.content_hash in line for line in said)
+    assert [line for line in said if line.count(source.content_hash) > 1] == []

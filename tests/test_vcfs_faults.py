@@ -602,6 +602,49 @@ def test_a_range_failing_between_good_reads_is_one_outage_line_not_one_per_read(
     assert " more time(s) since the last outage line, " in log, log
 
 
+def test_the_recovery_line_counts_the_open_files_whose_reads_failed_not_the_requests(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """Two reads of a stopped service, each of its own open file (two commands), each EIO:
+    the line saying the service answers again said '8 operation(s) failed meanwhile', every
+    request vcfs gave up on: each read's range and its chunk digests (listed, not read yet),
+    then both again for the kernel's re-ask of the read's first page at once. It says what
+    the users saw fail: reads of 2 open files."""
+    with VidcacheServer(tmp_path / "own") as server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        with VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1") as mounted:
+            path = mounted.video(source.file_name)
+            assert source.file_name in os.listdir(path.parent)  # its metadata, no digests
+            server.kill()
+            for offset in (MIB, 3 * MIB):
+                failed = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+                assert failed.errno == errno.EIO, failed
+            _restarted(server, mounted, path, source)
+            said = [line for line in mounted.log().splitlines() if " answers again, " in line]
+    assert len(said) == 1 and said[0].endswith(
+        "; reads of 2 open file(s) failed meanwhile"), said
+
+
+def test_what_failed_in_an_outage_is_each_open_files_reads_once_and_each_lookup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Outage` on a clock of its own: a file's failed reads (a read and the kernel's re-asks
+    of it, a player's retries) count once, lookups and listings each; what fails once the
+    service has answered again is not the outage's."""
+    now = [0.0]
+    outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        outage.gave_up("HASH bytes 0-9: HTTP 503", began=-1.0)
+        for file in (5, 5, 5, 6, None, None):
+            outage.failed(file)
+        now[0] = 2.0
+        outage.answered()
+        outage.failed(7)
+    assert caplog.records[-1].getMessage() == (
+        "the service at http://service answers again, after 3 s of failures; reads of 2 open "
+        "file(s) and 2 lookup(s) or listing(s) failed meanwhile")
+
+
 def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -618,20 +661,60 @@ def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(
             now[0] = moment
             if event == "gave_up":
                 outage.gave_up(error, began=moment - 1.0)
+                outage.failed(moment)  # a read of another open file each time
             else:
                 outage.answered()
         outage.flush()
     assert [record.getMessage().split(" (last error")[0] for record in caplog.records] == [
         "the service at http://service failed an operation for 1 s",
-        "the service at http://service answers again, after 2 s of failures; 1 operation(s) "
-        "failed meanwhile",
+        "the service at http://service answers again, after 2 s of failures; reads of 1 open "
+        "file(s) failed meanwhile",
         "the service at http://service failed an operation for 52 s",
-        "the service at http://service answers again, after 53 s of failures; 3 operation(s) "
-        "failed meanwhile",
+        "the service at http://service answers again, after 53 s of failures; reads of 3 open "
+        "file(s) failed meanwhile",
     ]
     assert caplog.records[2].getMessage().endswith(
         "; it failed 1 more time(s) since the last outage line, 61 s ago, answering in "
-        "between (1 operation(s) failed)")
+        "between (reads of 1 open file(s) failed)")
+
+
+def test_an_outage_begun_by_a_one_attempt_re_read_is_not_said_to_last_0_s(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Outage` and `FailureLog` on a clock of their own: a read re-asked less than 1 s after
+    its range failed gets one attempt, which gives up at once; when that begins an outage a
+    minute after the last outage line (the range failed for good just before the minute was
+    out, a good read answered in between), its line said 'failed an operation for 0 s', and
+    its end 'after 0 s of failures' (seen through a mount: one block refused, read again
+    0.4 s after it failed). A duration that rounds to 0 s is 'less than 1 s'; so is the
+    count of failures left out at an unmount right after their last line ('0 s ago')."""
+    now = [0.0]
+    outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
+    failures = FailureLog(logging.getLogger("test.outage"), clock=lambda: now[0])
+    error = "HASH bytes 0-9 (failed 0.4 s ago: one attempt): HTTP 503"
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        outage.gave_up("HASH bytes 0-9: HTTP 503", began=-1.0)
+        now[0] = 1.0
+        outage.answered()
+        now[0] = 60.4
+        outage.gave_up(error, began=60.4)  # the one attempt, refused at once
+        outage.failed(3)
+        now[0] = 60.6
+        outage.answered()
+        for moment in (61.0, 61.5):
+            now[0] = moment
+            failures.failed("read: EIO, ServerError", logging.ERROR, f"read {moment} failed")
+        now[0] = 61.2
+        failures.flush()
+    said = [record.getMessage().split(" (last error")[0] for record in caplog.records]
+    assert said[2:] == [
+        "the service at http://service failed an operation for less than 1 s",
+        "the service at http://service answers again, after less than 1 s of failures; reads "
+        "of 1 open file(s) failed meanwhile",
+        "read 61.0 failed",
+        "1 more operation(s) failed (read: EIO, ServerError) since the last such line, less "
+        "than 1 s ago",
+    ]
 
 
 def test_failures_left_out_are_counted_in_the_next_line_and_at_unmount(
@@ -916,6 +999,9 @@ class _FailingRemote:
 
     def list_videos(self) -> None:
         raise self.error
+
+    def operation_failed(self, file: int | None) -> None:
+        pass
 
 
 @pytest.mark.parametrize(("error", "expected"), [

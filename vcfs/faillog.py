@@ -19,7 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+def _seconds(value: float) -> str:
+    """A duration as the lines say it: in whole seconds, but "less than 1 s" where that is 0
+    (a re-read of a range that failed a moment ago gives up after one attempt: "failed an
+    operation for 0 s" read as nonsense)."""
+    return "less than 1 s" if value < 0.5 else f"{value:.0f} s"
 
 
 @dataclass(slots=True)
@@ -50,7 +57,7 @@ class FailureLog:
             self._causes[cause] = _Cause(logged=now)
         if known is not None and known.left_out:
             message += (f" (and {known.left_out} more failed like it in the last "
-                        f"{now - known.logged:.0f} s)")
+                        f"{_seconds(now - known.logged)})")
         self._log.log(level, "%s", message)
 
     def flush(self) -> None:
@@ -61,12 +68,35 @@ class FailureLog:
             self._causes.clear()
         for name, cause in pending:
             self._log.warning("%d more operation(s) failed (%s) since the last such line, "
-                              "%.0f s ago", cause.left_out, name, now - cause.logged)
+                              "%s ago", cause.left_out, name, _seconds(now - cause.logged))
+
+
+@dataclass(slots=True)
+class _Failed:
+    """What the mount's users saw fail in outages: reads of open files, each file counted
+    once, and lookups or listings, each counted. Not the requests vcfs gave up on: the
+    kernel re-asks a failed read at once, page by page, each re-ask a read that fails too,
+    and a read's digests fail beside its range: 2 commands reading a stopped service were
+    '8 operation(s) failed'."""
+
+    files: set[int] = field(default_factory=set)  # the handles of open files
+    others: int = 0
+
+    def add(self, other: _Failed) -> None:
+        self.files |= other.files
+        self.others += other.others
+
+    def said(self) -> str:
+        parts = [f"reads of {len(self.files)} open file(s)"] if self.files else []
+        if self.others:
+            parts.append(f"{self.others} lookup(s) or listing(s)")
+        return " and ".join(parts) + " failed" if parts else "no read, lookup or listing failed"
 
 
 class Outage:
     """Whether the service at `url` is failing vcfs, logged when that changes: a line when an
-    operation first gives up on it, one when it answers again.
+    operation first gives up on it, one when it answers again, saying what failed meanwhile
+    (`failed`).
 
     A service failing some operations and answering the others (one range of a video failing
     for good while the rest is served) changes state at every failed read: 20 reads of a
@@ -83,11 +113,11 @@ class Outage:
         self._interval = interval
         self._lock = threading.Lock()
         self._since: float | None = None  # when the first operation to give up began
-        self._failed = 0  # operations that gave up since
+        self._failed = _Failed()  # what the mount's users saw fail since
         self._logged: float | None = None  # when the last outage line was written
         self._shown = False  # this outage's line was written (so its end will be)
         self._unlogged = 0  # outages since that line that were not logged
-        self._unlogged_failed = 0  # operations that gave up in them
+        self._unlogged_failed = _Failed()  # what failed in them
 
     @property
     def down(self) -> bool:
@@ -97,7 +127,6 @@ class Outage:
         """An operation begun at `began` outlasted its deadline; `last_error` says its last."""
         now = self._clock()
         with self._lock:
-            self._failed += 1
             if self._since is None:
                 self._since = began
             if self._shown or (self._logged is not None and now - self._logged < self._interval):
@@ -106,10 +135,21 @@ class Outage:
             meanwhile = self._meanwhile(now)
             self._logged = now
         self._log.warning(
-            "the service at %s failed an operation for %.0f s (last error: %s): what it fails "
+            "the service at %s failed an operation for %s (last error: %s): what it fails "
             "gets EIO, after up to %g s of retries, until it answers again; check that the "
-            "service runs and is reachable%s", self._url, now - since, last_error,
+            "service runs and is reachable%s", self._url, _seconds(now - since), last_error,
             self._timeout, meanwhile and f"; it {meanwhile}")
+
+    def failed(self, file: int | None) -> None:
+        """An operation of the mount failed while the service is failing: a read of the open
+        file numbered `file`, or (None) a lookup or listing."""
+        with self._lock:
+            if self._since is None:  # the service answered since: not this outage's
+                return
+            if file is None:
+                self._failed.others += 1
+            else:
+                self._failed.files.add(file)
 
     def answered(self) -> None:
         """The service answered a request (with anything vcfs does not retry)."""
@@ -119,15 +159,15 @@ class Outage:
             if self._since is None:
                 return
             since, failed, shown = self._since, self._failed, self._shown
-            self._since, self._failed, self._shown = None, 0, False
+            self._since, self._failed, self._shown = None, _Failed(), False
             if not shown:
                 self._unlogged += 1
-                self._unlogged_failed += failed
+                self._unlogged_failed.add(failed)
                 return
         # at the outage's level: a log kept at warnings must not end on the outage
-        self._log.warning("the service at %s answers again, after %.0f s of failures; %d "
-                          "operation(s) failed meanwhile", self._url, self._clock() - since,
-                          failed)
+        self._log.warning("the service at %s answers again, after %s of failures; %s "
+                          "meanwhile", self._url, _seconds(self._clock() - since),
+                          failed.said())
 
     def flush(self) -> None:
         """At unmount: the outages not logged since the last outage line, if any."""
@@ -135,8 +175,8 @@ class Outage:
         with self._lock:
             if self._since is not None and not self._shown:  # one under way, not logged
                 self._unlogged += 1
-                self._unlogged_failed += self._failed
-                self._since, self._failed = None, 0
+                self._unlogged_failed.add(self._failed)
+                self._since, self._failed = None, _Failed()
             if not self._unlogged:
                 return
             meanwhile = self._meanwhile(now)
@@ -149,7 +189,7 @@ class Outage:
             return ""
         assert self._logged is not None  # an outage goes unlogged only after a logged one
         said = (f"failed {self._unlogged} more time(s) since the last outage line, "
-                f"{now - self._logged:.0f} s ago, answering in between "
-                f"({self._unlogged_failed} operation(s) failed)")
-        self._unlogged = self._unlogged_failed = 0
+                f"{_seconds(now - self._logged)} ago, answering in between "
+                f"({self._unlogged_failed.said()})")
+        self._unlogged, self._unlogged_failed = 0, _Failed()
         return said

@@ -129,6 +129,12 @@ def _names_video(arg: str | int, reason: str) -> bool:
         parsed.video.content_hash in reason)
 
 
+def _file_of(name: str, args: tuple[Any, ...]) -> int | None:
+    """The handle of the file a failed `read` was of (`fi`, its last argument), None for other
+    operations: the outage lines count an open file's failed reads once (vcfs.faillog)."""
+    return int(args[-1].fh) if name == "read" else None
+
+
 def _cause(operation: str, errno_name: str, exc: BaseException) -> str:
     """The cause of a failure, as `read: EIO, ConnectError`: the operation, its errno and the
     class of the error at the bottom of `exc`'s chain (the same for every read a stopped
@@ -160,6 +166,7 @@ def _fuse_operation(
             raise FuseOSError(errno.EACCES) from exc
         except VcfsError as exc:
             self.counters.add("errors")
+            self.remote.operation_failed(_file_of(method.__name__, args))
             self.failures.failed(
                 _cause(method.__name__, "EIO", exc), logging.ERROR,
                 f"{_describe(method.__name__, args, str(exc))} failed (EIO): {exc}")

@@ -515,6 +515,11 @@ class Remote:
 
     # -- service ---------------------------------------------------------------------------
 
+    def operation_failed(self, file: int | None) -> None:
+        """An operation of the mount failed with an error of this remote's: a read of the open
+        file numbered `file`, or (None) a lookup or listing; the outage lines count them."""
+        self._outage.failed(file)
+
     def check_health(self) -> None:
         """One `GET /health`; RemoteUnavailable with the reason if it is not ok."""
         self.counters.add("http_requests")
@@ -973,7 +978,7 @@ class Remote:
 
         def verify_below(offset: int) -> None:
             nonlocal verified
-            digests = self._digests_by_cutoff(content_hash, digests_soon, cutoff)
+            digests = self._digests_by_cutoff(digests_soon, cutoff)
             if digests is None:
                 verified = max(verified, offset)
                 return
@@ -1006,13 +1011,13 @@ class Remote:
             raise CorruptData(f"got {received} bytes instead of {end - start}")
 
     def _digests_by_cutoff(
-        self, content_hash: str, digests_soon: concurrent.futures.Future[Digests | None],
-        cutoff: float,
+        self, digests_soon: concurrent.futures.Future[Digests | None], cutoff: float,
     ) -> Digests | None:
         try:
             return digests_soon.result(timeout=max(cutoff - self._clock(), 0))
         except concurrent.futures.TimeoutError as exc:
-            raise Overdue(f"chunk digests of {content_hash}: no answer by the cutoff") from exc
+            # Not naming the video: the attempt's error follows its range's words, which do.
+            raise Overdue("its chunk digests had not come by the cutoff") from exc
 
     def _cutoff_check(self, length: int, cutoff: float) -> Callable[[int], None]:
         """An `on_progress` for a read of `length` bytes: Overdue once the cutoff has passed
