@@ -123,6 +123,7 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
     /signed/<name>?...     403 unless the query's X-Amz-Signature is SIGNATURE (an S3 presigned
                            URL's)
     /by-token?token=<name> <name>, as a download link whose token names the file does
+    /fetch?url=<URL>&...   a redirect to URL (percent-encoded), as a redirector's link does
 
     Other queries are ignored, as a plain file server does.
     """
@@ -155,6 +156,8 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
         elif self.path.startswith("/by-token?"):
             self.path = "/" + parse_qs(urlsplit(self.path).query)["token"][0]
             super().do_GET()
+        elif self.path.startswith("/fetch?"):
+            self._redirect(parse_qs(urlsplit(self.path).query)["url"][0])
         elif self.path.startswith("/redirect-to?"):
             self._redirect(self.path.partition("?")[2])
         elif match := re.fullmatch(r"/stored-as/([^/]+)/(.+)", self.path):

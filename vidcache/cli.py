@@ -50,7 +50,7 @@ from vidcache_client._arguments import (
     service_url,
 )
 from vidcache_client._arguments import parse_size as parse_any_size
-from vidcache_client._credentials import target_without_credentials, without_credentials
+from vidcache_client._credentials import without_credentials
 from vidcache_client._validate import validate_hash
 
 ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
@@ -429,8 +429,7 @@ def _query_without_credentials(record: logging.LogRecord) -> bool:
     if isinstance(record.args, tuple) and len(record.args) == 5:  # client, method, target...
         target = record.args[2]
         if isinstance(target, str):
-            record.args = (*record.args[:2], target_without_credentials(target),
-                           *record.args[3:])
+            record.args = (*record.args[:2], without_credentials(target), *record.args[3:])
     return True
 
 

@@ -44,6 +44,8 @@ signature, a token, a key: vidcache_client/_credentials.py) is kept as a digest 
 `REDACTED-` and 32 hex digits of its BLAKE3: the origin needs the value itself, so the index
 holds no credential, and yet two URLs that differ only there (`dl?token=A`, `dl?token=B`: two
 videos, as like as not) stay two aliases, as the exact strings they were compared as before.
+So too in a URL nested in the query (`fetch?url=https%3A...%3Ftoken%3DA`): its user info left
+out, its secrets' values (as written, percent-encoded) digested.
 """
 
 from __future__ import annotations
@@ -122,8 +124,9 @@ CREATE TABLE IF NOT EXISTS url_aliases (
 CREATE INDEX IF NOT EXISTS url_aliases_hash ON url_aliases (hash);
 """
 # PRAGMA user_version of an index brought up to date; 1: aliases without user:password@,
-# 2: and with digests of their secret parameters' values
-_SCHEMA_VERSION = 2
+# 2: and with digests of their secret parameters' values, 3: and so in the URLs nested in
+# their queries
+_SCHEMA_VERSION = 3
 _SECRET_DIGEST = re.compile(rf"{REDACTED}-[0-9a-f]{{32}}")
 
 
@@ -366,9 +369,10 @@ class Store:
             log.warning("removed the credentials from %d URL aliases in %s", cut, self.data_dir)
 
     def _cut_alias_credentials(self) -> int:
-        """Store each alias as url_alias makes it, as versions before 2 did not (before 1,
-        with user:password@; before 2, with the secrets of its query); where two become one,
-        the oldest is kept. Returns how many aliases had credentials."""
+        """Store each alias as url_alias makes it, as versions before 3 did not (before 1,
+        with user:password@; before 2, with the secrets of its query; before 3, with those of
+        a URL nested in its query); where two become one, the oldest is kept. Returns how many
+        aliases had credentials."""
         rows = self.db.execute("SELECT rowid, url FROM url_aliases ORDER BY rowid").fetchall()
         cut = 0
         for rowid, url in rows:

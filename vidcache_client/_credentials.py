@@ -2,16 +2,17 @@
 (`basic_authorization`, by the client to its base URL and by the service to an origin), and
 the secrets of a signed URL's query (`X-Amz-Signature=`, `sig=`, `token=`, ...), sent as they
 are. Wherever the URL is shown (`without_credentials`) the first are left out and the second's
-values are REDACTED. The service shows the URLs it is given so too, in its answers, its log and
-`GET /ingests`, where a client finds its own ingest by its URL shown alike.
+values are REDACTED, and so in a URL nested in its query (a redirector's `?url=https%3A...`,
+the access log's `/resolve?url=`). The service shows the URLs it is given so too, in its
+answers, its log and `GET /ingests`, where a client finds its own ingest by its URL shown alike.
 """
 
 from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Callable
-from urllib.parse import parse_qsl, unquote_plus, urlencode
+from collections.abc import Callable, Iterator
+from urllib.parse import unquote_plus
 
 import httpx
 
@@ -34,44 +35,81 @@ _SECRET_ENDINGS = ("signature", "token", "tokenhash", "secret", "password", "cre
                    "credentials", "apikey", "accesskey", "accesskeyid", "secretkey",
                    "privatekey")
 
+# How deep URLs in parameters' values are looked into: a redirector's or a proxy's
+# `?url=` holding the signed URL, percent-encoded (one level, what real ones use), wrapped
+# again by a link checker, and that in the access log's `/resolve?url=`.
+_NESTING = 3
+# A value taken for a URL (decoded): one with a scheme (or an empty one, as _USER_INFO) and a
+# slash, or a path (`?next=/watch%3Ftoken%3D...`).
+_URL_START = re.compile(r"[\x00-\x20]*(?:(?:[A-Za-z][A-Za-z0-9+.-]*)?:)?[/\\]")
+_ASCII_ESCAPE = re.compile(r"%([0-7][0-9A-Fa-f])|\+")
+
 REDACTED = "REDACTED"
 
 
 def without_credentials(url: str) -> str:
     """`url` as it is shown: without its `user:password@`, the value of each secret parameter
-    of its query REDACTED (the name kept); otherwise unchanged, so a client can find its own
-    ingest by the URL it sent, shown alike."""
+    of its query REDACTED (the name kept), and so for the URLs nested in its query; otherwise
+    unchanged, so a client can find its own ingest by the URL it sent, shown alike."""
     return with_secrets_replaced(url, lambda _value: REDACTED)
 
 
 def with_secrets_replaced(url: str, replace: Callable[[str], str]) -> str:
     """`url` without its `user:password@`, the (non-empty) value of each secret parameter of
-    its query and fragment replaced by `replace(value)`."""
-    url = _USER_INFO.sub(r"\1", url, count=1)
+    its query and fragment replaced by `replace(value)`, and so for a URL in the value of a
+    parameter (a redirector's `?url=https%3A...`), to _NESTING levels: there, a user info is
+    left out and a secret's value replaced as it is written in `url` (percent-encoded)."""
+    pieces: list[str] = []
+    written = 0
+    for start, end, secret in _credential_spans(url, _NESTING):
+        pieces += url[written:start], replace(url[start:end]) if secret else ""
+        written = end
+    return "".join(pieces) + url[written:]
+
+
+def _credential_spans(url: str, nesting: int) -> Iterator[tuple[int, int, bool]]:
+    """Where `url`'s credentials are, in order: (start, end, is it a secret's value (else
+    the user info))."""
+    user_info = _USER_INFO.match(url)
+    if user_info:
+        yield user_info.end(1), user_info.end(), False
     query = re.search(r"[?#]", url)
     if query is None:
-        return url
+        return
+    for parameter in _PARAMETER.finditer(url, query.start()):
+        start, end = parameter.span(3)
+        if start == end:
+            continue
+        if _is_secret(parameter[2]):
+            yield start, end, True
+        elif nesting:
+            value, offsets = _decoded(parameter[3])
+            if _URL_START.match(value):
+                for inner_start, inner_end, secret in _credential_spans(value, nesting - 1):
+                    yield start + offsets[inner_start], start + offsets[inner_end], secret
 
-    def parameter(match: re.Match[str]) -> str:
-        mark, name, value = match.groups()
-        return f"{mark}{name}={replace(value)}" if value and _is_secret(name) else match[0]
 
-    return url[:query.start()] + _PARAMETER.sub(parameter, url[query.start():])
+def _decoded(value: str) -> tuple[str, list[int]]:
+    """`value` with its escapes of ASCII characters and its '+' decoded, as a server reads
+    the parameter (other escapes are no delimiter of a URL: left as they are), and where each
+    of its characters, and its end, is in `value`."""
+    decoded: list[str] = []
+    offsets: list[int] = []
+    done = 0
+    for escape in _ASCII_ESCAPE.finditer(value):
+        decoded += value[done:escape.start()]
+        offsets += range(done, escape.start())
+        decoded.append(chr(int(escape[1], 16)) if escape[1] else " ")
+        offsets.append(escape.start())
+        done = escape.end()
+    decoded += value[done:]
+    offsets += range(done, len(value) + 1)
+    return "".join(decoded), offsets
 
 
 def _is_secret(name: str) -> bool:
     plain = re.sub(r"[-_.]", "", unquote_plus(name).lower())
     return plain in _SECRET_NAMES or plain.endswith(_SECRET_ENDINGS)
-
-
-def target_without_credentials(target: str) -> str:
-    """A request's URL or target (`/resolve?url=...`) shown without its own credentials nor
-    those of the URLs in its query; unchanged if it had none."""
-    shown = without_credentials(target)
-    base, mark, query = shown.partition("?")
-    fields = parse_qsl(query, keep_blank_values=True)
-    cut = [(name, without_credentials(value)) for name, value in fields]
-    return f"{base}?{urlencode(cut)}" if mark and cut != fields else shown
 
 
 def basic_authorization(url: httpx.URL) -> str:

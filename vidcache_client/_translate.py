@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import httpx
 
-from vidcache_client._credentials import target_without_credentials
+from vidcache_client._credentials import without_credentials
 from vidcache_client._exceptions import (
     AuthError,
     InvalidRequestError,
@@ -153,4 +153,4 @@ def _request_suffix(exc: httpx.HTTPError) -> str:
 def _shown(request: httpx.Request) -> str:
     """` [METHOD URL]`, the URL without credentials (the server's, or an ingest's in the
     query of `/resolve?url=`)."""
-    return f" [{request.method} {target_without_credentials(str(request.url))}]"
+    return f" [{request.method} {without_credentials(str(request.url))}]"
