@@ -70,6 +70,16 @@ def damage(index: Path, page: int) -> None:
         file.write(bytes(512))
 
 
+def lower_a_cell_count(index: Path) -> None:
+    """The last leaf page of the videos table said to hold one row: SQLite reads it without an
+    error, as if its other videos were not there."""
+    leaf = pages(index, "SELECT pageno FROM dbstat WHERE name = 'videos' "
+                        "AND pagetype = 'leaf' ORDER BY pageno")[-1]
+    with open(index, "r+b") as file:
+        file.seek((leaf - 1) * PAGE + 3)  # the cell count of a leaf page's header
+        file.write(struct.pack(">H", 1))
+
+
 def hashes(data_dir: Path, bucket: str) -> list[str]:
     return sorted(path.name.split(".")[0] for path in blob_files(data_dir / bucket))
 
@@ -174,11 +184,7 @@ def test_start_up_recovery_removes_nothing_on_a_damaged_index(data: Path) -> Non
     starts and serves every video."""
     index = index_of(data)
     intact = index.read_bytes()
-    leaf = pages(index, "SELECT pageno FROM dbstat WHERE name = 'videos' "
-                        "AND pagetype = 'leaf' ORDER BY pageno")[-1]
-    with open(index, "r+b") as file:
-        file.seek((leaf - 1) * PAGE + 3)  # the cell count of a leaf page's header
-        file.write(struct.pack(">H", 1))
+    lower_a_cell_count(index)
     damaged, blobs = index.read_bytes(), blob_files(data)
     run = serve(data)
     assert (run.returncode, run.stdout) == (1, ""), run.stderr
@@ -193,3 +199,21 @@ def test_start_up_recovery_removes_nothing_on_a_damaged_index(data: Path) -> Non
         listing = httpx.get(f"{server.url}/videos", params={"limit": 1000}).json()
         assert len(listing["items"]) == len(blobs) == 302
     assert "start-up recovery" not in server.log()
+
+
+def test_an_older_index_damaged_is_not_migrated(data: Path) -> None:
+    """The same damage to an index of version 2, which the first start of version 3 migrates
+    (its aliases rewritten, then VACUUMed): the VACUUM copied only the rows it could read, a
+    sound index without the damaged page's videos, and the recovery's check then passed and
+    removed their blobs as orphans (lost for good). Now the index is checked before the
+    migration rewrites it: one line, exit status 1, the index and every blob as they were."""
+    index = index_of(data)
+    with closing(sqlite3.connect(index)) as db:
+        db.execute("PRAGMA user_version = 2")
+    lower_a_cell_count(index)
+    damaged, blobs = index.read_bytes(), blob_files(data)
+    run = serve(data)
+    assert (run.returncode, run.stdout) == (1, ""), run.stderr
+    assert run.stderr.startswith(f"vidcache serve: error: the index {index} is damaged "
+                                 "(PRAGMA quick_check: "), run.stderr
+    assert (index.read_bytes(), blob_files(data)) == (damaged, blobs)

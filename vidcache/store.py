@@ -357,6 +357,9 @@ class Store:
         """Bring an index written by an older version up to _SCHEMA_VERSION."""
         if self.db.execute("PRAGMA user_version").fetchone()[0] >= _SCHEMA_VERSION:
             return
+        # VACUUM copies the rows it can read: a damaged index came out sound but without
+        # the rows it could not, and the recovery then removed their blobs as orphans
+        self._check_index()
         with self._transaction():
             cut = self._cut_alias_credentials()
         # Rewritten whole, and the WAL emptied: the text of the rows changed (or deleted by
@@ -442,10 +445,11 @@ class Store:
         return RecoveryReport(temp_files, orphans, len(missing))
 
     def _check_index(self) -> None:
-        """Before the recovery removes a blob or a record: IndexUnreadable unless the index is
-        sound. A damaged one may read as if it lacked records, without an error (a leaf page's
-        cell count overwritten: its other rows are skipped), and their blobs would go as
-        orphans, lost for good. Only then: PRAGMA quick_check reads the whole index."""
+        """Before the migration rewrites the index and before the recovery removes a blob or
+        a record: IndexUnreadable unless the index is sound. A damaged one may read as if it
+        lacked records, without an error (a leaf page's cell count overwritten: its other rows
+        are skipped), and their blobs would go as orphans, lost for good. Only then: PRAGMA
+        quick_check reads the whole index."""
         lines = [line for (text,) in self.db.execute("PRAGMA quick_check(5)")
                  for line in text.splitlines() if not line.startswith("*** ")]
         if lines != ["ok"]:
