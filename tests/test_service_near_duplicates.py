@@ -51,6 +51,13 @@ def _speech(rhythm: float, seed: int) -> str:
             f"volume='gt(sin(2*PI*t*{rhythm})\\,0)':eval=frame")
 
 
+def _chime(tone: int, when: str) -> list[str]:
+    """2 s of one picture, a tone of `tone` Hz sounding where `when` (of t) holds."""
+    return ["-f", "lavfi", "-i", f"smptehdbars={_SIZE}:d=2", "-f", "lavfi", "-i",
+            f"aevalsrc=0.4*sin(2*PI*{tone}*t)*{when}:s=44100:d=2", *_X264, "-c:a", "aac",
+            "-shortest"]
+
+
 _MANDELBROT = ["-f", "lavfi", "-i", f"mandelbrot={_SIZE}", "-t", "8", *_X264]
 _TESTSRC = f"testsrc2={_SIZE}"
 _BLACK = f"color=c=black:{_SIZE}"
@@ -81,6 +88,12 @@ _VIDEOS: dict[str, list[str]] = {
     "slide-b.mp4": _still("rgbtestsrc", _speech(1.7, 2)),
     "slide-b-opus.mkv": ["-i", "{dir}/slide-b.mp4", "-c:v", "copy", "-c:a", "libopus",
                          "-b:a", "24k"],
+    # 2 s of one picture: a chime in its first half second, another at its end; a re-upload
+    # of the first in MP3
+    "chime-start.mp4": _chime(880, "lt(t\\,0.5)"),
+    "chime-end.mp4": _chime(1320, "gt(t\\,1.5)"),
+    "chime-start-mp3.mkv": ["-i", "{dir}/chime-start.mp4", "-c:v", "copy",
+                            "-c:a", "libmp3lame", "-b:a", "64k"],
     # a silent video, then the same frames with a sound track: the frames alone decide
     "cells.mkv": ["-f", "lavfi", "-i", f"cellauto={_SIZE}:rule=110:seed=9", "-t", "8", *_X264],
     "cells-sound.mp4": ["-i", "{dir}/cells.mkv", "-f", "lavfi", "-i", "sine=f=440:d=8",
@@ -166,3 +179,14 @@ def test_a_sound_track_added_is_the_same_video(api: Api, origin: str) -> None:
     results = _statuses(api, origin, "cells.mkv", "cells-sound.mp4")
     assert [status for status, _ in results] == ["new", "duplicate"]
     assert results[1][1] == results[0][1]
+
+
+def test_short_clips_sounding_at_opposite_ends_are_two_videos(api: Api, origin: str) -> None:
+    """Two 2 s clips of one picture, one chiming in its first half second, the other another
+    tone in its last: compared at an offset of 0.5 s, the frames left to compare were the
+    silence between the two chimes, 0 apart, and the second was merged into the first. A
+    re-upload of the first is still its duplicate."""
+    (first, first_hash), (second, _), (again, matched) = _statuses(
+        api, origin, "chime-start.mp4", "chime-end.mp4", "chime-start-mp3.mkv")
+    assert (first, second) == ("new", "new")
+    assert (again, matched) == ("duplicate", first_hash)
