@@ -810,13 +810,15 @@ def test_startup_errors_are_one_clear_line(
 
 
 @pytest.mark.parametrize("fd", [0, 1000])
+@pytest.mark.parametrize("mode", [[], ["--daemon"]])
 def test_a_dev_fd_mount_point_must_be_an_open_dev_fuse(
-    vidcache_server: VidcacheServer, fd: int
+    vidcache_server: VidcacheServer, fd: int, mode: list[str]
 ) -> None:
     """/dev/fd/N is the form of mount.fuse3 -o drop_privileges: the /dev/fuse descriptor of
     a mount made already. Was: the link resolved, '/dev/null is not a directory' (or 'does not
-    exist')."""
-    result = subprocess.run(vcfs_command("mount", vidcache_server.url, f"/dev/fd/{fd}"),
+    exist'); with --daemon (as mount(8)'s helper runs), an unopened one was 'cannot start the
+    daemon (python): [Errno 9] Bad file descriptor: '/''."""
+    result = subprocess.run(vcfs_command("mount", vidcache_server.url, f"/dev/fd/{fd}", *mode),
                             stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (
         1, f"vcfs: error: mount point /dev/fd/{fd}: descriptor {fd} is not an open /dev/fuse: "

@@ -742,6 +742,8 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
     stdout if `announce`, or failed."""
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
     fd = fuse_fd(options.mountpoint)
+    if fd is not None:  # passed on: the child could not start without it open
+        check_fuse_fd(options.mountpoint, fd)
     wait = options.timeout + _DAEMON_START_MARGIN
     read_end, write_end = os.pipe()
     with tempfile.TemporaryFile(prefix="vcfs-start-") as early_output:
