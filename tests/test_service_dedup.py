@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from vidcache import audio
 from vidcache.app import create_app
 from vidcache.config import ServiceConfig
-from vidcache.errors import MediaToolError
+from vidcache.errors import MediaToolError, ToolStopped
 from vidcache.ingest import Ingestor
 from vidcache.media import FRAMES, UNIFORM_FRAMES, PerceptualHash, near_duplicate
 from vidcache.phash_index import PhashIndex
@@ -197,12 +197,8 @@ def test_reads_are_answered_while_a_search_runs(client_factory: Any, videos: dic
         assert ingest.result(timeout=60)["status"] == "new"
 
 
-def test_a_sound_that_cannot_be_compared_is_not_merged(tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
-    """The frames of a re-upload match, and ffmpeg fails on the audio (made to here: a real
-    one decodes what ffprobe accepted): storing both loses nothing, merging might lose one."""
-    folder = tmp_path / "media"
+def _tone_and_reupload(folder: Path) -> tuple[Path, Path]:
+    """4 s of a test picture over a tone (AAC in MP4), and its re-upload (Opus in MKV)."""
     folder.mkdir()
     original, reupload = folder / "tone.mp4", folder / "tone.mkv"
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=s=160x120:r=25:d=4",
@@ -211,6 +207,16 @@ def test_a_sound_that_cannot_be_compared_is_not_merged(tmp_path: Path,
                     str(original)], check=True)
     subprocess.run(["ffmpeg", "-v", "error", "-i", str(original), "-c:v", "copy",
                     "-c:a", "libopus", str(reupload)], check=True)
+    return original, reupload
+
+
+def test_a_sound_that_cannot_be_compared_is_not_merged(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The frames of a re-upload match, and ffmpeg fails on the audio (made to here: a real
+    one decodes what ffprobe accepted): storing both loses nothing, merging might lose one."""
+    folder = tmp_path / "media"
+    original, reupload = _tone_and_reupload(folder)
 
     def failing(*args: object) -> audio.AudioPrint:
         raise MediaToolError("ffmpeg cannot decode the audio (the test's)")
@@ -224,3 +230,31 @@ def test_a_sound_that_cannot_be_compared_is_not_merged(tmp_path: Path,
     assert (stored["status"], again["status"]) == ("new", "new")
     assert f"its frames match stored {stored['hash']}, whose sound could not be compared " \
            "(ffmpeg cannot decode the audio (the test's)): not merged with it" in caplog.text
+
+
+def test_an_audio_decoder_ended_by_a_signal_is_a_503(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ffmpeg killed while it samples the audio (the OOM killer; made to here, as a real one
+    cannot be timed): nothing is known about the sound, as for ffprobe or the frames' ffmpeg
+    ended by a signal, so the ingest is 503 'try again' and nothing is stored; tried again,
+    the re-upload is the original's duplicate. (Was stored apart, for good, as a sound that
+    cannot be compared.)"""
+    folder = tmp_path / "media"
+    original, reupload = _tone_and_reupload(folder)
+    fingerprint = audio.fingerprint
+
+    def killed(*args: object) -> audio.AudioPrint:
+        raise ToolStopped("ffmpeg (audio sampling) was killed by SIGKILL; the video was not "
+                          "judged, try again")
+
+    config = ServiceConfig(data_dir=tmp_path / "data", allow_file_dirs=(folder,))
+    with TestClient(create_app(config)) as client:
+        stored = _ingest(client, original)
+        monkeypatch.setattr(audio, "fingerprint", killed)
+        answer = client.post("/ingest", json={"url": f"file://{reupload}", "bucket": "dedup"})
+        assert answer.status_code == 503, answer.text
+        assert client.get("/videos").json()["items"] == [client.get(
+            f"/meta/{stored['hash']}").json()]
+        monkeypatch.setattr(audio, "fingerprint", fingerprint)
+        again = _ingest(client, reupload)
+    assert (again["status"], again["hash"]) == ("duplicate", stored["hash"])

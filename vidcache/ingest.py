@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 from vidcache import audio, media
 from vidcache.download import Downloader, parse_url
-from vidcache.errors import ShuttingDown, VidcacheError
+from vidcache.errors import ShuttingDown, ToolStopped, VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
 from vidcache.progress import IngestProgress
@@ -222,7 +222,8 @@ class Ingestor:
                       content_hash: str) -> bool:
         """Whether the new video at `path` sounds like the stored video `content_hash`: True if
         that one has no audio stream (the frames decide), False if it cannot be told, as a
-        false match loses a video and storing both loses nothing."""
+        false match loses a video and storing both loses nothing; but ToolStopped (ffmpeg
+        ended by a signal) as at the other steps, the ingest to be tried again."""
         assert info.audio_stream is not None
         try:
             record = self._store.get(content_hash)
@@ -236,7 +237,7 @@ class Ingestor:
             distance = audio.distance(
                 audio.fingerprint(path, info.audio_stream, times, self._tools),
                 audio.fingerprint(stored_path, stored.audio_stream, times, self._tools))
-        except ShuttingDown:
+        except (ShuttingDown, ToolStopped):  # nothing is known: 503, try again, as elsewhere
             raise
         except VidcacheError as exc:
             log.warning("ingest %s: its frames match stored %s, whose sound could not be "
