@@ -701,10 +701,10 @@ def test_an_outage_begun_by_a_one_attempt_re_read_is_not_said_to_last_0_s(
         outage.failed(3)
         now[0] = 60.6
         outage.answered()
-        for moment in (61.0, 61.5):
+        for moment in (61.0, 61.2):
             now[0] = moment
             failures.failed("read: EIO, ServerError", logging.ERROR, f"read {moment} failed")
-        now[0] = 61.2
+        now[0] = 61.5  # half a second after the line: rounded half to even, that said '0 s'
         failures.flush()
     said = [record.getMessage().split(" (last error")[0] for record in caplog.records]
     assert said[2:] == [

@@ -26,7 +26,7 @@ def _seconds(value: float) -> str:
     """A duration as the lines say it: in whole seconds, but "less than 1 s" where that is 0
     (a re-read of a range that failed a moment ago gives up after one attempt: "failed an
     operation for 0 s" read as nonsense)."""
-    return "less than 1 s" if value < 0.5 else f"{value:.0f} s"
+    return "less than 1 s" if round(value) == 0 else f"{value:.0f} s"
 
 
 @dataclass(slots=True)
