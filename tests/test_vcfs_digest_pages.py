@@ -219,11 +219,11 @@ def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_
     (its request still waiting for the answer) fails, and its error and log lines name the
     video once: they were '<hash> bytes A-B: gave up after 1 attempt(s) ...; last error:
     chunk digests of <hash>: no answer by the cutoff', the outage line likewise. The remote's
-    clock is moved on once the page's request is out, to 4 s before the cutoff: the range
+    clock is moved on once the page's request is out, to 8 s before the cutoff: the range
     (held 2 s) comes before it, the digests (held a minute; their request times out after
-    10 s) do not."""
+    20 s) do not, each with seconds to spare on a loaded machine."""
     skew = [0.0]
-    config = RemoteConfig(digest_page_bytes=PAGE, timeout=30, request_timeout=10)
+    config = RemoteConfig(digest_page_bytes=PAGE, timeout=60, request_timeout=20)
     client = VidCacheClient(link.url, timeout=config.per_request_timeout,
                             max_connections=config.workers)
     remote = Remote(client, config=config, clock=lambda: time.monotonic() + skew[0])
@@ -248,8 +248,8 @@ def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_
             reader.start()
             wait_until(lambda: len(digest_pages_asked(link, source)) > pages, timeout=10,
                        what="the page's request")
-            skew[0] = began + config.timeout + config.per_request_timeout - 4 - time.monotonic()
-            reader.join(timeout=20)
+            skew[0] = began + config.timeout + config.per_request_timeout - 8 - time.monotonic()
+            reader.join(timeout=30)
             assert not reader.is_alive(), "the jump did not end"
     finally:
         remote.close()
