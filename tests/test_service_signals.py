@@ -43,7 +43,8 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def slow_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A video whose frame sampling keeps ffmpeg busy for seconds: one keyframe in 90 s, so
-    each sample decodes from the start (cheap to encode: a flat picture)."""
+    the samples are decoded from the start, up to 84 s of 720p (cheap to encode: a flat
+    picture)."""
     path = tmp_path_factory.mktemp("slow") / "slow.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
                     "color=c=gray:size=1280x720:rate=25:duration=90", "-c:v", "libx264",

@@ -10,8 +10,16 @@ hash while a chance match of one frame (a black title card) cannot make two vide
 `near_duplicate` says whether two videos count as the same by their frames: see its docstring
 and docs/service.md ("Perceptual hash") for the measurements behind each of its conditions;
 audio.py then tells apart those whose sound differs.
-Seeking per sample (input-side -ss, one ffmpeg process for all samples) keeps the cost
-independent of the video's length.
+One ffmpeg process decodes all samples. A sample is decoded from the keyframe before it (the
+only frame a decoder can start from), so where keyframes are dense each sample is an input of
+its own, opened with an input-side -ss: the cost does not grow with the video's length. Where
+several samples follow one keyframe (a stream with a single keyframe, or very long GOPs), they
+share one input decoded once from that keyframe (a seek per sample decoded the stream up to
+each sample again: 4 times its length for 8 samples), and the frames decoded are capped
+(MAX_DECODED_PIXELS); a sample past the cap has no frame. MPEG-TS and MPEG-PS have no index:
+ffmpeg seeks them to any packet near the time and the decoder drops frames up to the next
+keyframe (a sample came out up to a GOP late, or none after a stream's only keyframe), so
+their keyframes are read from a scan of the packets and each input is opened just before one.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ class MediaInfo:
     extension: str
     video_stream: int  # index of the stream the perceptual hash is taken from
     audio_stream: int | None  # index of the stream the audio check listens to, if any
+    start_s: float  # the first timestamp; ffmpeg's -ss counts from it
+    pixel_rate: float  # pixels decoded per second of the video stream
 
 
 # ffprobe format_name -> (mime type, extension); mp4/mov and matroska/webm are refined below.
@@ -143,26 +153,80 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
     if duration is None:
         raise NotAVideo(f"{format_name} file whose duration ffprobe cannot tell")
     audios = [s for s in streams if s.get("codec_type") == "audio"]
+    video = videos[0]
     return MediaInfo(duration_s=duration, container=format_name, mime_type=mime_type,
-                     extension=extension, video_stream=int(videos[0]["index"]),
-                     audio_stream=int(audios[0]["index"]) if audios else None)
+                     extension=extension, video_stream=int(video["index"]),
+                     audio_stream=int(audios[0]["index"]) if audios else None,
+                     start_s=_number(fmt.get("start_time")) or 0.0,
+                     pixel_rate=int(video.get("width") or 0) * int(video.get("height") or 0)
+                     * _frame_rate(video))
 
 
 def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
     for source in (fmt, stream):
-        try:
-            value = float(source.get("duration", "nan"))
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(value) and value > 0:
+        value = _number(source.get("duration"))
+        if value is not None and value > 0:
             return value
     return None
+
+
+def _number(text: object) -> float | None:
+    """ffprobe's number (or "N/A", or nothing) as a finite float, else None."""
+    try:
+        value = float(str(text))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+# what the decode cap assumes of a stream that states no frame rate
+_UNKNOWN_FRAME_RATE = 60.0
+
+
+def _frame_rate(stream: dict[str, Any]) -> float:
+    for key in ("avg_frame_rate", "r_frame_rate"):
+        numerator, _, denominator = str(stream.get(key, "")).partition("/")
+        rate = _number(numerator)
+        per = _number(denominator or "1")
+        if rate and per and rate / per > 0:
+            return rate / per
+    return _UNKNOWN_FRAME_RATE
+
+
+# The most the frame samples of one video may decode: 11 minutes of 1080p at 25 fps (25 of
+# 720p, 5 hours of 320x240), 60-130 s here (2 busy cores decoded H.264 at 0.26-0.6 Gpixel/s:
+# 1080p from x264 veryfast at 125 frames/s, 720p from ultrafast at 640).
+# A single-keyframe hour of 1080p decoded once would take ~720 s, past the tools' timeout
+# (300 s): the samples past the cap go without a frame instead of the video being refused.
+MAX_DECODED_PIXELS = 2**35
+# how far before a keyframe's decoding time an input is opened to start at the keyframe before
+# it, or, in an MPEG-TS/PS, at this one: ffmpeg seeks those to the last packet at or before
+# the time, which must come before the keyframe
+_BEFORE_KEYFRAME_S = 0.001
+
+
+@dataclass(frozen=True)
+class _Start:
+    """Where decoding must start for a sample to be decoded."""
+
+    key_s: float  # the keyframe's time (0: the start of the file)
+    seek_s: float | None  # the input-side -ss that gets there; None: no seek
+
+
+@dataclass
+class _Run:
+    """Samples decoded by one input, from one keyframe on."""
+
+    start: _Start
+    samples: list[int]
 
 
 def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                     work_dir: Path) -> PerceptualHash:
     """FRAMES frame hashes sampled evenly across the video (see the module docstring)."""
-    times = [info.duration_s * (i + 0.5) / FRAMES for i in range(FRAMES)]
+    times = [round(info.duration_s * (i + 0.5) / FRAMES, 3) for i in range(FRAMES)]
+    runs = _runs(times, _starts(path, info, tools, times),
+                 budget_s=MAX_DECODED_PIXELS / max(info.pixel_rate, 1.0))
     doing = "write the sampled frames"
     try:
         # cleanup errors ignored: a folder left on a file system turned read-only is removed
@@ -173,22 +237,136 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
         raise StorageError.from_os_error(doing, work_dir, exc) from exc
     with frames as frames_dir:
         outputs = [Path(frames_dir) / f"{i}.gray" for i in range(FRAMES)]
-        argv = ["ffmpeg", "-nostdin", "-v", "error"]
-        for t in times:
-            argv += [*INPUT_LIMITS, "-ss", f"{t:.3f}", "-i", str(path)]
-        for i, output in enumerate(outputs):
-            argv += ["-map", f"{i}:{info.video_stream}", "-frames:v", "1",
-                     "-vf", f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray",
-                     "-f", "rawvideo", str(output)]
-        result = tools.run(argv, what="ffmpeg (frame sampling)")
-        if (trouble := _output_error(result.stderr, frames_dir)) is not None:
-            raise StorageError.from_strerror(doing, work_dir, trouble)
-        if result.returncode != 0:
-            raise _refusal(result.stderr, path, "cannot decode frames")
+        if runs:
+            result = tools.run(_sampling_argv(path, info, times, runs, outputs),
+                               what="ffmpeg (frame sampling)")
+            if (trouble := _output_error(result.stderr, frames_dir)) is not None:
+                raise StorageError.from_strerror(doing, work_dir, trouble)
+            if result.returncode != 0:
+                raise _refusal(result.stderr, path, "cannot decode frames")
         hashes = tuple(_frame_hash(output) for output in outputs)
-    if all(h is None for h in hashes):
+    if runs and all(h is None for h in hashes):
         raise NotAVideo("no frame could be decoded")
     return hashes
+
+
+def _starts(path: Path, info: MediaInfo, tools: Tools, times: list[float]) -> list[_Start]:
+    """Where decoding starts for each sample time. ffprobe seeks to each as ffmpeg will; if
+    every seek lands on a keyframe, ffmpeg's seek finds them (an index: mp4, mkv, ...); if not
+    (MPEG-TS/PS), the keyframes are found by reading every packet of the stream.
+
+    A keyframe may be a recovery point (intra refresh: a wave of intra blocks in place of
+    keyframes), whose frames are whole only once the wave has crossed the picture, about at
+    the next one; decoded from it, a sample came out that late. So where a keyframe decoded
+    alone gives no frame, decoding starts at the one before it; in a TS, whose keyframes are
+    not decoded to find them, always at the one before."""
+    landed = _packets(path, info, tools, times)
+    if len(landed) == len(times) and all(packet.key for packet in landed):
+        partial = [packet for packet in landed if not packet.whole]
+        # a seek to just before such a keyframe (its decoding time: an index may hold those)
+        # lands on the one before
+        before = iter(_packets(path, info, tools, [_just_before(p) for p in partial])
+                      if partial else [])
+        return [_Start(key_s=packet.pts_s, seek_s=t) if packet.whole else
+                _Start(key_s=next(before, packet).pts_s, seek_s=max(_just_before(packet), 0.0))
+                for packet, t in zip(landed, times, strict=True)]
+    keys = [packet for packet in _packets(path, info, tools) if packet.key]
+    starts = []
+    for t in times:
+        up_to = [packet for packet in keys if packet.pts_s <= t]
+        if not up_to:  # none yet (a capture begun mid-GOP): from the start
+            starts.append(_Start(key_s=0.0, seek_s=None))
+            continue
+        key = up_to[-2] if len(up_to) > 1 else up_to[-1]
+        seek_s = _just_before(key)
+        starts.append(_Start(key_s=key.pts_s, seek_s=seek_s if seek_s > 0 else None))
+    return starts
+
+
+def _just_before(key: _Packet) -> float:
+    return round(key.dts_s - _BEFORE_KEYFRAME_S, 3)
+
+
+@dataclass
+class _Packet:
+    pts_s: float  # from the start
+    dts_s: float
+    key: bool
+    whole: bool = False  # decoded alone, it gave a frame (asked only after seeks)
+
+
+def _packets(path: Path, info: MediaInfo, tools: Tools,
+             at: list[float] | None = None) -> list[_Packet]:
+    """The video stream's packets: every one, or the first after a seek to each time of `at`
+    (then each decoded alone)."""
+    argv = ["ffprobe", "-v", "error", *INPUT_LIMITS, "-select_streams", str(info.video_stream),
+            "-show_entries", "packet=pts_time,dts_time,flags"]
+    if at is not None:
+        argv[-1] += ":frame=pts_time"
+        argv += ["-read_intervals", ",".join(f"{info.start_s + t:.6f}%+#1" for t in at)]
+    result = tools.run([*argv, "-of", "csv", str(path)], what="ffprobe (keyframes)")
+    if result.returncode != 0:
+        raise _refusal(result.stderr, path, "ffprobe cannot read its packets")
+    packets: list[_Packet] = []
+    for line in result.stdout.decode(errors="replace").splitlines():
+        section, *fields = line.split(",")
+        if section == "frame" and packets:
+            packets[-1].whole = True
+        if section != "packet" or len(fields) < 3:
+            continue
+        pts, dts = _number(fields[0]), _number(fields[1])
+        pts, dts = (pts if pts is not None else dts), (dts if dts is not None else pts)
+        if pts is None or dts is None:
+            continue
+        packets.append(_Packet(pts_s=pts - info.start_s, dts_s=dts - info.start_s,
+                               key=fields[2].startswith("K")))
+    return packets
+
+
+def _runs(times: list[float], starts: list[_Start], *, budget_s: float) -> list[_Run]:
+    """The inputs that decode the samples: a sample whose keyframe is not after the sample
+    before it is decoded on from that one, in its input; a sample that would take the
+    seconds of video decoded past `budget_s` is left out."""
+    runs: list[_Run] = []
+    spent = 0.0
+    for i, (t, start) in enumerate(zip(times, starts, strict=True)):
+        last = times[runs[-1].samples[-1]] if runs else None
+        follows = last is not None and start.key_s <= last
+        cost = t - (last if follows and last is not None else min(start.key_s, t))
+        if spent + cost > budget_s:
+            continue
+        spent += cost
+        if follows:
+            runs[-1].samples.append(i)
+        else:
+            runs.append(_Run(start=start, samples=[i]))
+    return runs
+
+
+def _sampling_argv(path: Path, info: MediaInfo, times: list[float], runs: list[_Run],
+                   outputs: list[Path]) -> list[str]:
+    """One ffmpeg: an input per run; each sample's frame is the first at or after its time,
+    shrunk to a FRAME_SIZE² grey image, written to its output."""
+    argv = ["ffmpeg", "-nostdin", "-v", "error"]
+    graph = []
+    for number, run in enumerate(runs):
+        seek = [] if run.start.seek_s is None else ["-ss", f"{run.start.seek_s:.3f}"]
+        argv += [*INPUT_LIMITS, *seek, "-i", str(path)]
+        source = f"[{number}:{info.video_stream}]"
+        branches = [source]
+        if len(run.samples) > 1:
+            branches = [f"[r{number}s{i}]" for i in run.samples]
+            graph.append(f"{source}split={len(branches)}{''.join(branches)}")
+        origin = run.start.seek_s or 0.0  # the input's time 0
+        for branch, i in zip(branches, run.samples, strict=True):
+            # a µs early: a frame at the very time is taken, as a seek takes it
+            graph.append(f"{branch}select=gte(t\\,{times[i] - origin - 1e-6:.6f}),"
+                         f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray[f{i}]")
+    argv += ["-filter_complex", ";".join(graph)]
+    for run in runs:
+        for i in run.samples:
+            argv += ["-map", f"[f{i}]", "-frames:v", "1", "-f", "rawvideo", str(outputs[i])]
+    return argv
 
 
 def _output_error(stderr: bytes, frames_dir: str) -> str | None:
