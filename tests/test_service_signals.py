@@ -42,12 +42,13 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def slow_video(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A video whose frame sampling keeps ffmpeg busy for seconds: one keyframe in 90 s, so
-    the samples are decoded from the start, up to 84 s of 720p (cheap to encode: a flat
-    picture)."""
+    """A video whose frame sampling keeps ffmpeg busy for seconds: one keyframe in 180 s, so
+    the samples are decoded from the start, once, up to 168 s of 720p (~3 s here; cheap to
+    encode: a flat picture). At 90 s it was ~1.5 s once sampling decoded the run once, a
+    short window for the tests to find ffmpeg running and signal it."""
     path = tmp_path_factory.mktemp("slow") / "slow.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "color=c=gray:size=1280x720:rate=25:duration=90", "-c:v", "libx264",
+                    "color=c=gray:size=1280x720:rate=25:duration=180", "-c:v", "libx264",
                     "-preset", "ultrafast", "-g", "100000", "-pix_fmt", "yuv420p", str(path)],
                    check=True, timeout=120)
     return path
