@@ -28,7 +28,7 @@ from tests.support import wait_until
 from vidcache.app import create_app
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import build_parser, parse_size
-from vidcache.config import ServiceConfig
+from vidcache.config import GIB, ServiceConfig
 from vidcache.content_coding import PIECE_SIZE, EncodingError, decoded
 from vidcache.download import _HashingWriter
 from vidcache.errors import (
@@ -360,6 +360,24 @@ def test_serve_takes_a_chunk_size() -> None:
     assert parser.parse_args(["serve", "--data", "d", "--chunk-size", "1M"]).chunk_size == MIB
     assert parser.parse_args(["serve", "--data", "d", "--chunk-size", "131072"]).chunk_size \
         == 128 * KIB
+
+
+def test_serve_takes_a_media_memory_cap_or_none() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--data", "d"]).media_memory == 3 * GIB
+    assert parser.parse_args(["serve", "--data", "d", "--media-memory", "512M"]).media_memory \
+        == 512 * MIB
+    assert parser.parse_args(["serve", "--data", "d", "--media-memory", "0"]).media_memory \
+        is None
+
+
+def test_serve_refuses_a_media_memory_cap_ffprobe_cannot_start_in(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--data", "d", "--media-memory", "64M"])
+    assert exited.value.code == 2
+    assert ("--media-memory: must be at least 128M (ffprobe alone needs 56 MiB, and fails "
+            "without a word below), or 0 for no cap, not '64M'") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text", ["32K", "64M", "lots"])

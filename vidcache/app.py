@@ -341,7 +341,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                             guard=HostGuard(config.ingest_allow),
                             chunk_size=config.chunk_size,
                             allow_file_dirs=config.allow_file_dirs)
-    tools = Tools(timeout=config.media_timeout)
+    tools = Tools(timeout=config.media_timeout, memory_cap=config.media_memory)
     ingestor = Ingestor(store=store, downloader=downloader,
                         phash_threshold=config.phash_threshold, tools=tools,
                         max_meta_bytes=config.max_meta_bytes,

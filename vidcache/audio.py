@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vidcache.errors import MediaToolError
-from vidcache.media import INPUT_LIMITS, last_error_line
+from vidcache.media import INPUT_LIMITS, ONE_CORE, last_error_line
 from vidcache.tools import Tools
 
 RATE = 8000
@@ -84,7 +84,7 @@ def fingerprint(path: Path, stream: int, times: tuple[tuple[float, float], ...],
     cannot decode it."""
     prints = []
     for start, seconds in times:
-        result = tools.run(["ffmpeg", "-nostdin", "-v", "error", *INPUT_LIMITS,
+        result = tools.run(["ffmpeg", *ONE_CORE, "-nostdin", "-v", "error", *INPUT_LIMITS,
                             "-ss", f"{start:.3f}", "-t", f"{seconds:.3f}", "-i", str(path),
                             "-map", f"0:{stream}", "-ac", "1", "-ar", str(RATE),
                             "-f", "s16le", "-"], what="ffmpeg (audio sampling)")

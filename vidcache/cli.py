@@ -32,7 +32,7 @@ from vidcache.chunks import (
     MIN_CHUNK_SIZE,
     check_chunk_size,
 )
-from vidcache.config import DEFAULT_PORT, ServiceConfig
+from vidcache.config import DEFAULT_PORT, MIN_MEDIA_MEMORY, ServiceConfig
 from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache_client import (
@@ -73,6 +73,16 @@ def parse_size(text: str) -> int:
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return size
+
+
+def _memory_cap(text: str) -> int | None:
+    """A size of at least MIN_MEDIA_MEMORY, or None for 0 (no cap)."""
+    size = parse_any_size(text)
+    if 0 < size < MIN_MEDIA_MEMORY:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_MEDIA_MEMORY // MIB}M (ffprobe alone needs 56 MiB, and "
+            f"fails without a word below), or 0 for no cap, not {text!r}")
+    return size or None
 
 
 def _allow_entry(text: str) -> str:
@@ -195,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds a download may make no progress (default 30)")
     serve.add_argument("--max-download-time", metavar="S", type=positive_seconds, default=3600.0,
                        help="seconds a whole download may take (default 3600)")
+    serve.add_argument("--media-memory", metavar="SIZE", type=_memory_cap, default="3G",
+                       help="memory each ffprobe/ffmpeg run may take (its data segment: heap "
+                            "and thread stacks), bytes or K/M/G/T of 1024, at least 128M; a "
+                            "video that needs more is refused (422); 0: no cap (default 3G)")
     serve.add_argument("--keep-alive", metavar="S", type=_whole_seconds, default=75,
                        help="seconds an idle client connection is kept open, so a reader that "
                             "paused (a player, vcfs) needs no new connection (default 75)")
@@ -370,7 +384,8 @@ def _serve(args: argparse.Namespace) -> int:
         phash_threshold=args.phash_threshold, chunk_size=args.chunk_size,
         allow_file_dirs=tuple(args.allow_file_dir),
         ingest_allow=tuple(allow), log_level=args.log_level, token=args.token,
-        token_reads=args.token_reads, keep_alive=args.keep_alive)
+        token_reads=args.token_reads, keep_alive=args.keep_alive,
+        media_memory=args.media_memory)
     try:  # before the data directory is opened; uvicorn would say only "Name ... not known"
         socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

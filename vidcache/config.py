@@ -8,6 +8,8 @@ from pathlib import Path
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 GIB = 1024**3
+# ffprobe alone needs 56 MiB; under a smaller cap it fails without saying why
+MIN_MEDIA_MEMORY = 128 * 1024**2
 DEFAULT_PORT = 8020
 
 
@@ -39,6 +41,9 @@ class ServiceConfig:
     keep_alive: int = 75
     # wall-clock cap on one ffprobe/ffmpeg run; a hung decoder must not hold an ingest forever
     media_timeout: float = 300.0
+    # bytes one ffprobe/ffmpeg run may take (RLIMIT_DATA; None: no cap): sampling the frames of
+    # a 4K AV1 or 10-bit HEVC video needs 2 GiB, 8 such runs fit in 24 GiB (docs/service.md)
+    media_memory: int | None = 3 * GIB
     # downloads + decodes running at once; the rest queue, keeping threads free for reads
     max_concurrent_ingests: int = 8
     # no request needs more (ingest: URL <= 8 KiB, meta <= 64 KiB); bounds buffering and parsing

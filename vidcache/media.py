@@ -89,8 +89,17 @@ _INDIRECTIONS = {"hls": "an HLS playlist", "dash": "a DASH manifest",
 MAX_PIXELS = 8192 * 4320
 _TOO_LARGE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
 
-# before each input: what may open and decode it
-INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS)]
+# ffmpeg sizes its thread pools by the machine's cores: each decoder one per core (up to 16),
+# each filter graph, scaler and encoder one per core. Sampling a 1080p video's frames started
+# 1667 threads on 64 cores (-cpucount 64): 14 GiB of data segment (their stacks), 1.1 GiB
+# resident, against 79 threads and 966 MiB / 358 MiB on 2. Set here, the tools start as many
+# threads, and need as much memory, on any machine, so that one memory cap fits them all: one
+# for the filters and encoders (a frame scaled to 64x64, seconds of audio resampled), 2 per
+# decoder, the only parallel work (ffmpeg decodes every input in its main thread).
+ONE_CORE = ["-cpucount", "1"]  # first, for the whole run
+
+# before each input: what may open and decode it, in how many threads
+INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS), "-threads", "2"]
 
 
 def last_error_line(stderr: bytes, path: Path) -> str:
@@ -123,7 +132,7 @@ def _unsupported(format_name: str) -> NotAVideo:
 
 def probe(path: Path, tools: Tools) -> MediaInfo:
     """Validate `path` as a video; NotAVideo says what is wrong with it."""
-    result = tools.run(["ffprobe", "-v", "error", *INPUT_LIMITS, "-show_format",
+    result = tools.run(["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-show_format",
                         "-show_streams", "-of", "json", str(path)], what="ffprobe")
     if result.returncode != 0:
         raise _refusal(result.stderr, path, "ffprobe cannot read it")
@@ -299,7 +308,8 @@ def _packets(path: Path, info: MediaInfo, tools: Tools,
              at: list[float] | None = None) -> list[_Packet]:
     """The video stream's packets: every one, or the first after a seek to each time of `at`
     (then each decoded alone)."""
-    argv = ["ffprobe", "-v", "error", *INPUT_LIMITS, "-select_streams", str(info.video_stream),
+    argv = ["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
+            str(info.video_stream),
             "-show_entries", "packet=pts_time,dts_time,flags"]
     if at is not None:
         argv[-1] += ":frame=pts_time"
@@ -347,7 +357,7 @@ def _sampling_argv(path: Path, info: MediaInfo, times: list[float], runs: list[_
                    outputs: list[Path]) -> list[str]:
     """One ffmpeg: an input per run; each sample's frame is the first at or after its time,
     shrunk to a FRAME_SIZE² grey image, written to its output."""
-    argv = ["ffmpeg", "-nostdin", "-v", "error"]
+    argv = ["ffmpeg", *ONE_CORE, "-nostdin", "-v", "error"]
     graph = []
     for number, run in enumerate(runs):
         seek = [] if run.start.seek_s is None else ["-ss", f"{run.start.seek_s:.3f}"]

@@ -14,27 +14,59 @@ restart has cleaned it. Where setpriv is missing, tools just run unguarded.
 
 A tool ended by a signal (the shutdown's, an operator's kill, the OOM killer's) says nothing
 about its input: ShuttingDown or ToolStopped (503), never NotAVideo.
+
+Each tool may take at most `memory_cap` bytes (RLIMIT_DATA, set by util-linux prlimit on the
+child alone: preexec_fn is unsafe in a threaded program): a hostile file must not make a
+decoder allocate gigabytes, nor 8 ingests push the host into the OOM killer, which may pick the
+service. RLIMIT_DATA counts the private writable memory (heap, mmap'd buffers and, since Linux
+4.7, thread stacks), what a decoder can fill; RLIMIT_AS also counts the 230 MiB of shared
+libraries ffmpeg maps and the 64 MiB glibc reserves for each thread's malloc arena (sampling a
+4K video's frames: 1676 MiB of address space for 796 MiB of data). A tool refused memory
+says so on stderr (ENOMEM, a thread's stack not mapped: EAGAIN) and fails or, worse, goes on
+without a frame; either way the video needs more than the service allows: NotAVideo naming the
+cap, never the line ffmpeg happened to print last.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
 import threading
 
-from vidcache.errors import MediaToolError, NotAVideo, ShuttingDown, ToolStopped
+from vidcache.errors import BadSetting, MediaToolError, NotAVideo, ShuttingDown, ToolStopped
 
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 # ffmpeg's exit status after it caught SIGINT or SIGTERM (it uses 1 for errors of its own)
 _FFMPEG_SIGNALLED = 255
+# What a tool says when the memory cap refused it memory (ffmpeg 5.1's words under caps from
+# 16 MiB up to the need of 1080p and 4K videos): ENOMEM's text and other failed allocations
+# ('Could not allocate', 'Error allocating', C++ bad_alloc), a frame buffer not had
+# ('get_buffer() failed', the only sign near the need, where ffmpeg exits 0 without the
+# frame), a thread whose stack could not be mapped (EAGAIN), a library's data the dynamic
+# loader could not map.
+_OUT_OF_MEMORY = re.compile(rb"(?i)(cannot|could not|failed to|error) allocat|bad_alloc|"
+                            rb"get_buffer\(\) failed|resource temporarily unavailable|"
+                            rb"failed to map segment")
+# A frame buffer refused for a size -max_pixels refused (media.py says so) is not memory.
+_SIZE_REFUSED = b"image parameters invalid"
 
 
 class Tools:
-    """Runs the service's tools, each for at most `timeout` seconds. Thread-safe."""
+    """Runs the service's tools, each for at most `timeout` seconds and `memory_cap` bytes
+    (None: no cap). Thread-safe."""
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, *, timeout: float, memory_cap: int | None = None) -> None:
         self._timeout = timeout
+        self._memory_cap = memory_cap
+        self._capped: list[str] = []
+        if memory_cap is not None:
+            if shutil.which("prlimit") is None:
+                raise BadSetting(f"--media-memory {_size(memory_cap)}: prlimit, which caps "
+                                 "ffprobe/ffmpeg's memory, is not installed; install util-linux, "
+                                 "or give --media-memory 0 to run them uncapped")
+            self._capped = ["prlimit", f"--data={memory_cap}", "--"]
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen[bytes]] = set()
         self._stopped = False
@@ -42,16 +74,16 @@ class Tools:
     def run(self, argv: list[str], *, what: str) -> subprocess.CompletedProcess[bytes]:
         """`argv` run to its end, its output captured; raises MediaToolError if the tool is
         missing, ShuttingDown after `stop`, ToolStopped if a signal ended it, NotAVideo if it
-        outran the timeout."""
+        outran the timeout or the memory cap."""
         if shutil.which(argv[0]) is None:
             raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg")
         with self._lock:
             if self._stopped:
                 raise ShuttingDown()
             try:
-                process = subprocess.Popen([*_DIE_WITH_PARENT, *argv], stdin=subprocess.DEVNULL,
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                           start_new_session=True)
+                process = subprocess.Popen([*_DIE_WITH_PARENT, *self._capped, *argv],
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, start_new_session=True)
             except FileNotFoundError as exc:
                 raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg") from exc
             self._running.add(process)
@@ -68,9 +100,15 @@ class Tools:
             with self._lock:
                 self._running.discard(process)
         status = process.returncode
-        if status < 0 or (argv[0] == "ffmpeg" and status == _FFMPEG_SIGNALLED):
-            if self._stopped:
-                raise ShuttingDown()
+        signalled = status < 0 or (argv[0] == "ffmpeg" and status == _FFMPEG_SIGNALLED)
+        if signalled and self._stopped:
+            raise ShuttingDown()
+        if self._memory_cap is not None and _OUT_OF_MEMORY.search(stderr) \
+                and _SIZE_REFUSED not in stderr:
+            raise NotAVideo(f"{what} ran out of memory: it needs more than the server's "
+                            f"--media-memory of {_size(self._memory_cap)} (the operator may "
+                            "raise it)")
+        if signalled:
             how = f"killed by {_signal_name(-status)}" if status < 0 else \
                 f"stopped by a signal (exit status {status})"
             raise ToolStopped(f"{what} was {how}; the video was not judged, try again")
@@ -89,3 +127,7 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:  # a real-time signal has no name
         return f"signal {number}"
+
+
+def _size(size: int) -> str:
+    return f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size / 2**20:g} MiB"
