@@ -1122,3 +1122,28 @@ def test_service_outage_and_corrupt_bytes_give_eio_then_recover(
             finally:
                 os.close(fd)
             assert "failed (EIO)" in own.log()
+
+
+@pytest.mark.parametrize(("conf", "allowed"), [
+    ("user_allow_other\n", True),
+    ("  user_allow_other   # for the players\n", True),
+    ("#user_allow_other\n", False),
+    ("mount_max = 1000\nuser_allow_other", False),  # fusermount3 skips a last line unended
+])
+def test_allow_other_by_a_user_is_checked_as_fusermount3_reads_fuse_conf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, conf: str, allowed: bool,
+) -> None:
+    """A user other than root asking allow_other is refused before mounting unless
+    fusermount3 would take it; fusermount3 parses only lines ended by a newline, so a last
+    line without one was taken as allowing it, and fusermount3 then refused the mount on two
+    lines after libfuse started."""
+    conf_file = tmp_path / "fuse.conf"
+    conf_file.write_text(conf)
+    monkeypatch.setattr(cli, "_FUSE_CONF", str(conf_file))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    if allowed:
+        cli.check_allow_other(["allow_other"])
+    else:
+        with pytest.raises(cli.StartupError, match="needs user_allow_other in "):
+            cli.check_allow_other(["allow_other"])
+    cli.check_allow_other(["ro"])  # nothing to check

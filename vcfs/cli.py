@@ -433,8 +433,10 @@ def check_allow_other(fuse_options: Sequence[str]) -> None:
         return
     try:
         with open(_FUSE_CONF, encoding="utf-8", errors="replace") as conf:
-            # As fusermount3 reads it: a line of its own, comments and blanks stripped.
-            if any(line.partition("#")[0].strip() == "user_allow_other" for line in conf):
+            # As fusermount3 reads it: a line of its own, comments and blanks stripped, ended
+            # by a newline (it skips a last line without one, "missing newline at end of file").
+            if any(line.endswith("\n") and line.partition("#")[0].strip() == "user_allow_other"
+                   for line in conf):
                 return
     except FileNotFoundError:
         pass
