@@ -6,7 +6,8 @@ listed and served whole, and once space is freed the next ingest works, without 
 A download whose size is known ahead and does not fit (with what the downloads under way will
 still write) is refused before it starts; one whose size is not known stops before it takes
 the room left for the index and frames or promised to others. A server started on a full or
-read-only data directory says why in one line, exit status 1.
+read-only data directory says why in one line, exit status 1; one whose older index finds no
+room to be rewritten whole starts, with one warning, and rewrites it at a later start.
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ import httpx
 import pytest
 
 from tests.service_stress_support import HoldingOrigin, PausingServer, TrickleOrigin, listing
-from tests.service_support import Api, blob_files, digest, serve_origin, temp_files
+from tests.service_support import SIGNATURE, Api, blob_files, digest, serve_origin, temp_files
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
+from tests.test_service_secrets import (
+    SESSION_TOKEN,
+    files_holding_secrets,
+    presigned,
+    redirector,
+    shown,
+)
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.space import MARGIN, needed
 from vidcache_client import ServerError, VidCacheClient
@@ -607,21 +615,74 @@ def test_start_on_a_full_or_read_only_data_directory(tmp_path: Path, media_url: 
             f"system: {data / '.vidcache' / 'lock'}"], run.stderr
 
 
-def test_an_older_index_that_cannot_be_rewritten_on_a_full_disk(tmp_path: Path) -> None:
-    """An index from before credentials were cut from aliases is rewritten at the first start
-    (VACUUM); with room for the index's shared memory but not for the rewrite: one line, exit
-    1. (Before: 'cannot open the index of DIR (...): database or disk is full'.)"""
+def test_an_older_index_that_cannot_be_rewritten_on_a_nearly_full_disk(
+        tmp_path: Path, media_url: str, videos: dict[str, Path]) -> None:
+    """An index of version 2 (every data directory's at the upgrade to 3) of over 1 MiB (a video
+    ingested from 5000 URLs) holding nested secrets in 201 aliases (200 short tokens, whose
+    digests make the index grow) and a deleted alias's token in its free space, with room for
+    the rewrite of the aliases but not for the index's whole (VACUUM): the server starts, the
+    aliases rewritten, serves the video and resolves the URL; one warning says how much room
+    the rewrite needs, how much is free, that old text may linger and that it is tried again;
+    the failed VACUUM's pages are given back (the write-ahead log emptied; checkpointed only
+    after the VACUUM, the grown index could not take the aliases' pages on the disk it had
+    filled). Once room is freed, the next start rewrites it: version 3, no secret left in the
+    files, the URL still found. (Before: the server did not start, 'cannot open the index in
+    DIR/.vidcache: disk full (no space left on device)', exit 1.)"""
     with small_tmpfs(tmp_path / "data") as data:
-        with VidcacheServer(data):
-            pass
-        with contextlib.closing(sqlite3.connect(data / ".vidcache" / "index.sqlite3")) as index:
-            index.execute("PRAGMA user_version = 0")  # as an older vidcache left it
-            index.execute("CREATE TABLE padding (bytes BLOB)")  # an index of some size
-            index.execute("INSERT INTO padding VALUES (zeroblob(300000))")
-            index.commit()
-        fill(data, leave=64 * 1024)
-        run = _serve(data)
-        assert (run.returncode, run.stdout) == (1, ""), run.stderr
-        assert run.stderr.splitlines() == [
-            f"vidcache serve: error: cannot open the index in {data / '.vidcache'}: "
-            "disk full (no space left on device)"], run.stderr
+        with VidcacheServer(data) as server:
+            a = Api(server.url).ingest_ok(f"{media_url}/a.mp4", "v")["hash"]
+        nested = redirector("http://h.test", presigned("http://cdn.test", "v.mp4", SIGNATURE))
+        gone = redirector("http://h.test/gone", f"http://c.test/v.mp4?token={SESSION_TOKEN}")
+        internal = data / ".vidcache"
+        index_file = internal / "index.sqlite3"
+        index = sqlite3.connect(index_file)
+        index.execute("PRAGMA secure_delete = OFF")  # the default of SQLite's own builds
+        with index:
+            index.executemany(
+                "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, "
+                "'2025-01-31T12:00:00.000Z')",
+                [*((f"http://h.test/copies/{n:04}/a.mp4", a) for n in range(5000)),
+                 *((redirector("http://h.test", f"http://cdn.test/{n}.mp4?token={n}"), a)
+                   for n in range(200)),
+                 (nested, a), (gone, a)])
+            index.execute("DELETE FROM url_aliases WHERE url = ?", (gone,))
+            index.execute("PRAGMA user_version = 2")  # as vidcache 2 left it
+        index.close()
+        assert files_holding_secrets(data) != [] and index_file.stat().st_size > MIB
+        filler = fill(data, leave=256 * 1024)
+
+        with VidcacheServer(data) as server:
+            api = Api(server.url)
+            assert_served_whole(server.url, {a: videos["a.mp4"]})
+            assert api.http.get("/resolve", params={"url": nested}).json()["hash"] == a
+            assert api.meta(a).json()["aliases"][-1] == redirector(
+                "http://h.test", shown("http://cdn.test", "v.mp4"))
+            short_token = redirector("http://h.test", "http://cdn.test/7.mp4?token=7")
+            assert api.http.get("/resolve", params={"url": short_token}).json()["hash"] == a
+            warning = re.escape(
+                f"the index {index_file} was not rewritten whole (VACUUM): disk full: it "
+                "needs about ") + r"(\d+) bytes \([\d.,]+ MiB\)" + re.escape(
+                f" free in {internal}, ") + r"(\d+) are free \([\d.,]+ MiB\)" + re.escape(
+                "; until then the text of the aliases rewritten or deleted before (their "
+                "credentials too) may remain in its free pages; the rewrite is tried again "
+                "at the next start")
+            [(need, free)] = re.findall(warning, server.log())
+            assert MIB < int(need) <= index_file.stat().st_size * 1.01  # the live pages
+            assert int(free) < 256 * 1024
+            assert "removed the credentials from 201 URL aliases" in server.log()
+            assert (internal / "index.sqlite3-wal").stat().st_size == 0
+            api.close()
+        with contextlib.closing(sqlite3.connect(index_file)) as index:
+            assert index.execute("PRAGMA user_version").fetchone() == (2,)
+
+        filler.unlink()
+        with VidcacheServer(data) as server:
+            api = Api(server.url)
+            assert api.http.get("/resolve", params={"url": nested}).json()["hash"] == a
+            assert_served_whole(server.url, {a: videos["a.mp4"]})
+            api.close()
+        assert len(re.findall(warning, server.log())) == 1  # the log goes on across starts
+        assert server.log().count("removed the credentials from") == 1  # nothing left to cut
+        assert files_holding_secrets(data) == []
+        with contextlib.closing(sqlite3.connect(index_file)) as index:
+            assert index.execute("PRAGMA user_version").fetchone() == (3,)

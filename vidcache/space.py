@@ -104,15 +104,15 @@ class FreeSpace:
             free = status.f_bavail * status.f_frsize
             promised = sum(other.outstanding for other in self._claims if other is not claim)
             if need > free - promised:
-                shortage = f"not enough free space: needs {need} bytes ({_mib(need)})"
+                shortage = f"not enough free space: needs {need} bytes ({mib(need)})"
                 if written or growing:
-                    shortage += f" more after {written} written ({_mib(written)})"
-                shortage += f", {free} are free ({_mib(free)})"
+                    shortage += f" more after {written} written ({mib(written)})"
+                shortage += f", {free} are free ({mib(free)})"
                 if promised:
                     shortage += f" but {promised} of them are promised to downloads under way"
                 raise StorageError(doing, self._directory, None, shortage)
             claim.promised = need + written
 
 
-def _mib(size: int) -> str:
+def mib(size: int) -> str:
     return f"{size / (1 << 20):,.1f} MiB"

@@ -80,6 +80,7 @@ from vidcache.errors import (
     TooLarge,
     VidcacheError,
 )
+from vidcache.space import mib
 from vidcache_client._credentials import REDACTED, with_secrets_replaced
 
 log = logging.getLogger(__name__)
@@ -362,14 +363,41 @@ class Store:
         self._check_index()
         with self._transaction():
             cut = self._cut_alias_credentials()
-        # Rewritten whole, and the WAL emptied: the text of the rows changed (or deleted by
-        # an older version) must not linger in free pages or old frames. The version is set
-        # last, so a crash before it repeats all this at the next start.
-        self.db.execute("VACUUM")
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         if cut:
             log.warning("removed the credentials from %d URL aliases in %s", cut, self.data_dir)
+        # Rewritten whole, and the WAL emptied: the text of the rows changed (or deleted by
+        # an older version) must not linger in free pages or old frames. The version is set
+        # last, so a crash before it repeats all this at the next start. Checkpointed before
+        # the VACUUM too: one that finds no room has filled the disk with its frames, and the
+        # aliases' pages left in the WAL could not then be copied into an index that grew.
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        try:
+            self.db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in _NO_ROOM:
+                raise
+            self._vacuum_postponed()
+            return
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    def _vacuum_postponed(self) -> None:
+        """After a VACUUM that found no room: its frames given back (the WAL emptied), one
+        warning, the version left as it was. The aliases are rewritten (committed) and work;
+        refusing to start would turn the upgrade of a nearly full disk into an outage."""
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        (pages,), (free_pages,), (page_size,) = (
+            self.db.execute(f"PRAGMA {name}").fetchone()
+            for name in ("page_count", "freelist_count", "page_size"))
+        need = (pages - free_pages) * (page_size + _WAL_FRAME_HEADER)  # the copy, in the WAL
+        status = os.statvfs(self.internal_dir)
+        free = status.f_bavail * status.f_frsize
+        log.warning("the index %s was not rewritten whole (VACUUM): disk full: it needs about "
+                    "%d bytes (%s) free in %s, %d are free (%s); until then the text of the "
+                    "aliases rewritten or deleted before (their credentials too) may remain "
+                    "in its free pages; the rewrite is tried again at the next start",
+                    self.internal_dir / INDEX_FILE, need, mib(need), self.internal_dir, free,
+                    mib(free))
 
     def _cut_alias_credentials(self) -> int:
         """Store each alias as url_alias makes it, as versions before 3 did not (before 1,
@@ -661,6 +689,11 @@ _RECORD_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mim
 _INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
 
 
+# SQLite's errors for a file system without room: full, or the -shm cannot grow
+_NO_ROOM = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
+_WAL_FRAME_HEADER = 24  # bytes before each page in the WAL
+
+
 @contextlib.contextmanager
 def _index_errors(doing: str, where: Path, *, reading: bool = False) -> Iterator[None]:
     """SQLite's errors saying the index in the directory `where` cannot be read, raised as
@@ -683,7 +716,7 @@ def _index_error(doing: str, where: Path, exc: sqlite3.Error, *,
     code = getattr(exc, "sqlite_errorcode", None)
     if code is None:
         return None
-    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE):  # -shm cannot grow
+    if code in _NO_ROOM:
         return StorageError(doing, where, errno.ENOSPC, str(exc))
     if (code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
             or code in (sqlite3.SQLITE_IOERR_READ, sqlite3.SQLITE_IOERR_SHORT_READ)
