@@ -615,74 +615,139 @@ def test_start_on_a_full_or_read_only_data_directory(tmp_path: Path, media_url: 
             f"system: {data / '.vidcache' / 'lock'}"], run.stderr
 
 
+class _SqliteTempServer(VidcacheServer):
+    """The server with SQLITE_TMPDIR set: where SQLite makes its temporary files, a VACUUM's
+    copy of an index larger than its cache among them."""
+
+    def __init__(self, data_dir: Path, temp_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.temp_dir = temp_dir
+
+    def environment(self) -> dict[str, str]:
+        return {**super().environment(), "SQLITE_TMPDIR": str(self.temp_dir)}
+
+
+NESTED = redirector("http://h.test", presigned("http://cdn.test", "v.mp4", SIGNATURE))
+SHORT_TOKEN = redirector("http://h.test", "http://cdn.test/7.mp4?token=7")
+
+
+def make_older_index(data: Path, media_url: str, copies: int) -> str:
+    """A data directory holding a.mp4 (its hash returned), its index of version 2 (every data
+    directory's at the upgrade to 3) with `copies` aliases of it besides: 201 with nested
+    secrets (NESTED's signature, 200 short tokens, whose digests make the index grow), and a
+    deleted alias's token in its free space."""
+    with VidcacheServer(data) as server:
+        a: str = Api(server.url).ingest_ok(f"{media_url}/a.mp4", "v")["hash"]
+    gone = redirector("http://h.test/gone", f"http://c.test/v.mp4?token={SESSION_TOKEN}")
+    index = sqlite3.connect(data / ".vidcache" / "index.sqlite3")
+    index.execute("PRAGMA secure_delete = OFF")  # the default of SQLite's own builds
+    with index:
+        index.executemany(
+            "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, "
+            "'2025-01-31T12:00:00.000Z')",
+            [*((f"http://h.test/copies/{n:05}/a.mp4", a) for n in range(copies)),
+             *((redirector("http://h.test", f"http://cdn.test/{n}.mp4?token={n}"), a)
+               for n in range(200)),
+             (NESTED, a), (gone, a)])
+        index.execute("DELETE FROM url_aliases WHERE url = ?", (gone,))
+        index.execute("PRAGMA user_version = 2")  # as vidcache 2 left it
+    index.close()
+    assert files_holding_secrets(data) != []
+    return a
+
+
+def vacuum_warning(data: Path, temp_dir: Path) -> str:
+    """The pattern of the warning that the index was not rewritten whole; its groups: bytes
+    needed, free in the data directory, free in the temporary directory."""
+    internal = data / ".vidcache"
+    return (re.escape(f"the index {internal / 'index.sqlite3'} was not rewritten whole "
+                      "(VACUUM): disk full: it needs about ")
+            + r"(\d+) bytes \([\d.,]+ MiB\)" + re.escape(f" free in {internal}, ")
+            + r"(\d+) are free \([\d.,]+ MiB\)"
+            + re.escape(", and for an index larger than SQLite's cache as many in its "
+                        f"temporary directory {temp_dir}, ")
+            + r"(\d+) are free \([\d.,]+ MiB\)"
+            + re.escape("; until then the text of the aliases rewritten or deleted before "
+                        "(their credentials too) may remain in its free pages; the rewrite "
+                        "is tried again at the next start"))
+
+
+def assert_served_and_resolved(server: VidcacheServer, a: str, source: Path) -> None:
+    """a.mp4 served whole, and the URLs with nested secrets found."""
+    assert_served_whole(server.url, {a: source})
+    with contextlib.closing(Api(server.url)) as api:
+        for url in (NESTED, SHORT_TOKEN):
+            assert api.http.get("/resolve", params={"url": url}).json()["hash"] == a, url
+        assert api.meta(a).json()["aliases"][-1] == redirector(
+            "http://h.test", shown("http://cdn.test", "v.mp4"))
+
+
+def assert_rewritten(data: Path, server: VidcacheServer, warning: str) -> None:
+    """After the start that rewrote the index whole (VACUUM): version 3, no secret in its
+    files, the warning of the start before not repeated, nothing more cut."""
+    assert len(re.findall(warning, server.log())) == 1  # the log goes on across starts
+    assert server.log().count("removed the credentials from") == 1
+    assert files_holding_secrets(data) == []
+    with contextlib.closing(sqlite3.connect(data / ".vidcache" / "index.sqlite3")) as index:
+        assert index.execute("PRAGMA user_version").fetchone() == (3,)
+
+
 def test_an_older_index_that_cannot_be_rewritten_on_a_nearly_full_disk(
         tmp_path: Path, media_url: str, videos: dict[str, Path]) -> None:
-    """An index of version 2 (every data directory's at the upgrade to 3) of over 1 MiB (a video
-    ingested from 5000 URLs) holding nested secrets in 201 aliases (200 short tokens, whose
-    digests make the index grow) and a deleted alias's token in its free space, with room for
-    the rewrite of the aliases but not for the index's whole (VACUUM): the server starts, the
-    aliases rewritten, serves the video and resolves the URL; one warning says how much room
-    the rewrite needs, how much is free, that old text may linger and that it is tried again;
-    the failed VACUUM's pages are given back (the write-ahead log emptied; checkpointed only
-    after the VACUUM, the grown index could not take the aliases' pages on the disk it had
-    filled). Once room is freed, the next start rewrites it: version 3, no secret left in the
-    files, the URL still found. (Before: the server did not start, 'cannot open the index in
+    """make_older_index's index of over 1 MiB (5000 aliases more), with room for the rewrite
+    of the aliases but not for the index's whole (VACUUM): the server starts, the aliases
+    rewritten, serves the video and resolves the URLs; one warning says how much room the
+    rewrite needs, how much is free, that old text may linger and that it is tried again; the
+    failed VACUUM's pages are given back (the write-ahead log emptied; checkpointed only after
+    the VACUUM, the grown index could not take the aliases' pages on the disk it had filled).
+    Once room is freed, the next start rewrites it: version 3, no secret left in the files,
+    the URLs still found. (Before: the server did not start, 'cannot open the index in
     DIR/.vidcache: disk full (no space left on device)', exit 1.)"""
+    temp_dir = tmp_path / "sqlite-tmp"
+    temp_dir.mkdir()
     with small_tmpfs(tmp_path / "data") as data:
-        with VidcacheServer(data) as server:
-            a = Api(server.url).ingest_ok(f"{media_url}/a.mp4", "v")["hash"]
-        nested = redirector("http://h.test", presigned("http://cdn.test", "v.mp4", SIGNATURE))
-        gone = redirector("http://h.test/gone", f"http://c.test/v.mp4?token={SESSION_TOKEN}")
-        internal = data / ".vidcache"
-        index_file = internal / "index.sqlite3"
-        index = sqlite3.connect(index_file)
-        index.execute("PRAGMA secure_delete = OFF")  # the default of SQLite's own builds
-        with index:
-            index.executemany(
-                "INSERT INTO url_aliases (url, hash, added_at) VALUES (?, ?, "
-                "'2025-01-31T12:00:00.000Z')",
-                [*((f"http://h.test/copies/{n:04}/a.mp4", a) for n in range(5000)),
-                 *((redirector("http://h.test", f"http://cdn.test/{n}.mp4?token={n}"), a)
-                   for n in range(200)),
-                 (nested, a), (gone, a)])
-            index.execute("DELETE FROM url_aliases WHERE url = ?", (gone,))
-            index.execute("PRAGMA user_version = 2")  # as vidcache 2 left it
-        index.close()
-        assert files_holding_secrets(data) != [] and index_file.stat().st_size > MIB
+        a = make_older_index(data, media_url, 5000)
+        index_file = data / ".vidcache" / "index.sqlite3"
+        assert index_file.stat().st_size > MIB
         filler = fill(data, leave=256 * 1024)
 
-        with VidcacheServer(data) as server:
-            api = Api(server.url)
-            assert_served_whole(server.url, {a: videos["a.mp4"]})
-            assert api.http.get("/resolve", params={"url": nested}).json()["hash"] == a
-            assert api.meta(a).json()["aliases"][-1] == redirector(
-                "http://h.test", shown("http://cdn.test", "v.mp4"))
-            short_token = redirector("http://h.test", "http://cdn.test/7.mp4?token=7")
-            assert api.http.get("/resolve", params={"url": short_token}).json()["hash"] == a
-            warning = re.escape(
-                f"the index {index_file} was not rewritten whole (VACUUM): disk full: it "
-                "needs about ") + r"(\d+) bytes \([\d.,]+ MiB\)" + re.escape(
-                f" free in {internal}, ") + r"(\d+) are free \([\d.,]+ MiB\)" + re.escape(
-                "; until then the text of the aliases rewritten or deleted before (their "
-                "credentials too) may remain in its free pages; the rewrite is tried again "
-                "at the next start")
-            [(need, free)] = re.findall(warning, server.log())
+        with _SqliteTempServer(data, temp_dir) as server:
+            assert_served_and_resolved(server, a, videos["a.mp4"])
+            warning = vacuum_warning(data, temp_dir)
+            [(need, free, _)] = re.findall(warning, server.log())
             assert MIB < int(need) <= index_file.stat().st_size * 1.01  # the live pages
             assert int(free) < 256 * 1024
             assert "removed the credentials from 201 URL aliases" in server.log()
-            assert (internal / "index.sqlite3-wal").stat().st_size == 0
-            api.close()
+            assert (data / ".vidcache" / "index.sqlite3-wal").stat().st_size == 0
         with contextlib.closing(sqlite3.connect(index_file)) as index:
             assert index.execute("PRAGMA user_version").fetchone() == (2,)
 
         filler.unlink()
-        with VidcacheServer(data) as server:
-            api = Api(server.url)
-            assert api.http.get("/resolve", params={"url": nested}).json()["hash"] == a
-            assert_served_whole(server.url, {a: videos["a.mp4"]})
-            api.close()
-        assert len(re.findall(warning, server.log())) == 1  # the log goes on across starts
-        assert server.log().count("removed the credentials from") == 1  # nothing left to cut
-        assert files_holding_secrets(data) == []
-        with contextlib.closing(sqlite3.connect(index_file)) as index:
-            assert index.execute("PRAGMA user_version").fetchone() == (3,)
+        with _SqliteTempServer(data, temp_dir) as server:
+            assert_served_and_resolved(server, a, videos["a.mp4"])
+        assert_rewritten(data, server, warning)
+
+
+def test_an_older_index_that_cannot_be_rewritten_for_want_of_temporary_room(
+        tmp_path: Path, media_url: str, videos: dict[str, Path]) -> None:
+    """make_older_index's index of over 3 MiB (12000 aliases more) on a data directory with
+    room, but SQLite's temporary directory (SQLITE_TMPDIR), where a VACUUM copies an index
+    larger than its cache (2 MiB), a tmpfs of 1 MiB: the server starts, serves the video and
+    resolves the URLs, and the warning names that directory and its room, less than needed
+    (the data directory's more). With room there, the next start rewrites the index.
+    (Before: the server did not start, 'cannot open the index in DIR/.vidcache: disk full
+    (no space left on device)', exit 1, naming a directory with room.)"""
+    with (small_tmpfs(tmp_path / "data", "16m") as data,
+          small_tmpfs(tmp_path / "sqlite-tmp", "1m") as temp_dir):
+        a = make_older_index(data, media_url, 12000)
+        assert (data / ".vidcache" / "index.sqlite3").stat().st_size > 3 * MIB
+
+        with _SqliteTempServer(data, temp_dir) as server:
+            assert_served_and_resolved(server, a, videos["a.mp4"])
+            warning = vacuum_warning(data, temp_dir)
+            [(need, free, temp_free)] = re.findall(warning, server.log())
+            assert int(temp_free) < int(need) < int(free)
+
+        with _SqliteTempServer(data, tmp_path) as server:
+            assert_served_and_resolved(server, a, videos["a.mp4"])
+        assert_rewritten(data, server, warning)

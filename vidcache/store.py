@@ -390,14 +390,15 @@ class Store:
             self.db.execute(f"PRAGMA {name}").fetchone()
             for name in ("page_count", "freelist_count", "page_size"))
         need = (pages - free_pages) * (page_size + _WAL_FRAME_HEADER)  # the copy, in the WAL
-        status = os.statvfs(self.internal_dir)
-        free = status.f_bavail * status.f_frsize
+        free, temp_dir = _free_space(self.internal_dir), _sqlite_temp_dir()
+        temp_free = _free_space(temp_dir)
         log.warning("the index %s was not rewritten whole (VACUUM): disk full: it needs about "
-                    "%d bytes (%s) free in %s, %d are free (%s); until then the text of the "
-                    "aliases rewritten or deleted before (their credentials too) may remain "
-                    "in its free pages; the rewrite is tried again at the next start",
-                    self.internal_dir / INDEX_FILE, need, mib(need), self.internal_dir, free,
-                    mib(free))
+                    "%d bytes (%s) free in %s, %d are free (%s), and for an index larger than "
+                    "SQLite's cache as many in its temporary directory %s, %d are free (%s); "
+                    "until then the text of the aliases rewritten or deleted before (their "
+                    "credentials too) may remain in its free pages; the rewrite is tried again "
+                    "at the next start", self.internal_dir / INDEX_FILE, need, mib(need),
+                    self.internal_dir, free, mib(free), temp_dir, temp_free, mib(temp_free))
 
     def _cut_alias_credentials(self) -> int:
         """Store each alias as url_alias makes it, as versions before 3 did not (before 1,
@@ -738,6 +739,21 @@ def _refusal_errno(directory: Path) -> int | None:
             return None
     except OSError as exc:
         return exc.errno
+
+
+def _sqlite_temp_dir() -> str:
+    """The directory SQLite makes its temporary files in (a VACUUM's copy of the index, once
+    it outgrows the cache): the first usable of these, as its unixTempFileDir picks it."""
+    for candidate in (os.environ.get("SQLITE_TMPDIR"), os.environ.get("TMPDIR"), "/var/tmp",
+                      "/usr/tmp", "/tmp"):
+        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return candidate
+    return "."
+
+
+def _free_space(directory: Path | str) -> int:
+    status = os.statvfs(directory)
+    return status.f_bavail * status.f_frsize
 
 
 def _fsync_dir(directory: Path) -> None:
