@@ -222,10 +222,12 @@ def test_frames_too_large_to_decode_are_refused(api: Api, server: VidcacheServer
 
 @pytest.fixture(scope="module")
 def video_4k(origin_dir: Path) -> str:
-    """A 2 s 3840x2160 H.264 video: sampling its frames takes 800 MiB of data segment."""
+    """A 2 s 3840x2160 H.264 video with a keyframe before each sample (every 0.2 s), so that
+    its 8 samples are 8 inputs, 8 decoders: sampling its frames takes 800 MiB of data segment
+    (with a keyframe a second, 2 inputs decode them, and 256 MiB is enough)."""
     name = "uhd.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc2=size=3840x2160:rate=25", "-t", "2", "-g", "25", "-c:v", "libx264",
+                    "testsrc2=size=3840x2160:rate=25", "-t", "2", "-g", "5", "-c:v", "libx264",
                     "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(origin_dir / name)],
                    check=True)
     return name
