@@ -12,7 +12,9 @@ import errno
 import http.server
 import os
 import resource
+import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -222,11 +224,12 @@ def test_frames_too_large_to_decode_are_refused(api: Api, server: VidcacheServer
 
 @pytest.fixture(scope="module")
 def video_4k(origin_dir: Path) -> str:
-    """A 2 s 3840x2160 H.264 video, every frame a keyframe: its 8 samples are decoded by 8
-    decoders (samples after one keyframe share one), which take ~800 MiB of data segment."""
+    """A 2 s 3840x2160 H.264 video with a keyframe before each sample (every 0.2 s), so that
+    its 8 samples are 8 inputs, 8 decoders: sampling its frames takes 800 MiB of data segment
+    (with a keyframe a second, 2 inputs decode them, and 256 MiB is enough)."""
     name = "uhd.mp4"
     subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i",
-                    "testsrc2=size=3840x2160:rate=25", "-t", "2", "-g", "1", "-c:v", "libx264",
+                    "testsrc2=size=3840x2160:rate=25", "-t", "2", "-g", "5", "-c:v", "libx264",
                     "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(origin_dir / name)],
                    check=True)
     return name
@@ -315,3 +318,26 @@ def test_without_prlimit_a_memory_cap_is_refused(monkeypatch: pytest.MonkeyPatch
                                          "--media-memory 0"):
         Tools(timeout=30, memory_cap=GIB)
     Tools(timeout=30)
+
+
+def test_a_memory_cap_above_the_servers_own_hard_limit_is_refused(tmp_path: Path) -> None:
+    """A server started under a hard data limit (systemd's LimitDATA=, ulimit -d) cannot give
+    its tools more: it refused every ingest, 'not a video: ffprobe cannot read it (prlimit:
+    failed to set the DATA resource limit: Operation not permitted)'. Now it does not start;
+    a cap under the limit is the tools'."""
+    limited = ["prlimit", f"--data={GIB}", "--", sys.executable]
+    with socket.socket() as probe:  # a port nothing listens on, should the server start
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = subprocess.run([*limited, "-m", "vidcache", "serve", "--data",
+                              str(tmp_path / "data"), "--port", str(port)],
+                             capture_output=True, text=True, timeout=30)
+    assert (started.returncode, started.stderr) == (
+        1, "vidcache serve: error: --media-memory 3 GiB is more than the server's own hard data "
+           "limit (1 GiB, ulimit -d), above which its tools cannot be given memory; give a "
+           "smaller --media-memory, or raise the limit\n")
+    under = subprocess.run([*limited, "-c", "from vidcache.tools import Tools; print(Tools("
+                            f"timeout=30, memory_cap={512 * MIB}).run(['sh', '-c', 'ulimit -d'], "
+                            "what='test tool').stdout.decode().strip())"],
+                           capture_output=True, text=True, timeout=60, check=True)
+    assert under.stdout.strip() == str(512 * 1024)

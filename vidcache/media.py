@@ -234,8 +234,6 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                     work_dir: Path) -> PerceptualHash:
     """FRAMES frame hashes sampled evenly across the video (see the module docstring)."""
     times = [round(info.duration_s * (i + 0.5) / FRAMES, 3) for i in range(FRAMES)]
-    runs = _runs(times, _starts(path, info, tools, times),
-                 budget_s=MAX_DECODED_PIXELS / max(info.pixel_rate, 1.0))
     doing = "write the sampled frames"
     try:
         # cleanup errors ignored: a folder left on a file system turned read-only is removed
@@ -245,6 +243,8 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
     except OSError as exc:
         raise StorageError.from_os_error(doing, work_dir, exc) from exc
     with frames as frames_dir:
+        runs = _runs(times, _starts(path, info, tools, times, Path(frames_dir) / "packets.csv"),
+                     budget_s=MAX_DECODED_PIXELS / max(info.pixel_rate, 1.0))
         outputs = [Path(frames_dir) / f"{i}.gray" for i in range(FRAMES)]
         if runs:
             result = tools.run(_sampling_argv(path, info, times, runs, outputs),
@@ -259,7 +259,8 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
     return hashes
 
 
-def _starts(path: Path, info: MediaInfo, tools: Tools, times: list[float]) -> list[_Start]:
+def _starts(path: Path, info: MediaInfo, tools: Tools, times: list[float],
+            listing: Path) -> list[_Start]:
     """Where decoding starts for each sample time. ffprobe seeks to each as ffmpeg will; if
     every seek lands on a keyframe, ffmpeg's seek finds them (an index: mp4, mkv, ...); if not
     (MPEG-TS/PS), the keyframes are found by reading every packet of the stream.
@@ -268,7 +269,8 @@ def _starts(path: Path, info: MediaInfo, tools: Tools, times: list[float]) -> li
     keyframes), whose frames are whole only once the wave has crossed the picture, about at
     the next one; decoded from it, a sample came out that late. So where a keyframe decoded
     alone gives no frame, decoding starts at the one before it; in a TS, whose keyframes are
-    not decoded to find them, always at the one before."""
+    not decoded to find them, always at the one before. `listing`: where the scan's list of
+    packets is written."""
     landed = _packets(path, info, tools, times)
     if len(landed) == len(times) and all(packet.key for packet in landed):
         partial = [packet for packet in landed if not packet.whole]
@@ -279,7 +281,7 @@ def _starts(path: Path, info: MediaInfo, tools: Tools, times: list[float]) -> li
         return [_Start(key_s=packet.pts_s, seek_s=t) if packet.whole else
                 _Start(key_s=next(before, packet).pts_s, seek_s=max(_just_before(packet), 0.0))
                 for packet, t in zip(landed, times, strict=True)]
-    keys = [packet for packet in _packets(path, info, tools) if packet.key]
+    keys = _keyframes(path, info, tools, listing)
     starts = []
     for t in times:
         up_to = [packet for packet in keys if packet.pts_s <= t]
@@ -304,33 +306,56 @@ class _Packet:
     whole: bool = False  # decoded alone, it gave a frame (asked only after seeks)
 
 
-def _packets(path: Path, info: MediaInfo, tools: Tools,
-             at: list[float] | None = None) -> list[_Packet]:
-    """The video stream's packets: every one, or the first after a seek to each time of `at`
-    (then each decoded alone)."""
+def _packets(path: Path, info: MediaInfo, tools: Tools, at: list[float]) -> list[_Packet]:
+    """The video stream's first packet after a seek to each time of `at`, each decoded alone."""
     argv = ["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
             str(info.video_stream),
-            "-show_entries", "packet=pts_time,dts_time,flags"]
-    if at is not None:
-        argv[-1] += ":frame=pts_time"
-        argv += ["-read_intervals", ",".join(f"{info.start_s + t:.6f}%+#1" for t in at)]
+            "-show_entries", "packet=pts_time,dts_time,flags:frame=pts_time",
+            "-read_intervals", ",".join(f"{info.start_s + t:.6f}%+#1" for t in at)]
     result = tools.run([*argv, "-of", "csv", str(path)], what="ffprobe (keyframes)")
     if result.returncode != 0:
         raise _refusal(result.stderr, path, "ffprobe cannot read its packets")
     packets: list[_Packet] = []
     for line in result.stdout.decode(errors="replace").splitlines():
-        section, *fields = line.split(",")
-        if section == "frame" and packets:
+        if line.startswith("frame,") and packets:
             packets[-1].whole = True
-        if section != "packet" or len(fields) < 3:
-            continue
-        pts, dts = _number(fields[0]), _number(fields[1])
-        pts, dts = (pts if pts is not None else dts), (dts if dts is not None else pts)
-        if pts is None or dts is None:
-            continue
-        packets.append(_Packet(pts_s=pts - info.start_s, dts_s=dts - info.start_s,
-                               key=fields[2].startswith("K")))
+        elif (packet := _packet(line, info)) is not None:
+            packets.append(packet)
     return packets
+
+
+def _keyframes(path: Path, info: MediaInfo, tools: Tools, listing: Path) -> list[_Packet]:
+    """The video stream's keyframes, from a read of all its packets. ffprobe writes their list
+    to `listing`, read a line at a time: taken whole from its output, the list cost the
+    service ~300 bytes per packet, and a TS may have one per 188 bytes (15 MiB for a 9.6 MB
+    file, ~7 GiB for a 4 GB one), where a few keyframes are all that is needed."""
+    result = tools.run(["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
+                        str(info.video_stream), "-show_entries", "packet=pts_time,dts_time,flags",
+                        "-of", "csv", "-o", str(listing), str(path)], what="ffprobe (keyframes)")
+    if (trouble := _output_error(result.stderr, str(listing))) is not None:
+        raise StorageError.from_strerror("list the packets", listing.parent, trouble)
+    if result.returncode != 0:
+        raise _refusal(result.stderr, path, "ffprobe cannot read its packets")
+    try:
+        with listing.open(errors="replace") as lines:
+            keys = [packet for line in lines
+                    if (packet := _packet(line, info)) is not None and packet.key]
+    except OSError as exc:
+        raise StorageError.from_os_error("list the packets", listing, exc) from exc
+    return keys
+
+
+def _packet(line: str, info: MediaInfo) -> _Packet | None:
+    """A `packet,PTS,DTS,FLAGS` line of ffprobe's, else None."""
+    section, *fields = line.rstrip("\n").split(",")
+    if section != "packet" or len(fields) < 3:
+        return None
+    pts, dts = _number(fields[0]), _number(fields[1])
+    pts, dts = (pts if pts is not None else dts), (dts if dts is not None else pts)
+    if pts is None or dts is None:
+        return None
+    return _Packet(pts_s=pts - info.start_s, dts_s=dts - info.start_s,
+                   key=fields[2].startswith("K"))
 
 
 def _runs(times: list[float], starts: list[_Start], *, budget_s: float) -> list[_Run]:

@@ -30,6 +30,7 @@ cap, never the line ffmpeg happened to print last.
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -66,6 +67,15 @@ class Tools:
                 raise BadSetting(f"--media-memory {_size(memory_cap)}: prlimit, which caps "
                                  "ffprobe/ffmpeg's memory, is not installed; install util-linux, "
                                  "or give --media-memory 0 to run them uncapped")
+            # an unprivileged prlimit cannot raise the hard limit the service runs under
+            # (systemd's LimitDATA=, ulimit -d): every tool would fail, each ingest refused as
+            # 'not a video: ffprobe cannot read it (prlimit: failed to set ...)'
+            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            if hard != resource.RLIM_INFINITY and hard < memory_cap:
+                raise BadSetting(f"--media-memory {_size(memory_cap)} is more than the server's "
+                                 f"own hard data limit ({_size(hard)}, ulimit -d), above which "
+                                 "its tools cannot be given memory; give a smaller "
+                                 "--media-memory, or raise the limit")
             self._capped = ["prlimit", f"--data={memory_cap}", "--"]
         self._lock = threading.Lock()
         self._running: set[subprocess.Popen[bytes]] = set()
