@@ -245,8 +245,10 @@ def test_a_video_needing_more_memory_than_the_cap_is_refused_naming_it(
         api = Api(capped.url)
         try:
             response = api.ingest(url, unique("memory"))
-            detail = ("not a video: ffmpeg (frame sampling) ran out of memory: it needs more "
-                      "than the server's --media-memory of 256 MiB (the operator may raise it)")
+            detail = ("not a video: ffmpeg (frame sampling) ran out of memory under the "
+                      "server's --media-memory of 256 MiB: the video needs more (the operator "
+                      "may raise the cap), or it is broken and declares sizes no memory would "
+                      "hold")
             assert (response.status_code, response.json()) == (422, {"detail": detail})
             assert api.http.get("/resolve", params={"url": url}).status_code == 404
         finally:
@@ -293,8 +295,8 @@ def test_a_tool_refused_memory_is_not_a_video_naming_the_cap(stderr: str, status
     """The tool failed, or went on without what it could not allocate; without a cap such a
     line is the tool's own business (the callers judge it as before)."""
     argv = ["sh", "-c", f"printf '%s\\n' '{stderr}' >&2; exit {status}"]
-    with pytest.raises(NotAVideo, match=r"^not a video: test tool ran out of memory: it needs "
-                                        r"more than the server's --media-memory of 200 MiB "):
+    with pytest.raises(NotAVideo, match=r"^not a video: test tool ran out of memory under "
+                                        r"the server's --media-memory of 200 MiB: the video "):
         Tools(timeout=30, memory_cap=200 * MIB).run(argv, what="test tool")
     assert Tools(timeout=30).run(argv, what="test tool").returncode == status
 

@@ -115,9 +115,12 @@ class Tools:
             raise ShuttingDown()
         if self._memory_cap is not None and _OUT_OF_MEMORY.search(stderr) \
                 and _SIZE_REFUSED not in stderr:
-            raise NotAVideo(f"{what} ran out of memory: it needs more than the server's "
-                            f"--media-memory of {_size(self._memory_cap)} (the operator may "
-                            "raise it)")
+            # A broken file declaring a huge table (an mp4's sample count) makes the tool say
+            # the same without a cap: the words alone cannot tell the two apart.
+            raise NotAVideo(f"{what} ran out of memory under the server's --media-memory of "
+                            f"{_size(self._memory_cap)}: the video needs more (the operator "
+                            "may raise the cap), or it is broken and declares sizes no memory "
+                            "would hold")
         if signalled:
             how = f"killed by {_signal_name(-status)}" if status < 0 else \
                 f"stopped by a signal (exit status {status})"
