@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -78,17 +78,22 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
         wait_until(lambda: not _daemons(directory), timeout=20, what="the daemon exited")
 
 
-def _daemons(mountpoint: Path) -> list[int]:
-    """The pids of vcfs daemons serving `mountpoint`."""
+def _foreground_daemons(matches: Callable[[list[bytes]], bool]) -> list[int]:
+    """The pids of the processes running `vcfs mount --foreground` whose argv `matches`."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"vcfs" in argv and str(mountpoint).encode() in argv and b"--foreground" in argv:
+        if b"--foreground" in argv and matches(argv):
             found.append(int(entry.name))
     return found
+
+
+def _daemons(mountpoint: Path) -> list[int]:
+    """The pids of vcfs daemons serving `mountpoint`."""
+    return _foreground_daemons(lambda argv: b"vcfs" in argv and str(mountpoint).encode() in argv)
 
 
 def mount_fuse3(url: str, mountpoint: Path, options: str,
@@ -187,16 +192,8 @@ def test_mount_8_reports_a_helper_that_failed(mountpoint: Path, helper_path: str
 
 def _fd_daemons(log_file: Path) -> list[int]:
     """The pids of vcfs daemons logging to `log_file` that serve a /dev/fd/N mount point."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (b"--foreground" in argv and str(log_file).encode() in argv
-                and any(arg.startswith(b"/dev/fd/") for arg in argv)):
-            found.append(int(entry.name))
-    return found
+    return _foreground_daemons(lambda argv: str(log_file).encode() in argv
+                               and any(arg.startswith(b"/dev/fd/") for arg in argv))
 
 
 def test_drop_privileges_has_mount_fuse3_mount_and_vcfs_serve_without_privileges(
