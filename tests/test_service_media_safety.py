@@ -301,6 +301,14 @@ def test_a_tool_refused_memory_is_not_a_video_naming_the_cap(stderr: str, status
     assert Tools(timeout=30).run(argv, what="test tool").returncode == status
 
 
+@pytest.mark.parametrize(("cap", "shown"), [(1500 * MIB, "1500 MiB"), (3 * 1024 * MIB, "3 GiB")])
+def test_the_cap_is_named_as_it_was_given(cap: int, shown: str) -> None:
+    """Was '1.46484 GiB' for --media-memory 1500M."""
+    argv = ["sh", "-c", "echo 'Cannot allocate memory' >&2; exit 1"]
+    with pytest.raises(NotAVideo, match=rf"--media-memory of {shown}: "):
+        Tools(timeout=30, memory_cap=cap).run(argv, what="test tool")
+
+
 def test_a_frame_larger_than_max_pixels_is_not_memory() -> None:
     """Its buffer is refused too ('get_buffer() failed'), for its size: media.py says so."""
     stderr = ("[h264 @ 0x55] [IMGUTILS @ 0x7f] Picture size 8208x4320 exceeds specified max "

@@ -143,4 +143,8 @@ def _signal_name(number: int) -> str:
 
 
 def _size(size: int) -> str:
-    return f"{size / 2**30:g} GiB" if size >= 2**30 else f"{size / 2**20:g} MiB"
+    """A cap as given (3G, 1500M), shown in the largest unit it is a whole number of."""
+    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
