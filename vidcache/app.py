@@ -65,7 +65,7 @@ from vidcache.store import (
     is_content_hash,
 )
 from vidcache.tools import Tools
-from vidcache_client._credentials import with_secrets_replaced, without_credentials
+from vidcache_client._credentials import has_secrets, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -473,11 +473,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
         if record is None:
             # Shown with its secrets REDACTED, it reads as the alias /meta shows of an ingested
             # URL: say that they count (that alias, copied, or a URL signed anew is unknown).
-            # It has some if their values left out differ from them REDACTED.
-            secrets = with_secrets_replaced(url, lambda _value: "") != shown
             raise NotFound(f"URL not ingested: {shown}" + (
                 "; the secrets of its query, REDACTED here, are compared as given: resolve "
-                "the URL itself, not an alias shown by /meta or /videos" if secrets else ""))
+                "the URL itself, not an alias shown by /meta or /videos"
+                if has_secrets(url) else ""))
         return ResolveResponse(hash=record.content_hash, url=shown)
 
     @app.get("/meta/{content_hash}", responses=_ERRORS)

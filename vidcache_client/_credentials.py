@@ -54,6 +54,12 @@ def without_credentials(url: str) -> str:
     return with_secrets_replaced(url, lambda _value: REDACTED)
 
 
+def has_secrets(url: str) -> bool:
+    """Whether `url` holds a (non-empty) secret parameter's value, in its query or fragment or
+    in a URL nested there: shown, it has REDACTED in its place."""
+    return any(secret for _start, _end, secret in _credential_spans(url, _NESTING))
+
+
 def with_secrets_replaced(url: str, replace: Callable[[str], str]) -> str:
     """`url` without its `user:password@`, the (non-empty) value of each secret parameter of
     its query and fragment replaced by `replace(value)`, and so for a URL in the value of a
