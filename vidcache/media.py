@@ -308,11 +308,10 @@ class _Packet:
 
 def _packets(path: Path, info: MediaInfo, tools: Tools, at: list[float]) -> list[_Packet]:
     """The video stream's first packet after a seek to each time of `at`, each decoded alone."""
-    argv = ["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
-            str(info.video_stream),
-            "-show_entries", "packet=pts_time,dts_time,flags:frame=pts_time",
-            "-read_intervals", ",".join(f"{info.start_s + t:.6f}%+#1" for t in at)]
-    result = tools.run([*argv, "-of", "csv", str(path)], what="ffprobe (keyframes)")
+    result = tools.run(_packet_probe(info, "packet=pts_time,dts_time,flags:frame=pts_time",
+                                     "-read_intervals",
+                                     ",".join(f"{info.start_s + t:.6f}%+#1" for t in at),
+                                     str(path)), what="ffprobe (keyframes)")
     if result.returncode != 0:
         raise _refusal(result.stderr, path, "ffprobe cannot read its packets")
     packets: list[_Packet] = []
@@ -329,9 +328,8 @@ def _keyframes(path: Path, info: MediaInfo, tools: Tools, listing: Path) -> list
     to `listing`, read a line at a time: taken whole from its output, the list cost the
     service ~300 bytes per packet, and a TS may have one per 188 bytes (15 MiB for a 9.6 MB
     file, ~7 GiB for a 4 GB one), where a few keyframes are all that is needed."""
-    result = tools.run(["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
-                        str(info.video_stream), "-show_entries", "packet=pts_time,dts_time,flags",
-                        "-of", "csv", "-o", str(listing), str(path)], what="ffprobe (keyframes)")
+    result = tools.run(_packet_probe(info, "packet=pts_time,dts_time,flags",
+                                     "-o", str(listing), str(path)), what="ffprobe (keyframes)")
     if (trouble := _output_error(result.stderr, str(listing))) is not None:
         raise StorageError.from_strerror("list the packets", listing.parent, trouble)
     if result.returncode != 0:
@@ -343,6 +341,12 @@ def _keyframes(path: Path, info: MediaInfo, tools: Tools, listing: Path) -> list
     except OSError as exc:
         raise StorageError.from_os_error("list the packets", listing, exc) from exc
     return keys
+
+
+def _packet_probe(info: MediaInfo, entries: str, *rest: str) -> list[str]:
+    """ffprobe listing `entries` of the video stream's packets as CSV (`_packet` reads them)."""
+    return ["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
+            str(info.video_stream), "-show_entries", entries, "-of", "csv", *rest]
 
 
 def _packet(line: str, info: MediaInfo) -> _Packet | None:
