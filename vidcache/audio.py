@@ -31,8 +31,8 @@ import numpy as np
 import numpy.typing as npt
 
 from vidcache.errors import MediaToolError
-from vidcache.media import INPUT_LIMITS, ONE_CORE, last_error_line
-from vidcache.tools import Tools
+from vidcache.media import INPUT_LIMITS, last_error_line
+from vidcache.tools import Tools, ffmpeg_argv
 
 RATE = 8000
 FRAME = 1024
@@ -84,10 +84,10 @@ def fingerprint(path: Path, stream: int, times: tuple[tuple[float, float], ...],
     cannot decode it."""
     prints = []
     for start, seconds in times:
-        result = tools.run(["ffmpeg", *ONE_CORE, "-nostdin", "-v", "error", *INPUT_LIMITS,
-                            "-ss", f"{start:.3f}", "-t", f"{seconds:.3f}", "-i", str(path),
-                            "-map", f"0:{stream}", "-ac", "1", "-ar", str(RATE),
-                            "-f", "s16le", "-"], what="ffmpeg (audio sampling)")
+        argv = ffmpeg_argv(INPUT_LIMITS, path, [["-ss", f"{start:.3f}", "-t", f"{seconds:.3f}"]],
+                           ["-map", f"0:{stream}", "-ac", "1", "-ar", str(RATE), "-f", "s16le",
+                            "-"])
+        result = tools.run(argv, what="ffmpeg (audio sampling)")
         if result.returncode != 0:
             raise MediaToolError("ffmpeg cannot decode the audio "
                                  f"({last_error_line(result.stderr, path)})")

@@ -36,7 +36,7 @@ import imagehash
 from PIL import Image
 
 from vidcache.errors import NotAVideo, StorageError
-from vidcache.tools import Tools
+from vidcache.tools import Tools, ffmpeg_argv, ffprobe_argv
 
 FRAMES = 8
 FRAME_SIZE = 64
@@ -89,17 +89,8 @@ _INDIRECTIONS = {"hls": "an HLS playlist", "dash": "a DASH manifest",
 MAX_PIXELS = 8192 * 4320
 _TOO_LARGE = re.compile(r"Picture size (\d+)x(\d+) exceeds specified max pixel count")
 
-# ffmpeg sizes its thread pools by the machine's cores: each decoder one per core (up to 16),
-# each filter graph, scaler and encoder one per core. Sampling a 1080p video's frames started
-# 1667 threads on 64 cores (-cpucount 64): 14 GiB of data segment (their stacks), 1.1 GiB
-# resident, against 79 threads and 966 MiB / 358 MiB on 2. Set here, the tools start as many
-# threads, and need as much memory, on any machine, so that one memory cap fits them all: one
-# for the filters and encoders (a frame scaled to 64x64, seconds of audio resampled), 2 per
-# decoder, the only parallel work (ffmpeg decodes every input in its main thread).
-ONE_CORE = ["-cpucount", "1"]  # first, for the whole run
-
-# before each input: what may open and decode it, in how many threads
-INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS), "-threads", "2"]
+# what may open and decode each input (tools.ffprobe_argv and ffmpeg_argv add their threads)
+INPUT_LIMITS = ["-format_whitelist", _DEMUXERS, "-max_pixels", str(MAX_PIXELS)]
 
 
 def last_error_line(stderr: bytes, path: Path) -> str:
@@ -132,8 +123,8 @@ def _unsupported(format_name: str) -> NotAVideo:
 
 def probe(path: Path, tools: Tools) -> MediaInfo:
     """Validate `path` as a video; NotAVideo says what is wrong with it."""
-    result = tools.run(["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-show_format",
-                        "-show_streams", "-of", "json", str(path)], what="ffprobe")
+    result = tools.run(ffprobe_argv(INPUT_LIMITS, path, "-show_format", "-show_streams",
+                                    "-of", "json"), what="ffprobe")
     if result.returncode != 0:
         raise _refusal(result.stderr, path, "ffprobe cannot read it")
     info: dict[str, Any] = json.loads(result.stdout or b"{}")
@@ -308,10 +299,10 @@ class _Packet:
 
 def _packets(path: Path, info: MediaInfo, tools: Tools, at: list[float]) -> list[_Packet]:
     """The video stream's first packet after a seek to each time of `at`, each decoded alone."""
-    result = tools.run(_packet_probe(info, "packet=pts_time,dts_time,flags:frame=pts_time",
+    result = tools.run(_packet_probe(path, info, "packet=pts_time,dts_time,flags:frame=pts_time",
                                      "-read_intervals",
-                                     ",".join(f"{info.start_s + t:.6f}%+#1" for t in at),
-                                     str(path)), what="ffprobe (keyframes)")
+                                     ",".join(f"{info.start_s + t:.6f}%+#1" for t in at)),
+                       what="ffprobe (keyframes)")
     if result.returncode != 0:
         raise _refusal(result.stderr, path, "ffprobe cannot read its packets")
     packets: list[_Packet] = []
@@ -328,8 +319,8 @@ def _keyframes(path: Path, info: MediaInfo, tools: Tools, listing: Path) -> list
     to `listing`, read a line at a time: taken whole from its output, the list cost the
     service ~300 bytes per packet, and a TS may have one per 188 bytes (15 MiB for a 9.6 MB
     file, ~7 GiB for a 4 GB one), where a few keyframes are all that is needed."""
-    result = tools.run(_packet_probe(info, "packet=pts_time,dts_time,flags",
-                                     "-o", str(listing), str(path)), what="ffprobe (keyframes)")
+    result = tools.run(_packet_probe(path, info, "packet=pts_time,dts_time,flags",
+                                     "-o", str(listing)), what="ffprobe (keyframes)")
     if (trouble := _output_error(result.stderr, str(listing))) is not None:
         raise StorageError.from_strerror("list the packets", listing.parent, trouble)
     if result.returncode != 0:
@@ -343,10 +334,10 @@ def _keyframes(path: Path, info: MediaInfo, tools: Tools, listing: Path) -> list
     return keys
 
 
-def _packet_probe(info: MediaInfo, entries: str, *rest: str) -> list[str]:
+def _packet_probe(path: Path, info: MediaInfo, entries: str, *options: str) -> list[str]:
     """ffprobe listing `entries` of the video stream's packets as CSV (`_packet` reads them)."""
-    return ["ffprobe", *ONE_CORE, "-v", "error", *INPUT_LIMITS, "-select_streams",
-            str(info.video_stream), "-show_entries", entries, "-of", "csv", *rest]
+    return ffprobe_argv(INPUT_LIMITS, path, "-select_streams", str(info.video_stream),
+                        "-show_entries", entries, "-of", "csv", *options)
 
 
 def _packet(line: str, info: MediaInfo) -> _Packet | None:
@@ -386,11 +377,10 @@ def _sampling_argv(path: Path, info: MediaInfo, times: list[float], runs: list[_
                    outputs: list[Path]) -> list[str]:
     """One ffmpeg: an input per run; each sample's frame is the first at or after its time,
     shrunk to a FRAME_SIZE² grey image, written to its output."""
-    argv = ["ffmpeg", *ONE_CORE, "-nostdin", "-v", "error"]
+    inputs = []
     graph = []
     for number, run in enumerate(runs):
-        seek = [] if run.start.seek_s is None else ["-ss", f"{run.start.seek_s:.3f}"]
-        argv += [*INPUT_LIMITS, *seek, "-i", str(path)]
+        inputs.append([] if run.start.seek_s is None else ["-ss", f"{run.start.seek_s:.3f}"])
         source = f"[{number}:{info.video_stream}]"
         branches = [source]
         if len(run.samples) > 1:
@@ -401,11 +391,12 @@ def _sampling_argv(path: Path, info: MediaInfo, times: list[float], runs: list[_
             # a µs early: a frame at the very time is taken, as a seek takes it
             graph.append(f"{branch}select=gte(t\\,{times[i] - origin - 1e-6:.6f}),"
                          f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray[f{i}]")
-    argv += ["-filter_complex", ";".join(graph)]
+    outputs_argv = ["-filter_complex", ";".join(graph)]
     for run in runs:
         for i in run.samples:
-            argv += ["-map", f"[f{i}]", "-frames:v", "1", "-f", "rawvideo", str(outputs[i])]
-    return argv
+            outputs_argv += ["-map", f"[f{i}]", "-frames:v", "1", "-f", "rawvideo",
+                             str(outputs[i])]
+    return ffmpeg_argv(INPUT_LIMITS, path, inputs, outputs_argv)
 
 
 def _output_error(stderr: bytes, frames_dir: str) -> str | None:

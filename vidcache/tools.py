@@ -35,6 +35,8 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 
 from vidcache.errors import BadSetting, MediaToolError, NotAVideo, ShuttingDown, ToolStopped
 
@@ -52,6 +54,36 @@ _OUT_OF_MEMORY = re.compile(rb"(?i)(cannot|could not|failed to|error) allocat|ba
                             rb"failed to map segment")
 # A frame buffer refused for a size -max_pixels refused (media.py says so) is not memory.
 _SIZE_REFUSED = b"image parameters invalid"
+
+
+# ffmpeg sizes its thread pools by the machine's cores: each decoder one per core (up to 16),
+# each filter graph, scaler and encoder one per core. Sampling a 1080p video's frames started
+# 1667 threads on 64 cores (-cpucount 64): 14 GiB of data segment (their stacks), 1.1 GiB
+# resident, against 79 threads and 966 MiB / 358 MiB on 2. Set here, the tools start as many
+# threads, and need as much memory, on any machine, so that one memory cap fits them all: one
+# for the filters and encoders (a frame scaled to 64x64, seconds of audio resampled), 2 per
+# decoder, the only parallel work (ffmpeg decodes every input in its main thread). Every run
+# is spelled by ffprobe_argv or ffmpeg_argv, so none goes without them.
+_ONE_CORE = ["-cpucount", "1"]  # first, for the whole run
+_DECODER_THREADS = ["-threads", "2"]  # before each input
+
+
+def ffprobe_argv(input_limits: Sequence[str], path: Path, *options: str) -> list[str]:
+    """ffprobe reading `path` with `options`: on one core, saying only errors, the input
+    opened under `input_limits` (what may open and decode it) and decoded in 2 threads."""
+    return ["ffprobe", *_ONE_CORE, "-v", "error", *input_limits, *_DECODER_THREADS, *options,
+            str(path)]
+
+
+def ffmpeg_argv(input_limits: Sequence[str], path: Path, inputs: Sequence[Sequence[str]],
+                outputs: Sequence[str]) -> list[str]:
+    """ffmpeg opening `path` once for each of `inputs` (the options before its -i), then
+    `outputs`: on one core, saying only errors, without stdin, each input opened under
+    `input_limits` and decoded in 2 threads."""
+    argv = ["ffmpeg", *_ONE_CORE, "-nostdin", "-v", "error"]
+    for options in inputs:
+        argv += [*input_limits, *_DECODER_THREADS, *options, "-i", str(path)]
+    return [*argv, *outputs]
 
 
 class Tools:
