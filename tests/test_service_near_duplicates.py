@@ -72,6 +72,10 @@ _VIDEOS: dict[str, list[str]] = {
     "mandelbrot-small.mp4": ["-i", "{dir}/mandelbrot.mp4", "-vf", "scale=120:90", *_X264,
                              "-b:v", "100k"],
     "mandelbrot-x2.mp4": ["-i", "{dir}/mandelbrot.mp4", "-vf", "setpts=0.5*PTS", *_X264],
+    # the same frames, their times 5 s on: an MP4 with an empty edit first, an MKV whose
+    # segment begins 5 s before its first frame
+    **{f"mandelbrot-offset.{ext}": ["-i", "{dir}/mandelbrot.mp4", "-c", "copy",
+                                    "-output_ts_offset", "5"] for ext in ("mp4", "mkv")},
     # the same 7 s, then 1 s of something else each: 7 of the 8 samples alike
     "intro-life.mp4": _concat((_TESTSRC, 7), (_LIFE, 1)),
     "intro-cells.mp4": _concat((_TESTSRC, 7), (f"cellauto={_SIZE}:rule=30:seed=5", 1)),
@@ -146,6 +150,15 @@ def test_a_video_at_another_speed_is_another_video(api: Api, origin: str) -> Non
         api, origin, "mandelbrot.mp4", "mandelbrot-small.mp4", "mandelbrot-x2.mp4")
     assert (first, reencode, matched) == ("new", "duplicate", stored)
     assert faster == "new"
+
+
+@pytest.mark.parametrize("name", ["mandelbrot-offset.mp4", "mandelbrot-offset.mkv"])
+def test_a_video_whose_first_frame_comes_later_is_the_same_video(api: Api, origin: str,
+                                                                  name: str) -> None:
+    """Their durations count from 0, so the 8 s video offset by 5 s measured 13 s, was sampled
+    as long, its last 3 samples past its end without a frame, and stored again."""
+    (_, stored), (status, matched) = _statuses(api, origin, "mandelbrot.mp4", name)
+    assert (status, matched) == ("duplicate", stored)
 
 
 def test_videos_alike_but_for_their_end_are_two_videos(api: Api, origin: str) -> None:

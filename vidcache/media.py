@@ -58,8 +58,9 @@ class MediaInfo:
 
 
 # ffprobe format_name -> (mime type, extension); mp4/mov and matroska/webm are refined below.
+_MP4 = "mov,mp4,m4a,3gp,3g2,mj2"
 _CONTAINERS: dict[str, tuple[str, str]] = {
-    "mov,mp4,m4a,3gp,3g2,mj2": ("video/mp4", "mp4"),
+    _MP4: ("video/mp4", "mp4"),
     "matroska,webm": ("video/x-matroska", "mkv"),
     "avi": ("video/x-msvideo", "avi"),
     "mpegts": ("video/mp2t", "ts"),
@@ -152,12 +153,15 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
     duration = _duration(fmt, videos[0])
     if duration is None:
         raise NotAVideo(f"{format_name} file whose duration ffprobe cannot tell")
+    start = _number(fmt.get("start_time")) or 0.0
+    if start > 0:
+        duration = _from_start(format_name, streams, start, duration)
     audios = [s for s in streams if s.get("codec_type") == "audio"]
     video = videos[0]
     return MediaInfo(duration_s=duration, container=format_name, mime_type=mime_type,
                      extension=extension, video_stream=int(video["index"]),
                      audio_stream=int(audios[0]["index"]) if audios else None,
-                     start_s=_number(fmt.get("start_time")) or 0.0,
+                     start_s=start,
                      pixel_rate=int(video.get("width") or 0) * int(video.get("height") or 0)
                      * _frame_rate(video))
 
@@ -168,6 +172,27 @@ def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
         if value is not None and value > 0:
             return value
     return None
+
+
+def _from_start(format_name: str, streams: list[dict[str, Any]], start_s: float,
+                duration_s: float) -> float:
+    """The time from `start_s`, the first timestamp, to the end, of a file whose `duration_s`
+    may count from 0: a Matroska segment's does, and an MP4 movie's when an empty edit puts
+    off its first frame (written with -output_ts_offset, a video-only re-encode of a capture
+    begun mid-GOP keeping its first frame's time). Taken as the time from the start, it put
+    the last samples past the end, without a frame, and the video was stored again (offset
+    by 5 s: 15 s for 10, 3 samples of 8 missing)."""
+    if format_name == "matroska,webm" and duration_s > start_s:
+        return round(duration_s - start_s, 6)
+    if format_name == _MP4:
+        # its streams' durations count from their start (and so does the movie's without an
+        # edit list, where the start is the delay of B-frames)
+        ends = [start + length for stream in streams
+                if (start := _number(stream.get("start_time"))) is not None
+                and (length := _number(stream.get("duration"))) is not None]
+        if ends and max(ends) > start_s:
+            return round(max(ends) - start_s, 6)
+    return duration_s
 
 
 def _number(text: object) -> float | None:
