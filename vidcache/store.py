@@ -285,23 +285,29 @@ class Store:
             os.close(self._lock_file)
             self._lock_file = None
             raise DataDirInUse(f"{self.data_dir} is in use by another vidcache process") from exc
-        with _index_errors("open the index", self.internal_dir):
-            db = self._connect()
-            db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a committed record must survive power loss, its blob was fsynced before
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA foreign_keys = ON")
-            db.executescript(_SCHEMA)
-            self._db = db
-            self._migrate()  # an older index's VACUUM needs room too
-            self._readers = queue.SimpleQueue()
-            for _ in range(READ_CONNECTIONS):
-                reader = self._connect()
-                reader.execute("PRAGMA query_only = ON")  # a write here would bypass the lock
-                self._readers.put(reader)
-                self._read_connections += 1
-        with _index_errors("read the index", self.internal_dir, reading=True):
-            report = self._recover()
+        try:
+            with _index_errors("open the index", self.internal_dir):
+                self._db = db = self._connect()
+                db.execute("PRAGMA journal_mode = WAL")
+                # FULL: a committed record must survive power loss, its blob was fsynced before
+                db.execute("PRAGMA synchronous = FULL")
+                db.execute("PRAGMA foreign_keys = ON")
+                db.executescript(_SCHEMA)
+                self._migrate()  # an older index's VACUUM needs room too
+                self._readers = queue.SimpleQueue()
+                for _ in range(READ_CONNECTIONS):
+                    reader = self._connect()
+                    # a write on a reader would bypass the write lock
+                    reader.execute("PRAGMA query_only = ON")
+                    self._readers.put(reader)
+                    self._read_connections += 1
+            with _index_errors("read the index", self.internal_dir, reading=True):
+                report = self._recover()
+        except BaseException:
+            # whatever stopped it (a bug too): the index's connections and the lock let go, so
+            # that the caller may open the directory again
+            self.close()
+            raise
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
                         "%d records whose blob was missing", self.data_dir, report.temp_files,
