@@ -97,6 +97,52 @@ def ext4_turning_read_only(target: Path) -> Iterator[Path]:
         subprocess.run(["losetup", "--detach", device], check=False)
 
 
+@contextlib.contextmanager
+def btrfs_with_quota(target: Path) -> Iterator[Path]:
+    """A btrfs of 128 MiB in a file, on a loop device, mounted at the new directory `target`,
+    its quotas (qgroups) on; yields its new subvolume `quota`, whose quota limit_quota sets.
+    Skips the test where btrfs or loop devices are not available. Unmounted and its loop
+    device detached at the end."""
+    if not (shutil.which("mkfs.btrfs") and shutil.which("losetup")):
+        pytest.skip("needs mkfs.btrfs (btrfs-progs) and losetup")
+    image = target.parent / f"{target.name}.img"
+    with open(image, "wb") as file:
+        file.truncate(128 * MIB)
+    subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True, capture_output=True)
+    attach = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
+                            text=True)
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        target.mkdir()
+        mount = subprocess.run(["mount", "-t", "btrfs", device, str(target)],
+                               capture_output=True, text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount btrfs: {mount.stderr.strip()}")
+        try:
+            for command in (["quota", "enable", str(target)],
+                            ["subvolume", "create", str(target / "quota")]):
+                subprocess.run(["btrfs", *command], check=True, capture_output=True)
+            yield target / "quota"
+        finally:
+            subprocess.run(["umount", str(target)], check=False)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=False)
+
+
+def limit_quota(subvolume: Path, room: int | None) -> None:
+    """The quota of the btrfs subvolume: what it holds now and `room` bytes more; None: no
+    limit."""
+    limit = "none"
+    if room is not None:
+        shown = subprocess.run(["btrfs", "qgroup", "show", "--raw", "--sync", "-f",
+                                str(subvolume)], check=True, capture_output=True, text=True)
+        referenced = int(shown.stdout.splitlines()[-1].split()[1])
+        limit = str(referenced + room)
+    subprocess.run(["btrfs", "qgroup", "limit", limit, str(subvolume)], check=True)
+
+
 def fill(directory: Path, leave: int = 0) -> Path:
     """A file taking every free byte of `directory`'s file system but `leave` (a multiple of
     the page size); returns its path."""
@@ -656,16 +702,16 @@ def make_older_index(data: Path, media_url: str, copies: int) -> str:
     return a
 
 
-def vacuum_warning(data: Path, temp_dir: Path) -> str:
-    """The pattern of the warning that the index was not rewritten whole; its groups: bytes
-    needed, free in the data directory, free in the temporary directory."""
+def vacuum_warning(data: Path, temp_dir: Path, why: str = "disk full") -> str:
+    """The pattern of the warning that the index was not rewritten whole because of `why`; its
+    groups: bytes needed, free in the data directory, free in the temporary directory."""
     internal = data / ".vidcache"
     return (re.escape(f"the index {internal / 'index.sqlite3'} was not rewritten whole "
-                      "(VACUUM): disk full: it needs about ")
+                      f"(VACUUM): {why}: it needs about ")
             + r"(\d+) bytes \([\d.,]+ MiB\)" + re.escape(f" free in {internal}, ")
             + r"(\d+) are free \([\d.,]+ MiB\)"
-            + re.escape(", and for an index larger than SQLite's cache as many in its "
-                        f"temporary directory {temp_dir}, ")
+            + re.escape(", and for an index larger than SQLite's cache about ")
+            + r"\d+ \([\d.,]+ MiB\)" + re.escape(f" in its temporary directory {temp_dir}, ")
             + r"(\d+) are free \([\d.,]+ MiB\)"
             + re.escape("; until then the text of the aliases rewritten or deleted before "
                         "(their credentials too) may remain in its free pages; the rewrite "
@@ -722,7 +768,9 @@ def test_an_older_index_that_cannot_be_rewritten_on_a_nearly_full_disk(
         with contextlib.closing(sqlite3.connect(index_file)) as index:
             assert index.execute("PRAGMA user_version").fetchone() == (2,)
 
+        # the room it said, besides the first block of the -shm the start makes before it
         filler.unlink()
+        fill(data, leave=-(-int(need) // PAGE) * PAGE + 32 * 1024)
         with _SqliteTempServer(data, temp_dir) as server:
             assert_served_and_resolved(server, a, videos["a.mp4"])
         assert_rewritten(data, server, warning)
@@ -749,5 +797,39 @@ def test_an_older_index_that_cannot_be_rewritten_for_want_of_temporary_room(
             assert int(temp_free) < int(need) < int(free)
 
         with _SqliteTempServer(data, tmp_path) as server:
+            assert_served_and_resolved(server, a, videos["a.mp4"])
+        assert_rewritten(data, server, warning)
+
+
+def test_an_older_index_that_cannot_be_rewritten_over_a_disk_quota(
+        tmp_path: Path, media_url: str, videos: dict[str, Path]) -> None:
+    """make_older_index's index of over 3 MiB on a data directory with room, and SQLite's
+    temporary directory (SQLITE_TMPDIR), where a VACUUM copies an index larger than its cache,
+    on a btrfs subvolume whose quota (a qgroup limit) leaves 1 MiB, its file system with room:
+    the VACUUM's write there fails with EDQUOT, which SQLite reports as 'disk I/O error'
+    (SQLITE_IOERR_WRITE), not as a full disk. The server starts all the same, serves the video
+    and resolves the URLs, and warns as for no room, saying that a write failed and why it may
+    have; the version is left at 2. Quota lifted, the next start rewrites the index. (Before:
+    the server did not start, 'cannot open the index in DIR/.vidcache: disk I/O error', exit
+    1, naming the data directory.) Not the data directory on that subvolume: btrfs copies on
+    write, so SQLite's first write to a page of its mapped -shm file needs room under the quota
+    too, and without it the server is killed (SIGBUS)."""
+    data = tmp_path / "data"
+    with btrfs_with_quota(tmp_path / "btrfs") as temp_dir:
+        a = make_older_index(data, media_url, 12000)
+        assert (data / ".vidcache" / "index.sqlite3").stat().st_size > 3 * MIB
+        limit_quota(temp_dir, MIB)
+
+        with _SqliteTempServer(data, temp_dir) as server:
+            assert_served_and_resolved(server, a, videos["a.mp4"])
+            warning = vacuum_warning(data, temp_dir, "a write failed (disk I/O error: a disk "
+                                                     "quota reached, or the disk failing)")
+            [(need, free, temp_free)] = re.findall(warning, server.log())
+            assert int(need) < min(int(free), int(temp_free))  # room, but not under the quota
+        with contextlib.closing(sqlite3.connect(data / ".vidcache" / "index.sqlite3")) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+        limit_quota(temp_dir, None)
+        with _SqliteTempServer(data, temp_dir) as server:
             assert_served_and_resolved(server, a, videos["a.mp4"])
         assert_rewritten(data, server, warning)

@@ -2,17 +2,21 @@
 zeros, as a failing disk or a torn write leaves one), before the server starts or under it
 while it runs. Every request that needs the damaged pages answers 500 with the JSON detail
 `cannot read the index FILE: database disk image is malformed` (`cannot update ...` for a write),
-logged as one line, no traceback, its connection kept; the rest is still served; the index
-is never changed and no blob is removed, at start-up recovery either.
+logged as one line, no traceback, its connection kept, the repeats of a failure counted
+rather than each logged; the rest is still served; the index is never changed and no blob is
+removed, at start-up recovery either.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import shutil
 import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -22,6 +26,7 @@ import pytest
 
 from tests.service_support import Api, blob_files, store_many, temp_files
 from tests.support import VidcacheServer, free_port, wait_until
+from vidcache.failure_log import FailureLog
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -96,6 +101,17 @@ def failures(server: VidcacheServer) -> list[str]:
             if " failed (500): " in line]
 
 
+REPEATS = re.compile(r"(.*) \(and (\d+) more failed like it in the [\d.]+ s before it\)")
+
+
+def counted(line: str) -> tuple[str, int]:
+    """A logged failure's line without its count of repeats, and how many failures it stands
+    for (itself and that count)."""
+    if match := REPEATS.fullmatch(line):
+        return match[1], 1 + int(match[2])
+    return line, 1
+
+
 def test_reads_of_a_damaged_index_are_a_500_naming_it(data: Path, media_url: str) -> None:
     """The index of hashes damaged: /meta, /video (the fast path's lookup included),
     /video/chunks, /resolve, /videos and a DELETE each answer 500 with SQLite's reason and the
@@ -118,17 +134,76 @@ def test_reads_of_a_damaged_index_are_a_500_naming_it(data: Path, media_url: str
         answer = http.delete(f"/video/{video}")
         assert (answer.status_code, answer.json()) == (
             500, {"detail": f"cannot update the index {index}: {MALFORMED}"})
-        wait_until(lambda: len(failures(server)) == 6, timeout=30, what="6 failures logged")
-    assert failures(server) == [
-        f"GET /meta/{video} failed (500): {unreadable['detail']}",
-        f"GET /video/{video} failed (500): {unreadable['detail']}",
-        f"GET /video/{video}/chunks failed (500): {unreadable['detail']}",
-        f"GET /resolve failed (500): {unreadable['detail']}",
-        f"GET /videos failed (500): {unreadable['detail']}",
-        f"DELETE /video/{video} failed (500): cannot update the index {index}: {MALFORMED}"]
+        wait_until(lambda: len(failures(server)) == 2, timeout=30, what="2 failures logged")
+    # the four reads after the first failed as it did: counted, the last logged at shutdown
+    assert [counted(line) for line in failures(server)] == [
+        (f"GET /meta/{video} failed (500): {unreadable['detail']}", 1),
+        (f"DELETE /video/{video} failed (500): cannot update the index {index}: {MALFORMED}",
+         1),
+        (f"GET /videos failed (500): {unreadable['detail']}", 4)]
     assert "Traceback" not in server.log()
     assert index.read_bytes() == damaged
     assert blob_files(data) == blobs
+
+
+def test_the_repeats_of_a_failure_are_counted_not_each_logged(data: Path) -> None:
+    """A player reading on over a damaged index: 300 /meta and 200 /video requests failing
+    with the same message, a DELETE among them failing with another. The first read's line is
+    logged at once, whole, and so is the DELETE's; the other reads are counted, at most a line a
+    minute, the last of them logged at shutdown with the count of those before it: every
+    failure accounted for, in 3 lines (within a minute). (Before: 501 lines.)"""
+    index = index_of(data)
+    damage(index, root_page(index, "sqlite_autoindex_videos_1"))
+    video = hashes(data, "real")[0]
+    unreadable = f"cannot read the index {index}: {MALFORMED}"
+    delete = f"DELETE /video/{video} failed (500): cannot update the index {index}: {MALFORMED}"
+    with VidcacheServer(data) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        started = time.monotonic()
+        for number in range(500):
+            path = f"/meta/{video}" if number < 300 else f"/video/{video}"
+            assert http.get(path).status_code == 500, path
+            if number == 250:
+                assert http.delete(f"/video/{video}").status_code == 500
+                wait_until(lambda: delete in failures(server), timeout=30,
+                           what="the DELETE's failure logged")
+        minutes = int((time.monotonic() - started) // 60)
+    lines = [counted(line) for line in failures(server)]
+    assert lines[:2] == [(f"GET /meta/{video} failed (500): {unreadable}", 1), (delete, 1)]
+    reads = [(line, count) for line, count in lines if line != delete]
+    assert 2 <= len(reads) <= 2 + minutes
+    assert reads[-1] == (f"GET /video/{video} failed (500): {unreadable}", reads[-1][1])
+    assert sum(count for _, count in reads) == 500
+    assert lines.count((delete, 1)) == 1
+
+
+def test_a_failure_log_line_per_kind_and_interval(caplog: pytest.LogCaptureFixture) -> None:
+    """FailureLog on a clock of its own (the real one would take minutes): a kind's first line
+    at once, its repeats counted, the first after the interval logged with their count; a
+    count left open is closed (its last line, the count of those before it) by a failure of
+    another kind past the interval, or at shutdown."""
+    now = [0.0]
+    failures = FailureLog(logging.getLogger("test.failures"), interval=60, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "test.failures")
+
+    def fail(at: float, kind: str, line: str) -> None:
+        now[0] = at
+        failures.failed(kind, logging.ERROR, line)
+
+    for at, kind, line in ((0, "a", "a0"), (1, "a", "a1"), (2, "b", "b0"), (30, "a", "a30"),
+                           (59.5, "a", "a59"), (61, "a", "a61"), (62, "b", "b62"),
+                           (90, "a", "a90"), (100, "a", "a100"), (125, "b", "b125"),
+                           (126, "b", "b126")):
+        fail(at, kind, line)
+    failures.flush()
+    failures.flush()  # nothing more
+    assert caplog.messages == [
+        "a0", "b0",
+        "a61 (and 3 more failed like it in the 61.0 s before it)",  # a1, a30, a59
+        "b62",  # b0's interval over, nothing counted since
+        # a's count (a90, a100) closed by b's failure past a's interval
+        "a100 (and 1 more failed like it in the 39.0 s before it)",
+        "b125",
+        "b126"]  # closed at shutdown
 
 
 def test_an_index_damaged_under_the_running_server(data: Path, media_url: str) -> None:

@@ -269,6 +269,50 @@ def test_credentials_in_an_older_index_are_cut_at_start(tmp_path: Path,
         api.close()
 
 
+def _index_descriptors() -> list[str]:
+    """The files of an index (the -wal and -shm too) this process has descriptors open on."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own, closed since
+            if "/.vidcache/index.sqlite3" in (target := os.readlink(f"/proc/self/fd/{fd}")):
+                found.append(target)
+    return found
+
+
+def test_a_failed_migration_lets_go_of_the_index(tmp_path: Path) -> None:
+    """An index of version 2 holding an alias that is not text (a BLOB another program wrote):
+    the migration's rewrite of the aliases fails with a TypeError, no error of the index's
+    (which open() would have translated). open() raises it and lets go of the data directory:
+    no descriptor left on the index's files, and, the alias removed, the directory opens in
+    this process again and is migrated. (Before: the write connection stayed open, on the
+    index and its -wal and -shm, and so did the directory's lock: the second open() was
+    'DIR is in use by another vidcache process'.)"""
+    data = tmp_path / "data"
+    store_many(data, 3)
+    index = data / ".vidcache" / "index.sqlite3"
+    with contextlib.closing(sqlite3.connect(index)) as db, db:
+        db.execute("INSERT INTO url_aliases (url, hash, added_at) SELECT ?, hash, "
+                   "'2025-01-31T12:00:00.000Z' FROM videos LIMIT 1",
+                   (b"http://h.test/v.mp4?token=1",))
+        db.execute("PRAGMA user_version = 2")
+    assert _index_descriptors() == []
+    with pytest.raises(TypeError):
+        Store(data).open()
+    assert _index_descriptors() == []
+
+    with contextlib.closing(sqlite3.connect(index)) as db, db:
+        db.execute("DELETE FROM url_aliases WHERE typeof(url) = 'blob'")
+    store = Store(data)
+    store.open()
+    try:
+        assert store.count() == 3
+    finally:
+        store.close()
+    assert _index_descriptors() == []
+    with contextlib.closing(sqlite3.connect(index)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+
+
 def test_one_server_per_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with VidcacheServer(data):

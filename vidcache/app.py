@@ -51,6 +51,7 @@ from vidcache.conditional import not_modified
 from vidcache.config import ServiceConfig
 from vidcache.download import MAX_URL_LENGTH, Downloader
 from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
+from vidcache.failure_log import FailureLog
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import STOP_TIMEOUT, Ingestor
 from vidcache.progress import IngestBoard, Phase
@@ -348,6 +349,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                         max_meta_depth=config.max_meta_depth)
     ingest_slots: anyio.CapacityLimiter | None = None
     under_way = IngestBoard()
+    failures = FailureLog(log)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -357,6 +359,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         try:
             yield
         finally:
+            failures.flush()  # the requests have been answered
             ingestor.stop()  # if the server has not yet
             if running := await anyio.to_thread.run_sync(ingestor.wait_stopped):
                 log.warning("%d ingests still running %g s after they were stopped; closing "
@@ -393,11 +396,13 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.exception_handler(VidcacheError)
     async def _our_error(request: Request, exc: VidcacheError) -> JSONResponse:
         # The server's own failures (an unreadable index, a disk that cannot take a delete)
-        # are the operator's to see: one line each, no traceback. An ingest logs its outcome.
+        # are the operator's to see: a line each, no traceback, their repeats counted. An
+        # ingest logs its outcome.
         if exc.status_code >= 500 and request.url.path != "/ingest":
-            log.log(logging.ERROR if exc.status_code == 500 else logging.WARNING,
-                    "%s %s failed (%d): %s", request.method, request.url.path,
-                    exc.status_code, exc)
+            failures.failed((exc.status_code, str(exc)),
+                            logging.ERROR if exc.status_code == 500 else logging.WARNING,
+                            f"{request.method} {request.url.path} failed ({exc.status_code}): "
+                            f"{exc}")
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(StarletteHTTPException)

@@ -285,23 +285,29 @@ class Store:
             os.close(self._lock_file)
             self._lock_file = None
             raise DataDirInUse(f"{self.data_dir} is in use by another vidcache process") from exc
-        with _index_errors("open the index", self.internal_dir):
-            db = self._connect()
-            db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a committed record must survive power loss, its blob was fsynced before
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA foreign_keys = ON")
-            db.executescript(_SCHEMA)
-            self._db = db
-            self._migrate()  # an older index's VACUUM needs room too
-            self._readers = queue.SimpleQueue()
-            for _ in range(READ_CONNECTIONS):
-                reader = self._connect()
-                reader.execute("PRAGMA query_only = ON")  # a write here would bypass the lock
-                self._readers.put(reader)
-                self._read_connections += 1
-        with _index_errors("read the index", self.internal_dir, reading=True):
-            report = self._recover()
+        try:
+            with _index_errors("open the index", self.internal_dir):
+                self._db = db = self._connect()
+                db.execute("PRAGMA journal_mode = WAL")
+                # FULL: a committed record must survive power loss, its blob was fsynced before
+                db.execute("PRAGMA synchronous = FULL")
+                db.execute("PRAGMA foreign_keys = ON")
+                db.executescript(_SCHEMA)
+                self._migrate()  # an older index's VACUUM needs room too
+                self._readers = queue.SimpleQueue()
+                for _ in range(READ_CONNECTIONS):
+                    reader = self._connect()
+                    # a write on a reader would bypass the write lock
+                    reader.execute("PRAGMA query_only = ON")
+                    self._readers.put(reader)
+                    self._read_connections += 1
+            with _index_errors("read the index", self.internal_dir, reading=True):
+                report = self._recover()
+        except BaseException:
+            # whatever stopped it (a bug too): the index's connections and the lock let go, so
+            # that the caller may open the directory again
+            self.close()
+            raise
         if any((report.temp_files, report.orphan_blobs, report.records_without_blob)):
             log.warning("start-up recovery in %s: removed %d temp files, %d orphan blobs, "
                         "%d records whose blob was missing", self.data_dir, report.temp_files,
@@ -374,31 +380,49 @@ class Store:
         try:
             self.db.execute("VACUUM")
         except sqlite3.Error as exc:
-            if getattr(exc, "sqlite_errorcode", None) not in _NO_ROOM:
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code in _NO_ROOM:
+                self._vacuum_postponed("disk full")
+                return
+            # A write refused otherwise, as with EDQUOT (SQLite says SQLITE_FULL for ENOSPC
+            # only), loses nothing either. The VACUUM reports an I/O error in its copy into a
+            # temporary database as a bare SQLITE_IOERR, a read of the index as well as a write
+            # of the copy: the index read whole without one (else IndexUnreadable, the start
+            # stopped) says it was a write.
+            if code not in (*_WRITE_FAILED, sqlite3.SQLITE_IOERR):
                 raise
-            self._vacuum_postponed()
+            if code == sqlite3.SQLITE_IOERR:
+                self._check_index()
+            self._vacuum_postponed(f"a write failed ({exc}: a disk quota reached, or the disk "
+                                   "failing)")
             return
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
-    def _vacuum_postponed(self) -> None:
-        """After a VACUUM that found no room: its frames given back (the WAL emptied), one
-        warning, the version left as it was. The aliases are rewritten (committed) and work;
-        refusing to start would turn the upgrade of a nearly full disk into an outage."""
+    def _vacuum_postponed(self, why: str) -> None:
+        """After a VACUUM whose writes failed (no room, a quota): its frames given back (the WAL
+        emptied), one warning saying `why`, the version left as it was. The aliases are
+        rewritten (committed) and work; refusing to start would turn the upgrade of a nearly
+        full disk into an outage."""
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         (pages,), (free_pages,), (page_size,) = (
             self.db.execute(f"PRAGMA {name}").fetchone()
             for name in ("page_count", "freelist_count", "page_size"))
-        need = (pages - free_pages) * (page_size + _WAL_FRAME_HEADER)  # the copy, in the WAL
+        frames = pages - free_pages  # the copy: a page each, in the WAL
+        # and the WAL's index (-shm) grows by a block per _SHM_FRAMES frames past its first
+        need = (_WAL_HEADER + frames * (page_size + _WAL_FRAME_HEADER)
+                + -(-max(0, frames - _SHM_FIRST_FRAMES) // _SHM_FRAMES) * _SHM_BLOCK)
+        temp_need = frames * page_size
         free, temp_dir = _free_space(self.internal_dir), _sqlite_temp_dir()
         temp_free = _free_space(temp_dir)
-        log.warning("the index %s was not rewritten whole (VACUUM): disk full: it needs about "
-                    "%d bytes (%s) free in %s, %d are free (%s), and for an index larger than "
-                    "SQLite's cache as many in its temporary directory %s, %d are free (%s); "
-                    "until then the text of the aliases rewritten or deleted before (their "
+        log.warning("the index %s was not rewritten whole (VACUUM): %s: it needs about %d bytes "
+                    "(%s) free in %s, %d are free (%s), and for an index larger than SQLite's "
+                    "cache about %d (%s) in its temporary directory %s, %d are free (%s); until "
+                    "then the text of the aliases rewritten or deleted before (their "
                     "credentials too) may remain in its free pages; the rewrite is tried again "
-                    "at the next start", self.internal_dir / INDEX_FILE, need, mib(need),
-                    self.internal_dir, free, mib(free), temp_dir, temp_free, mib(temp_free))
+                    "at the next start", self.internal_dir / INDEX_FILE, why, need, mib(need),
+                    self.internal_dir, free, mib(free), temp_need, mib(temp_need), temp_dir,
+                    temp_free, mib(temp_free))
 
     def _cut_alias_credentials(self) -> int:
         """Store each alias as url_alias makes it, as versions before 3 did not (before 1,
@@ -692,7 +716,15 @@ _INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
 
 # SQLite's errors for a file system without room: full, or the -shm cannot grow
 _NO_ROOM = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
-_WAL_FRAME_HEADER = 24  # bytes before each page in the WAL
+# and for a write it refused otherwise ('disk I/O error'): a quota (EDQUOT), a failing disk
+_WRITE_FAILED = (sqlite3.SQLITE_IOERR_WRITE, sqlite3.SQLITE_IOERR_FSYNC)
+# The WAL's layout: a header, then a header before each page; its index, the -shm, in blocks
+# of 32 KiB, the first for fewer frames (it holds the index's header too)
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
+_SHM_BLOCK = 32768
+_SHM_FRAMES = 4096
+_SHM_FIRST_FRAMES = 4062
 
 
 @contextlib.contextmanager
