@@ -65,7 +65,7 @@ KIB = 1 << 10
 MIB = 1 << 20
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _READAHEAD_MAX = 16 * MIB
-# A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other.
+# A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other (see is_vcfs_type).
 _FSTYPE = "fuse.vcfs"
 # Keywords of the FUSE helper that `-o` would reach instead of mount options.
 _HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "raw_fi"})
@@ -526,13 +526,24 @@ def mount_entry(mountpoint: str) -> tuple[str, int | None] | None:
             if _unescape_mountinfo(fields.split(" ")[4]) == target:
                 fstype, _, options = tail.split(" ")[:3]
                 owner = re.search(r"(?:^|,)user_id=(\d+)", options)
-                entry = fstype, int(owner.group(1)) if owner else None
+                entry = _unescape_mountinfo(fstype), int(owner.group(1)) if owner else None
     return entry
 
 
 def _unescape_mountinfo(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def is_vcfs_type(fstype: str) -> bool:
+    """Whether a mount of type `fstype` is vcfs's: fuse.vcfs, the type vcfs mounts with (and
+    mount.fuse3 with drop_privileges for a fuse.vcfs line); or fuse./path/to/vcfs, which
+    mount.fuse3 gives the mount it makes with drop_privileges in the `fuse` /
+    `/path/to/vcfs#URL` form: the subtype is the program it runs, named vcfs. The last part
+    of that path, not any: fuse./opt/vcfs/bin/sshfs is sshfs's. (The source field is no
+    better: it is the subtype again, or whatever fsname= the line gives.)"""
+    kind, _, program = fstype.partition(".")
+    return kind == "fuse" and program.rpartition("/")[2] == _FSTYPE.removeprefix("fuse.")
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -825,7 +836,7 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> int:
         if entry is None:
             raise StartupError(f"{mountpoint} is not mounted")
         fstype, owner = entry
-        if fstype != _FSTYPE:
+        if not is_vcfs_type(fstype):
             raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
                                f"it (umount, or fusermount3 -u for another FUSE file system)")
         if owner is not None and os.geteuid() not in (0, owner):
