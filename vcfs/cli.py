@@ -107,6 +107,7 @@ class StartupError(Exception):
 class MountOptions:
     url: str
     mountpoint: str  # absolute, symlinks resolved; or /dev/fd/N (see fuse_fd)
+    fuse_fd: int | None  # N of a /dev/fd/N mount point
     cache_size: int
     block_size: int
     readahead_max: int
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_mount(options, status_fd=args.status_fd)
     except StartupError as exc:
         print(f"vcfs: error: {exc}", file=sys.stderr)
+        # From the command line: the options may be what failed.
         fd = fuse_fd(args.mountpoint) if args.command == "mount" else None
         if fd is not None and is_fuse_device(fd):
             print(f"vcfs: the mount made for {args.mountpoint} is left dead (\"Transport "
@@ -357,13 +359,14 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
                            "(vcfs runs in the foreground or --daemon, multithreaded)")
     token_file = os.path.abspath(args.token_file) if args.token_file else None
+    fd = fuse_fd(args.mountpoint)
     return MountOptions(
         url=args.url,
         # Symlinks resolved: the mount is made on the target, and a symlink is never a
         # mount point (vcfs would wait for one; fusermount3 -u refuses it). Not /dev/fd/N: it
         # is a link to /dev/fuse.
-        mountpoint=(args.mountpoint if fuse_fd(args.mountpoint) is not None
-                    else os.path.realpath(args.mountpoint)),
+        mountpoint=args.mountpoint if fd is not None else os.path.realpath(args.mountpoint),
+        fuse_fd=fd,
         cache_size=cache,
         block_size=block,
         readahead_max=window,
@@ -585,13 +588,12 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         configure_logging(options.log_level, options.log_file)
     except OSError as exc:
         raise StartupError(f"cannot open the log file: {exc}") from exc
-    fd = fuse_fd(options.mountpoint)
-    if fd is None:
+    if options.fuse_fd is None:
         check_fuse_available()
         check_allow_other(options.fuse_options)
         prepare_mountpoint(options.mountpoint)
     else:
-        check_fuse_fd(options.mountpoint, fd)
+        check_fuse_fd(options.mountpoint, options.fuse_fd)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
     config = RemoteConfig(
         timeout=options.timeout, first_block_with_meta=options.first_block_with_meta
@@ -661,7 +663,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         readahead_max=options.readahead_max,
         kernel_readahead_kb=1024 if options.raise_readahead else None,
     )
-    premounted = fuse_fd(options.mountpoint) is not None
+    premounted = options.fuse_fd is not None
     # For a /dev/fd/N mount point, libfuse leaves the mount options, and the unmount, alone:
     # they are its opener's.
     where = f"the mount made on {options.mountpoint}" if premounted else options.mountpoint
@@ -754,7 +756,7 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
     """Start `vcfs mount --foreground` detached; return once it mounted (0), saying so on
     stdout if `announce`, or failed."""
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
-    fd = fuse_fd(options.mountpoint)
+    fd = options.fuse_fd
     if fd is not None:  # passed on: the child could not start without it open
         check_fuse_fd(options.mountpoint, fd)
     wait = options.timeout + _DAEMON_START_MARGIN
