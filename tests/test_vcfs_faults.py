@@ -521,7 +521,7 @@ def test_a_stopped_service_is_one_line_in_the_log_not_one_per_failed_read(
         assert log.count(f"the service at {server.url} failed an operation") == 1, log
         _restarted(server, mounted, path, source)
     log = mounted.log()  # with the unmount's count
-    assert "more operation(s) failed (read: EIO, " in log
+    assert " more open file(s) failed (read: EIO, " in log
     assert "Traceback" not in log
     FIGURES["stopped_service_log"] = {"failed_reads": sum(failures), "eio_lines": eio_lines,
                                       "log_bytes": len(log)}
@@ -625,6 +625,31 @@ def test_the_recovery_line_counts_the_open_files_whose_reads_failed_not_the_requ
         "; reads of 2 open file(s) failed meanwhile"), said
 
 
+def test_the_failures_left_out_of_the_log_count_each_open_files_reads_once(
+    tmp_path: Path, videos: dict[str, Path], media_url: str,
+) -> None:
+    """Three commands each reading a block the service refuses (503, through the fault proxy),
+    each EIO: after the first one's `failed (EIO)` line, the unmount's count of the failures
+    left out said '5 more operation(s) failed', every read vcfs answered EIO: the kernel
+    re-asks each failed read's first page at once. It says what the users saw fail, as the
+    recovery line does: reads of 2 more open files."""
+    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as link:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                            "--readahead-max", "0", "--log-level", "warning")
+        with mounted:
+            path = mounted.video(source.file_name)
+            bad = 5 * MIB
+            link.faults.enable(Refuse(status=503, match=only_block(source, bad)))
+            for _ in range(3):
+                failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
+                assert failed.errno == errno.EIO, failed
+    lines = mounted.log().splitlines()
+    assert sum(" failed (EIO): " in line for line in lines) == 1, lines
+    [counted] = [line for line in lines if " since the last such line, " in line]
+    assert "WARNING vcfs.fs: reads of 2 more open file(s) failed (read: EIO, " in counted, counted
+
+
 def test_what_failed_in_an_outage_is_each_open_files_reads_once_and_each_lookup(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -703,7 +728,8 @@ def test_an_outage_begun_by_a_one_attempt_re_read_is_not_said_to_last_0_s(
         outage.answered()
         for moment in (61.0, 61.2):
             now[0] = moment
-            failures.failed("read: EIO, ServerError", logging.ERROR, f"read {moment} failed")
+            failures.failed("read: EIO, ServerError", logging.ERROR, f"read {moment} failed",
+                            file=int(moment * 10))
         now[0] = 61.5  # half a second after the line: rounded half to even, that said '0 s'
         failures.flush()
     said = [record.getMessage().split(" (last error")[0] for record in caplog.records]
@@ -712,8 +738,8 @@ def test_an_outage_begun_by_a_one_attempt_re_read_is_not_said_to_last_0_s(
         "the service at http://service answers again, after less than 1 s of failures; reads "
         "of 1 open file(s) failed meanwhile",
         "read 61.0 failed",
-        "1 more operation(s) failed (read: EIO, ServerError) since the last such line, less "
-        "than 1 s ago",
+        "reads of 1 more open file(s) failed (read: EIO, ServerError) since the last such "
+        "line, less than 1 s ago",
     ]
 
 
@@ -722,19 +748,28 @@ def test_failures_left_out_are_counted_in_the_next_line_and_at_unmount(
 ) -> None:
     """`FailureLog` on a clock of its own: a cause's first failure is a line, those within
     10 s of it are counted in its next line, and those still left out at unmount in one line
-    ('1 more operations failed' before)."""
+    ('1 more operations failed' before). Failed reads count as the open files they were of,
+    each once, the file of the line not again (the kernel re-asks a failed read at once);
+    other operations each."""
     now = [0.0]
     failures = FailureLog(logging.getLogger("test.failures"), clock=lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="test.failures"):
-        for moment in (0, 4, 12, 15):
+        for moment, file in ((0, 1), (0, 1), (1, None), (2, None), (4, 2), (5, 2), (12, 3),
+                             (13, 3), (15, 1), (16, 4)):
             now[0] = moment
-            failures.failed("read: EIO, ConnectError", logging.ERROR, f"read {moment} failed")
+            cause = "read: EIO, ConnectError" if file else "getattr: EIO, ConnectError"
+            failures.failed(cause, logging.ERROR, f"{cause.partition(':')[0]} {moment} failed",
+                            file=file)
         now[0] = 20
         failures.flush()
     assert [record.getMessage() for record in caplog.records] == [
         "read 0 failed",
-        "read 12 failed (and 1 more failed like it in the last 12 s)",
-        "1 more operation(s) failed (read: EIO, ConnectError) since the last such line, 8 s ago",
+        "getattr 1 failed",
+        "read 12 failed (and reads of 1 more open file(s) failed like it in the last 12 s)",
+        "reads of 2 more open file(s) failed (read: EIO, ConnectError) since the last such line, "
+        "8 s ago",
+        "1 more operation(s) failed (getattr: EIO, ConnectError) since the last such line, "
+        "19 s ago",
     ]
 
 

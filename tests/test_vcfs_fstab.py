@@ -29,6 +29,7 @@ from tests.vcfs_support import (
     in_private_mount_namespace,
     python_for_nobody,
     requires_fuse,
+    vcfs_command,
 )
 from vcfs import paths
 from vcfs.cli import is_stale_mount, mount_entry
@@ -137,11 +138,12 @@ def test_an_fstab_line_mounts_through_mount_fuse3(
     assert "unmounted" in log_file.read_text()
 
 
-def mount_8(url: str, mountpoint: Path, helper_path: str, options: str
-            ) -> subprocess.CompletedProcess[str]:
+def mount_8(url: str, mountpoint: Path, helper_path: str, options: str, *,
+            program: str | None = None) -> subprocess.CompletedProcess[str]:
     """`mount -t fuse /path/to/vcfs#URL MOUNTPOINT -o OPTIONS`: the program named in the
-    source, as mount(8) runs its helpers with a PATH of its own."""
-    program = helper_path.split(":", 1)[0] + "/vcfs"
+    source (helper_path's vcfs unless given), as mount(8) runs its helpers with a PATH of its
+    own."""
+    program = program or helper_path.split(":", 1)[0] + "/vcfs"
     return subprocess.run(["mount", "-t", "fuse", f"{program}#{url}", str(mountpoint),
                            "-o", options], capture_output=True, text=True, timeout=90,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -260,6 +262,44 @@ def test_a_signal_leaves_a_drop_privileges_mount_dead_and_says_so(
     assert "WARNING vcfs: stopped by a signal: the mount made on /dev/fd/" in log, log
     assert "until its mount point is unmounted (umount)" in log, log
     assert "unmounted the mount" not in log, log
+
+
+@pytest.mark.parametrize("name", ["vcfs", "vcfs/sshfs"])
+def test_vcfs_unmount_goes_by_the_program_a_drop_privileges_mount_is_named_after(
+    tmp_path: Path, vidcache_server: VidcacheServer, helper_path: str, mountpoint: Path,
+    name: str,
+) -> None:
+    """mount.fuse3 -o drop_privileges mounts `/path/to/vcfs#URL` as type fuse./path/to/vcfs,
+    the program it runs: `vcfs unmount` unmounts it, the daemon logs so and exits (was: '... is
+    a fuse./.../vcfs mount, not a vcfs one'). A program of another name is another file system,
+    even in a directory named vcfs (here vcfs itself as sshfs: a FUSE daemon that keeps the
+    mount alive, since a dead one is cleared whatever it was): refused, left mounted."""
+    program = tmp_path / "programs" / name
+    program.parent.mkdir(parents=True, exist_ok=True)
+    program.write_text(f'#!/bin/sh\nexec {sys.executable} -m vcfs "$@"\n')
+    program.chmod(0o755)
+    log_file = tmp_path / "vcfs.log"
+    mounted = mount_8(vidcache_server.url, mountpoint, helper_path,
+                      f"drop_privileges,ro,log_file={log_file}", program=str(program))
+    try:
+        assert (mounted.returncode, mounted.stdout, mounted.stderr) == (0, "", "")
+        assert mount_entry(str(mountpoint)) == (f"fuse.{program}", 0)
+        unmounted = subprocess.run(vcfs_command("unmount", str(mountpoint)),
+                                   capture_output=True, text=True, timeout=60)
+        if name == "vcfs":
+            assert (unmounted.returncode, unmounted.stderr) == (0, ""), unmounted.stderr
+            assert mount_entry(str(mountpoint)) is None
+            wait_until(lambda: not _fd_daemons(log_file), timeout=20, what="the daemon exited")
+            assert "unmounted the mount made on /dev/fd/" in log_file.read_text()
+        else:
+            assert unmounted.returncode == 1
+            assert unmounted.stderr == (f"vcfs: error: {mountpoint} is a fuse.{program} mount, "
+                                        "not a vcfs one; not unmounting it (umount, or "
+                                        "fusermount3 -u for another FUSE file system)\n")
+            assert mount_entry(str(mountpoint)) == (f"fuse.{program}", 0)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        wait_until(lambda: not _fd_daemons(log_file), timeout=20, what="the daemon exited")
 
 
 @pytest.mark.parametrize("user_allow_other", [False, True])

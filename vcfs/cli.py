@@ -65,7 +65,7 @@ KIB = 1 << 10
 MIB = 1 << 20
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _READAHEAD_MAX = 16 * MIB
-# A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other.
+# A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other (see is_vcfs_type).
 _FSTYPE = "fuse.vcfs"
 # Keywords of the FUSE helper that `-o` would reach instead of mount options.
 _HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "raw_fi"})
@@ -107,6 +107,7 @@ class StartupError(Exception):
 class MountOptions:
     url: str
     mountpoint: str  # absolute, symlinks resolved; or /dev/fd/N (see fuse_fd)
+    fuse_fd: int | None  # N of a /dev/fd/N mount point
     cache_size: int
     block_size: int
     readahead_max: int
@@ -319,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_mount(options, status_fd=args.status_fd)
     except StartupError as exc:
         print(f"vcfs: error: {exc}", file=sys.stderr)
+        # From the command line: the options may be what failed.
         fd = fuse_fd(args.mountpoint) if args.command == "mount" else None
         if fd is not None and is_fuse_device(fd):
             print(f"vcfs: the mount made for {args.mountpoint} is left dead (\"Transport "
@@ -357,13 +359,14 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
                            "(vcfs runs in the foreground or --daemon, multithreaded)")
     token_file = os.path.abspath(args.token_file) if args.token_file else None
+    fd = fuse_fd(args.mountpoint)
     return MountOptions(
         url=args.url,
         # Symlinks resolved: the mount is made on the target, and a symlink is never a
         # mount point (vcfs would wait for one; fusermount3 -u refuses it). Not /dev/fd/N: it
         # is a link to /dev/fuse.
-        mountpoint=(args.mountpoint if fuse_fd(args.mountpoint) is not None
-                    else os.path.realpath(args.mountpoint)),
+        mountpoint=args.mountpoint if fd is not None else os.path.realpath(args.mountpoint),
+        fuse_fd=fd,
         cache_size=cache,
         block_size=block,
         readahead_max=window,
@@ -526,13 +529,24 @@ def mount_entry(mountpoint: str) -> tuple[str, int | None] | None:
             if _unescape_mountinfo(fields.split(" ")[4]) == target:
                 fstype, _, options = tail.split(" ")[:3]
                 owner = re.search(r"(?:^|,)user_id=(\d+)", options)
-                entry = fstype, int(owner.group(1)) if owner else None
+                entry = _unescape_mountinfo(fstype), int(owner.group(1)) if owner else None
     return entry
 
 
 def _unescape_mountinfo(field: str) -> str:
     """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def is_vcfs_type(fstype: str) -> bool:
+    """Whether a mount of type `fstype` is vcfs's: fuse.vcfs, the type vcfs mounts with (and
+    mount.fuse3 with drop_privileges for a fuse.vcfs line); or fuse./path/to/vcfs, which
+    mount.fuse3 gives the mount it makes with drop_privileges in the `fuse` /
+    `/path/to/vcfs#URL` form: the subtype is the program it runs, named vcfs. The last part
+    of that path, not any: fuse./opt/vcfs/bin/sshfs is sshfs's. (The source field is no
+    better: it is the subtype again, or whatever fsname= the line gives.)"""
+    kind, _, program = fstype.partition(".")
+    return kind == "fuse" and program.rpartition("/")[2] == _FSTYPE.removeprefix("fuse.")
 
 
 def clear_stale_mount(mountpoint: str) -> None:
@@ -574,13 +588,12 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         configure_logging(options.log_level, options.log_file)
     except OSError as exc:
         raise StartupError(f"cannot open the log file: {exc}") from exc
-    fd = fuse_fd(options.mountpoint)
-    if fd is None:
+    if options.fuse_fd is None:
         check_fuse_available()
         check_allow_other(options.fuse_options)
         prepare_mountpoint(options.mountpoint)
     else:
-        check_fuse_fd(options.mountpoint, fd)
+        check_fuse_fd(options.mountpoint, options.fuse_fd)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
     config = RemoteConfig(
         timeout=options.timeout, first_block_with_meta=options.first_block_with_meta
@@ -650,7 +663,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
         readahead_max=options.readahead_max,
         kernel_readahead_kb=1024 if options.raise_readahead else None,
     )
-    premounted = fuse_fd(options.mountpoint) is not None
+    premounted = options.fuse_fd is not None
     # For a /dev/fd/N mount point, libfuse leaves the mount options, and the unmount, alone:
     # they are its opener's.
     where = f"the mount made on {options.mountpoint}" if premounted else options.mountpoint
@@ -743,7 +756,7 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
     """Start `vcfs mount --foreground` detached; return once it mounted (0), saying so on
     stdout if `announce`, or failed."""
     argv = [sys.executable, "-m", "vcfs", *foreground_arguments(options)]
-    fd = fuse_fd(options.mountpoint)
+    fd = options.fuse_fd
     if fd is not None:  # passed on: the child could not start without it open
         check_fuse_fd(options.mountpoint, fd)
     wait = options.timeout + _DAEMON_START_MARGIN
@@ -825,7 +838,7 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> int:
         if entry is None:
             raise StartupError(f"{mountpoint} is not mounted")
         fstype, owner = entry
-        if fstype != _FSTYPE:
+        if not is_vcfs_type(fstype):
             raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
                                f"it (umount, or fusermount3 -u for another FUSE file system)")
         if owner is not None and os.geteuid() not in (0, owner):

@@ -6,7 +6,9 @@ lines (27 MB) in a minute, one per read. So:
 
 - `FailureLog`: each cause of failed operations (operation, errno, error class) is logged in
   full the first time, then at most once per `interval`, saying how many were left out since;
-  those still left out are counted at unmount (`flush`).
+  those still left out are counted at unmount (`flush`). Failed reads are counted as open
+  files, each once, as the outage lines count them: the kernel re-asks a failed read at once,
+  and 2 commands reading a stopped service were '1 line and 3 more operation(s) failed'.
 - `Outage`: the service failing vcfs for a whole deadline, and answering again, are one line
   each, once per change of state, naming the service, the last error and what happens
   meanwhile; but at most one outage line per `interval`, counting the outages left out
@@ -32,7 +34,16 @@ def _seconds(value: float) -> str:
 @dataclass(slots=True)
 class _Cause:
     logged: float  # when its last line was written
-    left_out: int = 0  # failures since that line
+    file: int | None  # the open file whose failed read that line was of (None: not a read)
+    files: set[int] = field(default_factory=set)  # other open files whose reads failed since
+    others: int = 0  # other operations failed since
+
+    def left_out(self) -> str:
+        """What failed since the line ("" if nothing): the reads of other open files, each
+        file once, or the other operations, each (a cause is of one operation)."""
+        if self.files:
+            return f"reads of {len(self.files)} more open file(s)"
+        return f"{self.others} more operation(s)" if self.others else ""
 
 
 class FailureLog:
@@ -46,17 +57,21 @@ class FailureLog:
         self._lock = threading.Lock()
         self._causes: dict[str, _Cause] = {}  # a few: operations x errors x classes
 
-    def failed(self, cause: str, level: int, message: str) -> None:
-        """`message` about a failure of `cause` (e.g. "read: EIO, ConnectError")."""
+    def failed(self, cause: str, level: int, message: str, *, file: int | None) -> None:
+        """`message` about a failure of `cause` (e.g. "read: EIO, ConnectError"): a read of the
+        open file numbered `file`, or (None) another operation."""
         now = self._clock()
         with self._lock:
             known = self._causes.get(cause)
             if known is not None and now - known.logged < self._interval:
-                known.left_out += 1
+                if file is None:
+                    known.others += 1
+                elif file != known.file:
+                    known.files.add(file)
                 return
-            self._causes[cause] = _Cause(logged=now)
-        if known is not None and known.left_out:
-            message += (f" (and {known.left_out} more failed like it in the last "
+            self._causes[cause] = _Cause(logged=now, file=file)
+        if known is not None and (left_out := known.left_out()):
+            message += (f" (and {left_out} failed like it in the last "
                         f"{_seconds(now - known.logged)})")
         self._log.log(level, "%s", message)
 
@@ -64,11 +79,13 @@ class FailureLog:
         """One line per cause whose failures since its last line were left out."""
         now = self._clock()
         with self._lock:
-            pending = [(name, cause) for name, cause in self._causes.items() if cause.left_out]
+            pending = [(name, cause.logged, cause.left_out())
+                       for name, cause in self._causes.items()]
             self._causes.clear()
-        for name, cause in pending:
-            self._log.warning("%d more operation(s) failed (%s) since the last such line, "
-                              "%s ago", cause.left_out, name, _seconds(now - cause.logged))
+        for name, logged, left_out in pending:
+            if left_out:
+                self._log.warning("%s failed (%s) since the last such line, %s ago",
+                                  left_out, name, _seconds(now - logged))
 
 
 @dataclass(slots=True)

@@ -131,7 +131,7 @@ def _names_video(arg: str | int, reason: str) -> bool:
 
 def _file_of(name: str, args: tuple[Any, ...]) -> int | None:
     """The handle of the file a failed `read` was of (`fi`, its last argument), None for other
-    operations: the outage lines count an open file's failed reads once (vcfs.faillog)."""
+    operations: the log counts an open file's failed reads once (vcfs.faillog)."""
     return int(args[-1].fh) if name == "read" else None
 
 
@@ -162,14 +162,16 @@ def _fuse_operation(
             self.counters.add("errors")
             self.failures.failed(
                 _cause(method.__name__, "EACCES", exc), logging.ERROR,
-                f"{_describe(method.__name__, args, str(exc))} failed (EACCES): {exc}")
+                f"{_describe(method.__name__, args, str(exc))} failed (EACCES): {exc}",
+                file=_file_of(method.__name__, args))
             raise FuseOSError(errno.EACCES) from exc
         except VcfsError as exc:
             self.counters.add("errors")
-            self.remote.operation_failed(_file_of(method.__name__, args))
+            file = _file_of(method.__name__, args)
+            self.remote.operation_failed(file)
             self.failures.failed(
                 _cause(method.__name__, "EIO", exc), logging.ERROR,
-                f"{_describe(method.__name__, args, str(exc))} failed (EIO): {exc}")
+                f"{_describe(method.__name__, args, str(exc))} failed (EIO): {exc}", file=file)
             raise FuseOSError(errno.EIO) from exc
         except Exception as exc:  # a bug or an error from below: EIO, never EINVAL
             self.counters.add("errors")
