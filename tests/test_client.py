@@ -7,6 +7,7 @@ in test_client_e2e.py.
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
 import re
@@ -14,7 +15,7 @@ import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import httpx
 import pytest
@@ -177,6 +178,46 @@ def test_public_names_are_exported() -> None:
 
 # --- construction --------------------------------------------------------------------------------
 
+_REQUIRED = inspect.Parameter.empty
+
+# The API reference of the seed README (/work/shared/seed/vidcache-client-README.md), which fixes
+# the public API: each call's parameters in order with their defaults, and what it returns.
+SEED_API: dict[str, tuple[list[tuple[str, object]], object]] = {
+    "__init__": ([("base_url", _REQUIRED), ("timeout", 300.0), ("chunk_size", 1_048_576)],
+                 type(None)),
+    "ingest": ([("url", _REQUIRED), ("bucket", _REQUIRED), ("prefix", ""), ("meta", None)],
+               dict[str, Any]),
+    "resolve": ([("url", _REQUIRED)], dict[str, Any] | None),
+    "get_meta": ([("content_hash", _REQUIRED)], dict[str, Any] | None),
+    "get_bytes": ([("content_hash", _REQUIRED), ("byte_range", None)], bytes),
+    "stream_video": ([("content_hash", _REQUIRED), ("byte_range", None)], None),
+    "download_to_file": ([("content_hash", _REQUIRED), ("dest", _REQUIRED),
+                          ("byte_range", None)], int),
+    "delete": ([("content_hash", _REQUIRED)], type(None)),
+    "close": ([], type(None)),
+}
+
+
+@pytest.mark.parametrize(("method", "parameters", "returns"),
+                         [(name, *api) for name, api in SEED_API.items()], ids=SEED_API.keys())
+def test_the_seed_readme_signatures_hold(method: str, parameters: list[tuple[str, object]],
+                                         returns: object) -> None:
+    """Every call the seed README shows works as written, positionally or by keyword, with its
+    defaults; what the client adds comes after, keyword-only with a default, so no seed call
+    changes meaning. stream_video's context manager is pinned by the stream tests."""
+    function = getattr(VidCacheClient, method)
+    _, *actual = inspect.signature(function).parameters.values()  # without self
+    seed, added = actual[:len(parameters)], actual[len(parameters):]
+    assert [(parameter.name, parameter.default) for parameter in seed] == parameters
+    assert [type(parameter.default) for parameter in seed] == [
+        type(default) for _, default in parameters]  # 300.0, not 300
+    assert all(parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for parameter in seed)
+    assert all(parameter.kind is inspect.Parameter.KEYWORD_ONLY
+               and parameter.default is not _REQUIRED for parameter in added)
+    if returns is not None:
+        assert get_type_hints(function)["return"] == returns
+
+
 @pytest.mark.parametrize("base_url", ["", "ftp://host", "not a url", "http://",
                                       "http://host:99999", "http://host:0"])
 def test_bad_base_url_is_refused(base_url: str) -> None:
@@ -217,6 +258,20 @@ def test_closed_client_refuses_calls() -> None:
         assert client.health() == {"status": "ok"}
     with pytest.raises(RuntimeError):
         client.health()
+    assert len(recorder.requests) == 1
+
+
+def test_leaving_the_block_by_an_exception_closes_the_client_and_lets_it_through() -> None:
+    """The seed: close() is "called automatically when used as a context manager", however
+    the block is left; the exception is not swallowed, and closing again is harmless."""
+    recorder = Recorder(lambda request: httpx.Response(200, json={"status": "ok"}))
+    with pytest.raises(KeyError, match="the caller's"), \
+            VidCacheClient(BASE, transport=httpx.MockTransport(recorder)) as client:
+        assert client.health() == {"status": "ok"}
+        raise KeyError("the caller's")
+    with pytest.raises(RuntimeError, match="closed"):
+        client.health()
+    client.close()  # again: harmless
     assert len(recorder.requests) == 1
 
 
@@ -374,6 +429,14 @@ def test_stream_yields_chunks_of_chunk_size(make_client: MakeClient) -> None:
         pieces = list(chunks)
     assert b"".join(pieces) == DATA[5:2005]
     assert [len(piece) for piece in pieces] == [1000, 1000]
+
+
+def test_stream_chunks_are_a_mib_by_default(make_client: MakeClient) -> None:
+    """The seed's default chunk_size, 1_048_576: a body of 2.5 MiB comes in 1, 1 and 0.5 MiB."""
+    body = bytes(5 << 19)
+    client = make_client(lambda request: httpx.Response(200, content=body))
+    with client.stream_video(HASH) as chunks:
+        assert [len(chunk) for chunk in chunks] == [1 << 20, 1 << 20, 1 << 19]
 
 
 def test_stream_checks_headers_before_yielding(make_client: MakeClient) -> None:
