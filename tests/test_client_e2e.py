@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
+import socket
 import stat
 import threading
 import uuid
@@ -351,6 +352,57 @@ def test_max_connections_bounds_the_pool(vidcache_server: VidcacheServer,
 
 # --- a service of our own: statuses, listing, delete ---------------------------------------------
 
+def test_the_seed_readme_quick_start_runs_as_written(
+        tmp_path: Path, media_url: str, videos: dict[str, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed README's quick start, call for call: its base URL by host name (localhost),
+    ingest by keywords, a download to a relative path, a stream, a range, delete, close; and
+    its second example, the client as a context manager. Against a service of its own, so
+    the statuses are known and the delete disturbs no other test."""
+    if "127.0.0.1" not in {info[4][0] for info in socket.getaddrinfo("localhost", None)}:
+        pytest.skip("localhost is not 127.0.0.1 on this machine")
+    source = videos["big.mp4"].read_bytes()  # > 1 MB: the range is a part, the stream chunks
+    url = f"{media_url}/big.mp4"
+    with VidcacheServer(tmp_path / "data") as server:
+        monkeypatch.chdir(tmp_path)  # after the server's start: it runs this tree's vidcache
+        client = VidCacheClient(f"http://localhost:{server.port}")
+        result = client.ingest(
+            url=url,
+            bucket="videos",
+            prefix="archive",
+            meta={"title": "Cool video"},
+        )
+        assert result["hash"] == digest(source)  # BLAKE3 hex digest
+        assert result["status"] == "new"
+        entry = client.resolve(url)
+        assert entry == {"hash": result["hash"], "url": url}
+        meta = client.get_meta(entry["hash"])
+        assert meta is not None
+        assert meta["duration_s"] == pytest.approx(8, abs=0.5)
+        assert meta["aliases"] == [url]
+        assert meta["meta"] == {"title": "Cool video"}
+        assert client.get_bytes(entry["hash"]) == source
+        assert client.download_to_file(entry["hash"], "video.mp4") == len(source)
+        assert (tmp_path / "video.mp4").read_bytes() == source
+        processed = []
+        with client.stream_video(entry["hash"]) as chunks:
+            for chunk in chunks:
+                processed.append(chunk)
+        assert b"".join(processed) == source
+        assert {len(chunk) for chunk in processed[:-1]} == {1_048_576}
+        assert client.get_bytes(entry["hash"], byte_range=(0, 1_000_000)) \
+            == source[:1_000_001]
+        client.delete(entry["hash"])
+        assert client.get_meta(entry["hash"]) is None
+        client.close()
+
+        with VidCacheClient(f"http://localhost:{server.port}") as client:
+            result = client.ingest(url=f"{media_url}/c.mkv", bucket="videos")
+        assert result["status"] == "new"
+        with pytest.raises(RuntimeError, match="closed"):
+            client.get_meta(result["hash"])
+
+
 def test_ingest_statuses(own_client: VidCacheClient, media_url: str,
                          videos: dict[str, Path]) -> None:
     bucket = unique_bucket("statuses")
@@ -358,7 +410,8 @@ def test_ingest_statuses(own_client: VidCacheClient, media_url: str,
     first = own_client.ingest(url, bucket, "2024", {"title": "A"})
     assert first["status"] == "new"
     assert first["hash"] == digest(videos["a.mp4"].read_bytes())
-    assert own_client.ingest(url, bucket)["status"] == "url_alias"
+    alias = own_client.ingest(url, bucket)
+    assert (alias["status"], alias["hash"]) == ("url_alias", first["hash"])
     same_bytes_url = f"{url}?mirror=1"
     exact = own_client.ingest(same_bytes_url, bucket)
     assert (exact["status"], exact["hash"]) == ("duplicate", first["hash"])
@@ -370,6 +423,11 @@ def test_ingest_statuses(own_client: VidCacheClient, media_url: str,
     assert meta is not None
     assert {url, same_bytes_url, reencoded_url} <= set(meta["aliases"])
     assert (meta["bucket"], meta["prefix"], meta["meta"]) == (bucket, "2024", {"title": "A"})
+    # the seed: every answer has `file_path` (the stored file's), only a perceptual match
+    # `phash_distance`
+    answers = [first, alias, exact, near]
+    assert [answer["file_path"] for answer in answers] == [meta["file_path"]] * 4
+    assert ["phash_distance" in answer for answer in answers] == [False, False, False, True]
 
 
 def test_list_videos_pages_through_everything(own_client: VidCacheClient,
