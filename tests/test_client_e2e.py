@@ -9,6 +9,7 @@ their own (`own_client`), so they neither see nor disturb other modules' videos.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import random
@@ -335,6 +336,23 @@ def test_threads_share_one_client(vidcache_server: VidcacheServer,
         results = list(pool.map(lambda r: shared.get_bytes(video.hash, byte_range=r), ranges))
     for (start, end), data in zip(ranges, results, strict=True):
         assert data == video.data[start:end + 1]
+
+
+@pytest.mark.parametrize("timeout", [2.0**31, 1e10, math.inf])
+def test_a_timeout_longer_than_a_socket_takes_waits_as_long_as_it_can(
+        vidcache_server: VidcacheServer, stored: dict[str, Stored], timeout: float) -> None:
+    """The seed's timeout is any float of seconds: one of 2**31 s or more timed out every
+    call at once (RequestTimeout: CPython's socket timeouts stop there), one past ~9.2e9 s
+    (inf too) raised OverflowError, outside the client's errors. Over the client's own
+    sockets (lookups, read_range_into) and through httpx (get_bytes)."""
+    video = stored["b.mp4"]
+    with VidCacheClient(vidcache_server.url, timeout=timeout) as patient:
+        assert patient.health()["status"] == "ok"
+        assert patient.resolve(video.url) == {"hash": video.hash, "url": video.url}
+        buffer = bytearray(10)
+        assert patient.read_range_into(video.hash, 5, [buffer]) == 10
+        assert buffer == video.data[5:15]
+        assert patient.get_bytes(video.hash, byte_range=(0, 9)) == video.data[:10]
 
 
 def test_max_connections_bounds_the_pool(vidcache_server: VidcacheServer,

@@ -43,6 +43,11 @@ from vidcache_client._verify import body_length_error, expected_video_length, ra
 
 _USER_AGENT = "vidcache-client"
 
+# The longest wait poll(2) takes, INT_MAX ms (~24.8 days): a socket timeout of 2**31 s or more
+# times out at once in CPython, and one past ~9.2e9 s (inf) overflows. A longer `timeout` is
+# taken as this one, which no call can tell from waiting for ever.
+_LONGEST_TIMEOUT = (2**31 - 1) / 1000
+
 T = TypeVar("T")
 
 
@@ -79,7 +84,8 @@ class VidCacheClient:
     """Client of a vidcache service at `base_url` (e.g. "http://127.0.0.1:8020").
 
     `timeout` (seconds) bounds connecting and each read/write of a request, not a whole
-    download; the 300 s default leaves room for a slow ingest. `chunk_size` is the size of the
+    download; the 300 s default leaves room for a slow ingest; one over ~24.8 days (inf too)
+    waits that long, the most a socket can. `chunk_size` is the size of the
     chunks `stream_video` yields. `user:password@` in `base_url` is sent as HTTP Basic auth
     (a reverse proxy's), and left out of `base_url` and messages. Keyword-only: `token` is
     sent as `Authorization: Bearer <token>`; `transport` replaces httpx's network transport
@@ -104,6 +110,7 @@ class VidCacheClient:
         url = parse_base_url(base_url)
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        timeout = min(timeout, _LONGEST_TIMEOUT)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 byte, got {chunk_size!r}")
         if max_connections < 1:
