@@ -244,6 +244,12 @@ def test_bad_options_are_refused(options: dict[str, Any]) -> None:
         VidCacheClient(BASE, **options)
 
 
+@pytest.mark.parametrize("timeout", [None, "30", True])
+def test_a_timeout_that_is_not_a_number_is_refused_by_name(timeout: Any) -> None:
+    with pytest.raises(TypeError, match=r"timeout must be a number of seconds.*float\('inf'\)"):
+        VidCacheClient(BASE, timeout=timeout)
+
+
 def test_token_is_sent_as_bearer(make_client: MakeClient) -> None:
     recorder = Recorder(lambda request: httpx.Response(200, json={"status": "ok"}))
     make_client(recorder, token="s3cret").health()

@@ -108,6 +108,10 @@ class VidCacheClient:
         spare_connection: bool = False,
     ) -> None:
         url = parse_base_url(base_url)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            # httpx's None (no timeout) included: a bare "'>' not supported" otherwise
+            raise TypeError(f"timeout must be a number of seconds, got {timeout!r} (float('inf') "
+                            "waits as long as a socket can)")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         timeout = min(timeout, _LONGEST_TIMEOUT)
