@@ -63,18 +63,18 @@ def small_tmpfs(target: Path, size: str = "8m") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def ext4_turning_read_only(target: Path) -> Iterator[Path]:
-    """An ext4 file system of 64 MiB in a file, on a loop device, mounted at the new directory
-    `target` with errors=remount-ro; yields the file that triggers an error, which turns it
-    read-only as a failing disk would (it cannot be remounted so while a file is open for
-    writing). Skips the test where loop devices, ext4 or the trigger are not available.
-    Unmounted and its loop device detached at the end."""
-    if not (shutil.which("mkfs.ext4") and shutil.which("losetup")):
-        pytest.skip("needs mkfs.ext4 and losetup")
+def on_loop_device(target: Path, size: int, mkfs: list[str], fstype: str,
+                   *mount_options: str) -> Iterator[str]:
+    """A file system made by `mkfs` in a file of `size` bytes, on a loop device, mounted as
+    `fstype` with `mount_options` at the new directory `target`; yields the loop device. Skips
+    the test where the file system or loop devices are not available. Unmounted and its loop
+    device detached at the end."""
+    if not (shutil.which(mkfs[0]) and shutil.which("losetup")):
+        pytest.skip(f"needs {mkfs[0]} and losetup")
     image = target.parent / f"{target.name}.img"
     with open(image, "wb") as file:
-        file.truncate(64 * MIB)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+        file.truncate(size)
+    subprocess.run([*mkfs, str(image)], check=True, capture_output=True)
     attach = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
                             text=True)
     if attach.returncode != 0:
@@ -82,15 +82,12 @@ def ext4_turning_read_only(target: Path) -> Iterator[Path]:
     device = attach.stdout.strip()
     try:
         target.mkdir()
-        mount = subprocess.run(["mount", "-t", "ext4", "-o", "errors=remount-ro", device,
-                                str(target)], capture_output=True, text=True)
+        mount = subprocess.run(["mount", "-t", fstype, *mount_options, device, str(target)],
+                               capture_output=True, text=True)
         if mount.returncode != 0:
-            pytest.skip(f"cannot mount ext4: {mount.stderr.strip()}")
+            pytest.skip(f"cannot mount {fstype}: {mount.stderr.strip()}")
         try:
-            trigger = Path("/sys/fs/ext4", Path(device).name, "trigger_fs_error")
-            if not trigger.exists():
-                pytest.skip(f"no {trigger} (a kernel without it)")
-            yield trigger
+            yield device
         finally:
             subprocess.run(["umount", str(target)], check=False)
     finally:
@@ -98,37 +95,29 @@ def ext4_turning_read_only(target: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def ext4_turning_read_only(target: Path) -> Iterator[Path]:
+    """An ext4 file system of 64 MiB on a loop device (on_loop_device), mounted at the new
+    directory `target` with errors=remount-ro; yields the file that triggers an error, which
+    turns it read-only as a failing disk would (it cannot be remounted so while a file is open
+    for writing). Skips the test where the trigger is not available either."""
+    with on_loop_device(target, 64 * MIB, ["mkfs.ext4", "-q", "-F"], "ext4",
+                        "-o", "errors=remount-ro") as device:
+        trigger = Path("/sys/fs/ext4", Path(device).name, "trigger_fs_error")
+        if not trigger.exists():
+            pytest.skip(f"no {trigger} (a kernel without it)")
+        yield trigger
+
+
+@contextlib.contextmanager
 def btrfs_with_quota(target: Path) -> Iterator[Path]:
-    """A btrfs of 128 MiB in a file, on a loop device, mounted at the new directory `target`,
-    its quotas (qgroups) on; yields its new subvolume `quota`, whose quota limit_quota sets.
-    Skips the test where btrfs or loop devices are not available. Unmounted and its loop
-    device detached at the end."""
-    if not (shutil.which("mkfs.btrfs") and shutil.which("losetup")):
-        pytest.skip("needs mkfs.btrfs (btrfs-progs) and losetup")
-    image = target.parent / f"{target.name}.img"
-    with open(image, "wb") as file:
-        file.truncate(128 * MIB)
-    subprocess.run(["mkfs.btrfs", "-q", "-f", str(image)], check=True, capture_output=True)
-    attach = subprocess.run(["losetup", "--find", "--show", str(image)], capture_output=True,
-                            text=True)
-    if attach.returncode != 0:
-        pytest.skip(f"no loop device: {attach.stderr.strip()}")
-    device = attach.stdout.strip()
-    try:
-        target.mkdir()
-        mount = subprocess.run(["mount", "-t", "btrfs", device, str(target)],
-                               capture_output=True, text=True)
-        if mount.returncode != 0:
-            pytest.skip(f"cannot mount btrfs: {mount.stderr.strip()}")
-        try:
-            for command in (["quota", "enable", str(target)],
-                            ["subvolume", "create", str(target / "quota")]):
-                subprocess.run(["btrfs", *command], check=True, capture_output=True)
-            yield target / "quota"
-        finally:
-            subprocess.run(["umount", str(target)], check=False)
-    finally:
-        subprocess.run(["losetup", "--detach", device], check=False)
+    """A btrfs of 128 MiB on a loop device (on_loop_device), mounted at the new directory
+    `target`, its quotas (qgroups) on; yields its new subvolume `quota`, whose quota
+    limit_quota sets."""
+    with on_loop_device(target, 128 * MIB, ["mkfs.btrfs", "-q", "-f"], "btrfs"):
+        for command in (["quota", "enable", str(target)],
+                        ["subvolume", "create", str(target / "quota")]):
+            subprocess.run(["btrfs", *command], check=True, capture_output=True)
+        yield target / "quota"
 
 
 def limit_quota(subvolume: Path, room: int | None) -> None:

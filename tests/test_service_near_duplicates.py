@@ -5,6 +5,7 @@ still is."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 
@@ -112,6 +113,9 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     for name, args in _VIDEOS.items():
         argv = [a.replace("{dir}", str(folder)) for a in args]
         subprocess.run(["ffmpeg", "-v", "error", "-y", *argv, str(folder / name)], check=True)
+    if shutil.which("mkvmerge"):  # its remux keeps the 5 s offset
+        subprocess.run(["mkvmerge", "-q", "-o", str(folder / "mandelbrot-offset-mkvmerge.mkv"),
+                        str(folder / "mandelbrot-offset.mkv")], check=True)
     with serve_directory(folder) as url:
         yield url
 
@@ -158,6 +162,18 @@ def test_a_video_whose_first_frame_comes_later_is_the_same_video(api: Api, origi
     """Their durations count from 0, so the 8 s video offset by 5 s measured 13 s, was sampled
     as long, its last 3 samples past its end without a frame, and stored again."""
     (_, stored), (status, matched) = _statuses(api, origin, "mandelbrot.mp4", name)
+    assert (status, matched) == ("duplicate", stored)
+
+
+def test_an_mkvmerge_remux_of_a_video_whose_first_frame_comes_later_is_the_same_video(
+        api: Api, origin: str) -> None:
+    """mkvmerge's segment duration counts from the first frame, not from 0 as ffmpeg's does:
+    the 8 s video offset by 5 s, remuxed by mkvmerge, lasts 8 s; less its start it measured
+    3 s, its samples all in its first 3 s, and it was stored again."""
+    if not shutil.which("mkvmerge"):
+        pytest.skip("needs mkvmerge (mkvtoolnix)")
+    (_, stored), (status, matched) = _statuses(api, origin, "mandelbrot.mp4",
+                                               "mandelbrot-offset-mkvmerge.mkv")
     assert (status, matched) == ("duplicate", stored)
 
 

@@ -571,6 +571,21 @@ def test_the_lines_of_a_failed_read_name_the_video_once(
     assert [line for line in lines if line.count(source.content_hash) > 1] == []
 
 
+@contextlib.contextmanager
+def _block_refused(tmp_path: Path, videos: dict[str, Path], media_url: str, offset: int
+                   ) -> Iterator[tuple[FaultyLink, VcfsMount, Source, Path]]:
+    """big.mp4 mounted through the fault proxy (no readahead, warnings and errors logged),
+    the service refusing (503) its block holding `offset`: the proxy, the mount (its log
+    readable after the unmount at the end), the video and its path in the mount."""
+    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as link:
+        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
+        with VcfsMount(link.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
+                       "--readahead-max", "0", "--log-level", "warning") as mounted:
+            path = mounted.video(source.file_name)
+            link.faults.enable(Refuse(status=503, match=only_block(source, offset)))
+            yield link, mounted, source, path
+
+
 def test_a_range_failing_between_good_reads_is_one_outage_line_not_one_per_read(
     tmp_path: Path, videos: dict[str, Path], media_url: str,
 ) -> None:
@@ -579,24 +594,18 @@ def test_a_range_failing_between_good_reads_is_one_outage_line_not_one_per_read(
     lines per failed read (20 of each for 20 rounds). Now one of each, and the outages left
     out counted at unmount (at most one outage line a minute, saying how many there were)."""
     rounds = 10
-    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as link:
-        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
-                            "--readahead-max", "0", "--log-level", "warning")
-        with mounted:
-            path = mounted.video(source.file_name)
-            bad = 9 * MIB
-            link.faults.enable(Refuse(status=503, match=only_block(source, bad)))
-            for good in range(rounds):
-                failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
-                assert failed.errno == errno.EIO, failed
-                offset = good % 8 * MIB
-                assert read_uncached(path, READ, offset) == expect(source, offset)
-            wait_until(lambda: "answers again, after" in mounted.log(), timeout=10,
-                       what="the recovery line")
-            log = mounted.log()
-            assert log.count(f"the service at {link.url} failed an operation") == 1, log
-            assert log.count(f"the service at {link.url} answers again, after") == 1, log
+    bad = 9 * MIB
+    with _block_refused(tmp_path, videos, media_url, bad) as (link, mounted, source, path):
+        for good in range(rounds):
+            failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
+            offset = good % 8 * MIB
+            assert read_uncached(path, READ, offset) == expect(source, offset)
+        wait_until(lambda: "answers again, after" in mounted.log(), timeout=10,
+                   what="the recovery line")
+        log = mounted.log()
+        assert log.count(f"the service at {link.url} failed an operation") == 1, log
+        assert log.count(f"the service at {link.url} answers again, after") == 1, log
     log = mounted.log()  # with the unmount's count of the outages left out
     assert f"the service at {link.url} failed " in log
     assert " more time(s) since the last outage line, " in log, log
@@ -633,17 +642,11 @@ def test_the_failures_left_out_of_the_log_count_each_open_files_reads_once(
     left out said '5 more operation(s) failed', every read vcfs answered EIO: the kernel
     re-asks each failed read's first page at once. It says what the users saw fail, as the
     recovery line does: reads of 2 more open files."""
-    with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as link:
-        source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        mounted = VcfsMount(link.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
-                            "--readahead-max", "0", "--log-level", "warning")
-        with mounted:
-            path = mounted.video(source.file_name)
-            bad = 5 * MIB
-            link.faults.enable(Refuse(status=503, match=only_block(source, bad)))
-            for _ in range(3):
-                failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
-                assert failed.errno == errno.EIO, failed
+    bad = 5 * MIB
+    with _block_refused(tmp_path, videos, media_url, bad) as (_, mounted, _, path):
+        for _ in range(3):
+            failed = bounded_read(path, READ, bad, limit=HANG_LIMIT)
+            assert failed.errno == errno.EIO, failed
     lines = mounted.log().splitlines()
     assert sum(" failed (EIO): " in line for line in lines) == 1, lines
     [counted] = [line for line in lines if " since the last such line, " in line]

@@ -155,7 +155,7 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
         raise NotAVideo(f"{format_name} file whose duration ffprobe cannot tell")
     start = _number(fmt.get("start_time")) or 0.0
     if start > 0:
-        duration = _from_start(format_name, streams, start, duration)
+        duration = _from_start(path, tools, format_name, streams, start, duration)
     audios = [s for s in streams if s.get("codec_type") == "audio"]
     video = videos[0]
     return MediaInfo(duration_s=duration, container=format_name, mime_type=mime_type,
@@ -174,16 +174,21 @@ def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
     return None
 
 
-def _from_start(format_name: str, streams: list[dict[str, Any]], start_s: float,
-                duration_s: float) -> float:
+def _from_start(path: Path, tools: Tools, format_name: str, streams: list[dict[str, Any]],
+                start_s: float, duration_s: float) -> float:
     """The time from `start_s`, the first timestamp, to the end, of a file whose `duration_s`
-    may count from 0: a Matroska segment's does, and an MP4 movie's when an empty edit puts
-    off its first frame (written with -output_ts_offset, a video-only re-encode of a capture
-    begun mid-GOP keeping its first frame's time). Taken as the time from the start, it put
-    the last samples past the end, without a frame, and the video was stored again (offset
-    by 5 s: 15 s for 10, 3 samples of 8 missing)."""
+    may count from 0: ffmpeg's Matroska segment's does, and an MP4 movie's when an empty edit
+    puts off its first frame (written with -output_ts_offset, a video-only re-encode of a
+    capture begun mid-GOP keeping its first frame's time). Taken as the time from the start,
+    it put the last samples past the end, without a frame, and the video was stored again
+    (offset by 5 s: 15 s for 10, 3 samples of 8 missing)."""
     if format_name == "matroska,webm" and duration_s > start_s:
-        return round(duration_s - start_s, 6)
+        # mkvmerge's counts from the first timestamp, which its remux of such a file keeps
+        # (8 s offset by 5: a duration of 8, less the start 3 s sampled, and stored again):
+        # told apart by the packets, which run on past mkvmerge's duration
+        if _packets_end(path, tools, start_s + duration_s) < duration_s + start_s / 2:
+            return round(duration_s - start_s, 6)
+        return duration_s
     if format_name == _MP4:
         # its streams' durations count from their start (and so does the movie's without an
         # edit list, where the start is the delay of B-frames)
@@ -193,6 +198,28 @@ def _from_start(format_name: str, streams: list[dict[str, Any]], start_s: float,
         if ends and max(ends) > start_s:
             return round(max(ends) - start_s, 6)
     return duration_s
+
+
+# packets read from a Matroska file's last keyframe to find its end: a longer last GOP is
+# taken to end within them
+_END_PACKETS = 10_000
+
+
+def _packets_end(path: Path, tools: Tools, at_s: float) -> float:
+    """The latest end of the packets of every stream from the keyframe a seek to `at_s` lands
+    on (the last before it), at most _END_PACKETS of them."""
+    result = tools.run(ffprobe_argv(INPUT_LIMITS, path, "-read_intervals",
+                                    f"{at_s:.6f}%+#{_END_PACKETS}", "-show_entries",
+                                    "packet=pts_time,duration_time", "-of", "csv"),
+                       what="ffprobe (end)")
+    if result.returncode != 0:
+        raise _refusal(result.stderr, path, "ffprobe cannot read its packets")
+    end = 0.0
+    for line in result.stdout.decode(errors="replace").splitlines():
+        section, *fields = line.split(",")
+        if section == "packet" and len(fields) == 2 and (pts := _number(fields[0])) is not None:
+            end = max(end, pts + (_number(fields[1]) or 0.0))
+    return end
 
 
 def _number(text: object) -> float | None:
