@@ -77,6 +77,9 @@ _VIDEOS: dict[str, list[str]] = {
     # segment begins 5 s before its first frame
     **{f"mandelbrot-offset.{ext}": ["-i", "{dir}/mandelbrot.mp4", "-c", "copy",
                                     "-output_ts_offset", "5"] for ext in ("mp4", "mkv")},
+    # and a WMV (an ASF's duration counts from 0 too), re-encoded: ASF takes no H.264 copy
+    "mandelbrot-offset.wmv": ["-i", "{dir}/mandelbrot.mp4", "-c:v", "wmv2", "-q:v", "2",
+                              "-output_ts_offset", "5"],
     # the same 7 s, then 1 s of something else each: 7 of the 8 samples alike
     "intro-life.mp4": _concat((_TESTSRC, 7), (_LIFE, 1)),
     "intro-cells.mp4": _concat((_TESTSRC, 7), (f"cellauto={_SIZE}:rule=30:seed=5", 1)),
@@ -156,7 +159,8 @@ def test_a_video_at_another_speed_is_another_video(api: Api, origin: str) -> Non
     assert faster == "new"
 
 
-@pytest.mark.parametrize("name", ["mandelbrot-offset.mp4", "mandelbrot-offset.mkv"])
+@pytest.mark.parametrize("name", ["mandelbrot-offset.mp4", "mandelbrot-offset.mkv",
+                                  "mandelbrot-offset.wmv"])
 def test_a_video_whose_first_frame_comes_later_is_the_same_video(api: Api, origin: str,
                                                                   name: str) -> None:
     """Their durations count from 0, so the 8 s video offset by 5 s measured 13 s, was sampled

@@ -177,15 +177,16 @@ def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
 def _from_start(path: Path, tools: Tools, format_name: str, streams: list[dict[str, Any]],
                 start_s: float, duration_s: float) -> float:
     """The time from `start_s`, the first timestamp, to the end, of a file whose `duration_s`
-    may count from 0: ffmpeg's Matroska segment's does, and an MP4 movie's when an empty edit
-    puts off its first frame (written with -output_ts_offset, a video-only re-encode of a
-    capture begun mid-GOP keeping its first frame's time). Taken as the time from the start,
-    it put the last samples past the end, without a frame, and the video was stored again
-    (offset by 5 s: 15 s for 10, 3 samples of 8 missing)."""
-    if format_name == "matroska,webm" and duration_s > start_s:
+    may count from 0: ffmpeg's Matroska segment's and ASF file's do, and an MP4 movie's when
+    an empty edit puts off its first frame (written with -output_ts_offset, a video-only
+    re-encode of a capture begun mid-GOP keeping its first frame's time). Taken as the time
+    from the start, it put the last samples past the end, without a frame, and the video was
+    stored again (offset by 5 s: 15 s for 10, 3 samples of 8 missing)."""
+    if format_name in ("matroska,webm", "asf") and duration_s > start_s:
         # mkvmerge's counts from the first timestamp, which its remux of such a file keeps
         # (8 s offset by 5: a duration of 8, less the start 3 s sampled, and stored again):
-        # told apart by the packets, which run on past mkvmerge's duration
+        # told apart by the packets, which run on past mkvmerge's duration (an ASF of another
+        # muxer's is asked the same)
         if _packets_end(path, tools, start_s + duration_s) < duration_s + start_s / 2:
             return round(duration_s - start_s, 6)
         return duration_s
