@@ -98,10 +98,9 @@ class FreeSpace:
         need = self.needed(size) - written
         with self._lock:
             try:
-                status = os.statvfs(self._directory)
+                free = free_space(self._directory)
             except OSError as exc:
                 raise StorageError.from_os_error(doing, self._directory, exc) from exc
-            free = status.f_bavail * status.f_frsize
             promised = sum(other.outstanding for other in self._claims if other is not claim)
             if need > free - promised:
                 shortage = f"not enough free space: needs {need} bytes ({mib(need)})"
@@ -112,6 +111,12 @@ class FreeSpace:
                     shortage += f" but {promised} of them are promised to downloads under way"
                 raise StorageError(doing, self._directory, None, shortage)
             claim.promised = need + written
+
+
+def free_space(directory: Path | str) -> int:
+    """Bytes an unprivileged writer may still take in the file system of `directory`."""
+    status = os.statvfs(directory)
+    return status.f_bavail * status.f_frsize
 
 
 def mib(size: int) -> str:

@@ -80,7 +80,7 @@ from vidcache.errors import (
     TooLarge,
     VidcacheError,
 )
-from vidcache.space import mib
+from vidcache.space import free_space, mib
 from vidcache_client._credentials import REDACTED, with_secrets_replaced
 
 log = logging.getLogger(__name__)
@@ -413,8 +413,8 @@ class Store:
         need = (_WAL_HEADER + frames * (page_size + _WAL_FRAME_HEADER)
                 + -(-max(0, frames - _SHM_FIRST_FRAMES) // _SHM_FRAMES) * _SHM_BLOCK)
         temp_need = frames * page_size
-        free, temp_dir = _free_space(self.internal_dir), _sqlite_temp_dir()
-        temp_free = _free_space(temp_dir)
+        free, temp_dir = free_space(self.internal_dir), _sqlite_temp_dir()
+        temp_free = free_space(temp_dir)
         log.warning("the index %s was not rewritten whole (VACUUM): %s: it needs about %d bytes "
                     "(%s) free in %s, %d are free (%s), and for an index larger than SQLite's "
                     "cache about %d (%s) in its temporary directory %s, %d are free (%s); until "
@@ -781,11 +781,6 @@ def _sqlite_temp_dir() -> str:
         if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             return candidate
     return "."
-
-
-def _free_space(directory: Path | str) -> int:
-    status = os.statvfs(directory)
-    return status.f_bavail * status.f_frsize
 
 
 def _fsync_dir(directory: Path) -> None:
