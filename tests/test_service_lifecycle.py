@@ -313,6 +313,48 @@ def test_a_failed_migration_lets_go_of_the_index(tmp_path: Path) -> None:
         assert db.execute("PRAGMA user_version").fetchone() == (3,)
 
 
+def test_a_reader_failing_at_open_lets_go_of_the_index(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The third read connection's PRAGMA query_only failing (SQLite out of memory, which
+    Python raises as MemoryError; no real fault on this machine makes that pragma fail, it
+    touches no file, so a connection's execute is made to fail): open() raises it and leaves
+    no descriptor on the index, neither the readers opened before nor the one that failed, and
+    the directory opens again. (Before: the failing reader's descriptor was left open.) A
+    connect failing instead (RLIMIT_NOFILE) left none already."""
+    data = tmp_path / "data"
+    store_many(data, 3)
+
+    class OutOfMemory(sqlite3.Connection):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql == "PRAGMA query_only = ON":
+                raise MemoryError()
+            return super().execute(sql, *args)
+
+    connect = Store._connect
+    connections = [0]
+
+    def failing_third_reader(store: Store) -> sqlite3.Connection:
+        connections[0] += 1  # the write connection, then the readers
+        if connections[0] < 4:
+            return connect(store)
+        return sqlite3.connect(store.internal_dir / "index.sqlite3", check_same_thread=False,
+                               isolation_level=None, factory=OutOfMemory)
+
+    monkeypatch.setattr(Store, "_connect", failing_third_reader)
+    assert _index_descriptors() == []
+    with pytest.raises(MemoryError):
+        Store(data).open()
+    assert connections[0] == 4
+    assert _index_descriptors() == []
+    monkeypatch.undo()
+    store = Store(data)
+    store.open()
+    try:
+        assert store.count() == 3
+    finally:
+        store.close()
+
+
 def test_one_server_per_data_dir(tmp_path: Path) -> None:
     data = tmp_path / "data"
     with VidcacheServer(data):

@@ -297,10 +297,12 @@ class Store:
                 self._readers = queue.SimpleQueue()
                 for _ in range(READ_CONNECTIONS):
                     reader = self._connect()
-                    # a write on a reader would bypass the write lock
-                    reader.execute("PRAGMA query_only = ON")
+                    # counted at once, so that close() closes it too if its pragma fails; no
+                    # read takes it before open() returns
                     self._readers.put(reader)
                     self._read_connections += 1
+                    # a write on a reader would bypass the write lock
+                    reader.execute("PRAGMA query_only = ON")
             with _index_errors("read the index", self.internal_dir, reading=True):
                 report = self._recover()
         except BaseException:
