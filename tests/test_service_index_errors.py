@@ -101,15 +101,16 @@ def failures(server: VidcacheServer) -> list[str]:
             if " failed (500): " in line]
 
 
-REPEATS = re.compile(r"(.*) \(and (\d+) more failed like it in the [\d.]+ s before it\)")
+REPEATS = re.compile(r"(.*) \(and (\d+) more failed like it in the [\d.]+ s before it, "
+                     r"on (.*)\)")
 
 
-def counted(line: str) -> tuple[str, int]:
-    """A logged failure's line without its count of repeats, and how many failures it stands
-    for (itself and that count)."""
+def counted(line: str) -> tuple[str, int, str]:
+    """A logged failure's line without its count of repeats, how many failures it stands for
+    (itself and that count), and the paths the count says they failed on ("" if none)."""
     if match := REPEATS.fullmatch(line):
-        return match[1], 1 + int(match[2])
-    return line, 1
+        return match[1], 1 + int(match[2]), match[3]
+    return line, 1, ""
 
 
 def test_reads_of_a_damaged_index_are_a_500_naming_it(data: Path, media_url: str) -> None:
@@ -136,11 +137,13 @@ def test_reads_of_a_damaged_index_are_a_500_naming_it(data: Path, media_url: str
             500, {"detail": f"cannot update the index {index}: {MALFORMED}"})
         wait_until(lambda: len(failures(server)) == 2, timeout=30, what="2 failures logged")
     # the four reads after the first failed as it did: counted, the last logged at shutdown
+    # with the paths of the three before it
     assert [counted(line) for line in failures(server)] == [
-        (f"GET /meta/{video} failed (500): {unreadable['detail']}", 1),
+        (f"GET /meta/{video} failed (500): {unreadable['detail']}", 1, ""),
         (f"DELETE /video/{video} failed (500): cannot update the index {index}: {MALFORMED}",
-         1),
-        (f"GET /videos failed (500): {unreadable['detail']}", 4)]
+         1, ""),
+        (f"GET /videos failed (500): {unreadable['detail']}", 4,
+         f"3 paths, /video/{video} first, /resolve last")]
     assert "Traceback" not in server.log()
     assert index.read_bytes() == damaged
     assert blob_files(data) == blobs
@@ -151,7 +154,8 @@ def test_the_repeats_of_a_failure_are_counted_not_each_logged(data: Path) -> Non
     with the same message, a DELETE among them failing with another. The first read's line is
     logged at once, whole, and so is the DELETE's; the other reads are counted, at most a line a
     minute, the last of them logged at shutdown with the count of those before it: every
-    failure accounted for, in 3 lines (within a minute). (Before: 501 lines.)"""
+    failure accounted for, in 3 lines (within a minute), the count saying on which paths: both,
+    the first and the last named. (Before: 501 lines; then a count without its paths.)"""
     index = index_of(data)
     damage(index, root_page(index, "sqlite_autoindex_videos_1"))
     video = hashes(data, "real")[0]
@@ -168,42 +172,72 @@ def test_the_repeats_of_a_failure_are_counted_not_each_logged(data: Path) -> Non
                            what="the DELETE's failure logged")
         minutes = int((time.monotonic() - started) // 60)
     lines = [counted(line) for line in failures(server)]
-    assert lines[:2] == [(f"GET /meta/{video} failed (500): {unreadable}", 1), (delete, 1)]
-    reads = [(line, count) for line, count in lines if line != delete]
+    assert lines[:2] == [(f"GET /meta/{video} failed (500): {unreadable}", 1, ""),
+                         (delete, 1, "")]
+    reads = [(line, count, paths) for line, count, paths in lines if line != delete]
     assert 2 <= len(reads) <= 2 + minutes
-    assert reads[-1] == (f"GET /video/{video} failed (500): {unreadable}", reads[-1][1])
-    assert sum(count for _, count in reads) == 500
-    assert lines.count((delete, 1)) == 1
+    assert reads[-1][0] == f"GET /video/{video} failed (500): {unreadable}"
+    assert sum(count for _, count, _ in reads) == 500
+    assert lines.count((delete, 1, "")) == 1
+    both = f"2 paths, /meta/{video} first, /video/{video} last"
+    if len(reads) == 2:  # within a minute: one count, of both
+        assert reads[1][2] == both
+    assert {paths for _, _, paths in reads[1:]} <= {both, f"/meta/{video}", f"/video/{video}"}
 
 
 def test_a_failure_log_line_per_kind_and_interval(caplog: pytest.LogCaptureFixture) -> None:
     """FailureLog on a clock of its own (the real one would take minutes): a kind's first line
     at once, its repeats counted, the first after the interval logged with their count; a
     count left open is closed (its last line, the count of those before it) by a failure of
-    another kind past the interval, or at shutdown."""
+    another kind past the interval, or at shutdown. A count names the paths of the failures
+    it counts: the one path, or how many and the first and the last."""
     now = [0.0]
     failures = FailureLog(logging.getLogger("test.failures"), interval=60, clock=lambda: now[0])
     caplog.set_level(logging.INFO, "test.failures")
 
-    def fail(at: float, kind: str, line: str) -> None:
+    def fail(at: float, kind: str, line: str, path: str) -> None:
         now[0] = at
-        failures.failed(kind, logging.ERROR, line)
+        failures.failed(kind, logging.ERROR, line, path=path)
 
-    for at, kind, line in ((0, "a", "a0"), (1, "a", "a1"), (2, "b", "b0"), (30, "a", "a30"),
-                           (59.5, "a", "a59"), (61, "a", "a61"), (62, "b", "b62"),
-                           (90, "a", "a90"), (100, "a", "a100"), (125, "b", "b125"),
-                           (126, "b", "b126")):
-        fail(at, kind, line)
+    for at, kind, line, path in ((0, "a", "a0", "/w"), (1, "a", "a1", "/x"),
+                                 (2, "b", "b0", "/w"), (30, "a", "a30", "/y"),
+                                 (59.5, "a", "a59", "/x"), (61, "a", "a61", "/w"),
+                                 (62, "b", "b62", "/w"), (90, "a", "a90", "/z"),
+                                 (100, "a", "a100", "/w"), (125, "b", "b125", "/w"),
+                                 (126, "b", "b126", "/w")):
+        fail(at, kind, line, path)
     failures.flush()
     failures.flush()  # nothing more
     assert caplog.messages == [
         "a0", "b0",
-        "a61 (and 3 more failed like it in the 61.0 s before it)",  # a1, a30, a59
+        # a1, a30, a59
+        "a61 (and 3 more failed like it in the 61.0 s before it, on 2 paths, /x first, "
+        "/x last)",
         "b62",  # b0's interval over, nothing counted since
         # a's count (a90, a100) closed by b's failure past a's interval
-        "a100 (and 1 more failed like it in the 39.0 s before it)",
+        "a100 (and 1 more failed like it in the 39.0 s before it, on /z)",
         "b125",
         "b126"]  # closed at shutdown
+
+
+def test_a_failure_log_count_names_its_paths_up_to_a_cap(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A count's distinct paths are counted up to PATHS_COUNTED (100), its first and last
+    named: memory bounded whatever the paths requested."""
+    now = [0.0]
+    failures = FailureLog(logging.getLogger("test.failures"), interval=60, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, "test.failures")
+    for kind, paths in (("cap", 100), ("past", 150)):
+        for number in range(1 + 2 * paths):  # the first logged, then each path twice
+            failures.failed(kind, logging.ERROR, f"{kind}{number}",
+                            path=f"/p{(number - 1) % paths}")
+    failures.flush()
+    assert caplog.messages == [
+        "cap0", "past0",
+        "cap200 (and 199 more failed like it in the 0.0 s before it, on 100 paths, /p0 first, "
+        "/p98 last)",
+        "past300 (and 299 more failed like it in the 0.0 s before it, on more than 100 paths, "
+        "/p0 first, /p148 last)"]
 
 
 def test_an_index_damaged_under_the_running_server(data: Path, media_url: str) -> None:

@@ -402,7 +402,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             failures.failed((exc.status_code, str(exc)),
                             logging.ERROR if exc.status_code == 500 else logging.WARNING,
                             f"{request.method} {request.url.path} failed ({exc.status_code}): "
-                            f"{exc}")
+                            f"{exc}", path=request.url.path)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
 
     @app.exception_handler(StarletteHTTPException)
