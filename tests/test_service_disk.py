@@ -7,7 +7,9 @@ A download whose size is known ahead and does not fit (with what the downloads u
 still write) is refused before it starts; one whose size is not known stops before it takes
 the room left for the index and frames or promised to others. A server started on a full or
 read-only data directory says why in one line, exit status 1; one whose older index finds no
-room to be rewritten whole starts, with one warning, and rewrites it at a later start.
+room to be rewritten whole starts, with one warning, and rewrites it at a later start; so
+does one whose rewrite's fsync fails, and one whose read fails stops (an LD_PRELOAD library
+failing those calls: tests/disk_faults.c).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ pytestmark = [pytest.mark.timeout(180),
 
 MIB = 1024 * 1024
 PAGE = 4096
+MALFORMED = "database disk image is malformed"
 
 
 @contextlib.contextmanager
@@ -822,3 +825,97 @@ def test_an_older_index_that_cannot_be_rewritten_over_a_disk_quota(
         with _SqliteTempServer(data, temp_dir) as server:
             assert_served_and_resolved(server, a, videos["a.mp4"])
         assert_rewritten(data, server, warning)
+
+
+@pytest.fixture(scope="module")
+def disk_faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/disk_faults.c built with cc: the LD_PRELOAD library of a disk failing under the
+    index. Skips the test without cc."""
+    if (cc := shutil.which("cc")) is None:
+        pytest.skip("needs cc")
+    library = tmp_path_factory.mktemp("disk-faults") / "disk_faults.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(library),
+                    str(Path(__file__).with_name("disk_faults.c")), "-ldl"], check=True)
+    return library
+
+
+def disk_fault(library: Path, fault: str, size: int) -> dict[str, str]:
+    """The environment variables that make disk_faults.c's `library` inject `fault` past
+    `size` bytes (VIDCACHE_FAULT_BYTES)."""
+    return {"LD_PRELOAD": str(library), "VIDCACHE_FAULT": fault,
+            "VIDCACHE_FAULT_BYTES": str(size)}
+
+
+class _FaultyDiskServer(_SqliteTempServer):
+    """_SqliteTempServer on a disk failing as disk_fault says."""
+
+    def __init__(self, data_dir: Path, temp_dir: Path, fault: dict[str, str]) -> None:
+        super().__init__(data_dir, temp_dir)
+        self.fault = fault
+
+    def environment(self) -> dict[str, str]:
+        return {**super().environment(), **self.fault}
+
+
+def test_an_older_index_whose_rewrite_fails_to_sync(
+        tmp_path: Path, media_url: str, videos: dict[str, Path], disk_faults: Path) -> None:
+    """make_older_index's index of over 3 MiB, whose rewrite (VACUUM) is committed with an
+    fsync of the write-ahead log that fails with EIO (a write-back error, disk_faults.c): the
+    server starts all the same, serves the video and resolves the URLs, and warns that a write
+    failed, as for a disk quota; the version is left at 2. The next start, the disk sound,
+    rewrites the index."""
+    temp_dir = tmp_path / "sqlite-tmp"
+    temp_dir.mkdir()
+    data = tmp_path / "data"
+    a = make_older_index(data, media_url, 12000)
+    index = data / ".vidcache" / "index.sqlite3"
+    size = index.stat().st_size
+    assert size > 3 * MIB
+    # a -wal of half the index: the VACUUM's copy, not the aliases' rewrite (a few pages)
+    fault = disk_fault(disk_faults, "fsync", size // 2)
+    with _FaultyDiskServer(data, temp_dir, fault) as server:
+        assert_served_and_resolved(server, a, videos["a.mp4"])
+        warning = vacuum_warning(data, temp_dir, "a write failed (disk I/O error: a disk "
+                                                 "quota reached, or the disk failing)")
+        assert len(re.findall(warning, server.log())) == 1, server.log()
+    with contextlib.closing(sqlite3.connect(index)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+    with _SqliteTempServer(data, temp_dir) as server:
+        assert_served_and_resolved(server, a, videos["a.mp4"])
+    assert_rewritten(data, server, warning)
+
+
+def test_an_older_index_whose_rewrite_cannot_read_it(
+        tmp_path: Path, media_url: str, videos: dict[str, Path], disk_faults: Path) -> None:
+    """make_older_index's index of over 3 MiB, whose pages fail to read (EIO) once its rewrite
+    (VACUUM) is copying it (disk_faults.c: a sector gone bad; no earlier read fails): SQLite
+    (3.40.1) reports that read as SQLITE_CORRUPT, 'database disk image is malformed', not as
+    an I/O error, and the start stops as on damage, in one line naming the index, exit status
+    1, no traceback; the aliases were rewritten before (committed), the version left at 2. The
+    disk sound again, the next start rewrites the index."""
+    temp_dir = tmp_path / "sqlite-tmp"
+    temp_dir.mkdir()
+    data = tmp_path / "data"
+    a = make_older_index(data, media_url, 12000)
+    index = data / ".vidcache" / "index.sqlite3"
+    assert index.stat().st_size > 3 * MIB
+    run = subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(data),
+                          "--port", str(free_port())], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "SQLITE_TMPDIR": str(temp_dir),
+                                          **disk_fault(disk_faults, "read", 0)})
+    assert (run.returncode, run.stdout) == (1, ""), run.stderr
+    assert "removed the credentials from 201 URL aliases" in run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"vidcache serve: error: cannot open the index {index}: {MALFORMED}"), run.stderr
+    assert "Traceback" not in run.stderr
+    with contextlib.closing(sqlite3.connect(index)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (2,)
+
+    with _SqliteTempServer(data, temp_dir) as server:
+        assert_served_and_resolved(server, a, videos["a.mp4"])
+    assert "removed the credentials from" not in server.log()  # nothing more to cut
+    assert "was not rewritten whole" not in server.log()
+    assert files_holding_secrets(data) == []
+    with contextlib.closing(sqlite3.connect(index)) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (3,)

@@ -388,9 +388,10 @@ class Store:
                 return
             # A write refused otherwise, as with EDQUOT (SQLite says SQLITE_FULL for ENOSPC
             # only), loses nothing either. The VACUUM reports an I/O error in its copy into a
-            # temporary database as a bare SQLITE_IOERR, a read of the index as well as a write
-            # of the copy: the index read whole without one (else IndexUnreadable, the start
-            # stopped) says it was a write.
+            # temporary database as a bare SQLITE_IOERR, a write of the copy and perhaps a read
+            # of the index: the index read whole without one (else IndexUnreadable, the start
+            # stopped) says it was a write. (A read of the index failing in the copy, EIO, was
+            # SQLITE_CORRUPT in SQLite 3.40.1, raised below: the start stops as on damage.)
             if code not in (*_WRITE_FAILED, sqlite3.SQLITE_IOERR):
                 raise
             if code == sqlite3.SQLITE_IOERR:
