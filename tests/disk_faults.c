@@ -7,7 +7,9 @@
  *          Linux reports one;
  *   read   once SQLite has opened a temporary file (etilqs_*: a VACUUM's copy, spilled out of
  *          its cache), every pread of the index at or past offset VIDCACHE_FAULT_BYTES fails
- *          with EIO: a sector gone bad.
+ *          with EIO: a sector gone bad;
+ *   read-once  the first such pread only: a read that fails once (a cable, a controller
+ *          reset), the disk sound after.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -21,7 +23,7 @@
 #include <sys/types.h>
 #include <unistd.h>
 
-static int synced_wrong, copying;
+static int synced_wrong, copying, read_wrong;
 
 static int is_fault(const char *name) {
     const char *fault = getenv("VIDCACHE_FAULT");
@@ -89,8 +91,9 @@ ssize_t pread64(int fd, void *buffer, size_t count, off_t offset) {
     static ssize_t (*real)(int, void *, size_t, off_t);
     if (real == NULL)
         real = (ssize_t (*)(int, void *, size_t, off_t))dlsym(RTLD_NEXT, "pread64");
-    if (copying && is_fault("read") && offset >= fault_bytes()
-        && opened_on(fd, "/.vidcache/index.sqlite3")) {
+    if (copying && (is_fault("read") || (is_fault("read-once") && !read_wrong))
+        && offset >= fault_bytes() && opened_on(fd, "/.vidcache/index.sqlite3")) {
+        read_wrong = 1;
         errno = EIO;
         return -1;
     }

@@ -390,8 +390,14 @@ class Store:
             # only), loses nothing either. The VACUUM reports an I/O error in its copy into a
             # temporary database as a bare SQLITE_IOERR, a write of the copy and perhaps a read
             # of the index: the index read whole without one (else IndexUnreadable, the start
-            # stopped) says it was a write. (A read of the index failing in the copy, EIO, was
-            # SQLITE_CORRUPT in SQLite 3.40.1, raised below: the start stops as on damage.)
+            # stopped) says it was a write. A read of the index failing in the copy (EIO) is
+            # SQLITE_CORRUPT (SQLite 3.40.1): the index read whole says that read failed once,
+            # and the index is sound; stopping would send its operator to restore a backup.
+            if code is not None and code & 0xFF == sqlite3.SQLITE_CORRUPT:
+                self._check_index()
+                self._vacuum_postponed(f"a read failed ({exc}, but the index reads whole: the "
+                                       "disk failing)")
+                return
             if code not in (*_WRITE_FAILED, sqlite3.SQLITE_IOERR):
                 raise
             if code == sqlite3.SQLITE_IOERR:
@@ -403,10 +409,10 @@ class Store:
         self.db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def _vacuum_postponed(self, why: str) -> None:
-        """After a VACUUM whose writes failed (no room, a quota): its frames given back (the WAL
-        emptied), one warning saying `why`, the version left as it was. The aliases are
-        rewritten (committed) and work; refusing to start would turn the upgrade of a nearly
-        full disk into an outage."""
+        """After a VACUUM whose writes failed (no room, a quota) or whose read failed once: its
+        frames given back (the WAL emptied), one warning saying `why`, the version left as it
+        was. The aliases are rewritten (committed) and work; refusing to start would turn the
+        upgrade of a nearly full disk into an outage."""
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         (pages,), (free_pages,), (page_size,) = (
             self.db.execute(f"PRAGMA {name}").fetchone()
@@ -509,8 +515,13 @@ class Store:
         lines = [line for (text,) in self.db.execute("PRAGMA quick_check(5)")
                  for line in text.splitlines() if not line.startswith("*** ")]
         if lines != ["ok"]:
+            # a page its disk failed to read (an I/O error's code) is not known to be damaged
+            failed_reads = any(int(code) & 0xFF == sqlite3.SQLITE_IOERR
+                               for line in lines
+                               for code in _PAGE_ERROR_CODE.findall(line))
+            state = "cannot be read whole (its disk failing)" if failed_reads else "is damaged"
             raise IndexUnreadable(
-                f"the index {self.internal_dir / INDEX_FILE} is damaged (PRAGMA quick_check: "
+                f"the index {self.internal_dir / INDEX_FILE} {state} (PRAGMA quick_check: "
                 f"{'; '.join(lines)}): until it is repaired or restored, the start-up "
                 "recovery removes nothing (a blob without a record may be a video it lost)")
 
@@ -717,6 +728,9 @@ _RECORD_COLUMNS = ("hash, bucket, prefix, file_path, size_bytes, duration_s, mim
 _INSERT_COLUMNS = f"{_RECORD_COLUMNS}, phash, chunk_digests"
 
 
+# quick_check's line for a page it could not read ("Page 23: unable to get the page. error
+# code=8458")
+_PAGE_ERROR_CODE = re.compile(r"unable to get the page\. error code=(\d+)")
 # SQLite's errors for a file system without room: full, or the -shm cannot grow
 _NO_ROOM = (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR_SHMSIZE)
 # and for a write it refused otherwise ('disk I/O error'): a quota (EDQUOT), a failing disk
