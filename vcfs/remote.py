@@ -517,7 +517,8 @@ class Remote:
 
     def operation_failed(self, file: int | None) -> None:
         """An operation of the mount failed with an error of this remote's: a read of the open
-        file numbered `file`, or (None) a lookup or listing; the outage lines count them."""
+        file numbered `file`, or (None) a lookup, an open or a listing; the outage lines
+        count them."""
         self._outage.failed(file)
 
     def check_health(self) -> None:
