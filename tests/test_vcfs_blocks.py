@@ -668,7 +668,7 @@ def test_a_read_into_the_middle_of_a_cold_block_fetches_only_its_tail() -> None:
     assert cache.stats()["bytes_fetched"] == 2 * BS - 8  # its tail from byte 8 on, block 2
     assert cache.read(H1, len(data), BS + 8, 4) == data[BS + 8 : BS + 12]  # from the tail
     assert len(fetcher.calls) == 1
-    # the block's start: the whole block is fetched and takes the tail's place
+    # the block's start: what lies before the tail is fetched, joined with it into the block
     assert cache.read(H1, len(data), BS, 8) == data[BS : BS + 8]
     assert fetcher.calls[1] == (BS, 2 * BS, 0)
     assert cache.read(H1, len(data), 0, 3 * BS) == data  # block 0 fetched, 1 and 2 cached
@@ -783,6 +783,115 @@ def test_a_reader_of_a_blocks_start_waiting_on_a_tail_fetch_gets_the_whole_block
     assert sorted(got) == sorted([data[12:16], data[0:4]])
     assert calls == [12, 0]  # the tail, then the whole block for the second reader
     assert cache.read(H1, len(data), 0, BS) == data and calls == [12, 0]
+
+
+def test_a_read_reaching_a_cached_tail_fetches_only_what_lies_before_it() -> None:
+    # A player's first read of the file's last page caches the last block's tail; reading
+    # the file through then fetches that block's head only, joined with the tail.
+    data = data_of(2 * BS + 12)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), 2 * BS + 9, 3) == data[-3:]
+    assert cache.stats()["bytes_fetched"] == 4  # the tail: bytes 8..12 of the last block
+    assert cache.read(H1, len(data), 0, len(data)) == data
+    assert fetcher.calls[1] == (0, len(data), 0) and fetcher.untils[1] == 8
+    assert cache.stats()["bytes_fetched"] == len(data)  # no byte twice
+    assert cache.stats()["cached_blocks"] == 3
+    assert cache.stats()["cached_bytes"] == len(data)
+    # The joined block is whole: its head alone, or all of it, is served from memory.
+    assert cache.read(H1, len(data), 2 * BS, 4) == data[2 * BS : 2 * BS + 4]
+    assert cache.read(H1, len(data), 2 * BS, 12) == data[2 * BS :]
+    assert len(fetcher.calls) == 2
+
+
+def test_a_head_fetched_past_where_the_tail_begins_is_joined_without_the_overlap() -> None:
+    data = data_of(BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, BS, 5, 2) == data[5:7]  # the tail from byte 4
+    fetcher.unit = 8  # the head then comes to byte 8: 4 of its bytes are the tail's
+    assert cache.read(H1, BS, 2, 3) == data[2:5]
+    assert fetcher.calls[1] == (0, BS, 2) and fetcher.untils[1] == 4
+    assert cache.stats()["bytes_fetched"] == (BS - 4) + 8
+    assert cache.read(H1, BS, 0, BS) == data and len(fetcher.calls) == 2
+    assert cache.stats()["cached_bytes"] == BS
+
+
+@pytest.mark.parametrize("capacity", [BS, 1000])
+def test_the_joined_block_takes_its_tails_place_in_the_budget(capacity: int) -> None:
+    data = data_of(2 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
+                       block_fetcher=fetcher)
+    assert cache.read(H1, len(data), BS + 9, 3) == data[BS + 9 : BS + 12]
+    assert cache.stats()["cached_bytes"] == BS - 8
+    # With room for one block, the block's reservation evicts its own tail: the fetch keeps
+    # it to join all the same.
+    assert cache.read(H1, len(data), BS, BS) == data[BS:]
+    assert fetcher.untils[1] == 8
+    stats = cache.stats()
+    assert (stats["cached_blocks"], stats["cached_bytes"], stats["bytes_fetched"]) == (1, BS, BS)
+    assert cache.read(H1, len(data), BS, BS) == data[BS:] and len(fetcher.calls) == 2
+
+
+def test_a_part_short_of_its_blocks_end_is_not_joined_as_a_tail() -> None:
+    data = data_of(BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, BS, 5, 2, scattered=True) == data[5:7]  # bytes 4..8 of the block
+    # Bytes 0..8 joined would not be the block: it is fetched whole, as before tails were
+    # joined (its part holds the read's end, but the block's end lies beyond).
+    assert cache.read(H1, BS, 0, 8) == data[:8]
+    assert fetcher.untils == [7, None]
+    assert cache.read(H1, BS, 0, BS) == data and len(fetcher.calls) == 2
+
+
+class GatedTailFetcher(TailFetcher):
+    """A TailFetcher whose calls given `until` wait for `gate`, then raise `error` if set."""
+
+    def __init__(self, data: bytes, unit: int) -> None:
+        super().__init__(data, unit)
+        self.gate = threading.Event()
+        self.error: Exception | None = None
+
+    def __call__(self, content_hash: str, start: int, end: int, block_size: int, *,
+                 on_block: OnBlock, on_partial: OnPartial | None = None,
+                 skip: int = 0, until: int | None = None, on_span: OnSpan | None = None,
+                 stop: threading.Event | None = None) -> list[bytes]:
+        if until is not None:
+            if not self.gate.wait(DEADLINE):
+                raise AssertionError("gate never opened")
+            if self.error is not None:
+                self.calls.append((start, end, skip))
+                self.untils.append(until)
+                raise self.error
+        return super().__call__(content_hash, start, end, block_size, on_block=on_block,
+                                on_partial=on_partial, skip=skip, until=until,
+                                on_span=on_span, stop=stop)
+
+
+def test_a_head_in_flight_is_one_fetch_its_tail_still_serves_and_a_failure_keeps_it() -> None:
+    data = data_of(BS)
+    fetcher = GatedTailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, BS, 9, 3) == data[9:12]  # the tail from byte 8
+    fetcher.error = OSError("connection reset")
+    failed: list[BaseException] = []
+
+    def read_failing(offset: int, size: int) -> None:
+        with pytest.raises(OSError, match="connection reset") as caught:
+            cache.read(H1, BS, offset, size)
+        failed.append(caught.value)
+
+    with threads(lambda: read_failing(0, BS), lambda: read_failing(0, 4)):
+        wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE)
+        assert cache.read(H1, BS, 10, 6) == data[10:]  # from the tail, not waiting
+        fetcher.gate.set()
+    assert len(failed) == 2 and fetcher.untils[1:] == [8]  # both readers, one fetch
+    assert cache.stats()["cached_bytes"] == BS - 8  # the tail is kept
+    fetcher.error = None  # a later read tries again, for the head alone
+    assert cache.read(H1, BS, 0, BS) == data
+    assert fetcher.untils[1:] == [8, 8] and cache.stats()["cached_bytes"] == BS
 
 
 def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:

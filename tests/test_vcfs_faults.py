@@ -660,8 +660,8 @@ def test_what_failed_in_an_outage_is_each_open_files_reads_once_and_each_lookup(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`Outage` on a clock of its own: a file's failed reads (a read and the kernel's re-asks
-    of it, a player's retries) count once, lookups and listings each; what fails once the
-    service has answered again is not the outage's."""
+    of it, a player's retries) count once, lookups, opens and listings each; what fails once
+    the service has answered again is not the outage's."""
     now = [0.0]
     outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
     with caplog.at_level(logging.WARNING, logger="test.outage"):
@@ -673,7 +673,7 @@ def test_what_failed_in_an_outage_is_each_open_files_reads_once_and_each_lookup(
         outage.failed(7)
     assert caplog.records[-1].getMessage() == (
         "the service at http://service answers again, after 3 s of failures; reads of 2 open "
-        "file(s) and 2 lookup(s) or listing(s) failed meanwhile")
+        "file(s) and 2 lookup(s), open(s) or listing(s) failed meanwhile")
 
 
 def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(

@@ -409,6 +409,41 @@ def test_scattered_small_reads_fetch_only_the_chunks_they_need(
         os.close(fd)
 
 
+def test_a_last_page_read_first_is_not_fetched_again_by_a_read_through(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], tmp_path: Path
+) -> None:
+    """A player reads a file's first page, then its last (for an index at the end): that
+    fetches the last block's tail (from the digest chunk holding the page, the digests
+    known since the first read); reading the file through with `dd` then fetches only that
+    block's head, joined with the tail: every byte of the file is fetched once."""
+    video = corpus["big.mp4"]
+    data = video.data()
+    chunk = 256 * KIB
+    # big.mp4's size varies with its noise's seed: a block size whose last block holds the
+    # last page past its first chunk, so that the page's fetch is a tail.
+    block = next(size for size in (MIB << k for k in range(7)) if (video.size - 1) % size >= chunk)
+    mounted = fresh_mount("--block-size", str(block), "--no-first-block")
+    path = mounted.video(video.file_name)
+    last_page = (video.size - 1) // 4096 * 4096
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # those pages alone
+        assert os.pread(fd, 4096, 0) == data[:4096]
+        first = fetched_when_quiet(mounted)  # the first block
+        assert os.pread(fd, 4096, last_page) == data[last_page:]
+    finally:
+        os.close(fd)
+    assert fetched_when_quiet(mounted) - first == video.size - last_page // chunk * chunk
+    copy = tmp_path / "copy"
+    subprocess.run(["dd", f"if={path}", f"of={copy}", f"bs={MIB}", "status=none"],
+                   check=True, timeout=60)
+    assert copy.read_bytes() == data
+    assert fetched_when_quiet(mounted) == video.size  # the tail was not fetched again
+    stats = mounted.stats()
+    assert stats["cache"]["cached_bytes"] == video.size
+    assert stats["fuse"]["errors"] == 0
+
+
 def test_concurrent_readers_same_and_different_files(
     mount: VcfsMount, corpus: dict[str, Video]
 ) -> None:

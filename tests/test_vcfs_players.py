@@ -291,11 +291,11 @@ def test_vlc_as_a_user_decodes_the_same_frames_through_an_allow_other_mount(
     wait_until(lambda: mounted.stats()["open_files"] == 0, timeout=10,
                what="VLC's files released")
     after = mounted.stats()
-    # The bytes held, not those fetched: VLC reads the last page first, which fetches the last
-    # block's end alone, and once playback reaches that block its read fetches it whole, the
-    # end again (the last chunk twice: big.mp4's size varies with its random noise, and its
-    # last block is not always one playback reaches). Nothing evicted or dropped: a block
-    # fetched in the stretch VLC skipped is held.
+    # The bytes held, each counted once: VLC reads the last page first, which fetches the last
+    # block's end alone (a tail), joined with the rest of the block if playback reaches it
+    # (big.mp4's size varies with its random noise, and its last block is not always one
+    # playback reaches). Nothing evicted or dropped: a block fetched in the stretch VLC
+    # skipped is held.
     assert [after["cache"][key] - before["cache"][key]
             for key in ("evictions", "dropped_blocks")] == [0, 0]
     held = after["cache"]["cached_bytes"] - before["cache"]["cached_bytes"]

@@ -37,8 +37,9 @@ Reading, for the blocks a read touches:
    (10 ms at 200 Mbit/s), not after the whole block (42 ms). Those bytes are final: the
    fetcher writes past them only. The fetch of a read's first block may also leave out the
    block's start that the read does not need (`skip`): the block's *tail* is then cached
-   (a `_Part`); reads within it are served from it, and a read needing the start fetches the
-   whole block, which takes the tail's place. A *scattered* read (its reader's second jump
+   (a `_Part`); reads within it are served from it, and a read needing the start fetches
+   only what lies before the tail (the block fetcher's `until`), joined with the tail into
+   the whole block, which takes the tail's place. A *scattered* read (its reader's second jump
    in a row: neither it nor the read before it continued an earlier one, as a media
    scanner's or a random-access benchmark's small reads) may likewise leave out the end of
    its last block (`until`): the fetcher stops at the digest chunk holding the read's end,
@@ -121,12 +122,12 @@ class BlockFetcher(Protocol):
     piece's first bytes need not wait for its last. It may leave out up to `skip` bytes at
     the start of the first piece, which then is the *tail* of its block (shorter by that
     much): no reader of this run needs them. Given `until` (a scattered read's end in the
-    run's last block), it may also leave out the last piece's bytes from `until` on; then it
-    calls `on_span(start, end)` with the bytes the run brings before reporting any piece, so
-    the cache knows where a piece cut at both ends starts. Once `stop` is set it may end
-    early by raising `FetchStopped` (the pieces reported so far are kept). `until`, `on_span`
-    and `stop` are passed only when used: fetchers that never cut or stop need not know of
-    them."""
+    run's last block, or where that block's cached tail begins), it may also leave out the
+    last piece's bytes from `until` on; then it calls `on_span(start, end)` with the bytes
+    the run brings before reporting any piece, so the cache knows where a piece cut at both
+    ends starts. Once `stop` is set it may end early by raising `FetchStopped` (the pieces
+    reported so far are kept). `until`, `on_span` and `stop` are passed only when used:
+    fetchers that never cut or stop need not know of them."""
 
     def __call__(
         self, content_hash: str, start: int, end: int, block_size: int, /, *,
@@ -281,6 +282,16 @@ def _entry_size(entry: _Entry) -> int:
     return len(entry) if isinstance(entry, bytes) else len(entry.piece)
 
 
+def _joined(entry: _Entry, tail: _Part | None) -> _Entry:
+    """A fetched part that reaches the block's cached `tail` (a part ending at the block's
+    end), joined with it: the whole block, or a longer tail. Both are verified; anything
+    else is returned as it is."""
+    if tail is None or isinstance(entry, bytes) or not entry.lo < tail.lo <= entry.hi:
+        return entry
+    piece = b"".join((memoryview(entry.piece)[: tail.lo - entry.lo], tail.piece))
+    return piece if entry.lo == 0 else _Part(piece, entry.lo)
+
+
 def _holding(entry: _Entry, low: int, high: int) -> _Got | None:
     """The entry's bytes and their offset in the block, if they hold its bytes `[low, high)`."""
     if isinstance(entry, bytes):
@@ -292,11 +303,13 @@ class _Pending:
     """A block being fetched: its outcome once the fetch is over and, while it arrives, the
     part of it that is in and verified, which readers needing only that part take already."""
 
-    __slots__ = ("lo", "outcome", "piece", "ready", "skip", "until", "waiters")
+    __slots__ = ("lo", "outcome", "piece", "ready", "skip", "tail", "until", "waiters")
 
-    def __init__(self, skip: int = 0, until: int | None = None) -> None:
+    def __init__(self, skip: int = 0, until: int | None = None,
+                 tail: _Part | None = None) -> None:
         self.skip = skip  # bytes at the block's start its fetch may leave out (a tail)
         self.until = until  # where in the block its fetch may stop; None: at the block's end
+        self.tail = tail  # the block's cached tail, joined with what the fetch brings
         self.outcome: _Outcome | None = None  # set, under the lock, when the fetch is over
         self.piece = b""  # the block (or a part) being filled, once the fetcher reported it
         self.lo = 0  # where in the block `piece` starts
@@ -516,7 +529,9 @@ class BlockCache:
         a `scattered` read, the fetch of its last block the end the read does not need (see
         `_Part`). A first block whose cached part holds the start of what the read needs but
         not the rest (a read continuing a scattered one) gives two pieces: that part's, and
-        the rest, fetched from where the part ends."""
+        the rest, fetched from where the part ends. A block whose cached tail holds the end
+        of what the read needs but not its start is fetched only up to the tail (`until`),
+        and the two are joined."""
         block_size = self._block_size
         blocks = range(start // block_size, (end - 1) // block_size + 1)
         found: dict[int, _Got] = {}
@@ -542,7 +557,12 @@ class BlockCache:
                 if fetching is None:
                     cut = scattered and not whole and index == blocks[-1]
                     until = high if cut and high < min(block_size, file_size - base) else None
-                    fetching = self._inflight[key] = _Pending(low if first else 0, until)
+                    # Its tail is not fetched again (if the block ends the run: `until`).
+                    tail = entry if (isinstance(entry, _Part) and low < entry.lo
+                                     and entry.hi == min(block_size, file_size - base)) else None
+                    if tail is not None:
+                        until = tail.lo if until is None else min(until, tail.lo)
+                    fetching = self._inflight[key] = _Pending(low if first else 0, until, tail)
                     owned[index] = fetching
                 else:
                     self._inflight_waits += 1
@@ -560,10 +580,12 @@ class BlockCache:
                 background.submit(self._fetch_owned, content_hash, file_size, run_owned)
             last = max(final)
             # In the background only if the read can return before its fetch is over: when it
-            # needs only the start of the last block it fetches, and that fetch brings the
-            # rest of the block (a thread hop otherwise).
-            if (final[last].until is not None
-                    or end >= block_bounds(last, file_size, block_size)[1]):
+            # needs only the start of what the fetch of its last block brings (a thread hop
+            # otherwise).
+            until = final[last].until
+            brings = (block_bounds(last, file_size, block_size)[1] if until is None
+                      else last * block_size + until)
+            if end >= brings:
                 self._fetch_owned(content_hash, file_size, final)
             else:
                 background.submit(self._fetch_owned, content_hash, file_size, final)
@@ -714,6 +736,7 @@ class BlockCache:
             else:
                 with self._lock:
                     self._bytes_fetched += _entry_size(outcome)
+                outcome = _joined(outcome, owned[index].tail)
             self._resolve(content_hash, file_size, {index: outcome}, owned, unresolved)
 
         def partial(position: int, piece: bytes, ready: int) -> None:

@@ -91,10 +91,11 @@ class FailureLog:
 @dataclass(slots=True)
 class _Failed:
     """What the mount's users saw fail in outages: reads of open files, each file counted
-    once, and lookups or listings, each counted. Not the requests vcfs gave up on: the
-    kernel re-asks a failed read at once, page by page, each re-ask a read that fails too,
-    and a read's digests fail beside its range: 2 commands reading a stopped service were
-    '8 operation(s) failed'."""
+    once, and the other operations that ask the service, each counted: lookups (`stat`),
+    opens of a video whose metadata is not at hand, listings. Not the requests vcfs gave up
+    on: the kernel re-asks a failed read at once, page by page, each re-ask a read that
+    fails too, and a read's digests fail beside its range: 2 commands reading a stopped
+    service were '8 operation(s) failed'."""
 
     files: set[int] = field(default_factory=set)  # the handles of open files
     others: int = 0
@@ -106,8 +107,9 @@ class _Failed:
     def said(self) -> str:
         parts = [f"reads of {len(self.files)} open file(s)"] if self.files else []
         if self.others:
-            parts.append(f"{self.others} lookup(s) or listing(s)")
-        return " and ".join(parts) + " failed" if parts else "no read, lookup or listing failed"
+            parts.append(f"{self.others} lookup(s), open(s) or listing(s)")
+        return (" and ".join(parts) + " failed" if parts
+                else "no read, lookup, open or listing failed")
 
 
 class Outage:
@@ -159,7 +161,7 @@ class Outage:
 
     def failed(self, file: int | None) -> None:
         """An operation of the mount failed while the service is failing: a read of the open
-        file numbered `file`, or (None) a lookup or listing."""
+        file numbered `file`, or (None) a lookup, an open or a listing."""
         with self._lock:
             if self._since is None:  # the service answered since: not this outage's
                 return

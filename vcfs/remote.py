@@ -517,7 +517,8 @@ class Remote:
 
     def operation_failed(self, file: int | None) -> None:
         """An operation of the mount failed with an error of this remote's: a read of the open
-        file numbered `file`, or (None) a lookup or listing; the outage lines count them."""
+        file numbered `file`, or (None) a lookup, an open or a listing; the outage lines
+        count them."""
         self._outage.failed(file)
 
     def check_health(self) -> None:
@@ -833,7 +834,8 @@ class Remote:
         of a block waits for, and the link carries, only the chunks from there on). Given
         `until`, it likewise stops at the end of the chunk holding byte `until - 1` of the
         last block, after telling `on_span` the bytes it will bring (a scattered read's fetch:
-        a scattered 128 KiB read brings one or two chunks, not the rest of its block).
+        a scattered 128 KiB read brings one or two chunks, not the rest of its block; or the
+        head of a block whose tail is cached).
         Otherwise (no digests yet, chunks coarser than the blocks) it is `fetch`, cut into
         pieces; but given `until`, digests that a cold lookup asked for and that are still on
         their way are waited for first (`_await_lookup_digests`). A first block fetched
