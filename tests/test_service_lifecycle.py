@@ -279,6 +279,16 @@ def _index_descriptors() -> list[str]:
     return found
 
 
+def _opens_with(data: Path, count: int) -> bool:
+    """Whether the data directory opens (again) and holds `count` videos."""
+    store = Store(data)
+    store.open()
+    try:
+        return store.count() == count
+    finally:
+        store.close()
+
+
 def test_a_failed_migration_lets_go_of_the_index(tmp_path: Path) -> None:
     """An index of version 2 holding an alias that is not text (a BLOB another program wrote):
     the migration's rewrite of the aliases fails with a TypeError, no error of the index's
@@ -302,12 +312,7 @@ def test_a_failed_migration_lets_go_of_the_index(tmp_path: Path) -> None:
 
     with contextlib.closing(sqlite3.connect(index)) as db, db:
         db.execute("DELETE FROM url_aliases WHERE typeof(url) = 'blob'")
-    store = Store(data)
-    store.open()
-    try:
-        assert store.count() == 3
-    finally:
-        store.close()
+    assert _opens_with(data, 3)
     assert _index_descriptors() == []
     with contextlib.closing(sqlite3.connect(index)) as db:
         assert db.execute("PRAGMA user_version").fetchone() == (3,)
@@ -347,12 +352,7 @@ def test_a_reader_failing_at_open_lets_go_of_the_index(tmp_path: Path,
     assert connections[0] == 4
     assert _index_descriptors() == []
     monkeypatch.undo()
-    store = Store(data)
-    store.open()
-    try:
-        assert store.count() == 3
-    finally:
-        store.close()
+    assert _opens_with(data, 3)
 
 
 def test_one_server_per_data_dir(tmp_path: Path) -> None:
