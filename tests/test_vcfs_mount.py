@@ -419,8 +419,8 @@ def test_a_last_page_read_first_is_not_fetched_again_by_a_read_through(
     video = corpus["big.mp4"]
     data = video.data()
     chunk = 256 * KIB
-    # big.mp4's size varies with its noise's seed: a block size whose last block holds the
-    # last page past its first chunk, so that the page's fetch is a tail.
+    # a block size whose last block holds the last page past its first chunk, so that the
+    # page's fetch is a tail (whatever big.mp4's size: another encoder may make other bytes)
     block = next(size for size in (MIB << k for k in range(7)) if (video.size - 1) % size >= chunk)
     mounted = fresh_mount("--block-size", str(block), "--no-first-block")
     path = mounted.video(video.file_name)
