@@ -894,6 +894,90 @@ def test_a_head_in_flight_is_one_fetch_its_tail_still_serves_and_a_failure_keeps
     assert fetcher.untils[1:] == [8, 8] and cache.stats()["cached_bytes"] == BS
 
 
+@pytest.mark.parametrize("passed", [False, True], ids=["lru", "passed-tier"])
+def test_a_prefetch_reaching_a_cached_tail_fetches_only_what_lies_before_it(
+        passed: bool) -> None:
+    # A player read the file's last page first, then streams: readahead reaching the last
+    # block fetches its head, joined with the tail, so the reader does not fetch it there.
+    data = data_of(3 * BS + 12)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), 3 * BS + 9, 3) == data[-3:]  # the tail from byte 8
+    assert cache.read(H1, len(data), 0, BS) == data[:BS]
+    if passed:  # another stream passed it: the tier gives the part up
+        assert cache.discard(H1, 3, 3) == 1 and cache.stats()["passed_bytes"] == 4
+    cache.prefetch(H1, len(data), 1, 3)
+    assert fetcher.calls[2] == (BS, len(data), 0) and fetcher.untils[2] == 8
+    stats = cache.stats()
+    assert stats["bytes_fetched"] == len(data)  # no byte twice
+    assert (stats["prefetched_blocks"], stats["fetching_blocks"]) == (3, 0)
+    assert (stats["cached_blocks"], stats["cached_bytes"], stats["passed_bytes"]) == (
+        4, len(data), 0)
+    assert cache.read(H1, len(data), 0, len(data)) == data
+    assert len(fetcher.calls) == 3 and cache.stats()["misses"] == stats["misses"]
+
+
+def test_a_prefetch_reaching_a_part_short_of_its_blocks_end_fetches_the_whole_block() -> None:
+    data = data_of(3 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), BS + 5, 2, scattered=True) == data[BS + 5 : BS + 7]
+    assert fetcher.calls == [(BS, 2 * BS, 5)] and fetcher.untils == [7]  # bytes 4..8
+    cache.prefetch(H1, len(data), 1, 2)
+    assert fetcher.calls[1] == (BS, 3 * BS, 0) and fetcher.untils[1] is None
+    stats = cache.stats()
+    assert stats["bytes_fetched"] == 4 + 2 * BS
+    assert (stats["cached_blocks"], stats["cached_bytes"]) == (2, 2 * BS)  # it took its place
+    assert cache.read(H1, len(data), BS, 2 * BS) == data[BS:] and len(fetcher.calls) == 2
+
+
+@pytest.mark.parametrize("capacity", [BS, 1000])
+def test_a_prefetch_joining_a_tail_keeps_the_budget(capacity: int) -> None:
+    data = data_of(2 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
+                       block_fetcher=fetcher)
+    assert cache.read(H1, len(data), BS + 9, 3) == data[BS + 9 : BS + 12]
+    # With room for one block, the block's reservation evicts its own tail: the fetch keeps
+    # it to join all the same.
+    cache.prefetch(H1, len(data), 1, 1)
+    assert fetcher.untils[1] == 8
+    stats = cache.stats()
+    assert (stats["cached_blocks"], stats["cached_bytes"], stats["bytes_fetched"]) == (1, BS, BS)
+    # Its reservation is given back: the next prefetch has the whole budget.
+    cache.prefetch(H1, len(data), 0, 0)
+    assert fetcher.calls[2] == (0, BS, 0)
+    assert cache.stats()["cached_bytes"] == min(2 * BS, capacity)
+    assert cache.read(H1, len(data), 0, BS) == data[:BS] and len(fetcher.calls) == 3
+
+
+def test_a_prefetched_head_is_one_fetch_for_its_reader_and_a_failure_keeps_the_tail() -> None:
+    data = data_of(BS)
+    fetcher = GatedTailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, BS, 9, 3) == data[9:12]  # the tail from byte 8
+    fetcher.error = OSError("connection reset")
+    fetcher.gate.set()
+    with pytest.raises(OSError, match="connection reset"):
+        cache.prefetch(H1, BS, 0, 0)
+    stats = cache.stats()
+    assert (stats["cached_bytes"], stats["fetching_blocks"]) == (BS - 8, 0)  # the tail kept
+    assert cache.read(H1, BS, 10, 6) == data[10:] and len(fetcher.calls) == 2
+    fetcher.error = None  # the next prefetch tries again; a reader of the head waits for it
+    fetcher.gate.clear()
+    got: list[bytes] = []
+    with threads(lambda: cache.prefetch(H1, BS, 0, 0)):
+        wait_until(lambda: cache.stats()["fetching_blocks"] == 1, timeout=DEADLINE,
+                   what="the prefetch")
+        with threads(lambda: got.append(cache.read(H1, BS, 0, 4))):
+            wait_until(lambda: cache.stats()["inflight_waits"] == 1, timeout=DEADLINE,
+                       what="the reader waiting for it")
+            fetcher.gate.set()
+    assert got == [data[:4]] and fetcher.untils[1:] == [8, 8]
+    assert cache.stats()["cached_bytes"] == BS
+    assert cache.read(H1, BS, 0, BS) == data and len(fetcher.calls) == 3
+
+
 def test_block_fetcher_pieces_of_the_wrong_sizes_are_refused() -> None:
     data = data_of(4 * BS)
 

@@ -444,6 +444,43 @@ def test_a_last_page_read_first_is_not_fetched_again_by_a_read_through(
     assert stats["fuse"]["errors"] == 0
 
 
+def test_readahead_reaching_a_last_page_read_first_fetches_the_rest_of_its_block(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    """A player reads a file's first page, then its last (the last block's tail), then
+    plays it through: readahead reaching the last block fetches what lies before the tail
+    (joined with it), so the reader does not stop there for a fetch of its own. The reads
+    stop where the last block begins: every byte is then fetched, once, and reading the
+    rest is served from memory."""
+    video = corpus["big.mp4"]
+    data = video.data()
+    chunk = 256 * KIB
+    # big.mp4's size varies with its noise's seed: a block size whose last block holds the
+    # last page past its first chunk, so that the page's fetch is a tail.
+    block = next(size for size in (MIB << k for k in range(7)) if (video.size - 1) % size >= chunk)
+    mounted = fresh_mount("--block-size", str(block), "--no-first-block")
+    path = mounted.video(video.file_name)
+    last_page = (video.size - 1) // 4096 * 4096
+    last_block = (video.size - 1) // block * block
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # these reads alone reach vcfs
+        assert os.pread(fd, 4096, 0) == data[:4096]
+        assert os.pread(fd, 4096, last_page) == data[last_page:]
+        for offset in range(0, last_block, MIB):  # a stream: readahead's window grows
+            assert os.pread(fd, MIB, offset) == data[offset : offset + MIB]
+        wait_until(lambda: mounted.stats()["remote"]["bytes_fetched"] == video.size,
+                   timeout=20, what="readahead to fetch the last block's head")
+        misses = mounted.stats()["cache"]["misses"]
+        assert os.pread(fd, video.size - last_block, last_block) == data[last_block:]
+    finally:
+        os.close(fd)
+    stats = mounted.stats()
+    assert stats["cache"]["misses"] == misses  # the last block was whole in memory
+    assert stats["remote"]["bytes_fetched"] == stats["cache"]["cached_bytes"] == video.size
+    assert stats["fuse"]["errors"] == 0
+
+
 def test_concurrent_readers_same_and_different_files(
     mount: VcfsMount, corpus: dict[str, Video]
 ) -> None:

@@ -95,7 +95,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from cachetools import LRUCache
+from cachetools import Cache, LRUCache
 
 from vcfs.limits import FUSE_THREADS
 
@@ -318,6 +318,17 @@ class _Pending:
         # `bytes` holding that part, or None when the fetch ended with a part that does not)
         self.waiters: list[tuple[int, int, Future[_Got | None]]] = []
 
+    @classmethod
+    def beside(cls, cached: _Entry | None, length: int, low: int = 0, skip: int = 0,
+               until: int | None = None) -> _Pending:
+        """The fetch of a block of `length` bytes that must bring its bytes from `low` on,
+        `cached` being what the cache holds of it: a tail beginning after `low` (a part
+        ending at the block's end) is not fetched again (`until` where it begins, honoured
+        if the block ends its run) but joined with what the fetch brings (`_joined`)."""
+        if isinstance(cached, _Part) and low < cached.lo and cached.hi == length:
+            return cls(skip, cached.lo if until is None else min(until, cached.lo), cached)
+        return cls(skip, until)
+
     def holds(self, low: int, high: int) -> bool:
         """Whether the part arrived so far holds bytes `[low, high)` of the block."""
         return self.lo <= low and high - self.lo <= self.ready
@@ -329,6 +340,10 @@ class _CountingLRU(LRUCache[_Key, _Entry]):
     def __init__(self, capacity: int) -> None:
         super().__init__(maxsize=capacity, getsizeof=_entry_size)
         self.evictions = 0
+
+    def peek(self, key: _Key) -> _Entry | None:
+        """The entry, left where it is in the LRU order."""
+        return Cache.__getitem__(self, key) if key in self else None
 
     def popitem(self) -> tuple[_Key, _Entry]:
         item = super().popitem()
@@ -433,7 +448,9 @@ class BlockCache:
         stop: threading.Event | None = None,
     ) -> None:
         """Fetch the blocks `first_block..last_block` (inclusive) that are neither cached nor
-        in flight, clamped to the file; adjacent ones in one fetcher call each.
+        in flight, clamped to the file; adjacent ones in one fetcher call each. A block held
+        as a part is fetched as a read would: what lies before a tail, joined with it;
+        the whole block, replacing any other part.
 
         Meant for readahead threads: it never waits for other threads' fetches, and leaves
         out the blocks beyond the room the blocks in flight leave in the budget. Raises the
@@ -451,12 +468,15 @@ class BlockCache:
             room = self._capacity - self._reserved
             for index in range(first, last + 1):
                 key = (content_hash, index)
-                if key in self._lru or key in self._passed or key in self._inflight:
+                # A part is not the block: the stream reaching it would wait for its fetch.
+                entry = self._passed.get(key, self._lru.peek(key))
+                if isinstance(entry, bytes) or key in self._inflight:
                     continue
                 room -= self._cacheable_size(file_size, index)
                 if room < 0:
                     break
-                owned[index] = self._inflight[key] = _Pending()
+                low, high = block_bounds(index, file_size, self._block_size)
+                owned[index] = self._inflight[key] = _Pending.beside(entry, high - low)
             self._prefetched_blocks += len(owned)
             self._reserve(file_size, owned)
         error = self._fetch_owned(content_hash, file_size, owned, stop)
@@ -557,12 +577,9 @@ class BlockCache:
                 if fetching is None:
                     cut = scattered and not whole and index == blocks[-1]
                     until = high if cut and high < min(block_size, file_size - base) else None
-                    # Its tail is not fetched again (if the block ends the run: `until`).
-                    tail = entry if (isinstance(entry, _Part) and low < entry.lo
-                                     and entry.hi == min(block_size, file_size - base)) else None
-                    if tail is not None:
-                        until = tail.lo if until is None else min(until, tail.lo)
-                    fetching = self._inflight[key] = _Pending(low if first else 0, until, tail)
+                    fetching = self._inflight[key] = _Pending.beside(
+                        entry, min(block_size, file_size - base), low, low if first else 0,
+                        until)
                     owned[index] = fetching
                 else:
                     self._inflight_waits += 1
