@@ -291,10 +291,10 @@ def test_vlc_as_a_user_decodes_the_same_frames_through_an_allow_other_mount(
     wait_until(lambda: mounted.stats()["open_files"] == 0, timeout=10,
                what="VLC's files released")
     after = mounted.stats()
-    # Every byte fetched once: VLC reads the last page first, which fetches the last block's
-    # end alone (a tail) when big.mp4 ends below 21 MiB (its size varies with its random
-    # noise; above, the last block is one chunk, fetched whole); playback or readahead
-    # reaching that block then fetches only what lies before the tail.
+    # Every byte fetched once: VLC reads the last page first, which fetches the last block
+    # whole where it is shorter than a chunk (big.mp4 ends 28 KB past 21 MiB), else its end
+    # alone (a tail; another x264 may make a file ending below 21 MiB), and playback or
+    # readahead reaching that block then fetches only what lies before the tail.
     fetched = after["remote"]["bytes_fetched"] - before["remote"]["bytes_fetched"]
     prefetched = after["fuse"]["readahead_blocks"] - before["fuse"]["readahead_blocks"]
     # Every frame up to the stop, from the local copy. Which frames a seek shows varies with
