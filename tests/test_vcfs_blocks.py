@@ -702,10 +702,29 @@ def test_a_scattered_read_fetches_its_last_block_only_to_the_chunk_holding_its_e
     assert cache.read(H1, len(data), BS + 6, BS) == data[BS + 6 : 2 * BS + 6]
     assert fetcher.calls[1] == (BS, 3 * BS, 8) and fetcher.untils[1] is None
     assert cache.stats()["bytes_fetched"] == 4 + (BS - 8) + BS  # no byte twice
-    # The rest took the part's place: the part's first bytes are fetched again with the start.
+    # The rest joined with the part, a tail from byte 4: the block's start is fetched alone.
     assert cache.read(H1, len(data), BS, BS) == data[BS : 2 * BS]
-    assert fetcher.calls[2] == (BS, 2 * BS, 0)
+    assert fetcher.calls[2] == (BS, 2 * BS, 0) and fetcher.untils[2] == 4
+    assert cache.stats()["bytes_fetched"] == 2 * BS
     assert cache.stats()["cached_bytes"] == 2 * BS
+
+
+def test_a_read_continuing_a_part_from_its_blocks_start_joins_them_into_the_block() -> None:
+    # A scan's small read at a block's start caches the block's first chunk only; a read
+    # continuing it fetches the rest, and the two are the whole block: its start is not
+    # fetched again.
+    data = data_of(2 * BS)
+    fetcher = TailFetcher(data, unit=4)
+    cache = cache_with(data, fetcher)
+    assert cache.read(H1, len(data), 2, 3, scattered=True) == data[2:5]
+    assert cache.stats()["bytes_fetched"] == 8  # bytes 0..8 of block 0
+    assert cache.read(H1, len(data), 6, BS) == data[6 : BS + 6]
+    assert fetcher.calls[1] == (0, 2 * BS, 8)
+    assert cache.read(H1, len(data), 0, BS) == data[:BS]
+    assert len(fetcher.calls) == 2
+    stats = cache.stats()
+    assert (stats["bytes_fetched"], stats["cached_blocks"], stats["cached_bytes"]) == (
+        2 * BS, 2, 2 * BS)
 
 
 def test_a_read_that_is_not_scattered_fetches_whole_blocks_to_its_end() -> None:

@@ -45,7 +45,7 @@ Reading, for the blocks a read touches:
    its last block (`until`): the fetcher stops at the digest chunk holding the read's end,
    so a scattered 128 KiB read brings one or two chunks instead of up to a whole block. A
    read that then continues it takes what the part holds and fetches the rest of the block
-   from where the part ends, which takes the part's place.
+   from where the part ends, joined with the part (the whole block, if the part began it).
 4. On any failure the futures get the exception (every waiter sees the error) and the
    in-flight entries are gone, so a later read retries from scratch. A prefetch whose
    `stop` was set (its reader went elsewhere) ends with `FetchStopped`, which is no error:
@@ -282,14 +282,16 @@ def _entry_size(entry: _Entry) -> int:
     return len(entry) if isinstance(entry, bytes) else len(entry.piece)
 
 
-def _joined(entry: _Entry, tail: _Part | None) -> _Entry:
-    """A fetched part that reaches the block's cached `tail` (a part ending at the block's
-    end), joined with it: the whole block, or a longer tail. Both are verified; anything
-    else is returned as it is."""
-    if tail is None or isinstance(entry, bytes) or not entry.lo < tail.lo <= entry.hi:
+def _joined(entry: _Entry, cached: _Part | None, length: int) -> _Entry:
+    """A fetched part joined with the part of its block of `length` bytes that was cached,
+    where the two meet or overlap (a tail it was fetched up to, a part it continues): the
+    whole block, or a longer part. Both are verified; anything else is returned as it is."""
+    if (cached is None or isinstance(entry, bytes)
+            or max(entry.lo, cached.lo) > min(entry.hi, cached.hi)):
         return entry
-    piece = b"".join((memoryview(entry.piece)[: tail.lo - entry.lo], tail.piece))
-    return piece if entry.lo == 0 else _Part(piece, entry.lo)
+    first, second = sorted((entry, cached), key=lambda part: part.lo)
+    piece = b"".join((first.piece, memoryview(second.piece)[first.hi - second.lo :]))
+    return piece if first.lo == 0 and len(piece) == length else _Part(piece, first.lo)
 
 
 def _holding(entry: _Entry, low: int, high: int) -> _Got | None:
@@ -303,13 +305,14 @@ class _Pending:
     """A block being fetched: its outcome once the fetch is over and, while it arrives, the
     part of it that is in and verified, which readers needing only that part take already."""
 
-    __slots__ = ("lo", "outcome", "piece", "ready", "skip", "tail", "until", "waiters")
+    __slots__ = ("cached", "lo", "outcome", "piece", "ready", "skip", "until", "waiters")
 
     def __init__(self, skip: int = 0, until: int | None = None,
-                 tail: _Part | None = None) -> None:
+                 cached: _Part | None = None) -> None:
         self.skip = skip  # bytes at the block's start its fetch may leave out (a tail)
         self.until = until  # where in the block its fetch may stop; None: at the block's end
-        self.tail = tail  # the block's cached tail, joined with what the fetch brings
+        # the block's cached part, joined with what the fetch brings where they meet
+        self.cached = cached
         self.outcome: _Outcome | None = None  # set, under the lock, when the fetch is over
         self.piece = b""  # the block (or a part) being filled, once the fetcher reported it
         self.lo = 0  # where in the block `piece` starts
@@ -324,10 +327,13 @@ class _Pending:
         """The fetch of a block of `length` bytes that must bring its bytes from `low` on,
         `cached` being what the cache holds of it: a tail beginning after `low` (a part
         ending at the block's end) is not fetched again (`until` where it begins, honoured
-        if the block ends its run) but joined with what the fetch brings (`_joined`)."""
-        if isinstance(cached, _Part) and low < cached.lo and cached.hi == length:
-            return cls(skip, cached.lo if until is None else min(until, cached.lo), cached)
-        return cls(skip, until)
+        if the block ends its run); a part the fetch meets (that tail, or a part a read
+        continues from its end) is joined with what the fetch brings (`_joined`)."""
+        if not isinstance(cached, _Part):
+            return cls(skip, until)
+        if low < cached.lo and cached.hi == length:
+            until = cached.lo if until is None else min(until, cached.lo)
+        return cls(skip, until, cached)
 
     def holds(self, low: int, high: int) -> bool:
         """Whether the part arrived so far holds bytes `[low, high)` of the block."""
@@ -753,7 +759,7 @@ class BlockCache:
             else:
                 with self._lock:
                     self._bytes_fetched += _entry_size(outcome)
-                outcome = _joined(outcome, owned[index].tail)
+                outcome = _joined(outcome, owned[index].cached, high - low)
             self._resolve(content_hash, file_size, {index: outcome}, owned, unresolved)
 
         def partial(position: int, piece: bytes, ready: int) -> None:
