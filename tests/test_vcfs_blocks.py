@@ -763,16 +763,21 @@ def test_a_fetcher_may_not_cut_a_block_short_of_what_a_scattered_read_needs() ->
     file_size=st.integers(1, 400),
     unit=st.sampled_from([1, 2, 4, 8, BS]),
     capacity=st.integers(0, 300),
-    reads=st.lists(st.tuples(st.integers(0, 450), st.integers(0, 200), st.booleans()),
+    reads=st.lists(st.tuples(st.integers(0, 450), st.integers(0, 200), st.booleans(),
+                             st.booleans()),
                    min_size=1, max_size=25),
 )
 def test_random_reads_through_tails_and_parts_equal_source_slices(
-    file_size: int, unit: int, capacity: int, reads: list[tuple[int, int, bool]]
+    file_size: int, unit: int, capacity: int, reads: list[tuple[int, int, bool, bool]]
 ) -> None:
+    """Reads, scattered or not, some after a prefetch of their blocks (which fetches the
+    blocks held as parts too), return the source's bytes within the budget."""
     data = data_of(file_size)
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
                        block_fetcher=TailFetcher(data, unit=unit))
-    for offset, size, scattered in reads:
+    for offset, size, scattered, prefetched in reads:
+        if prefetched:
+            cache.prefetch(H1, file_size, offset // BS, (offset + size) // BS)
         got = cache.read(H1, file_size, offset, size, scattered=scattered)
         assert got == data[offset : offset + size]
         assert cache.stats()["cached_bytes"] <= capacity
