@@ -59,6 +59,19 @@ def _chime(tone: int, when: str) -> list[str]:
             "-shortest"]
 
 
+# fonts-dejavu-core (scripts/setup --tests)
+_FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+_SLIDE_LINES = ("Quarterly results 2023", "Revenue grew by 12 percent",
+                "Costs fell in every region")
+
+
+def _slide(*lines: str) -> list[str]:
+    """6 s of a 1280x720 slide of `lines` in 24-px type."""
+    text = ",".join(f"drawtext=fontfile={_FONT}:text='{line}':fontsize=24:x=100:y={90 + 40 * i}"
+                    for i, line in enumerate(lines))
+    return ["-f", "lavfi", "-i", "color=c=white:s=1280x720:r=25:d=6", "-vf", text, *_X264]
+
+
 _MANDELBROT = ["-f", "lavfi", "-i", f"mandelbrot={_SIZE}", "-t", "8", *_X264]
 _TESTSRC = f"testsrc2={_SIZE}"
 _BLACK = f"color=c=black:{_SIZE}"
@@ -102,6 +115,15 @@ _VIDEOS: dict[str, list[str]] = {
     "chime-end.mp4": _chime(1320, "gt(t\\,1.5)"),
     "chime-start-mp3.mkv": ["-i", "{dir}/chime-start.mp4", "-c:v", "copy",
                             "-c:a", "libmp3lame", "-b:a", "64k"],
+    # a slide, the same with another year, and a re-upload of the first: half the size at
+    # 150 kb/s
+    "slide-2023.mp4": _slide(*_SLIDE_LINES),
+    "slide-2024.mp4": _slide("Quarterly results 2024", *_SLIDE_LINES[1:]),
+    "slide-2023-small.mp4": ["-i", "{dir}/slide-2023.mp4", "-vf", "scale=640:360", *_X264,
+                             "-b:v", "150k"],
+    # moving footage and its re-encode at 15 fps: its samples are other moments
+    "testsrc.mp4": ["-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=8", *_X264],
+    "testsrc-15fps.mp4": ["-i", "{dir}/testsrc.mp4", "-r", "15", *_X264],
     # a silent video, then the same frames with a sound track: the frames alone decide
     "cells.mkv": ["-f", "lavfi", "-i", f"cellauto={_SIZE}:rule=110:seed=9", "-t", "8", *_X264],
     "cells-sound.mp4": ["-i", "{dir}/cells.mkv", "-f", "lavfi", "-i", "sine=f=440:d=8",
@@ -223,3 +245,21 @@ def test_short_clips_sounding_at_opposite_ends_are_two_videos(api: Api, origin: 
         api, origin, "chime-start.mp4", "chime-end.mp4", "chime-start-mp3.mkv")
     assert (first, second) == ("new", "new")
     assert (again, matched) == ("duplicate", first_hash)
+
+
+def test_slides_differing_by_a_number_are_two_videos(api: Api, origin: str) -> None:
+    """A 64-bit hash of a 32x32 image cannot see a digit: two 1280x720 slides differing by one
+    (2023, 2024) measured 0 apart and were one video. Their still frames compared at their
+    size tell them apart; a re-upload at half the size and 150 kb/s is still the first's."""
+    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
+        api, origin, "slide-2023.mp4", "slide-2024.mp4", "slide-2023-small.mp4")
+    assert (first, second) == ("new", "new")
+    assert second_hash != first_hash
+    assert (again, matched) == ("duplicate", first_hash)
+
+
+def test_moving_footage_at_another_frame_rate_is_the_same_video(api: Api, origin: str) -> None:
+    """Moving footage re-encoded at 15 fps: its frames at the sample times are other moments,
+    which the frame check does not judge (it looks only where both are still)."""
+    (_, stored), (status, matched) = _statuses(api, origin, "testsrc.mp4", "testsrc-15fps.mp4")
+    assert (status, matched) == ("duplicate", stored)

@@ -153,8 +153,9 @@ class IngestUnderWay(BaseModel):
     prefix: str
     phase: Phase = Field(description="queued (for an ingest slot, or behind an ingest of the "
                                      "same URL), downloading, validating (ffprobe), phash "
-                                     "(ffmpeg samples frames for the perceptual hash), audio "
-                                     "(its frames match a stored video's: ffmpeg samples both "
+                                     "(ffmpeg samples frames for the perceptual hash), frames "
+                                     "(its frame hashes match a stored video's: ffmpeg samples "
+                                     "both videos' frames at full size), audio (and both "
                                      "videos' audio), storing; a later server may add phases")
     bytes_received: int = Field(description="bytes of the origin's answer received so far "
                                             "(as sent, before any gzip decoding); 0 until the "

@@ -8,15 +8,16 @@
    is held until the ingest ends.
 3. Exact dedup: the hash is stored -> `duplicate`, the URL becomes an alias.
 4. ffprobe validation (422 "not a video: ...").
-5. Perceptual dedup: the nearest stored video that media.near_duplicate matches and that
-   sounds the same (audio.py; checked only for such a candidate, and only if both have
-   sound; one that cannot be checked is not merged with) -> `duplicate` with
-   `phash_distance`, the URL becomes its alias and the new bytes are dropped.
+5. Perceptual dedup: the nearest stored video that media.near_duplicate matches, whose still
+   frames look alike up close (frame_check.py) and that sounds the same (audio.py, if both
+   have sound); both checked only for such a candidate, and one that cannot be checked is not
+   merged with -> `duplicate` with `phash_distance`, the URL becomes its alias and the new
+   bytes are dropped.
 6. Otherwise `new`: the blob is moved into place and its record committed.
 
 `progress` (progress.py, GET /ingests) is told the phase as each step begins: `downloading`
-(2), `validating` (4), `phash` (5's sampling and hashing), `audio` (5's audio check),
-`storing` (5's search and decision, and 6).
+(2), `validating` (4), `phash` (5's sampling and hashing), `frames` (5's frame check), `audio`
+(5's audio check), `storing` (5's search and decision, and 6).
 
 Step 5 searches an in-memory index of every stored video's perceptual hash (phash_index.py),
 which the Ingestor fills from the store at start and keeps in step with its own adds and
@@ -26,8 +27,8 @@ Concurrency: one ingest per URL at a time (a second request for the URL waits an
 the alias), one per content hash at a time (same bytes under two URLs are probed once), and
 step 5's compare-and-commit and every deletion run one at a time under the Ingestor's own
 lock, so two re-encodes arriving together cannot both become `new` and a matched video cannot
-vanish before its alias is added. The audio check decodes outside that lock, then searches
-again. Reads never take that lock: a search does not hold them up.
+vanish before its alias is added. The frame and audio checks decode outside that lock, then
+search again. Reads never take that lock: a search does not hold them up.
 Locks are always taken URL -> hash -> decide -> store.
 
 Shutdown: `stop` ends the ingests running (their decoders killed, their downloads cut) and
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vidcache import audio, media
+from vidcache import audio, frame_check, media
 from vidcache.download import Downloader, parse_url
 from vidcache.errors import ShuttingDown, ToolStopped, VidcacheError
 from vidcache.locks import KeyedLocks
@@ -59,10 +60,10 @@ log = logging.getLogger(__name__)
 
 Status = Literal["new", "duplicate", "url_alias"]
 
-# How many of the stored videos whose frames match a new one have their sound compared with
-# it, nearest first: others are not merged with it (several videos of one picture and length
-# are a channel's music tracks, each candidate decodes both videos' audio).
-AUDIO_CANDIDATES = 4
+# How many of the stored videos whose frames match a new one are checked (frames up close,
+# sound) against it, nearest first: others are not merged with it (several videos of one
+# picture and length are a channel's music tracks, each candidate decodes both videos).
+CANDIDATES = 4
 
 # An ingest stopped at shutdown ends in milliseconds (its decoder is killed, its download cut);
 # one flushing a large download to a slow disk may take longer.
@@ -141,17 +142,17 @@ class Ingestor:
             phash = media.perceptual_hash(download.path, info, self._tools,
                                           work_dir=self._store.tmp_dir)
             progress.enter("storing")
-            # candidate -> whether it sounds the same; None: this one has no audio stream
-            heard: dict[str, bool] | None = None if info.audio_stream is None else {}
+            # candidate -> whether it passed the frame and audio checks
+            checked: dict[str, bool] = {}
             while True:
                 with self._decide:
-                    match, unheard = self._match(phash, info.duration_s, heard)
+                    match, unchecked = self._match(phash, info.duration_s, checked)
                     if match is not None:
                         matched_hash, distance = match
                         record = self._store.add_alias(url, matched_hash)
                         assert record is not None  # deletions wait for the decide lock
                         return _result(record, "duplicate", distance)
-                    if unheard is None:
+                    if unchecked is None:
                         record = self._store.add_video(
                             NewVideo(content_hash=download.content_hash, bucket=bucket,
                                      prefix=prefix, extension=info.extension,
@@ -163,11 +164,9 @@ class Ingestor:
                             url=url, temp_path=download.path)
                         self._phashes.add(record.content_hash, phash, info.duration_s)
                         return _result(record, "new")
-                # listened to outside the lock, which other ingests' decisions and
-                # deletions take; the next turn searches again
-                assert heard is not None
-                progress.enter("audio")
-                heard[unheard] = self._sounds_alike(url, download.path, info, unheard)
+                # checked outside the lock, which other ingests' decisions and deletions
+                # take; the next turn searches again
+                checked[unchecked] = self._alike(url, download.path, info, unchecked, progress)
                 progress.enter("storing")
 
     def stop(self) -> None:
@@ -199,40 +198,53 @@ class Ingestor:
 
     def _candidates(self, phash: media.PerceptualHash,
                     duration_s: float) -> list[tuple[str, int]]:
-        """(hash, distance) of the AUDIO_CANDIDATES stored videos perceptually nearest to
-        `phash` that count as the same video by their frames, nearest first."""
-        return self._phashes.matches(phash, duration_s, self._threshold, AUDIO_CANDIDATES)
+        """(hash, distance) of the CANDIDATES stored videos perceptually nearest to `phash`
+        that count as the same video by their frame hashes, nearest first."""
+        return self._phashes.matches(phash, duration_s, self._threshold, CANDIDATES)
 
     def _match(self, phash: media.PerceptualHash, duration_s: float,
-               heard: dict[str, bool] | None) -> tuple[tuple[str, int] | None, str | None]:
+               checked: dict[str, bool]) -> tuple[tuple[str, int] | None, str | None]:
         """With the decide lock held: ((hash, distance) of the stored video this one is, None),
-        or (None, the hash of a candidate whose sound is still to be compared), or
-        (None, None): it is new. The first candidate that sounds the same, or has no audio
-        stream, is it; a new video without one (`heard` None) is the nearest candidate, as
-        before the audio check."""
+        or (None, the hash of a candidate still to be checked), or (None, None): it is new.
+        The first candidate that passed the checks is it."""
         for candidate in self._candidates(phash, duration_s):
-            same = True if heard is None else heard.get(candidate[0])
+            same = checked.get(candidate[0])
             if same is None:
                 return None, candidate[0]
             if same:
                 return candidate, None
         return None, None
 
-    def _sounds_alike(self, url: str, path: Path, info: media.MediaInfo,
-                      content_hash: str) -> bool:
-        """Whether the new video at `path` sounds like the stored video `content_hash`: True if
-        that one has no audio stream (the frames decide), False if it cannot be told, as a
-        false match loses a video and storing both loses nothing; but ToolStopped (ffmpeg
-        ended by a signal) as at the other steps, the ingest to be tried again."""
-        assert info.audio_stream is not None
+    def _alike(self, url: str, path: Path, info: media.MediaInfo, content_hash: str,
+               progress: IngestProgress) -> bool:
+        """Whether the new video at `path` is the stored video `content_hash` up close: their
+        still frames alike (frame_check.py), and their sound, if both have some (audio.py).
+        False if it cannot be told, as a false match loses a video and storing both loses
+        nothing; but ToolStopped (ffmpeg ended by a signal) as at the other steps, the ingest
+        to be tried again."""
+        unknown = "frames could not be compared up close"
         try:
             record = self._store.get(content_hash)
             if record is None:  # deleted meanwhile: the next search does not find it
                 return False
             stored_path = self._store.blob_path(record)
             stored = media.probe(stored_path, self._tools)
-            if stored.audio_stream is None:
-                return True
+            progress.enter("frames")
+            at = frame_check.size(info, stored)
+            mine = frame_check.samples(path, info, self._tools, at, work_dir=self._store.tmp_dir)
+            difference = None
+            if frame_check.any_still(mine):  # else nothing is judged: the other is not decoded
+                difference = frame_check.difference(mine, frame_check.samples(
+                    stored_path, stored, self._tools, at, work_dir=self._store.tmp_dir))
+            if difference is not None and difference > frame_check.THRESHOLD:
+                log.info("ingest %s: its frames match stored %s by their hashes, not up close "
+                         "(frame difference %.1f at %dx%d): not merged with it",
+                         without_credentials(url), content_hash, difference, *at)
+                return False
+            if info.audio_stream is None or stored.audio_stream is None:
+                return True  # nothing to compare: the frames decide
+            unknown = "sound could not be compared"
+            progress.enter("audio")
             times = audio.windows(info.duration_s, stored.duration_s)
             distance = audio.distance(
                 audio.fingerprint(path, info.audio_stream, times, self._tools),
@@ -240,9 +252,8 @@ class Ingestor:
         except (ShuttingDown, ToolStopped):  # nothing is known: 503, try again, as elsewhere
             raise
         except VidcacheError as exc:
-            log.warning("ingest %s: its frames match stored %s, whose sound could not be "
-                        "compared (%s): not merged with it", without_credentials(url),
-                        content_hash, exc)
+            log.warning("ingest %s: its frames match stored %s, whose %s (%s): not merged "
+                        "with it", without_credentials(url), content_hash, unknown, exc)
             return False
         if distance > audio.THRESHOLD:
             log.info("ingest %s: its frames match stored %s, its sound does not (audio "

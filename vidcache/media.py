@@ -55,6 +55,7 @@ class MediaInfo:
     audio_stream: int | None  # index of the stream the audio check listens to, if any
     start_s: float  # the first timestamp; ffmpeg's -ss counts from it
     pixel_rate: float  # pixels decoded per second of the video stream
+    size: tuple[int, int]  # the video stream's width and height
 
 
 # ffprobe format_name -> (mime type, extension); mp4/mov and matroska/webm are refined below.
@@ -158,12 +159,12 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
         duration = _from_start(path, tools, format_name, streams, start, duration)
     audios = [s for s in streams if s.get("codec_type") == "audio"]
     video = videos[0]
+    size = (int(video.get("width") or 0), int(video.get("height") or 0))
     return MediaInfo(duration_s=duration, container=format_name, mime_type=mime_type,
                      extension=extension, video_stream=int(video["index"]),
                      audio_stream=int(audios[0]["index"]) if audios else None,
-                     start_s=start,
-                     pixel_rate=int(video.get("width") or 0) * int(video.get("height") or 0)
-                     * _frame_rate(video))
+                     start_s=start, pixel_rate=size[0] * size[1] * _frame_rate(video),
+                     size=size)
 
 
 def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
@@ -277,7 +278,21 @@ class _Run:
 def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
                     work_dir: Path) -> PerceptualHash:
     """FRAMES frame hashes sampled evenly across the video (see the module docstring)."""
-    times = [round(info.duration_s * (i + 0.5) / FRAMES, 3) for i in range(FRAMES)]
+    frames = sample_frames(path, info, tools, sample_times(info), (FRAME_SIZE, FRAME_SIZE),
+                           work_dir=work_dir)
+    return tuple(None if frame is None else _frame_hash(frame) for frame in frames)
+
+
+def sample_times(info: MediaInfo) -> list[float]:
+    """The time of each of the FRAMES samples: the middle of each equal slice of the video."""
+    return [round(info.duration_s * (i + 0.5) / FRAMES, 3) for i in range(FRAMES)]
+
+
+def sample_frames(path: Path, info: MediaInfo, tools: Tools, times: list[float],
+                  size: tuple[int, int], *, work_dir: Path) -> list[bytes | None]:
+    """The first frame at or after each of `times` (ascending, from the start), grey, of
+    `size` (width x height bytes, a row after another); None where none was decoded or the
+    decoding cap left it out. NotAVideo if those decoded gave no frame."""
     doing = "write the sampled frames"
     try:
         # cleanup errors ignored: a folder left on a file system turned read-only is removed
@@ -289,18 +304,18 @@ def perceptual_hash(path: Path, info: MediaInfo, tools: Tools, *,
     with frames as frames_dir:
         runs = _runs(times, _starts(path, info, tools, times, Path(frames_dir) / "packets.csv"),
                      budget_s=MAX_DECODED_PIXELS / max(info.pixel_rate, 1.0))
-        outputs = [Path(frames_dir) / f"{i}.gray" for i in range(FRAMES)]
+        outputs = [Path(frames_dir) / f"{i}.gray" for i in range(len(times))]
         if runs:
-            result = tools.run(_sampling_argv(path, info, times, runs, outputs),
+            result = tools.run(_sampling_argv(path, info, times, runs, outputs, size),
                                what="ffmpeg (frame sampling)")
             if (trouble := _output_error(result.stderr, frames_dir)) is not None:
                 raise StorageError.from_strerror(doing, work_dir, trouble)
             if result.returncode != 0:
                 raise _refusal(result.stderr, path, "cannot decode frames")
-        hashes = tuple(_frame_hash(output) for output in outputs)
-    if runs and all(h is None for h in hashes):
+        sampled = [_frame(output, size[0] * size[1]) for output in outputs]
+    if runs and all(frame is None for frame in sampled):
         raise NotAVideo("no frame could be decoded")
-    return hashes
+    return sampled
 
 
 def _starts(path: Path, info: MediaInfo, tools: Tools, times: list[float],
@@ -427,9 +442,9 @@ def _runs(times: list[float], starts: list[_Start], *, budget_s: float) -> list[
 
 
 def _sampling_argv(path: Path, info: MediaInfo, times: list[float], runs: list[_Run],
-                   outputs: list[Path]) -> list[str]:
+                   outputs: list[Path], size: tuple[int, int]) -> list[str]:
     """One ffmpeg: an input per run; each sample's frame is the first at or after its time,
-    shrunk to a FRAME_SIZE² grey image, written to its output."""
+    scaled to a grey image of `size`, written to its output."""
     inputs = []
     graph = []
     for number, run in enumerate(runs):
@@ -441,9 +456,12 @@ def _sampling_argv(path: Path, info: MediaInfo, times: list[float], runs: list[_
             graph.append(f"{source}split={len(branches)}{''.join(branches)}")
         origin = run.start.seek_s or 0.0  # the input's time 0
         for branch, i in zip(branches, run.samples, strict=True):
-            # a µs early: a frame at the very time is taken, as a seek takes it
-            graph.append(f"{branch}select=gte(t\\,{times[i] - origin - 1e-6:.6f}),"
-                         f"scale={FRAME_SIZE}:{FRAME_SIZE}:flags=area,format=gray[f{i}]")
+            # a µs early: a frame at the very time is taken, as a seek takes it; and that
+            # frame alone: the frames after it, passed on to be dropped at the output, were
+            # each scaled (a sample of 1280x720 frames took 2.2 s for 24 samples, 0.4 s so)
+            graph.append(f"{branch}select=gte(t\\,{times[i] - origin - 1e-6:.6f})"
+                         "*eq(selected_n\\,0),"
+                         f"scale={size[0]}:{size[1]}:flags=area,format=gray[f{i}]")
     outputs_argv = ["-filter_complex", ";".join(graph)]
     for run in runs:
         for i in run.samples:
@@ -462,11 +480,14 @@ def _output_error(stderr: bytes, frames_dir: str) -> str | None:
     return None
 
 
-def _frame_hash(raw_frame: Path) -> int | None:
-    data = raw_frame.read_bytes() if raw_frame.exists() else b""
-    if len(data) != FRAME_SIZE * FRAME_SIZE:
-        return None
-    image = Image.frombytes("L", (FRAME_SIZE, FRAME_SIZE), data)
+def _frame(raw: Path, frame_bytes: int) -> bytes | None:
+    """The frame ffmpeg wrote to `raw`, if it did."""
+    data = raw.read_bytes() if raw.exists() else b""
+    return data if len(data) == frame_bytes else None
+
+
+def _frame_hash(frame: bytes) -> int:
+    image = Image.frombytes("L", (FRAME_SIZE, FRAME_SIZE), frame)
     return int(str(imagehash.phash(image)), 16)
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 
 from vidcache_client._credentials import without_credentials
 
-Phase = Literal["queued", "downloading", "validating", "phash", "audio", "storing"]
+Phase = Literal["queued", "downloading", "validating", "phash", "frames", "audio", "storing"]
 
 @dataclass(frozen=True)
 class IngestState:

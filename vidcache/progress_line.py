@@ -28,7 +28,8 @@ _FRESH = 3.0
 # columns left free after the line: a Ctrl-C's '^C', echoed where the line ends, must not wrap
 _ECHO = 3
 _PHASES = {"queued": "queued behind other ingests", "validating": "validating (ffprobe)",
-           "phash": "perceptual hash (ffmpeg)", "audio": "comparing the audio (ffmpeg)",
+           "phash": "perceptual hash (ffmpeg)", "frames": "comparing the frames (ffmpeg)",
+           "audio": "comparing the audio (ffmpeg)",
            "storing": "storing"}
 
 

@@ -70,8 +70,8 @@ class IngestUnderWay:
     bucket: str
     prefix: str
     phase: str
-    """"queued", "downloading", "validating", "phash", "audio" or "storing" (a later service
-    may add phases)."""
+    """"queued", "downloading", "validating", "phash", "frames", "audio" or "storing" (a later
+    service may add phases)."""
     bytes_received: int
     """Bytes of the origin's answer received so far (0 before the download)."""
     bytes_expected: int | None
