@@ -42,9 +42,7 @@ STILL = 8.0
 # 10.4, slides with a word changed 74.5 and more
 THRESHOLD = 28.0
 
-Frame = npt.NDArray[np.float32]
-# a position's frames: AROUND_S before its time, at it, AROUND_S after
-Sample = tuple[Frame, ...]
+Frame = npt.NDArray[np.uint8]  # grey, blurred
 
 
 def size(a: media.MediaInfo, b: media.MediaInfo) -> tuple[int, int]:
@@ -54,47 +52,45 @@ def size(a: media.MediaInfo, b: media.MediaInfo) -> tuple[int, int]:
     return max(BLOCK, round(width * scale)), max(BLOCK, round(height * scale))
 
 
-def samples(path: Path, info: media.MediaInfo, tools: Tools, at: tuple[int, int], *,
-            work_dir: Path) -> list[Sample | None]:
-    """At each of the video's sample times, its frames then and AROUND_S before and after
-    (within the sample's slice of a short video), of size `at`, ready to be compared; None
-    where any of the three was not decoded."""
+def still_frames(path: Path, info: media.MediaInfo, tools: Tools, at: tuple[int, int], *,
+                 work_dir: Path) -> list[Frame | None]:
+    """At each of the video's sample times, its frame then, of size `at`, ready to be
+    compared, if the video is still there (its frames AROUND_S before and after, within the
+    sample's slice of a short video, within STILL of it); None where it is not, or where any
+    of the three was not decoded. Only those are kept: a 1080p video's 24 frames would hold
+    200 MB as numbers."""
     around = min(AROUND_S, info.duration_s / (2 * media.FRAMES))
     times = [round(t + offset, 3) for t in media.sample_times(info)
              for offset in (-around, 0.0, around)]
     frames = media.sample_frames(path, info, tools, times, at, work_dir=work_dir)
-    return [None if None in three else tuple(_prepared(frame, at) for frame in three
-                                             if frame is not None)
-            for three in zip(frames[0::3], frames[1::3], frames[2::3], strict=True)]
+    still: list[Frame | None] = []
+    for before, then, after in zip(frames[0::3], frames[1::3], frames[2::3], strict=True):
+        if before is None or then is None or after is None:
+            still.append(None)
+            continue
+        frame = _prepared(then, at)
+        still.append(frame if all(_frame_difference(frame, _prepared(other, at)) <= STILL
+                                  for other in (before, after)) else None)
+    return still
 
 
-def any_still(samples: list[Sample | None]) -> bool:
-    """Whether a video is still at any of its positions: if not, none is judged."""
-    return any(sample is not None and _still(sample) for sample in samples)
-
-
-def difference(a: list[Sample | None], b: list[Sample | None]) -> float | None:
-    """How far apart the videos of samples `a` and `b` are: the largest difference of their
-    frames at a position both are still at, None if there is none."""
-    judged = [_frame_difference(x[1], y[1]) for x, y in zip(a, b, strict=True)
-              if x is not None and y is not None and _still(x) and _still(y)]
+def difference(a: list[Frame | None], b: list[Frame | None]) -> float | None:
+    """How far apart the videos of still frames `a` and `b` are: the largest difference of
+    their frames at a position both are still at, None if there is none."""
+    judged = [_frame_difference(x, y) for x, y in zip(a, b, strict=True)
+              if x is not None and y is not None]
     return max(judged, default=None)
 
 
 def _prepared(frame: bytes, at: tuple[int, int]) -> Frame:
     image = Image.frombytes("L", at, frame).filter(ImageFilter.GaussianBlur(1))
-    return np.asarray(image, dtype=np.float32)
-
-
-def _still(sample: Sample) -> bool:
-    """Whether the frames before and after are within STILL of the one at the sample time."""
-    before, then, after = sample
-    return _frame_difference(then, before) <= STILL and _frame_difference(then, after) <= STILL
+    return np.asarray(image, dtype=np.uint8)
 
 
 def _frame_difference(x: Frame, y: Frame) -> float:
     """The largest mean absolute difference of a BLOCK-px block (at a stride of half that) of
     `y` and `x`, `x`'s brightness and contrast fitted to `y`'s by least squares."""
+    x, y = x.astype(np.float32), y.astype(np.float32)
     x_mean, y_mean = float(x.mean()), float(y.mean())
     x_centred = x - x_mean
     variance = float((x_centred * x_centred).mean())

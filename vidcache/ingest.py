@@ -231,10 +231,11 @@ class Ingestor:
             stored = media.probe(stored_path, self._tools)
             progress.enter("frames")
             at = frame_check.size(info, stored)
-            mine = frame_check.samples(path, info, self._tools, at, work_dir=self._store.tmp_dir)
+            mine = frame_check.still_frames(path, info, self._tools, at,
+                                            work_dir=self._store.tmp_dir)
             difference = None
-            if frame_check.any_still(mine):  # else nothing is judged: the other is not decoded
-                difference = frame_check.difference(mine, frame_check.samples(
+            if any(frame is not None for frame in mine):  # else the other need not be decoded
+                difference = frame_check.difference(mine, frame_check.still_frames(
                     stored_path, stored, self._tools, at, work_dir=self._store.tmp_dir))
             if difference is not None and difference > frame_check.THRESHOLD:
                 log.info("ingest %s: its frames match stored %s by their hashes, not up close "
