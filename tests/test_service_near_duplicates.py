@@ -72,6 +72,14 @@ def _slide(*lines: str) -> list[str]:
     return ["-f", "lavfi", "-i", "color=c=white:s=1280x720:r=25:d=6", "-vf", text, *_X264]
 
 
+def _ending(year: str) -> list[str]:
+    """2 s of a 1280x720 slide whose last quarter second adds a line naming `year`."""
+    text = (f"drawtext=fontfile={_FONT}:text='Quarterly results':fontsize=24:x=100:y=90,"
+            f"drawtext=fontfile={_FONT}:text='See you in {year}':fontsize=24:x=100:y=130"
+            ":enable=gte(t\\,1.75)")
+    return ["-f", "lavfi", "-i", "color=c=white:s=1280x720:r=25:d=2", "-vf", text, *_X264]
+
+
 _MANDELBROT = ["-f", "lavfi", "-i", f"mandelbrot={_SIZE}", "-t", "8", *_X264]
 _TESTSRC = f"testsrc2={_SIZE}"
 _BLACK = f"color=c=black:{_SIZE}"
@@ -121,6 +129,10 @@ _VIDEOS: dict[str, list[str]] = {
     "slide-2024.mp4": _slide("Quarterly results 2024", *_SLIDE_LINES[1:]),
     "slide-2023-small.mp4": ["-i", "{dir}/slide-2023.mp4", "-vf", "scale=640:360", *_X264,
                              "-b:v", "150k"],
+    # two short clips differing in their last eighth only, and a re-encode of the first
+    "ending-2023.mp4": _ending("2023"),
+    "ending-2024.mp4": _ending("2024"),
+    "ending-2023-crf35.mp4": ["-i", "{dir}/ending-2023.mp4", *_X264, "-crf", "35"],
     # moving footage and its re-encode at 15 fps: its samples are other moments
     "testsrc.mp4": ["-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=8", *_X264],
     "testsrc-15fps.mp4": ["-i", "{dir}/testsrc.mp4", "-r", "15", *_X264],
@@ -263,3 +275,16 @@ def test_moving_footage_at_another_frame_rate_is_the_same_video(api: Api, origin
     which the frame check does not judge (it looks only where both are still)."""
     (_, stored), (status, matched) = _statuses(api, origin, "testsrc.mp4", "testsrc-15fps.mp4")
     assert (status, matched) == ("duplicate", stored)
+
+
+def test_short_clips_differing_in_their_last_eighth_are_two_videos(api: Api,
+                                                                   origin: str) -> None:
+    """Two 2 s clips whose last quarter second differs by a year: the frame after the last
+    sample (0.125 s after it) fell at the clip's end, where there is no frame, so the one
+    sample showing the difference was never judged and the two were one video. A re-encode
+    of the first at CRF 35 is still the first's."""
+    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
+        api, origin, "ending-2023.mp4", "ending-2024.mp4", "ending-2023-crf35.mp4")
+    assert (first, second) == ("new", "new")
+    assert second_hash != first_hash
+    assert (again, matched) == ("duplicate", first_hash)

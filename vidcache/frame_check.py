@@ -60,8 +60,10 @@ def still_frames(path: Path, info: media.MediaInfo, tools: Tools, at: tuple[int,
     of the three was not decoded. Only those are kept: a 1080p video's 24 frames would hold
     200 MB as numbers."""
     around = min(AROUND_S, info.duration_s / (2 * media.FRAMES))
-    times = [round(t + offset, 3) for t in media.sample_times(info)
-             for offset in (-around, 0.0, around)]
+    # the frame after no later than `around` before the end, where there is none: a video
+    # under 3.2 s, whose last sample's slice ends there, had none for its last sample
+    times = [round(time, 3) for t in media.sample_times(info)
+             for time in (t - around, t, max(t, min(t + around, info.duration_s - around)))]
     frames = media.sample_frames(path, info, tools, times, at, work_dir=work_dir)
     still: list[Frame | None] = []
     for before, then, after in zip(frames[0::3], frames[1::3], frames[2::3], strict=True):
