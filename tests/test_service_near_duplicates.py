@@ -63,6 +63,7 @@ def _chime(tone: int, when: str) -> list[str]:
 _FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 _SLIDE_LINES = ("Quarterly results 2023", "Revenue grew by 12 percent",
                 "Costs fell in every region")
+_REPORT_LINES = ("Annual report 2023", "Sales rose by 8 percent", "Staff grew in every office")
 
 
 def _slide(*lines: str) -> list[str]:
@@ -129,6 +130,11 @@ _VIDEOS: dict[str, list[str]] = {
     "slide-2024.mp4": _slide("Quarterly results 2024", *_SLIDE_LINES[1:]),
     "slide-2023-small.mp4": ["-i", "{dir}/slide-2023.mp4", "-vf", "scale=640:360", *_X264,
                              "-b:v", "150k"],
+    # another slide, the same with another year, and a re-upload of the first at half the size
+    "report-2023.mp4": _slide(*_REPORT_LINES),
+    "report-2024.mp4": _slide("Annual report 2024", *_REPORT_LINES[1:]),
+    "report-2023-small.mp4": ["-i", "{dir}/report-2023.mp4", "-vf", "scale=640:360", *_X264,
+                              "-b:v", "150k"],
     # two short clips differing in their last eighth only, and a re-encode of the first
     "ending-2023.mp4": _ending("2023"),
     "ending-2024.mp4": _ending("2024"),
@@ -288,3 +294,13 @@ def test_short_clips_differing_in_their_last_eighth_are_two_videos(api: Api,
     assert (first, second) == ("new", "new")
     assert second_hash != first_hash
     assert (again, matched) == ("duplicate", first_hash)
+
+
+def test_a_half_size_reupload_of_a_slide_is_not_the_slide_with_another_year(
+        api: Api, origin: str) -> None:
+    """A slide's re-upload at half its size and 150 kb/s, compared at its 640x360 with the
+    slide with another year stored before it, measured 26.8 apart (its own slide 3.4): under
+    the threshold of 28 it was merged with the other year's, its own video lost."""
+    (_, stored), (status, content_hash) = _statuses(
+        api, origin, "report-2024.mp4", "report-2023-small.mp4")
+    assert status == "new" and content_hash != stored
