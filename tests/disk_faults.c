@@ -76,7 +76,7 @@ int open64(const char *path, int flags, ...) {
     if (real == NULL)
         real = (int (*)(const char *, int, ...))dlsym(RTLD_NEXT, "open64");
     mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) {
+    if ((flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE) {  /* O_TMPFILE holds O_DIRECTORY */
         va_list arguments;
         va_start(arguments, flags);
         mode = va_arg(arguments, int);
