@@ -841,13 +841,20 @@ def test_a_head_fetched_past_where_the_tail_begins_is_joined_without_the_overlap
     assert cache.stats()["cached_bytes"] == BS
 
 
-@pytest.mark.parametrize("capacity", [BS, 1000])
-def test_the_joined_block_takes_its_tails_place_in_the_budget(capacity: int) -> None:
+def with_a_tail_of_block_1(capacity: int) -> tuple[bytes, TailFetcher, BlockCache]:
+    """Two blocks of data, a cache of `capacity` bytes holding the tail of the second from
+    byte 8 (a read of its bytes 9-12), and its fetcher."""
     data = data_of(2 * BS)
     fetcher = TailFetcher(data, unit=4)
     cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
                        block_fetcher=fetcher)
     assert cache.read(H1, len(data), BS + 9, 3) == data[BS + 9 : BS + 12]
+    return data, fetcher, cache
+
+
+@pytest.mark.parametrize("capacity", [BS, 1000])
+def test_the_joined_block_takes_its_tails_place_in_the_budget(capacity: int) -> None:
+    data, fetcher, cache = with_a_tail_of_block_1(capacity)
     assert cache.stats()["cached_bytes"] == BS - 8
     # With room for one block, the block's reservation evicts its own tail: the fetch keeps
     # it to join all the same.
@@ -894,12 +901,19 @@ class GatedTailFetcher(TailFetcher):
                                 on_span=on_span, stop=stop)
 
 
-def test_a_head_in_flight_is_one_fetch_its_tail_still_serves_and_a_failure_keeps_it() -> None:
+def failing_after_a_tail() -> tuple[bytes, GatedTailFetcher, BlockCache]:
+    """A block of data, a cache holding its tail from byte 8, and a gated fetcher whose next
+    calls given `until` (the head's) fail with 'connection reset'."""
     data = data_of(BS)
     fetcher = GatedTailFetcher(data, unit=4)
     cache = cache_with(data, fetcher)
-    assert cache.read(H1, BS, 9, 3) == data[9:12]  # the tail from byte 8
+    assert cache.read(H1, BS, 9, 3) == data[9:12]
     fetcher.error = OSError("connection reset")
+    return data, fetcher, cache
+
+
+def test_a_head_in_flight_is_one_fetch_its_tail_still_serves_and_a_failure_keeps_it() -> None:
+    data, fetcher, cache = failing_after_a_tail()
     failed: list[BaseException] = []
 
     def read_failing(offset: int, size: int) -> None:
@@ -957,11 +971,7 @@ def test_a_prefetch_reaching_a_part_short_of_its_blocks_end_fetches_the_whole_bl
 
 @pytest.mark.parametrize("capacity", [BS, 1000])
 def test_a_prefetch_joining_a_tail_keeps_the_budget(capacity: int) -> None:
-    data = data_of(2 * BS)
-    fetcher = TailFetcher(data, unit=4)
-    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
-                       block_fetcher=fetcher)
-    assert cache.read(H1, len(data), BS + 9, 3) == data[BS + 9 : BS + 12]
+    data, fetcher, cache = with_a_tail_of_block_1(capacity)
     # With room for one block, the block's reservation evicts its own tail: the fetch keeps
     # it to join all the same.
     cache.prefetch(H1, len(data), 1, 1)
@@ -976,11 +986,7 @@ def test_a_prefetch_joining_a_tail_keeps_the_budget(capacity: int) -> None:
 
 
 def test_a_prefetched_head_is_one_fetch_for_its_reader_and_a_failure_keeps_the_tail() -> None:
-    data = data_of(BS)
-    fetcher = GatedTailFetcher(data, unit=4)
-    cache = cache_with(data, fetcher)
-    assert cache.read(H1, BS, 9, 3) == data[9:12]  # the tail from byte 8
-    fetcher.error = OSError("connection reset")
+    data, fetcher, cache = failing_after_a_tail()
     fetcher.gate.set()
     with pytest.raises(OSError, match="connection reset"):
         cache.prefetch(H1, BS, 0, 0)

@@ -409,6 +409,18 @@ def test_scattered_small_reads_fetch_only_the_chunks_they_need(
         os.close(fd)
 
 
+CHUNK = 256 * KIB  # the service's digest chunk for these videos
+
+
+def mount_for_a_last_page_tail(fresh_mount: Callable[..., VcfsMount],
+                               video: Video) -> tuple[VcfsMount, int]:
+    """A mount, and its block size, whose last block of `video` holds the last page past its
+    first chunk, so that a read of that page fetches a tail (whatever the video's size)."""
+    block = next(size for size in (MIB << k for k in range(7))
+                 if (video.size - 1) % size >= CHUNK)
+    return fresh_mount("--block-size", str(block), "--no-first-block"), block
+
+
 def test_a_last_page_read_first_is_not_fetched_again_by_a_read_through(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], tmp_path: Path
 ) -> None:
@@ -418,11 +430,7 @@ def test_a_last_page_read_first_is_not_fetched_again_by_a_read_through(
     block's head, joined with the tail: every byte of the file is fetched once."""
     video = corpus["big.mp4"]
     data = video.data()
-    chunk = 256 * KIB
-    # a block size whose last block holds the last page past its first chunk, so that the
-    # page's fetch is a tail (whatever big.mp4's size: another encoder may make other bytes)
-    block = next(size for size in (MIB << k for k in range(7)) if (video.size - 1) % size >= chunk)
-    mounted = fresh_mount("--block-size", str(block), "--no-first-block")
+    mounted, _ = mount_for_a_last_page_tail(fresh_mount, video)
     path = mounted.video(video.file_name)
     last_page = (video.size - 1) // 4096 * 4096
     fd = os.open(path, os.O_RDONLY)
@@ -433,7 +441,7 @@ def test_a_last_page_read_first_is_not_fetched_again_by_a_read_through(
         assert os.pread(fd, 4096, last_page) == data[last_page:]
     finally:
         os.close(fd)
-    assert fetched_when_quiet(mounted) - first == video.size - last_page // chunk * chunk
+    assert fetched_when_quiet(mounted) - first == video.size - last_page // CHUNK * CHUNK
     copy = tmp_path / "copy"
     subprocess.run(["dd", f"if={path}", f"of={copy}", f"bs={MIB}", "status=none"],
                    check=True, timeout=60)
@@ -454,11 +462,7 @@ def test_readahead_reaching_a_last_page_read_first_fetches_the_rest_of_its_block
     rest is served from memory."""
     video = corpus["big.mp4"]
     data = video.data()
-    chunk = 256 * KIB
-    # big.mp4's size varies with its noise's seed: a block size whose last block holds the
-    # last page past its first chunk, so that the page's fetch is a tail.
-    block = next(size for size in (MIB << k for k in range(7)) if (video.size - 1) % size >= chunk)
-    mounted = fresh_mount("--block-size", str(block), "--no-first-block")
+    mounted, block = mount_for_a_last_page_tail(fresh_mount, video)
     path = mounted.video(video.file_name)
     last_page = (video.size - 1) // 4096 * 4096
     last_block = (video.size - 1) // block * block
