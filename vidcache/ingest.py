@@ -144,6 +144,9 @@ class Ingestor:
             progress.enter("storing")
             # candidate -> whether it passed the frame and audio checks
             checked: dict[str, bool] = {}
+            # this video's still frames at a size compared at: decoded once for candidates
+            # of one size (a channel's tracks under one cover picture)
+            still: dict[tuple[int, int], list[frame_check.Frame | None]] = {}
             while True:
                 with self._decide:
                     match, unchecked = self._match(phash, info.duration_s, checked)
@@ -166,7 +169,8 @@ class Ingestor:
                         return _result(record, "new")
                 # checked outside the lock, which other ingests' decisions and deletions
                 # take; the next turn searches again
-                checked[unchecked] = self._alike(url, download.path, info, unchecked, progress)
+                checked[unchecked] = self._alike(url, download.path, info, still, unchecked,
+                                                 progress)
                 progress.enter("storing")
 
     def stop(self) -> None:
@@ -215,10 +219,12 @@ class Ingestor:
                 return candidate, None
         return None, None
 
-    def _alike(self, url: str, path: Path, info: media.MediaInfo, content_hash: str,
-               progress: IngestProgress) -> bool:
+    def _alike(self, url: str, path: Path, info: media.MediaInfo,
+               still: dict[tuple[int, int], list[frame_check.Frame | None]],
+               content_hash: str, progress: IngestProgress) -> bool:
         """Whether the new video at `path` is the stored video `content_hash` up close: their
-        still frames alike (frame_check.py), and their sound, if both have some (audio.py).
+        still frames alike (frame_check.py; the new video's taken from `still` by the size
+        compared at, or decoded into it), and their sound, if both have some (audio.py).
         False if it cannot be told, as a false match loses a video and storing both loses
         nothing; but ToolStopped (ffmpeg ended by a signal) as at the other steps, the ingest
         to be tried again."""
@@ -231,8 +237,10 @@ class Ingestor:
             stored = media.probe(stored_path, self._tools)
             progress.enter("frames")
             at = frame_check.size(info, stored)
-            mine = frame_check.still_frames(path, info, self._tools, at,
-                                            work_dir=self._store.tmp_dir)
+            if at not in still:
+                still[at] = frame_check.still_frames(path, info, self._tools, at,
+                                                     work_dir=self._store.tmp_dir)
+            mine = still[at]
             difference = None
             if any(frame is not None for frame in mine):  # else the other need not be decoded
                 difference = frame_check.difference(mine, frame_check.still_frames(
