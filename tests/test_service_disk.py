@@ -8,8 +8,8 @@ still write) is refused before it starts; one whose size is not known stops befo
 the room left for the index and frames or promised to others. A server started on a full or
 read-only data directory says why in one line, exit status 1; one whose older index finds no
 room to be rewritten whole starts, with one warning, and rewrites it at a later start; so
-does one whose rewrite's fsync fails, and one whose read fails stops (an LD_PRELOAD library
-failing those calls: tests/disk_faults.c).
+does one whose rewrite's fsync, or one of its reads, fails once, and one whose reads keep
+failing stops (an LD_PRELOAD library failing those calls: tests/disk_faults.c).
 """
 
 from __future__ import annotations
