@@ -676,6 +676,18 @@ def test_a_read_into_the_middle_of_a_cold_block_fetches_only_its_tail() -> None:
     assert cache.stats()["cached_bytes"] == 3 * BS
 
 
+def test_a_block_held_as_a_part_is_not_cached_until_it_is_whole() -> None:
+    """vcfs.fs asks whether block 0 is cached to decide if a lookup brings it along with the
+    metadata: a tail or a scattered read's part of it is not the block."""
+    data = data_of(3 * BS)
+    cache = cache_with(data, TailFetcher(data, unit=4))
+    cache.read(H1, len(data), 10, 4)  # a tail of block 0
+    cache.read(H1, len(data), BS + 5, 2, scattered=True)  # a part of block 1
+    assert [cache.is_cached(H1, i) for i in range(3)] == [False, False, False]
+    cache.read(H1, len(data), 0, 2 * BS)
+    assert [cache.is_cached(H1, i) for i in range(3)] == [True, True, False]
+
+
 def test_only_the_first_block_of_a_read_may_be_a_tail_and_only_what_the_read_skips() -> None:
     data = data_of(3 * BS)
     greedy = TailFetcher(data, unit=4, extra=4)  # leaves out 4 bytes the reader needs

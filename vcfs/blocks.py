@@ -509,10 +509,12 @@ class BlockCache:
         return moved
 
     def is_cached(self, content_hash: str, block_index: int) -> bool:
-        """Whether the block is in the cache now (does not touch its LRU position)."""
+        """Whether the whole block is in the cache now (a part of it is not: a read of the
+        rest still fetches); does not touch its LRU position."""
         with self._lock:
             key = (content_hash, block_index)
-            return key in self._lru or key in self._passed
+            entry = self._lru.peek(key) if key in self._lru else self._passed.get(key)
+            return isinstance(entry, bytes)
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters. hits/misses count blocks asked for by `read` (a miss
