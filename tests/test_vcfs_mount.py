@@ -826,6 +826,24 @@ def test_a_web_server_that_is_not_vidcache_is_named_as_such(tmp_path: Path,
         assert not os.path.ismount(tmp_path)
 
 
+def test_a_url_with_a_path_the_service_has_no_api_at_is_refused(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    """The service's own answer to `GET /wrong/health` (404, "no such endpoint") was taken for
+    a vidcache 1.x without /health: a mistyped path mounted, silently with --daemon, an empty
+    by-hash in which every video was "No such file" (its /meta a 404 too)."""
+    url = f"{vidcache_server.url}/wrong"
+    try:
+        result = run_vcfs("mount", url, str(tmp_path), "--timeout", "3", "--daemon")
+        assert (result.returncode, result.stderr) == (1, (
+            f"vcfs: error: cannot reach the vidcache service at {url}: health check: HTTP 404 "
+            "(no such endpoint: GET /wrong/health): a vidcache service answers there, but its "
+            "API is not at this path (check the URL's path)\n")), result
+        assert not os.path.ismount(tmp_path)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(tmp_path)], capture_output=True, check=False)
+
+
 def test_startup_errors_are_one_clear_line(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
