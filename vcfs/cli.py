@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other\n"
             "\n"
             "exit status: 0 once unmounted (or, with --daemon, once mounted); 1 if it cannot\n"
-            "mount, with the reason on one line; 2 for an option it cannot parse"
+            "mount, with the reason on one line; 2 for an option it cannot parse; 130 for\n"
+            "Ctrl-C before the mount is up (nothing is left mounted)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug also logs every read with its offset and size (default: info)",
     )
     mount.add_argument(
-        "--log-file", metavar="PATH", help="append logs here instead of stderr",
+        "--log-file", metavar="PATH",
+        help="append logs here instead of stderr (without it a --daemon keeps no log: its "
+        "read errors and outage warnings are lost)",
     )
     mount.add_argument(
         "--no-raise-readahead", dest="raise_readahead", action="store_false",
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     unmount = commands.add_parser(
         "unmount", help="unmount a vcfs mount",
         description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
+        epilog="exit status: 0 once unmounted; 1 if not (not mounted, not a vcfs mount, "
+        "files still open, another user's mount), with the reason on one line",
     )
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
                          help="where vcfs is mounted (or a stale mount of a crashed vcfs)")
