@@ -359,6 +359,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if "subtype" in keywords:
         raise StartupError(f"-o subtype: a vcfs mount is of type {_FSTYPE} "
                            "(vcfs unmount unmounts nothing else)")
+    max_read(fuse_options)  # a malformed one stops here, not in libfuse
     not_mount_options = _HELPER_KEYWORDS & keywords
     if not_mount_options:
         raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
@@ -622,6 +623,17 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         remote.close()
 
 
+def max_read(fuse_options: Sequence[str]) -> int | None:
+    """The bytes of `-o max_read=N` (the last one), None without it."""
+    values = [value for key, _, value in (o.partition("=") for o in fuse_options)
+              if key == "max_read"]
+    if not values:
+        return None
+    if not values[-1].isdigit() or int(values[-1]) == 0:
+        raise StartupError(f"-o max_read: a number of bytes above 0, not {values[-1]!r}")
+    return int(values[-1])
+
+
 def tune_malloc(*, arenas: int, block_size: int) -> None:
     """Set glibc's malloc up for the block cache, before the threads start. A no-op where the
     C library has no mallopt (not glibc).
@@ -667,6 +679,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     config = FsConfig(
         readahead_max=options.readahead_max,
         kernel_readahead_kb=1024 if options.raise_readahead else None,
+        max_read=max_read(options.fuse_options),
     )
     premounted = options.fuse_fd is not None
     # For a /dev/fd/N mount point, libfuse leaves the mount options, and the unmount, alone:
