@@ -164,7 +164,8 @@ def test_client_sends_the_token_and_says_what_to_do_without_it(
     with VidCacheClient(all_guarded.url, token=WRONG) as wrong, \
             pytest.raises(AuthError) as refused:
         wrong.list_videos().__next__()
-    assert "refused the client's token" in str(refused.value)
+    assert ("refused the client's token: pass VidCacheClient(..., token=...) with the token "
+            "of the server's --token-file") in str(refused.value)
     assert WRONG not in str(refused.value)
 
     with VidCacheClient(all_guarded.url, token=TOKEN) as client:

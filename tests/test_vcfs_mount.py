@@ -201,6 +201,21 @@ def test_df_counts_the_videos_of_the_last_listing(
     assert info.f_bfree == info.f_bavail == 0
 
 
+def test_o_max_read_bounds_the_kernels_reads(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    """libfuse3 mounts with `-o max_read=N` only if the file system's init asks for the same
+    N: the mount failed ("init() and fuse_session_new() requested different maximum read
+    size (0 vs 65536)", libfuse code 8)."""
+    video = corpus["big.mp4"]
+    mounted = fresh_mount("-o", "max_read=65536")
+    with open(mounted.video(video.file_name), "rb") as stream:
+        assert stream.read() == video.data()
+    fuse = mounted.stats()["fuse"]
+    assert fuse["bytes_read"] >= video.size
+    assert fuse["largest_read"] == 64 * KIB
+
+
 class _Walked(list[VideoMeta]):
     """A listing that counts how often it is gone through."""
 
@@ -826,6 +841,24 @@ def test_a_web_server_that_is_not_vidcache_is_named_as_such(tmp_path: Path,
         assert not os.path.ismount(tmp_path)
 
 
+def test_a_url_with_a_path_the_service_has_no_api_at_is_refused(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    """The service's own answer to `GET /wrong/health` (404, "no such endpoint") was taken for
+    a vidcache 1.x without /health: a mistyped path mounted, silently with --daemon, an empty
+    by-hash in which every video was "No such file" (its /meta a 404 too)."""
+    url = f"{vidcache_server.url}/wrong"
+    try:
+        result = run_vcfs("mount", url, str(tmp_path), "--timeout", "3", "--daemon")
+        assert (result.returncode, result.stderr) == (1, (
+            f"vcfs: error: cannot reach the vidcache service at {url}: health check: HTTP 404 "
+            "(no such endpoint: GET /wrong/health): a vidcache service answers there, but its "
+            "API is not at this path (check the URL's path)\n")), result
+        assert not os.path.ismount(tmp_path)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(tmp_path)], capture_output=True, check=False)
+
+
 def test_startup_errors_are_one_clear_line(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
@@ -1124,6 +1157,9 @@ def test_options_that_depend_on_others() -> None:
     for keyword in ("debug", "foreground", "nothreads"):
         with pytest.raises(cli.StartupError, match="not a mount option"):
             _options("-o", keyword)
+    for size in ("64K", "0", ""):
+        with pytest.raises(cli.StartupError, match="-o max_read: a number of bytes above 0"):
+            _options("-o", f"max_read={size}")
 
 
 def test_help_lists_every_option_with_defaults() -> None:

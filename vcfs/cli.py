@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  vcfs mount http://cache:8020 /mnt/vc --cache-size 1G -o allow_other\n"
             "\n"
             "exit status: 0 once unmounted (or, with --daemon, once mounted); 1 if it cannot\n"
-            "mount, with the reason on one line; 2 for an option it cannot parse"
+            "mount, with the reason on one line; 2 for an option it cannot parse; 130 for\n"
+            "Ctrl-C before the mount is up (nothing is left mounted)"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -228,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug also logs every read with its offset and size (default: info)",
     )
     mount.add_argument(
-        "--log-file", metavar="PATH", help="append logs here instead of stderr",
+        "--log-file", metavar="PATH",
+        help="append logs here instead of stderr (without it a --daemon keeps no log: its "
+        "read errors and outage warnings are lost)",
     )
     mount.add_argument(
         "--no-raise-readahead", dest="raise_readahead", action="store_false",
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     unmount = commands.add_parser(
         "unmount", help="unmount a vcfs mount",
         description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
+        epilog="exit status: 0 once unmounted; 1 if not (not mounted, not a vcfs mount, "
+        "files still open, another user's mount), with the reason on one line",
     )
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT", type=_mountpoint,
                          help="where vcfs is mounted (or a stale mount of a crashed vcfs)")
@@ -354,6 +359,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if "subtype" in keywords:
         raise StartupError(f"-o subtype: a vcfs mount is of type {_FSTYPE} "
                            "(vcfs unmount unmounts nothing else)")
+    max_read(fuse_options)  # a malformed one stops here, not in libfuse
     not_mount_options = _HELPER_KEYWORDS & keywords
     if not_mount_options:
         raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
@@ -617,6 +623,17 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         remote.close()
 
 
+def max_read(fuse_options: Sequence[str]) -> int | None:
+    """The bytes of `-o max_read=N` (the last one), None without it."""
+    values = [value for key, _, value in (o.partition("=") for o in fuse_options)
+              if key == "max_read"]
+    if not values:
+        return None
+    if not values[-1].isdigit() or int(values[-1]) == 0:
+        raise StartupError(f"-o max_read: a number of bytes above 0, not {values[-1]!r}")
+    return int(values[-1])
+
+
 def tune_malloc(*, arenas: int, block_size: int) -> None:
     """Set glibc's malloc up for the block cache, before the threads start. A no-op where the
     C library has no mallopt (not glibc).
@@ -662,6 +679,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     config = FsConfig(
         readahead_max=options.readahead_max,
         kernel_readahead_kb=1024 if options.raise_readahead else None,
+        max_read=max_read(options.fuse_options),
     )
     premounted = options.fuse_fd is not None
     # For a /dev/fd/N mount point, libfuse leaves the mount options, and the unmount, alone:

@@ -75,6 +75,8 @@ class FsConfig:
     readahead_threads: int = 4
     # The kernel then sends 1 MiB reads instead of 128 KiB (set when root; None: leave it).
     kernel_readahead_kb: int | None = 1024
+    # `-o max_read=N`: the largest read the kernel sends (None: its own).
+    max_read: int | None = None
 
 
 @dataclass(slots=True)
@@ -244,6 +246,9 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             # The kernel's default: with this many reads in flight it starts no more async
             # readahead, so readers' patterns (and what a probe or a seek fetches) stay its own.
             conn.congestion_threshold = _CONGESTION_THRESHOLD
+            if self.config.max_read is not None:
+                # libfuse3 mounts only if init asks for the max_read of the mount options.
+                conn.max_read = self.config.max_read
             log.debug(
                 "FUSE connection: protocol %d.%d, max_read %d, max_readahead %d, max_write %d",
                 conn.proto_major, conn.proto_minor, getattr(conn, "max_read", 0),

@@ -191,6 +191,10 @@ class _Stalled(Exception):
 
 _STOPPING = "vcfs is stopping: giving up"
 _NOT_VIDCACHE = "something answers there, but not a vidcache service (check the URL and port)"
+# How this project's service answers a route it does not have (see `check_health`).
+_NO_SUCH_ENDPOINT = "no such endpoint: "
+_WRONG_PATH = ("a vidcache service answers there, but its API is not at this path (check the "
+               "URL's path)")
 # The request a client error names (` [GET http://host/video/HASH]`), see `_reason`.
 _CLIENT_REQUEST = re.compile(r" \[[A-Z]+ \S+\]")
 
@@ -531,6 +535,11 @@ class Remote:
         except AuthError as exc:  # vidcache's /health is open: a proxy in front asks for more
             raise self._access_denied("health check", exc) from exc
         except StatusError as exc:
+            if exc.status_code == 404 and exc.detail.startswith(_NO_SUCH_ENDPOINT):
+                # This project's service names the route it lacks (vidcache 1.x says "Not
+                # Found"), and has /health at its root: the URL's path is not its API's.
+                raise RemoteUnavailable(
+                    f"health check: HTTP 404 ({exc.detail}): {_WRONG_PATH}") from exc
             if exc.status_code == 404 and exc.json_detail:
                 # vidcache's JSON errors, but no /health: the wire protocol's routes without
                 # ours (/health, /videos, /video/<hash>/chunks).

@@ -93,7 +93,7 @@ def _credentials_advice(response: httpx.Response) -> str:
                 "auth: give user:password@ in the client's base URL")
     if "authorization" in request.headers:
         return ("the server refused the client's token: pass VidCacheClient(..., token=...) "
-                "the token of the server's --token-file")
+                "with the token of the server's --token-file")
     return ("the server requires a bearer token: pass VidCacheClient(..., token=...) with the "
             "token of the server's --token-file")
 
