@@ -8,8 +8,9 @@ point over the guardian's stdin, a pipe whose write end only the harness holds. 
 acknowledged once the guardian holds a pidfd of it, so a PID reused after its process ended is
 never signalled; only the processes and mount points it was told about are ever touched.
 
-Protocol: one JSON line per request, echoed back once done: `{"pid": N}`, `{"mount": PATH}`;
-`{"done": true}` says nothing is left (the run ended normally) and the guardian exits at once.
+Protocol: one JSON line per request, echoed back once done: `{"pid": N}`, `{"mount": PATH}`,
+`{}` (nothing: the echo says the guardian runs); `{"done": true}` (not echoed) says nothing is
+left (the run ended normally), and the guardian exits at once.
 EOF without it (the harness dead by any means, or ended by an exception) makes it stop every
 told process still running (SIGTERM, SIGKILL after `STOP_TIMEOUT_S`), lazily unmount every told
 mount point (`fusermount3 -u -z`, or `fusermount`), say so on stderr if anything was left, and
@@ -50,6 +51,7 @@ class Guardian:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "bench.guardian"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, bufsize=1, start_new_session=True)
+        self._request({})  # answered once it runs: the first child waits no longer than later ones
         return self
 
     def watch(self, pid: int) -> None:
@@ -104,9 +106,15 @@ def guarding() -> Iterator[Guardian]:
 
 
 def guarded(process: Process) -> Process:
-    """`process`, just started, told to the guardian (if one runs: not in tests of the parts)."""
+    """`process`, just started, told to the guardian (if one runs: not in tests of the parts).
+    Killed if that fails or a signal ends the wait: the caller never gets it to stop."""
     if _current is not None:
-        _current.watch(process.pid)
+        try:
+            _current.watch(process.pid)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
     return process
 
 
@@ -117,9 +125,9 @@ def guard_mount(path: Path) -> None:
         _current.watch_mount(path)
 
 
-def _stop(pidfds: dict[int, int]) -> list[int]:
+def _stop(pidfds: dict[int, int]) -> tuple[list[int], list[int]]:
     """SIGTERM to the processes still running, SIGKILL to those still running after
-    STOP_TIMEOUT_S; waits (bounded) for them to end. The PIDs signalled."""
+    STOP_TIMEOUT_S; waits (bounded) for them to end. The PIDs signalled, and those killed."""
     running = {fd: pid for pid, fd in pidfds.items() if not _ended([fd])}
     for fd in running:
         with contextlib.suppress(ProcessLookupError):
@@ -129,7 +137,7 @@ def _stop(pidfds: dict[int, int]) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
     _wait_ended(left, KILL_TIMEOUT_S)
-    return sorted(running.values())
+    return sorted(running.values()), sorted(running[fd] for fd in left)
 
 
 def _ended(fds: list[int], timeout: float = 0) -> list[int]:
@@ -174,7 +182,7 @@ def main() -> None:
             # The harness has not waited for its child yet, so the PID is still that child's.
             with contextlib.suppress(ProcessLookupError):
                 pidfds[request["pid"]] = os.pidfd_open(request["pid"])
-        elif request["mount"] not in mounts:
+        elif "mount" in request and request["mount"] not in mounts:
             mounts.append(request["mount"])
         for pid, fd in list(pidfds.items()):  # ended ones need no stopping
             if _ended([fd]):
@@ -182,13 +190,13 @@ def main() -> None:
                 del pidfds[pid]
         sys.stdout.write(line)
         sys.stdout.flush()
-    stopped = _stop(pidfds)
+    stopped, killed = _stop(pidfds)
     unmounted = _unmount(mounts)
     if stopped or unmounted:
         with contextlib.suppress(OSError):  # the harness's terminal may be gone
             print(f"bench guardian: the harness left these behind: stopped processes "
-                  f"{stopped or 'none'}, unmounted {unmounted or 'nothing'}", file=sys.stderr,
-                  flush=True)
+                  f"{stopped or 'none'} (SIGKILL after {STOP_TIMEOUT_S:g} s: {killed or 'none'}),"
+                  f" unmounted {unmounted or 'nothing'}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
