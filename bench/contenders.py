@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from bench.guardian import guard_mount, guarded
 from bench.stack import Video, stop_process, wait_until
 
 MOUNT_TIMEOUT_S = 60.0
@@ -140,9 +141,11 @@ class Mount:
 
     def start(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
+        guard_mount(self.mountpoint)
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = guarded(subprocess.Popen(self.argv, stdout=log,
+                                                    stderr=subprocess.STDOUT,
+                                                    stdin=subprocess.DEVNULL))
         try:
             wait_until(self._ready, timeout=MOUNT_TIMEOUT_S, what=f"mount at {self.mountpoint}")
         except BaseException as exc:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import IO, Any
 
+from bench.guardian import guarded
 from bench.proxy import HookChain, LatencyProxy, LinkProfile, ProxyConfig, new_event_loop
 from bench.shims import CanonicalHeaderCase, IndexShim
 from bench.splice_relay import SpliceRelay
@@ -44,8 +45,8 @@ class ProxyProcess:
         return self._process.pid
 
     def start(self) -> ProxyProcess:
-        self._process = subprocess.Popen(self._argv(), stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._process = guarded(subprocess.Popen(self._argv(), stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, text=True, bufsize=1))
         try:
             self.port = int(self._read()["port"])
         except BaseException:  # a signal while it starts too: the child must not outlive it

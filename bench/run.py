@@ -28,6 +28,7 @@ from typing import Any
 
 from bench import media, report, service_speed
 from bench.contenders import CONTENDERS, Contender, ContenderUnavailable, Vcfs
+from bench.guardian import guarding
 from bench.proxy import LOOPBACK, WAN, LinkProfile
 from bench.proxy_process import ProxyProcess
 from bench.report import Sample
@@ -284,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                              "bench.service_variants ARGS` instead of `vidcache serve`")
     args = parser.parse_args(argv)
     _exit_on_signals()
+    with guarding():  # a SIGKILLed harness leaves nothing running or mounted either
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
                      profiles=args.profiles, workloads=args.workloads)
     progress = Progress()

@@ -29,6 +29,8 @@ from typing import Self, TypeVar
 import blake3
 import httpx
 
+from bench.guardian import guarded
+
 T = TypeVar("T")
 Server = TypeVar("Server", bound=socketserver.BaseServer)
 
@@ -157,7 +159,7 @@ class Service(LoopbackServer):
             argv = [sys.executable, "-m", "bench.service_variants", "--data",
                     str(self.data_dir), "--port", str(self.port), *self.variant]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = guarded(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
         self._wait_ready(self._healthy, timeout=60, what=self.label, log=self.log_path)
         return self
 
@@ -252,8 +254,9 @@ class Nginx(LoopbackServer):
             f"  proxy_temp_path {self.work_dir}/proxy;\n"
             f"  server {{ listen 127.0.0.1:{self.port}; root {self.root}; }}\n}}\n")
         binary = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.process = subprocess.Popen([binary, "-c", str(conf), "-p", str(self.work_dir)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.process = guarded(subprocess.Popen(
+            [binary, "-c", str(conf), "-p", str(self.work_dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self._wait_ready(self._listening, timeout=20, what="nginx",
                          log=self.work_dir / "error.log")
         return self

@@ -28,6 +28,7 @@ import pytest
 
 from bench.contenders import Mount
 from bench.faults import FaultInjector, Latency, Refuse, Stall, path_prefix
+from bench.guardian import Guardian
 from bench.proxy import (
     LOOPBACK,
     Connection,
@@ -44,8 +45,8 @@ from bench.splice_relay import SpliceRelay
 from bench.stack import LoopbackServer, Video, serving
 from bench.workloads import READ_SIZE, read_segments
 from tests.service_stress_support import processes_using, programs_using
-from tests.support import wait_until
-from tests.vcfs_support import requires_fuse
+from tests.support import VidcacheServer, wait_until
+from tests.vcfs_support import VcfsMount, requires_fuse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,122 @@ def test_a_signal_stops_the_run_and_leaves_no_mount_or_server_behind(
         assert "Traceback" not in log, log
         assert work not in Path("/proc/mounts").read_text()
         assert processes_using(Path(work)) == []
+
+
+@requires_fuse[0]
+@requires_fuse[1]
+def test_a_killed_harness_leaves_no_mount_or_server_behind(tmp_path: Path) -> None:
+    """SIGKILL of the harness (the OOM killer's, or pytest's on an interrupted test) while vcfs
+    is being measured: it cleans up nothing itself, yet within a bounded time nothing is left
+    mounted under its work directory, no process works in it (the service, the proxy, the
+    daemon), and its guardian has exited too. Was: the service and the mount stayed."""
+    with _bench_in_background(tmp_path, "vcfs") as (bench, progress):
+        work = wait_until(lambda: _logged_path(progress, "work directory "), timeout=120,
+                          what="the work directory")
+        wait_until(lambda: "· vcfs · run 1/1" in progress.read_text(), timeout=120,
+                   what="vcfs measured")
+        wait_until(lambda: _mounts_under(work), timeout=60, interval=0.005, what="vcfs mounted")
+        # scripts/bench execs the harness: its PID is the harness's
+        assert b"bench.run" in Path(f"/proc/{bench.pid}/cmdline").read_bytes()
+        guardians = [pid for pid in _children(bench.pid)
+                     if b"bench.guardian" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+        def left_behind() -> list[str]:
+            return ([f"mount {path}" for path in _mounts_under(work)]
+                    + [f"process {pid}: {_command_line(pid)}"
+                       for pid in processes_using(Path(work))]
+                    + [f"guardian {pid}" for pid in guardians if _running(pid)])
+
+        try:
+            bench.kill()
+            assert bench.wait(timeout=60) == -signal.SIGKILL
+            with contextlib.suppress(TimeoutError):
+                wait_until(lambda: not left_behind(), timeout=60, what="nothing left behind")
+            assert left_behind() == []
+        finally:  # only ours, should a check have failed
+            for pid in processes_using(Path(work)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for path in _mounts_under(work):
+                subprocess.run(["fusermount3", "-u", "-z", path], check=False, timeout=30)
+
+
+@requires_fuse[0]
+@requires_fuse[1]
+def test_the_guardian_stops_and_unmounts_only_what_it_was_told_about(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    """The guardian's pipe closed without 'done' (the harness gone): it stops the process it
+    was told about, lazily unmounts the mount point it was told about (dead: its daemon got
+    SIGKILL), leaves a process it was not told about running, and exits."""
+    guardian = Guardian().start()
+    told = subprocess.Popen(_sleeper(tmp_path))
+    untold = subprocess.Popen(_sleeper(tmp_path))
+    mount = VcfsMount(vidcache_server.url, tmp_path / "mnt")
+    try:
+        guardian.watch(told.pid)
+        mount.start()
+        guardian.watch_mount(mount.mountpoint)
+        mount.kill()
+        guardian.close(done=False)
+        assert told.wait(timeout=10) == -signal.SIGTERM
+        assert untold.poll() is None
+        assert _mounts_under(str(tmp_path)) == []
+    finally:
+        for process in (told, untold):
+            process.kill()
+            process.wait()
+        mount.stop()
+
+
+def test_the_guardian_told_done_stops_nothing(tmp_path: Path) -> None:
+    """On a normal end the harness says nothing is left: the guardian exits and stops nothing,
+    even a process it was told about that still runs."""
+    guardian = Guardian().start()
+    told = subprocess.Popen(_sleeper(tmp_path))
+    try:
+        guardian.watch(told.pid)
+        guardian.close(done=True)
+        assert told.poll() is None
+    finally:
+        told.kill()
+        told.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The PIDs whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if entry.name.isdigit() and _stat_fields(int(entry.name))[1] == str(pid):
+                found.append(int(entry.name))
+    return found
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "(ended)"
+
+
+def _running(pid: int) -> bool:
+    """`pid` exists and has not exited (a zombie its new parent has not reaped yet has)."""
+    try:
+        return _stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name: state, parent PID, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def _mounts_under(directory: str) -> list[str]:
+    """The mount points in /proc/mounts inside `directory`."""
+    return [fields[1] for line in Path("/proc/mounts").read_text().splitlines()
+            if (fields := line.split())[1].startswith(directory + "/")]
 
 
 def test_ctrl_c_while_the_service_decodes_the_corpus_stops_the_run(tmp_path: Path) -> None:
