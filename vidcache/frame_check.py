@@ -30,6 +30,7 @@ import numpy.typing as npt
 from PIL import Image, ImageFilter
 
 from vidcache import media
+from vidcache.errors import MediaToolError
 from vidcache.tools import Tools
 
 AROUND_S = 0.2
@@ -48,8 +49,14 @@ Frame = npt.NDArray[np.uint8]  # grey, blurred
 
 
 def size(a: media.MediaInfo, b: media.MediaInfo) -> tuple[int, int]:
-    """The size two videos are compared at: the smaller one's, at most MAX_PIXELS."""
-    width, height = min(a.size, b.size, key=lambda s: s[0] * s[1])
+    """The size two videos are compared at: the smaller one's, at most MAX_PIXELS. A size
+    media.probe could not find (0x0) is not the smaller: at it, the frames were compared at
+    8x8, where a word is unseen. MediaToolError if neither is known: the check cannot be
+    made."""
+    known = [s for s in (a.size, b.size) if s[0] * s[1] > 0]
+    if not known:
+        raise MediaToolError("the size of neither video's frames is known")
+    width, height = min(known, key=lambda s: s[0] * s[1])
     scale = min(1.0, math.sqrt(MAX_PIXELS / max(width * height, 1)))
     return max(BLOCK, round(width * scale)), max(BLOCK, round(height * scale))
 
