@@ -14,10 +14,11 @@ within 2x of a changed caption). Two videos differ if their frames at the time o
 position differ by more than THRESHOLD.
 
 Measured (docs/service.md, "Frame check"): slides' re-uploads (another size at 150 kb/s, VP9,
-MPEG-4, 15-30 fps, CRF 35, 150 kb/s at their size) 1.0-10.4, slides with a word, a number or a
+MPEG-4, 15-30 fps, CRF 35, 150 kb/s at their size) 1.0-11.7, slides with a word, a number or a
 line changed 74.5 and more, but a slide's re-upload at half its size and 150 kb/s against the
-slide with a word changed (24-px type) 26.8-29.1; slides' frames were within 5.2 of still
-(their re-uploads' up to 29, those positions not judged), moving footage's 16.4 and more.
+slide with a word changed (24-px type) 25.1-29.1; re-uploads with a watermark 7.9-170 (93 of
+112 apart); slides' frames were within 5.2 of still (their re-uploads' up to 29, those
+positions not judged), moving footage's 16.4 and more.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ MAX_PIXELS = 1920 * 1080
 # still: slides' measured up to 5.2, moving footage's 16.4 and more
 STILL = 8.0
 # the most a judged position of a re-upload may differ: re-uploads of slides measured up to
-# 10.4, a half-size 150 kb/s re-upload of a slide against the slide with a word changed 26.8
+# 11.7, a half-size 150 kb/s re-upload of a slide against the slide with a word changed 25.1
 # and more (at 28, a re-upload of a 2023 slide was merged with the 2024 one)
 THRESHOLD = 18.0
 
