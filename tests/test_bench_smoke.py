@@ -618,3 +618,14 @@ def test_help_explains_every_option_of_the_harness() -> None:
     assert "set -" not in script  # the header comment only, not the code after it
     for option in options:
         assert re.search(rf"^  {option}\b.*\S", script, re.MULTILINE), option
+
+
+def test_the_frame_check_corpus_prints_a_row_for_each_kind_of_pair(tmp_path: Path) -> None:
+    """`python -m bench.frame_check_corpus` on its smallest slide: its videos made, each kind
+    of pair compared (2 changes, their half-size re-upload, plain re-uploads, 4 watermarks)."""
+    table = subprocess.run([sys.executable, "-m", "bench.frame_check_corpus", "--out",
+                            str(tmp_path), "--slides", "g360-24"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=600, check=True).stdout
+    rows = [line for line in table.splitlines() if re.match(r"\| \D.*\(\d+\) \| \d", line)]
+    assert len(rows) == 9, table
+    assert "| re-upload (7) |" in table

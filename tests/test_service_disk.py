@@ -578,6 +578,34 @@ def test_the_disk_filling_up_after_the_download(tmp_path: Path, videos: dict[str
             assert_served_whole(server.url, {**stored, new["hash"]: videos["c.mkv"]})
 
 
+def test_the_disk_filling_up_during_the_frame_check(tmp_path: Path,
+                                                   videos: dict[str, Path]) -> None:
+    """The disk fills up, but for room for the index's update, as ffmpeg starts sampling
+    a_small.mp4's frames up close (24 of 240x180: 1 MB) to compare them with a.mp4's, whose
+    near-duplicate it is (frame_check.py): 507 naming the temp directory, nothing of it left;
+    once the filler is gone it is a.mp4's duplicate, without a restart. (Was: the check, which
+    could not be made, stored it apart, a spare copy of a.mp4.)"""
+    with (small_tmpfs(tmp_path / "data") as data,
+          serve_directory(videos["a.mp4"].parent) as origin):
+        server = PausingServer(data, ("subprocess.Popen", "scale=240:180"))
+        with server:
+            stored = Api(server.url).ingest_ok(f"{origin}/a.mp4", "v")["hash"]
+            blobs = blob_files(data)
+            url = f"{origin}/a_small.mp4"
+            held = _Ingest(server.url, url, "v")
+            wait_until(server.paused, timeout=60, what="the ingest held at its frame check")
+            filler = fill(data, leave=64 * PAGE)
+            server.release()
+            detail = assert_disk_full(held.result(), server, url, data / ".vidcache" / "tmp")
+            assert detail.startswith("cannot write the sampled frames in "), detail
+            assert_nothing_left(data, blobs)
+            assert_served_whole(server.url, {stored: videos["a.mp4"]})
+
+            filler.unlink()
+            again = Api(server.url).ingest_ok(url, "v")
+            assert (again["status"], again["hash"]) == ("duplicate", stored)
+
+
 def test_a_file_system_turning_read_only(tmp_path: Path, videos: dict[str, Path]) -> None:
     """The data directory's ext4 turns read-only (an error, errors=remount-ro) while big.mp4
     downloads (its origin trickling it) and the ingest of c.mkv is held after its download.

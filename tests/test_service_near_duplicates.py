@@ -81,6 +81,18 @@ def _ending(year: str) -> list[str]:
     return ["-f", "lavfi", "-i", "color=c=white:s=1280x720:r=25:d=2", "-vf", text, *_X264]
 
 
+def _capture(year: str) -> list[str]:
+    """40 s of a 1280x720 slide naming `year`, at 5 fps in 10 s GOPs, in an MPEG-TS."""
+    text = f"drawtext=fontfile={_FONT}:text='Quarterly results {year}':fontsize=24:x=100:y=90"
+    return ["-f", "lavfi", "-i", "color=c=white:s=1280x720:r=5:d=40", "-vf", text, *_X264,
+            "-g", "50", "-f", "mpegts"]
+
+
+# a capture's first second cut off, mid-GOP: its size, in the parameter sets of its first
+# keyframe 9 s on, is past what ffprobe looks at (it says 0x0)
+_CUT = ["-ss", "1", "-c", "copy", "-copyinkf"]
+
+
 _MANDELBROT = ["-f", "lavfi", "-i", f"mandelbrot={_SIZE}", "-t", "8", *_X264]
 _TESTSRC = f"testsrc2={_SIZE}"
 _BLACK = f"color=c=black:{_SIZE}"
@@ -139,6 +151,14 @@ _VIDEOS: dict[str, list[str]] = {
     "ending-2023.mp4": _ending("2023"),
     "ending-2024.mp4": _ending("2024"),
     "ending-2023-crf35.mp4": ["-i", "{dir}/ending-2023.mp4", *_X264, "-crf", "35"],
+    # captures of a slide and of the same with another year, begun mid-GOP, and a re-upload
+    # of the first at half its size and 150 kb/s (its first frame repeated from its start)
+    "capture-2023-whole.ts": _capture("2023"),
+    "capture-2024-whole.ts": _capture("2024"),
+    "capture-2023.ts": ["-i", "{dir}/capture-2023-whole.ts", *_CUT],
+    "capture-2024.ts": ["-i", "{dir}/capture-2024-whole.ts", *_CUT],
+    "capture-2023-small.mp4": ["-i", "{dir}/capture-2023.ts", "-vf", "scale=640:360",
+                               "-fps_mode", "cfr", *_X264, "-b:v", "150k"],
     # moving footage and its re-encode at 15 fps: its samples are other moments
     "testsrc.mp4": ["-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=8", *_X264],
     "testsrc-15fps.mp4": ["-i", "{dir}/testsrc.mp4", "-r", "15", *_X264],
@@ -304,3 +324,16 @@ def test_a_half_size_reupload_of_a_slide_is_not_the_slide_with_another_year(
     (_, stored), (status, content_hash) = _statuses(
         api, origin, "report-2024.mp4", "report-2023-small.mp4")
     assert status == "new" and content_hash != stored
+
+
+def test_captures_whose_size_ffprobe_does_not_find_are_compared_at_their_size(
+        api: Api, origin: str) -> None:
+    """Captures of two slides differing by a year, begun mid-GOP: ffprobe said 0x0 (their
+    size is in their first keyframe's parameter sets, 9 s on), so the frame check compared
+    them at 8x8 and the second was merged with the first. Their first keyframe's size is
+    theirs; a re-upload of the first at half its size and 150 kb/s is still the first's."""
+    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
+        api, origin, "capture-2023.ts", "capture-2024.ts", "capture-2023-small.mp4")
+    assert (first, second) == ("new", "new")
+    assert second_hash != first_hash
+    assert (again, matched) == ("duplicate", first_hash)

@@ -35,14 +35,16 @@ from vidcache.errors import (
     IndexUnreadable,
     IngestRefused,
     InvalidRequest,
+    MediaToolError,
     ShuttingDown,
     StorageError,
     TooLarge,
     VidcacheError,
 )
+from vidcache.frame_check import size as compared_at
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
-from vidcache.media import UNIFORM_FRAMES, decode_phash, encode_phash, near_duplicate
+from vidcache.media import UNIFORM_FRAMES, MediaInfo, decode_phash, encode_phash, near_duplicate
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.space import FreeSpace
@@ -491,3 +493,20 @@ def test_the_download_rate_is_over_the_last_seconds_of_polls() -> None:
                                "2025-01-31T12:05:00.000Z")
     assert rate.update(restarted, 112.0) is None  # another ingest of the URL: from scratch
 
+
+
+def _video_of(width: int, height: int) -> MediaInfo:
+    return MediaInfo(duration_s=6.0, container="mpegts", mime_type="video/mp2t",
+                     extension="ts", video_stream=0, audio_stream=None, start_s=0.0,
+                     pixel_rate=0.0, size=(width, height))
+
+
+def test_the_frame_check_compares_at_the_size_known() -> None:
+    """A video whose size media.probe could not find (0x0: no keyframe in its first 10 000
+    packets) is compared at the other's size, not at 8x8 (a word unseen); with neither known
+    the check cannot be made, and ingest stores the video apart."""
+    assert compared_at(_video_of(0, 0), _video_of(1280, 720)) == (1280, 720)
+    assert compared_at(_video_of(3840, 2160), _video_of(0, 0)) == (1920, 1080)
+    assert compared_at(_video_of(640, 360), _video_of(1280, 720)) == (640, 360)
+    with pytest.raises(MediaToolError):
+        compared_at(_video_of(0, 0), _video_of(0, 0))

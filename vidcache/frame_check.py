@@ -14,10 +14,11 @@ within 2x of a changed caption). Two videos differ if their frames at the time o
 position differ by more than THRESHOLD.
 
 Measured (docs/service.md, "Frame check"): slides' re-uploads (another size at 150 kb/s, VP9,
-MPEG-4, 15-30 fps, CRF 35, 150 kb/s at their size) 1.0-10.4, slides with a word, a number or a
+MPEG-4, 15-30 fps, CRF 35, 150 kb/s at their size) 1.0-11.7, slides with a word, a number or a
 line changed 74.5 and more, but a slide's re-upload at half its size and 150 kb/s against the
-slide with a word changed (24-px type) 26.8-29.1; slides' frames were within 5.2 of still
-(their re-uploads' up to 29, those positions not judged), moving footage's 16.4 and more.
+slide with a word changed (24-px type) 25.1-29.1; re-uploads with a watermark 7.9-170 (93 of
+112 apart); slides' frames were within 5.2 of still (their re-uploads' up to 29, those
+positions not judged), moving footage's 16.4 and more.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy.typing as npt
 from PIL import Image, ImageFilter
 
 from vidcache import media
+from vidcache.errors import MediaToolError
 from vidcache.tools import Tools
 
 AROUND_S = 0.2
@@ -40,7 +42,7 @@ MAX_PIXELS = 1920 * 1080
 # still: slides' measured up to 5.2, moving footage's 16.4 and more
 STILL = 8.0
 # the most a judged position of a re-upload may differ: re-uploads of slides measured up to
-# 10.4, a half-size 150 kb/s re-upload of a slide against the slide with a word changed 26.8
+# 11.7, a half-size 150 kb/s re-upload of a slide against the slide with a word changed 25.1
 # and more (at 28, a re-upload of a 2023 slide was merged with the 2024 one)
 THRESHOLD = 18.0
 
@@ -48,8 +50,14 @@ Frame = npt.NDArray[np.uint8]  # grey, blurred
 
 
 def size(a: media.MediaInfo, b: media.MediaInfo) -> tuple[int, int]:
-    """The size two videos are compared at: the smaller one's, at most MAX_PIXELS."""
-    width, height = min(a.size, b.size, key=lambda s: s[0] * s[1])
+    """The size two videos are compared at: the smaller one's, at most MAX_PIXELS. A size
+    media.probe could not find (0x0) is not the smaller: at it, the frames were compared at
+    8x8, where a word is unseen. MediaToolError if neither is known: the check cannot be
+    made."""
+    known = [s for s in (a.size, b.size) if s[0] * s[1] > 0]
+    if not known:
+        raise MediaToolError("the size of neither video's frames is known")
+    width, height = min(known, key=lambda s: s[0] * s[1])
     scale = min(1.0, math.sqrt(MAX_PIXELS / max(width * height, 1)))
     return max(BLOCK, round(width * scale)), max(BLOCK, round(height * scale))
 

@@ -11,8 +11,8 @@
 5. Perceptual dedup: the nearest stored video that media.near_duplicate matches, whose still
    frames look alike up close (frame_check.py) and that sounds the same (audio.py, if both
    have sound); both checked only for such a candidate, and one that cannot be checked is not
-   merged with -> `duplicate` with `phash_distance`, the URL becomes its alias and the new
-   bytes are dropped.
+   merged with (a disk without room for the frames fails the ingest) -> `duplicate` with
+   `phash_distance`, the URL becomes its alias and the new bytes are dropped.
 6. Otherwise `new`: the blob is moved into place and its record committed.
 
 `progress` (progress.py, GET /ingests) is told the phase as each step begins: `downloading`
@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from vidcache import audio, frame_check, media
 from vidcache.download import Downloader, parse_url
-from vidcache.errors import ShuttingDown, ToolStopped, VidcacheError
+from vidcache.errors import ShuttingDown, StorageError, ToolStopped, VidcacheError
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
 from vidcache.progress import IngestProgress
@@ -226,8 +226,9 @@ class Ingestor:
         still frames alike (frame_check.py; the new video's taken from `still` by the size
         compared at, or decoded into it), and their sound, if both have some (audio.py).
         False if it cannot be told, as a false match loses a video and storing both loses
-        nothing; but ToolStopped (ffmpeg ended by a signal) as at the other steps, the ingest
-        to be tried again."""
+        nothing; but ToolStopped (ffmpeg ended by a signal), the ingest to be tried again, and
+        StorageError (no room for the frames), as at the other steps: a full disk stored the
+        video apart, a spare copy, where every other step fails the ingest with a 507."""
         unknown = "frames could not be compared up close"
         try:
             record = self._store.get(content_hash)
@@ -258,7 +259,8 @@ class Ingestor:
             distance = audio.distance(
                 audio.fingerprint(path, info.audio_stream, times, self._tools),
                 audio.fingerprint(stored_path, stored.audio_stream, times, self._tools))
-        except (ShuttingDown, ToolStopped):  # nothing is known: 503, try again, as elsewhere
+        # nothing is known: 503, try again, or 507, make room, as elsewhere
+        except (ShuttingDown, ToolStopped, StorageError):
             raise
         except VidcacheError as exc:
             log.warning("ingest %s: its frames match stored %s, whose %s (%s): not merged "

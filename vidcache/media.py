@@ -160,11 +160,39 @@ def probe(path: Path, tools: Tools) -> MediaInfo:
     audios = [s for s in streams if s.get("codec_type") == "audio"]
     video = videos[0]
     size = (int(video.get("width") or 0), int(video.get("height") or 0))
+    if 0 in size:
+        size = _decoded_size(path, tools, int(video["index"]))
     return MediaInfo(duration_s=duration, container=format_name, mime_type=mime_type,
                      extension=extension, video_stream=int(video["index"]),
                      audio_stream=int(audios[0]["index"]) if audios else None,
                      start_s=start, pixel_rate=size[0] * size[1] * _frame_rate(video),
                      size=size)
+
+
+# packets of a video stream read for its first keyframe when ffprobe's own look did not find
+# its size: 400 s at 25 fps
+_SIZE_PACKETS = 10_000
+
+
+def _decoded_size(path: Path, tools: Tools, stream: int) -> tuple[int, int]:
+    """The size of the first keyframe of video stream `stream` in its first _SIZE_PACKETS
+    packets, (0, 0) if none decodes (or ffprobe fails: such a video was not refused before).
+    For a stream whose size ffprobe did not find in the 5 s it looks at: a capture begun
+    mid-GOP, whose first keyframe (in H.264 the first parameter sets, which hold the size)
+    comes later, as in an MPEG-TS cut 1 s into 10 s GOPs. Reported 0x0, its frames were
+    compared at 8x8 by the frame check (a changed word unseen) and its decoding was not
+    capped."""
+    result = tools.run(ffprobe_argv(INPUT_LIMITS, path, "-select_streams", str(stream),
+                                    "-skip_frame", "nokey", "-read_intervals",
+                                    f"%+#{_SIZE_PACKETS}", "-show_entries",
+                                    "frame=width,height", "-of", "csv"),
+                       what="ffprobe (size)")
+    for line in result.stdout.decode(errors="replace").splitlines():
+        section, *fields = line.split(",")
+        if section == "frame" and len(fields) == 2 and fields[0].isdigit() \
+                and fields[1].isdigit() and int(fields[0]) * int(fields[1]) > 0:
+            return int(fields[0]), int(fields[1])
+    return 0, 0
 
 
 def _duration(fmt: dict[str, Any], stream: dict[str, Any]) -> float | None:
