@@ -332,13 +332,19 @@ def test_digest_mismatch_is_retried_then_fails(
     assert remote.counters.get("verify_failures") > 1  # every attempt checked, none passed
 
 
-def test_unusable_digests_mean_unverified_reads(
+def test_unusable_digests_fail_the_read_and_are_not_kept(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:
-    service.digests = service.digests[:2]  # does not cover the file: ignored, with a warning
+    """Digests that do not cover the file: the read fails, it is not read unverified (as it
+    was, for as long as the video stayed cached); the next read asks for them again."""
+    digests = service.digests
+    service.digests = digests[:2]
     remote = make_remote()
+    with pytest.raises(RemoteError, match="unusable"):
+        remote.fetch(HASH, 0, len(DATA))
+    service.digests = digests
     assert remote.fetch(HASH, 0, len(DATA)) == DATA
-    assert remote.counters.get("verified_chunks") == 0
+    assert remote.counters.get("verified_chunks") == -(-len(DATA) // CHUNK)
 
 
 def test_metadata_is_cached_and_misses_expire(
