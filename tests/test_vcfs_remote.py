@@ -742,6 +742,33 @@ def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeServ
         release.set()
 
 
+def test_close_ends_a_fetch_backing_off_between_attempts_at_once(service: FakeService) -> None:
+    """The same for a fetch retrying a service that is down (here: 503 after 503) while it
+    waits between two attempts: the wait was a time.sleep, so a stopping daemon waited up to
+    `backoff_max` for its reads (2 s by default; 30 s here)."""
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=60.0, backoff_initial=30.0,
+                                                backoff_max=30.0))
+    remote.meta(HASH)
+    service.failures = [503] * 100
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            remote.fetch(HASH, 0, 1000)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    fetching = threading.Thread(target=fetch, daemon=True)
+    fetching.start()
+    wait_until(lambda: remote.counters.get("retries") >= 1, timeout=10,
+               what="the fetch waiting to retry")
+    remote.close()
+    fetching.join(10)  # the wait is 15-30 s
+    assert not fetching.is_alive(), "close() left the fetch waiting to retry"
+    assert len(outcome) == 1 and isinstance(outcome[0], Stopping), outcome
+
+
 def test_close_ends_a_cold_lookup_whose_exchange_is_still_queued_at_once(
     service: FakeService,
 ) -> None:

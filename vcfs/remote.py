@@ -431,7 +431,7 @@ class Remote:
         counters: Counters | None = None,
         token_sent: bool = False,
         credentials_sent: bool = False,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
@@ -439,7 +439,7 @@ class Remote:
         self.counters = counters or Counters(*REMOTE_COUNTERS)
         self._token_sent = token_sent
         self._credentials_sent = credentials_sent  # the URL's user:password@, as Basic auth
-        self._sleep = sleep
+        self._sleep = sleep or self._back_off
         self._clock = clock
         self._lock = threading.Lock()
         # Metadata found by `/meta`, and when (a later listing lacking it means it is gone).
@@ -1722,6 +1722,11 @@ class Remote:
             else "the service requires a token: mount with --token-file FILE"
         )
         return AccessDenied(f"{what}: HTTP {exc.status_code}: {exc.detail}; {advice}")
+
+    def _back_off(self, seconds: float) -> None:
+        """The pause between attempts, ended by `close()`: a time.sleep there kept a stopping
+        daemon up to `backoff_max` waiting for the reads retrying a service that is down."""
+        concurrent.futures.wait([self._stopped], timeout=seconds)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, so concurrent
