@@ -374,6 +374,32 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
         assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
 
 
+@pytest.mark.parametrize("status", [429, 400])
+def test_another_refusal_of_the_digests_fails_the_read_and_never_leaves_the_video_unverified(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source], status: int,
+) -> None:
+    """One 429 (a rate-limiting proxy in front of the service) or 400 for `/chunks` was kept
+    as "this video has no digests", as a 404 once was: every later read of the video went
+    unverified, and a flipped byte reached the reader. Now the read that met it fails (EIO),
+    nothing is kept, and the next read asks for the digests again: the kernel's re-asking of
+    the failed read at once gets its bytes, verified."""
+    source = sources["big_moov_end.mp4"]
+    with _looked_up(tmp_path, link, source) as (mounted, path):
+        link.faults.enable(Refuse(status=status,
+                                  match=path_prefix(f"/video/{source.content_hash}/chunks")),
+                           times=1)
+        first = bounded_read(path, READ, 0, limit=HANG_LIMIT)
+        assert first.data == source.data[:READ], first
+        assert link.faults.injected()["refuse"] == 1
+        before = remote_stats(mounted)
+        assert before["verified_chunks"] > 0
+        offset = 3 * MIB
+        link.faults.enable(FlipByte(at=100, match=only_block(source, offset)), times=1)
+        flipped = bounded_read(path, READ, offset, limit=HANG_LIMIT)
+        assert flipped.data == source.data[offset : offset + READ], "a flipped byte returned"
+        assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
+
+
 @pytest.mark.parametrize("first_block", [True, False], ids=["first-block", "no-first-block"])
 def test_a_service_that_publishes_no_digests_is_read_range_checked(
     tmp_path: Path, link: FaultyLink, sources: dict[str, Source], first_block: bool,

@@ -332,13 +332,19 @@ def test_digest_mismatch_is_retried_then_fails(
     assert remote.counters.get("verify_failures") > 1  # every attempt checked, none passed
 
 
-def test_unusable_digests_mean_unverified_reads(
+def test_unusable_digests_fail_the_read_and_are_not_kept(
     make_remote: Callable[..., Remote], service: FakeService,
 ) -> None:
-    service.digests = service.digests[:2]  # does not cover the file: ignored, with a warning
+    """Digests that do not cover the file: the read fails, it is not read unverified (as it
+    was, for as long as the video stayed cached); the next read asks for them again."""
+    digests = service.digests
+    service.digests = digests[:2]
     remote = make_remote()
+    with pytest.raises(RemoteError, match="unusable"):
+        remote.fetch(HASH, 0, len(DATA))
+    service.digests = digests
     assert remote.fetch(HASH, 0, len(DATA)) == DATA
-    assert remote.counters.get("verified_chunks") == 0
+    assert remote.counters.get("verified_chunks") == -(-len(DATA) // CHUNK)
 
 
 def test_metadata_is_cached_and_misses_expire(
@@ -734,6 +740,33 @@ def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeServ
             remote.fetch(HASH, 1000, 2000)
     finally:
         release.set()
+
+
+def test_close_ends_a_fetch_backing_off_between_attempts_at_once(service: FakeService) -> None:
+    """The same for a fetch retrying a service that is down (here: 503 after 503) while it
+    waits between two attempts: the wait was a time.sleep, so a stopping daemon waited up to
+    `backoff_max` for its reads (2 s by default; 30 s here)."""
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=60.0, backoff_initial=30.0,
+                                                backoff_max=30.0))
+    remote.meta(HASH)
+    service.failures = [503] * 100
+    outcome: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            remote.fetch(HASH, 0, 1000)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    fetching = threading.Thread(target=fetch, daemon=True)
+    fetching.start()
+    wait_until(lambda: remote.counters.get("retries") >= 1, timeout=10,
+               what="the fetch waiting to retry")
+    remote.close()
+    fetching.join(10)  # the wait is 15-30 s
+    assert not fetching.is_alive(), "close() left the fetch waiting to retry"
+    assert len(outcome) == 1 and isinstance(outcome[0], Stopping), outcome
 
 
 def test_close_ends_a_cold_lookup_whose_exchange_is_still_queued_at_once(

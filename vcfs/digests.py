@@ -111,7 +111,7 @@ def parse(
 ) -> dict[int, Digests] | None:
     """The pages in a `/chunks` answer (ranged or whole) for a video of `file_size` bytes, by
     page number, the first and last possibly in part; None, with a warning, if the answer is
-    unusable (then the video is read unverified, as from a service that publishes none)."""
+    unusable (then the read that asked for it fails: no byte is read unverified for it)."""
     chunk_size = doc.get("chunk_size")
     digests = doc.get("digests")
     first = doc.get("first_chunk", 0)  # absent from the whole lists of older services
@@ -124,12 +124,12 @@ def parse(
         or not isinstance(digests, list)
         or not all(isinstance(d, str) and paths.is_content_hash(d) for d in digests)
     ):
-        log.warning("malformed chunk digests for %s; reading it unverified", content_hash)
+        log.warning("malformed chunk digests for %s; not used", content_hash)
         return None
     count = -(-file_size // chunk_size)
     if doc.get("chunk_count", count) != count or first + len(digests) > count:
         log.warning(
-            "%s: chunks %d-%d of %s for %d bytes in %d-byte chunks; reading it unverified",
+            "%s: chunks %d-%d of %s for %d bytes in %d-byte chunks; not used",
             content_hash, first, first + len(digests) - 1, doc.get("chunk_count", "?"),
             file_size, chunk_size,
         )

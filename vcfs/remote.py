@@ -435,7 +435,7 @@ class Remote:
         counters: Counters | None = None,
         token_sent: bool = False,
         credentials_sent: bool = False,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
@@ -443,7 +443,7 @@ class Remote:
         self.counters = counters or Counters(*REMOTE_COUNTERS)
         self._token_sent = token_sent
         self._credentials_sent = credentials_sent  # the URL's user:password@, as Basic auth
-        self._sleep = sleep
+        self._sleep = sleep or self._back_off
         self._clock = clock
         self._lock = threading.Lock()
         # Metadata found by `/meta`, and when (a later listing lacking it means it is gone).
@@ -953,7 +953,8 @@ class Remote:
                      content_hash, type(exc).__name__, _reason(exc))
             return
         if doc is not None:  # a 404: asked again the usual way, where it is an error
-            self._keep_digests(meta, doc, 0, 0)
+            with contextlib.suppress(RemoteError):  # unusable: asked again the usual way too
+                self._keep_digests(meta, doc, 0, 0)
 
     def _attempt_blocks(
         self,
@@ -1285,7 +1286,8 @@ class Remote:
         self, meta: VideoMeta, answer: concurrent.futures.Future[dict[str, Any] | None]
     ) -> None:
         if not answer.cancelled() and answer.exception() is None and answer.result() is not None:
-            self._keep_digests(meta, answer.result(), 0, 0)
+            with contextlib.suppress(RemoteError):  # unusable: the read asking for them fails
+                self._keep_digests(meta, answer.result(), 0, 0)
 
     @contextlib.contextmanager
     def _outcome_noted(self, content_hash: str, start: int, end: int) -> Iterator[None]:
@@ -1496,16 +1498,11 @@ class Remote:
             pages_of(start, end, chunk_size or MIN_SERVICE_CHUNK_SIZE,
                      self.config.digest_page_bytes),
             chunk_size or MIN_SERVICE_CHUNK_SIZE, self.config.digest_page_bytes)
-        try:
-            doc = self._digest_answer(content_hash, low, high, deadline)
-        except (RemoteUnavailable, AccessDenied):
-            raise
-        except RemoteError as exc:  # e.g. a service without the endpoint: read unverified
-            log.warning("no chunk digests for %s, reading it unverified: %s", content_hash, exc)
-            doc = None
-        else:
-            if doc is None:
-                doc = self._digests_after_404(content_hash, low, high, deadline)
+        # Any refusal but a 404 (a proxy's 429 or 400, ...) fails this read and keeps nothing:
+        # taken for "no digests", it left the video unverified for as long as that was kept.
+        doc = self._digest_answer(content_hash, low, high, deadline)
+        if doc is None:
+            doc = self._digests_after_404(content_hash, low, high, deadline)
         return self._keep_digests(meta, doc, start, end)
 
     def _digests_after_404(self, content_hash: str, low: int, high: int, deadline: float
@@ -1589,16 +1586,21 @@ class Remote:
     def _keep_digests(
         self, meta: VideoMeta, doc: Mapping[str, Any] | None, start: int, end: int
     ) -> Digests | None:
-        """Cache the pages of a `/chunks` answer (None: the service refused them, so the video
-        has no digests to use);
+        """Cache the pages of a `/chunks` answer (None: the service publishes none, so the
+        video has no digests to use);
         return the digests of `[start, end)` (None: it has none, or the answer lacks them,
-        and is read unverified)."""
+        and is read unverified). RemoteError, nothing kept, for an answer that is unusable
+        (another video's, or counts that disagree with the metadata's size): taken for "no
+        digests", it left the video unverified for as long as that was kept."""
         known, digests = self._known_digests(meta.content_hash, start, end)
         if known:  # e.g. the first block's digests, kept as soon as they arrived
             return digests
         page_bytes = self.config.digest_page_bytes
         pages = None if doc is None else parse_digests(meta.content_hash, meta.size, doc,
                                                        page_bytes)
+        if doc is not None and pages is None:
+            self.counters.add("errors")
+            raise RemoteError(f"{meta.content_hash}: the service's chunk digests are unusable")
         with self._lock:
             if pages is None:
                 # Not for a video a 404 said is gone meanwhile: the same content ingested
@@ -1729,6 +1731,11 @@ class Remote:
             else "the service requires a token: mount with --token-file FILE"
         )
         return AccessDenied(f"{what}: HTTP {exc.status_code}: {exc.detail}; {advice}")
+
+    def _back_off(self, seconds: float) -> None:
+        """The pause between attempts, ended by `close()`: a time.sleep there kept a stopping
+        daemon up to `backoff_max` waiting for the reads retrying a service that is down."""
+        concurrent.futures.wait([self._stopped], timeout=seconds)
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with "equal jitter": half fixed, half random, so concurrent
