@@ -443,7 +443,7 @@ class Remote:
         self.counters = counters or Counters(*REMOTE_COUNTERS)
         self._token_sent = token_sent
         self._credentials_sent = credentials_sent  # the URL's user:password@, as Basic auth
-        self._sleep = sleep or self._back_off
+        self._sleep = sleep or self._pause
         self._clock = clock
         self._lock = threading.Lock()
         # Metadata found by `/meta`, and when (a later listing lacking it means it is gone).
@@ -1732,7 +1732,7 @@ class Remote:
         )
         return AccessDenied(f"{what}: HTTP {exc.status_code}: {exc.detail}; {advice}")
 
-    def _back_off(self, seconds: float) -> None:
+    def _pause(self, seconds: float) -> None:
         """The pause between attempts, ended by `close()`: a time.sleep there kept a stopping
         daemon up to `backoff_max` waiting for the reads retrying a service that is down."""
         concurrent.futures.wait([self._stopped], timeout=seconds)
