@@ -1123,8 +1123,13 @@ def test_a_daemon_that_never_reports_is_named_with_the_time_waited(
     (["ftp://cache:8020"], "must be an http:// or https:// URL with a host"),
     (["http://"], "must be an http:// or https:// URL with a host"),
     (["http://cache:port"], "Invalid port: 'port'"),
-    (["http://cache:8020", "--timeout", "inf"], "must be a positive number of seconds"),
-    (["http://cache:8020", "--timeout", "nan"], "must be a positive number of seconds"),
+    # "a positive number" was wrong for inf
+    (["http://cache:8020", "--timeout", "inf"],
+     "--timeout: must be a finite number of seconds above 0, not 'inf'"),
+    (["http://cache:8020", "--timeout", "nan"],
+     "--timeout: must be a finite number of seconds above 0, not 'nan'"),
+    (["http://cache:8020", "--timeout", "0"],
+     "--timeout: must be a finite number of seconds above 0, not '0'"),
     (["http://cache:8020", "--cache-size", "9" * 400], "too large"),  # was an OverflowError
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str,
