@@ -328,24 +328,39 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vidcache
         yield server, token_file
 
 
-@pytest.mark.parametrize("command", [["list"], ["show", "0" * 64], ["delete", "0" * 64]])
-def test_a_service_needing_the_token_says_to_give_it(command: list[str],
+@pytest.mark.parametrize(("command", "call", "request_line"), [
+    (["list"], "listing of videos", "GET /videos"),
+    (["show", "0" * 64], f"metadata of video {'0' * 64}", f"GET /meta/{'0' * 64}"),
+    (["delete", "0" * 64], f"delete of video {'0' * 64}", f"DELETE /video/{'0' * 64}"),
+    (["ingest", "http://127.0.0.1:9/v.mp4", "--bucket", "b"],
+     "ingest of http://127.0.0.1:9/v.mp4 into bucket 'b'", "POST /ingest")])
+def test_a_service_needing_the_token_says_to_give_it(command: list[str], call: str,
+                                                     request_line: str,
                                                      guarded: tuple[VidcacheServer, Path],
                                                      tmp_path: Path) -> None:
+    """In the command's terms: the error line was the client library's, advising to "pass
+    VidCacheClient(..., token=...)", before the line naming --token-file."""
     server, token_file = guarded
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text("wrong-token\n")
-    for token, advice in (([], "give the server's token with --token-file FILE"),
-                          (["--token-file", str(wrong_file)],
-                           "the server refused the token of --token-file")):
+    for token, reason, advice in (
+            ([], f"{request_line} needs a bearer token: send 'Authorization: Bearer <token>' "
+                 "with the token of the server's --token-file",
+             "give the server's token with --token-file FILE"),
+            (["--token-file", str(wrong_file)],
+             f"{request_line}: wrong bearer token (it does not match the server's --token-file)",
+             "the server refused the token of --token-file")):
         run = vidcache(*command, "--server", server.url, *token)
         assert (run.returncode, run.stdout) == (1, ""), run.stderr
-        assert run.stderr.endswith(f"\nvidcache {command[0]}: {advice}\n"), run.stderr
-        assert "HTTP 401" in run.stderr and "wrong-token" not in run.stderr
+        assert run.stderr == (
+            f"vidcache {command[0]}: error: {call}: HTTP 401: {reason}\n"
+            f"vidcache {command[0]}: {advice}\n"), run.stderr
     allowed = vidcache(*command, "--server", server.url, "--token-file", str(token_file))
     assert TOKEN not in allowed.stdout + allowed.stderr
     if command == ["list"]:
         assert (allowed.returncode, allowed.stdout, allowed.stderr) == (0, "", "")
+    elif command[0] == "ingest":  # let through, to fail at its origin
+        assert allowed.returncode == 1 and "HTTP 401" not in allowed.stderr, allowed.stderr
     else:
         assert allowed.returncode == 1
         assert allowed.stderr == f"vidcache {command[0]}: error: no video {'0' * 64} at " \

@@ -469,6 +469,11 @@ def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request
     message = str(exc)
     # vidcache's own refusal is JSON; a proxy's (Basic auth) is explained by the client
     if isinstance(exc, AuthError) and exc.status_code == 401 and exc.json_detail:
+        # The call (the client's words: "ingest of URL", which names the URL of several) and
+        # the service's reason, without the client's advice naming its Python API
+        # (VidCacheClient(..., token=...)): this command's option is the advice.
+        call = message.partition(f": HTTP {exc.status_code} ")[0]
+        message = f"{call}: HTTP 401: {exc.detail}"
         advice = ("give the server's token with --token-file FILE" if args.token is None else
                   "the server refused the token of --token-file")
     elif isinstance(exc, NotFoundError) and exc.json_detail and content_hash is not None:
