@@ -285,6 +285,38 @@ def test_a_proxys_504_says_the_video_may_still_be_stored() -> None:
                       "store it: ingest the URL again later (a stored URL is answered at once)")
 
 
+class _BasicAuthProxy(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy asking for HTTP Basic auth: 401 with an HTML page, whatever is sent."""
+
+    def do_GET(self) -> None:
+        page = b"<html><head><title>401 Authorization Required</title></head></html>"
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="cache"')
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, format: str, *args: object) -> None:
+        del format, args
+
+
+def test_a_proxy_asking_for_basic_auth_is_answered_in_the_commands_terms() -> None:
+    """The advice was the client library's, "give user:password@ in the client's base URL"
+    (its page left out): now --server's."""
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                 _BasicAuthProxy)) as proxy:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        runs = [vidcache("list", "--server", server)
+                for server in (url, url.replace("http://", "http://user:hunter2@"))]
+    error = ("vidcache list: error: listing of videos: HTTP 401 from a proxy in front of the "
+             "service\n")
+    assert [(run.returncode, run.stdout, run.stderr) for run in runs] == [
+        (1, "", f"{error}vidcache list: if the proxy asks for HTTP Basic auth, give "
+                "user:password@ in --server\n"),
+        (1, "", f"{error}vidcache list: the proxy refused the user:password@ of --server\n")]
+
+
 def test_list_with_a_bad_bucket_gives_the_services_reason(own: VidcacheServer) -> None:
     run = vidcache("list", "--bucket", "../x", "--server", own.url)
     assert (run.returncode, run.stdout) == (1, "")
