@@ -285,6 +285,38 @@ def test_a_proxys_504_says_the_video_may_still_be_stored() -> None:
                       "store it: ingest the URL again later (a stored URL is answered at once)")
 
 
+class _BasicAuthProxy(http.server.BaseHTTPRequestHandler):
+    """A reverse proxy asking for HTTP Basic auth: 401 with an HTML page, whatever is sent."""
+
+    def do_GET(self) -> None:
+        page = b"<html><head><title>401 Authorization Required</title></head></html>"
+        self.send_response(401)
+        self.send_header("WWW-Authenticate", 'Basic realm="cache"')
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, format: str, *args: object) -> None:
+        del format, args
+
+
+def test_a_proxy_asking_for_basic_auth_is_answered_in_the_commands_terms() -> None:
+    """The advice was the client library's, "give user:password@ in the client's base URL"
+    (its page left out): now --server's."""
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                 _BasicAuthProxy)) as proxy:
+        url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        runs = [vidcache("list", "--server", server)
+                for server in (url, url.replace("http://", "http://user:hunter2@"))]
+    error = ("vidcache list: error: listing of videos: HTTP 401 from a proxy in front of the "
+             "service\n")
+    assert [(run.returncode, run.stdout, run.stderr) for run in runs] == [
+        (1, "", f"{error}vidcache list: if the proxy asks for HTTP Basic auth, give "
+                "user:password@ in --server\n"),
+        (1, "", f"{error}vidcache list: the proxy refused the user:password@ of --server\n")]
+
+
 def test_list_with_a_bad_bucket_gives_the_services_reason(own: VidcacheServer) -> None:
     run = vidcache("list", "--bucket", "../x", "--server", own.url)
     assert (run.returncode, run.stdout) == (1, "")
@@ -328,24 +360,39 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vidcache
         yield server, token_file
 
 
-@pytest.mark.parametrize("command", [["list"], ["show", "0" * 64], ["delete", "0" * 64]])
-def test_a_service_needing_the_token_says_to_give_it(command: list[str],
+@pytest.mark.parametrize(("command", "call", "request_line"), [
+    (["list"], "listing of videos", "GET /videos"),
+    (["show", "0" * 64], f"metadata of video {'0' * 64}", f"GET /meta/{'0' * 64}"),
+    (["delete", "0" * 64], f"delete of video {'0' * 64}", f"DELETE /video/{'0' * 64}"),
+    (["ingest", "http://127.0.0.1:9/v.mp4", "--bucket", "b"],
+     "ingest of http://127.0.0.1:9/v.mp4 into bucket 'b'", "POST /ingest")])
+def test_a_service_needing_the_token_says_to_give_it(command: list[str], call: str,
+                                                     request_line: str,
                                                      guarded: tuple[VidcacheServer, Path],
                                                      tmp_path: Path) -> None:
+    """In the command's terms: the error line was the client library's, advising to "pass
+    VidCacheClient(..., token=...)", before the line naming --token-file."""
     server, token_file = guarded
     wrong_file = tmp_path / "wrong"
     wrong_file.write_text("wrong-token\n")
-    for token, advice in (([], "give the server's token with --token-file FILE"),
-                          (["--token-file", str(wrong_file)],
-                           "the server refused the token of --token-file")):
+    for token, reason, advice in (
+            ([], f"{request_line} needs a bearer token: send 'Authorization: Bearer <token>' "
+                 "with the token of the server's --token-file",
+             "give the server's token with --token-file FILE"),
+            (["--token-file", str(wrong_file)],
+             f"{request_line}: wrong bearer token (it does not match the server's --token-file)",
+             "the server refused the token of --token-file")):
         run = vidcache(*command, "--server", server.url, *token)
         assert (run.returncode, run.stdout) == (1, ""), run.stderr
-        assert run.stderr.endswith(f"\nvidcache {command[0]}: {advice}\n"), run.stderr
-        assert "HTTP 401" in run.stderr and "wrong-token" not in run.stderr
+        assert run.stderr == (
+            f"vidcache {command[0]}: error: {call}: HTTP 401: {reason}\n"
+            f"vidcache {command[0]}: {advice}\n"), run.stderr
     allowed = vidcache(*command, "--server", server.url, "--token-file", str(token_file))
     assert TOKEN not in allowed.stdout + allowed.stderr
     if command == ["list"]:
         assert (allowed.returncode, allowed.stdout, allowed.stderr) == (0, "", "")
+    elif command[0] == "ingest":  # let through, to fail at its origin
+        assert allowed.returncode == 1 and "HTTP 401" not in allowed.stderr, allowed.stderr
     else:
         assert allowed.returncode == 1
         assert allowed.stderr == f"vidcache {command[0]}: error: no video {'0' * 64} at " \
@@ -440,9 +487,9 @@ _NO_DATA = "/dev/null/data"
     (["serve", "--data", _NO_DATA, "--host", "999.1.1.1"],
      "vidcache serve: error: --host 999.1.1.1: Name or service not known"),
     (["serve", "--data", _NO_DATA, "--download-timeout", "nan"],
-     "--download-timeout: must be a positive number of seconds, not 'nan'"),
+     "--download-timeout: must be a finite number of seconds above 0, not 'nan'"),
     (["serve", "--data", _NO_DATA, "--max-download-time", "inf"],
-     "--max-download-time: must be a positive number of seconds, not 'inf'"),
+     "--max-download-time: must be a finite number of seconds above 0, not 'inf'"),
     (["serve", "--data", _NO_DATA, "--keep-alive", "1.5"],
      "--keep-alive: must be a positive whole number of seconds, not '1.5'"),
     (["serve", "--data", _NO_DATA, "--max-size", "1.5"],
@@ -451,9 +498,9 @@ _NO_DATA = "/dev/null/data"
     (["serve", "--data", _NO_DATA, "--phash-threshold", "x"],
      "--phash-threshold: must be a whole number from 0 to 64"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
-      "--timeout", "nan"], "--timeout: must be a positive number of seconds, not 'nan'"),
+      "--timeout", "nan"], "--timeout: must be a finite number of seconds above 0, not 'nan'"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
-      "--timeout", "inf"], "--timeout: must be a positive number of seconds, not 'inf'"),
+      "--timeout", "inf"], "--timeout: must be a finite number of seconds above 0, not 'inf'"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "127.0.0.1:8020"],
      "--server: must be an http:// or https:// URL with a host"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "ftp://x"],

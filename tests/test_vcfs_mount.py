@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from blake3 import blake3
 from PIL import Image
@@ -859,6 +860,53 @@ def test_a_url_with_a_path_the_service_has_no_api_at_is_refused(
         subprocess.run(["fusermount3", "-u", str(tmp_path)], capture_output=True, check=False)
 
 
+_JSON_API = """
+from fastapi import FastAPI
+
+app = FastAPI()
+
+
+@app.get("/items")
+def items() -> list[str]:
+    return ["a", "b"]
+"""
+
+
+def test_a_json_api_that_is_not_vidcache_is_refused(tmp_path: Path) -> None:
+    """Another JSON API (FastAPI, under uvicorn) answers /health 404 `{"detail": "Not Found"}`,
+    as a vidcache 1.x without /health does: it was mounted, "mounted" and exit status 0 with
+    --daemon, an empty by-hash in which every name was "No such file", the one warning in a
+    log there was none of. Its 404 for a video's bytes is that same answer, a vidcache 1.x's
+    says there is no such video (test_vcfs_fault_matrix.py mounts one)."""
+    (tmp_path / "json_api.py").write_text(_JSON_API)
+    port = free_port()
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "json_api:app", "--app-dir",
+                            str(tmp_path), "--host", "127.0.0.1", "--port", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{url}/items"), timeout=30, what="the JSON API")
+        result = run_vcfs("mount", url, str(mountpoint), "--timeout", "3", "--daemon")
+        assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+            f"vcfs: error: cannot reach the vidcache service at {url}: health check: HTTP 404 "
+            "(Not Found): something answers there, but not a vidcache service (check the URL "
+            "and port)\n")), result
+        assert not os.path.ismount(mountpoint)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        api.terminate()
+        api.wait(timeout=10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_startup_errors_are_one_clear_line(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
@@ -1123,8 +1171,13 @@ def test_a_daemon_that_never_reports_is_named_with_the_time_waited(
     (["ftp://cache:8020"], "must be an http:// or https:// URL with a host"),
     (["http://"], "must be an http:// or https:// URL with a host"),
     (["http://cache:port"], "Invalid port: 'port'"),
-    (["http://cache:8020", "--timeout", "inf"], "must be a positive number of seconds"),
-    (["http://cache:8020", "--timeout", "nan"], "must be a positive number of seconds"),
+    # "a positive number" was wrong for inf
+    (["http://cache:8020", "--timeout", "inf"],
+     "--timeout: must be a finite number of seconds above 0, not 'inf'"),
+    (["http://cache:8020", "--timeout", "nan"],
+     "--timeout: must be a finite number of seconds above 0, not 'nan'"),
+    (["http://cache:8020", "--timeout", "0"],
+     "--timeout: must be a finite number of seconds above 0, not '0'"),
     (["http://cache:8020", "--cache-size", "9" * 400], "too large"),  # was an OverflowError
 ])
 def test_bad_arguments_are_usage_errors(args: list[str], message: str,

@@ -135,6 +135,7 @@ from vidcache_client import (
     AuthError,
     NotFoundError,
     ProtocolError,
+    ServerError,
     StatusError,
     VidCacheClient,
     VidCacheError,
@@ -191,6 +192,9 @@ class _Stalled(Exception):
 
 _STOPPING = "vcfs is stopping: giving up"
 _NOT_VIDCACHE = "something answers there, but not a vidcache service (check the URL and port)"
+# A video no service has (a BLAKE3 digest of all zeros): asked for where the answer for it
+# shows whether the service has the route (`check_health`, `check_access`).
+_NO_VIDEO = "0" * 64
 # How this project's service answers a route it does not have (see `check_health`).
 _NO_SUCH_ENDPOINT = "no such endpoint: "
 _WRONG_PATH = ("a vidcache service answers there, but its API is not at this path (check the "
@@ -542,7 +546,8 @@ class Remote:
                     f"health check: HTTP 404 ({exc.detail}): {_WRONG_PATH}") from exc
             if exc.status_code == 404 and exc.json_detail:
                 # vidcache's JSON errors, but no /health: the wire protocol's routes without
-                # ours (/health, /videos, /video/<hash>/chunks).
+                # ours (/health, /videos, /video/<hash>/chunks), if it has those.
+                self._check_wire_protocol(exc.detail)
                 self._extended = False
                 log.warning("%s: no /health, but errors in vidcache's JSON: taken for a "
                             "vidcache 1.x without the extensions of this project. by-hash "
@@ -561,6 +566,30 @@ class Remote:
         if status.get("status") != "ok":
             raise RemoteUnavailable(f"service reports {status!r}")
 
+    def _check_wire_protocol(self, no_health: str) -> None:
+        """One `GET /video/<hash>` (its first byte) of a hash no video has, after a JSON 404
+        for /health (`no_health`, its detail): RemoteUnavailable unless the answer is that of a
+        vidcache 1.x, which has the route and says in its own JSON 404 that there is no such
+        video. Another JSON API without /health answers it so too (FastAPI: `{"detail": "Not
+        Found"}`), and the video the same, a route it lacks as well. A read: nothing is stored
+        or changed."""
+        self.counters.add("http_requests")
+        try:
+            self._bounded(lambda _: self._client.get_bytes(_NO_VIDEO, (0, 0)),
+                          self._cutoff(self._deadline()))
+        except NotFoundError as exc:
+            if exc.json_detail and exc.detail != no_health:
+                return
+        except AuthError:  # the route is there, behind a token: `check_access` says which
+            return
+        except ServerError as exc:
+            raise RemoteUnavailable(str(exc)) from exc
+        except (StatusError, ProtocolError):
+            pass  # another status, or an answer that is no video's bytes: not vidcache's
+        except (VidCacheError, Overdue) as exc:  # no answer
+            raise RemoteUnavailable(str(exc)) from exc
+        raise RemoteUnavailable(f"health check: HTTP 404 ({no_health}): {_NOT_VIDCACHE}")
+
     def check_access(self) -> None:
         """One `GET /videos?limit=1` (`/meta` of a hash no video has, on a service without the
         listing): AccessDenied if the service wants another token (its health check is open
@@ -572,7 +601,7 @@ class Remote:
             what, ask = "the video listing", lambda: next(iter(
                 self._client.list_videos(page_size=1)), None)
         else:
-            what, ask = "video metadata", lambda: self._client.get_meta("0" * 64)
+            what, ask = "video metadata", lambda: self._client.get_meta(_NO_VIDEO)
         try:
             self._bounded(lambda _: ask(), self._cutoff(self._deadline()))
         except AuthError as exc:

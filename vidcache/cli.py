@@ -467,10 +467,20 @@ def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request
     `advice` after it if any; `content_hash`: the video asked for, whose 404 from the service
     says there is no such video."""
     message = str(exc)
-    # vidcache's own refusal is JSON; a proxy's (Basic auth) is explained by the client
-    if isinstance(exc, AuthError) and exc.status_code == 401 and exc.json_detail:
-        advice = ("give the server's token with --token-file FILE" if args.token is None else
-                  "the server refused the token of --token-file")
+    if isinstance(exc, AuthError) and exc.status_code == 401:
+        # The call (the client's words: "ingest of URL", which names the URL of several)
+        # without the client's advice, which names its Python API (VidCacheClient(...,
+        # token=...), "the client's base URL"): this command's options are the advice.
+        call = message.partition(f": HTTP {exc.status_code} ")[0]
+        if exc.json_detail:  # vidcache's own refusal: its reason
+            message = f"{call}: HTTP 401: {exc.detail}"
+            advice = ("give the server's token with --token-file FILE" if args.token is None
+                      else "the server refused the token of --token-file")
+        else:  # a proxy's page, not shown
+            message = f"{call}: HTTP 401 from a proxy in front of the service"
+            advice = ("the proxy refused the user:password@ of --server"
+                      if httpx.URL(args.server).userinfo else
+                      "if the proxy asks for HTTP Basic auth, give user:password@ in --server")
     elif isinstance(exc, NotFoundError) and exc.json_detail and content_hash is not None:
         message = _no_video(content_hash, args)
     elif (isinstance(exc, StatusError) and exc.status_code in _NOT_VIDCACHE_STATUSES

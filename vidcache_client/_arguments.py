@@ -44,7 +44,8 @@ def positive_seconds(text: str) -> float:
     # nan and inf are floats too: the client refuses nan with a traceback, and inf overflows
     # a socket timeout.
     if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number of seconds above 0, not {text!r}")
     return value
 
 
