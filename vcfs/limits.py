@@ -4,7 +4,7 @@ The kernel lets `READS_WAITING` reads wait on vcfs at once, each on a FUSE threa
 threads serve lookups, opens and listings meanwhile. Any FUSE thread may be waiting on the
 service, so the block cache's fetch threads and the HTTP workers (one connection each) are as
 many as the FUSE threads: a read's fetch or a lookup's request never queues behind stalled
-ones (docs/vcfs.md, "Reads stalled on the service hold up nothing else"; docs/benchmarks.md,
+ones (docs/vcfs.md, "Reads stalled on the service hold up nothing else"; docs/benchmarks-history.md,
 the twelfth round, measured what they cost: nothing beyond the runs' noise).
 """
 
