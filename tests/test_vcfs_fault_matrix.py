@@ -18,6 +18,7 @@ import contextlib
 import errno
 import functools
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,11 +49,13 @@ from tests.vcfs_fault_support import (
     range_of_block,
     read_uncached,
 )
-from tests.vcfs_support import VcfsMount, requires_fuse
+from tests.vcfs_support import VcfsMount, process_alive, requires_fuse, vcfs_command
 from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
+
+ROOT = Path(__file__).resolve().parent.parent
 
 BUCKET = "vcfs-fault-matrix"
 MIB = 1 << 20
@@ -450,6 +453,35 @@ def test_a_vidcache_without_our_extensions_is_mounted_and_read_by_name(
         asked = [target.split("?")[0] for target in link.request_targets()]
         assert not any(path.startswith("/videos") for path in asked)
         assert not any(path.endswith("/chunks") for path in asked)
+
+
+def test_a_daemon_without_a_log_file_shows_its_start_up_warnings(
+    tmp_path: Path, link: FaultyLink, sources: dict[str, Source]
+) -> None:
+    """`vcfs mount --daemon` without --log-file keeps no log: the warning that the server was
+    taken for a vidcache 1.x (whose by-hash lists nothing) reached no one. It is printed on
+    stderr once mounted, and nothing else of the daemon's start is."""
+    link.faults.enable(Refuse(status=404, detail="Not Found", match=_extension_route))
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    pid = None
+    try:
+        # the daemon runs in "/": it imports this tree's vcfs by PYTHONPATH
+        started = subprocess.run(
+            vcfs_command("mount", link.url, str(mountpoint), "--daemon", "--timeout",
+                         str(TIMEOUT)),
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert started.returncode == 0, started.stderr
+        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        warnings = started.stderr.splitlines()
+        assert len(warnings) == 1, started.stderr
+        assert " WARNING " in warnings[0], started.stderr
+        assert "without the extensions of this project" in warnings[0], started.stderr
+        assert os.listdir(mountpoint / "by-hash") == []
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        if pid is not None:
+            wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
 
 
 @dataclass

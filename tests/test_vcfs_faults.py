@@ -58,7 +58,7 @@ from tests.vcfs_fault_support import (
     range_of_block,
     read_uncached,
 )
-from tests.vcfs_support import VcfsMount, requires_fuse, vcfs_command
+from tests.vcfs_support import VcfsMount, process_alive, requires_fuse, vcfs_command
 from vcfs.blocks import BlockCache
 from vcfs.faillog import FailureLog, Outage
 from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
@@ -1012,13 +1012,8 @@ def test_token_is_sent_and_a_missing_or_wrong_one_is_named(
 
 def _wait_gone(pid: int) -> None:
     """Wait for a daemon we started to exit after its unmount; SIGKILL it if it lingers."""
-    def gone() -> bool:
-        try:
-            return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
-        except FileNotFoundError:
-            return True
     try:
-        wait_until(gone, timeout=20, what=f"vcfs daemon {pid} exited")
+        wait_until(lambda: not process_alive(pid), timeout=20, what=f"vcfs daemon {pid} exited")
     except TimeoutError:
         os.kill(pid, signal.SIGKILL)
         raise

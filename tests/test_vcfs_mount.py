@@ -51,6 +51,7 @@ from tests.vcfs_support import (
     VcfsMount,
     in_private_mount_namespace,
     mount_factory,
+    process_alive,
     python_for_nobody,
     requires_fuse,
     vcfs_command,
@@ -705,11 +706,11 @@ def test_daemon_mode_detaches_once_mounted(
                                  capture_output=True, text=True, timeout=60)
         assert stopped.returncode == 0, stopped.stderr
         assert not os.path.ismount(mountpoint)
-        wait_until(lambda: not _alive(pid), timeout=20, what="the daemon exited")
+        wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
         assert "unmounted" in log_file.read_text()
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
-        if pid is not None and _alive(pid):
+        if pid is not None and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -754,7 +755,7 @@ def test_a_daemons_command_line_has_no_credentials(
             subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True,
                            check=False)
             if pid is not None:
-                wait_until(lambda: not _alive(pid), timeout=20, what="the daemon exited")
+                wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
 
 
 def test_a_mount_point_given_by_a_symlink_is_its_target(
@@ -796,15 +797,6 @@ def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
         assert os.path.ismount(target) and notes.read_text() == "keep me"
 
 
-def _alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in status
-
-
 # ---------------------------------------------------------------------------------------------
 # Start-up errors: one line, non-zero exit
 
@@ -823,7 +815,8 @@ def test_ctrl_c_before_the_mount_is_up_leaves_nothing(tmp_path: Path, mode: str)
     assert (ended.returncode, ended.out, ended.err) == (
         130, "", "vcfs: interrupted, nothing mounted\n")
     pids = ended.children
-    wait_until(lambda: not any(_alive(pid) for pid in pids), timeout=20, what="the daemon gone")
+    wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=20,
+               what="the daemon gone")
     assert not os.path.ismount(tmp_path)
 
 

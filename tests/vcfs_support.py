@@ -71,6 +71,15 @@ def python_for_nobody() -> tuple[str, dict[str, str]] | None:
     return None
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (a daemon we started, once it exits)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
 def vcfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vcfs", *args]
 

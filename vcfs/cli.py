@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--log-file", metavar="PATH",
         help="append logs here instead of stderr (without it a --daemon keeps no log: its "
-        "read errors and outage warnings are lost)",
+        "warnings until mounted are shown, its read errors and outage warnings are lost)",
     )
     mount.add_argument(
         "--no-raise-readahead", dest="raise_readahead", action="store_false",
@@ -809,6 +809,9 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
             if announce:
                 print(f"vcfs: mounted {without_credentials(options.url)} at "
                       f"{options.mountpoint} (pid {child.pid})")
+            if not options.log_file:
+                early_output.seek(0)
+                sys.stderr.write(_warnings(early_output.read().decode(errors="replace")))
             return 0
         code = _stop(child)
         early_output.seek(0)
@@ -816,6 +819,17 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
         if not status:
             return code or 1
         raise StartupError(f"the mount did not come up within {wait:g} s")
+
+
+# A line `configure_logging` writes at WARNING or above.
+_WARNING_LINE = re.compile(r"^\d{4}-\d\d-\d\d \S+ (?:WARNING|ERROR|CRITICAL) ")
+
+
+def _warnings(early_output: str) -> str:
+    """The warnings a daemon without --log-file logged before it mounted (a server taken for a
+    vidcache 1.x, ...): said on the terminal, as no log keeps them."""
+    return "".join(line for line in early_output.splitlines(keepends=True)
+                   if _WARNING_LINE.match(line))
 
 
 def _stop(child: subprocess.Popen[bytes]) -> int:
