@@ -256,16 +256,24 @@ def test_a_server_that_is_not_vidcache_or_none_is_one_error_line(command: list[s
     assert unreachable.stderr.count("\n") == 1 and "hunter2" not in unreachable.stderr
 
 
+def _html_page(handler: http.server.BaseHTTPRequestHandler, status: int, title: str,
+               headers: dict[str, str] | None = None) -> None:
+    """Answer as a reverse proxy does: `status` with an HTML page titled `title`."""
+    page = f"<html><head><title>{title}</title></head></html>".encode()
+    handler.send_response(status)
+    for name, value in (headers or {}).items():
+        handler.send_header(name, value)
+    handler.send_header("Content-Type", "text/html")
+    handler.send_header("Content-Length", str(len(page)))
+    handler.end_headers()
+    handler.wfile.write(page)
+
+
 class _GatewayTimeout(http.server.BaseHTTPRequestHandler):
     """nginx's answer once its proxy_read_timeout passes: 504 with an HTML page."""
 
     def do_POST(self) -> None:
-        page = b"<html><head><title>504 Gateway Time-out</title></head></html>"
-        self.send_response(504)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
+        _html_page(self, 504, "504 Gateway Time-out")
 
     def log_message(self, format: str, *args: object) -> None:
         del format, args
@@ -289,13 +297,8 @@ class _BasicAuthProxy(http.server.BaseHTTPRequestHandler):
     """A reverse proxy asking for HTTP Basic auth: 401 with an HTML page, whatever is sent."""
 
     def do_GET(self) -> None:
-        page = b"<html><head><title>401 Authorization Required</title></head></html>"
-        self.send_response(401)
-        self.send_header("WWW-Authenticate", 'Basic realm="cache"')
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(page)))
-        self.end_headers()
-        self.wfile.write(page)
+        _html_page(self, 401, "401 Authorization Required",
+                   {"WWW-Authenticate": 'Basic realm="cache"'})
 
     def log_message(self, format: str, *args: object) -> None:
         del format, args

@@ -718,16 +718,7 @@ def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeServ
     remote = Remote(client, config=RemoteConfig(timeout=60.0))  # cutoff: 60 + 10 s
     remote.meta(HASH)
     service.block = lambda: release.wait(30)
-    outcome: list[BaseException] = []
-
-    def fetch() -> None:
-        try:
-            remote.fetch(HASH, 0, 1000)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    fetching = threading.Thread(target=fetch, daemon=True)
-    fetching.start()
+    fetching, outcome = _fetch_in_background(remote)
     try:
         wait_until(lambda: remote.counters.get("range_requests") >= 1, timeout=10,
                    what="the fetch under way")
@@ -742,15 +733,9 @@ def test_close_ends_a_fetch_waiting_for_a_stuck_answer_at_once(service: FakeServ
         release.set()
 
 
-def test_close_ends_a_fetch_backing_off_between_attempts_at_once(service: FakeService) -> None:
-    """The same for a fetch retrying a service that is down (here: 503 after 503) while it
-    waits between two attempts: the wait was a time.sleep, so a stopping daemon waited up to
-    `backoff_max` for its reads (2 s by default; 30 s here)."""
-    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
-    remote = Remote(client, config=RemoteConfig(timeout=60.0, backoff_initial=30.0,
-                                                backoff_max=30.0))
-    remote.meta(HASH)
-    service.failures = [503] * 100
+def _fetch_in_background(remote: Remote) -> tuple[threading.Thread, list[BaseException]]:
+    """`remote.fetch` of the video's first 1000 bytes on a thread of its own, and the list
+    that gets what it raises."""
     outcome: list[BaseException] = []
 
     def fetch() -> None:
@@ -761,6 +746,19 @@ def test_close_ends_a_fetch_backing_off_between_attempts_at_once(service: FakeSe
 
     fetching = threading.Thread(target=fetch, daemon=True)
     fetching.start()
+    return fetching, outcome
+
+
+def test_close_ends_a_fetch_backing_off_between_attempts_at_once(service: FakeService) -> None:
+    """The same for a fetch retrying a service that is down (here: 503 after 503) while it
+    waits between two attempts: the wait was a time.sleep, so a stopping daemon waited up to
+    `backoff_max` for its reads (2 s by default; 30 s here)."""
+    client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(service.handle))
+    remote = Remote(client, config=RemoteConfig(timeout=60.0, backoff_initial=30.0,
+                                                backoff_max=30.0))
+    remote.meta(HASH)
+    service.failures = [503] * 100
+    fetching, outcome = _fetch_in_background(remote)
     wait_until(lambda: remote.counters.get("retries") >= 1, timeout=10,
                what="the fetch waiting to retry")
     remote.close()
