@@ -46,7 +46,7 @@ from bench.stack import LoopbackServer, Video, serving
 from bench.workloads import READ_SIZE, read_segments
 from tests.service_stress_support import processes_using, programs_using
 from tests.support import VidcacheServer, wait_until
-from tests.vcfs_support import VcfsMount, requires_fuse
+from tests.vcfs_support import VcfsMount, process_alive, requires_fuse
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,7 +132,7 @@ def test_a_killed_harness_leaves_no_mount_or_server_behind(tmp_path: Path) -> No
             return ([f"mount {path}" for path in _mounts_under(work)]
                     + [f"process {pid}: {_command_line(pid)}"
                        for pid in processes_using(Path(work))]
-                    + [f"guardian {pid}" for pid in guardians if _running(pid)])
+                    + [f"guardian {pid}" for pid in guardians if process_alive(pid)])
 
         try:
             bench.kill()
@@ -205,14 +205,6 @@ def _command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return "(ended)"
-
-
-def _running(pid: int) -> bool:
-    """`pid` exists and has not exited (a zombie its new parent has not reaped yet has)."""
-    try:
-        return _stat_fields(pid)[0] != "Z"
-    except OSError:
-        return False
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -361,20 +361,7 @@ def test_a_stray_404_for_the_digests_alone_never_leaves_a_video_unverified(
     reached the reader. Now vcfs asks for the metadata and the digests again: the read gets
     its bytes, verified. (`--no-first-block`: the digests are asked by the read, with the
     fault on, not by the stat's lookup.)"""
-    source = sources["big_moov_end.mp4"]
-    with _looked_up(tmp_path, link, source) as (mounted, path):
-        link.faults.enable(Refuse(status=404,
-                                  match=path_prefix(f"/video/{source.content_hash}/chunks")),
-                           times=1)
-        first = bounded_read(path, READ, 0, limit=HANG_LIMIT)
-        assert first.data == source.data[:READ], first
-        assert link.faults.injected()["refuse"] == 1
-        before = remote_stats(mounted)
-        offset = 3 * MIB
-        link.faults.enable(FlipByte(at=100, match=only_block(source, offset)), times=1)
-        flipped = bounded_read(path, READ, offset, limit=HANG_LIMIT)
-        assert flipped.data == source.data[offset : offset + READ], "a flipped byte returned"
-        assert remote_stats(mounted)["verify_failures"] == before["verify_failures"] + 1
+    _refuse_the_digests_once_then_flip_a_byte(tmp_path, link, sources["big_moov_end.mp4"], 404)
 
 
 @pytest.mark.parametrize("status", [429, 400])
@@ -386,7 +373,15 @@ def test_another_refusal_of_the_digests_fails_the_read_and_never_leaves_the_vide
     unverified, and a flipped byte reached the reader. Now the read that met it fails (EIO),
     nothing is kept, and the next read asks for the digests again: the kernel's re-asking of
     the failed read at once gets its bytes, verified."""
-    source = sources["big_moov_end.mp4"]
+    _refuse_the_digests_once_then_flip_a_byte(tmp_path, link, sources["big_moov_end.mp4"],
+                                              status)
+
+
+def _refuse_the_digests_once_then_flip_a_byte(tmp_path: Path, link: FaultyLink,
+                                              source: Source, status: int) -> None:
+    """`/chunks` of the looked-up `source` refused once with `status`: its first read gets its
+    bytes, verified (after `status`, from a later ask); then a byte flipped on a later block
+    is caught by its digests, not returned."""
     with _looked_up(tmp_path, link, source) as (mounted, path):
         link.faults.enable(Refuse(status=status,
                                   match=path_prefix(f"/video/{source.content_hash}/chunks")),
