@@ -285,15 +285,22 @@ def test_short_clips_sounding_at_opposite_ends_are_two_videos(api: Api, origin: 
     assert (again, matched) == ("duplicate", first_hash)
 
 
+def _two_videos_and_a_reupload_of_the_first(api: Api, origin: str, first_name: str,
+                                            second_name: str, reupload: str) -> None:
+    """Ingested in turn: the first two are new, two videos, and `reupload` is the first's."""
+    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
+        api, origin, first_name, second_name, reupload)
+    assert (first, second) == ("new", "new")
+    assert second_hash != first_hash
+    assert (again, matched) == ("duplicate", first_hash)
+
+
 def test_slides_differing_by_a_number_are_two_videos(api: Api, origin: str) -> None:
     """A 64-bit hash of a 32x32 image cannot see a digit: two 1280x720 slides differing by one
     (2023, 2024) measured 0 apart and were one video. Their still frames compared at their
     size tell them apart; a re-upload at half the size and 150 kb/s is still the first's."""
-    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
-        api, origin, "slide-2023.mp4", "slide-2024.mp4", "slide-2023-small.mp4")
-    assert (first, second) == ("new", "new")
-    assert second_hash != first_hash
-    assert (again, matched) == ("duplicate", first_hash)
+    _two_videos_and_a_reupload_of_the_first(api, origin, "slide-2023.mp4", "slide-2024.mp4",
+                                            "slide-2023-small.mp4")
 
 
 def test_moving_footage_at_another_frame_rate_is_the_same_video(api: Api, origin: str) -> None:
@@ -309,11 +316,8 @@ def test_short_clips_differing_in_their_last_eighth_are_two_videos(api: Api,
     sample (0.125 s after it) fell at the clip's end, where there is no frame, so the one
     sample showing the difference was never judged and the two were one video. A re-encode
     of the first at CRF 35 is still the first's."""
-    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
-        api, origin, "ending-2023.mp4", "ending-2024.mp4", "ending-2023-crf35.mp4")
-    assert (first, second) == ("new", "new")
-    assert second_hash != first_hash
-    assert (again, matched) == ("duplicate", first_hash)
+    _two_videos_and_a_reupload_of_the_first(api, origin, "ending-2023.mp4", "ending-2024.mp4",
+                                            "ending-2023-crf35.mp4")
 
 
 def test_a_half_size_reupload_of_a_slide_is_not_the_slide_with_another_year(
@@ -332,8 +336,5 @@ def test_captures_whose_size_ffprobe_does_not_find_are_compared_at_their_size(
     size is in their first keyframe's parameter sets, 9 s on), so the frame check compared
     them at 8x8 and the second was merged with the first. Their first keyframe's size is
     theirs; a re-upload of the first at half its size and 150 kb/s is still the first's."""
-    (first, first_hash), (second, second_hash), (again, matched) = _statuses(
-        api, origin, "capture-2023.ts", "capture-2024.ts", "capture-2023-small.mp4")
-    assert (first, second) == ("new", "new")
-    assert second_hash != first_hash
-    assert (again, matched) == ("duplicate", first_hash)
+    _two_videos_and_a_reupload_of_the_first(api, origin, "capture-2023.ts", "capture-2024.ts",
+                                            "capture-2023-small.mp4")
