@@ -494,7 +494,6 @@ def test_the_download_rate_is_over_the_last_seconds_of_polls() -> None:
     assert rate.update(restarted, 112.0) is None  # another ingest of the URL: from scratch
 
 
-
 def _video_of(width: int, height: int) -> MediaInfo:
     return MediaInfo(duration_s=6.0, container="mpegts", mime_type="video/mp2t",
                      extension="ts", video_stream=0, audio_stream=None, start_s=0.0,
