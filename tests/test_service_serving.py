@@ -13,10 +13,14 @@ client that leaves mid-body and a token, each on a server of the test's own.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import mmap
 import os
 import random
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +30,8 @@ import pytest
 
 from tests.service_support import CHUNK, Api, digest, unique
 from tests.support import VidcacheServer, wait_until
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -438,16 +444,37 @@ def test_cached_video_deleted_or_vanished_is_404(own_server: VidcacheServer,
         assert response.content == (own_server.data_dir / again["file_path"]).read_bytes()[10:20]
 
 
+def _in_page_cache(path: Path, offset: int) -> bool:
+    """Whether the page of `path` holding byte `offset` is in the page cache, by mincore(2)
+    on a mapping never touched. A read with RWF_NOWAIT cannot tell: on a miss, Linux 6.x
+    starts reading that page in, so a second look may find it there."""
+    page_start = offset - offset % mmap.PAGESIZE
+    vector = ctypes.create_string_buffer(1)
+    # ACCESS_COPY: ctypes needs a writable buffer; a private mapping never written copies nothing
+    with path.open("rb") as file, mmap.mmap(file.fileno(), mmap.PAGESIZE, offset=page_start,
+                                            access=mmap.ACCESS_COPY) as mapped:
+        start = ctypes.c_char.from_buffer(mapped)
+        failed = _LIBC.mincore(ctypes.byref(start), ctypes.c_size_t(mmap.PAGESIZE), vector)
+        del start  # the mapping cannot close while ctypes points into it
+    if failed:
+        raise OSError(ctypes.get_errno(), "mincore")
+    return bool(vector.raw[0] & 1)
+
+
 def _drop_from_page_cache(path: Path, start: int) -> bool:
-    """Evict `path` from `start` on from the page cache; whether it is out now."""
+    """Evict `path` from `start` on from the page cache; whether its page at `start` is out.
+    A page someone holds for a moment is not dropped: try again for up to a second."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # only clean pages can be dropped
-        os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
-        try:
-            return os.preadv(fd, [bytearray(4096)], start, os.RWF_NOWAIT) == 0
-        except BlockingIOError:
-            return True
+        deadline = time.monotonic() + 1
+        while True:
+            os.posix_fadvise(fd, start, 0, os.POSIX_FADV_DONTNEED)
+            if not _in_page_cache(path, start):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
     finally:
         os.close(fd)
 
