@@ -41,7 +41,7 @@ READ = 64 * 1024
 PAGE = mmap.PAGESIZE
 TIMEOUT = 3.0  # the faulty mount's --timeout
 # As in tests/test_vcfs_faults.py: a failing read ends by its deadline + one request; the
-# slack covers FUSE, a child interpreter and a loaded machine.
+# slack covers FUSE and a loaded machine.
 EIO_BOUND = TIMEOUT + TIMEOUT / 3 + 3.0
 MADV_POPULATE_READ = 22  # Linux 5.14; Python 3.11's mmap module does not name it
 
