@@ -49,6 +49,7 @@ from tests.vcfs_support import (
     AS_NOBODY,
     NOBODY,
     VcfsMount,
+    drop_pages,
     in_private_mount_namespace,
     mount_factory,
     process_alive,
@@ -120,15 +121,6 @@ def fresh_mount(
     """Factory: `fresh_mount(*vcfs_args)` mounts a new daemon (cold caches); all unmounted."""
     with mount_factory(vidcache_server.url, tmp_path) as start:
         yield start
-
-
-def drop_pages(path: Path) -> None:
-    """Evict the file's pages from the kernel's page cache: the next read reaches vcfs."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def read_head(path: Path, size: int) -> bytes:

@@ -31,7 +31,7 @@ import pytest
 from bench.faults import Refuse
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import FaultyLink, Source, ingest, read_uncached
-from tests.vcfs_support import VcfsMount, mount_factory, requires_fuse
+from tests.vcfs_support import VcfsMount, drop_pages, mount_factory, requires_fuse
 
 pytestmark = requires_fuse
 
@@ -81,15 +81,6 @@ def fresh_mount(tmp_path: Path, vidcache_server: VidcacheServer,
                 sources: dict[str, Source]) -> Iterator[Callable[..., VcfsMount]]:
     with mount_factory(vidcache_server.url, tmp_path) as start:
         yield start
-
-
-def drop_pages(path: Path) -> None:
-    """Evict the file's pages from the kernel's page cache: the next read reaches vcfs."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

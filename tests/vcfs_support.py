@@ -80,6 +80,15 @@ def process_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def drop_pages(path: Path) -> None:
+    """Evict the file's pages from the kernel's page cache: the next read reaches vcfs."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def vcfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vcfs", *args]
 
