@@ -42,9 +42,13 @@ from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
 from tests.test_vcfs_remote import CHUNK, DATA, HASH, FakeClock, FakeService
 from tests.vcfs_fault_support import (
+    EIO_BOUND,
+    HANG_LIMIT,
+    TIMEOUT,
     FaultyLink,
     Source,
     bounded_read,
+    fault_mount,
     ingest,
     range_of_block,
     read_uncached,
@@ -60,10 +64,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "vcfs-fault-matrix"
 MIB = 1 << 20
 READ = 64 * 1024
-TIMEOUT = 3.0  # the mounts' --timeout
-# A failing operation ends by its deadline + one request timeout; slack for FUSE and load.
-EIO_BOUND = TIMEOUT + TIMEOUT / 3 + 3.0
-HANG_LIMIT = EIO_BOUND + 10.0
 NAMES = ("big.mp4", "big_moov_end.mp4", "a.mp4", "b.mp4")
 
 
@@ -82,8 +82,7 @@ def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
 @pytest.fixture
 def mount(tmp_path: Path, link: FaultyLink, sources: dict[str, Source]) -> Iterator[VcfsMount]:
     """A fresh mount (nothing cached: metadata, digests and the listing are asked for)."""
-    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
-                   "--readahead-max", "0") as mounted:
+    with fault_mount(link.url, tmp_path / "mnt") as mounted:
         yield mounted
         link.faults.clear()
         mounted.wait_quiet(HANG_LIMIT)
@@ -324,8 +323,7 @@ def _looked_up(tmp_path: Path, link: FaultyLink, source: Source
                ) -> Iterator[tuple[VcfsMount, Path]]:
     """A mount on which `source` was looked up (a stat) for its metadata only
     (`--no-first-block`): its digests are first asked for by a read."""
-    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT), "--cache-size", "2M",
-                   "--readahead-max", "0", "--no-first-block") as mounted:
+    with fault_mount(link.url, tmp_path / "mnt", "--no-first-block") as mounted:
         path = mounted.video(source.file_name)
         assert os.stat(path).st_size == source.size
         yield mounted, path
@@ -577,8 +575,7 @@ def test_the_service_restarted_between_two_reads_costs_no_error(
     returns the right bytes without an error (a connection found closed is replaced)."""
     with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as faulty:
         source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        with VcfsMount(faulty.url, tmp_path / "mnt", "--timeout", str(TIMEOUT),
-                       "--cache-size", "2M", "--readahead-max", "0") as mounted:
+        with fault_mount(faulty.url, tmp_path / "mnt") as mounted:
             path = mounted.video(source.file_name)
             assert read_uncached(path, READ, 2 * MIB) == source.data[2 * MIB : 2 * MIB + READ]
             mounted.wait_quiet(HANG_LIMIT)

@@ -49,11 +49,15 @@ from bench.faults import (
 from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import (
+    EIO_BOUND,
+    HANG_LIMIT,
+    TIMEOUT,
     BackgroundRead,
     FaultyLink,
     Regions,
     Source,
     bounded_read,
+    fault_mount,
     ingest,
     range_of_block,
     read_uncached,
@@ -70,12 +74,6 @@ pytestmark = requires_fuse
 BUCKET = "vcfs-faults"
 MIB = 1 << 20
 READ = 64 * 1024
-TIMEOUT = 3.0  # the mount's --timeout
-PER_REQUEST = TIMEOUT / 3  # vcfs's per-request timeout at that deadline
-# A failing read ends by deadline + one request; the slack covers FUSE and a loaded machine.
-EIO_BOUND = TIMEOUT + PER_REQUEST + 3.0
-# Beyond this a read counts as hung (the test fails instead of waiting for it).
-HANG_LIMIT = EIO_BOUND + 10.0
 FIGURES: dict[str, Any] = {}
 
 
@@ -96,8 +94,7 @@ def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
 def mount(tmp_path_factory: pytest.TempPathFactory, link: FaultyLink,
           sources: dict[str, Source]) -> Iterator[VcfsMount]:
     mountpoint = tmp_path_factory.mktemp("faults") / "mnt"
-    with VcfsMount(link.url, mountpoint, "--timeout", str(TIMEOUT), "--cache-size", "2M",
-                   "--readahead-max", "0") as mounted:
+    with fault_mount(link.url, mountpoint) as mounted:
         for source in sources.values():  # metadata and digests cached: faults hit the bytes
             assert read_uncached(mounted.video(source.file_name), 10, 0) == source.data[:10]
         yield mounted
@@ -425,11 +422,9 @@ def test_service_killed_mid_read_and_restarted_is_survived(
     timeout = 20.0
     with VidcacheServer(tmp_path / "own") as server, FaultyLink(server.port) as faulty:
         source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        patient = VcfsMount(faulty.url, tmp_path / "patient", "--timeout", str(timeout),
-                            "--cache-size", "2M", "--readahead-max", "0")
+        patient = fault_mount(faulty.url, tmp_path / "patient", timeout=timeout)
         # A second mount whose deadline is too short for a restart: EIO, then recovery.
-        hasty = VcfsMount(faulty.url, tmp_path / "hasty", "--timeout", str(TIMEOUT),
-                          "--cache-size", "2M", "--readahead-max", "0")
+        hasty = fault_mount(faulty.url, tmp_path / "hasty")
         with patient as mounted, hasty:
             path = mounted.video(source.file_name)
             hasty_path = hasty.video(source.file_name)
@@ -484,8 +479,7 @@ def _own_mount(tmp_path: Path, videos: dict[str, Path], media_url: str,
     no readahead (a read past its start reaches the service), its start read."""
     with VidcacheServer(tmp_path / "own") as server:
         source = ingest(server.url, media_url, videos, ("big.mp4",), bucket="own")["big.mp4"]
-        mounted = VcfsMount(server.url, tmp_path / "mnt", "--timeout", "1", "--cache-size", "2M",
-                            "--readahead-max", "0", "--log-level", log_level)
+        mounted = fault_mount(server.url, tmp_path / "mnt", "--log-level", log_level, timeout=1)
         with mounted:
             assert read_uncached(mounted.video(source.file_name), READ, 0) == expect(source, 0)
             yield server, mounted, source

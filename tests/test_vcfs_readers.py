@@ -30,8 +30,15 @@ import pytest
 
 from bench.faults import Refuse
 from tests.support import VidcacheServer, wait_until
-from tests.vcfs_fault_support import FaultyLink, Source, ingest, read_uncached
-from tests.vcfs_support import VcfsMount, drop_pages, mount_factory, requires_fuse
+from tests.vcfs_fault_support import (
+    EIO_BOUND,
+    FaultyLink,
+    Source,
+    fault_mount,
+    ingest,
+    read_uncached,
+)
+from tests.vcfs_support import VcfsMount, drop_pages, requires_fuse
 
 pytestmark = requires_fuse
 
@@ -39,10 +46,6 @@ BUCKET = "vcfs-readers"
 MIB = 1 << 20
 READ = 64 * 1024
 PAGE = mmap.PAGESIZE
-TIMEOUT = 3.0  # the faulty mount's --timeout
-# As in tests/test_vcfs_faults.py: a failing read ends by its deadline + one request; the
-# slack covers FUSE and a loaded machine.
-EIO_BOUND = TIMEOUT + TIMEOUT / 3 + 3.0
 MADV_POPULATE_READ = 22  # Linux 5.14; Python 3.11's mmap module does not name it
 
 
@@ -69,18 +72,10 @@ def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
 def faulty_mount(tmp_path_factory: pytest.TempPathFactory, link: FaultyLink,
                  sources: dict[str, Source]) -> Iterator[VcfsMount]:
     mountpoint = tmp_path_factory.mktemp("readers-faults") / "mnt"
-    with VcfsMount(link.url, mountpoint, "--timeout", str(TIMEOUT), "--cache-size", "2M",
-                   "--readahead-max", "0") as mounted:
+    with fault_mount(link.url, mountpoint) as mounted:
         source = sources["big.mp4"]  # metadata and digests cached: faults hit the bytes
         assert read_uncached(mounted.video(source.file_name), 10, 0) == source.data[:10]
         yield mounted
-
-
-@pytest.fixture
-def fresh_mount(tmp_path: Path, vidcache_server: VidcacheServer,
-                sources: dict[str, Source]) -> Iterator[Callable[..., VcfsMount]]:
-    with mount_factory(vidcache_server.url, tmp_path) as start:
-        yield start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,47 +331,47 @@ def test_the_stats_file_through_sendfile_mmap_and_o_direct(
 
 
 def test_willneed_and_mapped_pages_fetch_around_what_is_asked_not_the_file(
-    fresh_mount: Callable[..., VcfsMount], sources: dict[str, Source],
+    tmp_path: Path, vidcache_server: VidcacheServer, sources: dict[str, Source],
 ) -> None:
     """posix_fadvise(WILLNEED) of a whole file, madvise(WILLNEED) of a whole mapping and a
     page touched in a mapping each start one kernel readahead window (1 MiB when vcfs could
     raise it, as root), so vcfs fetches the block or two under it, not the 22 MB video."""
-    mounted = fresh_mount()
-    source = sources["big.mp4"]
-    path = mounted.video(source.file_name)
-    os.stat(path)  # the lookup's first block, before counting
-    mounted.wait_quiet(10)
-
-    def fetched_by(action: Callable[[int, mmap.mmap], None]) -> int:
-        before = mounted.stats()
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapping:
-                action(fd, mapping)
-        finally:
-            os.close(fd)
-        # Readahead answers no one: wait until its read has reached vcfs and been served.
-        wait_until(lambda: mounted.stats()["fuse"]["fuse_reads"] > before["fuse"]["fuse_reads"],
-                   timeout=10, what="the kernel's readahead reaching vcfs")
+    with VcfsMount(vidcache_server.url, tmp_path / "mnt") as mounted:  # cold, counters at 0
+        source = sources["big.mp4"]
+        path = mounted.video(source.file_name)
+        os.stat(path)  # the lookup's first block, before counting
         mounted.wait_quiet(10)
-        return int(mounted.stats()["remote"]["bytes_fetched"]
-                   - before["remote"]["bytes_fetched"])
 
-    def fadvise_rest(fd: int, _: mmap.mmap) -> None:
-        os.posix_fadvise(fd, 4 * MIB, 0, os.POSIX_FADV_WILLNEED)  # from 4 MiB to the end
+        def fetched_by(action: Callable[[int, mmap.mmap], None]) -> int:
+            before = mounted.stats()
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapping:
+                    action(fd, mapping)
+            finally:
+                os.close(fd)
+            # Readahead answers no one: wait until its read has reached vcfs and been served.
+            wait_until(lambda: mounted.stats()["fuse"]["fuse_reads"] > before["fuse"]["fuse_reads"],
+                       timeout=10, what="the kernel's readahead reaching vcfs")
+            mounted.wait_quiet(10)
+            return int(mounted.stats()["remote"]["bytes_fetched"]
+                       - before["remote"]["bytes_fetched"])
 
-    def madvise_rest(_: int, mapping: mmap.mmap) -> None:
-        mapping.madvise(mmap.MADV_WILLNEED, 10 * MIB, source.size - 10 * MIB)
+        def fadvise_rest(fd: int, _: mmap.mmap) -> None:
+            os.posix_fadvise(fd, 4 * MIB, 0, os.POSIX_FADV_WILLNEED)  # from 4 MiB to the end
 
-    def touch_a_page(_: int, mapping: mmap.mmap) -> None:
-        assert mapping[16 * MIB + 5] == source.data[16 * MIB + 5]
+        def madvise_rest(_: int, mapping: mmap.mmap) -> None:
+            mapping.madvise(mmap.MADV_WILLNEED, 10 * MIB, source.size - 10 * MIB)
 
-    figures = {action.__name__: fetched_by(action)
-               for action in (fadvise_rest, madvise_rest, touch_a_page)}
-    assert all(0 < fetched <= 2 * MIB for fetched in figures.values()), figures
-    mounted.wait_quiet(10)  # nothing else arrived late
-    assert mounted.stats()["remote"]["bytes_fetched"] <= 7 * MIB, figures
-    print(f"\nFIGURES fetched {figures}")
+        def touch_a_page(_: int, mapping: mmap.mmap) -> None:
+            assert mapping[16 * MIB + 5] == source.data[16 * MIB + 5]
+
+        figures = {action.__name__: fetched_by(action)
+                   for action in (fadvise_rest, madvise_rest, touch_a_page)}
+        assert all(0 < fetched <= 2 * MIB for fetched in figures.values()), figures
+        mounted.wait_quiet(10)  # nothing else arrived late
+        assert mounted.stats()["remote"]["bytes_fetched"] <= 7 * MIB, figures
+        print(f"\nFIGURES fetched {figures}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,10 +15,25 @@ from blake3 import blake3
 
 from bench.faults import FaultInjector
 from bench.proxy import ProxyConfig, ProxyThread
+from tests.vcfs_support import VcfsMount
 from vcfs import paths
 from vidcache_client import VidCacheClient
 
 MIB = 1 << 20
+TIMEOUT = 3.0  # the fault mounts' --timeout
+# A failing operation ends by its deadline + one request timeout (a third of the deadline);
+# the slack covers FUSE and a loaded machine.
+EIO_BOUND = TIMEOUT + TIMEOUT / 3 + 3.0
+# Beyond this a read counts as hung (the test fails instead of waiting for it).
+HANG_LIMIT = EIO_BOUND + 10.0
+
+
+def fault_mount(url: str, mountpoint: Path, *vcfs_args: str,
+                timeout: float = TIMEOUT) -> VcfsMount:
+    """A mount with the fault tests' settings: `--timeout`, a 2 MiB cache and no readahead,
+    so a read of a block no other read touched reaches the service (and its faults)."""
+    return VcfsMount(url, mountpoint, "--timeout", str(timeout), "--cache-size", "2M",
+                     "--readahead-max", "0", *vcfs_args)
 
 
 @dataclass(frozen=True)
