@@ -196,6 +196,20 @@ def failure_of(reader: Callable[[], bytes]) -> tuple[OSError | None, float]:
     return None, time.monotonic() - started
 
 
+def failed_within(bound: float, results: dict[str, tuple[OSError | None, float]],
+                  mapped_read: MappedRead) -> dict[str, float]:
+    """Assert that each reader (`failure_of`'s results) got EIO, and the mapped page SIGBUS,
+    within `bound` seconds of a failing service; their seconds, rounded, by name."""
+    for name, (error, seconds) in results.items():
+        assert error is not None, f"{name}: returned data from a failing service"
+        assert error.errno == errno.EIO, f"{name}: {error}"
+        assert seconds <= bound, f"{name}: EIO after {seconds:.1f} s"
+    assert mapped_read.returncode == -signal.SIGBUS, mapped_read.stderr
+    assert mapped_read.seconds <= bound, mapped_read.seconds
+    return {name: round(seconds, 2) for name, (_, seconds) in results.items()} | {
+        "mmap": round(mapped_read.seconds, 2)}
+
+
 def recovered(reader: Callable[[], bytes], what: str) -> bytes:
     """What `reader` returns once it stops failing: a range that failed is given one attempt
     for a second, so the first read after a failure may still get EIO."""
@@ -413,17 +427,11 @@ def test_every_reader_gets_eio_or_sigbus_within_the_deadline_then_the_bytes(
             mapped_read, populated = mapping.result(timeout=60), populate.result(timeout=60)
     finally:
         link.faults.clear()
-    for name, (error, seconds) in results.items():
-        assert error is not None, f"{name}: returned data while the service refused"
-        assert error.errno == errno.EIO, f"{name}: {error}"
-        assert seconds <= EIO_BOUND, f"{name}: EIO after {seconds:.1f} s"
-    assert mapped_read.returncode == -signal.SIGBUS, mapped_read.stderr
-    assert mapped_read.seconds <= EIO_BOUND, mapped_read.seconds
+    figures = failed_within(EIO_BOUND, results, mapped_read)
     assert populated.returncode == 1, populated.stderr
     assert "[Errno 14] Bad address" in populated.stderr  # EFAULT
     assert populated.seconds <= EIO_BOUND, populated.seconds
-    figures = {name: round(seconds, 2) for name, (_, seconds) in results.items()}
-    figures |= {"mmap": round(mapped_read.seconds, 2), "populate": round(populated.seconds, 2)}
+    figures["populate"] = round(populated.seconds, 2)
     print(f"\nFIGURES EIO after, s: {figures}")
     faulty_mount.wait_quiet(EIO_BOUND + 10)
     readers["mmap"] = (lambda: mapped(path, at(8), READ), data[at(8) : at(8) + READ])
@@ -459,14 +467,8 @@ def test_a_stopped_service_gives_eio_and_sigbus_within_the_deadline(
                            for name, reader in readers.items()}
                 results = {name: future.result(timeout=60) for name, future in futures.items()}
                 mapped_read = mapping.result(timeout=60)
-            for name, (error, seconds) in results.items():
-                assert error is not None, f"{name}: returned data from a stopped service"
-                assert error.errno == errno.EIO, f"{name}: {error}"
-                assert seconds <= bound, f"{name}: EIO after {seconds:.1f} s"
-            assert mapped_read.returncode == -signal.SIGBUS, mapped_read.stderr
-            assert mapped_read.seconds <= bound, mapped_read.seconds
-            figures = {name: round(seconds, 2) for name, (_, seconds) in results.items()}
-            print(f"\nFIGURES EIO after, s: {figures | {'mmap': round(mapped_read.seconds, 2)}}")
+            figures = failed_within(bound, results, mapped_read)
+            print(f"\nFIGURES EIO after, s: {figures}")
             server.start()
             readers["mmap"] = lambda: mapped(path, 0, source.size)
             for name, reader in readers.items():
