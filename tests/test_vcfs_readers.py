@@ -480,10 +480,12 @@ def test_a_populated_mapping_of_a_failing_service_never_gives_other_bytes(
     faulty_mount: VcfsMount, link: FaultyLink, sources: dict[str, Source],
 ) -> None:
     """mmap(MAP_POPULATE) reads every page in before it returns. On Linux 6.18 the kernel asks
-    again for a page whose read failed for as long as it fails, a FUSE read each time (vcfs
-    gives each one attempt: the range failed less than 1 s before), so the call returns once
-    the service answers, with the source's bytes; the mount keeps serving meanwhile, and its
-    log stays a few lines. (A kernel that gives up instead leaves the page to SIGBUS.)"""
+    again for a page whose read failed for as long as it fails, a FUSE read each time: vcfs
+    gives each one attempt (the range failed less than 1 s before), at most one per
+    `failure_pause` (0.25 s; it was ~500 a second against a service refusing at once). The
+    call returns once the service answers, with the source's bytes; the mount keeps serving
+    meanwhile, and its log stays a few lines. (A kernel that gives up instead leaves the page
+    to SIGBUS.)"""
     source = sources["big.mp4"]
     path = faulty_mount.video(source.file_name)
     offset = 14 * MIB
@@ -500,11 +502,17 @@ def test_a_populated_mapping_of_a_failing_service_never_gives_other_bytes(
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE)
     try:
-        # Well past one read's deadline of failures (the mount answering its stats file
-        # meanwhile).
-        wait_until(lambda: faulty_mount.stats()["fuse"]["errors"] >= errors + 50
+        # Past one read's deadline of failures, into the re-asks (the mount answering its
+        # stats file meanwhile).
+        wait_until(lambda: faulty_mount.stats()["remote"]["paced_tries"] >= 1
                    or child.poll() is not None, timeout=EIO_BOUND + 10,
-                   what="the populating mapping's reads failing")
+                   what="the populating mapping's reads failing again")
+        began, asked = time.monotonic(), faulty_mount.stats()["remote"]["http_requests"]
+        wait_until(lambda: faulty_mount.stats()["remote"]["paced_tries"] >= 9
+                   or child.poll() is not None, timeout=30,
+                   what="the populating mapping's reads re-asked")
+        span = time.monotonic() - began
+        requests = faulty_mount.stats()["remote"]["http_requests"] - asked
         still_waiting = child.poll() is None
     finally:
         link.faults.clear()
@@ -517,5 +525,8 @@ def test_a_populated_mapping_of_a_failing_service_never_gives_other_bytes(
     else:
         assert child.returncode == -signal.SIGBUS, err
     assert faulty_mount.log().count("failed (EIO)") <= 12
+    # A slower machine only lowers the rate; the pause is a floor between attempts.
+    assert requests <= span / 0.25 + 2, (requests, span)
     print(f"\nFIGURES populate: waited for the service: {still_waiting}, "
-          f"failed reads: {faulty_mount.stats()['fuse']['errors'] - errors}")
+          f"failed reads: {faulty_mount.stats()['fuse']['errors'] - errors}, "
+          f"{requests} requests in {span:.2f} s")

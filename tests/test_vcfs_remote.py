@@ -281,6 +281,42 @@ def test_persistent_failure_gives_up_at_the_deadline_naming_hash_and_range(
     assert 3 <= remote.counters.get("retries") < 100
 
 
+def test_a_range_failing_again_and_again_is_asked_once_per_try_at_a_paced_rate(
+    make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
+) -> None:
+    """As the kernel re-asks a failed read: the first re-ask of a range that just failed gets
+    one attempt at once; once that failed too, each further re-ask waits until
+    `failure_pause` after the last attempt (a service refusing at once got ~500 requests a
+    second); a range that failed long ago gets its retries again, and an answer ends it."""
+    remote = make_remote(timeout=5.0, failure_memory=1.0, failure_pause=0.25)
+    remote.fetch(HASH, 0, 1000)  # metadata and digests cached: the failures hit the range
+    service.failures = [503] * 1000
+    with pytest.raises(RemoteUnavailable):
+        remote.fetch(HASH, 100, 200)  # a whole deadline of retries
+    asked, failed_at = len(service.ranges), clock.now
+    with pytest.raises(RemoteUnavailable, match=r"\(failed 0\.0 s ago: one attempt\)"):
+        remote.fetch(HASH, 150, 250)
+    assert (len(service.ranges), clock.now) == (asked + 1, failed_at)  # at once
+    for tries, early in ((2, 0), (3, 0), (4, 0.1)):
+        clock.now += early
+        before = clock.now
+        with pytest.raises(RemoteUnavailable, match="one attempt"):
+            remote.fetch(HASH, 100, 200)
+        assert len(service.ranges) == asked + tries
+        assert clock.now - before == pytest.approx(0.25 - early)  # the rest of the pause
+    assert (remote.counters.get("second_tries"), remote.counters.get("paced_tries")) == (4, 3)
+    clock.now += 2.0  # past failure_memory: a deadline of retries again
+    with pytest.raises(RemoteUnavailable) as failed:
+        remote.fetch(HASH, 100, 200)
+    assert "one attempt" not in str(failed.value)
+    assert len(service.ranges) > asked + 5
+    service.failures = []
+    before = clock.now
+    assert remote.fetch(HASH, 100, 200) == DATA[100:200]  # one attempt, at once
+    assert clock.now == before
+    assert (remote.counters.get("second_tries"), remote.counters.get("paced_tries")) == (5, 3)
+
+
 def test_a_cold_lookup_spends_one_deadline_on_its_pipelined_try_and_its_retries(
     make_remote: Callable[..., Remote], service: FakeService, clock: FakeClock,
 ) -> None:

@@ -26,7 +26,9 @@ page once it is in.
 After a failure. The kernel asks again at once, page by page, for a read that failed; a fetch
 overlapping a range that failed for good less than `failure_memory` ago therefore gets one
 attempt (its deadline is "now"), not a second deadline of retries: the reader has its EIO
-after one deadline, and a service that is back answers that attempt.
+after one deadline, and a service that is back answers that attempt. Should that attempt fail
+too, the next one at the range waits until `failure_pause` after it: a kernel asking for a page
+of a populated mapping for as long as it fails sends a few requests a second, not hundreds.
 
 Integrity. `fetch` returns exactly `end - start` bytes or raises: the client already refuses an
 answer whose status, Content-Range or length is not the asked range, and the length is checked
@@ -243,6 +245,10 @@ class RemoteConfig:
     # The kernel re-asks a failed read at once, page by page: within this time a range that
     # failed gets one attempt, not a second deadline of retries.
     failure_memory: float = 1.0
+    # A range whose one attempt failed too is asked again at most this often: the kernel
+    # asks for a page of a populated or locked mapping for as long as it fails, which was
+    # ~500 requests a second to a service refusing at once.
+    failure_pause: float = 0.25
     # A player stats a path right before reading it: a cold lookup also fetches the first
     # block and the digests, so that read waits one round trip less.
     first_block_with_meta: bool = True
@@ -310,11 +316,14 @@ def _parse_time_ns(value: object) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    """A range that just failed for good, and until when it gets only one more attempt."""
+    """A range that just failed for good (at `at`), and until when it gets only one more
+    attempt; `again`: that failure was already such an attempt."""
 
     start: int
     end: int
+    at: float
     until: float
+    again: bool
 
 
 class _Arrival:
@@ -417,6 +426,7 @@ REMOTE_COUNTERS = (
     "stopped",  # prefetches ended early: their reader closed the file or moved elsewhere
     "errors",  # operations that failed for good (became EIO/EACCES)
     "second_tries",  # fetches of a range that had just failed: one attempt, no retry loop
+    "paced_tries",  # of those, attempts held back: their range's last attempt had failed too
     "overdue",  # attempts still running at their operation's cutoff, given up
     "verified_chunks",  # chunks whose BLAKE3 matched the service's digest
     "verify_failures",  # chunks that did not (each one retried)
@@ -826,12 +836,16 @@ class Remote:
         asked = f"{content_hash} bytes {start}-{end - 1}"
         if deadline is None:
             deadline = self._deadline()
-        failed_before = self._recent_failure(content_hash, start, end)
-        if failed_before is not None:
+        failure = self._recent_failure(content_hash, start, end)
+        if failure is not None:
             self.counters.add("second_tries")
-            asked += f" (failed {failed_before:.1f} s ago: one attempt)"
+            since = self._clock() - failure.at
+            if failure.again and since < self.config.failure_pause:
+                self.counters.add("paced_tries")
+                self._sleep(self.config.failure_pause - since)
+            asked += f" (failed {since:.1f} s ago: one attempt)"
             deadline = self._clock()
-        with self._outcome_noted(content_hash, start, end):
+        with self._outcome_noted(content_hash, start, end, again=failure is not None):
             held = self._take_first_block(content_hash, start, end, deadline, on_partial)
             if held is not None:
                 data = held
@@ -1319,34 +1333,36 @@ class Remote:
                 self._keep_digests(meta, answer.result(), 0, 0)
 
     @contextlib.contextmanager
-    def _outcome_noted(self, content_hash: str, start: int, end: int) -> Iterator[None]:
-        """Around a fetch of `[start, end)`: a 404 forgets the video's metadata, a failure for
-        good is remembered (see `_recent_failure`); both are re-raised."""
+    def _outcome_noted(self, content_hash: str, start: int, end: int, *,
+                       again: bool = False) -> Iterator[None]:
+        """Around a fetch of `[start, end)` (`again`: the one attempt at a range that had just
+        failed): a 404 forgets the video's metadata, a failure for good is remembered (see
+        `_recent_failure`); both are re-raised."""
         try:
             yield
         except NotFound:
             self._forget(content_hash)
             raise
         except RemoteUnavailable:
-            self._remember_failure(content_hash, start, end)
+            self._remember_failure(content_hash, start, end, again=again)
             raise
 
-    def _recent_failure(self, content_hash: str, start: int, end: int) -> float | None:
-        """Seconds since part of the range failed for good, if less than `failure_memory`."""
+    def _recent_failure(self, content_hash: str, start: int, end: int) -> _Failure | None:
+        """The latest failure for good of part of the range, if less than `failure_memory`
+        ago (of two at once, a failed one attempt's)."""
         now = self._clock()
         with self._lock:
-            failure = next(
+            return max(
                 (f for f in self._failures.get(content_hash, ())
                  if f.until > now and f.start < end and start < f.end),
-                None,
+                key=lambda f: (f.at, f.again),
+                default=None,
             )
-        if failure is None:
-            return None
-        return self.config.failure_memory - (failure.until - now)
 
-    def _remember_failure(self, content_hash: str, start: int, end: int) -> None:
+    def _remember_failure(self, content_hash: str, start: int, end: int, *,
+                          again: bool) -> None:
         now = self._clock()
-        failure = _Failure(start, end, now + self.config.failure_memory)
+        failure = _Failure(start, end, now, now + self.config.failure_memory, again)
         with self._lock:
             for known in list(self._failures):  # few entries: failures are brief and rare
                 alive = [f for f in self._failures[known] if f.until > now]
