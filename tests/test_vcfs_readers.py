@@ -39,6 +39,7 @@ from tests.vcfs_fault_support import (
     read_uncached,
 )
 from tests.vcfs_support import VcfsMount, drop_pages, requires_fuse
+from vcfs.remote import RemoteConfig
 
 pytestmark = requires_fuse
 
@@ -526,7 +527,7 @@ def test_a_populated_mapping_of_a_failing_service_never_gives_other_bytes(
         assert child.returncode == -signal.SIGBUS, err
     assert faulty_mount.log().count("failed (EIO)") <= 12
     # A slower machine only lowers the rate; the pause is a floor between attempts.
-    assert requests <= span / 0.25 + 2, (requests, span)
+    assert requests <= span / RemoteConfig().failure_pause + 2, (requests, span)
     print(f"\nFIGURES populate: waited for the service: {still_waiting}, "
           f"failed reads: {faulty_mount.stats()['fuse']['errors'] - errors}, "
           f"{requests} requests in {span:.2f} s")
