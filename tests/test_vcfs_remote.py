@@ -300,8 +300,8 @@ def test_a_range_failing_again_and_again_is_asked_once_per_try_at_a_paced_rate(
     for tries, early in ((2, 0), (3, 0), (4, 0.1)):
         clock.now += early
         before = clock.now
-        with pytest.raises(RemoteUnavailable, match="one attempt"):
-            remote.fetch(HASH, 100, 200)
+        with pytest.raises(RemoteUnavailable, match=r"\(failed 0\.[23] s ago: one attempt\)"):
+            remote.fetch(HASH, 100, 200)  # when it is asked: after the pause
         assert len(service.ranges) == asked + tries
         assert clock.now - before == pytest.approx(0.25 - early)  # the rest of the pause
     assert (remote.counters.get("second_tries"), remote.counters.get("paced_tries")) == (4, 3)

@@ -843,8 +843,8 @@ class Remote:
             if failure.again and since < self.config.failure_pause:
                 self.counters.add("paced_tries")
                 self._sleep(self.config.failure_pause - since)
-            asked += f" (failed {since:.1f} s ago: one attempt)"
             deadline = self._clock()
+            asked += f" (failed {deadline - failure.at:.1f} s ago: one attempt)"
         with self._outcome_noted(content_hash, start, end, again=failure is not None):
             held = self._take_first_block(content_hash, start, end, deadline, on_partial)
             if held is not None:
