@@ -27,10 +27,26 @@ def ctrl_c_reaches_children() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_CORPUS = pytest.StashKey[dict[str, Path]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The corpus is made here, before the first test, when a test to run needs it. Made by
+    the `videos` fixture, it was timed by the hang guard of whichever test asked first
+    (pytest-timeout times a test's fixtures too): that set-up took 43-76 s of a 120 s guard
+    on 2 cores under load 6-8, and test_client_digests' 14 s instead of 43 without it."""
+    if session.config.option.collectonly or not any(
+            isinstance(item, pytest.Function) and "videos" in item.fixturenames
+            for item in session.items):
+        return
+    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
+    session.config.stash[_CORPUS] = make_videos(factory.mktemp("videos"))
+
+
 @pytest.fixture(scope="session")
-def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def videos(request: pytest.FixtureRequest) -> dict[str, Path]:
     """name -> path of the generated test videos (see tests/support.py VIDEO_SPECS)."""
-    return make_videos(tmp_path_factory.mktemp("videos"))
+    return request.config.stash[_CORPUS]
 
 
 @pytest.fixture(scope="session")
