@@ -90,7 +90,9 @@ def make_videos(out_dir: Path) -> dict[str, Path]:
         path = out_dir / name
         if not path.exists():
             argv = [a.replace("{dir}", str(out_dir)) for a in args]
-            subprocess.run(["ffmpeg", "-v", "error", "-y", *argv, str(path)], check=True)
+            # Made before the first test (conftest), out of reach of any test's hang guard.
+            subprocess.run(["ffmpeg", "-v", "error", "-y", *argv, str(path)], check=True,
+                           timeout=300)
         paths[name] = path
     junk = out_dir / "notvideo.bin"
     junk.write_bytes(os.urandom(64 * 1024))
