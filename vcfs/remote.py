@@ -316,13 +316,12 @@ def _parse_time_ns(value: object) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Failure:
-    """A range that just failed for good (at `at`), and until when it gets only one more
-    attempt; `again`: that failure was already such an attempt."""
+    """A range that failed for good at `at` (for `failure_memory` after, it gets one attempt
+    at a time); `again`: that failure was already such an attempt."""
 
     start: int
     end: int
     at: float
-    until: float
     again: bool
 
 
@@ -1350,11 +1349,11 @@ class Remote:
     def _recent_failure(self, content_hash: str, start: int, end: int) -> _Failure | None:
         """The latest failure for good of part of the range, if less than `failure_memory`
         ago (of two at once, a failed one attempt's)."""
-        now = self._clock()
+        remembered_after = self._clock() - self.config.failure_memory
         with self._lock:
             return max(
                 (f for f in self._failures.get(content_hash, ())
-                 if f.until > now and f.start < end and start < f.end),
+                 if f.at > remembered_after and f.start < end and start < f.end),
                 key=lambda f: (f.at, f.again),
                 default=None,
             )
@@ -1362,10 +1361,11 @@ class Remote:
     def _remember_failure(self, content_hash: str, start: int, end: int, *,
                           again: bool) -> None:
         now = self._clock()
-        failure = _Failure(start, end, now, now + self.config.failure_memory, again)
+        failure = _Failure(start, end, now, again)
+        remembered_after = now - self.config.failure_memory
         with self._lock:
             for known in list(self._failures):  # few entries: failures are brief and rare
-                alive = [f for f in self._failures[known] if f.until > now]
+                alive = [f for f in self._failures[known] if f.at > remembered_after]
                 if alive:
                     self._failures[known] = alive
                 else:
