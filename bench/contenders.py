@@ -142,11 +142,11 @@ class Mount:
     def start(self) -> None:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
         guard_mount(self.mountpoint)
-        with open(self.log_path, "ab") as log:
-            self.process = guarded(subprocess.Popen(self.argv, stdout=log,
-                                                    stderr=subprocess.STDOUT,
-                                                    stdin=subprocess.DEVNULL))
         try:
+            with open(self.log_path, "ab") as log:
+                self.process = guarded(subprocess.Popen(self.argv, stdout=log,
+                                                        stderr=subprocess.STDOUT,
+                                                        stdin=subprocess.DEVNULL))
             wait_until(self._ready, timeout=MOUNT_TIMEOUT_S, what=f"mount at {self.mountpoint}")
         except BaseException as exc:
             # Also on Ctrl-C or a signal while it mounts: the caller never gets this mount
@@ -224,7 +224,8 @@ class _MountedContender(Contender):
 
 
 class Vcfs(_MountedContender):
-    """`vcfs mount URL MOUNTPOINT --foreground` with default options (unless `options`)."""
+    """`vcfs mount URL MOUNTPOINT --foreground --log-level warning` with default options
+    (unless `options`)."""
 
     name = "vcfs"
     capabilities = Capabilities(files=True, url=False)
