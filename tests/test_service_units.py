@@ -49,6 +49,7 @@ from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.space import FreeSpace
 from vidcache.store import INDEX_FILE, Store, _index_error, blob_relpath, check_location
+from vidcache.tools import Tools
 from vidcache_client import IngestUnderWay
 from vidcache_client._credentials import without_credentials
 
@@ -509,3 +510,11 @@ def test_the_frame_check_compares_at_the_size_known() -> None:
     assert compared_at(_video_of(640, 360), _video_of(1280, 720)) == (640, 360)
     with pytest.raises(MediaToolError):
         compared_at(_video_of(0, 0), _video_of(0, 0))
+
+
+def test_a_tool_not_installed_is_the_servers_fault() -> None:
+    """A decoder missing on the server says nothing about the video: 500 naming what to
+    install (docs/service.md, "Ingest errors"), not 422 "not a video"."""
+    with pytest.raises(MediaToolError, match="is not installed; install ffmpeg") as refused:
+        Tools(timeout=5).run(["vidcache-test-no-such-tool", "-version"], what="the tool")
+    assert refused.value.status_code == 500
