@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_support import Api, blob_files, store_many, temp_files
+from tests.service_support import Api, blob_files, digest, store_many, temp_files
 from tests.support import VidcacheServer, free_port, wait_until
 from vidcache.failure_log import FailureLog
 
@@ -73,6 +73,12 @@ def damage(index: Path, page: int) -> None:
     with open(index, "r+b") as file:
         file.seek((page - 1) * PAGE)
         file.write(bytes(512))
+
+
+def page_bytes(index: Path, page: int) -> bytes:
+    with open(index, "rb") as file:
+        file.seek((page - 1) * PAGE)
+        return file.read(PAGE)
 
 
 def lower_a_cell_count(index: Path) -> None:
@@ -271,6 +277,38 @@ def test_an_index_damaged_under_the_running_server(data: Path, media_url: str) -
         f"ingest {media_url}/c.mkv failed (500): {cannot_update['detail']}",
         f"DELETE /video/{many[0]} failed (500): {cannot_update['detail']}"]
     assert "Traceback" not in server.log()
+
+
+def test_an_index_unreadable_at_the_frame_check_fails_the_ingest(
+        data: Path, media_url: str, videos: dict[str, Path]) -> None:
+    """The videos table's leaf holding a.mp4's record damaged while the server runs, then
+    a_small.mp4 (a.mp4's near-duplicate) ingested: its check up close cannot read a.mp4's
+    record, which is the server's fault like any other unreadable index: 500 naming the index,
+    nothing stored or left. (Before: taken for frames that could not be compared, logged as
+    'not merged with it', and the video went on to be stored apart; only the index's update
+    failing after that stopped it, and an index readable again by then kept a spare copy.)"""
+    index = index_of(data)
+    leaves = {page: page_bytes(index, page) for page in pages(
+        index, "SELECT pageno FROM dbstat WHERE name = 'videos' AND pagetype = 'leaf'")}
+    holds_a = [page for page, leaf in leaves.items()
+               if digest(videos["a.mp4"].read_bytes()).encode() in leaf]
+    other = next(video for video in hashes(data, "many")
+                 if not any(video.encode() in leaves[page] for page in holds_a))
+    with VidcacheServer(data) as server, httpx.Client(base_url=server.url, timeout=120) as http:
+        for page in holds_a:
+            damage(index, page)
+        # A change elsewhere makes the server's connections drop the pages they keep.
+        assert http.delete(f"/video/{other}").status_code == 204
+        blobs = blob_files(data)
+        url = f"{media_url}/a_small.mp4"
+        answer = http.post("/ingest", json={"url": url, "bucket": "real"})
+        assert (answer.status_code, answer.json()) == (
+            500, {"detail": f"cannot read the index {index}: {MALFORMED}"})
+        assert (blob_files(data), temp_files(data)) == (blobs, [])
+        wait_until(lambda: len(failures(server)) == 1, timeout=30, what="the failure logged")
+    assert failures(server) == [
+        f"ingest {url} failed (500): cannot read the index {index}: {MALFORMED}"]
+    assert "not merged" not in server.log()
 
 
 def test_a_start_on_a_damaged_index(data: Path) -> None:

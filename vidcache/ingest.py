@@ -48,7 +48,13 @@ from typing import Any, Literal
 
 from vidcache import audio, frame_check, media
 from vidcache.download import Downloader, parse_url
-from vidcache.errors import ShuttingDown, StorageError, ToolStopped, VidcacheError
+from vidcache.errors import (
+    IndexUnreadable,
+    ShuttingDown,
+    StorageError,
+    ToolStopped,
+    VidcacheError,
+)
 from vidcache.locks import KeyedLocks
 from vidcache.phash_index import PhashIndex
 from vidcache.progress import IngestProgress
@@ -226,9 +232,10 @@ class Ingestor:
         still frames alike (frame_check.py; the new video's taken from `still` by the size
         compared at, or decoded into it), and their sound, if both have some (audio.py).
         False if it cannot be told, as a false match loses a video and storing both loses
-        nothing; but ToolStopped (ffmpeg ended by a signal), the ingest to be tried again, and
-        StorageError (no room for the frames), as at the other steps: a full disk stored the
-        video apart, a spare copy, where every other step fails the ingest with a 507."""
+        nothing; but ToolStopped (ffmpeg ended by a signal), the ingest to be tried again,
+        StorageError (no room for the frames) and IndexUnreadable (the stored video's record),
+        as at the other steps: a full disk or a damaged index stored the video apart, a spare
+        copy, where every other step fails the ingest with a 507 or a 500."""
         unknown = "frames could not be compared up close"
         try:
             record = self._store.get(content_hash)
@@ -260,7 +267,7 @@ class Ingestor:
                 audio.fingerprint(path, info.audio_stream, times, self._tools),
                 audio.fingerprint(stored_path, stored.audio_stream, times, self._tools))
         # nothing is known: 503, try again, or 507, make room, as elsewhere
-        except (ShuttingDown, ToolStopped, StorageError):
+        except (ShuttingDown, ToolStopped, StorageError, IndexUnreadable):
             raise
         except VidcacheError as exc:
             log.warning("ingest %s: its frames match stored %s, whose %s (%s): not merged "
