@@ -922,8 +922,9 @@ def test_startup_errors_are_one_clear_line(
     (full / "file").write_text("x")
     url = vidcache_server.url
     cases = {
-        "cannot reach the vidcache service": ("mount", f"http://127.0.0.1:{free_port()}",
-                                              str(empty)),
+        # what to do too (was the connection error alone)
+        "Connection refused): nothing listens there (start the service, vidcache serve, or "
+        "check the URL and port)": ("mount", f"http://127.0.0.1:{free_port()}", str(empty)),
         "does not exist": ("mount", url, str(tmp_path / "missing")),
         "is not empty": ("mount", url, str(full)),
         "is not a directory": ("mount", url, str(full / "file")),
