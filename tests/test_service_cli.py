@@ -254,6 +254,10 @@ def test_a_server_that_is_not_vidcache_or_none_is_one_error_line(command: list[s
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith(f"vidcache {command[0]}: error: "), unreachable.stderr
     assert unreachable.stderr.count("\n") == 1 and "hunter2" not in unreachable.stderr
+    # what to do too (was the connection error alone)
+    assert unreachable.stderr.endswith(
+        "Connection refused): nothing listens there (start the service, vidcache serve, or "
+        "check --server)\n"), unreachable.stderr
 
 
 def _html_page(handler: http.server.BaseHTTPRequestHandler, status: int, title: str,
