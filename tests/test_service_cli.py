@@ -254,6 +254,10 @@ def test_a_server_that_is_not_vidcache_or_none_is_one_error_line(command: list[s
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith(f"vidcache {command[0]}: error: "), unreachable.stderr
     assert unreachable.stderr.count("\n") == 1 and "hunter2" not in unreachable.stderr
+    # what to do too (was the connection error alone)
+    assert unreachable.stderr.endswith(
+        "Connection refused): nothing listens there (start the service, vidcache serve, or "
+        "check --server)\n"), unreachable.stderr
 
 
 def _html_page(handler: http.server.BaseHTTPRequestHandler, status: int, title: str,
@@ -544,16 +548,20 @@ def test_bad_env_allow_list_is_a_usage_error(tmp_path: Path) -> None:
     assert "VIDCACHE_INGEST_ALLOW" in run.stderr and "bad entry" in run.stderr
 
 
-def test_a_port_in_use_is_an_error_without_a_serving_line(tmp_path: Path) -> None:
-    """'serving on ...' is said only once the socket listens: never before the bind error."""
+def test_a_port_in_use_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    """It was uvicorn's log (start-up, a bind error naming neither the option nor what to do,
+    shutdown) after the data directory was made and its index opened; 'serving on ...' is said
+    only once the socket listens, never before the bind error."""
+    data = tmp_path / "data"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        run = vidcache("serve", "--data", str(tmp_path), "--port", str(port))
-    assert run.returncode == 3
-    assert "address already in use" in run.stderr
-    assert "serving" not in run.stderr, run.stderr
+        run = vidcache("serve", "--data", str(data), "--port", str(port))
+    assert (run.returncode, run.stderr) == (3, (
+        f"vidcache serve: error: cannot listen on 127.0.0.1 port {port}: address already in "
+        "use (something else listens there: stop it or give another --port)\n"))
+    assert not data.exists()
 
 
 def test_an_unusable_data_directory_is_one_line_naming_it(tmp_path: Path) -> None:

@@ -813,6 +813,27 @@ def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
 # Start-up errors: one line, non-zero exit
 
 
+def test_a_mount_point_that_is_a_vcfs_mount_says_to_unmount_it(mount: VcfsMount) -> None:
+    result = run_vcfs("mount", mount.url, str(mount.mountpoint), "--daemon")
+    assert (result.returncode, result.stderr) == (1, (
+        f"vcfs: error: {mount.mountpoint} is already a mount point (a vcfs mount: vcfs unmount "
+        f"{mount.mountpoint} to free it)\n"))
+    mounts = Path("/proc/self/mounts").read_text().splitlines()
+    assert [line.split()[1] for line in mounts].count(str(mount.mountpoint)) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_mount_point_that_is_another_mount_says_to_choose_another(tmp_path: Path) -> None:
+    """It said to `vcfs unmount` it, which refuses a mount that is not vcfs's."""
+    target = tmp_path / "tmpfs"
+    with tmpfs_holding_a_file(target) as notes:
+        result = run_vcfs("mount", "http://127.0.0.1:1", str(target))
+        assert (result.returncode, result.stderr) == (1, (
+            f"vcfs: error: {target} is already a mount point (tmpfs: choose an empty directory "
+            "that is not a mount point)\n"))
+        assert notes.read_text() == "keep me"
+
+
 def run_vcfs(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(vcfs_command(*args), capture_output=True, text=True, timeout=60)
 
@@ -922,8 +943,9 @@ def test_startup_errors_are_one_clear_line(
     (full / "file").write_text("x")
     url = vidcache_server.url
     cases = {
-        "cannot reach the vidcache service": ("mount", f"http://127.0.0.1:{free_port()}",
-                                              str(empty)),
+        # what to do too (was the connection error alone)
+        "Connection refused): nothing listens there (start the service, vidcache serve, or "
+        "check the URL and port)": ("mount", f"http://127.0.0.1:{free_port()}", str(empty)),
         "does not exist": ("mount", url, str(tmp_path / "missing")),
         "is not empty": ("mount", url, str(full)),
         "is not a directory": ("mount", url, str(full / "file")),

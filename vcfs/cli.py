@@ -496,9 +496,13 @@ def prepare_mountpoint(mountpoint: str) -> None:
     if not os.path.isdir(mountpoint):
         raise StartupError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
-        raise StartupError(
-            f"{mountpoint} is already a mount point (vcfs unmount {mountpoint} to free it)"
-        )
+        entry = mount_entry(mountpoint)
+        if entry is not None and is_vcfs_type(entry[0]):
+            advice = f"a vcfs mount: vcfs unmount {mountpoint} to free it"
+        else:  # not vcfs's to unmount: vcfs unmount refuses it
+            advice = (f"{entry[0] if entry else 'another file system'}: choose an empty "
+                      "directory that is not a mount point")
+        raise StartupError(f"{mountpoint} is already a mount point ({advice})")
     if os.geteuid() != 0 and not os.access(mountpoint, os.W_OK):
         # fusermount3's own rule, which it reports after libfuse's start, on two lines.
         raise StartupError(f"mount point {mountpoint} is not writable by this user (uid "

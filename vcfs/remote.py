@@ -194,6 +194,8 @@ class _Stalled(Exception):
 
 _STOPPING = "vcfs is stopping: giving up"
 _NOT_VIDCACHE = "something answers there, but not a vidcache service (check the URL and port)"
+_NOTHING_LISTENS = ("nothing listens there (start the service, vidcache serve, or check the URL "
+                    "and port)")
 # A video no service has (a BLAKE3 digest of all zeros): asked for where the answer for it
 # shows whether the service has the route (`check_health`, `check_access`).
 _NO_VIDEO = "0" * 64
@@ -407,6 +409,14 @@ def _page_size(page: Digests) -> int:
     return 100 + len(page.packed)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether `exc` comes from a connection refused: no server on that host and port."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ConnectionRefusedError):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
+
+
 def _reason(exc: BaseException) -> str:
     """What went wrong, for a line naming the call itself (the hash and range: vcfs's `what`,
     and the service's URL in the outage line): a client error's message without the call
@@ -571,6 +581,8 @@ class Remote:
                     f"health check: HTTP {exc.status_code}: {_NOT_VIDCACHE}") from exc
             raise RemoteUnavailable(str(exc)) from exc
         except (VidCacheError, Overdue) as exc:
+            if _refused(exc):
+                raise RemoteUnavailable(f"{exc}: {_NOTHING_LISTENS}") from exc
             raise RemoteUnavailable(str(exc)) from exc
         if status.get("status") != "ok":
             raise RemoteUnavailable(f"service reports {status!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -387,10 +388,16 @@ def _serve(args: argparse.Namespace) -> int:
         token_reads=args.token_reads, keep_alive=args.keep_alive,
         media_memory=args.media_memory)
     try:  # before the data directory is opened; uvicorn would say only "Name ... not known"
-        socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+        addresses = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         print(f"vidcache serve: error: --host {config.host}: {exc.strerror}", file=sys.stderr)
         return 2
+    unusable = _unusable_address(addresses)
+    if unusable is not None:
+        print(f"vidcache serve: error: cannot listen on {config.host} port {config.port}: "
+              f"{unusable}", file=sys.stderr)
+        return 3
     try:
         app = create_app(config)
     except VidcacheError as exc:
@@ -436,6 +443,29 @@ def _serve(args: argparse.Namespace) -> int:
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
         server.run()
     return 0
+
+
+def _unusable_address(addresses: list[tuple[Any, ...]]) -> str | None:
+    """Why one of `addresses` cannot be listened on (another server has its port), or None: a
+    trial bind, made as uvicorn binds. uvicorn's own bind error comes after the index is opened,
+    as log lines that name neither the option to change nor what to do."""
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # as asyncio binds it, beside an IPv4 socket
+                trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                trial.bind(address)
+            except OSError as exc:
+                advice = {errno.EADDRINUSE: "something else listens there: stop it or give "
+                                            "another --port",
+                          errno.EACCES: "a port below 1024 needs root: give another --port",
+                          errno.EADDRNOTAVAIL: "no interface of this machine has that "
+                                               "address: give another --host"}
+                reason = (exc.strerror or str(exc)).lower()
+                hint = advice.get(exc.errno or 0)
+                return f"{reason} ({hint})" if hint else reason
+    return None
 
 
 def _query_without_credentials(record: logging.LogRecord) -> bool:
@@ -488,8 +518,19 @@ def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request
         # Not the other server's error page (HTML) as the reason.
         message = (f"{without_credentials(args.server)} answered {request} with HTTP "
                    f"{exc.status_code}: not a vidcache service (check --server)")
+    elif _refused(exc):
+        message = (f"{message}: nothing listens there (start the service, vidcache serve, or "
+                   "check --server)")
     line = f"vidcache {command}: error: {f'{about}: ' if about else ''}{message}"
     return f"{line}\nvidcache {command}: {advice}" if advice else line
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether `exc` comes from a connection refused: no server on that host and port."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ConnectionRefusedError):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
 
 
 def _no_video(content_hash: str, args: argparse.Namespace) -> str:
