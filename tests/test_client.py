@@ -860,6 +860,7 @@ def test_connection_refused_by_a_real_socket_names_the_request(
     with VidCacheClient(url, timeout=5) as client, pytest.raises(TransportError) as caught:
         call(client)
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert caught.value.refused  # nothing listens there: vidcache and vcfs say so
     message = str(caught.value)
     assert message.startswith(f"{what}: request failed [{request_line.format(url=url)}]"), message
 
@@ -902,8 +903,26 @@ def test_timeout_against_a_real_silent_socket() -> None:
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}"
         with VidCacheClient(url, timeout=0.2) as client, \
-                pytest.raises(RequestTimeout, match="timed out"):
+                pytest.raises(RequestTimeout, match="timed out") as caught:
             client.get_bytes(HASH, byte_range=(0, 9))
+        assert not caught.value.refused
+
+
+def test_a_refusal_is_found_down_a_looping_chain_of_causes() -> None:
+    """`TransportError.refused` follows `__cause__`/`__context__`, which may loop."""
+    refused, reset = ConnectionRefusedError(111, "refused"), ConnectionResetError(104, "reset")
+    inner = httpx.ConnectError("connect")
+    inner.__cause__ = refused
+    error = TransportError("x")
+    error.__cause__ = inner
+    assert error.refused
+    first, second = OSError("a"), OSError("b")
+    first.__context__, second.__context__ = second, first
+    looping = TransportError("y")
+    looping.__cause__ = first
+    assert not looping.refused
+    looping.__cause__ = reset
+    assert not looping.refused
 
 
 @pytest.mark.parametrize("call", [

@@ -139,6 +139,7 @@ from vidcache_client import (
     ProtocolError,
     ServerError,
     StatusError,
+    TransportError,
     VidCacheClient,
     VidCacheError,
 )
@@ -409,14 +410,6 @@ def _page_size(page: Digests) -> int:
     return 100 + len(page.packed)
 
 
-def _refused(exc: BaseException) -> bool:
-    """Whether `exc` comes from a connection refused: no server on that host and port."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ConnectionRefusedError):
-        cause = cause.__cause__ or cause.__context__
-    return cause is not None
-
-
 def _reason(exc: BaseException) -> str:
     """What went wrong, for a line naming the call itself (the hash and range: vcfs's `what`,
     and the service's URL in the outage line): a client error's message without the call
@@ -581,7 +574,7 @@ class Remote:
                     f"health check: HTTP {exc.status_code}: {_NOT_VIDCACHE}") from exc
             raise RemoteUnavailable(str(exc)) from exc
         except (VidCacheError, Overdue) as exc:
-            if _refused(exc):
+            if isinstance(exc, TransportError) and exc.refused:
                 raise RemoteUnavailable(f"{exc}: {_NOTHING_LISTENS}") from exc
             raise RemoteUnavailable(str(exc)) from exc
         if status.get("status") != "ok":

@@ -41,6 +41,7 @@ from vidcache_client import (
     NotFoundError,
     RequestTimeout,
     StatusError,
+    TransportError,
     VidCacheClient,
     VidCacheError,
 )
@@ -518,19 +519,11 @@ def _failure(command: str, exc: VidCacheError, args: argparse.Namespace, request
         # Not the other server's error page (HTML) as the reason.
         message = (f"{without_credentials(args.server)} answered {request} with HTTP "
                    f"{exc.status_code}: not a vidcache service (check --server)")
-    elif _refused(exc):
+    elif isinstance(exc, TransportError) and exc.refused:
         message = (f"{message}: nothing listens there (start the service, vidcache serve, or "
                    "check --server)")
     line = f"vidcache {command}: error: {f'{about}: ' if about else ''}{message}"
     return f"{line}\nvidcache {command}: {advice}" if advice else line
-
-
-def _refused(exc: BaseException) -> bool:
-    """Whether `exc` comes from a connection refused: no server on that host and port."""
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, ConnectionRefusedError):
-        cause = cause.__cause__ or cause.__context__
-    return cause is not None
 
 
 def _no_video(content_hash: str, args: argparse.Namespace) -> str:

@@ -65,6 +65,18 @@ class TransportError(VidCacheError):
 
     transient = True
 
+    @property
+    def refused(self) -> bool:
+        """Whether the connection was refused: nothing listens on that host and port (the
+        advice differs from a reset or a timeout: start the server, or check the URL)."""
+        cause, seen = self.__cause__ or self.__context__, set()
+        while cause is not None and id(cause) not in seen:  # chains may loop
+            if isinstance(cause, ConnectionRefusedError):
+                return True
+            seen.add(id(cause))
+            cause = cause.__cause__ or cause.__context__
+        return False
+
 
 class RequestTimeout(TransportError):
     """Connecting, sending or reading took longer than the client's timeout."""
