@@ -266,7 +266,7 @@ class Ingestor:
             distance = audio.distance(
                 audio.fingerprint(path, info.audio_stream, times, self._tools),
                 audio.fingerprint(stored_path, stored.audio_stream, times, self._tools))
-        # nothing is known: 503, try again, or 507, make room, as elsewhere
+        # nothing is known: 503, try again; 507, make room; 500, the index: as elsewhere
         except (ShuttingDown, ToolStopped, StorageError, IndexUnreadable):
             raise
         except VidcacheError as exc:
