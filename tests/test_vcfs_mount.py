@@ -953,7 +953,9 @@ def test_startup_errors_are_one_clear_line(
                                                  "8M", "--readahead-max", "16M"),
         "must be at most --cache-size": ("mount", url, str(empty), "--cache-size", "8M",
                                          "--readahead-max", "1M", "--keep-passed", "9M"),
-        "is not mounted": ("unmount", str(empty)),
+        f"{empty} is not mounted": ("unmount", str(empty)),
+        # was "is not mounted" alone, as for an existing directory
+        "is not mounted (it does not exist: a typo?)": ("unmount", str(tmp_path / "missing")),
         "-o subtype: a vcfs mount is of type fuse.vcfs": ("mount", url, str(empty),
                                                            "-o", "subtype=videos"),
     }

@@ -872,7 +872,8 @@ def unmount(mountpoint: str, *, lazy: bool = False) -> int:
     if not is_stale_mount(mountpoint):
         entry = mount_entry(mountpoint)
         if entry is None:
-            raise StartupError(f"{mountpoint} is not mounted")
+            missing = "" if os.path.lexists(mountpoint) else " (it does not exist: a typo?)"
+            raise StartupError(f"{mountpoint} is not mounted{missing}")
         fstype, owner = entry
         if not is_vcfs_type(fstype):
             raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
