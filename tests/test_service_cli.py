@@ -15,12 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import certifi
 import httpx
 import pytest
 
 from bench.faults import Refuse, path_prefix
+from bench.stack import stop_process
 from tests.service_support import digest, store_many
-from tests.support import VidcacheServer, free_port, interrupt_while_it_waits, serving
+from tests.support import (
+    VidcacheServer,
+    free_port,
+    interrupt_while_it_waits,
+    serving,
+    wait_until,
+)
 from tests.vcfs_fault_support import FaultyLink
 from vidcache_client import VidCacheClient
 
@@ -613,7 +621,76 @@ def test_an_unusable_ssl_cert_file_is_one_line_naming_it(tmp_path: Path) -> None
 
 
 def test_serving_is_said_once_the_port_listens(own: VidcacheServer) -> None:
-    assert f"serving {own.data_dir} on {own.url} (no authentication)" in own.log()
+    assert (f"serving {own.data_dir} on {own.url} (no authentication); Ctrl-C stops it"
+            in own.log())
+
+
+def _connection(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=5)
+    except ConnectionRefusedError:
+        return None
+
+
+def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
+    """It listens from before the data directory and the rest are opened: here the start is
+    held up by SSL_CERT_FILE, a FIFO that nothing writes yet. Meanwhile another server on the
+    port fails at once with the one-line message, and a client that connected is answered once
+    the service is up. Before, the port was only tried and let go: a second server took it, and
+    the first ended in uvicorn's bind error (log lines, exit 3)."""
+    certificates = tmp_path / "ca.pem"
+    os.mkfifo(certificates)
+    port = free_port()
+    log_path = tmp_path / "first.log"
+    with open(log_path, "wb") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "first"),
+             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "SSL_CERT_FILE": str(certificates)})
+    try:
+        early = wait_until(lambda: _connection(port), timeout=60, what="the port listening")
+        assert early is not None  # for mypy: wait_until returns a truthy result
+        with early:
+            second = vidcache("serve", "--data", str(tmp_path / "second"), "--port", str(port))
+            assert (second.returncode, second.stderr) == (3, (
+                f"vidcache serve: error: cannot listen on 127.0.0.1 port {port}: address "
+                "already in use (something else listens there: stop it or give another "
+                "--port)\n"))
+            assert not (tmp_path / "second").exists()
+            assert "serving" not in log_path.read_text()
+            early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            with open(certificates, "wb") as fifo:  # the service waits for it to be written
+                fifo.write(Path(certifi.where()).read_bytes())
+            answer = b""
+            while chunk := early.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+        assert f"on http://127.0.0.1:{port} (no authentication)" in log_path.read_text()
+    finally:
+        stop_process(first)
+
+
+def test_an_ipv6_address_is_said_as_a_url(tmp_path: Path) -> None:
+    """`--host ::1`: the log said `http://::1:PORT`, which no client takes for a URL."""
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "data"),
+             "--host", "::1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: "serving" in log_path.read_text() or server.poll() is not None,
+                   timeout=60, what="the serving line")
+        url = f"http://[::1]:{port}"
+        assert f"serving {tmp_path / 'data'} on {url} (no authentication)" in log_path.read_text()
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+    finally:
+        stop_process(server)
 
 
 def test_help_lists_every_option() -> None:

@@ -67,6 +67,8 @@ _CALL_TIMEOUT_HELP = (f"seconds to wait for each of the service's answers (defau
                       f"{_CALL_TIMEOUT:g})")
 # seconds the requests in flight get to finish at SIGTERM/Ctrl-C
 _GRACE = 5
+# connections waiting to be accepted: uvicorn's default, which it used when it bound the port
+_BACKLOG = 2048
 
 
 def parse_size(text: str) -> int:
@@ -358,19 +360,8 @@ still deleted); 2 for a bad option or a malformed HASH (then none is deleted).""
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from vidcache.app import create_app
-    from vidcache.http_protocol import PipelinedHttpToolsProtocol, without_uvicorns_parse_warning
-    from vidcache.ingest import STOP_TIMEOUT
-    from vidcache.store import INDEX_FILE, INTERNAL_DIR
-
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("uvicorn.access").addFilter(_query_without_credentials)
-    logging.getLogger("uvicorn.error").addFilter(without_uvicorns_parse_warning)
-    # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.token_reads and args.token is None:
         print("vidcache serve: error: --token-reads needs --token-file", file=sys.stderr)
         return 2
@@ -394,11 +385,65 @@ def _serve(args: argparse.Namespace) -> int:
     except socket.gaierror as exc:
         print(f"vidcache serve: error: --host {config.host}: {exc.strerror}", file=sys.stderr)
         return 2
-    unusable = _unusable_address(addresses)
-    if unusable is not None:
+    sockets = _listening_sockets(addresses)
+    if isinstance(sockets, str):
         print(f"vidcache serve: error: cannot listen on {config.host} port {config.port}: "
-              f"{unusable}", file=sys.stderr)
+              f"{sockets}", file=sys.stderr)
         return 3
+    try:
+        return _serve_on(sockets, config)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _listening_sockets(addresses: list[tuple[Any, ...]]) -> list[socket.socket] | str:
+    """A socket listening on each of `addresses`, bound as asyncio binds them for uvicorn; or
+    why one cannot be (another server has its port). Said before the data directory is opened,
+    where uvicorn's own bind error came after it, as log lines that name neither the option to
+    change nor what to do. Listening at once holds the port (two sockets with SO_REUSEADDR may
+    both bind it until one listens); a client that connects while the data directory is opened
+    waits in the backlog and is answered once the app has started."""
+    sockets: list[socket.socket] = []
+    for family, kind, proto, _, address in dict.fromkeys(addresses):
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError:  # a family this kernel lacks (IPv6 disabled): asyncio skips it too
+            continue
+        sockets.append(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio binds it, beside an IPv4 socket
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+        except OSError as exc:
+            for bound in sockets:
+                bound.close()
+            advice = {errno.EADDRINUSE: "something else listens there: stop it or give "
+                                        "another --port",
+                      errno.EACCES: "a port below 1024 needs root: give another --port",
+                      errno.EADDRNOTAVAIL: "no interface of this machine has that "
+                                           "address: give another --host"}
+            reason = (exc.strerror or str(exc)).lower()
+            hint = advice.get(exc.errno or 0)
+            return f"{reason} ({hint})" if hint else reason
+    return sockets or "no address of a kind this machine supports"
+
+
+def _serve_on(sockets: list[socket.socket], config: ServiceConfig) -> int:
+    """Opens the data directory and serves the app on `sockets` until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    from vidcache.app import create_app
+    from vidcache.http_protocol import PipelinedHttpToolsProtocol, without_uvicorns_parse_warning
+    from vidcache.ingest import STOP_TIMEOUT
+    from vidcache.store import INDEX_FILE, INTERNAL_DIR
+
+    logging.getLogger("uvicorn.access").addFilter(_query_without_credentials)
+    logging.getLogger("uvicorn.error").addFilter(without_uvicorns_parse_warning)
+    # httpx logs each request with the pinned IP; ingest logs the outcome with the URL instead
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         app = create_app(config)
     except VidcacheError as exc:
@@ -417,13 +462,15 @@ def _serve(args: argparse.Namespace) -> int:
             "bearer token required for every request but /health and the API description"
             if config.token_reads else
             "bearer token required for ingest and delete")
-    serving = f"serving {config.data_dir} on http://{config.host}:{config.port} ({auth})"
+    host = f"[{config.host}]" if ":" in config.host else config.host  # an IPv6 address
+    # uvicorn logs no "running on ..." line for sockets handed to it: this line says it
+    serving = (f"serving {config.data_dir} on http://{host}:{config.port} ({auth}); "
+               f"Ctrl-C stops it")
 
     class Server(uvicorn.Server):
-        """Says `serving ...` once its socket listens: not before a bind error (port in use),
-        after which uvicorn logs the error and exits with status 3. At shutdown, stops the
-        ingests still running when the grace period is over, so that they answer 503 before
-        uvicorn cancels the requests left (a plain-text 500 and a traceback each)."""
+        """Says `serving ...` once its sockets listen. At shutdown, stops the ingests still
+        running when the grace period is over, so that they answer 503 before uvicorn cancels
+        the requests left (a plain-text 500 and a traceback each)."""
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
@@ -438,35 +485,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     # log_config=None: uvicorn's loggers go through the format configured above
     server = Server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=config.log_level, log_config=None,
+        app, log_level=config.log_level, log_config=None, backlog=_BACKLOG,
         timeout_graceful_shutdown=_GRACE + STOP_TIMEOUT, timeout_keep_alive=config.keep_alive,
         http=PipelinedHttpToolsProtocol))
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
-        server.run()
+        server.run(sockets=sockets)
     return 0
-
-
-def _unusable_address(addresses: list[tuple[Any, ...]]) -> str | None:
-    """Why one of `addresses` cannot be listened on (another server has its port), or None: a
-    trial bind, made as uvicorn binds. uvicorn's own bind error comes after the index is opened,
-    as log lines that name neither the option to change nor what to do."""
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as trial:
-            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:  # as asyncio binds it, beside an IPv4 socket
-                trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                trial.bind(address)
-            except OSError as exc:
-                advice = {errno.EADDRINUSE: "something else listens there: stop it or give "
-                                            "another --port",
-                          errno.EACCES: "a port below 1024 needs root: give another --port",
-                          errno.EADDRNOTAVAIL: "no interface of this machine has that "
-                                               "address: give another --host"}
-                reason = (exc.strerror or str(exc)).lower()
-                hint = advice.get(exc.errno or 0)
-                return f"{reason} ({hint})" if hint else reason
-    return None
 
 
 def _query_without_credentials(record: logging.LogRecord) -> bool:
