@@ -587,11 +587,17 @@ def test_every_change_is_erofs(mount: VcfsMount, corpus: dict[str, Video]) -> No
         lambda: os.symlink(existing, mount.mountpoint / "link"),
         lambda: os.link(existing, mount.mountpoint / "hardlink"),
         lambda: os.setxattr(existing, "user.x", b"1"),
+        lambda: os.removexattr(existing, "user.x"),
     ]
     for attempt in attempts:
         with pytest.raises(OSError) as caught:
             attempt()
         assert caught.value.errno == errno.EROFS, attempt
+    # There are no extended attributes to read (getfattr: "Operation not supported").
+    for read_xattrs in (lambda: os.getxattr(existing, "user.x"), lambda: os.listxattr(existing)):
+        with pytest.raises(OSError) as caught:
+            read_xattrs()
+        assert caught.value.errno == errno.ENOTSUP, read_xattrs
     assert existing.read_bytes() == corpus["a.mp4"].data()
 
 
@@ -662,7 +668,7 @@ def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> 
 # Lifecycle: signals, crashes, daemon mode
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_unmounts_cleanly(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], signum: int
 ) -> None:
@@ -724,6 +730,32 @@ def test_daemon_mode_detaches_once_mounted(
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
         if pid is not None and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_unmount_of_a_mount_in_use_says_so_and_lazy_detaches_it(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    """docs/vcfs.md, `vcfs unmount` and Troubleshooting: with a file open in the mount, `vcfs
+    unmount` says it is busy and what to do (exit status 1, one line); `--lazy` detaches it at
+    once (exit status 0), the open file reads on, and the daemon exits once it is closed."""
+    mounted = fresh_mount()
+    assert mounted.process is not None
+    video = corpus["a.mp4"]
+    with open(mounted.video(video.file_name), "rb") as held:
+        busy = run_vcfs("unmount", str(mounted.mountpoint))
+        assert busy.returncode == 1, busy.stderr
+        lines = busy.stderr.splitlines()
+        assert len(lines) == 1, busy.stderr
+        assert lines[0].startswith(f"vcfs: error: cannot unmount {mounted.mountpoint}: "), lines
+        assert lines[0].endswith(" busy (files still open? use --lazy)"), lines
+        assert os.path.ismount(mounted.mountpoint)
+        lazy = run_vcfs("unmount", "--lazy", str(mounted.mountpoint))
+        assert (lazy.returncode, lazy.stderr) == (0, "")
+        assert not os.path.ismount(mounted.mountpoint)
+        assert held.read() == video.data()
+        assert mounted.process.poll() is None  # it serves the open file until it is closed
+    assert mounted.process.wait(timeout=20) == 0
+    assert "unmounted" in mounted.log()
 
 
 class _BasicAuth(Hooks):
