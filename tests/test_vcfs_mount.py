@@ -983,6 +983,11 @@ def test_startup_errors_are_one_clear_line(
         "is not a directory": ("mount", url, str(full / "file")),
         "must be at most half of --cache-size": ("mount", url, str(empty), "--cache-size",
                                                  "8M", "--readahead-max", "16M"),
+        # sizes that parse, but out of their bounds (docs/vcfs.md: exit 1, not usage's 2)
+        "--block-size must be a multiple of 4K between 4K and 64M, not 3072": (
+            "mount", url, str(empty), "--block-size", "3K"),
+        "--cache-size (1048576) must hold at least two blocks (2097152)": (
+            "mount", url, str(empty), "--cache-size", "1M"),
         "must be at most --cache-size": ("mount", url, str(empty), "--cache-size", "8M",
                                          "--readahead-max", "1M", "--keep-passed", "9M"),
         f"{empty} is not mounted": ("unmount", str(empty)),
