@@ -697,6 +697,22 @@ def test_stale_mount_is_cleared_at_start(
         assert "stale mount" in again.log()
 
 
+def test_vcfs_unmount_clears_the_stale_mount_of_a_daemon_that_died(
+    fresh_mount: Callable[..., VcfsMount],
+) -> None:
+    """docs/vcfs.md, Troubleshooting: "Transport endpoint is not connected" after the daemon
+    died is undone by `vcfs unmount MOUNTPOINT` (exit status 0), leaving the empty directory."""
+    crashed = fresh_mount()
+    crashed.kill()
+    with pytest.raises(OSError) as caught:
+        os.listdir(crashed.mountpoint)
+    assert caught.value.errno == errno.ENOTCONN
+    cleared = run_vcfs("unmount", str(crashed.mountpoint))
+    assert (cleared.returncode, cleared.stderr) == (0, "")
+    assert not os.path.ismount(crashed.mountpoint)
+    assert os.listdir(crashed.mountpoint) == []
+
+
 def test_daemon_mode_detaches_once_mounted(
     tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
 ) -> None:
