@@ -1011,6 +1011,8 @@ def test_startup_errors_are_one_clear_line(
         "is not mounted (it does not exist: a typo?)": ("unmount", str(tmp_path / "missing")),
         "-o subtype: a vcfs mount is of type fuse.vcfs": ("mount", url, str(empty),
                                                            "-o", "subtype=videos"),
+        "vcfs is read-only: -o rw is not possible": ("mount", url, str(empty),
+                                                      "-o", "allow_other,rw"),
     }
     for message, args in cases.items():
         result = run_vcfs(*args)
