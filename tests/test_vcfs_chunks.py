@@ -170,6 +170,34 @@ def test_a_read_into_the_middle_of_a_cold_block_fetches_from_its_chunk_on(
         assert mount.stats()["remote"]["verify_failures"] == 0
 
 
+UNVERIFIED = "larger than vcfs widens a fetch to (4 MiB)"
+
+
+@mounting
+def test_chunks_too_big_to_widen_a_fetch_to_are_said_unverified_and_whole_blocks_verify_them(
+    tmp_path: Path, media_url: str, videos: dict[str, Path],
+) -> None:
+    """A service recording 8 MiB chunks (vidcache serve --chunk-size 8M): vcfs widens a fetch
+    to whole chunks of up to 4 MiB only, so the 1 MiB blocks of such a video are checked
+    against their ranges, not the digests. That was silent, where docs/vcfs.md said every
+    byte was verified: the log says so once, naming the --block-size that verifies them; with
+    8 MiB blocks every chunk is verified and nothing is said."""
+    with VidcacheServer(tmp_path / "data", "--chunk-size", "8M") as server:
+        source = ingest(server.url, media_url, videos, ("big.mp4",),
+                        bucket="big-chunks")["big.mp4"]
+        with VcfsMount(server.url, tmp_path / "small-blocks") as mount:
+            assert mount.video(source.file_name).read_bytes() == source.data  # 22 blocks
+            lines = [line for line in mount.log().splitlines() if UNVERIFIED in line]
+            assert len(lines) == 1, lines
+            assert (" WARNING " in lines[0] and "its chunk digests are of 8 MiB chunks" in lines[0]
+                    and "a --block-size that is a multiple of 8 MiB" in lines[0]), lines
+        with VcfsMount(server.url, tmp_path / "whole-chunks", "--block-size", "8M") as mount:
+            assert mount.video(source.file_name).read_bytes() == source.data
+            mount.wait_quiet(30)
+            assert remote_stats(mount)["verified_chunks"] >= chunk_count(source, 8 * MIB)
+            assert UNVERIFIED not in mount.log()
+
+
 STALL = 6.0  # seconds the proxy holds back the rest of a block in the stall test
 
 

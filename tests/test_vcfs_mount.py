@@ -587,11 +587,17 @@ def test_every_change_is_erofs(mount: VcfsMount, corpus: dict[str, Video]) -> No
         lambda: os.symlink(existing, mount.mountpoint / "link"),
         lambda: os.link(existing, mount.mountpoint / "hardlink"),
         lambda: os.setxattr(existing, "user.x", b"1"),
+        lambda: os.removexattr(existing, "user.x"),
     ]
     for attempt in attempts:
         with pytest.raises(OSError) as caught:
             attempt()
         assert caught.value.errno == errno.EROFS, attempt
+    # There are no extended attributes to read (getfattr: "Operation not supported").
+    for read_xattrs in (lambda: os.getxattr(existing, "user.x"), lambda: os.listxattr(existing)):
+        with pytest.raises(OSError) as caught:
+            read_xattrs()
+        assert caught.value.errno == errno.ENOTSUP, read_xattrs
     assert existing.read_bytes() == corpus["a.mp4"].data()
 
 
@@ -662,7 +668,7 @@ def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> 
 # Lifecycle: signals, crashes, daemon mode
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_unmounts_cleanly(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], signum: int
 ) -> None:
@@ -689,6 +695,22 @@ def test_stale_mount_is_cleared_at_start(
     with VcfsMount(vidcache_server.url, crashed.mountpoint) as again:
         assert again.video(corpus["a.mp4"].file_name).read_bytes() == corpus["a.mp4"].data()
         assert "stale mount" in again.log()
+
+
+def test_vcfs_unmount_clears_the_stale_mount_of_a_daemon_that_died(
+    fresh_mount: Callable[..., VcfsMount],
+) -> None:
+    """docs/vcfs.md, Troubleshooting: "Transport endpoint is not connected" after the daemon
+    died is undone by `vcfs unmount MOUNTPOINT` (exit status 0), leaving the empty directory."""
+    crashed = fresh_mount()
+    crashed.kill()
+    with pytest.raises(OSError) as caught:
+        os.listdir(crashed.mountpoint)
+    assert caught.value.errno == errno.ENOTCONN
+    cleared = run_vcfs("unmount", str(crashed.mountpoint))
+    assert (cleared.returncode, cleared.stderr) == (0, "")
+    assert not os.path.ismount(crashed.mountpoint)
+    assert os.listdir(crashed.mountpoint) == []
 
 
 def test_daemon_mode_detaches_once_mounted(
@@ -724,6 +746,32 @@ def test_daemon_mode_detaches_once_mounted(
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
         if pid is not None and process_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_unmount_of_a_mount_in_use_says_so_and_lazy_detaches_it(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    """docs/vcfs.md, `vcfs unmount` and Troubleshooting: with a file open in the mount, `vcfs
+    unmount` says it is busy and what to do (exit status 1, one line); `--lazy` detaches it at
+    once (exit status 0), the open file reads on, and the daemon exits once it is closed."""
+    mounted = fresh_mount()
+    assert mounted.process is not None
+    video = corpus["a.mp4"]
+    with open(mounted.video(video.file_name), "rb") as held:
+        busy = run_vcfs("unmount", str(mounted.mountpoint))
+        assert busy.returncode == 1, busy.stderr
+        lines = busy.stderr.splitlines()
+        assert len(lines) == 1, busy.stderr
+        assert lines[0].startswith(f"vcfs: error: cannot unmount {mounted.mountpoint}: "), lines
+        assert lines[0].endswith(" busy (files still open? use --lazy)"), lines
+        assert os.path.ismount(mounted.mountpoint)
+        lazy = run_vcfs("unmount", "--lazy", str(mounted.mountpoint))
+        assert (lazy.returncode, lazy.stderr) == (0, "")
+        assert not os.path.ismount(mounted.mountpoint)
+        assert held.read() == video.data()
+        assert mounted.process.poll() is None  # it serves the open file until it is closed
+    assert mounted.process.wait(timeout=20) == 0
+    assert "unmounted" in mounted.log()
 
 
 class _BasicAuth(Hooks):
@@ -951,6 +999,11 @@ def test_startup_errors_are_one_clear_line(
         "is not a directory": ("mount", url, str(full / "file")),
         "must be at most half of --cache-size": ("mount", url, str(empty), "--cache-size",
                                                  "8M", "--readahead-max", "16M"),
+        # sizes that parse, but out of their bounds (docs/vcfs.md: exit 1, not usage's 2)
+        "--block-size must be a multiple of 4K between 4K and 64M, not 3072": (
+            "mount", url, str(empty), "--block-size", "3K"),
+        "--cache-size (1048576) must hold at least two blocks (2097152)": (
+            "mount", url, str(empty), "--cache-size", "1M"),
         "must be at most --cache-size": ("mount", url, str(empty), "--cache-size", "8M",
                                          "--readahead-max", "1M", "--keep-passed", "9M"),
         f"{empty} is not mounted": ("unmount", str(empty)),
@@ -958,6 +1011,8 @@ def test_startup_errors_are_one_clear_line(
         "is not mounted (it does not exist: a typo?)": ("unmount", str(tmp_path / "missing")),
         "-o subtype: a vcfs mount is of type fuse.vcfs": ("mount", url, str(empty),
                                                            "-o", "subtype=videos"),
+        "vcfs is read-only: -o rw is not possible": ("mount", url, str(empty),
+                                                      "-o", "allow_other,rw"),
     }
     for message, args in cases.items():
         result = run_vcfs(*args)

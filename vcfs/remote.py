@@ -39,8 +39,11 @@ service recorded it at ingest (1 MiB for the oldest videos, 256 KiB by default s
 made of whole chunks (any chunk size that divides the block size) is verified chunk by chunk as
 it is. A fetch whose ends cut a chunk (blocks smaller than the chunks, or not aligned to them)
 is widened to whole chunks; the partly used edge chunks are kept, verified, in a small LRU, so
-the neighbouring blocks cost no second request. A mismatch is retried like a transient error (a
-flaky proxy or disk), so corrupt bytes never reach the block cache. The first fetch of a hash
+the neighbouring blocks cost no second request. Not chunks bigger than half that LRU (a service
+recording 8 or 16 MiB chunks): a 1 MiB block would cost 8 or 16 MiB, so the chunks it cuts are
+read range-checked only, which the log says once per chunk size (`_say_unverified`). A
+mismatch is retried like a transient error (a flaky proxy or disk), so corrupt bytes never
+reach the block cache. The first fetch of a hash
 asks for the range and the digests at once (a round trip saved when a player opens a file) and
 returns the bytes only once the digests have arrived and match; if the range cuts a chunk, or
 does not match, it falls back to the path above. So does the first fetch in a page of digests
@@ -480,6 +483,8 @@ class Remote:
         self._verified: LRUCache[tuple[str, int], bytes] = LRUCache(
             maxsize=self.config.verified_chunk_bytes, getsizeof=len
         )
+        # Chunk sizes too big to widen fetches to, said so in the log (`_say_unverified`).
+        self._unverified_chunk_sizes: set[int] = set()
         self._first_blocks: TTLCache[str, _FirstBlock] = TTLCache(
             maxsize=self.config.first_blocks_held, ttl=self.config.first_block_ttl, timer=clock
         )
@@ -1391,12 +1396,13 @@ class Remote:
         verified-chunk LRU or are fetched whole (and then kept there)."""
         chunk_size = digests.chunk_size
         first, last = start // chunk_size, (end - 1) // chunk_size
-        if chunk_size > self.config.verified_chunk_bytes // 2:
-            # Widening would fetch huge chunks for small blocks: verify only whole ones.
-            return self._fetch_range(asked, content_hash, start, end, digests, deadline, stop)
         cut_first = start != digests.bounds(first)[0]
         cut_last = end != digests.bounds(last)[1]
         if not cut_first and not cut_last:
+            return self._fetch_range(asked, content_hash, start, end, digests, deadline, stop)
+        if chunk_size > self.config.verified_chunk_bytes // 2:
+            # Widening would fetch huge chunks for small blocks: verify only whole ones.
+            self._say_unverified(content_hash, chunk_size)
             return self._fetch_range(asked, content_hash, start, end, digests, deadline, stop)
         cut = {first: cut_first, last: cut_last} if first != last else {first: True}
         with self._lock:
@@ -1432,6 +1438,21 @@ class Remote:
         whole = parts[0] if len(parts) == 1 else b"".join(parts)
         base = first * chunk_size
         return whole[start - base : end - base]
+
+    def _say_unverified(self, content_hash: str, chunk_size: int) -> None:
+        """Warn, once per chunk size, that the chunks of this size the mount's blocks cut are
+        read range-checked only: nothing else would tell the operator, whom docs/vcfs.md
+        promises every byte verified, and who can mount with blocks of whole chunks."""
+        with self._lock:
+            if chunk_size in self._unverified_chunk_sizes:
+                return
+            self._unverified_chunk_sizes.add(chunk_size)
+        log.warning("%s: its chunk digests are of %g MiB chunks, larger than vcfs widens a fetch "
+                    "to (%g MiB): the bytes of blocks that cut such a chunk are checked against "
+                    "their range only, not against its digest. To verify every byte, mount with "
+                    "a --block-size that is a multiple of %g MiB (said once per chunk size)",
+                    content_hash, chunk_size / MIB, self.config.verified_chunk_bytes / 2 / MIB,
+                    chunk_size / MIB)
 
     def _fetch_range(
         self,
