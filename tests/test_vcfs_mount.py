@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -711,6 +712,34 @@ def test_vcfs_unmount_clears_the_stale_mount_of_a_daemon_that_died(
     assert (cleared.returncode, cleared.stderr) == (0, "")
     assert not os.path.ismount(crashed.mountpoint)
     assert os.listdir(crashed.mountpoint) == []
+
+
+def test_a_daemon_killed_before_it_mounted_is_said_with_exit_status_1(tmp_path: Path) -> None:
+    """docs/vcfs.md, `--daemon`: start-up errors end in exit status 1. A daemon killed before
+    it mounted (the OOM killer, a crash) printed nothing, and its -9 became exit status 247."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # the health check waits on it
+        silent.settimeout(60)
+        command = subprocess.Popen(
+            vcfs_command("mount", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                         str(mountpoint), "--daemon"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            connection, _ = silent.accept()
+            with connection:
+                daemon = int(Path(f"/proc/{command.pid}/task/{command.pid}/children")
+                             .read_text().split()[0])
+                os.kill(daemon, signal.SIGKILL)
+                out, err = command.communicate(timeout=60)
+        finally:
+            if command.poll() is None:
+                command.kill()
+                command.wait()
+    assert (command.returncode, out) == (1, "")
+    assert err == (f"vcfs: error: the daemon (pid {daemon}) was killed by SIGKILL before the "
+                   "mount came up\n")
+    assert not os.path.ismount(mountpoint)
 
 
 def test_daemon_mode_detaches_once_mounted(

@@ -820,9 +820,12 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
         code = _stop(child)
         early_output.seek(0)
         sys.stderr.write(early_output.read().decode(errors="replace"))
-        if not status:
-            return code or 1
-        raise StartupError(f"the mount did not come up within {wait:g} s")
+        if status:
+            raise StartupError(f"the mount did not come up within {wait:g} s")
+        if code < 0:  # killed (the OOM killer, a crash): it said nothing, and -9 is no status
+            raise StartupError(f"the daemon (pid {child.pid}) was killed by "
+                               f"{_signal_name(-code)} before the mount came up")
+        return code or 1
 
 
 # A line `configure_logging` writes at WARNING or above.
@@ -834,6 +837,13 @@ def _warnings(early_output: str) -> str:
     vidcache 1.x, ...): said on the terminal, as no log keeps them."""
     return "".join(line for line in early_output.splitlines(keepends=True)
                    if _WARNING_LINE.match(line))
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _stop(child: subprocess.Popen[bytes]) -> int:
