@@ -54,7 +54,7 @@ from tests.vcfs_fault_support import (
     read_uncached,
 )
 from tests.vcfs_support import VcfsMount, process_alive, requires_fuse, vcfs_command
-from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vcfs.remote import _NO_VIDEO, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse
@@ -446,6 +446,54 @@ def test_a_vidcache_without_our_extensions_is_mounted_and_read_by_name(
         asked = [target.split("?")[0] for target in link.request_targets()]
         assert not any(path.startswith("/videos") for path in asked)
         assert not any(path.endswith("/chunks") for path in asked)
+
+
+def test_a_vidcache_without_our_extensions_is_checked_with_two_requests(
+    tmp_path: Path, link: FaultyLink,
+) -> None:
+    """A vidcache 1.x's start-up check is its 404 for /health and for the first byte of a video
+    no service has: that 404 (not 401/403) says reads are let through. A `GET /meta/<64
+    zeros>` followed, to learn whether reads need another token: it could tell nothing more."""
+    link.faults.enable(Refuse(status=404, detail="Not Found", match=_extension_route))
+    with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT)) as mounted:
+        assert link.request_targets() == ["/health", f"/video/{_NO_VIDEO}"]
+        assert remote_stats(mounted)["http_requests"] == 2
+
+
+def test_a_vidcache_without_our_extensions_behind_a_token_is_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    """A vidcache 1.x whose reads need a token vcfs lacks (or has wrong) refuses the video of
+    its start-up check: the mount stops there, naming the refusal as for this project's
+    service (`refused access to ...: HTTP 401: ...; advice`), with no request after it."""
+    token, wrong = tmp_path / "token", tmp_path / "wrong"
+    token.write_text("s3cret-token\n")
+    wrong.write_text("not-the-token\n")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    refused = f"refused access to video data: HTTP 401: GET /video/{_NO_VIDEO}"
+    with VidcacheServer(tmp_path / "own", "--token-file", str(token), "--token-reads") as (
+            server), FaultyLink(server.port) as link:
+        link.faults.enable(Refuse(status=404, detail="Not Found", match=_extension_route))
+        for args, problem, advice in (
+            ((), "needs a bearer token", "the service requires a token: mount with --token-file "
+             "FILE"),
+            (("--token-file", str(wrong)), "wrong bearer token", "the service refused vcfs's "
+             "token: check that --token-file holds the token of the service's --token-file"),
+        ):
+            before = len(link.request_targets())
+            result = subprocess.run(
+                vcfs_command("mount", link.url, str(mountpoint), "--timeout", str(TIMEOUT),
+                             *args),
+                capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 1, result.stderr
+            # after the log's warning that it was taken for a vidcache 1.x
+            error = result.stderr.splitlines()[-1]
+            assert error.startswith(
+                f"vcfs: error: the vidcache service at {link.url} {refused}"), result.stderr
+            assert problem in error and error.endswith(f"; {advice}"), result.stderr
+            assert not os.path.ismount(mountpoint)
+            assert link.request_targets()[before:] == ["/health", f"/video/{_NO_VIDEO}"]
 
 
 def test_a_daemon_without_a_log_file_shows_its_start_up_warnings(

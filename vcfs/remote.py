@@ -201,7 +201,7 @@ _NOT_VIDCACHE = "something answers there, but not a vidcache service (check the 
 _NOTHING_LISTENS = ("nothing listens there (start the service, vidcache serve, or check the URL "
                     "and port)")
 # A video no service has (a BLAKE3 digest of all zeros): asked for where the answer for it
-# shows whether the service has the route (`check_health`, `check_access`).
+# shows whether the service has the route, and lets reads through (`check_health`).
 _NO_VIDEO = "0" * 64
 # How this project's service answers a route it does not have (see `check_health`).
 _NO_SUCH_ENDPOINT = "no such endpoint: "
@@ -491,6 +491,8 @@ class Remote:
         self._failures: dict[str, list[_Failure]] = {}
         # False for a vidcache 1.x without this project's extensions (`check_health`).
         self._extended = True
+        # A vidcache 1.x's refusal of a video's bytes at its health check (`check_access`).
+        self._reads_refused: AuthError | None = None
         self._listing: list[VideoMeta] = []
         # The last listing's videos by hash: they answer lookups by name (see `meta`).
         self._listed: dict[str, VideoMeta] = {}
@@ -564,7 +566,7 @@ class Remote:
             if exc.status_code == 404 and exc.json_detail:
                 # vidcache's JSON errors, but no /health: the wire protocol's routes without
                 # ours (/health, /videos, /video/<hash>/chunks), if it has those.
-                self._check_wire_protocol(exc.detail)
+                self._reads_refused = self._check_wire_protocol(exc.detail)
                 self._extended = False
                 log.warning("%s: no /health, but errors in vidcache's JSON: taken for a "
                             "vidcache 1.x without the extensions of this project. by-hash "
@@ -585,22 +587,23 @@ class Remote:
         if status.get("status") != "ok":
             raise RemoteUnavailable(f"service reports {status!r}")
 
-    def _check_wire_protocol(self, no_health: str) -> None:
+    def _check_wire_protocol(self, no_health: str) -> AuthError | None:
         """One `GET /video/<hash>` (its first byte) of a hash no video has, after a JSON 404
         for /health (`no_health`, its detail): RemoteUnavailable unless the answer is that of a
         vidcache 1.x, which has the route and says in its own JSON 404 that there is no such
         video. Another JSON API without /health answers it so too (FastAPI: `{"detail": "Not
         Found"}`), and the video the same, a route it lacks as well. A read: nothing is stored
-        or changed."""
+        or changed. Returns the refusal if the route is behind a token vcfs lacks (None: reads
+        are let through), which `check_access` reports."""
         self.counters.add("http_requests")
         try:
             self._bounded(lambda _: self._client.get_bytes(_NO_VIDEO, (0, 0)),
                           self._cutoff(self._deadline()))
         except NotFoundError as exc:
             if exc.json_detail and exc.detail != no_health:
-                return
-        except AuthError:  # the route is there, behind a token: `check_access` says which
-            return
+                return None
+        except AuthError as exc:  # the route is there, behind a token
+            return exc
         except ServerError as exc:
             raise RemoteUnavailable(str(exc)) from exc
         except (StatusError, ProtocolError):
@@ -610,19 +613,21 @@ class Remote:
         raise RemoteUnavailable(f"health check: HTTP 404 ({no_health}): {_NOT_VIDCACHE}")
 
     def check_access(self) -> None:
-        """One `GET /videos?limit=1` (`/meta` of a hash no video has, on a service without the
-        listing): AccessDenied if the service wants another token (its health check is open
-        even where reading needs the token). Any other failure is only logged: the service
-        answered /health, and the reads themselves will retry."""
+        """AccessDenied if the service wants another token (its health check is open even
+        where reading needs the token), after `check_health`. One `GET /videos?limit=1`; none
+        on a vidcache 1.x, whose health check already asked for a video's bytes: a 401/403
+        there is the refusal, a 404 means reads are let through. Any other failure is only
+        logged: the service answered /health, and the reads themselves will retry."""
+        if not self._extended:
+            if self._reads_refused is not None:
+                raise self._access_denied("video data", self._reads_refused) from (
+                    self._reads_refused)
+            return
         self.counters.add("http_requests")
-        ask: Callable[[], object]
-        if self._extended:
-            what, ask = "the video listing", lambda: next(iter(
-                self._client.list_videos(page_size=1)), None)
-        else:
-            what, ask = "video metadata", lambda: self._client.get_meta(_NO_VIDEO)
+        what = "the video listing"
         try:
-            self._bounded(lambda _: ask(), self._cutoff(self._deadline()))
+            self._bounded(lambda _: next(iter(self._client.list_videos(page_size=1)), None),
+                          self._cutoff(self._deadline()))
         except AuthError as exc:
             raise self._access_denied(what, exc) from exc
         except (VidCacheError, Overdue) as exc:
