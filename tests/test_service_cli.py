@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -668,6 +669,28 @@ def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
         assert f"on http://127.0.0.1:{port} (no authentication)" in log_path.read_text()
     finally:
         stop_process(first)
+
+
+def test_ctrl_c_while_it_starts_is_one_line(tmp_path: Path) -> None:
+    """A Ctrl-C before the service is ready (here held up by SSL_CERT_FILE, a FIFO nothing
+    writes) was a traceback ending in KeyboardInterrupt."""
+    certificates = tmp_path / "ca.pem"
+    os.mkfifo(certificates)
+    port = free_port()
+    starting = subprocess.Popen(
+        [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "data"), "--port",
+         str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "SSL_CERT_FILE": str(certificates)})
+    try:
+        early = wait_until(lambda: _connection(port), timeout=60, what="the port listening")
+        assert early is not None  # for mypy: wait_until returns a truthy result
+        early.close()
+        starting.send_signal(signal.SIGINT)
+        out, err = starting.communicate(timeout=60)
+    finally:
+        stop_process(starting)
+    assert (starting.returncode, out, err) == (
+        130, b"", b"vidcache serve: interrupted before it was ready\n")
 
 
 def test_an_ipv6_address_is_said_as_a_url(tmp_path: Path) -> None:

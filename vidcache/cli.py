@@ -385,16 +385,20 @@ def _serve(args: argparse.Namespace) -> int:
     except socket.gaierror as exc:
         print(f"vidcache serve: error: --host {config.host}: {exc.strerror}", file=sys.stderr)
         return 2
-    sockets = _listening_sockets(addresses)
-    if isinstance(sockets, str):
-        print(f"vidcache serve: error: cannot listen on {config.host} port {config.port}: "
-              f"{sockets}", file=sys.stderr)
-        return 3
     try:
-        return _serve_on(sockets, config)
-    finally:
-        for sock in sockets:
-            sock.close()
+        sockets = _listening_sockets(addresses)
+        if isinstance(sockets, str):
+            print(f"vidcache serve: error: cannot listen on {config.host} port {config.port}: "
+                  f"{sockets}", file=sys.stderr)
+            return 3
+        try:
+            return _serve_on(sockets, config)
+        finally:
+            for sock in sockets:
+                sock.close()
+    except KeyboardInterrupt:  # before uvicorn handles Ctrl-C: a slow data directory, say
+        print("vidcache serve: interrupted before it was ready", file=sys.stderr)
+        return 130
 
 
 def _listening_sockets(addresses: list[tuple[Any, ...]]) -> list[socket.socket] | str:
