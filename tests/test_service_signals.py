@@ -162,7 +162,8 @@ def test_stop_ends_the_tools_running_and_refuses_new_ones(tmp_path: Path) -> Non
 
 
 _SHUTTING_DOWN = "the server is shutting down; try again"
-_EXIT_STATUS = {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 0}  # uvicorn re-raises SIGTERM
+# uvicorn re-raises SIGTERM once shut down, and vidcache SIGHUP
+_EXIT_STATUS = {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: 0, signal.SIGHUP: -signal.SIGHUP}
 
 
 def _assert_answered_shutting_down(answer: httpx.Response | httpx.HTTPError | None,
@@ -176,15 +177,17 @@ def _assert_answered_shutting_down(answer: httpx.Response | httpx.HTTPError | No
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["TERM", "INT", "HUP"])
 def test_shutdown_answers_a_download_in_flight_503(tmp_path: Path, videos: dict[str, Path],
                                                     signum: signal.Signals) -> None:
-    """SIGTERM or Ctrl-C while a download waits on a silent origin: once the grace period is
-    over the download is cut and answered 503 'the server is shutting down', logged once; the
-    server exits at once; no temp file is left; the video stored before stays. Was: a
-    plain-text 500 and a traceback ('CancelledError'); with Ctrl-C the server waited for the
-    download to time out and then logged 'failed (502): ... Bad file descriptor', blaming the
-    origin; with SIGTERM the download's temp file was left for the next start to clean."""
+    """SIGTERM, Ctrl-C or SIGHUP (the terminal closed) while a download waits on a silent
+    origin: once the grace period is over the download is cut and answered 503 'the server is
+    shutting down', logged once; the server exits at once; no temp file is left; the video
+    stored before stays. Was: a plain-text 500 and a traceback ('CancelledError'); with Ctrl-C
+    the server waited for the download to time out and then logged 'failed (502): ... Bad file
+    descriptor', blaming the origin; with SIGTERM the download's temp file was left for the
+    next start to clean; SIGHUP killed the server, the ingest's connection cut unanswered."""
     data = tmp_path / "data"
     with (serve_origin(videos["c.mkv"].parent) as (origin, stalled),
           VidcacheServer(data, "--download-timeout", "120") as server):
