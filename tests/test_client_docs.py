@@ -1,4 +1,5 @@
-"""docs/client.md's Python examples, run as written against the real service on loopback.
+"""docs/client.md's Python examples, and README.md's, run as written against the real service
+on loopback.
 
 Each example is taken from the document itself, so an example that stops working (a renamed
 argument, another return shape) fails here instead of in a reader's hands. Only the quick
@@ -21,20 +22,21 @@ from blake3 import blake3
 from tests.support import VidcacheServer, wait_until
 from vidcache_client import VidCacheClient
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "client.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "client.md"
 MiB = 1 << 20
 
 
-def example(containing: str) -> str:
-    """The one Python example of docs/client.md whose code contains `containing`."""
-    blocks = re.findall(r"^```python\n(.*?)^```", DOC.read_text(), re.DOTALL | re.MULTILINE)
+def example(containing: str, doc: Path = DOC) -> str:
+    """The one Python example of `doc` whose code contains `containing`."""
+    blocks = re.findall(r"^```python\n(.*?)^```", doc.read_text(), re.DOTALL | re.MULTILINE)
     found = [block for block in blocks if containing in block]
-    assert len(found) == 1, f"{len(found)} examples in {DOC} contain {containing!r}"
+    assert len(found) == 1, f"{len(found)} examples in {doc} contain {containing!r}"
     return str(found[0])
 
 
-def run(code: str, namespace: dict[str, Any]) -> dict[str, Any]:
-    exec(compile(code, str(DOC), "exec"), namespace)
+def run(code: str, namespace: dict[str, Any], doc: Path = DOC) -> dict[str, Any]:
+    exec(compile(code, str(doc), "exec"), namespace)
     return namespace
 
 
@@ -114,3 +116,18 @@ def test_the_examples_of_docs_client_md_run_as_written(
         retried = run(example("except VidCacheError as exc:"), {
             "client": client, "video": video, "start": 1000, "end": 1999})
         assert retried["data"] == source[1000:2000]
+
+
+def test_the_example_of_the_readme_runs_as_written(
+    vidcache_server: VidcacheServer, media_url: str, videos: dict[str, Path],
+) -> None:
+    readme = ROOT / "README.md"
+    code = example("with VidCacheClient(", readme)
+    for placeholder in ("http://127.0.0.1:8020", "https://example.com/v.mp4"):
+        assert placeholder in code
+    # c.mkv: perceptually distinct from every other test video, so its own hash wherever stored
+    done = run(code.replace("http://127.0.0.1:8020", vidcache_server.url).replace(
+        "https://example.com/v.mp4", f"{media_url}/c.mkv"), {}, readme)
+    source = videos["c.mkv"].read_bytes()
+    assert done["result"]["hash"] == blake3(source).hexdigest()
+    assert done["head"] == source[:1024]
