@@ -22,10 +22,12 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from blake3 import blake3
 
-from tests.support import VidcacheServer
+from tests.client_rangeconn_support import Link
+from tests.support import VidcacheServer, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache_client import (
     InvalidRequestError,
@@ -366,6 +368,45 @@ def test_max_connections_bounds_the_pool(vidcache_server: VidcacheServer,
         with pytest.raises(RequestTimeout):
             small_pool.get_bytes(video.hash, byte_range=(0, 9))
         assert next(iter(first)) == next(iter(second)) == video.data[:MiB]
+
+
+def established_to(port: int) -> int:
+    """How many TCP connections to 127.0.0.1:`port` are established on this machine."""
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows
+               if row.split()[2] == f"0100007F:{port:04X}" and row.split()[3] == "01")
+
+
+@pytest.mark.parametrize("kind", ["read_range_into", "stream_video"])
+def test_close_lets_a_running_call_finish_then_closes_its_connection(
+        vidcache_server: VidcacheServer, stored: dict[str, Stored], kind: str) -> None:
+    """docs/client.md: close() while a call runs (here, from inside it) lets the call finish
+    with its bytes, then closes its connection; later calls raise RuntimeError. Through a
+    proxy of the test's own, whose port only this client's connections go to."""
+    video = stored["big.mp4"]
+    with Link(vidcache_server.port) as link:
+        port = httpx.URL(link.url).port
+        assert port is not None
+        client = VidCacheClient(link.url, timeout=30)
+
+        def close_while_running() -> None:
+            assert established_to(port) == 1  # the running call's
+            client.close()
+
+        if kind == "read_range_into":
+            buffers = [bytearray(MiB) for _ in range(3)]
+            received = client.read_range_into(
+                video.hash, 0, buffers,
+                on_filled=lambda index: close_while_running() if index == 0 else None)
+            assert received == 3 * MiB and b"".join(buffers) == video.data[:3 * MiB]
+        else:
+            with client.stream_video(video.hash, byte_range=(0, 3 * MiB - 1)) as chunks:
+                close_while_running()
+                assert b"".join(chunks) == video.data[:3 * MiB]
+        with pytest.raises(RuntimeError, match="closed"):
+            client.get_meta(video.hash)
+        wait_until(lambda: established_to(port) == 0, timeout=10,
+                   what="the closed client's connection to be closed")
 
 
 # --- a service of our own: statuses, listing, delete ---------------------------------------------

@@ -16,7 +16,7 @@ import re
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -862,3 +862,47 @@ def test_abort_cuts_a_read_waiting_for_a_stalled_answer_at_once() -> None:
     assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome
     with pytest.raises(RuntimeError, match="closed"):
         client.read_range_into(DATA_HASH, 0, [bytearray(10)])
+
+
+SMALL_GETS: dict[str, Callable[[VidCacheClient], object]] = {
+    "get_meta": lambda client: client.get_meta(DATA_HASH),
+    "list_videos_page": lambda client: client.list_videos_page(),
+    "open_video_into": lambda client: client.open_video_into(DATA_HASH, [bytearray(10)],
+                                                             on_meta=lambda meta: None),
+}
+
+
+@pytest.mark.parametrize("call", SMALL_GETS.values(), ids=SMALL_GETS.keys())
+def test_abort_cuts_a_small_get_waiting_for_a_stalled_answer_at_once(
+    call: Callable[[VidCacheClient], object],
+) -> None:
+    """docs/client.md: abort() cuts the small GETs on the client's own sockets too."""
+    asked, release = threading.Event(), threading.Event()
+
+    def stall(connection: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            piece = connection.recv(4096)
+            if not piece:
+                return
+            head += piece
+        asked.set()
+        release.wait(30)  # no answer while the test runs
+
+    outcome: list[BaseException | object] = []
+
+    def ask(client: VidCacheClient) -> None:
+        try:
+            outcome.append(call(client))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    with SocketServer(stall) as server, VidCacheClient(server.url, timeout=30) as client:
+        asker = threading.Thread(target=ask, args=(client,), daemon=True)
+        asker.start()
+        assert asked.wait(10), "the request never reached the server"
+        client.abort()
+        asker.join(10)  # far less than the client's 30 s timeout
+        release.set()
+        assert not asker.is_alive(), "abort() left the call waiting"
+    assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome

@@ -66,7 +66,8 @@ class IngestUnderWay:
     """One ingest the service is running (`VidCacheClient.ingests`)."""
 
     url: str
-    """The URL being ingested, as it was given but without any `user:password@`."""
+    """The URL being ingested as the service shows it: as given, but without any
+    `user:password@` and with the values of secret query parameters REDACTED."""
     bucket: str
     prefix: str
     phase: str
@@ -184,9 +185,11 @@ class VidCacheClient:
     def abort(self) -> None:
         """Close the client and cut the calls still running (e.g. when the program stops).
 
-        A call reading a byte range or a small answer over the client's own sockets fails at
-        once with a transport error; one going through httpx (a custom `transport`, a proxy
-        from the environment, an ingest) still runs until it ends or times out.
+        A call over the client's own sockets (`read_range_into`, `open_video_into`, the GETs
+        of small answers) fails at once with a transport error; one going through httpx
+        (`ingest`, `delete`, `get_bytes`, `stream_video`, `download_to_file`, and every call
+        with a custom `transport` or a proxy from the environment) still runs until it ends
+        or times out.
         """
         self._budget.abort()
 
