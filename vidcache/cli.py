@@ -66,7 +66,7 @@ _INGEST_TIMEOUT = 4000.0
 _CALL_TIMEOUT = 30.0
 _CALL_TIMEOUT_HELP = (f"seconds to wait for each of the service's answers (default "
                       f"{_CALL_TIMEOUT:g})")
-# seconds the requests in flight get to finish at SIGTERM/Ctrl-C
+# seconds the requests in flight get to finish at SIGTERM, Ctrl-C or SIGHUP
 _GRACE = 5
 # connections waiting to be accepted: uvicorn's default, which it used when it bound the port
 _BACKLOG = 2048
@@ -438,7 +438,8 @@ def _listening_sockets(addresses: list[tuple[Any, ...]]) -> list[socket.socket] 
 
 
 def _serve_on(sockets: list[socket.socket], config: ServiceConfig) -> int:
-    """Opens the data directory and serves the app on `sockets` until SIGTERM or Ctrl-C."""
+    """Opens the data directory and serves the app on `sockets` until SIGTERM, Ctrl-C or
+    SIGHUP."""
     import uvicorn
 
     from vidcache.app import create_app
