@@ -833,61 +833,24 @@ def test_a_proxy_from_the_environment_is_left_to_httpx(
     assert proxied_by_environment(httpx.URL("http://vidcache.test:8020")) is proxied
 
 
-def test_abort_cuts_a_read_waiting_for_a_stalled_answer_at_once() -> None:
-    asked, release = threading.Event(), threading.Event()
-
-    def stall(connection: socket.socket) -> None:
-        if read_request(connection) is not None:
-            asked.set()
-            connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 500\r\n"
-                               b"Content-Range: bytes 0-499/1048576\r\n\r\n" + DATA[:100])
-            release.wait(30)  # the rest never comes while the test runs
-
-    outcome: list[BaseException | int] = []
-
-    def read(client: VidCacheClient) -> None:
-        try:
-            outcome.append(client.read_range_into(DATA_HASH, 0, [bytearray(500)]))
-        except BaseException as exc:
-            outcome.append(exc)
-
-    with SocketServer(stall) as server, VidCacheClient(server.url, timeout=30) as client:
-        reader = threading.Thread(target=read, args=(client,), daemon=True)
-        reader.start()
-        assert asked.wait(10), "the read never reached the server"
-        client.abort()
-        reader.join(10)  # far less than the client's 30 s timeout
-        release.set()
-        assert not reader.is_alive(), "abort() left the read waiting"
-    assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome
-    with pytest.raises(RuntimeError, match="closed"):
-        client.read_range_into(DATA_HASH, 0, [bytearray(10)])
-
-
-SMALL_GETS: dict[str, Callable[[VidCacheClient], object]] = {
-    "get_meta": lambda client: client.get_meta(DATA_HASH),
-    "list_videos_page": lambda client: client.list_videos_page(),
-    "open_video_into": lambda client: client.open_video_into(DATA_HASH, [bytearray(10)],
-                                                             on_meta=lambda meta: None),
-}
-
-
-@pytest.mark.parametrize("call", SMALL_GETS.values(), ids=SMALL_GETS.keys())
-def test_abort_cuts_a_small_get_waiting_for_a_stalled_answer_at_once(
-    call: Callable[[VidCacheClient], object],
-) -> None:
-    """docs/client.md: abort() cuts the small GETs on the client's own sockets too."""
+def _aborted_while_it_waits(
+    call: Callable[[VidCacheClient], object], reply: Callable[[socket.socket], None],
+) -> tuple[VidCacheClient, BaseException | object]:
+    """What `call` ended with when the client was aborted as it waited for a server that has
+    received its request and sent the start of a `reply` (part of it, or nothing), stalling
+    from then on."""
     asked, release = threading.Event(), threading.Event()
 
     def stall(connection: socket.socket) -> None:
         head = b""
-        while b"\r\n\r\n" not in head:
+        while b"\r\n\r\n" not in head:  # any request: a small GET asks no range
             piece = connection.recv(4096)
             if not piece:
                 return
             head += piece
         asked.set()
-        release.wait(30)  # no answer while the test runs
+        reply(connection)
+        release.wait(30)  # the rest never comes while the test runs
 
     outcome: list[BaseException | object] = []
 
@@ -905,4 +868,35 @@ def test_abort_cuts_a_small_get_waiting_for_a_stalled_answer_at_once(
         asker.join(10)  # far less than the client's 30 s timeout
         release.set()
         assert not asker.is_alive(), "abort() left the call waiting"
-    assert len(outcome) == 1 and isinstance(outcome[0], TransportError), outcome
+    assert len(outcome) == 1, outcome
+    return client, outcome[0]
+
+
+def test_abort_cuts_a_read_waiting_for_a_stalled_answer_at_once() -> None:
+    def part_of_the_range(connection: socket.socket) -> None:
+        connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 500\r\n"
+                           b"Content-Range: bytes 0-499/1048576\r\n\r\n" + DATA[:100])
+
+    client, outcome = _aborted_while_it_waits(
+        lambda client: client.read_range_into(DATA_HASH, 0, [bytearray(500)]),
+        part_of_the_range)
+    assert isinstance(outcome, TransportError), outcome
+    with pytest.raises(RuntimeError, match="closed"):
+        client.read_range_into(DATA_HASH, 0, [bytearray(10)])
+
+
+SMALL_GETS: dict[str, Callable[[VidCacheClient], object]] = {
+    "get_meta": lambda client: client.get_meta(DATA_HASH),
+    "list_videos_page": lambda client: client.list_videos_page(),
+    "open_video_into": lambda client: client.open_video_into(DATA_HASH, [bytearray(10)],
+                                                             on_meta=lambda meta: None),
+}
+
+
+@pytest.mark.parametrize("call", SMALL_GETS.values(), ids=SMALL_GETS.keys())
+def test_abort_cuts_a_small_get_waiting_for_a_stalled_answer_at_once(
+    call: Callable[[VidCacheClient], object],
+) -> None:
+    """docs/client.md: abort() cuts the small GETs on the client's own sockets too."""
+    _, outcome = _aborted_while_it_waits(call, lambda connection: None)
+    assert isinstance(outcome, TransportError), outcome
