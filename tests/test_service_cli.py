@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import certifi
 import httpx
 import pytest
 
@@ -27,6 +26,7 @@ from tests.support import (
     VidcacheServer,
     free_port,
     interrupt_while_it_waits,
+    self_signed_certificate,
     serving,
     wait_until,
 )
@@ -641,6 +641,7 @@ def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
     the first ended in uvicorn's bind error (log lines, exit 3)."""
     certificates = tmp_path / "ca.pem"
     os.mkfifo(certificates)
+    authority, _ = self_signed_certificate(tmp_path)
     port = free_port()
     log_path = tmp_path / "first.log"
     with open(log_path, "wb") as log:
@@ -661,7 +662,7 @@ def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
             assert "serving" not in log_path.read_text()
             early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             with open(certificates, "wb") as fifo:  # the service waits for it to be written
-                fifo.write(Path(certifi.where()).read_bytes())
+                fifo.write(authority.read_bytes())
             answer = b""
             while chunk := early.recv(65536):
                 answer += chunk
