@@ -25,7 +25,8 @@ from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
 __all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "self_signed_certificate",
-           "serve_directory", "serving", "tmpfs_holding_a_file", "wait_until"]
+           "serve_directory", "serving", "sighup_in_children", "tmpfs_holding_a_file",
+           "wait_until"]
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -35,6 +36,19 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+@contextlib.contextmanager
+def sighup_in_children(*, ignored: bool) -> Iterator[None]:
+    """Processes started inside get SIGHUP ignored (as under nohup) or, whatever the tests run
+    under, its default action (as from a terminal). Children inherit an ignored signal; a
+    handler of the caller's own, the no-op here, is reset to the default by exec."""
+    previous = signal.signal(signal.SIGHUP,
+                             signal.SIG_IGN if ignored else lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @contextlib.contextmanager

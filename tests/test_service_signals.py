@@ -29,7 +29,7 @@ from tests.service_stress_support import (
     programs_using,
 )
 from tests.service_support import Api, blob_files, serve_origin, temp_files
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, sighup_in_children, wait_until
 from vidcache.download import Downloader
 from vidcache.errors import ShuttingDown
 from vidcache.hostguard import HostGuard
@@ -190,6 +190,7 @@ def test_shutdown_answers_a_download_in_flight_503(tmp_path: Path, videos: dict[
     next start to clean; SIGHUP killed the server, the ingest's connection cut unanswered."""
     data = tmp_path / "data"
     with (serve_origin(videos["c.mkv"].parent) as (origin, stalled),
+          sighup_in_children(ignored=False),  # whether or not the tests run under nohup
           VidcacheServer(data, "--download-timeout", "120") as server):
         assert server.process is not None
         kept = Api(server.url).ingest_ok(f"{origin}/b.mp4", "kept")
@@ -208,6 +209,30 @@ def test_shutdown_answers_a_download_in_flight_503(tmp_path: Path, videos: dict[
         assert served == videos["b.mp4"].read_bytes()
         assert_consistent(data, again.url)
     assert "start-up recovery" not in again.log()
+
+
+def _takes_sighup(pid: int) -> bool | None:
+    """Whether the process catches SIGHUP (True), ignores it (False), or neither (None)."""
+    status = dict(line.split(":\t", 1) for line in
+                  Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    bit = 1 << (signal.SIGHUP - 1)
+    if int(status["SigCgt"], 16) & bit:
+        return True
+    return False if int(status["SigIgn"], 16) & bit else None
+
+
+def test_sighup_is_taken_except_under_nohup(tmp_path: Path) -> None:
+    """Started from a terminal, the ready service catches SIGHUP (a graceful stop, tested
+    above); started under nohup, it leaves SIGHUP ignored, so the terminal's closing does not
+    stop it (the first version of the SIGHUP handling caught it there too)."""
+    for ignored in (False, True):
+        with sighup_in_children(ignored=ignored):
+            server = VidcacheServer(tmp_path / f"data-{ignored}").start()
+        try:
+            assert server.process is not None
+            assert _takes_sighup(server.process.pid) is (not ignored)
+        finally:
+            server.stop()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])

@@ -44,6 +44,7 @@ from tests.support import (
     free_port,
     interrupt_while_it_waits,
     serve_directory,
+    sighup_in_children,
     tmpfs_holding_a_file,
     wait_until,
 )
@@ -673,7 +674,8 @@ def test_stats_file_is_live_json(mount: VcfsMount, corpus: dict[str, Video]) -> 
 def test_signal_unmounts_cleanly(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video], signum: int
 ) -> None:
-    mounted = fresh_mount()
+    with sighup_in_children(ignored=False):  # libfuse leaves an ignored SIGHUP (nohup) so
+        mounted = fresh_mount()
     assert mounted.video(corpus["a.mp4"].file_name).read_bytes() == corpus["a.mp4"].data()
     assert mounted.process is not None
     mounted.process.send_signal(signum)

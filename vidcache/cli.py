@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8. "
                f"Exit status at start: 1 if DIR cannot be used, 2 for a bad option, 3 if it "
                f"cannot listen (address in use), 130 on Ctrl-C before it is ready. SIGTERM, "
-               f"Ctrl-C and SIGHUP stop it gracefully: requests in flight get {_GRACE} s.")
+               f"Ctrl-C and SIGHUP (unless ignored, as under nohup) stop it gracefully: "
+               f"requests in flight get {_GRACE} s.")
     serve.add_argument("--data", metavar="DIR", type=_data_dir, required=True,
                        help="data directory (created if missing)")
     serve.add_argument("--host", type=_host, default="127.0.0.1",
@@ -477,20 +478,24 @@ def _serve_on(sockets: list[socket.socket], config: ServiceConfig) -> int:
     class Server(uvicorn.Server):
         """Says `serving ...` once its sockets listen. Takes SIGHUP (its terminal closed) as
         uvicorn takes SIGTERM: a graceful shutdown, then the signal again (uvicorn handles only
-        SIGINT and SIGTERM: a SIGHUP cut the requests in flight). At shutdown, stops the
-        ingests still running when the grace period is over, so that they answer 503 before
-        uvicorn cancels the requests left (a plain-text 500 and a traceback each)."""
+        SIGINT and SIGTERM: a SIGHUP cut the requests in flight); but not under nohup, whose
+        SIGHUP stays ignored. At shutdown, stops the ingests still running when the grace
+        period is over, so that they answer 503 before uvicorn cancels the requests left (a
+        plain-text 500 and a traceback each)."""
 
         hung_up = False
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            taken = signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+            if taken:
+                signal.signal(signal.SIGHUP, self.handle_exit)
             try:
                 with super().capture_signals():
                     yield
             finally:
-                signal.signal(signal.SIGHUP, previous)
+                if taken:
+                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
             if self.hung_up:
                 signal.raise_signal(signal.SIGHUP)
 
