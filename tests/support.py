@@ -197,9 +197,17 @@ class Interrupted:
     children: list[int]  # its child processes when it was interrupted
 
 
-def interrupt_while_it_waits(argv_for: Callable[[str], Sequence[str]]) -> Interrupted:
+def _ctrl_c(command: int, _children: list[int]) -> None:
+    os.kill(command, signal.SIGINT)
+
+
+def interrupt_while_it_waits(
+    argv_for: Callable[[str], Sequence[str]], *,
+    interrupt: Callable[[int, list[int]], None] = _ctrl_c,
+) -> Interrupted:
     """Run `argv_for(url)` against a server at `url` that accepts and never answers, and
-    send it SIGINT (a terminal's Ctrl-C) once it has connected."""
+    `interrupt` it once it has connected, given its PID and its children's: by default
+    SIGINT to it (a terminal's Ctrl-C)."""
     with socket.create_server(("127.0.0.1", 0)) as silent:
         silent.settimeout(60)
         command = subprocess.Popen(
@@ -208,11 +216,12 @@ def interrupt_while_it_waits(argv_for: Callable[[str], Sequence[str]]) -> Interr
         try:
             connection, _ = silent.accept()  # the command waits for the answer
             with connection:
-                children = Path(f"/proc/{command.pid}/task/{command.pid}/children").read_text()
-                command.send_signal(signal.SIGINT)
+                children = [int(pid) for pid in Path(
+                    f"/proc/{command.pid}/task/{command.pid}/children").read_text().split()]
+                interrupt(command.pid, children)
                 out, err = command.communicate(timeout=60)
         finally:
             if command.poll() is None:
                 command.kill()
                 command.wait()
-    return Interrupted(command.returncode, out, err, [int(pid) for pid in children.split()])
+    return Interrupted(command.returncode, out, err, children)

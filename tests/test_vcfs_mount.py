@@ -21,7 +21,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -721,26 +720,13 @@ def test_a_daemon_killed_before_it_mounted_is_said_with_exit_status_1(tmp_path: 
     it mounted (the OOM killer, a crash) printed nothing, and its -9 became exit status 247."""
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    with socket.create_server(("127.0.0.1", 0)) as silent:  # the health check waits on it
-        silent.settimeout(60)
-        command = subprocess.Popen(
-            vcfs_command("mount", f"http://127.0.0.1:{silent.getsockname()[1]}",
-                         str(mountpoint), "--daemon"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            connection, _ = silent.accept()
-            with connection:
-                daemon = int(Path(f"/proc/{command.pid}/task/{command.pid}/children")
-                             .read_text().split()[0])
-                os.kill(daemon, signal.SIGKILL)
-                out, err = command.communicate(timeout=60)
-        finally:
-            if command.poll() is None:
-                command.kill()
-                command.wait()
-    assert (command.returncode, out) == (1, "")
-    assert err == (f"vcfs: error: the daemon (pid {daemon}) was killed by SIGKILL before the "
-                   "mount came up\n")
+    ended = interrupt_while_it_waits(  # the daemon's health check waits on the silent server
+        lambda url: vcfs_command("mount", url, str(mountpoint), "--daemon"),
+        interrupt=lambda _command, children: os.kill(children[0], signal.SIGKILL))
+    [daemon] = ended.children
+    assert (ended.returncode, ended.out) == (1, "")
+    assert ended.err == (f"vcfs: error: the daemon (pid {daemon}) was killed by SIGKILL before "
+                         "the mount came up\n")
     assert not os.path.ismount(mountpoint)
 
 
