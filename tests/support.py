@@ -115,17 +115,19 @@ def make_videos(out_dir: Path) -> dict[str, Path]:
 
 
 class VidcacheServer:
-    """The real `vidcache serve` in a subprocess on 127.0.0.1, allowed to ingest from loopback."""
+    """The real `vidcache serve` in a subprocess on 127.0.0.1 (or `host`), allowed to ingest
+    from loopback."""
 
     def __init__(self, data_dir: Path, *extra_args: str, port: int | None = None,
-                 new_session: bool = False) -> None:
+                 new_session: bool = False, host: str = "127.0.0.1") -> None:
         """`new_session`: the server leads a process group of its own, as a shell's foreground
         job does (a Ctrl-C reaches the whole group)."""
         self.data_dir = data_dir
         self.new_session = new_session
         self.extra_args = list(extra_args)
+        self.host = host
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -139,7 +141,7 @@ class VidcacheServer:
     def start(self, timeout: float = 30.0) -> VidcacheServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, *self.command(), "serve", "--data", str(self.data_dir),
-                "--host", "127.0.0.1", "--port", str(self.port),
+                "--host", self.host, "--port", str(self.port),
                 "--ingest-allow", "127.0.0.1", *self.extra_args]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@ against a real service, usage errors, and complete --help texts."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -633,6 +634,27 @@ def _connection(port: int) -> socket.socket | None:
         return None
 
 
+@contextlib.contextmanager
+def _held_up_at_start(
+    data: Path, certificates: Path, **output: Any,
+) -> Iterator[tuple[subprocess.Popen[bytes], int, socket.socket]]:
+    """`vidcache serve` held up at start once it listens: its SSL_CERT_FILE is `certificates`,
+    made a FIFO that nothing writes yet. Yields it, its port and a connection made meanwhile;
+    stopped at the end. `output`: Popen's stdout and stderr."""
+    os.mkfifo(certificates)
+    port = free_port()
+    starting = subprocess.Popen(
+        [sys.executable, "-m", "vidcache", "serve", "--data", str(data), "--port", str(port)],
+        env={**os.environ, "SSL_CERT_FILE": str(certificates)}, **output)
+    try:
+        early = wait_until(lambda: _connection(port), timeout=60, what="the port listening")
+        assert early is not None  # for mypy: wait_until returns a truthy result
+        with early:
+            yield starting, port, early
+    finally:
+        stop_process(starting)
+
+
 def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
     """It listens from before the data directory and the rest are opened: here the start is
     held up by SSL_CERT_FILE, a FIFO that nothing writes yet. Meanwhile another server on the
@@ -640,81 +662,50 @@ def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
     the service is up. Before, the port was only tried and let go: a second server took it, and
     the first ended in uvicorn's bind error (log lines, exit 3)."""
     certificates = tmp_path / "ca.pem"
-    os.mkfifo(certificates)
     authority, _ = self_signed_certificate(tmp_path)
-    port = free_port()
     log_path = tmp_path / "first.log"
-    with open(log_path, "wb") as log:
-        first = subprocess.Popen(
-            [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "first"),
-             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-            env={**os.environ, "SSL_CERT_FILE": str(certificates)})
-    try:
-        early = wait_until(lambda: _connection(port), timeout=60, what="the port listening")
-        assert early is not None  # for mypy: wait_until returns a truthy result
-        with early:
-            second = vidcache("serve", "--data", str(tmp_path / "second"), "--port", str(port))
-            assert (second.returncode, second.stderr) == (3, (
-                f"vidcache serve: error: cannot listen on 127.0.0.1 port {port}: address "
-                "already in use (something else listens there: stop it or give another "
-                "--port)\n"))
-            assert not (tmp_path / "second").exists()
-            assert "serving" not in log_path.read_text()
-            early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            with open(certificates, "wb") as fifo:  # the service waits for it to be written
-                fifo.write(authority.read_bytes())
-            answer = b""
-            while chunk := early.recv(65536):
-                answer += chunk
-        assert answer.startswith(b"HTTP/1.1 200 OK"), answer
-        assert f"on http://127.0.0.1:{port} (no authentication)" in log_path.read_text()
-    finally:
-        stop_process(first)
+    with (open(log_path, "wb") as log,
+          _held_up_at_start(tmp_path / "first", certificates, stdout=log,
+                            stderr=subprocess.STDOUT) as (_, port, early)):
+        second = vidcache("serve", "--data", str(tmp_path / "second"), "--port", str(port))
+        assert (second.returncode, second.stderr) == (3, (
+            f"vidcache serve: error: cannot listen on 127.0.0.1 port {port}: address "
+            "already in use (something else listens there: stop it or give another "
+            "--port)\n"))
+        assert not (tmp_path / "second").exists()
+        assert "serving" not in log_path.read_text()
+        early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        with open(certificates, "wb") as fifo:  # the service waits for it to be written
+            fifo.write(authority.read_bytes())
+        answer = b""
+        while chunk := early.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer
+    assert f"on http://127.0.0.1:{port} (no authentication)" in log_path.read_text()
 
 
 def test_ctrl_c_while_it_starts_is_one_line(tmp_path: Path) -> None:
     """A Ctrl-C before the service is ready (here held up by SSL_CERT_FILE, a FIFO nothing
     writes) was a traceback ending in KeyboardInterrupt."""
-    certificates = tmp_path / "ca.pem"
-    os.mkfifo(certificates)
-    port = free_port()
-    starting = subprocess.Popen(
-        [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "data"), "--port",
-         str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "SSL_CERT_FILE": str(certificates)})
-    try:
-        early = wait_until(lambda: _connection(port), timeout=60, what="the port listening")
-        assert early is not None  # for mypy: wait_until returns a truthy result
-        early.close()
+    with _held_up_at_start(tmp_path / "data", tmp_path / "ca.pem", stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE) as (starting, _, _):
         starting.send_signal(signal.SIGINT)
         out, err = starting.communicate(timeout=60)
-    finally:
-        stop_process(starting)
     assert (starting.returncode, out, err) == (
         130, b"", b"vidcache serve: interrupted before it was ready\n")
 
 
 def test_an_ipv6_address_is_said_as_a_url(tmp_path: Path) -> None:
-    """`--host ::1`: the log said `http://::1:PORT`, which no client takes for a URL."""
+    """`--host ::1`: the log said `http://::1:PORT`, which no client takes for a URL (the
+    server's health is asked for at the URL in brackets)."""
     try:
         with socket.socket(socket.AF_INET6) as probe:
             probe.bind(("::1", 0))
     except OSError as exc:
         pytest.skip(f"no IPv6 loopback here: {exc}")
-    port = free_port()
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "vidcache", "serve", "--data", str(tmp_path / "data"),
-             "--host", "::1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_until(lambda: "serving" in log_path.read_text() or server.poll() is not None,
-                   timeout=60, what="the serving line")
-        url = f"http://[::1]:{port}"
-        assert f"serving {tmp_path / 'data'} on {url} (no authentication)" in log_path.read_text()
-        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
-    finally:
-        stop_process(server)
+    with VidcacheServer(tmp_path / "data", host="::1") as server:
+        assert server.url == f"http://[::1]:{server.port}"
+        assert f"serving {server.data_dir} on {server.url} (no authentication)" in server.log()
 
 
 def test_help_lists_every_option() -> None:
