@@ -24,9 +24,9 @@ from bench.stack import free_port, serving, wait_until
 from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
-__all__ = ["VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos", "self_signed_certificate",
-           "serve_directory", "serving", "sighup_in_children", "tmpfs_holding_a_file",
-           "wait_until"]
+__all__ = ["ESTABLISHED", "SYN_SENT", "VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos",
+           "self_signed_certificate", "serve_directory", "serving", "sighup_in_children",
+           "sockets_to_loopback", "tmpfs_holding_a_file", "wait_until"]
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -36,6 +36,16 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
+
+
+ESTABLISHED, SYN_SENT = "01", "02"  # TCP states as /proc/net/tcp writes them
+
+
+def sockets_to_loopback(port: int, state: str) -> int:
+    """How many TCP sockets on this machine are connected (or connecting) to 127.0.0.1:`port`
+    in `state`."""
+    rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
+    return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == state)
 
 
 @contextlib.contextmanager

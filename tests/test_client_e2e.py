@@ -27,7 +27,7 @@ import pytest
 from blake3 import blake3
 
 from tests.client_rangeconn_support import Link
-from tests.support import VidcacheServer, wait_until
+from tests.support import ESTABLISHED, VidcacheServer, sockets_to_loopback, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache_client import (
     InvalidRequestError,
@@ -370,13 +370,6 @@ def test_max_connections_bounds_the_pool(vidcache_server: VidcacheServer,
         assert next(iter(first)) == next(iter(second)) == video.data[:MiB]
 
 
-def established_to(port: int) -> int:
-    """How many TCP connections to 127.0.0.1:`port` are established on this machine."""
-    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
-    return sum(1 for row in rows
-               if row.split()[2] == f"0100007F:{port:04X}" and row.split()[3] == "01")
-
-
 @pytest.mark.parametrize("kind", ["read_range_into", "stream_video"])
 def test_close_lets_a_running_call_finish_then_closes_its_connection(
         vidcache_server: VidcacheServer, stored: dict[str, Stored], kind: str) -> None:
@@ -390,7 +383,7 @@ def test_close_lets_a_running_call_finish_then_closes_its_connection(
         client = VidCacheClient(link.url, timeout=30)
 
         def close_while_running() -> None:
-            assert established_to(port) == 1  # the running call's
+            assert sockets_to_loopback(port, ESTABLISHED) == 1  # the running call's
             client.close()
 
         if kind == "read_range_into":
@@ -405,7 +398,7 @@ def test_close_lets_a_running_call_finish_then_closes_its_connection(
                 assert b"".join(chunks) == video.data[:3 * MiB]
         with pytest.raises(RuntimeError, match="closed"):
             client.get_meta(video.hash)
-        wait_until(lambda: established_to(port) == 0, timeout=10,
+        wait_until(lambda: sockets_to_loopback(port, ESTABLISHED) == 0, timeout=10,
                    what="the closed client's connection to be closed")
 
 

@@ -29,7 +29,13 @@ from tests.service_stress_support import (
     programs_using,
 )
 from tests.service_support import Api, blob_files, serve_origin, temp_files
-from tests.support import VidcacheServer, sighup_in_children, wait_until
+from tests.support import (
+    SYN_SENT,
+    VidcacheServer,
+    sighup_in_children,
+    sockets_to_loopback,
+    wait_until,
+)
 from vidcache.download import Downloader
 from vidcache.errors import ShuttingDown
 from vidcache.hostguard import HostGuard
@@ -298,15 +304,6 @@ def test_an_ingest_past_decoding_at_shutdown_stores_nothing_half(
         assert api.ingest_ok(url, "signals")["status"] == "new"
 
 
-def _connecting_to(port: int) -> bool:
-    """Whether a socket on this machine is still connecting (SYN_SENT) to 127.0.0.1:port."""
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        _slot, _local, remote, state, *_ = line.split()
-        if remote == f"0100007F:{port:04X}" and state == "02":
-            return True
-    return False
-
-
 @contextlib.contextmanager
 def _silent_origin() -> Iterator[tuple[int, Callable[[], bytes]]]:
     """A loopback origin that accepts a connection and never answers it; yields (port,
@@ -343,7 +340,8 @@ def _origin_waiting(how: str) -> Iterator[tuple[str, Callable[[], bool]]]:
         origin.listen(0)
         port = origin.getsockname()[1]
         with socket.create_connection(("127.0.0.1", port), timeout=10):  # fills the queue
-            yield f"http://127.0.0.1:{port}/never.mp4", lambda: _connecting_to(port)
+            yield (f"http://127.0.0.1:{port}/never.mp4",
+                   lambda: sockets_to_loopback(port, SYN_SENT) > 0)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
