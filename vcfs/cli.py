@@ -55,6 +55,7 @@ from vidcache_client._arguments import (
     positive_seconds,
     read_token_file,
     service_url,
+    signal_name,
 )
 from vidcache_client._credentials import without_credentials
 from vidcache_client._malloc import set_malloc_options
@@ -824,7 +825,7 @@ def run_daemon(options: MountOptions, *, announce: bool = True) -> int:
             raise StartupError(f"the mount did not come up within {wait:g} s")
         if code < 0:  # killed (the OOM killer, a crash): it said nothing, and -9 is no status
             raise StartupError(f"the daemon (pid {child.pid}) was killed by "
-                               f"{_signal_name(-code)} before the mount came up")
+                               f"{signal_name(-code)} before the mount came up")
         return code or 1
 
 
@@ -837,13 +838,6 @@ def _warnings(early_output: str) -> str:
     vidcache 1.x, ...): said on the terminal, as no log keeps them."""
     return "".join(line for line in early_output.splitlines(keepends=True)
                    if _WARNING_LINE.match(line))
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def _stop(child: subprocess.Popen[bytes]) -> int:

@@ -32,13 +32,13 @@ from __future__ import annotations
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from vidcache.errors import BadSetting, MediaToolError, NotAVideo, ShuttingDown, ToolStopped
+from vidcache_client._arguments import signal_name
 
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 # ffmpeg's exit status after it caught SIGINT or SIGTERM (it uses 1 for errors of its own)
@@ -154,7 +154,7 @@ class Tools:
                             "may raise the cap), or it is broken and declares sizes no memory "
                             "would hold")
         if signalled:
-            how = f"killed by {_signal_name(-status)}" if status < 0 else \
+            how = f"killed by {signal_name(-status)}" if status < 0 else \
                 f"stopped by a signal (exit status {status})"
             raise ToolStopped(f"{what} was {how}; the video was not judged, try again")
         return subprocess.CompletedProcess(argv, status, stdout, stderr)
@@ -165,13 +165,6 @@ class Tools:
             self._stopped = True
             for process in self._running:
                 process.kill()
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:  # a real-time signal has no name
-        return f"signal {number}"
 
 
 def _size(size: int) -> str:

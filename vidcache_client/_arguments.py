@@ -1,6 +1,7 @@
 """Values that both command lines take, `vidcache` and `vcfs`: sizes, seconds, the service's URL
-and a token file. They live here because both commands already depend on the client; one
-reading of each keeps `--cache-size 1.5G` or a token file meaning the same to both.
+and a token file; and the name both give a signal that ended a process of theirs. They live here
+because both commands already depend on the client; one reading of each keeps `--cache-size
+1.5G` or a token file meaning the same to both.
 
 The parsers raise argparse.ArgumentTypeError, so argparse names the option in its usage error.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import signal
 
 from vidcache_client._validate import parse_base_url
 
@@ -77,3 +79,11 @@ def read_token_file(path: str, *, label: str = "token file") -> str:
         raise TokenFileError(f"{label} {path}: the token must be one line of printable ASCII "
                              "without spaces (it travels in an HTTP header)")
     return token
+
+
+def signal_name(number: int) -> str:
+    """`SIGKILL` for 9; `signal 34` for a real-time signal, which has no name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
