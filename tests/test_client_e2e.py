@@ -26,6 +26,7 @@ import httpx
 import pytest
 from blake3 import blake3
 
+import vidcache
 from tests.client_rangeconn_support import Link
 from tests.support import ESTABLISHED, VidcacheServer, sockets_to_loopback, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
@@ -132,7 +133,10 @@ def test_get_meta_of_unknown_hash_is_none(client: VidCacheClient) -> None:
 
 
 def test_health(client: VidCacheClient) -> None:
-    assert client.health()["status"] == "ok"
+    health = client.health()
+    assert health["status"] == "ok"
+    assert health["version"] == vidcache.__version__  # what `vidcache --version` prints
+    assert isinstance(health["videos"], int)
 
 
 def test_ingest_of_a_non_video_is_refused(client: VidCacheClient, media_url: str) -> None:

@@ -32,6 +32,7 @@ from tests.support import (
     wait_until,
 )
 from tests.vcfs_fault_support import FaultyLink
+from vidcache import __version__
 from vidcache_client import VidCacheClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -732,4 +733,4 @@ def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "vidcache"
     run = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0
-    assert run.stdout.startswith("vidcache ")
+    assert run.stdout == f"vidcache {__version__}\n"

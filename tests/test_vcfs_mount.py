@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import errno
 import hashlib
+import importlib.metadata
 import json
 import os
 import random
@@ -37,6 +38,7 @@ import pytest
 from blake3 import blake3
 from PIL import Image
 
+import vcfs
 from bench.proxy import Connection, Hooks, ProxyConfig, ProxyThread, Request
 from tests.support import (
     VidcacheServer,
@@ -1338,6 +1340,13 @@ def test_help_says_how_mount_8_runs_vcfs() -> None:
     for part in ("fuse.vcfs", "vcfs URL MOUNTPOINT -o OPTION", "--daemon", "cache_size=1G",
                  "token_file=", "nofail", "allow_other"):
         assert part in text, part
+
+
+def test_version_names_the_command_and_its_version() -> None:
+    result = run_vcfs("--version")
+    assert result.returncode == 0
+    assert result.stdout == f"vcfs {vcfs.__version__}\n"
+    assert importlib.metadata.version("vcfs") == vcfs.__version__  # the distribution's
 
 
 def test_every_argument_of_every_command_says_what_it_is() -> None:
