@@ -250,6 +250,15 @@ def test_a_timeout_that_is_not_a_number_is_refused_by_name(timeout: Any) -> None
         VidCacheClient(BASE, timeout=timeout)
 
 
+@pytest.mark.parametrize("option", ["chunk_size", "max_connections"])
+@pytest.mark.parametrize("value", [1.5, 1048576.0, "1M", True, None])
+def test_a_size_or_count_that_is_not_an_int_is_refused_by_name(option: str, value: Any) -> None:
+    """At once: a float was taken and failed only at a stream's first chunk (TypeError from
+    httpx's chunker), far from the mistake."""
+    with pytest.raises(TypeError, match=rf"^{option} must be a .* \(an int\), got {value!r}"):
+        VidCacheClient(BASE, **{option: value})
+
+
 def test_token_is_sent_as_bearer(make_client: MakeClient) -> None:
     recorder = Recorder(lambda request: httpx.Response(200, json={"status": "ok"}))
     make_client(recorder, token="s3cret").health()

@@ -33,6 +33,7 @@ from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_enviro
 from vidcache_client._translate import raise_for_status, transport_errors
 from vidcache_client._validate import (
     ByteRange,
+    is_int,
     parse_base_url,
     validate_byte_range,
     validate_digest_range,
@@ -116,9 +117,9 @@ class VidCacheClient:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         timeout = min(timeout, _LONGEST_TIMEOUT)
-        if chunk_size < 1:
+        if _at_least_one("chunk_size", chunk_size, "a number of bytes") < 1:
             raise ValueError(f"chunk_size must be >= 1 byte, got {chunk_size!r}")
-        if max_connections < 1:
+        if _at_least_one("max_connections", max_connections, "a count") < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
         headers = {"User-Agent": _USER_AGENT}
         if token is not None:
@@ -626,6 +627,14 @@ class VidCacheClient:
                                    or (after is not None and cursor <= after)):
             raise ProtocolError(f"{what}: bad 'next' cursor {cursor!r} after {after!r}")
         return VideoPage(items, cursor)
+
+
+def _at_least_one(name: str, value: object, what: str) -> int:
+    """`value` if it is an int; a float (1.5) would be taken here and fail only when used
+    (a stream's first chunk, a connection's count), far from the mistake."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be {what} (an int), got {value!r}")
+    return value
 
 
 def _listing_params(bucket: str | None, prefix: str | None, page_size: int

@@ -16,6 +16,7 @@ import re
 from typing import Any, TypeGuard
 
 from vidcache_client._exceptions import ProtocolError
+from vidcache_client._validate import is_int
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")  # lowercase hex BLAKE3, as the service writes it
 
@@ -65,5 +66,5 @@ def expected_page(start: int, end: int | None, chunk_size: int,
 
 
 def is_count(value: object) -> TypeGuard[int]:
-    """A non-negative int; bool is an int subclass, but True as a count is a broken server."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative int (True is none: a broken server)."""
+    return is_int(value) and value >= 0

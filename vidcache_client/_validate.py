@@ -54,7 +54,7 @@ def validate_byte_range(byte_range: object) -> ByteRange | None:
         return None
     if isinstance(byte_range, tuple | list) and len(byte_range) == 2:
         start, end = byte_range
-        if _is_int(start) and _is_int(end) and 0 <= start <= end:
+        if is_int(start) and is_int(end) and 0 <= start <= end:
             return (start, end)
     _refuse(f"invalid byte_range {_short_repr(byte_range)}: expected (start, end) with "
             "0 <= start <= end, both inclusive")
@@ -62,8 +62,8 @@ def validate_byte_range(byte_range: object) -> ByteRange | None:
 
 def validate_digest_range(start: object, end: object) -> tuple[int | None, int | None]:
     """(start, end) of a digest page, each None or an int >= 0, end >= start if both given."""
-    if ((start is None or (_is_int(start) and start >= 0))
-            and (end is None or (_is_int(end) and end >= 0))
+    if ((start is None or (is_int(start) and start >= 0))
+            and (end is None or (is_int(end) and end >= 0))
             and (start is None or end is None or start <= end)):
         return start, end
     _refuse(f"invalid digest range start={_short_repr(start)}, end={_short_repr(end)}: "
@@ -71,13 +71,13 @@ def validate_digest_range(start: object, end: object) -> tuple[int | None, int |
 
 
 def validate_page_size(page_size: object) -> int:
-    if _is_int(page_size) and 1 <= page_size <= MAX_PAGE_SIZE:
+    if is_int(page_size) and 1 <= page_size <= MAX_PAGE_SIZE:
         return page_size
     _refuse(f"invalid page_size {_short_repr(page_size)}: expected an int from 1 to "
             f"{MAX_PAGE_SIZE}")
 
 
-def _is_int(value: object) -> TypeGuard[int]:
+def is_int(value: object) -> TypeGuard[int]:
     """bool is an int subclass, but True as an offset is certainly a mistake."""
     return isinstance(value, int) and not isinstance(value, bool)
 
