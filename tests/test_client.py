@@ -259,6 +259,12 @@ def test_a_size_or_count_that_is_not_an_int_is_refused_by_name(option: str, valu
         VidCacheClient(BASE, **{option: value})
 
 
+@pytest.mark.parametrize("token", [123456, b"s3cret"])
+def test_a_token_that_is_not_a_str_is_refused_without_showing_it(token: Any) -> None:
+    with pytest.raises(TypeError, match=r"^token must be a str \(or None\), got (int|bytes)$"):
+        VidCacheClient(BASE, token=token)
+
+
 def test_token_is_sent_as_bearer(make_client: MakeClient) -> None:
     recorder = Recorder(lambda request: httpx.Response(200, json={"status": "ok"}))
     make_client(recorder, token="s3cret").health()

@@ -123,6 +123,8 @@ class VidCacheClient:
             raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
         headers = {"User-Agent": _USER_AGENT}
         if token is not None:
+            if not isinstance(token, str):  # its type only: the value is a secret
+                raise TypeError(f"token must be a str (or None), got {type(token).__name__}")
             if not token.strip():
                 raise ValueError("token must not be empty (pass None for no token)")
             if not all(33 <= ord(ch) <= 126 for ch in token):
