@@ -465,7 +465,8 @@ def test_a_vidcache_without_our_extensions_behind_a_token_is_refused_at_start(
 ) -> None:
     """A vidcache 1.x whose reads need a token vcfs lacks (or has wrong) refuses the video of
     its start-up check: the mount stops there, naming the refusal as for this project's
-    service (`refused access to ...: HTTP 401: ...; advice`), with no request after it."""
+    service (`refused access to ...: HTTP 401: ...; advice`), with no request after it, and
+    with no warning before it about what a mount of a vidcache 1.x lacks."""
     token, wrong = tmp_path / "token", tmp_path / "wrong"
     token.write_text("s3cret-token\n")
     wrong.write_text("not-the-token\n")
@@ -487,8 +488,7 @@ def test_a_vidcache_without_our_extensions_behind_a_token_is_refused_at_start(
                              *args),
                 capture_output=True, text=True, timeout=60, check=False)
             assert result.returncode == 1, result.stderr
-            # after the log's warning that it was taken for a vidcache 1.x
-            error = result.stderr.splitlines()[-1]
+            [error] = result.stderr.splitlines()
             assert error.startswith(
                 f"vcfs: error: the vidcache service at {link.url} {refused}"), result.stderr
             assert problem in error and error.endswith(f"; {advice}"), result.stderr

@@ -568,6 +568,8 @@ class Remote:
                 # ours (/health, /videos, /video/<hash>/chunks), if it has those.
                 self._reads_refused = self._check_wire_protocol(exc.detail)
                 self._extended = False
+                if self._reads_refused is not None:
+                    return  # the mount stops at check_access, which says why: no advice first
                 log.warning("%s: no /health, but errors in vidcache's JSON: taken for a "
                             "vidcache 1.x without the extensions of this project. by-hash "
                             "lists no videos (open them by name, by-hash/<hash>.<ext>), and "
