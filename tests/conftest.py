@@ -3,7 +3,9 @@ server that ingest downloads from, and one running vidcache service."""
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +30,7 @@ def ctrl_c_reaches_children() -> Iterator[None]:
 
 
 _CORPUS = pytest.StashKey[dict[str, Path]]()
+_CORPUS_DIRECTORY = pytest.StashKey[Path]()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -39,8 +42,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             isinstance(item, pytest.Function) and "videos" in item.fixturenames
             for item in session.items):
         return
-    factory: pytest.TempPathFactory = session.config._tmp_path_factory  # type: ignore[attr-defined]
-    session.config.stash[_CORPUS] = make_videos(factory.mktemp("videos"))
+    # Not under pytest's basetemp: no public hook reaches its factory before the first test.
+    directory = Path(tempfile.mkdtemp(prefix="vcfs-test-videos-"))
+    session.config.stash[_CORPUS_DIRECTORY] = directory
+    session.config.stash[_CORPUS] = make_videos(directory)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    directory = session.config.stash.get(_CORPUS_DIRECTORY, None)
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
