@@ -35,11 +35,11 @@ from bench.report import Sample
 from bench.service_speed import tree_cpu_seconds
 from bench.stack import Nginx, Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
+from vcfs.cli import build_parser as vcfs_parser
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
 QUIESCE_MAX_S = 5.0
 REQUEST_LOG_KEPT = 40  # requests of each sample kept in the JSON, to see a contender's pattern
-VCFS_CACHE_BUDGET = 256 << 20  # vcfs mount --cache-size default
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,11 +55,14 @@ class Plan:
 
 def make_plan(*, quick: bool, runs: int | None, contenders: list[str] | None,
               profiles: list[str] | None, workloads: list[str] | None = None) -> Plan:
+    """The default plan narrowed to the chosen profiles and workloads; a profile left with
+    no workload is dropped (the WAN profile has no "concurrent", --quick no WAN profile)."""
     plan = _default_plan(quick=quick, runs=runs, contenders=contenders)
-    chosen = {name: (profile, tuple(w for w in names if not workloads or w in workloads),
-                     settings)
-              for name, (profile, names, settings) in plan.profiles.items()
-              if not profiles or name in profiles}
+    chosen = {}
+    for name, (profile, names, settings) in plan.profiles.items():
+        kept = tuple(w for w in names if not workloads or w in workloads)
+        if kept and (not profiles or name in profiles):
+            chosen[name] = (profile, kept, settings)
     return dataclasses.replace(plan, profiles=chosen)
 
 
@@ -264,34 +267,65 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="tiny files, one run, loopback only (the smoke test)")
-    parser.add_argument("--runs", type=int, help="runs per figure (default 3; quick: 1)")
-    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="tiny files, one run without a warm-up, loopback only, fewer "
+                             "reads (one seek, 8 random reads, 2 concurrent readers); the "
+                             "service throughput in one run per reading, without the "
+                             "variants (the smoke test)")
+    parser.add_argument("--runs", type=_positive_int, metavar="N",
+                        help="measured runs per figure, after a warm-up round that is not "
+                             "recorded (default 3; --quick: 1, no warm-up)")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
                         help="where JSON, PNG and the media cache go (default bench-results)")
-    parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS),
-                        help="only these contenders")
-    parser.add_argument("--profiles", nargs="+", choices=("loopback", "wan"),
-                        help="only these network profiles")
-    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS),
-                        help="only these workloads")
+    parser.add_argument("--contenders", nargs="+", choices=sorted(CONTENDERS), metavar="NAME",
+                        help="only these contenders (default all: "
+                             f"{' '.join(CONTENDERS)})")
+    parser.add_argument("--profiles", nargs="+", choices=("loopback", "wan"), metavar="P",
+                        help="only these network profiles (default both: loopback wan; "
+                             "--quick: loopback only)")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), metavar="W",
+                        help=f"only these workloads (default all: {' '.join(WORKLOADS)}; "
+                             "concurrent runs on loopback only)")
     parser.add_argument("--no-service-speed", action="store_true",
                         help="skip the service-vs-nginx GET throughput step")
-    parser.add_argument("--name", help="file name stem of the JSON and PNG "
-                        "(default bench, or bench-quick)")
+    parser.add_argument("--name", metavar="STEM",
+                        help="file name stem of the JSON and PNG (default bench, or "
+                             "bench-quick with --quick)")
     parser.add_argument("--vcfs-options", default="", metavar="'OPTS'",
-                        help="experiment: extra `vcfs mount` options, e.g. '--block-size 256K'")
+                        help="experiment: extra `vcfs mount` options, e.g. '--block-size 256K' "
+                             "(a --cache-size there is the RSS target's cache budget)")
     parser.add_argument("--service-variant", default="", metavar="'ARGS'",
                         help="experiment: run the service as `python -m "
                              "bench.service_variants ARGS` instead of `vidcache serve`")
     args = parser.parse_args(argv)
-    _exit_on_signals()
-    with guarding():  # a SIGKILLed harness leaves nothing running or mounted either
-        return _run(args)
-
-
-def _run(args: argparse.Namespace) -> int:
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
                      profiles=args.profiles, workloads=args.workloads)
+    if not plan.profiles:
+        parser.error("nothing to measure: --quick measures the loopback profile only, and "
+                     "concurrent runs on loopback only")
+    try:
+        cache_budget = vcfs_cache_budget(args.vcfs_options.split())
+    except SystemExit:  # vcfs's parser has said what it cannot parse
+        parser.error(f"--vcfs-options {args.vcfs_options!r}: not options of `vcfs mount`")
+    _exit_on_signals()
+    with guarding():  # a SIGKILLed harness leaves nothing running or mounted either
+        return _run(args, plan, cache_budget=cache_budget)
+
+
+def _positive_int(text: str) -> int:
+    """--runs: 0 would run the warm-up alone and record nothing."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
+def vcfs_cache_budget(options: list[str]) -> int:
+    """The cache size the vcfs mounts get with `options`: the RSS target's budget. Parsed by
+    vcfs's own parser, so every spelling it accepts counts (SystemExit if it refuses them)."""
+    return int(vcfs_parser().parse_args(["mount", "http://127.0.0.1", "/", *options])
+               .cache_size)
+
+
+def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
     progress = Progress()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -350,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
         "profiles": {name: value[0].describe() for name, value in plan.profiles.items()},
         "results": rows,
         "service_speed": speed,
-        "targets": report.evaluate_targets(rows, speed, cache_budget=VCFS_CACHE_BUDGET),
+        "targets": report.evaluate_targets(rows, speed, cache_budget=cache_budget),
         "skipped": skipped,
         "samples": [dataclasses.asdict(s) for s in samples],
     }

@@ -349,6 +349,47 @@ def test_skipped_contenders_say_why(quick_run: tuple[Path, str]) -> None:
     assert expected <= measured | {s["contender"] for s in data["skipped"]}
 
 
+@requires_fuse[0]
+@requires_fuse[1]
+def test_runs_interleave_the_contenders_and_the_json_keeps_what_the_doc_says(
+    tmp_path: Path,
+) -> None:
+    """docs/benchmarks.md: contenders are interleaved within each run (`--quick`: no warm-up);
+    each sample records the proxy's counters and its first requests (40 at most), vcfs's
+    `.vcfs/stats`, the daemon's peak RSS and CPU seconds; the RSS target's budget is the
+    cache vcfs mounted with (was 256 MiB whatever --vcfs-options said); `--name` names the
+    files; the work directory is removed."""
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--runs", "2", "--contenders", "local",
+         "vcfs", "--workloads", "random", "--no-service-speed", "--vcfs-options",
+         "--cache-size 64M", "--out", str(tmp_path), "--name", "interleaved"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "BENCH_NO_INSTALL": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rounds = re.findall(r"loopback · random · (\S+) · (.+)", result.stderr)
+    assert rounds == [("local", "run 1/2"), ("vcfs", "run 1/2"),
+                      ("local", "run 2/2"), ("vcfs", "run 2/2")], result.stderr
+    work = result.stderr.partition("work directory ")[2].partition(";")[0]
+    assert work.startswith("/tmp/") and not Path(work).exists()
+    assert (tmp_path / "interleaved.png").read_bytes().startswith(b"\x89PNG")
+    data = json.loads((tmp_path / "interleaved.json").read_text())
+    assert (data["quick"], data["runs"], data["vcfs_options"]) == (True, 2, "--cache-size 64M")
+    assert list(data["profiles"]) == ["loopback"] and data["service_speed"] == []
+    samples = {(s["contender"], s["run"]): s for s in data["samples"]}
+    assert sorted(samples) == [("local", 0), ("local", 1), ("vcfs", 0), ("vcfs", 1)]
+    for run in (0, 1):
+        local, vcfs = samples["local", run], samples["vcfs", run]
+        assert (local["requests"], local["request_log"], local["daemon_stats"]) == (None, [], None)
+        assert vcfs["per_op"] == 8 and vcfs["errors"] == 0
+        assert vcfs["requests"] >= 1 and vcfs["bytes_down"] > 0
+        assert 1 <= len(vcfs["request_log"]) <= 40
+        assert all(r["path"].startswith("/") for r in vcfs["request_log"])
+        assert vcfs["rss_kib"] > 0 and set(vcfs["cpu_seconds"]) == {"daemon", "service", "proxy"}
+        assert isinstance(vcfs["daemon_stats"], dict) and "raw" not in vcfs["daemon_stats"]
+    rss_target = [t["target"] for t in data["targets"] if "peak RSS" in t["target"]]
+    assert rss_target == ["daemon peak RSS <= cache budget + 80 MB (= 147 MB)"]
+
+
 # The latency proxy on its own: the reliability work builds its fault injection on its hooks.
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
