@@ -1,17 +1,19 @@
-"""scripts/demo's refusals: what it checks before starting anything (no set-up, no server, no
-mount), so that it never talks to a server it did not start or unmounts what it did not mount.
-The demo's full run is README's first command, run on a fresh clone before every release."""
+"""scripts/demo: its refusals, what it checks before starting anything (no set-up, no server,
+no mount), so that it never talks to a server it did not start or unmounts what it did not
+mount; and, with --keep, that what it started stops when it is interrupted or killed. The
+demo's full run is README's first command, run on a fresh clone before every release."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.support import free_port, tmpfs_holding_a_file
+from tests.support import free_port, tmpfs_holding_a_file, wait_until
 
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo"
 
@@ -71,3 +73,80 @@ def test_help_explains_each_option_and_shows_no_code() -> None:
                  "--mount DIR   mount point", "(default /mnt/vc)",
                  "--port PORT   the service's port on 127.0.0.1 (default 8020)"):
         assert line in result.stdout, result.stdout
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(child) for child in
+                    Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:  # it has exited meanwhile
+        return []
+    return [grandchild for child in children for grandchild in [child, *_descendants(child)]]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+def _mounted(path: Path) -> bool:
+    """Whether something is mounted at `path`, a stale FUSE mount too (os.path.ismount says
+    False for one: its stat fails)."""
+    return any(line.split()[4] == str(path)
+               for line in Path("/proc/self/mountinfo").read_text().splitlines())
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the demo installs what it needs and mounts as root")
+@pytest.mark.timeout(600)  # a first run on a fresh clone encodes the sample video too
+@pytest.mark.parametrize("how", ["Ctrl-C", "kill", "kill -9"])
+def test_what_a_kept_demo_started_stops_when_it_is_interrupted_or_killed(
+    tmp_path: Path, how: str
+) -> None:
+    """README: with --keep the service and the mount stay up until Ctrl-C, and they are
+    stopped even if the demo itself is killed (`kill`: its trap stops them; `kill -9`, which
+    runs no trap: each background process gets SIGTERM from the kernel as its parent dies)."""
+    port, mountpoint, out = free_port(), tmp_path / "mnt", tmp_path / "demo.out"
+    with out.open("w") as output:
+        demo = subprocess.Popen([str(DEMO), "--keep", "--port", str(port), "--mount",
+                                 str(mountpoint)], stdout=output, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own group, as a terminal's job
+    started: list[int] = []
+    try:
+        wait_until(lambda: ("press Ctrl-C to stop both" in out.read_text()
+                            or demo.poll() is not None),
+                   timeout=540, what="the demo to say it keeps the service and mount up")
+        text = out.read_text()
+        assert demo.poll() is None, text
+        assert "identical: " in text and f"Play it:  mpv {mountpoint}/by-hash/" in text, text
+        assert _mounted(mountpoint) and _listening(port)
+        started = _descendants(demo.pid)  # the origin, the service and the mount's daemon
+        assert len(started) >= 3, started
+        if how == "Ctrl-C":  # a terminal's: to the whole job
+            os.killpg(demo.pid, signal.SIGINT)
+            assert demo.wait(timeout=60) == 130
+        elif how == "kill":  # SIGTERM to the script alone
+            demo.terminate()
+            assert demo.wait(timeout=60) != 0
+        else:
+            demo.kill()
+            demo.wait(timeout=60)
+        wait_until(lambda: not any(_running(pid) for pid in started), timeout=60,
+                   what="the processes the demo started to exit")
+        assert not _mounted(mountpoint)  # nor left stale
+        assert not _listening(port)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid in started:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if _mounted(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
