@@ -117,10 +117,8 @@ class VidCacheClient:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         timeout = min(timeout, _LONGEST_TIMEOUT)
-        if _at_least_one("chunk_size", chunk_size, "a number of bytes") < 1:
-            raise ValueError(f"chunk_size must be >= 1 byte, got {chunk_size!r}")
-        if _at_least_one("max_connections", max_connections, "a count") < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
+        _check_positive_int("chunk_size", chunk_size, "a number of bytes", ">= 1 byte")
+        _check_positive_int("max_connections", max_connections, "a count", ">= 1")
         headers = {"User-Agent": _USER_AGENT}
         if token is not None:
             if not isinstance(token, str):  # its type only: the value is a secret
@@ -631,12 +629,13 @@ class VidCacheClient:
         return VideoPage(items, cursor)
 
 
-def _at_least_one(name: str, value: object, what: str) -> int:
-    """`value` if it is an int; a float (1.5) would be taken here and fail only when used
-    (a stream's first chunk, a connection's count), far from the mistake."""
+def _check_positive_int(name: str, value: object, what: str, bound: str) -> None:
+    """TypeError unless `value` is an int: a float (1.5) would be taken and fail only when
+    used (a stream's first chunk), far from the mistake; ValueError if it is below 1."""
     if not is_int(value):
         raise TypeError(f"{name} must be {what} (an int), got {value!r}")
-    return value
+    if value < 1:
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 
 def _listing_params(bucket: str | None, prefix: str | None, page_size: int
