@@ -24,7 +24,8 @@ from bench.stack import free_port, serving, wait_until
 from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
-__all__ = ["ESTABLISHED", "SYN_SENT", "VIDEO_SPECS", "VidcacheServer", "free_port", "make_videos",
+__all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "VidcacheServer", "command_line",
+           "descendants", "free_port", "listening_on", "make_videos", "processes",
            "self_signed_certificate", "serve_directory", "serving", "sighup_in_children",
            "sockets_to_loopback", "tmpfs_holding_a_file", "wait_until"]
 
@@ -38,14 +39,62 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-ESTABLISHED, SYN_SENT = "01", "02"  # TCP states as /proc/net/tcp writes them
+ESTABLISHED, SYN_SENT, LISTEN = "01", "02", "0A"  # TCP states as /proc/net/tcp writes them
+
+
+def _tcp_sockets() -> Iterator[tuple[str, str, str]]:
+    """(local address, remote address, state) of every TCP socket on this machine, IPv4 and
+    IPv6, as /proc/net/tcp and tcp6 write them (hex ADDRESS:PORT)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            _slot, local, remote, state, *_ = line.split()
+            yield local, remote, state
 
 
 def sockets_to_loopback(port: int, state: str) -> int:
     """How many TCP sockets on this machine are connected (or connecting) to 127.0.0.1:`port`
     in `state`."""
-    rows = (line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:])
-    return sum(1 for row in rows if row[2] == f"0100007F:{port:04X}" and row[3] == state)
+    return sum(1 for _, remote, in_state in _tcp_sockets()
+               if remote == f"0100007F:{port:04X}" and in_state == state)
+
+
+def listening_on(port: int) -> bool:
+    """Whether a TCP socket on this machine listens on `port` (any address, IPv4 or IPv6)."""
+    return any(state == LISTEN and int(local.rsplit(":", 1)[1], 16) == port
+               for local, _, state in _tcp_sockets())
+
+
+def command_line(pid: int) -> str:
+    """The process's argv joined by spaces; "" once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def processes() -> dict[int, int]:
+    """The live processes on this machine (zombies not counted): PID -> parent PID."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # the command may hold spaces and parentheses: the fields follow the last ')'
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except FileNotFoundError:  # exited meanwhile
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)] = int(fields[1])
+    return parents
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """The live processes under `pid` (children, theirs ...): PID -> command line."""
+    parents = processes()
+    found: dict[int, str] = {}
+    generation = [pid]
+    while generation:
+        generation = [child for child, parent in parents.items() if parent in generation]
+        found.update((child, command_line(child)) for child in generation)
+    return found
 
 
 @contextlib.contextmanager

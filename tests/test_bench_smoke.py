@@ -45,7 +45,7 @@ from bench.splice_relay import SpliceRelay
 from bench.stack import LoopbackServer, Video, serving
 from bench.workloads import READ_SIZE, read_segments
 from tests.service_stress_support import processes_using, programs_using
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, command_line, descendants, wait_until
 from tests.vcfs_support import VcfsMount, process_alive, requires_fuse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,12 +125,12 @@ def test_a_killed_harness_leaves_no_mount_or_server_behind(tmp_path: Path) -> No
         wait_until(lambda: _mounts_under(work), timeout=60, interval=0.005, what="vcfs mounted")
         # scripts/bench execs the harness: its PID is the harness's
         assert b"bench.run" in Path(f"/proc/{bench.pid}/cmdline").read_bytes()
-        guardians = [pid for pid in _children(bench.pid)
-                     if b"bench.guardian" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        guardians = [pid for pid, command in descendants(bench.pid).items()
+                     if "bench.guardian" in command]
 
         def left_behind() -> list[str]:
             return ([f"mount {path}" for path in _mounts_under(work)]
-                    + [f"process {pid}: {_command_line(pid)}"
+                    + [f"process {pid}: {command_line(pid) or '(ended)'}"
                        for pid in processes_using(Path(work))]
                     + [f"guardian {pid}" for pid in guardians if process_alive(pid)])
 
@@ -188,28 +188,6 @@ def test_the_guardian_told_done_stops_nothing(tmp_path: Path) -> None:
     finally:
         told.kill()
         told.wait()
-
-
-def _children(pid: int) -> list[int]:
-    """The PIDs whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.isdigit() and _stat_fields(int(entry.name))[1] == str(pid):
-                found.append(int(entry.name))
-    return found
-
-
-def _command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return "(ended)"
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/PID/stat's fields after the command name: state, parent PID, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
 
 
 def _mounts_under(directory: str) -> list[str]:

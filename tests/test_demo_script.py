@@ -19,7 +19,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import VidcacheServer, free_port, tmpfs_holding_a_file, wait_until
+from tests.support import (
+    VidcacheServer,
+    command_line,
+    descendants,
+    free_port,
+    listening_on,
+    processes,
+    tmpfs_holding_a_file,
+    wait_until,
+)
 from tests.vcfs_support import VcfsMount, process_alive, requires_fuse
 from vcfs.cli import mount_entry
 
@@ -92,51 +101,6 @@ REPO = DEMO.parent.parent
 KEPT_UP = "stay up; press Ctrl-C to stop both."
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="the demo installs with apt-get and "
                              "mounts with -o allow_other: run as root")
-
-
-LISTEN = "0A"  # the TCP state as /proc/net/tcp writes it
-
-
-def listening_on(port: int) -> bool:
-    """Whether a TCP socket on this machine listens on `port` (any address, IPv4 or IPv6)."""
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            if state == LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
-
-
-def command_line(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except FileNotFoundError:
-        return ""
-
-
-def processes() -> dict[int, int]:
-    """The live processes on this machine: pid -> parent pid."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:  # the command may hold spaces and parentheses: the fields follow the last ')'
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except FileNotFoundError:  # exited meanwhile
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    return parents
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """The live processes under `pid` (children, theirs ...): pid -> command line."""
-    parents = processes()
-    found: dict[int, str] = {}
-    generation = [pid]
-    while generation:
-        generation = [child for child, parent in parents.items() if parent in generation]
-        found.update((child, command_line(child)) for child in generation)
-    return found
 
 
 @dataclass
