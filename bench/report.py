@@ -34,8 +34,13 @@ FIGURES: dict[str, Figure] = {
     "ffprobe_moov_end": Figure("ffprobe, moov at the end", "s", False),
     "seek": Figure("seek to frame (ffmpeg -ss T -frames:v 1), cold", "s", False),
     "random_128k": Figure("random 128 KiB reads, cold", "ms/read", False),
-    "concurrent": Figure("8 concurrent readers, aggregate", "MB/s", True),
+    "concurrent": Figure("{readers} concurrent readers, aggregate", "MB/s", True),
 }
+
+
+def title(figure: str, readers: int) -> str:
+    """A figure's title; the concurrent one says how many readers ran (`--quick`: 2)."""
+    return FIGURES[figure].title.format(readers=readers)
 
 
 @dataclass
@@ -116,7 +121,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 def evaluate_targets(rows: list[dict[str, Any]], service: list[dict[str, Any]], *,
-                     cache_budget: int) -> list[dict[str, Any]]:
+                     cache_budget: int, readers: int) -> list[dict[str, Any]]:
     """The issue's targets against this run: each with measured figures and holds (None =
     not measured in this run)."""
     at = _Lookup(rows)
@@ -166,12 +171,13 @@ def evaluate_targets(rows: list[dict[str, Any]], service: list[dict[str, Any]], 
         add(f"WAN requests per ffprobe ({label}): vcfs <= ffmpeg direct + 2",
             None if mine_req is None or direct_req is None else mine_req <= direct_req + 2,
             f"{_fmt(mine_req)} vs {_fmt(direct_req)}")
-    ratio_target("8 concurrent readers: aggregate >= 0.8x single-stream sequential (vcfs)",
+    ratio_target(f"{readers} concurrent readers: aggregate >= 0.8x single-stream sequential "
+                 "(vcfs)",
                  at.get(lo, "concurrent", "vcfs"), vcfs_seq, 0.8, "MB/s", at_least=True)
     errors = [r["errors"] for r in rows if r["figure"] == "concurrent"
               and r["contender"] == "vcfs"]
-    add("8 concurrent readers: zero errors (vcfs)", None if not errors else sum(errors) == 0,
-        f"{sum(errors)} errors" if errors else "n/a")
+    add(f"{readers} concurrent readers: zero errors (vcfs)",
+        None if not errors else sum(errors) == 0, f"{sum(errors)} errors" if errors else "n/a")
     rss = [r["peak_rss_mb"] for r in rows if r["contender"] == "vcfs" and r["peak_rss_mb"]]
     limit_mb = cache_budget / 1e6 + 80
     add(f"daemon peak RSS <= cache budget + 80 MB (= {limit_mb:.0f} MB)",
@@ -234,19 +240,14 @@ def markdown(report: dict[str, Any]) -> str:
                 if row["profile"] != profile or row["figure"] != figure:
                     continue
                 lines.append(
-                    f"| {FIGURES[figure].title} | {row['contender']} "
+                    f"| {title(figure, report['concurrent_readers'])} | {row['contender']} "
                     f"| {_fmt(row['median'], row['unit'])} "
                     f"| {_fmt(row['min'])}-{_fmt(row['max'])} | {_fmt(row['requests'])} "
                     f"| {_fmt(row['server_mb'])} | {_fmt(row['peak_rss_mb'])} "
                     f"| {_cpu(row)} | {row['errors']} |")
     if report["service_speed"]:
         lines += ["", "### Service GET throughput (loopback, curl to /dev/null, no proxy)", "",
-                  "| server | read | median MB/s | min-max | server CPU s/GB |",
-                  "|---|---|---:|---:|---:|"]
-        for row in report["service_speed"]:
-            lines.append(f"| {row['server']} | {row['mode']} | {row['median']:.0f} "
-                         f"| {row['min']:.0f}-{row['max']:.0f} "
-                         f"| {row['server_cpu_s_per_gb']:.2f} |")
+                  service_table(report["service_speed"])]
     lines += ["", "### Targets", "", "| target | measured | holds |", "|---|---|---|"]
     verdict = {True: "yes", False: "**no**", None: "not measured"}
     for target in report["targets"]:
@@ -257,6 +258,18 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {name} ({profile}): {why.splitlines()[0]}"
                   for (name, profile), why in _skips(report)]
     return "\n".join(lines) + "\n"
+
+
+def service_table(rows: list[dict[str, Any]]) -> str:
+    """The service throughput readings, with the server's CPU time per GB and per 1000
+    requests (what a range size costs beyond the bytes)."""
+    lines = ["| server | read | median MB/s | min-max | server CPU s/GB "
+             "| server CPU s per 1000 requests |",
+             "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {row['server']} | {row['mode']} | {row['median']:.0f} "
+              f"| {row['min']:.0f}-{row['max']:.0f} | {row['server_cpu_s_per_gb']:.2f} "
+              f"| {row['server_cpu_s_per_1000_requests']:.2f} |" for row in rows]
+    return "\n".join(lines)
 
 
 def _cpu(row: dict[str, Any]) -> str:
@@ -295,7 +308,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
         ax.bar([r["contender"] for r in rows], medians, yerr=[low, high], capsize=3,
                color=[colour(contenders.index(r["contender"])) for r in rows])
         better = "higher" if FIGURES[figure].higher_is_better else "lower"
-        ax.set_title(f"{profile}: {FIGURES[figure].title}\n({better} is better)", fontsize=8)
+        ax.set_title(f"{profile}: {title(figure, report['concurrent_readers'])}\n"
+                     f"({better} is better)", fontsize=8)
         ax.set_ylabel(FIGURES[figure].unit, fontsize=8)
         ax.tick_params(labelsize=7)
         if medians and min(medians) > 0 and max(medians) / min(medians) > 50:

@@ -376,7 +376,7 @@ def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
     result = {
         "started": started.isoformat(timespec="seconds"),
         "duration_s": round(time.monotonic() - progress.started, 1),
-        "quick": plan.quick, "runs": plan.runs,
+        "quick": plan.quick, "runs": plan.runs, "concurrent_readers": len(corpus.readers),
         "vcfs_options": args.vcfs_options, "service_variant": args.service_variant,
         "load_before": " ".join(f"{x:.2f}" for x in load_before),
         "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -384,7 +384,8 @@ def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
         "profiles": {name: value[0].describe() for name, value in plan.profiles.items()},
         "results": rows,
         "service_speed": speed,
-        "targets": report.evaluate_targets(rows, speed, cache_budget=cache_budget),
+        "targets": report.evaluate_targets(rows, speed, cache_budget=cache_budget,
+                                           readers=len(corpus.readers)),
         "skipped": skipped,
         "samples": [dataclasses.asdict(s) for s in samples],
     }

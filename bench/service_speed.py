@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import media
+from bench import media, report
 from bench.proxy import LOOPBACK
 from bench.proxy_process import ProxyProcess
 from bench.stack import Nginx, Service, Video, ingest, origin
@@ -140,15 +140,6 @@ def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
     return [reading.as_dict() for reading in readings.values()]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| server | read | median MB/s | min-max | server CPU s/GB | per 1000 requests |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {row['server']} | {row['mode']} | {row['median']:.0f} "
-              f"| {row['min']:.0f}-{row['max']:.0f} | {row['server_cpu_s_per_gb']:.2f} "
-              f"| {row['server_cpu_s_per_1000_requests']:.2f} |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.service_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -175,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                            variants=VARIANTS if args.variants else {})
     print(f"{video.size / 1e6:.0f} MB file, {args.runs} runs per reading; load average "
           f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after\n")
-    sys.stdout.write(table(rows))
+    sys.stdout.write(report.service_table(rows) + "\n")
     return 0
 
 

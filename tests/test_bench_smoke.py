@@ -317,6 +317,26 @@ def test_prints_a_markdown_table_and_draws_a_chart(quick_run: tuple[Path, str]) 
 
 @requires_fuse[0]
 @requires_fuse[1]
+def test_the_tables_say_what_ran(quick_run: tuple[Path, str]) -> None:
+    """`--quick` runs 2 concurrent readers, and its figure and targets say 2 (they said 8);
+    the Markdown service table has the per-1000-requests column of the JSON (it had not)."""
+    out, stdout = quick_run
+    data = json.loads((out / "bench-quick.json").read_text())
+    assert data["concurrent_readers"] == 2
+    assert "| 2 concurrent readers, aggregate | vcfs |" in stdout
+    assert "2 concurrent readers: zero errors (vcfs)" in [t["target"] for t in data["targets"]]
+    assert "8 concurrent" not in stdout
+    if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("no nginx: the service throughput step is skipped")
+    assert data["service_speed"]
+    for row in data["service_speed"]:
+        assert (f"| {row['server']} | {row['mode']} | {row['median']:.0f} "
+                f"| {row['min']:.0f}-{row['max']:.0f} | {row['server_cpu_s_per_gb']:.2f} "
+                f"| {row['server_cpu_s_per_1000_requests']:.2f} |") in stdout.splitlines()
+
+
+@requires_fuse[0]
+@requires_fuse[1]
 def test_skipped_contenders_say_why(quick_run: tuple[Path, str]) -> None:
     out, _ = quick_run
     data = json.loads((out / "bench-quick.json").read_text())
