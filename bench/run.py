@@ -313,9 +313,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _positive_int(text: str) -> int:
     """--runs: 0 would run the warm-up alone and record nothing."""
-    if not text.isdigit() or int(text) < 1:
+    try:
+        runs = int(text)
+    except ValueError:
+        runs = 0
+    if runs < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
+    return runs
 
 
 def vcfs_cache_budget(options: list[str]) -> int:

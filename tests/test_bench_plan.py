@@ -68,9 +68,11 @@ def test_profiles_left_without_a_workload_are_dropped() -> None:
 @pytest.mark.parametrize(("arguments", "why"), [
     (["--quick", "--profiles", "wan"], "nothing to measure"),
     (["--profiles", "wan", "--workloads", "concurrent"], "nothing to measure"),
-    (["--runs", "0"], "argument --runs: must be a whole number of at least 1"),
+    (["--runs", "0"], "argument --runs: must be a whole number of at least 1, not '0'"),
+    # str.isdigit() takes it and int() does not: was argparse's "invalid _positive_int value"
+    (["--runs", "\N{SUPERSCRIPT TWO}"], "must be a whole number of at least 1, not '\u00b2'"),
     (["--vcfs-options", "--cache-size lots"], "not options of `vcfs mount`"),
-], ids=["quick-wan", "wan-concurrent", "runs-0", "bad-vcfs-options"])
+], ids=["quick-wan", "wan-concurrent", "runs-0", "runs-superscript", "bad-vcfs-options"])
 def test_options_that_would_measure_nothing_are_refused(tmp_path: Path, arguments: list[str],
                                                         why: str) -> None:
     """Usage errors (exit 2) before anything starts. Was: `--quick --profiles wan` made the
