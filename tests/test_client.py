@@ -92,15 +92,16 @@ def serve_video(request: httpx.Request) -> httpx.Response:
     return httpx.Response(206, headers=headers, content=DATA[start:end + 1])
 
 
-def partial(content_range: str | None, body: bytes, **headers: str) -> Handler:
+def partial(content_range: str | None, body: bytes, **headers: str | bytes) -> Handler:
     """A handler answering 206 with the given Content-Range and body, whatever was asked.
 
     The body is streamed, so httpx adds no Content-Length of its own.
     """
     def handler(request: httpx.Request) -> httpx.Response:
-        all_headers = dict(headers)
+        all_headers = {name.encode(): value if isinstance(value, bytes) else value.encode()
+                       for name, value in headers.items()}
         if content_range is not None:
-            all_headers["Content-Range"] = content_range
+            all_headers[b"Content-Range"] = content_range.encode()
         return httpx.Response(206, headers=all_headers, stream=ChunkStream([body]))
     return handler
 
@@ -398,6 +399,9 @@ def test_range_past_eof_raises_416_with_size(make_client: MakeClient) -> None:
     (partial("bytes 100-149/*", DATA[100:150]), "not the asked bytes"),  # clamp unprovable
     (partial("bytes 100-199/10240", DATA[100:200], **{"Content-Length": "99"}),
      "Content-Length 99 disagrees"),
+    # str.isdigit() takes it, int() does not: was a bare ValueError
+    (partial("bytes 100-199/10240", DATA[100:200], **{"Content-Length": b"\xb2"}),
+     "malformed Content-Length"),
     (partial("bytes 100-199/10240", DATA[100:150]), "ended short: got 50 bytes, expected 100"),
     (partial("bytes 100-199/10240", DATA[100:201]), "ran long"),
 ])

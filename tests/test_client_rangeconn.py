@@ -680,6 +680,24 @@ def test_a_chunked_answer_is_read_through_httpx_from_then_on() -> None:
     assert asked == [(100, 100_099), (100, 100_099), (300_000, 399_999)]
 
 
+def test_a_content_length_of_non_ascii_digits_is_a_protocol_error() -> None:
+    """The head is decoded as latin-1, where '\u00b2' passes str.isdigit() and int() refuses
+    it: was a bare ValueError out of the read."""
+    def superscript(connection: socket.socket) -> None:
+        while (request := read_request(connection)) is not None:
+            start, _ = request
+            connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: \xb2\r\n"
+                               b"Content-Range: bytes %d-%d/%d\r\n\r\n%s"
+                               % (start, start + 1, len(DATA), DATA[start : start + 2]))
+
+    with SocketServer(superscript) as server, \
+            VidCacheClient(server.url, timeout=5) as client:
+        buffer = bytearray(2)
+        with pytest.raises(VidCacheError, match="malformed Content-Length"):
+            client.read_range_into(DATA_HASH, 0, [buffer])
+        assert buffer == bytearray(2)
+
+
 def test_a_content_encoded_range_is_never_data() -> None:
     """A server (or a proxy in between) that gzips whatever Accept-Encoding says answers a
     range with bytes of the gzip stream: they were written into the buffers as the video's."""

@@ -1313,7 +1313,7 @@ def test_options_that_depend_on_others() -> None:
     for keyword in ("debug", "foreground", "nothreads"):
         with pytest.raises(cli.StartupError, match="not a mount option"):
             _options("-o", keyword)
-    for size in ("64K", "0", ""):
+    for size in ("64K", "0", "", "\N{SUPERSCRIPT TWO}"):  # the last: was int()'s ValueError
         with pytest.raises(cli.StartupError, match="-o max_read: a number of bytes above 0"):
             _options("-o", f"max_read={size}")
 

@@ -59,6 +59,7 @@ from vidcache_client._arguments import (
 )
 from vidcache_client._credentials import without_credentials
 from vidcache_client._malloc import set_malloc_options
+from vidcache_client._validate import is_decimal
 
 log = logging.getLogger("vcfs")
 
@@ -634,7 +635,7 @@ def max_read(fuse_options: Sequence[str]) -> int | None:
               if key == "max_read"]
     if not values:
         return None
-    if not values[-1].isdigit() or int(values[-1]) == 0:
+    if not is_decimal(values[-1]) or int(values[-1]) == 0:
         raise StartupError(f"-o max_read: a number of bytes above 0, not {values[-1]!r}")
     return int(values[-1])
 

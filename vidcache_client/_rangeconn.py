@@ -83,7 +83,7 @@ import httpx
 from vidcache_client._exceptions import StatusError
 from vidcache_client._pool import Budget, Pool, Spare
 from vidcache_client._translate import raise_for_status
-from vidcache_client._validate import ByteRange
+from vidcache_client._validate import ByteRange, is_decimal
 from vidcache_client._verify import expected_video_length
 
 # Longer heads are refused (h11's own limit is 16 KiB). Also the size of each connection's
@@ -800,7 +800,7 @@ def _parse_head(head: bytes, describe: Callable[[], httpx.Request]
         return status, match.group(3) or "", version, headers, _CHUNKED, keep_alive
     lengths = {value for name, value in headers if name.lower() == "content-length"}
     length = lengths.pop() if len(lengths) == 1 else ""
-    if not length.isdigit():
+    if not is_decimal(length):
         raise httpx.RemoteProtocolError(f"HTTP {status} answer with a malformed "
                                         "Content-Length", request=describe())
     return status, match.group(3) or "", version, headers, int(length), keep_alive

@@ -82,6 +82,12 @@ def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_decimal(text: str) -> bool:
+    """Whether int(text) takes it as ASCII digits: str.isdigit() also takes '²', which int()
+    refuses (a header decoded as latin-1 can hold it)."""
+    return text.isascii() and text.isdigit()
+
+
 def _refuse(detail: str) -> NoReturn:
     raise InvalidRequestError(None, detail, message=f"{detail} (no request sent)")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import httpx
 
 from vidcache_client._exceptions import ProtocolError, RangeError
-from vidcache_client._validate import ByteRange
+from vidcache_client._validate import ByteRange, is_decimal
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
@@ -104,7 +104,7 @@ def _content_length(response: httpx.Response, what: str,
     value = response.headers.get("Content-Length")
     if value is None:
         return None
-    if not value.strip().isdigit():
+    if not is_decimal(value.strip()):
         raise error_class(f"{what}: malformed Content-Length {value!r}")
     return int(value)
 
