@@ -268,3 +268,28 @@ def test_a_demo_run_to_its_end_stops_everything_and_says_how_to_keep_it(tmp_path
         assert_cleared(run.mountpoint)
         for log in ("vidcache.log", "vcfs.log", "origin.log"):
             assert (REPO / "demo-data" / log).stat().st_size > 0, log
+
+
+@as_root
+@pytest.mark.timeout(600)  # the first run also generates the sample
+def test_a_service_that_cannot_start_is_reported_with_the_end_of_its_log(tmp_path: Path) -> None:
+    """The demo's wait for its service fails at once when the service exits, with the end of
+    the service's log, and leaves nothing running. Here another vidcache holds the demo's data
+    directory (one service per data directory)."""
+    holder = VidcacheServer(REPO / "demo-data" / "store").start()
+    try:
+        with demo(tmp_path) as run:
+            assert run.process.wait(timeout=300) == 1, run.text()
+            log = REPO / "demo-data" / "vidcache.log"
+            report = run.text().partition(f"demo: vidcache on http://127.0.0.1:{run.port} did "
+                                          f"not start; the end of {log}:\n")[2]
+            assert "is in use by another vidcache process" in report, run.text()
+            assert "==> ingesting" not in run.text()
+            assert not listening_on(run.port)
+            assert [command for command in map(command_line, processes())
+                    if "demo-data/samples" in command or f"--port {run.port}" in command] == []
+            assert mount_entry(str(run.mountpoint)) is None
+        assert httpx.get(f"{holder.url}/health").status_code == 200  # the demo left it alone
+    finally:
+        holder.stop()
+        holder.log_path.unlink(missing_ok=True)
