@@ -293,3 +293,57 @@ def test_a_service_that_cannot_start_is_reported_with_the_end_of_its_log(tmp_pat
     finally:
         holder.stop()
         holder.log_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def sample_set_aside() -> Iterator[Path]:
+    """The checkout's demo sample moved aside for the test (the demo then encodes it again),
+    and put back after it, the encoding's .part removed; yields the sample's path."""
+    sample = REPO / "demo-data" / "samples" / "sample.mp4"
+    kept = sample.with_name("sample.mp4.kept-by-test")
+    if sample.exists():
+        sample.rename(kept)
+    try:
+        yield sample
+    finally:
+        sample.with_name("sample.mp4.part").unlink(missing_ok=True)
+        if kept.exists():
+            kept.replace(sample)
+
+
+def _video_seconds(path: Path) -> float:
+    """The duration ffprobe reads in `path`; 0 when it cannot read one."""
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
+                            "-of", "csv=p=0", str(path)], capture_output=True, text=True,
+                           check=False)
+    try:
+        return float(probe.stdout.strip())
+    except ValueError:
+        return 0.0
+
+
+@as_root
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("sent", "status"), [(signal.SIGTERM, 143),
+                                              (signal.SIGKILL, -signal.SIGKILL)],
+                         ids=["kill", "kill -9"])
+def test_a_demo_killed_while_it_encodes_the_sample_stops_the_encoding(
+        tmp_path: Path, sent: signal.Signals, status: int) -> None:
+    """Was: the encoding ran in the foreground, so a SIGTERM waited for its end (~20 s here)
+    and a kill -9 left it running, writing the .part the next run's ffmpeg writes too. Now it
+    stops with the demo: no sample, and what was encoded is short of the 30 s."""
+    with sample_set_aside() as sample, demo(tmp_path) as run:
+        part = sample.with_name("sample.mp4.part")
+
+        def encoder() -> list[int]:
+            return [pid for pid in processes() if str(part) in command_line(pid)
+                    and command_line(pid).startswith("ffmpeg")]
+
+        wait_until(lambda: encoder() or run.process.poll() is not None, timeout=120,
+                   what="the demo encoding its sample")
+        assert encoder(), run.text()
+        os.kill(run.process.pid, sent)  # the script alone, not its group
+        assert run.process.wait(timeout=60) == status, run.text()
+        wait_until(lambda: not encoder(), timeout=30, what="the sample's ffmpeg gone")
+        assert not sample.exists()
+        assert _video_seconds(part) < 29, "the encoding ran on to its end"
