@@ -293,7 +293,8 @@ def body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
     """(body bytes to pass, whether the body cannot be delimited) for one response head."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
-    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    # isascii: latin-1 gives '²', which isdigit() takes and int() refuses
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isascii() and parts[1].isdigit() else 0
     if (request is not None and request.method == "HEAD") or status in (204, 304) or (
             100 <= status < 200):
         return 0, False
@@ -302,7 +303,7 @@ def body_length(request: Request | None, head: bytes) -> tuple[int, bool]:
     if "chunked" in headers.get("transfer-encoding", "").lower():
         return 0, True
     length = headers.get("content-length", "")
-    return (int(length), False) if length.isdigit() else (0, True)
+    return (int(length), False) if length.isascii() and length.isdigit() else (0, True)
 
 
 class ResponseCounter:
