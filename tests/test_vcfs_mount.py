@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -874,6 +875,47 @@ def test_unmount_refuses_a_file_system_that_is_not_vcfs(tmp_path: Path) -> None:
         assert result.returncode == 1, result.stderr
         assert "is a tmpfs mount, not a vcfs one" in result.stderr, result.stderr
         assert os.path.ismount(target) and notes.read_text() == "keep me"
+
+
+@contextlib.contextmanager
+def dead_fuse_mount_of_another_type(target: Path) -> Iterator[None]:
+    """A FUSE mount of type fuse.sshfs at the new directory `target` whose daemon was killed
+    ("Transport endpoint is not connected"), as a crashed sshfs leaves; cleared at the end."""
+    target.mkdir()
+    serve = ("import sys; from vcfs.fuselib import FUSE, Operations; "
+             "FUSE(Operations(), sys.argv[1], foreground=True, ro=True, fsname='host:/home', "
+             "subtype='sshfs')")
+    daemon = subprocess.Popen([sys.executable, "-c", serve, str(target)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: f" {target} fuse.sshfs " in Path("/proc/self/mounts").read_text(),
+                   timeout=30, what=f"the sshfs-like mount at {target}")
+        daemon.kill()
+        daemon.wait(timeout=10)
+        assert cli.is_stale_mount(str(target))
+        yield
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True, check=False)
+
+
+def test_a_dead_mount_of_another_file_system_is_not_vcfs_s_to_clear(tmp_path: Path) -> None:
+    """docs/vcfs.md: a stale mount "left by a vcfs that crashed" is cleared, "any other mount
+    there is refused". A dead sshfs's was unmounted by `vcfs unmount` (exit 0) and by `vcfs
+    mount` on it (with a warning, then mounted over): fusermount3, as root, unmounts any type."""
+    target = tmp_path / "sshfs"
+    with dead_fuse_mount_of_another_type(target):
+        result = run_vcfs("unmount", str(target))
+        assert (result.returncode, result.stderr) == (1, (
+            f"vcfs: error: {target} is a fuse.sshfs mount, not a vcfs one; not unmounting it "
+            "(umount, or fusermount3 -u for another FUSE file system)\n"))
+        result = run_vcfs("mount", "http://127.0.0.1:1", str(target))
+        assert (result.returncode, result.stderr) == (1, (
+            f"vcfs: error: {target} is already a mount point (fuse.sshfs, whose daemon died: "
+            "not vcfs's to unmount; choose an empty directory that is not a mount point)\n"))
+        assert cli.is_stale_mount(str(target))  # still there, dead
 
 
 # ---------------------------------------------------------------------------------------------

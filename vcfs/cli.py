@@ -486,8 +486,16 @@ def check_fuse_fd(mountpoint: str, fd: int) -> None:
 
 
 def prepare_mountpoint(mountpoint: str) -> None:
-    """Clear a stale mount, then insist on an existing, empty, unmounted directory."""
+    """Clear a stale vcfs mount, then insist on an existing, empty, unmounted directory."""
     if is_stale_mount(mountpoint):
+        entry = mount_entry(mountpoint)
+        if entry is not None and not is_vcfs_type(entry[0]):
+            # Another file system's dead mount is not vcfs's to unmount (as root, fusermount3
+            # unmounts any type, a network file system that says ENOTCONN while it reconnects
+            # included).
+            raise StartupError(f"{mountpoint} is already a mount point ({entry[0]}, whose "
+                               "daemon died: not vcfs's to unmount; choose an empty directory "
+                               "that is not a mount point)")
         clear_stale_mount(mountpoint)
     try:
         os.stat(mountpoint)
@@ -872,18 +880,20 @@ def _read_status(fd: int, timeout: float) -> bytes:
 
 
 def unmount(mountpoint: str, *, lazy: bool = False) -> int:
-    """Unmount a vcfs mount, or clear a stale FUSE mount. Any other file system is refused:
-    as root, fusermount3 unmounts whatever is there (a tmpfs, and the files in it, included)."""
-    if not is_stale_mount(mountpoint):
-        entry = mount_entry(mountpoint)
-        if entry is None:
-            missing = "" if os.path.lexists(mountpoint) else " (it does not exist: a typo?)"
-            raise StartupError(f"{mountpoint} is not mounted{missing}")
+    """Unmount a vcfs mount, or clear the stale mount of a vcfs that died. Any other file
+    system is refused, dead or not: as root, fusermount3 unmounts whatever is there (a tmpfs,
+    and the files in it, included)."""
+    stale = is_stale_mount(mountpoint)
+    entry = mount_entry(mountpoint)
+    if entry is None and not stale:
+        missing = "" if os.path.lexists(mountpoint) else " (it does not exist: a typo?)"
+        raise StartupError(f"{mountpoint} is not mounted{missing}")
+    if entry is not None:
         fstype, owner = entry
         if not is_vcfs_type(fstype):
             raise StartupError(f"{mountpoint} is a {fstype} mount, not a vcfs one; not unmounting "
                                f"it (umount, or fusermount3 -u for another FUSE file system)")
-        if owner is not None and os.geteuid() not in (0, owner):
+        if not stale and owner is not None and os.geteuid() not in (0, owner):
             # fusermount3 would only say "entry for ... not found in /etc/mtab".
             raise StartupError(f"{mountpoint} was mounted by uid {owner}: only that user or "
                                "root can unmount it")
