@@ -1373,6 +1373,35 @@ def test_help_lists_every_option_with_defaults() -> None:
         assert option in text, option
 
 
+def test_the_docs_name_every_option_of_the_help_with_its_default() -> None:
+    """docs/vcfs.md's table of `vcfs mount`'s options and its list of the options an fstab
+    line spells as -o ones name exactly the options the command has, with its defaults."""
+    doc = (ROOT / "docs" / "vcfs.md").read_text()
+    section = doc.split("## `vcfs mount`", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `-")]
+    documented = {row[0].strip("| `").split()[0]: row[1].strip() for row in rows}
+    parser = cli.build_parser()
+    mount = next(action for action in parser._actions
+                 if isinstance(action, argparse._SubParsersAction)).choices["mount"]
+    options = {action.option_strings[0]: action for action in mount._actions
+               if action.option_strings and action.help != argparse.SUPPRESS
+               and action.dest != "help"}
+    assert set(documented) == set(options)
+    # What the options come to when none is given (--readahead-max's is worked out).
+    defaults = cli.mount_options(parser.parse_args(["mount", "http://127.0.0.1:1", "/mnt"]))
+    stated = {name: re.match(r"`([^`]+)`", default) for name, default in documented.items()}
+    assert {name for name, value in stated.items() if value} == {
+        "--cache-size", "--block-size", "--readahead-max", "--timeout", "--log-level"}
+    for name, value in stated.items():
+        if value is not None:
+            action = options[name]
+            given = action.type(value.group(1)) if action.type else value.group(1)
+            assert given == getattr(defaults, action.dest), name
+    spelled = doc.split("is that option (", 1)[1].split(")", 1)[0]
+    fstab = {"--" + name.replace("_", "-") for name in re.findall(r"`([a-z_]+)=?[^`]*`", spelled)}
+    assert fstab == cli._mount_long_options(parser)
+
+
 def test_help_says_how_mount_8_runs_vcfs() -> None:
     """The mount helper's form (an /etc/fstab line of type fuse.vcfs) has no command of its
     own: `vcfs --help` says it is there and how its options are spelled."""
