@@ -1074,6 +1074,8 @@ def test_startup_errors_are_one_clear_line(
                                                            "-o", "subtype=videos"),
         "vcfs is read-only: -o rw is not possible": ("mount", url, str(empty),
                                                       "-o", "allow_other,rw"),
+        "cannot open the log file": ("mount", url, str(empty), "--daemon", "--log-file",
+                                     str(tmp_path / "missing" / "vcfs.log")),
     }
     for message, args in cases.items():
         result = run_vcfs(*args)
