@@ -1263,6 +1263,44 @@ def test_a_user_other_than_root_mounts_reads_and_unmounts(
     assert "stays at its default" in log and "unmounted" in log, log
 
 
+def test_uid_gid_and_umask_options_apply_to_every_file_and_directory(
+    vidcache_server: VidcacheServer, corpus: dict[str, Video],
+) -> None:
+    """docs/vcfs.md, Non-root use: libfuse's -o gid=G,umask=M make every file and directory
+    `0777 & ~M` (not `0444 & ~M`) and group G's, so a group is let in and others kept out; a
+    umask below 0222 shows write bits, and writes still fail (EROFS)."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv")
+    video = corpus["a.mp4"]
+    place = Path(tempfile.mkdtemp(prefix="vcfs-umask-", dir="/tmp"))
+    try:
+        place.chmod(0o755)  # pytest's own temporary directories are root's alone
+        with VcfsMount(vidcache_server.url, place / "mnt", "-o",
+                       f"allow_other,gid={NOBODY},umask=0227") as mounted:
+            everything = [mounted.mountpoint, mounted.mountpoint / "by-hash",
+                          mounted.mountpoint / ".vcfs", mounted.mountpoint / ".vcfs" / "stats",
+                          mounted.video(video.file_name)]
+            assert [(stat.S_IMODE(info.st_mode), info.st_gid)
+                    for info in map(os.stat, everything)] == [(0o550, NOBODY)] * len(everything)
+            for uid, allowed in ((NOBODY, True), (NOBODY - 1, False)):
+                read = subprocess.run(
+                    ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "cat",
+                     str(mounted.video(video.file_name))],
+                    capture_output=True, timeout=60, check=False, cwd="/")
+                if allowed:
+                    assert read.returncode == 0 and read.stdout == video.data(), read.stderr
+                else:
+                    assert read.returncode != 0 and b"Permission denied" in read.stderr, read
+        with VcfsMount(vidcache_server.url, place / "mnt", "-o", "umask=077") as mounted:
+            path = mounted.video(video.file_name)
+            assert stat.S_IMODE(path.stat().st_mode) == 0o700
+            with pytest.raises(OSError) as caught:
+                os.open(path, os.O_WRONLY)
+            assert caught.value.errno == errno.EROFS
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
 def test_the_daemon_is_started_with_every_option_it_was_given(tmp_path: Path) -> None:
     """`--daemon` starts `vcfs mount ... --foreground` with arguments rebuilt from the parsed
     options; parsing those again gives the same options (every field set away from its
