@@ -311,18 +311,24 @@ def test_unknown_hash_and_wrong_extension_are_enoent(
         os.stat(mount.video(f"{mkv}.mp4"))
 
 
-def test_newly_ingested_video_appears(
-    mount: VcfsMount, vidcache_server: VidcacheServer, tmp_path: Path
-) -> None:
-    # A still of random 8x8 blocks: perceptually unlike any other stored video.
+def unique_video(folder: Path) -> Path:
+    """folder/fresh.mp4, a second of a still of random 8x8 blocks: perceptually unlike any
+    other stored video, so the service stores it as a video of its own."""
     image = Image.frombytes("L", (8, 8), os.urandom(64)).resize((128, 96), Image.Resampling.NEAREST)
-    image.save(tmp_path / "still.png")
-    source = tmp_path / "fresh.mp4"
+    image.save(folder / "still.png")
+    source = folder / "fresh.mp4"
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-loop", "1", "-i", str(tmp_path / "still.png"), "-t", "1",
+        ["ffmpeg", "-v", "error", "-loop", "1", "-i", str(folder / "still.png"), "-t", "1",
          "-r", "5", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(source)],
         check=True, timeout=60,
     )
+    return source
+
+
+def test_newly_ingested_video_appears(
+    mount: VcfsMount, vidcache_server: VidcacheServer, tmp_path: Path
+) -> None:
+    source = unique_video(tmp_path)
     content_hash = blake3(source.read_bytes()).hexdigest()
     path = mount.video(f"{content_hash}.mp4")
     assert not path.exists()  # a negative lookup, now cached by the kernel and by vcfs
@@ -332,6 +338,29 @@ def test_newly_ingested_video_appears(
     wait_until(path.exists, timeout=20, what="the new video visible in the mount")
     assert path.read_bytes() == source.read_bytes()
     wait_until(lambda: path.name in os.listdir(path.parent), timeout=20, what="listed")
+
+
+def test_a_deleted_video_is_enoent_to_open_and_read_while_the_kernel_still_stats_it(
+    fresh_mount: Callable[..., VcfsMount], vidcache_server: VidcacheServer, tmp_path: Path
+) -> None:
+    """docs/vcfs.md, a video deleted from the service: a read of what is not cached gets the
+    service's 404 as ENOENT, and so does every open from then on, while `stat` of the name
+    still succeeds (the kernel keeps it for a day and does not ask vcfs); `ls` lists it no
+    more."""
+    source = unique_video(tmp_path)
+    with serve_directory(tmp_path) as url, VidCacheClient(vidcache_server.url) as client:
+        content_hash = client.ingest(f"{url}/{source.name}", bucket=BUCKET)["hash"]
+    mounted = fresh_mount("--no-first-block")  # nothing of the video cached by its lookup
+    path = mounted.video(f"{content_hash}.mp4")
+    assert path.stat().st_size == source.stat().st_size
+    with VidCacheClient(vidcache_server.url) as client:
+        client.delete(content_hash)
+    with pytest.raises(FileNotFoundError):
+        path.read_bytes()
+    assert path.stat().st_size == source.stat().st_size
+    with pytest.raises(FileNotFoundError):
+        open(path, "rb").close()
+    assert path.name not in os.listdir(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
