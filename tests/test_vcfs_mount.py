@@ -552,6 +552,26 @@ def test_concurrent_readers_same_and_different_files(
         assert sorted(pool.map(reader, range(12))) == list(range(12))
 
 
+def test_log_level_debug_logs_every_read_with_its_offset_and_size(
+    fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
+) -> None:
+    """docs/vcfs.md: `--log-level debug` logs every read with its offset and size, where a
+    user sees what the kernel sends (Troubleshooting: reads of 128 KiB)."""
+    video = corpus["big.mp4"]
+    mounted = fresh_mount()  # VcfsMount logs at debug level
+    assert mounted.video(video.file_name).read_bytes() == video.data()
+    fuse = mounted.stats()["fuse"]
+    logged = [(int(offset), int(size)) for offset, size in re.findall(
+        rf"DEBUG vcfs\.fs: read {video.content_hash[:12]} \[(\d+), \+(\d+)\)", mounted.log())]
+    assert len(logged) == fuse["fuse_reads"]
+    assert max(size for _, size in logged) == fuse["largest_read"]
+    covered = 0  # the reads, in offset order, leave no byte of the video out
+    for offset, size in sorted(logged):
+        assert offset <= covered
+        covered = max(covered, offset + size)
+    assert covered >= video.size
+
+
 def test_second_read_comes_from_memory(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
 ) -> None:
