@@ -4,6 +4,7 @@ against a real service, usage errors, and complete --help texts."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.server
 import json
 import os
@@ -694,6 +695,64 @@ def test_ctrl_c_while_it_starts_is_one_line(tmp_path: Path) -> None:
         out, err = starting.communicate(timeout=60)
     assert (starting.returncode, out, err) == (
         130, b"", b"vidcache serve: interrupted before it was ready\n")
+
+
+def _reader_opened(fifo: Path) -> int | None:
+    """The FIFO's write end, once a reader has it open (ENXIO before: none has)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            return None
+        raise
+
+
+def _blocked_reading(pid: int, path: Path) -> bool:
+    """Whether the main thread of process `pid` sleeps in a system call on its descriptor of
+    `path` (the call's first argument, as /proc shows it on every architecture)."""
+    task = Path(f"/proc/{pid}/task/{pid}")
+    fds = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            if os.readlink(fd) == str(path):
+                fds.add(int(fd.name))
+    state = task.joinpath("stat").read_text().rpartition(")")[2].split()[0]
+    call = task.joinpath("syscall").read_text().split()
+    return state == "S" and len(call) > 1 and int(call[1], 16) in fds
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["TERM", "INT", "HUP"])
+def test_a_stop_signal_while_it_starts_closes_the_data_directory(
+        tmp_path: Path, signum: signal.Signals) -> None:
+    """SIGTERM, Ctrl-C or SIGHUP once the data directory is open, before the service is ready
+    (held up reading SSL_CERT_FILE, a FIFO held open with nothing written): one line saying
+    so, the exit status the signal gives once the service is ready (130 for Ctrl-C: it never
+    served), and the index closed (SQLite removes its WAL file when the last connection
+    closes), the lock and the port let go. Was: SIGTERM and SIGHUP ended it by their default
+    action, without a word and with the index left open."""
+    data, certificates = tmp_path / "data", tmp_path / "ca.pem"
+    with _held_up_at_start(data, certificates, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE) as (starting, port, _):
+        writer = wait_until(lambda: _reader_opened(certificates), timeout=60,
+                            what="the service opening SSL_CERT_FILE")
+        assert writer is not None  # for mypy: wait_until returns a truthy result
+        try:
+            # a signal just before a blocking read would be handled only once it returned
+            wait_until(lambda: _blocked_reading(starting.pid, certificates), timeout=60,
+                       what="the service waiting to read SSL_CERT_FILE")
+            assert (data / ".vidcache" / "index.sqlite3-wal").exists()  # the index is open
+            starting.send_signal(signum)
+            out, err = starting.communicate(timeout=60)
+        finally:
+            os.close(writer)
+    said = ("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}")
+    assert (starting.returncode, out, err) == (
+        130 if signum == signal.SIGINT else -signum, b"",
+        f"vidcache serve: {said} before it was ready\n".encode())
+    assert not (data / ".vidcache" / "index.sqlite3-wal").exists()
+    with VidcacheServer(data, port=port) as again:  # the lock and the port are free
+        assert "start-up recovery" not in again.log()
 
 
 def test_an_ipv6_address_is_said_as_a_url(tmp_path: Path) -> None:

@@ -334,9 +334,19 @@ def _document_auth(schema: dict[str, Any], *, protect_reads: bool) -> None:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The API over the data directory in `config`, which is opened (and repaired) right away:
-    raises DataDirInUse if another server holds it. The store closes at app shutdown."""
+    raises DataDirInUse if another server holds it. The store closes at app shutdown, at once
+    if the app cannot be made (a bad setting, a stop signal during the start), or by
+    `app.state.close_unstarted()` if the app never starts."""
     store = Store(config.data_dir)
     store.open()
+    try:
+        return _app_over(store, config)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _app_over(store: Store, config: ServiceConfig) -> FastAPI:
     downloader = Downloader(tmp_dir=store.tmp_dir, max_size=config.max_size,
                             timeout=config.download_timeout,
                             max_time=config.max_download_time,
@@ -366,8 +376,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
                 log.warning("%d ingests still running %g s after they were stopped; closing "
                             "the store under them (they cannot store anything now)", running,
                             STOP_TIMEOUT)
-            downloader.close()
-            store.close()
+            close()
+
+    def close() -> None:
+        downloader.close()
+        store.close()
 
     # redirect_slashes off: the redirect's Location came from the Host header (http:// even
     # behind a TLS proxy); a path with a trailing slash is no such endpoint (404)
@@ -376,6 +389,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
                   description="Content-addressed video cache: ingest by URL, BLAKE3 exact "
                               "dedup, perceptual-hash near-duplicate matching, byte ranges.")
     app.state.stop_ingests = ingestor.stop
+    app.state.close_unstarted = close
     app.router.route_class = GetAnswersHead  # for the routes declared below
 
     # the last added is the outermost: the token is checked before any body is read

@@ -196,9 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                f"for ingest unless allowed with --ingest-allow or ${ALLOW_ENV} "
                f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8. "
                f"Exit status at start: 1 if DIR cannot be used, 2 for a bad option, 3 if it "
-               f"cannot listen (address in use), 130 on Ctrl-C before it is ready. SIGTERM, "
-               f"Ctrl-C and SIGHUP (unless ignored, as under nohup) stop it gracefully: "
-               f"requests in flight get {_GRACE} s.")
+               f"cannot listen (address in use), 130 on Ctrl-C before it is ready (SIGTERM and "
+               f"SIGHUP then end it, with what it opened closed). SIGTERM, "
+               f"Ctrl-C and SIGHUP (unless ignored, as under nohup) stop it gracefully once it "
+               f"is ready: requests in flight get {_GRACE} s.")
     serve.add_argument("--data", metavar="DIR", type=_data_dir, required=True,
                        help="data directory (created if missing)")
     serve.add_argument("--host", type=_host, default="127.0.0.1",
@@ -362,7 +363,75 @@ still deleted); 2 for a bad option or a malformed HASH (then none is deleted).""
     _add_service_options(delete, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
 
 
+class StoppedStarting(BaseException):
+    """A stop signal (SIGTERM, Ctrl-C, SIGHUP) that came before the service was ready, raised
+    wherever the start was (recovering the data directory, say), so that what it had opened
+    is closed on the way out. A BaseException, as KeyboardInterrupt: no `except Exception` of
+    the start takes it for a failure of its own."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _StartSignals:
+    """The handler of SIGTERM, SIGINT and SIGHUP (unless ignored, as under nohup) from the
+    moment `vidcache serve` has read its command line: until uvicorn has its own handlers, the
+    first of them raises StoppedStarting, and any after it waits for the start to wind down
+    (ignored). uvicorn puts back the handlers it found when it has shut down and raises the
+    signal it got again: from `hand_over()` on, this one does what the signal did before (the
+    default action; KeyboardInterrupt for SIGINT)."""
+
+    def __init__(self) -> None:
+        self.state = "starting"
+        self.previous: dict[int, Any] = {}
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue
+            self.previous[signum] = signal.signal(signum, self)
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.state == "starting":
+            self.state = "stopping"
+            raise StoppedStarting(signum)
+        if self.state == "handed over":
+            previous = self.previous[signum]
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.signal(signum, previous)
+                signal.raise_signal(signum)
+
+    def hand_over(self) -> None:
+        self.state = "handed over"
+
+    def restore(self) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    start_signals = _StartSignals()
+    try:
+        return _start(args, start_signals)
+    except StoppedStarting as stop:
+        # the sockets, the lock and the index are closed, a recovery cut short is done again
+        # at the next start: what is left is to say so, and end as the signal ends it once
+        # the service is ready (uvicorn raises SIGTERM and SIGHUP again; Ctrl-C: 130, which
+        # says it never served)
+        if stop.signum == signal.SIGINT:
+            print("vidcache serve: interrupted before it was ready", file=sys.stderr)
+            return 130
+        print(f"vidcache serve: stopped by {signal.Signals(stop.signum).name} before it was "
+              "ready", file=sys.stderr)
+        signal.signal(stop.signum, signal.SIG_DFL)
+        signal.raise_signal(stop.signum)
+        return 128 + stop.signum  # the signal blocked (a mask inherited): a shell's status
+    finally:
+        start_signals.restore()
+
+
+def _start(args: argparse.Namespace, start_signals: _StartSignals) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.token_reads and args.token is None:
@@ -388,20 +457,16 @@ def _serve(args: argparse.Namespace) -> int:
     except socket.gaierror as exc:
         print(f"vidcache serve: error: --host {config.host}: {exc.strerror}", file=sys.stderr)
         return 2
+    sockets = _listening_sockets(addresses)
+    if isinstance(sockets, str):
+        print(f"vidcache serve: error: cannot listen on {config.host} port {config.port}: "
+              f"{sockets}", file=sys.stderr)
+        return 3
     try:
-        sockets = _listening_sockets(addresses)
-        if isinstance(sockets, str):
-            print(f"vidcache serve: error: cannot listen on {config.host} port {config.port}: "
-                  f"{sockets}", file=sys.stderr)
-            return 3
-        try:
-            return _serve_on(sockets, config)
-        finally:
-            for sock in sockets:
-                sock.close()
-    except KeyboardInterrupt:  # before uvicorn handles Ctrl-C: a slow data directory, say
-        print("vidcache serve: interrupted before it was ready", file=sys.stderr)
-        return 130
+        return _serve_on(sockets, config, start_signals)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def _listening_sockets(addresses: list[tuple[Any, ...]]) -> list[socket.socket] | str:
@@ -438,9 +503,11 @@ def _listening_sockets(addresses: list[tuple[Any, ...]]) -> list[socket.socket] 
     return sockets or "no address of a kind this machine supports"
 
 
-def _serve_on(sockets: list[socket.socket], config: ServiceConfig) -> int:
+def _serve_on(sockets: list[socket.socket], config: ServiceConfig,
+              start_signals: _StartSignals) -> int:
     """Opens the data directory and serves the app on `sockets` until SIGTERM, Ctrl-C or
-    SIGHUP."""
+    SIGHUP; StoppedStarting, with the data directory closed, if one comes before uvicorn
+    handles them."""
     import uvicorn
 
     from vidcache.app import create_app
@@ -487,15 +554,20 @@ def _serve_on(sockets: list[socket.socket], config: ServiceConfig) -> int:
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            taken = signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+            before = signal.getsignal(signal.SIGHUP)
+            taken = before != signal.SIG_IGN
             if taken:
                 signal.signal(signal.SIGHUP, self.handle_exit)
             try:
                 with super().capture_signals():
+                    # Replaced by uvicorn's, with no moment in between when a signal does
+                    # what it does by default; put back when uvicorn is done, for it to
+                    # raise the signal again.
+                    start_signals.hand_over()
                     yield
             finally:
                 if taken:
-                    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                    signal.signal(signal.SIGHUP, before)
             if self.hung_up:
                 signal.raise_signal(signal.SIGHUP)
 
@@ -519,8 +591,12 @@ def _serve_on(sockets: list[socket.socket], config: ServiceConfig) -> int:
         app, log_level=config.log_level, log_config=None, backlog=_BACKLOG,
         timeout_graceful_shutdown=_GRACE + STOP_TIMEOUT, timeout_keep_alive=config.keep_alive,
         http=PipelinedHttpToolsProtocol))
-    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
-        server.run(sockets=sockets)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
+            server.run(sockets=sockets)
+    except StoppedStarting:  # before uvicorn took the signals: its lifespan never started
+        app.state.close_unstarted()
+        raise
     return 0
 
 
