@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -55,6 +55,9 @@ from vidcache_client._arguments import (
 from vidcache_client._arguments import parse_size as parse_any_size
 from vidcache_client._credentials import without_credentials
 from vidcache_client._validate import validate_hash
+
+if TYPE_CHECKING:  # imported where the service starts: the client commands need none of it
+    from fastapi import FastAPI
 
 ALLOW_ENV = "VIDCACHE_INGEST_ALLOW"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -509,11 +512,8 @@ def _serve_on(sockets: list[socket.socket], config: ServiceConfig,
     """Opens the data directory and serves the app on `sockets` until SIGTERM, Ctrl-C or
     SIGHUP; StoppedStarting, with the data directory closed, if one comes before uvicorn
     handles them."""
-    import uvicorn
-
     from vidcache.app import create_app
-    from vidcache.http_protocol import PipelinedHttpToolsProtocol, without_uvicorns_parse_warning
-    from vidcache.ingest import STOP_TIMEOUT
+    from vidcache.http_protocol import without_uvicorns_parse_warning
     from vidcache.store import INDEX_FILE, INTERNAL_DIR
 
     logging.getLogger("uvicorn.access").addFilter(_query_without_credentials)
@@ -534,6 +534,22 @@ def _serve_on(sockets: list[socket.socket], config: ServiceConfig,
         print(f"vidcache serve: error: cannot open the index "
               f"{config.data_dir / INTERNAL_DIR / INDEX_FILE}: {exc}", file=sys.stderr)
         return 1
+    try:
+        _run_uvicorn(app, sockets, config, start_signals)
+    except StoppedStarting:  # before uvicorn took the signals: its lifespan never started
+        app.state.close_unstarted()
+        raise
+    return 0
+
+
+def _run_uvicorn(app: FastAPI, sockets: list[socket.socket], config: ServiceConfig,
+                 start_signals: _StartSignals) -> None:
+    """Serves `app` on `sockets` until SIGTERM, Ctrl-C or SIGHUP."""
+    import uvicorn
+
+    from vidcache.http_protocol import PipelinedHttpToolsProtocol
+    from vidcache.ingest import STOP_TIMEOUT
+
     auth = ("no authentication" if config.token is None else
             "bearer token required for every request but /health and the API description"
             if config.token_reads else
@@ -592,13 +608,8 @@ def _serve_on(sockets: list[socket.socket], config: ServiceConfig,
         app, log_level=config.log_level, log_config=None, backlog=_BACKLOG,
         timeout_graceful_shutdown=_GRACE + STOP_TIMEOUT, timeout_keep_alive=config.keep_alive,
         http=PipelinedHttpToolsProtocol))
-    try:
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
-            server.run(sockets=sockets)
-    except StoppedStarting:  # before uvicorn took the signals: its lifespan never started
-        app.state.close_unstarted()
-        raise
-    return 0
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: uvicorn has shut down gracefully
+        server.run(sockets=sockets)
 
 
 def _query_without_credentials(record: logging.LogRecord) -> bool:
