@@ -36,6 +36,7 @@ from bench.service_speed import tree_cpu_seconds
 from bench.stack import Nginx, Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
 from vcfs.cli import build_parser as vcfs_parser
+from vidcache_client._arguments import RawDescriptionHelpFormatter
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
 QUIESCE_MAX_S = 5.0
@@ -265,7 +266,7 @@ def _exit_on_signals() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny files, one run without a warm-up, loopback only, fewer "
                              "reads (one seek, 8 random reads, 2 concurrent readers); the "

@@ -39,8 +39,8 @@ from vidcache_client import VidCacheClient
 pytestmark = pytest.mark.timeout(120)
 
 SERVE_OPTIONS = ["--data", "--host", "--port", "--max-size", "--download-timeout",
-                 "--max-download-time", "--keep-alive", "--phash-threshold", "--chunk-size",
-                 "--allow-file-dir",
+                 "--max-download-time", "--media-memory", "--keep-alive", "--phash-threshold",
+                 "--chunk-size", "--allow-file-dir",
                  "--ingest-allow", "--token-file", "--token-reads", "--log-level",
                  "VIDCACHE_INGEST_ALLOW"]
 INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-file",

@@ -50,6 +50,8 @@ from vcfs.blocks import BlockCache
 from vcfs.limits import FUSE_THREADS
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client._arguments import (
+    HelpFormatter,
+    RawDescriptionHelpFormatter,
     TokenFileError,
     parse_size,
     positive_seconds,
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vcfs",
         description="Mount a vidcache service as a read-only filesystem of video files.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
         epilog=(
             "As mount(8)'s helper, for an /etc/fstab line of type fuse.vcfs:\n"
             "  vcfs URL MOUNTPOINT -o OPTION[,OPTION...]\n"
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             "mount, with the reason on one line; 2 for an option it cannot parse; 130 for\n"
             "Ctrl-C before the mount is up (nothing is left mounted)"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=RawDescriptionHelpFormatter,
     )
     mount.add_argument("url", metavar="URL", type=service_url,
                        help="base URL of the vidcache service (http:// or https://)")
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
 
     unmount = commands.add_parser(
-        "unmount", help="unmount a vcfs mount",
+        "unmount", help="unmount a vcfs mount", formatter_class=HelpFormatter,
         description="Unmount MOUNTPOINT (also clears a stale mount left by a crashed vcfs).",
         epilog="exit status: 0 once unmounted; 1 if not (not mounted, not a vcfs mount, "
         "files still open, another user's mount), with the reason on one line",

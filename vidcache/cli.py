@@ -47,6 +47,8 @@ from vidcache_client import (
     VidCacheError,
 )
 from vidcache_client._arguments import (
+    HelpFormatter,
+    RawDescriptionHelpFormatter,
     TokenFileError,
     positive_seconds,
     read_token_file,
@@ -186,13 +188,13 @@ def _meta_item(text: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vidcache",
+        prog="vidcache", formatter_class=HelpFormatter,
         description="vidcache: a content-addressed video cache service (vidcache 1.x API).")
     parser.add_argument("--version", action="version", version=f"vidcache {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="run the service",
+        "serve", help="run the service", formatter_class=HelpFormatter,
         description="Run the vidcache service over the data directory DIR (blobs, SQLite index "
                     "and temp files all live there; one server per directory).",
         epilog=f"Hosts that resolve to loopback, private or link-local addresses are refused "
@@ -270,7 +272,7 @@ def _add_service_options(parser: argparse.ArgumentParser, timeout: float,
 def _add_client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """The commands that ask a running service, through the client."""
     # Raw: the examples keep their lines; the options' help is still wrapped.
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = RawDescriptionHelpFormatter
     ingest = commands.add_parser(
         "ingest", formatter_class=raw,
         help="ingest URLs or local files into a running service, one JSON result each",

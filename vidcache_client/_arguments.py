@@ -1,5 +1,6 @@
 """Values that both command lines take, `vidcache` and `vcfs`: sizes, seconds, the service's URL
-and a token file; and the name both give a signal that ended a process of theirs. They live here
+and a token file; the name both give a signal that ended a process of theirs; and how both wrap
+their --help. They live here
 because both commands already depend on the client; one reading of each keeps `--cache-size
 1.5G` or a token file meaning the same to both.
 
@@ -12,11 +13,28 @@ import argparse
 import math
 import re
 import signal
+import textwrap
 
 from vidcache_client._validate import parse_base_url
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, wrapping at spaces only: an option a help text names (--media-memory) is
+    never cut at one of its hyphens, which a reader copying it would paste broken."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """Descriptions and epilogs as written; the options' help wrapped as HelpFormatter does."""
 
 
 class TokenFileError(ValueError):
