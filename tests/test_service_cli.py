@@ -30,6 +30,7 @@ from tests.support import (
     interrupt_while_it_waits,
     self_signed_certificate,
     serving,
+    sighup_in_children,
     wait_until,
 )
 from tests.vcfs_fault_support import FaultyLink
@@ -732,8 +733,10 @@ def test_a_stop_signal_while_it_starts_closes_the_data_directory(
     closes), the lock and the port let go. Was: SIGTERM and SIGHUP ended it by their default
     action, without a word and with the index left open."""
     data, certificates = tmp_path / "data", tmp_path / "ca.pem"
-    with _held_up_at_start(data, certificates, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE) as (starting, port, _):
+    # as from a terminal, whatever the tests run under (under nohup it stays ignored)
+    with sighup_in_children(ignored=False), \
+            _held_up_at_start(data, certificates, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as (starting, port, _):
         writer = wait_until(lambda: _reader_opened(certificates), timeout=60,
                             what="the service opening SSL_CERT_FILE")
         assert writer is not None  # for mypy: wait_until returns a truthy result
