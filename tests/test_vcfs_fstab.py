@@ -20,20 +20,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from blake3 import blake3
 
 from tests.support import VidcacheServer, free_port, wait_until
 from tests.vcfs_support import (
     AS_NOBODY,
     NOBODY,
     in_private_mount_namespace,
+    ingested_for_mount,
     python_for_nobody,
     requires_fuse,
     vcfs_command,
 )
-from vcfs import paths
 from vcfs.cli import is_stale_mount, mount_entry
-from vidcache_client import VidCacheClient
 
 MOUNT_FUSE3 = shutil.which("mount.fuse3", path="/sbin:/usr/sbin")
 pytestmark = [*requires_fuse,
@@ -48,12 +46,8 @@ KIB = 1 << 10
 def video(media_url: str, vidcache_server: VidcacheServer,
           videos: dict[str, Path]) -> tuple[str, bytes]:
     """b.mp4, ingested: its name under by-hash/ and its bytes."""
-    with VidCacheClient(vidcache_server.url) as client:
-        content_hash = client.ingest(f"{media_url}/b.mp4", bucket="vcfs-fstab")["hash"]
-        meta = client.get_meta(content_hash)
-    data = videos["b.mp4"].read_bytes()
-    assert meta is not None and content_hash == blake3(data).hexdigest()
-    return paths.video_name(content_hash, meta["file_path"]), data
+    return ingested_for_mount(vidcache_server.url, media_url, videos["b.mp4"],
+                              bucket="vcfs-fstab")
 
 
 @pytest.fixture

@@ -19,13 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from blake3 import blake3
 
 from tests.support import VidcacheServer, free_port, wait_until
-from tests.vcfs_support import requires_fuse
-from vcfs import paths
+from tests.vcfs_support import ingested_for_mount, requires_fuse
 from vcfs.cli import is_stale_mount, mount_entry
-from vidcache_client import VidCacheClient
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "vcfs.md"
@@ -81,12 +78,8 @@ def test_systemd_analyze_verify_takes_the_unit_as_written(tmp_path: Path,
 def video(media_url: str, vidcache_server: VidcacheServer,
           videos: dict[str, Path]) -> tuple[str, bytes]:
     """b.mp4, ingested: its name under by-hash/ and its bytes."""
-    with VidCacheClient(vidcache_server.url) as client:
-        content_hash = client.ingest(f"{media_url}/b.mp4", bucket="vcfs-systemd")["hash"]
-        meta = client.get_meta(content_hash)
-    data = videos["b.mp4"].read_bytes()
-    assert meta is not None and content_hash == blake3(data).hexdigest()
-    return paths.video_name(content_hash, meta["file_path"]), data
+    return ingested_for_mount(vidcache_server.url, media_url, videos["b.mp4"],
+                              bucket="vcfs-systemd")
 
 
 class Unit:

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from blake3 import blake3
 
 from tests.support import wait_until
+from vcfs import paths
+from vidcache_client import VidCacheClient
 
 FUSE_MISSING_REASON = (
     "real mounts need /dev/fuse and fusermount3 (run as root, or with --device /dev/fuse)"
@@ -194,3 +197,15 @@ def mount_factory(url: str, directory: Path) -> Iterator[Callable[..., VcfsMount
             return stack.enter_context(VcfsMount(url, mountpoint, *args))
 
         yield start
+
+
+def ingested_for_mount(server_url: str, media_url: str, source: Path, *,
+                       bucket: str) -> tuple[str, bytes]:
+    """`source` (served by the media server under its name) ingested: its name under by-hash/
+    in a mount of that service, and its bytes."""
+    with VidCacheClient(server_url) as client:
+        content_hash = client.ingest(f"{media_url}/{source.name}", bucket=bucket)["hash"]
+        meta = client.get_meta(content_hash)
+    data = source.read_bytes()
+    assert meta is not None and content_hash == blake3(data).hexdigest()
+    return paths.video_name(content_hash, meta["file_path"]), data
