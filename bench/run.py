@@ -37,6 +37,7 @@ from bench.stack import Nginx, Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
 from vcfs.cli import build_parser as vcfs_parser
 from vidcache_client._arguments import RawDescriptionHelpFormatter
+from vidcache_client._validate import is_decimal
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
 QUIESCE_MAX_S = 5.0
@@ -314,13 +315,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _positive_int(text: str) -> int:
     """--runs: 0 would run the warm-up alone and record nothing."""
-    try:
-        runs = int(text)
-    except ValueError:
-        runs = 0
-    if runs < 1:
+    if not is_decimal(text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return runs
+    return int(text)
 
 
 def vcfs_cache_budget(options: list[str]) -> int:

@@ -53,6 +53,7 @@ from vidcache_client._arguments import (
     positive_seconds,
     read_token_file,
     service_url,
+    signal_name,
 )
 from vidcache_client._arguments import parse_size as parse_any_size
 from vidcache_client._credentials import without_credentials
@@ -428,8 +429,8 @@ def _serve(args: argparse.Namespace) -> int:
         if stop.signum == signal.SIGINT:
             print("vidcache serve: interrupted before it was ready", file=sys.stderr)
             return 130
-        print(f"vidcache serve: stopped by {signal.Signals(stop.signum).name} before it was "
-              "ready", file=sys.stderr)
+        print(f"vidcache serve: stopped by {signal_name(stop.signum)} before it was ready",
+              file=sys.stderr)
         signal.signal(stop.signum, signal.SIG_DFL)
         signal.raise_signal(stop.signum)
         return 128 + stop.signum  # the signal blocked (a mask inherited): a shell's status
