@@ -68,7 +68,7 @@ def command_line(pid: int) -> str:
     """The process's argv joined by spaces; "" once it has ended."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or exiting between open and read
         return ""
 
 
@@ -79,7 +79,7 @@ def processes() -> dict[int, int]:
         if entry.name.isdigit():
             try:  # the command may hold spaces and parentheses: the fields follow the last ')'
                 fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except FileNotFoundError:  # exited meanwhile
+            except (FileNotFoundError, ProcessLookupError):  # exited before the open or the read
                 continue
             if fields[0] != "Z":
                 parents[int(entry.name)] = int(fields[1])

@@ -78,7 +78,7 @@ def process_alive(pid: int) -> bool:
     """Whether the process exists and is not a zombie (a daemon we started, once it exits)."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or exiting between open and read
         return False
     return "\nState:\tZ" not in status
 
