@@ -8,7 +8,9 @@ chunk, and a corrupt chunk in a page fetched during a jump is caught.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import sys
 import threading
 import time
 import urllib.parse
@@ -64,6 +66,19 @@ def digest_pages_asked(link: FaultyLink, source: Source) -> list[tuple[int, int]
             query = urllib.parse.parse_qs(url.query)
             asked.append((int(query.get("start", ["0"])[0]), int(query.get("end", ["-1"])[0])))
     return asked
+
+
+def waiting_in(thread: threading.Thread, function: str) -> bool:
+    """Whether `thread` is in `concurrent.futures.wait` called by `function` (so that wait's
+    timeout is computed)."""
+    frame = sys._current_frames().get(thread.ident or 0)
+    called = None
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return called is concurrent.futures.wait.__code__
+        called = frame.f_code
+        frame = frame.f_back
+    return False
 
 
 def ranges_asked(link: FaultyLink, source: Source) -> list[str]:
@@ -248,6 +263,14 @@ def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_
             reader.start()
             wait_until(lambda: len(digest_pages_asked(link, source)) > pages, timeout=10,
                        what="the page's request")
+            # and the jump and the page's thread each waiting for its attempt, the wait's
+            # length taken from the clock not yet moved: else those waits end at the cutoff
+            # too, and one may end first, with its own reason (no complete answer by the
+            # deadline), as it did once in CI
+            wait_until(lambda: sum(waiting_in(thread, "_bounded") for thread in
+                                   threading.enumerate() if thread is reader
+                                   or thread.name == "vcfs-digests") == 2,
+                       timeout=10, what="the jump and the page's request waited for")
             skew[0] = began + config.timeout + config.per_request_timeout - 8 - time.monotonic()
             reader.join(timeout=30)
             assert not reader.is_alive(), "the jump did not end"
