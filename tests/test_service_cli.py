@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -611,7 +611,7 @@ def test_an_unusable_data_directory_is_one_line_naming_it(tmp_path: Path) -> Non
 def test_an_unusable_ssl_cert_file_is_one_line_naming_it(tmp_path: Path) -> None:
     """SSL_CERT_FILE names the CAs that https origins are checked against: one that is missing
     or holds no certificate stopped the server blaming the data directory ('cannot use DATA as
-    the data directory: No such file or directory')."""
+    the data directory: No such file or directory'), then made that directory all the same."""
     not_pem = tmp_path / "not-pem.crt"
     not_pem.write_text("not a certificate\n")
     for cert_file in (tmp_path / "missing.crt", not_pem):
@@ -623,6 +623,7 @@ def test_an_unusable_ssl_cert_file_is_one_line_naming_it(tmp_path: Path) -> None
         assert run.stderr.startswith(f"vidcache serve: error: SSL_CERT_FILE={cert_file}: "
                                      "cannot load CA certificates from it"), run.stderr
         assert "data directory" not in run.stderr and "\n" not in run.stderr.rstrip("\n")
+        assert not (tmp_path / "data").exists()  # refused before it was made (it was)
 
 
 def test_serving_is_said_once_the_port_listens(own: VidcacheServer) -> None:
@@ -708,18 +709,51 @@ def _reader_opened(fifo: Path) -> int | None:
         raise
 
 
-def _blocked_reading(pid: int, path: Path) -> bool:
-    """Whether the main thread of process `pid` sleeps in a system call on its descriptor of
-    `path` (the call's first argument, as /proc shows it on every architecture)."""
-    task = Path(f"/proc/{pid}/task/{pid}")
-    fds = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-            if os.readlink(fd) == str(path):
-                fds.add(int(fd.name))
-    state = task.joinpath("stat").read_text().rpartition(")")[2].split()[0]
-    call = task.joinpath("syscall").read_text().split()
-    return state == "S" and len(call) > 1 and int(call[1], 16) in fds
+@contextlib.contextmanager
+def _recovery_held_up(
+    data: Path,
+) -> Iterator[tuple[subprocess.Popen[bytes], int, Callable[[], None]]]:
+    """`vidcache serve` on `data` held up in its start-up recovery, the index open: a directory
+    in `data` is a stalled FUSE mount (tests.stalled_fs), whose root the recovery stats, as
+    on a stalled network file system. Yields the service once that stat waits, its port, and
+    what answers the stat (closing the write end of the mount's gate). The service is stopped
+    and the mount unmounted at the end; with SIGHUP's default action in the service, as
+    from a terminal, whatever the tests run under (under nohup it stays ignored)."""
+    stalled, gate = data / "stalled", data.parent / "gate"
+    stalled.mkdir(parents=True)
+    os.mkfifo(gate)
+    writers: list[int] = []
+
+    def release() -> None:
+        while writers:
+            os.close(writers.pop())
+
+    mounted = subprocess.Popen([sys.executable, "-m", "tests.stalled_fs", str(stalled), str(gate)],
+                               cwd=Path(__file__).resolve().parent.parent)
+    try:
+        wait_until(lambda: f" {stalled} fuse" in Path("/proc/self/mounts").read_text(),
+                   timeout=60, what="the stalled file system mounted")
+        port = free_port()
+        with sighup_in_children(ignored=False):
+            starting = subprocess.Popen(
+                [sys.executable, "-m", "vidcache", "serve", "--data", str(data), "--port",
+                 str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            # the gate has a reader once the mount is asked for its root's attributes
+            writer = wait_until(lambda: _reader_opened(gate), timeout=60,
+                                what="the service's recovery reaching the stalled mount")
+            assert writer is not None  # for mypy: wait_until returns a truthy result
+            writers.append(writer)
+            yield starting, port, release
+        finally:
+            stop_process(starting)
+    finally:
+        if not writers and (waiting := _reader_opened(gate)) is not None:
+            writers.append(waiting)  # a stat that came meanwhile: answered, nothing waits
+        release()
+        subprocess.run(["fusermount3", "-u", "-z", str(stalled)], capture_output=True,
+                       check=False)
+        stop_process(mounted)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
@@ -727,28 +761,18 @@ def _blocked_reading(pid: int, path: Path) -> bool:
 def test_a_stop_signal_while_it_starts_closes_the_data_directory(
         tmp_path: Path, signum: signal.Signals) -> None:
     """SIGTERM, Ctrl-C or SIGHUP once the data directory is open, before the service is ready
-    (held up reading SSL_CERT_FILE, a FIFO held open with nothing written): one line saying
-    so, the exit status the signal gives once the service is ready (130 for Ctrl-C: it never
+    (held up in its recovery by a stalled mount in the data directory): one line saying so,
+    the exit status the signal gives once the service is ready (130 for Ctrl-C: it never
     served), and the index closed (SQLite removes its WAL file when the last connection
     closes), the lock and the port let go. Was: SIGTERM and SIGHUP ended it by their default
-    action, without a word and with the index left open."""
-    data, certificates = tmp_path / "data", tmp_path / "ca.pem"
-    # as from a terminal, whatever the tests run under (under nohup it stays ignored)
-    with sighup_in_children(ignored=False), \
-            _held_up_at_start(data, certificates, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) as (starting, port, _):
-        writer = wait_until(lambda: _reader_opened(certificates), timeout=60,
-                            what="the service opening SSL_CERT_FILE")
-        assert writer is not None  # for mypy: wait_until returns a truthy result
-        try:
-            # a signal just before a blocking read would be handled only once it returned
-            wait_until(lambda: _blocked_reading(starting.pid, certificates), timeout=60,
-                       what="the service waiting to read SSL_CERT_FILE")
-            assert (data / ".vidcache" / "index.sqlite3-wal").exists()  # the index is open
-            starting.send_signal(signum)
-            out, err = starting.communicate(timeout=60)
-        finally:
-            os.close(writer)
+    action, without a word and with the index left open. The signal comes while the stat
+    waits; the stat is answered after it, and the signal handled then."""
+    data = tmp_path / "data"
+    with _recovery_held_up(data) as (starting, port, answer_the_stat):
+        assert (data / ".vidcache" / "index.sqlite3-wal").exists()  # the index is open
+        starting.send_signal(signum)
+        answer_the_stat()
+        out, err = starting.communicate(timeout=60)
     said = ("interrupted" if signum == signal.SIGINT else f"stopped by {signum.name}")
     assert (starting.returncode, out, err) == (
         130 if signum == signal.SIGINT else -signum, b"",

@@ -333,8 +333,8 @@ def test_without_prlimit_a_memory_cap_is_refused(monkeypatch: pytest.MonkeyPatch
 def test_a_memory_cap_above_the_servers_own_hard_limit_is_refused(tmp_path: Path) -> None:
     """A server started under a hard data limit (systemd's LimitDATA=, ulimit -d) cannot give
     its tools more: it refused every ingest, 'not a video: ffprobe cannot read it (prlimit:
-    failed to set the DATA resource limit: Operation not permitted)'. Now it does not start;
-    a cap under the limit is the tools'."""
+    failed to set the DATA resource limit: Operation not permitted)'. Now it does not start,
+    and leaves no data directory behind (it made one); a cap under the limit is the tools'."""
     limited = ["prlimit", f"--data={GIB}", "--", sys.executable]
     with socket.socket() as probe:  # a port nothing listens on, should the server start
         probe.bind(("127.0.0.1", 0))
@@ -346,6 +346,7 @@ def test_a_memory_cap_above_the_servers_own_hard_limit_is_refused(tmp_path: Path
         1, "vidcache serve: error: --media-memory 3 GiB is more than the server's own hard data "
            "limit (1 GiB, ulimit -d), above which its tools cannot be given memory; give a "
            "smaller --media-memory, or raise the limit\n")
+    assert not (tmp_path / "data").exists()  # refused before the data directory is made
     under = subprocess.run([*limited, "-c", "from vidcache.tools import Tools; print(Tools("
                             f"timeout=30, memory_cap={512 * MIB}).run(['sh', '-c', 'ulimit -d'], "
                             "what='test tool').stdout.decode().strip())"],

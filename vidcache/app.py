@@ -23,6 +23,7 @@ import gzip
 import json
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -49,7 +50,7 @@ from vidcache.chunks import accepts_gzip, hex_digests
 from vidcache.conditional import FIELDS as CONDITIONAL_FIELDS
 from vidcache.conditional import not_modified
 from vidcache.config import ServiceConfig
-from vidcache.download import MAX_URL_LENGTH, Downloader
+from vidcache.download import MAX_URL_LENGTH, Downloader, origin_tls
 from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
 from vidcache.failure_log import FailureLog
 from vidcache.hostguard import HostGuard
@@ -334,26 +335,29 @@ def _document_auth(schema: dict[str, Any], *, protect_reads: bool) -> None:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The API over the data directory in `config`, which is opened (and repaired) right away:
-    raises DataDirInUse if another server holds it. The store closes at app shutdown, at once
-    if the app cannot be made (a bad setting, a stop signal during the start), or by
+    raises DataDirInUse if another server holds it, and BadSetting, before the directory is
+    made or touched, for a setting this machine cannot honour. The store closes at app
+    shutdown, at once if the app cannot be made (a stop signal during the start), or by
     `app.state.close_unstarted()` if the app never starts."""
+    tools = Tools(timeout=config.media_timeout, memory_cap=config.media_memory)
+    tls = origin_tls()
     store = Store(config.data_dir)
     store.open()
     try:
-        return _app_over(store, config)
+        return _app_over(store, config, tools, tls)
     except BaseException:
         store.close()
         raise
 
 
-def _app_over(store: Store, config: ServiceConfig) -> FastAPI:
+def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLContext
+              ) -> FastAPI:
     downloader = Downloader(tmp_dir=store.tmp_dir, max_size=config.max_size,
                             timeout=config.download_timeout,
                             max_time=config.max_download_time,
                             guard=HostGuard(config.ingest_allow),
                             chunk_size=config.chunk_size,
-                            allow_file_dirs=config.allow_file_dirs)
-    tools = Tools(timeout=config.media_timeout, memory_cap=config.media_memory)
+                            allow_file_dirs=config.allow_file_dirs, tls=tls)
     ingestor = Ingestor(store=store, downloader=downloader,
                         phash_threshold=config.phash_threshold, tools=tools,
                         max_meta_bytes=config.max_meta_bytes,

@@ -191,7 +191,7 @@ class _Body(httpx.SyncByteStream):
             yield data
 
 
-def _origin_tls() -> ssl.SSLContext:
+def origin_tls() -> ssl.SSLContext:
     """The TLS context https origins are checked with: certifi's CAs, or those of SSL_CERT_FILE
     / SSL_CERT_DIR (a company's own CA); BadSetting if SSL_CERT_FILE holds none."""
     try:
@@ -204,7 +204,8 @@ def _origin_tls() -> ssl.SSLContext:
 class Downloader:
     def __init__(self, *, tmp_dir: Path, max_size: int, timeout: float, max_time: float,
                  guard: HostGuard, chunk_size: int,
-                 allow_file_dirs: Sequence[Path] = ()) -> None:
+                 allow_file_dirs: Sequence[Path] = (), tls: ssl.SSLContext | None = None
+                 ) -> None:
         self._tmp_dir = tmp_dir
         self._chunk_size = check_chunk_size(chunk_size)
         self._space = FreeSpace(tmp_dir, self._chunk_size)
@@ -217,7 +218,7 @@ class Downloader:
         self._sockets = StoppableBackend()
         # no proxies (they would bypass the address check) and no redirects (followed by hand)
         self._pool = httpcore.ConnectionPool(
-            ssl_context=_origin_tls(), network_backend=self._sockets,
+            ssl_context=tls or origin_tls(), network_backend=self._sockets,
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
 
     def close(self) -> None:
