@@ -1582,3 +1582,19 @@ def test_allow_other_by_a_user_is_checked_as_fusermount3_reads_fuse_conf(
         with pytest.raises(cli.StartupError, match="needs user_allow_other in "):
             cli.check_allow_other(["allow_other"])
     cli.check_allow_other(["ro"])  # nothing to check
+
+
+def test_allow_root_by_a_user_is_checked_as_allow_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """allow_root (root may read the user's mount too) is under fusermount3's same rule, and
+    the refusal names the option asked."""
+    conf_file = tmp_path / "fuse.conf"
+    conf_file.write_text("#user_allow_other\n")
+    monkeypatch.setattr(cli, "_FUSE_CONF", str(conf_file))
+    monkeypatch.setattr(os, "getuid", lambda: 1000)
+    with pytest.raises(cli.StartupError, match=r"^-o allow_root: a user other than root \(uid "
+                                               r"1000\) needs user_allow_other in "):
+        cli.check_allow_other(["fsname=x", "allow_root"])
+    conf_file.write_text("user_allow_other\n")
+    cli.check_allow_other(["allow_root"])
