@@ -144,6 +144,45 @@ def test_an_oversized_request_head_is_refused(server: VidcacheServer, target: by
     assert fragment in json.loads(rest.partition(b"\r\n\r\n")[2])["detail"]
 
 
+def _raw_answer(server: VidcacheServer, head: bytes) -> tuple[int, bytes]:
+    """The status and the raw body of the answer to the request `head`."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head)
+        answer = b""
+        while piece := sock.recv(65536):  # the server closes after its answer
+            answer += piece
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_every_layer_refuses_in_the_routes_json_form(server: VidcacheServer, api: Api,
+                                                     dirs: dict[str, Path]) -> None:
+    """An error's body is the same bytes form whichever layer refused: a route's (404), the
+    HTTP layer's (414), the body cap's (413), a refused Range's (416, and 400 for one naming
+    a non-ASCII byte). Those below the routes had a space after each separator and non-ASCII
+    escaped, the routes' none and UTF-8."""
+    stored = api.ingest_ok((dirs["allowed"] / "c.mkv").as_uri(), unique("forms"))
+    try:
+        close = b" HTTP/1.1\r\nHost: v\r\nConnection: close\r\n"
+        answers = {
+            404: _raw_answer(server, b"GET /meta/" + b"0" * 64 + close + b"\r\n"),
+            414: _raw_answer(server, b"GET " + _target_of(65_536) + close + b"\r\n"),
+            413: _raw_answer(server, b"POST /ingest" + close + b"Content-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)),  # refused unread
+            416: _raw_answer(server, f"GET /video/{stored['hash']}".encode() + close
+                             + b"Range: bytes=99999999-\r\n\r\n"),
+            400: _raw_answer(server, f"GET /video/{stored['hash']}".encode() + close
+                             + "Range: bytes=0-é\r\n\r\n".encode("latin-1")),
+        }
+        for status, (answered, body) in answers.items():
+            assert answered == status, (status, body)
+            detail = json.loads(body)["detail"]
+            assert body == json.dumps({"detail": detail}, ensure_ascii=False,
+                                      separators=(",", ":")).encode(), (status, body)
+    finally:  # the module's other tests store c.mkv with their own meta
+        api.http.delete(f"/video/{stored['hash']}")
+
+
 def test_a_request_head_under_the_cap_is_served(api: Api) -> None:
     assert api.http.get("/health", headers={"X-Big": "a" * (MAX_HEAD // 2)}).status_code == 200
 

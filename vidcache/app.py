@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import logging
 import os
 import ssl
@@ -51,7 +50,13 @@ from vidcache.conditional import FIELDS as CONDITIONAL_FIELDS
 from vidcache.conditional import not_modified
 from vidcache.config import ServiceConfig
 from vidcache.download import MAX_URL_LENGTH, Downloader, origin_tls
-from vidcache.errors import InvalidRequest, NotFound, ShuttingDown, VidcacheError
+from vidcache.errors import (
+    InvalidRequest,
+    NotFound,
+    ShuttingDown,
+    VidcacheError,
+    error_body,
+)
 from vidcache.failure_log import FailureLog
 from vidcache.hostguard import HostGuard
 from vidcache.ingest import STOP_TIMEOUT, Ingestor
@@ -244,7 +249,7 @@ class VideoFileResponse(FileResponse):
             else:
                 reason = bytes(message.get("body", b"")).decode(errors="replace")
                 detail = f"malformed Range header {range_header!r}: {reason}"
-            body = json.dumps({"detail": detail}).encode()
+            body = error_body(detail)
             headers = MutableHeaders(raw=list(held_start["headers"]))
             headers["content-type"] = "application/json"
             headers["content-length"] = str(len(body))

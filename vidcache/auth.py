@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from vidcache.errors import error_body
 
 # open even with --token-reads: liveness probes and the API description carry no data
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
@@ -56,7 +57,7 @@ class BearerAuth:
             return
         error, detail = problem
         challenge = _REALM + (f', error="{error}"' if error else "")
-        body = json.dumps({"detail": detail}).encode()
+        body = error_body(detail)
         await send({"type": "http.response.start", "status": 401,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

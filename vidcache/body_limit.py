@@ -8,9 +8,9 @@ cap also holds for chunked requests without Content-Length.
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vidcache.errors import error_body
 
 
 class BodyLimit:
@@ -52,9 +52,8 @@ class BodyLimit:
         await self._app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body larger than {self._max_bytes} bytes; "
-                                     "ingest requests (URL, bucket, prefix, meta) are small"
-                           }).encode()
+        body = error_body(f"request body larger than {self._max_bytes} bytes; ingest requests "
+                          "(URL, bucket, prefix, meta) are small")
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),

@@ -4,7 +4,15 @@ turns any of them into a JSON `{"detail": message}` response in one place."""
 from __future__ import annotations
 
 import errno
+import json
 import os
+
+
+def error_body(detail: str) -> bytes:
+    """The body `{"detail": detail}` of an error answered below the routes (the HTTP layer, the
+    auth and body-size middlewares, a refused Range), byte for byte as the routes' JSONResponse
+    renders it: one form, whichever layer refused."""
+    return json.dumps({"detail": detail}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class VidcacheError(Exception):

@@ -37,7 +37,6 @@ parsed in one go, at no quadratic cost, so a head of up to 384 KiB may pass.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -46,6 +45,8 @@ from uvicorn.protocols.http.httptools_impl import (
     HttpToolsProtocol,
     RequestResponseCycle,
 )
+
+from vidcache.errors import error_body
 
 # More than any client of the service sends (a /resolve of an 8192-character URL, encoded, is
 # under 25 KiB), and small enough that gathering it costs little.
@@ -140,7 +141,7 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
             return
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         self.logger.warning("refused a request from %s (%d): %s", client, status, detail)
-        body = json.dumps({"detail": detail}).encode()
+        body = error_body(detail)
         head = [STATUS_LINE[status]]
         head += [name + b": " + value + b"\r\n" for name, value in
                  self.server_state.default_headers]
