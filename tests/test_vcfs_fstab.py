@@ -162,6 +162,7 @@ def test_mount_8_runs_vcfs_as_its_helper(
     ("cache_size=lots", 2, "argument --cache-size: invalid size"),
     ("cache_sise=2G", 1, "unknown option"),
     ("foreground", 1, "-o foreground: not a mount option"),
+    ("daemon", 1, "-o daemon: not a mount option"),  # was libfuse's "unknown option"
 ])
 def test_a_failed_mount_reaches_mount_fuse3s_caller(
     vidcache_server: VidcacheServer, mountpoint: Path, helper_path: str, options: str,

@@ -1441,7 +1441,7 @@ def test_options_that_depend_on_others() -> None:
     assert not _options("--block-size", "64M").first_block_with_meta
     # -o passes mount options on, fixed ones included; not the FUSE helper's own keywords.
     assert _options("-o", "ro,fsname=cache").fuse_options == ("ro", "fsname=cache")
-    for keyword in ("debug", "foreground", "nothreads"):
+    for keyword in ("debug", "foreground", "nothreads", "daemon"):
         with pytest.raises(cli.StartupError, match="not a mount option"):
             _options("-o", keyword)
     for size in ("64K", "0", "", "\N{SUPERSCRIPT TWO}"):  # the last: was int()'s ValueError

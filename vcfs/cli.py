@@ -71,8 +71,10 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _READAHEAD_MAX = 16 * MIB
 # A vcfs mount's type in mountinfo: `vcfs unmount` unmounts no other (see is_vcfs_type).
 _FSTYPE = "fuse.vcfs"
-# Keywords of the FUSE helper that `-o` would reach instead of mount options.
-_HELPER_KEYWORDS = frozenset({"debug", "encoding", "foreground", "nothreads", "raw_fi"})
+# Keywords of the FUSE helper that `-o` would reach instead of mount options, and `daemon`,
+# which libfuse knows no more than as "unknown option" (an fstab line's vcfs detaches anyway).
+_HELPER_KEYWORDS = frozenset({"daemon", "debug", "encoding", "foreground", "nothreads",
+                              "raw_fi"})
 # Options of an /etc/fstab line that are for mount(8) or systemd, not for the file system:
 # mount(8) and mount.fuse3 drop most of them, but not all (nor does a direct call). rw too:
 # `defaults` and habit put it on fstab lines, and the mount is read-only whatever it says.
@@ -226,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="FUSE mount options (repeatable); vcfs always adds ro. allow_other: other users "
              "may read the mount (without it a root mount is root's alone); fsname=NAME: "
              "the name mount and df show (default vcfs); rw, subtype and the FUSE helper's "
-             "debug, encoding, foreground, nothreads, raw_fi are refused",
+             "debug, encoding, foreground, nothreads, raw_fi are refused, and daemon (use "
+             "--daemon)",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",
