@@ -134,10 +134,17 @@ def test_through_httpx_the_requests_go_one_after_another_alike(
             == video.data[: 300 * KIB]
         assert open_video(plain, video.hash, 300 * KIB, expected)[1] == video.data[: 300 * KIB]
         assert expected.calls == through_sockets.calls
-        unknown = Answers()
-        with pytest.raises(NotFoundError):
-            open_video(plain, "0" * 64, 1000, unknown)
-        assert unknown.calls == [("meta", None)]
+        refusals = []
+        for client in (sockets, plain):
+            unknown = Answers()
+            with pytest.raises(NotFoundError) as refused:
+                open_video(client, "0" * 64, 1000, unknown)
+            assert unknown.calls == [("meta", None)]
+            refusals.append(refused.value)
+        # the same error: the server's detail and the request named, as by get_bytes
+        assert [(str(error), error.detail, error.json_detail) for error in refusals] \
+            == [(str(refusals[0]), refusals[0].detail, True)] * 2
+        assert f"[GET {vidcache_server.url}/meta/{'0' * 64}]" in str(refusals[1])
 
 
 # -- servers vidcache is not ------------------------------------------------------------------

@@ -468,11 +468,12 @@ class VidCacheClient:
             except Unhandled:
                 self._small_gets = False  # this server's answers need httpx: use it from now on
         if "meta" not in taken:
-            meta = self.get_meta(content_hash)
-            on_meta(meta)
-            if meta is None:
-                raise NotFoundError(404, "no such video",
-                                    message=f"{meta_what}: HTTP 404: no such video")
+            try:  # the 404 itself, not get_meta's None: its error names the detail and request
+                response = self._send("GET", f"/meta/{content_hash}", meta_what)
+            except NotFoundError:
+                on_meta(None)
+                raise
+            on_meta(_record_or_none(response, meta_what, expected=content_hash))
         if digest_range is not None and "digests" not in taken and on_digests is not None:
             on_digests(self.get_chunk_digests(content_hash, start=digest_range[0],
                                               end=digest_range[1]))
