@@ -260,6 +260,21 @@ def test_a_size_or_count_that_is_not_an_int_is_refused_by_name(option: str, valu
         VidCacheClient(BASE, **{option: value})
 
 
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("transport", "http://127.0.0.1:8020", "an httpx.BaseTransport"),
+    ("transport", httpx.HTTPTransport, "an httpx.BaseTransport"),  # the class, not one
+    ("spare_connection", "no", "a bool"),
+    ("spare_connection", None, "a bool"),
+])
+def test_a_transport_or_flag_of_another_type_is_refused_by_name(option: str, value: Any,
+                                                                expected: str) -> None:
+    """At once, as docs/client.md says of every option: a wrong transport was taken and failed
+    at the first call with an AttributeError from httpx (not a VidCacheError), and "no" was
+    taken as true."""
+    with pytest.raises(TypeError, match=rf"^{option} must be {expected}"):
+        VidCacheClient(BASE, **{option: value})
+
+
 @pytest.mark.parametrize("token", [123456, b"s3cret"])
 def test_a_token_that_is_not_a_str_is_refused_without_showing_it(token: Any) -> None:
     with pytest.raises(TypeError, match=r"^token must be a str \(or None\), got (int|bytes)$"):

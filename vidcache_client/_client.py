@@ -119,6 +119,12 @@ class VidCacheClient:
         timeout = min(timeout, _LONGEST_TIMEOUT)
         _check_positive_int("chunk_size", chunk_size, "a number of bytes", ">= 1 byte")
         _check_positive_int("max_connections", max_connections, "a count", ">= 1")
+        # Else taken, and failing only at the first call (AttributeError), or "no" taken as true
+        if transport is not None and not isinstance(transport, httpx.BaseTransport):
+            raise TypeError(f"transport must be an httpx.BaseTransport (or None), got "
+                            f"{transport!r:.80}")
+        if not isinstance(spare_connection, bool):
+            raise TypeError(f"spare_connection must be a bool, got {spare_connection!r:.80}")
         headers = {"User-Agent": _USER_AGENT}
         if token is not None:
             if not isinstance(token, str):  # its type only: the value is a secret
