@@ -336,6 +336,24 @@ def test_malformed_hash_is_refused_locally(make_client: MakeClient, bad_hash: An
     assert recorder.requests == []
 
 
+@pytest.mark.parametrize("call", [
+    lambda client: client.resolve(None),
+    lambda client: client.ingest(b"http://x/a.mp4", "videos"),
+    lambda client: client.ingest("http://x/a.mp4", "videos", meta="title"),
+    lambda client: client.ingest("http://x/a.mp4", "videos", meta=[("title", "A")]),
+], ids=["resolve-none", "ingest-bytes", "meta-str", "meta-pairs"])
+def test_a_url_or_meta_of_another_type_is_refused_locally(
+        make_client: MakeClient, call: Callable[[VidCacheClient], object]) -> None:
+    """The seed's url is a str and its meta a dict: a bare TypeError or ValueError naming no
+    argument escaped ("expected string or bytes-like object"), and a list of pairs was sent as
+    an object."""
+    recorder = Recorder(lambda request: httpx.Response(500))
+    with pytest.raises(InvalidRequestError, match=r"^invalid (url|meta) .*: expected a "
+                                                  r"(str|dict \(or None\)) \(no request sent\)$"):
+        call(make_client(recorder))
+    assert recorder.requests == []
+
+
 @pytest.mark.parametrize("bad_range", [
     (-1, 5), (5, 4), (0,), (0, 1, 2), ("0", "1"), (True, 3), (0.0, 1.0), 7, "0-9",
 ])

@@ -38,7 +38,9 @@ from vidcache_client._validate import (
     validate_byte_range,
     validate_digest_range,
     validate_hash,
+    validate_meta,
     validate_page_size,
+    validate_url,
 )
 from vidcache_client._verify import body_length_error, expected_video_length, range_header
 
@@ -210,6 +212,7 @@ class VidCacheClient:
         Returns {"hash", "status": "new"|"duplicate"|"url_alias", "file_path",
         "phash_distance"?}.
         """
+        url, meta = validate_url(url), validate_meta(meta)
         what = f"ingest of {without_credentials(url)} into bucket {bucket!r}"
         payload = {"url": url, "bucket": bucket, "prefix": prefix, "meta": dict(meta or {})}
         result = _json_object(self._send("POST", "/ingest", what, payload=payload), what)
@@ -218,6 +221,7 @@ class VidCacheClient:
 
     def resolve(self, url: str) -> dict[str, Any] | None:
         """{"hash", "url"} of a URL ingested before, or None if the service does not know it."""
+        url = validate_url(url)
         return self._get_record("/resolve", f"resolve of {without_credentials(url)}",
                                 params={"url": url})
 

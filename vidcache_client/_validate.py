@@ -7,7 +7,8 @@ ValueError) with `status_code` None.
 from __future__ import annotations
 
 import re
-from typing import NoReturn, TypeGuard
+from collections.abc import Mapping
+from typing import Any, NoReturn, TypeGuard
 
 import httpx
 
@@ -68,6 +69,22 @@ def validate_digest_range(start: object, end: object) -> tuple[int | None, int |
         return start, end
     _refuse(f"invalid digest range start={_short_repr(start)}, end={_short_repr(end)}: "
             "expected byte offsets >= 0 (or None), end exclusive and not before start")
+
+
+def validate_url(url: object) -> str:
+    """Return `url` if it is a str: the service takes any string (and says what is wrong with
+    it), but anything else failed in the client with a bare TypeError naming no argument."""
+    if isinstance(url, str):
+        return url
+    _refuse(f"invalid url {_short_repr(url)}: expected a str")
+
+
+def validate_meta(meta: object) -> Mapping[str, Any] | None:
+    """Return `meta` if it is None or a mapping (the service's `meta` is a JSON object): a
+    list of pairs was taken as a dict, and a str failed with a bare ValueError."""
+    if meta is None or isinstance(meta, Mapping):
+        return meta
+    _refuse(f"invalid meta {_short_repr(meta)}: expected a dict (or None)")
 
 
 def validate_page_size(page_size: object) -> int:
