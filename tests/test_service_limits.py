@@ -158,27 +158,33 @@ def _raw_answer(server: VidcacheServer, head: bytes) -> tuple[int, bytes]:
 def test_every_layer_refuses_in_the_routes_json_form(server: VidcacheServer, api: Api,
                                                      dirs: dict[str, Path]) -> None:
     """An error's body is the same bytes form whichever layer refused: a route's (404), the
-    HTTP layer's (414), the body cap's (413), a refused Range's (416, and 400 for one naming
-    a non-ASCII byte). Those below the routes had a space after each separator and non-ASCII
-    escaped, the routes' none and UTF-8."""
+    HTTP layer's (414, 431, and 400 for a request without Host), the body cap's (413), a
+    refused Range's (416, and 400 for one naming a non-ASCII byte). Those below the routes had
+    a space after each separator and non-ASCII escaped, the routes' none and UTF-8."""
     stored = api.ingest_ok((dirs["allowed"] / "c.mkv").as_uri(), unique("forms"))
     try:
         close = b" HTTP/1.1\r\nHost: v\r\nConnection: close\r\n"
         answers = {
-            404: _raw_answer(server, b"GET /meta/" + b"0" * 64 + close + b"\r\n"),
-            414: _raw_answer(server, b"GET " + _target_of(65_536) + close + b"\r\n"),
-            413: _raw_answer(server, b"POST /ingest" + close + b"Content-Type: application/json\r\n"
-                             b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1)),  # refused unread
-            416: _raw_answer(server, f"GET /video/{stored['hash']}".encode() + close
-                             + b"Range: bytes=99999999-\r\n\r\n"),
-            400: _raw_answer(server, f"GET /video/{stored['hash']}".encode() + close
-                             + "Range: bytes=0-é\r\n\r\n".encode("latin-1")),
+            "route": (404, _raw_answer(server, b"GET /meta/" + b"0" * 64 + close + b"\r\n")),
+            "target": (414, _raw_answer(server, b"GET " + _target_of(65_536) + close + b"\r\n")),
+            "head": (431, _raw_answer(server, b"GET /health" + close
+                                      + b"X-Big: " + b"a" * MIB + b"\r\n\r\n")),
+            "no Host": (400, _raw_answer(server, b"GET /health HTTP/1.1\r\n"
+                                         b"Connection: close\r\n\r\n")),
+            "body": (413, _raw_answer(server, b"POST /ingest" + close
+                                      + b"Content-Type: application/json\r\n"
+                                      b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))),  # unread
+            "range": (416, _raw_answer(server, f"GET /video/{stored['hash']}".encode() + close
+                                       + b"Range: bytes=99999999-\r\n\r\n")),
+            "range byte": (400, _raw_answer(server, f"GET /video/{stored['hash']}".encode()
+                                            + close
+                                            + "Range: bytes=0-é\r\n\r\n".encode("latin-1"))),
         }
-        for status, (answered, body) in answers.items():
-            assert answered == status, (status, body)
+        for layer, (status, (answered, body)) in answers.items():
+            assert answered == status, (layer, body)
             detail = json.loads(body)["detail"]
             assert body == json.dumps({"detail": detail}, ensure_ascii=False,
-                                      separators=(",", ":")).encode(), (status, body)
+                                      separators=(",", ":")).encode(), (layer, body)
     finally:  # the module's other tests store c.mkv with their own meta
         api.http.delete(f"/video/{stored['hash']}")
 
