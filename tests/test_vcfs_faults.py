@@ -943,6 +943,7 @@ def test_token_file_errors_are_clear(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 1, result.stderr
         assert result.stderr.startswith("vcfs: error: ") and message in result.stderr, result
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line
 
 
 def test_token_is_sent_and_a_missing_or_wrong_one_is_named(
