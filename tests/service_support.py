@@ -7,6 +7,7 @@ import base64
 import contextlib
 import gzip
 import http.server
+import json
 import re
 import sqlite3
 import ssl
@@ -31,6 +32,12 @@ SIGNATURE = "5e11f00d5ec4e7c0ffee0ddba11ad5e1f5e11f00d5ec4e7c0ffee0ddba11ad5e1"
 
 def digest(data: bytes) -> str:
     return str(blake3(data).hexdigest())
+
+
+def routes_error_body(detail: str) -> bytes:
+    """An error body `{"detail": detail}` as the service's routes send it (Starlette's
+    JSONResponse: no spaces, UTF-8), which every layer below them must match."""
+    return json.dumps({"detail": detail}, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def unique(purpose: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.service_support import digest, unique
+from tests.service_support import digest, routes_error_body, unique
 from tests.support import VidcacheServer, free_port
 from vidcache_client import AuthError, VidCacheClient
 
@@ -65,8 +65,7 @@ def _assert_refused(response: httpx.Response, *fragments: str) -> None:
         for fragment in fragments:
             assert fragment in detail, detail
         # the routes' bytes form of an error body (the token check runs before them)
-        assert response.content == json.dumps({"detail": detail}, ensure_ascii=False,
-                                               separators=(",", ":")).encode()
+        assert response.content == routes_error_body(detail)
 
 
 def test_writes_need_the_token(writes_guarded: VidcacheServer, media_url: str,
