@@ -197,6 +197,29 @@ def test_a_corrupt_chunk_in_a_page_fetched_during_a_jump_is_caught(
     assert ranges_asked(link, source)[-2:] == [header, header]  # caught, then fetched again
 
 
+def test_a_first_block_larger_than_a_page_is_verified_with_the_pages_it_spans(
+    remote: Remote, link: FaultyLink, source: Source,
+) -> None:
+    """The lookup asks for the first page of digests along with the first block; a block of
+    4 MiB spans two 2 MiB pages. Both pages are asked for before the block is handed on, and
+    a byte flipped in its second half is caught (it was handed on unverified, with a warning
+    that the digests lacked those bytes)."""
+    block = 2 * PAGE
+    header = f"bytes=0-{block - 1}"
+
+    def the_block(request: Request) -> bool:
+        return request.headers.get("range") == header
+
+    link.faults.enable(FlipByte(match=the_block, at=PAGE + 100 * KIB), times=1)
+    assert remote.meta(source.content_hash, first_block=block) is not None
+    assert remote.fetch_blocks(source.content_hash, 0, block, block) == [source.data[:block]]
+    assert link.faults.injected().get("flip_byte") == 1
+    assert remote.counters.get("verify_failures") == 1
+    assert remote.counters.get("first_blocks_dropped") == 1  # caught, then fetched again
+    assert ranges_asked(link, source) == [header, header]
+    assert digest_pages_asked(link, source) == [(0, PAGE), (0, block)]
+
+
 def test_a_page_the_service_will_not_send_fails_the_jump_in_time_then_heals(
     link: FaultyLink, source: Source,
 ) -> None:

@@ -1337,9 +1337,10 @@ class Remote:
             raise
         except Exception:  # failed, cancelled or late: asked again below
             doc = None
-        if doc is None:  # also a 404, which the usual way makes an error
-            return self._chunk_digests(meta.content_hash, deadline, 0, end)
-        return self._keep_digests(meta, doc, 0, end)
+        if doc is not None:  # a 404 is asked again the usual way, where it is an error
+            self._keep_digests(meta, doc, 0, 0)
+        # Known now, unless the block spans more than the page asked for: the rest then.
+        return self._chunk_digests(meta.content_hash, deadline, 0, end)
 
     def _keep_answered_digests(
         self, meta: VideoMeta, answer: concurrent.futures.Future[dict[str, Any] | None]
@@ -1665,11 +1666,12 @@ class Remote:
         self, meta: VideoMeta, doc: Mapping[str, Any] | None, start: int, end: int
     ) -> Digests | None:
         """Cache the pages of a `/chunks` answer (None: the service publishes none, so the
-        video has no digests to use);
-        return the digests of `[start, end)` (None: it has none, or the answer lacks them,
-        and is read unverified). RemoteError, nothing kept, for an answer that is unusable
-        (another video's, or counts that disagree with the metadata's size): taken for "no
-        digests", it left the video unverified for as long as that was kept."""
+        video has no digests to use); return the digests of `[start, end)` (None: it has
+        none). RemoteError, nothing kept, for an answer that is unusable (another video's, or
+        counts that disagree with the metadata's size): taken for "no digests", it left the
+        video unverified for as long as that was kept. RemoteError too, its pages kept, for
+        one that lacks some of `[start, end)`: callers ask for pages that cover them, and a
+        read never goes on unverified for want of them."""
         known, digests = self._known_digests(meta.content_hash, start, end)
         if known:  # e.g. the first block's digests, kept as soon as they arrived
             return digests
@@ -1695,9 +1697,10 @@ class Remote:
         chunk_size = next(iter(pages.values())).chunk_size if pages else MIN_SERVICE_CHUNK_SIZE
         digests = covering([pages.get(number) for number in
                             pages_of(start, end, chunk_size, page_bytes)], start, end)
-        if digests is None:
-            log.warning("%s: the service's chunk digests lack bytes %d-%d; reading them "
-                        "unverified", meta.content_hash, start, end - 1)
+        if digests is None:  # asked for pages that cover them: the answer is wrong
+            self.counters.add("errors")
+            raise RemoteError(f"{meta.content_hash}: the service's chunk digests lack bytes "
+                              f"{start}-{end - 1}")
         return digests
 
     # -- retry policy and bounds ------------------------------------------------------------
