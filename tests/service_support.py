@@ -9,6 +9,7 @@ import gzip
 import http.server
 import json
 import re
+import socket
 import sqlite3
 import ssl
 import threading
@@ -32,6 +33,15 @@ SIGNATURE = "5e11f00d5ec4e7c0ffee0ddba11ad5e1f5e11f00d5ec4e7c0ffee0ddba11ad5e1"
 
 def digest(data: bytes) -> str:
     return str(blake3(data).hexdigest())
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends on `sock` until it closes the connection; each receive waits
+    at most the socket's timeout (then socket.timeout: an answer that never ends fails)."""
+    received = b""
+    while piece := sock.recv(65536):
+        received += piece
+    return received
 
 
 def routes_error_body(detail: str) -> bytes:

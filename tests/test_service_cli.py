@@ -23,7 +23,7 @@ import pytest
 
 from bench.faults import Refuse, path_prefix
 from bench.stack import stop_process
-from tests.service_support import digest, store_many
+from tests.service_support import digest, read_until_closed, store_many
 from tests.support import (
     VidcacheServer,
     free_port,
@@ -681,9 +681,7 @@ def test_the_port_is_held_while_the_service_starts(tmp_path: Path) -> None:
         early.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         with open(certificates, "wb") as fifo:  # the service waits for it to be written
             fifo.write(authority.read_bytes())
-        answer = b""
-        while chunk := early.recv(65536):
-            answer += chunk
+        answer = read_until_closed(early)
     assert answer.startswith(b"HTTP/1.1 200 OK"), answer
     assert f"on http://127.0.0.1:{port} (no authentication)" in log_path.read_text()
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_support import Api
+from tests.service_support import Api, read_until_closed
 from tests.support import VidcacheServer, wait_until
 
 UVICORN_DEFAULT = 5.0  # seconds: what the service would keep a connection without the option
@@ -106,14 +106,6 @@ def test_a_client_leaving_with_pipelined_requests_is_not_an_error(
     assert "ERROR" not in log and "Traceback" not in log, log
 
 
-def _answers_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends on `sock` until it closes the connection."""
-    received = b""
-    while piece := sock.recv(65536):
-        received += piece
-    return received
-
-
 def test_a_malformed_request_is_refused_after_the_answers_to_those_before_it(
         connected: socket.socket) -> None:
     """uvicorn wrote its 400 for an unparseable request at once and closed the connection:
@@ -124,7 +116,7 @@ def test_a_malformed_request_is_refused_after_the_answers_to_those_before_it(
                       + f"GET /meta/{unknown} HTTP/1.1\r\nHost: v\r\n\r\n".encode()
                       + b"GET /he alth HTTP/1.1\r\nHost: v\r\n\r\n"
                       + b"GET /health HTTP/1.1\r\nHost: v\r\n\r\n")
-    answers = re.split(rb"(?=HTTP/1\.1 \d{3} )", _answers_until_closed(connected))[1:]
+    answers = re.split(rb"(?=HTTP/1\.1 \d{3} )", read_until_closed(connected))[1:]
     assert [answer[:12] for answer in answers] == [b"HTTP/1.1 200", b"HTTP/1.1 404",
                                                    b"HTTP/1.1 400"], answers
     head, _, body = answers[2].partition(b"\r\n\r\n")
@@ -142,7 +134,7 @@ def test_an_http11_request_needs_exactly_one_host(connected: socket.socket, head
     """RFC 9112 3.2: 400 for an HTTP/1.1 request with no Host, or more than one (which of them
     a proxy in front routed by is anyone's guess); they were answered 200."""
     connected.sendall(head)
-    answer = _answers_until_closed(connected)
+    answer = read_until_closed(connected)
     assert answer.startswith(b"HTTP/1.1 " + status), answer
     if status == b"400":
         assert "exactly one Host" in json.loads(answer.partition(b"\r\n\r\n")[2])["detail"]
@@ -161,7 +153,7 @@ def test_a_refused_request_is_one_log_line_naming_the_client_and_why(
         host, port = sock.getsockname()
         client = f"{host}:{port}"
         sock.sendall(head)
-        assert _answers_until_closed(sock).startswith(b"HTTP/1.1 400")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 400")
     line = f"WARNING uvicorn.error: refused a request from {client} {why}"
     wait_until(lambda: line in vidcache_server.log(), timeout=10, what=f"{line!r} logged")
     assert "Invalid HTTP request received." not in vidcache_server.log()

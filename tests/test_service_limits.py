@@ -26,7 +26,14 @@ from tests.service_stress_support import (
     assert_consistent,
     can_run_a_silent_dns,
 )
-from tests.service_support import Api, digest, routes_error_body, temp_files, unique
+from tests.service_support import (
+    Api,
+    digest,
+    read_until_closed,
+    routes_error_body,
+    temp_files,
+    unique,
+)
 from tests.support import VidcacheServer, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,9 +127,7 @@ def _raw_answer(server: VidcacheServer, head: bytes) -> tuple[bytes, bytes]:
     server to close after it)."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(head)
-        answer = b""
-        while piece := sock.recv(65536):  # the server closes after its answer
-            answer += piece
+        answer = read_until_closed(sock)  # the server closes after its answer
     status_line, _, rest = answer.partition(b"\r\n")
     return status_line, rest.partition(b"\r\n\r\n")[2]
 
@@ -199,9 +204,7 @@ def test_pipelined_requests_beyond_the_cap_together_are_served(server: VidcacheS
         # sent by a thread of its own: the answers are read meanwhile, so neither side blocks
         sender = threading.Thread(target=sock.sendall, args=(head * (count - 1) + last,))
         sender.start()
-        answer = b""
-        while piece := sock.recv(65536):  # the server closes after the last answer
-            answer += piece
+        answer = read_until_closed(sock)  # the server closes after the last answer
         sender.join()
     statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", answer)
     assert statuses == [b"200"] * count, collections.Counter(statuses)

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_support import CHUNK, Api, digest, unique
+from tests.service_support import CHUNK, Api, digest, read_until_closed, unique
 from tests.support import VidcacheServer, wait_until
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -331,9 +331,7 @@ def _exchange(port: int, method: str, target: str,
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept-Encoding: "
                      f"{accept_encoding}\r\nConnection: close\r\n\r\n".encode())
-        answer = b""
-        while piece := sock.recv(65536):
-            answer += piece
+        answer = read_until_closed(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     status, *lines = head.split(b"\r\n")
     fields = [(name.strip().lower(), value.strip()) for name, _, value in
