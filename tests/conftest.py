@@ -1,5 +1,5 @@
-"""Session fixtures shared by every test module: the generated corpus, the loopback media
-server that ingest downloads from, and one running vidcache service."""
+"""Fixtures shared by the test modules: the generated corpus, the loopback media server that
+ingest downloads from, one running vidcache service, and a faulty link in front of it."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import VidcacheServer, make_videos, serve_directory
+from tests.vcfs_fault_support import FaultyLink
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,3 +74,11 @@ def vidcache_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vidcac
     server = VidcacheServer(tmp_path_factory.mktemp("vidcache") / "data")
     with server:
         yield server
+
+
+@pytest.fixture
+def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
+    """A fresh faulty link (no faults, nothing logged) in front of the session's service.
+    Modules whose module-scoped mount goes through a link define their own `link`."""
+    with FaultyLink(vidcache_server.port) as faulty:
+        yield faulty

@@ -74,12 +74,6 @@ def sources(videos: dict[str, Path], media_url: str,
 
 
 @pytest.fixture
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
-
-
-@pytest.fixture
 def mount(tmp_path: Path, link: FaultyLink, sources: dict[str, Source]) -> Iterator[VcfsMount]:
     """A fresh mount (nothing cached: metadata, digests and the listing are asked for)."""
     with fault_mount(link.url, tmp_path / "mnt") as mounted:

@@ -37,12 +37,6 @@ def sources(videos: dict[str, Path], media_url: str,
 
 
 @pytest.fixture
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
-
-
-@pytest.fixture
 def mount(tmp_path: Path, link: FaultyLink,
           sources: dict[str, Source]) -> Iterator[VcfsMount]:
     with VcfsMount(link.url, tmp_path / "mnt", "--readahead-max", "0") as mounted:

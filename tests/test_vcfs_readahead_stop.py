@@ -7,7 +7,6 @@ arriving when the reader leaves), a real mount, bytes compared with the source.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ def source(videos: dict[str, Path], media_url: str,
            vidcache_server: VidcacheServer) -> Source:
     return ingest(vidcache_server.url, media_url, videos, ("big.mp4",),
                   bucket="vcfs-readahead-stop")["big.mp4"]
-
-
-@pytest.fixture
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
 
 
 def test_closing_the_file_stops_the_readahead_in_flight(
