@@ -163,6 +163,11 @@ def test_mount_8_runs_vcfs_as_its_helper(
     ("cache_sise=2G", 1, "unknown option"),
     ("foreground", 1, "-o foreground: not a mount option"),
     ("daemon", 1, "-o daemon: not a mount option"),  # was libfuse's "unknown option"
+    # were libfuse's "unknown option", after the health check
+    ("help", 1, "-o help: not a mount option (vcfs mount --help lists the options)"),
+    ("version", 1, "-o version: not a mount option (vcfs --version shows the version)"),
+    ("status_fd=3", 1, "-o status_fd: not a mount option (internal to --daemon"),
+    ("allow_other,allow_root", 1, "-o allow_other,allow_root: one or the other"),
 ])
 def test_a_failed_mount_reaches_mount_fuse3s_caller(
     vidcache_server: VidcacheServer, mountpoint: Path, helper_path: str, options: str,

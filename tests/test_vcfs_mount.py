@@ -1162,6 +1162,34 @@ def test_startup_errors_are_one_clear_line(
     assert no_fusermount.stderr.startswith("vcfs: error: fusermount3 not found"), no_fusermount
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ("help", "-o help: not a mount option (vcfs mount --help lists the options)"),
+    ("version", "-o version: not a mount option (vcfs --version shows the version)"),
+    ("fsname=v,status_fd=3", "-o status_fd: not a mount option (internal to --daemon, which "
+                             "sets it itself)"),
+    # libfuse 3 mounts the pair as allow_root: other users got "Permission denied"
+    ("allow_root,fsname=v,allow_other", "-o allow_other,allow_root: one or the other (with "
+     "both, libfuse lets in only the owner and root, as allow_root): allow_other for every "
+     "user, allow_root for the owner and root"),
+])
+@pytest.mark.parametrize("mode", [[], ["--daemon"]])
+def test_o_words_libfuse_would_refuse_are_refused_before_the_service_is_asked(
+    tmp_path: Path, options: str, message: str, mode: list[str]
+) -> None:
+    """Was: the health check, then libfuse's "unknown option" (or, for the allow pair, a mount
+    only root and the owner could read). Nothing listens at the URL: asking the service first
+    would be "cannot reach the vidcache service"."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    try:
+        result = run_vcfs("mount", f"http://127.0.0.1:{free_port()}", str(empty), "-o",
+                          options, *mode)
+        assert (result.returncode, result.stderr) == (1, f"vcfs: error: {message}\n")
+        assert not os.path.ismount(empty)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
+
+
 @pytest.mark.parametrize("fd", [0, 1000])
 @pytest.mark.parametrize("mode", [[], ["--daemon"]])
 def test_a_dev_fd_mount_point_must_be_an_open_dev_fuse(

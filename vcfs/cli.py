@@ -75,6 +75,12 @@ _FSTYPE = "fuse.vcfs"
 # which libfuse knows no more than as "unknown option" (an fstab line's vcfs detaches anyway).
 _HELPER_KEYWORDS = frozenset({"daemon", "debug", "encoding", "foreground", "nothreads",
                               "raw_fi"})
+# Other words -o would pass on that are no mount options, with what to use instead: libfuse
+# says "unknown option" only once the service has been contacted. status_fd would be the
+# --daemon child's internal --status-fd, which -o (and so an fstab line) never sets.
+_NOT_MOUNT_OPTIONS = {"help": "vcfs mount --help lists the options",
+                      "version": "vcfs --version shows the version",
+                      "status_fd": "internal to --daemon, which sets it itself"}
 # Options of an /etc/fstab line that are for mount(8) or systemd, not for the file system:
 # mount(8) and mount.fuse3 drop most of them, but not all (nor does a direct call). rw too:
 # `defaults` and habit put it on fstab lines, and the mount is read-only whatever it says.
@@ -229,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
              "may read the mount (without it a root mount is root's alone); fsname=NAME: "
              "the name mount and df show (default vcfs); rw, subtype and the FUSE helper's "
              "debug, encoding, foreground, nothreads, raw_fi are refused, and daemon (use "
-             "--daemon)",
+             "--daemon), help and version (use vcfs mount --help, vcfs --version); so is "
+             "allow_other with allow_root (the owner and root only)",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",
@@ -371,6 +378,15 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if not_mount_options:
         raise StartupError(f"-o {','.join(sorted(not_mount_options))}: not a mount option "
                            "(vcfs runs in the foreground or --daemon, multithreaded)")
+    if refused := sorted(_NOT_MOUNT_OPTIONS.keys() & keywords):
+        raise StartupError(f"-o {refused[0]}: not a mount option "
+                           f"({_NOT_MOUNT_OPTIONS[refused[0]]})")
+    if {"allow_other", "allow_root"} <= keywords:
+        # libfuse 3 mounts the pair as allow_root: the kernel lets everyone in, then libfuse
+        # answers users other than the owner and root "Permission denied" (libfuse 2 refused it).
+        raise StartupError("-o allow_other,allow_root: one or the other (with both, libfuse "
+                           "lets in only the owner and root, as allow_root): allow_other for "
+                           "every user, allow_root for the owner and root")
     token_file = os.path.abspath(args.token_file) if args.token_file else None
     fd = fuse_fd(args.mountpoint)
     return MountOptions(
