@@ -245,6 +245,16 @@ def test_bad_options_are_refused(options: dict[str, Any]) -> None:
         VidCacheClient(BASE, **options)
 
 
+@pytest.mark.parametrize("chunk_size", [64 * 1024 * 1024 + 1, 2**70])
+def test_a_chunk_size_over_64_mib_is_refused(chunk_size: int) -> None:
+    """httpx holds each chunk whole: 2**70 was taken, and stream_video then buffered the
+    whole answer as one chunk."""
+    with pytest.raises(ValueError, match=rf"^chunk_size must be from 1 byte to 64 MiB, got "
+                                         rf"{chunk_size}$"):
+        VidCacheClient(BASE, chunk_size=chunk_size)
+    assert VidCacheClient(BASE, chunk_size=64 * 1024 * 1024).chunk_size == 64 * 1024 * 1024
+
+
 @pytest.mark.parametrize("timeout", [None, "30", True])
 def test_a_timeout_that_is_not_a_number_is_refused_by_name(timeout: Any) -> None:
     with pytest.raises(TypeError, match=r"timeout must be a number of seconds.*float\('inf'\)"):
@@ -587,6 +597,27 @@ def test_failed_download_keeps_the_previous_file(make_client: MakeClient, tmp_pa
         make_client(handler, chunk_size=1000).download_to_file(HASH, dest, (0, SIZE - 1))
     assert dest.read_bytes() == b"previous content"
     assert list(tmp_path.iterdir()) == [dest]
+
+
+class BytesPath:
+    def __fspath__(self) -> bytes:
+        return b"video.mp4"
+
+
+@pytest.mark.parametrize("dest", [None, 3, b"video.mp4", "", "video\0.mp4", BytesPath(), 1.5])
+def test_a_dest_that_is_not_a_file_path_is_refused_before_any_request(
+        make_client: MakeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        dest: Any) -> None:
+    """As a url or meta of another type: None, a bytes path, a file descriptor ended in a bare
+    TypeError naming no argument, and "" only after the whole download."""
+    monkeypatch.chdir(tmp_path)
+    recorder = Recorder(serve_video)
+    with pytest.raises(InvalidRequestError, match=r"^invalid dest .*: expected a file path.* "
+                                                  r"\(no request sent\)$") as refused:
+        make_client(recorder).download_to_file(HASH, dest)
+    assert refused.value.status_code is None
+    assert recorder.requests == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_download_into_missing_directory_fails_before_any_request(

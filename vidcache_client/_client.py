@@ -36,6 +36,7 @@ from vidcache_client._validate import (
     is_int,
     parse_base_url,
     validate_byte_range,
+    validate_dest,
     validate_digest_range,
     validate_hash,
     validate_meta,
@@ -50,6 +51,10 @@ _USER_AGENT = "vidcache-client"
 # times out at once in CPython, and one past ~9.2e9 s (inf) overflows. A longer `timeout` is
 # taken as this one, which no call can tell from waiting for ever.
 _LONGEST_TIMEOUT = (2**31 - 1) / 1000
+
+# The largest `chunk_size`: httpx holds each chunk whole in memory, so a larger one (2**70 was
+# taken) makes `stream_video` buffer the whole answer, which streaming is meant to avoid.
+_MAX_CHUNK_SIZE = 64 << 20
 
 T = TypeVar("T")
 
@@ -89,7 +94,7 @@ class VidCacheClient:
 
     `timeout` (seconds) bounds connecting and each read/write of a request, not a whole
     download; the 300 s default leaves room for a slow ingest; one over ~24.8 days (inf too)
-    waits that long, the most a socket can. `chunk_size` is the size of the
+    waits that long, the most a socket can. `chunk_size` (1 byte to 64 MiB) is the size of the
     chunks `stream_video` yields. `user:password@` in `base_url` is sent as HTTP Basic auth
     (a reverse proxy's), and left out of `base_url` and messages. Keyword-only: `token` is
     sent as `Authorization: Bearer <token>`; `transport` replaces httpx's network transport
@@ -119,7 +124,8 @@ class VidCacheClient:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         timeout = min(timeout, _LONGEST_TIMEOUT)
-        _check_positive_int("chunk_size", chunk_size, "a number of bytes", ">= 1 byte")
+        _check_positive_int("chunk_size", chunk_size, "a number of bytes",
+                            "from 1 byte to 64 MiB", most=_MAX_CHUNK_SIZE)
         _check_positive_int("max_connections", max_connections, "a count", ">= 1")
         # Else taken, and failing only at the first call (AttributeError), or "no" taken as true
         if transport is not None and not isinstance(transport, httpx.BaseTransport):
@@ -338,10 +344,12 @@ class VidCacheClient:
         with its old content) and the temporary file is removed. As writing to `dest` would,
         a symlink's target is written (the link stays), a replaced file keeps its permission
         bits, and a FIFO or a device (/dev/null) is written into directly. Local file-system
-        problems raise OSError.
+        problems raise OSError. A `dest` that is not a file path (str or os.PathLike[str])
+        raises InvalidRequestError before any request.
         """
         validate_hash(content_hash)
         validate_byte_range(byte_range)
+        dest = validate_dest(dest)
         try:
             dest_mode: int | None = os.stat(dest).st_mode
         except FileNotFoundError:
@@ -640,12 +648,14 @@ class VidCacheClient:
         return VideoPage(items, cursor)
 
 
-def _check_positive_int(name: str, value: object, what: str, bound: str) -> None:
+def _check_positive_int(name: str, value: object, what: str, bound: str, *,
+                        most: int | None = None) -> None:
     """TypeError unless `value` is an int: a float (1.5) would be taken and fail only when
-    used (a stream's first chunk), far from the mistake; ValueError if it is below 1."""
+    used (a stream's first chunk), far from the mistake; ValueError if it is below 1 or above
+    `most`."""
     if not is_int(value):
         raise TypeError(f"{name} must be {what} (an int), got {value!r}")
-    if value < 1:
+    if value < 1 or (most is not None and value > most):
         raise ValueError(f"{name} must be {bound}, got {value!r}")
 
 

@@ -6,6 +6,7 @@ ValueError) with `status_code` None.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, NoReturn, TypeGuard
@@ -85,6 +86,18 @@ def validate_meta(meta: object) -> Mapping[str, Any] | None:
     if meta is None or isinstance(meta, Mapping):
         return meta
     _refuse(f"invalid meta {_short_repr(meta)}: expected a dict (or None)")
+
+
+def validate_dest(dest: object) -> str:
+    """`dest` as a str if it is a non-empty str or os.PathLike[str] without a NUL. None, a
+    bytes path or an int failed with a bare TypeError naming no argument (an int naming a
+    FIFO was even taken as a file descriptor, written into and closed), and "" (the working
+    directory to realpath) failed only after the whole download."""
+    path = os.fspath(dest) if isinstance(dest, str | os.PathLike) else None
+    if isinstance(path, str) and path and "\0" not in path:
+        return path
+    _refuse(f"invalid dest {_short_repr(dest)}: expected a file path, a non-empty str or "
+            "os.PathLike[str] without NUL")
 
 
 def validate_page_size(page_size: object) -> int:
