@@ -351,15 +351,17 @@ def test_malformed_hash_is_refused_locally(make_client: MakeClient, bad_hash: An
     lambda client: client.ingest(b"http://x/a.mp4", "videos"),
     lambda client: client.ingest("http://x/a.mp4", "videos", meta="title"),
     lambda client: client.ingest("http://x/a.mp4", "videos", meta=[("title", "A")]),
-], ids=["resolve-none", "ingest-bytes", "meta-str", "meta-pairs"])
+    lambda client: client.ingest("http://x/a.mp4", None),
+    lambda client: client.ingest("http://x/a.mp4", "videos", prefix=2024),
+], ids=["resolve-none", "ingest-bytes", "meta-str", "meta-pairs", "bucket-none", "prefix-int"])
 def test_a_url_or_meta_of_another_type_is_refused_locally(
         make_client: MakeClient, call: Callable[[VidCacheClient], object]) -> None:
     """The seed's url is a str and its meta a dict: a bare TypeError or ValueError naming no
     argument escaped ("expected string or bytes-like object"), and a list of pairs was sent as
-    an object."""
+    an object. Its bucket and prefix are strs: None or an int were sent for a 422."""
     recorder = Recorder(lambda request: httpx.Response(500))
-    with pytest.raises(InvalidRequestError, match=r"^invalid (url|meta) .*: expected a "
-                                                  r"(str|dict \(or None\)) \(no request sent\)$"):
+    with pytest.raises(InvalidRequestError, match=r"^invalid (url|meta|bucket|prefix) .*: "
+                   r"expected a (str|dict \(or None\)) \(no request sent\)$"):
         call(make_client(recorder))
     assert recorder.requests == []
 
@@ -377,6 +379,23 @@ def test_malformed_byte_range_is_refused_locally(make_client: MakeClient,
         client.download_to_file(HASH, tmp_path / "out", byte_range=bad_range)
     assert recorder.requests == []
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("call", "refused"), [
+    (lambda client: client.read_range_into(HASH, 0, None), "invalid buffers NoneType"),
+    (lambda client: client.open_video_into(HASH, None, on_meta=print), "invalid buffers"),
+    (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print, digests=5),
+     "invalid digests 5"),
+    (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print,
+                                           digests=(0, 1, 2)), r"invalid digests \(0, 1, 2\)"),
+], ids=["read-none", "open-none", "digests-int", "digests-triple"])
+def test_buffers_or_digests_of_another_shape_are_refused_locally(
+        make_client: MakeClient, call: Callable[[VidCacheClient], object], refused: str) -> None:
+    """Were bare TypeErrors ("not iterable", "argument after * must be an iterable")."""
+    recorder = Recorder(serve_video)
+    with pytest.raises(InvalidRequestError, match=rf"^{refused}.* \(no request sent\)$"):
+        call(make_client(recorder))
+    assert recorder.requests == []
 
 
 @pytest.mark.parametrize("page_size", [0, 1001, "10", None])

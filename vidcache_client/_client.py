@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -38,9 +38,11 @@ from vidcache_client._validate import (
     validate_byte_range,
     validate_dest,
     validate_digest_range,
+    validate_digests,
     validate_hash,
     validate_meta,
     validate_page_size,
+    validate_str,
     validate_url,
 )
 from vidcache_client._verify import body_length_error, expected_video_length, range_header
@@ -219,6 +221,7 @@ class VidCacheClient:
         "phash_distance"?}.
         """
         url, meta = validate_url(url), validate_meta(meta)
+        bucket, prefix = validate_str("bucket", bucket), validate_str("prefix", prefix)
         what = f"ingest of {without_credentials(url)} into bucket {bucket!r}"
         payload = {"url": url, "bucket": bucket, "prefix": prefix, "meta": dict(meta or {})}
         result = _json_object(self._send("POST", "/ingest", what, payload=payload), what)
@@ -449,7 +452,7 @@ class VidCacheClient:
         """
         content_hash = validate_hash(content_hash)
         views = _writable_views(buffers)
-        digest_range = None if digests is None else validate_digest_range(*digests)
+        digest_range = validate_digests(digests)
         asked = (0, sum(len(view) for view in views) - 1)
         what = f"bytes {asked[0]}-{asked[1]} of video {content_hash}"
         meta_what = f"metadata of video {content_hash}"
@@ -717,6 +720,9 @@ def _json_body(payload: Mapping[str, Any]) -> bytes:
 def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryview]:
     """Byte views of the caller's buffers; InvalidRequestError unless each is a writable,
     non-empty buffer."""
+    if not isinstance(buffers, Iterable):  # None: a bare "object is not iterable"
+        detail = f"invalid buffers {type(buffers).__name__}: expected a list of buffers"
+        raise InvalidRequestError(None, detail, message=f"{detail} (no request sent)")
     views = []
     for buffer in buffers:
         try:

@@ -72,12 +72,29 @@ def validate_digest_range(start: object, end: object) -> tuple[int | None, int |
             "expected byte offsets >= 0 (or None), end exclusive and not before start")
 
 
+def validate_digests(digests: object) -> tuple[int | None, int | None] | None:
+    """`open_video_into`'s `digests`: None, or (start, end) as `validate_digest_range` takes
+    them (anything else failed with a bare TypeError from unpacking it)."""
+    if digests is None:
+        return None
+    if isinstance(digests, tuple | list) and len(digests) == 2:
+        return validate_digest_range(*digests)
+    _refuse(f"invalid digests {_short_repr(digests)}: expected (start, end) byte offsets, "
+            "or None")
+
+
 def validate_url(url: object) -> str:
     """Return `url` if it is a str: the service takes any string (and says what is wrong with
     it), but anything else failed in the client with a bare TypeError naming no argument."""
-    if isinstance(url, str):
-        return url
-    _refuse(f"invalid url {_short_repr(url)}: expected a str")
+    return validate_str("url", url)
+
+
+def validate_str(name: str, value: object) -> str:
+    """Return `value` if it is a str (an ingest's bucket or prefix): None or 123 was sent, for
+    the service to refuse with a 422 after the round trip, unlike a url or meta of that type."""
+    if isinstance(value, str):
+        return value
+    _refuse(f"invalid {name} {_short_repr(value)}: expected a str")
 
 
 def validate_meta(meta: object) -> Mapping[str, Any] | None:
