@@ -398,6 +398,19 @@ def test_buffers_or_digests_of_another_shape_are_refused_locally(
     assert recorder.requests == []
 
 
+@pytest.mark.parametrize("options", [{"bucket": 123}, {"prefix": b"2024"}])
+def test_a_listing_bucket_or_prefix_that_is_not_a_str_is_refused(
+        make_client: MakeClient, options: dict[str, Any]) -> None:
+    """Were sent: 123 as "123", b"2024" as whatever httpx makes of bytes."""
+    recorder = Recorder(lambda request: httpx.Response(200, json={"items": [], "next": None}))
+    client = make_client(recorder)
+    with pytest.raises(InvalidRequestError, match=r"^invalid (bucket|prefix) .*: expected a str"):
+        client.list_videos_page(**options)
+    with pytest.raises(InvalidRequestError, match=r"^invalid (bucket|prefix) .*: expected a str"):
+        client.list_videos(**options)
+    assert recorder.requests == []
+
+
 @pytest.mark.parametrize("page_size", [0, 1001, "10", None])
 def test_bad_page_size_is_refused_when_called(make_client: MakeClient, page_size: Any) -> None:
     recorder = Recorder(lambda request: httpx.Response(200, json={"items": [], "next": None}))

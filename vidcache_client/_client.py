@@ -664,12 +664,13 @@ def _check_positive_int(name: str, value: object, what: str, bound: str, *,
 
 def _listing_params(bucket: str | None, prefix: str | None, page_size: int
                     ) -> dict[str, str | int]:
-    """The query of a listing's pages (`page_size` checked)."""
+    """The query of a listing's pages (checked)."""
     params: dict[str, str | int] = {"limit": validate_page_size(page_size)}
+    # Else an int was sent as its digits, and bytes as whatever httpx makes of them
     if bucket is not None:
-        params["bucket"] = bucket
+        params["bucket"] = validate_str("bucket", bucket)
     if prefix is not None:
-        params["prefix"] = prefix
+        params["prefix"] = validate_str("prefix", prefix)
     return params
 
 
