@@ -388,10 +388,19 @@ def test_malformed_byte_range_is_refused_locally(make_client: MakeClient,
      "invalid digests 5"),
     (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print,
                                            digests=(0, 1, 2)), r"invalid digests \(0, 1, 2\)"),
-], ids=["read-none", "open-none", "digests-int", "digests-triple"])
-def test_buffers_or_digests_of_another_shape_are_refused_locally(
+    (lambda client: client.read_range_into(HASH, 0, [bytearray(4)], on_filled=True),
+     "invalid on_filled True: expected a callable"),
+    (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=None),
+     "invalid on_meta None: expected a callable"),
+    (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print,
+                                           on_progress="log"),
+     "invalid on_progress 'log': expected a callable"),
+], ids=["read-none", "open-none", "digests-int", "digests-triple", "on_filled-true",
+        "on_meta-none", "on_progress-str"])
+def test_buffers_digests_or_callbacks_of_another_shape_are_refused_locally(
         make_client: MakeClient, call: Callable[[VidCacheClient], object], refused: str) -> None:
-    """Were bare TypeErrors ("not iterable", "argument after * must be an iterable")."""
+    """Were bare TypeErrors ("not iterable", "argument after * must be an iterable"), a
+    callback's ("object is not callable") only once the answer had come."""
     recorder = Recorder(serve_video)
     with pytest.raises(InvalidRequestError, match=rf"^{refused}.* \(no request sent\)$"):
         call(make_client(recorder))

@@ -36,6 +36,7 @@ from vidcache_client._validate import (
     is_int,
     parse_base_url,
     validate_byte_range,
+    validate_callback,
     validate_dest,
     validate_digest_range,
     validate_digests,
@@ -409,6 +410,8 @@ class VidCacheClient:
         """
         content_hash = validate_hash(content_hash)
         views = _writable_views(buffers)
+        validate_callback("on_filled", on_filled)
+        validate_callback("on_progress", on_progress)
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise InvalidRequestError(None, f"invalid offset {offset!r}",
                                       message=f"invalid offset {offset!r}: expected an int >= 0 "
@@ -453,6 +456,10 @@ class VidCacheClient:
         content_hash = validate_hash(content_hash)
         views = _writable_views(buffers)
         digest_range = validate_digests(digests)
+        validate_callback("on_meta", on_meta, required=True)
+        for name, callback in (("on_digests", on_digests), ("on_filled", on_filled),
+                               ("on_progress", on_progress)):
+            validate_callback(name, callback)
         asked = (0, sum(len(view) for view in views) - 1)
         what = f"bytes {asked[0]}-{asked[1]} of video {content_hash}"
         meta_what = f"metadata of video {content_hash}"

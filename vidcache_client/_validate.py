@@ -83,6 +83,15 @@ def validate_digests(digests: object) -> tuple[int | None, int | None] | None:
             "or None")
 
 
+def validate_callback(name: str, callback: object, *, required: bool = False) -> None:
+    """`callback` callable, or None unless `required`: another value failed with a bare
+    "object is not callable" only once the answer arrived, the request made for nothing."""
+    if callable(callback) or (callback is None and not required):
+        return
+    _refuse(f"invalid {name} {_short_repr(callback)}: expected a callable"
+            + ("" if required else " (or None)"))
+
+
 def validate_url(url: object) -> str:
     """Return `url` if it is a str: the service takes any string (and says what is wrong with
     it), but anything else failed in the client with a bare TypeError naming no argument."""
