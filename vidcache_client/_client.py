@@ -497,11 +497,12 @@ class VidCacheClient:
                 self._small_gets = False  # this server's answers need httpx: use it from now on
         if "meta" not in taken:
             try:  # the 404 itself, not get_meta's None: its error names the detail and request
-                response = self._send("GET", f"/meta/{content_hash}", meta_what)
+                meta = self._fetch_record(f"/meta/{content_hash}", meta_what,
+                                          expected=content_hash)
             except NotFoundError:
                 on_meta(None)
                 raise
-            on_meta(_record_or_none(response, meta_what, expected=content_hash))
+            on_meta(meta)
         if digest_range is not None and "digests" not in taken and on_digests is not None:
             on_digests(self.get_chunk_digests(content_hash, start=digest_range[0],
                                               end=digest_range[1]))
@@ -556,10 +557,17 @@ class VidCacheClient:
                     expected: str | None = None) -> dict[str, Any] | None:
         """GET a JSON object that names a video's hash (checked), or None on 404."""
         try:
-            response = self._send("GET", path, what, params=params)
+            return self._fetch_record(path, what, params=params, expected=expected)
         except NotFoundError:
             return None
-        return _record_or_none(response, what, expected=expected)
+
+    def _fetch_record(self, path: str, what: str, *,
+                      params: Mapping[str, str | int] | None = None,
+                      expected: str | None = None) -> dict[str, Any]:
+        """GET a JSON object that names a video's hash (checked); NotFoundError on 404."""
+        result = _json_object(self._send("GET", path, what, params=params), what)
+        _check_hash_field(result, what, expected=expected)
+        return result
 
     def _send(self, method: str, path: str, what: str, *,
               params: Mapping[str, str | int] | None = None,
