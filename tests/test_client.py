@@ -384,6 +384,8 @@ def test_malformed_byte_range_is_refused_locally(make_client: MakeClient,
 @pytest.mark.parametrize(("call", "refused"), [
     (lambda client: client.read_range_into(HASH, 0, None), "invalid buffers NoneType"),
     (lambda client: client.open_video_into(HASH, None, on_meta=print), "invalid buffers"),
+    (lambda client: client.read_range_into(HASH, 0, bytearray(4)),  # not in a list
+     "invalid buffers bytearray: expected a list of buffers"),
     (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print, digests=5),
      "invalid digests 5"),
     (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print,
@@ -395,12 +397,13 @@ def test_malformed_byte_range_is_refused_locally(make_client: MakeClient,
     (lambda client: client.open_video_into(HASH, [bytearray(4)], on_meta=print,
                                            on_progress="log"),
      "invalid on_progress 'log': expected a callable"),
-], ids=["read-none", "open-none", "digests-int", "digests-triple", "on_filled-true",
-        "on_meta-none", "on_progress-str"])
+], ids=["read-none", "open-none", "read-one-bytearray", "digests-int", "digests-triple",
+        "on_filled-true", "on_meta-none", "on_progress-str"])
 def test_buffers_digests_or_callbacks_of_another_shape_are_refused_locally(
         make_client: MakeClient, call: Callable[[VidCacheClient], object], refused: str) -> None:
     """Were bare TypeErrors ("not iterable", "argument after * must be an iterable"), a
-    callback's ("object is not callable") only once the answer had come."""
+    callback's ("object is not callable") only once the answer had come; one bytearray not in
+    a list was taken for a list of ints ("invalid buffer int")."""
     recorder = Recorder(serve_video)
     with pytest.raises(InvalidRequestError, match=rf"^{refused}.* \(no request sent\)$"):
         call(make_client(recorder))

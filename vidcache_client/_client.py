@@ -736,7 +736,8 @@ def _json_body(payload: Mapping[str, Any]) -> bytes:
 def _writable_views(buffers: Sequence[bytearray | memoryview]) -> list[memoryview]:
     """Byte views of the caller's buffers; InvalidRequestError unless each is a writable,
     non-empty buffer."""
-    if not isinstance(buffers, Iterable):  # None: a bare "object is not iterable"
+    # None: a bare "object is not iterable"; one bytearray: "invalid buffer int", its first byte
+    if not isinstance(buffers, Iterable) or isinstance(buffers, bytes | bytearray | memoryview):
         detail = f"invalid buffers {type(buffers).__name__}: expected a list of buffers"
         raise InvalidRequestError(None, detail, message=f"{detail} (no request sent)")
     views = []
