@@ -1,6 +1,6 @@
-"""The benchmark's loopback proxy with switchable faults (`bench.faults`), in front of a real
-service, exposing what the range-reading tests check: connections and the Range of each
-request; and a tiny socket server for what the service never does."""
+"""For the range-reading tests: the big video stored and checked, and a tiny socket server for
+what the service never does. Their faulty link in front of the service (connections and the
+Range of each request) is `vcfs_fault_support.FaultyLink`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,6 @@ from pathlib import Path
 
 from blake3 import blake3
 
-from bench.faults import FaultInjector
-from bench.proxy import ProxyConfig, ProxyThread
 from vidcache_client import VidCacheClient
 
 KIB = 1024
@@ -37,43 +35,6 @@ def ingest_big(server_url: str, videos: dict[str, Path], media_url: str,
                                      f"{bucket_prefix}-{uuid.uuid4().hex[:8]}")["hash"]
     assert content_hash == blake3(data).hexdigest()
     return StoredVideo(content_hash, data)
-
-
-class Link:
-    def __init__(self, upstream_port: int) -> None:
-        self.faults = FaultInjector()
-        # Small chunks: stalls and bandwidth caps act close to where they are asked.
-        self._proxy = ProxyThread(ProxyConfig(upstream_port=upstream_port, chunk_size=16 * KIB),
-                                  hooks=self.faults)
-
-    @property
-    def url(self) -> str:
-        return self._proxy.url
-
-    def connections(self) -> int:
-        return int(self._proxy.counters()["connections"])
-
-    def ranges(self) -> list[str]:
-        """The Range header of every request since the last reset, in order."""
-        return [str(entry.get("range")) for entry in self._proxy.counters()["request_log"]]
-
-    def request_connections(self) -> list[tuple[object, str]]:
-        """(connection id, Range) of every request since the last reset, in order."""
-        return [(entry["conn"], str(entry.get("range")))
-                for entry in self._proxy.counters()["request_log"]]
-
-    def reset(self) -> None:
-        """No faults, counters at zero."""
-        self.faults.clear()
-        self._proxy.reset_counters()
-
-    def __enter__(self) -> Link:
-        self._proxy.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.faults.clear()
-        self._proxy.stop()
 
 
 class SocketServer:

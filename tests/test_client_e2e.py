@@ -27,8 +27,8 @@ import pytest
 from blake3 import blake3
 
 import vidcache
-from tests.client_rangeconn_support import Link
 from tests.support import ESTABLISHED, VidcacheServer, sockets_to_loopback, wait_until
+from tests.vcfs_fault_support import FaultyLink
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache_client import (
     InvalidRequestError,
@@ -381,7 +381,7 @@ def test_close_lets_a_running_call_finish_then_closes_its_connection(
     with its bytes, then closes its connection; later calls raise RuntimeError. Through a
     proxy of the test's own, whose port only this client's connections go to."""
     video = stored["big.mp4"]
-    with Link(vidcache_server.port) as link:
+    with FaultyLink(vidcache_server.port) as link:
         port = httpx.URL(link.url).port
         assert port is not None
         client = VidCacheClient(link.url, timeout=30)

@@ -18,8 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
+from tests.client_rangeconn_support import SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
+from tests.vcfs_fault_support import FaultyLink
 from vidcache_client import NotFoundError, RequestTimeout, TransportError, VidCacheClient
 
 KIB = 1024
@@ -33,8 +34,8 @@ def video(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: s
 
 
 @pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[Link]:
-    with Link(vidcache_server.port) as faulty:
+def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
+    with FaultyLink(vidcache_server.port) as faulty:
         yield faulty
 
 
@@ -65,7 +66,7 @@ def open_video(client: VidCacheClient, content_hash: str, size: int,
 
 
 def test_meta_digests_and_bytes_come_in_order_on_the_warm_connection(
-    link: Link, video: StoredVideo,
+    link: FaultyLink, video: StoredVideo,
 ) -> None:
     link.reset()
     with VidCacheClient(link.url, timeout=5) as client:
@@ -77,12 +78,14 @@ def test_meta_digests_and_bytes_come_in_order_on_the_warm_connection(
         assert answers.calls[0][1] == client.get_meta(video.hash)
         assert answers.calls[1][1] == client.get_chunk_digests(video.hash, start=PAGE[0],
                                                                end=PAGE[1])
-        log = link.request_connections()
+        log = link.range_connections()
     assert [conn for conn, _ in log[:4]] == [log[0][0]] * 4  # health, meta, digests, bytes
     assert log[3][1] == f"bytes=0-{MIB - 1}"
 
 
-def test_taking_the_last_idle_connection_opens_a_spare(link: Link, video: StoredVideo) -> None:
+def test_taking_the_last_idle_connection_opens_a_spare(
+    link: FaultyLink, video: StoredVideo,
+) -> None:
     """The kernel reads ahead while a player reads the first bytes: the next range of the
     video finds a connection ready instead of paying a handshake."""
     link.reset()
@@ -93,7 +96,9 @@ def test_taking_the_last_idle_connection_opens_a_spare(link: Link, video: Stored
         wait_until(lambda: link.connections() == 2, timeout=10, what="the spare connection")
 
 
-def test_an_unknown_hash_reports_no_metadata_and_raises(link: Link, video: StoredVideo) -> None:
+def test_an_unknown_hash_reports_no_metadata_and_raises(
+    link: FaultyLink, video: StoredVideo,
+) -> None:
     link.reset()
     with VidCacheClient(link.url, timeout=5) as client:
         answers = Answers()
@@ -106,7 +111,7 @@ def test_an_unknown_hash_reports_no_metadata_and_raises(link: Link, video: Store
     assert link.connections() == 1
 
 
-def test_a_callback_error_ends_the_call_and_its_connection(link: Link,
+def test_a_callback_error_ends_the_call_and_its_connection(link: FaultyLink,
                                                           video: StoredVideo) -> None:
     class Refused(Exception):
         pass

@@ -34,8 +34,9 @@ from bench.faults import (
     WrongContentRange,
     path_prefix,
 )
-from tests.client_rangeconn_support import Link, SocketServer, StoredVideo, ingest_big
+from tests.client_rangeconn_support import SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, self_signed_certificate, wait_until
+from tests.vcfs_fault_support import FaultyLink
 from vidcache_client import (
     InvalidRequestError,
     NotFoundError,
@@ -65,13 +66,13 @@ def client(vidcache_server: VidcacheServer) -> Iterator[VidCacheClient]:
 
 
 @pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[Link]:
-    with Link(vidcache_server.port) as faulty:
+def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
+    with FaultyLink(vidcache_server.port) as faulty:
         yield faulty
 
 
 @pytest.fixture
-def linked_client(link: Link) -> Iterator[VidCacheClient]:
+def linked_client(link: FaultyLink) -> Iterator[VidCacheClient]:
     link.reset()
     with VidCacheClient(link.url, timeout=2) as through_proxy:
         yield through_proxy
@@ -139,7 +140,7 @@ def test_memoryviews_of_one_big_buffer_work_too(client: VidCacheClient, video: S
     assert whole == video.data[MIB : 4 * MIB]
 
 
-def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: Link,
+def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: FaultyLink,
                                          video: StoredVideo) -> None:
     buffer = bytearray(100 * KIB)
     for offset in range(0, 20 * 100 * KIB, 100 * KIB):
@@ -150,7 +151,7 @@ def test_reads_keep_one_connection_alive(linked_client: VidCacheClient, link: Li
 
 
 def test_a_spare_connection_is_opened_alongside_a_new_one_and_then_used(
-    link: Link, video: StoredVideo,
+    link: FaultyLink, video: StoredVideo,
 ) -> None:
     link.reset()
     with VidCacheClient(link.url, timeout=2, spare_connection=True) as client:
@@ -208,7 +209,7 @@ def test_concurrent_reads_each_get_their_own_bytes(client: VidCacheClient,
 # -- pipelining ----------------------------------------------------------------------------
 
 
-def read_behind(linked_client: VidCacheClient, link: Link, video: StoredVideo, *,
+def read_behind(linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo, *,
                 leader_fails: bool, followers: int = 1, chained: bool = False,
                 ) -> tuple[list[bytearray], BaseException | None]:
     """Read 256 KiB from 1 MiB; while its answer arrives, read the `followers` 256 KiB ranges
@@ -289,12 +290,12 @@ def part(video: StoredVideo, position: int) -> bytes:
 
 
 def test_a_range_right_after_one_in_progress_is_pipelined_on_its_connection(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     (data,), error = read_behind(linked_client, link, video, leader_fails=False)
     assert error is None
     assert data == part(video, 1)
-    (first_conn, first), (second_conn, second) = link.request_connections()
+    (first_conn, first), (second_conn, second) = link.range_connections()
     assert (first, second) == (asked(0), asked(1))
     assert first_conn == second_conn  # sent while the first answer was arriving
     assert link.connections() == 1
@@ -304,7 +305,7 @@ def test_a_range_right_after_one_in_progress_is_pipelined_on_its_connection(
 
 
 def test_ranges_chain_behind_a_pipelined_range_over_a_slow_link(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     """Over a link with a round trip of 10 ms or more, a range that begins where a pipelined
     one ends follows it on the same connection before that one's answer has begun (a
@@ -315,7 +316,7 @@ def test_ranges_chain_behind_a_pipelined_range_over_a_slow_link(
                               chained=True)
     assert error is None
     assert data == [part(video, n) for n in range(1, len(data) + 1)]
-    requests = link.request_connections()
+    requests = link.range_connections()
     assert [range_ for _, range_ in requests] == [asked(n) for n in range(4)]
     assert len({connection for connection, _ in requests}) == 1
     assert link.connections() == 1
@@ -325,19 +326,19 @@ def test_ranges_chain_behind_a_pipelined_range_over_a_slow_link(
 
 
 def test_a_pipelined_range_whose_connection_fails_is_asked_again(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     (data,), error = read_behind(linked_client, link, video, leader_fails=True)
     assert error is not None  # the first read's own error, raised to its caller
     assert data == part(video, 1)
-    connections = link.request_connections()
+    connections = link.range_connections()
     assert len(connections) == 3 and connections[0][0] == connections[1][0]
     assert connections[2] == (connections[2][0], connections[1][1])  # the same range again
     assert connections[2][0] != connections[0][0]  # on a new connection
 
 
 def test_ranges_do_not_chain_over_a_fast_link(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     """On loopback a range follows only an answer that is arriving: the one after it takes
     a connection of its own, so the two are received in parallel. The link's round trip is
@@ -354,20 +355,20 @@ def test_ranges_do_not_chain_over_a_fast_link(
     data, error = read_behind(linked_client, link, video, leader_fails=False, followers=2)
     assert error is None
     assert data == [part(video, n) for n in range(1, len(data) + 1)]
-    requests = link.request_connections()
+    requests = link.range_connections()
     assert [range_ for _, range_ in requests] == [asked(n) for n in range(3)]
     assert requests[0][0] == requests[1][0] != requests[2][0]
 
 
 def test_every_range_chained_on_a_failed_connection_is_asked_again(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     link.faults.enable(Latency(seconds=0.02))
     data, error = read_behind(linked_client, link, video, leader_fails=True, followers=3,
                               chained=True)
     assert error is not None
     assert data == [part(video, n) for n in range(1, len(data) + 1)]
-    requests = link.request_connections()
+    requests = link.range_connections()
     assert [range_ for _, range_ in requests[:4]] == [asked(n) for n in range(4)]
     assert len({connection for connection, _ in requests[:4]}) == 1
     # Each follower asked once more, none of them on the failed connection.
@@ -408,7 +409,7 @@ def test_max_connections_counts_these_connections_with_the_others(
         small.read_range_into(video.hash, 0, [bytearray(10)])
 
 
-def test_one_connection_is_handed_between_the_kinds_of_request(link: Link,
+def test_one_connection_is_handed_between_the_kinds_of_request(link: FaultyLink,
                                                                video: StoredVideo) -> None:
     """With `max_connections=1`, each call of the other kind closes the idle connection of the
     first and opens its own (no waiting for a connection that nobody uses)."""
@@ -422,7 +423,7 @@ def test_one_connection_is_handed_between_the_kinds_of_request(link: Link,
     assert link.connections() == 4
 
 
-def test_small_gets_share_the_range_connections(link: Link, video: StoredVideo) -> None:
+def test_small_gets_share_the_range_connections(link: FaultyLink, video: StoredVideo) -> None:
     """Metadata, digests and listings go over the range sockets: one warm connection serves
     them all, and their answers are the ones httpx gets."""
     link.reset()
@@ -445,7 +446,7 @@ def test_small_gets_share_the_range_connections(link: Link, video: StoredVideo) 
 # -- errors -----------------------------------------------------------------------------------
 
 
-def test_refusals_are_the_clients_status_errors(linked_client: VidCacheClient, link: Link,
+def test_refusals_are_the_clients_status_errors(linked_client: VidCacheClient, link: FaultyLink,
                                                 video: StoredVideo) -> None:
     unknown = "0" * 64
     with pytest.raises(NotFoundError, match=f"bytes 0-9 of video {unknown}: HTTP 404") as missing:
@@ -462,7 +463,7 @@ def test_refusals_are_the_clients_status_errors(linked_client: VidCacheClient, l
 
 @pytest.mark.parametrize(("first_bytes", "connections"), [(1000, 1), (MIB, 2)])
 def test_the_answers_behind_a_refusal_are_skipped_only_when_small(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo, first_bytes: int,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo, first_bytes: int,
     connections: int,
 ) -> None:
     """A `/meta` 404 (the proxy's, for a video the server has) ends `open_video_into`; the
@@ -522,7 +523,7 @@ FAULTS: list[tuple[Fault, type[VidCacheError], str]] = [
 @pytest.mark.parametrize(("fault", "error_class", "message"), FAULTS,
                          ids=[fault.kind for fault, _, _ in FAULTS])
 def test_a_damaged_answer_is_an_error_and_the_next_read_is_right(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo, fault: Fault,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo, fault: Fault,
     error_class: type[VidCacheError], message: str,
 ) -> None:
     link.faults.enable(fault, times=1)
@@ -540,7 +541,7 @@ def test_a_damaged_answer_is_an_error_and_the_next_read_is_right(
 
 
 def test_a_whole_video_instead_of_the_range_is_never_data(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     link.faults.enable(FullBody200(content=lambda _: video.data), times=1)
     buffer = bytearray(1000)
@@ -551,7 +552,7 @@ def test_a_whole_video_instead_of_the_range_is_never_data(
 
 
 def test_a_callback_error_ends_the_read_and_its_connection(
-    linked_client: VidCacheClient, link: Link, video: StoredVideo,
+    linked_client: VidCacheClient, link: FaultyLink, video: StoredVideo,
 ) -> None:
     class Refused(Exception):
         pass

@@ -27,8 +27,9 @@ from blake3 import blake3
 
 from bench.faults import Bandwidth, FlipByte, Latency, Stall, Truncate
 from bench.proxy import Request
-from tests.client_rangeconn_support import Link, StoredVideo, ingest_big
+from tests.client_rangeconn_support import StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
+from tests.vcfs_fault_support import FaultyLink
 from vcfs.blocks import FetchStopped
 from vcfs.remote import (
     AccessDenied,
@@ -854,13 +855,13 @@ def big(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str
 
 
 @pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[Link]:
-    with Link(vidcache_server.port) as faulty:
+def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
+    with FaultyLink(vidcache_server.port) as faulty:
         yield faulty
 
 
 @pytest.fixture
-def real_remote(link: Link, big: StoredVideo) -> Iterator[Remote]:
+def real_remote(link: FaultyLink, big: StoredVideo) -> Iterator[Remote]:
     remote = Remote.connect(link.url, config=RemoteConfig(timeout=3.0, backoff_initial=0.01))
     try:
         remote.fetch(big.hash, 0, MIB)  # metadata and digests known from now on
@@ -872,7 +873,7 @@ def real_remote(link: Link, big: StoredVideo) -> Iterator[Remote]:
 
 
 def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
-    real_remote: Remote, link: Link, big: StoredVideo,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo,
 ) -> None:
     reported: list[tuple[int, bytes]] = []
     blocks = real_remote.fetch_blocks(big.hash, MIB, 9 * MIB, MIB,
@@ -886,7 +887,7 @@ def test_fetch_blocks_reports_each_verified_block_before_the_run_ends(
 
 
 def test_each_block_is_counted_fetched_before_it_is_handed_on(
-    real_remote: Remote, link: Link, big: StoredVideo,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo,
 ) -> None:
     """A read may return before the rest of its block is in (vcfs.blocks), so a snapshot of
     the counters with no block in flight must count every block already handed on, not wait
@@ -912,7 +913,7 @@ def test_each_block_is_counted_fetched_before_it_is_handed_on(
 
 
 def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
-    real_remote: Remote, link: Link, big: StoredVideo,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo,
 ) -> None:
     stop = threading.Event()
     reported: list[int] = []
@@ -937,7 +938,7 @@ def test_a_stopped_run_ends_keeping_its_reported_blocks_and_is_not_asked_again(
 
 
 def test_a_stopped_run_of_blocks_smaller_than_the_chunks_ends_too(
-    real_remote: Remote, link: Link, big: StoredVideo,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo,
 ) -> None:
     """Blocks smaller than the video's chunks (`--block-size 128K`, 256 KiB chunks) are
     fetched as one verified range and cut into blocks afterwards: a stop (the reader closed
@@ -962,7 +963,7 @@ def test_a_stopped_run_of_blocks_smaller_than_the_chunks_ends_too(
 
 
 def test_a_run_cut_midway_is_resumed_after_its_last_reported_block(
-    real_remote: Remote, link: Link, big: StoredVideo,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo,
 ) -> None:
     # A FIN, not a reset: a reset may discard bytes already received but not read yet
     link.faults.enable(Truncate(after_bytes=2 * MIB + 5000), times=1)
@@ -976,7 +977,7 @@ def test_a_run_cut_midway_is_resumed_after_its_last_reported_block(
 
 
 def test_a_flipped_byte_fails_its_block_and_only_the_rest_is_asked_again(
-    real_remote: Remote, link: Link, big: StoredVideo,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo,
 ) -> None:
     link.faults.enable(FlipByte(at=MIB + 10), times=1)
     blocks = real_remote.fetch_blocks(big.hash, 0, 3 * MIB, MIB)
@@ -987,7 +988,7 @@ def test_a_flipped_byte_fails_its_block_and_only_the_rest_is_asked_again(
 
 @pytest.mark.parametrize("fetch", ["fetch", "fetch_blocks"])
 def test_a_trickling_answer_ends_by_the_cutoff(
-    real_remote: Remote, link: Link, big: StoredVideo, fetch: str,
+    real_remote: Remote, link: FaultyLink, big: StoredVideo, fetch: str,
 ) -> None:
     """Bytes keep coming (no request times out), just far too slowly (4 MiB at 400 kB/s take
     10 s): the operation fails once its cutoff (deadline 3 s + one request timeout of 1 s) has
@@ -1017,7 +1018,7 @@ def digest_page(content_hash: str, page: int) -> Callable[[Request], bool]:
 
 @pytest.mark.parametrize("scattered", [False, True], ids=["first-read", "scattered-read"])
 def test_a_read_gives_up_a_lookup_whose_pipelined_answers_stop(
-    link: Link, big: StoredVideo, scattered: bool,
+    link: FaultyLink, big: StoredVideo, scattered: bool,
 ) -> None:
     """On the way to the service, something passes the lookup's `/meta` answer and then
     nothing more on that connection (as a proxy that does not pass pipelined requests on).
@@ -1054,7 +1055,7 @@ def test_a_read_gives_up_a_lookup_whose_pipelined_answers_stop(
 
 @pytest.mark.parametrize("scattered", [True, False], ids=["scattered", "whole-block"])
 def test_a_fetch_racing_the_lookups_digests_takes_them_and_asks_nothing_again(
-    link: Link, big: StoredVideo, scattered: bool,
+    link: FaultyLink, big: StoredVideo, scattered: bool,
 ) -> None:
     """A read right after a cold lookup whose digests are still on their way (held back 2 s
     here). A scattered one: its fetch waits for them and brings the one chunk the read needs,

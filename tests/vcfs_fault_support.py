@@ -97,6 +97,23 @@ class FaultyLink:
         """The target (path and query) of every request the proxy has seen, in order."""
         return [str(entry["target"]) for entry in self._proxy.counters()["request_log"]]
 
+    def range_connections(self) -> list[tuple[object, str]]:
+        """(connection id, Range header) of every request the proxy has seen, in order."""
+        return [(entry["conn"], str(entry.get("range")))
+                for entry in self._proxy.counters()["request_log"]]
+
+    def ranges(self) -> list[str]:
+        """The Range header of every request the proxy has seen, in order."""
+        return [str(entry.get("range")) for entry in self._proxy.counters()["request_log"]]
+
+    def connections(self) -> int:
+        return int(self._proxy.counters()["connections"])
+
+    def reset(self) -> None:
+        """No faults, counters at zero: what the proxy has seen starts again."""
+        self.faults.clear()
+        self._proxy.reset_counters()
+
     def __enter__(self) -> FaultyLink:
         self._proxy.start()
         return self
