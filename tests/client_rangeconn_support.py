@@ -17,8 +17,6 @@ from blake3 import blake3
 
 from vidcache_client import VidCacheClient
 
-KIB = 1024
-
 
 @dataclass(frozen=True)
 class StoredVideo:
