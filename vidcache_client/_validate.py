@@ -99,8 +99,9 @@ def validate_url(url: object) -> str:
 
 
 def validate_str(name: str, value: object) -> str:
-    """Return `value` if it is a str (an ingest's bucket or prefix): None or 123 was sent, for
-    the service to refuse with a 422 after the round trip, unlike a url or meta of that type."""
+    """Return `value` if it is a str (a url; a bucket or prefix, of an ingest or a listing):
+    an ingest's None or 123 was sent for the service to refuse with a 422 after the round trip,
+    a listing's int was sent as its digits."""
     if isinstance(value, str):
         return value
     _refuse(f"invalid {name} {_short_repr(value)}: expected a str")
