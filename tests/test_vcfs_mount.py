@@ -1171,6 +1171,12 @@ def test_startup_errors_are_one_clear_line(
     ("allow_root,fsname=v,allow_other", "-o allow_other,allow_root: one or the other (with "
      "both, libfuse lets in only the owner and root, as allow_root): allow_other for every "
      "user, allow_root for the owner and root"),
+    # Was: mounted with 4 threads, which 4 reads stalled on the service all took.
+    ("max_threads=4", "-o max_threads=4: vcfs needs at least 64 FUSE threads (48 reads may "
+     "wait on the service at once, and the rest answer lookups, listings and reads of cached "
+     "bytes meanwhile); more are allowed"),
+    ("max_idle_threads=-1", "-o max_idle_threads=-1: max_idle_threads takes a whole number of "
+     "threads"),
 ])
 @pytest.mark.parametrize("mode", [[], ["--daemon"]])
 def test_o_words_libfuse_would_refuse_are_refused_before_the_service_is_asked(
@@ -1472,6 +1478,9 @@ def test_options_that_depend_on_others() -> None:
     for keyword in ("debug", "foreground", "nothreads", "daemon"):
         with pytest.raises(cli.StartupError, match="not a mount option"):
             _options("-o", keyword)
+    # libfuse's thread pool may grow, not shrink below vcfs's (vcfs/limits.py).
+    assert _options("-o", "max_threads=80,max_idle_threads=0,clone_fd").fuse_options == (
+        "max_threads=80", "max_idle_threads=0", "clone_fd")
     for size in ("64K", "0", "", "\N{SUPERSCRIPT TWO}"):  # the last: was int()'s ValueError
         with pytest.raises(cli.StartupError, match="-o max_read: a number of bytes above 0"):
             _options("-o", f"max_read={size}")

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from vcfs import __version__
 from vcfs.blocks import BlockCache
-from vcfs.limits import FUSE_THREADS
+from vcfs.limits import FUSE_THREADS, READS_WAITING
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client._arguments import (
     HelpFormatter,
@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
              "the name mount and df show (default vcfs); rw, subtype and the FUSE helper's "
              "debug, encoding, foreground, nothreads, raw_fi are refused, and daemon (use "
              "--daemon), help and version (use vcfs mount --help, vcfs --version); so is "
-             "allow_other with allow_root (the owner and root only)",
+             "allow_other with allow_root (the owner and root only), and max_threads below vcfs's "
+             f"own {FUSE_THREADS}",
     )
     mount.add_argument(
         "--log-level", choices=_LOG_LEVELS, default="info",
@@ -351,6 +352,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _check_thread_options(fuse_options: tuple[str, ...]) -> None:
+    """libfuse's thread-pool words, checked here rather than by libfuse after the service was
+    asked: a number each, and max_threads no fewer than vcfs's own (vcfs/limits.py): with
+    fewer, reads stalled on the service take every thread and hold up the rest of the mount,
+    cached bytes, listings and stats too, until they time out."""
+    for option in fuse_options:
+        key, _, value = option.partition("=")
+        if key not in ("max_threads", "max_idle_threads"):
+            continue
+        if not is_decimal(value):
+            raise StartupError(f"-o {option}: {key} takes a whole number of threads")
+        if key == "max_threads" and int(value) < FUSE_THREADS:
+            raise StartupError(
+                f"-o {option}: vcfs needs at least {FUSE_THREADS} FUSE threads ({READS_WAITING} "
+                "reads may wait on the service at once, and the rest answer lookups, listings "
+                "and reads of cached bytes meanwhile); more are allowed")
+
+
 def mount_options(args: argparse.Namespace) -> MountOptions:
     block, cache = args.block_size, args.cache_size
     window = min(_READAHEAD_MAX, cache // 2) if args.readahead_max is None else args.readahead_max
@@ -387,6 +406,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         raise StartupError("-o allow_other,allow_root: one or the other (with both, libfuse "
                            "lets in only the owner and root, as allow_root): allow_other for "
                            "every user, allow_root for the owner and root")
+    _check_thread_options(fuse_options)
     token_file = os.path.abspath(args.token_file) if args.token_file else None
     fd = fuse_fd(args.mountpoint)
     return MountOptions(
