@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the service", formatter_class=HelpFormatter,
         description="Run the vidcache service over the data directory DIR (blobs, SQLite index "
                     "and temp files all live there; one server per directory).",
-        epilog=f"Hosts that resolve to loopback, private or link-local addresses are refused "
-               f"for ingest unless allowed with --ingest-allow or ${ALLOW_ENV} "
-               f"(comma-separated), e.g. --ingest-allow 127.0.0.1 --ingest-allow 10.0.0.0/8. "
+        epilog=f"Hosts that resolve to loopback, private, link-local or other non-public "
+               f"addresses are refused for ingest unless allowed with --ingest-allow or "
+               f"${ALLOW_ENV} (comma-separated), e.g. --ingest-allow 127.0.0.1 "
+               f"--ingest-allow 10.0.0.0/8. "
                f"Exit status at start: 1 if DIR cannot be used (or SSL_CERT_FILE, or "
                f"--media-memory on this machine), 2 for a bad option, 3 if it "
                f"cannot listen (address in use), 130 on Ctrl-C before it is ready (SIGTERM and "
@@ -225,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and thread stacks), bytes or K/M/G/T of 1024, at least 128M; a "
                             "video that needs more is refused (422); 0: no cap (default 3G)")
     serve.add_argument("--keep-alive", metavar="S", type=_whole_seconds, default=75,
-                       help="seconds an idle client connection is kept open, so a reader that "
-                            "paused (a player, vcfs) needs no new connection (default 75)")
+                       help="whole seconds an idle client connection is kept open, so a "
+                            "reader that paused (a player, vcfs) needs no new connection "
+                            "(default 75)")
     serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
                        help="largest mean perceptual-hash distance (of 64 bits) that counts "
                             "as the same video, no sampled frame more than twice it apart "
