@@ -381,6 +381,16 @@ def test_health_and_openapi(api: Api) -> None:
         assert path in spec["paths"], path
 
 
+def test_openapi_lists_the_error_statuses_each_operation_answers(api: Api) -> None:
+    """As docs/service.md has them: an ingest answers 500 for an index it cannot read or
+    update and a missing ffprobe, a delete 500 or 507 for an index or a data directory that
+    cannot take it; a listing looks up no hash, so never answers 404."""
+    paths = api.http.get("/openapi.json").json()["paths"]
+    assert "500" in paths["/ingest"]["post"]["responses"]
+    assert {"500", "507"} <= set(paths["/video/{content_hash}"]["delete"]["responses"])
+    assert set(paths["/videos"]["get"]["responses"]) == {"200", "422"}
+
+
 # --- the hot path (vidcache/serving.py) -------------------------------------------------------
 
 def _answer(response: httpx.Response) -> tuple[int, dict[str, str], bytes]:

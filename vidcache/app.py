@@ -182,10 +182,14 @@ class Health(BaseModel):
     videos: int
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (404, 422)}
+_INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}}
+_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, **_INVALID}
+# 500: the index cannot be read or updated, or ffprobe/ffmpeg is not installed
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (403, 413, 422, 502, 503, 504, 507)}
+    code: {"model": ErrorResponse} for code in (403, 413, 422, 500, 502, 503, 504, 507)}
+# the index or the data directory cannot take the change (damaged, read-only, disk full)
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (500, 507)}
 _PRECONDITION_FAILED: dict[int | str, dict[str, Any]] = {
     412: {"model": ErrorResponse, "description": "If-Match or If-Unmodified-Since is false"}}
 _RANGE_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -536,7 +540,7 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
                                  headers=headers)
 
     @app.delete("/video/{content_hash}", status_code=204,
-                responses={**_ERRORS, **_PRECONDITION_FAILED})
+                responses={**_ERRORS, **_PRECONDITION_FAILED, **_WRITE_ERRORS})
     def delete(content_hash: ContentHash, request: Request) -> Response:
         """Remove the blob, the record and every URL alias; `If-Match` and the other
         conditional headers are honoured (412)."""
@@ -580,7 +584,7 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
             headers["Content-Encoding"] = "gzip"
         return Response(body, media_type="application/json", headers=headers)
 
-    @app.get("/videos", responses=_ERRORS)
+    @app.get("/videos", responses=_INVALID)
     def videos(bucket: Annotated[str | None, Query(json_schema_extra=_BUCKET_DOC)] = None,
                prefix: Annotated[str | None, Query(json_schema_extra=_PREFIX_DOC)] = None,
                after: Annotated[str | None, Query(json_schema_extra=_HASH_DOC)] = None,
