@@ -328,7 +328,8 @@ examples:
   vidcache list --json | jq -r 'select(.duration_s > 600) | .aliases[]'
 
 Exit status: 0; 1 if the service failed or could not be reached (the lines
-printed before stay); 2 for a bad option.""")
+printed before stay); 2 for a bad option; 141 if its reader leaves early
+(| head), as for a command killed by SIGPIPE.""")
     listing.add_argument("--bucket", help="only the videos of this bucket")
     listing.add_argument("--prefix",
                          help="only the videos of this prefix ('' for those without one)")
