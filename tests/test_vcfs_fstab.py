@@ -9,6 +9,8 @@ program by its path. Both run the same `vcfs URL MOUNTPOINT -o OPTIONS` call.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shlex
 import shutil
@@ -262,6 +264,53 @@ def test_a_signal_leaves_a_drop_privileges_mount_dead_and_says_so(
     assert "WARNING vcfs: stopped by a signal: the mount made on /dev/fd/" in log, log
     assert "until its mount point is unmounted (umount)" in log, log
     assert "unmounted the mount" not in log, log
+
+
+def _access_errno(path: Path, mode: int) -> int:
+    """access(2)'s errno for `path` and `mode`, 0 if allowed (os.access says only yes or no)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    return 0 if libc.access(os.fsencode(path), mode) == 0 else ctypes.get_errno()
+
+
+def test_a_drop_privileges_mount_without_ro_refuses_writes_and_says_so_to_access(
+    tmp_path: Path, vidcache_server: VidcacheServer, video: tuple[str, bytes],
+    helper_path: str, mountpoint: Path,
+) -> None:
+    """docs/vcfs.md, read-only: a drop_privileges line without `ro` is mounted read-write and
+    without `default_permissions` by mount.fuse3, so the kernel leaves every check to vcfs:
+    writes fail with EROFS and change nothing, and access(2) says so too (`test -w`: EROFS;
+    `test -x` of a 0444 video: EACCES). Was: access(2) allowed everything."""
+    log_file = tmp_path / "vcfs.log"
+    started = mount_fuse3(vidcache_server.url, mountpoint,
+                          f"drop_privileges,log_file={log_file}", helper_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        name, data = video
+        folder = mountpoint / "by-hash"
+        path = folder / name
+        assert not os.statvfs(mountpoint).f_flag & os.ST_RDONLY  # the kernel asks vcfs
+        assert _access_errno(path, os.R_OK) == 0
+        assert _access_errno(folder, os.R_OK | os.X_OK) == 0
+        for target, mode, expected in ((path, os.W_OK, errno.EROFS),
+                                       (path, os.R_OK | os.W_OK, errno.EROFS),
+                                       (folder, os.W_OK, errno.EROFS),
+                                       (mountpoint / ".vcfs" / "stats", os.W_OK, errno.EROFS),
+                                       (path, os.X_OK, errno.EACCES)):
+            assert _access_errno(target, mode) == expected, (target, mode)
+        for attempt in (lambda: os.open(path, os.O_WRONLY), lambda: os.open(path, os.O_RDWR),
+                        lambda: os.truncate(path, 0), lambda: os.utime(path),
+                        lambda: os.chmod(path, 0o644), lambda: os.unlink(path),
+                        lambda: os.rename(path, folder / "x.mp4"),
+                        lambda: os.mkdir(folder / "d"),
+                        lambda: os.open(folder / "new", os.O_WRONLY | os.O_CREAT)):
+            with pytest.raises(OSError) as caught:
+                attempt()
+            assert caught.value.errno == errno.EROFS, attempt
+        assert os.listdir(folder) == [name]
+        assert path.read_bytes() == data
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        wait_until(lambda: not _fd_daemons(log_file), timeout=20, what="the daemon exited")
 
 
 @pytest.mark.parametrize("name", ["vcfs", "vcfs/sshfs"])

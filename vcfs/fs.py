@@ -527,6 +527,18 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             self._handles.pop(fi.fh, None)
         return 0
 
+    @_fuse_operation
+    def access(self, path: str, amode: int) -> int:
+        """What `access(2)` (`test -w`, `find -writable`) asks. Only a mount vcfs did not make
+        asks it (mount.fuse3 -o drop_privileges: no `default_permissions`, and without `ro`
+        the kernel's own EROFS): say what the modes and the read-only mount do, not yes."""
+        parsed = self._parse(path)
+        if amode & os.W_OK:
+            raise FuseOSError(errno.EROFS)
+        if amode & os.X_OK and not parsed.is_dir:
+            raise FuseOSError(errno.EACCES)  # files are 0444
+        return 0
+
     # -- everything that would change something: read-only ------------------------------------
 
     chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
