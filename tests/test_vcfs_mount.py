@@ -572,6 +572,24 @@ def test_log_level_debug_logs_every_read_with_its_offset_and_size(
     assert covered >= video.size
 
 
+@pytest.mark.parametrize(("args", "shown"), [
+    ([], "(cache 256 MiB in 1 MiB blocks, readahead up to 16 MiB)"),
+    (["--cache-size", "1536K", "--block-size", "256K", "--readahead-max", "128K"],
+     "(cache 1536 KiB in 256 KiB blocks, readahead up to 128 KiB)"),
+    (["--readahead-max", "1000000"], "readahead up to 1000000 bytes)"),
+    (["--readahead-max", "0"], "blocks, no readahead)"),
+])
+def test_the_mount_line_of_the_log_gives_the_sizes_as_set(
+    fresh_mount: Callable[..., VcfsMount], args: list[str], shown: str
+) -> None:
+    """The log's `mounting URL at MOUNTPOINT (...)` line shows the cache, block and readahead
+    sizes the mount runs with. Was: whole MiB rounded down (`--readahead-max 128K` logged as
+    `readahead up to 0 MiB`, readahead off as the same)."""
+    mounted = fresh_mount(*args)
+    [line] = [line for line in mounted.log().splitlines() if " vcfs: mounting " in line]
+    assert line.endswith(shown), line
+
+
 def test_second_read_comes_from_memory(
     fresh_mount: Callable[..., VcfsMount], corpus: dict[str, Video]
 ) -> None:
