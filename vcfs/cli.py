@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
         help="unit of caching and fetching, a multiple of 4K from 4K to 64M (default: 1M; "
         "blocks that are whole multiples of the service's digest chunks are verified as they "
-        "arrive, smaller ones are fetched as whole chunks)",
+        "arrive, smaller ones are fetched as whole chunks of up to 4M; blocks cutting bigger "
+        "chunks are checked against their range only)",
     )
     mount.add_argument(
         "--readahead-max", type=parse_size, default=None, metavar="SIZE",
