@@ -1052,6 +1052,20 @@ def test_a_refusal_is_found_down_a_looping_chain_of_causes() -> None:
     assert not looping.refused
 
 
+def test_a_refusal_survives_pickling() -> None:
+    """A ProcessPoolExecutor worker's error reaches its caller pickled, without `__cause__`,
+    where `refused` is found: a refused connection came back as not refused, and the advice
+    vidcache and vcfs give for it was lost."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with VidCacheClient(url, timeout=5) as client, pytest.raises(TransportError) as caught:
+        client.health()
+    assert caught.value.refused
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert copy.__cause__ is None and copy.refused
+    assert vars(copy) == vars(caught.value)
+    assert not pickle.loads(pickle.dumps(RequestTimeout("read from x: timed out"))).refused
+
+
 @pytest.mark.parametrize("call", [
     lambda client: client.resolve("http://x/" + "a" * 70_000),  # too long for a URL
     lambda client: client.resolve("http://x/\ud800"),  # not Unicode

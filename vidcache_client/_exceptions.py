@@ -21,7 +21,7 @@ the server's `detail`. The client builds these in exactly one place per kind of 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 __all__ = [
     "AuthError",
@@ -54,7 +54,10 @@ class VidCacheError(Exception):
         return _restored, (type(self), self.message), self.__dict__
 
 
-def _restored(cls: type[VidCacheError], message: str) -> VidCacheError:
+_Error = TypeVar("_Error", bound="VidCacheError")
+
+
+def _restored(cls: type[_Error], message: str) -> _Error:
     error = cls.__new__(cls)
     Exception.__init__(error, message)  # the attributes follow from the pickled __dict__
     return error
@@ -64,11 +67,18 @@ class TransportError(VidCacheError):
     """The request or its response did not get through: refused, reset, cut short, DNS..."""
 
     transient = True
+    # `refused` of a pickled error, whose copy has no `__cause__` to find it in (a slot: the
+    # copy's attributes, `vars()`, are the original's).
+    __slots__ = ("_refused_when_pickled",)
+    _refused_when_pickled: bool
 
     @property
     def refused(self) -> bool:
         """Whether the connection was refused: nothing listens on that host and port (the
         advice differs from a reset or a timeout: start the server, or check the URL)."""
+        pickled: bool | None = getattr(self, "_refused_when_pickled", None)
+        if pickled is not None:
+            return pickled
         cause, seen = self.__cause__ or self.__context__, set()
         while cause is not None and id(cause) not in seen:  # chains may loop
             if isinstance(cause, ConnectionRefusedError):
@@ -76,6 +86,16 @@ class TransportError(VidCacheError):
             seen.add(id(cause))
             cause = cause.__cause__ or cause.__context__
         return False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _restored_transport_error, (type(self), self.message, self.refused), self.__dict__
+
+
+def _restored_transport_error(cls: type[TransportError], message: str,
+                              refused: bool) -> TransportError:
+    error = _restored(cls, message)
+    error._refused_when_pickled = refused
+    return error
 
 
 class RequestTimeout(TransportError):
