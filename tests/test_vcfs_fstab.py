@@ -289,6 +289,8 @@ def test_a_drop_privileges_mount_without_ro_refuses_writes_and_says_so_to_access
         folder = mountpoint / "by-hash"
         path = folder / name
         assert not os.statvfs(mountpoint).f_flag & os.ST_RDONLY  # the kernel asks vcfs
+        listed = sorted(os.listdir(folder))  # the session's service: other tests' videos too
+        assert name in listed
         assert _access_errno(path, os.R_OK) == 0
         assert _access_errno(folder, os.R_OK | os.X_OK) == 0
         for target, mode, expected in ((path, os.W_OK, errno.EROFS),
@@ -306,7 +308,7 @@ def test_a_drop_privileges_mount_without_ro_refuses_writes_and_says_so_to_access
             with pytest.raises(OSError) as caught:
                 attempt()
             assert caught.value.errno == errno.EROFS, attempt
-        assert os.listdir(folder) == [name]
+        assert sorted(os.listdir(folder)) == listed
         assert path.read_bytes() == data
     finally:
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)

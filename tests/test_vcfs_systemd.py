@@ -163,7 +163,7 @@ def test_the_units_commands_mount_and_stop_it(unit: Unit, video: tuple[str, byte
                              check=True).stdout.strip().split(",")
     assert "allow_other" in options, options
     journal = unit.journal.read_text()
-    assert f"at {unit.mountpoint} (cache 1024 MiB in 1024 KiB blocks" in journal, journal
+    assert f"at {unit.mountpoint} (cache 1024 MiB in 1 MiB blocks" in journal, journal
     assert f"mounted at {unit.mountpoint}" in journal
     assert unit.stop() == 0, unit.journal.read_text()
     assert mount_entry(str(unit.mountpoint)) is None
