@@ -52,8 +52,9 @@ class Contender:
         """Why it cannot run on this machine, or None."""
         return None
 
-    def supports(self, workload: str) -> bool:
-        caps = self.capabilities
+    @classmethod
+    def supports(cls, workload: str) -> bool:
+        caps = cls.capabilities
         return caps.files or workload in caps.url_workloads
 
     def target(self, video: Video) -> str:

@@ -57,12 +57,14 @@ class Plan:
 
 def make_plan(*, quick: bool, runs: int | None, contenders: list[str] | None,
               profiles: list[str] | None, workloads: list[str] | None = None) -> Plan:
-    """The default plan narrowed to the chosen profiles and workloads; a profile left with
-    no workload is dropped (the WAN profile has no "concurrent", --quick no WAN profile)."""
+    """The default plan narrowed to the chosen profiles and workloads, less the workloads
+    none of the chosen contenders runs (curl runs "sequential" only); a profile left with no
+    workload is dropped (the WAN profile has no "concurrent", --quick no WAN profile)."""
     plan = _default_plan(quick=quick, runs=runs, contenders=contenders)
     chosen = {}
     for name, (profile, names, settings) in plan.profiles.items():
-        kept = tuple(w for w in names if not workloads or w in workloads)
+        kept = tuple(w for w in names if (not workloads or w in workloads)
+                     and any(CONTENDERS[c].supports(w) for c in plan.contenders))
         if kept and (not profiles or name in profiles):
             chosen[name] = (profile, kept, settings)
     return dataclasses.replace(plan, profiles=chosen)
@@ -302,8 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
                      profiles=args.profiles, workloads=args.workloads)
     if not plan.profiles:
-        parser.error("nothing to measure: --quick measures the loopback profile only, and "
-                     "concurrent runs on loopback only")
+        parser.error("nothing to measure: --quick measures the loopback profile only, "
+                     "concurrent runs on loopback only, curl runs sequential only and "
+                     "ffmpeg-url ffprobe and seek only")
     try:
         cache_budget = vcfs_cache_budget(args.vcfs_options.split())
     except SystemExit:  # vcfs's parser has said what it cannot parse

@@ -65,18 +65,32 @@ def test_profiles_left_without_a_workload_are_dropped() -> None:
     assert plan.profiles == {}
 
 
+def test_workloads_no_chosen_contender_runs_are_dropped() -> None:
+    """Was: `--contenders curl` kept every workload, and `--contenders curl --workloads seek`
+    made the corpus, started the service and its proxy, and measured nothing."""
+    plan = make_plan(quick=False, runs=None, contenders=["curl", "ffmpeg-url"], profiles=None)
+    assert {name: workloads for name, (_, workloads, _) in plan.profiles.items()} == {
+        "loopback": ("sequential", "ffprobe", "seek"), "wan": ("sequential", "ffprobe", "seek")}
+    plan = make_plan(quick=True, runs=None, contenders=["curl"], profiles=None,
+                     workloads=["seek", "concurrent"])
+    assert plan.profiles == {}
+
+
 @pytest.mark.parametrize(("arguments", "why"), [
     (["--quick", "--profiles", "wan"], "nothing to measure"),
     (["--profiles", "wan", "--workloads", "concurrent"], "nothing to measure"),
+    (["--contenders", "curl", "--workloads", "seek"], "nothing to measure"),
     (["--runs", "0"], "argument --runs: must be a whole number of at least 1, not '0'"),
     # str.isdigit() takes it and int() does not: was argparse's "invalid _positive_int value"
     (["--runs", "\N{SUPERSCRIPT TWO}"], "must be a whole number of at least 1, not '\u00b2'"),
     (["--vcfs-options", "--cache-size lots"], "not options of `vcfs mount`"),
-], ids=["quick-wan", "wan-concurrent", "runs-0", "runs-superscript", "bad-vcfs-options"])
+], ids=["quick-wan", "wan-concurrent", "curl-seek", "runs-0", "runs-superscript",
+        "bad-vcfs-options"])
 def test_options_that_would_measure_nothing_are_refused(tmp_path: Path, arguments: list[str],
                                                         why: str) -> None:
     """Usage errors (exit 2) before anything starts. Was: `--quick --profiles wan` made the
-    corpus, started the service, measured nothing and exited 0; `--runs 0` ran the warm-up
+    corpus, started the service, measured nothing and exited 0 (so did a contender with none
+    of the chosen workloads, `--contenders curl --workloads seek`); `--runs 0` ran the warm-up
     alone and recorded nothing; a bad --vcfs-options failed every vcfs mount."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", *arguments, "--no-service-speed", "--out",
