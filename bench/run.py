@@ -272,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="tiny files, one run without a warm-up, loopback only, fewer "
-                             "reads (one seek, 8 random reads, 2 concurrent readers); the "
-                             "service throughput in one run per reading, without the "
-                             "variants (the smoke test)")
+                             "reads (one seek, 8 random reads, 2 concurrent readers, the "
+                             "seeking one 2 segments of 256 KiB); the service throughput in "
+                             "one run per reading, without the variants (the smoke test)")
     parser.add_argument("--runs", type=_positive_int, metavar="N",
                         help="measured runs per figure, after a warm-up round that is not "
                              "recorded (default 3; --quick: 1, no warm-up)")

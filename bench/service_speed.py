@@ -3,7 +3,7 @@
 Everything here is direct on loopback (no proxy) and read with curl into /dev/null. Servers:
 the running `vidcache serve`, nginx (sendfile) over the service's data directory, and the
 same vidcache app under the levers `bench.service_variants` offers (Starlette's 64 KiB chunk,
-as before the service's fix; granian with `pathsend`), each started in turn over the same
+as before the service's fix; granian), each started in turn over the same
 data directory once the running service is stopped (the service locks its data directory),
 so this step runs last. Reads: the whole file in one GET, and the file as consecutive 1, 4 and
 16 MiB Range requests on one keep-alive connection (what vcfs's block fetches and readahead

@@ -8,8 +8,10 @@ directory with one variable changed, so the benchmark can put figures on each le
     python -m bench.service_variants --data DIR --port P --server granian --chunk-size 65536
 
 `--server granian` uses granian's embedded server, which offers the ASGI `pathsend` extension
-(Starlette then hands whole-file responses to the server, which sends them from Rust);
-`--chunk-size` sets `FileResponse.chunk_size` for the responses it still streams (ranges)."""
+(Starlette then hands whole-file responses to the server, which sends them from Rust); but
+the service's fast path (vidcache/serving.py) answers whole-file and single-range GETs before
+Starlette under either server, so only what it leaves to the route can use `pathsend`.
+`--chunk-size` sets `FileResponse.chunk_size`, and with it the fast path's read size."""
 
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
     parser.add_argument("--chunk-size", type=int, default=0,
-                        help="FileResponse chunk size in bytes (0 = Starlette's 64 KiB)")
+                        help="FileResponse chunk size in bytes, the fast path's read size "
+                             "too (default 0: unchanged, the service's 1 MiB; Starlette's "
+                             "own default is 64 KiB)")
     args = parser.parse_args(argv)
     if args.chunk_size:
         # Starlette's base class, and the service's subclass in case it sets its own.
