@@ -1,9 +1,14 @@
-"""`--help` of scripts/setup and scripts/test: their usage, and nothing installed or run (the
-demo's and the benchmark's are in test_demo_script.py and test_bench_smoke.py)."""
+"""`--help` of scripts/setup and scripts/test: their usage and exit statuses, and nothing
+installed or run (the demo's and the benchmark's are in test_demo_script.py and
+test_bench_smoke.py); the help of every script when it is called by a path relative to another
+directory; scripts/setup's refusal, when not root, to try apt-get."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,5 +27,35 @@ def test_help_is_the_usage_and_runs_nothing(script: str, usage: str, flag: str) 
     result = subprocess.run([str(SCRIPTS / script), flag], capture_output=True, text=True,
                             timeout=120, check=False)
     assert (result.returncode, result.stderr) == (0, ""), result
-    assert result.stdout.endswith(usage), result.stdout
+    assert usage in result.stdout, result.stdout
+    assert "\nExit status: 0 " in result.stdout, result.stdout
     assert "set -" not in result.stdout and "pytest [options]" not in result.stdout
+
+
+@pytest.mark.parametrize("script", ["setup", "test", "bench", "demo"])
+def test_help_works_from_another_directory_by_a_relative_path(script: str) -> None:
+    """`./setup --help` in scripts/ (or any relative path): the script changes to the
+    checkout's root first, after which "$0" named no file: sed failed (exit 2)."""
+    result = subprocess.run([f"./{script}", "--help"], cwd=SCRIPTS, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    assert f"  scripts/{script} [" in result.stdout, result.stdout
+    assert "Exit status: 0 " in result.stdout, result.stdout
+
+
+def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_get() -> None:
+    """A PATH without ffmpeg, fusermount3, mpv and python3 (nor apt-get: nothing can be
+    installed even if the script tried) makes them missing; a user then learned only apt-get's
+    "Could not open lock file" (here: "apt-get: command not found", 127)."""
+    user = [] if os.geteuid() != 0 else [
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # Not tmp_path: pytest's base directory is closed to other users, such as the one above.
+    with tempfile.TemporaryDirectory() as bin_dir:
+        os.chmod(bin_dir, 0o755)
+        for tool in ("bash", "dirname"):
+            (Path(bin_dir) / tool).symlink_to(shutil.which(tool) or tool)
+        result = subprocess.run([*user, "env", f"PATH={bin_dir}", str(SCRIPTS / "setup")],
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 1, result
+    assert result.stderr == ("setup: Debian packages are missing: ffmpeg fuse3 mpv python3-venv;"
+                             " run this as root, or install them with apt-get\n")
