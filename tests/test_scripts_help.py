@@ -1,7 +1,8 @@
 """`--help` of scripts/setup and scripts/test: their usage and exit statuses, and nothing
 installed or run (the demo's and the benchmark's are in test_demo_script.py and
 test_bench_smoke.py); the help of every script when it is called by a path relative to another
-directory; scripts/setup's refusal, when not root, to try apt-get."""
+directory; scripts/setup's refusals: of options it does not know, and, when not root, to try
+apt-get."""
 
 from __future__ import annotations
 
@@ -30,6 +31,15 @@ def test_help_is_the_usage_and_runs_nothing(script: str, usage: str, flag: str) 
     assert usage in result.stdout, result.stdout
     assert "\nExit status: 0 " in result.stdout, result.stdout
     assert "set -" not in result.stdout and "pytest [options]" not in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--bogus"], ["--tests", "--bogus"], ["--tests", "--help"]])
+def test_setup_refuses_what_it_does_not_know_before_installing_anything(args: list[str]) -> None:
+    """It read only its first argument: `--tests --bogus` (or a misplaced --help) installed."""
+    result = subprocess.run([str(SCRIPTS / "setup"), *args], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr.startswith("setup: "), result.stderr
 
 
 @pytest.mark.parametrize("script", ["setup", "test", "bench", "demo"])
