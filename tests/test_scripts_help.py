@@ -1,11 +1,12 @@
 """`--help` of scripts/setup and scripts/test: their usage and exit statuses, and nothing
 installed or run (the demo's and the benchmark's are in test_demo_script.py and
 test_bench_smoke.py); the help of every script when it is called by a path relative to another
-directory; scripts/setup's refusals: of options it does not know, and, when not root, to try
-apt-get."""
+directory; scripts/setup's refusals (of options it does not know, and, when not root, to try
+apt-get) and its repair of a .venv that does not work."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -69,3 +70,50 @@ def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_
     assert result.returncode == 1, result
     assert result.stderr == ("setup: Debian packages are missing: ffmpeg fuse3 mpv python3-venv;"
                              " run this as root, or install them with apt-get\n")
+
+
+PROBE_PROJECT = """\
+[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "setup-probe"
+version = "0"
+
+[project.optional-dependencies]
+dev = []
+
+[tool.setuptools]
+py-modules = []
+"""
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
+                    reason="scripts/setup would install Debian packages first")
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("breakage", ["python gone", "pip missing"])
+def test_setup_repairs_a_venv_its_stamp_calls_installed(tmp_path: Path, breakage: str) -> None:
+    """The stamp said "installed", so setup did nothing and exited 0, leaving broken a .venv
+    whose python an upgrade removed, or one whose creation was interrupted before pip. Here
+    setup runs in a copy with a project of its own, small to install."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SCRIPTS / "setup", tmp_path / "scripts")
+    project = tmp_path / "pyproject.toml"
+    project.write_text(PROBE_PROJECT)
+    venv = tmp_path / ".venv"
+    if breakage == "python gone":
+        (venv / "bin").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(tmp_path / "gone" / "python3")
+    else:
+        subprocess.run(["python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    digest = hashlib.sha256(project.read_bytes()).hexdigest()[:16]
+    (venv / f".installed-{digest}").touch()
+
+    result = subprocess.run([str(tmp_path / "scripts" / "setup")], capture_output=True,
+                            text=True, timeout=280, check=False)
+    assert result.returncode == 0, result
+    works = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "show", "setup-probe"],
+                           capture_output=True, text=True, check=False)
+    assert works.returncode == 0, works
+    assert (venv / f".installed-{digest}").is_file()
