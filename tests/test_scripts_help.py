@@ -60,12 +60,17 @@ def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_
     "Could not open lock file" (here: "apt-get: command not found", 127)."""
     user = [] if os.geteuid() != 0 else [
         "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    # Not tmp_path: pytest's base directory is closed to other users, such as the one above.
-    with tempfile.TemporaryDirectory() as bin_dir:
-        os.chmod(bin_dir, 0o755)
+    # Not tmp_path, nor the checkout itself (a clone under /root): closed to other users, such
+    # as the one above. A copy of the script, which stops before it looks at its checkout.
+    with tempfile.TemporaryDirectory() as place:
+        bin_dir, scripts = Path(place) / "bin", Path(place) / "scripts"
+        for directory in (Path(place), bin_dir, scripts):
+            directory.mkdir(exist_ok=True)
+            os.chmod(directory, 0o755)
+        shutil.copy(SCRIPTS / "setup", scripts)
         for tool in ("bash", "dirname"):
-            (Path(bin_dir) / tool).symlink_to(shutil.which(tool) or tool)
-        result = subprocess.run([*user, "env", f"PATH={bin_dir}", str(SCRIPTS / "setup")],
+            (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+        result = subprocess.run([*user, "env", f"PATH={bin_dir}", str(scripts / "setup")],
                                 capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1, result
     assert result.stderr == ("setup: Debian packages are missing: ffmpeg fuse3 mpv python3-venv;"
