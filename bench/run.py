@@ -32,12 +32,11 @@ from bench.guardian import guarding
 from bench.proxy import LOOPBACK, WAN, LinkProfile
 from bench.proxy_process import ProxyProcess
 from bench.report import Sample
-from bench.service_speed import tree_cpu_seconds
+from bench.service_speed import positive_runs, tree_cpu_seconds
 from bench.stack import Nginx, Service, Video, ingest, origin
 from bench.workloads import WORKLOADS, Corpus, Measure, Settings
 from vcfs.cli import build_parser as vcfs_parser
 from vidcache_client._arguments import RawDescriptionHelpFormatter
-from vidcache_client._validate import is_decimal
 
 QUIESCE_STABLE_S = 0.3  # no new bytes for this long: background fetching has stopped
 QUIESCE_MAX_S = 5.0
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                              "reads (one seek, 8 random reads, 2 concurrent readers, the "
                              "seeking one 2 segments of 256 KiB); the service throughput in "
                              "one run per reading, without the variants (the smoke test)")
-    parser.add_argument("--runs", type=_positive_int, metavar="N",
+    parser.add_argument("--runs", type=positive_runs, metavar="N",
                         help="measured runs per figure, after a warm-up round that is not "
                              "recorded (default 3; --quick: 1, no warm-up)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), metavar="DIR",
@@ -314,13 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     _exit_on_signals()
     with guarding():  # a SIGKILLed harness leaves nothing running or mounted either
         return _run(args, plan, cache_budget=cache_budget)
-
-
-def _positive_int(text: str) -> int:
-    """--runs: 0 would run the warm-up alone and record nothing."""
-    if not is_decimal(text) or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return int(text)
 
 
 def vcfs_cache_budget(options: list[str]) -> int:

@@ -35,6 +35,7 @@ from bench import media, report
 from bench.proxy import LOOPBACK
 from bench.proxy_process import ProxyProcess
 from bench.stack import Nginx, Service, Video, ingest, origin
+from vidcache_client._validate import is_decimal
 
 MODES: dict[str, int | None] = {"full GET": None, "16 MiB ranges": 16 << 20,
                                 "4 MiB ranges": 4 << 20, "1 MiB ranges": 1 << 20}
@@ -140,10 +141,19 @@ def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
     return [reading.as_dict() for reading in readings.values()]
 
 
+def positive_runs(text: str) -> int:
+    """--runs, here and in bench.run: 0 recorded nothing (the harness ran its warm-up alone;
+    this step made its media, then failed on the median of no readings)."""
+    if not is_decimal(text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.service_speed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=2, help="runs per reading (default 2)")
+    parser.add_argument("--runs", type=positive_runs, default=2, metavar="N",
+                        help="runs per reading (default 2)")
     parser.add_argument("--variants", action="store_true",
                         help="also the service variants (granian, 64 KiB chunks)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),

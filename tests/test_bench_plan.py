@@ -76,6 +76,17 @@ def test_workloads_no_chosen_contender_runs_are_dropped() -> None:
     assert plan.profiles == {}
 
 
+def test_the_service_speed_steps_runs_must_be_at_least_one(tmp_path: Path) -> None:
+    """`python -m bench.service_speed --runs 0` made the 315 MB media, then failed on the
+    median of no readings; now a usage error before anything starts."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.service_speed", "--runs", "0", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result
+    assert "argument --runs: must be a whole number of at least 1, not '0'" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("arguments", "why"), [
     (["--quick", "--profiles", "wan"], "nothing to measure"),
     (["--profiles", "wan", "--workloads", "concurrent"], "nothing to measure"),
