@@ -58,6 +58,7 @@ from vidcache_client._arguments import (
     read_token_file,
     service_url,
     signal_name,
+    size_text,
 )
 from vidcache_client._credentials import without_credentials
 from vidcache_client._malloc import set_malloc_options
@@ -690,15 +691,6 @@ def max_read(fuse_options: Sequence[str]) -> int | None:
     return int(values[-1])
 
 
-def size_text(size: int) -> str:
-    """`size` in the largest unit it is a whole number of (`16 MiB`, `1536 KiB`, `1000000
-    bytes`): the sizes the options were given as, not rounded down (128K was `0 MiB`)."""
-    for unit, name in ((MIB, "MiB"), (KIB, "KiB")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit} {name}"
-    return f"{size} bytes"
-
-
 def tune_malloc(*, arenas: int, block_size: int) -> None:
     """Set glibc's malloc up for the block cache, before the threads start. A no-op where the
     C library has no mallopt (not glibc).
@@ -763,12 +755,13 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     for option in options.fuse_options:  # the user's -o options (fsname=..., allow_other)
         key, has_value, value = option.partition("=")
         fuse_kwargs[key] = value if has_value else True
-    readahead = (f"readahead up to {size_text(options.readahead_max)}"
+    # In MiB at most, as this line has always shown them (`cache 1024 MiB`).
+    readahead = (f"readahead up to {size_text(options.readahead_max, largest=MIB)}"
                  if options.readahead_max else "no readahead")
     log.info(
         "mounting %s at %s (cache %s in %s blocks, %s)",
-        without_credentials(options.url), where, size_text(options.cache_size),
-        size_text(options.block_size), readahead,
+        without_credentials(options.url), where, size_text(options.cache_size, largest=MIB),
+        size_text(options.block_size, largest=MIB), readahead,
     )
     if os.geteuid() == 0 and "allow_other" not in fuse_kwargs:
         # Other users get "Permission denied" from the kernel, which vcfs never sees.

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vidcache.errors import BadSetting, MediaToolError, NotAVideo, ShuttingDown, ToolStopped
-from vidcache_client._arguments import signal_name
+from vidcache_client._arguments import signal_name, size_text
 
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
 # ffmpeg's exit status after it caught SIGINT or SIGTERM (it uses 1 for errors of its own)
@@ -96,7 +96,7 @@ class Tools:
         self._capped: list[str] = []
         if memory_cap is not None:
             if shutil.which("prlimit") is None:
-                raise BadSetting(f"--media-memory {_size(memory_cap)}: prlimit, which caps "
+                raise BadSetting(f"--media-memory {size_text(memory_cap)}: prlimit, which caps "
                                  "ffprobe/ffmpeg's memory, is not installed; install util-linux, "
                                  "or give --media-memory 0 to run them uncapped")
             # an unprivileged prlimit cannot raise the hard limit the service runs under
@@ -104,9 +104,9 @@ class Tools:
             # 'not a video: ffprobe cannot read it (prlimit: failed to set ...)'
             hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
             if hard != resource.RLIM_INFINITY and hard < memory_cap:
-                raise BadSetting(f"--media-memory {_size(memory_cap)} is more than the server's "
-                                 f"own hard data limit ({_size(hard)}, ulimit -d), above which "
-                                 "its tools cannot be given memory; give a smaller "
+                raise BadSetting(f"--media-memory {size_text(memory_cap)} is more than the "
+                                 f"server's own hard data limit ({size_text(hard)}, ulimit -d), "
+                                 "above which its tools cannot be given memory; give a smaller "
                                  "--media-memory, or raise the limit")
             self._capped = ["prlimit", f"--data={memory_cap}", "--"]
         self._lock = threading.Lock()
@@ -150,7 +150,7 @@ class Tools:
             # A broken file declaring a huge table (an mp4's sample count) makes the tool say
             # the same without a cap: the words alone cannot tell the two apart.
             raise NotAVideo(f"{what} ran out of memory under the server's --media-memory of "
-                            f"{_size(self._memory_cap)}: the video needs more (the operator "
+                            f"{size_text(self._memory_cap)}: the video needs more (the operator "
                             "may raise the cap), or it is broken and declares sizes no memory "
                             "would hold")
         if signalled:
@@ -167,9 +167,3 @@ class Tools:
                 process.kill()
 
 
-def _size(size: int) -> str:
-    """A cap as given (3G, 1500M), shown in the largest unit it is a whole number of."""
-    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
-        if size >= unit and size % unit == 0:
-            return f"{size // unit} {name}"
-    return f"{size} bytes"

@@ -56,6 +56,16 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def size_text(size: int, *, largest: int = 1 << 30) -> str:
+    """`size` in the largest unit, up to `largest` (1 << 30, 1 << 20 or 1 << 10), it is a
+    whole number of (`3 GiB`, `1536 KiB`, `1000000 bytes`): as an option gave it, not rounded
+    (128K shown as `0 MiB`)."""
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if unit <= largest and size >= unit and size % unit == 0:
+            return f"{size // unit} {name}"
+    return f"{size} bytes"
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
