@@ -137,16 +137,24 @@ class Demo:
 
 
 @contextlib.contextmanager
-def demo(tmp_path: Path, *options: str, mountpoint: Path | None = None) -> Iterator[Demo]:
-    """Run the demo on a free port with its mount at `mountpoint` (tmp_path/mnt by default).
-    Leaving kills, by PID, what of the run is still there and unmounts its mount point."""
+def demo(tmp_path: Path, *options: str, mountpoint: Path | None = None,
+         through_symlink: bool = False) -> Iterator[Demo]:
+    """Run the demo from tmp_path on a free port with its mount at `mountpoint` (tmp_path/mnt
+    by default); `through_symlink`: by a symlink to it in tmp_path/bin (as `ln -s` into a
+    directory on PATH). Leaving kills, by PID, what of the run is still there and unmounts its
+    mount point."""
     port = free_port()
     mountpoint = mountpoint or tmp_path / "mnt"
     output = tmp_path / "demo.out"
+    script = DEMO
+    if through_symlink:
+        script = tmp_path / "bin" / "vc-demo"
+        script.parent.mkdir()
+        script.symlink_to(DEMO)
     with open(output, "wb") as sink:
         process = subprocess.Popen(
-            [str(DEMO), *options, "--port", str(port), "--mount", str(mountpoint)],
-            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            [str(script), *options, "--port", str(port), "--mount", str(mountpoint)],
+            cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True)
     run = Demo(process, port, mountpoint, output)
     try:
@@ -251,8 +259,10 @@ def test_ctrl_c_stops_a_kept_demo_and_its_start_clears_a_stale_mount(
 @pytest.mark.timeout(600)  # the first run also generates the sample
 def test_a_demo_run_to_its_end_stops_everything_and_says_how_to_keep_it(tmp_path: Path) -> None:
     """README: "It stops everything at the end" (and the logs of every run are in demo-data/);
-    its last line gives the --keep command for the same port and mount point, and mpv's."""
-    with demo(tmp_path) as run:
+    its last line gives the --keep command for the same port and mount point, and mpv's. Run
+    by a symlink placed elsewhere, it works in its checkout (it took the symlink's directory's
+    parent for the checkout: no scripts/setup there, exit 127)."""
+    with demo(tmp_path, through_symlink=True) as run:
         assert run.process.wait(timeout=300) == 0, run.text()
         hint = re.search(r"^Done; stopping\. To play it, run 'scripts/demo --keep (.*)', then: "
                          r"mpv (\S+)$", run.text(), re.MULTILINE)

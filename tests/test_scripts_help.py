@@ -54,6 +54,30 @@ def test_help_works_from_another_directory_by_a_relative_path(script: str) -> No
     assert "Exit status: 0 " in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("script", ["setup", "test", "bench", "demo"])
+@pytest.mark.parametrize("linked", ["the script", "the scripts directory"])
+def test_help_works_through_a_symlink_placed_elsewhere(
+        tmp_path: Path, script: str, linked: str) -> None:
+    """`ln -s CHECKOUT/scripts/bench ~/bin/vc-bench` (or a link to scripts/), run by a path
+    relative to yet another directory: the script took the link's directory's parent for the
+    checkout, where no scripts/ is: sed failed (exit 2). (The demo prints its help before it
+    changes directory; test_demo_script.py runs it to its end through a symlink.)"""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    if linked == "the script":
+        link = tmp_path / "bin" / f"vc-{script}"
+        link.symlink_to(SCRIPTS / script)
+    else:
+        (tmp_path / "bin" / "vc-scripts").symlink_to(SCRIPTS)
+        link = tmp_path / "bin" / "vc-scripts" / script
+    result = subprocess.run([os.path.relpath(link, tmp_path / "elsewhere"), "--help"],
+                            cwd=tmp_path / "elsewhere", capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    assert f"  scripts/{script} [" in result.stdout, result.stdout
+    assert "Exit status: 0 " in result.stdout, result.stdout
+
+
 def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_get() -> None:
     """A PATH without ffmpeg, fusermount3, mpv and python3 (nor apt-get: nothing can be
     installed even if the script tried) makes them missing; a user then learned only apt-get's
@@ -68,7 +92,7 @@ def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_
             directory.mkdir(exist_ok=True)
             os.chmod(directory, 0o755)
         shutil.copy(SCRIPTS / "setup", scripts)
-        for tool in ("bash", "dirname"):
+        for tool in ("bash", "readlink"):
             (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
         result = subprocess.run([*user, "env", f"PATH={bin_dir}", str(scripts / "setup")],
                                 capture_output=True, text=True, timeout=60, check=False)
