@@ -78,6 +78,20 @@ def test_help_works_through_a_symlink_placed_elsewhere(
     assert "Exit status: 0 " in result.stdout, result.stdout
 
 
+def setup_on_a_bare_path(place: Path) -> list[str]:
+    """The command running a copy of scripts/setup in `place`, with a PATH (`place`/bin)
+    holding only bash and readlink: ffmpeg, fusermount3, mpv and python3 are missing. The copy
+    stops before it looks at its checkout."""
+    bin_dir, scripts = place / "bin", place / "scripts"
+    for directory in (place, bin_dir, scripts):
+        directory.mkdir(exist_ok=True)
+        os.chmod(directory, 0o755)
+    shutil.copy(SCRIPTS / "setup", scripts)
+    for tool in ("bash", "readlink"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    return ["env", f"PATH={bin_dir}", str(scripts / "setup")]
+
+
 def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_get() -> None:
     """A PATH without ffmpeg, fusermount3, mpv and python3 (nor apt-get: nothing can be
     installed even if the script tried) makes them missing; a user then learned only apt-get's
@@ -85,20 +99,25 @@ def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_
     user = [] if os.geteuid() != 0 else [
         "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     # Not tmp_path, nor the checkout itself (a clone under /root): closed to other users, such
-    # as the one above. A copy of the script, which stops before it looks at its checkout.
+    # as the one above.
     with tempfile.TemporaryDirectory() as place:
-        bin_dir, scripts = Path(place) / "bin", Path(place) / "scripts"
-        for directory in (Path(place), bin_dir, scripts):
-            directory.mkdir(exist_ok=True)
-            os.chmod(directory, 0o755)
-        shutil.copy(SCRIPTS / "setup", scripts)
-        for tool in ("bash", "readlink"):
-            (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
-        result = subprocess.run([*user, "env", f"PATH={bin_dir}", str(scripts / "setup")],
+        result = subprocess.run([*user, *setup_on_a_bare_path(Path(place))],
                                 capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 1, result
     assert result.stderr == ("setup: Debian packages are missing: ffmpeg fuse3 mpv python3-venv;"
                              " run this as root, or install them with apt-get\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setup installs only as root")
+def test_setup_as_root_names_the_packages_it_installs(tmp_path: Path) -> None:
+    """Without --tests no nginx is needed, and the message ended with a space where
+    nginx-light goes. Here apt-get fails at once (100, as it does without a network)."""
+    command = setup_on_a_bare_path(tmp_path)
+    (tmp_path / "bin" / "apt-get").write_text("#!/bin/sh\nexit 100\n")
+    (tmp_path / "bin" / "apt-get").chmod(0o755)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert (result.returncode, result.stderr) == (100, ""), result
+    assert result.stdout == "setup: installing Debian packages: ffmpeg fuse3 mpv python3-venv\n"
 
 
 PROBE_PROJECT = """\
