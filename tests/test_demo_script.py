@@ -73,6 +73,7 @@ def test_a_mount_point_with_files_in_it_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("args", "message"), [
     (["--port", "abc"], "--port takes a port number (1-65535), not 'abc'"),
     (["--port", "70000"], "--port takes a port number (1-65535), not '70000'"),
+    (["--port", "0"], "--port takes a port number (1-65535), not '0'"),
     (["--port"], "--port needs a value"),
     (["--bogus"], "unknown option --bogus"),
 ])
@@ -80,6 +81,16 @@ def test_bad_options_are_usage_errors(args: list[str], message: str) -> None:
     result = run_demo(*args)
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
+
+
+def test_a_port_with_a_leading_zero_is_a_usage_error(tmp_path: Path) -> None:
+    """--port 010 passed the range check as octal 8, then went to the service, which listens
+    on 10 (08 was refused after bash's "value too great for base"). Here the demo would then
+    refuse its mount point, in which there is a file."""
+    (tmp_path / "file").write_text("x")
+    result = run_demo("--port", "010", "--mount", str(tmp_path))
+    assert (result.returncode, result.stderr) == (
+        2, "demo: --port takes a port number (1-65535), not '010' (see --help)\n")
 
 
 def test_help_explains_each_option_and_shows_no_code() -> None:
