@@ -1,8 +1,9 @@
 """`--help` of scripts/setup and scripts/test: their usage and exit statuses, and nothing
 installed or run (the demo's and the benchmark's are in test_demo_script.py and
 test_bench_smoke.py); the help of every script when it is called by a path relative to another
-directory; scripts/setup's refusals (of options it does not know, and, when not root, to try
-apt-get) and its repair of a .venv that does not work."""
+directory or through a symlink placed elsewhere; scripts/setup's refusals (of options it does
+not know, and, when not root, to try apt-get), the packages it says it installs, its repair of
+a .venv that does not work and the pip it adds to a .venv made without one."""
 
 from __future__ import annotations
 
@@ -165,3 +166,76 @@ def test_setup_repairs_a_venv_its_stamp_calls_installed(tmp_path: Path, breakage
                            capture_output=True, text=True, check=False)
     assert works.returncode == 0, works
     assert (venv / f".installed-{digest}").is_file()
+
+
+def venv_made_without_pip(project: Path) -> Path:
+    """`project`/.venv made without pip by a python3 other than the one on PATH: the same
+    interpreter reached through a directory of its own (as uv's own pythons are), with a
+    prompt; marked installed for the current pyproject.toml, as an earlier setup would."""
+    real = subprocess.run(["python3", "-c", "import sys; print(sys.executable)"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    theirs = project / "their-python" / "python3"
+    theirs.parent.mkdir()
+    theirs.symlink_to(real)
+    venv = project / ".venv"
+    subprocess.run([str(theirs), "-m", "venv", "--without-pip", "--prompt", "mine", str(venv)],
+                   check=True)
+    digest = hashlib.sha256((project / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / f".installed-{digest}").touch()
+    return venv
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
+                    reason="scripts/setup would install Debian packages first")
+@pytest.mark.timeout(300)
+def test_setup_adds_pip_to_a_venv_made_without_it_keeping_its_python(tmp_path: Path) -> None:
+    """setup ran `python3 -m venv` over a .venv made without pip (uv venv, venv --without-pip):
+    it rewrote pyvenv.cfg for PATH's python3 (home, version, prompt gone) while the venv's links
+    still led to the python it was made with. Now that python adds pip (ensurepip) and the
+    venv stays as it was made."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SCRIPTS / "setup", tmp_path / "scripts")
+    (tmp_path / "pyproject.toml").write_text(PROBE_PROJECT)
+    venv = venv_made_without_pip(tmp_path)
+    config = (venv / "pyvenv.cfg").read_text()
+    python = (venv / "bin" / "python").resolve()
+
+    result = subprocess.run([str(tmp_path / "scripts" / "setup")], capture_output=True,
+                            text=True, timeout=280, check=False)
+    assert result.returncode == 0, result
+    assert (venv / "pyvenv.cfg").read_text() == config
+    assert (venv / "bin" / "python").resolve() == python
+    assert result.stdout.startswith("setup: adding pip to .venv (.venv/bin/python -m ensurepip)\n")
+    works = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "show", "setup-probe"],
+                           capture_output=True, text=True, check=False)
+    assert works.returncode == 0, works
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
+                    reason="scripts/setup would install Debian packages first")
+def test_setup_leaves_a_venv_without_pip_alone_when_its_python_cannot_add_pip(
+        tmp_path: Path) -> None:
+    """As Debian's python without python3-venv ("ensurepip is disabled"): here an ensurepip
+    on PYTHONPATH that fails. setup said why and what to do, and left .venv as it was (it
+    replaced the venv's configuration with python3's, whose isolated ensurepip worked)."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SCRIPTS / "setup", tmp_path / "scripts")
+    (tmp_path / "pyproject.toml").write_text(PROBE_PROJECT)
+    venv = venv_made_without_pip(tmp_path)
+    config = (venv / "pyvenv.cfg").read_text()
+    disabled = tmp_path / "disabled" / "ensurepip"
+    disabled.mkdir(parents=True)
+    (disabled / "__init__.py").touch()
+    (disabled / "__main__.py").write_text('raise SystemExit("ensurepip is disabled here")\n')
+
+    result = subprocess.run([str(tmp_path / "scripts" / "setup")], capture_output=True,
+                            text=True, timeout=120, check=False,
+                            env={**os.environ, "PYTHONPATH": str(disabled.parent)})
+    assert result.returncode == 1, result
+    version = subprocess.run([str(venv / "bin" / "python"), "-V"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert result.stderr == (
+        f"ensurepip is disabled here\nsetup: .venv's python ({version}) cannot add pip to it;"
+        " install pip into .venv, or remove .venv for setup to make one with python3\n")
+    assert (venv / "pyvenv.cfg").read_text() == config
+    assert not list(venv.glob("lib/python*/site-packages/pip"))
