@@ -58,3 +58,10 @@ def test_the_help_still_wraps_to_the_terminal(monkeypatch: pytest.MonkeyPatch,
     text = help_text(vidcache, ["serve"], capsys)
     assert "--media-memory" in text and "--ingest-allow 10.0.0.0/8." in " ".join(text.split())
     assert max(map(len, text.splitlines())) <= 80
+
+
+def test_mount_help_says_a_vidcache_1x_lists_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    """`by-hash/` lists every video only where the service has a listing to ask for."""
+    text = " ".join(help_text(vcfs, ["mount"], capsys).split())
+    assert "vidcache 1.x" in text
+    assert "by-hash/ lists nothing, though each video opens by name" in text

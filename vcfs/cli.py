@@ -164,9 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
         "mount",
         help="mount the service's videos at MOUNTPOINT",
         description=(
-            "Mount the vidcache service at URL on MOUNTPOINT: every stored video appears as\n"
+            "Mount the vidcache service at URL on MOUNTPOINT: every stored video opens as\n"
             "MOUNTPOINT/by-hash/<hash>.<ext>, read on demand with HTTP range requests through\n"
-            "an in-memory block cache. Counters: MOUNTPOINT/.vcfs/stats.\n"
+            "an in-memory block cache. `ls` shows them all, except on a vidcache 1.x service\n"
+            "(it has no listing): there by-hash/ lists nothing, though each video opens by name.\n"
+            "Counters: MOUNTPOINT/.vcfs/stats.\n"
             "Sizes are bytes or take K, M, G, T suffixes (powers of 1024): 256M, 1G, 1048576."
         ),
         epilog=(
