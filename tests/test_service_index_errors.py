@@ -155,6 +155,27 @@ def test_reads_of_a_damaged_index_are_a_500_naming_it(data: Path, media_url: str
     assert blob_files(data) == blobs
 
 
+def test_health_counts_over_a_damaged_index_with_the_same_500(data: Path) -> None:
+    """/health counts the videos: the index it scans for that damaged under the running
+    server, it answers the same 500 as the other reads, which the OpenAPI document lists for it
+    (and for them)."""
+    index = index_of(data)
+    with closing(sqlite3.connect(index)) as db:
+        plan = " ".join(str(row[-1]) for row in
+                        db.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM videos"))
+    counted_by = re.search(r"USING COVERING INDEX (\w+)", plan)
+    assert counted_by is not None, plan
+    with VidcacheServer(data) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        damage(index, root_page(index, counted_by[1]))
+        answer = http.get("/health")
+        assert (answer.status_code, answer.json()) == (
+            500, {"detail": f"cannot read the index {index}: {MALFORMED}"})
+        paths = http.get("/openapi.json").json()["paths"]
+    for path in ("/health", "/meta/{content_hash}", "/video/{content_hash}",
+                 "/video/{content_hash}/chunks", "/resolve", "/videos"):
+        assert "500" in paths[path]["get"]["responses"], path
+
+
 def test_the_repeats_of_a_failure_are_counted_not_each_logged(data: Path) -> None:
     """A player reading on over a damaged index: 300 /meta and 200 /video requests failing
     with the same message, a DELETE among them failing with another. The first read's line is

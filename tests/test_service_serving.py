@@ -388,7 +388,24 @@ def test_openapi_lists_the_error_statuses_each_operation_answers(api: Api) -> No
     paths = api.http.get("/openapi.json").json()["paths"]
     assert "500" in paths["/ingest"]["post"]["responses"]
     assert {"500", "507"} <= set(paths["/video/{content_hash}"]["delete"]["responses"])
-    assert set(paths["/videos"]["get"]["responses"]) == {"200", "422"}
+    assert set(paths["/videos"]["get"]["responses"]) == {"200", "422", "500"}
+
+
+def test_openapi_lists_the_500_of_an_unreadable_index_on_every_read(api: Api) -> None:
+    """Every operation that reads the index answers 500 `cannot read the index ...` when it
+    cannot (tests/test_service_index_errors.py), as a JSON error; the list of ingests under way
+    reads none."""
+    paths = api.http.get("/openapi.json").json()["paths"]
+    reads = [("/health", "get"), ("/resolve", "get"), ("/meta/{content_hash}", "get"),
+             ("/video/{content_hash}", "get"), ("/video/{content_hash}", "head"),
+             ("/video/{content_hash}/chunks", "get"), ("/videos", "get")]
+    for path, method in reads:
+        answer = paths[path][method]["responses"].get("500")
+        assert answer is not None, (path, method)
+        assert answer["description"] == "the index cannot be read", (path, method)
+        assert answer["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"}, (path, method)
+    assert "500" not in paths["/ingests"]["get"]["responses"]
 
 
 # --- the hot path (vidcache/serving.py) -------------------------------------------------------

@@ -182,8 +182,12 @@ class Health(BaseModel):
     videos: int
 
 
+# every route that reads the index: damaged, or its disk fails to read it (IndexUnreadable)
+_INDEX_UNREADABLE: dict[int | str, dict[str, Any]] = {
+    500: {"model": ErrorResponse, "description": "the index cannot be read"}}
 _INVALID: dict[int | str, dict[str, Any]] = {422: {"model": ErrorResponse}}
-_ERRORS: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse}, **_INVALID}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse}, **_INVALID, **_INDEX_UNREADABLE}
 # 500: the index cannot be read or updated, or ffprobe/ffmpeg is not installed
 _INGEST_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (403, 413, 422, 500, 502, 503, 504, 507)}
@@ -468,7 +472,7 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
         except FileNotFoundError as exc:  # deleted since the lookup
             raise NotFound(f"no video with hash {record.content_hash}") from exc
 
-    @app.get("/health")
+    @app.get("/health", responses=_INDEX_UNREADABLE)
     def health() -> Health:
         return Health(status="ok", version=__version__, videos=store.count())
 
@@ -584,7 +588,7 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
             headers["Content-Encoding"] = "gzip"
         return Response(body, media_type="application/json", headers=headers)
 
-    @app.get("/videos", responses=_INVALID)
+    @app.get("/videos", responses={**_INVALID, **_INDEX_UNREADABLE})
     def videos(bucket: Annotated[str | None, Query(json_schema_extra=_BUCKET_DOC)] = None,
                prefix: Annotated[str | None, Query(json_schema_extra=_PREFIX_DOC)] = None,
                after: Annotated[str | None, Query(json_schema_extra=_HASH_DOC)] = None,
