@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 MIB = 1 << 20
+# Rows of bench.service_speed that the service target compares (a variant's label replaces
+# the first under `scripts/bench --service-variant`).
+SERVICE_LABEL = "vidcache serve (uvicorn, as shipped)"
+NGINX_LABEL = "nginx (sendfile)"
 
 
 @dataclass(frozen=True)
@@ -121,9 +125,11 @@ def _fmt(value: float | None, unit: str = "") -> str:
 
 
 def evaluate_targets(rows: list[dict[str, Any]], service: list[dict[str, Any]], *,
-                     cache_budget: int, readers: int) -> list[dict[str, Any]]:
+                     cache_budget: int, readers: int,
+                     service_label: str = SERVICE_LABEL) -> list[dict[str, Any]]:
     """The issue's targets against this run: each with measured figures and holds (None =
-    not measured in this run)."""
+    not measured in this run). `service_label`: the service-speed rows of the run's service,
+    a variant's under `--service-variant` (the service target, named so, is then its)."""
     at = _Lookup(rows)
     targets: list[dict[str, Any]] = []
 
@@ -183,10 +189,12 @@ def evaluate_targets(rows: list[dict[str, Any]], service: list[dict[str, Any]], 
     add(f"daemon peak RSS <= cache budget + 80 MB (= {limit_mb:.0f} MB)",
         None if not rss else max(rss) <= limit_mb, _fmt(max(rss) if rss else None, "MB"))
     full = {(r["server"], r["mode"]): r["median"] for r in service}
-    ours = full.get(("vidcache serve (uvicorn, as shipped)", "full GET"))
-    nginx = full.get(("nginx (sendfile)", "full GET"))
-    ratio_target("service GET /video/{hash} >= 0.8x nginx", ours, nginx, 0.8, "MB/s",
-                 at_least=True)
+    ours = full.get((service_label, "full GET"))
+    nginx = full.get((NGINX_LABEL, "full GET"))
+    name = "service GET /video/{hash} >= 0.8x nginx"
+    if service_label != SERVICE_LABEL:
+        name += f" ({service_label}: the variant measured, not vidcache serve)"
+    ratio_target(name, ours, nginx, 0.8, "MB/s", at_least=True)
     return targets
 
 
@@ -228,8 +236,12 @@ def markdown(report: dict[str, Any]) -> str:
                  f"{report['load_before']} before, {report['load_after']} after; "
                  f"{report['runs']} runs per figure{' (quick)' if report['quick'] else ''}.")
     if report.get("vcfs_options") or report.get("service_variant"):
+        variant = report["service_variant"]
         lines.append(f"Experiment: vcfs mount options `{report['vcfs_options']}`, service "
-                     f"variant `{report['service_variant'] or 'none'}`.")
+                     f"variant `{variant or 'none'}`" + (
+                         " in place of `vidcache serve`: every figure reads from it, and the "
+                         "service throughput rows and target measure it, under its label."
+                         if variant else "."))
     for profile, description in report["profiles"].items():
         lines += ["", f"### {description}", "",
                   "| figure | contender | median | min-max | requests | server MB "

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import media, report, service_speed
+from bench import media, report, service_speed, service_variants
 from bench.contenders import CONTENDERS, Contender, ContenderUnavailable, Vcfs
 from bench.guardian import guarding
 from bench.proxy import LOOPBACK, WAN, LinkProfile
@@ -310,9 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         cache_budget = vcfs_cache_budget(args.vcfs_options.split())
     except SystemExit:  # vcfs's parser has said what it cannot parse
         parser.error(f"--vcfs-options {args.vcfs_options!r}: not options of `vcfs mount`")
+    try:
+        service_label = (service_variants.describe(args.service_variant.split())
+                         if args.service_variant else report.SERVICE_LABEL)
+    except SystemExit:  # the variants' parser has said what it cannot parse
+        parser.error(f"--service-variant {args.service_variant!r}: not options of "
+                     "bench.service_variants (--server, --chunk-size)")
     _exit_on_signals()
     with guarding():  # a SIGKILLed harness leaves nothing running or mounted either
-        return _run(args, plan, cache_budget=cache_budget)
+        return _run(args, plan, cache_budget=cache_budget, service_label=service_label)
 
 
 def vcfs_cache_budget(options: list[str]) -> int:
@@ -322,7 +328,7 @@ def vcfs_cache_budget(options: list[str]) -> int:
                .cache_size)
 
 
-def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
+def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int, service_label: str) -> int:
     progress = Progress()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +342,7 @@ def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
     Vcfs.options = tuple(args.vcfs_options.split())
     variant = args.service_variant.split() or None
     service = Service(work / "store", work / "vidcache.log", variant=variant,
-                      label=f"service variant {args.service_variant}" if variant else
+                      label=f"service variant {service_label}" if variant else
                       "vidcache serve (uvicorn)")
     runner: Runner | None = None
     try:
@@ -360,7 +366,7 @@ def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
             variants = service_speed.VARIANTS if not plan.quick else {}
             speed = service_speed.measure(service, corpus.sequential, work_dir=work,
                                           runs=plan.service_runs, progress=progress,
-                                          variants=variants)
+                                          variants=variants, service_label=service_label)
     except BaseException as exc:
         service.stop()
         ended = "stopped" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed"
@@ -382,6 +388,7 @@ def _run(args: argparse.Namespace, plan: Plan, *, cache_budget: int) -> int:
         "results": rows,
         "service_speed": speed,
         "targets": report.evaluate_targets(rows, speed, cache_budget=cache_budget,
+                                           service_label=service_label,
                                            readers=len(corpus.readers)),
         "skipped": skipped,
         "samples": [dataclasses.asdict(s) for s in samples],

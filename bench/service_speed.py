@@ -34,20 +34,20 @@ from typing import Any
 from bench import media, report
 from bench.proxy import LOOPBACK
 from bench.proxy_process import ProxyProcess
+from bench.report import NGINX_LABEL, SERVICE_LABEL
+from bench.service_variants import describe
 from bench.stack import Nginx, Service, Video, ingest, origin
 from vidcache_client._validate import is_decimal
 
 MODES: dict[str, int | None] = {"full GET": None, "16 MiB ranges": 16 << 20,
                                 "4 MiB ranges": 4 << 20, "1 MiB ranges": 1 << 20}
-# Servers beyond the running service: label -> bench.service_variants arguments.
-VARIANTS: dict[str, list[str]] = {
+# Servers beyond the running service: label -> bench.service_variants arguments. granian's
+# `pathsend` goes unused here: the service's fast path answers every read this step makes.
+VARIANTS: dict[str, list[str]] = {describe(levers): levers for levers in (
     # Starlette's default chunk (the service sent 64 KiB chunks before commit 11a1aa6)
-    "vidcache, uvicorn, 64 KiB chunks": ["--server", "uvicorn", "--chunk-size",
-                                         str(64 << 10)],
-    "vidcache, granian (pathsend)": ["--server", "granian"],
-}
-SERVICE_LABEL = "vidcache serve (uvicorn, as shipped)"
-NGINX_LABEL = "nginx (sendfile)"
+    ["--server", "uvicorn", "--chunk-size", str(64 << 10)],
+    ["--server", "granian"],
+)}
 PROXY_LABEL = "nginx via loopback proxy"
 
 
@@ -103,9 +103,11 @@ def curl_mb_per_s(url: str, size: int, range_size: int | None) -> float:
 
 
 def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
-            variants: dict[str, list[str]], progress: Callable[[str], None]
-            ) -> list[dict[str, Any]]:
-    """Readings of every server and mode; stops `service` before starting `variants`."""
+            variants: dict[str, list[str]], progress: Callable[[str], None],
+            service_label: str = SERVICE_LABEL) -> list[dict[str, Any]]:
+    """Readings of every server and mode; stops `service` before starting `variants`.
+    `service_label` names `service`'s rows: a variant's label when the run's service is one
+    (`scripts/bench --service-variant`), which is then not measured again among `variants`."""
     readings: dict[tuple[str, str], Reading] = {}
 
     def read(label: str, url: str, pid: int) -> None:
@@ -125,12 +127,14 @@ def measure(service: Service, video: Video, *, work_dir: Path, runs: int,
         blob_url = f"{nginx.url}/{video.file_path}"
         curl_mb_per_s(blob_url, video.size, None)  # the blob into the page cache
         for _ in range(2):  # alternate, so drift in machine load hits both alike
-            read(SERVICE_LABEL, service.url + video_path, service.pid)
+            read(service_label, service.url + video_path, service.pid)
             read(NGINX_LABEL, blob_url, nginx.pid)
         with ProxyProcess(upstream_port=nginx.port, profile=LOOPBACK) as proxy:
             read(PROXY_LABEL, f"{proxy.url}/{video.file_path}", proxy.pid)
     service.stop()
     for i, (label, variant) in enumerate(variants.items()):
+        if label == service_label:
+            continue
         log = work_dir / f"variant-{i}.log"
         try:
             with Service(service.data_dir, log, variant=variant, label=label) as other:

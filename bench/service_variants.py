@@ -23,18 +23,37 @@ from starlette.responses import FileResponse
 
 from vidcache import app as vidcache_app
 from vidcache.config import ServiceConfig
+from vidcache_client._arguments import size_text
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--port", type=int, required=True)
+def lever_parser() -> argparse.ArgumentParser:
+    """The levers alone: what `scripts/bench --service-variant` may pass (the harness gives
+    --data and --port)."""
+    parser = argparse.ArgumentParser(prog="bench.service_variants", add_help=False)
     parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
     parser.add_argument("--chunk-size", type=int, default=0,
                         help="FileResponse chunk size in bytes, the fast path's read size "
                              "too (default 0: unchanged, the service's 1 MiB; Starlette's "
                              "own default is 64 KiB)")
+    return parser
+
+
+def describe(levers: list[str]) -> str:
+    """The label of the variant these lever arguments run, for the benchmark's rows:
+    `vidcache, granian`, `vidcache, uvicorn, 64 KiB chunks` (SystemExit, argparse's message
+    on stderr, for arguments that are not levers)."""
+    args = lever_parser().parse_args(levers)
+    if not args.chunk_size:
+        return f"vidcache, {args.server}"
+    size = size_text(args.chunk_size).replace(" bytes", "-byte")
+    return f"vidcache, {args.server}, {size} chunks"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[lever_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     if args.chunk_size:
         # Starlette's base class, and the service's subclass in case it sets its own.

@@ -95,14 +95,17 @@ def test_the_service_speed_steps_runs_must_be_at_least_one(tmp_path: Path) -> No
     # str.isdigit() takes it and int() does not: was argparse's "invalid _positive_int value"
     (["--runs", "\N{SUPERSCRIPT TWO}"], "must be a whole number of at least 1, not '\u00b2'"),
     (["--vcfs-options", "--cache-size lots"], "not options of `vcfs mount`"),
+    (["--quick", "--service-variant", "--server nginx"],
+     "--service-variant '--server nginx': not options of bench.service_variants"),
 ], ids=["quick-wan", "wan-concurrent", "curl-seek", "runs-0", "runs-superscript",
-        "bad-vcfs-options"])
+        "bad-vcfs-options", "bad-service-variant"])
 def test_options_that_would_measure_nothing_are_refused(tmp_path: Path, arguments: list[str],
                                                         why: str) -> None:
     """Usage errors (exit 2) before anything starts. Was: `--quick --profiles wan` made the
     corpus, started the service, measured nothing and exited 0 (so did a contender with none
     of the chosen workloads, `--contenders curl --workloads seek`); `--runs 0` ran the warm-up
-    alone and recorded nothing; a bad --vcfs-options failed every vcfs mount."""
+    alone and recorded nothing; a bad --vcfs-options failed every vcfs mount, a bad
+    --service-variant the service's start, once the corpus was made."""
     result = subprocess.run(
         [sys.executable, "-m", "bench.run", *arguments, "--no-service-speed", "--out",
          str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,

@@ -389,6 +389,31 @@ def test_runs_interleave_the_contenders_and_the_json_keeps_what_the_doc_says(
     assert rss_target == ["daemon peak RSS <= cache budget + 80 MB (= 147 MB)"]
 
 
+def test_a_service_variant_labels_its_rows_and_the_service_target(tmp_path: Path) -> None:
+    """`--service-variant`: the service throughput rows of the run's service carry the
+    variant's label, derived from its arguments, and the 0.8x-nginx target says it compares
+    the variant (they said `vidcache serve (uvicorn, as shipped)`); that variant is not
+    measured twice among the others (none with --quick)."""
+    if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("no nginx: the service throughput step is skipped")
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "bench"), "--quick", "--contenders", "local", "--workloads",
+         "sequential", "--service-variant", "--server uvicorn --chunk-size 65536",
+         "--out", str(tmp_path), "--name", "variant"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False,
+        env={**os.environ, "BENCH_NO_INSTALL": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads((tmp_path / "variant.json").read_text())
+    label = "vidcache, uvicorn, 64 KiB chunks"
+    servers = [row["server"] for row in data["service_speed"]]
+    assert servers.count(label) == 4 and "vidcache serve (uvicorn, as shipped)" not in servers
+    [target] = [t for t in data["targets"] if t["target"].startswith("service GET")]
+    assert target["target"] == ("service GET /video/{hash} >= 0.8x nginx (vidcache, uvicorn, "
+                                "64 KiB chunks: the variant measured, not vidcache serve)")
+    assert target["holds"] is not None and not target["measured"].startswith("n/a"), target
+    assert "in place of `vidcache serve`" in result.stdout
+
+
 # The latency proxy on its own: the reliability work builds its fault injection on its hooks.
 
 BODY = bytes(range(256)) * 4096  # 1 MiB
