@@ -212,6 +212,9 @@ _CLIENT_REQUEST = re.compile(r" \[[A-Z]+ \S+\]")
 
 # Failures of one attempt that another attempt may not have.
 _RETRIED = (CorruptData, Overdue)
+# A verified fetch's attempt at its cutoff, its range in but not its page of chunk digests. Not
+# naming the video: the attempt's error follows its range's words, which do.
+_DIGESTS_LATE = "its chunk digests had not come by the cutoff"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -973,6 +976,9 @@ class Remote:
                 on_block(position, block)
 
         sink = _BlockSink(handed_on, on_partial)
+        # Set while the attempt waits for the digests: the cutoff then ends it with that
+        # reason, whichever timer at the cutoff fires first (this wait's or the attempt's).
+        awaiting_digests = threading.Event()
         try:
             with self._outcome_noted(content_hash, start + lead, end):
                 self._with_retries(
@@ -980,8 +986,10 @@ class Remote:
                     lambda cutoff: self._attempt_blocks(
                         content_hash, start + sink.count * block_size if sink.count else
                         start + lead, end, block_size, digests, sink, cutoff, stop,
+                        awaiting_digests,
                     ),
                     deadline=deadline,
+                    overdue_reason=lambda: _DIGESTS_LATE if awaiting_digests.is_set() else None,
                 )
         except FetchStopped:
             self.counters.add("stopped")
@@ -1025,12 +1033,14 @@ class Remote:
         sink: _BlockSink,
         cutoff: float,
         stop: threading.Event | None,
+        awaiting_digests: threading.Event,
     ) -> None:
         """One request for `[start, end)` (whole chunks; from the start of a block or of its
         tail), each block received straight into its own `bytes`; each chunk verified as soon
-        as it is in (against `digests_soon`, waited for then; None: the video has none, its
-        bytes pass unverified), the block's verified start handed to `sink` as it grows, and
-        the block once it is complete. `FetchStopped` once `stop` is set."""
+        as it is in (against `digests_soon`, waited for then, `awaiting_digests` set meanwhile;
+        None: the video has none, its bytes pass unverified), the block's verified start
+        handed to `sink` as it grows, and the block once it is complete. `FetchStopped` once
+        `stop` is set."""
         if start >= end:  # every block arrived before the previous attempt failed
             return
         stopped = _stop_check(stop, content_hash)
@@ -1049,7 +1059,7 @@ class Remote:
 
         def verify_below(offset: int) -> None:
             nonlocal verified
-            digests = self._digests_by_cutoff(digests_soon, cutoff)
+            digests = self._digests_by_cutoff(digests_soon, cutoff, awaiting_digests)
             if digests is None:
                 verified = max(verified, offset)
                 return
@@ -1083,12 +1093,21 @@ class Remote:
 
     def _digests_by_cutoff(
         self, digests_soon: concurrent.futures.Future[Digests | None], cutoff: float,
+        awaiting: threading.Event,
     ) -> Digests | None:
+        awaiting.set()
         try:
             return digests_soon.result(timeout=max(cutoff - self._clock(), 0))
         except concurrent.futures.TimeoutError as exc:
-            # Not naming the video: the attempt's error follows its range's words, which do.
-            raise Overdue("its chunk digests had not come by the cutoff") from exc
+            raise Overdue(_DIGESTS_LATE) from exc
+        except Exception as exc:
+            # The page's request is bounded by the same cutoff: failing at it (given up
+            # there), it is as late, and says so in the same words.
+            if self._clock() >= cutoff:
+                raise Overdue(_DIGESTS_LATE) from exc
+            raise
+        finally:
+            awaiting.clear()
 
     def _cutoff_check(self, length: int, cutoff: float) -> Callable[[int], None]:
         """An `on_progress` for a read of `length` bytes: Overdue once the cutoff has passed
@@ -1715,9 +1734,11 @@ class Remote:
 
     def _with_retries(
         self, what: str, call: Callable[[float], T], *, deadline: float | None = None,
+        overdue_reason: Callable[[], str | None] | None = None,
     ) -> T:
         """`call(cutoff)`, retried on transient errors with jittered backoff until `deadline`
-        (default: `timeout` from now); every attempt bounded by the cutoff."""
+        (default: `timeout` from now); every attempt bounded by the cutoff (`overdue_reason`:
+        see `_bounded`)."""
         started = self._clock()
         if deadline is None:
             deadline = started + self.config.timeout
@@ -1726,7 +1747,7 @@ class Remote:
         while True:
             self.counters.add("http_requests")
             try:
-                answer = self._bounded(call, cutoff)
+                answer = self._bounded(call, cutoff, overdue_reason)
                 self._outage.answered()
                 return answer
             except (VidCacheError, *_RETRIED) as exc:
@@ -1767,10 +1788,13 @@ class Remote:
                 self._sleep(delay)
                 attempt += 1
 
-    def _bounded(self, call: Callable[[float], T], cutoff: float) -> T:
+    def _bounded(self, call: Callable[[float], T], cutoff: float,
+                 overdue_reason: Callable[[], str | None] | None = None) -> T:
         """`call(cutoff)` on a worker thread, waited for until `cutoff` at most; then it is
-        left to finish (or notice the cutoff) on its own and `Overdue` is raised. `close()`
-        ends the wait at once (`Stopping`), whatever the attempt is blocked in."""
+        left to finish (or notice the cutoff) on its own and `Overdue` is raised, with
+        `overdue_reason()` if that gives one (what the attempt itself is waiting for until the
+        cutoff: the same words whichever notices it first). `close()` ends the wait at once
+        (`Stopping`), whatever the attempt is blocked in."""
         future = self._submit(call, cutoff)
         waited: list[concurrent.futures.Future[Any]] = [future, self._stopped]
         done, _ = concurrent.futures.wait(waited, timeout=max(cutoff - self._clock(), 0.0),
@@ -1782,7 +1806,7 @@ class Remote:
             future.cancel()
             self.counters.add("overdue")
             raise Overdue(
-                "no complete answer by the deadline "
+                (overdue_reason and overdue_reason()) or "no complete answer by the deadline "
                 f"(+ {self.config.per_request_timeout:.1f} s for the last attempt)"
             )
         return future.result()
