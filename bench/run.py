@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(a --cache-size there is the RSS target's cache budget)")
     parser.add_argument("--service-variant", default="", metavar="'ARGS'",
                         help="experiment: run the service as `python -m "
-                             "bench.service_variants ARGS` instead of `vidcache serve`")
+                             "bench.service_variants ARGS` (--server, --chunk-size) instead "
+                             "of `vidcache serve`; the service throughput rows and target "
+                             "are then the variant's, under a label made of ARGS")
     args = parser.parse_args(argv)
     plan = make_plan(quick=args.quick, runs=args.runs, contenders=args.contenders,
                      profiles=args.profiles, workloads=args.workloads)
