@@ -23,7 +23,7 @@ from starlette.responses import FileResponse
 
 from vidcache import app as vidcache_app
 from vidcache.config import ServiceConfig
-from vidcache_client._arguments import size_text
+from vidcache_client._arguments import parse_size, size_text
 
 
 def lever_parser() -> argparse.ArgumentParser:
@@ -31,10 +31,10 @@ def lever_parser() -> argparse.ArgumentParser:
     --data and --port)."""
     parser = argparse.ArgumentParser(prog="bench.service_variants", add_help=False)
     parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
-    parser.add_argument("--chunk-size", type=int, default=0,
-                        help="FileResponse chunk size in bytes, the fast path's read size "
-                             "too (default 0: unchanged, the service's 1 MiB; Starlette's "
-                             "own default is 64 KiB)")
+    parser.add_argument("--chunk-size", type=parse_size, default=0,
+                        help="FileResponse chunk size (bytes, or 64K, 1M), the fast path's "
+                             "read size too (default 0: unchanged, the service's 1 MiB; "
+                             "Starlette's own default is 64 KiB)")
     return parser
 
 

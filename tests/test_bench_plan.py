@@ -97,8 +97,10 @@ def test_the_service_speed_steps_runs_must_be_at_least_one(tmp_path: Path) -> No
     (["--vcfs-options", "--cache-size lots"], "not options of `vcfs mount`"),
     (["--quick", "--service-variant", "--server nginx"],
      "--service-variant '--server nginx': not options of bench.service_variants"),
+    (["--quick", "--service-variant", "--chunk-size -1"],
+     "--service-variant '--chunk-size -1': not options of bench.service_variants"),
 ], ids=["quick-wan", "wan-concurrent", "curl-seek", "runs-0", "runs-superscript",
-        "bad-vcfs-options", "bad-service-variant"])
+        "bad-vcfs-options", "bad-service-variant", "negative-chunk-size"])
 def test_options_that_would_measure_nothing_are_refused(tmp_path: Path, arguments: list[str],
                                                         why: str) -> None:
     """Usage errors (exit 2) before anything starts. Was: `--quick --profiles wan` made the
