@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import VidcacheServer, make_videos, serve_directory
-from tests.vcfs_fault_support import FaultyLink
+from tests.vcfs_fault_support import link_fixture
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,9 +76,6 @@ def vidcache_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vidcac
         yield server
 
 
-@pytest.fixture
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    """A fresh faulty link (no faults, nothing logged) in front of the session's service.
-    Modules whose module-scoped mount goes through a link define their own `link`."""
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
+# A fresh faulty link for each test in front of the session's service. Modules whose
+# module-scoped mount or client goes through a link declare their own with link_fixture.
+link = link_fixture()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 
 from tests.client_rangeconn_support import SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
-from tests.vcfs_fault_support import FaultyLink
+from tests.vcfs_fault_support import FaultyLink, link_fixture
 from vidcache_client import NotFoundError, RequestTimeout, TransportError, VidCacheClient
 
 KIB = 1024
@@ -33,10 +32,7 @@ def video(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: s
     return ingest_big(vidcache_server.url, videos, media_url, "open-video")
 
 
-@pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
+link = link_fixture("module")
 
 
 class Answers:

@@ -36,7 +36,7 @@ from bench.faults import (
 )
 from tests.client_rangeconn_support import SocketServer, StoredVideo, ingest_big
 from tests.support import VidcacheServer, self_signed_certificate, wait_until
-from tests.vcfs_fault_support import FaultyLink
+from tests.vcfs_fault_support import FaultyLink, link_fixture
 from vidcache_client import (
     InvalidRequestError,
     NotFoundError,
@@ -65,10 +65,7 @@ def client(vidcache_server: VidcacheServer) -> Iterator[VidCacheClient]:
         yield direct
 
 
-@pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
+link = link_fixture("module")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 from bench.faults import FlipByte, Latency, Refuse, path_prefix
 from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
-from tests.vcfs_fault_support import FaultyLink, Source, ingest
+from tests.vcfs_fault_support import FaultyLink, Source, ingest, link_fixture
 from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client import VidCacheClient
 
@@ -42,10 +42,7 @@ def source(server: VidcacheServer, media_url: str, videos: dict[str, Path]) -> S
     return ingest(server.url, media_url, videos, ("big.mp4",), bucket="pages")["big.mp4"]
 
 
-@pytest.fixture
-def link(server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(server.port) as faulty:
-        yield faulty
+link = link_fixture(upstream="server")
 
 
 @pytest.fixture

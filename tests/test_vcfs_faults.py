@@ -59,6 +59,7 @@ from tests.vcfs_fault_support import (
     bounded_read,
     fault_mount,
     ingest,
+    link_fixture,
     range_of_block,
     read_uncached,
 )
@@ -84,10 +85,7 @@ def sources(videos: dict[str, Path], media_url: str,
                   bucket=BUCKET)
 
 
-@pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
+link = link_fixture("module")
 
 
 @pytest.fixture(scope="module")

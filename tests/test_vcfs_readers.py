@@ -36,6 +36,7 @@ from tests.vcfs_fault_support import (
     Source,
     fault_mount,
     ingest,
+    link_fixture,
     read_uncached,
 )
 from tests.vcfs_support import VcfsMount, drop_pages, requires_fuse
@@ -63,10 +64,7 @@ def mount(tmp_path_factory: pytest.TempPathFactory, vidcache_server: VidcacheSer
         yield mounted
 
 
-@pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
+link = link_fixture("module")
 
 
 @pytest.fixture(scope="module")

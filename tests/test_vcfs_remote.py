@@ -29,7 +29,7 @@ from bench.faults import Bandwidth, FlipByte, Latency, Stall, Truncate
 from bench.proxy import Request
 from tests.client_rangeconn_support import StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
-from tests.vcfs_fault_support import FaultyLink
+from tests.vcfs_fault_support import FaultyLink, link_fixture
 from vcfs.blocks import FetchStopped
 from vcfs.remote import (
     AccessDenied,
@@ -854,10 +854,7 @@ def big(vidcache_server: VidcacheServer, videos: dict[str, Path], media_url: str
     return ingest_big(vidcache_server.url, videos, media_url, "vcfs-remote")
 
 
-@pytest.fixture(scope="module")
-def link(vidcache_server: VidcacheServer) -> Iterator[FaultyLink]:
-    with FaultyLink(vidcache_server.port) as faulty:
-        yield faulty
+link = link_fixture("module")
 
 
 @pytest.fixture

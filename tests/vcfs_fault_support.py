@@ -8,13 +8,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import pytest
 from blake3 import blake3
 
 from bench.faults import FaultInjector
 from bench.proxy import ProxyConfig, ProxyThread
+from tests.support import VidcacheServer
 from tests.vcfs_support import VcfsMount
 from vcfs import paths
 from vidcache_client import VidCacheClient
@@ -121,6 +125,22 @@ class FaultyLink:
     def __exit__(self, *exc_info: object) -> None:
         self.faults.clear()
         self._proxy.stop()
+
+
+def link_fixture(scope: Literal["function", "module"] = "function",
+                 upstream: str = "vidcache_server") -> Callable[..., Iterator[FaultyLink]]:
+    """The fixture `link`, declared in a module with `link = link_fixture(...)`: a FaultyLink
+    in front of the service of the fixture named `upstream`, fresh for each test, or one for
+    the module where a module-scoped mount or client goes through it."""
+
+    def link(request: pytest.FixtureRequest) -> Iterator[FaultyLink]:
+        server: VidcacheServer = request.getfixturevalue(upstream)
+        with FaultyLink(server.port) as faulty:
+            yield faulty
+
+    lifetime = "fresh for each test" if scope == "function" else "one for the module"
+    link.__doc__ = f"A FaultyLink in front of `{upstream}`, {lifetime}; no faults at first."
+    return pytest.fixture(scope=scope, name="link")(link)
 
 
 @dataclass(frozen=True)
