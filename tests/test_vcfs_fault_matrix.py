@@ -13,7 +13,6 @@ benchmark's proxy with `bench.faults` in between, real mounts with `--timeout 3`
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -47,6 +46,7 @@ from tests.vcfs_fault_support import (
     TIMEOUT,
     FaultyLink,
     Source,
+    bounded,
     bounded_read,
     fault_mount,
     ingest,
@@ -80,36 +80,6 @@ def mount(tmp_path: Path, link: FaultyLink, sources: dict[str, Source]) -> Itera
         yield mounted
         link.faults.clear()
         mounted.wait_quiet(HANG_LIMIT)
-
-
-class Outcome:
-    """What a filesystem call run on a thread did: its result or its OSError, and how long."""
-
-    def __init__(self, value: Any, error: OSError | None, seconds: float) -> None:
-        self.value, self.error, self.seconds = value, error, seconds
-
-    @property
-    def errno(self) -> int | None:
-        return None if self.error is None else self.error.errno
-
-    def __repr__(self) -> str:
-        return f"<{self.error or 'ok'} after {self.seconds:.1f} s>"
-
-
-def bounded(call: Callable[[], Any], limit: float = HANG_LIMIT) -> Outcome:
-    """`call()` on a thread; the test fails if it has not returned by `limit`."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    started = time.monotonic()
-    future = pool.submit(call)
-    try:
-        value = future.result(timeout=limit)
-    except OSError as exc:
-        return Outcome(None, exc, time.monotonic() - started)
-    except concurrent.futures.TimeoutError:
-        pytest.fail(f"{call} hung: still blocked after {limit} s")
-    finally:
-        pool.shutdown(wait=False)
-    return Outcome(value, None, time.monotonic() - started)
 
 
 def only_block(source: Source, offset: int) -> Callable[[Request], bool]:

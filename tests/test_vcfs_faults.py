@@ -56,6 +56,7 @@ from tests.vcfs_fault_support import (
     FaultyLink,
     Regions,
     Source,
+    bounded,
     bounded_read,
     fault_mount,
     ingest,
@@ -362,14 +363,14 @@ def test_lookups_and_listing_retry_then_fail_within_the_deadline(
     with VcfsMount(link.url, tmp_path / "mnt", "--timeout", str(TIMEOUT)) as mounted:
         # Nothing is cached yet: a lookup asks /meta, a listing /videos.
         link.faults.enable(Refuse(status=503, match=path_prefix("/meta/")))
-        lookup = _bounded_call(lambda: os.stat(by_hash / first.file_name))
+        lookup = bounded(lambda: os.stat(by_hash / first.file_name))
         assert lookup.errno == errno.EIO and lookup.seconds <= EIO_BOUND, lookup
         link.faults.clear()
         assert os.stat(by_hash / first.file_name).st_size == first.size
         link.faults.enable(Refuse(status=503, match=path_prefix("/meta/")), times=3)
         assert os.stat(by_hash / second.file_name).st_size == second.size
         link.faults.enable(Refuse(status=502, match=path_prefix("/videos")))
-        listing = _bounded_call(lambda: os.listdir(by_hash))
+        listing = bounded(lambda: os.listdir(by_hash))
         assert listing.errno == errno.EIO and listing.seconds <= EIO_BOUND, listing
         link.faults.clear()
         link.faults.enable(Reset(after_bytes=10, match=path_prefix("/videos")), times=2)
@@ -379,32 +380,6 @@ def test_lookups_and_listing_retry_then_fail_within_the_deadline(
         assert stats["retries"] >= 5 and stats["errors"] >= 2
         FIGURES["lookup_eio_s"] = round(lookup.seconds, 2)
         FIGURES["listing_eio_s"] = round(listing.seconds, 2)
-
-
-class _CallResult:
-    def __init__(self, error: OSError | None, seconds: float) -> None:
-        self.error, self.seconds = error, seconds
-
-    @property
-    def errno(self) -> int | None:
-        return None if self.error is None else self.error.errno
-
-    def __repr__(self) -> str:
-        return f"<{self.error!r} after {self.seconds:.1f} s>"
-
-
-def _bounded_call(call: Callable[[], object]) -> _CallResult:
-    """Run a filesystem call on a thread; fail the test if it hangs."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        started = time.monotonic()
-        future = pool.submit(call)
-        try:
-            future.result(timeout=HANG_LIMIT)
-        except OSError as exc:
-            return _CallResult(exc, time.monotonic() - started)
-        except concurrent.futures.TimeoutError:
-            pytest.fail(f"{call} hung for {HANG_LIMIT} s")
-        return _CallResult(None, time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,19 @@
 """Shared parts of the vcfs fault and soak tests: a faulty link (the benchmark's loopback proxy
-with a `bench.faults.FaultInjector`) between vcfs and a real service, reads that cannot hang
-the test, and the videos' source bytes to compare with.
+with a `bench.faults.FaultInjector`) between vcfs and a real service and the `link` fixture
+made of it, reads and other filesystem calls that cannot hang the test, and the videos' source
+bytes to compare with.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 from blake3 import blake3
@@ -197,6 +199,36 @@ class BackgroundRead:
 
 def bounded_read(path: Path, size: int, offset: int, *, limit: float) -> ReadResult:
     return BackgroundRead(path, size, offset).result(limit)
+
+
+class Outcome:
+    """What a filesystem call run on a thread did: its result or its OSError, and how long."""
+
+    def __init__(self, value: Any, error: OSError | None, seconds: float) -> None:
+        self.value, self.error, self.seconds = value, error, seconds
+
+    @property
+    def errno(self) -> int | None:
+        return None if self.error is None else self.error.errno
+
+    def __repr__(self) -> str:
+        return f"<{self.error or 'ok'} after {self.seconds:.1f} s>"
+
+
+def bounded(call: Callable[[], Any], limit: float = HANG_LIMIT) -> Outcome:
+    """`call()` on a thread; the test fails if it has not returned by `limit`."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    started = time.monotonic()
+    future = pool.submit(call)
+    try:
+        value = future.result(timeout=limit)
+    except OSError as exc:
+        return Outcome(None, exc, time.monotonic() - started)
+    except concurrent.futures.TimeoutError:
+        pytest.fail(f"{call} hung: still blocked after {limit} s")
+    finally:
+        pool.shutdown(wait=False)
+    return Outcome(value, None, time.monotonic() - started)
 
 
 class Regions:
