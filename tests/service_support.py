@@ -1,5 +1,6 @@
 """Helpers for the vidcache service tests: an origin server that misbehaves on request, a thin
-HTTP client of the wire protocol, and looks into a service's data directory."""
+HTTP client of the wire protocol and the `api` fixture made of it, and looks into a service's
+data directory."""
 
 from __future__ import annotations
 
@@ -14,15 +15,16 @@ import sqlite3
 import ssl
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
+import pytest
 from blake3 import blake3
 
-from tests.support import serving
+from tests.support import VidcacheServer, serving
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.store import Store, blob_relpath
 
@@ -124,6 +126,21 @@ class Api:
 
     def close(self) -> None:
         self.http.close()
+
+
+def api_fixture(upstream: str = "vidcache_server",
+                name: str = "api") -> Callable[..., Iterator[Api]]:
+    """A module-scoped fixture `name`: an Api of the service of the fixture named `upstream`,
+    closed after the module. Declared in a module with `api = api_fixture(...)`."""
+
+    def api(request: pytest.FixtureRequest) -> Iterator[Api]:
+        server: VidcacheServer = request.getfixturevalue(upstream)
+        client = Api(server.url)
+        yield client
+        client.close()
+
+    api.__doc__ = f"An Api of `{upstream}`, one for the module."
+    return pytest.fixture(scope="module", name=name)(api)
 
 
 class _OriginHandler(http.server.SimpleHTTPRequestHandler):

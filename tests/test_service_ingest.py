@@ -29,6 +29,7 @@ import pytest
 
 from tests.service_support import (
     Api,
+    api_fixture,
     blob_files,
     digest,
     serve_origin,
@@ -47,11 +48,7 @@ def own(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def own_api(own: VidcacheServer) -> Iterator[Api]:
-    api = Api(own.url)
-    yield api
-    api.close()
+own_api = api_fixture(upstream="own", name="own_api")
 
 
 @pytest.fixture
@@ -63,11 +60,7 @@ def fresh(tmp_path: Path) -> Iterator[tuple[VidcacheServer, Api]]:
         api.close()
 
 
-@pytest.fixture(scope="module")
-def api(vidcache_server: VidcacheServer) -> Iterator[Api]:
-    shared = Api(vidcache_server.url)
-    yield shared
-    shared.close()
+api = api_fixture()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from tests.service_stress_support import (
 )
 from tests.service_support import (
     Api,
+    api_fixture,
     digest,
     read_until_closed,
     routes_error_body,
@@ -77,11 +78,7 @@ def server(dirs: dict[str, Path], videos: dict[str, Path]) -> Iterator[VidcacheS
         yield running
 
 
-@pytest.fixture(scope="module")
-def api(server: VidcacheServer) -> Iterator[Api]:
-    client = Api(server.url)
-    yield client
-    client.close()
+api = api_fixture(upstream="server")
 
 
 def _refused(response: httpx.Response, status: int, *fragments: str) -> None:

@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.service_stress_support import programs_using
-from tests.service_support import Api, blob_files, temp_files, unique
+from tests.service_support import Api, api_fixture, blob_files, temp_files, unique
 from tests.support import VidcacheServer, serve_directory, serving
 from vidcache.chunks import MIB
 from vidcache.config import GIB
@@ -40,11 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]
         yield running
 
 
-@pytest.fixture(scope="module")
-def api(server: VidcacheServer) -> Iterator[Api]:
-    client = Api(server.url)
-    yield client
-    client.close()
+api = api_fixture(upstream="server")
 
 
 @pytest.fixture(scope="module")

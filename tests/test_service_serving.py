@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_support import CHUNK, Api, digest, read_until_closed, unique
+from tests.service_support import CHUNK, Api, api_fixture, digest, read_until_closed, unique
 from tests.support import VidcacheServer, wait_until
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -45,11 +45,7 @@ class Stored:
     mime_type: str
 
 
-@pytest.fixture(scope="module")
-def api(vidcache_server: VidcacheServer) -> Iterator[Api]:
-    shared = Api(vidcache_server.url)
-    yield shared
-    shared.close()
+api = api_fixture()
 
 
 @pytest.fixture(scope="module")
