@@ -1,6 +1,6 @@
 """Helpers for the vidcache service tests: an origin server that misbehaves on request, a thin
-HTTP client of the wire protocol and the `api` fixture made of it, and looks into a service's
-data directory."""
+HTTP client of the wire protocol and the `api` fixture made of it, looks into a service's
+data directory, and `vidcache serve` run where it is expected to stop at start."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import re
 import socket
 import sqlite3
 import ssl
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -24,7 +26,7 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from tests.support import VidcacheServer, serving
+from tests.support import VidcacheServer, free_port, serving
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.store import Store, blob_relpath
 
@@ -65,6 +67,13 @@ def blob_files(data_dir: Path) -> list[Path]:
 
 def temp_files(data_dir: Path) -> list[Path]:
     return sorted((data_dir / ".vidcache" / "tmp").rglob("*"))
+
+
+def serve_refused(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """`vidcache serve` on `data_dir`, expected to stop at start."""
+    return subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(data_dir),
+                           "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=60)
 
 
 def store_many(data_dir: Path, count: int, *, bucket: str = "many",

@@ -31,7 +31,15 @@ import httpx
 import pytest
 
 from tests.service_stress_support import HoldingOrigin, PausingServer, TrickleOrigin, listing
-from tests.service_support import SIGNATURE, Api, blob_files, digest, serve_origin, temp_files
+from tests.service_support import (
+    SIGNATURE,
+    Api,
+    blob_files,
+    digest,
+    serve_origin,
+    serve_refused,
+    temp_files,
+)
 from tests.support import VidcacheServer, free_port, serve_directory, wait_until
 from tests.test_service_secrets import (
     SESSION_TOKEN,
@@ -650,13 +658,6 @@ def test_a_file_system_turning_read_only(tmp_path: Path, videos: dict[str, Path]
             assert "Traceback" not in server.log()
 
 
-def _serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`vidcache serve` on `data_dir`, expected to stop at start."""
-    return subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(data_dir),
-                           "--port", str(free_port())], capture_output=True, text=True,
-                          timeout=60)
-
-
 def test_start_on_a_full_or_read_only_data_directory(tmp_path: Path, media_url: str) -> None:
     """A data directory with a video, on a full disk, then read-only; a new one on a full
     disk: one line saying why, exit status 1, no traceback. (A full disk was 'cannot open the
@@ -667,14 +668,14 @@ def test_start_on_a_full_or_read_only_data_directory(tmp_path: Path, media_url: 
             Api(server.url).ingest_ok(f"{media_url}/a.mp4", "v")
         filler = fill(data)
         for directory in (data, data / "new"):
-            run = _serve(directory)
+            run = serve_refused(directory)
             assert (run.returncode, run.stdout) == (1, ""), run.stderr
             assert run.stderr.splitlines() == [
                 f"vidcache serve: error: cannot open the index in {directory / '.vidcache'}: "
                 "disk full (no space left on device)"], run.stderr
         filler.unlink()
         subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
-        run = _serve(data)
+        run = serve_refused(data)
         assert (run.returncode, run.stdout) == (1, ""), run.stderr
         assert run.stderr.splitlines() == [
             f"vidcache serve: error: cannot use {data} as the data directory: Read-only file "

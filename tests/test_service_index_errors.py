@@ -14,8 +14,6 @@ import re
 import shutil
 import sqlite3
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -24,8 +22,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service_support import Api, blob_files, digest, store_many, temp_files
-from tests.support import VidcacheServer, free_port, wait_until
+from tests.service_support import (
+    Api,
+    blob_files,
+    digest,
+    serve_refused,
+    store_many,
+    temp_files,
+)
+from tests.support import VidcacheServer, wait_until
 from vidcache.failure_log import FailureLog
 
 pytestmark = pytest.mark.timeout(180)
@@ -93,13 +98,6 @@ def lower_a_cell_count(index: Path) -> None:
 
 def hashes(data_dir: Path, bucket: str) -> list[str]:
     return sorted(path.name.split(".")[0] for path in blob_files(data_dir / bucket))
-
-
-def serve(data_dir: Path) -> subprocess.CompletedProcess[str]:
-    """`vidcache serve` on `data_dir`, expected to stop at start."""
-    return subprocess.run([sys.executable, "-m", "vidcache", "serve", "--data", str(data_dir),
-                           "--port", str(free_port())], capture_output=True, text=True,
-                          timeout=60)
 
 
 def failures(server: VidcacheServer) -> list[str]:
@@ -338,7 +336,7 @@ def test_a_start_on_a_damaged_index(data: Path) -> None:
     index = index_of(data)
     damage(index, root_page(index, "videos"))
     damaged, blobs = index.read_bytes(), blob_files(data)
-    run = serve(data)
+    run = serve_refused(data)
     assert (run.returncode, run.stdout, run.stderr) == (
         1, "", f"vidcache serve: error: cannot read the index {index}: {MALFORMED}\n")
     assert (index.read_bytes(), blob_files(data)) == (damaged, blobs)
@@ -354,7 +352,7 @@ def test_start_up_recovery_removes_nothing_on_a_damaged_index(data: Path) -> Non
     intact = index.read_bytes()
     lower_a_cell_count(index)
     damaged, blobs = index.read_bytes(), blob_files(data)
-    run = serve(data)
+    run = serve_refused(data)
     assert (run.returncode, run.stdout) == (1, ""), run.stderr
     first, rest = run.stderr.split(" (PRAGMA quick_check: ", 1)
     assert first == f"vidcache serve: error: the index {index} is damaged"
@@ -380,7 +378,7 @@ def test_an_older_index_damaged_is_not_migrated(data: Path) -> None:
         db.execute("PRAGMA user_version = 2")
     lower_a_cell_count(index)
     damaged, blobs = index.read_bytes(), blob_files(data)
-    run = serve(data)
+    run = serve_refused(data)
     assert (run.returncode, run.stdout) == (1, ""), run.stderr
     assert run.stderr.startswith(f"vidcache serve: error: the index {index} is damaged "
                                  "(PRAGMA quick_check: "), run.stderr
