@@ -1,18 +1,22 @@
 """Fixtures shared by the test modules: the generated corpus, the loopback media server that
-ingest downloads from, one running vidcache service, and a faulty link in front of it."""
+ingest downloads from, one running vidcache service, a faulty link in front of it, and clients
+of a fake service (httpx.MockTransport)."""
 
 from __future__ import annotations
 
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from tests.support import VidcacheServer, make_videos, serve_directory
 from tests.vcfs_fault_support import link_fixture
+from vidcache_client import VidCacheClient
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,6 +78,24 @@ def vidcache_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vidcac
     server = VidcacheServer(tmp_path_factory.mktemp("vidcache") / "data")
     with server:
         yield server
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., VidCacheClient]]:
+    """make_client(handler, **options) -> a client of http://vidcache.test over
+    httpx.MockTransport(handler), closed at teardown: answers a real service never gives."""
+    clients: list[VidCacheClient] = []
+
+    def make(handler: Callable[[httpx.Request], httpx.Response],
+             **options: Any) -> VidCacheClient:
+        client = VidCacheClient("http://vidcache.test", transport=httpx.MockTransport(handler),
+                                **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 # A fresh faulty link for each test in front of the session's service. Modules whose

@@ -110,21 +110,6 @@ def json_error(status: int, detail: object) -> Handler:
     return lambda request: httpx.Response(status, json={"detail": detail})
 
 
-@pytest.fixture
-def make_client() -> Iterator[Callable[..., VidCacheClient]]:
-    """make_client(handler, **options) -> a client over MockTransport, closed at teardown."""
-    clients: list[VidCacheClient] = []
-
-    def make(handler: Handler, **options: Any) -> VidCacheClient:
-        client = VidCacheClient(BASE, transport=httpx.MockTransport(handler), **options)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
-
-
 MakeClient = Callable[..., VidCacheClient]
 
 

@@ -18,7 +18,6 @@ from vidcache_client import InvalidRequestError, ProtocolError, VidCacheClient
 
 pytestmark = pytest.mark.timeout(120)
 
-BASE = "http://vidcache.test"
 HASH = "ab" * 32
 CHUNK = 1000
 SIZE = 4500  # five chunks, the last one short
@@ -50,20 +49,6 @@ def paging_server(requests: list[httpx.Request]) -> Handler:
 
 def answering(document: dict[str, Any]) -> Handler:
     return lambda request: httpx.Response(200, json=document)
-
-
-@pytest.fixture
-def make_client() -> Iterator[Callable[[Handler], VidCacheClient]]:
-    clients: list[VidCacheClient] = []
-
-    def make(handler: Handler) -> VidCacheClient:
-        client = VidCacheClient(BASE, transport=httpx.MockTransport(handler))
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.close()
 
 
 MakeClient = Callable[[Handler], VidCacheClient]
