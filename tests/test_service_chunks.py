@@ -269,6 +269,12 @@ def test_an_unknown_hash_with_a_range_is_404(mixed: Mixed) -> None:
     (0, None, C + 1, range(0, 2)), (C + 1, None, C + 1, range(1, 1)),
     (C + 1, 2 * C, C + 1, range(1, 1)), (2 * C, 3 * C, C + 1, range(2, 2)),
     (0, 3 * C, 2 * C, range(0, 2)), (C, C + 1, 2 * C, range(1, 2)),
+    # a 5 GiB video: pages just below, across and past 2**31 and 2**32, and its short end
+    (2**31 - 1, 2**31 + 1, 5 * 2**30 + 1, range(8191, 8193)),
+    (2**32 - 1, 2**32, 5 * 2**30 + 1, range(16383, 16384)),
+    (2**32, 2**32 + 1, 5 * 2**30 + 1, range(16384, 16385)),
+    (5 * 2**30, None, 5 * 2**30 + 1, range(20480, 20481)),
+    (2**33, None, 5 * 2**30 + 1, range(20481, 20481)),
 ])
 def test_chunk_page(start: int, end: int | None, size: int, expected: range) -> None:
     assert chunk_page(start, end, C, size) == expected

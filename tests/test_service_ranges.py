@@ -173,6 +173,22 @@ def test_parser_examples(header: str, result: str | list[tuple[int, int]]) -> No
     assert parsed(header, 100) == result
 
 
+BIG = 5 * 2**30 + 12345  # a video past 4 GiB
+
+
+@pytest.mark.parametrize(("header", "result"), [
+    (f"bytes={2**31 - 1}-{2**31}", [(2**31 - 1, 2**31 + 1)]),
+    (f"bytes={2**32 - 1}-{2**32}", [(2**32 - 1, 2**32 + 1)]),
+    (f"bytes={2**32}-", [(2**32, BIG)]),
+    (f"bytes={BIG - 1}-{2**64}", [(BIG - 1, BIG)]),
+    ("bytes=-12346", [(BIG - 12346, BIG)]),
+    (f"bytes=0-0,{2**32}-{2**32 + 9}", [(0, 1), (2**32, 2**32 + 10)]),
+    (f"bytes={BIG}-", "unsatisfiable"),
+])
+def test_parser_examples_past_4_gib(header: str, result: str | list[tuple[int, int]]) -> None:
+    assert parsed(header, BIG) == result
+
+
 # --- the same properties against the real server ----------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1061,6 +1062,77 @@ def test_invalid_configuration() -> None:
         BlockCache(fetcher, block_size=0)
     with pytest.raises(ValueError):
         BlockCache(fetcher, capacity=-1)
+
+
+# -- a video past 4 GiB -------------------------------------------------------------------------
+
+MIB = 1 << 20
+BIG = 5 * (1 << 30) + 12345  # a virtual video: 5 GiB and a short last block
+
+
+def offset_words(start: int, end: int) -> bytes:
+    """Bytes `[start, end)` of a virtual video made of 8-byte big-endian words, each holding
+    its own offset: bytes taken from a wrong offset (one cut to 32 bits) cannot match."""
+    first = start // 8
+    words = np.arange(first, -(-end // 8), dtype=">u8") * 8
+    return words.tobytes()[start - first * 8 : end - first * 8]
+
+
+class VirtualFetcher:
+    """Serves the `BIG`-byte video of `offset_words` as a fetcher and as a block fetcher,
+    recording every (start, end) asked for."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, content_hash: str, start: int, end: int) -> bytes:
+        assert 0 <= start < end <= BIG
+        self.calls.append((start, end))
+        return offset_words(start, end)
+
+    def blocks(self, content_hash: str, start: int, end: int, block_size: int, *,
+               on_block: OnBlock, on_partial: OnPartial | None = None, skip: int = 0,
+               until: int | None = None, on_span: OnSpan | None = None,
+               stop: threading.Event | None = None) -> list[bytes]:
+        data = self(content_hash, start, end)
+        pieces = [data[low : low + block_size] for low in range(0, end - start, block_size)]
+        for position, piece in enumerate(pieces):
+            on_block(position, piece)
+        return pieces
+
+
+def test_block_arithmetic_past_2_and_4_gib() -> None:
+    assert block_count(BIG, MIB) == 5 * 1024 + 1
+    assert blocks_for(2**31 - 1, 2, BIG, MIB) == range(2047, 2049)
+    assert blocks_for(2**32 - 1, 2, BIG, MIB) == range(4095, 4097)
+    assert blocks_for(2**32, 1, BIG, MIB) == range(4096, 4097)
+    assert run_bounds(range(4095, 4098), BIG, MIB) == (2**32 - MIB, 2**32 + 2 * MIB)
+    assert block_bounds(5 * 1024, BIG, MIB) == (5 * 1024 * MIB, BIG)  # the short last one
+    assert blocks_for(BIG - 1, 10, BIG, MIB) == range(5 * 1024, 5 * 1024 + 1)
+    assert blocks_for(BIG, 10, BIG, MIB) == range(0)
+    # 12 KiB blocks: 2**32 is no block boundary, one block holds the bytes either side of it
+    twelve = 12 * 1024
+    straddling = 2**32 // twelve
+    assert blocks_for(2**32 - 1, 2, BIG, twelve) == range(straddling, straddling + 1)
+    low, high = block_bounds(straddling, BIG, twelve)
+    assert low < 2**32 - 1 < 2**32 < high and high - low == twelve
+
+
+@pytest.mark.parametrize("block_size", [MIB, 12 * 1024], ids=["1M", "12K"])
+@pytest.mark.parametrize("by_block", [False, True], ids=["fetcher", "block_fetcher"])
+def test_reads_of_a_5_gib_video_past_2_and_4_gib(block_size: int, by_block: bool) -> None:
+    fetcher = VirtualFetcher()
+    cache = BlockCache(fetcher, block_size=block_size, capacity=64 * MIB,
+                       block_fetcher=fetcher.blocks if by_block else None)
+    for offset, size in [(2**31 - 5, 10), (2**31, 1), (2**32 - MIB - 3, 2 * MIB + 6),
+                         (2**32, 1), (2**32 + 7, 128 * 1024), (BIG - 100, 1000),
+                         (2**32 - 1, 2)]:  # the last one from the cache
+        assert cache.read(H1, BIG, offset, size) == offset_words(offset, min(offset + size,
+                                                                             BIG)), offset
+    assert cache.read(H1, BIG, BIG, 10) == b""
+    assert all(start % block_size == 0 for start, _ in fetcher.calls)
+    assert fetcher.calls[-1][1] == BIG  # the last block, short
+    assert cache.stats()["hits"] >= 1
 
 
 # -- wrong answers, verification, errors --------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from vcfs.digests import Digests, covering, pages_bytes, pages_of, parse
+from vcfs.digests import PAGE_BYTES, Digests, covering, pages_bytes, pages_of, parse
 
 MIB = 1 << 20
 HASH = "ab" * 32
@@ -130,3 +130,31 @@ def test_an_unusable_answer_is_none_with_a_warning(
 
 def test_more_digests_than_the_file_has_chunks_is_unusable() -> None:
     assert parse(HASH, SIZE, answer(8, 6), PAGE) is None
+
+
+def test_pages_of_a_video_past_4_gib() -> None:
+    """In the default 256 MiB pages of 256 KiB chunks: 2**31 begins page 8 (chunk 8192), 2**32
+    page 16 (chunk 16384)."""
+    chunk, size = 256 * 1024, 5 * (1 << 30) + 12345
+    count = -(-size // chunk)
+    assert pages_of(2**31 - 1, 2**31 + 1, chunk) == range(7, 9)
+    assert pages_of(2**32 - 1, 2**32 + 1, chunk) == range(15, 17)
+    assert pages_of(size - 1, size, chunk) == range(20, 21)
+    assert pages_bytes(range(16, 17), chunk) == (2**32, 2**32 + PAGE_BYTES)
+    # a ranged answer for bytes [2**32 - 1, 2**32 + 1): the last chunk of page 15, the first
+    # of page 16
+    doc = {"hash": HASH, "chunk_size": chunk, "first_chunk": 16383, "chunk_count": count,
+           "digests": [digest_of(16383), digest_of(16384)]}
+    pages = parse(HASH, size, doc)
+    assert pages is not None
+    assert [(n, p.first, p.end) for n, p in pages.items()] == [(15, 16383, 16384),
+                                                               (16, 16384, 16385)]
+    assert pages[16].digest(16384) == bytes.fromhex(digest_of(16384))
+    assert pages[16].bounds(16384) == (2**32, 2**32 + chunk)
+    both = covering([pages[15], pages[16]], 2**32 - 1, 2**32 + 1)
+    assert both is not None and both.first == 16383 and both.end == 16385
+    last = parse(HASH, size, {"hash": HASH, "chunk_size": chunk, "first_chunk": count - 1,
+                              "chunk_count": count, "digests": [digest_of(count - 1)]})
+    assert last is not None
+    assert last[20].bounds(count - 1) == ((count - 1) * chunk, size)  # short: 12345 bytes
+    assert covering([last[20]], size - 1, size) is last[20]

@@ -487,6 +487,19 @@ def test_prefetch_stops_at_eof() -> None:
     assert max(cache.blocks()) == FILE_SIZE // MIB - 1
 
 
+def test_a_stream_across_4_gib_is_prefetched_without_a_gap_to_the_end() -> None:
+    size = 5 * (1 << 30) + 12345  # its last block, 5120, is short
+    cache, executor = RecordingCache(), ManualExecutor()
+    readahead = Readahead(cache, H, size, executor=executor, block_size=MIB,
+                          max_window=16 * MIB, policy=EAGER, max_outstanding=64)
+    start = 2**32 - 8 * MIB
+    for offset, read_size in sequential_reads(start, size, MIB):
+        readahead.on_read(offset, read_size)
+        executor.run_all()
+    assert cache.blocks() == list(range(start // MIB + 2, size // MIB + 1))
+    assert any(first <= 2**32 // MIB <= last for first, last in cache.discards)
+
+
 def test_outstanding_tasks_are_bounded_per_handle() -> None:
     cache, executor = RecordingCache(), ManualExecutor()
     readahead = make_readahead(cache, executor, max_outstanding=2, task_blocks=1)
