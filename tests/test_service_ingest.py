@@ -497,7 +497,7 @@ def test_a_gzip_bomb_stops_at_max_size_without_taking_the_memory(
             api.ingest_ok(f"{origin}/stored-as/gzip/b.gz", unique("bomb"))
             before = _peak_rss(server.process.pid)
             _assert_error(api.ingest(f"{origin}/stored-as/gzip/bomb.gz", unique("bomb")), 413,
-                          "larger than the server's --max-size of 2097152 bytes")
+                          "larger than the server's --max-size of 2 MiB (2097152 bytes)")
             growth = _peak_rss(server.process.pid) - before
         finally:
             api.close()

@@ -63,6 +63,7 @@ from vidcache.origin_sockets import StoppableBackend
 from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
 from vidcache.space import Claim, FreeSpace
+from vidcache_client._arguments import size_text
 from vidcache_client._credentials import basic_authorization, without_credentials
 
 MAX_URL_LENGTH = 8192
@@ -125,6 +126,13 @@ def _redirect_target(url: httpx.URL, location: str, shown: str) -> httpx.URL:
         raise UpstreamError(f"{shown} redirects to a URL ingest refuses: {exc}") from exc
 
 
+def _limit_text(size: int) -> str:
+    """`4 GiB (4294967296 bytes)`: the limit as it was likely given, and in bytes to compare
+    with the video's size beside it."""
+    given = size_text(size)
+    return given if given.endswith(" bytes") else f"{given} ({size} bytes)"
+
+
 class _HashingWriter:
     def __init__(self, file: BinaryIO, *, max_size: int, url: str, chunk_size: int,
                  directory: Path, claim: Claim) -> None:
@@ -143,14 +151,14 @@ class _HashingWriter:
         directory has no room for it."""
         if size > self._max_size:
             raise TooLarge(f"{self._url} is {size} bytes, more than the server's --max-size of "
-                           f"{self._max_size} bytes")
+                           f"{_limit_text(self._max_size)}")
         self._claim.promise(size, self._doing)
 
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self._max_size:
             raise TooLarge(f"{self._url} is larger than the server's --max-size of "
-                           f"{self._max_size} bytes")
+                           f"{_limit_text(self._max_size)}")
         self._claim.cover(self.size, self._doing)
         try:
             self._file.write(data)
