@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from vcfs import __version__
 from vcfs.blocks import BlockCache
 from vcfs.limits import FUSE_THREADS, READS_WAITING
+from vcfs.memory import cache_refusal, cache_warnings, current_limits, limits
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client._arguments import (
     HelpFormatter,
@@ -189,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="an existing empty directory")
     mount.add_argument(
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
-        help="memory for cached video blocks, readahead included; at least two blocks "
-        "(default: 256M)",
+        help="memory for cached video blocks, readahead included; at least two blocks, and no "
+        "more than fits besides what vcfs needs otherwise (~120M) in the machine's memory, "
+        "its cgroup's memory limit and ulimit -d / -v (default: 256M)",
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
@@ -389,6 +391,10 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if args.keep_passed is not None and args.keep_passed > cache:
         raise StartupError(
             f"--keep-passed ({args.keep_passed}) must be at most --cache-size ({cache})")
+    # A cache that cannot fit fills until the OOM killer ends the daemon (a dead mount), or
+    # reads fail with EIO (vcfs.memory).
+    if refusal := cache_refusal(cache, limits(current_limits())):
+        raise StartupError(refusal)
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
         raise StartupError("vcfs is read-only: -o rw is not possible")
@@ -659,6 +665,9 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         prepare_mountpoint(options.mountpoint)
     else:
         check_fuse_fd(options.mountpoint, options.fuse_fd)
+    facts = current_limits()
+    for warning in cache_warnings(options.cache_size, facts, limits(facts)):
+        log.warning("%s", warning)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
     config = RemoteConfig(
         timeout=options.timeout, first_block_with_meta=options.first_block_with_meta

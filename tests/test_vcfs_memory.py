@@ -1,0 +1,189 @@
+"""The arithmetic of `vcfs mount`'s --cache-size check (vcfs.memory), from given limits, not
+this machine's; tests/test_vcfs_mount.py refuses a cache for real under limits of a child's."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from vcfs.memory import (
+    THREADS,
+    Limit,
+    MemoryFacts,
+    cache_refusal,
+    cache_warnings,
+    cgroup_limit,
+    limits,
+    meminfo,
+    size_about,
+)
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+NO_LIMITS = MemoryFacts(mem_total=None, mem_available=None, data=None, address_space=None,
+                        stack=None, cgroup=None)
+
+
+def given(**values: object) -> MemoryFacts:
+    return dataclasses.replace(NO_LIMITS, **values)  # type: ignore[arg-type]
+
+
+def test_no_limit_known_refuses_nothing() -> None:
+    assert limits(NO_LIMITS) == []
+    assert cache_refusal(1 << 50, []) is None
+    assert cache_warnings(1 << 50, NO_LIMITS, []) == []
+
+
+def test_a_cache_over_the_machines_memory_is_refused_with_the_figures() -> None:
+    """The machine's 23.5 GiB minus the ~116 MiB vcfs needs besides the cache."""
+    found = limits(given(mem_total=24_684_084 * KIB))
+    assert cache_refusal(100 * GIB, found) == (
+        "--cache-size 100 GiB is more than this machine's memory (23.5 GiB) can hold besides "
+        "the ~116 MiB vcfs needs otherwise: give a --cache-size of at most 23.4 GiB")
+
+
+def test_the_largest_cache_that_fits_is_allowed_and_one_byte_more_is_not() -> None:
+    [machine] = limits(given(mem_total=4 * GIB))
+    assert machine.room == 4 * GIB - machine.besides
+    assert cache_refusal(machine.room, [machine]) is None
+    assert cache_refusal(machine.room + 1, [machine]) is not None
+
+
+def test_the_tightest_limit_is_named() -> None:
+    found = limits(given(
+        mem_total=16 * GIB, data=2 * GIB, address_space=3 * GIB,
+        cgroup=("/system.slice/vcfs.service", "memory.max", 512 * MIB)))
+    assert [limit.named() for limit in found] == [
+        "this machine's memory (16 GiB)",
+        "the memory limit of its cgroup /system.slice/vcfs.service (512 MiB, memory.max)",
+        "its data limit (2 GiB, ulimit -d)",
+        "its address-space limit (3 GiB, ulimit -v)",
+    ]
+    assert cache_refusal(4 * GIB, found) == (
+        "--cache-size 4 GiB is more than the memory limit of its cgroup "
+        "/system.slice/vcfs.service (512 MiB, memory.max) can hold besides the ~116 MiB vcfs "
+        "needs otherwise: give a --cache-size of at most 396 MiB, or raise its memory.max")
+    # Without the cgroup, over the data limit alone: that one is named, with how to raise it.
+    assert cache_refusal(1950 * MIB, [found[0], *found[2:]]) == (
+        "--cache-size 1950 MiB is more than its data limit (2 GiB, ulimit -d) can hold besides "
+        "the ~132 MiB vcfs needs otherwise: give a --cache-size of at most 1.8 GiB, or raise "
+        "the limit (systemd: LimitDATA=)")
+
+
+def test_each_limit_counts_what_vcfs_needs_under_it() -> None:
+    """Resident memory for the machine and a cgroup, the process's data segment and address
+    space for the rlimits (each bigger), and thread stacks under load only for those two."""
+    machine, cgroup, data, address_space = limits(given(
+        mem_total=GIB, data=GIB, address_space=GIB, stack=8 * MIB,
+        cgroup=("/", "memory.max", GIB)))
+    assert machine.besides == cgroup.besides < data.besides < address_space.besides
+    assert (machine.stacks, cgroup.stacks) == (0, 0)
+    assert data.stacks == address_space.stacks == THREADS * 8 * MIB
+    # Without a stack limit glibc gives each thread 2 MiB.
+    assert limits(given(data=GIB))[0].stacks == THREADS * 2 * MIB
+
+
+def test_a_limit_with_no_room_for_any_cache_says_so() -> None:
+    found = [Limit("its data limit ({size}, ulimit -d)", 100 * MIB, 132 * MIB,
+                   fix="raise the limit (systemd: LimitDATA=)")]
+    assert cache_refusal(2 * MIB, found) == (
+        "--cache-size 2 MiB is more than its data limit (100 MiB, ulimit -d) can hold: vcfs "
+        "needs ~132 MiB there besides its cache; raise the limit (systemd: LimitDATA=)")
+
+
+def test_a_cgroup_path_with_braces_is_named_as_it_is() -> None:
+    [cgroup] = limits(given(cgroup=("/a{size}b", "memory.max", GIB)))
+    assert cgroup.named() == "the memory limit of its cgroup /a{size}b (1 GiB, memory.max)"
+
+
+def test_memory_available_now_is_a_warning_not_a_refusal() -> None:
+    state = given(mem_total=16 * GIB, mem_available=2 * GIB)
+    found = limits(state)
+    assert cache_refusal(4 * GIB, found) is None
+    assert cache_warnings(4 * GIB, state, found) == [
+        "--cache-size 4 GiB is more than the memory available now (2 GiB, MemAvailable) can "
+        "hold besides the ~116 MiB vcfs needs otherwise: once the cache fills, the system may "
+        "swap, or its OOM killer end vcfs (a dead mount)"]
+    assert cache_warnings(GIB, state, found) == []
+
+
+def test_a_limit_without_room_for_the_thread_stacks_under_load_is_a_warning() -> None:
+    state = given(data=GIB, stack=8 * MIB)
+    found = limits(state)
+    assert cache_refusal(256 * MIB, found) is None
+    assert cache_warnings(256 * MIB, state, found) == [
+        f"its data limit (1 GiB, ulimit -d) cannot hold --cache-size 256 MiB and the stacks of "
+        f"the up to {THREADS} threads vcfs runs under load (1.6 GiB, ulimit -s each): reads "
+        "may then fail with EIO; give a smaller --cache-size or ulimit -s, or raise the limit "
+        "(systemd: LimitDATA=)"]
+    roomy = given(data=4 * GIB, stack=8 * MIB)
+    assert cache_warnings(256 * MIB, roomy, limits(roomy)) == []
+
+
+@pytest.mark.parametrize(("size", "down", "text"), [
+    (200 * MIB, False, "200 MiB"),
+    (GIB + GIB // 2, False, "1.5 GiB"),
+    (24_684_084 * KIB, False, "23.5 GiB"),
+    (GIB - 1, False, "1024 MiB"),
+    (2 * GIB - 1, True, "1.9 GiB"),  # a bound: never rounded up past it
+    (1536, False, "1.5 KiB"),
+    (1000, False, "1000 bytes"),
+])
+def test_sizes_in_messages(size: int, down: bool, text: str) -> None:
+    assert size_about(size, down=down) == text
+
+
+def test_meminfo_fields_are_bytes() -> None:
+    assert meminfo("MemTotal:       24684084 kB\nMemFree: 17 kB\nHugePages_Total:       0\n") \
+        == {"MemTotal": 24_684_084 * KIB, "MemFree": 17 * KIB}
+
+
+def _files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return None
+
+
+def test_cgroup_v2_the_tightest_memory_max_of_the_cgroup_and_its_parents(tmp_path: Path) -> None:
+    _files(tmp_path, {"system.slice/memory.max": "1073741824\n",
+                      "system.slice/vcfs.service/memory.max": "max\n"})
+    mountinfo = f"30 23 0:26 / {tmp_path} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"
+    assert cgroup_limit("0::/system.slice/vcfs.service\n", mountinfo, _read) == (
+        "/system.slice", "memory.max", GIB)
+    (tmp_path / "system.slice/vcfs.service/memory.max").write_text("209715200\n")
+    assert cgroup_limit("0::/system.slice/vcfs.service\n", mountinfo, _read) == (
+        "/system.slice/vcfs.service", "memory.max", 200 * MIB)
+
+
+def test_cgroup_v1_memory_limit_in_bytes_unlimited_is_no_limit(tmp_path: Path) -> None:
+    _files(tmp_path, {"memory.limit_in_bytes": "9223372036854771712\n",
+                      "box/memory.limit_in_bytes": "9223372036854771712\n"})
+    mountinfo = (f"40 30 0:30 / {tmp_path} rw - cgroup cgroup rw,cpu\n"
+                 f"41 30 0:31 / {tmp_path} rw - cgroup cgroup rw,memory\n")
+    proc_cgroup = "4:memory:/box\n1:cpu:/\n0::/\n"
+    assert cgroup_limit(proc_cgroup, mountinfo, _read) is None
+    (tmp_path / "box/memory.limit_in_bytes").write_text("209715200\n")
+    assert cgroup_limit(proc_cgroup, mountinfo, _read) == (
+        "/box", "memory.limit_in_bytes", 200 * MIB)
+
+
+def test_cgroup_of_a_container_whose_mount_is_its_own_part_of_the_hierarchy(
+    tmp_path: Path
+) -> None:
+    """Without a cgroup namespace a container sees its cgroup's full path, and has only that
+    part of the hierarchy mounted; a cgroup outside the mounted part is not read."""
+    _files(tmp_path, {"memory.max": "536870912\n", "app/memory.max": "max\n"})
+    mountinfo = f"30 23 0:26 /docker/abc {tmp_path} ro - cgroup2 cgroup2 rw\n"
+    assert cgroup_limit("0::/docker/abc/app\n", mountinfo, _read) == (
+        "/docker/abc", "memory.max", 512 * MIB)
+    assert cgroup_limit("0::/elsewhere\n", mountinfo, _read) is None
+    assert cgroup_limit("0::/docker/abc/app\n", "", _read) is None  # no cgroup2 mounted

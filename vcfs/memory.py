@@ -1,0 +1,238 @@
+"""Whether `--cache-size` fits in the memory a vcfs mount may use.
+
+The block cache fills up to --cache-size as videos are read, readahead included, so a cache
+bigger than a limit the daemon runs under is only found out once reads reach the limit: past
+the machine's memory or a cgroup's, the kernel's OOM killer ends the daemon and leaves a dead
+mount ("Transport endpoint is not connected" for every player; measured: a 1 GiB cache under a
+200 MiB cgroup was killed 164 MiB into a read); past `ulimit -d` or `ulimit -v`, allocations
+and thread starts fail and every read that needs a new block fails with EIO (59 MiB into a read
+under 200 MiB). `vcfs mount` refuses such a cache before it mounts (`cache_refusal`), and warns
+in its log (`cache_warnings`) of one that fits the limit but not what is free now, or not the
+stacks of all its threads under load.
+
+The limits are read by `current_limits`; `limits` and the checks take them as values (tests).
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from vcfs.limits import FUSE_THREADS
+from vidcache_client._arguments import size_text
+
+MIB = 1 << 20
+GIB = 1 << 30
+# An idle mount's own process, measured (Python 3.11, libfuse 3.14, x86-64): RSS 38 MB, data
+# segment 61 MB, address space 143 MB; rounded up.
+_IDLE_RESIDENT = 48 * MIB
+_IDLE_DATA = 64 * MIB
+_IDLE_ADDRESS_SPACE = 160 * MIB
+# What vcfs keeps besides the cache (docs/vcfs.md, the --cache-size row; vcfs.remote's
+# RemoteConfig): up to 32 MiB of chunk digests, 8 MiB of verified edge chunks, ~20 MB of
+# metadata of videos looked up by name, and up to 8 first blocks of at most 1 MiB. Not the
+# listing (~1 KB per video), whose size the service has not been asked yet.
+_KEPT_BESIDES = (32 + 8 + 20 + 8) * MIB
+# Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
+# (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted).
+THREADS = 3 * FUSE_THREADS + 8
+# glibc's thread stack without a soft stack limit (`ulimit -s unlimited`) on x86-64.
+_UNLIMITED_STACK = 2 * MIB
+# A cgroup v1 memory limit at or above this is "no limit" (v1 shows 9223372036854771712).
+_CGROUP_V1_UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A bound on the daemon's memory: `what` it is (said in messages, {size} its size), its
+    `size`, and what vcfs needs under it besides the cache: `besides` always, `stacks` more
+    under full load."""
+
+    what: str
+    size: int
+    besides: int
+    stacks: int = 0
+    fix: str = ""  # how to raise it, for the messages
+
+    def named(self) -> str:
+        return self.what.format(size=size_about(self.size))
+
+    @property
+    def room(self) -> int:
+        """The largest cache that fits."""
+        return self.size - self.besides
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFacts:
+    """What `limits` are made of, as read by `current_limits` (None: no such limit)."""
+
+    mem_total: int | None
+    mem_available: int | None
+    data: int | None  # RLIMIT_DATA, soft
+    address_space: int | None  # RLIMIT_AS, soft
+    stack: int | None  # RLIMIT_STACK, soft: each thread's stack
+    cgroup: tuple[str, str, int] | None  # (cgroup path, file, limit) of the tightest cgroup
+
+
+def limits(facts: MemoryFacts) -> list[Limit]:
+    """The limits a cache must fit in, the machine's memory first."""
+    stacks = THREADS * (facts.stack or _UNLIMITED_STACK)
+    found = []
+    if facts.mem_total is not None:
+        found.append(Limit("this machine's memory ({size})", facts.mem_total,
+                           _IDLE_RESIDENT + _KEPT_BESIDES))
+    if facts.cgroup is not None:
+        path, name, size = facts.cgroup
+        braced = path.replace("{", "{{").replace("}", "}}")
+        found.append(Limit(f"the memory limit of its cgroup {braced} ({{size}}, {name})", size,
+                           _IDLE_RESIDENT + _KEPT_BESIDES, fix=f"raise its {name}"))
+    if facts.data is not None:
+        found.append(Limit("its data limit ({size}, ulimit -d)", facts.data,
+                           _IDLE_DATA + _KEPT_BESIDES, stacks,
+                           fix="raise the limit (systemd: LimitDATA=)"))
+    if facts.address_space is not None:
+        found.append(Limit("its address-space limit ({size}, ulimit -v)", facts.address_space,
+                           _IDLE_ADDRESS_SPACE + _KEPT_BESIDES, stacks,
+                           fix="raise the limit (systemd: LimitAS=)"))
+    return found
+
+
+def size_about(size: int, *, down: bool = False) -> str:
+    """`size` to a tenth of its unit for a message (23.5 GiB, 200 MiB), rounded `down` for a
+    bound not to exceed."""
+    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (1 << 10, "KiB")):
+        if size >= unit:
+            tenths = size * 10 // unit if down else round(size * 10 / unit)
+            return f"{tenths // 10} {name}" if tenths % 10 == 0 else f"{tenths / 10} {name}"
+    return f"{size} bytes"
+
+
+def cache_refusal(cache_size: int, found: list[Limit]) -> str | None:
+    """Why a cache of `cache_size` bytes cannot fit, for the tightest limit it exceeds; None if
+    it fits them all."""
+    over = [limit for limit in found if cache_size > limit.room]
+    if not over:
+        return None
+    limit = min(over, key=lambda limit: limit.room)
+    start = f"--cache-size {size_text(cache_size)} is more than {limit.named()} can hold"
+    if limit.room < MIB:
+        return (f"{start}: vcfs needs ~{size_about(limit.besides)} there besides its cache; "
+                f"{limit.fix or 'use a machine with more memory'}")
+    return (f"{start} besides the ~{size_about(limit.besides)} vcfs needs otherwise: give a "
+            f"--cache-size of at most {size_about(limit.room, down=True)}"
+            f"{f', or {limit.fix}' if limit.fix else ''}")
+
+
+def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> list[str]:
+    """What may still go wrong with a cache that fits every limit: the memory free now is
+    less (it changes: a warning, not a refusal), or a limit cannot also hold the stacks of
+    every thread vcfs starts under load."""
+    warnings = []
+    besides = _IDLE_RESIDENT + _KEPT_BESIDES
+    if facts.mem_available is not None and cache_size + besides > facts.mem_available:
+        warnings.append(
+            f"--cache-size {size_text(cache_size)} is more than the memory available now "
+            f"({size_about(facts.mem_available)}, MemAvailable) can hold besides the "
+            f"~{size_about(besides)} vcfs needs otherwise: once the cache fills, the system "
+            "may swap, or its OOM killer end vcfs (a dead mount)")
+    for limit in found:
+        if limit.stacks and cache_size + limit.besides + limit.stacks > limit.size:
+            warnings.append(
+                f"{limit.named()} cannot hold --cache-size {size_text(cache_size)} "
+                f"and the stacks of the up to {THREADS} threads vcfs runs under load "
+                f"({size_about(limit.stacks)}, ulimit -s each): reads may then fail with EIO; "
+                f"give a smaller --cache-size or ulimit -s, or {limit.fix}")
+    return warnings
+
+
+def _rlimit(which: int) -> int | None:
+    soft = resource.getrlimit(which)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo's fields in bytes."""
+    return {match.group(1): int(match.group(2)) * 1024
+            for match in re.finditer(r"^(\w+):\s+(\d+) kB$", text, re.MULTILINE)}
+
+
+def cgroup_limit(proc_cgroup: str, mountinfo: str,
+                 read: Callable[[str], str | None]) -> tuple[str, str, int] | None:
+    """The tightest memory limit of the cgroups a process is in (its own and their parents'),
+    cgroup v2's memory.max or v1's memory.limit_in_bytes: (cgroup path, file, bytes), or None.
+    `proc_cgroup` and `mountinfo` are the process's /proc/self/cgroup and mountinfo, `read`
+    a file's text (None if it cannot be read)."""
+    tightest: tuple[str, str, int] | None = None
+    for line in proc_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            name, mount = "memory.max", _cgroup_mount(mountinfo, "cgroup2", None)
+        elif "memory" in controllers.split(","):
+            name, mount = "memory.limit_in_bytes", _cgroup_mount(mountinfo, "cgroup", "memory")
+        else:
+            continue
+        if mount is None:
+            continue
+        mount_point, mount_root = mount
+        if path != mount_root and not path.startswith(mount_root.rstrip("/") + "/"):
+            continue  # its cgroup is not under the part of the hierarchy mounted here
+        inside = path[len(mount_root):].strip("/")
+        parts = inside.split("/") if inside else []
+        for depth in range(len(parts), -1, -1):
+            directory = "/".join([mount_point.rstrip("/"), *parts[:depth]])
+            size = _cgroup_bytes(read(f"{directory}/{name}"))
+            if size is not None and (tightest is None or size < tightest[2]):
+                cgroup = "/".join([mount_root.rstrip("/"), *parts[:depth]]) or "/"
+                tightest = (cgroup, name, size)
+    return tightest
+
+
+def _cgroup_mount(mountinfo: str, fstype: str, option: str | None) -> tuple[str, str] | None:
+    """(mount point, root) of the first mount of `fstype` whose super options have `option`."""
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        mount_fields, tail_fields = fields.split(" "), tail.split(" ")
+        if len(mount_fields) < 5 or len(tail_fields) < 3 or tail_fields[0] != fstype:
+            continue
+        if option is None or option in tail_fields[2].split(","):
+            return _unescape(mount_fields[4]), _unescape(mount_fields[3])
+    return None
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+def _cgroup_bytes(text: str | None) -> int | None:
+    value = (text or "").strip()
+    if not value.isdigit():
+        return None  # "max", or no such file
+    size = int(value)
+    return None if size >= _CGROUP_V1_UNLIMITED else size
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.read()
+    except OSError:
+        return None
+
+
+def current_limits() -> MemoryFacts:
+    """This process's limits, read from /proc, getrlimit and the cgroup file system."""
+    fields = meminfo(_read("/proc/meminfo") or "")
+    proc_cgroup, mountinfo = _read("/proc/self/cgroup"), _read("/proc/self/mountinfo")
+    return MemoryFacts(
+        mem_total=fields.get("MemTotal"),
+        mem_available=fields.get("MemAvailable"),
+        data=_rlimit(resource.RLIMIT_DATA),
+        address_space=_rlimit(resource.RLIMIT_AS),
+        stack=_rlimit(resource.RLIMIT_STACK),
+        cgroup=(cgroup_limit(proc_cgroup, mountinfo, _read)
+                if proc_cgroup and mountinfo else None),
+    )
