@@ -170,6 +170,8 @@ def test_mount_8_runs_vcfs_as_its_helper(
     ("version", 1, "-o version: not a mount option (vcfs --version shows the version)"),
     ("status_fd=3", 1, "-o status_fd: not a mount option (internal to --daemon"),
     ("allow_other,allow_root", 1, "-o allow_other,allow_root: one or the other"),
+    # was mounted, the cache then growing until the OOM killer ended the daemon
+    ("cache_size=100T", 1, "--cache-size 102400 GiB is more than this machine's memory ("),
 ])
 def test_a_failed_mount_reaches_mount_fuse3s_caller(
     vidcache_server: VidcacheServer, mountpoint: Path, helper_path: str, options: str,

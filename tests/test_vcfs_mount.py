@@ -21,8 +21,10 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -1210,6 +1212,67 @@ def test_o_words_libfuse_would_refuse_are_refused_before_the_service_is_asked(
                           options, *mode)
         assert (result.returncode, result.stderr) == (1, f"vcfs: error: {message}\n")
         assert not os.path.ismount(empty)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize(("limit", "cache", "message"), [
+    (["--data=536870912"], "1G", "--cache-size 1 GiB is more than its data limit (512 MiB, "
+     "ulimit -d) can hold besides the ~132 MiB vcfs needs otherwise: give a --cache-size of at "
+     "most 380 MiB, or raise the limit (systemd: LimitDATA=)"),
+    (["--as=805306368"], "1G", "--cache-size 1 GiB is more than its address-space limit (768 "
+     "MiB, ulimit -v) can hold besides the ~228 MiB vcfs needs otherwise: give a --cache-size "
+     "of at most 540 MiB, or raise the limit (systemd: LimitAS=)"),
+    ([], "100T", "--cache-size 102400 GiB is more than this machine's memory ("),
+])
+@pytest.mark.parametrize("mode", [[], ["--daemon"]])
+def test_a_cache_that_cannot_fit_is_refused_before_the_service_is_asked(
+    tmp_path: Path, limit: list[str], cache: str, message: str, mode: list[str]
+) -> None:
+    """Was: mounted, and the cache grew with what was read until the OOM killer ended the
+    daemon (a 1 GiB cache in a 200 MiB cgroup: killed 164 MiB into a read, the mount dead),
+    or, under ulimit -d, every read needing a new block failed with EIO. The URL is a socket
+    that never answers: a connection waiting on it is a service asked."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as service:
+        url = f"http://127.0.0.1:{service.getsockname()[1]}"
+        try:
+            result = subprocess.run(
+                ["prlimit", *limit, "--", *vcfs_command("mount", url, str(empty), "--cache-size",
+                                                        cache, "--timeout", "1", *mode)],
+                capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.startswith(f"vcfs: error: {message}"), result.stderr
+            assert result.stderr.count("\n") == 1, result.stderr
+            assert not select.select([service], [], [], 0)[0], "the service was asked"
+            assert not os.path.ismount(empty)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
+
+
+def test_a_cache_that_fits_a_limit_but_not_the_thread_stacks_under_load_is_warned_of(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    """A 256 MiB cache fits in a 1 GiB data limit, but not with the stacks of the 200 threads
+    vcfs runs under load (8 MiB each): mounted, with a warning a --daemon without a log file
+    says on its terminal."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    try:
+        result = subprocess.run(
+            ["prlimit", f"--data={1 << 30}", f"--stack={8 << 20}", "--",
+             *vcfs_command("mount", vidcache_server.url, str(empty), "--cache-size", "256M",
+                           "--daemon")],
+            capture_output=True, text=True, timeout=90)
+        assert result.returncode == 0, result.stderr
+        assert os.path.ismount(empty)
+        assert re.fullmatch(
+            r"\S+ \S+ WARNING vcfs: its data limit \(1 GiB, ulimit -d\) cannot hold --cache-size "
+            r"256 MiB and the stacks of the up to 200 threads vcfs runs under load \(1\.6 GiB, "
+            r"ulimit -s each\): reads may then fail with EIO; give a smaller --cache-size or "
+            r"ulimit -s, or raise the limit \(systemd: LimitDATA=\)\n", result.stderr), \
+            result.stderr
     finally:
         subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
 
