@@ -6,9 +6,9 @@ the foreground as a detached child and waits until the mount answers (or the chi
 the child reports "ok" over an inherited pipe, so every start-up error is printed by the
 command the user typed, with a non-zero exit code, before anything detaches.
 
-Before mounting, everything that can be checked is checked, each with a one-line error: FUSE
-is usable (/dev/fuse exists and this user may open it, fusermount3 is there and would accept
-allow_other), the mount point
+Before mounting, everything that can be checked is checked, each with a one-line error: the
+cache fits in the memory vcfs may use (vcfs.memory), FUSE is usable (/dev/fuse exists and
+this user may open it, fusermount3 is there and would accept allow_other), the mount point
 exists, is an empty directory and is not mounted (a stale mount left by a crashed vcfs,
 "Transport endpoint is not connected", is unmounted first), the token file (if any) holds a
 token, the service answers /health, and it lets vcfs list its videos (a missing or wrong token
@@ -191,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
         help="memory for cached video blocks, readahead included; at least two blocks, and no "
-        "more than fits besides what vcfs needs otherwise (~120M) in the machine's memory, "
-        "its cgroup's memory limit and ulimit -d / -v (default: 256M)",
+        "more than fits, with the ~120M vcfs needs besides, in the machine's memory, its "
+        "cgroup's memory limit, ulimit -d and ulimit -v (default: 256M)",
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
