@@ -22,6 +22,7 @@ import os
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1245,6 +1246,64 @@ def test_a_cache_that_cannot_fit_is_refused_before_the_service_is_asked(
             assert result.returncode == 1, result.stderr
             assert result.stderr.startswith(f"vcfs: error: {message}"), result.stderr
             assert result.stderr.count("\n") == 1, result.stderr
+            assert not select.select([service], [], [], 0)[0], "the service was asked"
+            assert not os.path.ismount(empty)
+        finally:
+            subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[tuple[str, str, list[str]]]:
+    """A new cgroup with a memory limit of `limit` bytes: (its path in the hierarchy, the
+    limit's file, an argv prefix that runs a command in it); skips without a memory
+    hierarchy this process may create a cgroup in (v1's memory controller, or v2's enabled at
+    the root). Removed on leaving, once the child has exited."""
+    name = f"vcfs-test-{os.getpid()}"
+    hierarchies = [(Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+                   (Path("/sys/fs/cgroup"), "memory.max"),
+                   (Path("/sys/fs/cgroup/unified"), "memory.max")]
+    for root, limit_file in hierarchies:
+        controllers = root / "cgroup.subtree_control"
+        if limit_file == "memory.max" and not (controllers.exists()
+                                               and "memory" in controllers.read_text().split()):
+            continue
+        if not (root / "cgroup.procs").exists():
+            continue
+        directory = root / name
+        try:
+            directory.mkdir()
+        except OSError:
+            continue
+        try:
+            try:
+                (directory / limit_file).write_text(str(limit))
+            except OSError:
+                continue
+            procs = shlex.quote(str(directory / "cgroup.procs"))
+            yield f"/{name}", limit_file, ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
+            return
+        finally:
+            directory.rmdir()
+    pytest.skip("needs a memory cgroup hierarchy this process can create a cgroup in (root)")
+
+
+def test_a_cache_that_cannot_fit_in_its_cgroup_is_refused(tmp_path: Path) -> None:
+    """Was: mounted, then OOM-killed once 164 MiB had been read into the cache (measured with
+    this cgroup's limit, 200 MiB, and a 1 GiB cache), the mount left dead."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with memory_cgroup(200 * MIB) as (cgroup, limit_file, in_cgroup), \
+            socket.create_server(("127.0.0.1", 0)) as service:
+        url = f"http://127.0.0.1:{service.getsockname()[1]}"
+        try:
+            result = subprocess.run(
+                [*in_cgroup, *vcfs_command("mount", url, str(empty), "--cache-size", "1G",
+                                           "--timeout", "1")],
+                capture_output=True, text=True, timeout=60)
+            assert (result.returncode, result.stderr) == (1, (
+                f"vcfs: error: --cache-size 1 GiB is more than the memory limit of its cgroup "
+                f"{cgroup} (200 MiB, {limit_file}) can hold besides the ~116 MiB vcfs needs "
+                f"otherwise: give a --cache-size of at most 84 MiB, or raise its {limit_file}\n"))
             assert not select.select([service], [], [], 0)[0], "the service was asked"
             assert not os.path.ismount(empty)
         finally:
