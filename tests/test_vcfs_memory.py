@@ -80,12 +80,13 @@ def test_each_limit_counts_what_vcfs_needs_under_it() -> None:
     assert machine.besides == cgroup.besides < data.besides < address_space.besides
     assert (machine.stacks, cgroup.stacks) == (0, 0)
     assert data.stacks == address_space.stacks == THREADS * 8 * MIB
+    assert data.busy == address_space.busy == machine.busy + THREADS * 8 * MIB
     # Without a stack limit glibc gives each thread 2 MiB.
     assert limits(given(data=GIB))[0].stacks == THREADS * 2 * MIB
 
 
 def test_a_limit_with_no_room_for_any_cache_says_so() -> None:
-    found = [Limit("its data limit ({size}, ulimit -d)", 100 * MIB, 132 * MIB,
+    found = [Limit("its data limit ({size}, ulimit -d)", 100 * MIB, 132 * MIB, 0,
                    fix="raise the limit (systemd: LimitDATA=)")]
     assert cache_refusal(2 * MIB, found) == (
         "--cache-size 2 MiB is more than its data limit (100 MiB, ulimit -d) can hold: vcfs "
@@ -113,12 +114,36 @@ def test_a_limit_without_room_for_the_thread_stacks_under_load_is_a_warning() ->
     found = limits(state)
     assert cache_refusal(256 * MIB, found) is None
     assert cache_warnings(256 * MIB, state, found) == [
-        f"its data limit (1 GiB, ulimit -d) cannot hold --cache-size 256 MiB and the stacks of "
-        f"the up to {THREADS} threads vcfs runs under load (1.6 GiB, ulimit -s each): reads "
-        "may then fail with EIO; give a smaller --cache-size or ulimit -s, or raise the limit "
-        "(systemd: LimitDATA=)"]
+        f"its data limit (1 GiB, ulimit -d) holds --cache-size 256 MiB, but not also the ~1.7 "
+        f"GiB more vcfs uses when busy, 1.6 GiB of it the stacks of its up to {THREADS} threads "
+        "(ulimit -s each): under such load reads may fail with EIO; give a smaller --cache-size "
+        "or a smaller ulimit -s, or raise the limit (systemd: LimitDATA=)"]
     roomy = given(data=4 * GIB, stack=8 * MIB)
     assert cache_warnings(256 * MIB, roomy, limits(roomy)) == []
+    tight = given(data=2 * GIB, stack=8 * MIB)
+    [warning] = cache_warnings(256 * MIB, tight, limits(tight))
+    assert warning.endswith("give a --cache-size of at most 204 MiB or a smaller ulimit -s, or "
+                            "raise the limit (systemd: LimitDATA=)")
+
+
+def test_a_cgroup_that_holds_the_cache_only_while_vcfs_is_not_busy_is_a_warning() -> None:
+    """Measured: a 36 MiB cache in a 200 MiB cgroup was OOM-killed under 60 concurrent
+    readers, not under one."""
+    state = given(cgroup=("/vcfs", "memory.max", 200 * MIB))
+    found = limits(state)
+    assert cache_refusal(36 * MIB, found) is None
+    assert cache_warnings(36 * MIB, state, found) == [
+        "the memory limit of its cgroup /vcfs (200 MiB, memory.max) holds --cache-size 36 MiB, "
+        "but not also the ~112 MiB more vcfs uses when busy (measured with 48 reads at once): "
+        "under such load the kernel's OOM killer may end it (a dead mount); give a smaller "
+        "--cache-size, or raise its memory.max"]
+    roomy = given(cgroup=("/vcfs", "memory.max", GIB))
+    assert cache_warnings(256 * MIB, roomy, limits(roomy)) == []
+    assert cache_warnings(900 * MIB, roomy, limits(roomy)) == [
+        "the memory limit of its cgroup /vcfs (1 GiB, memory.max) holds --cache-size 900 MiB, "
+        "but not also the ~112 MiB more vcfs uses when busy (measured with 48 reads at once): "
+        "under such load the kernel's OOM killer may end it (a dead mount); give a --cache-size "
+        "of at most 796 MiB, or raise its memory.max"]
 
 
 @pytest.mark.parametrize(("size", "down", "text"), [

@@ -1313,9 +1313,9 @@ def test_a_cache_that_cannot_fit_in_its_cgroup_is_refused(tmp_path: Path) -> Non
 def test_a_cache_that_fits_a_limit_but_not_the_thread_stacks_under_load_is_warned_of(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
-    """A 256 MiB cache fits in a 1 GiB data limit, but not with the stacks of the 200 threads
-    vcfs runs under load (8 MiB each): mounted, with a warning a --daemon without a log file
-    says on its terminal."""
+    """A 256 MiB cache fits in a 1 GiB data limit, but not with what vcfs uses when busy, the
+    stacks of its 200 threads (8 MiB each) above all: mounted, with a warning a --daemon
+    without a log file says on its terminal."""
     empty = tmp_path / "empty"
     empty.mkdir()
     try:
@@ -1327,11 +1327,11 @@ def test_a_cache_that_fits_a_limit_but_not_the_thread_stacks_under_load_is_warne
         assert result.returncode == 0, result.stderr
         assert os.path.ismount(empty)
         assert re.fullmatch(
-            r"\S+ \S+ WARNING vcfs: its data limit \(1 GiB, ulimit -d\) cannot hold --cache-size "
-            r"256 MiB and the stacks of the up to 200 threads vcfs runs under load \(1\.6 GiB, "
-            r"ulimit -s each\): reads may then fail with EIO; give a smaller --cache-size or "
-            r"ulimit -s, or raise the limit \(systemd: LimitDATA=\)\n", result.stderr), \
-            result.stderr
+            r"\S+ \S+ WARNING vcfs: its data limit \(1 GiB, ulimit -d\) holds --cache-size 256 "
+            r"MiB, but not also the ~1\.7 GiB more vcfs uses when busy, 1\.6 GiB of it the "
+            r"stacks of its up to 200 threads \(ulimit -s each\): under such load reads may fail "
+            r"with EIO; give a smaller --cache-size or a smaller ulimit -s, or raise the limit "
+            r"\(systemd: LimitDATA=\)\n", result.stderr), result.stderr
     finally:
         subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
 

@@ -35,6 +35,12 @@ _IDLE_ADDRESS_SPACE = 160 * MIB
 # metadata of videos looked up by name, and up to 8 first blocks of at most 1 MiB. Not the
 # listing (~1 KB per video), whose size the service has not been asked yet.
 _KEPT_BESIDES = (32 + 8 + 20 + 8) * MIB
+# More, in a mount busy with the most reads the kernel lets wait on it (vcfs.limits): blocks
+# being fetched, freed heap kept for reuse, the touched part of thread stacks. Measured under
+# 60 concurrent readers: 212 MiB resident besides a full 36 MiB cache (147 MiB besides 256
+# MiB), 116 MiB of it counted above; 84 and 36 MiB caches in a 200 MiB cgroup were
+# OOM-killed under that load, where one reader at a time stayed under 100 MiB.
+_BUSY = 112 * MIB
 # Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
 # (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted).
 THREADS = 3 * FUSE_THREADS + 8
@@ -47,12 +53,13 @@ _CGROUP_V1_UNLIMITED = 1 << 62
 @dataclass(frozen=True, slots=True)
 class Limit:
     """A bound on the daemon's memory: `what` it is (said in messages, {size} its size), its
-    `size`, and what vcfs needs under it besides the cache: `besides` always, `stacks` more
-    under full load."""
+    `size`, and what vcfs needs under it besides the cache: `besides` always, `busy` more
+    under full load, `stacks` of it the threads' stacks."""
 
     what: str
     size: int
     besides: int
+    busy: int
     stacks: int = 0
     fix: str = ""  # how to raise it, for the messages
 
@@ -83,19 +90,21 @@ def limits(facts: MemoryFacts) -> list[Limit]:
     found = []
     if facts.mem_total is not None:
         found.append(Limit("this machine's memory ({size})", facts.mem_total,
-                           _IDLE_RESIDENT + _KEPT_BESIDES))
+                           _IDLE_RESIDENT + _KEPT_BESIDES, _BUSY))
     if facts.cgroup is not None:
         path, name, size = facts.cgroup
         braced = path.replace("{", "{{").replace("}", "}}")
         found.append(Limit(f"the memory limit of its cgroup {braced} ({{size}}, {name})", size,
-                           _IDLE_RESIDENT + _KEPT_BESIDES, fix=f"raise its {name}"))
+                           _IDLE_RESIDENT + _KEPT_BESIDES, _BUSY,
+                           fix=f"raise its {name}"))
     if facts.data is not None:
         found.append(Limit("its data limit ({size}, ulimit -d)", facts.data,
-                           _IDLE_DATA + _KEPT_BESIDES, stacks,
+                           _IDLE_DATA + _KEPT_BESIDES, _BUSY + stacks, stacks,
                            fix="raise the limit (systemd: LimitDATA=)"))
     if facts.address_space is not None:
         found.append(Limit("its address-space limit ({size}, ulimit -v)", facts.address_space,
-                           _IDLE_ADDRESS_SPACE + _KEPT_BESIDES, stacks,
+                           _IDLE_ADDRESS_SPACE + _KEPT_BESIDES, _BUSY + stacks,
+                           stacks,
                            fix="raise the limit (systemd: LimitAS=)"))
     return found
 
@@ -128,8 +137,8 @@ def cache_refusal(cache_size: int, found: list[Limit]) -> str | None:
 
 def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> list[str]:
     """What may still go wrong with a cache that fits every limit: the memory free now is
-    less (it changes: a warning, not a refusal), or a limit cannot also hold the stacks of
-    every thread vcfs starts under load."""
+    less (it changes: a warning, not a refusal), or a limit cannot also hold what vcfs uses
+    when busy (it fits while vcfs is not)."""
     warnings = []
     besides = _IDLE_RESIDENT + _KEPT_BESIDES
     if facts.mem_available is not None and cache_size + besides > facts.mem_available:
@@ -139,12 +148,24 @@ def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> l
             f"~{size_about(besides)} vcfs needs otherwise: once the cache fills, the system "
             "may swap, or its OOM killer end vcfs (a dead mount)")
     for limit in found:
-        if limit.stacks and cache_size + limit.besides + limit.stacks > limit.size:
+        if cache_size + limit.besides + limit.busy <= limit.size:
+            continue
+        largest = limit.size - limit.besides - limit.busy
+        advice = (f"give a --cache-size of at most {size_about(largest, down=True)}"
+                  if largest >= MIB else "give a smaller --cache-size")
+        if limit.stacks:
             warnings.append(
-                f"{limit.named()} cannot hold --cache-size {size_text(cache_size)} "
-                f"and the stacks of the up to {THREADS} threads vcfs runs under load "
-                f"({size_about(limit.stacks)}, ulimit -s each): reads may then fail with EIO; "
-                f"give a smaller --cache-size or ulimit -s, or {limit.fix}")
+                f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
+                f"~{size_about(limit.busy)} more vcfs uses when busy, {size_about(limit.stacks)} "
+                f"of it the stacks of its up to {THREADS} threads (ulimit -s each): under "
+                f"such load reads may fail with EIO; {advice} or a smaller ulimit -s, or "
+                f"{limit.fix}")
+        else:
+            warnings.append(
+                f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
+                f"~{size_about(limit.busy)} more vcfs uses when busy (measured with 48 reads at "
+                f"once): under such load the kernel's OOM killer may end it (a dead mount); "
+                f"{advice}{f', or {limit.fix}' if limit.fix else ''}")
     return warnings
 
 
