@@ -36,11 +36,15 @@ _IDLE_ADDRESS_SPACE = 160 * MIB
 # metadata of videos looked up by name, and up to 8 first blocks of at most 1 MiB. Not the
 # listing (~1 KB per video), whose size the service has not been asked yet.
 _KEPT_BESIDES = (32 + 8 + 20 + 8) * MIB
-# More, in a mount busy with the most reads the kernel lets wait on it (vcfs.limits): blocks
-# being fetched, freed heap kept for reuse, the touched part of thread stacks. Measured under
-# 60 concurrent readers: 212 MiB resident besides a full 36 MiB cache (147 MiB besides 256
-# MiB), 116 MiB of it counted above; 84 and 36 MiB caches in a 200 MiB cgroup were
-# OOM-killed under that load, where one reader at a time stayed under 100 MiB.
+# More, in a mount busy with the most reads the kernel lets wait on it (vcfs.limits): the one
+# or two blocks each waiting read fetches beyond a full budget, libfuse's reply buffer and
+# vcfs's copy of the bytes of each read in progress, freed heap glibc keeps for reuse (RSS
+# stays at its high-water mark), the touched part of thread stacks (docs/vcfs.md, "Memory
+# limits"). It grows with the reads, not the cache. Measured under 60 concurrent readers:
+# 212 MiB resident besides a full 36 MiB cache (147 MiB besides 256 MiB), 116 MiB of it
+# counted above (another load: 115-139 MiB besides 36 MiB, 46-65 blocks in flight); 84 and
+# 36 MiB caches in a 200 MiB cgroup were OOM-killed under that load, where one reader at a
+# time stayed under 100 MiB.
 _BUSY = 112 * MIB
 # Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
 # (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted).
