@@ -24,6 +24,7 @@ the kernel; `release` drops it and cancels the handle's readahead.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import itertools
@@ -41,7 +42,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from vcfs import paths
 from vcfs.blocks import BlockCache
 from vcfs.faillog import FailureLog
-from vcfs.fuselib import FuseOSError, Operations, current_fuse, session_exited
+from vcfs.fuselib import FuseOSError, Operations, current_fuse, reply_buffer, session_exited
 from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
 from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
@@ -512,6 +513,19 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         self.counters.add("fuse_reads")
         self.counters.add("bytes_read", len(data))
         return data
+
+    def read_buf(self, path: str, answer: Any, size: int, offset: int, fi: Any) -> int:
+        """`read`, answered in a buffer made once the bytes are in. libfuse's plain read
+        allocates one of `size` bytes before asking and holds it while the read waits: a MiB
+        per read waiting on the service, up to 48 MiB besides the cache (vcfs.limits)."""
+        data = self.read(path, size, offset, fi)
+        try:
+            vector = reply_buffer(data)
+        except MemoryError as exc:
+            log.error("read %s [%d, +%d) failed (ENOMEM): %s", path, offset, size, exc)
+            raise FuseOSError(errno.ENOMEM) from exc
+        ctypes.cast(answer, ctypes.POINTER(ctypes.c_void_p))[0] = vector
+        return 0
 
     @_fuse_operation
     def release(self, path: str, fi: Any) -> int:

@@ -22,7 +22,7 @@ import mfusepy
 from mfusepy import FUSE, FuseOSError, Operations, fuse_version_major, fuse_version_minor
 
 __all__ = ["FUSE", "FuseOSError", "Operations", "current_fuse", "fuse_version_major",
-           "fuse_version_minor", "session_exited"]
+           "fuse_version_minor", "reply_buffer", "session_exited"]
 
 # Two libfuse calls mfusepy does not wrap, on its handle of the library (its own fuse_exit()
 # reaches libfuse the same way). Both exist in libfuse 2 and 3.
@@ -43,3 +43,44 @@ def session_exited(fuse: int) -> bool:
     """Whether libfuse's loop of `fuse` has been told to end (a signal, an unmount). `fuse`
     must still exist: call this only until the filesystem's `destroy` has run."""
     return bool(_libfuse.fuse_session_exited(_libfuse.fuse_get_session(fuse)))
+
+
+class _Buf(ctypes.Structure):
+    """libfuse's `struct fuse_buf`."""
+
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _BufVec(ctypes.Structure):
+    """libfuse's `struct fuse_bufvec` with its one buffer (`buf[1]`, in place: mfusepy's
+    `fuse_bufvec` has a pointer there instead)."""
+
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _Buf)]
+
+
+# libfuse frees a read_buf's answer with the C library's free(): it must come from its malloc.
+_libc = ctypes.CDLL(None)
+_malloc = _libc.malloc
+_malloc.argtypes = (ctypes.c_size_t,)
+_malloc.restype = ctypes.c_void_p
+_free = _libc.free
+_free.argtypes = (ctypes.c_void_p,)
+_free.restype = None
+
+
+def reply_buffer(data: bytes) -> int:
+    """The address of a new `struct fuse_bufvec` holding a copy of `data`, for libfuse's
+    read_buf, which sends it and frees both it and its memory. Raises MemoryError."""
+    vector, memory = _malloc(ctypes.sizeof(_BufVec)), _malloc(max(len(data), 1))
+    if not vector or not memory:
+        _free(vector)
+        _free(memory)
+        raise MemoryError(f"no memory for the answer to a read of {len(data)} bytes")
+    ctypes.memmove(memory, data, len(data))
+    answer = _BufVec.from_address(vector)
+    answer.count, answer.idx, answer.off = 1, 0, 0
+    answer.buf.size, answer.buf.flags, answer.buf.mem = len(data), 0, memory
+    answer.buf.fd, answer.buf.pos = -1, 0
+    return int(vector)
