@@ -37,14 +37,15 @@ _IDLE_ADDRESS_SPACE = 160 * MIB
 # listing (~1 KB per video), whose size the service has not been asked yet.
 _KEPT_BESIDES = (32 + 8 + 20 + 8) * MIB
 # More, in a mount busy with the most reads the kernel lets wait on it (vcfs.limits): the one
-# or two blocks each waiting read fetches beyond a full budget, libfuse's reply buffer and
-# vcfs's copy of the bytes of each read in progress, freed heap glibc keeps for reuse (RSS
-# stays at its high-water mark), the touched part of thread stacks (docs/vcfs.md, "Memory
-# limits"). It grows with the reads, not the cache. Measured under 60 concurrent readers:
-# 212 MiB resident besides a full 36 MiB cache (147 MiB besides 256 MiB), 116 MiB of it
-# counted above (another load: 115-139 MiB besides 36 MiB, 46-65 blocks in flight); 84 and
-# 36 MiB caches in a 200 MiB cgroup were OOM-killed under that load, where one reader at a
-# time stayed under 100 MiB.
+# or two blocks each waiting read fetches beyond a full budget, the copies of the bytes of
+# each read being answered, freed heap glibc keeps for reuse (RSS stays at its high-water
+# mark), the touched part of thread stacks (docs/vcfs.md, "Memory limits"). It grows with
+# the reads, not the cache. Measured under 60 concurrent readers: 212 MiB resident besides a
+# full 36 MiB cache (147 MiB besides 256 MiB), 116 MiB of it counted above; 84 and 36 MiB
+# caches in a 200 MiB cgroup were OOM-killed under that load, where one reader at a time
+# stayed under 100 MiB. Since reads are answered through libfuse's read_buf, which holds no
+# buffer while a read waits, another load of 60 readers took 83-116 MiB besides a 36 MiB
+# cache (134-142 before): kept, for the first load was not measured again.
 _BUSY = 112 * MIB
 # Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
 # (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted).
