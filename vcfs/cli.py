@@ -45,7 +45,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vcfs import __version__
+from vcfs import __version__, mountinfo
 from vcfs.blocks import BlockCache
 from vcfs.limits import FUSE_THREADS, READS_WAITING
 from vcfs.memory import cache_refusal, cache_warnings, current_limits, limits
@@ -596,19 +596,12 @@ def mount_entry(mountpoint: str) -> tuple[str, int | None] | None:
     it stats the mount's root, which another user's FUSE mount refuses: "not mounted".)"""
     target = os.path.realpath(mountpoint)
     entry = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mounts:
-        for line in mounts:
-            fields, _, tail = line.partition(" - ")
-            if _unescape_mountinfo(fields.split(" ")[4]) == target:
-                fstype, _, options = tail.split(" ")[:3]
-                owner = re.search(r"(?:^|,)user_id=(\d+)", options)
-                entry = _unescape_mountinfo(fstype), int(owner.group(1)) if owner else None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as info:
+        for mount in mountinfo.mounts(info.read()):
+            if mount.mount_point == target:
+                owner = re.search(r"(?:^|,)user_id=(\d+)", mount.super_options)
+                entry = mount.fstype, int(owner.group(1)) if owner else None
     return entry
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash in paths as octal escapes."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def is_vcfs_type(fstype: str) -> bool:

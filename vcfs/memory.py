@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vcfs.limits import FUSE_THREADS
+from vcfs.mountinfo import mounts
 from vidcache_client._arguments import size_text
 
 MIB = 1 << 20
@@ -220,18 +221,11 @@ def cgroup_limit(proc_cgroup: str, mountinfo: str,
 
 def _cgroup_mount(mountinfo: str, fstype: str, option: str | None) -> tuple[str, str] | None:
     """(mount point, root) of the first mount of `fstype` whose super options have `option`."""
-    for line in mountinfo.splitlines():
-        fields, _, tail = line.partition(" - ")
-        mount_fields, tail_fields = fields.split(" "), tail.split(" ")
-        if len(mount_fields) < 5 or len(tail_fields) < 3 or tail_fields[0] != fstype:
-            continue
-        if option is None or option in tail_fields[2].split(","):
-            return _unescape(mount_fields[4]), _unescape(mount_fields[3])
+    for mount in mounts(mountinfo):
+        if mount.fstype == fstype and (option is None
+                                       or option in mount.super_options.split(",")):
+            return mount.mount_point, mount.root
     return None
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
 def _cgroup_bytes(text: str | None) -> int | None:
