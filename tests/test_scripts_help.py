@@ -138,8 +138,13 @@ py-modules = []
 """
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
-                    reason="scripts/setup would install Debian packages first")
+# setup's packages are all there: it goes straight to .venv (else it would install them first)
+setup_installs_nothing = pytest.mark.skipif(
+    not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
+    reason="scripts/setup would install Debian packages first")
+
+
+@setup_installs_nothing
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("breakage", ["python gone", "pip missing"])
 def test_setup_repairs_a_venv_its_stamp_calls_installed(tmp_path: Path, breakage: str) -> None:
@@ -185,8 +190,7 @@ def venv_made_without_pip(project: Path) -> Path:
     return venv
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
-                    reason="scripts/setup would install Debian packages first")
+@setup_installs_nothing
 @pytest.mark.timeout(300)
 def test_setup_adds_pip_to_a_venv_made_without_it_keeping_its_python(tmp_path: Path) -> None:
     """setup ran `python3 -m venv` over a .venv made without pip (uv venv, venv --without-pip):
@@ -211,8 +215,7 @@ def test_setup_adds_pip_to_a_venv_made_without_it_keeping_its_python(tmp_path: P
     assert works.returncode == 0, works
 
 
-@pytest.mark.skipif(not all(map(shutil.which, ("ffmpeg", "fusermount3", "mpv"))),
-                    reason="scripts/setup would install Debian packages first")
+@setup_installs_nothing
 def test_setup_leaves_a_venv_without_pip_alone_when_its_python_cannot_add_pip(
         tmp_path: Path) -> None:
     """As Debian's python without python3-venv ("ensurepip is disabled"): here an ensurepip
