@@ -157,13 +157,16 @@ class SpliceRelay:
         try:
             while data := link.client.recv(_RECV_BYTES):
                 for request, to_server, piece in router.route(data):
+                    # Logged before it goes on, as the proxy does: its answer can reach the
+                    # client (which may then read the log) before this thread runs again.
+                    self._count(link.conn, request=request, answered=not to_server)
                     if to_server:
                         link.server.sendall(piece)
-                        self._count(link.conn, up=len(piece), request=request)
+                        self._count(link.conn, up=len(piece))
                     else:
                         with link.client_lock:
                             link.client.sendall(piece)
-                        self._count(link.conn, down=len(piece), request=request, answered=True)
+                        self._count(link.conn, down=len(piece))
             link.server.shutdown(socket.SHUT_WR)
         except OSError:
             link.abort()
