@@ -39,11 +39,15 @@ from bench.faults import (
 )
 from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
-from tests.test_vcfs_remote import CHUNK, DATA, HASH, FakeClock, FakeService
 from tests.vcfs_fault_support import (
+    CHUNK,
+    DATA,
     EIO_BOUND,
     HANG_LIMIT,
+    HASH,
     TIMEOUT,
+    FakeClock,
+    FakeService,
     FaultyLink,
     Source,
     bounded,
@@ -491,7 +495,7 @@ def test_a_daemon_without_a_log_file_shows_its_start_up_warnings(
 
 @dataclass
 class _DigestsRefused(FakeService):
-    """The fake service of test_vcfs_remote.py, answering `/chunks` 404 the first times."""
+    """The fake service of the vcfs.remote tests, answering `/chunks` 404 the first times."""
 
     digests_refused: int = 1
 

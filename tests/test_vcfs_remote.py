@@ -11,25 +11,30 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import threading
 import time
 import tracemalloc
 import urllib.parse
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from blake3 import blake3
 
 from bench.faults import Bandwidth, FlipByte, Latency, Stall, Truncate
 from bench.proxy import Request
 from tests.client_rangeconn_support import StoredVideo, ingest_big
 from tests.support import VidcacheServer, wait_until
-from tests.vcfs_fault_support import FaultyLink, link_fixture
+from tests.vcfs_fault_support import (
+    CHUNK,
+    DATA,
+    HASH,
+    FakeClock,
+    FakeService,
+    FaultyLink,
+    link_fixture,
+)
 from vcfs.blocks import FetchStopped
 from vcfs.remote import (
     AccessDenied,
@@ -43,88 +48,8 @@ from vcfs.remote import (
 )
 from vidcache_client import VidCacheClient
 
-CHUNK = 1000
 MIB = 1 << 20
-DATA = bytes(range(256)) * 10  # 2560 bytes: chunks of 1000, 1000, 560
-HASH = blake3(DATA).hexdigest()
 OTHER = "e" * 64
-
-
-@dataclass
-class FakeService:
-    """A tiny vidcache: one video, whose answers a test can spoil."""
-
-    digests: list[str] = field(
-        default_factory=lambda: [blake3(DATA[i : i + CHUNK]).hexdigest()
-                                 for i in range(0, len(DATA), CHUNK)]
-    )
-    failures: list[int] = field(default_factory=list)  # statuses to answer before serving
-    ignore_range: bool = False
-    requests: list[str] = field(default_factory=list)
-    ranges: list[str] = field(default_factory=list)  # Range headers of video requests
-    block: Callable[[], object] | None = None  # called before answering a video request
-    listed: list[str] = field(default_factory=lambda: [HASH])  # hashes /videos lists, in order
-    block_listing: Callable[[], object] | None = None  # called before answering /videos
-    on_request: Callable[[], object] | None = None  # called first, for every request
-    gone: set[str] = field(default_factory=set)  # hashes deleted: 404 for everything of theirs
-    cursors: list[str | None] = field(default_factory=list)  # `after` of each /videos request
-    no_chunks: bool = False  # /chunks answers 404 (a service that publishes no digests)
-
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        if self.on_request is not None:
-            self.on_request()
-        path = request.url.path
-        self.requests.append(path)
-        if path == "/videos":
-            self.cursors.append(request.url.params.get("after"))
-        if path == f"/video/{HASH}":
-            self.ranges.append(request.headers.get("Range", ""))
-            if self.block is not None:
-                self.block()
-        if any(content_hash in path for content_hash in self.gone):
-            return httpx.Response(404, json={"detail": "deleted"})
-        if self.failures:
-            status = self.failures.pop(0)
-            return httpx.Response(status, json={"detail": f"injected {status}"})
-        if path == f"/meta/{HASH}":
-            return httpx.Response(200, json={
-                "hash": HASH, "size_bytes": len(DATA), "first_seen": "2024-05-06T07:08:09Z",
-                "file_path": f"b/{HASH}.mp4",
-            })
-        if path == "/videos":
-            if self.block_listing is not None:
-                self.block_listing()
-            limit, after = int(request.url.params["limit"]), request.url.params.get("after")
-            start = 0 if after is None else self.listed.index(after) + 1
-            page = self.listed[start : start + limit]
-            return httpx.Response(200, json={"items": [{
-                "hash": listed, "size_bytes": len(DATA), "file_path": f"b/{listed}.mp4",
-            } for listed in page], "next": page[-1] if start + limit < len(self.listed) else None})
-        if path == f"/video/{HASH}/chunks" and not self.no_chunks:
-            return httpx.Response(200, json={"hash": HASH, "chunk_size": CHUNK,
-                                             "digests": self.digests})
-        if path == f"/video/{HASH}":
-            match = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
-            assert match is not None
-            start, end = int(match[1]), min(int(match[2]), len(DATA) - 1)
-            if self.ignore_range:
-                return httpx.Response(200, content=DATA)
-            return httpx.Response(206, content=DATA[start : end + 1], headers={
-                "Content-Range": f"bytes {start}-{end}/{len(DATA)}"})
-        return httpx.Response(404, json={"detail": "no such thing"})
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 def listed(remote: Remote) -> list[str]:
