@@ -1,4 +1,5 @@
-"""Real parts for the tests: generated videos, a loopback HTTP server, the vidcache service.
+"""Real parts for the tests: generated videos, a loopback HTTP server, the vidcache service;
+and a hand-cranked executor, whose background work runs when the test says.
 
 Every stored video must be perceptually distinct from the others (the service dedups near
 copies), except `a_small.mp4`, which is a re-encode of `a.mp4` on purpose: ingest it only into
@@ -9,14 +10,17 @@ generates the same videos.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 
@@ -24,8 +28,8 @@ from bench.stack import free_port, serving, wait_until
 from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
-__all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "VidcacheServer", "command_line",
-           "descendants", "free_port", "listening_on", "make_videos", "processes",
+__all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "ManualExecutor", "VidcacheServer",
+           "command_line", "descendants", "free_port", "listening_on", "make_videos", "processes",
            "self_signed_certificate", "serve_directory", "serving", "sighup_in_children",
            "sockets_to_loopback", "tmpfs_holding_a_file", "wait_until"]
 
@@ -286,3 +290,35 @@ def interrupt_while_it_waits(
                 command.kill()
                 command.wait()
     return Interrupted(command.returncode, out, err, children)
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+class ManualExecutor(Executor):
+    """Queues submitted calls until the test runs them: deterministic 'background' work."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Future[Any], Callable[[], Any]]] = []
+
+    def submit(self, fn: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs
+               ) -> Future[_T]:
+        future: Future[_T] = Future()
+        self.queue.append((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def run_one(self) -> None:
+        future, call = self.queue.pop(0)
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(call())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.run_one()
+
+    def pending(self) -> int:
+        return sum(not future.done() for future, _ in self.queue)

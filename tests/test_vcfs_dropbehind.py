@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import VidcacheServer
-from tests.test_vcfs_readahead import ManualExecutor
+from tests.support import ManualExecutor, VidcacheServer
 from tests.vcfs_support import VcfsMount, requires_fuse
 from vcfs.blocks import BlockCache
 from vcfs.readahead import Readahead, SequentialDetector, SequentialPolicy

@@ -4,24 +4,18 @@ threading). No FUSE, no network."""
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import threading
-from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Any, ParamSpec, TypeVar
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.support import wait_until
+from tests.support import ManualExecutor, wait_until
 from vcfs.blocks import BlockCache
 from vcfs.readahead import Readahead, SequentialDetector, SequentialPolicy, Window
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -332,33 +326,6 @@ def test_window_stays_within_policy_and_starts_at_the_high_water_mark(
 
 
 # -- Readahead ---------------------------------------------------------------------------------
-
-
-class ManualExecutor(Executor):
-    """Queues submitted calls until the test runs them: deterministic 'background' work."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Future[Any], Callable[[], Any]]] = []
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        future: Future[T] = Future()
-        self.queue.append((future, functools.partial(fn, *args, **kwargs)))
-        return future
-
-    def run_one(self) -> None:
-        future, call = self.queue.pop(0)
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(call())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-    def run_all(self) -> None:
-        while self.queue:
-            self.run_one()
-
-    def pending(self) -> int:
-        return sum(not future.done() for future, _ in self.queue)
 
 
 class RecordingCache:
