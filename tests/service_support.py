@@ -1,6 +1,7 @@
 """Helpers for the vidcache service tests: an origin server that misbehaves on request, a thin
 HTTP client of the wire protocol and the `api` fixture made of it, looks into a service's
-data directory, and `vidcache serve` run where it is expected to stop at start."""
+data directory, `vidcache serve` run where it is expected to stop at start, and presigned URLs
+with the secrets that must never be shown."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import httpx
 import pytest
@@ -33,6 +34,44 @@ from vidcache.store import Store, blob_relpath
 CHUNK = 1024 * 1024
 # what the origin's /signed/ route takes for a valid signature of a presigned URL
 SIGNATURE = "5e11f00d5ec4e7c0ffee0ddba11ad5e1f5e11f00d5ec4e7c0ffee0ddba11ad5e1"
+# the secrets of the URLs the tests ingest, which no answer, log or file may show
+WRONG_SIGNATURE = "0bad51690bad51690bad51690bad51690bad51690bad51690bad51690bad5169"
+ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
+SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN"
+OTHER_SESSION_TOKEN = "FwoGZXIvYXdzOTHERSESSIONTOKEN"
+SECRETS = (SIGNATURE, WRONG_SIGNATURE, ACCESS_KEY, SESSION_TOKEN, OTHER_SESSION_TOKEN)
+
+
+def presigned(origin: str, name: str, signature: str, *, number: int = 5,
+              token: str = SESSION_TOKEN) -> str:
+    """An S3 presigned URL of /signed/<name>, `id=number` telling one such URL from another."""
+    return (f"{origin}/signed/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential={ACCESS_KEY}%2F20250131%2Fus-east-1%2Fs3%2Faws4_request"
+            f"&X-Amz-Date=20250131T120000Z&X-Amz-Expires=3600"
+            f"&X-Amz-Security-Token={token}&X-Amz-SignedHeaders=host"
+            f"&X-Amz-Signature={signature}&id={number}")
+
+
+def redirector(origin: str, url: str) -> str:
+    """A redirector's link to `url`: percent-encoded whole in its query, as real ones do."""
+    return f"{origin}/fetch?url={quote(url, safe='')}&via=mail"
+
+
+def shown(origin: str, name: str, *, number: int = 5) -> str:
+    """presigned(...) as the service and the command show it, whatever its signature."""
+    return (f"{origin}/signed/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+            f"&X-Amz-Credential=REDACTED&X-Amz-Date=20250131T120000Z&X-Amz-Expires=3600"
+            f"&X-Amz-Security-Token=REDACTED&X-Amz-SignedHeaders=host"
+            f"&X-Amz-Signature=REDACTED&id={number}")
+
+
+def leaks(text: str) -> list[str]:
+    return [secret for secret in SECRETS if secret in text]
+
+
+def files_holding_secrets(data_dir: Path) -> list[Path]:
+    return [path for path in (data_dir / ".vidcache").rglob("*")
+            if path.is_file() and leaks(path.read_bytes().decode("latin-1"))]
 
 
 def digest(data: bytes) -> str:

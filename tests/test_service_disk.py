@@ -32,22 +32,20 @@ import pytest
 
 from tests.service_stress_support import HoldingOrigin, PausingServer, TrickleOrigin, listing
 from tests.service_support import (
+    SESSION_TOKEN,
     SIGNATURE,
     Api,
     blob_files,
     digest,
-    serve_origin,
-    serve_refused,
-    temp_files,
-)
-from tests.support import VidcacheServer, free_port, serve_directory, wait_until
-from tests.test_service_secrets import (
-    SESSION_TOKEN,
     files_holding_secrets,
     presigned,
     redirector,
+    serve_origin,
+    serve_refused,
     shown,
+    temp_files,
 )
+from tests.support import VidcacheServer, free_port, serve_directory, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.space import MARGIN, needed
 from vidcache_client import ServerError, VidCacheClient

@@ -13,56 +13,30 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import quote
 
 import httpx
 import pytest
 
-from tests.service_support import SIGNATURE, Api, digest, serve_origin
+from tests.service_support import (
+    ACCESS_KEY,
+    OTHER_SESSION_TOKEN,
+    SESSION_TOKEN,
+    SIGNATURE,
+    WRONG_SIGNATURE,
+    Api,
+    digest,
+    files_holding_secrets,
+    leaks,
+    presigned,
+    redirector,
+    serve_origin,
+    shown,
+)
 from tests.support import VidcacheServer, wait_until
 from vidcache.store import url_alias
 from vidcache_client._credentials import without_credentials
 
 pytestmark = pytest.mark.timeout(120)
-
-WRONG_SIGNATURE = "0bad51690bad51690bad51690bad51690bad51690bad51690bad51690bad5169"
-ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
-SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLESESSIONTOKEN"
-OTHER_SESSION_TOKEN = "FwoGZXIvYXdzOTHERSESSIONTOKEN"
-SECRETS = (SIGNATURE, WRONG_SIGNATURE, ACCESS_KEY, SESSION_TOKEN, OTHER_SESSION_TOKEN)
-
-
-def presigned(origin: str, name: str, signature: str, *, number: int = 5,
-              token: str = SESSION_TOKEN) -> str:
-    """An S3 presigned URL of /signed/<name>, `id=number` telling one such URL from another."""
-    return (f"{origin}/signed/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-            f"&X-Amz-Credential={ACCESS_KEY}%2F20250131%2Fus-east-1%2Fs3%2Faws4_request"
-            f"&X-Amz-Date=20250131T120000Z&X-Amz-Expires=3600"
-            f"&X-Amz-Security-Token={token}&X-Amz-SignedHeaders=host"
-            f"&X-Amz-Signature={signature}&id={number}")
-
-
-def redirector(origin: str, url: str) -> str:
-    """A redirector's link to `url`: percent-encoded whole in its query, as real ones do."""
-    return f"{origin}/fetch?url={quote(url, safe='')}&via=mail"
-
-
-def shown(origin: str, name: str, *, number: int = 5) -> str:
-    """presigned(...) as the service and the command show it, whatever its signature."""
-    return (f"{origin}/signed/{name}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
-            f"&X-Amz-Credential=REDACTED&X-Amz-Date=20250131T120000Z&X-Amz-Expires=3600"
-            f"&X-Amz-Security-Token=REDACTED&X-Amz-SignedHeaders=host"
-            f"&X-Amz-Signature=REDACTED&id={number}")
-
-
-def leaks(text: str) -> list[str]:
-    return [secret for secret in SECRETS if secret in text]
-
-
-def files_holding_secrets(data_dir: Path) -> list[Path]:
-    return [path for path in (data_dir / ".vidcache").rglob("*")
-            if path.is_file() and leaks(path.read_bytes().decode("latin-1"))]
-
 
 def vidcache(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vidcache", *args], capture_output=True,
