@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -232,6 +232,33 @@ def test_a_page_the_service_will_not_send_fails_the_jump_in_time_then_heals(
         remote.close()
 
 
+JUMP_THREAD = "the jump"
+
+
+def remote_on_clock(link: FaultyLink, config: RemoteConfig, clock: Callable[[], float]
+                    ) -> Remote:
+    """A remote on `link` whose deadlines are read off `clock` (Remote.connect takes none)."""
+    client = VidCacheClient(link.url, timeout=config.per_request_timeout,
+                            max_connections=config.workers)
+    return Remote(client, config=config, clock=clock)
+
+
+def start_jump(remote: Remote, source: Source) -> tuple[threading.Thread, list[BaseException]]:
+    """Start a jump to block 12 (its page of digests not asked for yet) on a thread of its own,
+    named JUMP_THREAD; the list gets what the fetch raised."""
+    outcome: list[BaseException] = []
+
+    def jump() -> None:
+        try:
+            remote.fetch_blocks(source.content_hash, 12 * MIB, 13 * MIB, MIB)
+        except BaseException as exc:  # asserted by the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=jump, name=JUMP_THREAD, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_once(
     link: FaultyLink, source: Source, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -247,9 +274,7 @@ def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_
     cutoff: the reason is the same (the jump's said 'no complete answer by the deadline')."""
     skew = [0.0]
     config = RemoteConfig(digest_page_bytes=PAGE, timeout=60, request_timeout=20)
-    client = VidCacheClient(link.url, timeout=config.per_request_timeout,
-                            max_connections=config.workers)
-    remote = Remote(client, config=config, clock=lambda: time.monotonic() + skew[0])
+    remote = remote_on_clock(link, config, lambda: time.monotonic() + skew[0])
     try:
         remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # chunk size known, page 0 too
         link.faults.enable(Latency(seconds=60, match=path_prefix(
@@ -258,17 +283,8 @@ def test_a_page_of_digests_late_past_the_cutoff_fails_the_jump_naming_the_video_
             f"bytes={12 * MIB}-{13 * MIB - 1}")))
         pages = len(digest_pages_asked(link, source))
         began = time.monotonic()
-        outcome: list[BaseException] = []
-
-        def jump() -> None:
-            try:
-                remote.fetch_blocks(source.content_hash, 12 * MIB, 13 * MIB, MIB)
-            except BaseException as exc:  # asserted below
-                outcome.append(exc)
-
         with caplog.at_level(logging.INFO, logger="vcfs"):
-            reader = threading.Thread(target=jump, daemon=True)
-            reader.start()
+            reader, outcome = start_jump(remote, source)
             wait_until(lambda: len(digest_pages_asked(link, source)) > pages, timeout=10,
                        what="the page's request")
             skew[0] = began + config.timeout + config.per_request_timeout - 8 - time.monotonic()
@@ -294,24 +310,13 @@ def test_the_jumps_own_wait_ending_first_at_the_cutoff_names_the_late_digests(
     jump's cutoff (8 s after it starts; the range, held 1 s, has come long before); closing
     the remote ends them."""
     lag = [0.0]
-    jumper: list[threading.Thread] = []
 
     def clock() -> float:
-        mine = bool(jumper) and threading.current_thread() is jumper[0]
+        mine = threading.current_thread().name == JUMP_THREAD
         return time.monotonic() - (0.0 if mine else lag[0])
 
     config = RemoteConfig(digest_page_bytes=PAGE, timeout=6, request_timeout=2)
-    client = VidCacheClient(link.url, timeout=config.per_request_timeout,
-                            max_connections=config.workers)
-    remote = Remote(client, config=config, clock=clock)
-    outcome: list[BaseException] = []
-
-    def jump() -> None:
-        try:
-            remote.fetch_blocks(source.content_hash, 12 * MIB, 13 * MIB, MIB)
-        except BaseException as exc:  # asserted below
-            outcome.append(exc)
-
+    remote = remote_on_clock(link, config, clock)
     try:
         remote.fetch_blocks(source.content_hash, 0, MIB, MIB)  # chunk size known, page 0 too
         link.faults.enable(Latency(seconds=60, match=path_prefix(
@@ -319,10 +324,9 @@ def test_the_jumps_own_wait_ending_first_at_the_cutoff_names_the_late_digests(
         link.faults.enable(Latency(seconds=1, match=lambda request: request.range == (
             f"bytes={12 * MIB}-{13 * MIB - 1}")))
         lag[0] = 60.0
-        jumper.append(threading.Thread(target=jump, daemon=True))
-        jumper[0].start()
-        jumper[0].join(timeout=40)
-        assert not jumper[0].is_alive(), "the jump did not end"
+        jumper, outcome = start_jump(remote, source)
+        jumper.join(timeout=40)
+        assert not jumper.is_alive(), "the jump did not end"
     finally:
         remote.close()
     assert len(outcome) == 1 and isinstance(outcome[0], RemoteUnavailable), outcome
