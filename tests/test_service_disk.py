@@ -134,9 +134,9 @@ def limit_quota(subvolume: Path, room: int | None) -> None:
     limit."""
     limit = "none"
     if room is not None:
-        shown = subprocess.run(["btrfs", "qgroup", "show", "--raw", "--sync", "-f",
-                                str(subvolume)], check=True, capture_output=True, text=True)
-        referenced = int(shown.stdout.splitlines()[-1].split()[1])
+        qgroup = subprocess.run(["btrfs", "qgroup", "show", "--raw", "--sync", "-f",
+                                 str(subvolume)], check=True, capture_output=True, text=True)
+        referenced = int(qgroup.stdout.splitlines()[-1].split()[1])
         limit = str(referenced + room)
     subprocess.run(["btrfs", "qgroup", "limit", limit, str(subvolume)], check=True)
 
