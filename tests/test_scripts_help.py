@@ -2,8 +2,9 @@
 installed or run (the demo's and the benchmark's are in test_demo_script.py and
 test_bench_smoke.py); the help of every script when it is called by a path relative to another
 directory or through a symlink placed elsewhere; scripts/setup's refusals (of options it does
-not know, and, when not root, to try apt-get), the packages it says it installs, its repair of
-a .venv that does not work and the pip it adds to a .venv made without one."""
+not know, and, when not root, to try apt-get), the packages it says it installs, the dpkg run
+it finishes before apt-get when one was interrupted, its repair of a .venv that does not work
+and the pip it adds to a .venv made without one."""
 
 from __future__ import annotations
 
@@ -81,14 +82,14 @@ def test_help_works_through_a_symlink_placed_elsewhere(
 
 def setup_on_a_bare_path(place: Path) -> list[str]:
     """The command running a copy of scripts/setup in `place`, with a PATH (`place`/bin)
-    holding only bash and readlink: ffmpeg, fusermount3, mpv and python3 are missing. The copy
-    stops before it looks at its checkout."""
+    holding only bash, readlink and apt-config: ffmpeg, fusermount3, mpv and python3 are
+    missing. The copy stops before it looks at its checkout."""
     bin_dir, scripts = place / "bin", place / "scripts"
     for directory in (place, bin_dir, scripts):
         directory.mkdir(exist_ok=True)
         os.chmod(directory, 0o755)
     shutil.copy(SCRIPTS / "setup", scripts)
-    for tool in ("bash", "readlink"):
+    for tool in ("bash", "readlink", "apt-config"):
         (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
     return ["env", f"PATH={bin_dir}", str(scripts / "setup")]
 
@@ -119,6 +120,53 @@ def test_setup_as_root_names_the_packages_it_installs(tmp_path: Path) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stderr) == (100, ""), result
     assert result.stdout == "setup: installing Debian packages: ffmpeg fuse3 mpv python3-venv\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setup installs only as root")
+@pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt's own check needs apt-get")
+@pytest.mark.parametrize("left", ["0001", "tmp.i"], ids=["journal", "no journal"])
+def test_setup_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path, left: str) -> None:
+    """A Ctrl-C (or a lost SSH session) during setup's apt-get install leaves entries in dpkg's
+    journal, updates/ beside its status file; the next setup failed in apt-get: "dpkg was
+    interrupted, you must manually run 'dpkg --configure -a' to correct the problem". Now it
+    says so and runs that first, non-interactively. Here apt's configuration (APT_CONFIG)
+    puts dpkg's status in tmp_path; the real apt-get calls the state interrupted or not (a
+    file dpkg leaves whose name is not all digits is no journal entry); dpkg and apt-get on
+    setup's PATH are stubs that log their calls (apt-get then fails, as without a network)."""
+    admin = tmp_path / "dpkg"
+    (admin / "updates").mkdir(parents=True)
+    (admin / "status").touch()
+    (admin / "updates" / left).write_text("Package: ffmpeg\nStatus: install ok unpacked\n")
+    config = tmp_path / "apt.conf"
+    # No package caches: apt would write them, built from this status, into /var/cache/apt.
+    config.write_text(f'Dir::State::status "{admin}/status";\n'
+                      'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n')
+    env = {**os.environ, "APT_CONFIG": str(config)}
+    interrupted = left.isdigit()
+    check = subprocess.run(["apt-get", "check"], capture_output=True, text=True, env=env,
+                           timeout=60, check=False)
+    assert ("dpkg was interrupted" in check.stderr) == interrupted, check
+
+    command = setup_on_a_bare_path(tmp_path / "place")
+    log = tmp_path / "calls.log"
+    for tool, status in (("dpkg", 0), ("apt-get", 100)):
+        stub = tmp_path / "place" / "bin" / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $* ($DEBIAN_FRONTEND)" >>{log}\n'
+                        f"exit {status}\n")
+        stub.chmod(0o755)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60,
+                            check=False)
+    assert (result.returncode, result.stderr) == (100, ""), result
+    installing = "setup: installing Debian packages: ffmpeg fuse3 mpv python3-venv\n"
+    update = "apt-get update -qq (noninteractive)\n"
+    if interrupted:
+        assert result.stdout == ("setup: dpkg was interrupted during an earlier installation;"
+                                 " finishing its work first (dpkg --configure -a)\n"
+                                 + installing)
+        assert log.read_text() == ("dpkg --force-confdef --force-confold --configure -a"
+                                   " (noninteractive)\n" + update)
+    else:
+        assert (result.stdout, log.read_text()) == (installing, update)
 
 
 PROBE_PROJECT = """\
