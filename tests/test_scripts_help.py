@@ -264,6 +264,31 @@ def test_setup_adds_pip_to_a_venv_made_without_it_keeping_its_python(tmp_path: P
 
 
 @setup_installs_nothing
+@pytest.mark.timeout(300)
+def test_setup_redoes_an_install_that_did_not_finish(tmp_path: Path) -> None:
+    """The stamp of the project's last install stayed while setup installed again (here: into
+    a .venv made without pip), so an install that did not finish (a Ctrl-C; here pip finds no
+    setuptools to build with, PIP_NO_INDEX) was taken for done by the next run, which did
+    nothing and exited 0."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(SCRIPTS / "setup", tmp_path / "scripts")
+    (tmp_path / "pyproject.toml").write_text(PROBE_PROJECT)
+    venv = venv_made_without_pip(tmp_path)
+    setup = [str(tmp_path / "scripts" / "setup")]
+
+    stopped = subprocess.run(setup, capture_output=True, text=True, timeout=120, check=False,
+                             env={**os.environ, "PIP_NO_INDEX": "1"})
+    assert stopped.returncode == 1, stopped
+    assert "setuptools" in stopped.stderr, stopped.stderr
+    result = subprocess.run(setup, capture_output=True, text=True, timeout=280, check=False)
+    assert result.returncode == 0, result
+    assert result.stdout == "setup: installing the project into .venv (pip install -e '.[dev]')\n"
+    works = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "show", "setup-probe"],
+                           capture_output=True, text=True, check=False)
+    assert works.returncode == 0, works
+
+
+@setup_installs_nothing
 def test_setup_leaves_a_venv_without_pip_alone_when_its_python_cannot_add_pip(
         tmp_path: Path) -> None:
     """As Debian's python without python3-venv ("ensurepip is disabled"): here an ensurepip
