@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.support import wait_until
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -167,6 +170,33 @@ def test_setup_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path, left:
                                    " (noninteractive)\n" + update)
     else:
         assert (result.stdout, log.read_text()) == (installing, update)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setup installs only as root")
+def test_ctrl_c_during_setup_says_to_run_it_again(tmp_path: Path) -> None:
+    """A Ctrl-C ended setup without a word (the next run finishes what it left half-done,
+    dpkg's interrupted installation included). It still ends by SIGINT, as before, for its
+    caller. Here the Ctrl-C comes while apt-get (a stub that waits) installs."""
+    command = setup_on_a_bare_path(tmp_path)
+    started = tmp_path / "apt-get started"
+    apt_get = tmp_path / "bin" / "apt-get"
+    apt_get.write_text(f'#!/bin/sh\n{shutil.which("touch")} "{started}"\n'
+                       f"exec {shutil.which('sleep')} 60\n")  # not on setup's PATH
+    apt_get.chmod(0o755)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        wait_until(lambda: started.exists() or process.poll() is not None, timeout=30,
+                   what="setup running apt-get")
+        assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGINT)  # as a terminal sends Ctrl-C to its job
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGINT, (stdout, stderr)
+    assert stderr == "setup: interrupted; run it again to finish\n"
 
 
 PROBE_PROJECT = """\
