@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,31 @@ def test_a_mount_point_with_files_in_it_is_refused(tmp_path: Path) -> None:
     result = run_demo("--port", str(free_port()), "--mount", str(tmp_path))
     assert result.returncode == 1
     assert "is not an empty directory" in result.stderr, result.stderr
+
+
+@requires_fuse[0]
+@requires_fuse[1]
+def test_a_mount_point_that_cannot_be_listed_is_refused(tmp_path: Path) -> None:
+    """`[[ -n $(ls -A DIR) ]]` took a directory ls could not read for an empty one (ls's failure
+    masked): the demo started the service, ingested, and failed only at the mount. Here the
+    directory's listing fails with EIO, on a FUSE file system of the test's
+    (tests/unlistable_fs.py)."""
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    served = subprocess.Popen([sys.executable, "-m", "tests.unlistable_fs", str(fs)],
+                              cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: mount_entry(str(fs)) is not None or served.poll() is not None,
+                   timeout=60, what="the unlistable file system mounted")
+        assert mount_entry(str(fs)) is not None, served.returncode
+        result = run_demo("--port", str(free_port()), "--mount", str(fs / "dir"))
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(fs)], check=False)
+        served.wait(timeout=30)
+    assert result.returncode == 1, result
+    assert "Input/output error" in result.stderr, result.stderr  # ls's reason
+    assert result.stderr.endswith(f"demo: {fs}/dir is not an empty directory; pass --mount DIR\n")
+    assert "==>" not in result.stdout  # nothing was started
 
 
 @pytest.mark.parametrize(("args", "message"), [
