@@ -3,8 +3,9 @@ installed or run (the demo's and the benchmark's are in test_demo_script.py and
 test_bench_smoke.py); the help of every script when it is called by a path relative to another
 directory or through a symlink placed elsewhere; scripts/setup's refusals (of options it does
 not know, and, when not root, to try apt-get), the packages it says it installs, the dpkg run
-it finishes before apt-get when one was interrupted, its repair of a .venv that does not work
-and the pip it adds to a .venv made without one."""
+it (and scripts/bench) finishes before apt-get when one was interrupted, its message on Ctrl-C,
+its repair of a .venv that does not work or whose install did not finish and the pip it adds
+to a .venv made without one."""
 
 from __future__ import annotations
 
@@ -125,6 +126,34 @@ def test_setup_as_root_names_the_packages_it_installs(tmp_path: Path) -> None:
     assert result.stdout == "setup: installing Debian packages: ffmpeg fuse3 mpv python3-venv\n"
 
 
+def apt_config_with_dpkg_state(directory: Path, left: str) -> dict[str, str]:
+    """An environment whose apt configuration (APT_CONFIG) puts dpkg's status in `directory`
+    with the file `left` in its updates/ (a journal entry when its name is all digits)."""
+    admin = directory / "dpkg"
+    (admin / "updates").mkdir(parents=True)
+    (admin / "status").touch()
+    (admin / "updates" / left).write_text("Package: ffmpeg\nStatus: install ok unpacked\n")
+    config = directory / "apt.conf"
+    # No package caches: apt would write them, built from this status, into /var/cache/apt.
+    config.write_text(f'Dir::State::status "{admin}/status";\n'
+                      'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n')
+    return {**os.environ, "APT_CONFIG": str(config)}
+
+
+def logging_stubs(bin_dir: Path, log: Path) -> None:
+    """dpkg and apt-get in `bin_dir` that log their arguments and DEBIAN_FRONTEND to `log`;
+    dpkg succeeds, apt-get fails (100, as without a network)."""
+    for tool, status in (("dpkg", 0), ("apt-get", 100)):
+        stub = bin_dir / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $* ($DEBIAN_FRONTEND)" >>{log}\n'
+                        f"exit {status}\n")
+        stub.chmod(0o755)
+
+
+FINISHING = "dpkg --force-confdef --force-confold --configure -a (noninteractive)\n"
+UPDATE = "apt-get update -qq (noninteractive)\n"
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="setup installs only as root")
 @pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt's own check needs apt-get")
 @pytest.mark.parametrize("left", ["0001", "tmp.i"], ids=["journal", "no journal"])
@@ -132,19 +161,11 @@ def test_setup_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path, left:
     """A Ctrl-C (or a lost SSH session) during setup's apt-get install leaves entries in dpkg's
     journal, updates/ beside its status file; the next setup failed in apt-get: "dpkg was
     interrupted, you must manually run 'dpkg --configure -a' to correct the problem". Now it
-    says so and runs that first, non-interactively. Here apt's configuration (APT_CONFIG)
-    puts dpkg's status in tmp_path; the real apt-get calls the state interrupted or not (a
-    file dpkg leaves whose name is not all digits is no journal entry); dpkg and apt-get on
-    setup's PATH are stubs that log their calls (apt-get then fails, as without a network)."""
-    admin = tmp_path / "dpkg"
-    (admin / "updates").mkdir(parents=True)
-    (admin / "status").touch()
-    (admin / "updates" / left).write_text("Package: ffmpeg\nStatus: install ok unpacked\n")
-    config = tmp_path / "apt.conf"
-    # No package caches: apt would write them, built from this status, into /var/cache/apt.
-    config.write_text(f'Dir::State::status "{admin}/status";\n'
-                      'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";\n')
-    env = {**os.environ, "APT_CONFIG": str(config)}
+    says so and runs that first, non-interactively. Here apt's configuration puts dpkg's
+    status in tmp_path; the real apt-get calls the state interrupted or not (a file dpkg
+    leaves whose name is not all digits is no journal entry); dpkg and apt-get on setup's
+    PATH are stubs that log their calls."""
+    env = apt_config_with_dpkg_state(tmp_path, left)
     interrupted = left.isdigit()
     check = subprocess.run(["apt-get", "check"], capture_output=True, text=True, env=env,
                            timeout=60, check=False)
@@ -152,24 +173,46 @@ def test_setup_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path, left:
 
     command = setup_on_a_bare_path(tmp_path / "place")
     log = tmp_path / "calls.log"
-    for tool, status in (("dpkg", 0), ("apt-get", 100)):
-        stub = tmp_path / "place" / "bin" / tool
-        stub.write_text(f'#!/bin/sh\necho "{tool} $* ($DEBIAN_FRONTEND)" >>{log}\n'
-                        f"exit {status}\n")
-        stub.chmod(0o755)
+    logging_stubs(tmp_path / "place" / "bin", log)
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60,
                             check=False)
     assert (result.returncode, result.stderr) == (100, ""), result
     installing = "setup: installing Debian packages: ffmpeg fuse3 mpv python3-venv\n"
-    update = "apt-get update -qq (noninteractive)\n"
     if interrupted:
         assert result.stdout == ("setup: dpkg was interrupted during an earlier installation;"
                                  " finishing its work first (dpkg --configure -a)\n"
                                  + installing)
-        assert log.read_text() == ("dpkg --force-confdef --force-confold --configure -a"
-                                   " (noninteractive)\n" + update)
+        assert log.read_text() == FINISHING + UPDATE
     else:
-        assert (result.stdout, log.read_text()) == (installing, update)
+        assert (result.stdout, log.read_text()) == (installing, UPDATE)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bench installs only as root")
+@pytest.mark.skipif(not os.path.exists("/usr/sbin/policy-rc.d"),
+                    reason="bench would add /usr/sbin/policy-rc.d for its installation")
+def test_bench_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path) -> None:
+    """As setup (above) for bench's own installation (rclone, httpfs2, curl): its apt-get
+    failed on the journal an interrupted installation left (setup, which bench runs first,
+    finishes it only when it installs something itself). Here setup is a stub that succeeds,
+    and PATH holds only what bench runs up to apt-get."""
+    env = apt_config_with_dpkg_state(tmp_path, "0001")
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "scripts"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    shutil.copy(SCRIPTS / "bench", scripts)
+    (scripts / "setup").write_text("#!/bin/sh\nexit 0\n")
+    (scripts / "setup").chmod(0o755)
+    for tool in ("bash", "readlink", "apt-config"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    log = tmp_path / "calls.log"
+    logging_stubs(bin_dir, log)
+    result = subprocess.run(["env", f"PATH={bin_dir}", str(scripts / "bench")],
+                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert result.returncode == 100, result
+    assert result.stderr.startswith(
+        "bench: dpkg was interrupted during an earlier installation; finishing its work first"
+        " (dpkg --configure -a)\nbench: installing Debian packages: rclone httpfs2 curl"), result
+    assert log.read_text() == FINISHING + UPDATE
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="setup installs only as root")
