@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from vcfs.limits import FUSE_THREADS, THREAD_STACK
 from vcfs.memory import (
     THREADS,
-    Limit,
     MemoryFacts,
     cache_refusal,
     cache_warnings,
@@ -22,7 +22,7 @@ from vcfs.memory import (
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 NO_LIMITS = MemoryFacts(mem_total=None, mem_available=None, data=None, address_space=None,
-                        stack=None, cgroup=None)
+                        cgroup=None)
 
 
 def given(**values: object) -> MemoryFacts:
@@ -67,30 +67,34 @@ def test_the_tightest_limit_is_named() -> None:
     # Without the cgroup, over the data limit alone: that one is named, with how to raise it.
     assert cache_refusal(1950 * MIB, [found[0], *found[2:]]) == (
         "--cache-size 1950 MiB is more than its data limit (2 GiB, ulimit -d) can hold besides "
-        "the ~132 MiB vcfs needs otherwise: give a --cache-size of at most 1.8 GiB, or raise "
+        "the ~116 MiB vcfs needs otherwise: give a --cache-size of at most 1.8 GiB, or raise "
         "the limit (systemd: LimitDATA=)")
 
 
 def test_each_limit_counts_what_vcfs_needs_under_it() -> None:
     """Resident memory for the machine and a cgroup, the process's data segment and address
-    space for the rlimits (each bigger), and thread stacks under load only for those two."""
+    space for the rlimits (the latter bigger), and thread stacks under load only for those two:
+    vcfs's own 2 MiB each, whatever ulimit -s says (it was 8 MiB each by default, 1.6 GiB)."""
     machine, cgroup, data, address_space = limits(given(
-        mem_total=GIB, data=GIB, address_space=GIB, stack=8 * MIB,
-        cgroup=("/", "memory.max", GIB)))
-    assert machine.besides == cgroup.besides < data.besides < address_space.besides
+        mem_total=GIB, data=GIB, address_space=GIB, cgroup=("/", "memory.max", GIB)))
+    assert machine.besides == cgroup.besides <= data.besides < address_space.besides
     assert (machine.stacks, cgroup.stacks) == (0, 0)
-    assert data.stacks == address_space.stacks == THREADS * 8 * MIB
-    assert data.busy == address_space.busy == machine.busy + THREADS * 8 * MIB
-    # Without a stack limit glibc gives each thread 2 MiB.
-    assert limits(given(data=GIB))[0].stacks == THREADS * 2 * MIB
+    assert THREAD_STACK == 2 * MIB
+    assert data.stacks == address_space.stacks == THREADS * 2 * MIB == 400 * MIB
+    assert data.busy == address_space.busy == machine.busy + THREADS * 2 * MIB
+
+
+def test_a_bigger_fuse_thread_stack_is_counted_for_the_fuse_threads() -> None:
+    """FUSE_THREAD_STACK asking for more than vcfs's own is what libfuse's threads get."""
+    [data] = limits(given(data=GIB), fuse_stack=8 * MIB)
+    assert data.stacks == FUSE_THREADS * 8 * MIB + (THREADS - FUSE_THREADS) * 2 * MIB
 
 
 def test_a_limit_with_no_room_for_any_cache_says_so() -> None:
-    found = [Limit("its data limit ({size}, ulimit -d)", 100 * MIB, 132 * MIB, 0,
-                   fix="raise the limit (systemd: LimitDATA=)")]
-    assert cache_refusal(2 * MIB, found) == (
+    [found] = limits(given(data=100 * MIB))
+    assert cache_refusal(2 * MIB, [found]) == (
         "--cache-size 2 MiB is more than its data limit (100 MiB, ulimit -d) can hold: vcfs "
-        "needs ~132 MiB there besides its cache; raise the limit (systemd: LimitDATA=)")
+        "needs ~116 MiB there besides its cache; raise the limit (systemd: LimitDATA=)")
 
 
 def test_a_cgroup_path_with_braces_is_named_as_it_is() -> None:
@@ -110,20 +114,22 @@ def test_memory_available_now_is_a_warning_not_a_refusal() -> None:
 
 
 def test_a_limit_without_room_for_the_thread_stacks_under_load_is_a_warning() -> None:
-    state = given(data=GIB, stack=8 * MIB)
+    """A 1 GiB data limit now holds a 256 MiB cache and a busy vcfs: with stacks of ulimit -s
+    (8 MiB) each it was warned of, and reads failed under load."""
+    state = given(data=600 * MIB)
     found = limits(state)
     assert cache_refusal(256 * MIB, found) is None
     assert cache_warnings(256 * MIB, state, found) == [
-        f"its data limit (1 GiB, ulimit -d) holds --cache-size 256 MiB, but not also the ~1.7 "
-        f"GiB more vcfs uses when busy, 1.6 GiB of it the stacks of its up to {THREADS} threads "
-        "(ulimit -s each): under such load reads may fail with EIO; give a smaller --cache-size "
-        "or a smaller ulimit -s, or raise the limit (systemd: LimitDATA=)"]
-    roomy = given(data=4 * GIB, stack=8 * MIB)
+        f"its data limit (600 MiB, ulimit -d) holds --cache-size 256 MiB, but not also the ~512 "
+        f"MiB more vcfs uses when busy, 400 MiB of it the stacks of its up to {THREADS} threads: "
+        "under such load reads may fail with EIO; give a smaller --cache-size, or raise the "
+        "limit (systemd: LimitDATA=)"]
+    roomy = given(data=GIB)
     assert cache_warnings(256 * MIB, roomy, limits(roomy)) == []
-    tight = given(data=2 * GIB, stack=8 * MIB)
+    tight = given(data=768 * MIB)
     [warning] = cache_warnings(256 * MIB, tight, limits(tight))
-    assert warning.endswith("give a --cache-size of at most 204 MiB or a smaller ulimit -s, or "
-                            "raise the limit (systemd: LimitDATA=)")
+    assert warning.endswith("give a --cache-size of at most 140 MiB, or raise the limit "
+                            "(systemd: LimitDATA=)")
 
 
 def test_a_cgroup_that_holds_the_cache_only_while_vcfs_is_not_busy_is_a_warning() -> None:

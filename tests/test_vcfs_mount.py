@@ -43,6 +43,7 @@ from blake3 import blake3
 from PIL import Image
 
 import vcfs
+import vcfs.limits
 from bench.proxy import Connection, Hooks, ProxyConfig, ProxyThread, Request
 from tests.support import (
     VidcacheServer,
@@ -63,6 +64,7 @@ from tests.vcfs_support import (
     process_alive,
     python_for_nobody,
     requires_fuse,
+    thread_stacks,
     vcfs_command,
 )
 from vcfs import cli, paths
@@ -1219,11 +1221,11 @@ def test_o_words_libfuse_would_refuse_are_refused_before_the_service_is_asked(
 
 @pytest.mark.parametrize(("limit", "cache", "message"), [
     (["--data=536870912"], "1G", "--cache-size 1 GiB is more than its data limit (512 MiB, "
-     "ulimit -d) can hold besides the ~132 MiB vcfs needs otherwise: give a --cache-size of at "
-     "most 380 MiB, or raise the limit (systemd: LimitDATA=)"),
+     "ulimit -d) can hold besides the ~116 MiB vcfs needs otherwise: give a --cache-size of at "
+     "most 396 MiB, or raise the limit (systemd: LimitDATA=)"),
     (["--as=805306368"], "1G", "--cache-size 1 GiB is more than its address-space limit (768 "
-     "MiB, ulimit -v) can hold besides the ~228 MiB vcfs needs otherwise: give a --cache-size "
-     "of at most 540 MiB, or raise the limit (systemd: LimitAS=)"),
+     "MiB, ulimit -v) can hold besides the ~196 MiB vcfs needs otherwise: give a --cache-size "
+     "of at most 572 MiB, or raise the limit (systemd: LimitAS=)"),
     # the machine's memory, or a cgroup's limit where the tests run in a smaller one
     ([], "100T", "--cache-size 102400 GiB is more than "),
 ])
@@ -1314,25 +1316,113 @@ def test_a_cache_that_cannot_fit_in_its_cgroup_is_refused(tmp_path: Path) -> Non
 def test_a_cache_that_fits_a_limit_but_not_the_thread_stacks_under_load_is_warned_of(
     tmp_path: Path, vidcache_server: VidcacheServer
 ) -> None:
-    """A 256 MiB cache fits in a 1 GiB data limit, but not with what vcfs uses when busy, the
-    stacks of its 200 threads (8 MiB each) above all: mounted, with a warning a --daemon
+    """A 256 MiB cache fits in a 600 MiB data limit, but not with what vcfs uses when busy, the
+    stacks of its 200 threads (2 MiB each) above all: mounted, with a warning a --daemon
     without a log file says on its terminal."""
     empty = tmp_path / "empty"
     empty.mkdir()
     try:
         result = subprocess.run(
-            ["prlimit", f"--data={1 << 30}", f"--stack={8 << 20}", "--",
+            ["prlimit", f"--data={600 * MIB}", f"--stack={8 * MIB}", "--",
              *vcfs_command("mount", vidcache_server.url, str(empty), "--cache-size", "256M",
                            "--daemon")],
             capture_output=True, text=True, timeout=90)
         assert result.returncode == 0, result.stderr
         assert os.path.ismount(empty)
         assert re.fullmatch(
-            r"\S+ \S+ WARNING vcfs: its data limit \(1 GiB, ulimit -d\) holds --cache-size 256 "
-            r"MiB, but not also the ~1\.7 GiB more vcfs uses when busy, 1\.6 GiB of it the "
-            r"stacks of its up to 200 threads \(ulimit -s each\): under such load reads may fail "
-            r"with EIO; give a smaller --cache-size or a smaller ulimit -s, or raise the limit "
-            r"\(systemd: LimitDATA=\)\n", result.stderr), result.stderr
+            r"\S+ \S+ WARNING vcfs: its data limit \(600 MiB, ulimit -d\) holds --cache-size "
+            r"256 MiB, but not also the ~512 MiB more vcfs uses when busy, 400 MiB of it the "
+            r"stacks of its up to 200 threads: under such load reads may fail with EIO; give a "
+            r"smaller --cache-size, or raise the limit \(systemd: LimitDATA=\)\n",
+            result.stderr), result.stderr
+    finally:
+        subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize(("fuse_stack", "data_limit"), [
+    # The smallest data limits vcfs mounts a 16 MiB cache under without a warning: ~116 MiB
+    # besides the cache, ~512 MiB more when busy, 400 MiB of it 200 threads' stacks of 2 MiB
+    # (vcfs.memory), 128 MiB more with FUSE threads' of 4 MiB.
+    (None, 644 * MIB),
+    (4 * MIB, 772 * MIB),
+])
+def test_a_busy_mount_under_a_data_limit_reads_every_byte(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video],
+    fuse_stack: int | None, data_limit: int,
+) -> None:
+    """60 readers of 1 MiB at random offsets (48 reads waiting on vcfs, its most) under
+    `ulimit -d` and a `ulimit -s` of 8 MiB, mounted with --daemon: every byte is right, and
+    every thread has a stack of 2 MiB, libfuse's threads that of FUSE_THREAD_STACK if it asks
+    for more. Was: each thread's stack was ulimit -s, 1.6 GiB for 200, and reads failed with
+    EIO once threads could no longer start (vcfs warned of it, ~1.7 GiB more when busy)."""
+    mountpoint, log_file = tmp_path / "mnt", tmp_path / "vcfs.log"
+    mountpoint.mkdir()
+    environment = dict(os.environ)
+    if fuse_stack is not None:
+        environment["FUSE_THREAD_STACK"] = str(fuse_stack)
+    videos = [corpus["big.mp4"], corpus["big_moov_end.mp4"]]
+    sources = [video.data() for video in videos]
+    pid = None
+    try:
+        started = subprocess.run(
+            ["prlimit", f"--data={data_limit}", f"--stack={8 * MIB}", "--",
+             *vcfs_command("mount", vidcache_server.url, str(mountpoint), "--cache-size", "16M",
+                           "--daemon", "--log-file", str(log_file))],
+            capture_output=True, text=True, timeout=90, env=environment)
+        assert started.returncode == 0, started.stderr
+        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+
+        def read(reader: int) -> None:
+            rng = random.Random(reader)
+            which = reader % len(videos)
+            source = sources[which]
+            fd = os.open(mountpoint / "by-hash" / videos[which].file_name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                for _ in range(16):
+                    offset = rng.randrange(0, len(source) - MIB)
+                    assert pread_uncached(fd, MIB, offset) == source[offset : offset + MIB]
+            finally:
+                os.close(fd)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=60) as pool:
+            list(pool.map(read, range(60)))
+        stats = json.loads((mountpoint / ".vcfs" / "stats").read_text())
+        assert stats["fuse"]["errors"] == 0
+        stacks = thread_stacks(pid)
+        assert len(stacks) > 100  # the FUSE threads, fetch threads and HTTP workers, mostly
+        if fuse_stack is None:
+            assert set(stacks) == {vcfs.limits.THREAD_STACK} == {2 * MIB}
+        else:
+            assert set(stacks) == {2 * MIB, fuse_stack}
+            assert 0 < stacks.count(fuse_stack) <= vcfs.limits.FUSE_THREADS
+        assert " WARNING " not in log_file.read_text()
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        if pid is not None:
+            wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
+
+
+@pytest.mark.parametrize("given", ["1048576", "64K", "2147483648", " 4194304", ""])
+@pytest.mark.parametrize("mode", [[], ["--daemon"]])
+def test_a_fuse_thread_stack_libfuse_would_not_take_or_too_small_is_refused(
+    tmp_path: Path, given: str, mode: list[str]
+) -> None:
+    """libfuse gives its threads the stack of FUSE_THREAD_STACK (atoi) if set, vcfs sets it to
+    its own 2 MiB otherwise: less could overflow (a dead mount), and what libfuse cannot read
+    it would replace with ulimit -s. Nothing listens at the URL: refused before it is asked."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    try:
+        result = subprocess.run(
+            vcfs_command("mount", f"http://127.0.0.1:{free_port()}", str(empty), *mode),
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "FUSE_THREAD_STACK": given})
+        assert (result.returncode, result.stderr) == (1, (
+            f"vcfs: error: FUSE_THREAD_STACK={given!r} in the environment: libfuse's thread "
+            "stack must be a number of bytes from 2097152 (2 MiB, what vcfs sets when the "
+            "variable is unset) to 2147483647; unset it, or give more\n"))
+        assert not os.path.ismount(empty)
     finally:
         subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
 

@@ -83,6 +83,28 @@ def process_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def thread_stacks(pid: int) -> list[int]:
+    """The stack size of each thread of process `pid` but its main thread: the size of the
+    mapping its stack pointer is in (/proc/PID/task/TID/syscall), which is what the thread was
+    started with (glibc's guard page below it is a mapping of its own). A thread on a CPU at
+    that moment is left out: its stack pointer is not shown."""
+    mappings = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        start, _, end = line.split(maxsplit=1)[0].partition("-")
+        mappings.append((int(start, 16), int(end, 16)))
+    sizes = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        if int(tid) == pid or fields[0] == "running":
+            continue
+        pointer = int(fields[-2], 16)  # "NR ARGS... SP PC", or "-1 SP PC" outside a call
+        sizes += [end - start for start, end in mappings if start <= pointer < end]
+    return sizes
+
+
 def drop_pages(path: Path) -> None:
     """Evict the file's pages from the kernel's page cache: the next read reaches vcfs."""
     fd = os.open(path, os.O_RDONLY)

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 from vcfs import __version__, mountinfo
 from vcfs.blocks import BlockCache
-from vcfs.limits import FUSE_THREADS, READS_WAITING
+from vcfs.limits import FUSE_THREADS, READS_WAITING, THREAD_STACK
 from vcfs.memory import cache_refusal, cache_warnings, current_limits, limits
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client._arguments import (
@@ -111,6 +111,9 @@ _MALLOC_ARENAS = 2
 _TRIM_THRESHOLD = 64 * MIB
 # glibc's largest mmap threshold (HEAP_MAX_SIZE / 2 on 64-bit): bigger blocks are mapped anyway.
 _MAX_MMAP_THRESHOLD = 32 * MIB
+# The stack size libfuse gives the threads it starts (fuse_loop_mt.c, libfuse 2.9 to 3.x: read
+# with getenv and atoi as each thread starts; without it, glibc's default, `ulimit -s`).
+_FUSE_THREAD_STACK = "FUSE_THREAD_STACK"
 
 
 class StartupError(Exception):
@@ -124,6 +127,7 @@ class MountOptions:
     fuse_fd: int | None  # N of a /dev/fd/N mount point
     cache_size: int
     block_size: int
+    fuse_stack: int  # libfuse's threads' stack (see fuse_thread_stack)
     readahead_max: int
     timeout: float
     fuse_options: tuple[str, ...]
@@ -393,9 +397,10 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if args.keep_passed is not None and args.keep_passed > cache:
         raise StartupError(
             f"--keep-passed ({args.keep_passed}) must be at most --cache-size ({cache})")
+    fuse_stack = fuse_thread_stack(os.environ.get(_FUSE_THREAD_STACK))
     # A cache that cannot fit fills until the OOM killer ends the daemon (a dead mount), or
     # reads fail with EIO (vcfs.memory).
-    if refusal := cache_refusal(cache, limits(current_limits())):
+    if refusal := cache_refusal(cache, limits(current_limits(), fuse_stack=fuse_stack)):
         raise StartupError(refusal)
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
@@ -430,6 +435,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         fuse_fd=fd,
         cache_size=cache,
         block_size=block,
+        fuse_stack=fuse_stack,
         readahead_max=window,
         timeout=args.timeout,
         fuse_options=fuse_options,
@@ -442,6 +448,29 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         token_file=token_file,
         token=_token(token_file) if token_file else None,
     )
+
+
+def fuse_thread_stack(given: str | None) -> int:
+    """The stack of libfuse's threads: vcfs's own (THREAD_STACK), or more if the environment's
+    FUSE_THREAD_STACK (`given`) asks for more. Less is refused: a thread that overflows its stack
+    kills the daemon (a dead mount); and so is what libfuse's atoi cannot read, which it would
+    report as "invalid stack size" and replace with `ulimit -s`."""
+    if given is None:
+        return THREAD_STACK
+    if not is_decimal(given) or not THREAD_STACK <= int(given) < 1 << 31:
+        raise StartupError(
+            f"{_FUSE_THREAD_STACK}={given!r} in the environment: libfuse's thread stack must be "
+            f"a number of bytes from {THREAD_STACK} (2 MiB, what vcfs sets when the variable is "
+            f"unset) to {(1 << 31) - 1}; unset it, or give more")
+    return int(given)
+
+
+def set_thread_stacks(fuse_stack: int) -> None:
+    """Give every thread vcfs starts from now on a stack of THREAD_STACK, and libfuse's threads
+    one of `fuse_stack`, instead of `ulimit -s` each (vcfs.limits). Before any thread starts:
+    threading reads its size as it starts one, libfuse its variable as it starts one."""
+    threading.stack_size(THREAD_STACK)
+    os.environ[_FUSE_THREAD_STACK] = str(fuse_stack)
 
 
 def _token(path: str) -> str:
@@ -650,6 +679,7 @@ def configure_logging(level: str, log_file: str | None) -> None:
 
 def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
     """Mount and serve until unmounted or signalled (SIGINT/SIGTERM/SIGHUP unmount)."""
+    set_thread_stacks(options.fuse_stack)
     try:
         configure_logging(options.log_level, options.log_file)
     except OSError as exc:
@@ -661,7 +691,8 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
     else:
         check_fuse_fd(options.mountpoint, options.fuse_fd)
     facts = current_limits()
-    for warning in cache_warnings(options.cache_size, facts, limits(facts)):
+    found = limits(facts, fuse_stack=options.fuse_stack)
+    for warning in cache_warnings(options.cache_size, facts, found):
         log.warning("%s", warning)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
     config = RemoteConfig(

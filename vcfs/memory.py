@@ -21,17 +21,18 @@ import resource
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vcfs.limits import FUSE_THREADS
+from vcfs.limits import FUSE_THREADS, THREAD_STACK
 from vcfs.mountinfo import mounts
 from vidcache_client._arguments import size_text
 
 MIB = 1 << 20
 GIB = 1 << 30
 # An idle mount's own process, measured (Python 3.11, libfuse 3.14, x86-64): RSS 38 MB, data
-# segment 61 MB, address space 143 MB; rounded up.
+# segment 36-39 MB, address space 117-118 MB (61 and 143 MB when its threads' stacks were 8 MiB
+# each, see THREADS); rounded up.
 _IDLE_RESIDENT = 48 * MIB
-_IDLE_DATA = 64 * MIB
-_IDLE_ADDRESS_SPACE = 160 * MIB
+_IDLE_DATA = 48 * MIB
+_IDLE_ADDRESS_SPACE = 128 * MIB
 # What vcfs keeps besides the cache (docs/vcfs.md, the --cache-size row; vcfs.remote's
 # RemoteConfig): up to 32 MiB of chunk digests, 8 MiB of verified edge chunks, ~20 MB of
 # metadata of videos looked up by name, and up to 8 first blocks of at most 1 MiB. Not the
@@ -49,10 +50,10 @@ _KEPT_BESIDES = (32 + 8 + 20 + 8) * MIB
 # cache (134-142 before): kept, for the first load was not measured again.
 _BUSY = 112 * MIB
 # Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
-# (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted).
+# (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted). Each has a
+# stack of THREAD_STACK, whatever `ulimit -s` says (vcfs.cli.set_thread_stacks), the FUSE
+# threads that of FUSE_THREAD_STACK if it asks for more; only the part touched is resident.
 THREADS = 3 * FUSE_THREADS + 8
-# glibc's thread stack without a soft stack limit (`ulimit -s unlimited`) on x86-64.
-_UNLIMITED_STACK = 2 * MIB
 # A cgroup v1 memory limit at or above this is "no limit" (v1 shows 9223372036854771712).
 _CGROUP_V1_UNLIMITED = 1 << 62
 
@@ -61,7 +62,8 @@ _CGROUP_V1_UNLIMITED = 1 << 62
 class Limit:
     """A bound on the daemon's memory: `what` it is (said in messages, {size} its size), its
     `size`, and what vcfs needs under it besides the cache: `besides` always, `busy` more
-    under full load, `stacks` of it the threads' stacks."""
+    under full load, `stacks` of it the threads' stacks (mapped whole, so counted whole in
+    ulimit -d and -v)."""
 
     what: str
     size: int
@@ -87,13 +89,13 @@ class MemoryFacts:
     mem_available: int | None
     data: int | None  # RLIMIT_DATA, soft
     address_space: int | None  # RLIMIT_AS, soft
-    stack: int | None  # RLIMIT_STACK, soft: each thread's stack
     cgroup: tuple[str, str, int] | None  # (cgroup path, file, limit) of the tightest cgroup
 
 
-def limits(facts: MemoryFacts) -> list[Limit]:
-    """The limits a cache must fit in, the machine's memory first."""
-    stacks = THREADS * (facts.stack or _UNLIMITED_STACK)
+def limits(facts: MemoryFacts, *, fuse_stack: int = THREAD_STACK) -> list[Limit]:
+    """The limits a cache must fit in, the machine's memory first; `fuse_stack` is the stack
+    of each FUSE thread (vcfs.cli.fuse_thread_stack)."""
+    stacks = FUSE_THREADS * fuse_stack + (THREADS - FUSE_THREADS) * THREAD_STACK
     found = []
     if facts.mem_total is not None:
         found.append(Limit("this machine's memory ({size})", facts.mem_total,
@@ -164,9 +166,8 @@ def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> l
             warnings.append(
                 f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
                 f"~{size_about(limit.busy)} more vcfs uses when busy, {size_about(limit.stacks)} "
-                f"of it the stacks of its up to {THREADS} threads (ulimit -s each): under "
-                f"such load reads may fail with EIO; {advice} or a smaller ulimit -s, or "
-                f"{limit.fix}")
+                f"of it the stacks of its up to {THREADS} threads: under such load reads may "
+                f"fail with EIO; {advice}, or {limit.fix}")
         else:
             warnings.append(
                 f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
@@ -253,7 +254,6 @@ def current_limits() -> MemoryFacts:
         mem_available=fields.get("MemAvailable"),
         data=_rlimit(resource.RLIMIT_DATA),
         address_space=_rlimit(resource.RLIMIT_AS),
-        stack=_rlimit(resource.RLIMIT_STACK),
         cgroup=(cgroup_limit(proc_cgroup, mountinfo, _read)
                 if proc_cgroup and mountinfo else None),
     )
