@@ -31,9 +31,11 @@ from tests.vcfs_support import (
     ingested_for_mount,
     python_for_nobody,
     requires_fuse,
+    thread_stacks,
     vcfs_command,
 )
 from vcfs.cli import is_stale_mount, mount_entry
+from vcfs.limits import THREAD_STACK
 
 MOUNT_FUSE3 = shutil.which("mount.fuse3", path="/sbin:/usr/sbin")
 pytestmark = [*requires_fuse,
@@ -127,6 +129,8 @@ def test_an_fstab_line_mounts_through_mount_fuse3(
     assert not {b"rw", b"_netdev", b"x-systemd.automount"} & fuse_options, argv
     name, data = video
     assert (mountpoint / "by-hash" / name).read_bytes() == data
+    # vcfs's own thread stacks, libfuse's threads' included, not ulimit -s (vcfs.limits)
+    assert set(thread_stacks(pid)) == {THREAD_STACK}
     unmounted = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True,
                                timeout=60)
     assert unmounted.returncode == 0, unmounted.stderr
