@@ -1008,6 +1008,30 @@ class _FailingRemote:
         pass
 
 
+def test_memory_running_out_is_enomem_counted_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An allocation failing under ulimit -d or -v, in any operation: ENOMEM, counted with the
+    other errors, one log line for the cause. Was EIO, logged with a traceback each time (the
+    service blamed; a read's own reply buffer alone said ENOMEM, and went uncounted)."""
+    from vcfs.fs import VcfsOperations
+    from vcfs.fuselib import FuseOSError
+
+    operations = VcfsOperations(_FailingRemote(MemoryError()),  # type: ignore[arg-type]
+                                BlockCache(lambda h, s, e: b""), mountpoint="/nonexistent")
+    try:
+        with caplog.at_level(logging.ERROR, logger="vcfs.fs"):
+            for _ in range(3):
+                with pytest.raises(FuseOSError) as caught:
+                    operations.getattr(f"/by-hash/{'a' * 64}.mp4")
+                assert caught.value.errno == errno.ENOMEM
+        assert operations.stats()["fuse"]["errors"] == 3
+        assert [record.getMessage() for record in caplog.records] == [
+            f"getattr('/by-hash/{'a' * 64}.mp4') failed (ENOMEM): out of memory"]
+    finally:
+        operations.close()
+
+
 @pytest.mark.parametrize(("error", "expected"), [
     (NotFound("gone"), errno.ENOENT),
     (AccessDenied("the service requires a token"), errno.EACCES),
@@ -1016,6 +1040,7 @@ class _FailingRemote:
     (RuntimeError("a bug"), errno.EIO),
     (ValueError("a bug"), errno.EIO),
     (KeyError("a bug"), errno.EIO),
+    (MemoryError(), errno.ENOMEM),
 ])
 def test_operations_raise_nothing_but_fuse_errors(error: Exception, expected: int) -> None:
     from vcfs.fs import VcfsOperations

@@ -122,7 +122,7 @@ def test_a_limit_without_room_for_the_thread_stacks_under_load_is_a_warning() ->
     assert cache_warnings(256 * MIB, state, found) == [
         f"its data limit (600 MiB, ulimit -d) holds --cache-size 256 MiB, but not also the ~512 "
         f"MiB more vcfs uses when busy, 400 MiB of it the stacks of its up to {THREADS} threads: "
-        "under such load reads may fail with EIO, and the mount stop; give a smaller "
+        "under such load reads may fail (EIO, ENOMEM), and the mount stop; give a smaller "
         "--cache-size, or raise the limit (systemd: LimitDATA=)"]
     roomy = given(data=GIB)
     assert cache_warnings(256 * MIB, roomy, limits(roomy)) == []

@@ -12,10 +12,11 @@ remembered only `negative_timeout` seconds so a newly ingested video shows up qu
 
 Errors: every operation is wrapped by `_fuse_operation`, the one place where exceptions become
 errno values: `NotFound` -> ENOENT, `AccessDenied` (the service refused the token) -> EACCES,
-any other failure -> EIO (both logged with what was asked and why, the first of each cause
-and then one line per 10 s with the count left out: vcfs.faillog), `FuseOSError` passes
-through. Nothing else escapes (mfusepy would turn it into EINVAL). Every operation is bounded
-in time: what reaches the service does so through `Remote`, whose calls end by their cutoff.
+`MemoryError` (an allocation past `ulimit -d` / `-v`) -> ENOMEM, any other failure -> EIO
+(all three logged with what was asked and why, the first of each cause and then one line per
+10 s with the count left out: vcfs.faillog), `FuseOSError` passes through. Nothing else
+escapes (mfusepy would turn it into EINVAL). Every operation is bounded in time: what reaches
+the service does so through `Remote`, whose calls end by their cutoff.
 
 Open files: `open` allocates a handle (`_VideoHandle`: the video's metadata and a per-handle
 `Readahead`; `_StatsHandle`: the snapshot's bytes) in a table keyed by the number given to
@@ -24,6 +25,7 @@ the kernel; `release` drops it and cancels the handle's readahead.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -110,7 +112,7 @@ FS_COUNTERS = (
     "bytes_read",  # bytes returned by them
     "lookups",  # getattr of video names
     "opens",
-    "errors",  # operations answered with EIO or EACCES
+    "errors",  # operations answered with EIO, EACCES or ENOMEM
     "readahead_tasks",  # prefetch tasks of released handles
     "readahead_blocks",
 )
@@ -176,6 +178,14 @@ def _fuse_operation(
                 _cause(method.__name__, "EIO", exc), logging.ERROR,
                 f"{_describe(method.__name__, args, str(exc))} failed (EIO): {exc}", file=file)
             raise FuseOSError(errno.EIO) from exc
+        except MemoryError as exc:  # past ulimit -d / -v: EIO would blame the service
+            self.counters.add("errors")
+            with contextlib.suppress(MemoryError):  # saying so takes memory too
+                self.failures.failed(
+                    _cause(method.__name__, "ENOMEM", exc), logging.ERROR,
+                    f"{_describe(method.__name__, args, '')} failed (ENOMEM): "
+                    f"{str(exc) or 'out of memory'}", file=_file_of(method.__name__, args))
+            raise FuseOSError(errno.ENOMEM) from exc
         except Exception as exc:  # a bug or an error from below: EIO, never EINVAL
             self.counters.add("errors")
             log.exception("%s failed (EIO)", _describe(method.__name__, args, ""))

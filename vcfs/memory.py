@@ -5,12 +5,12 @@ bigger than a limit the daemon runs under is only found out once reads reach the
 the machine's memory or a cgroup's, the kernel's OOM killer ends the daemon and leaves a dead
 mount ("Transport endpoint is not connected" for every player; measured: a 1 GiB cache under a
 200 MiB cgroup was killed 164 MiB into a read); past `ulimit -d` or `ulimit -v`, allocations
-and thread starts fail and every read that needs a new block fails with EIO (59 MiB into a read
-under 200 MiB), and a busy mount stops once libfuse cannot allocate a new FUSE thread's
-receive buffer. `vcfs mount` refuses such a cache before it mounts (`cache_refusal`), and warns
-in its log (`cache_warnings`) of one that fits the limit but not what is free now, or not
-what vcfs uses besides when busy (measured: 84 and 36 MiB caches, accepted in a 200 MiB
-cgroup, were OOM-killed under 60 concurrent readers).
+and thread starts fail and every read that needs a new block fails (EIO; ENOMEM where an
+allocation failed; 59 MiB into a read under 200 MiB), and a busy mount stops once libfuse
+cannot allocate a new FUSE thread's receive buffer. `vcfs mount` refuses such a cache before
+it mounts (`cache_refusal`), and warns in its log (`cache_warnings`) of one that fits the
+limit but not what is free now, or not what vcfs uses besides when busy (measured: 84 and 36
+MiB caches, accepted in a 200 MiB cgroup, were OOM-killed under 60 concurrent readers).
 
 The limits are read by `current_limits`; `limits` and the checks take them as values (tests).
 """
@@ -168,7 +168,7 @@ def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> l
                 f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
                 f"~{size_about(limit.busy)} more vcfs uses when busy, {size_about(limit.stacks)} "
                 f"of it the stacks of its up to {THREADS} threads: under such load reads may "
-                f"fail with EIO, and the mount stop; {advice}, or {limit.fix}")
+                f"fail (EIO, ENOMEM), and the mount stop; {advice}, or {limit.fix}")
         else:
             warnings.append(
                 f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
