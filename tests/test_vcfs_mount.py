@@ -1391,7 +1391,7 @@ def test_a_busy_mount_under_a_data_limit_reads_every_byte(
         stats = json.loads((mountpoint / ".vcfs" / "stats").read_text())
         assert stats["fuse"]["errors"] == 0
         stacks = thread_stacks(pid)
-        assert len(stacks) > 100  # the FUSE threads, fetch threads and HTTP workers, mostly
+        assert len(stacks) > 60  # FUSE threads, fetch threads, HTTP workers (~140 were seen)
         if fuse_stack is None:
             assert set(stacks) == {vcfs.limits.THREAD_STACK} == {2 * MIB}
         else:
