@@ -29,6 +29,7 @@ from vcfs.blocks import (
     block_count,
     blocks_for,
     clamp_range,
+    join_pieces,
     run_bounds,
     unfilled_block,
 )
@@ -263,6 +264,87 @@ def test_whole_cached_block_is_returned_without_copy() -> None:
     cache = BlockCache(lambda h, start, end: block[start:end], block_size=BS, capacity=1000)
     first = cache.read(H1, BS, 0, BS)
     assert cache.read(H1, BS, 0, BS) is first
+
+
+def test_pieces_are_the_cached_blocks_and_the_bounds_of_what_a_read_takes() -> None:
+    data = data_of(100)  # 7 blocks, the last 4 bytes long
+    fetcher = FakeFetcher({H1: data})
+    cache = BlockCache(fetcher, block_size=BS, capacity=1000)
+    cold = cache.pieces(H1, 100, 10, 30)  # across blocks 0, 1, 2
+    assert [(block, low, high) for block, low, high in cold] == [
+        (data[:16], 10, 16), (data[16:32], 0, 16), (data[32:48], 0, 8)]
+    assert fetcher.calls == [(H1, 0, 48)]
+    assert join_pieces(cold) == data[10:40]
+    [(whole, low, high)] = cache.pieces(H1, 100, BS, BS)  # one whole block, cached
+    assert (whole, low, high) == (data[16:32], 0, BS)
+    assert whole is cold[1][0]  # the cached block itself, not a copy
+    assert join_pieces([(whole, low, high)]) is whole
+    [(inside, low, high)] = cache.pieces(H1, 100, 35, 5)  # inside one block
+    assert inside is cold[2][0] and (low, high) == (3, 8)
+    assert len(fetcher.calls) == 1
+    stats = cache.stats()
+    assert (stats["misses"], stats["hits"], stats["fetches"]) == (3, 2, 1)
+    # At EOF: the last block is short, and nothing lies past it.
+    assert [(len(block), low, high) for block, low, high in cache.pieces(H1, 100, 90, 4096)] == [
+        (BS, 10, 16), (4, 0, 4)]
+    assert fetcher.calls[1:] == [(H1, 80, 100)]
+    assert cache.pieces(H1, 100, 100, 10) == []
+    assert cache.pieces(H1, 100, 5000, 10) == []
+    assert cache.pieces(H1, 100, 0, 0) == []
+    assert join_pieces([]) == b""
+    assert len(fetcher.calls) == 2
+
+
+def test_pieces_keep_their_bytes_once_their_blocks_are_evicted() -> None:
+    """A caller copying pieces elsewhere holds their `bytes`: the cache may evict the blocks
+    meanwhile (another reader's fetch) without taking the memory being copied."""
+    data = data_of(6 * BS)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=2 * BS)
+    pieces = cache.pieces(H1, len(data), 10, BS)
+    assert cache.read(H1, len(data), 3 * BS, 2 * BS) == data[3 * BS : 5 * BS]
+    assert cache.stats()["evictions"] == 2
+    assert not cache.is_cached(H1, 0) and not cache.is_cached(H1, 1)
+    assert join_pieces(pieces) == data[10 : 10 + BS]
+
+
+def test_a_piece_of_a_block_still_arriving_is_the_block_being_filled() -> None:
+    data = data_of(2 * BS)
+    fetcher = TricklingBlockFetcher(data, step=4)
+    cache = cache_with(data, fetcher)
+    [(arriving, low, high)] = cache.pieces(H1, len(data), 1, 3)  # only 4 bytes are in
+    assert (len(arriving), low, high) == (BS, 1, 4) and arriving[low:high] == data[1:4]
+    for _ in range(BS // 4 - 1):
+        fetcher.proceed.release()
+    wait_until(lambda: cache.is_cached(H1, 0), timeout=DEADLINE)
+    [(whole, low, high)] = cache.pieces(H1, len(data), 0, BS)
+    assert whole is arriving and whole == data[:BS]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    file_size=st.integers(0, 400),
+    unit=st.integers(1, BS),
+    capacity=st.integers(0, 300),
+    reads=st.lists(st.tuples(st.integers(0, 450), st.integers(0, 200), st.booleans()),
+                   min_size=1, max_size=25),
+)
+def test_pieces_cover_exactly_the_clamped_range_one_block_each(
+    file_size: int, unit: int, capacity: int, reads: list[tuple[int, int, bool]]
+) -> None:
+    """Whole blocks, tails and the parts scattered reads leave: each piece lies within its
+    `bytes`, takes something, and belongs to the next block of the read (or continues a part
+    of the same block, read on), and together they are the source's bytes."""
+    data = data_of(file_size)
+    cache = BlockCache(FakeFetcher({H1: data}), block_size=BS, capacity=capacity,
+                       block_fetcher=TailFetcher(data, unit=unit))
+    for offset, size, scattered in reads:
+        pieces = cache.pieces(H1, file_size, offset, size, scattered=scattered)
+        start, end = clamp_range(offset, size, file_size)
+        assert sum(high - low for _, low, high in pieces) == max(end - start, 0)
+        assert all(0 <= low < high <= len(block) for block, low, high in pieces)
+        assert len(blocks_for(offset, size, file_size, BS)) <= len(pieces) <= len(
+            blocks_for(offset, size, file_size, BS)) + 1
+        assert join_pieces(pieces) == data[offset : offset + size]
 
 
 @settings(max_examples=150, deadline=None)

@@ -60,20 +60,23 @@ for the part of the block it needs, resolved by the partial report that covers i
 block (or its error) when the fetch is over. Liveness relies on the fetcher ending every call
 with data or an exception within its own deadline (vcfs.remote retries under a total deadline).
 
-Copies and memory: a read inside one cached block is a single slice of it (no copy at all when
-it is the whole block). A read across blocks joins memoryview slices with one `b"".join`, the
-only copy. Every run is fetched through the optional `block_fetcher`, which hands over each
-block as its own `bytes` (vcfs.remote receives each one in place, see `unfilled_block`, and
-verifies it); without one, the single answer is copied into one `bytes` per block: cached
-blocks must not be views of the run's buffer, because one live view pins the whole buffer and
-the byte budget would lie. Uniform block-sized `bytes` suit glibc malloc: evicted blocks free
-exactly the size the next block needs, so the heap is reused instead of fragmenting (multi-MiB
-temporaries cut into 1 MiB blocks left ~35 MB of holes behind). A block larger than the whole
-capacity (or any block when capacity is 0) is returned but not cached. Blocks being fetched
-count against the budget from the moment a thread owns their fetch (least recent blocks are
-evicted to make room), and a prefetch takes only the blocks that fit beside those in flight,
-so cached plus in-flight bytes stay within `capacity` however deep readahead's pipeline is
-and however many streams it serves (only reads, which must be answered, can go beyond it).
+Copies and memory: `pieces` answers a read with the blocks (or parts) that hold its bytes and
+the bounds of what it takes from each, copying nothing; `read` joins them: a read inside one
+cached block is a single slice of it (no copy at all when it is the whole block), a read across
+blocks one `b"".join` of memoryview slices, the only copy. vcfs's FUSE reads copy the pieces
+straight into the buffer libfuse sends (`vcfs.fuselib.reply_buffer`). Every run is fetched
+through the optional `block_fetcher`, which hands over each block as its own `bytes`
+(vcfs.remote receives each one in place, see `unfilled_block`, and verifies it); without one,
+the single answer is copied into one `bytes` per block: cached blocks must not be views of the
+run's buffer, because one live view pins the whole buffer and the byte budget would lie.
+Uniform block-sized `bytes` suit glibc malloc: evicted blocks free exactly the size the next
+block needs, so the heap is reused instead of fragmenting (multi-MiB temporaries cut into 1 MiB
+blocks left ~35 MB of holes behind). A block larger than the whole capacity (or any block when
+capacity is 0) is returned but not cached. Blocks being fetched count against the budget from
+the moment a thread owns their fetch (least recent blocks are evicted to make room), and a
+prefetch takes only the blocks that fit beside those in flight, so cached plus in-flight bytes
+stay within `capacity` however deep readahead's pipeline is and however many streams it serves
+(only reads, which must be answered, can go beyond it).
 
 Passed blocks (readahead's drop-behind, `discard`): blocks a sequential stream has read past
 leave the LRU for a *passed* tier, oldest first, of at most `passed_capacity` bytes (a quarter
@@ -151,9 +154,11 @@ DEFAULT_CAPACITY = 256 * MIB
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
 _new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
 _new_bytes.restype = ctypes.py_object
-_bytes_address = ctypes.pythonapi.PyBytes_AsString
-_bytes_address.argtypes = (ctypes.py_object,)
-_bytes_address.restype = ctypes.c_void_p
+# Where a `bytes` object's bytes are (they never move); TypeError for any other object. Also
+# what vcfs.fuselib copies pieces of cached blocks from.
+bytes_address = ctypes.pythonapi.PyBytes_AsString
+bytes_address.argtypes = (ctypes.py_object,)
+bytes_address.restype = ctypes.c_void_p
 
 
 def unfilled_block(size: int) -> tuple[bytes, memoryview]:
@@ -170,7 +175,7 @@ def unfilled_block(size: int) -> tuple[bytes, memoryview]:
     if size < 1:
         raise ValueError(f"a block has at least one byte, not {size}")
     block = _new_bytes(None, size)
-    memory = (ctypes.c_char * size).from_address(_bytes_address(block))
+    memory = (ctypes.c_char * size).from_address(bytes_address(block))
     memory.__dict__["owner"] = block  # the memory is `block`'s: keep it while the view lives
     return block, memoryview(memory).cast("B")
 
@@ -276,6 +281,8 @@ class _Part:
 _Entry = bytes | _Part  # a cached block: whole, or a part of it
 _Outcome = _Entry | BaseException
 _Got = tuple[bytes, int]  # a `bytes` holding part of a block, and where in the block it starts
+Piece = tuple[bytes, int, int]
+"""A `bytes` holding bytes of a block, and the bounds `[start, stop)` of those a read takes."""
 
 
 def _entry_size(entry: _Entry) -> int:
@@ -299,6 +306,14 @@ def _holding(entry: _Entry, low: int, high: int) -> _Got | None:
     if isinstance(entry, bytes):
         return entry, 0
     return (entry.piece, entry.lo) if entry.lo <= low and high <= entry.hi else None
+
+
+def join_pieces(pieces: Sequence[Piece]) -> bytes:
+    """The bytes the pieces take, in one `bytes`: the only copy (none for one whole block)."""
+    if len(pieces) == 1:
+        block, low, high = pieces[0]
+        return block[low:high]  # the block itself when it is all of it
+    return b"".join(memoryview(block)[low:high] for block, low, high in pieces)
 
 
 class _Pending:
@@ -418,7 +433,8 @@ class BlockCache:
 
     def read(self, content_hash: str, file_size: int, offset: int, size: int, *,
              scattered: bool = False) -> bytes:
-        """Bytes `[offset, offset + size)` of the video, clamped at EOF (b"" past it).
+        """Bytes `[offset, offset + size)` of the video, clamped at EOF (b"" past it): its
+        `pieces`, joined.
 
         `scattered`: neither the read nor the one before it continued an earlier read of the
         file, so the next one likely will not either, and a fetch of its last block may stop
@@ -428,9 +444,20 @@ class BlockCache:
         Raises whatever the fetcher raised, `BlockFetchError` for a wrong-length answer, or
         `BlockVerifyError` when the verify hook rejected a block.
         """
+        return join_pieces(self.pieces(content_hash, file_size, offset, size,
+                                       scattered=scattered))
+
+    def pieces(self, content_hash: str, file_size: int, offset: int, size: int, *,
+               scattered: bool = False) -> list[Piece]:
+        """What `read` returns, as the pieces of blocks that make it up, in order, none of them
+        copied: for each block the read touches, a `bytes` holding verified bytes of it (the
+        block, a part of it, or a block still arriving, whose bytes the piece takes are in
+        and final) and the bounds of the bytes the read takes from it. None past EOF. A caller
+        copying them elsewhere (vcfs.fuselib's reply buffer) holds the `bytes` objects, so
+        their memory stays while it copies, whatever the cache evicts meanwhile."""
         start, end = clamp_range(offset, size, file_size)
         if start >= end:
-            return b""
+            return []
         block_size = self._block_size
         first, last = start // block_size, (end - 1) // block_size
         if first == last:  # the hot path: one block, usually cached
@@ -442,12 +469,8 @@ class BlockCache:
                     self._hits += 1
             if got is not None:
                 piece, lo = got
-                return piece[start - base - lo : end - base - lo]
-        pieces = self._get_pieces(content_hash, file_size, start, end, scattered=scattered)
-        if len(pieces) == 1:
-            block, low, high = pieces[0]
-            return block[low:high]
-        return b"".join(memoryview(block)[low:high] for block, low, high in pieces)
+                return [(piece, start - base - lo, end - base - lo)]
+        return self._get_pieces(content_hash, file_size, start, end, scattered=scattered)
 
     def prefetch(
         self, content_hash: str, file_size: int, first_block: int, last_block: int, *,
@@ -547,7 +570,7 @@ class BlockCache:
     def _get_pieces(
         self, content_hash: str, file_size: int, start: int, end: int, *, whole: bool = False,
         scattered: bool = False,
-    ) -> list[tuple[bytes, int, int]]:
+    ) -> list[Piece]:
         """For each block of `[start, end)`: a `bytes` holding the part of it the read needs,
         and that part's bounds in it. A block in flight, whether another thread's fetch or one
         this call starts, is waited for only until the part needed has arrived: with a block

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from vcfs import paths
-from vcfs.blocks import BlockCache
+from vcfs.blocks import BlockCache, Piece, clamp_range, join_pieces
 from vcfs.faillog import FailureLog
 from vcfs.fuselib import FuseOSError, Operations, current_fuse, reply_buffer, session_exited
 from vcfs.limits import READS_WAITING
@@ -510,30 +510,40 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         return handle
 
     @_fuse_operation
-    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+    def read(self, path: str, size: int, offset: int, fi: Any, *,
+             reply: Callable[[list[Piece]], Any] = join_pieces) -> Any:
+        """Bytes `[offset, offset + size)` of the open file, clamped at its end, as `reply`
+        makes its answer of the pieces of blocks holding them (vcfs.blocks): by default one
+        `bytes`; `read_buf` has them copied into libfuse's buffer instead. The reply is made
+        under this operation's errno handling."""
         handle = self._handle(fi)
         if isinstance(handle, _StatsHandle):
-            return handle.content[offset : offset + size]
+            return reply([(handle.content, *clamp_range(offset, size, len(handle.content)))])
         meta = handle.meta
         log.debug("read %s [%d, +%d)", meta.content_hash[:12], offset, size)
         self.counters.observe_size("read", size)
         # Tell readahead first, so its prefetches run while this read waits for its blocks.
         scattered = handle.readahead.on_read(offset, size)
-        data = self.cache.read(meta.content_hash, meta.size, offset, size, scattered=scattered)
+        pieces = self.cache.pieces(meta.content_hash, meta.size, offset, size,
+                                   scattered=scattered)
         self.counters.add("fuse_reads")
-        self.counters.add("bytes_read", len(data))
-        return data
+        self.counters.add("bytes_read", sum(stop - start for _, start, stop in pieces))
+        return reply(pieces)
 
     def read_buf(self, path: str, answer: Any, size: int, offset: int, fi: Any) -> int:
-        """`read`, answered in a buffer made once the bytes are in. libfuse's plain read
-        allocates one of `size` bytes before asking and holds it while the read waits: a MiB
-        per read waiting on the service, up to 48 MiB besides the cache (vcfs.limits)."""
-        data = self.read(path, size, offset, fi)
-        try:
-            vector = reply_buffer(data)
-        except MemoryError as exc:
-            log.error("read %s [%d, +%d) failed (ENOMEM): %s", path, offset, size, exc)
-            raise FuseOSError(errno.ENOMEM) from exc
+        """`read`, answered in a buffer made once the bytes are in, and filled straight from
+        the cached blocks. libfuse's plain read allocates one of `size` bytes before asking
+        and holds it while the read waits: a MiB per read waiting on the service, up to 48 MiB
+        besides the cache (vcfs.limits). libfuse calls only this one of the two."""
+
+        def in_reply_buffer(pieces: list[Piece]) -> int:
+            try:
+                return reply_buffer(pieces)
+            except MemoryError as exc:
+                log.error("read %s [%d, +%d) failed (ENOMEM): %s", path, offset, size, exc)
+                raise FuseOSError(errno.ENOMEM) from exc
+
+        vector: int = self.read(path, size, offset, fi, reply=in_reply_buffer)
         ctypes.cast(answer, ctypes.POINTER(ctypes.c_void_p))[0] = vector
         return 0
 
