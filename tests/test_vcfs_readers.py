@@ -130,11 +130,12 @@ def preadv(path: Path, offset: int, sizes: tuple[int, ...]) -> bytes:
 
 
 def read_direct(path: Path, offset: int, size: int) -> bytes:
-    """One read of an O_DIRECT open (into a page-aligned buffer, as O_DIRECT wants)."""
+    """One read of `size` bytes of an O_DIRECT open (into a page-aligned buffer, as O_DIRECT
+    wants; FUSE passes any offset and size on as they are)."""
     buffer = mmap.mmap(-1, -(-size // PAGE) * PAGE)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        filled = os.preadv(fd, [buffer], offset)
+        filled = os.preadv(fd, [memoryview(buffer)[:size]], offset)
     finally:
         os.close(fd)
     return buffer[:filled]
@@ -281,6 +282,42 @@ def test_preadv_and_o_direct_give_the_source_bytes(
     assert read_direct(path, source.size - 100, PAGE) == data[-100:]
     assert read_direct(path, source.size, PAGE) == b""
     assert read_direct(path, source.size + MIB, PAGE) == b""
+
+
+def test_unaligned_reads_across_block_edges_give_the_source_bytes_cold_and_warm(
+    vidcache_server: VidcacheServer, sources: dict[str, Source], tmp_path: Path,
+) -> None:
+    """O_DIRECT hands vcfs each read as it was asked: unaligned offsets and sizes inside a
+    block, across a block's edge, from a part of a block on, to the file's end. vcfs answers
+    each from the pieces of the blocks holding it, copied into libfuse's buffer: once as the
+    blocks arrive (parts of blocks too), once from its cache. The counters count every byte."""
+    source = sources["big.mp4"]
+    data = source.data
+    assert source.size > 4 * MIB
+    reads = [
+        (MIB + 12_345, 1_000),  # into a cold block: a tail of it is fetched
+        (MIB - 1, 3),  # across block 0's edge into that tail
+        (MIB + 5, 20_000),  # the tail's start, and the block's bytes before it
+        (2 * MIB - 4_097, 8_193),
+        (2 * MIB + MIB // 2 + 7, MIB - 14),  # from the middle of a block to the next one's
+        (3 * MIB - 1, MIB),
+        (7, 131_071),
+        (source.size - 777, 4_096),  # clipped at the end
+        (source.size - MIB - 3, MIB),
+    ]
+    with VcfsMount(vidcache_server.url, tmp_path / "mnt", "--cache-size", "64M") as mounted:
+        path = mounted.video(source.file_name)
+        before = mounted.stats()
+        for _ in ("cold", "warm"):
+            for offset, size in reads:
+                assert read_direct(path, offset, size) == data[offset : offset + size], (
+                    offset, size)
+        after = mounted.stats()
+    expected = 2 * sum(len(data[offset : offset + size]) for offset, size in reads)
+    assert after["fuse"]["bytes_read"] - before["fuse"]["bytes_read"] == expected
+    assert after["fuse"]["fuse_reads"] - before["fuse"]["fuse_reads"] >= 2 * len(reads)
+    assert after["cache"]["hits"] > before["cache"]["hits"]
+    assert after["fuse"]["errors"] == 0
 
 
 @pytest.mark.parametrize("name", ["a.mp4", "big.mp4"])
