@@ -452,9 +452,10 @@ class BlockCache:
         """What `read` returns, as the pieces of blocks that make it up, in order, none of them
         copied: for each block the read touches, a `bytes` holding verified bytes of it (the
         block, a part of it, or a block still arriving, whose bytes the piece takes are in
-        and final) and the bounds of the bytes the read takes from it. None past EOF. A caller
-        copying them elsewhere (vcfs.fuselib's reply buffer) holds the `bytes` objects, so
-        their memory stays while it copies, whatever the cache evicts meanwhile."""
+        and final) and the bounds of the bytes the read takes from it; no piece past EOF.
+        Raises what `read` raises. A caller copying them elsewhere (vcfs.fuselib's reply
+        buffer) holds the `bytes` objects, so their memory stays while it copies, whatever the
+        cache evicts meanwhile."""
         start, end = clamp_range(offset, size, file_size)
         if start >= end:
             return []
