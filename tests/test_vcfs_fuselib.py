@@ -176,5 +176,6 @@ def test_read_buf_without_memory_for_its_answer_is_enomem(
                             SimpleNamespace(fh=1))
     assert caught.value.errno == errno.ENOMEM
     assert unanswered.value is None
-    assert f"read /by-hash/{H}.mp4 [10, +4096) failed (ENOMEM)" in caplog.text
-    assert operations.counters.get("errors") == 0  # not counted as a failure of the service
+    assert (f"read('/by-hash/{H}.mp4', 4096, 10) failed (ENOMEM): no memory for the answer "
+            "to a read of 4096 bytes") in caplog.text
+    assert operations.counters.get("errors") == 1  # like every operation's ENOMEM

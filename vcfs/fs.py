@@ -534,16 +534,9 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         """`read`, answered in a buffer made once the bytes are in, and filled straight from
         the cached blocks. libfuse's plain read allocates one of `size` bytes before asking
         and holds it while the read waits: a MiB per read waiting on the service, up to 48 MiB
-        besides the cache (vcfs.limits). libfuse calls only this one of the two."""
-
-        def in_reply_buffer(pieces: list[Piece]) -> int:
-            try:
-                return reply_buffer(pieces)
-            except MemoryError as exc:
-                log.error("read %s [%d, +%d) failed (ENOMEM): %s", path, offset, size, exc)
-                raise FuseOSError(errno.ENOMEM) from exc
-
-        vector: int = self.read(path, size, offset, fi, reply=in_reply_buffer)
+        besides the cache (vcfs.limits). libfuse calls only this one of the two. A buffer that
+        cannot be had is `read`'s MemoryError: ENOMEM, counted and logged there."""
+        vector: int = self.read(path, size, offset, fi, reply=reply_buffer)
         ctypes.cast(answer, ctypes.POINTER(ctypes.c_void_p))[0] = vector
         return 0
 
