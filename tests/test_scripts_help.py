@@ -1,11 +1,12 @@
-"""`--help` of scripts/setup and scripts/test: their usage and exit statuses, and nothing
-installed or run (the demo's and the benchmark's are in test_demo_script.py and
-test_bench_smoke.py); the help of every script when it is called by a path relative to another
-directory or through a symlink placed elsewhere; scripts/setup's refusals (of options it does
-not know, and, when not root, to try apt-get), the packages it says it installs, the dpkg run
-it (and scripts/bench) finishes before apt-get when one was interrupted, its message on Ctrl-C,
-its repair of a .venv that does not work or whose install did not finish and the pip it adds
-to a .venv made without one."""
+"""`--help` of scripts/setup, scripts/test and scripts/debian-install: their usage and exit
+statuses, and nothing installed or run (the demo's and the benchmark's are in
+test_demo_script.py and test_bench_smoke.py); the help of every script when it is called by a
+path relative to another directory or through a symlink placed elsewhere; scripts/setup's
+refusals (of options it does not know, and, when not root, to try apt-get), the packages it says
+it installs, the dpkg run it (and scripts/bench) finishes before apt-get when one was
+interrupted, its message on Ctrl-C, its repair of a .venv that does not work or whose install
+did not finish and the pip it adds to a .venv made without one; scripts/debian-install's
+refusal of a bad call and the policy-rc.d that keeps nginx from starting while it installs."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 @pytest.mark.parametrize(("script", "usage"), [
     ("setup", "  scripts/setup [--tests]\n"),
     ("test", "  scripts/test [PYTEST_ARGUMENTS...]\n"),
+    ("debian-install", "  scripts/debian-install [--caller NAME] [--nginx] [PACKAGE...]\n"),
 ])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_is_the_usage_and_runs_nothing(script: str, usage: str, flag: str) -> None:
@@ -49,7 +51,7 @@ def test_setup_refuses_what_it_does_not_know_before_installing_anything(args: li
     assert result.stderr.startswith("setup: "), result.stderr
 
 
-@pytest.mark.parametrize("script", ["setup", "test", "bench", "demo"])
+@pytest.mark.parametrize("script", ["setup", "test", "bench", "demo", "debian-install"])
 def test_help_works_from_another_directory_by_a_relative_path(script: str) -> None:
     """`./setup --help` in scripts/ (or any relative path): the script changes to the
     checkout's root first, after which "$0" named no file: sed failed (exit 2)."""
@@ -60,7 +62,7 @@ def test_help_works_from_another_directory_by_a_relative_path(script: str) -> No
     assert "Exit status: 0 " in result.stdout, result.stdout
 
 
-@pytest.mark.parametrize("script", ["setup", "test", "bench", "demo"])
+@pytest.mark.parametrize("script", ["setup", "test", "bench", "demo", "debian-install"])
 @pytest.mark.parametrize("linked", ["the script", "the scripts directory"])
 def test_help_works_through_a_symlink_placed_elsewhere(
         tmp_path: Path, script: str, linked: str) -> None:
@@ -92,7 +94,8 @@ def setup_on_a_bare_path(place: Path) -> list[str]:
     for directory in (place, bin_dir, scripts):
         directory.mkdir(exist_ok=True)
         os.chmod(directory, 0o755)
-    shutil.copy(SCRIPTS / "setup", scripts)
+    for script in ("setup", "debian-install"):
+        shutil.copy(SCRIPTS / script, scripts)
     for tool in ("bash", "readlink", "apt-config"):
         (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
     return ["env", f"PATH={bin_dir}", str(scripts / "setup")]
@@ -188,8 +191,6 @@ def test_setup_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path, left:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="bench installs only as root")
-@pytest.mark.skipif(not os.path.exists("/usr/sbin/policy-rc.d"),
-                    reason="bench would add /usr/sbin/policy-rc.d for its installation")
 def test_bench_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path) -> None:
     """As setup (above) for bench's own installation (rclone, httpfs2, curl): its apt-get
     failed on the journal an interrupted installation left (setup, which bench runs first,
@@ -199,7 +200,8 @@ def test_bench_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path) -> No
     bin_dir, scripts = tmp_path / "bin", tmp_path / "scripts"
     bin_dir.mkdir()
     scripts.mkdir()
-    shutil.copy(SCRIPTS / "bench", scripts)
+    for script in ("bench", "debian-install"):
+        shutil.copy(SCRIPTS / script, scripts)
     (scripts / "setup").write_text("#!/bin/sh\nexit 0\n")
     (scripts / "setup").chmod(0o755)
     for tool in ("bash", "readlink", "apt-config"):
@@ -215,6 +217,30 @@ def test_bench_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path) -> No
     assert log.read_text() == FINISHING + UPDATE
 
 
+def waiting_in(started: Path) -> str:
+    """Shell lines that create `started`, then wait (touch and sleep need not be on PATH)."""
+    return f'{shutil.which("touch")} "{started}"\nexec {shutil.which("sleep")} 60\n'
+
+
+def run_with_ctrl_c(command: list[str], started: Path, what: str,
+                    env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `command` in a session of its own and, once `started` exists (the command having
+    not ended first), send its processes SIGINT, as a terminal does to its job on a Ctrl-C."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        wait_until(lambda: started.exists() or process.poll() is not None, timeout=30,
+                   what=what)
+        assert process.poll() is None, process.communicate()
+        os.killpg(process.pid, signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="setup installs only as root")
 def test_ctrl_c_during_setup_says_to_run_it_again(tmp_path: Path) -> None:
     """A Ctrl-C ended setup without a word (the next run finishes what it left half-done,
@@ -223,23 +249,167 @@ def test_ctrl_c_during_setup_says_to_run_it_again(tmp_path: Path) -> None:
     command = setup_on_a_bare_path(tmp_path)
     started = tmp_path / "apt-get started"
     apt_get = tmp_path / "bin" / "apt-get"
-    apt_get.write_text(f'#!/bin/sh\n{shutil.which("touch")} "{started}"\n'
-                       f"exec {shutil.which('sleep')} 60\n")  # not on setup's PATH
+    apt_get.write_text("#!/bin/sh\n" + waiting_in(started))
     apt_get.chmod(0o755)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        wait_until(lambda: started.exists() or process.poll() is not None, timeout=30,
-                   what="setup running apt-get")
-        assert process.poll() is None, process.communicate()
-        os.killpg(process.pid, signal.SIGINT)  # as a terminal sends Ctrl-C to its job
-        stdout, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == -signal.SIGINT, (stdout, stderr)
-    assert stderr == "setup: interrupted; run it again to finish\n"
+    result = run_with_ctrl_c(command, started, "setup running apt-get")
+    assert result.returncode == -signal.SIGINT, result
+    assert result.stderr == "setup: interrupted; run it again to finish\n"
+
+
+def debian_install_on_a_bare_path(place: Path) -> list[str]:
+    """The command running a copy of scripts/debian-install in `place`, with a PATH
+    (`place`/bin) holding only what it runs besides dpkg and apt-get (for the caller to stub)."""
+    bin_dir, scripts = place / "bin", place / "scripts"
+    bin_dir.mkdir(parents=True)
+    scripts.mkdir()
+    shutil.copy(SCRIPTS / "debian-install", scripts)
+    for tool in ("bash", "readlink", "sed", "apt-config", "chmod", "rm"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    return ["env", f"PATH={bin_dir}", str(scripts / "debian-install")]
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    (["--bogus", "curl"], "unknown option --bogus (see --help)"),
+    (["curl", "-y"], "unknown option -y (see --help)"),  # not passed on to apt-get
+    (["curl", "--caller"], "--caller needs a NAME"),
+    ([], "no package to install (see --help)"),
+    (["--caller", "setup"], "no package to install (see --help)"),
+])
+def test_debian_install_refuses_a_bad_call_before_installing_anything(
+        tmp_path: Path, args: list[str], error: str) -> None:
+    """A bad option, anywhere among the packages, or no package at all: a usage error (2)
+    naming debian-install, and neither dpkg nor apt-get run (stubs that log, here)."""
+    command = debian_install_on_a_bare_path(tmp_path)
+    log = tmp_path / "calls.log"
+    logging_stubs(tmp_path / "bin", log)
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert (result.returncode, result.stdout) == (2, ""), result
+    assert result.stderr == f"debian-install: {error}\n"
+    assert not log.exists()
+
+
+def private_usr_sbin() -> bool:
+    """Whether this process may give a command a mount namespace of its own, in which a
+    directory of the test's stands for /usr/sbin (root, and a kernel and container that
+    allow it)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                          capture_output=True, check=False).returncode == 0
+
+
+def with_usr_sbin(directory: Path) -> list[str]:
+    """The start of a command run in a mount namespace of its own where `directory` stands for
+    /usr/sbin (policy-rc.d's place, and one where the scripts look for nginx)."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount --bind "{directory}" /usr/sbin && exec "$@"', "sh"]
+
+
+def apt_get_with_nginx_only(bin_dir: Path, log: Path, then: str) -> None:
+    """An apt-get in `bin_dir` that logs its calls to `log` (as logging_stubs') and succeeds
+    but has no nginx-light (100, as in newer Debian releases); while it installs nginx, it logs
+    what /usr/sbin/policy-rc.d answers about starting it, then runs the shell lines `then`."""
+    apt_get = bin_dir / "apt-get"
+    apt_get.write_text(
+        "#!/bin/sh\n"
+        f'echo "apt-get $* ($DEBIAN_FRONTEND)" >>{log}\n'
+        'case "$*" in\n'
+        "    *nginx-light) exit 100 ;;\n"
+        f'    *nginx) /usr/sbin/policy-rc.d nginx start; echo "policy-rc.d: $?" >>{log}\n'
+        f"{then};;\n"
+        "esac\n")
+    apt_get.chmod(0o755)
+
+
+NGINX = "".join(f"apt-get install -y -qq --no-install-recommends {package} (noninteractive)\n"
+                for package in ("nginx-light", "nginx")) + "policy-rc.d: 101\n"
+
+
+@pytest.mark.skipif(not private_usr_sbin(), reason="needs root and a private mount namespace")
+@pytest.mark.parametrize("case", ["none there", "one there", "interrupted"])
+def test_debian_install_keeps_nginx_from_starting_a_server(tmp_path: Path, case: str) -> None:
+    """Debian's nginx starts a server on port 80 when installed: a /usr/sbin/policy-rc.d that
+    exits 101 forbids it for the install, and is removed after it (after a Ctrl-C too), unless
+    one was there already, which is kept as it is. nginx-light, gone from newer releases, falls
+    back to nginx. Here the command runs in a mount namespace of its own whose /usr/sbin is a
+    directory of the test's; apt-get is a stub that logs its calls and, while it installs nginx,
+    what policy-rc.d answers; it has no nginx-light (100) and, for the Ctrl-C, waits in the
+    nginx install."""
+    env = apt_config_with_dpkg_state(tmp_path, "tmp.i")  # no interrupted dpkg to finish
+    command = debian_install_on_a_bare_path(tmp_path / "place")
+    log = tmp_path / "calls.log"
+    logging_stubs(tmp_path / "place" / "bin", log)
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    theirs = "#!/bin/sh\n# the administrator's own\nexit 101\n"
+    if case == "one there":
+        (sbin / "policy-rc.d").write_text(theirs)
+        (sbin / "policy-rc.d").chmod(0o755)
+    started = tmp_path / "installing nginx"
+    apt_get_with_nginx_only(tmp_path / "place" / "bin", log,
+                            waiting_in(started) if case == "interrupted" else "")
+    command = [*with_usr_sbin(sbin), *command, "--nginx", "curl"]
+    if case == "interrupted":
+        result = run_with_ctrl_c(command, started, "apt-get installing nginx", env)
+    else:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60,
+                                check=False)
+    expected = 0 if case != "interrupted" else -signal.SIGINT
+    assert (result.returncode, result.stderr) == (expected, ""), result
+    assert result.stdout == "debian-install: installing Debian packages: curl nginx-light\n"
+    assert log.read_text() == (
+        UPDATE + "apt-get install -y -qq --no-install-recommends curl (noninteractive)\n" + NGINX)
+    if case == "one there":
+        assert [p.name for p in sbin.iterdir()] == ["policy-rc.d"]
+        assert (sbin / "policy-rc.d").read_text() == theirs
+    else:
+        assert list(sbin.iterdir()) == []
+
+
+@pytest.mark.skipif(not private_usr_sbin(), reason="needs root and a private mount namespace")
+@pytest.mark.parametrize("caller", ["setup --tests", "bench"])
+def test_setup_and_bench_install_nginx_kept_from_starting_a_server(
+        tmp_path: Path, caller: str) -> None:
+    """Without nginx (here: a PATH without it and an empty /usr/sbin, in a mount namespace of
+    the test's) setup --tests and bench install it as debian-install does, without recommends
+    (bench installed its packages with them), and say so in their own names; a failed
+    installation (here: apt-get fails at nginx, 100) ends them with apt-get's status, the
+    policy-rc.d added for it removed."""
+    env = apt_config_with_dpkg_state(tmp_path, "tmp.i")  # no interrupted dpkg to finish
+    log = tmp_path / "calls.log"
+    if caller == "bench":
+        bin_dir, scripts = tmp_path / "place" / "bin", tmp_path / "place" / "scripts"
+        bin_dir.mkdir(parents=True)
+        scripts.mkdir()
+        for script in ("bench", "debian-install"):
+            shutil.copy(SCRIPTS / script, scripts)
+        (scripts / "setup").write_text("#!/bin/sh\nexit 0\n")
+        (scripts / "setup").chmod(0o755)
+        for tool in ("bash", "readlink", "apt-config", "chmod", "rm"):
+            (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+        command = ["env", f"PATH={bin_dir}", str(scripts / "bench")]
+    else:
+        command = [*setup_on_a_bare_path(tmp_path / "place"), "--tests"]
+        for tool in ("chmod", "rm"):
+            (tmp_path / "place" / "bin" / tool).symlink_to(shutil.which(tool) or tool)
+    logging_stubs(tmp_path / "place" / "bin", log)
+    apt_get_with_nginx_only(tmp_path / "place" / "bin", log, "exit 100")
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    result = subprocess.run([*with_usr_sbin(sbin), *command], capture_output=True, text=True,
+                            env=env, timeout=60, check=False)
+    assert result.returncode == 100, result
+    name = caller.split()[0]
+    messages, quiet = ((result.stdout, result.stderr) if name == "setup"
+                       else (result.stderr, result.stdout))
+    assert quiet == "", result
+    assert messages.startswith(f"{name}: installing Debian packages: "), result
+    assert messages.endswith(" nginx-light\n"), result
+    calls = log.read_text()
+    assert calls.startswith(UPDATE) and calls.endswith(NGINX), calls
+    assert "--no-install-recommends" in calls.splitlines()[1], calls
+    assert list(sbin.iterdir()) == []
 
 
 PROBE_PROJECT = """\
