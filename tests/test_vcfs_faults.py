@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -641,6 +642,41 @@ def test_what_failed_in_an_outage_is_each_open_files_reads_once_and_each_lookup(
     assert caplog.records[-1].getMessage() == (
         "the service at http://service answers again, after 3 s of failures; reads of 2 open "
         "file(s) and 2 lookup(s), open(s) or listing(s) failed meanwhile")
+
+
+def test_the_open_files_an_outage_counts_take_bounded_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`Outage` and `FailureLog` on a clock of their own: an outage of days, during which a
+    thumbnailer opens file after file of the stopped service, each read failing. Each file is
+    counted once up to 1000 of them, then "over 1000": the handles of every file whose read
+    failed were kept until the outage ended (100 000 files: 11 MB)."""
+    now = [0.0]
+    outage = Outage(logging.getLogger("test.outage"), "http://service", 1.0, lambda: now[0])
+    failures = FailureLog(logging.getLogger("test.outage"), clock=lambda: now[0])
+    files = 100_000
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        outage.gave_up("HASH bytes 0-9: HTTP 503", began=-1.0)
+        tracemalloc.start()
+        try:
+            for file in range(1, files + 1):
+                outage.failed(file)
+                failures.failed("read: EIO, ServerError", logging.ERROR, "read failed",
+                                file=file)
+            kept, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        now[0] = 2.0
+        outage.answered()
+        failures.flush()
+    assert kept < 1 << 20, f"{kept} bytes kept for {files} open files"
+    said = [record.getMessage() for record in caplog.records]
+    assert said[-2:] == [
+        "the service at http://service answers again, after 3 s of failures; reads of over "
+        "1000 open file(s) failed meanwhile",
+        "reads of over 1000 more open file(s) failed (read: EIO, ServerError) since the last "
+        "such line, 2 s ago",
+    ]
 
 
 def test_an_outage_left_out_is_logged_once_it_outlasts_the_minute(

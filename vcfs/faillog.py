@@ -9,6 +9,9 @@ lines (27 MB) in a minute, one per read. So:
   those still left out are counted at unmount (`flush`). Failed reads are counted as open
   files, each once, as the outage lines count them: the kernel re-asks a failed read at once,
   and 2 commands reading a stopped service were '1 line and 3 more operation(s) failed'.
+  Up to FILES_COUNTED files a line, then 'over FILES_COUNTED': each file counted is kept
+  until the line, and an outage of days (a thumbnailer opening file after file of a stopped
+  service) kept every one.
 - `Outage`: the service failing vcfs for a whole deadline, and answering again, are one line
   each, once per change of state, naming the service, the last error and what happens
   meanwhile; but at most one outage line per `interval`, counting the outages left out
@@ -23,6 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+# Open files a line counts, each once; more are "over FILES_COUNTED" (see the docstring).
+FILES_COUNTED = 1000
+
 
 def _seconds(value: float) -> str:
     """A duration as the lines say it: in whole seconds, but "less than 1 s" where that is 0
@@ -32,17 +38,43 @@ def _seconds(value: float) -> str:
 
 
 @dataclass(slots=True)
+class _Files:
+    """Open files (their handles), each counted once, up to FILES_COUNTED of them."""
+
+    counted: set[int] = field(default_factory=set)
+    more: bool = False  # and others past those
+
+    def add(self, file: int) -> None:
+        if file not in self.counted:
+            if len(self.counted) < FILES_COUNTED:
+                self.counted.add(file)
+            else:
+                self.more = True
+
+    def update(self, other: _Files) -> None:
+        for file in other.counted:
+            self.add(file)
+        self.more |= other.more
+
+    def __bool__(self) -> bool:
+        return bool(self.counted)
+
+    def __str__(self) -> str:
+        return f"over {FILES_COUNTED}" if self.more else str(len(self.counted))
+
+
+@dataclass(slots=True)
 class _Cause:
     logged: float  # when its last line was written
     file: int | None  # the open file whose failed read that line was of (None: not a read)
-    files: set[int] = field(default_factory=set)  # other open files whose reads failed since
+    files: _Files = field(default_factory=_Files)  # other open files whose reads failed since
     others: int = 0  # other operations failed since
 
     def left_out(self) -> str:
         """What failed since the line ("" if nothing): the reads of other open files, each
         file once, or the other operations, each (a cause is of one operation)."""
         if self.files:
-            return f"reads of {len(self.files)} more open file(s)"
+            return f"reads of {self.files} more open file(s)"
         return f"{self.others} more operation(s)" if self.others else ""
 
 
@@ -97,15 +129,15 @@ class _Failed:
     fails too, and a read's digests fail beside its range: 2 commands reading a stopped
     service were '8 operation(s) failed'."""
 
-    files: set[int] = field(default_factory=set)  # the handles of open files
+    files: _Files = field(default_factory=_Files)  # the handles of open files
     others: int = 0
 
     def add(self, other: _Failed) -> None:
-        self.files |= other.files
+        self.files.update(other.files)
         self.others += other.others
 
     def said(self) -> str:
-        parts = [f"reads of {len(self.files)} open file(s)"] if self.files else []
+        parts = [f"reads of {self.files} open file(s)"] if self.files else []
         if self.others:
             parts.append(f"{self.others} lookup(s), open(s) or listing(s)")
         return (" and ".join(parts) + " failed" if parts
