@@ -7,17 +7,20 @@ its turn."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import select
 import socket
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.service_support import Api, read_until_closed
+from tests.service_support import Api, blob_files, read_until_closed, store_many
 from tests.support import VidcacheServer, wait_until
 
 UVICORN_DEFAULT = 5.0  # seconds: what the service would keep a connection without the option
@@ -157,3 +160,75 @@ def test_a_refused_request_is_one_log_line_naming_the_client_and_why(
     line = f"WARNING uvicorn.error: refused a request from {client} {why}"
     wait_until(lambda: line in vidcache_server.log(), timeout=10, what=f"{line!r} logged")
     assert "Invalid HTTP request received." not in vidcache_server.log()
+
+
+def _open_sockets(pid: int) -> int:
+    """How many sockets the process `pid` has open."""
+    folder = f"/proc/{pid}/fd"
+    count = 0
+    for fd in os.listdir(folder):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            count += os.readlink(f"{folder}/{fd}").startswith("socket:")
+    return count
+
+
+def _closed_after_its_answers(sock: socket.socket) -> bool:
+    """Whether the server has closed the connection, the answers it sent before read."""
+    while select.select([sock], [], [], 0)[0]:
+        if not sock.recv(65536):
+            return True
+    return False
+
+
+def test_a_client_silent_before_its_request_is_done_is_let_go(tmp_path: Path) -> None:
+    """A client gone without a word (switched off, its network cut) before its request was
+    whole: the service kept its connection open for good, a descriptor and a protocol each,
+    as it closes only one idle between requests (uvicorn arms its keep-alive only once an
+    answer is sent). Now one that waits for the client is closed after `--keep-alive` of
+    silence too: with nothing sent (vcfs's spare connections), a head begun, a body begun,
+    or a next head begun after an answer."""
+    silent = [b"", b"GET /health HTTP/1.1\r\nHost: v\r\n",
+              b"POST /ingest HTTP/1.1\r\nHost: v\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 100\r\n\r\n{\"url\": ",
+              b"GET /health HTTP/1.1\r\nHost: v\r\n\r\nGET /health HTTP/1.1\r\n"]
+    with VidcacheServer(tmp_path / "data", "--keep-alive", "1") as server, \
+            contextlib.ExitStack() as stack:
+        assert server.process is not None
+        pid = server.process.pid
+        before = _open_sockets(pid)
+        sockets = []
+        for start in silent * 10:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.port),
+                                                                timeout=10))
+            sock.sendall(start)
+            sockets.append(sock)
+        wait_until(lambda: all(_closed_after_its_answers(sock) for sock in sockets), timeout=20,
+                   what="the server closing the connections of silent clients")
+        wait_until(lambda: _open_sockets(pid) <= before, timeout=10,
+                   what="the server's sockets back to those it had")
+
+
+def test_an_answer_longer_than_the_keep_alive_is_not_cut(tmp_path: Path) -> None:
+    """The keep-alive counts silence while the service waits for the client only: an answer
+    that a slow reader takes longer than it to read goes on to its end."""
+    data_dir = tmp_path / "data"
+    [content_hash] = store_many(data_dir, 1)
+    size = 64 << 20
+    [blob] = blob_files(data_dir)
+    blob.write_bytes(bytes(size))
+    db = sqlite3.connect(data_dir / ".vidcache" / "index.sqlite3")
+    with db:
+        db.execute("UPDATE videos SET size_bytes = ?", (size,))
+    db.close()
+    with VidcacheServer(data_dir, "--keep-alive", "1") as server, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(f"GET /video/{content_hash} HTTP/1.1\r\nHost: v\r\n\r\n".encode())
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        # Time passing is what is tested: the answer waits on the reader past the keep-alive.
+        time.sleep(3)
+        received = len(answer.partition(b"\r\n\r\n")[2])
+        while received < size:
+            piece = sock.recv(1 << 20)
+            assert piece, f"cut after {received} of {size} bytes"
+            received += len(piece)

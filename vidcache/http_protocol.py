@@ -26,6 +26,12 @@ HOST:PORT (400): malformed HTTP request: ...`. uvicorn's own line for a request 
 (`Invalid HTTP request received.`, with neither) is dropped by `without_uvicorns_parse_warning`;
 a request without Host, or with too long a head, was refused without any line naming whom.
 
+A connection is closed once its client has been silent for the keep-alive timeout while the
+service waits for it: uvicorn arms that timeout only once an answer is sent, so a connection on
+which the client had sent no request yet, or part of one, stayed open for good when the client
+went away without a word (a machine switched off, a network cut): a descriptor each, for as
+long as the service ran. A connection with an answer under way is never closed for that.
+
 A request's head is capped (MAX_HEAD_BYTES): httptools gathers a header field by concatenating
 bytes objects, which is quadratic in its length and runs on the event loop, so one client
 sending a 64 MiB header stalled every other request for 4 s (and the server kept its 400 MB
@@ -37,6 +43,7 @@ parsed in one go, at no quadratic cost, so a head of up to 384 KiB may pass.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -75,7 +82,36 @@ class PipelinedHttpToolsProtocol(HttpToolsProtocol):
         # piece it began in); None outside a head.
         self._head_bytes: int | None = None
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_client()
+
     def data_received(self, data: bytes) -> None:
+        self._feed(data)
+        self._await_client()
+
+    def _await_client(self) -> None:
+        """While the connection waits for the client with no answer under way (no request
+        yet, a head or a body begun), close it once the client has said nothing for the
+        keep-alive timeout, as uvicorn closes one idle between requests (only then: a client
+        gone without a word, a machine switched off or a network cut, left its connection
+        open for good if it had sent no request yet, or part of one)."""
+        if (self.timeout_keep_alive_task is not None or self._refusal is not None
+                or self.transport.is_closing()):
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # its body still to come, the application waiting for it (not for the previous
+            # answers to be sent, or for it to read what is in)
+            waiting = cycle.more_body and not cycle.response_started and not (
+                self.flow.read_paused)
+        else:
+            waiting = True
+        if waiting:
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def _feed(self, data: bytes) -> None:
         # Within a head, the parser gets no more than the head may still take: what follows
         # it in the same piece (the next pipelined requests, a body) is not the head's.
         while self._refusal is None:  # refused: nothing more is read
