@@ -577,6 +577,40 @@ def test_log_level_debug_logs_every_read_with_its_offset_and_size(
     assert covered >= video.size
 
 
+def test_a_log_file_rotated_away_is_followed_by_a_new_one(
+    tmp_path: Path, vidcache_server: VidcacheServer, corpus: dict[str, Video]
+) -> None:
+    """A mount runs for weeks, and logrotate renames its `--log-file` (then compresses and
+    deletes the renamed file). The daemon wrote on into the file it had opened: into the
+    rotated one, and once that was deleted, into a file nobody could read that held its disk
+    space until the unmount. The next line after a rotation now goes to a new file at the
+    path, and the daemon's stdout and stderr (libfuse's messages, a traceback) with it."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    log_file = tmp_path / "vcfs.log"
+    rotated = tmp_path / "vcfs.log.1"
+    video = corpus["a.mp4"]
+    started = subprocess.run(
+        vcfs_command("mount", vidcache_server.url, str(mountpoint), "--daemon", "--log-file",
+                     str(log_file), "--log-level", "debug"),  # a line per read
+        capture_output=True, text=True, timeout=60)
+    pid = None
+    try:
+        assert started.returncode == 0, started.stderr
+        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        log_file.rename(rotated)
+        assert (mountpoint / "by-hash" / video.file_name).read_bytes() == video.data()
+        line = f"DEBUG vcfs.fs: read {video.content_hash[:12]} [0, "
+        wait_until(lambda: log_file.exists() and line in log_file.read_text(), timeout=10,
+                   what=f"{line!r} in a new {log_file}")
+        assert line not in rotated.read_text()
+        assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)] == [str(log_file)] * 2
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        if pid is not None:
+            wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
+
+
 @pytest.mark.parametrize(("args", "shown"), [
     ([], "(cache 256 MiB in 1 MiB blocks, readahead up to 16 MiB)"),
     (["--cache-size", "1536K", "--block-size", "256K", "--readahead-max", "128K"],

@@ -28,9 +28,12 @@ a mount made already (see `fuse_fd`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import io
 import json
 import logging
+import logging.handlers
 import os
 import re
 import select
@@ -661,9 +664,26 @@ def clear_stale_mount(mountpoint: str) -> None:
 # Mounting
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """The log file, followed to a new file at its path at the next line once it is renamed
+    or removed (logrotate), and with it a daemon's stdout and stderr (libfuse's messages, a
+    traceback), which are the log's too (`_detach_stdio`). A mount runs for weeks: it wrote
+    on into the rotated file, deleted in the end, whose disk space it held until unmounted."""
+
+    def _open(self) -> io.TextIOWrapper:
+        stream = super()._open()
+        replaced = getattr(self, "dev", -1), getattr(self, "ino", -1)  # none at the first
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                held = os.fstat(fd)
+                if (held.st_dev, held.st_ino) == replaced:
+                    os.dup2(stream.fileno(), fd)
+        return stream
+
+
 def configure_logging(level: str, log_file: str | None) -> None:
     handler: logging.Handler = (
-        logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+        _LogFile(log_file) if log_file else logging.StreamHandler(sys.stderr)
     )
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
