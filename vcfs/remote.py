@@ -57,9 +57,11 @@ digests and one attempt at its first block (`Range: bytes=0-(B-1)`) at once, pip
 connection, the warmest the client has (`VidCacheClient.open_video_into`): the lookup gets its
 answer one round trip later, and the first read finds the block arriving right behind it, with
 no TCP handshake when a connection is warm. The block waits in a small holding place
-(`first_blocks_held` blocks, dropped after `first_block_ttl`) until `fetch` or `fetch_blocks`
-asks for exactly that block; only then is it verified against the digests (and taken out: one
-use) and returned, so the block cache's single in-flight fetch of block 0 is this request.
+(`first_blocks_held` blocks, unusable after `first_block_ttl`: their memory goes at the next
+cold lookup, as cachetools' TTLCache expires entries when written to) until `fetch` or
+`fetch_blocks` asks for exactly that block; only then is it verified against the digests (and
+taken out: one use) and returned, so the block cache's single in-flight fetch of block 0 is
+this request.
 `fetch_blocks` follows it as it arrives, verifying and handing on each chunk as it comes in. A
 file shorter than the block is answered up to its end, which is that block. If the metadata
 does not come that way (an error, or late), the lookup asks for it again the usual way, with
