@@ -51,32 +51,30 @@ not yet known; `fetch_blocks`, once the video's chunk size is known, sends such 
 request and the range's together and verifies the first chunk when both are in.
 
 First block with the metadata. A player stats a path right before reading its first bytes, so a
-lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the
-filesystem passes for a single path's lookup) sends `/meta`, the first page of its chunk
-digests and one attempt at its first block (`Range: bytes=0-(B-1)`) at once, pipelined on one
-connection, the warmest the client has (`VidCacheClient.open_video_into`): the lookup gets its
-answer one round trip later, and the first read finds the block arriving right behind it, with
-no TCP handshake when a connection is warm. The block waits in a small holding place
-(`first_blocks_held` blocks, unusable after `first_block_ttl`: their memory goes at the next
-cold lookup, as cachetools' TTLCache expires entries when written to) until `fetch` or
-`fetch_blocks` asks for exactly that block; only then is it verified against the digests (and
-taken out: one use) and returned, so the block cache's single in-flight fetch of block 0 is
-this request.
-`fetch_blocks` follows it as it arrives, verifying and handing on each chunk as it comes in. A
-file shorter than the block is answered up to its end, which is that block. If the metadata
-does not come that way (an error, or late), the lookup asks for it again the usual way, with
-retries; any failure of the block (an error, a wrong length, a digest mismatch, chunks coarser
-than the block, an exchange silent for `first_block_patience`, as behind a proxy that does not
-pass pipelined requests on) drops it quietly and the normal path fetches the block. A
-scattered read elsewhere in the file meanwhile waits for those digests, within the same
-bounds, so that its fetch can stop at the chunk it needs (`fetch_blocks` cannot cut a block
-without the chunk size). Lookups
-answered from the last listing or the cache send nothing more: that is a player's lookup after
-an `ls by-hash` (and every lookup of `ls -l`, `du`, `find` sweeping the folder, which would
-otherwise each fetch a block they never read). Such a player loses nothing: the `/meta` round
-trip the pipelining hides is not needed at all, and its first read asks for the block and its
-digests at once (`_fetch_with_digests`), one round trip as well. For a hash the service does
-not have, `/meta`'s 404 ends the exchange.
+lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the filesystem
+passes for a single path's lookup) sends `/meta`, the first page of its chunk digests and one
+attempt at its first block (`Range: bytes=0-(B-1)`) at once, pipelined on one connection, the
+warmest the client has (`VidCacheClient.open_video_into`): the lookup gets its answer one round
+trip later, and the first read finds the block arriving right behind it, with no TCP handshake
+when a connection is warm. The block waits in a small holding place (`first_blocks_held` blocks,
+unusable after `first_block_ttl`: their memory goes at the next cold lookup, as cachetools'
+TTLCache expires entries when written to) until `fetch` or `fetch_blocks` asks for exactly that
+block; only then is it verified against the digests (and taken out: one use) and returned, so
+the block cache's single in-flight fetch of block 0 is this request. `fetch_blocks` follows it
+as it arrives, verifying and handing on each chunk as it comes in. A file shorter than the block
+is answered up to its end, which is that block. If the metadata does not come that way (an
+error, or late), the lookup asks for it again the usual way, with retries; any failure of the
+block (an error, a wrong length, a digest mismatch, chunks coarser than the block, an exchange
+silent for `first_block_patience`, as behind a proxy that does not pass pipelined requests on)
+drops it quietly and the normal path fetches the block. A scattered read elsewhere in the file
+meanwhile waits for those digests, within the same bounds, so that its fetch can stop at the
+chunk it needs (`fetch_blocks` cannot cut a block without the chunk size). Lookups answered from
+the last listing or the cache send nothing more: that is a player's lookup after an `ls by-hash`
+(and every lookup of `ls -l`, `du`, `find` sweeping the folder, which would otherwise each fetch
+a block they never read). Such a player loses nothing: the `/meta` round trip the pipelining
+hides is not needed at all, and its first read asks for the block and its digests at once
+(`_fetch_with_digests`), one round trip as well. For a hash the service does not have, `/meta`'s
+404 ends the exchange.
 
 Bytes. Ranges are received with the client's `read_range_into`, straight from the socket into
 the `bytes` objects that are returned and cached (`vcfs.blocks.unfilled_block`): no pieces to
