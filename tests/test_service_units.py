@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from tests.support import wait_until
 from vidcache.app import create_app
-from vidcache.chunks import DEFAULT_CHUNK_SIZE, KIB, MIB, check_chunk_size
+from vidcache.chunks import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import build_parser, parse_size
 from vidcache.config import GIB, ServiceConfig
 from vidcache.content_coding import PIECE_SIZE, EncodingError, decoded
@@ -48,7 +48,15 @@ from vidcache.media import UNIFORM_FRAMES, MediaInfo, decode_phash, encode_phash
 from vidcache.progress_line import _Rate, describe
 from vidcache.resolver import AddrInfo, StoppableResolver
 from vidcache.space import FreeSpace
-from vidcache.store import INDEX_FILE, Store, _index_error, blob_relpath, check_location
+from vidcache.store import (
+    INDEX_FILE,
+    WAL_SIZE_LIMIT,
+    NewVideo,
+    Store,
+    _index_error,
+    blob_relpath,
+    check_location,
+)
 from vidcache.tools import Tools
 from vidcache_client import IngestUnderWay
 from vidcache_client._credentials import without_credentials
@@ -230,6 +238,47 @@ def test_listing_pages_are_read_in_order_from_an_index(tmp_path: Path,
             filtered = [column for column in ("bucket", "prefix") if f"{column} = " in sql]
             assert len(plan) == 1 and plan[0].startswith("SEARCH"), (sql, plan)
             assert all(f"{column}=?" in plan[0] for column in filtered), (sql, plan)
+    finally:
+        store.close()
+
+
+def _add_a_4_gib_video(store: Store, number: int) -> None:
+    """A record as an ingest of a 4 GiB video in 64 KiB chunks commits: 2 MiB of digests."""
+    size, chunk_size = 4 * GIB, 64 * KIB
+    content_hash = blake3(f"4 GiB video {number}".encode()).hexdigest()
+    blob = store.tmp_dir / content_hash
+    blob.write_bytes(b"")  # the record's size is what the index holds
+    store.add_video(NewVideo(content_hash=content_hash, bucket="b", prefix="", extension="mp4",
+                             size_bytes=size, duration_s=3600.0, mime_type="video/mp4", meta={},
+                             phash="", chunk_size=chunk_size,
+                             chunk_digests=bytes(size // chunk_size * DIGEST_SIZE)),
+                    url=f"http://media.test/{number}.mp4", temp_path=blob)
+
+
+def test_the_index_write_ahead_log_shrinks_back_once_a_long_read_ends(tmp_path: Path) -> None:
+    """Writes made while a read holds its snapshot (big videos' digests, 10 MiB of them) grow
+    the index's WAL past WAL_SIZE_LIMIT: SQLite cannot start the log over under that read. Once
+    the read has ended, the next commits (one after which the log is copied whole into the
+    index, one that starts it over) cut the file back to the limit. (Before: it stayed at its
+    largest, 10.8 MB here, for the server's life.)"""
+    store = Store(tmp_path / "data")
+    store.open()
+    wal = store.internal_dir / f"{INDEX_FILE}-wal"
+    try:
+        with store._reading() as reader:
+            reader.execute("SELECT count(*) FROM videos").fetchone()  # its snapshot taken
+            for number in range(5):
+                _add_a_4_gib_video(store, number)
+        assert wal.stat().st_size > WAL_SIZE_LIMIT
+        hash_0 = blake3(b"4 GiB video 0").hexdigest()
+        aliases = itertools.count()
+
+        def written_and_shrunk() -> bool:
+            store.add_alias(f"http://media.test/alias-{next(aliases)}.mp4", hash_0)
+            return wal.stat().st_size <= WAL_SIZE_LIMIT
+
+        wait_until(written_and_shrunk, timeout=10, what="the WAL cut back to its limit")
+        assert store.count() == 5
     finally:
         store.close()
 

@@ -70,7 +70,7 @@ from typing import Any
 
 import blake3
 
-from vidcache.chunks import DIGEST_SIZE, chunk_page, digest_count
+from vidcache.chunks import DIGEST_SIZE, MIB, chunk_page, digest_count
 from vidcache.errors import (
     DataDirInUse,
     IndexUnreadable,
@@ -96,6 +96,11 @@ _HASH_RE = re.compile(HASH_PATTERN)
 
 # one for a scan, the others for the reads of one video beside it (see the module's docstring)
 READ_CONNECTIONS = 4
+# What the WAL file is cut back to at the first commit after it starts over: more than its
+# ordinary cycle (SQLite's checkpoint at 1000 pages, ~4 MiB, plus the write that crosses it, up
+# to ~2 MiB for a 4 GiB video's digests), so that is never cut and regrown; only what a big
+# write or writes under a long read's snapshot (the WAL cannot start over under it) added.
+WAL_SIZE_LIMIT = 8 * MIB
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS videos (
@@ -291,6 +296,9 @@ class Store:
                 db.execute("PRAGMA journal_mode = WAL")
                 # FULL: a committed record must survive power loss, its blob was fsynced before
                 db.execute("PRAGMA synchronous = FULL")
+                # SQLite starts the WAL over once it is copied into the index, but never shrinks
+                # the file: without a limit it stays as large as it ever grew
+                db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
                 db.execute("PRAGMA foreign_keys = ON")
                 db.executescript(_SCHEMA)
                 self._migrate()  # an older index's VACUUM needs room too
