@@ -227,8 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "video that needs more is refused (422); 0: no cap (default 3G)")
     serve.add_argument("--keep-alive", metavar="S", type=_whole_seconds, default=75,
                        help="whole seconds an idle client connection is kept open, so a "
-                            "reader that paused (a player, vcfs) needs no new connection "
-                            "(default 75)")
+                            "reader that paused (a player, vcfs) needs no new connection; "
+                            "also how long a client may stay silent before its request is "
+                            "whole (default 75)")
     serve.add_argument("--phash-threshold", metavar="BITS", type=_threshold, default=10,
                        help="largest mean perceptual-hash distance (of 64 bits) that counts "
                             "as the same video, no sampled frame more than twice it apart "
