@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument(
         "--log-file", metavar="PATH",
-        help="append logs here instead of stderr (without it a --daemon keeps no log: its "
-        "warnings until mounted are shown, its read errors and outage warnings are lost)",
+        help="append logs here instead of stderr, to a new file at PATH once this one is "
+        "renamed or removed (logrotate); without it a --daemon keeps no log: its warnings "
+        "until mounted are shown, its read errors and outage warnings are lost",
     )
     mount.add_argument(
         "--no-raise-readahead", dest="raise_readahead", action="store_false",
