@@ -3,12 +3,14 @@ against a real service, usage errors, and complete --help texts."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import http.server
 import json
 import os
 import pty
+import re
 import signal
 import socket
 import subprocess
@@ -34,7 +36,7 @@ from tests.support import (
     wait_until,
 )
 from tests.vcfs_fault_support import FaultyLink
-from vidcache import __version__
+from vidcache import __version__, cli
 from vidcache_client import VidCacheClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -811,6 +813,32 @@ def test_help_lists_every_option() -> None:
         assert run.returncode == 0
         for option in [*options, "Exit status", "examples:", f"vidcache {command}"]:
             assert option in run.stdout, (command, option)
+
+
+def test_the_docs_table_names_every_serve_option_with_the_default_of_the_help() -> None:
+    """docs/service.md's table of `vidcache serve`'s options names exactly the options the
+    command has; each default it states is what the command takes, and what --help says."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
+    section = doc.split("## Running it", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `-")]
+    documented = {row[0].strip("| `").split()[0]: row[1].strip() for row in rows}
+    parser = cli.build_parser()
+    serve = next(action for action in parser._actions
+                 if isinstance(action, argparse._SubParsersAction)).choices["serve"]
+    options = {action.option_strings[0]: action for action in serve._actions
+               if action.option_strings and action.dest != "help"}
+    assert set(documented) == set(options)
+    defaults = parser.parse_args(["serve", "--data", "/nonexistent/data"])
+    help_text = " ".join(serve.format_help().split())
+    stated = {name: re.fullmatch(r"`([^`]+)`", default) for name, default in documented.items()}
+    assert {name for name, value in stated.items() if value is None} == {
+        "--data", "--allow-file-dir", "--ingest-allow", "--token-file", "--token-reads"}
+    for name, value in stated.items():
+        if value is not None:
+            action = options[name]
+            given = action.type(value.group(1)) if action.type else value.group(1)
+            assert given == getattr(defaults, action.dest), name
+            assert re.search(rf"\(default {re.escape(value.group(1))}[;)]", help_text), name
 
 
 def test_console_script_is_installed() -> None:
