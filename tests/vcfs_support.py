@@ -127,6 +127,7 @@ class VcfsMount:
         self.extra_args = list(extra_args)
         self.log_path = mountpoint.parent / f"{mountpoint.name}-vcfs.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []
 
     def start(self, timeout: float = 30.0) -> VcfsMount:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,8 @@ class VcfsMount:
             *self.extra_args,
         )
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([*self.prefix, *argv], stdout=log,
+                                            stderr=subprocess.STDOUT)
         try:
             wait_until(self._mounted, timeout=timeout, what=f"vcfs mounted at {self.mountpoint}")
         except BaseException:

@@ -22,7 +22,8 @@ Reading, for the blocks a read touches:
    fetcher (or block fetcher) call (a cold 1 MiB read straddling two blocks is one range
    request, not two). With a block fetcher, a reader that needs only the start of the last
    block it fetches runs its fetch on a background thread and waits for its part like any
-   other reader (see below), so it can return before the fetch is over.
+   other reader (see below), so it can return before the fetch is over (on its own thread if
+   no thread can be started, under a limit on threads: vcfs.threads).
 3. The owner checks the answer is exactly the run's length (`BlockFetchError` otherwise), cuts
    it into blocks, passes each to the optional `verify` hook, and then, in a single critical
    section, inserts the good blocks into the LRU and removes the in-flight entries, so no
@@ -101,6 +102,7 @@ from typing import Any, Protocol
 from cachetools import Cache, LRUCache
 
 from vcfs.limits import FUSE_THREADS
+from vcfs.threads import NoThread, submit
 
 Fetcher = Callable[[str, int, int], bytes]
 """`(hash, start, end_exclusive) -> bytes`: exactly the bytes `[start, end)` of the video."""
@@ -626,7 +628,7 @@ class BlockCache:
             # Runs split by cached blocks all start now, each under its own deadline: one
             # after the other, a read could wait out one deadline per run.
             for run_owned in earlier:
-                background.submit(self._fetch_owned, content_hash, file_size, run_owned)
+                self._fetch_in_background(background, content_hash, file_size, run_owned)
             last = max(final)
             # In the background only if the read can return before its fetch is over: when it
             # needs only the start of what the fetch of its last block brings (a thread hop
@@ -637,7 +639,7 @@ class BlockCache:
             if end >= brings:
                 self._fetch_owned(content_hash, file_size, final)
             else:
-                background.submit(self._fetch_owned, content_hash, file_size, final)
+                self._fetch_in_background(background, content_hash, file_size, final)
         pieces = []
         for index in blocks:
             base = index * block_size
@@ -659,6 +661,17 @@ class BlockCache:
             piece, lo = got
             pieces.append((piece, low - lo, high - lo))
         return pieces
+
+    def _fetch_in_background(self, background: ThreadPoolExecutor, content_hash: str,
+                             file_size: int, owned: dict[int, _Pending]) -> None:
+        """`_fetch_owned` on a background thread, or on this one if none could be started (a
+        limit on threads: vcfs.threads): the blocks are this call's to fetch, and their
+        readers, this one's and others', wait for them."""
+        try:
+            submit(background, "a block fetch", self._fetch_owned, content_hash, file_size,
+                   owned)
+        except NoThread:
+            self._fetch_owned(content_hash, file_size, owned)
 
     def _await(self, entry: _Pending, low: int, high: int) -> _Got | None:
         """A `bytes` holding bytes `[low, high)` of a block in flight, and where in the block

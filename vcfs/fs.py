@@ -12,10 +12,14 @@ remembered only `negative_timeout` seconds so a newly ingested video shows up qu
 
 Errors: every operation is wrapped by `_fuse_operation`, the one place where exceptions become
 errno values: `NotFound` -> ENOENT, `AccessDenied` (the service refused the token) -> EACCES,
-`MemoryError` (an allocation past `ulimit -d` / `-v`) -> ENOMEM, any other failure -> EIO
-(all three logged with what was asked and why, the first of each cause and then one line per
-10 s with the count left out: vcfs.faillog), `FuseOSError` passes through. Nothing else
-escapes (mfusepy would turn it into EINVAL). Every operation is bounded in time: what reaches
+`MemoryError` (an allocation past `ulimit -d` / `-v`) -> ENOMEM, a thread that could not be
+started (`ulimit -u`, `pids.max`, or its stack past `ulimit -d` / `-v`: vcfs.threads) -> ENOMEM
+too, any other failure -> EIO (all logged with what was asked and why, the first of each
+cause and then one line per 10 s with the count left out: vcfs.faillog; EIO from a bug with
+its traceback), `FuseOSError` passes through. ENOMEM, not pthread_create's EAGAIN: readers
+take EAGAIN from a read for "no data yet", not for an error (Python's `FileIO.readall` returns
+what it has: a file silently cut short). Nothing else escapes (mfusepy would turn it into
+EINVAL). Every operation is bounded in time: what reaches
 the service does so through `Remote`, whose calls end by their cutoff.
 
 Open files: `open` allocates a handle (`_VideoHandle`: the video's metadata and a per-handle
@@ -49,6 +53,7 @@ from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
 from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
 from vcfs.stats import Counters
+from vcfs.threads import LIMITS, thread_refused
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +191,17 @@ def _fuse_operation(
                     f"{_describe(method.__name__, args, '')} failed (ENOMEM): "
                     f"{str(exc) or 'out of memory'}", file=_file_of(method.__name__, args))
             raise FuseOSError(errno.ENOMEM) from exc
-        except Exception as exc:  # a bug or an error from below: EIO, never EINVAL
+        except Exception as exc:
             self.counters.add("errors")
+            # A thread refused (vcfs.threads), ours or a library's: a limit, like memory's.
+            # Matched by its message too: CPython's RuntimeError is also its other misuses'.
+            if thread_refused(exc):
+                self.failures.failed(
+                    _cause(method.__name__, "ENOMEM", exc), logging.ERROR,
+                    f"{_describe(method.__name__, args, '')} failed (ENOMEM): no thread "
+                    f"could be started: {LIMITS}", file=_file_of(method.__name__, args))
+                raise FuseOSError(errno.ENOMEM) from exc
+            # a bug or an error from below: EIO, never EINVAL
             log.exception("%s failed (EIO)", _describe(method.__name__, args, ""))
             raise FuseOSError(errno.EIO) from exc
 

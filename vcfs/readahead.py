@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from vcfs.blocks import MIB, FetchStopped, blocks_for
+from vcfs.threads import NoThread, submit
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +428,11 @@ class Readahead:
                 break
             last = min(first + self._task_blocks, state.target.stop) - 1
             try:
-                task = self._executor.submit(self._prefetch, first, last, state.stop)
+                task = submit(self._executor, "a prefetch", self._prefetch, first, last,
+                              state.stop)
+            except NoThread:  # the reads fetch what they need: readahead waits for a thread
+                log.debug("readahead of %s paused: no thread could be started", self._hash)
+                return
             except RuntimeError:  # the executor is shutting down with the mount
                 log.debug("readahead of %s stopped: executor shut down", self._hash)
                 return

@@ -136,6 +136,7 @@ from vcfs.digests import parse as parse_digests
 from vcfs.faillog import Outage
 from vcfs.limits import FUSE_THREADS
 from vcfs.stats import Counters
+from vcfs.threads import NoThread, start_thread, submit
 from vidcache_client import (
     AuthError,
     NotFoundError,
@@ -728,9 +729,12 @@ class Remote:
             if self._listing_at is not None:
                 age = self._clock() - self._listing_at
                 if age >= self.config.listing_ttl and self._listing_refresh is None:
-                    self._listing_refresh = threading.Thread(
+                    refresh = threading.Thread(
                         target=self._refresh_listing, name="vcfs-listing", daemon=True)
-                    self._listing_refresh.start()
+                    # The last listing meanwhile; the next call tries again.
+                    with contextlib.suppress(NoThread):
+                        start_thread(refresh, "a listing")
+                        self._listing_refresh = refresh
                 return self._listing
             first = self._first_listing
             fetching = first is None
@@ -1227,8 +1231,11 @@ class Remote:
         with self._lock:
             if content_hash in self._first_blocks or content_hash in self._chunk_sizes:
                 return None
-            speculation = _FirstBlock(block_size, self._submit(receive), meta, digests,
-                                      arrival)
+            try:
+                data = self._submit(receive)
+            except NoThread:  # a bonus: the lookup asks for the metadata alone
+                return None
+            speculation = _FirstBlock(block_size, data, meta, digests, arrival)
             speculation.data.add_done_callback(unsent)
             self._first_blocks[content_hash] = speculation
         self.counters.add("first_blocks")
@@ -1678,7 +1685,11 @@ class Remote:
             except BaseException as exc:  # handed to whoever waits for them
                 answer.set_exception(exc)
 
-        threading.Thread(target=get, name="vcfs-digests", daemon=True).start()
+        try:
+            start_thread(threading.Thread(target=get, name="vcfs-digests", daemon=True),
+                         "digests")
+        except NoThread:  # the digests first, then the range
+            get()
         return answer
 
     def _keep_digests(
@@ -1816,7 +1827,7 @@ class Remote:
         if self._stopped.done():
             raise Stopping(_STOPPING)
         try:
-            return self._workers.submit(call, *args)
+            return submit(self._workers, "a request to the service", call, *args)
         except RuntimeError as exc:  # shut down by close() just now
             raise Stopping(_STOPPING) from exc
 

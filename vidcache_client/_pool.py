@@ -165,7 +165,12 @@ class Pool(Generic[T]):
         return True
 
     def _start_spare(self) -> None:
-        threading.Thread(target=self._open_spare, name="vidcache-spare", daemon=True).start()
+        try:
+            threading.Thread(target=self._open_spare, name="vidcache-spare", daemon=True).start()
+        except RuntimeError:  # no thread to be had (ulimit -u, pids.max): no spare, none counted
+            with self._budget.changed:
+                self._making_spare = False
+            self._forget()
 
     def _open_spare(self) -> None:
         try:

@@ -1,0 +1,79 @@
+"""Starting a thread when the process may not get one.
+
+vcfs starts threads as work comes (the block cache's fetch threads, the HTTP workers, a digest
+thread per fetch needing a digest page, readahead's, the client's spare-connection opener):
+~200 when busy. The kernel refuses one past the user's `ulimit -u` (RLIMIT_NPROC, counted in
+threads; not enforced for root), the cgroup's `pids.max` or the system's threads-max, and glibc
+when its stack cannot be mapped under `ulimit -d` / `-v`: pthread_create's EAGAIN, which
+CPython raises as `RuntimeError("can't start new thread")`, the class of its other misuses too.
+
+So a start that vcfs cannot do without raises `NoThread`, which vcfs.fs answers with ENOMEM (a
+limit the mounting user sets, not the service's fault), and one it can do without (a prefetch,
+a spare connection, a first block sent along with a lookup) is left out, its work done on the
+caller's thread or not at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+# What a refusal says: the limits to look at.
+LIMITS = ("a limit on threads (ulimit -u, the cgroup's pids.max) or on the memory for their "
+          "stacks (ulimit -d, ulimit -v) is reached")
+
+
+class NoThread(Exception):
+    """A thread could not be started (see module docstring)."""
+
+
+def thread_refused(exc: BaseException) -> bool:
+    """Whether `exc` is CPython's refusal to start a thread (its message, not only its class:
+    a RuntimeError is also a bug, an executor shut down, a thread started twice)."""
+    return isinstance(exc, NoThread) or (
+        isinstance(exc, RuntimeError) and str(exc).startswith("can't start new thread"))
+
+
+def start_thread(thread: threading.Thread, what: str) -> None:
+    """`thread.start()`; `NoThread` naming `what` if it was refused."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        if not thread_refused(exc):
+            raise
+        raise NoThread(f"{what}: no thread could be started: {LIMITS}") from exc
+
+
+def submit(executor: Executor, what: str, call: Callable[..., T], *args: Any) -> Future[T]:
+    """`executor.submit(call, *args)`, but `NoThread` naming `what` if the executor needed a
+    thread for it and could not start one: `call` is then never run. (A ThreadPoolExecutor
+    queues a call before it starts a thread for it, and leaves it queued when the start fails:
+    a busy worker would run it later, its caller told it failed, and with no worker it would
+    wait until some later submit started one.) Cancelling the future returned stops a call
+    not yet begun, as an executor's does; so does `shutdown(cancel_futures=True)`."""
+    answer: Future[T] = Future()
+
+    def run() -> None:
+        if not answer.set_running_or_notify_cancel():  # cancelled, or given up by `submit`
+            return
+        try:
+            result = call(*args)
+        except BaseException as exc:  # the caller's to handle, as an executor's future
+            answer.set_exception(exc)
+        else:
+            answer.set_result(result)
+
+    try:
+        queued = executor.submit(run)
+    except RuntimeError as exc:
+        if not thread_refused(exc):
+            raise
+        if answer.cancel():  # no worker has taken it: none ever runs it
+            raise NoThread(f"{what}: no thread could be started: {LIMITS}") from exc
+        return answer  # a worker took it meanwhile
+    queued.add_done_callback(lambda done: answer.cancel() if done.cancelled() else None)
+    return answer
