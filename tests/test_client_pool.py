@@ -25,10 +25,11 @@ class Connection:
 class Kind:
     """Makes Connections for one pool and remembers them."""
 
-    def __init__(self, budget: Budget) -> None:
+    def __init__(self, budget: Budget, *, spare: bool = False) -> None:
         self.made: list[Connection] = []
         self.fail_next = False
-        self.pool = Pool(self._create, close=self._close, usable=self._usable, budget=budget)
+        self.pool = Pool(self._create, close=self._close, usable=self._usable, budget=budget,
+                         spare=spare)
 
     def open(self) -> list[Connection]:
         return [connection for connection in self.made if not connection.closed]
@@ -117,6 +118,28 @@ def test_a_failed_create_frees_its_slot() -> None:
         made.pool.acquire()
     with made.pool.borrow() as connection:
         assert connection is made.made[0]
+
+
+def test_a_spare_no_thread_can_be_started_for_is_left_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a limit on threads (ulimit -u, pids.max) the spare's thread cannot start: the
+    caller still gets its connection, and the spare is not counted. Was: the caller got
+    CPython's RuntimeError, and the budget counted its connection and the spare for good (two
+    slots of the pool's budget gone at each such call, the spare never tried again)."""
+    budget = Budget(size=2, wait_timeout=0.05)
+    made = Kind(budget, spare=True)
+
+    def refused(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with made.pool.borrow() as connection:
+        assert connection is made.made[0]
+    monkeypatch.undo()
+    assert budget.count == 1
+    with made.pool.borrow(), made.pool.borrow():  # both slots
+        assert len(made.made) == 2
 
 
 def test_an_idle_connection_no_longer_usable_is_closed_and_replaced() -> None:

@@ -75,5 +75,7 @@ def submit(executor: Executor, what: str, call: Callable[..., T], *args: Any) ->
         if answer.cancel():  # no worker has taken it: none ever runs it
             raise NoThread(f"{what}: no thread could be started: {LIMITS}") from exc
         return answer  # a worker took it meanwhile
+    # Cancelled together: either way the call is not run, nor left queued.
     queued.add_done_callback(lambda done: answer.cancel() if done.cancelled() else None)
+    answer.add_done_callback(lambda done: queued.cancel() if done.cancelled() else None)
     return answer
