@@ -9,6 +9,7 @@ generates the same videos.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import os
@@ -29,9 +30,10 @@ from bench.stack import origin as serve_directory
 
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
 __all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "ManualExecutor", "VidcacheServer",
-           "command_line", "descendants", "free_port", "listening_on", "make_videos", "processes",
-           "self_signed_certificate", "serve_directory", "serving", "sighup_in_children",
-           "sockets_to_loopback", "tmpfs_holding_a_file", "wait_until"]
+           "command_line", "descendants", "documented_options", "free_port", "listening_on",
+           "make_videos", "processes", "self_signed_certificate", "serve_directory", "serving",
+           "sighup_in_children", "sockets_to_loopback", "subcommand_options",
+           "tmpfs_holding_a_file", "wait_until"]
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
@@ -322,3 +324,22 @@ class ManualExecutor(Executor):
 
     def pending(self) -> int:
         return sum(not future.done() for future, _ in self.queue)
+
+
+def documented_options(doc: Path, heading: str) -> dict[str, str]:
+    """The options table under `heading` (up to the next `## `) of a Markdown doc: each row
+    whose first cell starts with `` `- ``, as {option: its second cell, the default}."""
+    section = doc.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `-")]
+    return {row[0].strip("| `").split()[0]: row[1].strip() for row in rows}
+
+
+def subcommand_options(parser: argparse.ArgumentParser, command: str
+                       ) -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
+    """The parser of `command` and its options shown in --help, by their first spelling."""
+    subparsers = next(action for action in parser._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    sub = subparsers.choices[command]
+    return sub, {action.option_strings[0]: action for action in sub._actions
+                 if action.option_strings and action.help != argparse.SUPPRESS
+                 and action.dest != "help"}

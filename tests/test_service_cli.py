@@ -3,7 +3,6 @@ against a real service, usage errors, and complete --help texts."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import http.server
@@ -28,11 +27,13 @@ from bench.stack import stop_process
 from tests.service_support import digest, read_until_closed, store_many
 from tests.support import (
     VidcacheServer,
+    documented_options,
     free_port,
     interrupt_while_it_waits,
     self_signed_certificate,
     serving,
     sighup_in_children,
+    subcommand_options,
     wait_until,
 )
 from tests.vcfs_fault_support import FaultyLink
@@ -818,15 +819,10 @@ def test_help_lists_every_option() -> None:
 def test_the_docs_table_names_every_serve_option_with_the_default_of_the_help() -> None:
     """docs/service.md's table of `vidcache serve`'s options names exactly the options the
     command has; each default it states is what the command takes, and what --help says."""
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "service.md").read_text()
-    section = doc.split("## Running it", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `-")]
-    documented = {row[0].strip("| `").split()[0]: row[1].strip() for row in rows}
+    documented = documented_options(
+        Path(__file__).resolve().parent.parent / "docs" / "service.md", "## Running it")
     parser = cli.build_parser()
-    serve = next(action for action in parser._actions
-                 if isinstance(action, argparse._SubParsersAction)).choices["serve"]
-    options = {action.option_strings[0]: action for action in serve._actions
-               if action.option_strings and action.dest != "help"}
+    serve, options = subcommand_options(parser, "serve")
     assert set(documented) == set(options)
     defaults = parser.parse_args(["serve", "--data", "/nonexistent/data"])
     help_text = " ".join(serve.format_help().split())
@@ -836,7 +832,7 @@ def test_the_docs_table_names_every_serve_option_with_the_default_of_the_help() 
     for name, value in stated.items():
         if value is not None:
             action = options[name]
-            given = action.type(value.group(1)) if action.type else value.group(1)
+            given = action.type(value.group(1)) if callable(action.type) else value.group(1)
             assert given == getattr(defaults, action.dest), name
             assert re.search(rf"\(default {re.escape(value.group(1))}[;)]", help_text), name
 

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import select
-import shlex
 import shutil
 import signal
 import socket
@@ -47,10 +46,12 @@ import vcfs.limits
 from bench.proxy import Connection, Hooks, ProxyConfig, ProxyThread, Request
 from tests.support import (
     VidcacheServer,
+    documented_options,
     free_port,
     interrupt_while_it_waits,
     serve_directory,
     sighup_in_children,
+    subcommand_options,
     tmpfs_holding_a_file,
     wait_until,
 )
@@ -61,6 +62,7 @@ from tests.vcfs_support import (
     drop_pages,
     in_private_mount_namespace,
     mount_factory,
+    new_cgroup,
     process_alive,
     python_for_nobody,
     requires_fuse,
@@ -1289,48 +1291,19 @@ def test_a_cache_that_cannot_fit_is_refused_before_the_service_is_asked(
             subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
 
 
-@contextlib.contextmanager
-def memory_cgroup(limit: int) -> Iterator[tuple[str, str, list[str]]]:
-    """A new cgroup with a memory limit of `limit` bytes: (its path in the hierarchy, the
-    limit's file, an argv prefix that runs a command in it); skips without a memory
-    hierarchy this process may create a cgroup in (v1's memory controller, or v2's enabled at
-    the root). Removed on leaving, once the child has exited."""
-    name = f"vcfs-test-{os.getpid()}"
-    hierarchies = [(Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
-                   (Path("/sys/fs/cgroup"), "memory.max"),
-                   (Path("/sys/fs/cgroup/unified"), "memory.max")]
-    for root, limit_file in hierarchies:
-        controllers = root / "cgroup.subtree_control"
-        if limit_file == "memory.max" and not (controllers.exists()
-                                               and "memory" in controllers.read_text().split()):
-            continue
-        if not (root / "cgroup.procs").exists():
-            continue
-        directory = root / name
-        try:
-            directory.mkdir()
-        except OSError:
-            continue
-        try:
-            try:
-                (directory / limit_file).write_text(str(limit))
-            except OSError:
-                continue
-            procs = shlex.quote(str(directory / "cgroup.procs"))
-            yield f"/{name}", limit_file, ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
-            return
-        finally:
-            directory.rmdir()
-    pytest.skip("needs a memory cgroup hierarchy this process can create a cgroup in (root)")
-
-
 def test_a_cache_that_cannot_fit_in_its_cgroup_is_refused(tmp_path: Path) -> None:
     """Was: mounted, then OOM-killed once 164 MiB had been read into the cache (measured with
     this cgroup's limit, 200 MiB, and a 1 GiB cache), the mount left dead."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    with memory_cgroup(200 * MIB) as (cgroup, limit_file, in_cgroup), \
+    def limit_memory(directory: Path, v1: bool) -> None:
+        (directory / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(
+            str(200 * MIB))
+
+    with new_cgroup("memory", limit_memory) as (directory, v1, in_cgroup), \
             socket.create_server(("127.0.0.1", 0)) as service:
+        cgroup = f"/{directory.name}"
+        limit_file = "memory.limit_in_bytes" if v1 else "memory.max"
         url = f"http://127.0.0.1:{service.getsockname()[1]}"
         try:
             result = subprocess.run(
@@ -1768,16 +1741,9 @@ def test_help_lists_every_option_with_defaults() -> None:
 def test_the_docs_name_every_option_of_the_help_with_its_default() -> None:
     """docs/vcfs.md's table of `vcfs mount`'s options and its list of the options an fstab
     line spells as -o ones name exactly the options the command has, with its defaults."""
-    doc = (ROOT / "docs" / "vcfs.md").read_text()
-    section = doc.split("## `vcfs mount`", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `-")]
-    documented = {row[0].strip("| `").split()[0]: row[1].strip() for row in rows}
+    documented = documented_options(ROOT / "docs" / "vcfs.md", "## `vcfs mount`")
     parser = cli.build_parser()
-    mount = next(action for action in parser._actions
-                 if isinstance(action, argparse._SubParsersAction)).choices["mount"]
-    options = {action.option_strings[0]: action for action in mount._actions
-               if action.option_strings and action.help != argparse.SUPPRESS
-               and action.dest != "help"}
+    _, options = subcommand_options(parser, "mount")
     assert set(documented) == set(options)
     # What the options come to when none is given (--readahead-max's is worked out).
     defaults = cli.mount_options(parser.parse_args(["mount", "http://127.0.0.1:1", "/mnt"]))
@@ -1787,8 +1753,9 @@ def test_the_docs_name_every_option_of_the_help_with_its_default() -> None:
     for name, value in stated.items():
         if value is not None:
             action = options[name]
-            given = action.type(value.group(1)) if action.type else value.group(1)
+            given = action.type(value.group(1)) if callable(action.type) else value.group(1)
             assert given == getattr(defaults, action.dest), name
+    doc = (ROOT / "docs" / "vcfs.md").read_text()
     spelled = doc.split("is that option (", 1)[1].split(")", 1)[0]
     fstab = {"--" + name.replace("_", "-") for name in re.findall(r"`([a-z_]+)=?[^`]*`", spelled)}
     assert fstab == cli._mount_long_options(parser)

@@ -7,13 +7,11 @@ waiting for good (seen: a reader stuck in the kernel until the daemon was killed
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import errno
 import os
 import random
-import shlex
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,39 +19,11 @@ import pytest
 
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import ingest
-from tests.vcfs_support import FUSE_MISSING_REASON, VcfsMount, fuse_missing
+from tests.vcfs_support import FUSE_MISSING_REASON, VcfsMount, fuse_missing, new_cgroup
 from vcfs.blocks import BlockCache
 
 MIB = 1 << 20
 HANG_LIMIT = 60.0  # seconds: a reader not done by then hangs
-
-
-@contextlib.contextmanager
-def pids_cgroup() -> Iterator[tuple[Path, list[str]]]:
-    """A new cgroup of the pids controller: (its directory, an argv prefix that runs a command
-    in it); skips without a pids hierarchy this process may create a cgroup in (v1's pids
-    controller, or v2's enabled at the root). Removed on leaving, once the child has exited."""
-    name = f"vcfs-test-{os.getpid()}"
-    for root in (Path("/sys/fs/cgroup/pids"), Path("/sys/fs/cgroup"),
-                 Path("/sys/fs/cgroup/unified")):
-        controllers = root / "cgroup.subtree_control"
-        if root.name != "pids" and not (controllers.exists()
-                                        and "pids" in controllers.read_text().split()):
-            continue
-        if not (root / "cgroup.procs").exists():
-            continue
-        directory = root / name
-        try:
-            directory.mkdir()
-        except OSError:
-            continue
-        try:
-            procs = shlex.quote(str(directory / "cgroup.procs"))
-            yield directory, ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
-            return
-        finally:
-            directory.rmdir()
-    pytest.skip("needs a pids cgroup hierarchy this process can create a cgroup in (root)")
 
 
 @pytest.mark.fuse
@@ -69,7 +39,7 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
     waited for it forever."""
     source = ingest(vidcache_server.url, media_url, videos, ("big.mp4",),
                     bucket="vcfs-threads")["big.mp4"]
-    with pids_cgroup() as (cgroup, in_cgroup):
+    with new_cgroup("pids") as (cgroup, _, in_cgroup):
         mount = VcfsMount(vidcache_server.url, tmp_path / "mnt", "--cache-size", "4M")
         mount.prefix = in_cgroup
         with mount:
