@@ -14,13 +14,13 @@ Errors: every operation is wrapped by `_fuse_operation`, the one place where exc
 errno values: `NotFound` -> ENOENT, `AccessDenied` (the service refused the token) -> EACCES,
 `MemoryError` (an allocation past `ulimit -d` / `-v`) -> ENOMEM, a thread that could not be
 started (`ulimit -u`, `pids.max`, or its stack past `ulimit -d` / `-v`: vcfs.threads) -> ENOMEM
-too, any other failure -> EIO (all logged with what was asked and why, the first of each
-cause and then one line per 10 s with the count left out: vcfs.faillog; EIO from a bug with
-its traceback), `FuseOSError` passes through. ENOMEM, not pthread_create's EAGAIN: readers
-take EAGAIN from a read for "no data yet", not for an error (Python's `FileIO.readall` returns
-what it has: a file silently cut short). Nothing else escapes (mfusepy would turn it into
-EINVAL). Every operation is bounded in time: what reaches
-the service does so through `Remote`, whose calls end by their cutoff.
+too, any other failure -> EIO (all logged with what was asked and why, the first of each cause
+and then one line per 10 s with the count left out: vcfs.faillog; EIO from a bug with its
+traceback), `FuseOSError` passes through. ENOMEM, not pthread_create's EAGAIN: readers take
+EAGAIN from a read for "no data yet", not for an error (Python's `FileIO.readall` returns what
+it has: a file silently cut short). Nothing else escapes (mfusepy would turn it into EINVAL).
+Every operation is bounded in time: what reaches the service does so through `Remote`, whose
+calls end by their cutoff.
 
 Open files: `open` allocates a handle (`_VideoHandle`: the video's metadata and a per-handle
 `Readahead`; `_StatsHandle`: the snapshot's bytes) in a table keyed by the number given to
