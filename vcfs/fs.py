@@ -183,23 +183,20 @@ def _fuse_operation(
                 _cause(method.__name__, "EIO", exc), logging.ERROR,
                 f"{_describe(method.__name__, args, str(exc))} failed (EIO): {exc}", file=file)
             raise FuseOSError(errno.EIO) from exc
-        except MemoryError as exc:  # past ulimit -d / -v: EIO would blame the service
-            self.counters.add("errors")
-            with contextlib.suppress(MemoryError):  # saying so takes memory too
-                self.failures.failed(
-                    _cause(method.__name__, "ENOMEM", exc), logging.ERROR,
-                    f"{_describe(method.__name__, args, '')} failed (ENOMEM): "
-                    f"{str(exc) or 'out of memory'}", file=_file_of(method.__name__, args))
-            raise FuseOSError(errno.ENOMEM) from exc
         except Exception as exc:
             self.counters.add("errors")
-            # A thread refused (vcfs.threads), ours or a library's: a limit, like memory's.
-            # Matched by its message too: CPython's RuntimeError is also its other misuses'.
-            if thread_refused(exc):
-                self.failures.failed(
-                    _cause(method.__name__, "ENOMEM", exc), logging.ERROR,
-                    f"{_describe(method.__name__, args, '')} failed (ENOMEM): no thread "
-                    f"could be started: {LIMITS}", file=_file_of(method.__name__, args))
+            # A limit the mounting user sets, not the service's fault (EIO would blame it):
+            # memory past ulimit -d / -v, or a thread refused (vcfs.threads), ours or a
+            # library's, matched by its message too: CPython's RuntimeError is also its other
+            # misuses'.
+            if isinstance(exc, MemoryError) or thread_refused(exc):
+                why = ((str(exc) or "out of memory") if isinstance(exc, MemoryError)
+                       else f"no thread could be started: {LIMITS}")
+                with contextlib.suppress(MemoryError):  # saying so takes memory too
+                    self.failures.failed(
+                        _cause(method.__name__, "ENOMEM", exc), logging.ERROR,
+                        f"{_describe(method.__name__, args, '')} failed (ENOMEM): {why}",
+                        file=_file_of(method.__name__, args))
                 raise FuseOSError(errno.ENOMEM) from exc
             # a bug or an error from below: EIO, never EINVAL
             log.exception("%s failed (EIO)", _describe(method.__name__, args, ""))

@@ -101,4 +101,3 @@ def reply_buffer(pieces: Sequence[Piece]) -> int:
     answer.buf.size, answer.buf.flags, answer.buf.mem = size, 0, memory
     answer.buf.fd, answer.buf.pos = -1, 0
     return int(vector)
-
