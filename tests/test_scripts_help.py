@@ -96,9 +96,29 @@ def setup_on_a_bare_path(place: Path) -> list[str]:
         os.chmod(directory, 0o755)
     for script in ("setup", "debian-install"):
         shutil.copy(SCRIPTS / script, scripts)
-    for tool in ("bash", "readlink", "apt-config"):
-        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    link_tools(bin_dir, "bash", "readlink", "apt-config")
     return ["env", f"PATH={bin_dir}", str(scripts / "setup")]
+
+
+def link_tools(bin_dir: Path, *tools: str) -> None:
+    """Links in `bin_dir` to the machine's `tools`."""
+    for tool in tools:
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+
+
+def bench_on_a_bare_path(place: Path) -> list[str]:
+    """The command running a copy of scripts/bench (and debian-install) in `place`, its setup
+    a stub that succeeds, with a PATH (`place`/bin) holding only what bench runs up to its
+    installs besides dpkg and apt-get (for the caller to stub)."""
+    bin_dir, scripts = place / "bin", place / "scripts"
+    bin_dir.mkdir(parents=True)
+    scripts.mkdir()
+    for script in ("bench", "debian-install"):
+        shutil.copy(SCRIPTS / script, scripts)
+    (scripts / "setup").write_text("#!/bin/sh\nexit 0\n")
+    (scripts / "setup").chmod(0o755)
+    link_tools(bin_dir, "bash", "readlink", "apt-config", "chmod", "rm")
+    return ["env", f"PATH={bin_dir}", str(scripts / "bench")]
 
 
 def test_setup_not_as_root_names_the_missing_packages_instead_of_failing_in_apt_get() -> None:
@@ -197,19 +217,11 @@ def test_bench_finishes_an_interrupted_dpkg_before_apt_get(tmp_path: Path) -> No
     finishes it only when it installs something itself). Here setup is a stub that succeeds,
     and PATH holds only what bench runs up to apt-get."""
     env = apt_config_with_dpkg_state(tmp_path, "0001")
-    bin_dir, scripts = tmp_path / "bin", tmp_path / "scripts"
-    bin_dir.mkdir()
-    scripts.mkdir()
-    for script in ("bench", "debian-install"):
-        shutil.copy(SCRIPTS / script, scripts)
-    (scripts / "setup").write_text("#!/bin/sh\nexit 0\n")
-    (scripts / "setup").chmod(0o755)
-    for tool in ("bash", "readlink", "apt-config"):
-        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    command = bench_on_a_bare_path(tmp_path / "place")
     log = tmp_path / "calls.log"
-    logging_stubs(bin_dir, log)
-    result = subprocess.run(["env", f"PATH={bin_dir}", str(scripts / "bench")],
-                            capture_output=True, text=True, env=env, timeout=60, check=False)
+    logging_stubs(tmp_path / "place" / "bin", log)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60,
+                            check=False)
     assert result.returncode == 100, result
     assert result.stderr.startswith(
         "bench: dpkg was interrupted during an earlier installation; finishing its work first"
@@ -263,8 +275,7 @@ def debian_install_on_a_bare_path(place: Path) -> list[str]:
     bin_dir.mkdir(parents=True)
     scripts.mkdir()
     shutil.copy(SCRIPTS / "debian-install", scripts)
-    for tool in ("bash", "readlink", "sed", "apt-config", "chmod", "rm"):
-        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    link_tools(bin_dir, "bash", "readlink", "sed", "apt-config", "chmod", "rm")
     return ["env", f"PATH={bin_dir}", str(scripts / "debian-install")]
 
 
@@ -379,20 +390,10 @@ def test_setup_and_bench_install_nginx_kept_from_starting_a_server(
     env = apt_config_with_dpkg_state(tmp_path, "tmp.i")  # no interrupted dpkg to finish
     log = tmp_path / "calls.log"
     if caller == "bench":
-        bin_dir, scripts = tmp_path / "place" / "bin", tmp_path / "place" / "scripts"
-        bin_dir.mkdir(parents=True)
-        scripts.mkdir()
-        for script in ("bench", "debian-install"):
-            shutil.copy(SCRIPTS / script, scripts)
-        (scripts / "setup").write_text("#!/bin/sh\nexit 0\n")
-        (scripts / "setup").chmod(0o755)
-        for tool in ("bash", "readlink", "apt-config", "chmod", "rm"):
-            (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
-        command = ["env", f"PATH={bin_dir}", str(scripts / "bench")]
+        command = bench_on_a_bare_path(tmp_path / "place")
     else:
         command = [*setup_on_a_bare_path(tmp_path / "place"), "--tests"]
-        for tool in ("chmod", "rm"):
-            (tmp_path / "place" / "bin" / tool).symlink_to(shutil.which(tool) or tool)
+        link_tools(tmp_path / "place" / "bin", "chmod", "rm")
     logging_stubs(tmp_path / "place" / "bin", log)
     apt_get_with_nginx_only(tmp_path / "place" / "bin", log, "exit 100")
     sbin = tmp_path / "sbin"
