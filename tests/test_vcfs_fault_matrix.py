@@ -57,7 +57,13 @@ from tests.vcfs_fault_support import (
     range_of_block,
     read_uncached,
 )
-from tests.vcfs_support import VcfsMount, process_alive, requires_fuse, vcfs_command
+from tests.vcfs_support import (
+    VcfsMount,
+    daemon_pid,
+    process_alive,
+    requires_fuse,
+    vcfs_command,
+)
 from vcfs.remote import _NO_VIDEO, Remote, RemoteConfig, RemoteUnavailable
 from vidcache_client import VidCacheClient
 
@@ -481,7 +487,7 @@ def test_a_daemon_without_a_log_file_shows_its_start_up_warnings(
                          str(TIMEOUT)),
             capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert started.returncode == 0, started.stderr
-        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        pid = daemon_pid(started)
         warnings = started.stderr.splitlines()
         assert len(warnings) == 1, started.stderr
         assert " WARNING " in warnings[0], started.stderr

@@ -65,7 +65,13 @@ from tests.vcfs_fault_support import (
     range_of_block,
     read_uncached,
 )
-from tests.vcfs_support import VcfsMount, process_alive, requires_fuse, vcfs_command
+from tests.vcfs_support import (
+    VcfsMount,
+    daemon_pid,
+    process_alive,
+    requires_fuse,
+    vcfs_command,
+)
 from vcfs.blocks import BlockCache
 from vcfs.faillog import FailureLog, Outage
 from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
@@ -1003,7 +1009,7 @@ def test_token_is_sent_and_a_missing_or_wrong_one_is_named(
         pid = None
         try:
             assert daemon.returncode == 0, daemon.stderr
-            pid = int(daemon.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+            pid = daemon_pid(daemon)
             assert "s3cret" not in Path(f"/proc/{pid}/cmdline").read_text()
             assert read_uncached(mountpoint / "by-hash" / source.file_name, READ, 4 * MIB) == (
                 expect(source, 4 * MIB))

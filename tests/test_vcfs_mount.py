@@ -59,6 +59,7 @@ from tests.vcfs_support import (
     AS_NOBODY,
     NOBODY,
     VcfsMount,
+    daemon_pid,
     drop_pages,
     in_private_mount_namespace,
     mount_factory,
@@ -599,7 +600,7 @@ def test_a_log_file_rotated_away_is_followed_by_a_new_one(
     pid = None
     try:
         assert started.returncode == 0, started.stderr
-        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        pid = daemon_pid(started)
         log_file.rename(rotated)
         assert (mountpoint / "by-hash" / video.file_name).read_bytes() == video.data()
         line = f"DEBUG vcfs.fs: read {video.content_hash[:12]} [0, "
@@ -856,7 +857,7 @@ def test_daemon_mode_detaches_once_mounted(
     try:
         assert started.returncode == 0, started.stderr
         assert os.path.ismount(mountpoint)  # already up when the command returns
-        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        pid = daemon_pid(started)
         # the detached daemon got every option
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         assert b"--no-first-block" in argv and b"--keep-passed" in argv, argv
@@ -933,7 +934,7 @@ def test_a_daemons_command_line_has_no_credentials(
                                      capture_output=True, text=True, timeout=60,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
             assert started.returncode == 0, started.stderr
-            pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+            pid = daemon_pid(started)
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             assert proxy.url.encode() in argv, argv
             assert not [arg for arg in argv if b"hunter2" in arg], argv
@@ -1378,7 +1379,7 @@ def test_a_busy_mount_under_a_data_limit_reads_every_byte(
                            "--daemon", "--log-file", str(log_file))],
             capture_output=True, text=True, timeout=90, env=environment)
         assert started.returncode == 0, started.stderr
-        pid = int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+        pid = daemon_pid(started)
 
         def read(reader: int) -> None:
             rng = random.Random(reader)

@@ -84,6 +84,11 @@ def process_alive(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
+def daemon_pid(started: subprocess.CompletedProcess[str]) -> int:
+    """The daemon's pid, from what `vcfs mount --daemon` printed once mounted
+    ("... (pid N)")."""
+    return int(started.stdout.rsplit("pid ", 1)[1].rstrip(")\n"))
+
 def thread_stacks(pid: int) -> list[int]:
     """The stack size of each thread of process `pid` but its main thread: the size of the
     mapping its stack pointer is in (/proc/PID/task/TID/syscall), which is what the thread was
