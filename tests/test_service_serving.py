@@ -7,7 +7,8 @@ their own bytes.
 
 The hot path for whole files and single ranges (vidcache/serving.py) must answer exactly as
 the route; it is also tested with a deleted or vanished blob, bytes not in the page cache, a
-client that leaves mid-body and a token, each on a server of the test's own.
+client that leaves mid-body, a shutdown cancelling reads that wait for a slow disk and a token,
+each on a server of the test's own.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import ctypes.util
 import mmap
 import os
 import random
+import shutil
+import signal
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -550,6 +554,84 @@ def test_reading_stops_when_the_client_leaves(own_server: VidcacheServer,
     left = bytes_read_when_settled()
     assert left - waiting <= 2 * CHUNK, "kept reading the file for a client that left"
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def stalled_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/stalled_reads.c built with cc: the LD_PRELOAD library of a disk that does not
+    answer the reads of the blobs while a gate file exists. Skips the test without cc."""
+    if (cc := shutil.which("cc")) is None:
+        pytest.skip("needs cc")
+    library = tmp_path_factory.mktemp("stalled-reads") / "stalled_reads.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(library),
+                    str(Path(__file__).with_name("stalled_reads.c")), "-ldl"], check=True)
+    return library
+
+
+class _StalledDiskServer(VidcacheServer):
+    """The real service over stalled_reads.c: while `stall_dir`/gate exists, its reads of
+    .mp4 blobs wait (each waiting thread leaves `stall_dir`/stalled-TID)."""
+
+    def __init__(self, data_dir: Path, library: Path, stall_dir: Path) -> None:
+        super().__init__(data_dir)
+        self.library, self.stall_dir = library, stall_dir
+
+    def environment(self) -> dict[str, str]:
+        return {**os.environ, "LD_PRELOAD": str(self.library),
+                "VIDCACHE_STALL_DIR": str(self.stall_dir), "VIDCACHE_STALL_SUFFIX": ".mp4"}
+
+
+def _descriptors_of(pid: int, path: Path) -> int:
+    """How many of process `pid`'s open descriptors are open on `path`."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            count += os.readlink(fd) == str(path)
+    return count
+
+
+def test_a_shutdown_cancelling_reads_that_wait_for_a_thread_leaves_no_descriptor(
+        tmp_path: Path, media_url: str, stalled_reads: Path) -> None:
+    """A slow disk and more readers than worker threads: some reads of a cold page run in the
+    threads, the others wait for one. uvicorn's shutdown cancels the requests still running
+    when its grace period is over; a read cancelled while waiting never runs. Was: the
+    duplicate of the blob's descriptor made for that read was left open, one per such request;
+    now only the reads that are running hold one, each its own. After Ctrl-C the
+    process waits for those before it exits, which is when this looks (after SIGTERM it ends
+    at once, taking any descriptor with it)."""
+    readers = 40  # more than asyncio's default executor ever has threads (32)
+    stall_dir = tmp_path / "stall"
+    stall_dir.mkdir()
+    server = _StalledDiskServer(tmp_path / "data", stalled_reads, stall_dir)
+    with server, contextlib.ExitStack() as stack:
+        assert server.process is not None
+        pid = server.process.pid
+        with contextlib.closing(Api(server.url)) as api:
+            stored = api.ingest_ok(f"{media_url}/big.mp4", "stalled")
+            url = f"/video/{stored['hash']}"
+            assert api.http.get(url, headers={"Range": "bytes=0-9"}).status_code == 206
+        blob = server.data_dir / stored["file_path"]
+        (stall_dir / "gate").touch()
+        for _ in range(readers):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", server.port)))
+            sock.sendall(f"GET {url} HTTP/1.1\r\nHost: v\r\nRange: bytes=0-{4 * CHUNK - 1}"
+                         f"\r\n\r\n".encode())
+        # each request holds the blob open, and a duplicate lent to its first read
+        wait_until(lambda: _descriptors_of(pid, blob) == 2 * readers, timeout=30,
+                   what="every request's first read begun or waiting for a thread")
+        server.process.send_signal(signal.SIGINT)
+
+        def only_running_reads_hold_the_blob() -> bool:
+            running = len(list(stall_dir.glob("stalled-*")))
+            return 0 < running < readers and _descriptors_of(pid, blob) == running
+
+        try:
+            wait_until(only_running_reads_hold_the_blob, timeout=30,
+                       what="the cancelled requests' descriptors closed")
+        finally:
+            (stall_dir / "gate").unlink()
+        assert f"Cancel {readers} running task(s)" in server.log()
+        server.process.wait(timeout=30)
 
 
 def test_a_known_video_still_needs_the_token(tmp_path: Path, media_url: str) -> None:

@@ -247,13 +247,46 @@ class VideoFastPath:
                 got = 0
         if got < length:
             # its own descriptor: closing ours (say, on cancellation) cannot hit the thread's
-            await loop.run_in_executor(None, _read_into, os.dup(fd),
-                                       memoryview(buffer)[got:], offset + got)
+            lent = _LentDescriptor(fd)
+            try:
+                await loop.run_in_executor(None, _read_into, lent, memoryview(buffer)[got:],
+                                           offset + got)
+            finally:
+                lent.close_unless_taken()
         return buffer
 
 
-def _read_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill `view` from `fd` at `offset` and close `fd` (runs in a worker thread)."""
+class _LentDescriptor:
+    """A duplicate of a descriptor for a read in a worker thread, closed by whoever takes it:
+    the thread once it starts, or the request if the read never started. A read still waiting
+    for a thread when its request is cancelled (uvicorn's shutdown cancels the requests left
+    when its grace period is over) never runs, nor does one an executor that has shut down
+    refuses; the thread cannot close what it never got."""
+
+    __slots__ = ("_fd", "_lock")
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = os.dup(fd)
+        self._lock = threading.Lock()  # the thread and the request may take it at once
+
+    def take(self) -> int | None:
+        """The descriptor, now the caller's to close; None if it was taken already."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        return fd
+
+    def close_unless_taken(self) -> None:
+        fd = self.take()
+        if fd is not None:
+            os.close(fd)
+
+
+def _read_into(lent: _LentDescriptor, view: memoryview, offset: int) -> None:
+    """Fill `view` at `offset` from the descriptor `lent` and close it (runs in a worker
+    thread); nothing if the request gave up on this read and took the descriptor back."""
+    fd = lent.take()
+    if fd is None:
+        return
     try:
         while view:
             got = os.preadv(fd, [view], offset)
