@@ -1,7 +1,7 @@
-"""Helpers for the vidcache service tests: an origin server that misbehaves on request, a thin
-HTTP client of the wire protocol and the `api` fixture made of it, looks into a service's
-data directory, `vidcache serve` run where it is expected to stop at start, and presigned URLs
-with the secrets that must never be shown."""
+"""Helpers for the vidcache service tests: an origin server that misbehaves on request, one
+that keeps connections alive and counts them, a thin HTTP client of the wire protocol and the
+`api` fixture made of it, looks into a service's data directory, `vidcache serve` run where it
+is expected to stop at start, and presigned URLs with the secrets that must never be shown."""
 
 from __future__ import annotations
 
@@ -285,6 +285,33 @@ class _OriginHandler(http.server.SimpleHTTPRequestHandler):
 class _TlsOrigin(http.server.ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Quiet: a client refusing the certificate is what some tests want."""
+
+
+class _KeepAliveHandler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # connections kept until the client closes them
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _CountingOrigin(http.server.ThreadingHTTPServer):
+    accepted = 0
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        self.accepted += 1
+        return True
+
+
+@contextlib.contextmanager
+def keep_alive_origin(directory: Path) -> Iterator[tuple[str, Callable[[], int]]]:
+    """A loopback HTTP/1.1 origin for `directory` that keeps a connection for as long as its
+    client does; yields (base URL, how many connections it has accepted so far)."""
+
+    def make(*args: Any) -> _KeepAliveHandler:
+        return _KeepAliveHandler(*args, directory=str(directory))
+
+    with serving(_CountingOrigin(("127.0.0.1", 0), make)) as server:
+        yield f"http://127.0.0.1:{server.server_address[1]}", lambda: server.accepted
 
 
 @contextlib.contextmanager

@@ -48,26 +48,40 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
 ESTABLISHED, SYN_SENT, LISTEN = "01", "02", "0A"  # TCP states as /proc/net/tcp writes them
 
 
-def _tcp_sockets() -> Iterator[tuple[str, str, str]]:
-    """(local address, remote address, state) of every TCP socket on this machine, IPv4 and
-    IPv6, as /proc/net/tcp and tcp6 write them (hex ADDRESS:PORT)."""
+def _tcp_sockets() -> Iterator[tuple[str, str, str, str]]:
+    """(local address, remote address, state, inode) of every TCP socket on this machine, IPv4
+    and IPv6, as /proc/net/tcp and tcp6 write them (hex ADDRESS:PORT)."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
-            _slot, local, remote, state, *_ = line.split()
-            yield local, remote, state
+            _slot, local, remote, state, _queues, _timer, _retransmits, _uid, _timeout, inode, \
+                *_ = line.split()
+            yield local, remote, state, inode
 
 
-def sockets_to_loopback(port: int, state: str) -> int:
-    """How many TCP sockets on this machine are connected (or connecting) to 127.0.0.1:`port`
-    in `state`."""
-    return sum(1 for _, remote, in_state in _tcp_sockets()
-               if remote == f"0100007F:{port:04X}" and in_state == state)
+def sockets_to_loopback(port: int, state: str, *, pid: int | None = None) -> int:
+    """How many TCP sockets on this machine (of process `pid` only, if given) are connected
+    (or connecting) to 127.0.0.1:`port` in `state`."""
+    inodes = None if pid is None else _socket_inodes(pid)
+    return sum(1 for _, remote, in_state, inode in _tcp_sockets()
+               if remote == f"0100007F:{port:04X}" and in_state == state
+               and (inodes is None or inode in inodes))
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` has open."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    return inodes
 
 
 def listening_on(port: int) -> bool:
     """Whether a TCP socket on this machine listens on `port` (any address, IPv4 or IPv6)."""
     return any(state == LISTEN and int(local.rsplit(":", 1)[1], 16) == port
-               for local, _, state in _tcp_sockets())
+               for local, _, state, _ in _tcp_sockets())
 
 
 def command_line(pid: int) -> str:

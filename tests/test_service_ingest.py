@@ -10,8 +10,10 @@ services of our own, never into the shared one (it would make a.mp4 a duplicate 
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -32,12 +34,24 @@ from tests.service_support import (
     api_fixture,
     blob_files,
     digest,
+    keep_alive_origin,
     serve_origin,
     store_many,
     temp_files,
     unique,
 )
-from tests.support import VidcacheServer, free_port, self_signed_certificate, wait_until
+from tests.support import (
+    ESTABLISHED,
+    VidcacheServer,
+    free_port,
+    self_signed_certificate,
+    sockets_to_loopback,
+    wait_until,
+)
+from vidcache.chunks import DEFAULT_CHUNK_SIZE
+from vidcache.download import ORIGIN_KEEPALIVE, Downloader
+from vidcache.hostguard import HostGuard
+from vidcache.progress import IngestBoard
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -581,6 +595,49 @@ def test_an_https_origins_certificate_is_checked_for_each_host_name(
             api.close()
     assert by_address["hash"] == digest(videos["a.mp4"].read_bytes())
     _assert_error(by_name, 502, "CERTIFICATE_VERIFY_FAILED")
+
+# --- connections to origins -----------------------------------------------------------------------
+
+def test_downloads_close_together_share_a_connection_that_then_closes(
+        tmp_path: Path, videos: dict[str, Path]) -> None:
+    """Downloads from one origin one right after the other reuse one kept-alive connection;
+    once none has come for its keep-alive time (ORIGIN_KEEPALIVE), it is closed. Was: kept
+    until the next download, however late."""
+    downloader = Downloader(tmp_dir=tmp_path, max_size=1 << 30, timeout=30, max_time=60,
+                            guard=HostGuard(["127.0.0.1"]), chunk_size=DEFAULT_CHUNK_SIZE)
+    try:
+        with keep_alive_origin(videos["b.mp4"].parent) as (origin, accepted):
+            port = int(origin.rpartition(":")[2])
+            for name in ("b.mp4", "c.mkv", "b.mp4"):
+                url = f"{origin}/{name}"
+                with IngestBoard().track(url, "kept", "") as progress, \
+                        downloader.fetch(url, progress) as download:
+                    assert download.content_hash == digest(videos[name].read_bytes())
+            assert accepted() == 1
+            wait_until(lambda: sockets_to_loopback(port, ESTABLISHED, pid=os.getpid()) == 0,
+                       timeout=ORIGIN_KEEPALIVE + 25, what="the idle connection closed")
+    finally:
+        downloader.close()
+
+
+def test_the_services_idle_connection_to_an_origin_closes_after_its_keep_alive(
+        tmp_path: Path, videos: dict[str, Path]) -> None:
+    """The real service after an ingest: its connection to the origin, kept for a next
+    download, is closed once none has come for ORIGIN_KEEPALIVE seconds; a download after that
+    makes a new one, closed the same way. Was: kept until the next download, however late (a
+    descriptor in the service; a connection, and here a thread, at the origin)."""
+    with keep_alive_origin(videos["b.mp4"].parent) as (origin, accepted), \
+            VidcacheServer(tmp_path / "data") as server, \
+            contextlib.closing(Api(server.url)) as api:
+        assert server.process is not None
+        pid, port = server.process.pid, int(origin.rpartition(":")[2])
+        for count, name in enumerate(("b.mp4", "c.mkv"), start=1):
+            api.ingest_ok(f"{origin}/{name}", "kept")
+            assert accepted() == count
+            wait_until(lambda: sockets_to_loopback(port, ESTABLISHED, pid=pid) == 0,
+                       timeout=ORIGIN_KEEPALIVE + 25,
+                       what="the service's idle connection to the origin closed")
+
 
 # --- a service with tight limits ------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from vidcache.errors import (
     UpstreamTimeout,
 )
 from vidcache.hostguard import HostGuard
-from vidcache.origin_sockets import StoppableBackend
+from vidcache.origin_sockets import IdleClosingPool, StoppableBackend
 from vidcache.progress import IngestProgress
 from vidcache.resolver import StoppableResolver
 from vidcache.space import Claim, FreeSpace
@@ -68,6 +68,8 @@ from vidcache_client._credentials import basic_authorization, without_credential
 
 MAX_URL_LENGTH = 8192
 MAX_REDIRECTS = 5
+# seconds an idle connection to an origin is kept for the next download
+ORIGIN_KEEPALIVE = 5.0
 _COPY_SIZE = 256 * 1024
 
 
@@ -224,10 +226,12 @@ class Downloader:
         self._file_dirs = tuple(d.resolve() for d in allow_file_dirs)
         self._resolver = StoppableResolver()
         self._sockets = StoppableBackend()
+        tls = tls or origin_tls()
         # no proxies (they would bypass the address check) and no redirects (followed by hand)
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=tls or origin_tls(), network_backend=self._sockets,
-            max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0)
+        self._pool = IdleClosingPool(partial(
+            httpcore.ConnectionPool, ssl_context=tls, network_backend=self._sockets,
+            max_connections=100, max_keepalive_connections=20,
+            keepalive_expiry=ORIGIN_KEEPALIVE), ORIGIN_KEEPALIVE)
 
     def close(self) -> None:
         self._pool.close()
@@ -308,6 +312,12 @@ class Downloader:
 
     def _download(self, url: httpx.URL, writer: _HashingWriter, deadline: float,
                   progress: IngestProgress) -> None:
+        with self._pool.lend() as pool:
+            self._download_through(pool, url, writer, deadline, progress)
+
+    def _download_through(self, pool: httpcore.ConnectionPool, url: httpx.URL,
+                          writer: _HashingWriter, deadline: float,
+                          progress: IngestProgress) -> None:
         original = without_credentials(str(url))  # as messages and logs show it
         for _hop in range(MAX_REDIRECTS + 1):
             host = url.raw_host.decode("ascii")
@@ -330,8 +340,8 @@ class Downloader:
                     headers.append(("Connection", "close"))
                 if url.username or url.password:  # user:password@, as httpx sent them
                     headers.append(("Authorization", basic_authorization(url)))
-                with self._pool.stream("GET", target, extensions=extensions,
-                                       headers=headers) as answer:
+                with pool.stream("GET", target, extensions=extensions,
+                                 headers=headers) as answer:
                     # As httpx's response, for its reading of the status and headers
                     response = httpx.Response(answer.status, headers=answer.headers,
                                               stream=_Body(answer, progress.received),

@@ -6,6 +6,12 @@ wakes the thread waiting on it wherever it waits (connecting, in the TLS handsha
 origin's first answer, for the next piece of the body), and refuses new connections. httpx
 offers no hook between a socket's creation and its connect, which is why download.py talks to
 httpcore directly.
+
+`IdleClosingPool` holds httpcore's pool of kept-alive connections and closes them once no
+download has used it for their keep-alive time: httpcore closes an expired connection only when
+a request begins or a response ends, so after the last download of a burst its connections
+stayed open (a descriptor here, a connection slot at each origin) until the next download,
+however late.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpcore
@@ -171,3 +177,56 @@ class _Stream(httpcore.NetworkStream):
             poller.register(self._sock, select.POLLIN)
             return bool(poller.poll(0))
         return None
+
+
+class IdleClosingPool:
+    """A connection pool made by `make`, lent to the downloads under way (`lend`); once none has
+    used it for `keepalive` seconds, it is closed, connections and all, and a fresh one made.
+    While downloads go on, httpcore itself closes the connections past their keep-alive at
+    each request and answer. Either way a connection is reused by downloads that come within
+    `keepalive` of each other."""
+
+    def __init__(self, make: Callable[[], httpcore.ConnectionPool], keepalive: float) -> None:
+        self._make = make
+        self._keepalive = keepalive
+        self._lock = threading.Lock()
+        self._pool = make()
+        self._users = 0
+        self._idle_timer: threading.Timer | None = None
+        self._closed = False
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[httpcore.ConnectionPool]:
+        with self._lock:
+            self._users += 1
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+            pool = self._pool
+        try:
+            yield pool
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and not self._closed:
+                    self._idle_timer = threading.Timer(self._keepalive, self._close_idle)
+                    self._idle_timer.daemon = True  # the exit never waits for it
+                    self._idle_timer.start()
+
+    def _close_idle(self) -> None:
+        with self._lock:
+            # a download since this timer was set (which cancels it or sets another) keeps
+            # the pool: its connections have been idle for less than their keep-alive
+            if self._idle_timer is not threading.current_thread():
+                return
+            self._idle_timer = None
+            idle, self._pool = self._pool, self._make()
+        idle.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+                self._idle_timer = None
+        self._pool.close()
