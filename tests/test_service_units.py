@@ -283,6 +283,46 @@ def test_the_index_write_ahead_log_shrinks_back_once_a_long_read_ends(tmp_path: 
         store.close()
 
 
+def test_the_index_wal_index_follows_the_largest_log_and_no_more(tmp_path: Path) -> None:
+    """The -shm (the WAL's index) is never cut while the store is open, but it is sized by the
+    most frames the log has held at once, not by what it has written: 32 KiB, and a block of
+    32 KiB more per 4096 frames past the first 4062. Many writes one after another keep it at
+    one block; the same burst under a long read, twice, leaves it at the first burst's size."""
+    store = Store(tmp_path / "data")
+    store.open()
+    wal, shm = (store.internal_dir / f"{INDEX_FILE}-{suffix}" for suffix in ("wal", "shm"))
+    numbers = itertools.count()
+    hash_0 = blake3(b"4 GiB video 0").hexdigest()
+    aliases = itertools.count()
+
+    def written_and_shrunk() -> bool:
+        store.add_alias(f"http://media.test/alias-{next(aliases)}.mp4", hash_0)
+        return wal.stat().st_size <= WAL_SIZE_LIMIT
+
+    def blocks_for(wal_size: int) -> int:
+        frames = (wal_size - 32) // (4096 + 24)  # the log's header, then a header per page
+        return 1 + -(-max(0, frames - 4062) // 4096)
+
+    try:
+        for _ in range(30):  # 60 MiB, checkpointed as it goes
+            _add_a_4_gib_video(store, next(numbers))
+        assert shm.stat().st_size == 32 * KIB
+        largest_logs, sizes = [], []
+        for _burst in range(2):
+            with store._reading() as reader:
+                reader.execute("SELECT count(*) FROM videos").fetchone()  # its snapshot taken
+                for _ in range(20):
+                    _add_a_4_gib_video(store, next(numbers))
+                largest_logs.append(wal.stat().st_size)
+            wait_until(written_and_shrunk, timeout=10, what="the WAL cut back to its limit")
+            sizes.append(shm.stat().st_size)
+        assert sizes[0] == blocks_for(largest_logs[0]) * 32 * KIB > 32 * KIB
+        assert blocks_for(largest_logs[1]) == blocks_for(largest_logs[0])
+        assert sizes[1] == sizes[0]
+    finally:
+        store.close()
+
+
 def test_near_duplicate_is_the_mean_over_the_frames_compared() -> None:
     black, grey = UNIFORM_FRAMES
     a = (0x5, 0xFF, None, black, 0xF0, 0x1234, black, grey)
