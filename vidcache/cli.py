@@ -1,26 +1,31 @@
-"""`vidcache serve` runs the service; `vidcache ingest`, `list`, `show` and `delete` ask a
-running one, through the client, to ingest URLs or local files, list, describe or delete
-videos."""
+"""`vidcache serve` runs the service; `vidcache ingest`, `list`, `show`, `delete`, `resolve`,
+`get` and `ingests` ask a running one, through the client, to ingest URLs or local files, list,
+describe or delete videos, say which video a URL was ingested as, download one, or list the
+ingests under way."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import httpx
@@ -39,7 +44,10 @@ from vidcache.errors import VidcacheError
 from vidcache.hostguard import HostGuard
 from vidcache_client import (
     AuthError,
+    ByteRange,
+    IngestUnderWay,
     NotFoundError,
+    RangeNotSatisfiableError,
     RequestTimeout,
     StatusError,
     TransportError,
@@ -178,6 +186,22 @@ def _content_hash(text: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"must be a video's hash, 64 lowercase hex digits, not {text!r}") from exc
+
+
+# START-END or START-: ASCII digits only (int() takes other digits, and "_")
+_BYTE_RANGE = re.compile(r"([0-9]+)-([0-9]*)")
+
+
+def _byte_range(text: str) -> tuple[int, int | None]:
+    """(start, end) of `--range START-END`, both inclusive; end None for `START-`."""
+    match = _BYTE_RANGE.fullmatch(text)
+    if match is not None:
+        start, end = int(match[1]), int(match[2]) if match[2] else None
+        if end is None or start <= end:
+            return start, end
+    raise argparse.ArgumentTypeError(
+        f"must be START-END, the first and last byte to get (counted from 0, END not before "
+        f"START), or START- for the rest of the video, not {text!r}")
 
 
 def _meta_item(text: str) -> tuple[str, str]:
@@ -372,6 +396,86 @@ still deleted); 2 for a bad option or a malformed HASH (then none is deleted).""
     delete.add_argument("hashes", metavar="HASH", nargs="+", type=_content_hash,
                         help="a video's hash (64 lowercase hex digits)")
     _add_service_options(delete, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
+
+    resolve = commands.add_parser(
+        "resolve", formatter_class=raw, help="say which stored video each URL was ingested as",
+        description="""\
+Ask a running vidcache service which video each URL was ingested as (an ingest
+of it, or of another URL of the same video, stored it), and print its hash, one
+line per URL in the order given (each once); with --json, the service's answer
+{"hash", "url"} as one JSON line, its "url" naming the URL (without its
+user:password@, the secrets of its query REDACTED). Nothing is downloaded.""",
+        epilog="""\
+examples:
+  vidcache resolve https://example.com/v.mp4
+  vidcache show "$(vidcache resolve https://example.com/v.mp4)"
+  xargs -a urls.txt vidcache resolve --json >hashes.jsonl
+
+Exit status: 0 if every URL is known; 1 if any is not (each on stderr, the
+others still printed), or the service failed or could not be reached; 2 for a
+bad option.""")
+    resolve.add_argument("urls", metavar="URL", nargs="+",
+                         help="a URL as it was ingested (the service matches it exactly)")
+    resolve.add_argument("--json", action="store_true",
+                         help='print the service\'s answer, {"hash", "url"}, as one JSON line')
+    _add_service_options(resolve, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
+
+    get = commands.add_parser(
+        "get", formatter_class=raw, help="download a stored video, or a range of its bytes",
+        description="""\
+Download the video HASH from a running vidcache service into FILE (default:
+HASH plus the stored file's extension, as vcfs names it, in the current
+directory), or to stdout with -o -. The bytes go to a temporary file beside FILE,
+renamed to FILE once every byte has arrived and is on disk: a download that
+fails or is interrupted leaves no file (nor part of one) under that name. An
+existing FILE is left alone unless --force. On a terminal the progress is shown
+on stderr, as vidcache ingest shows it.""",
+        epilog="""\
+examples:
+  vidcache get 9f2c...                            # ./9f2c....mp4
+  vidcache get "$hash" -o /srv/export/talk.mp4 --force
+  vidcache get "$hash" --range 0-1048575 -o head.bin   # the first MiB
+  vidcache get "$hash" -o - | ffprobe -i -
+
+Exit status: 0; 1 if there is no such video, FILE exists (without --force) or
+cannot be written, the range starts past the video's end, or the service failed
+or could not be reached (nothing is left under FILE); 2 for a bad option, a
+malformed HASH or range, or --range without -o; 130 on Ctrl-C (nothing left
+under FILE); 141 if the reader of stdout leaves early.""")
+    get.add_argument("hash", metavar="HASH", type=_content_hash,
+                     help="the video's hash (64 lowercase hex digits)")
+    get.add_argument("-o", "--output", metavar="FILE",
+                     help="the file to write (- for stdout; default HASH.EXT here)")
+    get.add_argument("--range", metavar="START-END", type=_byte_range,
+                     help="only bytes START to END, both included and counted from 0 (START- "
+                          "for the rest); a range past the end stops at the last byte; needs -o")
+    get.add_argument("--force", action="store_true",
+                     help="replace FILE if it exists (still only once the download is whole)")
+    _add_service_options(get, _CALL_TIMEOUT,
+                         f"seconds to wait for the service's answer and then for each piece "
+                         f"of the video, not for the whole download (default {_CALL_TIMEOUT:g})")
+
+    ingests = commands.add_parser(
+        "ingests", formatter_class=raw, help="list the ingests under way",
+        description="""\
+List the ingests a running vidcache service is running right now (GET /ingests),
+oldest first, as a table: how long ago each was asked for, its phase, its
+progress (bytes received of the origin's Content-Length, and the percentage, when
+the origin announced it), its bucket/prefix and its URL (without credentials).
+With --json, the service's answer as one JSON line: {"items": [{"url", "bucket",
+"prefix", "phase", "bytes_received", "bytes_expected", "started"}...]}.""",
+        epilog="""\
+examples:
+  vidcache ingests
+  watch -n1 vidcache ingests
+  vidcache ingests --json | jq -r '.items[] | select(.phase == "downloading") | .url'
+
+Exit status: 0 (also when none is under way); 1 if the service failed, could not
+be reached, or has no GET /ingests (a vidcache without that extension); 2 for a
+bad option.""")
+    ingests.add_argument("--json", action="store_true",
+                         help="print the service's answer as one JSON line")
+    _add_service_options(ingests, _CALL_TIMEOUT, _CALL_TIMEOUT_HELP)
 
 
 class StoppedStarting(BaseException):
@@ -790,8 +894,219 @@ def _delete(client: VidCacheClient, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _resolve(client: VidCacheClient, args: argparse.Namespace) -> int:
+    failed = False
+    for url in dict.fromkeys(args.urls):  # each once, in the order given
+        try:
+            entry = client.resolve(url)
+        except VidCacheError as exc:
+            print(_failure("resolve", exc, args, "GET /resolve"), file=sys.stderr)
+            failed = True
+            continue
+        if entry is None:
+            print(f"vidcache resolve: error: {without_credentials(url)}: no video ingested from "
+                  f"this URL at {without_credentials(args.server)}", file=sys.stderr)
+            failed = True
+            continue
+        _emit(json.dumps(entry) if args.json else str(entry["hash"]))
+    return 1 if failed else 0
+
+
+# the extension of a stored file's name that `vidcache get` names its file with (as vcfs does)
+_EXTENSION = re.compile(r"\.[a-z0-9]{1,8}")
+
+
+def _default_name(content_hash: str, meta: dict[str, Any]) -> str:
+    """HASH plus the extension of the service's file_path, if it has one a name can carry."""
+    suffix = PurePosixPath(str(meta.get("file_path") or "")).suffix.lower()
+    return content_hash + (suffix if _EXTENSION.fullmatch(suffix) else "")
+
+
+def _not_to_replace(dest: str, force: bool) -> str | None:
+    """Why `vidcache get` will not write `dest`, or None."""
+    if os.path.isdir(dest):
+        return f"{dest} is a directory: give the file to write with -o FILE"
+    if os.path.lexists(dest) and not force:
+        return f"{dest} exists: give --force to replace it"
+    return None
+
+
+def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
+    if args.range is not None and args.output is None:
+        print("vidcache get: error: --range needs -o FILE (or -o - for stdout): part of a video "
+              "would pass for the video under its name", file=sys.stderr)
+        return 2
+    if args.output not in (None, "-"):
+        refusal = _not_to_replace(args.output, args.force)
+        if refusal is not None:  # before any request
+            print(f"vidcache get: error: {refusal}", file=sys.stderr)
+            return 1
+    try:
+        meta = client.get_meta(args.hash)
+    except VidCacheError as exc:
+        print(_failure("get", exc, args, f"GET /meta/{args.hash}"), file=sys.stderr)
+        return 1
+    if meta is None:
+        print(f"vidcache get: error: {_no_video(args.hash, args)}", file=sys.stderr)
+        return 1
+    size = int(meta["size_bytes"])
+    byte_range: ByteRange | None = None
+    expected = size
+    if args.range is not None:
+        start, end = args.range
+        byte_range = (start, max(start, size - 1) if end is None else end)
+        expected = max(0, min(byte_range[1], size - 1) - start + 1)
+    dest = args.output or _default_name(args.hash, meta)
+    try:
+        if dest == "-":
+            _copy_video(client, args.hash, byte_range, expected, sys.stdout.buffer)
+            return 0
+        written = _save_video(client, args, byte_range, expected, dest)
+    except RangeNotSatisfiableError:
+        print(f"vidcache get: error: --range starts past the end of the video ({size} bytes: "
+              f"the last is byte {size - 1})", file=sys.stderr)
+        return 1
+    except VidCacheError as exc:
+        print(_failure("get", exc, args, f"GET /video/{args.hash}", content_hash=args.hash),
+              file=sys.stderr)
+        return 1
+    except FileExistsError:  # created while the video was downloaded
+        print(f"vidcache get: error: {dest} exists: give --force to replace it",
+              file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vidcache get: error: cannot write {exc.filename or dest}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    _emit(f"saved {dest} ({written} bytes)")
+    return 0
+
+
+def _copy_video(client: VidCacheClient, content_hash: str, byte_range: ByteRange | None,
+                expected: int, out: BinaryIO) -> int:
+    """The video's bytes (or the range's) written to `out`, with their progress on a terminal;
+    how many."""
+    from vidcache.progress_line import download_on_terminal
+
+    written = 0
+    with download_on_terminal(lambda: written, expected), \
+            client.stream_video(content_hash, byte_range) as chunks:
+        for chunk in chunks:
+            out.write(chunk)
+            written += len(chunk)
+    out.flush()
+    return written
+
+
+def _save_video(client: VidCacheClient, args: argparse.Namespace,
+                byte_range: ByteRange | None, expected: int, dest: str) -> int:
+    """The video written to the file `dest` through a temporary file beside it, which is
+    renamed to `dest` once whole and on disk, and removed otherwise; the bytes written.
+
+    As the client's download_to_file does, but with the progress shown, and without --force
+    never replacing a file, even one created during the download: the temporary file is
+    linked to `dest`, which fails if it exists."""
+    try:
+        dest_mode: int | None = os.stat(dest).st_mode
+    except FileNotFoundError:
+        dest_mode = None
+    if dest_mode is not None and not stat.S_ISREG(dest_mode):
+        # --force of a FIFO or a device (/dev/null): written into, as nothing can be renamed
+        # over it without destroying it
+        with open(dest, "wb") as out:
+            return _copy_video(client, args.hash, byte_range, expected, out)
+    real = Path(os.path.realpath(dest))  # a symlink's target is written, the link stays
+    temp = real.with_name(f".{real.name}.{secrets.token_hex(4)}.part")
+    # O_EXCL: never write through someone else's file; 0o666: the umask decides
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb") as out:
+            if dest_mode is not None:
+                os.fchmod(out.fileno(), stat.S_IMODE(dest_mode))  # a private file stays so
+            written = _copy_video(client, args.hash, byte_range, expected, out)
+            os.fsync(out.fileno())  # on disk before it has the name: a crash leaves no stub
+        if args.force:
+            os.replace(temp, real)
+        else:
+            _link_new(temp, real)
+    finally:
+        temp.unlink(missing_ok=True)
+    return written
+
+
+def _link_new(temp: Path, dest: Path) -> None:
+    """`temp` given the name `dest`, which must not exist (FileExistsError)."""
+    try:
+        os.link(temp, dest)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        # a file system without hard links (FAT): checked once more, then renamed
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest)) from exc
+        os.rename(temp, dest)
+
+
+def _age(started: str, now: datetime) -> str:
+    """How long ago the ISO-8601 time `started` was: `42 s`, `3 min 5 s`, `2 h 10 min`."""
+    try:
+        then = datetime.fromisoformat(started)
+    except ValueError:
+        return "-"
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = max(0, int((now - then).total_seconds()))  # clocks a little apart: not negative
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def _ingests_table(ingests: list[IngestUnderWay], now: datetime) -> list[str]:
+    """The lines of `vidcache ingests`: a header, then one aligned row per ingest."""
+    from vidcache.progress_line import amount
+
+    rows = [("AGE", "PHASE", "PROGRESS", "BUCKET", "URL")]
+    for ingest in ingests:
+        progress = ("-" if ingest.bytes_received == 0 and ingest.bytes_expected is None else
+                    amount(ingest.bytes_received, ingest.bytes_expected))
+        bucket = f"{ingest.bucket}/{ingest.prefix}" if ingest.prefix else ingest.bucket
+        rows.append((_age(ingest.started, now), ingest.phase, progress, bucket, ingest.url))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return ["  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)),
+                       row[-1]]) for row in rows]
+
+
+def _ingests(client: VidCacheClient, args: argparse.Namespace) -> int:
+    try:
+        ingests = client.ingests()
+    except NotFoundError as exc:
+        if not exc.json_detail:  # another server's page
+            print(_failure("ingests", exc, args, "GET /ingests"), file=sys.stderr)
+        else:
+            print(f"vidcache ingests: error: {without_credentials(args.server)} has no GET "
+                  "/ingests (HTTP 404): a vidcache service without that extension, which "
+                  "does not list its ingests under way", file=sys.stderr)
+        return 1
+    except VidCacheError as exc:
+        print(_failure("ingests", exc, args, "GET /ingests"), file=sys.stderr)
+        return 1
+    if args.json:
+        _emit(json.dumps({"items": [dataclasses.asdict(ingest) for ingest in ingests]}))
+    elif not ingests:
+        _emit("no ingests under way")
+    else:
+        for line in _ingests_table(ingests, datetime.now(UTC)):
+            _emit(line)
+    return 0
+
+
 _CLIENT_COMMANDS: dict[str, Callable[[VidCacheClient, argparse.Namespace], int]] = {
-    "ingest": _ingest, "list": _list, "show": _show, "delete": _delete}
+    "ingest": _ingest, "list": _list, "show": _show, "delete": _delete, "resolve": _resolve,
+    "get": _get, "ingests": _ingests}
 
 
 def _ask_service(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ way (`GET /ingests`, progress.py), finds its own by URL, and redraws one line wi
 and, while downloading, the bytes so far, of how many, the rate and the time waited, as curl
 or wget show a download. A service without that route, or a failed poll, leaves the time
 waited alone. Off a terminal nothing is shown: scripts read stdout, and stderr stays quiet.
+`vidcache get` draws its download's line the same way, from the bytes it has written.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ def progress_on_terminal(poll: Callable[[], IngestUnderWay | None],
         yield
         return
     done = threading.Event()
-    drawing = threading.Lock()
     started = time.monotonic()
     heard = _Heard(started, None, None)  # the latest poll's answer
 
@@ -71,25 +71,64 @@ def progress_on_terminal(poll: Callable[[], IngestUnderWay | None],
             heard = _Heard(now, ingest, rate.update(ingest, now))
             pause = 1.0
 
+    def line(now: float) -> str:
+        latest = heard
+        if now - latest.at >= _FRESH:
+            latest = _Heard(now, None, None)
+        return describe(latest.ingest, latest.rate, now - started)
+
+    # Not joined: a poll may be waiting for a service that no longer answers (the reason for
+    # a Ctrl-C).
+    threading.Thread(target=keep_polling, name="vidcache-poll", daemon=True).start()
+    try:
+        with _redrawn(line, stream):
+            yield
+    finally:
+        done.set()
+
+
+@contextlib.contextmanager
+def download_on_terminal(received: Callable[[], int], expected: int | None,
+                         stream: TextIO = sys.stderr) -> Iterator[None]:
+    """`vidcache get`'s line on a terminal, redrawn every second until the block ends, then
+    erased: the bytes `received()` so far, of `expected` if known, the rate and the time."""
+    if not stream.isatty():
+        yield
+        return
+    started = time.monotonic()
+    rate = _Rate()
+
+    def line(now: float) -> str:
+        got = received()
+        speed = rate.add(now, got)
+        shown = "" if speed is None else f", {_speed(speed)}"
+        so_far = amount(got, expected)
+        return f"vidcache get: downloading {so_far}{shown}, {now - started:.0f} s"
+
+    with _redrawn(line, stream):
+        yield
+
+
+@contextlib.contextmanager
+def _redrawn(line: Callable[[float], str], stream: TextIO) -> Iterator[None]:
+    """`line(time.monotonic())` drawn on the terminal `stream` every second, in place, until
+    the block ends; then erased, and nothing drawn after."""
+    done = threading.Event()
+    drawing = threading.Lock()
+
     def show() -> None:
         while not done.wait(1.0):
-            now, latest = time.monotonic(), heard
-            if now - latest.at >= _FRESH:
-                latest = _Heard(now, None, None)
-            line = _fitted(describe(latest.ingest, latest.rate, now - started), stream)
+            text = _fitted(line(time.monotonic()), stream)
             with drawing:
                 if done.is_set():
                     return
-                stream.write(f"\r{line}\033[K")
+                stream.write(f"\r{text}\033[K")
                 stream.flush()
 
-    for target, name in ((keep_polling, "vidcache-poll"), (show, "vidcache-progress")):
-        threading.Thread(target=target, name=name, daemon=True).start()
+    threading.Thread(target=show, name="vidcache-progress", daemon=True).start()
     try:
         yield
     finally:
-        # Neither thread is joined: a poll may be waiting for a service that no longer
-        # answers (the reason for a Ctrl-C). Once `done`, nothing is drawn.
         with drawing:
             done.set()
             stream.write("\r\033[K")
@@ -115,13 +154,14 @@ def describe(ingest: IngestUnderWay | None, rate: float | None, waited: float) -
     if ingest is None:
         return f"vidcache ingest: waiting for the service ({seconds})"
     if ingest.phase == "downloading":
-        amount = _amount(ingest.bytes_received, ingest.bytes_expected)
+        received = amount(ingest.bytes_received, ingest.bytes_expected)
         speed = "" if rate is None else f", {_speed(rate)}"
-        return f"vidcache ingest: downloading {amount}{speed}, {seconds}"
+        return f"vidcache ingest: downloading {received}{speed}, {seconds}"
     return f"vidcache ingest: {_PHASES.get(ingest.phase, ingest.phase)}, {seconds}"
 
 
-def _amount(received: int, expected: int | None) -> str:
+def amount(received: int, expected: int | None) -> str:
+    """`412.3 of 1,024.0 MiB (40%)`, or `412.3 MiB` if the total is unknown."""
     unit, size = ("KiB", KIB) if (expected or received) < MIB else ("MiB", MIB)
     if expected is None:
         return f"{received / size:,.1f} {unit}"
@@ -142,7 +182,7 @@ class _Heard:
 
 
 class _Rate:
-    """A download's bytes per second over the polls of the last _RATE_WINDOW seconds."""
+    """A download's bytes per second over the samples of the last _RATE_WINDOW seconds."""
 
     def __init__(self) -> None:
         self._samples: deque[tuple[float, int]] = deque()  # (time, bytes received)
@@ -158,8 +198,12 @@ class _Rate:
                                     and ingest.bytes_received < self._samples[-1][1]):
             self._samples.clear()  # another download: the next ingest of the URL
             self._of = download
-        self._samples.append((now, ingest.bytes_received))
+        return self.add(now, ingest.bytes_received)
+
+    def add(self, now: float, received: int) -> float | None:
+        """The rate with `received` bytes at `now` counted; None until the second sample."""
+        self._samples.append((now, received))
         while len(self._samples) > 2 and now - self._samples[1][0] >= _RATE_WINDOW:
             self._samples.popleft()
         then, before = self._samples[0]
-        return (ingest.bytes_received - before) / (now - then) if now > then else None
+        return (received - before) / (now - then) if now > then else None
