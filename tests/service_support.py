@@ -1,21 +1,27 @@
 """Helpers for the vidcache service tests: an origin server that misbehaves on request, one
 that keeps connections alive and counts them, a thin HTTP client of the wire protocol and the
 `api` fixture made of it, looks into a service's data directory, `vidcache serve` run where it
-is expected to stop at start, and presigned URLs with the secrets that must never be shown."""
+is expected to stop at start, presigned URLs with the secrets that must never be shown, and a
+`vidcache` command drawing on a terminal."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import gzip
 import http.server
 import json
+import os
+import pty
 import re
 import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +33,7 @@ import httpx
 import pytest
 from blake3 import blake3
 
-from tests.support import VidcacheServer, free_port, serving
+from tests.support import VidcacheServer, free_port, serving, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.store import Store, blob_relpath
 
@@ -338,3 +344,68 @@ def serve_origin(directory: Path, *, tls: ssl.SSLContext | None = None
             yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", stalled
         finally:
             release.set()  # before the shutdown, which waits for the answers under way
+
+
+# --- a command on a terminal ------------------------------------------------------------------
+
+class OnTerminal:
+    """`vidcache ARGS` with its stderr on a pseudo-terminal (stdout piped, for the results):
+    what it draws there (progress lines) is read as it comes."""
+
+    def __init__(self, *args: str, columns: int = 0) -> None:
+        """`columns`: the terminal's width (0: unknown, as a pseudo-terminal starts)."""
+        master, slave = pty.openpty()
+        try:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "vidcache", *args], stdout=subprocess.PIPE,
+                stderr=slave, text=True)
+        finally:
+            os.close(slave)
+        self._master = master
+        self._shown = bytearray()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = os.read(self._master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                return
+            if not data:
+                return
+            with self._lock:
+                self._shown += data
+
+    def text(self) -> str:
+        with self._lock:
+            return self._shown.decode(errors="replace")
+
+    def wait_drawn(self, text: str) -> None:
+        try:
+            wait_until(lambda: text in self.text(), timeout=60, what=f"{text!r} drawn")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; drawn: {self.text()!r}") from exc
+
+    def finish(self) -> tuple[int, str, str]:
+        """(exit status, stdout, everything drawn) once the command has ended."""
+        out, _ = self.process.communicate(timeout=90)
+        self._reader.join(timeout=30)
+        os.close(self._master)
+        return self.process.returncode, out, self.text()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def on_terminal(*args: str, columns: int = 0) -> Iterator[OnTerminal]:
+    terminal = OnTerminal(*args, columns=columns)
+    try:
+        yield terminal
+    finally:
+        terminal.kill()

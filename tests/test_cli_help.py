@@ -25,7 +25,8 @@ def vcfs(argv: list[str]) -> Any:
 
 COMMANDS: list[tuple[Callable[[list[str]], Any], list[str]]] = [
     (vidcache, []), (vidcache, ["serve"]), (vidcache, ["ingest"]), (vidcache, ["list"]),
-    (vidcache, ["show"]), (vidcache, ["delete"]),
+    (vidcache, ["show"]), (vidcache, ["delete"]), (vidcache, ["resolve"]), (vidcache, ["get"]),
+    (vidcache, ["ingests"]),
     (vcfs, []), (vcfs, ["mount"]), (vcfs, ["unmount"]),
     (bench_main, []),  # scripts/bench: it parses its options before anything else
 ]

@@ -1,5 +1,6 @@
 """The `vidcache` command line: `ingest`, `list`, `show` and `delete` through the real client
-against a real service, usage errors, and complete --help texts."""
+against a real service, usage errors, and complete --help texts (of `resolve`, `get` and
+`ingests` too, whose other tests are in test_service_cli_reads.py)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,10 @@ INGEST_OPTIONS = ["URL", "--bucket", "--prefix", "--meta", "--server", "--token-
                   "--timeout"]
 SERVICE_OPTIONS = ["--server", "--token-file", "--timeout"]
 COMMAND_OPTIONS = {"list": ["--bucket", "--prefix", "--json", *SERVICE_OPTIONS],
-                   "show": ["HASH", *SERVICE_OPTIONS], "delete": ["HASH", *SERVICE_OPTIONS]}
+                   "show": ["HASH", *SERVICE_OPTIONS], "delete": ["HASH", *SERVICE_OPTIONS],
+                   "resolve": ["URL", "--json", *SERVICE_OPTIONS],
+                   "get": ["HASH", "--output", "--range", "--force", *SERVICE_OPTIONS],
+                   "ingests": ["--json", *SERVICE_OPTIONS]}
 TOKEN = "s3cret-token"
 
 
@@ -252,20 +256,25 @@ def test_list_to_a_reader_that_stops_ends_quietly(many: Many) -> None:
             listing.wait()
 
 
-@pytest.mark.parametrize("command", [["list"], ["show", "0" * 64], ["delete", "0" * 64]])
+@pytest.mark.parametrize("command", [
+    ["list"], ["show", "0" * 64], ["delete", "0" * 64], ["resolve", "http://o.test/v.mp4"],
+    ["get", "0" * 64, "-o", "-"], ["ingests"]])
 def test_a_server_that_is_not_vidcache_or_none_is_one_error_line(command: list[str],
                                                                   media_url: str) -> None:
-    """The plain file server answers list 404 and delete 501, with an HTML page (show takes
-    its 404 for no such video); nothing listens on the last URL; the user:password@ of
-    --server is never shown."""
+    """The plain file server answers list and ingests 404 and delete 501, with an HTML page
+    (show and get take its 404 for no such video, resolve for an unknown URL, as the client
+    does); nothing listens on the last URL; the user:password@ of --server is never shown."""
     answer = {"list": "GET /videos with HTTP 404",
-              "delete": f"DELETE /video/{'0' * 64} with HTTP 501"}.get(command[0])
+              "delete": f"DELETE /video/{'0' * 64} with HTTP 501",
+              "ingests": "GET /ingests with HTTP 404"}.get(command[0])
+    unknown = ("http://o.test/v.mp4: no video ingested from this URL" if command[0] == "resolve"
+               else f"no video {'0' * 64}")
     for server in (media_url, media_url.replace("http://", "http://user:hunter2@")):
         run = vidcache(*command, "--server", server)
         assert (run.returncode, run.stdout) == (1, ""), run.stderr
         assert run.stderr == (f"vidcache {command[0]}: error: {media_url} answered {answer}: "
                               "not a vidcache service (check --server)\n" if answer else
-                              f"vidcache show: error: no video {'0' * 64} at {media_url}\n")
+                              f"vidcache {command[0]}: error: {unknown} at {media_url}\n")
     unreachable = vidcache(*command, "--server", f"http://user:hunter2@127.0.0.1:{free_port()}")
     assert unreachable.returncode == 1
     assert unreachable.stderr.startswith(f"vidcache {command[0]}: error: "), unreachable.stderr
@@ -387,6 +396,9 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vidcache
     (["list"], "listing of videos", "GET /videos"),
     (["show", "0" * 64], f"metadata of video {'0' * 64}", f"GET /meta/{'0' * 64}"),
     (["delete", "0" * 64], f"delete of video {'0' * 64}", f"DELETE /video/{'0' * 64}"),
+    (["resolve", "http://o.test/v.mp4"], "resolve of http://o.test/v.mp4", "GET /resolve"),
+    (["get", "0" * 64, "-o", "-"], f"metadata of video {'0' * 64}", f"GET /meta/{'0' * 64}"),
+    (["ingests"], "list of ingests under way", "GET /ingests"),
     (["ingest", "http://127.0.0.1:9/v.mp4", "--bucket", "b"],
      "ingest of http://127.0.0.1:9/v.mp4 into bucket 'b'", "POST /ingest")])
 def test_a_service_needing_the_token_says_to_give_it(command: list[str], call: str,
@@ -414,8 +426,15 @@ def test_a_service_needing_the_token_says_to_give_it(command: list[str], call: s
     assert TOKEN not in allowed.stdout + allowed.stderr
     if command == ["list"]:
         assert (allowed.returncode, allowed.stdout, allowed.stderr) == (0, "", "")
+    elif command == ["ingests"]:
+        assert (allowed.returncode, allowed.stdout, allowed.stderr) == (
+            0, "no ingests under way\n", "")
     elif command[0] == "ingest":  # let through, to fail at its origin
         assert allowed.returncode == 1 and "HTTP 401" not in allowed.stderr, allowed.stderr
+    elif command[0] == "resolve":
+        assert allowed.returncode == 1
+        assert allowed.stderr == ("vidcache resolve: error: http://o.test/v.mp4: no video "
+                                  f"ingested from this URL at {server.url}\n")
     else:
         assert allowed.returncode == 1
         assert allowed.stderr == f"vidcache {command[0]}: error: no video {'0' * 64} at " \
@@ -490,6 +509,11 @@ def test_ctrl_c_of_an_ingest_says_the_service_may_still_store_it() -> None:
     ["show"],
     ["show", "0" * 64, "1" * 64],
     ["delete"],
+    ["resolve"],
+    ["get"],
+    ["get", "0" * 64, "0" * 64],
+    ["get", "0" * 64, "--range", "0-9"],  # without -o: part of a video under its name
+    ["ingests", "extra"],
     [],
 ])
 def test_usage_errors_exit_2(args: list[str]) -> None:
@@ -533,6 +557,11 @@ _NO_DATA = "/dev/null/data"
     (["show", "0" * 63], f"argument HASH: must be a video's hash, 64 lowercase hex digits, "
                          f"not '{'0' * 63}'"),
     (["delete", "0" * 64, "x" * 64], "argument HASH: must be a video's hash"),
+    (["get", "0" * 64, "-o", "-", "--range", "9-0"],
+     "--range: must be START-END, the first and last byte to get (counted from 0, END not "
+     "before START), or START- for the rest of the video, not '9-0'"),
+    (["get", "0" * 64, "-o", "-", "--range", "-500"], "--range: must be START-END"),
+    (["get", "0" * 64, "-o", "-", "--range", "0x10-20"], "--range: must be START-END"),
 ])
 def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],
                                                               refused: str) -> None:

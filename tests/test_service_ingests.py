@@ -8,16 +8,11 @@ on a terminal (a pseudo-terminal here), which polls that route; off a terminal i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import pty
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -28,7 +23,7 @@ import httpx
 import pytest
 
 from tests.service_stress_support import PausingServer
-from tests.service_support import SIGNATURE, serve_origin, unique
+from tests.service_support import SIGNATURE, on_terminal, serve_origin, unique
 from tests.support import VidcacheServer, wait_until
 from vidcache_client import IngestUnderWay, VidCacheClient
 
@@ -148,69 +143,6 @@ def test_each_step_after_the_download_is_shown_and_a_stored_ingest_leaves(
 
 # --- vidcache ingest on a terminal ---------------------------------------------------------------
 
-class _Terminal:
-    """`vidcache ingest ARGS` with its stderr on a pseudo-terminal (stdout piped, for the
-    JSON): what it draws there is read as it comes."""
-
-    def __init__(self, *args: str, columns: int = 0) -> None:
-        """`columns`: the terminal's width (0: unknown, as a pseudo-terminal starts)."""
-        master, slave = pty.openpty()
-        try:
-            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "vidcache", "ingest", *args], stdout=subprocess.PIPE,
-                stderr=slave, text=True)
-        finally:
-            os.close(slave)
-        self._master = master
-        self._shown = bytearray()
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self._master, 4096)
-            except OSError:  # EIO: the terminal's other end is closed
-                return
-            if not data:
-                return
-            with self._lock:
-                self._shown += data
-
-    def text(self) -> str:
-        with self._lock:
-            return self._shown.decode(errors="replace")
-
-    def wait_drawn(self, text: str) -> None:
-        try:
-            wait_until(lambda: text in self.text(), timeout=60, what=f"{text!r} drawn")
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}; drawn: {self.text()!r}") from exc
-
-    def finish(self) -> tuple[int, str, str]:
-        """(exit status, stdout, everything drawn) once the command has ended."""
-        out, _ = self.process.communicate(timeout=90)
-        self._reader.join(timeout=30)
-        os.close(self._master)
-        return self.process.returncode, out, self.text()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@contextlib.contextmanager
-def _terminal(*args: str, columns: int = 0) -> Iterator[_Terminal]:
-    terminal = _Terminal(*args, columns=columns)
-    try:
-        yield terminal
-    finally:
-        terminal.kill()
-
-
 def test_ingest_on_a_terminal_shows_the_bytes_of_its_stalled_download(
         server: VidcacheServer, videos: dict[str, Path]) -> None:
     """Half of the video received, the origin stalled: the line says downloading, how much of
@@ -222,8 +154,8 @@ def test_ingest_on_a_terminal_shows_the_bytes_of_its_stalled_download(
                 f"({half * 100 // size}%), ")
     with contextlib.ExitStack() as running:  # the command outlives the origin
         with serve_origin(videos["big.mp4"].parent) as (origin, _stalled):
-            terminal = running.enter_context(_terminal(
-                f"{origin}/stall/big.mp4".replace("http://", "http://user:secret@"),
+            terminal = running.enter_context(on_terminal(
+                "ingest", f"{origin}/stall/big.mp4".replace("http://", "http://user:secret@"),
                 "--bucket", unique("tty"), "--server", server.url))
             terminal.wait_drawn(expected)
         status, out, shown = terminal.finish()
@@ -244,8 +176,8 @@ def test_a_presigned_url_under_way_is_shown_with_its_signature_redacted(
             url = (f"{origin}/stall/big.mp4?X-Amz-Date=20250131T120000Z"
                    f"&X-Amz-Signature={SIGNATURE}&id=5")
             shown = url.replace(SIGNATURE, "REDACTED")
-            terminal = running.enter_context(_terminal(
-                url, "--bucket", unique("tty"), "--server", server.url))
+            terminal = running.enter_context(on_terminal(
+                "ingest", url, "--bucket", unique("tty"), "--server", server.url))
             terminal.wait_drawn("vidcache ingest: downloading ")
             listed = httpx.get(f"{server.url}/ingests").text
             assert [item["url"] for item in json.loads(listed)["items"]] == [shown], listed
@@ -261,8 +193,9 @@ def test_the_line_fits_a_narrow_terminal() -> None:
     its last row only), so each second left a row behind. (Before: 'vidcache ingest: waiting
     for the service (1 s)', 47.) A service that never answers, the command interrupted."""
     with (socket.create_server(("127.0.0.1", 0)) as silent,
-          _terminal("http://o.test/v.mp4", "--bucket", unique("narrow"), "--server",
-                    f"http://127.0.0.1:{silent.getsockname()[1]}", columns=40) as terminal):
+          on_terminal("ingest", "http://o.test/v.mp4", "--bucket", unique("narrow"),
+                      "--server", f"http://127.0.0.1:{silent.getsockname()[1]}",
+                      columns=40) as terminal):
         wait_until(lambda: terminal.text().count("\x1b[K") >= 2, timeout=60,
                    what="two redraws of the line")
         terminal.process.send_signal(signal.SIGINT)
@@ -289,7 +222,8 @@ def test_ingest_shows_a_later_phase_on_a_terminal_and_nothing_off_it(
              "--server", paused.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             wait_until(paused.paused, timeout=60, what="the ingest held at ffprobe")
-            with _terminal(url, "--bucket", bucket, "--server", paused.url) as terminal:
+            with on_terminal("ingest", url, "--bucket", bucket, "--server",
+                             paused.url) as terminal:
                 terminal.wait_drawn("vidcache ingest: validating (ffprobe), ")
                 paused.release()
                 status, out, shown = terminal.finish()

@@ -447,7 +447,7 @@ under FILE); 141 if the reader of stdout leaves early.""")
     get.add_argument("-o", "--output", metavar="FILE",
                      help="the file to write (- for stdout; default HASH.EXT here)")
     get.add_argument("--range", metavar="START-END", type=_byte_range,
-                     help="only bytes START to END, both included and counted from 0 (START- "
+                     help="only bytes START to END, both included and counted from 0 ('START-' "
                           "for the rest); a range past the end stops at the last byte; needs -o")
     get.add_argument("--force", action="store_true",
                      help="replace FILE if it exists (still only once the download is whole)")

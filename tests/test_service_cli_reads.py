@@ -1,0 +1,249 @@
+"""`vidcache resolve`, `get` and `ingests` through the real client against a real service:
+the hash a URL was stored as, a video's bytes (whole, a range, to stdout) compared with its
+source, a download that fails or is interrupted leaving no file, progress on a terminal, and
+the ingests under way as a table. Usage errors, --help and the error lines shared with the
+other commands are in test_service_cli.py."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bench.faults import Refuse, Stall, Truncate, path_prefix
+from tests.service_support import digest, on_terminal, serve_origin, unique
+from tests.support import VidcacheServer, free_port, wait_until
+from tests.vcfs_fault_support import FaultyLink
+from vidcache.chunks import KIB, MIB
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def vidcache(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "vidcache", *args], capture_output=True,
+                          timeout=90, cwd=cwd)
+
+
+@dataclass(frozen=True)
+class Stored:
+    server: VidcacheServer
+    url: str  # the service's base URL
+    source: bytes  # b.mp4, stored from `origin_url` as `hash`
+    origin_url: str
+    hash: str
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory: pytest.TempPathFactory, media_url: str,
+           videos: dict[str, Path]) -> Iterator[Stored]:
+    with VidcacheServer(tmp_path_factory.mktemp("svc-cli-reads") / "data") as server:
+        url = f"{media_url}/b.mp4"
+        ingested = vidcache("ingest", url, "--bucket", "reads", "--server", server.url)
+        assert ingested.returncode == 0, ingested.stderr
+        source = videos["b.mp4"].read_bytes()
+        assert json.loads(ingested.stdout)["hash"] == digest(source)
+        yield Stored(server, server.url, source, url, digest(source))
+
+
+def _left_in(folder: Path) -> list[str]:
+    return sorted(entry.name for entry in folder.iterdir())
+
+
+# --- resolve ---------------------------------------------------------------------------------
+
+def test_resolve_prints_each_urls_hash_and_says_which_it_does_not_know(stored: Stored,
+                                                                        media_url: str) -> None:
+    """One hash a line in the order given, each URL once; an unknown one is an error line
+    naming it (without its password), the others still printed, exit status 1. --json: the
+    service's {"hash", "url"}."""
+    unknown = f"{media_url}/never-ingested.mp4".replace("http://", "http://user:hunter2@")
+    run = vidcache("resolve", stored.origin_url, unknown, stored.origin_url,
+                   "--server", stored.url)
+    assert (run.returncode, run.stdout.decode()) == (1, f"{stored.hash}\n")
+    assert run.stderr.decode() == (
+        f"vidcache resolve: error: {media_url}/never-ingested.mp4: no video ingested from this "
+        f"URL at {stored.url}\n")
+    as_json = vidcache("resolve", "--json", stored.origin_url, "--server", stored.url)
+    assert (as_json.returncode, as_json.stderr) == (0, b"")
+    assert json.loads(as_json.stdout) == {"hash": stored.hash, "url": stored.origin_url}
+
+
+# --- get -------------------------------------------------------------------------------------
+
+def test_get_writes_the_stored_bytes_and_never_replaces_a_file_unless_forced(
+        stored: Stored, tmp_path: Path) -> None:
+    """The whole video under HASH.mp4 (the stored file's extension) in the current directory,
+    byte for byte; a second get refuses the existing file, which keeps its content, before
+    any request; --force replaces it, keeping its permission bits; nothing else is left."""
+    name = f"{stored.hash}.mp4"
+    run = vidcache("get", stored.hash, "--server", stored.url, cwd=tmp_path)
+    assert (run.returncode, run.stderr) == (0, b"")
+    assert run.stdout.decode() == f"saved {name} ({len(stored.source)} bytes)\n"
+    assert (tmp_path / name).read_bytes() == stored.source
+    mine = tmp_path / "mine.mp4"
+    mine.write_bytes(b"keep me")
+    mine.chmod(0o600)
+    refused = vidcache("get", stored.hash, "-o", str(mine), "--server",
+                       f"http://127.0.0.1:{free_port()}")  # refused before asking anyone
+    assert (refused.returncode, refused.stdout) == (1, b"")
+    assert refused.stderr.decode() == (f"vidcache get: error: {mine} exists: give --force to "
+                                       "replace it\n")
+    assert mine.read_bytes() == b"keep me"
+    forced = vidcache("get", stored.hash, "-o", str(mine), "--force", "--server", stored.url)
+    assert forced.returncode == 0, forced.stderr
+    assert mine.read_bytes() == stored.source and mine.stat().st_mode & 0o777 == 0o600
+    into_a_directory = vidcache("get", stored.hash, "-o", str(tmp_path), "--force",
+                                "--server", stored.url)
+    assert into_a_directory.returncode == 1
+    assert b"is a directory" in into_a_directory.stderr
+    assert _left_in(tmp_path) == sorted([name, "mine.mp4"])
+
+
+@pytest.mark.parametrize(("asked", "part"), [
+    ("100-1123", slice(100, 1124)), ("0-0", slice(0, 1)), ("2000-", slice(2000, None)),
+    ("0-99999999", slice(0, None)),  # an end past the video's stops at its last byte
+], ids=["middle", "first byte", "to the end", "past the end"])
+def test_get_a_range_to_stdout_and_to_a_file(stored: Stored, tmp_path: Path, asked: str,
+                                             part: slice) -> None:
+    """--range START-END gives bytes START to END, both included, as the client's
+    byte_range; -o - writes them to stdout."""
+    piped = vidcache("get", stored.hash, "--range", asked, "-o", "-", "--server", stored.url)
+    assert (piped.returncode, piped.stderr) == (0, b"")
+    assert piped.stdout == stored.source[part]
+    out = tmp_path / "part.bin"
+    saved = vidcache("get", stored.hash, "--range", asked, "-o", str(out), "--server", stored.url)
+    assert saved.returncode == 0, saved.stderr
+    assert out.read_bytes() == stored.source[part]
+
+
+def test_get_the_whole_video_to_stdout(stored: Stored) -> None:
+    run = vidcache("get", stored.hash, "-o", "-", "--server", stored.url)
+    assert (run.returncode, run.stderr) == (0, b"")
+    assert run.stdout == stored.source
+
+
+def test_get_errors_leave_no_file(stored: Stored, tmp_path: Path) -> None:
+    """An unknown hash, a range starting past the end, a service that is down: one error line,
+    exit status 1, nothing written."""
+    size, missing, out = len(stored.source), "0" * 64, tmp_path / "out.mp4"
+    for args, error in (
+            ([missing, "--server", stored.url], f"no video {missing} at {stored.url}"),
+            ([stored.hash, "--range", f"{size}-{size + 10}", "--server", stored.url],
+             f"--range starts past the end of the video ({size} bytes: the last is byte "
+             f"{size - 1})"),
+            ([stored.hash, "--server", f"http://127.0.0.1:{free_port()}"],
+             "nothing listens there")):
+        run = vidcache("get", *args, "-o", str(out))
+        assert (run.returncode, run.stdout) == (1, b""), run.stderr
+        stderr = run.stderr.decode()
+        assert stderr.startswith("vidcache get: error: ") and error in stderr, stderr
+        assert stderr.count("\n") == 1, stderr
+        assert _left_in(tmp_path) == []
+
+
+def test_a_download_cut_short_leaves_no_file_under_its_name(stored: Stored,
+                                                            tmp_path: Path) -> None:
+    """The service's answer ends after 16 KiB (a proxy in between cuts it): the client sees
+    the body short of its Content-Length; neither the file nor a temporary one is left, and an
+    existing file forced to be replaced keeps its content."""
+    out, kept = tmp_path / "new.mp4", tmp_path / "kept.mp4"
+    kept.write_bytes(b"keep me")
+    with FaultyLink(stored.server.port) as link:
+        link.faults.enable(Truncate(after_bytes=16 * KIB, match=path_prefix("/video/")))
+        runs = [vidcache("get", stored.hash, "-o", str(out), "--server", link.url),
+                vidcache("get", stored.hash, "-o", str(kept), "--force", "--server", link.url)]
+    for run in runs:
+        assert (run.returncode, run.stdout) == (1, b""), run.stderr
+        assert run.stderr.decode().startswith("vidcache get: error: video "), run.stderr
+    assert _left_in(tmp_path) == ["kept.mp4"]
+    assert kept.read_bytes() == b"keep me"
+
+
+def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(
+        stored: Stored, tmp_path: Path) -> None:
+    """The answer stalls half-way: the line says how much of how much has arrived; Ctrl-C
+    then ends the command with status 130, the line erased, no file (nor part of one) left."""
+    size, out = len(stored.source), tmp_path / "stalled.mp4"
+    with FaultyLink(stored.server.port) as link:
+        link.faults.enable(Stall(seconds=90, after_bytes=size // 2,
+                                 match=path_prefix("/video/")))
+        with on_terminal("get", stored.hash, "-o", str(out), "--server", link.url) as terminal:
+            terminal.wait_drawn("vidcache get: downloading ")
+            terminal.wait_drawn(f" of {size / KIB:,.1f} KiB (")
+            wait_until(lambda: list(tmp_path.iterdir()), timeout=60, what="the temporary file")
+            terminal.process.send_signal(signal.SIGINT)
+            status, stdout, shown = terminal.finish()
+    assert (status, stdout) == (130, ""), shown
+    assert "\r\x1b[Kvidcache get: interrupted" in shown, shown
+    assert _left_in(tmp_path) == []
+
+
+def test_get_off_a_terminal_draws_nothing(stored: Stored, tmp_path: Path) -> None:
+    run = vidcache("get", stored.hash, "-o", str(tmp_path / "v.mp4"), "--server", stored.url)
+    assert run.returncode == 0 and run.stderr == b""
+
+
+# --- ingests ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def busy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VidcacheServer]:
+    with VidcacheServer(tmp_path_factory.mktemp("svc-cli-ingests") / "data",
+                        "--download-timeout", "10") as server:
+        yield server
+
+
+def test_ingests_shows_a_stalled_download_as_a_table(busy: VidcacheServer,
+                                                     videos: dict[str, Path]) -> None:
+    """Half of big.mp4 received, the origin stalled: one row under the header with its age,
+    phase, bytes of the Content-Length and percentage, bucket/prefix and URL (its password not
+    shown); --json gives what GET /ingests answers. Once the ingest has failed: none."""
+    size = videos["big.mp4"].stat().st_size
+    bucket = unique("cli-ingests")
+    with contextlib.ExitStack() as running:  # the ingest outlives the origin
+        with serve_origin(videos["big.mp4"].parent) as (origin, stalled):
+            shown = f"{origin}/stall/big.mp4"
+            ingest = running.enter_context(subprocess.Popen(
+                [sys.executable, "-m", "vidcache", "ingest",
+                 shown.replace("http://", "http://user:secret@"), "--bucket", bucket,
+                 "--prefix", "p", "--server", busy.url],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            assert stalled.wait(timeout=60)
+            wait_until(lambda: [item for item in httpx.get(f"{busy.url}/ingests").json()["items"]
+                                if item["bytes_received"] == size // 2],
+                       timeout=60, what="half of the video received")
+            table = vidcache("ingests", "--server", busy.url)
+            as_json = vidcache("ingests", "--json", "--server", busy.url)
+            answer = httpx.get(f"{busy.url}/ingests").json()
+        _, failed = ingest.communicate(timeout=90)  # leaving the origin ended the stall
+    assert ingest.returncode == 1 and b"HTTP 502" in failed, failed
+    assert (table.returncode, table.stderr) == (0, b"")
+    header, row = table.stdout.decode().splitlines()
+    assert header.split() == ["AGE", "PHASE", "PROGRESS", "BUCKET", "URL"]
+    progress = f"{size // 2 / MIB:,.1f} of {size / MIB:,.1f} MiB ({size // 2 * 100 // size}%)"
+    assert row.endswith(f"  downloading  {progress}  {bucket}/p  {shown}"), row
+    assert row.split("  ")[0].endswith(" s") and "secret" not in row
+    assert header.index("URL") == row.index(shown)  # aligned
+    assert (as_json.returncode, json.loads(as_json.stdout)) == (0, answer)
+    none = vidcache("ingests", "--server", busy.url)
+    assert (none.returncode, none.stdout, none.stderr) == (0, b"no ingests under way\n", b"")
+
+
+def test_ingests_of_a_vidcache_without_the_route_says_so(busy: VidcacheServer) -> None:
+    """A vidcache 1.x without the extension answers 404 in its JSON ({"detail": "Not Found"},
+    FastAPI's), here from the fault proxy in front of the service."""
+    with FaultyLink(busy.port) as link:
+        link.faults.enable(Refuse(status=404, detail="Not Found", match=path_prefix("/ingests")))
+        run = vidcache("ingests", "--server", link.url)
+    assert (run.returncode, run.stdout) == (1, b"")
+    assert run.stderr.decode() == (
+        f"vidcache ingests: error: {link.url} has no GET /ingests (HTTP 404): a vidcache service "
+        "without that extension, which does not list its ingests under way\n")
+
