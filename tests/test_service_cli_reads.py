@@ -131,8 +131,8 @@ def test_get_the_whole_video_to_stdout(stored: Stored) -> None:
 
 
 def test_get_errors_leave_no_file(stored: Stored, tmp_path: Path) -> None:
-    """An unknown hash, a range starting past the end, a service that is down: one error line,
-    exit status 1, nothing written."""
+    """An unknown hash, a range starting past the end, a service that is down, a file in a
+    directory that does not exist: one error line, exit status 1, nothing written."""
     size, missing, out = len(stored.source), "0" * 64, tmp_path / "out.mp4"
     for args, error in (
             ([missing, "--server", stored.url], f"no video {missing} at {stored.url}"),
@@ -140,8 +140,10 @@ def test_get_errors_leave_no_file(stored: Stored, tmp_path: Path) -> None:
              f"--range starts past the end of the video ({size} bytes: the last is byte "
              f"{size - 1})"),
             ([stored.hash, "--server", f"http://127.0.0.1:{free_port()}"],
-             "nothing listens there")):
-        run = vidcache("get", *args, "-o", str(out))
+             "nothing listens there"),
+            ([stored.hash, "--server", stored.url, "-o", str(out / "x")],
+             f"cannot write {out / 'x'}: No such file or directory")):
+        run = vidcache("get", "-o", str(out), *args)
         assert (run.returncode, run.stdout) == (1, b""), run.stderr
         stderr = run.stderr.decode()
         assert stderr.startswith("vidcache get: error: ") and error in stderr, stderr

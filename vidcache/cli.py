@@ -975,8 +975,8 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"vidcache get: error: cannot write {exc.filename or dest}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(f"vidcache get: error: cannot write {dest}: {exc.strerror or exc}",
+              file=sys.stderr)
         return 1
     _emit(f"saved {dest} ({written} bytes)")
     return 0
