@@ -169,6 +169,27 @@ def test_a_download_cut_short_leaves_no_file_under_its_name(stored: Stored,
     assert kept.read_bytes() == b"keep me"
 
 
+def test_a_file_made_during_the_download_is_not_replaced(stored: Stored,
+                                                         tmp_path: Path) -> None:
+    """FILE did not exist when the command started, and another program writes it while the
+    answer stalls half-way: without --force it keeps that file's content, says so, and leaves
+    no temporary file. (A check at the start alone would let the rename replace it.)"""
+    size, out = len(stored.source), tmp_path / "raced.mp4"
+    with FaultyLink(stored.server.port) as link:
+        link.faults.enable(Stall(seconds=5, after_bytes=size // 2,
+                                 match=path_prefix("/video/")))
+        with subprocess.Popen([sys.executable, "-m", "vidcache", "get", stored.hash, "-o",
+                               str(out), "--server", link.url],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) as get:
+            wait_until(lambda: list(tmp_path.iterdir()), timeout=60, what="the temporary file")
+            out.write_bytes(b"theirs")
+            stdout, stderr = get.communicate(timeout=90)
+    assert (get.returncode, stdout) == (1, b""), stderr
+    assert stderr.decode() == f"vidcache get: error: {out} exists: give --force to replace it\n"
+    assert out.read_bytes() == b"theirs"
+    assert _left_in(tmp_path) == ["raced.mp4"]
+
+
 def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(
         stored: Stored, tmp_path: Path) -> None:
     """The answer stalls half-way: the line says how much of how much has arrived; Ctrl-C
