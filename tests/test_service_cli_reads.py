@@ -130,6 +130,26 @@ def test_get_the_whole_video_to_stdout(stored: Stored) -> None:
     assert run.stdout == stored.source
 
 
+def test_get_to_a_reader_that_stops_ends_quietly(stored: Stored) -> None:
+    """`vidcache get HASH -o - | head -c 100`: the status of a command that SIGPIPE ends, as
+    `vidcache list | head`; not "cannot write -: Broken pipe", nor 0 (stdout's write of the
+    chunk, 430 KB, took the 64 KiB the pipe held when its reader left and said so: the rest was
+    dropped without a word)."""
+    get = subprocess.Popen([sys.executable, "-m", "vidcache", "get", stored.hash, "-o", "-",
+                            "--server", stored.url], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+    try:
+        assert get.stdout is not None and get.stderr is not None
+        assert get.stdout.read(100) == stored.source[:100]
+        get.stdout.close()
+        assert get.wait(timeout=60) == 141
+        assert get.stderr.read() == b""
+    finally:
+        if get.poll() is None:
+            get.kill()
+            get.wait()
+
+
 def test_get_errors_leave_no_file(stored: Stored, tmp_path: Path) -> None:
     """An unknown hash, a range starting past the end, a service that is down, a file in a
     directory that does not exist: one error line, exit status 1, nothing written."""

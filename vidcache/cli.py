@@ -949,7 +949,11 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
     if meta is None:
         print(f"vidcache get: error: {_no_video(args.hash, args)}", file=sys.stderr)
         return 1
-    size = int(meta["size_bytes"])
+    size = meta.get("size_bytes")
+    if not isinstance(size, int) or size < 0:
+        print(f"vidcache get: error: metadata of video {args.hash}: no size_bytes in the "
+              "service's answer", file=sys.stderr)
+        return 1
     byte_range: ByteRange | None = None
     expected = size
     if args.range is not None:
@@ -970,6 +974,8 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
         print(_failure("get", exc, args, f"GET /video/{args.hash}", content_hash=args.hash),
               file=sys.stderr)
         return 1
+    except BrokenPipeError:  # stdout's reader left: ended as `list` ends then
+        raise
     except FileExistsError:  # created while the video was downloaded
         print(f"vidcache get: error: {dest} exists: give --force to replace it",
               file=sys.stderr)
@@ -992,7 +998,9 @@ def _copy_video(client: VidCacheClient, content_hash: str, byte_range: ByteRange
     with download_on_terminal(lambda: written, expected), \
             client.stream_video(content_hash, byte_range) as chunks:
         for chunk in chunks:
-            out.write(chunk)
+            rest = memoryview(chunk)
+            while rest:  # a pipe whose reader leaves mid-write takes part of it, and says so
+                rest = rest[out.write(rest):]
             written += len(chunk)
     out.flush()
     return written
