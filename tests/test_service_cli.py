@@ -561,6 +561,7 @@ _NO_DATA = "/dev/null/data"
      "--range: must be START-END, the first and last byte to get (counted from 0, END not "
      "before START), or START- for the rest of the video, not '9-0'"),
     (["get", "0" * 64, "-o", "-", "--range", "-500"], "--range: must be START-END"),
+    (["get", "0" * 64, "-o", ""], "-o/--output: must name a file (or - for stdout), not ''"),
     (["get", "0" * 64, "-o", "-", "--range", "0x10-20"], "--range: must be START-END"),
 ])
 def test_bad_option_values_are_usage_errors_naming_the_value(args: list[str],

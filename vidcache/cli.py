@@ -180,6 +180,12 @@ def _token_file(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _output(text: str) -> str:
+    if not text:  # `-o "$UNSET"` would write the default name instead
+        raise argparse.ArgumentTypeError("must name a file (or - for stdout), not ''")
+    return text
+
+
 def _content_hash(text: str) -> str:
     try:
         return validate_hash(text)
@@ -444,7 +450,7 @@ malformed HASH or range, or --range without -o; 130 on Ctrl-C (nothing left
 under FILE); 141 if the reader of stdout leaves early.""")
     get.add_argument("hash", metavar="HASH", type=_content_hash,
                      help="the video's hash (64 lowercase hex digits)")
-    get.add_argument("-o", "--output", metavar="FILE",
+    get.add_argument("-o", "--output", metavar="FILE", type=_output,
                      help="the file to write (- for stdout; default HASH.EXT here)")
     get.add_argument("--range", metavar="START-END", type=_byte_range,
                      help="only bytes START to END, both included and counted from 0 ('START-' "
