@@ -10,8 +10,10 @@ import concurrent.futures
 import errno
 import os
 import random
+import subprocess
 import threading
 from collections.abc import Callable
+from ctypes.util import find_library
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,13 @@ import pytest
 
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import ingest
-from tests.vcfs_support import FUSE_MISSING_REASON, VcfsMount, fuse_missing, new_cgroup
+from tests.vcfs_support import (
+    FUSE_MISSING_REASON,
+    VcfsMount,
+    fuse_missing,
+    new_cgroup,
+    vcfs_command,
+)
 from vcfs.blocks import BlockCache
 
 MIB = 1 << 20
@@ -81,6 +89,66 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
                     "(ulimit -u, the cgroup's pids.max) or on the memory for their stacks "
                     "(ulimit -d, ulimit -v) is reached") in log, log
             assert "Traceback" not in log and "(EIO)" not in log, log
+
+
+def _start_under(limit: int, cgroup: Path, in_cgroup: list[str], url: str, mountpoint: Path,
+                 log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`vcfs mount --foreground` with pids.max `limit`, once it has exited or said it is
+    mounted: the process and its log."""
+    (cgroup / "pids.max").write_text(str(limit))
+    with open(log_path, "wb") as log:
+        # The library named: finding it forks (ldconfig), which the smallest limits refuse.
+        process = subprocess.Popen(
+            [*in_cgroup, *vcfs_command("mount", url, str(mountpoint), "--foreground")],
+            stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "FUSE_LIBRARY_PATH": find_library("fuse3") or ""})
+    try:
+        wait_until(lambda: process.poll() is not None
+                   or f"mounted at {mountpoint}" in log_path.read_text(),
+                   timeout=HANG_LIMIT, what=f"vcfs under pids.max {limit} to exit or mount")
+    except BaseException:
+        process.kill()
+        process.wait()
+        subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+        raise
+    return process, log_path.read_text()
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(fuse_missing(), reason=FUSE_MISSING_REASON)
+def test_a_mount_short_of_threads_at_start_fails_with_one_line_or_comes_up_whole(
+    tmp_path: Path, vidcache_server: VidcacheServer
+) -> None:
+    """pids.max from 1 up, until vcfs mounts: each start that cannot have the threads it needs
+    (the health check's request, the thread watching the mount, libfuse's first worker) exits
+    with code 1, one `vcfs: error:` line, no traceback and nothing mounted; the first that
+    mounts says so (the kernel readahead raised, `--daemon`'s parent told) and unmounts with
+    code 0. Was: with the thread watching the mount refused in `init`, a mount served requests
+    but never said it was mounted (a `--daemon` parent waiting for it in vain), and its
+    unmount failed with tracebacks; the health check's refusal was a traceback."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    errors = []
+    with new_cgroup("pids") as (cgroup, _, in_cgroup):
+        for limit in range(1, 16):
+            process, log = _start_under(limit, cgroup, in_cgroup, vidcache_server.url,
+                                        mountpoint, tmp_path / f"vcfs-{limit}.log")
+            assert "Traceback" not in log, log
+            if process.returncode is not None:
+                assert process.returncode == 1, log
+                assert log.splitlines()[-1].startswith("vcfs: error: "), log
+                assert not os.path.ismount(mountpoint), log
+                errors.append(log.splitlines()[-1])
+                continue
+            os.statvfs(mountpoint)
+            subprocess.run(["fusermount3", "-u", str(mountpoint)], check=True)
+            assert process.wait(timeout=HANG_LIMIT) == 0
+            assert "Traceback" not in (tmp_path / f"vcfs-{limit}.log").read_text()
+            break
+        else:
+            pytest.fail(f"vcfs did not mount under any pids.max up to {limit}: {errors}")
+    no_thread = [line for line in errors if "no thread could be started" in line]
+    assert any("the thread watching the mount" in line for line in no_thread), errors
 
 
 class _NoNewThread(concurrent.futures.ThreadPoolExecutor):

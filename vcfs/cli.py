@@ -53,6 +53,7 @@ from vcfs.blocks import BlockCache
 from vcfs.limits import FUSE_THREADS, READS_WAITING, THREAD_STACK
 from vcfs.memory import cache_refusal, cache_warnings, current_limits, limits
 from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
+from vcfs.threads import NoThread
 from vidcache_client._arguments import (
     HelpFormatter,
     RawDescriptionHelpFormatter,
@@ -354,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # mount(8)'s helpers say nothing once mounted, as mount(8) itself.
             return run_daemon(options, announce=not helper)
         return run_mount(options, status_fd=args.status_fd)
-    except StartupError as exc:
+    except (StartupError, NoThread) as exc:  # NoThread: e.g. for the first request, under a limit
         print(f"vcfs: error: {exc}", file=sys.stderr)
         # From the command line: the options may be what failed.
         fd = fuse_fd(args.mountpoint) if args.command == "mount" else None
@@ -827,6 +828,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
                  "root), mount with -o allow_other", where)
     signalled = False
     try:
+        operations.start_lifecycle()
         FUSE(
             operations,
             options.mountpoint,
@@ -834,6 +836,8 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
             foreground=True,
             **fuse_kwargs,
         )
+    except NoThread as exc:  # from start_lifecycle: nothing is mounted yet
+        raise StartupError(f"mounting at {where} failed: {exc}") from exc
     except RuntimeError as exc:
         # libfuse also reports an exit by signal as a non-zero code; only a mount that never
         # came up is a failure.

@@ -53,7 +53,7 @@ from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
 from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
 from vcfs.stats import Counters
-from vcfs.threads import LIMITS, thread_refused
+from vcfs.threads import LIMITS, start_thread, thread_refused
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +250,20 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             max_workers=self.config.readahead_threads, thread_name_prefix="vcfs-readahead"
         )
         self._closed = threading.Event()
+        self._initialised = threading.Event()
+        self._fuse: int | None = None  # set by `init`
         self._lifecycle: threading.Thread | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
+
+    def start_lifecycle(self) -> None:
+        """Start the thread that sees the mount come up (raising the kernel readahead, telling
+        `on_mounted`) and then watches for the end of libfuse's loop: call it before libfuse's
+        loop starts. A refused start raises `NoThread` with nothing mounted yet, where from
+        `init` it left a mount serving requests that never reported itself mounted."""
+        lifecycle = threading.Thread(target=self._watch, name="vcfs-lifecycle", daemon=True)
+        start_thread(lifecycle, "the thread watching the mount")
+        self._lifecycle = lifecycle
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if config is not None:  # libfuse3
@@ -276,12 +287,9 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
                 conn.proto_major, conn.proto_minor, getattr(conn, "max_read", 0),
                 conn.max_readahead, conn.max_write,
             )
-        # The mount answers only after init returns: watch for it from another thread, and
-        # then for the end of libfuse's loop.
-        fuse = current_fuse()
-        self._lifecycle = threading.Thread(target=self._watch, args=(fuse,),
-                                           name="vcfs-lifecycle", daemon=True)
-        self._lifecycle.start()
+        # The mount answers only after init returns: the lifecycle thread watches for it.
+        self._fuse = current_fuse()
+        self._initialised.set()
 
     def libfuse2_options(self) -> dict[str, str | bool]:
         """What `init_with_config` sets on libfuse3, as mount options for libfuse2 (which has
@@ -295,9 +303,12 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             "readdir_ino": True,
         }
 
-    def _watch(self, fuse: int | None) -> None:
-        if self._when_mounted() and fuse is not None:
-            self._when_session_ends(fuse)
+    def _watch(self) -> None:
+        while not self._initialised.wait(_SESSION_CHECK_S):
+            if self._closed.is_set():  # libfuse's loop ended, or never began
+                return
+        if self._when_mounted() and self._fuse is not None:
+            self._when_session_ends(self._fuse)
 
     def _when_session_ends(self, fuse: int) -> None:
         """Once libfuse's loop is told to end (SIGTERM, SIGINT, SIGHUP, an unmount), stop the
