@@ -179,3 +179,41 @@ def test_read_buf_without_memory_for_its_answer_is_enomem(
     assert (f"read('/by-hash/{H}.mp4', 4096, 10) failed (ENOMEM): no memory for the answer "
             "to a read of 4096 bytes") in caplog.text
     assert operations.counters.get("errors") == 1  # like every operation's ENOMEM
+
+
+_FUSE_LOG_ERR = 3
+
+
+def test_libfuses_refused_thread_starts_go_to_vcfs_and_its_other_messages_to_stderr(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """libfuse writes a line at each refused start, thousands under a limit on threads (see
+    test_vcfs_threads): vcfs takes those, only while serving, and leaves libfuse the rest."""
+    fuse_log = fuselib._libfuse.fuse_log
+    refusals: list[str] = []
+    with fuselib.libfuse_thread_refusals(refusals.append):
+        fuse_log(_FUSE_LOG_ERR, b"fuse: error creating thread: %s\n", b"Resource unavailable")
+        fuse_log(_FUSE_LOG_ERR, b"fuse: bad mount point `%s': %s\n", b"/x", b"No such file")
+    fuse_log(_FUSE_LOG_ERR, b"fuse: error creating thread: %s\n", b"after")
+    assert refusals == ["Resource unavailable"]
+    assert capfd.readouterr().err == ("fuse: bad mount point `/x': No such file\n"
+                                      "fuse: error creating thread: after\n")
+
+
+def test_libfuses_refused_thread_starts_make_one_line_then_one_counting_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    operations = VcfsOperations(None, BlockCache(lambda h, s, e: b""),  # type: ignore[arg-type]
+                                mountpoint="/nonexistent")
+    try:
+        for _ in range(5):
+            operations.libfuse_thread_refused("Resource temporarily unavailable")
+    finally:
+        operations.close()
+    lines = [record.getMessage() for record in caplog.records
+             if "libfuse could not start another FUSE thread" in record.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("libfuse could not start another FUSE thread (Resource "
+                               "temporarily unavailable): a limit on threads"), lines
+    assert lines[1].startswith("libfuse could not start another FUSE thread, 4 times in the "
+                               "last "), lines

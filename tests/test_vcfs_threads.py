@@ -42,9 +42,10 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
     """pids.max set to the threads of the idle mount: no thread can start. 60 readers of 1 MiB
     at random offsets (cold blocks) each get the right bytes or ENOMEM, within HANG_LIMIT; the
     reads vcfs fails for want of a thread get ENOMEM, the log saying so, naming the limits,
-    never blaming the service; once the limit is lifted, every read works again. Was: EIO
-    with a traceback per read, and readers of a block whose background fetch could not start
-    waited for it forever."""
+    never blaming the service; once the limit is lifted, every read works again; libfuse's
+    refused thread starts make a log line per 10 s. Was: EIO with a traceback per read,
+    readers of a block whose background fetch could not start waited for it forever, and
+    libfuse wrote `fuse: error creating thread` at each refusal (1,000 to 5,000 lines)."""
     source = ingest(vidcache_server.url, media_url, videos, ("big.mp4",),
                     bucket="vcfs-threads")["big.mp4"]
     with new_cgroup("pids") as (cgroup, _, in_cgroup):
@@ -89,6 +90,12 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
                     "(ulimit -u, the cgroup's pids.max) or on the memory for their stacks "
                     "(ulimit -d, ulimit -v) is reached") in log, log
             assert "Traceback" not in log and "(EIO)" not in log, log
+            # libfuse's own refusals (a line each, thousands here) are summed up: a line per
+            # 10 s, naming the limits
+            assert "fuse: error creating thread" not in log
+            refusals = log.count("libfuse could not start another FUSE thread "
+                                 "(Resource temporarily unavailable")
+            assert 1 <= refusals <= 1 + mount.stats()["uptime_s"] // 10, log
 
 
 def _start_under(limit: int, cgroup: Path, in_cgroup: list[str], url: str, mountpoint: Path,

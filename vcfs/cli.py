@@ -774,7 +774,7 @@ def tune_malloc(*, arenas: int, block_size: int) -> None:
 def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     # Imported here: loading libfuse must not be needed for --help (see check_fuse_available).
     from vcfs.fs import FsConfig, VcfsOperations
-    from vcfs.fuselib import FUSE, fuse_version_major
+    from vcfs.fuselib import FUSE, fuse_version_major, libfuse_thread_refusals
 
     cache = BlockCache(
         remote.fetch,
@@ -829,13 +829,8 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     signalled = False
     try:
         operations.start_lifecycle()
-        FUSE(
-            operations,
-            options.mountpoint,
-            raw_fi=True,
-            foreground=True,
-            **fuse_kwargs,
-        )
+        with libfuse_thread_refusals(operations.libfuse_thread_refused):
+            FUSE(operations, options.mountpoint, raw_fi=True, foreground=True, **fuse_kwargs)
     except NoThread as exc:  # from start_lifecycle: nothing is mounted yet
         raise StartupError(f"mounting at {where} failed: {exc}") from exc
     except RuntimeError as exc:

@@ -68,6 +68,8 @@ _CONGESTION_THRESHOLD = 9
 _DAY = 86_400.0
 # How often the lifecycle thread looks whether libfuse's loop is ending.
 _SESSION_CHECK_S = 0.1
+# At most one line per this many seconds about libfuse's refused thread starts.
+_REFUSALS_LOG_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -205,6 +207,13 @@ def _fuse_operation(
     return wrapper
 
 
+def _times_since(times: int, last: float | None, now: float) -> str:
+    """", 37 times in the last 4.2 s" for all but a first line (`last` None) of one time."""
+    if last is None and times == 1:
+        return ""
+    return f", {times} times" + ("" if last is None else f" in the last {now - last:.1f} s")
+
+
 def _read_only(*_: object) -> int:
     raise FuseOSError(errno.EROFS)
 
@@ -249,6 +258,8 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
         self._executor = ThreadPoolExecutor(
             max_workers=self.config.readahead_threads, thread_name_prefix="vcfs-readahead"
         )
+        self._libfuse_refusals = 0  # not logged yet
+        self._libfuse_refusal_logged: float | None = None
         self._closed = threading.Event()
         self._initialised = threading.Event()
         self._fuse: int | None = None  # set by `init`
@@ -348,6 +359,28 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
             self._on_mounted()
         return True
 
+    def libfuse_thread_refused(self, why: str) -> None:
+        """libfuse could not start another worker (vcfs.fuselib.libfuse_thread_refusals): a
+        line per `_REFUSALS_LOG_S` at most, the times left out counted in the next."""
+        now = time.monotonic()
+        with self._lock:
+            self._libfuse_refusals += 1
+            last = self._libfuse_refusal_logged
+            if last is not None and now - last < _REFUSALS_LOG_S:
+                return
+            times, self._libfuse_refusals = self._libfuse_refusals, 0
+            self._libfuse_refusal_logged = now
+        log.warning("libfuse could not start another FUSE thread (%s%s): %s; requests wait for "
+                    "the threads it has", why, _times_since(times, last, now), LIMITS)
+
+    def _log_libfuse_refusals_left(self) -> None:
+        with self._lock:
+            times, self._libfuse_refusals = self._libfuse_refusals, 0
+            last = self._libfuse_refusal_logged
+        if times:
+            log.warning("libfuse could not start another FUSE thread%s",
+                        _times_since(times, last, time.monotonic()))
+
     @_fuse_operation
     def destroy(self, path: str) -> None:
         self.close()
@@ -366,6 +399,7 @@ class VcfsOperations(Operations):  # type: ignore[misc]  # mfusepy is untyped
                 handle.readahead.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.failures.flush()
+        self._log_libfuse_refusals_left()
 
     def stats(self) -> dict[str, Any]:
         """Everything counted so far, as served by /.vcfs/stats."""

@@ -9,9 +9,10 @@ names from here, never from mfusepy directly, or the choice depends on import or
 Importing raises OSError when no libfuse is installed at all.
 """
 
+import contextlib
 import ctypes
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from ctypes.util import find_library
 
 from vcfs.blocks import Piece, bytes_address
@@ -25,7 +26,7 @@ import mfusepy
 from mfusepy import FUSE, FuseOSError, Operations, fuse_version_major, fuse_version_minor
 
 __all__ = ["FUSE", "FuseOSError", "Operations", "current_fuse", "fuse_version_major",
-           "fuse_version_minor", "reply_buffer", "session_exited"]
+           "fuse_version_minor", "libfuse_thread_refusals", "reply_buffer", "session_exited"]
 
 # Two libfuse calls mfusepy does not wrap, on its handle of the library (its own fuse_exit()
 # reaches libfuse the same way). Both exist in libfuse 2 and 3.
@@ -65,6 +66,51 @@ class _BufVec(ctypes.Structure):
 
 # libfuse frees a read_buf's answer with the C library's free(): it must come from its malloc.
 _libc = ctypes.CDLL(None)
+
+# libfuse's log function (3.7 and later): `void (*)(enum fuse_log_level, const char *fmt,
+# va_list)`. A va_list parameter is a pointer (x86-64: an array that decays; aarch64: a
+# composite past 16 bytes, passed by reference): passed on untouched to vsnprintf.
+_LogFunction = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+_set_log_function = getattr(_libfuse, "fuse_set_log_func", None)
+if _set_log_function is not None:
+    _set_log_function.argtypes = (ctypes.c_void_p,)
+    _set_log_function.restype = None
+_vsnprintf = _libc.vsnprintf
+_vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
+_vsnprintf.restype = ctypes.c_int
+_THREAD_REFUSED = b"fuse: error creating thread: %s\n"  # fuse_start_thread's, 3.0 to 3.17
+_LOG_LINE_MAX = 4096
+
+
+@contextlib.contextmanager
+def libfuse_thread_refusals(refused: Callable[[str], None]) -> Iterator[None]:
+    """While inside: each time libfuse cannot start a worker thread, `refused(why)` (e.g.
+    "Resource temporarily unavailable") instead of its line on stderr. Under a limit on
+    threads libfuse tries again at every request that finds all its workers busy, a line each
+    time (hundreds a minute under load); the request is served meanwhile by the worker that
+    received it. Its other messages go to stderr as before. libfuse 2 has no log function:
+    there, nothing changes. `refused` runs on a libfuse thread that holds the loop's lock
+    (every worker waits for it before and after each request): it must be quick and must not
+    wait for a FUSE request."""
+    if _set_log_function is None:
+        yield
+        return
+
+    def log(level: int, form: bytes, arguments: int) -> None:
+        line = ctypes.create_string_buffer(_LOG_LINE_MAX)
+        _vsnprintf(line, _LOG_LINE_MAX, form, arguments)
+        if form == _THREAD_REFUSED:
+            refused(line.value.removeprefix(b"fuse: error creating thread: ").decode(
+                errors="replace").rstrip("\n"))
+        else:
+            os.write(2, line.value)
+
+    function = _LogFunction(log)  # referenced until libfuse is told to forget it
+    _set_log_function(ctypes.cast(function, ctypes.c_void_p))
+    try:
+        yield
+    finally:
+        _set_log_function(None)  # libfuse's own again
 _malloc = _libc.malloc
 _malloc.argtypes = (ctypes.c_size_t,)
 _malloc.restype = ctypes.c_void_p
