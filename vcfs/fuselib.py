@@ -18,9 +18,16 @@ from ctypes.util import find_library
 from vcfs.blocks import Piece, bytes_address
 
 if not os.environ.get("FUSE_LIBRARY_PATH"):
-    _libfuse3 = find_library("fuse3")
-    if _libfuse3:
-        os.environ["FUSE_LIBRARY_PATH"] = _libfuse3
+    # The dynamic loader first: find_library runs `ldconfig -p` in a child process, which a
+    # limit on processes (pids.max, ulimit -u) refuses, and then answers None, as if no
+    # libfuse3 were installed.
+    try:
+        ctypes.CDLL("libfuse3.so.3")
+        os.environ["FUSE_LIBRARY_PATH"] = "libfuse3.so.3"
+    except OSError:
+        _libfuse3 = find_library("fuse3")
+        if _libfuse3:
+            os.environ["FUSE_LIBRARY_PATH"] = _libfuse3
 
 import mfusepy
 from mfusepy import FUSE, FuseOSError, Operations, fuse_version_major, fuse_version_minor
