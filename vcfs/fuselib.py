@@ -73,6 +73,43 @@ class _BufVec(ctypes.Structure):
 
 # libfuse frees a read_buf's answer with the C library's free(): it must come from its malloc.
 _libc = ctypes.CDLL(None)
+_malloc = _libc.malloc
+_malloc.argtypes = (ctypes.c_size_t,)
+_malloc.restype = ctypes.c_void_p
+_free = _libc.free
+_free.argtypes = (ctypes.c_void_p,)
+_free.restype = None
+
+
+def reply_buffer(pieces: Sequence[Piece]) -> int:
+    """The address of a new `struct fuse_bufvec` holding the bytes the pieces take, one after
+    the other, for libfuse's read_buf, which sends it and frees both it and its memory. Each
+    piece is copied from its `bytes` straight into that memory (the copy runs without the
+    GIL); `pieces` holds the objects, so their memory stays while it is copied. Raises
+    MemoryError; TypeError for a piece of another object than a `bytes` (its memory may move
+    or be mutable), ValueError for bounds outside its `bytes`, both before any copy."""
+    size = 0
+    for block, start, stop in pieces:
+        if not isinstance(block, bytes):
+            raise TypeError(f"a piece of a {type(block).__name__}, not of a bytes")
+        if not 0 <= start <= stop <= len(block):
+            raise ValueError(f"bytes [{start}, {stop}) of a {len(block)}-byte piece")
+        size += stop - start
+    vector, memory = _malloc(ctypes.sizeof(_BufVec)), _malloc(max(size, 1))
+    if not vector or not memory:
+        _free(vector)
+        _free(memory)
+        raise MemoryError(f"no memory for the answer to a read of {size} bytes")
+    at = memory
+    for block, start, stop in pieces:
+        ctypes.memmove(at, bytes_address(block) + start, stop - start)
+        at += stop - start
+    answer = _BufVec.from_address(vector)
+    answer.count, answer.idx, answer.off = 1, 0, 0
+    answer.buf.size, answer.buf.flags, answer.buf.mem = size, 0, memory
+    answer.buf.fd, answer.buf.pos = -1, 0
+    return int(vector)
+
 
 # libfuse's log function (3.7 and later): `void (*)(enum fuse_log_level, const char *fmt,
 # va_list)`. A va_list parameter is a pointer (x86-64: an array that decays; aarch64: a
@@ -118,39 +155,3 @@ def libfuse_thread_refusals(refused: Callable[[str], None]) -> Iterator[None]:
         yield
     finally:
         _set_log_function(None)  # libfuse's own again
-_malloc = _libc.malloc
-_malloc.argtypes = (ctypes.c_size_t,)
-_malloc.restype = ctypes.c_void_p
-_free = _libc.free
-_free.argtypes = (ctypes.c_void_p,)
-_free.restype = None
-
-
-def reply_buffer(pieces: Sequence[Piece]) -> int:
-    """The address of a new `struct fuse_bufvec` holding the bytes the pieces take, one after
-    the other, for libfuse's read_buf, which sends it and frees both it and its memory. Each
-    piece is copied from its `bytes` straight into that memory (the copy runs without the
-    GIL); `pieces` holds the objects, so their memory stays while it is copied. Raises
-    MemoryError; TypeError for a piece of another object than a `bytes` (its memory may move
-    or be mutable), ValueError for bounds outside its `bytes`, both before any copy."""
-    size = 0
-    for block, start, stop in pieces:
-        if not isinstance(block, bytes):
-            raise TypeError(f"a piece of a {type(block).__name__}, not of a bytes")
-        if not 0 <= start <= stop <= len(block):
-            raise ValueError(f"bytes [{start}, {stop}) of a {len(block)}-byte piece")
-        size += stop - start
-    vector, memory = _malloc(ctypes.sizeof(_BufVec)), _malloc(max(size, 1))
-    if not vector or not memory:
-        _free(vector)
-        _free(memory)
-        raise MemoryError(f"no memory for the answer to a read of {size} bytes")
-    at = memory
-    for block, start, stop in pieces:
-        ctypes.memmove(at, bytes_address(block) + start, stop - start)
-        at += stop - start
-    answer = _BufVec.from_address(vector)
-    answer.count, answer.idx, answer.off = 1, 0, 0
-    answer.buf.size, answer.buf.flags, answer.buf.mem = size, 0, memory
-    answer.buf.fd, answer.buf.pos = -1, 0
-    return int(vector)
