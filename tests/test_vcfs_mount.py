@@ -1726,6 +1726,14 @@ def test_options_that_depend_on_others() -> None:
             _options("-o", f"max_read={size}")
 
 
+def test_libfuse_thread_options_by_version() -> None:
+    # max_threads from 3.12 only: an older libfuse stops at an option it does not know.
+    assert cli.libfuse_thread_options((3, 14)) == {"max_threads": "64", "max_idle_threads": "64"}
+    assert cli.libfuse_thread_options((3, 12)) == {"max_threads": "64", "max_idle_threads": "64"}
+    assert cli.libfuse_thread_options((3, 11)) == {"max_idle_threads": "64"}
+    assert cli.libfuse_thread_options((3, 10)) == {"max_idle_threads": "64"}
+
+
 def test_help_lists_every_option_with_defaults() -> None:
     result = run_vcfs("mount", "--help")
     assert result.returncode == 0

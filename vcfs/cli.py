@@ -771,10 +771,20 @@ def tune_malloc(*, arenas: int, block_size: int) -> None:
                         "M_TRIM_THRESHOLD": _TRIM_THRESHOLD})
 
 
+def libfuse_thread_options(version: tuple[int, int]) -> dict[str, str | bool]:
+    """libfuse 3's thread pool options for vcfs: it starts threads as requests wait for one, up
+    to `max_threads` (3.12 and later, which also warn when it is left out), and keeps the idle
+    ones (not ended and started again under load). Before 3.12, libfuse refuses to mount with
+    an option it does not know (`unknown option(s): -o max_threads=64`)."""
+    if version >= (3, 12):
+        return {"max_threads": str(FUSE_THREADS), "max_idle_threads": str(FUSE_THREADS)}
+    return {"max_idle_threads": str(FUSE_THREADS)}
+
+
 def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     # Imported here: loading libfuse must not be needed for --help (see check_fuse_available).
     from vcfs.fs import FsConfig, VcfsOperations
-    from vcfs.fuselib import FUSE, fuse_version_major, libfuse_thread_refusals
+    from vcfs.fuselib import FUSE, fuse_version_major, fuse_version_minor, libfuse_thread_refusals
 
     cache = BlockCache(
         remote.fetch,
@@ -806,9 +816,7 @@ def _serve(options: MountOptions, remote: Remote, status_fd: int | None) -> int:
     fuse_kwargs: dict[str, str | bool] = {
         "ro": True, "fsname": "vcfs", "subtype": _FSTYPE.removeprefix("fuse."),
         "default_permissions": True,
-        # libfuse starts threads as requests wait for one; idle ones are kept (not ended and
-        # started again under load). This also silences libfuse 3.14's warning.
-        **({"max_threads": str(FUSE_THREADS), "max_idle_threads": str(FUSE_THREADS)}
+        **(libfuse_thread_options((fuse_version_major, fuse_version_minor))
            if fuse_version_major >= 3 else operations.libfuse2_options()),
     }
     for option in options.fuse_options:  # the user's -o options (fsname=..., allow_other)
