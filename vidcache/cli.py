@@ -14,11 +14,9 @@ import json
 import logging
 import os
 import re
-import secrets
 import signal
 import socket
 import sqlite3
-import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -65,6 +63,7 @@ from vidcache_client._arguments import (
 )
 from vidcache_client._arguments import parse_size as parse_any_size
 from vidcache_client._credentials import without_credentials
+from vidcache_client._files import write_whole
 from vidcache_client._validate import validate_hash
 
 if TYPE_CHECKING:  # imported where the service starts: the client commands need none of it
@@ -1014,53 +1013,11 @@ def _copy_video(client: VidCacheClient, content_hash: str, byte_range: ByteRange
 
 def _save_video(client: VidCacheClient, args: argparse.Namespace,
                 byte_range: ByteRange | None, expected: int, dest: str) -> int:
-    """The video written to the file `dest` through a temporary file beside it, which is
-    renamed to `dest` once whole and on disk, and removed otherwise; the bytes written.
-
-    As the client's download_to_file does, but with the progress shown, and without --force
-    never replacing a file, even one created during the download: the temporary file is
-    linked to `dest`, which fails if it exists."""
-    try:
-        dest_mode: int | None = os.stat(dest).st_mode
-    except FileNotFoundError:
-        dest_mode = None
-    if dest_mode is not None and not stat.S_ISREG(dest_mode):
-        # --force of a FIFO or a device (/dev/null): written into, as nothing can be renamed
-        # over it without destroying it
-        with open(dest, "wb") as out:
-            return _copy_video(client, args.hash, byte_range, expected, out)
-    real = Path(os.path.realpath(dest))  # a symlink's target is written, the link stays
-    temp = real.with_name(f".{real.name}.{secrets.token_hex(4)}.part")
-    # O_EXCL: never write through someone else's file; 0o666: the umask decides
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with open(fd, "wb") as out:
-            if dest_mode is not None:
-                os.fchmod(out.fileno(), stat.S_IMODE(dest_mode))  # a private file stays so
-            written = _copy_video(client, args.hash, byte_range, expected, out)
-            os.fsync(out.fileno())  # on disk before it has the name: a crash leaves no stub
-        if args.force:
-            os.replace(temp, real)
-        else:
-            _link_new(temp, real)
-    finally:
-        temp.unlink(missing_ok=True)
-    return written
-
-
-def _link_new(temp: Path, dest: Path) -> None:
-    """`temp` given the name `dest`, which must not exist (FileExistsError)."""
-    try:
-        os.link(temp, dest)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
-            raise
-        # a file system without hard links (FAT): checked once more, then renamed
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest)) from exc
-        os.rename(temp, dest)
+    """The video written to the file `dest` as the client's download_to_file writes it (a
+    temporary file renamed once whole and on disk), with its progress shown, and without
+    --force never replacing a file, even one made during the download; the bytes written."""
+    return write_whole(dest, lambda out: _copy_video(client, args.hash, byte_range, expected,
+                                                     out), replace=args.force)
 
 
 def _age(started: str, now: datetime) -> str:

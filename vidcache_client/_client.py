@@ -15,11 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import stat
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import httpx
@@ -28,6 +25,7 @@ from vidcache_client._credentials import basic_authorization, without_credential
 from vidcache_client._deadline import with_deadlines, within
 from vidcache_client._digests import checked_digests, is_count
 from vidcache_client._exceptions import InvalidRequestError, NotFoundError, ProtocolError
+from vidcache_client._files import write_whole
 from vidcache_client._pool import Budget, Pool
 from vidcache_client._rangeconn import RangeReader, Unhandled, proxied_by_environment
 from vidcache_client._translate import raise_for_status, transport_errors
@@ -354,32 +352,7 @@ class VidCacheClient:
         validate_hash(content_hash)
         validate_byte_range(byte_range)
         dest = validate_dest(dest)
-        try:
-            dest_mode: int | None = os.stat(dest).st_mode
-        except FileNotFoundError:
-            dest_mode = None
-        if dest_mode is not None and not stat.S_ISREG(dest_mode):
-            # Nothing to replace atomically, and replacing it would destroy it (as root,
-            # /dev/null itself). A directory fails here, before any request.
-            with open(dest, "wb") as out:
-                return self._stream_to(out, content_hash, byte_range)
-        dest_path = Path(os.path.realpath(dest))
-        temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
-        # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide,
-        # as for any ordinary new file.
-        fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with open(fd, "wb") as out:
-                if dest_mode is not None:
-                    os.fchmod(out.fileno(), stat.S_IMODE(dest_mode))  # a private file stays so
-                written = self._stream_to(out, content_hash, byte_range)
-                # Durable before the rename, so a crash cannot leave an empty `dest`.
-                os.fsync(out.fileno())
-            os.replace(temp_path, dest_path)
-        except BaseException:
-            temp_path.unlink(missing_ok=True)
-            raise
-        return written
+        return write_whole(dest, lambda out: self._stream_to(out, content_hash, byte_range))
 
     def read_range_into(
         self,

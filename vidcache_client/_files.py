@@ -1,0 +1,65 @@
+"""Writing a download to a file so that a failed or interrupted one leaves nothing under its
+name: the bytes go to a temporary file beside it, which takes the name only once whole and on
+disk. `VidCacheClient.download_to_file` and `vidcache get` both write this way."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def write_whole(dest: str, write: Callable[[BinaryIO], int], *, replace: bool = True) -> int:
+    """`write(out)` into a temporary file beside `dest`, then the file renamed to `dest`;
+    what `write` returned. On any failure (an exception from `write` included) `dest` is as
+    it was and the temporary file is removed. As writing to `dest` would, a symlink's target
+    is written (the link stays), a replaced file keeps its permission bits, and a FIFO or a
+    device (/dev/null) is written into directly. With `replace` False an existing `dest`,
+    even one made while `write` ran, is left alone: FileExistsError."""
+    try:
+        dest_mode: int | None = os.stat(dest).st_mode
+    except FileNotFoundError:
+        dest_mode = None
+    if dest_mode is not None and not stat.S_ISREG(dest_mode):
+        # Nothing to replace atomically, and replacing it would destroy it (as root,
+        # /dev/null itself). A directory fails here, before `write` runs.
+        with open(dest, "wb") as out:
+            return write(out)
+    dest_path = Path(os.path.realpath(dest))
+    temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
+    # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide, as
+    # for any ordinary new file.
+    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with open(fd, "wb") as out:
+            if dest_mode is not None:
+                os.fchmod(out.fileno(), stat.S_IMODE(dest_mode))  # a private file stays so
+            written = write(out)
+            # Durable before it takes the name, so a crash cannot leave an empty `dest`.
+            os.fsync(out.fileno())
+        if replace:
+            os.replace(temp_path, dest_path)
+        else:
+            _link_new(temp_path, dest_path)
+    finally:
+        temp_path.unlink(missing_ok=True)  # linked, or not to be kept
+    return written
+
+
+def _link_new(temp: Path, dest: Path) -> None:
+    """`temp` given the name `dest`, which must not exist (FileExistsError)."""
+    try:
+        os.link(temp, dest)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+            raise
+        # a file system without hard links (FAT): checked once more, then renamed
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest)) from exc
+        os.rename(temp, dest)
