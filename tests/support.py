@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import httpx
+import pytest
 
 from bench.stack import free_port, serving, wait_until
 from bench.stack import origin as serve_directory
@@ -34,6 +36,17 @@ __all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "ManualExecutor",
            "make_videos", "processes", "self_signed_certificate", "serve_directory", "serving",
            "sighup_in_children", "sockets_to_loopback", "subcommand_options",
            "tmpfs_holding_a_file", "wait_until"]
+
+
+def preload_library(name: str, out_dir: Path) -> Path:
+    """tests/<name>.c built with cc into `out_dir` as an LD_PRELOAD library (a disk that fails
+    or stalls on request). Skips the test without cc."""
+    if (cc := shutil.which("cc")) is None:
+        pytest.skip("needs cc")
+    library = out_dir / f"{name}.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(library),
+                    str(Path(__file__).with_name(f"{name}.c")), "-ldl"], check=True)
+    return library
 
 
 def self_signed_certificate(folder: Path) -> tuple[Path, Path]:

@@ -45,7 +45,7 @@ from tests.service_support import (
     shown,
     temp_files,
 )
-from tests.support import VidcacheServer, free_port, serve_directory, wait_until
+from tests.support import VidcacheServer, free_port, preload_library, serve_directory, wait_until
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache.space import MARGIN, needed
 from vidcache_client import ServerError, VidCacheClient
@@ -858,12 +858,7 @@ def test_an_older_index_that_cannot_be_rewritten_over_a_disk_quota(
 def disk_faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/disk_faults.c built with cc: the LD_PRELOAD library of a disk failing under the
     index. Skips the test without cc."""
-    if (cc := shutil.which("cc")) is None:
-        pytest.skip("needs cc")
-    library = tmp_path_factory.mktemp("disk-faults") / "disk_faults.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(library),
-                    str(Path(__file__).with_name("disk_faults.c")), "-ldl"], check=True)
-    return library
+    return preload_library("disk_faults", tmp_path_factory.mktemp("disk-faults"))
 
 
 def disk_fault(library: Path, fault: str, size: int) -> dict[str, str]:

@@ -19,11 +19,9 @@ import ctypes.util
 import mmap
 import os
 import random
-import shutil
 import signal
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ import httpx
 import pytest
 
 from tests.service_support import CHUNK, Api, api_fixture, digest, read_until_closed, unique
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, preload_library, wait_until
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -560,12 +558,7 @@ def test_reading_stops_when_the_client_leaves(own_server: VidcacheServer,
 def stalled_reads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/stalled_reads.c built with cc: the LD_PRELOAD library of a disk that does not
     answer the reads of the blobs while a gate file exists. Skips the test without cc."""
-    if (cc := shutil.which("cc")) is None:
-        pytest.skip("needs cc")
-    library = tmp_path_factory.mktemp("stalled-reads") / "stalled_reads.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(library),
-                    str(Path(__file__).with_name("stalled_reads.c")), "-ldl"], check=True)
-    return library
+    return preload_library("stalled_reads", tmp_path_factory.mktemp("stalled-reads"))
 
 
 class _StalledDiskServer(VidcacheServer):
