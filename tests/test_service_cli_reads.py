@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pty
 import signal
 import subprocess
 import sys
@@ -227,6 +229,28 @@ def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(
     assert (status, stdout) == (130, ""), shown
     assert "\r\x1b[Kvidcache get: interrupted" in shown, shown
     assert _left_in(tmp_path) == []
+
+
+def test_get_writes_no_video_to_a_terminal(stored: Stored) -> None:
+    """-o - with stdout a terminal is refused, as curl refuses binary output there: a video's
+    bytes would garble it."""
+    master, slave = pty.openpty()
+    try:
+        get = subprocess.run([sys.executable, "-m", "vidcache", "get", stored.hash, "-o", "-",
+                              "--server", stored.url], stdout=slave, stderr=subprocess.PIPE,
+                             timeout=60, check=False)
+    finally:
+        os.close(slave)
+    os.set_blocking(master, False)
+    try:
+        shown = os.read(master, 1 << 16)
+    except OSError:  # EIO: nothing was written before every end of the terminal closed
+        shown = b""
+    finally:
+        os.close(master)
+    assert (get.returncode, shown) == (2, b""), get.stderr
+    assert get.stderr.startswith(b"vidcache get: error: -o - would write the video's bytes to "
+                                 b"the terminal: ")
 
 
 def test_get_off_a_terminal_draws_nothing(stored: Stored, tmp_path: Path) -> None:

@@ -445,8 +445,9 @@ examples:
 Exit status: 0; 1 if there is no such video, FILE exists (without --force) or
 cannot be written, the range starts past the video's end, or the service failed
 or could not be reached (nothing is left under FILE); 2 for a bad option, a
-malformed HASH or range, or --range without -o; 130 on Ctrl-C (nothing left
-under FILE); 141 if the reader of stdout leaves early.""")
+malformed HASH or range, --range without -o, or -o - with stdout a terminal;
+130 on Ctrl-C (nothing left under FILE); 141 if the reader of stdout leaves
+early.""")
     get.add_argument("hash", metavar="HASH", type=_content_hash,
                      help="the video's hash (64 lowercase hex digits)")
     get.add_argument("-o", "--output", metavar="FILE", type=_output,
@@ -940,6 +941,10 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
     if args.range is not None and args.output is None:
         print("vidcache get: error: --range needs -o FILE (or -o - for stdout): part of a video "
               "would pass for the video under its name", file=sys.stderr)
+        return 2
+    if args.output == "-" and sys.stdout.isatty():
+        print("vidcache get: error: -o - would write the video's bytes to the terminal: "
+              "redirect stdout (> FILE, | ffprobe -i -) or give -o FILE", file=sys.stderr)
         return 2
     if args.output not in (None, "-"):
         refusal = _not_to_replace(args.output, args.force)
