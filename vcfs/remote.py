@@ -113,6 +113,7 @@ import random
 import re
 import threading
 import time
+import traceback
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -415,6 +416,24 @@ def _settle(future: concurrent.futures.Future[T], outcome: T | BaseException) ->
 def _page_size(page: Digests) -> int:
     """What an entry of the digest page cache costs, roughly."""
     return 100 + len(page.packed)
+
+
+def _clear_frames(error: BaseException) -> None:
+    """Drop the locals of the finished frames an attempt's error (and the errors it was raised
+    from or while handling) went through: the blocks the attempt made to receive into among
+    them. The error holds them, and is held in reference cycles (a traceback holds the frame
+    that holds the future holding the error) that only the garbage collector frees, late: in
+    an outage, failed attempts' blocks piled up by the hundred MiB (docs/vcfs.md, "Memory
+    limits"). Frames still running (the caller's) are left alone."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        pending += (current.__cause__, current.__context__)
 
 
 def _reason(exc: BaseException) -> str:
@@ -1820,7 +1839,11 @@ class Remote:
                 (overdue_reason and overdue_reason()) or "no complete answer by the deadline "
                 f"(+ {self.config.per_request_timeout:.1f} s for the last attempt)"
             )
-        return future.result()
+        try:
+            return future.result()
+        except BaseException as exc:
+            _clear_frames(exc)
+            raise
 
     def _submit(self, call: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """`call(*args)` on a worker thread; `Stopping` once `close()` has begun."""
