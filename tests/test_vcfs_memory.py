@@ -144,6 +144,33 @@ def test_a_limit_without_room_for_the_thread_stacks_under_load_is_a_warning() ->
                             "(systemd: LimitDATA=)")
 
 
+def test_what_a_busy_mount_uses_grows_with_its_block_size() -> None:
+    """Beyond a full budget, each waiting read still fetches the one or two blocks it needs;
+    the HTTP workers (one per FUSE thread) bound them at 2 blocks each. Measured, 60 readers
+    of 1 MiB, a 32 MiB cache: peak RSS 164-188 MiB with 1 MiB blocks, 355 with 4 MiB, 667-778 with
+    8 MiB, 1231 with 16 MiB. Was: the same ~112 MiB whatever the block size, so a 1 GiB
+    cgroup took a 256 MiB cache of 8 MiB blocks without a warning."""
+    state = given(mem_total=4 * GIB, cgroup=("/vcfs", "memory.max", GIB), data=4 * GIB)
+    small = limits(state)
+    assert [limit.busy for limit in limits(state, block_size=MIB)] == [
+        limit.busy for limit in small] == [112 * MIB, 112 * MIB, 512 * MIB]
+    machine, cgroup, data = limits(state, block_size=8 * MIB)
+    assert machine.busy == cgroup.busy == 112 * MIB + 2 * FUSE_THREADS * 7 * MIB == 1008 * MIB
+    assert data.busy == machine.busy + data.stacks
+    for measured, block in ((188, 1), (355, 4), (778, 8), (1231, 16)):
+        [resident] = limits(given(mem_total=GIB), block_size=block * MIB)
+        assert 32 * MIB + resident.besides + resident.busy >= measured * MIB
+    # What a mount needs always does not change: only the warning does.
+    assert [limit.besides for limit in small] == [machine.besides, cgroup.besides, data.besides]
+    assert cache_refusal(256 * MIB, [machine, cgroup, data]) is None
+    assert cache_warnings(256 * MIB, state, small) == []
+    assert cache_warnings(256 * MIB, state, [machine, cgroup, data]) == [
+        "the memory limit of its cgroup /vcfs (1 GiB, memory.max) holds --cache-size 256 MiB, "
+        "but not also the ~1008 MiB more vcfs uses when busy (measured with 48 reads at once): "
+        "under such load the kernel's OOM killer may end it (a dead mount); give a smaller "
+        "--cache-size, or raise its memory.max"]
+
+
 def test_a_cgroup_that_holds_the_cache_only_while_vcfs_is_not_busy_is_a_warning() -> None:
     """Measured: a 36 MiB cache in a 200 MiB cgroup was OOM-killed under 60 concurrent
     readers, not under one."""

@@ -405,7 +405,8 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     fuse_stack = fuse_thread_stack(os.environ.get(_FUSE_THREAD_STACK))
     # A cache that cannot fit fills until the OOM killer ends the daemon (a dead mount), or
     # reads fail with EIO (vcfs.memory).
-    if refusal := cache_refusal(cache, limits(current_limits(), fuse_stack=fuse_stack)):
+    found = limits(current_limits(), fuse_stack=fuse_stack, block_size=block)
+    if refusal := cache_refusal(cache, found):
         raise StartupError(refusal)
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
     if "rw" in fuse_options:
@@ -713,7 +714,7 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
     else:
         check_fuse_fd(options.mountpoint, options.fuse_fd)
     facts = current_limits()
-    found = limits(facts, fuse_stack=options.fuse_stack)
+    found = limits(facts, fuse_stack=options.fuse_stack, block_size=options.block_size)
     for warning in cache_warnings(options.cache_size, facts, found):
         log.warning("%s", warning)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)

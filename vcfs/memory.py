@@ -48,8 +48,16 @@ _KEPT_BESIDES = (32 + 8 + 20 + 8) * MIB
 # caches in a 200 MiB cgroup were OOM-killed under that load, where one reader at a time
 # stayed under 100 MiB. Since reads are answered through libfuse's read_buf, which holds no
 # buffer while a read waits, another load of 60 readers took 83-116 MiB besides a 36 MiB
-# cache (134-142 before): kept, for the first load was not measured again.
+# cache (134-142 before): kept, for the first load was not measured again. With 1 MiB blocks.
 _BUSY = 112 * MIB
+# The blocks fetched beyond a full budget are bounded by the HTTP workers, as many as the FUSE
+# threads (vcfs.limits): each fetch attempt makes its blocks on one, and a read's run is its own
+# bytes and at most one more block. So each MiB a block has beyond 1 MiB adds up to 2 MiB per
+# worker to _BUSY. Measured under 60 readers of 1 MiB at random offsets of two 400 MB videos,
+# a 32 MiB cache: 132, 323, 635-649 and 1199 MiB resident besides the cache with 1, 4, 8 and
+# 16 MiB blocks; 156 and 746 with 1 and 8 MiB blocks and every read across two (64-84 more per
+# MiB of block: readers of the same blocks share their fetches).
+_BLOCKS_BEYOND_BUDGET = 2 * FUSE_THREADS
 # Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
 # (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted). Each has a
 # stack of THREAD_STACK, whatever `ulimit -s` says (vcfs.cli.set_thread_stacks), the FUSE
@@ -93,27 +101,35 @@ class MemoryFacts:
     cgroup: tuple[str, str, int] | None  # (cgroup path, file, limit) of the tightest cgroup
 
 
-def limits(facts: MemoryFacts, *, fuse_stack: int = THREAD_STACK) -> list[Limit]:
+def busy_besides(block_size: int) -> int:
+    """What a mount with blocks of `block_size` uses under full load beyond what it keeps
+    besides the cache anyway, stacks not counted (_BUSY)."""
+    return _BUSY + _BLOCKS_BEYOND_BUDGET * max(block_size - MIB, 0)
+
+
+def limits(facts: MemoryFacts, *, fuse_stack: int = THREAD_STACK,
+           block_size: int = MIB) -> list[Limit]:
     """The limits a cache must fit in, the machine's memory first; `fuse_stack` is the stack
-    of each FUSE thread (vcfs.cli.fuse_thread_stack)."""
+    of each FUSE thread (vcfs.cli.fuse_thread_stack), `block_size` the mount's --block-size."""
     stacks = FUSE_THREADS * fuse_stack + (THREADS - FUSE_THREADS) * THREAD_STACK
+    busy = busy_besides(block_size)
     found = []
     if facts.mem_total is not None:
         found.append(Limit("this machine's memory ({size})", facts.mem_total,
-                           _IDLE_RESIDENT + _KEPT_BESIDES, _BUSY))
+                           _IDLE_RESIDENT + _KEPT_BESIDES, busy))
     if facts.cgroup is not None:
         path, name, size = facts.cgroup
         braced = path.replace("{", "{{").replace("}", "}}")
         found.append(Limit(f"the memory limit of its cgroup {braced} ({{size}}, {name})", size,
-                           _IDLE_RESIDENT + _KEPT_BESIDES, _BUSY,
+                           _IDLE_RESIDENT + _KEPT_BESIDES, busy,
                            fix=f"raise its {name}"))
     if facts.data is not None:
         found.append(Limit("its data limit ({size}, ulimit -d)", facts.data,
-                           _IDLE_DATA + _KEPT_BESIDES, _BUSY + stacks, stacks,
+                           _IDLE_DATA + _KEPT_BESIDES, busy + stacks, stacks,
                            fix="raise the limit (systemd: LimitDATA=)"))
     if facts.address_space is not None:
         found.append(Limit("its address-space limit ({size}, ulimit -v)", facts.address_space,
-                           _IDLE_ADDRESS_SPACE + _KEPT_BESIDES, _BUSY + stacks,
+                           _IDLE_ADDRESS_SPACE + _KEPT_BESIDES, busy + stacks,
                            stacks,
                            fix="raise the limit (systemd: LimitAS=)"))
     return found
