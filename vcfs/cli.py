@@ -200,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-size", type=parse_size, default=256 * MIB, metavar="SIZE",
         help="memory for cached video blocks, readahead and blocks being fetched included "
         "(reads waiting on vcfs fetch what they need even beyond it: more memory when busy, "
-        "see docs/vcfs.md); at least two blocks, and no more than fits, with what vcfs needs "
-        "besides (~120M; ~200M of address space), in the machine's memory, its cgroup's "
-        "memory limit, ulimit -d and ulimit -v (default: 256M)",
+        "the more with a bigger --block-size, see docs/vcfs.md); at least two blocks, and no "
+        "more than fits, with what vcfs needs besides (~120M; ~200M of address space), in the "
+        "machine's memory, its cgroup's memory limit, ulimit -d and ulimit -v (default: 256M)",
     )
     mount.add_argument(
         "--block-size", type=parse_size, default=MIB, metavar="SIZE",
