@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.proxy import ProxyConfig, ProxyThread
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, serve_directory, wait_until
 from tests.vcfs_fault_support import ingest
 from tests.vcfs_support import daemon_pid, process_alive, requires_fuse, vcfs_command
 from vcfs.limits import FUSE_THREADS, THREAD_STACK
@@ -362,6 +362,103 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
             if reader.ident is not None:
                 reader.join(timeout=60)
         proxy.stop()
+        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+        if pid is not None:
+            wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
+
+
+@pytest.fixture(scope="module")
+def long_videos(videos: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[str, Path]:
+    """Two ~430 MB videos (the big ones looped 20 times, not re-encoded): enough blocks of
+    8 MiB for 60 readers to wait on different ones."""
+    folder = tmp_path_factory.mktemp("long-videos")
+    made = {}
+    for name in ("big.mp4", "big_moov_end.mp4"):
+        made[f"long_{name}"] = folder / f"long_{name}"
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-stream_loop", "19", "-i",
+                        str(videos[name]), "-c", "copy", str(made[f"long_{name}"])],
+                       check=True, timeout=300)
+    return made
+
+
+@requires_fuse[0]
+@requires_fuse[1]
+def test_a_mount_of_8m_blocks_under_the_data_limit_it_asks_for_answers_60_readers(
+    tmp_path: Path, long_videos: dict[str, Path], vidcache_server: VidcacheServer,
+) -> None:
+    """60 readers of 1 MiB across two 8 MiB blocks each, under the data limit vcfs needs for
+    a 32 MiB cache of 8 MiB blocks (no warning): every read has its bytes. Was: that limit
+    counted the blocks fetched beyond the budget as 1 MiB ones (660 MiB in all); the data
+    segment peaked at 1086-1203 MiB (measured without a limit), and reads failed with ENOMEM."""
+    with serve_directory(next(iter(long_videos.values())).parent) as url:
+        sources = list(ingest(vidcache_server.url, url, long_videos, tuple(long_videos),
+                              bucket="vcfs-memory-8m").values())
+    [data] = limits(given(data=GIB), block_size=8 * MIB)
+    limit = 32 * MIB + data.besides + data.busy
+    [as_before] = limits(given(data=GIB))
+    mountpoint, log_file = tmp_path / "mnt", tmp_path / "vcfs.log"
+    mountpoint.mkdir()
+    stop = threading.Event()
+    errors: list[int | None] = []
+    read_well = [0] * 60
+    pid = None
+
+    def read(reader: int) -> None:
+        rng = random.Random(reader)
+        source = sources[reader % len(sources)]
+        path = mountpoint / "by-hash" / source.file_name
+        while not stop.is_set():
+            # Half a MiB each side of a block boundary: two blocks to fetch for every read.
+            offset = rng.randrange(1, source.size // (8 * MIB)) * 8 * MIB - MIB // 2
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    got = os.pread(fd, MIB, offset)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                errors.append(exc.errno)
+                return
+            if got != source.data[offset : offset + MIB]:
+                errors.append(None)  # wrong bytes
+                return
+            read_well[reader] += 1
+
+    readers = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(60)]
+    try:
+        started = subprocess.run(
+            ["prlimit", f"--data={limit}", "--",
+             *vcfs_command("mount", vidcache_server.url, str(mountpoint), "--cache-size", "32M",
+                           "--block-size", "8M", "--daemon", "--log-file", str(log_file))],
+            capture_output=True, text=True, timeout=90)
+        assert started.returncode == 0, started.stderr
+        pid = daemon_pid(started)
+        for reader in readers:
+            reader.start()
+        loaded = threading.Event()
+        peaks: list[int] = []
+        sampler = threading.Thread(target=lambda: peaks.append(
+            peak_data(pid, until=loaded, seconds=600)))
+        sampler.start()
+        wait_until(lambda: min(read_well) >= 10 or not all(
+            reader.is_alive() for reader in readers), timeout=300,
+            what="every reader read 10 times")
+        loaded.set()
+        sampler.join()
+        assert min(read_well) >= 10 and errors == [], (collections.Counter(errors), [
+            line for line in log_file.read_text().splitlines() if " ERROR " in line][:5])
+        assert " WARNING " not in log_file.read_text()
+        assert process_alive(pid) and os.path.ismount(mountpoint)
+        # The load went past what the old estimate allowed for, or this shows nothing.
+        assert peaks[0] > 32 * MIB + as_before.besides + as_before.busy, peaks
+    finally:
+        stop.set()
+        for reader in readers:
+            if reader.ident is not None:
+                reader.join(timeout=60)
         subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
         if pid is not None:
             wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
