@@ -152,6 +152,28 @@ def test_get_to_a_reader_that_stops_ends_quietly(stored: Stored) -> None:
             get.wait()
 
 
+def test_get_refuses_an_existing_default_name_before_downloading(stored: Stored,
+                                                                 tmp_path: Path) -> None:
+    """Without -o the name (HASH.EXT) is known once the meta has come: an existing file, or a
+    directory, of that name is refused then, not after the whole video has been downloaded
+    (the proxy refuses every /video/ request: one asked for would fail otherwise)."""
+    name = f"{stored.hash}.mp4"
+    (tmp_path / name).write_bytes(b"keep me")
+    with FaultyLink(stored.server.port) as link:
+        link.faults.enable(Refuse(match=path_prefix("/video/")))
+        run = vidcache("get", stored.hash, "--server", link.url, cwd=tmp_path)
+        (tmp_path / name).unlink()
+        (tmp_path / name).mkdir()
+        forced = vidcache("get", stored.hash, "--force", "--server", link.url, cwd=tmp_path)
+    assert (run.returncode, run.stdout) == (1, b"")
+    assert run.stderr.decode() == f"vidcache get: error: {name} exists: give --force to " \
+                                  "replace it\n"
+    assert (forced.returncode, forced.stdout) == (1, b"")
+    assert forced.stderr.decode() == f"vidcache get: error: {name} is a directory: give the " \
+                                     "file to write with -o FILE\n"
+    assert _left_in(tmp_path) == [name]
+
+
 def test_get_errors_leave_no_file(stored: Stored, tmp_path: Path) -> None:
     """An unknown hash, a range starting past the end, a service that is down, a file in a
     directory that does not exist: one error line, exit status 1, nothing written."""

@@ -937,6 +937,14 @@ def _not_to_replace(dest: str, force: bool) -> str | None:
     return None
 
 
+def _refused(dest: str, force: bool) -> bool:
+    """Whether `vidcache get` will not write `dest`, said on stderr."""
+    refusal = _not_to_replace(dest, force)
+    if refusal is not None:
+        print(f"vidcache get: error: {refusal}", file=sys.stderr)
+    return refusal is not None
+
+
 def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
     if args.range is not None and args.output is None:
         print("vidcache get: error: --range needs -o FILE (or -o - for stdout): part of a video "
@@ -946,11 +954,8 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
         print("vidcache get: error: -o - would write the video's bytes to the terminal: "
               "redirect stdout (> FILE, | ffprobe -i -) or give -o FILE", file=sys.stderr)
         return 2
-    if args.output not in (None, "-"):
-        refusal = _not_to_replace(args.output, args.force)
-        if refusal is not None:  # before any request
-            print(f"vidcache get: error: {refusal}", file=sys.stderr)
-            return 1
+    if args.output not in (None, "-") and _refused(args.output, args.force):
+        return 1  # before any request
     try:
         meta = client.get_meta(args.hash)
     except VidCacheError as exc:
@@ -971,6 +976,8 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
         byte_range = (start, max(start, size - 1) if end is None else end)
         expected = max(0, min(byte_range[1], size - 1) - start + 1)
     dest = args.output or _default_name(args.hash, meta)
+    if args.output is None and _refused(dest, args.force):
+        return 1  # the name known from the meta, before the video is downloaded
     try:
         if dest == "-":
             _copy_video(client, args.hash, byte_range, expected, sys.stdout.buffer)
