@@ -657,6 +657,19 @@ def test_download_into_missing_directory_fails_before_any_request(
     assert recorder.requests == []
 
 
+@pytest.mark.parametrize("name", ["new/", "new/.", "new/.."])
+def test_download_to_a_directorys_name_fails_before_any_request(
+        make_client: MakeClient, tmp_path: Path, name: str) -> None:
+    """A path that names a directory (a trailing '/'), one that does not exist, is refused as
+    open() refuses it, not written as a file named by the path without its '/' (`new`), or
+    renamed over the directory a '..' names."""
+    recorder = Recorder(serve_video)
+    with pytest.raises(IsADirectoryError):
+        make_client(recorder).download_to_file(HASH, f"{tmp_path}/{name}")
+    assert recorder.requests == []
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- status errors -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("status", "error_class"), [

@@ -29,6 +29,9 @@ def write_whole(dest: str, write: Callable[[BinaryIO], int], *, replace: bool = 
         # /dev/null itself). A directory fails here, before `write` runs.
         with open(dest, "wb") as out:
             return write(out)
+    if dest_mode is None and os.path.basename(dest) in ("", ".", ".."):
+        # "new/": a directory's name, which realpath would make a file's ("new")
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
     dest_path = Path(os.path.realpath(dest))
     temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
     # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide, as
