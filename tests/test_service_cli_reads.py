@@ -7,6 +7,7 @@ other commands are in test_service_cli.py."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pty
@@ -22,7 +23,7 @@ import pytest
 
 from bench.faults import Refuse, Stall, Truncate, path_prefix
 from tests.service_support import digest, on_terminal, serve_origin, unique
-from tests.support import VidcacheServer, free_port, wait_until
+from tests.support import VidcacheServer, free_port, preload_library, wait_until
 from tests.vcfs_fault_support import FaultyLink
 from vidcache.chunks import KIB, MIB
 
@@ -232,6 +233,25 @@ def test_a_file_made_during_the_download_is_not_replaced(stored: Stored,
     assert stderr.decode() == f"vidcache get: error: {out} exists: give --force to replace it\n"
     assert out.read_bytes() == b"theirs"
     assert _left_in(tmp_path) == ["raced.mp4"]
+
+
+@pytest.mark.parametrize("refusal", [errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS],
+                         ids=["FAT", "CIFS", "FUSE without link"])
+def test_get_writes_to_a_file_system_without_hard_links(stored: Stored, tmp_path: Path,
+                                                        refusal: int) -> None:
+    """Without --force the whole file is linked to its name, which never replaces one; where
+    link() is refused as a file system without hard links refuses it, the file is renamed
+    instead (an existing one checked just before)."""
+    library = preload_library("no_hard_links", tmp_path)
+    out = tmp_path / "out" / "v.mp4"
+    out.parent.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "vidcache", "get", stored.hash, "-o", str(out), "--server",
+         stored.url], capture_output=True, timeout=90,
+        env={**os.environ, "LD_PRELOAD": str(library), "VIDCACHE_LINK_ERRNO": str(refusal)})
+    assert (run.returncode, run.stderr) == (0, b"")
+    assert out.read_bytes() == stored.source
+    assert _left_in(out.parent) == ["v.mp4"]
 
 
 def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(

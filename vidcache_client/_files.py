@@ -60,9 +60,10 @@ def _link_new(temp: Path, dest: Path) -> None:
     except FileExistsError:
         raise
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP):
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
-        # a file system without hard links (FAT): checked once more, then renamed
+        # a file system without hard links (FAT; ENOSYS: a FUSE one on an older kernel):
+        # checked once more, then renamed
         if os.path.lexists(dest):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest)) from exc
         os.rename(temp, dest)
