@@ -25,9 +25,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.support import wait_until
+from vcfs.paths import video_name
 from vidcache.app import create_app
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, KIB, MIB, check_chunk_size
-from vidcache.cli import build_parser, parse_size
+from vidcache.cli import _default_name, build_parser, parse_size
 from vidcache.config import GIB, ServiceConfig
 from vidcache.content_coding import PIECE_SIZE, EncodingError, decoded
 from vidcache.download import _HashingWriter
@@ -607,3 +608,16 @@ def test_a_tool_not_installed_is_the_servers_fault() -> None:
     with pytest.raises(MediaToolError, match="is not installed; install ffmpeg") as refused:
         Tools(timeout=5).run(["vidcache-test-no-such-tool", "-version"], what="the tool")
     assert refused.value.status_code == 500
+
+
+@pytest.mark.parametrize("file_path", [
+    "b/ab/cd/HASH.mp4", "b/HASH.MKV", "b/p/HASH.webm", "b/HASH", "b/HASH.tar.gz", "b/HASH.",
+    "b/HASH.toolong99", "b/HASH.m-4", "", None])
+def test_vidcache_get_names_a_video_as_vcfs_shows_it(file_path: str | None) -> None:
+    """`vidcache get` without -o writes HASH.EXT "as vcfs names it" (its --help): the stored
+    file's extension, lowercased, or .bin for one a name cannot carry (a vidcache 1.x may
+    store a file without one). Was: the bare HASH, a name vcfs never shows."""
+    content_hash = "ab" * 32
+    assert (_default_name(content_hash, {"file_path": file_path})
+            == video_name(content_hash, file_path))
+

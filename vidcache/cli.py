@@ -429,12 +429,12 @@ bad option.""")
         "get", formatter_class=raw, help="download a stored video, or a range of its bytes",
         description="""\
 Download the video HASH from a running vidcache service into FILE (default:
-HASH plus the stored file's extension, as vcfs names it, in the current
-directory), or to stdout with -o -. The bytes go to a temporary file beside FILE,
-renamed to FILE once every byte has arrived and is on disk: a download that
-fails or is interrupted leaves no file (nor part of one) under that name. An
-existing FILE is left alone unless --force. On a terminal the progress is shown
-on stderr, as vidcache ingest shows it.""",
+HASH plus the stored file's extension, .bin if it has none, as vcfs names it,
+in the current directory), or to stdout with -o -. The bytes go to a temporary
+file beside FILE, renamed to FILE once every byte has arrived and is on disk: a
+download that fails or is interrupted leaves no file (nor part of one) under
+that name. An existing FILE is left alone unless --force. On a terminal the
+progress is shown on stderr, as vidcache ingest shows it.""",
         epilog="""\
 examples:
   vidcache get 9f2c...                            # ./9f2c....mp4
@@ -918,14 +918,17 @@ def _resolve(client: VidCacheClient, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# the extension of a stored file's name that `vidcache get` names its file with (as vcfs does)
+# the extension of a stored file's name that `vidcache get` names its file with, and the one
+# for a name without such an extension: as vcfs.paths names a video
 _EXTENSION = re.compile(r"\.[a-z0-9]{1,8}")
+_NO_EXTENSION = ".bin"
 
 
 def _default_name(content_hash: str, meta: dict[str, Any]) -> str:
-    """HASH plus the extension of the service's file_path, if it has one a name can carry."""
+    """HASH plus the extension of the service's file_path if it has one a name can carry,
+    else .bin: the name vcfs shows the video under."""
     suffix = PurePosixPath(str(meta.get("file_path") or "")).suffix.lower()
-    return content_hash + (suffix if _EXTENSION.fullmatch(suffix) else "")
+    return content_hash + (suffix if _EXTENSION.fullmatch(suffix) else _NO_EXTENSION)
 
 
 def _not_to_replace(dest: str, force: bool) -> str | None:
