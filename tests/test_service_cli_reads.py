@@ -295,6 +295,16 @@ def test_get_writes_no_video_to_a_terminal(stored: Stored) -> None:
                                  b"the terminal: ")
 
 
+def test_get_to_a_closed_stdout_says_so(stored: Stored) -> None:
+    """-o - with stdout closed (>&-, where Python has no sys.stdout): an error line, status 1
+    (stdout cannot be written), not a traceback."""
+    run = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "vidcache",
+                          "get", stored.hash, "-o", "-", "--server", stored.url],
+                         stderr=subprocess.PIPE, timeout=60, check=False)
+    assert (run.returncode, run.stderr) == (
+        1, b"vidcache get: error: cannot write stdout: it is closed\n")
+
+
 def test_get_off_a_terminal_draws_nothing(stored: Stored, tmp_path: Path) -> None:
     run = vidcache("get", stored.hash, "-o", str(tmp_path / "v.mp4"), "--server", stored.url)
     assert run.returncode == 0 and run.stderr == b""

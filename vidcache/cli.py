@@ -953,6 +953,9 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
         print("vidcache get: error: --range needs -o FILE (or -o - for stdout): part of a video "
               "would pass for the video under its name", file=sys.stderr)
         return 2
+    if args.output == "-" and sys.stdout is None:  # started with it closed (>&-)
+        print("vidcache get: error: cannot write stdout: it is closed", file=sys.stderr)
+        return 1
     if args.output == "-" and sys.stdout.isatty():
         print("vidcache get: error: -o - would write the video's bytes to the terminal: "
               "redirect stdout (> FILE, | ffprobe -i -) or give -o FILE", file=sys.stderr)
