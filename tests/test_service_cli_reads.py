@@ -305,6 +305,25 @@ def test_get_to_a_closed_stdout_says_so(stored: Stored) -> None:
         1, b"vidcache get: error: cannot write stdout: it is closed\n")
 
 
+@pytest.mark.parametrize("size", ["missing", "true", "-1", '"62 MB"'])
+def test_get_of_metadata_without_a_size_says_so(tmp_path: Path, size: str) -> None:
+    """A server whose metadata has no usable size_bytes (a bool is not one): an error line,
+    status 1, no file and no traceback."""
+    content_hash = "ab" * 32
+    meta: dict[str, object] = {"hash": content_hash, "file_path": "v.mp4"}
+    if size != "missing":
+        meta["size_bytes"] = json.loads(size)
+    served = tmp_path / "served"
+    (served / "meta").mkdir(parents=True)
+    (served / "meta" / content_hash).write_text(json.dumps(meta))
+    with serve_origin(served) as (url, _):
+        run = vidcache("get", content_hash, "-o", str(tmp_path / "v.mp4"), "--server", url)
+    assert (run.returncode, run.stdout) == (1, b""), run.stderr
+    assert run.stderr.decode() == (f"vidcache get: error: metadata of video {content_hash}: "
+                                   "no size_bytes in the service's answer\n")
+    assert _left_in(tmp_path) == ["served"]
+
+
 def test_get_off_a_terminal_draws_nothing(stored: Stored, tmp_path: Path) -> None:
     run = vidcache("get", stored.hash, "-o", str(tmp_path / "v.mp4"), "--server", stored.url)
     assert run.returncode == 0 and run.stderr == b""

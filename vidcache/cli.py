@@ -971,7 +971,7 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
         print(f"vidcache get: error: {_no_video(args.hash, args)}", file=sys.stderr)
         return 1
     size = meta.get("size_bytes")
-    if not isinstance(size, int) or size < 0:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         print(f"vidcache get: error: metadata of video {args.hash}: no size_bytes in the "
               "service's answer", file=sys.stderr)
         return 1
