@@ -12,13 +12,14 @@ import os
 import random
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bench.proxy import ProxyConfig, ProxyThread
 from tests.support import VidcacheServer, serve_directory, wait_until
-from tests.vcfs_fault_support import ingest
+from tests.vcfs_fault_support import Source, ingest
 from tests.vcfs_support import daemon_pid, process_alive, requires_fuse, vcfs_command
 from vcfs.limits import FUSE_THREADS, THREAD_STACK
 from vcfs.memory import (
@@ -278,6 +279,69 @@ def peak_data(pid: int, *, until: threading.Event, seconds: float) -> int:
             return peak
 
 
+class _Readers:
+    """60 threads, each reading 1 MiB of one of `sources` through `mountpoint` at the offsets
+    `offset(rng, source)` gives, from a fresh open with the file's page cache dropped, until
+    `stop`: the errno of each failed read goes to `errors` (None: wrong bytes), the count of
+    each reader's good reads to `read_well`. A reader ends at wrong bytes, and at a failed
+    read other than EIO (or at any, without `through_eio`)."""
+
+    def __init__(self, mountpoint: Path, sources: list[Source],
+                 offset: Callable[[random.Random, Source], int], *, through_eio: bool) -> None:
+        self.errors: list[int | None] = []
+        self.read_well = [0] * 60
+        self._stop = threading.Event()
+        self._mountpoint, self._sources, self._offset = mountpoint, sources, offset
+        self._through_eio = through_eio
+        self._threads = [threading.Thread(target=self._read, args=(n,), daemon=True)
+                         for n in range(60)]
+
+    def _read(self, reader: int) -> None:
+        rng = random.Random(reader)
+        source = self._sources[reader % len(self._sources)]
+        path = self._mountpoint / "by-hash" / source.file_name
+        while not self._stop.is_set():
+            offset = self._offset(rng, source)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    got = os.pread(fd, MIB, offset)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.errors.append(exc.errno)
+                if exc.errno != errno.EIO or not self._through_eio:
+                    return  # ENOMEM, or a stopped mount (ENOTCONN): the test fails on it
+            else:
+                # A read cut short by a failure (the outage) has the bytes before it.
+                if not got or got != source.data[offset : offset + len(got)]:
+                    self.errors.append(None)  # an assert here would end this thread only
+                    return
+                self.read_well[reader] += 1
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def all_alive(self) -> bool:
+        return all(thread.is_alive() for thread in self._threads)
+
+    def stop(self) -> None:
+        """Stopped and joined: their files open, the mount could not be unmounted."""
+        self._stop.set()
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout=60)
+
+
+def _unmount(mountpoint: Path, pid: int | None) -> None:
+    subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
+    if pid is not None:
+        wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
+
+
 @requires_fuse[0]
 @requires_fuse[1]
 def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outage(
@@ -296,37 +360,10 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
     limit = 8 * MIB + data.besides + data.busy
     mountpoint, log_file = tmp_path / "mnt", tmp_path / "vcfs.log"
     mountpoint.mkdir()
-    stop = threading.Event()
-    errors: list[int | None] = []
-    read_well = [0] * 60
-    pid = None
-
-    def read(reader: int) -> None:
-        rng = random.Random(reader)
-        source = sources[reader % len(sources)]
-        path = mountpoint / "by-hash" / source.file_name
-        while not stop.is_set():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    offset = rng.randrange(0, source.size - MIB)
-                    got = os.pread(fd, MIB, offset)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                errors.append(exc.errno)
-                if exc.errno != errno.EIO:
-                    return  # ENOMEM, or a stopped mount (ENOTCONN): the test fails on it
-            else:
-                if got != source.data[offset : offset + MIB]:
-                    errors.append(None)  # wrong bytes (an assert here would end the thread only)
-                    return
-                read_well[reader] += 1
-
+    readers = _Readers(mountpoint, sources,
+                       lambda rng, source: rng.randrange(0, source.size - MIB), through_eio=True)
+    errors, pid = readers.errors, None
     proxy = ProxyThread(ProxyConfig(upstream_port=vidcache_server.port)).start()
-    readers = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(60)]
     try:
         started = subprocess.run(
             ["prlimit", f"--data={limit}", f"--stack={8 * MIB}", "--",
@@ -335,9 +372,8 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
             capture_output=True, text=True, timeout=90)
         assert started.returncode == 0, started.stderr
         pid = daemon_pid(started)
-        for reader in readers:
-            reader.start()
-        wait_until(lambda: min(read_well) >= 5 or errors, timeout=120,
+        readers.start()
+        wait_until(lambda: min(readers.read_well) >= 5 or errors, timeout=120,
                    what="every reader read 5 times")
         loaded = peak_data(pid, until=threading.Event(), seconds=2)
         assert errors == []
@@ -347,8 +383,7 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
         sampler = threading.Thread(target=lambda: peaks.append(
             peak_data(pid, until=outage_over, seconds=600)))
         sampler.start()
-        wait_until(lambda: len(errors) >= 3 * 60 or not all(
-            reader.is_alive() for reader in readers), timeout=180,
+        wait_until(lambda: len(errors) >= 3 * 60 or not readers.all_alive(), timeout=180,
             what="three failed reads per reader in the outage")
         outage_over.set()
         sampler.join()
@@ -360,14 +395,9 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
         # 21 MiB more at the peak, 140-210 MiB before).
         assert peaks[0] - loaded < 64 * MIB, (loaded, peaks[0])
     finally:
-        stop.set()
-        for reader in readers:  # their files open, the mount could not be unmounted
-            if reader.ident is not None:
-                reader.join(timeout=60)
+        readers.stop()
         proxy.stop()
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
-        if pid is not None:
-            wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
+        _unmount(mountpoint, pid)
 
 
 @pytest.fixture(scope="module")
@@ -402,35 +432,13 @@ def test_a_mount_of_8m_blocks_under_the_data_limit_it_asks_for_answers_60_reader
     [as_before] = limits(given(data=GIB))
     mountpoint, log_file = tmp_path / "mnt", tmp_path / "vcfs.log"
     mountpoint.mkdir()
-    stop = threading.Event()
-    errors: list[int | None] = []
-    read_well = [0] * 60
-    pid = None
 
-    def read(reader: int) -> None:
-        rng = random.Random(reader)
-        source = sources[reader % len(sources)]
-        path = mountpoint / "by-hash" / source.file_name
-        while not stop.is_set():
-            # Half a MiB each side of a block boundary: two blocks to fetch for every read.
-            offset = rng.randrange(1, source.size // (8 * MIB)) * 8 * MIB - MIB // 2
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                    got = os.pread(fd, MIB, offset)
-                finally:
-                    os.close(fd)
-            except OSError as exc:
-                errors.append(exc.errno)
-                return
-            if got != source.data[offset : offset + MIB]:
-                errors.append(None)  # wrong bytes
-                return
-            read_well[reader] += 1
+    def across_a_boundary(rng: random.Random, source: Source) -> int:
+        """Half a MiB each side of a block boundary: two blocks to fetch for every read."""
+        return rng.randrange(1, source.size // (8 * MIB)) * 8 * MIB - MIB // 2
 
-    readers = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(60)]
+    readers = _Readers(mountpoint, sources, across_a_boundary, through_eio=False)
+    errors, pid = readers.errors, None
     try:
         started = subprocess.run(
             ["prlimit", f"--data={limit}", "--",
@@ -439,29 +447,22 @@ def test_a_mount_of_8m_blocks_under_the_data_limit_it_asks_for_answers_60_reader
             capture_output=True, text=True, timeout=90)
         assert started.returncode == 0, started.stderr
         pid = daemon_pid(started)
-        for reader in readers:
-            reader.start()
+        readers.start()
         loaded = threading.Event()
         peaks: list[int] = []
         sampler = threading.Thread(target=lambda: peaks.append(
             peak_data(pid, until=loaded, seconds=600)))
         sampler.start()
-        wait_until(lambda: min(read_well) >= 10 or not all(
-            reader.is_alive() for reader in readers), timeout=300,
+        wait_until(lambda: min(readers.read_well) >= 10 or not readers.all_alive(), timeout=300,
             what="every reader read 10 times")
         loaded.set()
         sampler.join()
-        assert min(read_well) >= 10 and errors == [], (collections.Counter(errors), [
+        assert min(readers.read_well) >= 10 and errors == [], (collections.Counter(errors), [
             line for line in log_file.read_text().splitlines() if " ERROR " in line][:5])
         assert " WARNING " not in log_file.read_text()
         assert process_alive(pid) and os.path.ismount(mountpoint)
         # The load went past what the old estimate allowed for, or this shows nothing.
         assert peaks[0] > 32 * MIB + as_before.besides + as_before.busy, peaks
     finally:
-        stop.set()
-        for reader in readers:
-            if reader.ident is not None:
-                reader.join(timeout=60)
-        subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, check=False)
-        if pid is not None:
-            wait_until(lambda: not process_alive(pid), timeout=20, what="the daemon exited")
+        readers.stop()
+        _unmount(mountpoint, pid)
