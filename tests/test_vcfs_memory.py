@@ -384,7 +384,7 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
             peak_data(pid, until=outage_over, seconds=600)))
         sampler.start()
         wait_until(lambda: len(errors) >= 3 * 60 or not readers.all_alive(), timeout=180,
-            what="three failed reads per reader in the outage")
+                   what="three failed reads per reader in the outage")
         outage_over.set()
         sampler.join()
         assert set(errors) == {errno.EIO}, (collections.Counter(errors), [
@@ -453,8 +453,8 @@ def test_a_mount_of_8m_blocks_under_the_data_limit_it_asks_for_answers_60_reader
         sampler = threading.Thread(target=lambda: peaks.append(
             peak_data(pid, until=loaded, seconds=600)))
         sampler.start()
-        wait_until(lambda: min(readers.read_well) >= 10 or not readers.all_alive(), timeout=300,
-            what="every reader read 10 times")
+        wait_until(lambda: min(readers.read_well) >= 10 or not readers.all_alive(),
+                   timeout=300, what="every reader read 10 times")
         loaded.set()
         sampler.join()
         assert min(readers.read_well) >= 10 and errors == [], (collections.Counter(errors), [
