@@ -6,13 +6,14 @@ down."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import errno
 import os
 import random
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -279,6 +280,27 @@ def peak_data(pid: int, *, until: threading.Event, seconds: float) -> int:
             return peak
 
 
+@contextlib.contextmanager
+def peak_data_while(pid: int) -> Iterator[list[int]]:
+    """The largest VmData of process `pid` while inside (sampled by a thread of its own), in
+    the list yielded once the block is left."""
+    over = threading.Event()
+    peaks: list[int] = []
+    sampler = threading.Thread(target=lambda: peaks.append(
+        peak_data(pid, until=over, seconds=600)))
+    sampler.start()
+    try:
+        yield peaks
+    finally:
+        over.set()
+        sampler.join()
+
+
+def _errors_logged(log_file: Path) -> list[str]:
+    """The first ERROR lines of a vcfs log, for an assertion's message."""
+    return [line for line in log_file.read_text().splitlines() if " ERROR " in line][:5]
+
+
 class _Readers:
     """60 threads, each reading 1 MiB of one of `sources` through `mountpoint` at the offsets
     `offset(rng, source)` gives, from a fresh open with the file's page cache dropped, until
@@ -378,17 +400,10 @@ def test_a_mount_under_the_data_limit_it_asks_for_keeps_reading_through_an_outag
         loaded = peak_data(pid, until=threading.Event(), seconds=2)
         assert errors == []
         proxy.stop()
-        outage_over = threading.Event()
-        peaks: list[int] = []
-        sampler = threading.Thread(target=lambda: peaks.append(
-            peak_data(pid, until=outage_over, seconds=600)))
-        sampler.start()
-        wait_until(lambda: len(errors) >= 3 * 60 or not readers.all_alive(), timeout=180,
-                   what="three failed reads per reader in the outage")
-        outage_over.set()
-        sampler.join()
-        assert set(errors) == {errno.EIO}, (collections.Counter(errors), [
-            line for line in log_file.read_text().splitlines() if " ERROR " in line][:5])
+        with peak_data_while(pid) as peaks:
+            wait_until(lambda: len(errors) >= 3 * 60 or not readers.all_alive(), timeout=180,
+                       what="three failed reads per reader in the outage")
+        assert set(errors) == {errno.EIO}, (collections.Counter(errors), _errors_logged(log_file))
         assert " (ENOMEM)" not in log_file.read_text()
         assert process_alive(pid) and os.path.ismount(mountpoint)
         # The fetches under way hold their blocks, as before the outage; no more (measured:
@@ -448,17 +463,11 @@ def test_a_mount_of_8m_blocks_under_the_data_limit_it_asks_for_answers_60_reader
         assert started.returncode == 0, started.stderr
         pid = daemon_pid(started)
         readers.start()
-        loaded = threading.Event()
-        peaks: list[int] = []
-        sampler = threading.Thread(target=lambda: peaks.append(
-            peak_data(pid, until=loaded, seconds=600)))
-        sampler.start()
-        wait_until(lambda: min(readers.read_well) >= 10 or not readers.all_alive(),
-                   timeout=300, what="every reader read 10 times")
-        loaded.set()
-        sampler.join()
-        assert min(readers.read_well) >= 10 and errors == [], (collections.Counter(errors), [
-            line for line in log_file.read_text().splitlines() if " ERROR " in line][:5])
+        with peak_data_while(pid) as peaks:
+            wait_until(lambda: min(readers.read_well) >= 10 or not readers.all_alive(),
+                       timeout=300, what="every reader read 10 times")
+        assert min(readers.read_well) >= 10 and errors == [], (collections.Counter(errors),
+                                                               _errors_logged(log_file))
         assert " WARNING " not in log_file.read_text()
         assert process_alive(pid) and os.path.ismount(mountpoint)
         # The load went past what the old estimate allowed for, or this shows nothing.
