@@ -26,7 +26,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import httpx
@@ -344,6 +344,27 @@ def serve_origin(directory: Path, *, tls: ssl.SSLContext | None = None
             yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}", stalled
         finally:
             release.set()  # before the shutdown, which waits for the answers under way
+
+
+# --- a command whose reader leaves -----------------------------------------------------------
+
+def read_then_leave(args: list[str], read: Callable[[IO[bytes]], bytes]) -> tuple[bytes, int]:
+    """`vidcache ARGS` with its stdout piped to a reader that takes `read(stdout)` and then
+    closes the pipe (`| head`); (what was read, the exit status). Its stderr must stay empty:
+    no BrokenPipeError traceback, no error line."""
+    command = subprocess.Popen([sys.executable, "-m", "vidcache", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert command.stdout is not None and command.stderr is not None
+        got = read(command.stdout)
+        command.stdout.close()
+        status = command.wait(timeout=60)
+        assert command.stderr.read() == b""
+        return got, status
+    finally:
+        if command.poll() is None:
+            command.kill()
+            command.wait()
 
 
 # --- a command on a terminal ------------------------------------------------------------------

@@ -25,7 +25,7 @@ import pytest
 
 from bench.faults import Refuse, path_prefix
 from bench.stack import stop_process
-from tests.service_support import digest, read_until_closed, store_many
+from tests.service_support import digest, read_then_leave, read_until_closed, store_many
 from tests.support import (
     VidcacheServer,
     documented_options,
@@ -242,18 +242,9 @@ def test_list_prints_every_video_one_line_each(many: Many) -> None:
 def test_list_to_a_reader_that_stops_ends_quietly(many: Many) -> None:
     """`vidcache list | head -1`: no BrokenPipeError traceback; the status of a command that
     SIGPIPE ends (the listing, ~170 KB, is more than the pipe holds)."""
-    listing = subprocess.Popen([sys.executable, "-m", "vidcache", "list", "--server",
-                                many.server.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert listing.stdout is not None and listing.stderr is not None
-        assert len(listing.stdout.readline()) > 64
-        listing.stdout.close()
-        assert listing.wait(timeout=60) == 141
-        assert listing.stderr.read() == b""
-    finally:
-        if listing.poll() is None:
-            listing.kill()
-            listing.wait()
+    line, status = read_then_leave(["list", "--server", many.server.url],
+                                   lambda stdout: stdout.readline())
+    assert len(line) > 64 and status == 141
 
 
 @pytest.mark.parametrize("command", [

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from bench.faults import Refuse, Stall, Truncate, path_prefix
-from tests.service_support import digest, on_terminal, serve_origin, unique
+from tests.service_support import digest, on_terminal, read_then_leave, serve_origin, unique
 from tests.support import VidcacheServer, free_port, preload_library, wait_until
 from tests.vcfs_fault_support import FaultyLink
 from vidcache.chunks import KIB, MIB
@@ -138,19 +138,9 @@ def test_get_to_a_reader_that_stops_ends_quietly(stored: Stored) -> None:
     `vidcache list | head`; not "cannot write -: Broken pipe", nor 0 (stdout's write of the
     chunk, 430 KB, took the 64 KiB the pipe held when its reader left and said so: the rest was
     dropped without a word)."""
-    get = subprocess.Popen([sys.executable, "-m", "vidcache", "get", stored.hash, "-o", "-",
-                            "--server", stored.url], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE)
-    try:
-        assert get.stdout is not None and get.stderr is not None
-        assert get.stdout.read(100) == stored.source[:100]
-        get.stdout.close()
-        assert get.wait(timeout=60) == 141
-        assert get.stderr.read() == b""
-    finally:
-        if get.poll() is None:
-            get.kill()
-            get.wait()
+    head, status = read_then_leave(["get", stored.hash, "-o", "-", "--server", stored.url],
+                                   lambda stdout: stdout.read(100))
+    assert head == stored.source[:100] and status == 141
 
 
 def test_get_refuses_an_existing_default_name_before_downloading(stored: Stored,
