@@ -122,7 +122,9 @@ if _set_log_function is not None:
 _vsnprintf = _libc.vsnprintf
 _vsnprintf.argtypes = (ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p)
 _vsnprintf.restype = ctypes.c_int
-_THREAD_REFUSED = b"fuse: error creating thread: %s\n"  # fuse_start_thread's, 3.0 to 3.17
+# fuse_start_thread's format, 3.0 to 3.17
+_THREAD_REFUSED_PREFIX = b"fuse: error creating thread: "
+_THREAD_REFUSED = _THREAD_REFUSED_PREFIX + b"%s\n"
 _LOG_LINE_MAX = 4096
 
 
@@ -144,7 +146,7 @@ def libfuse_thread_refusals(refused: Callable[[str], None]) -> Iterator[None]:
         line = ctypes.create_string_buffer(_LOG_LINE_MAX)
         _vsnprintf(line, _LOG_LINE_MAX, form, arguments)
         if form == _THREAD_REFUSED:
-            refused(line.value.removeprefix(b"fuse: error creating thread: ").decode(
+            refused(line.value.removeprefix(_THREAD_REFUSED_PREFIX).decode(
                 errors="replace").rstrip("\n"))
         else:
             os.write(2, line.value)

@@ -28,7 +28,11 @@ LIMITS = ("a limit on threads (ulimit -u, the cgroup's pids.max) or on the memor
 
 
 class NoThread(Exception):
-    """A thread could not be started (see module docstring)."""
+    """A thread could not be started (see module docstring) for `what`, which the message
+    names."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}: no thread could be started: {LIMITS}")
 
 
 def thread_refused(exc: BaseException) -> bool:
@@ -45,7 +49,7 @@ def start_thread(thread: threading.Thread, what: str) -> None:
     except RuntimeError as exc:
         if not thread_refused(exc):
             raise
-        raise NoThread(f"{what}: no thread could be started: {LIMITS}") from exc
+        raise NoThread(what) from exc
 
 
 def submit(executor: Executor, what: str, call: Callable[..., T], *args: Any) -> Future[T]:
@@ -75,7 +79,7 @@ def submit(executor: Executor, what: str, call: Callable[..., T], *args: Any) ->
         if not thread_refused(exc):
             raise
         if answer.cancel():  # no worker has taken it: none ever runs it
-            raise NoThread(f"{what}: no thread could be started: {LIMITS}") from exc
+            raise NoThread(what) from exc
         return answer  # a worker took it meanwhile
     # Cancelled together: either way the call is not run, nor left queued.
     queued.add_done_callback(lambda done: answer.cancel() if done.cancelled() else None)

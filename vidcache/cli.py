@@ -931,21 +931,21 @@ def _default_name(content_hash: str, meta: dict[str, Any]) -> str:
     return content_hash + (suffix if _EXTENSION.fullmatch(suffix) else _NO_EXTENSION)
 
 
-def _not_to_replace(dest: str, force: bool) -> str | None:
-    """Why `vidcache get` will not write `dest`, or None."""
-    if os.path.isdir(dest):
-        return f"{dest} is a directory: give the file to write with -o FILE"
-    if os.path.lexists(dest) and not force:
-        return f"{dest} exists: give --force to replace it"
-    return None
+def _exists(dest: str) -> str:
+    return f"vidcache get: error: {dest} exists: give --force to replace it"
 
 
 def _refused(dest: str, force: bool) -> bool:
-    """Whether `vidcache get` will not write `dest`, said on stderr."""
-    refusal = _not_to_replace(dest, force)
-    if refusal is not None:
-        print(f"vidcache get: error: {refusal}", file=sys.stderr)
-    return refusal is not None
+    """Whether `vidcache get` will not write `dest` (a directory; without --force, anything
+    there), said on stderr."""
+    if os.path.isdir(dest):
+        refusal = f"vidcache get: error: {dest} is a directory: give the file to write with -o FILE"
+    elif os.path.lexists(dest) and not force:
+        refusal = _exists(dest)
+    else:
+        return False
+    print(refusal, file=sys.stderr)
+    return True
 
 
 def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
@@ -1000,8 +1000,7 @@ def _get(client: VidCacheClient, args: argparse.Namespace) -> int:
     except BrokenPipeError:  # stdout's reader left: ended as `list` ends then
         raise
     except FileExistsError:  # created while the video was downloaded
-        print(f"vidcache get: error: {dest} exists: give --force to replace it",
-              file=sys.stderr)
+        print(_exists(dest), file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"vidcache get: error: cannot write {dest}: {exc.strerror or exc}",
