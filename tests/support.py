@@ -33,9 +33,9 @@ from bench.stack import origin as serve_directory
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
 __all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "ManualExecutor", "VidcacheServer",
            "command_line", "descendants", "documented_options", "free_port", "listening_on",
-           "make_videos", "processes", "self_signed_certificate", "serve_directory", "serving",
-           "sighup_in_children", "sockets_to_loopback", "subcommand_options",
-           "tmpfs_holding_a_file", "wait_until"]
+           "make_videos", "open_descriptors", "preload_library", "processes",
+           "self_signed_certificate", "serve_directory", "serving", "sighup_in_children",
+           "sockets_to_loopback", "subcommand_options", "tmpfs_holding_a_file", "wait_until"]
 
 
 def preload_library(name: str, out_dir: Path) -> Path:
@@ -80,15 +80,20 @@ def sockets_to_loopback(port: int, state: str, *, pid: int | None = None) -> int
                and (inodes is None or inode in inodes))
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    """The inodes of the sockets process `pid` has open."""
-    inodes = set()
+def open_descriptors(pid: int | str) -> list[str]:
+    """What each descriptor process `pid` ("self" for this one) has open names: a file's path,
+    `socket:[INODE]`, `pipe:[INODE]`..."""
+    targets = []
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(FileNotFoundError):  # closed since it was listed
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:["):-1])
-    return inodes
+            targets.append(os.readlink(fd))
+    return targets
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` has open."""
+    return {target[len("socket:["):-1] for target in open_descriptors(pid)
+            if target.startswith("socket:[")}
 
 
 def listening_on(port: int) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import select
 import socket
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.service_support import Api, blob_files, read_until_closed, store_many
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, open_descriptors, wait_until
 
 UVICORN_DEFAULT = 5.0  # seconds: what the service would keep a connection without the option
 
@@ -164,12 +163,7 @@ def test_a_refused_request_is_one_log_line_naming_the_client_and_why(
 
 def _open_sockets(pid: int) -> int:
     """How many sockets the process `pid` has open."""
-    folder = f"/proc/{pid}/fd"
-    count = 0
-    for fd in os.listdir(folder):
-        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
-            count += os.readlink(f"{folder}/{fd}").startswith("socket:")
-    return count
+    return sum(target.startswith("socket:") for target in open_descriptors(pid))
 
 
 def _closed_after_its_answers(sock: socket.socket) -> bool:

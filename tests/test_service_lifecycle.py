@@ -25,7 +25,7 @@ from tests.service_support import (
     store_many,
     temp_files,
 )
-from tests.support import VidcacheServer, free_port, wait_until
+from tests.support import VidcacheServer, free_port, open_descriptors, wait_until
 from vidcache.store import RecoveryReport, Store, blob_relpath
 
 pytestmark = pytest.mark.timeout(120)
@@ -271,12 +271,8 @@ def test_credentials_in_an_older_index_are_cut_at_start(tmp_path: Path,
 
 def _index_descriptors() -> list[str]:
     """The files of an index (the -wal and -shm too) this process has descriptors open on."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):  # the listing's own, closed since
-            if "/.vidcache/index.sqlite3" in (target := os.readlink(f"/proc/self/fd/{fd}")):
-                found.append(target)
-    return found
+    return [target for target in open_descriptors("self")
+            if "/.vidcache/index.sqlite3" in target]
 
 
 def _opens_with(data: Path, count: int) -> bool:

@@ -7,9 +7,7 @@ one video while a listing holds its read: they never wait for a scan."""
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ from tests.service_stress_support import (
     make_distinct_videos,
 )
 from tests.service_support import Api, store_many
-from tests.support import VidcacheServer, serve_directory, wait_until
+from tests.support import VidcacheServer, open_descriptors, serve_directory, wait_until
 from vidcache.store import READ_CONNECTIONS
 
 pytestmark = pytest.mark.timeout(180)
@@ -132,16 +130,6 @@ def test_reads_answer_while_a_write_is_held_in_its_commit(tmp_path: Path, prepar
                              if hold.write == "ingest" else set())
 
 
-def _index_descriptors(pid: int, index: Path) -> int:
-    """How many of process `pid`'s open files are the index itself (one per SQLite connection:
-    its -wal and -shm files aside)."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
-            count += os.readlink(fd) == str(index)
-    return count
-
-
 def test_concurrent_reads_share_a_few_read_connections(tmp_path: Path) -> None:
     """Reads run on READ_CONNECTIONS read connections of their own (writes have another).
     Was: a connection per read running at once, kept for the server's life (16 clients listing
@@ -164,7 +152,8 @@ def test_concurrent_reads_share_a_few_read_connections(tmp_path: Path) -> None:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             list(pool.map(read, range(16)))
         index = data / ".vidcache" / "index.sqlite3"
-        assert _index_descriptors(server.process.pid, index) == 1 + READ_CONNECTIONS
+        # one descriptor per SQLite connection on the index itself (its -wal and -shm aside)
+        assert open_descriptors(server.process.pid).count(str(index)) == 1 + READ_CONNECTIONS
 
 
 def test_reads_of_one_video_answer_while_a_listing_holds_its_read(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ import httpx
 import pytest
 
 from tests.service_support import CHUNK, Api, api_fixture, digest, read_until_closed, unique
-from tests.support import VidcacheServer, preload_library, wait_until
+from tests.support import VidcacheServer, open_descriptors, preload_library, wait_until
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -574,15 +574,6 @@ class _StalledDiskServer(VidcacheServer):
                 "VIDCACHE_STALL_DIR": str(self.stall_dir), "VIDCACHE_STALL_SUFFIX": ".mp4"}
 
 
-def _descriptors_of(pid: int, path: Path) -> int:
-    """How many of process `pid`'s open descriptors are open on `path`."""
-    count = 0
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(FileNotFoundError):  # closed since it was listed
-            count += os.readlink(fd) == str(path)
-    return count
-
-
 def test_a_shutdown_cancelling_reads_that_wait_for_a_thread_leaves_no_descriptor(
         tmp_path: Path, media_url: str, stalled_reads: Path) -> None:
     """A slow disk and more readers than worker threads: some reads of a cold page run in the
@@ -610,13 +601,13 @@ def test_a_shutdown_cancelling_reads_that_wait_for_a_thread_leaves_no_descriptor
             sock.sendall(f"GET {url} HTTP/1.1\r\nHost: v\r\nRange: bytes=0-{4 * CHUNK - 1}"
                          f"\r\n\r\n".encode())
         # each request holds the blob open, and a duplicate lent to its first read
-        wait_until(lambda: _descriptors_of(pid, blob) == 2 * readers, timeout=30,
+        wait_until(lambda: open_descriptors(pid).count(str(blob)) == 2 * readers, timeout=30,
                    what="every request's first read begun or waiting for a thread")
         server.process.send_signal(signal.SIGINT)
 
         def only_running_reads_hold_the_blob() -> bool:
             running = len(list(stall_dir.glob("stalled-*")))
-            return 0 < running < readers and _descriptors_of(pid, blob) == running
+            return 0 < running < readers and open_descriptors(pid).count(str(blob)) == running
 
         try:
             wait_until(only_running_reads_hold_the_blob, timeout=30,
