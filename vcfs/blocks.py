@@ -8,9 +8,8 @@ that the cache and the readahead share.
 
 `BlockCache` keeps blocks in a cachetools `LRUCache` keyed by `(hash, block_index)` whose size
 is counted in bytes (a block's length, a part's own length), so `capacity` is a real memory
-budget. cachetools is not
-thread-safe; one lock guards both the LRU and the table of in-flight fetches, and is never held
-while fetching, verifying or copying data.
+budget. cachetools is not thread-safe; one lock guards both the LRU and the table of in-flight
+fetches, and is never held while fetching, verifying or copying data.
 
 Reading, for the blocks a read touches:
 
@@ -65,11 +64,12 @@ Copies and memory: `pieces` answers a read with the blocks (or parts) that hold 
 the bounds of what it takes from each, copying nothing; `read` joins them: a read inside one
 cached block is a single slice of it (no copy at all when it is the whole block), a read across
 blocks one `b"".join` of memoryview slices, the only copy. vcfs's FUSE reads copy the pieces
-straight into the buffer libfuse sends (`vcfs.fuselib.reply_buffer`). Every run is fetched
-through the optional `block_fetcher`, which hands over each block as its own `bytes`
-(vcfs.remote receives each one in place, see `unfilled_block`, and verifies it); without one,
-the single answer is copied into one `bytes` per block: cached blocks must not be views of the
-run's buffer, because one live view pins the whole buffer and the byte budget would lie.
+straight into the buffer libfuse sends (`vcfs.fuselib.reply_buffer`). Given a
+`block_fetcher` (vcfs always gives one), every run is fetched through it, and it hands over
+each block as its own `bytes` (vcfs.remote receives each one in place, see `unfilled_block`,
+and verifies it); without one, the single answer is copied into one `bytes` per block: cached
+blocks must not be views of the run's buffer, because one live view pins the whole buffer and
+the byte budget would lie.
 Uniform block-sized `bytes` suit glibc malloc: evicted blocks free exactly the size the next
 block needs, so the heap is reused instead of fragmenting (multi-MiB temporaries cut into 1 MiB
 blocks left ~35 MB of holes behind). A block larger than the whole capacity (or any block when
@@ -145,7 +145,8 @@ Verifier = Callable[[str, int, bytes], None]
 """`(hash, block_index, data) -> None`: raise to reject a block before it is cached or used."""
 
 MIB = 1 << 20
-# libfuse3's largest read and the service's digest chunk size: one full read is one block.
+# libfuse3's largest read, so one full read is one block; whole chunks of the service's digests
+# (256 KiB by default, 1 MiB for its oldest videos).
 DEFAULT_BLOCK_SIZE = MIB
 # Room for several videos' working sets (and 16 MiB readahead windows) on a desktop machine.
 DEFAULT_CAPACITY = 256 * MIB
