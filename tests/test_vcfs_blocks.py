@@ -19,7 +19,6 @@ from vcfs.blocks import (
     BlockCache,
     BlockFetcher,
     BlockFetchError,
-    BlockVerifyError,
     FetchStopped,
     OnBlock,
     OnPartial,
@@ -1240,29 +1239,6 @@ def test_file_size_larger_than_the_data_is_an_error() -> None:
     cache = BlockCache(fetcher, block_size=BS, capacity=1000)
     with pytest.raises(BlockFetchError):
         cache.read(H1, 120, 90, 30)  # the fetcher can only return 10 of the 24 asked bytes
-
-
-def test_verify_rejection() -> None:
-    data = data_of(100)
-    fetcher = FakeFetcher({H1: data})
-    seen: list[tuple[str, int, bytes]] = []
-
-    def verify(content_hash: str, index: int, block: bytes) -> None:
-        seen.append((content_hash, index, block))
-        if index == 1:
-            raise ValueError("digest mismatch")
-
-    cache = BlockCache(fetcher, block_size=BS, capacity=1000, verify=verify)
-    assert cache.read(H1, 100, 0, BS) == data[:BS]
-    with pytest.raises(BlockVerifyError, match="block 1") as info:
-        cache.read(H1, 100, BS, 2 * BS)  # blocks 1 and 2 in one fetch
-    assert isinstance(info.value.__cause__, ValueError)
-    assert seen == [(H1, 0, data[:BS]), (H1, 1, data[BS : 2 * BS]), (H1, 2, data[2 * BS : 3 * BS])]
-    assert not cache.is_cached(H1, 1)
-    assert cache.is_cached(H1, 2)  # its own block verified fine
-    with pytest.raises(BlockVerifyError):
-        cache.read(H1, 100, BS, 1)  # retried, rejected again
-    assert fetcher.calls[-1] == (H1, BS, 2 * BS)
 
 
 def test_fetch_error_propagates_and_a_later_read_retries() -> None:

@@ -24,9 +24,9 @@ Reading, for the blocks a read touches:
    other reader (see below), so it can return before the fetch is over (on its own thread if
    no thread can be started, under a limit on threads: vcfs.threads).
 3. The owner checks the answer is exactly the run's length (`BlockFetchError` otherwise), cuts
-   it into blocks, passes each to the optional `verify` hook, and then, in a single critical
-   section, inserts the good blocks into the LRU and removes the in-flight entries, so no
-   reader can see a block as neither cached nor in flight. Only then are the futures resolved.
+   it into blocks, and then, in a single critical section, inserts the good blocks into the LRU
+   and removes the in-flight entries, so no reader can see a block as neither cached nor in
+   flight. Only then are the futures resolved.
    A run fetched through the `block_fetcher` goes through the same steps block by block, as
    the fetcher reports each block (`on_block`): a reader waiting for the first block of a
    16 MiB readahead run gets it when it has arrived, not when the whole run has. Finer
@@ -141,9 +141,6 @@ class BlockFetcher(Protocol):
         stop: threading.Event | None = None,
     ) -> Sequence[bytes]: ...
 
-Verifier = Callable[[str, int, bytes], None]
-"""`(hash, block_index, data) -> None`: raise to reject a block before it is cached or used."""
-
 MIB = 1 << 20
 # libfuse3's largest read, so one full read is one block; whole chunks of the service's digests
 # (256 KiB by default, 1 MiB for its oldest videos).
@@ -189,10 +186,6 @@ class BlockCacheError(Exception):
 
 class BlockFetchError(BlockCacheError):
     """The fetcher returned a different number of bytes than the range asked for."""
-
-
-class BlockVerifyError(BlockCacheError):
-    """The verify hook rejected a block; `__cause__` holds its exception."""
 
 
 class FetchStopped(BlockCacheError):
@@ -384,7 +377,6 @@ class BlockCache:
         *,
         block_size: int = DEFAULT_BLOCK_SIZE,
         capacity: int = DEFAULT_CAPACITY,
-        verify: Verifier | None = None,
         block_fetcher: BlockFetcher | None = None,
         passed_capacity: int | None = None,
     ) -> None:
@@ -399,7 +391,6 @@ class BlockCache:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
         self._fetcher = fetcher
         self._block_fetcher = block_fetcher
-        self._verify = verify
         self._block_size = block_size
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -444,8 +435,7 @@ class BlockCache:
         at the chunk holding the read's end instead of bringing the rest of the block (with a
         block fetcher that can cut blocks). A player's seek is read on from: not scattered.
 
-        Raises whatever the fetcher raised, `BlockFetchError` for a wrong-length answer, or
-        `BlockVerifyError` when the verify hook rejected a block.
+        Raises whatever the fetcher raised, or `BlockFetchError` for a wrong-length answer.
         """
         return join_pieces(self.pieces(content_hash, file_size, offset, size,
                                        scattered=scattered))
@@ -725,12 +715,8 @@ class BlockCache:
             return exc
         with self._lock:
             self._bytes_fetched += end - start
-        outcomes: dict[int, _Outcome] = {
-            index: self._checked(content_hash, index, block)
-            for index, block in zip(run, blocks, strict=True)
-        }
-        self._resolve(content_hash, file_size, outcomes, owned)
-        return next((o for o in outcomes.values() if isinstance(o, BaseException)), None)
+        self._resolve(content_hash, file_size, dict(zip(run, blocks, strict=True)), owned)
+        return None
 
     def _fetch_run_by_blocks(
         self,
@@ -746,9 +732,8 @@ class BlockCache:
         last). Every block of the run is resolved once, whatever the fetcher does: a block it
         never reports gets its error. Returns the run's first error."""
         start, end = run_bounds(run, file_size, self._block_size)
-        # Parts are handed to a verify hook never: it checks whole blocks.
-        skip = owned[run.start].skip if self._verify is None else 0
-        until = owned[run[-1]].until if self._verify is None else None
+        skip = owned[run.start].skip
+        until = owned[run[-1]].until
         span: list[int] = []  # what the fetcher said it brings, if it cuts the last block
         unresolved = set(run)  # guarded by self._lock
         errors: list[BaseException] = []
@@ -792,8 +777,7 @@ class BlockCache:
             elif len(block) < high - low:
                 outcome = _Part(block if type(block) is bytes else bytes(block), lo)
             else:
-                outcome = self._checked(
-                    content_hash, index, block if type(block) is bytes else bytes(block))
+                outcome = block if type(block) is bytes else bytes(block)
             if isinstance(outcome, BaseException):
                 errors.append(outcome)
             else:
@@ -857,18 +841,6 @@ class BlockCache:
         view = memoryview(data)
         size = self._block_size
         return [bytes(view[low : low + size]) for low in range(0, end - start, size)]
-
-    def _checked(self, content_hash: str, index: int, block: bytes) -> bytes | BlockVerifyError:
-        """The block if the verify hook accepts it, else the error to hand to its readers."""
-        if self._verify is None:
-            return block
-        try:
-            self._verify(content_hash, index, block)
-        except Exception as exc:
-            error = BlockVerifyError(f"block {index} of {content_hash} failed verification: {exc}")
-            error.__cause__ = exc
-            return error
-        return block
 
     def _reserve(self, file_size: int, owned: dict[int, _Pending]) -> None:
         """Count the owned blocks' bytes against the budget before they arrive, evicting the
