@@ -44,11 +44,12 @@ the detector for the window `[high-water mark, + window)` and submits `cache.pre
 to a shared executor for the blocks of that window it has not requested yet in this run (never
 the same range twice; the block the last read ended in is left to that read). Tasks cover at
 most `task_blocks` blocks, so the first blocks land before a whole 16 MiB window does, and at
-most `max_outstanding` tasks per handle are queued or running, so one stream cannot monopolise
-the pool. The window moves on by a block per 1 MiB read; while the blocks already requested
-reach at least half the window ahead of the reader, new blocks wait until they make a whole
-task (or the file ends), so a stream costs one request per 4 MiB, not one per read. The
-pipeline is topped up on each read and whenever a task succeeds (not after a
+most `max_outstanding` tasks per handle are queued or running, so another stream's tasks wait
+behind no more than that many of this one's (by default 4, as many as the pool has threads:
+vcfs.fs.FsConfig.readahead_threads). The window moves on by a block per 1 MiB read; while the
+blocks already requested reach at least half the window ahead of the reader, new blocks wait
+until they make a whole task (or the file ends), so a stream costs one request per 4 MiB, not
+one per read. The pipeline is topped up on each read and whenever a task succeeds (not after a
 failure: a down service would only be asked again). A new run cancels the previous run's
 queued tasks and stops its running ones (`stop`, watched by the block fetcher at every receive:
 their blocks arrived so far stay cached, the connection is closed); `close()` (on FUSE release)
@@ -325,7 +326,8 @@ class Readahead:
     ) -> None:
         """`policy` replaces the default `SequentialPolicy.for_blocks(block_size, max_window)`
         entirely when given. `max_outstanding`: prefetch tasks queued or running for this
-        handle at once (4: two pool threads kept busy with two more in the queue).
+        handle at once (4: two streams sharing the 4 threads of vcfs's pool each keep two busy
+        with two more in the queue).
         `task_blocks`: blocks per prefetch task (4: a 16 MiB window is four requests, whose
         first lands well before the whole window; a cache with a block fetcher receives the
         blocks of a task as separate objects, so a bigger task costs no extra copy).
