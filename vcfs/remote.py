@@ -43,10 +43,10 @@ the neighbouring blocks cost no second request. Not chunks bigger than half that
 recording 8 or 16 MiB chunks): a 1 MiB block would cost 8 or 16 MiB, so the chunks it cuts are
 read range-checked only, which the log says once per chunk size (`_say_unverified`). A
 mismatch is retried like a transient error (a flaky proxy or disk), so corrupt bytes never
-reach the block cache. The first fetch of a hash
-asks for the range and the digests at once (a round trip saved when a player opens a file) and
-returns the bytes only once the digests have arrived and match; if the range cuts a chunk, or
-does not match, it falls back to the path above. So does the first fetch in a page of digests
+reach the block cache. The first fetch of a hash asks for the range and the digests at once (a
+round trip saved when a player opens a file) and returns the bytes only once the digests have
+arrived and match; if the range cuts a chunk, or does not match, it falls back to the path
+above. So does the first fetch in a page of digests
 not yet known; `fetch_blocks`, once the video's chunk size is known, sends such a page's
 request and the range's together and verifies the first chunk when both are in.
 
