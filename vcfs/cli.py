@@ -973,7 +973,8 @@ def _stop(child: subprocess.Popen[bytes]) -> int:
 
 
 def _read_status(fd: int, timeout: float) -> bytes:
-    """Read the child's status line: b"ok\\n", or b"" if it exited first / timed out."""
+    """Read the child's status line: b"ok\\n"; b"" if it exited first, b"timeout" if no whole
+    line came within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     received = b""
     while not received.endswith(b"\n"):
