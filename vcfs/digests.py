@@ -46,7 +46,7 @@ class Digests:
     chunk_size: int
     file_size: int
     first: int  # index of the chunk whose digest `packed` starts with
-    packed: bytes  # the 32-byte BLAKE3 of each chunk, concatenated; the file's last is short
+    packed: bytes  # the 32-byte BLAKE3 of each chunk (the file's last chunk may be short), joined
 
     @property
     def end(self) -> int:
