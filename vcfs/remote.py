@@ -572,7 +572,9 @@ class Remote:
         self._outage.failed(file)
 
     def check_health(self) -> None:
-        """One `GET /health`; RemoteUnavailable with the reason if it is not ok."""
+        """One `GET /health` (and `_check_wire_protocol`'s request after a JSON 404);
+        RemoteUnavailable with the reason if it is not ok, AccessDenied if a proxy in front of
+        the service refuses it."""
         self.counters.add("http_requests")
         try:
             status = self._bounded(lambda _: self._client.health(), self._cutoff(self._deadline()))
