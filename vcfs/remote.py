@@ -46,9 +46,9 @@ mismatch is retried like a transient error (a flaky proxy or disk), so corrupt b
 reach the block cache. The first fetch of a hash asks for the range and the digests at once (a
 round trip saved when a player opens a file) and returns the bytes only once the digests have
 arrived and match; if the range cuts a chunk, or does not match, it falls back to the path
-above. So does the first fetch in a page of digests
-not yet known; `fetch_blocks`, once the video's chunk size is known, sends such a page's
-request and the range's together and verifies the first chunk when both are in.
+above. So does the first fetch in a page of digests not yet known; `fetch_blocks`, once the
+video's chunk size is known, sends such a page's request and the range's together and verifies
+the first chunk when both are in.
 
 First block with the metadata. A player stats a path right before reading its first bytes, so a
 lookup of a video whose metadata is not cached (`meta(..., first_block=B)`, which the filesystem
