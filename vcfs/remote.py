@@ -421,10 +421,11 @@ def _page_size(page: Digests) -> int:
 def _clear_frames(error: BaseException) -> None:
     """Drop the locals of the finished frames an attempt's error (and the errors it was raised
     from or while handling) went through: the blocks the attempt made to receive into among
-    them. The error holds them, and is held in reference cycles (a traceback holds the frame
-    that holds the future holding the error) that only the garbage collector frees, late: in
-    an outage, failed attempts' blocks piled up by the hundred MiB (docs/vcfs.md, "Memory
-    limits"). Frames still running (the caller's) are left alone."""
+    them. The error holds them and outlives the attempt: through the retry's backoff, as the
+    cause of the error a read fails with, and in any reference cycle until the garbage
+    collector frees it, late (the future of `vcfs.threads.submit` held each in one until
+    session 36): in an outage, failed attempts' blocks piled up by the hundred MiB
+    (docs/vcfs.md, "Memory limits"). Frames still running (the caller's) are left alone."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:

@@ -60,28 +60,50 @@ def submit(executor: Executor, what: str, call: Callable[..., T], *args: Any) ->
     wait until some later submit started one.) Cancelling the future returned stops a call
     not yet begun, as an executor's does; so does `shutdown(cancel_futures=True)`. (The second
     future costs ~10-20 us a call over `executor.submit`, measured: a few ms per 300 MB read,
-    which makes ~100-200 calls; not seen in the benchmark.)"""
+    which makes ~100-200 calls; not seen in the benchmark.) The call's result or exception is
+    freed once the caller lets go of the future, as an executor's is: in no reference cycle
+    (see `_run`) that would keep it until the garbage collector ran."""
     answer: Future[T] = Future()
-
-    def run() -> None:
-        if not answer.set_running_or_notify_cancel():  # cancelled, or given up by `submit`
-            return
-        try:
-            result = call(*args)
-        except BaseException as exc:  # the caller's to handle, as an executor's future
-            answer.set_exception(exc)
-        else:
-            answer.set_result(result)
-
+    pending = [answer]  # the executor's only way to `answer`: `_run` takes it out
     try:
-        queued = executor.submit(run)
+        queued = executor.submit(_run, pending, call, args)
     except RuntimeError as exc:
         if not thread_refused(exc):
             raise
         if answer.cancel():  # no worker has taken it: none ever runs it
             raise NoThread(what) from exc
         return answer  # a worker took it meanwhile
-    # Cancelled together: either way the call is not run, nor left queued.
-    queued.add_done_callback(lambda done: answer.cancel() if done.cancelled() else None)
-    answer.add_done_callback(lambda done: queued.cancel() if done.cancelled() else None)
+    # Cancelled together: either way the call is not run, nor left queued. (`queued` is
+    # cancelled only before `_run`: `pending` still holds `answer` then.)
+    queued.add_done_callback(lambda done: _cancel_too(done, pending))
+    answer.add_done_callback(lambda done: _cancel_too(done, [queued]))
     return answer
+
+
+def _run(pending: list[Future[T]], call: Callable[..., T], args: tuple[Any, ...]) -> None:
+    """`call(*args)` into the future in `pending` (for `submit`), unless it was cancelled.
+
+    The future is taken out of `pending` first, and let go of once it has the exception: a
+    failure's traceback holds this frame and, through it, the executor's frames that called it
+    (their locals: the work item, holding `pending` and the executor's future, whose callback
+    holds `pending`), kept once they return. Led back to the future, they would be a cycle
+    (future, exception, traceback, frames) keeping the exception and every frame's locals
+    until the garbage collector ran; CPython's `_WorkItem.run` breaks its own the same way.
+    The caller's future still has the exception and its traceback."""
+    answer = pending.pop()
+    if not answer.set_running_or_notify_cancel():  # cancelled, or given up by `submit`
+        return
+    try:
+        result = call(*args)
+    except BaseException as exc:  # the caller's to handle, as an executor's future
+        answer.set_exception(exc)
+        del answer
+    else:
+        answer.set_result(result)
+
+
+def _cancel_too(done: Future[Any], others: list[Future[T]]) -> None:
+    """Cancel `others` if `done` was cancelled."""
+    if done.cancelled():
+        for other in others:
+            other.cancel()
