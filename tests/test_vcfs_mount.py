@@ -1339,10 +1339,10 @@ def test_a_cache_that_fits_a_limit_but_not_the_thread_stacks_under_load_is_warne
         assert os.path.ismount(empty)
         assert re.fullmatch(
             r"\S+ \S+ WARNING vcfs: its data limit \(600 MiB, ulimit -d\) holds --cache-size "
-            r"256 MiB, but not also the ~512 MiB more vcfs uses when busy, 400 MiB of it the "
-            r"stacks of its up to 200 threads: under such load reads may fail \(EIO, ENOMEM\), "
-            r"and the mount stop; give a smaller --cache-size, or raise the limit \(systemd: "
-            r"LimitDATA=\)\n",
+            r"256 MiB, but not also up to ~512 MiB more that vcfs uses when busy, 400 MiB of it "
+            r"the stacks of its up to 200 threads: under such load reads may fail \(EIO, "
+            r"ENOMEM\), and the mount stop; give a smaller --cache-size, or raise the limit "
+            r"\(systemd: LimitDATA=\)\n",
             result.stderr), result.stderr
     finally:
         subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)

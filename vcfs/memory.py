@@ -181,16 +181,17 @@ def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> l
                   if largest >= MIB else "give a smaller --cache-size")
         if limit.stacks:
             warnings.append(
-                f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
-                f"~{size_about(limit.busy)} more vcfs uses when busy, {size_about(limit.stacks)} "
-                f"of it the stacks of its up to {THREADS} threads: under such load reads may "
-                f"fail (EIO, ENOMEM), and the mount stop; {advice}, or {limit.fix}")
+                f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also up "
+                f"to ~{size_about(limit.busy)} more that vcfs uses when busy, "
+                f"{size_about(limit.stacks)} of it the stacks of its up to {THREADS} threads: "
+                f"under such load reads may fail (EIO, ENOMEM), and the mount stop; {advice}, or "
+                f"{limit.fix}")
         else:
             warnings.append(
-                f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also the "
-                f"~{size_about(limit.busy)} more vcfs uses when busy (measured with 48 reads at "
-                f"once): under such load the kernel's OOM killer may end it (a dead mount); "
-                f"{advice}{f', or {limit.fix}' if limit.fix else ''}")
+                f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also up "
+                f"to ~{size_about(limit.busy)} more that vcfs uses when busy (measured with 48 "
+                f"reads at once): under such load the kernel's OOM killer may end it (a dead "
+                f"mount); {advice}{f', or {limit.fix}' if limit.fix else ''}")
     return warnings
 
 
