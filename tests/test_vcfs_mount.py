@@ -1348,6 +1348,51 @@ def test_a_cache_that_fits_a_limit_but_not_the_thread_stacks_under_load_is_warne
         subprocess.run(["fusermount3", "-u", str(empty)], capture_output=True, check=False)
 
 
+# `vcfs mount` whose reads of the memory limits (vcfs.memory.current_limits) are counted.
+_COUNTING_LIMIT_READS = """
+import sys
+from vcfs import cli
+reads = []
+read = cli.current_limits
+
+
+def counted():
+    reads.append(1)
+    return read()
+
+
+cli.current_limits = counted
+try:
+    sys.exit(cli.main(sys.argv[1:]))
+finally:
+    print(f"memory limits read {len(reads)} time(s)", file=sys.stderr)
+"""
+
+
+def test_a_mount_reads_the_memory_limits_once_for_its_refusal_and_its_warnings(
+    tmp_path: Path
+) -> None:
+    """The cache fits (no refusal) but not with a busy vcfs (the warning, in the log once it is
+    set up); the service does not answer. Was: read again for the warnings, which could then
+    be of other figures than the check that let the cache through."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as service:  # never answers
+        url = f"http://127.0.0.1:{service.getsockname()[1]}"
+        result = subprocess.run(
+            ["prlimit", f"--data={600 * MIB}", "--", sys.executable, "-c",
+             _COUNTING_LIMIT_READS, "mount", url, str(empty), "--cache-size", "256M",
+             "--timeout", "1"],
+            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert "WARNING vcfs: its data limit (600 MiB, ulimit -d) holds --cache-size 256 MiB" in (
+        lines[0]), result.stderr
+    assert lines[-2].startswith(f"vcfs: error: cannot reach the vidcache service at {url}")
+    assert lines[-1] == "memory limits read 1 time(s)", result.stderr
+    assert not os.path.ismount(empty)
+
+
 @pytest.mark.parametrize(("fuse_stack", "data_limit"), [
     # The smallest data limits vcfs mounts a 16 MiB cache under without a warning: ~116 MiB
     # besides the cache, ~512 MiB more when busy, 400 MiB of it 200 threads' stacks of 2 MiB

@@ -138,6 +138,10 @@ class MountOptions:
     log_level: str
     log_file: str | None  # absolute
     raise_readahead: bool
+    # What may still go wrong with a cache that fits the memory limits (vcfs.memory), found as
+    # mount_options reads them (once); logged by run_mount once logging is set up. Not compared:
+    # they depend on the memory free at the time, not on the options.
+    memory_warnings: tuple[str, ...] = field(compare=False)
     first_block_with_meta: bool = True
     # None: a quarter of cache_size (see vcfs.blocks, passed blocks)
     keep_passed: int | None = None
@@ -405,7 +409,8 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     fuse_stack = fuse_thread_stack(os.environ.get(_FUSE_THREAD_STACK))
     # A cache that cannot fit fills until the OOM killer ends the daemon (a dead mount), or
     # reads fail with EIO (vcfs.memory).
-    found = limits(current_limits(), fuse_stack=fuse_stack, block_size=block)
+    facts = current_limits()
+    found = limits(facts, fuse_stack=fuse_stack, block_size=block)
     if refusal := cache_refusal(cache, found):
         raise StartupError(refusal)
     fuse_options = tuple(o for group in args.fuse_options for o in group.split(",") if o)
@@ -448,6 +453,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         log_level=args.log_level,
         log_file=os.path.abspath(args.log_file) if args.log_file else None,
         raise_readahead=args.raise_readahead,
+        memory_warnings=tuple(cache_warnings(cache, facts, found)),
         first_block_with_meta=(args.first_block_with_meta and block % _DIGEST_CHUNK == 0
                                and block <= _FIRST_BLOCK_MAX),
         keep_passed=args.keep_passed,
@@ -713,9 +719,7 @@ def run_mount(options: MountOptions, *, status_fd: int | None = None) -> int:
         prepare_mountpoint(options.mountpoint)
     else:
         check_fuse_fd(options.mountpoint, options.fuse_fd)
-    facts = current_limits()
-    found = limits(facts, fuse_stack=options.fuse_stack, block_size=options.block_size)
-    for warning in cache_warnings(options.cache_size, facts, found):
+    for warning in options.memory_warnings:
         log.warning("%s", warning)
     tune_malloc(arenas=_MALLOC_ARENAS, block_size=options.block_size)
     config = RemoteConfig(
