@@ -79,6 +79,34 @@ def test_resolve_prints_each_urls_hash_and_says_which_it_does_not_know(stored: S
     assert json.loads(as_json.stdout) == {"hash": stored.hash, "url": stored.origin_url}
 
 
+@pytest.mark.parametrize(("url", "refused"), [
+    ("", "no video is ever ingested from it: malformed URL '': empty or contains "
+         "spaces/control characters"),
+    ("ftp://o.test/v.mp4", "no video is ever ingested from it: unsupported URL scheme 'ftp' in "
+                           "'ftp://o.test/v.mp4': use http, https or file"),
+    ("http://", "no video is ever ingested from it: malformed URL 'http://': no host"),
+    ("http://user:hunter2@o.test/a b.mp4", "no video is ever ingested from it: malformed URL "
+     "'http://o.test/a b.mp4': empty or contains spaces/control characters"),
+    # a byte that is not UTF-8: the client refused to send it (exit 1, "no request sent")
+    (os.fsdecode(b"http://o.test/\xff.mp4"), "no video is ever ingested from it: malformed "
+                                              "URL 'http://o.test/\\udcff.mp4': not valid "
+                                              "Unicode text"),
+    ("/no/such/dir/v.mp4", "'/no/such/dir/v.mp4' is a path, not a URL: vidcache ingest sends a "
+                           "local file's path as its file:// URL, file:///no/such/dir/v.mp4"),
+], ids=["empty", "ftp", "no-host", "space", "not-utf-8", "path"])
+def test_resolve_of_a_url_no_ingest_takes_is_a_usage_error(stored: Stored, url: str,
+                                                            refused: str) -> None:
+    """No video can have been stored from it: exit status 2 and one error line after the usage,
+    as for a malformed hash of show, get or delete, and none of the URLs asked for (the known
+    one before it not printed), the URL shown without its password. It was an error line per
+    URL and exit status 1, as for a URL the service does not know."""
+    run = vidcache("resolve", stored.origin_url, url, "--server", stored.url)
+    assert (run.returncode, run.stdout) == (2, b""), run.stderr
+    stderr = run.stderr.decode()
+    assert stderr.startswith("usage: vidcache resolve ") and "hunter2" not in stderr
+    assert stderr.splitlines()[-1] == f"vidcache resolve: error: argument URL: {refused}"
+
+
 # --- get -------------------------------------------------------------------------------------
 
 def test_get_writes_the_stored_bytes_and_never_replaces_a_file_unless_forced(
