@@ -15,6 +15,8 @@ import os
 import random
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +29,13 @@ import pytest
 from blake3 import blake3
 
 import vidcache
-from tests.support import ESTABLISHED, VidcacheServer, sockets_to_loopback, wait_until
+from tests.support import (
+    ESTABLISHED,
+    VidcacheServer,
+    preload_library,
+    sockets_to_loopback,
+    wait_until,
+)
 from tests.vcfs_fault_support import FaultyLink
 from vidcache.chunks import DEFAULT_CHUNK_SIZE
 from vidcache_client import (
@@ -257,6 +265,32 @@ def test_failed_download_keeps_the_existing_file(client: VidCacheClient,
         client.download_to_file(UNKNOWN_HASH, dest)
     assert dest.read_bytes() == b"keep me"
     assert list(tmp_path.iterdir()) == [dest]
+
+
+def test_ctrl_c_as_the_temporary_file_is_made_leaves_nothing(client: VidCacheClient,
+                                                             stored: dict[str, Stored],
+                                                             tmp_path: Path) -> None:
+    """A real SIGINT at the earliest moment: raised by open() itself once it has made the
+    `.part` file (an LD_PRELOAD library), so that KeyboardInterrupt comes as the call returns.
+    It came before the `try` that removes the file, which stayed; now it propagates with
+    nothing left and `dest` as it was."""
+    library = preload_library("sigint_after_open", tmp_path)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "kept.mp4").write_bytes(b"keep me")
+    download = ("import sys\nfrom vidcache_client import VidCacheClient\n"
+                "with VidCacheClient(sys.argv[1]) as client:\n"
+                "    try:\n"
+                "        client.download_to_file(sys.argv[2], sys.argv[3])\n"
+                "    except KeyboardInterrupt:\n"
+                "        sys.exit(130)\n")
+    for name in ("new.mp4", "kept.mp4"):
+        run = subprocess.run([sys.executable, "-c", download, client.base_url,
+                              stored["b.mp4"].hash, str(folder / name)], capture_output=True,
+                             timeout=60, env={**os.environ, "LD_PRELOAD": str(library)})
+        assert (run.returncode, run.stderr) == (130, b"")
+    assert sorted(os.listdir(folder)) == ["kept.mp4"]
+    assert (folder / "kept.mp4").read_bytes() == b"keep me"
 
 
 def test_download_through_a_symlink_writes_its_target(client: VidCacheClient,

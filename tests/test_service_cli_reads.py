@@ -291,6 +291,24 @@ def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(
     assert _left_in(tmp_path) == []
 
 
+@pytest.mark.parametrize("force", [False, True], ids=["linked", "renamed"])
+def test_ctrl_c_as_the_temporary_file_is_made_leaves_nothing(stored: Stored, tmp_path: Path,
+                                                             force: bool) -> None:
+    """A real SIGINT at the earliest moment: raised by open() itself once it has made the
+    `.part` file (an LD_PRELOAD library), so that KeyboardInterrupt comes as the call returns.
+    It came before the `try` that removes the file, which stayed; now status 130 and nothing
+    left, with --force (renamed over FILE) or without (linked to it)."""
+    library = preload_library("sigint_after_open", tmp_path)
+    out = tmp_path / "out" / "v.mp4"
+    out.parent.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "vidcache", "get", stored.hash, "-o", str(out), "--server",
+         stored.url, *(["--force"] if force else [])], capture_output=True, timeout=90,
+        env={**os.environ, "LD_PRELOAD": str(library)})
+    assert (run.returncode, run.stdout, run.stderr) == (130, b"", b"vidcache get: interrupted\n")
+    assert _left_in(out.parent) == []
+
+
 def test_get_writes_no_video_to_a_terminal(stored: Stored) -> None:
     """-o - with stdout a terminal is refused, as curl refuses binary output there: a video's
     bytes would garble it."""

@@ -4,6 +4,7 @@ disk. `VidCacheClient.download_to_file` and `vidcache get` both write this way."
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -34,11 +35,19 @@ def write_whole(dest: str, write: Callable[[BinaryIO], int], *, replace: bool = 
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
     dest_path = Path(os.path.realpath(dest))
     temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
-    # O_EXCL: never write through someone else's file; mode 0o666 lets the umask decide, as
-    # for any ordinary new file.
-    fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    # Made inside the `try` that removes it: a Ctrl-C (KeyboardInterrupt) raised as soon as
+    # open() returns, before anything held the file, left it behind. Only an open() that
+    # failed made nothing to remove (O_EXCL: a file of that name is someone else's).
+    made = True
     try:
-        with open(fd, "wb") as out:
+        with contextlib.ExitStack() as opened:
+            try:
+                # "x": O_EXCL, never write through someone else's file; mode 0o666, which
+                # leaves the umask to decide, as for any ordinary new file.
+                out = opened.enter_context(open(temp_path, "xb"))
+            except OSError:
+                made = False
+                raise
             if dest_mode is not None:
                 os.fchmod(out.fileno(), stat.S_IMODE(dest_mode))  # a private file stays so
             written = write(out)
@@ -49,7 +58,8 @@ def write_whole(dest: str, write: Callable[[BinaryIO], int], *, replace: bool = 
         else:
             _link_new(temp_path, dest_path)
     finally:
-        temp_path.unlink(missing_ok=True)  # linked, or not to be kept
+        if made:
+            temp_path.unlink(missing_ok=True)  # linked, or not to be kept
     return written
 
 
