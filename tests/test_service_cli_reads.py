@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import pty
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import httpx
 import pytest
 
 from bench.faults import Refuse, Stall, Truncate, path_prefix
+from bench.proxy import LinkProfile, ProxyConfig, ProxyThread
 from tests.service_support import digest, on_terminal, read_then_leave, serve_origin, unique
 from tests.support import VidcacheServer, free_port, preload_library, wait_until
 from tests.vcfs_fault_support import FaultyLink
@@ -289,6 +291,41 @@ def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(
     assert (status, stdout) == (130, ""), shown
     assert "\r\x1b[Kvidcache get: interrupted" in shown, shown
     assert _left_in(tmp_path) == []
+
+
+# an amount `vidcache get` draws: "downloading 0.4 of 2.3 MiB (17%)"
+_DRAWN_AMOUNT = re.compile(r"downloading ([0-9,.]+) of [0-9,.]+ (KiB|MiB)")
+
+
+def _drawn_amounts(shown: str) -> list[int]:
+    """The byte counts the progress line drew, in order (to its 0.1 unit)."""
+    return [round(float(number.replace(",", "")) * (KIB if unit == "KiB" else MIB))
+            for number, unit in _DRAWN_AMOUNT.findall(shown)]
+
+
+def test_get_on_a_slow_link_redraws_its_progress_within_the_first_mib(stored: Stored,
+                                                                      tmp_path: Path) -> None:
+    """The service answers through a link capped at 1 Mbit/s (bench/proxy.py's token bucket,
+    passing 16 KiB on at a time): the line's count moves several times within the first MiB
+    (or the whole video, if smaller). It moved once per chunk of the client's default 1 MiB:
+    8.4 s at that rate, the line saying 0.0 until then."""
+    first = min(MIB, len(stored.source))
+    slow = LinkProfile(name="1 Mbit/s", rate_bytes_per_s=125_000)
+    config = ProxyConfig(upstream_port=stored.server.port, profile=slow, chunk_size=16 * KIB)
+    with ProxyThread(config) as link, on_terminal("get", stored.hash, "-o",
+                                                  str(tmp_path / "slow.mp4"), "--server",
+                                                  link.url) as terminal:
+
+        def within_first() -> set[int]:
+            return {got for got in _drawn_amounts(terminal.text()) if 0 < got < first}
+
+        wait_until(lambda: len(within_first()) > 1 or terminal.process.poll() is not None
+                   or any(got >= first for got in _drawn_amounts(terminal.text())),
+                   timeout=60, what="the count drawn past its first MiB")
+        terminal.process.send_signal(signal.SIGINT)  # the rest would take a while
+        status, _, shown = terminal.finish()
+    assert status in (0, 130), shown
+    assert len(within_first()) > 1, shown
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["linked", "renamed"])

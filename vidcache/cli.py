@@ -83,6 +83,11 @@ _CALL_TIMEOUT_HELP = (f"seconds to wait for each of the service's answers (defau
 _GRACE = 5
 # connections waiting to be accepted: uvicorn's default, which it used when it bound the port
 _BACKLOG = 2048
+# The pieces `vidcache get` receives a video in (the client's chunk_size), each counted by its
+# progress line once written: 0.26 s of a 1 Mbit/s link, where the client's default 1 MiB held
+# the line still for 8.4 s. No slower: httpx reads 64 KiB at a time, which 1 MiB chunks are
+# joined from (a loopback get of 200 MiB: 0.57 s against 0.64 s, medians of 15).
+_STREAM_CHUNK = 32 * KIB
 
 
 def parse_size(text: str) -> int:
@@ -1124,7 +1129,8 @@ def _ask_service(args: argparse.Namespace) -> int:
               "both be the Authorization header: give only one", file=sys.stderr)
         return 2
     try:
-        with VidCacheClient(args.server, timeout=args.timeout, token=args.token) as client:
+        with VidCacheClient(args.server, timeout=args.timeout, chunk_size=_STREAM_CHUNK,
+                            token=args.token) as client:
             return _CLIENT_COMMANDS[command](client, args)
     except KeyboardInterrupt:
         print(f"vidcache {command}: interrupted", file=sys.stderr)
