@@ -35,9 +35,9 @@ def write_whole(dest: str, write: Callable[[BinaryIO], int], *, replace: bool = 
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), dest)
     dest_path = Path(os.path.realpath(dest))
     temp_path = dest_path.with_name(f".{dest_path.name}.{secrets.token_hex(4)}.part")
-    # Made inside the `try` that removes it: a Ctrl-C (KeyboardInterrupt) raised as soon as
-    # open() returns, before anything held the file, left it behind. Only an open() that
-    # failed made nothing to remove (O_EXCL: a file of that name is someone else's).
+    # Made inside the `try` that removes it, so that a Ctrl-C (KeyboardInterrupt) raised as
+    # open() returns, before anything holds the file, leaves nothing behind. Only an open()
+    # that failed made nothing to remove (O_EXCL: a file of that name is someone else's).
     made = True
     try:
         with contextlib.ExitStack() as opened:
