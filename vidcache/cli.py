@@ -198,21 +198,21 @@ def _content_hash(text: str) -> str:
             f"must be a video's hash, 64 lowercase hex digits, not {text!r}") from exc
 
 
-def _ingested_url(text: str) -> str:
-    """`vidcache resolve`'s URL: one that ingest takes, the only kind a video is stored from
-    (any other is a usage error, as a malformed hash is, and none is asked for); a local
-    file's path is named with the file:// URL its ingest sent."""
-    from vidcache.download import parse_url
-    from vidcache.errors import InvalidRequest
-
+def _url_to_resolve(text: str) -> str:
+    """`vidcache resolve`'s URL, refused as a usage error (as a malformed hash is, and none is
+    asked for) only when it is no URL at all: empty, not UTF-8 (no request can carry it), or a
+    local file's path, named with the file:// URL its ingest sent. Any other is asked for: a
+    vidcache 1.x deployment may ingest URLs this service's ingest refuses."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty URL")
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:  # not shown: it may hold a password
+        raise argparse.ArgumentTypeError("not UTF-8 text, which no request can carry") from exc
     if not _SCHEME.match(text) and (text.startswith("/") or os.path.exists(text)):
         raise argparse.ArgumentTypeError(
             f"{text!r} is a path, not a URL: vidcache ingest sends a local file's path as its "
             f"file:// URL, {Path(text).resolve().as_uri()}")
-    try:
-        parse_url(text)
-    except InvalidRequest as exc:  # shown without the URL's credentials
-        raise argparse.ArgumentTypeError(f"no video is ever ingested from it: {exc}") from exc
     return text
 
 
@@ -441,9 +441,9 @@ examples:
 
 Exit status: 0 if every URL is known; 1 if any is not (each on stderr, the
 others still printed), or the service failed or could not be reached; 2 for a
-bad option or a URL no ingest takes (empty, a path, not http://, https:// or
-file://: then none is asked for).""")
-    resolve.add_argument("urls", metavar="URL", nargs="+", type=_ingested_url,
+bad option or a URL that is no URL (empty, not UTF-8, a file's path: then none
+is asked for).""")
+    resolve.add_argument("urls", metavar="URL", nargs="+", type=_url_to_resolve,
                          help="a URL as it was ingested (the service matches it exactly)")
     resolve.add_argument("--json", action="store_true",
                          help='print the service\'s answer, {"hash", "url"}, as one JSON line')
