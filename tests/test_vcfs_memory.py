@@ -168,7 +168,7 @@ def test_what_a_busy_mount_uses_grows_with_its_block_size() -> None:
     assert cache_warnings(256 * MIB, state, small) == []
     assert cache_warnings(256 * MIB, state, [machine, cgroup, data]) == [
         "the memory limit of its cgroup /vcfs (1 GiB, memory.max) holds --cache-size 256 MiB, "
-        "but not also up to ~1008 MiB more that vcfs uses when busy (measured with 48 reads at "
+        "but not also up to ~1008 MiB more that vcfs uses when busy (for 48 reads at "
         "once): under such load the kernel's OOM killer may end it (a dead mount); give a "
         "smaller --cache-size, or raise its memory.max"]
 
@@ -181,14 +181,14 @@ def test_a_cgroup_that_holds_the_cache_only_while_vcfs_is_not_busy_is_a_warning(
     assert cache_refusal(36 * MIB, found) is None
     assert cache_warnings(36 * MIB, state, found) == [
         "the memory limit of its cgroup /vcfs (200 MiB, memory.max) holds --cache-size 36 MiB, "
-        "but not also up to ~112 MiB more that vcfs uses when busy (measured with 48 reads at "
+        "but not also up to ~112 MiB more that vcfs uses when busy (for 48 reads at "
         "once): under such load the kernel's OOM killer may end it (a dead mount); give a "
         "smaller --cache-size, or raise its memory.max"]
     roomy = given(cgroup=("/vcfs", "memory.max", GIB))
     assert cache_warnings(256 * MIB, roomy, limits(roomy)) == []
     assert cache_warnings(900 * MIB, roomy, limits(roomy)) == [
         "the memory limit of its cgroup /vcfs (1 GiB, memory.max) holds --cache-size 900 MiB, "
-        "but not also up to ~112 MiB more that vcfs uses when busy (measured with 48 reads at "
+        "but not also up to ~112 MiB more that vcfs uses when busy (for 48 reads at "
         "once): under such load the kernel's OOM killer may end it (a dead mount); give a "
         "--cache-size of at most 796 MiB, or raise its memory.max"]
 

@@ -59,7 +59,7 @@ _BUSY = 112 * MIB
 # MiB of block: readers of the same blocks share their fetches).
 _BLOCKS_BEYOND_BUDGET = 2 * FUSE_THREADS
 # Threads under full load: libfuse's FUSE threads, as many fetch threads and HTTP workers
-# (vcfs.limits), readahead's 4, the main thread and a few more (197 were counted). Each has a
+# (vcfs.limits), readahead's 4, the main thread and a few more (160-197 were counted). Each has a
 # stack of THREAD_STACK, whatever `ulimit -s` says (vcfs.cli.set_thread_stacks), the FUSE
 # threads that of FUSE_THREAD_STACK if it asks for more; only the part touched is resident.
 THREADS = 3 * FUSE_THREADS + 8
@@ -189,8 +189,8 @@ def cache_warnings(cache_size: int, facts: MemoryFacts, found: list[Limit]) -> l
         else:
             warnings.append(
                 f"{limit.named()} holds --cache-size {size_text(cache_size)}, but not also up "
-                f"to ~{size_about(limit.busy)} more that vcfs uses when busy (measured with 48 "
-                f"reads at once): under such load the kernel's OOM killer may end it (a dead "
+                f"to ~{size_about(limit.busy)} more that vcfs uses when busy (for 48 reads at "
+                f"once): under such load the kernel's OOM killer may end it (a dead "
                 f"mount); {advice}{f', or {limit.fix}' if limit.fix else ''}")
     return warnings
 
