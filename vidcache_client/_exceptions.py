@@ -3,7 +3,7 @@
 Every class carries `transient`, a class attribute telling a caller whether retrying the same
 call may succeed (a dropped connection or a 5xx may heal; a 404 or a malformed hash never
 will). Messages name what the call was about (hash or URL), the request and, for HTTP errors,
-the server's `detail`. The client builds these in exactly one place per kind of failure
+the server's `detail`. httpx's exceptions and non-2xx statuses become these in one place
 (`vidcache_client._translate`); the underlying httpx exception, if any, is the `__cause__`.
 
     VidCacheError

@@ -1,7 +1,7 @@
 """Pools of connections, each lent to one thread at a time, under one shared size budget.
 
-The client keeps two kinds of connection: single-connection httpx.Clients for every call, and
-plain sockets for `read_range_into` (`_rangeconn`). Each kind has its own `Pool` (its own way to
+The client keeps two kinds of connection: single-connection httpx.Clients, and plain sockets
+for ranged reads and small GETs (`_rangeconn`). Each kind has its own `Pool` (its own way to
 create, close and check one, its own idle stack: the most recently returned, warmest one goes
 out first), and both count against one `Budget` of `max_connections`, so a client never holds
 more sockets than that. A caller finding the budget spent takes the place of the coldest idle

@@ -412,8 +412,9 @@ class RangeReader:
         in order, instead of sharing the link with the answer before it. If that connection
         fails or may not carry it, the range is asked for again the usual way.
 
-        Raises the client's StatusError subclasses and RangeError for a wrong answer, httpx
-        exceptions for transport failures, `Unhandled`, or whatever the callbacks raise."""
+        Raises the client's StatusError subclasses and ProtocolError (mostly RangeError) for a
+        wrong answer, httpx exceptions for transport failures, `Unhandled`, or whatever the
+        callbacks raise."""
         path, request = self._range_request(content_hash, asked)
         describe = functools.partial(self._describe, path, asked)
         answer = functools.partial(self._answer, content_hash, asked, views, describe,
@@ -719,8 +720,8 @@ class RangeReader:
         """Read and drop the next `count` answers on `connection` (lent to this thread), those
         of requests sent before the caller stopped wanting them: whether it is then in step,
         with nothing more owed on it, and may carry another request. Only small answers are
-        skipped (bodies up to _MAX_ERROR_BODY, kept alive), all
-        within the client's timeout; otherwise, or on any failure, False: close it."""
+        skipped (bodies up to _MAX_ERROR_BODY, kept alive), all within the client's timeout;
+        otherwise, or on any failure, False: close it."""
         connection.deadline = time.monotonic() + self._timeout
         try:
             for _ in range(count):
