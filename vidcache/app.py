@@ -8,7 +8,8 @@ Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Rang
 for whole files and single ranges (serving.py; it hands everything else to the route) and the
 request body cap (body_limit.py). Every GET route answers HEAD too (GetAnswersHead). Every
 error, ours or the framework's, leaves as JSON `{"detail": message}`; the translation happens
-only here and in those two middlewares.
+only here, in the token and body-cap middlewares, and for a request uvicorn cannot parse in
+http_protocol.py.
 `GET /ingests` shows the ingests under way, as their threads move them on (progress.py).
 
 Shutdown: `app.state.stop_ingests` ends the ingests still running (503 "the server is shutting

@@ -23,8 +23,8 @@ steps cannot lead outside; FIFOs and devices are refused (they could block or ne
 
 At shutdown `stop` cuts the downloads under way, wherever they wait (resolving the host name:
 resolver.py; connecting, for the first answer, for the body: their sockets are shut down,
-origin_sockets.py) and refuses new ones;
-whatever error that causes is ShuttingDown (503), never a verdict on the origin.
+origin_sockets.py) and refuses new ones; whatever error that causes is ShuttingDown (503),
+never a verdict on the origin.
 """
 
 from __future__ import annotations

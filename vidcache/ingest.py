@@ -232,10 +232,10 @@ class Ingestor:
         still frames alike (frame_check.py; the new video's taken from `still` by the size
         compared at, or decoded into it), and their sound, if both have some (audio.py).
         False if it cannot be told, as a false match loses a video and storing both loses
-        nothing; but ToolStopped (ffmpeg ended by a signal), the ingest to be tried again,
-        StorageError (no room for the frames) and IndexUnreadable (the stored video's record),
-        as at the other steps: a full disk or a damaged index stored the video apart, a spare
-        copy, where every other step fails the ingest with a 507 or a 500."""
+        nothing; but ShuttingDown and ToolStopped (ffmpeg ended by a signal: try again),
+        StorageError (no room for the frames) and IndexUnreadable (the stored video's record)
+        raise, failing the ingest as at the other steps: taken as "not alike", a full disk or a
+        damaged index would store the video apart, a spare copy."""
         unknown = "frames could not be compared up close"
         try:
             record = self._store.get(content_hash)
