@@ -56,7 +56,7 @@ class ChunkHasher:
                 self._end_chunk()
 
     def finish(self) -> bytes:
-        """The concatenated DIGEST_SIZE-byte digests, one per chunk, the last one short."""
+        """The concatenated DIGEST_SIZE-byte digests, one per chunk (the last chunk short)."""
         if self._filled:
             self._end_chunk()
         return bytes(self._digests)

@@ -10,8 +10,8 @@ every hash, all under the store's one lock (which reads then shared).
 A search answers what `media.near_duplicate` with every stored video in the order they were
 stored (the order of their rowids, which the old full-table SELECT went by) would: the smallest
 distance of those that match, the earliest stored video among equals; then the next ones in
-that order, for ingest's audio check. A removed row is
-overwritten by the last one, so rows are not in that order: each carries its number.
+that order, for ingest's frame and audio checks. A removed row is overwritten by the last one,
+so rows are not in that order: each carries its number.
 
 Not thread-safe: its owner (the Ingestor) serialises every call.
 """
@@ -97,7 +97,8 @@ class PhashIndex:
                 limit: int) -> list[tuple[str, int]]:
         """(hash, distance) of the `limit` nearest indexed videos that near_duplicate matches,
         nearest first, the earliest stored first among equals: the first is the one a search
-        one by one keeps; ingest goes on to the next where the audio tells the first apart."""
+        one by one keeps; ingest goes on to the next where its frame or audio check tells the
+        first apart."""
         count = len(self._hashes)
         bits, present, uniform = self._encode(phash)
         if count == 0 or present.sum() < MIN_COMPARED:

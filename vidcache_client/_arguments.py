@@ -1,8 +1,7 @@
 """Values that both command lines take, `vidcache` and `vcfs`: sizes, seconds, the service's URL
 and a token file; the name both give a signal that ended a process of theirs; and how both wrap
-their --help. They live here
-because both commands already depend on the client; one reading of each keeps `--cache-size
-1.5G` or a token file meaning the same to both.
+their --help. They live here because both commands already depend on the client; one reading of
+each keeps `--cache-size 1.5G` or a token file meaning the same to both.
 
 The parsers raise argparse.ArgumentTypeError, so argparse names the option in its usage error.
 """
@@ -71,8 +70,8 @@ def positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    # nan and inf are floats too: the client refuses nan with a traceback, and inf overflows
-    # a socket timeout.
+    # nan and inf are floats too: nan is no number of seconds, and inf overflows a socket
+    # timeout where nothing clamps it (the service's downloads; the client clamps its own).
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(
             f"must be a finite number of seconds above 0, not {text!r}")
