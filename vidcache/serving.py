@@ -89,9 +89,8 @@ class BlobIndex:
     `forget` is called after a DELETE commits; a lookup that began before it does not store
     its (stale) answer, so a deleted video is never served from here once DELETE answered."""
 
-    def __init__(self, store: Store, *, capacity: int = INDEX_CAPACITY) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._capacity = capacity
         self._blobs: OrderedDict[str, Blob] = OrderedDict()
         self._forgotten = 0  # counts forget() calls: a lookup seeing it move drops its answer
         self._lock = threading.Lock()  # lookups run in worker threads, forget in the endpoint
@@ -124,7 +123,7 @@ class BlobIndex:
         with self._lock:
             if self._forgotten == generation:
                 self._blobs[content_hash] = blob
-                while len(self._blobs) > self._capacity:
+                while len(self._blobs) > INDEX_CAPACITY:
                     self._blobs.popitem(last=False)
         return blob
 
