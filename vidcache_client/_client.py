@@ -423,8 +423,8 @@ class VidCacheClient:
         `on_digests(doc)` likewise, then the bytes are read as by `read_range_into`, with the
         same checks and callbacks; returns their number. For a hash the service does not have,
         `on_meta(None)` is called and NotFoundError raised. An exception raised by a callback
-        ends the call and propagates. Where `read_range_into` goes through httpx, the three
-        requests are made one after another.
+        ends the call and propagates. Where the GETs of small answers go through httpx (see
+        `read_range_into`), the three requests are made one after another.
         """
         content_hash = validate_hash(content_hash)
         views = _writable_views(buffers)
