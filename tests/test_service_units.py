@@ -2,8 +2,8 @@
 the stoppable resolver (its threads and their cap), bucket/prefix rules, perceptual-hash
 arithmetic, named locks, hashing while downloading (at any allowed chunk size), the chunk-size
 rule, the listing's query plans, the JSON answer to an unexpected server error (which a
-healthy real server cannot produce), credentials cut from an ingest's shown URL, and the
-wording of `vidcache ingest`'s progress line."""
+healthy real server cannot produce), credentials cut from an ingest's shown URL, the
+wording of `vidcache ingest`'s progress line, and the bound on the serving path's blob index."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import threading
 import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import httpx
 import pytest
@@ -26,6 +28,7 @@ from hypothesis import strategies as st
 
 from tests.support import wait_until
 from vcfs.paths import video_name
+from vidcache import serving
 from vidcache.app import create_app
 from vidcache.chunks import DEFAULT_CHUNK_SIZE, DIGEST_SIZE, KIB, MIB, check_chunk_size
 from vidcache.cli import _default_name, build_parser, parse_size
@@ -621,3 +624,37 @@ def test_vidcache_get_names_a_video_as_vcfs_shows_it(file_path: str | None) -> N
     assert (_default_name(content_hash, {"file_path": file_path})
             == video_name(content_hash, file_path))
 
+
+
+class _BlobsOnDisk:
+    """The two calls `BlobIndex` makes of its `Store`, answered from files in a folder (a
+    real store of more than INDEX_CAPACITY videos would take minutes to fill)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def get(self, content_hash: str) -> SimpleNamespace | None:
+        path = self.folder / content_hash
+        return SimpleNamespace(path=path, mime_type="video/mp4") if path.exists() else None
+
+    def blob_path(self, record: SimpleNamespace) -> Path:
+        return Path(record.path)
+
+
+def test_the_blob_index_keeps_the_videos_last_loaded_up_to_its_capacity(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each video loaded is kept for the next request's lookup, at most INDEX_CAPACITY of them
+    (here 2), the one loaded first let go first; a forgotten one (deleted) is let go at once."""
+    monkeypatch.setattr(serving, "INDEX_CAPACITY", 2)
+    hashes = [f"{number:064x}" for number in range(3)]
+    for content_hash in hashes:
+        (tmp_path / content_hash).write_bytes(content_hash.encode())
+    index = serving.BlobIndex(cast(Store, _BlobsOnDisk(tmp_path)))
+    for content_hash in hashes:
+        blob = index.load(content_hash)
+        assert blob is not None and blob.size == 64
+    assert [index.cached(h) is not None for h in hashes] == [False, True, True]
+    index.forget(hashes[1])
+    assert [index.cached(h) is not None for h in hashes] == [False, False, True]
+    assert index.load(f"{9:064x}") is None  # not stored: nothing kept
+    assert index.cached(f"{9:064x}") is None
