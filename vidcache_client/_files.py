@@ -19,8 +19,8 @@ def write_whole(dest: str, write: Callable[[BinaryIO], int], *, replace: bool = 
     what `write` returned. On any failure (an exception from `write` included) `dest` is as
     it was and the temporary file is removed. As writing to `dest` would, a symlink's target
     is written (the link stays), a replaced file keeps its permission bits, and a FIFO or a
-    device (/dev/null) is written into directly. With `replace` False an existing `dest`,
-    even one made while `write` ran, is left alone: FileExistsError."""
+    device (/dev/null) is written into directly, whatever `replace` says. With `replace` False
+    an existing file `dest`, even one made while `write` ran, is left alone: FileExistsError."""
     try:
         dest_mode: int | None = os.stat(dest).st_mode
     except FileNotFoundError:
