@@ -28,7 +28,8 @@ from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import FaultyLink, Source, bounded_read, ingest, read_uncached
 from tests.vcfs_support import VcfsMount, requires_fuse
-from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vcfs.errors import RemoteUnavailable
+from vcfs.remote import Remote, RemoteConfig
 from vidcache_client import VidCacheClient
 
 T = TypeVar("T", bound=Callable[..., Any])

@@ -21,7 +21,8 @@ from bench.faults import FlipByte, Latency, Refuse, path_prefix
 from bench.proxy import Request
 from tests.support import VidcacheServer, wait_until
 from tests.vcfs_fault_support import FaultyLink, Source, ingest, link_fixture
-from vcfs.remote import Remote, RemoteConfig, RemoteUnavailable
+from vcfs.errors import RemoteUnavailable
+from vcfs.remote import Remote, RemoteConfig
 from vidcache_client import VidCacheClient
 
 KIB = 1 << 10

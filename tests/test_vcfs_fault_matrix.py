@@ -64,7 +64,8 @@ from tests.vcfs_support import (
     requires_fuse,
     vcfs_command,
 )
-from vcfs.remote import _NO_VIDEO, Remote, RemoteConfig, RemoteUnavailable
+from vcfs.errors import RemoteUnavailable
+from vcfs.remote import _NO_VIDEO, Remote, RemoteConfig
 from vidcache_client import VidCacheClient
 
 pytestmark = requires_fuse

@@ -73,8 +73,8 @@ from tests.vcfs_support import (
     vcfs_command,
 )
 from vcfs.blocks import BlockCache
+from vcfs.errors import AccessDenied, NotFound, RemoteError, RemoteUnavailable
 from vcfs.faillog import FailureLog, Outage
-from vcfs.remote import AccessDenied, NotFound, RemoteError, RemoteUnavailable
 from vcfs.stats import Counters
 from vidcache_client import VidCacheClient
 

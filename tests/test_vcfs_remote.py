@@ -36,16 +36,8 @@ from tests.vcfs_fault_support import (
     link_fixture,
 )
 from vcfs.blocks import FetchStopped
-from vcfs.remote import (
-    AccessDenied,
-    NotFound,
-    Remote,
-    RemoteConfig,
-    RemoteError,
-    RemoteUnavailable,
-    Stopping,
-    VideoMeta,
-)
+from vcfs.errors import AccessDenied, NotFound, RemoteError, RemoteUnavailable, Stopping
+from vcfs.remote import Remote, RemoteConfig, VideoMeta
 from vidcache_client import VidCacheClient
 
 MIB = 1 << 20

@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 
 from vcfs import __version__, mountinfo
 from vcfs.blocks import BlockCache
+from vcfs.errors import AccessDenied, RemoteUnavailable
 from vcfs.limits import FUSE_THREADS, READS_WAITING, THREAD_STACK
 from vcfs.memory import cache_refusal, cache_warnings, current_limits, limits
-from vcfs.remote import AccessDenied, Remote, RemoteConfig, RemoteUnavailable
+from vcfs.remote import Remote, RemoteConfig
 from vcfs.threads import NoThread
 from vidcache_client._arguments import (
     HelpFormatter,

@@ -47,11 +47,12 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from vcfs import paths
 from vcfs.blocks import BlockCache, Piece, clamp_range, join_pieces
+from vcfs.errors import AccessDenied, NotFound, VcfsError
 from vcfs.faillog import FailureLog
 from vcfs.fuselib import FuseOSError, Operations, current_fuse, reply_buffer, session_exited
 from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
-from vcfs.remote import AccessDenied, NotFound, Remote, VcfsError, VideoMeta
+from vcfs.remote import Remote, VideoMeta
 from vcfs.stats import Counters
 from vcfs.threads import LIMITS, start_thread, thread_refused
 

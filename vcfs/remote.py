@@ -1,5 +1,5 @@
 """vcfs's only door to the vidcache service: byte ranges, metadata and the listing, with the
-retry policy, the caches that make lookups cheap, and the vcfs error hierarchy.
+retry policy and the caches that make lookups cheap; its failures are vcfs.errors'.
 
 Deadlines. Every operation (one fetch, one metadata lookup, one page of the listing) has ONE
 deadline, `RemoteConfig.timeout` after it started, shared by everything it needs (a fetch that
@@ -134,6 +134,16 @@ from vcfs.digests import (
     pages_of,
 )
 from vcfs.digests import parse as parse_digests
+from vcfs.errors import (
+    AccessDenied,
+    CorruptData,
+    NotFound,
+    Overdue,
+    RemoteError,
+    RemoteUnavailable,
+    Stopping,
+    VcfsError,
+)
 from vcfs.faillog import Outage
 from vcfs.limits import FUSE_THREADS
 from vcfs.stats import Counters
@@ -155,48 +165,6 @@ T = TypeVar("T")
 
 KIB = 1 << 10
 MIB = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors: the filesystem maps NotFound to ENOENT, AccessDenied to EACCES, the rest to EIO.
-
-
-class VcfsError(Exception):
-    """Root of the errors vcfs raises."""
-
-
-class NotFound(VcfsError):
-    """The service has no video with this hash (HTTP 404)."""
-
-
-class RemoteError(VcfsError):
-    """The service gave no usable answer, and retrying will not help (e.g. a 4xx)."""
-
-
-class AccessDenied(RemoteError):
-    """The service refused vcfs's bearer token (HTTP 401/403): missing or wrong; or a proxy in
-    front of it refused the URL's credentials."""
-
-
-class RemoteUnavailable(RemoteError):
-    """Transient failures (network, timeouts, 5xx, bad data) outlasted the deadline."""
-
-
-class Stopping(RemoteUnavailable):
-    """vcfs is stopping (unmounted or signalled): the request was given up unanswered."""
-
-
-class CorruptData(RemoteError):
-    """Bytes that are not the asked range or do not match the recorded digest (retried)."""
-
-
-class Overdue(RemoteError):
-    """An attempt was still running at the operation's cutoff (retried if time is left)."""
-
-
-class _Stalled(Exception):
-    """The answers pipelined with a lookup stopped coming: its first block is given up."""
-
 
 _STOPPING = "vcfs is stopping: giving up"
 _NOT_VIDCACHE = "something answers there, but not a vidcache service (check the URL and port)"
@@ -392,6 +360,10 @@ class _FirstBlock:
     meta: concurrent.futures.Future[dict[str, Any] | None]  # `/meta` document, None: 404
     digests: concurrent.futures.Future[dict[str, Any] | None]  # `/chunks` document, None: 404
     arrival: _Arrival  # the block's bytes as they come in
+
+
+class _Stalled(Exception):
+    """The answers pipelined with a lookup stopped coming: its first block is given up."""
 
 
 def _stop_check(stop: threading.Event | None, content_hash: str) -> Callable[[int], None]:
