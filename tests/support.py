@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import functools
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ from bench.stack import origin as serve_directory
 # the loopback helpers are the benchmark's (bench/stack.py), shared so they exist once
 __all__ = ["ESTABLISHED", "LISTEN", "SYN_SENT", "VIDEO_SPECS", "ManualExecutor", "VidcacheServer",
            "command_line", "descendants", "documented_options", "free_port", "listening_on",
-           "make_videos", "open_descriptors", "preload_library", "processes",
+           "make_videos", "new_cgroup", "open_descriptors", "preload_library", "processes",
            "self_signed_certificate", "serve_directory", "serving", "sighup_in_children",
            "sockets_to_loopback", "subcommand_options", "tmpfs_holding_a_file", "wait_until"]
 
@@ -193,6 +194,43 @@ VIDEO_SPECS: dict[str, list[str]] = {
 }
 
 
+@contextlib.contextmanager
+def new_cgroup(controller: str, prepare: Callable[[Path, bool], None] = lambda d, v1: None,
+               ) -> Iterator[tuple[Path, bool, list[str]]]:
+    """A new cgroup of `controller` ("memory", "pids"): (its directory, whether it is cgroup
+    v1's, an argv prefix that runs a command in it), `prepare`d (its limits written) before it
+    is handed over; skips without a hierarchy of that controller this process may create a
+    cgroup in (v1's, or v2's with the controller enabled at the root) and prepare. Removed on
+    leaving, once the child has exited."""
+    name = f"vcfs-test-{os.getpid()}"
+    for root in (Path("/sys/fs/cgroup") / controller, Path("/sys/fs/cgroup"),
+                 Path("/sys/fs/cgroup/unified")):
+        v1 = root.name == controller
+        controllers = root / "cgroup.subtree_control"
+        if not v1 and not (controllers.exists()
+                           and controller in controllers.read_text().split()):
+            continue
+        if not (root / "cgroup.procs").exists():
+            continue
+        directory = root / name
+        try:
+            directory.mkdir()
+        except OSError:
+            continue
+        try:
+            try:
+                prepare(directory, v1)
+            except OSError:
+                continue
+            procs = shlex.quote(str(directory / "cgroup.procs"))
+            yield directory, v1, ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
+            return
+        finally:
+            directory.rmdir()
+    pytest.skip(f"needs a {controller} cgroup hierarchy this process can create a cgroup in "
+                "(root)")
+
+
 def make_videos(out_dir: Path) -> dict[str, Path]:
     """Generate the test corpus (plus `notvideo.bin`) into `out_dir`; returns name -> path."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,6 +265,7 @@ class VidcacheServer:
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # an argv the server runs under (new_cgroup's)
 
     def command(self) -> list[str]:
         """The argv after the interpreter: `-m vidcache` here; subclasses may run a launcher."""
@@ -241,7 +280,8 @@ class VidcacheServer:
                 "--host", self.host, "--port", str(self.port),
                 "--ingest-allow", "127.0.0.1", *self.extra_args]
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+            self.process = subprocess.Popen([*self.prefix, *argv], stdout=log,
+                                            stderr=subprocess.STDOUT,
                                             env=self.environment(),
                                             start_new_session=self.new_session)
         try:

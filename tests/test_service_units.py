@@ -2,14 +2,17 @@
 the stoppable resolver (its threads and their cap), bucket/prefix rules, perceptual-hash
 arithmetic, named locks, hashing while downloading (at any allowed chunk size), the chunk-size
 rule, the listing's query plans, the JSON answer to an unexpected server error (which a
-healthy real server cannot produce), credentials cut from an ingest's shown URL, the
+healthy real server cannot produce) and to a thread refused once an answer is under way (which
+a real one cannot be made to refuse just then), credentials cut from an ingest's shown URL, the
 wording of `vidcache ingest`'s progress line, and the bound on the serving path's blob index."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gzip
 import itertools
+import logging
 import socket
 import sqlite3
 import tempfile
@@ -25,6 +28,7 @@ import pytest
 from blake3 import blake3
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.types import Message, Receive, Scope, Send
 
 from tests.support import wait_until
 from vcfs.paths import video_name
@@ -45,6 +49,7 @@ from vidcache.errors import (
     TooLarge,
     VidcacheError,
 )
+from vidcache.failure_log import FailureLog
 from vidcache.frame_check import size as compared_at
 from vidcache.hostguard import HostGuard
 from vidcache.locks import KeyedLocks
@@ -61,6 +66,7 @@ from vidcache.store import (
     blob_relpath,
     check_location,
 )
+from vidcache.thread_refusals import ThreadRefusals
 from vidcache.tools import Tools
 from vidcache_client import IngestUnderWay
 from vidcache_client._credentials import without_credentials
@@ -494,6 +500,37 @@ def test_unexpected_errors_are_json_500(tmp_path: Path, monkeypatch: pytest.Monk
         response = client.get("/health")
     assert response.status_code == 500
     assert response.json() == {"detail": "internal server error; the server log has details"}
+
+
+def test_a_thread_refused_once_the_answer_began_cuts_it_short_with_a_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A thread refused after the answer's headers went (a file read of FileResponse): no 503
+    can follow them, so the answer is cut short (uvicorn closes the connection, the client
+    sees fewer bytes than announced), with a line naming the request, not a traceback."""
+    sent: list[Message] = []
+    start: Message = {"type": "http.response.start", "status": 206,
+                      "headers": [(b"content-length", b"1024")]}
+
+    async def answer_then_refused(_scope: Scope, _receive: Receive, send: Send) -> None:
+        await send(start)
+        raise RuntimeError("can't start new thread")
+
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    async def disconnected() -> Message:
+        return {"type": "http.disconnect"}
+
+    refusals = ThreadRefusals(answer_then_refused,
+                              failures=FailureLog(logging.getLogger("vidcache.app")))
+    scope: Scope = {"type": "http", "method": "GET", "path": "/video/" + "0" * 64}
+    with caplog.at_level(logging.WARNING, logger="vidcache.app"):
+        asyncio.run(refusals(scope, disconnected, record))
+    assert sent == [start]
+    assert caplog.messages == [
+        f"GET /video/{'0' * 64} cut short: the server is out of threads: a limit on threads "
+        "(ulimit -u, the cgroup's pids.max) or on the memory for their stacks (ulimit -d, "
+        "ulimit -v) is reached; try again"]
 
 
 @pytest.mark.parametrize(("code", "reading", "error"), [

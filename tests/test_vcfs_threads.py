@@ -21,13 +21,12 @@ from typing import Any
 
 import pytest
 
-from tests.support import VidcacheServer, wait_until
+from tests.support import VidcacheServer, new_cgroup, wait_until
 from tests.vcfs_fault_support import ingest
 from tests.vcfs_support import (
     FUSE_MISSING_REASON,
     VcfsMount,
     fuse_missing,
-    new_cgroup,
     vcfs_command,
 )
 from vcfs.blocks import BlockCache

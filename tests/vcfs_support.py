@@ -12,7 +12,6 @@ import contextlib
 import functools
 import json
 import os
-import shlex
 import shutil
 import signal
 import site
@@ -109,43 +108,6 @@ def thread_stacks(pid: int) -> list[int]:
         pointer = int(fields[-2], 16)  # "NR ARGS... SP PC", or "-1 SP PC" outside a call
         sizes += [end - start for start, end in mappings if start <= pointer < end]
     return sizes
-
-
-@contextlib.contextmanager
-def new_cgroup(controller: str, prepare: Callable[[Path, bool], None] = lambda d, v1: None,
-               ) -> Iterator[tuple[Path, bool, list[str]]]:
-    """A new cgroup of `controller` ("memory", "pids"): (its directory, whether it is cgroup
-    v1's, an argv prefix that runs a command in it), `prepare`d (its limits written) before it
-    is handed over; skips without a hierarchy of that controller this process may create a
-    cgroup in (v1's, or v2's with the controller enabled at the root) and prepare. Removed on
-    leaving, once the child has exited."""
-    name = f"vcfs-test-{os.getpid()}"
-    for root in (Path("/sys/fs/cgroup") / controller, Path("/sys/fs/cgroup"),
-                 Path("/sys/fs/cgroup/unified")):
-        v1 = root.name == controller
-        controllers = root / "cgroup.subtree_control"
-        if not v1 and not (controllers.exists()
-                           and controller in controllers.read_text().split()):
-            continue
-        if not (root / "cgroup.procs").exists():
-            continue
-        directory = root / name
-        try:
-            directory.mkdir()
-        except OSError:
-            continue
-        try:
-            try:
-                prepare(directory, v1)
-            except OSError:
-                continue
-            procs = shlex.quote(str(directory / "cgroup.procs"))
-            yield directory, v1, ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
-            return
-        finally:
-            directory.rmdir()
-    pytest.skip(f"needs a {controller} cgroup hierarchy this process can create a cgroup in "
-                "(root)")
 
 
 def drop_pages(path: Path) -> None:

@@ -54,7 +54,8 @@ from vcfs.limits import READS_WAITING
 from vcfs.readahead import Readahead
 from vcfs.remote import Remote, VideoMeta
 from vcfs.stats import Counters
-from vcfs.threads import LIMITS, start_thread, thread_refused
+from vcfs.threads import start_thread, thread_refused
+from vidcache_client._threads import LIMITS
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,8 @@
 
 vcfs starts threads as work comes (the block cache's fetch threads, the HTTP workers, a digest
 thread per fetch needing a digest page, readahead's, the client's spare-connection opener):
-~200 when busy. The kernel refuses one past the user's `ulimit -u` (RLIMIT_NPROC, counted in
-threads; not enforced for root), the cgroup's `pids.max` or the system's threads-max, and glibc
-when its stack cannot be mapped under `ulimit -d` / `-v`: pthread_create's EAGAIN, which
-CPython raises as `RuntimeError("can't start new thread")`, the class of its other misuses too.
+~200 when busy. Past a limit on threads, a start is refused (vidcache_client._threads, which
+tells that refusal apart for the service too).
 
 So a start that vcfs cannot do without raises `NoThread`, which vcfs.fs answers with ENOMEM (a
 limit the mounting user sets, not the service's fault), and one it can do without (a prefetch,
@@ -20,11 +18,10 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+from vidcache_client._threads import LIMITS
+from vidcache_client._threads import thread_refused as _cpython_refused
 
-# What a refusal says: the limits to look at.
-LIMITS = ("a limit on threads (ulimit -u, the cgroup's pids.max) or on the memory for their "
-          "stacks (ulimit -d, ulimit -v) is reached")
+T = TypeVar("T")
 
 
 class NoThread(Exception):
@@ -36,10 +33,8 @@ class NoThread(Exception):
 
 
 def thread_refused(exc: BaseException) -> bool:
-    """Whether `exc` is CPython's refusal to start a thread (its message, not only its class:
-    a RuntimeError is also a bug, an executor shut down, a thread started twice)."""
-    return isinstance(exc, NoThread) or (
-        isinstance(exc, RuntimeError) and str(exc).startswith("can't start new thread"))
+    """Whether `exc` is a refused start: CPython's own, or vcfs's NoThread."""
+    return isinstance(exc, NoThread) or _cpython_refused(exc)
 
 
 def start_thread(thread: threading.Thread, what: str) -> None:

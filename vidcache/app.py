@@ -72,8 +72,10 @@ from vidcache.store import (
     check_segment,
     is_content_hash,
 )
+from vidcache.thread_refusals import ThreadRefusals
 from vidcache.tools import Tools
 from vidcache_client._credentials import has_secrets, without_credentials
+from vidcache_client._threads import thread_refused
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +349,17 @@ def _document_auth(schema: dict[str, Any], *, protect_reads: bool) -> None:
                         "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
 
 
+async def _wait_stopped(ingestor: Ingestor) -> int:
+    """`ingestor.wait_stopped()` in a worker thread; on the event loop if none can be started
+    (a limit on threads): it waits STOP_TIMEOUT at most, and only the shutdown waits for it."""
+    try:
+        return await anyio.to_thread.run_sync(ingestor.wait_stopped)
+    except RuntimeError as exc:
+        if not thread_refused(exc):
+            raise
+        return ingestor.wait_stopped()
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     """The API over the data directory in `config`, which is opened (and repaired) right away:
     raises DataDirInUse if another server holds it, and BadSetting, before the directory is
@@ -390,7 +403,7 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
         finally:
             failures.flush()  # the requests have been answered
             ingestor.stop()  # if the server has not yet
-            if running := await anyio.to_thread.run_sync(ingestor.wait_stopped):
+            if running := await _wait_stopped(ingestor):
                 log.warning("%d ingests still running %g s after they were stopped; closing "
                             "the store under them (they cannot store anything now)", running,
                             STOP_TIMEOUT)
@@ -425,6 +438,7 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
             return app.openapi_schema or {}
 
         app.openapi = openapi_with_auth  # type: ignore[method-assign]
+    app.add_middleware(ThreadRefusals, failures=failures)  # outermost: it answers for all
 
     @app.exception_handler(VidcacheError)
     async def _our_error(request: Request, exc: VidcacheError) -> JSONResponse:

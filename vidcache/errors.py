@@ -7,6 +7,8 @@ import errno
 import json
 import os
 
+from vidcache_client._threads import LIMITS
+
 
 def error_body(detail: str) -> bytes:
     """The body `{"detail": detail}` of an error answered below the routes (the HTTP layer, the
@@ -120,6 +122,17 @@ class ShuttingDown(VidcacheError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; try again")
+
+
+class OutOfThreads(VidcacheError):
+    """A thread or process the request needs could not be started (vidcache_client._threads):
+    nothing was done for it; the same request can be sent again once the server runs fewer
+    (thread_refusals.py)."""
+
+    status_code = 503
+
+    def __init__(self) -> None:
+        super().__init__(f"the server is out of threads: {LIMITS}; try again")
 
 
 class BadSetting(VidcacheError):

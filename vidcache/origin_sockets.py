@@ -11,13 +11,15 @@ httpcore directly.
 download has used it for their keep-alive time: httpcore closes an expired connection only when
 a request begins or a response ends, so after the last download of a burst its connections
 stayed open (a descriptor here, a connection slot at each origin) until the next download,
-however late.
+however late. When no thread can be started for the timer (a limit on threads), the pool is
+closed at once instead: the download that ended has its bytes, and the next one connects anew.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -27,6 +29,10 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpcore
+
+from vidcache_client._threads import LIMITS, thread_refused
+
+log = logging.getLogger(__name__)
 
 
 class StoppableBackend(httpcore.NetworkBackend):
@@ -193,6 +199,7 @@ class IdleClosingPool:
         self._pool = make()
         self._users = 0
         self._idle_timer: threading.Timer | None = None
+        self._timer_refused = False  # since the last timer started: logged once
         self._closed = False
 
     @contextlib.contextmanager
@@ -206,12 +213,35 @@ class IdleClosingPool:
         try:
             yield pool
         finally:
+            idle = None
             with self._lock:
                 self._users -= 1
                 if self._users == 0 and not self._closed:
-                    self._idle_timer = threading.Timer(self._keepalive, self._close_idle)
-                    self._idle_timer.daemon = True  # the exit never waits for it
-                    self._idle_timer.start()
+                    idle = self._start_idle_timer()
+            if idle is not None:
+                idle.close()
+
+    def _start_idle_timer(self) -> httpcore.ConnectionPool | None:
+        """With the lock held, no download using the pool: the timer that closes it once idle.
+        None; or, if no thread could be started for the timer, the pool, replaced by a fresh
+        one, for the caller to close now."""
+        timer = threading.Timer(self._keepalive, self._close_idle)
+        timer.daemon = True  # the exit never waits for it
+        try:
+            timer.start()
+        except RuntimeError as exc:
+            if not thread_refused(exc):
+                raise
+            if not self._timer_refused:
+                log.warning("no thread could be started to close idle origin connections after "
+                            "%g s (%s): closing them at once, until a thread can be started",
+                            self._keepalive, LIMITS)
+                self._timer_refused = True
+            idle, self._pool = self._pool, self._make()
+            return idle
+        self._idle_timer = timer
+        self._timer_refused = False
+        return None
 
     def _close_idle(self) -> None:
         with self._lock:

@@ -9,7 +9,8 @@ so one inside getaddrinfo would hold up the very exit that `stop` is for. A thre
 costs far less than the download it precedes and leaves no idle threads; their number is capped
 (MAX_LOOKUPS) because a lookup given up on keeps its thread until the resolver ends it, and a
 dead DNS server must not make every new ingest add one: beyond the cap a download waits for a
-lookup to end (within its timeout).
+lookup to end (within its timeout). A lookup whose thread cannot be started (a limit on
+threads) fails with OutOfThreads (503).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from vidcache.errors import ShuttingDown
+from vidcache.errors import OutOfThreads, ShuttingDown
+from vidcache_client._threads import thread_refused
 
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 Lookup = Callable[[str, int], Sequence[AddrInfo]]
@@ -58,7 +60,8 @@ class StoppableResolver:
 
     def resolve(self, host: str, port: int, *, timeout: float) -> Sequence[AddrInfo]:
         """`lookup(host, port)`, its own errors as they are; ShuttingDown once stopped,
-        TimeoutError if it has not answered within `timeout` seconds."""
+        TimeoutError if it has not answered within `timeout` seconds, OutOfThreads if no
+        thread could be started for it."""
         deadline = time.monotonic() + timeout
         pending = _Pending()
         with self._changed:
@@ -67,8 +70,10 @@ class StoppableResolver:
         try:
             threading.Thread(target=self._run, args=(pending, host, port), daemon=True,
                              name=f"resolve {host}").start()
-        except BaseException:
+        except BaseException as exc:
             self._finished(pending)
+            if thread_refused(exc):
+                raise OutOfThreads() from exc
             raise
         with self._changed:
             self._wait(lambda: pending.done, deadline)

@@ -13,16 +13,19 @@ This ASGI middleware answers the common case before all that (~0.4 ms, docs/serv
 - the bytes are read on the event loop with `preadv(RWF_NOWAIT)`, which succeeds only when
   they are in the page cache; whatever it could not read comes from a worker thread, so a
   cold disk never stalls the loop. Each chunk is read into a fresh bytearray that goes out
-  as the body message as it is (uvicorn and granian take any bytes-like body), no copy;
+  as the body message as it is (uvicorn and granian take any bytes-like body), no copy; the
+  first is read before the answer begins;
 - chunks of VideoFileResponse's size (1 MiB), from heap memory glibc reuses
   (`keep_buffers_in_heap`); a body of several chunks watches for the client leaving and
   lets other requests run between chunks.
 
 Everything else goes on to the FastAPI route unchanged, which answers it as before: a hash not
 well-formed or unknown, a blob that has just disappeared, several ranges, a malformed or
-unsatisfiable Range, If-Range and the other conditional headers, a request with a body. So
-every error, the OpenAPI document and the headers stay those of the route; this path only
-answers what it would have answered.
+unsatisfiable Range, If-Range and the other conditional headers, a request with a body, and
+one whose lookup or first read could not have a thread (a limit on threads: the route may
+find one of its own idle, or answer 503, thread_refusals.py). So every error, the OpenAPI
+document and the headers stay those of the route; this path only answers what it would have
+answered.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from vidcache.errors import VidcacheError
 from vidcache.ranges import MalformedRange, UnsatisfiableRange, parse_range
 from vidcache.store import Store, is_content_hash
 from vidcache_client._malloc import set_malloc_options
+from vidcache_client._threads import thread_refused
 
 # One response body message per MiB, like VideoFileResponse: bounded memory per connection,
 # few enough messages that their cost is small next to the copy.
@@ -176,6 +180,10 @@ class VideoFastPath:
                 blob = await loop.run_in_executor(None, self._index.load, content_hash)
             except VidcacheError as exc:  # an unreadable index: the route answers its error
                 raise _Fallback from exc
+            except RuntimeError as exc:
+                if not thread_refused(exc):
+                    raise
+                raise _Fallback from exc
             if blob is None:
                 raise _Fallback  # the route says 404
         if range_header is None:
@@ -199,31 +207,42 @@ class VideoFastPath:
             if status == 206:
                 headers.append((b"content-range",
                                 f"bytes {start}-{end - 1}/{blob.size}".encode()))
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            head = {"type": "http.response.start", "status": status, "headers": headers}
             if scope["method"] == "HEAD" or start == end:
+                await send(head)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            await self._send_bytes(fd, start, end, receive, send, loop)
+            try:
+                chunk = await self._read(fd, start, min(self._chunk_size, end - start), loop)
+            except RuntimeError as exc:
+                if not thread_refused(exc):
+                    raise
+                raise _Fallback from exc
+            await send(head)
+            await self._send_bytes(fd, start, end, chunk, receive, send, loop)
         finally:
             os.close(fd)
 
-    async def _send_bytes(self, fd: int, start: int, end: int, receive: Receive, send: Send,
+    async def _send_bytes(self, fd: int, start: int, end: int, chunk: bytearray,
+                          receive: Receive, send: Send,
                           loop: asyncio.AbstractEventLoop) -> None:
+        """Send bytes [start, end), the first of them `chunk`."""
         # Over ASGI 2.3 a send after the client left is silently dropped: a long body watches
         # for the disconnect so it stops reading the file. A single chunk just goes.
         watcher = (asyncio.ensure_future(_disconnected(receive))
                    if end - start > self._chunk_size else None)
         try:
-            while start < end:
-                length = min(self._chunk_size, end - start)
-                chunk = await self._read(fd, start, length, loop)
-                start += length
+            while True:
+                start += len(chunk)
                 await send({"type": "http.response.body", "body": chunk,
                             "more_body": start < end})
-                if watcher is not None and start < end:
+                if start == end:
+                    return
+                if watcher is not None:
                     if watcher.done():
                         return
                     await asyncio.sleep(0)  # let other connections in between chunks
+                chunk = await self._read(fd, start, min(self._chunk_size, end - start), loop)
         finally:
             if watcher is not None:
                 watcher.cancel()

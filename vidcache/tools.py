@@ -37,7 +37,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from vidcache.errors import BadSetting, MediaToolError, NotAVideo, ShuttingDown, ToolStopped
+from vidcache.errors import (
+    BadSetting,
+    MediaToolError,
+    NotAVideo,
+    OutOfThreads,
+    ShuttingDown,
+    ToolStopped,
+)
 from vidcache_client._arguments import signal_name, size_text
 
 _DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
@@ -115,8 +122,9 @@ class Tools:
 
     def run(self, argv: list[str], *, what: str) -> subprocess.CompletedProcess[bytes]:
         """`argv` run to its end, its output captured; raises MediaToolError if the tool is
-        missing, ShuttingDown after `stop`, ToolStopped if a signal ended it, NotAVideo if it
-        outran the timeout or the memory cap."""
+        missing, ShuttingDown after `stop`, OutOfThreads if it could not be started for a
+        limit on threads, ToolStopped if a signal ended it, NotAVideo if it outran the timeout
+        or the memory cap."""
         if shutil.which(argv[0]) is None:
             raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg")
         with self._lock:
@@ -128,6 +136,8 @@ class Tools:
                                            stderr=subprocess.PIPE, start_new_session=True)
             except FileNotFoundError as exc:
                 raise MediaToolError(f"{argv[0]} is not installed; install ffmpeg") from exc
+            except BlockingIOError as exc:  # fork's EAGAIN: the limits on threads count processes
+                raise OutOfThreads() from exc
             self._running.add(process)
         try:
             with process:

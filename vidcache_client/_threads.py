@@ -1,0 +1,18 @@
+"""CPython's refusal to start a thread, for the service (vidcache) and vcfs, which both start
+threads as work comes: the kernel refuses one past the user's `ulimit -u` (RLIMIT_NPROC,
+counted in threads; not enforced for root), the cgroup's `pids.max` or the system's
+threads-max, and glibc when its stack cannot be mapped under `ulimit -d` / `-v`:
+pthread_create's EAGAIN, which CPython raises as `RuntimeError("can't start new thread")`,
+the class of its other misuses too."""
+
+from __future__ import annotations
+
+# What a refusal says: the limits to look at.
+LIMITS = ("a limit on threads (ulimit -u, the cgroup's pids.max) or on the memory for their "
+          "stacks (ulimit -d, ulimit -v) is reached")
+
+
+def thread_refused(exc: BaseException) -> bool:
+    """Whether `exc` is CPython's refusal to start a thread (its message, not only its class:
+    a RuntimeError is also a bug, an executor shut down, a thread started twice)."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith("can't start new thread")
