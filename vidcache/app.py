@@ -6,10 +6,11 @@ limit so a burst of ingests cannot take every thread from readers. Bytes are ser
 Starlette's FileResponse (If-Range, multipart ranges, HEAD) with our strict Range parser
 (ranges.py). In front of routing sit the optional bearer-token check (auth.py), the hot path
 for whole files and single ranges (serving.py; it hands everything else to the route) and the
-request body cap (body_limit.py). Every GET route answers HEAD too (GetAnswersHead). Every
+request body cap (body_limit.py), and in front of them all the answer to a thread that could
+not be started (thread_refusals.py). Every GET route answers HEAD too (GetAnswersHead). Every
 error, ours or the framework's, leaves as JSON `{"detail": message}`; the translation happens
-only here, in the token and body-cap middlewares, and for a request uvicorn cannot parse in
-http_protocol.py.
+only here, in the token, body-cap and thread-refusal middlewares, and for a request uvicorn
+cannot parse in http_protocol.py.
 `GET /ingests` shows the ingests under way, as their threads move them on (progress.py).
 
 Shutdown: `app.state.stop_ingests` ends the ingests still running (503 "the server is shutting
@@ -438,7 +439,8 @@ def _app_over(store: Store, config: ServiceConfig, tools: Tools, tls: ssl.SSLCon
             return app.openapi_schema or {}
 
         app.openapi = openapi_with_auth  # type: ignore[method-assign]
-    app.add_middleware(ThreadRefusals, failures=failures)  # outermost: it answers for all
+    # outermost: it answers for the middlewares above and the routes alike
+    app.add_middleware(ThreadRefusals, failures=failures)
 
     @app.exception_handler(VidcacheError)
     async def _our_error(request: Request, exc: VidcacheError) -> JSONResponse:

@@ -126,8 +126,8 @@ class ShuttingDown(VidcacheError):
 
 class OutOfThreads(VidcacheError):
     """A thread or process the request needs could not be started (vidcache_client._threads):
-    nothing was done for it; the same request can be sent again once the server runs fewer
-    (thread_refusals.py)."""
+    nothing was stored or changed for it; the same request can be sent again once the server
+    runs fewer (thread_refusals.py)."""
 
     status_code = 503
 

@@ -222,9 +222,9 @@ class IdleClosingPool:
                 idle.close()
 
     def _start_idle_timer(self) -> httpcore.ConnectionPool | None:
-        """With the lock held, no download using the pool: the timer that closes it once idle.
-        None; or, if no thread could be started for the timer, the pool, replaced by a fresh
-        one, for the caller to close now."""
+        """With the lock held and no download using the pool: start the timer that closes it
+        once idle, and return None; if no thread can be started for the timer, put a fresh pool
+        in its place and return it, for the caller to close now."""
         timer = threading.Timer(self._keepalive, self._close_idle)
         timer.daemon = True  # the exit never waits for it
         try:
