@@ -1,13 +1,13 @@
 """Requests whose thread could not be started (a limit on threads: vidcache_client._threads).
 
-The service starts threads as requests come: anyio's worker threads (up to 40, each kept 10 s
-once idle) run the plain-`def` routes, the ingests and FileResponse's file reads; the event
+The service starts threads as requests come: anyio's worker threads (up to 40, started when
+none is idle) run the plain-`def` routes, the ingests and FileResponse's file reads; the event
 loop's executor (up to min(32, cores + 4)) the fast path's lookups and reads of cold bytes
 (serving.py); an ingest starts a thread for its host-name lookup (resolver.py), ffprobe and
 ffmpeg (tools.py) and a timer closing idle origin connections (origin_sockets.py). Where a start
 is refused, the service's own code raises OutOfThreads (503) or does without the thread (the
-timer, the fast path); anyio's and the executor's refusals, a RuntimeError, reached uvicorn: a
-500 and a traceback per request.
+timer, the fast path); anyio's refusals, a RuntimeError, reached uvicorn: a 500 and a
+traceback per request.
 
 This middleware, outermost but for Starlette's error handler, is where those become an answer:
 a request refused before its answer began is answered 503 with OutOfThreads' message; one whose
