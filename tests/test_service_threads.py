@@ -1,7 +1,8 @@
 """The service when no thread can be started (vidcache/thread_refusals.py): a real service in a
 cgroup whose pids.max leaves it none. A request that needs a new thread is answered 503 saying
 the server is out of threads, one that finds a thread idle is served, nothing is answered 500
-or logged with a traceback, and once the limit is lifted everything is served again."""
+or logged with a traceback, and once the limit is lifted everything is served again. And a
+download whose idle-connection timer cannot start keeps its bytes."""
 
 from __future__ import annotations
 
@@ -38,13 +39,13 @@ def _answer(response: httpx.Response) -> tuple[int, object]:
 
 def test_a_service_out_of_threads_answers_503_and_serves_again_once_it_has_some(
         tmp_path: Path, videos: dict[str, Path], media_url: str) -> None:
-    """pids.max 1: no thread nor process can be started. With an anyio worker thread idle, a
-    range read is served (the fast path, whose lookup needs a thread of the event loop's
-    executor, hands it to the route) and ingests fail 503 at their host-name lookup (http) or
-    at ffprobe (file://). With every worker busy (three ingests stalled by their origin), a
-    health check, a range read and an ingest fail 503. Once the limit is lifted, the same
-    ingests store their videos and the stalled ones fail 502. Was: 500 and a traceback for
-    each."""
+    """pids.max 1: no thread nor process can be started. With the anyio worker thread the
+    server has started so far idle (the requests came one at a time), a range read is served
+    (the fast path, whose lookup needs a thread of the event loop's executor, hands it to the
+    route) and ingests fail 503 at their host-name lookup (http) or at ffprobe (file://).
+    With every worker busy (three ingests stalled by their origin), a health check, a range
+    read and an ingest fail 503. Once the limit is lifted, the same ingests store their
+    videos and the stalled ones fail 502. Was: 500 and a traceback for each."""
     source = videos["a.mp4"].read_bytes()
     local = f"file://{videos['c.mkv']}"
     with new_cgroup("pids") as (cgroup, _, in_cgroup):
