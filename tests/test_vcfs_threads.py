@@ -42,10 +42,11 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
     tmp_path: Path, videos: dict[str, Path], media_url: str, vidcache_server: VidcacheServer
 ) -> None:
     """pids.max set to the threads of the idle mount: no thread can start. 60 readers of 1 MiB
-    at random offsets (cold blocks) each get the right bytes or ENOMEM, within HANG_LIMIT; the
-    reads vcfs fails for want of a thread get ENOMEM, the log saying so, naming the limits,
-    never blaming the service; once the limit is lifted, every read works again; libfuse's
-    refused thread starts make a log line per 10 s. Was: EIO with a traceback per read,
+    at random offsets (cold blocks) each get the right bytes (all, or those before a page vcfs
+    refused) or ENOMEM, within HANG_LIMIT; the reads vcfs fails for want of a thread get
+    ENOMEM, the log saying so, naming the limits, never blaming the service; once the limit
+    is lifted, every read works again; libfuse's refused thread starts make a log line per
+    10 s. Was: EIO with a traceback per read,
     readers of a block whose background fetch could not start waited for it forever, and
     libfuse wrote `fuse: error creating thread` at each refusal (1,000 to 5,000 lines)."""
     source = ingest(vidcache_server.url, media_url, videos, ("big.mp4",),
@@ -66,7 +67,10 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
                     return errno.errorcode[exc.errno or 0]
                 finally:
                     os.close(fd)
-                return "bytes" if data == source.data[offset : offset + MIB] else "wrong bytes"
+                if data != source.data[offset : offset + len(data)] or not data:
+                    return "wrong bytes"
+                # a page after the first refused: the kernel returns those before it
+                return "bytes" if len(data) == MIB else "short"
 
             (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text())
             # Not `with`: a pool's exit would wait for a hung reader, until the daemon is killed.
@@ -80,11 +84,11 @@ def test_reads_under_a_pids_max_get_their_bytes_or_enomem_and_never_hang(
                 outcomes = [reader.result() for reader in readers]
             finally:
                 pool.shutdown(wait=False)
-            assert set(outcomes) <= {"bytes", "ENOMEM"}, outcomes
+            assert set(outcomes) <= {"bytes", "short", "ENOMEM"}, outcomes
             (cgroup / "pids.max").write_text("max")
             # vcfs refused some reads (the kernel re-asks a failed read page by page: those
             # may then have their bytes)
-            assert mount.stats()["fuse"]["errors"] >= outcomes.count("ENOMEM")
+            assert mount.stats()["fuse"]["errors"] >= len(outcomes) - outcomes.count("bytes")
             assert mount.stats()["fuse"]["errors"] > 0
             assert {read(reader) for reader in range(100, 110)} == {"bytes"}
             log = mount.log()
