@@ -24,7 +24,7 @@ import sys
 import termios
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -373,13 +373,14 @@ class OnTerminal:
     """`vidcache ARGS` with its stderr on a pseudo-terminal (stdout piped, for the results):
     what it draws there (progress lines) is read as it comes."""
 
-    def __init__(self, *args: str, columns: int = 0) -> None:
-        """`columns`: the terminal's width (0: unknown, as a pseudo-terminal starts)."""
+    def __init__(self, *args: str, columns: int = 0, prefix: Sequence[str] = ()) -> None:
+        """`columns`: the terminal's width (0: unknown, as a pseudo-terminal starts); `prefix`:
+        an argv to run it under (a cgroup's, tests.support.new_cgroup)."""
         master, slave = pty.openpty()
         try:
             fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "vidcache", *args], stdout=subprocess.PIPE,
+                [*prefix, sys.executable, "-m", "vidcache", *args], stdout=subprocess.PIPE,
                 stderr=slave, text=True)
         finally:
             os.close(slave)
@@ -424,8 +425,9 @@ class OnTerminal:
 
 
 @contextlib.contextmanager
-def on_terminal(*args: str, columns: int = 0) -> Iterator[OnTerminal]:
-    terminal = OnTerminal(*args, columns=columns)
+def on_terminal(*args: str, columns: int = 0, prefix: Sequence[str] = ()
+                ) -> Iterator[OnTerminal]:
+    terminal = OnTerminal(*args, columns=columns, prefix=prefix)
     try:
         yield terminal
     finally:

@@ -1,8 +1,8 @@
 """`vidcache resolve`, `get` and `ingests` through the real client against a real service:
 the hash a URL was stored as, a video's bytes (whole, a range, to stdout) compared with its
-source, a download that fails or is interrupted leaving no file, progress on a terminal, and
-the ingests under way as a table. Usage errors, --help and the error lines shared with the
-other commands are in test_service_cli.py."""
+source, a download that fails or is interrupted leaving no file, progress on a terminal (and
+none where its thread cannot start), and the ingests under way as a table. Usage errors, --help
+and the error lines shared with the other commands are in test_service_cli.py."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import pytest
 from bench.faults import Refuse, Stall, Truncate, path_prefix
 from bench.proxy import LinkProfile, ProxyConfig, ProxyThread
 from tests.service_support import digest, on_terminal, read_then_leave, serve_origin, unique
-from tests.support import VidcacheServer, free_port, preload_library, wait_until
+from tests.support import VidcacheServer, free_port, new_cgroup, preload_library, wait_until
 from tests.vcfs_fault_support import FaultyLink
 from vidcache.chunks import KIB, MIB
 
@@ -294,6 +294,37 @@ def test_get_shows_its_progress_on_a_terminal_and_ctrl_c_leaves_no_file(
     assert (status, stdout) == (130, ""), shown
     assert "\r\x1b[Kvidcache get: interrupted" in shown, shown
     assert _left_in(tmp_path) == []
+
+
+def _one_process(cgroup: Path, _: bool) -> None:
+    """A cgroup's limit: its first process, no thread besides its main one."""
+    (cgroup / "pids.max").write_text("1")
+
+
+def test_get_on_a_terminal_where_no_thread_can_start_downloads_without_its_line(
+        stored: Stored, tmp_path: Path) -> None:
+    """In a cgroup whose pids.max is 1, the command's own process: the progress line's thread
+    cannot start, and the download goes on without the line (it was a traceback and status 1
+    before any byte was asked for)."""
+    out = tmp_path / "v.mp4"
+    with new_cgroup("pids", _one_process) as (_, _, in_cgroup), \
+            on_terminal("get", stored.hash, "-o", str(out), "--server", stored.url,
+                        prefix=in_cgroup) as terminal:
+        status, stdout, shown = terminal.finish()
+    assert (status, stdout) == (0, f"saved {out} ({len(stored.source)} bytes)\n"), shown
+    assert shown == "", shown
+    assert out.read_bytes() == stored.source
+
+
+def test_ingest_on_a_terminal_where_no_thread_can_start_ingests_without_its_line(
+        stored: Stored) -> None:
+    """The same for `vidcache ingest`, whose line also needs a thread polling the service."""
+    with new_cgroup("pids", _one_process) as (_, _, in_cgroup), \
+            on_terminal("ingest", stored.origin_url, "--bucket", "cli-reads", "--server",
+                        stored.url, prefix=in_cgroup) as terminal:
+        status, stdout, shown = terminal.finish()
+    assert (status, shown) == (0, ""), shown
+    assert json.loads(stdout)["hash"] == stored.hash
 
 
 # an amount `vidcache get` draws: "downloading 0.4 of 2.3 MiB (17%)"

@@ -21,6 +21,7 @@ from typing import TextIO
 
 from vidcache.chunks import KIB, MIB
 from vidcache_client import IngestUnderWay, VidCacheClient, VidCacheError
+from vidcache_client._threads import thread_refused
 
 # seconds of polls a download's rate is measured over: recent enough to show a stall soon
 _RATE_WINDOW = 5.0
@@ -79,7 +80,9 @@ def progress_on_terminal(poll: Callable[[], IngestUnderWay | None],
 
     # Not joined: a poll may be waiting for a service that no longer answers (the reason for
     # a Ctrl-C).
-    threading.Thread(target=keep_polling, name="vidcache-poll", daemon=True).start()
+    if not _started(threading.Thread(target=keep_polling, name="vidcache-poll", daemon=True)):
+        yield
+        return
     try:
         with _redrawn(line, stream):
             yield
@@ -125,7 +128,9 @@ def _redrawn(line: Callable[[float], str], stream: TextIO) -> Iterator[None]:
                 stream.write(f"\r{text}\033[K")
                 stream.flush()
 
-    threading.Thread(target=show, name="vidcache-progress", daemon=True).start()
+    if not _started(threading.Thread(target=show, name="vidcache-progress", daemon=True)):
+        yield
+        return
     try:
         yield
     finally:
@@ -133,6 +138,18 @@ def _redrawn(line: Callable[[float], str], stream: TextIO) -> Iterator[None]:
             done.set()
             stream.write("\r\033[K")
             stream.flush()
+
+
+def _started(thread: threading.Thread) -> bool:
+    """`thread` started; False if no thread can be started (a limit on threads): the command
+    goes on without its progress line, all the thread is for."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        if not thread_refused(exc):
+            raise
+        return False
+    return True
 
 
 def _fitted(line: str, stream: TextIO) -> str:
