@@ -515,6 +515,7 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
 
 # --data under a file: a value the old code let through fails at once there, not serving.
 _NO_DATA = "/dev/null/data"
+_SECONDS = "must be a number of seconds above 0, at most 31536000 (a year)"
 
 
 @pytest.mark.parametrize(("args", "refused"), [
@@ -525,9 +526,12 @@ _NO_DATA = "/dev/null/data"
     (["serve", "--data", _NO_DATA, "--host", "999.1.1.1"],
      "vidcache serve: error: --host 999.1.1.1: Name or service not known"),
     (["serve", "--data", _NO_DATA, "--download-timeout", "nan"],
-     "--download-timeout: must be a finite number of seconds above 0, not 'nan'"),
+     f"--download-timeout: {_SECONDS}, not 'nan'"),
     (["serve", "--data", _NO_DATA, "--max-download-time", "inf"],
-     "--max-download-time: must be a finite number of seconds above 0, not 'inf'"),
+     f"--max-download-time: {_SECONDS}, not 'inf'"),
+    # a 500 for every ingest: too long for a socket's timeout
+    (["serve", "--data", _NO_DATA, "--download-timeout", "1e12"],
+     f"--download-timeout: {_SECONDS}, not '1e12'"),
     (["serve", "--data", _NO_DATA, "--keep-alive", "1.5"],
      "--keep-alive: must be a positive whole number of seconds, not '1.5'"),
     (["serve", "--data", _NO_DATA, "--max-size", "1.5"],
@@ -536,9 +540,9 @@ _NO_DATA = "/dev/null/data"
     (["serve", "--data", _NO_DATA, "--phash-threshold", "x"],
      "--phash-threshold: must be a whole number from 0 to 64"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
-      "--timeout", "nan"], "--timeout: must be a finite number of seconds above 0, not 'nan'"),
+      "--timeout", "nan"], f"--timeout: {_SECONDS}, not 'nan'"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "http://127.0.0.1:9",
-      "--timeout", "inf"], "--timeout: must be a finite number of seconds above 0, not 'inf'"),
+      "--timeout", "inf"], f"--timeout: {_SECONDS}, not 'inf'"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "127.0.0.1:8020"],
      "--server: must be an http:// or https:// URL with a host"),
     (["ingest", "http://x/v.mp4", "--bucket", "b", "--server", "ftp://x"],

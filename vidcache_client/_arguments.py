@@ -65,16 +65,22 @@ def size_text(size: int, *, largest: int = 1 << 30) -> str:
     return f"{size} bytes"
 
 
+# The longest wait a command-line option may ask for: far beyond any use, and far below what
+# overflows a wait (a socket timeout or a lock's wait past ~9.2e9 s: OverflowError, which was
+# a 500 for every ingest of `vidcache serve --download-timeout 1e12`).
+MAX_SECONDS = 365 * 24 * 3600
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    # nan and inf are floats too: nan is no number of seconds, and inf overflows a socket
-    # timeout where nothing clamps it (the service's downloads; the client clamps its own).
-    if not 0 < value < math.inf:
+    # nan and inf are floats too: nan is no number of seconds, and inf overflows as above
+    if not 0 < value <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"must be a finite number of seconds above 0, not {text!r}")
+            f"must be a number of seconds above 0, at most {MAX_SECONDS} (a year), "
+            f"not {text!r}")
     return value
 
 
