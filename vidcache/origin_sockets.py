@@ -30,7 +30,7 @@ from typing import Any
 
 import httpcore
 
-from vidcache_client._threads import LIMITS, thread_refused
+from vidcache_client._threads import LIMITS, started
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,7 @@ class IdleClosingPool:
         in its place and return it, for the caller to close now."""
         timer = threading.Timer(self._keepalive, self._close_idle)
         timer.daemon = True  # the exit never waits for it
-        try:
-            timer.start()
-        except RuntimeError as exc:
-            if not thread_refused(exc):
-                raise
+        if not started(timer):
             if not self._timer_refused:
                 log.warning("no thread could be started to close idle origin connections after "
                             "%g s (%s): closing them at once, until a thread can be started",

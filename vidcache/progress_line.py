@@ -21,7 +21,7 @@ from typing import TextIO
 
 from vidcache.chunks import KIB, MIB
 from vidcache_client import IngestUnderWay, VidCacheClient, VidCacheError
-from vidcache_client._threads import thread_refused
+from vidcache_client._threads import started as thread_started
 
 # seconds of polls a download's rate is measured over: recent enough to show a stall soon
 _RATE_WINDOW = 5.0
@@ -80,7 +80,8 @@ def progress_on_terminal(poll: Callable[[], IngestUnderWay | None],
 
     # Not joined: a poll may be waiting for a service that no longer answers (the reason for
     # a Ctrl-C).
-    if not _started(threading.Thread(target=keep_polling, name="vidcache-poll", daemon=True)):
+    # Without a thread (a limit on threads) the command goes on without its line.
+    if not thread_started(threading.Thread(target=keep_polling, name="vidcache-poll", daemon=True)):
         yield
         return
     try:
@@ -128,7 +129,7 @@ def _redrawn(line: Callable[[float], str], stream: TextIO) -> Iterator[None]:
                 stream.write(f"\r{text}\033[K")
                 stream.flush()
 
-    if not _started(threading.Thread(target=show, name="vidcache-progress", daemon=True)):
+    if not thread_started(threading.Thread(target=show, name="vidcache-progress", daemon=True)):
         yield
         return
     try:
@@ -138,18 +139,6 @@ def _redrawn(line: Callable[[float], str], stream: TextIO) -> Iterator[None]:
             done.set()
             stream.write("\r\033[K")
             stream.flush()
-
-
-def _started(thread: threading.Thread) -> bool:
-    """`thread` started; False if no thread can be started (a limit on threads): the command
-    goes on without its progress line, all the thread is for."""
-    try:
-        thread.start()
-    except RuntimeError as exc:
-        if not thread_refused(exc):
-            raise
-        return False
-    return True
 
 
 def _fitted(line: str, stream: TextIO) -> str:

@@ -7,6 +7,8 @@ the class of its other misuses too."""
 
 from __future__ import annotations
 
+import threading
+
 # What a refusal says: the limits to look at.
 LIMITS = ("a limit on threads (ulimit -u, the cgroup's pids.max) or on the memory for their "
           "stacks (ulimit -d, ulimit -v) is reached")
@@ -16,3 +18,14 @@ def thread_refused(exc: BaseException) -> bool:
     """Whether `exc` is CPython's refusal to start a thread (its message, not only its class:
     a RuntimeError is also a bug, an executor shut down, a thread started twice)."""
     return isinstance(exc, RuntimeError) and str(exc).startswith("can't start new thread")
+
+
+def started(thread: threading.Thread) -> bool:
+    """`thread` started; False if the start was refused (any other error is raised)."""
+    try:
+        thread.start()
+    except RuntimeError as exc:
+        if not thread_refused(exc):
+            raise
+        return False
+    return True
